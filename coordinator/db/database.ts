@@ -1,0 +1,60 @@
+import { join } from "node:path";
+import postgres, { type Sql } from "postgres";
+import type { Logger } from "../../lib/logger.js";
+import { startEmbeddedPostgres, type EmbeddedPostgres } from "./embedded.js";
+import { migrate, type Migration } from "./migrate.js";
+
+export interface DatabaseOptions {
+  /** A PostgreSQL 14+ URL (DATABASE_URL); without one, an embedded server runs in `dataDir/postgres`. */
+  url?: string;
+  /** The coordinator's state directory. */
+  dataDir: string;
+  logger: Logger;
+  /** Pool size; default 10. */
+  max?: number;
+  /** Instead of the files in coordinator/migrations (tests). */
+  migrations?: Migration[];
+}
+
+export interface Database {
+  sql: Sql;
+  /** The URL connected to (with the embedded server's password: do not log it). */
+  url: string;
+  /** Ends the pool, then stops the embedded server if any. Idempotent. */
+  close(): Promise<void>;
+}
+
+/**
+ * Connects to PostgreSQL (starting the embedded server when no URL is given)
+ * and applies the pending migrations. Fails fast, undoing what it started.
+ */
+export async function openDatabase(options: DatabaseOptions): Promise<Database> {
+  const log = options.logger;
+  let embedded: EmbeddedPostgres | undefined;
+  let url = options.url;
+  if (url === undefined || url === "") {
+    embedded = await startEmbeddedPostgres({ dataDir: join(options.dataDir, "postgres"), port: 0, logger: log });
+    url = embedded.url;
+  }
+  const sql = postgres(url, {
+    max: options.max ?? 10,
+    onnotice: (notice) => log.debug({ notice: notice.message }, "postgres notice"),
+    connection: { application_name: "treadmill-coordinator" },
+  });
+  let closing: Promise<void> | undefined;
+  const close = () => {
+    closing ??= (async () => {
+      await sql.end({ timeout: 5 });
+      await embedded?.stop();
+    })();
+    return closing;
+  };
+  try {
+    await migrate(sql, { logger: log, migrations: options.migrations });
+  } catch (err) {
+    await close();
+    throw err;
+  }
+  log.info({ embedded: embedded !== undefined }, "database ready");
+  return { sql, url, close };
+}

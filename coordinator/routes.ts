@@ -1,0 +1,30 @@
+import type { ConnectRouter } from "@connectrpc/connect";
+import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
+import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
+import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { RegistryService } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
+import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { UserService } from "../gen/treadmill/coordinator/v1/user_service_pb.js";
+
+/** Every service of `treadmill.coordinator.v1`, in the order of DESIGN.md §2. */
+export const coordinatorServices = [
+  AuthService,
+  UserService,
+  HostService,
+  ImageService,
+  JobService,
+  SupervisorService,
+  RegistryService,
+] as const;
+
+/**
+ * The coordinator's routes. The services are registered with no methods yet,
+ * so every RPC honestly answers `Unimplemented` (connect fills in a handler
+ * naming the method) until the coordinator issue gives them behaviour.
+ */
+export function coordinatorRoutes(router: ConnectRouter): void {
+  for (const service of coordinatorServices) {
+    router.service(service, {});
+  }
+}

@@ -1,0 +1,123 @@
+import { readFileSync } from "node:fs";
+import type { ConnectRouter } from "@connectrpc/connect";
+import type { Logger } from "./logger.js";
+import { createServer, type Server, type ServerOptions } from "./server.js";
+
+/**
+ * Config fields every server component has, spread into each component's
+ * schema. Keys become `TREADMILL_<COMPONENT>_<KEY>` and `--<key>` flags.
+ */
+export function serverConfigFields(defaultPort: number) {
+  return {
+    host: { type: "string", default: "127.0.0.1", description: "address to listen on" },
+    port: { type: "int", default: defaultPort, description: "port to listen on (0 picks a free one)" },
+    tlsCertFile: { type: "path", default: "", description: "PEM certificate; with tls-key-file, serve TLS with ALPN" },
+    tlsKeyFile: { type: "path", default: "", description: "PEM private key of tls-cert-file" },
+    corsOrigins: { type: "list", default: [], description: "browser origins allowed to call this server (comma-separated)" },
+    readMaxBytes: { type: "int", default: 4 * 1024 * 1024, description: "largest request message accepted, in bytes" },
+    graceMs: { type: "duration", default: 5000, description: "how long a stop waits for open calls before closing them" },
+    logLevel: {
+      type: "string",
+      default: "info",
+      choices: ["trace", "debug", "info", "warn", "error", "fatal", "silent"],
+      description: "log level",
+    },
+  } as const;
+}
+
+/** The values of `serverConfigFields`, as loaded. */
+export interface ServerConfig {
+  host: string;
+  port: number;
+  tlsCertFile: string;
+  tlsKeyFile: string;
+  corsOrigins: readonly string[];
+  readMaxBytes: number;
+  graceMs: number;
+  logLevel: string;
+}
+
+/** Builds `createServer` options from a component's loaded server config. */
+export function serverOptions(
+  name: string,
+  config: ServerConfig,
+  logger: Logger,
+  routes: (router: ConnectRouter) => void,
+): ServerOptions {
+  if ((config.tlsCertFile === "") !== (config.tlsKeyFile === "")) {
+    throw new Error("tls-cert-file and tls-key-file must be set together");
+  }
+  return {
+    name,
+    host: config.host,
+    port: config.port,
+    logger,
+    routes,
+    corsOrigins: [...config.corsOrigins],
+    readMaxBytes: config.readMaxBytes,
+    graceMs: config.graceMs,
+    tls:
+      config.tlsCertFile === ""
+        ? undefined
+        : { cert: readFileSync(config.tlsCertFile), key: readFileSync(config.tlsKeyFile) },
+  };
+}
+
+/** What every component's `create*()` returns. */
+export interface Component {
+  /** Fails fast: database, migrations, bind. */
+  start(): Promise<void>;
+  /** Idempotent; drains for the grace period, then forces. */
+  stop(): Promise<void>;
+}
+
+/** A component that serves RPCs on one port. */
+export interface ServingComponent extends Component {
+  /** Where it listens; valid after start(). */
+  address(): { host: string; port: number; url: string };
+}
+
+/**
+ * The life of a component that is one server plus some state of its own:
+ * `open` runs before the port is bound (database, data directory), `close`
+ * after the server has drained. start() fails fast and undoes what it opened;
+ * stop() is idempotent and every caller waits for the one stop in progress.
+ */
+export function createServingComponent(options: {
+  name: string;
+  config: ServerConfig;
+  logger: Logger;
+  routes: (router: ConnectRouter) => void;
+  open?: () => Promise<void>;
+  close?: () => Promise<void>;
+  bulkProcedures?: string[];
+}): ServingComponent {
+  let server: Server | undefined;
+  let stopping: Promise<void> | undefined;
+  return {
+    async start() {
+      await options.open?.();
+      try {
+        server = createServer({
+          ...serverOptions(options.name, options.config, options.logger, options.routes),
+          bulkProcedures: options.bulkProcedures,
+        });
+        await server.start();
+      } catch (err) {
+        await options.close?.();
+        throw err;
+      }
+    },
+    stop() {
+      stopping ??= (async () => {
+        await server?.stop();
+        await options.close?.();
+      })();
+      return stopping;
+    },
+    address() {
+      if (!server) throw new Error(`${options.name} not started`);
+      return server.address();
+    },
+  };
+}

@@ -1,0 +1,97 @@
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import type { Logger } from "../logger.js";
+import type { RpcMetrics } from "./metrics.js";
+
+/** Codes that mean a bug or an unknown failure on our side: logged as errors. */
+const SERVER_FAULTS = new Set([Code.Internal, Code.Unknown, Code.DataLoss]);
+
+/** "OK" or the code's name as in DESIGN.md ("NotFound"), for logs and metrics. */
+export function codeName(code: Code | undefined): string {
+  return code === undefined ? "OK" : Code[code];
+}
+
+/**
+ * The one interceptor every server runs: it logs each RPC with `procedure`,
+ * `code` and `durationMs`, records it in the metrics, and replaces errors that
+ * are not ConnectError (bugs, driver errors, anything that may carry internal
+ * detail) with a generic Internal error. The real cause goes to the log under
+ * `err`, never to the client.
+ *
+ * Streaming RPCs are measured until their response stream ends, not until the
+ * handler returns its iterator.
+ */
+export function createRpcInterceptor(logger: Logger, metrics: RpcMetrics): Interceptor {
+  return (next) => async (request) => {
+    const started = performance.now();
+    const procedure = `/${request.service.typeName}/${request.method.name}`;
+
+    // Called exactly once per RPC with the error it ended with (undefined for
+    // success); returns the error to give the client.
+    const finish = (error: unknown): ConnectError | undefined => {
+      const durationMs = Math.round((performance.now() - started) * 1000) / 1000;
+      const { sent, cause } = toClientError(error, request.signal);
+      const code = sent?.code;
+      metrics.observe(procedure, codeName(code), durationMs / 1000);
+      const fields = { procedure, code: codeName(code), durationMs };
+      if (code === undefined) {
+        logger.info(fields, "rpc finished");
+      } else if (SERVER_FAULTS.has(code)) {
+        logger.error({ ...fields, err: cause }, "rpc failed");
+      } else {
+        logger.warn({ ...fields, reason: sent?.rawMessage }, "rpc failed");
+      }
+      return sent;
+    };
+
+    let response;
+    try {
+      response = await next(request);
+    } catch (error) {
+      throw finish(error);
+    }
+    if (!response.stream) {
+      finish(undefined);
+      return response;
+    }
+    return { ...response, message: observeStream(response.message, finish) };
+  };
+}
+
+/**
+ * Passes a response stream through and calls `finish` once when it ends: with
+ * undefined when it completed, the error when it failed, or a Canceled error
+ * when the server stopped reading it early (the client went away).
+ */
+async function* observeStream<T>(
+  messages: AsyncIterable<T>,
+  finish: (error: unknown) => ConnectError | undefined,
+): AsyncGenerator<T> {
+  let outcome: { error: unknown } | undefined;
+  try {
+    yield* messages;
+    outcome = { error: undefined };
+  } catch (error) {
+    outcome = { error };
+    throw finish(error);
+  } finally {
+    if (outcome === undefined) finish(new ConnectError("stream abandoned", Code.Canceled));
+    else if (outcome.error === undefined) finish(undefined);
+  }
+}
+
+/**
+ * Decides what the client sees for an error. ConnectErrors are deliberate and
+ * pass unchanged. Anything else is a bug, unless the call was already
+ * cancelled or timed out (a library then often throws its own AbortError): the
+ * client gets the cancellation, not a misleading Internal.
+ *
+ * A call that succeeded after its signal aborted (the client went away, the
+ * deadline passed, the server forced its stop) never reached the client; it
+ * is reported with the abort's code rather than as OK.
+ */
+function toClientError(error: unknown, signal: AbortSignal): { sent?: ConnectError; cause?: unknown } {
+  if (error === undefined) return signal.aborted ? { sent: ConnectError.from(signal.reason) } : {};
+  if (error instanceof ConnectError) return { sent: error, cause: error };
+  if (signal.aborted) return { sent: ConnectError.from(signal.reason), cause: error };
+  return { sent: new ConnectError("internal error", Code.Internal), cause: error };
+}

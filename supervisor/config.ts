@@ -1,0 +1,38 @@
+import { loadConfig } from "../lib/config.js";
+
+/** Everything a supervisor can be told, with its defaults. */
+export const supervisorSchema = {
+  coordinatorUrl: { type: "url", default: "http://127.0.0.1:7700", description: "the coordinator to attach to" },
+  name: { type: "string", default: "", description: "this supervisor's name in logs (default: the machine's host name)" },
+  hostCredential: {
+    type: "string",
+    default: "",
+    secret: true,
+    description: "the host credential CreateHost returned (prefer the environment variable)",
+  },
+  driver: {
+    type: "string",
+    default: "process",
+    choices: ["process", "board", "qemu"],
+    description: "how this host runs jobs",
+  },
+  workDir: { type: "path", default: ".treadmill/supervisor", description: "where per-job work directories live" },
+  reconnectMaxMs: {
+    type: "duration",
+    default: 30000,
+    description: "longest wait between attempts to reach the coordinator",
+  },
+  logLevel: {
+    type: "string",
+    default: "info",
+    choices: ["trace", "debug", "info", "warn", "error", "fatal", "silent"],
+    description: "log level",
+  },
+} as const;
+
+export type SupervisorConfig = ReturnType<typeof loadSupervisorConfig>;
+
+/** Reads the supervisor's config from the environment and flags. */
+export function loadSupervisorConfig(source: { env: Record<string, string | undefined>; argv: string[] }) {
+  return loadConfig("supervisor", supervisorSchema, source);
+}

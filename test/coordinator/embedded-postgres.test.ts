@@ -1,0 +1,184 @@
+import { describe, it, expect, beforeAll, afterAll } from "@jest/globals";
+import { spawn, type ChildProcess } from "node:child_process";
+import { chmod, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import postgres from "postgres";
+import { openDatabase } from "../../coordinator/db/database.js";
+import { postgresProcesses, startEmbeddedPostgres } from "../../coordinator/db/embedded.js";
+import { loadMigrations } from "../../coordinator/db/migrate.js";
+import { silentLogger } from "../../lib/logger.js";
+
+const logger = silentLogger();
+const CHILD = fileURLToPath(new URL("../support/embedded-child.ts", import.meta.url));
+let root: string;
+let seq = 0;
+const newDir = () => join(root, `pg${++seq}`);
+const pgdataOf = (dataDir: string) => join(dataDir, "pgdata");
+
+/** Polls until `check` holds; fails at the deadline. */
+async function eventually(check: () => Promise<boolean>, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error("condition not met before the deadline");
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+async function query(url: string, text: string): Promise<unknown[]> {
+  const sql = postgres(url, { max: 1, onnotice: () => undefined });
+  try {
+    return [...(await sql.unsafe(text))];
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+}
+
+/** Runs test/support/embedded-child.ts; resolves once its server is up. */
+async function startChild(dataDir: string, mode: "pdeathsig" | "no-pdeathsig") {
+  const child: ChildProcess = spawn(process.execPath, ["--import", "tsx", CHILD, dataDir, mode], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  const line = await new Promise<string>((resolve, reject) => {
+    const rl = createInterface({ input: child.stdout! });
+    const timer = setTimeout(() => reject(new Error("child did not start its server in time")), 30_000);
+    rl.once("line", (l) => {
+      clearTimeout(timer);
+      rl.close();
+      resolve(l);
+    });
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`child exited with ${code}`));
+    });
+  });
+  const info = JSON.parse(line) as { pid: number; url: string };
+  return {
+    ...info,
+    async kill() {
+      child.kill("SIGKILL");
+      await exited;
+    },
+  };
+}
+
+beforeAll(async () => {
+  root = await mkdtemp(join(tmpdir(), "treadmill-embedded-test-"));
+  await chmod(root, 0o755);
+});
+
+afterAll(async () => {
+  // Whatever a failed test left running.
+  for (let i = 1; i <= seq; i++) {
+    for (const pid of await postgresProcesses(pgdataOf(join(root, `pg${i}`)))) process.kill(pid, "SIGKILL");
+  }
+  await rm(root, { recursive: true, force: true });
+});
+
+describe("embedded postgres", () => {
+  it("starts, answers a query, persists data across restarts and stops leaving no process", async () => {
+    const dataDir = newDir();
+    const server = await startEmbeddedPostgres({ dataDir, logger, ephemeral: true });
+    expect(server.url).toMatch(/^postgres:\/\/postgres:[^@]+@127\.0\.0\.1:\d+\/treadmill$/);
+    expect(await query(server.url, "select current_database() as db, current_setting('listen_addresses') as listen")).toEqual([
+      { db: "treadmill", listen: "127.0.0.1" },
+    ]);
+    await query(server.url, "create table kept (v text); insert into kept values ('still here')");
+    expect((await postgresProcesses(pgdataOf(dataDir))).length).toBeGreaterThan(0);
+    await Promise.all([server.stop(), server.stop()]);
+    await server.exited;
+    expect(await postgresProcesses(pgdataOf(dataDir))).toEqual([]);
+
+    const started = Date.now();
+    const again = await startEmbeddedPostgres({ dataDir, logger, ephemeral: true });
+    const restartMs = Date.now() - started;
+    try {
+      expect(restartMs).toBeLessThan(5_000);
+      expect(await query(again.url, "select v from kept")).toEqual([{ v: "still here" }]);
+    } finally {
+      await again.stop();
+    }
+    expect(await postgresProcesses(pgdataOf(dataDir))).toEqual([]);
+  });
+
+  it("keeps its password private and requires it", async () => {
+    const dataDir = newDir();
+    const server = await startEmbeddedPostgres({ dataDir, logger, ephemeral: true });
+    try {
+      expect((await stat(join(dataDir, "password"))).mode & 0o777).toBe(0o600);
+      expect((await stat(dataDir)).mode & 0o777).toBe(0o700);
+      const wrong = new URL(server.url);
+      wrong.password = "wrong";
+      await expect(query(wrong.toString(), "select 1")).rejects.toThrow(/password authentication failed/);
+    } finally {
+      await server.stop();
+    }
+  });
+
+  it("reaps a server orphaned by a crashed run before starting", async () => {
+    const dataDir = newDir();
+    const child = await startChild(dataDir, "no-pdeathsig");
+    await child.kill();
+    // The orphan outlives its parent...
+    expect(await postgresProcesses(pgdataOf(dataDir))).toContain(child.pid);
+    // ...until the next start on the same directory stops it.
+    const server = await startEmbeddedPostgres({ dataDir, logger, ephemeral: true });
+    try {
+      const pids = await postgresProcesses(pgdataOf(dataDir));
+      expect(pids).toContain(server.pid);
+      expect(pids).not.toContain(child.pid);
+      expect(await query(server.url, "select 1 as one")).toEqual([{ one: 1 }]);
+    } finally {
+      await server.stop();
+    }
+    expect(await postgresProcesses(pgdataOf(dataDir))).toEqual([]);
+  });
+
+  it("dies with its parent when the parent is killed", async () => {
+    const dataDir = newDir();
+    const child = await startChild(dataDir, "pdeathsig");
+    expect(await postgresProcesses(pgdataOf(dataDir))).toContain(child.pid);
+    await child.kill();
+    await eventually(async () => (await postgresProcesses(pgdataOf(dataDir))).length === 0);
+  });
+
+  it("refuses a data directory another live process is using", async () => {
+    const dataDir = newDir();
+    const child = await startChild(dataDir, "pdeathsig");
+    try {
+      await expect(startEmbeddedPostgres({ dataDir, logger, ephemeral: true })).rejects.toThrow(/is in use by process/);
+      expect(await postgresProcesses(pgdataOf(dataDir))).toContain(child.pid);
+    } finally {
+      await child.kill();
+    }
+    await eventually(async () => (await postgresProcesses(pgdataOf(dataDir))).length === 0);
+  });
+
+  it("reports why it could not start", async () => {
+    const dataDir = newDir();
+    const server = await startEmbeddedPostgres({ dataDir, logger, ephemeral: true });
+    await server.stop();
+    await writeFile(join(dataDir, "pgdata", "postgresql.auto.conf"), "shared_buffers = 'lots'\n");
+    await expect(startEmbeddedPostgres({ dataDir, logger, ephemeral: true })).rejects.toThrow(/exited during start-up.*shared_buffers/);
+    expect(await postgresProcesses(pgdataOf(dataDir))).toEqual([]);
+  });
+});
+
+describe("openDatabase without a url", () => {
+  it("runs the embedded server under the data directory, migrated, and stops it on close", async () => {
+    const dataDir = newDir();
+    const db = await openDatabase({ dataDir, logger });
+    const pgdata = join(dataDir, "postgres", "pgdata");
+    try {
+      const versions = await db.sql<{ version: number }[]>`select version from schema_migrations order by version`;
+      expect(versions.map((v) => v.version)).toEqual((await loadMigrations()).map((m) => m.version));
+      expect((await postgresProcesses(pgdata)).length).toBeGreaterThan(0);
+    } finally {
+      await Promise.all([db.close(), db.close()]);
+    }
+    expect(await postgresProcesses(pgdata)).toEqual([]);
+  });
+});

@@ -1,0 +1,78 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { readdir, readFile } from "node:fs/promises";
+import { createInterface } from "node:readline";
+
+/** A child process of the test whose output lines can be awaited. */
+export interface RunningProcess {
+  child: ChildProcess;
+  /** Every line printed so far, standard output and error together. */
+  lines: string[];
+  /** Resolves with the first line (past or future) matching `pattern`. */
+  waitForLine(pattern: RegExp, timeoutMs?: number): Promise<string>;
+  /** Resolves with the exit code (or the signal's name) once it has exited. */
+  exited: Promise<number | string>;
+}
+
+/** Starts one of the package's bins (or any node script) with `args`. */
+export function startProcess(script: string, args: string[], env: Record<string, string> = {}): RunningProcess {
+  const child = spawn(process.execPath, [script, ...args], {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const lines: string[] = [];
+  const waiters: { pattern: RegExp; resolve: (line: string) => void }[] = [];
+  const onLine = (line: string) => {
+    lines.push(line);
+    for (const w of [...waiters]) {
+      if (w.pattern.test(line)) {
+        waiters.splice(waiters.indexOf(w), 1);
+        w.resolve(line);
+      }
+    }
+  };
+  createInterface({ input: child.stdout! }).on("line", onLine);
+  createInterface({ input: child.stderr! }).on("line", onLine);
+  const exited = new Promise<number | string>((resolve) =>
+    child.once("exit", (code, signal) => resolve(code ?? signal ?? "unknown")),
+  );
+  return {
+    child,
+    lines,
+    exited,
+    waitForLine(pattern, timeoutMs = 20000) {
+      const seen = lines.find((l) => pattern.test(l));
+      if (seen !== undefined) return Promise.resolve(seen);
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => {
+          reject(new Error(`no line matching ${pattern} within ${timeoutMs} ms; output:\n${lines.join("\n")}`));
+        }, timeoutMs);
+        const done = (line: string) => {
+          clearTimeout(timer);
+          resolve(line);
+        };
+        waiters.push({ pattern, resolve: done });
+        void exited.then(() => {
+          clearTimeout(timer);
+          reject(new Error(`process exited before printing ${pattern}; output:\n${lines.join("\n")}`));
+        });
+      });
+    },
+  };
+}
+
+/** Pids of running postgres processes whose command line mentions `dir`. */
+export async function postgresProcessesUsing(dir: string): Promise<number[]> {
+  const pids: number[] = [];
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const cmdline = (await readFile(`/proc/${entry}/cmdline`, "utf8")).split("\0");
+      if (/postgres/.test(cmdline[0] ?? "") && cmdline.some((arg) => arg.includes(dir))) {
+        pids.push(Number(entry));
+      }
+    } catch {
+      // The process ended while we looked.
+    }
+  }
+  return pids;
+}

@@ -1,0 +1,35 @@
+import { loadConfig } from "../lib/config.js";
+
+/** Everything the all-in-one testbed can be told, with its defaults. */
+export const testbedSchema = {
+  host: { type: "string", default: "127.0.0.1", description: "address every server listens on" },
+  basePort: {
+    type: "int",
+    default: 7700,
+    description: "coordinator port; the image store, cache, log server and proxy take the next four (0: free ports)",
+  },
+  dataDir: { type: "path", default: ".treadmill", description: "state of every component, one folder each" },
+  databaseUrl: {
+    type: "url",
+    default: "",
+    env: "DATABASE_URL",
+    secret: true,
+    description: "PostgreSQL 14+ to use instead of the embedded one",
+  },
+  supervisors: { type: "int", default: 2, description: "how many process-driver supervisors to run" },
+  corsOrigins: { type: "list", default: [], description: "browser origins allowed to call the servers" },
+  graceMs: { type: "duration", default: 5000, description: "how long a stop waits for open calls" },
+  logLevel: {
+    type: "string",
+    default: "warn",
+    choices: ["trace", "debug", "info", "warn", "error", "fatal", "silent"],
+    description: "log level of every component (JSON lines on standard output)",
+  },
+} as const;
+
+export type TestbedConfig = ReturnType<typeof loadTestbedConfig>;
+
+/** Reads the testbed's config from the environment and flags. */
+export function loadTestbedConfig(source: { env: Record<string, string | undefined>; argv: string[] }) {
+  return loadConfig("testbed", testbedSchema, source);
+}
