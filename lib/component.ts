@@ -16,12 +16,17 @@ export function serverConfigFields(defaultPort: number) {
     corsOrigins: { type: "list", default: [], description: "browser origins allowed to call this server (comma-separated)" },
     readMaxBytes: { type: "int", default: 4 * 1024 * 1024, description: "largest request message accepted, in bytes" },
     graceMs: { type: "duration", default: 5000, description: "how long a stop waits for open calls before closing them" },
-    logLevel: {
-      type: "string",
-      default: "info",
-      choices: ["trace", "debug", "info", "warn", "error", "fatal", "silent"],
-      description: "log level",
-    },
+    logLevel: logLevelField("info"),
+  } as const;
+}
+
+/** The `logLevel` field of every component's schema. */
+export function logLevelField<const D extends string>(defaultLevel: D) {
+  return {
+    type: "string",
+    default: defaultLevel,
+    choices: ["trace", "debug", "info", "warn", "error", "fatal", "silent"],
+    description: "log level (logs are JSON lines on standard output)",
   } as const;
 }
 

@@ -1,3 +1,4 @@
+import { logLevelField } from "../lib/component.js";
 import { loadConfig } from "../lib/config.js";
 
 /** Everything a supervisor can be told, with its defaults. */
@@ -22,12 +23,7 @@ export const supervisorSchema = {
     default: 30000,
     description: "longest wait between attempts to reach the coordinator",
   },
-  logLevel: {
-    type: "string",
-    default: "info",
-    choices: ["trace", "debug", "info", "warn", "error", "fatal", "silent"],
-    description: "log level",
-  },
+  logLevel: logLevelField("info"),
 } as const;
 
 export type SupervisorConfig = ReturnType<typeof loadSupervisorConfig>;

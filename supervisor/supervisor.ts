@@ -126,13 +126,19 @@ export function createSupervisor({
   }
 
   async function run(): Promise<void> {
-    const newDelays = () => backoff({ initialMs: 250, maxMs: config.reconnectMaxMs, jitter: "full" });
+    const newDelays = () => backoff({ initialMs: Math.min(250, config.reconnectMaxMs), maxMs: config.reconnectMaxMs, jitter: "full" });
     let delays = newDelays();
+    // The same failure again (the coordinator is still down) is logged at
+    // debug: an operator needs the first line and the change, not one a minute.
+    let lastFailure = "";
     while (!abort.signal.aborted) {
       state = "connecting";
       try {
         // A stream that got as far as a welcome starts the backoff afresh.
-        await attachOnce(() => (delays = newDelays()));
+        await attachOnce(() => {
+          delays = newDelays();
+          lastFailure = "";
+        });
         logger.info("coordinator closed the stream");
       } catch (err) {
         if (abort.signal.aborted) break;
@@ -145,7 +151,10 @@ export function createSupervisor({
           );
           return;
         }
-        logger.warn({ code: Code[error.code], reason: error.rawMessage }, "cannot attach to coordinator");
+        const failure = `${Code[error.code]}: ${error.rawMessage}`;
+        const level = failure === lastFailure ? "debug" : "warn";
+        lastFailure = failure;
+        logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot attach to coordinator");
       }
       state = "backing-off";
       await sleep(delays.next().value, abort.signal).catch(() => undefined);

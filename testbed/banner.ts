@@ -18,7 +18,7 @@ export function banner(testbed: Testbed): string {
     "Treadmill testbed is up.",
     "",
     ...rows,
-    `  ${"supervisors".padEnd(13)} ${testbed.supervisors().join(", ")} (process driver, attached to the coordinator)`,
+    `  ${"supervisors".padEnd(13)} ${testbed.supervisors().join(", ")} (process driver)`,
     "",
     "Every server speaks gRPC, Connect and gRPC-Web on its one port. Try:",
     `  npx buf curl --protocol grpc --http2-prior-knowledge --list-services ${coordinator}`,

@@ -1,3 +1,4 @@
+import { logLevelField } from "../lib/component.js";
 import { loadConfig } from "../lib/config.js";
 
 /** Everything the all-in-one testbed can be told, with its defaults. */
@@ -19,12 +20,7 @@ export const testbedSchema = {
   supervisors: { type: "int", default: 2, description: "how many process-driver supervisors to run" },
   corsOrigins: { type: "list", default: [], description: "browser origins allowed to call the servers" },
   graceMs: { type: "duration", default: 5000, description: "how long a stop waits for open calls" },
-  logLevel: {
-    type: "string",
-    default: "warn",
-    choices: ["trace", "debug", "info", "warn", "error", "fatal", "silent"],
-    description: "log level of every component (JSON lines on standard output)",
-  },
+  logLevel: logLevelField("warn"),
 } as const;
 
 export type TestbedConfig = ReturnType<typeof loadTestbedConfig>;

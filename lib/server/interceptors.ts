@@ -38,7 +38,9 @@ export function createRpcInterceptor(logger: Logger, metrics: RpcMetrics): Inter
       } else if (SERVER_FAULTS.has(code)) {
         logger.error({ ...fields, err: cause }, "rpc failed");
       } else {
-        logger.warn({ ...fields, reason: sent?.rawMessage }, "rpc failed");
+        // The caller's problem (bad input, no permission, not built yet): worth
+        // a line, not an alarm.
+        logger.info({ ...fields, reason: sent?.rawMessage }, "rpc failed");
       }
       return sent;
     };

@@ -78,12 +78,12 @@ describe("RPC logging, metrics and error masking", () => {
     expect(typeof line.durationMs).toBe("number");
   });
 
-  it("logs a client error at warn with its code", async () => {
+  it("logs a client error at info with its code and reason, not as a server fault", async () => {
     lines.length = 0;
     await createClient(EchoService, transports[0][1])
       .echo({ text: "x", failCode: Code.NotFound })
       .catch(() => undefined);
-    expect(rpcLines(ECHO)[0]).toMatchObject({ level: 40, code: "NotFound" });
+    expect(rpcLines(ECHO)[0]).toMatchObject({ level: 30, code: "NotFound", msg: "rpc failed" });
   });
 
   it("measures a streaming call until its stream ends, not until the handler returns", async () => {

@@ -1,0 +1,108 @@
+import { describe, expect, it } from "@jest/globals";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, createRouterTransport } from "@connectrpc/connect";
+import {
+  type AttachRequest,
+  type AttachResponse,
+  AttachResponseSchema,
+  SupervisorService,
+} from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
+import { silentLogger } from "../../lib/logger.js";
+import { loadSupervisorConfig } from "../../supervisor/config.js";
+import { createSupervisor, type Supervisor, type SupervisorState } from "../../supervisor/supervisor.js";
+import { mkdtemp } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+type AttachImpl = (requests: AsyncIterable<AttachRequest>) => AsyncIterable<AttachResponse>;
+
+async function supervisorAgainst(attach: AttachImpl, credential = "host-secret"): Promise<Supervisor> {
+  const transport = createRouterTransport(({ service }) => {
+    service(SupervisorService, { attach });
+  });
+  const config = {
+    ...loadSupervisorConfig({ env: {}, argv: [] }),
+    name: "test-host",
+    hostCredential: credential,
+    workDir: await mkdtemp(join(tmpdir(), "treadmill-sup-")),
+    reconnectMaxMs: 20,
+  };
+  return createSupervisor({ config, logger: silentLogger(), transport });
+}
+
+/** Polls `state()` until it is `wanted`, or fails after a deadline. */
+async function stateBecomes(supervisor: Supervisor, wanted: SupervisorState, timeoutMs = 5000) {
+  const deadline = Date.now() + timeoutMs;
+  while (supervisor.state() !== wanted) {
+    if (Date.now() > deadline) throw new Error(`state stayed ${supervisor.state()}, wanted ${wanted}`);
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+}
+
+describe("the supervisor core", () => {
+  it("opens with a hello that holds its full state and acks commands it cannot carry out as failed", async () => {
+    const hellos: AttachRequest[] = [];
+    const acks: AttachRequest[] = [];
+    let acked!: () => void;
+    const ackSeen = new Promise<void>((resolve) => (acked = resolve));
+    const supervisor = await supervisorAgainst(async function* (requests) {
+      const iterator = requests[Symbol.asyncIterator]();
+      hellos.push((await iterator.next()).value);
+      yield create(AttachResponseSchema, { payload: { case: "welcome", value: { host: { id: "h1" } } } });
+      yield create(AttachResponseSchema, {
+        payload: { case: "startJob", value: { requestId: "r1", jobId: "j1", attempt: 1 } },
+      });
+      acks.push((await iterator.next()).value);
+      acked();
+      // Hold the stream open, as a coordinator does, until the supervisor leaves.
+      await iterator.next();
+    });
+    await supervisor.start();
+    await ackSeen;
+    expect(supervisor.state()).toBe("attached");
+    const hello = hellos[0].payload;
+    expect(hello.case).toBe("hello");
+    if (hello.case === "hello") {
+      expect(hello.value.protocolVersion).toMatchObject({ major: 1, minor: 0 });
+      expect(hello.value.driverKind).toBe(DriverKind.PROCESS);
+      expect(hello.value.jobs).toEqual([]);
+    }
+    expect(acks[0].payload).toMatchObject({
+      case: "commandAck",
+      value: { requestId: "r1", ok: false, errorCode: Code.Unimplemented },
+    });
+    await supervisor.stop();
+    expect(supervisor.state()).toBe("stopped");
+  });
+
+  it("keeps retrying while the coordinator cannot take it", async () => {
+    let attempts = 0;
+    let thirdAttempt!: () => void;
+    const third = new Promise<void>((resolve) => (thirdAttempt = resolve));
+    // eslint-disable-next-line require-yield
+    const supervisor = await supervisorAgainst(async function* () {
+      if (++attempts === 3) thirdAttempt();
+      throw new ConnectError("coordinator restarting", Code.Unavailable);
+    });
+    await supervisor.start();
+    await third;
+    expect(supervisor.state()).not.toBe("refused");
+    await supervisor.stop();
+    expect(supervisor.state()).toBe("stopped");
+  });
+
+  it("stops for good when the coordinator refuses its credential", async () => {
+    let attempts = 0;
+    // eslint-disable-next-line require-yield
+    const supervisor = await supervisorAgainst(async function* () {
+      attempts++;
+      throw new ConnectError("unknown host credential", Code.Unauthenticated);
+    });
+    await supervisor.start();
+    await stateBecomes(supervisor, "refused");
+    expect(attempts).toBe(1);
+    await supervisor.stop();
+    expect(supervisor.state()).toBe("refused");
+  });
+});
