@@ -37,7 +37,11 @@ export type Capability =
   | { scope: "image:write" }
   | { scope: "tunnel:expose"; job: string }
   | { scope: "tunnel:dial"; job: string; port: number }
-  | { scope: "service:register" };
+  | { scope: "service:register" }
+  // Administration of a store or log server (delete manifests, collect
+  // garbage, delete job logs), minted for admins by CreateAdminCapability.
+  | { scope: "image:admin" }
+  | { scope: "log:admin" };
 
 export type Scope = Capability["scope"];
 
@@ -49,6 +53,8 @@ export const SCOPES: readonly Scope[] = [
   "tunnel:expose",
   "tunnel:dial",
   "service:register",
+  "image:admin",
+  "log:admin",
 ];
 
 /** What a verified token says. */
@@ -172,6 +178,8 @@ function capabilityClaims(capability: Capability): JWTPayload {
       return { scope: capability.scope, digest: capability.digest };
     case "image:write":
     case "service:register":
+    case "image:admin":
+    case "log:admin":
       return { scope: capability.scope };
     default:
       throw new Error(`unknown scope ${(capability as { scope: unknown }).scope}`);
@@ -200,6 +208,8 @@ function parseCapability(payload: JWTPayload): Capability | undefined {
       return typeof digest === "string" && DIGEST.test(digest) ? { scope, digest } : undefined;
     case "image:write":
     case "service:register":
+    case "image:admin":
+    case "log:admin":
       return { scope };
     default:
       return undefined;

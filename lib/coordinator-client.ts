@@ -1,0 +1,124 @@
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import {
+  RegistryService,
+  type ServiceKind,
+  ServiceStatusSchema,
+} from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
+import type { Logger } from "./logger.js";
+import { backoff, isTransientError, sleep } from "./retry.js";
+import type { JSONWebKeySet, JWK } from "./tokens.js";
+
+/** Adds `authorization: Bearer <token>` to every call (when a token is set). */
+export function bearerInterceptor(token: () => string): Interceptor {
+  return (next) => (req) => {
+    const value = token();
+    if (value !== "") req.header.set("authorization", `Bearer ${value}`);
+    return next(req);
+  };
+}
+
+/** A gRPC (HTTP/2) transport to the coordinator, optionally authenticated. */
+export function coordinatorTransport(url: string, credential = ""): Transport {
+  return createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => credential)] });
+}
+
+/**
+ * The key source of a TokenVerifier in a store, log server or proxy: the
+ * coordinator's public signing keys (`AuthService.GetSigningKeys`, which needs
+ * no credential). The verifier caches them and refetches on an unknown kid.
+ */
+export function coordinatorKeySource(transport: Transport): () => Promise<JSONWebKeySet> {
+  const client = createClient(AuthService, transport);
+  return async () => {
+    const response = await client.getSigningKeys({}, { timeoutMs: 10000 });
+    return {
+      keys: response.keys.map((k): JWK => ({ kid: k.kid, kty: k.kty, crv: k.crv, x: k.x, alg: k.alg, use: k.use })),
+    };
+  };
+}
+
+export interface RegistrationOptions {
+  transport: Transport;
+  kind: ServiceKind;
+  /** The URL clients and supervisors use to reach this server. */
+  url: string;
+  site?: string;
+  version?: string;
+  /** A proxy's public TCP entrance, if any. */
+  tcpAddress?: string;
+  /** Fresh figures for every heartbeat (free space, streams). */
+  status: () => Promise<MessageInitShape<typeof ServiceStatusSchema>> | MessageInitShape<typeof ServiceStatusSchema>;
+  logger: Logger;
+  signal: AbortSignal;
+}
+
+/**
+ * Registers a server with the coordinator's RegistryService and heartbeats at
+ * the interval the coordinator asks for, until `signal` aborts (then it
+ * deregisters). Survives coordinator outages: retries with backoff and jitter,
+ * and registers again when the coordinator forgot it (NotFound). Stops for
+ * good, with a clear log line, when the coordinator refuses the credential.
+ * Resolves when it has stopped.
+ */
+export async function runRegistration(options: RegistrationOptions): Promise<void> {
+  const { logger, signal } = options;
+  const client = createClient(RegistryService, options.transport);
+  const newDelays = () => backoff({ initialMs: 250, maxMs: 30000 });
+  let delays = newDelays();
+  let serviceId: string | undefined;
+  let intervalMs = 10000;
+  const status = async () => create(ServiceStatusSchema, await options.status());
+
+  while (!signal.aborted) {
+    try {
+      if (serviceId === undefined) {
+        const registered = await client.register(
+          {
+            kind: options.kind,
+            url: options.url,
+            site: options.site ?? "",
+            version: options.version ?? "",
+            tcpAddress: options.tcpAddress ?? "",
+            status: await status(),
+          },
+          { signal, timeoutMs: 10000 },
+        );
+        serviceId = registered.serviceId;
+        intervalMs = durationMs(registered.heartbeatInterval) ?? intervalMs;
+        logger.info({ serviceId, url: options.url }, "registered with coordinator");
+      } else {
+        const beat = await client.heartbeat({ serviceId, status: await status() }, { signal, timeoutMs: 10000 });
+        intervalMs = durationMs(beat.heartbeatInterval) ?? intervalMs;
+      }
+      delays = newDelays();
+      await sleep(intervalMs, signal).catch(() => undefined);
+    } catch (err) {
+      if (signal.aborted) break;
+      const error = ConnectError.from(err);
+      if (error.code === Code.NotFound) {
+        // The coordinator dropped our registration (expired): register anew.
+        serviceId = undefined;
+        continue;
+      }
+      if (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) {
+        logger.error({ code: Code[error.code] }, "coordinator refused this server's credential; not registering");
+        return;
+      }
+      const level = isTransientError(err) ? "warn" : "error";
+      logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot reach coordinator registry");
+      await sleep(delays.next().value, signal).catch(() => undefined);
+    }
+  }
+  if (serviceId !== undefined) {
+    await client.deregister({ serviceId }, { timeoutMs: 2000 }).catch(() => undefined);
+  }
+}
+
+function durationMs(d: { seconds: bigint; nanos: number } | undefined): number | undefined {
+  if (d === undefined) return undefined;
+  const ms = Number(d.seconds) * 1000 + Math.floor(d.nanos / 1e6);
+  return ms > 0 ? ms : undefined;
+}
