@@ -1,34 +1,73 @@
-import { createServingComponent, type ServingComponent } from "../lib/component.js";
+import { randomUUID } from "node:crypto";
+import { serverOptions, type ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
+import { createServer, type Server } from "../lib/server.js";
+import { authInterceptor } from "./auth.js";
 import type { CoordinatorConfig } from "./config.js";
+import type { CoordinatorContext } from "./context.js";
 import { openDatabase, type Database } from "./db/database.js";
+import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { coordinatorRoutes } from "./routes.js";
+import { SigningKeys } from "./signing.js";
 
 export interface CoordinatorDeps {
   config: CoordinatorConfig;
   logger: Logger;
+  clock?: () => number;
 }
 
 /**
  * The coordinator: PostgreSQL (embedded unless DATABASE_URL names one, with
- * migrations applied at start) and one server for `treadmill.coordinator.v1`.
+ * migrations applied at start), the signing keys, the job system (scheduler
+ * and supervisor streams) and one server for `treadmill.coordinator.v1`.
+ * start() fails fast and undoes what it opened; stop() is idempotent:
+ * the server drains first (streams close), then the loops, then the database.
  */
-export function createCoordinator({ config, logger }: CoordinatorDeps): ServingComponent {
+export function createCoordinator({ config, logger, clock = Date.now }: CoordinatorDeps): ServingComponent {
   let db: Database | undefined;
-  return createServingComponent({
-    name: "coordinator",
-    config,
-    logger,
-    routes: coordinatorRoutes,
-    async open() {
-      db = await openDatabase({
-        url: config.databaseUrl === "" ? undefined : config.databaseUrl,
-        dataDir: config.dataDir,
-        logger: logger.child({ subsystem: "database" }),
-      });
+  let jobs: JobSystem | undefined;
+  let server: Server | undefined;
+  let stopping: Promise<void> | undefined;
+
+  const close = async () => {
+    await server?.stop();
+    await jobs?.stop();
+    await db?.close();
+  };
+
+  return {
+    async start() {
+      try {
+        db = await openDatabase({
+          url: config.databaseUrl === "" ? undefined : config.databaseUrl,
+          dataDir: config.dataDir,
+          logger: logger.child({ subsystem: "database" }),
+        });
+        const keys = await SigningKeys.load(db.sql, {
+          issuer: "treadmill-coordinator",
+          logger: logger.child({ subsystem: "keys" }),
+          clock,
+        });
+        const ctx: CoordinatorContext = { sql: db.sql, logger, config, clock, keys, replicaId: randomUUID() };
+        jobs = createJobSystem(ctx);
+        server = createServer({
+          ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, jobs)),
+          interceptors: [authInterceptor({ sql: db.sql, clock })],
+        });
+        await server.start();
+        await jobs.start();
+      } catch (err) {
+        await close();
+        throw err;
+      }
     },
-    async close() {
-      await db?.close();
+    stop() {
+      stopping ??= close();
+      return stopping;
     },
-  });
+    address() {
+      if (!server) throw new Error("coordinator not started");
+      return server.address();
+    },
+  };
 }

@@ -6,6 +6,9 @@ import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { RegistryService } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { UserService } from "../gen/treadmill/coordinator/v1/user_service_pb.js";
+import type { CoordinatorContext } from "./context.js";
+import type { JobSystem } from "./jobs/job-system.js";
+import { registerCatalogServices } from "./services/index.js";
 
 /** Every service of `treadmill.coordinator.v1`, in the order of DESIGN.md §2. */
 export const coordinatorServices = [
@@ -18,13 +21,10 @@ export const coordinatorServices = [
   RegistryService,
 ] as const;
 
-/**
- * The coordinator's routes. The services are registered with no methods yet,
- * so every RPC honestly answers `Unimplemented` (connect fills in a handler
- * naming the method) until the coordinator issue gives them behaviour.
- */
-export function coordinatorRoutes(router: ConnectRouter): void {
-  for (const service of coordinatorServices) {
-    router.service(service, {});
-  }
+/** The coordinator's routes: the catalog services and the job system. */
+export function coordinatorRoutes(ctx: CoordinatorContext, jobs: JobSystem) {
+  return (router: ConnectRouter): void => {
+    registerCatalogServices(router, ctx);
+    jobs.register(router);
+  };
 }

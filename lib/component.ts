@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import type { ConnectRouter } from "@connectrpc/connect";
+import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
 import type { Logger } from "./logger.js";
 import { createServer, type Server, type ServerOptions } from "./server.js";
 
@@ -96,6 +96,7 @@ export function createServingComponent(options: {
   open?: () => Promise<void>;
   close?: () => Promise<void>;
   bulkProcedures?: string[];
+  interceptors?: Interceptor[];
 }): ServingComponent {
   let server: Server | undefined;
   let stopping: Promise<void> | undefined;
@@ -106,6 +107,7 @@ export function createServingComponent(options: {
         server = createServer({
           ...serverOptions(options.name, options.config, options.logger, options.routes),
           bulkProcedures: options.bulkProcedures,
+          interceptors: options.interceptors,
         });
         await server.start();
       } catch (err) {

@@ -1,5 +1,5 @@
 import type { DescService } from "@bufbuild/protobuf";
-import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
+import { Code, ConnectError, type ConnectRouter, type Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Registry } from "prom-client";
 import type { Logger } from "./logger.js";
@@ -29,6 +29,11 @@ export interface ServerOptions {
   logger: Logger;
   /** The component registers its services here. */
   routes: (router: ConnectRouter) => void;
+  /**
+   * The component's own interceptors (authentication, say). They run inside
+   * the logging interceptor, so what they refuse is logged and counted.
+   */
+  interceptors?: Interceptor[];
   /** Browser origins allowed by CORS; "*" only if listed explicitly. */
   corsOrigins?: string[];
   /** Largest request message accepted; default 4 MiB. Larger: ResourceExhausted. */
@@ -85,7 +90,10 @@ export function createServer(options: ServerOptions): Server {
     grpcWeb: true,
     connect: true,
     readMaxBytes: options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES,
-    interceptors: [createRpcInterceptor(baseLogger.child({ subsystem: "rpc" }), rpcMetrics)],
+    interceptors: [
+      createRpcInterceptor(baseLogger.child({ subsystem: "rpc" }), rpcMetrics),
+      ...(options.interceptors ?? []),
+    ],
     shutdownSignal: shutdown.signal,
     // Called once, synchronously, by connectNodeAdapter.
     routes(router) {

@@ -1,0 +1,140 @@
+import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
+import { Code, ConnectError, createContextKey, type HandlerContext, type Interceptor } from "@connectrpc/connect";
+import type { Sql } from "postgres";
+import { bearerToken } from "../lib/tokens.js";
+
+/**
+ * Who is calling, as established by the auth interceptor from the bearer
+ * token. Every handler starts with one of the `require*` functions below.
+ */
+export type Caller = UserCaller | HostCaller | ServiceCaller;
+
+/** A person (or a script acting for one) with an API token. */
+export interface UserCaller {
+  kind: "user";
+  userId: string;
+  name: string;
+  role: "admin" | "user";
+  tokenId: string;
+}
+
+/** A supervisor, with the credential CreateHost issued for its host. */
+export interface HostCaller {
+  kind: "host";
+  hostId: string;
+  hostName: string;
+}
+
+/**
+ * A store, cache, log server or proxy, with a service credential (an API
+ * token of scope `service`, owned by the admin who created it).
+ */
+export interface ServiceCaller {
+  kind: "service";
+  userId: string;
+  tokenId: string;
+}
+
+/** The caller of the current RPC; undefined when it sent no token. */
+export const callerKey = createContextKey<Caller | undefined>(undefined, { description: "treadmill caller" });
+
+/**
+ * Secrets carry a prefix that says what they are, so a credential is looked
+ * up in the one table it can be in, and a leaked one is recognisable.
+ */
+export const SECRET_PREFIX = { user: "tmu_", service: "tms_", host: "tmh_" } as const;
+
+/** A new random secret: the prefix and 32 random bytes, base64url. */
+export function newSecret(kind: keyof typeof SECRET_PREFIX): string {
+  return SECRET_PREFIX[kind] + randomBytes(32).toString("base64url");
+}
+
+/** What is stored of a secret: its sha256 (the secret itself is never stored). */
+export function hashSecret(secret: string): Buffer {
+  return createHash("sha256").update(secret, "utf8").digest();
+}
+
+/** Constant-time comparison of two secret hashes. */
+export function sameHash(a: Buffer, b: Buffer): boolean {
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+const unauthenticated = () => new ConnectError("invalid, expired or revoked credential", Code.Unauthenticated);
+
+/** How often `last_used_at` of a token is written, at most. */
+const LAST_USED_RESOLUTION_MS = 60_000;
+
+/**
+ * Resolves the bearer token of every call to a Caller (or none when the call
+ * has no token: the handler decides whether it needs one). A token that is
+ * present but unknown, expired, revoked or of a disabled user fails the call
+ * with Unauthenticated before any handler runs.
+ */
+export function authInterceptor(deps: { sql: Sql; clock?: () => number }): Interceptor {
+  const clock = deps.clock ?? Date.now;
+  return (next) => async (req) => {
+    const token = bearerToken(req.header);
+    if (token !== undefined) {
+      req.contextValues.set(callerKey, await resolveCaller(deps.sql, token, clock()));
+    }
+    return next(req);
+  };
+}
+
+async function resolveCaller(sql: Sql, token: string, nowMs: number): Promise<Caller> {
+  const hash = hashSecret(token);
+  if (token.startsWith(SECRET_PREFIX.host)) {
+    const [host] = await sql<{ id: string; name: string }[]>`
+      select id, name from hosts where credential_hash = ${hash}`;
+    if (!host) throw unauthenticated();
+    return { kind: "host", hostId: host.id, hostName: host.name };
+  }
+  if (!token.startsWith(SECRET_PREFIX.user) && !token.startsWith(SECRET_PREFIX.service)) throw unauthenticated();
+  const now = new Date(nowMs);
+  const [row] = await sql<
+    { token_id: string; user_id: string; name: string; role: "admin" | "user"; scope: string; last_used_at: Date | null }[]
+  >`
+    select t.id as token_id, u.id as user_id, u.name, u.role, t.scope, t.last_used_at
+    from api_tokens t join users u on u.id = t.user_id
+    where t.hash = ${hash}
+      and t.revoked_at is null
+      and (t.expires_at is null or t.expires_at > ${now})
+      and not u.disabled`;
+  if (!row) throw unauthenticated();
+  if (!row.last_used_at || nowMs - row.last_used_at.getTime() > LAST_USED_RESOLUTION_MS) {
+    await sql`update api_tokens set last_used_at = ${now} where id = ${row.token_id}`;
+  }
+  if (row.scope === "service") return { kind: "service", userId: row.user_id, tokenId: row.token_id };
+  return { kind: "user", userId: row.user_id, name: row.name, role: row.role, tokenId: row.token_id };
+}
+
+/** The calling user; Unauthenticated without a token, PermissionDenied for a host or service. */
+export function requireUser(ctx: HandlerContext): UserCaller {
+  const caller = ctx.values.get(callerKey);
+  if (caller === undefined) throw new ConnectError("this call needs an api token", Code.Unauthenticated);
+  if (caller.kind !== "user") throw new ConnectError("this call is for users only", Code.PermissionDenied);
+  return caller;
+}
+
+/** The calling admin; PermissionDenied for anyone else. */
+export function requireAdmin(ctx: HandlerContext): UserCaller {
+  const caller = requireUser(ctx);
+  if (caller.role !== "admin") throw new ConnectError("this call is for admins only", Code.PermissionDenied);
+  return caller;
+}
+
+/** The calling supervisor's host. */
+export function requireHost(ctx: HandlerContext): HostCaller {
+  const caller = ctx.values.get(callerKey);
+  if (caller === undefined) throw new ConnectError("this call needs a host credential", Code.Unauthenticated);
+  if (caller.kind !== "host") throw new ConnectError("this call is for supervisors only", Code.PermissionDenied);
+  return caller;
+}
+
+/** The calling store, cache, log server or proxy. */
+export function requireService(ctx: HandlerContext): ServiceCaller {
+  const caller = ctx.values.get(callerKey);
+  if (caller === undefined) throw new ConnectError("this call needs a service credential", Code.Unauthenticated);
+  if (caller.kind !== "service") throw new ConnectError("this call is for services only", Code.PermissionDenied);
+  return caller;
+}

@@ -1,0 +1,20 @@
+import type { Sql } from "postgres";
+import type { Logger } from "../lib/logger.js";
+import type { CoordinatorConfig } from "./config.js";
+import type { SigningKeys } from "./signing.js";
+
+/**
+ * What every coordinator service and loop is given: its dependencies, passed
+ * in (no module-level singletons). Built once in `start()`.
+ */
+export interface CoordinatorContext {
+  sql: Sql;
+  logger: Logger;
+  config: CoordinatorConfig;
+  /** Milliseconds since the epoch; tests may replace it. */
+  clock: () => number;
+  /** Capability-token keys: mint tokens for stores, log servers, proxies. */
+  keys: SigningKeys;
+  /** This replica's id (a fresh UUID per process), for streams and audit. */
+  replicaId: string;
+}
