@@ -8,7 +8,8 @@ import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { Health, HealthCheckResponse_ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { coordinatorServices } from "../../coordinator/routes.js";
-import { postgresProcessesUsing, startProcess, type RunningProcess } from "../support/process.js";
+import { postgresProcesses } from "../../coordinator/db/embedded.js";
+import { startProcess, type RunningProcess } from "../support/process.js";
 
 const run = promisify(execFile);
 
@@ -73,11 +74,12 @@ describe("the runnable processes", () => {
     });
     const url = urlOf(await proc.waitForLine(/coordinator ready/, 60000));
     expect(await healthOf(url)).toBe(HealthCheckResponse_ServingStatus.SERVING);
-    expect((await postgresProcessesUsing(dataDir)).length).toBe(1);
+    const pgdata = join(dataDir, "postgres", "pgdata");
+    expect((await postgresProcesses(pgdata)).length).toBeGreaterThan(0);
     const { code, ms } = await terminate(proc);
     expect(code).toBe(0);
     expect(ms).toBeLessThan(5000);
-    expect(await postgresProcessesUsing(dataDir)).toEqual([]);
+    expect(await postgresProcesses(pgdata)).toEqual([]);
   }, 90000);
 
   it("npm start's testbed brings up every component, lists every coordinator service through reflection, and stops clean", async () => {
@@ -107,7 +109,7 @@ describe("the runnable processes", () => {
     const { code, ms } = await terminate(proc);
     expect(code).toBe(0);
     expect(ms).toBeLessThan(5000);
-    expect(await postgresProcessesUsing(dataDir)).toEqual([]);
+    expect(await postgresProcesses(join(dataDir, "coordinator", "postgres", "pgdata"))).toEqual([]);
     process.stdout.write(`testbed start-up took ${startupMs} ms, stop ${ms} ms\n`);
   }, 120000);
 });

@@ -1,5 +1,4 @@
 import { spawn, type ChildProcess } from "node:child_process";
-import { readdir, readFile } from "node:fs/promises";
 import { createInterface } from "node:readline";
 
 /** A child process of the test whose output lines can be awaited. */
@@ -58,21 +57,4 @@ export function startProcess(script: string, args: string[], env: Record<string,
       });
     },
   };
-}
-
-/** Pids of running postgres processes whose command line mentions `dir`. */
-export async function postgresProcessesUsing(dir: string): Promise<number[]> {
-  const pids: number[] = [];
-  for (const entry of await readdir("/proc")) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      const cmdline = (await readFile(`/proc/${entry}/cmdline`, "utf8")).split("\0");
-      if (/postgres/.test(cmdline[0] ?? "") && cmdline.some((arg) => arg.includes(dir))) {
-        pids.push(Number(entry));
-      }
-    } catch {
-      // The process ended while we looked.
-    }
-  }
-  return pids;
 }
