@@ -1,0 +1,346 @@
+/**
+ * The `board` driver (DESIGN.md §9): one physical board, driven by configured
+ * shell commands (power on/off, reset, flash) and watched through its serial
+ * console. A job's image holds a firmware layer; every job flashes it anew,
+ * so nothing carries over from the previous job.
+ *
+ * Life of a job: prepare = power off + flash; start = open the serial device
+ * (`stty -F DEV BAUD raw -echo`), bridge it to a local TCP port, power on, and
+ * wait for the boot pattern (or any output) within the boot timeout; then the
+ * console is captured until the exit pattern (`TREADMILL_EXIT=(\d+)`) declares
+ * the workload's exit code, or until `stop`. The board is powered off at the
+ * end of every job.
+ */
+
+import { exec } from "node:child_process";
+import { constants, openSync } from "node:fs";
+import { open, type FileHandle } from "node:fs/promises";
+import { ReadStream } from "node:tty";
+import type { Logger } from "../../lib/logger.js";
+import { ConsoleBridge } from "./console.js";
+import {
+  DriverAbortError,
+  DriverError,
+  FIRMWARE_MEDIA_TYPE,
+  throwIfAborted,
+  type Driver,
+  type Exposure,
+  type JobExit,
+  type JobOutput,
+  type JobPhase,
+  type JobSpecForDriver,
+  type Prepared,
+  type PrepareOptions,
+  type RunningJob,
+  type SnapshotLayer,
+} from "./driver.js";
+import { shellQuote } from "./sandbox.js";
+
+/** One board's configuration (JSON in the supervisor's config). */
+export interface BoardConfig {
+  /** The board's name, in logs. */
+  name: string;
+  /** The serial console. */
+  serial: {
+    /** Device path, e.g. /dev/ttyUSB0 or /dev/serial/by-id/... */
+    device: string;
+    /** Baud rate, set with `stty -F DEV BAUD raw -echo` before each job. */
+    baud: number;
+  };
+  /**
+   * Shell commands (run with /bin/sh -c). `{image}` is replaced by the
+   * firmware file's path and `{serial}` by the serial device, both quoted.
+   * A command fails the job (HOST_START_FAILURE) when it exits non-zero or
+   * runs longer than `commandTimeoutMs`.
+   */
+  commands: {
+    powerOn: string;
+    powerOff: string;
+    /** Optional; `stop` uses power off. */
+    reset?: string;
+    flash: string;
+  };
+  /** A regular expression on the console that means "booted"; unset: the first byte of output. */
+  bootPattern?: string;
+  /** Longest wait from power on to boot. */
+  bootTimeoutMs: number;
+  /**
+   * A regular expression on the console whose first capture group is the
+   * workload's exit code (e.g. `TREADMILL_EXIT=(\d+)`). Unset: the job runs
+   * until stopped (cancel or job timeout).
+   */
+  exitPattern?: string;
+  /** Extra host-local TCP services of the board (a debug probe's GDB server...), exposed like the console. */
+  services?: { name: string; port: number }[];
+  /** Longest run of one command. Default 120000 (flashing can be slow). */
+  commandTimeoutMs?: number;
+}
+
+/** Checks a parsed JSON board configuration; throws naming every bad field at once. */
+export function parseBoardConfig(value: unknown): BoardConfig {
+  const problems: string[] = [];
+  const v = (value ?? {}) as Record<string, unknown>;
+  const str = (x: unknown) => typeof x === "string" && x !== "";
+  const serial = (v.serial ?? {}) as Record<string, unknown>;
+  const commands = (v.commands ?? {}) as Record<string, unknown>;
+  if (!str(v.name)) problems.push("board name must be a non-empty string");
+  if (!str(serial.device)) problems.push("board serial.device must be a device path");
+  if (!Number.isInteger(serial.baud) || (serial.baud as number) <= 0) problems.push("board serial.baud must be a positive integer");
+  for (const c of ["powerOn", "powerOff", "flash"]) if (!str(commands[c])) problems.push(`board commands.${c} must be a command`);
+  if (commands.reset !== undefined && !str(commands.reset)) problems.push("board commands.reset must be a command");
+  if (!Number.isInteger(v.bootTimeoutMs) || (v.bootTimeoutMs as number) <= 0) problems.push("board bootTimeoutMs must be a positive integer");
+  for (const p of ["bootPattern", "exitPattern"] as const) {
+    if (v[p] === undefined) continue;
+    try {
+      new RegExp(v[p] as string);
+    } catch {
+      problems.push(`board ${p} is not a regular expression`);
+    }
+  }
+  if (v.services !== undefined) {
+    if (!Array.isArray(v.services)) problems.push("board services must be an array");
+    else
+      v.services.forEach((s: { name?: unknown; port?: unknown }, i) => {
+        if (!str(s?.name) || !/^[a-z][a-z0-9-]{0,31}$/.test(s.name as string)) problems.push(`board services[${i}].name must match [a-z][a-z0-9-]{0,31}`);
+        if (!Number.isInteger(s?.port) || (s.port as number) <= 0 || (s.port as number) > 65535) problems.push(`board services[${i}].port must be a port number`);
+      });
+  }
+  if (problems.length > 0) throw new Error(problems.join("; "));
+  return v as unknown as BoardConfig;
+}
+
+interface BoardPrepared extends Prepared {
+  readonly kind: "board";
+  readonly firmware: string;
+  running?: BoardJob;
+  cleaned?: Promise<void>;
+}
+
+interface BoardJob extends RunningJob {
+  readonly kind: "board";
+  readonly prepared: BoardPrepared;
+  finish(exit: Omit<JobExit, "status">): Promise<void>;
+  stopRequested: boolean;
+}
+
+/** Runs one configured command; rejects with `DriverError("start")` carrying the tail of its output. */
+function runCommand(template: string, values: { image?: string; serial: string }, timeoutMs: number, signal?: AbortSignal): Promise<string> {
+  const command = template
+    .replace(/\{image\}/g, values.image === undefined ? "''" : shellQuote(values.image))
+    .replace(/\{serial\}/g, shellQuote(values.serial));
+  return new Promise((resolve, reject) => {
+    exec(command, { timeout: timeoutMs, signal, killSignal: "SIGKILL" }, (err, stdout, stderr) => {
+      if (err === null) return resolve(stdout + stderr);
+      if (signal?.aborted) return reject(new DriverAbortError());
+      const tail = (stdout + stderr).trim().split("\n").slice(-3).join(" | ");
+      reject(new DriverError("start", `board command failed (${err.killed ? "timed out" : `exit ${err.code}`}): ${tail}`, { cause: err }));
+    });
+  });
+}
+
+export class BoardDriver implements Driver {
+  readonly kind = "board" as const;
+  readonly capacity = 1;
+  private current: BoardPrepared | undefined;
+  private readonly log: Logger;
+  private readonly commandTimeoutMs: number;
+
+  constructor(
+    private readonly config: BoardConfig,
+    logger: Logger,
+  ) {
+    this.log = logger.child({ driver: "board", board: config.name });
+    this.commandTimeoutMs = config.commandTimeoutMs ?? 120000;
+  }
+
+  private command(name: keyof BoardConfig["commands"], image?: string, signal?: AbortSignal): Promise<string> {
+    const template = this.config.commands[name];
+    if (template === undefined) return Promise.resolve("");
+    this.log.debug({ command: name }, "running board command");
+    return runCommand(template, { image, serial: this.config.serial.device }, this.commandTimeoutMs, signal);
+  }
+
+  async prepare(spec: JobSpecForDriver, options: PrepareOptions = {}): Promise<Prepared> {
+    const { signal, onStage } = options;
+    if (this.current !== undefined && this.current.cleaned === undefined) {
+      if (this.current.jobId === spec.jobId && this.current.attempt === spec.attempt) return this.current;
+      throw new DriverError("start", `board ${this.config.name} is busy with another job`);
+    }
+    throwIfAborted(signal);
+    const firmware = [...spec.image.layers].reverse().find((l) => l.mediaType === FIRMWARE_MEDIA_TYPE);
+    if (firmware === undefined) throw new DriverError("image", `image has no ${FIRMWARE_MEDIA_TYPE} layer`);
+    const prepared: BoardPrepared = { kind: "board", jobId: spec.jobId, attempt: spec.attempt, firmware: firmware.path };
+    this.current = prepared;
+    try {
+      onStage?.("allocating", `powering off board ${this.config.name}`);
+      await this.command("powerOff", undefined, signal);
+      onStage?.("provisioning", `flashing ${firmware.digest}`);
+      await this.command("flash", firmware.path, signal);
+      throwIfAborted(signal);
+      this.log.info({ jobId: spec.jobId, attempt: spec.attempt, digest: firmware.digest }, "board flashed");
+      return prepared;
+    } catch (err) {
+      this.current = undefined;
+      await this.command("powerOff").catch(() => undefined);
+      throw err;
+    }
+  }
+
+  async start(handle: Prepared, output: JobOutput, options: PrepareOptions = {}): Promise<RunningJob> {
+    const prepared = handle as BoardPrepared;
+    if (prepared.running !== undefined) return prepared.running;
+    if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
+    const { signal, onStage } = options;
+    const log = this.log.child({ jobId: prepared.jobId, attempt: prepared.attempt });
+    const say = (message: string) => output.write("supervisor", Buffer.from(`${message}\n`));
+    const device = this.config.serial.device;
+
+    // Configure the line, then open it twice: a tty stream to read, a plain
+    // handle to write (one fd cannot back two libuv handles).
+    await runCommand(`stty -F {serial} ${this.config.serial.baud} raw -echo`, { serial: device }, 10000).catch((err: unknown) => {
+      throw new DriverError("start", `serial device ${device} cannot be configured`, { cause: err });
+    });
+    let reader: ReadStream;
+    let writer: FileHandle;
+    try {
+      reader = new ReadStream(openSync(device, constants.O_RDONLY | constants.O_NOCTTY | constants.O_NONBLOCK));
+      writer = await open(device, constants.O_WRONLY | constants.O_NOCTTY);
+    } catch (err) {
+      throw new DriverError("start", `serial device ${device} cannot be opened`, { cause: err });
+    }
+    reader.on("error", (err) => log.warn({ err }, "serial read failed"));
+    let writes = Promise.resolve();
+    const writeSerial = (bytes: Buffer) => {
+      writes = writes.then(() => writer.write(bytes)).then(
+        () => undefined,
+        (err: unknown) => log.warn({ err }, "serial write failed"),
+      );
+    };
+    const bridge = await ConsoleBridge.listen({ logger: log, onInput: writeSerial });
+
+    let phase: JobPhase = "booting";
+    let exposed: Exposure[] = [
+      { name: "console", host: "127.0.0.1", port: bridge.port, kind: "console" },
+      ...(this.config.services ?? []).map((s): Exposure => ({ name: s.name, host: "127.0.0.1", port: s.port, kind: "tcp" })),
+    ];
+    const bootPattern = this.config.bootPattern === undefined ? undefined : new RegExp(this.config.bootPattern);
+    const exitPattern = this.config.exitPattern === undefined ? undefined : new RegExp(this.config.exitPattern);
+    let window = "";
+    let booted: () => void = () => undefined;
+    const bootSeen = new Promise<void>((resolve) => (booted = resolve));
+    let resolveExit: (exit: JobExit) => void = () => undefined;
+    const exited = new Promise<JobExit>((resolve) => (resolveExit = resolve));
+    let finishing: Promise<void> | undefined;
+
+    const finish = (exit: Omit<JobExit, "status">): Promise<void> => {
+      finishing ??= (async () => {
+        phase = "stopping";
+        reader.pause();
+        await this.command("powerOff").catch((err: unknown) => log.error({ err }, "board power off failed"));
+        reader.destroy();
+        await writes;
+        await writer.close().catch(() => undefined);
+        exposed = [];
+        await bridge.close();
+        phase = "exited";
+        const status = exit.exitCode === 0 && !exit.stopped ? "success" : "failure";
+        say(exit.message);
+        log.info({ exitCode: exit.exitCode, stopped: exit.stopped }, "board job ended");
+        resolveExit({ ...exit, status });
+      })();
+      return finishing;
+    };
+
+    reader.on("data", (bytes: Buffer) => {
+      if (phase === "exited" || phase === "stopping") return;
+      output.write("console", bytes);
+      bridge.write(bytes);
+      window = (window + bytes.toString("latin1")).slice(-8192);
+      if (phase === "booting" && (bootPattern === undefined || bootPattern.test(window))) {
+        booted();
+      }
+      if (phase === "running" && exitPattern !== undefined) {
+        const m = exitPattern.exec(window);
+        if (m !== null) {
+          const code = Number(m[1] ?? "0");
+          void finish({ exitCode: code, stopped: false, message: `workload exited with code ${code} (console pattern)` });
+        }
+      }
+    });
+
+    const job: BoardJob = {
+      kind: "board",
+      jobId: prepared.jobId,
+      attempt: prepared.attempt,
+      prepared,
+      stopRequested: false,
+      status: () => phase,
+      exposures: () => exposed,
+      exited,
+      writeConsole: writeSerial,
+      finish,
+    };
+
+    onStage?.("booting", `powering on board ${this.config.name}`);
+    say(`powering on board ${this.config.name}; console on 127.0.0.1:${bridge.port}`);
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await this.command("powerOn", undefined, signal);
+      const outcome = await Promise.race([
+        bootSeen.then(() => "booted" as const),
+        new Promise<"timeout">((resolve) => (timer = setTimeout(() => resolve("timeout"), this.config.bootTimeoutMs))),
+        new Promise<"aborted">((resolve) => signal?.addEventListener("abort", () => resolve("aborted"), { once: true })),
+      ]);
+      if (outcome === "timeout") {
+        throw new DriverError("start", `board ${this.config.name} did not boot within ${this.config.bootTimeoutMs} ms`);
+      }
+      if (outcome === "aborted") throw new DriverAbortError("board boot aborted");
+    } catch (err) {
+      clearTimeout(timer);
+      await finish({ exitCode: null, stopped: true, message: err instanceof Error ? err.message : "board start failed" });
+      log.warn({ err }, "board start failed");
+      throw err;
+    }
+    clearTimeout(timer);
+    phase = "running";
+    // The exit pattern may already be in what arrived with the boot banner.
+    if (exitPattern !== undefined) {
+      const m = exitPattern.exec(window);
+      if (m !== null) void finish({ exitCode: Number(m[1] ?? "0"), stopped: false, message: `workload exited with code ${m[1]} (console pattern)` });
+    }
+    log.info({ consolePort: bridge.port }, "board booted");
+    prepared.running = job;
+    return job;
+  }
+
+  async stop(handle: RunningJob): Promise<void> {
+    const job = handle as BoardJob;
+    job.stopRequested = true;
+    // A board has no polite stop: power off is the stop.
+    await job.finish({ exitCode: null, stopped: true, message: "board powered off (job stopped)" });
+    await job.exited;
+  }
+
+  snapshot(): Promise<SnapshotLayer> {
+    return Promise.reject(new DriverError("image", "board jobs cannot be snapshotted"));
+  }
+
+  cleanup(handle: Prepared | RunningJob): Promise<void> {
+    const prepared = ("prepared" in handle ? handle.prepared : handle) as BoardPrepared;
+    prepared.cleaned ??= (async () => {
+      if (prepared.running !== undefined) await this.stop(prepared.running);
+      else await this.command("powerOff").catch((err: unknown) => this.log.error({ err }, "board power off failed"));
+      if (this.current === prepared) this.current = undefined;
+    })();
+    return prepared.cleaned;
+  }
+
+  async close(): Promise<void> {
+    if (this.current !== undefined) await this.cleanup(this.current.running ?? this.current);
+  }
+}
+
+/** Creates a board driver for one board. */
+export function createBoardDriver(config: BoardConfig, logger: Logger): BoardDriver {
+  return new BoardDriver(parseBoardConfig(config), logger);
+}

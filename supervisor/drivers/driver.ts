@@ -1,0 +1,232 @@
+/**
+ * The driver interface (DESIGN.md §9): how the supervisor core runs one job on
+ * one kind of host. A driver knows nothing of gRPC, the coordinator, log
+ * servers or proxies: the core fetches and verifies the image, hands the
+ * driver local blob files and the job's parameters, ships whatever the driver
+ * writes to `JobOutput`, and exposes the host-local ports it reports.
+ *
+ * Life of one job attempt, as the core drives it:
+ *
+ *   prepare(spec)      -> Prepared     (allocate a slot, unpack/flash, no workload yet)
+ *   start(prepared)    -> RunningJob   (the workload runs; `exited` settles at its end)
+ *   stop(job)                          (optional: polite stop, grace, force)
+ *   snapshot(job)                      (optional, process driver only)
+ *   cleanup(prepared or job)           (always, exactly once in effect; idempotent)
+ *
+ * Every method may be called again for the same job (the core's commands are
+ * idempotent); none throws for a job that already reached the requested state.
+ */
+
+/** The drivers this package provides. */
+export type DriverKind = "process" | "board";
+
+/** Output channels of a job (DESIGN.md §7). */
+export type OutputChannel = "console" | "stdout" | "stderr" | "supervisor";
+
+/** One job parameter. Secret values reach the workload and nothing else. */
+export interface JobParameter {
+  /** `[A-Za-z_][A-Za-z0-9_]{0,63}`; names starting with `TREADMILL_` are reserved. */
+  name: string;
+  value: string;
+  secret: boolean;
+}
+
+/** One layer of the job's image, already fetched and verified by the core. */
+export interface ImageLayer {
+  /** `sha256:<hex>` of the blob; the layer cache is keyed by it. */
+  digest: string;
+  /** e.g. `application/vnd.treadmill.rootfs.tar+gzip` or `application/vnd.treadmill.firmware`. */
+  mediaType: string;
+  /** Size of the blob in bytes. */
+  size: number;
+  /** The layer's annotations from the manifest. */
+  annotations: Record<string, string>;
+  /** Local file holding the blob's bytes (the site cache's shared path or a download). Read only. */
+  path: string;
+}
+
+/** The job's image: its manifest digest, layers bottom first, and manifest annotations. */
+export interface JobImage {
+  manifestDigest: string;
+  layers: ImageLayer[];
+  /** Manifest annotations; `treadmill.entrypoint` (a JSON array of strings) names a process image's command. */
+  annotations: Record<string, string>;
+}
+
+/** A port of the workload to expose besides the console. */
+export interface ExposedPortSpec {
+  /** Exposure name, `[a-z][a-z0-9-]{0,31}`. */
+  name: string;
+  /** The TCP port the workload listens on (on 127.0.0.1 of the host). */
+  port: number;
+}
+
+/** What a driver needs to know about one job attempt. */
+export interface JobSpecForDriver {
+  jobId: string;
+  /** From 1; with `jobId`, identifies the attempt. */
+  attempt: number;
+  /** The job's parameters, secret values included. */
+  parameters: JobParameter[];
+  /** Overrides the image's `treadmill.entrypoint` annotation (process driver). */
+  entrypoint?: string[];
+  /** Extra environment for the workload (process driver); parameters win over it. */
+  env?: Record<string, string>;
+  /**
+   * The job's timeout, for information (e.g. the board driver's boot wait is
+   * capped by it). The core enforces the timeout by calling `stop`.
+   */
+  timeoutMs?: number;
+  image: JobImage;
+  /** Extra ports to expose. */
+  exposedPorts?: ExposedPortSpec[];
+}
+
+/** Initialization stages a driver reports during `prepare`/`start` (DESIGN.md §4). */
+export type DriverStage = "allocating" | "provisioning" | "booting";
+
+export interface PrepareOptions {
+  /** Aborting it (the job was canceled) makes `prepare` reject with `DriverAbortError` and undo its work. */
+  signal?: AbortSignal;
+  /** Called on every stage change, with a human-readable message without secrets. */
+  onStage?: (stage: DriverStage, message: string) => void;
+}
+
+/** The result of `prepare`: an opaque handle the core passes back to `start` and `cleanup`. */
+export interface Prepared {
+  readonly kind: DriverKind;
+  readonly jobId: string;
+  readonly attempt: number;
+}
+
+/** Where a running job's output goes. Called synchronously, in order per channel; never blocks. */
+export interface JobOutput {
+  /** Bytes on one channel. `supervisor` carries the driver's own messages about the job, each line-terminated. */
+  write(channel: OutputChannel, bytes: Buffer): void;
+}
+
+/** Where a job is, as the driver sees it. */
+export type JobPhase = "starting" | "booting" | "running" | "stopping" | "exited";
+
+/** A host-local port of a running job, for the core to expose through a proxy. */
+export interface Exposure {
+  /** `console` for the console, otherwise the exposed port's or board service's name. */
+  name: string;
+  /** Always loopback: exposures are reachable only through the supervisor's tunnels. */
+  host: "127.0.0.1";
+  port: number;
+  /** `console`: a byte stream bridged to the job's console (pty or serial line); `tcp`: a plain port. */
+  kind: "console" | "tcp";
+}
+
+/** How a workload ended. */
+export interface JobExit {
+  /** The workload's exit code, or null when it has none (killed, board without an exit pattern). */
+  exitCode: number | null;
+  /** The signal that ended it, when one did. */
+  signal?: string;
+  /** `success` exactly when the exit code is 0 and the job was not stopped. */
+  status: "success" | "failure";
+  /** True when the end came from `stop` (cancel, timeout) rather than the workload itself. */
+  stopped: boolean;
+  /** A short description for the job's timeline, without secrets. */
+  message: string;
+}
+
+/** A started job. */
+export interface RunningJob {
+  readonly kind: DriverKind;
+  readonly jobId: string;
+  readonly attempt: number;
+  /** The handle `start` was given, for `cleanup`. */
+  readonly prepared: Prepared;
+  status(): JobPhase;
+  /** The job's host-local ports; empty once it has exited. */
+  exposures(): Exposure[];
+  /** Settles once the workload has ended and every process of it is gone. Never rejects. */
+  readonly exited: Promise<JobExit>;
+  /** Sends bytes to the console, as a client of the console port would. */
+  writeConsole(bytes: Buffer): void;
+}
+
+export interface StopOptions {
+  /** Time between the polite stop (SIGTERM) and the kill; default the driver's configured grace. */
+  graceMs?: number;
+}
+
+/** A snapshot layer written by `snapshot`. */
+export interface SnapshotLayer {
+  /** `application/vnd.treadmill.rootfs.tar+gzip`. */
+  mediaType: string;
+  /** `sha256:<hex>` of the file's bytes. */
+  digest: string;
+  /** Size of the file in bytes. */
+  size: number;
+  /** The file written (the `outFile` passed in). */
+  path: string;
+}
+
+export interface Driver {
+  readonly kind: DriverKind;
+  /** Jobs this driver can hold at once (process: slots; board: 1). */
+  readonly capacity: number;
+  /**
+   * Allocates a slot and provisions the job (process: unpack layers and build
+   * the work directory; board: flash). Rejects with `DriverError` (`reason`
+   * tells the core which finalize reason applies) or `DriverAbortError`.
+   */
+  prepare(spec: JobSpecForDriver, options?: PrepareOptions): Promise<Prepared>;
+  /** Starts the workload. Rejects with `DriverError` (`start`) when it cannot. */
+  start(prepared: Prepared, output: JobOutput, options?: PrepareOptions): Promise<RunningJob>;
+  /** Polite stop, grace period, then force; resolves once the job has exited. Idempotent. */
+  stop(job: RunningJob, options?: StopOptions): Promise<void>;
+  /** Writes the job's writable state as a new layer to `outFile`. Rejects with `DriverError` when unsupported. */
+  snapshot(job: RunningJob, options: { outFile: string }): Promise<SnapshotLayer>;
+  /** Stops anything left, removes the job's work files and frees its slot. Idempotent. */
+  cleanup(job: Prepared | RunningJob): Promise<void>;
+  /** Stops every job and releases the driver's resources (supervisor shutdown). Idempotent. */
+  close(): Promise<void>;
+}
+
+/**
+ * A driver failure the core reports to the coordinator: `image` means the
+ * image cannot run here (IMAGE_ERROR: bad tar, missing entrypoint, wrong
+ * media type), `start` means this host failed to start it (HOST_START_FAILURE:
+ * no free slot, flash or boot failed), `internal` is a bug (INTERNAL_ERROR).
+ * The message is lower-case, names the thing, and never contains secrets.
+ */
+export class DriverError extends Error {
+  override readonly name = "DriverError";
+  constructor(
+    readonly reason: "image" | "start" | "internal",
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/** `prepare` or `start` gave up because its signal was aborted. */
+export class DriverAbortError extends Error {
+  override readonly name = "DriverAbortError";
+  constructor(message = "job preparation aborted") {
+    super(message);
+  }
+}
+
+/** Throws `DriverAbortError` if the signal is aborted. */
+export function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new DriverAbortError();
+}
+
+/** The environment variable a parameter reaches the workload under. */
+export function parameterEnvName(name: string): string {
+  return `TREADMILL_PARAM_${name}`;
+}
+
+/** Media type of process-driver layers and of process snapshots. */
+export const ROOTFS_MEDIA_TYPE = "application/vnd.treadmill.rootfs.tar+gzip";
+/** Media type of board-driver firmware layers. */
+export const FIRMWARE_MEDIA_TYPE = "application/vnd.treadmill.firmware";
+/** Manifest annotation holding a process image's command (a JSON array of strings). */
+export const ENTRYPOINT_ANNOTATION = "treadmill.entrypoint";

@@ -1,0 +1,527 @@
+/**
+ * The `process` driver (DESIGN.md §9): a job is a process tree run from the
+ * image's unpacked rootfs layers, in a fresh work directory, under its slot's
+ * own uid and (where the host has it) bubblewrap. Its stdin/stdout are on a
+ * pseudo-terminal (the console, also bridged to a host-local TCP port), its
+ * stderr is a pipe.
+ *
+ * Files (`workDir`):
+ *
+ *   workDir/            0711 root   (traversable, not listable)
+ *     layers/           0700 root   unpacked layers, one per digest (rootfs.ts)
+ *     jobs/             0711 root
+ *       <job>.<attempt> 0700 slot   one job's directory, removed by cleanup
+ *         rootfs/              the job's root, owned by the slot's uid
+ *           run/treadmill/secrets/  0700, one 0600 file per secret parameter
+ *
+ * A job can therefore read neither another job's directory (another uid,
+ * mode 0700) nor the layer cache nor the supervisor's own files.
+ */
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { constants } from "node:fs";
+import { access, chmod, chown, lstat, mkdir, open, rm, stat } from "node:fs/promises";
+import { delimiter, dirname, join } from "node:path";
+import type { Readable, Writable } from "node:stream";
+import type { Logger } from "../../lib/logger.js";
+import { ConsoleBridge } from "./console.js";
+import {
+  DriverAbortError,
+  DriverError,
+  ENTRYPOINT_ANNOTATION,
+  parameterEnvName,
+  throwIfAborted,
+  type Driver,
+  type Exposure,
+  type ExposedPortSpec,
+  type JobExit,
+  type JobOutput,
+  type JobPhase,
+  type JobSpecForDriver,
+  type Prepared,
+  type PrepareOptions,
+  type RunningJob,
+  type SnapshotLayer,
+  type StopOptions,
+} from "./driver.js";
+import { composeRootfs, LayerCache, snapshotRootfs, type UnpackedLayer } from "./rootfs.js";
+import {
+  detectIsolation,
+  killAllOfUid,
+  processesOfUid,
+  sandboxCommand,
+  signalAll,
+  type Isolation,
+  type SandboxMode,
+} from "./sandbox.js";
+
+export interface ProcessDriverOptions {
+  /** Where layers and job directories live (created 0711; every ancestor must be traversable by others). */
+  workDir: string;
+  /** Jobs at once; each slot has its own uid. Default 1. */
+  slots?: number;
+  /**
+   * Uid (and gid) of slot 0; slot N uses `slotUidBase + N`. These uids must
+   * run nothing else on the host: the driver kills every process they own
+   * when a job ends. Give each supervisor on one machine its own range.
+   * Default 61000.
+   */
+  slotUidBase?: number;
+  /** Isolation to use; `auto` (default) picks bubblewrap when it works. */
+  sandbox?: "auto" | SandboxMode;
+  /** Default time between SIGTERM and SIGKILL on stop. Default 10000. */
+  graceMs?: number;
+  logger: Logger;
+}
+
+/** Where secret parameters appear inside the job (one 0600 file per parameter). */
+export const SECRETS_DIR = "/run/treadmill/secrets";
+const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+interface ProcessPrepared extends Prepared {
+  readonly kind: "process";
+  readonly slot: number;
+  readonly uid: number;
+  readonly gid: number;
+  readonly jobDir: string;
+  readonly rootfs: string;
+  readonly layers: UnpackedLayer[];
+  readonly argv: string[];
+  readonly env: Record<string, string>;
+  readonly exposedPorts: ExposedPortSpec[];
+  running?: ProcessJob;
+  cleaned?: Promise<void>;
+}
+
+interface ProcessJob extends RunningJob {
+  readonly kind: "process";
+  readonly prepared: ProcessPrepared;
+  readonly child: ChildProcess;
+  /** Mutable phase behind `status()`, and whether `stop` was called. */
+  state: { phase: JobPhase; stopRequested: boolean };
+  stopping?: Promise<void>;
+}
+
+/** Finds `name` on the supervisor's PATH (the job's PATH is the image's, not ours). */
+async function which(name: string): Promise<string | undefined> {
+  for (const dir of (process.env.PATH ?? DEFAULT_PATH).split(delimiter)) {
+    const candidate = join(dir, name);
+    try {
+      await access(candidate, constants.X_OK);
+      return candidate;
+    } catch {
+      // Not here.
+    }
+  }
+  return undefined;
+}
+
+/** Creates `rel` under `root` (mode 0755 for new ones) without following any link. */
+async function mkdirsInside(root: string, rel: string, owner: { uid: number; gid: number } | undefined): Promise<string> {
+  let cur = root;
+  for (const part of rel.split("/")) {
+    cur = join(cur, part);
+    let st;
+    try {
+      st = await lstat(cur);
+    } catch {
+      await mkdir(cur, { mode: 0o755 });
+      if (owner) await chown(cur, owner.uid, owner.gid);
+      continue;
+    }
+    if (!st.isDirectory()) throw new DriverError("image", `image path /${rel} is not a directory`);
+  }
+  return cur;
+}
+
+function parseEntrypoint(spec: JobSpecForDriver): string[] {
+  if (spec.entrypoint !== undefined && spec.entrypoint.length > 0) return spec.entrypoint;
+  const raw = spec.image.annotations[ENTRYPOINT_ANNOTATION];
+  if (raw === undefined) throw new DriverError("image", `image has no ${ENTRYPOINT_ANNOTATION} annotation`);
+  let value: unknown;
+  try {
+    value = JSON.parse(raw);
+  } catch {
+    throw new DriverError("image", `image annotation ${ENTRYPOINT_ANNOTATION} is not json`);
+  }
+  if (!Array.isArray(value) || value.length === 0 || !value.every((v) => typeof v === "string")) {
+    throw new DriverError("image", `image annotation ${ENTRYPOINT_ANNOTATION} must be a non-empty json array of strings`);
+  }
+  return value as string[];
+}
+
+export class ProcessDriver implements Driver {
+  readonly kind = "process" as const;
+  readonly capacity: number;
+  private readonly slots: (string | undefined)[];
+  private readonly jobs = new Map<string, ProcessPrepared>();
+  private readonly graceMs: number;
+  private readonly uidBase: number;
+  private closed = false;
+
+  private constructor(
+    private readonly workDir: string,
+    private readonly isolation: Isolation,
+    private readonly cache: LayerCache,
+    private readonly tools: { script: string; wrapper: string | undefined },
+    private readonly logger: Logger,
+    options: ProcessDriverOptions,
+  ) {
+    this.capacity = options.slots ?? 1;
+    this.slots = new Array<string | undefined>(this.capacity).fill(undefined);
+    this.graceMs = options.graceMs ?? 10000;
+    this.uidBase = options.slotUidBase ?? 61000;
+  }
+
+  /** Checks the host, creates the directories and picks the isolation mode (logging a warning when weak). */
+  static async create(options: ProcessDriverOptions): Promise<ProcessDriver> {
+    const logger = options.logger.child({ driver: "process" });
+    const workDir = options.workDir;
+    await mkdir(join(workDir, "jobs"), { recursive: true });
+    await chmod(workDir, 0o711);
+    await chmod(join(workDir, "jobs"), 0o711);
+    const script = await which("script");
+    if (script === undefined) throw new Error("the process driver needs script(1) (util-linux) on PATH");
+    const isolation = await detectIsolation(options.sandbox ?? "auto", options.slotUidBase ?? 61000, logger);
+    if (isolation.switchUid) {
+      // The slot's uid must be able to reach its own directory.
+      for (let dir = workDir; dir !== dirname(dir); dir = dirname(dir)) {
+        const st = await stat(dir);
+        if ((st.mode & 0o001) === 0) {
+          throw new Error(`work directory ancestor ${dir} is not traversable by other users (needs o+x)`);
+        }
+      }
+    }
+    const wrapper = isolation.mode === "bwrap" ? await which("bwrap") : isolation.mode === "chroot" ? await which("setpriv") : undefined;
+    const cache = new LayerCache(join(workDir, "layers"), logger);
+    await cache.init();
+    // Job directories of a previous run are stale: their jobs are gone.
+    await rm(join(workDir, "jobs"), { recursive: true, force: true });
+    await mkdir(join(workDir, "jobs"), { mode: 0o711 });
+    await chmod(join(workDir, "jobs"), 0o711);
+    logger.info({ sandbox: isolation.mode, switchUid: isolation.switchUid, slots: options.slots ?? 1 }, "process driver ready");
+    return new ProcessDriver(workDir, isolation, cache, { script, wrapper }, logger, options);
+  }
+
+  /** The isolation in use (for the supervisor's own status and for tests). */
+  get sandbox(): Isolation {
+    return this.isolation;
+  }
+
+  async prepare(spec: JobSpecForDriver, options: PrepareOptions = {}): Promise<Prepared> {
+    const key = `${spec.jobId}.${spec.attempt}`;
+    const existing = this.jobs.get(key);
+    if (existing !== undefined && existing.cleaned === undefined) return existing;
+    if (this.closed) throw new DriverError("start", "process driver is shutting down");
+    const { signal, onStage } = options;
+    throwIfAborted(signal);
+    if (!/^[A-Za-z0-9_-]{1,64}$/.test(spec.jobId)) throw new DriverError("internal", "job id has unexpected characters");
+
+    onStage?.("allocating", "allocating a process slot");
+    const slot = this.slots.indexOf(undefined);
+    if (slot === -1) throw new DriverError("start", `no free process slot (${this.capacity} in use)`);
+    this.slots[slot] = key;
+    const uid = this.isolation.switchUid ? this.uidBase + slot : process.getuid!();
+    const gid = this.isolation.switchUid ? this.uidBase + slot : process.getgid!();
+    const log = this.logger.child({ jobId: spec.jobId, attempt: spec.attempt, slot });
+    const jobDir = join(this.workDir, "jobs", key);
+    try {
+      if (this.isolation.switchUid) {
+        const leftovers = await killAllOfUid(uid);
+        if (leftovers.length > 0) throw new DriverError("start", `processes of slot uid ${uid} cannot be killed`);
+      }
+      const argv = parseEntrypoint(spec);
+      const layers: UnpackedLayer[] = [];
+      for (const [i, layer] of spec.image.layers.entries()) {
+        throwIfAborted(signal);
+        onStage?.("provisioning", `unpacking layer ${i + 1}/${spec.image.layers.length} ${layer.digest}`);
+        layers.push(await this.cache.get(layer));
+      }
+      throwIfAborted(signal);
+      onStage?.("provisioning", "building the work directory");
+      await rm(jobDir, { recursive: true, force: true });
+      await mkdir(jobDir, { mode: 0o700 });
+      await chown(jobDir, uid, gid);
+      const rootfs = join(jobDir, "rootfs");
+      const started = performance.now();
+      await composeRootfs(layers, rootfs, { uid, gid });
+      const owner = { uid, gid };
+      for (const dir of ["proc", "dev", "tmp"]) await mkdirsInside(rootfs, dir, owner);
+      const secretsDir = await mkdirsInside(rootfs, SECRETS_DIR.slice(1), owner);
+      await chmod(secretsDir, 0o700);
+      const env: Record<string, string> = {
+        PATH: DEFAULT_PATH,
+        HOME: "/tmp",
+        TERM: "xterm",
+        ...spec.env,
+        TREADMILL_JOB_ID: spec.jobId,
+        TREADMILL_ATTEMPT: String(spec.attempt),
+        TREADMILL_SECRETS_DIR: SECRETS_DIR,
+      };
+      for (const p of spec.parameters) {
+        env[parameterEnvName(p.name)] = p.value;
+        if (!p.secret) continue;
+        if (!/^[A-Za-z_][A-Za-z0-9_]{0,63}$/.test(p.name)) throw new DriverError("internal", "secret parameter name is malformed");
+        const fh = await open(
+          join(secretsDir, p.name),
+          constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW,
+          0o600,
+        );
+        try {
+          await fh.writeFile(p.value);
+          await fh.chown(uid, gid);
+        } finally {
+          await fh.close();
+        }
+      }
+      log.info({ durationMs: Math.round(performance.now() - started), layers: layers.length }, "work directory built");
+      throwIfAborted(signal);
+      const prepared: ProcessPrepared = {
+        kind: "process",
+        jobId: spec.jobId,
+        attempt: spec.attempt,
+        slot,
+        uid,
+        gid,
+        jobDir,
+        rootfs,
+        layers,
+        argv,
+        env,
+        exposedPorts: spec.exposedPorts ?? [],
+      };
+      this.jobs.set(key, prepared);
+      return prepared;
+    } catch (err) {
+      await rm(jobDir, { recursive: true, force: true }).catch(() => undefined);
+      this.slots[slot] = undefined;
+      if (err instanceof DriverError || err instanceof DriverAbortError) throw err;
+      log.error({ err }, "job preparation failed");
+      throw new DriverError("internal", "job preparation failed", { cause: err });
+    }
+  }
+
+  async start(handle: Prepared, output: JobOutput): Promise<RunningJob> {
+    const prepared = handle as ProcessPrepared;
+    if (prepared.running !== undefined) return prepared.running;
+    if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
+    const log = this.logger.child({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot });
+    const say = (message: string) => output.write("supervisor", Buffer.from(`${message}\n`));
+
+    // Console input goes to script's stdin, which script copies to the pty.
+    const input: { stdin?: Writable } = {};
+    const bridge = await ConsoleBridge.listen({
+      logger: log,
+      onInput: (bytes) => {
+        if (input.stdin?.writable) input.stdin.write(bytes);
+      },
+    });
+    const command = sandboxCommand(this.isolation, {
+      rootfs: prepared.rootfs,
+      argv: prepared.argv,
+      uid: prepared.uid,
+      gid: prepared.gid,
+      shareNet: prepared.exposedPorts.length > 0,
+    });
+    const wrapped = this.tools.wrapper === undefined ? command : command.replace(/^exec (bwrap|setpriv) /, `exec ${this.tools.wrapper} `);
+    // script(1) puts the command on a new pseudo-terminal; -e passes the exit code.
+    // In chroot mode script must start as root (chroot needs it) and drops to the uid itself.
+    const asUid = this.isolation.switchUid && this.isolation.mode === "bwrap";
+    const child: ChildProcess = spawn(this.tools.script, ["-qfec", wrapped, "/dev/null"], {
+      cwd: this.isolation.mode === "none" ? prepared.rootfs : prepared.jobDir,
+      env: { ...prepared.env, SHELL: "/bin/sh" },
+      stdio: ["pipe", "pipe", "pipe", "pipe"],
+      detached: true,
+      ...(asUid ? { uid: prepared.uid, gid: prepared.gid } : {}),
+    });
+    const state: ProcessJob["state"] = { phase: "starting", stopRequested: false };
+    let exposed: Exposure[] = [
+      { name: "console", host: "127.0.0.1", port: bridge.port, kind: "console" },
+      ...prepared.exposedPorts.map((p): Exposure => ({ name: p.name, host: "127.0.0.1", port: p.port, kind: "tcp" })),
+    ];
+    const stdout = child.stdout as Readable;
+    const stderr = child.stderr as Readable;
+    const fd3 = child.stdio[3] as Readable;
+    const stdin = child.stdin as Writable;
+    input.stdin = stdin;
+    stdin.on("error", () => undefined); // EPIPE once the workload has gone.
+    stdout.on("data", (bytes: Buffer) => {
+      output.write("console", bytes);
+      bridge.write(bytes);
+    });
+    fd3.on("data", (bytes: Buffer) => output.write("stderr", bytes));
+    stderr.on("data", (bytes: Buffer) => output.write("supervisor", bytes));
+
+    const spawned = new Promise<void>((resolve, reject) => {
+      child.once("spawn", resolve);
+      child.once("error", reject);
+    });
+    const exitEvent = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+      child.once("exit", (code, signal) => resolve({ code, signal })),
+    );
+    const closeEvent = new Promise<void>((resolve) => child.once("close", () => resolve()));
+
+    try {
+      await spawned;
+    } catch (err) {
+      await bridge.close();
+      log.error({ err }, "job start failed");
+      throw new DriverError("start", "the job's sandbox could not be started", { cause: err });
+    }
+    state.phase = "running";
+    log.info({ pid: child.pid, uid: prepared.uid, sandbox: this.isolation.mode, consolePort: bridge.port }, "job started");
+    say(`started in sandbox ${this.isolation.mode} as uid ${prepared.uid}; console on 127.0.0.1:${bridge.port}`);
+
+    const job: ProcessJob = {
+      kind: "process",
+      jobId: prepared.jobId,
+      attempt: prepared.attempt,
+      prepared,
+      child,
+      state,
+      status: () => state.phase,
+      exposures: () => exposed,
+      writeConsole: (bytes) => {
+        if (stdin.writable) stdin.write(bytes);
+      },
+      exited: (async (): Promise<JobExit> => {
+        const { code, signal } = await exitEvent;
+        // The wrapper is gone; whatever of the job is still around (a daemon
+        // that left the session in chroot mode) goes now.
+        if (this.isolation.switchUid) {
+          const left = await killAllOfUid(prepared.uid);
+          if (left.length > 0) log.error({ pids: left }, "job processes survived sigkill");
+        } else {
+          try {
+            process.kill(-child.pid!, "SIGKILL");
+          } catch {
+            // The group is empty.
+          }
+        }
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([closeEvent, new Promise((resolve) => (timer = setTimeout(resolve, 2000)))]);
+        clearTimeout(timer);
+        for (const s of [stdout, stderr, fd3]) s.destroy();
+        stdin.destroy();
+        exposed = [];
+        await bridge.close();
+        state.phase = "exited";
+        const stopped = state.stopRequested;
+        const status = code === 0 && !stopped ? "success" : "failure";
+        const message =
+          signal !== null
+            ? `workload killed by ${signal}`
+            : stopped
+              ? `workload stopped (exit code ${code})`
+              : `workload exited with code ${code}`;
+        say(message);
+        log.info({ exitCode: code, signal, stopped }, "job exited");
+        return { exitCode: signal !== null ? null : code, ...(signal !== null ? { signal } : {}), status, stopped, message };
+      })(),
+    };
+    prepared.running = job;
+    return job;
+  }
+
+  stop(handle: RunningJob, options: StopOptions = {}): Promise<void> {
+    const job = handle as ProcessJob;
+    if (job.stopping !== undefined) return job.stopping;
+    job.state.stopRequested = true;
+    const graceMs = options.graceMs ?? this.graceMs;
+    const prepared = job.prepared;
+    const scriptPid = job.child.pid!;
+    job.stopping = (async () => {
+      if (job.status() === "exited") return;
+      job.state.phase = "stopping";
+      const log = this.logger.child({ jobId: job.jobId, attempt: job.attempt });
+      log.info({ graceMs }, "stopping job");
+      if (this.isolation.switchUid) {
+        // SIGTERM the workload's processes, not its wrappers: killing script
+        // or the outer bwrap would take the namespace down at once, and the
+        // namespace's init (pid 1 inside) ignores SIGTERM anyway.
+        const procs = await processesOfUid(prepared.uid);
+        const targets = procs.filter(
+          (p) =>
+            p.pid !== scriptPid &&
+            !(this.isolation.mode === "bwrap" && p.ppid === scriptPid) &&
+            !(p.nspid.length > 1 && p.nspid[p.nspid.length - 1] === 1),
+        );
+        signalAll(
+          targets.map((p) => p.pid),
+          "SIGTERM",
+        );
+      } else {
+        try {
+          process.kill(-scriptPid, "SIGTERM");
+        } catch {
+          // Gone already.
+        }
+      }
+      let timer: NodeJS.Timeout | undefined;
+      const graceOver = new Promise<"grace">((resolve) => (timer = setTimeout(() => resolve("grace"), graceMs)));
+      const first = await Promise.race([job.exited.then(() => "exited" as const), graceOver]);
+      clearTimeout(timer);
+      if (first === "grace") {
+        log.info("grace period over, killing job");
+        if (this.isolation.switchUid) {
+          signalAll(
+            (await processesOfUid(prepared.uid)).map((p) => p.pid),
+            "SIGKILL",
+          );
+        }
+        try {
+          process.kill(-scriptPid, "SIGKILL");
+        } catch {
+          // Gone already.
+        }
+      }
+      await job.exited;
+    })();
+    return job.stopping;
+  }
+
+  async snapshot(handle: RunningJob, options: { outFile: string }): Promise<SnapshotLayer> {
+    const prepared = (handle as ProcessJob).prepared;
+    if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
+    const started = performance.now();
+    const layer = await snapshotRootfs(prepared.layers, prepared.rootfs, options.outFile, [SECRETS_DIR.slice(1)]);
+    this.logger.info(
+      { jobId: prepared.jobId, attempt: prepared.attempt, digest: layer.digest, size: layer.size, durationMs: Math.round(performance.now() - started) },
+      "job snapshot written",
+    );
+    return layer;
+  }
+
+  cleanup(handle: Prepared | RunningJob): Promise<void> {
+    const prepared = ("prepared" in handle ? handle.prepared : handle) as ProcessPrepared;
+    if (prepared.cleaned !== undefined) return prepared.cleaned;
+    prepared.cleaned = (async () => {
+      if (prepared.running !== undefined) await this.stop(prepared.running, { graceMs: 0 });
+      if (this.isolation.switchUid) {
+        const left = await killAllOfUid(prepared.uid);
+        if (left.length > 0) throw new DriverError("internal", `processes of slot uid ${prepared.uid} survived sigkill`);
+      }
+      await rm(prepared.jobDir, { recursive: true, force: true });
+      const key = `${prepared.jobId}.${prepared.attempt}`;
+      if (this.slots[prepared.slot] === key) this.slots[prepared.slot] = undefined;
+      this.jobs.delete(key);
+      this.logger.info({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot }, "job cleaned up");
+    })();
+    return prepared.cleaned;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.all(
+      [...this.jobs.values()].map(async (prepared) => {
+        if (prepared.running !== undefined) await this.stop(prepared.running);
+        await this.cleanup(prepared);
+      }),
+    );
+  }
+}
+
+/** Creates a process driver (see `ProcessDriverOptions`). */
+export function createProcessDriver(options: ProcessDriverOptions): Promise<ProcessDriver> {
+  return ProcessDriver.create(options);
+}

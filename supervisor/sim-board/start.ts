@@ -1,0 +1,126 @@
+/**
+ * Starts a simulated board (sim-board.ts) behind a socat pseudo-terminal and
+ * hands back its serial device and a board-driver configuration whose
+ * commands drive it. Used by the tests and by the all-in-one testbed.
+ */
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { connect } from "node:net";
+import { mkdir, realpath, rm, stat } from "node:fs/promises";
+import { fileURLToPath } from "node:url";
+import { join } from "node:path";
+import type { BoardConfig } from "../drivers/board-driver.js";
+import { shellQuote } from "../drivers/sandbox.js";
+
+const PACKAGE_ROOT = fileURLToPath(new URL("../../", import.meta.url));
+const PROGRAM = fileURLToPath(new URL("./sim-board.ts", import.meta.url));
+
+export interface SimBoard {
+  /** The serial device (a symbolic link to the pty socat made). */
+  device: string;
+  /** The board's state directory (firmware.sh, serial.log, control.sock). */
+  stateDir: string;
+  /** A board-driver configuration for this board. */
+  config: BoardConfig;
+  /** Asks the board whether it is powered. */
+  status(): Promise<"on" | "off">;
+  /** Stops socat and the board. Idempotent. */
+  stop(): Promise<void>;
+}
+
+/** Sends one control command to a running board and returns its answer. */
+export function simBoardCommand(stateDir: string, command: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(join(stateDir, "control.sock"));
+    let answer = "";
+    socket.on("data", (b: Buffer) => {
+      answer += b.toString("utf8");
+      if (answer.includes("\n")) {
+        socket.end();
+        resolve(answer.trim());
+      }
+    });
+    socket.on("error", reject);
+    socket.write(`${command}\n`);
+  });
+}
+
+/**
+ * Starts a simulated board in `dir` (created). `options.name` names it in the
+ * config; `bootTimeoutMs` and `exitPattern` go to the config as given.
+ */
+export async function startSimBoard(options: {
+  dir: string;
+  name?: string;
+  bootTimeoutMs?: number;
+  exitPattern?: string;
+  services?: { name: string; port: number }[];
+}): Promise<SimBoard> {
+  await mkdir(options.dir, { recursive: true });
+  const stateDir = await realpath(options.dir);
+  if (/[,:!'"\s]/.test(stateDir + PROGRAM)) throw new Error(`sim board path ${stateDir} must not contain , : ! quotes or spaces`);
+  const device = join(stateDir, "tty");
+  await rm(device, { force: true });
+  const socat: ChildProcess = spawn(
+    "socat",
+    [`pty,raw,echo=0,link=${device}`, `EXEC:${process.execPath} --import tsx ${PROGRAM} ${stateDir}`],
+    { cwd: PACKAGE_ROOT, stdio: ["ignore", "ignore", "pipe"] },
+  );
+  let stderr = "";
+  const exited = new Promise<void>((resolve) => socat.once("exit", () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => fail(new Error(`sim board did not start within 30 s: ${stderr}`)), 30000);
+    const check = async () => {
+      if (!stderr.includes("sim-board ready")) return;
+      try {
+        await stat(device);
+      } catch {
+        return;
+      }
+      clearTimeout(timer);
+      resolve();
+    };
+    const fail = (err: Error) => {
+      clearTimeout(timer);
+      socat.kill("SIGKILL");
+      reject(err);
+    };
+    socat.stderr!.on("data", (b: Buffer) => {
+      stderr += b.toString("utf8");
+      void check();
+    });
+    void exited.then(() => fail(new Error(`sim board exited: ${stderr}`)));
+  });
+  const ctl = (command: string) =>
+    `printf '%s\\n' ${command} | socat -t 5 - UNIX-CONNECT:${shellQuote(join(stateDir, "control.sock"))}`;
+  const config: BoardConfig = {
+    name: options.name ?? "sim-board",
+    serial: { device, baud: 115200 },
+    commands: {
+      powerOn: ctl("on"),
+      powerOff: ctl("off"),
+      reset: ctl("reset"),
+      flash: `cp {image} ${shellQuote(join(stateDir, "firmware.sh"))}`,
+    },
+    bootPattern: "boot: starting firmware",
+    bootTimeoutMs: options.bootTimeoutMs ?? 20000,
+    ...(options.exitPattern === undefined ? { exitPattern: "TREADMILL_EXIT=(\\d+)" } : { exitPattern: options.exitPattern }),
+    services: options.services ?? [],
+  };
+  let stopped: Promise<void> | undefined;
+  return {
+    device,
+    stateDir,
+    config,
+    status: async () => ((await simBoardCommand(stateDir, "status")) === "on" ? "on" : "off"),
+    stop() {
+      stopped ??= (async () => {
+        socat.kill("SIGTERM");
+        const timer = setTimeout(() => socat.kill("SIGKILL"), 5000);
+        await exited;
+        clearTimeout(timer);
+      })();
+      return stopped;
+    },
+  };
+}

@@ -1,0 +1,108 @@
+import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { createBoardDriver, parseBoardConfig, type BoardDriver } from "../../../supervisor/drivers/board-driver.js";
+import { DriverError, type JobSpecForDriver } from "../../../supervisor/drivers/driver.js";
+import { startSimBoard, type SimBoard } from "../../../supervisor/sim-board/start.js";
+import { buildBusyboxImage, buildFirmwareImage } from "../../support/images.js";
+import { capturingLogger, CollectedOutput, tcpClient } from "./helpers.js";
+
+let base: string;
+let board: SimBoard;
+let driver: BoardDriver;
+const { logger } = capturingLogger();
+let counter = 0;
+
+async function firmwareSpec(script: string): Promise<JobSpecForDriver> {
+  const image = await buildFirmwareImage({ dir: join(base, "images"), script });
+  return { jobId: `board-job-${++counter}`, attempt: 1, parameters: [], image };
+}
+
+beforeAll(async () => {
+  base = await mkdtemp("/tmp/treadmill-board-driver-");
+  board = await startSimBoard({ dir: join(base, "board") });
+  driver = createBoardDriver(board.config, logger);
+});
+
+afterAll(async () => {
+  await driver?.close();
+  await board?.stop();
+  await rm(base, { recursive: true, force: true });
+});
+
+describe("board driver with the simulated board", () => {
+  it("flashes, boots, captures the serial console, maps the exit pattern and powers off", async () => {
+    const script = 'echo "firmware one running"\necho TREADMILL_EXIT=0\n';
+    const spec = await firmwareSpec(script);
+    const stages: string[] = [];
+    const prepared = await driver.prepare(spec, { onStage: (stage) => stages.push(stage) });
+    expect(await readFile(join(board.stateDir, "firmware.sh"), "utf8")).toBe(script);
+    const out = new CollectedOutput();
+    const job = await driver.start(prepared, out, { onStage: (stage) => stages.push(stage) });
+    expect(stages).toEqual(["allocating", "provisioning", "booting"]);
+    const exit = await job.exited;
+    expect(exit).toMatchObject({ exitCode: 0, status: "success", stopped: false });
+    expect(out.text("console")).toContain("SimBoard rev 1.0");
+    expect(out.text("console")).toContain("firmware one running");
+    expect(job.status()).toBe("exited");
+    expect(await board.status()).toBe("off");
+    await driver.cleanup(job);
+  });
+
+  it("reflashes between jobs and maps a non-zero exit code to failure", async () => {
+    const spec = await firmwareSpec('echo "firmware two running"\necho TREADMILL_EXIT=3\n');
+    const out = new CollectedOutput();
+    const job = await driver.start(await driver.prepare(spec), out);
+    expect(await job.exited).toMatchObject({ exitCode: 3, status: "failure", stopped: false });
+    expect(out.text("console")).toContain("firmware two running");
+    expect(out.text("console")).not.toContain("firmware one");
+    await driver.cleanup(job);
+  });
+
+  it("bridges the serial console to a local TCP port", async () => {
+    const spec = await firmwareSpec('echo ready\nread line\necho "got:$line"\necho TREADMILL_EXIT=0\n');
+    const out = new CollectedOutput();
+    const job = await driver.start(await driver.prepare(spec), out);
+    const exposure = job.exposures().find((e) => e.name === "console")!;
+    expect(exposure).toMatchObject({ host: "127.0.0.1", kind: "console" });
+    const client = await tcpClient(exposure.port);
+    await out.waitFor("console", /ready/);
+    client.socket.write("ping\r");
+    await client.waitFor(/got:ping/);
+    expect(await job.exited).toMatchObject({ exitCode: 0, status: "success" });
+    client.socket.destroy();
+    await driver.cleanup(job);
+  });
+
+  it("stops a job by powering the board off", async () => {
+    const spec = await firmwareSpec('echo looping\nwhile true; do sleep 1; done\n');
+    const out = new CollectedOutput();
+    const job = await driver.start(await driver.prepare(spec), out);
+    await out.waitFor("console", /looping/);
+    expect(await board.status()).toBe("on");
+    await driver.stop(job);
+    expect(await job.exited).toMatchObject({ exitCode: null, status: "failure", stopped: true });
+    expect(await board.status()).toBe("off");
+    expect(job.exposures()).toEqual([]);
+    await driver.cleanup(job);
+  });
+
+  it("fails the start when the board does not boot within the boot timeout", async () => {
+    const dead = createBoardDriver({ ...board.config, commands: { ...board.config.commands, powerOn: "true" }, bootTimeoutMs: 1000 }, logger);
+    const spec = await firmwareSpec("echo never\n");
+    const prepared = await dead.prepare(spec);
+    const err = await dead.start(prepared, new CollectedOutput()).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(DriverError);
+    expect(err).toMatchObject({ reason: "start", message: expect.stringMatching(/did not boot within 1000 ms/) });
+    await dead.cleanup(prepared);
+    expect(await board.status()).toBe("off");
+  });
+
+  it("refuses an image without a firmware layer and a configuration with missing fields", async () => {
+    const image = await buildBusyboxImage({ dir: join(base, "images") });
+    await expect(driver.prepare({ jobId: "no-firmware", attempt: 1, parameters: [], image })).rejects.toMatchObject({ reason: "image" });
+    expect(() => parseBoardConfig({ name: "b", serial: { device: "/dev/x" }, commands: {}, bootTimeoutMs: 0 })).toThrow(
+      /serial\.baud.*commands\.powerOn.*commands\.powerOff.*commands\.flash.*bootTimeoutMs/,
+    );
+  });
+});
