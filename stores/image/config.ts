@@ -15,6 +15,66 @@ export const imageStoreSchema = {
     default: ".treadmill/image-store",
     description: "where blobs and manifests live (OCI image layout)",
   },
+  coordinatorUrl: {
+    type: "url",
+    default: "",
+    description: "the coordinator: source of the token signing keys, and registration (empty: stand-alone)",
+  },
+  signingKeysFile: {
+    type: "path",
+    default: "",
+    description: "a JWKS file of token signing keys, instead of the coordinator's (stand-alone use)",
+  },
+  serviceCredential: {
+    type: "string",
+    default: "",
+    secret: true,
+    description: "credential for registering with the coordinator (secret: prefer the environment variable)",
+  },
+  publicUrl: {
+    type: "url",
+    default: "",
+    description: "the URL clients reach this server at, as registered (default: the listening address)",
+  },
+  site: {
+    type: "string",
+    default: "",
+    description: "the site this server belongs to, as registered",
+  },
+  capBytes: {
+    type: "int",
+    default: 0,
+    min: 0,
+    description: "size cap of blobs and manifests in bytes; uploads beyond it answer ResourceExhausted (0: none)",
+  },
+  freeFloorBytes: {
+    type: "int",
+    default: 0,
+    min: 0,
+    description: "cache mode: eviction keeps at least this many bytes free on the file system",
+  },
+  sharedPath: {
+    type: "path",
+    default: "",
+    description: "cache mode: where supervisors of the site mount data-dir (LocalPath answers paths under it; empty: none)",
+  },
+  gcGraceMs: {
+    type: "duration",
+    default: 3_600_000,
+    min: 0,
+    description: "CollectGarbage's default grace period: younger blobs and uploads are kept",
+  },
+  verifyReads: {
+    type: "bool",
+    default: true,
+    description: "hash every whole-blob read and quarantine a blob whose bytes no longer match its digest",
+  },
+  evictIntervalMs: {
+    type: "duration",
+    default: 30_000,
+    min: 100,
+    description: "cache mode: how often expired leases are dropped and limits enforced",
+  },
 } as const;
 
 export type ImageStoreConfig = ReturnType<typeof loadImageStoreConfig>;

@@ -1,10 +1,20 @@
-import { mkdir } from "node:fs/promises";
+import { readFile, statfs } from "node:fs/promises";
 import type { ConnectRouter } from "@connectrpc/connect";
+import { ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import { ImageStoreService } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { createServingComponent, type ServingComponent } from "../../lib/component.js";
+import { serverOptions, type ServingComponent } from "../../lib/component.js";
+import { coordinatorKeySource, coordinatorTransport, runRegistration } from "../../lib/coordinator-client.js";
 import type { Logger } from "../../lib/logger.js";
+import { createServer, type Server } from "../../lib/server.js";
+import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
+import { Authorizer } from "./auth.js";
+import { createBulkGrpcHandler } from "./bulk-grpc.js";
+import { ImageCache } from "./cache.js";
+import { ImageCacheServiceImpl } from "./cache-service.js";
 import type { ImageStoreConfig } from "./config.js";
+import { ImageStoreServiceImpl } from "./store-service.js";
+import { BlobStore } from "./store.js";
 
 /** The blob RPCs that move disk images: served without compression (FACTS.md). */
 export const imageBulkProcedures = [
@@ -12,30 +22,146 @@ export const imageBulkProcedures = [
   `/${ImageStoreService.typeName}/GetBlob`,
 ];
 
-/**
- * An image store (`mode: store`) or a site image cache (`mode: cache`, which
- * serves `ImageCacheService` as well). The RPCs answer `Unimplemented` until
- * the image store issue gives them behaviour.
- */
-export function createImageStore({
-  config,
-  logger,
-}: {
+export interface ImageStoreDeps {
   config: ImageStoreConfig;
   logger: Logger;
-}): ServingComponent {
-  const routes = (router: ConnectRouter) => {
-    router.service(ImageStoreService, {});
-    if (config.mode === "cache") router.service(ImageCacheService, {});
-  };
-  return createServingComponent({
-    name: config.mode === "cache" ? "image-cache" : "image-store",
-    config,
-    logger,
-    routes,
-    bulkProcedures: imageBulkProcedures,
-    async open() {
-      await mkdir(config.dataDir, { recursive: true });
-    },
+  /**
+   * The token signing keys; default: the coordinator's (coordinator-url), or
+   * the JWKS file (signing-keys-file), or none (every call is refused).
+   */
+  keys?: () => Promise<JSONWebKeySet>;
+  clock?: () => number;
+  /** Free bytes of the data directory's file system; default statfs. */
+  freeBytes?: () => Promise<number>;
+}
+
+/** An image store or site cache, plus what tests and the testbed may inspect. */
+export interface ImageStoreComponent extends ServingComponent {
+  /** The blob store (valid after start()). */
+  readonly blobs: BlobStore;
+  /** The cache (cache mode, after start()). */
+  readonly cache: ImageCache | undefined;
+}
+
+/**
+ * An image store (`mode: store`) or a site image cache (`mode: cache`, which
+ * serves `ImageCacheService` as well), DESIGN.md §6. PutBlob and GetBlob over
+ * gRPC go through a hand-written handler (bulk-grpc.ts); every other protocol
+ * and RPC through Connect.
+ */
+export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
+  const { config, logger } = deps;
+  const name = config.mode === "cache" ? "image-cache" : "image-store";
+  const log = logger.child({ subsystem: name });
+  const store = new BlobStore({
+    root: config.dataDir,
+    logger: log,
+    capBytes: config.capBytes,
+    verifyReads: config.verifyReads,
+    clock: deps.clock,
+    freeBytes: deps.freeBytes,
   });
+  const verifier = new TokenVerifier({ keys: keySource(deps, log), audience: "image", clock: deps.clock, logger: log });
+  const auth = new Authorizer(verifier, store);
+  const cache =
+    config.mode === "cache"
+      ? new ImageCache({
+          store,
+          logger: log.child({ subsystem: "cache" }),
+          dataDir: config.dataDir,
+          capBytes: config.capBytes,
+          freeFloorBytes: config.freeFloorBytes,
+          sharedPath: config.sharedPath,
+          evictIntervalMs: config.evictIntervalMs,
+          clock: deps.clock,
+        })
+      : undefined;
+  const storeService = new ImageStoreServiceImpl(store, auth, { gcGraceMs: config.gcGraceMs, logger: log, cache });
+  const routes = (router: ConnectRouter) => {
+    router.service(ImageStoreService, storeService);
+    if (cache) {
+      router.service(
+        ImageCacheService,
+        new ImageCacheServiceImpl(cache, store, auth, { capBytes: config.capBytes, freeFloorBytes: config.freeFloorBytes }),
+      );
+    }
+  };
+
+  let server: Server | undefined;
+  let stopping: Promise<void> | undefined;
+  const registration = new AbortController();
+  let registered: Promise<void> | undefined;
+
+  const status = async () => {
+    const fs = await statfs(config.dataDir);
+    const free = fs.bavail * fs.bsize;
+    const capacity = config.capBytes > 0 ? config.capBytes : fs.blocks * fs.bsize;
+    const room = config.capBytes > 0 ? Math.max(0, Math.min(free, config.capBytes - store.usedBytes)) : free;
+    return { capacityBytes: BigInt(capacity), freeBytes: BigInt(room) };
+  };
+
+  return {
+    blobs: store,
+    get cache() {
+      return cache;
+    },
+    async start() {
+      await store.open();
+      if (cache) {
+        store.onCorrupt = (digest) => log.warn({ digest }, "corrupt blob removed; the next fetch of its images refetches it");
+        await cache.open();
+      }
+      if (!deps.keys && config.coordinatorUrl === "" && config.signingKeysFile === "") {
+        log.warn("no coordinator-url and no signing-keys-file: every call will be refused");
+      }
+      try {
+        server = createServer({
+          ...serverOptions(name, config, logger, routes),
+          bulkProcedures: imageBulkProcedures,
+          http: createBulkGrpcHandler(storeService, log),
+        });
+        await server.start();
+      } catch (err) {
+        await cache?.close();
+        throw err;
+      }
+      if (config.coordinatorUrl !== "" && config.serviceCredential !== "") {
+        registered = runRegistration({
+          transport: coordinatorTransport(config.coordinatorUrl, config.serviceCredential),
+          kind: cache ? ServiceKind.IMAGE_CACHE : ServiceKind.IMAGE_STORE,
+          url: config.publicUrl !== "" ? config.publicUrl : server.address().url,
+          site: config.site,
+          version: "0.1.0",
+          status,
+          logger: log.child({ subsystem: "registration" }),
+          signal: registration.signal,
+        });
+      }
+    },
+    stop() {
+      stopping ??= (async () => {
+        registration.abort();
+        await registered;
+        await server?.stop();
+        await cache?.close();
+      })();
+      return stopping;
+    },
+    address() {
+      if (!server) throw new Error(`${name} not started`);
+      return server.address();
+    },
+  };
+}
+
+function keySource(deps: ImageStoreDeps, log: Logger): () => Promise<JSONWebKeySet> {
+  if (deps.keys) return deps.keys;
+  const { coordinatorUrl, signingKeysFile } = deps.config;
+  if (signingKeysFile !== "") {
+    // Read at every refetch, so replacing the file rotates the keys.
+    return async () => JSON.parse(await readFile(signingKeysFile, "utf8")) as JSONWebKeySet;
+  }
+  if (coordinatorUrl !== "") return coordinatorKeySource(coordinatorTransport(coordinatorUrl));
+  log.debug("no signing key source");
+  return async () => ({ keys: [] });
 }

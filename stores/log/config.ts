@@ -9,6 +9,47 @@ export const logServerSchema = {
     default: ".treadmill/log-server",
     description: "where job logs live (segment files per job and channel)",
   },
+  coordinatorUrl: {
+    type: "url",
+    default: "http://127.0.0.1:7700",
+    description: "the coordinator: its signing keys verify tokens, and it takes the registration",
+  },
+  signingKeysFile: {
+    type: "path",
+    default: "",
+    description: "a JWKS JSON file of token verification keys, used instead of the coordinator's (stand-alone use, tests)",
+  },
+  serviceCredential: {
+    type: "string",
+    default: "",
+    secret: true,
+    description: "service API token for registering with the coordinator; empty: do not register (prefer the env variable)",
+  },
+  publicUrl: {
+    type: "url",
+    default: "",
+    description: "the URL supervisors and readers use to reach this server, as registered (default: the listening address)",
+  },
+  site: { type: "string", default: "", description: "the site this server belongs to, as registered (empty: every site)" },
+  jobSizeCapBytes: {
+    type: "int",
+    default: 1024 * 1024 * 1024,
+    min: 0,
+    description: "largest log of one job (all attempts and channels) in bytes; 0: no cap",
+  },
+  retentionMaxAgeMs: {
+    type: "duration",
+    default: 30 * 86_400_000,
+    min: 0,
+    description: "finalized jobs unchanged for this long are deleted; 0: keep forever",
+  },
+  retentionMaxTotalBytes: {
+    type: "int",
+    default: 0,
+    min: 0,
+    description: "the oldest finalized jobs are deleted while all logs take more than this; 0: no cap",
+  },
+  retentionIntervalMs: { type: "duration", default: 60_000, min: 100, description: "how often retention runs" },
 } as const;
 
 export type LogServerConfig = ReturnType<typeof loadLogServerConfig>;

@@ -1,0 +1,724 @@
+/**
+ * The blob store on disk: an OCI image layout (DESIGN.md §6).
+ *
+ *   <root>/oci-layout              {"imageLayoutVersion":"1.0.0"}
+ *   <root>/index.json              the stored manifests (OCI image index)
+ *   <root>/blobs/sha256/<hex>      blobs and manifests, content-addressed
+ *   <root>/uploads/<hex>           the bytes of an upload in progress
+ *   <root>/uploads/<hex>.json      its declared size
+ *
+ * Every path is built from a digest that matched `sha256:[0-9a-f]{64}`, so
+ * nothing a client sends can name a file outside the root.
+ *
+ * An upload appends to its temp file, hashing as it writes; it is renamed into
+ * `blobs/` only when size and digest match, so a blob in `blobs/` is always
+ * complete and verified. The committed offset of an interrupted upload is the
+ * length of its temp file (every byte in it was written in order at its
+ * offset); a resume hashes that prefix again (or reuses the hash state kept
+ * in memory since the interruption).
+ */
+import { createHash, type Hash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { mkdir, open, readFile, readdir, rename, rm, stat, statfs, writeFile, type FileHandle } from "node:fs/promises";
+import { join } from "node:path";
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { Manifest } from "../../gen/treadmill/image/v1/manifest_pb.js";
+import { BLOB_CHUNK_BYTES, DIGEST_PATTERN, digestOf } from "../../lib/image-client.js";
+import type { Logger } from "../../lib/logger.js";
+import { MANIFEST_MEDIA_TYPE, manifestBlobs, parseManifest } from "./manifest.js";
+
+/** A stored manifest, as the index keeps it in memory. */
+export interface ManifestRecord {
+  digest: string;
+  /** Bytes of the manifest JSON. */
+  size: number;
+  createdMs: number;
+  manifest: Manifest;
+  /** Every referenced blob and its size. */
+  blobs: Map<string, number>;
+  /** Manifest plus every referenced blob. */
+  totalSize: number;
+}
+
+export interface BlobStoreOptions {
+  root: string;
+  logger: Logger;
+  /** Size cap of blobs, manifests and uploads in bytes; 0: none. */
+  capBytes: number;
+  /** Hash whole-blob reads and quarantine a blob that no longer matches. */
+  verifyReads: boolean;
+  clock?: () => number;
+  /** Free bytes of the file system; default statfs of the root. */
+  freeBytes?: () => Promise<number>;
+}
+
+/** The state of an upload that may be continued. */
+export interface UploadState {
+  exists: boolean;
+  committedOffset: number;
+  size: number;
+}
+
+/** What a finished PutBlob stream did. */
+export interface UploadResult {
+  committedSize: number;
+  complete: boolean;
+  alreadyExisted: boolean;
+}
+
+function hexOf(digest: string): string {
+  if (!DIGEST_PATTERN.test(digest)) {
+    // Callers validate first; this is the last line of defence for paths.
+    throw new ConnectError("digest must be sha256:<64 lower-case hex digits>", Code.InvalidArgument);
+  }
+  return digest.slice("sha256:".length);
+}
+
+function isDiskFull(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return code === "ENOSPC" || code === "EDQUOT";
+}
+
+/** An upload in progress: one PutBlob stream (or one blob of a cache fetch). */
+export class Upload {
+  #offset: number;
+  #done = false;
+
+  constructor(
+    private readonly store: BlobStore,
+    readonly digest: string,
+    readonly size: number,
+    offset: number,
+    private readonly file: FileHandle,
+    private readonly hash: Hash,
+  ) {
+    this.#offset = offset;
+  }
+
+  /** Bytes written so far (the committed offset once synced). */
+  get offset(): number {
+    return this.#offset;
+  }
+
+  /** Appends `data` at the current offset, hashing it. */
+  async write(data: Uint8Array): Promise<void> {
+    if (this.#done) throw new Error("upload already finished");
+    if (this.#offset + data.length > this.size) {
+      throw new ConnectError(`data past the declared size ${this.size} of ${this.digest}`, Code.OutOfRange);
+    }
+    if (data.length === 0) return;
+    try {
+      // A write may be short (a disk filling up): write the rest, which then
+      // fails with ENOSPC if there really is no room.
+      for (let done = 0; done < data.length; ) {
+        const { bytesWritten } = await this.file.write(data, done, data.length - done, this.#offset + done);
+        done += bytesWritten;
+      }
+    } catch (err) {
+      // Keep exactly the bytes written before this message: the committed prefix.
+      await this.file.truncate(this.#offset).catch(() => undefined);
+      if (isDiskFull(err)) throw new ConnectError("image store is full", Code.ResourceExhausted);
+      throw err;
+    }
+    this.hash.update(data);
+    this.#offset += data.length;
+    this.store.addUsage(data.length);
+  }
+
+  /**
+   * Ends the upload: a complete one is verified and moved into place (a
+   * mismatch removes it: InvalidArgument); an incomplete one is synced and
+   * kept for a resume.
+   */
+  async finish(): Promise<UploadResult> {
+    if (this.#offset < this.size) {
+      await this.suspend();
+      return { committedSize: this.#offset, complete: false, alreadyExisted: false };
+    }
+    this.#done = true;
+    try {
+      const actual = digestOf(this.hash);
+      if (actual !== this.digest) {
+        await this.file.close();
+        await this.store.discardUpload(this.digest);
+        throw new ConnectError(`digest mismatch: the data of ${this.digest} hashes to ${actual}`, Code.InvalidArgument);
+      }
+      await this.file.datasync();
+      await this.file.close();
+      await this.store.commitUpload(this.digest);
+      return { committedSize: this.size, complete: true, alreadyExisted: false };
+    } finally {
+      this.store.endUpload(this);
+    }
+  }
+
+  /** Keeps what was written (synced) for a later resume; idempotent. */
+  async suspend(): Promise<void> {
+    if (this.#done) return;
+    this.#done = true;
+    try {
+      await this.file.datasync().catch(() => undefined);
+      await this.file.close().catch(() => undefined);
+      this.store.rememberHash(this.digest, this.#offset, this.hash);
+    } finally {
+      this.store.endUpload(this);
+    }
+  }
+
+  /** Throws the upload away (e.g. a cache that got bad bytes from a location). */
+  async discard(): Promise<void> {
+    if (this.#done) return;
+    this.#done = true;
+    try {
+      await this.file.close().catch(() => undefined);
+      await this.store.discardUpload(this.digest);
+    } finally {
+      this.store.endUpload(this);
+    }
+  }
+}
+
+export class BlobStore {
+  readonly root: string;
+  readonly #log: Logger;
+  readonly #options: BlobStoreOptions;
+  readonly #clock: () => number;
+  readonly #manifests = new Map<string, ManifestRecord>();
+  /** How many stored manifests reference each blob. */
+  readonly #refs = new Map<string, number>();
+  /** Digests with an upload open now. */
+  readonly #active = new Map<string, Upload>();
+  /** Hash states of interrupted uploads, to resume without rehashing. */
+  readonly #suspended = new Map<string, { offset: number; hash: Hash }>();
+  /** Bytes promised to uploads in progress (what they may still write). */
+  #reserved = 0;
+  #usedBytes = 0;
+  #blobCount = 0;
+  #mutex: Promise<void> = Promise.resolve();
+  #collecting = false;
+  /** Told when a blob is found corrupt and removed. */
+  onCorrupt?: (digest: string) => void;
+
+  constructor(options: BlobStoreOptions) {
+    this.root = options.root;
+    this.#options = options;
+    this.#log = options.logger;
+    this.#clock = options.clock ?? Date.now;
+  }
+
+  blobPath(digest: string): string {
+    return join(this.root, "blobs", "sha256", hexOf(digest));
+  }
+
+  #uploadPath(digest: string): string {
+    return join(this.root, "uploads", hexOf(digest));
+  }
+
+  get usedBytes(): number {
+    return this.#usedBytes;
+  }
+
+  get capBytes(): number {
+    return this.#options.capBytes;
+  }
+
+  get blobCount(): number {
+    return this.#blobCount;
+  }
+
+  addUsage(bytes: number): void {
+    this.#usedBytes += bytes;
+  }
+
+  async freeBytes(): Promise<number> {
+    if (this.#options.freeBytes) return this.#options.freeBytes();
+    const s = await statfs(this.root);
+    return s.bavail * s.bsize;
+  }
+
+  /** Creates the layout, loads the index, counts usage, drops broken uploads. */
+  async open(): Promise<void> {
+    await mkdir(join(this.root, "blobs", "sha256"), { recursive: true });
+    await mkdir(join(this.root, "uploads"), { recursive: true });
+    const layout = join(this.root, "oci-layout");
+    if (!(await stat(layout).catch(() => undefined))) {
+      await writeFile(layout, JSON.stringify({ imageLayoutVersion: "1.0.0" }) + "\n");
+    }
+    for (const name of await readdir(join(this.root, "blobs", "sha256"))) {
+      const s = await stat(join(this.root, "blobs", "sha256", name)).catch(() => undefined);
+      if (!s?.isFile()) continue;
+      this.#usedBytes += s.size;
+      this.#blobCount++;
+    }
+    for (const name of await readdir(join(this.root, "uploads"))) {
+      const path = join(this.root, "uploads", name);
+      const hex = name.endsWith(".json") ? name.slice(0, -5) : name;
+      const valid = /^[0-9a-f]{64}$/.test(hex) && !name.includes(".tmp");
+      const meta = valid ? await this.#readUploadMeta(`sha256:${hex}`) : undefined;
+      const data = valid ? await stat(join(this.root, "uploads", hex)).catch(() => undefined) : undefined;
+      // An upload whose declared size is unknown or smaller than its bytes is junk.
+      if (!meta || !data || data.size > meta.size) {
+        this.#log.info({ file: name }, "removing broken upload file");
+        await rm(path, { force: true });
+        continue;
+      }
+      if (name === hex) this.#usedBytes += data.size;
+    }
+    await this.#loadIndex();
+  }
+
+  async #loadIndex(): Promise<void> {
+    let index: { manifests?: { digest?: unknown; annotations?: Record<string, string> }[] };
+    try {
+      index = JSON.parse(await readFile(join(this.root, "index.json"), "utf8")) as typeof index;
+    } catch (err) {
+      if ((err as { code?: string }).code !== "ENOENT") throw err;
+      await this.#writeIndex();
+      return;
+    }
+    for (const entry of index.manifests ?? []) {
+      const digest = entry.digest;
+      if (typeof digest !== "string" || !DIGEST_PATTERN.test(digest)) continue;
+      try {
+        const json = await readFile(this.blobPath(digest));
+        const created = Date.parse(entry.annotations?.["treadmill.created"] ?? "");
+        this.#addRecord(digest, json, Number.isNaN(created) ? this.#clock() : created);
+      } catch (err) {
+        this.#log.error({ err, digest }, "stored manifest unreadable; dropped from the index");
+      }
+    }
+  }
+
+  async #writeIndex(): Promise<void> {
+    const manifests = [...this.#manifests.values()]
+      .sort((a, b) => (a.digest < b.digest ? -1 : 1))
+      .map((r) => ({
+        mediaType: MANIFEST_MEDIA_TYPE,
+        digest: r.digest,
+        size: r.size,
+        annotations: { "treadmill.created": new Date(r.createdMs).toISOString() },
+      }));
+    const body = JSON.stringify({ schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json", manifests }, null, 1);
+    await atomicWrite(join(this.root, "index.json"), body + "\n");
+  }
+
+  #addRecord(digest: string, json: Uint8Array, createdMs: number): ManifestRecord {
+    const manifest = parseManifest(json);
+    const blobs = manifestBlobs(manifest);
+    let totalSize = json.length;
+    for (const size of blobs.values()) totalSize += size;
+    const record: ManifestRecord = { digest, size: json.length, createdMs, manifest, blobs, totalSize };
+    this.#manifests.set(digest, record);
+    for (const blob of blobs.keys()) this.#refs.set(blob, (this.#refs.get(blob) ?? 0) + 1);
+    this.#refs.set(digest, (this.#refs.get(digest) ?? 0) + 1);
+    return record;
+  }
+
+  #removeRecord(digest: string): void {
+    const record = this.#manifests.get(digest);
+    if (!record) return;
+    this.#manifests.delete(digest);
+    for (const blob of [...record.blobs.keys(), digest]) {
+      const n = (this.#refs.get(blob) ?? 1) - 1;
+      if (n <= 0) this.#refs.delete(blob);
+      else this.#refs.set(blob, n);
+    }
+  }
+
+  /** Runs `fn` alone among index changes and sweeps. */
+  #exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#mutex.then(fn);
+    this.#mutex = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+
+  // ---- blobs ----
+
+  /** Size and commit time of a stored blob, or undefined. */
+  async statBlob(digest: string): Promise<{ size: number; mtimeMs: number } | undefined> {
+    const s = await stat(this.blobPath(digest)).catch(() => undefined);
+    return s?.isFile() ? { size: s.size, mtimeMs: s.mtimeMs } : undefined;
+  }
+
+  async #readUploadMeta(digest: string): Promise<{ size: number } | undefined> {
+    try {
+      const meta = JSON.parse(await readFile(`${this.#uploadPath(digest)}.json`, "utf8")) as { size?: unknown };
+      return typeof meta.size === "number" && Number.isSafeInteger(meta.size) && meta.size >= 0 ? { size: meta.size } : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** What QueryUpload answers. */
+  async queryUpload(digest: string): Promise<UploadState> {
+    const blob = await this.statBlob(digest);
+    if (blob) return { exists: true, committedOffset: blob.size, size: blob.size };
+    const meta = await this.#readUploadMeta(digest);
+    const data = await stat(this.#uploadPath(digest)).catch(() => undefined);
+    if (!meta || !data) return { exists: false, committedOffset: 0, size: 0 };
+    return { exists: false, committedOffset: data.size, size: meta.size };
+  }
+
+  /**
+   * Opens an upload of `digest` (`size` bytes) continuing at `offset`, which
+   * must be the committed offset. Returns "exists" when the blob is already
+   * stored. Checks the size cap and free space for the remaining bytes
+   * before anything is written.
+   */
+  async beginUpload(digest: string, size: number, offset: number): Promise<Upload | "exists"> {
+    if (await this.statBlob(digest)) return "exists";
+    if (this.#active.has(digest)) {
+      throw new ConnectError(`an upload of ${digest} is already in progress`, Code.Aborted);
+    }
+    const path = this.#uploadPath(digest);
+    const state = await this.queryUpload(digest);
+    let committed = state.committedOffset;
+    if (state.size !== 0 && state.size !== size) {
+      // A previous upload declared another size; only a fresh start may change it.
+      if (offset !== 0) {
+        throw new ConnectError(`size ${size} differs from the interrupted upload's size ${state.size}`, Code.InvalidArgument);
+      }
+      await this.discardUpload(digest);
+      committed = 0;
+    }
+    if (offset !== committed) {
+      throw new ConnectError(`offset ${offset} is not the committed offset ${committed} of ${digest}`, Code.OutOfRange);
+    }
+    if (offset > size) throw new ConnectError(`offset ${offset} is past the size ${size}`, Code.OutOfRange);
+    if (this.#active.has(digest)) {
+      throw new ConnectError(`an upload of ${digest} is already in progress`, Code.Aborted);
+    }
+    const remaining = size - offset;
+    await this.reserve(remaining);
+    // Claimed from here on: other uploads of this digest get Aborted.
+    const placeholder = {} as Upload;
+    this.#active.set(digest, placeholder);
+    try {
+      let hash: Hash;
+      const kept = this.#suspended.get(digest);
+      this.#suspended.delete(digest);
+      if (offset === 0) {
+        hash = createHash("sha256");
+        await writeFile(`${path}.json`, JSON.stringify({ size }));
+        await writeFile(path, new Uint8Array(0));
+      } else if (kept && kept.offset === offset) {
+        hash = kept.hash;
+      } else {
+        hash = await hashPrefix(path, offset);
+      }
+      const file = await open(path, "r+");
+      const upload = new Upload(this, digest, size, offset, file, hash);
+      this.#active.set(digest, upload);
+      this.#reservations.set(upload, remaining);
+      return upload;
+    } catch (err) {
+      this.#active.delete(digest);
+      this.#reserved -= remaining;
+      if (isDiskFull(err)) throw new ConnectError("image store is full", Code.ResourceExhausted);
+      throw err;
+    }
+  }
+
+  readonly #reservations = new Map<Upload, number>();
+
+  /** Reserves room for `bytes` more, or throws ResourceExhausted. */
+  async reserve(bytes: number): Promise<void> {
+    const cap = this.#options.capBytes;
+    if (cap > 0 && this.#usedBytes + this.#reserved + bytes > cap) {
+      throw new ConnectError(`image store is over its size cap of ${cap} bytes`, Code.ResourceExhausted);
+    }
+    const free = await this.freeBytes();
+    if (free - this.#reserved < bytes) {
+      throw new ConnectError("image store is full", Code.ResourceExhausted);
+    }
+    this.#reserved += bytes;
+  }
+
+  endUpload(upload: Upload): void {
+    if (this.#active.get(upload.digest) === upload) this.#active.delete(upload.digest);
+    this.#reserved -= this.#reservations.get(upload) ?? 0;
+    this.#reservations.delete(upload);
+  }
+
+  rememberHash(digest: string, offset: number, hash: Hash): void {
+    this.#suspended.set(digest, { offset, hash });
+  }
+
+  async commitUpload(digest: string): Promise<void> {
+    const path = this.#uploadPath(digest);
+    await rename(path, this.blobPath(digest));
+    await rm(`${path}.json`, { force: true });
+    await syncDir(join(this.root, "blobs", "sha256"));
+    this.#blobCount++;
+  }
+
+  async discardUpload(digest: string): Promise<void> {
+    const path = this.#uploadPath(digest);
+    const s = await stat(path).catch(() => undefined);
+    await rm(path, { force: true });
+    await rm(`${path}.json`, { force: true });
+    this.#suspended.delete(digest);
+    if (s) this.#usedBytes -= s.size;
+  }
+
+  /** Whether an upload of `digest` is open now. */
+  isUploading(digest: string): boolean {
+    return this.#active.has(digest);
+  }
+
+  /**
+   * Streams a blob from `offset`, `length` bytes (to the end when undefined).
+   * A whole-blob read is hashed when verifyReads is on; a blob whose bytes no
+   * longer match is removed and the stream fails with DataLoss.
+   */
+  async *readBlob(digest: string, offset: number, length: number | undefined, size: number): AsyncGenerator<{ offset: number; data: Buffer }> {
+    const end = length === undefined ? size : Math.min(size, offset + length);
+    const verify = this.#options.verifyReads && offset === 0 && end === size;
+    const hash = verify ? createHash("sha256") : undefined;
+    let file: FileHandle;
+    try {
+      file = await open(this.blobPath(digest), "r");
+    } catch {
+      throw new ConnectError(`blob ${digest} not found`, Code.NotFound);
+    }
+    try {
+      let at = offset;
+      while (at < end) {
+        const want = Math.min(BLOB_CHUNK_BYTES, end - at);
+        const buffer = Buffer.allocUnsafe(want);
+        const { bytesRead } = await file.read(buffer, 0, want, at);
+        if (bytesRead === 0) break;
+        const data = bytesRead === want ? buffer : buffer.subarray(0, bytesRead);
+        hash?.update(data);
+        // Verify before the last chunk leaves, so a corrupt blob never reads as complete.
+        if (hash && at + bytesRead >= end) await this.#checkRead(digest, hash);
+        yield { offset: at, data };
+        at += bytesRead;
+      }
+      if (at < end) throw new ConnectError(`blob ${digest} is shorter than its size`, Code.DataLoss);
+      if (hash && size === 0) await this.#checkRead(digest, hash);
+    } finally {
+      await file.close();
+    }
+  }
+
+  async #checkRead(digest: string, hash: Hash): Promise<void> {
+    const actual = digestOf(hash);
+    if (actual === digest) return;
+    this.#log.error({ digest, actual }, "corrupt blob found on read; removed");
+    await this.removeCorrupt(digest);
+    throw new ConnectError(`blob ${digest} is corrupt on the store's disk`, Code.DataLoss);
+  }
+
+  /** Removes a blob whose bytes do not match its digest. */
+  async removeCorrupt(digest: string): Promise<void> {
+    await this.#deleteBlob(digest);
+    this.onCorrupt?.(digest);
+  }
+
+  async #deleteBlob(digest: string): Promise<number> {
+    const path = this.blobPath(digest);
+    const s = await stat(path).catch(() => undefined);
+    if (!s) return 0;
+    await rm(path, { force: true });
+    this.#usedBytes -= s.size;
+    this.#blobCount--;
+    return s.size;
+  }
+
+  /** Hashes a stored blob; removes it when it does not match (true when it is sound). */
+  async verifyBlob(digest: string): Promise<boolean> {
+    const hash = createHash("sha256");
+    try {
+      for await (const chunk of createReadStream(this.blobPath(digest), { highWaterMark: BLOB_CHUNK_BYTES }) as AsyncIterable<Buffer>) {
+        hash.update(chunk);
+      }
+    } catch {
+      return false;
+    }
+    if (digestOf(hash) === digest) return true;
+    this.#log.error({ digest }, "corrupt blob found; removed");
+    await this.removeCorrupt(digest);
+    return false;
+  }
+
+  // ---- manifests ----
+
+  getManifestRecord(digest: string): ManifestRecord | undefined {
+    return this.#manifests.get(digest);
+  }
+
+  manifestRecords(): ManifestRecord[] {
+    return [...this.#manifests.values()].sort((a, b) => (a.digest < b.digest ? -1 : a.digest > b.digest ? 1 : 0));
+  }
+
+  /** How many stored manifests reference a blob (a manifest references itself). */
+  referenceCount(digest: string): number {
+    return this.#refs.get(digest) ?? 0;
+  }
+
+  /**
+   * Stores a manifest: its digest is checked, its form validated, and every
+   * blob it references must be present with the declared size. Idempotent.
+   */
+  putManifest(digest: string, json: Uint8Array): Promise<ManifestRecord> {
+    const actual = digestOf(createHash("sha256").update(json));
+    if (actual !== digest) {
+      return Promise.reject(new ConnectError(`digest mismatch: manifest_json hashes to ${actual}`, Code.InvalidArgument));
+    }
+    const manifest = parseManifest(json);
+    return this.#exclusive(async () => {
+      const existing = this.#manifests.get(digest);
+      if (existing) return existing;
+      for (const [blob, size] of manifestBlobs(manifest)) {
+        const s = await this.statBlob(blob);
+        if (!s) throw new ConnectError(`blob ${blob} referenced by the manifest is not in the store`, Code.FailedPrecondition);
+        if (s.size !== size) {
+          throw new ConnectError(`blob ${blob} has ${s.size} bytes, the manifest says ${size}`, Code.InvalidArgument);
+        }
+      }
+      if (!(await this.statBlob(digest))) {
+        await this.reserve(json.length);
+        try {
+          const tmp = `${this.#uploadPath(digest)}.manifest.tmp`;
+          await atomicWrite(tmp, json);
+          await rename(tmp, this.blobPath(digest));
+          this.#usedBytes += json.length;
+          this.#blobCount++;
+        } catch (err) {
+          if (isDiskFull(err)) throw new ConnectError("image store is full", Code.ResourceExhausted);
+          throw err;
+        } finally {
+          this.#reserved -= json.length;
+        }
+      }
+      const record = this.#addRecord(digest, json, this.#clock());
+      await this.#writeIndex();
+      return record;
+    });
+  }
+
+  /** The stored bytes of a manifest; verified (a corrupt one is removed: DataLoss). */
+  async readManifest(digest: string): Promise<Uint8Array> {
+    let json: Buffer;
+    try {
+      json = await readFile(this.blobPath(digest));
+    } catch {
+      throw new ConnectError(`manifest ${digest} not found`, Code.NotFound);
+    }
+    if (digestOf(createHash("sha256").update(json)) !== digest) {
+      this.#log.error({ digest }, "corrupt manifest found on read; removed");
+      await this.deleteManifest(digest).catch(() => undefined);
+      await this.removeCorrupt(digest);
+      throw new ConnectError(`manifest ${digest} is corrupt on the store's disk`, Code.DataLoss);
+    }
+    return json;
+  }
+
+  /** Removes a manifest from the index (its blobs stay until collected or evicted). */
+  deleteManifest(digest: string): Promise<ManifestRecord> {
+    return this.#exclusive(async () => {
+      const record = this.#manifests.get(digest);
+      if (!record) throw new ConnectError(`manifest ${digest} not found`, Code.NotFound);
+      this.#removeRecord(digest);
+      await this.#writeIndex();
+      return record;
+    });
+  }
+
+  /**
+   * Deletes the given blobs that no manifest references and no upload holds
+   * (cache eviction). Returns the bytes freed.
+   */
+  removeUnreferenced(digests: Iterable<string>): Promise<number> {
+    return this.#exclusive(async () => {
+      let freed = 0;
+      for (const digest of digests) {
+        if (this.referenceCount(digest) > 0 || this.#active.has(digest)) continue;
+        freed += await this.#deleteBlob(digest);
+      }
+      return freed;
+    });
+  }
+
+  /**
+   * Mark and sweep: deletes blobs no manifest references whose commit time is
+   * older than `graceMs`, and temp files of uploads not in progress that were
+   * last written before it.
+   */
+  async collectGarbage(graceMs: number, dryRun: boolean): Promise<{ blobs: string[]; bytes: number; tempFiles: number }> {
+    if (this.#collecting) throw new ConnectError("a garbage collection is already running", Code.Aborted);
+    this.#collecting = true;
+    try {
+      const cutoff = this.#clock() - graceMs;
+      const blobs: string[] = [];
+      let bytes = 0;
+      let tempFiles = 0;
+      for (const hex of await readdir(join(this.root, "blobs", "sha256"))) {
+        if (!/^[0-9a-f]{64}$/.test(hex)) continue;
+        const digest = `sha256:${hex}`;
+        await this.#exclusive(async () => {
+          // Checked under the lock: a PutManifest cannot reference it meanwhile.
+          if (this.referenceCount(digest) > 0) return;
+          const s = await this.statBlob(digest);
+          if (!s || s.mtimeMs > cutoff) return;
+          blobs.push(digest);
+          bytes += s.size;
+          if (!dryRun) await this.#deleteBlob(digest);
+        });
+      }
+      for (const name of await readdir(join(this.root, "uploads"))) {
+        if (name.endsWith(".json")) continue;
+        const hex = name.slice(0, 64);
+        if (/^[0-9a-f]{64}$/.test(hex) && this.#active.has(`sha256:${hex}`)) continue;
+        const path = join(this.root, "uploads", name);
+        const s = await stat(path).catch(() => undefined);
+        if (!s || s.mtimeMs > cutoff) continue;
+        tempFiles++;
+        if (dryRun) continue;
+        await rm(path, { force: true });
+        if (name === hex) {
+          await rm(`${path}.json`, { force: true });
+          this.#suspended.delete(`sha256:${hex}`);
+          this.#usedBytes -= s.size;
+        }
+      }
+      return { blobs, bytes, tempFiles };
+    } finally {
+      this.#collecting = false;
+    }
+  }
+}
+
+async function hashPrefix(path: string, length: number): Promise<Hash> {
+  const hash = createHash("sha256");
+  if (length === 0) return hash;
+  for await (const chunk of createReadStream(path, { start: 0, end: length - 1, highWaterMark: BLOB_CHUNK_BYTES }) as AsyncIterable<Buffer>) {
+    hash.update(chunk);
+  }
+  return hash;
+}
+
+/** Writes a file so that a reader sees the old or the new content, never a part. */
+export async function atomicWrite(path: string, data: string | Uint8Array): Promise<void> {
+  const tmp = `${path}.${process.pid}.tmp`;
+  const file = await open(tmp, "w");
+  try {
+    await file.writeFile(data);
+    await file.datasync();
+  } finally {
+    await file.close();
+  }
+  await rename(tmp, path);
+}
+
+async function syncDir(path: string): Promise<void> {
+  const dir = await open(path, "r").catch(() => undefined);
+  if (!dir) return;
+  await dir.sync().catch(() => undefined);
+  await dir.close();
+}
+

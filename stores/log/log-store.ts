@@ -1,0 +1,484 @@
+/**
+ * The log server's storage: jobs, attempts and channels on disk, the group
+ * commit that makes frames durable before they are acknowledged, and the
+ * in-process notifications that wake followers and Append streams.
+ *
+ * Layout: `<dataDir>/jobs/<job>/<attempt>/<channel>.{seg,idx,closed,truncated}`
+ * (see segment.ts). A job is loaded (its segments opened and recovered) the
+ * first time an RPC touches it, and stays loaded until deleted.
+ *
+ * Group commit: accepted frames wait in the channel's pending list; one flush
+ * per channel at a time writes everything pending with one write and one
+ * fdatasync, then acknowledges. Frames arriving during a flush form the next
+ * batch, so a busy channel syncs once per batch rather than once per frame.
+ */
+import { mkdir, readdir, rm, stat, statfs } from "node:fs/promises";
+import { setMaxListeners } from "node:events";
+import { join } from "node:path";
+import type { Logger } from "../../lib/logger.js";
+import { MAX_FRAME_BYTES, Segment, syncDir, type SegmentState, type StoredFrame } from "./segment.js";
+
+export const CHANNEL_NAME = /^[a-z][a-z0-9_-]{0,31}$/;
+export const JOB_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+/** Accepted but unflushed bytes per channel above which a writer's stream waits. */
+const PENDING_HIGH_WATER = 8 << 20;
+
+/** Wakes everyone waiting; waiters re-check their condition. */
+export class Notifier {
+  private waiters = new Set<() => void>();
+
+  notify(): void {
+    const waiters = [...this.waiters];
+    this.waiters.clear();
+    for (const w of waiters) w();
+  }
+
+  /** Resolves at the next notify, or when `signal` aborts. */
+  wait(signal?: AbortSignal): Promise<void> {
+    return new Promise((resolve) => {
+      if (signal?.aborted) {
+        resolve();
+        return;
+      }
+      const done = () => {
+        this.waiters.delete(done);
+        signal?.removeEventListener("abort", done);
+        resolve();
+      };
+      this.waiters.add(done);
+      signal?.addEventListener("abort", done, { once: true });
+    });
+  }
+}
+
+/** Whoever receives the acknowledgements of a job attempt (its Append stream). */
+export interface AckSink {
+  ack(channel: string, seq: number): void;
+  /** Ends the stream with this error (superseded, deleted, disk failure). */
+  abort(err: Error): void;
+}
+
+/** The outcome of offering a frame to a channel. */
+export type Offer =
+  | { kind: "accepted" }
+  | { kind: "duplicate"; durable: boolean }
+  | { kind: "gap"; expected: number }
+  | { kind: "rejected"; code: "closed" | "size_cap"; message: string };
+
+export class Channel {
+  readonly job: Job;
+  readonly attempt: number;
+  readonly name: string;
+  readonly segment: Segment;
+  /** Highest seq accepted (durable or pending). */
+  writtenSeq: number;
+  private pending: { seq: number; captureMicros: number; data: Uint8Array }[] = [];
+  private pendingBytes = 0;
+  private flushing: Promise<void> | undefined;
+  private scheduled = false;
+  readonly changed = new Notifier();
+
+  constructor(job: Job, attempt: number, name: string, segment: Segment) {
+    this.job = job;
+    this.attempt = attempt;
+    this.name = name;
+    this.segment = segment;
+    this.writtenSeq = segment.frameCount;
+  }
+
+  get durableSeq(): number {
+    return this.segment.frameCount;
+  }
+
+  get state(): SegmentState {
+    return this.segment.state;
+  }
+
+  /** Nothing accepted is waiting to become durable. */
+  get settled(): boolean {
+    return this.writtenSeq === this.durableSeq;
+  }
+
+  /** Offers a frame (already validated for name and size). */
+  offer(seq: number, captureMicros: number, data: Uint8Array): Offer {
+    if (seq <= this.writtenSeq) return { kind: "duplicate", durable: seq <= this.durableSeq };
+    if (this.job.truncatedMessage !== undefined && this.state.kind !== "closed") {
+      void this.job.truncate(this.job.truncatedMessage);
+      return { kind: "rejected", code: "size_cap", message: this.job.truncatedMessage };
+    }
+    if (this.state.kind === "closed") return { kind: "rejected", code: "closed", message: `channel ${this.name} is closed` };
+    if (this.state.kind === "truncated") return { kind: "rejected", code: "size_cap", message: this.state.message };
+    if (seq !== this.writtenSeq + 1) return { kind: "gap", expected: this.writtenSeq + 1 };
+    const cap = this.job.store.options.jobSizeCapBytes;
+    if (cap > 0 && this.job.sizeBytes + data.length > cap) {
+      const message = `job log reached its size cap of ${cap} bytes; later output was not stored`;
+      void this.job.truncate(message);
+      return { kind: "rejected", code: "size_cap", message };
+    }
+    this.pending.push({ seq, captureMicros, data });
+    this.pendingBytes += data.length;
+    this.writtenSeq = seq;
+    this.job.sizeBytes += data.length;
+    this.schedule();
+    return { kind: "accepted" };
+  }
+
+  /** When too much is pending, resolves once the current flush is done (backpressure). */
+  async backpressure(): Promise<void> {
+    while (this.pendingBytes > PENDING_HIGH_WATER && this.flushing) await this.flushing;
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.flushing) return;
+    this.scheduled = true;
+    // One event-loop turn gathers every frame that arrived together.
+    setImmediate(() => {
+      this.scheduled = false;
+      if (!this.flushing) this.flushing = this.flushLoop();
+    });
+  }
+
+  private async flushLoop(): Promise<void> {
+    try {
+      while (this.pending.length > 0 && !this.job.deleted) {
+        const batch = this.pending;
+        this.pending = [];
+        this.pendingBytes = 0;
+        try {
+          await this.segment.append(batch);
+        } catch (err) {
+          // Nothing of the batch (nor anything after it) is durable: forget
+          // it, so the writer's resend starts from the durable seq again.
+          const lost = batch.reduce((n, f) => n + f.data.length, 0) + this.pending.reduce((n, f) => n + f.data.length, 0);
+          this.job.sizeBytes -= lost;
+          this.pending = [];
+          this.pendingBytes = 0;
+          this.writtenSeq = this.durableSeq;
+          this.job.store.logger.error({ err, jobId: this.job.id, attempt: this.attempt, channel: this.name }, "log append failed");
+          this.job.sessions.get(this.attempt)?.abort(new Error("append failed"));
+          return;
+        }
+        this.job.sessions.get(this.attempt)?.ack(this.name, this.durableSeq);
+        this.changed.notify();
+      }
+    } finally {
+      this.flushing = undefined;
+      if (this.pending.length > 0 && !this.job.deleted) this.schedule();
+      this.changed.notify();
+    }
+  }
+
+  /** Resolves once everything accepted so far is durable (or failed). */
+  async settle(): Promise<void> {
+    while (!this.settled && !this.job.deleted) {
+      if (this.flushing) await this.flushing;
+      else await new Promise((resolve) => setImmediate(resolve));
+    }
+  }
+
+  /** Closes the channel once what it accepted is durable. Idempotent. */
+  async close(): Promise<void> {
+    await this.settle();
+    if (this.state.kind === "open" && !this.job.deleted) await this.segment.setState({ kind: "closed" });
+    this.segment.dropTail();
+    this.changed.notify();
+  }
+
+  /** Waits for a flush in progress, even of a deleted job. */
+  async drain(): Promise<void> {
+    while (this.flushing) await this.flushing;
+  }
+
+  async truncate(message: string): Promise<void> {
+    await this.settle();
+    if (this.state.kind !== "open" || this.job.deleted) return;
+    // Readers see the end only once what was accepted before is durable.
+    await this.segment.setState({ kind: "truncated", message });
+    this.changed.notify();
+  }
+
+  /** Data offset of frame `seq`; past the end: the channel's size. */
+  dataOffset(seq: number): number {
+    return this.segment.dataOffset(seq);
+  }
+
+  read(seq: number, maxBytes: number): Promise<StoredFrame[]> {
+    return this.segment.read(seq, this.durableSeq, maxBytes);
+  }
+}
+
+export class Job {
+  readonly store: LogStore;
+  readonly id: string;
+  readonly dir: string;
+  /** attempt -> channel name -> channel */
+  readonly attempts = new Map<number, Map<string, Channel>>();
+  private creating = new Map<string, Promise<Channel>>();
+  /** The Append stream of each attempt. */
+  readonly sessions = new Map<number, AckSink>();
+  /** Bytes of data stored or accepted, every attempt and channel. */
+  sizeBytes = 0;
+  deleted = false;
+  /** Wakes readers waiting for a channel to appear (and on deletion). */
+  readonly changed = new Notifier();
+  private truncating: Promise<void> | undefined;
+
+  constructor(store: LogStore, id: string) {
+    this.store = store;
+    this.id = id;
+    this.dir = join(store.jobsDir, id);
+  }
+
+  /** Opens (and recovers) every channel on disk. */
+  async load(): Promise<void> {
+    let attempts: string[];
+    try {
+      attempts = await readdir(this.dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return;
+      throw err;
+    }
+    for (const a of attempts) {
+      if (!/^[1-9]\d{0,9}$/.test(a)) continue;
+      const attempt = Number(a);
+      const files = await readdir(join(this.dir, a));
+      for (const f of files) {
+        const name = f.endsWith(".seg") ? f.slice(0, -4) : undefined;
+        if (name === undefined || !CHANNEL_NAME.test(name)) continue;
+        const { segment, cutBytes } = await Segment.open(join(this.dir, a), name, false);
+        if (cutBytes > 0) {
+          this.store.logger.warn({ jobId: this.id, attempt, channel: name, cutBytes, frames: segment.frameCount }, "log segment recovered: incomplete tail cut");
+        }
+        this.add(new Channel(this, attempt, name, segment));
+        this.sizeBytes += segment.sizeBytes;
+      }
+    }
+  }
+
+  private add(channel: Channel): void {
+    let channels = this.attempts.get(channel.attempt);
+    if (!channels) {
+      channels = new Map();
+      this.attempts.set(channel.attempt, channels);
+    }
+    channels.set(channel.name, channel);
+  }
+
+  channel(attempt: number, name: string): Channel | undefined {
+    return this.attempts.get(attempt)?.get(name);
+  }
+
+  /** The channel, created on disk when missing. */
+  async createChannel(attempt: number, name: string): Promise<Channel> {
+    const existing = this.channel(attempt, name);
+    if (existing) return existing;
+    const key = `${attempt}/${name}`;
+    let creating = this.creating.get(key);
+    if (!creating) {
+      creating = (async () => {
+        const dir = join(this.dir, String(attempt));
+        const fresh = await mkdir(dir, { recursive: true });
+        const { segment } = await Segment.open(dir, name, true);
+        await syncDir(dir);
+        if (fresh !== undefined) {
+          await syncDir(this.dir);
+          await syncDir(this.store.jobsDir);
+        }
+        const channel = new Channel(this, attempt, name, segment);
+        if (this.deleted) {
+          await segment.close();
+          throw new Error("job deleted");
+        }
+        this.add(channel);
+        if (this.truncatedMessage !== undefined) await channel.truncate(this.truncatedMessage);
+        this.changed.notify();
+        return channel;
+      })().finally(() => this.creating.delete(key));
+      this.creating.set(key, creating);
+    }
+    return creating;
+  }
+
+  /** The message of the size cap, once reached. */
+  truncatedMessage: string | undefined;
+
+  /** Marks every open channel of the job truncated (the size cap). */
+  truncate(message: string): Promise<void> {
+    this.truncatedMessage ??= message;
+    this.truncating ??= (async () => {
+      this.store.logger.warn({ jobId: this.id, capBytes: this.store.options.jobSizeCapBytes }, "job log reached its size cap");
+      for (const channel of this.allChannels()) await channel.truncate(message);
+    })();
+    return this.truncating;
+  }
+
+  allChannels(): Channel[] {
+    return [...this.attempts.values()].flatMap((m) => [...m.values()]);
+  }
+
+  /** Remaining bytes before the cap; -1 without a cap. */
+  remainingBytes(): number {
+    const cap = this.store.options.jobSizeCapBytes;
+    return cap > 0 ? Math.max(0, cap - this.sizeBytes) : -1;
+  }
+}
+
+export interface LogStoreOptions {
+  dataDir: string;
+  /** Per-job cap of stored data bytes; 0: none. */
+  jobSizeCapBytes: number;
+  logger: Logger;
+}
+
+/** A job as found on disk, for retention. */
+export interface JobOnDisk {
+  jobId: string;
+  diskBytes: number;
+  /** Every channel is closed or truncated, and no writer is connected. */
+  finalized: boolean;
+  lastChangeMs: number;
+}
+
+export class LogStore {
+  readonly options: LogStoreOptions;
+  readonly logger: Logger;
+  readonly jobsDir: string;
+  private jobs = new Map<string, Promise<Job>>();
+  /** Aborted when the server stops: followers and writers end with Unavailable. */
+  private readonly stopping = new AbortController();
+
+  constructor(options: LogStoreOptions) {
+    // Every open stream listens for the stop.
+    setMaxListeners(0, this.stopping.signal);
+    this.options = options;
+    this.logger = options.logger;
+    this.jobsDir = join(options.dataDir, "jobs");
+  }
+
+  async open(): Promise<void> {
+    await mkdir(this.jobsDir, { recursive: true });
+  }
+
+  get stopSignal(): AbortSignal {
+    return this.stopping.signal;
+  }
+
+  /** The job, loaded from disk on first use (it may have no channels). */
+  job(jobId: string): Promise<Job> {
+    let job = this.jobs.get(jobId);
+    if (!job) {
+      const j = new Job(this, jobId);
+      job = j.load().then(() => j);
+      job.catch(() => this.jobs.delete(jobId));
+      this.jobs.set(jobId, job);
+    }
+    return job;
+  }
+
+  /** Ends streams (Unavailable), then makes everything accepted durable and closes the files. */
+  beginStop(): void {
+    this.stopping.abort();
+    for (const job of this.loadedJobs()) job.then((j) => j.changed.notify(), () => undefined);
+  }
+
+  async close(): Promise<void> {
+    this.beginStop();
+    for (const p of this.loadedJobs()) {
+      const job = await p.catch(() => undefined);
+      if (!job) continue;
+      for (const channel of job.allChannels()) {
+        await channel.settle();
+        await channel.segment.close();
+        channel.changed.notify();
+      }
+    }
+  }
+
+  private loadedJobs(): Promise<Job>[] {
+    return [...this.jobs.values()];
+  }
+
+  /**
+   * Deletes every log of a job; open Append streams end Aborted, readers get
+   * their end. Returns the bytes freed (0 when there was nothing).
+   */
+  async deleteJob(jobId: string, reason: string): Promise<number> {
+    const job = await this.job(jobId);
+    job.deleted = true;
+    this.jobs.delete(jobId);
+    for (const session of job.sessions.values()) session.abort(new Error(reason));
+    for (const channel of job.allChannels()) {
+      channel.changed.notify();
+      await channel.drain();
+      await channel.segment.close();
+    }
+    job.changed.notify();
+    const bytes = await diskUsage(job.dir);
+    await rm(job.dir, { recursive: true, force: true });
+    if (bytes > 0) this.logger.info({ jobId, bytesFreed: bytes, reason }, "job logs deleted");
+    return bytes;
+  }
+
+  /** Every job on disk with its size and whether it is finalized. */
+  async jobsOnDisk(): Promise<JobOnDisk[]> {
+    let ids: string[];
+    try {
+      ids = await readdir(this.jobsDir);
+    } catch {
+      return [];
+    }
+    const out: JobOnDisk[] = [];
+    for (const jobId of ids) {
+      if (!JOB_ID.test(jobId)) continue;
+      const loaded = this.jobs.get(jobId);
+      let busy = false;
+      if (loaded) {
+        const job = await loaded.catch(() => undefined);
+        busy = job !== undefined && (job.sessions.size > 0 || job.allChannels().some((c) => c.state.kind === "open" || !c.settled));
+      }
+      const info = await scanJobDir(join(this.jobsDir, jobId));
+      out.push({ jobId, diskBytes: info.bytes, finalized: !busy && info.allEnded, lastChangeMs: info.lastChangeMs });
+    }
+    return out;
+  }
+
+  /** Free and total bytes of the file system holding the logs. */
+  async diskSpace(): Promise<{ capacityBytes: number; freeBytes: number }> {
+    const s = await statfs(this.options.dataDir);
+    return { capacityBytes: s.blocks * s.bsize, freeBytes: s.bavail * s.bsize };
+  }
+}
+
+async function scanJobDir(dir: string): Promise<{ bytes: number; allEnded: boolean; lastChangeMs: number }> {
+  let bytes = 0;
+  let allEnded = true;
+  let lastChangeMs = 0;
+  const walk = async (d: string) => {
+    const entries = await readdir(d, { withFileTypes: true }).catch(() => []);
+    const names = new Set(entries.map((e) => e.name));
+    for (const e of entries) {
+      const path = join(d, e.name);
+      if (e.isDirectory()) {
+        await walk(path);
+        continue;
+      }
+      const st = await stat(path).catch(() => undefined);
+      if (!st) continue;
+      bytes += st.size;
+      lastChangeMs = Math.max(lastChangeMs, st.mtimeMs);
+      if (e.name.endsWith(".seg")) {
+        const base = e.name.slice(0, -4);
+        if (!names.has(`${base}.closed`) && !names.has(`${base}.truncated`)) allEnded = false;
+      }
+    }
+  };
+  await walk(dir);
+  if (lastChangeMs === 0) lastChangeMs = (await stat(dir).catch(() => undefined))?.mtimeMs ?? 0;
+  return { bytes, allEnded, lastChangeMs };
+}
+
+async function diskUsage(dir: string): Promise<number> {
+  return (await scanJobDir(dir)).bytes;
+}
+
+export { MAX_FRAME_BYTES };

@@ -1,0 +1,434 @@
+/**
+ * One channel of one job attempt on disk: an append-only segment file of
+ * self-describing records and an index file from seq to record offset.
+ *
+ * Record (32-byte header, then the data):
+ *   u32 magic "TMLG" · u32 data length · u64 seq · i64 capture time (µs since
+ *   the epoch) · u32 crc32 of the data · u32 crc32 of the first 24 bytes
+ * Index: one u64 (big-endian) per frame, the record's offset in the segment;
+ * entry k is seq k+1 (seqs are contiguous from 1).
+ *
+ * Only the segment is fsynced before an acknowledgement: the index can always
+ * be rebuilt from it. On open, the index is checked against the segment (an
+ * entry pointing at a record that is not there is dropped) and the records
+ * past the last indexed one are scanned and indexed; the segment is cut at the
+ * first incomplete or corrupt record, which is where a crash mid-write leaves
+ * it. Every acknowledged frame was fsynced, so it survives this.
+ */
+import { writeSync } from "node:fs";
+import { crc32 } from "node:zlib";
+import { open, readFile, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { join } from "node:path";
+
+export const HEADER_BYTES = 32;
+const MAGIC = 0x544d4c47; // "TMLG"
+/** Largest data of one frame (the contract's limit). */
+export const MAX_FRAME_BYTES = 65536;
+
+/** A frame as stored and as read back. */
+export interface StoredFrame {
+  seq: number;
+  /** Byte offset of the data within the channel. */
+  offset: number;
+  captureMicros: number;
+  data: Uint8Array;
+}
+
+/** Why the channel takes no more frames, persisted beside the segment. */
+export type SegmentState = { kind: "open" } | { kind: "closed" } | { kind: "truncated"; message: string };
+
+/** Encodes one record (header and data). */
+export function encodeRecord(seq: number, captureMicros: number, data: Uint8Array): Buffer {
+  const buf = Buffer.allocUnsafe(HEADER_BYTES + data.length);
+  buf.writeUInt32BE(MAGIC, 0);
+  buf.writeUInt32BE(data.length, 4);
+  buf.writeBigUInt64BE(BigInt(seq), 8);
+  buf.writeBigInt64BE(BigInt(Math.trunc(captureMicros)), 16);
+  buf.writeUInt32BE(crc32(data), 24);
+  buf.writeUInt32BE(crc32(buf.subarray(0, 24)), 28);
+  buf.set(data, HEADER_BYTES);
+  return buf;
+}
+
+/** The header at `at` of `buf`, or undefined when it is not a valid header. */
+export function decodeHeader(buf: Buffer, at: number): { length: number; seq: number; captureMicros: number; dataCrc: number } | undefined {
+  if (buf.length - at < HEADER_BYTES) return undefined;
+  if (buf.readUInt32BE(at) !== MAGIC) return undefined;
+  if (crc32(buf.subarray(at, at + 24)) !== buf.readUInt32BE(at + 28)) return undefined;
+  const length = buf.readUInt32BE(at + 4);
+  if (length > MAX_FRAME_BYTES) return undefined;
+  return {
+    length,
+    seq: Number(buf.readBigUInt64BE(at + 8)),
+    captureMicros: Number(buf.readBigInt64BE(at + 16)),
+    dataCrc: buf.readUInt32BE(at + 24),
+  };
+}
+
+/** A growable array of record offsets (8 bytes per frame in memory). */
+class OffsetIndex {
+  private values = new Float64Array(64);
+  length = 0;
+
+  push(v: number): void {
+    if (this.length === this.values.length) {
+      const next = new Float64Array(this.values.length * 2);
+      next.set(this.values);
+      this.values = next;
+    }
+    this.values[this.length++] = v;
+  }
+
+  get(i: number): number {
+    return this.values[i];
+  }
+
+  truncate(length: number): void {
+    this.length = Math.min(this.length, length);
+  }
+}
+
+const READ_CHUNK = 1 << 20;
+/** Recent frames kept in memory for followers (at least the last one). */
+const TAIL_CACHE_BYTES = 64 * 1024;
+
+/** The files of one channel, opened (and recovered) with `Segment.open`. */
+export class Segment {
+  readonly dir: string;
+  readonly name: string;
+  private seg: FileHandle;
+  private idx: FileHandle;
+  private readonly index = new OffsetIndex();
+  /** Bytes of the segment file holding complete records. */
+  private segBytes: number;
+  state: SegmentState;
+  firstCaptureMicros = 0;
+  lastCaptureMicros = 0;
+  /** Milliseconds since the epoch of the last change (append, close). */
+  lastChangeMs: number;
+  private closedFiles = false;
+  /** The most recent frames, so that followers rarely read the disk. */
+  private tail: StoredFrame[] = [];
+  private tailBytes = 0;
+
+  private constructor(dir: string, name: string, seg: FileHandle, idx: FileHandle, segBytes: number, state: SegmentState, mtimeMs: number) {
+    this.dir = dir;
+    this.name = name;
+    this.seg = seg;
+    this.idx = idx;
+    this.segBytes = segBytes;
+    this.state = state;
+    this.lastChangeMs = mtimeMs;
+  }
+
+  static paths(dir: string, name: string) {
+    return {
+      seg: join(dir, `${name}.seg`),
+      idx: join(dir, `${name}.idx`),
+      closed: join(dir, `${name}.closed`),
+      truncated: join(dir, `${name}.truncated`),
+    };
+  }
+
+  /**
+   * Opens a channel's files, creating them when `create` is set (else throws
+   * ENOENT), and recovers from a crash: see the module comment. Returns how
+   * many bytes recovery cut from the segment, for the log.
+   */
+  static async open(dir: string, name: string, create: boolean): Promise<{ segment: Segment; cutBytes: number }> {
+    const p = Segment.paths(dir, name);
+    if (create) await (await open(p.seg, "a")).close();
+    // Positional writes: never O_APPEND (Linux ignores the position there).
+    const seg = await open(p.seg, "r+");
+    let idx: FileHandle | undefined;
+    try {
+      await (await open(p.idx, "a")).close();
+      idx = await open(p.idx, "r+");
+      const st = await seg.stat();
+      let state: SegmentState = { kind: "open" };
+      const truncated = await readFile(p.truncated, "utf8").catch(() => undefined);
+      if (truncated !== undefined) state = { kind: "truncated", message: truncated };
+      else if (await exists(p.closed)) state = { kind: "closed" };
+      const segment = new Segment(dir, name, seg, idx, 0, state, st.mtimeMs);
+      const cutBytes = await segment.recover(st.size);
+      return { segment, cutBytes };
+    } catch (err) {
+      await seg.close().catch(() => undefined);
+      await idx?.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private async recover(fileBytes: number): Promise<number> {
+    // 1. Trust the index as far as it agrees with the segment.
+    const raw = await this.idx.readFile();
+    const entries = Math.floor(raw.length / 8);
+    const header = Buffer.allocUnsafe(HEADER_BYTES);
+    let good = 0;
+    for (let i = 0; i < entries; i++) {
+      const off = Number(raw.readBigUInt64BE(i * 8));
+      if (i === 0 ? off !== 0 : off <= this.index.get(i - 1)) break;
+      this.index.push(off);
+      good++;
+    }
+    // Check the last entries against the segment from the end (a lost tail
+    // shows there); earlier ones were fsynced before later ones were written.
+    while (this.index.length > 0) {
+      const off = this.index.get(this.index.length - 1);
+      const ok = off + HEADER_BYTES <= fileBytes && (await this.seg.read(header, 0, HEADER_BYTES, off)).bytesRead === HEADER_BYTES;
+      const h = ok ? decodeHeader(header, 0) : undefined;
+      if (h && h.seq === this.index.length && off + HEADER_BYTES + h.length <= fileBytes) {
+        const data = Buffer.allocUnsafe(h.length);
+        await this.seg.read(data, 0, h.length, off + HEADER_BYTES);
+        if (crc32(data) === h.dataCrc) {
+          this.segBytes = off + HEADER_BYTES + h.length;
+          this.noteCapture(h.captureMicros, this.index.length === 1);
+          break;
+        }
+      }
+      this.index.truncate(this.index.length - 1);
+    }
+    if (this.index.length === 0) this.segBytes = 0;
+    const indexedFrames = this.index.length;
+    // 2. Index the complete records past the last indexed one.
+    let pos = this.segBytes;
+    let buf = Buffer.alloc(0);
+    let bufStart = pos;
+    while (pos < fileBytes) {
+      if (pos + HEADER_BYTES > bufStart + buf.length) {
+        const want = Math.min(READ_CHUNK + HEADER_BYTES + MAX_FRAME_BYTES, fileBytes - pos);
+        buf = Buffer.allocUnsafe(want);
+        const { bytesRead } = await this.seg.read(buf, 0, want, pos);
+        buf = buf.subarray(0, bytesRead);
+        bufStart = pos;
+      }
+      const h = decodeHeader(buf, pos - bufStart);
+      if (!h || h.seq !== this.index.length + 1) break;
+      const end = pos + HEADER_BYTES + h.length;
+      if (end > fileBytes) break;
+      if (end > bufStart + buf.length) {
+        bufStart = -Infinity; // refill from pos
+        buf = Buffer.alloc(0);
+        const data = Buffer.allocUnsafe(HEADER_BYTES + h.length);
+        await this.seg.read(data, 0, data.length, pos);
+        if (crc32(data.subarray(HEADER_BYTES)) !== h.dataCrc) break;
+      } else if (crc32(buf.subarray(pos - bufStart + HEADER_BYTES, end - bufStart)) !== h.dataCrc) {
+        break;
+      }
+      this.index.push(pos);
+      this.noteCapture(h.captureMicros, this.index.length === 1);
+      pos = end;
+      this.segBytes = end;
+    }
+    // The last frame's capture time is needed for ListChannels.
+    if (this.index.length > 0 && this.lastCaptureMicros === 0) {
+      const off = this.index.get(this.index.length - 1);
+      await this.seg.read(header, 0, HEADER_BYTES, off);
+      this.lastCaptureMicros = decodeHeader(header, 0)?.captureMicros ?? 0;
+    }
+    if (this.index.length > 0 && this.firstCaptureMicros === 0) {
+      await this.seg.read(header, 0, HEADER_BYTES, 0);
+      this.firstCaptureMicros = decodeHeader(header, 0)?.captureMicros ?? 0;
+    }
+    const cut = fileBytes - this.segBytes;
+    if (cut > 0) {
+      await this.seg.truncate(this.segBytes);
+      await this.seg.datasync();
+    }
+    if (good !== this.index.length || indexedFrames !== this.index.length || raw.length !== this.index.length * 8) {
+      await this.rewriteIndex();
+    }
+    return cut;
+  }
+
+  private async rewriteIndex(): Promise<void> {
+    const out = Buffer.allocUnsafe(this.index.length * 8);
+    for (let i = 0; i < this.index.length; i++) out.writeBigUInt64BE(BigInt(this.index.get(i)), i * 8);
+    await this.idx.truncate(0);
+    await this.idx.write(out, 0, out.length, 0);
+    await this.idx.datasync();
+  }
+
+  private noteCapture(micros: number, first: boolean): void {
+    if (first) this.firstCaptureMicros = micros;
+    this.lastCaptureMicros = micros;
+  }
+
+  /** Frames stored (the highest seq). */
+  get frameCount(): number {
+    return this.index.length;
+  }
+
+  /** Bytes of data stored. */
+  get sizeBytes(): number {
+    return this.segBytes - this.index.length * HEADER_BYTES;
+  }
+
+  /** Bytes on disk (segment and index). */
+  get diskBytes(): number {
+    return this.segBytes + this.index.length * 8;
+  }
+
+  /** Data offset of frame `seq` (1-based); seq = frameCount+1 gives the size. */
+  dataOffset(seq: number): number {
+    if (seq > this.index.length) return this.sizeBytes;
+    return this.index.get(seq - 1) - (seq - 1) * HEADER_BYTES;
+  }
+
+  /** The seq of the frame holding data offset `offset` (< sizeBytes). */
+  seqAtOffset(offset: number): number {
+    let lo = 1;
+    let hi = this.index.length;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (this.dataOffset(mid) <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  }
+
+  /**
+   * Appends frames `frameCount+1...` and makes them durable (one write and one
+   * fdatasync for the batch). The caller serializes appends.
+   */
+  async append(frames: { seq: number; captureMicros: number; data: Uint8Array }[]): Promise<void> {
+    if (frames.length === 0) return;
+    const records: Buffer[] = [];
+    const offsets: number[] = [];
+    let pos = this.segBytes;
+    for (const f of frames) {
+      const r = encodeRecord(f.seq, f.captureMicros, f.data);
+      records.push(r);
+      offsets.push(pos);
+      pos += r.length;
+    }
+    const body = records.length === 1 ? records[0] : Buffer.concat(records);
+    // The writes go to the page cache (microseconds): done on this thread so
+    // that the thread pool is left to the fdatasyncs, which take long.
+    writeFullySync(this.seg.fd, body, this.segBytes);
+    await this.seg.datasync();
+    const idx = Buffer.allocUnsafe(offsets.length * 8);
+    offsets.forEach((o, i) => idx.writeBigUInt64BE(BigInt(o), i * 8));
+    // Not fsynced: recovery rebuilds a lost index tail from the segment.
+    writeFullySync(this.idx.fd, idx, this.index.length * 8);
+    for (let i = 0; i < frames.length; i++) {
+      const seq = this.index.length + 1;
+      this.tail.push({ seq, offset: offsets[i] - (seq - 1) * HEADER_BYTES, captureMicros: frames[i].captureMicros, data: frames[i].data });
+      this.tailBytes += frames[i].data.length;
+      this.index.push(offsets[i]);
+      this.noteCapture(frames[i].captureMicros, this.index.length === 1);
+    }
+    while (this.tail.length > 1 && this.tailBytes > TAIL_CACHE_BYTES) this.tailBytes -= this.tail.shift()!.data.length;
+    this.segBytes = pos;
+    this.lastChangeMs = Date.now();
+  }
+
+  /**
+   * Reads frames from `seq` (1-based) up to `maxSeq`, at most about
+   * `maxBytes` of data (at least one frame).
+   */
+  async read(seq: number, maxSeq: number, maxBytes: number): Promise<StoredFrame[]> {
+    const last = Math.min(maxSeq, this.index.length);
+    if (seq > last) return [];
+    if (this.tail.length > 0 && seq >= this.tail[0].seq) {
+      const out: StoredFrame[] = [];
+      let bytes = 0;
+      for (let i = seq - this.tail[0].seq; i < this.tail.length && this.tail[i].seq <= last; i++) {
+        if (out.length > 0 && bytes + this.tail[i].data.length > maxBytes) break;
+        out.push(this.tail[i]);
+        bytes += this.tail[i].data.length;
+      }
+      return out;
+    }
+    const start = this.index.get(seq - 1);
+    let end = seq;
+    let endOff = this.recordEnd(seq);
+    while (end < last && this.recordEnd(end + 1) - start <= maxBytes + HEADER_BYTES * (end + 1 - seq)) {
+      end++;
+      endOff = this.recordEnd(end);
+    }
+    const buf = Buffer.allocUnsafe(endOff - start);
+    const { bytesRead } = await this.seg.read(buf, 0, buf.length, start);
+    if (bytesRead !== buf.length) throw new Error(`segment ${this.name} is shorter than its index`);
+    const frames: StoredFrame[] = [];
+    let pos = 0;
+    for (let s = seq; s <= end; s++) {
+      const h = decodeHeader(buf, pos);
+      if (!h || h.seq !== s) throw new Error(`segment ${this.name} has a bad record at seq ${s}`);
+      frames.push({
+        seq: s,
+        offset: this.dataOffset(s),
+        captureMicros: h.captureMicros,
+        data: buf.subarray(pos + HEADER_BYTES, pos + HEADER_BYTES + h.length),
+      });
+      pos += HEADER_BYTES + h.length;
+    }
+    return frames;
+  }
+
+  private recordEnd(seq: number): number {
+    return seq < this.index.length ? this.index.get(seq) : this.segBytes;
+  }
+
+  /** Forgets the in-memory tail (a closed channel has no followers to serve quickly). */
+  dropTail(): void {
+    this.tail = [];
+    this.tailBytes = 0;
+  }
+
+  /** Persists the closed or truncated state (fsynced, with its directory). */
+  async setState(state: SegmentState): Promise<void> {
+    const p = Segment.paths(this.dir, this.name);
+    if (state.kind === "truncated") await writeDurably(p.truncated, state.message);
+    else if (state.kind === "closed") await writeDurably(p.closed, "");
+    await syncDir(this.dir);
+    this.state = state;
+    this.lastChangeMs = Date.now();
+  }
+
+  /** Closes the files; idempotent. */
+  async close(): Promise<void> {
+    if (this.closedFiles) return;
+    this.closedFiles = true;
+    await this.idx.datasync().catch(() => undefined);
+    await Promise.all([this.seg.close(), this.idx.close()]);
+  }
+}
+
+function writeFullySync(fd: number, buf: Buffer, position: number): void {
+  let done = 0;
+  while (done < buf.length) done += writeSync(fd, buf, done, buf.length - done, position + done);
+}
+
+async function writeDurably(path: string, text: string): Promise<void> {
+  await writeFile(path, text);
+  const f = await open(path, "r+");
+  try {
+    await f.datasync();
+  } finally {
+    await f.close();
+  }
+}
+
+/** fsyncs a directory, so that files created in it survive a crash. */
+export async function syncDir(dir: string): Promise<void> {
+  const d = await open(dir, "r");
+  try {
+    await d.sync();
+  } finally {
+    await d.close();
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
+}
+
+/** Removes a channel's files (used by deletion). */
+export async function removeSegmentFiles(dir: string, name: string): Promise<void> {
+  const p = Segment.paths(dir, name);
+  await Promise.all([p.seg, p.idx, p.closed, p.truncated].map((f) => rm(f, { force: true })));
+}

@@ -1,0 +1,312 @@
+// `npm run bench -- logs`: the log server in its own process (bin/treadmill-log-server.js).
+//
+// (a) ingest MB/s with 1 and 100 concurrent writers (16 KiB frames, a window
+//     of WINDOW frames per writer), against plain sequential 16 KiB appends
+//     with an fdatasync every WINDOW writes (the server syncs at most one
+//     window per channel per batch);
+// (b) end-to-end latency from bytes entering the LogShipper to a following
+//     reader receiving them (capture time of a frame's first byte to its
+//     arrival), 100 jobs each writing 100 KB/s, against a raw TCP round trip;
+// (c) resident memory of the log server with 1,000 followed channels, against
+//     the same server idle.
+//
+// Sizes: LOGS_BENCH_MB (default 128 MB per ingest case), LOGS_BENCH_SECONDS
+// (default 10 s of the latency case), LOGS_BENCH_PARTS (default "a,b,c").
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { createServer as createNetServer, connect } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { createClient, type Client } from "@connectrpc/connect";
+import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+import { FrameSchema, LogService, type AppendRequestSchema } from "../../gen/treadmill/log/v1/log_service_pb.js";
+import { LogShipper } from "../../lib/log-shipper.js";
+import { silentLogger } from "../../lib/logger.js";
+import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
+import { fileAppendMBps } from "./baselines.js";
+import { percentile, report } from "./report.js";
+
+type AppendRequestInit = MessageInitShape<typeof AppendRequestSchema>;
+
+const BIN = new URL("../../bin/treadmill-log-server.js", import.meta.url).pathname;
+const FRAME = 16384;
+const WINDOW = 32;
+const TOTAL = Number(process.env.LOGS_BENCH_MB ?? 128) * 1e6;
+const SECONDS = Number(process.env.LOGS_BENCH_SECONDS ?? 10);
+const PARTS = (process.env.LOGS_BENCH_PARTS ?? "a,b,c").split(",");
+
+interface ServerProcess {
+  url: string;
+  pid: number;
+  child: ChildProcess;
+  stop(): Promise<void>;
+}
+
+async function freePort(): Promise<number> {
+  const s = createNetServer();
+  await new Promise<void>((resolve) => s.listen(0, "127.0.0.1", resolve));
+  const port = (s.address() as { port: number }).port;
+  await new Promise((resolve) => s.close(resolve));
+  return port;
+}
+
+async function startServer(dataDir: string, keysFile: string): Promise<ServerProcess> {
+  const port = await freePort();
+  const child = spawn(
+    process.execPath,
+    [BIN, "--port", String(port), "--data-dir", dataDir, "--signing-keys-file", keysFile, "--log-level", "info", "--job-size-cap-bytes", "0"],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  await new Promise<void>((resolve, reject) => {
+    const lines = createInterface({ input: child.stdout! });
+    lines.on("line", (line) => {
+      if (/log server ready/.test(line)) resolve();
+    });
+    child.once("exit", (code) => reject(new Error(`log server exited with ${code}`)));
+  });
+  child.stdout!.resume();
+  return {
+    url: `http://127.0.0.1:${port}`,
+    pid: child.pid!,
+    child,
+    stop: async () => {
+      child.kill("SIGTERM");
+      await new Promise((resolve) => child.once("exit", resolve));
+    },
+  };
+}
+
+async function rssBytes(pid: number): Promise<number> {
+  const status = await readFile(`/proc/${pid}/status`, "utf8");
+  return Number(/VmRSS:\s+(\d+) kB/.exec(status)![1]) * 1024;
+}
+
+function client(url: string): { client: Client<typeof LogService>; close(): void } {
+  const sessionManager = new Http2SessionManager(url);
+  return { client: createClient(LogService, createGrpcTransport({ baseUrl: url, sessionManager })), close: () => sessionManager.abort() };
+}
+
+/** One raw writer: `bytes` in 16 KiB frames on channel stdout, at most WINDOW unacknowledged. */
+async function rawWriter(c: Client<typeof LogService>, token: string, jobId: string, bytes: number): Promise<void> {
+  const frames = Math.ceil(bytes / FRAME);
+  const data = randomBytes(FRAME);
+  let acked = 0;
+  let sent = 0;
+  let wake: (() => void) | undefined;
+  async function* requests(): AsyncGenerator<AppendRequestInit> {
+    yield { payload: { case: "hello", value: { protocolVersion: { major: 1, minor: 0 }, jobId, attempt: 1, writer: "bench" } } };
+    while (sent < frames) {
+      while (sent - acked >= WINDOW) await new Promise<void>((resolve) => (wake = resolve));
+      sent++;
+      yield { payload: { case: "frame", value: create(FrameSchema, { channel: "stdout", seq: BigInt(sent), data }) } };
+    }
+    while (acked < frames) await new Promise<void>((resolve) => (wake = resolve));
+  }
+  for await (const res of c.append(requests(), { headers: { authorization: `Bearer ${token}` } })) {
+    if (res.payload.case === "ack") {
+      acked = Number(res.payload.value.seq);
+      wake?.();
+    } else if (res.payload.case === "rejection" || res.payload.case === "expect") {
+      throw new Error(`unexpected ${res.payload.case}`);
+    }
+  }
+}
+
+async function ingest(server: ServerProcess, signer: TokenSigner, writers: number): Promise<number> {
+  const per = Math.ceil(TOTAL / writers / FRAME) * FRAME;
+  const jobs = Array.from({ length: writers }, (_, i) => `ingest-${writers}-${i}`);
+  const tokens = await Promise.all(jobs.map((job) => signer.sign({ scope: "log:write", job }, 3_600_000, { subject: "bench" })));
+  const clients = Array.from({ length: Math.min(writers, 10) }, () => client(server.url));
+  const started = performance.now();
+  await Promise.all(jobs.map((job, i) => rawWriter(clients[i % clients.length].client, tokens[i], job, per)));
+  const seconds = (performance.now() - started) / 1000;
+  clients.forEach((c) => c.close());
+  return (per * writers) / 1e6 / seconds;
+}
+
+/** Raw TCP round trips to an echo process: the floor of any request/response latency here. */
+async function tcpRoundTripMs(count: number): Promise<number[]> {
+  const echo = spawn(
+    process.execPath,
+    ["-e", `const s=require("net").createServer(c=>c.pipe(c)).listen(0,"127.0.0.1",()=>console.log(s.address().port))`],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  const port = Number(await new Promise<string>((resolve) => createInterface({ input: echo.stdout! }).once("line", resolve)));
+  const socket = connect(port, "127.0.0.1");
+  await new Promise((resolve) => socket.once("connect", resolve));
+  socket.setNoDelay(true);
+  const samples: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const t = performance.now();
+    socket.write("x");
+    await new Promise((resolve) => socket.once("data", resolve));
+    samples.push(performance.now() - t);
+  }
+  socket.destroy();
+  echo.kill();
+  return samples;
+}
+
+async function latency(server: ServerProcess, signer: TokenSigner, spillDir: string): Promise<number[]> {
+  const JOBS = Number(process.env.LOGS_BENCH_JOBS ?? 100);
+  const CHUNK = 2500; // every 25 ms: 100 KB/s per job
+  const readers = Array.from({ length: 4 }, () => client(server.url));
+  const samples: number[] = [];
+  const controller = new AbortController();
+  const shippers: LogShipper[] = [];
+  const following: Promise<void>[] = [];
+  for (let i = 0; i < JOBS; i++) {
+    const jobId = `latency-${i}`;
+    const readToken = await signer.sign({ scope: "log:read", job: jobId }, 3_600_000, { subject: "bench" });
+    const r = readers[i % readers.length].client;
+    following.push(
+      (async () => {
+        try {
+          for await (const res of r.read(
+            { jobId, channel: "stdout", follow: true },
+            { headers: { authorization: `Bearer ${readToken}` }, signal: controller.signal },
+          )) {
+            if (res.payload.case === "frame") {
+              const ts = res.payload.value.captureTime!;
+              const captured = Number(ts.seconds) * 1000 + ts.nanos / 1e6;
+              samples.push(performance.timeOrigin + performance.now() - captured);
+            }
+          }
+        } catch {
+          // canceled at the end
+        }
+      })(),
+    );
+    shippers.push(
+      new LogShipper({
+        jobId,
+        attempt: 1,
+        servers: [{ url: server.url }],
+        token: await signer.sign({ scope: "log:write", job: jobId }, 3_600_000, { subject: "bench" }),
+        spillDir,
+        logger: silentLogger(),
+      }),
+    );
+  }
+  const chunk = randomBytes(CHUNK);
+  const ends = performance.now() + SECONDS * 1000;
+  // Stagger the jobs over one period, like independent workloads.
+  await Promise.all(
+    shippers.map(async (shipper, i) => {
+      await new Promise((resolve) => setTimeout(resolve, (i * 25) / JOBS));
+      const ch = shipper.channel("stdout");
+      let next = performance.now();
+      while (performance.now() < ends) {
+        ch.write(chunk);
+        next += 25;
+        await new Promise((resolve) => setTimeout(resolve, Math.max(0, next - performance.now())));
+      }
+    }),
+  );
+  const reports = await Promise.all(shippers.map((s) => s.finish()));
+  controller.abort();
+  await Promise.all(following);
+  readers.forEach((r) => r.close());
+  if (!reports.every((r) => r.complete)) throw new Error("some logs are incomplete");
+  return samples;
+}
+
+async function followedMemory(server: ServerProcess, signer: TokenSigner): Promise<{ idle: number; followed: number }> {
+  const JOBS = 100;
+  const CHANNELS = 10;
+  const c = client(server.url);
+  const idle = await rssBytes(server.pid);
+  const controller = new AbortController();
+  const streams: Promise<void>[] = [];
+  let firstFrames = 0;
+  for (let j = 0; j < JOBS; j++) {
+    const jobId = `memory-${j}`;
+    const write = await signer.sign({ scope: "log:write", job: jobId }, 3_600_000, { subject: "bench" });
+    const read = await signer.sign({ scope: "log:read", job: jobId }, 3_600_000, { subject: "bench" });
+    const frames = Array.from({ length: CHANNELS }, (_, k) => ({
+      payload: { case: "frame" as const, value: create(FrameSchema, { channel: `ch${k}`, seq: 1n, data: Buffer.from(`hello ${k}\n`) }) },
+    }));
+    async function* reqs() {
+      yield { payload: { case: "hello" as const, value: { protocolVersion: { major: 1, minor: 0 }, jobId, attempt: 1 } } };
+      yield* frames;
+    }
+    for await (const _ of c.client.append(reqs(), { headers: { authorization: `Bearer ${write}` } })) {
+      // acks
+    }
+    for (let k = 0; k < CHANNELS; k++) {
+      streams.push(
+        (async () => {
+          try {
+            for await (const res of c.client.read(
+              { jobId, channel: `ch${k}`, follow: true },
+              { headers: { authorization: `Bearer ${read}` }, signal: controller.signal },
+            )) {
+              if (res.payload.case === "frame") firstFrames++;
+            }
+          } catch {
+            // canceled
+          }
+        })(),
+      );
+    }
+  }
+  while (firstFrames < JOBS * CHANNELS) await new Promise((resolve) => setTimeout(resolve, 50));
+  const followed = await rssBytes(server.pid);
+  controller.abort();
+  await Promise.all(streams);
+  c.close();
+  return { idle, followed };
+}
+
+export async function run(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), "treadmill-logs-bench-"));
+  const key = await generateSigningKey();
+  const signer = await TokenSigner.create(key, { issuer: "bench" });
+  const keysFile = join(dir, "jwks.json");
+  await writeFile(keysFile, JSON.stringify(signer.publicJwks()));
+  process.stdout.write(`ingest ${(TOTAL / 1e6).toFixed(0)} MB per case, latency ${SECONDS} s with 100 jobs at 100 KB/s\n`);
+  try {
+    if (PARTS.includes("a")) {
+    const server = await startServer(join(dir, "data"), keysFile);
+    try {
+      const baseline = await fileAppendMBps(join(dir, "baseline.bin"), TOTAL, FRAME, WINDOW);
+      const one = await ingest(server, signer, 1);
+      report("ingest, 1 writer", one, "MB/s", { name: `file append, fdatasync/${WINDOW}`, value: baseline });
+      const hundred = await ingest(server, signer, 100);
+      report("ingest, 100 writers", hundred, "MB/s", { name: `file append, fdatasync/${WINDOW}`, value: baseline });
+    } finally {
+      await server.stop();
+    }
+    await rm(join(dir, "data"), { recursive: true, force: true });
+    }
+
+    if (PARTS.includes("b")) {
+    const server2 = await startServer(join(dir, "data2"), keysFile);
+    try {
+      const rtt = await tcpRoundTripMs(2000);
+      const samples = await latency(server2, signer, join(dir, "spill"));
+      report("writer -> follower latency p50 (100 jobs)", percentile(samples, 50), "ms", { name: "raw TCP RTT p50", value: percentile(rtt, 50) });
+      report("writer -> follower latency p99 (100 jobs)", percentile(samples, 99), "ms", { name: "raw TCP RTT p99", value: percentile(rtt, 99) });
+      process.stdout.write(`  (${samples.length} frames; goal p99 <= 100 ms; includes the 25 ms frame delay)\n`);
+    } finally {
+      await server2.stop();
+    }
+    }
+
+    if (PARTS.includes("c")) {
+    const server3 = await startServer(join(dir, "data3"), keysFile);
+    try {
+      const { idle, followed } = await followedMemory(server3, signer);
+      report("server RSS, 1,000 followed channels", followed / 1e6, "MB", { name: "same server idle", value: idle / 1e6 });
+      process.stdout.write(`  (${(((followed - idle) / 1000) / 1000).toFixed(1)} KB per followed channel)\n`);
+    } finally {
+      await server3.stop();
+    }
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,169 @@
+// The bulk RPCs (PutBlob, GetBlob) are served by a hand-written gRPC handler;
+// these tests check that it is plain gRPC for any client, and that the
+// other protocols still reach the same methods through Connect.
+import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
+import * as grpc from "@grpc/grpc-js";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import http2 from "node:http2";
+import { join } from "node:path";
+import {
+  GetBlobRequestSchema,
+  GetBlobResponseSchema,
+  ImageStoreService,
+  PutBlobRequestSchema,
+  PutBlobResponseSchema,
+  type GetBlobResponse,
+  type PutBlobResponse,
+} from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
+import { uploadBlob } from "../../../lib/image-client.js";
+import { collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
+
+const MIB = 1024 * 1024;
+
+function frame(bytes: Uint8Array, flags = 0): Buffer {
+  const out = Buffer.alloc(5 + bytes.length);
+  out[0] = flags;
+  out.writeUInt32BE(bytes.length, 1);
+  out.set(bytes, 5);
+  return out;
+}
+
+/** One raw HTTP/2 gRPC call: returns the response body and trailers. */
+function rawCall(url: string, path: string, headers: Record<string, string>, body: Buffer[], endBody = true) {
+  const session = http2.connect(url);
+  const stream = session.request({ ":method": "POST", ":path": path, "content-type": "application/grpc", te: "trailers", ...headers });
+  for (const b of body) stream.write(b);
+  if (endBody) stream.end();
+  return new Promise<{ trailers: http2.IncomingHttpHeaders; headers: http2.IncomingHttpHeaders; data: Buffer }>((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let head: http2.IncomingHttpHeaders = {};
+    let trailers: http2.IncomingHttpHeaders = {};
+    stream.on("response", (h) => (head = h));
+    stream.on("trailers", (t) => (trailers = t));
+    stream.on("data", (c: Buffer) => chunks.push(c));
+    stream.on("error", reject);
+    stream.on("close", () => {
+      session.close();
+      // A trailers-only response carries the status in its headers.
+      resolve({ headers: head, trailers: trailers["grpc-status"] ? trailers : head, data: Buffer.concat(chunks) });
+    });
+  });
+}
+
+describe("the bulk gRPC handler", () => {
+  let dir: string;
+  let signer: Signer;
+  let store: RunningStore;
+  let writeToken: string;
+  let readToken: string;
+  const blob = randomBlob(3 * MIB + 11);
+  const put = `/${ImageStoreService.typeName}/PutBlob`;
+  const get = `/${ImageStoreService.typeName}/GetBlob`;
+
+  beforeAll(async () => {
+    dir = await makeTempDir();
+    signer = await makeSigner(dir);
+    store = await startStore(signer, { dir: join(dir, "data") });
+    writeToken = await signer.token({ scope: "image:write" });
+    await uploadBlob(store.client(writeToken), {
+      digest: blob.digest,
+      size: blob.size,
+      source: async function* () {
+        yield blob.data.subarray(0, 2 * MIB);
+        yield blob.data.subarray(2 * MIB);
+      },
+    });
+    const m = manifestFor([blob]);
+    await store.client(writeToken).putManifest({ digest: m.digest, manifestJson: m.json });
+    readToken = await signer.token({ scope: "image:read", digest: m.digest });
+  });
+
+  afterAll(async () => {
+    await store.stop();
+    await removeDir(dir);
+  });
+
+  it("serves GetBlob and PutBlob to a grpc-js client", async () => {
+    const client = new grpc.Client(`127.0.0.1:${store.component.address().port}`, grpc.credentials.createInsecure());
+    try {
+      const md = new grpc.Metadata();
+      md.set("authorization", `Bearer ${readToken}`);
+      const call = client.makeServerStreamRequest(
+        get,
+        (m: ReturnType<typeof create<typeof GetBlobRequestSchema>>) => Buffer.from(toBinary(GetBlobRequestSchema, m)),
+        (b: Buffer) => fromBinary(GetBlobResponseSchema, b),
+        create(GetBlobRequestSchema, { digest: blob.digest }),
+        md,
+      );
+      const chunks: GetBlobResponse[] = [];
+      for await (const m of call) chunks.push(m as GetBlobResponse);
+      expect(Number(chunks[0].size)).toBe(blob.size);
+      expect(Buffer.concat(chunks.map((c) => c.data)).equals(blob.data)).toBe(true);
+
+      const fresh = randomBlob(MIB + 1);
+      const wmd = new grpc.Metadata();
+      wmd.set("authorization", `Bearer ${writeToken}`);
+      const result = await new Promise<PutBlobResponse>((resolve, reject) => {
+        const up = client.makeClientStreamRequest(
+          put,
+          (m: ReturnType<typeof create<typeof PutBlobRequestSchema>>) => Buffer.from(toBinary(PutBlobRequestSchema, m)),
+          (b: Buffer) => fromBinary(PutBlobResponseSchema, b),
+          wmd,
+          (err, value) => (err ? reject(err) : resolve(value!)),
+        );
+        up.write(create(PutBlobRequestSchema, { digest: fresh.digest, size: BigInt(fresh.size), offset: 0n, data: fresh.data.subarray(0, MIB) }));
+        up.write(create(PutBlobRequestSchema, { offset: BigInt(MIB), data: fresh.data.subarray(MIB) }));
+        up.end();
+      });
+      expect(result).toMatchObject({ complete: true, committedSize: BigInt(fresh.size) });
+
+      // Errors arrive as gRPC statuses with their messages.
+      const denied = client.makeServerStreamRequest(
+        get,
+        (m: ReturnType<typeof create<typeof GetBlobRequestSchema>>) => Buffer.from(toBinary(GetBlobRequestSchema, m)),
+        (b: Buffer) => fromBinary(GetBlobResponseSchema, b),
+        create(GetBlobRequestSchema, { digest: blob.digest }),
+      );
+      const err = await collect(denied as AsyncIterable<unknown>).catch((e: unknown) => e as grpc.ServiceError);
+      expect((err as grpc.ServiceError).code).toBe(grpc.status.UNAUTHENTICATED);
+      expect((err as grpc.ServiceError).details).toBe("missing token");
+    } finally {
+      client.close();
+    }
+  });
+
+  it("serves the same methods over the Connect protocol on HTTP/1.1", async () => {
+    const transport = createConnectTransport({
+      baseUrl: store.url,
+      httpVersion: "1.1",
+      interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${readToken}`), next(req))],
+    });
+    const chunks = await collect(createClient(ImageStoreService, transport).getBlob({ digest: blob.digest, offset: 5n, length: 100n }));
+    expect(Buffer.concat(chunks.map((c) => c.data)).equals(blob.data.subarray(5, 105))).toBe(true);
+  });
+
+  it("honours grpc-timeout with DeadlineExceeded and keeps what arrived", async () => {
+    const fresh = randomBlob(2 * MIB);
+    const first = toBinary(PutBlobRequestSchema, create(PutBlobRequestSchema, { digest: fresh.digest, size: BigInt(fresh.size), data: fresh.data.subarray(0, MIB) }));
+    const res = await rawCall(store.url, put, { authorization: `Bearer ${writeToken}`, "grpc-timeout": "300m" }, [frame(first)], false);
+    expect(res.trailers["grpc-status"]).toBe("4");
+    const state = await store.client(writeToken).queryUpload({ digest: fresh.digest });
+    expect(Number(state.committedOffset)).toBe(MIB);
+  });
+
+  it("refuses compressed messages and unsupported encodings", async () => {
+    const body = toBinary(GetBlobRequestSchema, create(GetBlobRequestSchema, { digest: blob.digest }));
+    const compressed = await rawCall(store.url, get, { authorization: `Bearer ${readToken}` }, [frame(body, 1)]);
+    expect(compressed.trailers["grpc-status"]).toBe("3");
+    const gzip = await rawCall(store.url, get, { authorization: `Bearer ${readToken}`, "grpc-encoding": "gzip" }, [frame(body)]);
+    expect(gzip.trailers["grpc-status"]).toBe("12");
+    expect(gzip.trailers["grpc-accept-encoding"] ?? gzip.headers["grpc-accept-encoding"]).toBe("identity");
+    const garbage = await rawCall(store.url, get, { authorization: `Bearer ${readToken}` }, [frame(Buffer.from([0xff, 0xff, 0xff]))]);
+    expect(garbage.trailers["grpc-status"]).toBe("3");
+    const ok = await rawCall(store.url, get, { authorization: `Bearer ${readToken}` }, [frame(body)]);
+    expect(ok.trailers["grpc-status"]).toBe("0");
+    expect(ok.data.length).toBeGreaterThan(blob.size);
+  });
+});
