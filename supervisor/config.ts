@@ -18,6 +18,27 @@ export const supervisorSchema = {
     description: "how this host runs jobs",
   },
   workDir: { type: "path", default: ".treadmill/supervisor", description: "where per-job work directories live" },
+  hostId: { type: "string", default: "", description: "this host's id (optional: the credential names the host)" },
+  capacity: { type: "int", default: 1, min: 1, max: 64, description: "jobs this host runs at once (process driver: one slot uid each)" },
+  sandbox: {
+    type: "string",
+    default: "auto",
+    choices: ["auto", "bwrap", "chroot", "none"],
+    description: "process driver isolation (auto: bubblewrap when it works)",
+  },
+  slotUidBase: {
+    type: "int",
+    default: 61000,
+    min: 1000,
+    description: "uid of the first job slot (process driver); give each supervisor on one machine its own range",
+  },
+  boardConfigFile: { type: "path", default: "", description: "JSON configuration of the board (board driver)" },
+  drainOnStop: {
+    type: "bool",
+    default: false,
+    description: "on SIGTERM, let running jobs finish instead of stopping them",
+  },
+  stopGraceMs: { type: "duration", default: 10000, description: "time between a polite stop and the kill" },
   reconnectMaxMs: {
     type: "duration",
     default: 30000,

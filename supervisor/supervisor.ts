@@ -1,21 +1,32 @@
 import { randomUUID } from "node:crypto";
+import { readFile, mkdir } from "node:fs/promises";
 import { hostname } from "node:os";
-import { mkdir } from "node:fs/promises";
-import { create } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { join } from "node:path";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { durationMs, timestampFromDate, timestampNow } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { DriverKind } from "../gen/treadmill/coordinator/v1/host_pb.js";
+import { FinalizeReason, JobState } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import {
   type AttachRequest,
   AttachRequestSchema,
+  type StartJob,
+  type StopJob,
   SupervisorService,
 } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { coordinatorTransport } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";
 import type { SupervisorConfig } from "./config.js";
+import { createBoardDriver, parseBoardConfig } from "./drivers/board-driver.js";
+import type { Driver } from "./drivers/driver.js";
+import { createProcessDriver } from "./drivers/process-driver.js";
+import { ImageProvisioner } from "./images.js";
+import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 
 /** The version this supervisor speaks on `Attach`. */
 export const PROTOCOL_VERSION = { major: 1, minor: 0 };
+const SUPERVISOR_VERSION = "0.1.0";
 
 /**
  * Where the supervisor is in its life. `refused` is final: the coordinator
@@ -28,9 +39,15 @@ export interface Supervisor {
   readonly name: string;
   readonly coordinatorUrl: string;
   start(): Promise<void>;
-  /** Idempotent: closes the stream and resolves once the loop has ended. */
+  /**
+   * Idempotent. Takes no new jobs; stops running ones (or, with
+   * `drainOnStop`, lets them finish), reports their ends, then closes the
+   * stream. Resolves once everything is done.
+   */
   stop(): Promise<void>;
   state(): SupervisorState;
+  /** Job attempts held (running, or terminated and not yet acknowledged). */
+  jobs(): { jobId: string; attempt: number; state: JobState; terminated: boolean }[];
 }
 
 const driverKinds = {
@@ -42,91 +59,199 @@ const driverKinds = {
 /** Codes after which attaching again cannot succeed without an operator. */
 const FINAL_CODES = new Set([Code.Unauthenticated, Code.PermissionDenied, Code.FailedPrecondition]);
 
+/** How long a stopping supervisor waits for the coordinator to acknowledge its last reports. */
+const FINAL_ACK_WAIT_MS = 5000;
+
 /**
- * The supervisor core: holds the `Attach` stream to the coordinator, forever,
- * reconnecting with exponential backoff and jitter. This foundation sends the
- * full state (`Hello`: idle, no jobs) and answers commands it cannot carry out
- * yet with a failed `CommandAck`; drivers, images, logs and tunnels come with
- * the supervisor issue.
+ * The supervisor core (DESIGN.md §4, §9): holds the `Attach` stream to the
+ * coordinator forever, reconnecting with exponential backoff and jitter while
+ * jobs keep running; opens every stream with the full state (`Hello`); turns
+ * commands into JobRunners, idempotently by job and attempt; reports every
+ * change and retains each terminal report until the coordinator acknowledges
+ * it. The driver does the host-specific work and knows nothing of gRPC.
  */
 export function createSupervisor({
   config,
   logger,
   transport,
+  driver: givenDriver,
 }: {
   config: SupervisorConfig;
   logger: Logger;
-  /** For tests; by default gRPC over HTTP/2 to `coordinatorUrl`. */
+  /** For tests; by default gRPC over HTTP/2 to `coordinatorUrl` with the host credential. */
   transport?: Transport;
+  /** For tests; by default made from the config. */
+  driver?: Driver;
 }): Supervisor {
   const name = config.name === "" ? hostname() : config.name;
   const instanceId = randomUUID();
   const abort = new AbortController();
+  const runners = new Map<string, JobRunner>();
+  const images = new ImageProvisioner({ blobDir: join(config.workDir, "blobs"), logger });
+  let driver: Driver | undefined = givenDriver;
   let state: SupervisorState = "idle";
   let loop: Promise<void> | undefined;
+  let stopping: Promise<void> | undefined;
+  let draining = false;
+  let outbox: Outbox<AttachRequest> | undefined;
+  const changed = new Changes();
 
-  const auth: Interceptor = (next) => (req) => {
-    if (config.hostCredential !== "") req.header.set("authorization", `Bearer ${config.hostCredential}`);
-    return next(req);
-  };
   const client = createClient(
     SupervisorService,
-    transport ?? createGrpcTransport({ baseUrl: config.coordinatorUrl, interceptors: [auth] }),
+    transport ?? coordinatorTransport(config.coordinatorUrl, config.hostCredential),
   );
+  const key = (jobId: string, attempt: number) => `${jobId}/${attempt}`;
+  type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
+  const send = (payload: Payload) => outbox?.push(create(AttachRequestSchema, { payload }));
+
+  function termination(t: Termination) {
+    return {
+      reason: t.reason,
+      exitStatus: t.exitStatus,
+      exitCode: t.exitCode,
+      message: t.message,
+      time: timestampFromDate(t.at),
+    };
+  }
+
+  function reportOf(runner: JobRunner, report: RunnerReport): void {
+    send({
+      case: "jobStateReport",
+      value: {
+        reportId: randomUUID(),
+        jobId: runner.jobId,
+        attempt: runner.attempt,
+        state: report.state,
+        stage: report.stage,
+        message: report.message,
+        termination: report.termination ? termination(report.termination) : undefined,
+        time: timestampNow(),
+      },
+    });
+    changed.notify();
+  }
+
+  function hello(): Payload {
+    return {
+      case: "hello",
+      value: {
+        protocolVersion: PROTOCOL_VERSION,
+        hostId: config.hostId,
+        supervisorVersion: SUPERVISOR_VERSION,
+        instanceId,
+        driverKind: driverKinds[config.driver],
+        capacity: config.capacity,
+        draining,
+        jobs: [...runners.values()].map((r) => {
+          const held = r.held();
+          return {
+            jobId: r.jobId,
+            attempt: r.attempt,
+            state: held.state,
+            stage: held.stage,
+            termination: held.termination ? termination(held.termination) : undefined,
+          };
+        }),
+      },
+    };
+  }
+
+  function ack(requestId: string, error?: ConnectError): void {
+    send({
+      case: "commandAck",
+      value: error
+        ? { requestId, ok: false, errorCode: error.code, errorMessage: error.rawMessage }
+        : { requestId, ok: true },
+    });
+  }
+
+  function onStartJob(cmd: StartJob): void {
+    const existing = runners.get(key(cmd.jobId, cmd.attempt));
+    if (existing) {
+      existing.renew(cmd);
+      ack(cmd.requestId);
+      return;
+    }
+    const active = [...runners.values()].filter((r) => !r.terminated()).length;
+    if (draining) return ack(cmd.requestId, new ConnectError("supervisor is draining", Code.FailedPrecondition));
+    if (active >= config.capacity) {
+      return ack(cmd.requestId, new ConnectError(`host runs ${active} jobs, its capacity`, Code.ResourceExhausted));
+    }
+    if (!cmd.spec || !cmd.image) {
+      return ack(cmd.requestId, new ConnectError("start_job needs spec and image", Code.InvalidArgument));
+    }
+    const runner: JobRunner = new JobRunner(cmd, {
+      driver: driver!,
+      images,
+      logger,
+      spillDir: join(config.workDir, "spill"),
+      report: (report) => reportOf(runner, report),
+    });
+    runners.set(key(cmd.jobId, cmd.attempt), runner);
+    logger.info({ jobId: cmd.jobId, attempt: cmd.attempt }, "job started");
+    ack(cmd.requestId);
+  }
+
+  function onStopJob(cmd: StopJob): void {
+    const runner = runners.get(key(cmd.jobId, cmd.attempt));
+    runner?.stop(cmd.reason, cmd.gracePeriod ? durationMs(cmd.gracePeriod) : config.stopGraceMs);
+    ack(cmd.requestId);
+  }
 
   /** One stream's life: resolves when the coordinator ends it, throws on error. */
   async function attachOnce(onAttached: () => void): Promise<void> {
-    const outbox = new Outbox<AttachRequest>(abort.signal);
-    outbox.push(
-      create(AttachRequestSchema, {
-        payload: {
-          case: "hello",
-          value: {
-            protocolVersion: PROTOCOL_VERSION,
-            supervisorVersion: "0.1.0",
-            instanceId,
-            driverKind: driverKinds[config.driver],
-            capacity: 1,
-            jobs: [],
-          },
-        },
-      }),
-    );
-    for await (const message of client.attach(outbox, { signal: abort.signal })) {
-      const { payload } = message;
-      switch (payload.case) {
-        case "welcome":
-          state = "attached";
-          onAttached();
-          logger.info({ hostId: payload.value.host?.id }, "attached to coordinator");
-          break;
-        case "startJob":
-        case "stopJob":
-        case "takeSnapshot":
-          // Honest refusal: this supervisor cannot run jobs yet.
-          logger.warn({ command: payload.case }, "command not supported by this supervisor yet");
-          outbox.push(
-            create(AttachRequestSchema, {
-              payload: {
-                case: "commandAck",
-                value: {
-                  requestId: payload.value.requestId,
-                  ok: false,
-                  errorCode: Code.Unimplemented,
-                  errorMessage: `supervisor cannot ${payload.case} yet`,
-                },
-              },
-            }),
-          );
-          break;
-        default:
-          break;
+    const stream = new Outbox<AttachRequest>(abort.signal);
+    outbox = stream;
+    let heartbeat: NodeJS.Timeout | undefined;
+    try {
+      send(hello());
+      for await (const message of client.attach(stream, { signal: abort.signal })) {
+        const { payload } = message;
+        switch (payload.case) {
+          case "welcome": {
+            state = "attached";
+            onAttached();
+            const everyMs = payload.value.heartbeatInterval ? durationMs(payload.value.heartbeatInterval) : 10000;
+            clearInterval(heartbeat);
+            heartbeat = setInterval(
+              () => send({ case: "heartbeat", value: { time: timestampNow(), draining } }),
+              Math.max(100, everyMs),
+            );
+            logger.info({ hostId: payload.value.host?.id }, "attached to coordinator");
+            changed.notify();
+            break;
+          }
+          case "startJob":
+            onStartJob(payload.value);
+            break;
+          case "stopJob":
+            onStopJob(payload.value);
+            break;
+          case "ackReport":
+            if (payload.value.terminal) {
+              const k = key(payload.value.jobId, payload.value.attempt);
+              if (runners.get(k)?.terminated()) {
+                runners.delete(k);
+                changed.notify();
+              }
+            }
+            break;
+          case "takeSnapshot":
+            ack(payload.value.requestId, new ConnectError("snapshots are not supported by this supervisor yet", Code.Unimplemented));
+            break;
+          default:
+            break;
+        }
       }
+    } finally {
+      clearInterval(heartbeat);
+      if (outbox === stream) outbox = undefined;
     }
   }
 
   async function run(): Promise<void> {
-    const newDelays = () => backoff({ initialMs: Math.min(250, config.reconnectMaxMs), maxMs: config.reconnectMaxMs, jitter: "full" });
+    const newDelays = () =>
+      backoff({ initialMs: Math.min(250, config.reconnectMaxMs), maxMs: config.reconnectMaxMs, jitter: "full" });
     let delays = newDelays();
     // The same failure again (the coordinator is still down) is logged at
     // debug: an operator needs the first line and the change, not one a minute.
@@ -157,8 +282,52 @@ export function createSupervisor({
         logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot attach to coordinator");
       }
       state = "backing-off";
+      changed.notify();
       await sleep(delays.next().value, abort.signal).catch(() => undefined);
     }
+  }
+
+  async function createDriver(): Promise<Driver> {
+    switch (config.driver) {
+      case "process":
+        return createProcessDriver({
+          workDir: join(config.workDir, "process"),
+          slots: config.capacity,
+          slotUidBase: config.slotUidBase,
+          sandbox: config.sandbox,
+          graceMs: config.stopGraceMs,
+          logger: logger.child({ subsystem: "driver" }),
+        });
+      case "board": {
+        if (config.boardConfigFile === "") throw new Error("the board driver needs --board-config-file");
+        const board = parseBoardConfig(JSON.parse(await readFile(config.boardConfigFile, "utf8")));
+        return createBoardDriver(board, logger.child({ subsystem: "driver" }));
+      }
+      default:
+        throw new Error(`the ${config.driver} driver is not available yet`);
+    }
+  }
+
+  async function shutdown(): Promise<void> {
+    draining = true;
+    send({ case: "heartbeat", value: { time: timestampNow(), draining } });
+    const active = () => [...runners.values()].filter((r) => !r.terminated());
+    if (!config.drainOnStop) {
+      for (const runner of active()) runner.stop(FinalizeReason.INTERNAL_ERROR, config.stopGraceMs);
+    } else if (active().length > 0) {
+      logger.info({ jobs: active().length }, "draining: waiting for running jobs to finish");
+    }
+    await Promise.all([...runners.values()].map((r) => r.done));
+    // Give the coordinator a moment to acknowledge the last reports; what it
+    // does not acknowledge now, it learns from the next supervisor's hello.
+    const deadline = Date.now() + FINAL_ACK_WAIT_MS;
+    while (runners.size > 0 && state === "attached" && Date.now() < deadline) {
+      await changed.wait(deadline - Date.now());
+    }
+    abort.abort(new ConnectError("supervisor stopping", Code.Canceled));
+    await loop;
+    await driver?.close();
+    state = state === "refused" ? state : "stopped";
   }
 
   return {
@@ -166,19 +335,26 @@ export function createSupervisor({
     coordinatorUrl: config.coordinatorUrl,
     async start() {
       await mkdir(config.workDir, { recursive: true });
-      if (config.hostCredential === "") {
+      driver ??= await createDriver();
+      if (config.hostCredential === "" && transport === undefined) {
         logger.warn("no host credential configured: the coordinator will refuse to attach this supervisor");
       }
       loop ??= run().finally(() => {
         if (state !== "refused") state = "stopped";
       });
     },
-    async stop() {
-      abort.abort(new ConnectError("supervisor stopping", Code.Canceled));
-      await loop;
-      state = state === "refused" ? state : "stopped";
+    stop() {
+      stopping ??= shutdown();
+      return stopping;
     },
     state: () => state,
+    jobs: () =>
+      [...runners.values()].map((r) => ({
+        jobId: r.jobId,
+        attempt: r.attempt,
+        state: r.held().state,
+        terminated: r.terminated(),
+      })),
   };
 }
 
@@ -209,5 +385,26 @@ class Outbox<T> implements AsyncIterable<T> {
       await new Promise<void>((resolve) => (this.wake = resolve));
       this.wake = undefined;
     }
+  }
+}
+
+/** Wakes waiters at every change of the supervisor's state. */
+class Changes {
+  private waiters: (() => void)[] = [];
+
+  notify(): void {
+    const waiting = this.waiters;
+    this.waiters = [];
+    for (const wake of waiting) wake();
+  }
+
+  wait(timeoutMs: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, Math.max(0, timeoutMs));
+      this.waiters.push(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
   }
 }

@@ -107,6 +107,8 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
                 coordinatorUrl: coordinator.address().url,
                 driver: "process",
                 workDir: join(config.dataDir, "supervisors", name),
+                // Each supervisor's job slots get their own uids.
+                slotUidBase: 61000 + i * 100,
               },
               logger: child("supervisor").child({ supervisor: name }),
             });

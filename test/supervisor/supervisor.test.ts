@@ -11,9 +11,16 @@ import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { silentLogger } from "../../lib/logger.js";
 import { loadSupervisorConfig } from "../../supervisor/config.js";
 import { createSupervisor, type Supervisor, type SupervisorState } from "../../supervisor/supervisor.js";
-import { mkdtemp } from "node:fs/promises";
+import { chmod, mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+
+/** The process driver's job slots run as other uids, which must reach the work directory. */
+async function traversableTempDir(): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), "treadmill-sup-"));
+  await chmod(dir, 0o755);
+  return dir;
+}
 
 type AttachImpl = (requests: AsyncIterable<AttachRequest>) => AsyncIterable<AttachResponse>;
 
@@ -25,7 +32,7 @@ async function supervisorAgainst(attach: AttachImpl, credential = "host-secret")
     ...loadSupervisorConfig({ env: {}, argv: [] }),
     name: "test-host",
     hostCredential: credential,
-    workDir: await mkdtemp(join(tmpdir(), "treadmill-sup-")),
+    workDir: await traversableTempDir(),
     reconnectMaxMs: 20,
   };
   return createSupervisor({ config, logger: silentLogger(), transport });
@@ -41,7 +48,7 @@ async function stateBecomes(supervisor: Supervisor, wanted: SupervisorState, tim
 }
 
 describe("the supervisor core", () => {
-  it("opens with a hello that holds its full state and acks commands it cannot carry out as failed", async () => {
+  it("opens with a hello that holds its full state and refuses a malformed start_job in its ack", async () => {
     const hellos: AttachRequest[] = [];
     const acks: AttachRequest[] = [];
     let acked!: () => void;
@@ -70,7 +77,7 @@ describe("the supervisor core", () => {
     }
     expect(acks[0].payload).toMatchObject({
       case: "commandAck",
-      value: { requestId: "r1", ok: false, errorCode: Code.Unimplemented },
+      value: { requestId: "r1", ok: false, errorCode: Code.InvalidArgument },
     });
     await supervisor.stop();
     expect(supervisor.state()).toBe("stopped");

@@ -1,0 +1,192 @@
+import { createHash, randomUUID } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { mkdir, stat } from "node:fs/promises";
+import { join } from "node:path";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { ImageCacheService } from "../gen/treadmill/image/v1/image_cache_service_pb.js";
+import type { ImageSource } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import type { Manifest } from "../gen/treadmill/image/v1/manifest_pb.js";
+import {
+  DIGEST_PATTERN,
+  DigestMismatchError,
+  downloadBlob,
+  imageStoreClient,
+  imageStoreTransport,
+  type ImageTransport,
+} from "../lib/image-client.js";
+import type { Logger } from "../lib/logger.js";
+import type { JobImage } from "./drivers/driver.js";
+
+/** A job's image on this host, held until `release()`. */
+export interface ProvisionedImage {
+  image: JobImage;
+  /** Unpins the image at the cache (best effort). Idempotent. */
+  release(): Promise<void>;
+}
+
+export interface ProvisionOptions {
+  signal: AbortSignal;
+  /** Overall progress in bytes, for the job's `supervisor` channel. */
+  onProgress?: (done: number, total: number) => void;
+  /** The current image:read token (StartJob may renew it). */
+  token: () => string;
+}
+
+/** How long a pin lasts unless renewed; renewed at a third of it while the job runs. */
+const LEASE_TTL_MS = 10 * 60 * 1000;
+
+/**
+ * Gets a job's image onto this host (DESIGN.md §6): through the site cache
+ * when StartJob names one (Fetch pins it with a lease that is renewed while
+ * the job runs; blobs are read in place from the cache's shared directory),
+ * else straight from the stores in `location_urls`, in order, into this
+ * supervisor's own blob directory. Every blob's digest is verified here too:
+ * nothing trusts a store or a cache for integrity (DESIGN.md §3).
+ */
+export class ImageProvisioner {
+  /** Digests already verified at a path, keyed by path, size and mtime. */
+  private readonly verified = new Map<string, string>();
+
+  constructor(
+    private readonly options: { blobDir: string; logger: Logger },
+  ) {}
+
+  async provision(source: ImageSource, options: ProvisionOptions): Promise<ProvisionedImage> {
+    if (!DIGEST_PATTERN.test(source.manifestDigest)) {
+      throw new ConnectError(`image manifest digest ${source.manifestDigest} is malformed`, Code.InvalidArgument);
+    }
+    return source.cacheUrl !== ""
+      ? this.throughCache(source, options)
+      : this.fromStores(source, options);
+  }
+
+  private async throughCache(source: ImageSource, options: ProvisionOptions): Promise<ProvisionedImage> {
+    const transport = imageStoreTransport(source.cacheUrl, { token: options.token });
+    const cache = createClient(ImageCacheService, transport);
+    const leaseId = randomUUID();
+    let manifest: Manifest | undefined;
+    let paths = new Map<string, string>();
+    try {
+      for await (const message of cache.fetch(
+        {
+          manifestDigest: source.manifestDigest,
+          locations: source.locationUrls,
+          token: options.token(),
+          leaseId,
+          leaseTtl: { seconds: BigInt(LEASE_TTL_MS / 1000) },
+        },
+        { signal: options.signal },
+      )) {
+        if (message.payload.case === "progress") {
+          options.onProgress?.(Number(message.payload.value.bytesDone), Number(message.payload.value.bytesTotal));
+        } else if (message.payload.case === "done") {
+          manifest = message.payload.value.manifest;
+          paths = new Map(message.payload.value.blobs.map((b) => [b.digest, b.path]));
+        }
+      }
+      if (!manifest) throw new ConnectError("image cache ended the fetch without the image", Code.Unavailable);
+      const image = await this.jobImage(source.manifestDigest, manifest, async (digest) => {
+        const path = paths.get(digest);
+        if (path === undefined) throw new ConnectError(`image cache gave no path for ${digest}`, Code.DataLoss);
+        await this.verify(path, digest);
+        return path;
+      });
+      const renew = setInterval(() => {
+        cache
+          .pin({ manifestDigest: source.manifestDigest, leaseId, ttl: { seconds: BigInt(LEASE_TTL_MS / 1000) } })
+          .catch((err: unknown) => this.options.logger.warn({ err: ConnectError.from(err).rawMessage }, "cannot renew image pin"));
+      }, LEASE_TTL_MS / 3);
+      let released: Promise<void> | undefined;
+      return {
+        image,
+        release: () => {
+          released ??= (async () => {
+            clearInterval(renew);
+            await cache.unpin({ leaseId }, { timeoutMs: 5000 }).catch(() => undefined);
+            transport.close();
+          })();
+          return released;
+        },
+      };
+    } catch (err) {
+      await cache.unpin({ leaseId }, { timeoutMs: 5000 }).catch(() => undefined);
+      transport.close();
+      throw err;
+    }
+  }
+
+  private async fromStores(source: ImageSource, options: ProvisionOptions): Promise<ProvisionedImage> {
+    if (source.locationUrls.length === 0) {
+      throw new ConnectError("the job's image has no cache and no location", Code.FailedPrecondition);
+    }
+    await mkdir(this.options.blobDir, { recursive: true });
+    let lastError: unknown;
+    for (const url of source.locationUrls) {
+      const transport: ImageTransport = imageStoreTransport(url, { token: options.token });
+      try {
+        const store = imageStoreClient(transport);
+        const got = await store.getManifest({ digest: source.manifestDigest }, { signal: options.signal, timeoutMs: 30000 });
+        if (!got.manifest) throw new ConnectError("store answered without a manifest", Code.DataLoss);
+        const total = got.manifest.layers.reduce((sum, l) => sum + Number(l.size), 0);
+        let before = 0;
+        const image = await this.jobImage(source.manifestDigest, got.manifest, async (digest, size) => {
+          const path = join(this.options.blobDir, digest.replace(":", "-"));
+          if (!(await this.isVerified(path, digest))) {
+            await downloadBlob(store, { digest, size }, path, {
+              signal: options.signal,
+              onProgress: (p) => options.onProgress?.(before + p.bytesDone, total),
+            });
+            await this.verify(path, digest);
+          }
+          before += size;
+          options.onProgress?.(before, total);
+          return path;
+        });
+        return { image, release: async () => transport.close() };
+      } catch (err) {
+        transport.close();
+        if (options.signal.aborted) throw err;
+        lastError = err;
+        this.options.logger.warn({ url, err: ConnectError.from(err).rawMessage }, "image location failed, trying the next");
+      }
+    }
+    throw lastError;
+  }
+
+  private async jobImage(
+    manifestDigest: string,
+    manifest: Manifest,
+    blobPath: (digest: string, size: number) => Promise<string>,
+  ): Promise<JobImage> {
+    const layers = [];
+    for (const layer of manifest.layers) {
+      if (!DIGEST_PATTERN.test(layer.digest)) {
+        throw new ConnectError(`manifest layer digest ${layer.digest} is malformed`, Code.DataLoss);
+      }
+      layers.push({
+        digest: layer.digest,
+        mediaType: layer.mediaType,
+        size: Number(layer.size),
+        annotations: { ...layer.annotations },
+        path: await blobPath(layer.digest, Number(layer.size)),
+      });
+    }
+    return { manifestDigest, layers, annotations: { ...manifest.annotations } };
+  }
+
+  private async isVerified(path: string, digest: string): Promise<boolean> {
+    const st = await stat(path).catch(() => undefined);
+    return st !== undefined && this.verified.get(`${path}:${st.size}:${st.mtimeMs}`) === digest;
+  }
+
+  /** Hashes the file at `path` (once per path, size and mtime) and checks it is `digest`. */
+  private async verify(path: string, digest: string): Promise<void> {
+    if (await this.isVerified(path, digest)) return;
+    const st = await stat(path);
+    const hash = createHash("sha256");
+    for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
+    const actual = `sha256:${hash.digest("hex")}`;
+    if (actual !== digest) throw new DigestMismatchError(digest, actual);
+    this.verified.set(`${path}:${st.size}:${st.mtimeMs}`, digest);
+  }
+}

@@ -1,0 +1,253 @@
+import { join } from "node:path";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { ExitStatus, FinalizeReason, JobStage, JobState } from "../gen/treadmill/coordinator/v1/job_pb.js";
+import type { StartJob } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { LogShipper, type ShipperReport } from "../lib/log-shipper.js";
+import type { Logger } from "../lib/logger.js";
+import {
+  DriverAbortError,
+  DriverError,
+  type Driver,
+  type DriverStage,
+  type JobExit,
+  type OutputChannel,
+  type Prepared,
+  type RunningJob,
+} from "./drivers/driver.js";
+import type { ImageProvisioner, ProvisionedImage } from "./images.js";
+
+/** How a job ended here, before the coordinator's verdict. */
+export interface Termination {
+  reason: FinalizeReason;
+  exitStatus: ExitStatus;
+  exitCode?: number;
+  message: string;
+  at: Date;
+}
+
+/** A change of a job, for the coordinator (JobStateReport). */
+export interface RunnerReport {
+  state: JobState;
+  stage: JobStage;
+  message: string;
+  termination?: Termination;
+}
+
+const stages: Record<DriverStage, JobStage> = {
+  allocating: JobStage.ALLOCATING,
+  provisioning: JobStage.PROVISIONING,
+  booting: JobStage.BOOTING,
+};
+
+const driverReasons: Record<DriverError["reason"], FinalizeReason> = {
+  image: FinalizeReason.IMAGE_ERROR,
+  start: FinalizeReason.HOST_START_FAILURE,
+  internal: FinalizeReason.INTERNAL_ERROR,
+};
+
+export interface JobRunnerDeps {
+  driver: Driver;
+  images: ImageProvisioner;
+  logger: Logger;
+  /** Where log spill files go. */
+  spillDir: string;
+  /** Sends a report to the coordinator (queued across reconnects by the core). */
+  report: (report: RunnerReport) => void;
+  /** Also called for the exposures of a running job (the proxy issue ships them). */
+  clock?: () => number;
+}
+
+/**
+ * One job attempt on this host, from StartJob to its terminal report: fetch
+ * the image, prepare and start it with the driver, ship its output to every
+ * log server, enforce its deadline locally, stop it on request, clean up.
+ * Everything the job does goes through here; the core only routes commands.
+ *
+ * The state it reports is the ground truth of DESIGN.md §4: INITIALIZING
+ * (with stages), RUNNING, TERMINATING, then a termination.
+ */
+export class JobRunner {
+  readonly jobId: string;
+  readonly attempt: number;
+  private start: StartJob;
+  private state: JobState = JobState.ASSIGNED;
+  private stage: JobStage = JobStage.UNSPECIFIED;
+  private termination: Termination | undefined;
+  /** The reason a stop was asked for; it wins over the workload's own exit. */
+  private stopReason: FinalizeReason | undefined;
+  private stopGraceMs: number | undefined;
+  private readonly abort = new AbortController();
+  private running: RunningJob | undefined;
+  private readonly log: Logger;
+  private readonly shipper: LogShipper;
+  private shipped: ShipperReport | undefined;
+  readonly done: Promise<void>;
+
+  constructor(
+    start: StartJob,
+    private readonly deps: JobRunnerDeps,
+  ) {
+    this.start = start;
+    this.jobId = start.jobId;
+    this.attempt = start.attempt;
+    this.log = deps.logger.child({ jobId: this.jobId, attempt: this.attempt });
+    this.shipper = new LogShipper({
+      jobId: this.jobId,
+      attempt: this.attempt,
+      servers: (start.logs?.serverUrls ?? []).map((url) => ({ url })),
+      token: () => this.start.logs?.writeToken?.token ?? "",
+      spillDir: join(deps.spillDir, `${this.jobId}-${this.attempt}`),
+      logger: this.log.child({ subsystem: "log-shipper" }),
+    });
+    this.done = this.run();
+  }
+
+  /** A repeated StartJob for this attempt: take its fresh tokens, change nothing else. */
+  renew(start: StartJob): void {
+    this.start = start;
+  }
+
+  /** Where the job is, for the hello after a reconnect. */
+  held(): { state: JobState; stage: JobStage; termination?: Termination } {
+    return { state: this.state, stage: this.stage, termination: this.termination };
+  }
+
+  terminated(): boolean {
+    return this.termination !== undefined;
+  }
+
+  /** Stops the job (idempotent): cancel, timeout, or a job this host should not hold. */
+  stop(reason: FinalizeReason, graceMs?: number): void {
+    if (this.termination || this.stopReason !== undefined) return;
+    this.stopReason = reason;
+    this.stopGraceMs = graceMs;
+    this.abort.abort(new DriverAbortError("job stopped"));
+    if (this.running) {
+      this.setState(JobState.TERMINATING, JobStage.UNSPECIFIED, "stopping");
+      void this.deps.driver.stop(this.running, { graceMs });
+    }
+  }
+
+  private say(text: string): void {
+    this.shipper.channel("supervisor").write(`${text}\n`);
+  }
+
+  private setState(state: JobState, stage: JobStage, message: string): void {
+    if (this.state === state && this.stage === stage) return;
+    this.state = state;
+    this.stage = stage;
+    this.deps.report({ state, stage, message });
+  }
+
+  private async run(): Promise<void> {
+    const clock = this.deps.clock ?? Date.now;
+    const deadline = this.start.deadline ? timestampDate(this.start.deadline).getTime() : undefined;
+    const timer =
+      deadline === undefined
+        ? undefined
+        : setTimeout(() => {
+            this.say("job timeout reached: stopping");
+            this.stop(FinalizeReason.JOB_TIMEOUT);
+          }, Math.max(0, deadline - clock()));
+    let provisioned: ProvisionedImage | undefined;
+    let prepared: Prepared | undefined;
+    let exit: JobExit | undefined;
+    let failure: { reason: FinalizeReason; message: string } | undefined;
+    try {
+      this.setState(JobState.INITIALIZING, JobStage.FETCHING_IMAGE, "fetching image");
+      this.say(`fetching image ${this.start.image?.manifestDigest ?? ""}`);
+      let lastPercent = -1;
+      provisioned = await this.deps.images.provision(this.start.image!, {
+        signal: this.abort.signal,
+        token: () => this.start.image?.readToken?.token ?? "",
+        onProgress: (done, total) => {
+          const percent = total > 0 ? Math.floor((done / total) * 10) * 10 : 100;
+          if (percent !== lastPercent) {
+            lastPercent = percent;
+            this.say(`fetching image ${percent}%`);
+          }
+        },
+      });
+      this.abort.signal.throwIfAborted();
+      const spec = this.start.spec!;
+      const driverSpec = {
+        jobId: this.jobId,
+        attempt: this.attempt,
+        parameters: spec.parameters.map((p) => ({ name: p.name, value: p.value, secret: p.secret })),
+        timeoutMs: deadline === undefined ? undefined : deadline - clock(),
+        image: provisioned.image,
+        exposedPorts: spec.exposedPorts.map((p) => ({ name: p.name, port: p.port })),
+      };
+      const onStage = (stage: DriverStage, message: string) => {
+        this.setState(JobState.INITIALIZING, stages[stage], message);
+        this.say(message);
+      };
+      prepared = await this.deps.driver.prepare(driverSpec, { signal: this.abort.signal, onStage });
+      const output = { write: (channel: OutputChannel, bytes: Buffer) => this.shipper.channel(channel).write(bytes) };
+      this.running = await this.deps.driver.start(prepared, output, { signal: this.abort.signal, onStage });
+      if (this.stopReason !== undefined) {
+        // Stopped while starting: the driver may have started it anyway.
+        this.setState(JobState.TERMINATING, JobStage.UNSPECIFIED, "stopping");
+        await this.deps.driver.stop(this.running, { graceMs: this.stopGraceMs });
+      } else {
+        this.setState(JobState.RUNNING, JobStage.UNSPECIFIED, "running");
+        this.say("running");
+      }
+      exit = await this.running.exited;
+    } catch (err) {
+      if (err instanceof DriverAbortError || this.abort.signal.aborted) {
+        failure = { reason: this.stopReason ?? FinalizeReason.CANCELED, message: "stopped before it ran" };
+      } else if (err instanceof DriverError) {
+        failure = { reason: driverReasons[err.reason], message: err.message };
+      } else {
+        const message = err instanceof Error ? err.message : String(err);
+        failure = {
+          reason: this.state === JobState.INITIALIZING && this.stage === JobStage.FETCHING_IMAGE
+            ? FinalizeReason.IMAGE_ERROR
+            : FinalizeReason.INTERNAL_ERROR,
+          message,
+        };
+        this.log.error({ err }, "job failed on this host");
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+
+    this.setState(JobState.TERMINATING, JobStage.UNSPECIFIED, "terminating");
+    const target = this.running ?? prepared;
+    if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
+    await provisioned?.release();
+
+    const termination: Termination = exit
+      ? {
+          reason: this.stopReason ?? FinalizeReason.WORKLOAD_EXITED,
+          exitStatus: exit.status === "success" ? ExitStatus.SUCCESS : ExitStatus.FAILURE,
+          exitCode: exit.exitCode ?? undefined,
+          message: exit.message,
+          at: new Date(clock()),
+        }
+      : {
+          reason: failure!.reason,
+          exitStatus: ExitStatus.FAILURE,
+          message: failure!.message.slice(0, 4096),
+          at: new Date(clock()),
+        };
+    this.say(`job ended: ${FinalizeReason[termination.reason].toLowerCase()}${termination.exitCode === undefined ? "" : `, exit code ${termination.exitCode}`}`);
+    this.shipped = await this.shipper.finish();
+    if (!this.shipped.complete) {
+      this.log.warn({ servers: this.shipped.servers.map((s) => ({ url: s.url, complete: s.complete })) }, "log incomplete on some log server");
+    }
+    this.termination = termination;
+    this.deps.report({ state: JobState.TERMINATING, stage: JobStage.UNSPECIFIED, message: termination.message, termination });
+  }
+
+  /** The log shipping outcome, once the job has terminated. */
+  logReport(): ShipperReport | undefined {
+    return this.shipped;
+  }
+
+  /** The job's host-local ports while it runs. */
+  exposures() {
+    return this.running?.exposures() ?? [];
+  }
+}
