@@ -1,9 +1,11 @@
 import { loadConfig } from "../lib/config.js";
 import { serverConfigFields } from "../lib/component.js";
+import { jobConfigFields } from "./jobs/config.js";
 
 /** Everything the coordinator can be told, with its defaults. */
 export const coordinatorSchema = {
   ...serverConfigFields(7700),
+  ...jobConfigFields,
   dataDir: {
     type: "path",
     default: ".treadmill/coordinator",
@@ -15,6 +17,60 @@ export const coordinatorSchema = {
     env: "DATABASE_URL",
     secret: true,
     description: "PostgreSQL 14+ to use instead of the embedded one (postgres://user:pass@host/db)",
+  },
+  adminName: {
+    type: "string",
+    default: "admin",
+    description: "login name of the first admin, created at start when it does not exist (see admin-password)",
+  },
+  adminPassword: {
+    type: "string",
+    default: "",
+    secret: true,
+    description:
+      "password of the first admin (12+ characters); empty: when there is no user at all, a random one is printed once to stderr",
+  },
+  tokenTtlMs: {
+    type: "duration",
+    default: 30 * 24 * 3600 * 1000,
+    min: 60_000,
+    description: "lifetime of a user API token when Login or CreateToken names none",
+  },
+  tokenMaxTtlMs: {
+    type: "duration",
+    default: 365 * 24 * 3600 * 1000,
+    min: 60_000,
+    description: "longest lifetime of a user API token (longer requests are capped)",
+  },
+  maxTokensPerUser: {
+    type: "int",
+    default: 200,
+    min: 1,
+    description: "active API tokens a user may hold; more: ResourceExhausted",
+  },
+  loginMaxFailures: {
+    type: "int",
+    default: 10,
+    min: 1,
+    description: "failed logins of one name per login-lockout-ms before Login answers ResourceExhausted",
+  },
+  loginLockoutMs: {
+    type: "duration",
+    default: 15 * 60 * 1000,
+    min: 1000,
+    description: "window of login-max-failures",
+  },
+  serviceHeartbeatMs: {
+    type: "duration",
+    default: 10_000,
+    min: 100,
+    description: "heartbeat interval asked of registered stores, caches, log servers and proxies",
+  },
+  imageTokenTtlMs: {
+    type: "duration",
+    default: 60 * 60 * 1000,
+    min: 1000,
+    description: "lifetime of image:read tokens (ResolveImage) and image:write tokens (CreateUploadGrant)",
   },
 } as const;
 

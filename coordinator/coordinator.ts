@@ -3,6 +3,7 @@ import { serverOptions, type ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
 import { createServer, type Server } from "../lib/server.js";
 import { authInterceptor } from "./auth.js";
+import { bootstrapAdmin } from "./bootstrap.js";
 import type { CoordinatorConfig } from "./config.js";
 import type { CoordinatorContext } from "./context.js";
 import { openDatabase, type Database } from "./db/database.js";
@@ -14,6 +15,12 @@ export interface CoordinatorDeps {
   config: CoordinatorConfig;
   logger: Logger;
   clock?: () => number;
+  /**
+   * Shows the first admin's generated password to the operator, once (main.ts
+   * passes standard error). Without it the password is not shown: start with
+   * --admin-password instead.
+   */
+  announce?: (text: string) => void;
 }
 
 /**
@@ -23,7 +30,7 @@ export interface CoordinatorDeps {
  * start() fails fast and undoes what it opened; stop() is idempotent:
  * the server drains first (streams close), then the loops, then the database.
  */
-export function createCoordinator({ config, logger, clock = Date.now }: CoordinatorDeps): ServingComponent {
+export function createCoordinator({ config, logger, clock = Date.now, announce }: CoordinatorDeps): ServingComponent {
   let db: Database | undefined;
   let jobs: JobSystem | undefined;
   let server: Server | undefined;
@@ -49,6 +56,7 @@ export function createCoordinator({ config, logger, clock = Date.now }: Coordina
           clock,
         });
         const ctx: CoordinatorContext = { sql: db.sql, logger, config, clock, keys, replicaId: randomUUID() };
+        await bootstrapAdmin(ctx, { announce });
         jobs = createJobSystem(ctx);
         server = createServer({
           ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, jobs)),

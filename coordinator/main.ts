@@ -8,6 +8,6 @@ await runMain({
   schema: coordinatorSchema,
   proc: process,
   load: loadCoordinatorConfig,
-  create: (config, logger) => createCoordinator({ config, logger }),
+  create: (config, logger) => createCoordinator({ config, logger, announce: (text) => process.stderr.write(text) }),
   ready: (coordinator, logger) => logger.info({ url: coordinator.address().url }, "coordinator ready"),
 });

@@ -85,11 +85,16 @@ export class ImageProvisioner {
         }
       }
       if (!manifest) throw new ConnectError("image cache ended the fetch without the image", Code.Unavailable);
-      const image = await this.jobImage(source.manifestDigest, manifest, async (digest) => {
-        const path = paths.get(digest);
-        if (path === undefined) throw new ConnectError(`image cache gave no path for ${digest}`, Code.DataLoss);
-        await this.verify(path, digest);
-        return path;
+      const store = imageStoreClient(transport);
+      const image = await this.jobImage(source.manifestDigest, manifest, async (digest, size) => {
+        const shared = paths.get(digest);
+        if (shared !== undefined) {
+          // The cache's directory is mounted here (same machine, or NFS).
+          await this.verify(shared, digest);
+          return shared;
+        }
+        // No shared mount: copy the blob from the cache, which serves it too.
+        return this.download(store, digest, size, options);
       });
       const renew = setInterval(() => {
         cache
@@ -119,7 +124,6 @@ export class ImageProvisioner {
     if (source.locationUrls.length === 0) {
       throw new ConnectError("the job's image has no cache and no location", Code.FailedPrecondition);
     }
-    await mkdir(this.options.blobDir, { recursive: true });
     let lastError: unknown;
     for (const url of source.locationUrls) {
       const transport: ImageTransport = imageStoreTransport(url, { token: options.token });
@@ -130,14 +134,10 @@ export class ImageProvisioner {
         const total = got.manifest.layers.reduce((sum, l) => sum + Number(l.size), 0);
         let before = 0;
         const image = await this.jobImage(source.manifestDigest, got.manifest, async (digest, size) => {
-          const path = join(this.options.blobDir, digest.replace(":", "-"));
-          if (!(await this.isVerified(path, digest))) {
-            await downloadBlob(store, { digest, size }, path, {
-              signal: options.signal,
-              onProgress: (p) => options.onProgress?.(before + p.bytesDone, total),
-            });
-            await this.verify(path, digest);
-          }
+          const path = await this.download(store, digest, size, {
+            ...options,
+            onProgress: (done) => options.onProgress?.(before + done, total),
+          });
           before += size;
           options.onProgress?.(before, total);
           return path;
@@ -172,6 +172,25 @@ export class ImageProvisioner {
       });
     }
     return { manifestDigest, layers, annotations: { ...manifest.annotations } };
+  }
+
+  /** Downloads one blob into this supervisor's blob directory (once), verified. */
+  private async download(
+    store: ReturnType<typeof imageStoreClient>,
+    digest: string,
+    size: number,
+    options: ProvisionOptions,
+  ): Promise<string> {
+    await mkdir(this.options.blobDir, { recursive: true });
+    const path = join(this.options.blobDir, digest.replace(":", "-"));
+    if (!(await this.isVerified(path, digest))) {
+      await downloadBlob(store, { digest, size }, path, {
+        signal: options.signal,
+        onProgress: (p) => options.onProgress?.(p.bytesDone, size),
+      });
+      await this.verify(path, digest);
+    }
+    return path;
   }
 
   private async isVerified(path: string, digest: string): Promise<boolean> {

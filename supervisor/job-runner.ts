@@ -99,7 +99,8 @@ export class JobRunner {
       spillDir: join(deps.spillDir, `${this.jobId}-${this.attempt}`),
       logger: this.log.child({ subsystem: "log-shipper" }),
     });
-    this.done = this.run();
+    // Started after construction, so that reports name a runner the core holds.
+    this.done = Promise.resolve().then(() => this.run());
   }
 
   /** A repeated StartJob for this attempt: take its fresh tokens, change nothing else. */

@@ -1,4 +1,4 @@
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { loadCoordinatorConfig } from "../coordinator/config.js";
 import { createCoordinator } from "../coordinator/coordinator.js";
 import type { ServingComponent } from "../lib/component.js";
@@ -12,6 +12,15 @@ import { createLogServer } from "../stores/log/log-server.js";
 import { loadSupervisorConfig } from "../supervisor/config.js";
 import { createSupervisor, type Supervisor } from "../supervisor/supervisor.js";
 import type { TestbedConfig } from "./config.js";
+import {
+  ADMIN_NAME,
+  adminTransport,
+  ensureExamples,
+  ensureHosts,
+  ensureServiceCredential,
+  loadState,
+  saveState,
+} from "./provision.js";
 
 /** One server of the testbed, for the start-up banner and for tests. */
 export interface TestbedServer {
@@ -26,15 +35,22 @@ export interface Testbed {
   servers(): TestbedServer[];
   /** Names of the supervisors. */
   supervisors(): string[];
+  /** The admin's name and the file holding its password. */
+  admin(): { name: string; credentialsFile: string; password: string };
+  /** The example images pushed at the first start. */
+  examples(): string[];
 }
 
 const noInput = { env: {}, argv: [] };
 
 /**
  * The all-in-one testbed: every component composed in one process, each with
- * its own folder under `dataDir` and its own child logger. Start order follows
- * the dependencies (coordinator first, supervisors last); stop is the reverse,
- * so supervisors leave before the servers they talk to.
+ * its own folder under `dataDir` and its own child logger, wired as a real
+ * site would be: the admin is created at the first start (its password kept
+ * in `<dataDir>/admin-credentials`), the servers register with the
+ * coordinator with a service credential, the supervisors attach with their
+ * hosts' credentials, and an example image is pushed once. Start order
+ * follows the dependencies; stop is the reverse.
  */
 export function createTestbed({ config, logger }: { config: TestbedConfig; logger: Logger }): Testbed {
   const port = (offset: number) => (config.basePort === 0 ? 0 : config.basePort + offset);
@@ -45,82 +61,133 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     logLevel: config.logLevel,
   };
   const child = (component: string) => logger.child({ component });
+  const supervisorNames = Array.from({ length: config.supervisors }, (_, i) => `sup-${i + 1}`);
+  const stopSignal = new AbortController();
 
-  const coordinator = createCoordinator({
-    config: {
-      ...loadCoordinatorConfig(noInput),
-      ...common,
-      port: port(0),
-      dataDir: join(config.dataDir, "coordinator"),
-      databaseUrl: config.databaseUrl,
-    },
-    logger: child("coordinator"),
-  });
-  const servers: [TestbedServer["role"], ServingComponent][] = [
-    [
-      "image-store",
-      createImageStore({
-        config: { ...loadImageStoreConfig(noInput), ...common, port: port(1), mode: "store", dataDir: join(config.dataDir, "image-store") },
-        logger: child("image-store"),
-      }),
-    ],
-    [
-      "image-cache",
-      createImageStore({
-        config: { ...loadImageStoreConfig(noInput), ...common, port: port(2), mode: "cache", dataDir: join(config.dataDir, "image-cache") },
-        logger: child("image-cache"),
-      }),
-    ],
-    [
-      "log-server",
-      createLogServer({
-        config: { ...loadLogServerConfig(noInput), ...common, port: port(3), dataDir: join(config.dataDir, "log-server") },
-        logger: child("log-server"),
-      }),
-    ],
-    ["proxy", createProxy({ config: { ...loadProxyConfig(noInput), ...common, port: port(4) }, logger: child("proxy") })],
-  ];
+  let coordinator: ServingComponent | undefined;
+  let servers: [TestbedServer["role"], ServingComponent][] = [];
   let supervisors: Supervisor[] = [];
+  let adminPassword = "";
+  let examples: string[] = [];
   let started: Promise<void> | undefined;
   let stopping: Promise<void> | undefined;
 
   const stopAll = async () => {
+    stopSignal.abort();
     await started?.catch(() => undefined);
     await Promise.all(supervisors.map((s) => s.stop()));
     await Promise.all(servers.map(([, s]) => s.stop()));
-    await coordinator.stop();
+    await coordinator?.stop();
   };
+
+  async function startAll(): Promise<void> {
+    const state = await loadState(config.dataDir);
+    adminPassword = state.adminPassword;
+    coordinator = createCoordinator({
+      config: {
+        ...loadCoordinatorConfig(noInput),
+        ...common,
+        port: port(0),
+        dataDir: join(config.dataDir, "coordinator"),
+        databaseUrl: config.databaseUrl,
+        adminName: ADMIN_NAME,
+        adminPassword: state.adminPassword,
+      },
+      logger: child("coordinator"),
+    });
+    await coordinator.start();
+    const coordinatorUrl = coordinator.address().url;
+    const admin = await adminTransport(coordinatorUrl, state);
+    const serviceCredential = await ensureServiceCredential(admin, state);
+    await saveState(config.dataDir, state);
+
+    const registered = { ...common, coordinatorUrl, serviceCredential };
+    servers = [
+      [
+        "image-store",
+        createImageStore({
+          config: {
+            ...loadImageStoreConfig(noInput),
+            ...registered,
+            port: port(1),
+            mode: "store",
+            site: "local",
+            dataDir: join(config.dataDir, "image-store"),
+          },
+          logger: child("image-store"),
+        }),
+      ],
+      [
+        "image-cache",
+        createImageStore({
+          config: {
+            ...loadImageStoreConfig(noInput),
+            ...registered,
+            port: port(2),
+            mode: "cache",
+            site: "local",
+            dataDir: join(config.dataDir, "image-cache"),
+            // Supervisors run on this machine: they read blobs in place.
+            sharedPath: resolve(config.dataDir, "image-cache"),
+          },
+          logger: child("image-cache"),
+        }),
+      ],
+      [
+        "log-server",
+        createLogServer({
+          config: {
+            ...loadLogServerConfig(noInput),
+            ...registered,
+            port: port(3),
+            site: "local",
+            dataDir: join(config.dataDir, "log-server"),
+          },
+          logger: child("log-server"),
+        }),
+      ],
+      ["proxy", createProxy({ config: { ...loadProxyConfig(noInput), ...common, port: port(4) }, logger: child("proxy") })],
+    ];
+    await Promise.all(servers.map(([, s]) => s.start()));
+
+    const hosts = await ensureHosts(admin, state, supervisorNames);
+    await saveState(config.dataDir, state);
+    await ensureExamples(admin, state, {
+      workDir: join(config.dataDir, "examples"),
+      logger: child("testbed"),
+      signal: stopSignal.signal,
+    });
+    examples = state.examples ?? [];
+    await saveState(config.dataDir, state);
+
+    supervisors = supervisorNames.map((name, i) =>
+      createSupervisor({
+        config: {
+          ...loadSupervisorConfig(noInput),
+          name,
+          logLevel: config.logLevel,
+          coordinatorUrl,
+          hostId: hosts[name].id,
+          hostCredential: hosts[name].credential,
+          driver: "process",
+          workDir: join(config.dataDir, "supervisors", name),
+          // Each supervisor's job slots get their own uids.
+          slotUidBase: 61000 + i * 100,
+        },
+        logger: child("supervisor").child({ supervisor: name }),
+      }),
+    );
+    await Promise.all(supervisors.map((s) => s.start()));
+  }
 
   return {
     start() {
-      started ??= (async () => {
-        try {
-          await coordinator.start();
-          await Promise.all(servers.map(([, s]) => s.start()));
-          supervisors = Array.from({ length: config.supervisors }, (_, i) => {
-            const name = `sup-${i + 1}`;
-            return createSupervisor({
-              config: {
-                ...loadSupervisorConfig(noInput),
-                name,
-                logLevel: config.logLevel,
-                coordinatorUrl: coordinator.address().url,
-                driver: "process",
-                workDir: join(config.dataDir, "supervisors", name),
-                // Each supervisor's job slots get their own uids.
-                slotUidBase: 61000 + i * 100,
-              },
-              logger: child("supervisor").child({ supervisor: name }),
-            });
-          });
-          await Promise.all(supervisors.map((s) => s.start()));
-        } catch (err) {
-          // Leave nothing running behind a failed start (a PostgreSQL above all).
-          started = Promise.resolve();
-          await stopAll();
-          throw err;
-        }
-      })();
+      started ??= startAll().catch(async (err: unknown) => {
+        // Leave nothing running behind a failed start (a PostgreSQL above all).
+        started = Promise.resolve();
+        await stopAll();
+        throw err;
+      });
       return started;
     },
     stop() {
@@ -128,13 +195,14 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
       return stopping;
     },
     servers() {
+      if (!coordinator) throw new Error("testbed not started");
       return [
         { role: "coordinator", url: coordinator.address().url },
         ...servers.map(([role, s]) => ({ role, url: s.address().url })),
       ];
     },
-    supervisors() {
-      return supervisors.map((s) => s.name);
-    },
+    supervisors: () => supervisors.map((s) => s.name),
+    admin: () => ({ name: ADMIN_NAME, credentialsFile: join(config.dataDir, "admin-credentials"), password: adminPassword }),
+    examples: () => examples,
   };
 }

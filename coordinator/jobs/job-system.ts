@@ -2,6 +2,12 @@ import type { ConnectRouter } from "@connectrpc/connect";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { SupervisorService } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { CoordinatorContext } from "../context.js";
+import type { JobConfig } from "./config.js";
+import { JobServiceImpl } from "./job-service.js";
+import { Scheduler } from "./scheduler.js";
+import { SupervisorStreams } from "./supervisor-stream.js";
+import { Sweeper } from "./sweeper.js";
+import { JobWatchers } from "./watchers.js";
 
 /** Jobs, the scheduler and the supervisor stream: one unit with one life. */
 export interface JobSystem {
@@ -10,14 +16,62 @@ export interface JobSystem {
   stop(): Promise<void>;
 }
 
-/** Not built yet: JobService and SupervisorService answer Unimplemented. */
-export function createJobSystem(_ctx: CoordinatorContext): JobSystem {
+/** The parts, for tests that drive them directly (a pass, a sweep). */
+export interface JobSystemParts extends JobSystem {
+  scheduler: Scheduler;
+  sweeper: Sweeper;
+  streams: SupervisorStreams;
+}
+
+/**
+ * JobService, SupervisorService.Attach, the scheduler and the sweep of this
+ * replica, wired to the database's notifications (see store.ts for the
+ * channels). Several replicas may run on one database.
+ */
+export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
+  const config: JobConfig = ctx.config;
+  const watchers = new JobWatchers();
+  const scheduler = new Scheduler(ctx, config);
+  const streams = new SupervisorStreams(ctx, config);
+  const sweeper = new Sweeper(ctx, config);
+  const jobService = new JobServiceImpl(ctx, config, watchers);
+  const listeners: { unlisten(): Promise<void> }[] = [];
+  let started = false;
+  let stopping: Promise<void> | undefined;
+
   return {
+    scheduler,
+    sweeper,
+    streams,
     register(router) {
-      router.service(JobService, {});
-      router.service(SupervisorService, {});
+      router.service(JobService, jobService);
+      router.service(SupervisorService, { attach: (requests, hctx) => streams.attach(requests, hctx) });
     },
-    async start() {},
-    async stop() {},
+    async start() {
+      started = true;
+      // After a (re)connection of the LISTEN connection, anything may have
+      // been missed: look again at everything.
+      const resync = () => {
+        scheduler.wake();
+        streams.syncAll();
+        watchers.notifyAll();
+      };
+      listeners.push(await ctx.sql.listen("treadmill_schedule", () => scheduler.wake(), resync));
+      listeners.push(await ctx.sql.listen("treadmill_commands", (hostId) => streams.onCommands(hostId)));
+      listeners.push(await ctx.sql.listen("treadmill_jobs", (jobId) => watchers.notify(jobId)));
+      streams.start();
+      await sweeper.start();
+      scheduler.wake();
+    },
+    stop() {
+      stopping ??= (async () => {
+        if (!started) return;
+        await Promise.all(listeners.map((l) => l.unlisten().catch(() => undefined)));
+        await scheduler.stop();
+        await streams.stop();
+        await sweeper.stop();
+      })();
+      return stopping;
+    },
   };
 }

@@ -5,12 +5,19 @@ import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_p
 import { RegistryService } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import type { CoordinatorContext } from "../context.js";
+import { AuthServiceImpl } from "./auth-service.js";
+import { HostServiceImpl } from "./host-service.js";
+import { HostWatchHub } from "./host-watch.js";
+import { ImageServiceImpl } from "./image-service.js";
+import { RegistryServiceImpl } from "./registry-service.js";
+import { UserServiceImpl } from "./user-service.js";
 
-/** Users, tokens, hosts, the image catalog and the registry. Not built yet. */
-export function registerCatalogServices(router: ConnectRouter, _ctx: CoordinatorContext): void {
-  router.service(AuthService, {});
-  router.service(UserService, {});
-  router.service(HostService, {});
-  router.service(ImageService, {});
-  router.service(RegistryService, {});
+/** Users, tokens, hosts, the image catalog and the registry. */
+export function registerCatalogServices(router: ConnectRouter, ctx: CoordinatorContext): void {
+  const hub = new HostWatchHub(ctx.sql, ctx.logger.child({ subsystem: "host-watch" }));
+  router.service(AuthService, new AuthServiceImpl(ctx));
+  router.service(UserService, new UserServiceImpl(ctx));
+  router.service(HostService, new HostServiceImpl(ctx, hub));
+  router.service(ImageService, new ImageServiceImpl(ctx));
+  router.service(RegistryService, new RegistryServiceImpl(ctx));
 }

@@ -94,9 +94,9 @@ describe("connect-web in headless Chromium", () => {
   it("calls the coordinator over Connect and gRPC-Web from an allowed origin", async () => {
     const { result, pageErrors } = await visit(allowed.origin);
     expect(pageErrors).toEqual([]);
-    // 1 is SERVING; GetJob is not built yet and says so, readable through CORS.
-    expect(result.connect).toEqual({ health: 1, getJob: "Unimplemented" });
-    expect(result.grpcWeb).toEqual({ health: 1, getJob: "Unimplemented" });
+    // 1 is SERVING; GetJob without a token is refused, the code readable through CORS.
+    expect(result.connect).toEqual({ health: 1, getJob: "Unauthenticated" });
+    expect(result.grpcWeb).toEqual({ health: 1, getJob: "Unauthenticated" });
   });
 
   it("is refused by CORS from an origin that is not on the allow-list", async () => {

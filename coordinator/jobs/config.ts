@@ -1,0 +1,113 @@
+/**
+ * The job system's settings, spread into the coordinator's schema
+ * (coordinator/config.ts). Keys become `--<key>` flags and
+ * `TREADMILL_COORDINATOR_<KEY>` environment variables.
+ */
+const HOUR = 3600_000;
+const DAY = 24 * HOUR;
+
+export const jobConfigFields = {
+  supervisorHeartbeatMs: {
+    type: "duration",
+    default: 10_000,
+    min: 50,
+    description: "heartbeat interval of supervisor streams; a stream silent for three intervals is dead",
+  },
+  supervisorGraceMs: {
+    type: "duration",
+    default: 120_000,
+    min: 0,
+    description: "how long a detached host keeps its jobs before they are finalized HOST_DROPPED",
+  },
+  jobSweepIntervalMs: {
+    type: "duration",
+    default: 1000,
+    min: 10,
+    description: "period of the sweep that enforces queue and job timeouts and the grace period",
+  },
+  replicaHeartbeatMs: {
+    type: "duration",
+    default: 5000,
+    min: 50,
+    description: "heartbeat of this replica in the database; silent for three: its hosts count as detached",
+  },
+  defaultQueueTimeoutMs: {
+    type: "duration",
+    default: DAY,
+    min: 1000,
+    description: "queue timeout of a job that names none",
+  },
+  maxQueueTimeoutMs: {
+    type: "duration",
+    default: 7 * DAY,
+    min: 1000,
+    description: "longest queue timeout a job may ask for",
+  },
+  defaultJobTimeoutMs: {
+    type: "duration",
+    default: HOUR,
+    min: 1000,
+    description: "job timeout of a job that names none",
+  },
+  maxJobTimeoutMs: {
+    type: "duration",
+    default: 7 * DAY,
+    min: 1000,
+    description: "longest job timeout a job may ask for",
+  },
+  maxJobsPerUser: {
+    type: "int",
+    default: 0,
+    min: 0,
+    description: "jobs of one user assigned or running at once (0: no limit); more wait in the queue",
+  },
+  maxQueuedJobsPerUser: {
+    type: "int",
+    default: 10_000,
+    min: 1,
+    description: "jobs of one user not yet finalized; SubmitJob beyond it answers ResourceExhausted",
+  },
+  schedulerAgingMs: {
+    type: "duration",
+    default: 10 * 60_000,
+    min: 0,
+    description: "a queued job gains one priority point per this much waiting (0: no aging)",
+  },
+  logReplicas: {
+    type: "int",
+    default: 2,
+    min: 1,
+    max: 16,
+    description: "log servers each job's logs go to (fewer when fewer are registered)",
+  },
+  stopGraceMs: {
+    type: "duration",
+    default: 30_000,
+    min: 0,
+    description: "time StopJob gives a workload between the polite stop and the kill",
+  },
+  logTokenTtlMs: {
+    type: "duration",
+    default: HOUR,
+    min: 1000,
+    description: "lifetime of log:read tokens from GetJobLogAccess",
+  },
+} as const;
+
+/** The job system's settings as loaded. */
+export interface JobConfig {
+  supervisorHeartbeatMs: number;
+  supervisorGraceMs: number;
+  jobSweepIntervalMs: number;
+  replicaHeartbeatMs: number;
+  defaultQueueTimeoutMs: number;
+  maxQueueTimeoutMs: number;
+  defaultJobTimeoutMs: number;
+  maxJobTimeoutMs: number;
+  maxJobsPerUser: number;
+  maxQueuedJobsPerUser: number;
+  schedulerAgingMs: number;
+  logReplicas: number;
+  stopGraceMs: number;
+  logTokenTtlMs: number;
+}

@@ -1,0 +1,363 @@
+/**
+ * JobService: submit, read, list, cancel and watch jobs; log access. A user
+ * sees and acts on its own jobs, an admin on all. OpenJobSession and
+ * SnapshotJob answer Unimplemented (later issues build the proxy sessions and
+ * snapshots).
+ */
+import { create, toJson } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
+import {
+  type CancelJobRequest,
+  type GetJobLogAccessRequest,
+  type GetJobRequest,
+  type JobFilter,
+  JobChangeKind,
+  type JobService,
+  type ListJobsRequest,
+  type SubmitJobRequest,
+  type WatchJobRequest,
+  type WatchJobResponse,
+  WatchJobResponseSchema,
+  type WatchJobsRequest,
+  type WatchJobsResponse,
+  WatchJobsResponseSchema,
+} from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { JobSpecSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { actorOf } from "../audit.js";
+import { type UserCaller, requireUser } from "../auth.js";
+import type { CoordinatorContext } from "../context.js";
+import {
+  checkId,
+  checkTags,
+  checkText,
+  clip,
+  decodePageToken,
+  denied,
+  encodePageToken,
+  invalid,
+  isUniqueViolation,
+  notFound,
+  pageSize,
+  precondition,
+  uuidv7,
+} from "../services/common.js";
+import type { JobConfig } from "./config.js";
+import { AsyncQueue } from "./queue.js";
+import {
+  type Db,
+  type JobRow,
+  endAttempt,
+  jobColumns,
+  jobMessage,
+  loadJob,
+  loadTimeline,
+  notifyJobHosts,
+  recordEvent,
+  stateName,
+} from "./store.js";
+import { validateSpec } from "./validate.js";
+import type { JobWatchers } from "./watchers.js";
+
+interface ImageRow {
+  name: string;
+  tag: string;
+  digest: string;
+  media_types: string[];
+  allowed: boolean;
+}
+
+function canSee(caller: UserCaller, job: JobRow): boolean {
+  return caller.role === "admin" || job.owner_id === caller.userId;
+}
+
+export class JobServiceImpl implements ServiceImpl<typeof JobService> {
+  constructor(
+    private readonly ctx: CoordinatorContext,
+    private readonly config: JobConfig,
+    private readonly watchers: JobWatchers,
+  ) {}
+
+  private async visibleJob(caller: UserCaller, jobId: string, sql: Db = this.ctx.sql, lock = false): Promise<JobRow> {
+    checkId("job_id", jobId);
+    const job = await loadJob(sql, jobId, { lock });
+    if (!job) throw notFound(`job ${jobId} not found`);
+    if (!canSee(caller, job)) throw denied(`job ${jobId} belongs to another user`);
+    return job;
+  }
+
+  async submitJob(req: SubmitJobRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    if (req.requestId.length > 64) throw invalid("request_id must be at most 64 characters");
+    checkText("request_id", req.requestId, 64);
+    const spec = validateSpec(req.spec, this.config);
+    const sql = this.ctx.sql;
+
+    const [image] =
+      "digest" in spec.image
+        ? await sql<ImageRow[]>`
+            select name, tag, digest, media_types, treadmill_user_may_use_image(${caller.userId}, name, tag) as allowed
+            from images where digest = ${spec.image.digest} order by allowed desc, created_at limit 1`
+        : await sql<ImageRow[]>`
+            select name, tag, digest, media_types, treadmill_user_may_use_image(${caller.userId}, name, tag) as allowed
+            from images where name = ${spec.image.name} and tag = ${spec.image.tag}`;
+    if (!image) throw notFound(`image ${clip(req.spec!.image)} not found`);
+    if (!image.allowed) throw denied(`image ${clip(req.spec!.image)} is not visible to you`);
+
+    const id = uuidv7(this.ctx.clock());
+    const requestId = req.requestId === "" ? null : req.requestId;
+    const jobId = await sql.begin(async (tx) => {
+      if (requestId !== null) {
+        await tx`
+          update jobs set request_id = null
+          where owner_id = ${caller.userId} and request_id = ${requestId} and created_at < now() - interval '24 hours'`;
+        const [existing] = await tx<{ id: string }[]>`
+          select id from jobs where owner_id = ${caller.userId} and request_id = ${requestId}`;
+        if (existing) return existing.id;
+      }
+      const [{ n }] = await tx<{ n: number }[]>`
+        select count(*)::int as n from jobs where owner_id = ${caller.userId} and state <> 'finalized'`;
+      if (n >= this.config.maxQueuedJobsPerUser) {
+        throw new ConnectError(
+          `too many unfinished jobs: at most ${this.config.maxQueuedJobsPerUser} per user`,
+          Code.ResourceExhausted,
+        );
+      }
+      try {
+        await tx.savepoint(async (sp) => {
+          await sp`
+            insert into jobs (id, owner_id, spec, priority, manifest_digest, media_types, host_count, required_tags,
+              required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id)
+            values (${id}, ${caller.userId}, ${sp.json(toJson(JobSpecSchema, spec.publicSpec) as never)}, ${spec.priority},
+              ${image.digest}, ${image.media_types}, ${spec.hostCount}, ${sp.json(spec.requiredTags)},
+              ${spec.requiredSite}, ${spec.requiredDriver}, ${spec.maxRestarts}, ${spec.queueTimeoutMs},
+              ${spec.jobTimeoutMs}, ${requestId})`;
+        });
+      } catch (err) {
+        if (!isUniqueViolation(err, "jobs_owner_request_id_idx")) throw err;
+        const [existing] = await tx<{ id: string }[]>`
+          select id from jobs where owner_id = ${caller.userId} and request_id = ${requestId}`;
+        return existing.id;
+      }
+      if (spec.secrets.size > 0) {
+        const names = [...spec.secrets.keys()];
+        await tx`
+          insert into job_secrets (job_id, name, value)
+          select ${id}, * from unnest(${names}::text[], ${names.map((n) => spec.secrets.get(n)!)}::text[])`;
+      }
+      await recordEvent(tx, {
+        jobId: id,
+        kind: "submitted",
+        state: "queued",
+        attempt: 1,
+        actor: actorOf(caller),
+        ownerId: caller.userId,
+        message: `image ${image.name}:${image.tag} (${image.digest})`,
+      });
+      await tx`select pg_notify('treadmill_schedule', '')`;
+      return id;
+    });
+    const job = (await loadJob(sql, jobId))!;
+    return { job: jobMessage(job) };
+  }
+
+  async getJob(req: GetJobRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    const job = await this.visibleJob(caller, req.jobId);
+    return { job: jobMessage(job, await loadTimeline(this.ctx.sql, job.id)) };
+  }
+
+  /** The filter's conditions, validated; owner forced to the caller for a non-admin. */
+  private filterOf(caller: UserCaller, filter: JobFilter | undefined) {
+    const states = (filter?.states ?? []).map((s, i) => {
+      const name = stateName(s);
+      if (name === undefined) throw invalid(`filter.states[${i}] is not a job state`);
+      return name;
+    });
+    let owner = filter?.ownerUserId ?? "";
+    if (owner !== "") checkId("filter.owner_user_id", owner);
+    if (caller.role !== "admin") {
+      if (owner !== "" && owner !== caller.userId) throw denied("only admins may list other users' jobs");
+      owner = caller.userId;
+    }
+    const host = filter?.hostId ?? "";
+    if (host !== "") checkId("filter.host_id", host);
+    const tags = checkTags("filter.tags", filter?.tags ?? {}, { allowSite: true });
+    return { states: [...new Set(states)].sort(), owner, host, tags };
+  }
+
+  private conditions(sql: Db, f: ReturnType<JobServiceImpl["filterOf"]>) {
+    const empty = sql``;
+    return sql`
+      ${f.owner !== "" ? sql`and j.owner_id = ${f.owner}` : empty}
+      ${f.states.length > 0 ? sql`and j.state = any(${f.states}::text[])` : empty}
+      ${f.host !== "" ? sql`and exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = j.attempt and jh.host_id = ${f.host})` : empty}
+      ${Object.keys(f.tags).length > 0 ? sql`and j.spec->'tags' @> ${sql.json(f.tags)}::jsonb` : empty}`;
+  }
+
+  private matches(f: ReturnType<JobServiceImpl["filterOf"]>, job: JobRow): boolean {
+    if (f.owner !== "" && job.owner_id !== f.owner) return false;
+    if (f.states.length > 0 && !f.states.includes(job.state)) return false;
+    if (f.host !== "" && !job.host_ids.includes(f.host)) return false;
+    const tags = ((job.spec as { tags?: Record<string, string> })?.tags ?? {}) as Record<string, string>;
+    for (const [k, v] of Object.entries(f.tags)) if (tags[k] !== v) return false;
+    return true;
+  }
+
+  async listJobs(req: ListJobsRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    const f = this.filterOf(caller, req.filter);
+    const size = pageSize(req.pageSize);
+    const after = decodePageToken(req.pageToken, f, 1)?.[0] as string | undefined;
+    if (after !== undefined) checkId("page_token", after);
+    const sql = this.ctx.sql;
+    const rows = await sql<JobRow[]>`
+      select ${jobColumns(sql)} from jobs j
+      where true ${this.conditions(sql, f)} ${after !== undefined ? sql`and j.id < ${after}` : sql``}
+      order by j.id desc limit ${size + 1}`;
+    const page = rows.slice(0, size);
+    return {
+      jobs: page.map((r) => jobMessage(r)),
+      nextPageToken: rows.length > size ? encodePageToken(f, [page[page.length - 1].id]) : "",
+    };
+  }
+
+  async cancelJob(req: CancelJobRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    checkText("message", req.message, 1024);
+    const why = req.message === "" ? `canceled by ${caller.name}` : `canceled by ${caller.name}: ${req.message}`;
+    const jobId = await this.ctx.sql.begin(async (tx) => {
+      const job = await this.visibleJob(caller, req.jobId, tx, true);
+      if (job.state === "finalized") {
+        if (job.reason === "canceled") return job.id;
+        throw precondition(`job ${job.id} is already finalized (${job.reason})`);
+      }
+      if (job.state === "queued") {
+        await endAttempt(tx, job, { reason: "canceled", message: why, actor: actorOf(caller) });
+        return job.id;
+      }
+      if (job.stop_reason === "canceled") return job.id;
+      await tx`update jobs set stop_reason = 'canceled', stop_requested_at = now(), updated_at = now() where id = ${job.id}`;
+      await recordEvent(tx, {
+        jobId: job.id,
+        kind: "cancel_requested",
+        state: job.state,
+        stage: job.stage,
+        attempt: job.attempt,
+        actor: actorOf(caller),
+        ownerId: job.owner_id,
+        message: why,
+      });
+      await notifyJobHosts(tx, job.id);
+      return job.id;
+    });
+    return { job: jobMessage((await loadJob(this.ctx.sql, jobId))!) };
+  }
+
+  async *watchJob(req: WatchJobRequest, hctx: HandlerContext): AsyncIterable<WatchJobResponse> {
+    const caller = requireUser(hctx);
+    checkId("job_id", req.jobId);
+    const changes = new AsyncQueue<string>();
+    const unsubscribe = this.watchers.subscribe(req.jobId, (id) => {
+      if (changes.size === 0) changes.push(id);
+    });
+    const onAbort = () => changes.end();
+    hctx.signal.addEventListener("abort", onAbort, { once: true });
+    try {
+      let last = "";
+      const send = async (): Promise<WatchJobResponse | undefined> => {
+        const job = await this.visibleJob(caller, req.jobId);
+        const message = jobMessage(job, await loadTimeline(this.ctx.sql, job.id));
+        const stamp = `${job.updated_at.getTime()}/${message.timeline.length}`;
+        if (stamp === last) return undefined;
+        last = stamp;
+        return create(WatchJobResponseSchema, { job: message });
+      };
+      let first = await send();
+      if (first) {
+        yield first;
+        if (first.job!.state === JobState.FINALIZED) return;
+      }
+      for await (const _ of changes) {
+        first = await send();
+        if (!first) continue;
+        yield first;
+        if (first.job!.state === JobState.FINALIZED) return;
+      }
+      throw new ConnectError("coordinator replica shutting down", Code.Unavailable);
+    } finally {
+      unsubscribe();
+      hctx.signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  async *watchJobs(req: WatchJobsRequest, hctx: HandlerContext): AsyncIterable<WatchJobsResponse> {
+    const caller = requireUser(hctx);
+    const f = this.filterOf(caller, req.filter);
+    const changes = new AsyncQueue<string>();
+    const queued = new Set<string>();
+    const unsubscribe = this.watchers.subscribe(null, (id) => {
+      if (queued.has(id)) return;
+      queued.add(id);
+      changes.push(id);
+    });
+    const onAbort = () => changes.end();
+    hctx.signal.addEventListener("abort", onAbort, { once: true });
+    try {
+      const sql = this.ctx.sql;
+      const sent = new Map<string, number>(); // job id -> updated_at sent
+      if (req.includeExisting) {
+        const rows = await sql<JobRow[]>`
+          select ${jobColumns(sql)} from jobs j where j.state <> 'finalized' ${this.conditions(sql, f)} order by j.id`;
+        for (const r of rows) {
+          sent.set(r.id, r.updated_at.getTime());
+          yield create(WatchJobsResponseSchema, { kind: JobChangeKind.EXISTING, job: jobMessage(r) });
+        }
+        yield create(WatchJobsResponseSchema, { kind: JobChangeKind.SYNCED });
+      }
+      for await (const id of changes) {
+        queued.delete(id);
+        const job = await loadJob(sql, id);
+        if (!job || !canSee(caller, job) || !this.matches(f, job)) continue;
+        const stamp = job.updated_at.getTime();
+        if (sent.get(id) === stamp) continue;
+        const created = !sent.has(id) && job.created_at.getTime() === job.updated_at.getTime();
+        if (job.state === "finalized") sent.delete(id);
+        else sent.set(id, stamp);
+        yield create(WatchJobsResponseSchema, {
+          kind: created ? JobChangeKind.CREATED : JobChangeKind.UPDATED,
+          job: jobMessage(job),
+        });
+      }
+      throw new ConnectError("coordinator replica shutting down", Code.Unavailable);
+    } finally {
+      unsubscribe();
+      hctx.signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  async getJobLogAccess(req: GetJobLogAccessRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    const job = await this.visibleJob(caller, req.jobId);
+    if (job.log_server_urls.length === 0) {
+      throw precondition(`job ${job.id} has no log servers (it never started, or none was registered)`);
+    }
+    const ttl = this.config.logTokenTtlMs;
+    const token = await this.ctx.keys.sign({ scope: "log:read", job: job.id }, ttl, { subject: caller.userId });
+    return {
+      logServerUrls: job.log_server_urls,
+      readToken: { token, scope: CapabilityScope.LOG_READ, expireTime: timestampFromMs(this.ctx.clock() + ttl) },
+    };
+  }
+
+  async openJobSession(_req: unknown, hctx: HandlerContext): Promise<never> {
+    requireUser(hctx);
+    throw new ConnectError("JobService.OpenJobSession is not implemented yet (proxy sessions come with a later issue)", Code.Unimplemented);
+  }
+
+  async snapshotJob(_req: unknown, hctx: HandlerContext): Promise<never> {
+    requireUser(hctx);
+    throw new ConnectError("JobService.SnapshotJob is not implemented yet (snapshots come with a later issue)", Code.Unimplemented);
+  }
+}

@@ -1,0 +1,289 @@
+/**
+ * Job rows and the transitions every part of the job system shares: loading a
+ * job as a `Job` message, recording timeline events (job_events, the audit log
+ * and the 'treadmill_jobs' notification, in the caller's transaction),
+ * finalizing a job or restarting it as a new attempt.
+ *
+ * Channels (PostgreSQL LISTEN/NOTIFY), all notified inside the transaction
+ * that made the change, so a listener that reads after the notification sees
+ * it:
+ * - 'treadmill_jobs', payload a job id: the job changed (WatchJob/WatchJobs).
+ * - 'treadmill_schedule', empty payload: the scheduler may have work (a job
+ *   was queued, a slot was released, a host attached or was enabled).
+ * - 'treadmill_commands', payload a host id: what the host's supervisor should
+ *   be running changed; the replica holding its stream re-reads the database
+ *   and sends the commands. Also tells an older stream it was superseded.
+ * - 'treadmill_hosts', payload a host id (contract with the catalog): the host
+ *   row or its current jobs changed.
+ */
+import { create, fromJson, type JsonValue } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { Sql, TransactionSql } from "postgres";
+import {
+  ExitStatus,
+  FinalizeReason,
+  type Job,
+  type JobEvent,
+  JobEventKind,
+  JobSchema,
+  JobSpecSchema,
+  JobStage,
+  JobState,
+  ReasonClass,
+} from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { audit } from "../audit.js";
+
+export type Db = Sql | TransactionSql;
+
+export const ACTIVE_STATES = ["assigned", "initializing", "running", "terminating"] as const;
+export type DbState = "queued" | (typeof ACTIVE_STATES)[number] | "finalized";
+export type DbReason =
+  | "workload_exited"
+  | "canceled"
+  | "job_timeout"
+  | "queue_timeout"
+  | "host_dropped"
+  | "image_error"
+  | "host_start_failure"
+  | "internal_error";
+
+/** The reasons whose class is INFRASTRUCTURE: only these restart a job. */
+export const INFRASTRUCTURE_REASONS: ReadonlySet<DbReason> = new Set(["host_dropped", "host_start_failure", "internal_error"]);
+
+const REASON_CLASS: Record<DbReason, ReasonClass> = {
+  workload_exited: ReasonClass.JOB,
+  job_timeout: ReasonClass.JOB,
+  canceled: ReasonClass.USER,
+  queue_timeout: ReasonClass.USER,
+  image_error: ReasonClass.USER,
+  host_dropped: ReasonClass.INFRASTRUCTURE,
+  host_start_failure: ReasonClass.INFRASTRUCTURE,
+  internal_error: ReasonClass.INFRASTRUCTURE,
+};
+
+/** `queued` <-> JobState.QUEUED and alike (enum names are the upper-case db values). */
+export function stateEnum(state: string | null): JobState {
+  return state ? (JobState[state.toUpperCase() as keyof typeof JobState] ?? JobState.UNSPECIFIED) : JobState.UNSPECIFIED;
+}
+export function stateName(state: JobState): DbState | undefined {
+  const name = JobState[state];
+  return name && state !== JobState.UNSPECIFIED ? (name.toLowerCase() as DbState) : undefined;
+}
+export function stageEnum(stage: string | null): JobStage {
+  return stage ? (JobStage[stage.toUpperCase() as keyof typeof JobStage] ?? JobStage.UNSPECIFIED) : JobStage.UNSPECIFIED;
+}
+export function stageName(stage: JobStage): string | null {
+  return stage === JobStage.UNSPECIFIED || JobStage[stage] === undefined ? null : JobStage[stage].toLowerCase();
+}
+export function reasonEnum(reason: string | null): FinalizeReason {
+  return reason
+    ? (FinalizeReason[reason.toUpperCase() as keyof typeof FinalizeReason] ?? FinalizeReason.UNSPECIFIED)
+    : FinalizeReason.UNSPECIFIED;
+}
+export function reasonName(reason: FinalizeReason): DbReason | undefined {
+  return reason === FinalizeReason.UNSPECIFIED || FinalizeReason[reason] === undefined
+    ? undefined
+    : (FinalizeReason[reason].toLowerCase() as DbReason);
+}
+
+/** A jobs row as the job system reads it, with the hosts of its current attempt. */
+export interface JobRow {
+  id: string;
+  owner_id: string;
+  spec: JsonValue;
+  state: DbState;
+  stage: string | null;
+  reason: DbReason | null;
+  exit_status: "success" | "failure" | null;
+  exit_code: number | null;
+  attempt: number;
+  priority: number;
+  max_restarts: number;
+  manifest_digest: string;
+  status_message: string;
+  stop_reason: "canceled" | "job_timeout" | null;
+  created_at: Date;
+  updated_at: Date;
+  queued_at: Date;
+  assigned_at: Date | null;
+  started_at: Date | null;
+  finalized_at: Date | null;
+  job_timeout_ms: string | number;
+  log_server_urls: string[];
+  host_ids: string[];
+}
+
+/** The select list of JobRow (jobs aliased `j`). */
+export const jobColumns = (sql: Db) => sql`
+  j.id, j.owner_id, j.spec, j.state, j.stage, j.reason, j.exit_status, j.exit_code, j.attempt,
+  j.priority, j.max_restarts, j.manifest_digest, j.status_message, j.stop_reason, j.created_at,
+  j.updated_at, j.queued_at, j.assigned_at, j.started_at, j.finalized_at, j.job_timeout_ms,
+  j.log_server_urls,
+  coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
+            where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
+
+export async function loadJob(sql: Db, id: string, options: { lock?: boolean } = {}): Promise<JobRow | undefined> {
+  const [row] = options.lock
+    ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id} for update of j`
+    : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id}`;
+  return row;
+}
+
+interface EventRow {
+  at: Date;
+  kind: string;
+  state: string | null;
+  stage: string | null;
+  message: string;
+  attempt: number | null;
+  host_id: string | null;
+}
+
+/** A job's timeline, oldest first. */
+export async function loadTimeline(sql: Db, jobId: string): Promise<JobEvent[]> {
+  const rows = await sql<EventRow[]>`
+    select at, kind, state, stage, message, attempt, host_id from job_events where job_id = ${jobId} order by id`;
+  return rows.map((r) => ({
+    $typeName: "treadmill.coordinator.v1.JobEvent",
+    time: timestampFromDate(r.at),
+    kind: JobEventKind[r.kind.toUpperCase() as keyof typeof JobEventKind] ?? JobEventKind.UNSPECIFIED,
+    state: stateEnum(r.state),
+    stage: stageEnum(r.stage),
+    message: r.message,
+    attempt: r.attempt ?? 0,
+    hostId: r.host_id ?? "",
+  }));
+}
+
+/** The Job message of a row (secret values were never stored in `spec`). */
+export function jobMessage(row: JobRow, timeline: JobEvent[] = []): Job {
+  const reason = row.reason;
+  return create(JobSchema, {
+    id: row.id,
+    ownerUserId: row.owner_id,
+    spec: fromJson(JobSpecSchema, row.spec, { ignoreUnknownFields: true }),
+    state: stateEnum(row.state),
+    stage: stageEnum(row.stage),
+    finalizeReason: reasonEnum(reason),
+    reasonClass: reason ? REASON_CLASS[reason] : ReasonClass.UNSPECIFIED,
+    exitStatus: row.exit_status === "success" ? ExitStatus.SUCCESS : row.exit_status === "failure" ? ExitStatus.FAILURE : ExitStatus.UNSPECIFIED,
+    exitCode: row.exit_code ?? undefined,
+    statusMessage: row.status_message,
+    attempt: row.attempt,
+    hostIds: row.host_ids,
+    cancelRequested: row.stop_reason === "canceled" && row.state !== "finalized",
+    manifestDigest: row.manifest_digest,
+    createTime: timestampFromDate(row.created_at),
+    assignTime: row.assigned_at ? timestampFromDate(row.assigned_at) : undefined,
+    startTime: row.started_at ? timestampFromDate(row.started_at) : undefined,
+    finalizeTime: row.finalized_at ? timestampFromDate(row.finalized_at) : undefined,
+    updateTime: timestampFromDate(row.updated_at),
+    timeline,
+    logServerUrls: row.log_server_urls,
+  });
+}
+
+export interface EventInput {
+  jobId: string;
+  /** job_events.kind: submitted, state_changed, stage_changed, cancel_requested, restarted. */
+  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted";
+  state: DbState;
+  stage?: string | null;
+  message?: string;
+  attempt: number;
+  hostId?: string | null;
+  /** For the audit log: "user:<name>", "host:<name>", "system". */
+  actor: string;
+  ownerId?: string;
+}
+
+/**
+ * Records one timeline event: job_events, the audit log (kind `job.<kind>`)
+ * and a 'treadmill_jobs' notification, all in `tx`.
+ */
+export async function recordEvent(tx: Db, e: EventInput): Promise<void> {
+  const message = clipText(e.message ?? "", 4096);
+  await tx`
+    insert into job_events (job_id, kind, state, stage, message, attempt, host_id)
+    values (${e.jobId}, ${e.kind}, ${e.state}, ${e.stage ?? null}, ${message}, ${e.attempt}, ${e.hostId ?? null})`;
+  await audit(tx, {
+    kind: `job.${e.kind}`,
+    actor: e.actor,
+    jobId: e.jobId,
+    hostId: e.hostId ?? undefined,
+    userId: e.ownerId,
+    message,
+    details: { state: e.state, stage: e.stage ?? null, attempt: e.attempt },
+  });
+  await tx`select pg_notify('treadmill_jobs', ${e.jobId})`;
+}
+
+/** Hosts still holding a slot for any attempt of the job (their streams must hear of a change). */
+export async function notifyJobHosts(tx: Db, jobId: string): Promise<void> {
+  await tx`
+    select pg_notify('treadmill_commands', h.id::text), pg_notify('treadmill_hosts', h.id::text)
+    from (select distinct host_id as id from job_hosts where job_id = ${jobId} and released_at is null) h`;
+}
+
+export interface Ending {
+  reason: DbReason;
+  exitStatus?: "success" | "failure" | null;
+  exitCode?: number | null;
+  message: string;
+  hostId?: string | null;
+  actor: string;
+}
+
+/**
+ * Ends the current attempt of a locked, unfinalized job. An infrastructure
+ * reason with restarts left re-queues the job as a new attempt; anything else
+ * finalizes it (secret values deleted: nothing will start it again). Streams
+ * of the hosts still holding the attempt are told (they stop it).
+ */
+export async function endAttempt(tx: Db, job: JobRow, end: Ending): Promise<"restarted" | "finalized"> {
+  const message = clipText(end.message, 1024);
+  if (INFRASTRUCTURE_REASONS.has(end.reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts) {
+    const attempt = job.attempt + 1;
+    await tx`
+      update jobs set state = 'queued', stage = null, attempt = ${attempt}, queued_at = now(),
+        assigned_at = null, started_at = null, deadline_at = null, proxy_url = '',
+        status_message = ${message}, updated_at = now()
+      where id = ${job.id}`;
+    await recordEvent(tx, {
+      jobId: job.id,
+      kind: "restarted",
+      state: "queued",
+      attempt,
+      hostId: end.hostId,
+      actor: end.actor,
+      ownerId: job.owner_id,
+      message: `attempt ${job.attempt} ended ${end.reason}: ${message}; restarting as attempt ${attempt}`,
+    });
+    await notifyJobHosts(tx, job.id);
+    await tx`select pg_notify('treadmill_schedule', '')`;
+    return "restarted";
+  }
+  await tx`
+    update jobs set state = 'finalized', stage = null, reason = ${end.reason},
+      exit_status = ${end.reason === "workload_exited" ? (end.exitStatus ?? null) : null},
+      exit_code = ${end.exitCode ?? null}, status_message = ${message}, stop_reason = null,
+      finalized_at = now(), updated_at = now()
+    where id = ${job.id}`;
+  await tx`delete from job_secrets where job_id = ${job.id}`;
+  await recordEvent(tx, {
+    jobId: job.id,
+    kind: "state_changed",
+    state: "finalized",
+    attempt: job.attempt,
+    hostId: end.hostId,
+    actor: end.actor,
+    ownerId: job.owner_id,
+    message: message === "" ? end.reason : `${end.reason}: ${message}`,
+  });
+  await notifyJobHosts(tx, job.id);
+  return "finalized";
+}
+
+export function clipText(value: string, max: number): string {
+  return value.length <= max ? value : value.slice(0, max);
+}

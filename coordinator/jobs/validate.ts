@@ -1,0 +1,138 @@
+/**
+ * SubmitJob's validation of a JobSpec (job.proto): every rule, each refusal an
+ * InvalidArgument whose message names the field. Returns the normalised values
+ * the job system stores.
+ */
+import { clone, create } from "@bufbuild/protobuf";
+import type { Duration } from "@bufbuild/protobuf/wkt";
+import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
+import { HostRequirementsSchema, type JobSpec, JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { checkTags, checkText, clip, invalid } from "../services/common.js";
+import type { JobConfig } from "./config.js";
+
+const PARAMETER_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,63}$/;
+const PORT_NAME = /^[a-z][a-z0-9-]{0,31}$/;
+const SITE = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+const DIGEST = /^sha256:[0-9a-f]{64}$/;
+/** An image name as the catalog accepts it, loosely: the catalog decides whether it exists. */
+const IMAGE_NAME = /^[a-z0-9][a-z0-9._/-]{0,254}$/;
+const IMAGE_TAG = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/;
+const MAX_PARAMETERS = 128;
+const MAX_PARAMETER_VALUE = 64 * 1024;
+const MAX_PORTS = 16;
+const MAX_HOSTS = 64;
+
+/** What a valid spec becomes. */
+export interface ValidSpec {
+  /** The spec to store and return: secret values blanked. */
+  publicSpec: JobSpec;
+  /** name -> value of the secret parameters. */
+  secrets: Map<string, string>;
+  image: { digest: string } | { name: string; tag: string };
+  hostCount: number;
+  requiredTags: Record<string, string>;
+  requiredSite: string | null;
+  requiredDriver: string | null;
+  priority: number;
+  queueTimeoutMs: number;
+  jobTimeoutMs: number;
+  maxRestarts: number;
+}
+
+/** Parses `name:tag` (tag defaults to `latest`) or a manifest digest. */
+export function parseImageReference(field: string, ref: string): { digest: string } | { name: string; tag: string } {
+  if (ref === "") throw invalid(`${field} is required`);
+  if (ref.length > 400) throw invalid(`${field} must be at most 400 characters`);
+  if (ref.startsWith("sha256:")) {
+    if (!DIGEST.test(ref)) throw invalid(`${field} must be sha256:<64 lower-case hex digits>`);
+    return { digest: ref };
+  }
+  const slash = ref.lastIndexOf("/");
+  const colon = ref.lastIndexOf(":");
+  const [name, tag] = colon > slash ? [ref.slice(0, colon), ref.slice(colon + 1)] : [ref, "latest"];
+  if (!IMAGE_NAME.test(name)) throw invalid(`${field} name "${clip(name)}" is not a valid image name`);
+  if (!IMAGE_TAG.test(tag)) throw invalid(`${field} tag "${clip(tag)}" is not a valid image tag`);
+  return { name, tag };
+}
+
+function durationMs(field: string, d: Duration | undefined, fallback: number, max: number): number {
+  if (d === undefined) return fallback;
+  if (d.nanos < 0 || d.nanos > 999_999_999) throw invalid(`${field} has invalid nanos`);
+  const ms = Number(d.seconds) * 1000 + Math.ceil(d.nanos / 1e6);
+  if (!Number.isFinite(ms) || ms <= 0) throw invalid(`${field} must be positive`);
+  if (ms > max) throw invalid(`${field} must be at most ${max} ms`);
+  return ms;
+}
+
+export function validateSpec(spec: JobSpec | undefined, config: JobConfig): ValidSpec {
+  if (spec === undefined) throw invalid("spec is required");
+  const image = parseImageReference("spec.image", spec.image);
+
+  const hosts = spec.hosts;
+  const hostCount = hosts?.hostCount === undefined || hosts.hostCount === 0 ? 1 : hosts.hostCount;
+  if (hostCount < 1 || hostCount > MAX_HOSTS) throw invalid(`spec.hosts.host_count must be between 1 and ${MAX_HOSTS}`);
+  const requiredTags = checkTags("spec.hosts.tags", hosts?.tags ?? {}, { allowSite: true });
+  let requiredSite: string | null = null;
+  if (hosts?.site !== undefined) {
+    if (!SITE.test(hosts.site)) throw invalid("spec.hosts.site must match [a-z0-9][a-z0-9._-]{0,62}");
+    requiredSite = hosts.site;
+  }
+  const driver = hosts?.driverKind ?? DriverKind.UNSPECIFIED;
+  if (DriverKind[driver] === undefined) throw invalid("spec.hosts.driver_kind is not a known driver kind");
+  const requiredDriver = driver === DriverKind.UNSPECIFIED ? null : DriverKind[driver].toLowerCase();
+
+  if (!Number.isInteger(spec.priority) || spec.priority < -100 || spec.priority > 100) {
+    throw invalid("spec.priority must be between -100 and 100");
+  }
+  const queueTimeoutMs = durationMs("spec.queue_timeout", spec.queueTimeout, config.defaultQueueTimeoutMs, config.maxQueueTimeoutMs);
+  const jobTimeoutMs = durationMs("spec.job_timeout", spec.jobTimeout, config.defaultJobTimeoutMs, config.maxJobTimeoutMs);
+  const maxRestarts = spec.restartPolicy?.maxRestarts ?? 0;
+  if (maxRestarts < 0 || maxRestarts > 10) throw invalid("spec.restart_policy.max_restarts must be between 0 and 10");
+
+  if (spec.parameters.length > MAX_PARAMETERS) throw invalid(`spec.parameters must have at most ${MAX_PARAMETERS} entries`);
+  const secrets = new Map<string, string>();
+  const names = new Set<string>();
+  for (const [i, p] of spec.parameters.entries()) {
+    const field = `spec.parameters[${i}]`;
+    if (!PARAMETER_NAME.test(p.name)) throw invalid(`${field}.name must match [A-Za-z_][A-Za-z0-9_]{0,63}`);
+    if (p.name.toUpperCase().startsWith("TREADMILL_")) throw invalid(`${field}.name must not start with TREADMILL_ (reserved)`);
+    if (names.has(p.name)) throw invalid(`${field}.name "${p.name}" is repeated`);
+    names.add(p.name);
+    if (Buffer.byteLength(p.value, "utf8") > MAX_PARAMETER_VALUE) throw invalid(`${field}.value must be at most 64 KiB`);
+    if (p.secret) secrets.set(p.name, p.value);
+  }
+
+  if (spec.exposedPorts.length > MAX_PORTS) throw invalid(`spec.exposed_ports must have at most ${MAX_PORTS} entries`);
+  const ports = new Set<string>();
+  for (const [i, p] of spec.exposedPorts.entries()) {
+    const field = `spec.exposed_ports[${i}]`;
+    if (!PORT_NAME.test(p.name)) throw invalid(`${field}.name must match [a-z][a-z0-9-]{0,31}`);
+    if (ports.has(p.name)) throw invalid(`${field}.name "${p.name}" is repeated`);
+    ports.add(p.name);
+    const consoleDefault = p.name === "console" && p.port === 0;
+    if (!consoleDefault && (p.port < 1 || p.port > 65535)) throw invalid(`${field}.port must be between 1 and 65535`);
+    checkText(`${field}.description`, p.description, 256);
+  }
+  checkTags("spec.tags", spec.tags, { allowSite: true });
+  checkText("spec.description", spec.description, 256);
+
+  const publicSpec = clone(JobSpecSchema, spec);
+  const publicHosts = hosts ? clone(HostRequirementsSchema, hosts) : create(HostRequirementsSchema);
+  publicHosts.hostCount = hostCount;
+  publicHosts.tags = requiredTags;
+  publicSpec.hosts = publicHosts;
+  for (const p of publicSpec.parameters) if (p.secret) p.value = "";
+  return {
+    publicSpec,
+    secrets,
+    image,
+    hostCount,
+    requiredTags,
+    requiredSite,
+    requiredDriver,
+    priority: spec.priority,
+    queueTimeoutMs,
+    jobTimeoutMs,
+    maxRestarts,
+  };
+}

@@ -1,0 +1,139 @@
+import { type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import type { Fragment, Sql, TransactionSql } from "postgres";
+import {
+  type DeregisterRequest,
+  type HeartbeatRequest,
+  type RegisterRequest,
+  type RegistryService,
+  ServiceKind,
+  type ServiceStatus,
+} from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
+import { actorOf, audit } from "../audit.js";
+import { requireService } from "../auth.js";
+import type { CoordinatorContext } from "../context.js";
+import { checkId, checkPattern, checkText, durationOf, HOST_NAME, invalid, notFound, uuidv7 } from "./common.js";
+
+const KINDS: Record<number, string> = {
+  [ServiceKind.IMAGE_STORE]: "image_store",
+  [ServiceKind.IMAGE_CACHE]: "image_cache",
+  [ServiceKind.LOG_SERVER]: "log_server",
+  [ServiceKind.PROXY]: "proxy",
+};
+
+/**
+ * A registration `s` (a `services` row) is live: heard from within three of
+ * its heartbeat intervals and not draining. The job system assigns only live
+ * registrations; a store, cache, log server or proxy that stops heartbeating
+ * drops out by itself.
+ */
+export function liveCondition(sql: Sql | TransactionSql, nowMs: number, alias = "s"): Fragment {
+  if (!/^[a-z_][a-z0-9_]*$/.test(alias)) throw new Error(`bad alias ${alias}`);
+  return sql`(${sql.unsafe(alias)}.last_heartbeat_at > ${new Date(nowMs)}::timestamptz - make_interval(secs => 3 * ${sql.unsafe(alias)}.heartbeat_interval_ms / 1000.0)
+    and not ${sql.unsafe(alias)}.draining)`;
+}
+
+function checkUrl(field: string, value: string): string {
+  if (value === "") throw invalid(`${field} is required`);
+  if (value.length > 2048) throw invalid(`${field} must be at most 2048 characters`);
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw invalid(`${field} must be an absolute http or https url`);
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") throw invalid(`${field} must be an http or https url`);
+  if (url.username !== "" || url.password !== "") throw invalid(`${field} must not contain credentials`);
+  if (url.search !== "" || url.hash !== "") throw invalid(`${field} must not have a query or fragment`);
+  return value.replace(/\/+$/, "");
+}
+
+function checkStatus(status: ServiceStatus | undefined) {
+  const s = status ?? { capacityBytes: 0n, freeBytes: 0n, activeStreams: 0, draining: false };
+  if (s.capacityBytes < 0n) throw invalid("status.capacity_bytes must not be negative");
+  if (s.freeBytes < 0n) throw invalid("status.free_bytes must not be negative");
+  if (s.activeStreams < 0) throw invalid("status.active_streams must not be negative");
+  return { capacity: s.capacityBytes.toString(), free: s.freeBytes.toString(), streams: s.activeStreams, draining: s.draining };
+}
+
+/**
+ * RegistryService: stores, caches, log servers and proxies register with a
+ * service credential (an API token of scope service) and heartbeat.
+ */
+export class RegistryServiceImpl implements ServiceImpl<typeof RegistryService> {
+  constructor(private readonly ctx: CoordinatorContext) {}
+
+  async register(req: RegisterRequest, context: HandlerContext) {
+    const caller = requireService(context);
+    const kind = KINDS[req.kind];
+    if (kind === undefined) throw invalid("kind must be a known SERVICE_KIND");
+    const url = checkUrl("url", req.url);
+    const site = req.site === "" ? "" : checkPattern("site", req.site, HOST_NAME, "[a-z0-9][a-z0-9._-]{0,62} or be empty");
+    if (kind === "image_cache" && site === "") throw invalid("site is required for an image cache");
+    checkText("version", req.version, 128);
+    checkText("tcp_address", req.tcpAddress, 256);
+    if (req.tcpAddress !== "" && !/^[A-Za-z0-9.:[\]-]+:\d{1,5}$/.test(req.tcpAddress)) throw invalid("tcp_address must be host:port");
+    const status = checkStatus(req.status);
+    const intervalMs = this.ctx.config.serviceHeartbeatMs;
+    const now = new Date(this.ctx.clock());
+    return this.ctx.sql.begin(async (tx) => {
+      const [row] = await tx<{ id: string; created: boolean }[]>`
+        insert into services (id, kind, url, site, capacity, version, tcp_address, free_bytes, active_streams, draining,
+                              heartbeat_interval_ms, token_id, created_at, last_heartbeat_at)
+        values (${uuidv7(this.ctx.clock())}, ${kind}, ${url}, ${site}, ${status.capacity}::bigint, ${req.version}, ${req.tcpAddress},
+                ${status.free}::bigint, ${status.streams}, ${status.draining}, ${intervalMs}, ${caller.tokenId}, ${now}, ${now})
+        on conflict (kind, url) do update set
+          site = excluded.site, capacity = excluded.capacity, version = excluded.version, tcp_address = excluded.tcp_address,
+          free_bytes = excluded.free_bytes, active_streams = excluded.active_streams, draining = excluded.draining,
+          heartbeat_interval_ms = excluded.heartbeat_interval_ms, token_id = excluded.token_id,
+          last_heartbeat_at = excluded.last_heartbeat_at
+        returning id, (xmax = 0) as created`;
+      await audit(tx, {
+        kind: row.created ? "service.register" : "service.reregister",
+        actor: actorOf(caller),
+        message: `${kind} ${url} registered`,
+        details: { serviceId: row.id, kind, url, site, version: req.version },
+      });
+      return { serviceId: row.id, heartbeatInterval: durationOf(intervalMs) };
+    });
+  }
+
+  async heartbeat(req: HeartbeatRequest, context: HandlerContext) {
+    requireService(context);
+    const id = checkId("service_id", req.serviceId);
+    const status = checkStatus(req.status);
+    const sql = this.ctx.sql;
+    const now = this.ctx.clock();
+    const intervalMs = this.ctx.config.serviceHeartbeatMs;
+    // An expired registration is refused (NotFound) so the service registers anew.
+    const [row] = await sql`
+      update services s set
+        capacity = ${status.capacity}::bigint, free_bytes = ${status.free}::bigint, active_streams = ${status.streams},
+        draining = ${status.draining}, heartbeat_interval_ms = ${intervalMs}, last_heartbeat_at = ${new Date(now)}
+      where id = ${id}
+        and s.last_heartbeat_at > ${new Date(now)}::timestamptz - make_interval(secs => 3 * s.heartbeat_interval_ms / 1000.0)
+      returning id`;
+    if (!row) throw notFound(`registration ${id} not found or expired; register again`);
+    return { heartbeatInterval: durationOf(intervalMs) };
+  }
+
+  async deregister(req: DeregisterRequest, context: HandlerContext) {
+    const caller = requireService(context);
+    const id = checkId("service_id", req.serviceId);
+    await this.ctx.sql.begin(async (tx) => {
+      // The row stays (expired), so a later Register of the same kind and url
+      // gets the same id back and the catalog's locations stay valid.
+      const [row] = await tx<{ kind: string; url: string }[]>`
+        update services set last_heartbeat_at = to_timestamp(0), draining = true
+        where id = ${id} and last_heartbeat_at > to_timestamp(0) returning kind, url`;
+      if (row) {
+        await audit(tx, {
+          kind: "service.deregister",
+          actor: actorOf(caller),
+          message: `${row.kind} ${row.url} deregistered`,
+          details: { serviceId: id },
+        });
+      }
+    });
+    return {};
+  }
+}

@@ -1,0 +1,72 @@
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
+import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
+import type { Image } from "../gen/treadmill/coordinator/v1/image_pb.js";
+import { fileSource, imageStoreClient, imageStoreTransport, uploadBlob, type BlobProgress } from "./image-client.js";
+
+/** An image on local disk, ready to push: manifest bytes and every blob's file. */
+export interface LocalImage {
+  manifestDigest: string;
+  manifestJson: Uint8Array;
+  /** Blobs by digest: the local file and its size. */
+  blobs: { digest: string; size: number; path: string }[];
+  /** Layer media types, for the catalog. */
+  mediaTypes: string[];
+}
+
+/**
+ * Pushes an image and names it (DESIGN.md §6): asks the coordinator for an
+ * upload grant (a store and an image:write token), uploads each blob
+ * resumably (a blob the store has returns at once; a re-run resumes an
+ * interrupted one), stores the manifest, and registers `name:tag` in the
+ * catalog with the store as its location. `coordinator` carries the user's
+ * token. Errors are the RPCs' own ConnectErrors.
+ */
+export async function pushImage(
+  coordinator: Transport,
+  image: LocalImage,
+  options: {
+    name: string;
+    tag: string;
+    site?: string;
+    replace?: boolean;
+    signal?: AbortSignal;
+    onProgress?: (progress: BlobProgress & { blobIndex: number; blobCount: number }) => void;
+  },
+): Promise<Image> {
+  const catalog = createClient(ImageService, coordinator);
+  const totalSize = image.blobs.reduce((sum, b) => sum + b.size, 0) + image.manifestJson.length;
+  const grant = await catalog.createUploadGrant({ site: options.site ?? "", sizeBytes: BigInt(totalSize) });
+  const token = grant.writeToken?.token;
+  if (!token) throw new ConnectError("upload grant came without a token", Code.Internal);
+  const transport = imageStoreTransport(grant.storeUrl, { token });
+  try {
+    const store = imageStoreClient(transport);
+    for (const [index, blob] of image.blobs.entries()) {
+      await uploadBlob(
+        store,
+        { digest: blob.digest, size: blob.size, source: fileSource(blob.path) },
+        {
+          signal: options.signal,
+          onProgress: (p) => options.onProgress?.({ ...p, blobIndex: index, blobCount: image.blobs.length }),
+        },
+      );
+    }
+    await store.putManifest({ digest: image.manifestDigest, manifestJson: image.manifestJson }, { signal: options.signal });
+  } finally {
+    transport.close();
+  }
+  const registered = await catalog.registerImage(
+    {
+      name: options.name,
+      tag: options.tag,
+      manifestDigest: image.manifestDigest,
+      storeIds: [grant.storeId],
+      mediaTypes: [...new Set(image.mediaTypes)],
+      sizeBytes: BigInt(totalSize),
+      replace: options.replace ?? false,
+    },
+    { signal: options.signal },
+  );
+  if (!registered.image) throw new ConnectError("register image answered without the image", Code.Internal);
+  return registered.image;
+}

@@ -1,0 +1,214 @@
+// `npm run bench -- coordinator`: the coordinator's job system under load,
+// the coordinator as a real child process (bin/treadmill-coordinator.js) on an
+// embedded PostgreSQL, scripted supervisors attached over real gRPC streams
+// from this process.
+//
+//  (c) memory and CPU of the coordinator holding N idle attached supervisors
+//      with heartbeats (default 2,000; TREADMILL_BENCH_IDLE_SUPERVISORS);
+//  (a) dispatch latency, SubmitJob returning -> StartJob received at an idle
+//      matching supervisor, over sequential jobs (default 2,000;
+//      TREADMILL_BENCH_DISPATCH_JOBS) with 200 supervisors attached;
+//  (b) assignment throughput: jobs queued while the 200 hosts are drained
+//      (default 10,000; TREADMILL_BENCH_QUEUED_JOBS), then every host enabled
+//      at once; each supervisor finishes a job as soon as it starts it.
+//
+// Baselines measured in the same run: a bare PostgreSQL round trip
+// (`SELECT 1`) and a bare connect-node unary round trip (Health.Check on the
+// same coordinator).
+import { randomUUID } from "node:crypto";
+import { chmod, mkdtemp, readFile, rm } from "node:fs/promises";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import postgres from "postgres";
+import { Health } from "../../gen/grpc/health/v1/health_pb.js";
+import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { hashSecret, newSecret } from "../../coordinator/auth.js";
+import { startEmbeddedPostgres } from "../../coordinator/db/embedded.js";
+import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { silentLogger } from "../../lib/logger.js";
+import { startProcess } from "../support/process.js";
+import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
+import { percentile, report } from "./report.js";
+
+const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
+const env = (name: string, fallback: number) => Number(process.env[name] ?? fallback);
+const IDLE = env("TREADMILL_BENCH_IDLE_SUPERVISORS", 2000);
+const DISPATCH_JOBS = env("TREADMILL_BENCH_DISPATCH_JOBS", 2000);
+const QUEUED_JOBS = env("TREADMILL_BENCH_QUEUED_JOBS", 10000);
+const ACTIVE = 200;
+const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
+
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const port = (server.address() as { port: number }).port;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** Resident memory (bytes) and CPU time (ms) of a process, from /proc. */
+async function usage(pid: number): Promise<{ rss: number; cpuMs: number }> {
+  const status = await readFile(`/proc/${pid}/status`, "utf8");
+  const rss = Number(/VmRSS:\s+(\d+) kB/.exec(status)![1]) * 1024;
+  const stat = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1].split(" ");
+  const ticks = Number(stat[11]) + Number(stat[12]); // utime + stime, fields 14 and 15
+  return { rss, cpuMs: (ticks * 1000) / 100 };
+}
+
+async function until(probe: () => Promise<boolean>, what: string, timeoutMs = 600_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await probe())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function inBatches<T>(items: T[], size: number, fn: (item: T) => Promise<unknown>): Promise<void> {
+  for (let i = 0; i < items.length; i += size) await Promise.all(items.slice(i, i + size).map(fn));
+}
+
+export async function run(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), "treadmill-bench-coordinator-"));
+  await chmod(dir, 0o755); // the server's OS user must reach its directory
+  const pg = await startEmbeddedPostgres({
+    dataDir: join(dir, "pg"),
+    logger: silentLogger(),
+    database: "postgres",
+    ephemeral: true,
+    settings: { max_connections: 200 },
+  });
+  const sql = postgres(pg.url, { max: 4, onnotice: () => undefined });
+  const port = await freePort();
+  const url = `http://127.0.0.1:${port}`;
+  const child = startProcess(BIN, ["--port", String(port), "--database-url", pg.url, "--log-level", "warn"], {});
+  const supervisors: ScriptedSupervisor[] = [];
+  try {
+    const health = createClient(Health, createGrpcTransport({ baseUrl: url }));
+    await until(async () => (await health.check({}).then(() => true, () => false)), "the coordinator", 60_000);
+    const pid = child.child.pid!;
+    process.stdout.write(`sizes: ${IDLE} idle supervisors, ${DISPATCH_JOBS} dispatched jobs, ${QUEUED_JOBS} queued jobs on ${ACTIVE} hosts\n`);
+
+    // Baselines.
+    const pgSamples: number[] = [];
+    for (let i = 0; i < 2000; i++) {
+      const t = performance.now();
+      await sql`select 1`;
+      pgSamples.push(performance.now() - t);
+    }
+    const rpcSamples: number[] = [];
+    for (let i = 0; i < 2000; i++) {
+      const t = performance.now();
+      await health.check({});
+      rpcSamples.push(performance.now() - t);
+    }
+    const pgP50 = percentile(pgSamples, 50);
+    const rpcP50 = percentile(rpcSamples, 50);
+    report("baseline: PostgreSQL SELECT 1 round trip p50", pgP50, "ms");
+    report("baseline: connect-node unary round trip p50", rpcP50, "ms");
+
+    // Fixtures straight into the database: a user, an image, hosts.
+    const userId = randomUUID();
+    const token = newSecret("user");
+    await sql`insert into users (id, name, role) values (${userId}, 'bench', 'admin')`;
+    await sql`insert into api_tokens (id, user_id, hash, name) values (${randomUUID()}, ${userId}, ${hashSecret(token)}, 'bench')`;
+    const digest = `sha256:${"ab".repeat(32)}`;
+    await sql`insert into images (name, tag, digest, media_types, owner_id, visibility) values ('bench', 'v1', ${digest}, ${[ROOTFS]}, ${userId}, 'public')`;
+    const hosts = Array.from({ length: Math.max(IDLE, ACTIVE) }, (_, i) => ({
+      id: randomUUID(),
+      name: `bench-${i}`,
+      credential: newSecret("host"),
+      tags: i < ACTIVE ? { pool: "active" } : { pool: "idle" },
+    }));
+    await inBatches(hosts, 500, async (h) => {
+      await sql`
+        insert into hosts (id, name, tags, driver_kind, media_types, capacity, credential_hash)
+        values (${h.id}, ${h.name}, ${sql.json(h.tags)}, 'process', ${[ROOTFS]}, 1, ${hashSecret(h.credential)})`;
+    });
+
+    // (c) Idle supervisors: memory and CPU.
+    await new Promise((r) => setTimeout(r, 1000));
+    const before = await usage(pid);
+    let onStart: (jobId: string) => void = () => undefined;
+    for (const h of hosts.slice(0, IDLE)) {
+      supervisors.push(
+        new ScriptedSupervisor({
+          urls: [url],
+          credential: h.credential,
+          mode: "exit",
+          noHistory: true,
+          onStartJob: (s) => onStart(s.jobId),
+        }),
+      );
+    }
+    await inBatches(supervisors, 50, (s) => s.connect());
+    await new Promise((r) => setTimeout(r, 3000));
+    const attached = await usage(pid);
+    await new Promise((r) => setTimeout(r, 10_000));
+    const after = await usage(pid);
+    const perSupervisor = (attached.rss - before.rss) / supervisors.length / 1024;
+    report(`memory per idle attached supervisor (${supervisors.length})`, perSupervisor, "KiB");
+    report(`coordinator RSS with ${supervisors.length} idle supervisors`, attached.rss / 2 ** 20, "MiB");
+    report(`coordinator CPU with ${supervisors.length} idle supervisors`, ((after.cpuMs - attached.cpuMs) / 10_000) * 100, "% of a core");
+    // Keep only the active pool.
+    await Promise.all(supervisors.splice(ACTIVE).map((s) => s.close()));
+
+    // (a) Dispatch latency.
+    const jobs = createClient(
+      JobService,
+      createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }),
+    );
+    const spec = { image: "bench:v1", hosts: { tags: { pool: "active" } } };
+    const latencies: number[] = [];
+    for (let i = 0; i < DISPATCH_JOBS; i++) {
+      let started = 0;
+      let resolve!: () => void;
+      const got = new Promise<void>((r) => (resolve = r));
+      let wanted = "";
+      onStart = (jobId) => {
+        if (jobId !== wanted && wanted !== "") return;
+        started = performance.now();
+        resolve();
+      };
+      const { job } = await jobs.submitJob({ spec });
+      const returned = performance.now();
+      wanted = job!.id;
+      if (started === 0) await got;
+      latencies.push(Math.max(0, started - returned));
+    }
+    onStart = () => undefined;
+    const p50 = percentile(latencies, 50);
+    const p99 = percentile(latencies, 99);
+    report(`dispatch latency p50 (${DISPATCH_JOBS} jobs, ${ACTIVE} hosts)`, p50, "ms", { name: "SELECT 1", value: pgP50 });
+    report(`dispatch latency p99`, p99, "ms", { name: "unary RPC", value: rpcP50 });
+
+    // (b) Assignment throughput.
+    await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "dispatch jobs to end");
+    await sql`update hosts set admin_state = 'draining' where tags @> '{"pool": "active"}'`;
+    const queuedAt = performance.now();
+    await inBatches(Array.from({ length: QUEUED_JOBS }), 40, () => jobs.submitJob({ spec }));
+    report(`SubmitJob rate while queueing ${QUEUED_JOBS}`, QUEUED_JOBS / ((performance.now() - queuedAt) / 1000), "jobs/s");
+    const t0 = performance.now();
+    await sql`update hosts set admin_state = 'enabled' where tags @> '{"pool": "active"}'`;
+    await sql`select pg_notify('treadmill_schedule', '')`;
+    await until(
+      async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0,
+      "the queue to drain",
+    );
+    const seconds = (performance.now() - t0) / 1000;
+    report(`assignment throughput (${QUEUED_JOBS} jobs, ${ACTIVE} hosts)`, QUEUED_JOBS / seconds, "jobs/s", {
+      name: "1 / SELECT 1",
+      value: 1000 / pgP50,
+    });
+  } finally {
+    await Promise.all(supervisors.map((s) => s.close()));
+    child.child.kill("SIGTERM");
+    await child.exited;
+    await sql.end({ timeout: 5 });
+    await pg.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}

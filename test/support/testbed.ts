@@ -1,0 +1,124 @@
+import { chmod, mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Writable } from "node:stream";
+import { createClient, type Client, type Transport } from "@connectrpc/connect";
+import type { DescService } from "@bufbuild/protobuf";
+import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { JobState, type Job } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
+import { coordinatorTransport } from "../../lib/coordinator-client.js";
+import { pushImage } from "../../lib/image-push.js";
+import { createLogger } from "../../lib/logger.js";
+import { loadTestbedConfig } from "../../testbed/config.js";
+import { buildBusyboxImage, type FileSpec } from "../../testbed/images.js";
+import { adminTransport, loadState } from "../../testbed/provision.js";
+import { createTestbed, type Testbed } from "../../testbed/testbed.js";
+
+/** The all-in-one testbed in the test process, with every log line kept. */
+export interface RunningTestbed {
+  testbed: Testbed;
+  dir: string;
+  coordinatorUrl: string;
+  /** Every log line any component wrote (JSON), for secret-leak checks. */
+  logLines: string[];
+  /** A transport to the coordinator with the admin's token. */
+  admin: Transport;
+  client<S extends DescService>(service: S): Client<S>;
+  /** Pushes a busybox image whose entrypoint runs the `script` parameter with sh. */
+  pushShellImage(name: string, files?: Record<string, FileSpec>): Promise<void>;
+  /** Waits until the job is FINALIZED (WatchJob), with a deadline. */
+  waitFinalized(jobId: string, timeoutMs?: number): Promise<Job>;
+  /** Waits until the job reaches `state` (or later). */
+  waitState(jobId: string, state: JobState, timeoutMs?: number): Promise<Job>;
+  /** The whole text of one channel of a job's log, from the log servers it names. */
+  readLog(jobId: string, channel: string): Promise<string>;
+  stop(): Promise<void>;
+}
+
+export async function startTestbed(options: { supervisors?: number } = {}): Promise<RunningTestbed> {
+  const dir = await mkdtemp(join(tmpdir(), "treadmill-testbed-"));
+  await chmod(dir, 0o755); // job slot uids and the postgres user must reach it
+  const logLines: string[] = [];
+  const sink = new Writable({
+    write(chunk, _enc, done) {
+      logLines.push(...String(chunk).split("\n").filter((l) => l !== ""));
+      done();
+    },
+  });
+  const logger = createLogger({ level: "debug", destination: sink });
+  const testbed = createTestbed({
+    config: {
+      ...loadTestbedConfig({ env: {}, argv: [] }),
+      basePort: 0,
+      dataDir: join(dir, "data"),
+      supervisors: options.supervisors ?? 2,
+      logLevel: "debug",
+    },
+    logger,
+  });
+  await testbed.start();
+  const coordinatorUrl = testbed.servers()[0].url;
+  const admin = await adminTransport(coordinatorUrl, await loadState(join(dir, "data")));
+  const client = <S extends DescService>(service: S) => createClient(service, admin);
+  const jobs = client(JobService);
+
+  const waitState = async (jobId: string, state: JobState, timeoutMs = 60000) => {
+    const abort = AbortSignal.timeout(timeoutMs);
+    for await (const change of jobs.watchJob({ jobId }, { signal: abort })) {
+      if (change.job && change.job.state >= state) return change.job;
+    }
+    throw new Error(`watch of job ${jobId} ended before state ${JobState[state]}`);
+  };
+
+  return {
+    testbed,
+    dir,
+    coordinatorUrl,
+    logLines,
+    admin,
+    client,
+    async pushShellImage(name, files) {
+      const image = await buildBusyboxImage({
+        dir: join(dir, "images"),
+        title: name,
+        entrypoint: ["/bin/sh", "-c", 'eval "$TREADMILL_PARAM_script"'],
+        files,
+      });
+      const [repo, tag] = name.split(":");
+      await pushImage(
+        admin,
+        {
+          manifestDigest: image.manifestDigest,
+          manifestJson: image.manifestJson,
+          blobs: image.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
+          mediaTypes: image.layers.map((l) => l.mediaType),
+        },
+        { name: repo, tag: tag ?? "latest" },
+      );
+    },
+    waitFinalized: (jobId, timeoutMs) => waitState(jobId, JobState.FINALIZED, timeoutMs),
+    waitState,
+    async readLog(jobId, channel) {
+      const access = await jobs.getJobLogAccess({ jobId });
+      let lastError: unknown;
+      for (const url of access.logServerUrls) {
+        try {
+          const logs = createClient(LogService, coordinatorTransport(url, access.readToken?.token ?? ""));
+          const parts: Buffer[] = [];
+          for await (const r of logs.read({ jobId, channel, start: { case: "fromSeq", value: 1n } })) {
+            if (r.payload.case === "frame") parts.push(Buffer.from(r.payload.value.data));
+          }
+          return Buffer.concat(parts).toString("utf8");
+        } catch (err) {
+          lastError = err;
+        }
+      }
+      throw lastError;
+    },
+    async stop() {
+      await testbed.stop();
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
