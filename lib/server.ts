@@ -1,3 +1,5 @@
+import type { IncomingMessage } from "node:http";
+import type { Duplex } from "node:stream";
 import type { DescService } from "@bufbuild/protobuf";
 import { Code, ConnectError, type ConnectRouter, type Interceptor } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
@@ -50,6 +52,11 @@ export interface ServerOptions {
    * true when it answered the request.
    */
   http?: (req: HttpRequest, res: HttpResponse) => boolean;
+  /**
+   * HTTP/1.1 `Upgrade` requests (WebSocket): the handler owns the socket; see
+   * ListenerOptions.upgrade.
+   */
+  upgrade?: (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
 }
 
 export interface Server {
@@ -109,6 +116,7 @@ export function createServer(options: ServerOptions): Server {
   const listener = new OnePortListener({
     logger,
     tls: options.tls,
+    upgrade: options.upgrade,
     handler: createRequestPipeline({
       logger,
       corsOrigins: options.corsOrigins ?? [],

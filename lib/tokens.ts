@@ -7,7 +7,10 @@
  *
  * Claims: iss, sub (who the token was minted for), aud (optional: the kind of
  * service meant to accept it), iat, exp, jti, scope, and the resource claims
- * `job`, `digest` and `port` as the scope requires.
+ * `job`, `digest` and `port` as the scope requires. A `tunnel:dial` token
+ * names the exposure it grants in `exposure` (`console`, `ssh`: what
+ * DialOpen.port_name and the proxy's entrances ask for) and may pin the job
+ * host in `host`; `port` (a number) is then optional (docs/proxy.md).
  */
 import { randomUUID } from "node:crypto";
 import { Code, ConnectError } from "@connectrpc/connect";
@@ -36,7 +39,7 @@ export type Capability =
   | { scope: "image:read"; digest: string }
   | { scope: "image:write" }
   | { scope: "tunnel:expose"; job: string }
-  | { scope: "tunnel:dial"; job: string; port: number }
+  | { scope: "tunnel:dial"; job: string; port?: number; exposure?: string; host?: string }
   | { scope: "service:register" }
   // Administration of a store or log server (delete manifests, collect
   // garbage, delete job logs), minted for admins by CreateAdminCapability.
@@ -169,10 +172,21 @@ function capabilityClaims(capability: Capability): JWTPayload {
     case "tunnel:expose":
       if (!validJob(capability.job)) throw new Error(`${capability.scope} needs a job`);
       return { scope: capability.scope, job: capability.job };
-    case "tunnel:dial":
+    case "tunnel:dial": {
       if (!validJob(capability.job)) throw new Error("tunnel:dial needs a job");
-      if (!validPort(capability.port)) throw new Error("tunnel:dial needs a port in 1..65535");
-      return { scope: capability.scope, job: capability.job, port: capability.port };
+      const { port, exposure, host } = capability;
+      if (port === undefined && exposure === undefined) throw new Error("tunnel:dial needs a port or an exposure");
+      if (port !== undefined && !validPort(port)) throw new Error("tunnel:dial needs a port in 1..65535");
+      if (exposure !== undefined && !validExposure(exposure)) throw new Error("tunnel:dial needs an exposure name");
+      if (host !== undefined && !validJob(host)) throw new Error("tunnel:dial needs a host id");
+      return {
+        scope: capability.scope,
+        job: capability.job,
+        ...(port !== undefined && { port }),
+        ...(exposure !== undefined && { exposure }),
+        ...(host !== undefined && { host }),
+      };
+    }
     case "image:read":
       if (!DIGEST.test(capability.digest)) throw new Error("image:read needs a sha256:<hex> digest");
       return { scope: capability.scope, digest: capability.digest };
@@ -194,16 +208,31 @@ function validPort(port: unknown): port is number {
   return typeof port === "number" && Number.isInteger(port) && port >= 1 && port <= 65535;
 }
 
+function validExposure(name: unknown): name is string {
+  return typeof name === "string" && /^[a-z][a-z0-9-]{0,31}$/.test(name);
+}
+
 /** The capability in verified claims, or undefined when they are malformed. */
 function parseCapability(payload: JWTPayload): Capability | undefined {
-  const { scope, job, digest, port } = payload;
+  const { scope, job, digest, port, exposure, host } = payload;
   switch (scope) {
     case "log:write":
     case "log:read":
     case "tunnel:expose":
       return validJob(job) ? { scope, job } : undefined;
-    case "tunnel:dial":
-      return validJob(job) && validPort(port) ? { scope, job, port } : undefined;
+    case "tunnel:dial": {
+      if (!validJob(job) || (port === undefined && exposure === undefined)) return undefined;
+      if (port !== undefined && !validPort(port)) return undefined;
+      if (exposure !== undefined && !validExposure(exposure)) return undefined;
+      if (host !== undefined && !validJob(host)) return undefined;
+      return {
+        scope,
+        job,
+        ...(port !== undefined && { port }),
+        ...(exposure !== undefined && { exposure }),
+        ...(host !== undefined && { host }),
+      };
+    }
     case "image:read":
       return typeof digest === "string" && DIGEST.test(digest) ? { scope, digest } : undefined;
     case "image:write":
@@ -225,8 +254,14 @@ function mismatch(have: Capability, required: Capability): string | undefined {
   if ("digest" in required && (!("digest" in have) || have.digest !== required.digest)) {
     return `token does not grant ${required.scope} on ${required.digest}`;
   }
-  if ("port" in required && (!("port" in have) || have.port !== required.port)) {
+  if ("port" in required && required.port !== undefined && (!("port" in have) || have.port !== required.port)) {
     return `token does not grant ${required.scope} on port ${required.port}`;
+  }
+  if ("exposure" in required && required.exposure !== undefined && (!("exposure" in have) || have.exposure !== required.exposure)) {
+    return `token does not grant ${required.scope} on exposure ${required.exposure}`;
+  }
+  if ("host" in required && required.host !== undefined && (!("host" in have) || have.host !== required.host)) {
+    return `token does not grant ${required.scope} on host ${required.host}`;
   }
   return undefined;
 }

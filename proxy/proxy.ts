@@ -1,23 +1,172 @@
+import { randomUUID } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import type { Http2ServerRequest } from "node:http2";
 import type { ConnectRouter } from "@connectrpc/connect";
+import { ServiceKind } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { RendezvousService } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import { TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
-import { createServingComponent, type ServingComponent } from "../lib/component.js";
+import { serverOptions, type ServingComponent } from "../lib/component.js";
+import { coordinatorKeySource, coordinatorTransport, runRegistration } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
-import type { ProxyConfig } from "./config.js";
+import { createServer, type HttpRequest, type Server } from "../lib/server.js";
+import { TokenVerifier, type JSONWebKeySet } from "../lib/tokens.js";
+import { ProxyAuth } from "./auth.js";
+import { parsePortRange, type ProxyConfig } from "./config.js";
+import { Hub } from "./hub.js";
+import { RendezvousServiceImpl } from "./rendezvous-service.js";
+import { STREAM_HEADER, StreamTable } from "./rpc-side.js";
+import { TcpEntrances } from "./tcp-entrance.js";
+import { TunnelServiceImpl } from "./tunnel-service.js";
+import { WebSocketEntrance } from "./websocket-entrance.js";
+
+/** The byte-stream RPCs: served without compression (bytes through a tunnel rarely compress and gzip costs most of the throughput). */
+const STREAM_PROCEDURES = [
+  `/${RendezvousService.typeName}/Tunnel`,
+  `/${TunnelService.typeName}/Dial`,
+];
+
+/** A proxy component, plus what tests look at. */
+export interface Proxy extends ServingComponent {
+  /** Open and opening tunnels. */
+  tunnelCount(): number;
+  /** Job hosts holding a control stream. */
+  sessionCount(): number;
+}
+
+/** The JWKS in `path`, read at every (rate-limited) refetch so that a rotated file is picked up. */
+function fileKeySource(path: string): () => Promise<JSONWebKeySet> {
+  return async () => {
+    const parsed = JSON.parse(await readFile(path, "utf8")) as JSONWebKeySet;
+    if (!Array.isArray(parsed?.keys)) throw new Error(`${path} is not a jwks (no keys array)`);
+    return parsed;
+  };
+}
 
 /**
- * A rendezvous proxy: `RendezvousService` for supervisors, `TunnelService`
- * for clients. Both answer `Unimplemented` until the proxy issue gives them
- * behaviour.
+ * A rendezvous proxy (DESIGN.md §8, docs/proxy.md): `RendezvousService` for
+ * supervisors, `TunnelService` for clients, a WebSocket entrance at
+ * `/ws/<job>/<exposure>` and per-session TCP entrances from a port range;
+ * registers with the coordinator when a service credential is configured.
+ * `keys` overrides the verifier's key source (tests).
  */
-export function createProxy({ config, logger }: { config: ProxyConfig; logger: Logger }): ServingComponent {
-  return createServingComponent({
-    name: "proxy",
-    config,
-    logger,
-    routes: (router: ConnectRouter) => {
-      router.service(RendezvousService, {});
-      router.service(TunnelService, {});
-    },
+export function createProxy({
+  config,
+  logger,
+  keys,
+}: {
+  config: ProxyConfig;
+  logger: Logger;
+  keys?: () => Promise<JSONWebKeySet>;
+}): Proxy {
+  const keySource =
+    keys ??
+    (config.signingKeysFile !== ""
+      ? fileKeySource(config.signingKeysFile)
+      : coordinatorKeySource(coordinatorTransport(config.coordinatorUrl)));
+  const verifier = new TokenVerifier({ keys: keySource, audience: "proxy", logger: logger.child({ subsystem: "tokens" }) });
+  const auth = new ProxyAuth(verifier);
+  const proxyId = randomUUID();
+  const hub = new Hub({
+    proxyId,
+    maxTunnels: config.maxTunnels,
+    maxTunnelsPerJob: config.maxTunnelsPerJob,
+    maxExposuresPerHost: config.maxExposuresPerHost,
+    openTimeoutMs: config.openTimeoutMs,
+    idleTimeoutMs: config.idleTimeoutMs,
+    pingIntervalMs: config.pingIntervalMs,
+    forceAfterMs: Math.max(1000, config.graceMs),
+    logger: logger.child({ subsystem: "hub" }),
   });
+  const range = parsePortRange(config.tcpPortRange);
+  const streams = new StreamTable();
+  const websocket = new WebSocketEntrance({ hub, auth, logger: logger.child({ subsystem: "websocket" }) });
+  const background = new AbortController();
+  const tasks: Promise<void>[] = [];
+  let tcp: TcpEntrances | undefined;
+  let server: Server | undefined;
+  let stopping: Promise<void> | undefined;
+
+  const publicUrl = () => (config.publicUrl !== "" ? config.publicUrl : server!.address().url);
+
+  return {
+    async start() {
+      const bindHost = config.tcpHost !== "" ? config.tcpHost : config.host;
+      const publicHost =
+        config.tcpPublicHost !== "" ? config.tcpPublicHost : config.publicUrl !== "" ? new URL(config.publicUrl).hostname : config.host;
+      tcp = range ? new TcpEntrances({ hub, bindHost, publicHost, range, logger: logger.child({ subsystem: "tcp" }) }) : undefined;
+      const rendezvous = new RendezvousServiceImpl({
+        hub,
+        auth,
+        streams,
+        pingIntervalMs: config.pingIntervalMs,
+        proxyId,
+        logger: logger.child({ subsystem: "rendezvous" }),
+      });
+      const tunnels = new TunnelServiceImpl({ hub, auth, streams, tcp, logger: logger.child({ subsystem: "tunnels" }) });
+      server = createServer({
+        ...serverOptions("proxy", config, logger, (router: ConnectRouter) => {
+          router.service(RendezvousService, rendezvous);
+          router.service(TunnelService, tunnels);
+        }),
+        bulkProcedures: STREAM_PROCEDURES,
+        http: (req) => {
+          tagStream(req, streams);
+          return false;
+        },
+        upgrade: (req, socket, head) => websocket.upgrade(req, socket, head),
+      });
+      await server.start();
+      if (config.serviceCredential !== "" && config.coordinatorUrl !== "") {
+        tasks.push(
+          runRegistration({
+            transport: coordinatorTransport(config.coordinatorUrl, config.serviceCredential),
+            kind: ServiceKind.PROXY,
+            url: publicUrl(),
+            site: config.site,
+            tcpAddress: range && tcp ? `${publicHost}:${range.low}-${range.high}` : "",
+            status: () => ({
+              activeStreams: hub.tunnelCount,
+              draining: background.signal.aborted,
+            }),
+            logger: logger.child({ subsystem: "registration" }),
+            signal: background.signal,
+          }),
+        );
+      }
+    },
+    stop() {
+      stopping ??= (async () => {
+        // Deregister, then tell every tunnel and supervisor why they end,
+        // so that supervisors reconnect (elsewhere or later) at once.
+        background.abort();
+        await Promise.all(tasks);
+        hub.stop();
+        websocket.stop();
+        tcp?.stop();
+        await server?.stop();
+      })();
+      return stopping;
+    },
+    address() {
+      if (!server) throw new Error("proxy not started");
+      return server.address();
+    },
+    tunnelCount: () => hub.tunnelCount,
+    sessionCount: () => hub.sessionCount,
+  };
+}
+
+/**
+ * Marks an HTTP/2 request with an id of its raw stream (overwriting any such
+ * header a client sent), so that a byte-stream call whose client never reads
+ * can be reset (rpc-side.ts).
+ */
+function tagStream(req: HttpRequest, streams: StreamTable): void {
+  if (req.httpVersionMajor !== 2) {
+    delete req.headers[STREAM_HEADER];
+    return;
+  }
+  const h2 = req as Http2ServerRequest;
+
+  (h2.headers as Record<string, string>)[STREAM_HEADER] = streams.add(h2.stream);
 }

@@ -26,6 +26,13 @@ export interface ListenerOptions {
   handler: HttpHandler;
   /** PEM certificate and key; without them the port is cleartext. */
   tls?: { cert: string | Buffer; key: string | Buffer };
+  /**
+   * HTTP/1.1 `Upgrade` requests (WebSocket). The handler owns the socket from
+   * then on; the drain no longer ends it (the component closes it), only the
+   * force after the grace period destroys it. Without a handler, Node answers
+   * upgrade requests as plain requests.
+   */
+  upgrade?: (req: http.IncomingMessage, socket: Duplex, head: Buffer) => void;
 }
 
 /**
@@ -59,6 +66,17 @@ export class OnePortListener {
       this.#trackH1Request(req, res);
       options.handler(req, res);
     });
+    const upgrade = options.upgrade;
+    if (upgrade) {
+      this.#h1.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+        this.#h1Busy.delete(socket);
+        if (this.#draining) {
+          socket.destroy();
+          return;
+        }
+        upgrade(req, socket, head);
+      });
+    }
     this.#h2 = http2.createServer({ settings: { initialWindowSize: H2_STREAM_WINDOW } }, options.handler);
     this.#h2.on("session", (session) => this.#onSession(session));
 

@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { ProtocolVersion } from "../../common/v1/protocol_pb.js";
 import { file_treadmill_common_v1_protocol } from "../../common/v1/protocol_pb.js";
 import type { Exposure, HalfClose, StreamClose, WindowSize } from "./tunnel_pb.js";
@@ -14,7 +16,86 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/proxy/v1/tunnel_service.proto.
  */
 export const file_treadmill_proxy_v1_tunnel_service: GenFile = /*@__PURE__*/
-  fileDesc("Cid0cmVhZG1pbGwvcHJveHkvdjEvdHVubmVsX3NlcnZpY2UucHJvdG8SEnRyZWFkbWlsbC5wcm94eS52MSKzAQoIRGlhbE9wZW4SPgoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuUHJvdG9jb2xWZXJzaW9uEg4KBmpvYl9pZBgCIAEoCRIRCglwb3J0X25hbWUYAyABKAkSDwoHaG9zdF9pZBgEIAEoCRIzCgt3aW5kb3dfc2l6ZRgFIAEoCzIeLnRyZWFkbWlsbC5wcm94eS52MS5XaW5kb3dTaXplIr0BCgtEaWFsUmVxdWVzdBIsCgRvcGVuGAEgASgLMhwudHJlYWRtaWxsLnByb3h5LnYxLkRpYWxPcGVuSAASDgoEZGF0YRgCIAEoDEgAEjMKCmhhbGZfY2xvc2UYAyABKAsyHS50cmVhZG1pbGwucHJveHkudjEuSGFsZkNsb3NlSAASMAoGcmVzaXplGAQgASgLMh4udHJlYWRtaWxsLnByb3h5LnYxLldpbmRvd1NpemVIAEIJCgdwYXlsb2FkIlMKCkRpYWxPcGVuZWQSFQoNY29ubmVjdGlvbl9pZBgBIAEoCRIuCghleHBvc3VyZRgCIAEoCzIcLnRyZWFkbWlsbC5wcm94eS52MS5FeHBvc3VyZSLDAQoMRGlhbFJlc3BvbnNlEjAKBm9wZW5lZBgBIAEoCzIeLnRyZWFkbWlsbC5wcm94eS52MS5EaWFsT3BlbmVkSAASDgoEZGF0YRgCIAEoDEgAEjMKCmhhbGZfY2xvc2UYAyABKAsyHS50cmVhZG1pbGwucHJveHkudjEuSGFsZkNsb3NlSAASMQoGY2xvc2VkGAQgASgLMh8udHJlYWRtaWxsLnByb3h5LnYxLlN0cmVhbUNsb3NlSABCCQoHcGF5bG9hZDJeCg1UdW5uZWxTZXJ2aWNlEk0KBERpYWwSHy50cmVhZG1pbGwucHJveHkudjEuRGlhbFJlcXVlc3QaIC50cmVhZG1pbGwucHJveHkudjEuRGlhbFJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_treadmill_common_v1_protocol, file_treadmill_proxy_v1_tunnel]);
+  fileDesc("Cid0cmVhZG1pbGwvcHJveHkvdjEvdHVubmVsX3NlcnZpY2UucHJvdG8SEnRyZWFkbWlsbC5wcm94eS52MSJkChZPcGVuVGNwRW50cmFuY2VSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIRCglwb3J0X25hbWUYAiABKAkSDwoHaG9zdF9pZBgDIAEoCRIWCg5jbGllbnRfYWRkcmVzcxgEIAEoCSJrChdPcGVuVGNwRW50cmFuY2VSZXNwb25zZRIPCgdhZGRyZXNzGAEgASgJEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB2hvc3RfaWQYAyABKAkiswEKCERpYWxPcGVuEj4KEHByb3RvY29sX3ZlcnNpb24YASABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLlByb3RvY29sVmVyc2lvbhIOCgZqb2JfaWQYAiABKAkSEQoJcG9ydF9uYW1lGAMgASgJEg8KB2hvc3RfaWQYBCABKAkSMwoLd2luZG93X3NpemUYBSABKAsyHi50cmVhZG1pbGwucHJveHkudjEuV2luZG93U2l6ZSK9AQoLRGlhbFJlcXVlc3QSLAoEb3BlbhgBIAEoCzIcLnRyZWFkbWlsbC5wcm94eS52MS5EaWFsT3BlbkgAEg4KBGRhdGEYAiABKAxIABIzCgpoYWxmX2Nsb3NlGAMgASgLMh0udHJlYWRtaWxsLnByb3h5LnYxLkhhbGZDbG9zZUgAEjAKBnJlc2l6ZRgEIAEoCzIeLnRyZWFkbWlsbC5wcm94eS52MS5XaW5kb3dTaXplSABCCQoHcGF5bG9hZCJTCgpEaWFsT3BlbmVkEhUKDWNvbm5lY3Rpb25faWQYASABKAkSLgoIZXhwb3N1cmUYAiABKAsyHC50cmVhZG1pbGwucHJveHkudjEuRXhwb3N1cmUiwwEKDERpYWxSZXNwb25zZRIwCgZvcGVuZWQYASABKAsyHi50cmVhZG1pbGwucHJveHkudjEuRGlhbE9wZW5lZEgAEg4KBGRhdGEYAiABKAxIABIzCgpoYWxmX2Nsb3NlGAMgASgLMh0udHJlYWRtaWxsLnByb3h5LnYxLkhhbGZDbG9zZUgAEjEKBmNsb3NlZBgEIAEoCzIfLnRyZWFkbWlsbC5wcm94eS52MS5TdHJlYW1DbG9zZUgAQgkKB3BheWxvYWQyygEKDVR1bm5lbFNlcnZpY2USTQoERGlhbBIfLnRyZWFkbWlsbC5wcm94eS52MS5EaWFsUmVxdWVzdBogLnRyZWFkbWlsbC5wcm94eS52MS5EaWFsUmVzcG9uc2UoATABEmoKD09wZW5UY3BFbnRyYW5jZRIqLnRyZWFkbWlsbC5wcm94eS52MS5PcGVuVGNwRW50cmFuY2VSZXF1ZXN0GisudHJlYWRtaWxsLnByb3h5LnYxLk9wZW5UY3BFbnRyYW5jZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_treadmill_common_v1_protocol, file_treadmill_proxy_v1_tunnel]);
+
+/**
+ * Request of OpenTcpEntrance.
+ *
+ * @generated from message treadmill.proxy.v1.OpenTcpEntranceRequest
+ */
+export type OpenTcpEntranceRequest = Message<"treadmill.proxy.v1.OpenTcpEntranceRequest"> & {
+  /**
+   * The job; must be the token's `job` claim.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The exposure name; must be the token's `exposure` claim.
+   *
+   * @generated from field: string port_name = 2;
+   */
+  portName: string;
+
+  /**
+   * The host; must be the token's `host` claim when it has one. Empty: the
+   * token's, else the job's only host exposing the name.
+   *
+   * @generated from field: string host_id = 3;
+   */
+  hostId: string;
+
+  /**
+   * When set, only connections from this IP address are accepted (as the
+   * proxy sees it); empty: any.
+   *
+   * @generated from field: string client_address = 4;
+   */
+  clientAddress: string;
+};
+
+/**
+ * Describes the message treadmill.proxy.v1.OpenTcpEntranceRequest.
+ * Use `create(OpenTcpEntranceRequestSchema)` to create a new message.
+ */
+export const OpenTcpEntranceRequestSchema: GenMessage<OpenTcpEntranceRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_proxy_v1_tunnel_service, 0);
+
+/**
+ * Response of OpenTcpEntrance.
+ *
+ * @generated from message treadmill.proxy.v1.OpenTcpEntranceResponse
+ */
+export type OpenTcpEntranceResponse = Message<"treadmill.proxy.v1.OpenTcpEntranceResponse"> & {
+  /**
+   * `host:port` to connect to (the proxy's public TCP host and the port).
+   *
+   * @generated from field: string address = 1;
+   */
+  address: string;
+
+  /**
+   * When the port closes (the token's expiry).
+   *
+   * @generated from field: google.protobuf.Timestamp expires_at = 2;
+   */
+  expiresAt?: Timestamp | undefined;
+
+  /**
+   * The host the entrance reaches.
+   *
+   * @generated from field: string host_id = 3;
+   */
+  hostId: string;
+};
+
+/**
+ * Describes the message treadmill.proxy.v1.OpenTcpEntranceResponse.
+ * Use `create(OpenTcpEntranceResponseSchema)` to create a new message.
+ */
+export const OpenTcpEntranceResponseSchema: GenMessage<OpenTcpEntranceResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_proxy_v1_tunnel_service, 1);
 
 /**
  * DialOpen is the first message of a Dial stream.
@@ -63,7 +144,7 @@ export type DialOpen = Message<"treadmill.proxy.v1.DialOpen"> & {
  * Use `create(DialOpenSchema)` to create a new message.
  */
 export const DialOpenSchema: GenMessage<DialOpen> = /*@__PURE__*/
-  messageDesc(file_treadmill_proxy_v1_tunnel_service, 0);
+  messageDesc(file_treadmill_proxy_v1_tunnel_service, 2);
 
 /**
  * One message of Dial, sent by the client.
@@ -116,7 +197,7 @@ export type DialRequest = Message<"treadmill.proxy.v1.DialRequest"> & {
  * Use `create(DialRequestSchema)` to create a new message.
  */
 export const DialRequestSchema: GenMessage<DialRequest> = /*@__PURE__*/
-  messageDesc(file_treadmill_proxy_v1_tunnel_service, 1);
+  messageDesc(file_treadmill_proxy_v1_tunnel_service, 3);
 
 /**
  * DialOpened says the connection to the port is up.
@@ -144,7 +225,7 @@ export type DialOpened = Message<"treadmill.proxy.v1.DialOpened"> & {
  * Use `create(DialOpenedSchema)` to create a new message.
  */
 export const DialOpenedSchema: GenMessage<DialOpened> = /*@__PURE__*/
-  messageDesc(file_treadmill_proxy_v1_tunnel_service, 2);
+  messageDesc(file_treadmill_proxy_v1_tunnel_service, 4);
 
 /**
  * One message of Dial, sent by the proxy.
@@ -197,7 +278,7 @@ export type DialResponse = Message<"treadmill.proxy.v1.DialResponse"> & {
  * Use `create(DialResponseSchema)` to create a new message.
  */
 export const DialResponseSchema: GenMessage<DialResponse> = /*@__PURE__*/
-  messageDesc(file_treadmill_proxy_v1_tunnel_service, 3);
+  messageDesc(file_treadmill_proxy_v1_tunnel_service, 5);
 
 /**
  * TunnelService is the client side of a rendezvous proxy (DESIGN.md §8),
@@ -230,6 +311,25 @@ export const TunnelService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof DialRequestSchema;
     output: typeof DialResponseSchema;
+  },
+  /**
+   * Binds a plain TCP entrance for one exposure: a port from the proxy's
+   * configured range that accepts connections (each one a new connection to
+   * the exposure, as a Dial would be) until the dial token expires, then
+   * closes them with CLOSE_REASON_TOKEN_EXPIRED. For clients that cannot
+   * speak gRPC or WebSocket (ssh, nc). Called by the coordinator's
+   * OpenJobSession or by the CLI, with the dial token. Idempotent: the same
+   * token, exposure and host get the same port. Errors: INVALID_ARGUMENT,
+   * NOT_FOUND (exposure not announced), UNAVAILABLE (supervisor not
+   * connected), FAILED_PRECONDITION (this proxy has no TCP entrance range),
+   * RESOURCE_EXHAUSTED (no free port in the range).
+   *
+   * @generated from rpc treadmill.proxy.v1.TunnelService.OpenTcpEntrance
+   */
+  openTcpEntrance: {
+    methodKind: "unary";
+    input: typeof OpenTcpEntranceRequestSchema;
+    output: typeof OpenTcpEntranceResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_treadmill_proxy_v1_tunnel_service, 0);

@@ -1,0 +1,271 @@
+/** `tml host list|get|create|update|drain|enable|disable|rm` (changes need an admin). */
+import type { Client } from "@connectrpc/connect";
+import {
+  DriverKind,
+  DriverKindSchema,
+  HostAdminState,
+  HostAdminStateSchema,
+  HostSchema,
+  type Host,
+} from "../../gen/treadmill/coordinator/v1/host_pb.js";
+import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
+import { keyValues, parseIntFlag, type CommandSpec } from "../args.js";
+import type { CliContext } from "../context.js";
+import { CliError, ExitCode, UsageError } from "../errors.js";
+import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
+import { MEDIA_TYPES } from "./image.js";
+
+type Hosts = Client<typeof HostService>;
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** A host by id or name. */
+async function findHost(hosts: Hosts, ref: string): Promise<Host> {
+  const { host } = await hosts.getHost({ host: UUID.test(ref) ? { case: "hostId", value: ref } : { case: "name", value: ref } }, { timeoutMs: 15_000 });
+  if (!host) throw new CliError(`host ${ref} not found`, ExitCode.NOT_FOUND);
+  return host;
+}
+
+function driverOf(text: string): DriverKind {
+  const v = enumValue(DriverKindSchema, text);
+  if (v === undefined) throw new UsageError(`flag --driver must be one of ${enumWords(DriverKindSchema).join(", ")}, got "${text}"`);
+  return v;
+}
+
+const DEFAULT_MEDIA: Record<number, string[]> = {
+  [DriverKind.PROCESS]: [MEDIA_TYPES.rootfs],
+  [DriverKind.BOARD]: [MEDIA_TYPES.firmware],
+  [DriverKind.QEMU]: [MEDIA_TYPES.qcow2, MEDIA_TYPES.raw],
+};
+
+function stateText(h: Host): string {
+  const admin = word(HostAdminStateSchema, h.adminState);
+  return `${h.online ? "online" : "offline"}, ${admin}`;
+}
+
+function showHost(ctx: CliContext, h: Host) {
+  ctx.out.fields([
+    ["Name", h.name],
+    ["ID", h.id],
+    ["Status", stateText(h)],
+    ["Reason", h.adminStateReason],
+    ["Driver", word(DriverKindSchema, h.driverKind)],
+    ["Site", h.site],
+    ["Tags", tagsText(h.tags)],
+    ["Media types", h.mediaTypes.join(", ")],
+    ["Capacity", String(h.capacity)],
+    ["Jobs", h.currentJobIds.join(", ") || "-"],
+    ["Supervisor", h.supervisorVersion],
+    ["Last seen", h.lastSeenTime ? `${iso(h.lastSeenTime)} (${ago(h.lastSeenTime)})` : "never"],
+    ["Created", iso(h.createTime)],
+  ]);
+}
+
+async function setAdminState(ctx: CliContext, ref: string, state: HostAdminState, reason: string): Promise<number> {
+  const hosts = await ctx.client(HostService);
+  const current = await findHost(hosts, ref);
+  const { host } = await hosts.updateHost(
+    { hostId: current.id, host: { adminState: state, adminStateReason: reason }, updateMask: { paths: ["admin_state", "admin_state_reason"] } },
+    { timeoutMs: 15_000 },
+  );
+  ctx.out.data(host ? jsonOf(HostSchema, host) : {}, () => ctx.out.line(`Host ${current.name} is now ${word(HostAdminStateSchema, state)}.`));
+  return ExitCode.OK;
+}
+
+export const hostCommands: CommandSpec<CliContext>[] = [
+  {
+    path: ["host", "list"],
+    summary: "List hosts",
+    flags: {
+      tag: { type: "list", value: "KEY=VALUE", description: "only hosts with this tag" },
+      site: { type: "string", value: "SITE", description: "only this site" },
+      driver: { type: "string", value: "KIND", description: "only this driver" },
+      online: { type: "bool", description: "only hosts whose supervisor is attached" },
+    },
+    examples: ["tml host list", "tml host list --tag board=nrf52840dk --online -o json"],
+    async run(ctx, { flags }) {
+      const hosts = await ctx.client(HostService);
+      const found: Host[] = [];
+      let pageToken = "";
+      do {
+        const page = await hosts.listHosts(
+          {
+            filter: {
+              tags: keyValues("tag", flags.tag as string[] | undefined),
+              site: flags.site as string | undefined,
+              driverKind: flags.driver === undefined ? 0 : driverOf(flags.driver as string),
+              online: flags.online === true ? true : undefined,
+            },
+            pageSize: 1000,
+            pageToken,
+          },
+          { timeoutMs: 30_000 },
+        );
+        found.push(...page.hosts);
+        pageToken = page.nextPageToken;
+      } while (pageToken !== "");
+      ctx.out.data(
+        found.map((h) => jsonOf(HostSchema, h)),
+        () =>
+          ctx.out.table(
+            found,
+            [
+              { header: "NAME", value: (h) => h.name },
+              { header: "STATUS", value: (h) => stateText(h) },
+              { header: "DRIVER", value: (h) => word(DriverKindSchema, h.driverKind) },
+              { header: "SITE", value: (h) => h.site || "-" },
+              { header: "JOBS", value: (h) => `${h.currentJobIds.length}/${h.capacity}` },
+              { header: "TAGS", value: (h) => tagsText(h.tags) },
+              { header: "ID", value: (h) => h.id },
+            ],
+            "No hosts.",
+          ),
+      );
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["host", "get"],
+    summary: "Show one host",
+    args: [{ name: "HOST", required: true, description: "the host's name or id" }],
+    examples: ["tml host get lab-a-nrf-1"],
+    async run(ctx, { args }) {
+      const host = await findHost(await ctx.client(HostService), args.HOST!);
+      ctx.out.data(jsonOf(HostSchema, host), () => showHost(ctx, host));
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["host", "create"],
+    summary: "Create a host and print its supervisor credential (once) and command line (admins)",
+    args: [{ name: "NAME", required: true, description: "unique host name" }],
+    flags: {
+      driver: { type: "string", value: "KIND", description: `the host's driver (${enumWords(DriverKindSchema).join(", ")}; default process)` },
+      tag: { type: "list", value: "KEY=VALUE", description: "a tag jobs can ask for" },
+      "media-type": { type: "list", value: "TYPE", description: "an image layer type the host runs (default: the driver's)" },
+      site: { type: "string", value: "SITE", description: "the host's site" },
+      capacity: { type: "string", value: "N", description: "jobs at once (default 1)" },
+      disabled: { type: "bool", description: "create it disabled" },
+    },
+    examples: ["tml host create lab-a-nrf-1 --driver board --tag board=nrf52840dk --site lab-a", "tml host create ci-runner-1 --capacity 4"],
+    async run(ctx, { args, flags }) {
+      const target = await ctx.target();
+      const driverKind = driverOf((flags.driver as string | undefined) ?? "process");
+      const hosts = await ctx.client(HostService);
+      const response = await hosts.createHost(
+        {
+          name: args.NAME!,
+          driverKind,
+          tags: keyValues("tag", flags.tag as string[] | undefined),
+          mediaTypes: (flags["media-type"] as string[] | undefined) ?? DEFAULT_MEDIA[driverKind],
+          site: (flags.site as string | undefined) ?? "",
+          capacity: flags.capacity === undefined ? 0 : parseIntFlag("capacity", flags.capacity as string, 1, 1024),
+          adminState: flags.disabled === true ? HostAdminState.DISABLED : HostAdminState.UNSPECIFIED,
+        },
+        { timeoutMs: 15_000 },
+      );
+      const host = response.host!;
+      const command =
+        `TREADMILL_SUPERVISOR_HOST_CREDENTIAL=${response.credential} treadmill-supervisor` +
+        ` --coordinator-url ${target.server} --name ${host.name} --driver ${word(DriverKindSchema, host.driverKind)}` +
+        (host.capacity > 1 ? ` --capacity ${host.capacity}` : "");
+      ctx.out.data({ host: jsonOf(HostSchema, host), credential: response.credential, supervisorCommand: command }, () => {
+        ctx.out.line(`Host ${host.name} created (${host.id}).`);
+        ctx.out.line("");
+        ctx.out.line("Its supervisor credential, shown only this once:");
+        ctx.out.line(`  ${response.credential}`);
+        ctx.out.line("");
+        ctx.out.line("Start its supervisor on the host with:");
+        ctx.out.line(`  ${command}`);
+      });
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["host", "update"],
+    summary: "Change a host's tags, media types, site or capacity, or rotate its credential (admins)",
+    args: [{ name: "HOST", required: true, description: "the host's name or id" }],
+    flags: {
+      name: { type: "string", value: "NAME", description: "rename it" },
+      tag: { type: "list", value: "KEY=VALUE", description: "the new tags (replace all)" },
+      "media-type": { type: "list", value: "TYPE", description: "the new media types (replace all)" },
+      site: { type: "string", value: "SITE", description: "the new site" },
+      capacity: { type: "string", value: "N", description: "the new capacity" },
+      "rotate-credential": { type: "bool", description: "issue a new supervisor credential (the old one stops working)" },
+    },
+    examples: ["tml host update lab-a-nrf-1 --tag board=nrf52840dk --tag rev=b", "tml host update ci-runner-1 --rotate-credential"],
+    async run(ctx, { args, flags }) {
+      const hosts = await ctx.client(HostService);
+      const current = await findHost(hosts, args.HOST!);
+      const paths: string[] = [];
+      const host: Record<string, unknown> = {};
+      if (flags.name !== undefined) {
+        paths.push("name");
+        host.name = flags.name;
+      }
+      if (flags.tag !== undefined) {
+        paths.push("tags");
+        host.tags = keyValues("tag", flags.tag as string[]);
+      }
+      if (flags["media-type"] !== undefined) {
+        paths.push("media_types");
+        host.mediaTypes = flags["media-type"];
+      }
+      if (flags.site !== undefined) {
+        paths.push("site");
+        host.site = flags.site;
+      }
+      if (flags.capacity !== undefined) {
+        paths.push("capacity");
+        host.capacity = parseIntFlag("capacity", flags.capacity as string, 1, 1024);
+      }
+      const rotate = flags["rotate-credential"] === true;
+      if (paths.length === 0 && !rotate) throw new UsageError("`tml host update` needs something to change; see `tml host update --help`");
+      const response = await hosts.updateHost(
+        { hostId: current.id, host, updateMask: { paths }, rotateCredential: rotate },
+        { timeoutMs: 15_000 },
+      );
+      ctx.out.data({ host: response.host ? jsonOf(HostSchema, response.host) : null, credential: response.credential ?? null }, () => {
+        ctx.out.line(`Host ${response.host?.name ?? current.name} updated.`);
+        if (response.credential) ctx.out.line(`New supervisor credential, shown only this once:\n  ${response.credential}`);
+      });
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["host", "drain"],
+    summary: "Stop giving a host new jobs; running ones finish (admins)",
+    args: [{ name: "HOST", required: true, description: "the host's name or id" }],
+    flags: { reason: { type: "string", value: "TEXT", description: "why, shown in `tml host get`" } },
+    examples: ['tml host drain lab-a-nrf-1 --reason "replacing the USB hub"'],
+    run: (ctx, { args, flags }) => setAdminState(ctx, args.HOST!, HostAdminState.DRAINING, (flags.reason as string | undefined) ?? ""),
+  },
+  {
+    path: ["host", "disable"],
+    summary: "Give a host no new jobs, e.g. while broken (admins)",
+    args: [{ name: "HOST", required: true, description: "the host's name or id" }],
+    flags: { reason: { type: "string", value: "TEXT", description: "why, shown in `tml host get`" } },
+    examples: ['tml host disable lab-a-nrf-1 --reason "board dead"'],
+    run: (ctx, { args, flags }) => setAdminState(ctx, args.HOST!, HostAdminState.DISABLED, (flags.reason as string | undefined) ?? ""),
+  },
+  {
+    path: ["host", "enable"],
+    summary: "Give a drained or disabled host jobs again (admins)",
+    args: [{ name: "HOST", required: true, description: "the host's name or id" }],
+    examples: ["tml host enable lab-a-nrf-1"],
+    run: (ctx, { args }) => setAdminState(ctx, args.HOST!, HostAdminState.ENABLED, ""),
+  },
+  {
+    path: ["host", "rm"],
+    summary: "Delete a host and its credential (admins; drain it first)",
+    args: [{ name: "HOST", required: true, description: "the host's name or id" }],
+    examples: ["tml host rm old-runner"],
+    async run(ctx, { args }) {
+      const hosts = await ctx.client(HostService);
+      const current = await findHost(hosts, args.HOST!);
+      await hosts.deleteHost({ hostId: current.id }, { timeoutMs: 15_000 });
+      ctx.out.data({ deleted: current.id }, () => ctx.out.line(`Host ${current.name} deleted.`));
+      return ExitCode.OK;
+    },
+  },
+];

@@ -1,0 +1,49 @@
+/** Every command of `tml`, in the order `tml --help` lists them. */
+import type { CommandSpec } from "../args.js";
+import { bashCompletion, zshCompletion } from "../completion.js";
+import type { CliContext } from "../context.js";
+import { ExitCode, UsageError } from "../errors.js";
+import { authCommands } from "./auth.js";
+import { hostCommands } from "./host.js";
+import { imageCommands } from "./image.js";
+import { jobCommands } from "./job.js";
+import { sessionCommands } from "./session.js";
+import { userCommands } from "./user.js";
+
+const completionCommands: CommandSpec<CliContext>[] = [
+  {
+    path: ["completion"],
+    summary: "Print a shell completion script (bash or zsh)",
+    args: [{ name: "SHELL", required: true, description: "bash or zsh" }],
+    examples: ["source <(tml completion bash)", "tml completion zsh > \"${fpath[1]}/_tml\""],
+    async run(ctx, { args }) {
+      if (args.SHELL === "bash") ctx.io.stdout.write(bashCompletion(allCommands as CommandSpec<unknown>[]));
+      else if (args.SHELL === "zsh") ctx.io.stdout.write(zshCompletion(allCommands as CommandSpec<unknown>[]));
+      else {
+        throw new UsageError(`SHELL must be bash or zsh, got "${args.SHELL}"`);
+      }
+      return ExitCode.OK;
+    },
+  },
+];
+
+export const allCommands: CommandSpec<CliContext>[] = [
+  ...authCommands.filter((c) => c.path[0] !== "token" && c.path[0] !== "context"),
+  ...jobCommands,
+  ...sessionCommands,
+  ...imageCommands,
+  ...hostCommands,
+  ...userCommands,
+  ...authCommands.filter((c) => c.path[0] === "token" || c.path[0] === "context"),
+  ...completionCommands,
+];
+
+/** Summaries of the command groups, for help. */
+export const groupSummaries: Record<string, string> = {
+  job: "Run jobs, follow their logs, list, cancel and inspect them",
+  image: "Push, pull, list and manage images",
+  host: "List and manage hosts (changes: admins)",
+  user: "Manage users (admins)",
+  token: "Create, list and revoke API tokens",
+  context: "List, switch and remove saved server contexts",
+};

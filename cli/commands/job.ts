@@ -1,0 +1,532 @@
+/** `tml job run|list|get|cancel|wait|events|logs|snapshot`. */
+import { randomUUID } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type Client } from "@connectrpc/connect";
+import { DriverKindSchema } from "../../gen/treadmill/coordinator/v1/host_pb.js";
+import {
+  ExitStatus,
+  ExitStatusSchema,
+  FinalizeReason,
+  FinalizeReasonSchema,
+  type Job,
+  JobEventKindSchema,
+  JobEventSchema,
+  JobSchema,
+  JobStageSchema,
+  JobState,
+  JobStateSchema,
+  SnapshotSchema,
+  SnapshotStateSchema,
+} from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { backoff, sleep } from "../../lib/retry.js";
+import { keyValues, parseDuration, parseIntFlag, type CommandSpec, type FlagSpec } from "../args.js";
+import type { CliContext } from "../context.js";
+import { CliError, ExitCode, UsageError } from "../errors.js";
+import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
+import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel, type LogLine } from "../logs.js";
+import { askKey } from "../prompt.js";
+import { splitReference } from "./image.js";
+
+type Jobs = Client<typeof JobService>;
+
+/** How long after a job ends its logs may still be arriving. */
+const LOG_GRACE_MS = 10_000;
+
+/** "succeeded", "failed (exit code 2)", "canceled"... */
+export function outcome(job: Job): string {
+  if (job.state !== JobState.FINALIZED) return word(JobStateSchema, job.state);
+  if (job.finalizeReason === FinalizeReason.WORKLOAD_EXITED) {
+    const code = job.exitCode === undefined ? "" : ` (exit code ${job.exitCode})`;
+    return job.exitStatus === ExitStatus.SUCCESS ? `succeeded${code}` : `failed${code}`;
+  }
+  return word(FinalizeReasonSchema, job.finalizeReason) + (job.statusMessage ? `: ${job.statusMessage}` : "");
+}
+
+/** 0 when the job succeeded, 1 otherwise (finalized jobs only). */
+export function jobExitCode(job: Job): number {
+  return job.finalizeReason === FinalizeReason.WORKLOAD_EXITED && job.exitStatus === ExitStatus.SUCCESS ? ExitCode.OK : ExitCode.JOB_FAILED;
+}
+
+function stateText(job: Job): string {
+  if (job.state === JobState.INITIALIZING && job.stage !== 0) return `initializing (${word(JobStageSchema, job.stage)})`;
+  if (job.state === JobState.FINALIZED) return outcome(job);
+  return word(JobStateSchema, job.state);
+}
+
+/**
+ * Calls `onJob` with the job now and after every change until it is
+ * finalized (WatchJob, reconnecting with backoff when the stream breaks).
+ */
+async function watchJob(jobs: Jobs, jobId: string, signal: AbortSignal, onJob: (job: Job) => void | Promise<void>): Promise<Job> {
+  const delays = backoff({ initialMs: 250, maxMs: 5000 });
+  while (true) {
+    try {
+      for await (const message of jobs.watchJob({ jobId }, { signal })) {
+        if (!message.job) continue;
+        await onJob(message.job);
+        if (message.job.state === JobState.FINALIZED) return message.job;
+      }
+      // The stream ended before the job did (a replica stopping): watch again.
+    } catch (err) {
+      const error = ConnectError.from(err);
+      if (signal.aborted) throw error;
+      if (error.code !== Code.Unavailable && error.code !== Code.Unknown && error.code !== Code.DeadlineExceeded) throw error;
+      await sleep(delays.next().value, signal);
+    }
+  }
+}
+
+/** Writes log lines: console/stdout to stdout, stderr and supervisor to stderr. */
+function logSink(ctx: CliContext) {
+  return {
+    write(line: LogLine) {
+      if (line.channel === "stderr") ctx.io.stderr.write(line.data);
+      else if (line.channel === "supervisor") {
+        const text = Buffer.from(line.data).toString("utf8");
+        ctx.io.stderr.write(
+          text
+            .split(/(?<=\n)/)
+            .map((l) => ctx.out.errStyle(`[supervisor] ${l}`, "dim"))
+            .join(""),
+        );
+      } else ctx.io.stdout.write(line.data);
+    },
+  };
+}
+
+function parseSince(text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const asTime = Date.parse(text);
+  if (/^\d{4}-\d\d-\d\d/.test(text) && !Number.isNaN(asTime)) return asTime;
+  return Date.now() - parseDuration("since", text);
+}
+
+function channelsOf(flags: Record<string, unknown>, verbose: boolean): string[] {
+  const given = flags.channel as string[] | undefined;
+  if (given && given.length > 0) return given.flatMap((c) => c.split(",")).filter((c) => c !== "");
+  return verbose ? [...DEFAULT_CHANNELS, "supervisor"] : DEFAULT_CHANNELS;
+}
+
+const runFlags: Record<string, FlagSpec> = {
+  tag: { type: "list", value: "KEY=VALUE", description: "a host must carry this tag" },
+  hosts: { type: "string", value: "N", description: "how many hosts, co-allocated (default 1)" },
+  site: { type: "string", value: "SITE", description: "only hosts of this site" },
+  driver: { type: "string", value: "KIND", description: `only hosts with this driver (${enumWords(DriverKindSchema).join(", ")})` },
+  param: { type: "list", value: "NAME=VALUE", description: "a parameter for the workload" },
+  secret: { type: "list", value: "NAME=VALUE", description: "a secret parameter (never shown or logged)" },
+  "secret-file": { type: "list", value: "NAME=PATH", description: "a secret parameter read from a file" },
+  expose: { type: "list", value: "NAME=PORT", description: "expose a port of the job (see `tml port-forward`)" },
+  label: { type: "list", value: "KEY=VALUE", description: "a tag of the job itself, for `tml job list --label`" },
+  description: { type: "string", value: "TEXT", description: "free text shown in listings" },
+  priority: { type: "string", value: "N", description: "-100 to 100, higher first (default 0)" },
+  timeout: { type: "string", value: "DURATION", description: "longest run time, e.g. 30m (default: the server's)" },
+  "queue-timeout": { type: "string", value: "DURATION", description: "longest wait for hosts (default: the server's)" },
+  restarts: { type: "string", value: "N", description: "re-queue up to N times after an infrastructure failure" },
+  detach: { type: "bool", short: "d", description: "submit and print the job id; do not follow" },
+  quiet: { type: "bool", short: "q", description: "print only the job's output, no state changes" },
+};
+
+async function buildSpec(image: string, flags: Record<string, unknown>) {
+  const parameters = [
+    ...Object.entries(keyValues("param", flags.param as string[] | undefined)).map(([name, value]) => ({ name, value, secret: false })),
+    ...Object.entries(keyValues("secret", flags.secret as string[] | undefined)).map(([name, value]) => ({ name, value, secret: true })),
+  ];
+  for (const [name, path] of Object.entries(keyValues("secret-file", flags["secret-file"] as string[] | undefined))) {
+    let value: string;
+    try {
+      value = await readFile(path, "utf8");
+    } catch (err) {
+      throw new UsageError(`flag --secret-file ${name}: cannot read ${path} (${(err as NodeJS.ErrnoException).code ?? "error"})`);
+    }
+    parameters.push({ name, value, secret: true });
+  }
+  const exposedPorts = Object.entries(keyValues("expose", flags.expose as string[] | undefined)).map(([name, port]) => ({
+    name,
+    port: parseIntFlag("expose", port, 1, 65535),
+    description: "",
+  }));
+  let driverKind = 0;
+  if (flags.driver !== undefined) {
+    const v = enumValue(DriverKindSchema, flags.driver as string);
+    if (v === undefined) throw new UsageError(`flag --driver must be one of ${enumWords(DriverKindSchema).join(", ")}, got "${flags.driver}"`);
+    driverKind = v;
+  }
+  return {
+    image,
+    hosts: {
+      tags: keyValues("tag", flags.tag as string[] | undefined),
+      hostCount: flags.hosts === undefined ? 1 : parseIntFlag("hosts", flags.hosts as string, 1, 64),
+      site: flags.site as string | undefined,
+      driverKind,
+    },
+    priority: flags.priority === undefined ? 0 : parseIntFlag("priority", flags.priority as string, -100, 100),
+    jobTimeout: flags.timeout === undefined ? undefined : durationFromMs(parseDuration("timeout", flags.timeout as string)),
+    queueTimeout: flags["queue-timeout"] === undefined ? undefined : durationFromMs(parseDuration("queue-timeout", flags["queue-timeout"] as string)),
+    restartPolicy: flags.restarts === undefined ? undefined : { maxRestarts: parseIntFlag("restarts", flags.restarts as string, 0, 10) },
+    parameters,
+    exposedPorts,
+    tags: keyValues("label", flags.label as string[] | undefined),
+    description: (flags.description as string | undefined) ?? "",
+  };
+}
+
+/**
+ * Follows a job to its end: state changes on stderr (unless quiet), the live
+ * log of `channels`, Ctrl-C asking to cancel or detach. Resolves with the
+ * exit code.
+ */
+async function followJob(
+  ctx: CliContext,
+  jobs: Jobs,
+  jobId: string,
+  options: { channels: string[]; quiet: boolean; logs: boolean },
+): Promise<number> {
+  const watch = new AbortController();
+  const followers = new LogFollowers(new JobLogAccess(jobs, jobId), options.channels, logSink(ctx), { signal: watch.signal });
+  const status = (text: string) => {
+    if (!options.quiet) ctx.out.note(ctx.out.errStyle(`--> ${text}`, "cyan"));
+  };
+  let detached = false;
+  let cancelAsked = false;
+  let prompting = false;
+  const cancel = async () => {
+    if (cancelAsked) return;
+    cancelAsked = true;
+    status(`canceling job ${jobId} (Ctrl-C again to stop waiting)`);
+    await jobs.cancelJob({ jobId, message: "canceled from tml (Ctrl-C)" }, { timeoutMs: 15_000 }).catch((err) => {
+      ctx.out.note(`Could not cancel job ${jobId}: ${ConnectError.from(err).rawMessage}`);
+    });
+  };
+  const detach = () => {
+    detached = true;
+    watch.abort();
+  };
+  const onInterrupt = async () => {
+    if (cancelAsked || prompting) {
+      detach();
+      return;
+    }
+    if (ctx.io.stdin.isTTY && ctx.io.stdin.setRawMode) {
+      prompting = true;
+      const key = await askKey(ctx.io, `\nJob ${jobId} is still running. Cancel it [c], detach [d], or keep following [any other key]? `).catch(
+        () => "d",
+      );
+      prompting = false;
+      if (key === "c") await cancel();
+      else if (key === "d") detach();
+    } else {
+      await cancel();
+    }
+  };
+  const unsubscribe = ctx.io.onInterrupt?.(() => void onInterrupt());
+  let last = "";
+  let hosts = "";
+  try {
+    const job = await watchJob(jobs, jobId, watch.signal, (job) => {
+      const text = stateText(job);
+      if (text !== last && job.state !== JobState.FINALIZED) status(`${text}${job.attempt > 1 ? ` (attempt ${job.attempt})` : ""}`);
+      last = text;
+      const jobHosts = job.hostIds.join(", ");
+      if (jobHosts !== "" && jobHosts !== hosts) status(`on host${job.hostIds.length > 1 ? "s" : ""} ${jobHosts}`);
+      hosts = jobHosts;
+      if (options.logs && job.logServerUrls.length > 0 && job.state !== JobState.QUEUED) followers.follow(job.attempt);
+    });
+    if (options.logs) await followers.finish(LOG_GRACE_MS);
+    status(`job ${jobId} ${outcome(job)}`);
+    return jobExitCode(job);
+  } catch (err) {
+    if (detached) {
+      await followers.stop();
+      ctx.out.note(`Detached; job ${jobId} goes on. Follow it with \`tml job logs --follow ${jobId}\`, stop it with \`tml job cancel ${jobId}\`.`);
+      return ExitCode.INTERRUPTED;
+    }
+    await followers.stop();
+    throw err;
+  } finally {
+    unsubscribe?.();
+  }
+}
+
+export const jobCommands: CommandSpec<CliContext>[] = [
+  {
+    path: ["job", "run"],
+    summary: "Submit a job, follow its state and live log, exit with its status",
+    description:
+      "Submits the job, prints its state changes (on stderr) and its console, stdout and stderr (the\n" +
+      "supervisor's channel too with --verbose) until it ends, then exits 0 if it succeeded, 1 if not.\n" +
+      "Ctrl-C asks whether to cancel the job or detach (without a terminal: cancels; twice: detaches).",
+    args: [{ name: "IMAGE", required: true, description: "name:tag from `tml image list`, or a manifest digest" }],
+    flags: runFlags,
+    examples: [
+      "tml job run example/hello:latest",
+      "tml job run zephyr/blinky:v1 --tag board=nrf52840dk --timeout 10m",
+      "tml job run ci/tests:pr-123 --param SUITE=smoke --secret-file API_KEY=./key.txt --restarts 2",
+      "tml job run ci/tests:latest --detach",
+    ],
+    async run(ctx, { args, flags }) {
+      const spec = await buildSpec(splitReference(args.IMAGE!, "IMAGE").text, flags);
+      const jobs = await ctx.client(JobService);
+      const { job } = await jobs.submitJob({ spec, requestId: randomUUID() }, { timeoutMs: 30_000 });
+      if (!job) throw new CliError("the server returned no job", ExitCode.ERROR);
+      if (flags.detach === true) {
+        ctx.out.data(jsonOf(JobSchema, job), () => ctx.out.line(job.id));
+        return ExitCode.OK;
+      }
+      if (ctx.out.format !== "table") {
+        // Scripts asked for data: follow quietly, then print the final job.
+        const code = await followJob(ctx, jobs, job.id, { channels: [], quiet: true, logs: false });
+        const final = await jobs.getJob({ jobId: job.id }, { timeoutMs: 15_000 });
+        ctx.out.data(jsonOf(JobSchema, final.job!), () => undefined);
+        return code;
+      }
+      if (flags.quiet !== true) ctx.out.note(ctx.out.errStyle(`--> job ${job.id} submitted (${job.spec?.image ?? args.IMAGE})`, "cyan"));
+      return followJob(ctx, jobs, job.id, { channels: channelsOf({}, ctx.verbose), quiet: flags.quiet === true, logs: true });
+    },
+  },
+  {
+    path: ["job", "list"],
+    summary: "List jobs, newest first",
+    flags: {
+      state: { type: "list", value: "STATE", description: `only jobs in this state (${enumWords(JobStateSchema).join(", ")})` },
+      label: { type: "list", value: "KEY=VALUE", description: "only jobs with this tag" },
+      host: { type: "string", value: "HOST_ID", description: "only jobs on this host" },
+      owner: { type: "string", value: "USER_ID", description: "only jobs of this user (admins)" },
+      limit: { type: "string", value: "N", description: "at most N jobs (default 50; 0: all)" },
+    },
+    examples: ["tml job list", "tml job list --state running --state queued", "tml job list --label ci=pr-123 -o json"],
+    async run(ctx, { flags }) {
+      const states = ((flags.state as string[] | undefined) ?? []).map((s) => {
+        const v = enumValue(JobStateSchema, s);
+        if (v === undefined) throw new UsageError(`flag --state must be one of ${enumWords(JobStateSchema).join(", ")}, got "${s}"`);
+        return v;
+      });
+      const limit = flags.limit === undefined ? 50 : parseIntFlag("limit", flags.limit as string, 0, 1_000_000);
+      const jobs = await ctx.client(JobService);
+      const found: Job[] = [];
+      let pageToken = "";
+      do {
+        const page = await jobs.listJobs(
+          {
+            filter: {
+              states,
+              tags: keyValues("label", flags.label as string[] | undefined),
+              hostId: (flags.host as string | undefined) ?? "",
+              ownerUserId: (flags.owner as string | undefined) ?? "",
+            },
+            pageSize: limit === 0 ? 1000 : Math.min(1000, limit - found.length),
+            pageToken,
+          },
+          { timeoutMs: 30_000 },
+        );
+        found.push(...page.jobs);
+        pageToken = page.nextPageToken;
+      } while (pageToken !== "" && (limit === 0 || found.length < limit));
+      ctx.out.data(
+        found.map((j) => jsonOf(JobSchema, j)),
+        () =>
+          ctx.out.table(
+            found,
+            [
+              { header: "ID", value: (j) => j.id },
+              { header: "STATE", value: (j) => stateText(j) },
+              { header: "IMAGE", value: (j) => j.spec?.image ?? "-" },
+              { header: "HOSTS", value: (j) => (j.hostIds.length === 0 ? "-" : String(j.hostIds.length)) },
+              { header: "SUBMITTED", value: (j) => ago(j.createTime) },
+              { header: "DESCRIPTION", value: (j) => j.spec?.description || "-" },
+            ],
+            "No jobs.",
+          ),
+      );
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["job", "get"],
+    summary: "Show one job",
+    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    examples: ["tml job get 0190f5c2-7c1e-7000-8000-000000000000", "tml job get $JOB -o json | jq -r .state"],
+    async run(ctx, { args }) {
+      const jobs = await ctx.client(JobService);
+      const { job } = await jobs.getJob({ jobId: args.JOB! }, { timeoutMs: 15_000 });
+      if (!job) throw new CliError("the server returned no job");
+      ctx.out.data(jsonOf(JobSchema, job), () => {
+        const spec = job.spec;
+        ctx.out.fields([
+          ["ID", job.id],
+          ["State", stateText(job)],
+          ["Image", spec ? `${spec.image} (${job.manifestDigest})` : undefined],
+          ["Attempt", String(job.attempt)],
+          ["Hosts", job.hostIds.join(", ") || "-"],
+          ["Host tags", spec?.hosts ? tagsText(spec.hosts.tags) : undefined],
+          ["Priority", spec ? String(spec.priority) : undefined],
+          ["Parameters", spec?.parameters.map((p) => (p.secret ? `${p.name}=(secret)` : `${p.name}=${p.value}`)).join(", ")],
+          ["Labels", spec && Object.keys(spec.tags).length > 0 ? tagsText(spec.tags) : undefined],
+          ["Description", spec?.description],
+          ["Submitted", iso(job.createTime)],
+          ["Started", iso(job.startTime)],
+          ["Finished", iso(job.finalizeTime)],
+          ["Result", job.state === JobState.FINALIZED ? outcome(job) : undefined],
+          ["Exit status", job.exitStatus ? word(ExitStatusSchema, job.exitStatus) : undefined],
+          ["Message", job.statusMessage],
+          ["Cancel requested", job.cancelRequested ? "yes" : undefined],
+        ]);
+      });
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["job", "cancel"],
+    summary: "Cancel a job",
+    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    flags: {
+      message: { type: "string", value: "TEXT", description: "why, for the job's timeline" },
+      wait: { type: "bool", short: "w", description: "wait until the job is finalized" },
+    },
+    examples: ["tml job cancel $JOB", 'tml job cancel $JOB --message "wrong branch" --wait'],
+    async run(ctx, { args, flags }) {
+      const jobs = await ctx.client(JobService);
+      let { job } = await jobs.cancelJob({ jobId: args.JOB!, message: (flags.message as string | undefined) ?? "" }, { timeoutMs: 15_000 });
+      if (flags.wait === true && job?.state !== JobState.FINALIZED) job = await watchJob(jobs, args.JOB!, ctx.abort.signal, () => undefined);
+      ctx.out.data(job ? jsonOf(JobSchema, job) : {}, () =>
+        ctx.out.line(job?.state === JobState.FINALIZED ? `Job ${args.JOB} ${outcome(job)}.` : `Job ${args.JOB} is being canceled.`),
+      );
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["job", "wait"],
+    summary: "Wait until a job ends; exit 0 if it succeeded, 1 if not",
+    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    flags: { timeout: { type: "string", value: "DURATION", description: "give up after this long (exit 3)" } },
+    examples: ["tml job wait $JOB && echo passed", "tml job wait $JOB --timeout 1h"],
+    async run(ctx, { args, flags }) {
+      const jobs = await ctx.client(JobService);
+      const signal =
+        flags.timeout === undefined
+          ? ctx.abort.signal
+          : AbortSignal.any([ctx.abort.signal, AbortSignal.timeout(parseDuration("timeout", flags.timeout as string))]);
+      let job: Job;
+      try {
+        job = await watchJob(jobs, args.JOB!, signal, () => undefined);
+      } catch (err) {
+        if (signal.aborted && !ctx.abort.signal.aborted) throw new CliError(`job ${args.JOB} did not end within ${flags.timeout}`, ExitCode.ERROR);
+        throw err;
+      }
+      ctx.out.data(jsonOf(JobSchema, job), () => ctx.out.line(`Job ${job.id} ${outcome(job)}.`));
+      return jobExitCode(job);
+    },
+  },
+  {
+    path: ["job", "events"],
+    summary: "Show a job's timeline",
+    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    flags: { follow: { type: "bool", short: "f", description: "keep printing new events until the job ends" } },
+    examples: ["tml job events $JOB", "tml job events $JOB --follow"],
+    async run(ctx, { args, flags }) {
+      const jobs = await ctx.client(JobService);
+      const columns = [
+        { header: "TIME", value: (e: Job["timeline"][number]) => iso(e.time) ?? "-" },
+        { header: "EVENT", value: (e: Job["timeline"][number]) => word(JobEventKindSchema, e.kind) },
+        {
+          header: "STATE",
+          value: (e: Job["timeline"][number]) => word(JobStateSchema, e.state) + (e.stage ? ` (${word(JobStageSchema, e.stage)})` : ""),
+        },
+        { header: "ATTEMPT", value: (e: Job["timeline"][number]) => String(e.attempt) },
+        { header: "MESSAGE", value: (e: Job["timeline"][number]) => e.message || "-" },
+      ];
+      if (flags.follow !== true) {
+        const { job } = await jobs.getJob({ jobId: args.JOB! }, { timeoutMs: 15_000 });
+        const events = job?.timeline ?? [];
+        ctx.out.data(
+          events.map((e) => jsonOf(JobEventSchema, e)),
+          () => ctx.out.table(events, columns, "No events."),
+        );
+        return ExitCode.OK;
+      }
+      let printed = 0;
+      let header = false;
+      await watchJob(jobs, args.JOB!, ctx.abort.signal, (job) => {
+        for (const e of job.timeline.slice(printed)) {
+          if (ctx.out.format === "table") {
+            if (!header) ctx.out.line(ctx.out.style(columns.map((c) => c.header).join("  "), "bold"));
+            header = true;
+            ctx.out.line(columns.map((c) => c.value(e)).join("  "));
+          } else ctx.out.line(JSON.stringify(jsonOf(JobEventSchema, e)));
+        }
+        printed = Math.max(printed, job.timeline.length);
+      });
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["job", "logs"],
+    summary: "Print a job's log; --follow keeps printing until the job ends",
+    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    flags: {
+      channel: { type: "list", short: "c", value: "NAME", description: "channels to print (default console, stdout, stderr)" },
+      follow: { type: "bool", short: "f", description: "keep printing new output until the job ends" },
+      since: { type: "string", value: "WHEN", description: "only output captured since a time (RFC 3339) or a duration ago (10m)" },
+      attempt: { type: "string", value: "N", description: "an earlier attempt of a restarted job (default: the latest)" },
+    },
+    examples: ["tml job logs $JOB", "tml job logs $JOB --follow", "tml job logs $JOB --channel supervisor --since 10m"],
+    async run(ctx, { args, flags }) {
+      const jobs = await ctx.client(JobService);
+      const jobId = args.JOB!;
+      const channels = channelsOf(flags, false);
+      const sinceMs = parseSince(flags.since as string | undefined);
+      const attempt = flags.attempt === undefined ? 0 : parseIntFlag("attempt", flags.attempt as string, 1, 1000);
+      const logs = new JobLogAccess(jobs, jobId);
+      if (flags.follow === true) {
+        const watch = new AbortController();
+        const followers = new LogFollowers(logs, channels, logSink(ctx), { sinceMs, signal: watch.signal });
+        ctx.io.onInterrupt?.(() => watch.abort());
+        try {
+          await watchJob(jobs, jobId, watch.signal, (job) => {
+            if (job.logServerUrls.length > 0 && job.state !== JobState.QUEUED) followers.follow(attempt === 0 ? job.attempt : attempt);
+          });
+          await followers.finish(LOG_GRACE_MS);
+        } catch (err) {
+          await followers.stop();
+          if (watch.signal.aborted) return ExitCode.INTERRUPTED;
+          throw err;
+        }
+        if (followers.error) throw followers.error;
+        return ExitCode.OK;
+      }
+      const sink = logSink(ctx);
+      const signal = ctx.abort.signal;
+      for await (const line of mergeByTime(channels.map((channel) => readChannel(logs, { channel, attempt, follow: false, sinceMs, signal })))) {
+        sink.write(line);
+      }
+      return ExitCode.OK;
+    },
+  },
+  {
+    path: ["job", "snapshot"],
+    summary: "Turn a running job's state into a new image",
+    args: [{ name: "JOB", required: true, description: "the job's id (running, on one host)" }],
+    flags: {
+      name: { type: "string", value: "NAME:TAG", description: "the new image's name and tag (required)" },
+      "no-wait": { type: "bool", description: "return at once; the snapshot shows in `tml job events`" },
+    },
+    examples: ["tml job snapshot $JOB --name me/debug-state:1"],
+    async run(ctx, { args, flags }) {
+      const ref = flags.name as string | undefined;
+      if (ref === undefined) throw new UsageError("`tml job snapshot` needs --name NAME:TAG");
+      const colon = ref.lastIndexOf(":");
+      if (colon <= 0 || colon === ref.length - 1) throw new UsageError(`flag --name takes NAME:TAG, got "${ref}"`);
+      const jobs = await ctx.client(JobService);
+      const wait = flags["no-wait"] !== true;
+      const { snapshot } = await jobs.snapshotJob(
+        { jobId: args.JOB!, name: ref.slice(0, colon), tag: ref.slice(colon + 1), wait, requestId: randomUUID() },
+        { timeoutMs: wait ? 30 * 60_000 : 30_000 },
+      );
+      ctx.out.data(snapshot ? jsonOf(SnapshotSchema, snapshot) : {}, () =>
+        ctx.out.line(`Snapshot of job ${args.JOB} as ${ref}: ${snapshot ? word(SnapshotStateSchema, snapshot.state) : "requested"}${snapshot?.message ? ` (${snapshot.message})` : ""}.`),
+      );
+      return ExitCode.OK;
+    },
+  },
+];

@@ -1,0 +1,100 @@
+/**
+ * What every command gets: the output, the contexts file, the selected
+ * context, and coordinator clients authenticated with its token. `TML_SERVER`
+ * and `TML_TOKEN` override the saved context (for CI, where nothing is
+ * saved).
+ */
+import type { Readable, Writable } from "node:stream";
+import { createClient, type Client, type Transport } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import type { DescService } from "@bufbuild/protobuf";
+import { bearerInterceptor } from "../lib/coordinator-client.js";
+import type { FlagValues } from "./args.js";
+import { ConfigStore, type ConfigFile, type SavedContext } from "./config.js";
+import { CliError, ExitCode, type ErrorContext } from "./errors.js";
+import type { Output } from "./output.js";
+
+export interface CliIo {
+  stdin: Readable & { isTTY?: boolean; setRawMode?: (raw: boolean) => unknown };
+  stdout: Writable & { isTTY?: boolean; columns?: number };
+  stderr: Writable & { isTTY?: boolean; columns?: number };
+  env: Record<string, string | undefined>;
+  /** Calls `handler` on each Ctrl-C (SIGINT) until the returned function is called. */
+  onInterrupt?: (handler: () => void) => () => void;
+}
+
+export interface Target {
+  /** The context's name; "" when TML_SERVER/TML_TOKEN define it. */
+  name: string;
+  server: string;
+  user: string;
+  token: string;
+}
+
+export class CliContext {
+  /** Filled as calls are made, to word errors. */
+  readonly errorContext: ErrorContext = {};
+  /** Aborted on a second Ctrl-C (or when a command wants to stop its streams). */
+  readonly abort = new AbortController();
+
+  constructor(
+    readonly io: CliIo,
+    readonly out: Output,
+    readonly config: ConfigStore,
+    readonly flags: FlagValues,
+  ) {}
+
+  get verbose(): boolean {
+    return this.flags.verbose === true;
+  }
+
+  /** The context named by --context, else the current one. */
+  async selected(file?: ConfigFile): Promise<{ name: string; context: SavedContext } | undefined> {
+    const config = file ?? (await this.config.load());
+    const name = (this.flags.context as string | undefined) ?? config.current;
+    if (name === undefined) return undefined;
+    const context = config.contexts[name];
+    if (context === undefined) {
+      throw new CliError(`there is no context "${name}"; see \`tml context list\``, ExitCode.USAGE);
+    }
+    return { name, context };
+  }
+
+  /** Server and token to use; CliError (exit 4) when not logged in. */
+  async target(): Promise<Target> {
+    const env = this.io.env;
+    if (env.TML_SERVER && env.TML_TOKEN && this.flags.context === undefined) {
+      this.errorContext.server = env.TML_SERVER;
+      this.errorContext.hadToken = true;
+      return { name: "", server: env.TML_SERVER, user: "", token: env.TML_TOKEN };
+    }
+    const selected = await this.selected();
+    if (selected === undefined) {
+      throw new CliError("you are not logged in: run `tml login SERVER` first", ExitCode.AUTH);
+    }
+    const { name, context } = selected;
+    this.errorContext.server = context.server;
+    this.errorContext.context = name;
+    if (!context.token) {
+      throw new CliError(`you are logged out of context "${name}": run \`tml login\` again`, ExitCode.AUTH);
+    }
+    this.errorContext.hadToken = true;
+    return { name, server: context.server, user: context.user, token: context.token };
+  }
+
+  /** A gRPC transport to `server` with `token` (none when empty). */
+  transport(server: string, token: string): Transport {
+    return createGrpcTransport({ baseUrl: server, interceptors: [bearerInterceptor(() => token)] });
+  }
+
+  #coordinator: Transport | undefined;
+
+  /** A client of a coordinator service, with the selected context's token. */
+  async client<S extends DescService>(service: S): Promise<Client<S>> {
+    if (this.#coordinator === undefined) {
+      const target = await this.target();
+      this.#coordinator = this.transport(target.server, target.token);
+    }
+    return createClient(service, this.#coordinator);
+  }
+}

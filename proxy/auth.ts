@@ -1,0 +1,45 @@
+/**
+ * Capability checks of the proxy (docs/proxy.md): supervisors present a
+ * `tunnel:expose` token for the job, clients a `tunnel:dial` token for the job
+ * and the exposure (its `exposure` claim), optionally pinned to a host.
+ */
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { TokenVerifier, VerifiedToken } from "../lib/tokens.js";
+
+export interface DialGrant {
+  token: VerifiedToken;
+  /** The host asked for, or the token's `host` claim, or "" (any host of the job). */
+  hostId: string;
+  expiresAtMs: number;
+}
+
+export class ProxyAuth {
+  constructor(private readonly verifier: TokenVerifier) {}
+
+  /** Throws Unauthenticated / PermissionDenied / Unavailable. */
+  expose(token: string | undefined, jobId: string): Promise<VerifiedToken> {
+    return this.verifier.verify(token, { scope: "tunnel:expose", job: jobId });
+  }
+
+  /** Checks a dial token for `jobId`, `exposure` and (when asked) `hostId`. */
+  async dial(token: string | undefined, jobId: string, exposure: string, hostId: string): Promise<DialGrant> {
+    const verified = await this.verifier.verify(token, { scope: "tunnel:dial", job: jobId, exposure });
+    const capability = verified.capability;
+    const pinned = capability.scope === "tunnel:dial" ? capability.host : undefined;
+    if (pinned !== undefined && hostId !== "" && hostId !== pinned) {
+      throw new ConnectError(`token does not grant tunnel:dial on host ${hostId}`, Code.PermissionDenied);
+    }
+    return { token: verified, hostId: hostId !== "" ? hostId : (pinned ?? ""), expiresAtMs: verified.expiresAtMs };
+  }
+}
+
+/** Supported protocol major of the Expose, Tunnel and Dial streams. */
+export const PROTOCOL_MAJOR = 1;
+
+/** Throws FailedPrecondition for an unsupported major (a missing version counts as 1.0). */
+export function checkProtocol(version: { major: number } | undefined, field: string): void {
+  const major = version?.major ?? PROTOCOL_MAJOR;
+  if (major !== PROTOCOL_MAJOR && major !== 0) {
+    throw new ConnectError(`${field}.major ${major} is not supported (this proxy speaks 1)`, Code.FailedPrecondition);
+  }
+}

@@ -1,0 +1,157 @@
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import {
+  type ExposeRequest,
+  type ExposeResponse,
+  ExposeResponseSchema,
+  type RendezvousService,
+  type TunnelRequest,
+  type TunnelResponse,
+  TunnelResponseSchema,
+} from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
+import type { Logger } from "../lib/logger.js";
+import { bearerToken } from "../lib/tokens.js";
+import { PROTOCOL_MAJOR, checkProtocol, type ProxyAuth } from "./auth.js";
+import type { Hub } from "./hub.js";
+import { STREAM_HEADER, rpcSide, type StreamTable } from "./rpc-side.js";
+import { MAX_CHUNK, Outbox } from "./splice.js";
+
+/**
+ * RendezvousService: supervisors' control streams (Expose) and their byte
+ * streams (Tunnel), one per client connection.
+ */
+export class RendezvousServiceImpl implements ServiceImpl<typeof RendezvousService> {
+  constructor(
+    private readonly deps: { hub: Hub; auth: ProxyAuth; streams: StreamTable; pingIntervalMs: number; proxyId: string; logger: Logger },
+  ) {}
+
+  async *expose(requests: AsyncIterable<ExposeRequest>, ctx: HandlerContext): AsyncGenerator<ExposeResponse> {
+    const { hub } = this.deps;
+    const it = requests[Symbol.asyncIterator]();
+    const first = await it.next();
+    if (first.done || first.value.payload.case !== "hello") {
+      throw new ConnectError("the first message must be hello", Code.InvalidArgument);
+    }
+    const hello = first.value.payload.value;
+    checkProtocol(hello.protocolVersion, "hello.protocol_version");
+    if (hello.jobId === "") throw new ConnectError("hello.job_id is required", Code.InvalidArgument);
+    if (hello.hostId === "" || hello.hostId.length > 256) {
+      throw new ConnectError("hello.host_id is required (at most 256 characters)", Code.InvalidArgument);
+    }
+    await this.deps.auth.expose(bearerToken(ctx.requestHeader), hello.jobId);
+
+    const outbox = new Outbox<ExposeResponse>(1024 * 1024, () => 128);
+    const session = hub.attach({ jobId: hello.jobId, hostId: hello.hostId, attempt: hello.attempt }, outbox);
+    const ms = this.deps.pingIntervalMs;
+    void outbox.push(
+      create(ExposeResponseSchema, {
+        payload: {
+          case: "welcome",
+          value: {
+            protocolVersion: { major: PROTOCOL_MAJOR, minor: 0 },
+            proxyId: this.deps.proxyId,
+            pingInterval: { seconds: BigInt(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 },
+          },
+        },
+      }),
+    );
+
+    // Reads the supervisor's messages beside the writer below.
+    void (async () => {
+      for (;;) {
+        const next = await it.next();
+        if (next.done) return "stream ended";
+        hub.heard(session);
+        const { payload } = next.value;
+        switch (payload.case) {
+          case "announce":
+            hub.announce(session, payload.value.exposures);
+            break;
+          case "withdraw":
+            hub.withdraw(session, payload.value.names);
+            break;
+          case "tunnelReady":
+            break;
+          case "tunnelFailed":
+            hub.tunnelFailed(session, payload.value.connectionId, payload.value.reason, payload.value.message);
+            break;
+          case "pong":
+            break;
+          case "hello":
+            throw new ConnectError("hello may only be the first message", Code.InvalidArgument);
+          default:
+            break;
+        }
+      }
+    })().then(
+      (why) => {
+        outbox.end();
+        hub.detach(session, why);
+      },
+      (err: unknown) => {
+        const error = ConnectError.from(err);
+        // A bad message fails the stream with its code; a broken stream just ends.
+        outbox.fail(error);
+        hub.detach(session, error.rawMessage);
+      },
+    );
+    ctx.signal.addEventListener("abort", () => hub.detach(session, "stream cancelled"), { once: true });
+    try {
+      yield* outbox.drain();
+    } finally {
+      hub.detach(session, "stream closed");
+    }
+  }
+
+  async *tunnel(requests: AsyncIterable<TunnelRequest>, ctx: HandlerContext): AsyncGenerator<TunnelResponse> {
+    const it = requests[Symbol.asyncIterator]();
+    const first = await it.next();
+    if (first.done || first.value.payload.case !== "open") {
+      throw new ConnectError("the first message must be open", Code.InvalidArgument);
+    }
+    const open = first.value.payload.value;
+    checkProtocol(open.protocolVersion, "open.protocol_version");
+    if (open.connectionId === "") throw new ConnectError("open.connection_id is required", Code.InvalidArgument);
+    if (open.jobId === "") throw new ConnectError("open.job_id is required", Code.InvalidArgument);
+    await this.deps.auth.expose(bearerToken(ctx.requestHeader), open.jobId);
+
+    const streamId = ctx.requestHeader.get(STREAM_HEADER);
+    const { side, outbox, finished } = rpcSide<TunnelRequest, TunnelResponse>({
+      requests: it,
+      toEvent: (request) => {
+        const { payload } = request;
+        switch (payload.case) {
+          case "data":
+            return payload.value.byteLength > MAX_CHUNK ? "data messages are at most 65536 bytes" : { kind: "data", bytes: payload.value };
+          case "halfClose":
+            return { kind: "half-close" };
+          case "close":
+            return { kind: "close", reason: payload.value.reason, message: payload.value.message };
+          case "open":
+            return "open may only be the first message";
+          default:
+            return "unknown message";
+        }
+      },
+      fromEvent: (event) =>
+        create(TunnelResponseSchema, {
+          payload:
+            event.kind === "data"
+              ? { case: "data", value: event.bytes }
+              : event.kind === "half-close"
+                ? { case: "halfClose", value: {} }
+                : { case: "resize", value: { cols: event.cols, rows: event.rows } },
+        }),
+      closeMessage: (reason, message) => create(TunnelResponseSchema, { payload: { case: "close", value: { reason, message } } }),
+      sizeOf: (r) => (r.payload.case === "data" ? r.payload.value.byteLength : 64),
+      signal: ctx.signal,
+      abort: () => this.deps.streams.reset(streamId),
+    });
+    this.deps.hub.attachTunnel(open.connectionId, open.jobId, side);
+    try {
+      yield* outbox.drain();
+    } finally {
+      finished();
+    }
+  }
+}

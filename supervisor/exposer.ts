@@ -1,0 +1,337 @@
+/**
+ * The supervisor's side of a rendezvous proxy (DESIGN.md §8, docs/proxy.md):
+ * for one running job, holds `RendezvousService.Expose` to the proxy StartJob
+ * named (with the job's `tunnel:expose` token), announces the job's
+ * exposures and keeps them in step with the driver's, and for every
+ * OpenTunnel dials the host-local port and splices it to a `Tunnel` stream on
+ * a connection of its own. The control stream reconnects with backoff and
+ * announces everything again; stop() withdraws the exposures and closes the
+ * tunnels.
+ */
+import { hostname } from "node:os";
+import net from "node:net";
+import { create } from "@bufbuild/protobuf";
+import { ConnectError, createClient } from "@connectrpc/connect";
+import {
+  type ExposeRequest,
+  ExposeRequestSchema,
+  type OpenTunnel,
+  RendezvousService,
+  type TunnelRequest,
+  TunnelRequestSchema,
+} from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
+import { CloseReason, ExposureKind } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
+import type { Logger } from "../lib/logger.js";
+import { backoff, sleep } from "../lib/retry.js";
+import { Outbox, TUNNEL_CHUNK, tunnelTransport } from "../lib/tunnel-client.js";
+import type { Exposure } from "./drivers/driver.js";
+
+export interface ExposerOptions {
+  /** The proxy's URL, from StartJob. */
+  proxyUrl: string;
+  /** The job's current `tunnel:expose` token (read for every call, so a refreshed one is used). */
+  token: () => string;
+  jobId: string;
+  /** This host's id as the coordinator knows it; default the machine's host name. */
+  hostId?: string;
+  /** The job attempt; default 1. */
+  attempt?: number;
+  /** The job's host-local ports now; polled, and read again on every OpenTunnel. */
+  exposures: () => Exposure[];
+  /**
+   * Resizes a console's terminal, when the driver can (a pseudo-terminal);
+   * without it consoles are announced as not resizable.
+   */
+  resize?: (exposure: string, size: { cols: number; rows: number }) => void;
+  logger: Logger;
+  /** Aborting it stops the exposer, as stop() does. */
+  signal: AbortSignal;
+  /** How often exposures() is compared with what was announced; default 1000. */
+  pollMs?: number;
+  /** How long dialing the host-local port may take; default 5000. */
+  connectTimeoutMs?: number;
+  /** Reconnect backoff; default 250 ms doubling to 30 s, with jitter. */
+  backoff?: { initialMs: number; maxMs: number };
+}
+
+export interface Exposer {
+  /** Withdraws every exposure, closes the tunnels and the control stream. Idempotent. */
+  stop(): Promise<void>;
+  /** Announces changes of exposures() now rather than at the next poll. */
+  refresh(): void;
+  /** Whether the control stream is up (welcomed). */
+  connected(): boolean;
+  /** Tunnels open now. */
+  tunnelCount(): number;
+}
+
+const PROTOCOL_VERSION = { major: 1, minor: 0 };
+
+interface ActiveTunnel {
+  exposure: string;
+  socket: net.Socket | undefined;
+  requests: Outbox<TunnelRequest>;
+  /** Cuts the Tunnel call. */
+  abort(): void;
+  close(reason: CloseReason, message: string): void;
+}
+
+export function startExposer(options: ExposerOptions): Exposer {
+  const log = options.logger.child({ subsystem: "exposer", jobId: options.jobId });
+  const hostId = options.hostId ?? hostname();
+  const stopController = new AbortController();
+  const stopSignal = stopController.signal;
+  const tunnels = new Map<string, ActiveTunnel>();
+  let control: { requests: Outbox<ExposeRequest>; sync(): void } | undefined;
+  let isConnected = false;
+  /** Set by stop(): the control stream ends without a reconnect. */
+  let stopRequested = false;
+  let stopping: Promise<void> | undefined;
+
+  const onAbort = () => void exposer.stop();
+  if (options.signal.aborted) queueMicrotask(onAbort);
+  else options.signal.addEventListener("abort", onAbort, { once: true });
+
+  const protoExposures = () =>
+    options.exposures().map((e) => ({
+      name: e.name,
+      kind: e.kind === "console" ? ExposureKind.CONSOLE : ExposureKind.TCP,
+      description: e.kind === "console" ? "the job's console" : `port ${e.port}`,
+      resizable: e.kind === "console" && options.resize !== undefined,
+    }));
+
+  async function runControl(): Promise<void> {
+    const delays = () => backoff(options.backoff ?? { initialMs: 250, maxMs: 30_000 });
+    let wait = delays();
+    while (!stopRequested) {
+      const { transport, close } = tunnelTransport(options.proxyUrl, options.token);
+      const client = createClient(RendezvousService, transport);
+      const requests = new Outbox<ExposeRequest>(1024 * 1024, () => 128);
+      const attempt = new AbortController();
+      const onStop = () => attempt.abort();
+      stopSignal.addEventListener("abort", onStop, { once: true });
+      const announced = new Map<string, string>();
+      const sync = () => {
+        if (!isConnected) return;
+        const now = protoExposures();
+        const changed = now.filter((e) => announced.get(e.name) !== JSON.stringify(e));
+        const gone = [...announced.keys()].filter((name) => !now.some((e) => e.name === name));
+        if (changed.length > 0) {
+          void requests.push(create(ExposeRequestSchema, { payload: { case: "announce", value: { exposures: changed } } }));
+          for (const e of changed) announced.set(e.name, JSON.stringify(e));
+        }
+        if (gone.length > 0) {
+          void requests.push(create(ExposeRequestSchema, { payload: { case: "withdraw", value: { names: gone } } }));
+          for (const name of gone) announced.delete(name);
+        }
+      };
+      control = { requests, sync };
+      let heardAt = Date.now();
+      let pingMs = 15_000;
+      const timer = setInterval(() => {
+        if (Date.now() - heardAt > 3 * pingMs) attempt.abort(new Error("the proxy stopped pinging"));
+        else sync();
+      }, options.pollMs ?? 1000);
+      void requests.push(
+        create(ExposeRequestSchema, {
+          payload: {
+            case: "hello",
+            value: { protocolVersion: PROTOCOL_VERSION, jobId: options.jobId, hostId, attempt: options.attempt ?? 1 },
+          },
+        }),
+      );
+      try {
+        for await (const response of client.expose(requests.drain(), { signal: attempt.signal })) {
+          heardAt = Date.now();
+          const { payload } = response;
+          if (payload.case === "welcome") {
+            const d = payload.value.pingInterval;
+            if (d) pingMs = Math.max(50, Number(d.seconds) * 1000 + Math.floor(d.nanos / 1e6));
+            isConnected = true;
+            wait = delays();
+            log.info({ proxyId: payload.value.proxyId }, "exposing through proxy");
+            sync();
+          } else if (payload.case === "ping") {
+            void requests.push(create(ExposeRequestSchema, { payload: { case: "pong", value: { pingId: payload.value.pingId } } }));
+          } else if (payload.case === "openTunnel") {
+            openTunnel(payload.value, requests);
+          }
+        }
+        if (!stopRequested) log.warn("proxy ended the expose stream");
+      } catch (err) {
+        if (!stopRequested) {
+          const error = ConnectError.from(err);
+          log.warn({ code: error.code, reason: error.rawMessage }, "expose stream failed");
+        }
+      } finally {
+        isConnected = false;
+        control = undefined;
+        clearInterval(timer);
+        stopSignal.removeEventListener("abort", onStop);
+        requests.end();
+        attempt.abort();
+        close();
+      }
+      if (stopRequested) break;
+      await sleep(wait.next().value, stopSignal).catch(() => undefined);
+    }
+  }
+
+  /** Dials the port and opens the Tunnel; tells the proxy TunnelFailed when it cannot. Idempotent by connection id. */
+  function openTunnel(open: OpenTunnel, control: Outbox<ExposeRequest>): void {
+    const id = open.connectionId;
+    if (tunnels.has(id)) return;
+    const tlog = log.child({ connectionId: id, exposure: open.exposureName });
+    const requests = new Outbox<TunnelRequest>(256 * 1024, (r) => (r.payload.case === "data" ? r.payload.value.byteLength : 32));
+    const call = new AbortController();
+    let transportClose: (() => void) | undefined;
+    const active: ActiveTunnel = {
+      exposure: open.exposureName,
+      socket: undefined,
+      requests,
+      abort: () => call.abort(),
+      close(reason, message) {
+        requests.end(create(TunnelRequestSchema, { payload: { case: "close", value: { reason, message } } }));
+        active.socket?.destroy();
+      },
+    };
+    tunnels.set(id, active);
+    const failed = (reason: CloseReason, message: string) => {
+      tunnels.delete(id);
+      void control.push(
+        create(ExposeRequestSchema, { payload: { case: "tunnelFailed", value: { connectionId: id, reason, message } } }),
+      );
+    };
+    const exposure = options.exposures().find((e) => e.name === open.exposureName);
+    if (!exposure) {
+      failed(CloseReason.EXPOSURE_WITHDRAWN, `the job does not expose ${open.exposureName}`);
+      return;
+    }
+    if (open.windowSize && options.resize) options.resize(exposure.name, { cols: open.windowSize.cols, rows: open.windowSize.rows });
+
+    const socket = net.connect({ host: exposure.host, port: exposure.port, allowHalfOpen: true });
+    socket.setNoDelay(true);
+    let connected = false;
+    const connectTimer = setTimeout(() => socket.destroy(new Error("connect timeout")), options.connectTimeoutMs ?? 5000);
+    socket.once("error", (err) => {
+      clearTimeout(connectTimer);
+      if (!connected) {
+        tlog.debug({ err }, "host-local port refused");
+        failed(CloseReason.CONNECT_FAILED, `cannot connect to ${exposure.host}:${exposure.port}`);
+      }
+    });
+    socket.once("connect", () => {
+      connected = true;
+      clearTimeout(connectTimer);
+      if (stopRequested) {
+        socket.destroy();
+        return;
+      }
+      active.socket = socket;
+      socket.on("error", (err) => tlog.debug({ err }, "host-local connection failed"));
+      const { transport, close } = tunnelTransport(options.proxyUrl, options.token);
+      transportClose = close;
+      const client = createClient(RendezvousService, transport);
+      void requests.push(
+        create(TunnelRequestSchema, {
+          payload: { case: "open", value: { protocolVersion: PROTOCOL_VERSION, connectionId: id, jobId: options.jobId } },
+        }),
+      );
+      const responses = client.tunnel(requests.drain(), { signal: call.signal });
+      void control.push(create(ExposeRequestSchema, { payload: { case: "tunnelReady", value: { connectionId: id } } }));
+      void pumpUp(socket, requests);
+      void pumpDown(socket, responses, exposure.name).finally(() => {
+        tunnels.delete(id);
+        requests.end();
+        call.abort();
+        transportClose?.();
+      });
+    });
+  }
+
+  /** Host-local port -> proxy; the port's FIN becomes half_close. */
+  async function pumpUp(socket: net.Socket, requests: Outbox<TunnelRequest>): Promise<void> {
+    try {
+      for await (const chunk of socket.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
+        for (let at = 0; at < chunk.byteLength; at += TUNNEL_CHUNK) {
+          const value = chunk.subarray(at, at + TUNNEL_CHUNK);
+          if (!(await requests.push(create(TunnelRequestSchema, { payload: { case: "data", value } })))) return;
+        }
+      }
+      await requests.push(create(TunnelRequestSchema, { payload: { case: "halfClose", value: {} } }));
+    } catch {
+      requests.end(
+        create(TunnelRequestSchema, {
+          payload: { case: "close", value: { reason: CloseReason.ERROR, message: "the host-local connection failed" } },
+        }),
+      );
+    }
+  }
+
+  /** Proxy -> host-local port, with backpressure; resize goes to the driver. */
+  async function pumpDown(socket: net.Socket, responses: AsyncIterable<{ payload: { case: string | undefined; value?: unknown } }>, name: string): Promise<void> {
+    let normal = false;
+    try {
+      for await (const response of responses) {
+        const { payload } = response;
+        if (payload.case === "data") {
+          if (!socket.write(payload.value as Uint8Array)) {
+            await new Promise<void>((resolve) => {
+              const done = () => {
+                socket.off("drain", done);
+                socket.off("close", done);
+                resolve();
+              };
+              socket.on("drain", done);
+              socket.on("close", done);
+            });
+          }
+        } else if (payload.case === "halfClose") {
+          socket.end();
+        } else if (payload.case === "resize") {
+          const size = payload.value as { cols: number; rows: number };
+          options.resize?.(name, { cols: size.cols, rows: size.rows });
+        } else if (payload.case === "close") {
+          normal = (payload.value as { reason: CloseReason }).reason === CloseReason.NORMAL;
+          break;
+        }
+      }
+    } catch {
+      // The proxy or its connection went away.
+    }
+    if (normal) socket.end();
+    else socket.destroy();
+  }
+
+  const running = runControl();
+
+  const exposer: Exposer = {
+    stop() {
+      stopping ??= (async () => {
+        stopRequested = true;
+        options.signal.removeEventListener("abort", onAbort);
+        const c = control;
+        if (c && isConnected) {
+          const names = protoExposures().map((e) => e.name);
+          if (names.length > 0) void c.requests.push(create(ExposeRequestSchema, { payload: { case: "withdraw", value: { names } } }));
+          c.requests.end();
+        }
+        for (const t of tunnels.values()) t.close(CloseReason.EXPOSURE_WITHDRAWN, "the job's exposures ended");
+        // Give the withdraw and the closes a moment to leave before the streams are cut.
+        const grace = new AbortController();
+        await Promise.race([running, sleep(1000, grace.signal).catch(() => undefined)]);
+        grace.abort();
+        stopController.abort();
+        for (const t of tunnels.values()) t.abort();
+        await running;
+      })();
+      return stopping;
+    },
+    refresh() {
+      control?.sync();
+    },
+    connected: () => isConnected,
+    tunnelCount: () => tunnels.size,
+  };
+  return exposer;
+}

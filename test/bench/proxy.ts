@@ -1,0 +1,184 @@
+// `npm run bench -- proxy`: the rendezvous proxy (bin/treadmill-proxy.js) in its
+// own process, the supervisor's exposer and a TCP echo server (the job's
+// host-local port) in another, the client here.
+//
+// (a) throughput of one tunnel and of 16 concurrent tunnels (bytes sent
+//     through TunnelService.Dial and echoed back), against direct loopback
+//     TCP to the same echo server;
+// (b) round trip of 64-byte echoes (p50, p99) through a tunnel, against a
+//     direct TCP connection to the same echo server;
+// (c) resident memory of the proxy per open (idle) tunnel.
+//
+// Sizes: PROXY_BENCH_MB (default 256 MB per throughput case), PROXY_BENCH_RTTS
+// (default 5000 round trips), PROXY_BENCH_TUNNELS (default 500 idle tunnels).
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import { Duplex } from "node:stream";
+import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
+import { dialTunnel } from "../../lib/tunnel-client.js";
+import { percentile, report } from "./report.js";
+
+const PROXY_BIN = new URL("../../bin/treadmill-proxy.js", import.meta.url).pathname;
+const SUPERVISOR = new URL("./children/proxy-supervisor.ts", import.meta.url).pathname;
+const TOTAL = Number(process.env.PROXY_BENCH_MB ?? 256) * 1e6;
+const RTTS = Number(process.env.PROXY_BENCH_RTTS ?? 5000);
+const IDLE_TUNNELS = Number(process.env.PROXY_BENCH_TUNNELS ?? 500);
+const CHUNK = 256 * 1024;
+
+function waitForLine(child: ChildProcess, pattern: RegExp): Promise<RegExpMatchArray> {
+  return new Promise((resolve, reject) => {
+    const lines = createInterface({ input: child.stdout! });
+    lines.on("line", (line) => {
+      const m = pattern.exec(line);
+      if (m) resolve(m);
+    });
+    child.once("exit", (code) => reject(new Error(`child exited (${code}) before ${pattern}`)));
+  });
+}
+
+/** Sends `bytes` through `stream` (an echo) in CHUNK writes and resolves when all came back; MB/s of one direction. */
+async function echoThroughput(stream: Duplex, bytes: number): Promise<number> {
+  const chunk = randomBytes(CHUNK);
+  const began = performance.now();
+  const done = new Promise<void>((resolve, reject) => {
+    let got = 0;
+    stream.on("data", (d: Buffer) => {
+      got += d.length;
+      if (got >= bytes) resolve();
+    });
+    stream.once("error", reject);
+  });
+  for (let sent = 0; sent < bytes; sent += CHUNK) {
+    if (!stream.write(sent + CHUNK <= bytes ? chunk : chunk.subarray(0, bytes - sent))) {
+      await new Promise((r) => stream.once("drain", r));
+    }
+  }
+  await done;
+  return bytes / 1e6 / ((performance.now() - began) / 1000);
+}
+
+async function roundTrips(stream: Duplex, n: number): Promise<number[]> {
+  const message = Buffer.alloc(64, 7);
+  const samples: number[] = [];
+  let got = 0;
+  let wake: (() => void) | undefined;
+  stream.on("data", (d: Buffer) => {
+    got += d.length;
+    if (got >= 64) {
+      got -= 64;
+      wake?.();
+    }
+  });
+  for (let i = 0; i < n; i++) {
+    const began = performance.now();
+    await new Promise<void>((resolve) => {
+      wake = resolve;
+      stream.write(message);
+    });
+    samples.push((performance.now() - began) * 1000);
+  }
+  return samples;
+}
+
+function directTcp(port: number): Promise<net.Socket> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: "127.0.0.1", port }, () => resolve(socket));
+    socket.setNoDelay(true);
+  });
+}
+
+async function rssKiB(pid: number): Promise<number> {
+  const status = await readFile(`/proc/${pid}/status`, "utf8");
+  return Number(/VmRSS:\s+(\d+)/.exec(status)![1]);
+}
+
+export async function run(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), "treadmill-proxy-bench-"));
+  const key = await generateSigningKey();
+  const signer = await TokenSigner.create(key, { issuer: "bench" });
+  await writeFile(join(dir, "jwks.json"), JSON.stringify(signer.publicJwks()));
+  const jobId = "bench-job";
+  const children: ChildProcess[] = [];
+  try {
+    const proxy = spawn(process.execPath, [PROXY_BIN, "--port", "0", "--signing-keys-file", join(dir, "jwks.json"), "--max-tunnels-per-job", "5000", "--max-tunnels", "5000"], {
+      stdio: ["ignore", "pipe", "inherit"],
+    });
+    children.push(proxy);
+    const url = (await waitForLine(proxy, /"url":"(http:[^"]+)".*proxy ready|proxy ready.*"url":"(http:[^"]+)"/)).slice(1).find(Boolean)!;
+    const exposeToken = await signer.sign({ scope: "tunnel:expose", job: jobId }, 3_600_000, { subject: "bench" });
+    const supervisor = spawn(process.execPath, ["--import", "tsx", SUPERVISOR, url, jobId, exposeToken], { stdio: ["ignore", "pipe", "inherit"] });
+    children.push(supervisor);
+    const echoPort = Number((await waitForLine(supervisor, /echo port (\d+)/))[1]);
+    await waitForLine(supervisor, /exposer connected/);
+    const token = await signer.sign({ scope: "tunnel:dial", job: jobId, exposure: "echo" }, 3_600_000, { subject: "bench" });
+    const dial = () => dialTunnel({ proxyUrl: url, token, jobId, port: "echo" });
+
+    process.stdout.write(`sizes: ${TOTAL / 1e6} MB per throughput case, ${RTTS} round trips, ${IDLE_TUNNELS} idle tunnels\n`);
+    // Warm-up of both paths.
+    {
+      const t = await dial();
+      await echoThroughput(t, 16e6);
+      t.destroy();
+      const d = await directTcp(echoPort);
+      await echoThroughput(d, 16e6);
+      d.destroy();
+    }
+
+    // (a) throughput
+    const direct1 = await directTcp(echoPort);
+    const directOne = await echoThroughput(direct1, TOTAL);
+    direct1.destroy();
+    const tunnel1 = await dial();
+    const tunnelOne = await echoThroughput(tunnel1, TOTAL);
+    tunnel1.destroy();
+    report("throughput, 1 tunnel (echo, each way)", tunnelOne, "MB/s", { name: "direct tcp", value: directOne });
+
+    const many = async (open: () => Promise<Duplex>) => {
+      const streams = await Promise.all(Array.from({ length: 16 }, open));
+      const began = performance.now();
+      await Promise.all(streams.map((s) => echoThroughput(s, TOTAL / 16)));
+      const mbps = TOTAL / 1e6 / ((performance.now() - began) / 1000);
+      for (const s of streams) s.destroy();
+      return mbps;
+    };
+    const direct16 = await many(() => directTcp(echoPort));
+    const tunnel16 = await many(dial);
+    report("throughput, 16 tunnels (echo, each way)", tunnel16, "MB/s", { name: "direct tcp", value: direct16 });
+
+    // (b) round trips
+    const d = await directTcp(echoPort);
+    const directRtt = await roundTrips(d, RTTS);
+    d.destroy();
+    const t = await dial();
+    const tunnelRtt = await roundTrips(t, RTTS);
+    t.destroy();
+    for (const p of [50, 99]) {
+      report(`64-byte echo round trip p${p}`, percentile(tunnelRtt, p), "µs", { name: "direct tcp", value: percentile(directRtt, p) });
+      report(`  added by the proxy, p${p}`, percentile(tunnelRtt, p) - percentile(directRtt, p), "µs");
+    }
+
+    // (c) memory per open tunnel
+    await new Promise((r) => setTimeout(r, 500));
+    const before = await rssKiB(proxy.pid!);
+    const idle: Duplex[] = [];
+    for (let i = 0; i < IDLE_TUNNELS; i += 50) {
+      idle.push(...(await Promise.all(Array.from({ length: Math.min(50, IDLE_TUNNELS - i) }, dial))));
+    }
+    // One echo on each, so every tunnel has carried bytes.
+    await Promise.all(idle.map((s) => echoThroughput(s, 64)));
+    const after = await rssKiB(proxy.pid!);
+    report(`proxy memory per open tunnel (${IDLE_TUNNELS} open)`, (after - before) / IDLE_TUNNELS, "KiB", {
+      name: "proxy with none open (total)",
+      value: before,
+    });
+    for (const s of idle) s.destroy();
+  } finally {
+    for (const child of children) child.kill("SIGKILL");
+    await rm(dir, { recursive: true, force: true });
+  }
+}

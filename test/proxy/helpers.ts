@@ -1,0 +1,118 @@
+// Shared set-up of the proxy tests: keys and tokens, a proxy on port 0, a TCP
+// echo server as the job's "host-local port", exposers and clients.
+import net from "node:net";
+import { writeFile } from "node:fs/promises";
+import { silentLogger } from "../../lib/logger.js";
+import { TokenSigner, generateSigningKey, type Capability, type JSONWebKeySet } from "../../lib/tokens.js";
+import { loadProxyConfig, type ProxyConfig } from "../../proxy/config.js";
+import { createProxy, type Proxy } from "../../proxy/proxy.js";
+import { startExposer, type Exposer, type ExposerOptions } from "../../supervisor/exposer.js";
+import type { Exposure } from "../../supervisor/drivers/driver.js";
+
+export interface Keys {
+  signer: TokenSigner;
+  jwks: JSONWebKeySet;
+  token(capability: Capability, ttlMs?: number): Promise<string>;
+  writeFile(path: string): Promise<void>;
+}
+
+export async function makeKeys(): Promise<Keys> {
+  const key = await generateSigningKey();
+  const signer = await TokenSigner.create(key, { issuer: "test-coordinator" });
+  const jwks = signer.publicJwks();
+  return {
+    signer,
+    jwks,
+    token: (capability, ttlMs = 600_000) => signer.sign(capability, ttlMs, { subject: "test", audience: "proxy" }),
+    writeFile: (path) => writeFile(path, JSON.stringify(jwks)),
+  };
+}
+
+/** A proxy in this process on port 0. */
+export async function startProxy(keys: Keys, overrides: Partial<ProxyConfig> = {}): Promise<Proxy> {
+  const config: ProxyConfig = {
+    ...loadProxyConfig({ env: {}, argv: [] }),
+    port: 0,
+    graceMs: 1000,
+    logLevel: "silent",
+    ...overrides,
+  };
+  const proxy = createProxy({ config, logger: silentLogger(), keys: async () => keys.jwks });
+  await proxy.start();
+  return proxy;
+}
+
+/** A TCP echo server on 127.0.0.1 (half-close aware: ends after the client does). */
+export async function startEchoServer(): Promise<{ port: number; connections: () => number; close(): Promise<void> }> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+    socket.on("error", () => socket.destroy());
+    socket.pipe(socket);
+  });
+  await new Promise<void>((resolve) => server.listen({ host: "127.0.0.1", port: 0 }, resolve));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    connections: () => sockets.size,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+/** An exposer for `jobId` exposing `exposures`, with a fresh expose token. */
+export async function exposeJob(
+  proxyUrl: string,
+  keys: Keys,
+  jobId: string,
+  exposures: Exposure[],
+  extra: Partial<ExposerOptions> = {},
+): Promise<Exposer> {
+  const token = await keys.token({ scope: "tunnel:expose", job: jobId });
+  const exposer = startExposer({
+    proxyUrl,
+    token: () => token,
+    jobId,
+    hostId: "host-1",
+    exposures: () => exposures,
+    logger: silentLogger(),
+    signal: new AbortController().signal,
+    pollMs: 100,
+    backoff: { initialMs: 50, maxMs: 500 },
+    ...extra,
+  });
+  return exposer;
+}
+
+/** Resolves once `done()` holds, polling; rejects after `timeoutMs`. */
+export async function until(done: () => boolean, what: string, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** Rejects if `promise` takes longer than `ms`. */
+export function within<T>(promise: Promise<T>, what: string, ms = 20_000): Promise<T> {
+  let timer: NodeJS.Timeout;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise<T>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+    }),
+  ]);
+}
+
+/** Reads a Readable to its end. */
+export async function readAll(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
+export const dialToken = (keys: Keys, job: string, exposure: string, ttlMs?: number) =>
+  keys.token({ scope: "tunnel:dial", job, exposure }, ttlMs);
