@@ -14,6 +14,7 @@ import {
   type Prepared,
   type RunningJob,
 } from "./drivers/driver.js";
+import { startExposer, type Exposer } from "./exposer.js";
 import type { ImageProvisioner, ProvisionedImage } from "./images.js";
 
 /** How a job ended here, before the coordinator's verdict. */
@@ -53,7 +54,8 @@ export interface JobRunnerDeps {
   spillDir: string;
   /** Sends a report to the coordinator (queued across reconnects by the core). */
   report: (report: RunnerReport) => void;
-  /** Also called for the exposures of a running job (the proxy issue ships them). */
+  /** This host's id as the coordinator knows it (for the proxy's routing). */
+  hostId: () => string;
   clock?: () => number;
 }
 
@@ -153,6 +155,7 @@ export class JobRunner {
     let provisioned: ProvisionedImage | undefined;
     let prepared: Prepared | undefined;
     let exit: JobExit | undefined;
+    let exposer: Exposer | undefined;
     let failure: { reason: FinalizeReason; message: string } | undefined;
     try {
       this.setState(JobState.INITIALIZING, JobStage.FETCHING_IMAGE, "fetching image");
@@ -193,6 +196,7 @@ export class JobRunner {
       } else {
         this.setState(JobState.RUNNING, JobStage.UNSPECIFIED, "running");
         this.say("running");
+        exposer = this.expose();
       }
       exit = await this.running.exited;
     } catch (err) {
@@ -215,6 +219,7 @@ export class JobRunner {
     }
 
     this.setState(JobState.TERMINATING, JobStage.UNSPECIFIED, "terminating");
+    await exposer?.stop();
     const target = this.running ?? prepared;
     if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
     await provisioned?.release();
@@ -245,6 +250,25 @@ export class JobRunner {
   /** The log shipping outcome, once the job has terminated. */
   logReport(): ShipperReport | undefined {
     return this.shipped;
+  }
+
+  /**
+   * Exposes the job's host-local ports (its console, declared ports) through
+   * the proxy StartJob named, while it runs (DESIGN.md §8).
+   */
+  private expose(): Exposer | undefined {
+    const proxy = this.start.proxy;
+    if (!proxy || proxy.url === "") return undefined;
+    return startExposer({
+      proxyUrl: proxy.url,
+      token: () => this.start.proxy?.exposeToken?.token ?? "",
+      jobId: this.jobId,
+      hostId: this.deps.hostId(),
+      attempt: this.attempt,
+      exposures: () => this.running?.exposures() ?? [],
+      logger: this.log.child({ subsystem: "exposer" }),
+      signal: this.abort.signal,
+    });
   }
 
   /** The job's host-local ports while it runs. */

@@ -93,6 +93,8 @@ export function createSupervisor({
   let loop: Promise<void> | undefined;
   let stopping: Promise<void> | undefined;
   let draining = false;
+  /** This host's id: configured, or learned from the coordinator's welcome. */
+  let hostId = config.hostId;
   let outbox: Outbox<AttachRequest> | undefined;
   const changed = new Changes();
 
@@ -186,6 +188,7 @@ export function createSupervisor({
       logger,
       spillDir: join(config.workDir, "spill"),
       report: (report) => reportOf(runner, report),
+      hostId: () => hostId,
     });
     runners.set(key(cmd.jobId, cmd.attempt), runner);
     logger.info({ jobId: cmd.jobId, attempt: cmd.attempt }, "job started");
@@ -217,7 +220,8 @@ export function createSupervisor({
               () => send({ case: "heartbeat", value: { time: timestampNow(), draining } }),
               Math.max(100, everyMs),
             );
-            logger.info({ hostId: payload.value.host?.id }, "attached to coordinator");
+            hostId = payload.value.host?.id ?? hostId;
+            logger.info({ hostId }, "attached to coordinator");
             changed.notify();
             break;
           }

@@ -146,7 +146,13 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
           logger: child("log-server"),
         }),
       ],
-      ["proxy", createProxy({ config: { ...loadProxyConfig(noInput), ...common, port: port(4) }, logger: child("proxy") })],
+      [
+        "proxy",
+        createProxy({
+          config: { ...loadProxyConfig(noInput), ...registered, port: port(4), site: "local" },
+          logger: child("proxy"),
+        }),
+      ],
     ];
     await Promise.all(servers.map(([, s]) => s.start()));
 

@@ -1,45 +1,115 @@
 /**
  * `tml console JOB` and `tml port-forward JOB PORT [LOCAL]`: both ride on the
- * rendezvous proxy (JobService.OpenJobSession, then TunnelService.Dial
- * through lib/tunnel-client.ts). That client is still being built, so both
- * commands answer a clear "not available yet" until it lands.
+ * rendezvous proxy: JobService.OpenJobSession gives the proxy and a dial
+ * token for exactly that job and port, then TunnelService.Dial carries the
+ * bytes (lib/tunnel-client.ts).
  */
+import { createServer, type Socket } from "node:net";
+import { PassThrough } from "node:stream";
+import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { attachTerminal, dialTunnel } from "../../lib/tunnel-client.js";
 import type { CommandSpec } from "../args.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode } from "../errors.js";
 
-/** The tunnel client, when this build has one. */
-async function tunnelClient(): Promise<unknown> {
-  const path: string = "../../lib/tunnel-client.js";
-  try {
-    return await import(path);
-  } catch {
-    return undefined;
-  }
+async function openSession(ctx: CliContext, jobId: string, port: string, host: string | undefined) {
+  const jobs = await ctx.client(JobService);
+  const session = await jobs.openJobSession({ jobId, portName: port, hostId: host ?? "" });
+  if (!session.dialToken) throw new CliError("the coordinator answered without a dial token", ExitCode.ERROR);
+  return session;
 }
 
-async function notYet(command: string): Promise<never> {
-  const client = await tunnelClient();
-  const why = client === undefined ? "this build has no tunnel client yet" : "this build of tml does not use the tunnel client yet";
-  throw new CliError(`\`tml ${command}\` is not available yet: ${why}; follow the job's output with \`tml job logs --follow JOB\``, ExitCode.ERROR);
+/**
+ * Passes keystrokes through, except the escape sequence `~.` typed at the
+ * start of a line (as ssh's), which calls `leave` instead.
+ */
+export function escapeFilter(leave: () => void): PassThrough & { feed(chunk: Buffer): void } {
+  const out = new PassThrough();
+  let atLineStart = true;
+  let pendingTilde = false;
+  return Object.assign(out, {
+    feed(chunk: Buffer) {
+      const passed: number[] = [];
+      for (const byte of chunk) {
+        if (pendingTilde) {
+          pendingTilde = false;
+          if (byte === 0x2e /* . */) {
+            if (passed.length > 0) out.write(Buffer.from(passed));
+            leave();
+            return;
+          }
+          passed.push(0x7e);
+          if (byte === 0x7e) {
+            // "~~" sends one tilde.
+            atLineStart = false;
+            continue;
+          }
+        } else if (atLineStart && byte === 0x7e /* ~ */) {
+          pendingTilde = true;
+          continue;
+        }
+        passed.push(byte);
+        atLineStart = byte === 0x0d || byte === 0x0a;
+      }
+      if (passed.length > 0) out.write(Buffer.from(passed));
+    },
+  });
 }
 
 export const sessionCommands: CommandSpec<CliContext>[] = [
   {
     path: ["console"],
     summary: "Open an interactive console on a running job (leave with ~.)",
-    description: "The terminal goes to raw mode; type ~. at the start of a line to leave, like ssh.",
+    description:
+      "The terminal goes to raw mode, so every key (Ctrl-C included) goes to the job; type ~. at the start of a line to leave, like ssh, and ~~ to send one tilde.",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
     flags: { host: { type: "string", value: "HOST_ID", description: "for a multi-host job, which host (default: the first)" } },
     examples: ["tml console $JOB"],
-    run: () => notYet("console"),
+    async run(ctx, { args, flags }) {
+      const jobId = args.JOB!;
+      const session = await openSession(ctx, jobId, "console", flags.host as string | undefined);
+      const { stdin, stdout, stderr } = ctx.io;
+      const tty = stdout as typeof stdout & { rows?: number; on(e: "resize", l: () => void): unknown; off(e: "resize", l: () => void): unknown };
+      const tunnel = await dialTunnel({
+        proxyUrl: session.grpcUrl,
+        token: session.dialToken!.token,
+        jobId,
+        port: "console",
+        hostId: session.hostId,
+        windowSize: tty.columns && tty.rows ? { cols: tty.columns, rows: tty.rows } : undefined,
+        signal: ctx.abort.signal,
+      });
+      stderr.write(`Connected to the console of job ${jobId}. Type ~. at the start of a line to leave.\r\n`);
+      const raw = stdin.isTTY === true && typeof stdin.setRawMode === "function";
+      if (raw) stdin.setRawMode!(true);
+      const input = escapeFilter(() => {
+        stderr.write("\r\n");
+        tunnel.destroy();
+      });
+      const onData = (chunk: Buffer) => input.feed(chunk);
+      stdin.on("data", onData);
+      stdin.once("end", () => input.end());
+      try {
+        const closed = await attachTerminal(tunnel, {
+          stdin: input,
+          stdout: Object.assign(tty, { on: tty.on.bind(tty), off: tty.off.bind(tty) }),
+        });
+        stderr.write(`\r\nConsole closed${closed.message ? `: ${closed.message}` : ""}.\r\n`);
+      } finally {
+        stdin.off("data", onData);
+        if (raw) stdin.setRawMode!(false);
+        stdin.pause();
+      }
+      return ExitCode.OK;
+    },
   },
   {
     path: ["port-forward"],
     summary: "Forward a local TCP port to a port the job exposes",
+    description: "Like kubectl port-forward: each connection to the local port is a tunnel through the proxy. Ctrl-C stops.",
     args: [
       { name: "JOB", required: true, description: "the job's id" },
-      { name: "PORT", required: true, description: "the exposure's name (from `tml job run --expose NAME=PORT`)" },
+      { name: "PORT", required: true, description: "the exposure's name (console, or a port the job declares, such as ssh)" },
       { name: "LOCAL", description: "local port to listen on (default: a free one, printed)" },
     ],
     flags: {
@@ -47,6 +117,52 @@ export const sessionCommands: CommandSpec<CliContext>[] = [
       host: { type: "string", value: "HOST_ID", description: "for a multi-host job, which host" },
     },
     examples: ["tml port-forward $JOB ssh 2222", "ssh -p 2222 root@127.0.0.1"],
-    run: () => notYet("port-forward"),
+    async run(ctx, { args, flags }) {
+      const jobId = args.JOB!;
+      const port = args.PORT!;
+      const local = args.LOCAL === undefined ? 0 : Number(args.LOCAL);
+      if (!Number.isInteger(local) || local < 0 || local > 65535) {
+        throw new CliError(`local port ${args.LOCAL} is not a port number`, ExitCode.USAGE);
+      }
+      // One session (and token) for every connection; checked before listening.
+      const session = await openSession(ctx, jobId, port, flags.host as string | undefined);
+      const connections = new Set<Socket>();
+      const server = createServer((socket) => {
+        connections.add(socket);
+        socket.once("close", () => connections.delete(socket));
+        dialTunnel({ proxyUrl: session.grpcUrl, token: session.dialToken!.token, jobId, port, hostId: session.hostId }).then(
+          (tunnel) => {
+            socket.pipe(tunnel);
+            tunnel.pipe(socket);
+            tunnel.on("error", () => socket.destroy());
+            socket.on("error", () => tunnel.destroy());
+            socket.once("close", () => tunnel.destroy());
+          },
+          (err: unknown) => {
+            ctx.io.stderr.write(`cannot open a tunnel to ${port}: ${err instanceof Error ? err.message : String(err)}\n`);
+            socket.destroy();
+          },
+        );
+      });
+      const address = (flags.address as string | undefined) ?? "127.0.0.1";
+      await new Promise<void>((resolve, reject) => {
+        server.once("error", (err: NodeJS.ErrnoException) =>
+          reject(new CliError(`cannot listen on ${address}:${local}: ${err.code ?? err.message}`, ExitCode.ERROR)),
+        );
+        server.listen(local, address, resolve);
+      });
+      const bound = server.address();
+      const boundPort = typeof bound === "object" && bound ? bound.port : local;
+      ctx.io.stdout.write(`Forwarding ${address}:${boundPort} -> job ${jobId} ${port}. Ctrl-C to stop.\n`);
+      await new Promise<void>((resolve) => {
+        const stop = () => resolve();
+        ctx.abort.signal.addEventListener("abort", stop, { once: true });
+        const off = ctx.io.onInterrupt?.(stop);
+        server.once("close", () => off?.());
+      });
+      server.close();
+      for (const socket of connections) socket.destroy();
+      return ExitCode.OK;
+    },
   },
 ];

@@ -86,6 +86,12 @@ export const jobConfigFields = {
     min: 0,
     description: "time StopJob gives a workload between the polite stop and the kill",
   },
+  sessionTokenTtlMs: {
+    type: "duration",
+    default: 60 * 60 * 1000,
+    min: 1000,
+    description: "lifetime of tunnel:dial tokens (OpenJobSession); a session ends when its token expires",
+  },
   logTokenTtlMs: {
     type: "duration",
     default: HOUR,
@@ -110,4 +116,5 @@ export interface JobConfig {
   logReplicas: number;
   stopGraceMs: number;
   logTokenTtlMs: number;
+  sessionTokenTtlMs: number;
 }

@@ -4,7 +4,7 @@
  * SnapshotJob answer Unimplemented (later issues build the proxy sessions and
  * snapshots).
  */
-import { create, toJson } from "@bufbuild/protobuf";
+import { create, fromJson, toJson } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
@@ -16,6 +16,7 @@ import {
   JobChangeKind,
   type JobService,
   type ListJobsRequest,
+  type OpenJobSessionRequest,
   type SubmitJobRequest,
   type WatchJobRequest,
   type WatchJobResponse,
@@ -25,7 +26,7 @@ import {
   WatchJobsResponseSchema,
 } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { JobSpecSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
-import { actorOf } from "../audit.js";
+import { actorOf, audit } from "../audit.js";
 import { type UserCaller, requireUser } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
@@ -351,9 +352,53 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     };
   }
 
-  async openJobSession(_req: unknown, hctx: HandlerContext): Promise<never> {
-    requireUser(hctx);
-    throw new ConnectError("JobService.OpenJobSession is not implemented yet (proxy sessions come with a later issue)", Code.Unimplemented);
+  /**
+   * A session to one exposed port of a running job (DESIGN.md §8): checks the
+   * caller may use the job (its owner or an admin), picks the proxy the job's
+   * supervisor exposes through, and returns its entrances with a short-lived
+   * `tunnel:dial` token for exactly that job, exposure and host. Every
+   * session opened is an audit event (without the token).
+   */
+  async openJobSession(req: OpenJobSessionRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    const job = await this.visibleJob(caller, req.jobId);
+    if (!/^[a-z][a-z0-9-]{0,31}$/.test(req.portName)) throw invalid("port_name must match [a-z][a-z0-9-]{0,31}");
+    if (job.state !== "running") throw precondition(`job ${job.id} is ${job.state}, not running`);
+    const spec = fromJson(JobSpecSchema, job.spec);
+    if (req.portName !== "console" && !spec.exposedPorts.some((p) => p.name === req.portName)) {
+      throw notFound(`job ${job.id} exposes no port named ${req.portName}`);
+    }
+    const hostId = req.hostId === "" ? job.host_ids[0] : req.hostId;
+    if (hostId === undefined || !job.host_ids.includes(hostId)) throw notFound(`host ${req.hostId} does not run job ${job.id}`);
+    const [row] = await this.ctx.sql<{ proxy_url: string }[]>`select proxy_url from jobs where id = ${job.id}`;
+    if (!row || row.proxy_url === "") throw precondition(`job ${job.id} has no proxy (none was registered when it started)`);
+    const ttl = this.config.sessionTokenTtlMs;
+    const sessionId = uuidv7();
+    const token = await this.ctx.keys.sign(
+      { scope: "tunnel:dial", job: job.id, exposure: req.portName, host: hostId },
+      ttl,
+      { subject: caller.userId, audience: "proxy" },
+    );
+    const proxy = new URL(row.proxy_url);
+    const ws = new URL(`/ws/${encodeURIComponent(job.id)}/${encodeURIComponent(req.portName)}`, proxy);
+    ws.protocol = proxy.protocol === "https:" ? "wss:" : "ws:";
+    ws.searchParams.set("host", hostId);
+    await audit(this.ctx.sql, {
+      kind: "job.session_opened",
+      actor: actorOf(caller),
+      jobId: job.id,
+      hostId,
+      userId: caller.userId,
+      message: `session to ${req.portName} through ${row.proxy_url}`,
+      details: { sessionId, port: req.portName },
+    });
+    return {
+      sessionId,
+      grpcUrl: row.proxy_url,
+      websocketUrl: ws.toString(),
+      dialToken: { token, scope: CapabilityScope.TUNNEL_DIAL, expireTime: timestampFromMs(this.ctx.clock() + ttl) },
+      hostId,
+    };
   }
 
   async snapshotJob(_req: unknown, hctx: HandlerContext): Promise<never> {

@@ -223,11 +223,32 @@ describe("JobService", () => {
     }
   });
 
-  it("answers OpenJobSession and SnapshotJob honestly with Unimplemented", async () => {
+  it("opens a session to a running job's console through its proxy, with a dial token for exactly that", async () => {
     const { jobId } = await runningJob();
-    const session = await jobs.openJobSession({ jobId, portName: "console" }).catch((e: unknown) => ConnectError.from(e));
-    expect((session as ConnectError).code).toBe(Code.Unimplemented);
-    expect((session as ConnectError).rawMessage).toContain("OpenJobSession");
+    // No proxy was registered when it started: nothing to open.
+    expect(await codeOf(jobs.openJobSession({ jobId, portName: "console" }))).toBe("FailedPrecondition");
+    await c.sql`update jobs set proxy_url = 'http://proxy-1.invalid:7704' where id = ${jobId}`;
+    const session = await jobs.openJobSession({ jobId, portName: "console" });
+    const [hostId] = (await jobs.getJob({ jobId })).job!.hostIds;
+    expect(session.grpcUrl).toBe("http://proxy-1.invalid:7704");
+    expect(session.websocketUrl).toBe(`ws://proxy-1.invalid:7704/ws/${jobId}/console?host=${hostId}`);
+    expect(session.hostId).toBe(hostId);
+    const keys = async (): Promise<JSONWebKeySet> => ({
+      keys: (await c.sql<{ public_jwk: JWK }[]>`select public_jwk from signing_keys`).map((r) => r.public_jwk),
+    });
+    const verifier = new TokenVerifier({ keys, audience: "proxy" });
+    const verified = await verifier.verify(session.dialToken!.token, { scope: "tunnel:dial", job: jobId, exposure: "console", host: hostId });
+    expect(verified.subject).toBe(alice.id);
+    await expect(verifier.verify(session.dialToken!.token, { scope: "tunnel:dial", job: jobId, exposure: "ssh" })).rejects.toThrow();
+    expect(await codeOf(jobs.openJobSession({ jobId, portName: "ssh" }))).toBe("NotFound");
+    expect(await codeOf(jobs.openJobSession({ jobId, portName: "../etc" }))).toBe("InvalidArgument");
+    const audited = await c.sql`select message from audit_events where job_id = ${jobId} and kind = 'job.session_opened'`;
+    expect(audited.length).toBe(1);
+    expect(JSON.stringify(audited)).not.toContain(session.dialToken!.token);
+  });
+
+  it("answers SnapshotJob honestly with Unimplemented", async () => {
+    const { jobId } = await runningJob();
     expect(await codeOf(jobs.snapshotJob({ jobId, name: "x", tag: "y" }))).toBe("Unimplemented");
   });
 
@@ -280,7 +301,7 @@ describe("JobService", () => {
       expect(after[0].n).toBe(before[0].n);
     });
 
-    it.each(calls.filter(([name]) => !["SubmitJob", "OpenJobSession", "SnapshotJob"].includes(name)))(
+    it.each(calls.filter(([name]) => !["SubmitJob", "SnapshotJob"].includes(name)))(
       "%s refuses another user's job, changing nothing",
       async (_name, call) => {
         const before = await jobRow(c.sql, otherJob.id);

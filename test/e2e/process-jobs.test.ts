@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { ExitStatus, FinalizeReason, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { dialTunnel } from "../../lib/tunnel-client.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 
 /** End to end on npm start's testbed: coordinator, store, cache, log server, process supervisors. */
@@ -73,6 +74,31 @@ describe("jobs on process hosts, end to end", () => {
     const id = await submit("sleep 600", { jobTimeoutSeconds: 2 });
     const done = await tb.waitFinalized(id);
     expect(done.finalizeReason).toBe(FinalizeReason.JOB_TIMEOUT);
+  });
+
+  it("opens the console of a running job through the proxy: type a line, read the answer", async () => {
+    const id = await submit('echo ready; while read line; do echo "got:$line"; done');
+    await tb.waitState(id, JobState.RUNNING);
+    const session = await tb.client(JobService).openJobSession({ jobId: id, portName: "console" });
+    const tunnel = await dialTunnel({
+      proxyUrl: session.grpcUrl,
+      token: session.dialToken!.token,
+      jobId: id,
+      port: "console",
+      hostId: session.hostId,
+    });
+    let seen = "";
+    const answered = new Promise<void>((resolve) => {
+      tunnel.on("data", (chunk: Buffer) => {
+        seen += chunk.toString();
+        if (seen.includes("got:hello-console")) resolve();
+      });
+    });
+    tunnel.write("hello-console\n");
+    await answered;
+    tunnel.destroy();
+    await tb.client(JobService).cancelJob({ jobId: id });
+    expect((await tb.waitFinalized(id)).finalizeReason).toBe(FinalizeReason.CANCELED);
   });
 
   it("gives the next job on a host a clean work directory", async () => {
