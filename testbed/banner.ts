@@ -1,3 +1,4 @@
+import { isAbsolute, relative } from "node:path";
 import type { Testbed } from "./testbed.js";
 
 const labels: Record<string, string> = {
@@ -13,6 +14,10 @@ export function banner(testbed: Testbed): string {
   const servers = testbed.servers();
   const coordinator = servers.find((s) => s.role === "coordinator")!.url;
   const rows = servers.map((s) => `  ${labels[s.role].padEnd(13)} ${s.url}`);
+  const admin = testbed.admin();
+  // Relative when under the working directory (the usual .treadmill/...).
+  const rel = relative(process.cwd(), admin.passwordFile);
+  const passwordFile = rel.startsWith("..") || isAbsolute(rel) ? admin.passwordFile : rel;
   return [
     "",
     "Treadmill testbed is up.",
@@ -20,12 +25,16 @@ export function banner(testbed: Testbed): string {
     ...rows,
     `  ${"supervisors".padEnd(13)} ${testbed.supervisors().join(", ")} (process driver)`,
     "",
-    `Admin: user "${testbed.admin().name}", password in ${testbed.admin().credentialsFile}`,
+    `Admin: user "${admin.name}", password in ${passwordFile}`,
     `Example images: ${testbed.examples().join(", ") || "none"}`,
     "",
-    "Every server speaks gRPC, Connect and gRPC-Web on its one port. Try:",
+    "Try it, in another terminal:",
+    `  npx tml login ${coordinator} --user ${admin.name} --password-stdin < ${passwordFile}`,
+    "  npx tml job run example/hello",
+    "  npx tml console $(npx tml job run --detach example/shell)     # leave with ~.",
+    "",
+    "Every server speaks gRPC, Connect and gRPC-Web on its one port, with reflection:",
     `  npx buf curl --protocol grpc --http2-prior-knowledge --list-services ${coordinator}`,
-    `  npx buf curl --protocol grpc --http2-prior-knowledge ${coordinator}/grpc.health.v1.Health/Check`,
     "",
     "Press Ctrl-C to stop.",
     "",

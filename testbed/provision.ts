@@ -15,7 +15,7 @@ import { buildBusyboxImage } from "./images.js";
 /**
  * What the testbed keeps between starts, in `<dataDir>/testbed.json` (mode
  * 0600: it holds credentials). The admin password is made at the first start
- * and is also written, alone, to `<dataDir>/admin-credentials` for a newcomer.
+ * and is also written, alone, to `<dataDir>/admin-password` for a newcomer.
  */
 export interface TestbedState {
   adminPassword: string;
@@ -40,11 +40,8 @@ export async function loadState(dataDir: string): Promise<TestbedState> {
 
 export async function saveState(dataDir: string, state: TestbedState): Promise<void> {
   await writeFile(join(dataDir, "testbed.json"), `${JSON.stringify(state, null, 2)}\n`, { mode: 0o600 });
-  await writeFile(
-    join(dataDir, "admin-credentials"),
-    `# npm start's admin; use with: tml login --user ${ADMIN_NAME}\nuser=${ADMIN_NAME}\npassword=${state.adminPassword}\n`,
-    { mode: 0o600 },
-  );
+  // The password alone, for `tml login --user admin --password-stdin < FILE`.
+  await writeFile(join(dataDir, "admin-password"), `${state.adminPassword}\n`, { mode: 0o600 });
 }
 
 /** Logs in as the testbed's admin and returns a transport carrying the token. */
@@ -103,9 +100,10 @@ export async function ensureHosts(
 }
 
 /**
- * Pushes the example images once (the first start): `example/hello`, a
- * busybox rootfs that greets and shows its parameters. Waits for the image
- * store to have registered with the coordinator (it does so at its start).
+ * Pushes the example images that are not in the catalog yet (at the first
+ * start): `example/hello` greets and shows its parameters; `example/shell`
+ * is an interactive shell for `tml console`. Waits for the image store to
+ * have registered with the coordinator (it does so at its start).
  */
 export async function ensureExamples(
   admin: Transport,
@@ -113,37 +111,52 @@ export async function ensureExamples(
   options: { workDir: string; logger: Logger; signal?: AbortSignal },
 ): Promise<void> {
   const catalog = createClient(ImageService, admin);
-  const have = await catalog.resolveImage({ reference: "example/hello:latest" }).then(
-    () => true,
-    () => false,
-  );
-  if (have) return;
-  const image = await buildBusyboxImage({
-    dir: options.workDir,
-    title: "hello",
-    entrypoint: ["/bin/sh", "-c", 'echo "hello from treadmill on $(hostname)"; env | grep ^TREADMILL_PARAM_ | grep -v SECRET || true'],
-  });
-  const deadline = Date.now() + 20000;
-  for (;;) {
-    try {
-      await pushImage(
-        admin,
-        {
-          manifestDigest: image.manifestDigest,
-          manifestJson: image.manifestJson,
-          blobs: image.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
-          mediaTypes: image.layers.map((l) => l.mediaType),
-        },
-        { name: "example/hello", tag: "latest", signal: options.signal },
-      );
-      break;
-    } catch (err) {
-      // No image store registered yet: it registers right after its start.
-      if (ConnectError.from(err).code !== Code.FailedPrecondition && ConnectError.from(err).code !== Code.Unavailable) throw err;
-      if (Date.now() > deadline) throw err;
-      await sleep(100, options.signal);
+  for (const example of EXAMPLES) {
+    const have = await catalog.resolveImage({ reference: example.ref }).then(
+      () => true,
+      () => false,
+    );
+    if (have) continue;
+    const image = await buildBusyboxImage({ dir: options.workDir, title: example.title, entrypoint: example.entrypoint });
+    const [name, tag] = example.ref.split(":");
+    const deadline = Date.now() + 20000;
+    for (;;) {
+      try {
+        await pushImage(
+          admin,
+          {
+            manifestDigest: image.manifestDigest,
+            manifestJson: image.manifestJson,
+            blobs: image.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
+            mediaTypes: image.layers.map((l) => l.mediaType),
+          },
+          { name, tag, signal: options.signal },
+        );
+        break;
+      } catch (err) {
+        // No image store registered yet: it registers right after its start.
+        const code = ConnectError.from(err).code;
+        if ((code !== Code.FailedPrecondition && code !== Code.Unavailable) || Date.now() > deadline) throw err;
+        await sleep(100, options.signal);
+      }
     }
+    options.logger.info({ image: example.ref }, "example image pushed");
   }
-  state.examples = ["example/hello:latest"];
-  options.logger.info({ image: "example/hello:latest" }, "example image pushed");
+  state.examples = EXAMPLES.map((e) => e.ref);
 }
+
+/** The example images of a new testbed: busybox root file systems. */
+const EXAMPLES = [
+  {
+    ref: "example/hello:latest",
+    title: "hello",
+    // Greets, and shows the job's (non-secret) parameters.
+    entrypoint: ["/bin/sh", "-c", 'echo "hello from treadmill on $(hostname)"; env | grep ^TREADMILL_PARAM_ | grep -v SECRET || true'],
+  },
+  {
+    ref: "example/shell:latest",
+    title: "shell",
+    // An interactive shell on the job's console, for `tml console`.
+    entrypoint: ["/bin/sh", "-i"],
+  },
+];

@@ -36,7 +36,7 @@ export interface Testbed {
   /** Names of the supervisors. */
   supervisors(): string[];
   /** The admin's name and the file holding its password. */
-  admin(): { name: string; credentialsFile: string; password: string };
+  admin(): { name: string; passwordFile: string; password: string };
   /** The example images pushed at the first start. */
   examples(): string[];
 }
@@ -47,7 +47,7 @@ const noInput = { env: {}, argv: [] };
  * The all-in-one testbed: every component composed in one process, each with
  * its own folder under `dataDir` and its own child logger, wired as a real
  * site would be: the admin is created at the first start (its password kept
- * in `<dataDir>/admin-credentials`), the servers register with the
+ * in `<dataDir>/admin-password`), the servers register with the
  * coordinator with a service credential, the supervisors attach with their
  * hosts' credentials, and an example image is pushed once. Start order
  * follows the dependencies; stop is the reverse.
@@ -208,7 +208,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
       ];
     },
     supervisors: () => supervisors.map((s) => s.name),
-    admin: () => ({ name: ADMIN_NAME, credentialsFile: join(config.dataDir, "admin-credentials"), password: adminPassword }),
+    admin: () => ({ name: ADMIN_NAME, passwordFile: join(config.dataDir, "admin-password"), password: adminPassword }),
     examples: () => examples,
   };
 }
