@@ -18,6 +18,7 @@ export const testbedSchema = {
     description: "PostgreSQL 14+ to use instead of the embedded one",
   },
   supervisors: { type: "int", default: 2, description: "how many process-driver supervisors to run" },
+  boards: { type: "int", default: 1, description: "how many simulated boards (each with a board-driver supervisor)" },
   corsOrigins: { type: "list", default: [], description: "browser origins allowed to call the servers" },
   graceMs: { type: "duration", default: 5000, description: "how long a stop waits for open calls" },
   logLevel: logLevelField("warn"),

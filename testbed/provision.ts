@@ -10,7 +10,8 @@ import { coordinatorTransport } from "../lib/coordinator-client.js";
 import { pushImage } from "../lib/image-push.js";
 import type { Logger } from "../lib/logger.js";
 import { sleep } from "../lib/retry.js";
-import { buildBusyboxImage } from "./images.js";
+import { FIRMWARE_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../supervisor/drivers/driver.js";
+import { buildBusyboxImage, buildFirmwareImage, type TestImage } from "./images.js";
 
 /**
  * What the testbed keeps between starts, in `<dataDir>/testbed.json` (mode
@@ -67,42 +68,59 @@ export async function ensureServiceCredential(admin: Transport, state: TestbedSt
   return created.token;
 }
 
-/** Creates the testbed's process hosts (or gives them new credentials when the saved ones are gone). */
+/** A host of the testbed, as CreateHost takes it. */
+export interface TestbedHost {
+  name: string;
+  driverKind: DriverKind;
+  mediaTypes: string[];
+  tags: Record<string, string>;
+}
+
+/** Creates the testbed's hosts (or gives them new credentials when the saved ones are gone). */
 export async function ensureHosts(
   admin: Transport,
   state: TestbedState,
-  names: string[],
+  wanted: TestbedHost[],
 ): Promise<Record<string, { id: string; credential: string }>> {
   const hosts = createClient(HostService, admin);
-  for (const name of names) {
-    const saved = state.hosts[name];
-    const existing = await hosts.getHost({ host: { case: "name", value: name } }).catch((err: unknown) => {
+  for (const spec of wanted) {
+    const saved = state.hosts[spec.name];
+    const existing = await hosts.getHost({ host: { case: "name", value: spec.name } }).catch((err: unknown) => {
       if (ConnectError.from(err).code === Code.NotFound) return undefined;
       throw err;
     });
     if (existing?.host && saved?.id === existing.host.id) continue;
     if (existing?.host) {
       const rotated = await hosts.updateHost({ hostId: existing.host.id, rotateCredential: true });
-      state.hosts[name] = { id: existing.host.id, credential: rotated.credential ?? "" };
+      state.hosts[spec.name] = { id: existing.host.id, credential: rotated.credential ?? "" };
       continue;
     }
-    const created = await hosts.createHost({
-      name,
-      tags: { arch: process.arch === "x64" ? "x86_64" : process.arch, driver: "process" },
-      site: "local",
-      driverKind: DriverKind.PROCESS,
-      mediaTypes: ["application/vnd.treadmill.rootfs.tar+gzip"],
-      capacity: 1,
-    });
-    state.hosts[name] = { id: created.host!.id, credential: created.credential };
+    const created = await hosts.createHost({ ...spec, site: "local", capacity: 1 });
+    state.hosts[spec.name] = { id: created.host!.id, credential: created.credential };
   }
   return state.hosts;
+}
+
+/** A process host of the testbed. */
+export function processHost(name: string): TestbedHost {
+  return {
+    name,
+    driverKind: DriverKind.PROCESS,
+    mediaTypes: [ROOTFS_MEDIA_TYPE],
+    tags: { arch: process.arch === "x64" ? "x86_64" : process.arch, driver: "process" },
+  };
+}
+
+/** A simulated board of the testbed. */
+export function boardHost(name: string): TestbedHost {
+  return { name, driverKind: DriverKind.BOARD, mediaTypes: [FIRMWARE_MEDIA_TYPE], tags: { board: "sim", driver: "board" } };
 }
 
 /**
  * Pushes the example images that are not in the catalog yet (at the first
  * start): `example/hello` greets and shows its parameters; `example/shell`
- * is an interactive shell for `tml console`. Waits for the image store to
+ * is an interactive shell for `tml console`; `example/blinky` is firmware
+ * for the simulated board. Waits for the image store to
  * have registered with the coordinator (it does so at its start).
  */
 export async function ensureExamples(
@@ -117,7 +135,7 @@ export async function ensureExamples(
       () => false,
     );
     if (have) continue;
-    const image = await buildBusyboxImage({ dir: options.workDir, title: example.title, entrypoint: example.entrypoint });
+    const image = await example.build(options.workDir);
     const [name, tag] = example.ref.split(":");
     const deadline = Date.now() + 20000;
     for (;;) {
@@ -145,18 +163,32 @@ export async function ensureExamples(
   state.examples = EXAMPLES.map((e) => e.ref);
 }
 
-/** The example images of a new testbed: busybox root file systems. */
-const EXAMPLES = [
+/** The example images of a new testbed. */
+const EXAMPLES: { ref: string; build: (dir: string) => Promise<TestImage> }[] = [
   {
     ref: "example/hello:latest",
-    title: "hello",
     // Greets, and shows the job's (non-secret) parameters.
-    entrypoint: ["/bin/sh", "-c", 'echo "hello from treadmill on $(hostname)"; env | grep ^TREADMILL_PARAM_ | grep -v SECRET || true'],
+    build: (dir) =>
+      buildBusyboxImage({
+        dir,
+        title: "hello",
+        entrypoint: ["/bin/sh", "-c", 'echo "hello from treadmill on $(hostname)"; env | grep ^TREADMILL_PARAM_ | grep -v SECRET || true'],
+      }),
   },
   {
     ref: "example/shell:latest",
-    title: "shell",
     // An interactive shell on the job's console, for `tml console`.
-    entrypoint: ["/bin/sh", "-i"],
+    build: (dir) => buildBusyboxImage({ dir, title: "shell", entrypoint: ["/bin/sh", "-i"] }),
+  },
+  {
+    ref: "example/blinky:latest",
+    // Firmware for the simulated board: its output appears on the serial
+    // console, and the exit pattern ends the job.
+    build: (dir) =>
+      buildFirmwareImage({
+        dir,
+        title: "blinky",
+        script: 'echo "blinky booted"\nfor i in 1 2 3; do echo "blink $i"; sleep 0.2; done\necho TREADMILL_EXIT=0\n',
+      }),
   },
 ];

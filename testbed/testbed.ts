@@ -12,8 +12,12 @@ import { createLogServer } from "../stores/log/log-server.js";
 import { loadSupervisorConfig } from "../supervisor/config.js";
 import { createSupervisor, type Supervisor } from "../supervisor/supervisor.js";
 import type { TestbedConfig } from "./config.js";
+import { createBoardDriver } from "../supervisor/drivers/board-driver.js";
+import { startSimBoard, type SimBoard } from "../supervisor/sim-board/start.js";
 import {
   ADMIN_NAME,
+  boardHost,
+  processHost,
   adminTransport,
   ensureExamples,
   ensureHosts,
@@ -62,6 +66,8 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
   };
   const child = (component: string) => logger.child({ component });
   const supervisorNames = Array.from({ length: config.supervisors }, (_, i) => `sup-${i + 1}`);
+  const boardNames = Array.from({ length: config.boards }, (_, i) => `board-${i + 1}`);
+  let boards: SimBoard[] = [];
   const stopSignal = new AbortController();
 
   let coordinator: ServingComponent | undefined;
@@ -77,6 +83,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     await started?.catch(() => undefined);
     await Promise.all(supervisors.map((s) => s.stop()));
     await Promise.all(servers.map(([, s]) => s.stop()));
+    await Promise.all(boards.map((b) => b.stop()));
     await coordinator?.stop();
   };
 
@@ -156,7 +163,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     ];
     await Promise.all(servers.map(([, s]) => s.start()));
 
-    const hosts = await ensureHosts(admin, state, supervisorNames);
+    const hosts = await ensureHosts(admin, state, [...supervisorNames.map(processHost), ...boardNames.map(boardHost)]);
     await saveState(config.dataDir, state);
     await ensureExamples(admin, state, {
       workDir: join(config.dataDir, "examples"),
@@ -181,6 +188,30 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
           slotUidBase: 61000 + i * 100,
         },
         logger: child("supervisor").child({ supervisor: name }),
+      }),
+    );
+    boards = await Promise.all(
+      boardNames.map((name) =>
+        startSimBoard({ dir: join(config.dataDir, "boards", name), name, exitPattern: "TREADMILL_EXIT=(\\d+)" }),
+      ),
+    );
+    supervisors.push(
+      ...boardNames.map((name, i) => {
+        const log = child("supervisor").child({ supervisor: name });
+        return createSupervisor({
+          config: {
+            ...loadSupervisorConfig(noInput),
+            name,
+            logLevel: config.logLevel,
+            coordinatorUrl,
+            hostId: hosts[name].id,
+            hostCredential: hosts[name].credential,
+            driver: "board",
+            workDir: join(config.dataDir, "supervisors", name),
+          },
+          driver: createBoardDriver(boards[i].config, log.child({ subsystem: "driver" })),
+          logger: log,
+        });
       }),
     );
     await Promise.all(supervisors.map((s) => s.start()));

@@ -4,8 +4,8 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import { dialTunnel } from "../../lib/tunnel-client.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 
-/** End to end on npm start's testbed: coordinator, store, cache, log server, process supervisors. */
-describe("jobs on process hosts, end to end", () => {
+/** End to end on npm start's testbed: coordinator, store, cache, log server, proxy, process supervisors and a simulated board. */
+describe("jobs end to end on the all-in-one testbed", () => {
   let tb: RunningTestbed;
   beforeAll(async () => {
     tb = await startTestbed();
@@ -99,6 +99,32 @@ describe("jobs on process hosts, end to end", () => {
     tunnel.destroy();
     await tb.client(JobService).cancelJob({ jobId: id });
     expect((await tb.waitFinalized(id)).finalizeReason).toBe(FinalizeReason.CANCELED);
+  });
+
+  it("runs a two-host job on both hosts at once and ends it for both", async () => {
+    const { job } = await tb.client(JobService).submitJob({
+      spec: {
+        image: "test/sh:1",
+        hosts: { hostCount: 2 },
+        parameters: [{ name: "script", value: "echo on-$(hostname)-$TREADMILL_HOST_INDEX; sleep 1" }],
+      },
+    });
+    const done = await tb.waitFinalized(job!.id);
+    expect(done.hostIds.length).toBe(2);
+    expect(new Set(done.hostIds).size).toBe(2);
+    expect(done.exitStatus).toBe(ExitStatus.SUCCESS);
+  });
+
+  it("runs the example firmware on the simulated board and reads its serial console", async () => {
+    const { job } = await tb.client(JobService).submitJob({
+      spec: { image: "example/blinky:latest", hosts: { hostCount: 1, tags: { board: "sim" } } },
+    });
+    const done = await tb.waitFinalized(job!.id);
+    expect(done.finalizeReason).toBe(FinalizeReason.WORKLOAD_EXITED);
+    expect(done.exitStatus).toBe(ExitStatus.SUCCESS);
+    const serial = await tb.readLog(job!.id, "console");
+    expect(serial).toContain("blinky booted");
+    expect(serial).toContain("blink 3");
   });
 
   it("gives the next job on a host a clean work directory", async () => {
