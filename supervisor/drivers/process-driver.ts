@@ -21,7 +21,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { constants } from "node:fs";
 import { access, chmod, chown, lstat, mkdir, open, rm, stat } from "node:fs/promises";
-import { delimiter, dirname, join } from "node:path";
+import { delimiter, dirname, join, resolve } from "node:path";
 import type { Readable, Writable } from "node:stream";
 import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
@@ -176,7 +176,8 @@ export class ProcessDriver implements Driver {
   /** Checks the host, creates the directories and picks the isolation mode (logging a warning when weak). */
   static async create(options: ProcessDriverOptions): Promise<ProcessDriver> {
     const logger = options.logger.child({ driver: "process" });
-    const workDir = options.workDir;
+    // Absolute: the sandbox and the job's processes run in other directories.
+    const workDir = resolve(options.workDir);
     await mkdir(join(workDir, "jobs"), { recursive: true });
     await chmod(workDir, 0o711);
     await chmod(join(workDir, "jobs"), 0o711);

@@ -1,6 +1,6 @@
 import { chmod, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { Writable } from "node:stream";
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import type { DescService } from "@bufbuild/protobuf";
@@ -51,7 +51,9 @@ export async function startTestbed(options: { supervisors?: number } = {}): Prom
     config: {
       ...loadTestbedConfig({ env: {}, argv: [] }),
       basePort: 0,
-      dataDir: join(dir, "data"),
+      // Relative, as npm start's default (.treadmill) is: every component
+      // must cope with a data directory relative to the working directory.
+      dataDir: relative(process.cwd(), join(dir, "data")),
       supervisors: options.supervisors ?? 2,
       logLevel: "debug",
     },
