@@ -20,6 +20,38 @@ export function serverConfigFields(defaultPort: number) {
   } as const;
 }
 
+/**
+ * Config fields of every server that registers with the coordinator (image
+ * stores and caches, log servers, proxies) and verifies its capability
+ * tokens offline, with the coordinator's keys or a JWKS file.
+ */
+export function registrationConfigFields<const D extends string>(defaultCoordinatorUrl: D) {
+  return {
+    coordinatorUrl: {
+      type: "url",
+      default: defaultCoordinatorUrl,
+      description: "the coordinator: its signing keys verify tokens, and it takes the registration (empty: stand-alone)",
+    },
+    signingKeysFile: {
+      type: "path",
+      default: "",
+      description: "a JWKS file of token verification keys, used instead of the coordinator's (stand-alone use, tests)",
+    },
+    serviceCredential: {
+      type: "string",
+      default: "",
+      secret: true,
+      description: "service API token for registering with the coordinator; empty: do not register (prefer the env variable)",
+    },
+    publicUrl: {
+      type: "url",
+      default: "",
+      description: "the URL clients and supervisors reach this server at, as registered (default: the listening address)",
+    },
+    site: { type: "string", default: "", description: "the site this server belongs to, as registered (empty: every site)" },
+  } as const;
+}
+
 /** The `logLevel` field of every component's schema. */
 export function logLevelField<const D extends string>(defaultLevel: D) {
   return {

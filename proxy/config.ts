@@ -1,31 +1,10 @@
 import { ConfigError, loadConfig } from "../lib/config.js";
-import { serverConfigFields } from "../lib/component.js";
+import { registrationConfigFields, serverConfigFields } from "../lib/component.js";
 
 /** Everything a rendezvous proxy can be told, with its defaults. */
 export const proxySchema = {
   ...serverConfigFields(7704),
-  coordinatorUrl: {
-    type: "url",
-    default: "http://127.0.0.1:7700",
-    description: "the coordinator: its signing keys verify tokens, and it takes the registration",
-  },
-  signingKeysFile: {
-    type: "path",
-    default: "",
-    description: "a JWKS JSON file of token verification keys, used instead of the coordinator's (stand-alone use, tests)",
-  },
-  serviceCredential: {
-    type: "string",
-    default: "",
-    secret: true,
-    description: "service API token for registering with the coordinator; empty: do not register (prefer the env variable)",
-  },
-  publicUrl: {
-    type: "url",
-    default: "",
-    description: "the URL supervisors and clients use to reach this proxy, as registered (default: the listening address)",
-  },
-  site: { type: "string", default: "", description: "the site this proxy belongs to, as registered (empty: every site)" },
+  ...registrationConfigFields("http://127.0.0.1:7700"),
   tcpPortRange: {
     type: "string",
     default: "",

@@ -1,5 +1,5 @@
 import { loadConfig } from "../../lib/config.js";
-import { serverConfigFields } from "../../lib/component.js";
+import { registrationConfigFields, serverConfigFields } from "../../lib/component.js";
 
 /** Everything an image store or site cache can be told, with its defaults. */
 export const imageStoreSchema = {
@@ -15,32 +15,7 @@ export const imageStoreSchema = {
     default: ".treadmill/image-store",
     description: "where blobs and manifests live (OCI image layout)",
   },
-  coordinatorUrl: {
-    type: "url",
-    default: "",
-    description: "the coordinator: source of the token signing keys, and registration (empty: stand-alone)",
-  },
-  signingKeysFile: {
-    type: "path",
-    default: "",
-    description: "a JWKS file of token signing keys, instead of the coordinator's (stand-alone use)",
-  },
-  serviceCredential: {
-    type: "string",
-    default: "",
-    secret: true,
-    description: "credential for registering with the coordinator (secret: prefer the environment variable)",
-  },
-  publicUrl: {
-    type: "url",
-    default: "",
-    description: "the URL clients reach this server at, as registered (default: the listening address)",
-  },
-  site: {
-    type: "string",
-    default: "",
-    description: "the site this server belongs to, as registered",
-  },
+  ...registrationConfigFields(""),
   capBytes: {
     type: "int",
     default: 0,

@@ -1,5 +1,5 @@
 import { loadConfig } from "../../lib/config.js";
-import { serverConfigFields } from "../../lib/component.js";
+import { registrationConfigFields, serverConfigFields } from "../../lib/component.js";
 
 /** Everything a log server can be told, with its defaults. */
 export const logServerSchema = {
@@ -9,28 +9,7 @@ export const logServerSchema = {
     default: ".treadmill/log-server",
     description: "where job logs live (segment files per job and channel)",
   },
-  coordinatorUrl: {
-    type: "url",
-    default: "http://127.0.0.1:7700",
-    description: "the coordinator: its signing keys verify tokens, and it takes the registration",
-  },
-  signingKeysFile: {
-    type: "path",
-    default: "",
-    description: "a JWKS JSON file of token verification keys, used instead of the coordinator's (stand-alone use, tests)",
-  },
-  serviceCredential: {
-    type: "string",
-    default: "",
-    secret: true,
-    description: "service API token for registering with the coordinator; empty: do not register (prefer the env variable)",
-  },
-  publicUrl: {
-    type: "url",
-    default: "",
-    description: "the URL supervisors and readers use to reach this server, as registered (default: the listening address)",
-  },
-  site: { type: "string", default: "", description: "the site this server belongs to, as registered (empty: every site)" },
+  ...registrationConfigFields("http://127.0.0.1:7700"),
   jobSizeCapBytes: {
     type: "int",
     default: 1024 * 1024 * 1024,
