@@ -19,6 +19,7 @@ import {
   SnapshotSchema,
   SnapshotStateSchema,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { backoff, sleep } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type CommandSpec, type FlagSpec } from "../args.js";
@@ -229,7 +230,11 @@ async function followJob(
       if (text !== last && job.state !== JobState.FINALIZED) status(`${text}${job.attempt > 1 ? ` (attempt ${job.attempt})` : ""}`);
       last = text;
       const jobHosts = job.hostIds.join(", ");
-      if (jobHosts !== "" && jobHosts !== hosts) status(`on host${job.hostIds.length > 1 ? "s" : ""} ${jobHosts}`);
+      if (jobHosts !== "" && jobHosts !== hosts) {
+        const ids = [...job.hostIds];
+        // Names read better than ids; an id stands in when a name is not to be had.
+        void hostNames(ctx, ids).then((names) => status(`on host${ids.length > 1 ? "s" : ""} ${names.join(", ")}`));
+      }
       hosts = jobHosts;
       if (options.logs && job.logServerUrls.length > 0 && job.state !== JobState.QUEUED) followers.follow(job.attempt);
     });
@@ -530,3 +535,16 @@ export const jobCommands: CommandSpec<CliContext>[] = [
     },
   },
 ];
+
+/** The names of hosts by id (the id itself when the host cannot be read). */
+async function hostNames(ctx: CliContext, ids: string[]): Promise<string[]> {
+  const hosts = await ctx.client(HostService);
+  return Promise.all(
+    ids.map((id) =>
+      hosts.getHost({ host: { case: "hostId", value: id } }, { timeoutMs: 5000 }).then(
+        (r) => r.host?.name || id,
+        () => id,
+      ),
+    ),
+  );
+}
