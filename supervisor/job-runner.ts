@@ -127,7 +127,9 @@ export class JobRunner {
     this.abort.abort(new DriverAbortError("job stopped"));
     if (this.running) {
       this.setState(JobState.TERMINATING, JobStage.UNSPECIFIED, "stopping");
-      void this.deps.driver.stop(this.running, { graceMs });
+      this.deps.driver
+        .stop(this.running, { graceMs })
+        .catch((err: unknown) => this.log.error({ err }, "driver could not stop the job"));
     }
   }
 
