@@ -1,3 +1,4 @@
+import { readFile } from "node:fs/promises";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -38,6 +39,26 @@ export function coordinatorKeySource(transport: Transport): () => Promise<JSONWe
       keys: response.keys.map((k): JWK => ({ kid: k.kid, kty: k.kty, crv: k.crv, x: k.x, alg: k.alg, use: k.use })),
     };
   };
+}
+
+/** The JWKS in `path`, read at every (rate-limited) refetch so that a rotated file is picked up. */
+export function fileKeySource(path: string): () => Promise<JSONWebKeySet> {
+  return async () => {
+    const parsed = JSON.parse(await readFile(path, "utf8")) as JSONWebKeySet;
+    if (!Array.isArray(parsed?.keys)) throw new Error(`${path} is not a jwks (no keys array)`);
+    return parsed;
+  };
+}
+
+/**
+ * Where a store, log server or proxy gets the keys that verify capability
+ * tokens: a JWKS file when one is configured (stand-alone use), else the
+ * coordinator's GetSigningKeys; with neither, no key (every token refused).
+ */
+export function verifierKeySource(config: { signingKeysFile: string; coordinatorUrl: string }): () => Promise<JSONWebKeySet> {
+  if (config.signingKeysFile !== "") return fileKeySource(config.signingKeysFile);
+  if (config.coordinatorUrl !== "") return coordinatorKeySource(coordinatorTransport(config.coordinatorUrl));
+  return async () => ({ keys: [] });
 }
 
 export interface RegistrationOptions {

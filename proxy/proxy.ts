@@ -1,12 +1,11 @@
 import { randomUUID } from "node:crypto";
-import { readFile } from "node:fs/promises";
 import type { Http2ServerRequest } from "node:http2";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { ServiceKind } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { RendezvousService } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import { TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
 import { serverOptions, type ServingComponent } from "../lib/component.js";
-import { coordinatorKeySource, coordinatorTransport, runRegistration } from "../lib/coordinator-client.js";
+import { coordinatorTransport, runRegistration, verifierKeySource } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
 import { createServer, type HttpRequest, type Server } from "../lib/server.js";
 import { TokenVerifier, type JSONWebKeySet } from "../lib/tokens.js";
@@ -33,15 +32,6 @@ export interface Proxy extends ServingComponent {
   sessionCount(): number;
 }
 
-/** The JWKS in `path`, read at every (rate-limited) refetch so that a rotated file is picked up. */
-function fileKeySource(path: string): () => Promise<JSONWebKeySet> {
-  return async () => {
-    const parsed = JSON.parse(await readFile(path, "utf8")) as JSONWebKeySet;
-    if (!Array.isArray(parsed?.keys)) throw new Error(`${path} is not a jwks (no keys array)`);
-    return parsed;
-  };
-}
-
 /**
  * A rendezvous proxy (DESIGN.md §8, docs/proxy.md): `RendezvousService` for
  * supervisors, `TunnelService` for clients, a WebSocket entrance at
@@ -58,11 +48,7 @@ export function createProxy({
   logger: Logger;
   keys?: () => Promise<JSONWebKeySet>;
 }): Proxy {
-  const keySource =
-    keys ??
-    (config.signingKeysFile !== ""
-      ? fileKeySource(config.signingKeysFile)
-      : coordinatorKeySource(coordinatorTransport(config.coordinatorUrl)));
+  const keySource = keys ?? verifierKeySource(config);
   const verifier = new TokenVerifier({ keys: keySource, audience: "proxy", logger: logger.child({ subsystem: "tokens" }) });
   const auth = new ProxyAuth(verifier);
   const proxyId = randomUUID();

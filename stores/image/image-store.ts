@@ -1,10 +1,10 @@
-import { readFile, statfs } from "node:fs/promises";
+import { statfs } from "node:fs/promises";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import { ImageStoreService } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { serverOptions, type ServingComponent } from "../../lib/component.js";
-import { coordinatorKeySource, coordinatorTransport, runRegistration } from "../../lib/coordinator-client.js";
+import { coordinatorTransport, runRegistration, verifierKeySource } from "../../lib/coordinator-client.js";
 import type { Logger } from "../../lib/logger.js";
 import { createServer, type Server } from "../../lib/server.js";
 import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
@@ -61,7 +61,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
     clock: deps.clock,
     freeBytes: deps.freeBytes,
   });
-  const verifier = new TokenVerifier({ keys: keySource(deps, log), audience: "image", clock: deps.clock, logger: log });
+  const verifier = new TokenVerifier({ keys: deps.keys ?? verifierKeySource(deps.config), audience: "image", clock: deps.clock, logger: log });
   const auth = new Authorizer(verifier, store);
   const cache =
     config.mode === "cache"
@@ -152,16 +152,4 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
       return server.address();
     },
   };
-}
-
-function keySource(deps: ImageStoreDeps, log: Logger): () => Promise<JSONWebKeySet> {
-  if (deps.keys) return deps.keys;
-  const { coordinatorUrl, signingKeysFile } = deps.config;
-  if (signingKeysFile !== "") {
-    // Read at every refetch, so replacing the file rotates the keys.
-    return async () => JSON.parse(await readFile(signingKeysFile, "utf8")) as JSONWebKeySet;
-  }
-  if (coordinatorUrl !== "") return coordinatorKeySource(coordinatorTransport(coordinatorUrl));
-  log.debug("no signing key source");
-  return async () => ({ keys: [] });
 }

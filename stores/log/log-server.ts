@@ -1,9 +1,8 @@
-import { readFile } from "node:fs/promises";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import { serverOptions, type ServingComponent } from "../../lib/component.js";
-import { coordinatorKeySource, coordinatorTransport, runRegistration } from "../../lib/coordinator-client.js";
+import { coordinatorTransport, runRegistration, verifierKeySource } from "../../lib/coordinator-client.js";
 import type { Logger } from "../../lib/logger.js";
 import { createServer, type Server } from "../../lib/server.js";
 import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
@@ -11,15 +10,6 @@ import type { LogServerConfig } from "./config.js";
 import { LogServiceImpl } from "./log-service.js";
 import { LogStore } from "./log-store.js";
 import { runRetention } from "./retention.js";
-
-/** The JWKS in `path`, read at every (rate-limited) refetch so that a rotated file is picked up. */
-export function fileKeySource(path: string): () => Promise<JSONWebKeySet> {
-  return async () => {
-    const parsed = JSON.parse(await readFile(path, "utf8")) as JSONWebKeySet;
-    if (!Array.isArray(parsed?.keys)) throw new Error(`${path} is not a jwks (no keys array)`);
-    return parsed;
-  };
-}
 
 /**
  * A log server (DESIGN.md §7): LogService over segment files in `dataDir`,
@@ -37,11 +27,7 @@ export function createLogServer({
 }): ServingComponent {
   const storeLogger = logger.child({ subsystem: "log-store" });
   const store = new LogStore({ dataDir: config.dataDir, jobSizeCapBytes: config.jobSizeCapBytes, logger: storeLogger });
-  const keySource =
-    keys ??
-    (config.signingKeysFile !== ""
-      ? fileKeySource(config.signingKeysFile)
-      : coordinatorKeySource(coordinatorTransport(config.coordinatorUrl)));
+  const keySource = keys ?? verifierKeySource(config);
   const verifier = new TokenVerifier({ keys: keySource, audience: "log", logger: logger.child({ subsystem: "tokens" }) });
   const service = new LogServiceImpl({ store, verifier, logger: logger.child({ subsystem: "log-service" }) });
   const background = new AbortController();
