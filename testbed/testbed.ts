@@ -9,10 +9,11 @@ import { loadImageStoreConfig } from "../stores/image/config.js";
 import { createImageStore } from "../stores/image/image-store.js";
 import { loadLogServerConfig } from "../stores/log/config.js";
 import { createLogServer } from "../stores/log/log-server.js";
-import { loadSupervisorConfig } from "../supervisor/config.js";
+import { loadSupervisorConfig, type SupervisorConfig } from "../supervisor/config.js";
 import { createSupervisor, type Supervisor } from "../supervisor/supervisor.js";
 import type { TestbedConfig } from "./config.js";
 import { createBoardDriver } from "../supervisor/drivers/board-driver.js";
+import type { Driver } from "../supervisor/drivers/driver.js";
 import { startSimBoard, type SimBoard } from "../supervisor/sim-board/start.js";
 import {
   ADMIN_NAME,
@@ -173,8 +174,11 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     examples = state.examples ?? [];
     await saveState(config.dataDir, state);
 
-    supervisors = supervisorNames.map((name, i) =>
-      createSupervisor({
+    // One supervisor per host: process hosts with their own slot uids, and
+    // a board-driver supervisor for each simulated board.
+    const supervise = (name: string, extra: Partial<SupervisorConfig>, driver?: (logger: Logger) => Driver) => {
+      const log = child("supervisor").child({ supervisor: name });
+      return createSupervisor({
         config: {
           ...loadSupervisorConfig(noInput),
           name,
@@ -182,38 +186,22 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
           coordinatorUrl,
           hostId: hosts[name].id,
           hostCredential: hosts[name].credential,
-          driver: "process",
           workDir: join(config.dataDir, "supervisors", name),
-          // Each supervisor's job slots get their own uids.
-          slotUidBase: 61000 + i * 100,
+          ...extra,
         },
-        logger: child("supervisor").child({ supervisor: name }),
-      }),
-    );
+        driver: driver?.(log.child({ subsystem: "driver" })),
+        logger: log,
+      });
+    };
     boards = await Promise.all(
       boardNames.map((name) =>
         startSimBoard({ dir: join(config.dataDir, "boards", name), name, exitPattern: "TREADMILL_EXIT=(\\d+)" }),
       ),
     );
-    supervisors.push(
-      ...boardNames.map((name, i) => {
-        const log = child("supervisor").child({ supervisor: name });
-        return createSupervisor({
-          config: {
-            ...loadSupervisorConfig(noInput),
-            name,
-            logLevel: config.logLevel,
-            coordinatorUrl,
-            hostId: hosts[name].id,
-            hostCredential: hosts[name].credential,
-            driver: "board",
-            workDir: join(config.dataDir, "supervisors", name),
-          },
-          driver: createBoardDriver(boards[i].config, log.child({ subsystem: "driver" })),
-          logger: log,
-        });
-      }),
-    );
+    supervisors = [
+      ...supervisorNames.map((name, i) => supervise(name, { driver: "process", slotUidBase: 61000 + i * 100 })),
+      ...boardNames.map((name, i) => supervise(name, { driver: "board" }, (log) => createBoardDriver(boards[i].config, log))),
+    ];
     await Promise.all(supervisors.map((s) => s.start()));
   }
 

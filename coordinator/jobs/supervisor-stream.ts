@@ -18,9 +18,9 @@
  */
 import { randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
-import { durationFromMs, timestampFromDate, timestampNow } from "@bufbuild/protobuf/wkt";
+import { durationFromMs, timestampNow } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext } from "@connectrpc/connect";
-import { DriverKind, HostAdminState, HostSchema } from "../../gen/treadmill/coordinator/v1/host_pb.js";
+import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { ExitStatus, FinalizeReason, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import {
   type AttachRequest,
@@ -36,9 +36,10 @@ import { audit } from "../audit.js";
 import { type HostCaller, requireHost } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { uuidv7 } from "../services/common.js";
+import { type HostRow, hostColumns, hostMessage } from "../services/hosts.js";
 import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";
-import { AsyncQueue } from "./queue.js";
+import { AsyncQueue } from "../../lib/async-queue.js";
 import { type Db, reasonName, stageName, stateName } from "./store.js";
 import { type HostTermination, hostEnded, hostProgress, releaseSlot } from "./transitions.js";
 
@@ -46,21 +47,6 @@ import { type HostTermination, hostEnded, hostProgress, releaseSlot } from "./tr
 export const PROTOCOL_VERSION = { major: 1, minor: 0 };
 
 const invalid = (message: string) => new ConnectError(message, Code.InvalidArgument);
-
-interface HostRow {
-  id: string;
-  name: string;
-  tags: Record<string, string>;
-  driver_kind: string;
-  media_types: string[];
-  site: string;
-  capacity: number;
-  admin_state: string;
-  admin_state_reason: string;
-  supervisor_version: string;
-  created_at: Date;
-  updated_at: Date;
-}
 
 interface Pending {
   key: string;
@@ -254,12 +240,11 @@ export class HostSession {
     const stops: AttachResponse[] = [];
     const row = await ctx.sql.begin(async (tx) => {
       const [h] = await tx<HostRow[]>`
-        update hosts set attached_replica = ${ctx.replicaId}, attach_session = ${this.id}, attached_at = now(),
+        update hosts as h set attached_replica = ${ctx.replicaId}, attach_session = ${this.id}, attached_at = now(),
           last_seen_at = now(), detached_at = null, supervisor_version = ${hello.supervisorVersion},
           supervisor_capacity = ${hello.capacity > 0 ? hello.capacity : null}, supervisor_draining = ${hello.draining}
         where id = ${host.hostId}
-        returning id, name, tags, driver_kind, media_types, site, capacity, admin_state, admin_state_reason,
-          supervisor_version, created_at, updated_at`;
+        returning ${hostColumns(tx)}`;
       if (!h) throw new ConnectError("this host no longer exists", Code.PermissionDenied);
       if (hello.driverKind !== DriverKind.UNSPECIFIED && DriverKind[hello.driverKind]?.toLowerCase() !== h.driver_kind) {
         throw invalid(`hello.driver_kind ${DriverKind[hello.driverKind] ?? hello.driverKind} is not this host's driver (${h.driver_kind})`);
@@ -667,25 +652,6 @@ export class HostSession {
 
 function ackReport(reportId: string, jobId: string, attempt: number, terminal: boolean): AttachResponse {
   return create(AttachResponseSchema, { payload: { case: "ackReport", value: { reportId, jobId, attempt, terminal } } });
-}
-
-function hostMessage(h: HostRow) {
-  return create(HostSchema, {
-    id: h.id,
-    name: h.name,
-    tags: h.tags,
-    driverKind: DriverKind[h.driver_kind.toUpperCase() as keyof typeof DriverKind] ?? DriverKind.UNSPECIFIED,
-    mediaTypes: h.media_types,
-    site: h.site,
-    capacity: h.capacity,
-    adminState: HostAdminState[h.admin_state.toUpperCase() as keyof typeof HostAdminState] ?? HostAdminState.UNSPECIFIED,
-    adminStateReason: h.admin_state_reason,
-    online: true,
-    lastSeenTime: timestampNow(),
-    supervisorVersion: h.supervisor_version,
-    createTime: timestampFromDate(h.created_at),
-    updateTime: timestampFromDate(h.updated_at),
-  });
 }
 
 export { JobState };
