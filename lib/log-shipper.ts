@@ -28,6 +28,7 @@ import {
 } from "../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "./logger.js";
 import { backoff, isTransientError, sleep } from "./retry.js";
+import { AsyncQueue } from "./async-queue.js";
 import { FrameCache, Spill } from "./log-shipper/spill.js";
 
 const CHANNEL_NAME = /^[a-z][a-z0-9_-]{0,31}$/;
@@ -78,35 +79,6 @@ export interface ServerReport {
 }
 
 type AppendRequestInit = MessageInitShape<typeof AppendRequestSchema>;
-
-/** A push-driven async iterable (the request side of the Append stream). */
-class RequestQueue implements AsyncIterable<AppendRequestInit> {
-  private items: AppendRequestInit[] = [];
-  private ended = false;
-  private wake: (() => void) | undefined;
-
-  push(item: AppendRequestInit): void {
-    this.items.push(item);
-    this.wake?.();
-  }
-
-  end(): void {
-    this.ended = true;
-    this.wake?.();
-  }
-
-  async *[Symbol.asyncIterator](): AsyncIterator<AppendRequestInit> {
-    while (true) {
-      if (this.items.length > 0) {
-        yield this.items.shift()!;
-        continue;
-      }
-      if (this.ended) return;
-      await new Promise<void>((resolve) => (this.wake = resolve));
-      this.wake = undefined;
-    }
-  }
-}
 
 /** Resolves waiters at every change of the shipper's state. */
 class Changes {
@@ -208,7 +180,7 @@ class ServerSender {
   /** Channels this server refused for good (size cap, closed): nothing more is sent. */
   readonly refused = new Map<string, string>();
   private next = new Map<string, number>();
-  private requests: RequestQueue | undefined;
+  private requests: AsyncQueue<AppendRequestInit> | undefined;
   private connected = false;
   private readonly stopController = new AbortController();
   private callController: AbortController | undefined;
@@ -281,7 +253,7 @@ class ServerSender {
 
   /** One Append stream; resolves when it ends cleanly, returns whether it got a welcome. */
   private async session(): Promise<boolean> {
-    const requests = new RequestQueue();
+    const requests = new AsyncQueue<AppendRequestInit>();
     this.callController = new AbortController();
     const signal = AbortSignal.any([this.callController.signal, this.stopController.signal]);
     requests.push({

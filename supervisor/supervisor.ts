@@ -14,6 +14,7 @@ import {
   type StopJob,
   SupervisorService,
 } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { AsyncQueue } from "../lib/async-queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";
@@ -95,7 +96,7 @@ export function createSupervisor({
   let draining = false;
   /** This host's id: configured, or learned from the coordinator's welcome. */
   let hostId = config.hostId;
-  let outbox: Outbox<AttachRequest> | undefined;
+  let outbox: AsyncQueue<AttachRequest> | undefined;
   const changed = new Changes();
 
   const client = createClient(
@@ -203,7 +204,9 @@ export function createSupervisor({
 
   /** One stream's life: resolves when the coordinator ends it, throws on error. */
   async function attachOnce(onAttached: () => void): Promise<void> {
-    const stream = new Outbox<AttachRequest>(abort.signal);
+    const stream = new AsyncQueue<AttachRequest>();
+    const endStream = () => stream.end();
+    abort.signal.addEventListener("abort", endStream, { once: true });
     outbox = stream;
     let heartbeat: NodeJS.Timeout | undefined;
     try {
@@ -249,6 +252,8 @@ export function createSupervisor({
       }
     } finally {
       clearInterval(heartbeat);
+      abort.signal.removeEventListener("abort", endStream);
+      stream.end();
       if (outbox === stream) outbox = undefined;
     }
   }
@@ -360,36 +365,6 @@ export function createSupervisor({
         terminated: r.terminated(),
       })),
   };
-}
-
-/**
- * The request side of a bidi stream: an async iterable that yields what is
- * pushed, and ends when the signal aborts.
- */
-class Outbox<T> implements AsyncIterable<T> {
-  private readonly queue: T[] = [];
-  private wake: (() => void) | undefined;
-
-  constructor(private readonly signal: AbortSignal) {
-    signal.addEventListener("abort", () => this.wake?.(), { once: true });
-  }
-
-  push(item: T): void {
-    this.queue.push(item);
-    this.wake?.();
-  }
-
-  async *[Symbol.asyncIterator](): AsyncIterator<T> {
-    while (!this.signal.aborted) {
-      const item = this.queue.shift();
-      if (item !== undefined) {
-        yield item;
-        continue;
-      }
-      await new Promise<void>((resolve) => (this.wake = resolve));
-      this.wake = undefined;
-    }
-  }
 }
 
 /** Wakes waiters at every change of the supervisor's state. */

@@ -10,6 +10,10 @@ import {
 import { silentLogger } from "../../lib/logger.js";
 import { createServer, type Server, type ServerOptions } from "../../lib/server.js";
 
+/** An async iterable fed by hand (for streaming requests). */
+import { AsyncQueue as Pushable } from "../../lib/async-queue.js";
+export { Pushable };
+
 /**
  * The test-only EchoService (test/proto/treadmill/testing/v1/echo_service.proto):
  * one RPC of each kind, used to exercise the server runtime.
@@ -81,36 +85,3 @@ export async function within<T>(ms: number, promise: Promise<T>, what: string): 
   }
 }
 
-/**
- * An async iterable fed by hand, for streaming requests whose next message
- * depends on the last response (proves a stream is really full duplex).
- */
-export class Pushable<T> implements AsyncIterable<T> {
-  readonly #items: T[] = [];
-  #ended = false;
-  #wake: (() => void) | undefined;
-
-  push(item: T): void {
-    this.#items.push(item);
-    this.#wake?.();
-  }
-
-  end(): void {
-    this.#ended = true;
-    this.#wake?.();
-  }
-
-  async *[Symbol.asyncIterator](): AsyncGenerator<T> {
-    while (true) {
-      const item = this.#items.shift();
-      if (item !== undefined) {
-        yield item;
-      } else if (this.#ended) {
-        return;
-      } else {
-        await new Promise<void>((resolve) => (this.#wake = resolve));
-        this.#wake = undefined;
-      }
-    }
-  }
-}

@@ -25,7 +25,7 @@ import {
   type SupervisorWelcome,
   SupervisorService,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { AsyncQueue } from "../../coordinator/jobs/queue.js";
+import { AsyncQueue } from "../../lib/async-queue.js";
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
 
 type Termination = MessageInitShape<typeof JobTerminationSchema>;

@@ -20,6 +20,10 @@ import { TokenSigner, generateSigningKey, type Capability, type JSONWebKeySet } 
 import { loadLogServerConfig, type LogServerConfig } from "../../../stores/log/config.js";
 import { createLogServer } from "../../../stores/log/log-server.js";
 
+/** An async iterable fed by hand (for streaming requests). */
+import { AsyncQueue as Pushable } from "../../../lib/async-queue.js";
+export { Pushable };
+
 export interface Keys {
   signer: TokenSigner;
   jwks: JSONWebKeySet;
@@ -86,35 +90,6 @@ export function logClient(url: string, protocol: "grpc" | "connect-h1" = "grpc")
 export const auth = (token: string) => ({ headers: { authorization: `Bearer ${token}` } });
 
 type AppendRequestInit = MessageInitShape<typeof AppendRequestSchema>;
-
-/** An async iterable fed by hand. */
-export class Pushable<T> implements AsyncIterable<T> {
-  private items: T[] = [];
-  private ended = false;
-  private wake: (() => void) | undefined;
-
-  push(item: T): void {
-    this.items.push(item);
-    this.wake?.();
-  }
-
-  end(): void {
-    this.ended = true;
-    this.wake?.();
-  }
-
-  async *[Symbol.asyncIterator](): AsyncIterator<T> {
-    while (true) {
-      if (this.items.length > 0) {
-        yield this.items.shift()!;
-        continue;
-      }
-      if (this.ended) return;
-      await new Promise<void>((resolve) => (this.wake = resolve));
-      this.wake = undefined;
-    }
-  }
-}
 
 /** Races a promise against a generous deadline, naming what was awaited. */
 export function within<T>(promise: Promise<T>, what: string, ms = 15000): Promise<T> {
