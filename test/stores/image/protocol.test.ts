@@ -147,10 +147,15 @@ describe("the bulk gRPC handler", () => {
   it("honours grpc-timeout with DeadlineExceeded and keeps what arrived", async () => {
     const fresh = randomBlob(2 * MIB);
     const first = toBinary(PutBlobRequestSchema, create(PutBlobRequestSchema, { digest: fresh.digest, size: BigInt(fresh.size), data: fresh.data.subarray(0, MIB) }));
-    const res = await rawCall(store.url, put, { authorization: `Bearer ${writeToken}`, "grpc-timeout": "300m" }, [frame(first)], false);
+    // The client sends one MiB and never ends the call: the deadline ends it.
+    const call = rawCall(store.url, put, { authorization: `Bearer ${writeToken}`, "grpc-timeout": "3S" }, [frame(first)], false);
+    const committed = async () => Number((await store.client(writeToken).queryUpload({ digest: fresh.digest })).committedOffset);
+    // What arrived is committed while the call is still open...
+    for (const deadline = Date.now() + 2500; (await committed()) < MIB && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
+    const res = await call;
     expect(res.trailers["grpc-status"]).toBe("4");
-    const state = await store.client(writeToken).queryUpload({ digest: fresh.digest });
-    expect(Number(state.committedOffset)).toBe(MIB);
+    // ...and kept after the deadline ended it.
+    expect(await committed()).toBe(MIB);
   });
 
   it("refuses compressed messages and unsupported encodings", async () => {

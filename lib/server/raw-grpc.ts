@@ -1,0 +1,309 @@
+/**
+ * Hand-written gRPC (HTTP/2) handlers for the few RPCs that move bulk bytes
+ * (image blobs, tunnels), mounted on a server's port ahead of the Connect
+ * adapter through createServer's `http` option. Why: connect-node, fully
+ * tuned, holds bulk transfers to about 40% of raw loopback TCP; a handler that
+ * frames messages itself moves the same wire protocol with fewer copies
+ * (FACTS.md "Bulk bytes over gRPC"). Every gRPC client (connect-node,
+ * grpc-js, Python, buf curl) calls these RPCs as it calls any other.
+ *
+ * It speaks plain gRPC (`application/grpc` or `application/grpc+proto`) over
+ * HTTP/2 only; gRPC-Web, Connect and JSON requests fall through to the Connect
+ * adapter, which serves the same methods. It honours `grpc-timeout`
+ * (DeadlineExceeded), cancellation (the stream's reset or close aborts the
+ * call's signal), error trailers with percent-encoded `grpc-message`, and
+ * refuses compression (it advertises `grpc-accept-encoding: identity`; a
+ * compressed message is InvalidArgument). Authorization is the procedure's
+ * job: it receives the request headers.
+ */
+import { fromBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { constants as http2constants, type Http2ServerRequest, type Http2ServerResponse, type IncomingHttpHeaders, type ServerHttp2Stream } from "node:http2";
+import type { Logger } from "../logger.js";
+import type { HttpRequest, HttpResponse } from "../server.js";
+
+const GRPC_CONTENT_TYPE = /^application\/grpc(\+proto)?(;.*)?$/i;
+
+/** One call of a raw procedure. */
+export interface RawGrpcCall {
+  /** "/pkg.Service/Method". */
+  readonly procedure: string;
+  /** The request headers, pseudo-headers left out. */
+  readonly headers: Headers;
+  /** Aborts with the ConnectError that ends the call (cancel, deadline). */
+  readonly signal: AbortSignal;
+  /** The response stream; response headers are already sent. */
+  readonly stream: ServerHttp2Stream;
+  /** The request's messages, each one contiguous buffer, at most `maxMessageBytes`. */
+  messages(): AsyncGenerator<Uint8Array>;
+  /** Writes bytes (framed messages) and resolves once the stream can take more. */
+  write(data: Uint8Array): Promise<void>;
+}
+
+export type RawGrpcProcedure = (call: RawGrpcCall) => Promise<void>;
+
+export interface RawGrpcOptions {
+  /** Procedures by path. */
+  procedures: Record<string, RawGrpcProcedure>;
+  /** Largest request message accepted (ResourceExhausted beyond). */
+  maxMessageBytes: number;
+  logger: Logger;
+}
+
+/** Returns the `http` handler of createServer that answers the given procedures. */
+export function createRawGrpcHandler(options: RawGrpcOptions): (req: HttpRequest, res: HttpResponse) => boolean {
+  const log = options.logger.child({ subsystem: "raw-grpc" });
+  return (req, res) => {
+    if (req.httpVersion !== "2.0" || req.method !== "POST") return false;
+    const path = req.url?.split("?", 1)[0] ?? "";
+    const procedure = Object.hasOwn(options.procedures, path) ? options.procedures[path] : undefined;
+    if (!procedure) return false;
+    if (!GRPC_CONTENT_TYPE.test(String(req.headers["content-type"] ?? ""))) return false;
+    void serve(path, procedure, req as Http2ServerRequest, res as Http2ServerResponse, options.maxMessageBytes, log);
+    return true;
+  };
+}
+
+async function serve(
+  path: string,
+  procedure: RawGrpcProcedure,
+  req: Http2ServerRequest,
+  res: Http2ServerResponse,
+  maxMessageBytes: number,
+  log: Logger,
+): Promise<void> {
+  const stream = res.stream;
+  const started = performance.now();
+  const controller = new AbortController();
+  const onClose = () => controller.abort(new ConnectError("the client cancelled the call", Code.Canceled));
+  stream.once("close", onClose);
+  stream.once("aborted", onClose);
+  let timer: NodeJS.Timeout | undefined;
+  let outcome: ConnectError | undefined;
+  try {
+    const encoding = req.headers["grpc-encoding"];
+    if (encoding !== undefined && encoding !== "identity") {
+      throw new ConnectError(`grpc-encoding ${String(encoding)} is not supported`, Code.Unimplemented);
+    }
+    const timeoutMs = parseTimeout(req.headers["grpc-timeout"]);
+    if (timeoutMs !== undefined) {
+      timer = setTimeout(() => controller.abort(new ConnectError("the call's deadline passed", Code.DeadlineExceeded)), timeoutMs);
+    }
+    stream.respond(
+      { ":status": 200, "content-type": "application/grpc+proto", "grpc-accept-encoding": "identity" },
+      { waitForTrailers: true },
+    );
+    const signal = controller.signal;
+    const call: RawGrpcCall = {
+      procedure: path,
+      headers: toHeaders(req.headers),
+      signal,
+      stream,
+      messages: () => readMessages(req, signal, maxMessageBytes),
+      write: (data) => write(stream, data, signal),
+    };
+    await abortable(procedure(call), signal);
+  } catch (err) {
+    outcome = controller.signal.aborted ? ConnectError.from(controller.signal.reason) : toConnectError(err, log);
+  } finally {
+    clearTimeout(timer);
+    stream.off("close", onClose);
+    stream.off("aborted", onClose);
+  }
+  const code = outcome?.code ?? 0;
+  log.info(
+    { procedure: path, code: outcome ? Code[outcome.code] : "OK", durationMs: Math.round(performance.now() - started), reason: outcome?.rawMessage },
+    outcome ? "rpc failed" : "rpc finished",
+  );
+  if (stream.destroyed || stream.closed) return;
+  const trailers: Record<string, string> = { "grpc-status": String(code) };
+  if (outcome) trailers["grpc-message"] = encodeGrpcMessage(outcome.rawMessage);
+  if (!stream.headersSent) {
+    // Trailers-only response.
+    stream.respond(
+      { ":status": 200, "content-type": "application/grpc+proto", "grpc-accept-encoding": "identity", ...trailers },
+      { endStream: true },
+    );
+    closeUnfinished(req, stream);
+    return;
+  }
+  // The compatibility layer's response (which owns this stream) sends its
+  // trailers when the stream asks for them (respond() had waitForTrailers).
+  res.addTrailers(trailers);
+  stream.end();
+  // Runs after the compatibility layer's own listener has sent the trailers.
+  if (outcome) stream.once("wantTrailers", () => closeUnfinished(req, stream));
+}
+
+/**
+ * After an error the client may still be sending (an upload refused or timed
+ * out mid-way): once the trailers are out, reset the stream with NO_ERROR as
+ * gRPC servers do, which also ends the request body a handler may still read.
+ */
+function closeUnfinished(req: Http2ServerRequest, stream: ServerHttp2Stream): void {
+  if (req.complete || stream.destroyed) return;
+  setImmediate(() => {
+    if (!stream.destroyed) stream.close(http2constants.NGHTTP2_NO_ERROR);
+  });
+}
+
+/** Rejects with the signal's reason as soon as it aborts, whatever `work` does. */
+function abortable<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    work.then(
+      (v) => {
+        signal.removeEventListener("abort", onAbort);
+        resolve(v);
+      },
+      (e) => {
+        signal.removeEventListener("abort", onAbort);
+        reject(e);
+      },
+    );
+  });
+}
+
+/** A protobuf varint's bytes. */
+export function varint(n: number): number[] {
+  const out: number[] = [];
+  let v = BigInt(n);
+  while (v >= 0x80n) {
+    out.push(Number(v & 0x7fn) | 0x80);
+    v >>= 7n;
+  }
+  out.push(Number(v));
+  return out;
+}
+
+/** One uncompressed gRPC message: the 5-byte prefix, then the message. */
+export function frame(message: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(5 + message.length);
+  out[0] = 0;
+  out.writeUInt32BE(message.length, 1);
+  out.set(message, 5);
+  return out;
+}
+
+/**
+ * The gRPC messages of a length-prefixed byte stream (a request body, or a
+ * response body on the client side), each as one contiguous buffer.
+ */
+export async function* readMessages(body: AsyncIterable<Buffer>, signal: AbortSignal, maxMessageBytes: number): AsyncGenerator<Uint8Array> {
+  let parts: Buffer[] = [];
+  let buffered = 0;
+  let want = -1; // length of the message being assembled; -1: reading a prefix
+  const take = (n: number): Buffer => {
+    // Takes the first n buffered bytes, copying only when they span chunks.
+    let out: Buffer;
+    if (parts[0].length >= n) {
+      out = parts[0].subarray(0, n);
+      parts[0] = parts[0].subarray(n);
+      if (parts[0].length === 0) parts.shift();
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let at = 0;
+      while (at < n) {
+        const p = parts[0];
+        const k = Math.min(p.length, n - at);
+        p.copy(out, at, 0, k);
+        at += k;
+        if (k === p.length) parts.shift();
+        else parts[0] = p.subarray(k);
+      }
+    }
+    buffered -= n;
+    return out;
+  };
+  for await (const chunk of body) {
+    if (signal.aborted) throw signal.reason;
+    parts.push(chunk);
+    buffered += chunk.length;
+    for (;;) {
+      if (want < 0) {
+        if (buffered < 5) break;
+        const prefix = take(5);
+        if ((prefix[0] & 1) !== 0) throw new ConnectError("compressed messages are not supported", Code.InvalidArgument);
+        want = prefix.readUInt32BE(1);
+        if (want > maxMessageBytes) {
+          throw new ConnectError(`message of ${want} bytes is larger than ${maxMessageBytes}`, Code.ResourceExhausted);
+        }
+      }
+      if (buffered < want) break;
+      const message = want === 0 ? new Uint8Array(0) : take(want);
+      want = -1;
+      yield message;
+    }
+  }
+  if (want >= 0 || buffered > 0) throw new ConnectError("stream ended inside a message", Code.InvalidArgument);
+  parts = [];
+}
+
+function write(stream: ServerHttp2Stream, data: Uint8Array, signal: AbortSignal): Promise<void> {
+  if (stream.write(data)) return Promise.resolve();
+  return drained(stream, signal);
+}
+
+/** Resolves once the stream drains; rejects when the call ends first. */
+export function drained(stream: ServerHttp2Stream, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const done = () => {
+      stream.off("drain", done);
+      stream.off("close", done);
+      signal.removeEventListener("abort", done);
+      if (signal.aborted) reject(signal.reason);
+      else if (stream.destroyed) reject(new ConnectError("the stream closed", Code.Canceled));
+      else resolve();
+    };
+    stream.once("drain", done);
+    stream.once("close", done);
+    signal.addEventListener("abort", done, { once: true });
+  });
+}
+
+function toHeaders(incoming: IncomingHttpHeaders): Headers {
+  const headers = new Headers();
+  for (const [key, value] of Object.entries(incoming)) {
+    if (key.startsWith(":") || value === undefined) continue;
+    for (const v of Array.isArray(value) ? value : [value]) headers.append(key, v);
+  }
+  return headers;
+}
+
+/** gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n). */
+export function parseTimeout(value: string | string[] | undefined): number | undefined {
+  if (typeof value !== "string") return undefined;
+  const match = /^(\d{1,8})([HMSmun])$/.exec(value);
+  if (!match) throw new ConnectError("grpc-timeout is malformed", Code.InvalidArgument);
+  const n = Number(match[1]);
+  const unitMs = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 }[match[2] as "H"];
+  return Math.max(1, Math.ceil(n * unitMs));
+}
+
+/** Percent-encodes a grpc-message as the gRPC spec says. */
+export function encodeGrpcMessage(message: string): string {
+  const bytes = Buffer.from(message, "utf8");
+  let out = "";
+  for (const b of bytes) {
+    out += b >= 0x20 && b <= 0x7e && b !== 0x25 ? String.fromCharCode(b) : `%${b.toString(16).toUpperCase().padStart(2, "0")}`;
+  }
+  return out;
+}
+
+/** Decodes a request message; malformed bytes are the caller's fault. */
+export function decodeMessage<S extends DescMessage>(schema: S, bytes: Uint8Array): MessageShape<S> {
+  try {
+    return fromBinary(schema, bytes);
+  } catch {
+    throw new ConnectError("request message is malformed", Code.InvalidArgument);
+  }
+}
+
+/** ConnectErrors pass; anything else is a bug: logged, sent as a generic Internal. */
+function toConnectError(err: unknown, log: Logger): ConnectError {
+  if (err instanceof ConnectError) return err;
+  log.error({ err }, "raw grpc procedure failed");
+  return new ConnectError("internal error", Code.Internal);
+}
