@@ -5,23 +5,39 @@
  * - `imageStoreTransport(url)`: a gRPC transport tuned for blobs (no
  *   compression, large HTTP/2 receive windows on both the stream and the
  *   connection, FACTS.md "Bulk bytes over gRPC").
+ * - `imageStoreClient(transport)`: a client whose PutBlob and GetBlob, over
+ *   such a transport, are a thin hand-framed gRPC client on a connection of
+ *   their own (lib/raw-grpc-client.ts): same wire protocol, token, deadlines,
+ *   cancellation and status codes, without connect-node's per-message copies.
  * - `uploadBlob(...)`: resumable upload (QueryUpload, then PutBlob from the
  *   committed offset; retries transient failures), with progress.
  * - `downloadBlob(...)`: GetBlob into a file, resuming and retrying, and
  *   verifying the digest of what it received.
- * - `readBlobChunks(...)`: the raw chunk stream of one GetBlob call.
+ * - `readBlobChunks(...)`: the raw chunk stream of one GetBlob call
+ *   (`readBlobPieces`: the same without joining a chunk's frames).
  *
  * Nothing here trusts a store: every whole blob read is hashed.
  */
 import { createHash, type Hash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { open, rename, rm, stat } from "node:fs/promises";
+import { open, rename, rm, stat, type FileHandle } from "node:fs/promises";
 import type http2 from "node:http2";
-import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
+import { create, fromBinary, toBinary, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
-import { ImageStoreService } from "../gen/treadmill/image/v1/image_store_service_pb.js";
+import {
+  GetBlobRequestSchema,
+  GetBlobResponseSchema,
+  ImageStoreService,
+  PutBlobRequestSchema,
+  PutBlobResponseSchema,
+  type GetBlobResponse,
+  type PutBlobResponse,
+} from "../gen/treadmill/image/v1/image_store_service_pb.js";
 import { bearerInterceptor } from "./coordinator-client.js";
+import { connectHttp2, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
 import { backoff, sleep } from "./retry.js";
+import { bytesFieldHeader, frame } from "./server/raw-grpc.js";
 
 /** The only digest form Treadmill accepts. */
 export const DIGEST_PATTERN = /^sha256:[0-9a-f]{64}$/;
@@ -60,9 +76,12 @@ class WideWindowSessionManager extends Http2SessionManager {
 }
 
 export interface ImageTransport extends Transport {
-  /** Closes the transport's connection (open calls fail). */
+  /** Closes the transport's connections (open calls fail). */
   close(): void;
 }
+
+/** The bulk channel of each transport made by imageStoreTransport, and of its clients. */
+const bulkChannels = new WeakMap<object, BulkChannel>();
 
 /**
  * A gRPC transport to an image store or cache, tuned for bulk bytes. `token`
@@ -71,6 +90,7 @@ export interface ImageTransport extends Transport {
  */
 export function imageStoreTransport(baseUrl: string, options: { token?: string | (() => string) } = {}): ImageTransport {
   const token = options.token;
+  const tokenOf = typeof token === "function" ? token : () => token ?? "";
   const sessionManager = new WideWindowSessionManager(
     baseUrl,
     { idleConnectionTimeoutMs: 60_000 },
@@ -81,16 +101,377 @@ export function imageStoreTransport(baseUrl: string, options: { token?: string |
     sessionManager,
     acceptCompression: [],
     // A message is at most 3 MiB of data plus a few bytes of framing.
-    readMaxBytes: 4 * 1024 * 1024,
-    interceptors: [bearerInterceptor(typeof token === "function" ? token : () => token ?? "")],
+    readMaxBytes: MAX_MESSAGE_BYTES,
+    interceptors: [bearerInterceptor(tokenOf)],
   });
-  return Object.assign(transport, { close: () => sessionManager.abort() });
+  const bulk = new BulkChannel(baseUrl, tokenOf);
+  const imageTransport = Object.assign(transport, {
+    close: () => {
+      sessionManager.abort();
+      bulk.close();
+    },
+  });
+  bulkChannels.set(imageTransport, bulk);
+  return imageTransport;
 }
 
-/** A client of ImageStoreService over `imageStoreTransport`. */
+/**
+ * A client of ImageStoreService. Over an `imageStoreTransport`, PutBlob and
+ * GetBlob go through the transport's bulk channel (a thin gRPC client);
+ * over any other transport, everything goes through Connect.
+ */
 export function imageStoreClient(transport: Transport): ImageStoreClient {
-  return createClient(ImageStoreService, transport);
+  const client = createClient(ImageStoreService, transport);
+  const bulk = bulkChannels.get(transport);
+  if (!bulk) return client;
+  const thin = Object.assign(Object.create(client) as ImageStoreClient, {
+    putBlob: (requests: AsyncIterable<MessageInitShape<typeof PutBlobRequestSchema>>, options?: CallOptions) => bulk.putBlob(requests, options),
+    getBlob: (request: MessageInitShape<typeof GetBlobRequestSchema>, options?: CallOptions) => bulk.getBlob(request, options),
+  });
+  bulkChannels.set(thin, bulk);
+  return thin;
 }
+
+/** Largest message either side of a blob call: 3 MiB of data plus its fields. */
+const MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
+const PUT_BLOB_PATH = `/${ImageStoreService.typeName}/PutBlob`;
+const GET_BLOB_PATH = `/${ImageStoreService.typeName}/GetBlob`;
+/** PutBlobRequest.data, written after the other fields without a copy. */
+const PUT_BLOB_DATA_FIELD = PutBlobRequestSchema.field.data.number;
+const GET_BLOB_DATA_FIELD = GetBlobResponseSchema.field.data.number;
+
+/**
+ * PutBlob and GetBlob as a thin gRPC client (lib/raw-grpc-client.ts) on an
+ * HTTP/2 connection of its own with wide receive windows. It keeps what a
+ * Connect client gives: the bearer token and `headers`, `timeoutMs` (sent as
+ * grpc-timeout and enforced here: DeadlineExceeded), `signal` (the call is
+ * reset: Canceled), and statuses from the trailers as ConnectErrors (not
+ * onHeader/onTrailer, which no caller uses). The connection holds the
+ * process open only while a call is in progress.
+ */
+class BulkChannel {
+  #session: http2.ClientHttp2Session | undefined;
+  /** Calls in progress on each session (a session is ref'd while it has any). */
+  readonly #calls = new WeakMap<http2.ClientHttp2Session, number>();
+  #closed = false;
+
+  constructor(
+    private readonly baseUrl: string,
+    private readonly token: () => string,
+  ) {}
+
+  close(): void {
+    this.#closed = true;
+    this.#session?.destroy();
+    this.#session = undefined;
+  }
+
+  /**
+   * Opens a call and returns it with its end: a signal aborted (with the
+   * ConnectError to throw) by the deadline or the caller's signal, and
+   * `done()` to run once the call is over.
+   */
+  #open(path: string, options: CallOptions = {}): { call: RawClientCall; ended: AbortSignal; done: () => void } {
+    if (this.#closed) throw new ConnectError("the transport is closed", Code.Unavailable);
+    options.signal?.throwIfAborted();
+    let session = this.#session;
+    if (!session || session.closed || session.destroyed) {
+      session = connectHttp2(this.baseUrl);
+      session.unref();
+      this.#session = session;
+    }
+    const headers: Record<string, string> = {};
+    new Headers(options.headers).forEach((value, key) => (headers[key] = value));
+    const token = this.token();
+    if (token !== "") headers.authorization = `Bearer ${token}`;
+    if (options.timeoutMs !== undefined) headers["grpc-timeout"] = `${Math.max(1, Math.ceil(options.timeoutMs))}m`;
+    const call = openRawCall(session, path, headers, { maxMessageBytes: MAX_MESSAGE_BYTES });
+    const calls = this.#calls.get(session) ?? 0;
+    this.#calls.set(session, calls + 1);
+    if (calls === 0) session.ref();
+    const ended = new AbortController();
+    const end = (reason: ConnectError) => {
+      if (ended.signal.aborted) return;
+      ended.abort(reason);
+      call.cancel();
+    };
+    const timer =
+      options.timeoutMs === undefined
+        ? undefined
+        : setTimeout(() => end(new ConnectError("the call's deadline passed", Code.DeadlineExceeded)), options.timeoutMs);
+    const onAbort = () => end(new ConnectError("the call was cancelled", Code.Canceled));
+    options.signal?.addEventListener("abort", onAbort, { once: true });
+    let finished = false;
+    const owner = session;
+    return {
+      call,
+      ended: ended.signal,
+      done: () => {
+        if (finished) return;
+        finished = true;
+        clearTimeout(timer);
+        options.signal?.removeEventListener("abort", onAbort);
+        call.cancel();
+        const left = (this.#calls.get(owner) ?? 1) - 1;
+        this.#calls.set(owner, left);
+        if (left === 0 && !owner.destroyed) owner.unref();
+      },
+    };
+  }
+
+  async *getBlob(request: MessageInitShape<typeof GetBlobRequestSchema>, options?: CallOptions): AsyncGenerator<GetBlobResponse> {
+    for await (const { message, data } of this.getBlobPieces(request, options)) {
+      message.data = data.length === 1 ? data[0] : Buffer.concat(data);
+      yield message;
+    }
+  }
+
+  /** GetBlob's responses, each with its data as views of the frames it came in (no copy). */
+  async *getBlobPieces(
+    request: MessageInitShape<typeof GetBlobRequestSchema>,
+    options?: CallOptions,
+  ): AsyncGenerator<{ message: GetBlobResponse; data: Buffer[] }> {
+    const { call, ended, done } = this.#open(GET_BLOB_PATH, options);
+    try {
+      call.write(frame(toBinary(GetBlobRequestSchema, create(GetBlobRequestSchema, request))));
+      call.end();
+      for await (const pieces of call.messagePieces()) {
+        if (ended.aborted) break;
+        yield splitBulkMessage(GetBlobResponseSchema, pieces, GET_BLOB_DATA_FIELD, Code.Internal);
+      }
+      ended.throwIfAborted();
+    } catch (err) {
+      throw ended.aborted ? ConnectError.from(ended.reason) : err;
+    } finally {
+      done();
+    }
+  }
+
+  async putBlob(requests: AsyncIterable<MessageInitShape<typeof PutBlobRequestSchema>>, options?: CallOptions): Promise<PutBlobResponse> {
+    const { call, ended, done } = this.#open(PUT_BLOB_PATH, options);
+    try {
+      const reply = (async () => {
+        let response: PutBlobResponse | undefined;
+        for await (const message of call.messages()) {
+          if (response) throw new ConnectError("put_blob answered more than one message", Code.Internal);
+          response = decode(PutBlobResponseSchema, message);
+        }
+        if (!response) throw new ConnectError("put_blob answered no message", Code.Internal);
+        return response;
+      })();
+      const sending = (async () => {
+        for await (const request of requests) {
+          // The store answered (an error, or "exists") or the call ended: stop.
+          if (call.stream.closed || call.stream.destroyed || ended.aborted) return;
+          const payload = request.data ?? new Uint8Array(0);
+          const fields = create(PutBlobRequestSchema, { digest: request.digest, size: request.size, offset: request.offset });
+          call.write(bytesFieldHeader(PUT_BLOB_DATA_FIELD, payload.length, Array.from(toBinary(PutBlobRequestSchema, fields))));
+          if (!call.write(payload) && !call.stream.closed && !call.stream.destroyed) await call.drained().catch(() => undefined);
+        }
+        call.end();
+      })();
+      // Whichever comes first: the answer (maybe before every message went
+      // out), or a failure of the request stream itself.
+      sending.catch(() => undefined);
+      reply.catch(() => undefined);
+      await Promise.race([reply, sending]);
+      return await reply;
+    } catch (err) {
+      throw ended.aborted ? ConnectError.from(ended.reason) : err;
+    } finally {
+      done();
+    }
+  }
+}
+
+/** Decodes a response message; malformed bytes are the server's fault. */
+function decode<S extends DescMessage>(schema: S, bytes: Uint8Array, code = Code.Internal): MessageShape<S> {
+  try {
+    return fromBinary(schema, bytes);
+  } catch {
+    throw new ConnectError(code === Code.Internal ? "response message is malformed" : "request message is malformed", code);
+  }
+}
+
+/** How far into a message splitBulkMessage looks for the bytes field. */
+const BULK_HEAD_BYTES = 256;
+
+/**
+ * Decodes a bulk message (PutBlobRequest, GetBlobResponse) that came as
+ * pieces (readMessagePieces) without copying its bytes field `dataField`:
+ * when that field is the last one (as every Treadmill sender and the usual
+ * encoders write it), the fields before it are decoded and its bytes are
+ * returned as views of the pieces; otherwise the message is joined and
+ * decoded whole. `message`'s own bytes field is left empty. Malformed bytes
+ * are `code` (Internal from a server, InvalidArgument from a client).
+ */
+export function splitBulkMessage<S extends DescMessage>(
+  schema: S,
+  pieces: Buffer[],
+  dataField: number,
+  code: Code,
+): { message: MessageShape<S>; data: Buffer[] } {
+  let total = 0;
+  for (const p of pieces) total += p.length;
+  const head = pieces[0].length >= Math.min(total, BULK_HEAD_BYTES) ? pieces[0] : Buffer.concat(pieces, Math.min(total, BULK_HEAD_BYTES));
+  const end = Math.min(head.length, BULK_HEAD_BYTES);
+  let at = 0;
+  const varintAt = (): number | undefined => {
+    let value = 0;
+    for (let shift = 1, i = 0; i < 8 && at < end; i++, shift *= 128) {
+      const b = head[at++];
+      value += (b & 0x7f) * shift;
+      if (b < 0x80) return value;
+    }
+    return undefined;
+  };
+  while (at < end) {
+    const fieldStart = at;
+    const tag = varintAt();
+    if (tag === undefined) break;
+    const wireType = tag & 7;
+    if (wireType === 0) {
+      if (varintAt() === undefined) break;
+    } else if (wireType === 2) {
+      const length = varintAt();
+      if (length === undefined) break;
+      if (Math.floor(tag / 8) === dataField && at + length === total) {
+        const message = decode(schema, head.subarray(0, fieldStart), code);
+        return { message, data: slicePieces(pieces, at, total) };
+      }
+      at += length;
+    } else if (wireType === 1) {
+      at += 8;
+    } else if (wireType === 5) {
+      at += 4;
+    } else {
+      break;
+    }
+  }
+  const whole = pieces.length === 1 ? pieces[0] : Buffer.concat(pieces);
+  const message = decode(schema, whole, code);
+  const data = (message as Record<string, unknown>)[dataFieldName(schema, dataField)];
+  return { message, data: data instanceof Uint8Array && data.length > 0 ? [Buffer.from(data.buffer, data.byteOffset, data.length)] : [] };
+}
+
+function dataFieldName(schema: DescMessage, number: number): string {
+  const field = schema.fields.find((f) => f.number === number);
+  if (!field) throw new Error(`${schema.typeName} has no field ${number}`);
+  return field.localName;
+}
+
+/** The bytes [from, to) of a list of pieces, as views. */
+function slicePieces(pieces: Buffer[], from: number, to: number): Buffer[] {
+  const out: Buffer[] = [];
+  let at = 0;
+  for (const p of pieces) {
+    const start = Math.max(from - at, 0);
+    const stop = Math.min(to - at, p.length);
+    if (stop > start) out.push(start === 0 && stop === p.length ? p : p.subarray(start, stop));
+    at += p.length;
+    if (at >= to) break;
+  }
+  return out;
+}
+
+/** Most iovecs one writev takes (Linux's IOV_MAX is 1024). */
+const MAX_IOVECS = 1024;
+
+/** Writes every piece at `position` on, in order (writev; a short write goes on with the rest). */
+async function writePieces(file: FileHandle, pieces: readonly Uint8Array[], position: number): Promise<void> {
+  let rest = pieces.filter((p) => p.length > 0);
+  while (rest.length > 0) {
+    const { bytesWritten } = await file.writev(rest.slice(0, MAX_IOVECS), position);
+    if (bytesWritten === 0) throw new Error("a write made no progress");
+    position += bytesWritten;
+    let skip = bytesWritten;
+    let used = 0;
+    while (used < rest.length && skip >= rest[used].length) skip -= rest[used++].length;
+    rest = rest.slice(used);
+    if (skip > 0) rest[0] = rest[0].subarray(skip);
+  }
+}
+
+/**
+ * Appends to a file from `position` on without making its caller wait for
+ * each write: what `write()` is given joins a backlog that one writev at a
+ * time takes whole, so the disk writes while the next bytes arrive and a
+ * slow write (a busy machine, a full page cache) costs no round trip per
+ * message. Bytes land in order, so the file is always a prefix of the
+ * stream. `write()` waits only while `maxBacklogBytes` are not yet written;
+ * the first failure rejects every later `write()` and `settle()`.
+ */
+export class BackgroundWriter {
+  #backlog: Uint8Array[] = [];
+  #backlogBytes = 0;
+  /** Bytes being written by the writev in flight. */
+  #writingBytes = 0;
+  #written: number;
+  #running: Promise<void> | undefined;
+  #failure: { error: unknown } | undefined;
+  #waiters: (() => void)[] = [];
+
+  constructor(
+    private readonly file: FileHandle,
+    position: number,
+    private readonly options: { maxBacklogBytes?: number; onWritten?: (written: number) => void } = {},
+  ) {
+    this.#written = position;
+  }
+
+  /** The end of what is on the file (in order): the committed prefix. */
+  get written(): number {
+    return this.#written;
+  }
+
+  /** Queues `pieces` after everything queued before; they must not change until written. */
+  async write(pieces: readonly Uint8Array[]): Promise<void> {
+    const max = this.options.maxBacklogBytes ?? 8 * 1024 * 1024;
+    while (!this.#failure && this.#backlogBytes + this.#writingBytes >= max) {
+      await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    }
+    if (this.#failure) throw this.#failure.error;
+    for (const p of pieces) {
+      if (p.length === 0) continue;
+      this.#backlog.push(p);
+      this.#backlogBytes += p.length;
+    }
+    this.#running ??= this.#run();
+  }
+
+  /** Resolves once everything queued is written; rejects with the first failure. */
+  async settle(): Promise<void> {
+    await this.#running;
+    if (this.#failure) throw this.#failure.error;
+  }
+
+  async #run(): Promise<void> {
+    try {
+      while (this.#backlog.length > 0 && !this.#failure) {
+        const batch = this.#backlog;
+        const bytes = this.#backlogBytes;
+        this.#backlog = [];
+        this.#backlogBytes = 0;
+        this.#writingBytes = bytes;
+        try {
+          await writePieces(this.file, batch, this.#written);
+          this.#written += bytes;
+          this.options.onWritten?.(this.#written);
+        } catch (error) {
+          this.#failure = { error };
+          this.#backlog = [];
+          this.#backlogBytes = 0;
+        } finally {
+          this.#writingBytes = 0;
+          for (const wake of this.#waiters.splice(0)) wake();
+        }
+      }
+    } finally {
+      this.#running = undefined;
+    }
+  }
+}
+
 
 /** Progress of one blob transfer. */
 export interface BlobProgress {
@@ -185,23 +566,43 @@ export async function* readBlobChunks(
   request: { digest: string; offset?: number; length?: number },
   options: { signal?: AbortSignal; timeoutMs?: number; onSize?: (size: number) => void } = {},
 ): AsyncGenerator<Uint8Array> {
+  for await (const pieces of readBlobPieces(client, request, options)) {
+    yield pieces.length === 1 ? pieces[0] : Buffer.concat(pieces);
+  }
+}
+
+/**
+ * Like readBlobChunks, but each chunk is the list of its pieces: over an
+ * imageStoreTransport, views of the frames it arrived in (no copy), to be
+ * hashed and written (writePieces) as they are.
+ */
+export async function* readBlobPieces(
+  client: ImageStoreClient,
+  request: { digest: string; offset?: number; length?: number },
+  options: { signal?: AbortSignal; timeoutMs?: number; onSize?: (size: number) => void } = {},
+): AsyncGenerator<Uint8Array[]> {
+  const init = {
+    digest: request.digest,
+    offset: BigInt(request.offset ?? 0),
+    length: request.length === undefined ? undefined : BigInt(request.length),
+  };
+  const callOptions = { signal: options.signal, timeoutMs: options.timeoutMs };
+  const bulk = bulkChannels.get(client);
+  const responses = bulk
+    ? bulk.getBlobPieces(init, callOptions)
+    : (async function* () {
+        for await (const message of client.getBlob(init, callOptions)) yield { message, data: [message.data] };
+      })();
   let expected = request.offset ?? 0;
   let first = true;
-  for await (const chunk of client.getBlob(
-    {
-      digest: request.digest,
-      offset: BigInt(request.offset ?? 0),
-      length: request.length === undefined ? undefined : BigInt(request.length),
-    },
-    { signal: options.signal, timeoutMs: options.timeoutMs },
-  )) {
-    if (first) options.onSize?.(Number(chunk.size));
+  for await (const { message, data } of responses) {
+    if (first) options.onSize?.(Number(message.size));
     first = false;
-    if (Number(chunk.offset) !== expected) {
-      throw new ConnectError(`store sent offset ${chunk.offset}, expected ${expected}`, Code.DataLoss);
+    if (Number(message.offset) !== expected) {
+      throw new ConnectError(`store sent offset ${message.offset}, expected ${expected}`, Code.DataLoss);
     }
-    expected += chunk.data.length;
-    yield chunk.data;
+    for (const piece of data) expected += piece.length;
+    yield data;
   }
 }
 
@@ -257,21 +658,25 @@ export async function downloadBlob(
   const attempts = options.attempts ?? 5;
   const delays = backoff({ initialMs: 100, maxMs: 5000 });
   let size = blob.size ?? -1;
+  // Chunks are written while the next arrive; a failed write fails the download.
+  const writer = new BackgroundWriter(file, offset);
   try {
     for (let attempt = 1; ; attempt++) {
       try {
-        for await (const data of readBlobChunks(
+        for await (const pieces of readBlobPieces(
           client,
           { digest, offset },
           { signal: options.signal, timeoutMs: options.timeoutMs, onSize: (s) => (size = s) },
         )) {
-          hash.update(data);
-          await file.write(data, 0, data.length, offset);
-          offset += data.length;
+          for (const piece of pieces) hash.update(piece);
+          await writer.write(pieces);
+          for (const piece of pieces) offset += piece.length;
           options.onProgress?.({ digest, bytesDone: offset, size });
         }
+        await writer.settle();
         break;
       } catch (err) {
+        await writer.settle();
         const error = ConnectError.from(err);
         if (options.signal?.aborted || attempt >= attempts || !RETRYABLE.has(error.code)) throw error;
         await sleep(delays.next().value, options.signal);

@@ -18,7 +18,8 @@
  */
 import { fromBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { constants as http2constants, type Http2ServerRequest, type Http2ServerResponse, type IncomingHttpHeaders, type ServerHttp2Stream } from "node:http2";
+import { constants as http2constants, type Http2ServerRequest, type Http2Stream, type Http2ServerResponse, type IncomingHttpHeaders, type ServerHttp2Stream } from "node:http2";
+import { Readable } from "node:stream";
 import type { Logger } from "../logger.js";
 import type { HttpRequest, HttpResponse } from "../server.js";
 
@@ -36,6 +37,8 @@ export interface RawGrpcCall {
   readonly stream: ServerHttp2Stream;
   /** The request's messages, each one contiguous buffer, at most `maxMessageBytes`. */
   messages(): AsyncGenerator<Uint8Array>;
+  /** The same messages, each as the list of its pieces (no copy; see readMessagePieces). */
+  pieces(): AsyncGenerator<Buffer[]>;
   /** Writes bytes (framed messages) and resolves once the stream can take more. */
   write(data: Uint8Array): Promise<void>;
 }
@@ -100,6 +103,7 @@ async function serve(
       signal,
       stream,
       messages: () => readMessages(req, signal, maxMessageBytes),
+      pieces: () => readMessagePieces(req, signal, maxMessageBytes),
       write: (data) => write(stream, data, signal),
     };
     await abortable(procedure(call), signal);
@@ -132,13 +136,16 @@ async function serve(
   res.addTrailers(trailers);
   stream.end();
   // Runs after the compatibility layer's own listener has sent the trailers.
-  if (outcome) stream.once("wantTrailers", () => closeUnfinished(req, stream));
+  // A bidi call may end while its client still sends (a tunnel closed by the
+  // server), not only a failed one.
+  stream.once("wantTrailers", () => closeUnfinished(req, stream));
 }
 
 /**
- * After an error the client may still be sending (an upload refused or timed
- * out mid-way): once the trailers are out, reset the stream with NO_ERROR as
- * gRPC servers do, which also ends the request body a handler may still read.
+ * After the call ended the client may still be sending (an upload refused or
+ * timed out mid-way, a bidi stream the server closed): once the trailers are
+ * out, reset the stream with NO_ERROR as gRPC servers do, which also ends the
+ * request body a handler may still read.
  */
 function closeUnfinished(req: Http2ServerRequest, stream: ServerHttp2Stream): void {
   if (req.complete || stream.destroyed) return;
@@ -169,6 +176,16 @@ function abortable<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
 /** A protobuf varint's bytes. */
 export function varint(n: number): number[] {
   const out: number[] = [];
+  if (Number.isInteger(n) && n >= 0 && n <= 0xffffffff) {
+    // The common case (lengths, offsets under 4 GiB) without BigInt.
+    let v = n;
+    while (v >= 0x80) {
+      out.push((v & 0x7f) | 0x80);
+      v = Math.floor(v / 128);
+    }
+    out.push(v);
+    return out;
+  }
   let v = BigInt(n);
   while (v >= 0x80n) {
     out.push(Number(v & 0x7fn) | 0x80);
@@ -188,57 +205,229 @@ export function frame(message: Uint8Array): Buffer {
 }
 
 /**
+ * The 5-byte gRPC prefix of a message made of `fields` (already encoded
+ * fields) followed by one length-delimited field `fieldNumber` of
+ * `payloadLength` bytes, up to that payload, which the caller writes next
+ * without copying it.
+ */
+export function bytesFieldHeader(fieldNumber: number, payloadLength: number, fields: ArrayLike<number> = []): Buffer {
+  const tag = varint((fieldNumber << 3) | 2);
+  const length = varint(payloadLength);
+  const headLength = fields.length + tag.length + length.length;
+  const head = Buffer.allocUnsafe(5 + headLength);
+  head[0] = 0;
+  head.writeUInt32BE(headLength + payloadLength, 1);
+  let at = 5;
+  for (let i = 0; i < fields.length; i++) head[at++] = fields[i];
+  for (const b of tag) head[at++] = b;
+  for (const b of length) head[at++] = b;
+  return head;
+}
+
+/**
+ * The payload of a message that holds nothing but one length-delimited field
+ * `fieldNumber` (a oneof's `bytes data`), as a view of `message`; undefined
+ * when the message is anything else (then decode it in full). Lets a byte
+ * stream skip the protobuf runtime for its data messages.
+ */
+export function soleBytesField(message: Uint8Array, fieldNumber: number): Uint8Array | undefined {
+  const at = soleBytesFieldStart(message, fieldNumber, message.length);
+  return at === undefined ? undefined : message.subarray(at);
+}
+
+/**
+ * soleBytesField for a message in pieces (readMessagePieces): the payload's
+ * pieces, views, never copies. Undefined also when the field's header is
+ * split between pieces (rare: then join the pieces and decode).
+ */
+export function soleBytesFieldPieces(pieces: readonly Buffer[], fieldNumber: number): Buffer[] | undefined {
+  if (pieces.length === 0) return undefined;
+  let total = 0;
+  for (const p of pieces) total += p.length;
+  const at = soleBytesFieldStart(pieces[0], fieldNumber, total);
+  if (at === undefined) return undefined;
+  const out = pieces.slice();
+  out[0] = pieces[0].subarray(at);
+  if (out[0].length === 0) out.shift();
+  return out;
+}
+
+/** Where the payload starts when the `total` bytes starting with `head` are exactly one bytes field. */
+function soleBytesFieldStart(head: Uint8Array, fieldNumber: number, total: number): number | undefined {
+  const tag = (fieldNumber << 3) | 2;
+  if (tag > 0x7f || head.length < 2 || head[0] !== tag) return undefined;
+  let length = 0;
+  let shift = 1;
+  let at = 1;
+  for (;;) {
+    if (at >= head.length || at > 5) return undefined;
+    const b = head[at++];
+    length += (b & 0x7f) * shift;
+    if (b < 0x80) break;
+    shift *= 128;
+  }
+  return at + length === total ? at : undefined;
+}
+
+/**
  * The gRPC messages of a length-prefixed byte stream (a request body, or a
  * response body on the client side), each as one contiguous buffer.
+ *
+ * A Node stream is read with 'data' events (HTTP/2 delivers the body in
+ * frames of at most 16 KiB): each message is copied once out of its frames,
+ * where Readable's async iterator would first concatenate what is buffered,
+ * and the consumer wakes once per message rather than once per frame.
  */
 export async function* readMessages(body: AsyncIterable<Buffer>, signal: AbortSignal, maxMessageBytes: number): AsyncGenerator<Uint8Array> {
-  let parts: Buffer[] = [];
-  let buffered = 0;
-  let want = -1; // length of the message being assembled; -1: reading a prefix
-  const take = (n: number): Buffer => {
-    // Takes the first n buffered bytes, copying only when they span chunks.
-    let out: Buffer;
-    if (parts[0].length >= n) {
-      out = parts[0].subarray(0, n);
-      parts[0] = parts[0].subarray(n);
-      if (parts[0].length === 0) parts.shift();
-    } else {
-      out = Buffer.allocUnsafe(n);
-      let at = 0;
-      while (at < n) {
-        const p = parts[0];
-        const k = Math.min(p.length, n - at);
-        p.copy(out, at, 0, k);
-        at += k;
-        if (k === p.length) parts.shift();
-        else parts[0] = p.subarray(k);
-      }
-    }
-    buffered -= n;
-    return out;
-  };
+  if (body instanceof Readable) {
+    for await (const pieces of readMessagePieces(body, signal, maxMessageBytes)) yield joinPieces(pieces);
+    return;
+  }
+  const splitter = new MessageSplitter(maxMessageBytes);
+  const out: Buffer[][] = [];
   for await (const chunk of body) {
     if (signal.aborted) throw signal.reason;
-    parts.push(chunk);
-    buffered += chunk.length;
+    splitter.push(chunk, out);
+    while (out.length > 0) yield joinPieces(out.shift()!);
+  }
+  splitter.end();
+}
+
+/** One buffer of a message's pieces (copied only when there are several). */
+function joinPieces(pieces: Buffer[]): Buffer {
+  return pieces.length === 1 ? pieces[0] : Buffer.concat(pieces);
+}
+
+/** Messages queued by readMessagePieces before it pauses the stream. */
+const QUEUED_MESSAGE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Like readMessages, but each message comes as the list of its pieces, views
+ * of the frames it arrived in, never copied: for bulk data that is hashed and
+ * written (writev) piece by piece.
+ */
+export async function* readMessagePieces(body: Readable, signal: AbortSignal, maxMessageBytes: number): AsyncGenerator<Buffer[]> {
+  const splitter = new MessageSplitter(maxMessageBytes);
+  const queue: Buffer[][] = [];
+  let queued = 0;
+  let ended = false;
+  let failure: unknown;
+  let wake: (() => void) | undefined;
+  const notify = () => {
+    const w = wake;
+    wake = undefined;
+    w?.();
+  };
+  const onData = (chunk: Buffer) => {
+    try {
+      queued += splitter.push(chunk, queue);
+    } catch (err) {
+      failure ??= err;
+      body.pause();
+    }
+    if (queued >= QUEUED_MESSAGE_BYTES) body.pause();
+    notify();
+  };
+  const onEnd = () => {
+    ended = true;
+    notify();
+  };
+  const onError = (err: unknown) => {
+    failure ??= err;
+    notify();
+  };
+  const onClose = () => {
+    if (!ended) failure ??= new Error("the stream closed before its end");
+    notify();
+  };
+  body.on("data", onData);
+  body.once("end", onEnd);
+  body.once("error", onError);
+  body.once("close", onClose);
+  try {
     for (;;) {
-      if (want < 0) {
-        if (buffered < 5) break;
-        const prefix = take(5);
+      if (signal.aborted) throw signal.reason;
+      const message = queue.shift();
+      if (message !== undefined) {
+        for (const piece of message) queued -= piece.length;
+        if (queued < QUEUED_MESSAGE_BYTES && failure === undefined && body.isPaused()) body.resume();
+        yield message;
+        continue;
+      }
+      if (failure !== undefined) throw failure;
+      if (ended) break;
+      await new Promise<void>((resolve) => (wake = resolve));
+    }
+    splitter.end();
+  } finally {
+    body.off("data", onData);
+    body.off("end", onEnd);
+    body.off("error", onError);
+    body.off("close", onClose);
+  }
+}
+
+/**
+ * Splits a length-prefixed byte stream, fed chunk by chunk, into messages,
+ * each the list of its pieces (views of the chunks, no copy).
+ */
+class MessageSplitter {
+  #parts: Buffer[] = [];
+  #buffered = 0;
+  /** Length of the message being assembled; -1: reading a prefix. */
+  #want = -1;
+
+  constructor(private readonly maxMessageBytes: number) {}
+
+  /** Adds a chunk; appends the messages it completes to `out`; returns their bytes. */
+  push(chunk: Buffer, out: Buffer[][]): number {
+    this.#parts.push(chunk);
+    this.#buffered += chunk.length;
+    let bytes = 0;
+    for (;;) {
+      if (this.#want < 0) {
+        if (this.#buffered < 5) return bytes;
+        const prefix = joinPieces(this.#take(5));
         if ((prefix[0] & 1) !== 0) throw new ConnectError("compressed messages are not supported", Code.InvalidArgument);
-        want = prefix.readUInt32BE(1);
-        if (want > maxMessageBytes) {
-          throw new ConnectError(`message of ${want} bytes is larger than ${maxMessageBytes}`, Code.ResourceExhausted);
+        this.#want = prefix.readUInt32BE(1);
+        if (this.#want > this.maxMessageBytes) {
+          throw new ConnectError(`message of ${this.#want} bytes is larger than ${this.maxMessageBytes}`, Code.ResourceExhausted);
         }
       }
-      if (buffered < want) break;
-      const message = want === 0 ? new Uint8Array(0) : take(want);
-      want = -1;
-      yield message;
+      if (this.#buffered < this.#want) return bytes;
+      out.push(this.#want === 0 ? [Buffer.alloc(0)] : this.#take(this.#want));
+      bytes += this.#want;
+      this.#want = -1;
     }
   }
-  if (want >= 0 || buffered > 0) throw new ConnectError("stream ended inside a message", Code.InvalidArgument);
-  parts = [];
+
+  /** The stream ended: throws when it ended inside a message. */
+  end(): void {
+    if (this.#want >= 0 || this.#buffered > 0) throw new ConnectError("stream ended inside a message", Code.InvalidArgument);
+  }
+
+  /** Takes the first n buffered bytes as views of the chunks. */
+  #take(n: number): Buffer[] {
+    const parts = this.#parts;
+    const out: Buffer[] = [];
+    let at = 0;
+    let used = 0;
+    while (at < n) {
+      const p = parts[used];
+      const k = Math.min(p.length, n - at);
+      if (k === p.length) {
+        out.push(p);
+        used++;
+      } else {
+        out.push(p.subarray(0, k));
+        parts[used] = p.subarray(k);
+      }
+      at += k;
+    }
+    parts.splice(0, used);
+    this.#buffered -= n;
+    return out;
+  }
 }
 
 function write(stream: ServerHttp2Stream, data: Uint8Array, signal: AbortSignal): Promise<void> {
@@ -247,7 +436,7 @@ function write(stream: ServerHttp2Stream, data: Uint8Array, signal: AbortSignal)
 }
 
 /** Resolves once the stream drains; rejects when the call ends first. */
-export function drained(stream: ServerHttp2Stream, signal: AbortSignal): Promise<void> {
+export function drained(stream: Http2Stream, signal: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     const done = () => {
       stream.off("drain", done);
@@ -280,6 +469,15 @@ export function parseTimeout(value: string | string[] | undefined): number | und
   const n = Number(match[1]);
   const unitMs = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 }[match[2] as "H"];
   return Math.max(1, Math.ceil(n * unitMs));
+}
+
+/** Decodes a percent-encoded grpc-message (a client reading a status). */
+export function decodeGrpcMessage(value: string): string {
+  try {
+    return decodeURIComponent(value);
+  } catch {
+    return value;
+  }
 }
 
 /** Percent-encodes a grpc-message as the gRPC spec says. */

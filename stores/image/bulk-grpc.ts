@@ -3,11 +3,14 @@
  * (lib/server/raw-grpc.ts) mounted on the store's port ahead of the Connect
  * adapter. gRPC-Web, Connect and JSON requests fall through to the adapter,
  * which serves the same methods; the service methods check the token either
- * way.
+ * way. Blob bytes are never copied here: PutBlob's data is hashed and written
+ * from the HTTP/2 frames it arrived in, GetBlob's follows a hand-encoded
+ * header.
  */
 import { toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { GetBlobRequestSchema, ImageStoreService, PutBlobRequestSchema, PutBlobResponseSchema } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
+import { splitBulkMessage } from "../../lib/image-client.js";
 import type { Logger } from "../../lib/logger.js";
 import { createRawGrpcHandler, decodeMessage, drained, frame, varint, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
 import type { HttpRequest, HttpResponse } from "../../lib/server.js";
@@ -29,9 +32,12 @@ export function createBulkGrpcHandler(service: ImageStoreServiceImpl, logger: Lo
 }
 
 async function servePut(call: RawGrpcCall, service: ImageStoreServiceImpl): Promise<void> {
+  // Each message's data stays in the frames it arrived in: hashed and
+  // written (writev) from there, never copied.
   const messages = (async function* (): AsyncGenerator<BlobPiece> {
-    for await (const bytes of call.messages()) {
-      yield decodeMessage(PutBlobRequestSchema, bytes);
+    for await (const pieces of call.pieces()) {
+      const { message, data } = splitBulkMessage(PutBlobRequestSchema, pieces, PutBlobRequestSchema.field.data.number, Code.InvalidArgument);
+      yield { digest: message.digest, size: message.size, offset: message.offset, data };
     }
   })();
   const response = await service.receiveBlob(call.headers, call.signal, messages);

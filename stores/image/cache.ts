@@ -18,7 +18,7 @@ import {
   fileSource,
   imageStoreClient,
   imageStoreTransport,
-  readBlobChunks,
+  readBlobPieces,
   uploadBlob,
   type ImageStoreClient,
   type ImageTransport,
@@ -400,9 +400,10 @@ export class ImageCache implements CacheHooks {
       const resumed = upload.offset > 0;
       onBytes(upload.offset);
       try {
-        for await (const data of readBlobChunks(client, { digest, offset: upload.offset })) {
-          await upload.write(data);
-          this.counters.bytesFetched += data.length;
+        for await (const pieces of readBlobPieces(client, { digest, offset: upload.offset })) {
+          const before = upload.offset;
+          await upload.write(pieces);
+          this.counters.bytesFetched += upload.offset - before;
           onBytes(upload.offset);
         }
       } catch (err) {

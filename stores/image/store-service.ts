@@ -51,12 +51,19 @@ export interface BlobChunk {
   size?: number;
 }
 
-/** A PutBlob message in plain form. */
+/** A PutBlob message in plain form, its data as one buffer or the pieces it arrived in. */
 export interface BlobPiece {
   digest: string;
   size: bigint;
   offset: bigint;
-  data: Uint8Array;
+  data: Uint8Array | readonly Uint8Array[];
+}
+
+function byteLength(data: Uint8Array | readonly Uint8Array[]): number {
+  if (data instanceof Uint8Array) return data.length;
+  let n = 0;
+  for (const p of data) n += p.length;
+  return n;
 }
 
 function invalid(message: string): ConnectError {
@@ -94,7 +101,7 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
     const digest = checkDigest("digest", head.digest);
     const size = int64("size", head.size);
     const offset = int64("offset", head.offset);
-    if (head.data.length > MAX_CHUNK_BYTES) throw invalid(`data is larger than ${MAX_CHUNK_BYTES} bytes`);
+    if (byteLength(head.data) > MAX_CHUNK_BYTES) throw invalid(`data is larger than ${MAX_CHUNK_BYTES} bytes`);
     if (offset > size) throw new ConnectError(`offset ${offset} is past the size ${size}`, Code.OutOfRange);
     const begun = await this.store.beginUpload(digest, size, offset);
     if (begun === "exists") {
@@ -112,7 +119,7 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
         if (m.offset !== BigInt(upload.offset)) {
           throw new ConnectError(`offset ${m.offset} is not the next offset ${upload.offset}`, Code.OutOfRange);
         }
-        if (m.data.length > MAX_CHUNK_BYTES) throw invalid(`data is larger than ${MAX_CHUNK_BYTES} bytes`);
+        if (byteLength(m.data) > MAX_CHUNK_BYTES) throw invalid(`data is larger than ${MAX_CHUNK_BYTES} bytes`);
         await upload.write(m.data);
       }
     } catch (err) {

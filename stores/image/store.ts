@@ -23,7 +23,7 @@ import { mkdir, open, readFile, readdir, rename, rm, stat, statfs, writeFile, ty
 import { join } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Manifest } from "../../gen/treadmill/image/v1/manifest_pb.js";
-import { BLOB_CHUNK_BYTES, DIGEST_PATTERN, digestOf } from "../../lib/image-client.js";
+import { BLOB_CHUNK_BYTES, BackgroundWriter, DIGEST_PATTERN, digestOf } from "../../lib/image-client.js";
 import type { Logger } from "../../lib/logger.js";
 import { MANIFEST_MEDIA_TYPE, manifestBlobs, parseManifest } from "./manifest.js";
 
@@ -79,9 +79,27 @@ function isDiskFull(err: unknown): boolean {
   return code === "ENOSPC" || code === "EDQUOT";
 }
 
-/** An upload in progress: one PutBlob stream (or one blob of a cache fetch). */
+/** Bytes written between two background flushes of an upload (see Upload). */
+const FLUSH_EVERY_BYTES = 64 * 1024 * 1024;
+
+/**
+ * An upload in progress: one PutBlob stream (or one blob of a cache fetch).
+ *
+ * Writes go through a BackgroundWriter: `write()` hashes the data and queues
+ * it, so the disk writes while the next messages arrive, in order (the temp
+ * file is always a prefix of the blob). Every FLUSH_EVERY_BYTES a datasync
+ * starts in the background, so the disk writes back while bytes still arrive
+ * and the final datasync (before the upload is answered) has little left.
+ */
 export class Upload {
-  #offset: number;
+  readonly #writer: BackgroundWriter;
+  /** Bytes accepted by write() (written or queued). */
+  #accepted: number;
+  /** The background datasync in flight. */
+  #flushing: Promise<void> | undefined;
+  #flushedAt: number;
+  /** The write failure, once seen (the file is then cut back to the written prefix). */
+  #failure: Promise<never> | undefined;
   #done = false;
 
   constructor(
@@ -92,48 +110,89 @@ export class Upload {
     private readonly file: FileHandle,
     private readonly hash: Hash,
   ) {
-    this.#offset = offset;
+    this.#accepted = offset;
+    this.#flushedAt = offset;
+    let counted = offset;
+    this.#writer = new BackgroundWriter(file, offset, {
+      onWritten: (written) => {
+        this.store.addUsage(written - counted);
+        counted = written;
+        if (written - this.#flushedAt >= FLUSH_EVERY_BYTES && !this.#flushing) {
+          this.#flushedAt = written;
+          this.#flushing = file
+            .datasync()
+            .catch(() => undefined)
+            .finally(() => (this.#flushing = undefined));
+        }
+      },
+    });
   }
 
-  /** Bytes written so far (the committed offset once synced). */
+  /** Bytes accepted so far: the offset the next write continues at. */
   get offset(): number {
-    return this.#offset;
+    return this.#accepted;
   }
 
-  /** Appends `data` at the current offset, hashing it. */
-  async write(data: Uint8Array): Promise<void> {
+  /**
+   * Appends `data` (one buffer, or the pieces of one message) at the current
+   * offset, hashing it, and queues it for the disk; waits only while the
+   * disk is far behind. A failed write rejects a later write() or finish()
+   * (ResourceExhausted when the disk is full). `data` must not change until
+   * finish() or suspend() resolves.
+   */
+  async write(data: Uint8Array | readonly Uint8Array[]): Promise<void> {
     if (this.#done) throw new Error("upload already finished");
-    if (this.#offset + data.length > this.size) {
+    const pieces = data instanceof Uint8Array ? [data] : data;
+    let length = 0;
+    for (const p of pieces) length += p.length;
+    if (this.#accepted + length > this.size) {
       throw new ConnectError(`data past the declared size ${this.size} of ${this.digest}`, Code.OutOfRange);
     }
-    if (data.length === 0) return;
+    if (length === 0) return;
+    await this.#writer.write(pieces).catch((err: unknown) => this.#failed(err));
+    for (const p of pieces) this.hash.update(p);
+    this.#accepted += length;
+  }
+
+  /**
+   * A write failed: the hash covers bytes not on disk, so the upload can only
+   * be suspended (keeping exactly the written prefix) and resumed by hashing
+   * that prefix again.
+   */
+  #failed(err: unknown): Promise<never> {
+    this.#failure ??= (async () => {
+      await this.#writer.settle().catch(() => undefined);
+      await this.file.truncate(this.#writer.written).catch(() => undefined);
+      this.#accepted = this.#writer.written;
+      throw isDiskFull(err) ? new ConnectError("image store is full", Code.ResourceExhausted) : err;
+    })();
+    return this.#failure;
+  }
+
+  /** Waits for the writes and the background datasync; throws a write's failure. */
+  async #settle(): Promise<void> {
     try {
-      // A write may be short (a disk filling up): write the rest, which then
-      // fails with ENOSPC if there really is no room.
-      for (let done = 0; done < data.length; ) {
-        const { bytesWritten } = await this.file.write(data, done, data.length - done, this.#offset + done);
-        done += bytesWritten;
-      }
-    } catch (err) {
-      // Keep exactly the bytes written before this message: the committed prefix.
-      await this.file.truncate(this.#offset).catch(() => undefined);
-      if (isDiskFull(err)) throw new ConnectError("image store is full", Code.ResourceExhausted);
-      throw err;
+      await this.#writer.settle().catch((err: unknown) => this.#failed(err));
+    } finally {
+      await this.#flushing;
     }
-    this.hash.update(data);
-    this.#offset += data.length;
-    this.store.addUsage(data.length);
   }
 
   /**
    * Ends the upload: a complete one is verified and moved into place (a
    * mismatch removes it: InvalidArgument); an incomplete one is synced and
-   * kept for a resume.
+   * kept for a resume. A failed write rejects (the prefix is kept).
    */
   async finish(): Promise<UploadResult> {
-    if (this.#offset < this.size) {
+    try {
+      await this.#settle();
+    } catch (err) {
       await this.suspend();
-      return { committedSize: this.#offset, complete: false, alreadyExisted: false };
+      throw err;
+    }
+    if (this.#writer.written < this.size) {
+      await this.suspend();
+      return { committedSize: this.#writer.written, complete: false, alreadyExisted: false };
     }
     this.#done = true;
     try {
@@ -157,9 +216,10 @@ export class Upload {
     if (this.#done) return;
     this.#done = true;
     try {
+      await this.#settle().catch(() => undefined);
       await this.file.datasync().catch(() => undefined);
       await this.file.close().catch(() => undefined);
-      this.store.rememberHash(this.digest, this.#offset, this.hash);
+      if (!this.#failure) this.store.rememberHash(this.digest, this.#writer.written, this.hash);
     } finally {
       this.store.endUpload(this);
     }
@@ -170,6 +230,7 @@ export class Upload {
     if (this.#done) return;
     this.#done = true;
     try {
+      await this.#settle().catch(() => undefined);
       await this.file.close().catch(() => undefined);
       await this.store.discardUpload(this.digest);
     } finally {

@@ -9,20 +9,27 @@ import { promisify } from "node:util";
 const run = promisify(execFile);
 
 // A sink in its own process (as a real server would be): listens, counts the
-// bytes of one connection, prints the port first and "done" at the end.
+// bytes of one connection (hashing them with sha256 when told), prints the
+// port first and "done" at the end.
 const SINK = `
 const net = require("node:net");
 const want = Number(process.argv[1]);
+const hash = process.argv[2] === "sha256" ? require("node:crypto").createHash("sha256") : undefined;
 const server = net.createServer((s) => {
   let got = 0;
-  s.on("data", (b) => { got += b.length; if (got >= want) { process.stdout.write("done\\n"); s.end(); server.close(); } });
+  s.on("data", (b) => { hash?.update(b); got += b.length; if (got >= want) { hash?.digest(); process.stdout.write("done\\n"); s.end(); server.close(); } });
 });
 server.listen(0, "127.0.0.1", () => process.stdout.write(server.address().port + "\\n"));
 `;
 
-/** Raw loopback TCP throughput in MB/s (10^6 bytes), client to a sink process. */
-export async function rawTcpMBps(totalBytes: number, chunkBytes = 1 << 20): Promise<number> {
-  const sink = spawn(process.execPath, ["-e", SINK, String(totalBytes)], { stdio: ["ignore", "pipe", "inherit"] });
+/**
+ * Raw loopback TCP throughput in MB/s (10^6 bytes), client to a sink process;
+ * with `receiverSha256` the sink hashes what it receives (the best any
+ * transfer whose receiver verifies a digest can do).
+ */
+export async function rawTcpMBps(totalBytes: number, chunkBytes = 1 << 20, receiverSha256 = false): Promise<number> {
+  const args = ["-e", SINK, String(totalBytes), ...(receiverSha256 ? ["sha256"] : [])];
+  const sink = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
   const lines = lineReader(sink.stdout!);
   const port = Number(await lines.next());
   const chunk = randomBytes(chunkBytes);

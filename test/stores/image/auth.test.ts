@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { readBlobChunks, uploadBlob, type BlobSource } from "../../../lib/image-client.js";
 import { TokenSigner, generateSigningKey } from "../../../lib/tokens.js";
 import {
+  codeOf,
   collect,
   makeSigner,
   makeTempDir,
@@ -21,15 +22,6 @@ const source =
   async function* (offset) {
     yield data.subarray(offset);
   };
-
-async function codeOf(p: Promise<unknown>): Promise<Code | "ok"> {
-  try {
-    await p;
-    return "ok";
-  } catch (err) {
-    return ConnectError.from(err).code;
-  }
-}
 
 const TRAVERSALS = [
   "sha256:../../../../etc/passwd",

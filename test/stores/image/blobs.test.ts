@@ -2,9 +2,11 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { downloadBlob, readBlobChunks, uploadBlob, type BlobSource } from "../../../lib/image-client.js";
+import { downloadBlob, readBlobChunks, uploadBlob } from "../../../lib/image-client.js";
 import { writeRandomFile } from "../../bench/baselines.js";
 import {
+  bufferSource,
+  codeOf,
   collect,
   makeSigner,
   makeTempDir,
@@ -13,25 +15,11 @@ import {
   removeDir,
   sha256,
   startStore,
+  storeImage as storeBlobs,
   type RunningStore,
   type Signer,
 } from "./helpers.js";
 import { digestFile, fileSource } from "../../../lib/image-client.js";
-
-const bufferSource =
-  (data: Buffer, chunk = 256 * 1024): BlobSource =>
-  async function* (offset) {
-    for (let i = offset; i < data.length; i += chunk) yield data.subarray(i, Math.min(data.length, i + chunk));
-  };
-
-async function codeOf(p: Promise<unknown>): Promise<Code | "ok"> {
-  try {
-    await p;
-    return "ok";
-  } catch (err) {
-    return ConnectError.from(err).code;
-  }
-}
 
 describe("image store blobs", () => {
   let dir: string;
@@ -52,13 +40,7 @@ describe("image store blobs", () => {
   });
 
   /** Uploads blobs and a manifest over them; returns a read token for it. */
-  async function storeImage(blobs: { data: Buffer; digest: string; size: number }[]) {
-    const writer = store.client(writeToken);
-    for (const b of blobs) await uploadBlob(writer, { digest: b.digest, size: b.size, source: bufferSource(b.data) });
-    const m = manifestFor(blobs);
-    await writer.putManifest({ digest: m.digest, manifestJson: m.json });
-    return { manifest: m, readToken: await signer.token({ scope: "image:read", digest: m.digest }) };
-  }
+  const storeImage = (blobs: { data: Buffer; digest: string; size: number }[]) => storeBlobs(store, signer, writeToken, blobs);
 
   it("stores blobs of 0 bytes, a few bytes and several MiB and serves them back verified", async () => {
     const blobs = [randomBlob(0), randomBlob(7), randomBlob(5 * 1024 * 1024 + 3)];

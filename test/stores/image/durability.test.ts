@@ -1,26 +1,17 @@
 // Crashes and full disks: the store as a real child process killed with
 // SIGKILL mid-upload, an interrupted client, and a store on a small tmpfs.
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code } from "@connectrpc/connect";
 import { execFile } from "node:child_process";
 import { mkdir, readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { imageStoreClient, imageStoreTransport, uploadBlob, type BlobSource } from "../../../lib/image-client.js";
 import { startProcess, type RunningProcess } from "../../support/process.js";
-import { makeSigner, makeTempDir, randomBlob, removeDir, startStore, type Signer } from "./helpers.js";
+import { codeOf, makeSigner, makeTempDir, randomBlob, removeDir, startStore, type Signer } from "./helpers.js";
 
 const run = promisify(execFile);
 const MIB = 1024 * 1024;
-
-async function codeOf(p: Promise<unknown>): Promise<Code | "ok"> {
-  try {
-    await p;
-    return "ok";
-  } catch (err) {
-    return ConnectError.from(err).code;
-  }
-}
 
 /** A source that sends `data` in 1 MiB pieces and stops after `pauseAt` bytes until released. */
 function pausingSource(data: Buffer, pauseAt: number) {

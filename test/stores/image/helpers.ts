@@ -5,9 +5,16 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createClient } from "@connectrpc/connect";
+import { ConnectError, createClient, type Code } from "@connectrpc/connect";
 import { ImageCacheService } from "../../../gen/treadmill/image/v1/image_cache_service_pb.js";
-import { imageStoreClient, imageStoreTransport, type ImageStoreClient, type ImageTransport } from "../../../lib/image-client.js";
+import {
+  imageStoreClient,
+  imageStoreTransport,
+  uploadBlob,
+  type BlobSource,
+  type ImageStoreClient,
+  type ImageTransport,
+} from "../../../lib/image-client.js";
 import { silentLogger } from "../../../lib/logger.js";
 import { TokenSigner, generateSigningKey, type Capability } from "../../../lib/tokens.js";
 import { loadImageStoreConfig, type ImageStoreConfig } from "../../../stores/image/config.js";
@@ -135,4 +142,35 @@ export async function collect<T>(items: AsyncIterable<T>): Promise<T[]> {
   const out: T[] = [];
   for await (const item of items) out.push(item);
   return out;
+}
+
+/** The code a call failed with, or "ok". */
+export async function codeOf(p: Promise<unknown>): Promise<Code | "ok"> {
+  try {
+    await p;
+    return "ok";
+  } catch (err) {
+    return ConnectError.from(err).code;
+  }
+}
+
+/** A BlobSource over a buffer, in chunks of `chunk` bytes. */
+export const bufferSource =
+  (data: Buffer, chunk = 256 * 1024): BlobSource =>
+  async function* (offset) {
+    for (let i = offset; i < data.length; i += chunk) yield data.subarray(i, Math.min(data.length, i + chunk));
+  };
+
+/** Uploads `blobs` and a manifest over them; returns the manifest and a read token for it. */
+export async function storeImage(
+  store: RunningStore,
+  signer: Signer,
+  writeToken: string,
+  blobs: { data: Buffer; digest: string; size: number }[],
+): Promise<{ manifest: { json: Buffer; digest: string }; readToken: string }> {
+  const writer = store.client(writeToken);
+  for (const b of blobs) await uploadBlob(writer, { digest: b.digest, size: b.size, source: bufferSource(b.data) });
+  const manifest = manifestFor(blobs);
+  await writer.putManifest({ digest: manifest.digest, manifestJson: manifest.json });
+  return { manifest, readToken: await signer.token({ scope: "image:read", digest: manifest.digest }) };
 }

@@ -17,8 +17,7 @@ import {
   type GetBlobResponse,
   type PutBlobResponse,
 } from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { uploadBlob } from "../../../lib/image-client.js";
-import { collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
+import { collect, makeSigner, makeTempDir, randomBlob, removeDir, startStore, storeImage, type RunningStore, type Signer } from "./helpers.js";
 
 const MIB = 1024 * 1024;
 
@@ -67,17 +66,7 @@ describe("the bulk gRPC handler", () => {
     signer = await makeSigner(dir);
     store = await startStore(signer, { dir: join(dir, "data") });
     writeToken = await signer.token({ scope: "image:write" });
-    await uploadBlob(store.client(writeToken), {
-      digest: blob.digest,
-      size: blob.size,
-      source: async function* () {
-        yield blob.data.subarray(0, 2 * MIB);
-        yield blob.data.subarray(2 * MIB);
-      },
-    });
-    const m = manifestFor([blob]);
-    await store.client(writeToken).putManifest({ digest: m.digest, manifestJson: m.json });
-    readToken = await signer.token({ scope: "image:read", digest: m.digest });
+    ({ readToken } = await storeImage(store, signer, writeToken, [blob]));
   });
 
   afterAll(async () => {
@@ -156,6 +145,28 @@ describe("the bulk gRPC handler", () => {
     expect(res.trailers["grpc-status"]).toBe("4");
     // ...and kept after the deadline ended it.
     expect(await committed()).toBe(MIB);
+  });
+
+  it("takes PutBlob messages whose data field is not the last one", async () => {
+    // The store reads data in place when it is the message's last field (as
+    // encoders write it); any other order is decoded whole.
+    const fresh = randomBlob(MIB + 9);
+    const message = (offset: number, data: Buffer, head: boolean) => {
+      const fields = toBinary(
+        PutBlobRequestSchema,
+        create(PutBlobRequestSchema, head ? { digest: fresh.digest, size: BigInt(fresh.size), offset: BigInt(offset) } : { offset: BigInt(offset) }),
+      );
+      const dataField = toBinary(PutBlobRequestSchema, create(PutBlobRequestSchema, { data }));
+      return frame(Buffer.concat([dataField, fields]));
+    };
+    const res = await rawCall(store.url, put, { authorization: `Bearer ${writeToken}` }, [
+      message(0, fresh.data.subarray(0, MIB), true),
+      message(MIB, fresh.data.subarray(MIB), false),
+    ]);
+    expect(res.trailers["grpc-status"]).toBe("0");
+    const reply = fromBinary(PutBlobResponseSchema, res.data.subarray(5));
+    expect(reply).toMatchObject({ complete: true, committedSize: BigInt(fresh.size) });
+    expect((await store.client(writeToken).queryUpload({ digest: fresh.digest })).exists).toBe(true);
   });
 
   it("refuses compressed messages and unsupported encodings", async () => {
