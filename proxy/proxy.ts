@@ -8,21 +8,24 @@ import { serverOptions, type ServingComponent } from "../lib/component.js";
 import { coordinatorTransport, runRegistration, verifierKeySource } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
 import { createServer, type HttpRequest, type Server } from "../lib/server.js";
+import { createRawGrpcHandler } from "../lib/server/raw-grpc.js";
+import { DIAL_PATH, DIAL_REQUEST, DIAL_RESPONSE, MAX_TUNNEL_MESSAGE, TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel-client.js";
 import { TokenVerifier, type JSONWebKeySet } from "../lib/tokens.js";
 import { ProxyAuth } from "./auth.js";
 import { parsePortRange, type ProxyConfig } from "./config.js";
 import { Hub } from "./hub.js";
 import { RendezvousServiceImpl } from "./rendezvous-service.js";
-import { STREAM_HEADER, StreamTable } from "./rpc-side.js";
+import { STREAM_HEADER, StreamTable, rawByteStream } from "./rpc-side.js";
 import { TcpEntrances } from "./tcp-entrance.js";
 import { TunnelServiceImpl } from "./tunnel-service.js";
 import { WebSocketEntrance } from "./websocket-entrance.js";
 
-/** The byte-stream RPCs: served without compression (bytes through a tunnel rarely compress and gzip costs most of the throughput). */
-const STREAM_PROCEDURES = [
-  `/${RendezvousService.typeName}/Tunnel`,
-  `/${TunnelService.typeName}/Dial`,
-];
+/**
+ * The byte-stream RPCs: served by hand-written gRPC procedures, and on the
+ * Connect adapter (Connect, gRPC-Web) without compression (bytes through a
+ * tunnel rarely compress and gzip costs most of the throughput).
+ */
+const STREAM_PROCEDURES = [TUNNEL_PATH, DIAL_PATH];
 
 /** A proxy component, plus what tests look at. */
 export interface Proxy extends ServingComponent {
@@ -89,13 +92,24 @@ export function createProxy({
         logger: logger.child({ subsystem: "rendezvous" }),
       });
       const tunnels = new TunnelServiceImpl({ hub, auth, streams, tcp, logger: logger.child({ subsystem: "tunnels" }) });
+      // Plain gRPC byte streams (our clients, any gRPC client) skip the
+      // Connect adapter; Connect and gRPC-Web calls fall through to it.
+      const rawGrpc = createRawGrpcHandler({
+        procedures: {
+          [DIAL_PATH]: (call) => tunnels.serveDial(rawByteStream(call, DIAL_REQUEST, DIAL_RESPONSE), call.headers, call.signal),
+          [TUNNEL_PATH]: (call) => rendezvous.serveTunnel(rawByteStream(call, TUNNEL_REQUEST, TUNNEL_RESPONSE), call.headers),
+        },
+        maxMessageBytes: MAX_TUNNEL_MESSAGE,
+        logger: logger.child({ subsystem: "tunnels" }),
+      });
       server = createServer({
         ...serverOptions("proxy", config, logger, (router: ConnectRouter) => {
           router.service(RendezvousService, rendezvous);
           router.service(TunnelService, tunnels);
         }),
         bulkProcedures: STREAM_PROCEDURES,
-        http: (req) => {
+        http: (req, res) => {
+          if (rawGrpc(req, res)) return true;
           tagStream(req, streams);
           return false;
         },

@@ -5,16 +5,17 @@ import {
   type ExposeResponse,
   ExposeResponseSchema,
   type RendezvousService,
+  type TunnelOpen,
   type TunnelRequest,
   type TunnelResponse,
-  TunnelResponseSchema,
 } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import type { Logger } from "../lib/logger.js";
 import { bearerToken } from "../lib/tokens.js";
 import { PROTOCOL_MAJOR, checkProtocol, type ProxyAuth } from "./auth.js";
 import type { Hub } from "./hub.js";
-import { STREAM_HEADER, rpcSide, type StreamTable } from "./rpc-side.js";
-import { MAX_CHUNK, Outbox } from "./splice.js";
+import { TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel-client.js";
+import { connectByteStream, readOpen, streamSide, type ByteStream, type StreamTable } from "./rpc-side.js";
+import { Outbox } from "./splice.js";
 
 /**
  * RendezvousService: supervisors' control streams (Expose) and their byte
@@ -104,54 +105,27 @@ export class RendezvousServiceImpl implements ServiceImpl<typeof RendezvousServi
   }
 
   async *tunnel(requests: AsyncIterable<TunnelRequest>, ctx: HandlerContext): AsyncGenerator<TunnelResponse> {
-    const it = requests[Symbol.asyncIterator]();
-    const first = await it.next();
-    if (first.done || first.value.payload.case !== "open") {
-      throw new ConnectError("the first message must be open", Code.InvalidArgument);
-    }
-    const open = first.value.payload.value;
-    checkProtocol(open.protocolVersion, "open.protocol_version");
-    if (open.connectionId === "") throw new ConnectError("open.connection_id is required", Code.InvalidArgument);
-    if (open.jobId === "") throw new ConnectError("open.job_id is required", Code.InvalidArgument);
-    await this.deps.auth.expose(bearerToken(ctx.requestHeader), open.jobId);
-
-    const streamId = ctx.requestHeader.get(STREAM_HEADER);
-    const { side, outbox, finished } = rpcSide<TunnelRequest, TunnelResponse>({
-      requests: it,
-      toEvent: (request) => {
-        const { payload } = request;
-        switch (payload.case) {
-          case "data":
-            return payload.value.byteLength > MAX_CHUNK ? "data messages are at most 65536 bytes" : { kind: "data", bytes: payload.value };
-          case "halfClose":
-            return { kind: "half-close" };
-          case "close":
-            return { kind: "close", reason: payload.value.reason, message: payload.value.message };
-          case "open":
-            return "open may only be the first message";
-          default:
-            return "unknown message";
-        }
-      },
-      fromEvent: (event) =>
-        create(TunnelResponseSchema, {
-          payload:
-            event.kind === "data"
-              ? { case: "data", value: event.bytes }
-              : event.kind === "half-close"
-                ? { case: "halfClose", value: {} }
-                : { case: "resize", value: { cols: event.cols, rows: event.rows } },
-        }),
-      closeMessage: (reason, message) => create(TunnelResponseSchema, { payload: { case: "close", value: { reason, message } } }),
-      sizeOf: (r) => (r.payload.case === "data" ? r.payload.value.byteLength : 64),
-      signal: ctx.signal,
-      abort: () => this.deps.streams.reset(streamId),
-    });
-    this.deps.hub.attachTunnel(open.connectionId, open.jobId, side);
+    const { stream, outbox, done } = connectByteStream<TunnelRequest, TunnelResponse>(requests, TUNNEL_RESPONSE, ctx, this.deps.streams);
+    this.serveTunnel(stream, ctx.requestHeader).catch((err: unknown) => outbox.fail(err));
     try {
       yield* outbox.drain();
     } finally {
-      finished();
+      done();
     }
+  }
+
+  /**
+   * One Tunnel on either transport (rpc-side.ts): checks the open and the
+   * token and hands the stream to the dial waiting for it. Resolves once the
+   * call has said its last word.
+   */
+  async serveTunnel(stream: ByteStream, headers: Headers): Promise<void> {
+    const open = await readOpen<TunnelOpen>(stream);
+    checkProtocol(open.protocolVersion, "open.protocol_version");
+    if (open.connectionId === "") throw new ConnectError("open.connection_id is required", Code.InvalidArgument);
+    if (open.jobId === "") throw new ConnectError("open.job_id is required", Code.InvalidArgument);
+    await this.deps.auth.expose(bearerToken(headers), open.jobId);
+    this.deps.hub.attachTunnel(open.connectionId, open.jobId, streamSide(stream, TUNNEL_REQUEST, TUNNEL_RESPONSE));
+    await stream.finished;
   }
 }

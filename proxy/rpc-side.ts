@@ -1,20 +1,39 @@
 /**
- * A Side (splice.ts) over one bidi RPC of a Connect handler: the request
- * iterator is the side's events, an Outbox drained by the handler's
- * generator is what the side is sent. Used for both the client's Dial and the
- * supervisor's Tunnel.
+ * Sides (splice.ts) over the two byte-stream RPCs, the client's Dial and the
+ * supervisor's Tunnel, on either transport:
+ *
+ * - plain gRPC (every gRPC client, ours included) goes through hand-written
+ *   procedures (lib/server/raw-grpc.ts) that frame data messages themselves:
+ *   a header, then the bytes as they came, no protobuf runtime and no copy;
+ * - Connect and gRPC-Web fall through to the Connect adapter, whose handlers
+ *   drain an Outbox of messages.
+ *
+ * Both reduce a call to a `ByteStream` (the payloads it receives and a
+ * writer of the payloads it sends), so the oneof mapping to TunnelEvents,
+ * the open handshake and the close are written once for both RPCs.
  */
 import http2 from "node:http2";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, type HandlerContext } from "@connectrpc/connect";
 import { CloseReason } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
-import { MAX_CHUNK, Outbox, deferred, type Side, type TunnelEvent } from "./splice.js";
+import { drained, type RawGrpcCall } from "../lib/server/raw-grpc.js";
+import {
+  MAX_TUNNEL_DATA,
+  decodeTunnelPieces,
+  encodeTunnelMessage,
+  writeData,
+  type TunnelPayload,
+  type TunnelWire,
+} from "../lib/tunnel-client.js";
+import { Outbox, byteLength, deferred, type Side, type TunnelEvent } from "./splice.js";
 
-/** Bytes queued per direction of one tunnel before the pump waits. */
+/** Bytes queued per direction of one Connect-path tunnel before the pump waits. */
 export const OUTBOX_BYTES = 256 * 1024;
 
 /**
  * The request header the proxy's HTTP hook sets on every HTTP/2 request
  * (overwriting whatever a client sent) to find the raw stream of a call, so
- * that a call whose client never reads can be reset.
+ * that a Connect-path call whose client never reads can be reset.
  */
 export const STREAM_HEADER = "x-treadmill-proxy-stream";
 
@@ -39,62 +58,187 @@ export class StreamTable {
   }
 }
 
-export interface RpcSideOptions<Req, Res> {
-  /** The requests after the first (`open`) one. */
-  requests: AsyncIterator<Req>;
-  /** A request as an event, or a protocol error message. */
-  toEvent: (request: Req) => TunnelEvent | string;
-  /** An event to send as a response message. */
-  fromEvent: (event: Exclude<TunnelEvent, { kind: "close" }>) => Res;
-  /** The last response message. */
-  closeMessage: (reason: CloseReason, message: string) => Res;
-  sizeOf: (response: Res) => number;
-  signal: AbortSignal;
+/** One byte-stream call, whatever its transport. */
+export interface ByteStream {
+  /** The payloads the peer sends, in order; ends when its request stream ends. */
+  readonly payloads: AsyncIterator<TunnelPayload>;
+  /** Sends a payload; resolves true once there is room again, false once the stream is closed. */
+  write(payload: TunnelPayload): Promise<boolean>;
+  /** Sends `last` after what is queued, then ends the call (OK). Idempotent. */
+  end(last: TunnelPayload): void;
   /** Resets the call. */
-  abort: () => void;
+  abort(): void;
+  /** Resolves when the transport is gone (cancelled, reset). */
+  readonly gone: Promise<void>;
+  /** Resolves when the call has finished after end() (its last message written). */
+  readonly finished: Promise<void>;
 }
 
-/** A Side over a bidi call, and the outbox its handler drains. */
-export function rpcSide<Req, Res>(options: RpcSideOptions<Req, Res>): { side: Side; outbox: Outbox<Res>; finished: () => void } {
-  const outbox = new Outbox<Res>(OUTBOX_BYTES, options.sizeOf);
-  const gone = deferred();
-  const finished = deferred();
-  if (options.signal.aborted) gone.resolve();
-  else options.signal.addEventListener("abort", () => gone.resolve(), { once: true });
+/**
+ * Reads the first payload, which must be `open`; throws InvalidArgument
+ * otherwise.
+ */
+export async function readOpen<T>(stream: ByteStream): Promise<T> {
+  const first = await stream.payloads.next();
+  if (first.done || first.value.case !== "open") throw new ConnectError("the first message must be open", Code.InvalidArgument);
+  return first.value.value as T;
+}
 
+/** A received payload as an event, or a protocol error message. The one mapping of both RPCs' oneofs. */
+function toEvent(payload: TunnelPayload, receive: TunnelWire): TunnelEvent | string {
+  switch (payload.case) {
+    case "data": {
+      // A Connect call's data is one buffer, a raw call's its pieces.
+      const value = payload.value as Uint8Array | Uint8Array[];
+      const chunks = Array.isArray(value) ? value : [value];
+      return byteLength(chunks) > MAX_TUNNEL_DATA ? `data messages are at most ${MAX_TUNNEL_DATA} bytes` : { kind: "data", chunks };
+    }
+    case "halfClose":
+      return { kind: "half-close" };
+    case "resize": {
+      const { cols, rows } = payload.value as { cols: number; rows: number };
+      return { kind: "resize", cols, rows };
+    }
+    case "open":
+      return "open may only be the first message";
+    case undefined:
+      return "unknown message";
+    default: {
+      if (payload.case !== receive.closeCase) return "unknown message";
+      const { reason, message } = payload.value as { reason: CloseReason; message: string };
+      return { kind: "close", reason, message };
+    }
+  }
+}
+
+/** An event to send as a payload (the close is sent by Side.close). */
+function toPayload(event: Exclude<TunnelEvent, { kind: "close" }>): TunnelPayload {
+  switch (event.kind) {
+    case "data":
+      return { case: "data", value: event.chunks };
+    case "half-close":
+      return { case: "halfClose", value: {} };
+    case "resize":
+      return { case: "resize", value: { cols: event.cols, rows: event.rows } };
+  }
+}
+
+/** The Side of a byte-stream call whose `open` has been read. */
+export function streamSide(stream: ByteStream, receive: TunnelWire, send: TunnelWire): Side {
   async function* events(): AsyncGenerator<TunnelEvent> {
     for (;;) {
-      const next = await options.requests.next();
+      const next = await stream.payloads.next();
       if (next.done) return;
-      const event = options.toEvent(next.value);
+      const event = toEvent(next.value, receive);
       if (typeof event === "string") {
         yield { kind: "close", reason: CloseReason.ERROR, message: event };
         return;
       }
-      if (event.kind === "data" && event.bytes.byteLength === 0) continue;
+      if (event.kind === "data" && byteLength(event.chunks) === 0) continue;
       yield event;
     }
   }
-
-  const side: Side = {
+  return {
     events: events(),
-    async send(event) {
-      if (event.kind !== "data" || event.bytes.byteLength <= MAX_CHUNK) return outbox.push(options.fromEvent(event));
-      for (let at = 0; at < event.bytes.byteLength; at += MAX_CHUNK) {
-        const bytes = event.bytes.subarray(at, at + MAX_CHUNK);
-        if (!(await outbox.push(options.fromEvent({ kind: "data", bytes })))) return false;
-      }
-      return true;
+    send: (event) => stream.write(toPayload(event)),
+    close: (reason, message) => stream.end({ case: send.closeCase, value: { reason, message } }),
+    abort: () => stream.abort(),
+    gone: stream.gone,
+    finished: stream.finished,
+  };
+}
+
+/**
+ * A ByteStream over a raw gRPC call (lib/server/raw-grpc.ts): data goes out
+ * as a header plus the bytes themselves, a write waits only when the HTTP/2
+ * stream wants it to (its flow control is the backpressure).
+ */
+export function rawByteStream(call: RawGrpcCall, receive: TunnelWire, send: TunnelWire): ByteStream {
+  const { stream, signal } = call;
+  const gone = deferred();
+  const finished = deferred();
+  if (signal.aborted) gone.resolve();
+  else signal.addEventListener("abort", () => gone.resolve(), { once: true });
+  let ended = false;
+  const open = () => !ended && !stream.destroyed && !stream.writableEnded;
+  const room = async (ok: boolean): Promise<boolean> => {
+    if (ok) return true;
+    return drained(stream, signal).then(
+      () => !ended,
+      () => false,
+    );
+  };
+  const messages = call.pieces();
+  const payloads = (async function* (): AsyncGenerator<TunnelPayload> {
+    for await (const pieces of messages) yield decodeTunnelPieces(receive, pieces);
+  })();
+  return {
+    payloads,
+    write(payload) {
+      if (!open()) return Promise.resolve(false);
+      if (payload.case === "data") return room(writeData(stream, send, payload.value as Uint8Array[]));
+      return room(stream.write(encodeTunnelMessage(send, payload)));
     },
-    close(reason, message) {
-      outbox.end(options.closeMessage(reason, message));
+    end(last) {
+      if (ended) return;
+      const writable = open();
+      ended = true;
+      if (!writable) {
+        finished.resolve();
+        return;
+      }
+      // The procedure returns (and the trailers go) once the close is out.
+      if (stream.write(encodeTunnelMessage(send, last))) finished.resolve();
+      else drained(stream, signal).then(() => finished.resolve(), () => undefined);
     },
     abort() {
-      outbox.fail(new Error("reset"));
-      options.abort();
+      if (!stream.destroyed) stream.close(http2.constants.NGHTTP2_CANCEL);
     },
     gone: gone.promise,
     finished: finished.promise,
   };
-  return { side, outbox, finished: () => finished.resolve() };
+}
+
+/**
+ * A ByteStream over a Connect handler's bidi call: payloads from its request
+ * messages, writes queued in an Outbox that the handler drains (`yield*
+ * outbox.drain()`, then `done()`).
+ */
+export function connectByteStream<Req extends { payload: unknown }, Res>(
+  requests: AsyncIterable<Req>,
+  send: TunnelWire,
+  ctx: HandlerContext,
+  streams: StreamTable,
+): { stream: ByteStream; outbox: Outbox<Res>; done: () => void } {
+  const outbox = new Outbox<Res>(OUTBOX_BYTES, (r) => {
+    const payload = (r as { payload: TunnelPayload }).payload;
+    return payload.case === "data" ? (payload.value as Uint8Array).byteLength : 64;
+  });
+  const message = (payload: TunnelPayload) => {
+    if (payload.case === "data") {
+      const chunks = payload.value as Uint8Array[];
+      payload = { case: "data", value: chunks.length === 1 ? chunks[0] : Buffer.concat(chunks) };
+    }
+    return create(send.schema, { payload } as never) as Res;
+  };
+  const gone = deferred();
+  const finished = deferred();
+  if (ctx.signal.aborted) gone.resolve();
+  else ctx.signal.addEventListener("abort", () => gone.resolve(), { once: true });
+  const streamId = ctx.requestHeader.get(STREAM_HEADER);
+  const payloads = (async function* (): AsyncGenerator<TunnelPayload> {
+    for await (const request of requests) yield request.payload as TunnelPayload;
+  })();
+  const stream: ByteStream = {
+    payloads,
+    write: (payload) => outbox.push(message(payload)),
+    end: (last) => outbox.end(message(last)),
+    abort() {
+      outbox.fail(new Error("reset"));
+      streams.reset(streamId);
+    },
+    gone: gone.promise,
+    finished: finished.promise,
+  };
+  return { stream, outbox, done: () => finished.resolve() };
 }

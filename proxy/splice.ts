@@ -11,16 +11,24 @@
  */
 import { CloseReason } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import type { Logger } from "../lib/logger.js";
-import { deferred } from "../lib/tunnel-client.js";
+import { TUNNEL_BATCH_BYTES, deferred } from "../lib/tunnel-client.js";
 
 export { Outbox, deferred } from "../lib/tunnel-client.js";
 
-/** Largest data message on any stream (the protos' limit). */
-export const MAX_CHUNK = 64 * 1024;
+/** Largest data event an entrance emits (a data message's worth, lib/tunnel-client.ts). */
+export const MAX_CHUNK = TUNNEL_BATCH_BYTES;
+
+/** Bytes in `chunks`. */
+export function byteLength(chunks: readonly Uint8Array[]): number {
+  let n = 0;
+  for (const c of chunks) n += c.byteLength;
+  return n;
+}
 
 /** What a side of a connection says. */
 export type TunnelEvent =
-  | { kind: "data"; bytes: Uint8Array }
+  /** Bytes, possibly in several pieces (views of what was received, never copied). */
+  | { kind: "data"; chunks: readonly Uint8Array[] }
   | { kind: "half-close" }
   | { kind: "resize"; cols: number; rows: number }
   | { kind: "close"; reason: CloseReason; message: string };
@@ -176,8 +184,8 @@ export class Connection {
         switch (event.kind) {
           case "data":
             this.#touch();
-            if (name === "client") this.#bytesUp += event.bytes.byteLength;
-            else this.#bytesDown += event.bytes.byteLength;
+            if (name === "client") this.#bytesUp += byteLength(event.chunks);
+            else this.#bytesDown += byteLength(event.chunks);
             if (!(await to.send(event))) return;
             this.#touch();
             break;

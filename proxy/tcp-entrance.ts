@@ -164,7 +164,7 @@ export function socketSide(socket: net.Socket): Side {
   async function* events(): AsyncGenerator<TunnelEvent> {
     for await (const chunk of socket.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
       for (let at = 0; at < chunk.byteLength; at += MAX_CHUNK) {
-        yield { kind: "data", bytes: chunk.subarray(at, at + MAX_CHUNK) };
+        yield { kind: "data", chunks: [chunk.subarray(at, at + MAX_CHUNK)] };
       }
     }
   }
@@ -178,7 +178,11 @@ export function socketSide(socket: net.Socket): Side {
         return true;
       }
       if (event.kind !== "data") return true;
-      if (socket.write(event.bytes)) return true;
+      socket.cork();
+      let flushed = true;
+      for (const chunk of event.chunks) flushed = socket.write(chunk);
+      socket.uncork();
+      if (flushed) return true;
       return new Promise<boolean>((resolve) => {
         const done = (ok: boolean) => {
           socket.off("drain", onDrain);

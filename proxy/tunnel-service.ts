@@ -1,19 +1,12 @@
-import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
-import {
-  type DialRequest,
-  type DialResponse,
-  DialResponseSchema,
-  type OpenTcpEntranceRequest,
-  type TunnelService,
-} from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
+import type { DialOpen, DialRequest, DialResponse, OpenTcpEntranceRequest, TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
 import type { Logger } from "../lib/logger.js";
 import { bearerToken } from "../lib/tokens.js";
 import { checkProtocol, type ProxyAuth } from "./auth.js";
 import { EXPOSURE_NAME, type Hub } from "./hub.js";
-import { STREAM_HEADER, rpcSide, type StreamTable } from "./rpc-side.js";
-import { MAX_CHUNK } from "./splice.js";
+import { DIAL_REQUEST, DIAL_RESPONSE } from "../lib/tunnel-client.js";
+import { connectByteStream, readOpen, streamSide, type ByteStream, type StreamTable } from "./rpc-side.js";
 import type { TcpEntrances } from "./tcp-entrance.js";
 
 /** TunnelService: clients' Dial streams and TCP entrances. */
@@ -23,15 +16,25 @@ export class TunnelServiceImpl implements ServiceImpl<typeof TunnelService> {
   ) {}
 
   async *dial(requests: AsyncIterable<DialRequest>, ctx: HandlerContext): AsyncGenerator<DialResponse> {
-    const it = requests[Symbol.asyncIterator]();
-    const first = await it.next();
-    if (first.done || first.value.payload.case !== "open") {
-      throw new ConnectError("the first message must be open", Code.InvalidArgument);
+    const { stream, outbox, done } = connectByteStream<DialRequest, DialResponse>(requests, DIAL_RESPONSE, ctx, this.deps.streams);
+    this.serveDial(stream, ctx.requestHeader, ctx.signal).catch((err: unknown) => outbox.fail(err));
+    try {
+      yield* outbox.drain();
+    } finally {
+      done();
     }
-    const open = first.value.payload.value;
+  }
+
+  /**
+   * One Dial on either transport (rpc-side.ts): checks the open and the
+   * token, asks the hub for the tunnel, answers `opened` and splices.
+   * Resolves once the call has said its last word.
+   */
+  async serveDial(stream: ByteStream, headers: Headers, signal: AbortSignal): Promise<void> {
+    const open = await readOpen<DialOpen>(stream);
     checkProtocol(open.protocolVersion, "open.protocol_version");
     validateTarget(open.jobId, open.portName, open.hostId, "open.");
-    const grant = await this.deps.auth.dial(bearerToken(ctx.requestHeader), open.jobId, open.portName, open.hostId);
+    const grant = await this.deps.auth.dial(bearerToken(headers), open.jobId, open.portName, open.hostId);
     const dialed = await this.deps.hub.dial({
       jobId: open.jobId,
       hostId: grant.hostId,
@@ -39,50 +42,11 @@ export class TunnelServiceImpl implements ServiceImpl<typeof TunnelService> {
       windowSize: open.windowSize,
       expiresAtMs: grant.expiresAtMs,
       entrance: "grpc",
-      signal: ctx.signal,
+      signal,
     });
-
-    const streamId = ctx.requestHeader.get(STREAM_HEADER);
-    const { side, outbox, finished } = rpcSide<DialRequest, DialResponse>({
-      requests: it,
-      toEvent: (request) => {
-        const { payload } = request;
-        switch (payload.case) {
-          case "data":
-            return payload.value.byteLength > MAX_CHUNK ? "data messages are at most 65536 bytes" : { kind: "data", bytes: payload.value };
-          case "halfClose":
-            return { kind: "half-close" };
-          case "resize":
-            return { kind: "resize", cols: payload.value.cols, rows: payload.value.rows };
-          case "open":
-            return "open may only be the first message";
-          default:
-            return "unknown message";
-        }
-      },
-      fromEvent: (event) =>
-        create(DialResponseSchema, {
-          payload:
-            event.kind === "data"
-              ? { case: "data", value: event.bytes }
-              : { case: "halfClose", value: {} },
-        }),
-      closeMessage: (reason, message) => create(DialResponseSchema, { payload: { case: "closed", value: { reason, message } } }),
-      sizeOf: (r) => (r.payload.case === "data" ? r.payload.value.byteLength : 64),
-      signal: ctx.signal,
-      abort: () => this.deps.streams.reset(streamId),
-    });
-    void outbox.push(
-      create(DialResponseSchema, {
-        payload: { case: "opened", value: { connectionId: dialed.connection.id, exposure: dialed.exposure } },
-      }),
-    );
-    dialed.connection.start(side, dialed.supervisor);
-    try {
-      yield* outbox.drain();
-    } finally {
-      finished();
-    }
+    void stream.write({ case: "opened", value: { connectionId: dialed.connection.id, exposure: dialed.exposure } });
+    dialed.connection.start(streamSide(stream, DIAL_REQUEST, DIAL_RESPONSE), dialed.supervisor);
+    await stream.finished;
   }
 
   async openTcpEntrance(request: OpenTcpEntranceRequest, ctx: HandlerContext) {

@@ -134,7 +134,7 @@ function webSocketSide(ws: WebSocket): Side {
       for await (const message of ws.messages()) {
         if (message.type === "binary") {
           for (let at = 0; at < message.data.length; at += MAX_CHUNK) {
-            yield { kind: "data", bytes: message.data.subarray(at, at + MAX_CHUNK) };
+            yield { kind: "data", chunks: [message.data.subarray(at, at + MAX_CHUNK)] };
           }
           continue;
         }
@@ -168,7 +168,7 @@ function webSocketSide(ws: WebSocket): Side {
   return {
     events: events(),
     send(event) {
-      if (event.kind === "data") return ws.sendBinary(event.bytes);
+      if (event.kind === "data") return ws.sendBinary(event.chunks.length === 1 ? event.chunks[0] : Buffer.concat(event.chunks));
       if (event.kind === "half-close") return ws.sendText('{"type":"half-close"}');
       return Promise.resolve(true);
     },

@@ -17,13 +17,20 @@ import {
   ExposeRequestSchema,
   type OpenTunnel,
   RendezvousService,
-  type TunnelRequest,
-  TunnelRequestSchema,
 } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import { CloseReason, ExposureKind } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";
-import { Outbox, TUNNEL_CHUNK, tunnelTransport } from "../lib/tunnel-client.js";
+import {
+  Outbox,
+  TUNNEL_PATH,
+  TUNNEL_REQUEST,
+  TUNNEL_RESPONSE,
+  openTunnelCall,
+  tunnelDuplex,
+  tunnelTransport,
+  type TunnelDuplex,
+} from "../lib/tunnel-client.js";
 import type { Exposure } from "./drivers/driver.js";
 
 export interface ExposerOptions {
@@ -69,10 +76,9 @@ const PROTOCOL_VERSION = { major: 1, minor: 0 };
 
 interface ActiveTunnel {
   exposure: string;
-  socket: net.Socket | undefined;
-  requests: Outbox<TunnelRequest>;
-  /** Cuts the Tunnel call. */
+  /** Cuts the Tunnel call and the host-local connection. */
   abort(): void;
+  /** Ends the tunnel with a reason the proxy hears. */
   close(reason: CloseReason, message: string): void;
 }
 
@@ -182,17 +188,17 @@ export function startExposer(options: ExposerOptions): Exposer {
     const id = open.connectionId;
     if (tunnels.has(id)) return;
     const tlog = log.child({ connectionId: id, exposure: open.exposureName });
-    const requests = new Outbox<TunnelRequest>(256 * 1024, (r) => (r.payload.case === "data" ? r.payload.value.byteLength : 32));
-    const call = new AbortController();
-    let transportClose: (() => void) | undefined;
+    let tunnel: TunnelDuplex | undefined;
+    let socket: net.Socket | undefined;
     const active: ActiveTunnel = {
       exposure: open.exposureName,
-      socket: undefined,
-      requests,
-      abort: () => call.abort(),
+      abort() {
+        tunnel?.destroy();
+        socket?.destroy();
+      },
       close(reason, message) {
-        requests.end(create(TunnelRequestSchema, { payload: { case: "close", value: { reason, message } } }));
-        active.socket?.destroy();
+        tunnel?.sendControl({ case: "close", value: { reason, message } });
+        socket?.destroy();
       },
     };
     tunnels.set(id, active);
@@ -209,98 +215,77 @@ export function startExposer(options: ExposerOptions): Exposer {
     }
     if (open.windowSize && options.resize) options.resize(exposure.name, { cols: open.windowSize.cols, rows: open.windowSize.rows });
 
-    const socket = net.connect({ host: exposure.host, port: exposure.port, allowHalfOpen: true });
-    socket.setNoDelay(true);
+    const local = net.connect({ host: exposure.host, port: exposure.port, allowHalfOpen: true });
+    local.setNoDelay(true);
     let connected = false;
-    const connectTimer = setTimeout(() => socket.destroy(new Error("connect timeout")), options.connectTimeoutMs ?? 5000);
-    socket.once("error", (err) => {
+    const connectTimer = setTimeout(() => local.destroy(new Error("connect timeout")), options.connectTimeoutMs ?? 5000);
+    local.once("error", (err) => {
       clearTimeout(connectTimer);
       if (!connected) {
         tlog.debug({ err }, "host-local port refused");
         failed(CloseReason.CONNECT_FAILED, `cannot connect to ${exposure.host}:${exposure.port}`);
       }
     });
-    socket.once("connect", () => {
+    local.once("connect", () => {
       connected = true;
       clearTimeout(connectTimer);
       if (stopRequested) {
-        socket.destroy();
+        local.destroy();
         return;
       }
-      active.socket = socket;
-      socket.on("error", (err) => tlog.debug({ err }, "host-local connection failed"));
-      const { transport, close } = tunnelTransport(options.proxyUrl, options.token);
-      transportClose = close;
-      const client = createClient(RendezvousService, transport);
-      void requests.push(
-        create(TunnelRequestSchema, {
-          payload: { case: "open", value: { protocolVersion: PROTOCOL_VERSION, connectionId: id, jobId: options.jobId } },
-        }),
-      );
-      const responses = client.tunnel(requests.drain(), { signal: call.signal });
-      void control.push(create(ExposeRequestSchema, { payload: { case: "tunnelReady", value: { connectionId: id } } }));
-      void pumpUp(socket, requests);
-      void pumpDown(socket, responses, exposure.name).finally(() => {
-        tunnels.delete(id);
-        requests.end();
-        call.abort();
-        transportClose?.();
+      socket = local;
+      const { call, responses, close } = openTunnelCall(options.proxyUrl, TUNNEL_PATH, options.token(), TUNNEL_REQUEST, {
+        case: "open",
+        value: { protocolVersion: PROTOCOL_VERSION, connectionId: id, jobId: options.jobId },
       });
+      tunnel = tunnelDuplex({
+        call,
+        responses,
+        send: TUNNEL_REQUEST,
+        receive: TUNNEL_RESPONSE,
+        onControl: (payload) => {
+          if (payload.case === "resize") {
+            const size = payload.value as { cols: number; rows: number };
+            options.resize?.(exposure.name, { cols: size.cols, rows: size.rows });
+          }
+        },
+        onEnd: close,
+      });
+      void control.push(create(ExposeRequestSchema, { payload: { case: "tunnelReady", value: { connectionId: id } } }));
+      void splice(local, tunnel, tlog).finally(() => tunnels.delete(id));
     });
   }
 
-  /** Host-local port -> proxy; the port's FIN becomes half_close. */
-  async function pumpUp(socket: net.Socket, requests: Outbox<TunnelRequest>): Promise<void> {
-    try {
-      for await (const chunk of socket.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
-        for (let at = 0; at < chunk.byteLength; at += TUNNEL_CHUNK) {
-          const value = chunk.subarray(at, at + TUNNEL_CHUNK);
-          if (!(await requests.push(create(TunnelRequestSchema, { payload: { case: "data", value } })))) return;
-        }
-      }
-      await requests.push(create(TunnelRequestSchema, { payload: { case: "halfClose", value: {} } }));
-    } catch {
-      requests.end(
-        create(TunnelRequestSchema, {
-          payload: { case: "close", value: { reason: CloseReason.ERROR, message: "the host-local connection failed" } },
-        }),
-      );
-    }
-  }
-
-  /** Proxy -> host-local port, with backpressure; resize goes to the driver. */
-  async function pumpDown(socket: net.Socket, responses: AsyncIterable<{ payload: { case: string | undefined; value?: unknown } }>, name: string): Promise<void> {
-    let normal = false;
-    try {
-      for await (const response of responses) {
-        const { payload } = response;
-        if (payload.case === "data") {
-          if (!socket.write(payload.value as Uint8Array)) {
-            await new Promise<void>((resolve) => {
-              const done = () => {
-                socket.off("drain", done);
-                socket.off("close", done);
-                resolve();
-              };
-              socket.on("drain", done);
-              socket.on("close", done);
-            });
-          }
-        } else if (payload.case === "halfClose") {
-          socket.end();
-        } else if (payload.case === "resize") {
-          const size = payload.value as { cols: number; rows: number };
-          options.resize?.(name, { cols: size.cols, rows: size.rows });
-        } else if (payload.case === "close") {
-          normal = (payload.value as { reason: CloseReason }).reason === CloseReason.NORMAL;
-          break;
-        }
-      }
-    } catch {
-      // The proxy or its connection went away.
-    }
-    if (normal) socket.end();
-    else socket.destroy();
+  /**
+   * Host-local port <-> tunnel, with backpressure both ways (pipe): the
+   * port's FIN becomes half_close and the proxy's half_close the port's FIN;
+   * a failed local connection ends the tunnel with CLOSE_REASON_ERROR. The
+   * port stays open after a normal close until its bytes are out, and is cut
+   * for any other reason. Resolves when the tunnel has ended.
+   */
+  async function splice(socket: net.Socket, tunnel: TunnelDuplex, tlog: Logger): Promise<void> {
+    socket.on("error", (err) => {
+      tlog.debug({ err }, "host-local connection failed");
+      tunnel.sendControl({ case: "close", value: { reason: CloseReason.ERROR, message: "the host-local connection failed" } });
+    });
+    tunnel.on("error", () => undefined);
+    socket.pipe(tunnel);
+    // A message arrives in pieces (HTTP/2 frames) that the tunnel emits in
+    // one go: corked until the next tick, they leave in one writev.
+    let corked = false;
+    tunnel.on("data", () => {
+      if (corked) return;
+      corked = true;
+      socket.cork();
+      process.nextTick(() => {
+        corked = false;
+        socket.uncork();
+      });
+    });
+    tunnel.pipe(socket);
+    const { reason } = await tunnel.closeReason;
+    // After a normal close pipe() ends the socket once it has every byte.
+    if (reason !== CloseReason.NORMAL) socket.destroy();
   }
 
   const running = runControl();

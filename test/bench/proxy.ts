@@ -3,10 +3,12 @@
 // host-local port) in another, the client here.
 //
 // (a) throughput of one tunnel and of 16 concurrent tunnels (bytes sent
-//     through TunnelService.Dial and echoed back), against direct loopback
-//     TCP to the same echo server;
-// (b) round trip of 64-byte echoes (p50, p99) through a tunnel, against a
-//     direct TCP connection to the same echo server;
+//     through the user-facing TunnelService.Dial, as `tml console` and
+//     `tml port-forward` do, and echoed back), and of one connection through
+//     a TCP entrance (OpenTcpEntrance, as ssh uses it), against direct
+//     loopback TCP to the same echo server;
+// (b) round trip of 64-byte echoes (p50, p99) through a Dial tunnel and a
+//     TCP entrance, against a direct TCP connection to the same echo server;
 // (c) resident memory of the proxy per open (idle) tunnel.
 //
 // Sizes: PROXY_BENCH_MB (default 256 MB per throughput case), PROXY_BENCH_RTTS
@@ -19,6 +21,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { Duplex } from "node:stream";
+import { createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
+import { bearerInterceptor } from "../../lib/coordinator-client.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { dialTunnel } from "../../lib/tunnel-client.js";
 import { percentile, report } from "./report.js";
@@ -85,9 +91,9 @@ async function roundTrips(stream: Duplex, n: number): Promise<number[]> {
   return samples;
 }
 
-function directTcp(port: number): Promise<net.Socket> {
+function directTcp(port: number, host = "127.0.0.1"): Promise<net.Socket> {
   return new Promise((resolve) => {
-    const socket = net.connect({ host: "127.0.0.1", port }, () => resolve(socket));
+    const socket = net.connect({ host, port }, () => resolve(socket));
     socket.setNoDelay(true);
   });
 }
@@ -105,7 +111,9 @@ export async function run(): Promise<void> {
   const jobId = "bench-job";
   const children: ChildProcess[] = [];
   try {
-    const proxy = spawn(process.execPath, [PROXY_BIN, "--port", "0", "--signing-keys-file", join(dir, "jwks.json"), "--max-tunnels-per-job", "5000", "--max-tunnels", "5000"], {
+    const low = 46000 + Math.floor(Math.random() * 1000);
+    const proxyArgs = [PROXY_BIN, "--port", "0", "--signing-keys-file", join(dir, "jwks.json"), "--max-tunnels-per-job", "5000", "--max-tunnels", "5000"];
+    const proxy = spawn(process.execPath, [...proxyArgs, "--tcp-port-range", `${low}-${low + 999}`], {
       stdio: ["ignore", "pipe", "inherit"],
     });
     children.push(proxy);
@@ -117,8 +125,27 @@ export async function run(): Promise<void> {
     await waitForLine(supervisor, /exposer connected/);
     const token = await signer.sign({ scope: "tunnel:dial", job: jobId, exposure: "echo" }, 3_600_000, { subject: "bench" });
     const dial = () => dialTunnel({ proxyUrl: url, token, jobId, port: "echo" });
+    const tunnels = createClient(TunnelService, createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }));
+    const entrance = (await tunnels.openTcpEntrance({ jobId, portName: "echo" })).address;
+    const [entranceHost, entrancePort] = [entrance.slice(0, entrance.lastIndexOf(":")), Number(entrance.slice(entrance.lastIndexOf(":") + 1))];
+    const viaEntrance = () => directTcp(entrancePort, entranceHost);
 
     process.stdout.write(`sizes: ${TOTAL / 1e6} MB per throughput case, ${RTTS} round trips, ${IDLE_TUNNELS} idle tunnels\n`);
+    // (c) memory per open tunnel, first: a proxy that has moved gigabytes
+    // holds buffers that a later collection may return mid-measurement.
+    const before = await rssKiB(proxy.pid!);
+    const idle: Duplex[] = [];
+    for (let i = 0; i < IDLE_TUNNELS; i += 50) {
+      idle.push(...(await Promise.all(Array.from({ length: Math.min(50, IDLE_TUNNELS - i) }, dial))));
+    }
+    // One echo on each, so every tunnel has carried bytes.
+    await Promise.all(idle.map((s) => echoThroughput(s, 64)));
+    const after = await rssKiB(proxy.pid!);
+    report(`proxy memory per open tunnel (${IDLE_TUNNELS} open)`, (after - before) / IDLE_TUNNELS, "KiB", {
+      name: "proxy with none open (total)",
+      value: before,
+    });
+    for (const s of idle) s.destroy();
     // Warm-up of both paths.
     {
       const t = await dial();
@@ -137,6 +164,10 @@ export async function run(): Promise<void> {
     const tunnelOne = await echoThroughput(tunnel1, TOTAL);
     tunnel1.destroy();
     report("throughput, 1 tunnel (echo, each way)", tunnelOne, "MB/s", { name: "direct tcp", value: directOne });
+    const entrance1 = await viaEntrance();
+    const entranceOne = await echoThroughput(entrance1, TOTAL);
+    entrance1.destroy();
+    report("throughput, 1 tcp entrance connection", entranceOne, "MB/s", { name: "direct tcp", value: directOne });
 
     const many = async (open: () => Promise<Duplex>) => {
       const streams = await Promise.all(Array.from({ length: 16 }, open));
@@ -157,26 +188,16 @@ export async function run(): Promise<void> {
     const t = await dial();
     const tunnelRtt = await roundTrips(t, RTTS);
     t.destroy();
-    for (const p of [50, 99]) {
-      report(`64-byte echo round trip p${p}`, percentile(tunnelRtt, p), "µs", { name: "direct tcp", value: percentile(directRtt, p) });
-      report(`  added by the proxy, p${p}`, percentile(tunnelRtt, p) - percentile(directRtt, p), "µs");
+    const e = await viaEntrance();
+    const entranceRtt = await roundTrips(e, RTTS);
+    e.destroy();
+    for (const [path, samples] of [["tunnel", tunnelRtt], ["tcp entrance", entranceRtt]] as const) {
+      for (const p of [50, 99]) {
+        report(`64-byte echo round trip p${p}, ${path}`, percentile(samples, p), "µs", { name: "direct tcp", value: percentile(directRtt, p) });
+        report(`  added by the proxy, p${p}`, percentile(samples, p) - percentile(directRtt, p), "µs");
+      }
     }
 
-    // (c) memory per open tunnel
-    await new Promise((r) => setTimeout(r, 500));
-    const before = await rssKiB(proxy.pid!);
-    const idle: Duplex[] = [];
-    for (let i = 0; i < IDLE_TUNNELS; i += 50) {
-      idle.push(...(await Promise.all(Array.from({ length: Math.min(50, IDLE_TUNNELS - i) }, dial))));
-    }
-    // One echo on each, so every tunnel has carried bytes.
-    await Promise.all(idle.map((s) => echoThroughput(s, 64)));
-    const after = await rssKiB(proxy.pid!);
-    report(`proxy memory per open tunnel (${IDLE_TUNNELS} open)`, (after - before) / IDLE_TUNNELS, "KiB", {
-      name: "proxy with none open (total)",
-      value: before,
-    });
-    for (const s of idle) s.destroy();
   } finally {
     for (const child of children) child.kill("SIGKILL");
     await rm(dir, { recursive: true, force: true });

@@ -34,6 +34,8 @@ export async function startProxy(keys: Keys, overrides: Partial<ProxyConfig> = {
     ...loadProxyConfig({ env: {}, argv: [] }),
     port: 0,
     graceMs: 1000,
+    // Generous for a loaded machine: 200 tunnels open at once in one process.
+    openTimeoutMs: 30_000,
     logLevel: "silent",
     ...overrides,
   };

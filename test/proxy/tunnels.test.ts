@@ -1,7 +1,11 @@
 import { createHash, randomBytes } from "node:crypto";
 import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { DialRequestSchema, TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
+import { bearerInterceptor } from "../../lib/coordinator-client.js";
 import { CloseReason } from "../../gen/treadmill/proxy/v1/tunnel_pb.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { dialTunnel, type TunnelStream } from "../../lib/tunnel-client.js";
@@ -120,6 +124,36 @@ describe("tunnels through the proxy", () => {
     for (const p of parts) tunnel.write(p);
     tunnel.end();
     expect((await within(received, "digest")).toString()).toBe(sha(Buffer.concat(parts)));
+  });
+
+  it("serves Dial to stock gRPC and Connect clients too, with the same bytes", async () => {
+    // Plain gRPC reaches the hand-written procedures, the Connect protocol
+    // the Connect adapter: both must speak the same messages.
+    const token = await dialToken(keys, "job-a", "digest");
+    const data = randomBytes(300 * 1024 + 7);
+    for (const transport of [
+      createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }),
+      createConnectTransport({ baseUrl: url, httpVersion: "2", interceptors: [bearerInterceptor(() => token)] }),
+    ]) {
+      const requests = (async function* () {
+        yield create(DialRequestSchema, { payload: { case: "open", value: { protocolVersion: { major: 1 }, jobId: "job-a", portName: "digest" } } });
+        for (let at = 0; at < data.length; at += 64 * 1024) {
+          yield create(DialRequestSchema, { payload: { case: "data", value: data.subarray(at, at + 64 * 1024) } });
+        }
+        yield create(DialRequestSchema, { payload: { case: "halfClose", value: {} } });
+      })();
+      const cases: string[] = [];
+      const received: Uint8Array[] = [];
+      let closed: CloseReason | undefined;
+      for await (const response of createClient(TunnelService, transport).dial(requests)) {
+        cases.push(response.payload.case ?? "");
+        if (response.payload.case === "data") received.push(response.payload.value);
+        if (response.payload.case === "closed") closed = response.payload.value.reason;
+      }
+      expect(cases[0]).toBe("opened");
+      expect(Buffer.concat(received).toString()).toBe(sha(data));
+      expect(closed).toBe(CloseReason.NORMAL);
+    }
   });
 
   it("lets data flow back after the client half-closes", async () => {

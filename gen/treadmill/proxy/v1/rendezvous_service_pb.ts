@@ -447,7 +447,7 @@ export type TunnelRequest = Message<"treadmill.proxy.v1.TunnelRequest"> & {
     case: "open";
   } | {
     /**
-     * Bytes read from the host-local port, at most 64 KiB per message.
+     * Bytes read from the host-local port, at most 1 MiB per message.
      *
      * @generated from field: bytes data = 2;
      */
@@ -492,7 +492,7 @@ export type TunnelResponse = Message<"treadmill.proxy.v1.TunnelResponse"> & {
    */
   payload: {
     /**
-     * Bytes from the client, to write to the host-local port, at most 64 KiB
+     * Bytes from the client, to write to the host-local port, at most 1 MiB
      * per message.
      *
      * @generated from field: bytes data = 1;

@@ -167,7 +167,7 @@ export type DialRequest = Message<"treadmill.proxy.v1.DialRequest"> & {
     case: "open";
   } | {
     /**
-     * Bytes to the port, at most 64 KiB per message; only after `opened`.
+     * Bytes to the port, at most 1 MiB per message; only after `opened`.
      *
      * @generated from field: bytes data = 2;
      */
@@ -248,7 +248,7 @@ export type DialResponse = Message<"treadmill.proxy.v1.DialResponse"> & {
     case: "opened";
   } | {
     /**
-     * Bytes from the port, at most 64 KiB per message.
+     * Bytes from the port, at most 1 MiB per message.
      *
      * @generated from field: bytes data = 2;
      */
