@@ -7,16 +7,28 @@
  * (see segment.ts). A job is loaded (its segments opened and recovered) the
  * first time an RPC touches it, and stays loaded until deleted.
  *
- * Group commit: accepted frames wait in the channel's pending list; one flush
- * per channel at a time writes everything pending with one write and one
- * fdatasync, then acknowledges. Frames arriving during a flush form the next
- * batch, so a busy channel syncs once per batch rather than once per frame.
+ * Group commit (GroupCommit): accepted frames wait in their channel's pending
+ * list; one round at a time writes everything pending, of every channel, to
+ * the write-ahead log (wal.ts) and the segments, makes it durable with one
+ * fdatasync of the log and acknowledges it. Frames arriving during a round
+ * form the next one, so the server syncs once per round rather than once per
+ * channel or frame.
  */
 import { mkdir, readdir, rm, stat, statfs } from "node:fs/promises";
 import { setMaxListeners } from "node:events";
 import { join } from "node:path";
 import type { Logger } from "../../lib/logger.js";
-import { MAX_FRAME_BYTES, Segment, syncDir, type SegmentState, type StoredFrame } from "./segment.js";
+import {
+  HEADER_BYTES,
+  MAX_FRAME_BYTES,
+  Segment,
+  encodeRecordInto,
+  syncDir,
+  type BatchFrame,
+  type SegmentState,
+  type StoredFrame,
+} from "./segment.js";
+import { WriteAheadLog, type WalEntry } from "./wal.js";
 
 export const CHANNEL_NAME = /^[a-z][a-z0-9_-]{0,31}$/;
 export const JOB_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
@@ -65,6 +77,13 @@ export type Offer =
   | { kind: "gap"; expected: number }
   | { kind: "rejected"; code: "closed" | "size_cap"; message: string };
 
+/** A channel's frames taken for one commit round, encoded as segment records. */
+interface Batch {
+  channel: Channel;
+  records: Buffer;
+  frames: BatchFrame[];
+}
+
 export class Channel {
   readonly job: Job;
   readonly attempt: number;
@@ -72,10 +91,8 @@ export class Channel {
   readonly segment: Segment;
   /** Highest seq accepted (durable or pending). */
   writtenSeq: number;
-  private pending: { seq: number; captureMicros: number; data: Uint8Array }[] = [];
+  private pending: { captureMicros: number; data: Uint8Array }[] = [];
   private pendingBytes = 0;
-  private flushing: Promise<void> | undefined;
-  private scheduled = false;
   readonly changed = new Notifier();
 
   constructor(job: Job, attempt: number, name: string, segment: Segment) {
@@ -99,6 +116,10 @@ export class Channel {
     return this.writtenSeq === this.durableSeq;
   }
 
+  private get commits(): GroupCommit {
+    return this.job.store.commits;
+  }
+
   /** Offers a frame (already validated for name and size). */
   offer(seq: number, captureMicros: number, data: Uint8Array): Offer {
     if (seq <= this.writtenSeq) return { kind: "duplicate", durable: seq <= this.durableSeq };
@@ -115,78 +136,83 @@ export class Channel {
       void this.job.truncate(message);
       return { kind: "rejected", code: "size_cap", message };
     }
-    this.pending.push({ seq, captureMicros, data });
+    this.pending.push({ captureMicros, data });
     this.pendingBytes += data.length;
     this.writtenSeq = seq;
     this.job.sizeBytes += data.length;
-    this.schedule();
+    this.commits.add(this);
     return { kind: "accepted" };
   }
 
-  /** When too much is pending, resolves once the current flush is done (backpressure). */
+  /** When too much is pending, resolves once a commit round took it (backpressure). */
   async backpressure(): Promise<void> {
-    while (this.pendingBytes > PENDING_HIGH_WATER && this.flushing) await this.flushing;
+    while (this.pendingBytes > PENDING_HIGH_WATER && !this.job.deleted) await this.commits.nextRound();
   }
 
-  private schedule(): void {
-    if (this.scheduled || this.flushing) return;
-    this.scheduled = true;
-    // One event-loop turn gathers every frame that arrived together.
-    setImmediate(() => {
-      this.scheduled = false;
-      if (!this.flushing) this.flushing = this.flushLoop();
-    });
-  }
-
-  private async flushLoop(): Promise<void> {
-    try {
-      while (this.pending.length > 0 && !this.job.deleted) {
-        const batch = this.pending;
-        this.pending = [];
-        this.pendingBytes = 0;
-        try {
-          await this.segment.append(batch);
-        } catch (err) {
-          // Nothing of the batch (nor anything after it) is durable: forget
-          // it, so the writer's resend starts from the durable seq again.
-          const lost = batch.reduce((n, f) => n + f.data.length, 0) + this.pending.reduce((n, f) => n + f.data.length, 0);
-          this.job.sizeBytes -= lost;
-          this.pending = [];
-          this.pendingBytes = 0;
-          this.writtenSeq = this.durableSeq;
-          this.job.store.logger.error({ err, jobId: this.job.id, attempt: this.attempt, channel: this.name }, "log append failed");
-          this.job.sessions.get(this.attempt)?.abort(new Error("append failed"));
-          return;
-        }
-        this.job.sessions.get(this.attempt)?.ack(this.name, this.durableSeq);
-        this.changed.notify();
-      }
-    } finally {
-      this.flushing = undefined;
-      if (this.pending.length > 0 && !this.job.deleted) this.schedule();
-      this.changed.notify();
+  /** Takes what is pending, encoded as the segment's next records (for GroupCommit). */
+  takeBatch(): Batch | undefined {
+    if (this.pending.length === 0 || this.job.deleted) return undefined;
+    const records = Buffer.allocUnsafe(this.pendingBytes + this.pending.length * HEADER_BYTES);
+    const frames: BatchFrame[] = [];
+    let at = 0;
+    let seq = this.writtenSeq - this.pending.length + 1;
+    for (const f of this.pending) {
+      encodeRecordInto(records, at, seq++, f.captureMicros, f.data);
+      frames.push({ at, length: f.data.length, captureMicros: f.captureMicros });
+      at += HEADER_BYTES + f.data.length;
     }
+    this.pending = [];
+    this.pendingBytes = 0;
+    return { channel: this, records, frames };
+  }
+
+  /** The batch is durable: readers see it, the writer gets its ack. */
+  committed(batch: Batch): void {
+    try {
+      this.segment.commit(batch.records, batch.frames);
+    } catch (err) {
+      // Only the lazy write to the segment file failed: the frames are in
+      // memory and durable in the write-ahead log, which keeps its file
+      // (its checkpoint fails too) until a restart replays it.
+      this.job.store.logger.error({ err, jobId: this.job.id, attempt: this.attempt, channel: this.name }, "log segment write failed");
+    }
+    this.job.sessions.get(this.attempt)?.ack(this.name, this.durableSeq);
+    this.changed.notify();
+  }
+
+  /**
+   * The batch could not be made durable: it is forgotten with what came after
+   * it, so that the writer's resend starts from the durable seq again.
+   */
+  failed(batch: Batch, err: unknown): void {
+    const lost = batch.records.length - batch.frames.length * HEADER_BYTES + this.pendingBytes;
+    this.job.sizeBytes -= lost;
+    this.pending = [];
+    this.pendingBytes = 0;
+    this.writtenSeq = this.durableSeq;
+    this.job.store.logger.error({ err, jobId: this.job.id, attempt: this.attempt, channel: this.name }, "log append failed");
+    this.job.sessions.get(this.attempt)?.abort(new Error("append failed"));
+    this.changed.notify();
   }
 
   /** Resolves once everything accepted so far is durable (or failed). */
   async settle(): Promise<void> {
-    while (!this.settled && !this.job.deleted) {
-      if (this.flushing) await this.flushing;
-      else await new Promise((resolve) => setImmediate(resolve));
-    }
+    while (!this.settled && !this.job.deleted) await this.commits.nextRound();
   }
 
   /** Closes the channel once what it accepted is durable. Idempotent. */
   async close(): Promise<void> {
     await this.settle();
     if (this.state.kind === "open" && !this.job.deleted) await this.segment.setState({ kind: "closed" });
+    // Nothing more comes: the files get everything now, memory is freed.
+    if (!this.job.deleted) this.segment.writeOut();
     this.segment.dropTail();
     this.changed.notify();
   }
 
-  /** Waits for a flush in progress, even of a deleted job. */
+  /** Waits for a commit round that holds this channel's frames, even of a deleted job. */
   async drain(): Promise<void> {
-    while (this.flushing) await this.flushing;
+    while (this.commits.holds(this)) await this.commits.nextRound();
   }
 
   async truncate(message: string): Promise<void> {
@@ -204,6 +230,101 @@ export class Channel {
 
   read(seq: number, maxBytes: number): Promise<StoredFrame[]> {
     return this.segment.read(seq, this.durableSeq, maxBytes);
+  }
+}
+
+/**
+ * The group commit: every channel's accepted frames are gathered for one
+ * event-loop turn, written to the write-ahead log and to their segments, and
+ * made durable by one fdatasync of the log; then acknowledged. Frames
+ * arriving meanwhile form the next round, so the server syncs once per round
+ * whatever the number of channels.
+ */
+export class GroupCommit {
+  private readonly wal: WriteAheadLog;
+  private readonly logger: Logger;
+  private readonly dirty = new Set<Channel>();
+  private readonly inFlight = new Set<Channel>();
+  private running: Promise<void> | undefined;
+  private scheduled = false;
+  private readonly rounds = new Notifier();
+
+  constructor(wal: WriteAheadLog, logger: Logger) {
+    this.wal = wal;
+    this.logger = logger;
+  }
+
+  /** `channel` has pending frames. */
+  add(channel: Channel): void {
+    this.dirty.add(channel);
+    this.schedule();
+  }
+
+  /** The round under way holds frames of `channel`. */
+  holds(channel: Channel): boolean {
+    return this.inFlight.has(channel);
+  }
+
+  /** Resolves at the end of the next round (at once when none is coming). */
+  nextRound(): Promise<void> {
+    if (!this.running && !this.scheduled) return new Promise((resolve) => setImmediate(resolve));
+    return this.rounds.wait();
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.running) return;
+    this.scheduled = true;
+    // One event-loop turn gathers every frame that arrived together.
+    setImmediate(() => {
+      this.scheduled = false;
+      this.running ??= this.loop();
+    });
+  }
+
+  private async loop(): Promise<void> {
+    try {
+      while (this.dirty.size > 0) {
+        const batches: Batch[] = [];
+        for (const channel of this.dirty) {
+          const batch = channel.takeBatch();
+          if (batch) batches.push(batch);
+        }
+        this.dirty.clear();
+        if (batches.length === 0) continue;
+        for (const b of batches) this.inFlight.add(b.channel);
+        try {
+          await this.commit(batches);
+          await this.wal.maybeRoll().catch((err: unknown) => this.logger.error({ err }, "write-ahead log roll failed"));
+        } finally {
+          this.inFlight.clear();
+          this.rounds.notify();
+        }
+      }
+    } finally {
+      this.running = undefined;
+      if (this.dirty.size > 0) this.schedule();
+      this.rounds.notify();
+    }
+  }
+
+  private async commit(batches: Batch[]): Promise<void> {
+    const entries: WalEntry[] = batches.map((b) => ({
+      jobId: b.channel.job.id,
+      attempt: b.channel.attempt,
+      channel: b.channel.name,
+      records: b.records,
+    }));
+    try {
+      this.wal.write(
+        entries,
+        batches.map((b) => b.channel.segment),
+      );
+      await this.wal.sync();
+    } catch (err) {
+      for (const b of batches) b.channel.failed(b, err);
+      return;
+    }
+    for (const b of batches) b.channel.committed(b);
   }
 }
 
@@ -328,6 +449,8 @@ export interface LogStoreOptions {
   /** Per-job cap of stored data bytes; 0: none. */
   jobSizeCapBytes: number;
   logger: Logger;
+  /** The write-ahead log rolls (and checkpoints) at this size; default 64 MiB. */
+  walFileBytes?: number;
 }
 
 /** A job as found on disk, for retention. */
@@ -343,6 +466,8 @@ export class LogStore {
   readonly options: LogStoreOptions;
   readonly logger: Logger;
   readonly jobsDir: string;
+  readonly wal: WriteAheadLog;
+  readonly commits: GroupCommit;
   private jobs = new Map<string, Promise<Job>>();
   /** Aborted when the server stops: followers and writers end with Unavailable. */
   private readonly stopping = new AbortController();
@@ -353,10 +478,36 @@ export class LogStore {
     this.options = options;
     this.logger = options.logger;
     this.jobsDir = join(options.dataDir, "jobs");
+    this.wal = new WriteAheadLog({ dir: join(options.dataDir, "wal"), fileBytes: options.walFileBytes ?? 64 << 20, logger: this.logger });
+    this.commits = new GroupCommit(this.wal, this.logger);
   }
 
+  /** Opens the store, replaying what the write-ahead log holds beyond the segments (a crash). */
   async open(): Promise<void> {
     await mkdir(this.jobsDir, { recursive: true });
+    await this.wal.open();
+    const touched = new Set<Segment>();
+    let appended = 0;
+    const entries = await this.wal.replay(
+      async (entry) => {
+        const job = await this.job(entry.jobId);
+        const channel = job.channel(entry.attempt, entry.channel);
+        if (!channel) return; // deleted
+        const before = channel.segment.sizeBytes;
+        const r = channel.segment.replay(entry.records);
+        touched.add(channel.segment);
+        job.sizeBytes += channel.segment.sizeBytes - before;
+        channel.writtenSeq = channel.durableSeq;
+        appended += r.appended;
+        if (r.misfit !== undefined) {
+          this.logger.warn({ jobId: job.id, attempt: channel.attempt, channel: channel.name, problem: r.misfit }, "write-ahead log record not replayed");
+        }
+      },
+      async () => {
+        for (const segment of touched) await segment.sync();
+      },
+    );
+    if (entries > 0) this.logger.info({ entries, framesRecovered: appended }, "write-ahead log replayed");
   }
 
   get stopSignal(): AbortSignal {
@@ -383,15 +534,23 @@ export class LogStore {
 
   async close(): Promise<void> {
     this.beginStop();
+    let unsynced = false;
     for (const p of this.loadedJobs()) {
       const job = await p.catch(() => undefined);
       if (!job) continue;
       for (const channel of job.allChannels()) {
         await channel.settle();
-        await channel.segment.close();
+        try {
+          await channel.segment.close();
+        } catch (err) {
+          this.logger.error({ err, jobId: job.id, channel: channel.name }, "log segment fsync failed at close");
+          unsynced = true;
+        }
         channel.changed.notify();
       }
     }
+    // Every segment is fsynced: the write-ahead log is no longer needed.
+    await this.wal.close(unsynced);
   }
 
   private loadedJobs(): Promise<Job>[] {
@@ -410,7 +569,7 @@ export class LogStore {
     for (const channel of job.allChannels()) {
       channel.changed.notify();
       await channel.drain();
-      await channel.segment.close();
+      await channel.segment.close(false);
     }
     job.changed.notify();
     const bytes = await diskUsage(job.dir);
@@ -435,6 +594,8 @@ export class LogStore {
       if (loaded) {
         const job = await loaded.catch(() => undefined);
         busy = job !== undefined && (job.sessions.size > 0 || job.allChannels().some((c) => c.state.kind === "open" || !c.settled));
+        // The sizes on disk include what is committed but not written out yet.
+        if (job && !job.deleted) for (const c of job.allChannels()) c.segment.writeOut();
       }
       const info = await scanJobDir(join(this.jobsDir, jobId));
       out.push({ jobId, diskBytes: info.bytes, finalized: !busy && info.allEnded, lastChangeMs: info.lastChangeMs });

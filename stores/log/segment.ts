@@ -8,19 +8,23 @@
  * Index: one u64 (big-endian) per frame, the record's offset in the segment;
  * entry k is seq k+1 (seqs are contiguous from 1).
  *
- * Only the segment is fsynced before an acknowledgement: the index can always
- * be rebuilt from it. On open, the index is checked against the segment (an
- * entry pointing at a record that is not there is dropped) and the records
- * past the last indexed one are scanned and indexed; the segment is cut at the
- * first incomplete or corrupt record, which is where a crash mid-write leaves
- * it. Every acknowledged frame was fsynced, so it survives this.
+ * Neither file is fsynced before an acknowledgement: the records go to the
+ * server's write-ahead log too (wal.ts), whose fsync makes them durable, and
+ * a checkpoint fsyncs the segment later. On open, the index is checked
+ * against the segment (an entry pointing at a record that is not there is
+ * dropped) and the records past the last indexed one are scanned and indexed;
+ * the segment is cut at the first incomplete or corrupt record, which is
+ * where a crash mid-write leaves it. Then the write-ahead log replays every
+ * record since the last checkpoint, so every acknowledged frame survives.
  */
-import { writeSync } from "node:fs";
+import { writeSync, writevSync } from "node:fs";
 import { crc32 } from "node:zlib";
 import { open, readFile, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 
 export const HEADER_BYTES = 32;
+/** writev takes at most IOV_MAX (1024 on Linux) buffers. */
+const MAX_IOV = 1024;
 const MAGIC = 0x544d4c47; // "TMLG"
 /** Largest data of one frame (the contract's limit). */
 export const MAX_FRAME_BYTES = 65536;
@@ -34,20 +38,38 @@ export interface StoredFrame {
   data: Uint8Array;
 }
 
+/** Where a frame's record is within a batch of records (see Segment.commit). */
+export interface BatchFrame {
+  /** Byte offset of the record within the batch. */
+  at: number;
+  /** Data bytes. */
+  length: number;
+  captureMicros: number;
+}
+
 /** Why the channel takes no more frames, persisted beside the segment. */
 export type SegmentState = { kind: "open" } | { kind: "closed" } | { kind: "truncated"; message: string };
 
 /** Encodes one record (header and data). */
 export function encodeRecord(seq: number, captureMicros: number, data: Uint8Array): Buffer {
   const buf = Buffer.allocUnsafe(HEADER_BYTES + data.length);
-  buf.writeUInt32BE(MAGIC, 0);
-  buf.writeUInt32BE(data.length, 4);
-  buf.writeBigUInt64BE(BigInt(seq), 8);
-  buf.writeBigInt64BE(BigInt(Math.trunc(captureMicros)), 16);
-  buf.writeUInt32BE(crc32(data), 24);
-  buf.writeUInt32BE(crc32(buf.subarray(0, 24)), 28);
-  buf.set(data, HEADER_BYTES);
+  encodeRecordInto(buf, 0, seq, captureMicros, data);
   return buf;
+}
+
+/** Encodes one record at `at` of `buf` (HEADER_BYTES + data.length bytes). */
+export function encodeRecordInto(buf: Buffer, at: number, seq: number, captureMicros: number, data: Uint8Array): void {
+  buf.writeUInt32BE(MAGIC, at);
+  buf.writeUInt32BE(data.length, at + 4);
+  // Two 32-bit halves: seqs and microseconds stay far below 2^53.
+  buf.writeUInt32BE(Math.floor(seq / 0x100000000), at + 8);
+  buf.writeUInt32BE(seq % 0x100000000, at + 12);
+  const micros = Math.trunc(captureMicros);
+  buf.writeInt32BE(Math.floor(micros / 0x100000000), at + 16);
+  buf.writeUInt32BE(((micros % 0x100000000) + 0x100000000) % 0x100000000, at + 20);
+  buf.writeUInt32BE(crc32(data), at + 24);
+  buf.writeUInt32BE(crc32(buf.subarray(at, at + 24)), at + 28);
+  buf.set(data, at + HEADER_BYTES);
 }
 
 /** The header at `at` of `buf`, or undefined when it is not a valid header. */
@@ -89,6 +111,8 @@ class OffsetIndex {
 }
 
 const READ_CHUNK = 1 << 20;
+/** Committed records are written out to the files once this many bytes wait. */
+const WRITE_OUT_BYTES = 64 * 1024;
 /** Recent frames kept in memory for followers (at least the last one). */
 const TAIL_CACHE_BYTES = 64 * 1024;
 
@@ -110,6 +134,13 @@ export class Segment {
   /** The most recent frames, so that followers rarely read the disk. */
   private tail: StoredFrame[] = [];
   private tailBytes = 0;
+  /** Written since the last fsync. */
+  private dirty = false;
+  /** Committed records not yet written to the file (from `writtenBytes` on). */
+  private unwritten: Buffer[] = [];
+  private writtenBytes: number;
+  /** Index entries written to the index file. */
+  private indexedOut = 0;
 
   private constructor(dir: string, name: string, seg: FileHandle, idx: FileHandle, segBytes: number, state: SegmentState, mtimeMs: number) {
     this.dir = dir;
@@ -117,6 +148,7 @@ export class Segment {
     this.seg = seg;
     this.idx = idx;
     this.segBytes = segBytes;
+    this.writtenBytes = segBytes;
     this.state = state;
     this.lastChangeMs = mtimeMs;
   }
@@ -238,6 +270,8 @@ export class Segment {
     if (good !== this.index.length || indexedFrames !== this.index.length || raw.length !== this.index.length * 8) {
       await this.rewriteIndex();
     }
+    this.writtenBytes = this.segBytes;
+    this.indexedOut = this.index.length;
     return cut;
   }
 
@@ -288,39 +322,104 @@ export class Segment {
   }
 
   /**
-   * Appends frames `frameCount+1...` and makes them durable (one write and one
-   * fdatasync for the batch). The caller serializes appends.
+   * Appends the records of frames `frameCount+1...` (encoded with
+   * encodeRecordInto, back to back, already durable in the write-ahead log);
+   * `frames` locate them in `records`. They are written to the files lazily
+   * (see `writeOut`), without an fsync; readers see them at once.
    */
-  async append(frames: { seq: number; captureMicros: number; data: Uint8Array }[]): Promise<void> {
-    if (frames.length === 0) return;
-    const records: Buffer[] = [];
-    const offsets: number[] = [];
-    let pos = this.segBytes;
+  commit(records: Buffer, frames: BatchFrame[]): void {
     for (const f of frames) {
-      const r = encodeRecord(f.seq, f.captureMicros, f.data);
-      records.push(r);
-      offsets.push(pos);
-      pos += r.length;
-    }
-    const body = records.length === 1 ? records[0] : Buffer.concat(records);
-    // The writes go to the page cache (microseconds): done on this thread so
-    // that the thread pool is left to the fdatasyncs, which take long.
-    writeFullySync(this.seg.fd, body, this.segBytes);
-    await this.seg.datasync();
-    const idx = Buffer.allocUnsafe(offsets.length * 8);
-    offsets.forEach((o, i) => idx.writeBigUInt64BE(BigInt(o), i * 8));
-    // Not fsynced: recovery rebuilds a lost index tail from the segment.
-    writeFullySync(this.idx.fd, idx, this.index.length * 8);
-    for (let i = 0; i < frames.length; i++) {
       const seq = this.index.length + 1;
-      this.tail.push({ seq, offset: offsets[i] - (seq - 1) * HEADER_BYTES, captureMicros: frames[i].captureMicros, data: frames[i].data });
-      this.tailBytes += frames[i].data.length;
-      this.index.push(offsets[i]);
-      this.noteCapture(frames[i].captureMicros, this.index.length === 1);
+      const offset = this.segBytes + f.at;
+      const data = records.subarray(f.at + HEADER_BYTES, f.at + HEADER_BYTES + f.length);
+      this.tail.push({ seq, offset: offset - (seq - 1) * HEADER_BYTES, captureMicros: f.captureMicros, data });
+      this.tailBytes += f.length;
+      this.index.push(offset);
+      this.noteCapture(f.captureMicros, this.index.length === 1);
     }
     while (this.tail.length > 1 && this.tailBytes > TAIL_CACHE_BYTES) this.tailBytes -= this.tail.shift()!.data.length;
-    this.segBytes = pos;
+    this.unwritten.push(records);
+    this.segBytes += records.length;
     this.lastChangeMs = Date.now();
+    if (this.segBytes - this.writtenBytes >= WRITE_OUT_BYTES) this.writeOut();
+  }
+
+  /**
+   * Writes the records committed since the last call, and their index
+   * entries, to the page cache: a few large writes per channel rather than
+   * one per commit round. (On this thread: page-cache writes take
+   * microseconds, and the thread pool is left to the fdatasyncs.)
+   */
+  writeOut(): void {
+    if (this.closedFiles) return;
+    if (this.unwritten.length > 0) {
+      writeAllSync(this.seg.fd, this.unwritten, this.writtenBytes);
+      this.unwritten = [];
+      this.writtenBytes = this.segBytes;
+      this.dirty = true;
+    }
+    if (this.indexedOut < this.index.length) {
+      const idx = Buffer.allocUnsafe((this.index.length - this.indexedOut) * 8);
+      for (let i = this.indexedOut; i < this.index.length; i++) {
+        const off = this.index.get(i);
+        idx.writeUInt32BE(Math.floor(off / 0x100000000), (i - this.indexedOut) * 8);
+        idx.writeUInt32BE(off % 0x100000000, (i - this.indexedOut) * 8 + 4);
+      }
+      // Not fsynced: recovery rebuilds a lost index tail from the segment.
+      writeFullySync(this.idx.fd, idx, this.indexedOut * 8);
+      this.indexedOut = this.index.length;
+    }
+  }
+
+  /**
+   * Replays records from the write-ahead log (see wal.ts): a record the
+   * segment has is written again at its place (the same bytes, unless the
+   * crash lost them), the next one is appended; returns how many were
+   * appended. Stops at a record that does not fit (logged by the caller).
+   */
+  replay(records: Buffer): { appended: number; rewritten: number; misfit?: string } {
+    let appended = 0;
+    let rewritten = 0;
+    for (let at = 0; at < records.length; ) {
+      const h = decodeHeader(records, at);
+      const end = at + HEADER_BYTES + (h?.length ?? 0);
+      if (!h || end > records.length || crc32(records.subarray(at + HEADER_BYTES, end)) !== h.dataCrc) {
+        return { appended, rewritten, misfit: `corrupt record at byte ${at}` };
+      }
+      const record = records.subarray(at, end);
+      if (h.seq <= this.index.length) {
+        const offset = this.index.get(h.seq - 1);
+        if (this.recordEnd(h.seq) - offset !== record.length) {
+          return { appended, rewritten, misfit: `record ${h.seq} differs in length from the segment's` };
+        }
+        this.writeOut();
+        writeFullySync(this.seg.fd, record, offset);
+        this.dirty = true;
+        rewritten++;
+      } else if (h.seq === this.index.length + 1) {
+        this.commit(Buffer.from(record), [{ at: 0, length: h.length, captureMicros: h.captureMicros }]);
+        appended++;
+      } else {
+        return { appended, rewritten, misfit: `record ${h.seq} follows ${this.index.length}` };
+      }
+      at = end;
+    }
+    return { appended, rewritten };
+  }
+
+  /** Writes out and fsyncs what was committed (a checkpoint of the write-ahead log). */
+  async sync(): Promise<void> {
+    if (this.closedFiles) return;
+    this.writeOut();
+    if (!this.dirty) return;
+    this.dirty = false;
+    try {
+      await this.seg.datasync();
+    } catch (err) {
+      this.dirty = true;
+      // Closed meanwhile: close() fsynced it.
+      if (!this.closedFiles) throw err;
+    }
   }
 
   /**
@@ -341,6 +440,7 @@ export class Segment {
       return out;
     }
     const start = this.index.get(seq - 1);
+    if (this.recordEnd(last) > this.writtenBytes) this.writeOut();
     let end = seq;
     let endOff = this.recordEnd(seq);
     while (end < last && this.recordEnd(end + 1) - start <= maxBytes + HEADER_BYTES * (end + 1 - seq)) {
@@ -386,18 +486,57 @@ export class Segment {
     this.lastChangeMs = Date.now();
   }
 
-  /** Closes the files; idempotent. */
-  async close(): Promise<void> {
+  /**
+   * Closes the files, fsyncing them first unless `sync` is false (deletion);
+   * idempotent. Throws when the fsync fails (the files are closed anyway).
+   */
+  async close(sync = true): Promise<void> {
     if (this.closedFiles) return;
-    this.closedFiles = true;
-    await this.idx.datasync().catch(() => undefined);
-    await Promise.all([this.seg.close(), this.idx.close()]);
+    try {
+      this.writeOut();
+      this.closedFiles = true;
+      if (sync) {
+        await this.idx.datasync().catch(() => undefined);
+        await this.seg.datasync();
+      }
+    } finally {
+      this.closedFiles = true;
+      await Promise.all([this.seg.close(), this.idx.close()]);
+    }
   }
 }
 
 function writeFullySync(fd: number, buf: Buffer, position: number): void {
   let done = 0;
   while (done < buf.length) done += writeSync(fd, buf, done, buf.length - done, position + done);
+}
+
+/** Writes `buffers` back to back at `position` (writev, retrying short writes). */
+export function writeAllSync(fd: number, buffers: Buffer[], position: number): void {
+  for (let i = 0; i < buffers.length; i += MAX_IOV) {
+    let iov = buffers.slice(i, i + MAX_IOV);
+    let left = iov.reduce((n, b) => n + b.length, 0);
+    while (left > 0) {
+      const n = writevSync(fd, iov, position);
+      position += n;
+      left -= n;
+      iov = skipBytes(iov, n);
+    }
+  }
+}
+
+/** `buffers` without their first `skip` bytes. */
+function skipBytes(buffers: Buffer[], skip: number): Buffer[] {
+  const out: Buffer[] = [];
+  for (const b of buffers) {
+    if (skip >= b.length) {
+      skip -= b.length;
+      continue;
+    }
+    out.push(skip > 0 ? b.subarray(skip) : b);
+    skip = 0;
+  }
+  return out;
 }
 
 async function writeDurably(path: string, text: string): Promise<void> {

@@ -1,4 +1,4 @@
-import { appendFile, readFile, rm, stat, truncate, utimes } from "node:fs/promises";
+import { appendFile, cp, open, readFile, readdir, rm, stat, truncate, utimes } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { silentLogger } from "../../../lib/logger.js";
@@ -108,6 +108,123 @@ describe("recovery on restart", () => {
       c2.close();
       await again.stop();
     }
+  });
+});
+
+describe("write-ahead log", () => {
+  /** Offers frames 1..n (one commit round each when `rounds`), waits until durable. */
+  async function writeThrough(store: LogStore, jobId: string, n: number, size: (seq: number) => Buffer, rounds = false) {
+    const job = await store.job(jobId);
+    const channel = await job.createChannel(1, "stdout");
+    for (let seq = channel.durableSeq + 1; seq <= n; seq++) {
+      expect(channel.offer(seq, Date.now() * 1000, size(seq)).kind).toBe("accepted");
+      if (rounds) await channel.settle();
+    }
+    await channel.settle();
+    expect(channel.durableSeq).toBe(n);
+  }
+
+  /** What a fresh store on `dataDir` holds for the job's stdout. */
+  async function contents(dataDir: string, jobId: string): Promise<{ frames: number; data: Buffer; walFiles: string[] }> {
+    const store = new LogStore({ dataDir, jobSizeCapBytes: 0, logger: silentLogger() });
+    await store.open();
+    try {
+      const walFiles = await readdir(join(dataDir, "wal"));
+      const channel = (await store.job(jobId)).channel(1, "stdout")!;
+      const parts: Uint8Array[] = [];
+      for (let seq = 1; seq <= channel.durableSeq; ) {
+        const frames = await channel.read(seq, 1 << 20);
+        parts.push(...frames.map((f) => f.data));
+        seq = frames.at(-1)!.seq + 1;
+      }
+      return { frames: channel.durableSeq, data: Buffer.concat(parts), walFiles };
+    } finally {
+      await store.close();
+    }
+  }
+
+  const big = (seq: number) => Buffer.alloc(10_000, seq);
+  const bigs = (n: number) => Buffer.concat(Array.from({ length: n }, (_, i) => big(i + 1)));
+
+  /**
+   * A store on a fresh directory, for `test(store, dir, crash)`; `crash()`
+   * copies the directory as a crash now would leave it and returns the copy.
+   */
+  async function withStore(
+    walFileBytes: number | undefined,
+    test: (store: LogStore, dir: string, crash: () => Promise<string>) => Promise<void>,
+  ): Promise<void> {
+    const data = await tempDir();
+    const copy = `${data.path}-crash`;
+    const store = new LogStore({ dataDir: data.path, jobSizeCapBytes: 0, logger: silentLogger(), walFileBytes });
+    await store.open();
+    let stopped = false;
+    try {
+      await test(store, data.path, async () => {
+        await cp(data.path, copy, { recursive: true });
+        return copy;
+      });
+      await store.close();
+      stopped = true;
+      // A clean stop fsyncs the segments and leaves no log behind.
+      expect(await readdir(join(data.path, "wal"))).toEqual([]);
+    } finally {
+      if (!stopped) await store.close();
+      await rm(copy, { recursive: true, force: true });
+      await data.remove();
+    }
+  }
+
+  it("brings back acknowledged frames a crash kept out of the segment", async () => {
+    await withStore(undefined, async (store, _dir, crash) => {
+      await writeThrough(store, "crashed", 3, frame);
+      // The frames are durable in the write-ahead log only (the segment gets them lazily).
+      const copy = await crash();
+      const seg = join(copy, "jobs", "crashed", "1", "stdout.seg");
+      expect((await stat(seg)).size).toBeLessThan(expected(3).length);
+      const after = await contents(copy, "crashed");
+      expect(after.frames).toBe(3);
+      expect(after.data.equals(expected(3))).toBe(true);
+      // Replayed into the segment, fsynced, and the old log file deleted.
+      expect(after.walFiles).toHaveLength(1);
+      expect((await stat(seg)).size).toBe(expected(3).length + 3 * HEADER_BYTES);
+    });
+  });
+
+  it("repairs segment bytes lost in the middle, and rolls and checkpoints its files", async () => {
+    await withStore(30_000, async (store, dir, crash) => {
+      await writeThrough(store, "rolled", 12, big, true);
+      await store.wal.checkpointed();
+      // The log rolled every ~3 frames; checkpointed files are gone.
+      expect(await readdir(join(dir, "wal"))).toHaveLength(1);
+      await writeThrough(store, "rolled", 14, big, true);
+      const copy = await crash();
+      // Pages of frame 13 never reached the disk, later ones did.
+      const seg = await open(join(copy, "jobs", "rolled", "1", "stdout.seg"), "r+");
+      await seg.write(Buffer.alloc(5000), 0, 5000, 12 * (10_000 + HEADER_BYTES) + 100);
+      await seg.close();
+      const after = await contents(copy, "rolled");
+      expect(after.frames).toBe(14);
+      expect(after.data.equals(bigs(14))).toBe(true);
+    });
+  });
+
+  it("replays nothing of a deleted job", async () => {
+    await withStore(undefined, async (store, _dir, crash) => {
+      await writeThrough(store, "kept", 2, frame);
+      await writeThrough(store, "gone", 2, frame);
+      await store.deleteJob("gone", "test");
+      const copy = await crash();
+      const again = new LogStore({ dataDir: copy, jobSizeCapBytes: 0, logger: silentLogger() });
+      await again.open();
+      try {
+        expect((await again.job("gone")).allChannels()).toHaveLength(0);
+        expect((await again.jobsOnDisk()).map((j) => j.jobId)).toEqual(["kept"]);
+      } finally {
+        await again.close();
+      }
+      expect((await contents(copy, "kept")).data.equals(expected(2))).toBe(true);
+    });
   });
 });
 
