@@ -66,6 +66,12 @@ export const coordinatorSchema = {
     min: 100,
     description: "heartbeat interval asked of registered stores, caches, log servers and proxies",
   },
+  console: { type: "bool", default: true, description: "serve the web console at / (--no-console: APIs only)" },
+  consoleDir: {
+    type: "path",
+    default: "",
+    description: "the built web console to serve (default: console/dist of this installation, made by npm run build)",
+  },
   imageTokenTtlMs: {
     type: "duration",
     default: 60 * 60 * 1000,

@@ -4,6 +4,7 @@ import type { Logger } from "../lib/logger.js";
 import { createServer, type Server } from "../lib/server.js";
 import { authInterceptor } from "./auth.js";
 import { bootstrapAdmin } from "./bootstrap.js";
+import { DEFAULT_CONSOLE_DIR, consoleAssets } from "./console-assets.js";
 import type { CoordinatorConfig } from "./config.js";
 import type { CoordinatorContext } from "./context.js";
 import { openDatabase, type Database } from "./db/database.js";
@@ -61,6 +62,9 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         server = createServer({
           ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, jobs)),
           interceptors: [authInterceptor({ sql: db.sql, clock })],
+          http: config.console
+            ? consoleAssets({ dir: config.consoleDir || DEFAULT_CONSOLE_DIR, logger: logger.child({ subsystem: "console" }) })
+            : undefined,
         });
         await server.start();
         await jobs.start();

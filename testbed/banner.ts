@@ -25,6 +25,7 @@ export function banner(testbed: Testbed): string {
     ...rows,
     `  ${"supervisors".padEnd(13)} ${testbed.supervisors().join(", ")}`,
     "",
+    `Web console: ${coordinator}/  (log in as "${admin.name}")`,
     `Admin: user "${admin.name}", password in ${passwordFile}`,
     `Example images: ${testbed.examples().join(", ") || "none"}`,
     "",

@@ -1,0 +1,245 @@
+import { ExitStatusSchema, FinalizeReasonSchema, JobEventKindSchema, JobStageSchema, JobState, type Job } from "../../../gen/treadmill/coordinator/v1/job_pb.js";
+import { JobService } from "../../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LogService } from "../../../gen/treadmill/log/v1/log_service_pb.js";
+import { errorText, keepWatching, type Api } from "../api.js";
+import { facts, h, link, notice, table } from "../dom.js";
+import { hostNames, userNames } from "../directory.js";
+import { enumWord, iso, jobStatus, jobTone, stateWord, tagsText, when } from "../format.js";
+import { followChannel } from "../log-follow.js";
+import { LogView } from "../log-view.js";
+import type { PageContext } from "../main.js";
+
+const CHANNELS = ["console", "stdout", "stderr", "supervisor"];
+
+/** One job: its facts and timeline (WatchJob), cancel, console, and its live log. */
+export async function jobPage({ api, main, signal, params }: PageContext): Promise<void> {
+  const jobId = params[0];
+  document.title = `Job ${jobId.slice(-8)} · Treadmill`;
+  const jobs = api.client(JobService);
+  const [users, hosts] = await Promise.all([userNames(api, signal), hostNames(api, signal)]);
+
+  const heading = h("h1", { tabindex: "-1" }, "Job ", h("code", {}, jobId));
+  const badge = h("span", { class: "badge", id: "job-state", role: "status" }, "loading…");
+  const status = h("div", { class: "status-area" });
+  const cancel = h("button", { type: "button", class: "danger", id: "cancel-job", hidden: true }, "Cancel job");
+  const consoleLink = h("a", { class: "button", id: "open-console", href: `/jobs/${encodeURIComponent(jobId)}/console`, hidden: true }, "Open console");
+  const details = h("section", { "aria-labelledby": "details-title" }, h("h2", { id: "details-title" }, "Details"));
+  const parameters = h("section", { "aria-labelledby": "params-title" }, h("h2", { id: "params-title" }, "Parameters"));
+  const timeline = h("section", { "aria-labelledby": "timeline-title" }, h("h2", { id: "timeline-title" }, "Timeline"));
+
+  const view = new LogView("Job log");
+  const channelSelect = h("select", { id: "log-channel" }, ...CHANNELS.map((c) => h("option", { value: c }, c)));
+  const logStatus = h("span", { class: "live", id: "log-status", role: "status" }, "");
+  const logSection = h(
+    "section",
+    { class: "log-section", "aria-labelledby": "log-title" },
+    h("div", { class: "page-head" }, h("h2", { id: "log-title" }, "Log"), h("label", { for: "log-channel" }, "Channel"), channelSelect, logStatus),
+    view.element,
+  );
+  main.append(
+    h("div", { class: "page-head" }, heading, badge, h("div", { class: "actions" }, consoleLink, cancel)),
+    status,
+    h("div", { class: "columns" }, details, h("div", {}, parameters, timeline)),
+    logSection,
+  );
+  view.render();
+
+  let job: Job | undefined;
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    try {
+      const res = await jobs.cancelJob({ jobId, message: "canceled from the web console" }, { timeoutMs: 15_000 });
+      if (res.job) show(res.job);
+      status.replaceChildren(notice("info", "Cancel requested."));
+    } catch (err) {
+      status.replaceChildren(notice("error", errorText(err)));
+    } finally {
+      cancel.disabled = false;
+    }
+  });
+
+  const logs = new LogFollower(api, jobId, view, logStatus, signal);
+  channelSelect.addEventListener("change", () => logs.switchChannel(channelSelect.value, job));
+
+  const show = (next: Job) => {
+    job = next;
+    badge.textContent = jobStatus(next);
+    badge.className = `badge ${jobTone(next)}`;
+    badge.dataset.state = stateWord(next.state);
+    const finalized = next.state === JobState.FINALIZED;
+    cancel.hidden = finalized;
+    consoleLink.hidden = next.state !== JobState.RUNNING;
+    renderDetails(details, next, users, hosts);
+    renderParameters(parameters, next);
+    if (next.timeline.length > 0) renderTimeline(timeline, next, hosts);
+    logs.update(next);
+  };
+
+  const watching = new AbortController();
+  signal.addEventListener("abort", () => watching.abort(), { once: true });
+  await keepWatching(
+    watching.signal,
+    (s) => jobs.watchJob({ jobId }, { signal: s }),
+    (change) => {
+      if (!change.job) return;
+      show(change.job);
+      if (change.job.state === JobState.FINALIZED) watching.abort(); // a finalized job never changes again
+    },
+    (ok, detail) => {
+      if (!ok && detail) status.replaceChildren(notice("error", detail));
+      else status.replaceChildren();
+    },
+  );
+}
+
+/** Follows the selected channel of the job's current attempt; a new attempt starts a new section. */
+class LogFollower {
+  #channel = "console";
+  #attempt = 0;
+  #abort: AbortController | undefined;
+  #finalChecked = false;
+
+  constructor(
+    private readonly api: Api,
+    private readonly jobId: string,
+    private readonly view: LogView,
+    private readonly status: HTMLElement,
+    private readonly signal: AbortSignal,
+  ) {}
+
+  update(job: Job): void {
+    if (job.logServerUrls.length === 0) {
+      this.status.textContent = job.state === JobState.FINALIZED ? "this job has no log" : "waiting for the job to start";
+      return;
+    }
+    if (job.attempt !== this.#attempt) {
+      if (this.#attempt !== 0) this.view.write(`\r\n\x1b[2m--- attempt ${job.attempt} ---\x1b[0m\r\n`);
+      this.#attempt = job.attempt;
+      this.#start();
+    }
+    if (job.state === JobState.FINALIZED && !this.#finalChecked) {
+      this.#finalChecked = true;
+      void this.#stopIfMissing();
+    }
+  }
+
+  switchChannel(channel: string, job: Job | undefined): void {
+    this.#channel = channel;
+    this.view.reset();
+    if (job && job.logServerUrls.length > 0) {
+      this.#start();
+      if (job.state === JobState.FINALIZED) void this.#stopIfMissing();
+    }
+  }
+
+  #start(): void {
+    this.#abort?.abort();
+    const abort = new AbortController();
+    this.#abort = abort;
+    const signal = AbortSignal.any([abort.signal, this.signal]);
+    const decoder = new TextDecoder();
+    this.status.textContent = "connecting…";
+    followChannel(this.api, {
+      jobId: this.jobId,
+      attempt: this.#attempt,
+      channel: this.#channel,
+      signal,
+      onData: (bytes) => this.view.write(decoder.decode(bytes, { stream: true })),
+      onStatus: (s, detail) => {
+        if (!signal.aborted) this.status.textContent = s === "live" ? "live" : s === "ended" ? (detail ?? "ended") : `reconnecting: ${detail ?? ""}`;
+      },
+    }).catch((err: unknown) => {
+      if (!signal.aborted) this.status.textContent = errorText(err);
+    });
+  }
+
+  /** After the job's end: a channel that never got a frame is not waited for. */
+  async #stopIfMissing(): Promise<void> {
+    const abort = this.#abort;
+    const channel = this.#channel;
+    try {
+      const access = await this.api.client(JobService).getJobLogAccess({ jobId: this.jobId }, { signal: this.signal, timeoutMs: 15_000 });
+      const token = access.readToken?.token ?? "";
+      for (const url of access.logServerUrls) {
+        try {
+          const res = await this.api.remote(LogService, url, () => token).listChannels({ jobId: this.jobId }, { signal: this.signal, timeoutMs: 15_000 });
+          if (!res.channels.some((c) => c.channel === channel && c.attempt === this.#attempt) && abort === this.#abort) {
+            abort?.abort();
+            this.status.textContent = `no output on ${channel}`;
+          }
+          return;
+        } catch {
+          // Try the next log server.
+        }
+      }
+    } catch {
+      // Keep following.
+    }
+  }
+}
+
+function renderDetails(section: HTMLElement, job: Job, users: Map<string, string>, hosts: Map<string, string>): void {
+  const spec = job.spec;
+  const hostLinks = job.hostIds.map((id, i) => [i > 0 ? ", " : "", link(`/hosts#host-${id}`, hosts.get(id) ?? id)]).flat();
+  section.replaceChildren(
+    section.firstChild!,
+    facts([
+      ["State", stateWord(job.state)],
+      ["Stage", enumWord(JobStageSchema, job.stage)],
+      ["Finalize reason", enumWord(FinalizeReasonSchema, job.finalizeReason)],
+      ["Exit status", enumWord(ExitStatusSchema, job.exitStatus)],
+      ["Exit code", job.exitCode !== undefined ? String(job.exitCode) : ""],
+      ["Status", job.statusMessage],
+      ["Image", spec?.image ?? ""],
+      ["Manifest", h("code", {}, job.manifestDigest)],
+      ["Attempt", String(job.attempt)],
+      ["Hosts", hostLinks.length > 0 ? h("span", { id: "job-hosts" }, ...hostLinks) : ""],
+      ["Owner", users.get(job.ownerUserId) ?? job.ownerUserId],
+      ["Needs", [tagsText(spec?.hosts?.tags ?? {}), spec?.hosts?.hostCount && spec.hosts.hostCount > 1 ? `${spec.hosts.hostCount} hosts` : ""].filter(Boolean).join(" · ")],
+      ["Tags", tagsText(spec?.tags ?? {})],
+      ["Description", spec?.description ?? ""],
+      ["Submitted", h("time", { datetime: iso(job.createTime) }, when(job.createTime))],
+      ["Started", job.startTime ? h("time", { datetime: iso(job.startTime) }, when(job.startTime)) : ""],
+      ["Finalized", job.finalizeTime ? h("time", { datetime: iso(job.finalizeTime) }, when(job.finalizeTime)) : ""],
+      ["Cancel requested", job.cancelRequested && job.state !== JobState.FINALIZED ? "yes" : ""],
+    ]),
+  );
+}
+
+function renderParameters(section: HTMLElement, job: Job): void {
+  const params = job.spec?.parameters ?? [];
+  section.replaceChildren(
+    section.firstChild!,
+    params.length === 0
+      ? h("p", { class: "muted" }, "None.")
+      : table(
+          "Parameters",
+          ["Name", "Value"],
+          params.map((p) => [h("code", {}, p.name), p.secret ? h("span", { class: "secret", title: "secret: never shown" }, "•••••• (secret)") : h("code", { class: "value" }, p.value)]),
+          { id: "job-parameters" },
+        ),
+  );
+}
+
+function renderTimeline(section: HTMLElement, job: Job, hosts: Map<string, string>): void {
+  section.replaceChildren(
+    section.firstChild!,
+    h(
+      "ol",
+      { class: "timeline", id: "job-timeline" },
+      ...job.timeline.map((e) =>
+        h(
+          "li",
+          {},
+          h("time", { datetime: iso(e.time) }, when(e.time)),
+          " ",
+          h("strong", {}, enumWord(JobEventKindSchema, e.kind)),
+          e.state ? ` → ${stateWord(e.state)}` : "",
+          e.stage ? ` (${enumWord(JobStageSchema, e.stage)})` : "",
+          e.hostId ? ` on ${hosts.get(e.hostId) ?? e.hostId}` : "",
+          e.message ? h("div", { class: "muted" }, e.message) : null,
+        ),
+      ),
+    ),
+  );
+}
