@@ -1,8 +1,7 @@
 /**
  * JobService: submit, read, list, cancel and watch jobs; log access. A user
- * sees and acts on its own jobs, an admin on all. OpenJobSession and
- * SnapshotJob answer Unimplemented (later issues build the proxy sessions and
- * snapshots).
+ * sees and acts on its own jobs, an admin on all. SnapshotJob is in
+ * snapshots.ts.
  */
 import { create, fromJson, toJson } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -17,6 +16,7 @@ import {
   type JobService,
   type ListJobsRequest,
   type OpenJobSessionRequest,
+  type SnapshotJobRequest,
   type SubmitJobRequest,
   type WatchJobRequest,
   type WatchJobResponse,
@@ -58,6 +58,7 @@ import {
   recordEvent,
   stateName,
 } from "./store.js";
+import type { Snapshots } from "./snapshots.js";
 import { validateSpec } from "./validate.js";
 import type { JobWatchers } from "./watchers.js";
 
@@ -78,6 +79,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     private readonly ctx: CoordinatorContext,
     private readonly config: JobConfig,
     private readonly watchers: JobWatchers,
+    private readonly snapshots?: Snapshots,
   ) {}
 
   private async visibleJob(caller: UserCaller, jobId: string, sql: Db = this.ctx.sql, lock = false): Promise<JobRow> {
@@ -401,8 +403,10 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     };
   }
 
-  async snapshotJob(_req: unknown, hctx: HandlerContext): Promise<never> {
-    requireUser(hctx);
-    throw new ConnectError("JobService.SnapshotJob is not implemented yet (snapshots come with a later issue)", Code.Unimplemented);
+  /** A running job's state as a new image (coordinator/jobs/snapshots.ts). */
+  async snapshotJob(req: SnapshotJobRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    if (!this.snapshots) throw new ConnectError("snapshots are not available on this coordinator", Code.Unimplemented);
+    return this.snapshots.snapshotJob(caller, req, hctx);
   }
 }

@@ -5,6 +5,7 @@ import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
 import { JobServiceImpl } from "./job-service.js";
 import { Scheduler } from "./scheduler.js";
+import { Snapshots } from "./snapshots.js";
 import { SupervisorStreams } from "./supervisor-stream.js";
 import { Sweeper } from "./sweeper.js";
 import { JobWatchers } from "./watchers.js";
@@ -31,10 +32,11 @@ export interface JobSystemParts extends JobSystem {
 export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   const config: JobConfig = ctx.config;
   const watchers = new JobWatchers();
-  const scheduler = new Scheduler(ctx, config);
   const streams = new SupervisorStreams(ctx, config);
+  const scheduler = new Scheduler(ctx, config, (hostId, starts) => streams.deliverStarts(hostId, starts));
   const sweeper = new Sweeper(ctx, config);
-  const jobService = new JobServiceImpl(ctx, config, watchers);
+  const snapshots = new Snapshots(ctx, config, streams, watchers);
+  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots);
   const listeners: { unlisten(): Promise<void> }[] = [];
   let started = false;
   let stopping: Promise<void> | undefined;
@@ -60,6 +62,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
       listeners.push(await ctx.sql.listen("treadmill_commands", (hostId) => streams.onCommands(hostId)));
       listeners.push(await ctx.sql.listen("treadmill_jobs", (jobId) => watchers.notify(jobId)));
       streams.start();
+      await snapshots.start();
       await sweeper.start();
       scheduler.wake();
     },
@@ -68,6 +71,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
         if (!started) return;
         await Promise.all(listeners.map((l) => l.unlisten().catch(() => undefined)));
         await scheduler.stop();
+        await snapshots.stop();
         await streams.stop();
         await sweeper.stop();
       })();

@@ -7,9 +7,19 @@
  *   it tries again shortly (the holder may have read the queue before the
  *   change that woke this one). Nothing in a pass ever waits for a lock: the
  *   host rows it places jobs on and the job rows it assigns are locked with
- *   FOR UPDATE SKIP LOCKED (a row another transaction is changing -- a host
- *   attaching or being disabled, a job being canceled -- is left for the next
- *   pass). Hence no deadlock, and a job is never assigned twice.
+ *   FOR UPDATE SKIP LOCKED once the placements are chosen, and re-checked (a
+ *   row another transaction is changing -- a host attaching or being
+ *   disabled, a job being canceled -- is left for the next pass, with every
+ *   placement that needs it). Hence no deadlock, and a job is never assigned
+ *   twice. Only the scheduler takes slots, under the advisory lock, so a
+ *   host's free slots read at the start of a pass can only have grown.
+ * - Few round trips (DESIGN.md §5's dispatch latency): the reads of a pass go
+ *   out together (pipelined on the transaction's connection), the locks
+ *   together, and every write of the assignments -- job_hosts, jobs, their
+ *   timeline and audit events -- is one statement that also returns what the
+ *   StartJob commands are built from. Right after the commit, the StartJobs of
+ *   hosts whose streams this replica holds are handed to those streams; other
+ *   replicas hear of theirs by 'treadmill_commands'.
  * - Order: effective priority (priority plus one point per `schedulerAgingMs`
  *   of waiting), then queued_at (age of the attempt), then created_at.
  * - A host matches a job when it is attached, enabled, not draining (neither
@@ -28,10 +38,13 @@
  * - Per-user limit: a user's jobs beyond `maxJobsPerUser` assigned or running
  *   wait (they neither run nor reserve).
  */
-import type { TransactionSql } from "postgres";
+import type { ReservedSql } from "postgres";
+import type { StartJob } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
+import { type StartRow, startColumns, startJobMessages } from "./commands.js";
 import type { JobConfig } from "./config.js";
+import { ACTIVE_STATES } from "./store.js";
 
 /** pg_advisory lock key of a scheduling pass ("tmsched" in ASCII). */
 const PASS_LOCK = 0x746d_7363_6865_64n;
@@ -46,7 +59,7 @@ interface HostCandidate {
   driver_kind: string;
   media_types: string[];
   free: number;
-  site_proxy?: string;
+  attached_replica: string;
 }
 
 interface QueuedJob {
@@ -60,6 +73,13 @@ interface QueuedJob {
   media_types: string[];
 }
 
+/** A live log server or proxy. */
+interface Service {
+  kind: string;
+  url: string;
+  site: string;
+}
+
 interface Placement {
   job: QueuedJob;
   hosts: HostCandidate[];
@@ -69,6 +89,14 @@ export interface PassResult {
   assigned: number;
   /** Something was skipped because another transaction held it: run again soon. */
   retry: boolean;
+}
+
+/** Hands StartJob commands to the stream of `hostId` if this replica holds it. */
+export type StartDelivery = (hostId: string, starts: StartJob[]) => void;
+
+interface Assigned extends PassResult {
+  /** StartJob rows of the hosts attached to this replica, by host. */
+  local: Map<string, StartRow[]>;
 }
 
 function matches(job: QueuedJob, host: HostCandidate): boolean {
@@ -88,10 +116,13 @@ export class Scheduler {
   private current: Promise<void> | undefined;
   private proxyTurn = 0;
   private logTurn = 0;
+  /** Free slots seen by the last pass: sizes the first read of the queue. */
+  private lastSlots = 0;
 
   constructor(
     private readonly ctx: CoordinatorContext,
     private readonly config: JobConfig,
+    private readonly deliver: StartDelivery = () => undefined,
   ) {
     this.log = ctx.logger.child({ subsystem: "scheduler" });
   }
@@ -138,64 +169,91 @@ export class Scheduler {
     }
   }
 
-  /** One scheduling pass; exported for tests through `runPass`. */
+  /**
+   * One scheduling pass (also for tests). Two round trips when it assigns:
+   * on a connection of its own, BEGIN, the lock and every read go out
+   * together; the placements are chosen here; then one statement locks what
+   * they use, writes them and returns the StartJob rows, with COMMIT right
+   * behind it.
+   */
   async pass(): Promise<PassResult> {
-    return this.ctx.sql.begin(async (tx) => {
-      const [{ ok }] = await tx<{ ok: boolean }[]>`select pg_try_advisory_xact_lock(${PASS_LOCK.toString()}::bigint) as ok`;
-      if (!ok) return { assigned: 0, retry: true };
-      return this.assign(tx);
-    });
+    const sql = await this.ctx.sql.reserve();
+    let result: Assigned;
+    try {
+      result = await this.assign(sql);
+    } catch (err) {
+      await sql`rollback`.catch(() => undefined);
+      throw err;
+    } finally {
+      sql.release();
+    }
+    for (const [hostId, rows] of result.local) {
+      // After the commit: a StartJob goes out only for an assignment that exists.
+      startJobMessages(this.ctx, hostId, rows).then(
+        (starts) => this.deliver(hostId, starts),
+        (err) => this.log.warn({ err, hostId }, "cannot build StartJob (the stream's next sync sends it)"),
+      );
+    }
+    return { assigned: result.assigned, retry: result.retry };
   }
 
-  private async assign(tx: TransactionSql): Promise<PassResult> {
-    let retry = false;
-    const eligible = await tx<HostCandidate[]>`
-      select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
-        greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
-          - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int as free
-      from hosts h
-      where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
-      order by h.name`;
-    const withFree = eligible.filter((h) => h.free > 0);
-    if (withFree.length === 0) return { assigned: 0, retry };
-    const lockedIds = new Set(
-      (
-        await tx<{ id: string }[]>`
-          select id from hosts
-          where id = any(${withFree.map((h) => h.id)}::uuid[])
-            and attached_replica is not null and admin_state = 'enabled' and not supervisor_draining
-          for update skip locked`
-      ).map((r) => r.id),
-    );
-    if (lockedIds.size < withFree.length) retry = true;
-    const free = new Map(withFree.filter((h) => lockedIds.has(h.id)).map((h) => [h.id, h]));
-    if (free.size === 0) return { assigned: 0, retry };
+  private async assign(tx: ReservedSql): Promise<Assigned> {
+    const end = async (retry: boolean): Promise<Assigned> => {
+      await tx`commit`;
+      return { assigned: 0, retry, local: new Map() };
+    };
+    const limit = this.config.maxJobsPerUser;
+    const aging = this.config.schedulerAgingMs;
+    const queue = (size: number, offset: number) => tx<QueuedJob[]>`
+      select id, owner_id, attempt, host_count, required_tags, required_site, required_driver, media_types
+      from jobs
+      where state = 'queued'
+      order by priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
+        queued_at, created_at, id
+      limit ${size} offset ${offset}`;
+    // The first chunk of the queue, sized to the free slots of the last pass
+    // (a pass that can place a few jobs reads a few rows, not the whole queue).
+    let size = Math.min(CHUNK, Math.max(32, 4 * this.lastSlots));
+    // Pipelined: BEGIN, the pass lock, then the reads, in one round trip.
+    void tx`begin`.execute();
+    void tx`set local plan_cache_mode = force_custom_plan`.execute();
+    const [[{ ok }], eligible, [{ grants }], counts, first, services] = await Promise.all([
+      tx<{ ok: boolean }[]>`select pg_try_advisory_xact_lock(${PASS_LOCK.toString()}::bigint) as ok`,
+      tx<HostCandidate[]>`
+        select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
+          h.attached_replica,
+          greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+            - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int as free
+        from hosts h
+        where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+        order by h.name`,
+      tx<{ grants: boolean }[]>`select exists (select 1 from host_grants) as grants`,
+      limit > 0
+        ? tx<{ owner_id: string; n: number }[]>`
+            select owner_id, count(*)::int as n from jobs where state in ${tx(ACTIVE_STATES)} group by owner_id`
+        : Promise.resolve([]),
+      queue(size, 0),
+      tx<Service[]>`
+        select kind, url, site from services
+        where kind in ('log_server', 'proxy') and not draining
+          and last_heartbeat_at > now() - (3 * heartbeat_interval_ms) * interval '1 millisecond'
+        order by url`,
+    ]);
+    if (!ok) return end(true);
+    const free = new Map(eligible.filter((h) => h.free > 0).map((h) => [h.id, h]));
+    this.lastSlots = [...free.values()].reduce((n, h) => n + h.free, 0);
+    if (free.size === 0 || first.length === 0) return end(false);
 
-    const [{ grants }] = await tx<{ grants: boolean }[]>`select exists (select 1 from host_grants) as grants`;
     const reserved = new Set<string>();
     const placements: Placement[] = [];
     const seen = new Set<string>();
-    const running = new Map<string, number>();
+    const running = new Map(counts.map((c) => [c.owner_id, c.n]));
     const denied = new Set<string>(); // `${owner} ${host}`
     const accessKnown = new Set<string>(); // owners whose access to the free hosts is loaded
-    const limit = this.config.maxJobsPerUser;
-    const aging = this.config.schedulerAgingMs;
 
     const available = () => [...free.values()].filter((h) => h.free > 0 && !reserved.has(h.id));
-    // Read the queue in chunks sized to the free slots: a pass that can place a
-    // few jobs reads a few rows, not the whole queue.
-    const slots = [...free.values()].reduce((n, h) => n + h.free, 0);
-    let size = Math.min(CHUNK, Math.max(32, 4 * slots));
-    for (let offset = 0; available().length > 0; offset += size, size = CHUNK) {
-      const chunk = await tx<QueuedJob[]>`
-        select id, owner_id, attempt, host_count, required_tags, required_site, required_driver, media_types
-        from jobs
-        where state = 'queued'
-        order by priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
-          queued_at, created_at, id
-        limit ${size} offset ${offset}`;
-      const owners = [...new Set(chunk.map((j) => j.owner_id))];
-      const newOwners = owners.filter((o) => !accessKnown.has(o));
+    for (let offset = 0, chunk = first; ; ) {
+      const newOwners = [...new Set(chunk.map((j) => j.owner_id))].filter((o) => !accessKnown.has(o));
       if (grants && newOwners.length > 0) {
         const rows = await tx<{ owner: string; host: string }[]>`
           select o::text as owner, h::text as host
@@ -204,15 +262,6 @@ export class Scheduler {
         for (const r of rows) denied.add(`${r.owner} ${r.host}`);
       }
       for (const o of newOwners) accessKnown.add(o);
-      if (limit > 0) {
-        const counts = await tx<{ owner_id: string; n: number }[]>`
-          select owner_id, count(*)::int as n from jobs
-          where owner_id = any(${owners.filter((o) => !running.has(o))}::uuid[])
-            and state in ('assigned', 'initializing', 'running', 'terminating')
-          group by owner_id`;
-        for (const o of owners) if (!running.has(o)) running.set(o, 0);
-        for (const c of counts) running.set(c.owner_id, c.n);
-      }
 
       for (const job of chunk) {
         if (seen.has(job.id)) continue;
@@ -231,26 +280,18 @@ export class Scheduler {
         }
         if (available().length === 0) break;
       }
-      if (chunk.length < size) break;
+      if (chunk.length < size || available().length === 0) break;
+      offset += size;
+      size = CHUNK;
+      chunk = await queue(size, offset);
     }
-    if (placements.length === 0) return { assigned: 0, retry };
-
-    const lockedJobs = new Set(
-      (
-        await tx<{ id: string }[]>`
-          select id from jobs where id = any(${placements.map((p) => p.job.id)}::uuid[]) and state = 'queued'
-          for update skip locked`
-      ).map((r) => r.id),
-    );
-    const final = placements.filter((p) => lockedJobs.has(p.job.id));
-    if (final.length < placements.length) retry = true;
-    if (final.length === 0) return { assigned: 0, retry };
-    await this.write(tx, final);
-    return { assigned: final.length, retry };
+    if (placements.length === 0) return end(false);
+    const { assigned, local } = await this.write(tx, placements, services);
+    return { assigned, retry: assigned < placements.length, local };
   }
 
   /** Whether enough attached, enabled hosts (busy or not) match the job for it to run some day soon. */
-  private async couldFit(tx: TransactionSql, job: QueuedJob, eligible: HostCandidate[], grants: boolean): Promise<boolean> {
+  private async couldFit(tx: ReservedSql, job: QueuedJob, eligible: HostCandidate[], grants: boolean): Promise<boolean> {
     const matching = eligible.filter((h) => matches(job, h));
     if (matching.length < job.host_count) return false;
     if (!grants) return true;
@@ -260,12 +301,17 @@ export class Scheduler {
     return n >= job.host_count;
   }
 
-  private async write(tx: TransactionSql, placements: Placement[]): Promise<void> {
-    const services = await tx<{ kind: string; url: string; site: string }[]>`
-      select kind, url, site from services
-      where kind in ('log_server', 'proxy') and not draining
-        and last_heartbeat_at > now() - (3 * heartbeat_interval_ms) * interval '1 millisecond'
-      order by url`;
+  /**
+   * Locks what the placements use (skipping rows busy elsewhere: hosts
+   * re-checked to qualify and to have the slots, jobs to be still queued),
+   * records the placements whose every row it locked, and commits. Returns
+   * how many jobs it assigned and the StartJob rows of this replica's hosts.
+   */
+  private async write(
+    tx: ReservedSql,
+    placements: Placement[],
+    services: Service[],
+  ): Promise<{ assigned: number; local: Map<string, StartRow[]> }> {
     const logServers = services.filter((s) => s.kind === "log_server").map((s) => s.url);
     const proxies = services.filter((s) => s.kind === "proxy");
     const replicas = Math.min(this.config.logReplicas, logServers.length);
@@ -287,31 +333,68 @@ export class Scheduler {
         message: `assigned to ${p.hosts.map((h) => h.name).join(", ")}`,
       };
     });
-    const rows = placements.flatMap((p) => p.hosts.map((h, index) => ({ job: p.job.id, host: h.id, attempt: p.job.attempt, index })));
-    await tx`
-      insert into job_hosts (job_id, host_id, attempt, host_index)
-      select * from unnest(${rows.map((r) => r.job)}::uuid[], ${rows.map((r) => r.host)}::uuid[],
-        ${rows.map((r) => r.attempt)}::int[], ${rows.map((r) => r.index)}::int[])`;
-    const planJson = tx.json(plan as never);
-    await tx`
-      update jobs j set state = 'assigned', stage = null, assigned_at = now(), started_at = null,
-        deadline_at = now() + j.job_timeout_ms * interval '1 millisecond',
-        log_server_urls = j.log_server_urls || array(select u from unnest(v.logs) u where u <> all(j.log_server_urls)),
-        proxy_url = v.proxy, status_message = '', updated_at = now()
-      from jsonb_to_recordset(${planJson}::jsonb) as v(id uuid, logs text[], proxy text)
-      where j.id = v.id`;
-    await tx`
-      with v as (select * from jsonb_to_recordset(${planJson}::jsonb) as v(id uuid, owner uuid, attempt int, message text)),
-      e as (
-        insert into job_events (job_id, kind, state, message, attempt)
-        select id, 'state_changed', 'assigned', message, attempt from v)
-      insert into audit_events (kind, actor, job_id, user_id, message, details)
-      select 'job.state_changed', 'system', id, owner, message, jsonb_build_object('state', 'assigned', 'attempt', attempt) from v`;
-    const hostIds = [...new Set(rows.map((r) => r.host))];
-    await tx`
-      select pg_notify('treadmill_jobs', id) from unnest(${plan.map((p) => p.id)}::text[]) id`;
-    await tx`
-      select pg_notify('treadmill_commands', id), pg_notify('treadmill_hosts', id) from unnest(${hostIds}::text[]) id`;
-    this.log.debug({ jobs: plan.length, hosts: hostIds.length }, "jobs assigned");
+    const rows = placements.flatMap((p) =>
+      p.hosts.map((h, index) => ({ job: p.job.id, host: h.id, attempt: p.job.attempt, index, local: h.attached_replica === this.ctx.replicaId })),
+    );
+    const [starts] = await Promise.all([
+      tx<(StartRow & { host_id: string; local: boolean; n1: unknown; n2: unknown; n3: unknown })[]>`
+        with v as materialized (
+          select * from jsonb_to_recordset(${tx.json(plan as never)}::jsonb)
+            as v(id uuid, owner uuid, attempt int, logs text[], proxy text, message text)),
+        r as materialized (
+          select * from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
+            as r(job uuid, host uuid, attempt int, index int, local boolean)),
+        lh as materialized (
+          select h.id,
+            least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+              - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null)::int as free
+          from hosts h
+          where h.id in (select host from r)
+            and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+          order by h.id
+          for update of h skip locked),
+        lj as materialized (
+          select id from jobs where id in (select id from v) and state = 'queued' order by id for update skip locked),
+        -- All or none: a job whose every host (with the slots) and itself are locked.
+        ok as materialized (
+          select v.* from v
+          where v.id in (select id from lj)
+            and not exists (
+              select 1 from r left join lh on lh.id = r.host
+              where r.job = v.id
+                and (lh.id is null or lh.free < (select count(*) from r r2 where r2.host = r.host)))),
+        ins as (
+          insert into job_hosts (job_id, host_id, attempt, host_index)
+          select job, host, attempt, index from r where job in (select id from ok)),
+        j as (
+          update jobs j set state = 'assigned', stage = null, assigned_at = now(), started_at = null,
+            deadline_at = now() + j.job_timeout_ms * interval '1 millisecond',
+            log_server_urls = j.log_server_urls || array(select u from unnest(v.logs) u where u <> all(j.log_server_urls)),
+            proxy_url = v.proxy, status_message = '', updated_at = now()
+          from ok v where j.id = v.id
+          returning j.id, j.attempt, j.spec, j.manifest_digest, j.deadline_at, j.log_server_urls, j.proxy_url),
+        ev as (
+          insert into job_events (job_id, kind, state, message, attempt)
+          select id, 'state_changed', 'assigned', message, attempt from ok),
+        au as (
+          insert into audit_events (kind, actor, job_id, user_id, message, details)
+          select 'job.state_changed', 'system', id, owner, message, jsonb_build_object('state', 'assigned', 'attempt', attempt) from ok)
+        select ${startColumns(tx)}, r.index as host_index, r.host as host_id, r.local,
+          pg_notify('treadmill_jobs', j.id::text) as n1, pg_notify('treadmill_hosts', r.host::text) as n2,
+          case when not r.local then pg_notify('treadmill_commands', r.host::text) end as n3
+        from j join r on r.job = j.id join hosts h on h.id = r.host`,
+      tx`commit`.execute(),
+    ]);
+    const peers = new Map(placements.map((p) => [p.job.id, p.hosts.map((h, index) => ({ index, id: h.id, name: h.name }))]));
+    const local = new Map<string, StartRow[]>();
+    for (const { host_id, local: here, n1: _1, n2: _2, n3: _3, ...start } of starts) {
+      if (!here) continue;
+      const list = local.get(host_id) ?? [];
+      list.push({ ...start, peers: peers.get(start.id)! });
+      local.set(host_id, list);
+    }
+    const assigned = new Set(starts.map((s) => s.id)).size;
+    this.log.debug({ jobs: assigned, hosts: new Set(starts.map((s) => s.host_id)).size }, "jobs assigned");
+    return { assigned, local };
   }
 }

@@ -35,6 +35,17 @@ import { audit } from "../audit.js";
 
 export type Db = Sql | TransactionSql;
 
+/**
+ * Plans every statement of the transaction for its parameters. The job system's
+ * statements are prepared; a generic plan cached while a table was small (a
+ * fresh database filling up faster than autovacuum analyzes it) would scan
+ * the whole table where an index lookup is due. Pipelined ahead of the
+ * transaction's first statement: it costs no round trip.
+ */
+export function customPlans(tx: TransactionSql): void {
+  void tx`set local plan_cache_mode = force_custom_plan`.execute();
+}
+
 export const ACTIVE_STATES = ["assigned", "initializing", "running", "terminating"] as const;
 export type DbState = "queued" | (typeof ACTIVE_STATES)[number] | "finalized";
 export type DbReason =
@@ -203,19 +214,22 @@ export interface EventInput {
  */
 export async function recordEvent(tx: Db, e: EventInput): Promise<void> {
   const message = clipText(e.message ?? "", 4096);
-  await tx`
-    insert into job_events (job_id, kind, state, stage, message, attempt, host_id)
-    values (${e.jobId}, ${e.kind}, ${e.state}, ${e.stage ?? null}, ${message}, ${e.attempt}, ${e.hostId ?? null})`;
-  await audit(tx, {
-    kind: `job.${e.kind}`,
-    actor: e.actor,
-    jobId: e.jobId,
-    hostId: e.hostId ?? undefined,
-    userId: e.ownerId,
-    message,
-    details: { state: e.state, stage: e.stage ?? null, attempt: e.attempt },
-  });
-  await tx`select pg_notify('treadmill_jobs', ${e.jobId})`;
+  // Pipelined: three statements, one round trip.
+  await Promise.all([
+    tx`
+      insert into job_events (job_id, kind, state, stage, message, attempt, host_id)
+      values (${e.jobId}, ${e.kind}, ${e.state}, ${e.stage ?? null}, ${message}, ${e.attempt}, ${e.hostId ?? null})`,
+    audit(tx, {
+      kind: `job.${e.kind}`,
+      actor: e.actor,
+      jobId: e.jobId,
+      hostId: e.hostId ?? undefined,
+      userId: e.ownerId,
+      message,
+      details: { state: e.state, stage: e.stage ?? null, attempt: e.attempt },
+    }),
+    tx`select pg_notify('treadmill_jobs', ${e.jobId})`,
+  ]);
 }
 
 /** Hosts still holding a slot for any attempt of the job (their streams must hear of a change). */
@@ -242,45 +256,50 @@ export interface Ending {
  */
 export async function endAttempt(tx: Db, job: JobRow, end: Ending): Promise<"restarted" | "finalized"> {
   const message = clipText(end.message, 1024);
+  // Each branch's statements are independent: they go out together.
   if (INFRASTRUCTURE_REASONS.has(end.reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts) {
     const attempt = job.attempt + 1;
-    await tx`
-      update jobs set state = 'queued', stage = null, attempt = ${attempt}, queued_at = now(),
-        assigned_at = null, started_at = null, deadline_at = null, proxy_url = '',
-        status_message = ${message}, updated_at = now()
-      where id = ${job.id}`;
-    await recordEvent(tx, {
+    await Promise.all([
+      tx`
+        update jobs set state = 'queued', stage = null, attempt = ${attempt}, queued_at = now(),
+          assigned_at = null, started_at = null, deadline_at = null, proxy_url = '',
+          status_message = ${message}, updated_at = now()
+        where id = ${job.id}`,
+      recordEvent(tx, {
+        jobId: job.id,
+        kind: "restarted",
+        state: "queued",
+        attempt,
+        hostId: end.hostId,
+        actor: end.actor,
+        ownerId: job.owner_id,
+        message: `attempt ${job.attempt} ended ${end.reason}: ${message}; restarting as attempt ${attempt}`,
+      }),
+      notifyJobHosts(tx, job.id),
+      tx`select pg_notify('treadmill_schedule', '')`,
+    ]);
+    return "restarted";
+  }
+  await Promise.all([
+    tx`
+      update jobs set state = 'finalized', stage = null, reason = ${end.reason},
+        exit_status = ${end.reason === "workload_exited" ? (end.exitStatus ?? null) : null},
+        exit_code = ${end.exitCode ?? null}, status_message = ${message}, stop_reason = null,
+        finalized_at = now(), updated_at = now()
+      where id = ${job.id}`,
+    tx`delete from job_secrets where job_id = ${job.id}`,
+    recordEvent(tx, {
       jobId: job.id,
-      kind: "restarted",
-      state: "queued",
-      attempt,
+      kind: "state_changed",
+      state: "finalized",
+      attempt: job.attempt,
       hostId: end.hostId,
       actor: end.actor,
       ownerId: job.owner_id,
-      message: `attempt ${job.attempt} ended ${end.reason}: ${message}; restarting as attempt ${attempt}`,
-    });
-    await notifyJobHosts(tx, job.id);
-    await tx`select pg_notify('treadmill_schedule', '')`;
-    return "restarted";
-  }
-  await tx`
-    update jobs set state = 'finalized', stage = null, reason = ${end.reason},
-      exit_status = ${end.reason === "workload_exited" ? (end.exitStatus ?? null) : null},
-      exit_code = ${end.exitCode ?? null}, status_message = ${message}, stop_reason = null,
-      finalized_at = now(), updated_at = now()
-    where id = ${job.id}`;
-  await tx`delete from job_secrets where job_id = ${job.id}`;
-  await recordEvent(tx, {
-    jobId: job.id,
-    kind: "state_changed",
-    state: "finalized",
-    attempt: job.attempt,
-    hostId: end.hostId,
-    actor: end.actor,
-    ownerId: job.owner_id,
-    message: message === "" ? end.reason : `${end.reason}: ${message}`,
-  });
-  await notifyJobHosts(tx, job.id);
+      message: message === "" ? end.reason : `${end.reason}: ${message}`,
+    }),
+    notifyJobHosts(tx, job.id),
+  ]);
   return "finalized";
 }
 

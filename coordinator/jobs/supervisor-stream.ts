@@ -15,6 +15,11 @@
  * holds). A newer stream for the same host supersedes the older: the newer
  * writes its id to hosts.attach_session and notifies; the older sees the
  * change and ends with Aborted.
+ *
+ * The fast paths: the scheduler hands the StartJobs of an assignment straight
+ * to the streams of this replica right after its commit (`deliverStarts`),
+ * with no notification or read in between; reports and acknowledgements of
+ * all streams are group-committed (group-commit.ts).
  */
 import { randomUUID } from "node:crypto";
 import { create } from "@bufbuild/protobuf";
@@ -29,6 +34,7 @@ import {
   type CommandAck,
   type HeldJob,
   type JobStateReport,
+  type StartJob,
   type SupervisorHello,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
@@ -39,6 +45,8 @@ import { uuidv7 } from "../services/common.js";
 import { type HostRow, hostColumns, hostMessage } from "../services/hosts.js";
 import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";
+import { GroupCommit } from "./group-commit.js";
+import { onSnapshotResult } from "./snapshots.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { type Db, reasonName, stageName, stateName } from "./store.js";
 import { type HostTermination, hostEnded, hostProgress, releaseSlot } from "./transitions.js";
@@ -65,12 +73,15 @@ export class SupervisorStreams {
   private stopped = false;
   private lastTick = Date.now();
   readonly log: Logger;
+  /** Reports and acknowledgements of every stream, committed together. */
+  readonly commits: GroupCommit;
 
   constructor(
     readonly ctx: CoordinatorContext,
     readonly config: JobConfig,
   ) {
     this.log = ctx.logger.child({ subsystem: "supervisor-stream" });
+    this.commits = new GroupCommit(ctx.sql);
   }
 
   start(): void {
@@ -85,12 +96,31 @@ export class SupervisorStreams {
     const sessions = [...this.sessions.values()];
     for (const s of sessions) s.finish(new ConnectError("coordinator replica shutting down", Code.Unavailable));
     await Promise.all(sessions.map((s) => s.closed));
+    await this.commits.idle();
     await this.flushSeen().catch(() => undefined);
   }
 
   /** 'treadmill_commands' for `hostId`. */
   onCommands(hostId: string): void {
     this.sessions.get(hostId)?.requestSync();
+  }
+
+  /** StartJobs of a fresh assignment (committed) for `hostId`, if this replica holds its stream. */
+  deliverStarts(hostId: string, starts: StartJob[]): void {
+    this.sessions.get(hostId)?.deliverStarts(starts);
+  }
+
+  /** Every command sent is an audit event (never with its secrets or tokens). */
+  async auditCommands(host: HostCaller, sends: AttachResponse[]): Promise<void> {
+    const rows = sends.map((m) => {
+      const v = m.payload.value as { requestId: string; jobId: string; attempt: number };
+      return { kind: `command.${m.payload.case === "startJob" ? "start_job" : "stop_job"}`, job: v.jobId, request: v.requestId, attempt: v.attempt };
+    });
+    await this.ctx.sql`
+      insert into audit_events (kind, actor, job_id, host_id, message, details)
+      select v.kind, 'system', v.job, ${host.hostId}, 'sent to ' || ${host.hostName},
+        jsonb_build_object('requestId', v.request, 'attempt', v.attempt, 'replica', ${this.ctx.replicaId}::text)
+      from jsonb_to_recordset(${this.ctx.sql.json(rows as never)}::jsonb) as v(kind text, job uuid, request text, attempt int)`;
   }
 
   /** Every stream re-reads its host (after the LISTEN connection came back). */
@@ -402,8 +432,7 @@ export class HostSession {
         }
         return;
       case "snapshotResult":
-        // Snapshots belong to a later issue; nothing sends TakeSnapshot yet.
-        return;
+        return onSnapshotResult(this.ctx, this.host, payload.value);
       default:
         return;
     }
@@ -413,8 +442,9 @@ export class HostSession {
     checkHeld("job_state_report", r);
     if (r.reportId.length > 64) throw invalid("job_state_report.report_id must be at most 64 characters");
     const at = { jobId: r.jobId, hostId: this.host.hostId, attempt: r.attempt };
+    const commit = (apply: (tx: Db) => Promise<unknown>) => this.streams.commits.run(r.jobId, apply);
     if (r.termination) {
-      await this.ctx.sql.begin((tx) => hostEnded(tx, at, termination(r.termination!), { released: true, actor: this.actor }));
+      await commit((tx) => hostEnded(tx, at, termination(r.termination!), { released: true, actor: this.actor }));
       this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, true));
       return;
     }
@@ -422,7 +452,7 @@ export class HostSession {
     if (state !== "initializing" && state !== "running" && state !== "terminating") {
       throw invalid("job_state_report.state must be INITIALIZING, RUNNING or TERMINATING");
     }
-    await this.ctx.sql.begin((tx) =>
+    await commit((tx) =>
       hostProgress(tx, at, { state, stage: state === "initializing" ? stageName(r.stage) : null, message: r.message.slice(0, 4096) }, this.actor),
     );
     this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, false));
@@ -433,14 +463,17 @@ export class HostSession {
     if (!p) return; // an answer to a command of an older sending, or unknown: nothing to do
     this.pending.delete(ack.requestId);
     const at = { jobId: p.jobId, hostId: this.host.hostId, attempt: p.attempt };
+    const commit = (apply: (tx: Db) => Promise<unknown>) => this.streams.commits.run(p.jobId, apply);
     if (p.kind === "start") {
       if (ack.ok) {
-        await this.ctx.sql`
-          update job_hosts set started = true
-          where job_id = ${p.jobId} and attempt = ${p.attempt} and host_id = ${this.host.hostId} and released_at is null`;
+        await commit(
+          (tx) => tx`
+            update job_hosts set started = true
+            where job_id = ${p.jobId} and attempt = ${p.attempt} and host_id = ${this.host.hostId} and released_at is null`,
+        );
       } else {
         this.log.warn({ jobId: p.jobId, attempt: p.attempt, code: ack.errorCode, reason: ack.errorMessage }, "supervisor refused a job");
-        await this.ctx.sql.begin((tx) =>
+        await commit((tx) =>
           hostEnded(
             tx,
             at,
@@ -457,7 +490,7 @@ export class HostSession {
     }
     // A stop of an attempt the supervisor never started, or that the
     // coordinator already ended, leaves nothing behind: the slot is free.
-    await this.ctx.sql.begin(async (tx) => {
+    await commit(async (tx) => {
       const [row] = await tx<{ started: boolean; terminated: boolean }[]>`
         select started, terminated_at is not null as terminated from job_hosts
         where job_id = ${p.jobId} and attempt = ${p.attempt} and host_id = ${this.host.hostId} and released_at is null`;
@@ -550,18 +583,40 @@ export class HostSession {
       }
     }
     if (starts.length > 0) {
-      for (const start of await buildStartJobs(this.ctx, this.ctx.sql, hostId, starts)) {
-        const key = `start/${start.jobId}/${start.attempt}`;
-        const message = create(AttachResponseSchema, { payload: { case: "startJob", value: start } });
-        this.sent.add(key);
-        this.pending.set(start.requestId, { key, kind: "start", jobId: start.jobId, attempt: start.attempt, sentAt: Date.now(), message });
-        sends.push(message);
-      }
+      sends.push(...this.startMessages(await buildStartJobs(this.ctx, this.ctx.sql, hostId, starts)));
     }
+    this.send(sends);
+  }
+
+  /**
+   * The scheduler's StartJobs of a fresh assignment, right after its commit.
+   * A sync may have sent them already (or a StopJob, if the job was canceled
+   * meanwhile): each attempt gets one command of each kind per stream.
+   */
+  deliverStarts(starts: StartJob[]): void {
+    if (this.finished || !this.opened) return;
+    this.send(this.startMessages(starts.filter((s) => !this.sent.has(`stop/${s.jobId}/${s.attempt}`))));
+  }
+
+  /** StartJob messages of `starts` not sent yet on this stream, recorded as sent and pending. */
+  private startMessages(starts: StartJob[]): AttachResponse[] {
+    const messages: AttachResponse[] = [];
+    for (const start of starts) {
+      const key = `start/${start.jobId}/${start.attempt}`;
+      if (this.sent.has(key)) continue; // sent meanwhile (by the scheduler's hand-over or an earlier sync)
+      const message = create(AttachResponseSchema, { payload: { case: "startJob", value: start } });
+      this.sent.add(key);
+      this.pending.set(start.requestId, { key, kind: "start", jobId: start.jobId, attempt: start.attempt, sentAt: Date.now(), message });
+      messages.push(message);
+    }
+    return messages;
+  }
+
+  private send(sends: AttachResponse[]): void {
     if (sends.length === 0 || this.finished) return;
     for (const m of sends) this.outbox.push(m);
     // Off the stream's path: the command is on its way; the record follows.
-    this.auditCommands(sends).catch((err) => this.log.warn({ err }, "cannot record commands in the audit log"));
+    this.streams.auditCommands(this.host, sends).catch((err) => this.log.warn({ err }, "cannot record commands in the audit log"));
   }
 
   private stopMessage(jobId: string, attempt: number, reason: FinalizeReason, message: string): AttachResponse {
@@ -583,19 +638,6 @@ export class HostSession {
     this.sent.add(key);
     this.pending.set(requestId, { key, kind: "stop", jobId, attempt, sentAt: Date.now(), message: m });
     return m;
-  }
-
-  /** Every command sent is an audit event (never with its secrets or tokens). */
-  private async auditCommands(sends: AttachResponse[]): Promise<void> {
-    const rows = sends.map((m) => {
-      const v = m.payload.value as { requestId: string; jobId: string; attempt: number };
-      return { kind: `command.${m.payload.case === "startJob" ? "start_job" : "stop_job"}`, job: v.jobId, request: v.requestId, attempt: v.attempt };
-    });
-    await this.ctx.sql`
-      insert into audit_events (kind, actor, job_id, host_id, message, details)
-      select v.kind, 'system', v.job, ${this.host.hostId}, 'sent to ' || ${this.host.hostName},
-        jsonb_build_object('requestId', v.request, 'attempt', v.attempt, 'replica', ${this.ctx.replicaId}::text)
-      from jsonb_to_recordset(${this.ctx.sql.json(rows as never)}::jsonb) as v(kind text, job uuid, request text, attempt int)`;
   }
 
   /** Heartbeat, liveness and re-sending of unacknowledged commands. */

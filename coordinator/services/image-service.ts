@@ -110,12 +110,12 @@ function parseReference(field: string, reference: string): { name: string; tag: 
   return { name: checkName(`${field} name`, reference.slice(0, colon)), tag: checkTag(`${field} tag`, reference.slice(colon + 1)) };
 }
 
-function checkName(field: string, name: string): string {
+export function checkName(field: string, name: string): string {
   if (name.length > 128) throw invalid(`${field} must be at most 128 characters`);
   return checkPattern(field, name, IMAGE_NAME, "lower-case components [a-z0-9]+([._-][a-z0-9]+)* joined by /");
 }
 
-function checkTag(field: string, tag: string): string {
+export function checkTag(field: string, tag: string): string {
   return checkPattern(field, tag, IMAGE_TAG, "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}");
 }
 

@@ -247,11 +247,6 @@ describe("JobService", () => {
     expect(JSON.stringify(audited)).not.toContain(session.dialToken!.token);
   });
 
-  it("answers SnapshotJob honestly with Unimplemented", async () => {
-    const { jobId } = await runningJob();
-    expect(await codeOf(jobs.snapshotJob({ jobId, name: "x", tag: "y" }))).toBe("Unimplemented");
-  });
-
   describe("auth matrix", () => {
     const otherJob = { id: "" };
     let revoked: string;
@@ -301,7 +296,7 @@ describe("JobService", () => {
       expect(after[0].n).toBe(before[0].n);
     });
 
-    it.each(calls.filter(([name]) => !["SubmitJob", "SnapshotJob"].includes(name)))(
+    it.each(calls.filter(([name]) => name !== "SubmitJob"))(
       "%s refuses another user's job, changing nothing",
       async (_name, call) => {
         const before = await jobRow(c.sql, otherJob.id);

@@ -1,0 +1,444 @@
+/**
+ * JobService.SnapshotJob (DESIGN.md §6): a running, single-host job's state
+ * becomes a new image, registered in the catalog as `name:tag`, private to
+ * the caller, with `source_job_id` set.
+ *
+ * The operation lives in the table `snapshots` (migration 0005). SnapshotJob
+ * validates and inserts it PENDING, with the upload target chosen once (the
+ * site's live image cache, else the first store holding the job's image), and
+ * notifies 'treadmill_snapshots' with the host id. The replica holding that
+ * host's stream sends TakeSnapshot (with a fresh `image:write` token), once
+ * per stream: a supervisor that attaches again anywhere gets every pending
+ * snapshot of its host again (it answers a repeated one from what it
+ * remembers). The supervisor's SnapshotResult, on whichever replica holds the
+ * stream, registers the image and ends the operation; every step is a
+ * timeline event of the job (which wakes waiters on any replica through
+ * 'treadmill_jobs').
+ *
+ * A snapshot whose host stayed detached longer than the grace period fails
+ * (nothing can answer it any more); otherwise the supervisor always answers,
+ * also when the job ended meanwhile (it then says so).
+ */
+import { create } from "@bufbuild/protobuf";
+import type { TransactionSql } from "postgres";
+import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type HandlerContext } from "@connectrpc/connect";
+import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
+import { type Snapshot, SnapshotSchema, SnapshotState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import type { SnapshotJobRequest } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { AttachResponseSchema, type SnapshotResult } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import type { Logger } from "../../lib/logger.js";
+import { actorOf, audit } from "../audit.js";
+import type { HostCaller, UserCaller } from "../auth.js";
+import type { CoordinatorContext } from "../context.js";
+import {
+  checkId,
+  checkMediaTypes,
+  checkText,
+  denied,
+  exists,
+  invalid,
+  isUniqueViolation,
+  notFound,
+  precondition,
+  uuidv7,
+} from "../services/common.js";
+import { checkName, checkTag } from "../services/image-service.js";
+import type { JobConfig } from "./config.js";
+import { type Db, type EventInput, clipText, loadJob, recordEvent } from "./store.js";
+import type { HostSession, SupervisorStreams } from "./supervisor-stream.js";
+import type { JobWatchers } from "./watchers.js";
+
+const DIGEST = /^sha256:[0-9a-f]{64}$/;
+
+/** Timeline kinds of snapshots (job.proto JobEventKind SNAPSHOT_*). */
+type SnapshotEventKind = "snapshot_requested" | "snapshot_succeeded" | "snapshot_failed";
+
+interface SnapshotRow {
+  id: string;
+  job_id: string;
+  attempt: number;
+  host_id: string;
+  owner_id: string;
+  name: string;
+  tag: string;
+  state: "pending" | "succeeded" | "failed";
+  message: string;
+  manifest_digest: string;
+  upload_service_id: string;
+  upload_url: string;
+  upload_site: string;
+  annotations: Record<string, string>;
+  request_id: string | null;
+  created_at: Date;
+  finished_at: Date | null;
+}
+
+const STATES: Record<SnapshotRow["state"], SnapshotState> = {
+  pending: SnapshotState.PENDING,
+  succeeded: SnapshotState.SUCCEEDED,
+  failed: SnapshotState.FAILED,
+};
+
+function snapshotMessage(row: SnapshotRow): Snapshot {
+  return create(SnapshotSchema, {
+    id: row.id,
+    jobId: row.job_id,
+    attempt: row.attempt,
+    name: row.name,
+    tag: row.tag,
+    state: STATES[row.state],
+    message: row.message,
+    manifestDigest: row.manifest_digest,
+    createTime: timestampFromDate(row.created_at),
+    finishTime: row.finished_at ? timestampFromDate(row.finished_at) : undefined,
+  });
+}
+
+async function snapshotEvent(tx: Db, row: SnapshotRow, kind: SnapshotEventKind, message: string, actor: string): Promise<void> {
+  const [job] = await tx<{ state: EventInput["state"] }[]>`select state from jobs where id = ${row.job_id}`;
+  await recordEvent(tx, {
+    jobId: row.job_id,
+    // recordEvent's kinds predate snapshots; job_events.kind is free text and
+    // the timeline maps these to JOB_EVENT_KIND_SNAPSHOT_*.
+    kind: kind as EventInput["kind"],
+    state: job?.state ?? "finalized",
+    attempt: row.attempt,
+    hostId: row.host_id,
+    actor,
+    ownerId: row.owner_id,
+    message,
+  });
+}
+
+/** Ends a pending snapshot FAILED (in `tx`, the row locked). */
+async function failSnapshot(tx: Db, row: SnapshotRow, message: string, actor: string): Promise<void> {
+  const why = clipText(message, 1024);
+  await tx`update snapshots set state = 'failed', message = ${why}, finished_at = now() where id = ${row.id}`;
+  await snapshotEvent(tx, row, "snapshot_failed", `snapshot ${row.name}:${row.tag} failed: ${why}`, actor);
+}
+
+/**
+ * The supervisor's SnapshotResult (the `snapshotResult` case of the stream):
+ * registers the image and ends the operation, or ends it FAILED. Idempotent:
+ * a result for an operation already ended, or of another host, changes
+ * nothing. A malformed result is InvalidArgument (it ends the stream, as any
+ * malformed message does).
+ */
+export async function onSnapshotResult(ctx: CoordinatorContext, host: HostCaller, result: SnapshotResult): Promise<void> {
+  checkId("snapshot_result.snapshot_id", result.snapshotId);
+  const actor = `host:${host.hostName}`;
+  let ok: { digest: string; mediaTypes: string[]; size: bigint } | undefined;
+  if (result.ok) {
+    if (!DIGEST.test(result.manifestDigest)) throw invalid("snapshot_result.manifest_digest must be sha256:<64 lower-case hex digits>");
+    if (result.sizeBytes < 0n) throw invalid("snapshot_result.size_bytes must not be negative");
+    const mediaTypes = checkMediaTypes("snapshot_result.media_types", result.mediaTypes, { required: true });
+    ok = { digest: result.manifestDigest, mediaTypes, size: result.sizeBytes };
+  }
+  await ctx.sql.begin(async (tx) => {
+    const [row] = await tx<SnapshotRow[]>`
+      select * from snapshots where id = ${result.snapshotId} and host_id = ${host.hostId} for update`;
+    if (!row || row.state !== "pending") return;
+    if (!ok) {
+      const code = Code[result.errorCode] ?? "Unknown";
+      await failSnapshot(tx, row, `${result.errorMessage.slice(0, 1000) || "the supervisor gave no reason"} (${code})`, actor);
+      return;
+    }
+    // The catalog's media types of the image: every layer's (the base image's
+    // and the snapshot layer's), as the scheduler matches hosts on them.
+    const [base] = await tx<{ media_types: string[]; annotations: Record<string, string> | null }[]>`
+      select j.media_types,
+        (select i.annotations from images i where i.digest = j.manifest_digest order by i.created_at limit 1) as annotations
+      from jobs j where j.id = ${row.job_id}`;
+    const mediaTypes = [...new Set([...ok.mediaTypes, ...(base?.media_types ?? [])])];
+    const annotations = { ...(base?.annotations ?? {}), ...row.annotations };
+    const location = [{ service: row.upload_service_id, url: row.upload_url, site: row.upload_site }];
+    const inserted = await tx`
+      insert into images (name, tag, digest, media_types, size, owner_id, visibility, locations, annotations, source_job_id,
+        created_at, updated_at)
+      values (${row.name}, ${row.tag}, ${ok.digest}, ${mediaTypes}, ${ok.size.toString()}::bigint, ${row.owner_id}, 'private',
+        ${tx.json(location as never)}, ${tx.json(annotations)}, ${row.job_id}, now(), now())
+      on conflict (name, tag) do nothing
+      returning name`;
+    if (inserted.length === 0) {
+      await failSnapshot(tx, row, `image ${row.name}:${row.tag} was registered by someone else meanwhile`, actor);
+      return;
+    }
+    await tx`
+      update snapshots set state = 'succeeded', manifest_digest = ${ok.digest}, message = '', finished_at = now()
+      where id = ${row.id}`;
+    await audit(tx, {
+      kind: "image.snapshot",
+      actor,
+      jobId: row.job_id,
+      hostId: host.hostId,
+      userId: row.owner_id,
+      message: `${row.name}:${row.tag} -> ${ok.digest}`,
+      details: { name: row.name, tag: row.tag, digest: ok.digest, snapshotId: row.id, storeId: row.upload_service_id },
+    });
+    await snapshotEvent(tx, row, "snapshot_succeeded", `snapshot registered as ${row.name}:${row.tag} (${ok.digest})`, actor);
+  });
+}
+
+/**
+ * SnapshotJob and the delivery of TakeSnapshot on this replica. `start()`
+ * listens for new snapshots and for (re)attached streams; `stop()` ends it.
+ */
+export class Snapshots {
+  private readonly log: Logger;
+  private readonly listeners: { unlisten(): Promise<void> }[] = [];
+  /** Snapshots sent on each stream (a new stream gets every pending one again). */
+  private readonly sent = new WeakMap<HostSession, Set<string>>();
+  /** Per host: a delivery running, and whether another was asked meanwhile. */
+  private readonly delivering = new Map<string, { again: boolean }>();
+  private stopped = false;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly ctx: CoordinatorContext,
+    private readonly config: JobConfig,
+    private readonly streams: SupervisorStreams,
+    private readonly watchers: JobWatchers,
+  ) {
+    this.log = ctx.logger.child({ subsystem: "snapshots" });
+  }
+
+  async start(): Promise<void> {
+    const all = () => {
+      for (const hostId of this.streams.sessions.keys()) this.deliver(hostId);
+    };
+    // A stream new to this replica gets its host's pending snapshots; looked
+    // at every heartbeat too, as the attach notification may come before the
+    // stream is registered here.
+    this.timer = setInterval(() => {
+      for (const [hostId, session] of this.streams.sessions) if (!this.sent.has(session)) this.deliver(hostId);
+    }, this.config.supervisorHeartbeatMs);
+    this.timer.unref?.();
+    this.listeners.push(await this.ctx.sql.listen("treadmill_snapshots", (hostId) => this.deliver(hostId), all));
+    // A stream that attached (or re-read its host) here: deliver what it has not had.
+    this.listeners.push(
+      await this.ctx.sql.listen("treadmill_commands", (hostId) => {
+        const session = this.streams.sessions.get(hostId);
+        if (session && !this.sent.has(session)) this.deliver(hostId);
+      }),
+    );
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearInterval(this.timer);
+    await Promise.all(this.listeners.splice(0).map((l) => l.unlisten().catch(() => undefined)));
+  }
+
+  /** JobService.SnapshotJob. */
+  async snapshotJob(caller: UserCaller, req: SnapshotJobRequest, hctx: HandlerContext): Promise<{ snapshot: Snapshot }> {
+    checkId("job_id", req.jobId);
+    const name = checkName("name", req.name);
+    const tag = checkTag("tag", req.tag);
+    checkText("request_id", req.requestId, 64);
+    const requestId = req.requestId === "" ? null : req.requestId;
+    const id = await this.ctx.sql.begin(async (tx) => {
+      if (requestId !== null) {
+        const [existing] = await tx<{ id: string; job_id: string; name: string; tag: string }[]>`
+          select id, job_id, name, tag from snapshots where owner_id = ${caller.userId} and request_id = ${requestId}`;
+        if (existing) {
+          if (existing.job_id !== req.jobId || existing.name !== name || existing.tag !== tag) {
+            throw invalid("request_id was already used for another snapshot");
+          }
+          return existing.id;
+        }
+      }
+      return this.create(tx, caller, req.jobId, name, tag, requestId);
+    }).catch(async (err: unknown) => {
+      // Two calls with one request_id at once: the second finds the first's.
+      if (requestId === null || !isUniqueViolation(err, "snapshots_owner_request_id_idx")) throw err;
+      const [existing] = await this.ctx.sql<{ id: string }[]>`
+        select id from snapshots where owner_id = ${caller.userId} and request_id = ${requestId}`;
+      return existing.id;
+    });
+    const row = req.wait ? await this.waitDone(id, hctx) : await this.current(id);
+    return { snapshot: snapshotMessage(row) };
+  }
+
+  private async create(tx: TransactionSql, caller: UserCaller, jobId: string, name: string, tag: string, requestId: string | null): Promise<string> {
+    const job = await loadJob(tx, jobId, { lock: true });
+    if (!job) throw notFound(`job ${jobId} not found`);
+    if (caller.role !== "admin" && job.owner_id !== caller.userId) throw denied(`job ${jobId} belongs to another user`);
+    if (job.state !== "running") throw precondition(`job ${jobId} is ${job.state}, not running`);
+    if (job.stop_reason !== null) throw precondition(`job ${jobId} is being stopped (${job.stop_reason})`);
+    if (job.host_ids.length !== 1) {
+      throw precondition(`job ${jobId} runs on ${job.host_ids.length} hosts; only a single-host job can be snapshotted`);
+    }
+    const hostId = job.host_ids[0];
+    const [host] = await tx<{ name: string; driver_kind: string; site: string }[]>`
+      select name, driver_kind, site from hosts where id = ${hostId}`;
+    if (!host) throw precondition(`job ${jobId} has no host any more`);
+    if (host.driver_kind === "board") {
+      throw precondition(`job ${jobId} runs on board host ${host.name}; the board driver cannot snapshot`);
+    }
+    const [taken] = await tx`select 1 from images where name = ${name} and tag = ${tag}`;
+    if (taken) throw exists(`image ${name}:${tag} already exists; choose another name or tag`);
+    const target = await this.uploadTarget(tx, job.manifest_digest, host.site);
+    if (!target) {
+      throw new ConnectError("no image cache or store is available to upload the snapshot to", Code.Unavailable);
+    }
+    const id = uuidv7(this.ctx.clock());
+    const annotations = {
+      "org.opencontainers.image.title": `${name}:${tag}`,
+      "treadmill.snapshot.job": jobId,
+      "treadmill.snapshot.attempt": String(job.attempt),
+    };
+    try {
+      await tx.savepoint(async (sp) => {
+        await sp`
+          insert into snapshots (id, job_id, attempt, host_id, owner_id, name, tag, upload_service_id, upload_url, upload_site,
+            annotations, request_id)
+          values (${id}, ${jobId}, ${job.attempt}, ${hostId}, ${caller.userId}, ${name}, ${tag}, ${target.id}, ${target.url},
+            ${target.site}, ${sp.json(annotations)}, ${requestId})`;
+      });
+    } catch (err) {
+      if (isUniqueViolation(err, "snapshots_pending_name_idx")) {
+        throw exists(`a snapshot to ${name}:${tag} is already in progress; choose another name or tag`);
+      }
+      throw err;
+    }
+    const row = { id, job_id: jobId, attempt: job.attempt, host_id: hostId, owner_id: caller.userId, name, tag } as SnapshotRow;
+    await snapshotEvent(tx, row, "snapshot_requested", `snapshot to ${name}:${tag} requested by ${caller.name}`, actorOf(caller));
+    await tx`select pg_notify('treadmill_snapshots', ${hostId})`;
+    return id;
+  }
+
+  /** The site's live cache (a cache serves the store API), else the first store holding the job's image. */
+  private async uploadTarget(tx: Db, manifestDigest: string, site: string): Promise<{ id: string; url: string; site: string } | undefined> {
+    if (site !== "") {
+      const [cache] = await tx<{ id: string; url: string; site: string }[]>`
+        select s.id, s.url, s.site from services s
+        where s.kind = 'image_cache' and s.site = ${site} and not s.draining
+          and s.last_heartbeat_at > now() - (3 * s.heartbeat_interval_ms) * interval '1 millisecond'
+        order by s.active_streams, s.url limit 1`;
+      if (cache) return cache;
+    }
+    const [store] = await tx<{ id: string; url: string; site: string }[]>`
+      select l->>'service' as id, l->>'url' as url, coalesce(l->>'site', '') as site
+      from images i, jsonb_array_elements(i.locations) with ordinality as x(l, n)
+      where i.digest = ${manifestDigest} and coalesce(l->>'url', '') <> ''
+        and coalesce(l->>'service', '') ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+      order by i.created_at, x.n limit 1`;
+    return store;
+  }
+
+  /** The operation now; a pending one whose host is gone for good ends FAILED first. */
+  private async current(id: string): Promise<SnapshotRow> {
+    return this.ctx.sql.begin(async (tx) => {
+      const [row] = await tx<SnapshotRow[]>`select * from snapshots where id = ${id} for update`;
+      if (row.state !== "pending") return row;
+      const [host] = await tx<{ name: string; gone: boolean }[]>`
+        select name, attach_session is null
+          and coalesce(detached_at, now()) < now() - ${this.config.supervisorGraceMs} * interval '1 millisecond' as gone
+        from hosts where id = ${row.host_id}`;
+      if (host && !host.gone) return row;
+      await failSnapshot(tx, row, `host ${host?.name ?? row.host_id} went away before the snapshot finished`, "system");
+      const [after] = await tx<SnapshotRow[]>`select * from snapshots where id = ${id}`;
+      return after;
+    });
+  }
+
+  /**
+   * Waits until the operation ends, on the job's timeline events (from any
+   * replica), bounded by the call's deadline: then DeadlineExceeded (the
+   * snapshot goes on; the same request_id polls it).
+   */
+  private async waitDone(id: string, hctx: HandlerContext): Promise<SnapshotRow> {
+    let row = await this.current(id);
+    if (row.state !== "pending") return row;
+    let wake: () => void = () => undefined;
+    const unsubscribe = this.watchers.subscribe(row.job_id, () => wake());
+    const onAbort = () => wake();
+    hctx.signal.addEventListener("abort", onAbort, { once: true });
+    try {
+      for (;;) {
+        const changed = new Promise<void>((resolve) => (wake = resolve));
+        // Also looked at now and then: a host that went away sends nothing.
+        const timer = setTimeout(() => wake(), this.config.supervisorHeartbeatMs);
+        row = await this.current(id);
+        if (row.state !== "pending") return row;
+        if (hctx.signal.aborted) {
+          throw new ConnectError(
+            `snapshot ${id} is still pending at the call's deadline; it goes on (call again with the same request_id to poll)`,
+            Code.DeadlineExceeded,
+          );
+        }
+        await changed;
+        clearTimeout(timer);
+      }
+    } finally {
+      unsubscribe();
+      hctx.signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  /** Sends the host's pending snapshots its stream here has not had (coalesced per host). */
+  deliver(hostId: string): void {
+    if (this.stopped || !this.streams.sessions.has(hostId)) return;
+    const running = this.delivering.get(hostId);
+    if (running) {
+      running.again = true;
+      return;
+    }
+    const state = { again: false };
+    this.delivering.set(hostId, state);
+    void (async () => {
+      try {
+        do {
+          state.again = false;
+          await this.deliverOnce(hostId);
+        } while (state.again && !this.stopped);
+      } catch (err) {
+        if (!this.stopped) this.log.warn({ err, hostId }, "cannot deliver snapshot commands");
+      } finally {
+        this.delivering.delete(hostId);
+      }
+    })();
+  }
+
+  private async deliverOnce(hostId: string): Promise<void> {
+    const session = this.streams.sessions.get(hostId);
+    if (!session) return;
+    let sent = this.sent.get(session);
+    if (!sent) this.sent.set(session, (sent = new Set()));
+    const rows = await this.ctx.sql<SnapshotRow[]>`
+      select * from snapshots where host_id = ${hostId} and state = 'pending' order by id`;
+    const now = this.ctx.clock();
+    const ttl = this.ctx.config.imageTokenTtlMs;
+    for (const row of rows) {
+      if (sent.has(row.id) || this.streams.sessions.get(hostId) !== session) continue;
+      const token = await this.ctx.keys.sign({ scope: "image:write" }, ttl, { subject: hostId, audience: "image" });
+      const requestId = uuidv7(now);
+      session.outbox.push(
+        create(AttachResponseSchema, {
+          payload: {
+            case: "takeSnapshot",
+            value: {
+              requestId,
+              snapshotId: row.id,
+              jobId: row.job_id,
+              attempt: row.attempt,
+              uploadUrl: row.upload_url,
+              writeToken: { token, scope: CapabilityScope.IMAGE_WRITE, expireTime: timestampFromMs(now + ttl) },
+              annotations: row.annotations,
+            },
+          },
+        }),
+      );
+      sent.add(row.id);
+      await audit(this.ctx.sql, {
+        kind: "command.take_snapshot",
+        actor: "system",
+        jobId: row.job_id,
+        hostId,
+        message: `sent to host ${hostId}`,
+        details: { requestId, snapshotId: row.id, attempt: row.attempt, replica: this.ctx.replicaId },
+      });
+    }
+  }
+}
