@@ -38,7 +38,38 @@ export async function pushImage(
   const grant = await catalog.createUploadGrant({ site: options.site ?? "", sizeBytes: BigInt(totalSize) });
   const token = grant.writeToken?.token;
   if (!token) throw new ConnectError("upload grant came without a token", Code.Internal);
-  const transport = imageStoreTransport(grant.storeUrl, { token });
+  await uploadImage(grant.storeUrl, token, image, options);
+  const registered = await catalog.registerImage(
+    {
+      name: options.name,
+      tag: options.tag,
+      manifestDigest: image.manifestDigest,
+      storeIds: [grant.storeId],
+      mediaTypes: [...new Set(image.mediaTypes)],
+      sizeBytes: BigInt(totalSize),
+      replace: options.replace ?? false,
+    },
+    { signal: options.signal },
+  );
+  if (!registered.image) throw new ConnectError("register image answered without the image", Code.Internal);
+  return registered.image;
+}
+
+/**
+ * Uploads an image's blobs (each resumably; a blob the store has returns at
+ * once) and then its manifest to the store (or cache) at `storeUrl`, with an
+ * `image:write` token (a string, or a function for a token renewed meanwhile).
+ */
+export async function uploadImage(
+  storeUrl: string,
+  token: string | (() => string),
+  image: LocalImage,
+  options: {
+    signal?: AbortSignal;
+    onProgress?: (progress: BlobProgress & { blobIndex: number; blobCount: number }) => void;
+  } = {},
+): Promise<void> {
+  const transport = imageStoreTransport(storeUrl, { token });
   try {
     const store = imageStoreClient(transport);
     for (const [index, blob] of image.blobs.entries()) {
@@ -55,18 +86,4 @@ export async function pushImage(
   } finally {
     transport.close();
   }
-  const registered = await catalog.registerImage(
-    {
-      name: options.name,
-      tag: options.tag,
-      manifestDigest: image.manifestDigest,
-      storeIds: [grant.storeId],
-      mediaTypes: [...new Set(image.mediaTypes)],
-      sizeBytes: BigInt(totalSize),
-      replace: options.replace ?? false,
-    },
-    { signal: options.signal },
-  );
-  if (!registered.image) throw new ConnectError("register image answered without the image", Code.Internal);
-  return registered.image;
 }

@@ -45,6 +45,12 @@ export interface LogShipperOptions {
   logger: Logger;
   /** Who writes, for the servers' logs (e.g. the host id). */
   writer?: string;
+  /**
+   * Other writers ship other channels of the same attempt (the hosts of a
+   * multi-host job): the end closes only this shipper's channels, not the
+   * attempt's. Each writer then needs its own `writer` name.
+   */
+  sharedAttempt?: boolean;
   /** A frame closes at this size; default 16 KiB (the server takes up to 64 KiB). */
   frameBytes?: number;
   /** ... or this long after its first byte; default 25 ms. */
@@ -377,21 +383,28 @@ class ServerSender {
   }
 
   async closeChannels(deadline: number): Promise<string | undefined> {
-    const delays = backoff({ ...this.shipper.reconnect, jitter: "full" });
-    while (true) {
-      try {
-        await this.client.closeChannel(
-          { jobId: this.shipper.jobId, attempt: this.shipper.attempt, channel: "" },
-          { headers: this.headers(), timeoutMs: Math.max(1000, deadline - Date.now()) },
-        );
-        return undefined;
-      } catch (err) {
-        const e = ConnectError.from(err);
-        const delay = delays.next().value;
-        if (!isTransientError(err) || Date.now() + delay > deadline) return `close failed: ${Code[e.code]}: ${e.rawMessage}`;
-        await sleep(delay);
+    // Every channel of the attempt at once, unless other writers share it.
+    const names = this.shipper.sharedAttempt
+      ? this.shipper.channelList().filter((c) => c.spill.lastSeq > 0).map((c) => c.name)
+      : [""];
+    for (const channel of names) {
+      const delays = backoff({ ...this.shipper.reconnect, jitter: "full" });
+      for (;;) {
+        try {
+          await this.client.closeChannel(
+            { jobId: this.shipper.jobId, attempt: this.shipper.attempt, channel },
+            { headers: this.headers(), timeoutMs: Math.max(1000, deadline - Date.now()) },
+          );
+          break;
+        } catch (err) {
+          const e = ConnectError.from(err);
+          const delay = delays.next().value;
+          if (!isTransientError(err) || Date.now() + delay > deadline) return `close failed: ${Code[e.code]}: ${e.rawMessage}`;
+          await sleep(delay);
+        }
       }
     }
+    return undefined;
   }
 }
 
@@ -399,6 +412,7 @@ export class LogShipper {
   readonly jobId: string;
   readonly attempt: number;
   readonly writer: string;
+  readonly sharedAttempt: boolean;
   readonly logger: Logger;
   readonly frameBytes: number;
   readonly frameDelayMs: number;
@@ -421,6 +435,7 @@ export class LogShipper {
     this.jobId = options.jobId;
     this.attempt = options.attempt;
     this.writer = options.writer ?? "";
+    this.sharedAttempt = options.sharedAttempt ?? false;
     this.logger = options.logger.child({ subsystem: "log-shipper", jobId: options.jobId, attempt: options.attempt });
     this.frameBytes = Math.min(65536, Math.max(1, options.frameBytes ?? 16384));
     this.frameDelayMs = options.frameDelayMs ?? 25;

@@ -11,6 +11,7 @@ import {
   type DriverStage,
   type JobExit,
   type OutputChannel,
+  type JobImage,
   type Prepared,
   type RunningJob,
 } from "./drivers/driver.js";
@@ -24,6 +25,16 @@ export interface Termination {
   exitCode?: number;
   message: string;
   at: Date;
+}
+
+/** A running job, for a snapshot (JobRunner.snapshotSource). */
+export interface SnapshotSource {
+  running: RunningJob;
+  image: JobImage;
+  /** A line on the job's `supervisor` channel (dropped once the log is finished). */
+  say(text: string): void;
+  /** Keeps the job's files until `work` settles; returns `work`. */
+  hold<T>(work: Promise<T>): Promise<T>;
 }
 
 /** A change of a job, for the coordinator (JobStateReport). */
@@ -60,6 +71,21 @@ export interface JobRunnerDeps {
 }
 
 /**
+ * What the workload learns of the job's hosts (DESIGN.md §5, multi-host
+ * jobs): its own index, the number of hosts, and every host's name and id by
+ * index (space-separated, so `set -- $TREADMILL_PEERS` works in sh).
+ */
+export function peerEnv(start: StartJob): Record<string, string> {
+  const peers = [...start.peers].sort((a, b) => a.index - b.index);
+  return {
+    TREADMILL_HOST_INDEX: String(start.hostIndex),
+    TREADMILL_HOST_COUNT: String(Math.max(1, peers.length)),
+    TREADMILL_PEERS: peers.map((p) => p.hostName).join(" "),
+    TREADMILL_PEER_IDS: peers.map((p) => p.hostId).join(" "),
+  };
+}
+
+/**
  * One job attempt on this host, from StartJob to its terminal report: fetch
  * the image, prepare and start it with the driver, ship its output to every
  * log server, enforce its deadline locally, stop it on request, clean up.
@@ -83,6 +109,9 @@ export class JobRunner {
   private readonly log: Logger;
   private readonly shipper: LogShipper;
   private shipped: ShipperReport | undefined;
+  /** The image the job runs, and snapshots the cleanup must wait for (supervisor/snapshot.ts). */
+  private image: JobImage | undefined;
+  private snapshotting: Promise<unknown> = Promise.resolve();
   readonly done: Promise<void>;
 
   constructor(
@@ -93,9 +122,14 @@ export class JobRunner {
     this.jobId = start.jobId;
     this.attempt = start.attempt;
     this.log = deps.logger.child({ jobId: this.jobId, attempt: this.attempt });
+    // The hosts of a multi-host job write the same attempt's log: each its
+    // own channels (see channelName) under its own writer name.
+    const shared = start.peers.length > 1;
     this.shipper = new LogShipper({
       jobId: this.jobId,
       attempt: this.attempt,
+      writer: `host-${start.hostIndex}`,
+      sharedAttempt: shared,
       servers: (start.logs?.serverUrls ?? []).map((url) => ({ url })),
       token: () => this.start.logs?.writeToken?.token ?? "",
       spillDir: join(deps.spillDir, `${this.jobId}-${this.attempt}`),
@@ -134,7 +168,16 @@ export class JobRunner {
   }
 
   private say(text: string): void {
-    this.shipper.channel("supervisor").write(`${text}\n`);
+    this.shipper.channel(this.channelName("supervisor")).write(`${text}\n`);
+  }
+
+  /**
+   * The log channel of `channel` on this host: the name itself, but for host
+   * N >= 1 of a multi-host job `<channel>-N` (host 0 keeps the plain names,
+   * so a reader of `console` sees the first host as for a one-host job).
+   */
+  private channelName(channel: string): string {
+    return this.start.peers.length > 1 && this.start.hostIndex > 0 ? `${channel}-${this.start.hostIndex}` : channel;
   }
 
   private setState(state: JobState, stage: JobStage, message: string): void {
@@ -175,6 +218,7 @@ export class JobRunner {
         },
       });
       this.abort.signal.throwIfAborted();
+      this.image = provisioned.image;
       const spec = this.start.spec!;
       const driverSpec = {
         jobId: this.jobId,
@@ -183,13 +227,16 @@ export class JobRunner {
         timeoutMs: deadline === undefined ? undefined : deadline - clock(),
         image: provisioned.image,
         exposedPorts: spec.exposedPorts.map((p) => ({ name: p.name, port: p.port })),
+        env: peerEnv(this.start),
       };
       const onStage = (stage: DriverStage, message: string) => {
         this.setState(JobState.INITIALIZING, stages[stage], message);
         this.say(message);
       };
       prepared = await this.deps.driver.prepare(driverSpec, { signal: this.abort.signal, onStage });
-      const output = { write: (channel: OutputChannel, bytes: Buffer) => this.shipper.channel(channel).write(bytes) };
+      const output = {
+        write: (channel: OutputChannel, bytes: Buffer) => this.shipper.channel(this.channelName(channel)).write(bytes),
+      };
       this.running = await this.deps.driver.start(prepared, output, { signal: this.abort.signal, onStage });
       if (this.stopReason !== undefined) {
         // Stopped while starting: the driver may have started it anyway.
@@ -222,6 +269,7 @@ export class JobRunner {
 
     this.setState(JobState.TERMINATING, JobStage.UNSPECIFIED, "terminating");
     await exposer?.stop();
+    await this.snapshotting;
     const target = this.running ?? prepared;
     if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
     await provisioned?.release();
@@ -271,6 +319,26 @@ export class JobRunner {
       logger: this.log.child({ subsystem: "exposer" }),
       signal: this.abort.signal,
     });
+  }
+
+  /**
+   * What a snapshot needs while the job runs: the driver's handle, the image,
+   * the job's `supervisor` channel, and `hold`, which keeps the job's files
+   * (no cleanup) until the given work settles. Undefined unless RUNNING.
+   */
+  snapshotSource(): SnapshotSource | undefined {
+    if (this.state !== JobState.RUNNING || !this.running || !this.image || this.stopReason !== undefined) return undefined;
+    return {
+      running: this.running,
+      image: this.image,
+      say: (text) => {
+        if (!this.shipper.finishing) this.say(text);
+      },
+      hold: (work) => {
+        this.snapshotting = Promise.all([this.snapshotting, work.catch(() => undefined)]);
+        return work;
+      },
+    };
   }
 
   /** The job's host-local ports while it runs. */

@@ -22,8 +22,10 @@ import type { SupervisorConfig } from "./config.js";
 import { createBoardDriver, parseBoardConfig } from "./drivers/board-driver.js";
 import type { Driver } from "./drivers/driver.js";
 import { createProcessDriver } from "./drivers/process-driver.js";
+import { createQemuDriver } from "./drivers/qemu-driver.js";
 import { ImageProvisioner } from "./images.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
+import { Snapshotter } from "./snapshot.js";
 
 /** The version this supervisor speaks on `Attach`. */
 export const PROTOCOL_VERSION = { major: 1, minor: 0 };
@@ -98,6 +100,13 @@ export function createSupervisor({
   let hostId = config.hostId;
   let outbox: AsyncQueue<AttachRequest> | undefined;
   const changed = new Changes();
+  const snapshots = new Snapshotter({
+    driver: () => driver!,
+    logger: logger.child({ subsystem: "snapshot" }),
+    dir: join(config.workDir, "snapshots"),
+    send: (value) => send({ case: "snapshotResult", value }),
+    signal: abort.signal,
+  });
 
   const client = createClient(
     SupervisorService,
@@ -244,7 +253,8 @@ export function createSupervisor({
             }
             break;
           case "takeSnapshot":
-            ack(payload.value.requestId, new ConnectError("snapshots are not supported by this supervisor yet", Code.Unimplemented));
+            snapshots.take(payload.value, runners.get(key(payload.value.jobId, payload.value.attempt)));
+            ack(payload.value.requestId);
             break;
           default:
             break;
@@ -312,8 +322,27 @@ export function createSupervisor({
         const board = parseBoardConfig(JSON.parse(await readFile(config.boardConfigFile, "utf8")));
         return createBoardDriver(board, logger.child({ subsystem: "driver" }));
       }
-      default:
-        throw new Error(`the ${config.driver} driver is not available yet`);
+      case "qemu":
+        return createQemuDriver({
+          workDir: join(config.workDir, "qemu"),
+          slots: config.capacity,
+          slotUidBase: config.slotUidBase,
+          binary: config.qemuBinary,
+          machine: config.qemuMachine,
+          accel: config.qemuAccel,
+          cpu: config.qemuCpu,
+          cpus: config.qemuCpus,
+          memoryMb: config.qemuMemoryMb,
+          extraArgs: config.qemuExtraArgs,
+          readyPattern: config.qemuReadyPattern,
+          exitPattern: config.qemuExitPattern,
+          sshPort: config.qemuSshPort,
+          bootTimeoutMs: config.qemuBootTimeoutMs,
+          graceMs: config.stopGraceMs,
+          debugExit: config.qemuDebugExit,
+          sandbox: config.qemuSandbox,
+          logger: logger.child({ subsystem: "driver" }),
+        });
     }
   }
 

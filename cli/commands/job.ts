@@ -17,7 +17,7 @@ import {
   JobState,
   JobStateSchema,
   SnapshotSchema,
-  SnapshotStateSchema,
+  SnapshotState,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
@@ -510,27 +510,65 @@ export const jobCommands: CommandSpec<CliContext>[] = [
   },
   {
     path: ["job", "snapshot"],
-    summary: "Turn a running job's state into a new image",
-    args: [{ name: "JOB", required: true, description: "the job's id (running, on one host)" }],
+    summary: "Turn a running job's state into a new private image",
+    args: [
+      { name: "JOB", required: true, description: "the job's id (running, on one host)" },
+      { name: "NAME:TAG", required: false, description: "the new image's name and tag (a name alone means :latest)" },
+    ],
     flags: {
-      name: { type: "string", value: "NAME:TAG", description: "the new image's name and tag (required)" },
-      "no-wait": { type: "bool", description: "return at once; the snapshot shows in `tml job events`" },
+      name: { type: "string", value: "NAME:TAG", description: "the new image's name and tag, instead of the argument" },
+      wait: { type: "bool", short: "w", description: "wait until the image is registered, showing progress" },
+      timeout: { type: "string", value: "D", description: "with --wait: how long to wait (default 30m); the snapshot goes on after" },
     },
-    examples: ["tml job snapshot $JOB --name me/debug-state:1"],
+    examples: ["tml job snapshot $JOB me/debug-state:1 --wait", "tml job snapshot $JOB me/debug-state:1 && tml job events $JOB"],
     async run(ctx, { args, flags }) {
-      const ref = flags.name as string | undefined;
-      if (ref === undefined) throw new UsageError("`tml job snapshot` needs --name NAME:TAG");
-      const colon = ref.lastIndexOf(":");
-      if (colon <= 0 || colon === ref.length - 1) throw new UsageError(`flag --name takes NAME:TAG, got "${ref}"`);
+      const given = (args["NAME:TAG"] ?? flags.name) as string | undefined;
+      if (given === undefined) throw new UsageError("`tml job snapshot` needs the new image's NAME:TAG");
+      const ref = splitReference(given, "NAME:TAG");
+      if (ref.name === "") throw new UsageError("NAME:TAG must be a name, not a digest");
+      const timeoutMs = flags.timeout === undefined ? 30 * 60_000 : parseDuration("timeout", flags.timeout as string);
       const jobs = await ctx.client(JobService);
-      const wait = flags["no-wait"] !== true;
-      const { snapshot } = await jobs.snapshotJob(
-        { jobId: args.JOB!, name: ref.slice(0, colon), tag: ref.slice(colon + 1), wait, requestId: randomUUID() },
-        { timeoutMs: wait ? 30 * 60_000 : 30_000 },
-      );
-      ctx.out.data(snapshot ? jsonOf(SnapshotSchema, snapshot) : {}, () =>
-        ctx.out.line(`Snapshot of job ${args.JOB} as ${ref}: ${snapshot ? word(SnapshotStateSchema, snapshot.state) : "requested"}${snapshot?.message ? ` (${snapshot.message})` : ""}.`),
-      );
+      const request = { jobId: args.JOB!, name: ref.name, tag: ref.tag, requestId: randomUUID() };
+      let { snapshot } = await jobs.snapshotJob(request, { timeoutMs: 30_000 });
+      if (flags.wait === true && snapshot?.state === SnapshotState.PENDING) {
+        const id = snapshot.id;
+        ctx.out.note(ctx.out.errStyle(`--> snapshot ${id} of job ${args.JOB} requested`, "cyan"));
+        // Progress: the supervisor's lines about this snapshot on the job's `supervisor` channel.
+        const progress = new AbortController();
+        const prefix = `snapshot ${id}: `;
+        const shown = (async () => {
+          const lines = readChannel(new JobLogAccess(jobs, args.JOB!), { channel: "supervisor", attempt: snapshot!.attempt, follow: true, signal: progress.signal });
+          for await (const line of lines) {
+            for (const text of Buffer.from(line.data).toString("utf8").split("\n")) {
+              if (text.startsWith(prefix)) ctx.out.note(ctx.out.errStyle(`--> ${text.slice(prefix.length)}`, "cyan"));
+            }
+          }
+        })().catch(() => undefined);
+        ctx.io.onInterrupt?.(() => progress.abort());
+        try {
+          ({ snapshot } = await jobs.snapshotJob({ ...request, wait: true }, { timeoutMs, signal: progress.signal }));
+        } catch (err) {
+          const error = ConnectError.from(err);
+          if (error.code === Code.DeadlineExceeded) {
+            throw new CliError(`Snapshot ${id} is still running after ${flags.timeout ?? "30m"}; follow it with \`tml job events ${args.JOB}\`.`);
+          }
+          if (progress.signal.aborted) return ExitCode.INTERRUPTED;
+          throw err;
+        } finally {
+          progress.abort();
+          await shown;
+        }
+      }
+      ctx.out.data(snapshot ? jsonOf(SnapshotSchema, snapshot) : {}, () => {
+        if (snapshot?.state === SnapshotState.SUCCEEDED) {
+          ctx.out.line(`Job ${args.JOB} is now image ${ref.text} (${snapshot.manifestDigest}), private to you.`);
+        } else if (snapshot?.state === SnapshotState.PENDING) {
+          ctx.out.line(`Snapshot ${snapshot.id} of job ${args.JOB} as ${ref.text} requested; \`tml job events ${args.JOB}\` shows when it is done.`);
+        }
+      });
+      if (snapshot?.state === SnapshotState.FAILED) {
+        throw new CliError(`The snapshot of job ${args.JOB} failed: ${snapshot.message || "no reason given"}.`);
+      }
       return ExitCode.OK;
     },
   },

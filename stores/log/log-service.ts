@@ -67,6 +67,24 @@ function position(channel: Channel): MessageInitShape<typeof ChannelPositionSche
  * order, rejections and gap reports as they happen, and acknowledgements
  * (coalesced per channel: the latest durable seq) as flushes complete.
  */
+/**
+ * The Append streams of one job attempt, one per writer (`hello.writer`):
+ * each host of a multi-host job ships its own channels of the same attempt.
+ * A newer stream of the same writer supersedes the older one. Acks go to
+ * every stream of the attempt; a writer ignores channels it does not write.
+ */
+class AttemptWriters implements AckSink {
+  readonly streams = new Map<string, AppendSession>();
+
+  ack(channel: string, seq: number): void {
+    for (const s of this.streams.values()) s.ack(channel, seq);
+  }
+
+  abort(err: Error): void {
+    for (const s of this.streams.values()) s.abort(err);
+  }
+}
+
 class AppendSession implements AckSink {
   private readonly queue: AppendResponseInit[] = [];
   private readonly acks = new Map<string, number>();
@@ -247,8 +265,11 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     const job = await this.store.job(hello.jobId);
     const logger = this.logger.child({ jobId: hello.jobId, attempt: hello.attempt, writer: hello.writer, tokenId: token.id });
     const session = new AppendSession(job, hello.attempt);
-    job.sessions.get(hello.attempt)?.abort(new ConnectError("superseded by a newer append stream for this job attempt", Code.Aborted));
-    job.sessions.set(hello.attempt, session);
+    const existing = job.sessions.get(hello.attempt);
+    const writers = existing instanceof AttemptWriters ? existing : new AttemptWriters();
+    job.sessions.set(hello.attempt, writers);
+    writers.streams.get(hello.writer)?.abort(new ConnectError("superseded by a newer append stream for this job attempt", Code.Aborted));
+    writers.streams.set(hello.writer, session);
     const onStop = () => session.abort(shuttingDown());
     this.store.stopSignal.addEventListener("abort", onStop);
     this.activeStreams++;
@@ -285,7 +306,8 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     } finally {
       this.activeStreams--;
       this.store.stopSignal.removeEventListener("abort", onStop);
-      if (job.sessions.get(hello.attempt) === session) job.sessions.delete(hello.attempt);
+      if (writers.streams.get(hello.writer) === session) writers.streams.delete(hello.writer);
+      if (writers.streams.size === 0 && job.sessions.get(hello.attempt) === writers) job.sessions.delete(hello.attempt);
       logger.debug("append stream closed");
     }
   }

@@ -18,7 +18,7 @@
  */
 
 /** The drivers this package provides. */
-export type DriverKind = "process" | "board";
+export type DriverKind = "process" | "board" | "qemu";
 
 /** Output channels of a job (DESIGN.md §7). */
 export type OutputChannel = "console" | "stdout" | "stderr" | "supervisor";
@@ -156,7 +156,11 @@ export interface StopOptions {
 
 /** A snapshot layer written by `snapshot`. */
 export interface SnapshotLayer {
-  /** `application/vnd.treadmill.rootfs.tar+gzip`. */
+  /**
+   * The layer's media type, e.g. `application/vnd.treadmill.rootfs.tar+gzip`
+   * (process driver). The core puts it on the layer's descriptor in the new
+   * manifest and records it among the image's media types in the catalog.
+   */
   mediaType: string;
   /** `sha256:<hex>` of the file's bytes. */
   digest: string;
@@ -164,6 +168,12 @@ export interface SnapshotLayer {
   size: number;
   /** The file written (the `outFile` passed in). */
   path: string;
+  /**
+   * Annotations for the layer's descriptor in the new manifest (e.g. the
+   * digest of the lower layer a qcow2 overlay is based on). The core copies
+   * them verbatim; absent means none.
+   */
+  annotations?: Record<string, string>;
 }
 
 export interface Driver {
@@ -228,5 +238,13 @@ export function parameterEnvName(name: string): string {
 export const ROOTFS_MEDIA_TYPE = "application/vnd.treadmill.rootfs.tar+gzip";
 /** Media type of board-driver firmware layers. */
 export const FIRMWARE_MEDIA_TYPE = "application/vnd.treadmill.firmware";
+/** Media type of qemu-driver disk layers in qcow2 format (a backing chain; see qemu-image.ts). */
+export const QCOW2_MEDIA_TYPE = "application/vnd.treadmill.disk.qcow2";
+/** Media type of a qemu-driver raw disk layer (the bottom of a chain only). */
+export const RAW_MEDIA_TYPE = "application/vnd.treadmill.disk.raw";
+/** Media type of a kernel layer for a VM's direct boot (`-kernel`). */
+export const KERNEL_MEDIA_TYPE = "application/vnd.treadmill.kernel";
+/** Media type of an initrd layer for a VM's direct boot (`-initrd`). */
+export const INITRD_MEDIA_TYPE = "application/vnd.treadmill.initrd";
 /** Manifest annotation holding a process image's command (a JSON array of strings). */
 export const ENTRYPOINT_ANNOTATION = "treadmill.entrypoint";

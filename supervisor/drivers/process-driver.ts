@@ -9,6 +9,7 @@
  *
  *   workDir/            0711 root   (traversable, not listable)
  *     layers/           0700 root   unpacked layers, one per digest (rootfs.ts)
+ *     spares/           0700 root   per slot, a fresh root built ahead for its next job
  *     jobs/             0711 root
  *       <job>.<attempt> 0700 slot   one job's directory, removed by cleanup
  *         rootfs/              the job's root, owned by the slot's uid
@@ -16,11 +17,19 @@
  *
  * A job can therefore read neither another job's directory (another uid,
  * mode 0700) nor the layer cache nor the supervisor's own files.
+ *
+ * Start latency: building a job's root (a copy of its layers, given to the
+ * slot's uid) is the slowest step of `prepare`, so when a job ends its slot
+ * gets a spare root of the same image built in the background, in `spares/`
+ * where no job can reach it. The slot's next job of that image takes it with
+ * one rename: still a fresh, never-used copy of the image, made off the start
+ * path. Another image: the spare is thrown away and the root built as usual.
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { constants } from "node:fs";
-import { access, chmod, chown, lstat, mkdir, open, rm, stat } from "node:fs/promises";
+import { randomBytes } from "node:crypto";
+import { access, chmod, chown, lstat, mkdir, open, rename, rm, stat } from "node:fs/promises";
 import { delimiter, dirname, join, resolve } from "node:path";
 import type { Readable, Writable } from "node:stream";
 import type { Logger } from "../../lib/logger.js";
@@ -150,6 +159,21 @@ function parseEntrypoint(spec: JobSpecForDriver): string[] {
   return value as string[];
 }
 
+function layerKey(layers: UnpackedLayer[]): string {
+  return layers.map((l) => l.digest).join(",");
+}
+
+/**
+ * A fresh job root at `rootfs` (which must not exist): the image's layers
+ * given to `owner`, with the mount points the sandbox needs and the (empty)
+ * secrets directory, mode 0700.
+ */
+async function buildRoot(layers: UnpackedLayer[], rootfs: string, owner: { uid: number; gid: number }): Promise<void> {
+  await composeRootfs(layers, rootfs, owner);
+  for (const dir of ["proc", "dev", "tmp"]) await mkdirsInside(rootfs, dir, owner);
+  await chmod(await mkdirsInside(rootfs, SECRETS_DIR.slice(1), owner), 0o700);
+}
+
 export class ProcessDriver implements Driver {
   readonly kind = "process" as const;
   readonly capacity: number;
@@ -158,6 +182,10 @@ export class ProcessDriver implements Driver {
   private readonly graceMs: number;
   private readonly uidBase: number;
   private closed = false;
+  /** Per slot: a fresh root for the slot's next job, built ahead (see the file comment). */
+  private readonly spares = new Map<number, { layers: string; ready: Promise<string | undefined> }>();
+  /** Slots whose uid was checked to run nothing since their last job ended (no /proc scan needed). */
+  private readonly idleChecked = new Set<number>();
 
   private constructor(
     private readonly workDir: string,
@@ -196,10 +224,13 @@ export class ProcessDriver implements Driver {
     const wrapper = isolation.mode === "bwrap" ? await which("bwrap") : isolation.mode === "chroot" ? await which("setpriv") : undefined;
     const cache = new LayerCache(join(workDir, "layers"), logger);
     await cache.init();
-    // Job directories of a previous run are stale: their jobs are gone.
+    // Job directories and spares of a previous run are stale: their jobs are gone.
     await rm(join(workDir, "jobs"), { recursive: true, force: true });
     await mkdir(join(workDir, "jobs"), { mode: 0o711 });
     await chmod(join(workDir, "jobs"), 0o711);
+    await rm(join(workDir, "spares"), { recursive: true, force: true });
+    await mkdir(join(workDir, "spares"), { mode: 0o700 });
+    await chmod(join(workDir, "spares"), 0o700);
     logger.info({ sandbox: isolation.mode, switchUid: isolation.switchUid, slots: options.slots ?? 1 }, "process driver ready");
     return new ProcessDriver(workDir, isolation, cache, { script, wrapper }, logger, options);
   }
@@ -227,7 +258,9 @@ export class ProcessDriver implements Driver {
     const log = this.logger.child({ jobId: spec.jobId, attempt: spec.attempt, slot });
     const jobDir = join(this.workDir, "jobs", key);
     try {
-      if (this.isolation.switchUid) {
+      // A slot whose last job's end was checked to leave nothing of its uid
+      // behind needs no scan of /proc: nothing can have started as it since.
+      if (this.isolation.switchUid && !this.idleChecked.delete(slot)) {
         const leftovers = await killAllOfUid(uid);
         if (leftovers.length > 0) throw new DriverError("start", `processes of slot uid ${uid} cannot be killed`);
       }
@@ -245,11 +278,11 @@ export class ProcessDriver implements Driver {
       await chown(jobDir, uid, gid);
       const rootfs = join(jobDir, "rootfs");
       const started = performance.now();
-      await composeRootfs(layers, rootfs, { uid, gid });
       const owner = { uid, gid };
-      for (const dir of ["proc", "dev", "tmp"]) await mkdirsInside(rootfs, dir, owner);
-      const secretsDir = await mkdirsInside(rootfs, SECRETS_DIR.slice(1), owner);
-      await chmod(secretsDir, 0o700);
+      const spare = await this.takeSpare(slot, layers);
+      if (spare !== undefined) await rename(spare, rootfs);
+      else await buildRoot(layers, rootfs, owner);
+      const secretsDir = join(rootfs, SECRETS_DIR.slice(1));
       const env: Record<string, string> = {
         PATH: DEFAULT_PATH,
         HOME: "/tmp",
@@ -275,7 +308,10 @@ export class ProcessDriver implements Driver {
           await fh.close();
         }
       }
-      log.info({ durationMs: Math.round(performance.now() - started), layers: layers.length }, "work directory built");
+      log.info(
+        { durationMs: Math.round(performance.now() - started), layers: layers.length, spare: spare !== undefined },
+        "work directory built",
+      );
       throwIfAborted(signal);
       const prepared: ProcessPrepared = {
         kind: "process",
@@ -504,7 +540,11 @@ export class ProcessDriver implements Driver {
       }
       await rm(prepared.jobDir, { recursive: true, force: true });
       const key = `${prepared.jobId}.${prepared.attempt}`;
-      if (this.slots[prepared.slot] === key) this.slots[prepared.slot] = undefined;
+      if (this.slots[prepared.slot] === key) {
+        if (this.isolation.switchUid) this.idleChecked.add(prepared.slot);
+        this.buildSpare(prepared.slot, prepared.layers, { uid: prepared.uid, gid: prepared.gid });
+        this.slots[prepared.slot] = undefined;
+      }
       this.jobs.delete(key);
       this.logger.info({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot }, "job cleaned up");
     })();
@@ -519,6 +559,37 @@ export class ProcessDriver implements Driver {
         await this.cleanup(prepared);
       }),
     );
+    await Promise.all([...this.spares.keys()].map((slot) => this.takeSpare(slot, [])));
+  }
+
+  /** Starts building a fresh root of `layers` for the slot's next job, in the background. */
+  private buildSpare(slot: number, layers: UnpackedLayer[], owner: { uid: number; gid: number }): void {
+    if (this.closed || this.spares.has(slot)) return;
+    const dir = join(this.workDir, "spares", `${slot}-${randomBytes(6).toString("hex")}`);
+    const ready = buildRoot(layers, dir, owner).then(
+      () => dir,
+      async (err: unknown) => {
+        this.logger.warn({ err, slot }, "cannot build a spare job root; the next job builds its own");
+        await rm(dir, { recursive: true, force: true }).catch(() => undefined);
+        return undefined;
+      },
+    );
+    this.spares.set(slot, { layers: layerKey(layers), ready });
+  }
+
+  /**
+   * The slot's spare root if it was built from `layers` (waiting for it when
+   * it is still being built); a spare of other layers is removed.
+   */
+  private async takeSpare(slot: number, layers: UnpackedLayer[]): Promise<string | undefined> {
+    const spare = this.spares.get(slot);
+    if (spare === undefined) return undefined;
+    this.spares.delete(slot);
+    const dir = await spare.ready;
+    if (dir === undefined) return undefined;
+    if (spare.layers === layerKey(layers)) return dir;
+    await rm(dir, { recursive: true, force: true });
+    return undefined;
   }
 }
 

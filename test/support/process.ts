@@ -6,8 +6,8 @@ export interface RunningProcess {
   child: ChildProcess;
   /** Every line printed so far, standard output and error together. */
   lines: string[];
-  /** Resolves with the first line (past or future) matching `pattern`. */
-  waitForLine(pattern: RegExp, timeoutMs?: number): Promise<string>;
+  /** Resolves with the first line (past or future, from line number `from`, default 0) matching `pattern`. */
+  waitForLine(pattern: RegExp, timeoutMs?: number, from?: number): Promise<string>;
   /** Resolves with the exit code (or the signal's name) once it has exited. */
   exited: Promise<number | string>;
 }
@@ -38,8 +38,8 @@ export function startProcess(script: string, args: string[], env: Record<string,
     child,
     lines,
     exited,
-    waitForLine(pattern, timeoutMs = 20000) {
-      const seen = lines.find((l) => pattern.test(l));
+    waitForLine(pattern, timeoutMs = 20000, from = 0) {
+      const seen = lines.slice(from).find((l) => pattern.test(l));
       if (seen !== undefined) return Promise.resolve(seen);
       return new Promise((resolve, reject) => {
         const timer = setTimeout(() => {

@@ -10,13 +10,13 @@ import { LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
 import { pushImage } from "../../lib/image-push.js";
 import { createLogger } from "../../lib/logger.js";
-import { loadTestbedConfig } from "../../testbed/config.js";
+import { loadTestbedConfig, type TestbedConfig } from "../../testbed/config.js";
 import { buildBusyboxImage, type FileSpec } from "../../testbed/images.js";
 import { adminTransport, loadState } from "../../testbed/provision.js";
 import { createTestbed, type Testbed } from "../../testbed/testbed.js";
 
 /** The all-in-one testbed in the test process, with every log line kept. */
-export interface RunningTestbed {
+export interface RunningTestbed extends JobTools {
   testbed: Testbed;
   dir: string;
   coordinatorUrl: string;
@@ -24,44 +24,24 @@ export interface RunningTestbed {
   logLines: string[];
   /** A transport to the coordinator with the admin's token. */
   admin: Transport;
+  stop(): Promise<void>;
+}
+
+/** What tests do with jobs on any coordinator, given a transport with an admin's token. */
+export interface JobTools {
   client<S extends DescService>(service: S): Client<S>;
-  /** Pushes a busybox image whose entrypoint runs the `script` parameter with sh. */
-  pushShellImage(name: string, files?: Record<string, FileSpec>): Promise<void>;
+  /** Pushes a busybox image whose entrypoint runs the `script` parameter with sh (as `as`, default the admin). */
+  pushShellImage(name: string, files?: Record<string, FileSpec>, as?: Transport): Promise<void>;
   /** Waits until the job is FINALIZED (WatchJob), with a deadline. */
   waitFinalized(jobId: string, timeoutMs?: number): Promise<Job>;
   /** Waits until the job reaches `state` (or later). */
   waitState(jobId: string, state: JobState, timeoutMs?: number): Promise<Job>;
   /** The whole text of one channel of a job's log, from the log servers it names. */
   readLog(jobId: string, channel: string): Promise<string>;
-  stop(): Promise<void>;
 }
 
-export async function startTestbed(options: { supervisors?: number } = {}): Promise<RunningTestbed> {
-  const dir = await mkdtemp(join(tmpdir(), "treadmill-testbed-"));
-  await chmod(dir, 0o755); // job slot uids and the postgres user must reach it
-  const logLines: string[] = [];
-  const sink = new Writable({
-    write(chunk, _enc, done) {
-      logLines.push(...String(chunk).split("\n").filter((l) => l !== ""));
-      done();
-    },
-  });
-  const logger = createLogger({ level: "debug", destination: sink });
-  const testbed = createTestbed({
-    config: {
-      ...loadTestbedConfig({ env: {}, argv: [] }),
-      basePort: 0,
-      // Relative, as npm start's default (.treadmill) is: every component
-      // must cope with a data directory relative to the working directory.
-      dataDir: relative(process.cwd(), join(dir, "data")),
-      supervisors: options.supervisors ?? 2,
-      logLevel: "debug",
-    },
-    logger,
-  });
-  await testbed.start();
-  const coordinatorUrl = testbed.servers()[0].url;
-  const admin = await adminTransport(coordinatorUrl, await loadState(join(dir, "data")));
+/** Job helpers over `admin`; images are built under `imagesDir`. */
+export function jobTools(admin: Transport, imagesDir: string): JobTools {
   const client = <S extends DescService>(service: S) => createClient(service, admin);
   const jobs = client(JobService);
 
@@ -74,22 +54,17 @@ export async function startTestbed(options: { supervisors?: number } = {}): Prom
   };
 
   return {
-    testbed,
-    dir,
-    coordinatorUrl,
-    logLines,
-    admin,
     client,
-    async pushShellImage(name, files) {
+    async pushShellImage(name, files, as) {
       const image = await buildBusyboxImage({
-        dir: join(dir, "images"),
+        dir: imagesDir,
         title: name,
         entrypoint: ["/bin/sh", "-c", 'eval "$TREADMILL_PARAM_script"'],
         files,
       });
       const [repo, tag] = name.split(":");
       await pushImage(
-        admin,
+        as ?? admin,
         {
           manifestDigest: image.manifestDigest,
           manifestJson: image.manifestJson,
@@ -118,6 +93,45 @@ export async function startTestbed(options: { supervisors?: number } = {}): Prom
       }
       throw lastError;
     },
+  };
+}
+
+export async function startTestbed(
+  options: { supervisors?: number; /** Further testbed settings (e.g. `vms`). */ config?: Partial<TestbedConfig> } = {},
+): Promise<RunningTestbed> {
+  const dir = await mkdtemp(join(tmpdir(), "treadmill-testbed-"));
+  await chmod(dir, 0o755); // job slot uids and the postgres user must reach it
+  const logLines: string[] = [];
+  const sink = new Writable({
+    write(chunk, _enc, done) {
+      logLines.push(...String(chunk).split("\n").filter((l) => l !== ""));
+      done();
+    },
+  });
+  const logger = createLogger({ level: "debug", destination: sink });
+  const testbed = createTestbed({
+    config: {
+      ...loadTestbedConfig({ env: {}, argv: [] }),
+      basePort: 0,
+      // Relative, as npm start's default (.treadmill) is: every component
+      // must cope with a data directory relative to the working directory.
+      dataDir: relative(process.cwd(), join(dir, "data")),
+      supervisors: options.supervisors ?? 2,
+      logLevel: "debug",
+      ...options.config,
+    },
+    logger,
+  });
+  await testbed.start();
+  const coordinatorUrl = testbed.servers()[0].url;
+  const admin = await adminTransport(coordinatorUrl, await loadState(join(dir, "data")));
+  return {
+    ...jobTools(admin, join(dir, "images")),
+    testbed,
+    dir,
+    coordinatorUrl,
+    logLines,
+    admin,
     async stop() {
       await testbed.stop();
       await rm(dir, { recursive: true, force: true });

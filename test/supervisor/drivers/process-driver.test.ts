@@ -170,11 +170,16 @@ describe("process driver", () => {
     expect(await first.job.exited).toMatchObject({ exitCode: 0 });
     expect(first.out.text("console")).toContain("left-behind");
     await driver.cleanup(first.job);
-    const second = await run(spec("test -e /root/left-behind && echo FOUND; cat /etc/hostname; exit 0"));
+    const secondSpec = spec("test -e /root/left-behind && echo FOUND; cat /etc/hostname; exit 0");
+    const second = await run(secondSpec);
     expect(await second.job.exited).toMatchObject({ exitCode: 0 });
     expect(second.out.text("console")).not.toContain("FOUND");
     expect(second.out.text("console")).toContain("treadmill-job");
     await driver.cleanup(second.job);
+    // The second job's root was the spare built when the first one ended:
+    // fresh all the same.
+    const built = logLines.find((l) => l.includes(`"jobId":"${secondSpec.jobId}"`) && l.includes("work directory built"));
+    expect(built).toContain('"spare":true');
   });
 
   it("keeps running jobs apart: another slot's uid can read neither the job's directory nor the layer cache", async () => {
