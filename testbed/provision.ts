@@ -10,7 +10,14 @@ import { coordinatorTransport } from "../lib/coordinator-client.js";
 import { pushImage } from "../lib/image-push.js";
 import type { Logger } from "../lib/logger.js";
 import { sleep } from "../lib/retry.js";
-import { FIRMWARE_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../supervisor/drivers/driver.js";
+import {
+  FIRMWARE_MEDIA_TYPE,
+  INITRD_MEDIA_TYPE,
+  KERNEL_MEDIA_TYPE,
+  QCOW2_MEDIA_TYPE,
+  RAW_MEDIA_TYPE,
+  ROOTFS_MEDIA_TYPE,
+} from "../supervisor/drivers/driver.js";
 import { buildBusyboxImage, buildFirmwareImage, type TestImage } from "./images.js";
 
 /**
@@ -114,6 +121,16 @@ export function processHost(name: string): TestbedHost {
 /** A simulated board of the testbed. */
 export function boardHost(name: string): TestbedHost {
   return { name, driverKind: DriverKind.BOARD, mediaTypes: [FIRMWARE_MEDIA_TYPE], tags: { board: "sim", driver: "board" } };
+}
+
+/** A qemu-driver host of the testbed. */
+export function vmHost(name: string): TestbedHost {
+  return {
+    name,
+    driverKind: DriverKind.QEMU,
+    mediaTypes: [QCOW2_MEDIA_TYPE, RAW_MEDIA_TYPE, KERNEL_MEDIA_TYPE, INITRD_MEDIA_TYPE],
+    tags: { arch: "x86_64", driver: "qemu" },
+  };
 }
 
 /**

@@ -19,6 +19,7 @@ import {
   ADMIN_NAME,
   boardHost,
   processHost,
+  vmHost,
   adminTransport,
   ensureExamples,
   ensureHosts,
@@ -40,6 +41,8 @@ export interface Testbed {
   servers(): TestbedServer[];
   /** Names of the supervisors. */
   supervisors(): string[];
+  /** Stops one supervisor (its host goes offline); the others keep running. */
+  stopSupervisor(name: string): Promise<void>;
   /** The admin's name and the file holding its password. */
   admin(): { name: string; passwordFile: string; password: string };
   /** The example images pushed at the first start. */
@@ -68,6 +71,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
   const child = (component: string) => logger.child({ component });
   const supervisorNames = Array.from({ length: config.supervisors }, (_, i) => `sup-${i + 1}`);
   const boardNames = Array.from({ length: config.boards }, (_, i) => `board-${i + 1}`);
+  const vmNames = Array.from({ length: config.vms }, (_, i) => `vm-${i + 1}`);
   let boards: SimBoard[] = [];
   const stopSignal = new AbortController();
 
@@ -109,7 +113,9 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     const serviceCredential = await ensureServiceCredential(admin, state);
     await saveState(config.dataDir, state);
 
-    const registered = { ...common, coordinatorUrl, serviceCredential };
+    // The web console is served by the coordinator and calls the log server,
+    // the stores and the proxy from the coordinator's origin (docs/console.md).
+    const registered = { ...common, corsOrigins: [...common.corsOrigins, ...consoleOrigins(coordinatorUrl)], coordinatorUrl, serviceCredential };
     servers = [
       [
         "image-store",
@@ -164,7 +170,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     ];
     await Promise.all(servers.map(([, s]) => s.start()));
 
-    const hosts = await ensureHosts(admin, state, [...supervisorNames.map(processHost), ...boardNames.map(boardHost)]);
+    const hosts = await ensureHosts(admin, state, [...supervisorNames.map(processHost), ...boardNames.map(boardHost), ...vmNames.map(vmHost)]);
     await saveState(config.dataDir, state);
     await ensureExamples(admin, state, {
       workDir: join(config.dataDir, "examples"),
@@ -201,6 +207,15 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     supervisors = [
       ...supervisorNames.map((name, i) => supervise(name, { driver: "process", slotUidBase: 61000 + i * 100 })),
       ...boardNames.map((name, i) => supervise(name, { driver: "board" }, (log) => createBoardDriver(boards[i].config, log))),
+      ...vmNames.map((name, i) =>
+        supervise(name, {
+          driver: "qemu",
+          slotUidBase: 62000 + i * 100,
+          qemuAccel: config.vmAccel,
+          qemuMemoryMb: config.vmMemoryMb,
+          qemuReadyPattern: config.vmReadyPattern,
+        }),
+      ),
     ];
     await Promise.all(supervisors.map((s) => s.start()));
   }
@@ -227,7 +242,26 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
       ];
     },
     supervisors: () => supervisors.map((s) => s.name),
+    async stopSupervisor(name) {
+      const supervisor = supervisors.find((s) => s.name === name);
+      if (!supervisor) throw new Error(`no supervisor ${name}`);
+      await supervisor.stop();
+    },
     admin: () => ({ name: ADMIN_NAME, passwordFile: join(config.dataDir, "admin-password"), password: adminPassword }),
     examples: () => examples,
   };
+}
+
+/**
+ * The origins a browser may show the coordinator's console under: its URL,
+ * and for a loopback or wildcard address the loopback names too (a browser
+ * opened at http://localhost:7700 reaches http://127.0.0.1:7700).
+ */
+export function consoleOrigins(coordinatorUrl: string): string[] {
+  const url = new URL(coordinatorUrl);
+  const origins = new Set([url.origin]);
+  if (["127.0.0.1", "localhost", "[::1]", "0.0.0.0", "[::]"].includes(url.hostname)) {
+    for (const host of ["127.0.0.1", "localhost", "[::1]"]) origins.add(`${url.protocol}//${host}:${url.port}`);
+  }
+  return [...origins];
 }

@@ -27,8 +27,10 @@ export const MEDIA_TYPES = {
   qcow2: "application/vnd.treadmill.disk.qcow2",
   raw: "application/vnd.treadmill.disk.raw",
   firmware: "application/vnd.treadmill.firmware",
+  kernel: "application/vnd.treadmill.kernel",
+  initrd: "application/vnd.treadmill.initrd",
 } as const;
-type Kind = keyof typeof MEDIA_TYPES;
+type Kind = Exclude<keyof typeof MEDIA_TYPES, "kernel" | "initrd">;
 const DRIVER_OF: Record<Kind, string> = { rootfs: "process", qcow2: "qemu", raw: "qemu", firmware: "board" };
 const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
 
@@ -70,6 +72,18 @@ async function detectKind(path: string, flags: Record<string, unknown>): Promise
   throw new UsageError(
     `cannot tell what ${path} is: give a rootfs directory, a .tar.gz, a .qcow2, a raw disk (.img/.raw), or --firmware (or --type)`,
   );
+}
+
+/** Whether a qcow2 file's header names a backing file (its bytes 8-15, the backing file offset, are not zero). */
+async function qcow2HasBacking(path: string): Promise<boolean> {
+  const head = Buffer.alloc(16);
+  const file = await open(path, "r");
+  try {
+    await file.read(head, 0, 16, 0);
+  } finally {
+    await file.close();
+  }
+  return head.readBigUInt64BE(8) !== 0n;
 }
 
 /** A source that sends at most `bytesPerSecond` (for slow links, and to leave bandwidth to others). */
@@ -136,6 +150,9 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       firmware: { type: "bool", description: "the file is firmware for the board driver" },
       type: { type: "string", value: "TYPE", choices: ["rootfs", "qcow2", "raw", "firmware"], description: "override the detected type" },
       arch: { type: "string", value: "ARCH", description: "qemu: guest architecture (x86_64, aarch64)" },
+      kernel: { type: "string", value: "FILE", description: "qemu: a kernel to boot directly (-kernel)" },
+      initrd: { type: "string", value: "FILE", description: "qemu: an initrd for the kernel (-initrd)" },
+      cmdline: { type: "string", value: "TEXT", description: "qemu: the kernel command line (default console=ttyS0)" },
       title: { type: "string", value: "TEXT", description: "short title (default: the name)" },
       description: { type: "string", value: "TEXT", description: "longer description" },
       annotation: { type: "list", value: "KEY=VALUE", description: "a manifest annotation" },
@@ -148,6 +165,7 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       'tml image push ./rootfs --name example/hello:latest --entrypoint "echo hello"',
       "tml image push build/zephyr.bin --firmware --name zephyr/blinky:v1",
       "tml image push debian.qcow2 --name vm/debian:12 --arch x86_64 --public",
+      "tml image push disk.qcow2 --kernel vmlinuz --initrd initrd.gz --cmdline 'console=ttyS0 quiet' --name vm/tiny:1",
     ],
     async run(ctx, { args, flags }) {
       if (flags.name === undefined) throw new UsageError("`tml image push` needs --name NAME:TAG");
@@ -170,29 +188,57 @@ export const imageCommands: CommandSpec<CliContext>[] = [
           const { skipped } = await packDirectory(path, file);
           if (skipped.length > 0) ctx.out.note(`Left out ${skipped.length} special file(s) (sockets, devices, fifos), e.g. ${skipped[0]}.`);
         }
-        const { digest, size } = await digestFile(file);
+        // A VM image: optional kernel and initrd layers below the disk (docs/qemu.md).
+        const boot = { kernel: flags.kernel as string | undefined, initrd: flags.initrd as string | undefined };
+        const isDisk = kind === "qcow2" || kind === "raw";
+        for (const f of ["kernel", "initrd", "cmdline"] as const) {
+          if (flags[f] !== undefined && !isDisk) throw new UsageError(`flag --${f} applies to qcow2 and raw images only`);
+        }
+        if (boot.initrd !== undefined && boot.kernel === undefined) throw new UsageError("flag --initrd needs --kernel");
+        if (flags.cmdline !== undefined && boot.kernel === undefined) throw new UsageError("flag --cmdline needs --kernel");
+        if (kind === "qcow2" && (await qcow2HasBacking(file))) {
+          throw new UsageError(`${args.PATH} has a backing file: flatten it first (qemu-img convert -O qcow2 ${args.PATH} flat.qcow2)`);
+        }
+        const layers: { file: string; title: string; mediaType: string; annotations: Record<string, string> }[] = [];
+        for (const part of ["kernel", "initrd"] as const) {
+          const given = boot[part];
+          if (given === undefined) continue;
+          const bootFile = resolve(given);
+          await stat(bootFile).catch(() => {
+            throw new UsageError(`flag --${part}: cannot read ${given}`);
+          });
+          const annotations: Record<string, string> = { "org.opencontainers.image.title": basename(bootFile) };
+          if (part === "kernel" && flags.cmdline !== undefined) annotations["treadmill.kernel.cmdline"] = flags.cmdline as string;
+          layers.push({ file: bootFile, title: basename(bootFile), mediaType: MEDIA_TYPES[part], annotations });
+        }
+        layers.push({ file, title: layerTitle, mediaType: MEDIA_TYPES[kind], annotations: { "org.opencontainers.image.title": layerTitle } });
+        const digests = await Promise.all(layers.map((l) => digestFile(l.file)));
+        const total = digests.reduce((sum, d) => sum + d.size, 0);
         const grant = await images.createUploadGrant(
-          { sizeBytes: BigInt(size), storeId: (flags.store as string | undefined) ?? "" },
+          { sizeBytes: BigInt(total), storeId: (flags.store as string | undefined) ?? "" },
           { timeoutMs: 30_000 },
         );
         const transport = imageStoreTransport(grant.storeUrl, { token: grant.writeToken?.token ?? "" });
         ctx.errorContext.server = grant.storeUrl;
         try {
           const store = imageStoreClient(transport);
-          const query = await store.queryUpload({ digest }, { timeoutMs: 30_000 });
-          const committed = Number(query.committedOffset);
-          if (query.exists) ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store.`);
-          else if (committed > 0) ctx.out.note(`Resuming the upload at ${formatBytes(committed)} of ${formatBytes(size)}.`);
-          const bar = progressBar({ label: `Uploading ${layerTitle}`, total: size, stream: ctx.io.stderr, startAt: committed });
-          const source = rate === undefined ? fileSource(file) : limitedSource(fileSource(file), rate);
-          try {
-            if (!query.exists) {
-              await uploadBlob(store, { digest, size, source }, { onProgress: (p) => bar.update(p.bytesDone), signal: ctx.abort.signal });
-              bar.done();
+          for (const [i, layer] of layers.entries()) {
+            const { digest, size } = digests[i]!;
+            const query = await store.queryUpload({ digest }, { timeoutMs: 30_000 });
+            const committed = Number(query.committedOffset);
+            if (query.exists) ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store.`);
+            else if (committed > 0) ctx.out.note(`Resuming the upload at ${formatBytes(committed)} of ${formatBytes(size)}.`);
+            const bar = progressBar({ label: `Uploading ${layer.title}`, total: size, stream: ctx.io.stderr, startAt: committed });
+            const source = rate === undefined ? fileSource(layer.file) : limitedSource(fileSource(layer.file), rate);
+            try {
+              if (!query.exists) {
+                await uploadBlob(store, { digest, size, source }, { onProgress: (p) => bar.update(p.bytesDone), signal: ctx.abort.signal });
+                bar.done();
+              }
+            } catch (err) {
+              bar.stop();
+              throw err;
             }
-          } catch (err) {
-            bar.stop();
-            throw err;
           }
           const annotations: Record<string, string> = {
             "org.opencontainers.image.title": (flags.title as string | undefined) ?? ref.name,
@@ -205,7 +251,7 @@ export const imageCommands: CommandSpec<CliContext>[] = [
           const manifest = {
             schemaVersion: 2,
             mediaType: MANIFEST_MEDIA_TYPE,
-            layers: [{ mediaType: MEDIA_TYPES[kind], digest, size, annotations: { "org.opencontainers.image.title": layerTitle } }],
+            layers: layers.map((l, i) => ({ mediaType: l.mediaType, digest: digests[i]!.digest, size: digests[i]!.size, annotations: l.annotations })),
             annotations,
           };
           const manifestJson = Buffer.from(JSON.stringify(manifest));
@@ -218,7 +264,7 @@ export const imageCommands: CommandSpec<CliContext>[] = [
               tag: ref.tag,
               manifestDigest,
               storeIds: [grant.storeId],
-              mediaTypes: [MEDIA_TYPES[kind]],
+              mediaTypes: [...new Set(layers.map((l) => l.mediaType))],
               sizeBytes: put.totalSize,
               annotations,
               visibility: flags.public === true ? ImageVisibility.PUBLIC : ImageVisibility.UNSPECIFIED,
