@@ -44,7 +44,10 @@ export type AppendHello = Message<"treadmill.log.v1.AppendHello"> & {
   attempt: number;
 
   /**
-   * Who writes, for the server's logs (e.g. the host id). No secrets.
+   * Who writes (the host id for a supervisor). A newer stream replaces an
+   * older one of the same writer only; each host of a multi-host job writes
+   * its own channels (`console` for host 0, `console-N` for host N). No
+   * secrets.
    *
    * @generated from field: string writer = 4;
    */
@@ -941,8 +944,9 @@ export const LogService: GenService<{
    * not stored twice, so after a reconnect the writer resends from the last
    * acknowledged seq: safe to retry. Errors: INVALID_ARGUMENT (first message
    * not a hello, malformed message), FAILED_PRECONDITION (unsupported
-   * protocol major), ABORTED (a newer Append stream for the same job attempt
-   * took over).
+   * protocol major), ABORTED (a newer Append stream of the same writer for
+   * the same job attempt took over; the hosts of a multi-host job are
+   * separate writers with channels of their own).
    *
    * @generated from rpc treadmill.log.v1.LogService.Append
    */
