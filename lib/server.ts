@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import type { IncomingMessage } from "node:http";
 import type { Duplex } from "node:stream";
 import type { DescService } from "@bufbuild/protobuf";
@@ -7,14 +8,14 @@ import type { Registry } from "prom-client";
 import type { Logger } from "./logger.js";
 import { withUncompressedProcedures } from "./server/bulk.js";
 import { HealthStatus, ServingStatus, registerHealthService } from "./server/health.js";
-import { createRequestPipeline, type HttpRequest, type HttpResponse } from "./server/http.js";
+import { createRequestPipeline, type ExtraHttpHandler } from "./server/http.js";
 import { createRpcInterceptor } from "./server/interceptors.js";
 import { OnePortListener } from "./server/listener.js";
 import { createMetricsRegistry } from "./server/metrics.js";
 import { registerReflectionServices } from "./server/reflection.js";
 
 export { HealthStatus, ServingStatus } from "./server/health.js";
-export type { HttpRequest, HttpResponse } from "./server/http.js";
+export type { ExtraHttpHandler, HttpRequest, HttpResponse } from "./server/http.js";
 
 const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
 const DEFAULT_GRACE_MS = 5000;
@@ -51,7 +52,7 @@ export interface ServerOptions {
    * Plain-HTTP handler tried before the RPCs (e.g. static files); returns
    * true when it answered the request.
    */
-  http?: (req: HttpRequest, res: HttpResponse) => boolean;
+  http?: ExtraHttpHandler;
   /**
    * HTTP/1.1 `Upgrade` requests (WebSocket): the handler owns the socket; see
    * ListenerOptions.upgrade.
@@ -90,6 +91,9 @@ export function createServer(options: ServerOptions): Server {
   // Aborted when the grace period is over: handlers that watch their
   // context's signal end their calls with Unavailable before connections close.
   const shutdown = new AbortController();
+  // connect links every call in progress to it and unlinks it when the call
+  // ends: many concurrent calls, not a leak.
+  setMaxListeners(0, shutdown.signal);
   let services: DescService[] = [];
 
   const rpc = connectNodeAdapter({
@@ -122,6 +126,7 @@ export function createServer(options: ServerOptions): Server {
       corsOrigins: options.corsOrigins ?? [],
       registry,
       http: options.http,
+      rpcMetrics,
       rpc,
     }),
   });

@@ -108,8 +108,8 @@ export function createProxy({
           router.service(TunnelService, tunnels);
         }),
         bulkProcedures: STREAM_PROCEDURES,
-        http: (req, res) => {
-          if (rawGrpc(req, res)) return true;
+        http: (req, res, shared) => {
+          if (rawGrpc(req, res, shared)) return true;
           tagStream(req, streams);
           return false;
         },

@@ -3,6 +3,7 @@ import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import type { Registry } from "prom-client";
 import type { Logger } from "../logger.js";
 import { createCors } from "./cors.js";
+import type { RpcMetrics } from "./metrics.js";
 
 /** A request from either the HTTP/1.1 or the HTTP/2 server of the one port. */
 export type HttpRequest = IncomingMessage | Http2ServerRequest;
@@ -10,13 +11,21 @@ export type HttpRequest = IncomingMessage | Http2ServerRequest;
 export type HttpResponse = ServerResponse | Http2ServerResponse;
 /** Answers one request (Node's request listener, for HTTP/1.1 and HTTP/2). */
 export type HttpHandler = (req: HttpRequest, res: HttpResponse) => void;
+/**
+ * A handler tried before the RPCs (static files, hand-written gRPC
+ * procedures); returns true when it answered. `server` gives what the server
+ * shares with it: its RPC metrics.
+ */
+export type ExtraHttpHandler = (req: HttpRequest, res: HttpResponse, server: { rpcMetrics: RpcMetrics }) => boolean;
 
 export interface RequestPipelineOptions {
   logger: Logger;
   corsOrigins: readonly string[];
   registry: Registry;
   /** Optional plain-HTTP handler; returns true when it answered. */
-  http?: (req: HttpRequest, res: HttpResponse) => boolean;
+  http?: ExtraHttpHandler;
+  /** The server's RPC metrics, passed to `http` (hand-written RPCs record in them). */
+  rpcMetrics: RpcMetrics;
   /** The Connect adapter, which answers everything else (404 if unknown). */
   rpc: HttpHandler;
 }
@@ -43,6 +52,7 @@ export function createRequestPipeline(options: RequestPipelineOptions): HttpHand
     );
   };
 
+  const shared = { rpcMetrics: options.rpcMetrics };
   return (req, res) => {
     if (cors(req, res)) return;
     const path = req.url?.split("?", 1)[0];
@@ -50,7 +60,7 @@ export function createRequestPipeline(options: RequestPipelineOptions): HttpHand
       serveMetrics(res);
       return;
     }
-    if (options.http?.(req, res)) return;
+    if (options.http?.(req, res, shared)) return;
     options.rpc(req, res);
   };
 }

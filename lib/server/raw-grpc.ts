@@ -21,7 +21,9 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { constants as http2constants, type Http2ServerRequest, type Http2Stream, type Http2ServerResponse, type IncomingHttpHeaders, type ServerHttp2Stream } from "node:http2";
 import { Readable } from "node:stream";
 import type { Logger } from "../logger.js";
-import type { HttpRequest, HttpResponse } from "../server.js";
+import type { ExtraHttpHandler } from "../server.js";
+import { codeName } from "./interceptors.js";
+import type { RpcMetrics } from "./metrics.js";
 
 const GRPC_CONTENT_TYPE = /^application\/grpc(\+proto)?(;.*)?$/i;
 
@@ -54,15 +56,15 @@ export interface RawGrpcOptions {
 }
 
 /** Returns the `http` handler of createServer that answers the given procedures. */
-export function createRawGrpcHandler(options: RawGrpcOptions): (req: HttpRequest, res: HttpResponse) => boolean {
+export function createRawGrpcHandler(options: RawGrpcOptions): ExtraHttpHandler {
   const log = options.logger.child({ subsystem: "raw-grpc" });
-  return (req, res) => {
+  return (req, res, server) => {
     if (req.httpVersion !== "2.0" || req.method !== "POST") return false;
     const path = req.url?.split("?", 1)[0] ?? "";
     const procedure = Object.hasOwn(options.procedures, path) ? options.procedures[path] : undefined;
     if (!procedure) return false;
     if (!GRPC_CONTENT_TYPE.test(String(req.headers["content-type"] ?? ""))) return false;
-    void serve(path, procedure, req as Http2ServerRequest, res as Http2ServerResponse, options.maxMessageBytes, log);
+    void serve(path, procedure, req as Http2ServerRequest, res as Http2ServerResponse, options.maxMessageBytes, log, server.rpcMetrics);
     return true;
   };
 }
@@ -74,6 +76,7 @@ async function serve(
   res: Http2ServerResponse,
   maxMessageBytes: number,
   log: Logger,
+  metrics: RpcMetrics,
 ): Promise<void> {
   const stream = res.stream;
   const started = performance.now();
@@ -115,8 +118,11 @@ async function serve(
     stream.off("aborted", onClose);
   }
   const code = outcome?.code ?? 0;
+  const durationMs = performance.now() - started;
+  // Logged and counted as the RPC interceptor does for Connect-served calls.
+  metrics.observe(path, codeName(outcome?.code), durationMs / 1000);
   log.info(
-    { procedure: path, code: outcome ? Code[outcome.code] : "OK", durationMs: Math.round(performance.now() - started), reason: outcome?.rawMessage },
+    { procedure: path, code: codeName(outcome?.code), durationMs: Math.round(durationMs), reason: outcome?.rawMessage },
     outcome ? "rpc failed" : "rpc finished",
   );
   if (stream.destroyed || stream.closed) return;

@@ -13,14 +13,14 @@ import { GetBlobRequestSchema, ImageStoreService, PutBlobRequestSchema, PutBlobR
 import { splitBulkMessage } from "../../lib/image-client.js";
 import type { Logger } from "../../lib/logger.js";
 import { createRawGrpcHandler, decodeMessage, drained, frame, varint, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
-import type { HttpRequest, HttpResponse } from "../../lib/server.js";
+import type { ExtraHttpHandler } from "../../lib/server.js";
 import { MAX_CHUNK_BYTES, type BlobPiece, type ImageStoreServiceImpl } from "./store-service.js";
 
 /** A message is at most 3 MiB of data plus its fields. */
 const MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024;
 
 /** Returns the `http` handler of createServer that answers the bulk RPCs. */
-export function createBulkGrpcHandler(service: ImageStoreServiceImpl, logger: Logger): (req: HttpRequest, res: HttpResponse) => boolean {
+export function createBulkGrpcHandler(service: ImageStoreServiceImpl, logger: Logger): ExtraHttpHandler {
   return createRawGrpcHandler({
     procedures: {
       [`/${ImageStoreService.typeName}/PutBlob`]: (call) => servePut(call, service),

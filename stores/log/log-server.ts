@@ -7,6 +7,7 @@ import type { Logger } from "../../lib/logger.js";
 import { createServer, type Server } from "../../lib/server.js";
 import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
 import type { LogServerConfig } from "./config.js";
+import { createLogGrpcHandler } from "./log-grpc.js";
 import { LogServiceImpl } from "./log-service.js";
 import { LogStore } from "./log-store.js";
 import { runRetention } from "./retention.js";
@@ -45,6 +46,8 @@ export function createLogServer({
           }),
           // connect-node compresses on the thread pool, where it queues
           // behind the fdatasyncs: frames go uncompressed, for latency.
+          // gRPC Append and Read skip connect-node's per-message pipeline.
+          http: createLogGrpcHandler(service, config.readMaxBytes, logger),
           bulkProcedures: [`/${LogService.typeName}/Append`, `/${LogService.typeName}/Read`],
         });
         await server.start();

@@ -214,6 +214,9 @@ class AppendSession implements AckSink {
   }
 }
 
+/** What the methods use of their call's context (the Connect adapter's, or the raw gRPC handler's). */
+export type RequestContext = Pick<HandlerContext, "requestHeader" | "signal">;
+
 export interface LogServiceDeps {
   store: LogStore;
   verifier: TokenVerifier;
@@ -235,7 +238,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
   }
 
   /** Verifies the caller's token against the first capability that applies. */
-  private async authorize(ctx: HandlerContext, allowed: Capability[]): Promise<VerifiedToken> {
+  private async authorize(ctx: RequestContext, allowed: Capability[]): Promise<VerifiedToken> {
     const token = bearerToken(ctx.requestHeader);
     let denied: unknown;
     for (const capability of allowed) {
@@ -249,7 +252,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     throw denied;
   }
 
-  async *append(requests: AsyncIterable<AppendRequest>, ctx: HandlerContext): AsyncGenerator<AppendResponseInit> {
+  async *append(requests: AsyncIterable<AppendRequest>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
     const iterator = requests[Symbol.asyncIterator]();
     const first = await iterator.next();
     if (first.done || first.value.payload.case !== "hello") throw invalid("first append message must be a hello");
@@ -312,7 +315,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     }
   }
 
-  async *read(req: ReadRequest, ctx: HandlerContext): AsyncGenerator<ReadResponseInit> {
+  async *read(req: ReadRequest, ctx: RequestContext): AsyncGenerator<ReadResponseInit> {
     checkJobId(req.jobId);
     checkChannelName(req.channel);
     if (req.attempt < 0) throw invalid("attempt must not be negative");
@@ -440,7 +443,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     }
   }
 
-  async closeChannel(req: CloseChannelRequest, ctx: HandlerContext) {
+  async closeChannel(req: CloseChannelRequest, ctx: RequestContext) {
     checkJobId(req.jobId);
     if (req.attempt < 1) throw invalid("attempt must be at least 1");
     if (req.channel !== "") checkChannelName(req.channel);
@@ -469,7 +472,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     return { channels: closed };
   }
 
-  async listChannels(req: ListChannelsRequest, ctx: HandlerContext) {
+  async listChannels(req: ListChannelsRequest, ctx: RequestContext) {
     checkJobId(req.jobId);
     await this.authorize(ctx, [
       { scope: "log:read", job: req.jobId },
@@ -495,7 +498,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     return { channels };
   }
 
-  async deleteJobLogs(req: DeleteJobLogsRequest, ctx: HandlerContext) {
+  async deleteJobLogs(req: DeleteJobLogsRequest, ctx: RequestContext) {
     checkJobId(req.jobId);
     const token = await this.authorize(ctx, [{ scope: "log:admin" }]);
     if (this.store.stopSignal.aborted) throw shuttingDown();

@@ -24,6 +24,7 @@ import { createServer as createNetServer, connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
+import { setMaxListeners } from "node:events";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { createClient, type Client } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
@@ -82,6 +83,25 @@ async function startServer(dataDir: string, keysFile: string): Promise<ServerPro
       await new Promise((resolve) => child.once("exit", resolve));
     },
   };
+}
+
+/** CPU seconds (user + system) a process has used so far. */
+async function cpuSeconds(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
+}
+
+/** Runs `fn` and prints the CPU each listed process used meanwhile, as a share of one core. */
+async function withCpu<T>(label: string, pids: Record<string, number>, fn: () => Promise<T>): Promise<T> {
+  const before = await Promise.all(Object.values(pids).map(cpuSeconds));
+  const started = performance.now();
+  const result = await fn();
+  const after = await Promise.all(Object.values(pids).map(cpuSeconds));
+  const wall = (performance.now() - started) / 1000;
+  const shares = Object.keys(pids).map((name, i) => `${name} ${(((after[i] - before[i]) / wall) * 100).toFixed(0)}%`);
+  process.stdout.write(`  (${label}: CPU of one core: ${shares.join(", ")})\n`);
+  return result;
 }
 
 async function rssBytes(pid: number): Promise<number> {
@@ -160,7 +180,13 @@ async function latency(server: ServerProcess, signer: TokenSigner, spillDir: str
   const CHUNK = 2500; // every 25 ms: 100 KB/s per job
   const readers = Array.from({ length: 4 }, () => client(server.url));
   const samples: number[] = [];
+  /** Per frame (LOGS_BENCH_DEBUG): arrival, latency, bytes. */
+  const debug: [number, number, number][] = [];
+  let measuring = false;
+  const firstFrame = new Set<number>();
   const controller = new AbortController();
+  // One listener per Read call (connect links each call's signal to it).
+  setMaxListeners(JOBS + 10, controller.signal);
   const shippers: LogShipper[] = [];
   const following: Promise<void>[] = [];
   for (let i = 0; i < JOBS; i++) {
@@ -175,9 +201,12 @@ async function latency(server: ServerProcess, signer: TokenSigner, spillDir: str
             { headers: { authorization: `Bearer ${readToken}` }, signal: controller.signal },
           )) {
             if (res.payload.case === "frame") {
+              firstFrame.add(i);
+              if (!measuring) continue;
               const ts = res.payload.value.captureTime!;
               const captured = Number(ts.seconds) * 1000 + ts.nanos / 1e6;
               samples.push(performance.timeOrigin + performance.now() - captured);
+              if (process.env.LOGS_BENCH_DEBUG) debug.push([performance.now(), performance.timeOrigin + performance.now() - captured, res.payload.value.data.length]);
             }
           }
         } catch {
@@ -197,6 +226,19 @@ async function latency(server: ServerProcess, signer: TokenSigner, spillDir: str
     );
   }
   const chunk = randomBytes(CHUNK);
+  // Connect every writer and follower first (each ships one line and waits
+  // for its follower to get it): 100 jobs starting within 25 ms is a burst
+  // of token checks and stream set-ups, timed apart from the steady flow.
+  const connectStarted = performance.now();
+  shippers.forEach((s) => s.channel("stdout").write(Buffer.from("hello\n")));
+  const connectDeadline = performance.now() + 60_000;
+  while (firstFrame.size < JOBS) {
+    if (performance.now() > connectDeadline) throw new Error("followers did not get their first frame within 60 s");
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  process.stdout.write(`  (${JOBS} writers and followers connected in ${(performance.now() - connectStarted).toFixed(0)} ms, not counted below)\n`);
+  measuring = true;
+  const t0 = performance.now();
   const ends = performance.now() + SECONDS * 1000;
   // Stagger the jobs over one period, like independent workloads.
   await Promise.all(
@@ -216,6 +258,12 @@ async function latency(server: ServerProcess, signer: TokenSigner, spillDir: str
   await Promise.all(following);
   readers.forEach((r) => r.close());
   if (!reports.every((r) => r.complete)) throw new Error("some logs are incomplete");
+  if (process.env.LOGS_BENCH_DEBUG) {
+    for (let s = 0; s < SECONDS + 3; s++) {
+      const b = debug.filter(([t]) => t - t0 >= s * 1000 && t - t0 < (s + 1) * 1000);
+      process.stdout.write(`  t=${s}s frames ${b.length} bytes ${b.reduce((a, x) => a + x[2], 0)} p50 ${percentile(b.map((x) => x[1]), 50).toFixed(1)} p99 ${percentile(b.map((x) => x[1]), 99).toFixed(1)} max ${Math.max(...b.map((x) => x[1])).toFixed(0)}\n`);
+    }
+  }
   return samples;
 }
 
@@ -225,6 +273,7 @@ async function followedMemory(server: ServerProcess, signer: TokenSigner): Promi
   const c = client(server.url);
   const idle = await rssBytes(server.pid);
   const controller = new AbortController();
+  setMaxListeners(JOBS * CHANNELS + 10, controller.signal);
   const streams: Promise<void>[] = [];
   let firstFrames = 0;
   for (let j = 0; j < JOBS; j++) {
@@ -282,7 +331,7 @@ export async function run(): Promise<void> {
       const baseline = () => fileAppendMBps(join(dir, "data", "baseline.bin"), TOTAL, FRAME, WINDOW);
       for (const writers of [1, 100]) {
         const before = await baseline();
-        const mbps = await ingest(server, signer, writers);
+        const mbps = await withCpu(`ingest ${writers}`, { server: server.pid, bench: process.pid }, () => ingest(server, signer, writers));
         const after = await baseline();
         report(`ingest, ${writers} writer${writers > 1 ? "s" : ""}`, mbps, "MB/s", {
           name: `file append, fdatasync/${WINDOW} (${before.toFixed(0)}, ${after.toFixed(0)})`,
@@ -299,7 +348,7 @@ export async function run(): Promise<void> {
     const server2 = await startServer(join(dir, "data2"), keysFile);
     try {
       const rtt = await tcpRoundTripMs(2000);
-      const samples = await latency(server2, signer, join(dir, "spill"));
+      const samples = await withCpu("latency", { server: server2.pid, bench: process.pid }, () => latency(server2, signer, join(dir, "spill")));
       report("writer -> follower latency p50 (100 jobs)", percentile(samples, 50), "ms", { name: "raw TCP RTT p50", value: percentile(rtt, 50) });
       report("writer -> follower latency p99 (100 jobs)", percentile(samples, 99), "ms", { name: "raw TCP RTT p99", value: percentile(rtt, 99) });
       process.stdout.write(`  (${samples.length} frames; goal p99 <= 100 ms; includes the 25 ms frame delay)\n`);

@@ -1,0 +1,92 @@
+import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { ClientHttp2Session } from "node:http2";
+import { connectHttp2, openRawCall } from "../../lib/raw-grpc-client.js";
+import type { Server } from "../../lib/server.js";
+import { createRawGrpcHandler, frame } from "../../lib/server/raw-grpc.js";
+import { startEchoServer } from "../support/echo-service.js";
+import { createLogger } from "../../lib/logger.js";
+
+const ECHO = "/test.Raw/Echo";
+const FAIL = "/test.Raw/Fail";
+const HANG = "/test.Raw/Hang";
+
+/** The call's messages, or the ConnectError it ended with. */
+async function outcome(session: ClientHttp2Session, path: string, messages: Uint8Array[], headers: Record<string, string> = {}) {
+  const call = openRawCall(session, path, headers, { maxMessageBytes: 1 << 20 });
+  for (const m of messages) call.write(m);
+  call.end();
+  const received: string[] = [];
+  try {
+    for await (const m of call.messages()) received.push(Buffer.from(m).toString());
+    return { received, error: undefined };
+  } catch (err) {
+    return { received, error: ConnectError.from(err) };
+  }
+}
+
+describe("hand-written gRPC procedures (lib/server/raw-grpc.ts)", () => {
+  let server: Server;
+  let session: ClientHttp2Session;
+
+  beforeAll(async () => {
+    const logger = createLogger({ level: "silent" });
+    server = await startEchoServer({
+      logger,
+      http: createRawGrpcHandler({
+        procedures: {
+          [ECHO]: async (call) => {
+            for await (const m of call.messages()) await call.write(frame(Buffer.from(`echo:${Buffer.from(m).toString()}`)));
+          },
+          [FAIL]: () => Promise.reject(new ConnectError("no such thing: 100% gone", Code.NotFound)),
+          [HANG]: (call) => new Promise((_resolve, reject) => call.signal.addEventListener("abort", () => reject(call.signal.reason))),
+        },
+        maxMessageBytes: 64,
+        logger,
+      }),
+    });
+    session = connectHttp2(server.address().url);
+  });
+
+  afterAll(async () => {
+    session?.close();
+    await server?.stop();
+  });
+
+  it("answers a stream of messages in order and ends with OK", async () => {
+    const r = await outcome(session, ECHO, [frame(Buffer.from("a")), frame(Buffer.from("")), frame(Buffer.from("ccc"))]);
+    expect(r.error).toBeUndefined();
+    expect(r.received).toEqual(["echo:a", "echo:", "echo:ccc"]);
+  });
+
+  it("sends a procedure's ConnectError as grpc-status and a percent-encoded grpc-message", async () => {
+    const r = await outcome(session, FAIL, []);
+    expect(r.error?.code).toBe(Code.NotFound);
+    expect(r.error?.rawMessage).toBe("no such thing: 100% gone");
+  });
+
+  it("refuses oversized and compressed messages, and a malformed grpc-timeout", async () => {
+    expect((await outcome(session, ECHO, [frame(Buffer.alloc(65))])).error?.code).toBe(Code.ResourceExhausted);
+    const compressed = frame(Buffer.from("x"));
+    compressed[0] = 1;
+    expect((await outcome(session, ECHO, [compressed])).error?.code).toBe(Code.InvalidArgument);
+    expect((await outcome(session, ECHO, [], { "grpc-timeout": "soon" })).error?.code).toBe(Code.InvalidArgument);
+  });
+
+  it("ends a call at its grpc-timeout with DeadlineExceeded", async () => {
+    const r = await outcome(session, HANG, [], { "grpc-timeout": "200m" });
+    expect(r.error?.code).toBe(Code.DeadlineExceeded);
+  });
+
+  it("counts every call in the server's RPC metrics, as Connect-served calls are", async () => {
+    const text = await (await fetch(`${server.address().url}/metrics`)).text();
+    const count = (procedure: string, code: string) => {
+      const line = text.split("\n").find((l) => l.startsWith("treadmill_rpc_requests_total{") && l.includes(`procedure="${procedure}"`) && l.includes(`code="${code}"`));
+      return line === undefined ? 0 : Number(line.split(" ").pop());
+    };
+    expect(count(ECHO, "OK")).toBe(1);
+    expect(count(FAIL, "NotFound")).toBe(1);
+    expect(count(ECHO, "ResourceExhausted")).toBe(1);
+    expect(count(HANG, "DeadlineExceeded")).toBe(1);
+  });
+});
