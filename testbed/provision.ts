@@ -133,6 +133,21 @@ export function vmHost(name: string): TestbedHost {
   };
 }
 
+/** Pushes a built image (testbed/images.ts) as `name:tag` (tag `latest` when `ref` has none). */
+export async function pushTestImage(admin: Transport, image: TestImage, ref: string, signal?: AbortSignal): Promise<void> {
+  const [name, tag] = ref.split(":");
+  await pushImage(
+    admin,
+    {
+      manifestDigest: image.manifestDigest,
+      manifestJson: image.manifestJson,
+      blobs: image.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
+      mediaTypes: image.layers.map((l) => l.mediaType),
+    },
+    { name: name!, tag: tag ?? "latest", signal },
+  );
+}
+
 /**
  * Pushes the example images that are not in the catalog yet (at the first
  * start): `example/hello` greets and shows its parameters; `example/shell`
@@ -153,20 +168,10 @@ export async function ensureExamples(
     );
     if (have) continue;
     const image = await example.build(options.workDir);
-    const [name, tag] = example.ref.split(":");
     const deadline = Date.now() + 20000;
     for (;;) {
       try {
-        await pushImage(
-          admin,
-          {
-            manifestDigest: image.manifestDigest,
-            manifestJson: image.manifestJson,
-            blobs: image.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
-            mediaTypes: image.layers.map((l) => l.mediaType),
-          },
-          { name, tag, signal: options.signal },
-        );
+        await pushTestImage(admin, image, example.ref, options.signal);
         break;
       } catch (err) {
         // No image store registered yet: it registers right after its start.

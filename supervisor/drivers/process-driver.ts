@@ -35,7 +35,6 @@ import type { Readable, Writable } from "node:stream";
 import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
 import {
-  DriverAbortError,
   DriverError,
   ENTRYPOINT_ANNOTATION,
   parameterEnvName,
@@ -45,7 +44,6 @@ import {
   type ExposedPortSpec,
   type JobExit,
   type JobOutput,
-  type JobPhase,
   type JobSpecForDriver,
   type Prepared,
   type PrepareOptions,
@@ -63,6 +61,7 @@ import {
   type Isolation,
   type SandboxMode,
 } from "./sandbox.js";
+import { makeJobDir, SlotPool, type SlotJob, type SlotPrepared } from "./slots.js";
 
 export interface ProcessDriverOptions {
   /** Where layers and job directories live (created 0711; every ancestor must be traversable by others). */
@@ -87,28 +86,18 @@ export interface ProcessDriverOptions {
 export const SECRETS_DIR = "/run/treadmill/secrets";
 const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-interface ProcessPrepared extends Prepared {
+interface ProcessPrepared extends SlotPrepared {
   readonly kind: "process";
-  readonly slot: number;
-  readonly uid: number;
-  readonly gid: number;
-  readonly jobDir: string;
   readonly rootfs: string;
   readonly layers: UnpackedLayer[];
   readonly argv: string[];
   readonly env: Record<string, string>;
   readonly exposedPorts: ExposedPortSpec[];
   running?: ProcessJob;
-  cleaned?: Promise<void>;
 }
 
-interface ProcessJob extends RunningJob {
+interface ProcessJob extends SlotJob<ProcessPrepared> {
   readonly kind: "process";
-  readonly prepared: ProcessPrepared;
-  readonly child: ChildProcess;
-  /** Mutable phase behind `status()`, and whether `stop` was called. */
-  state: { phase: JobPhase; stopRequested: boolean };
-  stopping?: Promise<void>;
 }
 
 /** Finds `name` on the supervisor's PATH (the job's PATH is the image's, not ours). */
@@ -177,11 +166,8 @@ async function buildRoot(layers: UnpackedLayer[], rootfs: string, owner: { uid: 
 export class ProcessDriver implements Driver {
   readonly kind = "process" as const;
   readonly capacity: number;
-  private readonly slots: (string | undefined)[];
-  private readonly jobs = new Map<string, ProcessPrepared>();
+  private readonly pool: SlotPool<ProcessPrepared>;
   private readonly graceMs: number;
-  private readonly uidBase: number;
-  private closed = false;
   /** Per slot: a fresh root for the slot's next job, built ahead (see the file comment). */
   private readonly spares = new Map<number, { layers: string; ready: Promise<string | undefined> }>();
   /** Slots whose uid was checked to run nothing since their last job ended (no /proc scan needed). */
@@ -195,10 +181,20 @@ export class ProcessDriver implements Driver {
     private readonly logger: Logger,
     options: ProcessDriverOptions,
   ) {
-    this.capacity = options.slots ?? 1;
-    this.slots = new Array<string | undefined>(this.capacity).fill(undefined);
+    this.pool = new SlotPool<ProcessPrepared>({
+      names: { driver: "process", slot: "process", job: "job" },
+      slots: options.slots ?? 1,
+      uidBase: options.slotUidBase ?? 61000,
+      switchUid: isolation.switchUid,
+      logger,
+      stop: (job, stopOptions) => this.stop(job, stopOptions),
+      onFree: (prepared) => {
+        if (isolation.switchUid) this.idleChecked.add(prepared.slot);
+        this.buildSpare(prepared.slot, prepared.layers, { uid: prepared.uid, gid: prepared.gid });
+      },
+    });
+    this.capacity = this.pool.capacity;
     this.graceMs = options.graceMs ?? 10000;
-    this.uidBase = options.slotUidBase ?? 61000;
   }
 
   /** Checks the host, creates the directories and picks the isolation mode (logging a warning when weak). */
@@ -241,29 +237,21 @@ export class ProcessDriver implements Driver {
   }
 
   async prepare(spec: JobSpecForDriver, options: PrepareOptions = {}): Promise<Prepared> {
-    const key = `${spec.jobId}.${spec.attempt}`;
-    const existing = this.jobs.get(key);
-    if (existing !== undefined && existing.cleaned === undefined) return existing;
-    if (this.closed) throw new DriverError("start", "process driver is shutting down");
+    const existing = this.pool.existing(spec);
+    if (existing !== undefined) return existing;
     const { signal, onStage } = options;
     throwIfAborted(signal);
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(spec.jobId)) throw new DriverError("internal", "job id has unexpected characters");
 
     onStage?.("allocating", "allocating a process slot");
-    const slot = this.slots.indexOf(undefined);
-    if (slot === -1) throw new DriverError("start", `no free process slot (${this.capacity} in use)`);
-    this.slots[slot] = key;
-    const uid = this.isolation.switchUid ? this.uidBase + slot : process.getuid!();
-    const gid = this.isolation.switchUid ? this.uidBase + slot : process.getgid!();
+    const { key, hold } = this.pool.allocate(spec);
+    const { slot, uid, gid } = hold;
     const log = this.logger.child({ jobId: spec.jobId, attempt: spec.attempt, slot });
     const jobDir = join(this.workDir, "jobs", key);
     try {
       // A slot whose last job's end was checked to leave nothing of its uid
       // behind needs no scan of /proc: nothing can have started as it since.
-      if (this.isolation.switchUid && !this.idleChecked.delete(slot)) {
-        const leftovers = await killAllOfUid(uid);
-        if (leftovers.length > 0) throw new DriverError("start", `processes of slot uid ${uid} cannot be killed`);
-      }
+      if (!this.idleChecked.delete(slot)) await this.pool.sweep(uid);
       const argv = parseEntrypoint(spec);
       const layers: UnpackedLayer[] = [];
       for (const [i, layer] of spec.image.layers.entries()) {
@@ -273,9 +261,7 @@ export class ProcessDriver implements Driver {
       }
       throwIfAborted(signal);
       onStage?.("provisioning", "building the work directory");
-      await rm(jobDir, { recursive: true, force: true });
-      await mkdir(jobDir, { mode: 0o700 });
-      await chown(jobDir, uid, gid);
+      await makeJobDir(jobDir, uid, gid);
       const rootfs = join(jobDir, "rootfs");
       const started = performance.now();
       const owner = { uid, gid };
@@ -315,11 +301,7 @@ export class ProcessDriver implements Driver {
       throwIfAborted(signal);
       const prepared: ProcessPrepared = {
         kind: "process",
-        jobId: spec.jobId,
-        attempt: spec.attempt,
-        slot,
-        uid,
-        gid,
+        ...hold,
         jobDir,
         rootfs,
         layers,
@@ -327,14 +309,10 @@ export class ProcessDriver implements Driver {
         env,
         exposedPorts: spec.exposedPorts ?? [],
       };
-      this.jobs.set(key, prepared);
+      this.pool.add(prepared);
       return prepared;
     } catch (err) {
-      await rm(jobDir, { recursive: true, force: true }).catch(() => undefined);
-      this.slots[slot] = undefined;
-      if (err instanceof DriverError || err instanceof DriverAbortError) throw err;
-      log.error({ err }, "job preparation failed");
-      throw new DriverError("internal", "job preparation failed", { cause: err });
+      return this.pool.abandon(slot, jobDir, err, log);
     }
   }
 
@@ -462,16 +440,10 @@ export class ProcessDriver implements Driver {
 
   stop(handle: RunningJob, options: StopOptions = {}): Promise<void> {
     const job = handle as ProcessJob;
-    if (job.stopping !== undefined) return job.stopping;
-    job.state.stopRequested = true;
-    const graceMs = options.graceMs ?? this.graceMs;
     const prepared = job.prepared;
     const scriptPid = job.child.pid!;
-    job.stopping = (async () => {
-      if (job.status() === "exited") return;
-      job.state.phase = "stopping";
-      const log = this.logger.child({ jobId: job.jobId, attempt: job.attempt });
-      log.info({ graceMs }, "stopping job");
+    const graceMs = options.graceMs ?? this.graceMs;
+    return this.pool.stop(job, graceMs, async (log) => {
       if (this.isolation.switchUid) {
         // SIGTERM the workload's processes, not its wrappers: killing script
         // or the outer bwrap would take the namespace down at once, and the
@@ -512,9 +484,7 @@ export class ProcessDriver implements Driver {
           // Gone already.
         }
       }
-      await job.exited;
-    })();
-    return job.stopping;
+    });
   }
 
   async snapshot(handle: RunningJob, options: { outFile: string }): Promise<SnapshotLayer> {
@@ -530,41 +500,17 @@ export class ProcessDriver implements Driver {
   }
 
   cleanup(handle: Prepared | RunningJob): Promise<void> {
-    const prepared = ("prepared" in handle ? handle.prepared : handle) as ProcessPrepared;
-    if (prepared.cleaned !== undefined) return prepared.cleaned;
-    prepared.cleaned = (async () => {
-      if (prepared.running !== undefined) await this.stop(prepared.running, { graceMs: 0 });
-      if (this.isolation.switchUid) {
-        const left = await killAllOfUid(prepared.uid);
-        if (left.length > 0) throw new DriverError("internal", `processes of slot uid ${prepared.uid} survived sigkill`);
-      }
-      await rm(prepared.jobDir, { recursive: true, force: true });
-      const key = `${prepared.jobId}.${prepared.attempt}`;
-      if (this.slots[prepared.slot] === key) {
-        if (this.isolation.switchUid) this.idleChecked.add(prepared.slot);
-        this.buildSpare(prepared.slot, prepared.layers, { uid: prepared.uid, gid: prepared.gid });
-        this.slots[prepared.slot] = undefined;
-      }
-      this.jobs.delete(key);
-      this.logger.info({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot }, "job cleaned up");
-    })();
-    return prepared.cleaned;
+    return this.pool.cleanup(handle);
   }
 
   async close(): Promise<void> {
-    this.closed = true;
-    await Promise.all(
-      [...this.jobs.values()].map(async (prepared) => {
-        if (prepared.running !== undefined) await this.stop(prepared.running);
-        await this.cleanup(prepared);
-      }),
-    );
+    await this.pool.close();
     await Promise.all([...this.spares.keys()].map((slot) => this.takeSpare(slot, [])));
   }
 
   /** Starts building a fresh root of `layers` for the slot's next job, in the background. */
   private buildSpare(slot: number, layers: UnpackedLayer[], owner: { uid: number; gid: number }): void {
-    if (this.closed || this.spares.has(slot)) return;
+    if (this.pool.closed || this.spares.has(slot)) return;
     const dir = join(this.workDir, "spares", `${slot}-${randomBytes(6).toString("hex")}`);
     const ready = buildRoot(layers, dir, owner).then(
       () => dir,

@@ -29,7 +29,7 @@
  * `system_powerdown`), the grace period, then QMP `quit`, then SIGKILL.
  */
 
-import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { chmod, chown, copyFile, mkdir, open, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
@@ -50,7 +50,6 @@ import {
   type JobExit,
   type JobOutput,
   type JobParameter,
-  type JobPhase,
   type JobSpecForDriver,
   type Prepared,
   type PrepareOptions,
@@ -62,6 +61,7 @@ import { exitCodeOfQemu, parameterScript, qemuArgs, type QemuLaunch } from "./qe
 import { LOWER_ANNOTATION, planVmImage, type VmPlan } from "./qemu-image.js";
 import { QmpClient } from "./qemu-qmp.js";
 import { killAllOfUid } from "./sandbox.js";
+import { makeJobDir, SlotPool, type SlotJob, type SlotPrepared } from "./slots.js";
 
 const execFileAsync = promisify(execFile);
 
@@ -112,27 +112,18 @@ type Settings = Required<Omit<QemuDriverOptions, "cpu" | "readyPattern" | "logge
   accelResolved: "kvm" | "tcg";
 };
 
-interface QemuPrepared extends Prepared {
+interface QemuPrepared extends SlotPrepared {
   readonly kind: "qemu";
-  readonly slot: number;
-  readonly uid: number;
-  readonly gid: number;
-  readonly jobDir: string;
   readonly overlay: string;
   readonly plan: VmPlan;
   readonly parameterFile?: string;
   readonly exposedPorts: ExposedPortSpec[];
   running?: QemuJob;
-  cleaned?: Promise<void>;
 }
 
-interface QemuJob extends RunningJob {
+interface QemuJob extends SlotJob<QemuPrepared> {
   readonly kind: "qemu";
-  readonly prepared: QemuPrepared;
-  readonly child: ChildProcess;
   readonly qmp: () => QmpClient | undefined;
-  state: { phase: JobPhase; stopRequested: boolean };
-  stopping?: Promise<void>;
 }
 
 /** Longest a unix socket path may be (sun_path is 108 bytes with its NUL). */
@@ -191,9 +182,7 @@ async function kvmWorks(binary: string, dir: string): Promise<boolean> {
 export class QemuDriver implements Driver {
   readonly kind = "qemu" as const;
   readonly capacity: number;
-  private readonly slots: (string | undefined)[];
-  private readonly jobs = new Map<string, QemuPrepared>();
-  private closed = false;
+  private readonly pool: SlotPool<QemuPrepared>;
 
   private constructor(
     private readonly workDir: string,
@@ -201,8 +190,15 @@ export class QemuDriver implements Driver {
     private readonly switchUid: boolean,
     private readonly logger: Logger,
   ) {
-    this.capacity = settings.slots;
-    this.slots = new Array<string | undefined>(settings.slots).fill(undefined);
+    this.pool = new SlotPool<QemuPrepared>({
+      names: { driver: "qemu", slot: "vm", job: "vm" },
+      slots: settings.slots,
+      uidBase: settings.slotUidBase,
+      switchUid,
+      logger,
+      stop: (job, options) => this.stop(job, options),
+    });
+    this.capacity = this.pool.capacity;
   }
 
   static async create(options: QemuDriverOptions): Promise<QemuDriver> {
@@ -257,18 +253,13 @@ export class QemuDriver implements Driver {
   }
 
   async prepare(spec: JobSpecForDriver, options: PrepareOptions = {}): Promise<Prepared> {
-    const key = `${spec.jobId}.${spec.attempt}`;
-    const existing = this.jobs.get(key);
-    if (existing !== undefined && existing.cleaned === undefined) return existing;
-    if (this.closed) throw new DriverError("start", "qemu driver is shutting down");
+    const existing = this.pool.existing(spec);
+    if (existing !== undefined) return existing;
     const { signal, onStage } = options;
     throwIfAborted(signal);
     onStage?.("allocating", "allocating a vm slot and its disk overlay");
-    const slot = this.slots.indexOf(undefined);
-    if (slot === -1) throw new DriverError("start", `no free vm slot (${this.capacity} in use)`);
-    this.slots[slot] = key;
-    const uid = this.switchUid ? this.settings.slotUidBase + slot : process.getuid!();
-    const gid = this.switchUid ? this.settings.slotUidBase + slot : process.getgid!();
+    const { key, hold } = this.pool.allocate(spec);
+    const { slot, uid, gid } = hold;
     const log = this.logger.child({ jobId: spec.jobId, attempt: spec.attempt, slot });
     // Short, so that the sockets inside fit in a unix socket path.
     const jobDir = join(this.workDir, "jobs", createHash("sha256").update(key).digest("hex").slice(0, 16));
@@ -276,15 +267,10 @@ export class QemuDriver implements Driver {
       if (join(jobDir, "console.sock").length > MAX_SOCKET_PATH) {
         throw new DriverError("start", `qemu work directory ${this.workDir} is too long for unix sockets inside it`);
       }
-      if (this.switchUid) {
-        const leftovers = await killAllOfUid(uid);
-        if (leftovers.length > 0) throw new DriverError("start", `processes of slot uid ${uid} cannot be killed`);
-      }
+      await this.pool.sweep(uid);
       const plan = await planVmImage(spec.image);
       throwIfAborted(signal);
-      await rm(jobDir, { recursive: true, force: true });
-      await mkdir(jobDir, { mode: 0o700 });
-      await chown(jobDir, uid, gid);
+      await makeJobDir(jobDir, uid, gid);
       const top = plan.chain[plan.chain.length - 1]!;
       const overlay = join(jobDir, "overlay.qcow2");
       const started = performance.now();
@@ -306,25 +292,17 @@ export class QemuDriver implements Driver {
       throwIfAborted(signal);
       const prepared: QemuPrepared = {
         kind: "qemu",
-        jobId: spec.jobId,
-        attempt: spec.attempt,
-        slot,
-        uid,
-        gid,
+        ...hold,
         jobDir,
         overlay,
         plan,
         ...(parameterFile === undefined ? {} : { parameterFile }),
         exposedPorts: (spec.exposedPorts ?? []).filter((p) => p.name !== "console" && p.port > 0),
       };
-      this.jobs.set(key, prepared);
+      this.pool.add(prepared);
       return prepared;
     } catch (err) {
-      await rm(jobDir, { recursive: true, force: true }).catch(() => undefined);
-      this.slots[slot] = undefined;
-      if (err instanceof DriverError || err instanceof DriverAbortError) throw err;
-      log.error({ err }, "vm preparation failed");
-      throw new DriverError("internal", "vm preparation failed", { cause: err });
+      return this.pool.abandon(slot, jobDir, err, log);
     }
   }
 
@@ -543,14 +521,8 @@ export class QemuDriver implements Driver {
 
   stop(handle: RunningJob, options: StopOptions = {}): Promise<void> {
     const job = handle as QemuJob;
-    if (job.stopping !== undefined) return job.stopping;
-    job.state.stopRequested = true;
     const graceMs = options.graceMs ?? this.settings.graceMs;
-    job.stopping = (async () => {
-      if (job.status() === "exited") return;
-      job.state.phase = "stopping";
-      const log = this.logger.child({ jobId: job.jobId, attempt: job.attempt });
-      log.info({ graceMs }, "stopping vm");
+    return this.pool.stop(job, graceMs, async (log) => {
       const qmp = job.qmp();
       if (graceMs > 0) await qmp?.execute("system_powerdown").catch(() => undefined);
       const within = async (ms: number) => {
@@ -567,9 +539,7 @@ export class QemuDriver implements Driver {
         await qmp?.execute("quit").catch(() => undefined);
         if (!(await within(5000))) job.child.kill("SIGKILL");
       }
-      await job.exited;
-    })();
-    return job.stopping;
+    });
   }
 
   async snapshot(handle: RunningJob, options: { outFile: string }): Promise<SnapshotLayer> {
@@ -608,31 +578,11 @@ export class QemuDriver implements Driver {
   }
 
   cleanup(handle: Prepared | RunningJob): Promise<void> {
-    const prepared = ("prepared" in handle ? handle.prepared : handle) as QemuPrepared;
-    if (prepared.cleaned !== undefined) return prepared.cleaned;
-    prepared.cleaned = (async () => {
-      if (prepared.running !== undefined) await this.stop(prepared.running, { graceMs: 0 });
-      if (this.switchUid) {
-        const left = await killAllOfUid(prepared.uid);
-        if (left.length > 0) throw new DriverError("internal", `processes of slot uid ${prepared.uid} survived sigkill`);
-      }
-      await rm(prepared.jobDir, { recursive: true, force: true });
-      const key = `${prepared.jobId}.${prepared.attempt}`;
-      if (this.slots[prepared.slot] === key) this.slots[prepared.slot] = undefined;
-      this.jobs.delete(key);
-      this.logger.info({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot }, "vm cleaned up");
-    })();
-    return prepared.cleaned;
+    return this.pool.cleanup(handle);
   }
 
-  async close(): Promise<void> {
-    this.closed = true;
-    await Promise.all(
-      [...this.jobs.values()].map(async (prepared) => {
-        if (prepared.running !== undefined) await this.stop(prepared.running);
-        await this.cleanup(prepared);
-      }),
-    );
+  close(): Promise<void> {
+    return this.pool.close();
   }
 }
 

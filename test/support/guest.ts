@@ -26,8 +26,6 @@ import { chmod, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "no
 import { join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { gzipSync } from "node:zlib";
-import type { Transport } from "@connectrpc/connect";
-import { pushImage } from "../../lib/image-push.js";
 import { imageOf, layerOf, writeTree, type TestImage } from "../../testbed/images.js";
 import { INITRD_MEDIA_TYPE, KERNEL_MEDIA_TYPE, QCOW2_MEDIA_TYPE } from "../../supervisor/drivers/driver.js";
 import { CMDLINE_ANNOTATION, LOWER_ANNOTATION } from "../../supervisor/drivers/qemu-image.js";
@@ -237,16 +235,4 @@ async function build(): Promise<Guest> {
 }
 
 /** Pushes a test image (the guest's or one made from its layers) as `name:tag`. */
-export async function pushTestImage(admin: Transport, image: TestImage, ref: string): Promise<void> {
-  const [name, tag] = ref.split(":");
-  await pushImage(
-    admin,
-    {
-      manifestDigest: image.manifestDigest,
-      manifestJson: image.manifestJson,
-      blobs: image.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
-      mediaTypes: image.layers.map((l) => l.mediaType),
-    },
-    { name: name!, tag: tag ?? "latest" },
-  );
-}
+export { pushTestImage } from "../../testbed/provision.js";

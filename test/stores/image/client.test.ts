@@ -10,33 +10,16 @@ import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { ImageStoreService } from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { BackgroundWriter, imageStoreClient, imageStoreTransport, readBlobPieces } from "../../../lib/image-client.js";
-import { codeOf, collect, makeSigner, makeTempDir, randomBlob, removeDir, startStore, storeImage, type RunningStore, type Signer } from "./helpers.js";
+import { codeOf, collect, makeTempDir, randomBlob, removeDir, storeWithImage } from "./helpers.js";
 
 const MIB = 1024 * 1024;
 
 describe("the image client's bulk calls", () => {
-  let dir: string;
-  let signer: Signer;
-  let store: RunningStore;
-  let writeToken: string;
-  let readToken: string;
   const blob = randomBlob(5 * MIB + 3);
-
-  beforeAll(async () => {
-    dir = await makeTempDir();
-    signer = await makeSigner(dir);
-    store = await startStore(signer, { dir: join(dir, "data") });
-    writeToken = await signer.token({ scope: "image:write" });
-    ({ readToken } = await storeImage(store, signer, writeToken, [blob]));
-  });
-
-  afterAll(async () => {
-    await store.stop();
-    await removeDir(dir);
-  });
+  const fx = storeWithImage([blob]);
 
   it("reads a blob as pieces that join to its bytes, whole and by range", async () => {
-    const reader = store.client(readToken);
+    const reader = fx.store.client(fx.readToken);
     const whole = await collect(readBlobPieces(reader, { digest: blob.digest }));
     // Messages of at most one chunk, each in several pieces (HTTP/2 frames).
     expect(whole.length).toBe(6);
@@ -47,16 +30,16 @@ describe("the image client's bulk calls", () => {
   });
 
   it("answers the store's statuses with their messages", async () => {
-    const anonymous = store.client("");
+    const anonymous = fx.store.client("");
     const err = await collect(anonymous.getBlob({ digest: blob.digest })).catch((e: unknown) => e as Error);
     expect(await codeOf(collect(anonymous.getBlob({ digest: blob.digest })))).toBe(Code.Unauthenticated);
     expect((err as Error).message).toContain("missing token");
-    expect(await codeOf(collect(store.client(readToken).getBlob({ digest: "sha256:abc" })))).toBe(Code.InvalidArgument);
+    expect(await codeOf(collect(fx.store.client(fx.readToken).getBlob({ digest: "sha256:abc" })))).toBe(Code.InvalidArgument);
     const other = randomBlob(10);
-    expect(await codeOf(collect(store.client(readToken).getBlob({ digest: other.digest })))).toBe(Code.PermissionDenied);
+    expect(await codeOf(collect(fx.store.client(fx.readToken).getBlob({ digest: other.digest })))).toBe(Code.PermissionDenied);
     expect(
       await codeOf(
-        store.client(readToken).putBlob(
+        fx.store.client(fx.readToken).putBlob(
           (async function* () {
             yield { digest: other.digest, size: 10n, data: other.data };
           })(),
@@ -67,7 +50,7 @@ describe("the image client's bulk calls", () => {
 
   it("ends an upload at its deadline (DeadlineExceeded) and the store keeps what arrived", async () => {
     const fresh = randomBlob(3 * MIB);
-    const client = store.client(writeToken);
+    const client = fx.store.client(fx.writeToken);
     let release!: () => void;
     const stalled = new Promise<void>((r) => (release = r));
     const requests = async function* () {
@@ -89,7 +72,7 @@ describe("the image client's bulk calls", () => {
     const controller = new AbortController();
     let received = 0;
     const read = (async () => {
-      for await (const pieces of readBlobPieces(store.client(readToken), { digest: blob.digest }, { signal: controller.signal })) {
+      for await (const pieces of readBlobPieces(fx.store.client(fx.readToken), { digest: blob.digest }, { signal: controller.signal })) {
         received += pieces.length;
         controller.abort();
       }
@@ -97,7 +80,7 @@ describe("the image client's bulk calls", () => {
     expect(await codeOf(read)).toBe(Code.Canceled);
     expect(received).toBeGreaterThan(0);
     // The connection is still good for the next call.
-    const again = await collect(readBlobPieces(store.client(readToken), { digest: blob.digest, length: 10 }));
+    const again = await collect(readBlobPieces(fx.store.client(fx.readToken), { digest: blob.digest, length: 10 }));
     expect(Buffer.concat(again.flat()).equals(blob.data.subarray(0, 10))).toBe(true);
   });
 
@@ -106,7 +89,7 @@ describe("the image client's bulk calls", () => {
     await new Promise<void>((r) => probe.listen(0, "127.0.0.1", r));
     const port = (probe.address() as AddressInfo).port;
     await new Promise<void>((r) => probe.close(() => r()));
-    const transport = imageStoreTransport(`http://127.0.0.1:${port}`, { token: readToken });
+    const transport = imageStoreTransport(`http://127.0.0.1:${port}`, { token: fx.readToken });
     try {
       expect(await codeOf(collect(imageStoreClient(transport).getBlob({ digest: blob.digest })))).toBe(Code.Unavailable);
     } finally {
@@ -116,8 +99,8 @@ describe("the image client's bulk calls", () => {
 
   it("serves a stock connect-node gRPC client, which compresses nothing the store refuses", async () => {
     const transport = createGrpcTransport({
-      baseUrl: store.url,
-      interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${writeToken}`), next(req))],
+      baseUrl: fx.store.url,
+      interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${fx.writeToken}`), next(req))],
     });
     const client = createClient(ImageStoreService, transport);
     const fresh = randomBlob(2 * MIB + 5);
@@ -131,8 +114,8 @@ describe("the image client's bulk calls", () => {
     const reader = createClient(
       ImageStoreService,
       createGrpcTransport({
-        baseUrl: store.url,
-        interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${readToken}`), next(req))],
+        baseUrl: fx.store.url,
+        interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${fx.readToken}`), next(req))],
       }),
     );
     const chunks = await collect(reader.getBlob({ digest: blob.digest }));

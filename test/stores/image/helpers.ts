@@ -1,6 +1,7 @@
 // Shared set-up of the image store tests: a real server on port 0 over a
 // temporary data directory, a token signer whose public keys the server
 // trusts, and clients over real HTTP/2 connections.
+import { afterAll, beforeAll } from "@jest/globals";
 import { createHash, randomBytes } from "node:crypto";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -173,4 +174,36 @@ export async function storeImage(
   const manifest = manifestFor(blobs);
   await writer.putManifest({ digest: manifest.digest, manifestJson: manifest.json });
   return { manifest, readToken: await signer.token({ scope: "image:read", digest: manifest.digest }) };
+}
+
+/** A store holding one image, for the tests of one describe block. */
+export interface StoreWithImage {
+  store: RunningStore;
+  /** May write any blob and manifest. */
+  writeToken: string;
+  /** May read the image's blobs. */
+  readToken: string;
+}
+
+/**
+ * Registers, in the calling describe block, a beforeAll that starts a store
+ * over a temporary directory and uploads one image of `blobs`, and an
+ * afterAll that stops it and removes the directory. The returned object's
+ * fields are set once beforeAll has run.
+ */
+export function storeWithImage(blobs: { data: Buffer; digest: string; size: number }[]): StoreWithImage {
+  const fixture = {} as StoreWithImage;
+  let dir: string;
+  beforeAll(async () => {
+    dir = await makeTempDir();
+    const signer = await makeSigner(dir);
+    fixture.store = await startStore(signer, { dir: join(dir, "data") });
+    fixture.writeToken = await signer.token({ scope: "image:write" });
+    ({ readToken: fixture.readToken } = await storeImage(fixture.store, signer, fixture.writeToken, blobs));
+  });
+  afterAll(async () => {
+    await fixture.store.stop();
+    await removeDir(dir);
+  });
+  return fixture;
 }

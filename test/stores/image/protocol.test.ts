@@ -1,13 +1,12 @@
 // The bulk RPCs (PutBlob, GetBlob) are served by a hand-written gRPC handler;
 // these tests check that it is plain gRPC for any client, and that the
 // other protocols still reach the same methods through Connect.
-import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
+import { describe, expect, it } from "@jest/globals";
 import * as grpc from "@grpc/grpc-js";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import http2 from "node:http2";
-import { join } from "node:path";
 import {
   GetBlobRequestSchema,
   GetBlobResponseSchema,
@@ -17,17 +16,10 @@ import {
   type GetBlobResponse,
   type PutBlobResponse,
 } from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { collect, makeSigner, makeTempDir, randomBlob, removeDir, startStore, storeImage, type RunningStore, type Signer } from "./helpers.js";
+import { frame } from "../../../lib/server/raw-grpc.js";
+import { collect, randomBlob, storeWithImage } from "./helpers.js";
 
 const MIB = 1024 * 1024;
-
-function frame(bytes: Uint8Array, flags = 0): Buffer {
-  const out = Buffer.alloc(5 + bytes.length);
-  out[0] = flags;
-  out.writeUInt32BE(bytes.length, 1);
-  out.set(bytes, 5);
-  return out;
-}
 
 /** One raw HTTP/2 gRPC call: returns the response body and trailers. */
 function rawCall(url: string, path: string, headers: Record<string, string>, body: Buffer[], endBody = true) {
@@ -52,33 +44,16 @@ function rawCall(url: string, path: string, headers: Record<string, string>, bod
 }
 
 describe("the bulk gRPC handler", () => {
-  let dir: string;
-  let signer: Signer;
-  let store: RunningStore;
-  let writeToken: string;
-  let readToken: string;
   const blob = randomBlob(3 * MIB + 11);
+  const fx = storeWithImage([blob]);
   const put = `/${ImageStoreService.typeName}/PutBlob`;
   const get = `/${ImageStoreService.typeName}/GetBlob`;
 
-  beforeAll(async () => {
-    dir = await makeTempDir();
-    signer = await makeSigner(dir);
-    store = await startStore(signer, { dir: join(dir, "data") });
-    writeToken = await signer.token({ scope: "image:write" });
-    ({ readToken } = await storeImage(store, signer, writeToken, [blob]));
-  });
-
-  afterAll(async () => {
-    await store.stop();
-    await removeDir(dir);
-  });
-
   it("serves GetBlob and PutBlob to a grpc-js client", async () => {
-    const client = new grpc.Client(`127.0.0.1:${store.component.address().port}`, grpc.credentials.createInsecure());
+    const client = new grpc.Client(`127.0.0.1:${fx.store.component.address().port}`, grpc.credentials.createInsecure());
     try {
       const md = new grpc.Metadata();
-      md.set("authorization", `Bearer ${readToken}`);
+      md.set("authorization", `Bearer ${fx.readToken}`);
       const call = client.makeServerStreamRequest(
         get,
         (m: ReturnType<typeof create<typeof GetBlobRequestSchema>>) => Buffer.from(toBinary(GetBlobRequestSchema, m)),
@@ -93,7 +68,7 @@ describe("the bulk gRPC handler", () => {
 
       const fresh = randomBlob(MIB + 1);
       const wmd = new grpc.Metadata();
-      wmd.set("authorization", `Bearer ${writeToken}`);
+      wmd.set("authorization", `Bearer ${fx.writeToken}`);
       const result = await new Promise<PutBlobResponse>((resolve, reject) => {
         const up = client.makeClientStreamRequest(
           put,
@@ -125,9 +100,9 @@ describe("the bulk gRPC handler", () => {
 
   it("serves the same methods over the Connect protocol on HTTP/1.1", async () => {
     const transport = createConnectTransport({
-      baseUrl: store.url,
+      baseUrl: fx.store.url,
       httpVersion: "1.1",
-      interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${readToken}`), next(req))],
+      interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${fx.readToken}`), next(req))],
     });
     const chunks = await collect(createClient(ImageStoreService, transport).getBlob({ digest: blob.digest, offset: 5n, length: 100n }));
     expect(Buffer.concat(chunks.map((c) => c.data)).equals(blob.data.subarray(5, 105))).toBe(true);
@@ -137,8 +112,8 @@ describe("the bulk gRPC handler", () => {
     const fresh = randomBlob(2 * MIB);
     const first = toBinary(PutBlobRequestSchema, create(PutBlobRequestSchema, { digest: fresh.digest, size: BigInt(fresh.size), data: fresh.data.subarray(0, MIB) }));
     // The client sends one MiB and never ends the call: the deadline ends it.
-    const call = rawCall(store.url, put, { authorization: `Bearer ${writeToken}`, "grpc-timeout": "3S" }, [frame(first)], false);
-    const committed = async () => Number((await store.client(writeToken).queryUpload({ digest: fresh.digest })).committedOffset);
+    const call = rawCall(fx.store.url, put, { authorization: `Bearer ${fx.writeToken}`, "grpc-timeout": "3S" }, [frame(first)], false);
+    const committed = async () => Number((await fx.store.client(fx.writeToken).queryUpload({ digest: fresh.digest })).committedOffset);
     // What arrived is committed while the call is still open...
     for (const deadline = Date.now() + 2500; (await committed()) < MIB && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 20));
     const res = await call;
@@ -159,26 +134,28 @@ describe("the bulk gRPC handler", () => {
       const dataField = toBinary(PutBlobRequestSchema, create(PutBlobRequestSchema, { data }));
       return frame(Buffer.concat([dataField, fields]));
     };
-    const res = await rawCall(store.url, put, { authorization: `Bearer ${writeToken}` }, [
+    const res = await rawCall(fx.store.url, put, { authorization: `Bearer ${fx.writeToken}` }, [
       message(0, fresh.data.subarray(0, MIB), true),
       message(MIB, fresh.data.subarray(MIB), false),
     ]);
     expect(res.trailers["grpc-status"]).toBe("0");
     const reply = fromBinary(PutBlobResponseSchema, res.data.subarray(5));
     expect(reply).toMatchObject({ complete: true, committedSize: BigInt(fresh.size) });
-    expect((await store.client(writeToken).queryUpload({ digest: fresh.digest })).exists).toBe(true);
+    expect((await fx.store.client(fx.writeToken).queryUpload({ digest: fresh.digest })).exists).toBe(true);
   });
 
   it("refuses compressed messages and unsupported encodings", async () => {
     const body = toBinary(GetBlobRequestSchema, create(GetBlobRequestSchema, { digest: blob.digest }));
-    const compressed = await rawCall(store.url, get, { authorization: `Bearer ${readToken}` }, [frame(body, 1)]);
+    const flagged = frame(body);
+    flagged[0] = 1; // the compressed flag
+    const compressed = await rawCall(fx.store.url, get, { authorization: `Bearer ${fx.readToken}` }, [flagged]);
     expect(compressed.trailers["grpc-status"]).toBe("3");
-    const gzip = await rawCall(store.url, get, { authorization: `Bearer ${readToken}`, "grpc-encoding": "gzip" }, [frame(body)]);
+    const gzip = await rawCall(fx.store.url, get, { authorization: `Bearer ${fx.readToken}`, "grpc-encoding": "gzip" }, [frame(body)]);
     expect(gzip.trailers["grpc-status"]).toBe("12");
     expect(gzip.trailers["grpc-accept-encoding"] ?? gzip.headers["grpc-accept-encoding"]).toBe("identity");
-    const garbage = await rawCall(store.url, get, { authorization: `Bearer ${readToken}` }, [frame(Buffer.from([0xff, 0xff, 0xff]))]);
+    const garbage = await rawCall(fx.store.url, get, { authorization: `Bearer ${fx.readToken}` }, [frame(Buffer.from([0xff, 0xff, 0xff]))]);
     expect(garbage.trailers["grpc-status"]).toBe("3");
-    const ok = await rawCall(store.url, get, { authorization: `Bearer ${readToken}` }, [frame(body)]);
+    const ok = await rawCall(fx.store.url, get, { authorization: `Bearer ${fx.readToken}` }, [frame(body)]);
     expect(ok.trailers["grpc-status"]).toBe("0");
     expect(ok.data.length).toBeGreaterThan(blob.size);
   });
