@@ -1,18 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { Code, ConnectError } from "@connectrpc/connect";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { newSecret } from "../../coordinator/auth.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { codeOf } from "../support/codes.js";
 
 /** The code a call ends with ("OK" when it succeeds). */
-async function codeOf(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "OK";
-  } catch (err) {
-    return Code[ConnectError.from(err).code];
-  }
-}
 
 describe("the coordinator's authentication of callers", () => {
   let c: TestCoordinator;

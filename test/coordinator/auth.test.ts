@@ -11,15 +11,8 @@ import { coordinatorTransport, coordinatorKeySource } from "../../lib/coordinato
 import { silentLogger } from "../../lib/logger.js";
 import { TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { codeOf } from "../support/codes.js";
 
-async function codeOf(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "OK";
-  } catch (err) {
-    return Code[ConnectError.from(err).code];
-  }
-}
 
 describe("AuthService", () => {
   let c: TestCoordinator;

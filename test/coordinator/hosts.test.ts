@@ -1,18 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { Code, ConnectError } from "@connectrpc/connect";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { DriverKind, HostAdminState } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostChangeKind, HostService, type WatchHostsResponse } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { codeOf } from "../support/codes.js";
 
-async function codeOf(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "OK";
-  } catch (err) {
-    return Code[ConnectError.from(err).code];
-  }
-}
 
 const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 

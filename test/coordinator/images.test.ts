@@ -1,5 +1,4 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { Code, ConnectError } from "@connectrpc/connect";
 import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { ImageVisibility } from "../../gen/treadmill/coordinator/v1/image_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
@@ -8,15 +7,8 @@ import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.
 import { coordinatorKeySource, coordinatorTransport } from "../../lib/coordinator-client.js";
 import { TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { codeOf } from "../support/codes.js";
 
-async function codeOf(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "OK";
-  } catch (err) {
-    return Code[ConnectError.from(err).code];
-  }
-}
 
 const D1 = `sha256:${"1".repeat(64)}`;
 const D2 = `sha256:${"2".repeat(64)}`;

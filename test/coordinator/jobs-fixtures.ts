@@ -5,12 +5,12 @@
  */
 import { createHash, randomUUID } from "node:crypto";
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
 import type { Sql } from "postgres";
 import type { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import type { CoordinatorConfig } from "../../coordinator/config.js";
 import { ScriptedSupervisor, type ScriptedSupervisorOptions } from "../support/scripted-supervisor.js";
 import type { TestCoordinator } from "../support/coordinator.js";
+export { codeOf } from "../support/codes.js";
 
 export const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 export const QCOW2 = "application/vnd.treadmill.disk.qcow2";
@@ -89,14 +89,6 @@ export async function attach(
 }
 
 /** The code a call ends with ("OK" when it succeeds). */
-export async function codeOf(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "OK";
-  } catch (err) {
-    return Code[ConnectError.from(err).code];
-  }
-}
 
 /** A unique tag so a test's jobs only match its own hosts. */
 export function uniqueTag(): Record<string, string> {

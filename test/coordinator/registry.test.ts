@@ -1,18 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { Code, ConnectError } from "@connectrpc/connect";
 import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { liveCondition } from "../../coordinator/services/registry-service.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { codeOf } from "../support/codes.js";
 
-async function codeOf(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "OK";
-  } catch (err) {
-    return Code[ConnectError.from(err).code];
-  }
-}
 
 describe("RegistryService", () => {
   let c: TestCoordinator;

@@ -1,19 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { Code, ConnectError } from "@connectrpc/connect";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { Role } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { hostAccessCondition } from "../../coordinator/services/access.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { codeOf } from "../support/codes.js";
 
-async function codeOf(call: Promise<unknown>): Promise<string> {
-  try {
-    await call;
-    return "OK";
-  } catch (err) {
-    return Code[ConnectError.from(err).code];
-  }
-}
 
 describe("UserService", () => {
   let c: TestCoordinator;

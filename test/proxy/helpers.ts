@@ -1,32 +1,17 @@
 // Shared set-up of the proxy tests: keys and tokens, a proxy on port 0, a TCP
 // echo server as the job's "host-local port", exposers and clients.
 import net from "node:net";
-import { writeFile } from "node:fs/promises";
 import { silentLogger } from "../../lib/logger.js";
-import { TokenSigner, generateSigningKey, type Capability, type JSONWebKeySet } from "../../lib/tokens.js";
 import { loadProxyConfig, type ProxyConfig } from "../../proxy/config.js";
 import { createProxy, type Proxy } from "../../proxy/proxy.js";
 import { startExposer, type Exposer, type ExposerOptions } from "../../supervisor/exposer.js";
 import type { Exposure } from "../../supervisor/drivers/driver.js";
+import { makeKeys as makeTestKeys, type Keys } from "../support/keys.js";
 
-export interface Keys {
-  signer: TokenSigner;
-  jwks: JSONWebKeySet;
-  token(capability: Capability, ttlMs?: number): Promise<string>;
-  writeFile(path: string): Promise<void>;
-}
+export type { Keys };
 
-export async function makeKeys(): Promise<Keys> {
-  const key = await generateSigningKey();
-  const signer = await TokenSigner.create(key, { issuer: "test-coordinator" });
-  const jwks = signer.publicJwks();
-  return {
-    signer,
-    jwks,
-    token: (capability, ttlMs = 600_000) => signer.sign(capability, ttlMs, { subject: "test", audience: "proxy" }),
-    writeFile: (path) => writeFile(path, JSON.stringify(jwks)),
-  };
-}
+/** Keys whose tokens are addressed to the proxy. */
+export const makeKeys = (): Promise<Keys> => makeTestKeys({ audience: "proxy" });
 
 /** A proxy in this process on port 0. */
 export async function startProxy(keys: Keys, overrides: Partial<ProxyConfig> = {}): Promise<Proxy> {

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import type { FetchResponse } from "../../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import { readBlobChunks, uploadBlob, type BlobSource } from "../../../lib/image-client.js";
-import { collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
+import { codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
 
 const run = promisify(execFile);
 const MIB = 1024 * 1024;
@@ -18,14 +18,6 @@ const source =
     for (let i = offset; i < data.length; i += MIB) yield data.subarray(i, Math.min(data.length, i + MIB));
   };
 
-async function codeOf(p: Promise<unknown>): Promise<Code | "ok"> {
-  try {
-    await p;
-    return "ok";
-  } catch (err) {
-    return ConnectError.from(err).code;
-  }
-}
 
 /** A URL where nothing listens. */
 async function deadUrl(): Promise<string> {

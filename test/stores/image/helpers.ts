@@ -6,7 +6,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { ConnectError, createClient, type Code } from "@connectrpc/connect";
+import { createClient } from "@connectrpc/connect";
 import { ImageCacheService } from "../../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import {
   imageStoreClient,
@@ -20,6 +20,7 @@ import { silentLogger } from "../../../lib/logger.js";
 import { TokenSigner, generateSigningKey, type Capability } from "../../../lib/tokens.js";
 import { loadImageStoreConfig, type ImageStoreConfig } from "../../../stores/image/config.js";
 import { createImageStore, type ImageStoreComponent, type ImageStoreDeps } from "../../../stores/image/image-store.js";
+export { errorCodeOf as codeOf } from "../../support/codes.js";
 
 export const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
 
@@ -146,14 +147,6 @@ export async function collect<T>(items: AsyncIterable<T>): Promise<T[]> {
 }
 
 /** The code a call failed with, or "ok". */
-export async function codeOf(p: Promise<unknown>): Promise<Code | "ok"> {
-  try {
-    await p;
-    return "ok";
-  } catch (err) {
-    return ConnectError.from(err).code;
-  }
-}
 
 /** A BlobSource over a buffer, in chunks of `chunk` bytes. */
 export const bufferSource =

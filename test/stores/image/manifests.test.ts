@@ -3,7 +3,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { readdir, readFile, stat, utimes } from "node:fs/promises";
 import { join } from "node:path";
 import { uploadBlob, type BlobSource } from "../../../lib/image-client.js";
-import { makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, sha256, startStore, type RunningStore, type Signer } from "./helpers.js";
+import { codeOf, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, sha256, startStore, type RunningStore, type Signer } from "./helpers.js";
 
 const source =
   (data: Buffer): BlobSource =>
@@ -11,14 +11,6 @@ const source =
     yield data.subarray(offset);
   };
 
-async function codeOf(p: Promise<unknown>): Promise<Code | "ok"> {
-  try {
-    await p;
-    return "ok";
-  } catch (err) {
-    return ConnectError.from(err).code;
-  }
-}
 
 describe("image store manifests and garbage collection", () => {
   let dir: string;

@@ -1,7 +1,7 @@
 // Shared set-up of the log server tests: keys and tokens, a server on port 0
 // over a temporary data directory, clients, and a hand-driven Append stream.
 import http from "node:http";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
@@ -16,33 +16,17 @@ import {
 } from "../../../gen/treadmill/log/v1/log_service_pb.js";
 import type { ServingComponent } from "../../../lib/component.js";
 import { silentLogger } from "../../../lib/logger.js";
-import { TokenSigner, generateSigningKey, type Capability, type JSONWebKeySet } from "../../../lib/tokens.js";
 import { loadLogServerConfig, type LogServerConfig } from "../../../stores/log/config.js";
 import { createLogServer } from "../../../stores/log/log-server.js";
+import type { Keys } from "../../support/keys.js";
+
+export type { Keys };
 
 /** An async iterable fed by hand (for streaming requests). */
 import { AsyncQueue as Pushable } from "../../../lib/async-queue.js";
 export { Pushable };
 
-export interface Keys {
-  signer: TokenSigner;
-  jwks: JSONWebKeySet;
-  token(capability: Capability, ttlMs?: number): Promise<string>;
-  /** Writes the JWKS to a file, for a server in a child process. */
-  writeFile(path: string): Promise<void>;
-}
-
-export async function makeKeys(): Promise<Keys> {
-  const key = await generateSigningKey();
-  const signer = await TokenSigner.create(key, { issuer: "test-coordinator" });
-  const jwks = signer.publicJwks();
-  return {
-    signer,
-    jwks,
-    token: (capability, ttlMs = 600_000) => signer.sign(capability, ttlMs, { subject: "test" }),
-    writeFile: (path) => writeFile(path, JSON.stringify(jwks)),
-  };
-}
+export { makeKeys } from "../../support/keys.js";
 
 export async function tempDir(prefix = "treadmill-log-"): Promise<{ path: string; remove(): Promise<void> }> {
   const path = await mkdtemp(join(tmpdir(), prefix));
