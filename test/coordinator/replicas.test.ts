@@ -131,10 +131,11 @@ describe("two coordinator replicas on one database", () => {
     expect(supervisors[0].welcome!.coordinatorId).not.toBe(survivor);
     child.child.kill("SIGKILL");
     await child.exited;
-    // The child's supervisors re-attach to the survivor, saying what they hold.
+    // The child's supervisors re-attach to the survivor, saying what they hold
+    // (the host row may say so before the supervisor has read its welcome).
     await waitUntil(async () => {
       const [r] = await b.sql`select count(*)::int as n from hosts where tags @> ${b.sql.json(tag)} and attached_replica = ${survivor}`;
-      return r.n === 10;
+      return r.n === 10 && supervisors.slice(0, 6).every((s) => s.attaches >= 2 && s.welcome?.coordinatorId === survivor);
     }, "every supervisor to attach to the surviving replica");
     // Each of the child's supervisors re-attached (a loaded machine may add a
     // reconnect; what matters, no job started twice, is checked below).
