@@ -8,7 +8,6 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { chmod, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createInterface } from "node:readline";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
@@ -17,6 +16,7 @@ import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.
 import type { ServingComponent } from "../../lib/component.js";
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
 import { silentLogger } from "../../lib/logger.js";
+import { watchLines } from "../support/process.js";
 import { loadImageStoreConfig } from "../../stores/image/config.js";
 import { createImageStore } from "../../stores/image/image-store.js";
 import { loadLogServerConfig } from "../../stores/log/config.js";
@@ -51,46 +51,17 @@ export function startTml(configFile: string, args: string[], options: { input?: 
   child.stdin!.end(options.input ?? "");
   let stdout = "";
   let stderr = "";
-  const lines: string[] = [];
-  const waiters: { pattern: RegExp; resolve: (l: string) => void }[] = [];
-  const onLine = (line: string) => {
-    lines.push(line);
-    for (const w of [...waiters]) {
-      if (w.pattern.test(line)) {
-        waiters.splice(waiters.indexOf(w), 1);
-        w.resolve(line);
-      }
-    }
-  };
   child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
   child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
-  createInterface({ input: child.stdout! }).on("line", onLine);
-  createInterface({ input: child.stderr! }).on("line", onLine);
   const result = new Promise<TmlResult>((resolve) =>
     child.once("close", (code, signal) => resolve({ code: code ?? signal ?? "unknown", stdout, stderr })),
   );
+  const watcher = watchLines(child, result);
   return {
     child,
-    lines,
+    lines: watcher.lines,
     result,
-    waitForLine(pattern, timeoutMs = 60_000) {
-      const seen = lines.find((l) => pattern.test(l));
-      if (seen !== undefined) return Promise.resolve(seen);
-      return new Promise((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no line matching ${pattern}; output:\n${lines.join("\n")}`)), timeoutMs);
-        waiters.push({
-          pattern,
-          resolve: (l) => {
-            clearTimeout(timer);
-            resolve(l);
-          },
-        });
-        void result.then(() => {
-          clearTimeout(timer);
-          reject(new Error(`tml exited before printing ${pattern}; output:\n${lines.join("\n")}`));
-        });
-      });
-    },
+    waitForLine: (pattern, timeoutMs = 60_000) => watcher.waitForLine(pattern, timeoutMs),
   };
 }
 
