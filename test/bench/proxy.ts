@@ -6,7 +6,9 @@
 //     through the user-facing TunnelService.Dial, as `tml console` and
 //     `tml port-forward` do, and echoed back), and of one connection through
 //     a TCP entrance (OpenTcpEntrance, as ssh uses it), against direct
-//     loopback TCP to the same echo server;
+//     loopback TCP to the same echo server, and against the ceiling of any
+//     relay with this topology: two plain TCP relays written in Node (socket
+//     pipes, nothing else) in the proxy's and the supervisor's places;
 // (b) round trip of 64-byte echoes (p50, p99) through a Dial tunnel and a
 //     TCP entrance, against a direct TCP connection to the same echo server;
 // (c) resident memory of the proxy per open (idle) tunnel.
@@ -31,6 +33,7 @@ import { percentile, report } from "./report.js";
 
 const PROXY_BIN = new URL("../../bin/treadmill-proxy.js", import.meta.url).pathname;
 const SUPERVISOR = new URL("./children/proxy-supervisor.ts", import.meta.url).pathname;
+const RELAY = new URL("./children/tcp-relay.ts", import.meta.url).pathname;
 const TOTAL = Number(process.env.PROXY_BENCH_MB ?? 256) * 1e6;
 const RTTS = Number(process.env.PROXY_BENCH_RTTS ?? 5000);
 const IDLE_TUNNELS = Number(process.env.PROXY_BENCH_TUNNELS ?? 500);
@@ -122,6 +125,12 @@ export async function run(): Promise<void> {
     const supervisor = spawn(process.execPath, ["--import", "tsx", SUPERVISOR, url, jobId, exposeToken], { stdio: ["ignore", "pipe", "inherit"] });
     children.push(supervisor);
     const echoPort = Number((await waitForLine(supervisor, /echo port (\d+)/))[1]);
+    const innerRelay = Number((await waitForLine(supervisor, /relay port (\d+)/))[1]);
+    // The ceiling baseline: a plain relay in the proxy's place, in a process
+    // of its own, to the plain relay in the supervisor's process.
+    const relay = spawn(process.execPath, ["--import", "tsx", RELAY, String(innerRelay)], { stdio: ["ignore", "pipe", "inherit"] });
+    children.push(relay);
+    const relayPort = Number((await waitForLine(relay, /relay port (\d+)/))[1]);
     await waitForLine(supervisor, /exposer connected/);
     const token = await signer.sign({ scope: "tunnel:dial", job: jobId, exposure: "echo" }, 3_600_000, { subject: "bench" });
     const dial = () => dialTunnel({ proxyUrl: url, token, jobId, port: "echo" });
@@ -164,6 +173,11 @@ export async function run(): Promise<void> {
     const tunnelOne = await echoThroughput(tunnel1, TOTAL);
     tunnel1.destroy();
     report("throughput, 1 tunnel (echo, each way)", tunnelOne, "MB/s", { name: "direct tcp", value: directOne });
+    const relay1 = await directTcp(relayPort);
+    const relayOne = await echoThroughput(relay1, TOTAL);
+    relay1.destroy();
+    report("ceiling: 2 plain TCP relays, 1 connection", relayOne, "MB/s", { name: "direct tcp", value: directOne });
+    report("  1 tunnel against that ceiling", tunnelOne, "MB/s", { name: "2 plain relays", value: relayOne });
     const entrance1 = await viaEntrance();
     const entranceOne = await echoThroughput(entrance1, TOTAL);
     entrance1.destroy();
@@ -180,6 +194,9 @@ export async function run(): Promise<void> {
     const direct16 = await many(() => directTcp(echoPort));
     const tunnel16 = await many(dial);
     report("throughput, 16 tunnels (echo, each way)", tunnel16, "MB/s", { name: "direct tcp", value: direct16 });
+    const relay16 = await many(() => directTcp(relayPort));
+    report("ceiling: 2 plain TCP relays, 16 connections", relay16, "MB/s", { name: "direct tcp", value: direct16 });
+    report("  16 tunnels against that ceiling", tunnel16, "MB/s", { name: "2 plain relays", value: relay16 });
 
     // (b) round trips
     const d = await directTcp(echoPort);

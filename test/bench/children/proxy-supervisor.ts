@@ -5,6 +5,7 @@
 import net from "node:net";
 import { silentLogger } from "../../../lib/logger.js";
 import { startExposer } from "../../../supervisor/exposer.js";
+import { startRelay } from "./tcp-relay.js";
 
 const [proxyUrl, jobId, token] = process.argv.slice(2);
 const server = net.createServer({ allowHalfOpen: true }, (socket) => {
@@ -15,6 +16,8 @@ const server = net.createServer({ allowHalfOpen: true }, (socket) => {
 server.listen({ host: "127.0.0.1", port: 0 }, () => {
   const port = (server.address() as net.AddressInfo).port;
   process.stdout.write(`echo port ${port}\n`);
+  // The ceiling baseline's relay in the supervisor's place (see tcp-relay.ts).
+  void startRelay(port).then((relay) => process.stdout.write(`relay port ${relay}\n`));
   const exposer = startExposer({
     proxyUrl,
     token: () => token,
