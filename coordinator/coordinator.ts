@@ -1,6 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { serverOptions, type ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
+import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { createServer, type Server } from "../lib/server.js";
 import { authInterceptor } from "./auth.js";
 import { bootstrapAdmin } from "./bootstrap.js";
@@ -62,6 +63,10 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         server = createServer({
           ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, jobs)),
           interceptors: [authInterceptor({ sql: db.sql, clock })],
+          // Control messages, mostly small; a StartJob with its tokens is
+          // just over gzip's 1 KiB threshold, where compressing costs the
+          // coordinator more CPU than the bytes are worth.
+          bulkProcedures: [`/${SupervisorService.typeName}/Attach`],
           http: config.console
             ? consoleAssets({ dir: config.consoleDir || DEFAULT_CONSOLE_DIR, logger: logger.child({ subsystem: "console" }) })
             : undefined,

@@ -8,21 +8,33 @@
  * Nothing waits for a timer: an idle queue starts a transaction at once, and
  * what arrives meanwhile goes into the next one. Within a transaction the
  * jobs of the batch are locked first, in id order (the job system's lock
- * order: job rows before their job_hosts rows), then the changes of
- * different jobs run side by side, their statements pipelined on the
- * transaction's connection, and the changes of one job one after the other
- * in arrival order. If the transaction fails, each of its changes is tried
- * again in a transaction of its own, so one bad change fails alone.
+ * order: job rows before their job_hosts rows). Then the changes go in
+ * rounds: round k takes the k-th change of every job (a job's changes keep
+ * their arrival order), and the changes of a round, all on distinct jobs,
+ * run side by side: the common kinds (a report of progress, an end, an
+ * acknowledged StartJob) as a few set-based statements for all of them, so
+ * a batch costs a few statements per round rather than several per change;
+ * any other change on its own, its statements pipelined with the rest. If
+ * the transaction fails, each of its changes is tried again in a transaction
+ * of its own, so one bad change fails alone.
  */
 import type { Sql, TransactionSql } from "postgres";
 import { customPlans } from "./store.js";
+import { type HostAt, type HostEnd, type HostReport, hostsEnded, hostsProgress } from "./transitions.js";
+
+/** What a change does: one of the common kinds (applied set-based with the others of its round), or anything. */
+export type Op =
+  | { kind: "progress"; report: HostReport }
+  | { kind: "ended"; end: HostEnd }
+  | { kind: "started"; at: HostAt }
+  | { kind: "apply"; apply: (tx: TransactionSql) => Promise<unknown> };
 
 /** At most this many changes in one transaction. */
 const MAX_BATCH = 500;
 
 interface Change {
   jobId: string;
-  apply: (tx: TransactionSql) => Promise<unknown>;
+  op: Op;
   resolve: () => void;
   reject: (err: unknown) => void;
 }
@@ -33,10 +45,10 @@ export class GroupCommit {
 
   constructor(private readonly sql: Sql) {}
 
-  /** Runs `apply` (a change to job `jobId` and its rows) in a shared transaction; resolves after the commit. */
-  run(jobId: string, apply: (tx: TransactionSql) => Promise<unknown>): Promise<void> {
+  /** Runs `op` (a change to job `jobId` and its rows) in a shared transaction; resolves after the commit. */
+  run(jobId: string, op: Op): Promise<void> {
     return new Promise((resolve, reject) => {
-      this.queue.push({ jobId, apply, resolve, reject });
+      this.queue.push({ jobId, op, resolve, reject });
       this.flushing ??= this.flush().finally(() => (this.flushing = undefined));
     });
   }
@@ -73,14 +85,34 @@ async function applyAll(tx: TransactionSql, batch: Change[]): Promise<void> {
   customPlans(tx);
   // Executed before any statement of the changes (they follow it on the connection).
   const lock = tx`select 1 from jobs where id = any(${[...byJob.keys()].sort()}::uuid[]) order by id for update`.execute();
-  // Every change runs to its end before the transaction ends: one that went on
-  // after a failure of another must not issue statements once it rolled back.
-  const results = await Promise.allSettled([
-    lock,
-    ...[...byJob.values()].map(async (changes) => {
-      for (const c of changes) await c.apply(tx);
-    }),
-  ]);
-  const failed = results.find((r) => r.status === "rejected");
-  if (failed) throw failed.reason;
+  const queues = [...byJob.values()];
+  for (let round = 0; queues.some((q) => q.length > round); round++) {
+    const ops = queues.filter((q) => q.length > round).map((q) => q[round].op);
+    const progress: HostReport[] = [];
+    const ended: HostEnd[] = [];
+    const started: HostAt[] = [];
+    const others: ((tx: TransactionSql) => Promise<unknown>)[] = [];
+    for (const op of ops) {
+      if (op.kind === "progress") progress.push(op.report);
+      else if (op.kind === "ended") ended.push(op.end);
+      else if (op.kind === "started") started.push(op.at);
+      else others.push(op.apply);
+    }
+    // Every statement of the round runs to its end before the transaction
+    // ends: one that went on after a failure of another must not issue
+    // statements once it rolled back.
+    const results = await Promise.allSettled([
+      round === 0 ? lock : undefined,
+      hostsProgress(tx, progress),
+      hostsEnded(tx, ended),
+      started.length > 0 &&
+        tx`
+          update job_hosts jh set started = true
+          from jsonb_to_recordset(${tx.json(started as never)}::jsonb) as v("jobId" uuid, "hostId" uuid, attempt int)
+          where jh.job_id = v."jobId" and jh.attempt = v.attempt and jh.host_id = v."hostId" and jh.released_at is null`.execute(),
+      ...others.map((apply) => apply(tx)),
+    ]);
+    const failed = results.find((r) => r.status === "rejected");
+    if (failed) throw failed.reason;
+  }
 }

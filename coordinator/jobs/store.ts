@@ -31,7 +31,6 @@ import {
   JobState,
   ReasonClass,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
-import { audit } from "../audit.js";
 
 export type Db = Sql | TransactionSql;
 
@@ -134,10 +133,21 @@ export const jobColumns = (sql: Db) => sql`
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
 
 export async function loadJob(sql: Db, id: string, options: { lock?: boolean } = {}): Promise<JobRow | undefined> {
-  const [row] = options.lock
-    ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id} for update of j`
-    : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id}`;
-  return row;
+  return (await loadJobs(sql, [id], options)).get(id);
+}
+
+/** Several jobs by id (missing ones are absent); `lock` takes their rows in id order. */
+export async function loadJobs(sql: Db, ids: string[], options: { lock?: boolean } = {}): Promise<Map<string, JobRow>> {
+  if (ids.length === 0) return new Map();
+  const rows =
+    ids.length === 1
+      ? options.lock
+        ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${ids[0]} for update of j`
+        : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${ids[0]}`
+      : options.lock
+        ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = any(${[...ids].sort()}::uuid[]) order by j.id for update of j`
+        : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = any(${ids}::uuid[])`;
+  return new Map(rows.map((r) => [r.id, r]));
 }
 
 interface EventRow {
@@ -213,30 +223,45 @@ export interface EventInput {
  * and a 'treadmill_jobs' notification, all in `tx`.
  */
 export async function recordEvent(tx: Db, e: EventInput): Promise<void> {
-  const message = clipText(e.message ?? "", 4096);
-  // Pipelined: three statements, one round trip.
-  await Promise.all([
-    tx`
-      insert into job_events (job_id, kind, state, stage, message, attempt, host_id)
-      values (${e.jobId}, ${e.kind}, ${e.state}, ${e.stage ?? null}, ${message}, ${e.attempt}, ${e.hostId ?? null})`,
-    audit(tx, {
-      kind: `job.${e.kind}`,
-      actor: e.actor,
-      jobId: e.jobId,
-      hostId: e.hostId ?? undefined,
-      userId: e.ownerId,
-      message,
-      details: { state: e.state, stage: e.stage ?? null, attempt: e.attempt },
-    }),
-    tx`select pg_notify('treadmill_jobs', ${e.jobId})`,
-  ]);
+  await recordEvents(tx, [e]);
 }
 
-/** Hosts still holding a slot for any attempt of the job (their streams must hear of a change). */
-export async function notifyJobHosts(tx: Db, jobId: string): Promise<void> {
+/** Records timeline events (see recordEvent) in one statement, in the order given. */
+export async function recordEvents(tx: Db, events: EventInput[]): Promise<void> {
+  if (events.length === 0) return;
+  const rows = events.map((e, i) => ({
+    i,
+    job: e.jobId,
+    kind: e.kind,
+    state: e.state,
+    stage: e.stage ?? null,
+    message: clipText(e.message ?? "", 4096),
+    attempt: e.attempt,
+    host: e.hostId ?? null,
+    actor: e.actor,
+    owner: e.ownerId ?? null,
+  }));
+  await tx`
+    with v as materialized (
+      select * from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
+        as v(i int, job uuid, kind text, state text, stage text, message text, attempt int, host uuid, actor text, owner uuid)),
+    ev as (
+      insert into job_events (job_id, kind, state, stage, message, attempt, host_id)
+      select job, kind, state, stage, message, attempt, host from v order by i),
+    au as (
+      insert into audit_events (kind, actor, job_id, host_id, user_id, message, details)
+      select 'job.' || kind, actor, job, host, owner, message, jsonb_build_object('state', state, 'stage', stage, 'attempt', attempt)
+      from v order by i)
+    select pg_notify('treadmill_jobs', job::text) from (select distinct job from v) n`;
+}
+
+/** Hosts still holding a slot for any attempt of the jobs (their streams must hear of a change). */
+export async function notifyJobHosts(tx: Db, jobIds: string | string[]): Promise<void> {
+  const ids = typeof jobIds === "string" ? [jobIds] : jobIds;
+  if (ids.length === 0) return;
   await tx`
     select pg_notify('treadmill_commands', h.id::text), pg_notify('treadmill_hosts', h.id::text)
-    from (select distinct host_id as id from job_hosts where job_id = ${jobId} and released_at is null) h`;
+    from (select distinct host_id as id from job_hosts where job_id = any(${ids}::uuid[]) and released_at is null) h`;
 }
 
 export interface Ending {
@@ -255,17 +280,24 @@ export interface Ending {
  * of the hosts still holding the attempt are told (they stop it).
  */
 export async function endAttempt(tx: Db, job: JobRow, end: Ending): Promise<"restarted" | "finalized"> {
-  const message = clipText(end.message, 1024);
-  // Each branch's statements are independent: they go out together.
-  if (INFRASTRUCTURE_REASONS.has(end.reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts) {
-    const attempt = job.attempt + 1;
-    await Promise.all([
-      tx`
-        update jobs set state = 'queued', stage = null, attempt = ${attempt}, queued_at = now(),
-          assigned_at = null, started_at = null, deadline_at = null, proxy_url = '',
-          status_message = ${message}, updated_at = now()
-        where id = ${job.id}`,
-      recordEvent(tx, {
+  const [outcome] = await endAttempts(tx, [{ job, end }]);
+  return outcome;
+}
+
+/** endAttempt for several distinct jobs: a few statements in all, sent together. */
+export async function endAttempts(tx: Db, items: { job: JobRow; end: Ending }[]): Promise<("restarted" | "finalized")[]> {
+  const outcomes = items.map(({ job, end }) =>
+    INFRASTRUCTURE_REASONS.has(end.reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts ? "restarted" : "finalized",
+  );
+  const restarts: { id: string; attempt: number; message: string }[] = [];
+  const finals: { id: string; reason: DbReason; exit_status: string | null; exit_code: number | null; message: string }[] = [];
+  const events: EventInput[] = [];
+  items.forEach(({ job, end }, i) => {
+    const message = clipText(end.message, 1024);
+    if (outcomes[i] === "restarted") {
+      const attempt = job.attempt + 1;
+      restarts.push({ id: job.id, attempt, message });
+      events.push({
         jobId: job.id,
         kind: "restarted",
         state: "queued",
@@ -274,33 +306,53 @@ export async function endAttempt(tx: Db, job: JobRow, end: Ending): Promise<"res
         actor: end.actor,
         ownerId: job.owner_id,
         message: `attempt ${job.attempt} ended ${end.reason}: ${message}; restarting as attempt ${attempt}`,
-      }),
-      notifyJobHosts(tx, job.id),
-      tx`select pg_notify('treadmill_schedule', '')`,
-    ]);
-    return "restarted";
-  }
+      });
+    } else {
+      finals.push({
+        id: job.id,
+        reason: end.reason,
+        exit_status: end.reason === "workload_exited" ? (end.exitStatus ?? null) : null,
+        exit_code: end.exitCode ?? null,
+        message,
+      });
+      events.push({
+        jobId: job.id,
+        kind: "state_changed",
+        state: "finalized",
+        attempt: job.attempt,
+        hostId: end.hostId,
+        actor: end.actor,
+        ownerId: job.owner_id,
+        message: message === "" ? end.reason : `${end.reason}: ${message}`,
+      });
+    }
+  });
+  // Independent statements: they go out together.
   await Promise.all([
-    tx`
-      update jobs set state = 'finalized', stage = null, reason = ${end.reason},
-        exit_status = ${end.reason === "workload_exited" ? (end.exitStatus ?? null) : null},
-        exit_code = ${end.exitCode ?? null}, status_message = ${message}, stop_reason = null,
-        finalized_at = now(), updated_at = now()
-      where id = ${job.id}`,
-    tx`delete from job_secrets where job_id = ${job.id}`,
-    recordEvent(tx, {
-      jobId: job.id,
-      kind: "state_changed",
-      state: "finalized",
-      attempt: job.attempt,
-      hostId: end.hostId,
-      actor: end.actor,
-      ownerId: job.owner_id,
-      message: message === "" ? end.reason : `${end.reason}: ${message}`,
-    }),
-    notifyJobHosts(tx, job.id),
+    restarts.length > 0 &&
+      tx`
+        update jobs j set state = 'queued', stage = null, attempt = v.attempt, queued_at = now(),
+          assigned_at = null, started_at = null, deadline_at = null, proxy_url = '',
+          status_message = v.message, updated_at = now()
+        from jsonb_to_recordset(${tx.json(restarts as never)}::jsonb) as v(id uuid, attempt int, message text)
+        where j.id = v.id
+        returning pg_notify('treadmill_schedule', '')`,
+    finals.length > 0 &&
+      tx`
+        update jobs j set state = 'finalized', stage = null, reason = v.reason, exit_status = v.exit_status,
+          exit_code = v.exit_code, status_message = v.message, stop_reason = null,
+          finalized_at = now(), updated_at = now()
+        from jsonb_to_recordset(${tx.json(finals as never)}::jsonb)
+          as v(id uuid, reason text, exit_status text, exit_code int, message text)
+        where j.id = v.id`,
+    finals.length > 0 && tx`delete from job_secrets where job_id = any(${finals.map((f) => f.id)}::uuid[])`,
+    recordEvents(tx, events),
+    notifyJobHosts(
+      tx,
+      items.map((it) => it.job.id),
+    ),
   ]);
-  return "finalized";
+  return outcomes;
 }
 
 export function clipText(value: string, max: number): string {

@@ -45,7 +45,7 @@ import { uuidv7 } from "../services/common.js";
 import { type HostRow, hostColumns, hostMessage } from "../services/hosts.js";
 import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";
-import { GroupCommit } from "./group-commit.js";
+import { GroupCommit, type Op } from "./group-commit.js";
 import { onSnapshotResult } from "./snapshots.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { type Db, reasonName, stageName, stateName } from "./store.js";
@@ -97,6 +97,7 @@ export class SupervisorStreams {
     for (const s of sessions) s.finish(new ConnectError("coordinator replica shutting down", Code.Unavailable));
     await Promise.all(sessions.map((s) => s.closed));
     await this.commits.idle();
+    await this.flushCommandAudit();
     await this.flushSeen().catch(() => undefined);
   }
 
@@ -110,17 +111,42 @@ export class SupervisorStreams {
     this.sessions.get(hostId)?.deliverStarts(starts);
   }
 
-  /** Every command sent is an audit event (never with its secrets or tokens). */
-  async auditCommands(host: HostCaller, sends: AttachResponse[]): Promise<void> {
-    const rows = sends.map((m) => {
+  /**
+   * Every command sent is an audit event (never with its secrets or tokens).
+   * The commands sent by all streams in one turn of the event loop are
+   * recorded with one statement.
+   */
+  auditCommands(host: HostCaller, sends: AttachResponse[]): void {
+    for (const m of sends) {
       const v = m.payload.value as { requestId: string; jobId: string; attempt: number };
-      return { kind: `command.${m.payload.case === "startJob" ? "start_job" : "stop_job"}`, job: v.jobId, request: v.requestId, attempt: v.attempt };
-    });
-    await this.ctx.sql`
-      insert into audit_events (kind, actor, job_id, host_id, message, details)
-      select v.kind, 'system', v.job, ${host.hostId}, 'sent to ' || ${host.hostName},
-        jsonb_build_object('requestId', v.request, 'attempt', v.attempt, 'replica', ${this.ctx.replicaId}::text)
-      from jsonb_to_recordset(${this.ctx.sql.json(rows as never)}::jsonb) as v(kind text, job uuid, request text, attempt int)`;
+      this.sentCommands.push({
+        kind: `command.${m.payload.case === "startJob" ? "start_job" : "stop_job"}`,
+        job: v.jobId,
+        host: host.hostId,
+        message: `sent to ${host.hostName}`,
+        request: v.requestId,
+        attempt: v.attempt,
+      });
+    }
+    if (this.sentCommands.length === sends.length) setImmediate(() => void this.flushCommandAudit());
+  }
+
+  private sentCommands: { kind: string; job: string; host: string; message: string; request: string; attempt: number }[] = [];
+
+  private async flushCommandAudit(): Promise<void> {
+    const rows = this.sentCommands;
+    this.sentCommands = [];
+    if (rows.length === 0) return;
+    try {
+      await this.ctx.sql`
+        insert into audit_events (kind, actor, job_id, host_id, message, details)
+        select v.kind, 'system', v.job, v.host, v.message,
+          jsonb_build_object('requestId', v.request, 'attempt', v.attempt, 'replica', ${this.ctx.replicaId}::text)
+        from jsonb_to_recordset(${this.ctx.sql.json(rows as never)}::jsonb)
+          as v(kind text, job uuid, host uuid, message text, request text, attempt int)`;
+    } catch (err) {
+      if (!this.stopped) this.log.warn({ err, commands: rows.length }, "cannot record commands in the audit log");
+    }
   }
 
   /** Every stream re-reads its host (after the LISTEN connection came back). */
@@ -442,9 +468,8 @@ export class HostSession {
     checkHeld("job_state_report", r);
     if (r.reportId.length > 64) throw invalid("job_state_report.report_id must be at most 64 characters");
     const at = { jobId: r.jobId, hostId: this.host.hostId, attempt: r.attempt };
-    const commit = (apply: (tx: Db) => Promise<unknown>) => this.streams.commits.run(r.jobId, apply);
     if (r.termination) {
-      await commit((tx) => hostEnded(tx, at, termination(r.termination!), { released: true, actor: this.actor }));
+      await this.commit(r.jobId, { kind: "ended", end: { at, termination: termination(r.termination), released: true, actor: this.actor } });
       this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, true));
       return;
     }
@@ -452,10 +477,16 @@ export class HostSession {
     if (state !== "initializing" && state !== "running" && state !== "terminating") {
       throw invalid("job_state_report.state must be INITIALIZING, RUNNING or TERMINATING");
     }
-    await commit((tx) =>
-      hostProgress(tx, at, { state, stage: state === "initializing" ? stageName(r.stage) : null, message: r.message.slice(0, 4096) }, this.actor),
-    );
+    await this.commit(r.jobId, {
+      kind: "progress",
+      report: { at, state, stage: state === "initializing" ? stageName(r.stage) : null, message: r.message.slice(0, 4096), actor: this.actor },
+    });
     this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, false));
+  }
+
+  /** Group-commits `op`, a change to job `jobId`. */
+  private commit(jobId: string, op: Op): Promise<void> {
+    return this.streams.commits.run(jobId, op);
   }
 
   private async onAck(ack: CommandAck): Promise<void> {
@@ -463,24 +494,20 @@ export class HostSession {
     if (!p) return; // an answer to a command of an older sending, or unknown: nothing to do
     this.pending.delete(ack.requestId);
     const at = { jobId: p.jobId, hostId: this.host.hostId, attempt: p.attempt };
-    const commit = (apply: (tx: Db) => Promise<unknown>) => this.streams.commits.run(p.jobId, apply);
     if (p.kind === "start") {
       if (ack.ok) {
-        await commit(
-          (tx) => tx`
-            update job_hosts set started = true
-            where job_id = ${p.jobId} and attempt = ${p.attempt} and host_id = ${this.host.hostId} and released_at is null`,
-        );
+        await this.commit(p.jobId, { kind: "started", at });
       } else {
         this.log.warn({ jobId: p.jobId, attempt: p.attempt, code: ack.errorCode, reason: ack.errorMessage }, "supervisor refused a job");
-        await commit((tx) =>
-          hostEnded(
-            tx,
+        await this.commit(p.jobId, {
+          kind: "ended",
+          end: {
             at,
-            { reason: "host_start_failure", message: `the supervisor refused StartJob: ${ack.errorMessage.slice(0, 1024)}` },
-            { released: true, actor: this.actor },
-          ),
-        );
+            termination: { reason: "host_start_failure", message: `the supervisor refused StartJob: ${ack.errorMessage.slice(0, 1024)}` },
+            released: true,
+            actor: this.actor,
+          },
+        });
       }
       return;
     }
@@ -490,16 +517,19 @@ export class HostSession {
     }
     // A stop of an attempt the supervisor never started, or that the
     // coordinator already ended, leaves nothing behind: the slot is free.
-    await commit(async (tx) => {
-      const [row] = await tx<{ started: boolean; terminated: boolean }[]>`
-        select started, terminated_at is not null as terminated from job_hosts
-        where job_id = ${p.jobId} and attempt = ${p.attempt} and host_id = ${this.host.hostId} and released_at is null`;
-      if (!row) return;
-      if (!row.started) {
-        await hostEnded(tx, at, { reason: "canceled", message: "stopped before it started" }, { released: true, actor: this.actor });
-      } else if (row.terminated) {
-        await releaseSlot(tx, at);
-      }
+    await this.commit(p.jobId, {
+      kind: "apply",
+      apply: async (tx) => {
+        const [row] = await tx<{ started: boolean; terminated: boolean }[]>`
+          select started, terminated_at is not null as terminated from job_hosts
+          where job_id = ${p.jobId} and attempt = ${p.attempt} and host_id = ${this.host.hostId} and released_at is null`;
+        if (!row) return;
+        if (!row.started) {
+          await hostEnded(tx, at, { reason: "canceled", message: "stopped before it started" }, { released: true, actor: this.actor });
+        } else if (row.terminated) {
+          await releaseSlot(tx, at);
+        }
+      },
     });
   }
 
@@ -616,7 +646,7 @@ export class HostSession {
     if (sends.length === 0 || this.finished) return;
     for (const m of sends) this.outbox.push(m);
     // Off the stream's path: the command is on its way; the record follows.
-    this.streams.auditCommands(this.host, sends).catch((err) => this.log.warn({ err }, "cannot record commands in the audit log"));
+    this.streams.auditCommands(this.host, sends);
   }
 
   private stopMessage(jobId: string, attempt: number, reason: FinalizeReason, message: string): AttachResponse {

@@ -13,8 +13,8 @@
  * (pipelined on the transaction's connection, executed in the order written),
  * so a change costs two or three round trips, not one per statement.
  */
-import type { Db, DbReason, DbState, JobRow } from "./store.js";
-import { endAttempt, loadJob, recordEvent } from "./store.js";
+import type { Db, DbReason, DbState, Ending, EventInput, JobRow } from "./store.js";
+import { endAttempts, loadJobs, recordEvents } from "./store.js";
 
 export interface HostTermination {
   reason: DbReason;
@@ -25,6 +25,25 @@ export interface HostTermination {
 
 const ORDER: Record<string, number> = { assigned: 0, initializing: 1, running: 2, terminating: 3 };
 
+export interface HostAt {
+  jobId: string;
+  hostId: string;
+  attempt: number;
+}
+
+export interface HostEnd {
+  at: HostAt;
+  termination: HostTermination;
+  /** The supervisor no longer holds the attempt: the slot is free. */
+  released: boolean;
+  actor: string;
+}
+
+export interface HostEndResult {
+  job: JobRow | undefined;
+  outcome: "restarted" | "finalized" | "none";
+}
+
 /**
  * The attempt ended on `hostId` (reported by its supervisor, or decided by the
  * coordinator). `released`: the supervisor no longer holds it, the slot is
@@ -33,41 +52,79 @@ const ORDER: Record<string, number> = { assigned: 0, initializing: 1, running: 2
  */
 export async function hostEnded(
   tx: Db,
-  at: { jobId: string; hostId: string; attempt: number },
+  at: HostAt,
   t: HostTermination,
   options: { released: boolean; actor: string },
-): Promise<{ job: JobRow | undefined; outcome: "restarted" | "finalized" | "none" }> {
-  const [job, updated] = await Promise.all([
-    loadJob(tx, at.jobId, { lock: true }),
-    tx`
-      update job_hosts set
-        termination = coalesce(termination, ${tx.json({ reason: t.reason, exitStatus: t.exitStatus ?? null, exitCode: t.exitCode ?? null, message: t.message } as never)}),
-        terminated_at = coalesce(terminated_at, now()),
-        released_at = ${options.released ? tx`now()` : tx`released_at`}
-      where job_id = ${at.jobId} and attempt = ${at.attempt} and host_id = ${at.hostId} and released_at is null
-      returning 1`,
+): Promise<HostEndResult> {
+  const [result] = await hostsEnded(tx, [{ at, termination: t, ...options }]);
+  return result;
+}
+
+/**
+ * hostEnded for ends on distinct jobs, in two round trips and a few
+ * statements whatever their number (the group commit's batches).
+ */
+export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult[]> {
+  if (ends.length === 0) return [];
+  const rows = ends.map((e, i) => ({
+    i,
+    job: e.at.jobId,
+    host: e.at.hostId,
+    attempt: e.at.attempt,
+    released: e.released,
+    termination: {
+      reason: e.termination.reason,
+      exitStatus: e.termination.exitStatus ?? null,
+      exitCode: e.termination.exitCode ?? null,
+      message: e.termination.message,
+    },
+  }));
+  const [jobs, updated] = await Promise.all([
+    loadJobs(
+      tx,
+      ends.map((e) => e.at.jobId),
+      { lock: true },
+    ),
+    tx<{ i: number }[]>`
+      update job_hosts jh set
+        termination = coalesce(jh.termination, v.termination),
+        terminated_at = coalesce(jh.terminated_at, now()),
+        released_at = case when v.released then now() else jh.released_at end
+      from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
+        as v(i int, job uuid, host uuid, attempt int, released boolean, termination jsonb)
+      where jh.job_id = v.job and jh.attempt = v.attempt and jh.host_id = v.host and jh.released_at is null
+      returning v.i`,
   ]);
   // Only a host holding a slot of the attempt has a say (a report of another
   // host's job, or of an attempt already settled here, changes nothing).
-  if (updated.length === 0) return { job, outcome: "none" };
-  const released = options.released ? tx`select pg_notify('treadmill_schedule', ''), pg_notify('treadmill_hosts', ${at.hostId})` : undefined;
-  if (!job || job.state === "finalized" || job.attempt !== at.attempt) {
-    await released;
-    return { job, outcome: "none" };
-  }
-  const reason: DbReason = job.stop_reason ?? t.reason;
-  const [outcome] = await Promise.all([
-    endAttempt(tx, job, {
-      reason,
-      exitStatus: reason === "workload_exited" ? t.exitStatus : null,
-      exitCode: t.exitCode,
-      message: t.message,
-      hostId: at.hostId,
-      actor: options.actor,
-    }),
-    released,
+  const took = new Set(updated.map((u) => u.i));
+  const results: HostEndResult[] = ends.map((e) => ({ job: jobs.get(e.at.jobId), outcome: "none" }));
+  const ending: { i: number; job: JobRow; end: Ending }[] = [];
+  ends.forEach((e, i) => {
+    const job = results[i].job;
+    if (!took.has(i) || !job || job.state === "finalized" || job.attempt !== e.at.attempt) return;
+    const reason: DbReason = job.stop_reason ?? e.termination.reason;
+    ending.push({
+      i,
+      job,
+      end: {
+        reason,
+        exitStatus: reason === "workload_exited" ? e.termination.exitStatus : null,
+        exitCode: e.termination.exitCode,
+        message: e.termination.message,
+        hostId: e.at.hostId,
+        actor: e.actor,
+      },
+    });
+  });
+  const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
+  const [outcomes] = await Promise.all([
+    endAttempts(tx, ending),
+    freed.length > 0 &&
+      tx`select pg_notify('treadmill_schedule', ''), pg_notify('treadmill_hosts', h::text) from unnest(${freed}::uuid[]) h`,
   ]);
-  return { job, outcome };
+  ending.forEach((e, k) => (results[e.i].outcome = outcomes[k]));
+  return results;
 }
 
 /** Releases a host's slot of an attempt the supervisor does not hold. */
@@ -79,52 +136,87 @@ export async function releaseSlot(tx: Db, at: { jobId: string; hostId: string; a
   if (rows.length > 0) await tx`select pg_notify('treadmill_schedule', ''), pg_notify('treadmill_hosts', ${at.hostId})`;
 }
 
+export interface HostReport {
+  at: HostAt;
+  state: string;
+  stage: string | null;
+  message: string;
+  actor: string;
+}
+
 /**
  * A non-terminal report (or a held job in a hello): the host holds the
  * attempt in `state`/`stage`. The job's state is the least advanced of its
  * hosts' (TERMINATING as soon as one terminates).
  */
-export async function hostProgress(
-  tx: Db,
-  at: { jobId: string; hostId: string; attempt: number },
-  report: { state: string; stage: string | null; message: string },
-  actor: string,
-): Promise<void> {
-  const [job, updated, hosts] = await Promise.all([
-    loadJob(tx, at.jobId, { lock: true }),
-    tx`
-      update job_hosts set started = true, state = ${report.state}, stage = ${report.stage}
-      where job_id = ${at.jobId} and attempt = ${at.attempt} and host_id = ${at.hostId}
-        and released_at is null and terminated_at is null
-      returning 1`,
-    // After the update (statements run in order): the hosts' states with this report.
-    tx<{ state: string | null; stage: string | null }[]>`
-      select state, stage from job_hosts where job_id = ${at.jobId} and attempt = ${at.attempt} and terminated_at is null`,
+export async function hostProgress(tx: Db, at: HostAt, report: { state: string; stage: string | null; message: string }, actor: string): Promise<void> {
+  await hostsProgress(tx, [{ at, ...report, actor }]);
+}
+
+/** hostProgress for reports on distinct jobs, in two round trips and a few statements whatever their number. */
+export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void> {
+  if (reports.length === 0) return;
+  const rows = reports.map((r, i) => ({ i, job: r.at.jobId, host: r.at.hostId, attempt: r.at.attempt, state: r.state, stage: r.stage }));
+  const [jobs, updated, hosts] = await Promise.all([
+    loadJobs(
+      tx,
+      reports.map((r) => r.at.jobId),
+      { lock: true },
+    ),
+    tx<{ i: number }[]>`
+      update job_hosts jh set started = true, state = v.state, stage = v.stage
+      from jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(i int, job uuid, host uuid, attempt int, state text, stage text)
+      where jh.job_id = v.job and jh.attempt = v.attempt and jh.host_id = v.host
+        and jh.released_at is null and jh.terminated_at is null
+      returning v.i`,
+    // After the update (statements run in order): the hosts' states with these reports.
+    tx<{ job_id: string; state: string | null; stage: string | null }[]>`
+      select jh.job_id, jh.state, jh.stage from job_hosts jh
+        join jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(job uuid, attempt int) on jh.job_id = v.job and jh.attempt = v.attempt
+      where jh.terminated_at is null
+      order by jh.job_id, jh.host_index`,
   ]);
-  if (updated.length === 0 || !job || job.state === "finalized" || job.attempt !== at.attempt) return;
-  let state: DbState = "terminating";
-  let stage: string | null = null;
-  if (!hosts.some((h) => h.state === "terminating")) {
-    const least = hosts.reduce((a, b) => (ORDER[a.state ?? "assigned"] <= ORDER[b.state ?? "assigned"] ? a : b));
-    state = (least.state ?? "assigned") as DbState;
-    stage = state === "initializing" ? least.stage : null;
+  const took = new Set(updated.map((u) => u.i));
+  const byJob = new Map<string, { state: string | null; stage: string | null }[]>();
+  for (const h of hosts) {
+    const list = byJob.get(h.job_id);
+    if (list) list.push(h);
+    else byJob.set(h.job_id, [h]);
   }
-  if (state === job.state && stage === job.stage) return;
-  await Promise.all([
-    tx`
-      update jobs set state = ${state}, stage = ${stage}, updated_at = now(),
-        started_at = ${state === "running" ? tx`coalesce(started_at, now())` : tx`started_at`}
-      where id = ${at.jobId}`,
-    recordEvent(tx, {
-      jobId: at.jobId,
+  const changes: { id: string; state: DbState; stage: string | null }[] = [];
+  const events: EventInput[] = [];
+  reports.forEach((r, i) => {
+    const job = jobs.get(r.at.jobId);
+    const states = byJob.get(r.at.jobId) ?? [];
+    if (!took.has(i) || !job || job.state === "finalized" || job.attempt !== r.at.attempt || states.length === 0) return;
+    let state: DbState = "terminating";
+    let stage: string | null = null;
+    if (!states.some((h) => h.state === "terminating")) {
+      const least = states.reduce((a, b) => (ORDER[a.state ?? "assigned"] <= ORDER[b.state ?? "assigned"] ? a : b));
+      state = (least.state ?? "assigned") as DbState;
+      stage = state === "initializing" ? least.stage : null;
+    }
+    if (state === job.state && stage === job.stage) return;
+    changes.push({ id: r.at.jobId, state, stage });
+    events.push({
+      jobId: r.at.jobId,
       kind: state === job.state ? "stage_changed" : "state_changed",
       state,
       stage,
-      attempt: at.attempt,
-      hostId: at.hostId,
-      actor,
+      attempt: r.at.attempt,
+      hostId: r.at.hostId,
+      actor: r.actor,
       ownerId: job.owner_id,
-      message: report.message,
-    }),
+      message: r.message,
+    });
+  });
+  if (changes.length === 0) return;
+  await Promise.all([
+    tx`
+      update jobs j set state = v.state, stage = v.stage, updated_at = now(),
+        started_at = case when v.state = 'running' then coalesce(j.started_at, now()) else j.started_at end
+      from jsonb_to_recordset(${tx.json(changes as never)}::jsonb) as v(id uuid, state text, stage text)
+      where j.id = v.id`,
+    recordEvents(tx, events),
   ]);
 }

@@ -4,7 +4,10 @@
 // from this process.
 //
 //  (c) memory and CPU of the coordinator holding N idle attached supervisors
-//      with heartbeats (TREADMILL_BENCH_IDLE_SUPERVISORS);
+//      with heartbeats (TREADMILL_BENCH_IDLE_SUPERVISORS); memory per
+//      supervisor is the growth of the coordinator's RSS from N/2 to N
+//      attached (also printed: all N against none, which adds the one-time
+//      growth of a server taking its first connections);
 //  (a) dispatch latency, SubmitJob returning -> StartJob received at an idle
 //      matching supervisor, over sequential jobs
 //      (TREADMILL_BENCH_DISPATCH_JOBS) with 200 supervisors attached;
@@ -92,6 +95,31 @@ async function printStatements(sql: postgres.Sql): Promise<void> {
     from pg_stat_statements order by total_exec_time desc limit 25`;
   process.stdout.write("pg_stat_statements (during (b)): calls, total ms, mean ms, query\n");
   for (const r of rows) process.stdout.write(`${r.calls}\t${r.total}\t${r.mean}\t${r.query.slice(0, 160)}\n`);
+}
+
+/**
+ * Where a job's time goes during (b), from the database's timestamps (each is
+ * its transaction's start): a host's release to its next assignment (the
+ * scheduler), assignment to RUNNING (StartJob, its ack and the report), and
+ * RUNNING to finalized (the exit report).
+ */
+async function printPhases(sql: postgres.Sql, since: Date): Promise<void> {
+  const [row] = await sql<Record<string, number>[]>`
+    with g as (
+      select extract(epoch from (j.started_at - j.assigned_at)) * 1000 as to_running,
+        extract(epoch from (j.finalized_at - j.started_at)) * 1000 as to_final,
+        extract(epoch from (lead(j.assigned_at) over (partition by jh.host_id order by j.assigned_at) - jh.released_at)) * 1000 as gap
+      from jobs j join job_hosts jh on jh.job_id = j.id
+      where j.assigned_at >= ${since})
+    select percentile_cont(0.5) within group (order by gap) as gap50, percentile_cont(0.99) within group (order by gap) as gap99,
+      percentile_cont(0.5) within group (order by to_running) as run50, percentile_cont(0.99) within group (order by to_running) as run99,
+      percentile_cont(0.5) within group (order by to_final) as fin50, percentile_cont(0.99) within group (order by to_final) as fin99
+    from g`;
+  const f = (n: number) => Number(n).toFixed(1);
+  process.stdout.write(
+    `(b) per job, ms p50 / p99: host released -> next assigned ${f(row.gap50)} / ${f(row.gap99)}; ` +
+      `assigned -> RUNNING ${f(row.run50)} / ${f(row.run99)}; RUNNING -> finalized ${f(row.fin50)} / ${f(row.fin99)}\n`,
+  );
 }
 
 export async function run(): Promise<void> {
@@ -185,13 +213,21 @@ export async function run(): Promise<void> {
         }),
       );
     }
-    await inBatches(supervisors, 50, (s) => s.connect());
+    // Attached in two halves: the growth from the first half to the second
+    // is what each more supervisor costs, without the one-time growth of a
+    // server that starts taking connections (heap spaces, buffers, code).
+    const half = Math.floor(supervisors.length / 2);
+    await inBatches(supervisors.slice(0, half), 50, (s) => s.connect());
+    await new Promise((r) => setTimeout(r, 3000));
+    const halfway = await usage(pid);
+    await inBatches(supervisors.slice(half), 50, (s) => s.connect());
     await new Promise((r) => setTimeout(r, 3000));
     const attached = await usage(pid);
     await new Promise((r) => setTimeout(r, 10_000));
     const after = await usage(pid);
-    const perSupervisor = (attached.rss - before.rss) / supervisors.length / 1024;
-    report(`memory per idle attached supervisor (${supervisors.length})`, perSupervisor, "KiB");
+    const perSupervisor = (attached.rss - halfway.rss) / (supervisors.length - half) / 1024;
+    report(`memory per idle attached supervisor (${half} -> ${supervisors.length})`, perSupervisor, "KiB");
+    report(`  the same, all ${supervisors.length} against none`, (attached.rss - before.rss) / supervisors.length / 1024, "KiB");
     report(`coordinator RSS with ${supervisors.length} idle supervisors`, attached.rss / 2 ** 20, "MiB");
     report(`coordinator CPU with ${supervisors.length} idle supervisors`, ((after.cpuMs - attached.cpuMs) / 10_000) * 100, "% of a core");
     // Keep only the active pool.
@@ -232,6 +268,7 @@ export async function run(): Promise<void> {
     await inBatches(Array.from({ length: QUEUED_JOBS }), 40, () => jobs.submitJob({ spec }));
     report(`SubmitJob rate while queueing ${QUEUED_JOBS}`, QUEUED_JOBS / ((performance.now() - queuedAt) / 1000), "jobs/s");
     const t0 = performance.now();
+    const t0Wall = new Date();
     await sql`update hosts set admin_state = 'enabled' where tags @> '{"pool": "active"}'`;
     await sql`select pg_notify('treadmill_schedule', '')`;
     if (PROFILE) await sql`select pg_stat_statements_reset()`;
@@ -244,6 +281,7 @@ export async function run(): Promise<void> {
       name: "1 / SELECT 1",
       value: 1000 / pgP50,
     });
+    await printPhases(sql, t0Wall);
     if (PROFILE) await printStatements(sql);
   } finally {
     await Promise.all(supervisors.map((s) => s.close()));
