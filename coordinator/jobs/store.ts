@@ -133,20 +133,21 @@ export const jobColumns = (sql: Db) => sql`
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
 
 export async function loadJob(sql: Db, id: string, options: { lock?: boolean } = {}): Promise<JobRow | undefined> {
-  return (await loadJobs(sql, [id], options)).get(id);
+  const [row] = options.lock
+    ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id} for update of j`
+    : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id}`;
+  return row;
 }
 
-/** Several jobs by id (missing ones are absent); `lock` takes their rows in id order. */
-export async function loadJobs(sql: Db, ids: string[], options: { lock?: boolean } = {}): Promise<Map<string, JobRow>> {
+/** What the transitions read of a job: its state and what decides how an attempt ends. */
+export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason">;
+
+/** The heads of several jobs by id (missing ones are absent), their rows locked in id order. */
+export async function lockJobHeads(sql: Db, ids: string[]): Promise<Map<string, JobHead>> {
   if (ids.length === 0) return new Map();
-  const rows =
-    ids.length === 1
-      ? options.lock
-        ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${ids[0]} for update of j`
-        : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${ids[0]}`
-      : options.lock
-        ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = any(${[...ids].sort()}::uuid[]) order by j.id for update of j`
-        : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = any(${ids}::uuid[])`;
+  const rows = await sql<JobHead[]>`
+    select id, owner_id, state, stage, attempt, max_restarts, stop_reason from jobs
+    where id = any(${[...ids].sort()}::uuid[]) order by id for update`;
   return new Map(rows.map((r) => [r.id, r]));
 }
 
@@ -279,13 +280,13 @@ export interface Ending {
  * finalizes it (secret values deleted: nothing will start it again). Streams
  * of the hosts still holding the attempt are told (they stop it).
  */
-export async function endAttempt(tx: Db, job: JobRow, end: Ending): Promise<"restarted" | "finalized"> {
+export async function endAttempt(tx: Db, job: JobHead, end: Ending): Promise<"restarted" | "finalized"> {
   const [outcome] = await endAttempts(tx, [{ job, end }]);
   return outcome;
 }
 
 /** endAttempt for several distinct jobs: a few statements in all, sent together. */
-export async function endAttempts(tx: Db, items: { job: JobRow; end: Ending }[]): Promise<("restarted" | "finalized")[]> {
+export async function endAttempts(tx: Db, items: { job: JobHead; end: Ending }[]): Promise<("restarted" | "finalized")[]> {
   const outcomes = items.map(({ job, end }) =>
     INFRASTRUCTURE_REASONS.has(end.reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts ? "restarted" : "finalized",
   );

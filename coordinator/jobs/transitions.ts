@@ -13,8 +13,8 @@
  * (pipelined on the transaction's connection, executed in the order written),
  * so a change costs two or three round trips, not one per statement.
  */
-import type { Db, DbReason, DbState, Ending, EventInput, JobRow } from "./store.js";
-import { endAttempts, loadJobs, recordEvents } from "./store.js";
+import type { Db, DbReason, DbState, Ending, EventInput, JobHead } from "./store.js";
+import { endAttempts, lockJobHeads, recordEvents } from "./store.js";
 
 export interface HostTermination {
   reason: DbReason;
@@ -40,7 +40,7 @@ export interface HostEnd {
 }
 
 export interface HostEndResult {
-  job: JobRow | undefined;
+  job: JobHead | undefined;
   outcome: "restarted" | "finalized" | "none";
 }
 
@@ -80,10 +80,9 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
     },
   }));
   const [jobs, updated] = await Promise.all([
-    loadJobs(
+    lockJobHeads(
       tx,
       ends.map((e) => e.at.jobId),
-      { lock: true },
     ),
     tx<{ i: number }[]>`
       update job_hosts jh set
@@ -99,7 +98,7 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
   // host's job, or of an attempt already settled here, changes nothing).
   const took = new Set(updated.map((u) => u.i));
   const results: HostEndResult[] = ends.map((e) => ({ job: jobs.get(e.at.jobId), outcome: "none" }));
-  const ending: { i: number; job: JobRow; end: Ending }[] = [];
+  const ending: { i: number; job: JobHead; end: Ending }[] = [];
   ends.forEach((e, i) => {
     const job = results[i].job;
     if (!took.has(i) || !job || job.state === "finalized" || job.attempt !== e.at.attempt) return;
@@ -158,10 +157,9 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
   if (reports.length === 0) return;
   const rows = reports.map((r, i) => ({ i, job: r.at.jobId, host: r.at.hostId, attempt: r.at.attempt, state: r.state, stage: r.stage }));
   const [jobs, updated, hosts] = await Promise.all([
-    loadJobs(
+    lockJobHeads(
       tx,
       reports.map((r) => r.at.jobId),
-      { lock: true },
     ),
     tx<{ i: number }[]>`
       update job_hosts jh set started = true, state = v.state, stage = v.stage
