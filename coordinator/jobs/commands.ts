@@ -65,25 +65,63 @@ export async function buildStartJobs(ctx: CoordinatorContext, sql: Db, hostId: s
   return startJobMessages(ctx, hostId, rows);
 }
 
-/** The StartJob messages of `rows` for `hostId`, with freshly minted tokens. */
-export function startJobMessages(ctx: CoordinatorContext, hostId: string, rows: StartRow[]): Promise<StartJob[]> {
+/** The capability tokens of a StartJob. */
+export interface StartTokens {
+  logToken: TokenMessage;
+  imageToken: TokenMessage;
+  exposeToken: TokenMessage | undefined;
+}
+
+type TokenMessage = { token: string; scope: CapabilityScope; expireTime: ReturnType<typeof timestampFromMs> };
+
+/**
+ * Mints the tokens of a StartJob of job `jobId` (image `digest`) for
+ * `hostId`, valid until the attempt's deadline plus a margin; the expose
+ * token only for a job given a proxy.
+ */
+export async function mintStartTokens(
+  ctx: CoordinatorContext,
+  t: { hostId: string; jobId: string; digest: string; withProxy: boolean; deadlineMs: number },
+): Promise<StartTokens> {
+  const now = ctx.clock();
+  const ttl = Math.max(60_000, t.deadlineMs - now + TOKEN_MARGIN_MS);
+  const token = async (capability: Capability, scope: CapabilityScope) => ({
+    token: await ctx.keys.sign(capability, ttl, { subject: t.hostId }),
+    scope,
+    expireTime: timestampFromMs(now + ttl),
+  });
+  const [logToken, imageToken, exposeToken] = await Promise.all([
+    token({ scope: "log:write", job: t.jobId }, CapabilityScope.LOG_WRITE),
+    token({ scope: "image:read", digest: t.digest }, CapabilityScope.IMAGE_READ),
+    t.withProxy ? token({ scope: "tunnel:expose", job: t.jobId }, CapabilityScope.TUNNEL_EXPOSE) : undefined,
+  ]);
+  return { logToken, imageToken, exposeToken };
+}
+
+/**
+ * The StartJob messages of `rows` for `hostId`, with freshly minted tokens,
+ * or those `minted` holds for a row (by job id: the scheduler mints them
+ * while its assignment is being written).
+ */
+export function startJobMessages(
+  ctx: CoordinatorContext,
+  hostId: string,
+  rows: StartRow[],
+  minted?: Map<string, Promise<StartTokens>>,
+): Promise<StartJob[]> {
   const now = ctx.clock();
   return Promise.all(
     rows.map(async (r) => {
-      const deadlineMs = r.deadline_at?.getTime() ?? now + 3600_000;
-      const ttl = Math.max(60_000, deadlineMs - now + TOKEN_MARGIN_MS);
-      const token = async (capability: Capability, scope: CapabilityScope) => ({
-        token: await ctx.keys.sign(capability, ttl, { subject: hostId }),
-        scope,
-        expireTime: timestampFromMs(now + ttl),
-      });
       const spec = fromJson(JobSpecSchema, r.spec, { ignoreUnknownFields: true });
       for (const p of spec.parameters) if (p.secret) p.value = r.secrets[p.name] ?? "";
-      const [logToken, imageToken, exposeToken] = await Promise.all([
-        token({ scope: "log:write", job: r.id }, CapabilityScope.LOG_WRITE),
-        token({ scope: "image:read", digest: r.manifest_digest }, CapabilityScope.IMAGE_READ),
-        r.proxy_url === "" ? undefined : token({ scope: "tunnel:expose", job: r.id }, CapabilityScope.TUNNEL_EXPOSE),
-      ]);
+      const { logToken, imageToken, exposeToken } = await (minted?.get(r.id) ??
+        mintStartTokens(ctx, {
+          hostId,
+          jobId: r.id,
+          digest: r.manifest_digest,
+          withProxy: r.proxy_url !== "",
+          deadlineMs: r.deadline_at?.getTime() ?? now + 3600_000,
+        }));
       return create(StartJobSchema, {
         requestId: uuidv7(now),
         jobId: r.id,

@@ -42,7 +42,7 @@ import type { ReservedSql } from "postgres";
 import type { StartJob } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
-import { type StartRow, startColumns, startJobMessages } from "./commands.js";
+import { type StartRow, type StartTokens, mintStartTokens, startColumns, startJobMessages } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import { ACTIVE_STATES } from "./store.js";
 
@@ -71,6 +71,8 @@ interface QueuedJob {
   required_site: string | null;
   required_driver: string | null;
   media_types: string[];
+  manifest_digest: string;
+  job_timeout_ms: number;
 }
 
 /** A live log server or proxy. */
@@ -97,6 +99,8 @@ export type StartDelivery = (hostId: string, starts: StartJob[]) => void;
 interface Assigned extends PassResult {
   /** StartJob rows of the hosts attached to this replica, by host. */
   local: Map<string, StartRow[]>;
+  /** Their tokens, minted while the assignment was written: by host, then job. */
+  tokens: Map<string, Map<string, Promise<StartTokens>>>;
 }
 
 function matches(job: QueuedJob, host: HostCandidate): boolean {
@@ -189,7 +193,7 @@ export class Scheduler {
     }
     for (const [hostId, rows] of result.local) {
       // After the commit: a StartJob goes out only for an assignment that exists.
-      startJobMessages(this.ctx, hostId, rows).then(
+      startJobMessages(this.ctx, hostId, rows, result.tokens.get(hostId)).then(
         (starts) => this.deliver(hostId, starts),
         (err) => this.log.warn({ err, hostId }, "cannot build StartJob (the stream's next sync sends it)"),
       );
@@ -200,12 +204,13 @@ export class Scheduler {
   private async assign(tx: ReservedSql): Promise<Assigned> {
     const end = async (retry: boolean): Promise<Assigned> => {
       await tx`commit`;
-      return { assigned: 0, retry, local: new Map() };
+      return { assigned: 0, retry, local: new Map(), tokens: new Map() };
     };
     const limit = this.config.maxJobsPerUser;
     const aging = this.config.schedulerAgingMs;
     const queue = (size: number, offset: number) => tx<QueuedJob[]>`
-      select id, owner_id, attempt, host_count, required_tags, required_site, required_driver, media_types
+      select id, owner_id, attempt, host_count, required_tags, required_site, required_driver, media_types,
+        manifest_digest, job_timeout_ms::float8 as job_timeout_ms
       from jobs
       where state = 'queued'
       order by priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
@@ -286,8 +291,8 @@ export class Scheduler {
       chunk = await queue(size, offset);
     }
     if (placements.length === 0) return end(false);
-    const { assigned, local } = await this.write(tx, placements, services);
-    return { assigned, retry: assigned < placements.length, local };
+    const { assigned, local, tokens } = await this.write(tx, placements, services);
+    return { assigned, retry: assigned < placements.length, local, tokens };
   }
 
   /** Whether enough attached, enabled hosts (busy or not) match the job for it to run some day soon. */
@@ -311,7 +316,7 @@ export class Scheduler {
     tx: ReservedSql,
     placements: Placement[],
     services: Service[],
-  ): Promise<{ assigned: number; local: Map<string, StartRow[]> }> {
+  ): Promise<{ assigned: number; local: Map<string, StartRow[]>; tokens: Map<string, Map<string, Promise<StartTokens>>> }> {
     const logServers = services.filter((s) => s.kind === "log_server").map((s) => s.url);
     const proxies = services.filter((s) => s.kind === "proxy");
     const replicas = Math.min(this.config.logReplicas, logServers.length);
@@ -336,6 +341,27 @@ export class Scheduler {
     const rows = placements.flatMap((p) =>
       p.hosts.map((h, index) => ({ job: p.job.id, host: h.id, attempt: p.job.attempt, index, local: h.attached_replica === this.ctx.replicaId })),
     );
+    // The StartJobs' tokens are signed while the statement runs (off the
+    // event loop), not after the commit: dispatch latency. A placement the
+    // statement skips leaves its tokens unused.
+    const tokens = new Map<string, Map<string, Promise<StartTokens>>>();
+    const deadlineFrom = this.ctx.clock();
+    placements.forEach((p, i) => {
+      for (const h of p.hosts) {
+        if (h.attached_replica !== this.ctx.replicaId) continue;
+        const minted = mintStartTokens(this.ctx, {
+          hostId: h.id,
+          jobId: p.job.id,
+          digest: p.job.manifest_digest,
+          withProxy: plan[i].proxy !== "",
+          deadlineMs: deadlineFrom + p.job.job_timeout_ms,
+        });
+        minted.catch(() => undefined); // awaited (and reported) only if the placement was written
+        const byJob = tokens.get(h.id) ?? new Map<string, Promise<StartTokens>>();
+        byJob.set(p.job.id, minted);
+        tokens.set(h.id, byJob);
+      }
+    });
     const [starts] = await Promise.all([
       tx<(StartRow & { host_id: string; local: boolean; n1: unknown; n2: unknown; n3: unknown })[]>`
         with v as materialized (
@@ -395,6 +421,6 @@ export class Scheduler {
     }
     const assigned = new Set(starts.map((s) => s.id)).size;
     this.log.debug({ jobs: assigned, hosts: new Set(starts.map((s) => s.host_id)).size }, "jobs assigned");
-    return { assigned, local };
+    return { assigned, local, tokens };
   }
 }

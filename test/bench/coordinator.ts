@@ -88,12 +88,12 @@ async function inBatches<T>(items: T[], size: number, fn: (item: T) => Promise<u
 }
 
 /** The statements that took the most database time since the last reset. */
-async function printStatements(sql: postgres.Sql): Promise<void> {
+async function printStatements(sql: postgres.Sql, phase: string): Promise<void> {
   const rows = await sql<{ calls: number; total: number; mean: number; query: string }[]>`
     select calls::int, round(total_exec_time::numeric, 1)::float as total, round(mean_exec_time::numeric, 3)::float as mean,
       regexp_replace(query, '[[:space:]]+', ' ', 'g') as query
     from pg_stat_statements order by total_exec_time desc limit 25`;
-  process.stdout.write("pg_stat_statements (during (b)): calls, total ms, mean ms, query\n");
+  process.stdout.write(`pg_stat_statements (during ${phase}): calls, total ms, mean ms, query\n`);
   for (const r of rows) process.stdout.write(`${r.calls}\t${r.total}\t${r.mean}\t${r.query.slice(0, 160)}\n`);
 }
 
@@ -216,13 +216,22 @@ export async function run(): Promise<void> {
     // Attached in two halves: the growth from the first half to the second
     // is what each more supervisor costs, without the one-time growth of a
     // server that starts taking connections (heap spaces, buffers, code).
+    // Each figure is the median of samples a second apart (the heap grows
+    // and shrinks with the heartbeats' garbage).
+    const settledRss = async () => {
+      await new Promise((r) => setTimeout(r, 2000));
+      const samples: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        samples.push((await usage(pid)).rss);
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+      return percentile(samples, 50);
+    };
     const half = Math.floor(supervisors.length / 2);
     await inBatches(supervisors.slice(0, half), 50, (s) => s.connect());
-    await new Promise((r) => setTimeout(r, 3000));
-    const halfway = await usage(pid);
+    const halfway = { rss: await settledRss() };
     await inBatches(supervisors.slice(half), 50, (s) => s.connect());
-    await new Promise((r) => setTimeout(r, 3000));
-    const attached = await usage(pid);
+    const attached = { rss: await settledRss(), cpuMs: (await usage(pid)).cpuMs };
     await new Promise((r) => setTimeout(r, 10_000));
     const after = await usage(pid);
     const perSupervisor = (attached.rss - halfway.rss) / (supervisors.length - half) / 1024;
@@ -240,6 +249,7 @@ export async function run(): Promise<void> {
     );
     const spec = { image: "bench:v1", hosts: { tags: { pool: "active" } } };
     const latencies: number[] = [];
+    if (PROFILE) await sql`select pg_stat_statements_reset()`;
     for (let i = 0; i < DISPATCH_JOBS; i++) {
       let wanted = "";
       let arrived!: () => void;
@@ -256,6 +266,7 @@ export async function run(): Promise<void> {
       latencies.push(Math.max(0, startedAt.get(wanted)! - returned));
     }
     onStart = () => undefined;
+    if (PROFILE) await printStatements(sql, "(a)");
     const p50 = percentile(latencies, 50);
     const p99 = percentile(latencies, 99);
     report(`dispatch latency p50 (${DISPATCH_JOBS} jobs, ${ACTIVE} hosts)`, p50, "ms", { name: "SELECT 1", value: pgP50 });
@@ -282,7 +293,7 @@ export async function run(): Promise<void> {
       value: 1000 / pgP50,
     });
     await printPhases(sql, t0Wall);
-    if (PROFILE) await printStatements(sql);
+    if (PROFILE) await printStatements(sql, "(b)");
   } finally {
     await Promise.all(supervisors.map((s) => s.close()));
     child.child.kill("SIGTERM");
