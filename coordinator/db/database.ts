@@ -1,7 +1,6 @@
 import { join } from "node:path";
 import postgres, { type Sql } from "postgres";
 import type { Logger } from "../../lib/logger.js";
-import { coalescingSocket, plainTcpTarget } from "./corked-socket.js";
 import { startEmbeddedPostgres, type EmbeddedPostgres } from "./embedded.js";
 import { migrate, type Migration } from "./migrate.js";
 
@@ -37,10 +36,8 @@ export async function openDatabase(options: DatabaseOptions): Promise<Database> 
     embedded = await startEmbeddedPostgres({ dataDir: join(options.dataDir, "postgres"), port: 0, logger: log });
     url = embedded.url;
   }
-  const tcp = plainTcpTarget(url);
   const sql = postgres(url, {
     max: options.max ?? 10,
-    ...(tcp ? { socket: coalescingSocket(tcp.host, tcp.port) } : {}),
     onnotice: (notice) => log.debug({ notice: notice.message }, "postgres notice"),
     connection: { application_name: "treadmill-coordinator" },
   });

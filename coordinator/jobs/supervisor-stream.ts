@@ -75,6 +75,8 @@ export class SupervisorStreams {
   readonly log: Logger;
   /** Reports and acknowledgements of every stream, committed together. */
   readonly commits: GroupCommit;
+  /** Audit rows of the commands sent in this turn of the event loop (see auditCommands). */
+  private sentCommands: { kind: string; job: string; host: string; message: string; request: string; attempt: number }[] = [];
 
   constructor(
     readonly ctx: CoordinatorContext,
@@ -130,8 +132,6 @@ export class SupervisorStreams {
     }
     if (this.sentCommands.length === sends.length) setImmediate(() => void this.flushCommandAudit());
   }
-
-  private sentCommands: { kind: string; job: string; host: string; message: string; request: string; attempt: number }[] = [];
 
   private async flushCommandAudit(): Promise<void> {
     const rows = this.sentCommands;

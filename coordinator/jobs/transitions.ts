@@ -127,7 +127,7 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
 }
 
 /** Releases a host's slot of an attempt the supervisor does not hold. */
-export async function releaseSlot(tx: Db, at: { jobId: string; hostId: string; attempt: number }): Promise<void> {
+export async function releaseSlot(tx: Db, at: HostAt): Promise<void> {
   const rows = await tx`
     update job_hosts set released_at = now(), terminated_at = coalesce(terminated_at, now())
     where job_id = ${at.jobId} and attempt = ${at.attempt} and host_id = ${at.hostId} and released_at is null
