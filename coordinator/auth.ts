@@ -71,14 +71,17 @@ const LAST_USED_RESOLUTION_MS = 60_000;
  * with Unauthenticated before any handler runs.
  */
 export function authInterceptor(deps: { sql: Sql; clock?: () => number }): Interceptor {
-  const clock = deps.clock ?? Date.now;
   return (next) => async (req) => {
-    const token = bearerToken(req.header);
-    if (token !== undefined) {
-      req.contextValues.set(callerKey, await resolveCaller(deps.sql, token, clock()));
-    }
+    const caller = await callerOf(deps, req.header);
+    if (caller !== undefined) req.contextValues.set(callerKey, caller);
     return next(req);
   };
+}
+
+/** The caller of a request with these headers (as authInterceptor resolves it), or undefined without a token. */
+export async function callerOf(deps: { sql: Sql; clock?: () => number }, headers: Headers): Promise<Caller | undefined> {
+  const token = bearerToken(headers);
+  return token === undefined ? undefined : resolveCaller(deps.sql, token, (deps.clock ?? Date.now)());
 }
 
 async function resolveCaller(sql: Sql, token: string, nowMs: number): Promise<Caller> {
@@ -125,7 +128,11 @@ export function requireAdmin(ctx: HandlerContext): UserCaller {
 
 /** The calling supervisor's host. */
 export function requireHost(ctx: HandlerContext): HostCaller {
-  const caller = ctx.values.get(callerKey);
+  return hostCaller(ctx.values.get(callerKey));
+}
+
+/** `caller` if it is a supervisor's host; Unauthenticated without one, PermissionDenied for anyone else. */
+export function hostCaller(caller: Caller | undefined): HostCaller {
   if (caller === undefined) throw new ConnectError("this call needs a host credential", Code.Unauthenticated);
   if (caller.kind !== "host") throw new ConnectError("this call is for supervisors only", Code.PermissionDenied);
   return caller;

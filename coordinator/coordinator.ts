@@ -1,14 +1,15 @@
 import { randomUUID } from "node:crypto";
 import { serverOptions, type ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
-import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { createServer, type Server } from "../lib/server.js";
+import { createRawGrpcHandler } from "../lib/server/raw-grpc.js";
 import { authInterceptor } from "./auth.js";
 import { bootstrapAdmin } from "./bootstrap.js";
 import { DEFAULT_CONSOLE_DIR, consoleAssets } from "./console-assets.js";
 import type { CoordinatorConfig } from "./config.js";
 import type { CoordinatorContext } from "./context.js";
 import { openDatabase, type Database } from "./db/database.js";
+import { ATTACH_PROCEDURE, attachProcedure } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { SigningKeys } from "./signing.js";
@@ -59,17 +60,26 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         });
         const ctx: CoordinatorContext = { sql: db.sql, logger, config, clock, keys, replicaId: randomUUID() };
         await bootstrapAdmin(ctx, { announce });
-        jobs = createJobSystem(ctx);
+        const parts = createJobSystem(ctx);
+        jobs = parts;
+        // Plain-gRPC Attach (every supervisor) goes to its own procedure;
+        // Connect and gRPC-Web callers reach it through the adapter.
+        const rawAttach = createRawGrpcHandler({
+          procedures: { [ATTACH_PROCEDURE]: attachProcedure(parts.streams, { sql: db.sql, clock }) },
+          maxMessageBytes: config.readMaxBytes,
+          logger,
+        });
+        const assets = config.console
+          ? consoleAssets({ dir: config.consoleDir || DEFAULT_CONSOLE_DIR, logger: logger.child({ subsystem: "console" }) })
+          : undefined;
         server = createServer({
-          ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, jobs)),
+          ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, parts)),
           interceptors: [authInterceptor({ sql: db.sql, clock })],
           // Control messages, mostly small; a StartJob with its tokens is
           // just over gzip's 1 KiB threshold, where compressing costs the
           // coordinator more CPU than the bytes are worth.
-          bulkProcedures: [`/${SupervisorService.typeName}/Attach`],
-          http: config.console
-            ? consoleAssets({ dir: config.consoleDir || DEFAULT_CONSOLE_DIR, logger: logger.child({ subsystem: "console" }) })
-            : undefined,
+          bulkProcedures: [ATTACH_PROCEDURE],
+          http: (req, res, extra) => rawAttach(req, res, extra) || (assets?.(req, res) ?? false),
         });
         await server.start();
         await jobs.start();

@@ -182,8 +182,18 @@ export class SupervisorStreams {
   }
 
   /** The Attach handler. */
-  async *attach(requests: AsyncIterable<AttachRequest>, hctx: HandlerContext): AsyncIterable<AttachResponse> {
-    const caller = requireHost(hctx);
+  attach(requests: AsyncIterable<AttachRequest>, hctx: HandlerContext): AsyncIterable<AttachResponse> {
+    return this.attachAs(requests, () => requireHost(hctx), hctx.signal);
+  }
+
+  /**
+   * The stream of the host `caller()` returns (it throws for anyone else),
+   * until `signal` aborts (the call ended, the server is stopping) or the
+   * session finishes. Served by Connect (`attach`) and by the plain-gRPC
+   * procedure (attach-grpc.ts).
+   */
+  async *attachAs(requests: AsyncIterable<AttachRequest>, caller: () => HostCaller, signal: AbortSignal): AsyncIterable<AttachResponse> {
+    const host = caller();
     if (this.stopped) throw new ConnectError("coordinator replica shutting down", Code.Unavailable);
     const iterator = requests[Symbol.asyncIterator]();
     let timer: NodeJS.Timeout | undefined;
@@ -206,14 +216,14 @@ export class SupervisorStreams {
         Code.FailedPrecondition,
       );
     }
-    if (hello.hostId !== "" && hello.hostId !== caller.hostId) {
+    if (hello.hostId !== "" && hello.hostId !== host.hostId) {
       throw new ConnectError("hello.host_id is not the host of this credential", Code.PermissionDenied);
     }
     validateHello(hello);
 
-    const session = new HostSession(this, caller, hello);
+    const session = new HostSession(this, host, hello);
     const welcome = await session.open();
-    hctx.signal.addEventListener(
+    signal.addEventListener(
       "abort",
       () => session.finish(new ConnectError("coordinator replica shutting down", Code.Unavailable)),
       { once: true },

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { create, toJsonString } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { GetJobResponseSchema, JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
@@ -12,6 +12,8 @@ import {
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { newSecret } from "../../coordinator/auth.js";
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { connectHttp2, openRawCall } from "../../lib/raw-grpc-client.js";
+import { frame } from "../../lib/server/raw-grpc.js";
 import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
@@ -126,6 +128,50 @@ describe("SupervisorService.Attach", () => {
       for await (const _ of client.attach(notHello())) void _;
     })().catch((e: unknown) => ConnectError.from(e));
     expect((err as ConnectError).code).toBe(Code.InvalidArgument);
+    const [row] = await c.sql`select attached_replica from hosts where id = ${host.id}`;
+    expect(row.attached_replica).toBeNull();
+  });
+
+  it("serves the same stream to a Connect-protocol client (through the adapter) as to gRPC clients", async () => {
+    const host = await c.createHost();
+    const client = createClient(
+      SupervisorService,
+      createConnectTransport({ baseUrl: c.url, httpVersion: "2", interceptors: [bearerInterceptor(() => host.credential)] }),
+    );
+    const abort = new AbortController();
+    async function* hello() {
+      yield create(AttachRequestSchema, {
+        payload: { case: "hello", value: { protocolVersion: { major: 1, minor: 0 }, instanceId: "connect-client", driverKind: DriverKind.PROCESS } },
+      });
+      await new Promise((r) => abort.signal.addEventListener("abort", r));
+    }
+    const responses = client.attach(hello(), { signal: abort.signal });
+    for await (const r of responses) {
+      expect(r.payload.case).toBe("welcome");
+      expect(r.payload.case === "welcome" && r.payload.value.host?.id).toBe(host.id);
+      break;
+    }
+    abort.abort();
+    await waitUntil(async () => {
+      const [r] = await c.sql`select attached_replica from hosts where id = ${host.id}`;
+      return r.attached_replica === null;
+    }, "the host to be detached");
+  });
+
+  it("answers malformed bytes on the plain-gRPC stream with InvalidArgument", async () => {
+    const host = await c.createHost();
+    const session = connectHttp2(c.url);
+    try {
+      const call = openRawCall(session, `/${SupervisorService.typeName}/Attach`, { authorization: `Bearer ${host.credential}` }, { maxMessageBytes: 1 << 20 });
+      call.write(frame(Buffer.from([0xff, 0xff, 0xff])));
+      call.end();
+      const err = await (async () => {
+        for await (const _ of call.messages()) void _;
+      })().catch((e: unknown) => ConnectError.from(e));
+      expect((err as ConnectError).code).toBe(Code.InvalidArgument);
+    } finally {
+      session.close();
+    }
     const [row] = await c.sql`select attached_replica from hosts where id = ${host.id}`;
     expect(row.attached_replica).toBeNull();
   });
