@@ -208,13 +208,24 @@ export class Scheduler {
     };
     const limit = this.config.maxJobsPerUser;
     const aging = this.config.schedulerAgingMs;
+    // The queue in order. Jobs of one base priority are in queued_at order
+    // whatever the aging, so the first `offset + size` of the whole queue
+    // are among the first `offset + size` of each priority: those are read
+    // through the queue index (priorities found by a skip scan), and only
+    // they are sorted, not the whole queue.
     const queue = (size: number, offset: number) => tx<QueuedJob[]>`
-      select id, owner_id, attempt, host_count, required_tags, required_site, required_driver, media_types,
-        manifest_digest, job_timeout_ms::float8 as job_timeout_ms
-      from jobs
-      where state = 'queued'
-      order by priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
-        queued_at, created_at, id
+      with recursive p as (
+        (select priority from jobs where state = 'queued' order by priority desc limit 1)
+        union all
+        select (select j.priority from jobs j where j.state = 'queued' and j.priority < p.priority order by j.priority desc limit 1)
+        from p where p.priority is not null)
+      select j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
+        j.manifest_digest, j.job_timeout_ms::float8 as job_timeout_ms
+      from p, lateral (
+        select * from jobs j where j.state = 'queued' and j.priority = p.priority
+        order by j.queued_at, j.created_at, j.id limit ${offset + size}) j
+      order by j.priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - j.queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
+        j.queued_at, j.created_at, j.id
       limit ${size} offset ${offset}`;
     // The first chunk of the queue, sized to the free slots of the last pass
     // (a pass that can place a few jobs reads a few rows, not the whole queue).
