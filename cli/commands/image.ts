@@ -55,13 +55,7 @@ async function detectKind(path: string, flags: Record<string, unknown>): Promise
     throw new UsageError(`cannot read ${path} (${err.code === "ENOENT" ? "no such file or directory" : err.code})`);
   });
   if (st.isDirectory()) return "dir";
-  const head = Buffer.alloc(4);
-  const file = await open(path, "r");
-  try {
-    await file.read(head, 0, 4, 0);
-  } finally {
-    await file.close();
-  }
+  const head = await readHead(path, 4);
   if (head.subarray(0, 4).equals(Buffer.from([0x51, 0x46, 0x49, 0xfb]))) return "qcow2";
   if (/\.(tar\.gz|tgz)$/i.test(path)) {
     if (head[0] !== 0x1f || head[1] !== 0x8b) throw new UsageError(`${path} is named like a .tar.gz but is not gzip data`);
@@ -74,15 +68,21 @@ async function detectKind(path: string, flags: Record<string, unknown>): Promise
   );
 }
 
-/** Whether a qcow2 file's header names a backing file (its bytes 8-15, the backing file offset, are not zero). */
-async function qcow2HasBacking(path: string): Promise<boolean> {
-  const head = Buffer.alloc(16);
+/** The first `bytes` bytes of a file (zeros past its end). */
+async function readHead(path: string, bytes: number): Promise<Buffer> {
+  const head = Buffer.alloc(bytes);
   const file = await open(path, "r");
   try {
-    await file.read(head, 0, 16, 0);
+    await file.read(head, 0, bytes, 0);
   } finally {
     await file.close();
   }
+  return head;
+}
+
+/** Whether a qcow2 file's header names a backing file (its bytes 8-15, the backing file offset, are not zero). */
+async function qcow2HasBacking(path: string): Promise<boolean> {
+  const head = await readHead(path, 16);
   return head.readBigUInt64BE(8) !== 0n;
 }
 
