@@ -85,17 +85,26 @@ async function applyAll(tx: TransactionSql, batch: Change[]): Promise<void> {
   customPlans(tx);
   // Executed before any statement of the changes (they follow it on the connection).
   const lock = tx`select 1 from jobs where id = any(${[...byJob.keys()].sort()}::uuid[]) order by id for update`.execute();
-  const queues = [...byJob.values()];
-  for (let round = 0; queues.some((q) => q.length > round); round++) {
+  // A job's acknowledged StartJobs that come first in its queue (the usual
+  // acknowledgement, then the report of RUNNING) go before the rounds, in
+  // one statement: the rounds start at the job's next change.
+  const started: HostAt[] = [];
+  const queues = [...byJob.values()].map((q) => {
+    let first = 0;
+    while (first < q.length && q[first].op.kind === "started") started.push((q[first++].op as { at: HostAt }).at);
+    return q.slice(first);
+  });
+  const early = started.length > 0 ? startedAll(tx, started) : undefined;
+  for (let round = 0; round === 0 || queues.some((q) => q.length > round); round++) {
     const ops = queues.filter((q) => q.length > round).map((q) => q[round].op);
     const progress: HostReport[] = [];
     const ended: HostEnd[] = [];
-    const started: HostAt[] = [];
+    const acked: HostAt[] = [];
     const others: ((tx: TransactionSql) => Promise<unknown>)[] = [];
     for (const op of ops) {
       if (op.kind === "progress") progress.push(op.report);
       else if (op.kind === "ended") ended.push(op.end);
-      else if (op.kind === "started") started.push(op.at);
+      else if (op.kind === "started") acked.push(op.at);
       else others.push(op.apply);
     }
     // Every statement of the round runs to its end before the transaction
@@ -103,16 +112,21 @@ async function applyAll(tx: TransactionSql, batch: Change[]): Promise<void> {
     // statements once it rolled back.
     const results = await Promise.allSettled([
       round === 0 ? lock : undefined,
+      round === 0 ? early : undefined,
       hostsProgress(tx, progress),
       hostsEnded(tx, ended),
-      started.length > 0 &&
-        tx`
-          update job_hosts jh set started = true
-          from jsonb_to_recordset(${tx.json(started as never)}::jsonb) as v("jobId" uuid, "hostId" uuid, attempt int)
-          where jh.job_id = v."jobId" and jh.attempt = v.attempt and jh.host_id = v."hostId" and jh.released_at is null`.execute(),
+      acked.length > 0 ? startedAll(tx, acked) : undefined,
       ...others.map((apply) => apply(tx)),
     ]);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) throw failed.reason;
   }
+}
+
+/** Acknowledged StartJobs: the hosts hold their attempts. */
+function startedAll(tx: TransactionSql, at: HostAt[]): Promise<unknown> {
+  return tx`
+    update job_hosts jh set started = true
+    from jsonb_to_recordset(${tx.json(at as never)}::jsonb) as v("jobId" uuid, "hostId" uuid, attempt int)
+    where jh.job_id = v."jobId" and jh.attempt = v.attempt and jh.host_id = v."hostId" and jh.released_at is null`.execute();
 }

@@ -281,8 +281,16 @@ export class HostSession {
   private syncAgain = false;
   private readonly actor: string;
   private readonly log: Logger;
-  /** Serialises message handling and syncs: one database change at a time per stream. */
+  /**
+   * Serialises message handling and syncs. Reports and acknowledgements only
+   * queue their change in the group commit here (in arrival order, which the
+   * group commit keeps for each job) and are answered once it commits, so
+   * the next message need not wait for that commit; everything else waits
+   * for those commits first (`settled`), as if handled one at a time.
+   */
   private chain: Promise<void> = Promise.resolve();
+  /** Group-committed changes of this stream not committed yet. */
+  private readonly committing = new Set<Promise<void>>();
 
   constructor(
     private readonly streams: SupervisorStreams,
@@ -410,16 +418,30 @@ export class HostSession {
     }
   }
 
-  /** Handles the supervisor's messages, one at a time, until the stream ends. */
+  /** Ends the stream over a message it could not handle. */
+  private fail(err: unknown): void {
+    if (err instanceof ConnectError) {
+      this.finish(err);
+    } else {
+      this.log.warn({ err }, "supervisor stream failed");
+      this.finish(new ConnectError("the coordinator could not record a message; attach again", Code.Unavailable));
+    }
+  }
+
+  /** Tracks a queued change until it commits; a failed one ends the stream. */
+  private committed(change: Promise<void>): void {
+    const tracked = change.catch((err) => this.fail(err)).finally(() => this.committing.delete(tracked));
+    this.committing.add(tracked);
+  }
+
+  /** Resolves once every change queued so far has committed (or failed). */
+  private async settled(): Promise<void> {
+    while (this.committing.size > 0) await Promise.all(this.committing);
+  }
+
+  /** Handles the supervisor's messages in order until the stream ends. */
   async read(iterator: AsyncIterator<AttachRequest>): Promise<void> {
-    const fail = (err: unknown) => {
-      if (err instanceof ConnectError) {
-        this.finish(err);
-      } else {
-        this.log.warn({ err }, "supervisor stream failed");
-        this.finish(new ConnectError("the coordinator could not record a message; attach again", Code.Unavailable));
-      }
-    };
+    const fail = (err: unknown) => this.fail(err);
     try {
       for (;;) {
         const next = await iterator.next();
@@ -433,10 +455,14 @@ export class HostSession {
         this.backlog++;
         const handled = this.serial(() => this.handle(message)).finally(() => this.backlog--);
         handled.catch(fail);
-        // Handled in order, one at a time; reading goes on unless too much waits.
-        if (this.backlog > 64) await handled.catch(() => undefined);
+        // Handled in order; reading goes on unless too much waits.
+        while (this.backlog + this.committing.size > 64 && !this.finished) {
+          await Promise.race([handled, ...this.committing]).catch(() => undefined);
+          if (this.backlog === 0) break;
+        }
       }
       await this.chain;
+      await this.settled();
       this.finish();
     } catch (err) {
       fail(err);
@@ -459,6 +485,7 @@ export class HostSession {
       case "commandAck":
         return this.onAck(payload.value);
       case "heartbeat":
+        await this.settled();
         if (payload.value.draining !== this.draining) {
           this.draining = payload.value.draining;
           await this.ctx.sql`
@@ -468,6 +495,7 @@ export class HostSession {
         }
         return;
       case "snapshotResult":
+        await this.settled();
         return onSnapshotResult(this.ctx, this.host, payload.value);
       default:
         return;
@@ -479,19 +507,19 @@ export class HostSession {
     if (r.reportId.length > 64) throw invalid("job_state_report.report_id must be at most 64 characters");
     const at = { jobId: r.jobId, hostId: this.host.hostId, attempt: r.attempt };
     if (r.termination) {
-      await this.commit(r.jobId, { kind: "ended", end: { at, termination: termination(r.termination), released: true, actor: this.actor } });
-      this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, true));
+      const ended = this.commit(r.jobId, { kind: "ended", end: { at, termination: termination(r.termination), released: true, actor: this.actor } });
+      this.committed(ended.then(() => this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, true))));
       return;
     }
     const state = stateName(r.state);
     if (state !== "initializing" && state !== "running" && state !== "terminating") {
       throw invalid("job_state_report.state must be INITIALIZING, RUNNING or TERMINATING");
     }
-    await this.commit(r.jobId, {
+    const progressed = this.commit(r.jobId, {
       kind: "progress",
       report: { at, state, stage: state === "initializing" ? stageName(r.stage) : null, message: r.message.slice(0, 4096), actor: this.actor },
     });
-    this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, false));
+    this.committed(progressed.then(() => this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, false))));
   }
 
   /** Group-commits `op`, a change to job `jobId`. */
@@ -506,10 +534,10 @@ export class HostSession {
     const at = { jobId: p.jobId, hostId: this.host.hostId, attempt: p.attempt };
     if (p.kind === "start") {
       if (ack.ok) {
-        await this.commit(p.jobId, { kind: "started", at });
+        this.committed(this.commit(p.jobId, { kind: "started", at }));
       } else {
         this.log.warn({ jobId: p.jobId, attempt: p.attempt, code: ack.errorCode, reason: ack.errorMessage }, "supervisor refused a job");
-        await this.commit(p.jobId, {
+        this.committed(this.commit(p.jobId, {
           kind: "ended",
           end: {
             at,
@@ -517,7 +545,7 @@ export class HostSession {
             released: true,
             actor: this.actor,
           },
-        });
+        }));
       }
       return;
     }
@@ -527,7 +555,7 @@ export class HostSession {
     }
     // A stop of an attempt the supervisor never started, or that the
     // coordinator already ended, leaves nothing behind: the slot is free.
-    await this.commit(p.jobId, {
+    this.committed(this.commit(p.jobId, {
       kind: "apply",
       apply: async (tx) => {
         const [row] = await tx<{ started: boolean; terminated: boolean }[]>`
@@ -540,7 +568,7 @@ export class HostSession {
           await releaseSlot(tx, at);
         }
       },
-    });
+    }));
   }
 
   /** Re-reads the host's assignments and sends the commands missing (coalesced). */
@@ -555,6 +583,7 @@ export class HostSession {
       try {
         do {
           this.syncAgain = false;
+          await this.settled();
           await this.sync();
         } while (this.syncAgain && !this.finished);
       } catch (err) {
@@ -713,6 +742,7 @@ export class HostSession {
     else this.log.info("supervisor stream ended");
     if (this.streams.sessions.get(this.host.hostId) === this) this.streams.sessions.delete(this.host.hostId);
     void this.chain
+      .then(() => this.settled())
       .then(() => (this.opened ? this.detach() : undefined))
       .catch((err) => this.log.warn({ err }, "cannot record the detachment"))
       .finally(() => this.resolveClosed());
