@@ -169,10 +169,13 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
       returning v.i`,
     // After the update (statements run in order): the hosts' states with these reports.
     tx<{ job_id: string; state: string | null; stage: string | null }[]>`
-      select jh.job_id, jh.state, jh.stage from job_hosts jh
-        join jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(job uuid, attempt int) on jh.job_id = v.job and jh.attempt = v.attempt
-      where jh.terminated_at is null
-      order by jh.job_id, jh.host_index`,
+      select h.job_id, h.state, h.stage
+      from (select distinct job, attempt from jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(job uuid, attempt int)) v,
+        -- Through the primary key, one job at a time (offset 0 keeps the
+        -- planner from a join that may scan job_hosts on stale statistics).
+        lateral (select jh.job_id, jh.state, jh.stage, jh.host_index from job_hosts jh
+          where jh.job_id = v.job and jh.attempt = v.attempt and jh.terminated_at is null offset 0) h
+      order by h.job_id, h.host_index`,
   ]);
   const took = new Set(updated.map((u) => u.i));
   const byJob = new Map<string, { state: string | null; stage: string | null }[]>();
