@@ -28,12 +28,14 @@ import {
   type SegmentState,
   type StoredFrame,
 } from "./segment.js";
-import { WriteAheadLog, type WalEntry } from "./wal.js";
+import { WriteAheadLog } from "./wal.js";
 
 export const CHANNEL_NAME = /^[a-z][a-z0-9_-]{0,31}$/;
 export const JOB_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 /** Accepted but unflushed bytes per channel above which a writer's stream waits. */
 const PENDING_HIGH_WATER = 8 << 20;
+/** Group-commit rounds written whose fdatasync may still be running. */
+const MAX_ROUNDS_IN_FLIGHT = 2;
 
 /** Wakes everyone waiting; waiters re-check their condition. */
 export class Notifier {
@@ -239,14 +241,25 @@ export class Channel {
  * made durable by one fdatasync of the log; then acknowledged. Frames
  * arriving meanwhile form the next round, so the server syncs once per round
  * whatever the number of channels.
+ *
+ * Two rounds may be in flight: the next round is written and its fdatasync
+ * issued while the previous one's is still running (an fdatasync covers
+ * everything written before it started), so the disk's flush and this
+ * thread's work on the next frames overlap. Outcomes are settled in order:
+ * a round is acknowledged only after the one before it, and fails with it.
  */
 export class GroupCommit {
   private readonly wal: WriteAheadLog;
   private readonly logger: Logger;
   private readonly dirty = new Set<Channel>();
-  private readonly inFlight = new Set<Channel>();
-  private running: Promise<void> | undefined;
+  /** Channels with frames in a round in flight, and in how many rounds. */
+  private readonly inFlight = new Map<Channel, number>();
+  /** Rounds written and not settled yet. */
+  private active = 0;
+  /** Whether every round so far became durable, settled in order. */
+  private tail: Promise<boolean> = Promise.resolve(true);
   private scheduled = false;
+  private rolling = false;
   private readonly rounds = new Notifier();
 
   constructor(wal: WriteAheadLog, logger: Logger) {
@@ -260,71 +273,85 @@ export class GroupCommit {
     this.schedule();
   }
 
-  /** The round under way holds frames of `channel`. */
+  /** A round under way holds frames of `channel`. */
   holds(channel: Channel): boolean {
     return this.inFlight.has(channel);
   }
 
   /** Resolves at the end of the next round (at once when none is coming). */
   nextRound(): Promise<void> {
-    if (!this.running && !this.scheduled) return new Promise((resolve) => setImmediate(resolve));
+    if (this.active === 0 && !this.scheduled && !this.rolling) return new Promise((resolve) => setImmediate(resolve));
     return this.rounds.wait();
   }
 
+  /** No round may start now: one is rolling the log, or the log is full and waits for the rounds in flight. */
+  private held(): boolean {
+    return this.rolling || this.active >= MAX_ROUNDS_IN_FLIGHT || (this.active > 0 && this.wal.needsRoll());
+  }
+
   private schedule(): void {
-    if (this.scheduled || this.running) return;
+    if (this.scheduled || this.dirty.size === 0 || this.held()) return;
     this.scheduled = true;
     // One event-loop turn gathers every frame that arrived together.
     setImmediate(() => {
       this.scheduled = false;
-      this.running ??= this.loop();
+      this.start();
     });
   }
 
-  private async loop(): Promise<void> {
-    try {
-      while (this.dirty.size > 0) {
-        const batches: Batch[] = [];
-        for (const channel of this.dirty) {
-          const batch = channel.takeBatch();
-          if (batch) batches.push(batch);
-        }
-        this.dirty.clear();
-        if (batches.length === 0) continue;
-        for (const b of batches) this.inFlight.add(b.channel);
-        try {
-          await this.commit(batches);
-          await this.wal.maybeRoll().catch((err: unknown) => this.logger.error({ err }, "write-ahead log roll failed"));
-        } finally {
-          this.inFlight.clear();
-          this.rounds.notify();
-        }
-      }
-    } finally {
-      this.running = undefined;
-      if (this.dirty.size > 0) this.schedule();
-      this.rounds.notify();
+  /** Writes what is pending as a round and issues its fdatasync; settles it after the round before. */
+  private start(): void {
+    if (this.held()) return;
+    const batches: Batch[] = [];
+    for (const channel of this.dirty) {
+      const batch = channel.takeBatch();
+      if (batch) batches.push(batch);
     }
-  }
-
-  private async commit(batches: Batch[]): Promise<void> {
-    const entries: WalEntry[] = batches.map((b) => ({
-      jobId: b.channel.job.id,
-      attempt: b.channel.attempt,
-      channel: b.channel.name,
-      records: b.records,
-    }));
+    this.dirty.clear();
+    if (batches.length === 0) return;
+    this.active++;
+    for (const b of batches) this.inFlight.set(b.channel, (this.inFlight.get(b.channel) ?? 0) + 1);
+    let synced: Promise<void>;
     try {
       this.wal.write(
-        entries,
+        batches.map((b) => ({ jobId: b.channel.job.id, attempt: b.channel.attempt, channel: b.channel.name, records: b.records })),
         batches.map((b) => b.channel.segment),
       );
-      await this.wal.sync();
+      synced = this.wal.sync();
     } catch (err) {
-      for (const b of batches) b.channel.failed(b, err);
-      return;
+      synced = Promise.reject(err);
     }
-    for (const b of batches) b.channel.committed(b);
+    synced.catch(() => undefined);
+    const before = this.tail;
+    this.tail = this.settle(batches, synced, before);
+  }
+
+  private async settle(batches: Batch[], synced: Promise<void>, before: Promise<boolean>): Promise<boolean> {
+    let error: unknown;
+    try {
+      await synced;
+    } catch (err) {
+      error = err;
+    }
+    // The round before may still be syncing; its outcome comes first.
+    if (!(await before) && error === undefined) error = new Error("an earlier write-ahead log round failed");
+    if (error === undefined) for (const b of batches) b.channel.committed(b);
+    else for (const b of batches) b.channel.failed(b, error);
+    for (const b of batches) {
+      const n = this.inFlight.get(b.channel)! - 1;
+      if (n === 0) this.inFlight.delete(b.channel);
+      else this.inFlight.set(b.channel, n);
+    }
+    this.active--;
+    if (this.active === 0 && this.wal.needsRoll() && !this.rolling) {
+      // Rolls between rounds, none in flight.
+      this.rolling = true;
+      await this.wal.maybeRoll().catch((err: unknown) => this.logger.error({ err }, "write-ahead log roll failed"));
+      this.rolling = false;
+    }
+    this.rounds.notify();
+    this.schedule();
+    return error === undefined;
   }
 }
 

@@ -179,10 +179,18 @@ export class WriteAheadLog {
     await this.current!.handle.datasync();
   }
 
-  /** Rolls to a new file once the current one is full; its checkpoint runs in the background. */
+  /** The current file is full (see `maybeRoll`). */
+  needsRoll(): boolean {
+    return this.current !== undefined && this.current.bytes >= this.fileBytes;
+  }
+
+  /**
+   * Rolls to a new file once the current one is full (with no sync of it in
+   * flight); its checkpoint runs in the background.
+   */
   async maybeRoll(): Promise<void> {
     const file = this.current;
-    if (!file || file.bytes < this.fileBytes) return;
+    if (!file || !this.needsRoll()) return;
     await this.startFile(file.number + 1);
     this.rolled++;
     this.checkpoints = this.checkpoints.then(() => this.checkpoint(file));
