@@ -10,6 +10,7 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../gen/treadmill/log/v1/log_service_pb.js";
 import { bearerInterceptor } from "../lib/coordinator-client.js";
+import { STREAM_WINDOW, WideSessionManager } from "../lib/raw-grpc-client.js";
 import { backoff, sleep } from "../lib/retry.js";
 import { msOf } from "./format.js";
 
@@ -57,6 +58,8 @@ export class JobLogAccess {
       transport = createGrpcTransport({
         baseUrl: url,
         interceptors: [bearerInterceptor(() => this.#token)],
+        // Followed logs of many channels share the connection: wide windows.
+        sessionManager: new WideSessionManager(url, undefined, { settings: { initialWindowSize: STREAM_WINDOW } }),
       });
       this.#transports.set(url, transport);
     }

@@ -24,7 +24,7 @@ import { open, rename, rm, stat, type FileHandle } from "node:fs/promises";
 import type http2 from "node:http2";
 import { create, fromBinary, toBinary, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
-import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   GetBlobRequestSchema,
   GetBlobResponseSchema,
@@ -35,7 +35,7 @@ import {
   type PutBlobResponse,
 } from "../gen/treadmill/image/v1/image_store_service_pb.js";
 import { bearerInterceptor } from "./coordinator-client.js";
-import { connectHttp2, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
+import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
 import { backoff, sleep } from "./retry.js";
 import { bytesFieldHeader, frame } from "./server/raw-grpc.js";
 
@@ -46,34 +46,8 @@ export const DIGEST_PATTERN = /^sha256:[0-9a-f]{64}$/;
 export const BLOB_CHUNK_BYTES = 1024 * 1024;
 
 /** Receive windows the client raises (both are needed, FACTS.md). */
-const STREAM_WINDOW = 4 * 1024 * 1024;
-const SESSION_WINDOW = 16 * 1024 * 1024;
 
 export type ImageStoreClient = Client<typeof ImageStoreService>;
-
-/**
- * An Http2SessionManager that raises the connection-level receive window of
- * each session it opens: connect-node has no option for it, and without it a
- * download is held to 64 KiB per round trip whatever the stream window says.
- */
-class WideWindowSessionManager extends Http2SessionManager {
-  readonly #widened = new WeakSet<http2.Http2Session>();
-
-  override async request(
-    method: string,
-    path: string,
-    headers: http2.OutgoingHttpHeaders,
-    options: Omit<http2.ClientSessionRequestOptions, "signal">,
-  ): Promise<http2.ClientHttp2Stream> {
-    const stream = await super.request(method, path, headers, options);
-    const session = stream.session;
-    if (session && !this.#widened.has(session)) {
-      this.#widened.add(session);
-      session.setLocalWindowSize(SESSION_WINDOW);
-    }
-    return stream;
-  }
-}
 
 export interface ImageTransport extends Transport {
   /** Closes the transport's connections (open calls fail). */
@@ -91,7 +65,7 @@ const bulkChannels = new WeakMap<object, BulkChannel>();
 export function imageStoreTransport(baseUrl: string, options: { token?: string | (() => string) } = {}): ImageTransport {
   const token = options.token;
   const tokenOf = typeof token === "function" ? token : () => token ?? "";
-  const sessionManager = new WideWindowSessionManager(
+  const sessionManager = new WideSessionManager(
     baseUrl,
     { idleConnectionTimeoutMs: 60_000 },
     { settings: { initialWindowSize: STREAM_WINDOW } },

@@ -11,6 +11,7 @@ import http2 from "node:http2";
 import net from "node:net";
 import tls from "node:tls";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { Http2SessionManager } from "@connectrpc/connect-node";
 import { decodeGrpcMessage, drained, readMessagePieces, readMessages } from "./server/raw-grpc.js";
 
 /** HTTP/2 receive windows (FACTS.md: both must grow on the receiving side). */
@@ -18,6 +19,30 @@ export const STREAM_WINDOW = 4 * 1024 * 1024;
 export const SESSION_WINDOW = 16 * 1024 * 1024;
 /** Largest HTTP/2 frame the peer may send us: fewer, larger reads than the 16 KiB default. */
 const MAX_FRAME = 1024 * 1024;
+
+/**
+ * An Http2SessionManager that raises the connection-level receive window of
+ * each session it opens to SESSION_WINDOW (connect-node has no option for
+ * it): without it every stream of the connection shares 64 KiB per round
+ * trip, whatever the stream window says. Pass `settings.initialWindowSize`
+ * for the streams' windows.
+ */
+export class WideSessionManager extends Http2SessionManager {
+  readonly #widened = new WeakSet<http2.Http2Session>();
+
+  override async request(...args: Parameters<Http2SessionManager["request"]>): Promise<http2.ClientHttp2Stream> {
+    const stream = await super.request(...args);
+    // Connect stops listening once a call is done; closing the connection
+    // afterwards must not turn a late stream error into a crash.
+    stream.on("error", () => undefined);
+    const session = stream.session;
+    if (session && !this.#widened.has(session)) {
+      this.#widened.add(session);
+      session.setLocalWindowSize(SESSION_WINDOW);
+    }
+    return stream;
+  }
+}
 
 /** A TCP (or TLS with ALPN h2) connection to an http(s) URL's authority, Nagle off. */
 export function dialSocket(authority: URL): net.Socket {

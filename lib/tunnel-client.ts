@@ -17,12 +17,12 @@ import type http2 from "node:http2";
 import { Duplex } from "node:stream";
 import { create, toBinary, type DescMessage } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Transport } from "@connectrpc/connect";
-import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport } from "@connectrpc/connect-node";
 import { RendezvousService, TunnelRequestSchema, TunnelResponseSchema } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import { CloseReason, type Exposure } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import { DialRequestSchema, DialResponseSchema, TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
 import { bearerInterceptor } from "./coordinator-client.js";
-import { SESSION_WINDOW, STREAM_WINDOW, connectHttp2, dialSocket, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
+import { STREAM_WINDOW, WideSessionManager, connectHttp2, dialSocket, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
 import { bytesFieldHeader, decodeMessage, frame, soleBytesField, soleBytesFieldPieces } from "./server/raw-grpc.js";
 
 /** Largest `data` of one tunnel message that any side accepts (the protos' limit). */
@@ -129,24 +129,6 @@ export class Outbox<T> {
 
   #wakePushers(): void {
     for (const waiter of this.#pushWaiters.splice(0)) waiter();
-  }
-}
-
-/** An Http2SessionManager whose connection-level receive window is wide (connect-node has no option for it). */
-class WideSessionManager extends Http2SessionManager {
-  readonly #tuned = new WeakSet<http2.Http2Session>();
-
-  override async request(...args: Parameters<Http2SessionManager["request"]>): Promise<http2.ClientHttp2Stream> {
-    const stream = await super.request(...args);
-    // Connect stops listening once a call is done; closing the connection
-    // afterwards must not turn a late stream error into a crash.
-    stream.on("error", () => undefined);
-    const session = stream.session;
-    if (session && !this.#tuned.has(session)) {
-      this.#tuned.add(session);
-      session.setLocalWindowSize(SESSION_WINDOW);
-    }
-    return stream;
   }
 }
 
