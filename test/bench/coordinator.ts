@@ -30,9 +30,9 @@
 // coordinator (node --cpu-prof) there and prints the statements that took the
 // most database time (pg_stat_statements).
 import { randomUUID } from "node:crypto";
-import { chmod, mkdtemp, readFile, rm } from "node:fs/promises";
+import { chmod, mkdtemp, readFile, readdir, rm } from "node:fs/promises";
 import { createServer } from "node:net";
-import { tmpdir } from "node:os";
+import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createClient } from "@connectrpc/connect";
@@ -73,6 +73,24 @@ async function usage(pid: number): Promise<{ rss: number; cpuMs: number }> {
   const stat = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1].split(" ");
   const ticks = Number(stat[11]) + Number(stat[12]); // utime + stime, fields 14 and 15
   return { rss, cpuMs: (ticks * 1000) / 100 };
+}
+
+/** CPU time (ms) of every PostgreSQL server process, and of the whole machine (busy, all cores). */
+async function cpuSplit(): Promise<{ postgresMs: number; busyMs: number }> {
+  let postgresMs = 0;
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = await readFile(`/proc/${entry}/stat`, "utf8").catch(() => "");
+    const open = stat.indexOf("(");
+    const close = stat.lastIndexOf(")");
+    if (open < 0 || stat.slice(open + 1, close) !== "postgres") continue;
+    const fields = stat.slice(close + 2).split(" ");
+    postgresMs += ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
+  }
+  const cpu = (await readFile("/proc/stat", "utf8")).split("\n")[0].trim().split(/\s+/).slice(1).map(Number);
+  const idle = cpu[3] + cpu[4]; // idle, iowait
+  const busyMs = ((cpu.slice(0, 8).reduce((a, b) => a + b, 0) - idle) * 1000) / 100;
+  return { postgresMs, busyMs };
 }
 
 async function until(probe: () => Promise<boolean>, what: string, timeoutMs = 600_000, intervalMs = 50): Promise<void> {
@@ -283,6 +301,8 @@ export async function run(): Promise<void> {
     // that enables the hosts, and the last job's finalization. The queue is
     // polled only a few times a second (each count costs the database a few
     // milliseconds it would otherwise give the coordinator).
+    const cpuBefore = { coordinator: (await usage(pid)).cpuMs, bench: process.cpuUsage(), ...(await cpuSplit()) };
+    const wallBefore = performance.now();
     const [{ t0Wall }] = await sql<{ t0Wall: Date }[]>`
       with e as (update hosts set admin_state = 'enabled' where tags @> '{"pool": "active"}')
       select now() as "t0Wall", pg_notify('treadmill_schedule', '')`;
@@ -292,6 +312,9 @@ export async function run(): Promise<void> {
       600_000,
       250,
     );
+    const cpuAfter = { coordinator: (await usage(pid)).cpuMs, bench: process.cpuUsage(cpuBefore.bench), ...(await cpuSplit()) };
+    const wallMs = performance.now() - wallBefore;
+    const share = (ms: number) => `${((ms / wallMs) * 100).toFixed(0)}%`;
     const [{ end }] = await sql<{ end: Date }[]>`select max(finalized_at) as end from jobs where assigned_at >= ${t0Wall}`;
     const seconds = (end.getTime() - t0Wall.getTime()) / 1000;
     report(`assignment throughput (${QUEUED_JOBS} jobs, ${ACTIVE} hosts)`, QUEUED_JOBS / seconds, "jobs/s", {
@@ -299,6 +322,12 @@ export async function run(): Promise<void> {
       value: 1000 / pgP50,
     });
     await printPhases(sql, t0Wall);
+    process.stdout.write(
+      `(b) CPU, share of one core: coordinator ${share(cpuAfter.coordinator - cpuBefore.coordinator)}, ` +
+        `PostgreSQL ${share(cpuAfter.postgresMs - cpuBefore.postgresMs)}, ` +
+        `this bench (the scripted supervisors) ${share((cpuAfter.bench.user + cpuAfter.bench.system) / 1000)}, ` +
+        `whole machine ${share(cpuAfter.busyMs - cpuBefore.busyMs)} of ${availableParallelism() * 100}%\n`,
+    );
     if (PROFILE) await printStatements(sql, "(b)");
   } finally {
     await Promise.all(supervisors.map((s) => s.close()));
