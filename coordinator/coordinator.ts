@@ -81,6 +81,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           bulkProcedures: [ATTACH_PROCEDURE],
           http: (req, res, extra) => rawAttach(req, res, extra) || (assets?.(req, res) ?? false),
         });
+        parts.metrics.register(server.metrics);
         await server.start();
         await jobs.start();
       } catch (err) {

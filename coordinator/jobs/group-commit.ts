@@ -19,6 +19,7 @@
  * of its own, so one bad change fails alone.
  */
 import type { Sql, TransactionSql } from "postgres";
+import type { JobMetrics } from "./metrics.js";
 import { customPlans } from "./store.js";
 import { type HostAt, type HostEnd, type HostReport, hostsEnded, hostsProgress } from "./transitions.js";
 
@@ -43,7 +44,10 @@ export class GroupCommit {
   private queue: Change[] = [];
   private flushing: Promise<void> | undefined;
 
-  constructor(private readonly sql: Sql) {}
+  constructor(
+    private readonly sql: Sql,
+    private readonly metrics?: JobMetrics,
+  ) {}
 
   /** Runs `op` (a change to job `jobId` and its rows) in a shared transaction; resolves after the commit. */
   run(jobId: string, op: Op): Promise<void> {
@@ -61,8 +65,11 @@ export class GroupCommit {
   private async flush(): Promise<void> {
     while (this.queue.length > 0) {
       const batch = this.queue.splice(0, MAX_BATCH);
+      const started = performance.now();
       try {
         await this.sql.begin((tx) => applyAll(tx, batch));
+        this.metrics?.commitSeconds.observe((performance.now() - started) / 1000);
+        this.metrics?.changes.inc(batch.length);
         for (const c of batch) c.resolve();
       } catch (err) {
         if (batch.length === 1) {

@@ -4,6 +4,7 @@ import { SupervisorService } from "../../gen/treadmill/coordinator/v1/supervisor
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
 import { JobServiceImpl } from "./job-service.js";
+import { JobMetrics } from "./metrics.js";
 import { Scheduler } from "./scheduler.js";
 import { Snapshots } from "./snapshots.js";
 import { SupervisorStreams } from "./supervisor-stream.js";
@@ -22,6 +23,8 @@ export interface JobSystemParts extends JobSystem {
   scheduler: Scheduler;
   sweeper: Sweeper;
   streams: SupervisorStreams;
+  /** Register with the server's registry to serve them on /metrics. */
+  metrics: JobMetrics;
 }
 
 /**
@@ -32,8 +35,9 @@ export interface JobSystemParts extends JobSystem {
 export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   const config: JobConfig = ctx.config;
   const watchers = new JobWatchers();
-  const streams = new SupervisorStreams(ctx, config);
-  const scheduler = new Scheduler(ctx, config, (hostId, starts) => streams.deliverStarts(hostId, starts));
+  const metrics = new JobMetrics();
+  const streams = new SupervisorStreams(ctx, config, metrics);
+  const scheduler = new Scheduler(ctx, config, (hostId, starts) => streams.deliverStarts(hostId, starts), metrics);
   const sweeper = new Sweeper(ctx, config);
   const snapshots = new Snapshots(ctx, config, streams, watchers);
   const jobService = new JobServiceImpl(ctx, config, watchers, snapshots);
@@ -45,6 +49,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
     scheduler,
     sweeper,
     streams,
+    metrics,
     register(router) {
       router.service(JobService, jobService);
       router.service(SupervisorService, { attach: (requests, hctx) => streams.attach(requests, hctx) });

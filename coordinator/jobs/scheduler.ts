@@ -44,6 +44,7 @@ import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
 import { type StartRow, type StartTokens, mintStartTokens, startColumns, startJobMessages } from "./commands.js";
 import type { JobConfig } from "./config.js";
+import type { JobMetrics } from "./metrics.js";
 import { ACTIVE_STATES } from "./store.js";
 
 /** pg_advisory lock key of a scheduling pass ("tmsched" in ASCII). */
@@ -127,6 +128,7 @@ export class Scheduler {
     private readonly ctx: CoordinatorContext,
     private readonly config: JobConfig,
     private readonly deliver: StartDelivery = () => undefined,
+    private readonly metrics?: JobMetrics,
   ) {
     this.log = ctx.logger.child({ subsystem: "scheduler" });
   }
@@ -181,6 +183,7 @@ export class Scheduler {
    * behind it.
    */
   async pass(): Promise<PassResult> {
+    const started = performance.now();
     const sql = await this.ctx.sql.reserve();
     let result: Assigned;
     try {
@@ -191,6 +194,8 @@ export class Scheduler {
     } finally {
       sql.release();
     }
+    this.metrics?.passSeconds.observe((performance.now() - started) / 1000);
+    this.metrics?.assigned.inc(result.assigned);
     for (const [hostId, rows] of result.local) {
       // After the commit: a StartJob goes out only for an assignment that exists.
       startJobMessages(this.ctx, hostId, rows, result.tokens.get(hostId)).then(

@@ -46,6 +46,7 @@ import { type HostRow, hostColumns, hostMessage } from "../services/hosts.js";
 import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import { GroupCommit, type Op } from "./group-commit.js";
+import type { JobMetrics } from "./metrics.js";
 import { onSnapshotResult } from "./snapshots.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { type Db, reasonName, stageName, stateName } from "./store.js";
@@ -81,9 +82,10 @@ export class SupervisorStreams {
   constructor(
     readonly ctx: CoordinatorContext,
     readonly config: JobConfig,
+    metrics?: JobMetrics,
   ) {
     this.log = ctx.logger.child({ subsystem: "supervisor-stream" });
-    this.commits = new GroupCommit(ctx.sql);
+    this.commits = new GroupCommit(ctx.sql, metrics);
   }
 
   start(): void {

@@ -93,6 +93,35 @@ async function cpuSplit(): Promise<{ postgresMs: number; busyMs: number }> {
   return { postgresMs, busyMs };
 }
 
+/** The job system's counters from the coordinator's /metrics. */
+async function jobMetrics(url: string): Promise<Record<string, number>> {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const out: Record<string, number> = {};
+  for (const name of [
+    "treadmill_scheduler_pass_seconds_sum",
+    "treadmill_scheduler_pass_seconds_count",
+    "treadmill_scheduler_assigned_jobs_total",
+    "treadmill_group_commit_seconds_sum",
+    "treadmill_group_commit_seconds_count",
+    "treadmill_group_commit_changes_total",
+  ]) {
+    out[name] = Number(new RegExp(`^${name}\\{[^}]*\\} (\\S+)$`, "m").exec(text)?.[1] ?? NaN);
+  }
+  return out;
+}
+
+/** Scheduling passes and group commits between two readings of jobMetrics. */
+function printJobMetrics(before: Record<string, number>, after: Record<string, number>): void {
+  const d = (name: string) => after[name] - before[name];
+  const passes = d("treadmill_scheduler_pass_seconds_count");
+  const commits = d("treadmill_group_commit_seconds_count");
+  process.stdout.write(
+    `(b) ${passes} scheduling passes, ${((d("treadmill_scheduler_pass_seconds_sum") / passes) * 1000).toFixed(1)} ms and ` +
+      `${(d("treadmill_scheduler_assigned_jobs_total") / passes).toFixed(1)} jobs each; ${commits} group commits, ` +
+      `${((d("treadmill_group_commit_seconds_sum") / commits) * 1000).toFixed(1)} ms and ${(d("treadmill_group_commit_changes_total") / commits).toFixed(1)} changes each\n`,
+  );
+}
+
 async function until(probe: () => Promise<boolean>, what: string, timeoutMs = 600_000, intervalMs = 50): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await probe())) {
@@ -301,6 +330,7 @@ export async function run(): Promise<void> {
     // that enables the hosts, and the last job's finalization. The queue is
     // polled only a few times a second (each count costs the database a few
     // milliseconds it would otherwise give the coordinator).
+    const metricsBefore = await jobMetrics(url);
     const cpuBefore = { coordinator: (await usage(pid)).cpuMs, bench: process.cpuUsage(), ...(await cpuSplit()) };
     const wallBefore = performance.now();
     const [{ t0Wall }] = await sql<{ t0Wall: Date }[]>`
@@ -322,6 +352,7 @@ export async function run(): Promise<void> {
       value: 1000 / pgP50,
     });
     await printPhases(sql, t0Wall);
+    printJobMetrics(metricsBefore, await jobMetrics(url));
     process.stdout.write(
       `(b) CPU, share of one core: coordinator ${share(cpuAfter.coordinator - cpuBefore.coordinator)}, ` +
         `PostgreSQL ${share(cpuAfter.postgresMs - cpuBefore.postgresMs)}, ` +

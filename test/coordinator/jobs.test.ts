@@ -72,6 +72,29 @@ describe("JobService", () => {
     expect(job!.timeline[2].hostId).toBe(host.id);
   });
 
+  it("serves the scheduler's and the group commit's metrics on /metrics", async () => {
+    const read = async () => {
+      const text = await (await fetch(`${c.url}/metrics`)).text();
+      const value = (name: string) => Number(new RegExp(`^${name}\\{[^}]*\\} (\\S+)$`, "m").exec(text)?.[1] ?? NaN);
+      return {
+        assigned: value("treadmill_scheduler_assigned_jobs_total"),
+        passes: value("treadmill_scheduler_pass_seconds_count"),
+        changes: value("treadmill_group_commit_changes_total"),
+        commits: value("treadmill_group_commit_seconds_count"),
+      };
+    };
+    const before = await read();
+    const { jobId, s } = await runningJob();
+    await s.exit(jobId, 1, 0);
+    await jobInState(c.sql, jobId, "finalized");
+    const after = await read();
+    expect(after.assigned - before.assigned).toBe(1);
+    expect(after.passes).toBeGreaterThan(before.passes);
+    // The StartJob's acknowledgement, RUNNING and the exit.
+    expect(after.changes - before.changes).toBe(3);
+    expect(after.commits).toBeGreaterThan(before.commits);
+  });
+
   it("deduplicates SubmitJob by request_id", async () => {
     const requestId = randomUUID();
     const spec = { image: image.ref, hosts: { tags: uniqueTag() } };
