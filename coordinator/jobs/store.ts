@@ -41,7 +41,7 @@ export type Db = Sql | TransactionSql;
  * the whole table where an index lookup is due. Pipelined ahead of the
  * transaction's first statement: it costs no round trip.
  */
-export function customPlans(tx: TransactionSql): void {
+export function customPlans(tx: Db): void {
   void tx`set local plan_cache_mode = force_custom_plan`.execute();
 }
 
