@@ -256,6 +256,8 @@ export async function run(): Promise<void> {
           credential: h.credential,
           mode: "exit",
           noHistory: true,
+          // 2,000 supervisors share this machine with the coordinator: the lighter client.
+          wire: "raw",
           onStartJob: (s) => onStart(s.jobId),
         }),
       );

@@ -158,6 +158,23 @@ describe("SupervisorService.Attach", () => {
     }, "the host to be detached");
   });
 
+  it("runs a job with a supervisor on the hand-framed gRPC wire, and detaches it when it drops", async () => {
+    const tag = uniqueTag();
+    const host = await c.createHost({ tags: tag });
+    const s = track(await attach(c, host, { wire: "raw", mode: "exit" }));
+    expect(s.welcome?.host?.id).toBe(host.id);
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image: image.ref, hosts: { tags: tag } } });
+    await jobInState(c.sql, job!.id, "finalized");
+    expect(s.starts.get(job!.id)).toBe(1);
+    expect((await jobRow(c.sql, job!.id)).reason).toBe("workload_exited");
+    await s.drop();
+    expect(s.lastError?.code).toBe(Code.Canceled);
+    await waitUntil(async () => {
+      const [r] = await c.sql`select attached_replica from hosts where id = ${host.id}`;
+      return r.attached_replica === null;
+    }, "the host to be detached");
+  });
+
   it("answers malformed bytes on the plain-gRPC stream with InvalidArgument", async () => {
     const host = await c.createHost();
     const session = connectHttp2(c.url);
