@@ -122,6 +122,14 @@ function printJobMetrics(before: Record<string, number>, after: Record<string, n
   );
 }
 
+/** Row updates and HOT updates so far of the tables a job's life updates. */
+async function hotUpdates(sql: postgres.Sql): Promise<Record<string, { upd: number; hot: number }>> {
+  const rows = await sql<{ relname: string; upd: number; hot: number }[]>`
+    select relname, n_tup_upd::float8 as upd, n_tup_hot_upd::float8 as hot from pg_stat_user_tables
+    where relname in ('jobs', 'job_hosts', 'hosts') order by relname`;
+  return Object.fromEntries(rows.map((r) => [r.relname, { upd: r.upd, hot: r.hot }]));
+}
+
 async function until(probe: () => Promise<boolean>, what: string, timeoutMs = 600_000, intervalMs = 50): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await probe())) {
@@ -332,6 +340,7 @@ export async function run(): Promise<void> {
     // that enables the hosts, and the last job's finalization. The queue is
     // polled only a few times a second (each count costs the database a few
     // milliseconds it would otherwise give the coordinator).
+    const hotBefore = await hotUpdates(sql);
     const metricsBefore = await jobMetrics(url);
     const cpuBefore = { coordinator: (await usage(pid)).cpuMs, bench: process.cpuUsage(), ...(await cpuSplit()) };
     const wallBefore = performance.now();
@@ -355,6 +364,16 @@ export async function run(): Promise<void> {
     });
     await printPhases(sql, t0Wall);
     printJobMetrics(metricsBefore, await jobMetrics(url));
+    await new Promise((r) => setTimeout(r, 1000)); // backends report their table statistics at least once a second
+    const hotAfter = await hotUpdates(sql);
+    process.stdout.write(
+      `(b) row updates, share HOT (no index entries): ${Object.keys(hotAfter)
+        .map((t) => {
+          const upd = hotAfter[t].upd - (hotBefore[t]?.upd ?? 0);
+          return `${t} ${upd} ${((100 * (hotAfter[t].hot - (hotBefore[t]?.hot ?? 0))) / Math.max(1, upd)).toFixed(0)}%`;
+        })
+        .join(", ")}\n`,
+    );
     process.stdout.write(
       `(b) CPU, share of one core: coordinator ${share(cpuAfter.coordinator - cpuBefore.coordinator)}, ` +
         `PostgreSQL ${share(cpuAfter.postgresMs - cpuBefore.postgresMs)}, ` +
