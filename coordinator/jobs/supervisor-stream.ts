@@ -457,11 +457,10 @@ export class HostSession {
         this.backlog++;
         const handled = this.serial(() => this.handle(message)).finally(() => this.backlog--);
         handled.catch(fail);
-        // Handled in order; reading goes on unless too much waits.
-        while (this.backlog + this.committing.size > 64 && !this.finished) {
-          await Promise.race([handled, ...this.committing]).catch(() => undefined);
-          if (this.backlog === 0) break;
-        }
+        // Handled in order; reading goes on unless too much waits (messages
+        // to handle, or changes to commit).
+        if (this.backlog > 64) await handled.catch(() => undefined);
+        while (this.committing.size > 64 && !this.finished) await Promise.race(this.committing);
       }
       await this.chain;
       await this.settled();
