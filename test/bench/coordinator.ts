@@ -44,6 +44,7 @@ import { hashSecret, newSecret } from "../../coordinator/auth.js";
 import { startEmbeddedPostgres } from "../../coordinator/db/embedded.js";
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
 import { silentLogger } from "../../lib/logger.js";
+import { metricValues } from "../support/metrics.js";
 import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { percentile, report } from "./report.js";
@@ -94,20 +95,15 @@ async function cpuSplit(): Promise<{ postgresMs: number; busyMs: number }> {
 }
 
 /** The job system's counters from the coordinator's /metrics. */
-async function jobMetrics(url: string): Promise<Record<string, number>> {
-  const text = await (await fetch(`${url}/metrics`)).text();
-  const out: Record<string, number> = {};
-  for (const name of [
+function jobMetrics(url: string): Promise<Record<string, number>> {
+  return metricValues(url, [
     "treadmill_scheduler_pass_seconds_sum",
     "treadmill_scheduler_pass_seconds_count",
     "treadmill_scheduler_assigned_jobs_total",
     "treadmill_group_commit_seconds_sum",
     "treadmill_group_commit_seconds_count",
     "treadmill_group_commit_changes_total",
-  ]) {
-    out[name] = Number(new RegExp(`^${name}\\{[^}]*\\} (\\S+)$`, "m").exec(text)?.[1] ?? NaN);
-  }
-  return out;
+  ]);
 }
 
 /** Scheduling passes and group commits between two readings of jobMetrics. */

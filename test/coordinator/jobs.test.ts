@@ -10,6 +10,7 @@ import { FinalizeReason, JobEventKind, JobState } from "../../gen/treadmill/coor
 import { newSecret } from "../../coordinator/auth.js";
 import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { metricValues } from "../support/metrics.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { FAST, attach, codeOf, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "./jobs-fixtures.js";
 
@@ -74,13 +75,17 @@ describe("JobService", () => {
 
   it("serves the scheduler's and the group commit's metrics on /metrics", async () => {
     const read = async () => {
-      const text = await (await fetch(`${c.url}/metrics`)).text();
-      const value = (name: string) => Number(new RegExp(`^${name}\\{[^}]*\\} (\\S+)$`, "m").exec(text)?.[1] ?? NaN);
+      const m = await metricValues(c.url, [
+        "treadmill_scheduler_assigned_jobs_total",
+        "treadmill_scheduler_pass_seconds_count",
+        "treadmill_group_commit_changes_total",
+        "treadmill_group_commit_seconds_count",
+      ]);
       return {
-        assigned: value("treadmill_scheduler_assigned_jobs_total"),
-        passes: value("treadmill_scheduler_pass_seconds_count"),
-        changes: value("treadmill_group_commit_changes_total"),
-        commits: value("treadmill_group_commit_seconds_count"),
+        assigned: m.treadmill_scheduler_assigned_jobs_total,
+        passes: m.treadmill_scheduler_pass_seconds_count,
+        changes: m.treadmill_group_commit_changes_total,
+        commits: m.treadmill_group_commit_seconds_count,
       };
     };
     const before = await read();
