@@ -16,12 +16,11 @@ import {
   LogService,
   ReadRequestSchema,
   ReadResponseSchema,
-  type AppendRequest,
 } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import type { ExtraHttpHandler } from "../../lib/server.js";
 import { createRawGrpcHandler, decodeMessage, drained, frame, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
-import type { LogServiceImpl, RequestContext } from "./log-service.js";
+import { appendPayload, type AppendPayload, type LogServiceImpl, type RequestContext } from "./log-service.js";
 
 /** Returns the `http` handler of createServer that answers Append and Read. */
 export function createLogGrpcHandler(
@@ -44,10 +43,110 @@ function context(call: RawGrpcCall): RequestContext {
 }
 
 async function serveAppend(call: RawGrpcCall, service: LogServiceImpl): Promise<void> {
-  const requests = (async function* (): AsyncGenerator<AppendRequest> {
-    for await (const bytes of call.messages()) yield decodeMessage(AppendRequestSchema, bytes);
+  const requests = (async function* (): AsyncGenerator<AppendPayload> {
+    for await (const pieces of call.pieces()) yield decodeAppendPieces(pieces);
   })();
-  await send(call, AppendResponseSchema, service.append(requests, context(call)));
+  await send(call, AppendResponseSchema, service.appendPayloads(requests, context(call)));
+}
+
+/** Frames up to this size are copied out of the buffers they arrived in, which they would otherwise keep alive. */
+const COPY_BELOW_BYTES = 4096;
+
+/** The shapes decodeFramePieces leaves to the protobuf runtime. */
+class Unusual extends Error {}
+
+/**
+ * An AppendRequest from the pieces it arrived in: a frame's data stays as
+ * views of those pieces. The usual frame (channel, seq, capture time, then
+ * data, its head within the first piece) is read by hand; anything else
+ * goes through the protobuf runtime.
+ */
+export function decodeAppendPieces(pieces: Buffer[]): AppendPayload {
+  try {
+    return decodeFramePieces(pieces);
+  } catch (err) {
+    if (!(err instanceof Unusual)) throw err;
+    return appendPayload(decodeMessage(AppendRequestSchema, pieces.length === 1 ? pieces[0] : Buffer.concat(pieces)));
+  }
+}
+
+function decodeFramePieces(pieces: Buffer[]): AppendPayload {
+  const head = pieces[0];
+  let total = 0;
+  for (const p of pieces) total += p.length;
+  let at = 0;
+  const byte = (): number => {
+    if (at >= head.length) throw new Unusual();
+    return head[at++];
+  };
+  /** A varint of at most 7 bytes (below 2^49): seqs, lengths, seconds until the year 10^7. */
+  const varint = (): number => {
+    let value = 0;
+    for (let shift = 1, n = 0; n < 7; n++, shift *= 128) {
+      const b = byte();
+      value += (b & 0x7f) * shift;
+      if (b < 0x80) return value;
+    }
+    throw new Unusual();
+  };
+  // AppendRequest.frame (2, length-delimited) and nothing else.
+  if (byte() !== 0x12 || varint() !== total - at) throw new Unusual();
+  let channel = "";
+  let seq = 0;
+  let captureMicros: number | undefined;
+  let data: Uint8Array[] = [];
+  let length = 0;
+  while (at < total) {
+    const tag = varint();
+    if (tag === 0x0a) {
+      const n = varint();
+      if (at + n > head.length) throw new Unusual();
+      channel = head.toString("utf8", at, at + n);
+      at += n;
+    } else if (tag === 0x10) {
+      seq = varint();
+    } else if (tag === 0x1a) {
+      const end = varint() + at;
+      let seconds = 0;
+      let nanos = 0;
+      while (at < end) {
+        const t = varint();
+        if (t === 0x08) seconds = varint();
+        else if (t === 0x10) nanos = varint();
+        else throw new Unusual();
+      }
+      if (at !== end) throw new Unusual();
+      captureMicros = seconds * 1e6 + Math.floor(nanos / 1000);
+    } else if (tag === 0x22) {
+      length = varint();
+      if (at + length !== total) throw new Unusual(); // data last, as encoders write it
+      data = slicePieces(pieces, at, length);
+      if (length < COPY_BELOW_BYTES && data.length > 0) data = [Buffer.concat(data)];
+      at = total;
+    } else {
+      throw new Unusual();
+    }
+  }
+  return { case: "frame", value: { channel, seq: BigInt(seq), captureMicros, data, length } };
+}
+
+/** Views of `length` bytes from byte `start` of `pieces` taken together. */
+function slicePieces(pieces: readonly Buffer[], start: number, length: number): Buffer[] {
+  const out: Buffer[] = [];
+  let skip = start;
+  let left = length;
+  for (const p of pieces) {
+    if (left === 0) break;
+    if (skip >= p.length) {
+      skip -= p.length;
+      continue;
+    }
+    const take = Math.min(p.length - skip, left);
+    out.push(p.subarray(skip, skip + take));
+    left -= take;
+    skip = 0;
+  }
+  return out;
 }
 
 async function serveRead(call: RawGrpcCall, service: LogServiceImpl): Promise<void> {

@@ -12,6 +12,7 @@ import {
   ChannelState,
   type CloseChannelRequest,
   type DeleteJobLogsRequest,
+  type AppendHello,
   type Frame,
   type ListChannelsRequest,
   LogService,
@@ -22,6 +23,34 @@ import {
 import type { Logger } from "../../lib/logger.js";
 import { bearerToken, type Capability, type TokenVerifier, type VerifiedToken } from "../../lib/tokens.js";
 import { CHANNEL_NAME, JOB_ID, MAX_FRAME_BYTES, Notifier, type AckSink, type Channel, type Job, type LogStore } from "./log-store.js";
+import type { Pieces } from "./segment.js";
+
+/**
+ * A frame as an Append stream takes it. Its data may be the pieces it
+ * arrived in (the hand-written gRPC path, log-grpc.ts), stored without
+ * being joined.
+ */
+export interface IncomingFrame {
+  channel: string;
+  seq: bigint;
+  /** Capture time (µs since the epoch); undefined: not given. */
+  captureMicros: number | undefined;
+  data: Pieces;
+  /** Bytes of data. */
+  length: number;
+}
+
+/** An Append request as the stream takes it (AppendRequest's payload, with an IncomingFrame). */
+export type AppendPayload = { case: "hello"; value: AppendHello } | { case: "frame"; value: IncomingFrame } | { case: undefined; value?: undefined };
+
+/** The payload of a decoded AppendRequest. */
+export function appendPayload(request: AppendRequest): AppendPayload {
+  const p = request.payload;
+  if (p.case !== "frame") return p;
+  const f: Frame = p.value;
+  const captureMicros = f.captureTime ? micros(f.captureTime) : undefined;
+  return { case: "frame", value: { channel: f.channel, seq: f.seq, captureMicros, data: [f.data], length: f.data.length } };
+}
 
 const PROTOCOL_MAJOR = 1;
 const PROTOCOL_MINOR = 0;
@@ -116,12 +145,12 @@ class AppendSession implements AckSink {
   }
 
   /** Reads the writer's frames until it half-closes, fails, or the stream is aborted. */
-  async consume(requests: AsyncIterator<AppendRequest>): Promise<void> {
+  async consume(requests: AsyncIterator<AppendPayload>): Promise<void> {
     try {
       while (this.error === undefined) {
         const next = await requests.next();
         if (next.done || this.error !== undefined) break;
-        const payload = next.value.payload;
+        const payload = next.value;
         if (payload.case === "frame") await this.frame(payload.value);
         else if (payload.case === "hello") throw invalid("hello is only allowed as the first message");
         else throw invalid("append request has no payload");
@@ -139,19 +168,19 @@ class AppendSession implements AckSink {
     }
   }
 
-  private reject(frame: Frame, code: AppendRejectionCode, message: string): void {
+  private reject(frame: IncomingFrame, code: AppendRejectionCode, message: string): void {
     this.send({ payload: { case: "rejection", value: { channel: frame.channel, seq: frame.seq, code, message } } });
   }
 
-  private async frame(frame: Frame): Promise<void> {
+  private async frame(frame: IncomingFrame): Promise<void> {
     const seq = Number(frame.seq);
     if (!CHANNEL_NAME.test(frame.channel)) {
       return this.reject(frame, AppendRejectionCode.INVALID_FRAME, "frame.channel must match [a-z][a-z0-9_-]{0,31}");
     }
     if (seq < 1) return this.reject(frame, AppendRejectionCode.INVALID_FRAME, "frame.seq must be at least 1");
-    if (frame.data.length === 0) return this.reject(frame, AppendRejectionCode.INVALID_FRAME, "frame.data must not be empty");
-    if (frame.data.length > MAX_FRAME_BYTES) {
-      return this.reject(frame, AppendRejectionCode.FRAME_TOO_LARGE, `frame.data is ${frame.data.length} bytes; at most ${MAX_FRAME_BYTES} are allowed`);
+    if (frame.length === 0) return this.reject(frame, AppendRejectionCode.INVALID_FRAME, "frame.data must not be empty");
+    if (frame.length > MAX_FRAME_BYTES) {
+      return this.reject(frame, AppendRejectionCode.FRAME_TOO_LARGE, `frame.data is ${frame.length} bytes; at most ${MAX_FRAME_BYTES} are allowed`);
     }
     let channel = this.job.channel(this.attempt, frame.channel);
     if (!channel) {
@@ -161,7 +190,7 @@ class AppendSession implements AckSink {
       }
       channel = await this.job.createChannel(this.attempt, frame.channel);
     }
-    const offer = channel.offer(seq, micros(frame.captureTime), frame.data);
+    const offer = channel.offer(seq, frame.captureMicros ?? Date.now() * 1000, frame.data);
     switch (offer.kind) {
       case "accepted":
         this.touched.add(channel);
@@ -253,10 +282,20 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
   }
 
   async *append(requests: AsyncIterable<AppendRequest>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
+    yield* this.appendPayloads(
+      (async function* () {
+        for await (const request of requests) yield appendPayload(request);
+      })(),
+      ctx,
+    );
+  }
+
+  /** Append, for callers that decode the requests themselves (log-grpc.ts). */
+  async *appendPayloads(requests: AsyncIterable<AppendPayload>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
     const iterator = requests[Symbol.asyncIterator]();
     const first = await iterator.next();
-    if (first.done || first.value.payload.case !== "hello") throw invalid("first append message must be a hello");
-    const hello = first.value.payload.value;
+    if (first.done || first.value.case !== "hello") throw invalid("first append message must be a hello");
+    const hello = first.value.value;
     const major = hello.protocolVersion?.major ?? 0;
     if (major !== PROTOCOL_MAJOR) {
       throw new ConnectError(`protocol version ${major}.x is not supported; this server speaks ${PROTOCOL_MAJOR}.x`, Code.FailedPrecondition);

@@ -22,9 +22,10 @@ import {
   HEADER_BYTES,
   MAX_FRAME_BYTES,
   Segment,
-  encodeRecordInto,
+  encodeHeaderInto,
   syncDir,
   type BatchFrame,
+  type Pieces,
   type SegmentState,
   type StoredFrame,
 } from "./segment.js";
@@ -79,10 +80,11 @@ export type Offer =
   | { kind: "gap"; expected: number }
   | { kind: "rejected"; code: "closed" | "size_cap"; message: string };
 
-/** A channel's frames taken for one commit round, encoded as segment records. */
+/** A channel's frames taken for one commit round, as segment records (writev's buffers: a header, then the data's pieces, per frame). */
 interface Batch {
   channel: Channel;
-  records: Buffer;
+  records: Uint8Array[];
+  recordBytes: number;
   frames: BatchFrame[];
 }
 
@@ -93,7 +95,7 @@ export class Channel {
   readonly segment: Segment;
   /** Highest seq accepted (durable or pending). */
   writtenSeq: number;
-  private pending: { captureMicros: number; data: Uint8Array }[] = [];
+  private pending: BatchFrame[] = [];
   private pendingBytes = 0;
   readonly changed = new Notifier();
 
@@ -122,8 +124,14 @@ export class Channel {
     return this.job.store.commits;
   }
 
-  /** Offers a frame (already validated for name and size). */
-  offer(seq: number, captureMicros: number, data: Uint8Array): Offer {
+  /**
+   * Offers a frame (already validated for name and size): its data as one
+   * buffer, or as the pieces it arrived in (kept as they are, not copied).
+   */
+  offer(seq: number, captureMicros: number, data: Uint8Array | Pieces): Offer {
+    const pieces: Pieces = data instanceof Uint8Array ? [data] : data;
+    let length = 0;
+    for (const p of pieces) length += p.length;
     if (seq <= this.writtenSeq) return { kind: "duplicate", durable: seq <= this.durableSeq };
     if (this.job.truncatedMessage !== undefined && this.state.kind !== "closed") {
       void this.job.truncate(this.job.truncatedMessage);
@@ -133,15 +141,15 @@ export class Channel {
     if (this.state.kind === "truncated") return { kind: "rejected", code: "size_cap", message: this.state.message };
     if (seq !== this.writtenSeq + 1) return { kind: "gap", expected: this.writtenSeq + 1 };
     const cap = this.job.store.options.jobSizeCapBytes;
-    if (cap > 0 && this.job.sizeBytes + data.length > cap) {
+    if (cap > 0 && this.job.sizeBytes + length > cap) {
       const message = `job log reached its size cap of ${cap} bytes; later output was not stored`;
       void this.job.truncate(message);
       return { kind: "rejected", code: "size_cap", message };
     }
-    this.pending.push({ captureMicros, data });
-    this.pendingBytes += data.length;
+    this.pending.push({ captureMicros, data: pieces, length });
+    this.pendingBytes += length;
     this.writtenSeq = seq;
-    this.job.sizeBytes += data.length;
+    this.job.sizeBytes += length;
     this.commits.add(this);
     return { kind: "accepted" };
   }
@@ -151,31 +159,33 @@ export class Channel {
     while (this.pendingBytes > PENDING_HIGH_WATER && !this.job.deleted) await this.commits.nextRound();
   }
 
-  /** Takes what is pending, encoded as the segment's next records (for GroupCommit). */
+  /** Takes what is pending as the segment's next records (for GroupCommit). */
   takeBatch(): Batch | undefined {
     if (this.pending.length === 0 || this.job.deleted) return undefined;
-    const records = Buffer.allocUnsafe(this.pendingBytes + this.pending.length * HEADER_BYTES);
-    const frames: BatchFrame[] = [];
-    let at = 0;
-    let seq = this.writtenSeq - this.pending.length + 1;
-    for (const f of this.pending) {
-      encodeRecordInto(records, at, seq++, f.captureMicros, f.data);
-      frames.push({ at, length: f.data.length, captureMicros: f.captureMicros });
-      at += HEADER_BYTES + f.data.length;
-    }
+    const frames = this.pending;
+    const headers = Buffer.allocUnsafe(frames.length * HEADER_BYTES);
+    const records: Uint8Array[] = [];
+    let seq = this.writtenSeq - frames.length + 1;
+    frames.forEach((f, i) => {
+      const at = i * HEADER_BYTES;
+      encodeHeaderInto(headers, at, seq++, f.captureMicros, f.data, f.length);
+      records.push(headers.subarray(at, at + HEADER_BYTES), ...f.data);
+    });
+    const recordBytes = this.pendingBytes + frames.length * HEADER_BYTES;
     this.pending = [];
     this.pendingBytes = 0;
-    return { channel: this, records, frames };
+    return { channel: this, records, recordBytes, frames };
   }
 
   /** The batch is durable: readers see it, the writer gets its ack. */
   committed(batch: Batch): void {
     try {
-      this.segment.commit(batch.records, batch.frames);
+      this.segment.commit(batch.records, batch.recordBytes, batch.frames);
     } catch (err) {
-      // Only the lazy write to the segment file failed: the frames are in
-      // memory and durable in the write-ahead log, which keeps its file
-      // (its checkpoint fails too) until a restart replays it.
+      // Only the write to the segment file failed (commit updates memory
+      // first, and keeps the records to write again): the frames are durable
+      // in the write-ahead log, which keeps its file (its checkpoint fails
+      // too) until a restart replays it.
       this.job.store.logger.error({ err, jobId: this.job.id, attempt: this.attempt, channel: this.name }, "log segment write failed");
     }
     this.job.sessions.get(this.attempt)?.ack(this.name, this.durableSeq);
@@ -187,7 +197,7 @@ export class Channel {
    * it, so that the writer's resend starts from the durable seq again.
    */
   failed(batch: Batch, err: unknown): void {
-    const lost = batch.records.length - batch.frames.length * HEADER_BYTES + this.pendingBytes;
+    const lost = batch.recordBytes - batch.frames.length * HEADER_BYTES + this.pendingBytes;
     this.job.sizeBytes -= lost;
     this.pending = [];
     this.pendingBytes = 0;
@@ -314,7 +324,7 @@ export class GroupCommit {
     let synced: Promise<void>;
     try {
       this.wal.write(
-        batches.map((b) => ({ jobId: b.channel.job.id, attempt: b.channel.attempt, channel: b.channel.name, records: b.records })),
+        batches.map((b) => ({ jobId: b.channel.job.id, attempt: b.channel.attempt, channel: b.channel.name, records: b.records, recordBytes: b.recordBytes })),
         batches.map((b) => b.channel.segment),
       );
       synced = this.wal.sync();

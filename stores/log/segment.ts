@@ -38,13 +38,24 @@ export interface StoredFrame {
   data: Uint8Array;
 }
 
-/** Where a frame's record is within a batch of records (see Segment.commit). */
+/**
+ * A frame's data as it arrived: views of the buffers it came in (a frame
+ * often spans two HTTP/2 DATA frames), written out with writev and never
+ * joined on the way to the disk.
+ */
+export type Pieces = readonly Uint8Array[];
+
+/** The data of `pieces` as one buffer (copied only when there are several). */
+export function joinPieces(pieces: Pieces): Uint8Array {
+  return pieces.length === 1 ? pieces[0] : Buffer.concat(pieces);
+}
+
+/** A frame of a batch of records (see Segment.commit): its record is a header, then `data`. */
 export interface BatchFrame {
-  /** Byte offset of the record within the batch. */
-  at: number;
   /** Data bytes. */
   length: number;
   captureMicros: number;
+  data: Pieces;
 }
 
 /** Why the channel takes no more frames, persisted beside the segment. */
@@ -53,23 +64,25 @@ export type SegmentState = { kind: "open" } | { kind: "closed" } | { kind: "trun
 /** Encodes one record (header and data). */
 export function encodeRecord(seq: number, captureMicros: number, data: Uint8Array): Buffer {
   const buf = Buffer.allocUnsafe(HEADER_BYTES + data.length);
-  encodeRecordInto(buf, 0, seq, captureMicros, data);
+  encodeHeaderInto(buf, 0, seq, captureMicros, [data], data.length);
+  buf.set(data, HEADER_BYTES);
   return buf;
 }
 
-/** Encodes one record at `at` of `buf` (HEADER_BYTES + data.length bytes). */
-export function encodeRecordInto(buf: Buffer, at: number, seq: number, captureMicros: number, data: Uint8Array): void {
+/** Encodes the header of a record of `length` data bytes, `data`, at `at` of `buf`. */
+export function encodeHeaderInto(buf: Buffer, at: number, seq: number, captureMicros: number, data: Pieces, length: number): void {
   buf.writeUInt32BE(MAGIC, at);
-  buf.writeUInt32BE(data.length, at + 4);
+  buf.writeUInt32BE(length, at + 4);
   // Two 32-bit halves: seqs and microseconds stay far below 2^53.
   buf.writeUInt32BE(Math.floor(seq / 0x100000000), at + 8);
   buf.writeUInt32BE(seq % 0x100000000, at + 12);
   const micros = Math.trunc(captureMicros);
   buf.writeInt32BE(Math.floor(micros / 0x100000000), at + 16);
   buf.writeUInt32BE(((micros % 0x100000000) + 0x100000000) % 0x100000000, at + 20);
-  buf.writeUInt32BE(crc32(data), at + 24);
+  let crc = 0;
+  for (const piece of data) crc = crc32(piece, crc);
+  buf.writeUInt32BE(crc, at + 24);
   buf.writeUInt32BE(crc32(buf.subarray(at, at + 24)), at + 28);
-  buf.set(data, at + HEADER_BYTES);
 }
 
 /** The header at `at` of `buf`, or undefined when it is not a valid header. */
@@ -85,6 +98,17 @@ export function decodeHeader(buf: Buffer, at: number): { length: number; seq: nu
     captureMicros: Number(buf.readBigInt64BE(at + 16)),
     dataCrc: buf.readUInt32BE(at + 24),
   };
+}
+
+/** A frame of the in-memory tail: its data as committed (pieces). */
+interface TailFrame {
+  seq: number;
+  offset: number;
+  captureMicros: number;
+  data: Pieces;
+  length: number;
+  /** Bytes of the buffers `data` views (at least `length`). */
+  pinned: number;
 }
 
 /** A growable array of record offsets (8 bytes per frame in memory). */
@@ -111,10 +135,12 @@ class OffsetIndex {
 }
 
 const READ_CHUNK = 1 << 20;
-/** Committed records are written out to the files once this many bytes wait. */
-const WRITE_OUT_BYTES = 64 * 1024;
-/** Recent frames kept in memory for followers (at least the last one). */
+/** Index entries are written out to the index file once this many wait. */
+const INDEX_OUT_ENTRIES = 512;
+/** Recent frames kept in memory for followers (at least the last one): bytes of data... */
 const TAIL_CACHE_BYTES = 64 * 1024;
+/** ...and bytes of the buffers they keep alive (a frame's data are views of what it arrived in). */
+const TAIL_PINNED_BYTES = 256 * 1024;
 
 /** The files of one channel, opened (and recovered) with `Segment.open`. */
 export class Segment {
@@ -132,12 +158,13 @@ export class Segment {
   lastChangeMs: number;
   private closedFiles = false;
   /** The most recent frames, so that followers rarely read the disk. */
-  private tail: StoredFrame[] = [];
+  private tail: TailFrame[] = [];
   private tailBytes = 0;
+  private tailPinned = 0;
   /** Written since the last fsync. */
   private dirty = false;
-  /** Committed records not yet written to the file (from `writtenBytes` on). */
-  private unwritten: Buffer[] = [];
+  /** Committed records not yet written to the file (from `writtenBytes` on), as writev's buffers. */
+  private unwritten: Uint8Array[] = [];
   private writtenBytes: number;
   /** Index entries written to the index file. */
   private indexedOut = 0;
@@ -322,53 +349,68 @@ export class Segment {
   }
 
   /**
-   * Appends the records of frames `frameCount+1...` (encoded with
-   * encodeRecordInto, back to back, already durable in the write-ahead log);
-   * `frames` locate them in `records`. They are written to the files lazily
-   * (see `writeOut`), without an fsync; readers see them at once.
+   * Appends the records of frames `frameCount+1...` (already durable in the
+   * write-ahead log): `records` are their bytes back to back (`recordBytes`
+   * in all; for each frame a header from encodeHeaderInto, then its data),
+   * `frames` describe them. They are written to the file at once, without
+   * an fsync (see `writeOut`); readers see them at once.
    */
-  commit(records: Buffer, frames: BatchFrame[]): void {
+  commit(records: readonly Uint8Array[], recordBytes: number, frames: readonly BatchFrame[]): void {
+    let offset = this.segBytes;
     for (const f of frames) {
       const seq = this.index.length + 1;
-      const offset = this.segBytes + f.at;
-      const data = records.subarray(f.at + HEADER_BYTES, f.at + HEADER_BYTES + f.length);
-      this.tail.push({ seq, offset: offset - (seq - 1) * HEADER_BYTES, captureMicros: f.captureMicros, data });
+      let pinned = 0;
+      for (const piece of f.data) pinned += piece.buffer.byteLength;
+      this.tail.push({ seq, offset: offset - (seq - 1) * HEADER_BYTES, captureMicros: f.captureMicros, data: f.data, length: f.length, pinned });
       this.tailBytes += f.length;
+      this.tailPinned += pinned;
       this.index.push(offset);
       this.noteCapture(f.captureMicros, this.index.length === 1);
+      offset += HEADER_BYTES + f.length;
     }
-    while (this.tail.length > 1 && this.tailBytes > TAIL_CACHE_BYTES) this.tailBytes -= this.tail.shift()!.data.length;
-    this.unwritten.push(records);
-    this.segBytes += records.length;
+    while (this.tail.length > 1 && (this.tailBytes > TAIL_CACHE_BYTES || this.tailPinned > TAIL_PINNED_BYTES)) {
+      const old = this.tail.shift()!;
+      this.tailBytes -= old.length;
+      this.tailPinned -= old.pinned;
+    }
+    for (const r of records) this.unwritten.push(r);
+    this.segBytes += recordBytes;
     this.lastChangeMs = Date.now();
-    if (this.segBytes - this.writtenBytes >= WRITE_OUT_BYTES) this.writeOut();
+    this.writeRecords();
+    if (this.index.length - this.indexedOut >= INDEX_OUT_ENTRIES) this.writeIndex();
   }
 
   /**
-   * Writes the records committed since the last call, and their index
-   * entries, to the page cache: a few large writes per channel rather than
-   * one per commit round. (On this thread: page-cache writes take
-   * microseconds, and the thread pool is left to the fdatasyncs.)
+   * Writes what was committed and not written yet to the files' page cache:
+   * the records at once (on this thread, while their buffers are fresh; one
+   * writev per channel per commit round), the index entries in batches. No
+   * fsync: the write-ahead log holds the records until its checkpoint.
    */
   writeOut(): void {
-    if (this.closedFiles) return;
-    if (this.unwritten.length > 0) {
-      writeAllSync(this.seg.fd, this.unwritten, this.writtenBytes);
-      this.unwritten = [];
-      this.writtenBytes = this.segBytes;
-      this.dirty = true;
+    this.writeRecords();
+    this.writeIndex();
+  }
+
+  /** Writes the committed records (kept for a later try when the write fails). */
+  private writeRecords(): void {
+    if (this.closedFiles || this.unwritten.length === 0) return;
+    writeAllSync(this.seg.fd, this.unwritten, this.writtenBytes);
+    this.unwritten = [];
+    this.writtenBytes = this.segBytes;
+    this.dirty = true;
+  }
+
+  private writeIndex(): void {
+    if (this.closedFiles || this.indexedOut >= this.index.length) return;
+    const idx = Buffer.allocUnsafe((this.index.length - this.indexedOut) * 8);
+    for (let i = this.indexedOut; i < this.index.length; i++) {
+      const off = this.index.get(i);
+      idx.writeUInt32BE(Math.floor(off / 0x100000000), (i - this.indexedOut) * 8);
+      idx.writeUInt32BE(off % 0x100000000, (i - this.indexedOut) * 8 + 4);
     }
-    if (this.indexedOut < this.index.length) {
-      const idx = Buffer.allocUnsafe((this.index.length - this.indexedOut) * 8);
-      for (let i = this.indexedOut; i < this.index.length; i++) {
-        const off = this.index.get(i);
-        idx.writeUInt32BE(Math.floor(off / 0x100000000), (i - this.indexedOut) * 8);
-        idx.writeUInt32BE(off % 0x100000000, (i - this.indexedOut) * 8 + 4);
-      }
-      // Not fsynced: recovery rebuilds a lost index tail from the segment.
-      writeFullySync(this.idx.fd, idx, this.indexedOut * 8);
-      this.indexedOut = this.index.length;
-    }
+    // Not fsynced: recovery rebuilds a lost index tail from the segment.
+    writeFullySync(this.idx.fd, idx, this.indexedOut * 8);
+    this.indexedOut = this.index.length;
   }
 
   /**
@@ -397,7 +439,8 @@ export class Segment {
         this.dirty = true;
         rewritten++;
       } else if (h.seq === this.index.length + 1) {
-        this.commit(Buffer.from(record), [{ at: 0, length: h.length, captureMicros: h.captureMicros }]);
+        const copy = Buffer.from(record);
+        this.commit([copy], copy.length, [{ length: h.length, captureMicros: h.captureMicros, data: [copy.subarray(HEADER_BYTES)] }]);
         appended++;
       } else {
         return { appended, rewritten, misfit: `record ${h.seq} follows ${this.index.length}` };
@@ -433,9 +476,10 @@ export class Segment {
       const out: StoredFrame[] = [];
       let bytes = 0;
       for (let i = seq - this.tail[0].seq; i < this.tail.length && this.tail[i].seq <= last; i++) {
-        if (out.length > 0 && bytes + this.tail[i].data.length > maxBytes) break;
-        out.push(this.tail[i]);
-        bytes += this.tail[i].data.length;
+        const t = this.tail[i];
+        if (out.length > 0 && bytes + t.length > maxBytes) break;
+        out.push({ seq: t.seq, offset: t.offset, captureMicros: t.captureMicros, data: joinPieces(t.data) });
+        bytes += t.length;
       }
       return out;
     }
@@ -474,6 +518,7 @@ export class Segment {
   dropTail(): void {
     this.tail = [];
     this.tailBytes = 0;
+    this.tailPinned = 0;
   }
 
   /** Persists the closed or truncated state (fsynced, with its directory). */
@@ -512,7 +557,7 @@ function writeFullySync(fd: number, buf: Buffer, position: number): void {
 }
 
 /** Writes `buffers` back to back at `position` (writev, retrying short writes). */
-export function writeAllSync(fd: number, buffers: Buffer[], position: number): void {
+export function writeAllSync(fd: number, buffers: readonly Uint8Array[], position: number): void {
   for (let i = 0; i < buffers.length; i += MAX_IOV) {
     let iov = buffers.slice(i, i + MAX_IOV);
     let left = iov.reduce((n, b) => n + b.length, 0);
@@ -526,8 +571,8 @@ export function writeAllSync(fd: number, buffers: Buffer[], position: number): v
 }
 
 /** `buffers` without their first `skip` bytes. */
-function skipBytes(buffers: Buffer[], skip: number): Buffer[] {
-  const out: Buffer[] = [];
+function skipBytes(buffers: readonly Uint8Array[], skip: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
   for (const b of buffers) {
     if (skip >= b.length) {
       skip -= b.length;

@@ -34,13 +34,19 @@ export interface Syncable {
   sync(): Promise<void>;
 }
 
-/** One channel's records of one batch. */
+/** One channel's records of one batch, as read back. */
 export interface WalEntry {
   jobId: string;
   attempt: number;
   channel: string;
   /** Segment records (header and data each). */
   records: Buffer;
+}
+
+/** One channel's records of one batch, to write: writev's buffers, `recordBytes` in all. */
+export interface WalWrite extends Omit<WalEntry, "records"> {
+  records: readonly Uint8Array[];
+  recordBytes: number;
 }
 
 interface WalFile {
@@ -57,14 +63,14 @@ function fileName(n: number): string {
 }
 
 /** The entry header and meta of `entry`. */
-function encodeEntryHeader(entry: WalEntry): Buffer {
+function encodeEntryHeader(entry: WalWrite): Buffer {
   const job = Buffer.from(entry.jobId);
   const channel = Buffer.from(entry.channel);
   const metaBytes = 4 + 1 + job.length + 1 + channel.length;
   const buf = Buffer.allocUnsafe(ENTRY_HEADER_BYTES + metaBytes);
   buf.writeUInt32BE(MAGIC, 0);
   buf.writeUInt32BE(metaBytes, 4);
-  buf.writeUInt32BE(entry.records.length, 8);
+  buf.writeUInt32BE(entry.recordBytes, 8);
   let at = ENTRY_HEADER_BYTES;
   buf.writeUInt32BE(entry.attempt, at);
   buf.writeUInt8(job.length, at + 4);
@@ -159,15 +165,16 @@ export class WriteAheadLog {
    * Appends entries to the page cache (no fsync; see `sync`); `segments[i]`
    * receives `entries[i]`'s records and is fsynced at the file's checkpoint.
    */
-  write(entries: WalEntry[], segments: Syncable[]): void {
+  write(entries: WalWrite[], segments: Syncable[]): void {
     const file = this.current;
     if (!file) throw new Error("write-ahead log is not open");
-    const iov: Buffer[] = [];
+    const iov: Uint8Array[] = [];
     let bytes = 0;
     entries.forEach((entry, i) => {
       const header = encodeEntryHeader(entry);
-      iov.push(header, entry.records);
-      bytes += header.length + entry.records.length;
+      iov.push(header);
+      for (const r of entry.records) iov.push(r);
+      bytes += header.length + entry.recordBytes;
       file.dirty.add(segments[i]);
     });
     writeAllSync(file.handle.fd, iov, file.bytes);

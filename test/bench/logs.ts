@@ -27,18 +27,19 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { setMaxListeners } from "node:events";
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import type { ClientHttp2Session } from "node:http2";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { FrameSchema, LogService, type AppendRequestSchema } from "../../gen/treadmill/log/v1/log_service_pb.js";
+import { AppendRequestSchema, AppendResponseSchema, FrameSchema, LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import { LogShipper } from "../../lib/log-shipper.js";
-import { STREAM_WINDOW, WideSessionManager } from "../../lib/raw-grpc-client.js";
+import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall } from "../../lib/raw-grpc-client.js";
+import { bytesFieldHeader, frame, varint } from "../../lib/server/raw-grpc.js";
 import { silentLogger } from "../../lib/logger.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { fileAppendMBps } from "./baselines.js";
 import { percentile, report } from "./report.js";
 
-type AppendRequestInit = MessageInitShape<typeof AppendRequestSchema>;
 
 const BIN = new URL("../../bin/treadmill-log-server.js", import.meta.url).pathname;
 const FRAME = 16384;
@@ -76,7 +77,8 @@ async function startServer(dataDir: string, keysFile: string): Promise<ServerPro
     });
     child.once("exit", (code) => reject(new Error(`log server exited with ${code}`)));
   });
-  child.stdout!.resume();
+  if (process.env.LOGS_BENCH_SERVER_STDOUT) child.stdout!.pipe(process.stderr);
+  else child.stdout!.resume();
   return {
     url: `http://127.0.0.1:${port}`,
     pid: child.pid!,
@@ -118,41 +120,53 @@ function client(url: string): { client: Client<typeof LogService>; close(): void
   return { client: createClient(LogService, createGrpcTransport({ baseUrl: url, sessionManager })), close: () => sessionManager.abort() };
 }
 
-/** One raw writer: `bytes` in 16 KiB frames on channel stdout, at most WINDOW unacknowledged. */
-async function rawWriter(c: Client<typeof LogService>, token: string, jobId: string, bytes: number): Promise<void> {
+/**
+ * One writer on hand-framed gRPC (lib/raw-grpc-client.ts), as a supervisor's
+ * machine would run it: `bytes` in 16 KiB frames on channel stdout, at most
+ * WINDOW unacknowledged. connect-node's client costs more CPU per frame than
+ * the server's side, and here it shares the server's two cores.
+ */
+async function rawWriter(session: ClientHttp2Session, token: string, jobId: string, bytes: number): Promise<void> {
   const frames = Math.ceil(bytes / FRAME);
   const data = randomBytes(FRAME);
+  const call = openRawCall(session, `/${LogService.typeName}/Append`, { authorization: `Bearer ${token}` }, { maxMessageBytes: 1 << 20 });
+  const hello = create(AppendRequestSchema, { payload: { case: "hello", value: { protocolVersion: { major: 1, minor: 0 }, jobId, attempt: 1, writer: "bench" } } });
+  call.write(frame(toBinary(AppendRequestSchema, hello)));
   let acked = 0;
-  let sent = 0;
   let wake: (() => void) | undefined;
-  async function* requests(): AsyncGenerator<AppendRequestInit> {
-    yield { payload: { case: "hello", value: { protocolVersion: { major: 1, minor: 0 }, jobId, attempt: 1, writer: "bench" } } };
-    while (sent < frames) {
-      while (sent - acked >= WINDOW) await new Promise<void>((resolve) => (wake = resolve));
-      sent++;
-      yield { payload: { case: "frame", value: create(FrameSchema, { channel: "stdout", seq: BigInt(sent), data }) } };
+  const sending = (async () => {
+    for (let seq = 1; seq <= frames; seq++) {
+      while (seq - acked > WINDOW) await new Promise<void>((resolve) => (wake = resolve));
+      // AppendRequest{frame: Frame{channel: "stdout", seq, data}}: the head, then the data unchanged.
+      const inner = bytesFieldHeader(4, data.length, [0x0a, 6, ...Buffer.from("stdout"), 0x10, ...varint(seq)]).subarray(5);
+      const outer = bytesFieldHeader(2, inner.length + data.length);
+      call.write(Buffer.concat([outer, inner]));
+      if (!call.write(data)) await call.drained();
     }
-    while (acked < frames) await new Promise<void>((resolve) => (wake = resolve));
-  }
-  for await (const res of c.append(requests(), { headers: { authorization: `Bearer ${token}` } })) {
+  })();
+  for await (const bytes of call.messages()) {
+    const res = fromBinary(AppendResponseSchema, bytes);
     if (res.payload.case === "ack") {
       acked = Number(res.payload.value.seq);
       wake?.();
-    } else if (res.payload.case === "rejection" || res.payload.case === "expect") {
+      if (acked >= frames) call.end();
+    } else if (res.payload.case !== "welcome") {
       throw new Error(`unexpected ${res.payload.case}`);
     }
   }
+  await sending;
+  if (acked < frames) throw new Error(`the server acknowledged ${acked} of ${frames} frames`);
 }
 
 async function ingest(server: ServerProcess, signer: TokenSigner, writers: number): Promise<number> {
   const per = Math.ceil(TOTAL / writers / FRAME) * FRAME;
   const jobs = Array.from({ length: writers }, (_, i) => `ingest-${writers}-${i}`);
   const tokens = await Promise.all(jobs.map((job) => signer.sign({ scope: "log:write", job }, 3_600_000, { subject: "bench" })));
-  const clients = Array.from({ length: Math.min(writers, 10) }, () => client(server.url));
+  const sessions = Array.from({ length: Math.min(writers, 10) }, () => connectHttp2(server.url));
   const started = performance.now();
-  await Promise.all(jobs.map((job, i) => rawWriter(clients[i % clients.length].client, tokens[i], job, per)));
+  await Promise.all(jobs.map((job, i) => rawWriter(sessions[i % sessions.length], tokens[i], job, per)));
   const seconds = (performance.now() - started) / 1000;
-  clients.forEach((c) => c.close());
+  sessions.forEach((c) => c.close());
   return (per * writers) / 1e6 / seconds;
 }
 
