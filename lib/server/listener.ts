@@ -92,6 +92,10 @@ export class OnePortListener {
     }
     // "connection" gives the TCP socket in both modes (before TLS).
     this.#front.on("connection", (socket: net.Socket) => {
+      // RPC answers are small and waited for (acknowledgements, stream
+      // messages): Nagle's algorithm would hold each one back until the
+      // peer's ACK of the one before. gRPC servers turn it off too.
+      socket.setNoDelay(true);
       this.#sockets.add(socket);
       socket.once("close", () => this.#sockets.delete(socket));
     });

@@ -37,6 +37,22 @@ export const JOB_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 const PENDING_HIGH_WATER = 8 << 20;
 /** Group-commit rounds written whose fdatasync may still be running. */
 const MAX_ROUNDS_IN_FLIGHT = 2;
+/**
+ * A round takes channels until it holds this many bytes; the rest form the
+ * next one. Without a cap, many writers' windows pile up into rounds of tens
+ * of MB whose write and fdatasync take so long that the disk idles between
+ * them.
+ */
+const ROUND_MAX_BYTES = 4 << 20;
+/**
+ * With a round in flight, the next one starts only once it has this much
+ * (or when the one in flight ends): an fdatasync costs about the same for a
+ * frame as for a window of them, and a writer's refill arrives a TCP read at
+ * a time.
+ */
+const OVERLAP_MIN_BYTES = 256 << 10;
+/** Accepted bytes waiting for a round (all channels) above which every writer's stream waits (memory). */
+const GLOBAL_PENDING_HIGH_WATER = 32 << 20;
 
 /** Wakes everyone waiting; waiters re-check their condition. */
 export class Notifier {
@@ -85,6 +101,8 @@ interface Batch {
   channel: Channel;
   records: Uint8Array[];
   recordBytes: number;
+  /** The records' headers, back to back (views of it are in `records`). */
+  headers: Buffer;
   frames: BatchFrame[];
 }
 
@@ -150,13 +168,18 @@ export class Channel {
     this.pendingBytes += length;
     this.writtenSeq = seq;
     this.job.sizeBytes += length;
-    this.commits.add(this);
+    this.commits.add(this, length);
     return { kind: "accepted" };
+  }
+
+  /** Data bytes accepted and not taken by a commit round yet. */
+  get pendingDataBytes(): number {
+    return this.pendingBytes;
   }
 
   /** When too much is pending, resolves once a commit round took it (backpressure). */
   async backpressure(): Promise<void> {
-    while (this.pendingBytes > PENDING_HIGH_WATER && !this.job.deleted) await this.commits.nextRound();
+    while ((this.pendingBytes > PENDING_HIGH_WATER || this.commits.full) && !this.job.deleted) await this.commits.nextRound();
   }
 
   /** Takes what is pending as the segment's next records (for GroupCommit). */
@@ -174,7 +197,7 @@ export class Channel {
     const recordBytes = this.pendingBytes + frames.length * HEADER_BYTES;
     this.pending = [];
     this.pendingBytes = 0;
-    return { channel: this, records, recordBytes, frames };
+    return { channel: this, records, recordBytes, headers, frames };
   }
 
   /** The batch is durable: readers see it, the writer gets its ack. */
@@ -199,6 +222,7 @@ export class Channel {
   failed(batch: Batch, err: unknown): void {
     const lost = batch.recordBytes - batch.frames.length * HEADER_BYTES + this.pendingBytes;
     this.job.sizeBytes -= lost;
+    if (this.commits.dirtyHas(this)) this.commits.dropped(this.pendingBytes);
     this.pending = [];
     this.pendingBytes = 0;
     this.writtenSeq = this.durableSeq;
@@ -262,6 +286,8 @@ export class GroupCommit {
   private readonly wal: WriteAheadLog;
   private readonly logger: Logger;
   private readonly dirty = new Set<Channel>();
+  /** Bytes accepted and not taken by a round yet. */
+  private pendingBytes = 0;
   /** Channels with frames in a round in flight, and in how many rounds. */
   private readonly inFlight = new Map<Channel, number>();
   /** Rounds written and not settled yet. */
@@ -278,9 +304,25 @@ export class GroupCommit {
   }
 
   /** `channel` has pending frames. */
-  add(channel: Channel): void {
+  add(channel: Channel, bytes: number): void {
+    this.pendingBytes += bytes;
     this.dirty.add(channel);
     this.schedule();
+  }
+
+  /** So much waits for a round that writers should wait too (memory). */
+  get full(): boolean {
+    return this.pendingBytes > GLOBAL_PENDING_HIGH_WATER;
+  }
+
+  /** `channel` has frames no round took yet. */
+  dirtyHas(channel: Channel): boolean {
+    return this.dirty.has(channel);
+  }
+
+  /** Pending frames of a dirty channel were forgotten (a failed round). */
+  dropped(bytes: number): void {
+    this.pendingBytes -= bytes;
   }
 
   /** A round under way holds frames of `channel`. */
@@ -296,7 +338,7 @@ export class GroupCommit {
 
   /** No round may start now: one is rolling the log, or the log is full and waits for the rounds in flight. */
   private held(): boolean {
-    return this.rolling || this.active >= MAX_ROUNDS_IN_FLIGHT || (this.active > 0 && this.wal.needsRoll());
+    return this.rolling || this.active >= MAX_ROUNDS_IN_FLIGHT || (this.active > 0 && (this.wal.needsRoll() || this.pendingBytes < OVERLAP_MIN_BYTES));
   }
 
   private schedule(): void {
@@ -313,18 +355,31 @@ export class GroupCommit {
   private start(): void {
     if (this.held()) return;
     const batches: Batch[] = [];
+    let roundBytes = 0;
     for (const channel of this.dirty) {
+      if (roundBytes >= ROUND_MAX_BYTES) break;
+      this.dirty.delete(channel);
+      this.pendingBytes -= channel.pendingDataBytes;
       const batch = channel.takeBatch();
-      if (batch) batches.push(batch);
+      if (batch) {
+        batches.push(batch);
+        roundBytes += batch.recordBytes;
+      }
     }
-    this.dirty.clear();
     if (batches.length === 0) return;
     this.active++;
     for (const b of batches) this.inFlight.set(b.channel, (this.inFlight.get(b.channel) ?? 0) + 1);
     let synced: Promise<void>;
     try {
       this.wal.write(
-        batches.map((b) => ({ jobId: b.channel.job.id, attempt: b.channel.attempt, channel: b.channel.name, records: b.records, recordBytes: b.recordBytes })),
+        batches.map((b) => ({
+          jobId: b.channel.job.id,
+          attempt: b.channel.attempt,
+          channel: b.channel.name,
+          records: b.records,
+          recordBytes: b.recordBytes,
+          headers: b.headers,
+        })),
         batches.map((b) => b.channel.segment),
       );
       synced = this.wal.sync();
@@ -334,6 +389,8 @@ export class GroupCommit {
     synced.catch(() => undefined);
     const before = this.tail;
     this.tail = this.settle(batches, synced, before);
+    // Channels left out by the size cap form the next round.
+    this.schedule();
   }
 
   private async settle(batches: Batch[], synced: Promise<void>, before: Promise<boolean>): Promise<boolean> {
@@ -488,6 +545,8 @@ export interface LogStoreOptions {
   logger: Logger;
   /** The write-ahead log rolls (and checkpoints) at this size; default 64 MiB. */
   walFileBytes?: number;
+  /** Whether the write-ahead log makes zero-filled files to roll to (wal.ts); default true. */
+  walZeroFill?: boolean;
 }
 
 /** A job as found on disk, for retention. */
@@ -515,7 +574,12 @@ export class LogStore {
     this.options = options;
     this.logger = options.logger;
     this.jobsDir = join(options.dataDir, "jobs");
-    this.wal = new WriteAheadLog({ dir: join(options.dataDir, "wal"), fileBytes: options.walFileBytes ?? 64 << 20, logger: this.logger });
+    this.wal = new WriteAheadLog({
+      dir: join(options.dataDir, "wal"),
+      fileBytes: options.walFileBytes ?? 64 << 20,
+      zeroFill: options.walZeroFill,
+      logger: this.logger,
+    });
     this.commits = new GroupCommit(this.wal, this.logger);
   }
 

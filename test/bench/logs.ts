@@ -5,7 +5,11 @@
 //     with an fdatasync every WINDOW writes, on the same file system, just
 //     before and just after the case (the server makes a batch durable with
 //     one fdatasync of its write-ahead log, and a batch holds at most one
-//     window per writer);
+//     window per writer). The writers speak hand-framed gRPC, as cheap a
+//     load generator as can be: they share the server's two cores here,
+//     where real ones run on the supervisors' machines. 512 MB per case:
+//     sustained ingest, which runs on the write-ahead log's recycled files;
+//     a fresh server grows its first file (LOGS_BENCH_MB=128 shows that);
 // (b) end-to-end latency from bytes entering the LogShipper to a following
 //     reader receiving them (capture time of a frame's first byte to its
 //     arrival), 100 jobs each writing 100 KB/s, against a raw TCP round trip
@@ -13,12 +17,13 @@
 // (c) resident memory of the log server with 1,000 followed channels, against
 //     the same server idle.
 //
-// Sizes: LOGS_BENCH_MB (default 128 MB per ingest case), LOGS_BENCH_SECONDS
-// (default 10 s of the latency case), LOGS_BENCH_JOBS (default 100 jobs of
-// the latency case), LOGS_BENCH_PARTS (default "a,b,c"), LOGS_BENCH_WRITERS
-// (default "1,100": the ingest cases). Profiling:
-// LOGS_BENCH_SERVER_NODE_ARGS (e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof")
-// goes to the server's node.
+// Sizes: LOGS_BENCH_MB (default 512 MB per ingest case), LOGS_BENCH_WINDOW
+// (default 32 frames), LOGS_BENCH_SECONDS (default 10 s of the latency
+// case), LOGS_BENCH_JOBS (default 100 jobs of the latency case),
+// LOGS_BENCH_PARTS (default "a,b,c"), LOGS_BENCH_WRITERS (default "1,100":
+// the ingest cases). Profiling: LOGS_BENCH_SERVER_NODE_ARGS (e.g.
+// "--cpu-prof --cpu-prof-dir=/tmp/prof") goes to the server's node, and
+// LOGS_BENCH_SERVER_STDOUT=1 shows its output (e.g. with "--trace-gc").
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
@@ -43,8 +48,8 @@ import { percentile, report } from "./report.js";
 
 const BIN = new URL("../../bin/treadmill-log-server.js", import.meta.url).pathname;
 const FRAME = 16384;
-const WINDOW = 32;
-const TOTAL = Number(process.env.LOGS_BENCH_MB ?? 128) * 1e6;
+const WINDOW = Number(process.env.LOGS_BENCH_WINDOW ?? 32);
+const TOTAL = Number(process.env.LOGS_BENCH_MB ?? 512) * 1e6;
 const SECONDS = Number(process.env.LOGS_BENCH_SECONDS ?? 10);
 const PARTS = (process.env.LOGS_BENCH_PARTS ?? "a,b,c").split(",");
 

@@ -1,10 +1,11 @@
-import { appendFile, cp, open, readFile, readdir, rm, stat, truncate, utimes } from "node:fs/promises";
+import { appendFile, cp, open, readFile, readdir, rm, stat, truncate, utimes, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { silentLogger } from "../../../lib/logger.js";
 import { LogStore } from "../../../stores/log/log-store.js";
 import { sweepRetention } from "../../../stores/log/retention.js";
 import { HEADER_BYTES, encodeRecord } from "../../../stores/log/segment.js";
+import { decodeEntries } from "../../../stores/log/wal.js";
 import { AppendStream, auth, logClient, makeKeys, readAll, startLogServer, tempDir, type Keys } from "./helpers.js";
 
 let keys: Keys;
@@ -153,10 +154,13 @@ describe("write-ahead log", () => {
   async function withStore(
     walFileBytes: number | undefined,
     test: (store: LogStore, dir: string, crash: () => Promise<string>) => Promise<void>,
+    walZeroFill = false,
   ): Promise<void> {
     const data = await tempDir();
     const copy = `${data.path}-crash`;
-    const store = new LogStore({ dataDir: data.path, jobSizeCapBytes: 0, logger: silentLogger(), walFileBytes });
+    // Zero-filled spares (on by default) roll the log early, at a moment of
+    // their own: the tests that count on where files roll leave them out.
+    const store = new LogStore({ dataDir: data.path, jobSizeCapBytes: 0, logger: silentLogger(), walFileBytes, walZeroFill });
     await store.open();
     let stopped = false;
     try {
@@ -196,8 +200,13 @@ describe("write-ahead log", () => {
     await withStore(30_000, async (store, dir, crash) => {
       await writeThrough(store, "rolled", 12, big, true);
       await store.wal.checkpointed();
-      // The log rolled every ~3 frames; checkpointed files are gone.
-      expect(await readdir(join(dir, "wal"))).toHaveLength(1);
+      // The log rolled every ~3 frames; checkpointed files are written over
+      // again: the current one, and at most two spares, are left.
+      const files = await readdir(join(dir, "wal"));
+      expect(files.filter((f) => /^\d{16}\.wal$/.test(f))).toEqual(["0000000000000005.wal"]);
+      expect(files.filter((f) => f.startsWith("spare-")).length).toBeLessThanOrEqual(2);
+      // The current file is a recycled one: it still holds its earlier use past what it got now.
+      expect((await stat(join(dir, "wal", "0000000000000005.wal"))).size).toBeGreaterThan(30_000);
       await writeThrough(store, "rolled", 14, big, true);
       const copy = await crash();
       // Pages of frame 13 never reached the disk, later ones did.
@@ -208,6 +217,81 @@ describe("write-ahead log", () => {
       expect(after.frames).toBe(14);
       expect(after.data.equals(bigs(14))).toBe(true);
     });
+  });
+
+  it("replays only what a recycled file got in its current use", async () => {
+    await withStore(30_000, async (store, _dir, crash) => {
+      await writeThrough(store, "early", 12, big, true);
+      await store.wal.checkpointed();
+      // The current file is written over from its start: a few small frames
+      // of another job, then entries of "early" left from its earlier use.
+      await writeThrough(store, "late", 3, frame);
+      const copy = await crash();
+      const current = (await readdir(join(copy, "wal"))).filter((f) => /^\d{16}\.wal$/.test(f));
+      expect(current).toHaveLength(1);
+      const generation = Number(current[0].slice(0, 16));
+      const file = await readFile(join(copy, "wal", current[0]));
+      const entries = [...decodeEntries(file, generation)];
+      expect(entries.map((e) => e.jobId)).toEqual(["late"]);
+      // Past them, well-formed entries of "early" from an earlier generation.
+      const end = entries[0].records.byteOffset - file.byteOffset + entries[0].records.length;
+      const at = file.indexOf("TMLX", end);
+      const leftOver = Array.from({ length: generation - 1 }, (_, g) => [...decodeEntries(file.subarray(at), g + 1)]).flat();
+      expect(leftOver.length).toBeGreaterThan(0);
+      expect(new Set(leftOver.map((e) => e.jobId))).toEqual(new Set(["early"]));
+      expect((await contents(copy, "late")).data.equals(expected(3))).toBe(true);
+      expect((await contents(copy, "early")).data.equals(bigs(12))).toBe(true);
+    });
+  });
+
+  it("ends a replay at an entry whose records are not its own (torn, with other records left in its place)", async () => {
+    await withStore(undefined, async (store, _dir, crash) => {
+      await writeThrough(store, "x", 1, big);
+      await writeThrough(store, "y", 1, big);
+      const copy = await crash();
+      const walPath = join(copy, "wal", "0000000000000001.wal");
+      const wal = await readFile(walPath);
+      const [x, y] = [...decodeEntries(wal, 1)];
+      expect([x.jobId, y.jobId]).toEqual(["x", "y"]);
+      // y's entry header reached the disk, its records did not, and the
+      // blocks hold x's record (well-formed, seq 1, the same length) instead.
+      x.records.copy(wal, y.records.byteOffset - wal.byteOffset);
+      await writeFile(walPath, wal);
+      await rm(join(copy, "jobs", "y", "1", "stdout.seg"));
+      await rm(join(copy, "jobs", "y", "1", "stdout.idx"));
+      await writeFile(join(copy, "jobs", "y", "1", "stdout.seg"), "");
+      expect([...decodeEntries(wal, 1)].map((e) => e.jobId)).toEqual(["x"]);
+      const after = await contents(copy, "y");
+      expect(after.frames).toBe(0);
+      expect((await contents(copy, "x")).data.equals(big(1))).toBe(true);
+    });
+  });
+
+  it("rolls a log in steady use to a zero-filled file, written over rather than grown", async () => {
+    await withStore(
+      160_000,
+      async (store, dir, crash) => {
+        // Past an eighth of the first file, a zero-filled spare is made; the
+        // log rolls to it at the next pause between rounds.
+        await writeThrough(store, "steady", 3, big, true);
+        await store.wal.checkpointed();
+        await writeThrough(store, "steady", 4, big, true);
+        await store.wal.checkpointed();
+        const files = (await readdir(join(dir, "wal"))).filter((f) => /^\d{16}\.wal$/.test(f));
+        expect(files).toEqual(["0000000000000002.wal"]);
+        // Its full size is there from the start: zeros past what it got.
+        expect((await stat(join(dir, "wal", files[0]))).size).toBe(160_000);
+        await writeThrough(store, "steady", 6, big, true);
+        const copy = await crash();
+        // Frames 5 and 6 are in the zero-filled file only; the checkpoint of
+        // the first file made frames 1 to 4 durable in the segment.
+        await truncate(join(copy, "jobs", "steady", "1", "stdout.seg"), 4 * (10_000 + HEADER_BYTES));
+        const after = await contents(copy, "steady");
+        expect(after.frames).toBe(6);
+        expect(after.data.equals(bigs(6))).toBe(true);
+      },
+      true,
+    );
   });
 
   it("replays nothing of a deleted job", async () => {
