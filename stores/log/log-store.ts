@@ -200,19 +200,24 @@ export class Channel {
     return { channel: this, records, recordBytes, headers, frames };
   }
 
-  /** The batch is durable: readers see it, the writer gets its ack. */
+  /** The batch is durable: readers see it, the writer gets its ack (the segment file gets it next: `writeCommitted`). */
   committed(batch: Batch): void {
-    try {
-      this.segment.commit(batch.records, batch.recordBytes, batch.frames);
-    } catch (err) {
-      // Only the write to the segment file failed (commit updates memory
-      // first, and keeps the records to write again): the frames are durable
-      // in the write-ahead log, which keeps its file (its checkpoint fails
-      // too) until a restart replays it.
-      this.job.store.logger.error({ err, jobId: this.job.id, attempt: this.attempt, channel: this.name }, "log segment write failed");
-    }
+    this.segment.commit(batch.records, batch.recordBytes, batch.frames);
     this.job.sessions.get(this.attempt)?.ack(this.name, this.durableSeq);
     this.changed.notify();
+  }
+
+  /** Writes committed records to the segment file. */
+  writeCommitted(): void {
+    try {
+      this.segment.flush();
+    } catch (err) {
+      // Only the write to the segment file failed (the segment keeps the
+      // records to write again): the frames are durable in the write-ahead
+      // log, which keeps its file (its checkpoint fails too) until a restart
+      // replays it.
+      this.job.store.logger.error({ err, jobId: this.job.id, attempt: this.attempt, channel: this.name }, "log segment write failed");
+    }
   }
 
   /**
@@ -402,8 +407,15 @@ export class GroupCommit {
     }
     // The round before may still be syncing; its outcome comes first.
     if (!(await before) && error === undefined) error = new Error("an earlier write-ahead log round failed");
-    if (error === undefined) for (const b of batches) b.channel.committed(b);
-    else for (const b of batches) b.channel.failed(b, error);
+    if (error === undefined) {
+      for (const b of batches) b.channel.committed(b);
+      // The acknowledgements go out first; the segments' page-cache writes next.
+      setImmediate(() => {
+        for (const b of batches) b.channel.writeCommitted();
+      });
+    } else {
+      for (const b of batches) b.channel.failed(b, error);
+    }
     for (const b of batches) {
       const n = this.inFlight.get(b.channel)! - 1;
       if (n === 0) this.inFlight.delete(b.channel);

@@ -352,8 +352,8 @@ export class Segment {
    * Appends the records of frames `frameCount+1...` (already durable in the
    * write-ahead log): `records` are their bytes back to back (`recordBytes`
    * in all; for each frame a header from encodeHeaderInto, then its data),
-   * `frames` describe them. They are written to the file at once, without
-   * an fsync (see `writeOut`); readers see them at once.
+   * `frames` describe them. Readers see them at once; `flush` writes them to
+   * the file (reads, checkpoints and closes write what is left first).
    */
   commit(records: readonly Uint8Array[], recordBytes: number, frames: readonly BatchFrame[]): void {
     let offset = this.segBytes;
@@ -376,15 +376,19 @@ export class Segment {
     for (const r of records) this.unwritten.push(r);
     this.segBytes += recordBytes;
     this.lastChangeMs = Date.now();
+  }
+
+  /** Writes what `commit` took to the file (see `writeOut`), the index entries once enough wait. */
+  flush(): void {
     this.writeRecords();
     if (this.index.length - this.indexedOut >= INDEX_OUT_ENTRIES) this.writeIndex();
   }
 
   /**
-   * Writes what was committed and not written yet to the files' page cache:
-   * the records at once (on this thread, while their buffers are fresh; one
-   * writev per channel per commit round), the index entries in batches. No
-   * fsync: the write-ahead log holds the records until its checkpoint.
+   * Writes what was committed and not written yet to the files' page cache
+   * (on this thread: one writev per channel per commit round, right after
+   * the round's acknowledgements went out). No fsync: the write-ahead log
+   * holds the records until its checkpoint.
    */
   writeOut(): void {
     this.writeRecords();

@@ -189,7 +189,12 @@ export class WriteAheadLog {
       .filter((f) => /^\d{16}\.wal$/.test(f))
       .map((f) => Number(f.slice(0, 16)))
       .sort((a, b) => a - b);
-    for (const f of files.filter((f) => /^spare-(\d{16}|zero-\d+)\.wal$/.test(f))) await this.keepSpare(join(this.dir, f));
+    for (const f of files.filter((f) => /^spare-(\d{16}|zero-\d+)\.wal$/.test(f))) {
+      // New zero-filled spares are numbered past the ones there are.
+      const zero = /^spare-zero-(\d+)\.wal$/.exec(f);
+      if (zero) this.zeroFilled = Math.max(this.zeroFilled, Number(zero[1]));
+      await this.keepSpare(join(this.dir, f));
+    }
   }
 
   /**
