@@ -35,8 +35,13 @@ export const CHANNEL_NAME = /^[a-z][a-z0-9_-]{0,31}$/;
 export const JOB_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 /** Accepted but unflushed bytes per channel above which a writer's stream waits. */
 const PENDING_HIGH_WATER = 8 << 20;
-/** Group-commit rounds written whose fdatasync may still be running. */
-const MAX_ROUNDS_IN_FLIGHT = 2;
+/**
+ * Group-commit rounds written whose fdatasync may still be running. Three:
+ * the first frames of a writer's refill often make a small round of their
+ * own (they start one while none is in flight), and with two slots the bulk
+ * of the refill then waited behind it.
+ */
+const MAX_ROUNDS_IN_FLIGHT = 3;
 /**
  * A round takes channels until it holds this many bytes; the rest form the
  * next one. Without a cap, many writers' windows pile up into rounds of tens
@@ -276,16 +281,18 @@ export class Channel {
 
 /**
  * The group commit: every channel's accepted frames are gathered for one
- * event-loop turn, written to the write-ahead log and to their segments, and
- * made durable by one fdatasync of the log; then acknowledged. Frames
- * arriving meanwhile form the next round, so the server syncs once per round
- * whatever the number of channels.
+ * event-loop turn (at most ROUND_MAX_BYTES), written to the write-ahead log,
+ * made durable by one fdatasync of the log, acknowledged, and then written
+ * to their segments. Frames arriving meanwhile form the next round, so the
+ * server syncs once per round whatever the number of channels.
  *
- * Two rounds may be in flight: the next round is written and its fdatasync
- * issued while the previous one's is still running (an fdatasync covers
- * everything written before it started), so the disk's flush and this
- * thread's work on the next frames overlap. Outcomes are settled in order:
- * a round is acknowledged only after the one before it, and fails with it.
+ * Up to MAX_ROUNDS_IN_FLIGHT rounds may be in flight: the next round is
+ * written and its fdatasync issued while earlier ones' still run (an
+ * fdatasync covers everything written before it started), so the disk's
+ * flush and this thread's work on the next frames overlap; a round joins
+ * others in flight only with OVERLAP_MIN_BYTES. Outcomes are settled in
+ * order: a round is acknowledged only after the one before it, and fails
+ * with it.
  */
 export class GroupCommit {
   private readonly wal: WriteAheadLog;
@@ -341,7 +348,11 @@ export class GroupCommit {
     return this.rounds.wait();
   }
 
-  /** No round may start now: one is rolling the log, or the log is full and waits for the rounds in flight. */
+  /**
+   * No round may start now: one is rolling the log; enough are in flight; or
+   * some are, and the log is full (it waits for them) or too little waits
+   * to be worth a round of its own (OVERLAP_MIN_BYTES).
+   */
   private held(): boolean {
     return this.rolling || this.active >= MAX_ROUNDS_IN_FLIGHT || (this.active > 0 && (this.wal.needsRoll() || this.pendingBytes < OVERLAP_MIN_BYTES));
   }
