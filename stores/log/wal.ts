@@ -171,6 +171,8 @@ export class WriteAheadLog {
   /** A zero-filled spare being made. */
   private preparing: Promise<void> | undefined;
   private zeroFilled = 0;
+  /** Zero-filled spares made since open. */
+  private zeroFillsThisRun = 0;
 
   private readonly zeroFill: boolean;
 
@@ -284,6 +286,7 @@ export class WriteAheadLog {
   /** Makes a spare of `fileBytes` zeros, written and fsynced (in the background: thread-pool writes). */
   private async makeZeroSpare(): Promise<void> {
     const path = join(this.dir, `spare-zero-${++this.zeroFilled}.wal`);
+    this.zeroFillsThisRun++;
     try {
       const handle = await open(path, "w");
       try {
@@ -307,9 +310,16 @@ export class WriteAheadLog {
   async maybeRoll(): Promise<void> {
     const file = this.current;
     if (!file || !this.needsRoll()) return;
+    const full = file.bytes >= this.fileBytes;
     await this.startFile(file.number + 1);
     this.rolled++;
     this.checkpoints = this.checkpoints.then(() => this.checkpoint(file));
+    // A file rolled full is a spare only once its checkpoint ends, after the
+    // next roll has taken the last spare: with one spare more in circulation,
+    // every roll finds one.
+    if (full && this.zeroFill && this.spares.length === 0 && !this.preparing && this.zeroFillsThisRun < SPARE_FILES) {
+      this.preparing = this.makeZeroSpare().finally(() => (this.preparing = undefined));
+    }
   }
 
   /** Fsyncs the segments `file` covers, then keeps it as a spare (or deletes it). */

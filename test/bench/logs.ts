@@ -68,11 +68,17 @@ async function freePort(): Promise<number> {
   return port;
 }
 
+/** The node flags a bin's `#!/usr/bin/env -S node ...` line gives it, so that the server runs as the bin does. */
+async function binNodeFlags(path: string): Promise<string[]> {
+  const first = (await readFile(path, "utf8")).split("\n", 1)[0];
+  return /^#!\/usr\/bin\/env -S node (.+)$/.exec(first)?.[1].split(" ").filter(Boolean) ?? [];
+}
+
 async function startServer(dataDir: string, keysFile: string): Promise<ServerProcess> {
   const port = await freePort();
   const child = spawn(
     process.execPath,
-    [...(process.env.LOGS_BENCH_SERVER_NODE_ARGS ?? "").split(" ").filter(Boolean), BIN, "--port", String(port), "--data-dir", dataDir, "--signing-keys-file", keysFile, "--log-level", "info", "--job-size-cap-bytes", "0"],
+    [...(await binNodeFlags(BIN)), ...(process.env.LOGS_BENCH_SERVER_NODE_ARGS ?? "").split(" ").filter(Boolean), BIN, "--port", String(port), "--data-dir", dataDir, "--signing-keys-file", keysFile, "--log-level", "info", "--job-size-cap-bytes", "0"],
     { stdio: ["ignore", "pipe", "inherit"] },
   );
   await new Promise<void>((resolve, reject) => {
