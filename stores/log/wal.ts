@@ -47,7 +47,12 @@ import { HEADER_BYTES, MAX_FRAME_BYTES, syncDir, writeAllSync } from "./segment.
 const MAGIC = 0x544d4c58; // "TMLX"
 const ENTRY_HEADER_BYTES = 28;
 /** Checkpointed files kept to be written over. */
-const SPARE_FILES = 2;
+const SPARE_FILES = 3;
+/**
+ * Segment fsyncs a checkpoint runs at once: it ends sooner (a spare sooner),
+ * and leaves libuv's other two threads to the rounds' fdatasyncs.
+ */
+const CHECKPOINT_SYNCS = 2;
 
 /** What a segment offers the WAL: an fsync at checkpoints. */
 export interface Syncable {
@@ -315,8 +320,8 @@ export class WriteAheadLog {
     this.rolled++;
     this.checkpoints = this.checkpoints.then(() => this.checkpoint(file));
     // A file rolled full is a spare only once its checkpoint ends, after the
-    // next roll has taken the last spare: with one spare more in circulation,
-    // every roll finds one.
+    // next roll has taken the last spare: with more spares in circulation
+    // (up to SPARE_FILES), every roll finds one.
     if (full && this.zeroFill && this.spares.length === 0 && !this.preparing && this.zeroFillsThisRun < SPARE_FILES) {
       this.preparing = this.makeZeroSpare().finally(() => (this.preparing = undefined));
     }
@@ -325,7 +330,12 @@ export class WriteAheadLog {
   /** Fsyncs the segments `file` covers, then keeps it as a spare (or deletes it). */
   private async checkpoint(file: WalFile): Promise<void> {
     try {
-      for (const segment of file.dirty) await segment.sync();
+      const segments = [...file.dirty];
+      await Promise.all(
+        Array.from({ length: CHECKPOINT_SYNCS }, async () => {
+          for (let segment = segments.shift(); segment; segment = segments.shift()) await segment.sync();
+        }),
+      );
       await file.handle.close();
       const spare = join(this.dir, spareName(file.number));
       await rename(file.path, spare);
