@@ -216,8 +216,8 @@ export class WriteAheadLog {
 
   /**
    * Hands every entry of the left-over files to `apply`, in order; then
-   * `syncAll` (which must fsync every segment `apply` wrote to), then deletes
-   * the files and starts a new one.
+   * `syncAll` (which must fsync every segment `apply` wrote to), then keeps
+   * the files as spares (or deletes them) and starts the next one.
    */
   async replay(apply: (entry: WalEntry) => Promise<void>, syncAll: () => Promise<void>): Promise<number> {
     let entries = 0;
