@@ -37,7 +37,7 @@ import {
 import { bearerInterceptor } from "./coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
 import { backoff, sleep } from "./retry.js";
-import { bytesFieldHeader, frame } from "./server/raw-grpc.js";
+import { bytesFieldHeader, frame, slicePieces } from "./server/raw-grpc.js";
 
 /** The only digest form Treadmill accepts. */
 export const DIGEST_PATTERN = /^sha256:[0-9a-f]{64}$/;
@@ -332,20 +332,6 @@ function dataFieldName(schema: DescMessage, number: number): string {
   const field = schema.fields.find((f) => f.number === number);
   if (!field) throw new Error(`${schema.typeName} has no field ${number}`);
   return field.localName;
-}
-
-/** The bytes [from, to) of a list of pieces, as views. */
-function slicePieces(pieces: Buffer[], from: number, to: number): Buffer[] {
-  const out: Buffer[] = [];
-  let at = 0;
-  for (const p of pieces) {
-    const start = Math.max(from - at, 0);
-    const stop = Math.min(to - at, p.length);
-    if (stop > start) out.push(start === 0 && stop === p.length ? p : p.subarray(start, stop));
-    at += p.length;
-    if (at >= to) break;
-  }
-  return out;
 }
 
 /** Most iovecs one writev takes (Linux's IOV_MAX is 1024). */

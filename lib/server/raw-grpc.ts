@@ -251,10 +251,20 @@ export function soleBytesFieldPieces(pieces: readonly Buffer[], fieldNumber: num
   let total = 0;
   for (const p of pieces) total += p.length;
   const at = soleBytesFieldStart(pieces[0], fieldNumber, total);
-  if (at === undefined) return undefined;
-  const out = pieces.slice();
-  out[0] = pieces[0].subarray(at);
-  if (out[0].length === 0) out.shift();
+  return at === undefined ? undefined : slicePieces(pieces, at, total);
+}
+
+/** The bytes [from, to) of a message's pieces taken together, as views (no copy). */
+export function slicePieces(pieces: readonly Buffer[], from: number, to: number): Buffer[] {
+  const out: Buffer[] = [];
+  let at = 0;
+  for (const p of pieces) {
+    const start = Math.max(from - at, 0);
+    const stop = Math.min(to - at, p.length);
+    if (stop > start) out.push(start === 0 && stop === p.length ? p : p.subarray(start, stop));
+    at += p.length;
+    if (at >= to) break;
+  }
   return out;
 }
 

@@ -19,8 +19,9 @@ import {
 } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import type { ExtraHttpHandler } from "../../lib/server.js";
-import { createRawGrpcHandler, decodeMessage, drained, frame, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
+import { createRawGrpcHandler, decodeMessage, drained, frame, slicePieces, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
 import { appendPayload, type AppendPayload, type LogServiceImpl, type RequestContext } from "./log-service.js";
+import { joinPieces } from "./segment.js";
 
 /** Returns the `http` handler of createServer that answers Append and Read. */
 export function createLogGrpcHandler(
@@ -66,7 +67,7 @@ export function decodeAppendPieces(pieces: Buffer[]): AppendPayload {
     return decodeFramePieces(pieces);
   } catch (err) {
     if (!(err instanceof Unusual)) throw err;
-    return appendPayload(decodeMessage(AppendRequestSchema, pieces.length === 1 ? pieces[0] : Buffer.concat(pieces)));
+    return appendPayload(decodeMessage(AppendRequestSchema, joinPieces(pieces)));
   }
 }
 
@@ -120,7 +121,7 @@ function decodeFramePieces(pieces: Buffer[]): AppendPayload {
     } else if (tag === 0x22) {
       length = varint();
       if (at + length !== total) throw new Unusual(); // data last, as encoders write it
-      data = slicePieces(pieces, at, length);
+      data = slicePieces(pieces, at, total);
       if (length < COPY_BELOW_BYTES && data.length > 0) data = [Buffer.concat(data)];
       at = total;
     } else {
@@ -128,25 +129,6 @@ function decodeFramePieces(pieces: Buffer[]): AppendPayload {
     }
   }
   return { case: "frame", value: { channel, seq: BigInt(seq), captureMicros, data, length } };
-}
-
-/** Views of `length` bytes from byte `start` of `pieces` taken together. */
-function slicePieces(pieces: readonly Buffer[], start: number, length: number): Buffer[] {
-  const out: Buffer[] = [];
-  let skip = start;
-  let left = length;
-  for (const p of pieces) {
-    if (left === 0) break;
-    if (skip >= p.length) {
-      skip -= p.length;
-      continue;
-    }
-    const take = Math.min(p.length - skip, left);
-    out.push(p.subarray(skip, skip + take));
-    left -= take;
-    skip = 0;
-  }
-  return out;
 }
 
 async function serveRead(call: RawGrpcCall, service: LogServiceImpl): Promise<void> {
