@@ -101,12 +101,10 @@ export function decodeHeader(buf: Buffer, at: number): { length: number; seq: nu
 }
 
 /** A frame of the in-memory tail: its data as committed (pieces). */
-interface TailFrame {
+interface TailFrame extends BatchFrame {
   seq: number;
+  /** Byte offset of the data within the channel. */
   offset: number;
-  captureMicros: number;
-  data: Pieces;
-  length: number;
   /** Bytes of the buffers `data` views (at least `length`). */
   pinned: number;
 }
