@@ -186,7 +186,7 @@ export async function onSnapshotResult(ctx: CoordinatorContext, host: HostCaller
  */
 export class Snapshots {
   private readonly log: Logger;
-  private readonly listeners: { unlisten(): Promise<void> }[] = [];
+  private readonly unsubscribe: (() => void)[] = [];
   /** Snapshots sent on each stream (a new stream gets every pending one again). */
   private readonly sent = new WeakMap<HostSession, Set<string>>();
   /** Per host: a delivery running, and whether another was asked meanwhile. */
@@ -214,10 +214,12 @@ export class Snapshots {
       for (const [hostId, session] of this.streams.sessions) if (!this.sent.has(session)) this.deliver(hostId);
     }, this.config.supervisorHeartbeatMs);
     this.timer.unref?.();
-    this.listeners.push(await this.ctx.sql.listen("treadmill_snapshots", (hostId) => this.deliver(hostId), all));
-    // A stream that attached (or re-read its host) here: deliver what it has not had.
-    this.listeners.push(
-      await this.ctx.sql.listen("treadmill_commands", (hostId) => {
+    const n = this.ctx.notifications;
+    this.unsubscribe.push(
+      n.onResync(all),
+      await n.subscribe("treadmill_snapshots", (hostId) => this.deliver(hostId)),
+      // A stream that attached (or re-read its host) here: deliver what it has not had.
+      await n.subscribe("treadmill_commands", (hostId) => {
         const session = this.streams.sessions.get(hostId);
         if (session && !this.sent.has(session)) this.deliver(hostId);
       }),
@@ -227,7 +229,7 @@ export class Snapshots {
   async stop(): Promise<void> {
     this.stopped = true;
     clearInterval(this.timer);
-    await Promise.all(this.listeners.splice(0).map((l) => l.unlisten().catch(() => undefined)));
+    for (const off of this.unsubscribe.splice(0)) off();
   }
 
   /** JobService.SnapshotJob. */
