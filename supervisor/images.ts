@@ -39,11 +39,20 @@ export class ImageUnavailableError extends Error {
 /** Codes that are the image's (or the token's) fault, not the place's. */
 const IMAGE_FAULTS = new Set([Code.NotFound, Code.PermissionDenied, Code.InvalidArgument]);
 
+/** A connection that failed, however the transport reported it. */
+const NETWORK_ERROR = /\b(ECONNREFUSED|ECONNRESET|EHOSTUNREACH|ENETUNREACH|ETIMEDOUT|ENOTFOUND|EAI_AGAIN)\b/;
+
 /** Whether a failure says the image is unusable (rather than its source unreachable or failing). */
 function isImageFault(err: unknown): boolean {
-  if (err instanceof DigestMismatchError) return true;
+  // By code and message: ConnectError's instanceof takes any ConnectError
+  // for a DigestMismatchError.
   const error = ConnectError.from(err);
   return IMAGE_FAULTS.has(error.code) || (error.code === Code.DataLoss && /not match|hash(es)? to/.test(error.rawMessage));
+}
+
+/** `not_found`, `unavailable`: a code as the log and the job's channel show it. */
+function codeName(code: Code): string {
+  return Code[code].replace(/[a-z](?=[A-Z])/g, "$&_").toLowerCase();
 }
 
 /** A job's image on this host, held until `release()`. */
@@ -126,7 +135,8 @@ export class ImageProvisioner {
         } catch (err) {
           if (options.signal.aborted) throw err;
           const error = ConnectError.from(err);
-          const failure = { name: place.name, text: `${Code[error.code].toLowerCase()}: ${error.rawMessage}`, imageFault: isImageFault(err) };
+          const code = NETWORK_ERROR.test(error.rawMessage) ? Code.Unavailable : error.code;
+          const failure = { name: place.name, text: `${codeName(code)}: ${error.rawMessage}`, imageFault: isImageFault(err) };
           failures.push(failure);
           this.options.logger.warn({ place: place.name, err: failure.text }, "image source failed");
           const next = places[i + 1];
