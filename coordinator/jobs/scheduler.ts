@@ -75,6 +75,7 @@ interface QueuedJob {
   required_driver: string | null;
   media_types: string[];
   manifest_digest: string;
+  image_holder: string | null;
   job_timeout_ms: number;
 }
 
@@ -231,7 +232,7 @@ export class Scheduler {
         select (select j.priority from jobs j where j.state = 'queued' and j.priority < p.priority order by j.priority desc limit 1)
         from p where p.priority is not null)
       select j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
-        j.manifest_digest, j.job_timeout_ms::float8 as job_timeout_ms
+        j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms
       from p, lateral (
         select * from jobs j where j.state = 'queued' and j.priority = p.priority
         order by j.queued_at, j.created_at, j.id limit ${offset + size}) j
@@ -375,6 +376,8 @@ export class Scheduler {
           hostId: h.id,
           jobId: p.job.id,
           digest: p.job.manifest_digest,
+          ownerId: p.job.owner_id,
+          holder: p.job.image_holder,
           withProxy: plan[i].proxy !== "",
           deadlineMs: deadlineFrom + p.job.job_timeout_ms,
         });
@@ -420,7 +423,7 @@ export class Scheduler {
             log_server_urls = j.log_server_urls || array(select u from unnest(v.logs) u where u <> all(j.log_server_urls)),
             proxy_url = v.proxy, status_message = '', updated_at = now()
           from ok v where j.id = v.id
-          returning j.id, j.attempt, j.spec, j.manifest_digest, j.deadline_at, j.log_server_urls, j.proxy_url),
+          returning j.id, j.attempt, j.spec, j.manifest_digest, j.owner_id, j.image_holder, j.deadline_at, j.log_server_urls, j.proxy_url),
         ev as (
           insert into job_events (job_id, kind, state, message, attempt)
           select id, 'state_changed', 'assigned', message, attempt from ok),
