@@ -9,6 +9,7 @@ import {
   ServiceStatusSchema,
 } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import type { Logger } from "./logger.js";
+import { type HealthStatus, ServingStatus } from "./server/health.js";
 import { backoff, isTransientError, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
 
@@ -74,7 +75,21 @@ export interface RegistrationOptions {
   status: () => Promise<MessageInitShape<typeof ServiceStatusSchema>> | MessageInitShape<typeof ServiceStatusSchema>;
   logger: Logger;
   signal: AbortSignal;
+  /**
+   * The server's health: `treadmill.registration` is SERVING while the
+   * registration is live, NOT_SERVING while it is not; a registration the
+   * coordinator refuses (a wrong flag or credential: it will not change by
+   * waiting) makes the whole server NOT_SERVING, as nothing will be routed
+   * to it.
+   */
+  health?: HealthStatus;
 }
+
+/** The health service name of a server's registration with the coordinator. */
+export const REGISTRATION_HEALTH = "treadmill.registration";
+
+/** Codes of a registration the coordinator refuses for good (until an operator fixes the flags). */
+const REFUSED = new Set([Code.InvalidArgument, Code.FailedPrecondition, Code.Unauthenticated, Code.PermissionDenied]);
 
 /**
  * Registers a server with the coordinator's RegistryService and heartbeats at
@@ -92,6 +107,9 @@ export async function runRegistration(options: RegistrationOptions): Promise<voi
   let serviceId: string | undefined;
   let intervalMs = 10000;
   const status = async () => create(ServiceStatusSchema, await options.status());
+  const health = options.health;
+  health?.setStatus(REGISTRATION_HEALTH, ServingStatus.NOT_SERVING);
+  let lastFailure = "";
 
   while (!signal.aborted) {
     try {
@@ -110,6 +128,9 @@ export async function runRegistration(options: RegistrationOptions): Promise<voi
         serviceId = registered.serviceId;
         intervalMs = durationMs(registered.heartbeatInterval) ?? intervalMs;
         logger.info({ serviceId, url: options.url }, "registered with coordinator");
+        health?.setStatus(REGISTRATION_HEALTH, ServingStatus.SERVING);
+        health?.setStatus("", ServingStatus.SERVING);
+        lastFailure = "";
       } else {
         const beat = await client.heartbeat({ serviceId, status: await status() }, { signal, timeoutMs: 10000 });
         intervalMs = durationMs(beat.heartbeatInterval) ?? intervalMs;
@@ -119,17 +140,27 @@ export async function runRegistration(options: RegistrationOptions): Promise<voi
     } catch (err) {
       if (signal.aborted) break;
       const error = ConnectError.from(err);
+      health?.setStatus(REGISTRATION_HEALTH, ServingStatus.NOT_SERVING);
       if (error.code === Code.NotFound) {
         // The coordinator dropped our registration (expired): register anew.
         serviceId = undefined;
         continue;
       }
-      if (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) {
-        logger.error({ code: Code[error.code] }, "coordinator refused this server's credential; not registering");
-        return;
+      if (REFUSED.has(error.code)) {
+        health?.setStatus("", ServingStatus.NOT_SERVING);
+        logger.error(
+          { code: Code[error.code], reason: error.rawMessage, url: options.url, site: options.site ?? "" },
+          "coordinator refused this server's registration; NOT_SERVING until it is fixed (check --service-credential, --public-url, --site and the other flags)",
+        );
+        if (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) return;
+        await sleep(30_000, signal).catch(() => undefined);
+        continue;
       }
-      const level = isTransientError(err) ? "warn" : "error";
-      logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot reach coordinator registry");
+      // The same failure again (the coordinator is still down) at debug: the first line and the change matter.
+      const failure = `${Code[error.code]}: ${error.rawMessage}`;
+      const level = failure === lastFailure ? "debug" : isTransientError(err) ? "warn" : "error";
+      lastFailure = failure;
+      logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot reach coordinator registry; retrying");
       await sleep(delays.next().value, signal).catch(() => undefined);
     }
   }

@@ -130,6 +130,7 @@ export function createProxy({
             }),
             logger: logger.child({ subsystem: "registration" }),
             signal: background.signal,
+            health: server.health,
           }),
         );
       }

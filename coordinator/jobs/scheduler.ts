@@ -314,8 +314,32 @@ export class Scheduler {
       chunk = await queue(size, offset);
     }
     if (placements.length === 0) return end(false);
+    if (!services.some((s) => s.kind === "log_server")) {
+      // A job's output must have somewhere to go: the jobs wait, and say why.
+      await this.waiting(tx, placements, "waiting for a log server: none is registered and live");
+      return end(false);
+    }
     const { assigned, local, tokens } = await this.write(tx, placements, services);
     return { assigned, retry: assigned < placements.length, local, tokens };
+  }
+
+  /**
+   * Records why placeable jobs are not assigned (their status message and,
+   * once per reason, a WAITING event on their timeline); the next
+   * assignment clears the message.
+   */
+  private async waiting(tx: ReservedSql, placements: Placement[], message: string): Promise<void> {
+    const ids = placements.map((p) => p.job.id);
+    await tx`
+      with w as (
+        update jobs set status_message = ${message}, updated_at = now()
+        where id = any(${ids}::uuid[]) and state = 'queued' and status_message <> ${message}
+        returning id, attempt),
+      ev as (
+        insert into job_events (job_id, kind, state, message, attempt)
+        select id, 'waiting', 'queued', ${message}, attempt from w)
+      select pg_notify('treadmill_jobs', id::text) from w`;
+    this.log.warn({ jobs: ids.length, reason: message }, "placeable jobs wait");
   }
 
   /** Whether enough attached, enabled hosts (busy or not) match the job for it to run some day soon. */
@@ -340,15 +364,19 @@ export class Scheduler {
     placements: Placement[],
     services: Service[],
   ): Promise<{ assigned: number; local: Map<string, StartRow[]>; tokens: Map<string, Map<string, Promise<StartTokens>>> }> {
-    const logServers = services.filter((s) => s.kind === "log_server").map((s) => s.url);
+    const logServers = services.filter((s) => s.kind === "log_server");
     const proxies = services.filter((s) => s.kind === "proxy");
-    const replicas = Math.min(this.config.logReplicas, logServers.length);
 
     const plan = placements.map((p) => {
-      const logs: string[] = [];
-      for (let i = 0; i < replicas; i++) logs.push(logServers[(this.logTurn + i) % logServers.length]);
-      this.logTurn = (this.logTurn + 1) % Math.max(1, logServers.length);
+      // The host's site's own servers first (a site's hosts may reach no
+      // other), then those of every site, then any.
       const site = p.hosts[0].site;
+      const siteLogs = logServers.filter((s) => s.site === site && site !== "");
+      const everySite = logServers.filter((s) => s.site === "");
+      const logPool = [...siteLogs, ...everySite].length > 0 ? [...siteLogs, ...everySite] : logServers;
+      const logs: string[] = [];
+      for (let i = 0; i < Math.min(this.config.logReplicas, logPool.length); i++) logs.push(logPool[(this.logTurn + i) % logPool.length].url);
+      this.logTurn = (this.logTurn + 1) % Math.max(1, logServers.length);
       const local = proxies.filter((s) => s.site === site);
       const pool = local.length > 0 ? local : proxies;
       const proxy = pool.length > 0 ? pool[this.proxyTurn++ % pool.length].url : "";

@@ -63,6 +63,15 @@ function checkUrl(field: string, value: string): string {
   return value.replace(/\/+$/, "");
 }
 
+/** A proxy's TCP entrance: `host:port`, or `host:low-high` for a range of ports handed out per session. */
+function checkTcpAddress(value: string): void {
+  if (value === "") return;
+  const m = /^([A-Za-z0-9.:[\]-]+):(\d{1,5})(?:-(\d{1,5}))?$/.exec(value);
+  const low = Number(m?.[2]);
+  const high = m?.[3] === undefined ? low : Number(m[3]);
+  if (!m || low < 1 || high > 65535 || low > high) throw invalid("tcp_address must be host:port or host:low-high with ports 1-65535, low <= high");
+}
+
 function checkStatus(status: ServiceStatus | undefined) {
   const s = status ?? { capacityBytes: 0n, freeBytes: 0n, activeStreams: 0, draining: false };
   if (s.capacityBytes < 0n) throw invalid("status.capacity_bytes must not be negative");
@@ -112,7 +121,7 @@ export class RegistryServiceImpl implements ServiceImpl<typeof RegistryService> 
     if (kind === "image_cache" && site === "") throw invalid("site is required for an image cache");
     checkText("version", req.version, 128);
     checkText("tcp_address", req.tcpAddress, 256);
-    if (req.tcpAddress !== "" && !/^[A-Za-z0-9.:[\]-]+:\d{1,5}$/.test(req.tcpAddress)) throw invalid("tcp_address must be host:port");
+    checkTcpAddress(req.tcpAddress);
     const status = checkStatus(req.status);
     const intervalMs = this.ctx.config.serviceHeartbeatMs;
     const now = new Date(this.ctx.clock());
@@ -128,6 +137,8 @@ export class RegistryServiceImpl implements ServiceImpl<typeof RegistryService> 
           heartbeat_interval_ms = excluded.heartbeat_interval_ms, token_id = excluded.token_id,
           last_heartbeat_at = excluded.last_heartbeat_at
         returning id, (xmax = 0) as created`;
+      // A log server or proxy coming (back) may let waiting jobs be assigned.
+      if (kind === "log_server" || kind === "proxy") await tx`select pg_notify('treadmill_schedule', '')`;
       await audit(tx, {
         kind: row.created ? "service.register" : "service.reregister",
         actor: actorOf(caller),

@@ -152,6 +152,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
           status,
           logger: log.child({ subsystem: "registration" }),
           signal: registration.signal,
+          health: server.health,
         });
       }
     },

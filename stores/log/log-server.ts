@@ -86,6 +86,7 @@ export function createLogServer({
             },
             logger: logger.child({ subsystem: "registration" }),
             signal: background.signal,
+            health: server.health,
           }),
         );
       }

@@ -51,6 +51,17 @@ describe("RegistryService", () => {
     expect(kinds.map((k) => k.kind)).toEqual(["service.register", "service.reregister", "service.reregister", "service.deregister"]);
   });
 
+  it("takes a proxy's tcp entrance as a port or a range of ports (the proxy's --tcp-port-range), and refuses a bad one", async () => {
+    const registry = c.client(RegistryService, credential);
+    const one = await registry.register({ kind: ServiceKind.PROXY, url: "http://proxy-1:7704", tcpAddress: "proxy-1.example.org:41000" });
+    const range = await registry.register({ kind: ServiceKind.PROXY, url: "http://proxy-2:7704", tcpAddress: "proxy-2.example.org:41000-41009" });
+    const rows = await c.sql`select id, tcp_address from services where id in (${one.serviceId}, ${range.serviceId}) order by url`;
+    expect(rows.map((r) => r.tcp_address)).toEqual(["proxy-1.example.org:41000", "proxy-2.example.org:41000-41009"]);
+    for (const bad of ["proxy:0", "proxy:41009-41000", "proxy:70000", "proxy:1-70000", "proxy", "pro xy:1"]) {
+      expect(await codeOf(registry.register({ kind: ServiceKind.PROXY, url: "http://proxy-3:7704", tcpAddress: bad }))).toBe("InvalidArgument");
+    }
+  });
+
   it("refuses bad registrations and non-service credentials", async () => {
     const registry = c.client(RegistryService, credential);
     expect(await codeOf(registry.register({ kind: ServiceKind.UNSPECIFIED, url: "http://x:1" }))).toBe("InvalidArgument");

@@ -40,7 +40,18 @@ export interface TestCoordinator {
  * template. Pass `db` to start a second replica on the same database.
  */
 export async function startTestCoordinator(
-  options: { config?: Partial<CoordinatorConfig>; logger?: Logger; db?: TestDatabase; clock?: () => number } = {},
+  options: {
+    config?: Partial<CoordinatorConfig>;
+    logger?: Logger;
+    db?: TestDatabase;
+    clock?: () => number;
+    /**
+     * A registration of a log server at `http://fixture-logs.invalid` that
+     * lasts for weeks (default true): the scheduler assigns no job without a
+     * live log server, and most tests of the job system need none to exist.
+     */
+    logServer?: boolean;
+  } = {},
 ): Promise<TestCoordinator> {
   const ownDb = options.db === undefined;
   const db = options.db ?? (await createTestDatabase());
@@ -54,6 +65,12 @@ export async function startTestCoordinator(
   } catch (err) {
     if (ownDb) await db.drop();
     throw err;
+  }
+  if (options.logServer !== false) {
+    await db.sql`
+      insert into services (id, kind, url, site, heartbeat_interval_ms, last_heartbeat_at)
+      values (${randomUUID()}, 'log_server', 'http://fixture-logs.invalid', '', ${600_000_000}, now())
+      on conflict (kind, url) do nothing`;
   }
   const url = coordinator.address().url;
   const transport = (token?: string) =>

@@ -94,8 +94,8 @@ export type RegisterRequest = Message<"treadmill.coordinator.v1.RegisterRequest"
   version: string;
 
   /**
-   * For a proxy: `host:port` of its plain TCP entrance; empty when it has
-   * none.
+   * For a proxy: its plain TCP entrances, `host:port` or `host:low-high`
+   * (a range of ports, one opened per session); empty when it has none.
    *
    * @generated from field: string tcp_address = 5;
    */
