@@ -30,7 +30,7 @@
  * the channel takes frames again once the servers acknowledged enough.
  */
 import { mkdir, readdir, readFile, rm } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
@@ -594,7 +594,7 @@ export class LogShipper {
   static async resume(metaPath: string, options: ShippingOptions): Promise<LogShipper> {
     const meta = JSON.parse(await readFile(metaPath, "utf8")) as ShipperMeta;
     if (meta.version !== 1) throw new Error(`${metaPath}: unknown spill version ${String(meta.version)}`);
-    const spillDir = metaPath.slice(0, metaPath.lastIndexOf("/"));
+    const spillDir = dirname(metaPath);
     const shipper = new LogShipper({
       ...options,
       jobId: meta.jobId,

@@ -74,8 +74,6 @@ interface Entry {
   dir: string;
   /** Undefined once the spill is gone (only the final report waits). */
   shipper: LogShipper | undefined;
-  /** Left by an earlier process of this supervisor. */
-  resumed: boolean;
   revision: number;
   pending: PendingReport | undefined;
   /** The content of the last report made, to skip repeating it. */
@@ -150,7 +148,7 @@ export class JobLogs {
     const [metaPath] = await LogShipper.findSpills(dir).catch(() => [] as string[]);
     if (metaPath === undefined) {
       if (file?.pending) {
-        const entry = this.add(file.jobId, file.attempt, dir, undefined, true);
+        const entry = this.add(file.jobId, file.attempt, dir, undefined);
         entry.revision = file.revision;
         entry.pending = file.pending;
         this.log.info({ jobId: file.jobId, attempt: file.attempt }, "a job log report waits for the coordinator");
@@ -160,20 +158,19 @@ export class JobLogs {
       return;
     }
     const shipper = await LogShipper.resume(metaPath, this.shippingOptions(() => entry));
-    const entry = this.add(shipper.jobId, shipper.attempt, dir, shipper, true);
+    const entry = this.add(shipper.jobId, shipper.attempt, dir, shipper);
     entry.revision = file?.revision ?? 0;
     entry.pending = file?.pending ?? undefined;
     void this.report(entry, shipper.report());
     void this.ship(entry);
   }
 
-  private add(jobId: string, attempt: number, dir: string, shipper: LogShipper | undefined, resumed: boolean): Entry {
+  private add(jobId: string, attempt: number, dir: string, shipper: LogShipper | undefined): Entry {
     const entry: Entry = {
       jobId,
       attempt,
       dir,
       shipper,
-      resumed,
       revision: 0,
       pending: undefined,
       last: "",
@@ -220,7 +217,7 @@ export class JobLogs {
       capExempt: (channel) => channel === names.supervisorChannel,
       onLoss: (event) => this.lost(entry, names.supervisorChannel, event),
     });
-    const entry = this.add(start.jobId, start.attempt, dir, shipper, false);
+    const entry = this.add(start.jobId, start.attempt, dir, shipper);
     return shipper;
   }
 

@@ -202,8 +202,8 @@ export function createSupervisor({
       return ack(cmd.requestId, new ConnectError("start_job needs spec and image", Code.InvalidArgument));
     }
     if (logs.holds(cmd.jobId, cmd.attempt)) {
-      // An earlier process of this supervisor ran it (its log is in the spill): never twice.
-      const message = `job ${cmd.jobId} attempt ${cmd.attempt} already ran on this host before the supervisor restarted`;
+      // It ran here already (its log is still being shipped, maybe by an earlier process): never twice.
+      const message = `job ${cmd.jobId} attempt ${cmd.attempt} already ran on this host`;
       return ack(cmd.requestId, new ConnectError(message, Code.FailedPrecondition));
     }
     const runner: JobRunner = new JobRunner(cmd, {

@@ -23,7 +23,7 @@
  */
 import { readSync, writeSync } from "node:fs";
 import { open, readdir, readFile, rename, rm, type FileHandle } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { crc32 } from "node:zlib";
 
 export const RECORD_HEADER_BYTES = 32;
@@ -247,7 +247,8 @@ export class Spill {
       let file = this.files[this.files.length - 1];
       if (!file || file.bytes >= this.options.fileBytes) file = await this.newFile();
       const seq = this.lastSeq + 1;
-      const record = Buffer.allocUnsafe(RECORD_HEADER_BYTES + data.length);
+      // Not from the shared pool: the cache keeps a view of it.
+      const record = Buffer.allocUnsafeSlow(RECORD_HEADER_BYTES + data.length);
       record.writeUInt32LE(data.length, 0);
       record.writeBigInt64LE(BigInt(seq), 8);
       record.writeBigInt64LE(BigInt(captureMicros), 16);
@@ -434,7 +435,7 @@ export async function writeAtomic(path: string, text: string): Promise<void> {
     await handle.close();
   }
   await rename(temp, path);
-  await syncDir(path.slice(0, path.lastIndexOf("/")));
+  await syncDir(dirname(path));
 }
 
 /** fsyncs a directory, so that files created or renamed in it survive a crash of the machine. */
