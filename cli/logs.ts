@@ -7,36 +7,14 @@
  */
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { LogStatus, type Job } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../gen/treadmill/log/v1/log_service_pb.js";
 import { bearerInterceptor } from "../lib/coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager } from "../lib/raw-grpc-client.js";
-import { formatBytes } from "../lib/bytes.js";
 import { backoff, sleep } from "../lib/retry.js";
 import { msOf } from "./format.js";
 
 export const DEFAULT_CHANNELS = ["console", "stdout", "stderr"];
-
-/**
- * Where a job's log stands (Job.log_status): "complete", "still being
- * shipped", "INCOMPLETE, 12 KiB lost: spill cap reached on host sup-1";
- * undefined while no host has reported on it. It may settle after the job
- * is finalized (a log server was down).
- */
-export function logStatusText(job: Job): string | undefined {
-  const why = job.logStatusMessage;
-  switch (job.logStatus) {
-    case LogStatus.COMPLETE:
-      return "complete";
-    case LogStatus.SHIPPING:
-      return `still being shipped${why === "" ? "" : ` (${why})`}`;
-    case LogStatus.INCOMPLETE:
-      return `INCOMPLETE, ${formatBytes(job.logBytesLost)} lost${why === "" ? "" : `: ${why}`}`;
-    default:
-      return undefined;
-  }
-}
 
 export interface LogLine {
   channel: string;

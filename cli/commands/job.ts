@@ -27,7 +27,8 @@ import { keyValues, parseDuration, parseIntFlag, type CommandSpec, type FlagSpec
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
-import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, logStatusText, mergeByTime, readChannel, type LogLine } from "../logs.js";
+import { logStatusText } from "../../lib/log-status.js";
+import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel, type LogLine } from "../logs.js";
 import { askKey } from "../prompt.js";
 import { splitReference } from "./image.js";
 

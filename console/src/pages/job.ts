@@ -9,11 +9,12 @@ import {
 } from "../../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService } from "../../../gen/treadmill/log/v1/log_service_pb.js";
+import { logStatusText } from "../../../lib/log-status.js";
 import { sleep } from "../../../lib/retry.js";
 import { errorText, keepWatching, type Api } from "../api.js";
 import { facts, h, link, notice, table } from "../dom.js";
 import { hostNames, userNames } from "../directory.js";
-import { bytes, enumWord, iso, jobStatus, jobTone, stateWord, tagsText, when } from "../format.js";
+import { enumWord, iso, jobStatus, jobTone, stateWord, tagsText, when } from "../format.js";
 import { followChannel } from "../log-follow.js";
 import { LogView } from "../log-view.js";
 import type { PageContext } from "../main.js";
@@ -114,21 +115,6 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
   }
 }
 
-/** "complete", "still being shipped (...)", "INCOMPLETE, 12 KiB lost: spill cap reached on host sup-1"; "" before any host reported. */
-function logStatusText(job: Job): string {
-  const why = job.logStatusMessage;
-  switch (job.logStatus) {
-    case LogStatus.COMPLETE:
-      return "complete";
-    case LogStatus.SHIPPING:
-      return `still being shipped${why === "" ? "" : ` (${why})`}`;
-    case LogStatus.INCOMPLETE:
-      return `INCOMPLETE, ${bytes(job.logBytesLost)} lost${why === "" ? "" : `: ${why}`}`;
-    default:
-      return "";
-  }
-}
-
 /** Follows the selected channel of the job's current attempt; a new attempt starts a new section. */
 class LogFollower {
   #channel = "console";
@@ -218,7 +204,7 @@ class LogFollower {
 function renderDetails(section: HTMLElement, job: Job, users: Map<string, string>, hosts: Map<string, string>): void {
   const spec = job.spec;
   const hostLinks = job.hostIds.map((id, i) => [i > 0 ? ", " : "", link(`/hosts#host-${id}`, hosts.get(id) ?? id)]).flat();
-  const log = logStatusText(job);
+  const log = logStatusText(job) ?? "";
   section.replaceChildren(
     section.firstChild!,
     facts([
