@@ -638,7 +638,9 @@ export enum JobState {
   TERMINATING = 5,
 
   /**
-   * Over, with a FinalizeReason. A finalized job never changes again.
+   * Over, with a FinalizeReason. A finalized job's state, reason and exit
+   * never change again; only its log status (Job.log_status) may still
+   * settle, and LOG_INCOMPLETE events may join its timeline.
    *
    * @generated from enum value: JOB_STATE_FINALIZED = 6;
    */
