@@ -500,16 +500,20 @@ export const jobCommands: CommandSpec<CliContext>[] = [
           if (watch.signal.aborted) return ExitCode.INTERRUPTED;
           throw err;
         }
-        if (followers.error) throw followers.error;
         await noteUnsettledLog(ctx, jobs, jobId);
+        if (followers.error) throw followers.error;
         return ExitCode.OK;
       }
       const sink = logSink(ctx);
       const signal = ctx.abort.signal;
-      for await (const line of mergeByTime(channels.map((channel) => readChannel(logs, { channel, attempt, follow: false, sinceMs, signal })))) {
-        sink.write(line);
+      try {
+        for await (const line of mergeByTime(channels.map((channel) => readChannel(logs, { channel, attempt, follow: false, sinceMs, signal })))) {
+          sink.write(line);
+        }
+      } finally {
+        // Also when the log servers cannot be read: the note may say why.
+        await noteUnsettledLog(ctx, jobs, jobId);
       }
-      await noteUnsettledLog(ctx, jobs, jobId);
       return ExitCode.OK;
     },
   },

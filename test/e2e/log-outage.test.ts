@@ -6,7 +6,7 @@ import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.
 import { FinalizeReason, JobEventKind, JobState, LogStatus, type Job } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { FrameCache, Spill, SpillBudget } from "../../lib/log-shipper/spill.js";
-import { tml } from "../cli/harness.js";
+import { startTml, tml } from "../cli/harness.js";
 import { startCluster, type Cluster } from "../support/cluster.js";
 
 /** The per-host spill cap of the cluster's supervisors (small, to reach it in a test). */
@@ -43,7 +43,9 @@ function countNumbered(text: string): number {
  */
 describe("job logs across log-server outages and supervisor crashes", () => {
   let cluster: Cluster;
-  let apiToken: string;
+  /** `tml` as a user of the cluster. */
+  let tmlEnv: { env: Record<string, string> };
+  const tmlConfig = () => join(cluster.dir, "tml.json");
   beforeAll(async () => {
     cluster = await startCluster({
       supervisors: 1,
@@ -51,7 +53,8 @@ describe("job logs across log-server outages and supervisor crashes", () => {
       supervisorArgs: ["--log-spill-cap-bytes", String(CAP)],
     });
     await cluster.pushShellImage("test/sh:1");
-    apiToken = (await createClient(AuthService, cluster.admin).createToken({ description: "tml in the log outage test" })).token;
+    const token = (await createClient(AuthService, cluster.admin).createToken({ description: "tml in the log outage test" })).token;
+    tmlEnv = { env: { TML_SERVER: cluster.coordinatorUrl, TML_TOKEN: token } };
   }, 180000);
   afterAll(async () => {
     await cluster?.stop();
@@ -95,6 +98,12 @@ describe("job logs across log-server outages and supervisor crashes", () => {
     expect(shipping.logStatus).toBe(LogStatus.SHIPPING);
     expect(shipping.logStatusMessage).toMatch(new RegExp(`waiting for log server ${cluster.logServerUrl}.* on host sup-1$`));
     expect(await spilledBytes(id)).toBeGreaterThan(0);
+    const shown = await tml(tmlConfig(), ["job", "get", id], tmlEnv);
+    expect(shown.stdout).toMatch(/Log:\s+still being shipped \(waiting for log server .* on host sup-1\)/);
+    // tml job logs cannot read the log server, and says why the log is not all there.
+    const logs = await tml(tmlConfig(), ["job", "logs", id], tmlEnv);
+    expect(logs.code).not.toBe(0);
+    expect(logs.stderr).toContain(`the log of job ${id} is still being shipped from its host`);
 
     await cluster.startLogServer();
     const complete = await waitLogStatus(id, LogStatus.COMPLETE);
@@ -163,7 +172,8 @@ describe("job logs across log-server outages and supervisor crashes", () => {
 
   it("marks the log INCOMPLETE with the bytes lost when the spill cap is reached, on the record, the timeline and the supervisor channel", async () => {
     const lines = 40000; // about 200 KiB of output more than the cap
-    const id = await submit(afterGo(numbered(lines)));
+    const run = startTml(tmlConfig(), ["job", "run", "test/sh:1", "--param", `script=${afterGo(numbered(lines))}`], tmlEnv);
+    const id = /--> job (\S+) submitted/.exec(await run.waitForLine(/--> job \S+ submitted/))![1];
     const running = await cluster.waitState(id, JobState.RUNNING);
     await cluster.stopLogServer();
     await release(running);
@@ -177,9 +187,13 @@ describe("job logs across log-server outages and supervisor crashes", () => {
     expect(events.length).toBeGreaterThanOrEqual(1);
     expect(events[0].message).toMatch(/^log incomplete: [\d.]+ KiB lost: spill cap reached on host sup-1$/);
 
-    const shown = await tml(join(cluster.dir, "tml.json"), ["job", "get", id], { env: { TML_SERVER: cluster.coordinatorUrl, TML_TOKEN: apiToken } });
+    const shown = await tml(tmlConfig(), ["job", "get", id], tmlEnv);
     expect(shown.code).toBe(0);
     expect(shown.stdout).toMatch(/Log:\s+INCOMPLETE, [\d.]+ KiB lost: spill cap reached on host sup-1/);
+    // The last line of tml job run says so too.
+    const ran = await run.result;
+    expect(ran.code).toBe(0);
+    expect(ran.stderr).toMatch(new RegExp(`--> job ${id} succeeded \\(exit code 0\\); log INCOMPLETE, [\\d.]+ KiB lost: spill cap reached on host sup-1\n$`));
 
     await cluster.startLogServer();
     // What was spilled arrives: a prefix of the output, each line once; the rest is what the record says was lost.
@@ -198,5 +212,8 @@ describe("job logs across log-server outages and supervisor crashes", () => {
       "log output of console is being dropped: this host's spill cap (256 KiB) is reached while the log servers are behind",
     );
     expect((await getJob(id)).logStatus).toBe(LogStatus.INCOMPLETE);
+    const logs = await tml(tmlConfig(), ["job", "logs", id, "--channel", "supervisor"], tmlEnv);
+    expect(logs.code).toBe(0);
+    expect(logs.stderr).toMatch(new RegExp(`the log of job ${id} is INCOMPLETE, [\\d.]+ KiB lost: spill cap reached on host sup-1`));
   }, 180000);
 });
