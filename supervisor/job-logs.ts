@@ -273,7 +273,8 @@ export class JobLogs {
 
   /** Makes a report of where the log stands (unless it says nothing new), retained until acknowledged. */
   private report(entry: Entry, report: ShipperReport, final = false): Promise<void> {
-    const message = (report.problem ?? "").slice(0, 1024);
+    // eslint-disable-next-line no-control-regex
+    const message = (report.problem ?? "").replace(/[\u0000-\u001f\u007f]+/g, " ").slice(0, 1024);
     const content = `${report.status}/${report.bytesLost}/${message}/${final}`;
     if (content === entry.last) return entry.saving;
     entry.last = content;

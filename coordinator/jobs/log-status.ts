@@ -61,7 +61,10 @@ export async function onJobLogReport(ctx: CoordinatorContext, host: HostCaller, 
   if (status === undefined) throw invalid("job_log_report.status must be SHIPPING, COMPLETE or INCOMPLETE");
   if (r.bytesLost < 0n) throw invalid("job_log_report.bytes_lost must not be negative");
   if (r.revision < 1n) throw invalid("job_log_report.revision must be at least 1");
-  const why = checkText("job_log_report.message", r.message, 1024);
+  // Free text from a server's error: made printable and clipped rather than refused, so
+  // that no error text of a log server can end the stream over and over.
+  // eslint-disable-next-line no-control-regex
+  const why = r.message.replace(/[\u0000-\u001f\u007f]+/g, " ").trim().slice(0, 1024);
   const message = why === "" ? "" : `${why} on host ${host.hostName}`;
   const actor = `host:${host.hostName}`;
 

@@ -159,6 +159,13 @@ describe("job log status and log tokens on the supervisor stream", () => {
     expect(JSON.stringify(audit)).not.toContain(grant.writeToken!.token);
   });
 
+  it("keeps a report whose message has control characters, printable, rather than ending the stream over it", async () => {
+    const { host, s, jobId } = await finishedJob();
+    await logReport(s, { jobId, status: LogStatus.SHIPPING, message: "waiting for log server\n(Unavailable:\tdown)", revision: 1n });
+    expect((await getJob(jobId)).logStatusMessage).toBe(`waiting for log server (Unavailable: down) on host ${host.name}`);
+    expect(s.lastError).toBeUndefined();
+  });
+
   it("ends the stream of a supervisor that sends a malformed log report", async () => {
     const { s, jobId } = await finishedJob();
     s.send({ case: "jobLogReport", value: { reportId: "r", jobId, attempt: 1, status: LogStatus.UNSPECIFIED, revision: 1n } });

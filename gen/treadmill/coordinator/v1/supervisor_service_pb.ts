@@ -1103,9 +1103,10 @@ export type JobLogReport = Message<"treadmill.coordinator.v1.JobLogReport"> & {
   bytesLost: bigint;
 
   /**
-   * Why (e.g. "spill cap reached", "log server http://... unreachable:
-   * connect ECONNREFUSED"), at most 1024 characters, never secrets; the
-   * coordinator adds the host's name.
+   * Why (e.g. "spill cap reached", "waiting for log server http://...
+   * (Unavailable: connect ECONNREFUSED ...)"), never secrets; the coordinator
+   * replaces control characters, keeps at most 1024 characters and adds the
+   * host's name.
    *
    * @generated from field: string message = 6;
    */
