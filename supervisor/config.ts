@@ -72,6 +72,12 @@ export const supervisorSchema = {
     description: "on SIGTERM, let running jobs finish instead of stopping them",
   },
   stopGraceMs: { type: "duration", default: 10000, description: "time between a polite stop and the kill" },
+  logSpillCapBytes: {
+    type: "int",
+    default: 4 * 1024 ** 3,
+    min: 64 * 1024,
+    description: "most bytes of job logs this host keeps spilled while log servers are behind; past it, new output is dropped and the job's log is marked incomplete",
+  },
   reconnectMaxMs: {
     type: "duration",
     default: 30000,

@@ -1,8 +1,7 @@
-import { join } from "node:path";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { ExitStatus, FinalizeReason, JobStage, JobState } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import type { StartJob } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { LogShipper, type ShipperReport } from "../lib/log-shipper.js";
+import type { LogShipper } from "../lib/log-shipper.js";
 import type { Logger } from "../lib/logger.js";
 import {
   DriverAbortError,
@@ -17,6 +16,7 @@ import {
 } from "./drivers/driver.js";
 import { startExposer, type Exposer } from "./exposer.js";
 import { ImageError, ImageUnavailableError, type ImageProvisioner, type ProvisionedImage } from "./images.js";
+import type { JobLogs } from "./job-logs.js";
 
 /** How a job ended here, before the coordinator's verdict. */
 export interface Termination {
@@ -63,8 +63,8 @@ export interface JobRunnerDeps {
   driver: Driver;
   images: ImageProvisioner;
   logger: Logger;
-  /** Where log spill files go. */
-  spillDir: string;
+  /** The host's job logs: the runner's shipper comes from there and outlives it. */
+  logs: JobLogs;
   /** Sends a report to the coordinator (queued across reconnects by the core). */
   report: (report: RunnerReport) => void;
   /** This host's id as the coordinator knows it (for the proxy's routing). */
@@ -110,7 +110,6 @@ export class JobRunner {
   private running: RunningJob | undefined;
   private readonly log: Logger;
   private readonly shipper: LogShipper;
-  private shipped: ShipperReport | undefined;
   /** The image the job runs, and snapshots the cleanup must wait for (supervisor/snapshot.ts). */
   private image: JobImage | undefined;
   private snapshotting: Promise<unknown> = Promise.resolve();
@@ -126,16 +125,10 @@ export class JobRunner {
     this.log = deps.logger.child({ jobId: this.jobId, attempt: this.attempt });
     // The hosts of a multi-host job write the same attempt's log: each its
     // own channels (see channelName) under its own writer name.
-    const shared = start.peers.length > 1;
-    this.shipper = new LogShipper({
-      jobId: this.jobId,
-      attempt: this.attempt,
+    this.shipper = deps.logs.open(start, {
       writer: `host-${start.hostIndex}`,
-      sharedAttempt: shared,
-      servers: (start.logs?.serverUrls ?? []).map((url) => ({ url })),
-      token: () => this.start.logs?.writeToken?.token ?? "",
-      spillDir: join(deps.spillDir, `${this.jobId}-${this.attempt}`),
-      logger: this.log.child({ subsystem: "log-shipper" }),
+      sharedAttempt: start.peers.length > 1,
+      supervisorChannel: this.channelName("supervisor"),
     });
     // Started after construction, so that reports name a runner the core holds.
     this.done = Promise.resolve().then(() => this.run());
@@ -144,6 +137,7 @@ export class JobRunner {
   /** A repeated StartJob for this attempt: take its fresh tokens, change nothing else. */
   renew(start: StartJob): void {
     this.start = start;
+    this.deps.logs.renew(start);
   }
 
   /** Where the job is, for the hello after a reconnect. */
@@ -294,17 +288,13 @@ export class JobRunner {
           at: new Date(clock()),
         };
     this.say(`job ended: ${FinalizeReason[termination.reason].toLowerCase()}${termination.exitCode === undefined ? "" : `, exit code ${termination.exitCode}`}`);
-    this.shipped = await this.shipper.finish();
-    if (!this.shipped.complete) {
-      this.log.warn({ servers: this.shipped.servers.map((s) => ({ url: s.url, complete: s.complete })) }, "log incomplete on some log server");
+    // The end waits for the log servers only briefly: the log ships on in the background.
+    const log = await this.deps.logs.ended(this.jobId, this.attempt);
+    if (log && log.status !== "complete") {
+      this.log.warn({ status: log.status, bytesLost: log.bytesLost, problem: log.problem }, "job ended before its log was shipped");
     }
     this.termination = termination;
     this.deps.report({ state: JobState.TERMINATING, stage: JobStage.UNSPECIFIED, message: termination.message, termination });
-  }
-
-  /** The log shipping outcome, once the job has terminated. */
-  logReport(): ShipperReport | undefined {
-    return this.shipped;
   }
 
   /**
@@ -338,7 +328,7 @@ export class JobRunner {
       image: this.image,
       imageToken: () => this.start.image?.readToken?.token ?? "",
       say: (text) => {
-        if (!this.shipper.finishing) this.say(text);
+        if (!this.shipper.ended) this.say(text);
       },
       hold: (work) => {
         this.snapshotting = Promise.all([this.snapshotting, work.catch(() => undefined)]);

@@ -24,6 +24,7 @@ import type { Driver } from "./drivers/driver.js";
 import { createProcessDriver } from "./drivers/process-driver.js";
 import { createQemuDriver } from "./drivers/qemu-driver.js";
 import { ImageProvisioner } from "./images.js";
+import { JobLogs } from "./job-logs.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 import { Snapshotter } from "./snapshot.js";
 
@@ -115,6 +116,14 @@ export function createSupervisor({
   const key = (jobId: string, attempt: number) => `${jobId}/${attempt}`;
   type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
   const send = (payload: Payload) => outbox?.push(create(AttachRequestSchema, { payload }));
+  // Job logs outlive their runners (a log server was down) and this process (resumed at start).
+  const logs = new JobLogs({
+    spillDir: join(config.workDir, "spill"),
+    capBytes: config.logSpillCapBytes,
+    logger,
+    send,
+    changed: () => changed.notify(),
+  });
 
   function termination(t: Termination) {
     return {
@@ -192,11 +201,16 @@ export function createSupervisor({
     if (!cmd.spec || !cmd.image) {
       return ack(cmd.requestId, new ConnectError("start_job needs spec and image", Code.InvalidArgument));
     }
+    if (logs.holds(cmd.jobId, cmd.attempt)) {
+      // It ran here already (its log is still being shipped, maybe by an earlier process): never twice.
+      const message = `job ${cmd.jobId} attempt ${cmd.attempt} already ran on this host`;
+      return ack(cmd.requestId, new ConnectError(message, Code.FailedPrecondition));
+    }
     const runner: JobRunner = new JobRunner(cmd, {
       driver: driver!,
       images,
       logger,
-      spillDir: join(config.workDir, "spill"),
+      logs,
       report: (report) => reportOf(runner, report),
       hostId: () => hostId,
     });
@@ -234,6 +248,7 @@ export function createSupervisor({
             );
             hostId = payload.value.host?.id ?? hostId;
             logger.info({ hostId }, "attached to coordinator");
+            logs.attached();
             changed.notify();
             break;
           }
@@ -244,6 +259,7 @@ export function createSupervisor({
             onStopJob(payload.value);
             break;
           case "ackReport":
+            logs.acknowledged(payload.value.reportId);
             if (payload.value.terminal) {
               const k = key(payload.value.jobId, payload.value.attempt);
               if (runners.get(k)?.terminated()) {
@@ -251,6 +267,9 @@ export function createSupervisor({
                 changed.notify();
               }
             }
+            break;
+          case "logTokenGrant":
+            logs.granted(payload.value);
             break;
           case "takeSnapshot":
             snapshots.take(payload.value, runners.get(key(payload.value.jobId, payload.value.attempt)));
@@ -359,11 +378,13 @@ export function createSupervisor({
     // Give the coordinator a moment to acknowledge the last reports; what it
     // does not acknowledge now, it learns from the next supervisor's hello.
     const deadline = Date.now() + FINAL_ACK_WAIT_MS;
-    while (runners.size > 0 && state === "attached" && Date.now() < deadline) {
+    while ((runners.size > 0 || logs.unacknowledged() > 0) && state === "attached" && Date.now() < deadline) {
       await changed.wait(deadline - Date.now());
     }
     abort.abort(new ConnectError("supervisor stopping", Code.Canceled));
     await loop;
+    // Logs still shipping stay in the spill; the next start resumes them.
+    await logs.stop();
     await driver?.close();
     state = state === "refused" ? state : "stopped";
   }
@@ -374,6 +395,7 @@ export function createSupervisor({
     async start() {
       await mkdir(config.workDir, { recursive: true });
       driver ??= await createDriver();
+      await logs.start();
       if (config.hostCredential === "" && transport === undefined) {
         logger.warn("no host credential configured: the coordinator will refuse to attach this supervisor");
       }

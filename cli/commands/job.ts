@@ -16,6 +16,7 @@ import {
   JobStageSchema,
   JobState,
   JobStateSchema,
+  LogStatus,
   SnapshotSchema,
   SnapshotState,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
@@ -26,6 +27,7 @@ import { keyValues, parseDuration, parseIntFlag, type CommandSpec, type FlagSpec
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
+import { logStatusText } from "../../lib/log-status.js";
 import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel, type LogLine } from "../logs.js";
 import { askKey } from "../prompt.js";
 import { splitReference } from "./image.js";
@@ -239,7 +241,7 @@ async function followJob(
       if (options.logs && job.logServerUrls.length > 0 && job.state !== JobState.QUEUED) followers.follow(job.attempt);
     });
     if (options.logs) await followers.finish(LOG_GRACE_MS);
-    status(`job ${jobId} ${outcome(job)}`);
+    status(`job ${jobId} ${outcome(job)}${await logAfterEnd(jobs, job)}`);
     return jobExitCode(job);
   } catch (err) {
     if (detached) {
@@ -373,6 +375,7 @@ export const jobCommands: CommandSpec<CliContext>[] = [
           ["Started", iso(job.startTime)],
           ["Finished", iso(job.finalizeTime)],
           ["Result", job.state === JobState.FINALIZED ? outcome(job) : undefined],
+          ["Log", logStatusText(job)],
           ["Exit status", job.exitStatus ? word(ExitStatusSchema, job.exitStatus) : undefined],
           ["Message", job.statusMessage],
           ["Cancel requested", job.cancelRequested ? "yes" : undefined],
@@ -497,13 +500,19 @@ export const jobCommands: CommandSpec<CliContext>[] = [
           if (watch.signal.aborted) return ExitCode.INTERRUPTED;
           throw err;
         }
+        await noteUnsettledLog(ctx, jobs, jobId);
         if (followers.error) throw followers.error;
         return ExitCode.OK;
       }
       const sink = logSink(ctx);
       const signal = ctx.abort.signal;
-      for await (const line of mergeByTime(channels.map((channel) => readChannel(logs, { channel, attempt, follow: false, sinceMs, signal })))) {
-        sink.write(line);
+      try {
+        for await (const line of mergeByTime(channels.map((channel) => readChannel(logs, { channel, attempt, follow: false, sinceMs, signal })))) {
+          sink.write(line);
+        }
+      } finally {
+        // Also when the log servers cannot be read: the note may say why.
+        await noteUnsettledLog(ctx, jobs, jobId);
       }
       return ExitCode.OK;
     },
@@ -573,6 +582,30 @@ export const jobCommands: CommandSpec<CliContext>[] = [
     },
   },
 ];
+
+/**
+ * For the last line of `tml job run`: what is wrong with the log of a job
+ * that just ended ("; log INCOMPLETE, ..."), or "" when it is complete. The
+ * job's record is read again: the log may have settled while its last lines
+ * were being printed.
+ */
+async function logAfterEnd(jobs: Jobs, job: Job): Promise<string> {
+  if (job.logStatus === LogStatus.COMPLETE || job.logStatus === LogStatus.UNSPECIFIED) return "";
+  const now = (await jobs.getJob({ jobId: job.id }, { timeoutMs: 15_000 }).catch(() => ({ job }))).job ?? job;
+  if (now.logStatus === LogStatus.SHIPPING) return `; its log is still being shipped from its host (\`tml job logs ${job.id}\` shows the rest later)`;
+  if (now.logStatus === LogStatus.INCOMPLETE) return `; log ${logStatusText(now)}`;
+  return "";
+}
+
+/** After printing a job's log: says so on stderr when the log is still being shipped or incomplete. */
+async function noteUnsettledLog(ctx: CliContext, jobs: Jobs, jobId: string): Promise<void> {
+  const { job } = await jobs.getJob({ jobId }, { timeoutMs: 15_000 }).catch(() => ({ job: undefined }));
+  if (job?.logStatus === LogStatus.SHIPPING) {
+    ctx.out.note(ctx.out.errStyle(`tml: the log of job ${jobId} is still being shipped from its host; run this again later for the rest (${job.logStatusMessage})`, "dim"));
+  } else if (job?.logStatus === LogStatus.INCOMPLETE) {
+    ctx.out.note(ctx.out.errStyle(`tml: the log of job ${jobId} is ${logStatusText(job)}`, "dim"));
+  }
+}
 
 /** The names of hosts by id (the id itself when the host cannot be read). */
 async function hostNames(ctx: CliContext, ids: string[]): Promise<string[]> {

@@ -30,6 +30,7 @@ import {
   JobSpecSchema,
   JobStage,
   JobState,
+  LogStatus,
   ReasonClass,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 
@@ -122,6 +123,9 @@ export interface JobRow {
   job_timeout_ms: string | number;
   log_server_urls: string[];
   host_ids: string[];
+  log_status: "shipping" | "complete" | "incomplete" | null;
+  log_bytes_lost: string | number;
+  log_status_message: string;
 }
 
 /** The select list of JobRow (jobs aliased `j`). */
@@ -129,7 +133,7 @@ export const jobColumns = (sql: Db) => sql`
   j.id, j.owner_id, j.spec, j.state, j.stage, j.reason, j.exit_status, j.exit_code, j.attempt,
   j.priority, j.max_restarts, j.manifest_digest, j.status_message, j.stop_reason, j.created_at,
   j.updated_at, j.queued_at, j.assigned_at, j.started_at, j.finalized_at, j.job_timeout_ms,
-  j.log_server_urls,
+  j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message,
   coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
 
@@ -203,13 +207,16 @@ export function jobMessage(row: JobRow, timeline: JobEvent[] = []): Job {
     updateTime: timestampFromDate(row.updated_at),
     timeline,
     logServerUrls: row.log_server_urls,
+    logStatus: LogStatus[(row.log_status ?? "unspecified").toUpperCase() as keyof typeof LogStatus],
+    logBytesLost: BigInt(row.log_bytes_lost),
+    logStatusMessage: row.log_status_message,
   });
 }
 
 export interface EventInput {
   jobId: string;
-  /** job_events.kind: submitted, state_changed, stage_changed, cancel_requested, restarted. */
-  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted";
+  /** job_events.kind: submitted, state_changed, stage_changed, cancel_requested, restarted, log_incomplete. */
+  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted" | "log_incomplete";
   state: DbState;
   stage?: string | null;
   message?: string;

@@ -48,6 +48,7 @@ import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import { GroupCommit, type Op } from "./group-commit.js";
 import type { JobMetrics } from "./metrics.js";
+import { onJobLogReport, onLogTokenRequest } from "./log-status.js";
 import { onSnapshotResult } from "./snapshots.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import { type Db, reasonName, stageName, stateName } from "./store.js";
@@ -542,6 +543,11 @@ export class HostSession {
       case "snapshotResult":
         await this.settled();
         return onSnapshotResult(this.ctx, this.host, payload.value);
+      case "jobLogReport":
+        await this.settled(); // after the job's own reports that came before it
+        return this.outbox.push(await onJobLogReport(this.ctx, this.host, payload.value));
+      case "logTokenRequest":
+        return this.outbox.push(await onLogTokenRequest(this.ctx, this.host, payload.value));
       default:
         return;
     }

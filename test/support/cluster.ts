@@ -5,8 +5,10 @@
  * coordinator keeps its state in the test run's PostgreSQL (a database of
  * its own, test/support/db.ts), which outlives it. The image store, the site
  * cache and the log server run in the test process (nothing here kills
- * them). Each supervisor has its own slot uids (never shared with another
- * test file running at the same time).
+ * them, but the log server can be stopped and started again on the same
+ * port and data directory, for log-server outages). Each supervisor has its
+ * own slot uids (never shared with another test file running at the same
+ * time).
  */
 import { randomBytes } from "node:crypto";
 import { chmod, mkdtemp, rm } from "node:fs/promises";
@@ -62,6 +64,12 @@ export interface Cluster extends JobTools {
   startSupervisor(name: string): Promise<void>;
   /** Waits for the supervisor's next attachment after its output line number `from`. */
   waitAttached(name: string, from: number): Promise<void>;
+  /** The log server's URL (the same across its restarts). */
+  logServerUrl: string;
+  /** Stops the log server (an outage); its data stays. */
+  stopLogServer(): Promise<void>;
+  /** Starts the log server again on the same port and data directory. */
+  startLogServer(): Promise<void>;
   /** The root file system of a job attempt on a supervisor, as the supervisor's host sees it. */
   jobRoot(name: string, jobId: string, attempt: number): string;
   stop(): Promise<void>;
@@ -72,7 +80,7 @@ export interface Cluster extends JobTools {
  * a log server in this process, and `supervisors` supervisor children (hosts
  * `sup-1`...). `coordinatorArgs` adds flags (e.g. a short grace period).
  */
-export async function startCluster(options: { supervisors: number; coordinatorArgs?: string[] }): Promise<Cluster> {
+export async function startCluster(options: { supervisors: number; coordinatorArgs?: string[]; supervisorArgs?: string[] }): Promise<Cluster> {
   const dir = await mkdtemp(join(tmpdir(), "treadmill-cluster-"));
   await chmod(dir, 0o755); // job slot uids must reach their work directories
   const db = await createTestDatabase();
@@ -82,6 +90,8 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
   const credentials = new Map<string, string>();
   let coordinator: RunningProcess | undefined;
   let port = 0;
+  let logServer: ServingComponent | undefined;
+  let logServerPort = 0;
 
   async function startCoordinator(): Promise<string> {
     const proc = startProcess(
@@ -106,6 +116,7 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
         "--slot-uid-base", String(sup.uidBase),
         "--reconnect-max-ms", "1000",
         "--stop-grace-ms", "2000",
+        ...(options.supervisorArgs ?? []),
       ],
       { TREADMILL_SUPERVISOR_HOST_CREDENTIAL: credentials.get(sup.name)! },
     );
@@ -118,6 +129,7 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
     // What a killed supervisor left behind.
     await Promise.all([...supervisors.values()].map((s) => killAllOfUid(s.uidBase)));
     await Promise.all(servers.map((s) => s.stop()));
+    await logServer?.stop();
     coordinator?.child.kill("SIGTERM");
     await coordinator?.exited;
     await db.drop();
@@ -147,12 +159,18 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
         },
         logger: silentLogger(),
       }),
-      createLogServer({
-        config: { ...loadLogServerConfig(noInput), ...registered, dataDir: join(dir, "log-server") },
-        logger: silentLogger(),
-      }),
     );
     await Promise.all(servers.map((s) => s.start()));
+    const startLogServer = async () => {
+      logServer = createLogServer({
+        config: { ...loadLogServerConfig(noInput), ...registered, port: logServerPort, dataDir: join(dir, "log-server") },
+        logger: silentLogger(),
+      });
+      await logServer.start();
+      logServerPort = Number(new URL(logServer.address().url).port);
+    };
+    await startLogServer();
+    const logServerUrl = logServer!.address().url;
 
     const hosts = createClient(HostService, admin);
     for (let i = 1; i <= options.supervisors; i++) {
@@ -202,6 +220,12 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
       async waitAttached(name, from) {
         await get(name).proc.waitForLine(attached, 60000, from);
       },
+      logServerUrl,
+      async stopLogServer() {
+        await logServer?.stop();
+        logServer = undefined;
+      },
+      startLogServer,
       jobRoot: (name, jobId, attempt) => join(get(name).workDir, "process", "jobs", `${jobId}.${attempt}`, "rootfs"),
       stop: stopAll,
     };

@@ -1,6 +1,16 @@
-import { ExitStatusSchema, FinalizeReasonSchema, JobEventKindSchema, JobStageSchema, JobState, type Job } from "../../../gen/treadmill/coordinator/v1/job_pb.js";
+import {
+  ExitStatusSchema,
+  FinalizeReasonSchema,
+  JobEventKindSchema,
+  JobStageSchema,
+  JobState,
+  LogStatus,
+  type Job,
+} from "../../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService } from "../../../gen/treadmill/log/v1/log_service_pb.js";
+import { logStatusText } from "../../../lib/log-status.js";
+import { sleep } from "../../../lib/retry.js";
 import { errorText, keepWatching, type Api } from "../api.js";
 import { facts, h, link, notice, table } from "../dom.js";
 import { hostNames, userNames } from "../directory.js";
@@ -10,6 +20,8 @@ import { LogView } from "../log-view.js";
 import type { PageContext } from "../main.js";
 
 const CHANNELS = ["console", "stdout", "stderr", "supervisor"];
+/** How often a finalized job whose log is still being shipped is read again. */
+const LOG_STATUS_POLL_MS = 5000;
 
 /** One job: its facts and timeline (WatchJob), cancel, console, and its live log. */
 export async function jobPage({ api, main, signal, params }: PageContext): Promise<void> {
@@ -83,13 +95,24 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     (change) => {
       if (!change.job) return;
       show(change.job);
-      if (change.job.state === JobState.FINALIZED) watching.abort(); // a finalized job never changes again
+      if (change.job.state === JobState.FINALIZED) watching.abort(); // a finalized job's state never changes again
     },
     (ok, detail) => {
       if (!ok && detail) status.replaceChildren(notice("error", detail));
       else status.replaceChildren();
     },
   );
+  // ... but its log may still be on its way from a host (a log server was down): its status settles later.
+  while (job?.logStatus === LogStatus.SHIPPING && !signal.aborted) {
+    await sleep(LOG_STATUS_POLL_MS, signal).catch(() => undefined);
+    if (signal.aborted) return;
+    try {
+      const res = await jobs.getJob({ jobId }, { signal, timeoutMs: 15_000 });
+      if (res.job) show(res.job);
+    } catch {
+      // Read again at the next turn.
+    }
+  }
 }
 
 /** Follows the selected channel of the job's current attempt; a new attempt starts a new section. */
@@ -181,6 +204,7 @@ class LogFollower {
 function renderDetails(section: HTMLElement, job: Job, users: Map<string, string>, hosts: Map<string, string>): void {
   const spec = job.spec;
   const hostLinks = job.hostIds.map((id, i) => [i > 0 ? ", " : "", link(`/hosts#host-${id}`, hosts.get(id) ?? id)]).flat();
+  const log = logStatusText(job) ?? "";
   section.replaceChildren(
     section.firstChild!,
     facts([
@@ -190,6 +214,7 @@ function renderDetails(section: HTMLElement, job: Job, users: Map<string, string
       ["Exit status", enumWord(ExitStatusSchema, job.exitStatus)],
       ["Exit code", job.exitCode !== undefined ? String(job.exitCode) : ""],
       ["Status", job.statusMessage],
+      ["Log", log === "" ? "" : h("span", { id: "job-log-status", class: job.logStatus === LogStatus.INCOMPLETE ? "tone-bad" : "" }, log)],
       ["Image", spec?.image ?? ""],
       ["Manifest", h("code", {}, job.manifestDigest)],
       ["Attempt", String(job.attempt)],

@@ -12,7 +12,7 @@ import type { ProtocolVersion } from "../../common/v1/protocol_pb.js";
 import { file_treadmill_common_v1_protocol } from "../../common/v1/protocol_pb.js";
 import type { DriverKind, Host } from "./host_pb.js";
 import { file_treadmill_coordinator_v1_host } from "./host_pb.js";
-import type { ExitStatus, FinalizeReason, JobSpec, JobStage, JobState } from "./job_pb.js";
+import type { ExitStatus, FinalizeReason, JobSpec, JobStage, JobState, LogStatus } from "./job_pb.js";
 import { file_treadmill_coordinator_v1_job } from "./job_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/supervisor_service.proto.
  */
 export const file_treadmill_coordinator_v1_supervisor_service: GenFile = /*@__PURE__*/
-  fileDesc("CjF0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvc3VwZXJ2aXNvcl9zZXJ2aWNlLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi4gIKDUF0dGFjaFJlcXVlc3QSOgoFaGVsbG8YASABKAsyKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlbGxvSAASRAoQam9iX3N0YXRlX3JlcG9ydBgCIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZVJlcG9ydEgAEjsKC2NvbW1hbmRfYWNrGAMgASgLMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbW1hbmRBY2tIABJCCgloZWFydGJlYXQYBCABKAsyLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlYXJ0YmVhdEgAEkMKD3NuYXBzaG90X3Jlc3VsdBgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFJlc3VsdEgAQgkKB3BheWxvYWQijAMKDkF0dGFjaFJlc3BvbnNlEj4KB3dlbGNvbWUYASABKAsyKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvcldlbGNvbWVIABI3CglzdGFydF9qb2IYAiABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3RhcnRKb2JIABI1CghzdG9wX2pvYhgDIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TdG9wSm9iSAASOQoKYWNrX3JlcG9ydBgEIAEoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BY2tSZXBvcnRIABI/Cg10YWtlX3NuYXBzaG90GAUgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlRha2VTbmFwc2hvdEgAEkMKCWhlYXJ0YmVhdBgGIAEoCzIuLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db29yZGluYXRvckhlYXJ0YmVhdEgAQgkKB3BheWxvYWQi5gEKDkpvYlRlcm1pbmF0aW9uEjgKBnJlYXNvbhgBIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhI5CgtleGl0X3N0YXR1cxgCIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeGl0U3RhdHVzEhYKCWV4aXRfY29kZRgDIAEoBUgAiAEBEg8KB21lc3NhZ2UYBCABKAkSKAoEdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCDAoKX2V4aXRfY29kZSLPAQoHSGVsZEpvYhIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIxCgVzdGF0ZRgDIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRI9Cgt0ZXJtaW5hdGlvbhgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JUZXJtaW5hdGlvbiKjAgoPU3VwZXJ2aXNvckhlbGxvEj4KEHByb3RvY29sX3ZlcnNpb24YASABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLlByb3RvY29sVmVyc2lvbhIPCgdob3N0X2lkGAIgASgJEhoKEnN1cGVydmlzb3JfdmVyc2lvbhgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCRI5Cgtkcml2ZXJfa2luZBgFIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kEhAKCGNhcGFjaXR5GAYgASgFEi8KBGpvYnMYByADKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSGVsZEpvYhIQCghkcmFpbmluZxgIIAEoCCKkAgoOSm9iU3RhdGVSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjEKBXN0YXRlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAUgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEg8KB21lc3NhZ2UYBiABKAkSPQoLdGVybWluYXRpb24YByABKAsyKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iVGVybWluYXRpb24SKAoEdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVwoKQ29tbWFuZEFjaxISCgpyZXF1ZXN0X2lkGAEgASgJEgoKAm9rGAIgASgIEhIKCmVycm9yX2NvZGUYAyABKAUSFQoNZXJyb3JfbWVzc2FnZRgEIAEoCSJRChNTdXBlcnZpc29ySGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAIgASgIItMBCg5TbmFwc2hvdFJlc3VsdBISCgpyZXF1ZXN0X2lkGAEgASgJEhMKC3NuYXBzaG90X2lkGAIgASgJEg4KBmpvYl9pZBgDIAEoCRIPCgdhdHRlbXB0GAQgASgFEgoKAm9rGAUgASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgGIAEoCRISCgpzaXplX2J5dGVzGAcgASgDEhMKC21lZGlhX3R5cGVzGAggAygJEhIKCmVycm9yX2NvZGUYCSABKAUSFQoNZXJyb3JfbWVzc2FnZRgKIAEoCSKBAgoRU3VwZXJ2aXNvcldlbGNvbWUSPgoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuUHJvdG9jb2xWZXJzaW9uEiwKBGhvc3QYAiABKAsyHi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoLc2VydmVyX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmNvb3JkaW5hdG9yX2lkGAUgASgJIlsKCUxvZ1RhcmdldBITCgtzZXJ2ZXJfdXJscxgBIAMoCRI5Cgt3cml0ZV90b2tlbhgCIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIooBCgtJbWFnZVNvdXJjZRIXCg9tYW5pZmVzdF9kaWdlc3QYASABKAkSEQoJY2FjaGVfdXJsGAIgASgJEhUKDWxvY2F0aW9uX3VybHMYAyADKAkSOAoKcmVhZF90b2tlbhgEIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIlYKC1Byb3h5VGFyZ2V0EgsKA3VybBgBIAEoCRI6CgxleHBvc2VfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiI8CgdKb2JQZWVyEg0KBWluZGV4GAEgASgFEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJIoMDCghTdGFydEpvYhISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEi8KBHNwZWMYBCABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxI0CgVpbWFnZRgFIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5JbWFnZVNvdXJjZRIxCgRsb2dzGAYgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1RhcmdldBI0CgVwcm94eRgHIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Qcm94eVRhcmdldBIsCghkZWFkbGluZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaG9zdF9pbmRleBgJIAEoBRIwCgVwZWVycxgKIAMoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JQZWVyIroBCgdTdG9wSm9iEhIKCnJlcXVlc3RfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSOAoGcmVhc29uGAQgASgOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkZpbmFsaXplUmVhc29uEg8KB21lc3NhZ2UYBSABKAkSLwoMZ3JhY2VfcGVyaW9kGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIlEKCUFja1JlcG9ydBIRCglyZXBvcnRfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSEAoIdGVybWluYWwYBCABKAgiqQIKDFRha2VTbmFwc2hvdBISCgpyZXF1ZXN0X2lkGAEgASgJEhMKC3NuYXBzaG90X2lkGAIgASgJEg4KBmpvYl9pZBgDIAEoCRIPCgdhdHRlbXB0GAQgASgFEhIKCnVwbG9hZF91cmwYBSABKAkSOQoLd3JpdGVfdG9rZW4YBiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhJMCgthbm5vdGF0aW9ucxgHIAMoCzI3LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UYWtlU25hcHNob3QuQW5ub3RhdGlvbnNFbnRyeRoyChBBbm5vdGF0aW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiQAoUQ29vcmRpbmF0b3JIZWFydGJlYXQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAydAoRU3VwZXJ2aXNvclNlcnZpY2USXwoGQXR0YWNoEicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkF0dGFjaFJlcXVlc3QaKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQXR0YWNoUmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_common_v1_capability, file_treadmill_common_v1_protocol, file_treadmill_coordinator_v1_host, file_treadmill_coordinator_v1_job]);
+  fileDesc("CjF0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvc3VwZXJ2aXNvcl9zZXJ2aWNlLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7AMKDUF0dGFjaFJlcXVlc3QSOgoFaGVsbG8YASABKAsyKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlbGxvSAASRAoQam9iX3N0YXRlX3JlcG9ydBgCIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZVJlcG9ydEgAEjsKC2NvbW1hbmRfYWNrGAMgASgLMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbW1hbmRBY2tIABJCCgloZWFydGJlYXQYBCABKAsyLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlYXJ0YmVhdEgAEkMKD3NuYXBzaG90X3Jlc3VsdBgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFJlc3VsdEgAEkAKDmpvYl9sb2dfcmVwb3J0GAYgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkxvZ1JlcG9ydEgAEkYKEWxvZ190b2tlbl9yZXF1ZXN0GAcgASgLMikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1Rva2VuUmVxdWVzdEgAQgkKB3BheWxvYWQi0AMKDkF0dGFjaFJlc3BvbnNlEj4KB3dlbGNvbWUYASABKAsyKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvcldlbGNvbWVIABI3CglzdGFydF9qb2IYAiABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3RhcnRKb2JIABI1CghzdG9wX2pvYhgDIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TdG9wSm9iSAASOQoKYWNrX3JlcG9ydBgEIAEoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BY2tSZXBvcnRIABI/Cg10YWtlX3NuYXBzaG90GAUgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlRha2VTbmFwc2hvdEgAEkMKCWhlYXJ0YmVhdBgGIAEoCzIuLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db29yZGluYXRvckhlYXJ0YmVhdEgAEkIKD2xvZ190b2tlbl9ncmFudBgHIAEoCzInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dUb2tlbkdyYW50SABCCQoHcGF5bG9hZCLmAQoOSm9iVGVybWluYXRpb24SOAoGcmVhc29uGAEgASgOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkZpbmFsaXplUmVhc29uEjkKC2V4aXRfc3RhdHVzGAIgASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV4aXRTdGF0dXMSFgoJZXhpdF9jb2RlGAMgASgFSACIAQESDwoHbWVzc2FnZRgEIAEoCRIoCgR0aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIMCgpfZXhpdF9jb2RlIs8BCgdIZWxkSm9iEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEjEKBXN0YXRlGAMgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEj0KC3Rlcm1pbmF0aW9uGAUgASgLMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlRlcm1pbmF0aW9uIqMCCg9TdXBlcnZpc29ySGVsbG8SPgoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuUHJvdG9jb2xWZXJzaW9uEg8KB2hvc3RfaWQYAiABKAkSGgoSc3VwZXJ2aXNvcl92ZXJzaW9uGAMgASgJEhMKC2luc3RhbmNlX2lkGAQgASgJEjkKC2RyaXZlcl9raW5kGAUgASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRyaXZlcktpbmQSEAoIY2FwYWNpdHkYBiABKAUSLwoEam9icxgHIAMoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5IZWxkSm9iEhAKCGRyYWluaW5nGAggASgIIqQCCg5Kb2JTdGF0ZVJlcG9ydBIRCglyZXBvcnRfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSMQoFc3RhdGUYBCABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhdGUSMQoFc3RhZ2UYBSABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhZ2USDwoHbWVzc2FnZRgGIAEoCRI9Cgt0ZXJtaW5hdGlvbhgHIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JUZXJtaW5hdGlvbhIoCgR0aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJXCgpDb21tYW5kQWNrEhIKCnJlcXVlc3RfaWQYASABKAkSCgoCb2sYAiABKAgSEgoKZXJyb3JfY29kZRgDIAEoBRIVCg1lcnJvcl9tZXNzYWdlGAQgASgJIlEKE1N1cGVydmlzb3JIZWFydGJlYXQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIZHJhaW5pbmcYAiABKAgi0wEKDlNuYXBzaG90UmVzdWx0EhIKCnJlcXVlc3RfaWQYASABKAkSEwoLc25hcHNob3RfaWQYAiABKAkSDgoGam9iX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUSCgoCb2sYBSABKAgSFwoPbWFuaWZlc3RfZGlnZXN0GAYgASgJEhIKCnNpemVfYnl0ZXMYByABKAMSEwoLbWVkaWFfdHlwZXMYCCADKAkSEgoKZXJyb3JfY29kZRgJIAEoBRIVCg1lcnJvcl9tZXNzYWdlGAogASgJIoECChFTdXBlcnZpc29yV2VsY29tZRI+ChBwcm90b2NvbF92ZXJzaW9uGAEgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5Qcm90b2NvbFZlcnNpb24SLAoEaG9zdBgCIAEoCzIeLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0EjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIvCgtzZXJ2ZXJfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOY29vcmRpbmF0b3JfaWQYBSABKAkiWwoJTG9nVGFyZ2V0EhMKC3NlcnZlcl91cmxzGAEgAygJEjkKC3dyaXRlX3Rva2VuGAIgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4iigEKC0ltYWdlU291cmNlEhcKD21hbmlmZXN0X2RpZ2VzdBgBIAEoCRIRCgljYWNoZV91cmwYAiABKAkSFQoNbG9jYXRpb25fdXJscxgDIAMoCRI4CgpyZWFkX3Rva2VuGAQgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4iVgoLUHJveHlUYXJnZXQSCwoDdXJsGAEgASgJEjoKDGV4cG9zZV90b2tlbhgCIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIjwKB0pvYlBlZXISDQoFaW5kZXgYASABKAUSDwoHaG9zdF9pZBgCIAEoCRIRCglob3N0X25hbWUYAyABKAkigwMKCFN0YXJ0Sm9iEhIKCnJlcXVlc3RfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSLwoEc3BlYxgEIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEjQKBWltYWdlGAUgASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlU291cmNlEjEKBGxvZ3MYBiABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nVGFyZ2V0EjQKBXByb3h5GAcgASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlByb3h5VGFyZ2V0EiwKCGRlYWRsaW5lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpob3N0X2luZGV4GAkgASgFEjAKBXBlZXJzGAogAygLMiEudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlBlZXIiugEKB1N0b3BKb2ISEgoKcmVxdWVzdF9pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRI4CgZyZWFzb24YBCABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SDwoHbWVzc2FnZRgFIAEoCRIvCgxncmFjZV9wZXJpb2QYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iUQoJQWNrUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIQCgh0ZXJtaW5hbBgEIAEoCCKpAgoMVGFrZVNuYXBzaG90EhIKCnJlcXVlc3RfaWQYASABKAkSEwoLc25hcHNob3RfaWQYAiABKAkSDgoGam9iX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUSEgoKdXBsb2FkX3VybBgFIAEoCRI5Cgt3cml0ZV90b2tlbhgGIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuEkwKC2Fubm90YXRpb25zGAcgAygLMjcudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlRha2VTbmFwc2hvdC5Bbm5vdGF0aW9uc0VudHJ5GjIKEEFubm90YXRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJAChRDb29yZGluYXRvckhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKuAQoMSm9iTG9nUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIzCgZzdGF0dXMYBCABKA4yIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nU3RhdHVzEhIKCmJ5dGVzX2xvc3QYBSABKAMSDwoHbWVzc2FnZRgGIAEoCRIQCghyZXZpc2lvbhgHIAEoAyJGCg9Mb2dUb2tlblJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBSLLAQoNTG9nVG9rZW5HcmFudBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEgoKAm9rGAQgASgIEjkKC3dyaXRlX3Rva2VuGAUgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4SEwoLc2VydmVyX3VybHMYBiADKAkSEgoKZXJyb3JfY29kZRgHIAEoBRIVCg1lcnJvcl9tZXNzYWdlGAggASgJMnQKEVN1cGVydmlzb3JTZXJ2aWNlEl8KBkF0dGFjaBInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BdHRhY2hSZXF1ZXN0GigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkF0dGFjaFJlc3BvbnNlKAEwAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_common_v1_capability, file_treadmill_common_v1_protocol, file_treadmill_coordinator_v1_host, file_treadmill_coordinator_v1_job]);
 
 /**
  * One message from the supervisor to the coordinator.
@@ -73,6 +73,22 @@ export type AttachRequest = Message<"treadmill.coordinator.v1.AttachRequest"> & 
      */
     value: SnapshotResult;
     case: "snapshotResult";
+  } | {
+    /**
+     * The state of a job's log on this host, after the job ended.
+     *
+     * @generated from field: treadmill.coordinator.v1.JobLogReport job_log_report = 6;
+     */
+    value: JobLogReport;
+    case: "jobLogReport";
+  } | {
+    /**
+     * Asks for a fresh log:write token of an attempt that ran on this host.
+     *
+     * @generated from field: treadmill.coordinator.v1.LogTokenRequest log_token_request = 7;
+     */
+    value: LogTokenRequest;
+    case: "logTokenRequest";
   } | { case: undefined; value?: undefined };
 };
 
@@ -142,6 +158,14 @@ export type AttachResponse = Message<"treadmill.coordinator.v1.AttachResponse"> 
      */
     value: CoordinatorHeartbeat;
     case: "heartbeat";
+  } | {
+    /**
+     * Answers a LogTokenRequest.
+     *
+     * @generated from field: treadmill.coordinator.v1.LogTokenGrant log_token_grant = 7;
+     */
+    value: LogTokenGrant;
+    case: "logTokenGrant";
   } | { case: undefined; value?: undefined };
 };
 
@@ -896,7 +920,8 @@ export const StopJobSchema: GenMessage<StopJob> = /*@__PURE__*/
 /**
  * AckReport tells the supervisor a report is durably recorded. For a terminal
  * report (or a terminated job listed in the hello), the supervisor may drop
- * the retained report and free the slot. Idempotent.
+ * the retained report and free the slot. Also acknowledges a JobLogReport
+ * (report_id is the log report's, terminal false). Idempotent.
  *
  * @generated from message treadmill.coordinator.v1.AckReport
  */
@@ -1022,6 +1047,198 @@ export type CoordinatorHeartbeat = Message<"treadmill.coordinator.v1.Coordinator
  */
 export const CoordinatorHeartbeatSchema: GenMessage<CoordinatorHeartbeat> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_supervisor_service, 18);
+
+/**
+ * JobLogReport is the state of one job attempt's log as this host ships it
+ * (DESIGN.md §7), sent by the supervisor: once the job ended (after a short
+ * wait for the log servers, just before the terminal JobStateReport), when
+ * its spill cap drops output, and when the log is settled (every log server
+ * holds it, or nothing more can be shipped). The log keeps shipping from the
+ * host's spill after the job is finalized, across supervisor restarts; the
+ * coordinator records the status on the job (Job.log_status) without
+ * touching the job's state. Each report is retained and re-sent after every
+ * reconnect until an AckReport with its report_id arrives; a newer report of
+ * the same attempt replaces an unacknowledged older one. Safe to repeat: the
+ * coordinator keeps, per (job, attempt, host), the report with the highest
+ * revision. Errors: INVALID_ARGUMENT (malformed; ends the stream). A report
+ * for an attempt that never ran on this host is acknowledged and ignored.
+ *
+ * @generated from message treadmill.coordinator.v1.JobLogReport
+ */
+export type JobLogReport = Message<"treadmill.coordinator.v1.JobLogReport"> & {
+  /**
+   * Chosen by the supervisor, at most 64 characters; echoed by AckReport.
+   *
+   * @generated from field: string report_id = 1;
+   */
+  reportId: string;
+
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 2;
+   */
+  jobId: string;
+
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 3;
+   */
+  attempt: number;
+
+  /**
+   * SHIPPING, COMPLETE or INCOMPLETE.
+   *
+   * @generated from field: treadmill.coordinator.v1.LogStatus status = 4;
+   */
+  status: LogStatus;
+
+  /**
+   * Bytes of this host's output for the attempt that will never reach the
+   * log servers; 0 unless INCOMPLETE.
+   *
+   * @generated from field: int64 bytes_lost = 5;
+   */
+  bytesLost: bigint;
+
+  /**
+   * Why (e.g. "spill cap reached", "waiting for log server http://...
+   * (Unavailable: connect ECONNREFUSED ...)"), never secrets; the coordinator
+   * replaces control characters, keeps at most 1024 characters and adds the
+   * host's name.
+   *
+   * @generated from field: string message = 6;
+   */
+  message: string;
+
+  /**
+   * Grows with every report of this attempt from this host, across
+   * supervisor restarts; older revisions are ignored.
+   *
+   * @generated from field: int64 revision = 7;
+   */
+  revision: bigint;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.JobLogReport.
+ * Use `create(JobLogReportSchema)` to create a new message.
+ */
+export const JobLogReportSchema: GenMessage<JobLogReport> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 19);
+
+/**
+ * LogTokenRequest asks for a fresh `log:write` token of a job attempt whose
+ * log this host still ships (its StartJob's token expired: a long log-server
+ * outage, or a supervisor restart). Sent by the supervisor; answered by a
+ * LogTokenGrant with the same request_id. Safe to repeat.
+ *
+ * @generated from message treadmill.coordinator.v1.LogTokenRequest
+ */
+export type LogTokenRequest = Message<"treadmill.coordinator.v1.LogTokenRequest"> & {
+  /**
+   * Chosen by the supervisor, at most 64 characters; echoed by the grant.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 2;
+   */
+  jobId: string;
+
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 3;
+   */
+  attempt: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.LogTokenRequest.
+ * Use `create(LogTokenRequestSchema)` to create a new message.
+ */
+export const LogTokenRequestSchema: GenMessage<LogTokenRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 20);
+
+/**
+ * LogTokenGrant answers a LogTokenRequest. The coordinator grants a token
+ * only for an attempt that ran on the requesting host (the stream's
+ * credential), finalized or not; otherwise ok is false with
+ * PERMISSION_DENIED.
+ *
+ * @generated from message treadmill.coordinator.v1.LogTokenGrant
+ */
+export type LogTokenGrant = Message<"treadmill.coordinator.v1.LogTokenGrant"> & {
+  /**
+   * The request's request_id.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 2;
+   */
+  jobId: string;
+
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 3;
+   */
+  attempt: number;
+
+  /**
+   * The token was granted.
+   *
+   * @generated from field: bool ok = 4;
+   */
+  ok: boolean;
+
+  /**
+   * When ok: a log:write token for the job, valid for about an hour.
+   *
+   * @generated from field: treadmill.common.v1.CapabilityToken write_token = 5;
+   */
+  writeToken?: CapabilityToken | undefined;
+
+  /**
+   * When ok: the job's log servers (every attempt's).
+   *
+   * @generated from field: repeated string server_urls = 6;
+   */
+  serverUrls: string[];
+
+  /**
+   * When not ok: a gRPC status code number (7 PERMISSION_DENIED: the attempt
+   * did not run on this host; 5 NOT_FOUND: no such job).
+   *
+   * @generated from field: int32 error_code = 7;
+   */
+  errorCode: number;
+
+  /**
+   * When not ok: why.
+   *
+   * @generated from field: string error_message = 8;
+   */
+  errorMessage: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.LogTokenGrant.
+ * Use `create(LogTokenGrantSchema)` to create a new message.
+ */
+export const LogTokenGrantSchema: GenMessage<LogTokenGrant> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 21);
 
 /**
  * SupervisorService is the supervisor's only connection to the coordinator.

@@ -1,0 +1,171 @@
+/**
+ * The state of jobs' logs (job.proto LogStatus, DESIGN.md §7), from the
+ * supervisor stream (supervisor-stream.ts hands these messages here):
+ *
+ * - JobLogReport: a host's part of an attempt's log is SHIPPING from its
+ *   spill, COMPLETE on every log server, or INCOMPLETE (bytes lost). Parts
+ *   are kept per (job, attempt, host) in job_log_parts (migration 0009), the
+ *   newest revision winning, so a report repeated after a reconnect changes
+ *   nothing; the job's row carries the summary over every part (INCOMPLETE
+ *   if any lost bytes, else SHIPPING while any ships, else COMPLETE). A part
+ *   that turns INCOMPLETE, or loses more, is a LOG_INCOMPLETE timeline event.
+ *   The job's state is never touched: a FINALIZED job's log may settle later.
+ * - LogTokenRequest: a fresh log:write token for a log still shipping after
+ *   its StartJob's token expired, granted only for an attempt that ran on
+ *   the requesting host.
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { Code } from "@connectrpc/connect";
+import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
+import { LogStatus } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import {
+  type AttachResponse,
+  AttachResponseSchema,
+  type JobLogReport,
+  type LogTokenRequest,
+} from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { formatBytes } from "../../lib/bytes.js";
+import { audit } from "../audit.js";
+import type { HostCaller } from "../auth.js";
+import type { CoordinatorContext } from "../context.js";
+import { checkId, checkText, invalid } from "../services/common.js";
+import { type DbState, recordEvent } from "./store.js";
+
+/** How long a token granted for a log still shipping lasts. */
+export const LOG_TOKEN_TTL_MS = 60 * 60_000;
+
+type PartStatus = "shipping" | "complete" | "incomplete";
+
+const STATUS_NAMES: Partial<Record<LogStatus, PartStatus>> = {
+  [LogStatus.SHIPPING]: "shipping",
+  [LogStatus.COMPLETE]: "complete",
+  [LogStatus.INCOMPLETE]: "incomplete",
+};
+
+function checkAttempt(field: string, r: { jobId: string; attempt: number }): void {
+  checkId(`${field}.job_id`, r.jobId);
+  if (r.attempt < 1) throw invalid(`${field}.attempt must be at least 1`);
+}
+
+/**
+ * Records a host's JobLogReport and answers the AckReport to send. Malformed:
+ * InvalidArgument (it ends the stream, as any malformed message does). A
+ * report of an attempt that never ran on this host is acknowledged and
+ * changes nothing.
+ */
+export async function onJobLogReport(ctx: CoordinatorContext, host: HostCaller, r: JobLogReport): Promise<AttachResponse> {
+  checkAttempt("job_log_report", r);
+  checkText("job_log_report.report_id", r.reportId, 64);
+  const status = STATUS_NAMES[r.status];
+  if (status === undefined) throw invalid("job_log_report.status must be SHIPPING, COMPLETE or INCOMPLETE");
+  if (r.bytesLost < 0n) throw invalid("job_log_report.bytes_lost must not be negative");
+  if (r.revision < 1n) throw invalid("job_log_report.revision must be at least 1");
+  // Free text from a server's error: made printable and clipped rather than refused, so
+  // that no error text of a log server can end the stream over and over.
+  // eslint-disable-next-line no-control-regex
+  const why = r.message.replace(/[\u0000-\u001f\u007f]+/g, " ").trim().slice(0, 1024);
+  const message = why === "" ? "" : `${why} on host ${host.hostName}`;
+  const actor = `host:${host.hostName}`;
+
+  await ctx.sql.begin(async (tx) => {
+    const [job] = await tx<{ state: DbState; owner_id: string }[]>`
+      select j.state, j.owner_id from jobs j
+      where j.id = ${r.jobId}
+        and exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = ${r.attempt} and jh.host_id = ${host.hostId})
+      for update of j`;
+    if (!job) return;
+    const [before] = await tx<{ status: PartStatus; bytes_lost: string; revision: string }[]>`
+      select status, bytes_lost, revision from job_log_parts
+      where job_id = ${r.jobId} and attempt = ${r.attempt} and host_id = ${host.hostId}`;
+    if (before && BigInt(before.revision) >= r.revision) return;
+    await tx`
+      insert into job_log_parts (job_id, attempt, host_id, status, bytes_lost, message, revision)
+      values (${r.jobId}, ${r.attempt}, ${host.hostId}, ${status}, ${r.bytesLost.toString()}, ${message}, ${r.revision.toString()})
+      on conflict (job_id, attempt, host_id) do update
+        set status = excluded.status, bytes_lost = excluded.bytes_lost, message = excluded.message,
+          revision = excluded.revision, updated_at = now()`;
+    const [summary] = await tx<{ log_status: PartStatus; log_bytes_lost: string; log_status_message: string }[]>`
+      update jobs j set log_status = s.status, log_bytes_lost = s.lost, log_status_message = s.message, updated_at = now()
+      from (
+        select
+          case when bool_or(status = 'incomplete') then 'incomplete'
+               when bool_or(status = 'shipping') then 'shipping'
+               else 'complete' end as status,
+          sum(bytes_lost)::bigint as lost,
+          coalesce((array_agg(message order by status = 'incomplete' desc, status = 'shipping' desc, updated_at desc)
+                    filter (where status <> 'complete'))[1], '') as message
+        from job_log_parts where job_id = ${r.jobId}) s
+      where j.id = ${r.jobId}
+      returning j.log_status, j.log_bytes_lost, j.log_status_message`;
+    const lostMore = status === "incomplete" && (before?.status !== "incomplete" || BigInt(before.bytes_lost) < r.bytesLost);
+    if (lostMore) {
+      await recordEvent(tx, {
+        jobId: r.jobId,
+        kind: "log_incomplete",
+        state: job.state,
+        attempt: r.attempt,
+        hostId: host.hostId,
+        actor,
+        ownerId: job.owner_id,
+        message: `log incomplete: ${formatBytes(r.bytesLost)} lost${message === "" ? "" : `: ${message}`}`,
+      });
+    } else {
+      // Watchers see the new status (recordEvent notifies on its own).
+      await tx`select pg_notify('treadmill_jobs', ${r.jobId})`;
+    }
+    ctx.logger.info(
+      { jobId: r.jobId, attempt: r.attempt, hostId: host.hostId, status, bytesLost: Number(r.bytesLost), summary: summary?.log_status },
+      "job log status reported",
+    );
+  });
+  return create(AttachResponseSchema, {
+    payload: { case: "ackReport", value: { reportId: r.reportId, jobId: r.jobId, attempt: r.attempt, terminal: false } },
+  });
+}
+
+/**
+ * Answers a LogTokenRequest with a LogTokenGrant: a log:write token when the
+ * attempt ran on this host, else a refusal (PermissionDenied, or NotFound
+ * for a job that does not exist). Malformed: InvalidArgument.
+ */
+export async function onLogTokenRequest(ctx: CoordinatorContext, host: HostCaller, r: LogTokenRequest): Promise<AttachResponse> {
+  checkAttempt("log_token_request", r);
+  checkText("log_token_request.request_id", r.requestId, 64);
+  const answer = (value: Record<string, unknown>) =>
+    create(AttachResponseSchema, {
+      payload: { case: "logTokenGrant", value: { requestId: r.requestId, jobId: r.jobId, attempt: r.attempt, ...value } },
+    });
+  const [job] = await ctx.sql<{ log_server_urls: string[]; ran: boolean }[]>`
+    select j.log_server_urls,
+      exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = ${r.attempt} and jh.host_id = ${host.hostId}) as ran
+    from jobs j where j.id = ${r.jobId}`;
+  const refuse = async (code: Code, message: string) => {
+    await audit(ctx.sql, {
+      kind: "job.log_token_refused",
+      actor: `host:${host.hostName}`,
+      hostId: host.hostId,
+      ...(job ? { jobId: r.jobId } : {}),
+      message,
+      details: { attempt: r.attempt },
+    });
+    return answer({ ok: false, errorCode: code, errorMessage: message });
+  };
+  if (!job) return refuse(Code.NotFound, `job ${r.jobId} not found`);
+  if (!job.ran) return refuse(Code.PermissionDenied, `job ${r.jobId} attempt ${r.attempt} did not run on this host`);
+  const now = ctx.clock();
+  const token = await ctx.keys.sign({ scope: "log:write", job: r.jobId }, LOG_TOKEN_TTL_MS, { subject: host.hostId });
+  await audit(ctx.sql, {
+    kind: "job.log_token_granted",
+    actor: `host:${host.hostName}`,
+    jobId: r.jobId,
+    hostId: host.hostId,
+    message: `log:write token for attempt ${r.attempt}`,
+    details: { attempt: r.attempt },
+  });
+  return answer({
+    ok: true,
+    writeToken: { token, scope: CapabilityScope.LOG_WRITE, expireTime: timestampFromMs(now + LOG_TOKEN_TTL_MS) },
+    serverUrls: job.log_server_urls,
+  });
+}
