@@ -10,6 +10,7 @@ import { FinalizeReason, JobState } from "../gen/treadmill/coordinator/v1/job_pb
 import {
   type AttachRequest,
   AttachRequestSchema,
+  type AttachResponse,
   type StartJob,
   type StopJob,
   SupervisorService,
@@ -206,14 +207,25 @@ export function createSupervisor({
       const message = `job ${cmd.jobId} attempt ${cmd.attempt} already ran on this host`;
       return ack(cmd.requestId, new ConnectError(message, Code.FailedPrecondition));
     }
-    const runner: JobRunner = new JobRunner(cmd, {
-      driver: driver!,
-      images,
-      logger,
-      logs,
-      report: (report) => reportOf(runner, report),
-      hostId: () => hostId,
-    });
+    if ((cmd.logs?.serverUrls ?? []).length === 0) {
+      return ack(cmd.requestId, new ConnectError("start_job names no log server: the job's output would have nowhere to go", Code.FailedPrecondition));
+    }
+    // A command this supervisor cannot carry out is refused on the stream, never by ending it.
+    let runner: JobRunner;
+    try {
+      runner = new JobRunner(cmd, {
+        driver: driver!,
+        images,
+        logger,
+        logs,
+        report: (report) => reportOf(runner, report),
+        hostId: () => hostId,
+      });
+    } catch (err) {
+      logger.error({ err, jobId: cmd.jobId, attempt: cmd.attempt }, "cannot start job");
+      const message = err instanceof Error ? err.message : String(err);
+      return ack(cmd.requestId, new ConnectError(`cannot start the job: ${message}`, Code.FailedPrecondition));
+    }
     runners.set(key(cmd.jobId, cmd.attempt), runner);
     logger.info({ jobId: cmd.jobId, attempt: cmd.attempt }, "job started");
     ack(cmd.requestId);
@@ -235,48 +247,13 @@ export function createSupervisor({
     try {
       send(hello());
       for await (const message of client.attach(stream, { signal: abort.signal })) {
-        const { payload } = message;
-        switch (payload.case) {
-          case "welcome": {
-            state = "attached";
-            onAttached();
-            const everyMs = payload.value.heartbeatInterval ? durationMs(payload.value.heartbeatInterval) : 10000;
-            clearInterval(heartbeat);
-            heartbeat = setInterval(
-              () => send({ case: "heartbeat", value: { time: timestampNow(), draining } }),
-              Math.max(100, everyMs),
-            );
-            hostId = payload.value.host?.id ?? hostId;
-            logger.info({ hostId }, "attached to coordinator");
-            logs.attached();
-            changed.notify();
-            break;
-          }
-          case "startJob":
-            onStartJob(payload.value);
-            break;
-          case "stopJob":
-            onStopJob(payload.value);
-            break;
-          case "ackReport":
-            logs.acknowledged(payload.value.reportId);
-            if (payload.value.terminal) {
-              const k = key(payload.value.jobId, payload.value.attempt);
-              if (runners.get(k)?.terminated()) {
-                runners.delete(k);
-                changed.notify();
-              }
-            }
-            break;
-          case "logTokenGrant":
-            logs.granted(payload.value);
-            break;
-          case "takeSnapshot":
-            snapshots.take(payload.value, runners.get(key(payload.value.jobId, payload.value.attempt)));
-            ack(payload.value.requestId);
-            break;
-          default:
-            break;
+        try {
+          handle(message.payload);
+        } catch (err) {
+          // A message this supervisor cannot handle is answered (when it is a command), never the stream's end.
+          logger.error({ err, message: message.payload.case }, "cannot handle a message from the coordinator");
+          const requestId = (message.payload.value as { requestId?: string } | undefined)?.requestId;
+          if (requestId) ack(requestId, new ConnectError("the supervisor could not handle the command", Code.Internal));
         }
       }
     } finally {
@@ -284,6 +261,51 @@ export function createSupervisor({
       abort.signal.removeEventListener("abort", endStream);
       stream.end();
       if (outbox === stream) outbox = undefined;
+    }
+
+    function handle(payload: AttachResponse["payload"]): void {
+      switch (payload.case) {
+        case "welcome": {
+          state = "attached";
+          onAttached();
+          const everyMs = payload.value.heartbeatInterval ? durationMs(payload.value.heartbeatInterval) : 10000;
+          clearInterval(heartbeat);
+          heartbeat = setInterval(
+            () => send({ case: "heartbeat", value: { time: timestampNow(), draining } }),
+            Math.max(100, everyMs),
+          );
+          hostId = payload.value.host?.id ?? hostId;
+          logger.info({ hostId }, "attached to coordinator");
+          logs.attached();
+          changed.notify();
+          break;
+        }
+        case "startJob":
+          onStartJob(payload.value);
+          break;
+        case "stopJob":
+          onStopJob(payload.value);
+          break;
+        case "ackReport":
+          logs.acknowledged(payload.value.reportId);
+          if (payload.value.terminal) {
+            const k = key(payload.value.jobId, payload.value.attempt);
+            if (runners.get(k)?.terminated()) {
+              runners.delete(k);
+              changed.notify();
+            }
+          }
+          break;
+        case "logTokenGrant":
+          logs.granted(payload.value);
+          break;
+        case "takeSnapshot":
+          snapshots.take(payload.value, runners.get(key(payload.value.jobId, payload.value.attempt)));
+          ack(payload.value.requestId);
+          break;
+        default:
+          break;
+      }
     }
   }
 

@@ -54,6 +54,12 @@ import { AsyncQueue } from "../../lib/async-queue.js";
 import { type Db, reasonName, stageName, stateName } from "./store.js";
 import { type HostTermination, hostEnded, hostProgress, releaseSlot } from "./transitions.js";
 
+/** Streams broken while a StartJob of an attempt was unanswered, after which it is not sent again. */
+export const MAX_START_FAILURES = 3;
+
+/** Codes of a stream that broke (not a clean end, a newer stream, or this replica stopping). */
+const BROKEN = new Set([Code.Canceled, Code.DeadlineExceeded, Code.Unknown, Code.Internal, Code.DataLoss]);
+
 /** The stream protocol this coordinator speaks. */
 export const PROTOCOL_VERSION = { major: 1, minor: 0 };
 
@@ -657,10 +663,11 @@ export class HostSession {
         job_state: string;
         job_attempt: number;
         stop_reason: string | null;
+        start_failures: number;
       }[]
     >`
       select h.attach_session, jh.job_id, jh.attempt, jh.started, jh.terminated_at is not null as terminated,
-        j.state as job_state, j.attempt as job_attempt, j.stop_reason
+        j.state as job_state, j.attempt as job_attempt, j.stop_reason, coalesce(jh.start_failures, 0) as start_failures
       from hosts h
         left join job_hosts jh on jh.host_id = h.id and jh.released_at is null
         left join jobs j on j.id = jh.job_id
@@ -698,6 +705,8 @@ export class HostSession {
             : FinalizeReason.CANCELED;
         const why = !current ? "the attempt is no longer current" : r.stop_reason === "job_timeout" ? "job timeout" : "canceled";
         sends.push(this.stopMessage(r.job_id, r.attempt, reason, why));
+      } else if (!r.started && r.start_failures >= MAX_START_FAILURES) {
+        await this.stopPoisonedStart(r.job_id, r.attempt, r.start_failures);
       } else if (!r.started && !this.sent.has(`start/${r.job_id}/${r.attempt}`)) {
         starts.push(r.job_id);
       }
@@ -706,6 +715,21 @@ export class HostSession {
       sends.push(...this.startMessages(await buildStartJobs(this.ctx, this.ctx.sql, hostId, starts)));
     }
     this.send(sends);
+  }
+
+  /**
+   * A StartJob that the supervisor's stream broke over, again and again, is
+   * not sent once more: the attempt ends as a start failure (infrastructure:
+   * the restart policy may run it elsewhere), said on its timeline and in
+   * the log.
+   */
+  private async stopPoisonedStart(jobId: string, attempt: number, failures: number): Promise<void> {
+    const message = `the supervisor's stream broke ${failures} times while StartJob was unanswered; the command is not sent again`;
+    this.log.error({ jobId, attempt, failures }, "StartJob stopped: it keeps breaking the supervisor's stream");
+    await this.commit(jobId, {
+      kind: "ended",
+      end: { at: { jobId, hostId: this.host.hostId, attempt }, termination: { reason: "host_start_failure", message }, released: true, actor: this.actor },
+    });
   }
 
   /**
@@ -788,18 +812,31 @@ export class HostSession {
   finish(error?: ConnectError): void {
     if (this.finished) return;
     this.finished = true;
+    const unanswered = [...this.pending.values()].filter((p) => p.kind === "start");
+    const broken = error !== undefined && BROKEN.has(error.code) && unanswered.length > 0;
     this.outbox.end(error);
     if (error) this.log.info({ code: Code[error.code], reason: error.rawMessage }, "supervisor stream ended");
     else this.log.info("supervisor stream ended");
     if (this.streams.sessions.get(this.host.hostId) === this) this.streams.sessions.delete(this.host.hostId);
     void this.chain
       .then(() => this.settled())
+      .then(() => (broken ? this.countStartFailures(unanswered) : undefined))
       .then(() => (this.opened ? this.detach() : undefined))
       .catch((err) => {
         this.log.warn({ err }, "cannot record the detachment; retried");
         this.streams.orphans = true;
       })
       .finally(() => this.resolveClosed());
+  }
+
+  /** The stream broke with these StartJobs unanswered: each counts toward MAX_START_FAILURES. */
+  private async countStartFailures(starts: Pending[]): Promise<void> {
+    const rows = starts.map((p) => ({ job: p.jobId, attempt: p.attempt }));
+    await this.ctx.sql`
+      update job_hosts jh set start_failures = jh.start_failures + 1
+      from jsonb_to_recordset(${this.ctx.sql.json(rows as never)}::jsonb) as v(job uuid, attempt int)
+      where jh.job_id = v.job and jh.attempt = v.attempt and jh.host_id = ${this.host.hostId}
+        and not jh.started and jh.released_at is null`;
   }
 
   private async detach(): Promise<void> {

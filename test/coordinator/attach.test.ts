@@ -100,6 +100,26 @@ describe("SupervisorService.Attach", () => {
     await s.close();
   });
 
+  it("stops a StartJob whose supervisor's stream breaks each time it is sent, and ends the attempt as a start failure", async () => {
+    const tag = uniqueTag();
+    const host = await c.createHost({ tags: tag });
+    // A supervisor that dies (its stream breaks) on every StartJob, and attaches again.
+    const s: ScriptedSupervisor = track(
+      await attach(c, host, { reconnect: true, silent: true, onStartJob: () => void s.drop() }),
+    );
+    const { job } = await c.client(JobService, user.token).submitJob({
+      spec: { image: image.ref, hosts: { tags: tag }, restartPolicy: { maxRestarts: 0 } },
+    });
+    const row = await jobInState(c.sql, job!.id, "finalized");
+    expect(row.reason).toBe("host_start_failure");
+    const { job: got } = await c.client(JobService, user.token).getJob({ jobId: job!.id });
+    expect(got!.statusMessage).toContain("stream broke 3 times while StartJob was unanswered");
+    // Nothing is sent any more: the stream stays up (checked over a few heartbeats).
+    const attaches = s.attaches;
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(s.attaches).toBe(attaches);
+  });
+
   it("refuses a hello of an incompatible protocol major with FailedPrecondition", async () => {
     const host = await c.createHost();
     const s = new ScriptedSupervisor({ urls: [c.url], credential: host.credential, protocolVersion: { major: 2, minor: 0 } });

@@ -83,6 +83,48 @@ describe("the supervisor core", () => {
     expect(supervisor.state()).toBe("stopped");
   });
 
+  it("refuses a start_job it cannot carry out (no log server) on the stream, and keeps the stream", async () => {
+    const acks: AttachRequest[] = [];
+    let attaches = 0;
+    let acked!: () => void;
+    const ackSeen = new Promise<void>((resolve) => (acked = resolve));
+    const supervisor = await supervisorAgainst(async function* (requests) {
+      attaches++;
+      const iterator = requests[Symbol.asyncIterator]();
+      await iterator.next();
+      yield create(AttachResponseSchema, { payload: { case: "welcome", value: { host: { id: "h1" } } } });
+      yield create(AttachResponseSchema, {
+        payload: {
+          case: "startJob",
+          value: {
+            requestId: "r1",
+            jobId: "01a24e35-a6f1-7f2e-b0ce-591400baab7d",
+            attempt: 1,
+            spec: { image: "example/hello:latest" },
+            image: { manifestDigest: `sha256:${"a".repeat(64)}` },
+            logs: { serverUrls: [] },
+          },
+        },
+      });
+      for (let next = await iterator.next(); !next.done; next = await iterator.next()) {
+        if (next.value.payload.case !== "commandAck") continue;
+        acks.push(next.value);
+        acked();
+      }
+    });
+    await supervisor.start();
+    await ackSeen;
+    expect(acks[0].payload).toMatchObject({
+      case: "commandAck",
+      value: { requestId: "r1", ok: false, errorCode: Code.FailedPrecondition },
+    });
+    expect((acks[0].payload.value as { errorMessage: string }).errorMessage).toContain("no log server");
+    expect(supervisor.state()).toBe("attached");
+    expect(supervisor.jobs()).toEqual([]);
+    expect(attaches).toBe(1);
+    await supervisor.stop();
+  });
+
   it("keeps retrying while the coordinator cannot take it", async () => {
     let attempts = 0;
     let thirdAttempt!: () => void;
