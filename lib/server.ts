@@ -17,8 +17,20 @@ import { registerReflectionServices } from "./server/reflection.js";
 export { HealthStatus, ServingStatus } from "./server/health.js";
 export type { ExtraHttpHandler, HttpRequest, HttpResponse } from "./server/http.js";
 
-const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
-const DEFAULT_GRACE_MS = 5000;
+export const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
+export const DEFAULT_GRACE_MS = 5000;
+/**
+ * Two minutes: long enough that a client between calls keeps its connection
+ * (and clients reopen one after a GOAWAY anyway), short enough that abandoned
+ * connections do not pile up. Streams in progress are never cut by it.
+ */
+export const DEFAULT_IDLE_TIMEOUT_MS = 120_000;
+/**
+ * 512: room for a lab of a few hundred supervisors behind one NAT address
+ * (each holds about one connection per server, plus one per open tunnel at a
+ * proxy) and its users; a larger site raises it (docs: connection limits).
+ */
+export const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 512;
 
 export interface ServerOptions {
   /** Component name, e.g. "coordinator": on every log line and metric. */
@@ -43,6 +55,10 @@ export interface ServerOptions {
   readMaxBytes?: number;
   /** How long stop() waits for open calls before closing them; default 5000. */
   graceMs?: number;
+  /** A connection without an open stream or request is closed after this long; 0: never. Default 120000. */
+  idleTimeoutMs?: number;
+  /** Connections one client address may hold at once (more are refused); 0: any. Default 512. */
+  maxConnectionsPerAddress?: number;
   /**
    * Procedures ("/pkg.Service/Method") served without compression: bulk
    * bytes that do not compress, where gzip costs most of the throughput.
@@ -86,7 +102,7 @@ export function createServer(options: ServerOptions): Server {
   const baseLogger = options.logger.child({ server: options.name });
   const logger = baseLogger.child({ subsystem: "server" });
   const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
-  const { registry, rpc: rpcMetrics } = createMetricsRegistry(options.name);
+  const { registry, rpc: rpcMetrics, connections } = createMetricsRegistry(options.name);
   const health = new HealthStatus();
   // Aborted when the grace period is over: handlers that watch their
   // context's signal end their calls with Unavailable before connections close.
@@ -121,6 +137,11 @@ export function createServer(options: ServerOptions): Server {
     logger,
     tls: options.tls,
     upgrade: options.upgrade,
+    limits: {
+      idleTimeoutMs: options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
+      maxConnectionsPerAddress: options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    },
+    metrics: connections,
     handler: createRequestPipeline({
       logger,
       corsOrigins: options.corsOrigins ?? [],
