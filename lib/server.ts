@@ -9,13 +9,14 @@ import type { Logger } from "./logger.js";
 import { withUncompressedProcedures } from "./server/bulk.js";
 import { HealthStatus, ServingStatus, registerHealthService } from "./server/health.js";
 import { createRequestPipeline, type ExtraHttpHandler } from "./server/http.js";
-import { createRpcInterceptor } from "./server/interceptors.js";
+import { createAuthorizeInterceptor, createRpcInterceptor, type Authorize } from "./server/interceptors.js";
 import { OnePortListener } from "./server/listener.js";
 import { createMetricsRegistry } from "./server/metrics.js";
 import { registerReflectionServices } from "./server/reflection.js";
 
 export { HealthStatus, ServingStatus } from "./server/health.js";
-export type { ExtraHttpHandler, HttpRequest, HttpResponse } from "./server/http.js";
+export type { ExtraHttpHandler, HttpRequest, HttpResponse, ServerShared } from "./server/http.js";
+export type { Authorize } from "./server/interceptors.js";
 
 export const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
 export const DEFAULT_GRACE_MS = 5000;
@@ -45,8 +46,9 @@ export interface ServerOptions {
   /** The component registers its services here. */
   routes: (router: ConnectRouter) => void;
   /**
-   * The component's own interceptors (authentication, say). They run inside
-   * the logging interceptor, so what they refuse is logged and counted.
+   * The component's own interceptors (input checks, say). They run after the
+   * authorization hook and inside the logging interceptor, so what they
+   * refuse is logged and counted.
    */
   interceptors?: Interceptor[];
   /** Browser origins allowed by CORS; "*" only if listed explicitly. */
@@ -59,6 +61,14 @@ export interface ServerOptions {
   idleTimeoutMs?: number;
   /** Connections one client address may hold at once (more are refused); 0: any. Default 512. */
   maxConnectionsPerAddress?: number;
+  /**
+   * The one authorization hook of this server: runs before any handler looks
+   * at a request, for every protocol and for the hand-framed procedures
+   * (`http` handlers built with createRawGrpcHandler), on every service the
+   * component registers (health and reflection stay open). Without it, the
+   * handlers authorize each call themselves.
+   */
+  authorize?: Authorize;
   /**
    * Procedures ("/pkg.Service/Method") served without compression: bulk
    * bytes that do not compress, where gzip costs most of the throughput.
@@ -111,6 +121,9 @@ export function createServer(options: ServerOptions): Server {
   // ends: many concurrent calls, not a leak.
   setMaxListeners(0, shutdown.signal);
   let services: DescService[] = [];
+  // The component's services, which the authorization hook guards.
+  let guarded: ReadonlySet<string> = new Set();
+  const authorize: Authorize = options.authorize ?? (() => Promise.resolve());
 
   const rpc = connectNodeAdapter({
     grpc: true,
@@ -119,12 +132,14 @@ export function createServer(options: ServerOptions): Server {
     readMaxBytes: options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES,
     interceptors: [
       createRpcInterceptor(baseLogger.child({ subsystem: "rpc" }), rpcMetrics),
+      createAuthorizeInterceptor(authorize, () => guarded),
       ...(options.interceptors ?? []),
     ],
     shutdownSignal: shutdown.signal,
     // Called once, synchronously, by connectNodeAdapter.
     routes(router) {
       options.routes(withUncompressedProcedures(router, options.bulkProcedures ?? []));
+      guarded = new Set(uniqueServices(router).map((service) => service.typeName));
       registerHealthService(router, health);
       registerReflectionServices(router, () => services);
       services = uniqueServices(router);
@@ -147,7 +162,7 @@ export function createServer(options: ServerOptions): Server {
       corsOrigins: options.corsOrigins ?? [],
       registry,
       http: options.http,
-      rpcMetrics,
+      shared: { rpcMetrics, authorize },
       rpc,
     }),
   });
