@@ -1,9 +1,8 @@
 import { randomUUID } from "node:crypto";
 import { serverOptions, type ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
-import { createServer, type Server } from "../lib/server.js";
+import { createServer, type Authorize, type Server } from "../lib/server.js";
 import { createRawGrpcHandler } from "../lib/server/raw-grpc.js";
-import type { Authorize } from "../lib/server.js";
 import { authorizeCaller } from "./auth.js";
 import { bootstrapAdmin } from "./bootstrap.js";
 import { DEFAULT_CONSOLE_DIR, consoleAssets } from "./console-assets.js";
@@ -15,6 +14,7 @@ import { ATTACH_PROCEDURE, attachProcedure } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { SigningKeys } from "./signing.js";
+import { textInterceptor } from "./text.js";
 import { Gauge } from "prom-client";
 import { ServingStatus } from "../lib/server.js";
 import type { Notifications } from "./db/notifications.js";
@@ -142,7 +142,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         server = createServer({
           ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, parts)),
           authorize: gatedByDatabase(authorizeCaller({ sql: db.sql, clock }), db.notifications),
-          interceptors: [databaseInterceptor(db.notifications, DATABASE_FREE)],
+          interceptors: [databaseInterceptor(db.notifications, DATABASE_FREE), textInterceptor()],
           // Control messages, mostly small; a StartJob with its tokens is
           // just over gzip's 1 KiB threshold, where compressing costs the
           // coordinator more CPU than the bytes are worth.

@@ -8,7 +8,7 @@
  * was most of the coordinator's memory per supervisor and a fifth of its CPU
  * under load. Same contract: the host credential as a bearer token, checked
  * by the server's authorization hook (auth.ts) before a message is read, the
- * same codes.
+ * same checks of every message's text (text.ts), the same codes.
  */
 import { toBinary } from "@bufbuild/protobuf";
 import {
@@ -20,6 +20,7 @@ import {
 import { decodeMessage, frame, type RawGrpcProcedure } from "../../lib/server/raw-grpc.js";
 import { requireHost } from "../auth.js";
 import { mapDatabaseError } from "../db/errors.js";
+import { checkTextFields } from "../text.js";
 import type { SupervisorStreams } from "./supervisor-stream.js";
 
 export const ATTACH_PROCEDURE = `/${SupervisorService.typeName}/${SupervisorService.method.attach.name}`;
@@ -32,7 +33,7 @@ export function attachProcedure(streams: SupervisorStreams): RawGrpcProcedure {
     const caller = requireHost(call);
     try {
       async function* requests(): AsyncGenerator<AttachRequest> {
-        for await (const bytes of call.messages()) yield decodeMessage(AttachRequestSchema, bytes);
+        for await (const bytes of call.messages()) yield checkTextFields(AttachRequestSchema, decodeMessage(AttachRequestSchema, bytes));
       }
       for await (const message of streams.attachAs(requests(), () => caller, call.signal)) {
         await call.write(frame(toBinary(AttachResponseSchema, message)));
