@@ -1,6 +1,15 @@
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
-import { Code, ConnectError, createContextKey, type HandlerContext, type Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, createContextKey, type HandlerContext } from "@connectrpc/connect";
 import type { Sql } from "postgres";
+import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
+import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
+import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { RegistryService } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
+import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { UserService } from "../gen/treadmill/coordinator/v1/user_service_pb.js";
+import { procedureEntries, serviceEntries } from "../lib/server/authorize.js";
+import type { Authorize } from "../lib/server.js";
 import { bearerToken } from "../lib/tokens.js";
 
 /**
@@ -64,21 +73,58 @@ const unauthenticated = () => new ConnectError("invalid, expired or revoked cred
 /** How often `last_used_at` of a token is written, at most. */
 const LAST_USED_RESOLUTION_MS = 60_000;
 
+/** The kinds of caller a procedure lets through; "anyone" needs no credential. */
+type Callers = readonly Caller["kind"][] | "anyone";
+
+const USERS: Callers = ["user"];
+
 /**
- * Resolves the bearer token of every call to a Caller (or none when the call
- * has no token: the handler decides whether it needs one). A token that is
- * present but unknown, expired, revoked or of a disabled user fails the call
- * with Unauthenticated before any handler runs.
+ * Who may call each procedure, in one place. The handlers still take their
+ * caller with the require* functions below, which also check admin rights
+ * and what the caller may see.
  */
-export function authInterceptor(deps: { sql: Sql; clock?: () => number }): Interceptor {
-  return (next) => async (req) => {
-    const caller = await callerOf(deps, req.header);
-    if (caller !== undefined) req.contextValues.set(callerKey, caller);
-    return next(req);
+const CALLERS = new Map<string, Callers>([
+  ...procedureEntries<typeof AuthService, Callers>(AuthService, {
+    login: "anyone",
+    getSigningKeys: "anyone",
+    whoAmI: ["user", "host", "service"],
+    createToken: USERS,
+    listTokens: USERS,
+    revokeToken: USERS,
+    createAdminCapability: USERS,
+  }),
+  ...serviceEntries(UserService, USERS),
+  ...serviceEntries(HostService, USERS),
+  ...serviceEntries(ImageService, USERS),
+  ...serviceEntries(JobService, USERS),
+  ...serviceEntries<Callers>(SupervisorService, ["host"]),
+  ...procedureEntries<typeof RegistryService, Callers>(RegistryService, {
+    register: ["service"],
+    heartbeat: ["service"],
+    deregister: ["service"],
+    // Admins (the handler checks the role) and caches finding their upstreams.
+    listServices: ["user", "service"],
+  }),
+]);
+
+/**
+ * The coordinator's authorization hook (ServerOptions.authorize), run before
+ * any handler on every protocol, the hand-framed Attach included: resolves
+ * the bearer token to a Caller (a token that is present but unknown,
+ * expired, revoked or of a disabled user is Unauthenticated), checks that the
+ * procedure takes that kind of caller (CALLERS), and puts it in the call's
+ * context for the handler.
+ */
+export function authorizeCaller(deps: { sql: Sql; clock?: () => number }): Authorize {
+  return async (procedure, headers, values) => {
+    const caller = await callerOf(deps, headers);
+    const callers = CALLERS.get(procedure) ?? [];
+    if (callers !== "anyone") checkKind(caller, callers);
+    if (caller !== undefined) values.set(callerKey, caller);
   };
 }
 
-/** The caller of a request with these headers (as authInterceptor resolves it), or undefined without a token. */
+/** The caller of a request with these headers, or undefined without a token. */
 export async function callerOf(deps: { sql: Sql; clock?: () => number }, headers: Headers): Promise<Caller | undefined> {
   const token = bearerToken(headers);
   return token === undefined ? undefined : resolveCaller(deps.sql, token, (deps.clock ?? Date.now)());
@@ -111,12 +157,26 @@ async function resolveCaller(sql: Sql, token: string, nowMs: number): Promise<Ca
   return { kind: "user", userId: row.user_id, name: row.name, role: row.role, tokenId: row.token_id };
 }
 
+/** What a procedure taking only `kind` says to a caller without a credential, and to one of another kind. */
+const REFUSALS: Record<Caller["kind"], { missing: string; other: string }> = {
+  user: { missing: "this call needs an api token", other: "this call is for users only" },
+  host: { missing: "this call needs a host credential", other: "this call is for supervisors only" },
+  service: { missing: "this call needs a service credential", other: "this call is for services only" },
+};
+
+/** `caller` if it is of one of `kinds`; Unauthenticated without one, PermissionDenied for another kind. */
+function checkKind<K extends Caller["kind"]>(caller: Caller | undefined, kinds: readonly K[]): Extract<Caller, { kind: K }> {
+  const only = kinds.length === 1 ? REFUSALS[kinds[0]] : undefined;
+  if (caller === undefined) throw new ConnectError(only?.missing ?? "this call needs a credential", Code.Unauthenticated);
+  if (!(kinds as readonly Caller["kind"][]).includes(caller.kind)) {
+    throw new ConnectError(only?.other ?? "this call does not take this kind of credential", Code.PermissionDenied);
+  }
+  return caller as Extract<Caller, { kind: K }>;
+}
+
 /** The calling user; Unauthenticated without a token, PermissionDenied for a host or service. */
 export function requireUser(ctx: HandlerContext): UserCaller {
-  const caller = ctx.values.get(callerKey);
-  if (caller === undefined) throw new ConnectError("this call needs an api token", Code.Unauthenticated);
-  if (caller.kind !== "user") throw new ConnectError("this call is for users only", Code.PermissionDenied);
-  return caller;
+  return checkKind(ctx.values.get(callerKey), ["user"]);
 }
 
 /** The calling admin; PermissionDenied for anyone else. */
@@ -127,21 +187,11 @@ export function requireAdmin(ctx: HandlerContext): UserCaller {
 }
 
 /** The calling supervisor's host. */
-export function requireHost(ctx: HandlerContext): HostCaller {
-  return hostCaller(ctx.values.get(callerKey));
-}
-
-/** `caller` if it is a supervisor's host; Unauthenticated without one, PermissionDenied for anyone else. */
-export function hostCaller(caller: Caller | undefined): HostCaller {
-  if (caller === undefined) throw new ConnectError("this call needs a host credential", Code.Unauthenticated);
-  if (caller.kind !== "host") throw new ConnectError("this call is for supervisors only", Code.PermissionDenied);
-  return caller;
+export function requireHost(ctx: Pick<HandlerContext, "values">): HostCaller {
+  return checkKind(ctx.values.get(callerKey), ["host"]);
 }
 
 /** The calling store, cache, log server or proxy. */
 export function requireService(ctx: HandlerContext): ServiceCaller {
-  const caller = ctx.values.get(callerKey);
-  if (caller === undefined) throw new ConnectError("this call needs a service credential", Code.Unauthenticated);
-  if (caller.kind !== "service") throw new ConnectError("this call is for services only", Code.PermissionDenied);
-  return caller;
+  return checkKind(ctx.values.get(callerKey), ["service"]);
 }

@@ -1,19 +1,20 @@
 import { randomUUID } from "node:crypto";
 import { serverOptions, type ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
-import { createServer, type Server } from "../lib/server.js";
+import { createServer, type Authorize, type Server } from "../lib/server.js";
 import { createRawGrpcHandler } from "../lib/server/raw-grpc.js";
-import { authInterceptor } from "./auth.js";
+import { authorizeCaller } from "./auth.js";
 import { bootstrapAdmin } from "./bootstrap.js";
 import { DEFAULT_CONSOLE_DIR, consoleAssets } from "./console-assets.js";
 import type { CoordinatorConfig } from "./config.js";
 import type { CoordinatorContext } from "./context.js";
 import { openDatabase, type Database } from "./db/database.js";
-import { databaseInterceptor } from "./db/errors.js";
+import { databaseInterceptor, databaseUnavailable, mapDatabaseError } from "./db/errors.js";
 import { ATTACH_PROCEDURE, attachProcedure } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { SigningKeys } from "./signing.js";
+import { textInterceptor } from "./text.js";
 import { Gauge } from "prom-client";
 import { ServingStatus } from "../lib/server.js";
 import type { Notifications } from "./db/notifications.js";
@@ -35,6 +36,23 @@ async function settlesWithin(work: Promise<unknown>, ms: number): Promise<boolea
 
 /** Procedures that need no database: the signing keys are held in memory. */
 const DATABASE_FREE: ReadonlySet<string> = new Set([`/${AuthService.typeName}/${AuthService.method.getSigningKeys.name}`]);
+
+/**
+ * The authorization hook behind the database gate (databaseInterceptor's,
+ * which runs after the hook): resolving a caller reads the database, so
+ * while it is away a call gets Unavailable, not Internal, on every protocol
+ * and on the hand-framed Attach.
+ */
+function gatedByDatabase(authorize: Authorize, notifications: Notifications): Authorize {
+  return async (procedure, headers, values) => {
+    if (!DATABASE_FREE.has(procedure) && !notifications.connected) throw databaseUnavailable();
+    try {
+      await authorize(procedure, headers, values);
+    } catch (err) {
+      throw mapDatabaseError(err);
+    }
+  };
+}
 
 /**
  * The server is NOT_SERVING while its database is away (the notifications
@@ -114,7 +132,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         // Plain-gRPC Attach (every supervisor) goes to its own procedure;
         // Connect and gRPC-Web callers reach it through the adapter.
         const rawAttach = createRawGrpcHandler({
-          procedures: { [ATTACH_PROCEDURE]: attachProcedure(parts.streams, { sql: db.sql, clock, notifications: db.notifications }) },
+          procedures: { [ATTACH_PROCEDURE]: attachProcedure(parts.streams) },
           maxMessageBytes: config.readMaxBytes,
           logger,
         });
@@ -123,8 +141,8 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           : undefined;
         server = createServer({
           ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, parts)),
-          // The database gate first: authentication itself reads the database.
-          interceptors: [databaseInterceptor(db.notifications, DATABASE_FREE), authInterceptor({ sql: db.sql, clock })],
+          authorize: gatedByDatabase(authorizeCaller({ sql: db.sql, clock }), db.notifications),
+          interceptors: [databaseInterceptor(db.notifications, DATABASE_FREE), textInterceptor()],
           // Control messages, mostly small; a StartJob with its tokens is
           // just over gzip's 1 KiB threshold, where compressing costs the
           // coordinator more CPU than the bytes are worth.

@@ -1,7 +1,15 @@
 import { readFileSync } from "node:fs";
 import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
 import type { Logger } from "./logger.js";
-import { createServer, type Server, type ServerOptions } from "./server.js";
+import {
+  DEFAULT_GRACE_MS,
+  DEFAULT_IDLE_TIMEOUT_MS,
+  DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+  DEFAULT_READ_MAX_BYTES,
+  createServer,
+  type Server,
+  type ServerOptions,
+} from "./server.js";
 
 /**
  * Config fields every server component has, spread into each component's
@@ -14,8 +22,22 @@ export function serverConfigFields(defaultPort: number) {
     tlsCertFile: { type: "path", default: "", description: "PEM certificate; with tls-key-file, serve TLS with ALPN" },
     tlsKeyFile: { type: "path", default: "", description: "PEM private key of tls-cert-file" },
     corsOrigins: { type: "list", default: [], description: "browser origins allowed to call this server (comma-separated)" },
-    readMaxBytes: { type: "int", default: 4 * 1024 * 1024, description: "largest request message accepted, in bytes" },
-    graceMs: { type: "duration", default: 5000, description: "how long a stop waits for open calls before closing them" },
+    readMaxBytes: { type: "int", default: DEFAULT_READ_MAX_BYTES, description: "largest request message accepted, in bytes" },
+    graceMs: { type: "duration", default: DEFAULT_GRACE_MS, description: "how long a stop waits for open calls before closing them" },
+    // Not `idleTimeoutMs`: the proxy's tunnels have their own idle timeout
+    // under that name.
+    connectionIdleTimeoutMs: {
+      type: "duration",
+      default: DEFAULT_IDLE_TIMEOUT_MS,
+      min: 0,
+      description: "close a connection with no open stream or request after this long (0: never); open streams are never cut",
+    },
+    maxConnectionsPerAddress: {
+      type: "int",
+      default: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+      min: 0,
+      description: "connections one client address may hold at once, more are refused (0: no limit); raise it for many clients behind one NAT",
+    },
     logLevel: logLevelField("info"),
   } as const;
 }
@@ -71,6 +93,8 @@ export interface ServerConfig {
   corsOrigins: readonly string[];
   readMaxBytes: number;
   graceMs: number;
+  connectionIdleTimeoutMs: number;
+  maxConnectionsPerAddress: number;
   logLevel: string;
 }
 
@@ -93,6 +117,8 @@ export function serverOptions(
     corsOrigins: [...config.corsOrigins],
     readMaxBytes: config.readMaxBytes,
     graceMs: config.graceMs,
+    idleTimeoutMs: config.connectionIdleTimeoutMs,
+    maxConnectionsPerAddress: config.maxConnectionsPerAddress,
     tls:
       config.tlsCertFile === ""
         ? undefined

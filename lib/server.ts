@@ -9,16 +9,29 @@ import type { Logger } from "./logger.js";
 import { withUncompressedProcedures } from "./server/bulk.js";
 import { HealthStatus, ServingStatus, registerHealthService } from "./server/health.js";
 import { createRequestPipeline, type ExtraHttpHandler } from "./server/http.js";
-import { createRpcInterceptor } from "./server/interceptors.js";
+import { createAuthorizeInterceptor, createRpcInterceptor, type Authorize } from "./server/interceptors.js";
 import { OnePortListener } from "./server/listener.js";
 import { createMetricsRegistry } from "./server/metrics.js";
 import { registerReflectionServices } from "./server/reflection.js";
 
 export { HealthStatus, ServingStatus } from "./server/health.js";
-export type { ExtraHttpHandler, HttpRequest, HttpResponse } from "./server/http.js";
+export type { ExtraHttpHandler, HttpRequest, HttpResponse, ServerShared } from "./server/http.js";
+export type { Authorize } from "./server/interceptors.js";
 
-const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
-const DEFAULT_GRACE_MS = 5000;
+export const DEFAULT_READ_MAX_BYTES = 4 * 1024 * 1024;
+export const DEFAULT_GRACE_MS = 5000;
+/**
+ * Two minutes: long enough that a client between calls keeps its connection
+ * (and clients reopen one after a GOAWAY anyway), short enough that abandoned
+ * connections do not pile up. Streams in progress are never cut by it.
+ */
+export const DEFAULT_IDLE_TIMEOUT_MS = 120_000;
+/**
+ * 512: room for a lab of a few hundred supervisors behind one NAT address
+ * (each holds about one connection per server, plus one per open tunnel at a
+ * proxy) and its users; a larger site raises it (docs: connection limits).
+ */
+export const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 512;
 
 export interface ServerOptions {
   /** Component name, e.g. "coordinator": on every log line and metric. */
@@ -33,8 +46,9 @@ export interface ServerOptions {
   /** The component registers its services here. */
   routes: (router: ConnectRouter) => void;
   /**
-   * The component's own interceptors (authentication, say). They run inside
-   * the logging interceptor, so what they refuse is logged and counted.
+   * The component's own interceptors (input checks, say). They run after the
+   * authorization hook and inside the logging interceptor, so what they
+   * refuse is logged and counted.
    */
   interceptors?: Interceptor[];
   /** Browser origins allowed by CORS; "*" only if listed explicitly. */
@@ -43,6 +57,18 @@ export interface ServerOptions {
   readMaxBytes?: number;
   /** How long stop() waits for open calls before closing them; default 5000. */
   graceMs?: number;
+  /** A connection without an open stream or request is closed after this long; 0: never. Default 120000. */
+  idleTimeoutMs?: number;
+  /** Connections one client address may hold at once (more are refused); 0: any. Default 512. */
+  maxConnectionsPerAddress?: number;
+  /**
+   * The one authorization hook of this server: runs before any handler looks
+   * at a request, for every protocol and for the hand-framed procedures
+   * (`http` handlers built with createRawGrpcHandler), on every service the
+   * component registers (health and reflection stay open). Without it, the
+   * handlers authorize each call themselves.
+   */
+  authorize?: Authorize;
   /**
    * Procedures ("/pkg.Service/Method") served without compression: bulk
    * bytes that do not compress, where gzip costs most of the throughput.
@@ -86,7 +112,7 @@ export function createServer(options: ServerOptions): Server {
   const baseLogger = options.logger.child({ server: options.name });
   const logger = baseLogger.child({ subsystem: "server" });
   const graceMs = options.graceMs ?? DEFAULT_GRACE_MS;
-  const { registry, rpc: rpcMetrics } = createMetricsRegistry(options.name);
+  const { registry, rpc: rpcMetrics, connections } = createMetricsRegistry(options.name);
   const health = new HealthStatus();
   // Aborted when the grace period is over: handlers that watch their
   // context's signal end their calls with Unavailable before connections close.
@@ -95,6 +121,9 @@ export function createServer(options: ServerOptions): Server {
   // ends: many concurrent calls, not a leak.
   setMaxListeners(0, shutdown.signal);
   let services: DescService[] = [];
+  // The component's services, which the authorization hook guards.
+  let guarded: ReadonlySet<string> = new Set();
+  const authorize: Authorize = options.authorize ?? (() => Promise.resolve());
 
   const rpc = connectNodeAdapter({
     grpc: true,
@@ -103,12 +132,14 @@ export function createServer(options: ServerOptions): Server {
     readMaxBytes: options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES,
     interceptors: [
       createRpcInterceptor(baseLogger.child({ subsystem: "rpc" }), rpcMetrics),
+      createAuthorizeInterceptor(authorize, () => guarded),
       ...(options.interceptors ?? []),
     ],
     shutdownSignal: shutdown.signal,
     // Called once, synchronously, by connectNodeAdapter.
     routes(router) {
       options.routes(withUncompressedProcedures(router, options.bulkProcedures ?? []));
+      guarded = new Set(uniqueServices(router).map((service) => service.typeName));
       registerHealthService(router, health);
       registerReflectionServices(router, () => services);
       services = uniqueServices(router);
@@ -121,12 +152,17 @@ export function createServer(options: ServerOptions): Server {
     logger,
     tls: options.tls,
     upgrade: options.upgrade,
+    limits: {
+      idleTimeoutMs: options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS,
+      maxConnectionsPerAddress: options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+    },
+    metrics: connections,
     handler: createRequestPipeline({
       logger,
       corsOrigins: options.corsOrigins ?? [],
       registry,
       http: options.http,
-      rpcMetrics,
+      shared: { rpcMetrics, authorize },
       rpc,
     }),
   });

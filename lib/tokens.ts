@@ -333,16 +333,31 @@ export class TokenVerifier {
    * Unavailable (the key is unknown and the keys cannot be fetched).
    */
   async verify(token: string | undefined, required: Requirement): Promise<VerifiedToken> {
-    if (token === undefined || token === "") throw unauthenticated("missing token");
+    const verified = await this.verifyScope(token, [required.scope]);
+    const why = mismatch(verified.capability, required);
+    if (why !== undefined) throw new ConnectError(why, Code.PermissionDenied);
+    return verified;
+  }
+
+  /**
+   * Verifies `token` (signature, key, expiry, issuer, audience) and checks
+   * that it grants one of the `accepted` scopes, whatever resource it names:
+   * what a server checks before a handler looks at the request (the handler
+   * then checks the resource with verify()). Throws as verify() does; a
+   * missing or malformed token's refusal says which tokens the call takes and
+   * where they come from.
+   */
+  async verifyScope(token: string | undefined, accepted: readonly Scope[]): Promise<VerifiedToken> {
+    if (token === undefined || token === "") throw unauthenticated("missing token", accepted);
     let kid: unknown;
     let alg: unknown;
     try {
       ({ kid, alg } = decodeProtectedHeader(token));
     } catch {
-      throw unauthenticated("malformed token");
+      throw unauthenticated("malformed token", accepted);
     }
     if ((alg !== ALG && alg !== "Ed25519") || typeof kid !== "string" || kid === "") {
-      throw unauthenticated("malformed token");
+      throw unauthenticated("malformed token", accepted);
     }
     const key = await this.keyFor(kid);
     const now = this.clock();
@@ -368,8 +383,7 @@ export class TokenVerifier {
     if (audience.length > 0 && (this.options.audience === undefined || !audience.includes(this.options.audience))) {
       throw new ConnectError("token is meant for another service", Code.PermissionDenied);
     }
-    const why = mismatch(capability, required);
-    if (why !== undefined) throw new ConnectError(why, Code.PermissionDenied);
+    if (!accepted.includes(capability.scope)) throw new ConnectError(`token does not grant ${accepted.join(" or ")}`, Code.PermissionDenied);
     return {
       capability,
       subject: sub,
@@ -427,8 +441,28 @@ export class TokenVerifier {
   }
 }
 
-function unauthenticated(message: string): ConnectError {
-  return new ConnectError(message, Code.Unauthenticated);
+/**
+ * Where a client gets a token of each scope: named when a call comes without
+ * a usable token (an API token where a capability token belongs, say), so the
+ * caller learns which one to ask for.
+ */
+const SCOPE_SOURCES: Record<Scope, string> = {
+  "log:write": "the supervisor's StartJob",
+  "log:read": "JobService.GetJobLogAccess",
+  "image:read": "ImageService.ResolveImage",
+  "image:write": "ImageService.CreateUploadGrant",
+  "tunnel:expose": "the supervisor's StartJob",
+  "tunnel:dial": "JobService.OpenJobSession",
+  "service:register": "the coordinator",
+  "image:admin": "AuthService.CreateAdminCapability",
+  "log:admin": "AuthService.CreateAdminCapability",
+};
+
+/** Unauthenticated; with `wanted`, the message says which capability tokens the call takes, and from where. */
+function unauthenticated(message: string, wanted: readonly Scope[] = []): ConnectError {
+  if (wanted.length === 0) return new ConnectError(message, Code.Unauthenticated);
+  const kinds = wanted.map((scope) => `${scope} (from ${SCOPE_SOURCES[scope]})`).join(" or ");
+  return new ConnectError(`${message}: this call takes a capability token of scope ${kinds}`, Code.Unauthenticated);
 }
 
 function joseReason(err: unknown): string {

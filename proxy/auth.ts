@@ -2,9 +2,26 @@
  * Capability checks of the proxy (docs/proxy.md): supervisors present a
  * `tunnel:expose` token for the job, clients a `tunnel:dial` token for the job
  * and the exposure (its `exposure` claim), optionally pinned to a host.
+ *
+ * Two steps: the server's hook (proxyAuthorizer, the table below) lets a call
+ * through only with an authentic token of a scope its procedure takes,
+ * before any handler reads the request (the hand-framed Dial and Tunnel
+ * included); the handlers then check the job, exposure and host (ProxyAuth).
  */
 import { Code, ConnectError } from "@connectrpc/connect";
+import { RendezvousService } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
+import { TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
+import { capabilityAuthorizer, scopeEntries } from "../lib/server/authorize.js";
+import type { Authorize } from "../lib/server.js";
 import type { TokenVerifier, VerifiedToken } from "../lib/tokens.js";
+
+/** The proxy's hook: the scopes each procedure takes. */
+export function proxyAuthorizer(verifier: TokenVerifier): Authorize {
+  return capabilityAuthorizer(verifier, [
+    ...scopeEntries(RendezvousService, { expose: ["tunnel:expose"], tunnel: ["tunnel:expose"] }),
+    ...scopeEntries(TunnelService, { dial: ["tunnel:dial"], openTcpEntrance: ["tunnel:dial"] }),
+  ]);
+}
 
 export interface DialGrant {
   token: VerifiedToken;

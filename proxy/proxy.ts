@@ -11,7 +11,7 @@ import { createServer, type HttpRequest, type Server } from "../lib/server.js";
 import { createRawGrpcHandler } from "../lib/server/raw-grpc.js";
 import { DIAL_PATH, DIAL_REQUEST, DIAL_RESPONSE, MAX_TUNNEL_MESSAGE, TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel-client.js";
 import { TokenVerifier, type JSONWebKeySet } from "../lib/tokens.js";
-import { ProxyAuth } from "./auth.js";
+import { ProxyAuth, proxyAuthorizer } from "./auth.js";
 import { parsePortRange, type ProxyConfig } from "./config.js";
 import { Hub } from "./hub.js";
 import { RendezvousServiceImpl } from "./rendezvous-service.js";
@@ -108,6 +108,7 @@ export function createProxy({
           router.service(TunnelService, tunnels);
         }),
         bulkProcedures: STREAM_PROCEDURES,
+        authorize: proxyAuthorizer(verifier),
         http: (req, res, shared) => {
           if (rawGrpc(req, res, shared)) return true;
           tagStream(req, streams);

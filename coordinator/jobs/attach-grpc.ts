@@ -6,11 +6,11 @@
  * of async generators, promises and abort signals per call and allocates
  * through it for every message; with thousands of attached supervisors that
  * was most of the coordinator's memory per supervisor and a fifth of its CPU
- * under load. Same contract: the host credential as a bearer token, the same
- * codes.
+ * under load. Same contract: the host credential as a bearer token, checked
+ * by the server's authorization hook (auth.ts) before a message is read, the
+ * same checks of every message's text (text.ts), the same codes.
  */
 import { toBinary } from "@bufbuild/protobuf";
-import type { Sql } from "postgres";
 import {
   type AttachRequest,
   AttachRequestSchema,
@@ -18,25 +18,22 @@ import {
   SupervisorService,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { decodeMessage, frame, type RawGrpcProcedure } from "../../lib/server/raw-grpc.js";
-import { callerOf, hostCaller } from "../auth.js";
-import { databaseUnavailable, mapDatabaseError } from "../db/errors.js";
-import type { Notifications } from "../db/notifications.js";
+import { requireHost } from "../auth.js";
+import { mapDatabaseError } from "../db/errors.js";
+import { checkTextFields } from "../text.js";
 import type { SupervisorStreams } from "./supervisor-stream.js";
 
 export const ATTACH_PROCEDURE = `/${SupervisorService.typeName}/${SupervisorService.method.attach.name}`;
 
 /** The plain-gRPC Attach procedure over `streams`. */
-export function attachProcedure(
-  streams: SupervisorStreams,
-  deps: { sql: Sql; clock?: () => number; notifications: Notifications },
-): RawGrpcProcedure {
+export function attachProcedure(streams: SupervisorStreams): RawGrpcProcedure {
   return async (call) => {
-    // As the coordinator's database interceptor does for Connect calls.
-    if (!deps.notifications.connected) throw databaseUnavailable();
+    // The server's authorization hook has checked the credential (and the
+    // database gate) before this runs.
+    const caller = requireHost(call);
     try {
-      const caller = hostCaller(await callerOf(deps, call.headers));
       async function* requests(): AsyncGenerator<AttachRequest> {
-        for await (const bytes of call.messages()) yield decodeMessage(AttachRequestSchema, bytes);
+        for await (const bytes of call.messages()) yield checkTextFields(AttachRequestSchema, decodeMessage(AttachRequestSchema, bytes));
       }
       for await (const message of streams.attachAs(requests(), () => caller, call.signal)) {
         await call.write(frame(toBinary(AttachResponseSchema, message)));

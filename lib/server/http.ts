@@ -3,6 +3,7 @@ import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import type { Registry } from "prom-client";
 import type { Logger } from "../logger.js";
 import { createCors } from "./cors.js";
+import type { Authorize } from "./interceptors.js";
 import type { RpcMetrics } from "./metrics.js";
 
 /** A request from either the HTTP/1.1 or the HTTP/2 server of the one port. */
@@ -11,12 +12,20 @@ export type HttpRequest = IncomingMessage | Http2ServerRequest;
 export type HttpResponse = ServerResponse | Http2ServerResponse;
 /** Answers one request (Node's request listener, for HTTP/1.1 and HTTP/2). */
 export type HttpHandler = (req: HttpRequest, res: HttpResponse) => void;
+/** What a server shares with its extra HTTP handler. */
+export interface ServerShared {
+  /** Where hand-written RPCs record themselves. */
+  rpcMetrics: RpcMetrics;
+  /** The server's authorization hook, which hand-written RPCs run before reading a request. */
+  authorize: Authorize;
+}
+
 /**
  * A handler tried before the RPCs (static files, hand-written gRPC
  * procedures); returns true when it answered. `server` gives what the server
- * shares with it: its RPC metrics.
+ * shares with it.
  */
-export type ExtraHttpHandler = (req: HttpRequest, res: HttpResponse, server: { rpcMetrics: RpcMetrics }) => boolean;
+export type ExtraHttpHandler = (req: HttpRequest, res: HttpResponse, server: ServerShared) => boolean;
 
 export interface RequestPipelineOptions {
   logger: Logger;
@@ -24,8 +33,8 @@ export interface RequestPipelineOptions {
   registry: Registry;
   /** Optional plain-HTTP handler; returns true when it answered. */
   http?: ExtraHttpHandler;
-  /** The server's RPC metrics, passed to `http` (hand-written RPCs record in them). */
-  rpcMetrics: RpcMetrics;
+  /** What the server shares with `http`. */
+  shared: ServerShared;
   /** The Connect adapter, which answers everything else (404 if unknown). */
   rpc: HttpHandler;
 }
@@ -52,7 +61,7 @@ export function createRequestPipeline(options: RequestPipelineOptions): HttpHand
     );
   };
 
-  const shared = { rpcMetrics: options.rpcMetrics };
+  const { shared } = options;
   return (req, res) => {
     if (cors(req, res)) return;
     const path = req.url?.split("?", 1)[0];

@@ -1,4 +1,4 @@
-import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, type ContextValues, type Interceptor } from "@connectrpc/connect";
 import type { Logger } from "../logger.js";
 import type { RpcMetrics } from "./metrics.js";
 
@@ -56,6 +56,34 @@ export function createRpcInterceptor(logger: Logger, metrics: RpcMetrics): Inter
       return response;
     }
     return { ...response, message: observeStream(response.message, finish) };
+  };
+}
+
+/**
+ * A server's authorization hook (ServerOptions.authorize): decides from the
+ * procedure ("/pkg.Service/Method") and the request headers alone whether a
+ * call may reach its handler, before the handler looks at the request.
+ * Refuses by throwing a ConnectError: Unauthenticated (no credential, or one
+ * that is not authentic), PermissionDenied (an authentic credential of a kind
+ * the procedure does not take), Unavailable (it cannot tell now). It may put
+ * what it established (the caller) in `values`, which the handler reads from
+ * its context (`ctx.values`, or RawGrpcCall.values on the hand-framed path).
+ */
+export type Authorize = (procedure: string, headers: Headers, values: ContextValues) => Promise<void>;
+
+/**
+ * Runs `authorize` before the handler of every call to the services
+ * `guarded()` names (the component's own: health and reflection stay open).
+ * It runs inside the RPC interceptor, so a refusal is logged and counted like
+ * any other outcome. The hand-framed procedures call the same hook
+ * (raw-grpc.ts).
+ */
+export function createAuthorizeInterceptor(authorize: Authorize, guarded: () => ReadonlySet<string>): Interceptor {
+  return (next) => async (request) => {
+    if (guarded().has(request.service.typeName)) {
+      await authorize(`/${request.service.typeName}/${request.method.name}`, request.header, request.contextValues);
+    }
+    return next(request);
   };
 }
 

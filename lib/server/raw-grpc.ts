@@ -13,16 +13,19 @@
  * (DeadlineExceeded), cancellation (the stream's reset or close aborts the
  * call's signal), error trailers with percent-encoded `grpc-message`, and
  * refuses compression (it advertises `grpc-accept-encoding: identity`; a
- * compressed message is InvalidArgument). Authorization is the procedure's
- * job: it receives the request headers.
+ * compressed message is InvalidArgument). Every call first goes through the
+ * server's authorization hook (ServerOptions.authorize), as the Connect
+ * adapter's calls do, before the procedure reads a message; a refusal is a
+ * trailers-only response. What is specific to the resource (this digest,
+ * this job) stays the procedure's job: it receives the request headers.
  */
 import { fromBinary, type DescMessage, type MessageShape } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createContextValues, type ContextValues } from "@connectrpc/connect";
 import { constants as http2constants, type Http2ServerRequest, type Http2Stream, type Http2ServerResponse, type IncomingHttpHeaders, type ServerHttp2Stream } from "node:http2";
 import { Readable } from "node:stream";
 import type { Logger } from "../logger.js";
 import type { ExtraHttpHandler } from "../server.js";
-import { codeName } from "./interceptors.js";
+import { codeName, type Authorize } from "./interceptors.js";
 import type { RpcMetrics } from "./metrics.js";
 
 const GRPC_CONTENT_TYPE = /^application\/grpc(\+proto)?(;.*)?$/i;
@@ -33,6 +36,8 @@ export interface RawGrpcCall {
   readonly procedure: string;
   /** The request headers, pseudo-headers left out. */
   readonly headers: Headers;
+  /** What the server's authorization hook established (the caller). */
+  readonly values: ContextValues;
   /** Aborts with the ConnectError that ends the call (cancel, deadline). */
   readonly signal: AbortSignal;
   /** The response stream; response headers are already sent. */
@@ -64,7 +69,7 @@ export function createRawGrpcHandler(options: RawGrpcOptions): ExtraHttpHandler 
     const procedure = Object.hasOwn(options.procedures, path) ? options.procedures[path] : undefined;
     if (!procedure) return false;
     if (!GRPC_CONTENT_TYPE.test(String(req.headers["content-type"] ?? ""))) return false;
-    void serve(path, procedure, req as Http2ServerRequest, res as Http2ServerResponse, options.maxMessageBytes, log, server.rpcMetrics);
+    void serve(path, procedure, req as Http2ServerRequest, res as Http2ServerResponse, options.maxMessageBytes, log, server);
     return true;
   };
 }
@@ -76,7 +81,7 @@ async function serve(
   res: Http2ServerResponse,
   maxMessageBytes: number,
   log: Logger,
-  metrics: RpcMetrics,
+  { rpcMetrics: metrics, authorize }: { rpcMetrics: RpcMetrics; authorize: Authorize },
 ): Promise<void> {
   const stream = res.stream;
   const started = performance.now();
@@ -95,14 +100,18 @@ async function serve(
     if (timeoutMs !== undefined) {
       timer = setTimeout(() => controller.abort(new ConnectError("the call's deadline passed", Code.DeadlineExceeded)), timeoutMs);
     }
+    const signal = controller.signal;
+    const headers = toHeaders(req.headers);
+    const values = createContextValues();
+    await abortable(authorize(path, headers, values), signal);
     stream.respond(
       { ":status": 200, "content-type": "application/grpc+proto", "grpc-accept-encoding": "identity" },
       { waitForTrailers: true },
     );
-    const signal = controller.signal;
     const call: RawGrpcCall = {
       procedure: path,
-      headers: toHeaders(req.headers),
+      headers,
+      values,
       signal,
       stream,
       messages: () => readMessages(req, signal, maxMessageBytes),

@@ -2,8 +2,9 @@
  * The two bulk RPCs, PutBlob and GetBlob, as hand-written gRPC procedures
  * (lib/server/raw-grpc.ts) mounted on the store's port ahead of the Connect
  * adapter. gRPC-Web, Connect and JSON requests fall through to the adapter,
- * which serves the same methods; the service methods check the token either
- * way. Blob bytes are never copied here: PutBlob's data is hashed and written
+ * which serves the same methods. Either way the server's authorization hook
+ * (authorize.ts) checks the token's scope before a message is read, and the
+ * service methods check its digest. Blob bytes are never copied here: PutBlob's data is hashed and written
  * from the HTTP/2 frames it arrived in, GetBlob's follows a hand-encoded
  * header.
  */

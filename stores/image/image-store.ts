@@ -10,6 +10,7 @@ import type { Logger } from "../../lib/logger.js";
 import { createServer, type Server } from "../../lib/server.js";
 import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
 import { Authorizer } from "./auth.js";
+import { imageAuthorizer } from "./authorize.js";
 import { createBulkGrpcHandler } from "./bulk-grpc.js";
 import { ImageCache } from "./cache.js";
 import { ImageCacheServiceImpl } from "./cache-service.js";
@@ -129,6 +130,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
         server = createServer({
           ...serverOptions(name, config, logger, routes),
           bulkProcedures: imageBulkProcedures,
+          authorize: imageAuthorizer(verifier),
           http: createBulkGrpcHandler(storeService, log),
         });
         await server.start();

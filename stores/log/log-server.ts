@@ -6,6 +6,7 @@ import { coordinatorTransport, runRegistration, verifierKeySource } from "../../
 import type { Logger } from "../../lib/logger.js";
 import { createServer, type Server } from "../../lib/server.js";
 import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
+import { logAuthorizer } from "./authorize.js";
 import type { LogServerConfig } from "./config.js";
 import { createLogGrpcHandler } from "./log-grpc.js";
 import { LogServiceImpl } from "./log-service.js";
@@ -48,6 +49,7 @@ export function createLogServer({
           // behind the fdatasyncs: frames go uncompressed, for latency.
           // gRPC Append and Read skip connect-node's per-message pipeline.
           http: createLogGrpcHandler(service, config.readMaxBytes, logger),
+          authorize: logAuthorizer(verifier),
           bulkProcedures: [`/${LogService.typeName}/Append`, `/${LogService.typeName}/Read`],
         });
         await server.start();

@@ -198,7 +198,8 @@ export async function run(): Promise<void> {
   if (PROFILE) await sql`create extension if not exists pg_stat_statements`;
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  const args = ["--port", String(port), "--database-url", pg.url, "--log-level", "warn"];
+  // Every scripted supervisor connects from 127.0.0.1: lift the per-address limit.
+  const args = ["--port", String(port), "--database-url", pg.url, "--log-level", "warn", "--max-connections-per-address", "0"];
   // node's own flags go before the script (NODE_OPTIONS refuses --cpu-prof).
   const child = PROFILE
     ? startProcess("--cpu-prof", [`--cpu-prof-dir=${PROFILE}`, BIN, ...args])

@@ -9,6 +9,7 @@ import {
   type Capability,
   type JSONWebKeySet,
   type Requirement,
+  type Scope,
   type SigningKeyPair,
 } from "../../lib/tokens.js";
 
@@ -142,6 +143,30 @@ describe("capability tokens", () => {
     }
   });
 
+  it("says which capability tokens a call takes, and where they come from, when it gets an api token", async () => {
+    const { verifier } = setup();
+    const cases: Array<[Scope[], string]> = [
+      [["log:read", "log:admin"], "log:read (from JobService.GetJobLogAccess) or log:admin (from AuthService.CreateAdminCapability)"],
+      [["image:read"], "image:read (from ImageService.ResolveImage)"],
+      [["tunnel:dial"], "tunnel:dial (from JobService.OpenJobSession)"],
+    ];
+    for (const [scopes, wanted] of cases) {
+      const err = await rejection(verifier.verifyScope("tmu_an-api-token", scopes));
+      expect(err.code).toBe(Code.Unauthenticated);
+      expect(err.rawMessage).toBe(`malformed token: this call takes a capability token of scope ${wanted}`);
+    }
+  });
+
+  it("lets a token of any accepted scope through whatever its resource, and denies other scopes", async () => {
+    const { clock, verifier } = setup();
+    const signer = await TokenSigner.create(key, { issuer: ISSUER, clock: clock.now });
+    const read = await signer.sign(logRead("j1"), 60_000, { subject: "u1" });
+    await expect(verifier.verifyScope(read, ["log:read", "log:admin"])).resolves.toMatchObject({ capability: logRead("j1") });
+    const err = await rejection(verifier.verifyScope(read, ["log:write", "log:admin"]));
+    expect(err.code).toBe(Code.PermissionDenied);
+    expect(err.rawMessage).toBe("token does not grant log:write or log:admin");
+  });
+
   it("checks the audience when the token names one", async () => {
     const { clock, verifier } = setup({ audience: "log" });
     const signer = await TokenSigner.create(key, { issuer: ISSUER, clock: clock.now });
@@ -189,12 +214,12 @@ describe("capability tokens", () => {
     for (const bad of ["garbage", "a.b.c", noneAlg, `${header}.${payload}`]) {
       const e = await rejection(verifier.verify(bad, logRead("j1")));
       expect(e.code).toBe(Code.Unauthenticated);
-      expect(e.rawMessage).toBe("malformed token");
+      expect(e.rawMessage).toBe("malformed token: this call takes a capability token of scope log:read (from JobService.GetJobLogAccess)");
     }
     for (const missing of [undefined, ""]) {
       const e = await rejection(verifier.verify(missing, logRead("j1")));
       expect(e.code).toBe(Code.Unauthenticated);
-      expect(e.rawMessage).toBe("missing token");
+      expect(e.rawMessage).toBe("missing token: this call takes a capability token of scope log:read (from JobService.GetJobLogAccess)");
     }
   });
 
