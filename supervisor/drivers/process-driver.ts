@@ -107,6 +107,8 @@ export interface ProcessDriverOptions {
 /** Where secret parameters appear inside the job (one 0600 file per parameter). */
 export const SECRETS_DIR = "/run/treadmill/secrets";
 const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/** Why a supervisor that is not root exposes no port of an isolated job. */
+const NO_RELAYS = "ports of isolated jobs cannot be exposed on this host: its supervisor is not root, and only root can reach into a job's network namespace";
 /** Longest wait for a started sandbox to report its namespace. */
 const SANDBOX_UP_MS = 30000;
 
@@ -266,7 +268,8 @@ export class ProcessDriver implements Driver {
   /** The programs the isolation needs, each checked to be here. */
   private static async tools(isolation: Isolation): Promise<SandboxTools> {
     const util = "util-linux";
-    const relay = isolation.mode !== "none" && isolation.network === "isolated";
+    // Only root can enter a job's network namespace (bubblewrap's is owned by a user namespace of its own).
+    const relay = isolation.switchUid && isolation.network === "isolated";
     const { script, setpriv } = await requireTools({ script: { name: "script", package: util }, setpriv: { name: "setpriv", package: util } }, "the process driver");
     const extra =
       isolation.mode === "bwrap"
@@ -483,7 +486,7 @@ export class ProcessDriver implements Driver {
     // Exposed ports: inside the job's own network namespace, through a relay each.
     const relays: Relay[] = [];
     let netns: FileHandle | undefined;
-    if (iso.network === "isolated" && processes !== undefined && prepared.exposedPorts.length > 0) {
+    if (iso.network === "isolated" && this.tools.nsenter !== undefined && processes !== undefined && prepared.exposedPorts.length > 0) {
       netns = await open(`/proc/${processes.leader}/ns/net`, "r");
       for (const p of prepared.exposedPorts) {
         relays.push(
@@ -501,11 +504,13 @@ export class ProcessDriver implements Driver {
       { name: "console", kind: "console", path: bridge.path },
       ...prepared.exposedPorts.map((p, i): Exposure => {
         const description = `port ${p.port} in the job`;
-        const relay = relays[i];
-        if (relay !== undefined) {
-          return { name: p.name, kind: "tcp", description, path: relay.path, check: () => this.checkIsolatedPort(processes, p.port, relay) };
+        if (iso.network === "host") {
+          return { name: p.name, kind: "tcp", description, host: "127.0.0.1", port: p.port, check: () => this.checkHostPort(processes, prepared.uid, p.port) };
         }
-        return { name: p.name, kind: "tcp", description, host: "127.0.0.1", port: p.port, check: () => this.checkHostPort(processes, prepared.uid, p.port) };
+        const relay = relays[i];
+        const path = relay?.path ?? join(this.socketDir.path, `${tag}-port-${p.name}.sock`);
+        const check = relay !== undefined ? () => this.checkIsolatedPort(processes, p.port, relay) : () => Promise.reject(new ExposureDenied(NO_RELAYS));
+        return { name: p.name, kind: "tcp", description, path, check };
       }),
     ];
     log.info(
@@ -513,6 +518,7 @@ export class ProcessDriver implements Driver {
       "job started",
     );
     say(`started in sandbox ${iso.mode} as uid ${prepared.uid}, network ${iso.network}`);
+    if (prepared.exposedPorts.length > 0 && iso.network === "isolated" && this.tools.nsenter === undefined) say(NO_RELAYS);
 
     const job: ProcessJob = {
       kind: "process",
