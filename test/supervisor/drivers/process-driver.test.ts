@@ -428,6 +428,25 @@ describe("process driver", () => {
     }
   });
 
+  it("without bubblewrap (chroot mode) still runs the job in pid and network namespaces of its own", async () => {
+    const host = await hostService("host-service");
+    const chrooted = await createProcessDriver({ workDir: join(base, "work-chroot"), sandbox: "chroot", graceMs: 1000, logger });
+    try {
+      expect(chrooted.sandbox).toMatchObject({ mode: "chroot", network: "isolated" });
+      const { job, out } = await run(
+        spec(`if echo | nc -w 2 127.0.0.1 ${host.port} 2>/dev/null | grep -q host-service; then echo reached-host; else echo host-refused; fi; echo "pid $$"; exit 0`),
+        chrooted,
+      );
+      expect(await job.exited).toMatchObject({ exitCode: 0, status: "success" });
+      expect(out.text("console")).toContain("host-refused");
+      expect(out.text("console")).toMatch(/pid [2-9]\r?\n/); // A namespace of its own, whose init is pid 1.
+      await chrooted.cleanup(job);
+    } finally {
+      await chrooted.close();
+      host.server.close();
+    }
+  });
+
   it("reports a job whose sandbox was killed from outside (every process of its uid, as a second supervisor on the same uids once did) as a host failure", async () => {
     const { job, out } = await run(spec("echo ready; exec sleep 100000"));
     await out.waitFor("console", /ready/);
