@@ -30,7 +30,7 @@ export const supervisorSchema = {
     type: "string",
     default: "auto",
     description:
-      "uid of the first job slot (process and qemu drivers), or auto: the first free range from 61000; slots are claimed machine-wide (/run/treadmill/slots) and a supervisor refuses slots another holds",
+      "uid of the first job slot (process and qemu drivers), or auto: the first free range from 63000; slots are claimed machine-wide (/run/treadmill/slots) and a supervisor refuses slots another holds",
   },
   jobNetwork: {
     type: "string",

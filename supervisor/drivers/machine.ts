@@ -35,8 +35,13 @@ import { join, resolve } from "node:path";
 export const MACHINE_DIR = "/run/treadmill";
 /** Where slot claims live. */
 export const SLOT_LOCK_DIR = join(MACHINE_DIR, "slots");
-/** Where `--slot-uid-base auto` looks for free uids: from here... */
-export const AUTO_FIRST_UID = 61000;
+/**
+ * Where `--slot-uid-base auto` looks for free uids: from here... Not from
+ * 61000 or 62000, the fixed defaults of supervisors before slot claims, which
+ * claim nothing and kill every process of their uids: an older supervisor
+ * sharing the machine during an upgrade must not share uids with a new one.
+ */
+export const AUTO_FIRST_UID = 63000;
 /** ...to here (inclusive); 65000 and up are reserved on Debian. */
 export const AUTO_LAST_UID = 64999;
 /** Longest Unix socket path (sun_path holds 108 bytes with the NUL). */

@@ -88,7 +88,7 @@ export interface ProcessDriverOptions {
    * Uid (and gid) of slot 0; slot N uses `slotUidBase + N`. The uids are
    * claimed machine-wide for the driver's life (machine.ts): `create`
    * fails when another supervisor holds one. `auto` (default): the first
-   * free range from 61000, preferring the one this work directory used last.
+   * free range from 63000, preferring the one this work directory used last.
    */
   slotUidBase?: number | "auto";
   /** Isolation to use; `auto` (default) picks bubblewrap when it works. */
@@ -459,14 +459,15 @@ export class ProcessDriver implements Driver {
     let timer: NodeJS.Timeout | undefined;
     const up = await Promise.race([
       upReported,
-      exitEvent.then(async () => {
-        // Its report may still be in the pipe: read to the end.
-        await Promise.race([statusDone, new Promise((resolve) => setTimeout(resolve, 2000))]);
-        return "exited" as const;
-      }),
+      exitEvent.then(() => "exited" as const),
       new Promise<"timeout">((resolve) => (timer = setTimeout(() => resolve("timeout"), SANDBOX_UP_MS))),
     ]);
     clearTimeout(timer);
+    if (up === "exited" && status.childPid === undefined) {
+      // Its report may still be in the pipe: read to the end.
+      await Promise.race([statusDone, new Promise((resolve) => (timer = setTimeout(resolve, 2000)))]);
+      clearTimeout(timer);
+    }
     // A job quick enough to be gone already has no processes left to find.
     let processes = status.childPid === undefined ? undefined : await JobProcesses.of(iso.mode, status.childPid);
     if (up === "timeout" || status.childPid === undefined) {
@@ -487,17 +488,15 @@ export class ProcessDriver implements Driver {
     const relays: Relay[] = [];
     let netns: FileHandle | undefined;
     if (iso.network === "isolated" && this.tools.nsenter !== undefined && processes !== undefined && prepared.exposedPorts.length > 0) {
-      netns = await open(`/proc/${processes.leader}/ns/net`, "r");
-      for (const p of prepared.exposedPorts) {
-        relays.push(
-          startRelay({
-            netnsFd: netns.fd,
-            path: join(this.socketDir.path, `${tag}-port-${p.name}.sock`),
-            port: p.port,
-            tools: { setpriv: this.tools.setpriv, nsenter: this.tools.nsenter!, socat: this.tools.socat! },
-            logger: log,
-          }),
-        );
+      // Undefined when the job is gone already (its namespace with it).
+      const opened = await open(`/proc/${processes.leader}/ns/net`, "r").catch(() => undefined);
+      netns = opened;
+      const tools = { setpriv: this.tools.setpriv, nsenter: this.tools.nsenter, socat: this.tools.socat ?? "socat" };
+      if (opened !== undefined) {
+        for (const p of prepared.exposedPorts) {
+          const path = join(this.socketDir.path, `${tag}-port-${p.name}.sock`);
+          relays.push(startRelay({ netnsFd: opened.fd, path, port: p.port, tools, logger: log }));
+        }
       }
     }
     let exposed: Exposure[] = [
@@ -509,7 +508,8 @@ export class ProcessDriver implements Driver {
         }
         const relay = relays[i];
         const path = relay?.path ?? join(this.socketDir.path, `${tag}-port-${p.name}.sock`);
-        const check = relay !== undefined ? () => this.checkIsolatedPort(processes, p.port, relay) : () => Promise.reject(new ExposureDenied(NO_RELAYS));
+        const refusal = this.tools.nsenter === undefined ? NO_RELAYS : "the job has ended";
+        const check = relay !== undefined ? () => this.checkIsolatedPort(processes, p.port, relay) : () => Promise.reject(new ExposureDenied(refusal));
         return { name: p.name, kind: "tcp", description, path, check };
       }),
     ];
