@@ -202,9 +202,15 @@ export class Hub {
   tunnelFailed(session: SupervisorSession, connectionId: string, reason: CloseReason, message: string): void {
     const p = this.#pending.get(connectionId);
     if (!p || p.jobId !== session.jobId || p.hostId !== session.hostId) return;
-    const code = reason === CloseReason.LIMIT_REACHED ? Code.ResourceExhausted : Code.Unavailable;
+    const code =
+      reason === CloseReason.LIMIT_REACHED
+        ? Code.ResourceExhausted
+        : reason === CloseReason.PERMISSION_DENIED
+          ? Code.PermissionDenied
+          : Code.Unavailable;
     const detail = message.slice(0, 200);
-    p.reject(new ConnectError(`the supervisor could not open the tunnel${detail ? `: ${detail}` : ""}`, code));
+    const what = code === Code.PermissionDenied ? "the job's supervisor refused the connection" : "the supervisor could not open the tunnel";
+    p.reject(new ConnectError(`${what}${detail ? `: ${detail}` : ""}`, code));
   }
 
   heard(session: SupervisorSession): void {

@@ -1,5 +1,5 @@
 import { logLevelField } from "../lib/component.js";
-import { loadConfig } from "../lib/config.js";
+import { ConfigError, loadConfig } from "../lib/config.js";
 
 /** Everything a supervisor can be told, with its defaults. */
 export const supervisorSchema = {
@@ -27,10 +27,17 @@ export const supervisorSchema = {
     description: "process driver isolation (auto: bubblewrap when it works)",
   },
   slotUidBase: {
-    type: "int",
-    default: 61000,
-    min: 1000,
-    description: "uid of the first job slot (process driver); give each supervisor on one machine its own range",
+    type: "string",
+    default: "auto",
+    description:
+      "uid of the first job slot (process and qemu drivers), or auto: the first free range from 63000; slots are claimed machine-wide (/run/treadmill/slots) and a supervisor refuses slots another holds",
+  },
+  jobNetwork: {
+    type: "string",
+    default: "isolated",
+    choices: ["isolated", "host"],
+    description:
+      "isolated: every job in a network namespace of its own (a vm's guest reaches nothing of the host); host: jobs share the host's network and reach its loopback services (unsafe)",
   },
   boardConfigFile: { type: "path", default: "", description: "JSON configuration of the board (board driver)" },
   qemuBinary: { type: "string", default: "qemu-system-x86_64", description: "qemu driver: the QEMU system emulator to run" },
@@ -88,7 +95,19 @@ export const supervisorSchema = {
 
 export type SupervisorConfig = ReturnType<typeof loadSupervisorConfig>;
 
+/** The lowest slot uid a supervisor takes: below are the machine's own accounts. */
+const MIN_SLOT_UID = 1000;
+
 /** Reads the supervisor's config from the environment and flags. */
 export function loadSupervisorConfig(source: { env: Record<string, string | undefined>; argv: string[] }) {
-  return loadConfig("supervisor", supervisorSchema, source);
+  const config = loadConfig("supervisor", supervisorSchema, source);
+  const raw = config.slotUidBase.trim();
+  let slotUidBase: number | "auto" = "auto";
+  if (raw !== "auto") {
+    slotUidBase = Number(raw);
+    if (!/^\d+$/.test(raw) || slotUidBase < MIN_SLOT_UID || slotUidBase > 4294967294 - config.capacity) {
+      throw new ConfigError([`slot-uid-base must be auto or a uid of at least ${MIN_SLOT_UID} (got ${JSON.stringify(config.slotUidBase)})`]);
+    }
+  }
+  return { ...config, slotUidBase };
 }

@@ -3,10 +3,16 @@
  * for one running job, holds `RendezvousService.Expose` to the proxy StartJob
  * named (with the job's `tunnel:expose` token), announces the job's
  * exposures and keeps them in step with the driver's, and for every
- * OpenTunnel dials the host-local port and splices it to a `Tunnel` stream on
- * a connection of its own. The control stream reconnects with backoff and
- * announces everything again; stop() withdraws the exposures and closes the
- * tunnels.
+ * OpenTunnel dials the exposure's address and splices it to a `Tunnel`
+ * stream on a connection of its own. The control stream reconnects with
+ * backoff and announces everything again; stop() withdraws the exposures and
+ * closes the tunnels.
+ *
+ * It dials only what the driver offers (drivers/driver.ts `Exposure`), after
+ * the driver's check: a dial the driver does not allow is refused with
+ * CLOSE_REASON_PERMISSION_DENIED, which the proxy turns into
+ * PERMISSION_DENIED for the dialer. A job's declaration never names an
+ * address here: the exposure is whatever the driver built for it.
  */
 import { hostname } from "node:os";
 import net from "node:net";
@@ -31,7 +37,7 @@ import {
   tunnelTransport,
   type TunnelDuplex,
 } from "../lib/tunnel-client.js";
-import type { Exposure } from "./drivers/driver.js";
+import { ExposureDenied, type Exposure } from "./drivers/driver.js";
 
 export interface ExposerOptions {
   /** The proxy's URL, from StartJob. */
@@ -43,7 +49,7 @@ export interface ExposerOptions {
   hostId?: string;
   /** The job attempt; default 1. */
   attempt?: number;
-  /** The job's host-local ports now; polled, and read again on every OpenTunnel. */
+  /** What the job's driver offers now; polled, and read again on every OpenTunnel. */
   exposures: () => Exposure[];
   /**
    * Resizes a console's terminal, when the driver can (a pseudo-terminal);
@@ -55,7 +61,7 @@ export interface ExposerOptions {
   signal: AbortSignal;
   /** How often exposures() is compared with what was announced; default 1000. */
   pollMs?: number;
-  /** How long dialing the host-local port may take; default 5000. */
+  /** How long the driver's check and dialing the address may take; default 5000. */
   connectTimeoutMs?: number;
   /** Reconnect backoff; default 250 ms doubling to 30 s, with jitter. */
   backoff?: { initialMs: number; maxMs: number };
@@ -76,7 +82,7 @@ const PROTOCOL_VERSION = { major: 1, minor: 0 };
 
 interface ActiveTunnel {
   exposure: string;
-  /** Cuts the Tunnel call and the host-local connection. */
+  /** Cuts the Tunnel call and the connection to the exposure. */
   abort(): void;
   /** Ends the tunnel with a reason the proxy hears. */
   close(reason: CloseReason, message: string): void;
@@ -102,7 +108,7 @@ export function startExposer(options: ExposerOptions): Exposer {
     options.exposures().map((e) => ({
       name: e.name,
       kind: e.kind === "console" ? ExposureKind.CONSOLE : ExposureKind.TCP,
-      description: e.kind === "console" ? "the job's console" : `port ${e.port}`,
+      description: e.description ?? (e.kind === "console" ? "the job's console" : `port ${e.name}`),
       resizable: e.kind === "console" && options.resize !== undefined,
     }));
 
@@ -202,7 +208,10 @@ export function startExposer(options: ExposerOptions): Exposer {
       },
     };
     tunnels.set(id, active);
+    let failedOnce = false;
     const failed = (reason: CloseReason, message: string) => {
+      if (failedOnce) return;
+      failedOnce = true;
       tunnels.delete(id);
       void control.push(
         create(ExposeRequestSchema, { payload: { case: "tunnelFailed", value: { connectionId: id, reason, message } } }),
@@ -215,17 +224,36 @@ export function startExposer(options: ExposerOptions): Exposer {
     }
     if (open.windowSize && options.resize) options.resize(exposure.name, { cols: open.windowSize.cols, rows: open.windowSize.rows });
 
-    const local = net.connect({ host: exposure.host, port: exposure.port, allowHalfOpen: true });
+    const where = "path" in exposure ? exposure.name : `${exposure.host}:${exposure.port}`;
+    const local = new net.Socket({ allowHalfOpen: true });
     local.setNoDelay(true);
     let connected = false;
     const connectTimer = setTimeout(() => local.destroy(new Error("connect timeout")), options.connectTimeoutMs ?? 5000);
     local.once("error", (err) => {
       clearTimeout(connectTimer);
       if (!connected) {
-        tlog.debug({ err }, "host-local port refused");
-        failed(CloseReason.CONNECT_FAILED, `cannot connect to ${exposure.host}:${exposure.port}`);
+        tlog.debug({ err }, "exposure refused the connection");
+        failed(CloseReason.CONNECT_FAILED, `cannot connect to ${where}`);
       }
     });
+    (exposure.check?.() ?? Promise.resolve()).then(
+      () => {
+        if (local.destroyed) return;
+        if ("path" in exposure) local.connect({ path: exposure.path });
+        else local.connect({ host: exposure.host, port: exposure.port });
+      },
+      (err: unknown) => {
+        clearTimeout(connectTimer);
+        local.destroy();
+        if (err instanceof ExposureDenied) {
+          tlog.info({ reason: err.message }, "exposure dial refused by the driver");
+          failed(CloseReason.PERMISSION_DENIED, err.message);
+        } else {
+          tlog.debug({ err }, "exposure not ready");
+          failed(CloseReason.CONNECT_FAILED, `cannot connect to ${where}`);
+        }
+      },
+    );
     local.once("connect", () => {
       connected = true;
       clearTimeout(connectTimer);
@@ -257,7 +285,7 @@ export function startExposer(options: ExposerOptions): Exposer {
   }
 
   /**
-   * Host-local port <-> tunnel, with backpressure both ways (pipe): the
+   * The exposure's connection <-> tunnel, with backpressure both ways (pipe): the
    * port's FIN becomes half_close and the proxy's half_close the port's FIN;
    * a failed local connection ends the tunnel with CLOSE_REASON_ERROR. The
    * port stays open after a normal close until its bytes are out, and is cut
@@ -265,8 +293,8 @@ export function startExposer(options: ExposerOptions): Exposer {
    */
   async function splice(socket: net.Socket, tunnel: TunnelDuplex, tlog: Logger): Promise<void> {
     socket.on("error", (err) => {
-      tlog.debug({ err }, "host-local connection failed");
-      tunnel.sendControl({ case: "close", value: { reason: CloseReason.ERROR, message: "the host-local connection failed" } });
+      tlog.debug({ err }, "exposure connection failed");
+      tunnel.sendControl({ case: "close", value: { reason: CloseReason.ERROR, message: "the connection to the exposure failed" } });
     });
     tunnel.on("error", () => undefined);
     socket.pipe(tunnel);

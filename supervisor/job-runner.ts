@@ -275,7 +275,8 @@ export class JobRunner {
 
     const termination: Termination = exit
       ? {
-          reason: this.stopReason ?? FinalizeReason.WORKLOAD_EXITED,
+          // A sandbox killed from outside (exit.failure) is the host's failure, not the workload's exit.
+          reason: this.stopReason ?? (exit.failure ? driverReasons[exit.failure.reason] : FinalizeReason.WORKLOAD_EXITED),
           exitStatus: exit.status === "success" ? ExitStatus.SUCCESS : ExitStatus.FAILURE,
           exitCode: exit.exitCode ?? undefined,
           message: exit.message,

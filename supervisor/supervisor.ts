@@ -355,6 +355,8 @@ export function createSupervisor({
           slots: config.capacity,
           slotUidBase: config.slotUidBase,
           sandbox: config.sandbox,
+          network: config.jobNetwork,
+          name,
           graceMs: config.stopGraceMs,
           logger: logger.child({ subsystem: "driver" }),
         });
@@ -368,6 +370,8 @@ export function createSupervisor({
           workDir: join(config.workDir, "qemu"),
           slots: config.capacity,
           slotUidBase: config.slotUidBase,
+          network: config.jobNetwork,
+          name,
           binary: config.qemuBinary,
           machine: config.qemuMachine,
           accel: config.qemuAccel,

@@ -180,8 +180,9 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     examples = state.examples ?? [];
     await saveState(config.dataDir, state);
 
-    // One supervisor per host: process hosts with their own slot uids, and
-    // a board-driver supervisor for each simulated board.
+    // One supervisor per host: process and qemu hosts each claim free slot
+    // uids (`auto`: no clash with another testbed or supervisor on this
+    // machine), and a board-driver supervisor for each simulated board.
     const supervise = (name: string, extra: Partial<SupervisorConfig>, driver?: (logger: Logger) => Driver) => {
       const log = child("supervisor").child({ supervisor: name });
       return createSupervisor({
@@ -205,12 +206,11 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
       ),
     );
     supervisors = [
-      ...supervisorNames.map((name, i) => supervise(name, { driver: "process", slotUidBase: 61000 + i * 100 })),
+      ...supervisorNames.map((name) => supervise(name, { driver: "process" })),
       ...boardNames.map((name, i) => supervise(name, { driver: "board" }, (log) => createBoardDriver(boards[i].config, log))),
-      ...vmNames.map((name, i) =>
+      ...vmNames.map((name) =>
         supervise(name, {
           driver: "qemu",
-          slotUidBase: 62000 + i * 100,
           qemuAccel: config.vmAccel,
           qemuMemoryMb: config.vmMemoryMb,
           qemuReadyPattern: config.vmReadyPattern,

@@ -2,21 +2,41 @@
  * `tml console JOB` and `tml port-forward JOB PORT [LOCAL]`: both ride on the
  * rendezvous proxy: JobService.OpenJobSession gives the proxy and a dial
  * token for exactly that job and port, then TunnelService.Dial carries the
- * bytes (lib/tunnel-client.ts).
+ * bytes (lib/tunnel-client.ts). Leaving a console leaves the job running:
+ * `tml console` says so, and how to end it.
  */
 import { createServer, type Socket } from "node:net";
 import { PassThrough } from "node:stream";
+import { JobState, JobStateSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { attachTerminal, dialTunnel } from "../../lib/tunnel-client.js";
 import type { CommandSpec } from "../args.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode } from "../errors.js";
+import { word } from "../format.js";
+import { outcome } from "./job.js";
 
 async function openSession(ctx: CliContext, jobId: string, port: string, host: string | undefined) {
   const jobs = await ctx.client(JobService);
   const session = await jobs.openJobSession({ jobId, portName: port, hostId: host ?? "" });
   if (!session.dialToken) throw new CliError("the coordinator answered without a dial token", ExitCode.ERROR);
   return session;
+}
+
+/**
+ * What became of the job once its console is closed: its outcome, or that it
+ * still runs (and holds its host until it ends or times out) and how to end it.
+ */
+async function jobAfterConsole(ctx: CliContext, jobId: string): Promise<string> {
+  const cancel = `tml job cancel ${jobId}`;
+  try {
+    const { job } = await (await ctx.client(JobService)).getJob({ jobId });
+    if (job === undefined) return `End the job with: ${cancel}`;
+    if (job.state === JobState.FINALIZED) return `Job ${jobId} ${outcome(job)}.`;
+    return `Job ${jobId} is still ${word(JobStateSchema, job.state)}: it keeps its host until it ends or times out. End it with: ${cancel}`;
+  } catch {
+    return `If the job still runs, end it with: ${cancel}`;
+  }
 }
 
 /**
@@ -61,7 +81,7 @@ export const sessionCommands: CommandSpec<CliContext>[] = [
     path: ["console"],
     summary: "Open an interactive console on a running job (leave with ~.)",
     description:
-      "The terminal goes to raw mode, so every key (Ctrl-C included) goes to the job; type ~. at the start of a line to leave, like ssh, and ~~ to send one tilde.",
+      "The terminal goes to raw mode, so every key (Ctrl-C included) goes to the job; type ~. at the start of a line to leave, like ssh, and ~~ to send one tilde. Leaving does not end the job: tml says whether it still runs, and `tml job cancel JOB` ends it.",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
     flags: { host: { type: "string", value: "HOST_ID", description: "for a multi-host job, which host (default: the first)" } },
     examples: ["tml console $JOB"],
@@ -95,6 +115,7 @@ export const sessionCommands: CommandSpec<CliContext>[] = [
           stdout: Object.assign(tty, { on: tty.on.bind(tty), off: tty.off.bind(tty) }),
         });
         stderr.write(`\r\nConsole closed${closed.message ? `: ${closed.message}` : ""}.\r\n`);
+        stderr.write(`${await jobAfterConsole(ctx, jobId)}\r\n`);
       } finally {
         stdin.off("data", onData);
         if (raw) stdin.setRawMode!(false);

@@ -5,16 +5,23 @@
  * so nothing carries over from the previous job.
  *
  * Life of a job: prepare = power off + flash; start = open the serial device
- * (`stty -F DEV BAUD raw -echo`), bridge it to a local TCP port, power on, and
+ * (`stty -F DEV BAUD raw -echo`), bridge it to a Unix socket only the
+ * supervisor can reach (console.ts), power on, and
  * wait for the boot pattern (or any output) within the boot timeout; then the
  * console is captured until the exit pattern (`TREADMILL_EXIT=(\d+)`) declares
  * the workload's exit code, or until `stop`. The board is powered off at the
  * end of every job.
+ *
+ * Exposures: the console, and the services the board's admin configured
+ * (host TCP addresses, such as a debug probe's GDB server). Nothing a job
+ * declares adds to them: a declared port that is not a configured service
+ * is not exposed, and the job's `supervisor` channel says so.
  */
 
 import { exec } from "node:child_process";
 import { constants, openSync } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";
+import { join } from "node:path";
 import { ReadStream } from "node:tty";
 import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
@@ -34,6 +41,7 @@ import {
   type RunningJob,
   type SnapshotLayer,
 } from "./driver.js";
+import { socketDirectory, type SocketDirectory } from "./machine.js";
 import { shellQuote } from "./sandbox.js";
 
 /** One board's configuration (JSON in the supervisor's config). */
@@ -70,7 +78,7 @@ export interface BoardConfig {
    * until stopped (cancel or job timeout).
    */
   exitPattern?: string;
-  /** Extra host-local TCP services of the board (a debug probe's GDB server...), exposed like the console. */
+  /** Host TCP services of the board (a debug probe's GDB server...), exposed like the console: the admin's to name. */
   services?: { name: string; port: number }[];
   /** Longest run of one command. Default 120000 (flashing can be slow). */
   commandTimeoutMs?: number;
@@ -112,6 +120,8 @@ export function parseBoardConfig(value: unknown): BoardConfig {
 interface BoardPrepared extends Prepared {
   readonly kind: "board";
   readonly firmware: string;
+  /** Ports the job declared that are not services of the board (not exposed). */
+  readonly refusedPorts: string[];
   running?: BoardJob;
   cleaned?: Promise<void>;
 }
@@ -138,19 +148,32 @@ function runCommand(template: string, values: { image?: string; serial: string }
   });
 }
 
+export interface BoardDriverOptions {
+  /** Where the console's Unix socket goes (a directory only the supervisor may enter); default a private one (machine.ts). */
+  socketDir?: string;
+}
+
 export class BoardDriver implements Driver {
   readonly kind = "board" as const;
   readonly capacity = 1;
   private current: BoardPrepared | undefined;
   private readonly log: Logger;
   private readonly commandTimeoutMs: number;
+  private socketDir: Promise<SocketDirectory> | undefined;
 
   constructor(
     private readonly config: BoardConfig,
     logger: Logger,
+    private readonly options: BoardDriverOptions = {},
   ) {
     this.log = logger.child({ driver: "board", board: config.name });
     this.commandTimeoutMs = config.commandTimeoutMs ?? 120000;
+  }
+
+  /** The console's socket, in a directory made at the first job. */
+  private async consolePath(): Promise<string> {
+    this.socketDir ??= socketDirectory(this.options.socketDir);
+    return join((await this.socketDir).path, "console.sock");
   }
 
   private command(name: keyof BoardConfig["commands"], image?: string, signal?: AbortSignal): Promise<string> {
@@ -169,7 +192,9 @@ export class BoardDriver implements Driver {
     throwIfAborted(signal);
     const firmware = [...spec.image.layers].reverse().find((l) => l.mediaType === FIRMWARE_MEDIA_TYPE);
     if (firmware === undefined) throw new DriverError("image", `image has no ${FIRMWARE_MEDIA_TYPE} layer`);
-    const prepared: BoardPrepared = { kind: "board", jobId: spec.jobId, attempt: spec.attempt, firmware: firmware.path };
+    const services = new Set((this.config.services ?? []).map((s) => s.name));
+    const refusedPorts = (spec.exposedPorts ?? []).filter((p) => !services.has(p.name)).map((p) => p.name);
+    const prepared: BoardPrepared = { kind: "board", jobId: spec.jobId, attempt: spec.attempt, firmware: firmware.path, refusedPorts };
     this.current = prepared;
     try {
       onStage?.("allocating", `powering off board ${this.config.name}`);
@@ -216,12 +241,22 @@ export class BoardDriver implements Driver {
         (err: unknown) => log.warn({ err }, "serial write failed"),
       );
     };
-    const bridge = await ConsoleBridge.listen({ logger: log, onInput: writeSerial });
+    let bridge: ConsoleBridge;
+    try {
+      bridge = await ConsoleBridge.listen({ path: await this.consolePath(), logger: log, onInput: writeSerial });
+    } catch (err) {
+      reader.destroy();
+      await writer.close().catch(() => undefined);
+      if (err instanceof DriverError) throw err;
+      throw new DriverError("start", "the board's console cannot be bridged", { cause: err });
+    }
 
     let phase: JobPhase = "booting";
     let exposed: Exposure[] = [
-      { name: "console", host: "127.0.0.1", port: bridge.port, kind: "console" },
-      ...(this.config.services ?? []).map((s): Exposure => ({ name: s.name, host: "127.0.0.1", port: s.port, kind: "tcp" })),
+      { name: "console", kind: "console", path: bridge.path },
+      ...(this.config.services ?? []).map(
+        (s): Exposure => ({ name: s.name, kind: "tcp", description: `service ${s.name} of board ${this.config.name}`, host: "127.0.0.1", port: s.port }),
+      ),
     ];
     const bootPattern = this.config.bootPattern === undefined ? undefined : new RegExp(this.config.bootPattern);
     const exitPattern = this.config.exitPattern === undefined ? undefined : new RegExp(this.config.exitPattern);
@@ -282,7 +317,10 @@ export class BoardDriver implements Driver {
     };
 
     onStage?.("booting", `powering on board ${this.config.name}`);
-    say(`powering on board ${this.config.name}; console on 127.0.0.1:${bridge.port}`);
+    for (const name of prepared.refusedPorts) {
+      say(`port ${name} is not exposed: board ${this.config.name} exposes its console and its configured services only`);
+    }
+    say(`powering on board ${this.config.name}`);
     let timer: NodeJS.Timeout | undefined;
     try {
       await this.command("powerOn", undefined, signal);
@@ -308,7 +346,7 @@ export class BoardDriver implements Driver {
       const m = exitPattern.exec(window);
       if (m !== null) void finish({ exitCode: Number(m[1] ?? "0"), stopped: false, message: `workload exited with code ${m[1]} (console pattern)` });
     }
-    log.info({ consolePort: bridge.port }, "board booted");
+    log.info({ console: bridge.path }, "board booted");
     prepared.running = job;
     return job;
   }
@@ -337,10 +375,11 @@ export class BoardDriver implements Driver {
 
   async close(): Promise<void> {
     if (this.current !== undefined) await this.cleanup(this.current.running ?? this.current);
+    await (await this.socketDir)?.remove();
   }
 }
 
 /** Creates a board driver for one board. */
-export function createBoardDriver(config: BoardConfig, logger: Logger): BoardDriver {
-  return new BoardDriver(parseBoardConfig(config), logger);
+export function createBoardDriver(config: BoardConfig, logger: Logger, options: BoardDriverOptions = {}): BoardDriver {
+  return new BoardDriver(parseBoardConfig(config), logger, options);
 }

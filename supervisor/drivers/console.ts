@@ -1,11 +1,18 @@
 /**
- * A console bridged to a host-local TCP port: every byte of the console goes
- * to every connected client, and whatever a client sends goes to the console's
- * input. Several clients may be attached at once (a user's terminal and the
- * proxy's tunnel, say); none gets the history (that is in the log server).
+ * A console bridged to a Unix socket: every byte of the console goes to every
+ * connected client, and whatever a client sends goes to the console's input.
+ * Several clients may be attached at once (the proxy's tunnels, an operator's
+ * `socat - UNIX:...`); none gets the history (that is in the log server).
+ *
+ * Never a TCP port (issue #17): a port on the host's loopback is open to
+ * every process of the machine, jobs sharing the host's network included.
+ * The socket is 0600 and must be made in a directory only the supervisor can
+ * enter (machine.ts `privateSocketDir`), so only the supervisor (and root)
+ * can connect.
  */
 
-import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
+import { chmod, unlink } from "node:fs/promises";
+import { createServer, type Server, type Socket } from "node:net";
 import type { Logger } from "../../lib/logger.js";
 
 /** A client further behind than this is disconnected rather than buffered without bound. */
@@ -17,28 +24,27 @@ export class ConsoleBridge {
   private closed = false;
 
   private constructor(
+    /** The socket's path. */
+    readonly path: string,
     private readonly onInput: (bytes: Buffer) => void,
     private readonly logger: Logger,
   ) {}
 
-  /** Listens on 127.0.0.1 (port 0 picks a free one). */
-  static async listen(options: { port?: number; onInput: (bytes: Buffer) => void; logger: Logger }): Promise<ConsoleBridge> {
-    const bridge = new ConsoleBridge(options.onInput, options.logger);
+  /** Listens on the Unix socket `path` (a stale socket there is replaced), mode 0600. */
+  static async listen(options: { path: string; onInput: (bytes: Buffer) => void; logger: Logger }): Promise<ConsoleBridge> {
+    const bridge = new ConsoleBridge(options.path, options.onInput, options.logger);
     const server = createServer((socket) => bridge.accept(socket));
+    await unlink(options.path).catch(() => undefined);
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
-      server.listen({ host: "127.0.0.1", port: options.port ?? 0 }, () => {
+      server.listen({ path: options.path }, () => {
         server.off("error", reject);
         resolve();
       });
     });
+    await chmod(options.path, 0o600);
     bridge.server = server;
     return bridge;
-  }
-
-  /** The port clients connect to. */
-  get port(): number {
-    return (this.server!.address() as AddressInfo).port;
   }
 
   /** Clients connected now. */
@@ -74,7 +80,7 @@ export class ConsoleBridge {
     }
   }
 
-  /** Stops listening and disconnects every client (after flushing what was written). Idempotent. */
+  /** Stops listening, removes the socket and disconnects every client (after flushing what was written). Idempotent. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

@@ -3,7 +3,20 @@
  * one kind of host. A driver knows nothing of gRPC, the coordinator, log
  * servers or proxies: the core fetches and verifies the image, hands the
  * driver local blob files and the job's parameters, ships whatever the driver
- * writes to `JobOutput`, and exposes the host-local ports it reports.
+ * writes to `JobOutput`, and exposes the addresses the driver reports.
+ *
+ * Isolation is the driver's: a job reaches nothing of its host or of another
+ * job (issue #17). Its exposures are what the driver alone decides to offer:
+ * addresses the supervisor dials on the user's behalf (a Unix socket in a
+ * directory only the supervisor enters, bridged into the job's sandbox; for
+ * a board's admin-configured services a host TCP address). Nothing a job
+ * declares names a host address: a declared port means a port inside the
+ * job's own sandbox (its network namespace, its VM), and a dial the driver
+ * does not allow is refused with `ExposureDenied` (PERMISSION_DENIED).
+ * A driver finds a job's processes through what it started (a pid
+ * namespace, a child process), never by uid alone, and holds the uids of its
+ * slots under a machine-wide claim for its whole life (machine.ts), so that
+ * supervisors sharing a machine never touch each other's jobs.
  *
  * Life of one job attempt, as the core drives it:
  *
@@ -57,7 +70,7 @@ export interface JobImage {
 export interface ExposedPortSpec {
   /** Exposure name, `[a-z][a-z0-9-]{0,31}`. */
   name: string;
-  /** The TCP port the workload listens on (on 127.0.0.1 of the host). */
+  /** The TCP port the workload listens on, inside its own sandbox (never a port of the host). */
   port: number;
 }
 
@@ -108,15 +121,33 @@ export interface JobOutput {
 /** Where a job is, as the driver sees it. */
 export type JobPhase = "starting" | "booting" | "running" | "stopping" | "exited";
 
-/** A host-local port of a running job, for the core to expose through a proxy. */
-export interface Exposure {
+/**
+ * Where the supervisor dials an exposure: a Unix socket (0600, in a
+ * directory only the supervisor enters), or a host TCP address for what an
+ * admin configured (a board's services) or what a job may reach anyway
+ * (`--job-network host`, after `check`).
+ */
+export type ExposureAddress = { path: string } | { host: string; port: number };
+
+/** Something of a running job the core may expose through a proxy. */
+export type Exposure = {
   /** `console` for the console, otherwise the exposed port's or board service's name. */
   name: string;
-  /** Always loopback: exposures are reachable only through the supervisor's tunnels. */
-  host: "127.0.0.1";
-  port: number;
   /** `console`: a byte stream bridged to the job's console (pty or serial line); `tcp`: a plain port. */
   kind: "console" | "tcp";
+  /** For users, e.g. `port 8080 in the job`; default from the kind. */
+  description?: string;
+  /**
+   * Called before every dial: rejects with `ExposureDenied` when the driver
+   * does not allow this dial now (e.g. nothing of the job listens on the
+   * port), with any other error when the address cannot be reached yet.
+   */
+  check?: () => Promise<void>;
+} & ExposureAddress;
+
+/** A dial of an exposure that the driver does not allow (PERMISSION_DENIED); the message names why, without secrets. */
+export class ExposureDenied extends Error {
+  override readonly name = "ExposureDenied";
 }
 
 /** How a workload ended. */
@@ -131,6 +162,14 @@ export interface JobExit {
   stopped: boolean;
   /** A short description for the job's timeline, without secrets. */
   message: string;
+  /**
+   * Set when the host, not the workload, ended the job: its sandbox was
+   * killed by a signal the driver did not send (another process of the
+   * machine, an operator). The core reports the error's reason as it
+   * reports a failed start (`internal`: INTERNAL_ERROR, class
+   * infrastructure), never as the workload's exit.
+   */
+  failure?: DriverError;
 }
 
 /** A started job. */
@@ -141,16 +180,21 @@ export interface RunningJob {
   /** The handle `start` was given, for `cleanup`. */
   readonly prepared: Prepared;
   status(): JobPhase;
-  /** The job's host-local ports; empty once it has exited. */
+  /** What the core may expose (the console first); empty once it has exited. */
   exposures(): Exposure[];
   /** Settles once the workload has ended and every process of it is gone. Never rejects. */
   readonly exited: Promise<JobExit>;
-  /** Sends bytes to the console, as a client of the console port would. */
+  /** Sends bytes to the console, as a client of the console's socket would. */
   writeConsole(bytes: Buffer): void;
 }
 
 export interface StopOptions {
-  /** Time between the polite stop (SIGTERM) and the kill; default the driver's configured grace. */
+  /**
+   * Time between the polite stop and the kill; default the driver's
+   * configured grace. Process driver: SIGHUP to the job's processes at once,
+   * SIGTERM after min(1 s, graceMs / 2), SIGKILL at graceMs. QEMU: ACPI
+   * power-down, then quit at graceMs. Board: power off at once.
+   */
   graceMs?: number;
 }
 
@@ -194,7 +238,7 @@ export interface Driver {
   snapshot(job: RunningJob, options: { outFile: string }): Promise<SnapshotLayer>;
   /** Stops anything left, removes the job's work files and frees its slot. Idempotent. */
   cleanup(job: Prepared | RunningJob): Promise<void>;
-  /** Stops every job and releases the driver's resources (supervisor shutdown). Idempotent. */
+  /** Stops every job and releases the driver's resources, its slot claims included (supervisor shutdown). Idempotent. */
   close(): Promise<void>;
 }
 
@@ -202,7 +246,8 @@ export interface Driver {
  * A driver failure the core reports to the coordinator: `image` means the
  * image cannot run here (IMAGE_ERROR: bad tar, missing entrypoint, wrong
  * media type), `start` means this host failed to start it (HOST_START_FAILURE:
- * no free slot, flash or boot failed), `internal` is a bug (INTERNAL_ERROR).
+ * no free slot, flash or boot failed), `internal` is a bug or a host fault
+ * while the job ran (INTERNAL_ERROR: its sandbox killed from outside).
  * The message is lower-case, names the thing, and never contains secrets.
  */
 export class DriverError extends Error {

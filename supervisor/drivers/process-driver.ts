@@ -1,9 +1,10 @@
 /**
  * The `process` driver (DESIGN.md §9): a job is a process tree run from the
  * image's unpacked rootfs layers, in a fresh work directory, under its slot's
- * own uid and (where the host has it) bubblewrap. Its stdin/stdout are on a
- * pseudo-terminal (the console, also bridged to a host-local TCP port), its
- * stderr is a pipe.
+ * own uid and (where the host has it) bubblewrap, in pid and network
+ * namespaces of its own (sandbox.ts). Its stdin/stdout are on a
+ * pseudo-terminal (the console, also bridged to a Unix socket only the
+ * supervisor can reach), its stderr is a pipe.
  *
  * Files (`workDir`):
  *
@@ -15,8 +16,13 @@
  *         rootfs/              the job's root, owned by the slot's uid
  *           run/treadmill/secrets/  0700, one 0600 file per secret parameter
  *
+ *   socketDir/          0700 root   (machine.ts) per job: its console, a relay per exposed port
+ *
  * A job can therefore read neither another job's directory (another uid,
- * mode 0700) nor the layer cache nor the supervisor's own files.
+ * mode 0700) nor the layer cache nor the supervisor's own files, and reaches
+ * no port but its own: its exposed ports are reached through relays that
+ * the supervisor runs inside the job's network namespace, listening on Unix
+ * sockets in its own directory.
  *
  * Start latency: building a job's root (a copy of its layers, given to the
  * slot's uid) is the slowest step of `prepare`, so when a job ends its slot
@@ -28,15 +34,16 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { constants } from "node:fs";
-import { randomBytes } from "node:crypto";
-import { access, chmod, chown, lstat, mkdir, open, rename, rm, stat } from "node:fs/promises";
-import { delimiter, dirname, join, resolve } from "node:path";
+import { createHash, randomBytes } from "node:crypto";
+import { chmod, chown, lstat, mkdir, open, rename, rm, stat, type FileHandle } from "node:fs/promises";
+import { dirname, join, resolve } from "node:path";
 import type { Readable, Writable } from "node:stream";
 import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
 import {
   DriverError,
   ENTRYPOINT_ANNOTATION,
+  ExposureDenied,
   parameterEnvName,
   throwIfAborted,
   type Driver,
@@ -51,17 +58,26 @@ import {
   type SnapshotLayer,
   type StopOptions,
 } from "./driver.js";
+import { socketDirectory, type SlotClaim, type SocketDirectory } from "./machine.js";
 import { composeRootfs, LayerCache, snapshotRootfs, type UnpackedLayer } from "./rootfs.js";
 import {
   detectIsolation,
-  killAllOfUid,
-  processesOfUid,
+  dieWithSupervisor,
+  JobProcesses,
+  listenersOf,
+  readStatusLines,
+  requireTools,
   sandboxCommand,
-  signalAll,
+  socketInodesOf,
+  startRelay,
   type Isolation,
+  type JobNetwork,
+  type Relay,
   type SandboxMode,
+  type SandboxStatus,
+  type SandboxTools,
 } from "./sandbox.js";
-import { makeJobDir, SlotPool, type SlotJob, type SlotPrepared } from "./slots.js";
+import { claimSlotUids, makeJobDir, SlotPool, type SlotJob, type SlotPrepared } from "./slots.js";
 
 export interface ProcessDriverOptions {
   /** Where layers and job directories live (created 0711; every ancestor must be traversable by others). */
@@ -69,22 +85,32 @@ export interface ProcessDriverOptions {
   /** Jobs at once; each slot has its own uid. Default 1. */
   slots?: number;
   /**
-   * Uid (and gid) of slot 0; slot N uses `slotUidBase + N`. These uids must
-   * run nothing else on the host: the driver kills every process they own
-   * when a job ends. Give each supervisor on one machine its own range.
-   * Default 61000.
+   * Uid (and gid) of slot 0; slot N uses `slotUidBase + N`. The uids are
+   * claimed machine-wide for the driver's life (machine.ts): `create`
+   * fails when another supervisor holds one. `auto` (default): the first
+   * free range from 63000, preferring the one this work directory used last.
    */
-  slotUidBase?: number;
+  slotUidBase?: number | "auto";
   /** Isolation to use; `auto` (default) picks bubblewrap when it works. */
   sandbox?: "auto" | SandboxMode;
-  /** Default time between SIGTERM and SIGKILL on stop. Default 10000. */
+  /** `isolated` (default): a network namespace per job; `host`: the host's network (unsafe). */
+  network?: JobNetwork;
+  /** Default time from the polite stop to SIGKILL (see `stop`). Default 10000. */
   graceMs?: number;
+  /** Where the driver's Unix sockets go (a directory only the supervisor may enter); default a private one (machine.ts). */
+  socketDir?: string;
+  /** This supervisor's name, written on its slot claims for others' messages. */
+  name?: string;
   logger: Logger;
 }
 
 /** Where secret parameters appear inside the job (one 0600 file per parameter). */
 export const SECRETS_DIR = "/run/treadmill/secrets";
 const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/** Why a supervisor that is not root exposes no port of an isolated job. */
+const NO_RELAYS = "ports of isolated jobs cannot be exposed on this host: its supervisor is not root, and only root can reach into a job's network namespace";
+/** Longest wait for a started sandbox to report its namespace. */
+const SANDBOX_UP_MS = 30000;
 
 interface ProcessPrepared extends SlotPrepared {
   readonly kind: "process";
@@ -98,20 +124,10 @@ interface ProcessPrepared extends SlotPrepared {
 
 interface ProcessJob extends SlotJob<ProcessPrepared> {
   readonly kind: "process";
-}
-
-/** Finds `name` on the supervisor's PATH (the job's PATH is the image's, not ours). */
-async function which(name: string): Promise<string | undefined> {
-  for (const dir of (process.env.PATH ?? DEFAULT_PATH).split(delimiter)) {
-    const candidate = join(dir, name);
-    try {
-      await access(candidate, constants.X_OK);
-      return candidate;
-    } catch {
-      // Not here.
-    }
-  }
-  return undefined;
+  /** The job's processes (what its sandbox reported); undefined until it has. */
+  readonly processes: () => JobProcesses | undefined;
+  /** `killed` is set once this driver sent SIGKILL, so that the exit is known to be ours. */
+  readonly control: { killed: boolean };
 }
 
 /** Creates `rel` under `root` (mode 0755 for new ones) without following any link. */
@@ -170,34 +186,34 @@ export class ProcessDriver implements Driver {
   private readonly graceMs: number;
   /** Per slot: a fresh root for the slot's next job, built ahead (see the file comment). */
   private readonly spares = new Map<number, { layers: string; ready: Promise<string | undefined> }>();
-  /** Slots whose uid was checked to run nothing since their last job ended (no /proc scan needed). */
-  private readonly idleChecked = new Set<number>();
 
   private constructor(
     private readonly workDir: string,
     private readonly isolation: Isolation,
     private readonly cache: LayerCache,
-    private readonly tools: { script: string; wrapper: string | undefined },
+    private readonly tools: SandboxTools,
+    private readonly socketDir: SocketDirectory,
+    private readonly claim: SlotClaim | undefined,
     private readonly logger: Logger,
     options: ProcessDriverOptions,
   ) {
     this.pool = new SlotPool<ProcessPrepared>({
       names: { driver: "process", slot: "process", job: "job" },
       slots: options.slots ?? 1,
-      uidBase: options.slotUidBase ?? 61000,
-      switchUid: isolation.switchUid,
+      claim,
       logger,
       stop: (job, stopOptions) => this.stop(job, stopOptions),
-      onFree: (prepared) => {
-        if (isolation.switchUid) this.idleChecked.add(prepared.slot);
-        this.buildSpare(prepared.slot, prepared.layers, { uid: prepared.uid, gid: prepared.gid });
-      },
+      onFree: (prepared) => this.buildSpare(prepared.slot, prepared.layers, { uid: prepared.uid, gid: prepared.gid }),
     });
     this.capacity = this.pool.capacity;
     this.graceMs = options.graceMs ?? 10000;
   }
 
-  /** Checks the host, creates the directories and picks the isolation mode (logging a warning when weak). */
+  /**
+   * Checks the host, claims the slots' uids, creates the directories and
+   * picks the isolation mode (logging a warning when weak). Fails when
+   * another supervisor holds the slots (`SlotTakenError`, naming its pid).
+   */
   static async create(options: ProcessDriverOptions): Promise<ProcessDriver> {
     const logger = options.logger.child({ driver: "process" });
     // Absolute: the sandbox and the job's processes run in other directories.
@@ -205,35 +221,80 @@ export class ProcessDriver implements Driver {
     await mkdir(join(workDir, "jobs"), { recursive: true });
     await chmod(workDir, 0o711);
     await chmod(join(workDir, "jobs"), 0o711);
-    const script = await which("script");
-    if (script === undefined) throw new Error("the process driver needs script(1) (util-linux) on PATH");
-    const isolation = await detectIsolation(options.sandbox ?? "auto", options.slotUidBase ?? 61000, logger);
-    if (isolation.switchUid) {
-      // The slot's uid must be able to reach its own directory.
-      for (let dir = workDir; dir !== dirname(dir); dir = dirname(dir)) {
-        const st = await stat(dir);
-        if ((st.mode & 0o001) === 0) {
-          throw new Error(`work directory ancestor ${dir} is not traversable by other users (needs o+x)`);
+    const root = process.getuid?.() === 0;
+    const slots = options.slots ?? 1;
+    const claim = await claimSlotUids({
+      slots,
+      uidBase: options.slotUidBase ?? "auto",
+      switchUid: root,
+      holder: options.name ?? "process driver",
+      rememberFile: join(workDir, "slot-uid-base"),
+      logger,
+    });
+    try {
+      const network = options.network ?? "isolated";
+      const isolation = await detectIsolation(options.sandbox ?? "auto", claim?.uidBase ?? 0, network, logger);
+      const tools = await ProcessDriver.tools(isolation);
+      if (isolation.switchUid) {
+        // The slot's uid must be able to reach its own directory.
+        for (let dir = workDir; dir !== dirname(dir); dir = dirname(dir)) {
+          const st = await stat(dir);
+          if ((st.mode & 0o001) === 0) {
+            throw new Error(`work directory ancestor ${dir} is not traversable by other users (needs o+x)`);
+          }
         }
       }
+      const socketDir = await socketDirectory(options.socketDir);
+      const cache = new LayerCache(join(workDir, "layers"), logger);
+      await cache.init();
+      // Job directories and spares of a previous run are stale: their jobs are gone.
+      await rm(join(workDir, "jobs"), { recursive: true, force: true });
+      await mkdir(join(workDir, "jobs"), { mode: 0o711 });
+      await chmod(join(workDir, "jobs"), 0o711);
+      await rm(join(workDir, "spares"), { recursive: true, force: true });
+      await mkdir(join(workDir, "spares"), { mode: 0o700 });
+      await chmod(join(workDir, "spares"), 0o700);
+      logger.info(
+        { sandbox: isolation.mode, switchUid: isolation.switchUid, network: isolation.network, slots, uidBase: claim?.uidBase },
+        "process driver ready",
+      );
+      return new ProcessDriver(workDir, isolation, cache, tools, socketDir, claim, logger, options);
+    } catch (err) {
+      await claim?.release();
+      throw err;
     }
-    const wrapper = isolation.mode === "bwrap" ? await which("bwrap") : isolation.mode === "chroot" ? await which("setpriv") : undefined;
-    const cache = new LayerCache(join(workDir, "layers"), logger);
-    await cache.init();
-    // Job directories and spares of a previous run are stale: their jobs are gone.
-    await rm(join(workDir, "jobs"), { recursive: true, force: true });
-    await mkdir(join(workDir, "jobs"), { mode: 0o711 });
-    await chmod(join(workDir, "jobs"), 0o711);
-    await rm(join(workDir, "spares"), { recursive: true, force: true });
-    await mkdir(join(workDir, "spares"), { mode: 0o700 });
-    await chmod(join(workDir, "spares"), 0o700);
-    logger.info({ sandbox: isolation.mode, switchUid: isolation.switchUid, slots: options.slots ?? 1 }, "process driver ready");
-    return new ProcessDriver(workDir, isolation, cache, { script, wrapper }, logger, options);
+  }
+
+  /** The programs the isolation needs, each checked to be here. */
+  private static async tools(isolation: Isolation): Promise<SandboxTools> {
+    const util = "util-linux";
+    // Only root can enter a job's network namespace (bubblewrap's is owned by a user namespace of its own).
+    const relay = isolation.switchUid && isolation.network === "isolated";
+    const { script, setpriv } = await requireTools({ script: { name: "script", package: util }, setpriv: { name: "setpriv", package: util } }, "the process driver");
+    const extra =
+      isolation.mode === "bwrap"
+        ? await requireTools({ wrapper: { name: "bwrap", package: "bubblewrap" } }, "the process driver")
+        : isolation.mode === "chroot"
+          ? {
+              wrapper: setpriv,
+              ...(await requireTools({ unshare: { name: "unshare", package: util } }, "the process driver in chroot mode")),
+              ...(isolation.network === "isolated" ? await requireTools({ ip: { name: "ip", package: "iproute2" } }, "an isolated network in chroot mode") : {}),
+            }
+          : {};
+    const relays = relay
+      ? await requireTools({ nsenter: { name: "nsenter", package: util }, socat: { name: "socat", package: "socat" } }, "exposing ports of isolated jobs")
+      : {};
+    return { script, setpriv, ...extra, ...relays };
   }
 
   /** The isolation in use (for the supervisor's own status and for tests). */
   get sandbox(): Isolation {
     return this.isolation;
+  }
+
+  /** The uid of slot 0, claimed for this driver; undefined when jobs run as the supervisor's own uid. */
+  get slotUidBase(): number | undefined {
+    return this.claim?.uidBase;
   }
 
   async prepare(spec: JobSpecForDriver, options: PrepareOptions = {}): Promise<Prepared> {
@@ -249,9 +310,6 @@ export class ProcessDriver implements Driver {
     const log = this.logger.child({ jobId: spec.jobId, attempt: spec.attempt, slot });
     const jobDir = join(this.workDir, "jobs", key);
     try {
-      // A slot whose last job's end was checked to leave nothing of its uid
-      // behind needs no scan of /proc: nothing can have started as it since.
-      if (!this.idleChecked.delete(slot)) await this.pool.sweep(uid);
       const argv = parseEntrypoint(spec);
       const layers: UnpackedLayer[] = [];
       for (const [i, layer] of spec.image.layers.entries()) {
@@ -307,7 +365,8 @@ export class ProcessDriver implements Driver {
         layers,
         argv,
         env,
-        exposedPorts: spec.exposedPorts ?? [],
+        // `console` is the console's own name (declared with port 0 at most).
+        exposedPorts: (spec.exposedPorts ?? []).filter((p) => p.name !== "console" && p.port > 0),
       };
       this.pool.add(prepared);
       return prepared;
@@ -322,41 +381,37 @@ export class ProcessDriver implements Driver {
     if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
     const log = this.logger.child({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot });
     const say = (message: string) => output.write("supervisor", Buffer.from(`${message}\n`));
+    const iso = this.isolation;
+    // Short names: the sockets' paths must fit a sun_path.
+    const tag = createHash("sha256").update(`${prepared.jobId}.${prepared.attempt}`).digest("hex").slice(0, 16);
 
     // Console input goes to script's stdin, which script copies to the pty.
     const input: { stdin?: Writable } = {};
     const bridge = await ConsoleBridge.listen({
+      path: join(this.socketDir.path, `${tag}-console.sock`),
       logger: log,
       onInput: (bytes) => {
         if (input.stdin?.writable) input.stdin.write(bytes);
       },
     });
-    const command = sandboxCommand(this.isolation, {
-      rootfs: prepared.rootfs,
-      argv: prepared.argv,
-      uid: prepared.uid,
-      gid: prepared.gid,
-      shareNet: prepared.exposedPorts.length > 0,
-    });
-    const wrapped = this.tools.wrapper === undefined ? command : command.replace(/^exec (bwrap|setpriv) /, `exec ${this.tools.wrapper} `);
+    const command = sandboxCommand(iso, this.tools, { rootfs: prepared.rootfs, argv: prepared.argv, uid: prepared.uid, gid: prepared.gid });
     // script(1) puts the command on a new pseudo-terminal; -e passes the exit code.
-    // In chroot mode script must start as root (chroot needs it) and drops to the uid itself.
-    const asUid = this.isolation.switchUid && this.isolation.mode === "bwrap";
-    const child: ChildProcess = spawn(this.tools.script, ["-qfec", wrapped, "/dev/null"], {
-      cwd: this.isolation.mode === "none" ? prepared.rootfs : prepared.jobDir,
+    // In chroot mode script must start as root (unshare and chroot need it) and the uid is dropped inside.
+    const asUid = iso.switchUid && iso.mode === "bwrap";
+    const [program, args] = dieWithSupervisor(this.tools.setpriv, this.tools.script, ["-qfec", command, "/dev/null"]);
+    const child: ChildProcess = spawn(program, args, {
+      cwd: iso.mode === "none" ? prepared.rootfs : prepared.jobDir,
       env: { ...prepared.env, SHELL: "/bin/sh" },
-      stdio: ["pipe", "pipe", "pipe", "pipe"],
+      stdio: ["pipe", "pipe", "pipe", "pipe", "pipe"],
       detached: true,
       ...(asUid ? { uid: prepared.uid, gid: prepared.gid } : {}),
     });
     const state: ProcessJob["state"] = { phase: "starting", stopRequested: false };
-    let exposed: Exposure[] = [
-      { name: "console", host: "127.0.0.1", port: bridge.port, kind: "console" },
-      ...prepared.exposedPorts.map((p): Exposure => ({ name: p.name, host: "127.0.0.1", port: p.port, kind: "tcp" })),
-    ];
+    const control: ProcessJob["control"] = { killed: false };
     const stdout = child.stdout as Readable;
     const stderr = child.stderr as Readable;
     const fd3 = child.stdio[3] as Readable;
+    const fd4 = child.stdio[4] as Readable;
     const stdin = child.stdin as Writable;
     input.stdin = stdin;
     stdin.on("error", () => undefined); // EPIPE once the workload has gone.
@@ -364,8 +419,25 @@ export class ProcessDriver implements Driver {
       output.write("console", bytes);
       bridge.write(bytes);
     });
-    fd3.on("data", (bytes: Buffer) => output.write("stderr", bytes));
+    let stderrTail = "";
+    fd3.on("data", (bytes: Buffer) => {
+      output.write("stderr", bytes);
+      stderrTail = (stderrTail + bytes.toString("utf8")).slice(-1000);
+    });
     stderr.on("data", (bytes: Buffer) => output.write("supervisor", bytes));
+    // The sandbox's reports: its namespace's init at the start, the workload's exit at the end.
+    const status: SandboxStatus = {};
+    let statusText = "";
+    let sandboxUp: (pid: number) => void = () => undefined;
+    const upReported = new Promise<number>((resolve) => (sandboxUp = resolve));
+    fd4.on("data", (bytes: Buffer) => {
+      statusText += bytes.toString("utf8");
+      const complete = statusText.slice(0, statusText.lastIndexOf("\n") + 1);
+      statusText = statusText.slice(complete.length);
+      readStatusLines(complete, status);
+      if (status.childPid !== undefined) sandboxUp(status.childPid);
+    });
+    const statusDone = new Promise<void>((resolve) => fd4.once("close", () => resolve()));
 
     const spawned = new Promise<void>((resolve, reject) => {
       child.once("spawn", resolve);
@@ -383,9 +455,70 @@ export class ProcessDriver implements Driver {
       log.error({ err }, "job start failed");
       throw new DriverError("start", "the job's sandbox could not be started", { cause: err });
     }
+    // Wait for the sandbox to stand: it reports its namespace, or dies trying.
+    let timer: NodeJS.Timeout | undefined;
+    const up = await Promise.race([
+      upReported,
+      exitEvent.then(() => "exited" as const),
+      new Promise<"timeout">((resolve) => (timer = setTimeout(() => resolve("timeout"), SANDBOX_UP_MS))),
+    ]);
+    clearTimeout(timer);
+    if (up === "exited" && status.childPid === undefined) {
+      // Its report may still be in the pipe: read to the end.
+      await Promise.race([statusDone, new Promise((resolve) => (timer = setTimeout(resolve, 2000)))]);
+      clearTimeout(timer);
+    }
+    // A job quick enough to be gone already has no processes left to find.
+    let processes = status.childPid === undefined ? undefined : await JobProcesses.of(iso.mode, status.childPid);
+    if (up === "timeout" || status.childPid === undefined) {
+      try {
+        process.kill(-child.pid!, "SIGKILL");
+      } catch {
+        // Gone already.
+      }
+      await closeEvent;
+      await bridge.close();
+      const why = stderrTail.trim().split("\n").pop() ?? "";
+      log.error({ outcome: up, why }, "job sandbox did not start");
+      throw new DriverError("start", `the job's sandbox did not start${why === "" ? "" : `: ${why.slice(0, 300)}`}`);
+    }
     state.phase = "running";
-    log.info({ pid: child.pid, uid: prepared.uid, sandbox: this.isolation.mode, consolePort: bridge.port }, "job started");
-    say(`started in sandbox ${this.isolation.mode} as uid ${prepared.uid}; console on 127.0.0.1:${bridge.port}`);
+
+    // Exposed ports: inside the job's own network namespace, through a relay each.
+    const relays: Relay[] = [];
+    let netns: FileHandle | undefined;
+    if (iso.network === "isolated" && this.tools.nsenter !== undefined && processes !== undefined && prepared.exposedPorts.length > 0) {
+      // Undefined when the job is gone already (its namespace with it).
+      const opened = await open(`/proc/${processes.leader}/ns/net`, "r").catch(() => undefined);
+      netns = opened;
+      const tools = { setpriv: this.tools.setpriv, nsenter: this.tools.nsenter, socat: this.tools.socat ?? "socat" };
+      if (opened !== undefined) {
+        for (const p of prepared.exposedPorts) {
+          const path = join(this.socketDir.path, `${tag}-port-${p.name}.sock`);
+          relays.push(startRelay({ netnsFd: opened.fd, path, port: p.port, tools, logger: log }));
+        }
+      }
+    }
+    let exposed: Exposure[] = [
+      { name: "console", kind: "console", path: bridge.path },
+      ...prepared.exposedPorts.map((p, i): Exposure => {
+        const description = `port ${p.port} in the job`;
+        if (iso.network === "host") {
+          return { name: p.name, kind: "tcp", description, host: "127.0.0.1", port: p.port, check: () => this.checkHostPort(processes, prepared.uid, p.port) };
+        }
+        const relay = relays[i];
+        const path = relay?.path ?? join(this.socketDir.path, `${tag}-port-${p.name}.sock`);
+        const refusal = this.tools.nsenter === undefined ? NO_RELAYS : "the job has ended";
+        const check = relay !== undefined ? () => this.checkIsolatedPort(processes, p.port, relay) : () => Promise.reject(new ExposureDenied(refusal));
+        return { name: p.name, kind: "tcp", description, path, check };
+      }),
+    ];
+    log.info(
+      { pid: child.pid, uid: prepared.uid, sandbox: iso.mode, network: iso.network, namespaceInit: processes?.leader, console: bridge.path },
+      "job started",
+    );
+    say(`started in sandbox ${iso.mode} as uid ${prepared.uid}, network ${iso.network}`);
+    if (prepared.exposedPorts.length > 0 && iso.network === "isolated" && this.tools.nsenter === undefined) say(NO_RELAYS);
 
     const job: ProcessJob = {
       kind: "process",
@@ -394,6 +527,8 @@ export class ProcessDriver implements Driver {
       prepared,
       child,
       state,
+      control,
+      processes: () => processes,
       status: () => state.phase,
       exposures: () => exposed,
       writeConsole: (bytes) => {
@@ -401,89 +536,106 @@ export class ProcessDriver implements Driver {
       },
       exited: (async (): Promise<JobExit> => {
         const { code, signal } = await exitEvent;
-        // The wrapper is gone; whatever of the job is still around (a daemon
-        // that left the session in chroot mode) goes now.
-        if (this.isolation.switchUid) {
-          const left = await killAllOfUid(prepared.uid);
-          if (left.length > 0) log.error({ pids: left }, "job processes survived sigkill");
-        } else {
-          try {
-            process.kill(-child.pid!, "SIGKILL");
-          } catch {
-            // The group is empty.
-          }
-        }
+        // The sandbox's outer process is gone; whatever of the job is still
+        // around (its namespace, when the sandbox was killed from outside) goes now.
+        if (processes !== undefined && !(await processes.end())) log.error("job processes survived sigkill");
+        processes = undefined;
+        for (const relay of relays) relay.stop();
+        await netns?.close();
         let timer: NodeJS.Timeout | undefined;
-        await Promise.race([closeEvent, new Promise((resolve) => (timer = setTimeout(resolve, 2000)))]);
+        await Promise.race([Promise.all([closeEvent, statusDone]), new Promise((resolve) => (timer = setTimeout(resolve, 2000)))]);
         clearTimeout(timer);
-        for (const s of [stdout, stderr, fd3]) s.destroy();
+        readStatusLines(statusText, status);
+        for (const s of [stdout, stderr, fd3, fd4]) s.destroy();
         stdin.destroy();
         exposed = [];
         await bridge.close();
         state.phase = "exited";
-        const stopped = state.stopRequested;
-        const status = code === 0 && !stopped ? "success" : "failure";
-        const message =
-          signal !== null
-            ? `workload killed by ${signal}`
-            : stopped
-              ? `workload stopped (exit code ${code})`
-              : `workload exited with code ${code}`;
-        say(message);
-        log.info({ exitCode: code, signal, stopped }, "job exited");
-        return { exitCode: signal !== null ? null : code, ...(signal !== null ? { signal } : {}), status, stopped, message };
+        const exit = this.exitOf(state.stopRequested, control.killed, { code, signal }, status);
+        say(exit.message);
+        log.info({ exitCode: exit.exitCode, signal: exit.signal, stopped: exit.stopped, outside: exit.failure !== undefined }, "job exited");
+        return exit;
       })(),
     };
     prepared.running = job;
     return job;
   }
 
+  /**
+   * How the job ended. The sandbox reports the workload's exit code (128+N
+   * for a signal N, as a shell does); a sandbox that ended without that
+   * report, or whose outer process was killed by a signal this driver did
+   * not send, was killed from outside the job: a host failure, not the
+   * workload's (the job's own processes cannot reach those processes).
+   */
+  private exitOf(stopped: boolean, killed: boolean, script: { code: number | null; signal: NodeJS.Signals | null }, status: SandboxStatus): JobExit {
+    const code = this.isolation.mode === "none" ? (script.signal === null ? script.code : null) : (status.exitCode ?? null);
+    if (killed) {
+      return { exitCode: null, signal: "SIGKILL", status: "failure", stopped, message: "workload killed by SIGKILL (stopped, grace period over)" };
+    }
+    if (code === null) {
+      const how = script.signal !== null ? `by ${script.signal}` : "without reporting the workload's exit";
+      const message = `the job's sandbox was killed ${how}, from outside the job (not by this supervisor)`;
+      return {
+        exitCode: null,
+        ...(script.signal !== null ? { signal: script.signal } : {}),
+        status: "failure",
+        stopped,
+        message,
+        ...(stopped ? {} : { failure: new DriverError("internal", message) }),
+      };
+    }
+    const message = stopped ? `workload stopped (exit code ${code})` : `workload exited with code ${code}`;
+    return { exitCode: code, status: code === 0 && !stopped ? "success" : "failure", stopped, message };
+  }
+
+  /** A dial of an isolated job's port: allowed once something of the job listens on it (in its own namespace). */
+  private async checkIsolatedPort(processes: JobProcesses | undefined, port: number, relay: Relay): Promise<void> {
+    if (processes === undefined) throw new ExposureDenied("the job has ended");
+    const listeners = await listenersOf(processes.leader);
+    if (!listeners.some((l) => l.port === port && l.onLoopback)) {
+      throw new ExposureDenied(`nothing of the job listens on port ${port} (on 127.0.0.1 or any address)`);
+    }
+    await relay.ready;
+  }
+
+  /**
+   * A dial of a port on the host's network (`--job-network host`, or `none`
+   * mode): allowed only when the listener belongs to the job (a socket of
+   * its slot's uid; in `none` mode, held by one of its processes). Anything
+   * else on that port is the host's or another job's.
+   */
+  private async checkHostPort(processes: JobProcesses | undefined, uid: number, port: number): Promise<void> {
+    if (processes === undefined) throw new ExposureDenied("the job has ended");
+    const listeners = (await listenersOf("self")).filter((l) => l.port === port && l.onLoopback);
+    const inodes = this.isolation.switchUid ? undefined : await socketInodesOf(await processes.members());
+    const own = listeners.filter((l) => (inodes === undefined ? l.uid === uid : inodes.has(l.inode)));
+    if (own.length === 0) {
+      throw new ExposureDenied(
+        listeners.length > 0 ? `port ${port} on this host belongs to something other than the job` : `nothing of the job listens on port ${port}`,
+      );
+    }
+  }
+
+  /**
+   * SIGHUP to every process of the job at once (a shell ignores SIGTERM but
+   * not a hangup), SIGTERM after min(1 s, graceMs / 2), SIGKILL of the whole
+   * job (its namespace's init) at graceMs. Resolves once the job has exited.
+   */
   stop(handle: RunningJob, options: StopOptions = {}): Promise<void> {
     const job = handle as ProcessJob;
-    const prepared = job.prepared;
-    const scriptPid = job.child.pid!;
     const graceMs = options.graceMs ?? this.graceMs;
-    return this.pool.stop(job, graceMs, async (log) => {
-      if (this.isolation.switchUid) {
-        // SIGTERM the workload's processes, not its wrappers: killing script
-        // or the outer bwrap would take the namespace down at once, and the
-        // namespace's init (pid 1 inside) ignores SIGTERM anyway.
-        const procs = await processesOfUid(prepared.uid);
-        const targets = procs.filter(
-          (p) =>
-            p.pid !== scriptPid &&
-            !(this.isolation.mode === "bwrap" && p.ppid === scriptPid) &&
-            !(p.nspid.length > 1 && p.nspid[p.nspid.length - 1] === 1),
-        );
-        signalAll(
-          targets.map((p) => p.pid),
-          "SIGTERM",
-        );
-      } else {
-        try {
-          process.kill(-scriptPid, "SIGTERM");
-        } catch {
-          // Gone already.
-        }
-      }
-      let timer: NodeJS.Timeout | undefined;
-      const graceOver = new Promise<"grace">((resolve) => (timer = setTimeout(() => resolve("grace"), graceMs)));
-      const first = await Promise.race([job.exited.then(() => "exited" as const), graceOver]);
-      clearTimeout(timer);
-      if (first === "grace") {
-        log.info("grace period over, killing job");
-        if (this.isolation.switchUid) {
-          signalAll(
-            (await processesOfUid(prepared.uid)).map((p) => p.pid),
-            "SIGKILL",
-          );
-        }
-        try {
-          process.kill(-scriptPid, "SIGKILL");
-        } catch {
-          // Gone already.
-        }
-      }
+    const termAfterMs = Math.min(1000, graceMs / 2);
+    return this.pool.stop(job, graceMs, async (log, within) => {
+      const processes = job.processes();
+      if (processes === undefined) return; // Exiting already.
+      await processes.signal("SIGHUP");
+      if (await within(termAfterMs)) return;
+      await processes.signal("SIGTERM");
+      if (await within(graceMs - termAfterMs)) return;
+      log.info("grace period over, killing job");
+      job.control.killed = true;
+      await processes.kill();
     });
   }
 
@@ -506,6 +658,7 @@ export class ProcessDriver implements Driver {
   async close(): Promise<void> {
     await this.pool.close();
     await Promise.all([...this.spares.keys()].map((slot) => this.takeSpare(slot, [])));
+    await this.socketDir.remove();
   }
 
   /** Starts building a fresh root of `layers` for the slot's next job, in the background. */

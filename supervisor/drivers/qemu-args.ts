@@ -2,8 +2,9 @@
  * The QEMU command line of one job (pure, for unit tests): machine, the disk
  * chain as explicit `-blockdev` nodes (read-only blob files at the bottom, the
  * job's writable overlay on top), the serial console on a unix-socket chardev
- * with a log file, QMP, user-mode networking with host forwards, direct
- * kernel boot, job parameters as a fw_cfg file, and the host's extra args.
+ * with a log file, QMP, user-mode networking with host forwards (restricted:
+ * the guest reaches nothing outside), direct kernel boot, job parameters as a
+ * fw_cfg file, and the host's extra args.
  */
 
 import type { VmPlan } from "./qemu-image.js";
@@ -26,8 +27,13 @@ export interface QemuLaunch {
   consoleSocket: string;
   consoleLog: string;
   qmpSocket: string;
-  /** Guest TCP ports forwarded from 127.0.0.1:hostPort. */
+  /** Guest TCP ports forwarded from 127.0.0.1:hostPort (of QEMU's own network namespace when it has one). */
   forwards: { hostPort: number; guestPort: number }[];
+  /**
+   * `restrict=on`: the guest cannot reach the host (10.0.2.2) or beyond;
+   * forwards into the guest still work. Off only with `--job-network host`.
+   */
+  restrictNetwork: boolean;
   /** A file the guest reads as fw_cfg `opt/treadmill/parameters`. */
   parameterFile?: string;
   /** Adds `isa-debug-exit` (a guest write of V to port 0xf4 makes QEMU exit with 2V+1). */
@@ -94,7 +100,12 @@ export function qemuArgs(l: QemuLaunch): string[] {
     "-device",
     "virtio-blk-pci,drive=disk",
     "-netdev",
-    ["user", "id=net0", ...l.forwards.map((f) => `hostfwd=tcp:127.0.0.1:${f.hostPort}-:${f.guestPort}`)].join(","),
+    [
+      "user",
+      "id=net0",
+      ...(l.restrictNetwork ? ["restrict=on"] : []),
+      ...l.forwards.map((f) => `hostfwd=tcp:127.0.0.1:${f.hostPort}-:${f.guestPort}`),
+    ].join(","),
     "-device",
     "virtio-net-pci,netdev=net0",
   ];

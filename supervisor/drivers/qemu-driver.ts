@@ -10,12 +10,22 @@
  *       <hash of job>/    0700 slot uid   one job attempt, removed by cleanup
  *         overlay.qcow2   the only disk QEMU writes; backing: the image's top layer
  *         parameters.sh   0600, the job's parameters (fw_cfg opt/treadmill/parameters)
- *         console.sock    serial console (unix socket chardev; bridged to TCP)
+ *         console.sock    serial console (QEMU's unix socket chardev)
  *         console.log     every console byte (chardev logfile=), shipped as `console`
  *         qmp.sock        QMP
  *
+ *   socketDir/            0700 root   (machine.ts) per job: the console bridge, a relay per forward
+ *
  * QEMU runs with the job directory as its working directory, under the slot's
- * own uid when the supervisor is root, with its seccomp sandbox. Cached blobs
+ * own uid when the supervisor is root, with its seccomp sandbox, in a network
+ * namespace of its own (`unshare --net`, loopback only) with restricted user
+ * networking: the guest reaches nothing of the host (not 10.0.2.2, not the
+ * host's loopback, not the outside), and its forwarded ports listen on the
+ * loopback of QEMU's namespace, reached through relays the supervisor runs
+ * there (sandbox.ts `startRelay`) on Unix sockets of its own. Without root
+ * (development) QEMU stays in the host's network: the guest is still
+ * restricted, but the forwards listen on the host's loopback. With
+ * `--job-network host` the guest has slirp's full network. Cached blobs
  * are opened read-only (`-blockdev` nodes with `read-only` and no locking) and
  * never written: the chain is stated to QEMU node by node, so the backing
  * names stored inside the blobs (digests) are never followed.
@@ -60,8 +70,9 @@ import {
 import { exitCodeOfQemu, parameterScript, qemuArgs, type QemuLaunch } from "./qemu-args.js";
 import { LOWER_ANNOTATION, planVmImage, type VmPlan } from "./qemu-image.js";
 import { QmpClient } from "./qemu-qmp.js";
-import { killAllOfUid } from "./sandbox.js";
-import { makeJobDir, SlotPool, type SlotJob, type SlotPrepared } from "./slots.js";
+import { MAX_SOCKET_PATH, socketDirectory, type SlotClaim, type SocketDirectory } from "./machine.js";
+import { dieWithSupervisor, requireTools, shellQuote, startRelay, type JobNetwork, type Relay } from "./sandbox.js";
+import { claimSlotUids, makeJobDir, SlotPool, type SlotJob, type SlotPrepared } from "./slots.js";
 
 const execFileAsync = promisify(execFile);
 
@@ -70,8 +81,18 @@ export interface QemuDriverOptions {
   workDir: string;
   /** VMs at once; each slot has its own uid. Default 1. */
   slots?: number;
-  /** Uid (and gid) of slot 0 when the supervisor is root; slot N uses `slotUidBase + N`. Default 62000. */
-  slotUidBase?: number;
+  /**
+   * Uid (and gid) of slot 0 when the supervisor is root; slot N uses
+   * `slotUidBase + N`, claimed machine-wide (machine.ts). `auto` (default):
+   * the first free range.
+   */
+  slotUidBase?: number | "auto";
+  /** `isolated` (default): QEMU in its own network namespace, the guest restricted; `host`: slirp's full network (unsafe). */
+  network?: JobNetwork;
+  /** Where the driver's Unix sockets go (a directory only the supervisor may enter); default a private one (machine.ts). */
+  socketDir?: string;
+  /** This supervisor's name, written on its slot claims. */
+  name?: string;
   /** Default `qemu-system-x86_64`. */
   binary?: string;
   /** Default `qemu-img`. */
@@ -105,7 +126,7 @@ export interface QemuDriverOptions {
   logger: Logger;
 }
 
-type Settings = Required<Omit<QemuDriverOptions, "cpu" | "readyPattern" | "logger">> & {
+type Settings = Required<Omit<QemuDriverOptions, "cpu" | "readyPattern" | "logger" | "slotUidBase" | "socketDir" | "name">> & {
   cpu?: string;
   readyPattern?: RegExp;
   exitRegex?: RegExp;
@@ -124,10 +145,12 @@ interface QemuPrepared extends SlotPrepared {
 interface QemuJob extends SlotJob<QemuPrepared> {
   readonly kind: "qemu";
   readonly qmp: () => QmpClient | undefined;
+  /** `killed` is set once this driver sent SIGKILL, so that the exit is known to be ours. */
+  readonly control: { killed: boolean };
 }
 
-/** Longest a unix socket path may be (sun_path is 108 bytes with its NUL). */
-const MAX_SOCKET_PATH = 100;
+/** Where forwards listen inside QEMU's own network namespace (any port: nothing else is there). */
+const NAMESPACE_FORWARD_BASE = 10000;
 /** After the exit pattern, how long QEMU may take to power off by itself before it is quit. */
 const EXIT_SETTLE_MS = 3000;
 
@@ -187,18 +210,27 @@ export class QemuDriver implements Driver {
   private constructor(
     private readonly workDir: string,
     private readonly settings: Settings,
-    private readonly switchUid: boolean,
+    private readonly claim: SlotClaim | undefined,
+    /** unshare, ip, setpriv, nsenter, socat: set when QEMU gets a network namespace of its own. */
+    private readonly netTools: Record<"unshare" | "ip" | "setpriv" | "nsenter" | "socat", string> | undefined,
+    private readonly socketDir: SocketDirectory,
+    /** setpriv(1), which gives QEMU its parent-death signal. */
+    private readonly setpriv: string,
     private readonly logger: Logger,
   ) {
     this.pool = new SlotPool<QemuPrepared>({
       names: { driver: "qemu", slot: "vm", job: "vm" },
       slots: settings.slots,
-      uidBase: settings.slotUidBase,
-      switchUid,
+      claim,
       logger,
       stop: (job, options) => this.stop(job, options),
     });
     this.capacity = this.pool.capacity;
+  }
+
+  /** Whether QEMU runs as the slot's uid (the supervisor is root). */
+  private get switchUid(): boolean {
+    return this.claim !== undefined;
   }
 
   static async create(options: QemuDriverOptions): Promise<QemuDriver> {
@@ -223,7 +255,7 @@ export class QemuDriver implements Driver {
     const settings: Settings = {
       workDir,
       slots: options.slots ?? 1,
-      slotUidBase: options.slotUidBase ?? 62000,
+      network: options.network ?? "isolated",
       binary,
       qemuImg,
       machine: options.machine ?? "q35",
@@ -242,9 +274,46 @@ export class QemuDriver implements Driver {
       debugExit: options.debugExit ?? true,
       sandbox: options.sandbox ?? true,
     };
-    const switchUid = process.getuid?.() === 0;
-    logger.info({ accel: accelResolved, machine: settings.machine, slots: settings.slots, switchUid }, "qemu driver ready");
-    return new QemuDriver(workDir, settings, switchUid, logger);
+    const root = process.getuid?.() === 0;
+    const { setpriv } = await requireTools({ setpriv: { name: "setpriv", package: "util-linux" } }, "the qemu driver");
+    const netTools =
+      root && settings.network === "isolated"
+        ? await requireTools(
+            {
+              unshare: { name: "unshare", package: "util-linux" },
+              ip: { name: "ip", package: "iproute2" },
+              setpriv: { name: "setpriv", package: "util-linux" },
+              nsenter: { name: "nsenter", package: "util-linux" },
+              socat: { name: "socat", package: "socat" },
+            },
+            "the qemu driver's isolated network",
+          )
+        : undefined;
+    if (!root && settings.network === "isolated") {
+      logger.warn("not root: vms stay in the host's network namespace; guests are restricted, but their forwarded ports listen on the host's loopback (development only)");
+    }
+    if (settings.network === "host") {
+      logger.warn("job network host: guests reach the host (10.0.2.2, its loopback services) and beyond (unsafe; the default is isolated)");
+    }
+    const socketDir = await socketDirectory(options.socketDir);
+    const claim = await claimSlotUids({
+      slots: settings.slots,
+      uidBase: options.slotUidBase ?? "auto",
+      switchUid: root,
+      holder: options.name ?? "qemu driver",
+      rememberFile: join(workDir, "slot-uid-base"),
+      logger,
+    }).catch(async (err: unknown) => {
+      await socketDir.remove();
+      throw err;
+    });
+    logger.info({ accel: accelResolved, machine: settings.machine, slots: settings.slots, uidBase: claim?.uidBase, network: settings.network }, "qemu driver ready");
+    return new QemuDriver(workDir, settings, claim, netTools, socketDir, setpriv, logger);
+  }
+
+  /** The uid of slot 0, claimed for this driver; undefined when VMs run as the supervisor's own uid. */
+  get slotUidBase(): number | undefined {
+    return this.claim?.uidBase;
   }
 
   /** The accelerator in use (`auto` resolved). */
@@ -267,7 +336,6 @@ export class QemuDriver implements Driver {
       if (join(jobDir, "console.sock").length > MAX_SOCKET_PATH) {
         throw new DriverError("start", `qemu work directory ${this.workDir} is too long for unix sockets inside it`);
       }
-      await this.pool.sweep(uid);
       const plan = await planVmImage(spec.image);
       throwIfAborted(signal);
       await makeJobDir(jobDir, uid, gid);
@@ -315,12 +383,16 @@ export class QemuDriver implements Driver {
     const log = this.logger.child({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot });
     const say = (message: string) => output.write("supervisor", Buffer.from(`${message}\n`));
 
+    // In QEMU's own namespace any port will do; on the host's network a free one.
+    const ownNamespace = this.netTools !== undefined;
+    const forwardPort = async (i: number) => (ownNamespace ? NAMESPACE_FORWARD_BASE + i : await freePort());
     const forwards: { name: string; hostPort: number; guestPort: number }[] = [];
-    if (s.sshPort > 0) forwards.push({ name: "ssh", hostPort: await freePort(), guestPort: s.sshPort });
+    if (s.sshPort > 0) forwards.push({ name: "ssh", hostPort: await forwardPort(forwards.length), guestPort: s.sshPort });
     for (const p of prepared.exposedPorts) {
       if (p.name === "ssh" && s.sshPort > 0) continue;
-      forwards.push({ name: p.name, hostPort: await freePort(), guestPort: p.port });
+      forwards.push({ name: p.name, hostPort: await forwardPort(forwards.length), guestPort: p.port });
     }
+    const tag = createHash("sha256").update(`${prepared.jobId}.${prepared.attempt}`).digest("hex").slice(0, 16);
     const files = {
       consoleSocket: join(prepared.jobDir, "console.sock"),
       consoleLog: join(prepared.jobDir, "console.log"),
@@ -338,6 +410,7 @@ export class QemuDriver implements Driver {
       overlay: prepared.overlay,
       ...files,
       forwards,
+      restrictNetwork: s.network === "isolated",
       ...(prepared.parameterFile === undefined ? {} : { parameterFile: prepared.parameterFile }),
       debugExit: s.debugExit,
       sandbox: s.sandbox,
@@ -346,25 +419,50 @@ export class QemuDriver implements Driver {
     const args = ["-no-reboot", ...qemuArgs(launch)];
 
     const state: QemuJob["state"] = { phase: "booting", stopRequested: false };
+    const control: QemuJob["control"] = { killed: false };
     let consoleSocket: Socket | undefined;
     let qmp: QmpClient | undefined;
     const bridge = await ConsoleBridge.listen({
+      path: join(this.socketDir.path, `${tag}-console.sock`),
       logger: log,
       onInput: (bytes) => {
         if (consoleSocket?.writable) consoleSocket.write(bytes);
       },
     });
-    let exposed: Exposure[] = [
-      { name: "console", host: "127.0.0.1", port: bridge.port, kind: "console" },
-      ...forwards.map((f): Exposure => ({ name: f.name, host: "127.0.0.1", port: f.hostPort, kind: "tcp" })),
-    ];
+    const describe = (f: { guestPort: number }) => `port ${f.guestPort} of the vm`;
+    // Forwards join once QEMU listens (through relays when it has a namespace of its own).
+    const console: Exposure = { name: "console", kind: "console", path: bridge.path };
+    let exposed: Exposure[] = ownNamespace
+      ? [console]
+      : [console, ...forwards.map((f): Exposure => ({ name: f.name, kind: "tcp", description: describe(f), host: "127.0.0.1", port: f.hostPort }))];
+    const relays: Relay[] = [];
+    let netns: FileHandle | undefined;
 
     onStage?.("booting", `booting the vm (${s.accelResolved}, ${s.machine}, ${s.cpus} cpu, ${s.memoryMb} MiB)`);
-    const child = spawn(s.binary, args, {
+    // Own namespace: root makes it and brings loopback up, then becomes the slot's uid for QEMU (same pid throughout).
+    const t = this.netTools;
+    const [command, argv] =
+      t === undefined
+        ? dieWithSupervisor(this.setpriv, s.binary, args)
+        : [
+            t.unshare,
+            [
+              "--net",
+              "--",
+              "/bin/sh",
+              "-c",
+              `${shellQuote(t.ip)} link set lo up && exec ${shellQuote(t.setpriv)} --reuid=${prepared.uid} --regid=${prepared.gid} --clear-groups --pdeathsig KILL "$@"`,
+              "treadmill-vm",
+              s.binary,
+              ...args,
+            ],
+          ];
+    const child = spawn(command, argv, {
       cwd: prepared.jobDir,
       stdio: ["ignore", "pipe", "pipe"],
       env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
-      ...(this.switchUid ? { uid: prepared.uid, gid: prepared.gid } : {}),
+      detached: true,
+      ...(this.switchUid && t === undefined ? { uid: prepared.uid, gid: prepared.gid } : {}),
     });
     let stderrTail = "";
     const keepTail = (bytes: Buffer) => {
@@ -420,7 +518,10 @@ export class QemuDriver implements Driver {
         new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), 5000))),
       ]);
       clearTimeout(timer);
-      if (!gone) child.kill("SIGKILL");
+      if (!gone) {
+        control.killed = true;
+        child.kill("SIGKILL");
+      }
     };
 
     const exited = (async (): Promise<JobExit> => {
@@ -431,11 +532,9 @@ export class QemuDriver implements Driver {
       consoleSocket?.destroy();
       qmp?.close();
       exposed = [];
+      for (const relay of relays) relay.stop();
+      await netns?.close();
       await bridge.close();
-      if (this.switchUid) {
-        const left = await killAllOfUid(prepared.uid);
-        if (left.length > 0) log.error({ pids: left }, "vm processes survived sigkill");
-      }
       state.phase = "exited";
       let exitCode: number | null;
       let message: string;
@@ -444,15 +543,24 @@ export class QemuDriver implements Driver {
         message = `workload exited with code ${exitCode} (console pattern)`;
       } else if (sig !== null) {
         exitCode = null;
-        message = state.stopRequested ? "vm stopped (qemu killed)" : `qemu killed by ${sig}`;
+        message = state.stopRequested || control.killed ? "vm stopped (qemu killed)" : `qemu killed by ${sig}, from outside the job (not by this supervisor)`;
       } else {
         exitCode = exitCodeOfQemu(code ?? 1, s.debugExit);
         message = state.stopRequested ? `vm stopped (qemu exit code ${code})` : `vm exited (qemu exit code ${code}, workload exit code ${exitCode})`;
       }
       const stopped = state.stopRequested && exitFromConsole === undefined;
+      // QEMU killed by a signal nobody here sent: the host failed the job.
+      const outside = exitFromConsole === undefined && sig !== null && !state.stopRequested && !control.killed;
       say(message);
-      log.info({ exitCode, qemuExitCode: code, signal: sig, stopped }, "vm exited");
-      return { exitCode, ...(sig !== null ? { signal: sig } : {}), status: exitCode === 0 && !stopped ? "success" : "failure", stopped, message };
+      log.info({ exitCode, qemuExitCode: code, signal: sig, stopped, outside }, "vm exited");
+      return {
+        exitCode,
+        ...(sig !== null ? { signal: sig } : {}),
+        status: exitCode === 0 && !stopped ? "success" : "failure",
+        stopped,
+        message,
+        ...(outside ? { failure: new DriverError("internal", message) } : {}),
+      };
     })();
 
     const job: QemuJob = {
@@ -462,6 +570,7 @@ export class QemuDriver implements Driver {
       prepared,
       child,
       qmp: () => qmp,
+      control,
       state,
       status: () => state.phase,
       exposures: () => exposed,
@@ -483,9 +592,24 @@ export class QemuDriver implements Driver {
       consoleSocket = await retryUntil(() => connectUnix(files.consoleSocket), deadline, qemuGone);
       consoleSocket.on("data", (bytes: Buffer) => bridge.write(bytes));
       consoleSocket.on("error", () => undefined);
+      if (t !== undefined && forwards.length > 0) {
+        // QEMU listens for its forwards now (QMP answers once its options are set up).
+        netns = await open(`/proc/${child.pid}/ns/net`, "r");
+        for (const f of forwards) {
+          const relay = startRelay({
+            netnsFd: netns.fd,
+            path: join(this.socketDir.path, `${tag}-port-${f.name}.sock`),
+            port: f.hostPort,
+            tools: { setpriv: t.setpriv, nsenter: t.nsenter, socat: t.socat },
+            logger: log,
+          });
+          relays.push(relay);
+          exposed.push({ name: f.name, kind: "tcp", description: describe(f), path: relay.path, check: () => relay.ready });
+        }
+      }
       // Without a readiness pattern the job runs as soon as QEMU does.
       if (s.readyPattern === undefined) booted();
-      say(`vm started (pid ${child.pid}, ${s.accelResolved}); console on 127.0.0.1:${bridge.port}${forwards.map((f) => `, ${f.name} on 127.0.0.1:${f.hostPort} -> guest ${f.guestPort}`).join("")}`);
+      say(`vm started (pid ${child.pid}, ${s.accelResolved}, network ${s.network})${forwards.map((f) => `; ${f.name} -> guest port ${f.guestPort}`).join("")}`);
       const outcome = await Promise.race([
         bootSeen.then(() => "booted" as const),
         exitEvent.then(() => "exited" as const),
@@ -514,7 +638,7 @@ export class QemuDriver implements Driver {
     if (state.phase === "booting") state.phase = "running";
     // The exit pattern may have come with the boot output already.
     checkExit();
-    log.info({ pid: child.pid, consolePort: bridge.port, forwards }, "vm running");
+    log.info({ pid: child.pid, console: bridge.path, forwards, network: s.network, ownNamespace }, "vm running");
     prepared.running = job;
     return job;
   }
@@ -522,22 +646,16 @@ export class QemuDriver implements Driver {
   stop(handle: RunningJob, options: StopOptions = {}): Promise<void> {
     const job = handle as QemuJob;
     const graceMs = options.graceMs ?? this.settings.graceMs;
-    return this.pool.stop(job, graceMs, async (log) => {
+    return this.pool.stop(job, graceMs, async (log, within) => {
       const qmp = job.qmp();
       if (graceMs > 0) await qmp?.execute("system_powerdown").catch(() => undefined);
-      const within = async (ms: number) => {
-        let timer: NodeJS.Timeout | undefined;
-        const done = await Promise.race([
-          job.exited.then(() => true),
-          new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms))),
-        ]);
-        clearTimeout(timer);
-        return done;
-      };
       if (!(await within(graceMs))) {
         log.info("grace period over, quitting vm");
         await qmp?.execute("quit").catch(() => undefined);
-        if (!(await within(5000))) job.child.kill("SIGKILL");
+        if (!(await within(5000))) {
+          job.control.killed = true;
+          job.child.kill("SIGKILL");
+        }
       }
     });
   }
@@ -581,8 +699,9 @@ export class QemuDriver implements Driver {
     return this.pool.cleanup(handle);
   }
 
-  close(): Promise<void> {
-    return this.pool.close();
+  async close(): Promise<void> {
+    await this.pool.close();
+    await this.socketDir.remove();
   }
 }
 

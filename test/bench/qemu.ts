@@ -107,6 +107,7 @@ export async function run(): Promise<void> {
         consoleLog: join(dir, "console.log"),
         qmpSocket: join(dir, "qmp.sock"),
         forwards: [],
+        restrictNetwork: true,
         debugExit: true,
         sandbox: true,
         extraArgs: [],

@@ -163,7 +163,6 @@ export async function startWorld(): Promise<CliWorld> {
           hostCredential: credential,
           driver: "process",
           workDir,
-          slotUidBase: 62000 + supervisors.length * 100,
           reconnectMaxMs: 1000,
         },
         logger: silentLogger(),

@@ -64,6 +64,8 @@ describe("tml console and port-forward on the all-in-one testbed", () => {
     term.stdin!.write("\r~.");
     expect(await exited).toBe(0);
     expect(screen).toContain("Console closed");
+    // Leaving says that the job still holds its host, and how to end it.
+    expect(screen).toMatch(new RegExp(`Job ${jobId} is still running: .*End it with: tml job cancel ${jobId}`));
     // Leaving the console leaves the job running; end its shell from a new one.
     await tml(config, ["console", jobId], { input: "exit\n" });
     const done = await tb.waitFinalized(jobId);

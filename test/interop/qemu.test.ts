@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { createHash } from "node:crypto";
 import { chmod, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
+import { connect, createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { ExitStatus, FinalizeReason, JobStage, JobState, SnapshotState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
@@ -127,6 +128,49 @@ describe("qemu driver with a real guest", () => {
     await expect(starting).rejects.toThrow(/aborted/);
     await driver.cleanup(prepared);
     expect(await readdir(join(dir, "work", "jobs"))).toEqual([]);
+  }, BOOT_MS);
+
+  it("keeps the guest from its host: 10.0.2.2 reaches no host port, and the vm's forwards listen on no port of the host", async () => {
+    const hostService = createServer((socket) => socket.end("host-service\n"));
+    await new Promise<void>((resolve) => hostService.listen(0, "127.0.0.1", resolve));
+    const hostPort = (hostService.address() as AddressInfo).port;
+    try {
+      const output = new CollectedOutput();
+      const script =
+        `if echo | nc -w 3 10.0.2.2 ${hostPort} | grep -q host-service; then echo reached-the-host; else echo host-out-of-reach; fi; ` +
+        "nc -ll -p 7777 -e /bin/cat & while ! netstat -ltn | grep -q :7777; do sleep 0.1; done; echo listening; sleep 600";
+      const prepared = await driver.prepare({ ...spec(guest.image, script), exposedPorts: [{ name: "echo", port: 7777 }] });
+      const job = await driver.start(prepared, output);
+      await output.waitFor("console", /listening/, BOOT_MS);
+      expect(output.text("console")).toContain("host-out-of-reach");
+      // The forward is reached through the supervisor's own unix socket, not a port of the host.
+      const echo = job.exposures().find((e) => e.name === "echo")!;
+      expect(echo).toHaveProperty("path");
+      const uid = (prepared as unknown as { uid: number }).uid;
+      const hostListenersOfVm = (await readFile("/proc/net/tcp", "utf8"))
+        .split("\n")
+        .slice(1)
+        .map((line) => line.trim().split(/\s+/))
+        .filter((f) => f[3] === "0A" && Number(f[7]) === uid);
+      expect(hostListenersOfVm).toEqual([]);
+      await echo.check?.();
+      const socket = connect({ path: (echo as { path: string }).path });
+      const answer = await new Promise<string>((resolve, reject) => {
+        let got = "";
+        socket.on("data", (bytes: Buffer) => {
+          got += bytes.toString();
+          if (got.includes("ping-the-guest")) resolve(got);
+        });
+        socket.on("error", reject);
+        socket.write("ping-the-guest\n");
+      });
+      socket.destroy();
+      expect(answer).toContain("ping-the-guest");
+      await driver.stop(job, { graceMs: 0 });
+      await driver.cleanup(job);
+    } finally {
+      hostService.close();
+    }
   }, BOOT_MS);
 
   it("refuses an image whose upper layer names a lower layer that is not in it, or whose disk is not qcow2", async () => {

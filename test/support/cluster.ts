@@ -6,9 +6,9 @@
  * its own, test/support/db.ts), which outlives it. The image store, the site
  * cache and the log server run in the test process (nothing here kills
  * them, but the log server can be stopped and started again on the same
- * port and data directory, for log-server outages). Each supervisor has its
- * own slot uids (never shared with another test file running at the same
- * time).
+ * port and data directory, for log-server outages). Each supervisor claims
+ * free slot uids of its own (`--slot-uid-base auto`, the default: never
+ * shared with another supervisor on the machine).
  */
 import { randomBytes } from "node:crypto";
 import { chmod, mkdtemp, rm } from "node:fs/promises";
@@ -23,9 +23,7 @@ import { loadImageStoreConfig } from "../../stores/image/config.js";
 import { createImageStore } from "../../stores/image/image-store.js";
 import { loadLogServerConfig } from "../../stores/log/config.js";
 import { createLogServer } from "../../stores/log/log-server.js";
-import { killAllOfUid } from "../../supervisor/drivers/sandbox.js";
 import { adminTransport, processHost } from "../../testbed/provision.js";
-import { uniqueUidBase } from "../supervisor/drivers/helpers.js";
 import { createTestDatabase, type TestDatabase } from "./db.js";
 import { startProcess, type RunningProcess } from "./process.js";
 import { jobTools, type JobTools } from "./testbed.js";
@@ -38,7 +36,6 @@ export interface ClusterSupervisor {
   name: string;
   hostId: string;
   workDir: string;
-  uidBase: number;
   /** The running process (the latest one after a restart). */
   proc: RunningProcess;
 }
@@ -58,9 +55,9 @@ export interface Cluster extends JobTools {
   killCoordinator(): Promise<void>;
   /** Starts the coordinator again, on the same port and database; resolves once it serves. */
   startCoordinator(): Promise<void>;
-  /** SIGKILLs a supervisor (its jobs' processes are left behind, as on a real crash). */
+  /** SIGKILLs a supervisor (its jobs die with it: their parent-death signal). */
   killSupervisor(name: string): Promise<void>;
-  /** Starts a supervisor's process again (same host, work directory and slot uids); resolves once attached. */
+  /** Starts a supervisor's process again (same host and work directory, whose slot uids it prefers); resolves once attached. */
   startSupervisor(name: string): Promise<void>;
   /** Waits for the supervisor's next attachment after its output line number `from`. */
   waitAttached(name: string, from: number): Promise<void>;
@@ -113,7 +110,6 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
         "--name", sup.name,
         "--host-id", sup.hostId,
         "--work-dir", sup.workDir,
-        "--slot-uid-base", String(sup.uidBase),
         "--reconnect-max-ms", "1000",
         "--stop-grace-ms", "2000",
         ...(options.supervisorArgs ?? []),
@@ -126,8 +122,6 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
   const stopAll = async () => {
     for (const s of supervisors.values()) s.proc.child.kill("SIGTERM");
     await Promise.all([...supervisors.values()].map((s) => s.proc.exited));
-    // What a killed supervisor left behind.
-    await Promise.all([...supervisors.values()].map((s) => killAllOfUid(s.uidBase)));
     await Promise.all(servers.map((s) => s.stop()));
     await logServer?.stop();
     coordinator?.child.kill("SIGTERM");
@@ -177,7 +171,7 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
       const name = `sup-${i}`;
       const created = await hosts.createHost({ ...processHost(name), site: SITE, capacity: 1 });
       credentials.set(name, created.credential);
-      const sup = { name, hostId: created.host!.id, workDir: join(dir, "supervisors", name), uidBase: uniqueUidBase() };
+      const sup = { name, hostId: created.host!.id, workDir: join(dir, "supervisors", name) };
       supervisors.set(name, { ...sup, proc: startSupervisor(sup, coordinatorUrl) });
     }
     await Promise.all([...supervisors.values()].map((s) => s.proc.waitForLine(attached, 60000)));

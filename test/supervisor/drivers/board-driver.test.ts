@@ -1,11 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { createBoardDriver, parseBoardConfig, type BoardDriver } from "../../../supervisor/drivers/board-driver.js";
 import { DriverError, type JobSpecForDriver } from "../../../supervisor/drivers/driver.js";
 import { startSimBoard, type SimBoard } from "../../../supervisor/sim-board/start.js";
 import { buildBusyboxImage, buildFirmwareImage } from "../../support/images.js";
-import { capturingLogger, CollectedOutput, tcpClient } from "./helpers.js";
+import { capturingLogger, CollectedOutput, socketClient } from "./helpers.js";
 
 let base: string;
 let board: SimBoard;
@@ -21,7 +21,7 @@ async function firmwareSpec(script: string): Promise<JobSpecForDriver> {
 beforeAll(async () => {
   base = await mkdtemp("/tmp/treadmill-board-driver-");
   board = await startSimBoard({ dir: join(base, "board") });
-  driver = createBoardDriver(board.config, logger);
+  driver = createBoardDriver({ ...board.config, services: [{ name: "gdb", port: 2331 }] }, logger);
 });
 
 afterAll(async () => {
@@ -59,13 +59,22 @@ describe("board driver with the simulated board", () => {
     await driver.cleanup(job);
   });
 
-  it("bridges the serial console to a local TCP port", async () => {
+  it("bridges the serial console to a unix socket and exposes only the console and the configured services, not what a job declares", async () => {
     const spec = await firmwareSpec('echo ready\nread line\necho "got:$line"\necho TREADMILL_EXIT=0\n');
+    spec.exposedPorts = [
+      { name: "db", port: 5432 },
+      { name: "gdb", port: 2331 },
+    ];
     const out = new CollectedOutput();
     const job = await driver.start(await driver.prepare(spec), out);
+    expect(job.exposures().map((e) => e.name)).toEqual(["console", "gdb"]);
+    expect(job.exposures()[1]).toMatchObject({ kind: "tcp", host: "127.0.0.1", port: 2331 });
+    expect(out.text("supervisor")).toMatch(/port db is not exposed: board \S+ exposes its console and its configured services only/);
     const exposure = job.exposures().find((e) => e.name === "console")!;
-    expect(exposure).toMatchObject({ host: "127.0.0.1", kind: "console" });
-    const client = await tcpClient(exposure.port);
+    expect(exposure).toMatchObject({ kind: "console" });
+    if (!("path" in exposure)) throw new Error("the console is not a unix socket");
+    expect((await stat(exposure.path)).mode & 0o777).toBe(0o600);
+    const client = await socketClient(exposure.path);
     await out.waitFor("console", /ready/);
     client.socket.write("ping\r");
     await client.waitFor(/got:ping/);

@@ -54,9 +54,11 @@ export function capturingLogger(): { logger: Logger; lines: string[] } {
   return { logger: createLogger({ level: "debug", component: "test", destination }), lines };
 }
 
-/** A TCP client whose received text can be awaited. */
-export async function tcpClient(port: number): Promise<{ socket: Socket; text(): string; waitFor(p: RegExp, timeoutMs?: number): Promise<void> }> {
-  const socket = connect({ host: "127.0.0.1", port });
+/** A client of a stream socket (a Unix socket path, or a TCP port on 127.0.0.1) whose received text can be awaited. */
+export async function socketClient(
+  to: string | number,
+): Promise<{ socket: Socket; text(): string; waitFor(p: RegExp, timeoutMs?: number): Promise<void> }> {
+  const socket = typeof to === "string" ? connect({ path: to }) : connect({ host: "127.0.0.1", port: to });
   await new Promise<void>((resolve, reject) => {
     socket.once("connect", resolve);
     socket.once("error", reject);
@@ -72,7 +74,7 @@ export async function tcpClient(port: number): Promise<{ socket: Socket; text():
     text: () => received,
     waitFor: (pattern, timeoutMs = 20000) =>
       new Promise((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no ${pattern} from port ${port}; got ${JSON.stringify(received)}`)), timeoutMs);
+        const timer = setTimeout(() => reject(new Error(`no ${pattern} from ${to}; got ${JSON.stringify(received)}`)), timeoutMs);
         const check = () => {
           if (!pattern.test(received)) return;
           clearTimeout(timer);
@@ -84,9 +86,4 @@ export async function tcpClient(port: number): Promise<{ socket: Socket; text():
         check();
       }),
   };
-}
-
-/** A uid range of its own for each test file, so concurrent test files never share slot uids. */
-export function uniqueUidBase(): number {
-  return 300000 + Math.floor(Math.random() * 100000) * 8;
 }

@@ -2,20 +2,29 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { execFile, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { chmod, mkdtemp, readdir, readFile, rm, stat } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { promisify } from "node:util";
-import { DriverAbortError, DriverError, type JobSpecForDriver, type RunningJob } from "../../../supervisor/drivers/driver.js";
+import { createServer, connect, type AddressInfo, type Server } from "node:net";
+import {
+  DriverAbortError,
+  DriverError,
+  ExposureDenied,
+  type Exposure,
+  type JobSpecForDriver,
+  type RunningJob,
+} from "../../../supervisor/drivers/driver.js";
 import { createProcessDriver, type ProcessDriver } from "../../../supervisor/drivers/process-driver.js";
-import { processesOfUid } from "../../../supervisor/drivers/sandbox.js";
+import { processesOfUid, signalAll } from "../../../supervisor/drivers/sandbox.js";
 import { buildBusyboxImage, buildRawLayer, imageOf, layerOf, type TestImage } from "../../support/images.js";
-import { capturingLogger, CollectedOutput, tcpClient, uniqueUidBase } from "./helpers.js";
+import { capturingLogger, CollectedOutput, socketClient } from "./helpers.js";
 
 const execFileAsync = promisify(execFile);
 
 let base: string;
 let image: TestImage;
 let driver: ProcessDriver;
-const uidBase = uniqueUidBase();
+/** The driver's first slot uid (claimed: `auto` picks a free range). */
+let uidBase: number;
 const { logger, lines: logLines } = capturingLogger();
 let jobCounter = 0;
 
@@ -53,6 +62,37 @@ async function processesMentioning(marker: string, anywhere = false): Promise<nu
   return pids;
 }
 
+/** A TCP server on the host's loopback that greets whoever connects with `greeting`. */
+async function hostService(greeting: string): Promise<{ server: Server; port: number }> {
+  const server = createServer((socket) => socket.end(`${greeting}\n`));
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { server, port: (server.address() as AddressInfo).port };
+}
+
+/** Everything a connection to the exposure's address receives until it closes (or 3 s pass). */
+async function dialExposure(exposure: Exposure): Promise<string> {
+  const socket = "path" in exposure ? connect({ path: exposure.path }) : connect({ host: exposure.host, port: exposure.port });
+  return new Promise((resolve) => {
+    let got = "";
+    const timer = setTimeout(() => socket.destroy(), 3000);
+    socket.on("data", (bytes: Buffer) => (got += bytes.toString("utf8")));
+    socket.on("error", () => undefined);
+    socket.on("close", () => {
+      clearTimeout(timer);
+      resolve(got);
+    });
+  });
+}
+
+const exposureOf = (job: RunningJob, name: string) => job.exposures().find((e) => e.name === name)!;
+
+/** A script that serves `greeting` on `port`, waits until it listens, then tries each of `probe` on 127.0.0.1 and says what happened. */
+const serveAndProbe = (port: number, greeting: string, probe: number[]) =>
+  `nc -ll -p ${port} -e /bin/sh -c "echo ${greeting}" & ` +
+  `while ! netstat -ltn | grep -q ":${port} "; do sleep 0.05; done; ` +
+  `for p in ${probe.join(" ")}; do if echo | nc -w 2 127.0.0.1 $p >/dev/null 2>&1; then echo reached-$p; else echo refused-$p; fi; done; ` +
+  "echo probed; exec sleep 100000";
+
 beforeAll(async () => {
   base = await mkdtemp("/tmp/treadmill-process-driver-");
   await chmod(base, 0o711);
@@ -60,7 +100,8 @@ beforeAll(async () => {
     dir: join(base, "images"),
     entrypoint: ["/bin/sh", "-c", "echo hello from the entrypoint; id -u; cat /etc/hostname"],
   });
-  driver = await createProcessDriver({ workDir: join(base, "work"), slots: 2, slotUidBase: uidBase, graceMs: 5000, logger });
+  driver = await createProcessDriver({ workDir: join(base, "work"), slots: 2, graceMs: 5000, logger });
+  uidBase = driver.slotUidBase!;
 });
 
 afterAll(async () => {
@@ -70,7 +111,7 @@ afterAll(async () => {
 
 describe("process driver", () => {
   it("runs the image's entrypoint as the slot's uid in bubblewrap and maps exit code 0 to success", async () => {
-    expect(driver.sandbox).toEqual({ mode: "bwrap", switchUid: true });
+    expect(driver.sandbox).toEqual({ mode: "bwrap", switchUid: true, network: "isolated" });
     const s = spec("");
     delete s.entrypoint;
     const { job, out } = await run(s);
@@ -130,10 +171,10 @@ describe("process driver", () => {
     expect(out.text("supervisor")).not.toContain(secret);
   });
 
-  it("stops with SIGTERM, waits the grace period, then kills every process of the job", async () => {
+  it("stops with SIGHUP and SIGTERM, waits the grace period, then kills every process of the job", async () => {
     const marker = String(100000 + Math.floor(Math.random() * 800000));
     const { job, out } = await run(
-      spec(`trap "" TERM; setsid sleep ${marker} & sleep ${marker} & echo ready; while true; do sleep 1; done`),
+      spec(`trap "" HUP TERM; setsid sleep ${marker} & sleep ${marker} & echo ready; while true; do sleep 1; done`),
     );
     await out.waitFor("console", /ready/);
     const uid = (job.prepared as unknown as { uid: number }).uid;
@@ -154,14 +195,27 @@ describe("process driver", () => {
     await driver.cleanup(job);
   });
 
-  it("lets a workload that honours SIGTERM exit on its own within the grace period", async () => {
-    const { job, out } = await run(spec('trap "echo got-term; exit 5" TERM; echo ready; while true; do sleep 1; done'));
+  it("lets a workload that ignores SIGHUP but honours SIGTERM exit on its own within the grace period", async () => {
+    const { job, out } = await run(spec('trap "" HUP; trap "echo got-term; exit 5" TERM; echo ready; while true; do sleep 1; done'));
     await out.waitFor("console", /ready/);
     await driver.stop(job, { graceMs: 60000 });
     const exit = await job.exited;
     expect(exit).toMatchObject({ exitCode: 5, status: "failure", stopped: true });
     expect(exit.signal).toBeUndefined();
     expect(out.text("console")).toContain("got-term");
+    await driver.cleanup(job);
+  });
+
+  it("stops an interactive shell, which ignores SIGTERM, at once with SIGHUP instead of waiting out the grace period", async () => {
+    const { job, out } = await run(spec("echo ready; exec sh -i"));
+    await out.waitFor("console", /ready/);
+    job.writeConsole(Buffer.from("echo shell-$((6*7))\n"));
+    await out.waitFor("console", /shell-42/);
+    const started = Date.now();
+    await driver.stop(job, { graceMs: 60000 });
+    const exit = await job.exited;
+    expect(Date.now() - started).toBeLessThan(5000);
+    expect(exit).toMatchObject({ exitCode: 129, status: "failure", stopped: true }); // 128 + SIGHUP
     await driver.cleanup(job);
   });
 
@@ -240,12 +294,23 @@ describe("process driver", () => {
     await Promise.all([driver.cleanup(a), driver.cleanup(b)]);
   });
 
-  it("bridges the console to a local TCP port: a client's line reaches the workload and the echo comes back", async () => {
+  it("bridges the console to a 0600 unix socket in a root-only directory, never a tcp port: a client's line reaches the workload and the echo comes back", async () => {
     const { job, out } = await run(spec('echo ready; read line; echo "got:$line"; read again; echo "second:$again"'));
     const exposure = job.exposures().find((e) => e.kind === "console")!;
-    expect(exposure).toMatchObject({ name: "console", host: "127.0.0.1" });
-    const one = await tcpClient(exposure.port);
-    const two = await tcpClient(exposure.port);
+    expect(exposure).toMatchObject({ name: "console" });
+    expect(exposure).not.toHaveProperty("port");
+    if (!("path" in exposure)) throw new Error("the console is not a unix socket");
+    const socketStat = await stat(exposure.path);
+    expect(socketStat.isSocket()).toBe(true);
+    expect(socketStat.mode & 0o777).toBe(0o600);
+    const dirStat = await stat(dirname(exposure.path));
+    expect({ mode: dirStat.mode & 0o777, uid: dirStat.uid }).toEqual({ mode: 0o700, uid: 0 });
+    // Another user (a job's uid) cannot even reach it.
+    const asOther = spawnSync("socat", ["-", `UNIX-CONNECT:${exposure.path}`], { uid: uidBase + 1, gid: uidBase + 1, input: "", encoding: "utf8" });
+    expect(asOther.status).not.toBe(0);
+    expect(asOther.stderr).toMatch(/Permission denied/);
+    const one = await socketClient(exposure.path);
+    const two = await socketClient(exposure.path);
     await out.waitFor("console", /ready/);
     one.socket.write("ping\n");
     await one.waitFor(/got:ping/);
@@ -298,5 +363,103 @@ describe("process driver", () => {
     const b = await driver.prepare(spec("true"));
     await expect(driver.prepare(spec("true"))).rejects.toMatchObject({ reason: "start" }); // Both slots taken.
     await Promise.all([driver.cleanup(a), driver.cleanup(b)]);
+  });
+  it("puts every job in a network namespace of its own: it reaches no port of the host, and an exposure reaches only its own listeners", async () => {
+    const host = await hostService("host-service");
+    try {
+      const { job, out } = await run(
+        spec(serveAndProbe(8080, "from-the-job", [host.port, 8080]), {
+          exposedPorts: [
+            { name: "web", port: 8080 },
+            { name: "host", port: host.port },
+            { name: "idle", port: 9 },
+          ],
+        }),
+      );
+      await out.waitFor("console", /probed/);
+      // From inside: its own port answers, the host's does not exist.
+      expect(out.text("console")).toContain("reached-8080");
+      expect(out.text("console")).toContain(`refused-${host.port}`);
+      // Through the supervisor: the job's own listener, through its relay.
+      const web = exposureOf(job, "web");
+      expect(web).toHaveProperty("path");
+      await web.check!();
+      expect(await dialExposure(web)).toContain("from-the-job");
+      // A port of the host, or one nothing of the job listens on: PERMISSION_DENIED, and its relay reaches nothing.
+      const hostPort = exposureOf(job, "host");
+      await expect(hostPort.check!()).rejects.toBeInstanceOf(ExposureDenied);
+      await expect(hostPort.check!()).rejects.toThrow(`nothing of the job listens on port ${host.port}`);
+      expect(await dialExposure(hostPort)).toBe("");
+      await expect(exposureOf(job, "idle").check!()).rejects.toBeInstanceOf(ExposureDenied);
+      await driver.stop(job, { graceMs: 100 });
+      await driver.cleanup(job);
+    } finally {
+      host.server.close();
+    }
+  });
+
+  it("with --job-network host allows a declared port only when the job's own uid listens on it", async () => {
+    const host = await hostService("host-service");
+    const hostNet = await createProcessDriver({ workDir: join(base, "work-host-net"), network: "host", graceMs: 1000, logger });
+    try {
+      expect(hostNet.sandbox.network).toBe("host");
+      const jobPort = host.port + 1 > 65000 ? host.port - 1 : host.port + 1;
+      const { job, out } = await run(
+        spec(serveAndProbe(jobPort, "from-the-job", [host.port]), {
+          exposedPorts: [
+            { name: "web", port: jobPort },
+            { name: "host", port: host.port },
+          ],
+        }),
+        hostNet,
+      );
+      await out.waitFor("console", /probed/);
+      expect(out.text("console")).toContain(`reached-${host.port}`); // What "host" means: unsafe.
+      const web = exposureOf(job, "web");
+      expect(web).toMatchObject({ host: "127.0.0.1", port: jobPort });
+      await web.check!();
+      expect(await dialExposure(web)).toContain("from-the-job");
+      await expect(exposureOf(job, "host").check!()).rejects.toThrow(`port ${host.port} on this host belongs to something other than the job`);
+      await hostNet.stop(job, { graceMs: 100 });
+      await hostNet.cleanup(job);
+    } finally {
+      await hostNet.close();
+      host.server.close();
+    }
+  });
+
+  it("without bubblewrap (chroot mode) still runs the job in pid and network namespaces of its own", async () => {
+    const host = await hostService("host-service");
+    const chrooted = await createProcessDriver({ workDir: join(base, "work-chroot"), sandbox: "chroot", graceMs: 1000, logger });
+    try {
+      expect(chrooted.sandbox).toMatchObject({ mode: "chroot", network: "isolated" });
+      const { job, out } = await run(
+        spec(`if echo | nc -w 2 127.0.0.1 ${host.port} 2>/dev/null | grep -q host-service; then echo reached-host; else echo host-refused; fi; echo "pid $$"; exit 0`),
+        chrooted,
+      );
+      expect(await job.exited).toMatchObject({ exitCode: 0, status: "success" });
+      expect(out.text("console")).toContain("host-refused");
+      expect(out.text("console")).toMatch(/pid [2-9]\r?\n/); // A namespace of its own, whose init is pid 1.
+      await chrooted.cleanup(job);
+    } finally {
+      await chrooted.close();
+      host.server.close();
+    }
+  });
+
+  it("reports a job whose sandbox was killed from outside (every process of its uid, as a second supervisor on the same uids once did) as a host failure", async () => {
+    const { job, out } = await run(spec("echo ready; exec sleep 100000"));
+    await out.waitFor("console", /ready/);
+    const uid = (job.prepared as unknown as { uid: number }).uid;
+    signalAll(
+      (await processesOfUid(uid)).map((p) => p.pid),
+      "SIGKILL",
+    );
+    const exit = await job.exited;
+    expect(exit).toMatchObject({ exitCode: null, status: "failure", stopped: false });
+    expect(exit.message).toMatch(/sandbox was killed by SIGKILL, from outside the job/);
+    expect(exit.failure).toBeInstanceOf(DriverError);
+    expect(exit.failure?.reason).toBe("internal");
+    await driver.cleanup(job);
   });
 });

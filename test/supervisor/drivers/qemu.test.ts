@@ -125,6 +125,7 @@ describe("qemu command line", () => {
       { hostPort: 40022, guestPort: 22 },
       { hostPort: 40080, guestPort: 8080 },
     ],
+    restrictNetwork: true,
     parameterFile: "/jobs/x/parameters.sh",
     debugExit: true,
     sandbox: true,
@@ -148,7 +149,7 @@ describe("qemu command line", () => {
     ]);
   });
 
-  it("builds console, qmp, network forwards, direct boot, parameters, debug exit, sandbox and extra args", () => {
+  it("builds console, qmp, restricted network forwards, direct boot, parameters, debug exit, sandbox and extra args", () => {
     const args = qemuArgs(launch);
     const after = (flag: string) => args.filter((_, i) => args[i - 1] === flag);
     expect(after("-machine")).toEqual(["q35"]);
@@ -158,7 +159,8 @@ describe("qemu command line", () => {
     expect(after("-chardev")).toEqual(["socket,id=console,path=/jobs/x,,y/console.sock,server=on,wait=off,logfile=/jobs/x/console.log"]);
     expect(after("-serial")).toEqual(["chardev:console"]);
     expect(after("-qmp")).toEqual(["unix:/jobs/x/qmp.sock,server=on,wait=off"]);
-    expect(after("-netdev")).toEqual(["user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22,hostfwd=tcp:127.0.0.1:40080-:8080"]);
+    // Restricted: the guest reaches nothing of the host (10.0.2.2) or beyond; forwards still reach it.
+    expect(after("-netdev")).toEqual(["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22,hostfwd=tcp:127.0.0.1:40080-:8080"]);
     expect(after("-kernel")).toEqual(["/cache/sha256:k"]);
     expect(after("-initrd")).toEqual([]);
     expect(after("-append")).toEqual(["console=ttyS0 quiet"]);
@@ -166,7 +168,8 @@ describe("qemu command line", () => {
     expect(after("-device")).toContain("isa-debug-exit,iobase=0xf4,iosize=0x04");
     expect(after("-sandbox")).toHaveLength(1);
     expect(args.slice(-2)).toEqual(["-cpu", "max"]);
-    const plain = qemuArgs({ ...launch, debugExit: false, sandbox: false, parameterFile: undefined, plan: { chain: plan.chain } });
+    const plain = qemuArgs({ ...launch, debugExit: false, sandbox: false, parameterFile: undefined, plan: { chain: plan.chain }, restrictNetwork: false });
+    expect(plain.filter((_, i) => plain[i - 1] === "-netdev")[0]).not.toContain("restrict");
     expect(plain).not.toContain("-kernel");
     expect(plain).not.toContain("-fw_cfg");
     expect(plain).not.toContain("-sandbox");

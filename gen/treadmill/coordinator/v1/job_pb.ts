@@ -122,8 +122,10 @@ export const ParameterSchema: GenMessage<Parameter> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_job, 2);
 
 /**
- * ExposedPort declares a host-local port of the job that users may reach
- * through a rendezvous proxy (OpenJobSession).
+ * ExposedPort declares a port of the job that users may reach through a
+ * rendezvous proxy (OpenJobSession). It always means a port of the job's own
+ * sandbox, never one of the host: the job's driver decides what it may name
+ * and its supervisor refuses anything else with PERMISSION_DENIED.
  *
  * @generated from message treadmill.coordinator.v1.ExposedPort
  */
@@ -138,9 +140,11 @@ export type ExposedPort = Message<"treadmill.coordinator.v1.ExposedPort"> & {
   name: string;
 
   /**
-   * TCP port, 1 to 65535: for a process job, on the host's loopback; for a
-   * qemu job, in the guest (the driver forwards it); for a board job, the port
-   * of a service declared in the host's configuration.
+   * TCP port, 1 to 65535: for a process job, in the job's own network
+   * namespace (a connection is allowed once something of the job listens on
+   * it); for a qemu job, in the guest (the driver forwards it); for a board
+   * job, the name must be one of the services declared in the host's
+   * configuration (others are not exposed).
    *
    * @generated from field: int32 port = 2;
    */

@@ -140,14 +140,15 @@ export type TunnelFailed = Message<"treadmill.proxy.v1.TunnelFailed"> & {
   connectionId: string;
 
   /**
-   * Usually CLOSE_REASON_CONNECT_FAILED or CLOSE_REASON_LIMIT_REACHED.
+   * Usually CLOSE_REASON_CONNECT_FAILED, CLOSE_REASON_LIMIT_REACHED or
+   * CLOSE_REASON_PERMISSION_DENIED (the driver does not allow it).
    *
    * @generated from field: treadmill.proxy.v1.CloseReason reason = 2;
    */
   reason: CloseReason;
 
   /**
-   * Detail, e.g. "connection refused on 127.0.0.1:2222".
+   * Detail, e.g. "nothing of the job listens on port 2222".
    *
    * @generated from field: string message = 3;
    */

@@ -10,11 +10,12 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/proxy/v1/tunnel.proto.
  */
 export const file_treadmill_proxy_v1_tunnel: GenFile = /*@__PURE__*/
-  fileDesc("Ch90cmVhZG1pbGwvcHJveHkvdjEvdHVubmVsLnByb3RvEhJ0cmVhZG1pbGwucHJveHkudjEicAoIRXhwb3N1cmUSDAoEbmFtZRgBIAEoCRIuCgRraW5kGAIgASgOMiAudHJlYWRtaWxsLnByb3h5LnYxLkV4cG9zdXJlS2luZBITCgtkZXNjcmlwdGlvbhgDIAEoCRIRCglyZXNpemFibGUYBCABKAgiKAoKV2luZG93U2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0iCwoJSGFsZkNsb3NlIk8KC1N0cmVhbUNsb3NlEi8KBnJlYXNvbhgBIAEoDjIfLnRyZWFkbWlsbC5wcm94eS52MS5DbG9zZVJlYXNvbhIPCgdtZXNzYWdlGAIgASgJKl8KDEV4cG9zdXJlS2luZBIdChlFWFBPU1VSRV9LSU5EX1VOU1BFQ0lGSUVEEAASGQoVRVhQT1NVUkVfS0lORF9DT05TT0xFEAESFQoRRVhQT1NVUkVfS0lORF9UQ1AQAircAgoLQ2xvc2VSZWFzb24SHAoYQ0xPU0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASFwoTQ0xPU0VfUkVBU09OX05PUk1BTBABEh8KG0NMT1NFX1JFQVNPTl9DT05ORUNUX0ZBSUxFRBACEiAKHENMT1NFX1JFQVNPTl9TVVBFUlZJU09SX0dPTkUQAxIcChhDTE9TRV9SRUFTT05fQ0xJRU5UX0dPTkUQBBIjCh9DTE9TRV9SRUFTT05fRVhQT1NVUkVfV0lUSERSQVdOEAUSHQoZQ0xPU0VfUkVBU09OX0lETEVfVElNRU9VVBAGEh4KGkNMT1NFX1JFQVNPTl9MSU1JVF9SRUFDSEVEEAcSHgoaQ0xPU0VfUkVBU09OX1RPS0VOX0VYUElSRUQQCBIZChVDTE9TRV9SRUFTT05fU0hVVERPV04QCRIWChJDTE9TRV9SRUFTT05fRVJST1IQCmIGcHJvdG8z");
+  fileDesc("Ch90cmVhZG1pbGwvcHJveHkvdjEvdHVubmVsLnByb3RvEhJ0cmVhZG1pbGwucHJveHkudjEicAoIRXhwb3N1cmUSDAoEbmFtZRgBIAEoCRIuCgRraW5kGAIgASgOMiAudHJlYWRtaWxsLnByb3h5LnYxLkV4cG9zdXJlS2luZBITCgtkZXNjcmlwdGlvbhgDIAEoCRIRCglyZXNpemFibGUYBCABKAgiKAoKV2luZG93U2l6ZRIMCgRjb2xzGAEgASgNEgwKBHJvd3MYAiABKA0iCwoJSGFsZkNsb3NlIk8KC1N0cmVhbUNsb3NlEi8KBnJlYXNvbhgBIAEoDjIfLnRyZWFkbWlsbC5wcm94eS52MS5DbG9zZVJlYXNvbhIPCgdtZXNzYWdlGAIgASgJKl8KDEV4cG9zdXJlS2luZBIdChlFWFBPU1VSRV9LSU5EX1VOU1BFQ0lGSUVEEAASGQoVRVhQT1NVUkVfS0lORF9DT05TT0xFEAESFQoRRVhQT1NVUkVfS0lORF9UQ1AQAiqAAwoLQ2xvc2VSZWFzb24SHAoYQ0xPU0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASFwoTQ0xPU0VfUkVBU09OX05PUk1BTBABEh8KG0NMT1NFX1JFQVNPTl9DT05ORUNUX0ZBSUxFRBACEiAKHENMT1NFX1JFQVNPTl9TVVBFUlZJU09SX0dPTkUQAxIcChhDTE9TRV9SRUFTT05fQ0xJRU5UX0dPTkUQBBIjCh9DTE9TRV9SRUFTT05fRVhQT1NVUkVfV0lUSERSQVdOEAUSHQoZQ0xPU0VfUkVBU09OX0lETEVfVElNRU9VVBAGEh4KGkNMT1NFX1JFQVNPTl9MSU1JVF9SRUFDSEVEEAcSHgoaQ0xPU0VfUkVBU09OX1RPS0VOX0VYUElSRUQQCBIZChVDTE9TRV9SRUFTT05fU0hVVERPV04QCRIWChJDTE9TRV9SRUFTT05fRVJST1IQChIiCh5DTE9TRV9SRUFTT05fUEVSTUlTU0lPTl9ERU5JRUQQC2IGcHJvdG8z");
 
 /**
- * Exposure is a host-local port of a job that the supervisor offers through
- * the proxy.
+ * Exposure is something of a job that its supervisor offers through the
+ * proxy: its console, or a port inside the job's own sandbox (never a port of
+ * the supervisor's host, except a board's configured services).
  *
  * @generated from message treadmill.proxy.v1.Exposure
  */
@@ -143,7 +144,7 @@ export enum ExposureKind {
   UNSPECIFIED = 0,
 
   /**
-   * The job's console: a serial line or a pseudo-terminal bridged to TCP.
+   * The job's console: a serial line or a pseudo-terminal.
    * Supports window size changes when the driver has a pseudo-terminal.
    *
    * @generated from enum value: EXPOSURE_KIND_CONSOLE = 1;
@@ -151,7 +152,8 @@ export enum ExposureKind {
   CONSOLE = 1,
 
   /**
-   * Any other host-local TCP port (ssh, a web service, a GDB server).
+   * A TCP port of the job (ssh, a web service) or of its board (a GDB
+   * server).
    *
    * @generated from enum value: EXPOSURE_KIND_TCP = 2;
    */
@@ -246,6 +248,15 @@ export enum CloseReason {
    * @generated from enum value: CLOSE_REASON_ERROR = 10;
    */
   ERROR = 10,
+
+  /**
+   * The supervisor refused the connection: the job's driver does not allow
+   * it (the exposure names nothing of the job's own, such as a port nothing
+   * of the job listens on). Dialers get PERMISSION_DENIED.
+   *
+   * @generated from enum value: CLOSE_REASON_PERMISSION_DENIED = 11;
+   */
+  PERMISSION_DENIED = 11,
 }
 
 /**

@@ -303,7 +303,9 @@ export const TunnelService: GenService<{
    * has not announced this exposure), UNAVAILABLE (the job's supervisor is
    * not connected to this proxy), RESOURCE_EXHAUSTED (per-job or per-proxy
    * tunnel limit), DEADLINE_EXCEEDED (the supervisor did not open the tunnel
-   * in time).
+   * in time), PERMISSION_DENIED (the job's supervisor refused: its driver
+   * does not allow this connection, e.g. nothing of the job listens on the
+   * port).
    *
    * @generated from rpc treadmill.proxy.v1.TunnelService.Dial
    */
