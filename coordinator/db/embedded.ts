@@ -461,12 +461,31 @@ async function waitGone(pids: number[], deadline: number): Promise<boolean> {
 }
 
 /**
+ * A postmaster killed together with its parent stays a zombie until init
+ * reaps it, and PostgreSQL takes the lock file naming a zombie for a live
+ * server's and refuses to start. A zombie is dead, and the cluster's other
+ * processes are gone (reapLeftovers): its lock file goes.
+ */
+async function clearDeadLock(pgdata: string, log: Logger): Promise<void> {
+  const lockFile = join(pgdata, "postmaster.pid");
+  const pid = Number((await readFile(lockFile, "utf8").catch(() => "")).split("\n")[0]);
+  if (!Number.isInteger(pid) || pid <= 0) return;
+  const state = await readFile(`/proc/${pid}/stat`, "utf8").then(
+    (text) => text.slice(text.lastIndexOf(")") + 2).split(" ")[0],
+    () => undefined,
+  );
+  if (state !== "Z") return;
+  log.warn({ postmaster: pid, pgdata }, "removing the lock file of a dead postmaster not yet reaped");
+  await rm(lockFile, { force: true });
+}
+
+/**
  * Stops any server still running on `pgdata` (left by a run whose process was
  * killed): fast shutdown, then SIGQUIT, then SIGKILL, each after a deadline.
  */
 async function reapLeftovers(pgdata: string, timeoutMs: number, log: Logger): Promise<void> {
   const pids = await postgresProcesses(pgdata);
-  if (pids.length === 0) return;
+  if (pids.length === 0) return clearDeadLock(pgdata, log);
   const pidFile = await readFile(join(pgdata, "postmaster.pid"), "utf8").catch(() => "");
   const postmaster = Number(pidFile.split("\n")[0]);
   log.warn({ pids, postmaster, pgdata }, "stopping postgres left by a previous run");
@@ -481,13 +500,16 @@ async function reapLeftovers(pgdata: string, timeoutMs: number, log: Logger): Pr
   };
   const first = pids.includes(postmaster) ? [postmaster] : pids;
   signalAll(first.length === 1 ? "SIGINT" : "SIGQUIT", first);
-  if (await waitGone(pids, Date.now() + timeoutMs)) return;
-  signalAll("SIGQUIT", pids);
-  if (await waitGone(pids, Date.now() + 5_000)) return;
-  signalAll("SIGKILL", pids);
-  if (!(await waitGone(pids, Date.now() + 5_000))) {
-    throw new Error(`embedded postgres: could not stop the postgres processes ${pids.join(", ")} on ${pgdata}`);
+  if (!(await waitGone(pids, Date.now() + timeoutMs))) {
+    signalAll("SIGQUIT", pids);
+    if (!(await waitGone(pids, Date.now() + 5_000))) {
+      signalAll("SIGKILL", pids);
+      if (!(await waitGone(pids, Date.now() + 5_000))) {
+        throw new Error(`embedded postgres: could not stop the postgres processes ${pids.join(", ")} on ${pgdata}`);
+      }
+    }
   }
+  await clearDeadLock(pgdata, log);
 }
 
 async function run(

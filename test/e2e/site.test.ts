@@ -1,0 +1,51 @@
+/**
+ * docs/site.md, run as it is written: a site assembled from separate
+ * processes (test/support/site.ts reads the doc's blocks), a job through it
+ * end to end, and every component brought back after a SIGKILL (issue #18,
+ * item 9 and the chaos benchmark's harness).
+ */
+import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
+import { startSite, type Site } from "../support/site.js";
+
+let site: Site;
+
+beforeAll(async () => {
+  site = await startSite();
+}, 240_000);
+
+afterAll(async () => {
+  await site?.stop();
+}, 60_000);
+
+describe("a site assembled from docs/site.md", () => {
+  it("runs the doc's first job end to end: image through the store and the site cache, log through the log server", async () => {
+    const hello = await site.run("hello");
+    expect(hello.stderr).toMatch(/--> job \S+ succeeded \(exit code 0\)/);
+    expect(hello.stdout).toContain(`hello from site ${site.vars.SITE}`);
+    expect(hello.code).toBe(0);
+  }, 120_000);
+
+  it("brings each component back after a SIGKILL, and runs a job again", async () => {
+    expect(site.components).toEqual([
+      "postgres",
+      "coordinator",
+      "image-store",
+      "image-cache",
+      "log-server",
+      "proxy",
+      "supervisor-1",
+      "supervisor-2",
+    ]);
+    for (const name of site.components) {
+      const before = site.pid(name);
+      await site.kill(name, "SIGKILL");
+      expect(site.pid(name)).toBeUndefined();
+      await site.start(name);
+      expect(site.pid(name)).not.toBe(before);
+      await site.waitServing(name);
+    }
+    const again = await site.shell(`tml job run example/hello --site "$SITE"`);
+    expect(again.stdout).toContain(`hello from site ${site.vars.SITE}`);
+    expect(again.code).toBe(0);
+  }, 300_000);
+});
