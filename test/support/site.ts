@@ -25,26 +25,10 @@ import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.
 import { HealthCheckResponse_ServingStatus, Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { postgresProcesses } from "../../coordinator/db/embedded.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
+import { docBlock, docBlocks, type DocBlock } from "./doc-blocks.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const SITE_DOC = join(REPO, "docs", "site.md");
-
-/** One fenced block of docs/site.md that the harness runs. */
-export interface SiteBlock {
-  kind: "vars" | "process" | "step" | "example";
-  name: string;
-  script: string;
-}
-
-/** The blocks of the doc, in order. */
-export function siteBlocks(markdown: string): SiteBlock[] {
-  const blocks: SiteBlock[] = [];
-  for (const m of markdown.matchAll(/^```sh (vars|(process|step|example)=([a-z0-9-]+))\n([\s\S]*?)^```$/gm)) {
-    const kind = (m[2] ?? "vars") as SiteBlock["kind"];
-    blocks.push({ kind, name: m[3] ?? "vars", script: m[4] });
-  }
-  return blocks;
-}
 
 /** A process block's script with its last command exec'd, so that the bin replaces the shell. */
 function execLast(script: string): string {
@@ -129,9 +113,8 @@ async function until(what: string, check: () => Promise<boolean>, timeoutMs: num
  * caller (`run`).
  */
 export async function startSite(options: { site?: string; quiet?: boolean } = {}): Promise<Site> {
-  const blocks = siteBlocks(await readFile(SITE_DOC, "utf8"));
-  const varsBlock = blocks.find((b) => b.kind === "vars");
-  if (varsBlock === undefined) throw new Error(`${SITE_DOC} has no \`sh vars\` block`);
+  const blocks = (await docBlocks(SITE_DOC)).filter((b) => b.lang === "sh");
+  const varsBlock = docBlock(blocks, SITE_DOC, "vars");
   const dir = await mkdtemp(join(tmpdir(), "treadmill-site-"));
   await chmod(dir, 0o755); // the process driver's slot uids enter the supervisors' work directories
   const logs = join(dir, "logs");
@@ -161,14 +144,14 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
     TML_TOKEN: "",
     NO_COLOR: "1",
   };
-  const script = (body: string) => `set -euo pipefail\n${varsBlock.script}\n${body}`;
+  const script = (body: string) => `set -euo pipefail\n${varsBlock.text}\n${body}`;
   const logFile = (name: string) => join(logs, `${name}.log`);
   if (!options.quiet) process.stderr.write(`site ${vars.SITE} in ${dir}: each component's output in ${logs}/<name>.log\n`);
 
   const processes = new Map(blocks.filter((b) => b.kind === "process").map((b) => [b.name, b]));
   const running = new Map<string, { child: ChildProcess; exited: Promise<void>; startedAt: Date }>();
 
-  const blockNamed = (name: string, kinds: SiteBlock["kind"][]) => {
+  const blockNamed = (name: string, kinds: string[]): DocBlock => {
     const block = blocks.find((b) => b.name === name && kinds.includes(b.kind));
     if (block === undefined) throw new Error(`docs/site.md has no ${kinds.join(" or ")} block named ${name}`);
     return block;
@@ -216,7 +199,7 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
       const fd = openSync(logFile(name), "a");
       const startedAt = new Date();
       writeSync(fd, `--- started by the site harness at ${startedAt.toISOString()}\n`);
-      const child = spawn("bash", ["-c", script(execLast(block.script))], { cwd: dir, env, stdio: ["ignore", fd, fd] });
+      const child = spawn("bash", ["-c", script(execLast(block.text))], { cwd: dir, env, stdio: ["ignore", fd, fd] });
       closeSync(fd);
       const exited = new Promise<void>((resolve) =>
         child.once("exit", () => {
@@ -275,14 +258,14 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
         }
       } else {
         // A supervisor: its host is online again.
-        const host = /--name\s+"?([a-z0-9._-]+)/.exec(processes.get(name)!.script)?.[1];
+        const host = /--name\s+"?([a-z0-9._-]+)/.exec(processes.get(name)!.text)?.[1];
         if (host === undefined) throw new Error(`the process block ${name} names no --name`);
         const hosts = createClient(HostService, await admin());
         await until(what, async () => (await hosts.getHost({ host: { case: "name", value: host } }, { timeoutMs: 2000 })).host?.online === true, timeoutMs);
       }
     },
 
-    run: (name) => shell(blockNamed(name, ["step", "example"]).script),
+    run: (name) => shell(blockNamed(name, ["step", "example"]).text),
     shell,
 
     async stop(stopOptions = {}) {

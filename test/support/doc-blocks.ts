@@ -1,0 +1,34 @@
+/**
+ * Fenced blocks of a guide that a test runs as they are written: a block's
+ * info string is its language and a tag, as in "```sh step=credentials" or
+ * "```python client=python" (GitHub shows only the language). Keeping the
+ * commands in the doc and reading them here keeps the two in step.
+ */
+import { readFile } from "node:fs/promises";
+
+export interface DocBlock {
+  /** The language: sh, python... */
+  lang: string;
+  /** The tag's key ("vars" for a tag without a value). */
+  kind: string;
+  /** The tag's value ("vars" for a tag without a value). */
+  name: string;
+  text: string;
+}
+
+/** Every tagged block of `path`, in order. */
+export async function docBlocks(path: string): Promise<DocBlock[]> {
+  const markdown = await readFile(path, "utf8");
+  const blocks: DocBlock[] = [];
+  for (const m of markdown.matchAll(/^```([a-z]+) ([a-z]+)(?:=([a-z0-9-]+))?\n([\s\S]*?)^```$/gm)) {
+    blocks.push({ lang: m[1], kind: m[2], name: m[3] ?? m[2], text: m[4] });
+  }
+  return blocks;
+}
+
+/** The one block tagged `kind=name` (or `kind`), failing clearly when the doc lost it. */
+export function docBlock(blocks: DocBlock[], path: string, kind: string, name = kind): DocBlock {
+  const found = blocks.filter((b) => b.kind === kind && b.name === name);
+  if (found.length !== 1) throw new Error(`${path} has ${found.length} blocks tagged ${kind === name ? kind : `${kind}=${name}`}, not one`);
+  return found[0];
+}
