@@ -461,22 +461,39 @@ async function waitGone(pids: number[], deadline: number): Promise<boolean> {
 }
 
 /**
- * A postmaster killed together with its parent stays a zombie until init
- * reaps it, and PostgreSQL takes the lock file naming a zombie for a live
- * server's and refuses to start. A zombie is dead, and the cluster's other
- * processes are gone (reapLeftovers): its lock file goes.
+ * A postmaster killed together with its parent is a dying process, then a
+ * zombie until init reaps it, and PostgreSQL takes a lock file naming either
+ * for a live server's and refuses to start. Called once the cluster's live
+ * processes are gone (reapLeftovers): waits a little for the lock's process
+ * to end, and removes the locks of a zombie, which is dead.
  */
 async function clearDeadLock(pgdata: string, log: Logger): Promise<void> {
   const lockFile = join(pgdata, "postmaster.pid");
   const pid = Number((await readFile(lockFile, "utf8").catch(() => "")).split("\n")[0]);
   if (!Number.isInteger(pid) || pid <= 0) return;
-  const state = await readFile(`/proc/${pid}/stat`, "utf8").then(
-    (text) => text.slice(text.lastIndexOf(")") + 2).split(" ")[0],
-    () => undefined,
-  );
-  if (state !== "Z") return;
-  log.warn({ postmaster: pid, pgdata }, "removing the lock file of a dead postmaster not yet reaped");
-  await rm(lockFile, { force: true });
+  const deadline = Date.now() + 5_000;
+  for (;;) {
+    const state = await readFile(`/proc/${pid}/stat`, "utf8").then(
+      (text) => text.slice(text.lastIndexOf(")") + 2).split(" ")[0],
+      () => undefined,
+    );
+    if (state === undefined) return; // gone: PostgreSQL sees a stale lock file and takes it over
+    if (state === "Z") {
+      log.warn({ postmaster: pid, pgdata }, "removing the lock files of a dead postmaster not yet reaped");
+      // Its Unix socket's lock too (run/.s.PGSQL.<port>.lock), which names it the same way.
+      const socketDir = join(dirname(pgdata), "run");
+      for (const name of await readdir(socketDir).catch(() => [] as string[])) {
+        if (!/^\.s\.PGSQL\.\d+\.lock$/.test(name)) continue;
+        const owner = Number((await readFile(join(socketDir, name), "utf8").catch(() => "")).split("\n")[0]);
+        if (owner === pid) await rm(join(socketDir, name), { force: true });
+      }
+      await rm(lockFile, { force: true });
+      return;
+    }
+    // Alive and no server of this cluster (another process got the pid): PostgreSQL will say so.
+    if (Date.now() > deadline) return;
+    await delay(20);
+  }
 }
 
 /**

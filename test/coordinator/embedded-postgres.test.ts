@@ -143,6 +143,20 @@ describe("embedded postgres", () => {
     expect(await postgresProcesses(pgdataOf(dataDir))).toEqual([]);
   });
 
+  it("starts again after its postmaster and the postmaster's parent were killed together", async () => {
+    const dataDir = newDir();
+    const child = await startChild(dataDir, "pdeathsig");
+    process.kill(child.pid, "SIGKILL");
+    await child.kill();
+    // The postmaster may linger as a zombie, which its lock files still name.
+    const server = await startEmbeddedPostgres({ dataDir, logger, ephemeral: true });
+    try {
+      expect(await query(server.url, "select 1 as one")).toEqual([{ one: 1 }]);
+    } finally {
+      await server.stop();
+    }
+  });
+
   it("dies with its parent when the parent is killed", async () => {
     const dataDir = newDir();
     const child = await startChild(dataDir, "pdeathsig");

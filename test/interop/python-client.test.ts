@@ -15,7 +15,7 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { insertImage } from "../coordinator/jobs-fixtures.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
-import { docBlock, docBlocks, type DocBlock } from "../support/doc-blocks.js";
+import { docBlock, docBlocks, runBash, type DocBlock } from "../support/doc-blocks.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 const DOC = join(REPO, "docs", "clients.md");
@@ -29,21 +29,10 @@ describe("docs/clients.md against a coordinator", () => {
   let jobId: string;
 
   /** Runs a `sh step=NAME` block of the doc with bash, after its variables; Debian's python3 first on PATH. */
-  function step(name: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  function step(name: string) {
     const script = `set -euo pipefail\n${docBlock(blocks, DOC, "vars").text}\n${docBlock(blocks, DOC, "step", name).text}`;
-    return new Promise((resolve, reject) => {
-      const child = spawn("bash", ["-c", script], {
-        cwd: dir,
-        env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}`, TREADMILL: REPO, C: c.url, PASSWORD_FILE: join(dir, "admin-password"), OUT: out },
-        stdio: ["ignore", "pipe", "pipe"],
-      });
-      let stdout = "";
-      let stderr = "";
-      child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-      child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-      child.once("error", reject);
-      child.once("close", (code) => resolve({ code, stdout, stderr }));
-    });
+    const vars = { TREADMILL: REPO, C: c.url, PASSWORD_FILE: join(dir, "admin-password"), OUT: out };
+    return runBash(script, { cwd: dir, env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}`, ...vars } });
   }
 
   beforeAll(async () => {

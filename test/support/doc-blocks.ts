@@ -3,7 +3,9 @@
  * info string is its language and a tag, as in "```sh step=credentials" or
  * "```python client=python" (GitHub shows only the language). Keeping the
  * commands in the doc and reading them here keeps the two in step.
+ * `runBash` runs such a block.
  */
+import { spawn } from "node:child_process";
 import { readFile } from "node:fs/promises";
 
 export interface DocBlock {
@@ -31,4 +33,23 @@ export function docBlock(blocks: DocBlock[], path: string, kind: string, name = 
   const found = blocks.filter((b) => b.kind === kind && b.name === name);
   if (found.length !== 1) throw new Error(`${path} has ${found.length} blocks tagged ${kind === name ? kind : `${kind}=${name}`}, not one`);
   return found[0];
+}
+
+export interface ShellResult {
+  code: number | string;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `script` with bash to its end, collecting what it prints. */
+export function runBash(script: string, options: { cwd: string; env: NodeJS.ProcessEnv }): Promise<ShellResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn("bash", ["-c", script], { cwd: options.cwd, env: options.env, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    child.once("error", reject);
+    child.once("close", (code, signal) => resolve({ code: code ?? signal ?? "unknown", stdout, stderr }));
+  });
 }

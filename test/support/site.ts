@@ -25,7 +25,7 @@ import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.
 import { HealthCheckResponse_ServingStatus, Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { postgresProcesses } from "../../coordinator/db/embedded.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
-import { docBlock, docBlocks, type DocBlock } from "./doc-blocks.js";
+import { docBlock, docBlocks, runBash, type DocBlock, type ShellResult } from "./doc-blocks.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const SITE_DOC = join(REPO, "docs", "site.md");
@@ -48,12 +48,6 @@ const REGISTERED: Record<string, string> = {
   proxy: "PROXY_PORT",
 };
 
-export interface StepResult {
-  code: number | string;
-  stdout: string;
-  stderr: string;
-}
-
 export interface Site {
   /** The site's directory ($STATE): every component's state, logs in `logs/`. */
   dir: string;
@@ -74,9 +68,9 @@ export interface Site {
   /** Where a component's output goes. */
   logFile(name: string): string;
   /** Runs a `step=` or `example=` block to its end. */
-  run(name: string): Promise<StepResult>;
-  /** Runs a command line with the site's variables and bins (e.g. `tml job list`). */
-  shell(command: string): Promise<StepResult>;
+  run(name: string): Promise<ShellResult>;
+  /** Runs a command line with the site's variables and bins (e.g. `tml job list`), in `cwd` (default the site's directory). */
+  shell(command: string, cwd?: string): Promise<ShellResult>;
   /** Stops every component (SIGTERM, then SIGKILL after the grace) and removes the directory unless kept. */
   stop(options?: { keepDir?: boolean }): Promise<void>;
 }
@@ -157,16 +151,7 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
     return block;
   };
 
-  const shell = (body: string): Promise<StepResult> =>
-    new Promise((resolve, reject) => {
-      const child = spawn("bash", ["-c", script(body)], { cwd: dir, env, stdio: ["ignore", "pipe", "pipe"] });
-      let stdout = "";
-      let stderr = "";
-      child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-      child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-      child.once("error", reject);
-      child.once("close", (code, signal) => resolve({ code: code ?? signal ?? "unknown", stdout, stderr }));
-    });
+  const shell = (body: string, cwd = dir) => runBash(script(body), { cwd, env });
 
   let adminToken: string | undefined;
   const admin = async () => {
@@ -266,7 +251,7 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
     },
 
     run: (name) => shell(blockNamed(name, ["step", "example"]).text),
-    shell,
+    shell: (command, cwd) => shell(command, cwd),
 
     async stop(stopOptions = {}) {
       for (const name of [...processes.keys()].reverse()) {
