@@ -41,10 +41,11 @@ export interface ShellResult {
   stderr: string;
 }
 
-/** Runs `script` with bash to its end, collecting what it prints. */
-export function runBash(script: string, options: { cwd: string; env: NodeJS.ProcessEnv }): Promise<ShellResult> {
+/** Runs `script` with bash to its end, `input` on its standard input, collecting what it prints. */
+export function runBash(script: string, options: { cwd: string; env: NodeJS.ProcessEnv; input?: string }): Promise<ShellResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn("bash", ["-c", script], { cwd: options.cwd, env: options.env, stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn("bash", ["-c", script], { cwd: options.cwd, env: options.env, stdio: ["pipe", "pipe", "pipe"] });
+    child.stdin.end(options.input ?? "");
     let stdout = "";
     let stderr = "";
     child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
