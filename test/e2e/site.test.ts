@@ -25,6 +25,13 @@ describe("a site assembled from docs/site.md", () => {
     expect(hello.code).toBe(0);
   }, 120_000);
 
+  it("runs the doc's firmware on the simulated board through the board driver", async () => {
+    const blinky = await site.run("blinky");
+    expect(blinky.stderr).toMatch(/--> job \S+ succeeded \(exit code 0\)/);
+    expect(blinky.stdout).toContain(`blinky on ${site.vars.SITE}`);
+    expect(blinky.code).toBe(0);
+  }, 120_000);
+
   it("brings each component back after a SIGKILL, and runs a job again", async () => {
     expect(site.components).toEqual([
       "postgres",
@@ -35,6 +42,8 @@ describe("a site assembled from docs/site.md", () => {
       "proxy",
       "supervisor-1",
       "supervisor-2",
+      "sim-board",
+      "supervisor-board",
     ]);
     for (const name of site.components) {
       const before = site.pid(name);
@@ -47,5 +56,8 @@ describe("a site assembled from docs/site.md", () => {
     const again = await site.shell(`tml job run example/hello --site "$SITE"`);
     expect(again.stdout).toContain(`hello from site ${site.vars.SITE}`);
     expect(again.code).toBe(0);
+    const board = await site.shell(`tml job run example/blinky --tag board=sim --site "$SITE"`);
+    expect(board.stdout).toContain(`blinky on ${site.vars.SITE}`);
+    expect(board.code).toBe(0);
   }, 300_000);
 });

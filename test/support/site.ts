@@ -25,6 +25,7 @@ import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.
 import { HealthCheckResponse_ServingStatus, Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { postgresProcesses } from "../../coordinator/db/embedded.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
+import { simBoardCommand } from "../../supervisor/sim-board/start.js";
 import { docBlock, docBlocks, runBash, type DocBlock, type ShellResult } from "./doc-blocks.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
@@ -75,22 +76,30 @@ export interface Site {
   stop(options?: { keepDir?: boolean }): Promise<void>;
 }
 
+/**
+ * A port free now, below Linux's ephemeral range (32768-60999): a port from
+ * that range may be taken by any outgoing connection while its component is
+ * down, and the restart would find it in use.
+ */
 async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.on("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === "object" && address ? address.port : 0));
+  for (;;) {
+    const port = randomInt(20000, 32768);
+    const free = await new Promise<boolean>((resolve) => {
+      const server = createServer();
+      server.once("error", () => resolve(false));
+      server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)));
     });
-  });
+    if (free) return port;
+  }
 }
 
-/** Polls `check` until it holds, failing at the deadline with the last error. */
-async function until(what: string, check: () => Promise<boolean>, timeoutMs: number): Promise<void> {
+/** Polls `check` until it holds, failing at the deadline with the last error, or at once when `fatal` says why. */
+async function poll(what: string, check: () => Promise<boolean>, timeoutMs: number, fatal: () => string | undefined = () => undefined): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let last: unknown;
   for (;;) {
+    const reason = fatal();
+    if (reason !== undefined) throw new Error(reason);
     try {
       if (await check()) return;
     } catch (err) {
@@ -144,6 +153,7 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
 
   const processes = new Map(blocks.filter((b) => b.kind === "process").map((b) => [b.name, b]));
   const running = new Map<string, { child: ChildProcess; exited: Promise<void>; startedAt: Date }>();
+  const groups = new Set<number>();
 
   const blockNamed = (name: string, kinds: string[]): DocBlock => {
     const block = blocks.find((b) => b.name === name && kinds.includes(b.kind));
@@ -184,8 +194,10 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
       const fd = openSync(logFile(name), "a");
       const startedAt = new Date();
       writeSync(fd, `--- started by the site harness at ${startedAt.toISOString()}\n`);
-      const child = spawn("bash", ["-c", script(execLast(block.text))], { cwd: dir, env, stdio: ["ignore", fd, fd] });
+      // A process group of its own, so that stop() also ends what a killed component left behind.
+      const child = spawn("bash", ["-c", script(execLast(block.text))], { cwd: dir, env, stdio: ["ignore", fd, fd], detached: true });
       closeSync(fd);
+      if (child.pid !== undefined) groups.add(child.pid);
       const exited = new Promise<void>((resolve) =>
         child.once("exit", () => {
           running.delete(name);
@@ -209,6 +221,9 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
       const proc = running.get(name);
       if (proc === undefined) throw new Error(`${name} is not running`);
       const what = `${name} serving`;
+      // A component that exits meanwhile will not serve: say so at once.
+      const until = (label: string, check: () => Promise<boolean>, ms: number) =>
+        poll(label, check, ms, () => (running.get(name) === proc ? undefined : `${name} exited while starting; see ${logFile(name)}`));
       if (name === "postgres") {
         await until(
           what,
@@ -223,6 +238,9 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
           },
           timeoutMs,
         );
+      } else if (name === "sim-board") {
+        // docs/site.md keeps the board's state in $STATE/board-1.
+        await until(what, async () => ["on", "off"].includes(await simBoardCommand(join(dir, "board-1"), "status")), timeoutMs);
       } else if (name === "coordinator") {
         await until(what, () => healthy(url), timeoutMs);
       } else if (REGISTERED[name] !== undefined) {
@@ -261,6 +279,13 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
         const timer = setTimeout(() => proc.child.kill("SIGKILL"), 15_000);
         await proc.exited;
         clearTimeout(timer);
+      }
+      for (const group of groups) {
+        try {
+          process.kill(-group, "SIGKILL");
+        } catch {
+          // none of it left
+        }
       }
       if (!stopOptions.keepDir) await rm(dir, { recursive: true, force: true });
     },
