@@ -9,19 +9,23 @@
  *   pgdata/          the cluster (PGDATA), made by initdb on first start
  *   password         the superuser's generated password, mode 0600
  *   run/             the Unix socket (when the path is short enough)
- *   origin           (relocated homes only) the real path of the data directory it serves
  * and in `dataDir` itself:
  *   treadmill.pid    the pid and start time of the process that owns the server
- *   cluster          (relocated only) the path of the cluster's home
+ *   cluster          (relocated only) the path of the cluster's record, below
  *
  * The home is `dataDir` itself, unless we are root and the server's user
  * cannot reach `dataDir` (a clone under root's home or a `mktemp -d`
- * directory, mode 0700): then it is `<systemDir>/postgres/<random id>`, named
- * by `dataDir/cluster`, so the user's directories keep their modes, a restart
- * finds the same cluster and two data directories never share one. Likewise
- * binaries the server's user cannot reach are copied once per build to
- * `<systemDir>/postgres-bin/<key>`. A relocated home outlives a deleted data
- * directory: its `origin` file says whose it was.
+ * directory, mode 0700): then it is `home/` in a record of its own,
+ * `<systemDir>/postgres/<random id>/` (root's, mode 0755), which
+ * `dataDir/cluster` names and whose `origin` file (root's, out of the server
+ * user's reach) holds the real path of the data directory it serves. So the
+ * user's directories keep their modes, a restart finds the same cluster and
+ * two data directories never share one. Likewise binaries the server's user
+ * cannot reach are copied once per build to `<systemDir>/postgres-bin/<key>`.
+ * A record outlives a deleted data directory: its `origin` says whose it was.
+ *
+ * Files we write as root into a directory the server's user owns are created
+ * anew, never through a link that user may have put there.
  *
  * The server listens on 127.0.0.1 only and requires the password (scram), so
  * other local users cannot reach it. As root it runs as an unprivileged OS user
@@ -34,7 +38,7 @@
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
-import { access, chmod, chown, cp, mkdir, readFile, readdir, readlink, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
+import { access, chmod, chown, cp, mkdir, open, readFile, readdir, readlink, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { dirname, join, parse as parsePath, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -284,7 +288,7 @@ async function clusterHome(dataDir: string, owner: OsUser | undefined, systemDir
   }
   if (named !== "") {
     await checkOrigin(named, dataDir, log);
-    return named;
+    return join(named, "home");
   }
   const blocked = await blockedAncestor(dataDir, owner);
   if (blocked === undefined || (await exists(join(dataDir, "pgdata", "PG_VERSION")))) {
@@ -297,38 +301,41 @@ async function clusterHome(dataDir: string, owner: OsUser | undefined, systemDir
     await chmod(dataDir, 0o700);
     return dataDir;
   }
-  const home = join(await systemSubdir(systemDir, "postgres", owner), randomBytes(8).toString("hex"));
+  const record = join(await systemSubdir(systemDir, "postgres", owner), randomBytes(8).toString("hex"));
+  const home = join(record, "home");
+  await mkdir(record, { mode: 0o755 });
+  await chmod(record, 0o755);
+  await writeFile(join(record, "origin"), `${await realpath(dataDir)}\n`, { mode: 0o644 });
   await mkdir(home, { mode: 0o700 });
-  await writeFile(join(home, "origin"), `${await realpath(dataDir)}\n`, { mode: 0o644 });
   await chown(home, owner.uid, owner.gid);
-  await writeFile(pointer, `${home}\n`, { mode: 0o644 });
+  await writeFile(pointer, `${record}\n`, { mode: 0o644 });
   log.info({ dataDir, home, blocked }, "embedded postgres cluster placed where its os user can reach it");
   return home;
 }
 
 /**
- * A relocated home serves one data directory. When `dataDir` is not the one
- * it was made for: a copy of a data directory that still names the home is
- * refused (two servers on one cluster); a data directory moved elsewhere takes
- * the home over.
+ * A relocated cluster serves one data directory. When `dataDir` is not the
+ * one its record was made for: a copy of a data directory that still names
+ * the record is refused (two servers on one cluster); a data directory moved
+ * elsewhere takes the record over.
  */
-async function checkOrigin(home: string, dataDir: string, log: Logger): Promise<void> {
-  if (!(await exists(join(home, "origin")))) {
+async function checkOrigin(record: string, dataDir: string, log: Logger): Promise<void> {
+  if (!(await exists(join(record, "origin")))) {
     throw new Error(
-      `embedded postgres: ${dataDir}/cluster names ${home}, which is gone; remove ${dataDir}/cluster to start with an empty database`,
+      `embedded postgres: ${dataDir}/cluster names ${record}, which is gone; remove ${dataDir}/cluster to start with an empty database`,
     );
   }
-  const origin = (await readFile(join(home, "origin"), "utf8")).trim();
+  const origin = (await readFile(join(record, "origin"), "utf8")).trim();
   const self = await realpath(dataDir);
   if (origin === self) return;
   const originNames = (await readFile(join(origin, "cluster"), "utf8").catch(() => "")).trim();
-  if (originNames === home) {
+  if (originNames === record) {
     throw new Error(
-      `embedded postgres: ${dataDir} is a copy of ${origin}, whose cluster is ${home}; remove ${dataDir}/cluster to give this one a cluster of its own`,
+      `embedded postgres: ${dataDir} is a copy of ${origin}, whose cluster is ${record}; remove ${dataDir}/cluster to give this one a cluster of its own`,
     );
   }
-  log.info({ dataDir, home, was: origin }, "embedded postgres cluster follows its moved data directory");
-  await writeFile(join(home, "origin"), `${self}\n`, { mode: 0o644 });
+  log.info({ dataDir, record, was: origin }, "embedded postgres cluster follows its moved data directory");
+  await writeFile(join(record, "origin"), `${self}\n`, { mode: 0o644 });
 }
 
 interface OsUser {
@@ -389,10 +396,21 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
+/**
+ * Writes a new file (mode 0600) owned by `owner`, in a directory that may be
+ * owned by `owner`: created exclusively (never through a link put in its
+ * place) and chowned through its descriptor (never another file renamed in).
+ */
 async function writeOwned(path: string, content: string, owner: OsUser | undefined): Promise<void> {
-  await writeFile(path, content, { mode: 0o600 });
-  await chmod(path, 0o600);
-  if (owner) await chown(path, owner.uid, owner.gid);
+  await rm(path, { force: true });
+  const file = await open(path, "wx", 0o600);
+  try {
+    await file.writeFile(content);
+    await file.chmod(0o600);
+    if (owner) await file.chown(owner.uid, owner.gid);
+  } finally {
+    await file.close();
+  }
 }
 
 /** The start time of a process (clock ticks since boot), or undefined if it is gone or a zombie. */

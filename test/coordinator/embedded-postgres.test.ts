@@ -218,7 +218,7 @@ describe("embedded postgres under a directory its os user cannot enter", () => {
   afterAll(async () => {
     const homes = join(systemDir, "postgres");
     for (const id of await readdir(homes).catch(() => [])) {
-      for (const pid of await postgresProcesses(join(homes, id, "pgdata"))) process.kill(pid, "SIGKILL");
+      for (const pid of await postgresProcesses(join(homes, id, "home", "pgdata"))) process.kill(pid, "SIGKILL");
     }
   });
 
@@ -232,7 +232,7 @@ describe("embedded postgres under a directory its os user cannot enter", () => {
     }
     expect((await stat(privateDir)).mode & 0o777).toBe(0o700);
     if (asRoot) {
-      expect(server.pgdata).toBe(join((await readFile(join(dataDir, "cluster"), "utf8")).trim(), "pgdata"));
+      expect(server.pgdata).toBe(join((await readFile(join(dataDir, "cluster"), "utf8")).trim(), "home", "pgdata"));
       expect(server.pgdata.startsWith(join(systemDir, "postgres") + "/")).toBe(true);
       expect((await stat(join(server.pgdata, ".."))).mode & 0o777).toBe(0o700);
     }
@@ -256,7 +256,7 @@ describe("embedded postgres under a directory its os user cannot enter", () => {
 
     const copy = join(privateDir, "pg-b-copy");
     await cp(first, copy, { recursive: true });
-    await expect(start(copy)).rejects.toThrow(`${copy} is a copy of ${first}, whose cluster is ${join(a.pgdata, "..")}`);
+    await expect(start(copy)).rejects.toThrow(`${copy} is a copy of ${first}, whose cluster is ${join(a.pgdata, "..", "..")}`);
 
     const moved = join(privateDir, "pg-b-moved");
     await rm(copy, { recursive: true });
@@ -264,13 +264,34 @@ describe("embedded postgres under a directory its os user cannot enter", () => {
     const followed = await start(moved);
     await followed.stop();
     expect(followed.pgdata).toBe(a.pgdata);
-    expect((await readFile(join(a.pgdata, "..", "origin"), "utf8")).trim()).toBe(moved);
+    expect((await readFile(join(a.pgdata, "..", "..", "origin"), "utf8")).trim()).toBe(moved);
+  });
+
+  it("writes its files as root never through a link its os user put in their place", async () => {
+    const dataDir = join(privateDir, "pg-d");
+    const server = await start(dataDir);
+    await server.stop();
+    // The server's user owns the home: it may leave a link where root writes next.
+    const home = join(server.pgdata, "..");
+    const victim = join(root, "victim");
+    await writeFile(victim, "untouched\n", { mode: 0o644 });
+    await rm(server.pgdata, { recursive: true });
+    await rm(join(home, "password"));
+    await symlink(victim, join(home, "password"));
+    const again = await start(dataDir);
+    try {
+      expect(await query(again.url, "select 1 as one")).toEqual([{ one: 1 }]);
+    } finally {
+      await again.stop();
+    }
+    expect(await readFile(victim, "utf8")).toBe("untouched\n");
+    expect((await stat(victim)).uid).toBe(0);
   });
 });
 
 describe("the coordinator bin in a clone under a private temporary directory", () => {
   let clone: string;
-  let home: string | undefined;
+  let record: string | undefined;
 
   beforeAll(async () => {
     // What the bin needs of a clone, in a 0700 directory as `mktemp -d` makes:
@@ -295,9 +316,9 @@ describe("the coordinator bin in a clone under a private temporary directory", (
   });
 
   afterAll(async () => {
-    if (home !== undefined) {
-      for (const pid of await postgresProcesses(join(home, "pgdata"))) process.kill(pid, "SIGKILL");
-      await rm(home, { recursive: true, force: true });
+    if (record !== undefined) {
+      for (const pid of await postgresProcesses(join(record, "home", "pgdata"))) process.kill(pid, "SIGKILL");
+      await rm(record, { recursive: true, force: true });
     }
     await rm(join(clone, ".."), { recursive: true, force: true });
   });
@@ -329,8 +350,8 @@ describe("the coordinator bin in a clone under a private temporary directory", (
       const first = await coordinator(["--admin-password", "first start's password"]);
       await first.stop();
       if (asRoot) {
-        home = (await readFile(join(clone, ".treadmill", "coordinator", "postgres", "cluster"), "utf8")).trim();
-        expect(home.startsWith("/var/lib/treadmill/postgres/")).toBe(true);
+        record = (await readFile(join(clone, ".treadmill", "coordinator", "postgres", "cluster"), "utf8")).trim();
+        expect(record.startsWith("/var/lib/treadmill/postgres/")).toBe(true);
       }
       expect((await stat(join(clone, ".."))).mode & 0o777).toBe(0o700);
 

@@ -45,8 +45,8 @@ export async function startTestServer(env: NodeJS.ProcessEnv): Promise<TestServe
       url = server.url;
       stopServer = async () => {
         await server.stop();
-        // Relocated (TMPDIR under a private directory): its home goes too.
-        if (!server.pgdata.startsWith(`${root}/`)) await rm(dirname(server.pgdata), { recursive: true, force: true });
+        // Relocated (TMPDIR under a private directory): its record goes too.
+        if (!server.pgdata.startsWith(`${root}/`)) await rm(dirname(dirname(server.pgdata)), { recursive: true, force: true });
         await rm(root, { recursive: true, force: true });
       };
     } catch (err) {
