@@ -1,5 +1,6 @@
 import type { Sql } from "postgres";
 import type { Logger } from "../lib/logger.js";
+import type { Notifications } from "./db/notifications.js";
 import type { CoordinatorConfig } from "./config.js";
 import type { SigningKeys } from "./signing.js";
 
@@ -9,6 +10,8 @@ import type { SigningKeys } from "./signing.js";
  */
 export interface CoordinatorContext {
   sql: Sql;
+  /** LISTEN/NOTIFY across replicas; handlers of `onResync` catch up after a lost connection. */
+  notifications: Notifications;
   logger: Logger;
   config: CoordinatorConfig;
   /** Milliseconds since the epoch; tests may replace it. */

@@ -9,10 +9,53 @@ import { DEFAULT_CONSOLE_DIR, consoleAssets } from "./console-assets.js";
 import type { CoordinatorConfig } from "./config.js";
 import type { CoordinatorContext } from "./context.js";
 import { openDatabase, type Database } from "./db/database.js";
+import { databaseInterceptor } from "./db/errors.js";
 import { ATTACH_PROCEDURE, attachProcedure } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { SigningKeys } from "./signing.js";
+import { Gauge } from "prom-client";
+import { ServingStatus } from "../lib/server.js";
+import type { Notifications } from "./db/notifications.js";
+import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
+
+/** Whether `work` settles within `ms` (it goes on either way). */
+async function settlesWithin(work: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const settled = await Promise.race([
+    work.then(
+      () => true,
+      () => true,
+    ),
+    new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms))),
+  ]);
+  clearTimeout(timer);
+  return settled;
+}
+
+/** Procedures that need no database: the signing keys are held in memory. */
+const DATABASE_FREE: ReadonlySet<string> = new Set([`/${AuthService.typeName}/${AuthService.method.getSigningKeys.name}`]);
+
+/**
+ * The server is NOT_SERVING while its database is away (the notifications
+ * connection is lost), SERVING again once it is back, with a gauge on
+ * /metrics: a coordinator that cannot schedule says so.
+ */
+function watchDatabase(notifications: Notifications, server: Server, logger: Logger): void {
+  const gauge = new Gauge({
+    name: "treadmill_coordinator_database_connected",
+    help: "1 while the coordinator reaches its database (its notifications connection is up), else 0.",
+    registers: [server.metrics],
+  });
+  const apply = (connected: boolean) => {
+    gauge.set(connected ? 1 : 0);
+    server.health.setStatus("", connected ? ServingStatus.SERVING : ServingStatus.NOT_SERVING);
+    if (!connected) logger.error("database unreachable: not serving until it is back");
+    else logger.info("database reachable again: serving");
+  };
+  gauge.set(notifications.connected ? 1 : 0);
+  notifications.onStateChange(apply);
+}
 
 export interface CoordinatorDeps {
   config: CoordinatorConfig;
@@ -41,7 +84,13 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
 
   const close = async () => {
     await server?.stop();
-    await jobs?.stop();
+    const stopping = jobs?.stop();
+    if (stopping !== undefined && !(await settlesWithin(stopping, config.graceMs))) {
+      // A loop waits on a database that is away: closing the pool fails what waits.
+      logger.warn({ graceMs: config.graceMs }, "background loops did not stop within the grace period; closing the database under them");
+      await db?.close();
+    }
+    await stopping;
     await db?.close();
   };
 
@@ -58,14 +107,14 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           logger: logger.child({ subsystem: "keys" }),
           clock,
         });
-        const ctx: CoordinatorContext = { sql: db.sql, logger, config, clock, keys, replicaId: randomUUID() };
+        const ctx: CoordinatorContext = { sql: db.sql, notifications: db.notifications, logger, config, clock, keys, replicaId: randomUUID() };
         await bootstrapAdmin(ctx, { announce });
         const parts = createJobSystem(ctx);
         jobs = parts;
         // Plain-gRPC Attach (every supervisor) goes to its own procedure;
         // Connect and gRPC-Web callers reach it through the adapter.
         const rawAttach = createRawGrpcHandler({
-          procedures: { [ATTACH_PROCEDURE]: attachProcedure(parts.streams, { sql: db.sql, clock }) },
+          procedures: { [ATTACH_PROCEDURE]: attachProcedure(parts.streams, { sql: db.sql, clock, notifications: db.notifications }) },
           maxMessageBytes: config.readMaxBytes,
           logger,
         });
@@ -74,7 +123,8 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           : undefined;
         server = createServer({
           ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, parts)),
-          interceptors: [authInterceptor({ sql: db.sql, clock })],
+          // The database gate first: authentication itself reads the database.
+          interceptors: [databaseInterceptor(db.notifications, DATABASE_FREE), authInterceptor({ sql: db.sql, clock })],
           // Control messages, mostly small; a StartJob with its tokens is
           // just over gzip's 1 KiB threshold, where compressing costs the
           // coordinator more CPU than the bytes are worth.
@@ -82,6 +132,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           http: (req, res, extra) => rawAttach(req, res, extra) || (assets?.(req, res) ?? false),
         });
         parts.metrics.register(server.metrics);
+        watchDatabase(db.notifications, server, logger);
         await server.start();
         await jobs.start();
       } catch (err) {

@@ -7,7 +7,10 @@
  *
  * Claims: iss, sub (who the token was minted for), aud (optional: the kind of
  * service meant to accept it), iat, exp, jti, scope, and the resource claims
- * `job`, `digest` and `port` as the scope requires. A `tunnel:dial` token
+ * `job`, `digest` and `port` as the scope requires. An `image:read` token
+ * also names the `holder`: the user whose proven possession of the image at
+ * a store backs the read (docs/images.md, "Possession"); a store serves the
+ * image only when that user holds it there. A `tunnel:dial` token
  * names the exposure it grants in `exposure` (`console`, `ssh`: what
  * DialOpen.port_name and the proxy's entrances ask for) and may pin the job
  * host in `host`; `port` (a number) is then optional (docs/proxy.md).
@@ -36,7 +39,7 @@ export type { JSONWebKeySet, JWK };
 export type Capability =
   | { scope: "log:write"; job: string }
   | { scope: "log:read"; job: string }
-  | { scope: "image:read"; digest: string }
+  | { scope: "image:read"; digest: string; holder: string }
   | { scope: "image:write" }
   | { scope: "tunnel:expose"; job: string }
   | { scope: "tunnel:dial"; job: string; port?: number; exposure?: string; host?: string }
@@ -47,6 +50,13 @@ export type Capability =
   | { scope: "log:admin" };
 
 export type Scope = Capability["scope"];
+
+/**
+ * What a verifier checks a token against: a capability whose `holder` (for
+ * `image:read`) may be left out, to be checked by the caller (a store looks
+ * the holder up in its own records).
+ */
+export type Requirement = Exclude<Capability, { scope: "image:read" }> | { scope: "image:read"; digest: string; holder?: string };
 
 export const SCOPES: readonly Scope[] = [
   "log:write",
@@ -189,7 +199,8 @@ function capabilityClaims(capability: Capability): JWTPayload {
     }
     case "image:read":
       if (!DIGEST.test(capability.digest)) throw new Error("image:read needs a sha256:<hex> digest");
-      return { scope: capability.scope, digest: capability.digest };
+      if (!validJob(capability.holder)) throw new Error("image:read needs a holder");
+      return { scope: capability.scope, digest: capability.digest, holder: capability.holder };
     case "image:write":
     case "service:register":
     case "image:admin":
@@ -214,7 +225,7 @@ function validExposure(name: unknown): name is string {
 
 /** The capability in verified claims, or undefined when they are malformed. */
 function parseCapability(payload: JWTPayload): Capability | undefined {
-  const { scope, job, digest, port, exposure, host } = payload;
+  const { scope, job, digest, port, exposure, host, holder } = payload;
   switch (scope) {
     case "log:write":
     case "log:read":
@@ -234,7 +245,7 @@ function parseCapability(payload: JWTPayload): Capability | undefined {
       };
     }
     case "image:read":
-      return typeof digest === "string" && DIGEST.test(digest) ? { scope, digest } : undefined;
+      return typeof digest === "string" && DIGEST.test(digest) && validJob(holder) ? { scope, digest, holder } : undefined;
     case "image:write":
     case "service:register":
     case "image:admin":
@@ -246,13 +257,16 @@ function parseCapability(payload: JWTPayload): Capability | undefined {
 }
 
 /** Why a valid token does not grant `required`, or undefined when it does. */
-function mismatch(have: Capability, required: Capability): string | undefined {
+function mismatch(have: Capability, required: Requirement): string | undefined {
   if (have.scope !== required.scope) return `token does not grant ${required.scope}`;
   if ("job" in required && (!("job" in have) || have.job !== required.job)) {
     return `token does not grant ${required.scope} on job ${required.job}`;
   }
   if ("digest" in required && (!("digest" in have) || have.digest !== required.digest)) {
     return `token does not grant ${required.scope} on ${required.digest}`;
+  }
+  if ("holder" in required && required.holder !== undefined && (!("holder" in have) || have.holder !== required.holder)) {
+    return `token does not grant ${required.scope} backed by holder ${required.holder}`;
   }
   if ("port" in required && required.port !== undefined && (!("port" in have) || have.port !== required.port)) {
     return `token does not grant ${required.scope} on port ${required.port}`;
@@ -318,7 +332,7 @@ export class TokenVerifier {
    * PermissionDenied (valid but for another scope, resource or audience) or
    * Unavailable (the key is unknown and the keys cannot be fetched).
    */
-  async verify(token: string | undefined, required: Capability): Promise<VerifiedToken> {
+  async verify(token: string | undefined, required: Requirement): Promise<VerifiedToken> {
     if (token === undefined || token === "") throw unauthenticated("missing token");
     let kid: unknown;
     let alg: unknown;

@@ -59,6 +59,13 @@ export const supervisorSchema = {
   qemuBootTimeoutMs: { type: "duration", default: 300000, description: "qemu driver: longest wait for the ready pattern" },
   qemuDebugExit: { type: "bool", default: true, description: "qemu driver: isa-debug-exit device, so the guest sets QEMU's exit code" },
   qemuSandbox: { type: "bool", default: true, description: "qemu driver: QEMU's seccomp sandbox (-sandbox on)" },
+  imageFetchBudgetMs: {
+    type: "duration",
+    default: 300000,
+    min: 0,
+    description:
+      "how long a job's image fetch retries its cache and stores while they are unreachable (then the attempt ends HOST_START_FAILURE and the restart policy applies)",
+  },
   drainOnStop: {
     type: "bool",
     default: false,

@@ -16,7 +16,7 @@ import {
   type RunningJob,
 } from "./drivers/driver.js";
 import { startExposer, type Exposer } from "./exposer.js";
-import type { ImageProvisioner, ProvisionedImage } from "./images.js";
+import { ImageError, ImageUnavailableError, type ImageProvisioner, type ProvisionedImage } from "./images.js";
 
 /** How a job ended here, before the coordinator's verdict. */
 export interface Termination {
@@ -31,6 +31,8 @@ export interface Termination {
 export interface SnapshotSource {
   running: RunningJob;
   image: JobImage;
+  /** The job's current image:read token (minted for the job's owner): a snapshot mounts the image's layers with it. */
+  imageToken(): string;
   /** A line on the job's `supervisor` channel (dropped once the log is finished). */
   say(text: string): void;
   /** Keeps the job's files until `work` settles; returns `work`. */
@@ -209,6 +211,7 @@ export class JobRunner {
       provisioned = await this.deps.images.provision(this.start.image!, {
         signal: this.abort.signal,
         token: () => this.start.image?.readToken?.token ?? "",
+        onNotice: (text) => this.say(text),
         onProgress: (done, total) => {
           const percent = total > 0 ? Math.floor((done / total) * 10) * 10 : 100;
           if (percent !== lastPercent) {
@@ -253,14 +256,16 @@ export class JobRunner {
         failure = { reason: this.stopReason ?? FinalizeReason.CANCELED, message: "stopped before it ran" };
       } else if (err instanceof DriverError) {
         failure = { reason: driverReasons[err.reason], message: err.message };
+      } else if (err instanceof ImageError) {
+        // Missing, refused or corrupt everywhere: the image's fault.
+        failure = { reason: FinalizeReason.IMAGE_ERROR, message: err.message };
+      } else if (err instanceof ImageUnavailableError) {
+        // Its cache and stores unreachable beyond the fetch budget: the
+        // infrastructure's fault; the restart policy re-queues the job.
+        failure = { reason: FinalizeReason.HOST_START_FAILURE, message: err.message };
       } else {
         const message = err instanceof Error ? err.message : String(err);
-        failure = {
-          reason: this.state === JobState.INITIALIZING && this.stage === JobStage.FETCHING_IMAGE
-            ? FinalizeReason.IMAGE_ERROR
-            : FinalizeReason.INTERNAL_ERROR,
-          message,
-        };
+        failure = { reason: FinalizeReason.INTERNAL_ERROR, message };
         this.log.error({ err }, "job failed on this host");
       }
     } finally {
@@ -331,6 +336,7 @@ export class JobRunner {
     return {
       running: this.running,
       image: this.image,
+      imageToken: () => this.start.image?.readToken?.token ?? "",
       say: (text) => {
         if (!this.shipper.finishing) this.say(text);
       },

@@ -3,7 +3,10 @@
  * state as a new layer, a manifest puts it on top of the job's image layers
  * (keeping the image's annotations, such as the entrypoint), and blobs and
  * manifest are uploaded to the store named by the command (the site cache,
- * which serves the store API too, or the image's first store). The outcome
+ * which serves the store API too, or the image's first store): the new layer
+ * with the command's write token (minted for the job's owner, who becomes
+ * its holder), the image's layers mounted with the job's image token rather
+ * than sent again (uploaded only if the store cannot mount them). The outcome
  * goes back as SnapshotResult; progress goes to the job's `supervisor` log
  * channel.
  *
@@ -109,6 +112,7 @@ export class Snapshotter {
       say(`uploading to ${cmd.uploadUrl}`);
       await uploadImage(cmd.uploadUrl, () => op.token, image, {
         signal: this.deps.signal,
+        mount: { tokens: [source.imageToken()], digests: new Set(source.image.layers.map((l) => l.digest)) },
         onProgress: (p) => {
           const before = image.blobs.slice(0, p.blobIndex).reduce((sum, b) => sum + b.size, 0);
           const percent = blobBytes > 0 ? Math.floor(((before + p.bytesDone) / blobBytes) * 10) * 10 : 100;

@@ -90,7 +90,7 @@ export function createSupervisor({
   const instanceId = randomUUID();
   const abort = new AbortController();
   const runners = new Map<string, JobRunner>();
-  const images = new ImageProvisioner({ blobDir: join(config.workDir, "blobs"), logger });
+  const images = new ImageProvisioner({ blobDir: join(config.workDir, "blobs"), logger, fetchBudgetMs: config.imageFetchBudgetMs });
   let driver: Driver | undefined = givenDriver;
   let state: SupervisorState = "idle";
   let loop: Promise<void> | undefined;

@@ -214,8 +214,30 @@ export const imageCommands: CommandSpec<CliContext>[] = [
         layers.push({ file, title: layerTitle, mediaType: MEDIA_TYPES[kind], annotations: { "org.opencontainers.image.title": layerTitle } });
         const digests = await Promise.all(layers.map((l) => digestFile(l.file)));
         const total = digests.reduce((sum, d) => sum + d.size, 0);
+        const annotations: Record<string, string> = {
+          "org.opencontainers.image.title": (flags.title as string | undefined) ?? ref.name,
+          "treadmill.driver": DRIVER_OF[kind],
+        };
+        if (flags.description !== undefined) annotations["org.opencontainers.image.description"] = flags.description as string;
+        if (kind === "rootfs") annotations["treadmill.entrypoint"] = entrypointOf((flags.entrypoint as string | undefined) ?? "/bin/sh");
+        if (flags.arch !== undefined) annotations["treadmill.arch"] = flags.arch as string;
+        Object.assign(annotations, keyValues("annotation", flags.annotation as string[] | undefined));
+        const manifest = {
+          schemaVersion: 2,
+          mediaType: MANIFEST_MEDIA_TYPE,
+          layers: layers.map((l, i) => ({ mediaType: l.mediaType, digest: digests[i]!.digest, size: digests[i]!.size, annotations: l.annotations })),
+          annotations,
+        };
+        const manifestJson = Buffer.from(JSON.stringify(manifest));
+        const manifestDigest = `sha256:${createHash("sha256").update(manifestJson).digest("hex")}`;
+        // The grant names what this push uploads: the coordinator lets the
+        // pusher register those digests (docs/images.md, "Possession").
         const grant = await images.createUploadGrant(
-          { sizeBytes: BigInt(total), storeId: (flags.store as string | undefined) ?? "" },
+          {
+            sizeBytes: BigInt(total),
+            storeId: (flags.store as string | undefined) ?? "",
+            digests: [manifestDigest, ...new Set(digests.map((d) => d.digest))],
+          },
           { timeoutMs: 30_000 },
         );
         const transport = imageStoreTransport(grant.storeUrl, { token: grant.writeToken?.token ?? "" });
@@ -226,7 +248,7 @@ export const imageCommands: CommandSpec<CliContext>[] = [
             const { digest, size } = digests[i]!;
             const query = await store.queryUpload({ digest }, { timeoutMs: 30_000 });
             const committed = Number(query.committedOffset);
-            if (query.exists) ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store.`);
+            if (query.exists) ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store (uploaded by you).`);
             else if (committed > 0) ctx.out.note(`Resuming the upload at ${formatBytes(committed)} of ${formatBytes(size)}.`);
             const bar = progressBar({ label: `Uploading ${layer.title}`, total: size, stream: ctx.io.stderr, startAt: committed });
             const source = rate === undefined ? fileSource(layer.file) : limitedSource(fileSource(layer.file), rate);
@@ -240,22 +262,6 @@ export const imageCommands: CommandSpec<CliContext>[] = [
               throw err;
             }
           }
-          const annotations: Record<string, string> = {
-            "org.opencontainers.image.title": (flags.title as string | undefined) ?? ref.name,
-            "treadmill.driver": DRIVER_OF[kind],
-          };
-          if (flags.description !== undefined) annotations["org.opencontainers.image.description"] = flags.description as string;
-          if (kind === "rootfs") annotations["treadmill.entrypoint"] = entrypointOf((flags.entrypoint as string | undefined) ?? "/bin/sh");
-          if (flags.arch !== undefined) annotations["treadmill.arch"] = flags.arch as string;
-          Object.assign(annotations, keyValues("annotation", flags.annotation as string[] | undefined));
-          const manifest = {
-            schemaVersion: 2,
-            mediaType: MANIFEST_MEDIA_TYPE,
-            layers: layers.map((l, i) => ({ mediaType: l.mediaType, digest: digests[i]!.digest, size: digests[i]!.size, annotations: l.annotations })),
-            annotations,
-          };
-          const manifestJson = Buffer.from(JSON.stringify(manifest));
-          const manifestDigest = `sha256:${createHash("sha256").update(manifestJson).digest("hex")}`;
           const put = await store.putManifest({ digest: manifestDigest, manifestJson }, { timeoutMs: 30_000 });
           ctx.errorContext.server = undefined;
           const { image } = await images.registerImage(

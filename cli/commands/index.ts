@@ -7,6 +7,7 @@ import { authCommands } from "./auth.js";
 import { hostCommands } from "./host.js";
 import { imageCommands } from "./image.js";
 import { jobCommands } from "./job.js";
+import { serviceCommands } from "./service.js";
 import { sessionCommands } from "./session.js";
 import { userCommands } from "./user.js";
 
@@ -33,6 +34,7 @@ export const allCommands: CommandSpec<CliContext>[] = [
   ...sessionCommands,
   ...imageCommands,
   ...hostCommands,
+  ...serviceCommands,
   ...userCommands,
   ...authCommands.filter((c) => c.path[0] === "token" || c.path[0] === "context"),
   ...completionCommands,
@@ -43,6 +45,7 @@ export const groupSummaries: Record<string, string> = {
   job: "Run jobs, follow their logs, list, cancel and inspect them",
   image: "Push, pull, list and manage images",
   host: "List and manage hosts (changes: admins)",
+  service: "List the registered stores, caches, log servers and proxies (admins)",
   user: "Manage users (admins)",
   token: "Create, list and revoke API tokens",
   context: "List, switch and remove saved server contexts",

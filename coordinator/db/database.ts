@@ -3,6 +3,7 @@ import postgres, { type Sql } from "postgres";
 import type { Logger } from "../../lib/logger.js";
 import { startEmbeddedPostgres, type EmbeddedPostgres } from "./embedded.js";
 import { migrate, type Migration } from "./migrate.js";
+import { Notifications } from "./notifications.js";
 
 export interface DatabaseOptions {
   /** A PostgreSQL 14+ URL (DATABASE_URL); without one, an embedded server runs in `dataDir/postgres`. */
@@ -18,6 +19,8 @@ export interface DatabaseOptions {
 
 export interface Database {
   sql: Sql;
+  /** LISTEN/NOTIFY on a connection of its own that survives restarts of the server (notifications.ts). */
+  notifications: Notifications;
   /** The URL connected to (with the embedded server's password: do not log it). */
   url: string;
   /** Ends the pool, then stops the embedded server if any. Idempotent. */
@@ -41,20 +44,25 @@ export async function openDatabase(options: DatabaseOptions): Promise<Database> 
     onnotice: (notice) => log.debug({ notice: notice.message }, "postgres notice"),
     connection: { application_name: "treadmill-coordinator" },
   });
+  const notifications = new Notifications({ url, logger: log });
   let closing: Promise<void> | undefined;
   const close = () => {
     closing ??= (async () => {
-      await sql.end({ timeout: 5 });
+      const reachable = notifications.connected;
+      await notifications.stop();
+      // Queries in flight get 5 s to finish, unless the server is away: then nothing will.
+      await sql.end({ timeout: reachable ? 5 : 0 });
       await embedded?.stop();
     })();
     return closing;
   };
   try {
     await migrate(sql, { logger: log, migrations: options.migrations });
+    await notifications.start();
   } catch (err) {
     await close();
     throw err;
   }
   log.info({ embedded: embedded !== undefined }, "database ready");
-  return { sql, url, close };
+  return { sql, notifications, url, close };
 }

@@ -22,6 +22,9 @@ export interface StartRow {
   attempt: number;
   spec: JsonValue;
   manifest_digest: string;
+  owner_id: string;
+  /** The holder the image token names (jobs.image_holder; null: the owner). */
+  image_holder: string | null;
   deadline_at: Date | null;
   log_server_urls: string[];
   proxy_url: string;
@@ -39,7 +42,7 @@ export interface StartRow {
  * (hosts).
  */
 export const startColumns = (sql: Db) => sql`
-  j.id, j.attempt, j.spec, j.manifest_digest, j.deadline_at, j.log_server_urls, j.proxy_url,
+  j.id, j.attempt, j.spec, j.manifest_digest, j.owner_id, j.image_holder, j.deadline_at, j.log_server_urls, j.proxy_url,
   (select coalesce(jsonb_object_agg(s.name, s.value), '{}') from job_secrets s where s.job_id = j.id) as secrets,
   (select array_agg(u order by same_site desc, first_seen)
      from (select l->>'url' as u, bool_or(coalesce(l->>'site', '') = h.site) as same_site, min(i.created_at) as first_seen
@@ -77,22 +80,25 @@ type TokenMessage = { token: string; scope: CapabilityScope; expireTime: ReturnT
 /**
  * Mints the tokens of a StartJob of job `jobId` (image `digest`) for
  * `hostId`, valid until the attempt's deadline plus a margin; the expose
- * token only for a job given a proxy.
+ * token only for a job given a proxy. The image token names the job's image
+ * holder (`holder`, else the owner) and is minted for the job's owner, for
+ * whom the supervisor reads the image: so a snapshot's upload (a write token
+ * of the owner) may mount the image's layers with it (supervisor/snapshot.ts).
  */
 export async function mintStartTokens(
   ctx: CoordinatorContext,
-  t: { hostId: string; jobId: string; digest: string; withProxy: boolean; deadlineMs: number },
+  t: { hostId: string; jobId: string; digest: string; ownerId: string; holder: string | null; withProxy: boolean; deadlineMs: number },
 ): Promise<StartTokens> {
   const now = ctx.clock();
   const ttl = Math.max(60_000, t.deadlineMs - now + TOKEN_MARGIN_MS);
-  const token = async (capability: Capability, scope: CapabilityScope) => ({
-    token: await ctx.keys.sign(capability, ttl, { subject: t.hostId }),
+  const token = async (capability: Capability, scope: CapabilityScope, subject = t.hostId) => ({
+    token: await ctx.keys.sign(capability, ttl, { subject }),
     scope,
     expireTime: timestampFromMs(now + ttl),
   });
   const [logToken, imageToken, exposeToken] = await Promise.all([
     token({ scope: "log:write", job: t.jobId }, CapabilityScope.LOG_WRITE),
-    token({ scope: "image:read", digest: t.digest }, CapabilityScope.IMAGE_READ),
+    token({ scope: "image:read", digest: t.digest, holder: t.holder ?? t.ownerId }, CapabilityScope.IMAGE_READ, t.ownerId),
     t.withProxy ? token({ scope: "tunnel:expose", job: t.jobId }, CapabilityScope.TUNNEL_EXPOSE) : undefined,
   ]);
   return { logToken, imageToken, exposeToken };
@@ -119,6 +125,8 @@ export function startJobMessages(
           hostId,
           jobId: r.id,
           digest: r.manifest_digest,
+          ownerId: r.owner_id,
+          holder: r.image_holder,
           withProxy: r.proxy_url !== "",
           deadlineMs: r.deadline_at?.getTime() ?? now + 3600_000,
         }));

@@ -98,6 +98,12 @@ export const jobConfigFields = {
     min: 1000,
     description: "lifetime of log:read tokens from GetJobLogAccess",
   },
+  loopStallMs: {
+    type: "duration",
+    default: 60_000,
+    min: 100,
+    description: "a scheduling pass, group commit or sweep running this long is logged as stalled (metric treadmill_coordinator_loop_stalled)",
+  },
 } as const;
 
 /** The job system's settings as loaded. */
@@ -117,4 +123,5 @@ export interface JobConfig {
   stopGraceMs: number;
   logTokenTtlMs: number;
   sessionTokenTtlMs: number;
+  loopStallMs: number;
 }

@@ -19,6 +19,8 @@
  * of its own, so one bad change fails alone.
  */
 import type { Sql } from "postgres";
+import { isDatabaseUnavailable } from "../db/errors.js";
+import { pipeline, withReserved } from "../db/reserved.js";
 import type { JobMetrics } from "./metrics.js";
 import { type Db, customPlans } from "./store.js";
 import { type HostAt, type HostEnd, type HostReport, hostsEnded, hostsProgress } from "./transitions.js";
@@ -67,13 +69,16 @@ export class GroupCommit {
       const batch = this.queue.splice(0, MAX_BATCH);
       const started = performance.now();
       try {
-        await this.transaction(batch);
+        const tx = this.transaction(batch);
+        await (this.metrics ? this.metrics.watch("group-commit", tx) : tx);
         this.metrics?.commitSeconds.observe((performance.now() - started) / 1000);
         this.metrics?.changes.inc(batch.length);
         for (const c of batch) c.resolve();
       } catch (err) {
-        if (batch.length === 1) {
-          batch[0].reject(err);
+        // One transaction per change isolates a bad change; a database that
+        // is away fails them all alike, so they fail together.
+        if (batch.length === 1 || isDatabaseUnavailable(err)) {
+          for (const c of batch) c.reject(err);
           continue;
         }
         for (const c of batch) await this.transaction([c]).then(c.resolve, c.reject);
@@ -86,18 +91,12 @@ export class GroupCommit {
    * BEGIN goes out with the first statements rather than a round trip ahead.
    */
   private async transaction(batch: Change[]): Promise<void> {
-    const tx = await this.sql.reserve();
-    try {
+    await withReserved(this.sql, async (tx) => {
       // Its failure fails every statement behind it.
-      void tx`begin`.execute().catch(() => undefined);
+      pipeline(tx`begin`);
       await applyAll(tx, batch);
       await tx`commit`;
-    } catch (err) {
-      await tx`rollback`.catch(() => undefined);
-      throw err;
-    } finally {
-      tx.release();
-    }
+    });
   }
 }
 

@@ -67,6 +67,7 @@ interface ImageRow {
   tag: string;
   digest: string;
   media_types: string[];
+  holder_id: string | null;
   allowed: boolean;
 }
 
@@ -100,10 +101,11 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     const [image] =
       "digest" in spec.image
         ? await sql<ImageRow[]>`
-            select name, tag, digest, media_types, treadmill_user_may_use_image(${caller.userId}, name, tag) as allowed
-            from images where digest = ${spec.image.digest} order by allowed desc, created_at limit 1`
+            select name, tag, digest, media_types, holder_id, treadmill_user_may_use_image(${caller.userId}, name, tag) as allowed
+            from images where digest = ${spec.image.digest}
+            order by allowed desc, (holder_id = ${caller.userId}) desc nulls last, created_at limit 1`
         : await sql<ImageRow[]>`
-            select name, tag, digest, media_types, treadmill_user_may_use_image(${caller.userId}, name, tag) as allowed
+            select name, tag, digest, media_types, holder_id, treadmill_user_may_use_image(${caller.userId}, name, tag) as allowed
             from images where name = ${spec.image.name} and tag = ${spec.image.tag}`;
     if (!image) throw notFound(`image ${clip(req.spec!.image)} not found`);
     if (!image.allowed) throw denied(`image ${clip(req.spec!.image)} is not visible to you`);
@@ -130,10 +132,10 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
       try {
         await tx.savepoint(async (sp) => {
           await sp`
-            insert into jobs (id, owner_id, spec, priority, manifest_digest, media_types, host_count, required_tags,
+            insert into jobs (id, owner_id, spec, priority, manifest_digest, image_holder, media_types, host_count, required_tags,
               required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id)
             values (${id}, ${caller.userId}, ${sp.json(toJson(JobSpecSchema, spec.publicSpec) as never)}, ${spec.priority},
-              ${image.digest}, ${image.media_types}, ${spec.hostCount}, ${sp.json(spec.requiredTags)},
+              ${image.digest}, ${image.holder_id}, ${image.media_types}, ${spec.hostCount}, ${sp.json(spec.requiredTags)},
               ${spec.requiredSite}, ${spec.requiredDriver}, ${spec.maxRestarts}, ${spec.queueTimeoutMs},
               ${spec.jobTimeoutMs}, ${requestId})`;
         });

@@ -10,6 +10,7 @@ import { Snapshots } from "./snapshots.js";
 import { SupervisorStreams } from "./supervisor-stream.js";
 import { Sweeper } from "./sweeper.js";
 import { JobWatchers } from "./watchers.js";
+import { Watchdog } from "./watchdog.js";
 
 /** Jobs, the scheduler and the supervisor stream: one unit with one life. */
 export interface JobSystem {
@@ -35,13 +36,14 @@ export interface JobSystemParts extends JobSystem {
 export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   const config: JobConfig = ctx.config;
   const watchers = new JobWatchers();
-  const metrics = new JobMetrics();
+  const watchdog = new Watchdog(ctx.logger.child({ subsystem: "watchdog" }), config.loopStallMs);
+  const metrics = new JobMetrics(watchdog);
   const streams = new SupervisorStreams(ctx, config, metrics);
   const scheduler = new Scheduler(ctx, config, (hostId, starts) => streams.deliverStarts(hostId, starts), metrics);
-  const sweeper = new Sweeper(ctx, config);
+  const sweeper = new Sweeper(ctx, config, metrics);
   const snapshots = new Snapshots(ctx, config, streams, watchers);
   const jobService = new JobServiceImpl(ctx, config, watchers, snapshots);
-  const listeners: { unlisten(): Promise<void> }[] = [];
+  const unsubscribe: (() => void)[] = [];
   let started = false;
   let stopping: Promise<void> | undefined;
 
@@ -56,16 +58,20 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
     },
     async start() {
       started = true;
-      // After a (re)connection of the LISTEN connection, anything may have
-      // been missed: look again at everything.
-      const resync = () => {
-        scheduler.wake();
-        streams.syncAll();
-        watchers.notifyAll();
-      };
-      listeners.push(await ctx.sql.listen("treadmill_schedule", () => scheduler.wake(), resync));
-      listeners.push(await ctx.sql.listen("treadmill_commands", (hostId) => streams.onCommands(hostId)));
-      listeners.push(await ctx.sql.listen("treadmill_jobs", (jobId) => watchers.notify(jobId)));
+      const n = ctx.notifications;
+      // After the LISTEN connection came back, anything may have been
+      // missed: look again at everything.
+      unsubscribe.push(
+        n.onResync(() => {
+          scheduler.wake();
+          streams.syncAll();
+          watchers.notifyAll();
+        }),
+        await n.subscribe("treadmill_schedule", () => scheduler.wake()),
+        await n.subscribe("treadmill_commands", (hostId) => streams.onCommands(hostId)),
+        await n.subscribe("treadmill_jobs", (jobId) => watchers.notify(jobId)),
+      );
+      watchdog.start();
       streams.start();
       await snapshots.start();
       await sweeper.start();
@@ -74,11 +80,12 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
     stop() {
       stopping ??= (async () => {
         if (!started) return;
-        await Promise.all(listeners.map((l) => l.unlisten().catch(() => undefined)));
+        for (const off of unsubscribe) off();
         await scheduler.stop();
         await snapshots.stop();
         await streams.stop();
         await sweeper.stop();
+        watchdog.stop();
       })();
       return stopping;
     },

@@ -5,6 +5,7 @@
  * the start) and registered with its registry once it exists.
  */
 import { Counter, Histogram, type Registry } from "prom-client";
+import type { Watchdog } from "./watchdog.js";
 
 const BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5];
 
@@ -31,8 +32,21 @@ export class JobMetrics {
     help: "Reports and acknowledgements applied by group commits.",
     registers: [],
   });
+  readonly passFailures = new Counter({
+    name: "treadmill_scheduler_pass_failures_total",
+    help: "Scheduling passes that failed (each is retried with backoff).",
+    registers: [],
+  });
+
+  constructor(private readonly watchdog?: Watchdog) {}
+
+  /** Hands a unit of work of a background loop to the watchdog (stalls are logged and counted). */
+  watch<T>(loop: string, work: Promise<T>): Promise<T> {
+    return this.watchdog ? this.watchdog.track(loop, work) : work;
+  }
 
   register(registry: Registry): void {
-    for (const m of [this.passSeconds, this.assigned, this.commitSeconds, this.changes]) registry.registerMetric(m);
+    for (const m of [this.passSeconds, this.assigned, this.commitSeconds, this.changes, this.passFailures]) registry.registerMetric(m);
+    if (this.watchdog) registry.registerMetric(this.watchdog.stalled);
   }
 }

@@ -46,6 +46,8 @@ import { type StartRow, type StartTokens, mintStartTokens, startColumns, startJo
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
 import { ACTIVE_STATES } from "./store.js";
+import { isDatabaseUnavailable } from "../db/errors.js";
+import { pipeline, withReserved } from "../db/reserved.js";
 
 /** pg_advisory lock key of a scheduling pass ("tmsched" in ASCII). */
 const PASS_LOCK = 0x746d_7363_6865_64n;
@@ -73,6 +75,7 @@ interface QueuedJob {
   required_driver: string | null;
   media_types: string[];
   manifest_digest: string;
+  image_holder: string | null;
   job_timeout_ms: number;
 }
 
@@ -123,6 +126,8 @@ export class Scheduler {
   private logTurn = 0;
   /** Free slots seen by the last pass: sizes the first read of the queue. */
   private lastSlots = 0;
+  /** Passes failed in a row: the retry backs off and the log says the start and the end of a streak. */
+  private failures = 0;
 
   constructor(
     private readonly ctx: CoordinatorContext,
@@ -156,17 +161,28 @@ export class Scheduler {
         this.dirty = false;
         let result: PassResult;
         try {
-          result = await this.pass();
+          const pass = this.pass();
+          result = await (this.metrics ? this.metrics.watch("scheduler", pass) : pass);
+          if (this.failures > 0) this.log.info({ failures: this.failures }, "scheduling passes succeed again");
+          this.failures = 0;
         } catch (err) {
           if (this.stopped) return;
-          this.log.error({ err }, "scheduling pass failed");
+          this.failures++;
+          this.metrics?.passFailures.inc();
+          const down = isDatabaseUnavailable(err);
+          // The first failure of a streak and every 50th; the database's own loss is logged where it is noticed.
+          if (this.failures === 1 || this.failures % 50 === 0) {
+            this.log[down ? "warn" : "error"]({ err, failures: this.failures }, "scheduling pass failed; retrying");
+          }
           result = { assigned: 0, retry: true };
         }
         if (result.retry && !this.stopped && this.retryTimer === undefined) {
+          // A pass that lost a race retries at once (15-30 ms); one that failed backs off up to 2 s.
+          const delay = this.failures === 0 ? RETRY_MS : Math.min(2000, RETRY_MS * 2 ** Math.min(this.failures, 8));
           this.retryTimer = setTimeout(() => {
             this.retryTimer = undefined;
             this.wake();
-          }, RETRY_MS + Math.floor(Math.random() * RETRY_MS));
+          }, delay + Math.floor(Math.random() * delay));
           this.retryTimer.unref?.();
         }
       } while (this.dirty && !this.stopped);
@@ -184,16 +200,7 @@ export class Scheduler {
    */
   async pass(): Promise<PassResult> {
     const started = performance.now();
-    const sql = await this.ctx.sql.reserve();
-    let result: Assigned;
-    try {
-      result = await this.assign(sql);
-    } catch (err) {
-      await sql`rollback`.catch(() => undefined);
-      throw err;
-    } finally {
-      sql.release();
-    }
+    const result = await withReserved(this.ctx.sql, (tx) => this.assign(tx));
     this.metrics?.passSeconds.observe((performance.now() - started) / 1000);
     this.metrics?.assigned.inc(result.assigned);
     for (const [hostId, rows] of result.local) {
@@ -225,7 +232,7 @@ export class Scheduler {
         select (select j.priority from jobs j where j.state = 'queued' and j.priority < p.priority order by j.priority desc limit 1)
         from p where p.priority is not null)
       select j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
-        j.manifest_digest, j.job_timeout_ms::float8 as job_timeout_ms
+        j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms
       from p, lateral (
         select * from jobs j where j.state = 'queued' and j.priority = p.priority
         order by j.queued_at, j.created_at, j.id limit ${offset + size}) j
@@ -236,8 +243,8 @@ export class Scheduler {
     // (a pass that can place a few jobs reads a few rows, not the whole queue).
     let size = Math.min(CHUNK, Math.max(32, 4 * this.lastSlots));
     // Pipelined: BEGIN, the pass lock, then the reads, in one round trip.
-    void tx`begin`.execute();
-    void tx`set local plan_cache_mode = force_custom_plan`.execute();
+    pipeline(tx`begin`);
+    pipeline(tx`set local plan_cache_mode = force_custom_plan`);
     const [[{ ok }], eligible, [{ grants }], counts, first, services] = await Promise.all([
       tx<{ ok: boolean }[]>`select pg_try_advisory_xact_lock(${PASS_LOCK.toString()}::bigint) as ok`,
       tx<HostCandidate[]>`
@@ -369,6 +376,8 @@ export class Scheduler {
           hostId: h.id,
           jobId: p.job.id,
           digest: p.job.manifest_digest,
+          ownerId: p.job.owner_id,
+          holder: p.job.image_holder,
           withProxy: plan[i].proxy !== "",
           deadlineMs: deadlineFrom + p.job.job_timeout_ms,
         });
@@ -414,7 +423,7 @@ export class Scheduler {
             log_server_urls = j.log_server_urls || array(select u from unnest(v.logs) u where u <> all(j.log_server_urls)),
             proxy_url = v.proxy, status_message = '', updated_at = now()
           from ok v where j.id = v.id
-          returning j.id, j.attempt, j.spec, j.manifest_digest, j.deadline_at, j.log_server_urls, j.proxy_url),
+          returning j.id, j.attempt, j.spec, j.manifest_digest, j.owner_id, j.image_holder, j.deadline_at, j.log_server_urls, j.proxy_url),
         ev as (
           insert into job_events (job_id, kind, state, message, attempt)
           select id, 'state_changed', 'assigned', message, attempt from ok),

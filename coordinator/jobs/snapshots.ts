@@ -18,6 +18,12 @@
  * A snapshot whose host stayed detached longer than the grace period fails
  * (nothing can answer it any more); otherwise the supervisor always answers,
  * also when the job ended meanwhile (it then says so).
+ *
+ * Possession (docs/images.md): TakeSnapshot's write token is minted for the
+ * job's owner, who thus holds the new layer and manifest at the upload
+ * target; the supervisor mounts the base layers with the job's image token
+ * (minted for the owner too, coordinator/jobs/commands.ts). The image is
+ * registered with the job's owner as its holder.
  */
 import { create } from "@bufbuild/protobuf";
 import type { TransactionSql } from "postgres";
@@ -146,17 +152,18 @@ export async function onSnapshotResult(ctx: CoordinatorContext, host: HostCaller
     }
     // The catalog's media types of the image: every layer's (the base image's
     // and the snapshot layer's), as the scheduler matches hosts on them.
-    const [base] = await tx<{ media_types: string[]; annotations: Record<string, string> | null }[]>`
-      select j.media_types,
+    const [base] = await tx<{ media_types: string[]; owner_id: string; annotations: Record<string, string> | null }[]>`
+      select j.media_types, j.owner_id,
         (select i.annotations from images i where i.digest = j.manifest_digest order by i.created_at limit 1) as annotations
       from jobs j where j.id = ${row.job_id}`;
     const mediaTypes = [...new Set([...ok.mediaTypes, ...(base?.media_types ?? [])])];
     const annotations = { ...(base?.annotations ?? {}), ...row.annotations };
     const location = [{ service: row.upload_service_id, url: row.upload_url, site: row.upload_site }];
     const inserted = await tx`
-      insert into images (name, tag, digest, media_types, size, owner_id, visibility, locations, annotations, source_job_id,
+      insert into images (name, tag, digest, media_types, size, owner_id, holder_id, visibility, locations, annotations, source_job_id,
         created_at, updated_at)
-      values (${row.name}, ${row.tag}, ${ok.digest}, ${mediaTypes}, ${ok.size.toString()}::bigint, ${row.owner_id}, 'private',
+      values (${row.name}, ${row.tag}, ${ok.digest}, ${mediaTypes}, ${ok.size.toString()}::bigint, ${row.owner_id},
+        ${base?.owner_id ?? row.owner_id}, 'private',
         ${tx.json(location as never)}, ${tx.json(annotations)}, ${row.job_id}, now(), now())
       on conflict (name, tag) do nothing
       returning name`;
@@ -186,7 +193,7 @@ export async function onSnapshotResult(ctx: CoordinatorContext, host: HostCaller
  */
 export class Snapshots {
   private readonly log: Logger;
-  private readonly listeners: { unlisten(): Promise<void> }[] = [];
+  private readonly unsubscribe: (() => void)[] = [];
   /** Snapshots sent on each stream (a new stream gets every pending one again). */
   private readonly sent = new WeakMap<HostSession, Set<string>>();
   /** Per host: a delivery running, and whether another was asked meanwhile. */
@@ -214,10 +221,12 @@ export class Snapshots {
       for (const [hostId, session] of this.streams.sessions) if (!this.sent.has(session)) this.deliver(hostId);
     }, this.config.supervisorHeartbeatMs);
     this.timer.unref?.();
-    this.listeners.push(await this.ctx.sql.listen("treadmill_snapshots", (hostId) => this.deliver(hostId), all));
-    // A stream that attached (or re-read its host) here: deliver what it has not had.
-    this.listeners.push(
-      await this.ctx.sql.listen("treadmill_commands", (hostId) => {
+    const n = this.ctx.notifications;
+    this.unsubscribe.push(
+      n.onResync(all),
+      await n.subscribe("treadmill_snapshots", (hostId) => this.deliver(hostId)),
+      // A stream that attached (or re-read its host) here: deliver what it has not had.
+      await n.subscribe("treadmill_commands", (hostId) => {
         const session = this.streams.sessions.get(hostId);
         if (session && !this.sent.has(session)) this.deliver(hostId);
       }),
@@ -227,7 +236,7 @@ export class Snapshots {
   async stop(): Promise<void> {
     this.stopped = true;
     clearInterval(this.timer);
-    await Promise.all(this.listeners.splice(0).map((l) => l.unlisten().catch(() => undefined)));
+    for (const off of this.unsubscribe.splice(0)) off();
   }
 
   /** JobService.SnapshotJob. */
@@ -406,13 +415,15 @@ export class Snapshots {
     if (!session) return;
     let sent = this.sent.get(session);
     if (!sent) this.sent.set(session, (sent = new Set()));
-    const rows = await this.ctx.sql<SnapshotRow[]>`
-      select * from snapshots where host_id = ${hostId} and state = 'pending' order by id`;
+    const rows = await this.ctx.sql<(SnapshotRow & { job_owner_id: string })[]>`
+      select s.*, j.owner_id as job_owner_id from snapshots s join jobs j on j.id = s.job_id
+      where s.host_id = ${hostId} and s.state = 'pending' order by s.id`;
     const now = this.ctx.clock();
     const ttl = this.ctx.config.imageTokenTtlMs;
     for (const row of rows) {
       if (sent.has(row.id) || this.streams.sessions.get(hostId) !== session) continue;
-      const token = await this.ctx.keys.sign({ scope: "image:write" }, ttl, { subject: hostId, audience: "image" });
+      // The job's owner becomes the holder of what the supervisor uploads.
+      const token = await this.ctx.keys.sign({ scope: "image:write" }, ttl, { subject: row.job_owner_id, audience: "image" });
       const requestId = uuidv7(now);
       session.outbox.push(
         create(AttachResponseSchema, {

@@ -19,6 +19,7 @@
 import { create, fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { Sql, TransactionSql } from "postgres";
+import { pipeline } from "../db/reserved.js";
 import {
   ExitStatus,
   FinalizeReason,
@@ -42,7 +43,7 @@ export type Db = Sql | TransactionSql;
  * transaction's first statement: it costs no round trip.
  */
 export function customPlans(tx: Db): void {
-  void tx`set local plan_cache_mode = force_custom_plan`.execute();
+  pipeline(tx`set local plan_cache_mode = force_custom_plan`);
 }
 
 export const ACTIVE_STATES = ["assigned", "initializing", "running", "terminating"] as const;

@@ -43,6 +43,7 @@ import { type HostCaller, requireHost } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { uuidv7 } from "../services/common.js";
 import { type HostRow, hostColumns, hostMessage } from "../services/hosts.js";
+import { databaseUnavailable, isDatabaseUnavailable } from "../db/errors.js";
 import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import { GroupCommit, type Op } from "./group-commit.js";
@@ -73,6 +74,8 @@ export class SupervisorStreams {
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
   private lastTick = Date.now();
+  /** A stream ended and its detachment could not be recorded: detachOrphans runs at the next tick. */
+  orphans = false;
   readonly log: Logger;
   /** Reports and acknowledgements of every stream, committed together. */
   readonly commits: GroupCommit;
@@ -151,9 +154,31 @@ export class SupervisorStreams {
     }
   }
 
-  /** Every stream re-reads its host (after the LISTEN connection came back). */
+  /**
+   * After the LISTEN connection came back: every stream re-reads its host,
+   * and hosts recorded as attached here without a stream here (it ended
+   * while the database was away, so its detachment was not recorded) are
+   * detached now, so that their grace period runs.
+   */
   syncAll(): void {
     for (const s of this.sessions.values()) s.requestSync();
+    void this.detachOrphans();
+  }
+
+  /** Records the detachment of hosts attached to this replica by a stream it no longer holds. */
+  async detachOrphans(): Promise<void> {
+    const live = [...this.sessions.values()].map((s) => s.id);
+    try {
+      const rows = await this.ctx.sql`
+        update hosts set attached_replica = null, attach_session = null, attached_at = null, detached_at = now(),
+          supervisor_draining = false
+        where attached_replica = ${this.ctx.replicaId} and not (attach_session = any(${live}::uuid[]))
+        returning id, pg_notify('treadmill_hosts', id::text)`;
+      if (rows.length > 0) this.log.info({ hosts: rows.length }, "detached hosts whose streams ended while the database was away");
+      this.orphans = false;
+    } catch (err) {
+      if (!this.stopped) this.log.warn({ err }, "cannot detach hosts whose streams ended");
+    }
   }
 
   markSeen(hostId: string): void {
@@ -165,6 +190,7 @@ export class SupervisorStreams {
     const late = now - this.lastTick > 2 * this.config.supervisorHeartbeatMs;
     this.lastTick = now;
     for (const s of this.sessions.values()) s.tick(now, late);
+    if (this.orphans) await this.detachOrphans();
     try {
       await this.flushSeen();
     } catch (err) {
@@ -225,9 +251,16 @@ export class SupervisorStreams {
 
     const session = new HostSession(this, host, hello);
     const welcome = await session.open();
+    // The call's signal aborts when this replica stops, and when the
+    // supervisor's connection goes away (it died, the network broke).
     signal.addEventListener(
       "abort",
-      () => session.finish(new ConnectError("coordinator replica shutting down", Code.Unavailable)),
+      () =>
+        session.finish(
+          this.stopped
+            ? new ConnectError("coordinator replica shutting down", Code.Unavailable)
+            : new ConnectError("the supervisor's connection ended", Code.Canceled),
+        ),
       { once: true },
     );
     void session.read(iterator);
@@ -424,6 +457,9 @@ export class HostSession {
   private fail(err: unknown): void {
     if (err instanceof ConnectError) {
       this.finish(err);
+    } else if (isDatabaseUnavailable(err)) {
+      // The supervisor attaches again once the database is back; its hello carries what this stream could not record.
+      this.finish(databaseUnavailable());
     } else {
       this.log.warn({ err }, "supervisor stream failed");
       this.finish(new ConnectError("the coordinator could not record a message; attach again", Code.Unavailable));
@@ -446,7 +482,15 @@ export class HostSession {
     const fail = (err: unknown) => this.fail(err);
     try {
       for (;;) {
-        const next = await iterator.next();
+        let next: IteratorResult<AttachRequest>;
+        try {
+          next = await iterator.next();
+        } catch (err) {
+          // Reading failed: the supervisor or its connection went away, or it sent garbage.
+          const error = ConnectError.from(err);
+          this.finish(error.code === Code.InvalidArgument ? error : new ConnectError(`the supervisor's stream broke: ${error.rawMessage}`, Code.Canceled));
+          return;
+        }
         if (next.done || this.finished) break;
         // Liveness counts from arrival, not from handling: a busy database
         // delays the handling of a report, not the supervisor's heartbeat.
@@ -745,7 +789,10 @@ export class HostSession {
     void this.chain
       .then(() => this.settled())
       .then(() => (this.opened ? this.detach() : undefined))
-      .catch((err) => this.log.warn({ err }, "cannot record the detachment"))
+      .catch((err) => {
+        this.log.warn({ err }, "cannot record the detachment; retried");
+        this.streams.orphans = true;
+      })
       .finally(() => this.resolveClosed());
   }
 

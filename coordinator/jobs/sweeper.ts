@@ -8,6 +8,7 @@
 import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
+import type { JobMetrics } from "./metrics.js";
 import { loadJob, notifyJobHosts, endAttempt, recordEvent } from "./store.js";
 import { hostEnded } from "./transitions.js";
 
@@ -19,10 +20,19 @@ export class Sweeper {
   private running: Promise<void> | undefined;
   private stopped = false;
   private beatTimer: NodeJS.Timeout | undefined;
+  /**
+   * Since when this replica's heartbeats have been recorded without a miss
+   * (undefined: the last one failed). Other replicas are judged dead only
+   * after this replica itself was heard for a whole staleness window: after
+   * an outage of the database every replica's heartbeat is old, and each
+   * needs one interval to beat again.
+   */
+  private beatingSince: number | undefined;
 
   constructor(
     private readonly ctx: CoordinatorContext,
     private readonly config: JobConfig,
+    private readonly metrics?: JobMetrics,
   ) {
     this.log = ctx.logger.child({ subsystem: "sweeper" });
   }
@@ -32,13 +42,17 @@ export class Sweeper {
     // Its own timer: a slow sweep must not make this replica look dead.
     this.beatTimer = setInterval(() => {
       this.beat().catch((err) => {
-        if (!this.stopped) this.log.warn({ err }, "cannot record this replica's heartbeat");
+        if (this.stopped) return;
+        // The first miss of an outage is worth a line; the database's own loss is logged elsewhere.
+        if (this.beatingSince !== undefined) this.log.warn({ err }, "cannot record this replica's heartbeat");
+        this.beatingSince = undefined;
       });
     }, this.config.replicaHeartbeatMs);
     this.beatTimer.unref?.();
     this.timer = setInterval(() => {
       if (this.running || this.stopped) return;
-      this.running = this.sweep()
+      const sweep = this.sweep();
+      this.running = (this.metrics ? this.metrics.watch("sweep", sweep) : sweep)
         .catch((err) => {
           if (!this.stopped) this.log.warn({ err }, "sweep failed");
         })
@@ -67,15 +81,21 @@ export class Sweeper {
     await this.ctx.sql`
       insert into coordinator_replicas (id) values (${this.ctx.replicaId})
       on conflict (id) do update set heartbeat_at = now()`;
+    this.beatingSince ??= Date.now();
   }
 
-  /** Hosts attached to a replica that stopped heartbeating are detached (their grace starts then). */
+  /**
+   * Hosts attached to another replica that stopped heartbeating are detached
+   * (their grace starts then); never this replica's own, and not before this
+   * replica has beaten for a whole staleness window itself (see beatingSince).
+   */
   private async deadReplicas(): Promise<void> {
     const stale = 3 * this.config.replicaHeartbeatMs;
+    if (this.beatingSince === undefined || Date.now() - this.beatingSince < stale) return;
     const rows = await this.ctx.sql<{ id: string }[]>`
       update hosts h set attached_replica = null, attach_session = null, attached_at = null,
         detached_at = coalesce((select r.heartbeat_at from coordinator_replicas r where r.id = h.attached_replica), now())
-      where h.attached_replica is not null
+      where h.attached_replica is not null and h.attached_replica <> ${this.ctx.replicaId}
         and h.attached_at < now() - ${stale} * interval '1 millisecond'
         and not exists (
           select 1 from coordinator_replicas r

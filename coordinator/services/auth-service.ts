@@ -2,6 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { TransactionSql } from "postgres";
+import { isDatabaseUnavailable } from "../db/errors.js";
 import { CapabilityScope, CapabilityTokenSchema } from "../../gen/treadmill/common/v1/capability_pb.js";
 import {
   type AuthService,
@@ -186,8 +187,14 @@ export class AuthServiceImpl implements ServiceImpl<typeof AuthService> {
   async getSigningKeys() {
     const now = this.ctx.clock();
     if (now - this.keysRefreshedAt > KEYS_REFRESH_MS) {
-      await this.ctx.keys.refresh();
-      this.keysRefreshedAt = now;
+      // Servers verify tokens offline with these keys: while the database is
+      // away the keys in memory are still the right answer.
+      await this.ctx.keys.refresh().then(
+        () => (this.keysRefreshedAt = now),
+        (err: unknown) => {
+          if (!isDatabaseUnavailable(err)) throw err;
+        },
+      );
     }
     return {
       issuer: this.ctx.keys.issuer,

@@ -1,4 +1,4 @@
-import type { Sql } from "postgres";
+import type { Notifications } from "../db/notifications.js";
 import type { Logger } from "../../lib/logger.js";
 
 /** What a watcher receives: ids of changed hosts, or "all" after the listen connection was re-established. */
@@ -22,11 +22,10 @@ interface Watcher {
  */
 export class HostWatchHub {
   private readonly watchers = new Set<Watcher>();
-  private listening: Promise<{ unlisten(): Promise<void> }> | undefined;
-  private listens = 0;
+  private listening: Promise<unknown> | undefined;
 
   constructor(
-    private readonly sql: Sql,
+    private readonly notifications: Notifications,
     private readonly logger: Logger,
   ) {}
 
@@ -70,43 +69,36 @@ export class HostWatchHub {
     };
   }
 
-  /** Stops listening (the database is closing). */
+  /** Ends every watcher (the database is closing). */
   async close(): Promise<void> {
-    const listening = this.listening;
-    this.listening = undefined;
     for (const w of [...this.watchers]) {
       w.closed = true;
       w.wake?.();
     }
     this.watchers.clear();
-    if (listening) await (await listening.catch(() => undefined))?.unlisten().catch(() => undefined);
   }
 
-  private listen() {
-    this.listening ??= this.sql
-      .listen(
-        "treadmill_hosts",
-        (id) => {
-          for (const w of this.watchers) {
-            w.pending.add(id);
-            w.wake?.();
-          }
-        },
-        () => {
-          // Called on every (re)connection: after the first, changes may have been missed.
-          if (this.listens++ > 0) {
-            this.logger.info("host change listener reconnected; watchers resync");
-            for (const w of this.watchers) {
-              w.all = true;
-              w.wake?.();
-            }
-          }
-        },
-      )
-      .catch((err: unknown) => {
-        this.listening = undefined;
-        throw err;
+  /** Listens once per replica, on the first watcher. */
+  private listen(): Promise<unknown> {
+    this.listening ??= (async () => {
+      // After a lost connection, changes may have been missed: every watcher diffs everything.
+      this.notifications.onResync(() => {
+        this.logger.info("host change listener reconnected; watchers resync");
+        for (const w of this.watchers) {
+          w.all = true;
+          w.wake?.();
+        }
       });
+      await this.notifications.subscribe("treadmill_hosts", (id) => {
+        for (const w of this.watchers) {
+          w.pending.add(id);
+          w.wake?.();
+        }
+      });
+    })().catch((err: unknown) => {
+      this.listening = undefined;
+      throw err;
+    });
     return this.listening;
   }
 }

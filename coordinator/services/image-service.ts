@@ -28,6 +28,7 @@ import {
   encodePageToken,
   exists,
   HOST_NAME,
+  precondition,
   invalid,
   notFound,
   pageSize,
@@ -43,6 +44,9 @@ const DIGEST = /^sha256:[0-9a-f]{64}$/;
 const MAX_STORES = 32;
 const MAX_ANNOTATIONS = 32;
 const MAX_GROUPS = 32;
+const MAX_GRANT_DIGESTS = 64;
+/** A grant's digests may be registered this long after its token expires. */
+const GRANT_REGISTRATION_MARGIN_MS = 24 * 3600_000;
 
 interface Location {
   service: string;
@@ -57,6 +61,7 @@ interface ImageRow {
   media_types: string[];
   size: string;
   owner_id: string | null;
+  holder_id: string | null;
   visibility: "private" | "group" | "public";
   locations: Location[];
   annotations: Record<string, string>;
@@ -79,7 +84,7 @@ function visibilityName(field: string, v: ImageVisibility): ImageRow["visibility
 }
 
 const imageColumns = (sql: Db) => sql`
-  i.name, i.tag, i.digest, i.media_types, i.size::text as size, i.owner_id, i.visibility, i.locations, i.annotations,
+  i.name, i.tag, i.digest, i.media_types, i.size::text as size, i.owner_id, i.holder_id, i.visibility, i.locations, i.annotations,
   i.source_job_id, i.created_at, i.updated_at,
   coalesce((select array_agg(g.group_id::text order by g.group_id) from image_groups g where g.name = i.name and g.tag = i.tag), '{}') as group_ids`;
 
@@ -92,6 +97,7 @@ function imageMessage(row: ImageRow, locations: Location[] = row.locations): Ima
     mediaTypes: row.media_types,
     locations: locations.map((l) => create(ImageLocationSchema, { storeId: l.service, url: l.url, site: l.site ?? "" })),
     ownerUserId: row.owner_id ?? "",
+    holderUserId: row.holder_id ?? "",
     visibility: VISIBILITY[row.visibility],
     groupIds: row.group_ids,
     annotations: row.annotations,
@@ -123,6 +129,14 @@ export function checkTag(field: string, tag: string): string {
  * ImageService, the catalog: `name:tag` -> manifest digest and the stores
  * holding it. Users see what they may use (treadmill_user_may_use_image);
  * images they may not see are NotFound, never PermissionDenied.
+ *
+ * Possession (docs/images.md): a store serves an image only to read tokens
+ * naming a holder who proved possession there. The catalog cannot check the
+ * stores (a site's cache is not reachable from here), so it records the
+ * holder each entry's tokens name, chosen by holderFor: the caller when a
+ * grant of theirs named the digest (they uploaded it, or the stores will
+ * refuse them), else the holder of an image with that digest the caller may
+ * read. Anything else is refused: a digest is no key to anything.
  */
 export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
   constructor(private readonly ctx: CoordinatorContext) {}
@@ -150,6 +164,7 @@ export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
     if (visibility !== "group" && groupIds.length > 0) throw invalid("group_ids applies to IMAGE_VISIBILITY_GROUP only");
 
     return this.ctx.sql.begin(async (tx) => {
+      const holder = await holderFor(tx, caller, digest, this.ctx.clock());
       const stores = await tx<{ id: string; url: string; site: string }[]>`
         select id, url, site from services where id in ${tx(storeIds)} and kind in ('image_store', 'image_cache')`;
       for (const id of storeIds) if (!stores.some((s) => s.id === id)) throw invalid(`store_ids: ${id} is not a registered image store`);
@@ -163,8 +178,8 @@ export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
       }
       const now = new Date(this.ctx.clock());
       const inserted = await tx`
-        insert into images (name, tag, digest, media_types, size, owner_id, visibility, locations, annotations, created_at, updated_at)
-        values (${name}, ${tag}, ${digest}, ${mediaTypes}, ${req.sizeBytes.toString()}::bigint, ${caller.userId}, ${visibility},
+        insert into images (name, tag, digest, media_types, size, owner_id, holder_id, visibility, locations, annotations, created_at, updated_at)
+        values (${name}, ${tag}, ${digest}, ${mediaTypes}, ${req.sizeBytes.toString()}::bigint, ${caller.userId}, ${holder}, ${visibility},
                 ${tx.json(newLocations as never)}, ${tx.json(req.annotations)}, ${now}, ${now})
         on conflict (name, tag) do nothing
         returning name`;
@@ -186,7 +201,7 @@ export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
           action = "replace";
           await tx`
             update images set digest = ${digest}, media_types = ${mediaTypes}, size = ${req.sizeBytes.toString()}::bigint,
-              visibility = ${visibility}, locations = ${tx.json(newLocations as never)}, annotations = ${tx.json(req.annotations)},
+              holder_id = ${holder}, visibility = ${visibility}, locations = ${tx.json(newLocations as never)}, annotations = ${tx.json(req.annotations)},
               updated_at = ${now}
             where name = ${name} and tag = ${tag}`;
           await tx`delete from image_groups where name = ${name} and tag = ${tag}`;
@@ -198,7 +213,7 @@ export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
         actor: actorOf(caller),
         userId: caller.userId,
         message: `${name}:${tag} -> ${digest}`,
-        details: { name, tag, digest, storeIds },
+        details: { name, tag, digest, storeIds, holder },
       });
       const [row] = await tx<ImageRow[]>`select ${imageColumns(tx)} from images i where name = ${name} and tag = ${tag}`;
       return { image: imageMessage(row) };
@@ -215,19 +230,25 @@ export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
       const rows = await this.visible(caller, this.ctx.sql`i.digest = ${digest}`, this.ctx.sql`order by i.created_at, i.name, i.tag`);
       row = rows[0];
       locations = [];
-      for (const r of rows) for (const l of r.locations) if (!locations.some((m) => m.service === l.service)) locations.push(l);
+      // Only the entries of the token's holder: another holder's stores need not hold it for this one.
+      for (const r of rows.filter((x) => x.holder_id === row?.holder_id)) {
+        for (const l of r.locations) if (!locations.some((m) => m.service === l.service)) locations.push(l);
+      }
     } else {
       const { name, tag } = parseReference("reference", req.reference);
       [row] = await this.visible(caller, this.ctx.sql`i.name = ${name} and i.tag = ${tag}`);
       locations = row?.locations ?? [];
     }
     if (!row) throw notFound(`image ${clip(req.reference, 300)} not found`);
+    if (row.holder_id === null) {
+      throw precondition(`image ${row.name}:${row.tag} has no holder (the user who uploaded it is gone): push it again`);
+    }
     // The caller's site first, then stores of every site, then other sites; stable otherwise.
     const rank = (l: Location) => (site !== "" && l.site === site ? 0 : l.site === "" ? 1 : 2);
     locations = [...locations].sort((a, b) => rank(a) - rank(b));
     const ttlMs = this.ctx.config.imageTokenTtlMs;
     const issuedAt = this.ctx.clock();
-    const token = await this.ctx.keys.sign({ scope: "image:read", digest: row.digest }, ttlMs, {
+    const token = await this.ctx.keys.sign({ scope: "image:read", digest: row.digest, holder: row.holder_id }, ttlMs, {
       subject: caller.userId,
       audience: "image",
     });
@@ -299,6 +320,8 @@ export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
     const caller = requireUser(context);
     if (req.sizeBytes < 0n) throw invalid("size_bytes must not be negative");
     const site = req.site === "" ? "" : checkPattern("site", req.site, HOST_NAME, "[a-z0-9][a-z0-9._-]{0,62} or be empty");
+    if (req.digests.length > MAX_GRANT_DIGESTS) throw invalid(`digests must have at most ${MAX_GRANT_DIGESTS} entries`);
+    const digests = [...new Set(req.digests.map((d, i) => checkPattern(`digests[${i}]`, d, DIGEST, "sha256:<64 lower-case hex digits>")))];
     const sql = this.ctx.sql;
     const now = this.ctx.clock();
     let store: { id: string; url: string } | undefined;
@@ -319,12 +342,22 @@ export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
     }
     const ttlMs = this.ctx.config.imageTokenTtlMs;
     const token = await this.ctx.keys.sign({ scope: "image:write" }, ttlMs, { subject: caller.userId, audience: "image" });
-    await audit(sql, {
-      kind: "image.upload_grant",
-      actor: actorOf(caller),
-      userId: caller.userId,
-      message: `upload grant for store ${store.id}`,
-      details: { storeId: store.id, sizeBytes: req.sizeBytes.toString() },
+    const registrableUntil = new Date(now + ttlMs + GRANT_REGISTRATION_MARGIN_MS);
+    await sql.begin(async (tx) => {
+      await tx`delete from upload_grants where user_id = ${caller.userId} and expires_at < ${new Date(now)}`;
+      if (digests.length > 0) {
+        await tx`
+          insert into upload_grants (user_id, digest, expires_at)
+          select ${caller.userId}, d, ${registrableUntil} from unnest(${digests}::text[]) d
+          on conflict (user_id, digest) do update set expires_at = greatest(upload_grants.expires_at, excluded.expires_at)`;
+      }
+      await audit(tx, {
+        kind: "image.upload_grant",
+        actor: actorOf(caller),
+        userId: caller.userId,
+        message: `upload grant for store ${store.id}`,
+        details: { storeId: store.id, sizeBytes: req.sizeBytes.toString(), digests },
+      });
     });
     return {
       storeId: store.id,
@@ -345,4 +378,24 @@ export class ImageServiceImpl implements ServiceImpl<typeof ImageService> {
       where ${where} and ${imageAccessCondition(sql, caller.userId)}
       ${tail}`;
   }
+}
+
+/**
+ * The holder of a new catalog entry for `digest` registered by `caller`:
+ * the caller when a live grant of theirs names the digest, else the holder
+ * of an image with that digest the caller may read (the caller's own
+ * possession first, then the oldest); PermissionDenied otherwise.
+ */
+async function holderFor(tx: Db, caller: UserCaller, digest: string, nowMs: number): Promise<string> {
+  const [granted] = await tx`
+    select 1 from upload_grants where user_id = ${caller.userId} and digest = ${digest} and expires_at > ${new Date(nowMs)}`;
+  if (granted) return caller.userId;
+  const [readable] = await tx<{ holder_id: string }[]>`
+    select i.holder_id from images i
+    where i.digest = ${digest} and i.holder_id is not null and ${imageAccessCondition(tx, caller.userId)}
+    order by (i.holder_id = ${caller.userId}) desc, i.created_at limit 1`;
+  if (readable) return readable.holder_id;
+  throw denied(
+    `you may not register ${digest}: upload it under an upload grant that names it (CreateUploadGrant digests), or register an image you may read`,
+  );
 }

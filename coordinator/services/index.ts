@@ -14,7 +14,7 @@ import { UserServiceImpl } from "./user-service.js";
 
 /** Users, tokens, hosts, the image catalog and the registry. */
 export function registerCatalogServices(router: ConnectRouter, ctx: CoordinatorContext): void {
-  const hub = new HostWatchHub(ctx.sql, ctx.logger.child({ subsystem: "host-watch" }));
+  const hub = new HostWatchHub(ctx.notifications, ctx.logger.child({ subsystem: "host-watch" }));
   router.service(AuthService, new AuthServiceImpl(ctx));
   router.service(UserService, new UserServiceImpl(ctx));
   router.service(HostService, new HostServiceImpl(ctx, hub));

@@ -1,17 +1,33 @@
-import { type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import type { Fragment, Sql, TransactionSql } from "postgres";
 import {
   type DeregisterRequest,
   type HeartbeatRequest,
+  type ListServicesRequest,
+  RegisteredServiceSchema,
   type RegisterRequest,
   type RegistryService,
   ServiceKind,
   type ServiceStatus,
 } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { actorOf, audit } from "../audit.js";
-import { requireService } from "../auth.js";
+import { callerKey, requireService } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
-import { checkId, checkPattern, checkText, durationOf, HOST_NAME, invalid, notFound, uuidv7 } from "./common.js";
+import {
+  checkId,
+  checkPattern,
+  checkText,
+  decodePageToken,
+  durationOf,
+  encodePageToken,
+  HOST_NAME,
+  invalid,
+  notFound,
+  pageSize,
+  ts,
+  uuidv7,
+} from "./common.js";
 
 const KINDS: Record<number, string> = {
   [ServiceKind.IMAGE_STORE]: "image_store",
@@ -55,9 +71,34 @@ function checkStatus(status: ServiceStatus | undefined) {
   return { capacity: s.capacityBytes.toString(), free: s.freeBytes.toString(), streams: s.activeStreams, draining: s.draining };
 }
 
+/** The calling admin or service (ListServices); Unauthenticated without a credential, PermissionDenied for anyone else. */
+function requireAdminOrService(ctx: HandlerContext): void {
+  const caller = ctx.values.get(callerKey);
+  if (caller === undefined) throw new ConnectError("this call needs an admin's api token or a service credential", Code.Unauthenticated);
+  if (caller.kind === "service" || (caller.kind === "user" && caller.role === "admin")) return;
+  throw new ConnectError("this call is for admins and services only", Code.PermissionDenied);
+}
+
+interface ServiceRow {
+  id: string;
+  kind: string;
+  url: string;
+  site: string;
+  version: string;
+  tcp_address: string;
+  capacity: string;
+  free_bytes: string;
+  active_streams: number;
+  draining: boolean;
+  live: boolean;
+  last_heartbeat_at: Date;
+  created_at: Date;
+}
+
 /**
  * RegistryService: stores, caches, log servers and proxies register with a
- * service credential (an API token of scope service) and heartbeat.
+ * service credential (an API token of scope service) and heartbeat; admins
+ * and services list the registrations.
  */
 export class RegistryServiceImpl implements ServiceImpl<typeof RegistryService> {
   constructor(private readonly ctx: CoordinatorContext) {}
@@ -135,5 +176,46 @@ export class RegistryServiceImpl implements ServiceImpl<typeof RegistryService> 
       }
     });
     return {};
+  }
+
+  async listServices(req: ListServicesRequest, context: HandlerContext) {
+    requireAdminOrService(context);
+    const kind = req.kind === ServiceKind.UNSPECIFIED ? undefined : KINDS[req.kind];
+    if (req.kind !== ServiceKind.UNSPECIFIED && kind === undefined) throw invalid("kind must be a known SERVICE_KIND or unspecified");
+    const size = pageSize(req.pageSize);
+    const filters = { kind: kind ?? "", liveOnly: req.liveOnly };
+    const after = decodePageToken(req.pageToken, filters, 1);
+    if (after) checkId("page_token", after[0]);
+    const sql = this.ctx.sql;
+    const now = this.ctx.clock();
+    const rows = await sql<ServiceRow[]>`
+      select s.id, s.kind, s.url, s.site, s.version, s.tcp_address, s.capacity::text as capacity, s.free_bytes::text as free_bytes,
+        s.active_streams, s.draining, ${liveCondition(sql, now)} as live, s.last_heartbeat_at, s.created_at
+      from services s
+      where true
+        ${kind ? sql`and s.kind = ${kind}` : sql``}
+        ${req.liveOnly ? sql`and ${liveCondition(sql, now)}` : sql``}
+        ${after ? sql`and s.id > ${after[0]}::uuid` : sql``}
+      order by s.id limit ${size + 1}`;
+    const page = rows.slice(0, size);
+    const last = page.at(-1);
+    const kindOf = Object.fromEntries(Object.entries(KINDS).map(([k, v]) => [v, Number(k) as ServiceKind]));
+    return {
+      services: page.map((r) =>
+        create(RegisteredServiceSchema, {
+          serviceId: r.id,
+          kind: kindOf[r.kind] ?? ServiceKind.UNSPECIFIED,
+          url: r.url,
+          site: r.site,
+          version: r.version,
+          tcpAddress: r.tcp_address,
+          status: { capacityBytes: BigInt(r.capacity), freeBytes: BigInt(r.free_bytes), activeStreams: r.active_streams, draining: r.draining },
+          live: r.live,
+          lastHeartbeatTime: ts(r.last_heartbeat_at),
+          createTime: ts(r.created_at),
+        }),
+      ),
+      nextPageToken: rows.length > size && last ? encodePageToken(filters, [last.id]) : "",
+    };
   }
 }

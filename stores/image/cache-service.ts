@@ -26,6 +26,7 @@ import type { Authorizer } from "./auth.js";
 import { MAX_LEASE_TTL_MS, type ImageCache } from "./cache.js";
 import { checkDigest } from "./manifest.js";
 import type { BlobStore } from "./store.js";
+import type { Upstreams } from "./upstreams.js";
 
 const LEASE_ID = /^[A-Za-z0-9._:/-]{1,128}$/;
 const MAX_LOCATIONS = 16;
@@ -103,21 +104,28 @@ export class ImageCacheServiceImpl implements ServiceImpl<typeof ImageCacheServi
     private readonly cache: ImageCache,
     private readonly store: BlobStore,
     private readonly auth: Authorizer,
+    private readonly upstreams: Upstreams,
     private readonly options: { capBytes: number; freeFloorBytes: number },
   ) {}
 
   async *fetch(request: FetchRequest, context: HandlerContext): AsyncGenerator<FetchResponse> {
     const digest = checkDigest("manifest_digest", request.manifestDigest);
-    await this.auth.readManifest(context.requestHeader, digest);
+    // The holder is proved by the fetch itself (a location serves the image
+    // to this token, or confirms it), not looked up here.
+    const verified = await this.auth.readToken(context.requestHeader, digest);
     if (request.locations.length === 0) throw invalid("locations must name at least one store");
     if (request.locations.length > MAX_LOCATIONS) throw invalid(`locations must name at most ${MAX_LOCATIONS} stores`);
     request.locations.forEach((l, i) => storeUrl(`locations[${i}]`, l));
+    await this.upstreams.check("locations", request.locations);
     let lease: { id: string; ttlMs: number } | undefined;
     if (request.leaseId !== "") lease = { id: leaseId("lease_id", request.leaseId), ttlMs: ttlMs("lease_ttl", request.leaseTtl) };
     const token = request.token !== "" ? request.token : (bearerToken(context.requestHeader) ?? "");
+    const holder = verified.capability.scope === "image:read" ? verified.capability.holder : undefined;
     const leaseExpiry = lease ? await this.cache.pin(digest, lease.id, lease.ttlMs, true) : undefined;
     const queue = new LatestProgress();
-    const work = this.cache.fetch(digest, request.locations, token, (p) => queue.put(p));
+    const work = this.cache.fetch(digest, request.locations, token, holder, (p) => queue.put(p));
+    // A fetch that fails leaves no lease behind (it would keep what it pins).
+    if (lease) void work.catch(() => this.cache.unpin(lease.id).catch(() => undefined));
     const result = yield* queue.drain(work, (p) => create(FetchResponseSchema, { payload: { case: "progress", value: p } }));
     const blobs = this.cache.hasSharedPath
       ? [[digest, result.record.size] as const, ...result.record.blobs].map(([d, size]) =>
@@ -140,9 +148,10 @@ export class ImageCacheServiceImpl implements ServiceImpl<typeof ImageCacheServi
 
   async pin(request: PinRequest, context: HandlerContext) {
     const digest = checkDigest("manifest_digest", request.manifestDigest);
-    await this.auth.readManifest(context.requestHeader, digest);
+    const verified = await this.auth.readToken(context.requestHeader, digest);
     const id = leaseId("lease_id", request.leaseId);
     const ms = ttlMs("ttl", request.ttl);
+    await this.auth.requireHolder(verified, digest);
     const expiresAt = await this.cache.pin(digest, id, ms);
     return create(PinResponseSchema, { expireTime: timestampFromMs(expiresAt) });
   }
@@ -174,9 +183,11 @@ export class ImageCacheServiceImpl implements ServiceImpl<typeof ImageCacheServi
 
   async *push(request: PushRequest, context: HandlerContext): AsyncGenerator<PushResponse> {
     const digest = checkDigest("manifest_digest", request.manifestDigest);
-    await this.auth.readManifest(context.requestHeader, digest);
+    const verified = await this.auth.readToken(context.requestHeader, digest);
     storeUrl("target_url", request.targetUrl);
     if (request.targetToken === "") throw invalid("target_token is required");
+    await this.auth.requireHolder(verified, digest);
+    await this.upstreams.check("target_url", [request.targetUrl]);
     const queue = new LatestProgress();
     const work = this.cache.push(digest, request.targetUrl, request.targetToken, (p) => queue.put(p), context.signal);
     const result = yield* queue.drain(work, (p) => create(PushResponseSchema, { payload: { case: "progress", value: p } }));

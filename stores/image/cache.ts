@@ -5,7 +5,16 @@
  * stores. The bytes live in the same BlobStore a store uses.
  *
  * State kept across restarts in `<data-dir>/cache.json`: leases (so a
- * restart does not unpin a running job's image) and last-access times.
+ * restart does not unpin a running job's image) and last-access times. Saves
+ * are coalesced: one write at a time, and a save asked while one is queued
+ * joins it (it will carry the change).
+ *
+ * Possession (store.ts): the cache records as a holder of an image (and its
+ * blobs) the holder of the token a location served it to, since that
+ * location checked the holder's possession. A token whose holder the cache
+ * has not recorded gets a cached image only after a location confirms it
+ * (GetManifest with that token). Locations are the caller's, already
+ * matched against the cache's upstreams (upstreams.ts).
  */
 import { create } from "@bufbuild/protobuf";
 import { createHash } from "node:crypto";
@@ -81,6 +90,9 @@ export class ImageCache implements CacheHooks {
   readonly #lastAccess = new Map<string, number>();
   readonly #fetches = new Map<string, { listeners: Set<(p: TransferProgress) => void>; result: Promise<FetchResult> }>();
   #dirty = false;
+  /** The state write in progress (or done), and the one queued behind it, not yet started. */
+  #writing: Promise<void> = Promise.resolve();
+  #queued: Promise<void> | undefined;
   #timer: Promise<void> | undefined;
   readonly #stop = new AbortController();
   readonly counters = { hits: 0, misses: 0, evictions: 0, bytesFetched: 0 };
@@ -142,14 +154,27 @@ export class ImageCache implements CacheHooks {
     await this.#save();
   }
 
-  async #save(): Promise<void> {
-    if (!this.#dirty) return;
-    this.#dirty = false;
-    const state = { leases: Object.fromEntries(this.#leases), lastAccess: Object.fromEntries(this.#lastAccess) };
-    await atomicWrite(this.#statePath, JSON.stringify(state)).catch((err: unknown) => {
-      this.#dirty = true;
-      this.#log.warn({ err }, "cache state not saved");
+  /**
+   * Saves the state if it changed; resolves once a write that began after
+   * this call has ended. Writes run one at a time; a call made while a write
+   * is queued (not yet begun) joins that write, which reads the state when it
+   * begins, so many concurrent saves cost two writes at most.
+   */
+  #save(): Promise<void> {
+    if (this.#queued) return this.#queued;
+    const queued = this.#writing.then(async () => {
+      this.#queued = undefined;
+      if (!this.#dirty) return;
+      this.#dirty = false;
+      const state = { leases: Object.fromEntries(this.#leases), lastAccess: Object.fromEntries(this.#lastAccess) };
+      await atomicWrite(this.#statePath, JSON.stringify(state)).catch((err: unknown) => {
+        this.#dirty = true;
+        this.#log.warn({ err }, "cache state not saved");
+      });
     });
+    this.#queued = queued;
+    this.#writing = queued;
+    return queued;
   }
 
   // ---- CacheHooks ----
@@ -269,28 +294,80 @@ export class ImageCache implements CacheHooks {
   // ---- fetch ----
 
   /**
-   * Makes an image local (see ImageCacheService.Fetch). Concurrent calls for
-   * one digest share one fetch: later callers get its progress and result.
+   * Makes an image local (see ImageCacheService.Fetch) for a token whose
+   * holder is `holder` (undefined: an admin token, which needs none).
+   * Concurrent calls for one digest share one fetch: later callers get its
+   * progress and result. Ends with the holder's possession recorded here,
+   * confirmed by a location when the cache did not know it.
    */
-  async fetch(digest: string, locations: string[], token: string, onProgress: (p: TransferProgress) => void): Promise<FetchResult> {
+  async fetch(
+    digest: string,
+    locations: string[],
+    token: string,
+    holder: string | undefined,
+    onProgress: (p: TransferProgress) => void,
+  ): Promise<FetchResult> {
     let job = this.#fetches.get(digest);
     if (!job) {
       const listeners = new Set<(p: TransferProgress) => void>();
-      const result = this.#runFetch(digest, locations, token, (p) => {
+      const result = this.#runFetch(digest, locations, token, holder, (p) => {
         for (const l of listeners) l(p);
       }).finally(() => this.#fetches.delete(digest));
       job = { listeners, result };
       this.#fetches.set(digest, job);
     }
     job.listeners.add(onProgress);
+    let result: FetchResult;
     try {
-      return await job.result;
+      result = await job.result;
     } finally {
       job.listeners.delete(onProgress);
     }
+    if (holder !== undefined && !(await this.#store.holds(digest, holder, { legacy: true }))) {
+      await this.#confirmHolder(digest, locations, token, holder);
+    }
+    return result;
   }
 
-  async #runFetch(digest: string, locations: string[], token: string, emit: (p: TransferProgress) => void): Promise<FetchResult> {
+  /**
+   * Asks the locations, in order, whether `holder` holds the image there
+   * (GetManifest with the holder's token); the first that serves it makes
+   * the holder a holder here too. PermissionDenied when every location
+   * refuses or lacks it, Unavailable when none could answer.
+   */
+  async #confirmHolder(digest: string, locations: string[], token: string, holder: string): Promise<void> {
+    const failures: { url: string; error: ConnectError }[] = [];
+    for (const url of locations) {
+      const transport = (this.#o.transport ?? ((u, t) => imageStoreTransport(u, { token: t })))(url, token);
+      try {
+        const got = await imageStoreClient(transport).getManifest({ digest }, { timeoutMs: 30_000 });
+        if (digestOf(createHash("sha256").update(got.manifestJson)) !== digest) throw new ConnectError(`manifest from ${url} does not match its digest`, Code.DataLoss);
+        const record = this.#store.getManifestRecord(digest);
+        await this.#store.addHolder([digest, ...(record?.blobs.keys() ?? [])], holder);
+        return;
+      } catch (err) {
+        const error = ConnectError.from(err);
+        this.#log.info({ digest, location: url, code: Code[error.code], reason: error.rawMessage }, "holder not confirmed by location");
+        failures.push({ url, error });
+      } finally {
+        transport.close();
+      }
+    }
+    const list = failures.map((f) => `${f.url}: ${Code[f.error.code]}: ${f.error.rawMessage}`).join("; ");
+    const refused = failures.every((f) => [Code.NotFound, Code.PermissionDenied, Code.Unauthenticated].includes(f.error.code));
+    throw new ConnectError(
+      refused ? `no location confirms that the token's holder holds image ${digest} (${list})` : `no location could confirm the token's holder of image ${digest}: ${list}`,
+      refused ? Code.PermissionDenied : Code.Unavailable,
+    );
+  }
+
+  async #runFetch(
+    digest: string,
+    locations: string[],
+    token: string,
+    holder: string | undefined,
+    emit: (p: TransferProgress) => void,
+  ): Promise<FetchResult> {
     if (await this.isComplete(digest)) {
       try {
         const json = await this.#store.readManifest(digest);
@@ -307,7 +384,10 @@ export class ImageCache implements CacheHooks {
     for (const url of locations) {
       const transport = (this.#o.transport ?? ((u, t) => imageStoreTransport(u, { token: t })))(url, token);
       try {
-        return await this.#fetchFrom(url, imageStoreClient(transport), digest, emit);
+        const result = await this.#fetchFrom(url, imageStoreClient(transport), digest, emit);
+        // The location served it to this token: its holder holds it there.
+        if (holder !== undefined) await this.#store.addHolder([digest, ...result.record.blobs.keys()], holder);
+        return result;
       } catch (err) {
         if (isLocal(err)) throw err;
         const error = ConnectError.from(err);
@@ -320,6 +400,10 @@ export class ImageCache implements CacheHooks {
     const list = failures.map((f) => `${f.url}: ${Code[f.error.code]}: ${f.error.rawMessage}`).join("; ");
     if (failures.every((f) => f.error.code === Code.NotFound)) {
       throw new ConnectError(`no location has image ${digest} (${list})`, Code.NotFound);
+    }
+    if (failures.every((f) => f.error.code === Code.NotFound || f.error.code === Code.DataLoss)) {
+      // Every location answered, and what they served does not match: the image's fault, not an outage.
+      throw new ConnectError(`no location has a sound copy of image ${digest}: its bytes do not match (${list})`, Code.DataLoss);
     }
     throw new ConnectError(`no location could serve image ${digest}: ${list}`, Code.Unavailable);
   }
@@ -371,7 +455,7 @@ export class ImageCache implements CacheHooks {
       progress.blobsDone++;
       send(true);
     }
-    const record = await this.#store.putManifest(digest, json).catch((err: unknown) => {
+    const record = await this.#store.putManifest(digest, json, undefined).catch((err: unknown) => {
       const e = ConnectError.from(err);
       throw e.code === Code.ResourceExhausted ? new LocalError(e.rawMessage, e.code) : e;
     });
@@ -390,9 +474,9 @@ export class ImageCache implements CacheHooks {
    */
   async #fetchBlob(url: string, client: ImageStoreClient, digest: string, size: number, onBytes: (n: number) => void): Promise<void> {
     for (let attempt = 0; attempt < 2; attempt++) {
-      const state = await this.#store.queryUpload(digest);
+      const state = await this.#store.queryUpload(digest, undefined);
       const offset = state.size === size ? state.committedOffset : 0;
-      const upload = await this.#store.beginUpload(digest, size, offset).catch((err: unknown) => {
+      const upload = await this.#store.beginUpload(digest, size, offset, undefined).catch((err: unknown) => {
         const e = ConnectError.from(err);
         throw e.code === Code.ResourceExhausted ? new LocalError(e.rawMessage, e.code) : e;
       });

@@ -44,6 +44,18 @@ export const imageStoreSchema = {
     default: true,
     description: "hash every whole-blob read and quarantine a blob whose bytes no longer match its digest",
   },
+  upstreamUrls: {
+    type: "list",
+    default: [],
+    description:
+      "cache mode: base URLs of stores it may fetch from and push to, besides those registered with the coordinator (comma-separated; stand-alone use)",
+  },
+  upstreamRefreshMs: {
+    type: "duration",
+    default: 60_000,
+    min: 1000,
+    description: "cache mode: how often the registered stores are listed again (also on an unknown location, at most every 5 s)",
+  },
   evictIntervalMs: {
     type: "duration",
     default: 30_000,

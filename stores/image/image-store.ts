@@ -1,6 +1,7 @@
 import { statfs } from "node:fs/promises";
 import type { ConnectRouter } from "@connectrpc/connect";
-import { ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
+import { createClient } from "@connectrpc/connect";
+import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import { ImageStoreService } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { serverOptions, type ServingComponent } from "../../lib/component.js";
@@ -15,6 +16,7 @@ import { ImageCacheServiceImpl } from "./cache-service.js";
 import type { ImageStoreConfig } from "./config.js";
 import { ImageStoreServiceImpl } from "./store-service.js";
 import { BlobStore } from "./store.js";
+import { Upstreams } from "./upstreams.js";
 
 /** The blob RPCs that move disk images: served without compression (FACTS.md). */
 export const imageBulkProcedures = [
@@ -76,13 +78,21 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
           clock: deps.clock,
         })
       : undefined;
+  const upstreams = new Upstreams({
+    static: config.upstreamUrls,
+    registered: config.coordinatorUrl !== "" && config.serviceCredential !== "" ? () => registeredStores(config) : undefined,
+    refreshMs: config.upstreamRefreshMs,
+    missRefreshMs: 5000,
+    logger: log.child({ subsystem: "upstreams" }),
+    clock: deps.clock,
+  });
   const storeService = new ImageStoreServiceImpl(store, auth, { gcGraceMs: config.gcGraceMs, logger: log, cache });
   const routes = (router: ConnectRouter) => {
     router.service(ImageStoreService, storeService);
     if (cache) {
       router.service(
         ImageCacheService,
-        new ImageCacheServiceImpl(cache, store, auth, { capBytes: config.capBytes, freeFloorBytes: config.freeFloorBytes }),
+        new ImageCacheServiceImpl(cache, store, auth, upstreams, { capBytes: config.capBytes, freeFloorBytes: config.freeFloorBytes }),
       );
     }
   };
@@ -91,6 +101,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
   let stopping: Promise<void> | undefined;
   const registration = new AbortController();
   let registered: Promise<void> | undefined;
+  let refreshing: Promise<void> | undefined;
 
   const status = async () => {
     const fs = await statfs(config.dataDir);
@@ -125,6 +136,12 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
         await cache?.close();
         throw err;
       }
+      if (cache) {
+        if (config.upstreamUrls.length === 0 && (config.coordinatorUrl === "" || config.serviceCredential === "")) {
+          log.warn("cache mode without upstream-urls and without a coordinator to list the stores: every fetch will be refused");
+        }
+        refreshing = upstreams.run(registration.signal);
+      }
       if (config.coordinatorUrl !== "" && config.serviceCredential !== "") {
         registered = runRegistration({
           transport: coordinatorTransport(config.coordinatorUrl, config.serviceCredential),
@@ -142,6 +159,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
       stopping ??= (async () => {
         registration.abort();
         await registered;
+        await refreshing;
         await server?.stop();
         await cache?.close();
       })();
@@ -152,4 +170,17 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
       return server.address();
     },
   };
+}
+
+/** The base URLs of every image store and cache registered with the coordinator (live or not). */
+async function registeredStores(config: ImageStoreConfig): Promise<string[]> {
+  const registry = createClient(RegistryService, coordinatorTransport(config.coordinatorUrl, config.serviceCredential));
+  const urls: string[] = [];
+  let pageToken = "";
+  do {
+    const page = await registry.listServices({ pageSize: 1000, pageToken }, { timeoutMs: 10_000 });
+    for (const s of page.services) if (s.kind === ServiceKind.IMAGE_STORE || s.kind === ServiceKind.IMAGE_CACHE) urls.push(s.url);
+    pageToken = page.nextPageToken;
+  } while (pageToken !== "");
+  return urls;
 }

@@ -93,7 +93,7 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
 
   /** PutBlob's behaviour: authorizes, then writes the stream to an upload. */
   async receiveBlob(headers: Headers, signal: AbortSignal, messages: AsyncIterable<BlobPiece>): Promise<PutBlobResponse> {
-    await this.auth.require(headers, { scope: "image:write" });
+    const writer = (await this.auth.require(headers, { scope: "image:write" })).subject;
     const iterator = messages[Symbol.asyncIterator]();
     const first = await iterator.next();
     if (first.done) throw invalid("put_blob stream has no message");
@@ -103,7 +103,7 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
     const offset = int64("offset", head.offset);
     if (byteLength(head.data) > MAX_CHUNK_BYTES) throw invalid(`data is larger than ${MAX_CHUNK_BYTES} bytes`);
     if (offset > size) throw new ConnectError(`offset ${offset} is past the size ${size}`, Code.OutOfRange);
-    const begun = await this.store.beginUpload(digest, size, offset);
+    const begun = await this.store.beginUpload(digest, size, offset, writer);
     if (begun === "exists") {
       await iterator.return?.();
       return create(PutBlobResponseSchema, { digest, committedSize: BigInt(size), complete: true, alreadyExisted: true });
@@ -171,8 +171,8 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
 
   async queryUpload(request: QueryUploadRequest, context: HandlerContext) {
     const digest = checkDigest("digest", request.digest);
-    await this.auth.require(context.requestHeader, { scope: "image:write" });
-    const state = await this.store.queryUpload(digest);
+    const writer = (await this.auth.require(context.requestHeader, { scope: "image:write" })).subject;
+    const state = await this.store.queryUpload(digest, writer);
     return create(QueryUploadResponseSchema, {
       exists: state.exists,
       committedOffset: BigInt(state.committedOffset),
@@ -190,8 +190,9 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
 
   async putManifest(request: PutManifestRequest, context: HandlerContext) {
     const digest = checkDigest("digest", request.digest);
-    await this.auth.require(context.requestHeader, { scope: "image:write" });
-    const record = await this.store.putManifest(digest, request.manifestJson);
+    const writer = (await this.auth.require(context.requestHeader, { scope: "image:write" })).subject;
+    const mountable = await this.auth.mountable(request.mountTokens, writer);
+    const record = await this.store.putManifest(digest, request.manifestJson, writer, mountable);
     this.options.cache?.touch(digest);
     return create(PutManifestResponseSchema, { digest, manifest: record.manifest, totalSize: BigInt(record.totalSize) });
   }

@@ -5,7 +5,8 @@
  *   <root>/index.json              the stored manifests (OCI image index)
  *   <root>/blobs/sha256/<hex>      blobs and manifests, content-addressed
  *   <root>/uploads/<hex>           the bytes of an upload in progress
- *   <root>/uploads/<hex>.json      its declared size
+ *   <root>/uploads/<hex>.json      its declared size and its writer
+ *   <root>/holders/<hex>           who holds a blob or manifest, a user id a line
  *
  * Every path is built from a digest that matched `sha256:[0-9a-f]{64}`, so
  * nothing a client sends can name a file outside the root.
@@ -16,11 +17,23 @@
  * length of its temp file (every byte in it was written in order at its
  * offset); a resume hashes that prefix again (or reuses the hash state kept
  * in memory since the interruption).
+ *
+ * Possession (docs/images.md): a blob or manifest is held by the users who
+ * proved they have its bytes, by uploading them (verified against the
+ * digest) or by mounting them from a manifest they may read. An upload's
+ * writer is the write token's subject; an upload is resumed only by its own
+ * writer, so nobody completes another's prefix. A writer that does not hold
+ * an existing blob uploads it whole; the bytes are verified and thrown away
+ * (the stored blob is not rewritten) and the writer becomes a holder. The
+ * holders file of a digest is rewritten atomically on each change and goes
+ * with the blob. A data directory from before holders existed is upgraded
+ * once: its objects are held by LEGACY_HOLDER, which backs reads (as before)
+ * but never a new manifest.
  */
-import { createHash, type Hash } from "node:crypto";
+import { createHash, randomUUID, type Hash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { mkdir, open, readFile, readdir, rename, rm, stat, statfs, writeFile, type FileHandle } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Manifest } from "../../gen/treadmill/image/v1/manifest_pb.js";
 import { BLOB_CHUNK_BYTES, BackgroundWriter, DIGEST_PATTERN, digestOf } from "../../lib/image-client.js";
@@ -51,6 +64,16 @@ export interface BlobStoreOptions {
   /** Free bytes of the file system; default statfs of the root. */
   freeBytes?: () => Promise<number>;
 }
+
+/** The holder of every object of a data directory upgraded to holders (see the head comment). */
+export const LEGACY_HOLDER = "*";
+
+/**
+ * Who writes: a user (the write token's subject), who becomes a holder of
+ * what it uploads, or the store itself (a cache's fetch: `undefined`), which
+ * records holders as its locations proved them.
+ */
+export type Writer = string | undefined;
 
 /** The state of an upload that may be continued. */
 export interface UploadState {
@@ -105,6 +128,7 @@ export class Upload {
   constructor(
     private readonly store: BlobStore,
     readonly digest: string,
+    readonly writer: Writer,
     readonly size: number,
     offset: number,
     private readonly file: FileHandle,
@@ -204,7 +228,7 @@ export class Upload {
       }
       await this.file.datasync();
       await this.file.close();
-      await this.store.commitUpload(this.digest);
+      await this.store.commitUpload(this.digest, this.writer);
       return { committedSize: this.size, complete: true, alreadyExisted: false };
     } finally {
       this.store.endUpload(this);
@@ -257,6 +281,10 @@ export class BlobStore {
   #blobCount = 0;
   #mutex: Promise<void> = Promise.resolve();
   #collecting = false;
+  /** Holders by digest, as loaded from `holders/` (absent: not loaded yet). */
+  readonly #holders = new Map<string, Set<string>>();
+  /** Per digest, the holders file write in flight (writes of one digest run in turn). */
+  readonly #holderWrites = new Map<string, Promise<void>>();
   /** Told when a blob is found corrupt and removed. */
   onCorrupt?: (digest: string) => void;
 
@@ -273,6 +301,10 @@ export class BlobStore {
 
   #uploadPath(digest: string): string {
     return join(this.root, "uploads", hexOf(digest));
+  }
+
+  #holdersPath(digest: string): string {
+    return join(this.root, "holders", hexOf(digest));
   }
 
   get usedBytes(): number {
@@ -326,6 +358,90 @@ export class BlobStore {
       if (name === hex) this.#usedBytes += data.size;
     }
     await this.#loadIndex();
+    await this.#upgradeHolders();
+  }
+
+  /**
+   * A data directory without `holders/` predates possession: every blob in
+   * it gets LEGACY_HOLDER, written to a side directory that is renamed into
+   * place whole (a crash redoes it).
+   */
+  async #upgradeHolders(): Promise<void> {
+    const dir = join(this.root, "holders");
+    if (await stat(dir).catch(() => undefined)) return;
+    const side = join(this.root, "holders.upgrade");
+    await rm(side, { recursive: true, force: true });
+    await mkdir(side);
+    let count = 0;
+    for (const hex of await readdir(join(this.root, "blobs", "sha256"))) {
+      if (!/^[0-9a-f]{64}$/.test(hex)) continue;
+      await writeFile(join(side, hex), `${LEGACY_HOLDER}\n`);
+      count++;
+    }
+    await syncDir(side);
+    await rename(side, dir);
+    await syncDir(this.root);
+    if (count > 0) this.#log.warn({ objects: count }, "data directory upgraded to holders: existing objects are held by legacy (readable as before); re-push private images");
+  }
+
+  // ---- holders ----
+
+  async #loadHolders(digest: string): Promise<Set<string>> {
+    let set = this.#holders.get(digest);
+    if (set) return set;
+    let text = "";
+    try {
+      text = await readFile(this.#holdersPath(digest), "utf8");
+    } catch (err) {
+      if ((err as { code?: string }).code !== "ENOENT") throw err;
+    }
+    // Another call may have loaded (or changed) it meanwhile.
+    set = this.#holders.get(digest) ?? new Set(text.split("\n").filter((h) => h !== ""));
+    this.#holders.set(digest, set);
+    return set;
+  }
+
+  /**
+   * Whether `holder` holds `digest` here. LEGACY_HOLDER counts only with
+   * `legacy` (reads): a new manifest needs possession proven since.
+   */
+  async holds(digest: string, holder: string, options: { legacy: boolean }): Promise<boolean> {
+    const set = await this.#loadHolders(digest);
+    return set.has(holder) || (options.legacy && set.has(LEGACY_HOLDER));
+  }
+
+  /** Records `holder` as a holder of each of `digests` (durably, before it resolves). */
+  async addHolder(digests: Iterable<string>, holder: string): Promise<void> {
+    for (const digest of new Set(digests)) {
+      const set = await this.#loadHolders(digest);
+      if (set.has(holder)) continue;
+      set.add(holder);
+      await this.#writeHolders(digest);
+    }
+  }
+
+  /** Rewrites the holders file of `digest` from memory; writes of one digest run in turn. */
+  #writeHolders(digest: string): Promise<void> {
+    const previous = this.#holderWrites.get(digest) ?? Promise.resolve();
+    const write = previous.then(async () => {
+      const set = this.#holders.get(digest);
+      const path = this.#holdersPath(digest);
+      if (!set || set.size === 0) await rm(path, { force: true });
+      else await atomicWrite(path, [...set].join("\n") + "\n");
+    });
+    const settled = write.catch(() => undefined);
+    this.#holderWrites.set(digest, settled);
+    void settled.then(() => {
+      if (this.#holderWrites.get(digest) === settled) this.#holderWrites.delete(digest);
+    });
+    return write;
+  }
+
+  /** Forgets the holders of a deleted blob. */
+  async #dropHolders(digest: string): Promise<void> {
+    this.#holders.set(digest, new Set());
+    await this.#writeHolders(digest);
+    this.#holders.delete(digest);
   }
 
   async #loadIndex(): Promise<void> {
@@ -404,39 +520,55 @@ export class BlobStore {
     return s?.isFile() ? { size: s.size, mtimeMs: s.mtimeMs } : undefined;
   }
 
-  async #readUploadMeta(digest: string): Promise<{ size: number } | undefined> {
+  /** An upload's declared size and writer ("" for the store itself). */
+  async #readUploadMeta(digest: string): Promise<{ size: number; writer: string } | undefined> {
     try {
-      const meta = JSON.parse(await readFile(`${this.#uploadPath(digest)}.json`, "utf8")) as { size?: unknown };
-      return typeof meta.size === "number" && Number.isSafeInteger(meta.size) && meta.size >= 0 ? { size: meta.size } : undefined;
+      const meta = JSON.parse(await readFile(`${this.#uploadPath(digest)}.json`, "utf8")) as { size?: unknown; writer?: unknown };
+      if (typeof meta.size !== "number" || !Number.isSafeInteger(meta.size) || meta.size < 0) return undefined;
+      return { size: meta.size, writer: typeof meta.writer === "string" ? meta.writer : "" };
     } catch {
       return undefined;
     }
   }
 
-  /** What QueryUpload answers. */
-  async queryUpload(digest: string): Promise<UploadState> {
+  /**
+   * What QueryUpload answers `writer`: the blob exists only if the writer
+   * holds it (the store itself: if it is stored); an interrupted upload
+   * counts only if this writer started it.
+   */
+  async queryUpload(digest: string, writer: Writer): Promise<UploadState> {
     const blob = await this.statBlob(digest);
-    if (blob) return { exists: true, committedOffset: blob.size, size: blob.size };
+    if (blob && (writer === undefined || (await this.holds(digest, writer, { legacy: false })))) {
+      return { exists: true, committedOffset: blob.size, size: blob.size };
+    }
     const meta = await this.#readUploadMeta(digest);
     const data = await stat(this.#uploadPath(digest)).catch(() => undefined);
-    if (!meta || !data) return { exists: false, committedOffset: 0, size: 0 };
+    if (!meta || !data || meta.writer !== (writer ?? "")) return { exists: false, committedOffset: 0, size: 0 };
     return { exists: false, committedOffset: data.size, size: meta.size };
   }
 
   /**
-   * Opens an upload of `digest` (`size` bytes) continuing at `offset`, which
-   * must be the committed offset. Returns "exists" when the blob is already
-   * stored. Checks the size cap and free space for the remaining bytes
-   * before anything is written.
+   * Opens an upload of `digest` (`size` bytes) by `writer` continuing at
+   * `offset`, which must be the writer's committed offset. Returns "exists"
+   * when the writer already holds the blob (the store itself: when it is
+   * stored); a writer that does not hold a stored blob uploads it whole (a
+   * proof of possession). Another writer's interrupted upload is discarded
+   * by a fresh start. Checks the size cap and free space for the remaining
+   * bytes before anything is written.
    */
-  async beginUpload(digest: string, size: number, offset: number): Promise<Upload | "exists"> {
-    if (await this.statBlob(digest)) return "exists";
+  async beginUpload(digest: string, size: number, offset: number, writer: Writer): Promise<Upload | "exists"> {
+    const state = await this.queryUpload(digest, writer);
+    if (state.exists) return "exists";
     if (this.#active.has(digest)) {
       throw new ConnectError(`an upload of ${digest} is already in progress`, Code.Aborted);
     }
     const path = this.#uploadPath(digest);
-    const state = await this.queryUpload(digest);
     let committed = state.committedOffset;
+    const meta = await this.#readUploadMeta(digest);
+    if (meta && meta.writer !== (writer ?? "") && offset === 0) {
+      // Another writer's prefix: never continued by this one.
+      await this.discardUpload(digest);
+    }
     if (state.size !== 0 && state.size !== size) {
       // A previous upload declared another size; only a fresh start may change it.
       if (offset !== 0) {
@@ -463,7 +595,7 @@ export class BlobStore {
       this.#suspended.delete(digest);
       if (offset === 0) {
         hash = createHash("sha256");
-        await writeFile(`${path}.json`, JSON.stringify({ size }));
+        await writeFile(`${path}.json`, JSON.stringify({ size, writer: writer ?? "" }));
         await writeFile(path, new Uint8Array(0));
       } else if (kept && kept.offset === offset) {
         hash = kept.hash;
@@ -471,7 +603,7 @@ export class BlobStore {
         hash = await hashPrefix(path, offset);
       }
       const file = await open(path, "r+");
-      const upload = new Upload(this, digest, size, offset, file, hash);
+      const upload = new Upload(this, digest, writer, size, offset, file, hash);
       this.#active.set(digest, upload);
       this.#reservations.set(upload, remaining);
       return upload;
@@ -508,12 +640,21 @@ export class BlobStore {
     this.#suspended.set(digest, { offset, hash });
   }
 
-  async commitUpload(digest: string): Promise<void> {
+  /**
+   * Moves a verified upload into place, or, when the blob is stored already
+   * (a proof of possession), throws the bytes away; the writer then holds it.
+   */
+  async commitUpload(digest: string, writer: Writer): Promise<void> {
     const path = this.#uploadPath(digest);
-    await rename(path, this.blobPath(digest));
-    await rm(`${path}.json`, { force: true });
-    await syncDir(join(this.root, "blobs", "sha256"));
-    this.#blobCount++;
+    if (await this.statBlob(digest)) {
+      await this.discardUpload(digest);
+    } else {
+      await rename(path, this.blobPath(digest));
+      await rm(`${path}.json`, { force: true });
+      await syncDir(join(this.root, "blobs", "sha256"));
+      this.#blobCount++;
+    }
+    if (writer !== undefined) await this.addHolder([digest], writer);
   }
 
   async discardUpload(digest: string): Promise<void> {
@@ -587,6 +728,7 @@ export class BlobStore {
     await rm(path, { force: true });
     this.#usedBytes -= s.size;
     this.#blobCount--;
+    await this.#dropHolders(digest);
     return s.size;
   }
 
@@ -623,23 +765,42 @@ export class BlobStore {
 
   /**
    * Stores a manifest: its digest is checked, its form validated, and every
-   * blob it references must be present with the declared size. Idempotent.
+   * blob it references must be present with the declared size and, for a
+   * user writer, held by the writer or in `mountable` (blobs of manifests
+   * the writer may read). The writer then holds the manifest and the mounted
+   * blobs. A blob not held answers PermissionDenied whether it is stored or
+   * not, so that no writer learns what another stored. Idempotent.
    */
-  putManifest(digest: string, json: Uint8Array): Promise<ManifestRecord> {
+  putManifest(digest: string, json: Uint8Array, writer: Writer, mountable: ReadonlySet<string> = new Set()): Promise<ManifestRecord> {
     const actual = digestOf(createHash("sha256").update(json));
     if (actual !== digest) {
       return Promise.reject(new ConnectError(`digest mismatch: manifest_json hashes to ${actual}`, Code.InvalidArgument));
     }
     const manifest = parseManifest(json);
     return this.#exclusive(async () => {
-      const existing = this.#manifests.get(digest);
-      if (existing) return existing;
+      const mounted: string[] = [];
       for (const [blob, size] of manifestBlobs(manifest)) {
         const s = await this.statBlob(blob);
+        if (writer !== undefined) {
+          const held = s !== undefined && (await this.holds(blob, writer, { legacy: false }));
+          if (!held && !(s !== undefined && mountable.has(blob))) {
+            throw new ConnectError(
+              `blob ${blob} referenced by the manifest is not held by the writer in this store: upload it (PutBlob), ` +
+                "or name an image that contains it in mount_tokens",
+              Code.PermissionDenied,
+            );
+          }
+          if (!held) mounted.push(blob);
+        }
         if (!s) throw new ConnectError(`blob ${blob} referenced by the manifest is not in the store`, Code.FailedPrecondition);
         if (s.size !== size) {
           throw new ConnectError(`blob ${blob} has ${s.size} bytes, the manifest says ${size}`, Code.InvalidArgument);
         }
+      }
+      const existing = this.#manifests.get(digest);
+      if (existing) {
+        if (writer !== undefined) await this.addHolder([...mounted, digest], writer);
+        return existing;
       }
       if (!(await this.statBlob(digest))) {
         await this.reserve(json.length);
@@ -656,6 +817,7 @@ export class BlobStore {
           this.#reserved -= json.length;
         }
       }
+      if (writer !== undefined) await this.addHolder([...mounted, digest], writer);
       const record = this.#addRecord(digest, json, this.#clock());
       await this.#writeIndex();
       return record;
@@ -763,17 +925,28 @@ async function hashPrefix(path: string, length: number): Promise<Hash> {
   return hash;
 }
 
-/** Writes a file so that a reader sees the old or the new content, never a part. */
+/**
+ * Writes a file so that a reader sees the old or the new content, never a
+ * part, and a crash keeps one of them: a temp file of its own (concurrent
+ * writers never share one), synced, renamed over `path`, the directory
+ * synced. Concurrent writes of one path each land whole; the last rename wins.
+ */
 export async function atomicWrite(path: string, data: string | Uint8Array): Promise<void> {
-  const tmp = `${path}.${process.pid}.tmp`;
-  const file = await open(tmp, "w");
+  const tmp = `${path}.${process.pid}.${randomUUID()}.tmp`;
   try {
-    await file.writeFile(data);
-    await file.datasync();
-  } finally {
-    await file.close();
+    const file = await open(tmp, "w");
+    try {
+      await file.writeFile(data);
+      await file.datasync();
+    } finally {
+      await file.close();
+    }
+    await rename(tmp, path);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
   }
-  await rename(tmp, path);
+  await syncDir(dirname(path));
 }
 
 async function syncDir(path: string): Promise<void> {

@@ -115,7 +115,7 @@ export async function run(): Promise<void> {
     );
     const manifestDigest = `sha256:${createHash("sha256").update(manifest).digest("hex")}`;
     await imageStoreClient(writer).putManifest({ digest: manifestDigest, manifestJson: manifest });
-    const readToken = await signer.sign({ scope: "image:read", digest: manifestDigest }, 3_600_000, { subject: "bench" });
+    const readToken = await signer.sign({ scope: "image:read", digest: manifestDigest, holder: "bench" }, 3_600_000, { subject: "bench" });
 
     const get = await timed(() => hashDownload(store.url, readToken, digest));
     if (get.value !== digest) throw new Error("GetBlob digest mismatch");

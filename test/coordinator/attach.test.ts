@@ -78,7 +78,8 @@ describe("SupervisorService.Attach", () => {
     expect(start.deadline).toBeDefined();
     const verifier = new TokenVerifier({ keys: () => jwks(c) });
     const read = await verifier.verify(start.image!.readToken!.token, { scope: "image:read", digest: image.digest });
-    expect(read.subject).toBe(host.id);
+    // Minted for the job's owner (a snapshot mounts the job's layers with it), naming the image's holder.
+    expect(read.subject).toBe(user.id);
     await verifier.verify(start.logs!.writeToken!.token, { scope: "log:write", job: job!.id });
     await expect(verifier.verify(start.logs!.writeToken!.token, { scope: "log:write", job: image.digest })).rejects.toThrow();
 

@@ -178,6 +178,7 @@ describe("the first admin", () => {
         config: { ...(await import("../../coordinator/config.js")).loadCoordinatorConfig({ env: {}, argv: [] }), adminName: "root" },
         clock: Date.now,
         keys: undefined as never,
+        notifications: undefined as never,
         replicaId: "test",
       };
       const results = await Promise.all([

@@ -20,7 +20,7 @@ import { Role } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 
-type Access = "public" | "whoami" | "user" | "admin" | "service";
+type Access = "public" | "whoami" | "user" | "admin" | "service" | "adminOrService";
 interface Row {
   access: Access;
   request: () => Record<string, unknown>;
@@ -64,6 +64,7 @@ describe("the catalog services' auth matrix", () => {
     groupId = (await users.createGroup({ name: "matrix" })).group!.id;
     grantId = (await users.grantHostAccess({ groupId, target: { case: "hostId", value: host.id } })).grant!.id;
     const images = c.client(ImageService, other.token);
+    await images.createUploadGrant({ digests: [D1] });
     await images.registerImage({ name: "other/private", tag: "v1", manifestDigest: D1, storeIds: [storeId], mediaTypes: [ROOTFS] });
     await images.registerImage({ name: "other/public", tag: "v1", manifestDigest: D1, storeIds: [storeId], mediaTypes: [ROOTFS], visibility: ImageVisibility.PUBLIC });
 
@@ -108,6 +109,7 @@ describe("the catalog services' auth matrix", () => {
       "RegistryService.Register": { access: "service", request: () => ({ kind: ServiceKind.PROXY, url: "http://matrix:1" }) },
       "RegistryService.Heartbeat": { access: "service", request: () => ({ serviceId: storeId, status: { draining: true } }) },
       "RegistryService.Deregister": { access: "service", request: () => ({ serviceId: storeId }) },
+      "RegistryService.ListServices": { access: "adminOrService", request: () => ({}) },
     };
     Object.assign(table, rows);
   });
@@ -183,6 +185,7 @@ describe("the catalog services' auth matrix", () => {
         if (access === "admin") refusedFor.push(["user", user.token]);
         if (access === "admin" || access === "user") refusedFor.push(["host", host.credential], ["service", service]);
         if (access === "service") refusedFor.push(["user", user.token], ["admin", admin.token], ["host", host.credential]);
+        if (access === "adminOrService") refusedFor.push(["user", user.token], ["host", host.credential]);
         for (const [who, token] of refusedFor) {
           const code = await call(svc, method, token);
           if (code !== "PermissionDenied") wrong.push(`${name} as ${who}: ${code}`);

@@ -145,6 +145,8 @@ const MALFORMED: Record<string, [Record<string, unknown>, string][]> = {
   "ImageService.CreateUploadGrant": [
     [{ storeId: NOT_UUID }, "store_id"],
     [{ sizeBytes: -1n }, "size_bytes"],
+    [{ digests: ["sha256:short"] }, "digests[0]"],
+    [{ digests: Array.from({ length: 65 }, (_, i) => `sha256:${i.toString(16).padStart(64, "0")}`) }, "digests"],
   ],
   "RegistryService.Register": [
     [{ kind: ServiceKind.PROXY, url: "" }, "url"],
@@ -158,6 +160,11 @@ const MALFORMED: Record<string, [Record<string, unknown>, string][]> = {
     [{ serviceId: UUID, status: { activeStreams: -1 } }, "status.active_streams"],
   ],
   "RegistryService.Deregister": [[{ serviceId: "" }, "service_id"]],
+  "RegistryService.ListServices": [
+    [{ kind: 99 }, "kind"],
+    [{ pageSize: -1 }, "page_size"],
+    [{ pageToken: "garbage" }, "page_token"],
+  ],
 };
 
 describe("bad input to the catalog services", () => {

@@ -32,6 +32,8 @@ describe("ImageService", () => {
     storeA = (await registry.register({ kind: ServiceKind.IMAGE_STORE, url: "http://store-a:7710", status: { capacityBytes: 1000n, freeBytes: 100n } })).serviceId;
     storeB = (await registry.register({ kind: ServiceKind.IMAGE_STORE, url: "http://store-b:7710", site: "lab-b", status: { capacityBytes: 1000n, freeBytes: 900n } })).serviceId;
     cacheA = (await registry.register({ kind: ServiceKind.IMAGE_CACHE, url: "http://cache-a:7710", site: "lab-a" })).serviceId;
+    // alice uploads D1 and D2 (as far as the catalog knows: it never asks the stores).
+    await c.client(ImageService, alice.token).createUploadGrant({ digests: [D1, D2] });
   });
   afterAll(async () => {
     await c?.stop();
@@ -101,7 +103,11 @@ describe("ImageService", () => {
     const res = await c.client(ImageService, bob.token).resolveImage({ reference: "resolve/me:v1", site: "lab-a" });
     expect(res.image?.locations.map((l) => l.storeId)).toEqual([cacheA, storeA, storeB]);
     const verifier = new TokenVerifier({ keys: coordinatorKeySource(coordinatorTransport(c.url)), audience: "image" });
-    expect((await verifier.verify(res.readToken!.token, { scope: "image:read", digest: D1 })).subject).toBe(bob.id);
+    const verified = await verifier.verify(res.readToken!.token, { scope: "image:read", digest: D1 });
+    expect(verified.subject).toBe(bob.id);
+    // The token names alice, whose upload backs the image at the stores.
+    expect(verified.capability).toEqual({ scope: "image:read", digest: D1, holder: alice.id });
+    expect(res.image?.holderUserId).toBe(alice.id);
     await expect(verifier.verify(res.readToken!.token, { scope: "image:read", digest: D2 })).rejects.toThrow();
     const byDigest = await c.client(ImageService, bob.token).resolveImage({ reference: D1 });
     expect(byDigest.image?.manifestDigest).toBe(D1);

@@ -8,6 +8,7 @@ import {
   publicJwk,
   type Capability,
   type JSONWebKeySet,
+  type Requirement,
   type SigningKeyPair,
 } from "../../lib/tokens.js";
 
@@ -81,7 +82,7 @@ describe("capability tokens", () => {
     const capabilities: Capability[] = [
       { scope: "log:write", job: "j1" },
       { scope: "log:read", job: "j1" },
-      { scope: "image:read", digest: DIGEST },
+      { scope: "image:read", digest: DIGEST, holder: "test" },
       { scope: "image:write" },
       { scope: "tunnel:expose", job: "j1" },
       { scope: "tunnel:dial", job: "j1", port: 22 },
@@ -123,14 +124,15 @@ describe("capability tokens", () => {
     const signer = await TokenSigner.create(key, { issuer: ISSUER, clock: clock.now });
     const read = await signer.sign(logRead("j1"), 60_000, { subject: "u1" });
     const dial = await signer.sign({ scope: "tunnel:dial", job: "j1", port: 22 }, 60_000, { subject: "u1" });
-    const image = await signer.sign({ scope: "image:read", digest: DIGEST }, 60_000, { subject: "u1" });
-    const cases: Array<[string, Capability, string]> = [
+    const image = await signer.sign({ scope: "image:read", digest: DIGEST, holder: "test" }, 60_000, { subject: "u1" });
+    const cases: Array<[string, Requirement, string]> = [
       [read, { scope: "log:write", job: "j1" }, "token does not grant log:write"],
       [read, logRead("j2"), "token does not grant log:read on job j2"],
       [dial, { scope: "tunnel:dial", job: "j1", port: 2222 }, "token does not grant tunnel:dial on port 2222"],
       [dial, { scope: "tunnel:dial", job: "j2", port: 22 }, "token does not grant tunnel:dial on job j2"],
       [image, { scope: "image:read", digest: `sha256:${"cd".repeat(32)}` }, `token does not grant image:read on sha256:${"cd".repeat(32)}`],
       [image, { scope: "image:write" }, "token does not grant image:write"],
+      [image, { scope: "image:read", digest: DIGEST, holder: "other" }, "token does not grant image:read backed by holder other"],
     ];
     for (const [token, required, message] of cases) {
       const err = await rejection(verifier.verify(token, required));
@@ -265,7 +267,8 @@ describe("capability tokens", () => {
 
   it("refuses to sign malformed capabilities", async () => {
     const signer = await TokenSigner.create(key, { issuer: ISSUER });
-    await expect(signer.sign({ scope: "image:read", digest: "md5:x" }, 60_000, { subject: "u" })).rejects.toThrow();
+    await expect(signer.sign({ scope: "image:read", digest: "md5:x", holder: "test" }, 60_000, { subject: "u" })).rejects.toThrow();
+    await expect(signer.sign({ scope: "image:read", digest: DIGEST, holder: "" }, 60_000, { subject: "u" })).rejects.toThrow();
     await expect(signer.sign({ scope: "tunnel:dial", job: "j", port: 0 }, 60_000, { subject: "u" })).rejects.toThrow();
     await expect(signer.sign(logRead(""), 60_000, { subject: "u" })).rejects.toThrow();
     await expect(signer.sign(logRead("j"), 10, { subject: "u" })).rejects.toThrow(RangeError);

@@ -165,10 +165,12 @@ export class ScriptedSupervisor {
       welcomed = resolve;
       failed = reject;
     });
+    let welcomedHere = false;
     this.streamDone = (async () => {
       try {
         for await (const m of responses) {
           if (m.payload.case === "welcome") {
+            welcomedHere = true;
             this.welcome = m.payload.value;
             this.attaches++;
             this.startHeartbeats(m.payload.value);
@@ -193,7 +195,8 @@ export class ScriptedSupervisor {
         outbox.end();
         failed(this.lastError ?? new ConnectError("stream ended before a welcome", Code.Unavailable));
         for (const w of this.endWaiters.splice(0)) w();
-        if (this.options.reconnect && !this.closed && !(this.lastError && FINAL.has(this.lastError.code))) {
+        // A stream that never got its welcome failed its connect(): whoever called it retries.
+        if (welcomedHere && this.options.reconnect && !this.closed && !(this.lastError && FINAL.has(this.lastError.code))) {
           this.reattaching = this.reattach();
         }
       }

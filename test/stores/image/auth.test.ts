@@ -100,7 +100,7 @@ describe("image store authorization and names", () => {
   });
 
   it("allows each RPC only with its scope", async () => {
-    const read = calls(store.client(await signer.token({ scope: "image:read", digest: manifest.digest })));
+    const read = calls(store.client(await signer.token({ scope: "image:read", digest: manifest.digest, holder: "test" })));
     const write = calls(store.client(await signer.token({ scope: "image:write" })));
     const admin = calls(store.client(await signer.token({ scope: "image:admin" })));
     expect(await codeOf(read.getManifest())).toBe("ok");
@@ -121,7 +121,7 @@ describe("image store authorization and names", () => {
   });
 
   it("lets a read token read only its manifest and the blobs it references", async () => {
-    const client = store.client(await signer.token({ scope: "image:read", digest: manifest.digest }));
+    const client = store.client(await signer.token({ scope: "image:read", digest: manifest.digest, holder: "test" }));
     expect(await codeOf(client.getManifest({ digest: otherManifest.digest }))).toBe(Code.PermissionDenied);
     expect(await codeOf(collect(client.getBlob({ digest: other.digest })))).toBe(Code.PermissionDenied);
     expect(await codeOf(client.statBlob({ digest: other.digest }))).toBe(Code.PermissionDenied);
@@ -132,8 +132,8 @@ describe("image store authorization and names", () => {
   it("answers InvalidArgument to a bad name in every name field and creates no file", async () => {
     const admin = store.client(await signer.token({ scope: "image:admin" }));
     const writer = store.client(await signer.token({ scope: "image:write" }));
-    const reader = store.client(await signer.token({ scope: "image:read", digest: manifest.digest }));
-    const cacheReader = cache.cacheClient(await signer.token({ scope: "image:read", digest: manifest.digest }));
+    const reader = store.client(await signer.token({ scope: "image:read", digest: manifest.digest, holder: "test" }));
+    const cacheReader = cache.cacheClient(await signer.token({ scope: "image:read", digest: manifest.digest, holder: "test" }));
     const before = await readdir(store.dir, { recursive: true });
     for (const name of TRAVERSALS) {
       const cases: [string, Promise<unknown>][] = [
@@ -160,7 +160,7 @@ describe("image store authorization and names", () => {
   });
 
   it("validates the cache's other fields", async () => {
-    const c = cache.cacheClient(await signer.token({ scope: "image:read", digest: manifest.digest }));
+    const c = cache.cacheClient(await signer.token({ scope: "image:read", digest: manifest.digest, holder: "test" }));
     const d = manifest.digest;
     expect(await codeOf(c.pin({ manifestDigest: d, leaseId: "", ttl: { seconds: 60n } }))).toBe(Code.InvalidArgument);
     expect(await codeOf(c.pin({ manifestDigest: d, leaseId: "x".repeat(129), ttl: { seconds: 60n } }))).toBe(Code.InvalidArgument);
@@ -173,14 +173,14 @@ describe("image store authorization and names", () => {
     expect(await codeOf(collect(c.fetch({ manifestDigest: d, locations: Array(17).fill(store.url) })))).toBe(Code.InvalidArgument);
     expect(await codeOf(collect(c.push({ manifestDigest: d, targetUrl: "not a url", targetToken: "t" })))).toBe(Code.InvalidArgument);
     // A token for another image cannot fetch this one.
-    const o = cache.cacheClient(await signer.token({ scope: "image:read", digest: otherManifest.digest }));
+    const o = cache.cacheClient(await signer.token({ scope: "image:read", digest: otherManifest.digest, holder: "test" }));
     expect(await codeOf(collect(o.fetch({ manifestDigest: d, locations: [store.url] })))).toBe(Code.PermissionDenied);
     expect(await codeOf(c.stats({}))).toBe("ok");
     expect(await codeOf(cache.cacheClient("").stats({}))).toBe(Code.Unauthenticated);
   });
 
   it("answers Unimplemented for the cache service in store mode", async () => {
-    const c = store.cacheClient(await signer.token({ scope: "image:read", digest: manifest.digest }));
+    const c = store.cacheClient(await signer.token({ scope: "image:read", digest: manifest.digest, holder: "test" }));
     expect(await codeOf(c.stats({}))).toBe(Code.Unimplemented);
   });
 });

@@ -81,7 +81,7 @@ describe("image store blobs", () => {
     expect(up).toEqual({ alreadyExisted: false, bytesSent: size });
     const m = manifestFor([{ digest, size }]);
     await writer.putManifest({ digest: m.digest, manifestJson: m.json });
-    const reader = store.client(await signer.token({ scope: "image:read", digest: m.digest }));
+    const reader = store.client(await signer.token({ scope: "image:read", digest: m.digest, holder: "test" }));
     const out = join(dir, "big.out");
     await downloadBlob(reader, { digest, size }, out);
     expect(await digestFile(out)).toEqual({ digest, size });
@@ -208,7 +208,7 @@ describe("image store blobs", () => {
     const reader = store.client(readToken);
     expect(await codeOf(reader.getManifest({ digest: manifest.digest }))).toBe("ok");
     const other = sha256(Buffer.from("no such manifest"));
-    const otherReader = store.client(await signer.token({ scope: "image:read", digest: other }));
+    const otherReader = store.client(await signer.token({ scope: "image:read", digest: other, holder: "test" }));
     expect(await codeOf(otherReader.getManifest({ digest: other }))).toBe(Code.NotFound);
     expect(await codeOf(otherReader.statBlob({ digest: other }))).toBe(Code.NotFound);
   });

@@ -39,6 +39,9 @@ function makeImage(...sizes: number[]): Image {
 }
 
 describe("image cache", () => {
+  /** The caches' upstream-urls: every store a test names as a location or push target. */
+  const upstreams: string[] = [];
+  let dead: string;
   let dir: string;
   let signer: Signer;
   let origin: RunningStore;
@@ -51,7 +54,7 @@ describe("image cache", () => {
     await writer.putManifest({ digest: image.manifest.digest, manifestJson: image.manifest.json });
   }
 
-  const readToken = (image: Image) => signer.token({ scope: "image:read", digest: image.manifest.digest });
+  const readToken = (image: Image) => signer.token({ scope: "image:read", digest: image.manifest.digest, holder: "test" });
 
   async function fetchVia(cache: RunningStore, image: Image, locations: string[], extra: { leaseId?: string; leaseTtl?: { seconds: bigint } } = {}) {
     const messages: FetchResponse[] = await collect(
@@ -70,6 +73,8 @@ describe("image cache", () => {
     origin = await startStore(signer, { dir: join(dir, "origin") });
     // A store that serves whatever is on its disk, unverified.
     bad = await startStore(signer, { dir: join(dir, "bad"), config: { verifyReads: false } });
+    dead = await deadUrl();
+    upstreams.push(dead, origin.url, bad.url);
   });
 
   afterAll(async () => {
@@ -79,7 +84,7 @@ describe("image cache", () => {
   });
 
   it("fails over from a location that is down and one that serves corrupt bytes to one that works", async () => {
-    const cache = await startStore(signer, { dir: join(dir, "c1"), config: { mode: "cache", sharedPath: "/mnt/site-cache" } });
+    const cache = await startStore(signer, { dir: join(dir, "c1"), config: { mode: "cache", upstreamUrls: upstreams, sharedPath: "/mnt/site-cache" } });
     try {
       const image = makeImage(3 * MIB + 17, 1000);
       await publish(origin, image);
@@ -89,7 +94,7 @@ describe("image cache", () => {
       corrupt[MIB + 5] ^= 0x40;
       await writeFile(victim, corrupt);
 
-      const { done, progress } = await fetchVia(cache, image, [await deadUrl(), bad.url, origin.url]);
+      const { done, progress } = await fetchVia(cache, image, [dead, bad.url, origin.url]);
       expect(done.hit).toBe(false);
       expect(Buffer.from(done.manifestJson).equals(image.manifest.json)).toBe(true);
       expect(done.blobs.map((b) => b.path)).toContain(`/mnt/site-cache/blobs/sha256/${image.blobs[0].digest.slice(7)}`);
@@ -112,12 +117,11 @@ describe("image cache", () => {
   });
 
   it("answers NotFound when no location has the image and Unavailable listing each location's error when none answers", async () => {
-    const cache = await startStore(signer, { dir: join(dir, "c2"), config: { mode: "cache" } });
+    const cache = await startStore(signer, { dir: join(dir, "c2"), config: { mode: "cache", upstreamUrls: upstreams } });
     try {
       const image = makeImage(10);
       const err = await fetchVia(cache, image, [origin.url]).catch((e: unknown) => ConnectError.from(e));
       expect((err as ConnectError).code).toBe(Code.NotFound);
-      const dead = await deadUrl();
       const down = await fetchVia(cache, image, [dead]).catch((e: unknown) => ConnectError.from(e));
       expect((down as ConnectError).code).toBe(Code.Unavailable);
       expect((down as ConnectError).rawMessage).toContain(dead);
@@ -127,7 +131,7 @@ describe("image cache", () => {
   });
 
   it("shares one transfer between concurrent fetches of an image", async () => {
-    const cache = await startStore(signer, { dir: join(dir, "c3"), config: { mode: "cache" } });
+    const cache = await startStore(signer, { dir: join(dir, "c3"), config: { mode: "cache", upstreamUrls: upstreams } });
     try {
       const image = makeImage(4 * MIB);
       await publish(origin, image);
@@ -142,7 +146,7 @@ describe("image cache", () => {
   });
 
   it("refetches a blob found corrupt on the cache's disk", async () => {
-    const cache = await startStore(signer, { dir: join(dir, "c4"), config: { mode: "cache" } });
+    const cache = await startStore(signer, { dir: join(dir, "c4"), config: { mode: "cache", upstreamUrls: upstreams } });
     try {
       const image = makeImage(2 * MIB);
       await publish(origin, image);
@@ -165,7 +169,7 @@ describe("image cache", () => {
     let now = Date.now();
     const cache = await startStore(signer, {
       dir: join(dir, "c5"),
-      config: { mode: "cache", capBytes: Math.floor(3.5 * MIB) },
+      config: { mode: "cache", upstreamUrls: upstreams, capBytes: Math.floor(3.5 * MIB) },
       deps: { clock: () => now },
     });
     try {
@@ -210,7 +214,7 @@ describe("image cache", () => {
   });
 
   it("answers ResourceExhausted when an image cannot fit even after eviction", async () => {
-    const cache = await startStore(signer, { dir: join(dir, "c6"), config: { mode: "cache", capBytes: MIB } });
+    const cache = await startStore(signer, { dir: join(dir, "c6"), config: { mode: "cache", upstreamUrls: upstreams, capBytes: MIB } });
     try {
       const big = makeImage(2 * MIB);
       await publish(origin, big);
@@ -225,7 +229,7 @@ describe("image cache", () => {
     await mkdir(mount, { recursive: true });
     await run("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", mount]);
     try {
-      const cache = await startStore(signer, { dir: join(mount, "cache"), config: { mode: "cache", freeFloorBytes: 4 * MIB } });
+      const cache = await startStore(signer, { dir: join(mount, "cache"), config: { mode: "cache", upstreamUrls: upstreams, freeFloorBytes: 4 * MIB } });
       try {
         const images = [1, 2, 3].map(() => makeImage(1.5 * MIB));
         for (const img of images) await publish(origin, img);
@@ -244,8 +248,8 @@ describe("image cache", () => {
   });
 
   it("gives local paths on the shared mount, and FailedPrecondition without one", async () => {
-    const shared = await startStore(signer, { dir: join(dir, "c7"), config: { mode: "cache", sharedPath: "/srv/cache" } });
-    const plain = await startStore(signer, { dir: join(dir, "c8"), config: { mode: "cache" } });
+    const shared = await startStore(signer, { dir: join(dir, "c7"), config: { mode: "cache", upstreamUrls: upstreams, sharedPath: "/srv/cache" } });
+    const plain = await startStore(signer, { dir: join(dir, "c8"), config: { mode: "cache", upstreamUrls: upstreams } });
     try {
       const image = makeImage(1234);
       await publish(origin, image);
@@ -270,8 +274,9 @@ describe("image cache", () => {
   });
 
   it("pushes an image to another store, skipping blobs it already has, and unpins idempotently", async () => {
-    const cache = await startStore(signer, { dir: join(dir, "c9"), config: { mode: "cache" } });
     const target = await startStore(signer, { dir: join(dir, "target") });
+    upstreams.push(target.url);
+    const cache = await startStore(signer, { dir: join(dir, "c9"), config: { mode: "cache", upstreamUrls: upstreams } });
     try {
       const image = makeImage(2 * MIB, 700);
       // A snapshot uploaded to the cache by a supervisor.
@@ -314,14 +319,14 @@ describe("image cache", () => {
     const cacheDir = join(dir, "c10");
     const image = makeImage(100);
     await publish(origin, image);
-    const first = await startStore(signer, { dir: cacheDir, config: { mode: "cache" } });
+    const first = await startStore(signer, { dir: cacheDir, config: { mode: "cache", upstreamUrls: upstreams } });
     try {
       const { done } = await fetchVia(first, image, [origin.url], { leaseId: "job-7/1", leaseTtl: { seconds: 600n } });
       expect(done.leaseExpireTime).toBeDefined();
     } finally {
       await first.stop();
     }
-    const second = await startStore(signer, { dir: cacheDir, config: { mode: "cache" } });
+    const second = await startStore(signer, { dir: cacheDir, config: { mode: "cache", upstreamUrls: upstreams } });
     try {
       expect((await second.cacheClient(await readToken(image)).stats({})).pinnedCount).toBe(1n);
       expect(second.component.cache!.isPinned(image.manifest.digest)).toBe(true);

@@ -166,7 +166,7 @@ export async function storeImage(
   for (const b of blobs) await uploadBlob(writer, { digest: b.digest, size: b.size, source: bufferSource(b.data) });
   const manifest = manifestFor(blobs);
   await writer.putManifest({ digest: manifest.digest, manifestJson: manifest.json });
-  return { manifest, readToken: await signer.token({ scope: "image:read", digest: manifest.digest }) };
+  return { manifest, readToken: await signer.token({ scope: "image:read", digest: manifest.digest, holder: "test" }) };
 }
 
 /** A store holding one image, for the tests of one describe block. */

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/image_service.proto.
  */
 export const file_treadmill_coordinator_v1_image_service: GenFile = /*@__PURE__*/
-  fileDesc("Cix0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvaW1hZ2Vfc2VydmljZS5wcm90bxIYdHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxIvMCChRSZWdpc3RlckltYWdlUmVxdWVzdBIMCgRuYW1lGAEgASgJEgsKA3RhZxgCIAEoCRIXCg9tYW5pZmVzdF9kaWdlc3QYAyABKAkSEQoJc3RvcmVfaWRzGAQgAygJEhMKC21lZGlhX3R5cGVzGAUgAygJEhIKCnNpemVfYnl0ZXMYBiABKAMSVAoLYW5ub3RhdGlvbnMYByADKAsyPy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVnaXN0ZXJJbWFnZVJlcXVlc3QuQW5ub3RhdGlvbnNFbnRyeRI9Cgp2aXNpYmlsaXR5GAggASgOMikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlVmlzaWJpbGl0eRIRCglncm91cF9pZHMYCSADKAkSDwoHcmVwbGFjZRgKIAEoCBoyChBBbm5vdGF0aW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRwoVUmVnaXN0ZXJJbWFnZVJlc3BvbnNlEi4KBWltYWdlGAEgASgLMh8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlIjYKE1Jlc29sdmVJbWFnZVJlcXVlc3QSEQoJcmVmZXJlbmNlGAEgASgJEgwKBHNpdGUYAiABKAkigAEKFFJlc29sdmVJbWFnZVJlc3BvbnNlEi4KBWltYWdlGAEgASgLMh8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlEjgKCnJlYWRfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiKlAQoRTGlzdEltYWdlc1JlcXVlc3QSPQoKdmlzaWJpbGl0eRgBIAEoDjIpLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5JbWFnZVZpc2liaWxpdHkSEwoLbmFtZV9wcmVmaXgYAiABKAkSFQoNb3duZXJfdXNlcl9pZBgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJeChJMaXN0SW1hZ2VzUmVzcG9uc2USLwoGaW1hZ2VzGAEgAygLMh8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIkCg9HZXRJbWFnZVJlcXVlc3QSEQoJcmVmZXJlbmNlGAEgASgJIkIKEEdldEltYWdlUmVzcG9uc2USLgoFaW1hZ2UYASABKAsyHy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSW1hZ2UiJwoSRGVsZXRlSW1hZ2VSZXF1ZXN0EhEKCXJlZmVyZW5jZRgBIAEoCSIVChNEZWxldGVJbWFnZVJlc3BvbnNlIk4KGENyZWF0ZVVwbG9hZEdyYW50UmVxdWVzdBIQCghzdG9yZV9pZBgBIAEoCRIMCgRzaXRlGAIgASgJEhIKCnNpemVfYnl0ZXMYAyABKAMiewoZQ3JlYXRlVXBsb2FkR3JhbnRSZXNwb25zZRIQCghzdG9yZV9pZBgBIAEoCRIRCglzdG9yZV91cmwYAiABKAkSOQoLd3JpdGVfdG9rZW4YAyABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbjKlBQoMSW1hZ2VTZXJ2aWNlEnAKDVJlZ2lzdGVySW1hZ2USLi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVnaXN0ZXJJbWFnZVJlcXVlc3QaLy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVnaXN0ZXJJbWFnZVJlc3BvbnNlEm0KDFJlc29sdmVJbWFnZRItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5SZXNvbHZlSW1hZ2VSZXF1ZXN0Gi4udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc29sdmVJbWFnZVJlc3BvbnNlEmcKCkxpc3RJbWFnZXMSKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEltYWdlc1JlcXVlc3QaLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEltYWdlc1Jlc3BvbnNlEmEKCEdldEltYWdlEikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEltYWdlUmVxdWVzdBoqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRJbWFnZVJlc3BvbnNlEmoKC0RlbGV0ZUltYWdlEiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRlbGV0ZUltYWdlUmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5EZWxldGVJbWFnZVJlc3BvbnNlEnwKEUNyZWF0ZVVwbG9hZEdyYW50EjIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNyZWF0ZVVwbG9hZEdyYW50UmVxdWVzdBozLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5DcmVhdGVVcGxvYWRHcmFudFJlc3BvbnNlYgZwcm90bzM", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_image]);
+  fileDesc("Cix0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvaW1hZ2Vfc2VydmljZS5wcm90bxIYdHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxIvMCChRSZWdpc3RlckltYWdlUmVxdWVzdBIMCgRuYW1lGAEgASgJEgsKA3RhZxgCIAEoCRIXCg9tYW5pZmVzdF9kaWdlc3QYAyABKAkSEQoJc3RvcmVfaWRzGAQgAygJEhMKC21lZGlhX3R5cGVzGAUgAygJEhIKCnNpemVfYnl0ZXMYBiABKAMSVAoLYW5ub3RhdGlvbnMYByADKAsyPy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVnaXN0ZXJJbWFnZVJlcXVlc3QuQW5ub3RhdGlvbnNFbnRyeRI9Cgp2aXNpYmlsaXR5GAggASgOMikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlVmlzaWJpbGl0eRIRCglncm91cF9pZHMYCSADKAkSDwoHcmVwbGFjZRgKIAEoCBoyChBBbm5vdGF0aW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRwoVUmVnaXN0ZXJJbWFnZVJlc3BvbnNlEi4KBWltYWdlGAEgASgLMh8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlIjYKE1Jlc29sdmVJbWFnZVJlcXVlc3QSEQoJcmVmZXJlbmNlGAEgASgJEgwKBHNpdGUYAiABKAkigAEKFFJlc29sdmVJbWFnZVJlc3BvbnNlEi4KBWltYWdlGAEgASgLMh8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlEjgKCnJlYWRfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiKlAQoRTGlzdEltYWdlc1JlcXVlc3QSPQoKdmlzaWJpbGl0eRgBIAEoDjIpLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5JbWFnZVZpc2liaWxpdHkSEwoLbmFtZV9wcmVmaXgYAiABKAkSFQoNb3duZXJfdXNlcl9pZBgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJeChJMaXN0SW1hZ2VzUmVzcG9uc2USLwoGaW1hZ2VzGAEgAygLMh8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIkCg9HZXRJbWFnZVJlcXVlc3QSEQoJcmVmZXJlbmNlGAEgASgJIkIKEEdldEltYWdlUmVzcG9uc2USLgoFaW1hZ2UYASABKAsyHy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSW1hZ2UiJwoSRGVsZXRlSW1hZ2VSZXF1ZXN0EhEKCXJlZmVyZW5jZRgBIAEoCSIVChNEZWxldGVJbWFnZVJlc3BvbnNlIl8KGENyZWF0ZVVwbG9hZEdyYW50UmVxdWVzdBIQCghzdG9yZV9pZBgBIAEoCRIMCgRzaXRlGAIgASgJEhIKCnNpemVfYnl0ZXMYAyABKAMSDwoHZGlnZXN0cxgEIAMoCSJ7ChlDcmVhdGVVcGxvYWRHcmFudFJlc3BvbnNlEhAKCHN0b3JlX2lkGAEgASgJEhEKCXN0b3JlX3VybBgCIAEoCRI5Cgt3cml0ZV90b2tlbhgDIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuMqUFCgxJbWFnZVNlcnZpY2UScAoNUmVnaXN0ZXJJbWFnZRIuLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5SZWdpc3RlckltYWdlUmVxdWVzdBovLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5SZWdpc3RlckltYWdlUmVzcG9uc2USbQoMUmVzb2x2ZUltYWdlEi0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc29sdmVJbWFnZVJlcXVlc3QaLi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVzb2x2ZUltYWdlUmVzcG9uc2USZwoKTGlzdEltYWdlcxIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0SW1hZ2VzUmVxdWVzdBosLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0SW1hZ2VzUmVzcG9uc2USYQoIR2V0SW1hZ2USKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0SW1hZ2VSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEltYWdlUmVzcG9uc2USagoLRGVsZXRlSW1hZ2USLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRGVsZXRlSW1hZ2VSZXF1ZXN0Gi0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRlbGV0ZUltYWdlUmVzcG9uc2USfAoRQ3JlYXRlVXBsb2FkR3JhbnQSMi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ3JlYXRlVXBsb2FkR3JhbnRSZXF1ZXN0GjMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNyZWF0ZVVwbG9hZEdyYW50UmVzcG9uc2ViBnByb3RvMw", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_image]);
 
 /**
  * Request of RegisterImage.
@@ -161,14 +161,16 @@ export const ResolveImageRequestSchema: GenMessage<ResolveImageRequest> = /*@__P
 export type ResolveImageResponse = Message<"treadmill.coordinator.v1.ResolveImageResponse"> & {
   /**
    * The entry, with locations ordered for the caller. For a digest reference,
-   * the oldest visible entry with that digest, locations merged from all.
+   * the oldest visible entry with that digest, locations merged from the
+   * visible entries of the same holder.
    *
    * @generated from field: treadmill.coordinator.v1.Image image = 1;
    */
   image?: Image | undefined;
 
   /**
-   * An image:read token for image.manifest_digest, for the locations.
+   * An image:read token for image.manifest_digest and the image's holder,
+   * for the locations.
    *
    * @generated from field: treadmill.common.v1.CapabilityToken read_token = 2;
    */
@@ -363,6 +365,14 @@ export type CreateUploadGrantRequest = Message<"treadmill.coordinator.v1.CreateU
    * @generated from field: int64 size_bytes = 3;
    */
   sizeBytes: bigint;
+
+  /**
+   * Digests the caller will upload (the manifest's at least, to register
+   * it), `sha256:<64 hex>`, at most 64.
+   *
+   * @generated from field: repeated string digests = 4;
+   */
+  digests: string[];
 };
 
 /**
@@ -419,13 +429,16 @@ export const CreateUploadGrantResponseSchema: GenMessage<CreateUploadGrantRespon
 export const ImageService: GenService<{
   /**
    * Binds name:tag to a manifest digest already uploaded to the given stores.
-   * Registering the same name:tag and digest again merges the locations
-   * (this is how a push to another store is recorded), so it is safe to
-   * retry. Errors: INVALID_ARGUMENT (name, tag, digest, unknown store id,
-   * media types), ALREADY_EXISTS (name:tag bound to another digest and
-   * replace not set), PERMISSION_DENIED (replacing another user's tag,
-   * non-admin), FAILED_PRECONDITION (a store answered that it does not hold
-   * the manifest).
+   * The new entry's holder (whose possession at the stores backs its read
+   * tokens): when the caller received an upload grant naming the digest
+   * (CreateUploadGrantRequest.digests), the caller; else, when the caller may
+   * read a catalog image with that digest, that image's holder. Otherwise
+   * PERMISSION_DENIED. Registering the same name:tag and digest again merges
+   * the locations (this is how a push to another store is recorded), so it
+   * is safe to retry. Errors: INVALID_ARGUMENT (name, tag, digest, unknown
+   * store id, media types), ALREADY_EXISTS (name:tag bound to another digest
+   * and replace not set), PERMISSION_DENIED (replacing another user's tag,
+   * non-admin; a digest neither granted to the caller nor readable by it).
    *
    * @generated from rpc treadmill.coordinator.v1.ImageService.RegisterImage
    */
@@ -436,7 +449,7 @@ export const ImageService: GenService<{
   },
   /**
    * Resolves a reference to its digest and ordered locations and mints an
-   * image:read token for it. Safe to retry. Errors: INVALID_ARGUMENT,
+   * image:read token for it, naming the image's holder. Safe to retry. Errors: INVALID_ARGUMENT,
    * NOT_FOUND (also for images the caller may not see).
    *
    * @generated from rpc treadmill.coordinator.v1.ImageService.ResolveImage
@@ -483,8 +496,11 @@ export const ImageService: GenService<{
     output: typeof DeleteImageResponseSchema;
   },
   /**
-   * Picks a store for an upload and mints an image:write token for it. Safe
-   * to retry. Errors: INVALID_ARGUMENT, NOT_FOUND (store_id),
+   * Picks a store for an upload and mints an image:write token for it (its
+   * subject is the caller, who becomes a holder of what it uploads). The
+   * digests it names may then be registered by the caller (RegisterImage)
+   * until a day after the token expires. Safe to retry. Errors:
+   * INVALID_ARGUMENT (digests malformed, more than 64), NOT_FOUND (store_id),
    * RESOURCE_EXHAUSTED (no store has room for size_bytes), UNAVAILABLE (no
    * store registered).
    *

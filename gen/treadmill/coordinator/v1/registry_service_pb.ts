@@ -4,15 +4,15 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Duration } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_duration } from "@bufbuild/protobuf/wkt";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file treadmill/coordinator/v1/registry_service.proto.
  */
 export const file_treadmill_coordinator_v1_registry_service: GenFile = /*@__PURE__*/
-  fileDesc("Ci90cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvcmVnaXN0cnlfc2VydmljZS5wcm90bxIYdHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxImUKDVNlcnZpY2VTdGF0dXMSFgoOY2FwYWNpdHlfYnl0ZXMYASABKAMSEgoKZnJlZV9ieXRlcxgCIAEoAxIWCg5hY3RpdmVfc3RyZWFtcxgDIAEoBRIQCghkcmFpbmluZxgEIAEoCCLAAQoPUmVnaXN0ZXJSZXF1ZXN0EjMKBGtpbmQYASABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU2VydmljZUtpbmQSCwoDdXJsGAIgASgJEgwKBHNpdGUYAyABKAkSDwoHdmVyc2lvbhgEIAEoCRITCgt0Y3BfYWRkcmVzcxgFIAEoCRI3CgZzdGF0dXMYBiABKAsyJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU2VydmljZVN0YXR1cyJdChBSZWdpc3RlclJlc3BvbnNlEhIKCnNlcnZpY2VfaWQYASABKAkSNQoSaGVhcnRiZWF0X2ludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIl8KEEhlYXJ0YmVhdFJlcXVlc3QSEgoKc2VydmljZV9pZBgBIAEoCRI3CgZzdGF0dXMYAiABKAsyJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU2VydmljZVN0YXR1cyJKChFIZWFydGJlYXRSZXNwb25zZRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iJwoRRGVyZWdpc3RlclJlcXVlc3QSEgoKc2VydmljZV9pZBgBIAEoCSIUChJEZXJlZ2lzdGVyUmVzcG9uc2UqnAEKC1NlcnZpY2VLaW5kEhwKGFNFUlZJQ0VfS0lORF9VTlNQRUNJRklFRBAAEhwKGFNFUlZJQ0VfS0lORF9JTUFHRV9TVE9SRRABEhwKGFNFUlZJQ0VfS0lORF9JTUFHRV9DQUNIRRACEhsKF1NFUlZJQ0VfS0lORF9MT0dfU0VSVkVSEAMSFgoSU0VSVklDRV9LSU5EX1BST1hZEAQywwIKD1JlZ2lzdHJ5U2VydmljZRJhCghSZWdpc3RlchIpLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5SZWdpc3RlclJlcXVlc3QaKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVnaXN0ZXJSZXNwb25zZRJkCglIZWFydGJlYXQSKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSGVhcnRiZWF0UmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5IZWFydGJlYXRSZXNwb25zZRJnCgpEZXJlZ2lzdGVyEisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRlcmVnaXN0ZXJSZXF1ZXN0GiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRlcmVnaXN0ZXJSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration]);
+  fileDesc("Ci90cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvcmVnaXN0cnlfc2VydmljZS5wcm90bxIYdHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxImUKDVNlcnZpY2VTdGF0dXMSFgoOY2FwYWNpdHlfYnl0ZXMYASABKAMSEgoKZnJlZV9ieXRlcxgCIAEoAxIWCg5hY3RpdmVfc3RyZWFtcxgDIAEoBRIQCghkcmFpbmluZxgEIAEoCCLAAQoPUmVnaXN0ZXJSZXF1ZXN0EjMKBGtpbmQYASABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU2VydmljZUtpbmQSCwoDdXJsGAIgASgJEgwKBHNpdGUYAyABKAkSDwoHdmVyc2lvbhgEIAEoCRITCgt0Y3BfYWRkcmVzcxgFIAEoCRI3CgZzdGF0dXMYBiABKAsyJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU2VydmljZVN0YXR1cyJdChBSZWdpc3RlclJlc3BvbnNlEhIKCnNlcnZpY2VfaWQYASABKAkSNQoSaGVhcnRiZWF0X2ludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIl8KEEhlYXJ0YmVhdFJlcXVlc3QSEgoKc2VydmljZV9pZBgBIAEoCRI3CgZzdGF0dXMYAiABKAsyJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU2VydmljZVN0YXR1cyJKChFIZWFydGJlYXRSZXNwb25zZRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iJwoRRGVyZWdpc3RlclJlcXVlc3QSEgoKc2VydmljZV9pZBgBIAEoCSIUChJEZXJlZ2lzdGVyUmVzcG9uc2UizgIKEVJlZ2lzdGVyZWRTZXJ2aWNlEhIKCnNlcnZpY2VfaWQYASABKAkSMwoEa2luZBgCIAEoDjIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TZXJ2aWNlS2luZBILCgN1cmwYAyABKAkSDAoEc2l0ZRgEIAEoCRIPCgd2ZXJzaW9uGAUgASgJEhMKC3RjcF9hZGRyZXNzGAYgASgJEjcKBnN0YXR1cxgHIAEoCzInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TZXJ2aWNlU3RhdHVzEgwKBGxpdmUYCCABKAgSNwoTbGFzdF9oZWFydGJlYXRfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLY3JlYXRlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoQBChNMaXN0U2VydmljZXNSZXF1ZXN0EjMKBGtpbmQYASABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU2VydmljZUtpbmQSEQoJbGl2ZV9vbmx5GAIgASgIEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIm4KFExpc3RTZXJ2aWNlc1Jlc3BvbnNlEj0KCHNlcnZpY2VzGAEgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlZ2lzdGVyZWRTZXJ2aWNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSqcAQoLU2VydmljZUtpbmQSHAoYU0VSVklDRV9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYU0VSVklDRV9LSU5EX0lNQUdFX1NUT1JFEAESHAoYU0VSVklDRV9LSU5EX0lNQUdFX0NBQ0hFEAISGwoXU0VSVklDRV9LSU5EX0xPR19TRVJWRVIQAxIWChJTRVJWSUNFX0tJTkRfUFJPWFkQBDKyAwoPUmVnaXN0cnlTZXJ2aWNlEmEKCFJlZ2lzdGVyEikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlZ2lzdGVyUmVxdWVzdBoqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5SZWdpc3RlclJlc3BvbnNlEmQKCUhlYXJ0YmVhdBIqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5IZWFydGJlYXRSZXF1ZXN0GisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhlYXJ0YmVhdFJlc3BvbnNlEmcKCkRlcmVnaXN0ZXISKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRGVyZWdpc3RlclJlcXVlc3QaLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRGVyZWdpc3RlclJlc3BvbnNlEm0KDExpc3RTZXJ2aWNlcxItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0U2VydmljZXNSZXF1ZXN0Gi4udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RTZXJ2aWNlc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * ServiceStatus is the load a service reports.
@@ -231,6 +231,161 @@ export const DeregisterResponseSchema: GenMessage<DeregisterResponse> = /*@__PUR
   messageDesc(file_treadmill_coordinator_v1_registry_service, 6);
 
 /**
+ * RegisteredService is one registration, as ListServices shows it.
+ *
+ * @generated from message treadmill.coordinator.v1.RegisteredService
+ */
+export type RegisteredService = Message<"treadmill.coordinator.v1.RegisteredService"> & {
+  /**
+   * The registration's id.
+   *
+   * @generated from field: string service_id = 1;
+   */
+  serviceId: string;
+
+  /**
+   * The kind.
+   *
+   * @generated from field: treadmill.coordinator.v1.ServiceKind kind = 2;
+   */
+  kind: ServiceKind;
+
+  /**
+   * Public base URL.
+   *
+   * @generated from field: string url = 3;
+   */
+  url: string;
+
+  /**
+   * Site; empty for a service of every site.
+   *
+   * @generated from field: string site = 4;
+   */
+  site: string;
+
+  /**
+   * Version string the service reported.
+   *
+   * @generated from field: string version = 5;
+   */
+  version: string;
+
+  /**
+   * For a proxy: its plain TCP entrance, if any.
+   *
+   * @generated from field: string tcp_address = 6;
+   */
+  tcpAddress: string;
+
+  /**
+   * The last status reported (capacity, free bytes, streams, draining).
+   *
+   * @generated from field: treadmill.coordinator.v1.ServiceStatus status = 7;
+   */
+  status?: ServiceStatus | undefined;
+
+  /**
+   * Heard from within three heartbeat intervals and not draining: assigned
+   * to new work.
+   *
+   * @generated from field: bool live = 8;
+   */
+  live: boolean;
+
+  /**
+   * When the last Register or Heartbeat arrived; the epoch after Deregister.
+   *
+   * @generated from field: google.protobuf.Timestamp last_heartbeat_time = 9;
+   */
+  lastHeartbeatTime?: Timestamp | undefined;
+
+  /**
+   * When it first registered.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 10;
+   */
+  createTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.RegisteredService.
+ * Use `create(RegisteredServiceSchema)` to create a new message.
+ */
+export const RegisteredServiceSchema: GenMessage<RegisteredService> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_registry_service, 7);
+
+/**
+ * Request of ListServices.
+ *
+ * @generated from message treadmill.coordinator.v1.ListServicesRequest
+ */
+export type ListServicesRequest = Message<"treadmill.coordinator.v1.ListServicesRequest"> & {
+  /**
+   * Only this kind; UNSPECIFIED: every kind.
+   *
+   * @generated from field: treadmill.coordinator.v1.ServiceKind kind = 1;
+   */
+  kind: ServiceKind;
+
+  /**
+   * Only live registrations.
+   *
+   * @generated from field: bool live_only = 2;
+   */
+  liveOnly: boolean;
+
+  /**
+   * Page size; 0 means 100, at most 1000.
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * Token of the page to return.
+   *
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ListServicesRequest.
+ * Use `create(ListServicesRequestSchema)` to create a new message.
+ */
+export const ListServicesRequestSchema: GenMessage<ListServicesRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_registry_service, 8);
+
+/**
+ * Response of ListServices.
+ *
+ * @generated from message treadmill.coordinator.v1.ListServicesResponse
+ */
+export type ListServicesResponse = Message<"treadmill.coordinator.v1.ListServicesResponse"> & {
+  /**
+   * Registrations ordered by id.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.RegisteredService services = 1;
+   */
+  services: RegisteredService[];
+
+  /**
+   * Token of the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ListServicesResponse.
+ * Use `create(ListServicesResponseSchema)` to create a new message.
+ */
+export const ListServicesResponseSchema: GenMessage<ListServicesResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_registry_service, 9);
+
+/**
  * ServiceKind is the kind of a registered service.
  *
  * @generated from enum treadmill.coordinator.v1.ServiceKind
@@ -280,9 +435,10 @@ export const ServiceKindSchema: GenEnum<ServiceKind> = /*@__PURE__*/
 
 /**
  * RegistryService is where stores, caches, log servers and proxies announce
- * themselves, so that the coordinator can assign them to jobs. Called with a
- * service credential: an API token of scope TOKEN_SCOPE_SERVICE
- * (PERMISSION_DENIED for any other token). Any RPC may also return
+ * themselves, so that the coordinator can assign them to jobs. Register,
+ * Heartbeat and Deregister are called with a service credential: an API
+ * token of scope TOKEN_SCOPE_SERVICE (PERMISSION_DENIED for any other
+ * token); ListServices also by admins. Any RPC may also return
  * UNAUTHENTICATED, UNAVAILABLE (retry with backoff) and INTERNAL.
  *
  * @generated from service treadmill.coordinator.v1.RegistryService
@@ -323,6 +479,20 @@ export const RegistryService: GenService<{
     methodKind: "unary";
     input: typeof DeregisterRequestSchema;
     output: typeof DeregisterResponseSchema;
+  },
+  /**
+   * Lists registrations, live or not, by id (registration order). Called by
+   * admins (`tml service list`) and by services (a cache learns its
+   * upstreams from it). Safe to retry. Errors: INVALID_ARGUMENT (kind,
+   * page_size, page_token), PERMISSION_DENIED (a user who is not an admin, a
+   * host).
+   *
+   * @generated from rpc treadmill.coordinator.v1.RegistryService.ListServices
+   */
+  listServices: {
+    methodKind: "unary";
+    input: typeof ListServicesRequestSchema;
+    output: typeof ListServicesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_treadmill_coordinator_v1_registry_service, 0);

@@ -138,6 +138,7 @@ export type FetchRequest = Message<"treadmill.image.v1.FetchRequest"> & {
 
   /**
    * Base URLs of stores to fetch from, in order; at least one, at most 16.
+   * Each must be one of the cache's upstreams (see Fetch).
    *
    * @generated from field: repeated string locations = 2;
    */
@@ -623,11 +624,19 @@ export const ImageCacheService: GenService<{
    * Makes an image local: fetches the manifest and every missing blob from the
    * first location that works, failing over to the next on an error or a
    * digest mismatch, and streams progress; the last message is `done`.
-   * Concurrent fetches of one image share the work. Safe to retry (what is
-   * already cached is not fetched again). Errors: INVALID_ARGUMENT (digest,
-   * no locations), NOT_FOUND (no location has the image), UNAVAILABLE (no
-   * location reachable; the message lists each location's error),
-   * RESOURCE_EXHAUSTED (the image does not fit even after eviction).
+   * Concurrent fetches of one image share the work. The cache fetches only
+   * from its upstreams: the image stores and caches registered with the
+   * coordinator (RegistryService.ListServices, refreshed periodically and on
+   * a miss), or those of its `upstream-urls` configuration; a location that
+   * is not one of them is refused before anything is sent anywhere. An image
+   * already cached is served to a token whose holder the cache has not seen
+   * only after a location confirmed that holder's possession (GetManifest
+   * with the token). Safe to retry (what is already cached is not fetched
+   * again). Errors: INVALID_ARGUMENT (digest, no locations), PERMISSION_DENIED
+   * (a location that is not an upstream; the message names it), NOT_FOUND (no
+   * location has the image), UNAVAILABLE (no location reachable; the message
+   * lists each location's error), RESOURCE_EXHAUSTED (the image does not fit
+   * even after eviction).
    *
    * @generated from rpc treadmill.image.v1.ImageCacheService.Fetch
    */
@@ -678,8 +687,10 @@ export const ImageCacheService: GenService<{
   /**
    * Uploads a cached image (manifest and blobs) to another store, resumably
    * (blobs the target has are skipped, partial ones resumed), and streams
-   * progress; the last message is `done`. Used to publish snapshots. Safe to
-   * retry. Errors: INVALID_ARGUMENT, NOT_FOUND (image not cached),
+   * progress; the last message is `done`. Used to publish snapshots. The
+   * target must be one of the cache's upstreams (as for Fetch). Safe to
+   * retry. Errors: INVALID_ARGUMENT, PERMISSION_DENIED (target not an
+   * upstream), NOT_FOUND (image not cached),
    * UNAVAILABLE (target unreachable), and the target's PERMISSION_DENIED or
    * RESOURCE_EXHAUSTED passed on.
    *

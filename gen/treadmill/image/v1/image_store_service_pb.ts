@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/image/v1/image_store_service.proto.
  */
 export const file_treadmill_image_v1_image_store_service: GenFile = /*@__PURE__*/
-  fileDesc("Cix0cmVhZG1pbGwvaW1hZ2UvdjEvaW1hZ2Vfc3RvcmVfc2VydmljZS5wcm90bxISdHJlYWRtaWxsLmltYWdlLnYxIkwKDlB1dEJsb2JSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIMCgRzaXplGAIgASgDEg4KBm9mZnNldBgDIAEoAxIMCgRkYXRhGAQgASgMImQKD1B1dEJsb2JSZXNwb25zZRIOCgZkaWdlc3QYASABKAkSFgoOY29tbWl0dGVkX3NpemUYAiABKAMSEAoIY29tcGxldGUYAyABKAgSFwoPYWxyZWFkeV9leGlzdGVkGAQgASgIIiQKElF1ZXJ5VXBsb2FkUmVxdWVzdBIOCgZkaWdlc3QYASABKAkiTQoTUXVlcnlVcGxvYWRSZXNwb25zZRIOCgZleGlzdHMYASABKAgSGAoQY29tbWl0dGVkX29mZnNldBgCIAEoAxIMCgRzaXplGAMgASgDIlAKDkdldEJsb2JSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIOCgZvZmZzZXQYAiABKAMSEwoGbGVuZ3RoGAMgASgDSACIAQFCCQoHX2xlbmd0aCI9Cg9HZXRCbG9iUmVzcG9uc2USDgoGb2Zmc2V0GAEgASgDEgwKBGRhdGEYAiABKAwSDAoEc2l6ZRgDIAEoAyIhCg9TdGF0QmxvYlJlcXVlc3QSDgoGZGlnZXN0GAEgASgJIlEKEFN0YXRCbG9iUmVzcG9uc2USDAoEc2l6ZRgBIAEoAxIvCgtjcmVhdGVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiOwoSUHV0TWFuaWZlc3RSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIVCg1tYW5pZmVzdF9qc29uGAIgASgMImkKE1B1dE1hbmlmZXN0UmVzcG9uc2USDgoGZGlnZXN0GAEgASgJEi4KCG1hbmlmZXN0GAIgASgLMhwudHJlYWRtaWxsLmltYWdlLnYxLk1hbmlmZXN0EhIKCnRvdGFsX3NpemUYAyABKAMiJAoSR2V0TWFuaWZlc3RSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCSJsChNHZXRNYW5pZmVzdFJlc3BvbnNlEg4KBmRpZ2VzdBgBIAEoCRIVCg1tYW5pZmVzdF9qc29uGAIgASgMEi4KCG1hbmlmZXN0GAMgASgLMhwudHJlYWRtaWxsLmltYWdlLnYxLk1hbmlmZXN0ItoBCg1NYW5pZmVzdEVudHJ5Eg4KBmRpZ2VzdBgBIAEoCRIuCghtYW5pZmVzdBgCIAEoCzIcLnRyZWFkbWlsbC5pbWFnZS52MS5NYW5pZmVzdBISCgp0b3RhbF9zaXplGAMgASgDEi8KC2NyZWF0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBsYXN0X2FjY2Vzc190aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZwaW5uZWQYBiABKAgiPQoUTGlzdE1hbmlmZXN0c1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiZgoVTGlzdE1hbmlmZXN0c1Jlc3BvbnNlEjQKCW1hbmlmZXN0cxgBIAMoCzIhLnRyZWFkbWlsbC5pbWFnZS52MS5NYW5pZmVzdEVudHJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSInChVEZWxldGVNYW5pZmVzdFJlcXVlc3QSDgoGZGlnZXN0GAEgASgJIhgKFkRlbGV0ZU1hbmlmZXN0UmVzcG9uc2UiWQoVQ29sbGVjdEdhcmJhZ2VSZXF1ZXN0Ei8KDGdyYWNlX3BlcmlvZBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIPCgdkcnlfcnVuGAIgASgIInkKFkNvbGxlY3RHYXJiYWdlUmVzcG9uc2USFQoNYmxvYnNfZGVsZXRlZBgBIAEoAxITCgtieXRlc19mcmVlZBgCIAEoAxIXCg9kZWxldGVkX2RpZ2VzdHMYAyADKAkSGgoSdGVtcF9maWxlc19kZWxldGVkGAQgASgDMu4GChFJbWFnZVN0b3JlU2VydmljZRJUCgdQdXRCbG9iEiIudHJlYWRtaWxsLmltYWdlLnYxLlB1dEJsb2JSZXF1ZXN0GiMudHJlYWRtaWxsLmltYWdlLnYxLlB1dEJsb2JSZXNwb25zZSgBEl4KC1F1ZXJ5VXBsb2FkEiYudHJlYWRtaWxsLmltYWdlLnYxLlF1ZXJ5VXBsb2FkUmVxdWVzdBonLnRyZWFkbWlsbC5pbWFnZS52MS5RdWVyeVVwbG9hZFJlc3BvbnNlElQKB0dldEJsb2ISIi50cmVhZG1pbGwuaW1hZ2UudjEuR2V0QmxvYlJlcXVlc3QaIy50cmVhZG1pbGwuaW1hZ2UudjEuR2V0QmxvYlJlc3BvbnNlMAESVQoIU3RhdEJsb2ISIy50cmVhZG1pbGwuaW1hZ2UudjEuU3RhdEJsb2JSZXF1ZXN0GiQudHJlYWRtaWxsLmltYWdlLnYxLlN0YXRCbG9iUmVzcG9uc2USXgoLUHV0TWFuaWZlc3QSJi50cmVhZG1pbGwuaW1hZ2UudjEuUHV0TWFuaWZlc3RSZXF1ZXN0GicudHJlYWRtaWxsLmltYWdlLnYxLlB1dE1hbmlmZXN0UmVzcG9uc2USXgoLR2V0TWFuaWZlc3QSJi50cmVhZG1pbGwuaW1hZ2UudjEuR2V0TWFuaWZlc3RSZXF1ZXN0GicudHJlYWRtaWxsLmltYWdlLnYxLkdldE1hbmlmZXN0UmVzcG9uc2USZAoNTGlzdE1hbmlmZXN0cxIoLnRyZWFkbWlsbC5pbWFnZS52MS5MaXN0TWFuaWZlc3RzUmVxdWVzdBopLnRyZWFkbWlsbC5pbWFnZS52MS5MaXN0TWFuaWZlc3RzUmVzcG9uc2USZwoORGVsZXRlTWFuaWZlc3QSKS50cmVhZG1pbGwuaW1hZ2UudjEuRGVsZXRlTWFuaWZlc3RSZXF1ZXN0GioudHJlYWRtaWxsLmltYWdlLnYxLkRlbGV0ZU1hbmlmZXN0UmVzcG9uc2USZwoOQ29sbGVjdEdhcmJhZ2USKS50cmVhZG1pbGwuaW1hZ2UudjEuQ29sbGVjdEdhcmJhZ2VSZXF1ZXN0GioudHJlYWRtaWxsLmltYWdlLnYxLkNvbGxlY3RHYXJiYWdlUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_image_v1_manifest]);
+  fileDesc("Cix0cmVhZG1pbGwvaW1hZ2UvdjEvaW1hZ2Vfc3RvcmVfc2VydmljZS5wcm90bxISdHJlYWRtaWxsLmltYWdlLnYxIkwKDlB1dEJsb2JSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIMCgRzaXplGAIgASgDEg4KBm9mZnNldBgDIAEoAxIMCgRkYXRhGAQgASgMImQKD1B1dEJsb2JSZXNwb25zZRIOCgZkaWdlc3QYASABKAkSFgoOY29tbWl0dGVkX3NpemUYAiABKAMSEAoIY29tcGxldGUYAyABKAgSFwoPYWxyZWFkeV9leGlzdGVkGAQgASgIIiQKElF1ZXJ5VXBsb2FkUmVxdWVzdBIOCgZkaWdlc3QYASABKAkiTQoTUXVlcnlVcGxvYWRSZXNwb25zZRIOCgZleGlzdHMYASABKAgSGAoQY29tbWl0dGVkX29mZnNldBgCIAEoAxIMCgRzaXplGAMgASgDIlAKDkdldEJsb2JSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIOCgZvZmZzZXQYAiABKAMSEwoGbGVuZ3RoGAMgASgDSACIAQFCCQoHX2xlbmd0aCI9Cg9HZXRCbG9iUmVzcG9uc2USDgoGb2Zmc2V0GAEgASgDEgwKBGRhdGEYAiABKAwSDAoEc2l6ZRgDIAEoAyIhCg9TdGF0QmxvYlJlcXVlc3QSDgoGZGlnZXN0GAEgASgJIlEKEFN0YXRCbG9iUmVzcG9uc2USDAoEc2l6ZRgBIAEoAxIvCgtjcmVhdGVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiUQoSUHV0TWFuaWZlc3RSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCRIVCg1tYW5pZmVzdF9qc29uGAIgASgMEhQKDG1vdW50X3Rva2VucxgDIAMoCSJpChNQdXRNYW5pZmVzdFJlc3BvbnNlEg4KBmRpZ2VzdBgBIAEoCRIuCghtYW5pZmVzdBgCIAEoCzIcLnRyZWFkbWlsbC5pbWFnZS52MS5NYW5pZmVzdBISCgp0b3RhbF9zaXplGAMgASgDIiQKEkdldE1hbmlmZXN0UmVxdWVzdBIOCgZkaWdlc3QYASABKAkibAoTR2V0TWFuaWZlc3RSZXNwb25zZRIOCgZkaWdlc3QYASABKAkSFQoNbWFuaWZlc3RfanNvbhgCIAEoDBIuCghtYW5pZmVzdBgDIAEoCzIcLnRyZWFkbWlsbC5pbWFnZS52MS5NYW5pZmVzdCLaAQoNTWFuaWZlc3RFbnRyeRIOCgZkaWdlc3QYASABKAkSLgoIbWFuaWZlc3QYAiABKAsyHC50cmVhZG1pbGwuaW1hZ2UudjEuTWFuaWZlc3QSEgoKdG90YWxfc2l6ZRgDIAEoAxIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQbGFzdF9hY2Nlc3NfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcGlubmVkGAYgASgIIj0KFExpc3RNYW5pZmVzdHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJImYKFUxpc3RNYW5pZmVzdHNSZXNwb25zZRI0CgltYW5pZmVzdHMYASADKAsyIS50cmVhZG1pbGwuaW1hZ2UudjEuTWFuaWZlc3RFbnRyeRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJwoVRGVsZXRlTWFuaWZlc3RSZXF1ZXN0Eg4KBmRpZ2VzdBgBIAEoCSIYChZEZWxldGVNYW5pZmVzdFJlc3BvbnNlIlkKFUNvbGxlY3RHYXJiYWdlUmVxdWVzdBIvCgxncmFjZV9wZXJpb2QYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHZHJ5X3J1bhgCIAEoCCJ5ChZDb2xsZWN0R2FyYmFnZVJlc3BvbnNlEhUKDWJsb2JzX2RlbGV0ZWQYASABKAMSEwoLYnl0ZXNfZnJlZWQYAiABKAMSFwoPZGVsZXRlZF9kaWdlc3RzGAMgAygJEhoKEnRlbXBfZmlsZXNfZGVsZXRlZBgEIAEoAzLuBgoRSW1hZ2VTdG9yZVNlcnZpY2USVAoHUHV0QmxvYhIiLnRyZWFkbWlsbC5pbWFnZS52MS5QdXRCbG9iUmVxdWVzdBojLnRyZWFkbWlsbC5pbWFnZS52MS5QdXRCbG9iUmVzcG9uc2UoARJeCgtRdWVyeVVwbG9hZBImLnRyZWFkbWlsbC5pbWFnZS52MS5RdWVyeVVwbG9hZFJlcXVlc3QaJy50cmVhZG1pbGwuaW1hZ2UudjEuUXVlcnlVcGxvYWRSZXNwb25zZRJUCgdHZXRCbG9iEiIudHJlYWRtaWxsLmltYWdlLnYxLkdldEJsb2JSZXF1ZXN0GiMudHJlYWRtaWxsLmltYWdlLnYxLkdldEJsb2JSZXNwb25zZTABElUKCFN0YXRCbG9iEiMudHJlYWRtaWxsLmltYWdlLnYxLlN0YXRCbG9iUmVxdWVzdBokLnRyZWFkbWlsbC5pbWFnZS52MS5TdGF0QmxvYlJlc3BvbnNlEl4KC1B1dE1hbmlmZXN0EiYudHJlYWRtaWxsLmltYWdlLnYxLlB1dE1hbmlmZXN0UmVxdWVzdBonLnRyZWFkbWlsbC5pbWFnZS52MS5QdXRNYW5pZmVzdFJlc3BvbnNlEl4KC0dldE1hbmlmZXN0EiYudHJlYWRtaWxsLmltYWdlLnYxLkdldE1hbmlmZXN0UmVxdWVzdBonLnRyZWFkbWlsbC5pbWFnZS52MS5HZXRNYW5pZmVzdFJlc3BvbnNlEmQKDUxpc3RNYW5pZmVzdHMSKC50cmVhZG1pbGwuaW1hZ2UudjEuTGlzdE1hbmlmZXN0c1JlcXVlc3QaKS50cmVhZG1pbGwuaW1hZ2UudjEuTGlzdE1hbmlmZXN0c1Jlc3BvbnNlEmcKDkRlbGV0ZU1hbmlmZXN0EikudHJlYWRtaWxsLmltYWdlLnYxLkRlbGV0ZU1hbmlmZXN0UmVxdWVzdBoqLnRyZWFkbWlsbC5pbWFnZS52MS5EZWxldGVNYW5pZmVzdFJlc3BvbnNlEmcKDkNvbGxlY3RHYXJiYWdlEikudHJlYWRtaWxsLmltYWdlLnYxLkNvbGxlY3RHYXJiYWdlUmVxdWVzdBoqLnRyZWFkbWlsbC5pbWFnZS52MS5Db2xsZWN0R2FyYmFnZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_image_v1_manifest]);
 
 /**
  * One message of PutBlob, sent by the uploader. Messages are contiguous: each
@@ -92,7 +92,7 @@ export type PutBlobResponse = Message<"treadmill.image.v1.PutBlobResponse"> & {
   complete: boolean;
 
   /**
-   * The blob was already present; nothing was written.
+   * The writer already held the blob; nothing was written.
    *
    * @generated from field: bool already_existed = 4;
    */
@@ -134,7 +134,7 @@ export const QueryUploadRequestSchema: GenMessage<QueryUploadRequest> = /*@__PUR
  */
 export type QueryUploadResponse = Message<"treadmill.image.v1.QueryUploadResponse"> & {
   /**
-   * The blob is complete in the store.
+   * The blob is complete in the store and the writer holds it.
    *
    * @generated from field: bool exists = 1;
    */
@@ -302,6 +302,17 @@ export type PutManifestRequest = Message<"treadmill.image.v1.PutManifestRequest"
    * @generated from field: bytes manifest_json = 2;
    */
   manifestJson: Uint8Array;
+
+  /**
+   * Mounts, as OCI's cross-repository `?mount=&from=`: `image:read` tokens
+   * for other manifests stored here, minted for the same subject as the
+   * write token. A referenced blob the writer does not hold is accepted when
+   * a mount token's manifest contains it and the token's holder holds that
+   * manifest here; the writer then holds it too. At most 16. Never logged.
+   *
+   * @generated from field: repeated string mount_tokens = 3;
+   */
+  mountTokens: string[];
 };
 
 /**
@@ -625,11 +636,20 @@ export const CollectGarbageResponseSchema: GenMessage<CollectGarbageResponse> = 
  * ImageStoreService stores content-addressed blobs and manifests (DESIGN.md
  * §6), served by `treadmill-image-store` in both store and cache mode.
  * Authorized by capability tokens in `authorization: Bearer`: reads need
- * `image:read` for a manifest digest (a blob may be read when that manifest
- * references it), writes need `image:write`, listing, deletion and garbage
- * collection need `image:admin`. Any RPC may also return UNAUTHENTICATED,
- * PERMISSION_DENIED, UNAVAILABLE (shutting down; retry with backoff) and
- * INTERNAL.
+ * `image:read` for a manifest digest and a holder (a blob may be read when
+ * that manifest references it), served only when the token's holder holds
+ * the manifest here; writes need `image:write`, listing, deletion and garbage
+ * collection need `image:admin`.
+ *
+ * Possession: the store records, per blob and manifest, its holders: the
+ * users (a write token's subject) who proved possession by uploading its
+ * bytes, verified against the digest, or by mounting it from a manifest they
+ * may read (PutManifestRequest.mount_tokens). A blob that exists but that the
+ * writer does not hold reads, to that writer, as absent (QueryUpload,
+ * PutBlob): the writer sends the bytes.
+ *
+ * Any RPC may also return UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE
+ * (shutting down; retry with backoff) and INTERNAL.
  *
  * @generated from service treadmill.image.v1.ImageStoreService
  */
@@ -639,8 +659,12 @@ export const ImageStoreService: GenService<{
    * supervisor). The data is hashed while written to a temporary file and
    * moved into place only when size and digest match. A broken upload keeps
    * its committed prefix: QueryUpload, then PutBlob again from
-   * committed_offset, so it is safe to retry. Uploading an existing blob
-   * returns at once. Errors: INVALID_ARGUMENT (digest form, chunk too big,
+   * committed_offset, so it is safe to retry. Uploading a blob the writer
+   * already holds returns at once (already_existed); a blob that exists but
+   * that the writer does not hold must be sent whole: the bytes are verified,
+   * the writer becomes a holder, the stored blob is not rewritten. An
+   * interrupted upload is resumable only by the writer that started it.
+   * Errors: INVALID_ARGUMENT (digest form, chunk too big,
    * digest or size mismatch: the partial upload is discarded), OUT_OF_RANGE
    * (an offset that is not the committed offset, or past size), ABORTED
    * (another upload of the same digest is in progress; retry later),
@@ -654,8 +678,10 @@ export const ImageStoreService: GenService<{
     output: typeof PutBlobResponseSchema;
   },
   /**
-   * Tells how much of a blob is stored. Needs image:write. Safe to retry.
-   * Errors: INVALID_ARGUMENT.
+   * Tells how much of a blob is stored, as the writer sees it: `exists` only
+   * when the writer holds the blob; `committed_offset` of an interrupted
+   * upload only when this writer started it. Needs image:write. Safe to
+   * retry. Errors: INVALID_ARGUMENT.
    *
    * @generated from rpc treadmill.image.v1.ImageStoreService.QueryUpload
    */
@@ -689,11 +715,15 @@ export const ImageStoreService: GenService<{
     output: typeof StatBlobResponseSchema;
   },
   /**
-   * Stores a manifest after checking its digest, its form and that every
-   * blob it references is present. Idempotent. Errors: INVALID_ARGUMENT
-   * (digest mismatch, malformed JSON, bad media type or annotation, too
-   * large: at most 1 MiB), FAILED_PRECONDITION (a referenced blob is missing;
-   * the message names it), RESOURCE_EXHAUSTED.
+   * Stores a manifest after checking its digest, its form and that the
+   * writer holds every blob it references, or mounts it (mount_tokens); the
+   * writer becomes a holder of the manifest and of the mounted blobs.
+   * Idempotent. Errors: INVALID_ARGUMENT (digest mismatch, malformed JSON,
+   * bad media type or annotation, too large: at most 1 MiB, a malformed mount
+   * token), PERMISSION_DENIED (a referenced blob the writer does not hold and
+   * no mount token covers, whether it is stored or not, so that nobody learns
+   * what another user stored; the message names it: upload it with PutBlob or
+   * name an image that contains it in mount_tokens), RESOURCE_EXHAUSTED.
    *
    * @generated from rpc treadmill.image.v1.ImageStoreService.PutManifest
    */
