@@ -25,6 +25,14 @@ describe("a site assembled from docs/site.md", () => {
     expect(hello.code).toBe(0);
   }, 120_000);
 
+  it("lists the doc's four servers as registered and live", async () => {
+    const listed = await site.run("servers-registered");
+    expect(listed.code).toBe(0);
+    for (const port of ["STORE_PORT", "CACHE_PORT", "LOGS_PORT", "PROXY_PORT"]) {
+      expect(listed.stdout).toContain(`http://${site.vars.HOST}:${site.vars[port]}`);
+    }
+  }, 60_000);
+
   it("runs the doc's firmware on the simulated board through the board driver", async () => {
     const blinky = await site.run("blinky");
     expect(blinky.stderr).toMatch(/--> job \S+ succeeded \(exit code 0\)/);
