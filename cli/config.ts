@@ -45,10 +45,14 @@ export class ConfigStore {
       if ((err as NodeJS.ErrnoException).code === "ENOENT") return { contexts: {} };
       throw err;
     }
+    // An empty file (`TML_CONFIG=$(mktemp)`) or `{}` holds no contexts yet.
+    if (text.trim() === "") return { contexts: {} };
     try {
-      const parsed = JSON.parse(text) as ConfigFile;
-      if (typeof parsed !== "object" || parsed === null || typeof parsed.contexts !== "object") throw new Error("shape");
-      return parsed;
+      const parsed = JSON.parse(text) as Partial<ConfigFile> | null;
+      if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new Error("shape");
+      const contexts = parsed.contexts ?? {};
+      if (typeof contexts !== "object" || contexts === null || Array.isArray(contexts)) throw new Error("shape");
+      return { ...parsed, contexts };
     } catch {
       throw new CliError(`the config file ${this.path} is not valid; fix or delete it, then run \`tml login\``, ExitCode.ERROR);
     }

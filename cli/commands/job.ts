@@ -17,6 +17,7 @@ import {
   JobState,
   JobStateSchema,
   LogStatus,
+  ReasonClass,
   SnapshotSchema,
   SnapshotState,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
@@ -50,6 +51,19 @@ export function outcome(job: Job): string {
 /** 0 when the job succeeded, 1 otherwise (finalized jobs only). */
 export function jobExitCode(job: Job): number {
   return job.finalizeReason === FinalizeReason.WORKLOAD_EXITED && job.exitStatus === ExitStatus.SUCCESS ? ExitCode.OK : ExitCode.JOB_FAILED;
+}
+
+/**
+ * A followed job's last line: the outcome with the reason its record gives
+ * when the exit code does not say it ("failed: workload killed by SIGKILL"),
+ * and whose failure it was when it was the infrastructure's.
+ */
+function endLine(job: Job): string {
+  let text = outcome(job);
+  const failed = job.finalizeReason === FinalizeReason.WORKLOAD_EXITED && job.exitStatus !== ExitStatus.SUCCESS;
+  if (failed && job.exitCode === undefined && job.statusMessage) text += `: ${job.statusMessage}`;
+  if (job.reasonClass === ReasonClass.INFRASTRUCTURE) text += " (an infrastructure failure)";
+  return text;
 }
 
 function stateText(job: Job): string {
@@ -241,7 +255,7 @@ async function followJob(
       if (options.logs && job.logServerUrls.length > 0 && job.state !== JobState.QUEUED) followers.follow(job.attempt);
     });
     if (options.logs) await followers.finish(LOG_GRACE_MS);
-    status(`job ${jobId} ${outcome(job)}${await logAfterEnd(jobs, job)}`);
+    status(`job ${jobId} ${endLine(job)}${await logAfterEnd(jobs, job)}`);
     return jobExitCode(job);
   } catch (err) {
     if (detached) {

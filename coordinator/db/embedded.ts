@@ -5,11 +5,27 @@
  * used because it installs process-wide exit hooks that fight our own graceful
  * shutdown.
  *
- * Layout of `dataDir` (owned by the server's OS user, mode 0700):
+ * Layout of the cluster's home (owned by the server's OS user, mode 0700):
  *   pgdata/          the cluster (PGDATA), made by initdb on first start
  *   password         the superuser's generated password, mode 0600
  *   run/             the Unix socket (when the path is short enough)
+ * and in `dataDir` itself:
  *   treadmill.pid    the pid and start time of the process that owns the server
+ *   cluster          (relocated only) the path of the cluster's record, below
+ *
+ * The home is `dataDir` itself, unless we are root and the server's user
+ * cannot reach `dataDir` (a clone under root's home or a `mktemp -d`
+ * directory, mode 0700): then it is `home/` in a record of its own,
+ * `<systemDir>/postgres/<random id>/` (root's, mode 0755), which
+ * `dataDir/cluster` names and whose `origin` file (root's, out of the server
+ * user's reach) holds the real path of the data directory it serves. So the
+ * user's directories keep their modes, a restart finds the same cluster and
+ * two data directories never share one. Likewise binaries the server's user
+ * cannot reach are copied once per build to `<systemDir>/postgres-bin/<key>`.
+ * A record outlives a deleted data directory: its `origin` says whose it was.
+ *
+ * Files we write as root into a directory the server's user owns are created
+ * anew, never through a link that user may have put there.
  *
  * The server listens on 127.0.0.1 only and requires the password (scram), so
  * other local users cannot reach it. As root it runs as an unprivileged OS user
@@ -20,9 +36,9 @@
  * on the same directory finds it by its working directory and stops it first.
  */
 import { execFile, spawn, type ChildProcess } from "node:child_process";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
-import { access, chmod, chown, mkdir, readFile, readdir, readlink, realpath, rm, stat, writeFile } from "node:fs/promises";
+import { access, chmod, chown, cp, mkdir, open, readFile, readdir, readlink, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { dirname, join, parse as parsePath, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -44,6 +60,11 @@ export interface EmbeddedPostgresOptions {
   binDir?: string;
   /** The OS user the server runs as when we are root; default "postgres". */
   osUser?: string;
+  /**
+   * As root: where clusters and binaries go that the server's user could not
+   * reach where they are (see the layout above); default /var/lib/treadmill.
+   */
+  systemDir?: string;
   /** Extra `-c name=value` server settings. */
   settings?: Record<string, string | number | boolean>;
   /** For tests: no fsync anywhere (a crash of the machine may lose the cluster). */
@@ -67,6 +88,8 @@ export interface EmbeddedPostgres {
   /** The postmaster's pid. */
   readonly pid: number;
   readonly dataDir: string;
+  /** The cluster (PGDATA): under `dataDir`, or under the system directory when relocated. */
+  readonly pgdata: string;
   /** Resolves when the server has exited, for whatever reason. */
   readonly exited: Promise<void>;
   /** Fast shutdown, then SIGQUIT and SIGKILL after deadlines. Idempotent. */
@@ -74,6 +97,7 @@ export interface EmbeddedPostgres {
 }
 
 const SUPERUSER = "postgres";
+const DEFAULT_SYSTEM_DIR = "/var/lib/treadmill";
 const SOCKET_PATH_MAX = 107;
 
 /** Starts (initialising on first use) a PostgreSQL server in `options.dataDir`. */
@@ -81,26 +105,22 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
   const started = Date.now();
   const log = options.logger;
   const dataDir = resolve(options.dataDir);
-  const pgdata = join(dataDir, "pgdata");
   const database = options.database ?? "treadmill";
   const stopTimeoutMs = options.stopTimeoutMs ?? 10_000;
-  const bins = await binaries(options.binDir);
+  const systemDir = resolve(options.systemDir ?? DEFAULT_SYSTEM_DIR);
   const owner = await serverUser(options.osUser ?? "postgres", log);
+  const bins = await binaries(options.binDir, owner, systemDir, log);
 
-  // Ancestors get the usual mode: the server's user must be able to traverse them.
+  // Ancestors get the usual mode; the data directory is private.
   await mkdir(dirname(dataDir), { recursive: true });
   await mkdir(dataDir, { recursive: true, mode: 0o700 });
-  if (owner) {
-    await assertTraversable(dataDir, owner);
-    await chown(dataDir, owner.uid, owner.gid);
-  }
-  await chmod(dataDir, 0o700);
-
   await claimDataDir(dataDir);
   try {
+    const home = await clusterHome(dataDir, owner, systemDir, log);
+    const pgdata = join(home, "pgdata");
     await reapLeftovers(pgdata, stopTimeoutMs, log);
 
-    const passwordFile = join(dataDir, "password");
+    const passwordFile = join(home, "password");
     let password: string;
     if (!(await exists(join(pgdata, "PG_VERSION")))) {
       password = randomBytes(24).toString("base64url");
@@ -113,7 +133,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
       })).trim();
     }
 
-    let socketDir = join(dataDir, "run");
+    let socketDir = join(home, "run");
     if (`${socketDir}/.s.PGSQL.65535`.length > SOCKET_PATH_MAX) {
       socketDir = ""; // too long for a Unix socket: TCP only
     } else {
@@ -148,7 +168,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
       }
       const url = `postgres://${SUPERUSER}:${encodeURIComponent(password)}@127.0.0.1:${port}/${encodeURIComponent(database)}`;
       log.info(
-        { port, postmasterPid: server.pid, dataDir, startupMs: Date.now() - started, pdeathsig: wrapper !== undefined },
+        { port, postmasterPid: server.pid, dataDir, pgdata, startupMs: Date.now() - started, pdeathsig: wrapper !== undefined },
         "embedded postgres started",
       );
       let stopping: Promise<void> | undefined;
@@ -157,6 +177,7 @@ export async function startEmbeddedPostgres(options: EmbeddedPostgresOptions): P
         port,
         pid: server.pid,
         dataDir,
+        pgdata,
         exited: server.exited,
         stop() {
           stopping ??= (async () => {
@@ -180,7 +201,12 @@ interface Binaries {
   initdb: string;
 }
 
-async function binaries(binDir: string | undefined): Promise<Binaries> {
+/**
+ * The binaries, where the server's user can run them: in place, or (as root,
+ * when it cannot reach them) a copy of their installation (the parent of the
+ * bin directory: bin, lib, share) made once per build under `systemDir`.
+ */
+async function binaries(binDir: string | undefined, owner: OsUser | undefined, systemDir: string, log: Logger): Promise<Binaries> {
   let bins: Binaries;
   if (binDir !== undefined) {
     bins = { postgres: join(binDir, "postgres"), initdb: join(binDir, "initdb") };
@@ -197,7 +223,119 @@ async function binaries(binDir: string | undefined): Promise<Binaries> {
       throw new Error(`embedded postgres: ${path} is not executable`);
     });
   }
-  return bins;
+  const real = { postgres: await realpath(bins.postgres), initdb: await realpath(bins.initdb) };
+  if (owner === undefined || (await blockedAncestor(real.postgres, owner)) === undefined) return real;
+
+  const installation = dirname(dirname(real.postgres));
+  // Named by content: every clone of one build shares one copy.
+  const hash = createHash("sha256");
+  for (const path of [real.postgres, real.initdb]) hash.update(await readFile(path));
+  const key = hash.digest("hex").slice(0, 16);
+  const target = join(await systemSubdir(systemDir, "postgres-bin", owner), key);
+  const relative = (path: string) => join(target, path.slice(installation.length + 1));
+  if (!(await exists(join(target, "installed")))) {
+    log.info({ from: installation, to: target }, "copying the postgres binaries where the os user can run them");
+    const temp = `${target}.${process.pid}.tmp`;
+    await rm(temp, { recursive: true, force: true });
+    await cp(installation, temp, { recursive: true, verbatimSymlinks: true, preserveTimestamps: true });
+    await makeReadable(temp);
+    await writeFile(join(temp, "installed"), `${installation}\n`, { mode: 0o644 });
+    // Another process may have installed the same build meanwhile: theirs is as good.
+    await rename(temp, target).catch(() => rm(temp, { recursive: true, force: true }));
+  }
+  return { postgres: relative(real.postgres), initdb: relative(real.initdb) };
+}
+
+/** Everyone may read the tree and run what its owner may run, whatever the umask was at install time. */
+async function makeReadable(root: string): Promise<void> {
+  await chmod(root, 0o755);
+  for (const entry of await readdir(root, { recursive: true, withFileTypes: true })) {
+    const path = join(entry.parentPath, entry.name);
+    if (entry.isDirectory()) await chmod(path, 0o755);
+    else if (entry.isFile()) await chmod(path, ((await stat(path)).mode & 0o100) !== 0 ? 0o755 : 0o644);
+  }
+}
+
+/**
+ * `systemDir/name`, made root-owned and mode 0755 when missing, and checked
+ * reachable by the server's user.
+ */
+async function systemSubdir(systemDir: string, name: string, owner: OsUser): Promise<string> {
+  const dir = join(systemDir, name);
+  const created = await mkdir(dir, { recursive: true });
+  // What we made gets 0755 whatever the umask; what an admin made stays as it is.
+  for (let d = dir; created !== undefined && d.startsWith(created); d = dirname(d)) await chmod(d, 0o755);
+  const blocked = await blockedAncestor(join(dir, "x"), owner);
+  if (blocked !== undefined) {
+    throw new Error(`embedded postgres: the os user ${owner.name} cannot enter ${blocked}, where it keeps clusters and binaries it cannot reach elsewhere`);
+  }
+  return dir;
+}
+
+/**
+ * Where the cluster lives (see the layout above). In place when there is no
+ * other user to serve, when a cluster is already there, or when the server's
+ * user can reach `dataDir`; else in a home of its own under `systemDir`,
+ * named by `dataDir/cluster`.
+ */
+async function clusterHome(dataDir: string, owner: OsUser | undefined, systemDir: string, log: Logger): Promise<string> {
+  const pointer = join(dataDir, "cluster");
+  const named = (await readFile(pointer, "utf8").catch(() => "")).trim();
+  if (owner === undefined) {
+    if (named !== "") throw new Error(`embedded postgres: the cluster of ${dataDir} is in ${named}, which only root can run`);
+    await chmod(dataDir, 0o700);
+    return dataDir;
+  }
+  if (named !== "") {
+    await checkOrigin(named, dataDir, log);
+    return join(named, "home");
+  }
+  const blocked = await blockedAncestor(dataDir, owner);
+  if (blocked === undefined || (await exists(join(dataDir, "pgdata", "PG_VERSION")))) {
+    if (blocked !== undefined) {
+      throw new Error(
+        `embedded postgres: the os user ${owner.name} cannot enter ${blocked}, above the cluster in ${dataDir}; make it traversable (chmod o+x) or move the cluster`,
+      );
+    }
+    await chown(dataDir, owner.uid, owner.gid);
+    await chmod(dataDir, 0o700);
+    return dataDir;
+  }
+  const record = join(await systemSubdir(systemDir, "postgres", owner), randomBytes(8).toString("hex"));
+  const home = join(record, "home");
+  await mkdir(record, { mode: 0o755 });
+  await chmod(record, 0o755);
+  await writeFile(join(record, "origin"), `${await realpath(dataDir)}\n`, { mode: 0o644 });
+  await mkdir(home, { mode: 0o700 });
+  await chown(home, owner.uid, owner.gid);
+  await writeFile(pointer, `${record}\n`, { mode: 0o644 });
+  log.info({ dataDir, home, blocked }, "embedded postgres cluster placed where its os user can reach it");
+  return home;
+}
+
+/**
+ * A relocated cluster serves one data directory. When `dataDir` is not the
+ * one its record was made for: a copy of a data directory that still names
+ * the record is refused (two servers on one cluster); a data directory moved
+ * elsewhere takes the record over.
+ */
+async function checkOrigin(record: string, dataDir: string, log: Logger): Promise<void> {
+  if (!(await exists(join(record, "origin")))) {
+    throw new Error(
+      `embedded postgres: ${dataDir}/cluster names ${record}, which is gone; remove ${dataDir}/cluster to start with an empty database`,
+    );
+  }
+  const origin = (await readFile(join(record, "origin"), "utf8")).trim();
+  const self = await realpath(dataDir);
+  if (origin === self) return;
+  const originNames = (await readFile(join(origin, "cluster"), "utf8").catch(() => "")).trim();
+  if (originNames === record) {
+    throw new Error(
+      `embedded postgres: ${dataDir} is a copy of ${origin}, whose cluster is ${record}; remove ${dataDir}/cluster to give this one a cluster of its own`,
+    );
+  }
+  log.info({ dataDir, record, was: origin }, "embedded postgres cluster follows its moved data directory");
+  await writeFile(join(record, "origin"), `${self}\n`, { mode: 0o644 });
 }
 
 interface OsUser {
@@ -236,19 +374,19 @@ async function serverUser(name: string, log: Logger): Promise<OsUser | undefined
   }
 }
 
-/** The server's user must be able to reach its directory through every ancestor. */
-async function assertTraversable(dir: string, user: OsUser): Promise<void> {
-  const root = parsePath(dir).root;
-  for (let current = dirname(dir); ; current = dirname(current)) {
-    const st = await stat(current);
-    const bit = st.uid === user.uid ? 0o100 : st.gid === user.gid ? 0o010 : 0o001;
-    if ((st.mode & bit) === 0) {
-      throw new Error(
-        `embedded postgres: the os user ${user.name} cannot enter ${current}; make it traversable (chmod o+x) or use another data directory`,
-      );
-    }
-    if (current === root) return;
+/** The first ancestor of `path` (nearest the root) that `user` cannot traverse, if any. */
+async function blockedAncestor(path: string, user: OsUser): Promise<string | undefined> {
+  const ancestors: string[] = [];
+  for (let current = dirname(path); ; current = dirname(current)) {
+    ancestors.unshift(current);
+    if (current === parsePath(current).root) break;
   }
+  for (const dir of ancestors) {
+    const st = await stat(dir);
+    const bit = st.uid === user.uid ? 0o100 : st.gid === user.gid ? 0o010 : 0o001;
+    if ((st.mode & bit) === 0) return dir;
+  }
+  return undefined;
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -258,10 +396,21 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
+/**
+ * Writes a new file (mode 0600) owned by `owner`, in a directory that may be
+ * owned by `owner`: created exclusively (never through a link put in its
+ * place) and chowned through its descriptor (never another file renamed in).
+ */
 async function writeOwned(path: string, content: string, owner: OsUser | undefined): Promise<void> {
-  await writeFile(path, content, { mode: 0o600 });
-  await chmod(path, 0o600);
-  if (owner) await chown(path, owner.uid, owner.gid);
+  await rm(path, { force: true });
+  const file = await open(path, "wx", 0o600);
+  try {
+    await file.writeFile(content);
+    await file.chmod(0o600);
+    if (owner) await file.chown(owner.uid, owner.gid);
+  } finally {
+    await file.close();
+  }
 }
 
 /** The start time of a process (clock ticks since boot), or undefined if it is gone or a zombie. */
@@ -330,12 +479,48 @@ async function waitGone(pids: number[], deadline: number): Promise<boolean> {
 }
 
 /**
+ * A postmaster killed together with its parent is a dying process, then a
+ * zombie until init reaps it, and PostgreSQL takes a lock file naming either
+ * for a live server's and refuses to start. Called once the cluster's live
+ * processes are gone (reapLeftovers): waits a little for the lock's process
+ * to end, and removes the locks of a zombie, which is dead.
+ */
+async function clearDeadLock(pgdata: string, log: Logger): Promise<void> {
+  const lockFile = join(pgdata, "postmaster.pid");
+  const pid = Number((await readFile(lockFile, "utf8").catch(() => "")).split("\n")[0]);
+  if (!Number.isInteger(pid) || pid <= 0) return;
+  const deadline = Date.now() + 5_000;
+  for (;;) {
+    const state = await readFile(`/proc/${pid}/stat`, "utf8").then(
+      (text) => text.slice(text.lastIndexOf(")") + 2).split(" ")[0],
+      () => undefined,
+    );
+    if (state === undefined) return; // gone: PostgreSQL sees a stale lock file and takes it over
+    if (state === "Z") {
+      log.warn({ postmaster: pid, pgdata }, "removing the lock files of a dead postmaster not yet reaped");
+      // Its Unix socket's lock too (run/.s.PGSQL.<port>.lock), which names it the same way.
+      const socketDir = join(dirname(pgdata), "run");
+      for (const name of await readdir(socketDir).catch(() => [] as string[])) {
+        if (!/^\.s\.PGSQL\.\d+\.lock$/.test(name)) continue;
+        const owner = Number((await readFile(join(socketDir, name), "utf8").catch(() => "")).split("\n")[0]);
+        if (owner === pid) await rm(join(socketDir, name), { force: true });
+      }
+      await rm(lockFile, { force: true });
+      return;
+    }
+    // Alive and no server of this cluster (another process got the pid): PostgreSQL will say so.
+    if (Date.now() > deadline) return;
+    await delay(20);
+  }
+}
+
+/**
  * Stops any server still running on `pgdata` (left by a run whose process was
  * killed): fast shutdown, then SIGQUIT, then SIGKILL, each after a deadline.
  */
 async function reapLeftovers(pgdata: string, timeoutMs: number, log: Logger): Promise<void> {
   const pids = await postgresProcesses(pgdata);
-  if (pids.length === 0) return;
+  if (pids.length === 0) return clearDeadLock(pgdata, log);
   const pidFile = await readFile(join(pgdata, "postmaster.pid"), "utf8").catch(() => "");
   const postmaster = Number(pidFile.split("\n")[0]);
   log.warn({ pids, postmaster, pgdata }, "stopping postgres left by a previous run");
@@ -350,24 +535,29 @@ async function reapLeftovers(pgdata: string, timeoutMs: number, log: Logger): Pr
   };
   const first = pids.includes(postmaster) ? [postmaster] : pids;
   signalAll(first.length === 1 ? "SIGINT" : "SIGQUIT", first);
-  if (await waitGone(pids, Date.now() + timeoutMs)) return;
-  signalAll("SIGQUIT", pids);
-  if (await waitGone(pids, Date.now() + 5_000)) return;
-  signalAll("SIGKILL", pids);
-  if (!(await waitGone(pids, Date.now() + 5_000))) {
-    throw new Error(`embedded postgres: could not stop the postgres processes ${pids.join(", ")} on ${pgdata}`);
+  if (!(await waitGone(pids, Date.now() + timeoutMs))) {
+    signalAll("SIGQUIT", pids);
+    if (!(await waitGone(pids, Date.now() + 5_000))) {
+      signalAll("SIGKILL", pids);
+      if (!(await waitGone(pids, Date.now() + 5_000))) {
+        throw new Error(`embedded postgres: could not stop the postgres processes ${pids.join(", ")} on ${pgdata}`);
+      }
+    }
   }
+  await clearDeadLock(pgdata, log);
 }
 
 async function run(
   command: string,
   args: string[],
   owner: OsUser | undefined,
+  cwd: string,
 ): Promise<{ code: number | null; output: string }> {
   return new Promise((resolvePromise, reject) => {
     const child = spawn(command, args, {
       uid: owner?.uid,
       gid: owner?.gid,
+      cwd,
       env: serverEnv(),
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -403,7 +593,7 @@ async function initCluster(
     "--locale=C",
     ...(ephemeral ? ["--no-sync"] : []),
   ];
-  const { code, output } = await run(bins.initdb, args, owner);
+  const { code, output } = await run(bins.initdb, args, owner, dirname(pgdata));
   if (code !== 0) {
     throw new Error(`embedded postgres: initdb failed (exit ${code}): ${lastLines(output, 10)}`);
   }
@@ -489,6 +679,8 @@ function spawnServer(params: {
   const child: ChildProcess = spawn(command, args, {
     uid: owner?.uid,
     gid: owner?.gid,
+    // Ours may be a directory the server's user cannot enter.
+    cwd: dirname(pgdata),
     env: serverEnv(),
     stdio: ["ignore", "pipe", "pipe"],
     // Its own session: a terminal's Ctrl-C reaches only us, and we stop it after draining.

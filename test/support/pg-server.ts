@@ -11,7 +11,7 @@
  */
 import { chmod, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import postgres from "postgres";
 import { startEmbeddedPostgres } from "../../coordinator/db/embedded.js";
 import { migrate } from "../../coordinator/db/migrate.js";
@@ -32,7 +32,7 @@ export async function startTestServer(env: NodeJS.ProcessEnv): Promise<TestServe
   let stopServer = async () => {};
   if (url === undefined || url === "") {
     const root = await mkdtemp(join(tmpdir(), "treadmill-test-pg-"));
-    await chmod(root, 0o755); // the server's OS user must reach its directory
+    await chmod(root, 0o755); // the cluster stays here when the server's OS user can reach it
     try {
       const server = await startEmbeddedPostgres({
         dataDir: join(root, "pg"),
@@ -45,6 +45,8 @@ export async function startTestServer(env: NodeJS.ProcessEnv): Promise<TestServe
       url = server.url;
       stopServer = async () => {
         await server.stop();
+        // Relocated (TMPDIR under a private directory): its record goes too.
+        if (!server.pgdata.startsWith(`${root}/`)) await rm(dirname(dirname(server.pgdata)), { recursive: true, force: true });
         await rm(root, { recursive: true, force: true });
       };
     } catch (err) {

@@ -106,8 +106,8 @@ export type Host = Message<"treadmill.coordinator.v1.Host"> & {
   adminState: HostAdminState;
 
   /**
-   * Why the host is draining or disabled, for example "quarantined: 3
-   * infrastructure failures in a row". Free text, at most 1024 characters.
+   * Why an admin drained or disabled the host, for example "replacing its
+   * USB hub". Free text, at most 1024 characters.
    *
    * @generated from field: string admin_state_reason = 9;
    */
@@ -233,8 +233,8 @@ export enum HostAdminState {
   DRAINING = 2,
 
   /**
-   * Gets no new jobs; set by an admin or by quarantine after repeated
-   * infrastructure failures (see Host.admin_state_reason).
+   * Gets no new jobs; set by an admin (UpdateHost), with the reason in
+   * Host.admin_state_reason. Nothing disables a host by itself yet.
    *
    * @generated from enum value: HOST_ADMIN_STATE_DISABLED = 3;
    */
