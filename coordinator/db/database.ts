@@ -43,6 +43,10 @@ export async function openDatabase(options: DatabaseOptions): Promise<Database> 
     max: options.max ?? 10,
     onnotice: (notice) => log.debug({ notice: notice.message }, "postgres notice"),
     connection: { application_name: "treadmill-coordinator" },
+    // Seconds before a failed connection is tried again. The driver's own
+    // grows to 20 s over a few failures, so after an outage of the server
+    // queries waited up to 20 s for it to come back: at most 2 s here.
+    backoff: (retries: number) => Math.min(2, 0.05 * 2 ** retries) * (0.5 + Math.random() / 2),
   });
   const notifications = new Notifications({ url, logger: log });
   let closing: Promise<void> | undefined;

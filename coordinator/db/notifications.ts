@@ -23,7 +23,7 @@ export interface NotificationsOptions {
   logger: Logger;
   /** How often the connection is pinged (a silent socket death is found within this plus the timeout); default 5000. */
   pingMs?: number;
-  /** Reconnection backoff (full jitter); default 100 ms to 5 s. */
+  /** Reconnection backoff (full jitter); default 100 ms to 2 s. */
   backoff?: { initialMs: number; maxMs: number };
 }
 
@@ -33,7 +33,7 @@ const CHANNEL = /^[a-z_][a-z0-9_]{0,62}$/;
 
 export class Notifications {
   private readonly handlers = new Map<string, Set<Handler>>();
-  private readonly resyncs = new Set<() => void>();
+  private readonly resyncs = new Set<(downMs: number) => void>();
   private readonly stateWatchers = new Set<(connected: boolean) => void>();
   private readonly log: Logger;
   private readonly stopper = new AbortController();
@@ -72,8 +72,12 @@ export class Notifications {
     };
   }
 
-  /** Calls `handler` after every reconnection (not the first connection), once every channel is listened to again. */
-  onResync(handler: () => void): () => void {
+  /**
+   * Calls `handler` after every reconnection (not the first connection),
+   * once every channel is listened to again, with how long the connection
+   * was lost.
+   */
+  onResync(handler: (downMs: number) => void): () => void {
     this.resyncs.add(handler);
     return () => this.resyncs.delete(handler);
   }
@@ -100,12 +104,14 @@ export class Notifications {
   }
 
   private async run(): Promise<void> {
-    const delays = () => backoff({ ...(this.options.backoff ?? { initialMs: 100, maxMs: 5000 }), jitter: "full" });
+    // At most 2 s: the coordinator serves nothing until this connection is back.
+    const delays = () => backoff({ ...(this.options.backoff ?? { initialMs: 100, maxMs: 2000 }), jitter: "full" });
     let wait = delays();
     let failures = 0;
     while (!this.stopper.signal.aborted) {
       await this.untilLost();
       if (this.stopper.signal.aborted) break;
+      const lostAt = Date.now();
       this.setConnected(false);
       await this.closeConnection();
       for (;;) {
@@ -118,7 +124,7 @@ export class Notifications {
           wait = delays();
           for (const resync of this.resyncs) {
             try {
-              resync();
+              resync(Date.now() - lostAt);
             } catch (err) {
               this.log.error({ err }, "resync handler failed");
             }

@@ -62,9 +62,9 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
       // After the LISTEN connection came back, anything may have been
       // missed: look again at everything.
       unsubscribe.push(
-        n.onResync(() => {
+        n.onResync((downMs) => {
           scheduler.wake();
-          streams.syncAll();
+          streams.syncAll(downMs);
           watchers.notifyAll();
         }),
         await n.subscribe("treadmill_schedule", () => scheduler.wake()),

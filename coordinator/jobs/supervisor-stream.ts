@@ -162,14 +162,31 @@ export class SupervisorStreams {
   }
 
   /**
-   * After the LISTEN connection came back: every stream re-reads its host,
-   * and hosts recorded as attached here without a stream here (it ended
-   * while the database was away, so its detachment was not recorded) are
-   * detached now, so that their grace period runs.
+   * After the LISTEN connection came back from an outage of `downMs`:
+   * every stream re-reads its host; hosts recorded as attached here
+   * without a stream here (it ended while the database was away, so its
+   * detachment was not recorded) are detached now, so that their grace
+   * period runs; and no host loses its jobs for the outage: a host whose
+   * grace had not run out when the database went away (it could not
+   * attach again meanwhile) gets its whole grace period from now.
    */
-  syncAll(): void {
+  syncAll(downMs = 0): void {
     for (const s of this.sessions.values()) s.requestSync();
     void this.detachOrphans();
+    if (downMs > 0) void this.restartGrace(downMs);
+  }
+
+  private async restartGrace(downMs: number): Promise<void> {
+    try {
+      const rows = await this.ctx.sql`
+        update hosts set detached_at = now()
+        where attached_replica is null and detached_at is not null and detached_at < now()
+          and detached_at > now() - ${this.config.supervisorGraceMs + downMs} * interval '1 millisecond'
+        returning id`;
+      if (rows.length > 0) this.log.info({ hosts: rows.length, downMs }, "grace periods of detached hosts restarted after the database outage");
+    } catch (err) {
+      if (!this.stopped) this.log.warn({ err }, "cannot restart the grace periods of detached hosts");
+    }
   }
 
   /** Records the detachment of hosts attached to this replica by a stream it no longer holds. */
@@ -197,7 +214,8 @@ export class SupervisorStreams {
     const late = now - this.lastTick > 2 * this.config.supervisorHeartbeatMs;
     this.lastTick = now;
     for (const s of this.sessions.values()) s.tick(now, late);
-    if (this.orphans) await this.detachOrphans();
+    // Only while supervisors can attach here again: the grace period must not run while they cannot.
+    if (this.orphans && this.ctx.notifications.connected) await this.detachOrphans();
     try {
       await this.flushSeen();
     } catch (err) {

@@ -50,7 +50,8 @@ export class Sweeper {
     }, this.config.replicaHeartbeatMs);
     this.beatTimer.unref?.();
     this.timer = setInterval(() => {
-      if (this.running || this.stopped) return;
+      // While supervisors cannot attach here (the database is away) nobody is judged gone.
+      if (this.running || this.stopped || !this.ctx.notifications.connected) return;
       const sweep = this.sweep();
       this.running = (this.metrics ? this.metrics.watch("sweep", sweep) : sweep)
         .catch((err) => {

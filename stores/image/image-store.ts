@@ -83,7 +83,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
     static: config.upstreamUrls,
     registered: config.coordinatorUrl !== "" && config.serviceCredential !== "" ? () => registeredStores(config) : undefined,
     refreshMs: config.upstreamRefreshMs,
-    missRefreshMs: 5000,
+    missRefreshMs: 1000, // a store that just registered is found within a second; an unknown url costs at most one ListServices a second
     logger: log.child({ subsystem: "upstreams" }),
     clock: deps.clock,
   });

@@ -97,7 +97,7 @@ export interface CliWorld {
 export async function startWorld(): Promise<CliWorld> {
   const dir = await mkdtemp(join(tmpdir(), "tml-test-"));
   await chmod(dir, 0o755);
-  const coordinator = await startTestCoordinator({ config: { adminPassword: ADMIN_PASSWORD, host: "127.0.0.1" } });
+  const coordinator = await startTestCoordinator({ config: { adminPassword: ADMIN_PASSWORD, host: "127.0.0.1" }, logServer: false });
   const url = coordinator.url;
   const auth = createClient(AuthService, createGrpcTransport({ baseUrl: url }));
   const { token: adminToken } = await auth.login({ name: "admin", password: ADMIN_PASSWORD });

@@ -57,7 +57,7 @@ describe("tml job run's last line", () => {
     expect(push.code).toBe(0);
   }, 120_000);
 
-  it("says why a job whose workload was killed failed", async () => {
+  it("says why a job whose sandbox was killed from outside failed, and that it is the infrastructure's failure", async () => {
     const run = startTml(config, ["job", "run", "example/waits"]);
     await run.waitForLine(/^waiting-for-its-end\r?$/);
     // The workload's top process is the supervisor's child: kill it as a stray `kill -9` would.
@@ -76,6 +76,6 @@ describe("tml job run's last line", () => {
     const result = await run.result;
     expect(result.code).toBe(1);
     const last = result.stderr.trim().split("\n").at(-1);
-    expect(last).toMatch(/^--> job \S+ failed: workload killed by SIGKILL/);
+    expect(last).toMatch(/^--> job \S+ internal-error: the job's sandbox was killed by SIGKILL, from outside the job .*\(an infrastructure failure\)$/);
   }, 120_000);
 });

@@ -133,7 +133,8 @@ describe("the coordinator when PostgreSQL restarts", () => {
       expect(row.exit_status).toBe("success");
     }
     const ended = await jobInState(c.sql, held, "finalized", 30000);
-    expect(ended.exit_status).toBe("success");
+    const [{ status_message }] = await c.sql`select status_message from jobs where id = ${held}`;
+    expect({ reason: ended.reason, exit: ended.exit_status, status_message }).toEqual({ reason: "workload_exited", exit: "success", status_message: "done" });
     expect((await health.check({})).status).toBe(ServingStatus.SERVING);
   }, 120000);
 

@@ -106,7 +106,7 @@ describe("RegistryService.ListServices", () => {
   let service: string;
   const ids: string[] = [];
   beforeAll(async () => {
-    c = await startTestCoordinator({ config: { serviceHeartbeatMs: 2000 } });
+    c = await startTestCoordinator({ config: { serviceHeartbeatMs: 2000 }, logServer: false });
     admin = await c.createUser({ role: "admin" });
     service = (await c.client(AuthService, admin.token).createToken({ scope: TokenScope.SERVICE })).token;
     const registry = c.client(RegistryService, service);

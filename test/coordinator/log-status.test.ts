@@ -22,7 +22,7 @@ describe("job log status and log tokens on the supervisor stream", () => {
   const open: ScriptedSupervisor[] = [];
 
   beforeAll(async () => {
-    c = await startTestCoordinator({ config: FAST });
+    c = await startTestCoordinator({ config: FAST, logServer: false });
     user = await c.createUser();
     image = await insertImage(c.sql);
     await c.sql`insert into services (id, kind, url, site) values (${randomUUID()}, 'log_server', 'http://log-a.invalid', '')`;

@@ -85,6 +85,33 @@ describe("crashes of the coordinator and of supervisors", () => {
     await cluster.startSupervisor(victim.name);
   }, 180000);
 
+  it("never runs a workload twice within one attempt when its supervisor dies before the coordinator recorded the start", async () => {
+    const id = await submit('echo "attempt $TREADMILL_ATTEMPT"; sleep 600', 1);
+    const running = await cluster.waitState(id, JobState.RUNNING);
+    const victim = cluster.supervisorOf(running.hostIds[0]);
+    const before = victim.proc;
+    // The acknowledgement of the StartJob is lost (as when the supervisor dies
+    // right after starting the workload): the coordinator sends it again.
+    await cluster.db.sql`update job_hosts set started = false where job_id = ${id} and attempt = 1`;
+    await cluster.killSupervisor(victim.name);
+    await cluster.startSupervisor(victim.name);
+    const deadline = Date.now() + 120000;
+    let done = await getJob(id);
+    while (!(done.attempt === 2 && done.state === JobState.RUNNING)) {
+      if (Date.now() > deadline) throw new Error(`job ${id} is not running attempt 2: attempt ${done.attempt}, ${JobState[done.state]}`);
+      await new Promise((r) => setTimeout(r, 100));
+      done = await getJob(id);
+    }
+    // The driver's "job started" line: a workload was started (the supervisor's own logs of the tally, outside Treadmill's records).
+    const startsOfAttempt1 = (lines: string[]) =>
+      lines.filter((l) => l.includes('"subsystem":"driver"') && l.includes('"msg":"job started"') && l.includes(id) && l.includes('"attempt":1,')).length;
+    expect(startsOfAttempt1(before.lines) + startsOfAttempt1(victim.proc.lines)).toBe(1);
+    const job = await getJob(id);
+    expect(job.timeline.find((e) => e.kind === JobEventKind.RESTARTED && e.attempt === 2)?.message).toMatch(/attempt 1 ended host_start_failure.*already ran on this host/);
+    await cluster.client(JobService).cancelJob({ jobId: done.id });
+    await cluster.waitFinalized(id, 60000);
+  }, 180000);
+
   it("keeps jobs running while the coordinator is down; the supervisors re-attach and each job ends with its true exit status", async () => {
     const ok = await submit(waitForGo(0));
     const failing = await submit(waitForGo(3));
