@@ -9,6 +9,7 @@ import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import type { DescService } from "@bufbuild/protobuf";
 import { bearerInterceptor } from "../lib/coordinator-client.js";
+import { refusedStreamRetry } from "../lib/retry.js";
 import type { FlagValues } from "./args.js";
 import { ConfigStore, type ConfigFile, type SavedContext } from "./config.js";
 import { CliError, ExitCode, type ErrorContext } from "./errors.js";
@@ -84,7 +85,7 @@ export class CliContext {
 
   /** A gRPC transport to `server` with `token` (none when empty). */
   transport(server: string, token: string): Transport {
-    return createGrpcTransport({ baseUrl: server, interceptors: [bearerInterceptor(() => token)] });
+    return createGrpcTransport({ baseUrl: server, interceptors: [refusedStreamRetry, bearerInterceptor(() => token)] });
   }
 
   #coordinator: Transport | undefined;

@@ -11,7 +11,7 @@ import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../gen/treadmill/log/v1/log_service_pb.js";
 import { bearerInterceptor } from "../lib/coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager } from "../lib/raw-grpc-client.js";
-import { backoff, sleep } from "../lib/retry.js";
+import { backoff, refusedStreamRetry, sleep } from "../lib/retry.js";
 import { msOf } from "./format.js";
 
 export const DEFAULT_CHANNELS = ["console", "stdout", "stderr"];
@@ -57,7 +57,7 @@ export class JobLogAccess {
     if (transport === undefined) {
       transport = createGrpcTransport({
         baseUrl: url,
-        interceptors: [bearerInterceptor(() => this.#token)],
+        interceptors: [refusedStreamRetry, bearerInterceptor(() => this.#token)],
         // Followed logs of many channels share the connection: wide windows.
         sessionManager: new WideSessionManager(url, undefined, { settings: { initialWindowSize: STREAM_WINDOW } }),
       });

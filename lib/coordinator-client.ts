@@ -10,7 +10,7 @@ import {
 } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import type { Logger } from "./logger.js";
 import { type HealthStatus, ServingStatus } from "./server/health.js";
-import { backoff, isTransientError, sleep } from "./retry.js";
+import { backoff, isTransientError, refusedStreamRetry, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
 
 /** Adds `authorization: Bearer <token>` to every call (when a token is set). */
@@ -24,7 +24,7 @@ export function bearerInterceptor(token: () => string): Interceptor {
 
 /** A gRPC (HTTP/2) transport to the coordinator, optionally authenticated. */
 export function coordinatorTransport(url: string, credential = ""): Transport {
-  return createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => credential)] });
+  return createGrpcTransport({ baseUrl: url, interceptors: [refusedStreamRetry, bearerInterceptor(() => credential)] });
 }
 
 /**

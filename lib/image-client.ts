@@ -36,7 +36,7 @@ import {
 } from "../gen/treadmill/image/v1/image_store_service_pb.js";
 import { bearerInterceptor } from "./coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
-import { backoff, sleep } from "./retry.js";
+import { backoff, refusedStreamRetry, sleep } from "./retry.js";
 import { bytesFieldHeader, frame, slicePieces } from "./server/raw-grpc.js";
 
 /** The only digest form Treadmill accepts. */
@@ -76,7 +76,7 @@ export function imageStoreTransport(baseUrl: string, options: { token?: string |
     acceptCompression: [],
     // A message is at most 3 MiB of data plus a few bytes of framing.
     readMaxBytes: MAX_MESSAGE_BYTES,
-    interceptors: [bearerInterceptor(tokenOf)],
+    interceptors: [refusedStreamRetry, bearerInterceptor(tokenOf)],
   });
   const bulk = new BulkChannel(baseUrl, tokenOf);
   const imageTransport = Object.assign(transport, {

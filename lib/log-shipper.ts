@@ -41,7 +41,7 @@ import {
   FrameSchema,
 } from "../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "./logger.js";
-import { backoff, isTransientError, sleep } from "./retry.js";
+import { backoff, isTransientError, refusedStreamRetry, sleep } from "./retry.js";
 import { AsyncQueue } from "./async-queue.js";
 import { FrameCache, Spill, SpillBudget, writeAtomic } from "./log-shipper/spill.js";
 
@@ -283,7 +283,7 @@ class ServerSender {
     let transport = server.transport;
     if (!transport) {
       this.sessionManager = new Http2SessionManager(server.url, { pingIntervalMs: 15000, pingTimeoutMs: 10000 });
-      transport = createGrpcTransport({ baseUrl: server.url, sessionManager: this.sessionManager });
+      transport = createGrpcTransport({ baseUrl: server.url, sessionManager: this.sessionManager, interceptors: [refusedStreamRetry] });
     }
     this.client = createClient(LogService, transport);
   }

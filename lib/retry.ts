@@ -1,4 +1,4 @@
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 
 /**
  * Exponential backoff with jitter, and a retry loop that stops on abort.
@@ -110,7 +110,37 @@ const TRANSIENT_ERRNO = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPI
  * (Unavailable, DeadlineExceeded, Aborted) and network errors.
  */
 export function isTransientError(err: unknown): boolean {
-  if (err instanceof ConnectError) return TRANSIENT_CODES.has(err.code);
+  if (err instanceof ConnectError) return TRANSIENT_CODES.has(err.code) || isRefusedStream(err);
   const code = (err as { code?: unknown } | null)?.code;
   return typeof code === "string" && TRANSIENT_ERRNO.has(code);
 }
+
+/**
+ * Whether the server refused the stream before processing it (HTTP/2
+ * REFUSED_STREAM): a server closing an idle or draining connection refuses a
+ * call that crossed its GOAWAY. Such a call is safe to send again, on a new
+ * connection, whatever the method.
+ */
+export function isRefusedStream(err: unknown): boolean {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    if (e.message.includes("REFUSED_STREAM")) return true;
+  }
+  return false;
+}
+
+/**
+ * Sends a unary call again when the server refused its stream (at most twice
+ * more): the race between a call and the server's idle close, which the
+ * HTTP/2 servers here cannot close from their side. Streaming calls are left
+ * alone: their requests cannot be replayed.
+ */
+export const refusedStreamRetry: Interceptor = (next) => async (req) => {
+  if (req.stream) return next(req);
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await next(req);
+    } catch (err) {
+      if (attempt >= 3 || !isRefusedStream(err) || req.signal.aborted) throw err;
+    }
+  }
+};

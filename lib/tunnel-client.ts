@@ -22,6 +22,7 @@ import { RendezvousService, TunnelRequestSchema, TunnelResponseSchema } from "..
 import { CloseReason, type Exposure } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import { DialRequestSchema, DialResponseSchema, TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
 import { bearerInterceptor } from "./coordinator-client.js";
+import { refusedStreamRetry } from "./retry.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, dialSocket, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
 import { bytesFieldHeader, decodeMessage, frame, soleBytesField, soleBytesFieldPieces } from "./server/raw-grpc.js";
 
@@ -147,7 +148,7 @@ export function tunnelTransport(url: string, token: () => string): { transport: 
   const transport = createGrpcTransport({
     baseUrl: url,
     sessionManager,
-    interceptors: [bearerInterceptor(token)],
+    interceptors: [refusedStreamRetry, bearerInterceptor(token)],
     acceptCompression: [],
   });
   return { transport, close: () => sessionManager.abort() };

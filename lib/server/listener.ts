@@ -284,7 +284,9 @@ export class OnePortListener {
    * Closes a session once it has had no open stream for the idle timeout:
    * GOAWAY (a client opens its next call on a new connection), then, if the
    * peer does not let it close, destroyed. A stream in progress, however
-   * quiet, keeps the session.
+   * quiet, keeps the session. A call that crosses the GOAWAY is refused
+   * unprocessed (REFUSED_STREAM; nghttp2 here sends no shutdown notice), and
+   * the clients in lib/ send it again (`refusedStreamRetry`).
    */
   #watchSessionIdle(session: http2.ServerHttp2Session): void {
     const ms = this.#limits.idleTimeoutMs;

@@ -22,14 +22,22 @@
  *
  * Without root the driver switches no uid, so it claims nothing, and its
  * socket directory is a private temporary directory of its own user.
+ *
+ * Job directories: a slot's uid must be able to reach its job's directory,
+ * so a work directory in a private place (root's home, a 0700 `mktemp -d`)
+ * has its job directories moved to a root-owned directory of their own,
+ * `/var/lib/treadmill/jobs/<driver>-<hash of the work directory>` (0711,
+ * with an `origin` file naming the work directory), rather than the user's
+ * directories being opened to others (issue #18 defect 8).
  */
 
 import { spawn } from "node:child_process";
 import { constants } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { chmod, mkdir, mkdtemp, open, readdir, readFile, rm, writeFile, type FileHandle } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { chmod, mkdir, mkdtemp, open, readdir, readFile, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 
 /** The machine-wide directory of every supervisor on this machine. */
 export const MACHINE_DIR = "/run/treadmill";
@@ -44,6 +52,8 @@ export const SLOT_LOCK_DIR = join(MACHINE_DIR, "slots");
 export const AUTO_FIRST_UID = 63000;
 /** ...to here (inclusive); 65000 and up are reserved on Debian. */
 export const AUTO_LAST_UID = 64999;
+/** Where the job directories of work directories that slot uids cannot reach go (see the head comment). */
+export const JOBS_DIR = "/var/lib/treadmill/jobs";
 /** Longest Unix socket path (sun_path holds 108 bytes with the NUL). */
 export const MAX_SOCKET_PATH = 107;
 
@@ -217,4 +227,33 @@ export async function rememberUidBase(file: string, uidBase: number): Promise<vo
 export async function rememberedUidBase(file: string): Promise<number | undefined> {
   const n = Number((await readFile(file, "utf8").catch(() => "")).trim());
   return Number.isInteger(n) && n > 0 ? n : undefined;
+}
+
+/** Whether every directory from `dir` up is traversable by other users. */
+async function traversable(dir: string): Promise<boolean> {
+  for (let d = dir; d !== dirname(d); d = dirname(d)) {
+    if (((await stat(d)).mode & 0o001) === 0) return false;
+  }
+  return true;
+}
+
+/**
+ * The directory under which a driver keeps its job directories (`jobs/`
+ * and the like, which slot uids enter): `workDir` itself when the slot uids
+ * can reach it (or none is switched to), else a root-owned directory of its
+ * own under `base` (see the head comment). Created 0711.
+ */
+export async function jobsBase(workDir: string, driver: string, switchUid: boolean, base = JOBS_DIR): Promise<string> {
+  if (!switchUid || (await traversable(workDir))) return workDir;
+  const dir = join(base, `${driver}-${createHash("sha256").update(workDir).digest("hex").slice(0, 16)}`);
+  await mkdir(dir, { recursive: true, mode: 0o711 });
+  for (let d = dir; d !== dirname(base); d = dirname(d)) await chmod(d, 0o711);
+  await writeFile(join(dir, "origin"), `${workDir}\n`, { mode: 0o644 });
+  if (!(await traversable(dir))) throw new Error(`${dir}: an ancestor is not traversable by other users; job slots could not reach their directories`);
+  return dir;
+}
+
+/** Removes a driver's job directory base at its close when `jobsBase` moved it under `base` (its jobs are gone). */
+export async function releaseJobsBase(dir: string, base = JOBS_DIR): Promise<void> {
+  if (dirname(dir) === base) await rm(dir, { recursive: true, force: true });
 }

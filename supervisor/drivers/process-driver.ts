@@ -10,6 +10,8 @@
  *
  *   workDir/            0711 root   (traversable, not listable)
  *     layers/           0700 root   unpacked layers, one per digest (rootfs.ts)
+ *   jobsDir/            0711 root   workDir, or a root-owned place of its own when
+ *                                   workDir is private (machine.ts `jobsBase`)
  *     spares/           0700 root   per slot, a fresh root built ahead for its next job
  *     jobs/             0711 root
  *       <job>.<attempt> 0700 slot   one job's directory, removed by cleanup
@@ -35,8 +37,8 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { constants } from "node:fs";
 import { createHash, randomBytes } from "node:crypto";
-import { chmod, chown, lstat, mkdir, open, rename, rm, stat, type FileHandle } from "node:fs/promises";
-import { dirname, join, resolve } from "node:path";
+import { chmod, chown, lstat, mkdir, open, rename, rm, type FileHandle } from "node:fs/promises";
+import { join, resolve } from "node:path";
 import type { Readable, Writable } from "node:stream";
 import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
@@ -58,7 +60,7 @@ import {
   type SnapshotLayer,
   type StopOptions,
 } from "./driver.js";
-import { socketDirectory, type SlotClaim, type SocketDirectory } from "./machine.js";
+import { jobsBase, releaseJobsBase, socketDirectory, type SlotClaim, type SocketDirectory } from "./machine.js";
 import { composeRootfs, LayerCache, snapshotRootfs, type UnpackedLayer } from "./rootfs.js";
 import {
   detectIsolation,
@@ -188,7 +190,8 @@ export class ProcessDriver implements Driver {
   private readonly spares = new Map<number, { layers: string; ready: Promise<string | undefined> }>();
 
   private constructor(
-    private readonly workDir: string,
+    /** Holds `jobs/` and `spares/`: the work directory, or a root-owned place when it is private (machine.ts). */
+    private readonly jobsDir: string,
     private readonly isolation: Isolation,
     private readonly cache: LayerCache,
     private readonly tools: SandboxTools,
@@ -218,9 +221,8 @@ export class ProcessDriver implements Driver {
     const logger = options.logger.child({ driver: "process" });
     // Absolute: the sandbox and the job's processes run in other directories.
     const workDir = resolve(options.workDir);
-    await mkdir(join(workDir, "jobs"), { recursive: true });
+    await mkdir(workDir, { recursive: true });
     await chmod(workDir, 0o711);
-    await chmod(join(workDir, "jobs"), 0o711);
     const root = process.getuid?.() === 0;
     const slots = options.slots ?? 1;
     const claim = await claimSlotUids({
@@ -235,30 +237,25 @@ export class ProcessDriver implements Driver {
       const network = options.network ?? "isolated";
       const isolation = await detectIsolation(options.sandbox ?? "auto", claim?.uidBase ?? 0, network, logger);
       const tools = await ProcessDriver.tools(isolation);
-      if (isolation.switchUid) {
-        // The slot's uid must be able to reach its own directory.
-        for (let dir = workDir; dir !== dirname(dir); dir = dirname(dir)) {
-          const st = await stat(dir);
-          if ((st.mode & 0o001) === 0) {
-            throw new Error(`work directory ancestor ${dir} is not traversable by other users (needs o+x)`);
-          }
-        }
-      }
+      // The slot's uid must be able to reach its own directory (machine.ts).
+      const jobsDir = await jobsBase(workDir, "process", isolation.switchUid);
+      if (jobsDir !== workDir) logger.info({ workDir, jobsDir }, "work directory is private: job directories go to a root-owned place of their own");
       const socketDir = await socketDirectory(options.socketDir);
       const cache = new LayerCache(join(workDir, "layers"), logger);
       await cache.init();
-      // Job directories and spares of a previous run are stale: their jobs are gone.
-      await rm(join(workDir, "jobs"), { recursive: true, force: true });
-      await mkdir(join(workDir, "jobs"), { mode: 0o711 });
-      await chmod(join(workDir, "jobs"), 0o711);
-      await rm(join(workDir, "spares"), { recursive: true, force: true });
-      await mkdir(join(workDir, "spares"), { mode: 0o700 });
-      await chmod(join(workDir, "spares"), 0o700);
+      // Job directories and spares of a previous run are stale: their jobs are
+      // gone. Spares sit beside the jobs: one is renamed into a job's directory.
+      await rm(join(jobsDir, "jobs"), { recursive: true, force: true });
+      await mkdir(join(jobsDir, "jobs"), { mode: 0o711 });
+      await chmod(join(jobsDir, "jobs"), 0o711);
+      await rm(join(jobsDir, "spares"), { recursive: true, force: true });
+      await mkdir(join(jobsDir, "spares"), { mode: 0o700 });
+      await chmod(join(jobsDir, "spares"), 0o700);
       logger.info(
         { sandbox: isolation.mode, switchUid: isolation.switchUid, network: isolation.network, slots, uidBase: claim?.uidBase },
         "process driver ready",
       );
-      return new ProcessDriver(workDir, isolation, cache, tools, socketDir, claim, logger, options);
+      return new ProcessDriver(jobsDir, isolation, cache, tools, socketDir, claim, logger, options);
     } catch (err) {
       await claim?.release();
       throw err;
@@ -308,7 +305,7 @@ export class ProcessDriver implements Driver {
     const { key, hold } = this.pool.allocate(spec);
     const { slot, uid, gid } = hold;
     const log = this.logger.child({ jobId: spec.jobId, attempt: spec.attempt, slot });
-    const jobDir = join(this.workDir, "jobs", key);
+    const jobDir = join(this.jobsDir, "jobs", key);
     try {
       const argv = parseEntrypoint(spec);
       const layers: UnpackedLayer[] = [];
@@ -659,12 +656,13 @@ export class ProcessDriver implements Driver {
     await this.pool.close();
     await Promise.all([...this.spares.keys()].map((slot) => this.takeSpare(slot, [])));
     await this.socketDir.remove();
+    await releaseJobsBase(this.jobsDir);
   }
 
   /** Starts building a fresh root of `layers` for the slot's next job, in the background. */
   private buildSpare(slot: number, layers: UnpackedLayer[], owner: { uid: number; gid: number }): void {
     if (this.pool.closed || this.spares.has(slot)) return;
-    const dir = join(this.workDir, "spares", `${slot}-${randomBytes(6).toString("hex")}`);
+    const dir = join(this.jobsDir, "spares", `${slot}-${randomBytes(6).toString("hex")}`);
     const ready = buildRoot(layers, dir, owner).then(
       () => dir,
       async (err: unknown) => {

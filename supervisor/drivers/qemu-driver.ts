@@ -70,7 +70,7 @@ import {
 import { exitCodeOfQemu, parameterScript, qemuArgs, type QemuLaunch } from "./qemu-args.js";
 import { LOWER_ANNOTATION, planVmImage, type VmPlan } from "./qemu-image.js";
 import { QmpClient } from "./qemu-qmp.js";
-import { MAX_SOCKET_PATH, socketDirectory, type SlotClaim, type SocketDirectory } from "./machine.js";
+import { jobsBase, MAX_SOCKET_PATH, releaseJobsBase, socketDirectory, type SlotClaim, type SocketDirectory } from "./machine.js";
 import { dieWithSupervisor, requireTools, shellQuote, startRelay, type JobNetwork, type Relay } from "./sandbox.js";
 import { claimSlotUids, makeJobDir, SlotPool, type SlotJob, type SlotPrepared } from "./slots.js";
 
@@ -208,7 +208,8 @@ export class QemuDriver implements Driver {
   private readonly pool: SlotPool<QemuPrepared>;
 
   private constructor(
-    private readonly workDir: string,
+    /** Holds `jobs/`: the work directory, or a root-owned place when it is private (machine.ts). */
+    private readonly jobsDir: string,
     private readonly settings: Settings,
     private readonly claim: SlotClaim | undefined,
     /** unshare, ip, setpriv, nsenter, socat: set when QEMU gets a network namespace of its own. */
@@ -238,10 +239,12 @@ export class QemuDriver implements Driver {
     const workDir = resolve(options.workDir);
     await mkdir(workDir, { recursive: true, mode: 0o711 });
     await chmod(workDir, 0o711);
+    // The slot's uid must be able to reach its job's directory (machine.ts).
+    const jobsDir = await jobsBase(workDir, "qemu", process.getuid?.() === 0);
     // Job directories of a previous run are stale: their VMs are gone.
-    await rm(join(workDir, "jobs"), { recursive: true, force: true });
-    await mkdir(join(workDir, "jobs"), { mode: 0o711 });
-    await chmod(join(workDir, "jobs"), 0o711);
+    await rm(join(jobsDir, "jobs"), { recursive: true, force: true });
+    await mkdir(join(jobsDir, "jobs"), { mode: 0o711 });
+    await chmod(join(jobsDir, "jobs"), 0o711);
     const binary = options.binary ?? "qemu-system-x86_64";
     const qemuImg = options.qemuImg ?? "qemu-img";
     for (const tool of [binary, qemuImg]) {
@@ -308,7 +311,7 @@ export class QemuDriver implements Driver {
       throw err;
     });
     logger.info({ accel: accelResolved, machine: settings.machine, slots: settings.slots, uidBase: claim?.uidBase, network: settings.network }, "qemu driver ready");
-    return new QemuDriver(workDir, settings, claim, netTools, socketDir, setpriv, logger);
+    return new QemuDriver(jobsDir, settings, claim, netTools, socketDir, setpriv, logger);
   }
 
   /** The uid of slot 0, claimed for this driver; undefined when VMs run as the supervisor's own uid. */
@@ -331,10 +334,10 @@ export class QemuDriver implements Driver {
     const { slot, uid, gid } = hold;
     const log = this.logger.child({ jobId: spec.jobId, attempt: spec.attempt, slot });
     // Short, so that the sockets inside fit in a unix socket path.
-    const jobDir = join(this.workDir, "jobs", createHash("sha256").update(key).digest("hex").slice(0, 16));
+    const jobDir = join(this.jobsDir, "jobs", createHash("sha256").update(key).digest("hex").slice(0, 16));
     try {
       if (join(jobDir, "console.sock").length > MAX_SOCKET_PATH) {
-        throw new DriverError("start", `qemu work directory ${this.workDir} is too long for unix sockets inside it`);
+        throw new DriverError("start", `qemu job directory ${this.jobsDir} is too long for unix sockets inside it`);
       }
       const plan = await planVmImage(spec.image);
       throwIfAborted(signal);
@@ -702,6 +705,7 @@ export class QemuDriver implements Driver {
   async close(): Promise<void> {
     await this.pool.close();
     await this.socketDir.remove();
+    await releaseJobsBase(this.jobsDir);
   }
 }
 

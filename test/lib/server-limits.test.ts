@@ -20,6 +20,7 @@ import { createLogger, silentLogger } from "../../lib/logger.js";
 import { loadProxyConfig } from "../../proxy/config.js";
 import type { Server, ServerOptions } from "../../lib/server.js";
 import { frame } from "../../lib/server/raw-grpc.js";
+import { isRefusedStream, refusedStreamRetry } from "../../lib/retry.js";
 import { startEchoServer, within } from "../support/echo-service.js";
 import { createTestCertificate } from "../support/tls.js";
 
@@ -163,12 +164,42 @@ describe("the idle timeout", () => {
     const server = await start({ idleTimeoutMs: IDLE_MS });
     const sessionManager = new Http2SessionManager(server.address().url);
     try {
-      const client = createClient(EchoService, createGrpcTransport({ baseUrl: server.address().url, sessionManager }));
+      const client = createClient(EchoService, createGrpcTransport({ baseUrl: server.address().url, sessionManager, interceptors: [refusedStreamRetry] }));
       expect((await client.echo({ text: "before" })).text).toBe("before");
       await within(DEADLINE_MS, until(async () => (await metric(server, "treadmill_server_connections_closed_idle_total")) === 1), "the idle close");
       expect((await client.echo({ text: "after" })).text).toBe("after");
     } finally {
       sessionManager.abort();
+    }
+  });
+
+  it("refuses a call that crosses its GOAWAY unprocessed, and our clients send it again on a new connection", async () => {
+    const server = await start({ idleTimeoutMs: IDLE_MS });
+    const counter = server.metrics.getSingleMetric("treadmill_server_connections_closed_idle_total") as unknown as { inc: (n?: number) => void };
+    /** Calls `call` in the very turn the server decides a session is idle, before the client can have read its GOAWAY. */
+    const atIdleClose = <T>(call: () => Promise<T>): Promise<T> =>
+      new Promise<T>((resolve, reject) => {
+        const inc = counter.inc.bind(counter);
+        counter.inc = (n?: number) => {
+          inc(n);
+          counter.inc = inc;
+          queueMicrotask(() => void call().then(resolve, reject));
+        };
+      });
+    for (const retried of [false, true]) {
+      const sessionManager = new Http2SessionManager(server.address().url);
+      try {
+        const client = createClient(EchoService, createGrpcTransport({ baseUrl: server.address().url, sessionManager, interceptors: retried ? [refusedStreamRetry] : [] }));
+        expect((await client.echo({ text: "before" })).text).toBe("before");
+        const raced = atIdleClose(() => client.echo({ text: "raced" }));
+        if (retried) expect((await within(DEADLINE_MS, raced, "the raced call")).text).toBe("raced");
+        else {
+          const err = await within(DEADLINE_MS, raced.then(() => undefined, (e: unknown) => e), "the raced call");
+          expect(isRefusedStream(err)).toBe(true);
+        }
+      } finally {
+        sessionManager.abort();
+      }
     }
   });
 

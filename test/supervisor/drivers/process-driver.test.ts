@@ -14,6 +14,7 @@ import {
   type RunningJob,
 } from "../../../supervisor/drivers/driver.js";
 import { createProcessDriver, type ProcessDriver } from "../../../supervisor/drivers/process-driver.js";
+import { JOBS_DIR } from "../../../supervisor/drivers/machine.js";
 import { processesOfUid, signalAll } from "../../../supervisor/drivers/sandbox.js";
 import { buildBusyboxImage, buildRawLayer, imageOf, layerOf, type TestImage } from "../../support/images.js";
 import { capturingLogger, CollectedOutput, socketClient } from "./helpers.js";
@@ -125,6 +126,26 @@ describe("process driver", () => {
     const jobDir = (job.prepared as unknown as { jobDir: string }).jobDir;
     await driver.cleanup(job);
     await expect(stat(jobDir)).rejects.toThrow(/ENOENT/);
+  });
+
+  it("runs jobs from a work directory under a private (0700) directory, without opening it to others", async () => {
+    const privateDir = await mkdtemp("/tmp/treadmill-private-");
+    expect((await stat(privateDir)).mode & 0o777).toBe(0o700);
+    const own = await createProcessDriver({ workDir: join(privateDir, "work"), slots: 1, graceMs: 1000, logger });
+    try {
+      const { job, out } = await run(spec("echo from-a-private-work-dir; id -u"), own);
+      expect(await job.exited).toMatchObject({ exitCode: 0, status: "success" });
+      expect(out.text("console")).toContain("from-a-private-work-dir");
+      const jobDir = (job.prepared as unknown as { jobDir: string }).jobDir;
+      expect(jobDir.startsWith(`${JOBS_DIR}/process-`)).toBe(true);
+      await own.cleanup(job);
+      expect((await stat(privateDir)).mode & 0o777).toBe(0o700);
+    } finally {
+      await own.close();
+      await rm(privateDir, { recursive: true, force: true });
+    }
+    const left = (await readdir(JOBS_DIR).catch(() => [] as string[])).filter((d) => d.startsWith("process-"));
+    for (const d of left) expect(await readFile(join(JOBS_DIR, d, "origin"), "utf8")).not.toContain(privateDir);
   });
 
   it("maps a non-zero exit code to failure and keeps stderr apart from the console", async () => {
