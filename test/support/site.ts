@@ -18,7 +18,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { createClient } from "@connectrpc/connect";
+import { createClient, type Transport } from "@connectrpc/connect";
 import postgres from "postgres";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
@@ -58,6 +58,10 @@ export interface Site {
   url: string;
   /** The components (process blocks), in start order. */
   components: string[];
+  /** Each component's cold start as the site was assembled: ms from spawn to serving. */
+  coldStartMs: Record<string, number>;
+  /** A transport to the coordinator with the admin's API token (logged in once, at first use). */
+  admin(): Promise<Transport>;
   /** Starts a component that is not running (its doc command); resolves once spawned. */
   start(name: string): Promise<void>;
   /** Sends `signal` (default SIGKILL) to a component and waits for it to exit. */
@@ -163,14 +167,14 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
 
   const shell = (body: string, cwd = dir) => runBash(script(body), { cwd, env });
 
-  let adminToken: string | undefined;
+  let adminTransport: Transport | undefined;
   const admin = async () => {
-    if (adminToken === undefined) {
+    if (adminTransport === undefined) {
       const password = (await readFile(join(dir, "admin-password"), "utf8")).trim();
       const login = await createClient(AuthService, coordinatorTransport(url)).login({ name: "admin", password, description: "site harness" });
-      adminToken = login.token;
+      adminTransport = coordinatorTransport(url, login.token);
     }
-    return coordinatorTransport(url, adminToken);
+    return adminTransport;
   };
 
   const healthy = async (target: string) => {
@@ -184,6 +188,8 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
     vars,
     url,
     components: [...processes.keys()],
+    coldStartMs: {},
+    admin,
     logFile,
     pid: (name) => running.get(name)?.child.pid,
 
@@ -294,8 +300,10 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
   try {
     for (const block of blocks) {
       if (block.kind === "process") {
+        const spawned = performance.now();
         await site.start(block.name);
         await site.waitServing(block.name);
+        site.coldStartMs[block.name] = performance.now() - spawned;
       } else if (block.kind === "step") {
         const result = await site.run(block.name);
         if (result.code !== 0) throw new Error(`docs/site.md step ${block.name} exited ${result.code}: ${result.stderr}`);
