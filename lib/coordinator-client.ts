@@ -134,6 +134,8 @@ export async function runRegistration(options: RegistrationOptions): Promise<voi
       } else {
         const beat = await client.heartbeat({ serviceId, status: await status() }, { signal, timeoutMs: 10000 });
         intervalMs = durationMs(beat.heartbeatInterval) ?? intervalMs;
+        // Live again after failed heartbeats (the coordinator or its database was away).
+        health?.setStatus(REGISTRATION_HEALTH, ServingStatus.SERVING);
       }
       delays = newDelays();
       await sleep(intervalMs, signal).catch(() => undefined);
