@@ -19,11 +19,12 @@
  */
 
 import { exec } from "node:child_process";
-import { constants, openSync } from "node:fs";
+import { closeSync, constants, openSync } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { ReadStream } from "node:tty";
 import type { Logger } from "../../lib/logger.js";
+import { retry } from "../../lib/retry.js";
 import { ConsoleBridge } from "./console.js";
 import {
   DriverAbortError,
@@ -82,6 +83,14 @@ export interface BoardConfig {
   services?: { name: string; port: number }[];
   /** Longest run of one command. Default 120000 (flashing can be slow). */
   commandTimeoutMs?: number;
+  /**
+   * How long preparing and starting a job retry, with backoff, a board
+   * command that fails or a serial line that cannot be opened (the board's
+   * power switch, programmer or serial adapter away for a while) before the
+   * attempt ends HOST_START_FAILURE. Default 300000, as the image fetch
+   * budget: an outage shorter than this fails no job.
+   */
+  retryBudgetMs?: number;
 }
 
 /** Checks a parsed JSON board configuration; throws naming every bad field at once. */
@@ -97,6 +106,9 @@ export function parseBoardConfig(value: unknown): BoardConfig {
   for (const c of ["powerOn", "powerOff", "flash"]) if (!str(commands[c])) problems.push(`board commands.${c} must be a command`);
   if (commands.reset !== undefined && !str(commands.reset)) problems.push("board commands.reset must be a command");
   if (!Number.isInteger(v.bootTimeoutMs) || (v.bootTimeoutMs as number) <= 0) problems.push("board bootTimeoutMs must be a positive integer");
+  if (v.retryBudgetMs !== undefined && (!Number.isInteger(v.retryBudgetMs) || (v.retryBudgetMs as number) < 0)) {
+    problems.push("board retryBudgetMs must be a non-negative integer");
+  }
   for (const p of ["bootPattern", "exitPattern"] as const) {
     if (v[p] === undefined) continue;
     try {
@@ -159,6 +171,7 @@ export class BoardDriver implements Driver {
   private current: BoardPrepared | undefined;
   private readonly log: Logger;
   private readonly commandTimeoutMs: number;
+  private readonly retryBudgetMs: number;
   private socketDir: Promise<SocketDirectory> | undefined;
 
   constructor(
@@ -168,6 +181,7 @@ export class BoardDriver implements Driver {
   ) {
     this.log = logger.child({ driver: "board", board: config.name });
     this.commandTimeoutMs = config.commandTimeoutMs ?? 120000;
+    this.retryBudgetMs = config.retryBudgetMs ?? 300000;
   }
 
   /** The console's socket, in a directory made at the first job. */
@@ -181,6 +195,33 @@ export class BoardDriver implements Driver {
     if (template === undefined) return Promise.resolve("");
     this.log.debug({ command: name }, "running board command");
     return runCommand(template, { image, serial: this.config.serial.device }, this.commandTimeoutMs, signal);
+  }
+
+  /**
+   * Runs `step` until it succeeds. A failure of the board (DriverError
+   * "start": a command failed, the serial line cannot be had) is tried
+   * again after a backoff delay while the retry budget lasts, each retry
+   * told to `notice`; then the last failure is thrown. An abort throws
+   * DriverAbortError.
+   */
+  private async retrying<T>(step: string, run: () => Promise<T>, signal: AbortSignal | undefined, notice: (text: string) => void): Promise<T> {
+    const deadline = Date.now() + this.retryBudgetMs;
+    try {
+      return await retry(run, {
+        initialMs: 1000,
+        maxMs: 15_000,
+        signal,
+        isRetryable: (err) => err instanceof DriverError && err.reason === "start" && Date.now() < deadline,
+        onRetry: (err, attempt, delayMs) => {
+          const why = err instanceof Error ? err.message : String(err);
+          this.log.warn({ step, err: why, attempt }, "board step failed; retrying");
+          notice(`${step} failed (${why}); retrying in ${Math.round(delayMs / 100) / 10} s`);
+        },
+      });
+    } catch (err) {
+      if (signal?.aborted) throw new DriverAbortError();
+      throw err;
+    }
   }
 
   async prepare(spec: JobSpecForDriver, options: PrepareOptions = {}): Promise<Prepared> {
@@ -198,9 +239,9 @@ export class BoardDriver implements Driver {
     this.current = prepared;
     try {
       onStage?.("allocating", `powering off board ${this.config.name}`);
-      await this.command("powerOff", undefined, signal);
+      await this.retrying("powering off", () => this.command("powerOff", undefined, signal), signal, (t) => onStage?.("allocating", t));
       onStage?.("provisioning", `flashing ${firmware.digest}`);
-      await this.command("flash", firmware.path, signal);
+      await this.retrying("flashing", () => this.command("flash", firmware.path, signal), signal, (t) => onStage?.("provisioning", t));
       throwIfAborted(signal);
       this.log.info({ jobId: spec.jobId, attempt: spec.attempt, digest: firmware.digest }, "board flashed");
       return prepared;
@@ -222,18 +263,21 @@ export class BoardDriver implements Driver {
 
     // Configure the line, then open it twice: a tty stream to read, a plain
     // handle to write (one fd cannot back two libuv handles).
-    await runCommand(`stty -F {serial} ${this.config.serial.baud} raw -echo`, { serial: device }, 10000).catch((err: unknown) => {
-      throw new DriverError("start", `serial device ${device} cannot be configured`, { cause: err });
-    });
-    let reader: ReadStream;
-    let writer: FileHandle;
-    try {
-      reader = new ReadStream(openSync(device, constants.O_RDONLY | constants.O_NOCTTY | constants.O_NONBLOCK));
-      writer = await open(device, constants.O_WRONLY | constants.O_NOCTTY);
-    } catch (err) {
-      throw new DriverError("start", `serial device ${device} cannot be opened`, { cause: err });
-    }
-    reader.on("error", (err) => log.warn({ err }, "serial read failed"));
+    const openLine = async (): Promise<{ reader: ReadStream; writer: FileHandle }> => {
+      await runCommand(`stty -F {serial} ${this.config.serial.baud} raw -echo`, { serial: device }, 10000).catch((err: unknown) => {
+        throw new DriverError("start", `serial device ${device} cannot be configured`, { cause: err });
+      });
+      let fd: number | undefined;
+      try {
+        fd = openSync(device, constants.O_RDONLY | constants.O_NOCTTY | constants.O_NONBLOCK);
+        const writer = await open(device, constants.O_WRONLY | constants.O_NOCTTY);
+        return { reader: new ReadStream(fd), writer };
+      } catch (err) {
+        if (fd !== undefined) closeSync(fd);
+        throw new DriverError("start", `serial device ${device} cannot be opened`, { cause: err });
+      }
+    };
+    const { reader, writer } = await this.retrying("opening the serial line", openLine, signal, say);
     let writes = Promise.resolve();
     const writeSerial = (bytes: Buffer) => {
       writes = writes.then(() => writer.write(bytes)).then(
@@ -303,6 +347,27 @@ export class BoardDriver implements Driver {
       }
     });
 
+    // The serial line going away (the board dead or unplugged) ends a running
+    // job at once, as the host's failure: nothing more of it can be seen.
+    // While it boots, the boot timeout fails the start instead.
+    let lineLost = false;
+    const endLineLost = () => {
+      const message = `serial line of board ${this.config.name} closed while the job ran`;
+      log.warn(message);
+      return finish({ exitCode: null, stopped: false, message, failure: new DriverError("internal", message) });
+    };
+    const lineGone = () => {
+      if (lineLost || phase === "stopping" || phase === "exited") return;
+      lineLost = true;
+      if (phase === "running") void endLineLost();
+    };
+    reader.on("error", (err) => {
+      log.warn({ err }, "serial read failed");
+      lineGone();
+    });
+    reader.on("end", lineGone);
+    reader.on("close", lineGone);
+
     const job: BoardJob = {
       kind: "board",
       jobId: prepared.jobId,
@@ -323,7 +388,7 @@ export class BoardDriver implements Driver {
     say(`powering on board ${this.config.name}`);
     let timer: NodeJS.Timeout | undefined;
     try {
-      await this.command("powerOn", undefined, signal);
+      await this.retrying("powering on", () => this.command("powerOn", undefined, signal), signal, say);
       const outcome = await Promise.race([
         bootSeen.then(() => "booted" as const),
         new Promise<"timeout">((resolve) => (timer = setTimeout(() => resolve("timeout"), this.config.bootTimeoutMs))),
@@ -341,6 +406,7 @@ export class BoardDriver implements Driver {
     }
     clearTimeout(timer);
     phase = "running";
+    if (lineLost) void endLineLost();
     // The exit pattern may already be in what arrived with the boot banner.
     if (exitPattern !== undefined) {
       const m = exitPattern.exec(window);

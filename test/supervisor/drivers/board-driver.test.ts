@@ -96,6 +96,74 @@ describe("board driver with the simulated board", () => {
     await driver.cleanup(job);
   });
 
+  it("ends a job as the host's failure, at once, when the board's serial line goes away while it runs", async () => {
+    // A board of its own: its serial device vanishes (as a USB adapter unplugged, or the simulated board killed).
+    const gone = await startSimBoard({ dir: join(base, "board-gone") });
+    const own = createBoardDriver(gone.config, logger);
+    try {
+      const spec = await firmwareSpec('echo looping\nwhile true; do sleep 1; done\n');
+      const out = new CollectedOutput();
+      const job = await own.start(await own.prepare(spec), out);
+      await out.waitFor("console", /looping/);
+      await gone.stop();
+      const exit = await job.exited;
+      expect(exit).toMatchObject({ exitCode: null, status: "failure", stopped: false });
+      expect(exit.failure).toBeInstanceOf(DriverError);
+      expect(exit.failure?.message).toMatch(/serial line of board \S+ closed while the job ran/);
+      expect(out.text("supervisor")).toMatch(/serial line of board \S+ closed while the job ran/);
+      await own.cleanup(job);
+    } finally {
+      await own.close();
+      await gone.stop();
+    }
+  });
+
+  it("waits within its retry budget for a board that is away, then runs the job on it", async () => {
+    const dir = join(base, "board-away");
+    const away = await startSimBoard({ dir });
+    await away.stop(); // its control socket refuses, its serial device is gone
+    const own = createBoardDriver({ ...away.config, retryBudgetMs: 120_000 }, logger);
+    let back: SimBoard | undefined;
+    try {
+      const spec = await firmwareSpec('echo "back again"\necho TREADMILL_EXIT=0\n');
+      const notices: string[] = [];
+      let retried: () => void = () => undefined;
+      const retrying = new Promise<void>((resolve) => (retried = resolve));
+      const preparing = own.prepare(spec, {
+        onStage: (_stage, message) => {
+          notices.push(message);
+          if (/retrying/.test(message)) retried();
+        },
+      });
+      await retrying;
+      back = await startSimBoard({ dir });
+      const out = new CollectedOutput();
+      const job = await own.start(await preparing, out);
+      expect(await job.exited).toMatchObject({ exitCode: 0, status: "success", stopped: false });
+      expect(out.text("console")).toContain("back again");
+      expect(notices.find((m) => /retrying/.test(m))).toMatch(/^powering off failed \(board command failed \(exit \d+\): .*\); retrying in [\d.]+ s$/);
+      await own.cleanup(job);
+    } finally {
+      await own.close();
+      await back?.stop();
+    }
+  });
+
+  it("fails the start once a board stays away longer than its retry budget", async () => {
+    const away = await startSimBoard({ dir: join(base, "board-gone-for-good") });
+    await away.stop();
+    const own = createBoardDriver({ ...away.config, retryBudgetMs: 1500 }, logger);
+    try {
+      const started = Date.now();
+      const err = await own.prepare(await firmwareSpec("echo never\n")).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(DriverError);
+      expect(err).toMatchObject({ reason: "start", message: expect.stringMatching(/^board command failed/) });
+      expect(Date.now() - started).toBeGreaterThanOrEqual(1500);
+    } finally {
+      await own.close();
+    }
+  });
+
   it("fails the start when the board does not boot within the boot timeout", async () => {
     const dead = createBoardDriver({ ...board.config, commands: { ...board.config.commands, powerOn: "true" }, bootTimeoutMs: 1000 }, logger);
     const spec = await firmwareSpec("echo never\n");
