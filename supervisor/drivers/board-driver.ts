@@ -5,8 +5,8 @@
  * so nothing carries over from the previous job.
  *
  * Life of a job: prepare = power off + flash; start = open the serial device
- * (`stty -F DEV BAUD raw -echo`), bridge it to a Unix socket only the
- * supervisor can reach (console.ts), power on, and
+ * (`stty -F DEV BAUD raw -echo`) and drop what it held from before, bridge
+ * it to a Unix socket only the supervisor can reach (console.ts), power on, and
  * wait for the boot pattern (or any output) within the boot timeout; then the
  * console is captured until the exit pattern (`TREADMILL_EXIT=(\d+)`) declares
  * the workload's exit code, or until `stop`. The board is powered off at the
@@ -19,7 +19,7 @@
  */
 
 import { exec } from "node:child_process";
-import { closeSync, constants, openSync } from "node:fs";
+import { closeSync, constants, openSync, readSync } from "node:fs";
 import { open, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { ReadStream } from "node:tty";
@@ -160,6 +160,22 @@ function runCommand(template: string, values: { image?: string; serial: string }
   });
 }
 
+/** Reads and drops what a non-blocking descriptor holds now (tcflush of the input); returns how many bytes. */
+function discardPending(fd: number): number {
+  const buffer = Buffer.alloc(64 * 1024);
+  let dropped = 0;
+  for (;;) {
+    try {
+      const n = readSync(fd, buffer);
+      if (n === 0) return dropped;
+      dropped += n;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "EAGAIN") return dropped;
+      throw err;
+    }
+  }
+}
+
 export interface BoardDriverOptions {
   /** Where the console's Unix socket goes (a directory only the supervisor may enter); default a private one (machine.ts). */
   socketDir?: string;
@@ -263,7 +279,7 @@ export class BoardDriver implements Driver {
 
     // Configure the line, then open it twice: a tty stream to read, a plain
     // handle to write (one fd cannot back two libuv handles).
-    const openLine = async (): Promise<{ reader: ReadStream; writer: FileHandle }> => {
+    const openLine = async (): Promise<{ reader: ReadStream; writer: FileHandle; stale: number }> => {
       await runCommand(`stty -F {serial} ${this.config.serial.baud} raw -echo`, { serial: device }, 10000).catch((err: unknown) => {
         throw new DriverError("start", `serial device ${device} cannot be configured`, { cause: err });
       });
@@ -271,13 +287,17 @@ export class BoardDriver implements Driver {
       try {
         fd = openSync(device, constants.O_RDONLY | constants.O_NOCTTY | constants.O_NONBLOCK);
         const writer = await open(device, constants.O_WRONLY | constants.O_NOCTTY);
-        return { reader: new ReadStream(fd), writer };
+        const stale = discardPending(fd);
+        return { reader: new ReadStream(fd), writer, stale };
       } catch (err) {
         if (fd !== undefined) closeSync(fd);
         throw new DriverError("start", `serial device ${device} cannot be opened`, { cause: err });
       }
     };
-    const { reader, writer } = await this.retrying("opening the serial line", openLine, signal, say);
+    const { reader, writer, stale } = await this.retrying("opening the serial line", openLine, signal, say);
+    // The board is off since prepare: what the line holds is an earlier run's
+    // (one whose supervisor died while it ran), never this job's.
+    if (stale > 0) say(`discarded ${stale} bytes the serial line held from before this job`);
     let writes = Promise.resolve();
     const writeSerial = (bytes: Buffer) => {
       writes = writes.then(() => writer.write(bytes)).then(

@@ -1,9 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { createBoardDriver, parseBoardConfig, type BoardDriver } from "../../../supervisor/drivers/board-driver.js";
 import { DriverError, type JobSpecForDriver } from "../../../supervisor/drivers/driver.js";
-import { startSimBoard, type SimBoard } from "../../../supervisor/sim-board/start.js";
+import { simBoardCommand, startSimBoard, type SimBoard } from "../../../supervisor/sim-board/start.js";
 import { buildBusyboxImage, buildFirmwareImage } from "../../support/images.js";
 import { capturingLogger, CollectedOutput, socketClient } from "./helpers.js";
 
@@ -118,6 +118,25 @@ describe("board driver with the simulated board", () => {
     }
   });
 
+  it("captures nothing the serial line held from before the job, such as an earlier run's exit line", async () => {
+    // An earlier run left on (its supervisor died): its output waits in the line, nobody reading it.
+    await writeFile(join(board.stateDir, "firmware.sh"), "echo stale output\necho TREADMILL_EXIT=7\nwhile true; do sleep 1; done\n");
+    await simBoardCommand(board.stateDir, "on");
+    const deadline = Date.now() + 10_000;
+    while (!(await readFile(join(board.stateDir, "serial.log"), "utf8")).includes("TREADMILL_EXIT=7")) {
+      if (Date.now() > deadline) throw new Error("the earlier run printed nothing");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const spec = await firmwareSpec('sleep 1\necho "fresh output"\necho TREADMILL_EXIT=0\n');
+    const out = new CollectedOutput();
+    const job = await driver.start(await driver.prepare(spec), out);
+    expect(await job.exited).toMatchObject({ exitCode: 0, status: "success", stopped: false });
+    expect(out.text("console")).toContain("fresh output");
+    expect(out.text("console")).not.toContain("stale output");
+    expect(out.text("supervisor")).toMatch(/discarded \d+ bytes the serial line held from before this job/);
+    await driver.cleanup(job);
+  });
+
   it("waits within its retry budget for a board that is away, then runs the job on it", async () => {
     const dir = join(base, "board-away");
     const away = await startSimBoard({ dir });
@@ -147,7 +166,7 @@ describe("board driver with the simulated board", () => {
       await own.close();
       await back?.stop();
     }
-  });
+  }, 90_000); // retries back off up to 15 s, and a simulated board takes seconds to start here
 
   it("fails the start once a board stays away longer than its retry budget", async () => {
     const away = await startSimBoard({ dir: join(base, "board-gone-for-good") });
