@@ -44,6 +44,7 @@ function print(r: ChaosResult): void {
   const s = (ms: number) => ms / 1000;
   process.stdout.write(`\njobs of about ${s(r.jobMs).toFixed(1)} s, one submitted every ${r.submitIntervalMs} ms while the faults lasted\n`);
   goal("jobs accepted by SubmitJob", r.submitted, r.submitted + r.notSubmitted);
+  report("  of which sent where a kill strikes, or after", r.probes, "jobs");
   goal("jobs finished (finalized)", r.finished, r.submitted);
   goal("jobs lost (never finalized, or gone)", r.lost.length, 0);
   goal("attempts run twice (of starts counted)", r.runTwice.length, 0);

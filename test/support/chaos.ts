@@ -6,10 +6,12 @@
  * runs a steady flow of short jobs, each printing a known set of numbered,
  * checksummed lines, with a restart policy. Meanwhile phase 1 SIGKILLs each
  * component in turn and starts it again a few seconds later, and phase 2
- * keeps some components (the log server, the cache) down for minutes. After
- * every restart the run waits for the component to serve again and for a
- * job assigned since to succeed: jobs must keep flowing. Then every job must
- * finish, every job's log settle, and each job is checked:
+ * keeps some components (the log server, the cache) down for minutes. Each
+ * kill waits for a job running where it strikes; after every restart the
+ * run waits for the component to serve again and for a job assigned since
+ * (to that host, for a host's supervisor or board) to succeed: jobs must
+ * keep flowing. Then every job must finish, every job's log settle, and
+ * each job is checked:
  *
  * - lost: accepted by SubmitJob, yet never finalized, or gone;
  * - run twice: a workload started more than once within one attempt, or in
@@ -113,7 +115,7 @@ export interface Bounce {
   backMs: number | undefined;
   /** For PostgreSQL: its start to the coordinator's health SERVING again. */
   coordinatorBackMs?: number;
-  /** Serving to the first success of a job assigned since (undefined: none within the deadline). */
+  /** Serving to the first success of a job assigned since, to its host for a supervisor or the board (undefined: none within the deadline). */
   flowMs: number | undefined;
   /** Jobs finalized while it was down. */
   finishedWhileDown: number;
@@ -174,6 +176,8 @@ export interface ChaosResult {
   baseline: Pass | undefined;
   submitIntervalMs: number;
   jobMs: number;
+  /** Of the jobs submitted, those sent where a kill would strike or to see a host take jobs again. */
+  probes: number;
 }
 
 const LINES_SCRIPT = `n=1
@@ -200,6 +204,9 @@ done
 echo TREADMILL_EXIT=0
 `;
 }
+
+/** Priority of the jobs the run sends where a kill strikes (ahead of the steady ones). */
+const PROBE_PRIORITY = 10;
 
 /** The components whose kill hurts the jobs of one host, by the host's name in docs/site.md. */
 const HOST_OF: Record<string, string> = { "supervisor-1": "sup-1", "supervisor-2": "sup-2", "supervisor-board": "board-1", "sim-board": "board-1" };
@@ -329,12 +336,12 @@ class Submitter {
   readonly done: Promise<void>;
 
   constructor(
-    client: Client<typeof JobService>,
+    private readonly client: Client<typeof JobService>,
     count: number,
     spec: (i: number) => MessageInitShape<typeof JobSpecSchema>,
     requestId: (i: number) => string,
     intervalMs: number,
-    giveUpMs: number,
+    private readonly giveUpMs: number,
     extend = false,
   ) {
     this.done = (async () => {
@@ -344,24 +351,29 @@ class Submitter {
         if (!this.rushed && Date.now() < due) {
           await Promise.race([sleep(due - Date.now()), new Promise<void>((resolve) => (this.wake = resolve))]);
         }
-        const deadline = Date.now() + giveUpMs;
-        for (;;) {
-          try {
-            // The same request id every time: a submission whose answer was lost is not a second job.
-            const { job } = await client.submitJob({ spec: spec(i), requestId: requestId(i) }, { timeoutMs: 15_000 });
-            this.accepted.push(job!.id);
-            this.submitTimes.push(Date.now());
-            break;
-          } catch {
-            if (Date.now() > deadline) {
-              this.notSubmitted++;
-              break;
-            }
-            await sleep(1000);
-          }
-        }
+        await this.submit(spec(i), requestId(i));
       }
     })();
+  }
+
+  /** Submits one job (retried until accepted or the give-up time); its id, or undefined. */
+  async submit(spec: MessageInitShape<typeof JobSpecSchema>, requestId: string): Promise<string | undefined> {
+    const deadline = Date.now() + this.giveUpMs;
+    for (;;) {
+      try {
+        // The same request id every time: a submission whose answer was lost is not a second job.
+        const { job } = await this.client.submitJob({ spec, requestId }, { timeoutMs: 15_000 });
+        this.accepted.push(job!.id);
+        this.submitTimes.push(Date.now());
+        return job!.id;
+      } catch {
+        if (Date.now() > deadline) {
+          this.notSubmitted++;
+          return undefined;
+        }
+        await sleep(1000);
+      }
+    }
   }
 
   /** The rest of the `count` jobs at once, and no more. */
@@ -415,32 +427,38 @@ async function chaosOn(site: Site, options: ChaosOptions, say: (line: string) =>
   } finally {
     await rm(imagesDir, { recursive: true, force: true });
   }
+  // Each host by id, and each process host tagged `host=<name>`, so that a
+  // job can be sent where a kill will strike (the scheduler takes hosts in
+  // name order: steady jobs alone might never reach the second one).
   const hosts = createClient(HostService, admin);
   const hostIds = new Map<string, string>();
   for (const name of new Set(Object.values(HOST_OF))) {
-    hostIds.set(name, (await hosts.getHost({ host: { case: "name", value: name } })).host!.id);
+    const host = (await hosts.getHost({ host: { case: "name", value: name } })).host!;
+    hostIds.set(name, host.id);
+    if (host.driverKind === DriverKind.PROCESS) {
+      await hosts.updateHost({ hostId: host.id, host: { tags: { ...host.tags, host: name } }, updateMask: { paths: ["tags"] } });
+    }
   }
 
-  const seeds = new Map<number, number>();
   const isBoard = (i: number) => options.boardEvery > 0 && i % options.boardEvery === options.boardEvery - 1;
-  const specOf = (set: string) => (i: number): MessageInitShape<typeof JobSpecSchema> => {
-    const common = { restartPolicy: { maxRestarts: options.maxRestarts }, tags: { chaos: runId, set, n: String(i) } };
-    if (isBoard(i)) {
+  /** A job of the run: on the board, or a process job (on the host named, or any). */
+  const jobSpec = (set: string, where: "board" | "process", host?: string, priority = 0): MessageInitShape<typeof JobSpecSchema> => {
+    const common = { priority, restartPolicy: { maxRestarts: options.maxRestarts }, tags: { chaos: runId, set } };
+    if (where === "board") {
       return { ...common, image: "chaos/firmware:1", hosts: { hostCount: 1, site: site.vars.SITE, driverKind: DriverKind.BOARD, tags: { board: "sim" } } };
     }
-    const seed = randomInt(0, 1 << 20);
-    seeds.set(i, seed);
     return {
       ...common,
       image: "chaos/lines:1",
-      hosts: { hostCount: 1, site: site.vars.SITE, driverKind: DriverKind.PROCESS },
+      hosts: { hostCount: 1, site: site.vars.SITE, driverKind: DriverKind.PROCESS, tags: host === undefined ? {} : { host } },
       parameters: [
         { name: "lines", value: String(options.lines) },
-        { name: "seed", value: String(seed) },
+        { name: "seed", value: String(randomInt(0, 1 << 20)) },
         { name: "pause", value: pause },
       ],
     };
   };
+  const specOf = (set: string) => (i: number) => jobSpec(set, isBoard(i) ? "board" : "process");
 
   // The baseline: the same jobs at the same pace, with no fault.
   let baseline: Pass | undefined;
@@ -464,17 +482,27 @@ async function chaosOn(site: Site, options: ChaosOptions, say: (line: string) =>
   say(`chaos: ${options.jobs} jobs of ${options.lines} lines for about ${(jobMs / 1000).toFixed(1)} s each, one every ${intervalMs} ms, max_restarts ${options.maxRestarts}`);
   const board = new JobBoard(client, { chaos: runId, set: "chaos" });
   const submitter = new Submitter(client, options.jobs, specOf("chaos"), (i) => `${runId}-chaos-${i}`, intervalMs, 10 * 60_000, true);
-  let submitting = true;
-  void submitter.done.then(() => (submitting = false));
   const finalized = () => board.count((j) => j.state === JobState.FINALIZED);
 
   const bounces: Bounce[] = [];
   const notBack: string[] = [];
+  let probes = 0;
   const bounce = async (name: string, phase: 1 | 2, downMs: number) => {
-    // A kill hurts most while jobs run where it strikes: wait for one (for a while).
-    const host = HOST_OF[name] === undefined ? undefined : hostIds.get(HOST_OF[name]);
-    const runningThere = () => board.count((j) => j.state === JobState.RUNNING && (host === undefined || j.hostIds.includes(host)));
-    await until(() => runningThere() > 0 || (!submitting && finalized() >= submitter.accepted.length), options.flowTimeoutMs);
+    // A host's component (a supervisor, the board) strikes that host's jobs;
+    // a probe (a job of the run, ahead of the queue) is sent there when
+    // none runs there, and after the restart, to see the host run jobs again.
+    const hostName = HOST_OF[name] === "board-1" && options.boardEvery === 0 ? undefined : HOST_OF[name];
+    const host = hostName === undefined ? undefined : hostIds.get(hostName);
+    const probe = () =>
+      submitter.submit(
+        hostName === "board-1" ? jobSpec("chaos", "board", undefined, PROBE_PRIORITY) : jobSpec("chaos", "process", hostName, PROBE_PRIORITY),
+        `${runId}-probe-${++probes}`,
+      );
+    const there = (j: Job) => host === undefined || j.hostIds.includes(host);
+    const runningThere = () => board.count((j) => j.state === JobState.RUNNING && there(j));
+    // A kill hurts most while a job runs where it strikes.
+    if (runningThere() === 0) await probe();
+    await until(() => runningThere() > 0, options.flowTimeoutMs);
     const runningAtKill = runningThere();
     const before = finalized();
     await site.kill(name, "SIGKILL");
@@ -497,20 +525,21 @@ async function chaosOn(site: Site, options: ChaosOptions, say: (line: string) =>
       say(`phase ${phase}: ${name} did not serve again: ${(err as Error).message}`);
       return;
     }
-    // Jobs flow again: a job assigned since it serves succeeds (or nothing is left to run).
+    // Jobs flow again: a job assigned since it serves (to its host, for a host's component) succeeds.
     const backAt = Date.now();
     const servingAt = performance.now();
+    await probe();
     const flowed = await until(
-      () =>
-        [...board.jobs.values()].some((j) => succeeded(j) && j.assignTime !== undefined && timestampMs(j.assignTime) >= backAt) ||
-        (!submitting && finalized() >= submitter.accepted.length),
+      () => [...board.jobs.values()].some((j) => succeeded(j) && j.assignTime !== undefined && timestampMs(j.assignTime) >= backAt && there(j)),
       options.flowTimeoutMs,
     );
     if (flowed) record.flowMs = performance.now() - servingAt;
     say(
       `phase ${phase}: ${name} serving ${((record.backMs ?? 0) / 1000).toFixed(1)} s after its start` +
         (record.coordinatorBackMs !== undefined ? `, the coordinator ${(record.coordinatorBackMs / 1000).toFixed(1)} s` : "") +
-        (flowed ? `; a job assigned since succeeded ${((record.flowMs ?? 0) / 1000).toFixed(1)} s later` : `; NO job assigned since succeeded within ${options.flowTimeoutMs} ms`) +
+        (flowed
+          ? `; a job assigned since${host ? " to its host" : ""} succeeded ${((record.flowMs ?? 0) / 1000).toFixed(1)} s later`
+          : `; NO job assigned since${host ? " to its host" : ""} succeeded within ${options.flowTimeoutMs} ms`) +
         ` (${finalized()}/${submitter.accepted.length} finalized)`,
     );
   };
@@ -546,7 +575,6 @@ async function chaosOn(site: Site, options: ChaosOptions, say: (line: string) =>
   const infraEnds: Record<string, number> = {};
   const finals: Job[] = [];
   const attemptsOf = new Map<string, number>();
-  const indexOf = new Map<string, number>();
   let restartedJobs = 0;
   for (const id of accepted) {
     const job = await getJobRetrying(client, id);
@@ -556,8 +584,6 @@ async function chaosOn(site: Site, options: ChaosOptions, say: (line: string) =>
     }
     finals.push(job);
     attemptsOf.set(id, job.attempt);
-    const i = Number(job.spec?.tags.n);
-    indexOf.set(id, i);
     if (job.attempt > 1) restartedJobs++;
     for (const e of job.timeline.filter((e) => e.kind === JobEventKind.RESTARTED)) {
       const reason = /ended (\S+?):/.exec(e.message)?.[1] ?? "unknown";
@@ -571,7 +597,8 @@ async function chaosOn(site: Site, options: ChaosOptions, say: (line: string) =>
       const status = LogStatus[job.logStatus].toLowerCase();
       logNotComplete[status] = (logNotComplete[status] ?? 0) + 1;
     }
-    const expect = isBoard(i) ? { label: "board", seed: 0 } : { label: `job ${id}`, seed: seeds.get(i)! };
+    const seed = job.spec?.parameters.find((p) => p.name === "seed")?.value;
+    const expect = job.spec?.image === "chaos/firmware:1" ? { label: "board", seed: 0 } : { label: `job ${id}`, seed: Number(seed) };
     for (let attempt = 1; attempt <= job.attempt; attempt++) {
       const final = attempt === job.attempt && succeeded(job);
       const text = await readConsole(client, id, attempt);
@@ -622,6 +649,7 @@ async function chaosOn(site: Site, options: ChaosOptions, say: (line: string) =>
     baseline,
     submitIntervalMs: intervalMs,
     jobMs,
+    probes,
   };
 }
 
