@@ -1,22 +1,23 @@
 /**
  * The npm scripts the README and the guides name: each exists, and
- * `npm run test:security` (issue #17) runs exactly the security tests, which
- * `npm test` runs as well.
+ * `npm run test:security` (issue #17), as docs/security.md shows it, runs
+ * exactly the security tests, which `npm test` runs as well.
  */
 import { describe, expect, it } from "@jest/globals";
-import { execFile } from "node:child_process";
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { promisify } from "node:util";
+import { docBlock, docBlocks, runBash } from "../support/doc-blocks.js";
 
-const execFileAsync = promisify(execFile);
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
+const SECURITY_GUIDE = join(REPO, "docs", "security.md");
 
-/** The test files `npm <args> -- --listTests` would run, relative to the clone. */
-async function listed(...args: string[]): Promise<string[]> {
-  const { stdout } = await execFileAsync("npm", ["--silent", ...args, "--", "--listTests"], { cwd: REPO });
-  return stdout
+/** The test files an npm command line would run (jest's --listTests), relative to the clone. */
+async function listed(command: string): Promise<string[]> {
+  const args = command.includes(" -- ") ? "--listTests" : "-- --listTests";
+  const result = await runBash(`${command} ${args}`, { cwd: REPO, env: process.env });
+  expect({ command, code: result.code }).toEqual({ command, code: 0 });
+  return result.stdout
     .split("\n")
     .filter((line) => line.startsWith(REPO))
     .map((line) => line.slice(REPO.length).replace(/^\//, ""))
@@ -24,14 +25,20 @@ async function listed(...args: string[]): Promise<string[]> {
 }
 
 describe("the npm scripts", () => {
-  it("runs exactly the files of test/security with npm run test:security, and npm test runs them too", async () => {
+  it("runs, as docs/security.md shows, all of test/security or one file of it, and npm test runs them too", async () => {
     const security = (await readdir(join(REPO, "test", "security")))
       .filter((name) => name.endsWith(".test.ts"))
       .map((name) => `test/security/${name}`)
       .sort();
     expect(security.length).toBeGreaterThan(0);
-    expect(await listed("run", "test:security")).toEqual(security);
-    expect(await listed("test")).toEqual(expect.arrayContaining(security));
+    const commands = docBlock(await docBlocks(SECURITY_GUIDE), SECURITY_GUIDE, "security", "run")
+      .text.split("\n")
+      .map((line) => line.replace(/#.*$/, "").trim())
+      .filter((line) => line !== "");
+    expect(commands).toEqual(["npm run test:security", "npm run test:security -- test/security/images.test.ts"]);
+    expect(await listed(commands[0]!)).toEqual(security);
+    expect(await listed(commands[1]!)).toEqual(["test/security/images.test.ts"]);
+    expect(await listed("npm test")).toEqual(expect.arrayContaining(security));
   }, 60_000);
 
   it("has every script the README and the guides name", async () => {
