@@ -1,7 +1,8 @@
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
 import type { Image } from "../gen/treadmill/coordinator/v1/image_pb.js";
-import { fileSource, imageStoreClient, imageStoreTransport, uploadBlob, type BlobProgress } from "./image-client.js";
+import { fileSource } from "./image/blob-io.js";
+import { imageStoreClient, imageStoreTransport, uploadBlob, type BlobProgress } from "./image/client.js";
 
 /** An image on local disk, ready to push: manifest bytes and every blob's file. */
 export interface LocalImage {

@@ -42,7 +42,7 @@ import {
 } from "../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "./logger.js";
 import { backoff, isTransientError, refusedStreamRetry, sleep } from "./retry.js";
-import { AsyncQueue } from "./async-queue.js";
+import { AsyncQueue } from "./async/queue.js";
 import { FrameCache, Spill, SpillBudget, writeAtomic } from "./log-shipper/spill.js";
 
 export { SpillBudget } from "./log-shipper/spill.js";

@@ -7,13 +7,12 @@ import { ImageCacheService } from "../gen/treadmill/image/v1/image_cache_service
 import type { ImageSource } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Manifest } from "../gen/treadmill/image/v1/manifest_pb.js";
 import {
-  DIGEST_PATTERN,
-  DigestMismatchError,
   downloadBlob,
   imageStoreClient,
   imageStoreTransport,
   type ImageTransport,
-} from "../lib/image-client.js";
+} from "../lib/image/client.js";
+import { DIGEST_PATTERN, DigestMismatchError } from "../lib/image/digest.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";
 import type { JobImage } from "./drivers/driver.js";

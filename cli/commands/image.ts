@@ -5,15 +5,14 @@ import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { ImageSchema, ImageVisibility, ImageVisibilitySchema, type Image } from "../../gen/treadmill/coordinator/v1/image_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
+import { fileSource, type BlobSource } from "../../lib/image/blob-io.js";
 import {
-  digestFile,
   downloadBlob,
-  fileSource,
   imageStoreClient,
   imageStoreTransport,
   uploadBlob,
-  type BlobSource,
-} from "../../lib/image-client.js";
+} from "../../lib/image/client.js";
+import { digestFile } from "../../lib/image/digest.js";
 import { sleep } from "../../lib/retry.js";
 import { keyValues, parseBytes, type CommandSpec } from "../args.js";
 import type { CliContext } from "../context.js";

@@ -6,7 +6,7 @@ import {
   type Descriptor,
   type Manifest,
 } from "../../gen/treadmill/image/v1/manifest_pb.js";
-import { DIGEST_PATTERN } from "../../lib/image-client.js";
+import { DIGEST_PATTERN } from "../../lib/image/digest.js";
 
 export const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
 export const MAX_MANIFEST_BYTES = 1024 * 1024;

@@ -36,7 +36,8 @@ import { mkdir, open, readFile, readdir, rename, rm, stat, statfs, writeFile, ty
 import { dirname, join } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Manifest } from "../../gen/treadmill/image/v1/manifest_pb.js";
-import { BLOB_CHUNK_BYTES, BackgroundWriter, DIGEST_PATTERN, digestOf } from "../../lib/image-client.js";
+import { BLOB_CHUNK_BYTES, BackgroundWriter } from "../../lib/image/blob-io.js";
+import { DIGEST_PATTERN, digestOf } from "../../lib/image/digest.js";
 import type { Logger } from "../../lib/logger.js";
 import { MANIFEST_MEDIA_TYPE, manifestBlobs, parseManifest } from "./manifest.js";
 

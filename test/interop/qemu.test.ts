@@ -6,7 +6,7 @@ import { connect, createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { ExitStatus, FinalizeReason, JobStage, JobState, SnapshotState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { dialTunnel } from "../../lib/tunnel-client.js";
+import { dialTunnel } from "../../lib/tunnel/client.js";
 import { QCOW2_MEDIA_TYPE, type JobImage, type JobSpecForDriver } from "../../supervisor/drivers/driver.js";
 import { createQemuDriver, type QemuDriver } from "../../supervisor/drivers/qemu-driver.js";
 import { LOWER_ANNOTATION } from "../../supervisor/drivers/qemu-image.js";

@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
-import { imageStoreClient, imageStoreTransport, readBlobChunks, uploadBlob } from "../../lib/image-client.js";
+import { imageStoreClient, imageStoreTransport, readBlobChunks, uploadBlob } from "../../lib/image/client.js";
 import { pushImage } from "../../lib/image-push.js";
 import { silentLogger } from "../../lib/logger.js";
 import { loadImageStoreConfig } from "../../stores/image/config.js";
