@@ -12,7 +12,7 @@ import {
   imageStoreTransport,
   type ImageTransport,
 } from "../lib/image/client.js";
-import { DIGEST_PATTERN, DigestMismatchError } from "../lib/image/digest.js";
+import { DIGEST_PATTERN, DigestMismatchError, digestOfBytes } from "../lib/image/digest.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";
 import type { JobImage } from "./drivers/driver.js";
@@ -223,7 +223,7 @@ export class ImageProvisioner {
       const store = imageStoreClient(transport);
       const got = await store.getManifest({ digest: source.manifestDigest }, { signal: options.signal, timeoutMs: 30000 });
       if (!got.manifest) throw new ConnectError("store answered without a manifest", Code.DataLoss);
-      const actual = `sha256:${createHash("sha256").update(got.manifestJson).digest("hex")}`;
+      const actual = digestOfBytes(got.manifestJson);
       if (actual !== source.manifestDigest) throw new DigestMismatchError(source.manifestDigest, actual);
       const total = got.manifest.layers.reduce((sum, l) => sum + Number(l.size), 0);
       let before = 0;

@@ -3,10 +3,11 @@
  * store's uploads, the cache's fetches, a client's downloads and uploads):
  * the chunk size of a blob message, writing a message's pieces with writev
  * behind the reader (BackgroundWriter), and reading a file as a blob source
- * from an offset.
+ * from an offset, at a limited rate if asked.
  */
 import { createReadStream } from "node:fs";
 import type { FileHandle } from "node:fs/promises";
+import { sleep } from "../retry.js";
 
 /** Bytes per PutBlob/GetBlob message: FACTS.md, 256 KiB-1 MiB is best. */
 export const BLOB_CHUNK_BYTES = 1024 * 1024;
@@ -115,4 +116,22 @@ export type BlobSource = (offset: number) => AsyncIterable<Uint8Array>;
 /** A BlobSource reading a file in chunks of `chunkBytes`. */
 export function fileSource(path: string, chunkBytes = BLOB_CHUNK_BYTES): BlobSource {
   return (offset) => createReadStream(path, { start: offset, highWaterMark: chunkBytes }) as AsyncIterable<Buffer>;
+}
+
+/** A source that sends at most `bytesPerSecond` (for slow links, and to leave bandwidth to others). */
+export function limitedSource(source: BlobSource, bytesPerSecond: number): BlobSource {
+  const slice = Math.max(4096, Math.floor(bytesPerSecond / 20));
+  return async function* (offset) {
+    const started = Date.now();
+    let sent = 0;
+    for await (const chunk of source(offset)) {
+      for (let i = 0; i < chunk.length; i += slice) {
+        const piece = chunk.subarray(i, i + slice);
+        const due = started + (sent * 1000) / bytesPerSecond;
+        if (due > Date.now()) await sleep(due - Date.now());
+        sent += piece.length;
+        yield piece;
+      }
+    }
+  };
 }

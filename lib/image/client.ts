@@ -272,6 +272,10 @@ export interface TransferOptions {
   onProgress?: (progress: BlobProgress) => void;
   /** Deadline of each call, ms; default none. */
   timeoutMs?: number;
+  /** Deadline of an upload's QueryUpload, ms; default timeoutMs. */
+  queryTimeoutMs?: number;
+  /** An upload's first QueryUpload answered: what the store holds of the blob. */
+  onHeld?: (held: { exists: boolean; committedOffset: number }) => void;
 }
 
 /**
@@ -295,7 +299,8 @@ export async function uploadBlob(
   let bytesSent = 0;
   for (let attempt = 1; ; attempt++) {
     try {
-      const query = await client.queryUpload({ digest }, { signal: options.signal, timeoutMs: options.timeoutMs });
+      const query = await client.queryUpload({ digest }, { signal: options.signal, timeoutMs: options.queryTimeoutMs ?? options.timeoutMs });
+      if (attempt === 1) options.onHeld?.({ exists: query.exists, committedOffset: Number(query.committedOffset) });
       if (query.exists) {
         options.onProgress?.({ digest, bytesDone: size, size });
         return { alreadyExisted: bytesSent === 0, bytesSent };

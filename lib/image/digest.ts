@@ -23,6 +23,11 @@ export function digestOf(hash: Hash): string {
   return `sha256:${hash.digest("hex")}`;
 }
 
+/** The digest of some bytes (a manifest's). */
+export function digestOfBytes(bytes: Uint8Array): string {
+  return digestOf(createHash("sha256").update(bytes));
+}
+
 /** The digest and size of a file. */
 export async function digestFile(path: string): Promise<{ digest: string; size: number }> {
   const hash = createHash("sha256");

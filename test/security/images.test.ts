@@ -12,7 +12,7 @@ import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import { imageStoreClient, imageStoreTransport, readBlobChunks, uploadBlob } from "../../lib/image/client.js";
-import { pushImage } from "../../lib/image-push.js";
+import { pushImage } from "../../lib/image/push.js";
 import { silentLogger } from "../../lib/logger.js";
 import { loadImageStoreConfig } from "../../stores/image/config.js";
 import { createImageStore, type ImageStoreComponent } from "../../stores/image/image-store.js";
