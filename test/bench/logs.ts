@@ -37,7 +37,7 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { AppendRequestSchema, AppendResponseSchema, FrameSchema, LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
-import { LogShipper } from "../../lib/log-shipper.js";
+import { LogShipper } from "../../supervisor/log-shipper.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall } from "../../lib/grpc/client.js";
 import { bytesFieldHeader, frame, varint } from "../../lib/grpc/wire.js";
 import { silentLogger } from "../../lib/logger.js";
