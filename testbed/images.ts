@@ -68,8 +68,13 @@ export async function writeTree(root: string, files: Record<string, FileSpec>): 
   }
 }
 
-/** Packs a directory as a rootfs tar+gzip layer with system tar (owner root, numeric). */
-export async function packDirectory(dir: string, outFile: string): Promise<ImageLayer> {
+/**
+ * Packs a directory as a rootfs tar+gzip layer with system tar (owner root,
+ * numeric), as an image built elsewhere would be: with a `./` root entry and
+ * tar(1)'s own headers, which the process driver must read as well as it
+ * reads lib/image/tar.ts's (what `tml image push DIR` writes).
+ */
+export async function packWithSystemTar(dir: string, outFile: string): Promise<ImageLayer> {
   await execFileAsync("tar", ["--owner=0", "--group=0", "--numeric-owner", "--sort=name", "-czf", outFile, "-C", dir, "."]);
   return layerOf(outFile, ROOTFS_MEDIA_TYPE);
 }
@@ -100,7 +105,7 @@ export async function buildBusyboxImage(options: {
     "etc/hostname": "treadmill-job\n",
     ...options.files,
   });
-  const layer = await packDirectory(root, join(options.dir, `layer-${root.slice(-6)}.tar.gz`));
+  const layer = await packWithSystemTar(root, join(options.dir, `layer-${root.slice(-6)}.tar.gz`));
   await rm(root, { recursive: true, force: true });
   return imageOf([layer], {
     "org.opencontainers.image.title": options.title ?? "busybox",
