@@ -10,7 +10,7 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../gen/treadmill/log/v1/log_service_pb.js";
 import { bearerInterceptor } from "../lib/coordinator-client.js";
-import { STREAM_WINDOW, WideSessionManager } from "../lib/raw-grpc-client.js";
+import { STREAM_WINDOW, WideSessionManager } from "../lib/grpc/client.js";
 import { backoff, refusedStreamRetry, sleep } from "../lib/retry.js";
 import { msOf } from "./format.js";
 

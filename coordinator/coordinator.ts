@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { serverOptions, type ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
 import { createServer, type Authorize, type Server } from "../lib/server.js";
-import { createRawGrpcHandler } from "../lib/server/raw-grpc.js";
+import { createRawGrpcHandler } from "../lib/grpc/server.js";
 import { authorizeCaller } from "./auth.js";
 import { bootstrapAdmin } from "./bootstrap.js";
 import { DEFAULT_CONSOLE_DIR, consoleAssets } from "./console-assets.js";

@@ -13,9 +13,9 @@ import type { Logger } from "../lib/logger.js";
 import { bearerToken } from "../lib/tokens.js";
 import { PROTOCOL_MAJOR, checkProtocol, type ProxyAuth } from "./auth.js";
 import type { Hub } from "./hub.js";
-import { TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel-client.js";
+import { TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
 import { connectByteStream, readOpen, streamSide, type ByteStream, type StreamTable } from "./rpc-side.js";
-import { Outbox } from "./splice.js";
+import { Outbox } from "../lib/async/outbox.js";
 
 /**
  * RendezvousService: supervisors' control streams (Expose) and their byte

@@ -5,7 +5,7 @@ import type { Logger } from "../lib/logger.js";
 import { bearerToken } from "../lib/tokens.js";
 import { checkProtocol, type ProxyAuth } from "./auth.js";
 import { EXPOSURE_NAME, type Hub } from "./hub.js";
-import { DIAL_REQUEST, DIAL_RESPONSE } from "../lib/tunnel-client.js";
+import { DIAL_REQUEST, DIAL_RESPONSE } from "../lib/tunnel/wire.js";
 import { connectByteStream, readOpen, streamSide, type ByteStream, type StreamTable } from "./rpc-side.js";
 import type { TcpEntrances } from "./tcp-entrance.js";
 

@@ -27,16 +27,14 @@ import {
 import { CloseReason, ExposureKind } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";
+import { Outbox } from "../lib/async/outbox.js";
 import {
-  Outbox,
-  TUNNEL_PATH,
-  TUNNEL_REQUEST,
-  TUNNEL_RESPONSE,
   openTunnelCall,
   tunnelDuplex,
   tunnelTransport,
   type TunnelDuplex,
-} from "../lib/tunnel-client.js";
+} from "../lib/tunnel/client.js";
+import { TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
 import { ExposureDenied, type Exposure } from "./drivers/driver.js";
 
 export interface ExposerOptions {

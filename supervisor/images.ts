@@ -7,13 +7,12 @@ import { ImageCacheService } from "../gen/treadmill/image/v1/image_cache_service
 import type { ImageSource } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Manifest } from "../gen/treadmill/image/v1/manifest_pb.js";
 import {
-  DIGEST_PATTERN,
-  DigestMismatchError,
   downloadBlob,
   imageStoreClient,
   imageStoreTransport,
   type ImageTransport,
-} from "../lib/image-client.js";
+} from "../lib/image/client.js";
+import { DIGEST_PATTERN, DigestMismatchError, digestOfBytes } from "../lib/image/digest.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";
 import type { JobImage } from "./drivers/driver.js";
@@ -224,7 +223,7 @@ export class ImageProvisioner {
       const store = imageStoreClient(transport);
       const got = await store.getManifest({ digest: source.manifestDigest }, { signal: options.signal, timeoutMs: 30000 });
       if (!got.manifest) throw new ConnectError("store answered without a manifest", Code.DataLoss);
-      const actual = `sha256:${createHash("sha256").update(got.manifestJson).digest("hex")}`;
+      const actual = digestOfBytes(got.manifestJson);
       if (actual !== source.manifestDigest) throw new DigestMismatchError(source.manifestDigest, actual);
       const total = got.manifest.layers.reduce((sum, l) => sum + Number(l.size), 0);
       let before = 0;

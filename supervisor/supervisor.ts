@@ -15,7 +15,7 @@ import {
   type StopJob,
   SupervisorService,
 } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { AsyncQueue } from "../lib/async-queue.js";
+import { AsyncQueue } from "../lib/async/queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";

@@ -5,34 +5,35 @@ import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { ImageSchema, ImageVisibility, ImageVisibilitySchema, type Image } from "../../gen/treadmill/coordinator/v1/image_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
+import { downloadBlob, imageStoreClient, imageStoreTransport } from "../../lib/image/client.js";
+import { digestFile } from "../../lib/image/digest.js";
+import { buildManifest } from "../../lib/image/manifest.js";
 import {
-  digestFile,
-  downloadBlob,
-  fileSource,
-  imageStoreClient,
-  imageStoreTransport,
-  uploadBlob,
-  type BlobSource,
-} from "../../lib/image-client.js";
-import { sleep } from "../../lib/retry.js";
+  FIRMWARE_MEDIA_TYPE,
+  INITRD_MEDIA_TYPE,
+  KERNEL_MEDIA_TYPE,
+  QCOW2_MEDIA_TYPE,
+  RAW_MEDIA_TYPE,
+  ROOTFS_MEDIA_TYPE,
+} from "../../lib/image/media-types.js";
+import { registerImage, requestUploadGrant, uploadImage, type LocalImage } from "../../lib/image/push.js";
+import { packDirectory } from "../../lib/image/tar.js";
 import { keyValues, parseBytes, type CommandSpec } from "../args.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
 import { formatBytes, progressBar } from "../progress.js";
-import { packDirectory } from "../tar.js";
 
 export const MEDIA_TYPES = {
-  rootfs: "application/vnd.treadmill.rootfs.tar+gzip",
-  qcow2: "application/vnd.treadmill.disk.qcow2",
-  raw: "application/vnd.treadmill.disk.raw",
-  firmware: "application/vnd.treadmill.firmware",
-  kernel: "application/vnd.treadmill.kernel",
-  initrd: "application/vnd.treadmill.initrd",
+  rootfs: ROOTFS_MEDIA_TYPE,
+  qcow2: QCOW2_MEDIA_TYPE,
+  raw: RAW_MEDIA_TYPE,
+  firmware: FIRMWARE_MEDIA_TYPE,
+  kernel: KERNEL_MEDIA_TYPE,
+  initrd: INITRD_MEDIA_TYPE,
 } as const;
 type Kind = Exclude<keyof typeof MEDIA_TYPES, "kernel" | "initrd">;
 const DRIVER_OF: Record<Kind, string> = { rootfs: "process", qcow2: "qemu", raw: "qemu", firmware: "board" };
-const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
 
 /** `name:tag` split; a name alone means `:latest`; a digest stays whole. */
 export function splitReference(ref: string, flag = "reference"): { name: string; tag: string; text: string } {
@@ -84,24 +85,6 @@ async function readHead(path: string, bytes: number): Promise<Buffer> {
 async function qcow2HasBacking(path: string): Promise<boolean> {
   const head = await readHead(path, 16);
   return head.readBigUInt64BE(8) !== 0n;
-}
-
-/** A source that sends at most `bytesPerSecond` (for slow links, and to leave bandwidth to others). */
-function limitedSource(source: BlobSource, bytesPerSecond: number): BlobSource {
-  const slice = Math.max(4096, Math.floor(bytesPerSecond / 20));
-  return async function* (offset) {
-    const started = Date.now();
-    let sent = 0;
-    for await (const chunk of source(offset)) {
-      for (let i = 0; i < chunk.length; i += slice) {
-        const piece = chunk.subarray(i, i + slice);
-        const due = started + (sent * 1000) / bytesPerSecond;
-        if (due > Date.now()) await sleep(due - Date.now());
-        sent += piece.length;
-        yield piece;
-      }
-    }
-  };
 }
 
 function entrypointOf(text: string): string {
@@ -213,7 +196,6 @@ export const imageCommands: CommandSpec<CliContext>[] = [
         }
         layers.push({ file, title: layerTitle, mediaType: MEDIA_TYPES[kind], annotations: { "org.opencontainers.image.title": layerTitle } });
         const digests = await Promise.all(layers.map((l) => digestFile(l.file)));
-        const total = digests.reduce((sum, d) => sum + d.size, 0);
         const annotations: Record<string, string> = {
           "org.opencontainers.image.title": (flags.title as string | undefined) ?? ref.name,
           "treadmill.driver": DRIVER_OF[kind],
@@ -222,66 +204,45 @@ export const imageCommands: CommandSpec<CliContext>[] = [
         if (kind === "rootfs") annotations["treadmill.entrypoint"] = entrypointOf((flags.entrypoint as string | undefined) ?? "/bin/sh");
         if (flags.arch !== undefined) annotations["treadmill.arch"] = flags.arch as string;
         Object.assign(annotations, keyValues("annotation", flags.annotation as string[] | undefined));
-        const manifest = {
-          schemaVersion: 2,
-          mediaType: MANIFEST_MEDIA_TYPE,
-          layers: layers.map((l, i) => ({ mediaType: l.mediaType, digest: digests[i]!.digest, size: digests[i]!.size, annotations: l.annotations })),
+        const { manifestJson, manifestDigest } = buildManifest(
+          layers.map((l, i) => ({ mediaType: l.mediaType, digest: digests[i]!.digest, size: digests[i]!.size, annotations: l.annotations })),
           annotations,
+        );
+        const local: LocalImage = {
+          manifestDigest,
+          manifestJson,
+          blobs: layers.map((l, i) => ({ ...digests[i]!, path: l.file })),
+          mediaTypes: layers.map((l) => l.mediaType),
         };
-        const manifestJson = Buffer.from(JSON.stringify(manifest));
-        const manifestDigest = `sha256:${createHash("sha256").update(manifestJson).digest("hex")}`;
         // The grant names what this push uploads: the coordinator lets the
         // pusher register those digests (docs/images.md, "Possession").
-        const grant = await images.createUploadGrant(
-          {
-            sizeBytes: BigInt(total),
-            storeId: (flags.store as string | undefined) ?? "",
-            digests: [manifestDigest, ...new Set(digests.map((d) => d.digest))],
-          },
-          { timeoutMs: 30_000 },
-        );
-        const transport = imageStoreTransport(grant.storeUrl, { token: grant.writeToken?.token ?? "" });
+        const grant = await requestUploadGrant(images, local, { storeId: flags.store as string | undefined, timeoutMs: 30_000 });
         ctx.errorContext.server = grant.storeUrl;
-        try {
-          const store = imageStoreClient(transport);
-          for (const [i, layer] of layers.entries()) {
-            const { digest, size } = digests[i]!;
-            const query = await store.queryUpload({ digest }, { timeoutMs: 30_000 });
-            const committed = Number(query.committedOffset);
-            if (query.exists) ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store (uploaded by you).`);
-            else if (committed > 0) ctx.out.note(`Resuming the upload at ${formatBytes(committed)} of ${formatBytes(size)}.`);
-            const bar = progressBar({ label: `Uploading ${layer.title}`, total: size, stream: ctx.io.stderr, startAt: committed });
-            const source = rate === undefined ? fileSource(layer.file) : limitedSource(fileSource(layer.file), rate);
-            try {
-              if (!query.exists) {
-                await uploadBlob(store, { digest, size, source }, { onProgress: (p) => bar.update(p.bytesDone), signal: ctx.abort.signal });
-                bar.done();
-              }
-            } catch (err) {
-              bar.stop();
-              throw err;
+        const { totalSize } = await uploadImage(grant.storeUrl, grant.token, local, {
+          signal: ctx.abort.signal,
+          timeoutMs: 30_000,
+          bytesPerSecond: rate,
+          onBlob: ({ digest, size, index }, held) => {
+            if (held.exists) {
+              ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store (uploaded by you).`);
+              return undefined;
             }
-          }
-          const put = await store.putManifest({ digest: manifestDigest, manifestJson }, { timeoutMs: 30_000 });
-          ctx.errorContext.server = undefined;
-          const { image } = await images.registerImage(
-            {
-              name: ref.name,
-              tag: ref.tag,
-              manifestDigest,
-              storeIds: [grant.storeId],
-              mediaTypes: [...new Set(layers.map((l) => l.mediaType))],
-              sizeBytes: put.totalSize,
-              annotations,
-              visibility: flags.public === true ? ImageVisibility.PUBLIC : ImageVisibility.UNSPECIFIED,
-              replace: flags.replace === true,
-            },
-            { timeoutMs: 30_000 },
-          );
-          ctx.out.data(image ? jsonOf(ImageSchema, image) : {}, () => ctx.out.line(`Pushed ${ref.name}:${ref.tag} (${manifestDigest}).`));
-        } finally {
-          transport.close();
-        }
+            if (held.committedOffset > 0) ctx.out.note(`Resuming the upload at ${formatBytes(held.committedOffset)} of ${formatBytes(size)}.`);
+            const bar = progressBar({ label: `Uploading ${layers[index]!.title}`, total: size, stream: ctx.io.stderr, startAt: held.committedOffset });
+            return { progress: (bytesDone) => bar.update(bytesDone), done: () => bar.done(), failed: () => bar.stop() };
+          },
+        });
+        ctx.errorContext.server = undefined;
+        const image = await registerImage(images, local, grant, {
+          name: ref.name,
+          tag: ref.tag,
+          sizeBytes: totalSize,
+          annotations,
+          visibility: flags.public === true ? ImageVisibility.PUBLIC : ImageVisibility.UNSPECIFIED,
+          replace: flags.replace === true,
+          timeoutMs: 30_000,
+        });
+        ctx.out.data(jsonOf(ImageSchema, image), () => ctx.out.line(`Pushed ${ref.name}:${ref.tag} (${manifestDigest}).`));
       } finally {
         await rm(work, { recursive: true, force: true });
       }

@@ -2,14 +2,14 @@
  * `tml console JOB` and `tml port-forward JOB PORT [LOCAL]`: both ride on the
  * rendezvous proxy: JobService.OpenJobSession gives the proxy and a dial
  * token for exactly that job and port, then TunnelService.Dial carries the
- * bytes (lib/tunnel-client.ts). Leaving a console leaves the job running:
+ * bytes (lib/tunnel/client.ts). Leaving a console leaves the job running:
  * `tml console` says so, and how to end it.
  */
 import { createServer, type Socket } from "node:net";
 import { PassThrough } from "node:stream";
 import { JobState, JobStateSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { attachTerminal, dialTunnel } from "../../lib/tunnel-client.js";
+import { attachTerminal, dialTunnel } from "../../lib/tunnel/client.js";
 import type { CommandSpec } from "../args.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode } from "../errors.js";

@@ -1,6 +1,6 @@
 /**
  * SupervisorService.Attach for plain gRPC clients (every supervisor), on the
- * coordinator's port ahead of the Connect adapter (lib/server/raw-grpc.ts);
+ * coordinator's port ahead of the Connect adapter (lib/grpc/server.ts);
  * Connect and gRPC-Web callers still reach the same stream through the
  * adapter. Why: a bidirectional stream served by connect-node keeps a chain
  * of async generators, promises and abort signals per call and allocates
@@ -17,7 +17,8 @@ import {
   AttachResponseSchema,
   SupervisorService,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { decodeMessage, frame, type RawGrpcProcedure } from "../../lib/server/raw-grpc.js";
+import { type RawGrpcProcedure } from "../../lib/grpc/server.js";
+import { decodeMessage, frame } from "../../lib/grpc/wire.js";
 import { requireHost } from "../auth.js";
 import { mapDatabaseError } from "../db/errors.js";
 import { checkTextFields } from "../text.js";

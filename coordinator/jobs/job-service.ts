@@ -45,7 +45,7 @@ import {
   uuidv7,
 } from "../services/common.js";
 import type { JobConfig } from "./config.js";
-import { AsyncQueue } from "../../lib/async-queue.js";
+import { AsyncQueue } from "../../lib/async/queue.js";
 import {
   type Db,
   type JobRow,

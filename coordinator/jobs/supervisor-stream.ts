@@ -50,7 +50,7 @@ import { GroupCommit, type Op } from "./group-commit.js";
 import type { JobMetrics } from "./metrics.js";
 import { onJobLogReport, onLogTokenRequest } from "./log-status.js";
 import { onSnapshotResult } from "./snapshots.js";
-import { AsyncQueue } from "../../lib/async-queue.js";
+import { AsyncQueue } from "../../lib/async/queue.js";
 import { type Db, reasonName, stageName, stateName } from "./store.js";
 import { type HostTermination, hostEnded, hostProgress, releaseSlot } from "./transitions.js";
 

@@ -1,6 +1,6 @@
 /**
  * The two bulk RPCs, PutBlob and GetBlob, as hand-written gRPC procedures
- * (lib/server/raw-grpc.ts) mounted on the store's port ahead of the Connect
+ * (lib/grpc/server.ts) mounted on the store's port ahead of the Connect
  * adapter. gRPC-Web, Connect and JSON requests fall through to the adapter,
  * which serves the same methods. Either way the server's authorization hook
  * (authorize.ts) checks the token's scope before a message is read, and the
@@ -11,9 +11,10 @@
 import { toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { GetBlobRequestSchema, ImageStoreService, PutBlobRequestSchema, PutBlobResponseSchema } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { splitBulkMessage } from "../../lib/image-client.js";
+import { splitBulkMessage } from "../../lib/grpc/wire.js";
 import type { Logger } from "../../lib/logger.js";
-import { createRawGrpcHandler, decodeMessage, drained, frame, varint, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
+import { createRawGrpcHandler, type RawGrpcCall } from "../../lib/grpc/server.js";
+import { decodeMessage, drained, frame, varint } from "../../lib/grpc/wire.js";
 import type { ExtraHttpHandler } from "../../lib/server.js";
 import { MAX_CHUNK_BYTES, type BlobPiece, type ImageStoreServiceImpl } from "./store-service.js";
 

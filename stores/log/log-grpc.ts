@@ -1,5 +1,5 @@
 /**
- * Append and Read over the hand-written gRPC handler (lib/server/raw-grpc.ts):
+ * Append and Read over the hand-written gRPC handler (lib/grpc/server.ts):
  * the same LogServiceImpl methods, without connect-node's per-message
  * pipeline, which cost the log server most of its CPU per frame (the logs
  * benchmark). gRPC-Web and Connect requests, and the other methods, fall
@@ -19,7 +19,8 @@ import {
 } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import type { ExtraHttpHandler } from "../../lib/server.js";
-import { createRawGrpcHandler, decodeMessage, drained, frame, slicePieces, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
+import { createRawGrpcHandler, type RawGrpcCall } from "../../lib/grpc/server.js";
+import { decodeMessage, drained, frame, slicePieces } from "../../lib/grpc/wire.js";
 import { appendPayload, type AppendPayload, type LogServiceImpl, type RequestContext } from "./log-service.js";
 import { joinPieces } from "./segment.js";
 

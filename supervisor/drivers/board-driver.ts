@@ -25,10 +25,10 @@ import { join } from "node:path";
 import { ReadStream } from "node:tty";
 import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
+import { FIRMWARE_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import {
   DriverAbortError,
   DriverError,
-  FIRMWARE_MEDIA_TYPE,
   throwIfAborted,
   type Driver,
   type Exposure,

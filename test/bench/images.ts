@@ -1,7 +1,7 @@
 // `npm run bench -- images`: blob throughput of the image store and cache over
 // loopback, each figure beside raw loopback TCP and `sha256sum` measured in the
 // same run. The store and the cache run as child processes (bin/
-// treadmill-image-store.js), the clients (lib/image-client.ts: its thin gRPC
+// treadmill-image-store.js), the clients (lib/image/client.ts: its thin gRPC
 // client for PutBlob and GetBlob) in this process; every receiver verifies
 // the digest.
 //
@@ -13,15 +13,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
+import { fileSource } from "../../lib/image/blob-io.js";
 import {
-  digestFile,
-  fileSource,
   imageStoreClient,
   imageStoreTransport,
   readBlobPieces,
   uploadBlob,
   type ImageTransport,
-} from "../../lib/image-client.js";
+} from "../../lib/image/client.js";
+import { digestFile } from "../../lib/image/digest.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { startProcess, type RunningProcess } from "../support/process.js";
 import { fileAppendMBps, rawTcpMBps, sha256sumMBps, writeRandomFile } from "./baselines.js";

@@ -28,7 +28,7 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import { TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
-import { dialTunnel } from "../../lib/tunnel-client.js";
+import { dialTunnel } from "../../lib/tunnel/client.js";
 import { percentile, report } from "./report.js";
 
 const PROXY_BIN = new URL("../../bin/treadmill-proxy.js", import.meta.url).pathname;

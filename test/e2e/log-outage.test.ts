@@ -5,7 +5,7 @@ import { createClient } from "@connectrpc/connect";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { FinalizeReason, JobEventKind, JobState, LogStatus, type Job } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { FrameCache, Spill, SpillBudget } from "../../lib/log-shipper/spill.js";
+import { FrameCache, Spill, SpillBudget } from "../../supervisor/log-shipper/spill.js";
 import { startTml, tml } from "../cli/harness.js";
 import { startCluster, type Cluster } from "../support/cluster.js";
 

@@ -1,9 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { ClientHttp2Session } from "node:http2";
-import { connectHttp2, openRawCall } from "../../lib/raw-grpc-client.js";
+import { connectHttp2, openRawCall } from "../../lib/grpc/client.js";
 import type { Server } from "../../lib/server.js";
-import { createRawGrpcHandler, frame } from "../../lib/server/raw-grpc.js";
+import { createRawGrpcHandler } from "../../lib/grpc/server.js";
+import { frame } from "../../lib/grpc/wire.js";
 import { startEchoServer } from "../support/echo-service.js";
 import { createLogger } from "../../lib/logger.js";
 
@@ -25,7 +26,7 @@ async function outcome(session: ClientHttp2Session, path: string, messages: Uint
   }
 }
 
-describe("hand-written gRPC procedures (lib/server/raw-grpc.ts)", () => {
+describe("hand-written gRPC procedures (lib/grpc/server.ts)", () => {
   let server: Server;
   let session: ClientHttp2Session;
 

@@ -11,7 +11,7 @@ import { FinalizeReason, JobState, ReasonClass } from "../../gen/treadmill/coord
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
-import { dialTunnel } from "../../lib/tunnel-client.js";
+import { dialTunnel } from "../../lib/tunnel/client.js";
 import { processesOfUid, signalAll } from "../../supervisor/drivers/sandbox.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 

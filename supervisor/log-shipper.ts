@@ -25,7 +25,7 @@
  * The spill lives in `spillDir` as `<job>-<attempt>.shipper.json` (who the log
  * belongs to, its servers, the current log:write token, whether the job
  * ended, what was lost; mode 0600: it holds a token) and one series of files
- * per channel (lib/log-shipper/spill.ts). The host's spills share a
+ * per channel (supervisor/log-shipper/spill.ts). The host's spills share a
  * SpillBudget: a frame the cap refuses is dropped and counted as lost, and
  * the channel takes frames again once the servers acknowledged enough.
  */
@@ -40,9 +40,9 @@ import {
   LogService,
   FrameSchema,
 } from "../gen/treadmill/log/v1/log_service_pb.js";
-import type { Logger } from "./logger.js";
-import { backoff, isTransientError, refusedStreamRetry, sleep } from "./retry.js";
-import { AsyncQueue } from "./async-queue.js";
+import type { Logger } from "../lib/logger.js";
+import { backoff, isTransientError, refusedStreamRetry, sleep } from "../lib/retry.js";
+import { AsyncQueue } from "../lib/async/queue.js";
 import { FrameCache, Spill, SpillBudget, writeAtomic } from "./log-shipper/spill.js";
 
 export { SpillBudget } from "./log-shipper/spill.js";
