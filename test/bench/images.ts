@@ -122,7 +122,7 @@ export async function run(): Promise<void> {
     report("GetBlob (client hashes)", size / 1e6 / get.seconds, "MB/s", tcp);
     report("GetBlob against hashed TCP", size / 1e6 / get.seconds, "MB/s", tcpHashed);
 
-    const cache = await startServer(["--mode", "cache", "--data-dir", join(dir, "cache"), "--signing-keys-file", jwks]);
+    const cache = await startServer(["--mode", "cache", "--data-dir", join(dir, "cache"), "--signing-keys-file", jwks, "--upstream-urls", store.url]);
     procs.push(cache.proc);
     const cacheClient = imageStoreTransport(cache.url, { token: readToken });
     transports.push(cacheClient);
@@ -139,7 +139,7 @@ export async function run(): Promise<void> {
     // share one transfer, then each reads the blob through the cache.
     await cache.proc.child.kill("SIGTERM");
     await cache.proc.exited;
-    const cache2 = await startServer(["--mode", "cache", "--data-dir", join(dir, "cache2"), "--signing-keys-file", jwks]);
+    const cache2 = await startServer(["--mode", "cache", "--data-dir", join(dir, "cache2"), "--signing-keys-file", jwks, "--upstream-urls", store.url]);
     procs.push(cache2.proc);
     const viaCache2 = imageStoreTransport(cache2.url, { token: readToken });
     transports.push(viaCache2);
