@@ -10,7 +10,7 @@ import type { CoordinatorConfig } from "./config.js";
 import type { CoordinatorContext } from "./context.js";
 import { openDatabase, type Database } from "./db/database.js";
 import { databaseInterceptor, databaseUnavailable, mapDatabaseError } from "./db/errors.js";
-import { ATTACH_PROCEDURE, attachProcedure } from "./jobs/attach-grpc.js";
+import { ATTACH_PROCEDURE, attachRoute } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { SigningKeys } from "./signing.js";
@@ -132,9 +132,10 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         // Plain-gRPC Attach (every supervisor) goes to its own procedure;
         // Connect and gRPC-Web callers reach it through the adapter.
         const rawAttach = createRawGrpcHandler({
-          procedures: { [ATTACH_PROCEDURE]: attachProcedure(parts.streams) },
+          routes: [attachRoute(parts.streams)],
           maxMessageBytes: config.readMaxBytes,
-          logger,
+          // databaseInterceptor's mapping, for the calls it does not see.
+          mapError: mapDatabaseError,
         });
         const assets = config.console
           ? consoleAssets({ dir: config.consoleDir || DEFAULT_CONSOLE_DIR, logger: logger.child({ subsystem: "console" }) })

@@ -8,7 +8,7 @@ import { serverOptions, type ServingComponent } from "../lib/component.js";
 import { coordinatorTransport, runRegistration, verifierKeySource } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
 import { createServer, type HttpRequest, type Server } from "../lib/server.js";
-import { createRawGrpcHandler } from "../lib/grpc/server.js";
+import { createRawGrpcHandler, rawProcedure } from "../lib/grpc/server.js";
 import { DIAL_PATH, DIAL_REQUEST, DIAL_RESPONSE, MAX_TUNNEL_MESSAGE, TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
 import { TokenVerifier, type JSONWebKeySet } from "../lib/tokens.js";
 import { ProxyAuth, proxyAuthorizer } from "./auth.js";
@@ -95,12 +95,13 @@ export function createProxy({
       // Plain gRPC byte streams (our clients, any gRPC client) skip the
       // Connect adapter; Connect and gRPC-Web calls fall through to it.
       const rawGrpc = createRawGrpcHandler({
-        procedures: {
-          [DIAL_PATH]: (call) => tunnels.serveDial(rawByteStream(call, DIAL_REQUEST, DIAL_RESPONSE), call.headers, call.signal),
-          [TUNNEL_PATH]: (call) => rendezvous.serveTunnel(rawByteStream(call, TUNNEL_REQUEST, TUNNEL_RESPONSE), call.headers),
-        },
+        routes: [
+          rawProcedure(TunnelService.method.dial, (call) => tunnels.serveDial(rawByteStream(call, DIAL_REQUEST, DIAL_RESPONSE), call.context)),
+          rawProcedure(RendezvousService.method.tunnel, (call) =>
+            rendezvous.serveTunnel(rawByteStream(call, TUNNEL_REQUEST, TUNNEL_RESPONSE), call.context),
+          ),
+        ],
         maxMessageBytes: MAX_TUNNEL_MESSAGE,
-        logger: logger.child({ subsystem: "tunnels" }),
       });
       server = createServer({
         ...serverOptions("proxy", config, logger, (router: ConnectRouter) => {

@@ -106,7 +106,7 @@ export class RendezvousServiceImpl implements ServiceImpl<typeof RendezvousServi
 
   async *tunnel(requests: AsyncIterable<TunnelRequest>, ctx: HandlerContext): AsyncGenerator<TunnelResponse> {
     const { stream, outbox, done } = connectByteStream<TunnelRequest, TunnelResponse>(requests, TUNNEL_RESPONSE, ctx, this.deps.streams);
-    this.serveTunnel(stream, ctx.requestHeader).catch((err: unknown) => outbox.fail(err));
+    this.serveTunnel(stream, ctx).catch((err: unknown) => outbox.fail(err));
     try {
       yield* outbox.drain();
     } finally {
@@ -117,14 +117,16 @@ export class RendezvousServiceImpl implements ServiceImpl<typeof RendezvousServi
   /**
    * One Tunnel on either transport (rpc-side.ts): checks the open and the
    * token and hands the stream to the dial waiting for it. Resolves once the
-   * call has said its last word.
+   * call has said its last word. Both `tunnel` and the raw path
+   * (proxy.ts) call it: the raw path writes data straight onto its HTTP/2
+   * stream, a shape a Connect handler's response iterator cannot give fast.
    */
-  async serveTunnel(stream: ByteStream, headers: Headers): Promise<void> {
+  async serveTunnel(stream: ByteStream, ctx: HandlerContext): Promise<void> {
     const open = await readOpen<TunnelOpen>(stream);
     checkProtocol(open.protocolVersion, "open.protocol_version");
     if (open.connectionId === "") throw new ConnectError("open.connection_id is required", Code.InvalidArgument);
     if (open.jobId === "") throw new ConnectError("open.job_id is required", Code.InvalidArgument);
-    await this.deps.auth.expose(bearerToken(headers), open.jobId);
+    await this.deps.auth.expose(bearerToken(ctx.requestHeader), open.jobId);
     this.deps.hub.attachTunnel(open.connectionId, open.jobId, streamSide(stream, TUNNEL_REQUEST, TUNNEL_RESPONSE));
     await stream.finished;
   }

@@ -2,9 +2,10 @@
  * Sides (splice.ts) over the two byte-stream RPCs, the client's Dial and the
  * supervisor's Tunnel, on either transport:
  *
- * - plain gRPC (every gRPC client, ours included) goes through hand-written
- *   procedures (lib/grpc/server.ts) that frame data messages themselves:
- *   a header, then the bytes as they came, no protobuf runtime and no copy;
+ * - plain gRPC (every gRPC client, ours included) goes through the raw path
+ *   (lib/grpc/server.ts's rawProcedure, behind the same authorization hook
+ *   and error rule) and frames data messages itself: a header, then the
+ *   bytes as they came, no protobuf runtime and no copy;
  * - Connect and gRPC-Web fall through to the Connect adapter, whose handlers
  *   drain an Outbox of messages.
  *
@@ -157,7 +158,8 @@ export function streamSide(stream: ByteStream, receive: TunnelWire, send: Tunnel
  * stream wants it to (its flow control is the backpressure).
  */
 export function rawByteStream(call: RawGrpcCall, receive: TunnelWire, send: TunnelWire): ByteStream {
-  const { stream, signal } = call;
+  const { stream } = call;
+  const { signal } = call.context;
   const gone = deferred();
   const finished = deferred();
   if (signal.aborted) gone.resolve();

@@ -131,7 +131,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
           ...serverOptions(name, config, logger, routes),
           bulkProcedures: imageBulkProcedures,
           authorize: imageAuthorizer(verifier),
-          http: createBulkGrpcHandler(storeService, log),
+          http: createBulkGrpcHandler(storeService),
         });
         await server.start();
       } catch (err) {

@@ -48,7 +48,7 @@ export function createLogServer({
           // connect-node compresses on the thread pool, where it queues
           // behind the fdatasyncs: frames go uncompressed, for latency.
           // gRPC Append and Read skip connect-node's per-message pipeline.
-          http: createLogGrpcHandler(service, config.readMaxBytes, logger),
+          http: createLogGrpcHandler(service, config.readMaxBytes),
           authorize: logAuthorizer(verifier),
           bulkProcedures: [`/${LogService.typeName}/Append`, `/${LogService.typeName}/Read`],
         });

@@ -43,6 +43,17 @@ export interface IncomingFrame {
 /** An Append request as the stream takes it (AppendRequest's payload, with an IncomingFrame). */
 export type AppendPayload = { case: "hello"; value: AppendHello } | { case: "frame"; value: IncomingFrame } | { case: undefined; value?: undefined };
 
+/**
+ * What `append` reads: AppendRequests from the Connect adapter, payloads
+ * from the raw path, which decodes a frame's data as the pieces it arrived
+ * in (log-grpc.ts).
+ */
+export type AppendInput = AppendRequest | AppendPayload;
+
+function payloadOf(input: AppendInput): AppendPayload {
+  return "$typeName" in input ? appendPayload(input) : input;
+}
+
 /** The payload of a decoded AppendRequest. */
 export function appendPayload(request: AppendRequest): AppendPayload {
   const p = request.payload;
@@ -145,12 +156,12 @@ class AppendSession implements AckSink {
   }
 
   /** Reads the writer's frames until it half-closes, fails, or the stream is aborted. */
-  async consume(requests: AsyncIterator<AppendPayload>): Promise<void> {
+  async consume(requests: AsyncIterator<AppendInput>): Promise<void> {
     try {
       while (this.error === undefined) {
         const next = await requests.next();
         if (next.done || this.error !== undefined) break;
-        const payload = next.value;
+        const payload = payloadOf(next.value);
         if (payload.case === "frame") await this.frame(payload.value);
         else if (payload.case === "hello") throw invalid("hello is only allowed as the first message");
         else throw invalid("append request has no payload");
@@ -243,7 +254,7 @@ class AppendSession implements AckSink {
   }
 }
 
-/** What the methods use of their call's context (the Connect adapter's, or the raw gRPC handler's). */
+/** What the methods use of their call's HandlerContext (either transport builds one). */
 export type RequestContext = Pick<HandlerContext, "requestHeader" | "signal">;
 
 export interface LogServiceDeps {
@@ -281,21 +292,13 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     throw denied;
   }
 
-  async *append(requests: AsyncIterable<AppendRequest>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
-    yield* this.appendPayloads(
-      (async function* () {
-        for await (const request of requests) yield appendPayload(request);
-      })(),
-      ctx,
-    );
-  }
-
-  /** Append, for callers that decode the requests themselves (log-grpc.ts). */
-  async *appendPayloads(requests: AsyncIterable<AppendPayload>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
+  /** The Append stream, on either transport (the raw path: log-grpc.ts). */
+  async *append(requests: AsyncIterable<AppendInput>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
     const iterator = requests[Symbol.asyncIterator]();
     const first = await iterator.next();
-    if (first.done || first.value.case !== "hello") throw invalid("first append message must be a hello");
-    const hello = first.value.value;
+    const opening = first.done ? undefined : payloadOf(first.value);
+    if (opening?.case !== "hello") throw invalid("first append message must be a hello");
+    const hello = opening.value;
     const major = hello.protocolVersion?.major ?? 0;
     if (major !== PROTOCOL_MAJOR) {
       throw new ConnectError(`protocol version ${major}.x is not supported; this server speaks ${PROTOCOL_MAJOR}.x`, Code.FailedPrecondition);

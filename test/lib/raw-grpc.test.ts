@@ -3,14 +3,16 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import type { ClientHttp2Session } from "node:http2";
 import { connectHttp2, openRawCall } from "../../lib/grpc/client.js";
 import type { Server } from "../../lib/server.js";
-import { createRawGrpcHandler } from "../../lib/grpc/server.js";
+import { EchoService } from "../../gen/treadmill/testing/v1/echo_service_pb.js";
+import { createRawGrpcHandler, procedureOf, rawProcedure } from "../../lib/grpc/server.js";
 import { frame } from "../../lib/grpc/wire.js";
 import { startEchoServer } from "../support/echo-service.js";
 import { createLogger } from "../../lib/logger.js";
 
-const ECHO = "/test.Raw/Echo";
-const FAIL = "/test.Raw/Fail";
-const HANG = "/test.Raw/Hang";
+// Hand-framed procedures on the paths of EchoService's methods.
+const ECHO = procedureOf(EchoService.method.echoBidiStream);
+const FAIL = procedureOf(EchoService.method.echo);
+const HANG = procedureOf(EchoService.method.echoServerStream);
 
 /** The call's messages, or the ConnectError it ended with. */
 async function outcome(session: ClientHttp2Session, path: string, messages: Uint8Array[], headers: Record<string, string> = {}) {
@@ -35,15 +37,17 @@ describe("hand-written gRPC procedures (lib/grpc/server.ts)", () => {
     server = await startEchoServer({
       logger,
       http: createRawGrpcHandler({
-        procedures: {
-          [ECHO]: async (call) => {
+        routes: [
+          rawProcedure(EchoService.method.echoBidiStream, async (call) => {
             for await (const m of call.messages()) await call.write(frame(Buffer.from(`echo:${Buffer.from(m).toString()}`)));
-          },
-          [FAIL]: () => Promise.reject(new ConnectError("no such thing: 100% gone", Code.NotFound)),
-          [HANG]: (call) => new Promise((_resolve, reject) => call.signal.addEventListener("abort", () => reject(call.signal.reason))),
-        },
+          }),
+          rawProcedure(EchoService.method.echo, () => Promise.reject(new ConnectError("no such thing: 100% gone", Code.NotFound))),
+          rawProcedure(
+            EchoService.method.echoServerStream,
+            ({ context: { signal } }) => new Promise((_resolve, reject) => signal.addEventListener("abort", () => reject(signal.reason))),
+          ),
+        ],
         maxMessageBytes: 64,
-        logger,
       }),
     });
     session = connectHttp2(server.address().url);
