@@ -19,9 +19,8 @@ export function codeName(code: Code | undefined): string {
  * that may carry internal detail) with a generic Internal error. The real
  * cause goes to the log under `err`, never to the client.
  *
- * `finish` is called exactly once per RPC, with the error it ended with
- * (undefined for success) and the call's signal; it returns the error to
- * send.
+ * Called exactly once per RPC, with the error it ended with (undefined for
+ * success) and the call's signal; returns the error to send.
  */
 export type RpcFinisher = (procedure: string, startedMs: number, error: unknown, signal: AbortSignal) => ConnectError | undefined;
 
