@@ -10,8 +10,8 @@
  * curl) calls these procedures as it calls any other.
  *
  * One implementation, two transports: a route calls the very method the
- * Connect router calls (the ServiceImpl's), with a HandlerContext built as
- * connect-node builds it; what differs is only what makes this path fast,
+ * Connect router calls (the ServiceImpl's), with a HandlerContext that
+ * carries what connect-node's does; what differs is only what makes this path fast,
  * the route's codec (lib/grpc/codec.ts: messages decoded from the frames
  * they arrived in, bulk payloads written after a hand-encoded head) and
  * HTTP/2 flow control as the only backpressure. Every call goes through the
@@ -33,7 +33,7 @@
  * InvalidArgument). The framing it shares with the client is wire.ts.
  */
 import type { DescMethod, DescMethodBiDiStreaming, DescMethodClientStreaming, DescMethodServerStreaming } from "@bufbuild/protobuf";
-import { Code, ConnectError, createHandlerContext, type HandlerContext } from "@connectrpc/connect";
+import { Code, ConnectError, createContextValues, type HandlerContext } from "@connectrpc/connect";
 import { constants as http2constants, type Http2ServerRequest, type Http2ServerResponse, type IncomingHttpHeaders, type ServerHttp2Stream } from "node:http2";
 import type { ExtraHttpHandler, ServerShared } from "../server.js";
 import type { RawCodec } from "./codec.js";
@@ -221,29 +221,45 @@ async function serve(
 ): Promise<void> {
   const stream = res.stream;
   const started = performance.now();
-  const cancelled = new AbortController();
-  const onClose = () => cancelled.abort(new ConnectError("the client cancelled the call", Code.Canceled));
+  // One controller per call, aborted by whatever ends it first: the client
+  // (reset or close), the deadline, the server's forced stop. Lighter than
+  // connect-node's chain of linked signals and a second copy of the headers
+  // (Attach holds thousands of calls open), with the same reasons.
+  const controller = new AbortController();
+  const end = (reason: unknown) => {
+    if (!controller.signal.aborted) controller.abort(reason);
+  };
+  const onClose = () => end(new ConnectError("the client cancelled the call", Code.Canceled));
+  const onShutdown = () => end(shutdownSignal.reason);
   stream.once("close", onClose);
   stream.once("aborted", onClose);
-  let context: ReturnType<typeof createHandlerContext> | undefined;
+  if (shutdownSignal.aborted) onShutdown();
+  else shutdownSignal.addEventListener("abort", onShutdown, { once: true });
+  const signal = controller.signal;
+  let timer: NodeJS.Timeout | undefined;
+  let context: HandlerContext | undefined;
   let error: unknown;
   try {
     const encoding = req.headers["grpc-encoding"];
     if (encoding !== undefined && encoding !== "identity") {
       throw new ConnectError(`grpc-encoding ${String(encoding)} is not supported`, Code.Unimplemented);
     }
-    context = createHandlerContext({
+    const timeoutMs = parseTimeout(req.headers["grpc-timeout"]);
+    const deadline = timeoutMs === undefined ? undefined : Date.now() + timeoutMs;
+    if (timeoutMs !== undefined) timer = setTimeout(() => end(new ConnectError("the operation timed out", Code.DeadlineExceeded)), timeoutMs);
+    context = {
       service: route.method.parent,
       method: route.method,
       protocolName: "grpc",
       requestMethod: "POST",
       url: req.url,
-      timeoutMs: parseTimeout(req.headers["grpc-timeout"]),
-      shutdownSignal,
-      requestSignal: cancelled.signal,
+      signal,
+      timeoutMs: () => (deadline === undefined ? undefined : deadline - Date.now()),
       requestHeader: toHeaders(req.headers),
-    });
-    const signal = context.signal;
+      responseHeader: new Headers(),
+      responseTrailer: new Headers(),
+      values: createContextValues(),
+    };
     await abortable(authorize(path, context.requestHeader, context.values), signal);
     stream.respond(
       { ":status": 200, "content-type": "application/grpc+proto", "grpc-accept-encoding": "identity" },
@@ -260,18 +276,18 @@ async function serve(
   } catch (err) {
     error = mapError ? mapError(err) : err;
   } finally {
+    clearTimeout(timer);
     stream.off("close", onClose);
     stream.off("aborted", onClose);
+    shutdownSignal.removeEventListener("abort", onShutdown);
   }
-  const outcome = finishRpc(path, started, error, context?.signal ?? cancelled.signal);
-  const responseTrailer = context?.responseTrailer;
-  // As connect-node does once a call is over: listeners on the call's signal
-  // run, the deadline's timer goes.
-  context?.abort();
+  const outcome = finishRpc(path, started, error, signal);
+  // As connect-node does once a call is over: listeners on the call's signal run.
+  controller.abort();
   if (stream.destroyed || stream.closed) return;
   const trailers: Record<string, string> = { "grpc-status": String(outcome?.code ?? 0) };
   if (outcome) trailers["grpc-message"] = encodeGrpcMessage(outcome.rawMessage);
-  responseTrailer?.forEach((value, key) => (trailers[key] ??= value));
+  context?.responseTrailer.forEach((value, key) => (trailers[key] ??= value));
   if (!stream.headersSent) {
     // Trailers-only response.
     stream.respond(
