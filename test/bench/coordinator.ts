@@ -247,6 +247,11 @@ export async function run(): Promise<void> {
         insert into hosts (id, name, tags, driver_kind, media_types, capacity, credential_hash)
         values (${h.id}, ${h.name}, ${sql.json(h.tags)}, 'process', ${[ROOTFS]}, 1, ${hashSecret(h.credential)})`;
     });
+    // No job is assigned without a live log server (scheduler.ts): one that
+    // stays live for the whole run, never called (the supervisors exit at once).
+    await sql`
+      insert into services (id, kind, url, site, heartbeat_interval_ms, last_heartbeat_at)
+      values (${randomUUID()}, 'log_server', 'http://bench-logs.invalid', '', ${600_000_000}, now())`;
 
     // (c) Idle supervisors: memory and CPU.
     await new Promise((r) => setTimeout(r, 1000));
