@@ -7,10 +7,11 @@
  * thousands of attached supervisors that was most of the coordinator's
  * memory per supervisor and a fifth of its CPU under load. It still pays
  * behind the route adapter (`npm run bench -- coordinator`, 1,000 idle
- * supervisors, run back to back on the shared 2-core machine, 2026-12-07):
- * 43.6 KiB of coordinator memory per supervisor and 2.1% of a core for all
- * of them with this route, 90.5 KiB and 4.3% with Attach served by the
- * Connect adapter alone; dispatch latency p50 8.0 ms against 10.2 ms. What
+ * supervisors, two runs each, back to back on the shared 2-core machine,
+ * 2026-12-07): 43.6 and 42.3 KiB of coordinator memory per supervisor with
+ * this route, 90.5 and 136 KiB with Attach served by the Connect adapter
+ * alone (RSS 209/203 against 250/266 MiB); idle CPU 2.1/2.8% against
+ * 4.3/3.2% of a core, dispatch latency within noise. What
  * the coordinator's interceptors do on the Connect path is done here by
  * the same functions: the text check of every message (checkTextFields, in
  * the codec) and the database-outage mapping (mapDatabaseError,
