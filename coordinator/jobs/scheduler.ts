@@ -20,23 +20,18 @@
  *   StartJob commands are built from. Right after the commit, the StartJobs of
  *   hosts whose streams this replica holds are handed to those streams; other
  *   replicas hear of theirs by 'treadmill_commands'.
- * - Order: effective priority (priority plus one point per `schedulerAgingMs`
- *   of waiting), then queued_at (age of the attempt), then created_at.
- * - A host matches a job when it is attached, enabled, not draining (neither
- *   by an admin nor by its supervisor), has a free slot, carries every
- *   required tag (its site counts as the tag site=<site>), is of the required
- *   site and driver, supports every layer media type of the image, and the
- *   job's owner may use it (treadmill_user_may_use_host, contract item 6).
- * - An N-host job gets N distinct hosts in the same transaction or none.
- * - No starvation of large jobs: walking the queue in order, a job that
- *   cannot be placed now but could be once busy matching hosts free up
- *   reserves the free matching hosts it sees, so that jobs behind it cannot
- *   take them. Every pass recomputes this from the head of the queue, so the
- *   oldest blocked large job collects hosts as they become free and starts as
- *   soon as it has N. (A job no attached host could ever satisfy reserves
- *   nothing: it waits for its queue timeout without blocking others.)
- * - Per-user limit: a user's jobs beyond `maxJobsPerUser` assigned or running
- *   wait (they neither run nor reserve).
+ * - What goes where is decided by placement.ts, a pure module (matching,
+ *   co-allocation, reservations against starvation, the per-user limit, the
+ *   choice of log servers and proxy). Two things stay in SQL. The queue's
+ *   order (priority plus one point per `schedulerAgingMs` of waiting, then
+ *   queued_at, created_at, id) is read through the queue index, chunk by
+ *   chunk, so a pass reads the head of a 10,000-job queue rather than all of
+ *   it. And the final check of each placement (its hosts still qualify and
+ *   have the slots, the job is still queued) runs under the rows' locks in
+ *   the writing statement: that is concurrency with other transactions, not
+ *   a choice. placement.ts's decisions were already made in this process
+ *   before it existed; moving them into a module cost no throughput
+ *   (docs/coordinator-jobs.md, "Benchmark").
  */
 import type { ReservedSql } from "postgres";
 import type { StartJob } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
@@ -45,6 +40,7 @@ import type { CoordinatorContext } from "../context.js";
 import { type StartRow, type StartTokens, mintStartTokens, startColumns, startJobMessages } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
+import { type HostCandidate, PassPlacement, type Placed, type QueuedJob, type Service, ServicePicker } from "./placement.js";
 import { ACTIVE_STATES } from "./store.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { pipeline, withReserved } from "../db/reserved.js";
@@ -53,43 +49,6 @@ import { pipeline, withReserved } from "../db/reserved.js";
 const PASS_LOCK = 0x746d_7363_6865_64n;
 const CHUNK = 1000;
 const RETRY_MS = 15;
-
-interface HostCandidate {
-  id: string;
-  name: string;
-  tags: Record<string, string>;
-  site: string;
-  driver_kind: string;
-  media_types: string[];
-  free: number;
-  attached_replica: string;
-}
-
-interface QueuedJob {
-  id: string;
-  owner_id: string;
-  attempt: number;
-  host_count: number;
-  required_tags: Record<string, string>;
-  required_site: string | null;
-  required_driver: string | null;
-  media_types: string[];
-  manifest_digest: string;
-  image_holder: string | null;
-  job_timeout_ms: number;
-}
-
-/** A live log server or proxy. */
-interface Service {
-  kind: string;
-  url: string;
-  site: string;
-}
-
-interface Placement {
-  job: QueuedJob;
-  hosts: HostCandidate[];
-}
 
 export interface PassResult {
   assigned: number;
@@ -107,14 +66,6 @@ interface Assigned extends PassResult {
   tokens: Map<string, Map<string, Promise<StartTokens>>>;
 }
 
-function matches(job: QueuedJob, host: HostCandidate): boolean {
-  if (job.required_site !== null && host.site !== job.required_site) return false;
-  if (job.required_driver !== null && host.driver_kind !== job.required_driver) return false;
-  for (const [k, v] of Object.entries(job.required_tags)) if (host.tags[k] !== v) return false;
-  for (const t of job.media_types) if (!host.media_types.includes(t)) return false;
-  return true;
-}
-
 export class Scheduler {
   private readonly log: Logger;
   private running = false;
@@ -122,8 +73,8 @@ export class Scheduler {
   private stopped = false;
   private retryTimer: NodeJS.Timeout | undefined;
   private current: Promise<void> | undefined;
-  private proxyTurn = 0;
-  private logTurn = 0;
+  /** Log servers and proxies of placements, round-robin across passes. */
+  private readonly services: ServicePicker;
   /** Free slots seen by the last pass: sizes the first read of the queue. */
   private lastSlots = 0;
   /** Passes failed in a row: the retry backs off and the log says the start and the end of a streak. */
@@ -136,6 +87,7 @@ export class Scheduler {
     private readonly metrics?: JobMetrics,
   ) {
     this.log = ctx.logger.child({ subsystem: "scheduler" });
+    this.services = new ServicePicker(config.logReplicas);
   }
 
   /** Runs a pass now, or right after the running one. */
@@ -268,51 +220,31 @@ export class Scheduler {
         order by url`,
     ]);
     if (!ok) return end(true);
-    const free = new Map(eligible.filter((h) => h.free > 0).map((h) => [h.id, h]));
-    this.lastSlots = [...free.values()].reduce((n, h) => n + h.free, 0);
-    if (free.size === 0 || first.length === 0) return end(false);
+    const placement = new PassPlacement(eligible, {
+      maxJobsPerUser: limit,
+      running: new Map(counts.map((c) => [c.owner_id, c.n])),
+      grants,
+    });
+    this.lastSlots = placement.freeSlots;
+    if (placement.exhausted || first.length === 0) return end(false);
 
-    const reserved = new Set<string>();
-    const placements: Placement[] = [];
-    const seen = new Set<string>();
-    const running = new Map(counts.map((c) => [c.owner_id, c.n]));
-    const denied = new Set<string>(); // `${owner} ${host}`
-    const accessKnown = new Set<string>(); // owners whose access to the free hosts is loaded
-
-    const available = () => [...free.values()].filter((h) => h.free > 0 && !reserved.has(h.id));
     for (let offset = 0, chunk = first; ; ) {
-      const newOwners = [...new Set(chunk.map((j) => j.owner_id))].filter((o) => !accessKnown.has(o));
-      if (grants && newOwners.length > 0) {
-        const rows = await tx<{ owner: string; host: string }[]>`
-          select o::text as owner, h::text as host
-          from unnest(${newOwners}::uuid[]) o, unnest(${[...free.keys()]}::uuid[]) h
-          where not treadmill_user_may_use_host(o, h)`;
-        for (const r of rows) denied.add(`${r.owner} ${r.host}`);
+      const ask = placement.accessToCheck(chunk);
+      if (ask.length > 0) {
+        placement.learnDenied(
+          await tx<{ owner: string; host: string }[]>`
+            select v.owner::text as owner, v.host::text as host
+            from unnest(${ask.map((p) => p.owner)}::uuid[], ${ask.map((p) => p.host)}::uuid[]) as v(owner, host)
+            where not treadmill_user_may_use_host(v.owner, v.host)`,
+        );
       }
-      for (const o of newOwners) accessKnown.add(o);
-
-      for (const job of chunk) {
-        if (seen.has(job.id)) continue;
-        seen.add(job.id);
-        if (limit > 0 && (running.get(job.owner_id) ?? 0) >= limit) continue;
-        const candidates = available().filter((h) => matches(job, h) && !denied.has(`${job.owner_id} ${h.id}`));
-        if (candidates.length >= job.host_count) {
-          candidates.sort((a, b) => b.free - a.free || (a.name < b.name ? -1 : 1));
-          const chosen = candidates.slice(0, job.host_count);
-          for (const h of chosen) h.free -= 1;
-          placements.push({ job, hosts: chosen });
-          if (limit > 0) running.set(job.owner_id, (running.get(job.owner_id) ?? 0) + 1);
-        } else if (candidates.length > 0 && (await this.couldFit(tx, job, eligible, grants))) {
-          // Blocked, but it will fit once busy hosts free up: keep what it sees for it.
-          for (const h of candidates) reserved.add(h.id);
-        }
-        if (available().length === 0) break;
-      }
-      if (chunk.length < size || available().length === 0) break;
+      placement.place(chunk);
+      if (chunk.length < size || placement.exhausted) break;
       offset += size;
       size = CHUNK;
       chunk = await queue(size, offset);
     }
+    const placements = placement.placements;
     if (placements.length === 0) return end(false);
     if (!services.some((s) => s.kind === "log_server")) {
       // A job's output must have somewhere to go: the jobs wait, and say why.
@@ -328,7 +260,7 @@ export class Scheduler {
    * once per reason, a WAITING event on their timeline); the next
    * assignment clears the message.
    */
-  private async waiting(tx: ReservedSql, placements: Placement[], message: string): Promise<void> {
+  private async waiting(tx: ReservedSql, placements: Placed[], message: string): Promise<void> {
     const ids = placements.map((p) => p.job.id);
     await tx`
       with w as (
@@ -342,17 +274,6 @@ export class Scheduler {
     this.log.warn({ jobs: ids.length, reason: message }, "placeable jobs wait");
   }
 
-  /** Whether enough attached, enabled hosts (busy or not) match the job for it to run some day soon. */
-  private async couldFit(tx: ReservedSql, job: QueuedJob, eligible: HostCandidate[], grants: boolean): Promise<boolean> {
-    const matching = eligible.filter((h) => matches(job, h));
-    if (matching.length < job.host_count) return false;
-    if (!grants) return true;
-    const [{ n }] = await tx<{ n: number }[]>`
-      select count(*)::int as n from unnest(${matching.map((h) => h.id)}::uuid[]) h
-      where treadmill_user_may_use_host(${job.owner_id}, h)`;
-    return n >= job.host_count;
-  }
-
   /**
    * Locks what the placements use (skipping rows busy elsewhere: hosts
    * re-checked to qualify and to have the slots, jobs to be still queued),
@@ -361,25 +282,11 @@ export class Scheduler {
    */
   private async write(
     tx: ReservedSql,
-    placements: Placement[],
+    placements: Placed[],
     services: Service[],
   ): Promise<{ assigned: number; local: Map<string, StartRow[]>; tokens: Map<string, Map<string, Promise<StartTokens>>> }> {
-    const logServers = services.filter((s) => s.kind === "log_server");
-    const proxies = services.filter((s) => s.kind === "proxy");
-
     const plan = placements.map((p) => {
-      // The host's site's own servers first (a site's hosts may reach no
-      // other), then those of every site, then any.
-      const site = p.hosts[0].site;
-      const siteLogs = logServers.filter((s) => s.site === site && site !== "");
-      const everySite = logServers.filter((s) => s.site === "");
-      const logPool = [...siteLogs, ...everySite].length > 0 ? [...siteLogs, ...everySite] : logServers;
-      const logs: string[] = [];
-      for (let i = 0; i < Math.min(this.config.logReplicas, logPool.length); i++) logs.push(logPool[(this.logTurn + i) % logPool.length].url);
-      this.logTurn = (this.logTurn + 1) % Math.max(1, logServers.length);
-      const local = proxies.filter((s) => s.site === site);
-      const pool = local.length > 0 ? local : proxies;
-      const proxy = pool.length > 0 ? pool[this.proxyTurn++ % pool.length].url : "";
+      const { logs, proxy } = this.services.pick(p.hosts[0].site, services);
       return {
         id: p.job.id,
         owner: p.job.owner_id,
