@@ -283,6 +283,15 @@ export interface Ending {
 }
 
 /**
+ * The restart policy: an attempt ending for an infrastructure reason, with
+ * no stop requested and restarts left, becomes a new attempt; any other end
+ * finalizes the job.
+ */
+export function endOutcome(job: Pick<JobHead, "stop_reason" | "attempt" | "max_restarts">, reason: DbReason): "restarted" | "finalized" {
+  return INFRASTRUCTURE_REASONS.has(reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts ? "restarted" : "finalized";
+}
+
+/**
  * Ends the current attempt of a locked, unfinalized job. An infrastructure
  * reason with restarts left re-queues the job as a new attempt; anything else
  * finalizes it (secret values deleted: nothing will start it again). Streams
@@ -295,9 +304,7 @@ export async function endAttempt(tx: Db, job: JobHead, end: Ending): Promise<"re
 
 /** endAttempt for several distinct jobs: a few statements in all, sent together. */
 export async function endAttempts(tx: Db, items: { job: JobHead; end: Ending }[]): Promise<("restarted" | "finalized")[]> {
-  const outcomes = items.map(({ job, end }) =>
-    INFRASTRUCTURE_REASONS.has(end.reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts ? "restarted" : "finalized",
-  );
+  const outcomes = items.map(({ job, end }) => endOutcome(job, end.reason));
   const restarts: { id: string; attempt: number; message: string }[] = [];
   const finals: { id: string; reason: DbReason; exit_status: string | null; exit_code: number | null; message: string }[] = [];
   const events: EventInput[] = [];

@@ -26,13 +26,12 @@ import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampNow } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext } from "@connectrpc/connect";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
-import { ExitStatus, FinalizeReason, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { FinalizeReason, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import {
   type AttachRequest,
   type AttachResponse,
   AttachResponseSchema,
   type CommandAck,
-  type HeldJob,
   type JobStateReport,
   type StartJob,
   type SupervisorHello,
@@ -51,8 +50,9 @@ import type { JobMetrics } from "./metrics.js";
 import { onJobLogReport, onLogTokenRequest } from "./log-status.js";
 import { onSnapshotResult } from "./snapshots.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
-import { type Db, reasonName, stageName, stateName } from "./store.js";
-import { type HostTermination, hostEnded, hostProgress, releaseSlot } from "./transitions.js";
+import { type RecordedSlot, type SyncSlot, commandsFor, reconcileHello, termination } from "./reconciliation.js";
+import { type Db, stageName, stateName } from "./store.js";
+import { hostEnded, hostProgress, releaseSlot } from "./transitions.js";
 
 /** Streams broken while a StartJob of an attempt was unanswered, after which it is not sent again. */
 export const MAX_START_FAILURES = 3;
@@ -313,17 +313,6 @@ function checkHeld(field: string, job: { jobId: string; attempt: number }): void
   if (job.attempt < 1) throw invalid(`${field}.attempt must be at least 1`);
 }
 
-function termination(t: { reason: FinalizeReason; exitStatus: ExitStatus; exitCode?: number; message: string }): HostTermination {
-  const reason = reasonName(t.reason);
-  const valid = reason !== undefined && reason !== "queue_timeout" && reason !== "host_dropped";
-  return {
-    reason: valid ? reason : "internal_error",
-    exitStatus: t.exitStatus === ExitStatus.SUCCESS ? "success" : t.exitStatus === ExitStatus.FAILURE ? "failure" : null,
-    exitCode: t.exitCode ?? null,
-    message: valid ? t.message.slice(0, 4096) : `supervisor reported an invalid end (${FinalizeReason[t.reason] ?? t.reason}): ${t.message.slice(0, 1024)}`,
-  };
-}
-
 /** One Attach stream of one host. */
 export class HostSession {
   readonly id = randomUUID();
@@ -416,64 +405,38 @@ export class HostSession {
     });
   }
 
-  /** DESIGN.md §4's reconciliation table, in the attach transaction. */
+  /** DESIGN.md §4's reconciliation table (reconciliation.ts), in the attach transaction. */
   private async reconcile(tx: Db, acks: AttachResponse[], stops: AttachResponse[]): Promise<void> {
     const hostId = this.host.hostId;
-    const rows = await tx<
-      { job_id: string; attempt: number; started: boolean; terminated: boolean; job_state: string; job_attempt: number; stop_reason: string | null }[]
-    >`
-      select jh.job_id, jh.attempt, jh.started, jh.terminated_at is not null as terminated,
-        j.state as job_state, j.attempt as job_attempt, j.stop_reason
+    const recorded = await tx<RecordedSlot[]>`
+      select jh.job_id as "jobId", jh.attempt, jh.started, jh.terminated_at is not null as terminated,
+        j.state as "jobState", j.attempt as "jobAttempt", j.stop_reason as "stopReason"
       from job_hosts jh join jobs j on j.id = jh.job_id
       where jh.host_id = ${hostId} and jh.released_at is null
       order by jh.job_id, jh.attempt
       for update of j`;
-    const held = new Map<string, HeldJob>(this.hello.jobs.map((j) => [`${j.jobId}/${j.attempt}`, j]));
-    const at = (jobId: string, attempt: number) => ({ jobId, hostId, attempt });
-    for (const r of rows) {
-      const key = `${r.job_id}/${r.attempt}`;
-      const h = held.get(key);
-      held.delete(key);
-      const current = r.job_state !== "finalized" && r.job_attempt === r.attempt && !r.terminated;
-      if (h?.termination) {
-        // Terminated here: finalize (the requested stop's reason wins) or, for a
-        // job already finalized, just acknowledge; either way the slot is free.
-        await hostEnded(tx, at(r.job_id, r.attempt), termination(h.termination), { released: true, actor: this.actor });
-        acks.push(ackReport("", r.job_id, r.attempt, true));
-      } else if (h) {
-        // Holds it, not terminated: adopt the reported state (StopJob follows
-        // from sync when a stop was requested or the attempt is not current).
-        if (current) {
-          await hostProgress(
-            tx,
-            at(r.job_id, r.attempt),
-            { state: stateName(h.state) ?? "assigned", stage: stageName(h.stage), message: "adopted on attach" },
-            this.actor,
-          );
-        } else {
-          await tx`update job_hosts set started = true where job_id = ${r.job_id} and attempt = ${r.attempt} and host_id = ${hostId}`;
-        }
-      } else if (!current) {
-        await releaseSlot(tx, at(r.job_id, r.attempt));
-      } else if (r.stop_reason !== null) {
-        // Asked to stop, and it does not run here: it is stopped.
-        await hostEnded(tx, at(r.job_id, r.attempt), { reason: "canceled", message: "not running on its host" }, { released: true, actor: this.actor });
-      } else if (r.started) {
-        await hostEnded(
-          tx,
-          at(r.job_id, r.attempt),
-          { reason: "host_dropped", message: `host ${this.host.hostName} re-attached without the job` },
-          { released: true, actor: this.actor },
-        );
-      }
-      // else: assigned, never started here: sync sends StartJob again.
-    }
-    // Held jobs the database does not assign to this host (any more).
-    for (const h of held.values()) {
-      if (h.termination) {
-        acks.push(ackReport("", h.jobId, h.attempt, true));
-      } else {
-        stops.push(this.stopMessage(h.jobId, h.attempt, FinalizeReason.INTERNAL_ERROR, "the job is not assigned to this host"));
+    for (const a of reconcileHello(this.host.hostName, recorded, this.hello.jobs)) {
+      const at = { jobId: a.jobId, hostId, attempt: a.attempt };
+      switch (a.kind) {
+        case "end":
+          await hostEnded(tx, at, a.termination, { released: true, actor: this.actor });
+          if (a.ack) acks.push(ackReport("", a.jobId, a.attempt, true));
+          break;
+        case "adopt":
+          await hostProgress(tx, at, { state: a.state, stage: a.stage, message: "adopted on attach" }, this.actor);
+          break;
+        case "mark-started":
+          await tx`update job_hosts set started = true where job_id = ${a.jobId} and attempt = ${a.attempt} and host_id = ${hostId}`;
+          break;
+        case "release":
+          await releaseSlot(tx, at);
+          break;
+        case "ack":
+          acks.push(ackReport("", a.jobId, a.attempt, true));
+          break;
+        case "stop":
+          stops.push(this.stopMessage(a.jobId, a.attempt, a.reason, a.message));
+          break;
       }
     }
   }
@@ -671,21 +634,10 @@ export class HostSession {
 
   private async sync(): Promise<void> {
     const hostId = this.host.hostId;
-    const rows = await this.ctx.sql<
-      {
-        attach_session: string | null;
-        job_id: string | null;
-        attempt: number;
-        started: boolean;
-        terminated: boolean;
-        job_state: string;
-        job_attempt: number;
-        stop_reason: string | null;
-        start_failures: number;
-      }[]
-    >`
-      select h.attach_session, jh.job_id, jh.attempt, jh.started, jh.terminated_at is not null as terminated,
-        j.state as job_state, j.attempt as job_attempt, j.stop_reason, coalesce(jh.start_failures, 0) as start_failures
+    const rows = await this.ctx.sql<(Omit<SyncSlot, "jobId"> & { attach_session: string | null; jobId: string | null })[]>`
+      select h.attach_session, jh.job_id as "jobId", jh.attempt, jh.started, jh.terminated_at is not null as terminated,
+        j.state as "jobState", j.attempt as "jobAttempt", j.stop_reason as "stopReason",
+        coalesce(jh.start_failures, 0) as "startFailures"
       from hosts h
         left join job_hosts jh on jh.host_id = h.id and jh.released_at is null
         left join jobs j on j.id = jh.job_id
@@ -704,30 +656,18 @@ export class HostSession {
     } else if (h.attach_session !== this.id) {
       return this.finish(new ConnectError("superseded by a newer stream for this host", Code.Aborted));
     }
-    const held = rows.flatMap((r) => (r.job_id === null ? [] : [{ ...r, job_id: r.job_id }]));
+    const held = rows.flatMap((r) => (r.jobId === null ? [] : [{ ...r, jobId: r.jobId }]));
     const starts: string[] = [];
     const sends: AttachResponse[] = [];
     // Forget commands of attempts this host no longer holds a slot for.
-    const live = new Set(held.flatMap((r) => [`start/${r.job_id}/${r.attempt}`, `stop/${r.job_id}/${r.attempt}`]));
+    const live = new Set(held.flatMap((r) => [`start/${r.jobId}/${r.attempt}`, `stop/${r.jobId}/${r.attempt}`]));
     for (const key of this.sent) if (!live.has(key)) this.sent.delete(key);
     for (const [id, p] of this.pending) if (!live.has(p.key)) this.pending.delete(id);
-    for (const r of held) {
-      const current = r.job_state !== "finalized" && r.job_attempt === r.attempt && !r.terminated;
-      if (!current || r.stop_reason !== null) {
-        const key = `stop/${r.job_id}/${r.attempt}`;
-        if (this.sent.has(key)) continue;
-        const reason = !current
-          ? FinalizeReason.INTERNAL_ERROR
-          : r.stop_reason === "job_timeout"
-            ? FinalizeReason.JOB_TIMEOUT
-            : FinalizeReason.CANCELED;
-        const why = !current ? "the attempt is no longer current" : r.stop_reason === "job_timeout" ? "job timeout" : "canceled";
-        sends.push(this.stopMessage(r.job_id, r.attempt, reason, why));
-      } else if (!r.started && r.start_failures >= MAX_START_FAILURES) {
-        await this.stopPoisonedStart(r.job_id, r.attempt, r.start_failures);
-      } else if (!r.started && !this.sent.has(`start/${r.job_id}/${r.attempt}`)) {
-        starts.push(r.job_id);
-      }
+    const sent = (kind: "start" | "stop", jobId: string, attempt: number) => this.sent.has(`${kind}/${jobId}/${attempt}`);
+    for (const a of commandsFor(held, sent, MAX_START_FAILURES)) {
+      if (a.kind === "stop") sends.push(this.stopMessage(a.jobId, a.attempt, a.reason, a.message));
+      else if (a.kind === "give-up-start") await this.stopPoisonedStart(a.jobId, a.attempt, a.failures);
+      else starts.push(a.jobId);
     }
     if (starts.length > 0) {
       sends.push(...this.startMessages(await buildStartJobs(this.ctx, this.ctx.sql, hostId, starts)));

@@ -13,15 +13,11 @@
  * (pipelined on the transaction's connection, executed in the order written),
  * so a change costs two or three round trips, not one per statement.
  */
-import type { Db, DbReason, DbState, Ending, EventInput, JobHead } from "./store.js";
+import { type HostTermination, settleEnd } from "./reconciliation.js";
+import type { Db, DbState, Ending, EventInput, JobHead } from "./store.js";
 import { endAttempts, lockJobHeads, recordEvents } from "./store.js";
 
-export interface HostTermination {
-  reason: DbReason;
-  exitStatus?: "success" | "failure" | null;
-  exitCode?: number | null;
-  message: string;
-}
+export type { HostTermination };
 
 const ORDER: Record<string, number> = { assigned: 0, initializing: 1, running: 2, terminating: 3 };
 
@@ -101,20 +97,11 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
   const ending: { i: number; job: JobHead; end: Ending }[] = [];
   ends.forEach((e, i) => {
     const job = results[i].job;
-    if (!took.has(i) || !job || job.state === "finalized" || job.attempt !== e.at.attempt) return;
-    const reason: DbReason = job.stop_reason ?? e.termination.reason;
-    ending.push({
-      i,
-      job,
-      end: {
-        reason,
-        exitStatus: reason === "workload_exited" ? e.termination.exitStatus : null,
-        exitCode: e.termination.exitCode,
-        message: e.termination.message,
-        hostId: e.at.hostId,
-        actor: e.actor,
-      },
-    });
+    if (!took.has(i) || !job) return;
+    const settled = settleEnd(job, e.at.attempt, e.termination);
+    if (settled.outcome === "none") return;
+    const { reason, exitStatus, exitCode, message } = settled;
+    ending.push({ i, job, end: { reason, exitStatus, exitCode, message, hostId: e.at.hostId, actor: e.actor } });
   });
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
   const [outcomes] = await Promise.all([
