@@ -52,7 +52,9 @@ import {
 import { checkName, checkTag } from "../services/image-service.js";
 import type { JobConfig } from "./config.js";
 import { type Db, type EventInput, clipText, loadJob, recordEvent } from "./store.js";
-import type { HostSession, SupervisorStreams } from "./supervisor-stream.js";
+import type { HostSession } from "./session.js";
+import type { SupervisorHandlers } from "./stream-handlers.js";
+import type { SupervisorStreams } from "./supervisor-stream.js";
 import type { JobWatchers } from "./watchers.js";
 
 const DIGEST = /^sha256:[0-9a-f]{64}$/;
@@ -208,6 +210,11 @@ export class Snapshots {
     private readonly watchers: JobWatchers,
   ) {
     this.log = ctx.logger.child({ subsystem: "snapshots" });
+  }
+
+  /** The stream's SnapshotResult (after the stream's earlier reports have committed). */
+  registerHandlers(handlers: SupervisorHandlers): void {
+    handlers.on("snapshotResult", { afterCommits: true, handle: (host, result) => onSnapshotResult(this.ctx, host, result) });
   }
 
   async start(): Promise<void> {
