@@ -14,7 +14,7 @@ import { create } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import type { FinalizeReason } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { type AttachResponse, AttachResponseSchema, type StartJob } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { uuidv7 } from "../services/common.js";
+import { uuidv7 } from "../shared/common.js";
 
 export type CommandKind = "start" | "stop";
 

@@ -10,7 +10,7 @@ import { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { type StartJob, StartJobSchema } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Capability } from "../../lib/tokens.js";
 import type { CoordinatorContext } from "../context.js";
-import { uuidv7 } from "../services/common.js";
+import { uuidv7 } from "../shared/common.js";
 import type { Db } from "./store.js";
 
 /** Tokens outlive the attempt's deadline by this much (a stop takes time). */

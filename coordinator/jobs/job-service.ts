@@ -43,7 +43,7 @@ import {
   pageSize,
   precondition,
   uuidv7,
-} from "../services/common.js";
+} from "../shared/common.js";
 import type { JobConfig } from "./config.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import {

@@ -30,7 +30,7 @@ import { formatBytes } from "../../lib/bytes.js";
 import { audit } from "../audit.js";
 import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
-import { checkId, checkText, invalid } from "../services/common.js";
+import { checkId, checkText, invalid } from "../shared/common.js";
 import { type DbState, recordEvent } from "./store.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 

@@ -35,7 +35,7 @@ import { audit } from "../audit.js";
 import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { databaseUnavailable, isDatabaseUnavailable } from "../db/errors.js";
-import { type HostRow, hostColumns, hostMessage } from "../services/hosts.js";
+import { type HostRow, hostColumns, hostMessage } from "../db/queries/hosts.js";
 import { CommandLedger, type Pending } from "./command-ledger.js";
 import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";

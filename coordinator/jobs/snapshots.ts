@@ -40,6 +40,8 @@ import type { CoordinatorContext } from "../context.js";
 import {
   checkId,
   checkMediaTypes,
+  checkName,
+  checkTag,
   checkText,
   denied,
   exists,
@@ -48,8 +50,7 @@ import {
   notFound,
   precondition,
   uuidv7,
-} from "../services/common.js";
-import { checkName, checkTag } from "../services/image-service.js";
+} from "../shared/common.js";
 import type { JobConfig } from "./config.js";
 import { type Db, type EventInput, clipText, loadJob, recordEvent } from "./store.js";
 import type { HostSession } from "./session.js";

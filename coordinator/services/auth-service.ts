@@ -29,7 +29,7 @@ import {
   notFound,
   pageSize,
   uuidv7,
-} from "./common.js";
+} from "../shared/common.js";
 import { dummyHash, verifyPassword } from "./passwords.js";
 import { loadToken, loadUser, type TokenRow, tokenMessage, userMessage, type UserRow, userColumns } from "./records.js";
 

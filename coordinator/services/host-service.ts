@@ -33,7 +33,7 @@ import {
   pageSize,
   precondition,
   uuidv7,
-} from "./common.js";
+} from "../shared/common.js";
 import {
   adminStateName,
   driverKindName,
@@ -44,7 +44,7 @@ import {
   type HostRow,
   hostWhere,
   notifyHost,
-} from "./hosts.js";
+} from "../db/queries/hosts.js";
 import type { HostWatchHub } from "./host-watch.js";
 
 const HOST_NAME_SHAPE = "[a-z0-9][a-z0-9._-]{0,62}";

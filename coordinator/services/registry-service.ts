@@ -27,7 +27,7 @@ import {
   pageSize,
   ts,
   uuidv7,
-} from "./common.js";
+} from "../shared/common.js";
 
 const KINDS: Record<number, string> = {
   [ServiceKind.IMAGE_STORE]: "image_store",

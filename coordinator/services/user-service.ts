@@ -35,7 +35,7 @@ import {
   precondition,
   USER_NAME,
   uuidv7,
-} from "./common.js";
+} from "../shared/common.js";
 import { hashPassword, verifyPassword } from "./passwords.js";
 import { groupColumns, groupMessage, type GroupRow, loadGroup, loadUser, userColumns, userMessage, type UserRow } from "./records.js";
 

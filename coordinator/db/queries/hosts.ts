@@ -1,9 +1,9 @@
-/** Hosts as stored (migrations 0001, 0003) and as protobuf messages. */
+/** Hosts as stored (migrations 0001, 0003) and as protobuf messages: shared by HostService and the job system. */
 import { create } from "@bufbuild/protobuf";
 import type { Fragment, Sql, TransactionSql } from "postgres";
-import { DriverKind, type Host, HostAdminState, HostSchema } from "../../gen/treadmill/coordinator/v1/host_pb.js";
-import type { HostFilter } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
-import { checkPattern, checkTags, HOST_NAME, invalid, ts } from "./common.js";
+import { DriverKind, type Host, HostAdminState, HostSchema } from "../../../gen/treadmill/coordinator/v1/host_pb.js";
+import type { HostFilter } from "../../../gen/treadmill/coordinator/v1/host_service_pb.js";
+import { checkPattern, checkTags, HOST_NAME, invalid, ts } from "../../shared/common.js";
 
 type Db = Sql | TransactionSql;
 
