@@ -26,7 +26,8 @@ import {
   WatchJobsResponseSchema,
 } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { JobSpecSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { type UserCaller, requireUser } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
@@ -55,9 +56,9 @@ import {
   loadJob,
   loadTimeline,
   notifyJobHosts,
-  recordEvent,
   stateName,
 } from "./store.js";
+import { recordEvent } from "../db/queries/events.js";
 import type { Snapshots } from "./snapshots.js";
 import { validateSpec } from "./validate.js";
 import type { JobWatchers } from "./watchers.js";

@@ -27,11 +27,12 @@ import {
   type LogTokenRequest,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { formatBytes } from "../../lib/bytes.js";
-import { audit } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { checkId, checkText, invalid } from "../shared/common.js";
-import { type DbState, recordEvent } from "./store.js";
+import { recordEvent } from "../db/queries/events.js";
+import type { DbState } from "./store.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 
 /**

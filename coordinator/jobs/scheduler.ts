@@ -43,6 +43,7 @@ import type { JobMetrics } from "./metrics.js";
 import { type HostCandidate, PassPlacement, type Placed, type QueuedJob, type Service, ServicePicker } from "./placement.js";
 import { ACTIVE_STATES } from "./store.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
+import { eventWrites, recordWaiting } from "../db/queries/events.js";
 import { pipeline, withReserved } from "../db/reserved.js";
 
 /** pg_advisory lock key of a scheduling pass ("tmsched" in ASCII). */
@@ -262,15 +263,7 @@ export class Scheduler {
    */
   private async waiting(tx: ReservedSql, placements: Placed[], message: string): Promise<void> {
     const ids = placements.map((p) => p.job.id);
-    await tx`
-      with w as (
-        update jobs set status_message = ${message}, updated_at = now()
-        where id = any(${ids}::uuid[]) and state = 'queued' and status_message <> ${message}
-        returning id, attempt),
-      ev as (
-        insert into job_events (job_id, kind, state, message, attempt)
-        select id, 'waiting', 'queued', ${message}, attempt from w)
-      select pg_notify('treadmill_jobs', id::text) from w`;
+    await recordWaiting(tx, ids, message);
     this.log.warn({ jobs: ids.length, reason: message }, "placeable jobs wait");
   }
 
@@ -359,12 +352,12 @@ export class Scheduler {
             proxy_url = v.proxy, status_message = '', updated_at = now()
           from ok v where j.id = v.id
           returning j.id, j.attempt, j.spec, j.manifest_digest, j.owner_id, j.image_holder, j.deadline_at, j.log_server_urls, j.proxy_url),
-        ev as (
-          insert into job_events (job_id, kind, state, message, attempt)
-          select id, 'state_changed', 'assigned', message, attempt from ok),
-        au as (
-          insert into audit_events (kind, actor, job_id, user_id, message, details)
-          select 'job.state_changed', 'system', id, owner, message, jsonb_build_object('state', 'assigned', 'attempt', attempt) from ok)
+        -- The timeline and audit events of the assignments, written as recordEvents writes them.
+        e as (
+          select 0 as i, id as job, 'state_changed' as kind, 'assigned' as state, null::text as stage, message, attempt,
+            null::uuid as host, 'system' as actor, owner, jsonb_build_object('state', 'assigned', 'attempt', attempt) as details
+          from ok),
+        ${eventWrites(tx, tx`e`)}
         select ${startColumns(tx)}, r.index as host_index, r.host as host_id, r.local,
           pg_notify('treadmill_jobs', j.id::text) as n1, pg_notify('treadmill_hosts', r.host::text) as n2,
           case when not r.local then pg_notify('treadmill_commands', r.host::text) end as n3

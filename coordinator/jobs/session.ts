@@ -31,7 +31,7 @@ import {
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
 import type { Logger } from "../../lib/logger.js";
-import { audit } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { databaseUnavailable, isDatabaseUnavailable } from "../db/errors.js";

@@ -34,7 +34,8 @@ import { type Snapshot, SnapshotSchema, SnapshotState } from "../../gen/treadmil
 import type { SnapshotJobRequest } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { AttachResponseSchema, type SnapshotResult } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import type { HostCaller, UserCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
@@ -43,6 +44,7 @@ import {
   checkName,
   checkTag,
   checkText,
+  clipText,
   denied,
   exists,
   invalid,
@@ -52,7 +54,8 @@ import {
   uuidv7,
 } from "../shared/common.js";
 import type { JobConfig } from "./config.js";
-import { type Db, type EventInput, clipText, loadJob, recordEvent } from "./store.js";
+import { type EventInput, recordEvent } from "../db/queries/events.js";
+import { type Db, loadJob } from "./store.js";
 import type { HostSession } from "./session.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 import type { SupervisorStreams } from "./supervisor-stream.js";

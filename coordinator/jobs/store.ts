@@ -20,6 +20,8 @@ import { create, fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { Sql, TransactionSql } from "postgres";
 import { pipeline } from "../db/reserved.js";
+import { type EventInput, loadEvents, recordEvents } from "../db/queries/events.js";
+import { clipText } from "../shared/common.js";
 import {
   ExitStatus,
   FinalizeReason,
@@ -156,20 +158,9 @@ export async function lockJobHeads(sql: Db, ids: string[]): Promise<Map<string, 
   return new Map(rows.map((r) => [r.id, r]));
 }
 
-interface EventRow {
-  at: Date;
-  kind: string;
-  state: string | null;
-  stage: string | null;
-  message: string;
-  attempt: number | null;
-  host_id: string | null;
-}
-
 /** A job's timeline, oldest first. */
 export async function loadTimeline(sql: Db, jobId: string): Promise<JobEvent[]> {
-  const rows = await sql<EventRow[]>`
-    select at, kind, state, stage, message, attempt, host_id from job_events where job_id = ${jobId} order by id`;
+  const rows = await loadEvents(sql, jobId);
   return rows.map((r) => ({
     $typeName: "treadmill.coordinator.v1.JobEvent",
     time: timestampFromDate(r.at),
@@ -211,57 +202,6 @@ export function jobMessage(row: JobRow, timeline: JobEvent[] = []): Job {
     logBytesLost: BigInt(row.log_bytes_lost),
     logStatusMessage: row.log_status_message,
   });
-}
-
-export interface EventInput {
-  jobId: string;
-  /** job_events.kind: submitted, state_changed, stage_changed, cancel_requested, restarted, log_incomplete. */
-  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted" | "log_incomplete";
-  state: DbState;
-  stage?: string | null;
-  message?: string;
-  attempt: number;
-  hostId?: string | null;
-  /** For the audit log: "user:<name>", "host:<name>", "system". */
-  actor: string;
-  ownerId?: string;
-}
-
-/**
- * Records one timeline event: job_events, the audit log (kind `job.<kind>`)
- * and a 'treadmill_jobs' notification, all in `tx`.
- */
-export async function recordEvent(tx: Db, e: EventInput): Promise<void> {
-  await recordEvents(tx, [e]);
-}
-
-/** Records timeline events (see recordEvent) in one statement, in the order given. */
-export async function recordEvents(tx: Db, events: EventInput[]): Promise<void> {
-  if (events.length === 0) return;
-  const rows = events.map((e, i) => ({
-    i,
-    job: e.jobId,
-    kind: e.kind,
-    state: e.state,
-    stage: e.stage ?? null,
-    message: clipText(e.message ?? "", 4096),
-    attempt: e.attempt,
-    host: e.hostId ?? null,
-    actor: e.actor,
-    owner: e.ownerId ?? null,
-  }));
-  await tx`
-    with v as materialized (
-      select * from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
-        as v(i int, job uuid, kind text, state text, stage text, message text, attempt int, host uuid, actor text, owner uuid)),
-    ev as (
-      insert into job_events (job_id, kind, state, stage, message, attempt, host_id)
-      select job, kind, state, stage, message, attempt, host from v order by i),
-    au as (
-      insert into audit_events (kind, actor, job_id, host_id, user_id, message, details)
-      select 'job.' || kind, actor, job, host, owner, message, jsonb_build_object('state', state, 'stage', stage, 'attempt', attempt)
-      from v order by i)
-    select pg_notify('treadmill_jobs', job::text) from (select distinct job from v) n`;
 }
 
 /** Hosts still holding a slot for any attempt of the jobs (their streams must hear of a change). */
@@ -369,8 +309,4 @@ export async function endAttempts(tx: Db, items: { job: JobHead; end: Ending }[]
     ),
   ]);
   return outcomes;
-}
-
-export function clipText(value: string, max: number): string {
-  return value.length <= max ? value : value.slice(0, max);
 }

@@ -9,7 +9,8 @@ import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
-import { loadJob, notifyJobHosts, endAttempt, recordEvent } from "./store.js";
+import { recordEvent } from "../db/queries/events.js";
+import { endAttempt, loadJob, notifyJobHosts } from "./store.js";
 import { hostEnded } from "./transitions.js";
 
 const BATCH = 200;

@@ -14,8 +14,9 @@
  * so a change costs two or three round trips, not one per statement.
  */
 import { type HostTermination, settleEnd } from "./reconciliation.js";
-import type { Db, DbState, Ending, EventInput, JobHead } from "./store.js";
-import { endAttempts, lockJobHeads, recordEvents } from "./store.js";
+import { type EventInput, recordEvents } from "../db/queries/events.js";
+import type { Db, DbState, Ending, JobHead } from "./store.js";
+import { endAttempts, lockJobHeads } from "./store.js";
 
 export type { HostTermination };
 

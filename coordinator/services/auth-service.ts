@@ -14,7 +14,8 @@ import {
   JsonWebKeySchema,
   TokenScope,
 } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { callerKey, hashSecret, newSecret, requireAdmin, requireUser, type UserCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {

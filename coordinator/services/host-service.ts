@@ -14,7 +14,8 @@ import {
   type WatchHostsResponse,
   WatchHostsResponseSchema,
 } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { hashSecret, newSecret, requireAdmin, requireUser } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {

@@ -13,7 +13,8 @@ import type {
   RegisterImageRequest,
   ResolveImageRequest,
 } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { requireUser, type UserCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { imageAccessCondition } from "./access.js";

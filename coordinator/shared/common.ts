@@ -93,6 +93,11 @@ export function checkMediaTypes(field: string, types: readonly string[], options
   return [...new Set(types)].sort();
 }
 
+/** `value` cut to at most `max` characters (stored text). */
+export function clipText(value: string, max: number): string {
+  return value.length <= max ? value : value.slice(0, max);
+}
+
 /** A value for a message, clipped so that a huge bad input does not make a huge error. */
 export function clip(value: string, max = 64): string {
   return value.length <= max ? value : `${value.slice(0, max)}...`;
