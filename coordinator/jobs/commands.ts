@@ -11,7 +11,7 @@ import { type StartJob, StartJobSchema } from "../../gen/treadmill/coordinator/v
 import type { Capability } from "../../lib/tokens.js";
 import type { CoordinatorContext } from "../context.js";
 import { uuidv7 } from "../shared/common.js";
-import type { Db } from "./store.js";
+import type { Db } from "../db/queries/jobs.js";
 
 /** Tokens outlive the attempt's deadline by this much (a stop takes time). */
 const TOKEN_MARGIN_MS = 10 * 60_000;

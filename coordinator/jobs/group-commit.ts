@@ -22,7 +22,7 @@ import type { Sql } from "postgres";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { pipeline, withReserved } from "../db/reserved.js";
 import type { JobMetrics } from "./metrics.js";
-import { type Db, customPlans } from "./store.js";
+import { type Db, customPlans } from "../db/queries/jobs.js";
 import { type HostAt, type HostEnd, type HostReport, hostsEnded, hostsProgress } from "./transitions.js";
 
 /** What a change does: one of the common kinds (applied set-based with the others of its round), or anything. */

@@ -47,17 +47,8 @@ import {
 } from "../shared/common.js";
 import type { JobConfig } from "./config.js";
 import { AsyncQueue } from "../../lib/async-queue.js";
-import {
-  type Db,
-  type JobRow,
-  endAttempt,
-  jobColumns,
-  jobMessage,
-  loadJob,
-  loadTimeline,
-  notifyJobHosts,
-  stateName,
-} from "./store.js";
+import { type Db, type JobRow, jobColumns, loadJob, writeJobStates } from "../db/queries/jobs.js";
+import { endAttempt, jobMessage, loadTimeline, stateName } from "./store.js";
 import { recordEvent } from "../db/queries/events.js";
 import type { Snapshots } from "./snapshots.js";
 import { validateSpec } from "./validate.js";
@@ -244,18 +235,23 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         return job.id;
       }
       if (job.stop_reason === "canceled") return job.id;
-      await tx`update jobs set stop_reason = 'canceled', stop_requested_at = now(), updated_at = now() where id = ${job.id}`;
-      await recordEvent(tx, {
-        jobId: job.id,
-        kind: "cancel_requested",
-        state: job.state,
-        stage: job.stage,
-        attempt: job.attempt,
-        actor: actorOf(caller),
-        ownerId: job.owner_id,
-        message: why,
-      });
-      await notifyJobHosts(tx, job.id);
+      await writeJobStates(tx, [
+        {
+          kind: "stop",
+          id: job.id,
+          stopReason: "canceled",
+          event: {
+            jobId: job.id,
+            kind: "cancel_requested",
+            state: job.state,
+            stage: job.stage,
+            attempt: job.attempt,
+            actor: actorOf(caller),
+            ownerId: job.owner_id,
+            message: why,
+          },
+        },
+      ]);
       return job.id;
     });
     return { job: jobMessage((await loadJob(this.ctx.sql, jobId))!) };

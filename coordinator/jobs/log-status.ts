@@ -32,7 +32,7 @@ import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { checkId, checkText, invalid } from "../shared/common.js";
 import { recordEvent } from "../db/queries/events.js";
-import type { DbState } from "./store.js";
+import type { DbState } from "../db/queries/jobs.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 
 /**

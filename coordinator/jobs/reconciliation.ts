@@ -22,7 +22,8 @@
  * path as one for a cancel or an assignment made later.
  */
 import { ExitStatus, FinalizeReason, type JobStage, type JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
-import { type DbReason, type DbState, type JobHead, endOutcome, reasonName, stageName, stateName } from "./store.js";
+import type { DbReason, DbState, JobHead } from "../db/queries/jobs.js";
+import { endOutcome, reasonName, stageName, stateName } from "./store.js";
 
 /** How an attempt ended on a host, as the job system records it. */
 export interface HostTermination {

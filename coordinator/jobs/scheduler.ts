@@ -41,7 +41,7 @@ import { type StartRow, type StartTokens, mintStartTokens, startColumns, startJo
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
 import { type HostCandidate, PassPlacement, type Placed, type QueuedJob, type Service, ServicePicker } from "./placement.js";
-import { ACTIVE_STATES } from "./store.js";
+import { ACTIVE_STATES } from "../db/queries/jobs.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { eventWrites, recordWaiting } from "../db/queries/events.js";
 import { pipeline, withReserved } from "../db/reserved.js";

@@ -41,7 +41,8 @@ import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import type { GroupCommit, Op } from "./group-commit.js";
 import { type RecordedSlot, type SyncSlot, commandsFor, reconcileHello, termination } from "./reconciliation.js";
-import { type Db, stageName, stateName } from "./store.js";
+import type { Db } from "../db/queries/jobs.js";
+import { stageName, stateName } from "./store.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 import { hostEnded, hostProgress, releaseSlot } from "./transitions.js";
 

@@ -55,7 +55,7 @@ import {
 } from "../shared/common.js";
 import type { JobConfig } from "./config.js";
 import { type EventInput, recordEvent } from "../db/queries/events.js";
-import { type Db, loadJob } from "./store.js";
+import { type Db, loadJob } from "../db/queries/jobs.js";
 import type { HostSession } from "./session.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 import type { SupervisorStreams } from "./supervisor-stream.js";

@@ -9,8 +9,8 @@ import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
-import { recordEvent } from "../db/queries/events.js";
-import { endAttempt, loadJob, notifyJobHosts } from "./store.js";
+import { loadJob, writeJobStates } from "../db/queries/jobs.js";
+import { endAttempt } from "./store.js";
 import { hostEnded } from "./transitions.js";
 
 const BATCH = 200;
@@ -140,18 +140,23 @@ export class Sweeper {
           for update skip locked`;
         if (!row) return;
         const job = (await loadJob(tx, id))!;
-        await tx`update jobs set stop_reason = 'job_timeout', stop_requested_at = now(), updated_at = now() where id = ${id}`;
-        await recordEvent(tx, {
-          jobId: id,
-          kind: "state_changed",
-          state: job.state,
-          stage: job.stage,
-          attempt: job.attempt,
-          actor: "system",
-          ownerId: job.owner_id,
-          message: "job timeout: stopping",
-        });
-        await notifyJobHosts(tx, id);
+        await writeJobStates(tx, [
+          {
+            kind: "stop",
+            id,
+            stopReason: "job_timeout",
+            event: {
+              jobId: id,
+              kind: "state_changed",
+              state: job.state,
+              stage: job.stage,
+              attempt: job.attempt,
+              actor: "system",
+              ownerId: job.owner_id,
+              message: "job timeout: stopping",
+            },
+          },
+        ]);
       });
     }
   }

@@ -14,9 +14,8 @@
  * so a change costs two or three round trips, not one per statement.
  */
 import { type HostTermination, settleEnd } from "./reconciliation.js";
-import { type EventInput, recordEvents } from "../db/queries/events.js";
-import type { Db, DbState, Ending, JobHead } from "./store.js";
-import { endAttempts, lockJobHeads } from "./store.js";
+import { type Db, type DbState, type JobHead, type JobStateChange, lockJobHeads, writeJobStates } from "../db/queries/jobs.js";
+import { type Ending, endAttempts } from "./store.js";
 
 export type { HostTermination };
 
@@ -172,8 +171,7 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
     if (list) list.push(h);
     else byJob.set(h.job_id, [h]);
   }
-  const changes: { id: string; state: DbState; stage: string | null }[] = [];
-  const events: EventInput[] = [];
+  const changes: JobStateChange[] = [];
   reports.forEach((r, i) => {
     const job = jobs.get(r.at.jobId);
     const states = byJob.get(r.at.jobId) ?? [];
@@ -186,26 +184,23 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
       stage = state === "initializing" ? least.stage : null;
     }
     if (state === job.state && stage === job.stage) return;
-    changes.push({ id: r.at.jobId, state, stage });
-    events.push({
-      jobId: r.at.jobId,
-      kind: state === job.state ? "stage_changed" : "state_changed",
+    changes.push({
+      kind: "progress",
+      id: r.at.jobId,
       state,
       stage,
-      attempt: r.at.attempt,
-      hostId: r.at.hostId,
-      actor: r.actor,
-      ownerId: job.owner_id,
-      message: r.message,
+      event: {
+        jobId: r.at.jobId,
+        kind: state === job.state ? "stage_changed" : "state_changed",
+        state,
+        stage,
+        attempt: r.at.attempt,
+        hostId: r.at.hostId,
+        actor: r.actor,
+        ownerId: job.owner_id,
+        message: r.message,
+      },
     });
   });
-  if (changes.length === 0) return;
-  await Promise.all([
-    tx`
-      update jobs j set state = v.state, stage = v.stage, updated_at = now(),
-        started_at = case when v.state = 'running' then coalesce(j.started_at, now()) else j.started_at end
-      from jsonb_to_recordset(${tx.json(changes as never)}::jsonb) as v(id uuid, state text, stage text)
-      where j.id = v.id`,
-    recordEvents(tx, events),
-  ]);
+  await writeJobStates(tx, changes);
 }

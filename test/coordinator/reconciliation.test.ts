@@ -18,7 +18,7 @@ import {
   settleEnd,
   termination,
 } from "../../coordinator/jobs/reconciliation.js";
-import type { JobHead } from "../../coordinator/jobs/store.js";
+import type { JobHead } from "../../coordinator/db/queries/jobs.js";
 
 const J = "0190a6c0-0000-7000-8000-00000000000a";
 const K = "0190a6c0-0000-7000-8000-00000000000b";
