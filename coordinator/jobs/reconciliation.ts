@@ -22,6 +22,7 @@
  * path as one for a cancel or an assignment made later.
  */
 import { ExitStatus, FinalizeReason, type JobStage, type JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import type { HostSlot } from "../db/queries/job-hosts.js";
 import type { DbReason, DbState, JobHead } from "../db/queries/jobs.js";
 import { endOutcome, reasonName, stageName, stateName } from "./store.js";
 
@@ -33,20 +34,13 @@ export interface HostTermination {
   message: string;
 }
 
-/** What the database records of an attempt this host holds a slot for (a job_hosts row not released, and its job). */
-export interface RecordedSlot {
-  jobId: string;
-  attempt: number;
-  /** The supervisor acknowledged StartJob or reported the attempt. */
-  started: boolean;
-  /** The attempt's end on this host is recorded. */
-  terminated: boolean;
-  jobState: DbState;
-  /** The job's current attempt. */
-  jobAttempt: number;
-  /** A requested stop (cancel, job timeout) not carried out yet. */
-  stopReason: "canceled" | "job_timeout" | null;
-}
+/**
+ * What the database records of an attempt this host holds a slot for (a
+ * job_hosts row not released, and its job): whether the supervisor started
+ * it, whether its end here is recorded, the job's state and current
+ * attempt, and a requested stop not carried out yet.
+ */
+export type RecordedSlot = HostSlot;
 
 /** A terminated attempt as the supervisor reports it (a JobTermination of the stream). */
 export interface ReportedTermination {

@@ -35,16 +35,31 @@ import { audit } from "../db/queries/audit.js";
 import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { databaseUnavailable, isDatabaseUnavailable } from "../db/errors.js";
-import { type HostRow, hostColumns, hostMessage } from "../db/queries/hosts.js";
+import {
+  attachHost,
+  detachHost,
+  hostMessage,
+  notifyAttached,
+  reattachHost,
+  setSupervisorDraining,
+} from "../db/queries/hosts.js";
+import {
+  countStartFailures,
+  hostSlotsForSync,
+  lockHostSlots,
+  markStarted,
+  releaseSlot,
+  slotState,
+} from "../db/queries/job-hosts.js";
 import { CommandLedger, type Pending } from "./command-ledger.js";
 import { buildStartJobs } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import type { GroupCommit, Op } from "./group-commit.js";
-import { type RecordedSlot, type SyncSlot, commandsFor, reconcileHello, termination } from "./reconciliation.js";
+import { commandsFor, reconcileHello, termination } from "./reconciliation.js";
 import type { Db } from "../db/queries/jobs.js";
 import { stageName, stateName } from "./store.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
-import { hostEnded, hostProgress, releaseSlot } from "./transitions.js";
+import { hostEnded, hostProgress } from "./transitions.js";
 
 /** Streams broken while a StartJob of an attempt was unanswered, after which it is not sent again. */
 export const MAX_START_FAILURES = 3;
@@ -139,12 +154,14 @@ export class HostSession {
     const acks: AttachResponse[] = [];
     const stops: AttachResponse[] = [];
     const row = await ctx.sql.begin(async (tx) => {
-      const [h] = await tx<HostRow[]>`
-        update hosts as h set attached_replica = ${ctx.replicaId}, attach_session = ${this.id}, attached_at = now(),
-          last_seen_at = now(), detached_at = null, supervisor_version = ${hello.supervisorVersion},
-          supervisor_capacity = ${hello.capacity > 0 ? hello.capacity : null}, supervisor_draining = ${hello.draining}
-        where id = ${host.hostId}
-        returning ${hostColumns(tx)}`;
+      const h = await attachHost(tx, {
+        hostId: host.hostId,
+        replica: ctx.replicaId,
+        session: this.id,
+        supervisorVersion: hello.supervisorVersion,
+        capacity: hello.capacity,
+        draining: hello.draining,
+      });
       if (!h) throw new ConnectError("this host no longer exists", Code.PermissionDenied);
       if (hello.driverKind !== DriverKind.UNSPECIFIED && DriverKind[hello.driverKind]?.toLowerCase() !== h.driver_kind) {
         throw invalid(`hello.driver_kind ${DriverKind[hello.driverKind] ?? hello.driverKind} is not this host's driver (${h.driver_kind})`);
@@ -157,8 +174,7 @@ export class HostSession {
         message: `supervisor ${hello.supervisorVersion} attached to replica ${ctx.replicaId}`,
         details: { session: this.id, instance: hello.instanceId, jobs: hello.jobs.length },
       });
-      await tx`select pg_notify('treadmill_commands', ${host.hostId}), pg_notify('treadmill_hosts', ${host.hostId}),
-        pg_notify('treadmill_schedule', '')`;
+      await notifyAttached(tx, host.hostId);
       return h;
     });
     const previous = this.streams.takeOver(this);
@@ -184,13 +200,7 @@ export class HostSession {
   /** DESIGN.md §4's reconciliation table (reconciliation.ts), in the attach transaction. */
   private async reconcile(tx: Db, acks: AttachResponse[], stops: AttachResponse[]): Promise<void> {
     const hostId = this.host.hostId;
-    const recorded = await tx<RecordedSlot[]>`
-      select jh.job_id as "jobId", jh.attempt, jh.started, jh.terminated_at is not null as terminated,
-        j.state as "jobState", j.attempt as "jobAttempt", j.stop_reason as "stopReason"
-      from job_hosts jh join jobs j on j.id = jh.job_id
-      where jh.host_id = ${hostId} and jh.released_at is null
-      order by jh.job_id, jh.attempt
-      for update of j`;
+    const recorded = await lockHostSlots(tx, hostId);
     for (const a of reconcileHello(this.host.hostName, recorded, this.hello.jobs)) {
       const at = { jobId: a.jobId, hostId, attempt: a.attempt };
       switch (a.kind) {
@@ -202,7 +212,7 @@ export class HostSession {
           await hostProgress(tx, at, { state: a.state, stage: a.stage, message: "adopted on attach" }, this.actor);
           break;
         case "mark-started":
-          await tx`update job_hosts set started = true where job_id = ${a.jobId} and attempt = ${a.attempt} and host_id = ${hostId}`;
+          await markStarted(tx, [at]);
           break;
         case "release":
           await releaseSlot(tx, at);
@@ -297,10 +307,7 @@ export class HostSession {
         await this.settled();
         if (payload.value.draining !== this.draining) {
           this.draining = payload.value.draining;
-          await this.ctx.sql`
-            update hosts set supervisor_draining = ${payload.value.draining}
-            where id = ${this.host.hostId} and attach_session = ${this.id}
-            returning pg_notify('treadmill_hosts', id::text), pg_notify('treadmill_schedule', '')`;
+          await setSupervisorDraining(this.ctx.sql, this.host.hostId, this.id, payload.value.draining);
         }
         return;
       case undefined:
@@ -371,9 +378,7 @@ export class HostSession {
     this.committed(this.commit(p.jobId, {
       kind: "apply",
       apply: async (tx) => {
-        const [row] = await tx<{ started: boolean; terminated: boolean }[]>`
-          select started, terminated_at is not null as terminated from job_hosts
-          where job_id = ${p.jobId} and attempt = ${p.attempt} and host_id = ${this.host.hostId} and released_at is null`;
+        const row = await slotState(tx, at);
         if (!row) return;
         if (!row.started) {
           await hostEnded(tx, at, { reason: "canceled", message: "stopped before it started" }, { released: true, actor: this.actor });
@@ -409,24 +414,13 @@ export class HostSession {
 
   private async sync(): Promise<void> {
     const hostId = this.host.hostId;
-    const rows = await this.ctx.sql<(Omit<SyncSlot, "jobId"> & { attach_session: string | null; jobId: string | null })[]>`
-      select h.attach_session, jh.job_id as "jobId", jh.attempt, jh.started, jh.terminated_at is not null as terminated,
-        j.state as "jobState", j.attempt as "jobAttempt", j.stop_reason as "stopReason",
-        coalesce(jh.start_failures, 0) as "startFailures"
-      from hosts h
-        left join job_hosts jh on jh.host_id = h.id and jh.released_at is null
-        left join jobs j on j.id = jh.job_id
-      where h.id = ${hostId}`;
+    const rows = await hostSlotsForSync(this.ctx.sql, hostId);
     const h = rows[0];
     if (!h) return this.finish(new ConnectError("this host was deleted", Code.PermissionDenied));
     if (h.attach_session === null) {
       // Another replica took this one for dead (it was too slow to heartbeat)
       // and detached the host; the stream is alive, so it is attached again.
-      const [again] = await this.ctx.sql`
-        update hosts set attached_replica = ${this.ctx.replicaId}, attach_session = ${this.id}, attached_at = now(), detached_at = null
-        where id = ${hostId} and attach_session is null
-        returning pg_notify('treadmill_hosts', id::text), pg_notify('treadmill_schedule', '')`;
-      if (!again) return this.requestSync();
+      if (!(await reattachHost(this.ctx.sql, hostId, this.ctx.replicaId, this.id))) return this.requestSync();
       this.log.warn("host was detached by another replica while its stream is alive here; attached again");
     } else if (h.attach_session !== this.id) {
       return this.finish(new ConnectError("superseded by a newer stream for this host", Code.Aborted));
@@ -518,22 +512,16 @@ export class HostSession {
 
   /** The stream broke with these StartJobs unanswered: each counts toward MAX_START_FAILURES. */
   private async countStartFailures(starts: Pending[]): Promise<void> {
-    const rows = starts.map((p) => ({ job: p.jobId, attempt: p.attempt }));
-    await this.ctx.sql`
-      update job_hosts jh set start_failures = jh.start_failures + 1
-      from jsonb_to_recordset(${this.ctx.sql.json(rows as never)}::jsonb) as v(job uuid, attempt int)
-      where jh.job_id = v.job and jh.attempt = v.attempt and jh.host_id = ${this.host.hostId}
-        and not jh.started and jh.released_at is null`;
+    await countStartFailures(
+      this.ctx.sql,
+      this.host.hostId,
+      starts.map((p) => ({ job: p.jobId, attempt: p.attempt })),
+    );
   }
 
   private async detach(): Promise<void> {
     await this.ctx.sql.begin(async (tx) => {
-      const rows = await tx`
-        update hosts set attached_replica = null, attach_session = null, attached_at = null, detached_at = now(),
-          supervisor_draining = false
-        where id = ${this.host.hostId} and attach_session = ${this.id}
-        returning pg_notify('treadmill_hosts', id::text)`;
-      if (rows.length > 0) {
+      if (await detachHost(tx, this.host.hostId, this.id)) {
         await audit(tx, { kind: "host.detached", actor: this.actor, hostId: this.host.hostId, details: { session: this.id } });
       }
     });

@@ -31,6 +31,8 @@ import type { Logger } from "../../lib/logger.js";
 import { type HostCaller, requireHost } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
+import { type SentCommand, auditCommandsSent } from "../db/queries/audit.js";
+import * as hosts from "../db/queries/hosts.js";
 import { GroupCommit } from "./group-commit.js";
 import type { JobMetrics } from "./metrics.js";
 import { HostSession, PROTOCOL_VERSION, type StreamsOfReplica, validateHello } from "./session.js";
@@ -51,7 +53,7 @@ export class SupervisorStreams implements StreamsOfReplica {
   /** Reports and acknowledgements of every stream, committed together. */
   readonly commits: GroupCommit;
   /** Audit rows of the commands sent in this turn of the event loop (see auditCommands). */
-  private sentCommands: { kind: string; job: string; host: string; message: string; request: string; attempt: number }[] = [];
+  private sentCommands: SentCommand[] = [];
 
   constructor(
     readonly ctx: CoordinatorContext,
@@ -115,12 +117,7 @@ export class SupervisorStreams implements StreamsOfReplica {
     this.sentCommands = [];
     if (rows.length === 0) return;
     try {
-      await this.ctx.sql`
-        insert into audit_events (kind, actor, job_id, host_id, message, details)
-        select v.kind, 'system', v.job, v.host, v.message,
-          jsonb_build_object('requestId', v.request, 'attempt', v.attempt, 'replica', ${this.ctx.replicaId}::text)
-        from jsonb_to_recordset(${this.ctx.sql.json(rows as never)}::jsonb)
-          as v(kind text, job uuid, host uuid, message text, request text, attempt int)`;
+      await auditCommandsSent(this.ctx.sql, rows, this.ctx.replicaId);
     } catch (err) {
       if (!this.stopped) this.log.warn({ err, commands: rows.length }, "cannot record commands in the audit log");
     }
@@ -143,12 +140,8 @@ export class SupervisorStreams implements StreamsOfReplica {
 
   private async restartGrace(downMs: number): Promise<void> {
     try {
-      const rows = await this.ctx.sql`
-        update hosts set detached_at = now()
-        where attached_replica is null and detached_at is not null and detached_at < now()
-          and detached_at > now() - ${this.config.supervisorGraceMs + downMs} * interval '1 millisecond'
-        returning id`;
-      if (rows.length > 0) this.log.info({ hosts: rows.length, downMs }, "grace periods of detached hosts restarted after the database outage");
+      const n = await hosts.restartGrace(this.ctx.sql, this.config.supervisorGraceMs + downMs);
+      if (n > 0) this.log.info({ hosts: n, downMs }, "grace periods of detached hosts restarted after the database outage");
     } catch (err) {
       if (!this.stopped) this.log.warn({ err }, "cannot restart the grace periods of detached hosts");
     }
@@ -158,12 +151,8 @@ export class SupervisorStreams implements StreamsOfReplica {
   async detachOrphans(): Promise<void> {
     const live = [...this.sessions.values()].map((s) => s.id);
     try {
-      const rows = await this.ctx.sql`
-        update hosts set attached_replica = null, attach_session = null, attached_at = null, detached_at = now(),
-          supervisor_draining = false
-        where attached_replica = ${this.ctx.replicaId} and not (attach_session = any(${live}::uuid[]))
-        returning id, pg_notify('treadmill_hosts', id::text)`;
-      if (rows.length > 0) this.log.info({ hosts: rows.length }, "detached hosts whose streams ended while the database was away");
+      const n = await hosts.detachOrphans(this.ctx.sql, this.ctx.replicaId, live);
+      if (n > 0) this.log.info({ hosts: n }, "detached hosts whose streams ended while the database was away");
       this.orphans = false;
     } catch (err) {
       if (!this.stopped) this.log.warn({ err }, "cannot detach hosts whose streams ended");
@@ -207,10 +196,7 @@ export class SupervisorStreams implements StreamsOfReplica {
     if (this.seen.size === 0) return;
     const ids = [...this.seen];
     this.seen.clear();
-    await this.ctx.sql`
-      update hosts h set last_seen_at = now()
-      from (select id from hosts where id = any(${ids}::uuid[]) order by id for update skip locked) l
-      where h.id = l.id`;
+    await hosts.markSeen(this.ctx.sql, ids);
   }
 
   /** The Attach handler. */

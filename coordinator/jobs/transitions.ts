@@ -9,11 +9,13 @@
  * is no longer current and get StopJob; their slots stay taken until they
  * report the end (or say they no longer hold it).
  *
- * Statements that do not depend on each other's results go out together
+ * The statements are db/queries/job-hosts.ts's and jobs.ts's; those that do
+ * not depend on each other's results go out together
  * (pipelined on the transaction's connection, executed in the order written),
  * so a change costs two or three round trips, not one per statement.
  */
 import { type HostTermination, settleEnd } from "./reconciliation.js";
+import { endSlots, notifySlotsFreed, reportSlots } from "../db/queries/job-hosts.js";
 import { type Db, type DbState, type JobHead, type JobStateChange, lockJobHeads, writeJobStates } from "../db/queries/jobs.js";
 import { type Ending, endAttempts } from "./store.js";
 
@@ -75,24 +77,15 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
       message: e.termination.message,
     },
   }));
-  const [jobs, updated] = await Promise.all([
+  const [jobs, took] = await Promise.all([
     lockJobHeads(
       tx,
       ends.map((e) => e.at.jobId),
     ),
-    tx<{ i: number }[]>`
-      update job_hosts jh set
-        termination = coalesce(jh.termination, v.termination),
-        terminated_at = coalesce(jh.terminated_at, now()),
-        released_at = case when v.released then now() else jh.released_at end
-      from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
-        as v(i int, job uuid, host uuid, attempt int, released boolean, termination jsonb)
-      where jh.job_id = v.job and jh.attempt = v.attempt and jh.host_id = v.host and jh.released_at is null
-      returning v.i`,
+    endSlots(tx, rows),
   ]);
   // Only a host holding a slot of the attempt has a say (a report of another
   // host's job, or of an attempt already settled here, changes nothing).
-  const took = new Set(updated.map((u) => u.i));
   const results: HostEndResult[] = ends.map((e) => ({ job: jobs.get(e.at.jobId), outcome: "none" }));
   const ending: { i: number; job: JobHead; end: Ending }[] = [];
   ends.forEach((e, i) => {
@@ -106,20 +99,10 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
   const [outcomes] = await Promise.all([
     endAttempts(tx, ending),
-    freed.length > 0 &&
-      tx`select pg_notify('treadmill_schedule', ''), pg_notify('treadmill_hosts', h::text) from unnest(${freed}::uuid[]) h`,
+    freed.length > 0 && notifySlotsFreed(tx, freed),
   ]);
   ending.forEach((e, k) => (results[e.i].outcome = outcomes[k]));
   return results;
-}
-
-/** Releases a host's slot of an attempt the supervisor does not hold. */
-export async function releaseSlot(tx: Db, at: HostAt): Promise<void> {
-  const rows = await tx`
-    update job_hosts set released_at = now(), terminated_at = coalesce(terminated_at, now())
-    where job_id = ${at.jobId} and attempt = ${at.attempt} and host_id = ${at.hostId} and released_at is null
-    returning 1`;
-  if (rows.length > 0) await tx`select pg_notify('treadmill_schedule', ''), pg_notify('treadmill_hosts', ${at.hostId})`;
 }
 
 export interface HostReport {
@@ -143,34 +126,13 @@ export async function hostProgress(tx: Db, at: HostAt, report: { state: string; 
 export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void> {
   if (reports.length === 0) return;
   const rows = reports.map((r, i) => ({ i, job: r.at.jobId, host: r.at.hostId, attempt: r.at.attempt, state: r.state, stage: r.stage }));
-  const [jobs, updated, hosts] = await Promise.all([
+  const [jobs, { took, states: byJob }] = await Promise.all([
     lockJobHeads(
       tx,
       reports.map((r) => r.at.jobId),
     ),
-    tx<{ i: number }[]>`
-      update job_hosts jh set started = true, state = v.state, stage = v.stage
-      from jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(i int, job uuid, host uuid, attempt int, state text, stage text)
-      where jh.job_id = v.job and jh.attempt = v.attempt and jh.host_id = v.host
-        and jh.released_at is null and jh.terminated_at is null
-      returning v.i`,
-    // After the update (statements run in order): the hosts' states with these reports.
-    tx<{ job_id: string; state: string | null; stage: string | null }[]>`
-      select h.job_id, h.state, h.stage
-      from (select distinct job, attempt from jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(job uuid, attempt int)) v,
-        -- Through the primary key, one job at a time (offset 0 keeps the
-        -- planner from a join that may scan job_hosts on stale statistics).
-        lateral (select jh.job_id, jh.state, jh.stage, jh.host_index from job_hosts jh
-          where jh.job_id = v.job and jh.attempt = v.attempt and jh.terminated_at is null offset 0) h
-      order by h.job_id, h.host_index`,
+    reportSlots(tx, rows),
   ]);
-  const took = new Set(updated.map((u) => u.i));
-  const byJob = new Map<string, { state: string | null; stage: string | null }[]>();
-  for (const h of hosts) {
-    const list = byJob.get(h.job_id);
-    if (list) list.push(h);
-    else byJob.set(h.job_id, [h]);
-  }
   const changes: JobStateChange[] = [];
   reports.forEach((r, i) => {
     const job = jobs.get(r.at.jobId);

@@ -110,3 +110,131 @@ export function hostWhere(sql: Db, c: HostConditions): Fragment {
 export async function notifyHost(tx: Db, hostId: string): Promise<void> {
   await tx`select pg_notify('treadmill_hosts', ${hostId})`;
 }
+
+// The job system's statements on hosts: supervisors' streams attaching and
+// detaching, and what a scheduling pass reads. A host is attached while a
+// replica (attached_replica) holds a stream (attach_session) of its
+// supervisor; a detached host's jobs survive its grace period (detached_at).
+
+/** What a supervisor's hello says of its host. */
+export interface Attachment {
+  hostId: string;
+  replica: string;
+  session: string;
+  supervisorVersion: string;
+  /** 0: the host's own capacity. */
+  capacity: number;
+  draining: boolean;
+}
+
+/** Records the attachment of a host's new stream (superseding any other) and returns the host; undefined when it is gone. */
+export async function attachHost(tx: Db, a: Attachment): Promise<HostRow | undefined> {
+  const [h] = await tx<HostRow[]>`
+    update hosts as h set attached_replica = ${a.replica}, attach_session = ${a.session}, attached_at = now(),
+      last_seen_at = now(), detached_at = null, supervisor_version = ${a.supervisorVersion},
+      supervisor_capacity = ${a.capacity > 0 ? a.capacity : null}, supervisor_draining = ${a.draining}
+    where id = ${a.hostId}
+    returning ${hostColumns(tx)}`;
+  return h;
+}
+
+/** A host attached: its stream's replica re-reads its commands, the older stream hears it was superseded, the scheduler may place jobs. */
+export async function notifyAttached(tx: Db, hostId: string): Promise<void> {
+  await tx`select pg_notify('treadmill_commands', ${hostId}), pg_notify('treadmill_hosts', ${hostId}),
+    pg_notify('treadmill_schedule', '')`;
+}
+
+/** Attaches again a host another replica detached while its stream `session` lives here; whether it was still detached. */
+export async function reattachHost(sql: Db, hostId: string, replica: string, session: string): Promise<boolean> {
+  const rows = await sql`
+    update hosts set attached_replica = ${replica}, attach_session = ${session}, attached_at = now(), detached_at = null
+    where id = ${hostId} and attach_session is null
+    returning pg_notify('treadmill_hosts', id::text), pg_notify('treadmill_schedule', '')`;
+  return rows.length > 0;
+}
+
+/** The supervisor of the stream `session` drains (takes no new jobs) or stops draining. */
+export async function setSupervisorDraining(sql: Db, hostId: string, session: string, draining: boolean): Promise<void> {
+  await sql`
+    update hosts set supervisor_draining = ${draining}
+    where id = ${hostId} and attach_session = ${session}
+    returning pg_notify('treadmill_hosts', id::text), pg_notify('treadmill_schedule', '')`;
+}
+
+/** Records that the stream `session` of the host ended (its grace period starts); whether it was the host's stream. */
+export async function detachHost(tx: Db, hostId: string, session: string): Promise<boolean> {
+  const rows = await tx`
+    update hosts set attached_replica = null, attach_session = null, attached_at = null, detached_at = now(),
+      supervisor_draining = false
+    where id = ${hostId} and attach_session = ${session}
+    returning pg_notify('treadmill_hosts', id::text)`;
+  return rows.length > 0;
+}
+
+/** Detaches the hosts recorded as attached to `replica` by a stream other than `live`; how many. */
+export async function detachOrphans(sql: Db, replica: string, live: string[]): Promise<number> {
+  const rows = await sql`
+    update hosts set attached_replica = null, attach_session = null, attached_at = null, detached_at = now(),
+      supervisor_draining = false
+    where attached_replica = ${replica} and not (attach_session = any(${live}::uuid[]))
+    returning id, pg_notify('treadmill_hosts', id::text)`;
+  return rows.length;
+}
+
+/** Detached hosts whose grace (`windowMs` back) had not run out get it whole from now; how many. */
+export async function restartGrace(sql: Db, windowMs: number): Promise<number> {
+  const rows = await sql`
+    update hosts set detached_at = now()
+    where attached_replica is null and detached_at is not null and detached_at < now()
+      and detached_at > now() - ${windowMs} * interval '1 millisecond'
+    returning id`;
+  return rows.length;
+}
+
+/** Supervisors heard from: their last-seen time, in one write; rows busy elsewhere are left for the next. */
+export async function markSeen(sql: Db, ids: string[]): Promise<void> {
+  await sql`
+    update hosts h set last_seen_at = now()
+    from (select id from hosts where id = any(${ids}::uuid[]) order by id for update skip locked) l
+    where h.id = l.id`;
+}
+
+/** Whether host `hostId` is still detached and past the grace period `graceMs`. */
+export async function stillDropped(tx: Db, hostId: string, graceMs: number): Promise<boolean> {
+  const rows = await tx`
+    select 1 from hosts h
+    where h.id = ${hostId} and h.attached_replica is null
+      and coalesce(h.detached_at, '-infinity') < now() - ${graceMs} * interval '1 millisecond'`;
+  return rows.length > 0;
+}
+
+/** Records this replica's heartbeat (coordinator_replicas: which replicas live to hold streams). */
+export async function replicaHeartbeat(sql: Db, replica: string): Promise<void> {
+  await sql`
+    insert into coordinator_replicas (id) values (${replica})
+    on conflict (id) do update set heartbeat_at = now()`;
+}
+
+/** Removes this replica from coordinator_replicas (it stops). */
+export async function replicaGone(sql: Db, replica: string): Promise<void> {
+  await sql`delete from coordinator_replicas where id = ${replica}`;
+}
+
+/**
+ * Detaches the hosts of other replicas silent for `staleMs` (their grace
+ * starts at the dead replica's last heartbeat), and forgets replicas silent
+ * for a day; how many hosts.
+ */
+export async function detachHostsOfDeadReplicas(sql: Db, replica: string, staleMs: number): Promise<number> {
+  const rows = await sql`
+    update hosts h set attached_replica = null, attach_session = null, attached_at = null,
+      detached_at = coalesce((select r.heartbeat_at from coordinator_replicas r where r.id = h.attached_replica), now())
+    where h.attached_replica is not null and h.attached_replica <> ${replica}
+      and h.attached_at < now() - ${staleMs} * interval '1 millisecond'
+      and not exists (
+        select 1 from coordinator_replicas r
+        where r.id = h.attached_replica and r.heartbeat_at > now() - ${staleMs} * interval '1 millisecond')
+    returning h.id, pg_notify('treadmill_hosts', h.id::text)`;
+  await sql`delete from coordinator_replicas where heartbeat_at < now() - interval '1 day'`;
+  return rows.length;
+}

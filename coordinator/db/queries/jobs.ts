@@ -109,6 +109,11 @@ async function notifyJobHosts(tx: Db, jobIds: string | string[]): Promise<void> 
     from (select distinct host_id as id from job_hosts where job_id = any(${ids}::uuid[]) and released_at is null) h`;
 }
 
+/** Locks the rows of jobs `ids` in id order (the lock order); starts it at once, ahead of what follows on the connection. */
+export function lockJobs(tx: Db, ids: string[]): Promise<unknown> {
+  return tx`select 1 from jobs where id = any(${[...ids].sort()}::uuid[]) order by id for update`.execute();
+}
+
 /** A change of one job's state (or of its requested stop), with the timeline event that says it. */
 export type JobStateChange =
   /** The job's state follows its hosts' (INITIALIZING, RUNNING, TERMINATING, with a stage). */
