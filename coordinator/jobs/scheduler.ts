@@ -37,17 +37,17 @@ import type { ReservedSql } from "postgres";
 import type { StartJob } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
-import { type StartRow, type StartTokens, mintStartTokens, startColumns, startJobMessages } from "./commands.js";
+import type { StartRow } from "../db/queries/jobs.js";
+import { type StartTokens, mintStartTokens, startJobMessages } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
-import { type HostCandidate, PassPlacement, type Placed, type QueuedJob, type Service, ServicePicker } from "./placement.js";
-import { ACTIVE_STATES } from "../db/queries/jobs.js";
+import { PassPlacement, type Placed, type Service, ServicePicker } from "./placement.js";
+import { deniedPairs, eligibleHosts, hostGrantsExist } from "../db/queries/hosts.js";
+import { activeJobsPerOwner, assignJobs, liveLogServersAndProxies, readQueue, tryPassLock } from "../db/queries/jobs.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
-import { eventWrites, recordWaiting } from "../db/queries/events.js";
+import { recordWaiting } from "../db/queries/events.js";
 import { pipeline, withReserved } from "../db/reserved.js";
 
-/** pg_advisory lock key of a scheduling pass ("tmsched" in ASCII). */
-const PASS_LOCK = 0x746d_7363_6865_64n;
 const CHUNK = 1000;
 const RETRY_MS = 15;
 
@@ -173,52 +173,20 @@ export class Scheduler {
     };
     const limit = this.config.maxJobsPerUser;
     const aging = this.config.schedulerAgingMs;
-    // The queue in order. Jobs of one base priority are in queued_at order
-    // whatever the aging, so the first `offset + size` of the whole queue
-    // are among the first `offset + size` of each priority: those are read
-    // through the queue index (priorities found by a skip scan), and only
-    // they are sorted, not the whole queue.
-    const queue = (size: number, offset: number) => tx<QueuedJob[]>`
-      with recursive p as (
-        (select priority from jobs where state = 'queued' order by priority desc limit 1)
-        union all
-        select (select j.priority from jobs j where j.state = 'queued' and j.priority < p.priority order by j.priority desc limit 1)
-        from p where p.priority is not null)
-      select j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
-        j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms
-      from p, lateral (
-        select * from jobs j where j.state = 'queued' and j.priority = p.priority
-        order by j.queued_at, j.created_at, j.id limit ${offset + size}) j
-      order by j.priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - j.queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
-        j.queued_at, j.created_at, j.id
-      limit ${size} offset ${offset}`;
+    const queue = (size: number, offset: number) => readQueue(tx, size, offset, aging);
     // The first chunk of the queue, sized to the free slots of the last pass
     // (a pass that can place a few jobs reads a few rows, not the whole queue).
     let size = Math.min(CHUNK, Math.max(32, 4 * this.lastSlots));
     // Pipelined: BEGIN, the pass lock, then the reads, in one round trip.
     pipeline(tx`begin`);
     pipeline(tx`set local plan_cache_mode = force_custom_plan`);
-    const [[{ ok }], eligible, [{ grants }], counts, first, services] = await Promise.all([
-      tx<{ ok: boolean }[]>`select pg_try_advisory_xact_lock(${PASS_LOCK.toString()}::bigint) as ok`,
-      tx<HostCandidate[]>`
-        select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
-          h.attached_replica,
-          greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
-            - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int as free
-        from hosts h
-        where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
-        order by h.name`,
-      tx<{ grants: boolean }[]>`select exists (select 1 from host_grants) as grants`,
-      limit > 0
-        ? tx<{ owner_id: string; n: number }[]>`
-            select owner_id, count(*)::int as n from jobs where state in ${tx(ACTIVE_STATES)} group by owner_id`
-        : Promise.resolve([]),
+    const [ok, eligible, grants, counts, first, services] = await Promise.all([
+      tryPassLock(tx),
+      eligibleHosts(tx),
+      hostGrantsExist(tx),
+      limit > 0 ? activeJobsPerOwner(tx) : Promise.resolve([]),
       queue(size, 0),
-      tx<Service[]>`
-        select kind, url, site from services
-        where kind in ('log_server', 'proxy') and not draining
-          and last_heartbeat_at > now() - (3 * heartbeat_interval_ms) * interval '1 millisecond'
-        order by url`,
+      liveLogServersAndProxies(tx),
     ]);
     if (!ok) return end(true);
     const placement = new PassPlacement(eligible, {
@@ -231,14 +199,7 @@ export class Scheduler {
 
     for (let offset = 0, chunk = first; ; ) {
       const ask = placement.accessToCheck(chunk);
-      if (ask.length > 0) {
-        placement.learnDenied(
-          await tx<{ owner: string; host: string }[]>`
-            select v.owner::text as owner, v.host::text as host
-            from unnest(${ask.map((p) => p.owner)}::uuid[], ${ask.map((p) => p.host)}::uuid[]) as v(owner, host)
-            where not treadmill_user_may_use_host(v.owner, v.host)`,
-        );
-      }
+      if (ask.length > 0) placement.learnDenied(await deniedPairs(tx, ask));
       placement.place(chunk);
       if (chunk.length < size || placement.exhausted) break;
       offset += size;
@@ -316,57 +277,12 @@ export class Scheduler {
       }
     });
     const [starts] = await Promise.all([
-      tx<(StartRow & { host_id: string; local: boolean; n1: unknown; n2: unknown; n3: unknown })[]>`
-        with v as materialized (
-          select * from jsonb_to_recordset(${tx.json(plan as never)}::jsonb)
-            as v(id uuid, owner uuid, attempt int, logs text[], proxy text, message text)),
-        r as materialized (
-          select * from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
-            as r(job uuid, host uuid, attempt int, index int, local boolean)),
-        lh as materialized (
-          select h.id,
-            least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
-              - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null)::int as free
-          from hosts h
-          where h.id in (select host from r)
-            and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
-          order by h.id
-          for update of h skip locked),
-        lj as materialized (
-          select id from jobs where id in (select id from v) and state = 'queued' order by id for update skip locked),
-        -- All or none: a job whose every host (with the slots) and itself are locked.
-        ok as materialized (
-          select v.* from v
-          where v.id in (select id from lj)
-            and not exists (
-              select 1 from r left join lh on lh.id = r.host
-              where r.job = v.id
-                and (lh.id is null or lh.free < (select count(*) from r r2 where r2.host = r.host)))),
-        ins as (
-          insert into job_hosts (job_id, host_id, attempt, host_index)
-          select job, host, attempt, index from r where job in (select id from ok)),
-        j as (
-          update jobs j set state = 'assigned', stage = null, assigned_at = now(), started_at = null,
-            deadline_at = now() + j.job_timeout_ms * interval '1 millisecond',
-            log_server_urls = j.log_server_urls || array(select u from unnest(v.logs) u where u <> all(j.log_server_urls)),
-            proxy_url = v.proxy, status_message = '', updated_at = now()
-          from ok v where j.id = v.id
-          returning j.id, j.attempt, j.spec, j.manifest_digest, j.owner_id, j.image_holder, j.deadline_at, j.log_server_urls, j.proxy_url),
-        -- The timeline and audit events of the assignments, written as recordEvents writes them.
-        e as (
-          select 0 as i, id as job, 'state_changed' as kind, 'assigned' as state, null::text as stage, message, attempt,
-            null::uuid as host, 'system' as actor, owner, jsonb_build_object('state', 'assigned', 'attempt', attempt) as details
-          from ok),
-        ${eventWrites(tx, tx`e`)}
-        select ${startColumns(tx)}, r.index as host_index, r.host as host_id, r.local,
-          pg_notify('treadmill_jobs', j.id::text) as n1, pg_notify('treadmill_hosts', r.host::text) as n2,
-          case when not r.local then pg_notify('treadmill_commands', r.host::text) end as n3
-        from j join r on r.job = j.id join hosts h on h.id = r.host`,
+      assignJobs(tx, plan, rows),
       tx`commit`.execute(),
     ]);
     const peers = new Map(placements.map((p) => [p.job.id, p.hosts.map((h, index) => ({ index, id: h.id, name: h.name }))]));
     const local = new Map<string, StartRow[]>();
-    for (const { host_id, local: here, n1: _1, n2: _2, n3: _3, ...start } of starts) {
+    for (const { host_id, local: here, ...start } of starts) {
       if (!here) continue;
       const list = local.get(host_id) ?? [];
       list.push({ ...start, peers: peers.get(start.id)! });

@@ -238,3 +238,43 @@ export async function detachHostsOfDeadReplicas(sql: Db, replica: string, staleM
   await sql`delete from coordinator_replicas where heartbeat_at < now() - interval '1 day'`;
   return rows.length;
 }
+
+/** An attached, enabled, non-draining host as a scheduling pass reads it, busy or not. */
+export interface EligibleHost {
+  id: string;
+  name: string;
+  /** Its tags with site=<site> added. */
+  tags: Record<string, string>;
+  site: string;
+  driver_kind: string;
+  media_types: string[];
+  /** Free slots: its capacity (the supervisor's, if smaller) minus the slots it holds. */
+  free: number;
+  attached_replica: string;
+}
+
+/** The hosts a pass may place jobs on, by name. */
+export function eligibleHosts(tx: Db): Promise<EligibleHost[]> {
+  return tx<EligibleHost[]>`
+    select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
+      h.attached_replica,
+      greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+        - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int as free
+    from hosts h
+    where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+    order by h.name`;
+}
+
+/** Whether any host grant exists (none: every user may use every host). */
+export async function hostGrantsExist(tx: Db): Promise<boolean> {
+  const [{ grants }] = await tx<{ grants: boolean }[]>`select exists (select 1 from host_grants) as grants`;
+  return grants;
+}
+
+/** The (owner, host) pairs of `pairs` whose owner may not use the host (treadmill_user_may_use_host). */
+export function deniedPairs(tx: Db, pairs: { owner: string; host: string }[]): Promise<{ owner: string; host: string }[]> {
+  return tx<{ owner: string; host: string }[]>`
+    select v.owner::text as owner, v.host::text as host
+    from unnest(${pairs.map((p) => p.owner)}::uuid[], ${pairs.map((p) => p.host)}::uuid[]) as v(owner, host)
+    where not treadmill_user_may_use_host(v.owner, v.host)`;
+}

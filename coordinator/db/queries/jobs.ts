@@ -15,7 +15,7 @@
 import type { JsonValue } from "@bufbuild/protobuf";
 import type { Sql, TransactionSql } from "postgres";
 import { pipeline } from "../reserved.js";
-import { type EventInput, recordEvents } from "./events.js";
+import { type EventInput, eventWrites, recordEvents } from "./events.js";
 
 export type Db = Sql | TransactionSql;
 
@@ -189,4 +189,213 @@ export async function writeJobStates(tx: Db, changes: JobStateChange[]): Promise
     ),
     notifyJobHosts(tx, told),
   ]);
+}
+
+/** What a StartJob is built from: a job row (`j`), its host (`h`) and what they point at. */
+export interface StartRow {
+  id: string;
+  attempt: number;
+  spec: JsonValue;
+  manifest_digest: string;
+  owner_id: string;
+  /** The holder the image token names (jobs.image_holder; null: the owner). */
+  image_holder: string | null;
+  deadline_at: Date | null;
+  log_server_urls: string[];
+  proxy_url: string;
+  host_index: number;
+  secrets: Record<string, string>;
+  locations: string[] | null;
+  cache_url: string | null;
+  peers: { index: number; id: string; name: string }[] | null;
+}
+
+/**
+ * The select list of a StartRow but for `host_index` and `peers`: the job's
+ * columns from `j` (jobs, or an update's returned rows), the secret values,
+ * the image's locations (the host's site first) and the site's cache from `h`
+ * (hosts).
+ */
+export const startColumns = (sql: Db) => sql`
+  j.id, j.attempt, j.spec, j.manifest_digest, j.owner_id, j.image_holder, j.deadline_at, j.log_server_urls, j.proxy_url,
+  (select coalesce(jsonb_object_agg(s.name, s.value), '{}') from job_secrets s where s.job_id = j.id) as secrets,
+  (select array_agg(u order by same_site desc, first_seen)
+     from (select l->>'url' as u, bool_or(coalesce(l->>'site', '') = h.site) as same_site, min(i.created_at) as first_seen
+           from images i, jsonb_array_elements(i.locations) l
+           where i.digest = j.manifest_digest and coalesce(l->>'url', '') <> ''
+           group by l->>'url') loc) as locations,
+  (select s.url from services s
+     where s.kind = 'image_cache' and s.site = h.site and not s.draining
+       and s.last_heartbeat_at > now() - (3 * s.heartbeat_interval_ms) * interval '1 millisecond'
+     order by s.active_streams, s.url limit 1) as cache_url`;
+
+/** The StartJob rows of the current, unfinalized attempts of `jobIds` on `hostId`. */
+export function startRows(sql: Db, hostId: string, jobIds: string[]): Promise<StartRow[]> {
+  return sql<StartRow[]>`
+    select ${startColumns(sql)}, jh.host_index,
+      (select jsonb_agg(jsonb_build_object('index', p.host_index, 'id', p.host_id, 'name', ph.name) order by p.host_index)
+         from job_hosts p join hosts ph on ph.id = p.host_id
+         where p.job_id = j.id and p.attempt = j.attempt) as peers
+    from jobs j
+      join job_hosts jh on jh.job_id = j.id and jh.attempt = j.attempt and jh.host_id = ${hostId}
+      join hosts h on h.id = jh.host_id
+    where j.id = any(${jobIds}::uuid[]) and j.state <> 'finalized'`;
+}
+
+// A scheduling pass (jobs/scheduler.ts): its reads, sent together, and its
+// one writing statement.
+
+/** pg_advisory lock key of a scheduling pass ("tmsched" in ASCII). */
+const PASS_LOCK = 0x746d_7363_6865_64n;
+
+/** Takes the pass lock for the transaction, if no other pass holds it: one pass at a time across replicas. */
+export async function tryPassLock(tx: Db): Promise<boolean> {
+  const [{ ok }] = await tx<{ ok: boolean }[]>`select pg_try_advisory_xact_lock(${PASS_LOCK.toString()}::bigint) as ok`;
+  return ok;
+}
+
+/** A queued job as a pass reads it. */
+export interface QueuedJobRow {
+  id: string;
+  owner_id: string;
+  attempt: number;
+  host_count: number;
+  required_tags: Record<string, string>;
+  required_site: string | null;
+  required_driver: string | null;
+  media_types: string[];
+  manifest_digest: string;
+  image_holder: string | null;
+  job_timeout_ms: number;
+}
+
+/**
+ * `size` queued jobs from `offset` in the scheduler's order: effective
+ * priority (priority plus one point per `agingMs` of waiting; 0: none),
+ * queued_at, created_at, id.
+ */
+export function readQueue(tx: Db, size: number, offset: number, aging: number): Promise<QueuedJobRow[]> {
+    // The queue in order. Jobs of one base priority are in queued_at order
+  // whatever the aging, so the first `offset + size` of the whole queue
+  // are among the first `offset + size` of each priority: those are read
+  // through the queue index (priorities found by a skip scan), and only
+  // they are sorted, not the whole queue.
+  return tx<QueuedJobRow[]>`
+      with recursive p as (
+        (select priority from jobs where state = 'queued' order by priority desc limit 1)
+        union all
+        select (select j.priority from jobs j where j.state = 'queued' and j.priority < p.priority order by j.priority desc limit 1)
+        from p where p.priority is not null)
+      select j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
+        j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms
+      from p, lateral (
+        select * from jobs j where j.state = 'queued' and j.priority = p.priority
+        order by j.queued_at, j.created_at, j.id limit ${offset + size}) j
+      order by j.priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - j.queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
+        j.queued_at, j.created_at, j.id
+      limit ${size} offset ${offset}`;
+}
+
+/** Jobs assigned or running per owner (the per-user limit). */
+export function activeJobsPerOwner(tx: Db): Promise<{ owner_id: string; n: number }[]> {
+  return tx<{ owner_id: string; n: number }[]>`
+    select owner_id, count(*)::int as n from jobs where state in ${tx(ACTIVE_STATES)} group by owner_id`;
+}
+
+/** A live log server or proxy (services), where a job's logs and sessions go. */
+export interface LiveService {
+  kind: string;
+  url: string;
+  site: string;
+}
+
+/** The live, non-draining log servers and proxies, by url. */
+export function liveLogServersAndProxies(tx: Db): Promise<LiveService[]> {
+  return tx<LiveService[]>`
+    select kind, url, site from services
+    where kind in ('log_server', 'proxy') and not draining
+      and last_heartbeat_at > now() - (3 * heartbeat_interval_ms) * interval '1 millisecond'
+    order by url`;
+}
+
+/** A placed job: its log servers, proxy and timeline message. */
+export interface AssignedJob {
+  id: string;
+  owner: string;
+  attempt: number;
+  logs: string[];
+  proxy: string;
+  message: string;
+}
+
+/** One host of a placed job (`local`: its stream is on this replica). */
+export interface AssignedHost {
+  job: string;
+  host: string;
+  attempt: number;
+  index: number;
+  local: boolean;
+}
+
+/**
+ * The scheduler's one writing statement. Locks what the placements use,
+ * skipping rows busy elsewhere (hosts re-checked to qualify and to have the
+ * slots, jobs to be still queued), and records each placement whose every
+ * row it locked (all or none): its slots, the job ASSIGNED, the timeline and
+ * audit events (eventWrites, as recordEvents writes them), the
+ * notifications. Returns the StartJob rows (but peers) of the assigned jobs'
+ * hosts.
+ */
+export async function assignJobs(
+  tx: Db,
+  plan: AssignedJob[],
+  rows: AssignedHost[],
+): Promise<(Omit<StartRow, "peers"> & { host_id: string; local: boolean })[]> {
+  const starts = await tx<(StartRow & { host_id: string; local: boolean; n1: unknown; n2: unknown; n3: unknown })[]>`
+    with v as materialized (
+      select * from jsonb_to_recordset(${tx.json(plan as never)}::jsonb)
+        as v(id uuid, owner uuid, attempt int, logs text[], proxy text, message text)),
+    r as materialized (
+      select * from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
+        as r(job uuid, host uuid, attempt int, index int, local boolean)),
+    lh as materialized (
+      select h.id,
+        least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+          - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null)::int as free
+      from hosts h
+      where h.id in (select host from r)
+        and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+      order by h.id
+      for update of h skip locked),
+    lj as materialized (
+      select id from jobs where id in (select id from v) and state = 'queued' order by id for update skip locked),
+    -- All or none: a job whose every host (with the slots) and itself are locked.
+    ok as materialized (
+      select v.* from v
+      where v.id in (select id from lj)
+        and not exists (
+          select 1 from r left join lh on lh.id = r.host
+          where r.job = v.id
+            and (lh.id is null or lh.free < (select count(*) from r r2 where r2.host = r.host)))),
+    ins as (
+      insert into job_hosts (job_id, host_id, attempt, host_index)
+      select job, host, attempt, index from r where job in (select id from ok)),
+    j as (
+      update jobs j set state = 'assigned', stage = null, assigned_at = now(), started_at = null,
+        deadline_at = now() + j.job_timeout_ms * interval '1 millisecond',
+        log_server_urls = j.log_server_urls || array(select u from unnest(v.logs) u where u <> all(j.log_server_urls)),
+        proxy_url = v.proxy, status_message = '', updated_at = now()
+      from ok v where j.id = v.id
+      returning j.id, j.attempt, j.spec, j.manifest_digest, j.owner_id, j.image_holder, j.deadline_at, j.log_server_urls, j.proxy_url),
+    -- The timeline and audit events of the assignments, written as recordEvents writes them.
+    e as (
+      select 0 as i, id as job, 'state_changed' as kind, 'assigned' as state, null::text as stage, message, attempt,
+        null::uuid as host, 'system' as actor, owner, jsonb_build_object('state', 'assigned', 'attempt', attempt) as details
+      from ok),
+    ${eventWrites(tx, tx`e`)}
+    select ${startColumns(tx)}, r.index as host_index, r.host as host_id, r.local,
+      pg_notify('treadmill_jobs', j.id::text) as n1, pg_notify('treadmill_hosts', r.host::text) as n2,
+      case when not r.local then pg_notify('treadmill_commands', r.host::text) end as n3
+    from j join r on r.job = j.id join hosts h on h.id = r.host`;
+  return starts.map(({ n1: _1, n2: _2, n3: _3, ...start }) => start);
 }
