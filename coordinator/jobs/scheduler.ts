@@ -43,7 +43,7 @@ import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
 import { PassPlacement, type Placed, type Service, ServicePicker } from "./placement.js";
 import { deniedPairs, eligibleHosts, hostGrantsExist } from "../db/queries/hosts.js";
-import { activeJobsPerOwner, assignJobs, liveLogServersAndProxies, readQueue, tryPassLock } from "../db/queries/jobs.js";
+import { activeJobsPerOwner, assignJobs, customPlans, liveLogServersAndProxies, readQueue, tryPassLock } from "../db/queries/jobs.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { recordWaiting } from "../db/queries/events.js";
 import { pipeline, withReserved } from "../db/reserved.js";
@@ -179,7 +179,7 @@ export class Scheduler {
     let size = Math.min(CHUNK, Math.max(32, 4 * this.lastSlots));
     // Pipelined: BEGIN, the pass lock, then the reads, in one round trip.
     pipeline(tx`begin`);
-    pipeline(tx`set local plan_cache_mode = force_custom_plan`);
+    customPlans(tx);
     const [ok, eligible, grants, counts, first, services] = await Promise.all([
       tryPassLock(tx),
       eligibleHosts(tx),

@@ -14,6 +14,7 @@
  */
 import type { JsonValue } from "@bufbuild/protobuf";
 import type { Sql, TransactionSql } from "postgres";
+import { isUniqueViolation } from "../../shared/common.js";
 import { pipeline } from "../reserved.js";
 import { type EventInput, eventWrites, recordEvents } from "./events.js";
 
@@ -398,4 +399,180 @@ export async function assignJobs(
       case when not r.local then pg_notify('treadmill_commands', r.host::text) end as n3
     from j join r on r.job = j.id join hosts h on h.id = r.host`;
   return starts.map(({ n1: _1, n2: _2, n3: _3, ...start }) => start);
+}
+
+// The sweep (jobs/sweeper.ts): jobs past their timeouts, each re-checked
+// under its row lock (rows busy elsewhere are left for the next sweep).
+
+/** Queued jobs past their queue timeout, oldest first (at most `limit`). */
+export function queueTimedOut(sql: Db, limit: number): Promise<{ id: string }[]> {
+  return sql<{ id: string }[]>`
+    select id from jobs
+    where state = 'queued' and queued_at + queue_timeout_ms * interval '1 millisecond' < now()
+    order by queued_at limit ${limit}`;
+}
+
+/** Locks job `id` if it is still queued past its queue timeout (not busy elsewhere). */
+export async function lockQueueTimedOut(tx: Db, id: string): Promise<boolean> {
+  const rows = await tx`
+    select id from jobs
+    where id = ${id} and state = 'queued' and queued_at + queue_timeout_ms * interval '1 millisecond' < now()
+    for update skip locked`;
+  return rows.length > 0;
+}
+
+/** Jobs assigned or running past their deadline with no stop requested yet (at most `limit`). */
+export function jobTimedOut(sql: Db, limit: number): Promise<{ id: string }[]> {
+  return sql<{ id: string }[]>`
+    select id from jobs
+    where state in ('assigned', 'initializing', 'running', 'terminating') and deadline_at < now() and stop_reason is null
+    order by deadline_at limit ${limit}`;
+}
+
+/** Locks job `id` if it is still past its deadline with no stop requested (not busy elsewhere). */
+export async function lockJobTimedOut(tx: Db, id: string): Promise<boolean> {
+  const rows = await tx`
+    select id from jobs
+    where id = ${id} and state in ('assigned', 'initializing', 'running', 'terminating')
+      and deadline_at < now() and stop_reason is null
+    for update skip locked`;
+  return rows.length > 0;
+}
+
+// JobService (jobs/job-service.ts).
+
+/** An image of the catalog as SubmitJob reads it, with whether the caller may use it. */
+export interface ImageForJob {
+  name: string;
+  tag: string;
+  digest: string;
+  media_types: string[];
+  holder_id: string | null;
+  allowed: boolean;
+}
+
+/** The catalog's image a job names (by digest: the one the user may use, held by the user first, oldest first). */
+export async function imageForJob(
+  sql: Db,
+  userId: string,
+  image: { digest: string } | { name: string; tag: string },
+): Promise<ImageForJob | undefined> {
+  const [row] =
+    "digest" in image
+      ? await sql<ImageForJob[]>`
+          select name, tag, digest, media_types, holder_id, treadmill_user_may_use_image(${userId}, name, tag) as allowed
+          from images where digest = ${image.digest}
+          order by allowed desc, (holder_id = ${userId}) desc nulls last, created_at limit 1`
+      : await sql<ImageForJob[]>`
+          select name, tag, digest, media_types, holder_id, treadmill_user_may_use_image(${userId}, name, tag) as allowed
+          from images where name = ${image.name} and tag = ${image.tag}`;
+  return row;
+}
+
+/** The job a user submitted with `requestId` within the last 24 hours (older uses are forgotten). */
+export async function jobOfRequest(tx: Db, ownerId: string, requestId: string): Promise<string | undefined> {
+  await tx`
+    update jobs set request_id = null
+    where owner_id = ${ownerId} and request_id = ${requestId} and created_at < now() - interval '24 hours'`;
+  const [existing] = await tx<{ id: string }[]>`select id from jobs where owner_id = ${ownerId} and request_id = ${requestId}`;
+  return existing?.id;
+}
+
+/** A user's unfinished jobs. */
+export async function unfinishedJobs(tx: Db, ownerId: string): Promise<number> {
+  const [{ n }] = await tx<{ n: number }[]>`select count(*)::int as n from jobs where owner_id = ${ownerId} and state <> 'finalized'`;
+  return n;
+}
+
+/** A new job, QUEUED. */
+export interface NewJob {
+  id: string;
+  ownerId: string;
+  spec: JsonValue;
+  priority: number;
+  digest: string;
+  holderId: string | null;
+  mediaTypes: string[];
+  hostCount: number;
+  requiredTags: Record<string, string>;
+  requiredSite: string | null;
+  requiredDriver: string | null;
+  maxRestarts: number;
+  queueTimeoutMs: number;
+  jobTimeoutMs: number;
+  requestId: string | null;
+  /** name -> value of the secret parameters (job_secrets). */
+  secrets: ReadonlyMap<string, string>;
+}
+
+/**
+ * Inserts a job and its secret values; returns its id, or the id of the job
+ * another call created with the same request id meanwhile (then nothing is
+ * inserted). The caller records the `submitted` event.
+ */
+export async function insertJob(tx: TransactionSql, j: NewJob): Promise<string> {
+  try {
+    await tx.savepoint(async (sp) => {
+      await sp`
+        insert into jobs (id, owner_id, spec, priority, manifest_digest, image_holder, media_types, host_count, required_tags,
+          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id)
+        values (${j.id}, ${j.ownerId}, ${sp.json(j.spec as never)}, ${j.priority},
+          ${j.digest}, ${j.holderId}, ${j.mediaTypes}, ${j.hostCount}, ${sp.json(j.requiredTags)},
+          ${j.requiredSite}, ${j.requiredDriver}, ${j.maxRestarts}, ${j.queueTimeoutMs},
+          ${j.jobTimeoutMs}, ${j.requestId})`;
+    });
+  } catch (err) {
+    if (!isUniqueViolation(err, "jobs_owner_request_id_idx")) throw err;
+    const [existing] = await tx<{ id: string }[]>`select id from jobs where owner_id = ${j.ownerId} and request_id = ${j.requestId}`;
+    return existing.id;
+  }
+  if (j.secrets.size > 0) {
+    const names = [...j.secrets.keys()];
+    await tx`
+      insert into job_secrets (job_id, name, value)
+      select ${j.id}, * from unnest(${names}::text[], ${names.map((n) => j.secrets.get(n)!)}::text[])`;
+  }
+  return j.id;
+}
+
+/** The scheduler may have work (a job was queued). */
+export async function notifySchedule(tx: Db): Promise<void> {
+  await tx`select pg_notify('treadmill_schedule', '')`;
+}
+
+/** ListJobs' and WatchJobs' filter, validated (owner forced for a non-admin). */
+export interface JobFilterConditions {
+  owner: string;
+  states: string[];
+  host: string;
+  tags: Record<string, string>;
+}
+
+function jobConditions(sql: Db, f: JobFilterConditions) {
+  const empty = sql``;
+  return sql`
+    ${f.owner !== "" ? sql`and j.owner_id = ${f.owner}` : empty}
+    ${f.states.length > 0 ? sql`and j.state = any(${f.states}::text[])` : empty}
+    ${f.host !== "" ? sql`and exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = j.attempt and jh.host_id = ${f.host})` : empty}
+    ${Object.keys(f.tags).length > 0 ? sql`and j.spec->'tags' @> ${sql.json(f.tags)}::jsonb` : empty}`;
+}
+
+/** A page of jobs matching `f`, newest first, before job `after` if given (keyset), at most `limit`. */
+export function listJobRows(sql: Db, f: JobFilterConditions, after: string | undefined, limit: number): Promise<JobRow[]> {
+  return sql<JobRow[]>`
+    select ${jobColumns(sql)} from jobs j
+    where true ${jobConditions(sql, f)} ${after !== undefined ? sql`and j.id < ${after}` : sql``}
+    order by j.id desc limit ${limit}`;
+}
+
+/** Every unfinished job matching `f`, by id. */
+export function unfinishedJobRows(sql: Db, f: JobFilterConditions): Promise<JobRow[]> {
+  return sql<JobRow[]>`
+    select ${jobColumns(sql)} from jobs j where j.state <> 'finalized' ${jobConditions(sql, f)} order by j.id`;
+}
+
+/** The proxy a job's sessions go through ("" when none was registered at its start); undefined for no such job. */
+export async function proxyOf(sql: Db, jobId: string): Promise<{ proxy_url: string } | undefined> {
+  const [row] = await sql<{ proxy_url: string }[]>`select proxy_url from jobs where id = ${jobId}`;
+  return row;
 }
