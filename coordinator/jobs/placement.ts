@@ -31,34 +31,14 @@
  * the host's site first) is here too (`ServicePicker`).
  */
 
-/** An attached, enabled, non-draining host as a pass sees it. */
-export interface HostCandidate {
-  id: string;
-  name: string;
-  /** Its tags with site=<site> added. */
-  tags: Record<string, string>;
-  site: string;
-  driver_kind: string;
-  media_types: string[];
-  /** Free slots (capacity minus the attempts it holds). */
-  free: number;
-  attached_replica: string;
-}
+import type { EligibleHost } from "../db/queries/hosts.js";
+import type { LiveService, QueuedJobRow } from "../db/queries/jobs.js";
+
+/** An attached, enabled, non-draining host as a pass sees it (its tags with site=<site>, its free slots). */
+export type HostCandidate = EligibleHost;
 
 /** A queued job as a pass sees it. */
-export interface QueuedJob {
-  id: string;
-  owner_id: string;
-  attempt: number;
-  host_count: number;
-  required_tags: Record<string, string>;
-  required_site: string | null;
-  required_driver: string | null;
-  media_types: string[];
-  manifest_digest: string;
-  image_holder: string | null;
-  job_timeout_ms: number;
-}
+export type QueuedJob = QueuedJobRow;
 
 /** A job and the hosts it is placed on, in host-index order. */
 export interface Placed {
@@ -177,11 +157,7 @@ export class PassPlacement {
 }
 
 /** A live log server or proxy. */
-export interface Service {
-  kind: string;
-  url: string;
-  site: string;
-}
+export type Service = LiveService;
 
 /** Where a placed job's logs and sessions go. */
 export interface ServiceChoice {
