@@ -49,5 +49,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     const { message, exitCode } = explain(err, ctx.errorContext);
     if (ctx.verbose && !(err instanceof CliError)) io.stderr.write(`${(err as Error)?.stack ?? String(err)}\n`);
     return fail(message, exitCode);
+  } finally {
+    ctx.close();
   }
 }

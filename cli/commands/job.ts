@@ -113,6 +113,13 @@ function logSink(ctx: CliContext) {
   };
 }
 
+/** A job's log access whose connections close when the command ends. */
+function logAccess(ctx: CliContext, jobs: Jobs, jobId: string): JobLogAccess {
+  const access = new JobLogAccess(jobs, jobId);
+  ctx.onClose(() => access.close());
+  return access;
+}
+
 function parseSince(text: string | undefined): number | undefined {
   if (text === undefined) return undefined;
   const asTime = Date.parse(text);
@@ -201,7 +208,7 @@ async function followJob(
   options: { channels: string[]; quiet: boolean; logs: boolean },
 ): Promise<number> {
   const watch = new AbortController();
-  const followers = new LogFollowers(new JobLogAccess(jobs, jobId), options.channels, logSink(ctx), { signal: watch.signal });
+  const followers = new LogFollowers(logAccess(ctx, jobs, jobId), options.channels, logSink(ctx), { signal: watch.signal });
   const status = (text: string) => {
     if (!options.quiet) ctx.out.note(ctx.out.errStyle(`--> ${text}`, "cyan"));
   };
@@ -237,7 +244,7 @@ async function followJob(
       await cancel();
     }
   };
-  const unsubscribe = ctx.io.onInterrupt?.(() => void onInterrupt());
+  const unsubscribe = ctx.onInterrupt(() => void onInterrupt());
   let last = "";
   let hosts = "";
   try {
@@ -266,7 +273,7 @@ async function followJob(
     await followers.stop();
     throw err;
   } finally {
-    unsubscribe?.();
+    unsubscribe();
   }
 }
 
@@ -499,11 +506,11 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       const channels = channelsOf(flags, false);
       const sinceMs = parseSince(flags.since as string | undefined);
       const attempt = flags.attempt === undefined ? 0 : parseIntFlag("attempt", flags.attempt as string, 1, 1000);
-      const logs = new JobLogAccess(jobs, jobId);
+      const logs = logAccess(ctx, jobs, jobId);
       if (flags.follow === true) {
         const watch = new AbortController();
         const followers = new LogFollowers(logs, channels, logSink(ctx), { sinceMs, signal: watch.signal });
-        ctx.io.onInterrupt?.(() => watch.abort());
+        ctx.onInterrupt(() => watch.abort());
         try {
           await watchJob(jobs, jobId, watch.signal, (job) => {
             if (job.logServerUrls.length > 0 && job.state !== JobState.QUEUED) followers.follow(attempt === 0 ? job.attempt : attempt);
@@ -560,14 +567,14 @@ export const jobCommands: CommandSpec<CliContext>[] = [
         const progress = new AbortController();
         const prefix = `snapshot ${id}: `;
         const shown = (async () => {
-          const lines = readChannel(new JobLogAccess(jobs, args.JOB!), { channel: "supervisor", attempt: snapshot!.attempt, follow: true, signal: progress.signal });
+          const lines = readChannel(logAccess(ctx, jobs, args.JOB!), { channel: "supervisor", attempt: snapshot!.attempt, follow: true, signal: progress.signal });
           for await (const line of lines) {
             for (const text of Buffer.from(line.data).toString("utf8").split("\n")) {
               if (text.startsWith(prefix)) ctx.out.note(ctx.out.errStyle(`--> ${text.slice(prefix.length)}`, "cyan"));
             }
           }
         })().catch(() => undefined);
-        ctx.io.onInterrupt?.(() => progress.abort());
+        ctx.onInterrupt(() => progress.abort());
         try {
           ({ snapshot } = await jobs.snapshotJob({ ...request, wait: true }, { timeoutMs, signal: progress.signal }));
         } catch (err) {

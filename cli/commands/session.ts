@@ -178,8 +178,8 @@ export const sessionCommands: CommandSpec<CliContext>[] = [
       await new Promise<void>((resolve) => {
         const stop = () => resolve();
         ctx.abort.signal.addEventListener("abort", stop, { once: true });
-        const off = ctx.io.onInterrupt?.(stop);
-        server.once("close", () => off?.());
+        const off = ctx.onInterrupt(stop);
+        server.once("close", off);
       });
       server.close();
       for (const socket of connections) socket.destroy();
