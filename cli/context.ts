@@ -10,7 +10,7 @@ import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-no
 import type { DescService } from "@bufbuild/protobuf";
 import { bearerInterceptor } from "../lib/coordinator-client.js";
 import { refusedStreamRetry } from "../lib/retry.js";
-import type { FlagValues } from "./args.js";
+import type { GlobalFlags } from "./args.js";
 import { ConfigStore, type ConfigFile, type SavedContext } from "./config.js";
 import { CliError, ExitCode, type ErrorContext } from "./errors.js";
 import type { Output } from "./output.js";
@@ -47,17 +47,17 @@ export class CliContext {
     readonly io: CliIo,
     readonly out: Output,
     readonly config: ConfigStore,
-    readonly flags: FlagValues,
+    readonly flags: GlobalFlags,
   ) {}
 
   get verbose(): boolean {
-    return this.flags.verbose === true;
+    return this.flags.verbose;
   }
 
   /** The context named by --context, else the current one. */
   async selected(file?: ConfigFile): Promise<{ name: string; context: SavedContext } | undefined> {
     const config = file ?? (await this.config.load());
-    const name = (this.flags.context as string | undefined) ?? config.current;
+    const name = this.flags.context ?? config.current;
     if (name === undefined) return undefined;
     const context = config.contexts[name];
     if (context === undefined) {
