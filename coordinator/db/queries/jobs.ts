@@ -352,7 +352,11 @@ export async function assignJobs(
   plan: AssignedJob[],
   rows: AssignedHost[],
 ): Promise<(Omit<StartRow, "peers"> & { host_id: string; local: boolean })[]> {
-  const starts = await tx<(StartRow & { host_id: string; local: boolean; n1: unknown; n2: unknown; n3: unknown })[]>`
+  // Sent now, ahead of the COMMIT the caller pipelines behind it. Awaited
+  // alone, the statement would be handed to the connection a microtask after
+  // that COMMIT (postgres.js sends a query once its promise is awaited), and
+  // would run after the pass's transaction, outside its lock.
+  const starts = tx<(StartRow & { host_id: string; local: boolean; n1: unknown; n2: unknown; n3: unknown })[]>`
     with v as materialized (
       select * from jsonb_to_recordset(${tx.json(plan as never)}::jsonb)
         as v(id uuid, owner uuid, attempt int, logs text[], proxy text, message text)),
@@ -397,8 +401,8 @@ export async function assignJobs(
     select ${startColumns(tx)}, r.index as host_index, r.host as host_id, r.local,
       pg_notify('treadmill_jobs', j.id::text) as n1, pg_notify('treadmill_hosts', r.host::text) as n2,
       case when not r.local then pg_notify('treadmill_commands', r.host::text) end as n3
-    from j join r on r.job = j.id join hosts h on h.id = r.host`;
-  return starts.map(({ n1: _1, n2: _2, n3: _3, ...start }) => start);
+    from j join r on r.job = j.id join hosts h on h.id = r.host`.execute();
+  return (await starts).map(({ n1: _1, n2: _2, n3: _3, ...start }) => start);
 }
 
 // The sweep (jobs/sweeper.ts): jobs past their timeouts, each re-checked
