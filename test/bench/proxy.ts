@@ -150,7 +150,9 @@ export async function run(): Promise<void> {
   const children: ChildProcess[] = [];
   try {
     const low = 46000 + Math.floor(Math.random() * 1000);
-    const proxyArgs = [PROXY_BIN, "--port", "0", "--signing-keys-file", join(dir, "jwks.json"), "--max-tunnels-per-job", "5000", "--max-tunnels", "5000"];
+    // Every idle tunnel is a connection of its own from 127.0.0.1: the
+    // per-address limit (512 by default) would refuse the 500 idle tunnels.
+    const proxyArgs = [PROXY_BIN, "--port", "0", "--signing-keys-file", join(dir, "jwks.json"), "--max-tunnels-per-job", "5000", "--max-tunnels", "5000", "--max-connections-per-address", "0"];
     const proxy = spawn(process.execPath, [...proxyArgs, "--tcp-port-range", `${low}-${low + 999}`], {
       stdio: ["ignore", "pipe", "inherit"],
     });
