@@ -10,7 +10,7 @@ import {
 } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import type { Logger } from "./logger.js";
 import { type HealthStatus, ServingStatus } from "./server/health.js";
-import { backoff, isTransientError, refusedStreamRetry, sleep } from "./retry.js";
+import { backoff, classify, refusedStreamRetry, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
 
 /** Adds `authorization: Bearer <token>` to every call (when a token is set). */
@@ -158,7 +158,7 @@ export async function runRegistration(options: RegistrationOptions): Promise<voi
       }
       // The same failure again (the coordinator is still down) at debug: the first line and the change matter.
       const failure = `${Code[error.code]}: ${error.rawMessage}`;
-      const level = failure === lastFailure ? "debug" : isTransientError(err) ? "warn" : "error";
+      const level = failure === lastFailure ? "debug" : classify(err) === "retryable" ? "warn" : "error";
       lastFailure = failure;
       logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot reach coordinator registry; retrying");
       await sleep(delays.next().value, signal).catch(() => undefined);

@@ -70,7 +70,7 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 export interface RetryOptions extends BackoffOptions {
   /** Stops the loop: the pending sleep rejects with the signal's reason. */
   signal?: AbortSignal;
-  /** Whether an error is worth another attempt; default: every error. */
+  /** Whether an error is worth another attempt; default: `classify`'s "retryable". */
   isRetryable?: (err: unknown) => boolean;
   /** Give up after this many attempts (the first one counts); default unlimited. */
   maxAttempts?: number;
@@ -80,21 +80,21 @@ export interface RetryOptions extends BackoffOptions {
 
 /**
  * Calls `fn` until it succeeds, a failure is not retryable, the attempts run
- * out (the last error is thrown) or the signal aborts (its reason is thrown).
+ * out (the last error is thrown) or the signal aborts (the call's own error
+ * when it aborts during a call, the signal's reason when during a sleep).
  */
 export async function retry<T>(
   fn: (attempt: number, signal: AbortSignal | undefined) => Promise<T>,
   options: RetryOptions,
 ): Promise<T> {
-  const { signal, isRetryable = () => true, maxAttempts = Infinity, onRetry } = options;
+  const { signal, isRetryable = (err: unknown) => classify(err) === "retryable", maxAttempts = Infinity, onRetry } = options;
   const delays = backoff(options);
   for (let attempt = 1; ; attempt++) {
     signal?.throwIfAborted();
     try {
       return await fn(attempt, signal);
     } catch (err) {
-      if (signal?.aborted) throw signal.reason;
-      if (attempt >= maxAttempts || !isRetryable(err)) throw err;
+      if (signal?.aborted || attempt >= maxAttempts || !isRetryable(err)) throw err;
       const delay = delays.next().value;
       onRetry?.(err, attempt, delay);
       await sleep(delay, signal);
@@ -102,17 +102,69 @@ export async function retry<T>(
   }
 }
 
-const TRANSIENT_CODES = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Aborted]);
-const TRANSIENT_ERRNO = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH"]);
+/**
+ * What a failure says about trying again (DESIGN.md §11): "retryable" when
+ * the same call may succeed later, "permanent" when it will not until someone
+ * changes the request, the credential or the flags.
+ */
+export type Verdict = "retryable" | "permanent";
 
 /**
- * A default for `isRetryable` on RPCs: the codes DESIGN.md calls retryable
- * (Unavailable, DeadlineExceeded, Aborted) and network errors.
+ * Retryable: `Unavailable` (shutting down, a dependency down),
+ * `DeadlineExceeded`, `Aborted` (a lost race, a superseded stream), and what
+ * a broken connection surfaces as: `Unknown` (any error that is not a
+ * ConnectError, network errors included), `Internal` and `Canceled` (an
+ * HTTP/2 reset from the far side). A caller that cancels its own call checks
+ * its signal first: its own `Canceled` is no failure. A stream the server
+ * refused before processing it is retryable whatever its code.
  */
-export function isTransientError(err: unknown): boolean {
-  if (err instanceof ConnectError) return TRANSIENT_CODES.has(err.code) || isRefusedStream(err);
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === "string" && TRANSIENT_ERRNO.has(code);
+const RETRYABLE_CODES: ReadonlySet<Code> = new Set([
+  Code.Unavailable,
+  Code.DeadlineExceeded,
+  Code.Aborted,
+  Code.Unknown,
+  Code.Internal,
+  Code.Canceled,
+]);
+
+/**
+ * The one retryable/permanent split of the tree. Permanent: the request
+ * (`InvalidArgument`, `NotFound`, `AlreadyExists`, `FailedPrecondition`,
+ * `OutOfRange`), the credential (`Unauthenticated`, `PermissionDenied`), a
+ * limit or a full store (`ResourceExhausted`), a server that lacks the call
+ * (`Unimplemented`) and `DataLoss`. Pure: no I/O, no clock.
+ */
+export function classify(err: unknown): Verdict {
+  if (isRefusedStream(err)) return "retryable";
+  return RETRYABLE_CODES.has(ConnectError.from(err).code) ? "retryable" : "permanent";
+}
+
+/** The error codes of a connection that failed or went away (Node's errno names). */
+export const NETWORK_ERRNO: ReadonlySet<string> = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "ETIMEDOUT",
+  "EPIPE",
+  "EAI_AGAIN",
+  "ENOTFOUND",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+]);
+
+const NETWORK_MESSAGE = new RegExp(`\\b(${[...NETWORK_ERRNO].join("|")})\\b`);
+
+/**
+ * Whether `err` (or a cause of it) is a connection that failed, however the
+ * transport reported it: by errno code, or by its name in the message (the
+ * Connect transports fold the errno into the text).
+ */
+export function isNetworkError(err: unknown): boolean {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && NETWORK_ERRNO.has(code)) return true;
+    if (NETWORK_MESSAGE.test(e instanceof ConnectError ? e.rawMessage : e.message)) return true;
+  }
+  return false;
 }
 
 /**

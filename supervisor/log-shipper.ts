@@ -41,7 +41,7 @@ import {
   FrameSchema,
 } from "../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../lib/logger.js";
-import { backoff, isTransientError, refusedStreamRetry, sleep } from "../lib/retry.js";
+import { backoff, classify, refusedStreamRetry, sleep } from "../lib/retry.js";
 import { AsyncQueue } from "../lib/async/queue.js";
 import { FrameCache, Spill, SpillBudget, writeAtomic } from "./log-shipper/spill.js";
 
@@ -329,7 +329,7 @@ class ServerSender {
     const e = ConnectError.from(err);
     this.lastProblem = `${Code[e.code]}: ${e.rawMessage}`;
     if (e.code === Code.Unauthenticated || e.code === Code.PermissionDenied) this.shipper.tokenRefused();
-    const permanent = !isTransientError(err) && e.code !== Code.Internal && e.code !== Code.Unknown && e.code !== Code.Canceled;
+    const permanent = classify(err) === "permanent";
     this.shipper.logger[permanent ? "error" : "warn"]({ url: this.url, code: Code[e.code], reason: e.rawMessage }, what);
   }
 

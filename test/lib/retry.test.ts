@@ -1,6 +1,6 @@
 import { describe, it, expect, jest, afterEach } from "@jest/globals";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { backoff, isTransientError, retry, sleep } from "../../lib/retry.js";
+import { backoff, classify, isNetworkError, retry, sleep, type Verdict } from "../../lib/retry.js";
 
 /** A deterministic sequence in [0, 1). */
 function sequence(...values: number[]): () => number {
@@ -106,7 +106,7 @@ describe("retry", () => {
           calls++;
           throw err;
         },
-        { initialMs: 1, maxMs: 1, isRetryable: isTransientError },
+        { initialMs: 1, maxMs: 1 },
       ),
     ).rejects.toBe(err);
     expect(calls).toBe(1);
@@ -156,12 +156,40 @@ describe("retry", () => {
   });
 });
 
-describe("isTransientError", () => {
-  it("accepts retryable rpc codes and network errors only", () => {
-    expect(isTransientError(new ConnectError("x", Code.Unavailable))).toBe(true);
-    expect(isTransientError(new ConnectError("x", Code.DeadlineExceeded))).toBe(true);
-    expect(isTransientError(new ConnectError("x", Code.PermissionDenied))).toBe(false);
-    expect(isTransientError(Object.assign(new Error("refused"), { code: "ECONNREFUSED" }))).toBe(true);
-    expect(isTransientError(new Error("bug"))).toBe(false);
+describe("classify", () => {
+  const refused = new ConnectError("stream closed", Code.PermissionDenied, undefined, undefined, new Error("Stream closed with error code NGHTTP2_REFUSED_STREAM"));
+  const table: Array<{ what: string; err: unknown; verdict: Verdict }> = [
+    { what: "unavailable (shutting down, a dependency down)", err: new ConnectError("x", Code.Unavailable), verdict: "retryable" },
+    { what: "a passed deadline", err: new ConnectError("x", Code.DeadlineExceeded), verdict: "retryable" },
+    { what: "a lost race or superseded stream", err: new ConnectError("x", Code.Aborted), verdict: "retryable" },
+    { what: "a broken connection as connect-node reports it", err: new ConnectError("x", Code.Internal), verdict: "retryable" },
+    { what: "an unknown failure", err: new ConnectError("x", Code.Unknown), verdict: "retryable" },
+    { what: "a reset from the far side", err: new ConnectError("x", Code.Canceled), verdict: "retryable" },
+    { what: "a refused stream, whatever its code", err: refused, verdict: "retryable" },
+    { what: "a network error that is no ConnectError", err: Object.assign(new Error("connect ECONNREFUSED"), { code: "ECONNREFUSED" }), verdict: "retryable" },
+    { what: "a plain error", err: new Error("socket hang up"), verdict: "retryable" },
+    { what: "a malformed request", err: new ConnectError("x", Code.InvalidArgument), verdict: "permanent" },
+    { what: "a missing entity", err: new ConnectError("x", Code.NotFound), verdict: "permanent" },
+    { what: "an existing entity", err: new ConnectError("x", Code.AlreadyExists), verdict: "permanent" },
+    { what: "a wrong state or protocol version", err: new ConnectError("x", Code.FailedPrecondition), verdict: "permanent" },
+    { what: "a bad offset", err: new ConnectError("x", Code.OutOfRange), verdict: "permanent" },
+    { what: "a missing credential", err: new ConnectError("x", Code.Unauthenticated), verdict: "permanent" },
+    { what: "a refused credential", err: new ConnectError("x", Code.PermissionDenied), verdict: "permanent" },
+    { what: "a full store or a limit", err: new ConnectError("x", Code.ResourceExhausted), verdict: "permanent" },
+    { what: "a call the server lacks", err: new ConnectError("x", Code.Unimplemented), verdict: "permanent" },
+    { what: "lost data", err: new ConnectError("x", Code.DataLoss), verdict: "permanent" },
+  ];
+  it.each(table)("calls $what $verdict", ({ err, verdict }) => {
+    expect(classify(err)).toBe(verdict);
+  });
+});
+
+describe("isNetworkError", () => {
+  it("recognises a failed connection by its errno code, in the message or in a cause", () => {
+    expect(isNetworkError(Object.assign(new Error("refused"), { code: "ECONNREFUSED" }))).toBe(true);
+    expect(isNetworkError(new ConnectError("connect ECONNRESET 127.0.0.1:1", Code.Unavailable))).toBe(true);
+    expect(isNetworkError(new ConnectError("x", Code.Internal, undefined, undefined, Object.assign(new Error("y"), { code: "ENOTFOUND" })))).toBe(true);
+    expect(isNetworkError(new ConnectError("bad input", Code.InvalidArgument))).toBe(false);
+    expect(isNetworkError(new Error("ECONNREFUSEDX"))).toBe(false);
   });
 });
