@@ -35,6 +35,7 @@ import {
   type TunnelDuplex,
 } from "../lib/tunnel/client.js";
 import { TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import { ExposureDenied, type Exposure } from "./drivers/driver.js";
 
 export interface ExposerOptions {
@@ -75,8 +76,6 @@ export interface Exposer {
   /** Tunnels open now. */
   tunnelCount(): number;
 }
-
-const PROTOCOL_VERSION = { major: 1, minor: 0 };
 
 interface ActiveTunnel {
   exposure: string;

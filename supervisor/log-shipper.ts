@@ -43,6 +43,7 @@ import {
 import type { Logger } from "../lib/logger.js";
 import { backoff, classify, refusedStreamRetry, sleep } from "../lib/retry.js";
 import { AsyncQueue } from "../lib/async/queue.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import { FrameCache, Spill, SpillBudget, writeAtomic } from "./log-shipper/spill.js";
 
 export { SpillBudget } from "./log-shipper/spill.js";
@@ -386,7 +387,7 @@ class ServerSender {
       payload: {
         case: "hello",
         value: {
-          protocolVersion: { major: 1, minor: 0 },
+          protocolVersion: PROTOCOL_VERSION,
           jobId: this.shipper.jobId,
           attempt: this.shipper.attempt,
           writer: this.shipper.writer,

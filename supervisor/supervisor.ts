@@ -19,6 +19,7 @@ import { AsyncQueue } from "../lib/async/queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, sleep } from "../lib/retry.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import type { SupervisorConfig } from "./config.js";
 import { createBoardDriver, parseBoardConfig } from "./drivers/board-driver.js";
 import type { Driver } from "./drivers/driver.js";
@@ -29,8 +30,6 @@ import { JobLogs } from "./job-logs.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 import { Snapshotter } from "./snapshot.js";
 
-/** The version this supervisor speaks on `Attach`. */
-export const PROTOCOL_VERSION = { major: 1, minor: 0 };
 const SUPERVISOR_VERSION = "0.1.0";
 
 /**

@@ -51,6 +51,7 @@ import type { JobMetrics } from "./metrics.js";
 import { onJobLogReport, onLogTokenRequest } from "./log-status.js";
 import { onSnapshotResult } from "./snapshots.js";
 import { AsyncQueue } from "../../lib/async/queue.js";
+import { PROTOCOL_VERSION } from "../../lib/protocol.js";
 import { type Db, reasonName, stageName, stateName } from "./store.js";
 import { type HostTermination, hostEnded, hostProgress, releaseSlot } from "./transitions.js";
 
@@ -60,8 +61,6 @@ export const MAX_START_FAILURES = 3;
 /** Codes of a stream that broke (not a clean end, a newer stream, or this replica stopping). */
 const BROKEN = new Set([Code.Canceled, Code.DeadlineExceeded, Code.Unknown, Code.Internal, Code.DataLoss]);
 
-/** The stream protocol this coordinator speaks. */
-export const PROTOCOL_VERSION = { major: 1, minor: 0 };
 
 const invalid = (message: string) => new ConnectError(message, Code.InvalidArgument);
 

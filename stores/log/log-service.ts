@@ -22,6 +22,7 @@ import {
 } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import { bearerToken, type Capability, type TokenVerifier, type VerifiedToken } from "../../lib/tokens.js";
+import { PROTOCOL_VERSION } from "../../lib/protocol.js";
 import { CHANNEL_NAME, JOB_ID, MAX_FRAME_BYTES, Notifier, type AckSink, type Channel, type Job, type LogStore } from "./log-store.js";
 import type { Pieces } from "./segment.js";
 
@@ -52,8 +53,6 @@ export function appendPayload(request: AppendRequest): AppendPayload {
   return { case: "frame", value: { channel: f.channel, seq: f.seq, captureMicros, data: [f.data], length: f.data.length } };
 }
 
-const PROTOCOL_MAJOR = 1;
-const PROTOCOL_MINOR = 0;
 /** Data read from a segment per disk read when serving Read. */
 const READ_BATCH_BYTES = 1 << 20;
 
@@ -297,8 +296,8 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     if (first.done || first.value.case !== "hello") throw invalid("first append message must be a hello");
     const hello = first.value.value;
     const major = hello.protocolVersion?.major ?? 0;
-    if (major !== PROTOCOL_MAJOR) {
-      throw new ConnectError(`protocol version ${major}.x is not supported; this server speaks ${PROTOCOL_MAJOR}.x`, Code.FailedPrecondition);
+    if (major !== PROTOCOL_VERSION.major) {
+      throw new ConnectError(`protocol version ${major}.x is not supported; this server speaks ${PROTOCOL_VERSION.major}.x`, Code.FailedPrecondition);
     }
     checkJobId(hello.jobId, "hello.job_id");
     if (hello.attempt < 1) throw invalid("hello.attempt must be at least 1");
@@ -324,7 +323,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
         payload: {
           case: "welcome",
           value: {
-            protocolVersion: { major: PROTOCOL_MAJOR, minor: PROTOCOL_MINOR },
+            protocolVersion: PROTOCOL_VERSION,
             channels,
             remainingBytes: BigInt(job.remainingBytes()),
           },
