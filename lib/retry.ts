@@ -196,3 +196,86 @@ export const refusedStreamRetry: Interceptor = (next) => async (req) => {
     }
   }
 };
+
+/** One stream of `keepStreaming`, as its callbacks see it. */
+export interface StreamAttempt {
+  /** 1 for the first stream, then one more for each reopening. */
+  readonly number: number;
+  /** The loop's signal: pass it to the call. */
+  readonly signal: AbortSignal;
+  /** Says the stream proved good (a welcome came): the backoff starts afresh and failures count as new. */
+  healthy(): void;
+}
+
+/** What `onError` decides: "retry" with backoff whatever the verdict, "stop", or a delay of its own (0: at once). */
+export type FailureDecision = "retry" | "stop" | { retryInMs: number } | undefined;
+
+export interface KeepStreamingOptions<T> {
+  /**
+   * Opens one stream: its messages (an async generator may set up before its
+   * call and clean up in `finally`), or a promise of its end when the caller
+   * reads the stream itself.
+   */
+  open: (attempt: StreamAttempt) => AsyncIterable<T> | Promise<void>;
+  /** Each message, in order; a throw fails the stream. */
+  onMessage?: (message: T, attempt: StreamAttempt) => void | Promise<void>;
+  backoff: BackoffOptions;
+  /** Stops the loop: a pending sleep ends at once; the stream must honour it too. */
+  signal: AbortSignal;
+  /** A stream ended without error; "stop" ends the loop (it resolves). */
+  onEnd?: (attempt: StreamAttempt) => "stop" | undefined | void;
+  /**
+   * A stream failed (not by the signal). `verdict` is `classify(err)`;
+   * `repeated` tells the same failure (code and message) as the last one since
+   * a healthy stream, for logs that want the first line and the change only.
+   * Returning nothing follows the verdict: retry with backoff, or stop.
+   */
+  onError?: (err: unknown, failure: { verdict: Verdict; repeated: boolean; attempt: StreamAttempt }) => FailureDecision | void;
+  /** Called before each sleep with its delay (a state change, a metric). */
+  onBackoff?: (delayMs: number) => void;
+}
+
+/**
+ * Keeps a stream open: opens it, hands each message on, and reopens it after
+ * it ends or fails, with backoff and jitter, until the signal aborts (it
+ * resolves), `onEnd` says "stop" (it resolves) or a failure stops it (it
+ * rejects with that failure). A stream marked healthy starts the backoff
+ * afresh, so a long-lived stream that breaks is reopened at once, while a
+ * peer that keeps failing is tried less and less often, up to `maxMs`.
+ */
+export async function keepStreaming<T>(options: KeepStreamingOptions<T>): Promise<void> {
+  const { signal } = options;
+  let delays = backoff(options.backoff);
+  let lastFailure = "";
+  for (let number = 1; !signal.aborted; number++) {
+    const attempt: StreamAttempt = {
+      number,
+      signal,
+      healthy() {
+        delays = backoff(options.backoff);
+        lastFailure = "";
+      },
+    };
+    let delay: number | undefined;
+    try {
+      const stream = options.open(attempt);
+      if (stream instanceof Promise) await stream;
+      else for await (const message of stream) await options.onMessage?.(message, attempt);
+      if (signal.aborted) return;
+      if (options.onEnd?.(attempt) === "stop") return;
+    } catch (err) {
+      if (signal.aborted) return;
+      const verdict = classify(err);
+      const error = ConnectError.from(err);
+      const failure = `${error.code}: ${error.rawMessage}`;
+      const repeated = failure === lastFailure;
+      lastFailure = failure;
+      const decision = options.onError?.(err, { verdict, repeated, attempt });
+      if (decision === "stop" || (decision === undefined && verdict === "permanent")) throw err;
+      if (typeof decision === "object") delay = decision.retryInMs;
+    }
+    delay ??= delays.next().value;
+    options.onBackoff?.(delay);
+    if (delay > 0) await sleep(delay, signal).catch(() => undefined);
+  }
+}

@@ -41,7 +41,7 @@ import {
   FrameSchema,
 } from "../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../lib/logger.js";
-import { backoff, classify, refusedStreamRetry, sleep } from "../lib/retry.js";
+import { classify, keepStreaming, refusedStreamRetry, type StreamAttempt } from "../lib/retry.js";
 import { AsyncQueue } from "../lib/async/queue.js";
 import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import { FrameCache, Spill, SpillBudget, writeAtomic } from "./log-shipper/spill.js";
@@ -335,40 +335,46 @@ class ServerSender {
   }
 
   private async run(): Promise<void> {
-    let delays = backoff({ ...this.shipper.reconnect, jitter: "full" });
-    while (!this.stopController.signal.aborted) {
-      if (this.shipper.sealed && this.caughtUp()) {
-        if (this.shipper.channelList().length === 0) {
-          // Nothing was ever written: nothing to close.
-          this.finish();
-          return;
-        }
-        try {
-          if (this.refused.size === 0) await this.closeChannels();
-          this.finish();
-          return;
-        } catch (err) {
-          if (this.stopController.signal.aborted) return;
-          this.failed(err, "log server did not close the channels");
-        }
-      } else {
-        let welcomed = false;
-        try {
-          welcomed = await this.session();
-        } catch (err) {
-          if (this.stopController.signal.aborted) return;
-          this.failed(err, "log server stream failed");
-        } finally {
-          this.connected = false;
-          this.requests = undefined;
-          this.shipper.changed();
-        }
-        // A stream that got as far as the welcome resets the backoff.
-        if (welcomed) delays = backoff({ ...this.shipper.reconnect, jitter: "full" });
-        if (this.shipper.sealed && this.caughtUp()) continue;
+    // Every failure is logged and retried where it happens (round()): a log
+    // server that refuses now may take the frames after an operator's fix.
+    await keepStreaming({
+      open: (attempt) => this.round(attempt),
+      backoff: { ...this.shipper.reconnect, jitter: "full" },
+      signal: this.stopController.signal,
+      onEnd: () => (this.finished ? "stop" : undefined),
+    });
+  }
+
+  /**
+   * One round: the Append stream while this server lacks frames, then, once
+   * the shipper is sealed and the server holds everything, the channels'
+   * close. A stream that ended after its welcome resets the backoff.
+   */
+  private async round(attempt: StreamAttempt): Promise<void> {
+    const signal = this.stopController.signal;
+    if (!(this.shipper.sealed && this.caughtUp())) {
+      try {
+        if (await this.session()) attempt.healthy();
+      } catch (err) {
+        if (!signal.aborted) this.failed(err, "log server stream failed");
+        return;
+      } finally {
+        this.connected = false;
+        this.requests = undefined;
+        this.shipper.changed();
       }
-      const delay = delays.next().value;
-      await sleep(delay, this.stopController.signal).catch(() => undefined);
+      if (!(this.shipper.sealed && this.caughtUp())) return;
+    }
+    if (this.shipper.channelList().length === 0) {
+      // Nothing was ever written: nothing to close.
+      this.finish();
+      return;
+    }
+    try {
+      if (this.refused.size === 0) await this.closeChannels();
+      this.finish();
+    } catch (err) {
+      if (!signal.aborted) this.failed(err, "log server did not close the channels");
     }
   }
 

@@ -18,7 +18,7 @@ import {
 import { AsyncQueue } from "../lib/async/queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
-import { backoff, sleep } from "../lib/retry.js";
+import { keepStreaming } from "../lib/retry.js";
 import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import type { SupervisorConfig } from "./config.js";
 import { createBoardDriver, parseBoardConfig } from "./drivers/board-driver.js";
@@ -309,23 +309,16 @@ export function createSupervisor({
   }
 
   async function run(): Promise<void> {
-    const newDelays = () =>
-      backoff({ initialMs: Math.min(250, config.reconnectMaxMs), maxMs: config.reconnectMaxMs, jitter: "full" });
-    let delays = newDelays();
-    // The same failure again (the coordinator is still down) is logged at
-    // debug: an operator needs the first line and the change, not one a minute.
-    let lastFailure = "";
-    while (!abort.signal.aborted) {
-      state = "connecting";
-      try {
-        // A stream that got as far as a welcome starts the backoff afresh.
-        await attachOnce(() => {
-          delays = newDelays();
-          lastFailure = "";
-        });
-        logger.info("coordinator closed the stream");
-      } catch (err) {
-        if (abort.signal.aborted) break;
+    await keepStreaming({
+      // A stream that got as far as a welcome starts the backoff afresh.
+      open(attempt) {
+        state = "connecting";
+        return attachOnce(() => attempt.healthy());
+      },
+      backoff: { initialMs: Math.min(250, config.reconnectMaxMs), maxMs: config.reconnectMaxMs, jitter: "full" },
+      signal: abort.signal,
+      onEnd: () => void logger.info("coordinator closed the stream"),
+      onError(err, { repeated }) {
         const error = ConnectError.from(err);
         if (FINAL_CODES.has(error.code)) {
           state = "refused";
@@ -333,17 +326,18 @@ export function createSupervisor({
             { code: Code[error.code], reason: error.rawMessage },
             "coordinator refused this supervisor; not retrying (check the host credential and version)",
           );
-          return;
+          return "stop";
         }
-        const failure = `${Code[error.code]}: ${error.rawMessage}`;
-        const level = failure === lastFailure ? "debug" : "warn";
-        lastFailure = failure;
-        logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot attach to coordinator");
-      }
-      state = "backing-off";
-      changed.notify();
-      await sleep(delays.next().value, abort.signal).catch(() => undefined);
-    }
+        // The same failure again (the coordinator is still down) is logged at
+        // debug: an operator needs the first line and the change, not one a minute.
+        logger[repeated ? "debug" : "warn"]({ code: Code[error.code], reason: error.rawMessage }, "cannot attach to coordinator");
+        return "retry";
+      },
+      onBackoff() {
+        state = "backing-off";
+        changed.notify();
+      },
+    }).catch(() => undefined); // stopped by a refusal, logged above
   }
 
   async function createDriver(): Promise<Driver> {
