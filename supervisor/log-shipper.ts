@@ -42,6 +42,7 @@ import {
 } from "../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../lib/logger.js";
 import { classify, keepStreaming, refusedStreamRetry, type StreamAttempt } from "../lib/retry.js";
+import { Notifier } from "../lib/async/notifier.js";
 import { AsyncQueue } from "../lib/async/queue.js";
 import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import { FrameCache, Spill, SpillBudget, writeAtomic } from "./log-shipper/spill.js";
@@ -163,27 +164,6 @@ interface ShipperMeta {
 }
 
 type AppendRequestInit = MessageInitShape<typeof AppendRequestSchema>;
-
-/** Resolves waiters at every change of the shipper's state. */
-class Changes {
-  private waiters: (() => void)[] = [];
-
-  notify(): void {
-    const w = this.waiters;
-    this.waiters = [];
-    w.forEach((f) => f());
-  }
-
-  wait(timeoutMs: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(resolve, timeoutMs);
-      this.waiters.push(() => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
-  }
-}
 
 /** One channel as the job's driver sees it: a byte sink. */
 export class ShipperChannel {
@@ -543,7 +523,8 @@ export class LogShipper {
   private readonly senders: ServerSender[];
   private readonly cache: FrameCache;
   private readonly budget: SpillBudget;
-  private readonly changes = new Changes();
+  /** Wakes waiters at every change of the shipper's state. */
+  private readonly changes = new Notifier();
   private readonly prefix: string;
   private tokenValue: string;
   private tokenExpire: number | undefined;
@@ -833,7 +814,7 @@ export class LogShipper {
     await this.end();
     const deadline = Date.now() + timeoutMs;
     while (!this.report().settled && !this.stopped && Date.now() < deadline) {
-      await this.changes.wait(Math.min(1000, Math.max(1, deadline - Date.now())));
+      await this.changes.wait({ timeoutMs: Math.min(1000, Math.max(1, deadline - Date.now())) });
     }
     return this.report();
   }
@@ -847,7 +828,7 @@ export class LogShipper {
   finish(): Promise<ShipperReport> {
     this.shipped ??= (async () => {
       await this.end();
-      while (!this.report().settled && !this.stopped) await this.changes.wait(1000);
+      while (!this.report().settled && !this.stopped) await this.changes.wait({ timeoutMs: 1000 });
       const report = this.report();
       if (!report.settled) return report;
       await this.options.onShipped?.(report);

@@ -15,6 +15,7 @@ import {
   type StopJob,
   SupervisorService,
 } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { Notifier } from "../lib/async/notifier.js";
 import { AsyncQueue } from "../lib/async/queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
@@ -100,7 +101,8 @@ export function createSupervisor({
   /** This host's id: configured, or learned from the coordinator's welcome. */
   let hostId = config.hostId;
   let outbox: AsyncQueue<AttachRequest> | undefined;
-  const changed = new Changes();
+  /** Wakes waiters at every change of the supervisor's state. */
+  const changed = new Notifier();
   const snapshots = new Snapshotter({
     driver: () => driver!,
     logger: logger.child({ subsystem: "snapshot" }),
@@ -398,7 +400,7 @@ export function createSupervisor({
     // does not acknowledge now, it learns from the next supervisor's hello.
     const deadline = Date.now() + FINAL_ACK_WAIT_MS;
     while ((runners.size > 0 || logs.unacknowledged() > 0) && state === "attached" && Date.now() < deadline) {
-      await changed.wait(deadline - Date.now());
+      await changed.wait({ timeoutMs: deadline - Date.now() });
     }
     abort.abort(new ConnectError("supervisor stopping", Code.Canceled));
     await loop;
@@ -437,23 +439,3 @@ export function createSupervisor({
   };
 }
 
-/** Wakes waiters at every change of the supervisor's state. */
-class Changes {
-  private waiters: (() => void)[] = [];
-
-  notify(): void {
-    const waiting = this.waiters;
-    this.waiters = [];
-    for (const wake of waiting) wake();
-  }
-
-  wait(timeoutMs: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(resolve, Math.max(0, timeoutMs));
-      this.waiters.push(() => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
-  }
-}

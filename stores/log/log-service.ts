@@ -23,7 +23,8 @@ import {
 import type { Logger } from "../../lib/logger.js";
 import { bearerToken, type Capability, type TokenVerifier, type VerifiedToken } from "../../lib/tokens.js";
 import { PROTOCOL_VERSION } from "../../lib/protocol.js";
-import { CHANNEL_NAME, JOB_ID, MAX_FRAME_BYTES, Notifier, type AckSink, type Channel, type Job, type LogStore } from "./log-store.js";
+import { Notifier } from "../../lib/async/notifier.js";
+import { CHANNEL_NAME, JOB_ID, MAX_FRAME_BYTES, type AckSink, type Channel, type Job, type LogStore } from "./log-store.js";
 import type { Pieces } from "./segment.js";
 
 /**
@@ -237,7 +238,7 @@ class AppendSession implements AckSink {
         continue;
       }
       if (this.inputDone && this.settled) return;
-      await this.wake.wait(signal);
+      await this.wake.wait({ signal });
     }
   }
 }
@@ -389,7 +390,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
       if (!req.follow) {
         throw new ConnectError(`channel ${req.channel} of job ${req.jobId} not found`, Code.NotFound);
       }
-      await job.changed.wait(signal);
+      await job.changed.wait({ signal });
     }
 
     // Where to start. An offset past the end is waited for when following.
@@ -477,7 +478,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
         return;
       }
       // Deletion and shutdown also notify the channel (and abort `signal`).
-      await channel.changed.wait(signal);
+      await channel.changed.wait({ signal });
     }
   }
 
