@@ -11,7 +11,7 @@ import { Code, ConnectError, createClient, type Client, type Interceptor, type T
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import type { User } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { Role } from "../../gen/treadmill/coordinator/v1/user_pb.js";
-import { classify, keepStreaming } from "../../lib/retry.js";
+import { keepStreaming } from "../../lib/retry.js";
 
 const STORAGE_KEY = "treadmill.console.session";
 
@@ -126,11 +126,6 @@ export function errorText(err: unknown): string {
     return err.rawMessage;
   }
   return err instanceof Error ? err.message : String(err);
-}
-
-/** Whether a stream that failed with this error is worth reopening (lib/retry.ts's `classify`). */
-export function isRetryable(err: unknown): boolean {
-  return classify(err) === "retryable";
 }
 
 export function isAbort(err: unknown, signal: AbortSignal): boolean {
