@@ -240,8 +240,9 @@ export interface KeepStreamingOptions<T> {
  * it ends or fails, with backoff and jitter, until the signal aborts (it
  * resolves), `onEnd` says "stop" (it resolves) or a failure stops it (it
  * rejects with that failure). A stream marked healthy starts the backoff
- * afresh, so a long-lived stream that breaks is reopened at once, while a
- * peer that keeps failing is tried less and less often, up to `maxMs`.
+ * afresh, so a long-lived stream that breaks is reopened after the first,
+ * short delay, while a peer that keeps failing is tried less and less often,
+ * up to `maxMs`.
  */
 export async function keepStreaming<T>(options: KeepStreamingOptions<T>): Promise<void> {
   const { signal } = options;
