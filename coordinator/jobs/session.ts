@@ -64,8 +64,7 @@ import { hostEnded, hostProgress } from "./transitions.js";
 /** Streams broken while a StartJob of an attempt was unanswered, after which it is not sent again. */
 export const MAX_START_FAILURES = 3;
 
-/** The stream protocol this coordinator speaks. */
-export const PROTOCOL_VERSION = { major: 1, minor: 0 };
+import { PROTOCOL_VERSION } from "../../lib/protocol.js";
 
 /** Codes of a stream that broke (not a clean end, a newer stream, or this replica stopping). */
 const BROKEN = new Set([Code.Canceled, Code.DeadlineExceeded, Code.Unknown, Code.Internal, Code.DataLoss]);

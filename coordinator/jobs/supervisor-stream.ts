@@ -35,7 +35,8 @@ import { type SentCommand, auditCommandsSent } from "../db/queries/audit.js";
 import * as hosts from "../db/queries/hosts.js";
 import { GroupCommit } from "./group-commit.js";
 import type { JobMetrics } from "./metrics.js";
-import { HostSession, PROTOCOL_VERSION, type StreamsOfReplica, validateHello } from "./session.js";
+import { PROTOCOL_VERSION } from "../../lib/protocol.js";
+import { HostSession, type StreamsOfReplica, validateHello } from "./session.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 
 const invalid = (message: string) => new ConnectError(message, Code.InvalidArgument);
