@@ -11,11 +11,12 @@ import {
 } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import type { Logger } from "../lib/logger.js";
 import { bearerToken } from "../lib/tokens.js";
-import { PROTOCOL_MAJOR, checkProtocol, type ProxyAuth } from "./auth.js";
+import { checkProtocol, type ProxyAuth } from "./auth.js";
 import type { Hub } from "./hub.js";
 import { TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
 import { connectByteStream, readOpen, streamSide, type ByteStream, type StreamTable } from "./rpc-side.js";
 import { Outbox } from "../lib/async/outbox.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 
 /**
  * RendezvousService: supervisors' control streams (Expose) and their byte
@@ -49,7 +50,7 @@ export class RendezvousServiceImpl implements ServiceImpl<typeof RendezvousServi
         payload: {
           case: "welcome",
           value: {
-            protocolVersion: { major: PROTOCOL_MAJOR, minor: 0 },
+            protocolVersion: PROTOCOL_VERSION,
             proxyId: this.deps.proxyId,
             pingInterval: { seconds: BigInt(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 },
           },

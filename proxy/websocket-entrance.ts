@@ -78,7 +78,8 @@ export class WebSocketEntrance {
     }
     // Accepted before the tunnel is up, so that a browser can read why it
     // failed from the close frame (a refused handshake shows it nothing).
-    const ws = WebSocket.accept(req, socket, head, { protocol: protocols.includes(WS_PROTOCOL) ? WS_PROTOCOL : undefined });
+    const ws = await WebSocket.accept(req, socket, head, { protocol: protocols.includes(WS_PROTOCOL) ? WS_PROTOCOL : undefined });
+    if (ws === undefined) return;
     this.#open.add(ws);
     socket.once("close", () => this.#open.delete(ws));
     const controller = new AbortController();

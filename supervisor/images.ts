@@ -14,7 +14,7 @@ import {
 } from "../lib/image/client.js";
 import { DIGEST_PATTERN, DigestMismatchError, digestOfBytes } from "../lib/image/digest.js";
 import type { Logger } from "../lib/logger.js";
-import { backoff, sleep } from "../lib/retry.js";
+import { backoff, isNetworkError, sleep } from "../lib/retry.js";
 import type { JobImage } from "./drivers/driver.js";
 
 /**
@@ -37,9 +37,6 @@ export class ImageUnavailableError extends Error {
 
 /** Codes that are the image's (or the token's) fault, not the place's. */
 const IMAGE_FAULTS = new Set([Code.NotFound, Code.PermissionDenied, Code.InvalidArgument]);
-
-/** A connection that failed, however the transport reported it. */
-const NETWORK_ERROR = /\b(ECONNREFUSED|ECONNRESET|EHOSTUNREACH|ENETUNREACH|ETIMEDOUT|ENOTFOUND|EAI_AGAIN)\b/;
 
 /** Whether a failure says the image is unusable (rather than its source unreachable or failing). */
 function isImageFault(err: unknown): boolean {
@@ -134,7 +131,7 @@ export class ImageProvisioner {
         } catch (err) {
           if (options.signal.aborted) throw err;
           const error = ConnectError.from(err);
-          const code = NETWORK_ERROR.test(error.rawMessage) ? Code.Unavailable : error.code;
+          const code = isNetworkError(err) ? Code.Unavailable : error.code;
           const failure = { name: place.name, text: `${codeName(code)}: ${error.rawMessage}`, imageFault: isImageFault(err) };
           failures.push(failure);
           this.options.logger.warn({ place: place.name, err: failure.text }, "image source failed");

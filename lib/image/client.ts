@@ -38,7 +38,7 @@ import {
 import { bearerInterceptor } from "../coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall, type RawClientCall } from "../grpc/client.js";
 import { bytesFieldHeader, decodeMessage, frame, splitBulkMessage } from "../grpc/wire.js";
-import { backoff, refusedStreamRetry, sleep } from "../retry.js";
+import { refusedStreamRetry, retry } from "../retry.js";
 import { BLOB_CHUNK_BYTES, BackgroundWriter, type BlobSource } from "./blob-io.js";
 import { DIGEST_PATTERN, DigestMismatchError, digestOf } from "./digest.js";
 
@@ -261,8 +261,8 @@ export interface BlobProgress {
   size: number;
 }
 
-/** Codes after which a transfer is tried again (from where it stopped). */
-const RETRYABLE = new Set([Code.Unavailable, Code.Aborted, Code.DeadlineExceeded, Code.Unknown, Code.Internal, Code.Canceled]);
+/** A transfer is tried again (from where it stopped) after a retryable failure (`classify`), with this backoff. */
+const TRANSFER_BACKOFF = { initialMs: 100, maxMs: 5000 } as const;
 
 export interface TransferOptions {
   /** Attempts in all (a resume counts as one); default 5. */
@@ -294,43 +294,42 @@ export async function uploadBlob(
 ): Promise<{ alreadyExisted: boolean; bytesSent: number }> {
   const { digest, size } = blob;
   if (!DIGEST_PATTERN.test(digest)) throw new ConnectError("digest must be sha256:<64 hex>", Code.InvalidArgument);
-  const attempts = options.attempts ?? 5;
-  const delays = backoff({ initialMs: 100, maxMs: 5000 });
   let bytesSent = 0;
-  for (let attempt = 1; ; attempt++) {
-    try {
-      const query = await client.queryUpload({ digest }, { signal: options.signal, timeoutMs: options.queryTimeoutMs ?? options.timeoutMs });
-      if (attempt === 1) options.onHeld?.({ exists: query.exists, committedOffset: Number(query.committedOffset) });
-      if (query.exists) {
-        options.onProgress?.({ digest, bytesDone: size, size });
-        return { alreadyExisted: bytesSent === 0, bytesSent };
-      }
-      const from = Number(query.committedOffset);
-      let at = from;
-      const requests = async function* () {
-        let first = true;
-        for await (const data of blob.source(from)) {
-          // Split what the source gives into messages of at most one chunk.
-          for (let i = 0; i < data.length || (first && data.length === 0); i += BLOB_CHUNK_BYTES) {
-            const piece = data.subarray(i, i + BLOB_CHUNK_BYTES);
-            yield first ? { digest, size: BigInt(size), offset: BigInt(at), data: piece } : { offset: BigInt(at), data: piece };
-            first = false;
-            at += piece.length;
-            bytesSent += piece.length;
-            options.onProgress?.({ digest, bytesDone: at, size });
-          }
+  return retry(
+    async (attempt) => {
+      try {
+        const query = await client.queryUpload({ digest }, { signal: options.signal, timeoutMs: options.queryTimeoutMs ?? options.timeoutMs });
+        if (attempt === 1) options.onHeld?.({ exists: query.exists, committedOffset: Number(query.committedOffset) });
+        if (query.exists) {
+          options.onProgress?.({ digest, bytesDone: size, size });
+          return { alreadyExisted: bytesSent === 0, bytesSent };
         }
-        if (first) yield { digest, size: BigInt(size), offset: BigInt(at), data: new Uint8Array(0) };
-      };
-      const response = await client.putBlob(requests(), { signal: options.signal, timeoutMs: options.timeoutMs });
-      if (response.complete) return { alreadyExisted: response.alreadyExisted, bytesSent };
-      throw new ConnectError(`upload of ${digest} ended at ${response.committedSize} of ${size}`, Code.Aborted);
-    } catch (err) {
-      const error = ConnectError.from(err);
-      if (options.signal?.aborted || attempt >= attempts || !RETRYABLE.has(error.code)) throw error;
-      await sleep(delays.next().value, options.signal);
-    }
-  }
+        const from = Number(query.committedOffset);
+        let at = from;
+        const requests = async function* () {
+          let first = true;
+          for await (const data of blob.source(from)) {
+            // Split what the source gives into messages of at most one chunk.
+            for (let i = 0; i < data.length || (first && data.length === 0); i += BLOB_CHUNK_BYTES) {
+              const piece = data.subarray(i, i + BLOB_CHUNK_BYTES);
+              yield first ? { digest, size: BigInt(size), offset: BigInt(at), data: piece } : { offset: BigInt(at), data: piece };
+              first = false;
+              at += piece.length;
+              bytesSent += piece.length;
+              options.onProgress?.({ digest, bytesDone: at, size });
+            }
+          }
+          if (first) yield { digest, size: BigInt(size), offset: BigInt(at), data: new Uint8Array(0) };
+        };
+        const response = await client.putBlob(requests(), { signal: options.signal, timeoutMs: options.timeoutMs });
+        if (response.complete) return { alreadyExisted: response.alreadyExisted, bytesSent };
+        throw new ConnectError(`upload of ${digest} ended at ${response.committedSize} of ${size}`, Code.Aborted);
+      } catch (err) {
+        throw ConnectError.from(err);
+      }
+    },
+    { ...TRANSFER_BACKOFF, maxAttempts: options.attempts ?? 5, signal: options.signal },
+  );
 }
 
 /**
@@ -409,33 +408,31 @@ export async function downloadBlob(
     }
   }
   const file = await open(partial, existing ? "r+" : "w");
-  const attempts = options.attempts ?? 5;
-  const delays = backoff({ initialMs: 100, maxMs: 5000 });
   let size = blob.size ?? -1;
   // Chunks are written while the next arrive; a failed write fails the download.
   const writer = new BackgroundWriter(file, offset);
   try {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        for await (const pieces of readBlobPieces(
-          client,
-          { digest, offset },
-          { signal: options.signal, timeoutMs: options.timeoutMs, onSize: (s) => (size = s) },
-        )) {
-          for (const piece of pieces) hash.update(piece);
-          await writer.write(pieces);
-          for (const piece of pieces) offset += piece.length;
-          options.onProgress?.({ digest, bytesDone: offset, size });
+    await retry(
+      async () => {
+        try {
+          for await (const pieces of readBlobPieces(
+            client,
+            { digest, offset },
+            { signal: options.signal, timeoutMs: options.timeoutMs, onSize: (s) => (size = s) },
+          )) {
+            for (const piece of pieces) hash.update(piece);
+            await writer.write(pieces);
+            for (const piece of pieces) offset += piece.length;
+            options.onProgress?.({ digest, bytesDone: offset, size });
+          }
+          await writer.settle();
+        } catch (err) {
+          await writer.settle();
+          throw ConnectError.from(err);
         }
-        await writer.settle();
-        break;
-      } catch (err) {
-        await writer.settle();
-        const error = ConnectError.from(err);
-        if (options.signal?.aborted || attempt >= attempts || !RETRYABLE.has(error.code)) throw error;
-        await sleep(delays.next().value, options.signal);
-      }
-    }
+      },
+      { ...TRANSFER_BACKOFF, maxAttempts: options.attempts ?? 5, signal: options.signal },
+    );
     if (blob.size !== undefined && offset !== blob.size) {
       throw new ConnectError(`received ${offset} bytes of ${digest}, expected ${blob.size}`, Code.DataLoss);
     }

@@ -21,6 +21,7 @@ import { deferred } from "../async/deferred.js";
 import { bearerInterceptor } from "../coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, dialSocket, openRawCall, type RawClientCall } from "../grpc/client.js";
 import { refusedStreamRetry } from "../retry.js";
+import { PROTOCOL_VERSION } from "../protocol.js";
 import {
   DIAL_PATH,
   DIAL_REQUEST,
@@ -253,7 +254,7 @@ export async function dialTunnel(options: DialOptions): Promise<TunnelStream> {
   const { call, responses, close } = openTunnelCall(options.proxyUrl, DIAL_PATH, options.token, DIAL_REQUEST, {
     case: "open",
     value: {
-      protocolVersion: { major: 1, minor: 0 },
+      protocolVersion: PROTOCOL_VERSION,
       jobId: options.jobId,
       portName: options.port,
       hostId: options.hostId ?? "",

@@ -22,7 +22,9 @@ import {
 } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import { bearerToken, type Capability, type TokenVerifier, type VerifiedToken } from "../../lib/tokens.js";
-import { CHANNEL_NAME, JOB_ID, MAX_FRAME_BYTES, Notifier, type AckSink, type Channel, type Job, type LogStore } from "./log-store.js";
+import { PROTOCOL_VERSION } from "../../lib/protocol.js";
+import { Notifier } from "../../lib/async/notifier.js";
+import { CHANNEL_NAME, JOB_ID, MAX_FRAME_BYTES, type AckSink, type Channel, type Job, type LogStore } from "./log-store.js";
 import type { Pieces } from "./segment.js";
 
 /**
@@ -63,8 +65,6 @@ export function appendPayload(request: AppendRequest): AppendPayload {
   return { case: "frame", value: { channel: f.channel, seq: f.seq, captureMicros, data: [f.data], length: f.data.length } };
 }
 
-const PROTOCOL_MAJOR = 1;
-const PROTOCOL_MINOR = 0;
 /** Data read from a segment per disk read when serving Read. */
 const READ_BATCH_BYTES = 1 << 20;
 
@@ -249,7 +249,7 @@ class AppendSession implements AckSink {
         continue;
       }
       if (this.inputDone && this.settled) return;
-      await this.wake.wait(signal);
+      await this.wake.wait({ signal });
     }
   }
 }
@@ -300,8 +300,8 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     if (opening?.case !== "hello") throw invalid("first append message must be a hello");
     const hello = opening.value;
     const major = hello.protocolVersion?.major ?? 0;
-    if (major !== PROTOCOL_MAJOR) {
-      throw new ConnectError(`protocol version ${major}.x is not supported; this server speaks ${PROTOCOL_MAJOR}.x`, Code.FailedPrecondition);
+    if (major !== PROTOCOL_VERSION.major) {
+      throw new ConnectError(`protocol version ${major}.x is not supported; this server speaks ${PROTOCOL_VERSION.major}.x`, Code.FailedPrecondition);
     }
     checkJobId(hello.jobId, "hello.job_id");
     if (hello.attempt < 1) throw invalid("hello.attempt must be at least 1");
@@ -327,7 +327,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
         payload: {
           case: "welcome",
           value: {
-            protocolVersion: { major: PROTOCOL_MAJOR, minor: PROTOCOL_MINOR },
+            protocolVersion: PROTOCOL_VERSION,
             channels,
             remainingBytes: BigInt(job.remainingBytes()),
           },
@@ -393,7 +393,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
       if (!req.follow) {
         throw new ConnectError(`channel ${req.channel} of job ${req.jobId} not found`, Code.NotFound);
       }
-      await job.changed.wait(signal);
+      await job.changed.wait({ signal });
     }
 
     // Where to start. An offset past the end is waited for when following.
@@ -481,7 +481,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
         return;
       }
       // Deletion and shutdown also notify the channel (and abort `signal`).
-      await channel.changed.wait(signal);
+      await channel.changed.wait({ signal });
     }
   }
 
