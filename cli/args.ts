@@ -1,66 +1,86 @@
 /**
- * A small command-line parser: a tree of subcommands, `--flag value`,
- * `--flag=value`, short aliases (`-o json`), repeated flags, boolean flags,
- * `--` to end flags, and `-h`/`--help` anywhere. Every problem is a
- * UsageError (exit code 2) that names the flag or argument.
+ * tml's command tree on lib/config.ts's field specs and command-line reader:
+ * subcommands, `--flag value`, `--flag=value`, short aliases (`-o json`),
+ * repeated flags, boolean flags, `--` to end flags, and `-h`/`--help`
+ * anywhere. Every problem is a UsageError (exit code 2) that names the flag
+ * or argument. `defineCommand` (cli/command.ts) types each command's
+ * arguments and flags from these specs.
  */
+import { closest, readArgv, type ArgvDialect, type ConfigOf, type FieldSpec } from "../lib/config.js";
 import { UsageError } from "./errors.js";
 
-export type FlagType = "string" | "bool" | "list";
-
-export interface FlagSpec {
-  type: FlagType;
-  /** One-letter alias, without the dash. */
-  short?: string;
-  /** Placeholder in help, e.g. "NAME". */
-  value?: string;
-  description: string;
-  /** Allowed values (for string flags). */
-  choices?: readonly string[];
-}
+/**
+ * A flag of a command: a field spec of a type the command line gives as is
+ * (`list`: repeated, one value per flag, commas kept). Its key is its name.
+ */
+export type FlagSpec = FieldSpec & { readonly type: "string" | "bool" | "list" };
+export type FlagSchema = Readonly<Record<string, FlagSpec>>;
 
 export interface ArgSpec {
-  name: string;
-  required?: boolean;
+  readonly name: string;
+  readonly required?: boolean;
   /** Takes every remaining argument. */
-  variadic?: boolean;
-  description?: string;
+  readonly variadic?: boolean;
+  readonly description?: string;
 }
 
-export type FlagValues = Record<string, string | boolean | string[] | undefined>;
+type ArgValue<S extends ArgSpec> = S extends { readonly variadic: true }
+  ? readonly string[]
+  : S extends { readonly required: true }
+    ? string
+    : string | undefined;
 
+/** The arguments of a command by name, typed by their specs. */
+export type ArgsOf<A extends readonly ArgSpec[]> = { readonly [S in A[number] as S["name"]]: ArgValue<S> };
+
+export type FlagValue = string | boolean | readonly string[] | undefined;
+
+/** A parsed command line: every argument and flag the specs name (bools false and lists empty when not given). */
 export interface ParsedCommand {
-  /** Positional arguments by name (variadic ones joined in `rest`). */
-  args: Record<string, string | undefined>;
-  rest: string[];
-  flags: FlagValues;
-}
-
-export interface CommandSpec<C = unknown> {
-  /** Words after `tml`, e.g. ["job", "run"]. */
-  path: string[];
-  summary: string;
-  description?: string;
-  args?: ArgSpec[];
-  flags?: Record<string, FlagSpec>;
-  examples?: string[];
-  run(ctx: C, input: ParsedCommand): Promise<number>;
+  readonly args: Readonly<Record<string, string | readonly string[] | undefined>>;
+  readonly flags: Readonly<Record<string, FlagValue>>;
 }
 
 /** Flags every command takes. */
-export const globalFlags: Record<string, FlagSpec> = {
-  context: { type: "string", value: "NAME", description: "use this saved context instead of the current one" },
+export const globalFlags = {
+  context: { type: "string", placeholder: "NAME", description: "use this saved context instead of the current one" },
   output: {
     type: "string",
     short: "o",
-    value: "FORMAT",
+    placeholder: "FORMAT",
     choices: ["table", "json", "yaml"],
     description: "output format: table (default), json or yaml",
   },
   "no-color": { type: "bool", description: "never colour the output (also: NO_COLOR set)" },
   verbose: { type: "bool", short: "v", description: "say more (job run: also the supervisor's log channel)" },
   help: { type: "bool", short: "h", description: "show help for the command" },
-};
+} as const satisfies FlagSchema;
+
+export type GlobalFlags = ConfigOf<typeof globalFlags>;
+
+/** What a command's run gets: its arguments and flags (its own and the global ones), typed by its specs. */
+export interface Input<A extends readonly ArgSpec[], F extends FlagSchema> {
+  readonly args: ArgsOf<A>;
+  readonly flags: ConfigOf<F> & GlobalFlags;
+}
+
+/** A parsed command line as the specs it was parsed against type it. */
+export function inputOf<A extends readonly ArgSpec[], F extends FlagSchema>(parsed: ParsedCommand): Input<A, F> {
+  // The one place the types meet the values: parseArgv gave every field of the specs a value of its type.
+  return parsed as unknown as Input<A, F>;
+}
+
+/** A command as the tree, help and completion see it. */
+export interface CommandSpec<C> {
+  /** Words after `tml`, e.g. ["job", "run"]. */
+  readonly path: readonly string[];
+  readonly summary: string;
+  readonly description?: string;
+  readonly args?: readonly ArgSpec[];
+  readonly flags?: FlagSchema;
+  readonly examples?: readonly string[];
+  run(ctx: C, input: ParsedCommand): Promise<number>;
+}
 
 export interface Resolution<C> {
   /** The command found, or undefined when argv names only a group (or nothing). */
@@ -70,35 +90,15 @@ export interface Resolution<C> {
   input: ParsedCommand;
 }
 
-/** Edit distance with transpositions (optimal string alignment), for "did you mean". */
-function distance(a: string, b: string): number {
-  const d = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
-  for (let i = 1; i <= a.length; i++) {
-    for (let j = 1; j <= b.length; j++) {
-      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
-      d[i][j] = Math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost);
-      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i][j] = Math.min(d[i][j], d[i - 2][j - 2] + 1);
-    }
-  }
-  return d[a.length][b.length];
-}
+const DIALECT: ArgvDialect = { shortFlags: true, anyWordIsValue: true };
 
 /** The closest of `candidates` to `word`, when close enough to suggest. */
 export function suggest(word: string, candidates: Iterable<string>): string | undefined {
-  let best: string | undefined;
-  let bestDistance = Infinity;
-  for (const c of candidates) {
-    const d = distance(word, c);
-    if (d < bestDistance) {
-      best = c;
-      bestDistance = d;
-    }
-  }
-  return bestDistance <= Math.max(1, Math.floor(word.length / 2)) ? best : undefined;
+  return closest(word, candidates, Math.max(1, Math.floor(word.length / 2)));
 }
 
 /** Words that may follow `path` in the command tree. */
-export function childrenOf<C>(commands: CommandSpec<C>[], path: string[]): string[] {
+export function childrenOf<C>(commands: readonly CommandSpec<C>[], path: readonly string[]): string[] {
   const words = new Set<string>();
   for (const c of commands) {
     if (c.path.length > path.length && path.every((w, i) => c.path[i] === w)) words.add(c.path[path.length]);
@@ -111,30 +111,15 @@ export function childrenOf<C>(commands: CommandSpec<C>[], path: string[]): strin
  * come before, between and after the command's words. Throws UsageError on an
  * unknown command, unknown flag, missing value or argument count.
  */
-export function parseArgv<C>(commands: CommandSpec<C>[], argv: string[]): Resolution<C> {
-  // First pass: the command path is the leading non-flag words that walk the tree.
+export function parseArgv<C>(commands: readonly CommandSpec<C>[], argv: readonly string[]): Resolution<C> {
+  // The command path: the leading words that walk the tree (a global flag's value is not one).
   const path: string[] = [];
-  const remaining: string[] = [];
+  const pathWords = new Set<number>();
   let command: CommandSpec<C> | undefined;
-  let i = 0;
-  let skipValue = false;
-  for (; i < argv.length; i++) {
-    const arg = argv[i];
-    if (arg === "--") break;
-    if (skipValue) {
-      skipValue = false;
-      remaining.push(arg);
-      continue;
-    }
-    if (arg.startsWith("-") && arg !== "-") {
-      remaining.push(arg);
-      // A global flag that takes a value keeps its value out of the path.
-      const name = flagName(arg);
-      const spec = name === undefined ? undefined : lookupGlobal(name);
-      if (spec && spec.type !== "bool" && !arg.includes("=")) skipValue = true;
-      continue;
-    }
-    if (command) break;
+  for (const item of readArgv(argv, globalFlags, DIALECT)) {
+    if (item.kind !== "argument") continue;
+    if (item.afterDashes || command) break;
+    const arg = item.value;
     const children = childrenOf(commands, path);
     if (!children.includes(arg)) {
       if (children.length === 0) break;
@@ -148,104 +133,87 @@ export function parseArgv<C>(commands: CommandSpec<C>[], argv: string[]): Resolu
       );
     }
     path.push(arg);
+    pathWords.add(item.index);
     command = commands.find((c) => c.path.length === path.length && c.path.every((w, k) => w === path[k]));
     if (command && childrenOf(commands, path).length > 0) command = undefined;
   }
-  remaining.push(...argv.slice(i));
-  const flagSpecs: Record<string, FlagSpec> = { ...globalFlags, ...(command?.flags ?? {}) };
-  const input = parseFlags(flagSpecs, remaining, command ? `tml ${command.path.join(" ")}` : "tml");
-  if (command && input.flags.help !== true) assignArgs(command, input);
-  return { command, path, input };
+  const remaining = argv.filter((_, i) => !pathWords.has(i));
+  const specs: FlagSchema = { ...globalFlags, ...(command?.flags ?? {}) };
+  const { flags, positional } = parseFlags(specs, remaining, command ? `tml ${command.path.join(" ")}` : "tml");
+  const args = command && flags.help !== true ? assignArgs(command, positional) : {};
+  return { command, path, input: { args, flags } };
 }
 
-function flagName(arg: string): string | undefined {
-  if (arg.startsWith("--")) return arg.slice(2).split("=")[0];
-  if (arg.length === 2) return arg.slice(1);
-  return undefined;
-}
-
-function lookupGlobal(name: string): FlagSpec | undefined {
-  if (name in globalFlags) return globalFlags[name];
-  return Object.values(globalFlags).find((f) => f.short === name);
-}
-
-function parseFlags(specs: Record<string, FlagSpec>, argv: string[], where: string): ParsedCommand {
-  const flags: FlagValues = {};
-  const positional: string[] = [];
-  const byShort = new Map(Object.entries(specs).flatMap(([name, s]) => (s.short ? [[s.short, name] as const] : [])));
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i];
-    if (arg === "--") {
-      positional.push(...argv.slice(i + 1));
-      break;
-    }
-    if (!arg.startsWith("-") || arg === "-") {
-      positional.push(arg);
-      continue;
-    }
-    let name: string;
-    let value: string | undefined;
-    if (arg.startsWith("--")) {
-      const eq = arg.indexOf("=");
-      name = eq < 0 ? arg.slice(2) : arg.slice(2, eq);
-      value = eq < 0 ? undefined : arg.slice(eq + 1);
-    } else {
-      const short = arg.slice(1, 2);
-      const long = byShort.get(short);
-      if (long === undefined) throw new UsageError(`unknown flag -${short} for \`${where}\`; see \`${where} --help\``);
-      name = long;
-      value = arg.length > 2 ? arg.slice(2).replace(/^=/, "") : undefined;
-    }
-    const spec = specs[name];
-    if (spec === undefined) {
-      const hint = suggest(name, Object.keys(specs));
-      throw new UsageError(
-        `unknown flag --${name} for \`${where}\`${hint ? ` (did you mean --${hint}?)` : ""}; see \`${where} --help\``,
-      );
-    }
-    if (spec.type === "bool") {
-      if (value === undefined || value === "true") flags[name] = true;
-      else if (value === "false") flags[name] = false;
-      else throw new UsageError(`flag --${name} takes no value (or =true/=false), got "${value}"`);
-      continue;
-    }
-    if (value === undefined) {
-      if (i + 1 >= argv.length) throw new UsageError(`flag --${name} needs a value${spec.value ? ` (${spec.value})` : ""}`);
-      value = argv[++i];
-    }
-    if (spec.choices && !spec.choices.includes(value)) {
-      throw new UsageError(`flag --${name} must be one of ${spec.choices.join(", ")}, got "${value}"`);
-    }
-    if (spec.type === "list") flags[name] = [...((flags[name] as string[] | undefined) ?? []), value];
-    else flags[name] = value;
+function parseFlags(specs: FlagSchema, argv: readonly string[], where: string): { flags: Record<string, FlagValue>; positional: string[] } {
+  const flags: Record<string, FlagValue> = {};
+  const lists = new Map<string, string[]>();
+  for (const [name, spec] of Object.entries(specs)) {
+    if (spec.type === "bool") flags[name] = false;
+    if (spec.type === "list") lists.set(name, []);
   }
-  return { args: {}, rest: positional, flags };
+  const positional: string[] = [];
+  for (const item of readArgv(argv, specs, DIALECT)) {
+    switch (item.kind) {
+      case "argument":
+        positional.push(item.value);
+        break;
+      case "unknown flag": {
+        if (item.short) throw new UsageError(`unknown flag -${item.name} for \`${where}\`; see \`${where} --help\``);
+        const hint = suggest(item.name, Object.keys(specs));
+        throw new UsageError(`unknown flag --${item.name} for \`${where}\`${hint ? ` (did you mean --${hint}?)` : ""}; see \`${where} --help\``);
+      }
+      case "missing value": {
+        const placeholder = specs[item.key].placeholder;
+        throw new UsageError(`flag --${item.key} needs a value${placeholder ? ` (${placeholder})` : ""}`);
+      }
+      case "switch":
+        flags[item.key] = true;
+        break;
+      case "flag": {
+        const { key, value } = item;
+        const spec = specs[key];
+        if (spec.type === "bool") {
+          if (value !== "true" && value !== "false") throw new UsageError(`flag --${key} takes no value (or =true/=false), got "${value}"`);
+          flags[key] = value === "true";
+          break;
+        }
+        if (spec.choices && !spec.choices.includes(value)) {
+          throw new UsageError(`flag --${key} must be one of ${spec.choices.join(", ")}, got "${value}"`);
+        }
+        const list = lists.get(key);
+        if (list) list.push(value);
+        else flags[key] = value;
+        break;
+      }
+    }
+  }
+  for (const [name, values] of lists) flags[name] = values;
+  return { flags, positional };
 }
 
-function assignArgs<C>(command: CommandSpec<C>, input: ParsedCommand): void {
-  const specs = command.args ?? [];
-  const given = input.rest;
+function assignArgs<C>(command: CommandSpec<C>, given: readonly string[]): Record<string, string | readonly string[]> {
+  const args: Record<string, string | readonly string[]> = {};
   const where = `tml ${command.path.join(" ")}`;
   let k = 0;
-  for (const spec of specs) {
+  for (const spec of command.args ?? []) {
     if (spec.variadic) {
-      input.rest = given.slice(k);
-      if (spec.required && input.rest.length === 0) throw new UsageError(`\`${where}\` needs ${spec.name}; see \`${where} --help\``);
-      return;
+      args[spec.name] = given.slice(k);
+      if (spec.required && k >= given.length) throw new UsageError(`\`${where}\` needs ${spec.name}; see \`${where} --help\``);
+      return args;
     }
-    if (k < given.length) input.args[spec.name] = given[k++];
+    if (k < given.length) args[spec.name] = given[k++];
     else if (spec.required) throw new UsageError(`\`${where}\` needs ${spec.name}; see \`${where} --help\``);
   }
   if (k < given.length) {
     throw new UsageError(`unexpected argument "${given[k]}" for \`${where}\`; see \`${where} --help\``);
   }
-  input.rest = [];
+  return args;
 }
 
 /** `k=v` pairs of a repeated flag as a record; UsageError naming the flag on a bad one. */
-export function keyValues(flag: string, values: string[] | undefined): Record<string, string> {
+export function keyValues(flag: string, values: readonly string[]): Record<string, string> {
   const out: Record<string, string> = {};
-  for (const v of values ?? []) {
+  for (const v of values) {
     const eq = v.indexOf("=");
     if (eq <= 0) throw new UsageError(`flag --${flag} takes key=value, got "${v}"`);
     out[v.slice(0, eq)] = v.slice(eq + 1);
@@ -282,7 +250,7 @@ export function parseBytes(flag: string, text: string): number {
 }
 
 /** The help text of a command. */
-export function commandHelp(command: CommandSpec<unknown>): string {
+export function commandHelp<C>(command: CommandSpec<C>): string {
   const where = `tml ${command.path.join(" ")}`;
   const args = (command.args ?? []).map((a) => {
     const word = a.variadic ? `${a.name}...` : a.name;
@@ -304,9 +272,9 @@ export function commandHelp(command: CommandSpec<unknown>): string {
   return lines.join("\n") + "\n";
 }
 
-function flagLines(flags: Record<string, FlagSpec>): string[] {
+function flagLines(flags: FlagSchema): string[] {
   const rows = Object.entries(flags).map(([name, f]) => {
-    const left = `${f.short ? `-${f.short}, ` : "    "}--${name}${f.type === "bool" ? "" : ` ${f.value ?? "VALUE"}`}`;
+    const left = `${f.short ? `-${f.short}, ` : "    "}--${name}${f.type === "bool" ? "" : ` ${f.placeholder ?? "VALUE"}`}`;
     const repeat = f.type === "list" ? " (repeatable)" : "";
     return [left, f.description + repeat] as const;
   });
@@ -315,7 +283,7 @@ function flagLines(flags: Record<string, FlagSpec>): string[] {
 }
 
 /** The help text of a group (or of `tml` itself): its subcommands. */
-export function groupHelp<C>(commands: CommandSpec<C>[], path: string[], summaries: Record<string, string>): string {
+export function groupHelp<C>(commands: readonly CommandSpec<C>[], path: readonly string[], summaries: Readonly<Record<string, string>>): string {
   const where = ["tml", ...path].join(" ");
   const children = childrenOf(commands, path);
   const rows = children.map((word) => {

@@ -3,12 +3,12 @@
  * every outcome into an exit code (see ExitCode). Errors are printed as one
  * sentence on stderr; a stack trace only with --verbose for unexpected ones.
  */
-import { commandHelp, groupHelp, parseArgv } from "./args.js";
+import { commandHelp, groupHelp, inputOf, parseArgv } from "./args.js";
 import { allCommands, groupSummaries } from "./commands/index.js";
 import { ConfigStore, configPath } from "./config.js";
 import { CliContext, type CliIo } from "./context.js";
 import { CliError, ExitCode, explain } from "./errors.js";
-import { colourWanted, Output, type Format } from "./output.js";
+import { colourWanted, Output } from "./output.js";
 
 export const VERSION = "0.1.0";
 
@@ -31,23 +31,25 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     return fail(message, exitCode);
   }
   const { command, path, input } = resolution;
-  if (input.flags.help === true || command === undefined) {
-    if (command) io.stdout.write(commandHelp(command as never));
+  const { flags } = inputOf(input);
+  if (flags.help || command === undefined) {
+    if (command) io.stdout.write(commandHelp(command));
     else io.stdout.write(groupHelp(allCommands, path, groupSummaries));
     // `tml job` alone is a usage error (help on stdout, exit 2); `tml job --help` is not.
-    return input.flags.help === true || (path.length === 0 && argv.length === 0) ? ExitCode.OK : ExitCode.USAGE;
+    return flags.help || (path.length === 0 && argv.length === 0) ? ExitCode.OK : ExitCode.USAGE;
   }
-  const format = (input.flags.output as Format | undefined) ?? "table";
-  const out = new Output(io.stdout, io.stderr, format, {
-    stdout: colourWanted(io.stdout, io.env, input.flags["no-color"] === true),
-    stderr: colourWanted(io.stderr, io.env, input.flags["no-color"] === true),
+  const out = new Output(io.stdout, io.stderr, flags.output ?? "table", {
+    stdout: colourWanted(io.stdout, io.env, flags["no-color"]),
+    stderr: colourWanted(io.stderr, io.env, flags["no-color"]),
   });
-  const ctx = new CliContext(io, out, new ConfigStore(configPath(io.env)), input.flags);
+  const ctx = new CliContext(io, out, new ConfigStore(configPath(io.env)), flags);
   try {
     return await command.run(ctx, input);
   } catch (err) {
     const { message, exitCode } = explain(err, ctx.errorContext);
     if (ctx.verbose && !(err instanceof CliError)) io.stderr.write(`${(err as Error)?.stack ?? String(err)}\n`);
     return fail(message, exitCode);
+  } finally {
+    ctx.close();
   }
 }

@@ -1,13 +1,13 @@
 /** Shell completion scripts for bash and zsh, generated from the command tree. */
 import { childrenOf, globalFlags, type CommandSpec } from "./args.js";
 
-function flagWords(command: CommandSpec<unknown> | undefined): string[] {
+function flagWords<C>(command: CommandSpec<C> | undefined): string[] {
   const flags = { ...globalFlags, ...(command?.flags ?? {}) };
   return Object.keys(flags).map((f) => `--${f}`);
 }
 
 /** A bash completion script (zsh uses it through bashcompinit). */
-export function bashCompletion(commands: CommandSpec<unknown>[]): string {
+export function bashCompletion<C>(commands: readonly CommandSpec<C>[]): string {
   const prefixes = new Set<string>([""]);
   for (const c of commands) for (let i = 1; i <= c.path.length; i++) prefixes.add(c.path.slice(0, i).join(" "));
   const cases = [...prefixes].map((prefix) => {
@@ -41,7 +41,7 @@ complete -o default -F _tml tml
 }
 
 /** A zsh completion script: the bash one through bashcompinit. */
-export function zshCompletion(commands: CommandSpec<unknown>[]): string {
+export function zshCompletion<C>(commands: readonly CommandSpec<C>[]): string {
   return `# tml completion for zsh. Load it with:  source <(tml completion zsh)
 autoload -U +X compinit && compinit
 autoload -U +X bashcompinit && bashcompinit

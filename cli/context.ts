@@ -6,15 +6,20 @@
  */
 import type { Readable, Writable } from "node:stream";
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import type { DescService } from "@bufbuild/protobuf";
 import { bearerInterceptor } from "../lib/coordinator-client.js";
 import { refusedStreamRetry } from "../lib/retry.js";
-import type { FlagValues } from "./args.js";
+import type { GlobalFlags } from "./args.js";
 import { ConfigStore, type ConfigFile, type SavedContext } from "./config.js";
 import { CliError, ExitCode, type ErrorContext } from "./errors.js";
 import type { Output } from "./output.js";
 
+/**
+ * Everything a run of `tml` reads from or does to its process comes through
+ * here (cli/main.ts passes the real ones; the tests pass their own), so that
+ * runs can share a process without sharing state.
+ */
 export interface CliIo {
   stdin: Readable & { isTTY?: boolean; setRawMode?: (raw: boolean) => unknown };
   stdout: Writable & { isTTY?: boolean; columns?: number };
@@ -42,17 +47,17 @@ export class CliContext {
     readonly io: CliIo,
     readonly out: Output,
     readonly config: ConfigStore,
-    readonly flags: FlagValues,
+    readonly flags: GlobalFlags,
   ) {}
 
   get verbose(): boolean {
-    return this.flags.verbose === true;
+    return this.flags.verbose;
   }
 
   /** The context named by --context, else the current one. */
   async selected(file?: ConfigFile): Promise<{ name: string; context: SavedContext } | undefined> {
     const config = file ?? (await this.config.load());
-    const name = (this.flags.context as string | undefined) ?? config.current;
+    const name = this.flags.context ?? config.current;
     if (name === undefined) return undefined;
     const context = config.contexts[name];
     if (context === undefined) {
@@ -83,9 +88,35 @@ export class CliContext {
     return { name, server: context.server, user: context.user, token: context.token };
   }
 
-  /** A gRPC transport to `server` with `token` (none when empty). */
+  /** A gRPC transport to `server` with `token` (none when empty); its connection closes when the command ends. */
   transport(server: string, token: string): Transport {
-    return createGrpcTransport({ baseUrl: server, interceptors: [refusedStreamRetry, bearerInterceptor(() => token)] });
+    const sessionManager = new Http2SessionManager(server);
+    this.onClose(() => sessionManager.abort());
+    return createGrpcTransport({ baseUrl: server, sessionManager, interceptors: [refusedStreamRetry, bearerInterceptor(() => token)] });
+  }
+
+  readonly #closers: (() => void)[] = [];
+
+  /** Calls `handler` on each Ctrl-C until the returned function is called or the command ends. */
+  onInterrupt(handler: () => void): () => void {
+    const off = this.io.onInterrupt?.(handler) ?? (() => undefined);
+    this.onClose(off);
+    return off;
+  }
+
+  /** Calls `close` when the command ends, however it ends. */
+  onClose(close: () => void): void {
+    this.#closers.push(close);
+  }
+
+  /**
+   * Ends what the command left open: its streams (through `abort`) and its
+   * connections. runCli calls it once the command has returned, so that a run
+   * inside a longer-lived process (the tests) leaves nothing behind.
+   */
+  close(): void {
+    this.abort.abort();
+    for (const close of this.#closers.splice(0)) close();
   }
 
   #coordinator: Transport | undefined;

@@ -10,7 +10,7 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../gen/treadmill/log/v1/log_service_pb.js";
 import { bearerInterceptor } from "../lib/coordinator-client.js";
-import { STREAM_WINDOW, WideSessionManager } from "../lib/raw-grpc-client.js";
+import { STREAM_WINDOW, WideSessionManager } from "../lib/grpc/client.js";
 import { backoff, refusedStreamRetry, sleep } from "../lib/retry.js";
 import { msOf } from "./format.js";
 
@@ -33,6 +33,7 @@ interface Access {
 export class JobLogAccess {
   #access: Promise<Access> | undefined;
   readonly #transports = new Map<string, Transport>();
+  readonly #sessions: WideSessionManager[] = [];
 
   constructor(
     private readonly jobs: Client<typeof JobService>,
@@ -55,11 +56,13 @@ export class JobLogAccess {
   client(url: string): Client<typeof LogService> {
     let transport = this.#transports.get(url);
     if (transport === undefined) {
+      // Followed logs of many channels share the connection: wide windows.
+      const sessionManager = new WideSessionManager(url, undefined, { settings: { initialWindowSize: STREAM_WINDOW } });
+      this.#sessions.push(sessionManager);
       transport = createGrpcTransport({
         baseUrl: url,
         interceptors: [refusedStreamRetry, bearerInterceptor(() => this.#token)],
-        // Followed logs of many channels share the connection: wide windows.
-        sessionManager: new WideSessionManager(url, undefined, { settings: { initialWindowSize: STREAM_WINDOW } }),
+        sessionManager,
       });
       this.#transports.set(url, transport);
     }
@@ -69,6 +72,12 @@ export class JobLogAccess {
   #token = "";
   set token(value: string) {
     this.#token = value;
+  }
+
+  /** Closes the connections to the log servers. */
+  close(): void {
+    for (const session of this.#sessions.splice(0)) session.abort();
+    this.#transports.clear();
   }
 }
 

@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
-import { audit } from "./audit.js";
+import { audit } from "./db/queries/audit.js";
 import type { CoordinatorContext } from "./context.js";
-import { USER_NAME, uuidv7 } from "./services/common.js";
+import { USER_NAME, uuidv7 } from "./shared/common.js";
 import { hashPassword } from "./services/passwords.js";
 
 /** Advisory lock key so that two replicas starting together create one admin. */

@@ -1,8 +1,8 @@
 import { randomUUID } from "node:crypto";
-import { serverOptions, type ServingComponent } from "../lib/component.js";
+import { createServingComponent, type ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
-import { createServer, type Authorize, type Server } from "../lib/server.js";
-import { createRawGrpcHandler } from "../lib/server/raw-grpc.js";
+import type { Authorize, Server, ServerOptions } from "../lib/server.js";
+import { createRawGrpcHandler } from "../lib/grpc/server.js";
 import { authorizeCaller } from "./auth.js";
 import { bootstrapAdmin } from "./bootstrap.js";
 import { DEFAULT_CONSOLE_DIR, consoleAssets } from "./console-assets.js";
@@ -10,7 +10,7 @@ import type { CoordinatorConfig } from "./config.js";
 import type { CoordinatorContext } from "./context.js";
 import { openDatabase, type Database } from "./db/database.js";
 import { databaseInterceptor, databaseUnavailable, mapDatabaseError } from "./db/errors.js";
-import { ATTACH_PROCEDURE, attachProcedure } from "./jobs/attach-grpc.js";
+import { ATTACH_PROCEDURE, attachRoute } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { SigningKeys } from "./signing.js";
@@ -97,11 +97,9 @@ export interface CoordinatorDeps {
 export function createCoordinator({ config, logger, clock = Date.now, announce }: CoordinatorDeps): ServingComponent {
   let db: Database | undefined;
   let jobs: JobSystem | undefined;
-  let server: Server | undefined;
-  let stopping: Promise<void> | undefined;
 
+  // The loops stop after the server drained (its streams closed), then the database.
   const close = async () => {
-    await server?.stop();
     const stopping = jobs?.stop();
     if (stopping !== undefined && !(await settlesWithin(stopping, config.graceMs))) {
       // A loop waits on a database that is away: closing the pool fails what waits.
@@ -112,59 +110,66 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
     await db?.close();
   };
 
-  return {
-    async start() {
+  /** What open() wired for the server: its options, and what must see the server before it listens. */
+  let wired: { options: Partial<ServerOptions>; prepare(server: Server): void } | undefined;
+  return createServingComponent({
+    name: "coordinator",
+    config,
+    logger,
+    async open() {
       try {
-        db = await openDatabase({
+        const database = await openDatabase({
           url: config.databaseUrl === "" ? undefined : config.databaseUrl,
           dataDir: config.dataDir,
           logger: logger.child({ subsystem: "database" }),
         });
-        const keys = await SigningKeys.load(db.sql, {
+        db = database;
+        const keys = await SigningKeys.load(database.sql, {
           issuer: "treadmill-coordinator",
           logger: logger.child({ subsystem: "keys" }),
           clock,
         });
-        const ctx: CoordinatorContext = { sql: db.sql, notifications: db.notifications, logger, config, clock, keys, replicaId: randomUUID() };
+        const ctx: CoordinatorContext = { sql: database.sql, notifications: database.notifications, logger, config, clock, keys, replicaId: randomUUID() };
         await bootstrapAdmin(ctx, { announce });
         const parts = createJobSystem(ctx);
         jobs = parts;
         // Plain-gRPC Attach (every supervisor) goes to its own procedure;
         // Connect and gRPC-Web callers reach it through the adapter.
         const rawAttach = createRawGrpcHandler({
-          procedures: { [ATTACH_PROCEDURE]: attachProcedure(parts.streams) },
+          routes: [attachRoute(parts.streams)],
           maxMessageBytes: config.readMaxBytes,
-          logger,
+          // databaseInterceptor's mapping, for the calls it does not see.
+          mapError: mapDatabaseError,
         });
         const assets = config.console
           ? consoleAssets({ dir: config.consoleDir || DEFAULT_CONSOLE_DIR, logger: logger.child({ subsystem: "console" }) })
           : undefined;
-        server = createServer({
-          ...serverOptions("coordinator", config, logger, coordinatorRoutes(ctx, parts)),
-          authorize: gatedByDatabase(authorizeCaller({ sql: db.sql, clock }), db.notifications),
-          interceptors: [databaseInterceptor(db.notifications, DATABASE_FREE), textInterceptor()],
-          // Control messages, mostly small; a StartJob with its tokens is
-          // just over gzip's 1 KiB threshold, where compressing costs the
-          // coordinator more CPU than the bytes are worth.
-          bulkProcedures: [ATTACH_PROCEDURE],
-          http: (req, res, extra) => rawAttach(req, res, extra) || (assets?.(req, res) ?? false),
-        });
-        parts.metrics.register(server.metrics);
-        watchDatabase(db.notifications, server, logger);
-        await server.start();
-        await jobs.start();
+        wired = {
+          options: {
+            routes: coordinatorRoutes(ctx, parts),
+            authorize: gatedByDatabase(authorizeCaller({ sql: database.sql, clock }), database.notifications),
+            interceptors: [databaseInterceptor(database.notifications, DATABASE_FREE), textInterceptor()],
+            // Control messages, mostly small; a StartJob with its tokens is
+            // just over gzip's 1 KiB threshold, where compressing costs the
+            // coordinator more CPU than the bytes are worth.
+            bulkProcedures: [ATTACH_PROCEDURE],
+            http: (req, res, extra) => rawAttach(req, res, extra) || (assets?.(req, res) ?? false),
+          },
+          prepare(server) {
+            parts.metrics.register(server.metrics);
+            watchDatabase(database.notifications, server, logger);
+          },
+        };
       } catch (err) {
         await close();
         throw err;
       }
     },
-    stop() {
-      stopping ??= close();
-      return stopping;
+    server: () => wired?.options ?? {},
+    prepare: (server) => wired?.prepare(server),
+    started: async () => {
+      await jobs?.start();
     },
-    address() {
-      if (!server) throw new Error("coordinator not started");
-      return server.address();
-    },
-  };
+    close,
+  });
 }

@@ -1,5 +1,6 @@
 import { readFileSync } from "node:fs";
-import type { ConnectRouter, Interceptor } from "@connectrpc/connect";
+import type { ConnectRouter } from "@connectrpc/connect";
+import { coordinatorTransport, runRegistration, type RegistrationOptions } from "./coordinator-client.js";
 import type { Logger } from "./logger.js";
 import {
   DEFAULT_GRACE_MS,
@@ -140,48 +141,120 @@ export interface ServingComponent extends Component {
   address(): { host: string; port: number; url: string };
 }
 
-/**
- * The life of a component that is one server plus some state of its own:
- * `open` runs before the port is bound (database, data directory), `close`
- * after the server has drained. start() fails fast and undoes what it opened;
- * stop() is idempotent and every caller waits for the one stop in progress.
- */
-export function createServingComponent(options: {
+/** The values of `registrationConfigFields`, as loaded. */
+export interface RegistrationConfig {
+  coordinatorUrl: string;
+  serviceCredential: string;
+  publicUrl: string;
+  site: string;
+}
+
+/** What a server registers with the coordinator; the URL, site and credential come from its config. */
+export interface ServerRegistration {
+  kind: RegistrationOptions["kind"];
+  version?: string;
+  /** A proxy's public TCP entrance, if any. */
+  tcpAddress?: string;
+  /** Fresh figures for each heartbeat; `draining` is true once stop() began. */
+  status: (draining: boolean) => ReturnType<RegistrationOptions["status"]>;
+  /** Default: the component's logger. */
+  logger?: Logger;
+}
+
+/** The options of `createServingComponent`. */
+export interface ServingComponentOptions {
   name: string;
   config: ServerConfig;
   logger: Logger;
-  routes: (router: ConnectRouter) => void;
+  /** The routes; or `server().routes`, when they need what `open` made. */
+  routes?: (router: ConnectRouter) => void;
+  /** Before the port is bound (database, data directory); undoes what it opened when it throws. */
   open?: () => Promise<void>;
+  /** createServer options beyond the config's (hook, interceptors, raw handlers), read after `open`. */
+  server?: () => Partial<ServerOptions>;
+  /** Before the port is bound, with the server (metrics, health watchers). */
+  prepare?: (server: Server) => void;
+  /** Once the port is bound: work that must start or fail start() (the coordinator's loops); a throw stops the server and closes. */
+  started?: () => Promise<void>;
+  /** Background work started once the port is bound (retention, refreshes); `signal` aborts as stop() begins. */
+  background?: (signal: AbortSignal) => Array<Promise<void> | undefined>;
+  /**
+   * Registration with the coordinator (DESIGN.md §2 RegistryService) when
+   * the config names a coordinator and a service credential: heartbeats
+   * while serving, deregistration as stop() begins, and the
+   * `treadmill.registration` health service (`lib/coordinator-client.ts`).
+   */
+  registration?: { config: RegistrationConfig; describe: (server: Server) => ServerRegistration };
+  /** As stop() begins, with the background signal aborted: refuse new work, end streams. */
+  stopping?: () => void;
+  /** Once the background work (and the deregistration) ended, before the server drains. */
+  drain?: () => void;
+  /** After the server drained; also when start() fails after `open`. */
   close?: () => Promise<void>;
-  bulkProcedures?: string[];
-  interceptors?: Interceptor[];
-}): ServingComponent {
+}
+
+/**
+ * The life of every server component: `open` before the port is bound,
+ * then the server (config, routes, hook), then its background work and its
+ * registration with the coordinator. start() fails fast and undoes what it
+ * opened. stop() is idempotent and every caller waits for the one stop in
+ * progress: it aborts the background work and deregisters first (the
+ * coordinator routes no one here while the server drains, and clients get
+ * Unavailable at once rather than at the end of the grace period), then the
+ * server drains, then `close`.
+ */
+export function createServingComponent(options: ServingComponentOptions): ServingComponent {
+  const { name, config, logger } = options;
+  const background = new AbortController();
+  const tasks: Array<Promise<void> | undefined> = [];
   let server: Server | undefined;
   let stopping: Promise<void> | undefined;
   return {
     async start() {
       await options.open?.();
       try {
-        server = createServer({
-          ...serverOptions(options.name, options.config, options.logger, options.routes),
-          bulkProcedures: options.bulkProcedures,
-          interceptors: options.interceptors,
-        });
+        server = createServer({ ...serverOptions(name, config, logger, options.routes ?? (() => undefined)), ...options.server?.() });
+        options.prepare?.(server);
         await server.start();
+        await options.started?.();
       } catch (err) {
+        await server?.stop();
         await options.close?.();
         throw err;
+      }
+      tasks.push(...(options.background?.(background.signal) ?? []));
+      const registration = options.registration;
+      if (registration && registration.config.coordinatorUrl !== "" && registration.config.serviceCredential !== "") {
+        const { kind, version, tcpAddress, status, logger: registrationLogger } = registration.describe(server);
+        tasks.push(
+          runRegistration({
+            transport: coordinatorTransport(registration.config.coordinatorUrl, registration.config.serviceCredential),
+            kind,
+            url: registration.config.publicUrl !== "" ? registration.config.publicUrl : server.address().url,
+            site: registration.config.site,
+            version,
+            tcpAddress,
+            status: () => status(background.signal.aborted),
+            logger: (registrationLogger ?? logger).child({ subsystem: "registration" }),
+            signal: background.signal,
+            health: server.health,
+          }),
+        );
       }
     },
     stop() {
       stopping ??= (async () => {
+        background.abort();
+        options.stopping?.();
+        await Promise.all(tasks);
+        options.drain?.();
         await server?.stop();
         await options.close?.();
       })();
       return stopping;
     },
     address() {
-      if (!server) throw new Error(`${options.name} not started`);
+      if (!server) throw new Error(`${name} not started`);
       return server.address();
     },
   };

@@ -13,6 +13,9 @@
  * Every problem (unknown flag or variable, bad value, missing required setting,
  * value outside the choices) is collected and thrown at once as a ConfigError
  * whose message lists them one per line. Pure: reads only what it is given.
+ *
+ * The same field specs and the same command-line reader (`readArgv`) serve
+ * the CLI's commands (cli/args.ts), which add short flags and arguments.
  */
 
 export type FieldType = "string" | "int" | "bool" | "duration" | "list" | "url" | "path";
@@ -35,6 +38,10 @@ export interface FieldSpec {
   /** Inclusive bounds for int and duration fields. */
   readonly min?: number;
   readonly max?: number;
+  /** A one-letter alias (`-o`), on command lines that take them (the CLI's). */
+  readonly short?: string;
+  /** The value's placeholder in the CLI's help, e.g. "NAME". */
+  readonly placeholder?: string;
 }
 
 export type ConfigSchema = Readonly<Record<string, FieldSpec>>;
@@ -115,53 +122,30 @@ export function loadConfig<const S extends ConfigSchema>(
   source: ConfigSource,
 ): Readonly<ConfigOf<S>> {
   const problems: string[] = [];
-  const byFlag = new Map<string, string>();
-  for (const key of Object.keys(schema)) byFlag.set(flagName(key), key);
 
   // Flags: the raw strings per key, in order (lists add up, others keep the last).
   const fromFlags = new Map<string, string[]>();
-  const argv = source.argv;
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i];
-    if (arg === "--help" || arg === "-h") continue;
-    if (arg === "--") {
-      for (const rest of argv.slice(i + 1)) problems.push(`unexpected argument ${JSON.stringify(rest)}`);
-      break;
-    }
-    if (!arg.startsWith("--") || arg.length === 2) {
-      problems.push(`unexpected argument ${JSON.stringify(arg)}`);
-      continue;
-    }
-    const eq = arg.indexOf("=");
-    let name = eq === -1 ? arg.slice(2) : arg.slice(2, eq);
-    let value: string | undefined = eq === -1 ? undefined : arg.slice(eq + 1);
-    let key = byFlag.get(name);
-    if (key === undefined && name.startsWith("no-") && value === undefined) {
-      const positive = byFlag.get(name.slice(3));
-      if (positive !== undefined && schema[positive].type === "bool") {
-        key = positive;
-        name = name.slice(3);
-        value = "false";
+  const add = (key: string, value: string) => fromFlags.set(key, [...(fromFlags.get(key) ?? []), value]);
+  for (const item of readArgv(source.argv, schema, { negation: true, skip: ["--help", "-h"] })) {
+    switch (item.kind) {
+      case "argument":
+        problems.push(`unexpected argument ${JSON.stringify(item.value)}`);
+        break;
+      case "unknown flag": {
+        const hint = closest(item.name, Object.keys(schema).map(flagName), Math.max(2, Math.floor(item.name.length / 3)));
+        problems.push(`unknown flag --${item.name}${hint ? ` (did you mean --${hint}?)` : ""}`);
+        break;
       }
+      case "missing value":
+        problems.push(`flag --${item.name} needs a value`);
+        break;
+      case "switch":
+        add(item.key, "true");
+        break;
+      case "flag":
+        add(item.key, item.value);
+        break;
     }
-    if (key === undefined) {
-      const hint = closest(name, [...byFlag.keys()]);
-      problems.push(`unknown flag --${name}${hint ? ` (did you mean --${hint}?)` : ""}`);
-      continue;
-    }
-    if (value === undefined) {
-      if (schema[key].type === "bool") {
-        value = "true";
-      } else if (i + 1 < argv.length && !argv[i + 1].startsWith("--")) {
-        value = argv[++i];
-      } else {
-        problems.push(`flag --${name} needs a value`);
-        continue;
-      }
-    }
-    const seen = fromFlags.get(key) ?? [];
-    seen.push(value);
-    fromFlags.set(key, seen);
   }
 
   // Environment variables with our prefix that no field reads are typos.
@@ -326,28 +310,111 @@ export function redactConfig<S extends ConfigSchema>(schema: S, config: ConfigOf
   return out;
 }
 
-/** The known flag nearest to a mistyped one, if it is close enough to be a typo. */
-function closest(name: string, candidates: string[]): string | undefined {
+/** How a command line is read: the components' (loadConfig) and the CLI's (cli/args.ts) differ only in these. */
+export interface ArgvDialect {
+  /** Fields' `short` letters are flags (`-o json`, `-ojson`, `-o=json`); otherwise a word with one dash is an argument. */
+  readonly shortFlags?: boolean;
+  /** `--no-x` sets the bool field x to false. */
+  readonly negation?: boolean;
+  /** A flag's value may be the next word even when it starts with `--` (otherwise the value is missing). */
+  readonly anyWordIsValue?: boolean;
+  /** Words passed over wherever they stand before `--` (the components' `--help`, which wantsHelp reads). */
+  readonly skip?: readonly string[];
+}
+
+/** One thing a command line says, in the order it says it. */
+export type ArgvItem =
+  /** A flag of field `key` with its value; `name` is the flag as written (the long name, or the short letter). */
+  | { readonly kind: "flag"; readonly key: string; readonly name: string; readonly value: string }
+  /** A bool flag given without `=value`. */
+  | { readonly kind: "switch"; readonly key: string; readonly name: string }
+  /** A word that is not a flag; `afterDashes` when it came after `--`. */
+  | { readonly kind: "argument"; readonly value: string; readonly index: number; readonly afterDashes: boolean }
+  | { readonly kind: "unknown flag"; readonly name: string; readonly short: boolean }
+  | { readonly kind: "missing value"; readonly key: string; readonly name: string };
+
+/**
+ * Reads a command line against field specs (`--foo-bar` is field `fooBar`):
+ * the one flag parser of the tree. Finds no fault itself: the caller words
+ * (and collects, or throws at the first of) the unknown flags and missing
+ * values, and checks the values.
+ */
+export function readArgv(argv: readonly string[], schema: ConfigSchema, dialect: ArgvDialect = {}): ArgvItem[] {
+  const byFlag = new Map<string, string>();
+  const byShort = new Map<string, string>();
+  for (const [key, spec] of Object.entries(schema)) {
+    byFlag.set(flagName(key), key);
+    if (dialect.shortFlags && spec.short !== undefined) byShort.set(spec.short, key);
+  }
+  const items: ArgvItem[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (dialect.skip?.includes(arg)) continue;
+    if (arg === "--") {
+      for (let j = i + 1; j < argv.length; j++) items.push({ kind: "argument", value: argv[j], index: j, afterDashes: true });
+      break;
+    }
+    const long = arg.startsWith("--");
+    if (!long && !(dialect.shortFlags && arg.startsWith("-") && arg !== "-")) {
+      items.push({ kind: "argument", value: arg, index: i, afterDashes: false });
+      continue;
+    }
+    let name: string;
+    let value: string | undefined;
+    let key: string | undefined;
+    if (long) {
+      const eq = arg.indexOf("=");
+      name = eq === -1 ? arg.slice(2) : arg.slice(2, eq);
+      value = eq === -1 ? undefined : arg.slice(eq + 1);
+      key = byFlag.get(name);
+      const positive = byFlag.get(name.slice(3));
+      if (key === undefined && dialect.negation && name.startsWith("no-") && value === undefined && positive !== undefined && schema[positive].type === "bool") {
+        items.push({ kind: "flag", key: positive, name: name.slice(3), value: "false" });
+        continue;
+      }
+    } else {
+      name = arg.slice(1, 2);
+      value = arg.length > 2 ? arg.slice(2).replace(/^=/, "") : undefined;
+      key = byShort.get(name);
+    }
+    if (key === undefined) {
+      items.push({ kind: "unknown flag", name, short: !long });
+    } else if (value !== undefined) {
+      items.push({ kind: "flag", key, name, value });
+    } else if (schema[key].type === "bool") {
+      items.push({ kind: "switch", key, name });
+    } else if (i + 1 < argv.length && (dialect.anyWordIsValue || !argv[i + 1].startsWith("--"))) {
+      items.push({ kind: "flag", key, name, value: argv[++i] });
+    } else {
+      items.push({ kind: "missing value", key, name });
+    }
+  }
+  return items;
+}
+
+/** The candidate nearest to a mistyped word, if within `maxDistance` edits (the first of equals wins). */
+export function closest(word: string, candidates: Iterable<string>, maxDistance: number): string | undefined {
   let best: string | undefined;
   let bestDistance = Infinity;
   for (const candidate of candidates) {
-    const d = editDistance(name, candidate);
+    const d = editDistance(word, candidate);
     if (d < bestDistance) {
       best = candidate;
       bestDistance = d;
     }
   }
-  return bestDistance <= Math.max(2, Math.floor(name.length / 3)) ? best : undefined;
+  return bestDistance <= maxDistance ? best : undefined;
 }
 
-function editDistance(a: string, b: string): number {
-  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+/** Edit distance with transpositions (optimal string alignment): "hsot" is one edit from "host". */
+export function editDistance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
   for (let i = 1; i <= a.length; i++) {
-    const current = [i];
     for (let j = 1; j <= b.length; j++) {
-      current[j] = Math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      d[i][j] = Math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i][j] = Math.min(d[i][j], d[i - 2][j - 2] + 1);
     }
-    previous = current;
   }
-  return previous[b.length];
+  return d[a.length][b.length];
 }

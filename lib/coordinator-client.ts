@@ -10,7 +10,7 @@ import {
 } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import type { Logger } from "./logger.js";
 import { type HealthStatus, ServingStatus } from "./server/health.js";
-import { backoff, isTransientError, refusedStreamRetry, sleep } from "./retry.js";
+import { classify, keepStreaming, refusedStreamRetry, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
 
 /** Adds `authorization: Bearer <token>` to every call (when a token is set). */
@@ -102,51 +102,52 @@ const REFUSED = new Set([Code.InvalidArgument, Code.FailedPrecondition, Code.Una
 export async function runRegistration(options: RegistrationOptions): Promise<void> {
   const { logger, signal } = options;
   const client = createClient(RegistryService, options.transport);
-  const newDelays = () => backoff({ initialMs: 250, maxMs: 30000 });
-  let delays = newDelays();
   let serviceId: string | undefined;
   let intervalMs = 10000;
   const status = async () => create(ServiceStatusSchema, await options.status());
   const health = options.health;
   health?.setStatus(REGISTRATION_HEALTH, ServingStatus.NOT_SERVING);
-  let lastFailure = "";
 
-  while (!signal.aborted) {
-    try {
-      if (serviceId === undefined) {
-        const registered = await client.register(
-          {
-            kind: options.kind,
-            url: options.url,
-            site: options.site ?? "",
-            version: options.version ?? "",
-            tcpAddress: options.tcpAddress ?? "",
-            status: await status(),
-          },
-          { signal, timeoutMs: 10000 },
-        );
-        serviceId = registered.serviceId;
-        intervalMs = durationMs(registered.heartbeatInterval) ?? intervalMs;
-        logger.info({ serviceId, url: options.url }, "registered with coordinator");
-        health?.setStatus(REGISTRATION_HEALTH, ServingStatus.SERVING);
-        health?.setStatus("", ServingStatus.SERVING);
-        lastFailure = "";
-      } else {
-        const beat = await client.heartbeat({ serviceId, status: await status() }, { signal, timeoutMs: 10000 });
-        intervalMs = durationMs(beat.heartbeatInterval) ?? intervalMs;
-        // Live again after failed heartbeats (the coordinator or its database was away).
-        health?.setStatus(REGISTRATION_HEALTH, ServingStatus.SERVING);
+  await keepStreaming({
+    // Registers (again) when not registered, then heartbeats; ends only by a failure or the signal.
+    open: async (attempt) => {
+      while (!signal.aborted) {
+        if (serviceId === undefined) {
+          const registered = await client.register(
+            {
+              kind: options.kind,
+              url: options.url,
+              site: options.site ?? "",
+              version: options.version ?? "",
+              tcpAddress: options.tcpAddress ?? "",
+              status: await status(),
+            },
+            { signal, timeoutMs: 10000 },
+          );
+          serviceId = registered.serviceId;
+          intervalMs = durationMs(registered.heartbeatInterval) ?? intervalMs;
+          logger.info({ serviceId, url: options.url }, "registered with coordinator");
+          health?.setStatus(REGISTRATION_HEALTH, ServingStatus.SERVING);
+          health?.setStatus("", ServingStatus.SERVING);
+        } else {
+          const beat = await client.heartbeat({ serviceId, status: await status() }, { signal, timeoutMs: 10000 });
+          intervalMs = durationMs(beat.heartbeatInterval) ?? intervalMs;
+          // Live again after failed heartbeats (the coordinator or its database was away).
+          health?.setStatus(REGISTRATION_HEALTH, ServingStatus.SERVING);
+        }
+        attempt.healthy();
+        await sleep(intervalMs, signal).catch(() => undefined);
       }
-      delays = newDelays();
-      await sleep(intervalMs, signal).catch(() => undefined);
-    } catch (err) {
-      if (signal.aborted) break;
+    },
+    backoff: { initialMs: 250, maxMs: 30000 },
+    signal,
+    onError(err, { repeated }) {
       const error = ConnectError.from(err);
       health?.setStatus(REGISTRATION_HEALTH, ServingStatus.NOT_SERVING);
       if (error.code === Code.NotFound) {
         // The coordinator dropped our registration (expired): register anew.
         serviceId = undefined;
-        continue;
+        return { retryInMs: 0 };
       }
       if (REFUSED.has(error.code)) {
         health?.setStatus("", ServingStatus.NOT_SERVING);
@@ -154,18 +155,18 @@ export async function runRegistration(options: RegistrationOptions): Promise<voi
           { code: Code[error.code], reason: error.rawMessage, url: options.url, site: options.site ?? "" },
           "coordinator refused this server's registration; NOT_SERVING until it is fixed (check --service-credential, --public-url, --site and the other flags)",
         );
-        if (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) return;
-        await sleep(30_000, signal).catch(() => undefined);
-        continue;
+        if (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) {
+          serviceId = undefined; // nothing to deregister with a credential the coordinator refuses
+          return "stop";
+        }
+        return { retryInMs: 30_000 };
       }
       // The same failure again (the coordinator is still down) at debug: the first line and the change matter.
-      const failure = `${Code[error.code]}: ${error.rawMessage}`;
-      const level = failure === lastFailure ? "debug" : isTransientError(err) ? "warn" : "error";
-      lastFailure = failure;
+      const level = repeated ? "debug" : classify(err) === "retryable" ? "warn" : "error";
       logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot reach coordinator registry; retrying");
-      await sleep(delays.next().value, signal).catch(() => undefined);
-    }
-  }
+      return "retry";
+    },
+  }).catch(() => undefined); // refused for good: logged, and the server is NOT_SERVING
   if (serviceId !== undefined) {
     await client.deregister({ serviceId }, { timeoutMs: 2000 }).catch(() => undefined);
   }

@@ -70,7 +70,7 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 export interface RetryOptions extends BackoffOptions {
   /** Stops the loop: the pending sleep rejects with the signal's reason. */
   signal?: AbortSignal;
-  /** Whether an error is worth another attempt; default: every error. */
+  /** Whether an error is worth another attempt; default: `classify`'s "retryable". */
   isRetryable?: (err: unknown) => boolean;
   /** Give up after this many attempts (the first one counts); default unlimited. */
   maxAttempts?: number;
@@ -80,21 +80,21 @@ export interface RetryOptions extends BackoffOptions {
 
 /**
  * Calls `fn` until it succeeds, a failure is not retryable, the attempts run
- * out (the last error is thrown) or the signal aborts (its reason is thrown).
+ * out (the last error is thrown) or the signal aborts (the call's own error
+ * when it aborts during a call, the signal's reason when during a sleep).
  */
 export async function retry<T>(
   fn: (attempt: number, signal: AbortSignal | undefined) => Promise<T>,
   options: RetryOptions,
 ): Promise<T> {
-  const { signal, isRetryable = () => true, maxAttempts = Infinity, onRetry } = options;
+  const { signal, isRetryable = (err: unknown) => classify(err) === "retryable", maxAttempts = Infinity, onRetry } = options;
   const delays = backoff(options);
   for (let attempt = 1; ; attempt++) {
     signal?.throwIfAborted();
     try {
       return await fn(attempt, signal);
     } catch (err) {
-      if (signal?.aborted) throw signal.reason;
-      if (attempt >= maxAttempts || !isRetryable(err)) throw err;
+      if (signal?.aborted || attempt >= maxAttempts || !isRetryable(err)) throw err;
       const delay = delays.next().value;
       onRetry?.(err, attempt, delay);
       await sleep(delay, signal);
@@ -102,17 +102,69 @@ export async function retry<T>(
   }
 }
 
-const TRANSIENT_CODES = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Aborted]);
-const TRANSIENT_ERRNO = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH"]);
+/**
+ * What a failure says about trying again (DESIGN.md §11): "retryable" when
+ * the same call may succeed later, "permanent" when it will not until someone
+ * changes the request, the credential or the flags.
+ */
+export type Verdict = "retryable" | "permanent";
 
 /**
- * A default for `isRetryable` on RPCs: the codes DESIGN.md calls retryable
- * (Unavailable, DeadlineExceeded, Aborted) and network errors.
+ * Retryable: `Unavailable` (shutting down, a dependency down),
+ * `DeadlineExceeded`, `Aborted` (a lost race, a superseded stream), and what
+ * a broken connection surfaces as: `Unknown` (any error that is not a
+ * ConnectError, network errors included), `Internal` and `Canceled` (an
+ * HTTP/2 reset from the far side). A caller that cancels its own call checks
+ * its signal first: its own `Canceled` is no failure. A stream the server
+ * refused before processing it is retryable whatever its code.
  */
-export function isTransientError(err: unknown): boolean {
-  if (err instanceof ConnectError) return TRANSIENT_CODES.has(err.code) || isRefusedStream(err);
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === "string" && TRANSIENT_ERRNO.has(code);
+const RETRYABLE_CODES: ReadonlySet<Code> = new Set([
+  Code.Unavailable,
+  Code.DeadlineExceeded,
+  Code.Aborted,
+  Code.Unknown,
+  Code.Internal,
+  Code.Canceled,
+]);
+
+/**
+ * The one retryable/permanent split of the tree. Permanent: the request
+ * (`InvalidArgument`, `NotFound`, `AlreadyExists`, `FailedPrecondition`,
+ * `OutOfRange`), the credential (`Unauthenticated`, `PermissionDenied`), a
+ * limit or a full store (`ResourceExhausted`), a server that lacks the call
+ * (`Unimplemented`) and `DataLoss`. Pure: no I/O, no clock.
+ */
+export function classify(err: unknown): Verdict {
+  if (isRefusedStream(err)) return "retryable";
+  return RETRYABLE_CODES.has(ConnectError.from(err).code) ? "retryable" : "permanent";
+}
+
+/** The error codes of a connection that failed or went away (Node's errno names). */
+export const NETWORK_ERRNO: ReadonlySet<string> = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "ETIMEDOUT",
+  "EPIPE",
+  "EAI_AGAIN",
+  "ENOTFOUND",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+]);
+
+const NETWORK_MESSAGE = new RegExp(`\\b(${[...NETWORK_ERRNO].join("|")})\\b`);
+
+/**
+ * Whether `err` (or a cause of it) is a connection that failed, however the
+ * transport reported it: by errno code, or by its name in the message (the
+ * Connect transports fold the errno into the text).
+ */
+export function isNetworkError(err: unknown): boolean {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && NETWORK_ERRNO.has(code)) return true;
+    if (NETWORK_MESSAGE.test(e instanceof ConnectError ? e.rawMessage : e.message)) return true;
+  }
+  return false;
 }
 
 /**
@@ -144,3 +196,87 @@ export const refusedStreamRetry: Interceptor = (next) => async (req) => {
     }
   }
 };
+
+/** One stream of `keepStreaming`, as its callbacks see it. */
+export interface StreamAttempt {
+  /** 1 for the first stream, then one more for each reopening. */
+  readonly number: number;
+  /** The loop's signal: pass it to the call. */
+  readonly signal: AbortSignal;
+  /** Says the stream proved good (a welcome came): the backoff starts afresh and failures count as new. */
+  healthy(): void;
+}
+
+/** What `onError` decides: "retry" with backoff whatever the verdict, "stop", or a delay of its own (0: at once). */
+export type FailureDecision = "retry" | "stop" | { retryInMs: number } | undefined;
+
+export interface KeepStreamingOptions<T> {
+  /**
+   * Opens one stream: its messages (an async generator may set up before its
+   * call and clean up in `finally`), or a promise of its end when the caller
+   * reads the stream itself.
+   */
+  open: (attempt: StreamAttempt) => AsyncIterable<T> | Promise<void>;
+  /** Each message, in order; a throw fails the stream. */
+  onMessage?: (message: T, attempt: StreamAttempt) => void | Promise<void>;
+  backoff: BackoffOptions;
+  /** Stops the loop: a pending sleep ends at once; the stream must honour it too. */
+  signal: AbortSignal;
+  /** A stream ended without error; "stop" ends the loop (it resolves). */
+  onEnd?: (attempt: StreamAttempt) => "stop" | undefined | void;
+  /**
+   * A stream failed (not by the signal). `verdict` is `classify(err)`;
+   * `repeated` tells the same failure (code and message) as the last one since
+   * a healthy stream, for logs that want the first line and the change only.
+   * Returning nothing follows the verdict: retry with backoff, or stop.
+   */
+  onError?: (err: unknown, failure: { verdict: Verdict; repeated: boolean; attempt: StreamAttempt }) => FailureDecision | void;
+  /** Called before each sleep with its delay (a state change, a metric). */
+  onBackoff?: (delayMs: number) => void;
+}
+
+/**
+ * Keeps a stream open: opens it, hands each message on, and reopens it after
+ * it ends or fails, with backoff and jitter, until the signal aborts (it
+ * resolves), `onEnd` says "stop" (it resolves) or a failure stops it (it
+ * rejects with that failure). A stream marked healthy starts the backoff
+ * afresh, so a long-lived stream that breaks is reopened after the first,
+ * short delay, while a peer that keeps failing is tried less and less often,
+ * up to `maxMs`.
+ */
+export async function keepStreaming<T>(options: KeepStreamingOptions<T>): Promise<void> {
+  const { signal } = options;
+  let delays = backoff(options.backoff);
+  let lastFailure = "";
+  for (let number = 1; !signal.aborted; number++) {
+    const attempt: StreamAttempt = {
+      number,
+      signal,
+      healthy() {
+        delays = backoff(options.backoff);
+        lastFailure = "";
+      },
+    };
+    let delay: number | undefined;
+    try {
+      const stream = options.open(attempt);
+      if (stream instanceof Promise) await stream;
+      else for await (const message of stream) await options.onMessage?.(message, attempt);
+      if (signal.aborted) return;
+      if (options.onEnd?.(attempt) === "stop") return;
+    } catch (err) {
+      if (signal.aborted) return;
+      const verdict = classify(err);
+      const error = ConnectError.from(err);
+      const failure = `${error.code}: ${error.rawMessage}`;
+      const repeated = failure === lastFailure;
+      lastFailure = failure;
+      const decision = options.onError?.(err, { verdict, repeated, attempt });
+      if (decision === "stop" || (decision === undefined && verdict === "permanent")) throw err;
+      if (typeof decision === "object") delay = decision.retryInMs;
+    }
+    delay ??= delays.next().value;
+    options.onBackoff?.(delay);
+    if (delay > 0) await sleep(delay, signal).catch(() => undefined);
+  }
+}

@@ -9,7 +9,7 @@ import type { Logger } from "./logger.js";
 import { withUncompressedProcedures } from "./server/bulk.js";
 import { HealthStatus, ServingStatus, registerHealthService } from "./server/health.js";
 import { createRequestPipeline, type ExtraHttpHandler } from "./server/http.js";
-import { createAuthorizeInterceptor, createRpcInterceptor, type Authorize } from "./server/interceptors.js";
+import { createAuthorizeInterceptor, createRpcFinisher, createRpcInterceptor, type Authorize } from "./server/interceptors.js";
 import { OnePortListener } from "./server/listener.js";
 import { createMetricsRegistry } from "./server/metrics.js";
 import { registerReflectionServices } from "./server/reflection.js";
@@ -124,6 +124,7 @@ export function createServer(options: ServerOptions): Server {
   // The component's services, which the authorization hook guards.
   let guarded: ReadonlySet<string> = new Set();
   const authorize: Authorize = options.authorize ?? (() => Promise.resolve());
+  const finishRpc = createRpcFinisher(baseLogger.child({ subsystem: "rpc" }), rpcMetrics);
 
   const rpc = connectNodeAdapter({
     grpc: true,
@@ -131,7 +132,7 @@ export function createServer(options: ServerOptions): Server {
     connect: true,
     readMaxBytes: options.readMaxBytes ?? DEFAULT_READ_MAX_BYTES,
     interceptors: [
-      createRpcInterceptor(baseLogger.child({ subsystem: "rpc" }), rpcMetrics),
+      createRpcInterceptor(finishRpc),
       createAuthorizeInterceptor(authorize, () => guarded),
       ...(options.interceptors ?? []),
     ],
@@ -162,7 +163,7 @@ export function createServer(options: ServerOptions): Server {
       corsOrigins: options.corsOrigins ?? [],
       registry,
       http: options.http,
-      shared: { rpcMetrics, authorize },
+      shared: { finishRpc, authorize, shutdownSignal: shutdown.signal },
       rpc,
     }),
   });

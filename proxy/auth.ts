@@ -14,6 +14,7 @@ import { TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
 import { capabilityAuthorizer, scopeEntries } from "../lib/server/authorize.js";
 import type { Authorize } from "../lib/server.js";
 import type { TokenVerifier, VerifiedToken } from "../lib/tokens.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 
 /** The proxy's hook: the scopes each procedure takes. */
 export function proxyAuthorizer(verifier: TokenVerifier): Authorize {
@@ -50,13 +51,10 @@ export class ProxyAuth {
   }
 }
 
-/** Supported protocol major of the Expose, Tunnel and Dial streams. */
-export const PROTOCOL_MAJOR = 1;
-
 /** Throws FailedPrecondition for an unsupported major (a missing version counts as 1.0). */
 export function checkProtocol(version: { major: number } | undefined, field: string): void {
-  const major = version?.major ?? PROTOCOL_MAJOR;
-  if (major !== PROTOCOL_MAJOR && major !== 0) {
-    throw new ConnectError(`${field}.major ${major} is not supported (this proxy speaks 1)`, Code.FailedPrecondition);
+  const major = version?.major ?? PROTOCOL_VERSION.major;
+  if (major !== PROTOCOL_VERSION.major && major !== 0) {
+    throw new ConnectError(`${field}.major ${major} is not supported (this proxy speaks ${PROTOCOL_VERSION.major})`, Code.FailedPrecondition);
   }
 }

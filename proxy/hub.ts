@@ -13,7 +13,8 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { type ExposeResponse, ExposeResponseSchema } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import { CloseReason, type Exposure, ExposureKind } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import type { Logger } from "../lib/logger.js";
-import { Connection, Outbox, type Side } from "./splice.js";
+import { Outbox } from "../lib/async/outbox.js";
+import { Connection, type Side } from "./splice.js";
 
 export const EXPOSURE_NAME = /^[a-z][a-z0-9-]{0,31}$/;
 

@@ -4,12 +4,12 @@ import type { ConnectRouter } from "@connectrpc/connect";
 import { ServiceKind } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { RendezvousService } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import { TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
-import { serverOptions, type ServingComponent } from "../lib/component.js";
-import { coordinatorTransport, runRegistration, verifierKeySource } from "../lib/coordinator-client.js";
+import { createServingComponent, type ServingComponent } from "../lib/component.js";
+import { verifierKeySource } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
-import { createServer, type HttpRequest, type Server } from "../lib/server.js";
-import { createRawGrpcHandler } from "../lib/server/raw-grpc.js";
-import { DIAL_PATH, DIAL_REQUEST, DIAL_RESPONSE, MAX_TUNNEL_MESSAGE, TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel-client.js";
+import type { HttpRequest, ServerOptions } from "../lib/server.js";
+import { createRawGrpcHandler, rawProcedure } from "../lib/grpc/server.js";
+import { DIAL_PATH, DIAL_REQUEST, DIAL_RESPONSE, MAX_TUNNEL_MESSAGE, TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
 import { TokenVerifier, type JSONWebKeySet } from "../lib/tokens.js";
 import { ProxyAuth, proxyAuthorizer } from "./auth.js";
 import { parsePortRange, type ProxyConfig } from "./config.js";
@@ -69,44 +69,41 @@ export function createProxy({
   const range = parsePortRange(config.tcpPortRange);
   const streams = new StreamTable();
   const websocket = new WebSocketEntrance({ hub, auth, logger: logger.child({ subsystem: "websocket" }) });
-  const background = new AbortController();
-  const tasks: Promise<void>[] = [];
-  let tcp: TcpEntrances | undefined;
-  let server: Server | undefined;
-  let stopping: Promise<void> | undefined;
+  const bindHost = config.tcpHost !== "" ? config.tcpHost : config.host;
+  const publicHost =
+    config.tcpPublicHost !== "" ? config.tcpPublicHost : config.publicUrl !== "" ? new URL(config.publicUrl).hostname : config.host;
+  const tcp = range ? new TcpEntrances({ hub, bindHost, publicHost, range, logger: logger.child({ subsystem: "tcp" }) }) : undefined;
+  const rendezvous = new RendezvousServiceImpl({
+    hub,
+    auth,
+    streams,
+    pingIntervalMs: config.pingIntervalMs,
+    proxyId,
+    logger: logger.child({ subsystem: "rendezvous" }),
+  });
+  const tunnels = new TunnelServiceImpl({ hub, auth, streams, tcp, logger: logger.child({ subsystem: "tunnels" }) });
 
-  const publicUrl = () => (config.publicUrl !== "" ? config.publicUrl : server!.address().url);
-
-  return {
-    async start() {
-      const bindHost = config.tcpHost !== "" ? config.tcpHost : config.host;
-      const publicHost =
-        config.tcpPublicHost !== "" ? config.tcpPublicHost : config.publicUrl !== "" ? new URL(config.publicUrl).hostname : config.host;
-      tcp = range ? new TcpEntrances({ hub, bindHost, publicHost, range, logger: logger.child({ subsystem: "tcp" }) }) : undefined;
-      const rendezvous = new RendezvousServiceImpl({
-        hub,
-        auth,
-        streams,
-        pingIntervalMs: config.pingIntervalMs,
-        proxyId,
-        logger: logger.child({ subsystem: "rendezvous" }),
-      });
-      const tunnels = new TunnelServiceImpl({ hub, auth, streams, tcp, logger: logger.child({ subsystem: "tunnels" }) });
+  const component = createServingComponent({
+    name: "proxy",
+    config,
+    logger,
+    routes: (router: ConnectRouter) => {
+      router.service(RendezvousService, rendezvous);
+      router.service(TunnelService, tunnels);
+    },
+    server(): Partial<ServerOptions> {
       // Plain gRPC byte streams (our clients, any gRPC client) skip the
       // Connect adapter; Connect and gRPC-Web calls fall through to it.
       const rawGrpc = createRawGrpcHandler({
-        procedures: {
-          [DIAL_PATH]: (call) => tunnels.serveDial(rawByteStream(call, DIAL_REQUEST, DIAL_RESPONSE), call.headers, call.signal),
-          [TUNNEL_PATH]: (call) => rendezvous.serveTunnel(rawByteStream(call, TUNNEL_REQUEST, TUNNEL_RESPONSE), call.headers),
-        },
+        routes: [
+          rawProcedure(TunnelService.method.dial, (call) => tunnels.serveDial(rawByteStream(call, DIAL_REQUEST, DIAL_RESPONSE), call.context)),
+          rawProcedure(RendezvousService.method.tunnel, (call) =>
+            rendezvous.serveTunnel(rawByteStream(call, TUNNEL_REQUEST, TUNNEL_RESPONSE), call.context),
+          ),
+        ],
         maxMessageBytes: MAX_TUNNEL_MESSAGE,
-        logger: logger.child({ subsystem: "tunnels" }),
       });
-      server = createServer({
-        ...serverOptions("proxy", config, logger, (router: ConnectRouter) => {
-          router.service(RendezvousService, rendezvous);
-          router.service(TunnelService, tunnels);
-        }),
+      return {
         bulkProcedures: STREAM_PROCEDURES,
         authorize: proxyAuthorizer(verifier),
         http: (req, res, shared) => {
@@ -115,44 +112,27 @@ export function createProxy({
           return false;
         },
         upgrade: (req, socket, head) => websocket.upgrade(req, socket, head),
-      });
-      await server.start();
-      if (config.serviceCredential !== "" && config.coordinatorUrl !== "") {
-        tasks.push(
-          runRegistration({
-            transport: coordinatorTransport(config.coordinatorUrl, config.serviceCredential),
-            kind: ServiceKind.PROXY,
-            url: publicUrl(),
-            site: config.site,
-            tcpAddress: range && tcp ? `${publicHost}:${range.low}-${range.high}` : "",
-            status: () => ({
-              activeStreams: hub.tunnelCount,
-              draining: background.signal.aborted,
-            }),
-            logger: logger.child({ subsystem: "registration" }),
-            signal: background.signal,
-            health: server.health,
-          }),
-        );
-      }
+      };
     },
-    stop() {
-      stopping ??= (async () => {
-        // Deregister, then tell every tunnel and supervisor why they end,
-        // so that supervisors reconnect (elsewhere or later) at once.
-        background.abort();
-        await Promise.all(tasks);
-        hub.stop();
-        websocket.stop();
-        tcp?.stop();
-        await server?.stop();
-      })();
-      return stopping;
+    registration: {
+      config,
+      describe: () => ({
+        kind: ServiceKind.PROXY,
+        tcpAddress: range && tcp ? `${publicHost}:${range.low}-${range.high}` : "",
+        status: (draining: boolean) => ({ activeStreams: hub.tunnelCount, draining }),
+      }),
     },
-    address() {
-      if (!server) throw new Error("proxy not started");
-      return server.address();
+    // Deregister, then tell every tunnel and supervisor why they end,
+    // so that supervisors reconnect (elsewhere or later) at once.
+    drain() {
+      hub.stop();
+      websocket.stop();
+      tcp?.stop();
     },
+  });
+
+  return {
+    ...component,
     tunnelCount: () => hub.tunnelCount,
     sessionCount: () => hub.sessionCount,
   };

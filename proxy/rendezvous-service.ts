@@ -11,11 +11,12 @@ import {
 } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import type { Logger } from "../lib/logger.js";
 import { bearerToken } from "../lib/tokens.js";
-import { PROTOCOL_MAJOR, checkProtocol, type ProxyAuth } from "./auth.js";
+import { checkProtocol, type ProxyAuth } from "./auth.js";
 import type { Hub } from "./hub.js";
-import { TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel-client.js";
+import { TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
 import { connectByteStream, readOpen, streamSide, type ByteStream, type StreamTable } from "./rpc-side.js";
-import { Outbox } from "./splice.js";
+import { Outbox } from "../lib/async/outbox.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 
 /**
  * RendezvousService: supervisors' control streams (Expose) and their byte
@@ -49,7 +50,7 @@ export class RendezvousServiceImpl implements ServiceImpl<typeof RendezvousServi
         payload: {
           case: "welcome",
           value: {
-            protocolVersion: { major: PROTOCOL_MAJOR, minor: 0 },
+            protocolVersion: PROTOCOL_VERSION,
             proxyId: this.deps.proxyId,
             pingInterval: { seconds: BigInt(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1e6 },
           },
@@ -106,7 +107,7 @@ export class RendezvousServiceImpl implements ServiceImpl<typeof RendezvousServi
 
   async *tunnel(requests: AsyncIterable<TunnelRequest>, ctx: HandlerContext): AsyncGenerator<TunnelResponse> {
     const { stream, outbox, done } = connectByteStream<TunnelRequest, TunnelResponse>(requests, TUNNEL_RESPONSE, ctx, this.deps.streams);
-    this.serveTunnel(stream, ctx.requestHeader).catch((err: unknown) => outbox.fail(err));
+    this.serveTunnel(stream, ctx).catch((err: unknown) => outbox.fail(err));
     try {
       yield* outbox.drain();
     } finally {
@@ -117,14 +118,16 @@ export class RendezvousServiceImpl implements ServiceImpl<typeof RendezvousServi
   /**
    * One Tunnel on either transport (rpc-side.ts): checks the open and the
    * token and hands the stream to the dial waiting for it. Resolves once the
-   * call has said its last word.
+   * call has said its last word. Both `tunnel` and the raw path
+   * (proxy.ts) call it: the raw path writes data straight onto its HTTP/2
+   * stream, a shape a Connect handler's response iterator cannot give fast.
    */
-  async serveTunnel(stream: ByteStream, headers: Headers): Promise<void> {
+  async serveTunnel(stream: ByteStream, ctx: HandlerContext): Promise<void> {
     const open = await readOpen<TunnelOpen>(stream);
     checkProtocol(open.protocolVersion, "open.protocol_version");
     if (open.connectionId === "") throw new ConnectError("open.connection_id is required", Code.InvalidArgument);
     if (open.jobId === "") throw new ConnectError("open.job_id is required", Code.InvalidArgument);
-    await this.deps.auth.expose(bearerToken(headers), open.jobId);
+    await this.deps.auth.expose(bearerToken(ctx.requestHeader), open.jobId);
     this.deps.hub.attachTunnel(open.connectionId, open.jobId, streamSide(stream, TUNNEL_REQUEST, TUNNEL_RESPONSE));
     await stream.finished;
   }

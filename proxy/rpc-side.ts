@@ -2,9 +2,10 @@
  * Sides (splice.ts) over the two byte-stream RPCs, the client's Dial and the
  * supervisor's Tunnel, on either transport:
  *
- * - plain gRPC (every gRPC client, ours included) goes through hand-written
- *   procedures (lib/server/raw-grpc.ts) that frame data messages themselves:
- *   a header, then the bytes as they came, no protobuf runtime and no copy;
+ * - plain gRPC (every gRPC client, ours included) goes through the raw path
+ *   (lib/grpc/server.ts's rawProcedure, behind the same authorization hook
+ *   and error rule) and frames data messages itself: a header, then the
+ *   bytes as they came, no protobuf runtime and no copy;
  * - Connect and gRPC-Web fall through to the Connect adapter, whose handlers
  *   drain an Outbox of messages.
  *
@@ -16,7 +17,8 @@ import http2 from "node:http2";
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, type HandlerContext } from "@connectrpc/connect";
 import { CloseReason } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
-import { drained, type RawGrpcCall } from "../lib/server/raw-grpc.js";
+import { type RawGrpcCall } from "../lib/grpc/server.js";
+import { drained } from "../lib/grpc/wire.js";
 import {
   MAX_TUNNEL_DATA,
   decodeTunnelPieces,
@@ -24,8 +26,10 @@ import {
   writeData,
   type TunnelPayload,
   type TunnelWire,
-} from "../lib/tunnel-client.js";
-import { Outbox, byteLength, deferred, type Side, type TunnelEvent } from "./splice.js";
+} from "../lib/tunnel/wire.js";
+import { deferred } from "../lib/async/deferred.js";
+import { Outbox } from "../lib/async/outbox.js";
+import { byteLength, type Side, type TunnelEvent } from "./splice.js";
 
 /** Bytes queued per direction of one Connect-path tunnel before the pump waits. */
 export const OUTBOX_BYTES = 256 * 1024;
@@ -149,12 +153,13 @@ export function streamSide(stream: ByteStream, receive: TunnelWire, send: Tunnel
 }
 
 /**
- * A ByteStream over a raw gRPC call (lib/server/raw-grpc.ts): data goes out
+ * A ByteStream over a raw gRPC call (lib/grpc/server.ts): data goes out
  * as a header plus the bytes themselves, a write waits only when the HTTP/2
  * stream wants it to (its flow control is the backpressure).
  */
 export function rawByteStream(call: RawGrpcCall, receive: TunnelWire, send: TunnelWire): ByteStream {
-  const { stream, signal } = call;
+  const { stream } = call;
+  const { signal } = call.context;
   const gone = deferred();
   const finished = deferred();
   if (signal.aborted) gone.resolve();

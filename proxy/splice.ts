@@ -11,11 +11,10 @@
  */
 import { CloseReason } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import type { Logger } from "../lib/logger.js";
-import { TUNNEL_BATCH_BYTES, deferred } from "../lib/tunnel-client.js";
+import { deferred } from "../lib/async/deferred.js";
+import { TUNNEL_BATCH_BYTES } from "../lib/tunnel/wire.js";
 
-export { Outbox, deferred } from "../lib/tunnel-client.js";
-
-/** Largest data event an entrance emits (a data message's worth, lib/tunnel-client.ts). */
+/** Largest data event an entrance emits (a data message's worth, lib/tunnel/wire.ts). */
 export const MAX_CHUNK = TUNNEL_BATCH_BYTES;
 
 /** Bytes in `chunks`. */

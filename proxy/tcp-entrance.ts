@@ -10,7 +10,8 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { CloseReason } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import type { Logger } from "../lib/logger.js";
 import type { Hub } from "./hub.js";
-import { MAX_CHUNK, deferred, type Side, type TunnelEvent } from "./splice.js";
+import { deferred } from "../lib/async/deferred.js";
+import { MAX_CHUNK, type Side, type TunnelEvent } from "./splice.js";
 
 export interface TcpEntrancesOptions {
   hub: Hub;

@@ -5,7 +5,7 @@ import type { Logger } from "../lib/logger.js";
 import { bearerToken } from "../lib/tokens.js";
 import { checkProtocol, type ProxyAuth } from "./auth.js";
 import { EXPOSURE_NAME, type Hub } from "./hub.js";
-import { DIAL_REQUEST, DIAL_RESPONSE } from "../lib/tunnel-client.js";
+import { DIAL_REQUEST, DIAL_RESPONSE } from "../lib/tunnel/wire.js";
 import { connectByteStream, readOpen, streamSide, type ByteStream, type StreamTable } from "./rpc-side.js";
 import type { TcpEntrances } from "./tcp-entrance.js";
 
@@ -17,7 +17,7 @@ export class TunnelServiceImpl implements ServiceImpl<typeof TunnelService> {
 
   async *dial(requests: AsyncIterable<DialRequest>, ctx: HandlerContext): AsyncGenerator<DialResponse> {
     const { stream, outbox, done } = connectByteStream<DialRequest, DialResponse>(requests, DIAL_RESPONSE, ctx, this.deps.streams);
-    this.serveDial(stream, ctx.requestHeader, ctx.signal).catch((err: unknown) => outbox.fail(err));
+    this.serveDial(stream, ctx).catch((err: unknown) => outbox.fail(err));
     try {
       yield* outbox.drain();
     } finally {
@@ -28,13 +28,16 @@ export class TunnelServiceImpl implements ServiceImpl<typeof TunnelService> {
   /**
    * One Dial on either transport (rpc-side.ts): checks the open and the
    * token, asks the hub for the tunnel, answers `opened` and splices.
-   * Resolves once the call has said its last word.
+   * Resolves once the call has said its last word. Both `dial` and the raw
+   * path (proxy.ts) call it: the raw path writes data straight onto its
+   * HTTP/2 stream, a shape a Connect handler's response iterator cannot
+   * give fast.
    */
-  async serveDial(stream: ByteStream, headers: Headers, signal: AbortSignal): Promise<void> {
+  async serveDial(stream: ByteStream, ctx: HandlerContext): Promise<void> {
     const open = await readOpen<DialOpen>(stream);
     checkProtocol(open.protocolVersion, "open.protocol_version");
     validateTarget(open.jobId, open.portName, open.hostId, "open.");
-    const grant = await this.deps.auth.dial(bearerToken(headers), open.jobId, open.portName, open.hostId);
+    const grant = await this.deps.auth.dial(bearerToken(ctx.requestHeader), open.jobId, open.portName, open.hostId);
     const dialed = await this.deps.hub.dial({
       jobId: open.jobId,
       hostId: grant.hostId,
@@ -42,7 +45,7 @@ export class TunnelServiceImpl implements ServiceImpl<typeof TunnelService> {
       windowSize: open.windowSize,
       expiresAtMs: grant.expiresAtMs,
       entrance: "grpc",
-      signal,
+      signal: ctx.signal,
     });
     void stream.write({ case: "opened", value: { connectionId: dialed.connection.id, exposure: dialed.exposure } });
     dialed.connection.start(streamSide(stream, DIAL_REQUEST, DIAL_RESPONSE), dialed.supervisor);

@@ -20,7 +20,8 @@ import { CloseReason, ExposureKind } from "../gen/treadmill/proxy/v1/tunnel_pb.j
 import type { Logger } from "../lib/logger.js";
 import type { ProxyAuth } from "./auth.js";
 import { EXPOSURE_NAME, type Hub } from "./hub.js";
-import { MAX_CHUNK, deferred, type Side, type TunnelEvent } from "./splice.js";
+import { deferred } from "../lib/async/deferred.js";
+import { MAX_CHUNK, type Side, type TunnelEvent } from "./splice.js";
 import { WebSocket, WebSocketProtocolError, handshakeProblem, offeredProtocols, refuseUpgrade } from "./websocket.js";
 
 export const WS_PROTOCOL = "treadmill.tunnel.v1";
@@ -77,7 +78,8 @@ export class WebSocketEntrance {
     }
     // Accepted before the tunnel is up, so that a browser can read why it
     // failed from the close frame (a refused handshake shows it nothing).
-    const ws = WebSocket.accept(req, socket, head, { protocol: protocols.includes(WS_PROTOCOL) ? WS_PROTOCOL : undefined });
+    const ws = await WebSocket.accept(req, socket, head, { protocol: protocols.includes(WS_PROTOCOL) ? WS_PROTOCOL : undefined });
+    if (ws === undefined) return;
     this.#open.add(ws);
     socket.once("close", () => this.#open.delete(ws));
     const controller = new AbortController();

@@ -1,4 +1,5 @@
-// Run by `npm test` (`node scripts/check.mjs test`) and `npm run test:interop`
+// Run by `npm test` (`node scripts/check.mjs test`), `npm run test:security`
+// (`... security`, which needs what `npm test` needs) and `npm run test:interop`
 // (`... interop`) before jest starts: exits 1 at once, naming what is missing
 // and `npm run setup`, rather than letting tests fail one by one minutes later.
 // Plain JavaScript and file checks only, so it costs a few milliseconds.
@@ -9,7 +10,7 @@ import { fileURLToPath } from "node:url";
 const root = fileURLToPath(new URL("..", import.meta.url));
 const run = process.argv[2] ?? "test";
 const wanted = run === "interop" ? ["test", "interop"] : ["test"];
-const command = run === "interop" ? "npm run test:interop" : "npm test";
+const command = run === "test" ? "npm test" : `npm run test:${run}`;
 
 /** The requirements file's rows: package, proof, needed by, purpose. */
 function requirements() {

@@ -26,17 +26,16 @@ import {
 } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import { CloseReason, ExposureKind } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
 import type { Logger } from "../lib/logger.js";
-import { backoff, sleep } from "../lib/retry.js";
+import { keepStreaming, sleep, type StreamAttempt } from "../lib/retry.js";
+import { Outbox } from "../lib/async/outbox.js";
 import {
-  Outbox,
-  TUNNEL_PATH,
-  TUNNEL_REQUEST,
-  TUNNEL_RESPONSE,
   openTunnelCall,
   tunnelDuplex,
   tunnelTransport,
   type TunnelDuplex,
-} from "../lib/tunnel-client.js";
+} from "../lib/tunnel/client.js";
+import { TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import { ExposureDenied, type Exposure } from "./drivers/driver.js";
 
 export interface ExposerOptions {
@@ -78,8 +77,6 @@ export interface Exposer {
   tunnelCount(): number;
 }
 
-const PROTOCOL_VERSION = { major: 1, minor: 0 };
-
 interface ActiveTunnel {
   exposure: string;
   /** Cuts the Tunnel call and the connection to the exposure. */
@@ -112,80 +109,89 @@ export function startExposer(options: ExposerOptions): Exposer {
       resizable: e.kind === "console" && options.resize !== undefined,
     }));
 
+  /** Keeps the control stream open until stop(); a welcomed stream starts the backoff afresh. */
   async function runControl(): Promise<void> {
-    const delays = () => backoff(options.backoff ?? { initialMs: 250, maxMs: 30_000 });
-    let wait = delays();
-    while (!stopRequested) {
-      const { transport, close } = tunnelTransport(options.proxyUrl, options.token);
-      const client = createClient(RendezvousService, transport);
-      const requests = new Outbox<ExposeRequest>(1024 * 1024, () => 128);
-      const attempt = new AbortController();
-      const onStop = () => attempt.abort();
-      stopSignal.addEventListener("abort", onStop, { once: true });
-      const announced = new Map<string, string>();
-      const sync = () => {
-        if (!isConnected) return;
-        const now = protoExposures();
-        const changed = now.filter((e) => announced.get(e.name) !== JSON.stringify(e));
-        const gone = [...announced.keys()].filter((name) => !now.some((e) => e.name === name));
-        if (changed.length > 0) {
-          void requests.push(create(ExposeRequestSchema, { payload: { case: "announce", value: { exposures: changed } } }));
-          for (const e of changed) announced.set(e.name, JSON.stringify(e));
-        }
-        if (gone.length > 0) {
-          void requests.push(create(ExposeRequestSchema, { payload: { case: "withdraw", value: { names: gone } } }));
-          for (const name of gone) announced.delete(name);
-        }
-      };
-      control = { requests, sync };
-      let heardAt = Date.now();
-      let pingMs = 15_000;
-      const timer = setInterval(() => {
-        if (Date.now() - heardAt > 3 * pingMs) attempt.abort(new Error("the proxy stopped pinging"));
-        else sync();
-      }, options.pollMs ?? 1000);
-      void requests.push(
-        create(ExposeRequestSchema, {
-          payload: {
-            case: "hello",
-            value: { protocolVersion: PROTOCOL_VERSION, jobId: options.jobId, hostId, attempt: options.attempt ?? 1 },
-          },
-        }),
-      );
-      try {
-        for await (const response of client.expose(requests.drain(), { signal: attempt.signal })) {
-          heardAt = Date.now();
-          const { payload } = response;
-          if (payload.case === "welcome") {
-            const d = payload.value.pingInterval;
-            if (d) pingMs = Math.max(50, Number(d.seconds) * 1000 + Math.floor(d.nanos / 1e6));
-            isConnected = true;
-            wait = delays();
-            log.info({ proxyId: payload.value.proxyId }, "exposing through proxy");
-            sync();
-          } else if (payload.case === "ping") {
-            void requests.push(create(ExposeRequestSchema, { payload: { case: "pong", value: { pingId: payload.value.pingId } } }));
-          } else if (payload.case === "openTunnel") {
-            openTunnel(payload.value, requests);
-          }
-        }
-        if (!stopRequested) log.warn("proxy ended the expose stream");
-      } catch (err) {
-        if (!stopRequested) {
-          const error = ConnectError.from(err);
-          log.warn({ code: error.code, reason: error.rawMessage }, "expose stream failed");
-        }
-      } finally {
-        isConnected = false;
-        control = undefined;
-        clearInterval(timer);
-        stopSignal.removeEventListener("abort", onStop);
-        requests.end();
-        attempt.abort();
-        close();
+    await keepStreaming({
+      open: exposeOnce,
+      backoff: options.backoff ?? { initialMs: 250, maxMs: 30_000 },
+      signal: stopSignal,
+      onEnd() {
+        if (stopRequested) return "stop";
+        log.warn("proxy ended the expose stream");
+      },
+      onError(err) {
+        if (stopRequested) return "stop";
+        const error = ConnectError.from(err);
+        log.warn({ code: error.code, reason: error.rawMessage }, "expose stream failed");
+        return "retry";
+      },
+    }).catch(() => undefined); // a failure after stop(): the stream was cut on purpose
+  }
+
+  /** One control stream: hello, welcome, announcements, pings and tunnel requests, until it ends. */
+  async function exposeOnce(streamAttempt: StreamAttempt): Promise<void> {
+    if (stopRequested) return; // stop() came during the backoff: onEnd ends the loop
+    const { transport, close } = tunnelTransport(options.proxyUrl, options.token);
+    const client = createClient(RendezvousService, transport);
+    const requests = new Outbox<ExposeRequest>(1024 * 1024, () => 128);
+    const attempt = new AbortController();
+    const onStop = () => attempt.abort();
+    stopSignal.addEventListener("abort", onStop, { once: true });
+    const announced = new Map<string, string>();
+    const sync = () => {
+      if (!isConnected) return;
+      const now = protoExposures();
+      const changed = now.filter((e) => announced.get(e.name) !== JSON.stringify(e));
+      const gone = [...announced.keys()].filter((name) => !now.some((e) => e.name === name));
+      if (changed.length > 0) {
+        void requests.push(create(ExposeRequestSchema, { payload: { case: "announce", value: { exposures: changed } } }));
+        for (const e of changed) announced.set(e.name, JSON.stringify(e));
       }
-      if (stopRequested) break;
-      await sleep(wait.next().value, stopSignal).catch(() => undefined);
+      if (gone.length > 0) {
+        void requests.push(create(ExposeRequestSchema, { payload: { case: "withdraw", value: { names: gone } } }));
+        for (const name of gone) announced.delete(name);
+      }
+    };
+    control = { requests, sync };
+    let heardAt = Date.now();
+    let pingMs = 15_000;
+    const timer = setInterval(() => {
+      if (Date.now() - heardAt > 3 * pingMs) attempt.abort(new Error("the proxy stopped pinging"));
+      else sync();
+    }, options.pollMs ?? 1000);
+    void requests.push(
+      create(ExposeRequestSchema, {
+        payload: {
+          case: "hello",
+          value: { protocolVersion: PROTOCOL_VERSION, jobId: options.jobId, hostId, attempt: options.attempt ?? 1 },
+        },
+      }),
+    );
+    try {
+      for await (const response of client.expose(requests.drain(), { signal: attempt.signal })) {
+        heardAt = Date.now();
+        const { payload } = response;
+        if (payload.case === "welcome") {
+          const d = payload.value.pingInterval;
+          if (d) pingMs = Math.max(50, Number(d.seconds) * 1000 + Math.floor(d.nanos / 1e6));
+          isConnected = true;
+          streamAttempt.healthy();
+          log.info({ proxyId: payload.value.proxyId }, "exposing through proxy");
+          sync();
+        } else if (payload.case === "ping") {
+          void requests.push(create(ExposeRequestSchema, { payload: { case: "pong", value: { pingId: payload.value.pingId } } }));
+        } else if (payload.case === "openTunnel") {
+          openTunnel(payload.value, requests);
+        }
+      }
+    } finally {
+      isConnected = false;
+      control = undefined;
+      clearInterval(timer);
+      stopSignal.removeEventListener("abort", onStop);
+      requests.end();
+      attempt.abort();
+      close();
     }
   }
 

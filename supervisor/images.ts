@@ -7,15 +7,14 @@ import { ImageCacheService } from "../gen/treadmill/image/v1/image_cache_service
 import type { ImageSource } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Manifest } from "../gen/treadmill/image/v1/manifest_pb.js";
 import {
-  DIGEST_PATTERN,
-  DigestMismatchError,
   downloadBlob,
   imageStoreClient,
   imageStoreTransport,
   type ImageTransport,
-} from "../lib/image-client.js";
+} from "../lib/image/client.js";
+import { DIGEST_PATTERN, DigestMismatchError, digestOfBytes } from "../lib/image/digest.js";
 import type { Logger } from "../lib/logger.js";
-import { backoff, sleep } from "../lib/retry.js";
+import { backoff, isNetworkError, sleep } from "../lib/retry.js";
 import type { JobImage } from "./drivers/driver.js";
 
 /**
@@ -38,9 +37,6 @@ export class ImageUnavailableError extends Error {
 
 /** Codes that are the image's (or the token's) fault, not the place's. */
 const IMAGE_FAULTS = new Set([Code.NotFound, Code.PermissionDenied, Code.InvalidArgument]);
-
-/** A connection that failed, however the transport reported it. */
-const NETWORK_ERROR = /\b(ECONNREFUSED|ECONNRESET|EHOSTUNREACH|ENETUNREACH|ETIMEDOUT|ENOTFOUND|EAI_AGAIN)\b/;
 
 /** Whether a failure says the image is unusable (rather than its source unreachable or failing). */
 function isImageFault(err: unknown): boolean {
@@ -135,7 +131,7 @@ export class ImageProvisioner {
         } catch (err) {
           if (options.signal.aborted) throw err;
           const error = ConnectError.from(err);
-          const code = NETWORK_ERROR.test(error.rawMessage) ? Code.Unavailable : error.code;
+          const code = isNetworkError(err) ? Code.Unavailable : error.code;
           const failure = { name: place.name, text: `${codeName(code)}: ${error.rawMessage}`, imageFault: isImageFault(err) };
           failures.push(failure);
           this.options.logger.warn({ place: place.name, err: failure.text }, "image source failed");
@@ -224,7 +220,7 @@ export class ImageProvisioner {
       const store = imageStoreClient(transport);
       const got = await store.getManifest({ digest: source.manifestDigest }, { signal: options.signal, timeoutMs: 30000 });
       if (!got.manifest) throw new ConnectError("store answered without a manifest", Code.DataLoss);
-      const actual = `sha256:${createHash("sha256").update(got.manifestJson).digest("hex")}`;
+      const actual = digestOfBytes(got.manifestJson);
       if (actual !== source.manifestDigest) throw new DigestMismatchError(source.manifestDigest, actual);
       const total = got.manifest.layers.reduce((sum, l) => sum + Number(l.size), 0);
       let before = 0;

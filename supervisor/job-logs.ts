@@ -19,7 +19,7 @@
  * attempts that ran on this host.
  *
  * Layout: `<spillDir>/<job>-<attempt>/` holds the shipper's spill
- * (lib/log-shipper.ts) and `report.json`.
+ * (supervisor/log-shipper.ts) and `report.json`.
  */
 import { randomUUID } from "node:crypto";
 import { mkdir, readdir, readFile, rm } from "node:fs/promises";
@@ -29,8 +29,8 @@ import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code } from "@connectrpc/connect";
 import { LogStatus } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import type { AttachRequestSchema, LogTokenGrant, StartJob } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { LogShipper, SpillBudget, type LossEvent, type ShipperReport } from "../lib/log-shipper.js";
-import { writeAtomic } from "../lib/log-shipper/spill.js";
+import { LogShipper, SpillBudget, type LossEvent, type ShipperReport } from "./log-shipper.js";
+import { writeAtomic } from "./log-shipper/spill.js";
 import { formatBytes } from "../lib/bytes.js";
 import type { Logger } from "../lib/logger.js";
 

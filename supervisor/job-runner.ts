@@ -1,7 +1,7 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { ExitStatus, FinalizeReason, JobStage, JobState } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import type { StartJob } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import type { LogShipper } from "../lib/log-shipper.js";
+import type { LogShipper } from "./log-shipper.js";
 import type { Logger } from "../lib/logger.js";
 import {
   DriverAbortError,

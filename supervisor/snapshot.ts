@@ -14,20 +14,19 @@
  * on a new stream) joins the operation in progress, or gets the same result
  * again; it never takes a second snapshot.
  */
-import { createHash } from "node:crypto";
 import { mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { SnapshotResultSchema, type TakeSnapshot } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { uploadImage } from "../lib/image-push.js";
+import { buildManifest, type LayerDescriptor } from "../lib/image/manifest.js";
+import { uploadImage } from "../lib/image/push.js";
 import type { Logger } from "../lib/logger.js";
 import { DriverError, type Driver, type SnapshotLayer } from "./drivers/driver.js";
 import type { JobRunner, SnapshotSource } from "./job-runner.js";
 
 type Result = MessageInitShape<typeof SnapshotResultSchema>;
 
-const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
 /** Results kept for repeated commands; older ones are forgotten (the coordinator has them). */
 const REMEMBERED = 256;
 
@@ -157,27 +156,21 @@ function errorText(err: unknown): string {
  * layer there); the image's annotations with the command's on top.
  */
 export function manifestOf(source: Pick<SnapshotSource, "image">, layer: SnapshotLayer, annotations: Record<string, string>) {
-  const descriptor = (l: { mediaType: string; digest: string; size: number; annotations?: Record<string, string> }) => ({
+  // A layer's annotations are written only when it has some.
+  const descriptor = (l: LayerDescriptor): LayerDescriptor => ({
     mediaType: l.mediaType,
     digest: l.digest,
     size: l.size,
-    ...(l.annotations && Object.keys(l.annotations).length > 0 ? { annotations: { ...l.annotations } } : {}),
+    annotations: l.annotations && Object.keys(l.annotations).length > 0 ? { ...l.annotations } : undefined,
   });
   const layers = [...source.image.layers.map(descriptor), descriptor(layer)];
-  const manifestJson = Buffer.from(
-    JSON.stringify({
-      schemaVersion: 2,
-      mediaType: MANIFEST_MEDIA_TYPE,
-      layers,
-      annotations: { ...source.image.annotations, ...annotations },
-    }),
-  );
+  const { manifestJson, manifestDigest } = buildManifest(layers, { ...source.image.annotations, ...annotations });
   const blobs = [
     ...source.image.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
     { digest: layer.digest, size: layer.size, path: layer.path },
   ];
   return {
-    manifestDigest: `sha256:${createHash("sha256").update(manifestJson).digest("hex")}`,
+    manifestDigest,
     manifestJson,
     // A layer shared by two descriptors is uploaded once.
     blobs: blobs.filter((b, i) => blobs.findIndex((x) => x.digest === b.digest) === i),

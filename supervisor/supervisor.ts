@@ -15,10 +15,12 @@ import {
   type StopJob,
   SupervisorService,
 } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { AsyncQueue } from "../lib/async-queue.js";
+import { Notifier } from "../lib/async/notifier.js";
+import { AsyncQueue } from "../lib/async/queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
-import { backoff, sleep } from "../lib/retry.js";
+import { keepStreaming } from "../lib/retry.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import type { SupervisorConfig } from "./config.js";
 import { createBoardDriver, parseBoardConfig } from "./drivers/board-driver.js";
 import type { Driver } from "./drivers/driver.js";
@@ -29,8 +31,6 @@ import { JobLogs } from "./job-logs.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 import { Snapshotter } from "./snapshot.js";
 
-/** The version this supervisor speaks on `Attach`. */
-export const PROTOCOL_VERSION = { major: 1, minor: 0 };
 const SUPERVISOR_VERSION = "0.1.0";
 
 /**
@@ -101,7 +101,8 @@ export function createSupervisor({
   /** This host's id: configured, or learned from the coordinator's welcome. */
   let hostId = config.hostId;
   let outbox: AsyncQueue<AttachRequest> | undefined;
-  const changed = new Changes();
+  /** Wakes waiters at every change of the supervisor's state. */
+  const changed = new Notifier();
   const snapshots = new Snapshotter({
     driver: () => driver!,
     logger: logger.child({ subsystem: "snapshot" }),
@@ -310,23 +311,16 @@ export function createSupervisor({
   }
 
   async function run(): Promise<void> {
-    const newDelays = () =>
-      backoff({ initialMs: Math.min(250, config.reconnectMaxMs), maxMs: config.reconnectMaxMs, jitter: "full" });
-    let delays = newDelays();
-    // The same failure again (the coordinator is still down) is logged at
-    // debug: an operator needs the first line and the change, not one a minute.
-    let lastFailure = "";
-    while (!abort.signal.aborted) {
-      state = "connecting";
-      try {
-        // A stream that got as far as a welcome starts the backoff afresh.
-        await attachOnce(() => {
-          delays = newDelays();
-          lastFailure = "";
-        });
-        logger.info("coordinator closed the stream");
-      } catch (err) {
-        if (abort.signal.aborted) break;
+    await keepStreaming({
+      // A stream that got as far as a welcome starts the backoff afresh.
+      open(attempt) {
+        state = "connecting";
+        return attachOnce(() => attempt.healthy());
+      },
+      backoff: { initialMs: Math.min(250, config.reconnectMaxMs), maxMs: config.reconnectMaxMs, jitter: "full" },
+      signal: abort.signal,
+      onEnd: () => void logger.info("coordinator closed the stream"),
+      onError(err, { repeated }) {
         const error = ConnectError.from(err);
         if (FINAL_CODES.has(error.code)) {
           state = "refused";
@@ -334,17 +328,18 @@ export function createSupervisor({
             { code: Code[error.code], reason: error.rawMessage },
             "coordinator refused this supervisor; not retrying (check the host credential and version)",
           );
-          return;
+          return "stop";
         }
-        const failure = `${Code[error.code]}: ${error.rawMessage}`;
-        const level = failure === lastFailure ? "debug" : "warn";
-        lastFailure = failure;
-        logger[level]({ code: Code[error.code], reason: error.rawMessage }, "cannot attach to coordinator");
-      }
-      state = "backing-off";
-      changed.notify();
-      await sleep(delays.next().value, abort.signal).catch(() => undefined);
-    }
+        // The same failure again (the coordinator is still down) is logged at
+        // debug: an operator needs the first line and the change, not one a minute.
+        logger[repeated ? "debug" : "warn"]({ code: Code[error.code], reason: error.rawMessage }, "cannot attach to coordinator");
+        return "retry";
+      },
+      onBackoff() {
+        state = "backing-off";
+        changed.notify();
+      },
+    }).catch(() => undefined); // stopped by a refusal, logged above
   }
 
   async function createDriver(): Promise<Driver> {
@@ -405,7 +400,7 @@ export function createSupervisor({
     // does not acknowledge now, it learns from the next supervisor's hello.
     const deadline = Date.now() + FINAL_ACK_WAIT_MS;
     while ((runners.size > 0 || logs.unacknowledged() > 0) && state === "attached" && Date.now() < deadline) {
-      await changed.wait(deadline - Date.now());
+      await changed.wait({ timeoutMs: deadline - Date.now() });
     }
     abort.abort(new ConnectError("supervisor stopping", Code.Canceled));
     await loop;
@@ -444,23 +439,3 @@ export function createSupervisor({
   };
 }
 
-/** Wakes waiters at every change of the supervisor's state. */
-class Changes {
-  private waiters: (() => void)[] = [];
-
-  notify(): void {
-    const waiting = this.waiters;
-    this.waiters = [];
-    for (const wake of waiting) wake();
-  }
-
-  wait(timeoutMs: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(resolve, Math.max(0, timeoutMs));
-      this.waiters.push(() => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
-  }
-}

@@ -8,18 +8,19 @@
 
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from "node:fs/promises";
+import { chmod, copyFile, mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { gzipSync } from "node:zlib";
+import { digestFile } from "../lib/image/digest.js";
+import { buildManifest } from "../lib/image/manifest.js";
+import { FIRMWARE_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../lib/image/media-types.js";
+import { padding, tarEnd, tarHeader, type TarWriteEntry } from "../lib/image/tar.js";
 import type { ImageLayer, JobImage } from "../supervisor/drivers/driver.js";
-import { FIRMWARE_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../supervisor/drivers/driver.js";
-import { padding, tarEnd, tarHeader, type TarWriteEntry } from "../supervisor/drivers/tar.js";
 
 const execFileAsync = promisify(execFile);
 
 export const BUSYBOX = "/bin/busybox";
-export const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
 
 /** An image on local disk: what a driver takes, plus what a store would hold. */
 export interface TestImage extends JobImage {
@@ -31,26 +32,17 @@ export interface TestImage extends JobImage {
 
 export type FileSpec = string | { content: string | Buffer; mode?: number } | { symlink: string } | { dir: true; mode?: number };
 
-async function sha256File(path: string): Promise<string> {
-  return `sha256:${createHash("sha256").update(await readFile(path)).digest("hex")}`;
-}
-
 /** Describes a blob file as an image layer. */
 export async function layerOf(path: string, mediaType: string, annotations: Record<string, string> = {}): Promise<ImageLayer> {
-  return { digest: await sha256File(path), mediaType, size: (await stat(path)).size, annotations, path };
+  const { digest, size } = await digestFile(path);
+  return { digest, mediaType, size, annotations, path };
 }
 
 /** Builds the manifest for `layers` and returns the whole test image. */
 export function imageOf(layers: ImageLayer[], annotations: Record<string, string>): TestImage {
-  const manifest = {
-    schemaVersion: 2,
-    mediaType: MANIFEST_MEDIA_TYPE,
-    layers: layers.map((l) => ({ mediaType: l.mediaType, digest: l.digest, size: l.size, annotations: l.annotations })),
-    annotations,
-  };
-  const manifestJson = Buffer.from(JSON.stringify(manifest));
+  const { manifestJson, manifestDigest } = buildManifest(layers, annotations);
   return {
-    manifestDigest: `sha256:${createHash("sha256").update(manifestJson).digest("hex")}`,
+    manifestDigest,
     layers,
     annotations,
     manifestJson,
@@ -76,8 +68,13 @@ export async function writeTree(root: string, files: Record<string, FileSpec>): 
   }
 }
 
-/** Packs a directory as a rootfs tar+gzip layer with system tar (owner root, numeric). */
-export async function packDirectory(dir: string, outFile: string): Promise<ImageLayer> {
+/**
+ * Packs a directory as a rootfs tar+gzip layer with system tar (owner root,
+ * numeric), as an image built elsewhere would be: with a `./` root entry and
+ * tar(1)'s own headers, which the process driver must read as well as it
+ * reads lib/image/tar.ts's (what `tml image push DIR` writes).
+ */
+export async function packWithSystemTar(dir: string, outFile: string): Promise<ImageLayer> {
   await execFileAsync("tar", ["--owner=0", "--group=0", "--numeric-owner", "--sort=name", "-czf", outFile, "-C", dir, "."]);
   return layerOf(outFile, ROOTFS_MEDIA_TYPE);
 }
@@ -108,7 +105,7 @@ export async function buildBusyboxImage(options: {
     "etc/hostname": "treadmill-job\n",
     ...options.files,
   });
-  const layer = await packDirectory(root, join(options.dir, `layer-${root.slice(-6)}.tar.gz`));
+  const layer = await packWithSystemTar(root, join(options.dir, `layer-${root.slice(-6)}.tar.gz`));
   await rm(root, { recursive: true, force: true });
   return imageOf([layer], {
     "org.opencontainers.image.title": options.title ?? "busybox",

@@ -7,7 +7,7 @@ import { DriverKind } from "../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
-import { pushImage } from "../lib/image-push.js";
+import { pushImage } from "../lib/image/push.js";
 import type { Logger } from "../lib/logger.js";
 import { sleep } from "../lib/retry.js";
 import {
@@ -17,7 +17,7 @@ import {
   QCOW2_MEDIA_TYPE,
   RAW_MEDIA_TYPE,
   ROOTFS_MEDIA_TYPE,
-} from "../supervisor/drivers/driver.js";
+} from "../lib/image/media-types.js";
 import { buildBusyboxImage, buildFirmwareImage, type TestImage } from "./images.js";
 
 /**

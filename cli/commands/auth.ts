@@ -3,9 +3,9 @@ import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { AuthService, type ApiToken, ApiTokenSchema, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { RoleSchema, UserSchema } from "../../gen/treadmill/coordinator/v1/user_pb.js";
-import { parseDuration, type CommandSpec } from "../args.js";
+import { parseDuration } from "../args.js";
+import { defineCommand, type Command } from "../command.js";
 import { contextNameFor } from "../config.js";
-import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, iso, jsonOf, word } from "../format.js";
 import { askLine, askSecret, readStdinLine } from "../prompt.js";
@@ -24,8 +24,8 @@ function normaliseServer(text: string): string {
   return url.origin;
 }
 
-export const authCommands: CommandSpec<CliContext>[] = [
-  {
+export const authCommands: Command[] = [
+  defineCommand({
     path: ["login"],
     summary: "Log in to a Treadmill server and save the token in a context",
     description:
@@ -33,10 +33,10 @@ export const authCommands: CommandSpec<CliContext>[] = [
       "saves the API token in the contexts file (mode 0600) and makes the context current.",
     args: [{ name: "SERVER", description: "the coordinator's address (default: the current context's, else http://127.0.0.1:7700)" }],
     flags: {
-      user: { type: "string", short: "u", value: "NAME", description: "login name (asked for when omitted on a terminal)" },
+      user: { type: "string", short: "u", placeholder: "NAME", description: "login name (asked for when omitted on a terminal)" },
       "password-stdin": { type: "bool", description: "read the password from the first line of standard input" },
-      name: { type: "string", value: "CONTEXT", description: "name of the context to save (default: host-port of the server)" },
-      ttl: { type: "string", value: "DURATION", description: "token lifetime, e.g. 12h or 30d (default: the server's)" },
+      name: { type: "string", placeholder: "CONTEXT", description: "name of the context to save (default: host-port of the server)" },
+      ttl: { type: "string", placeholder: "DURATION", description: "token lifetime, e.g. 12h or 30d (default: the server's)" },
     },
     examples: [
       "tml login http://127.0.0.1:7700 --user admin",
@@ -46,7 +46,7 @@ export const authCommands: CommandSpec<CliContext>[] = [
       const file = await ctx.config.load();
       const current = flags.context === undefined && file.current ? file.contexts[file.current] : undefined;
       const server = normaliseServer(args.SERVER ?? current?.server ?? DEFAULT_SERVER);
-      let user = (flags.user as string | undefined) ?? (args.SERVER === undefined ? current?.user : undefined);
+      let user = flags.user ?? (args.SERVER === undefined ? current?.user : undefined);
       if (user === undefined) {
         if (!ctx.io.stdin.isTTY) throw new UsageError("`tml login` needs --user NAME when standard input is not a terminal");
         user = (await askLine(ctx.io, "User: ")).trim();
@@ -62,7 +62,7 @@ export const authCommands: CommandSpec<CliContext>[] = [
       ctx.errorContext.server = server;
       ctx.errorContext.hadToken = false;
       const auth = createClient(AuthService, ctx.transport(server, ""));
-      const ttl = flags.ttl === undefined ? undefined : durationFromMs(parseDuration("ttl", flags.ttl as string));
+      const ttl = flags.ttl === undefined ? undefined : durationFromMs(parseDuration("ttl", flags.ttl));
       let response;
       try {
         response = await auth.login(
@@ -76,7 +76,7 @@ export const authCommands: CommandSpec<CliContext>[] = [
         throw err;
       }
       const existing = Object.entries(file.contexts).find(([, c]) => c.server === server && c.user === user)?.[0];
-      const name = (flags.name as string | undefined) ?? (flags.context as string | undefined) ?? existing ?? contextNameFor(server);
+      const name = flags.name ?? flags.context ?? existing ?? contextNameFor(server);
       file.contexts[name] = {
         server,
         user,
@@ -92,8 +92,8 @@ export const authCommands: CommandSpec<CliContext>[] = [
       });
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["logout"],
     summary: "Revoke the current context's token and forget it",
     flags: { all: { type: "bool", description: "log out of every saved context" } },
@@ -120,8 +120,8 @@ export const authCommands: CommandSpec<CliContext>[] = [
       await ctx.config.save(file);
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["whoami"],
     summary: "Show who the current token belongs to",
     examples: ["tml whoami", "tml whoami -o json"],
@@ -149,14 +149,14 @@ export const authCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["token", "create"],
     summary: "Create an API token (shown once), e.g. for CI",
     flags: {
-      description: { type: "string", value: "TEXT", description: "what the token is for" },
-      ttl: { type: "string", value: "DURATION", description: "lifetime, e.g. 90d (default: the server's)" },
-      user: { type: "string", value: "USER_ID", description: "for another user (admins)" },
+      description: { type: "string", placeholder: "TEXT", description: "what the token is for" },
+      ttl: { type: "string", placeholder: "DURATION", description: "lifetime, e.g. 90d (default: the server's)" },
+      user: { type: "string", placeholder: "USER_ID", description: "for another user (admins)" },
       service: { type: "bool", description: "a service credential for a store, log server or proxy (admins)" },
     },
     examples: ['tml token create --description "CI runner" --ttl 90d', "tml token create --service --description log-server-lab-a"],
@@ -164,9 +164,9 @@ export const authCommands: CommandSpec<CliContext>[] = [
       const auth = await ctx.client(AuthService);
       const response = await auth.createToken(
         {
-          description: (flags.description as string | undefined) ?? "",
-          ttl: flags.ttl === undefined ? undefined : durationFromMs(parseDuration("ttl", flags.ttl as string)),
-          userId: (flags.user as string | undefined) ?? "",
+          description: flags.description ?? "",
+          ttl: flags.ttl === undefined ? undefined : durationFromMs(parseDuration("ttl", flags.ttl)),
+          userId: flags.user ?? "",
           scope: flags.service === true ? TokenScope.SERVICE : TokenScope.USER,
         },
         { timeoutMs: 15_000 },
@@ -177,13 +177,13 @@ export const authCommands: CommandSpec<CliContext>[] = [
       });
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["token", "list"],
     summary: "List your API tokens (never their secrets)",
     flags: {
       all: { type: "bool", description: "include revoked and expired tokens" },
-      user: { type: "string", value: "USER_ID", description: "another user's tokens (admins)" },
+      user: { type: "string", placeholder: "USER_ID", description: "another user's tokens (admins)" },
     },
     examples: ["tml token list", "tml token list --all -o json"],
     async run(ctx, { flags }) {
@@ -192,7 +192,7 @@ export const authCommands: CommandSpec<CliContext>[] = [
       let pageToken = "";
       do {
         const page = await auth.listTokens(
-          { userId: (flags.user as string | undefined) ?? "", includeInactive: flags.all === true, pageToken, pageSize: 500 },
+          { userId: flags.user ?? "", includeInactive: flags.all === true, pageToken, pageSize: 500 },
           { timeoutMs: 15_000 },
         );
         tokens.push(...page.tokens);
@@ -217,20 +217,20 @@ export const authCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["token", "revoke"],
     summary: "Revoke an API token by id",
     args: [{ name: "TOKEN_ID", required: true, description: "the token's id (see `tml token list`)" }],
     examples: ["tml token revoke 0190f5c2-7c1e-7000-8000-000000000000"],
     async run(ctx, { args }) {
       const auth = await ctx.client(AuthService);
-      const response = await auth.revokeToken({ tokenId: args.TOKEN_ID! }, { timeoutMs: 15_000 });
+      const response = await auth.revokeToken({ tokenId: args.TOKEN_ID }, { timeoutMs: 15_000 });
       ctx.out.data(response.info ? jsonOf(ApiTokenSchema, response.info) : {}, () => ctx.out.line(`Token ${args.TOKEN_ID} revoked.`));
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["context", "list"],
     summary: "List saved contexts (server, user); * marks the current one",
     examples: ["tml context list"],
@@ -259,34 +259,34 @@ export const authCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["context", "use"],
     summary: "Make a saved context current",
     args: [{ name: "NAME", required: true }],
     examples: ["tml context use lab"],
     async run(ctx, { args }) {
       const file = await ctx.config.load();
-      if (!file.contexts[args.NAME!]) throw new CliError(`there is no context "${args.NAME}"; see \`tml context list\``, ExitCode.NOT_FOUND);
+      if (!file.contexts[args.NAME]) throw new CliError(`there is no context "${args.NAME}"; see \`tml context list\``, ExitCode.NOT_FOUND);
       file.current = args.NAME;
       await ctx.config.save(file);
-      ctx.out.note(`Context "${args.NAME}" is now current (${file.contexts[args.NAME!].server}).`);
+      ctx.out.note(`Context "${args.NAME}" is now current (${file.contexts[args.NAME].server}).`);
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["context", "rm"],
     summary: "Forget a saved context (its token is not revoked: use `tml logout` for that)",
     args: [{ name: "NAME", required: true }],
     examples: ["tml context rm old-lab"],
     async run(ctx, { args }) {
       const file = await ctx.config.load();
-      if (!file.contexts[args.NAME!]) throw new CliError(`there is no context "${args.NAME}"; see \`tml context list\``, ExitCode.NOT_FOUND);
-      delete file.contexts[args.NAME!];
+      if (!file.contexts[args.NAME]) throw new CliError(`there is no context "${args.NAME}"; see \`tml context list\``, ExitCode.NOT_FOUND);
+      delete file.contexts[args.NAME];
       if (file.current === args.NAME) delete file.current;
       await ctx.config.save(file);
       ctx.out.note(`Context "${args.NAME}" removed.`);
       return ExitCode.OK;
     },
-  },
+  }),
 ];

@@ -9,7 +9,8 @@ import {
   type Host,
 } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
-import { keyValues, parseIntFlag, type CommandSpec } from "../args.js";
+import { keyValues, parseIntFlag } from "../args.js";
+import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
@@ -72,14 +73,14 @@ async function setAdminState(ctx: CliContext, ref: string, state: HostAdminState
   return ExitCode.OK;
 }
 
-export const hostCommands: CommandSpec<CliContext>[] = [
-  {
+export const hostCommands: Command[] = [
+  defineCommand({
     path: ["host", "list"],
     summary: "List hosts",
     flags: {
-      tag: { type: "list", value: "KEY=VALUE", description: "only hosts with this tag" },
-      site: { type: "string", value: "SITE", description: "only this site" },
-      driver: { type: "string", value: "KIND", description: "only this driver" },
+      tag: { type: "list", placeholder: "KEY=VALUE", description: "only hosts with this tag" },
+      site: { type: "string", placeholder: "SITE", description: "only this site" },
+      driver: { type: "string", placeholder: "KIND", description: "only this driver" },
       online: { type: "bool", description: "only hosts whose supervisor is attached" },
     },
     examples: ["tml host list", "tml host list --tag board=nrf52840dk --online -o json"],
@@ -91,9 +92,9 @@ export const hostCommands: CommandSpec<CliContext>[] = [
         const page = await hosts.listHosts(
           {
             filter: {
-              tags: keyValues("tag", flags.tag as string[] | undefined),
-              site: flags.site as string | undefined,
-              driverKind: flags.driver === undefined ? 0 : driverOf(flags.driver as string),
+              tags: keyValues("tag", flags.tag),
+              site: flags.site,
+              driverKind: flags.driver === undefined ? 0 : driverOf(flags.driver),
               online: flags.online === true ? true : undefined,
             },
             pageSize: 1000,
@@ -123,43 +124,43 @@ export const hostCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["host", "get"],
     summary: "Show one host",
     args: [{ name: "HOST", required: true, description: "the host's name or id" }],
     examples: ["tml host get lab-a-nrf-1"],
     async run(ctx, { args }) {
-      const host = await findHost(await ctx.client(HostService), args.HOST!);
+      const host = await findHost(await ctx.client(HostService), args.HOST);
       ctx.out.data(jsonOf(HostSchema, host), () => showHost(ctx, host));
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["host", "create"],
     summary: "Create a host and print its supervisor credential (once) and command line (admins)",
     args: [{ name: "NAME", required: true, description: "unique host name" }],
     flags: {
-      driver: { type: "string", value: "KIND", description: `the host's driver (${enumWords(DriverKindSchema).join(", ")}; default process)` },
-      tag: { type: "list", value: "KEY=VALUE", description: "a tag jobs can ask for" },
-      "media-type": { type: "list", value: "TYPE", description: "an image layer type the host runs (default: the driver's)" },
-      site: { type: "string", value: "SITE", description: "the host's site" },
-      capacity: { type: "string", value: "N", description: "jobs at once (default 1)" },
+      driver: { type: "string", placeholder: "KIND", description: `the host's driver (${enumWords(DriverKindSchema).join(", ")}; default process)` },
+      tag: { type: "list", placeholder: "KEY=VALUE", description: "a tag jobs can ask for" },
+      "media-type": { type: "list", placeholder: "TYPE", description: "an image layer type the host runs (default: the driver's)" },
+      site: { type: "string", placeholder: "SITE", description: "the host's site" },
+      capacity: { type: "string", placeholder: "N", description: "jobs at once (default 1)" },
       disabled: { type: "bool", description: "create it disabled" },
     },
     examples: ["tml host create lab-a-nrf-1 --driver board --tag board=nrf52840dk --site lab-a", "tml host create ci-runner-1 --capacity 4"],
     async run(ctx, { args, flags }) {
       const target = await ctx.target();
-      const driverKind = driverOf((flags.driver as string | undefined) ?? "process");
+      const driverKind = driverOf(flags.driver ?? "process");
       const hosts = await ctx.client(HostService);
       const response = await hosts.createHost(
         {
-          name: args.NAME!,
+          name: args.NAME,
           driverKind,
-          tags: keyValues("tag", flags.tag as string[] | undefined),
-          mediaTypes: (flags["media-type"] as string[] | undefined) ?? DEFAULT_MEDIA[driverKind],
-          site: (flags.site as string | undefined) ?? "",
-          capacity: flags.capacity === undefined ? 0 : parseIntFlag("capacity", flags.capacity as string, 1, 1024),
+          tags: keyValues("tag", flags.tag),
+          mediaTypes: flags["media-type"].length > 0 ? [...flags["media-type"]] : DEFAULT_MEDIA[driverKind],
+          site: flags.site ?? "",
+          capacity: flags.capacity === undefined ? 0 : parseIntFlag("capacity", flags.capacity, 1, 1024),
           adminState: flags.disabled === true ? HostAdminState.DISABLED : HostAdminState.UNSPECIFIED,
         },
         { timeoutMs: 15_000 },
@@ -180,34 +181,34 @@ export const hostCommands: CommandSpec<CliContext>[] = [
       });
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["host", "update"],
     summary: "Change a host's tags, media types, site or capacity, or rotate its credential (admins)",
     args: [{ name: "HOST", required: true, description: "the host's name or id" }],
     flags: {
-      name: { type: "string", value: "NAME", description: "rename it" },
-      tag: { type: "list", value: "KEY=VALUE", description: "the new tags (replace all)" },
-      "media-type": { type: "list", value: "TYPE", description: "the new media types (replace all)" },
-      site: { type: "string", value: "SITE", description: "the new site" },
-      capacity: { type: "string", value: "N", description: "the new capacity" },
+      name: { type: "string", placeholder: "NAME", description: "rename it" },
+      tag: { type: "list", placeholder: "KEY=VALUE", description: "the new tags (replace all)" },
+      "media-type": { type: "list", placeholder: "TYPE", description: "the new media types (replace all)" },
+      site: { type: "string", placeholder: "SITE", description: "the new site" },
+      capacity: { type: "string", placeholder: "N", description: "the new capacity" },
       "rotate-credential": { type: "bool", description: "issue a new supervisor credential (the old one stops working)" },
     },
     examples: ["tml host update lab-a-nrf-1 --tag board=nrf52840dk --tag rev=b", "tml host update ci-runner-1 --rotate-credential"],
     async run(ctx, { args, flags }) {
       const hosts = await ctx.client(HostService);
-      const current = await findHost(hosts, args.HOST!);
+      const current = await findHost(hosts, args.HOST);
       const paths: string[] = [];
       const host: Record<string, unknown> = {};
       if (flags.name !== undefined) {
         paths.push("name");
         host.name = flags.name;
       }
-      if (flags.tag !== undefined) {
+      if (flags.tag.length > 0) {
         paths.push("tags");
-        host.tags = keyValues("tag", flags.tag as string[]);
+        host.tags = keyValues("tag", flags.tag);
       }
-      if (flags["media-type"] !== undefined) {
+      if (flags["media-type"].length > 0) {
         paths.push("media_types");
         host.mediaTypes = flags["media-type"];
       }
@@ -217,7 +218,7 @@ export const hostCommands: CommandSpec<CliContext>[] = [
       }
       if (flags.capacity !== undefined) {
         paths.push("capacity");
-        host.capacity = parseIntFlag("capacity", flags.capacity as string, 1, 1024);
+        host.capacity = parseIntFlag("capacity", flags.capacity, 1, 1024);
       }
       const rotate = flags["rotate-credential"] === true;
       if (paths.length === 0 && !rotate) throw new UsageError("`tml host update` needs something to change; see `tml host update --help`");
@@ -231,41 +232,41 @@ export const hostCommands: CommandSpec<CliContext>[] = [
       });
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["host", "drain"],
     summary: "Stop giving a host new jobs; running ones finish (admins)",
     args: [{ name: "HOST", required: true, description: "the host's name or id" }],
-    flags: { reason: { type: "string", value: "TEXT", description: "why, shown in `tml host get`" } },
+    flags: { reason: { type: "string", placeholder: "TEXT", description: "why, shown in `tml host get`" } },
     examples: ['tml host drain lab-a-nrf-1 --reason "replacing the USB hub"'],
-    run: (ctx, { args, flags }) => setAdminState(ctx, args.HOST!, HostAdminState.DRAINING, (flags.reason as string | undefined) ?? ""),
-  },
-  {
+    run: (ctx, { args, flags }) => setAdminState(ctx, args.HOST, HostAdminState.DRAINING, flags.reason ?? ""),
+  }),
+  defineCommand({
     path: ["host", "disable"],
     summary: "Give a host no new jobs, e.g. while broken (admins)",
     args: [{ name: "HOST", required: true, description: "the host's name or id" }],
-    flags: { reason: { type: "string", value: "TEXT", description: "why, shown in `tml host get`" } },
+    flags: { reason: { type: "string", placeholder: "TEXT", description: "why, shown in `tml host get`" } },
     examples: ['tml host disable lab-a-nrf-1 --reason "board dead"'],
-    run: (ctx, { args, flags }) => setAdminState(ctx, args.HOST!, HostAdminState.DISABLED, (flags.reason as string | undefined) ?? ""),
-  },
-  {
+    run: (ctx, { args, flags }) => setAdminState(ctx, args.HOST, HostAdminState.DISABLED, flags.reason ?? ""),
+  }),
+  defineCommand({
     path: ["host", "enable"],
     summary: "Give a drained or disabled host jobs again (admins)",
     args: [{ name: "HOST", required: true, description: "the host's name or id" }],
     examples: ["tml host enable lab-a-nrf-1"],
-    run: (ctx, { args }) => setAdminState(ctx, args.HOST!, HostAdminState.ENABLED, ""),
-  },
-  {
+    run: (ctx, { args }) => setAdminState(ctx, args.HOST, HostAdminState.ENABLED, ""),
+  }),
+  defineCommand({
     path: ["host", "rm"],
     summary: "Delete a host and its credential (admins; drain it first)",
     args: [{ name: "HOST", required: true, description: "the host's name or id" }],
     examples: ["tml host rm old-runner"],
     async run(ctx, { args }) {
       const hosts = await ctx.client(HostService);
-      const current = await findHost(hosts, args.HOST!);
+      const current = await findHost(hosts, args.HOST);
       await hosts.deleteHost({ hostId: current.id }, { timeoutMs: 15_000 });
       ctx.out.data({ deleted: current.id }, () => ctx.out.line(`Host ${current.name} deleted.`));
       return ExitCode.OK;
     },
-  },
+  }),
 ];

@@ -5,34 +5,36 @@ import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { ImageSchema, ImageVisibility, ImageVisibilitySchema, type Image } from "../../gen/treadmill/coordinator/v1/image_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
+import { downloadBlob, imageStoreClient, imageStoreTransport } from "../../lib/image/client.js";
+import { digestFile } from "../../lib/image/digest.js";
+import { buildManifest } from "../../lib/image/manifest.js";
 import {
-  digestFile,
-  downloadBlob,
-  fileSource,
-  imageStoreClient,
-  imageStoreTransport,
-  uploadBlob,
-  type BlobSource,
-} from "../../lib/image-client.js";
-import { sleep } from "../../lib/retry.js";
-import { keyValues, parseBytes, type CommandSpec } from "../args.js";
+  FIRMWARE_MEDIA_TYPE,
+  INITRD_MEDIA_TYPE,
+  KERNEL_MEDIA_TYPE,
+  QCOW2_MEDIA_TYPE,
+  RAW_MEDIA_TYPE,
+  ROOTFS_MEDIA_TYPE,
+} from "../../lib/image/media-types.js";
+import { registerImage, requestUploadGrant, uploadImage, type LocalImage } from "../../lib/image/push.js";
+import { packDirectory } from "../../lib/image/tar.js";
+import { keyValues, parseBytes } from "../args.js";
+import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
 import { formatBytes, progressBar } from "../progress.js";
-import { packDirectory } from "../tar.js";
 
 export const MEDIA_TYPES = {
-  rootfs: "application/vnd.treadmill.rootfs.tar+gzip",
-  qcow2: "application/vnd.treadmill.disk.qcow2",
-  raw: "application/vnd.treadmill.disk.raw",
-  firmware: "application/vnd.treadmill.firmware",
-  kernel: "application/vnd.treadmill.kernel",
-  initrd: "application/vnd.treadmill.initrd",
+  rootfs: ROOTFS_MEDIA_TYPE,
+  qcow2: QCOW2_MEDIA_TYPE,
+  raw: RAW_MEDIA_TYPE,
+  firmware: FIRMWARE_MEDIA_TYPE,
+  kernel: KERNEL_MEDIA_TYPE,
+  initrd: INITRD_MEDIA_TYPE,
 } as const;
 type Kind = Exclude<keyof typeof MEDIA_TYPES, "kernel" | "initrd">;
 const DRIVER_OF: Record<Kind, string> = { rootfs: "process", qcow2: "qemu", raw: "qemu", firmware: "board" };
-const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
 
 /** `name:tag` split; a name alone means `:latest`; a digest stays whole. */
 export function splitReference(ref: string, flag = "reference"): { name: string; tag: string; text: string } {
@@ -48,9 +50,9 @@ export function splitReference(ref: string, flag = "reference"): { name: string;
 }
 
 /** What kind of image file PATH is, from flags, extension and magic bytes. */
-async function detectKind(path: string, flags: Record<string, unknown>): Promise<Kind | "dir"> {
+async function detectKind(path: string, flags: { readonly firmware: boolean; readonly type?: Kind }): Promise<Kind | "dir"> {
   if (flags.firmware === true) return "firmware";
-  if (flags.type !== undefined) return flags.type as Kind;
+  if (flags.type !== undefined) return flags.type;
   const st = await stat(path).catch((err: NodeJS.ErrnoException) => {
     throw new UsageError(`cannot read ${path} (${err.code === "ENOENT" ? "no such file or directory" : err.code})`);
   });
@@ -86,24 +88,6 @@ async function qcow2HasBacking(path: string): Promise<boolean> {
   return head.readBigUInt64BE(8) !== 0n;
 }
 
-/** A source that sends at most `bytesPerSecond` (for slow links, and to leave bandwidth to others). */
-function limitedSource(source: BlobSource, bytesPerSecond: number): BlobSource {
-  const slice = Math.max(4096, Math.floor(bytesPerSecond / 20));
-  return async function* (offset) {
-    const started = Date.now();
-    let sent = 0;
-    for await (const chunk of source(offset)) {
-      for (let i = 0; i < chunk.length; i += slice) {
-        const piece = chunk.subarray(i, i + slice);
-        const due = started + (sent * 1000) / bytesPerSecond;
-        if (due > Date.now()) await sleep(due - Date.now());
-        sent += piece.length;
-        yield piece;
-      }
-    }
-  };
-}
-
 function entrypointOf(text: string): string {
   if (text.trim().startsWith("[")) {
     let parsed: unknown;
@@ -135,8 +119,8 @@ function imageRows(ctx: CliContext, images: Image[]) {
   );
 }
 
-export const imageCommands: CommandSpec<CliContext>[] = [
-  {
+export const imageCommands: Command[] = [
+  defineCommand({
     path: ["image", "push"],
     summary: "Upload an image (rootfs directory, .tar.gz, qcow2/raw disk or firmware) and name it",
     description:
@@ -145,21 +129,21 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       "file. The upload resumes where it stopped: run the same command again after an interruption.",
     args: [{ name: "PATH", required: true, description: "a directory or a file" }],
     flags: {
-      name: { type: "string", short: "n", value: "NAME:TAG", description: "the image's name and tag (required; tag default latest)" },
-      entrypoint: { type: "string", value: "CMD", description: 'rootfs: the command, as a shell line or JSON array (["/bin/app","-v"])' },
+      name: { type: "string", short: "n", placeholder: "NAME:TAG", description: "the image's name and tag (required; tag default latest)" },
+      entrypoint: { type: "string", placeholder: "CMD", description: 'rootfs: the command, as a shell line or JSON array (["/bin/app","-v"])' },
       firmware: { type: "bool", description: "the file is firmware for the board driver" },
-      type: { type: "string", value: "TYPE", choices: ["rootfs", "qcow2", "raw", "firmware"], description: "override the detected type" },
-      arch: { type: "string", value: "ARCH", description: "qemu: guest architecture (x86_64, aarch64)" },
-      kernel: { type: "string", value: "FILE", description: "qemu: a kernel to boot directly (-kernel)" },
-      initrd: { type: "string", value: "FILE", description: "qemu: an initrd for the kernel (-initrd)" },
-      cmdline: { type: "string", value: "TEXT", description: "qemu: the kernel command line (default console=ttyS0)" },
-      title: { type: "string", value: "TEXT", description: "short title (default: the name)" },
-      description: { type: "string", value: "TEXT", description: "longer description" },
-      annotation: { type: "list", value: "KEY=VALUE", description: "a manifest annotation" },
+      type: { type: "string", placeholder: "TYPE", choices: ["rootfs", "qcow2", "raw", "firmware"], description: "override the detected type" },
+      arch: { type: "string", placeholder: "ARCH", description: "qemu: guest architecture (x86_64, aarch64)" },
+      kernel: { type: "string", placeholder: "FILE", description: "qemu: a kernel to boot directly (-kernel)" },
+      initrd: { type: "string", placeholder: "FILE", description: "qemu: an initrd for the kernel (-initrd)" },
+      cmdline: { type: "string", placeholder: "TEXT", description: "qemu: the kernel command line (default console=ttyS0)" },
+      title: { type: "string", placeholder: "TEXT", description: "short title (default: the name)" },
+      description: { type: "string", placeholder: "TEXT", description: "longer description" },
+      annotation: { type: "list", placeholder: "KEY=VALUE", description: "a manifest annotation" },
       public: { type: "bool", description: "visible to every user (default: private)" },
       replace: { type: "bool", description: "move an existing name:tag to this image" },
-      "limit-rate": { type: "string", value: "SIZE", description: "upload at most SIZE per second, e.g. 10M" },
-      store: { type: "string", value: "STORE_ID", description: "upload to this store (default: the server picks)" },
+      "limit-rate": { type: "string", placeholder: "SIZE", description: "upload at most SIZE per second, e.g. 10M" },
+      store: { type: "string", placeholder: "STORE_ID", description: "upload to this store (default: the server picks)" },
     },
     examples: [
       'tml image push ./rootfs --name example/hello:latest --entrypoint "echo hello"',
@@ -169,13 +153,13 @@ export const imageCommands: CommandSpec<CliContext>[] = [
     ],
     async run(ctx, { args, flags }) {
       if (flags.name === undefined) throw new UsageError("`tml image push` needs --name NAME:TAG");
-      const ref = splitReference(flags.name as string, "flag --name");
+      const ref = splitReference(flags.name, "flag --name");
       if (ref.name === "") throw new UsageError("flag --name takes NAME:TAG, not a digest");
-      const path = resolve(args.PATH!);
+      const path = resolve(args.PATH);
       const detected = await detectKind(path, flags);
       const kind: Kind = detected === "dir" ? "rootfs" : detected;
       if (flags.entrypoint !== undefined && kind !== "rootfs") throw new UsageError("flag --entrypoint applies to rootfs images only");
-      const rate = flags["limit-rate"] === undefined ? undefined : parseBytes("limit-rate", flags["limit-rate"] as string);
+      const rate = flags["limit-rate"] === undefined ? undefined : parseBytes("limit-rate", flags["limit-rate"]);
       const images = await ctx.client(ImageService);
       const work = await mkdtemp(join(tmpdir(), "tml-push-"));
       try {
@@ -189,7 +173,7 @@ export const imageCommands: CommandSpec<CliContext>[] = [
           if (skipped.length > 0) ctx.out.note(`Left out ${skipped.length} special file(s) (sockets, devices, fifos), e.g. ${skipped[0]}.`);
         }
         // A VM image: optional kernel and initrd layers below the disk (docs/qemu.md).
-        const boot = { kernel: flags.kernel as string | undefined, initrd: flags.initrd as string | undefined };
+        const boot = { kernel: flags.kernel, initrd: flags.initrd };
         const isDisk = kind === "qcow2" || kind === "raw";
         for (const f of ["kernel", "initrd", "cmdline"] as const) {
           if (flags[f] !== undefined && !isDisk) throw new UsageError(`flag --${f} applies to qcow2 and raw images only`);
@@ -208,98 +192,76 @@ export const imageCommands: CommandSpec<CliContext>[] = [
             throw new UsageError(`flag --${part}: cannot read ${given}`);
           });
           const annotations: Record<string, string> = { "org.opencontainers.image.title": basename(bootFile) };
-          if (part === "kernel" && flags.cmdline !== undefined) annotations["treadmill.kernel.cmdline"] = flags.cmdline as string;
+          if (part === "kernel" && flags.cmdline !== undefined) annotations["treadmill.kernel.cmdline"] = flags.cmdline;
           layers.push({ file: bootFile, title: basename(bootFile), mediaType: MEDIA_TYPES[part], annotations });
         }
         layers.push({ file, title: layerTitle, mediaType: MEDIA_TYPES[kind], annotations: { "org.opencontainers.image.title": layerTitle } });
         const digests = await Promise.all(layers.map((l) => digestFile(l.file)));
-        const total = digests.reduce((sum, d) => sum + d.size, 0);
         const annotations: Record<string, string> = {
-          "org.opencontainers.image.title": (flags.title as string | undefined) ?? ref.name,
+          "org.opencontainers.image.title": flags.title ?? ref.name,
           "treadmill.driver": DRIVER_OF[kind],
         };
-        if (flags.description !== undefined) annotations["org.opencontainers.image.description"] = flags.description as string;
-        if (kind === "rootfs") annotations["treadmill.entrypoint"] = entrypointOf((flags.entrypoint as string | undefined) ?? "/bin/sh");
-        if (flags.arch !== undefined) annotations["treadmill.arch"] = flags.arch as string;
-        Object.assign(annotations, keyValues("annotation", flags.annotation as string[] | undefined));
-        const manifest = {
-          schemaVersion: 2,
-          mediaType: MANIFEST_MEDIA_TYPE,
-          layers: layers.map((l, i) => ({ mediaType: l.mediaType, digest: digests[i]!.digest, size: digests[i]!.size, annotations: l.annotations })),
+        if (flags.description !== undefined) annotations["org.opencontainers.image.description"] = flags.description;
+        if (kind === "rootfs") annotations["treadmill.entrypoint"] = entrypointOf(flags.entrypoint ?? "/bin/sh");
+        if (flags.arch !== undefined) annotations["treadmill.arch"] = flags.arch;
+        Object.assign(annotations, keyValues("annotation", flags.annotation));
+        const { manifestJson, manifestDigest } = buildManifest(
+          layers.map((l, i) => ({ mediaType: l.mediaType, digest: digests[i]!.digest, size: digests[i]!.size, annotations: l.annotations })),
           annotations,
+        );
+        const local: LocalImage = {
+          manifestDigest,
+          manifestJson,
+          blobs: layers.map((l, i) => ({ ...digests[i]!, path: l.file })),
+          mediaTypes: layers.map((l) => l.mediaType),
         };
-        const manifestJson = Buffer.from(JSON.stringify(manifest));
-        const manifestDigest = `sha256:${createHash("sha256").update(manifestJson).digest("hex")}`;
         // The grant names what this push uploads: the coordinator lets the
         // pusher register those digests (docs/images.md, "Possession").
-        const grant = await images.createUploadGrant(
-          {
-            sizeBytes: BigInt(total),
-            storeId: (flags.store as string | undefined) ?? "",
-            digests: [manifestDigest, ...new Set(digests.map((d) => d.digest))],
-          },
-          { timeoutMs: 30_000 },
-        );
-        const transport = imageStoreTransport(grant.storeUrl, { token: grant.writeToken?.token ?? "" });
+        const grant = await requestUploadGrant(images, local, { storeId: flags.store, timeoutMs: 30_000 });
         ctx.errorContext.server = grant.storeUrl;
-        try {
-          const store = imageStoreClient(transport);
-          for (const [i, layer] of layers.entries()) {
-            const { digest, size } = digests[i]!;
-            const query = await store.queryUpload({ digest }, { timeoutMs: 30_000 });
-            const committed = Number(query.committedOffset);
-            if (query.exists) ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store (uploaded by you).`);
-            else if (committed > 0) ctx.out.note(`Resuming the upload at ${formatBytes(committed)} of ${formatBytes(size)}.`);
-            const bar = progressBar({ label: `Uploading ${layer.title}`, total: size, stream: ctx.io.stderr, startAt: committed });
-            const source = rate === undefined ? fileSource(layer.file) : limitedSource(fileSource(layer.file), rate);
-            try {
-              if (!query.exists) {
-                await uploadBlob(store, { digest, size, source }, { onProgress: (p) => bar.update(p.bytesDone), signal: ctx.abort.signal });
-                bar.done();
-              }
-            } catch (err) {
-              bar.stop();
-              throw err;
+        const { totalSize } = await uploadImage(grant.storeUrl, grant.token, local, {
+          signal: ctx.abort.signal,
+          timeoutMs: 30_000,
+          bytesPerSecond: rate,
+          onBlob: ({ digest, size, index }, held) => {
+            if (held.exists) {
+              ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store (uploaded by you).`);
+              return undefined;
             }
-          }
-          const put = await store.putManifest({ digest: manifestDigest, manifestJson }, { timeoutMs: 30_000 });
-          ctx.errorContext.server = undefined;
-          const { image } = await images.registerImage(
-            {
-              name: ref.name,
-              tag: ref.tag,
-              manifestDigest,
-              storeIds: [grant.storeId],
-              mediaTypes: [...new Set(layers.map((l) => l.mediaType))],
-              sizeBytes: put.totalSize,
-              annotations,
-              visibility: flags.public === true ? ImageVisibility.PUBLIC : ImageVisibility.UNSPECIFIED,
-              replace: flags.replace === true,
-            },
-            { timeoutMs: 30_000 },
-          );
-          ctx.out.data(image ? jsonOf(ImageSchema, image) : {}, () => ctx.out.line(`Pushed ${ref.name}:${ref.tag} (${manifestDigest}).`));
-        } finally {
-          transport.close();
-        }
+            if (held.committedOffset > 0) ctx.out.note(`Resuming the upload at ${formatBytes(held.committedOffset)} of ${formatBytes(size)}.`);
+            const bar = progressBar({ label: `Uploading ${layers[index]!.title}`, total: size, stream: ctx.io.stderr, startAt: held.committedOffset });
+            return { progress: (bytesDone) => bar.update(bytesDone), done: () => bar.done(), failed: () => bar.stop() };
+          },
+        });
+        ctx.errorContext.server = undefined;
+        const image = await registerImage(images, local, grant, {
+          name: ref.name,
+          tag: ref.tag,
+          sizeBytes: totalSize,
+          annotations,
+          visibility: flags.public === true ? ImageVisibility.PUBLIC : ImageVisibility.UNSPECIFIED,
+          replace: flags.replace === true,
+          timeoutMs: 30_000,
+        });
+        ctx.out.data(jsonOf(ImageSchema, image), () => ctx.out.line(`Pushed ${ref.name}:${ref.tag} (${manifestDigest}).`));
       } finally {
         await rm(work, { recursive: true, force: true });
       }
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["image", "pull"],
     summary: "Download an image: its manifest and every layer, verified",
     args: [{ name: "IMAGE", required: true, description: "name:tag or a manifest digest" }],
-    flags: { dir: { type: "string", value: "DIR", description: "where to write (default: ./NAME-TAG)" } },
+    flags: { dir: { type: "string", placeholder: "DIR", description: "where to write (default: ./NAME-TAG)" } },
     examples: ["tml image pull example/hello:latest", "tml image pull vm/debian:12 --dir /tmp/debian"],
     async run(ctx, { args, flags }) {
-      const ref = splitReference(args.IMAGE!, "IMAGE");
+      const ref = splitReference(args.IMAGE, "IMAGE");
       const images = await ctx.client(ImageService);
       const { image, readToken } = await images.resolveImage({ reference: ref.text }, { timeoutMs: 30_000 });
       if (!image) throw new CliError("the server returned no image");
-      const dir = resolve((flags.dir as string | undefined) ?? `${image.name.split("/").pop()}-${image.tag}`);
+      const dir = resolve(flags.dir ?? `${image.name.split("/").pop()}-${image.tag}`);
       await mkdir(dir, { recursive: true });
       let lastError: unknown = new CliError(`no store holds ${ref.text}`, ExitCode.NOT_FOUND);
       for (const location of image.locations) {
@@ -341,13 +303,13 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       }
       throw lastError;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["image", "list"],
     summary: "List the images you can use",
     flags: {
-      prefix: { type: "string", value: "TEXT", description: "only names starting with TEXT" },
-      visibility: { type: "string", value: "V", description: `only ${enumWords(ImageVisibilitySchema).join(", ")} images` },
+      prefix: { type: "string", placeholder: "TEXT", description: "only names starting with TEXT" },
+      visibility: { type: "string", placeholder: "V", description: `only ${enumWords(ImageVisibilitySchema).join(", ")} images` },
       mine: { type: "bool", description: "only images you registered" },
     },
     examples: ["tml image list", "tml image list --prefix zephyr/ -o json"],
@@ -355,7 +317,7 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       const images = await ctx.client(ImageService);
       let visibility = 0;
       if (flags.visibility !== undefined) {
-        const v = enumValue(ImageVisibilitySchema, flags.visibility as string);
+        const v = enumValue(ImageVisibilitySchema, flags.visibility);
         if (v === undefined) throw new UsageError(`flag --visibility must be one of ${enumWords(ImageVisibilitySchema).join(", ")}`);
         visibility = v;
       }
@@ -368,7 +330,7 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       let pageToken = "";
       do {
         const page = await images.listImages(
-          { namePrefix: (flags.prefix as string | undefined) ?? "", visibility, ownerUserId: owner, pageSize: 1000, pageToken },
+          { namePrefix: flags.prefix ?? "", visibility, ownerUserId: owner, pageSize: 1000, pageToken },
           { timeoutMs: 30_000 },
         );
         found.push(...page.images);
@@ -380,14 +342,14 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["image", "inspect"],
     summary: "Show an image's catalog entry and layers",
     args: [{ name: "IMAGE", required: true, description: "name:tag" }],
     examples: ["tml image inspect example/hello:latest"],
     async run(ctx, { args }) {
-      const ref = splitReference(args.IMAGE!, "IMAGE");
+      const ref = splitReference(args.IMAGE, "IMAGE");
       const images = await ctx.client(ImageService);
       const { image } = await images.getImage({ reference: ref.text }, { timeoutMs: 15_000 });
       if (!image) throw new CliError("the server returned no image");
@@ -408,21 +370,21 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["image", "rm"],
     summary: "Remove a name:tag from the catalog (the stores keep the bytes until collected)",
     args: [{ name: "IMAGE", required: true, description: "name:tag" }],
     examples: ["tml image rm example/hello:old"],
     async run(ctx, { args }) {
-      const ref = splitReference(args.IMAGE!, "IMAGE");
+      const ref = splitReference(args.IMAGE, "IMAGE");
       const images = await ctx.client(ImageService);
       await images.deleteImage({ reference: ref.text }, { timeoutMs: 15_000 });
       ctx.out.data({ deleted: ref.text }, () => ctx.out.line(`Removed ${ref.text}.`));
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["image", "tag"],
     summary: "Give an image another name:tag",
     args: [
@@ -432,8 +394,8 @@ export const imageCommands: CommandSpec<CliContext>[] = [
     flags: { replace: { type: "bool", description: "move TARGET if it names another image" } },
     examples: ["tml image tag example/hello:latest example/hello:v1"],
     async run(ctx, { args, flags }) {
-      const source = splitReference(args.SOURCE!, "SOURCE");
-      const target = splitReference(args.TARGET!, "TARGET");
+      const source = splitReference(args.SOURCE, "SOURCE");
+      const target = splitReference(args.TARGET, "TARGET");
       if (target.name === "") throw new UsageError("TARGET must be NAME:TAG");
       const images = await ctx.client(ImageService);
       const { image } = await images.getImage({ reference: source.text }, { timeoutMs: 15_000 });
@@ -456,5 +418,5 @@ export const imageCommands: CommandSpec<CliContext>[] = [
       ctx.out.data(tagged ? jsonOf(ImageSchema, tagged) : {}, () => ctx.out.line(`Tagged ${source.text} as ${target.text}.`));
       return ExitCode.OK;
     },
-  },
+  }),
 ];

@@ -1,7 +1,6 @@
 /** Every command of `tml`, in the order `tml --help` lists them. */
-import type { CommandSpec } from "../args.js";
+import { defineCommand, type Command } from "../command.js";
 import { bashCompletion, zshCompletion } from "../completion.js";
-import type { CliContext } from "../context.js";
 import { ExitCode, UsageError } from "../errors.js";
 import { authCommands } from "./auth.js";
 import { hostCommands } from "./host.js";
@@ -11,24 +10,24 @@ import { serviceCommands } from "./service.js";
 import { sessionCommands } from "./session.js";
 import { userCommands } from "./user.js";
 
-const completionCommands: CommandSpec<CliContext>[] = [
-  {
+const completionCommands: Command[] = [
+  defineCommand({
     path: ["completion"],
     summary: "Print a shell completion script (bash or zsh)",
     args: [{ name: "SHELL", required: true, description: "bash or zsh" }],
     examples: ["source <(tml completion bash)", "tml completion zsh > \"${fpath[1]}/_tml\""],
     async run(ctx, { args }) {
-      if (args.SHELL === "bash") ctx.io.stdout.write(bashCompletion(allCommands as CommandSpec<unknown>[]));
-      else if (args.SHELL === "zsh") ctx.io.stdout.write(zshCompletion(allCommands as CommandSpec<unknown>[]));
+      if (args.SHELL === "bash") ctx.io.stdout.write(bashCompletion(allCommands));
+      else if (args.SHELL === "zsh") ctx.io.stdout.write(zshCompletion(allCommands));
       else {
         throw new UsageError(`SHELL must be bash or zsh, got "${args.SHELL}"`);
       }
       return ExitCode.OK;
     },
-  },
+  }),
 ];
 
-export const allCommands: CommandSpec<CliContext>[] = [
+export const allCommands: Command[] = [
   ...authCommands.filter((c) => c.path[0] !== "token" && c.path[0] !== "context"),
   ...jobCommands,
   ...sessionCommands,

@@ -23,8 +23,10 @@ import {
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import type { ConfigOf } from "../../lib/config.js";
 import { backoff, sleep } from "../../lib/retry.js";
-import { keyValues, parseDuration, parseIntFlag, type CommandSpec, type FlagSpec } from "../args.js";
+import { keyValues, parseDuration, parseIntFlag, type FlagSchema } from "../args.js";
+import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
@@ -113,6 +115,13 @@ function logSink(ctx: CliContext) {
   };
 }
 
+/** A job's log access whose connections close when the command ends. */
+function logAccess(ctx: CliContext, jobs: Jobs, jobId: string): JobLogAccess {
+  const access = new JobLogAccess(jobs, jobId);
+  ctx.onClose(() => access.close());
+  return access;
+}
+
 function parseSince(text: string | undefined): number | undefined {
   if (text === undefined) return undefined;
   const asTime = Date.parse(text);
@@ -120,37 +129,36 @@ function parseSince(text: string | undefined): number | undefined {
   return Date.now() - parseDuration("since", text);
 }
 
-function channelsOf(flags: Record<string, unknown>, verbose: boolean): string[] {
-  const given = flags.channel as string[] | undefined;
-  if (given && given.length > 0) return given.flatMap((c) => c.split(",")).filter((c) => c !== "");
+function channelsOf(given: readonly string[], verbose: boolean): string[] {
+  if (given.length > 0) return given.flatMap((c) => c.split(",")).filter((c) => c !== "");
   return verbose ? [...DEFAULT_CHANNELS, "supervisor"] : DEFAULT_CHANNELS;
 }
 
-const runFlags: Record<string, FlagSpec> = {
-  tag: { type: "list", value: "KEY=VALUE", description: "a host must carry this tag" },
-  hosts: { type: "string", value: "N", description: "how many hosts, co-allocated (default 1)" },
-  site: { type: "string", value: "SITE", description: "only hosts of this site" },
-  driver: { type: "string", value: "KIND", description: `only hosts with this driver (${enumWords(DriverKindSchema).join(", ")})` },
-  param: { type: "list", value: "NAME=VALUE", description: "a parameter for the workload" },
-  secret: { type: "list", value: "NAME=VALUE", description: "a secret parameter (never shown or logged)" },
-  "secret-file": { type: "list", value: "NAME=PATH", description: "a secret parameter read from a file" },
-  expose: { type: "list", value: "NAME=PORT", description: "expose a port of the job (see `tml port-forward`)" },
-  label: { type: "list", value: "KEY=VALUE", description: "a tag of the job itself, for `tml job list --label`" },
-  description: { type: "string", value: "TEXT", description: "free text shown in listings" },
-  priority: { type: "string", value: "N", description: "-100 to 100, higher first (default 0)" },
-  timeout: { type: "string", value: "DURATION", description: "longest run time, e.g. 30m (default: the server's)" },
-  "queue-timeout": { type: "string", value: "DURATION", description: "longest wait for hosts (default: the server's)" },
-  restarts: { type: "string", value: "N", description: "re-queue up to N times after an infrastructure failure" },
+const runFlags = {
+  tag: { type: "list", placeholder: "KEY=VALUE", description: "a host must carry this tag" },
+  hosts: { type: "string", placeholder: "N", description: "how many hosts, co-allocated (default 1)" },
+  site: { type: "string", placeholder: "SITE", description: "only hosts of this site" },
+  driver: { type: "string", placeholder: "KIND", description: `only hosts with this driver (${enumWords(DriverKindSchema).join(", ")})` },
+  param: { type: "list", placeholder: "NAME=VALUE", description: "a parameter for the workload" },
+  secret: { type: "list", placeholder: "NAME=VALUE", description: "a secret parameter (never shown or logged)" },
+  "secret-file": { type: "list", placeholder: "NAME=PATH", description: "a secret parameter read from a file" },
+  expose: { type: "list", placeholder: "NAME=PORT", description: "expose a port of the job (see `tml port-forward`)" },
+  label: { type: "list", placeholder: "KEY=VALUE", description: "a tag of the job itself, for `tml job list --label`" },
+  description: { type: "string", placeholder: "TEXT", description: "free text shown in listings" },
+  priority: { type: "string", placeholder: "N", description: "-100 to 100, higher first (default 0)" },
+  timeout: { type: "string", placeholder: "DURATION", description: "longest run time, e.g. 30m (default: the server's)" },
+  "queue-timeout": { type: "string", placeholder: "DURATION", description: "longest wait for hosts (default: the server's)" },
+  restarts: { type: "string", placeholder: "N", description: "re-queue up to N times after an infrastructure failure" },
   detach: { type: "bool", short: "d", description: "submit and print the job id; do not follow" },
   quiet: { type: "bool", short: "q", description: "print only the job's output, no state changes" },
-};
+} as const satisfies FlagSchema;
 
-async function buildSpec(image: string, flags: Record<string, unknown>) {
+async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
   const parameters = [
-    ...Object.entries(keyValues("param", flags.param as string[] | undefined)).map(([name, value]) => ({ name, value, secret: false })),
-    ...Object.entries(keyValues("secret", flags.secret as string[] | undefined)).map(([name, value]) => ({ name, value, secret: true })),
+    ...Object.entries(keyValues("param", flags.param)).map(([name, value]) => ({ name, value, secret: false })),
+    ...Object.entries(keyValues("secret", flags.secret)).map(([name, value]) => ({ name, value, secret: true })),
   ];
-  for (const [name, path] of Object.entries(keyValues("secret-file", flags["secret-file"] as string[] | undefined))) {
+  for (const [name, path] of Object.entries(keyValues("secret-file", flags["secret-file"]))) {
     let value: string;
     try {
       value = await readFile(path, "utf8");
@@ -159,33 +167,33 @@ async function buildSpec(image: string, flags: Record<string, unknown>) {
     }
     parameters.push({ name, value, secret: true });
   }
-  const exposedPorts = Object.entries(keyValues("expose", flags.expose as string[] | undefined)).map(([name, port]) => ({
+  const exposedPorts = Object.entries(keyValues("expose", flags.expose)).map(([name, port]) => ({
     name,
     port: parseIntFlag("expose", port, 1, 65535),
     description: "",
   }));
   let driverKind = 0;
   if (flags.driver !== undefined) {
-    const v = enumValue(DriverKindSchema, flags.driver as string);
+    const v = enumValue(DriverKindSchema, flags.driver);
     if (v === undefined) throw new UsageError(`flag --driver must be one of ${enumWords(DriverKindSchema).join(", ")}, got "${flags.driver}"`);
     driverKind = v;
   }
   return {
     image,
     hosts: {
-      tags: keyValues("tag", flags.tag as string[] | undefined),
-      hostCount: flags.hosts === undefined ? 1 : parseIntFlag("hosts", flags.hosts as string, 1, 64),
-      site: flags.site as string | undefined,
+      tags: keyValues("tag", flags.tag),
+      hostCount: flags.hosts === undefined ? 1 : parseIntFlag("hosts", flags.hosts, 1, 64),
+      site: flags.site,
       driverKind,
     },
-    priority: flags.priority === undefined ? 0 : parseIntFlag("priority", flags.priority as string, -100, 100),
-    jobTimeout: flags.timeout === undefined ? undefined : durationFromMs(parseDuration("timeout", flags.timeout as string)),
-    queueTimeout: flags["queue-timeout"] === undefined ? undefined : durationFromMs(parseDuration("queue-timeout", flags["queue-timeout"] as string)),
-    restartPolicy: flags.restarts === undefined ? undefined : { maxRestarts: parseIntFlag("restarts", flags.restarts as string, 0, 10) },
+    priority: flags.priority === undefined ? 0 : parseIntFlag("priority", flags.priority, -100, 100),
+    jobTimeout: flags.timeout === undefined ? undefined : durationFromMs(parseDuration("timeout", flags.timeout)),
+    queueTimeout: flags["queue-timeout"] === undefined ? undefined : durationFromMs(parseDuration("queue-timeout", flags["queue-timeout"])),
+    restartPolicy: flags.restarts === undefined ? undefined : { maxRestarts: parseIntFlag("restarts", flags.restarts, 0, 10) },
     parameters,
     exposedPorts,
-    tags: keyValues("label", flags.label as string[] | undefined),
-    description: (flags.description as string | undefined) ?? "",
+    tags: keyValues("label", flags.label),
+    description: flags.description ?? "",
   };
 }
 
@@ -201,7 +209,7 @@ async function followJob(
   options: { channels: string[]; quiet: boolean; logs: boolean },
 ): Promise<number> {
   const watch = new AbortController();
-  const followers = new LogFollowers(new JobLogAccess(jobs, jobId), options.channels, logSink(ctx), { signal: watch.signal });
+  const followers = new LogFollowers(logAccess(ctx, jobs, jobId), options.channels, logSink(ctx), { signal: watch.signal });
   const status = (text: string) => {
     if (!options.quiet) ctx.out.note(ctx.out.errStyle(`--> ${text}`, "cyan"));
   };
@@ -237,7 +245,7 @@ async function followJob(
       await cancel();
     }
   };
-  const unsubscribe = ctx.io.onInterrupt?.(() => void onInterrupt());
+  const unsubscribe = ctx.onInterrupt(() => void onInterrupt());
   let last = "";
   let hosts = "";
   try {
@@ -266,12 +274,12 @@ async function followJob(
     await followers.stop();
     throw err;
   } finally {
-    unsubscribe?.();
+    unsubscribe();
   }
 }
 
-export const jobCommands: CommandSpec<CliContext>[] = [
-  {
+export const jobCommands: Command[] = [
+  defineCommand({
     path: ["job", "run"],
     summary: "Submit a job, follow its state and live log, exit with its status",
     description:
@@ -287,7 +295,7 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       "tml job run ci/tests:latest --detach",
     ],
     async run(ctx, { args, flags }) {
-      const spec = await buildSpec(splitReference(args.IMAGE!, "IMAGE").text, flags);
+      const spec = await buildSpec(splitReference(args.IMAGE, "IMAGE").text, flags);
       const jobs = await ctx.client(JobService);
       const { job } = await jobs.submitJob({ spec, requestId: randomUUID() }, { timeoutMs: 30_000 });
       if (!job) throw new CliError("the server returned no job", ExitCode.ERROR);
@@ -303,27 +311,27 @@ export const jobCommands: CommandSpec<CliContext>[] = [
         return code;
       }
       if (flags.quiet !== true) ctx.out.note(ctx.out.errStyle(`--> job ${job.id} submitted (${job.spec?.image ?? args.IMAGE})`, "cyan"));
-      return followJob(ctx, jobs, job.id, { channels: channelsOf({}, ctx.verbose), quiet: flags.quiet === true, logs: true });
+      return followJob(ctx, jobs, job.id, { channels: channelsOf([], ctx.verbose), quiet: flags.quiet === true, logs: true });
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["job", "list"],
     summary: "List jobs, newest first",
     flags: {
-      state: { type: "list", value: "STATE", description: `only jobs in this state (${enumWords(JobStateSchema).join(", ")})` },
-      label: { type: "list", value: "KEY=VALUE", description: "only jobs with this tag" },
-      host: { type: "string", value: "HOST_ID", description: "only jobs on this host" },
-      owner: { type: "string", value: "USER_ID", description: "only jobs of this user (admins)" },
-      limit: { type: "string", value: "N", description: "at most N jobs (default 50; 0: all)" },
+      state: { type: "list", placeholder: "STATE", description: `only jobs in this state (${enumWords(JobStateSchema).join(", ")})` },
+      label: { type: "list", placeholder: "KEY=VALUE", description: "only jobs with this tag" },
+      host: { type: "string", placeholder: "HOST_ID", description: "only jobs on this host" },
+      owner: { type: "string", placeholder: "USER_ID", description: "only jobs of this user (admins)" },
+      limit: { type: "string", placeholder: "N", description: "at most N jobs (default 50; 0: all)" },
     },
     examples: ["tml job list", "tml job list --state running --state queued", "tml job list --label ci=pr-123 -o json"],
     async run(ctx, { flags }) {
-      const states = ((flags.state as string[] | undefined) ?? []).map((s) => {
+      const states = (flags.state ?? []).map((s) => {
         const v = enumValue(JobStateSchema, s);
         if (v === undefined) throw new UsageError(`flag --state must be one of ${enumWords(JobStateSchema).join(", ")}, got "${s}"`);
         return v;
       });
-      const limit = flags.limit === undefined ? 50 : parseIntFlag("limit", flags.limit as string, 0, 1_000_000);
+      const limit = flags.limit === undefined ? 50 : parseIntFlag("limit", flags.limit, 0, 1_000_000);
       const jobs = await ctx.client(JobService);
       const found: Job[] = [];
       let pageToken = "";
@@ -332,9 +340,9 @@ export const jobCommands: CommandSpec<CliContext>[] = [
           {
             filter: {
               states,
-              tags: keyValues("label", flags.label as string[] | undefined),
-              hostId: (flags.host as string | undefined) ?? "",
-              ownerUserId: (flags.owner as string | undefined) ?? "",
+              tags: keyValues("label", flags.label),
+              hostId: flags.host ?? "",
+              ownerUserId: flags.owner ?? "",
             },
             pageSize: limit === 0 ? 1000 : Math.min(1000, limit - found.length),
             pageToken,
@@ -362,15 +370,15 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["job", "get"],
     summary: "Show one job",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
     examples: ["tml job get 0190f5c2-7c1e-7000-8000-000000000000", "tml job get $JOB -o json | jq -r .state"],
     async run(ctx, { args }) {
       const jobs = await ctx.client(JobService);
-      const { job } = await jobs.getJob({ jobId: args.JOB! }, { timeoutMs: 15_000 });
+      const { job } = await jobs.getJob({ jobId: args.JOB }, { timeoutMs: 15_000 });
       if (!job) throw new CliError("the server returned no job");
       ctx.out.data(jsonOf(JobSchema, job), () => {
         const spec = job.spec;
@@ -397,41 +405,41 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       });
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["job", "cancel"],
     summary: "Cancel a job",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
     flags: {
-      message: { type: "string", value: "TEXT", description: "why, for the job's timeline" },
+      message: { type: "string", placeholder: "TEXT", description: "why, for the job's timeline" },
       wait: { type: "bool", short: "w", description: "wait until the job is finalized" },
     },
     examples: ["tml job cancel $JOB", 'tml job cancel $JOB --message "wrong branch" --wait'],
     async run(ctx, { args, flags }) {
       const jobs = await ctx.client(JobService);
-      let { job } = await jobs.cancelJob({ jobId: args.JOB!, message: (flags.message as string | undefined) ?? "" }, { timeoutMs: 15_000 });
-      if (flags.wait === true && job?.state !== JobState.FINALIZED) job = await watchJob(jobs, args.JOB!, ctx.abort.signal, () => undefined);
+      let { job } = await jobs.cancelJob({ jobId: args.JOB, message: flags.message ?? "" }, { timeoutMs: 15_000 });
+      if (flags.wait === true && job?.state !== JobState.FINALIZED) job = await watchJob(jobs, args.JOB, ctx.abort.signal, () => undefined);
       ctx.out.data(job ? jsonOf(JobSchema, job) : {}, () =>
         ctx.out.line(job?.state === JobState.FINALIZED ? `Job ${args.JOB} ${outcome(job)}.` : `Job ${args.JOB} is being canceled.`),
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["job", "wait"],
     summary: "Wait until a job ends; exit 0 if it succeeded, 1 if not",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
-    flags: { timeout: { type: "string", value: "DURATION", description: "give up after this long (exit 3)" } },
+    flags: { timeout: { type: "string", placeholder: "DURATION", description: "give up after this long (exit 3)" } },
     examples: ["tml job wait $JOB && echo passed", "tml job wait $JOB --timeout 1h"],
     async run(ctx, { args, flags }) {
       const jobs = await ctx.client(JobService);
       const signal =
         flags.timeout === undefined
           ? ctx.abort.signal
-          : AbortSignal.any([ctx.abort.signal, AbortSignal.timeout(parseDuration("timeout", flags.timeout as string))]);
+          : AbortSignal.any([ctx.abort.signal, AbortSignal.timeout(parseDuration("timeout", flags.timeout))]);
       let job: Job;
       try {
-        job = await watchJob(jobs, args.JOB!, signal, () => undefined);
+        job = await watchJob(jobs, args.JOB, signal, () => undefined);
       } catch (err) {
         if (signal.aborted && !ctx.abort.signal.aborted) throw new CliError(`job ${args.JOB} did not end within ${flags.timeout}`, ExitCode.ERROR);
         throw err;
@@ -439,8 +447,8 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       ctx.out.data(jsonOf(JobSchema, job), () => ctx.out.line(`Job ${job.id} ${outcome(job)}.`));
       return jobExitCode(job);
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["job", "events"],
     summary: "Show a job's timeline",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
@@ -459,7 +467,7 @@ export const jobCommands: CommandSpec<CliContext>[] = [
         { header: "MESSAGE", value: (e: Job["timeline"][number]) => e.message || "-" },
       ];
       if (flags.follow !== true) {
-        const { job } = await jobs.getJob({ jobId: args.JOB! }, { timeoutMs: 15_000 });
+        const { job } = await jobs.getJob({ jobId: args.JOB }, { timeoutMs: 15_000 });
         const events = job?.timeline ?? [];
         ctx.out.data(
           events.map((e) => jsonOf(JobEventSchema, e)),
@@ -469,7 +477,7 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       }
       let printed = 0;
       let header = false;
-      await watchJob(jobs, args.JOB!, ctx.abort.signal, (job) => {
+      await watchJob(jobs, args.JOB, ctx.abort.signal, (job) => {
         for (const e of job.timeline.slice(printed)) {
           if (ctx.out.format === "table") {
             if (!header) ctx.out.line(ctx.out.style(columns.map((c) => c.header).join("  "), "bold"));
@@ -481,29 +489,29 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       });
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["job", "logs"],
     summary: "Print a job's log; --follow keeps printing until the job ends",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
     flags: {
-      channel: { type: "list", short: "c", value: "NAME", description: "channels to print (default console, stdout, stderr)" },
+      channel: { type: "list", short: "c", placeholder: "NAME", description: "channels to print (default console, stdout, stderr)" },
       follow: { type: "bool", short: "f", description: "keep printing new output until the job ends" },
-      since: { type: "string", value: "WHEN", description: "only output captured since a time (RFC 3339) or a duration ago (10m)" },
-      attempt: { type: "string", value: "N", description: "an earlier attempt of a restarted job (default: the latest)" },
+      since: { type: "string", placeholder: "WHEN", description: "only output captured since a time (RFC 3339) or a duration ago (10m)" },
+      attempt: { type: "string", placeholder: "N", description: "an earlier attempt of a restarted job (default: the latest)" },
     },
     examples: ["tml job logs $JOB", "tml job logs $JOB --follow", "tml job logs $JOB --channel supervisor --since 10m"],
     async run(ctx, { args, flags }) {
       const jobs = await ctx.client(JobService);
-      const jobId = args.JOB!;
-      const channels = channelsOf(flags, false);
-      const sinceMs = parseSince(flags.since as string | undefined);
-      const attempt = flags.attempt === undefined ? 0 : parseIntFlag("attempt", flags.attempt as string, 1, 1000);
-      const logs = new JobLogAccess(jobs, jobId);
+      const jobId = args.JOB;
+      const channels = channelsOf(flags.channel, false);
+      const sinceMs = parseSince(flags.since);
+      const attempt = flags.attempt === undefined ? 0 : parseIntFlag("attempt", flags.attempt, 1, 1000);
+      const logs = logAccess(ctx, jobs, jobId);
       if (flags.follow === true) {
         const watch = new AbortController();
         const followers = new LogFollowers(logs, channels, logSink(ctx), { sinceMs, signal: watch.signal });
-        ctx.io.onInterrupt?.(() => watch.abort());
+        ctx.onInterrupt(() => watch.abort());
         try {
           await watchJob(jobs, jobId, watch.signal, (job) => {
             if (job.logServerUrls.length > 0 && job.state !== JobState.QUEUED) followers.follow(attempt === 0 ? job.attempt : attempt);
@@ -530,8 +538,8 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       }
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["job", "snapshot"],
     summary: "Turn a running job's state into a new private image",
     args: [
@@ -539,19 +547,19 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       { name: "NAME:TAG", required: false, description: "the new image's name and tag (a name alone means :latest)" },
     ],
     flags: {
-      name: { type: "string", value: "NAME:TAG", description: "the new image's name and tag, instead of the argument" },
+      name: { type: "string", placeholder: "NAME:TAG", description: "the new image's name and tag, instead of the argument" },
       wait: { type: "bool", short: "w", description: "wait until the image is registered, showing progress" },
-      timeout: { type: "string", value: "D", description: "with --wait: how long to wait (default 30m); the snapshot goes on after" },
+      timeout: { type: "string", placeholder: "D", description: "with --wait: how long to wait (default 30m); the snapshot goes on after" },
     },
     examples: ["tml job snapshot $JOB me/debug-state:1 --wait", "tml job snapshot $JOB me/debug-state:1 && tml job events $JOB"],
     async run(ctx, { args, flags }) {
-      const given = (args["NAME:TAG"] ?? flags.name) as string | undefined;
+      const given = args["NAME:TAG"] ?? flags.name;
       if (given === undefined) throw new UsageError("`tml job snapshot` needs the new image's NAME:TAG");
       const ref = splitReference(given, "NAME:TAG");
       if (ref.name === "") throw new UsageError("NAME:TAG must be a name, not a digest");
-      const timeoutMs = flags.timeout === undefined ? 30 * 60_000 : parseDuration("timeout", flags.timeout as string);
+      const timeoutMs = flags.timeout === undefined ? 30 * 60_000 : parseDuration("timeout", flags.timeout);
       const jobs = await ctx.client(JobService);
-      const request = { jobId: args.JOB!, name: ref.name, tag: ref.tag, requestId: randomUUID() };
+      const request = { jobId: args.JOB, name: ref.name, tag: ref.tag, requestId: randomUUID() };
       let { snapshot } = await jobs.snapshotJob(request, { timeoutMs: 30_000 });
       if (flags.wait === true && snapshot?.state === SnapshotState.PENDING) {
         const id = snapshot.id;
@@ -560,14 +568,14 @@ export const jobCommands: CommandSpec<CliContext>[] = [
         const progress = new AbortController();
         const prefix = `snapshot ${id}: `;
         const shown = (async () => {
-          const lines = readChannel(new JobLogAccess(jobs, args.JOB!), { channel: "supervisor", attempt: snapshot!.attempt, follow: true, signal: progress.signal });
+          const lines = readChannel(logAccess(ctx, jobs, args.JOB), { channel: "supervisor", attempt: snapshot!.attempt, follow: true, signal: progress.signal });
           for await (const line of lines) {
             for (const text of Buffer.from(line.data).toString("utf8").split("\n")) {
               if (text.startsWith(prefix)) ctx.out.note(ctx.out.errStyle(`--> ${text.slice(prefix.length)}`, "cyan"));
             }
           }
         })().catch(() => undefined);
-        ctx.io.onInterrupt?.(() => progress.abort());
+        ctx.onInterrupt(() => progress.abort());
         try {
           ({ snapshot } = await jobs.snapshotJob({ ...request, wait: true }, { timeoutMs, signal: progress.signal }));
         } catch (err) {
@@ -594,7 +602,7 @@ export const jobCommands: CommandSpec<CliContext>[] = [
       }
       return ExitCode.OK;
     },
-  },
+  }),
 ];
 
 /**

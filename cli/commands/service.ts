@@ -9,25 +9,24 @@ import {
   ServiceKindSchema,
   type RegisteredService,
 } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
-import type { CommandSpec } from "../args.js";
-import type { CliContext } from "../context.js";
+import { defineCommand, type Command } from "../command.js";
 import { ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, jsonOf, word } from "../format.js";
 import { formatBytes } from "../progress.js";
 
-export const serviceCommands: CommandSpec<CliContext>[] = [
-  {
+export const serviceCommands: Command[] = [
+  defineCommand({
     path: ["service", "list"],
     summary: "List the registered stores, caches, log servers and proxies (admins)",
     flags: {
-      kind: { type: "string", value: "KIND", description: `only this kind: ${enumWords(ServiceKindSchema).join(", ")}` },
+      kind: { type: "string", placeholder: "KIND", description: `only this kind: ${enumWords(ServiceKindSchema).join(", ")}` },
       live: { type: "bool", description: "only registrations heard from recently and not draining" },
     },
     examples: ["tml service list", "tml service list --kind image-store --live -o json"],
     async run(ctx, { flags }) {
       let kind = 0;
       if (flags.kind !== undefined) {
-        const k = enumValue(ServiceKindSchema, flags.kind as string);
+        const k = enumValue(ServiceKindSchema, flags.kind);
         if (k === undefined) throw new UsageError(`flag --kind must be one of ${enumWords(ServiceKindSchema).join(", ")}`);
         kind = k;
       }
@@ -61,5 +60,5 @@ export const serviceCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
+  }),
 ];

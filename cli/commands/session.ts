@@ -2,15 +2,15 @@
  * `tml console JOB` and `tml port-forward JOB PORT [LOCAL]`: both ride on the
  * rendezvous proxy: JobService.OpenJobSession gives the proxy and a dial
  * token for exactly that job and port, then TunnelService.Dial carries the
- * bytes (lib/tunnel-client.ts). Leaving a console leaves the job running:
+ * bytes (lib/tunnel/client.ts). Leaving a console leaves the job running:
  * `tml console` says so, and how to end it.
  */
 import { createServer, type Socket } from "node:net";
 import { PassThrough } from "node:stream";
 import { JobState, JobStateSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { attachTerminal, dialTunnel } from "../../lib/tunnel-client.js";
-import type { CommandSpec } from "../args.js";
+import { attachTerminal, dialTunnel } from "../../lib/tunnel/client.js";
+import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode } from "../errors.js";
 import { word } from "../format.js";
@@ -76,18 +76,18 @@ export function escapeFilter(leave: () => void): PassThrough & { feed(chunk: Buf
   });
 }
 
-export const sessionCommands: CommandSpec<CliContext>[] = [
-  {
+export const sessionCommands: Command[] = [
+  defineCommand({
     path: ["console"],
     summary: "Open an interactive console on a running job (leave with ~.)",
     description:
       "The terminal goes to raw mode, so every key (Ctrl-C included) goes to the job; type ~. at the start of a line to leave, like ssh, and ~~ to send one tilde. Leaving does not end the job: tml says whether it still runs, and `tml job cancel JOB` ends it.",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
-    flags: { host: { type: "string", value: "HOST_ID", description: "for a multi-host job, which host (default: the first)" } },
+    flags: { host: { type: "string", placeholder: "HOST_ID", description: "for a multi-host job, which host (default: the first)" } },
     examples: ["tml console $JOB"],
     async run(ctx, { args, flags }) {
-      const jobId = args.JOB!;
-      const session = await openSession(ctx, jobId, "console", flags.host as string | undefined);
+      const jobId = args.JOB;
+      const session = await openSession(ctx, jobId, "console", flags.host);
       const { stdin, stdout, stderr } = ctx.io;
       const tty = stdout as typeof stdout & { rows?: number; on(e: "resize", l: () => void): unknown; off(e: "resize", l: () => void): unknown };
       const tunnel = await dialTunnel({
@@ -123,8 +123,8 @@ export const sessionCommands: CommandSpec<CliContext>[] = [
       }
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["port-forward"],
     summary: "Forward a local TCP port to a port the job exposes",
     description: "Like kubectl port-forward: each connection to the local port is a tunnel through the proxy. Ctrl-C stops.",
@@ -134,19 +134,19 @@ export const sessionCommands: CommandSpec<CliContext>[] = [
       { name: "LOCAL", description: "local port to listen on (default: a free one, printed)" },
     ],
     flags: {
-      address: { type: "string", value: "ADDR", description: "local address to listen on (default 127.0.0.1)" },
-      host: { type: "string", value: "HOST_ID", description: "for a multi-host job, which host" },
+      address: { type: "string", placeholder: "ADDR", description: "local address to listen on (default 127.0.0.1)" },
+      host: { type: "string", placeholder: "HOST_ID", description: "for a multi-host job, which host" },
     },
     examples: ["tml port-forward $JOB ssh 2222", "ssh -p 2222 root@127.0.0.1"],
     async run(ctx, { args, flags }) {
-      const jobId = args.JOB!;
-      const port = args.PORT!;
+      const jobId = args.JOB;
+      const port = args.PORT;
       const local = args.LOCAL === undefined ? 0 : Number(args.LOCAL);
       if (!Number.isInteger(local) || local < 0 || local > 65535) {
         throw new CliError(`local port ${args.LOCAL} is not a port number`, ExitCode.USAGE);
       }
       // One session (and token) for every connection; checked before listening.
-      const session = await openSession(ctx, jobId, port, flags.host as string | undefined);
+      const session = await openSession(ctx, jobId, port, flags.host);
       const connections = new Set<Socket>();
       const server = createServer((socket) => {
         connections.add(socket);
@@ -165,7 +165,7 @@ export const sessionCommands: CommandSpec<CliContext>[] = [
           },
         );
       });
-      const address = (flags.address as string | undefined) ?? "127.0.0.1";
+      const address = flags.address ?? "127.0.0.1";
       await new Promise<void>((resolve, reject) => {
         server.once("error", (err: NodeJS.ErrnoException) =>
           reject(new CliError(`cannot listen on ${address}:${local}: ${err.code ?? err.message}`, ExitCode.ERROR)),
@@ -178,12 +178,12 @@ export const sessionCommands: CommandSpec<CliContext>[] = [
       await new Promise<void>((resolve) => {
         const stop = () => resolve();
         ctx.abort.signal.addEventListener("abort", stop, { once: true });
-        const off = ctx.io.onInterrupt?.(stop);
-        server.once("close", () => off?.());
+        const off = ctx.onInterrupt(stop);
+        server.once("close", off);
       });
       server.close();
       for (const socket of connections) socket.destroy();
       return ExitCode.OK;
     },
-  },
+  }),
 ];

@@ -3,7 +3,7 @@ import type { Client } from "@connectrpc/connect";
 import { Role, RoleSchema, UserSchema, type User } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
-import type { CommandSpec } from "../args.js";
+import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, iso, jsonOf, word } from "../format.js";
@@ -33,18 +33,18 @@ async function newPassword(ctx: CliContext, fromStdin: boolean, who: string): Pr
   return first;
 }
 
-export const userCommands: CommandSpec<CliContext>[] = [
-  {
+export const userCommands: Command[] = [
+  defineCommand({
     path: ["user", "list"],
     summary: "List users (admins)",
-    flags: { prefix: { type: "string", value: "TEXT", description: "only names starting with TEXT" } },
+    flags: { prefix: { type: "string", placeholder: "TEXT", description: "only names starting with TEXT" } },
     examples: ["tml user list", "tml user list -o yaml"],
     async run(ctx, { flags }) {
       const users = await ctx.client(UserService);
       const found: User[] = [];
       let pageToken = "";
       do {
-        const page = await users.listUsers({ namePrefix: (flags.prefix as string | undefined) ?? "", pageSize: 1000, pageToken }, { timeoutMs: 30_000 });
+        const page = await users.listUsers({ namePrefix: flags.prefix ?? "", pageSize: 1000, pageToken }, { timeoutMs: 30_000 });
         found.push(...page.users);
         pageToken = page.nextPageToken;
       } while (pageToken !== "");
@@ -66,14 +66,14 @@ export const userCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["user", "get"],
     summary: "Show a user (admins, or yourself)",
     args: [{ name: "USER", required: true, description: "name or id" }],
     examples: ["tml user get alice"],
     async run(ctx, { args }) {
-      const user = await findUser(await ctx.client(UserService), args.USER!);
+      const user = await findUser(await ctx.client(UserService), args.USER);
       ctx.out.data(jsonOf(UserSchema, user), () =>
         ctx.out.fields([
           ["Name", user.name],
@@ -88,40 +88,40 @@ export const userCommands: CommandSpec<CliContext>[] = [
       );
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["user", "create"],
     summary: "Create a user (admins); asks for the initial password",
     args: [{ name: "NAME", required: true, description: "login name" }],
     flags: {
-      role: { type: "string", value: "ROLE", choices: ["user", "admin"], description: "user (default) or admin" },
-      "display-name": { type: "string", value: "TEXT", description: "name shown in listings" },
+      role: { type: "string", placeholder: "ROLE", choices: ["user", "admin"], description: "user (default) or admin" },
+      "display-name": { type: "string", placeholder: "TEXT", description: "name shown in listings" },
       "password-stdin": { type: "bool", description: "read the password from standard input" },
     },
     examples: ['tml user create alice --display-name "Alice Martin"', "echo \"$PW\" | tml user create ci-bot --password-stdin"],
     async run(ctx, { args, flags }) {
       const users = await ctx.client(UserService);
-      const password = await newPassword(ctx, flags["password-stdin"] === true, args.NAME!);
+      const password = await newPassword(ctx, flags["password-stdin"] === true, args.NAME);
       const { user } = await users.createUser(
         {
-          name: args.NAME!,
+          name: args.NAME,
           password,
-          role: roleOf((flags.role as string | undefined) ?? "user"),
-          displayName: (flags["display-name"] as string | undefined) ?? "",
+          role: roleOf(flags.role ?? "user"),
+          displayName: flags["display-name"] ?? "",
         },
         { timeoutMs: 15_000 },
       );
       ctx.out.data(user ? jsonOf(UserSchema, user) : {}, () => ctx.out.line(`User ${args.NAME} created (${user?.id}).`));
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["user", "update"],
     summary: "Change a user's role, display name, or enable/disable it (admins)",
     args: [{ name: "USER", required: true, description: "name or id" }],
     flags: {
-      role: { type: "string", value: "ROLE", choices: ["user", "admin"], description: "the new role" },
-      "display-name": { type: "string", value: "TEXT", description: "the new display name" },
+      role: { type: "string", placeholder: "ROLE", choices: ["user", "admin"], description: "the new role" },
+      "display-name": { type: "string", placeholder: "TEXT", description: "the new display name" },
       disable: { type: "bool", description: "refuse its logins and tokens" },
       enable: { type: "bool", description: "accept them again" },
     },
@@ -129,12 +129,12 @@ export const userCommands: CommandSpec<CliContext>[] = [
     async run(ctx, { args, flags }) {
       if (flags.disable === true && flags.enable === true) throw new UsageError("give --disable or --enable, not both");
       const users = await ctx.client(UserService);
-      const current = await findUser(users, args.USER!);
+      const current = await findUser(users, args.USER);
       const { user } = await users.updateUser(
         {
           userId: current.id,
-          role: flags.role === undefined ? undefined : roleOf(flags.role as string),
-          displayName: flags["display-name"] as string | undefined,
+          role: flags.role === undefined ? undefined : roleOf(flags.role),
+          displayName: flags["display-name"],
           disabled: flags.disable === true ? true : flags.enable === true ? false : undefined,
         },
         { timeoutMs: 15_000 },
@@ -142,8 +142,8 @@ export const userCommands: CommandSpec<CliContext>[] = [
       ctx.out.data(user ? jsonOf(UserSchema, user) : {}, () => ctx.out.line(`User ${current.name} updated.`));
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["user", "passwd"],
     summary: "Change your password, or reset another user's (admins)",
     args: [{ name: "USER", description: "name or id (default: yourself)" }],
@@ -163,18 +163,18 @@ export const userCommands: CommandSpec<CliContext>[] = [
       ctx.out.note(`Password of ${target.name} changed.`);
       return ExitCode.OK;
     },
-  },
-  {
+  }),
+  defineCommand({
     path: ["user", "rm"],
     summary: "Delete a user and revoke its tokens (admins)",
     args: [{ name: "USER", required: true, description: "name or id" }],
     examples: ["tml user rm bob"],
     async run(ctx, { args }) {
       const users = await ctx.client(UserService);
-      const current = await findUser(users, args.USER!);
+      const current = await findUser(users, args.USER);
       await users.deleteUser({ userId: current.id }, { timeoutMs: 15_000 });
       ctx.out.data({ deleted: current.id }, () => ctx.out.line(`User ${current.name} deleted.`));
       return ExitCode.OK;
     },
-  },
+  }),
 ];

@@ -11,7 +11,7 @@ import { Code, ConnectError, createClient, type Client, type Interceptor, type T
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import type { User } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { Role } from "../../gen/treadmill/coordinator/v1/user_pb.js";
-import { backoff, sleep } from "../../lib/retry.js";
+import { keepStreaming } from "../../lib/retry.js";
 
 const STORAGE_KEY = "treadmill.console.session";
 
@@ -128,12 +128,6 @@ export function errorText(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
-/** Whether a stream that failed with this error is worth reopening. */
-export function isRetryable(err: unknown): boolean {
-  const code = ConnectError.from(err).code;
-  return [Code.Unavailable, Code.Unknown, Code.Internal, Code.DeadlineExceeded, Code.Aborted].includes(code);
-}
-
 export function isAbort(err: unknown, signal: AbortSignal): boolean {
   return signal.aborted || ConnectError.from(err).code === Code.Canceled;
 }
@@ -149,28 +143,26 @@ export async function keepWatching<T>(
   onMessage: (message: T, fresh: boolean) => void,
   onStatus: (live: boolean, detail?: string) => void,
 ): Promise<void> {
-  let delays = backoff({ initialMs: 500, maxMs: 10_000 });
-  while (!signal.aborted) {
-    try {
-      let fresh = true;
-      for await (const message of open(signal)) {
-        if (fresh) {
-          onStatus(true);
-          delays = backoff({ initialMs: 500, maxMs: 10_000 });
-        }
-        onMessage(message, fresh);
-        fresh = false;
+  let fresh = true;
+  await keepStreaming<T>({
+    open: () => {
+      fresh = true;
+      return open(signal);
+    },
+    onMessage(message, attempt) {
+      if (fresh) {
+        onStatus(true);
+        attempt.healthy();
       }
-      if (signal.aborted) return;
-      onStatus(false, "the stream ended; reconnecting");
-    } catch (err) {
-      if (isAbort(err, signal)) return;
-      if (!isRetryable(err)) {
-        onStatus(false, errorText(err));
-        return;
-      }
-      onStatus(false, `${errorText(err)}; reconnecting`);
-    }
-    await sleep(delays.next().value, signal).catch(() => undefined);
-  }
+      onMessage(message, fresh);
+      fresh = false;
+    },
+    backoff: { initialMs: 500, maxMs: 10_000 },
+    signal,
+    onEnd: () => onStatus(false, "the stream ended; reconnecting"),
+    onError(err, { verdict }) {
+      if (isAbort(err, signal)) return "stop";
+      onStatus(false, verdict === "retryable" ? `${errorText(err)}; reconnecting` : errorText(err));
+    },
+  }).catch(() => undefined); // stopped: the status line says why
 }

@@ -8,8 +8,8 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../../gen/treadmill/log/v1/log_service_pb.js";
-import { backoff, sleep } from "../../lib/retry.js";
-import { isRetryable, type Api } from "./api.js";
+import { keepStreaming } from "../../lib/retry.js";
+import type { Api } from "./api.js";
 
 export interface FollowOptions {
   jobId: string;
@@ -30,9 +30,9 @@ export async function followChannel(api: Api, options: FollowOptions): Promise<v
   let nextSeq = 1n;
   let server = 0;
   let renewed = false;
-  let delays = backoff({ initialMs: 250, maxMs: 5000 });
-  while (!signal.aborted) {
-    try {
+  let ended = false;
+  await keepStreaming({
+    open: async (stream) => {
       if (urls.length === 0 || renewed) {
         const access = await jobs.getJobLogAccess({ jobId }, { signal, timeoutMs: 15_000 });
         urls = access.logServerUrls;
@@ -41,13 +41,13 @@ export async function followChannel(api: Api, options: FollowOptions): Promise<v
       }
       const url = urls[server % urls.length];
       const logs = api.remote(LogService, url, () => token);
-      const stream = logs.read({ jobId, attempt, channel, start: { case: "fromSeq", value: nextSeq }, follow: true }, { signal });
+      const messages = logs.read({ jobId, attempt, channel, start: { case: "fromSeq", value: nextSeq }, follow: true }, { signal });
       let announced = false;
-      for await (const message of stream) {
+      for await (const message of messages) {
         if (!announced) {
           options.onStatus("live");
           announced = true;
-          delays = backoff({ initialMs: 250, maxMs: 5000 });
+          stream.healthy();
         }
         renewed = false;
         if (message.payload.case === "frame") {
@@ -55,24 +55,32 @@ export async function followChannel(api: Api, options: FollowOptions): Promise<v
           options.onData(message.payload.value.data);
         } else if (message.payload.case === "end" && message.payload.value.reason !== ReadEndReason.UNSPECIFIED) {
           options.onStatus("ended", endText(message.payload.value.reason));
+          ended = true;
           return;
         }
       }
+    },
+    backoff: { initialMs: 250, maxMs: 5000 },
+    signal,
+    onEnd() {
+      if (ended) return "stop";
       // The stream ended without an `end`: the server went away; reopen.
       options.onStatus("reconnecting", "the log server closed the stream");
-    } catch (err) {
-      if (signal.aborted) return;
+    },
+    onError(err, { verdict }) {
       const error = ConnectError.from(err);
       if ((error.code === Code.Unauthenticated || error.code === Code.PermissionDenied) && !renewed && urls.length > 0) {
         renewed = true; // the read token expired: ask for a new one, once per failure
-        continue;
+        return { retryInMs: 0 };
       }
-      if (!isRetryable(error)) throw error;
+      if (verdict === "permanent") return "stop";
       server++;
       options.onStatus("reconnecting", error.rawMessage);
-    }
-    await sleep(delays.next().value, signal).catch(() => undefined);
-  }
+      return "retry";
+    },
+  }).catch((err: unknown) => {
+    throw ConnectError.from(err);
+  });
 }
 
 function endText(reason: ReadEndReason): string {

@@ -6,22 +6,11 @@
  * way gets the same answer instead of `Internal`.
  */
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { NETWORK_ERRNO } from "../../lib/retry.js";
 import type { Notifications } from "./notifications.js";
 
-/** postgres.js's codes for a connection that failed or went away. */
-const CONNECTION_CODES = new Set([
-  "CONNECTION_CLOSED",
-  "CONNECTION_ENDED",
-  "CONNECTION_DESTROYED",
-  "CONNECT_TIMEOUT",
-  "ECONNREFUSED",
-  "ECONNRESET",
-  "ETIMEDOUT",
-  "EPIPE",
-  "EHOSTUNREACH",
-  "ENETUNREACH",
-  "EAI_AGAIN",
-]);
+/** postgres.js's codes for a connection that failed or went away, beside the network's own. */
+const CONNECTION_CODES = new Set(["CONNECTION_CLOSED", "CONNECTION_ENDED", "CONNECTION_DESTROYED", "CONNECT_TIMEOUT", ...NETWORK_ERRNO]);
 
 /**
  * SQLSTATEs of a server that cannot serve now: class 08 (connection

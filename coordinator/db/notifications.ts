@@ -16,7 +16,7 @@
  */
 import postgres, { type Sql } from "postgres";
 import type { Logger } from "../../lib/logger.js";
-import { backoff, sleep } from "../../lib/retry.js";
+import { keepStreaming, sleep } from "../../lib/retry.js";
 
 export interface NotificationsOptions {
   url: string;
@@ -103,25 +103,26 @@ export class Notifications {
     await this.closeConnection();
   }
 
+  /**
+   * Holds the connection: waits until it is lost, then reconnects with
+   * backoff (at most 2 s: the coordinator serves nothing until it is back)
+   * and resyncs. The first connection is start()'s.
+   */
   private async run(): Promise<void> {
-    // At most 2 s: the coordinator serves nothing until this connection is back.
-    const delays = () => backoff({ ...(this.options.backoff ?? { initialMs: 100, maxMs: 2000 }), jitter: "full" });
-    let wait = delays();
+    let lostAt = Date.now();
     let failures = 0;
-    while (!this.stopper.signal.aborted) {
-      await this.untilLost();
-      if (this.stopper.signal.aborted) break;
-      const lostAt = Date.now();
-      this.setConnected(false);
-      await this.closeConnection();
-      for (;;) {
-        await sleep(wait.next().value, this.stopper.signal).catch(() => undefined);
-        if (this.stopper.signal.aborted) return;
-        try {
-          await this.connect();
+    await keepStreaming({
+      open: async (attempt) => {
+        if (attempt.number > 1) {
+          try {
+            await this.connect();
+          } catch (err) {
+            await this.closeConnection();
+            throw err;
+          }
           this.log.info({ attempts: failures + 1 }, "notifications connection restored; resyncing");
           failures = 0;
-          wait = delays();
+          attempt.healthy();
           for (const resync of this.resyncs) {
             try {
               resync(Date.now() - lostAt);
@@ -129,15 +130,22 @@ export class Notifications {
               this.log.error({ err }, "resync handler failed");
             }
           }
-          break;
-        } catch (err) {
-          failures++;
-          // The first failure of an outage and every 20th: an operator needs the start and a pulse, not a line per try.
-          if (failures === 1 || failures % 20 === 0) this.log.warn({ err, attempts: failures }, "cannot reach the database for notifications; retrying");
-          await this.closeConnection();
         }
-      }
-    }
+        await this.untilLost();
+        if (this.stopper.signal.aborted) return;
+        lostAt = Date.now();
+        this.setConnected(false);
+        await this.closeConnection();
+      },
+      backoff: { ...(this.options.backoff ?? { initialMs: 100, maxMs: 2000 }), jitter: "full" },
+      signal: this.stopper.signal,
+      onError: (err) => {
+        failures++;
+        // The first failure of an outage and every 20th: an operator needs the start and a pulse, not a line per try.
+        if (failures === 1 || failures % 20 === 0) this.log.warn({ err, attempts: failures }, "cannot reach the database for notifications; retrying");
+        return "retry";
+      },
+    });
   }
 
   /** Opens a connection and LISTENs on every channel; throws when either fails. */

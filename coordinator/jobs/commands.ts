@@ -3,69 +3,22 @@
  * to run an attempt, secret parameter values included (they are read from
  * job_secrets here and nowhere else), with freshly minted capability tokens.
  */
-import { create, fromJson, type JsonValue } from "@bufbuild/protobuf";
+import { create, fromJson } from "@bufbuild/protobuf";
 import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
 import { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { type StartJob, StartJobSchema } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Capability } from "../../lib/tokens.js";
 import type { CoordinatorContext } from "../context.js";
-import { uuidv7 } from "../services/common.js";
-import type { Db } from "./store.js";
+import { uuidv7 } from "../shared/common.js";
+import { type Db, type StartRow, startRows } from "../db/queries/jobs.js";
 
 /** Tokens outlive the attempt's deadline by this much (a stop takes time). */
 const TOKEN_MARGIN_MS = 10 * 60_000;
 
-/** What a StartJob is built from: a job row (`j`), its host (`h`) and what they point at. */
-export interface StartRow {
-  id: string;
-  attempt: number;
-  spec: JsonValue;
-  manifest_digest: string;
-  owner_id: string;
-  /** The holder the image token names (jobs.image_holder; null: the owner). */
-  image_holder: string | null;
-  deadline_at: Date | null;
-  log_server_urls: string[];
-  proxy_url: string;
-  host_index: number;
-  secrets: Record<string, string>;
-  locations: string[] | null;
-  cache_url: string | null;
-  peers: { index: number; id: string; name: string }[] | null;
-}
-
-/**
- * The select list of a StartRow but for `host_index` and `peers`: the job's
- * columns from `j` (jobs, or an update's returned rows), the secret values,
- * the image's locations (the host's site first) and the site's cache from `h`
- * (hosts).
- */
-export const startColumns = (sql: Db) => sql`
-  j.id, j.attempt, j.spec, j.manifest_digest, j.owner_id, j.image_holder, j.deadline_at, j.log_server_urls, j.proxy_url,
-  (select coalesce(jsonb_object_agg(s.name, s.value), '{}') from job_secrets s where s.job_id = j.id) as secrets,
-  (select array_agg(u order by same_site desc, first_seen)
-     from (select l->>'url' as u, bool_or(coalesce(l->>'site', '') = h.site) as same_site, min(i.created_at) as first_seen
-           from images i, jsonb_array_elements(i.locations) l
-           where i.digest = j.manifest_digest and coalesce(l->>'url', '') <> ''
-           group by l->>'url') loc) as locations,
-  (select s.url from services s
-     where s.kind = 'image_cache' and s.site = h.site and not s.draining
-       and s.last_heartbeat_at > now() - (3 * s.heartbeat_interval_ms) * interval '1 millisecond'
-     order by s.active_streams, s.url limit 1) as cache_url`;
-
 /** StartJob for each current, unfinalized attempt of `jobIds` on `hostId`. */
 export async function buildStartJobs(ctx: CoordinatorContext, sql: Db, hostId: string, jobIds: string[]): Promise<StartJob[]> {
-  const rows = await sql<StartRow[]>`
-    select ${startColumns(sql)}, jh.host_index,
-      (select jsonb_agg(jsonb_build_object('index', p.host_index, 'id', p.host_id, 'name', ph.name) order by p.host_index)
-         from job_hosts p join hosts ph on ph.id = p.host_id
-         where p.job_id = j.id and p.attempt = j.attempt) as peers
-    from jobs j
-      join job_hosts jh on jh.job_id = j.id and jh.attempt = j.attempt and jh.host_id = ${hostId}
-      join hosts h on h.id = jh.host_id
-    where j.id = any(${jobIds}::uuid[]) and j.state <> 'finalized'`;
-  return startJobMessages(ctx, hostId, rows);
+  return startJobMessages(ctx, hostId, await startRows(sql, hostId, jobIds));
 }
 
 /** The capability tokens of a StartJob. */

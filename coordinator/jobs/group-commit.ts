@@ -22,7 +22,8 @@ import type { Sql } from "postgres";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { pipeline, withReserved } from "../db/reserved.js";
 import type { JobMetrics } from "./metrics.js";
-import { type Db, customPlans } from "./store.js";
+import { markStarted } from "../db/queries/job-hosts.js";
+import { type Db, customPlans, lockJobs } from "../db/queries/jobs.js";
 import { type HostAt, type HostEnd, type HostReport, hostsEnded, hostsProgress } from "./transitions.js";
 
 /** What a change does: one of the common kinds (applied set-based with the others of its round), or anything. */
@@ -109,7 +110,7 @@ async function applyAll(tx: Db, batch: Change[]): Promise<void> {
   }
   customPlans(tx);
   // Executed before any statement of the changes (they follow it on the connection).
-  const lock = tx`select 1 from jobs where id = any(${[...byJob.keys()].sort()}::uuid[]) order by id for update`.execute();
+  const lock = lockJobs(tx, [...byJob.keys()]);
   // A job's acknowledged StartJobs that come first in its queue (the usual
   // acknowledgement, then the report of RUNNING) go before the rounds, in
   // one statement: the rounds start at the job's next change.
@@ -119,7 +120,7 @@ async function applyAll(tx: Db, batch: Change[]): Promise<void> {
     while (first < q.length && q[first].op.kind === "started") started.push((q[first++].op as { at: HostAt }).at);
     return q.slice(first);
   });
-  const early = started.length > 0 ? startedAll(tx, started) : undefined;
+  const early = started.length > 0 ? markStarted(tx, started) : undefined;
   for (let round = 0; round === 0 || queues.some((q) => q.length > round); round++) {
     const ops = queues.filter((q) => q.length > round).map((q) => q[round].op);
     const progress: HostReport[] = [];
@@ -140,18 +141,10 @@ async function applyAll(tx: Db, batch: Change[]): Promise<void> {
       round === 0 ? early : undefined,
       hostsProgress(tx, progress),
       hostsEnded(tx, ended),
-      acked.length > 0 ? startedAll(tx, acked) : undefined,
+      acked.length > 0 ? markStarted(tx, acked) : undefined,
       ...others.map((apply) => apply(tx)),
     ]);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) throw failed.reason;
   }
-}
-
-/** Acknowledged StartJobs: the hosts hold their attempts. */
-function startedAll(tx: Db, at: HostAt[]): Promise<unknown> {
-  return tx`
-    update job_hosts jh set started = true
-    from jsonb_to_recordset(${tx.json(at as never)}::jsonb) as v("jobId" uuid, "hostId" uuid, attempt int)
-    where jh.job_id = v."jobId" and jh.attempt = v.attempt and jh.host_id = v."hostId" and jh.released_at is null`.execute();
 }

@@ -26,7 +26,8 @@ import {
   WatchJobsResponseSchema,
 } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { JobSpecSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { type UserCaller, requireUser } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
@@ -38,38 +39,32 @@ import {
   denied,
   encodePageToken,
   invalid,
-  isUniqueViolation,
   notFound,
   pageSize,
   precondition,
   uuidv7,
-} from "../services/common.js";
+} from "../shared/common.js";
 import type { JobConfig } from "./config.js";
-import { AsyncQueue } from "../../lib/async-queue.js";
+import { AsyncQueue } from "../../lib/async/queue.js";
 import {
   type Db,
   type JobRow,
-  endAttempt,
-  jobColumns,
-  jobMessage,
+  imageForJob,
+  insertJob,
+  jobOfRequest,
+  listJobRows,
   loadJob,
-  loadTimeline,
-  notifyJobHosts,
-  recordEvent,
-  stateName,
-} from "./store.js";
+  notifySchedule,
+  proxyOf,
+  unfinishedJobRows,
+  unfinishedJobs,
+  writeJobStates,
+} from "../db/queries/jobs.js";
+import { endAttempt, jobMessage, loadTimeline, stateName } from "./store.js";
+import { recordEvent } from "../db/queries/events.js";
 import type { Snapshots } from "./snapshots.js";
 import { validateSpec } from "./validate.js";
 import type { JobWatchers } from "./watchers.js";
-
-interface ImageRow {
-  name: string;
-  tag: string;
-  digest: string;
-  media_types: string[];
-  holder_id: string | null;
-  allowed: boolean;
-}
 
 function canSee(caller: UserCaller, job: JobRow): boolean {
   return caller.role === "admin" || job.owner_id === caller.userId;
@@ -98,15 +93,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     const spec = validateSpec(req.spec, this.config);
     const sql = this.ctx.sql;
 
-    const [image] =
-      "digest" in spec.image
-        ? await sql<ImageRow[]>`
-            select name, tag, digest, media_types, holder_id, treadmill_user_may_use_image(${caller.userId}, name, tag) as allowed
-            from images where digest = ${spec.image.digest}
-            order by allowed desc, (holder_id = ${caller.userId}) desc nulls last, created_at limit 1`
-        : await sql<ImageRow[]>`
-            select name, tag, digest, media_types, holder_id, treadmill_user_may_use_image(${caller.userId}, name, tag) as allowed
-            from images where name = ${spec.image.name} and tag = ${spec.image.tag}`;
+    const image = await imageForJob(sql, caller.userId, spec.image);
     if (!image) throw notFound(`image ${clip(req.spec!.image)} not found`);
     if (!image.allowed) throw denied(`image ${clip(req.spec!.image)} is not visible to you`);
 
@@ -114,43 +101,35 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     const requestId = req.requestId === "" ? null : req.requestId;
     const jobId = await sql.begin(async (tx) => {
       if (requestId !== null) {
-        await tx`
-          update jobs set request_id = null
-          where owner_id = ${caller.userId} and request_id = ${requestId} and created_at < now() - interval '24 hours'`;
-        const [existing] = await tx<{ id: string }[]>`
-          select id from jobs where owner_id = ${caller.userId} and request_id = ${requestId}`;
-        if (existing) return existing.id;
+        const existing = await jobOfRequest(tx, caller.userId, requestId);
+        if (existing) return existing;
       }
-      const [{ n }] = await tx<{ n: number }[]>`
-        select count(*)::int as n from jobs where owner_id = ${caller.userId} and state <> 'finalized'`;
-      if (n >= this.config.maxQueuedJobsPerUser) {
+      if ((await unfinishedJobs(tx, caller.userId)) >= this.config.maxQueuedJobsPerUser) {
         throw new ConnectError(
           `too many unfinished jobs: at most ${this.config.maxQueuedJobsPerUser} per user`,
           Code.ResourceExhausted,
         );
       }
-      try {
-        await tx.savepoint(async (sp) => {
-          await sp`
-            insert into jobs (id, owner_id, spec, priority, manifest_digest, image_holder, media_types, host_count, required_tags,
-              required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id)
-            values (${id}, ${caller.userId}, ${sp.json(toJson(JobSpecSchema, spec.publicSpec) as never)}, ${spec.priority},
-              ${image.digest}, ${image.holder_id}, ${image.media_types}, ${spec.hostCount}, ${sp.json(spec.requiredTags)},
-              ${spec.requiredSite}, ${spec.requiredDriver}, ${spec.maxRestarts}, ${spec.queueTimeoutMs},
-              ${spec.jobTimeoutMs}, ${requestId})`;
-        });
-      } catch (err) {
-        if (!isUniqueViolation(err, "jobs_owner_request_id_idx")) throw err;
-        const [existing] = await tx<{ id: string }[]>`
-          select id from jobs where owner_id = ${caller.userId} and request_id = ${requestId}`;
-        return existing.id;
-      }
-      if (spec.secrets.size > 0) {
-        const names = [...spec.secrets.keys()];
-        await tx`
-          insert into job_secrets (job_id, name, value)
-          select ${id}, * from unnest(${names}::text[], ${names.map((n) => spec.secrets.get(n)!)}::text[])`;
-      }
+      const created = await insertJob(tx, {
+        id,
+        ownerId: caller.userId,
+        spec: toJson(JobSpecSchema, spec.publicSpec),
+        priority: spec.priority,
+        digest: image.digest,
+        holderId: image.holder_id,
+        mediaTypes: image.media_types,
+        hostCount: spec.hostCount,
+        requiredTags: spec.requiredTags,
+        requiredSite: spec.requiredSite,
+        requiredDriver: spec.requiredDriver,
+        maxRestarts: spec.maxRestarts,
+        queueTimeoutMs: spec.queueTimeoutMs,
+        jobTimeoutMs: spec.jobTimeoutMs,
+        requestId,
+        secrets: spec.secrets,
+      });
+      // Another call with this request_id created it meanwhile.
+      if (created !== id) return created;
       await recordEvent(tx, {
         jobId: id,
         kind: "submitted",
@@ -160,7 +139,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         ownerId: caller.userId,
         message: `image ${image.name}:${image.tag} (${image.digest})`,
       });
-      await tx`select pg_notify('treadmill_schedule', '')`;
+      await notifySchedule(tx);
       return id;
     });
     const job = (await loadJob(sql, jobId))!;
@@ -192,15 +171,6 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     return { states: [...new Set(states)].sort(), owner, host, tags };
   }
 
-  private conditions(sql: Db, f: ReturnType<JobServiceImpl["filterOf"]>) {
-    const empty = sql``;
-    return sql`
-      ${f.owner !== "" ? sql`and j.owner_id = ${f.owner}` : empty}
-      ${f.states.length > 0 ? sql`and j.state = any(${f.states}::text[])` : empty}
-      ${f.host !== "" ? sql`and exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = j.attempt and jh.host_id = ${f.host})` : empty}
-      ${Object.keys(f.tags).length > 0 ? sql`and j.spec->'tags' @> ${sql.json(f.tags)}::jsonb` : empty}`;
-  }
-
   private matches(f: ReturnType<JobServiceImpl["filterOf"]>, job: JobRow): boolean {
     if (f.owner !== "" && job.owner_id !== f.owner) return false;
     if (f.states.length > 0 && !f.states.includes(job.state)) return false;
@@ -217,10 +187,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     const after = decodePageToken(req.pageToken, f, 1)?.[0] as string | undefined;
     if (after !== undefined) checkId("page_token", after);
     const sql = this.ctx.sql;
-    const rows = await sql<JobRow[]>`
-      select ${jobColumns(sql)} from jobs j
-      where true ${this.conditions(sql, f)} ${after !== undefined ? sql`and j.id < ${after}` : sql``}
-      order by j.id desc limit ${size + 1}`;
+    const rows = await listJobRows(sql, f, after, size + 1);
     const page = rows.slice(0, size);
     return {
       jobs: page.map((r) => jobMessage(r)),
@@ -243,18 +210,23 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         return job.id;
       }
       if (job.stop_reason === "canceled") return job.id;
-      await tx`update jobs set stop_reason = 'canceled', stop_requested_at = now(), updated_at = now() where id = ${job.id}`;
-      await recordEvent(tx, {
-        jobId: job.id,
-        kind: "cancel_requested",
-        state: job.state,
-        stage: job.stage,
-        attempt: job.attempt,
-        actor: actorOf(caller),
-        ownerId: job.owner_id,
-        message: why,
-      });
-      await notifyJobHosts(tx, job.id);
+      await writeJobStates(tx, [
+        {
+          kind: "stop",
+          id: job.id,
+          stopReason: "canceled",
+          event: {
+            jobId: job.id,
+            kind: "cancel_requested",
+            state: job.state,
+            stage: job.stage,
+            attempt: job.attempt,
+            actor: actorOf(caller),
+            ownerId: job.owner_id,
+            message: why,
+          },
+        },
+      ]);
       return job.id;
     });
     return { job: jobMessage((await loadJob(this.ctx.sql, jobId))!) };
@@ -313,8 +285,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
       const sql = this.ctx.sql;
       const sent = new Map<string, number>(); // job id -> updated_at sent
       if (req.includeExisting) {
-        const rows = await sql<JobRow[]>`
-          select ${jobColumns(sql)} from jobs j where j.state <> 'finalized' ${this.conditions(sql, f)} order by j.id`;
+        const rows = await unfinishedJobRows(sql, f);
         for (const r of rows) {
           sent.set(r.id, r.updated_at.getTime());
           yield create(WatchJobsResponseSchema, { kind: JobChangeKind.EXISTING, job: jobMessage(r) });
@@ -374,7 +345,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     }
     const hostId = req.hostId === "" ? job.host_ids[0] : req.hostId;
     if (hostId === undefined || !job.host_ids.includes(hostId)) throw notFound(`host ${req.hostId} does not run job ${job.id}`);
-    const [row] = await this.ctx.sql<{ proxy_url: string }[]>`select proxy_url from jobs where id = ${job.id}`;
+    const row = await proxyOf(this.ctx.sql, job.id);
     if (!row || row.proxy_url === "") throw precondition(`job ${job.id} has no proxy (none was registered when it started)`);
     const ttl = this.config.sessionTokenTtlMs;
     const sessionId = uuidv7();

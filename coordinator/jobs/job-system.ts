@@ -4,9 +4,11 @@ import { SupervisorService } from "../../gen/treadmill/coordinator/v1/supervisor
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
 import { JobServiceImpl } from "./job-service.js";
+import { registerLogStatusHandlers } from "./log-status.js";
 import { JobMetrics } from "./metrics.js";
 import { Scheduler } from "./scheduler.js";
 import { Snapshots } from "./snapshots.js";
+import { SupervisorHandlers } from "./stream-handlers.js";
 import { SupervisorStreams } from "./supervisor-stream.js";
 import { Sweeper } from "./sweeper.js";
 import { JobWatchers } from "./watchers.js";
@@ -38,10 +40,15 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   const watchers = new JobWatchers();
   const watchdog = new Watchdog(ctx.logger.child({ subsystem: "watchdog" }), config.loopStallMs);
   const metrics = new JobMetrics(watchdog);
-  const streams = new SupervisorStreams(ctx, config, metrics);
+  // The supervisor's messages the stream does not own go to the part that
+  // answers them: each part registers its payload cases here.
+  const handlers = new SupervisorHandlers();
+  const streams = new SupervisorStreams(ctx, config, handlers, metrics);
   const scheduler = new Scheduler(ctx, config, (hostId, starts) => streams.deliverStarts(hostId, starts), metrics);
   const sweeper = new Sweeper(ctx, config, metrics);
   const snapshots = new Snapshots(ctx, config, streams, watchers);
+  snapshots.registerHandlers(handlers);
+  registerLogStatusHandlers(ctx, handlers);
   const jobService = new JobServiceImpl(ctx, config, watchers, snapshots);
   const unsubscribe: (() => void)[] = [];
   let started = false;

@@ -1,6 +1,7 @@
 /**
  * The state of jobs' logs (job.proto LogStatus, DESIGN.md §7), from the
- * supervisor stream (supervisor-stream.ts hands these messages here):
+ * supervisor stream (registered with the stream's handlers,
+ * registerLogStatusHandlers):
  *
  * - JobLogReport: a host's part of an attempt's log is SHIPPING from its
  *   spill, COMPLETE on every log server, or INCOMPLETE (bytes lost). Parts
@@ -26,11 +27,22 @@ import {
   type LogTokenRequest,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { formatBytes } from "../../lib/bytes.js";
-import { audit } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
-import { checkId, checkText, invalid } from "../services/common.js";
-import { type DbState, recordEvent } from "./store.js";
+import { checkId, checkText, invalid } from "../shared/common.js";
+import { recordEvent } from "../db/queries/events.js";
+import type { DbState } from "../db/queries/jobs.js";
+import type { SupervisorHandlers } from "./stream-handlers.js";
+
+/**
+ * Registers the stream's JobLogReport (after the stream's earlier reports
+ * have committed: the job's end comes before its log's) and LogTokenRequest.
+ */
+export function registerLogStatusHandlers(ctx: CoordinatorContext, handlers: SupervisorHandlers): void {
+  handlers.on("jobLogReport", { afterCommits: true, handle: (host, r) => onJobLogReport(ctx, host, r) });
+  handlers.on("logTokenRequest", { afterCommits: false, handle: (host, r) => onLogTokenRequest(ctx, host, r) });
+}
 
 /** How long a token granted for a log still shipping lasts. */
 export const LOG_TOKEN_TTL_MS = 60 * 60_000;

@@ -34,13 +34,17 @@ import { type Snapshot, SnapshotSchema, SnapshotState } from "../../gen/treadmil
 import type { SnapshotJobRequest } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { AttachResponseSchema, type SnapshotResult } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import type { HostCaller, UserCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
   checkId,
   checkMediaTypes,
+  checkName,
+  checkTag,
   checkText,
+  clipText,
   denied,
   exists,
   invalid,
@@ -48,11 +52,13 @@ import {
   notFound,
   precondition,
   uuidv7,
-} from "../services/common.js";
-import { checkName, checkTag } from "../services/image-service.js";
+} from "../shared/common.js";
 import type { JobConfig } from "./config.js";
-import { type Db, type EventInput, clipText, loadJob, recordEvent } from "./store.js";
-import type { HostSession, SupervisorStreams } from "./supervisor-stream.js";
+import { type EventInput, recordEvent } from "../db/queries/events.js";
+import { type Db, loadJob } from "../db/queries/jobs.js";
+import type { HostSession } from "./session.js";
+import type { SupervisorHandlers } from "./stream-handlers.js";
+import type { SupervisorStreams } from "./supervisor-stream.js";
 import type { JobWatchers } from "./watchers.js";
 
 const DIGEST = /^sha256:[0-9a-f]{64}$/;
@@ -208,6 +214,11 @@ export class Snapshots {
     private readonly watchers: JobWatchers,
   ) {
     this.log = ctx.logger.child({ subsystem: "snapshots" });
+  }
+
+  /** The stream's SnapshotResult (after the stream's earlier reports have committed). */
+  registerHandlers(handlers: SupervisorHandlers): void {
+    handlers.on("snapshotResult", { afterCommits: true, handle: (host, result) => onSnapshotResult(this.ctx, host, result) });
   }
 
   async start(): Promise<void> {

@@ -1,8 +1,10 @@
 /**
- * Job rows and the transitions every part of the job system shares: loading a
- * job as a `Job` message, recording timeline events (job_events, the audit log
- * and the 'treadmill_jobs' notification, in the caller's transaction),
- * finalizing a job or restarting it as a new attempt.
+ * What every part of the job system shares about jobs: the names of states,
+ * stages and reasons on the wire and in the database, a job row as a `Job`
+ * message with its timeline, and how an attempt ends (finalized, or
+ * restarted as a new attempt by the restart policy). The statements are in
+ * db/queries/jobs.ts and events.ts; a state change is written by their
+ * writeJobStates.
  *
  * Channels (PostgreSQL LISTEN/NOTIFY), all notified inside the transaction
  * that made the change, so a listener that reads after the notification sees
@@ -16,10 +18,11 @@
  * - 'treadmill_hosts', payload a host id (contract with the catalog): the host
  *   row or its current jobs changed.
  */
-import { create, fromJson, type JsonValue } from "@bufbuild/protobuf";
+import { create, fromJson } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
-import type { Sql, TransactionSql } from "postgres";
-import { pipeline } from "../db/reserved.js";
+import { loadEvents } from "../db/queries/events.js";
+import { type Db, type DbReason, type DbState, type JobHead, type JobRow, type JobStateChange, writeJobStates } from "../db/queries/jobs.js";
+import { clipText } from "../shared/common.js";
 import {
   ExitStatus,
   FinalizeReason,
@@ -33,31 +36,6 @@ import {
   LogStatus,
   ReasonClass,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
-
-export type Db = Sql | TransactionSql;
-
-/**
- * Plans every statement of the transaction for its parameters. The job system's
- * statements are prepared; a generic plan cached while a table was small (a
- * fresh database filling up faster than autovacuum analyzes it) would scan
- * the whole table where an index lookup is due. Pipelined ahead of the
- * transaction's first statement: it costs no round trip.
- */
-export function customPlans(tx: Db): void {
-  pipeline(tx`set local plan_cache_mode = force_custom_plan`);
-}
-
-export const ACTIVE_STATES = ["assigned", "initializing", "running", "terminating"] as const;
-export type DbState = "queued" | (typeof ACTIVE_STATES)[number] | "finalized";
-export type DbReason =
-  | "workload_exited"
-  | "canceled"
-  | "job_timeout"
-  | "queue_timeout"
-  | "host_dropped"
-  | "image_error"
-  | "host_start_failure"
-  | "internal_error";
 
 /** The reasons whose class is INFRASTRUCTURE: only these restart a job. */
 export const INFRASTRUCTURE_REASONS: ReadonlySet<DbReason> = new Set(["host_dropped", "host_start_failure", "internal_error"]);
@@ -98,78 +76,9 @@ export function reasonName(reason: FinalizeReason): DbReason | undefined {
     : (FinalizeReason[reason].toLowerCase() as DbReason);
 }
 
-/** A jobs row as the job system reads it, with the hosts of its current attempt. */
-export interface JobRow {
-  id: string;
-  owner_id: string;
-  spec: JsonValue;
-  state: DbState;
-  stage: string | null;
-  reason: DbReason | null;
-  exit_status: "success" | "failure" | null;
-  exit_code: number | null;
-  attempt: number;
-  priority: number;
-  max_restarts: number;
-  manifest_digest: string;
-  status_message: string;
-  stop_reason: "canceled" | "job_timeout" | null;
-  created_at: Date;
-  updated_at: Date;
-  queued_at: Date;
-  assigned_at: Date | null;
-  started_at: Date | null;
-  finalized_at: Date | null;
-  job_timeout_ms: string | number;
-  log_server_urls: string[];
-  host_ids: string[];
-  log_status: "shipping" | "complete" | "incomplete" | null;
-  log_bytes_lost: string | number;
-  log_status_message: string;
-}
-
-/** The select list of JobRow (jobs aliased `j`). */
-export const jobColumns = (sql: Db) => sql`
-  j.id, j.owner_id, j.spec, j.state, j.stage, j.reason, j.exit_status, j.exit_code, j.attempt,
-  j.priority, j.max_restarts, j.manifest_digest, j.status_message, j.stop_reason, j.created_at,
-  j.updated_at, j.queued_at, j.assigned_at, j.started_at, j.finalized_at, j.job_timeout_ms,
-  j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message,
-  coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
-            where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
-
-export async function loadJob(sql: Db, id: string, options: { lock?: boolean } = {}): Promise<JobRow | undefined> {
-  const [row] = options.lock
-    ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id} for update of j`
-    : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id}`;
-  return row;
-}
-
-/** What the transitions read of a job: its state and what decides how an attempt ends. */
-export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason">;
-
-/** The heads of several jobs by id (missing ones are absent), their rows locked in id order. */
-export async function lockJobHeads(sql: Db, ids: string[]): Promise<Map<string, JobHead>> {
-  if (ids.length === 0) return new Map();
-  const rows = await sql<JobHead[]>`
-    select id, owner_id, state, stage, attempt, max_restarts, stop_reason from jobs
-    where id = any(${[...ids].sort()}::uuid[]) order by id for update`;
-  return new Map(rows.map((r) => [r.id, r]));
-}
-
-interface EventRow {
-  at: Date;
-  kind: string;
-  state: string | null;
-  stage: string | null;
-  message: string;
-  attempt: number | null;
-  host_id: string | null;
-}
-
 /** A job's timeline, oldest first. */
 export async function loadTimeline(sql: Db, jobId: string): Promise<JobEvent[]> {
-  const rows = await sql<EventRow[]>`
-    select at, kind, state, stage, message, attempt, host_id from job_events where job_id = ${jobId} order by id`;
+  const rows = await loadEvents(sql, jobId);
   return rows.map((r) => ({
     $typeName: "treadmill.coordinator.v1.JobEvent",
     time: timestampFromDate(r.at),
@@ -213,66 +122,6 @@ export function jobMessage(row: JobRow, timeline: JobEvent[] = []): Job {
   });
 }
 
-export interface EventInput {
-  jobId: string;
-  /** job_events.kind: submitted, state_changed, stage_changed, cancel_requested, restarted, log_incomplete. */
-  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted" | "log_incomplete";
-  state: DbState;
-  stage?: string | null;
-  message?: string;
-  attempt: number;
-  hostId?: string | null;
-  /** For the audit log: "user:<name>", "host:<name>", "system". */
-  actor: string;
-  ownerId?: string;
-}
-
-/**
- * Records one timeline event: job_events, the audit log (kind `job.<kind>`)
- * and a 'treadmill_jobs' notification, all in `tx`.
- */
-export async function recordEvent(tx: Db, e: EventInput): Promise<void> {
-  await recordEvents(tx, [e]);
-}
-
-/** Records timeline events (see recordEvent) in one statement, in the order given. */
-export async function recordEvents(tx: Db, events: EventInput[]): Promise<void> {
-  if (events.length === 0) return;
-  const rows = events.map((e, i) => ({
-    i,
-    job: e.jobId,
-    kind: e.kind,
-    state: e.state,
-    stage: e.stage ?? null,
-    message: clipText(e.message ?? "", 4096),
-    attempt: e.attempt,
-    host: e.hostId ?? null,
-    actor: e.actor,
-    owner: e.ownerId ?? null,
-  }));
-  await tx`
-    with v as materialized (
-      select * from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
-        as v(i int, job uuid, kind text, state text, stage text, message text, attempt int, host uuid, actor text, owner uuid)),
-    ev as (
-      insert into job_events (job_id, kind, state, stage, message, attempt, host_id)
-      select job, kind, state, stage, message, attempt, host from v order by i),
-    au as (
-      insert into audit_events (kind, actor, job_id, host_id, user_id, message, details)
-      select 'job.' || kind, actor, job, host, owner, message, jsonb_build_object('state', state, 'stage', stage, 'attempt', attempt)
-      from v order by i)
-    select pg_notify('treadmill_jobs', job::text) from (select distinct job from v) n`;
-}
-
-/** Hosts still holding a slot for any attempt of the jobs (their streams must hear of a change). */
-export async function notifyJobHosts(tx: Db, jobIds: string | string[]): Promise<void> {
-  const ids = typeof jobIds === "string" ? [jobIds] : jobIds;
-  if (ids.length === 0) return;
-  await tx`
-    select pg_notify('treadmill_commands', h.id::text), pg_notify('treadmill_hosts', h.id::text)
-    from (select distinct host_id as id from job_hosts where job_id = any(${ids}::uuid[]) and released_at is null) h`;
-}
-
 export interface Ending {
   reason: DbReason;
   exitStatus?: "success" | "failure" | null;
@@ -280,6 +129,15 @@ export interface Ending {
   message: string;
   hostId?: string | null;
   actor: string;
+}
+
+/**
+ * The restart policy: an attempt ending for an infrastructure reason, with
+ * no stop requested and restarts left, becomes a new attempt; any other end
+ * finalizes the job.
+ */
+export function endOutcome(job: Pick<JobHead, "stop_reason" | "attempt" | "max_restarts">, reason: DbReason): "restarted" | "finalized" {
+  return INFRASTRUCTURE_REASONS.has(reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts ? "restarted" : "finalized";
 }
 
 /**
@@ -295,75 +153,42 @@ export async function endAttempt(tx: Db, job: JobHead, end: Ending): Promise<"re
 
 /** endAttempt for several distinct jobs: a few statements in all, sent together. */
 export async function endAttempts(tx: Db, items: { job: JobHead; end: Ending }[]): Promise<("restarted" | "finalized")[]> {
-  const outcomes = items.map(({ job, end }) =>
-    INFRASTRUCTURE_REASONS.has(end.reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts ? "restarted" : "finalized",
-  );
-  const restarts: { id: string; attempt: number; message: string }[] = [];
-  const finals: { id: string; reason: DbReason; exit_status: string | null; exit_code: number | null; message: string }[] = [];
-  const events: EventInput[] = [];
-  items.forEach(({ job, end }, i) => {
+  const outcomes = items.map(({ job, end }) => endOutcome(job, end.reason));
+  const changes: JobStateChange[] = items.map(({ job, end }, i) => {
     const message = clipText(end.message, 1024);
+    const event = { jobId: job.id, hostId: end.hostId, actor: end.actor, ownerId: job.owner_id };
     if (outcomes[i] === "restarted") {
       const attempt = job.attempt + 1;
-      restarts.push({ id: job.id, attempt, message });
-      events.push({
-        jobId: job.id,
-        kind: "restarted",
-        state: "queued",
-        attempt,
-        hostId: end.hostId,
-        actor: end.actor,
-        ownerId: job.owner_id,
-        message: `attempt ${job.attempt} ended ${end.reason}: ${message}; restarting as attempt ${attempt}`,
-      });
-    } else {
-      finals.push({
+      return {
+        kind: "restart",
         id: job.id,
-        reason: end.reason,
-        exit_status: end.reason === "workload_exited" ? (end.exitStatus ?? null) : null,
-        exit_code: end.exitCode ?? null,
+        attempt,
         message,
-      });
-      events.push({
-        jobId: job.id,
+        event: {
+          ...event,
+          kind: "restarted",
+          state: "queued",
+          attempt,
+          message: `attempt ${job.attempt} ended ${end.reason}: ${message}; restarting as attempt ${attempt}`,
+        },
+      };
+    }
+    return {
+      kind: "finalize",
+      id: job.id,
+      reason: end.reason,
+      exitStatus: end.reason === "workload_exited" ? (end.exitStatus ?? null) : null,
+      exitCode: end.exitCode ?? null,
+      message,
+      event: {
+        ...event,
         kind: "state_changed",
         state: "finalized",
         attempt: job.attempt,
-        hostId: end.hostId,
-        actor: end.actor,
-        ownerId: job.owner_id,
         message: message === "" ? end.reason : `${end.reason}: ${message}`,
-      });
-    }
+      },
+    };
   });
-  // Independent statements: they go out together.
-  await Promise.all([
-    restarts.length > 0 &&
-      tx`
-        update jobs j set state = 'queued', stage = null, attempt = v.attempt, queued_at = now(),
-          assigned_at = null, started_at = null, deadline_at = null, proxy_url = '',
-          status_message = v.message, updated_at = now()
-        from jsonb_to_recordset(${tx.json(restarts as never)}::jsonb) as v(id uuid, attempt int, message text)
-        where j.id = v.id
-        returning pg_notify('treadmill_schedule', '')`,
-    finals.length > 0 &&
-      tx`
-        update jobs j set state = 'finalized', stage = null, reason = v.reason, exit_status = v.exit_status,
-          exit_code = v.exit_code, status_message = v.message, stop_reason = null,
-          finalized_at = now(), updated_at = now()
-        from jsonb_to_recordset(${tx.json(finals as never)}::jsonb)
-          as v(id uuid, reason text, exit_status text, exit_code int, message text)
-        where j.id = v.id`,
-    finals.length > 0 && tx`delete from job_secrets where job_id = any(${finals.map((f) => f.id)}::uuid[])`,
-    recordEvents(tx, events),
-    notifyJobHosts(
-      tx,
-      items.map((it) => it.job.id),
-    ),
-  ]);
+  await writeJobStates(tx, changes);
   return outcomes;
-}
-
-export function clipText(value: string, max: number): string {
-  return value.length <= max ? value : value.slice(0, max);
 }

@@ -9,7 +9,10 @@ import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
-import { loadJob, notifyJobHosts, endAttempt, recordEvent } from "./store.js";
+import { detachHostsOfDeadReplicas, replicaGone, replicaHeartbeat, stillDropped } from "../db/queries/hosts.js";
+import { droppedSlots } from "../db/queries/job-hosts.js";
+import { jobTimedOut, loadJob, lockJobTimedOut, lockQueueTimedOut, queueTimedOut, writeJobStates } from "../db/queries/jobs.js";
+import { endAttempt } from "./store.js";
 import { hostEnded } from "./transitions.js";
 
 const BATCH = 200;
@@ -67,7 +70,7 @@ export class Sweeper {
     clearInterval(this.timer);
     clearInterval(this.beatTimer);
     await this.running;
-    await this.ctx.sql`delete from coordinator_replicas where id = ${this.ctx.replicaId}`.catch(() => undefined);
+    await replicaGone(this.ctx.sql, this.ctx.replicaId).catch(() => undefined);
   }
 
   /** Runs every check once (also for tests). */
@@ -79,9 +82,7 @@ export class Sweeper {
   }
 
   private async beat(): Promise<void> {
-    await this.ctx.sql`
-      insert into coordinator_replicas (id) values (${this.ctx.replicaId})
-      on conflict (id) do update set heartbeat_at = now()`;
+    await replicaHeartbeat(this.ctx.sql, this.ctx.replicaId);
     this.beatingSince ??= Date.now();
   }
 
@@ -93,31 +94,15 @@ export class Sweeper {
   private async deadReplicas(): Promise<void> {
     const stale = 3 * this.config.replicaHeartbeatMs;
     if (this.beatingSince === undefined || Date.now() - this.beatingSince < stale) return;
-    const rows = await this.ctx.sql<{ id: string }[]>`
-      update hosts h set attached_replica = null, attach_session = null, attached_at = null,
-        detached_at = coalesce((select r.heartbeat_at from coordinator_replicas r where r.id = h.attached_replica), now())
-      where h.attached_replica is not null and h.attached_replica <> ${this.ctx.replicaId}
-        and h.attached_at < now() - ${stale} * interval '1 millisecond'
-        and not exists (
-          select 1 from coordinator_replicas r
-          where r.id = h.attached_replica and r.heartbeat_at > now() - ${stale} * interval '1 millisecond')
-      returning h.id, pg_notify('treadmill_hosts', h.id::text)`;
-    if (rows.length > 0) this.log.warn({ hosts: rows.length }, "hosts of a dead coordinator replica detached");
-    await this.ctx.sql`delete from coordinator_replicas where heartbeat_at < now() - interval '1 day'`;
+    const n = await detachHostsOfDeadReplicas(this.ctx.sql, this.ctx.replicaId, stale);
+    if (n > 0) this.log.warn({ hosts: n }, "hosts of a dead coordinator replica detached");
   }
 
   private async queueTimeouts(): Promise<void> {
-    const due = await this.ctx.sql<{ id: string }[]>`
-      select id from jobs
-      where state = 'queued' and queued_at + queue_timeout_ms * interval '1 millisecond' < now()
-      order by queued_at limit ${BATCH}`;
+    const due = await queueTimedOut(this.ctx.sql, BATCH);
     for (const { id } of due) {
       await this.ctx.sql.begin(async (tx) => {
-        const [row] = await tx<{ id: string }[]>`
-          select id from jobs
-          where id = ${id} and state = 'queued' and queued_at + queue_timeout_ms * interval '1 millisecond' < now()
-          for update skip locked`;
-        if (!row) return;
+        if (!(await lockQueueTimedOut(tx, id))) return;
         const job = (await loadJob(tx, id))!;
         await endAttempt(tx, job, { reason: "queue_timeout", message: "no hosts were assigned within the queue timeout", actor: "system" });
       });
@@ -126,53 +111,40 @@ export class Sweeper {
 
   /** Running past the deadline: ask the supervisors to stop (they report; JOB_TIMEOUT wins). */
   private async jobTimeouts(): Promise<void> {
-    const due = await this.ctx.sql<{ id: string }[]>`
-      select id from jobs
-      where state in ('assigned', 'initializing', 'running', 'terminating') and deadline_at < now() and stop_reason is null
-      order by deadline_at limit ${BATCH}`;
+    const due = await jobTimedOut(this.ctx.sql, BATCH);
     for (const { id } of due) {
       await this.ctx.sql.begin(async (tx) => {
-        const [row] = await tx<{ id: string }[]>`
-          select id from jobs
-          where id = ${id} and state in ('assigned', 'initializing', 'running', 'terminating')
-            and deadline_at < now() and stop_reason is null
-          for update skip locked`;
-        if (!row) return;
+        if (!(await lockJobTimedOut(tx, id))) return;
         const job = (await loadJob(tx, id))!;
-        await tx`update jobs set stop_reason = 'job_timeout', stop_requested_at = now(), updated_at = now() where id = ${id}`;
-        await recordEvent(tx, {
-          jobId: id,
-          kind: "state_changed",
-          state: job.state,
-          stage: job.stage,
-          attempt: job.attempt,
-          actor: "system",
-          ownerId: job.owner_id,
-          message: "job timeout: stopping",
-        });
-        await notifyJobHosts(tx, id);
+        await writeJobStates(tx, [
+          {
+            kind: "stop",
+            id,
+            stopReason: "job_timeout",
+            event: {
+              jobId: id,
+              kind: "state_changed",
+              state: job.state,
+              stage: job.stage,
+              attempt: job.attempt,
+              actor: "system",
+              ownerId: job.owner_id,
+              message: "job timeout: stopping",
+            },
+          },
+        ]);
       });
     }
   }
 
   /** Hosts detached longer than the grace period: their attempts end HOST_DROPPED (or the requested stop). */
   private async droppedHosts(): Promise<void> {
-    const due = await this.ctx.sql<{ job_id: string; host_id: string; attempt: number; host_name: string }[]>`
-      select jh.job_id, jh.host_id, jh.attempt, h.name as host_name
-      from job_hosts jh join hosts h on h.id = jh.host_id join jobs j on j.id = jh.job_id
-      where h.attached_replica is null
-        and coalesce(h.detached_at, '-infinity') < now() - ${this.config.supervisorGraceMs} * interval '1 millisecond'
-        and jh.released_at is null and jh.terminated_at is null
-        and j.state <> 'finalized' and j.attempt = jh.attempt
-      limit ${BATCH}`;
+    const due = await droppedSlots(this.ctx.sql, this.config.supervisorGraceMs, BATCH);
     for (const d of due) {
       await this.ctx.sql.begin(async (tx) => {
         // Re-check under the job's lock: the host may have come back meanwhile.
         const job = await loadJob(tx, d.job_id, { lock: true });
-        const [still] = await tx`
-          select 1 from hosts h
-          where h.id = ${d.host_id} and h.attached_replica is null
-            and coalesce(h.detached_at, '-infinity') < now() - ${this.config.supervisorGraceMs} * interval '1 millisecond'`;
+        const still = await stillDropped(tx, d.host_id, this.config.supervisorGraceMs);
         if (!job || !still || job.state === "finalized" || job.attempt !== d.attempt) return;
         // Not released: the supervisor may come back holding it; its hello settles the slot.
         await hostEnded(

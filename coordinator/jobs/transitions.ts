@@ -9,19 +9,17 @@
  * is no longer current and get StopJob; their slots stay taken until they
  * report the end (or say they no longer hold it).
  *
- * Statements that do not depend on each other's results go out together
+ * The statements are db/queries/job-hosts.ts's and jobs.ts's; those that do
+ * not depend on each other's results go out together
  * (pipelined on the transaction's connection, executed in the order written),
  * so a change costs two or three round trips, not one per statement.
  */
-import type { Db, DbReason, DbState, Ending, EventInput, JobHead } from "./store.js";
-import { endAttempts, lockJobHeads, recordEvents } from "./store.js";
+import { type HostTermination, settleEnd } from "./reconciliation.js";
+import { endSlots, notifySlotsFreed, reportSlots } from "../db/queries/job-hosts.js";
+import { type Db, type DbState, type JobHead, type JobStateChange, lockJobHeads, writeJobStates } from "../db/queries/jobs.js";
+import { type Ending, endAttempts } from "./store.js";
 
-export interface HostTermination {
-  reason: DbReason;
-  exitStatus?: "success" | "failure" | null;
-  exitCode?: number | null;
-  message: string;
-}
+export type { HostTermination };
 
 const ORDER: Record<string, number> = { assigned: 0, initializing: 1, running: 2, terminating: 3 };
 
@@ -79,60 +77,32 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
       message: e.termination.message,
     },
   }));
-  const [jobs, updated] = await Promise.all([
+  const [jobs, took] = await Promise.all([
     lockJobHeads(
       tx,
       ends.map((e) => e.at.jobId),
     ),
-    tx<{ i: number }[]>`
-      update job_hosts jh set
-        termination = coalesce(jh.termination, v.termination),
-        terminated_at = coalesce(jh.terminated_at, now()),
-        released_at = case when v.released then now() else jh.released_at end
-      from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
-        as v(i int, job uuid, host uuid, attempt int, released boolean, termination jsonb)
-      where jh.job_id = v.job and jh.attempt = v.attempt and jh.host_id = v.host and jh.released_at is null
-      returning v.i`,
+    endSlots(tx, rows),
   ]);
   // Only a host holding a slot of the attempt has a say (a report of another
   // host's job, or of an attempt already settled here, changes nothing).
-  const took = new Set(updated.map((u) => u.i));
   const results: HostEndResult[] = ends.map((e) => ({ job: jobs.get(e.at.jobId), outcome: "none" }));
   const ending: { i: number; job: JobHead; end: Ending }[] = [];
   ends.forEach((e, i) => {
     const job = results[i].job;
-    if (!took.has(i) || !job || job.state === "finalized" || job.attempt !== e.at.attempt) return;
-    const reason: DbReason = job.stop_reason ?? e.termination.reason;
-    ending.push({
-      i,
-      job,
-      end: {
-        reason,
-        exitStatus: reason === "workload_exited" ? e.termination.exitStatus : null,
-        exitCode: e.termination.exitCode,
-        message: e.termination.message,
-        hostId: e.at.hostId,
-        actor: e.actor,
-      },
-    });
+    if (!took.has(i) || !job) return;
+    const settled = settleEnd(job, e.at.attempt, e.termination);
+    if (settled.outcome === "none") return;
+    const { reason, exitStatus, exitCode, message } = settled;
+    ending.push({ i, job, end: { reason, exitStatus, exitCode, message, hostId: e.at.hostId, actor: e.actor } });
   });
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
   const [outcomes] = await Promise.all([
     endAttempts(tx, ending),
-    freed.length > 0 &&
-      tx`select pg_notify('treadmill_schedule', ''), pg_notify('treadmill_hosts', h::text) from unnest(${freed}::uuid[]) h`,
+    freed.length > 0 && notifySlotsFreed(tx, freed),
   ]);
   ending.forEach((e, k) => (results[e.i].outcome = outcomes[k]));
   return results;
-}
-
-/** Releases a host's slot of an attempt the supervisor does not hold. */
-export async function releaseSlot(tx: Db, at: HostAt): Promise<void> {
-  const rows = await tx`
-    update job_hosts set released_at = now(), terminated_at = coalesce(terminated_at, now())
-    where job_id = ${at.jobId} and attempt = ${at.attempt} and host_id = ${at.hostId} and released_at is null
-    returning 1`;
-  if (rows.length > 0) await tx`select pg_notify('treadmill_schedule', ''), pg_notify('treadmill_hosts', ${at.hostId})`;
 }
 
 export interface HostReport {
@@ -156,36 +126,14 @@ export async function hostProgress(tx: Db, at: HostAt, report: { state: string; 
 export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void> {
   if (reports.length === 0) return;
   const rows = reports.map((r, i) => ({ i, job: r.at.jobId, host: r.at.hostId, attempt: r.at.attempt, state: r.state, stage: r.stage }));
-  const [jobs, updated, hosts] = await Promise.all([
+  const [jobs, { took, states: byJob }] = await Promise.all([
     lockJobHeads(
       tx,
       reports.map((r) => r.at.jobId),
     ),
-    tx<{ i: number }[]>`
-      update job_hosts jh set started = true, state = v.state, stage = v.stage
-      from jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(i int, job uuid, host uuid, attempt int, state text, stage text)
-      where jh.job_id = v.job and jh.attempt = v.attempt and jh.host_id = v.host
-        and jh.released_at is null and jh.terminated_at is null
-      returning v.i`,
-    // After the update (statements run in order): the hosts' states with these reports.
-    tx<{ job_id: string; state: string | null; stage: string | null }[]>`
-      select h.job_id, h.state, h.stage
-      from (select distinct job, attempt from jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(job uuid, attempt int)) v,
-        -- Through the primary key, one job at a time (offset 0 keeps the
-        -- planner from a join that may scan job_hosts on stale statistics).
-        lateral (select jh.job_id, jh.state, jh.stage, jh.host_index from job_hosts jh
-          where jh.job_id = v.job and jh.attempt = v.attempt and jh.terminated_at is null offset 0) h
-      order by h.job_id, h.host_index`,
+    reportSlots(tx, rows),
   ]);
-  const took = new Set(updated.map((u) => u.i));
-  const byJob = new Map<string, { state: string | null; stage: string | null }[]>();
-  for (const h of hosts) {
-    const list = byJob.get(h.job_id);
-    if (list) list.push(h);
-    else byJob.set(h.job_id, [h]);
-  }
-  const changes: { id: string; state: DbState; stage: string | null }[] = [];
-  const events: EventInput[] = [];
+  const changes: JobStateChange[] = [];
   reports.forEach((r, i) => {
     const job = jobs.get(r.at.jobId);
     const states = byJob.get(r.at.jobId) ?? [];
@@ -198,26 +146,23 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
       stage = state === "initializing" ? least.stage : null;
     }
     if (state === job.state && stage === job.stage) return;
-    changes.push({ id: r.at.jobId, state, stage });
-    events.push({
-      jobId: r.at.jobId,
-      kind: state === job.state ? "stage_changed" : "state_changed",
+    changes.push({
+      kind: "progress",
+      id: r.at.jobId,
       state,
       stage,
-      attempt: r.at.attempt,
-      hostId: r.at.hostId,
-      actor: r.actor,
-      ownerId: job.owner_id,
-      message: r.message,
+      event: {
+        jobId: r.at.jobId,
+        kind: state === job.state ? "stage_changed" : "state_changed",
+        state,
+        stage,
+        attempt: r.at.attempt,
+        hostId: r.at.hostId,
+        actor: r.actor,
+        ownerId: job.owner_id,
+        message: r.message,
+      },
     });
   });
-  if (changes.length === 0) return;
-  await Promise.all([
-    tx`
-      update jobs j set state = v.state, stage = v.stage, updated_at = now(),
-        started_at = case when v.state = 'running' then coalesce(j.started_at, now()) else j.started_at end
-      from jsonb_to_recordset(${tx.json(changes as never)}::jsonb) as v(id uuid, state text, stage text)
-      where j.id = v.id`,
-    recordEvents(tx, events),
-  ]);
+  await writeJobStates(tx, changes);
 }

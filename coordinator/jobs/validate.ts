@@ -7,7 +7,7 @@ import { clone, create } from "@bufbuild/protobuf";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostRequirementsSchema, type JobSpec, JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
-import { checkTags, checkText, clip, invalid } from "../services/common.js";
+import { checkTags, checkText, clip, invalid } from "../shared/common.js";
 import type { JobConfig } from "./config.js";
 
 const PARAMETER_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,63}$/;

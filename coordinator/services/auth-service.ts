@@ -14,7 +14,8 @@ import {
   JsonWebKeySchema,
   TokenScope,
 } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { callerKey, hashSecret, newSecret, requireAdmin, requireUser, type UserCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
@@ -29,7 +30,7 @@ import {
   notFound,
   pageSize,
   uuidv7,
-} from "./common.js";
+} from "../shared/common.js";
 import { dummyHash, verifyPassword } from "./passwords.js";
 import { loadToken, loadUser, type TokenRow, tokenMessage, userMessage, type UserRow, userColumns } from "./records.js";
 

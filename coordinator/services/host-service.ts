@@ -14,7 +14,8 @@ import {
   type WatchHostsResponse,
   WatchHostsResponseSchema,
 } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { hashSecret, newSecret, requireAdmin, requireUser } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
@@ -33,7 +34,7 @@ import {
   pageSize,
   precondition,
   uuidv7,
-} from "./common.js";
+} from "../shared/common.js";
 import {
   adminStateName,
   driverKindName,
@@ -44,7 +45,7 @@ import {
   type HostRow,
   hostWhere,
   notifyHost,
-} from "./hosts.js";
+} from "../db/queries/hosts.js";
 import type { HostWatchHub } from "./host-watch.js";
 
 const HOST_NAME_SHAPE = "[a-z0-9][a-z0-9._-]{0,62}";

@@ -13,7 +13,8 @@ import type {
   RegisterImageRequest,
   ResolveImageRequest,
 } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { requireUser, type UserCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { imageAccessCondition } from "./access.js";
@@ -25,6 +26,8 @@ import {
   clip,
   decodePageToken,
   denied,
+  checkName,
+  checkTag,
   encodePageToken,
   exists,
   HOST_NAME,
@@ -33,13 +36,11 @@ import {
   notFound,
   pageSize,
   ts,
-} from "./common.js";
+} from "../shared/common.js";
 import { liveCondition } from "./registry-service.js";
 
 type Db = Sql | TransactionSql;
 
-const IMAGE_NAME = /^[a-z0-9]+([._-][a-z0-9]+)*(\/[a-z0-9]+([._-][a-z0-9]+)*)*$/;
-const IMAGE_TAG = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/;
 const DIGEST = /^sha256:[0-9a-f]{64}$/;
 const MAX_STORES = 32;
 const MAX_ANNOTATIONS = 32;
@@ -114,15 +115,6 @@ function parseReference(field: string, reference: string): { name: string; tag: 
   const colon = reference.lastIndexOf(":");
   if (colon <= 0) throw invalid(`${field} must be name:tag`);
   return { name: checkName(`${field} name`, reference.slice(0, colon)), tag: checkTag(`${field} tag`, reference.slice(colon + 1)) };
-}
-
-export function checkName(field: string, name: string): string {
-  if (name.length > 128) throw invalid(`${field} must be at most 128 characters`);
-  return checkPattern(field, name, IMAGE_NAME, "lower-case components [a-z0-9]+([._-][a-z0-9]+)* joined by /");
-}
-
-export function checkTag(field: string, tag: string): string {
-  return checkPattern(field, tag, IMAGE_TAG, "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}");
 }
 
 /**

@@ -4,7 +4,7 @@ import type { Sql, TransactionSql } from "postgres";
 import { type ApiToken, ApiTokenSchema, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { TagsSchema } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { type Group, GroupSchema, HostGrantSchema, Role, type User, UserSchema } from "../../gen/treadmill/coordinator/v1/user_pb.js";
-import { ts } from "./common.js";
+import { ts } from "../shared/common.js";
 
 type Db = Sql | TransactionSql;
 

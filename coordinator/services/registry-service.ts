@@ -11,7 +11,8 @@ import {
   ServiceKind,
   type ServiceStatus,
 } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { callerKey, requireService } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
@@ -27,7 +28,7 @@ import {
   pageSize,
   ts,
   uuidv7,
-} from "./common.js";
+} from "../shared/common.js";
 
 const KINDS: Record<number, string> = {
   [ServiceKind.IMAGE_STORE]: "image_store",

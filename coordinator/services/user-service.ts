@@ -16,7 +16,8 @@ import type {
   UpdateUserRequest,
   UserService,
 } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
-import { actorOf, audit } from "../audit.js";
+import { actorOf } from "../audit.js";
+import { audit } from "../db/queries/audit.js";
 import { requireAdmin, requireUser } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import {
@@ -35,7 +36,7 @@ import {
   precondition,
   USER_NAME,
   uuidv7,
-} from "./common.js";
+} from "../shared/common.js";
 import { hashPassword, verifyPassword } from "./passwords.js";
 import { groupColumns, groupMessage, type GroupRow, loadGroup, loadUser, userColumns, userMessage, type UserRow } from "./records.js";
 

@@ -1,5 +1,6 @@
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import { cors } from "@connectrpc/connect";
-import type { HttpRequest, HttpResponse } from "./http.js";
 
 /** Browsers may cache a preflight answer this long (seconds). */
 const PREFLIGHT_MAX_AGE_S = 7200;
@@ -16,9 +17,12 @@ const EXPOSED_HEADERS = cors.exposedHeaders.join(", ");
  * browsers authenticate with a bearer token header.
  *
  * Returns a function that adds the headers to a response and answers a
- * preflight itself, returning true when it did.
+ * preflight itself, returning true when it did. (It names node's request and
+ * response types itself, not http.ts's, which imports it.)
  */
-export function createCors(allowedOrigins: readonly string[]): (req: HttpRequest, res: HttpResponse) => boolean {
+export function createCors(
+  allowedOrigins: readonly string[],
+): (req: IncomingMessage | Http2ServerRequest, res: ServerResponse | Http2ServerResponse) => boolean {
   const anyOrigin = allowedOrigins.includes("*");
   const origins = new Set(allowedOrigins);
 

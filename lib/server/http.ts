@@ -3,8 +3,7 @@ import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import type { Registry } from "prom-client";
 import type { Logger } from "../logger.js";
 import { createCors } from "./cors.js";
-import type { Authorize } from "./interceptors.js";
-import type { RpcMetrics } from "./metrics.js";
+import type { Authorize, RpcFinisher } from "./interceptors.js";
 
 /** A request from either the HTTP/1.1 or the HTTP/2 server of the one port. */
 export type HttpRequest = IncomingMessage | Http2ServerRequest;
@@ -14,10 +13,12 @@ export type HttpResponse = ServerResponse | Http2ServerResponse;
 export type HttpHandler = (req: HttpRequest, res: HttpResponse) => void;
 /** What a server shares with its extra HTTP handler. */
 export interface ServerShared {
-  /** Where hand-written RPCs record themselves. */
-  rpcMetrics: RpcMetrics;
-  /** The server's authorization hook, which hand-written RPCs run before reading a request. */
+  /** How every RPC ends (logged, counted, its error made safe to send), hand-framed ones too. */
+  finishRpc: RpcFinisher;
+  /** The server's authorization hook, which hand-framed RPCs run before reading a request. */
   authorize: Authorize;
+  /** Aborts when the server's grace period is over: hand-framed calls end as Connect calls do. */
+  shutdownSignal: AbortSignal;
 }
 
 /**

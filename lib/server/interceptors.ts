@@ -11,39 +11,53 @@ export function codeName(code: Code | undefined): string {
 }
 
 /**
- * The one interceptor every server runs: it logs each RPC with `procedure`,
- * `code` and `durationMs`, records it in the metrics, and replaces errors that
- * are not ConnectError (bugs, driver errors, anything that may carry internal
- * detail) with a generic Internal error. The real cause goes to the log under
- * `err`, never to the client.
+ * Records the end of one RPC and decides what its client gets, for both
+ * transports of a procedure: the Connect adapter (createRpcInterceptor) and
+ * the hand-framed gRPC path (lib/grpc/server.ts). It logs the RPC with
+ * `procedure`, `code` and `durationMs`, records it in the metrics, and
+ * replaces errors that are not ConnectError (bugs, driver errors, anything
+ * that may carry internal detail) with a generic Internal error. The real
+ * cause goes to the log under `err`, never to the client.
+ *
+ * Called exactly once per RPC, with the error it ended with (undefined for
+ * success) and the call's signal; returns the error to send.
+ */
+export type RpcFinisher = (procedure: string, startedMs: number, error: unknown, signal: AbortSignal) => ConnectError | undefined;
+
+/** The RpcFinisher of a server (one per server, shared by its transports). */
+export function createRpcFinisher(logger: Logger, metrics: RpcMetrics): RpcFinisher {
+  return (procedure, startedMs, error, signal) => {
+    const durationMs = Math.round((performance.now() - startedMs) * 1000) / 1000;
+    const { sent, cause } = toClientError(error, signal);
+    const code = sent?.code;
+    metrics.observe(procedure, codeName(code), durationMs / 1000);
+    const fields = { procedure, code: codeName(code), durationMs };
+    if (code === undefined) {
+      logger.info(fields, "rpc finished");
+    } else if (SERVER_FAULTS.has(code)) {
+      logger.error({ ...fields, err: cause }, "rpc failed");
+    } else {
+      // The caller's problem (bad input, no permission, not built yet): worth
+      // a line, not an alarm.
+      logger.info({ ...fields, reason: sent?.rawMessage }, "rpc failed");
+    }
+    return sent;
+  };
+}
+
+/**
+ * The one interceptor every server runs: every Connect-served RPC ends
+ * through the server's RpcFinisher (logged, counted, its error made safe to
+ * send).
  *
  * Streaming RPCs are measured until their response stream ends, not until the
  * handler returns its iterator.
  */
-export function createRpcInterceptor(logger: Logger, metrics: RpcMetrics): Interceptor {
+export function createRpcInterceptor(finishRpc: RpcFinisher): Interceptor {
   return (next) => async (request) => {
     const started = performance.now();
     const procedure = `/${request.service.typeName}/${request.method.name}`;
-
-    // Called exactly once per RPC with the error it ended with (undefined for
-    // success); returns the error to give the client.
-    const finish = (error: unknown): ConnectError | undefined => {
-      const durationMs = Math.round((performance.now() - started) * 1000) / 1000;
-      const { sent, cause } = toClientError(error, request.signal);
-      const code = sent?.code;
-      metrics.observe(procedure, codeName(code), durationMs / 1000);
-      const fields = { procedure, code: codeName(code), durationMs };
-      if (code === undefined) {
-        logger.info(fields, "rpc finished");
-      } else if (SERVER_FAULTS.has(code)) {
-        logger.error({ ...fields, err: cause }, "rpc failed");
-      } else {
-        // The caller's problem (bad input, no permission, not built yet): worth
-        // a line, not an alarm.
-        logger.info({ ...fields, reason: sent?.rawMessage }, "rpc failed");
-      }
-      return sent;
-    };
+    const finish = (error: unknown) => finishRpc(procedure, started, error, request.signal);
 
     let response;
     try {
@@ -67,7 +81,7 @@ export function createRpcInterceptor(logger: Logger, metrics: RpcMetrics): Inter
  * that is not authentic), PermissionDenied (an authentic credential of a kind
  * the procedure does not take), Unavailable (it cannot tell now). It may put
  * what it established (the caller) in `values`, which the handler reads from
- * its context (`ctx.values`, or RawGrpcCall.values on the hand-framed path).
+ * its context (`ctx.values`, on either transport).
  */
 export type Authorize = (procedure: string, headers: Headers, values: ContextValues) => Promise<void>;
 
@@ -75,8 +89,8 @@ export type Authorize = (procedure: string, headers: Headers, values: ContextVal
  * Runs `authorize` before the handler of every call to the services
  * `guarded()` names (the component's own: health and reflection stay open).
  * It runs inside the RPC interceptor, so a refusal is logged and counted like
- * any other outcome. The hand-framed procedures call the same hook
- * (raw-grpc.ts).
+ * any other outcome. The hand-framed gRPC path calls the same hook
+ * (lib/grpc/server.ts).
  */
 export function createAuthorizeInterceptor(authorize: Authorize, guarded: () => ReadonlySet<string>): Interceptor {
   return (next) => async (request) => {

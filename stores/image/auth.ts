@@ -1,6 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { decodeJwt } from "jose";
-import { DIGEST_PATTERN } from "../../lib/image-client.js";
+import { DIGEST_PATTERN } from "../../lib/image/digest.js";
 import { bearerToken, type Requirement, type TokenVerifier, type VerifiedToken } from "../../lib/tokens.js";
 import type { BlobStore } from "./store.js";
 

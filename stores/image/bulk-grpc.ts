@@ -1,92 +1,56 @@
 /**
- * The two bulk RPCs, PutBlob and GetBlob, as hand-written gRPC procedures
- * (lib/server/raw-grpc.ts) mounted on the store's port ahead of the Connect
- * adapter. gRPC-Web, Connect and JSON requests fall through to the adapter,
- * which serves the same methods. Either way the server's authorization hook
- * (authorize.ts) checks the token's scope before a message is read, and the
- * service methods check its digest. Blob bytes are never copied here: PutBlob's data is hashed and written
- * from the HTTP/2 frames it arrived in, GetBlob's follows a hand-encoded
- * header.
+ * PutBlob and GetBlob on the raw gRPC path (lib/grpc/server.ts): the same
+ * ImageStoreServiceImpl methods the Connect adapter serves, with codecs that
+ * never copy blob bytes. PutBlob's data is hashed and written (writev) from
+ * the HTTP/2 frames it arrived in; GetBlob's follows a hand-encoded head,
+ * the next chunk read from disk while the current one drains.
  */
-import { toBinary } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
-import { GetBlobRequestSchema, ImageStoreService, PutBlobRequestSchema, PutBlobResponseSchema } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { splitBulkMessage } from "../../lib/image-client.js";
-import type { Logger } from "../../lib/logger.js";
-import { createRawGrpcHandler, decodeMessage, drained, frame, varint, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
+import { create } from "@bufbuild/protobuf";
+import { Code } from "@connectrpc/connect";
+import {
+  GetBlobRequestSchema,
+  GetBlobResponseSchema,
+  ImageStoreService,
+  PutBlobRequestSchema,
+  PutBlobResponseSchema,
+  type GetBlobRequest,
+  type GetBlobResponse,
+  type PutBlobResponse,
+} from "../../gen/treadmill/image/v1/image_store_service_pb.js";
+import { encodeBulkMessage, protobufCodec, type RawCodec } from "../../lib/grpc/codec.js";
+import { clientStreamingRoute, createRawGrpcHandler, serverStreamingRoute } from "../../lib/grpc/server.js";
+import { splitBulkMessage } from "../../lib/grpc/wire.js";
 import type { ExtraHttpHandler } from "../../lib/server.js";
 import { MAX_CHUNK_BYTES, type BlobPiece, type ImageStoreServiceImpl } from "./store-service.js";
 
 /** A message is at most 3 MiB of data plus its fields. */
 const MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024;
 
-/** Returns the `http` handler of createServer that answers the bulk RPCs. */
-export function createBulkGrpcHandler(service: ImageStoreServiceImpl, logger: Logger): ExtraHttpHandler {
+const PUT_DATA = PutBlobRequestSchema.field.data.number;
+const GET_DATA = GetBlobResponseSchema.field.data.number;
+
+const putBlobCodec: RawCodec<BlobPiece, PutBlobResponse> = {
+  decode(pieces) {
+    const { message, data } = splitBulkMessage(PutBlobRequestSchema, pieces, PUT_DATA, Code.InvalidArgument);
+    return { digest: message.digest, size: message.size, offset: message.offset, data };
+  },
+  encode: protobufCodec(PutBlobRequestSchema, PutBlobResponseSchema).encode,
+};
+
+const getBlobCodec: RawCodec<GetBlobRequest, GetBlobResponse> = {
+  decode: protobufCodec(GetBlobRequestSchema, GetBlobResponseSchema).decode,
+  encode: (chunk) => encodeBulkMessage(GetBlobResponseSchema, create(GetBlobResponseSchema, { offset: chunk.offset, size: chunk.size }), GET_DATA, chunk.data),
+};
+
+/** Returns the `http` handler of createServer that answers PutBlob and GetBlob over plain gRPC. */
+export function createBulkGrpcHandler(service: ImageStoreServiceImpl): ExtraHttpHandler {
   return createRawGrpcHandler({
-    procedures: {
-      [`/${ImageStoreService.typeName}/PutBlob`]: (call) => servePut(call, service),
-      [`/${ImageStoreService.typeName}/GetBlob`]: (call) => serveGet(call, service),
-    },
+    routes: [
+      clientStreamingRoute(ImageStoreService.method.putBlob, putBlobCodec, (requests, context) => service.putBlob(requests, context)),
+      serverStreamingRoute(ImageStoreService.method.getBlob, getBlobCodec, (request, context) => service.getBlob(request, context), {
+        readAhead: true,
+      }),
+    ],
     maxMessageBytes: MAX_MESSAGE_BYTES,
-    logger,
   });
-}
-
-async function servePut(call: RawGrpcCall, service: ImageStoreServiceImpl): Promise<void> {
-  // Each message's data stays in the frames it arrived in: hashed and
-  // written (writev) from there, never copied.
-  const messages = (async function* (): AsyncGenerator<BlobPiece> {
-    for await (const pieces of call.pieces()) {
-      const { message, data } = splitBulkMessage(PutBlobRequestSchema, pieces, PutBlobRequestSchema.field.data.number, Code.InvalidArgument);
-      yield { digest: message.digest, size: message.size, offset: message.offset, data };
-    }
-  })();
-  const response = await service.receiveBlob(call.headers, call.signal, messages);
-  await call.write(frame(toBinary(PutBlobResponseSchema, response)));
-}
-
-async function serveGet(call: RawGrpcCall, service: ImageStoreServiceImpl): Promise<void> {
-  let request: ReturnType<typeof decodeMessage<typeof GetBlobRequestSchema>> | undefined;
-  for await (const bytes of call.messages()) {
-    if (request) throw new ConnectError("get_blob takes exactly one request message", Code.InvalidArgument);
-    request = decodeMessage(GetBlobRequestSchema, bytes);
-  }
-  if (!request) throw new ConnectError("get_blob takes exactly one request message", Code.InvalidArgument);
-  const chunks = await service.openBlob(call.headers, request);
-  const { stream, signal } = call;
-  // Read the next chunk from disk while the current one drains to the socket.
-  let pending = chunks.next();
-  try {
-    for (;;) {
-      const next = await pending;
-      if (next.done) break;
-      const { offset, data, size } = next.value;
-      const head = chunkHeader(offset, data.length, size);
-      pending = chunks.next();
-      stream.write(head);
-      const flushed = stream.write(data);
-      if (!flushed) await drained(stream, signal);
-    }
-  } finally {
-    // Stops reading (closes the file) when the call ends early.
-    await pending.catch(() => undefined);
-    await chunks.return(undefined);
-  }
-}
-
-/**
- * The 5-byte gRPC prefix plus a GetBlobResponse's fields up to the length of
- * `data`, whose bytes follow without being copied: field 1 offset (varint),
- * field 3 size (varint, first chunk), field 2 data (length-delimited).
- */
-function chunkHeader(offset: number, dataLength: number, size: number | undefined): Buffer {
-  const fields: number[] = [];
-  if (offset > 0) fields.push(0x08, ...varint(offset));
-  if (size !== undefined && size > 0) fields.push(0x18, ...varint(size));
-  fields.push(0x12, ...varint(dataLength));
-  const head = Buffer.allocUnsafe(5 + fields.length);
-  head[0] = 0;
-  head.writeUInt32BE(fields.length + dataLength, 1);
-  head.set(fields, 5);
-  return head;
 }

@@ -22,16 +22,16 @@ import { readFile } from "node:fs/promises";
 import { join, posix } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { TransferProgressSchema, type TransferProgress } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
+import { fileSource } from "../../lib/image/blob-io.js";
 import {
-  digestOf,
-  fileSource,
   imageStoreClient,
   imageStoreTransport,
   readBlobPieces,
   uploadBlob,
   type ImageStoreClient,
   type ImageTransport,
-} from "../../lib/image-client.js";
+} from "../../lib/image/client.js";
+import { digestOf } from "../../lib/image/digest.js";
 import type { Logger } from "../../lib/logger.js";
 import { sleep } from "../../lib/retry.js";
 import { manifestBlobs, parseManifest } from "./manifest.js";

@@ -4,10 +4,9 @@ import { createClient } from "@connectrpc/connect";
 import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import { ImageStoreService } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { serverOptions, type ServingComponent } from "../../lib/component.js";
-import { coordinatorTransport, runRegistration, verifierKeySource } from "../../lib/coordinator-client.js";
+import { createServingComponent, type ServingComponent } from "../../lib/component.js";
+import { coordinatorTransport, verifierKeySource } from "../../lib/coordinator-client.js";
 import type { Logger } from "../../lib/logger.js";
-import { createServer, type Server } from "../../lib/server.js";
 import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
 import { Authorizer } from "./auth.js";
 import { imageAuthorizer } from "./authorize.js";
@@ -98,12 +97,6 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
     }
   };
 
-  let server: Server | undefined;
-  let stopping: Promise<void> | undefined;
-  const registration = new AbortController();
-  let registered: Promise<void> | undefined;
-  let refreshing: Promise<void> | undefined;
-
   const status = async () => {
     const fs = await statfs(config.dataDir);
     const free = fs.bavail * fs.bsize;
@@ -112,12 +105,12 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
     return { capacityBytes: BigInt(capacity), freeBytes: BigInt(room) };
   };
 
-  return {
-    blobs: store,
-    get cache() {
-      return cache;
-    },
-    async start() {
+  const component = createServingComponent({
+    name,
+    config,
+    logger,
+    routes,
+    async open() {
       await store.open();
       if (cache) {
         store.onCorrupt = (digest) => log.warn({ digest }, "corrupt blob removed; the next fetch of its images refetches it");
@@ -126,51 +119,33 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
       if (!deps.keys && config.coordinatorUrl === "" && config.signingKeysFile === "") {
         log.warn("no coordinator-url and no signing-keys-file: every call will be refused");
       }
-      try {
-        server = createServer({
-          ...serverOptions(name, config, logger, routes),
-          bulkProcedures: imageBulkProcedures,
-          authorize: imageAuthorizer(verifier),
-          http: createBulkGrpcHandler(storeService, log),
-        });
-        await server.start();
-      } catch (err) {
-        await cache?.close();
-        throw err;
-      }
-      if (cache) {
-        if (config.upstreamUrls.length === 0 && (config.coordinatorUrl === "" || config.serviceCredential === "")) {
-          log.warn("cache mode without upstream-urls and without a coordinator to list the stores: every fetch will be refused");
-        }
-        refreshing = upstreams.run(registration.signal);
-      }
-      if (config.coordinatorUrl !== "" && config.serviceCredential !== "") {
-        registered = runRegistration({
-          transport: coordinatorTransport(config.coordinatorUrl, config.serviceCredential),
-          kind: cache ? ServiceKind.IMAGE_CACHE : ServiceKind.IMAGE_STORE,
-          url: config.publicUrl !== "" ? config.publicUrl : server.address().url,
-          site: config.site,
-          version: "0.1.0",
-          status,
-          logger: log.child({ subsystem: "registration" }),
-          signal: registration.signal,
-          health: server.health,
-        });
-      }
     },
-    stop() {
-      stopping ??= (async () => {
-        registration.abort();
-        await registered;
-        await refreshing;
-        await server?.stop();
-        await cache?.close();
-      })();
-      return stopping;
+    server: () => ({
+      bulkProcedures: imageBulkProcedures,
+      authorize: imageAuthorizer(verifier),
+      http: createBulkGrpcHandler(storeService),
+    }),
+    background(signal) {
+      if (!cache) return [];
+      if (config.upstreamUrls.length === 0 && (config.coordinatorUrl === "" || config.serviceCredential === "")) {
+        log.warn("cache mode without upstream-urls and without a coordinator to list the stores: every fetch will be refused");
+      }
+      return [upstreams.run(signal)];
     },
-    address() {
-      if (!server) throw new Error(`${name} not started`);
-      return server.address();
+    registration: {
+      config,
+      describe: () => ({ kind: cache ? ServiceKind.IMAGE_CACHE : ServiceKind.IMAGE_STORE, version: "0.1.0", status, logger: log }),
+    },
+    close: async () => {
+      await cache?.close();
+    },
+  });
+
+  return {
+    ...component,
+    blobs: store,
+    get cache() {
+      return cache;
     },
   };
 }

@@ -6,9 +6,9 @@ import {
   type Descriptor,
   type Manifest,
 } from "../../gen/treadmill/image/v1/manifest_pb.js";
-import { DIGEST_PATTERN } from "../../lib/image-client.js";
+import { DIGEST_PATTERN } from "../../lib/image/digest.js";
+import { MANIFEST_MEDIA_TYPE } from "../../lib/image/media-types.js";
 
-export const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
 export const MAX_MANIFEST_BYTES = 1024 * 1024;
 const MAX_LAYERS = 128;
 const MEDIA_TYPE = /^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$/;

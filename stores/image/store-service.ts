@@ -19,7 +19,6 @@ import {
   type GetBlobResponse,
   type GetManifestRequest,
   type ListManifestsRequest,
-  type PutBlobRequest,
   type PutBlobResponse,
   type PutManifestRequest,
   type QueryUploadRequest,
@@ -43,15 +42,11 @@ export interface CacheHooks {
   isPinned(digest: string): boolean;
 }
 
-/** One chunk of GetBlob in plain form (the bulk handler encodes it itself). */
-export interface BlobChunk {
-  offset: number;
-  data: Uint8Array;
-  /** Set on the first chunk. */
-  size?: number;
-}
-
-/** A PutBlob message in plain form, its data as one buffer or the pieces it arrived in. */
+/**
+ * A PutBlob message as putBlob takes it: a PutBlobRequest from the Connect
+ * adapter, or from the raw path with its data left in the pieces it arrived
+ * in (bulk-grpc.ts).
+ */
 export interface BlobPiece {
   digest: string;
   size: bigint;
@@ -79,8 +74,8 @@ function int64(field: string, value: bigint): number {
 /**
  * ImageStoreService: blobs and manifests over the BlobStore, every call
  * authorized by its capability token. `putBlob` and `getBlob` are also
- * reached through the hand-written gRPC handler (bulk-grpc.ts), which calls
- * `receiveBlob` and `sendBlob` directly.
+ * served by the raw gRPC path (bulk-grpc.ts), which calls these same
+ * methods.
  */
 export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreService> {
   constructor(
@@ -89,12 +84,11 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
     private readonly options: { gcGraceMs: number; logger: Logger; cache?: CacheHooks },
   ) {}
 
-  // ---- the bulk pair, in plain form ----
-
-  /** PutBlob's behaviour: authorizes, then writes the stream to an upload. */
-  async receiveBlob(headers: Headers, signal: AbortSignal, messages: AsyncIterable<BlobPiece>): Promise<PutBlobResponse> {
-    const writer = (await this.auth.require(headers, { scope: "image:write" })).subject;
-    const iterator = messages[Symbol.asyncIterator]();
+  /** Authorizes, then writes the stream to an upload. */
+  async putBlob(requests: AsyncIterable<BlobPiece>, context: HandlerContext): Promise<PutBlobResponse> {
+    const signal = context.signal;
+    const writer = (await this.auth.require(context.requestHeader, { scope: "image:write" })).subject;
+    const iterator = requests[Symbol.asyncIterator]();
     const first = await iterator.next();
     if (first.done) throw invalid("put_blob stream has no message");
     const head = first.value;
@@ -136,36 +130,21 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
     });
   }
 
-  /** GetBlob's behaviour: authorizes and validates, then yields the chunks. */
-  async openBlob(headers: Headers, request: { digest: string; offset: bigint; length?: bigint }): Promise<AsyncGenerator<BlobChunk>> {
+  /** Authorizes and validates, then yields the chunks (the raw path writes each chunk's data without a copy). */
+  async *getBlob(request: GetBlobRequest, context: HandlerContext): AsyncGenerator<GetBlobResponse> {
     const digest = checkDigest("digest", request.digest);
     const offset = int64("offset", request.offset);
     const length = request.length === undefined ? undefined : int64("length", request.length);
-    const token = await this.auth.readBlob(headers, digest);
+    const token = await this.auth.readBlob(context.requestHeader, digest);
     const stat = await this.store.statBlob(digest);
     if (!stat) throw new ConnectError(`blob ${digest} not found`, Code.NotFound);
     if (offset > stat.size) throw new ConnectError(`offset ${offset} is past the end ${stat.size} of ${digest}`, Code.OutOfRange);
     if (token.capability.scope === "image:read") this.options.cache?.touch(token.capability.digest);
-    const chunks = this.store.readBlob(digest, offset, length, stat.size);
-    return (async function* () {
-      let first = true;
-      for await (const chunk of chunks) {
-        yield first ? { ...chunk, size: stat.size } : chunk;
-        first = false;
-      }
-    })();
-  }
-
-  // ---- ServiceImpl ----
-
-  putBlob(requests: AsyncIterable<PutBlobRequest>, context: HandlerContext): Promise<PutBlobResponse> {
-    return this.receiveBlob(context.requestHeader, context.signal, requests);
-  }
-
-  async *getBlob(request: GetBlobRequest, context: HandlerContext): AsyncGenerator<GetBlobResponse> {
-    const chunks = await this.openBlob(context.requestHeader, request);
-    for await (const chunk of chunks) {
-      yield create(GetBlobResponseSchema, { offset: BigInt(chunk.offset), data: chunk.data, size: BigInt(chunk.size ?? 0) });
+    let size = BigInt(stat.size);
+    for await (const chunk of this.store.readBlob(digest, offset, length, stat.size)) {
+      // The size goes with the first chunk only.
+      yield create(GetBlobResponseSchema, { offset: BigInt(chunk.offset), data: chunk.data, size });
+      size = 0n;
     }
   }
 

@@ -36,9 +36,11 @@ import { mkdir, open, readFile, readdir, rename, rm, stat, statfs, writeFile, ty
 import { dirname, join } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Manifest } from "../../gen/treadmill/image/v1/manifest_pb.js";
-import { BLOB_CHUNK_BYTES, BackgroundWriter, DIGEST_PATTERN, digestOf } from "../../lib/image-client.js";
+import { BLOB_CHUNK_BYTES, BackgroundWriter } from "../../lib/image/blob-io.js";
+import { DIGEST_PATTERN, digestOf } from "../../lib/image/digest.js";
 import type { Logger } from "../../lib/logger.js";
-import { MANIFEST_MEDIA_TYPE, manifestBlobs, parseManifest } from "./manifest.js";
+import { INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE } from "../../lib/image/media-types.js";
+import { manifestBlobs, parseManifest } from "./manifest.js";
 
 /** A stored manifest, as the index keeps it in memory. */
 export interface ManifestRecord {
@@ -475,7 +477,7 @@ export class BlobStore {
         size: r.size,
         annotations: { "treadmill.created": new Date(r.createdMs).toISOString() },
       }));
-    const body = JSON.stringify({ schemaVersion: 2, mediaType: "application/vnd.oci.image.index.v1+json", manifests }, null, 1);
+    const body = JSON.stringify({ schemaVersion: 2, mediaType: INDEX_MEDIA_TYPE, manifests }, null, 1);
     await atomicWrite(join(this.root, "index.json"), body + "\n");
   }
 

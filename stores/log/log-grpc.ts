@@ -1,15 +1,11 @@
 /**
- * Append and Read over the hand-written gRPC handler (lib/server/raw-grpc.ts):
- * the same LogServiceImpl methods, without connect-node's per-message
- * pipeline, which cost the log server most of its CPU per frame (the logs
- * benchmark). gRPC-Web and Connect requests, and the other methods, fall
- * through to the Connect adapter, which serves the same implementation.
- *
- * Responses a method yields back to back go out in one socket write: a
- * message is written without waiting, and only a full stream is waited for.
+ * Append and Read on the raw gRPC path (lib/grpc/server.ts): the same
+ * LogServiceImpl methods the Connect adapter serves, without connect-node's
+ * per-message pipeline, which cost the log server most of its CPU per frame
+ * (the logs benchmark). An Append frame's data stays as views of the HTTP/2
+ * frames it arrived in, stored without being joined (decodeAppendPieces).
  */
-import { create, toBinary, type DescMessage, type MessageInitShape } from "@bufbuild/protobuf";
-import { Code, ConnectError } from "@connectrpc/connect";
+import type { MessageInitShape } from "@bufbuild/protobuf";
 import {
   AppendRequestSchema,
   AppendResponseSchema,
@@ -17,37 +13,30 @@ import {
   ReadRequestSchema,
   ReadResponseSchema,
 } from "../../gen/treadmill/log/v1/log_service_pb.js";
-import type { Logger } from "../../lib/logger.js";
+import { protobufCodec, type RawCodec } from "../../lib/grpc/codec.js";
+import { biDiStreamingRoute, createRawGrpcHandler, serverStreamingRoute } from "../../lib/grpc/server.js";
+import { decodeMessage, slicePieces } from "../../lib/grpc/wire.js";
 import type { ExtraHttpHandler } from "../../lib/server.js";
-import { createRawGrpcHandler, decodeMessage, drained, frame, slicePieces, type RawGrpcCall } from "../../lib/server/raw-grpc.js";
-import { appendPayload, type AppendPayload, type LogServiceImpl, type RequestContext } from "./log-service.js";
+import { appendPayload, type AppendInput, type AppendPayload, type LogServiceImpl } from "./log-service.js";
 import { joinPieces } from "./segment.js";
 
-/** Returns the `http` handler of createServer that answers Append and Read. */
-export function createLogGrpcHandler(
-  service: LogServiceImpl,
-  maxMessageBytes: number,
-  logger: Logger,
-): ExtraHttpHandler {
+/** Append's codec: frames decoded by hand (decodeAppendPieces), responses by the runtime. */
+const appendCodec: RawCodec<AppendInput, MessageInitShape<typeof AppendResponseSchema>> = {
+  decode: decodeAppendPieces,
+  encode: protobufCodec(AppendRequestSchema, AppendResponseSchema).encode,
+};
+
+/** Returns the `http` handler of createServer that answers Append and Read over plain gRPC. */
+export function createLogGrpcHandler(service: LogServiceImpl, maxMessageBytes: number): ExtraHttpHandler {
   return createRawGrpcHandler({
-    procedures: {
-      [`/${LogService.typeName}/Append`]: (call) => serveAppend(call, service),
-      [`/${LogService.typeName}/Read`]: (call) => serveRead(call, service),
-    },
+    routes: [
+      biDiStreamingRoute(LogService.method.append, appendCodec, (requests, context) => service.append(requests, context)),
+      serverStreamingRoute(LogService.method.read, protobufCodec(ReadRequestSchema, ReadResponseSchema), (request, context) =>
+        service.read(request, context),
+      ),
+    ],
     maxMessageBytes,
-    logger,
   });
-}
-
-function context(call: RawGrpcCall): RequestContext {
-  return { requestHeader: call.headers, signal: call.signal };
-}
-
-async function serveAppend(call: RawGrpcCall, service: LogServiceImpl): Promise<void> {
-  const requests = (async function* (): AsyncGenerator<AppendPayload> {
-    for await (const pieces of call.pieces()) yield decodeAppendPieces(pieces);
-  })();
-  await send(call, AppendResponseSchema, service.appendPayloads(requests, context(call)));
 }
 
 /** Frames up to this size are copied out of the buffers they arrived in, which they would otherwise keep alive. */
@@ -129,21 +118,4 @@ function decodeFramePieces(pieces: Buffer[]): AppendPayload {
     }
   }
   return { case: "frame", value: { channel, seq: BigInt(seq), captureMicros, data, length } };
-}
-
-async function serveRead(call: RawGrpcCall, service: LogServiceImpl): Promise<void> {
-  let request: ReturnType<typeof decodeMessage<typeof ReadRequestSchema>> | undefined;
-  for await (const bytes of call.messages()) {
-    if (request) throw new ConnectError("read takes exactly one request message", Code.InvalidArgument);
-    request = decodeMessage(ReadRequestSchema, bytes);
-  }
-  if (!request) throw new ConnectError("read takes exactly one request message", Code.InvalidArgument);
-  await send(call, ReadResponseSchema, service.read(request, context(call)));
-}
-
-/** Writes every response; waits only when the stream is full. */
-async function send<S extends DescMessage>(call: RawGrpcCall, schema: S, responses: AsyncIterable<MessageInitShape<S>>): Promise<void> {
-  for await (const init of responses) {
-    if (!call.stream.write(frame(toBinary(schema, create(schema, init))))) await drained(call.stream, call.signal);
-  }
 }

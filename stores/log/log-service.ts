@@ -22,7 +22,9 @@ import {
 } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../../lib/logger.js";
 import { bearerToken, type Capability, type TokenVerifier, type VerifiedToken } from "../../lib/tokens.js";
-import { CHANNEL_NAME, JOB_ID, MAX_FRAME_BYTES, Notifier, type AckSink, type Channel, type Job, type LogStore } from "./log-store.js";
+import { PROTOCOL_VERSION } from "../../lib/protocol.js";
+import { Notifier } from "../../lib/async/notifier.js";
+import { CHANNEL_NAME, JOB_ID, MAX_FRAME_BYTES, type AckSink, type Channel, type Job, type LogStore } from "./log-store.js";
 import type { Pieces } from "./segment.js";
 
 /**
@@ -43,6 +45,17 @@ export interface IncomingFrame {
 /** An Append request as the stream takes it (AppendRequest's payload, with an IncomingFrame). */
 export type AppendPayload = { case: "hello"; value: AppendHello } | { case: "frame"; value: IncomingFrame } | { case: undefined; value?: undefined };
 
+/**
+ * What `append` reads: AppendRequests from the Connect adapter, payloads
+ * from the raw path, which decodes a frame's data as the pieces it arrived
+ * in (log-grpc.ts).
+ */
+export type AppendInput = AppendRequest | AppendPayload;
+
+function payloadOf(input: AppendInput): AppendPayload {
+  return "$typeName" in input ? appendPayload(input) : input;
+}
+
 /** The payload of a decoded AppendRequest. */
 export function appendPayload(request: AppendRequest): AppendPayload {
   const p = request.payload;
@@ -52,8 +65,6 @@ export function appendPayload(request: AppendRequest): AppendPayload {
   return { case: "frame", value: { channel: f.channel, seq: f.seq, captureMicros, data: [f.data], length: f.data.length } };
 }
 
-const PROTOCOL_MAJOR = 1;
-const PROTOCOL_MINOR = 0;
 /** Data read from a segment per disk read when serving Read. */
 const READ_BATCH_BYTES = 1 << 20;
 
@@ -145,12 +156,12 @@ class AppendSession implements AckSink {
   }
 
   /** Reads the writer's frames until it half-closes, fails, or the stream is aborted. */
-  async consume(requests: AsyncIterator<AppendPayload>): Promise<void> {
+  async consume(requests: AsyncIterator<AppendInput>): Promise<void> {
     try {
       while (this.error === undefined) {
         const next = await requests.next();
         if (next.done || this.error !== undefined) break;
-        const payload = next.value;
+        const payload = payloadOf(next.value);
         if (payload.case === "frame") await this.frame(payload.value);
         else if (payload.case === "hello") throw invalid("hello is only allowed as the first message");
         else throw invalid("append request has no payload");
@@ -238,12 +249,12 @@ class AppendSession implements AckSink {
         continue;
       }
       if (this.inputDone && this.settled) return;
-      await this.wake.wait(signal);
+      await this.wake.wait({ signal });
     }
   }
 }
 
-/** What the methods use of their call's context (the Connect adapter's, or the raw gRPC handler's). */
+/** What the methods use of their call's HandlerContext (either transport builds one). */
 export type RequestContext = Pick<HandlerContext, "requestHeader" | "signal">;
 
 export interface LogServiceDeps {
@@ -281,24 +292,16 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
     throw denied;
   }
 
-  async *append(requests: AsyncIterable<AppendRequest>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
-    yield* this.appendPayloads(
-      (async function* () {
-        for await (const request of requests) yield appendPayload(request);
-      })(),
-      ctx,
-    );
-  }
-
-  /** Append, for callers that decode the requests themselves (log-grpc.ts). */
-  async *appendPayloads(requests: AsyncIterable<AppendPayload>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
+  /** The Append stream, on either transport (the raw path: log-grpc.ts). */
+  async *append(requests: AsyncIterable<AppendInput>, ctx: RequestContext): AsyncGenerator<AppendResponseInit> {
     const iterator = requests[Symbol.asyncIterator]();
     const first = await iterator.next();
-    if (first.done || first.value.case !== "hello") throw invalid("first append message must be a hello");
-    const hello = first.value.value;
+    const opening = first.done ? undefined : payloadOf(first.value);
+    if (opening?.case !== "hello") throw invalid("first append message must be a hello");
+    const hello = opening.value;
     const major = hello.protocolVersion?.major ?? 0;
-    if (major !== PROTOCOL_MAJOR) {
-      throw new ConnectError(`protocol version ${major}.x is not supported; this server speaks ${PROTOCOL_MAJOR}.x`, Code.FailedPrecondition);
+    if (major !== PROTOCOL_VERSION.major) {
+      throw new ConnectError(`protocol version ${major}.x is not supported; this server speaks ${PROTOCOL_VERSION.major}.x`, Code.FailedPrecondition);
     }
     checkJobId(hello.jobId, "hello.job_id");
     if (hello.attempt < 1) throw invalid("hello.attempt must be at least 1");
@@ -324,7 +327,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
         payload: {
           case: "welcome",
           value: {
-            protocolVersion: { major: PROTOCOL_MAJOR, minor: PROTOCOL_MINOR },
+            protocolVersion: PROTOCOL_VERSION,
             channels,
             remainingBytes: BigInt(job.remainingBytes()),
           },
@@ -390,7 +393,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
       if (!req.follow) {
         throw new ConnectError(`channel ${req.channel} of job ${req.jobId} not found`, Code.NotFound);
       }
-      await job.changed.wait(signal);
+      await job.changed.wait({ signal });
     }
 
     // Where to start. An offset past the end is waited for when following.
@@ -478,7 +481,7 @@ export class LogServiceImpl implements ServiceImpl<typeof LogService> {
         return;
       }
       // Deletion and shutdown also notify the channel (and abort `signal`).
-      await channel.changed.wait(signal);
+      await channel.changed.wait({ signal });
     }
   }
 

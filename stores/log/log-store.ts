@@ -17,6 +17,7 @@
 import { mkdir, readdir, rm, stat, statfs } from "node:fs/promises";
 import { setMaxListeners } from "node:events";
 import { join } from "node:path";
+import { Notifier } from "../../lib/async/notifier.js";
 import type { Logger } from "../../lib/logger.js";
 import {
   HEADER_BYTES,
@@ -58,34 +59,6 @@ const ROUND_MAX_BYTES = 4 << 20;
 const OVERLAP_MIN_BYTES = 256 << 10;
 /** Accepted bytes waiting for a round (all channels) above which every writer's stream waits (memory). */
 const GLOBAL_PENDING_HIGH_WATER = 32 << 20;
-
-/** Wakes everyone waiting; waiters re-check their condition. */
-export class Notifier {
-  private waiters = new Set<() => void>();
-
-  notify(): void {
-    const waiters = [...this.waiters];
-    this.waiters.clear();
-    for (const w of waiters) w();
-  }
-
-  /** Resolves at the next notify, or when `signal` aborts. */
-  wait(signal?: AbortSignal): Promise<void> {
-    return new Promise((resolve) => {
-      if (signal?.aborted) {
-        resolve();
-        return;
-      }
-      const done = () => {
-        this.waiters.delete(done);
-        signal?.removeEventListener("abort", done);
-        resolve();
-      };
-      this.waiters.add(done);
-      signal?.addEventListener("abort", done, { once: true });
-    });
-  }
-}
 
 /** Whoever receives the acknowledgements of a job attempt (its Append stream). */
 export interface AckSink {

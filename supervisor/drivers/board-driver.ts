@@ -26,10 +26,10 @@ import { ReadStream } from "node:tty";
 import type { Logger } from "../../lib/logger.js";
 import { retry } from "../../lib/retry.js";
 import { ConsoleBridge } from "./console.js";
+import { FIRMWARE_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import {
   DriverAbortError,
   DriverError,
-  FIRMWARE_MEDIA_TYPE,
   throwIfAborted,
   type Driver,
   type Exposure,

@@ -279,17 +279,5 @@ export function parameterEnvName(name: string): string {
   return `TREADMILL_PARAM_${name}`;
 }
 
-/** Media type of process-driver layers and of process snapshots. */
-export const ROOTFS_MEDIA_TYPE = "application/vnd.treadmill.rootfs.tar+gzip";
-/** Media type of board-driver firmware layers. */
-export const FIRMWARE_MEDIA_TYPE = "application/vnd.treadmill.firmware";
-/** Media type of qemu-driver disk layers in qcow2 format (a backing chain; see qemu-image.ts). */
-export const QCOW2_MEDIA_TYPE = "application/vnd.treadmill.disk.qcow2";
-/** Media type of a qemu-driver raw disk layer (the bottom of a chain only). */
-export const RAW_MEDIA_TYPE = "application/vnd.treadmill.disk.raw";
-/** Media type of a kernel layer for a VM's direct boot (`-kernel`). */
-export const KERNEL_MEDIA_TYPE = "application/vnd.treadmill.kernel";
-/** Media type of an initrd layer for a VM's direct boot (`-initrd`). */
-export const INITRD_MEDIA_TYPE = "application/vnd.treadmill.initrd";
 /** Manifest annotation holding a process image's command (a JSON array of strings). */
 export const ENTRYPOINT_ANNOTATION = "treadmill.entrypoint";

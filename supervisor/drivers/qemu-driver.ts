@@ -48,11 +48,11 @@ import { join, resolve } from "node:path";
 import { promisify } from "node:util";
 import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
+import { QCOW2_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import {
   DriverAbortError,
   DriverError,
   parameterEnvName,
-  QCOW2_MEDIA_TYPE,
   throwIfAborted,
   type Driver,
   type Exposure,

@@ -14,14 +14,12 @@
 
 import { open } from "node:fs/promises";
 import {
-  DriverError,
   INITRD_MEDIA_TYPE,
   KERNEL_MEDIA_TYPE,
   QCOW2_MEDIA_TYPE,
   RAW_MEDIA_TYPE,
-  type ImageLayer,
-  type JobImage,
-} from "./driver.js";
+} from "../../lib/image/media-types.js";
+import { DriverError, type ImageLayer, type JobImage } from "./driver.js";
 
 /** Layer annotation of a qcow2 layer: the digest of the disk layer it is based on. */
 export const LOWER_ANNOTATION = "treadmill.disk.lower";

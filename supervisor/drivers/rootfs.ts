@@ -45,8 +45,10 @@ import { pipeline } from "node:stream/promises";
 import { promisify } from "node:util";
 import { createGunzip, createGzip } from "node:zlib";
 import type { Logger } from "../../lib/logger.js";
-import { DriverError, ROOTFS_MEDIA_TYPE, type ImageLayer, type SnapshotLayer } from "./driver.js";
-import { padding, readTar, tarEnd, tarHeader, TarFormatError, type TarHeader, type TarWriteEntry } from "./tar.js";
+import { ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
+import { DriverError, type ImageLayer, type SnapshotLayer } from "./driver.js";
+import { padding, tarEnd, tarHeader, type TarWriteEntry } from "../../lib/image/tar.js";
+import { readTar, TarFormatError, type TarHeader } from "./tar.js";
 
 const execFileAsync = promisify(execFile);
 

@@ -1,11 +1,10 @@
 /**
- * A small tar reader and writer (POSIX ustar with pax and GNU long-name
- * extensions), enough for rootfs layers. Written here rather than shelling out
- * to tar(1) so that every path of an untrusted archive passes our own checks
- * before anything touches the disk (see rootfs.ts).
+ * A small tar reader (POSIX ustar with pax and GNU long-name extensions),
+ * enough for rootfs layers. Written here rather than shelling out to tar(1)
+ * so that every path of an untrusted archive passes our own checks before
+ * anything touches the disk (see rootfs.ts). The writer is lib/image/tar.ts.
  */
-
-const BLOCK = 512;
+import { TAR_BLOCK as BLOCK } from "../../lib/image/tar.js";
 
 /** One archive member as the reader yields it. */
 export interface TarHeader {
@@ -221,86 +220,4 @@ export async function readTar(
     await reader.skip(size - consumed);
     await reader.skip(padded - size);
   }
-}
-
-/** A member to write; `content` is required for files of non-zero size. */
-export interface TarWriteEntry {
-  name: string;
-  type: "file" | "dir" | "symlink" | "hardlink";
-  mode: number;
-  mtime: number;
-  size?: number;
-  linkname?: string;
-}
-
-function octal(value: number, length: number): string {
-  return value.toString(8).padStart(length - 1, "0") + "\0";
-}
-
-function paxRecord(key: string, value: string): Buffer {
-  const body = ` ${key}=${value}\n`;
-  let len = Buffer.byteLength(body) + 1;
-  while (String(len).length + Buffer.byteLength(body) !== len) len = String(len).length + Buffer.byteLength(body);
-  return Buffer.from(`${len}${body}`);
-}
-
-function rawHeader(entry: TarWriteEntry, typeflag: string, name: string, linkname: string, size: number): Buffer {
-  const block = Buffer.alloc(BLOCK);
-  block.write(name, 0, 100, "utf8");
-  block.write(octal(entry.mode & 0o7777, 8), 100, "latin1");
-  block.write(octal(0, 8), 108, "latin1");
-  block.write(octal(0, 8), 116, "latin1");
-  block.write(octal(size, 12), 124, "latin1");
-  block.write(octal(Math.max(0, Math.floor(entry.mtime)), 12), 136, "latin1");
-  block.write("        ", 148, "latin1");
-  block.write(typeflag, 156, "latin1");
-  block.write(linkname, 157, 100, "utf8");
-  block.write("ustar\0", 257, "latin1");
-  block.write("00", 263, "latin1");
-  block.write("root", 265, "latin1");
-  block.write("root", 297, "latin1");
-  let sum = 0;
-  for (let i = 0; i < BLOCK; i++) sum += block[i]!;
-  block.write(octal(sum, 7) + " ", 148, "latin1");
-  return block;
-}
-
-/**
- * Encodes one member's header block(s): a pax header first when the name or
- * link target does not fit ustar's fields or the size exceeds 8 GiB.
- */
-export function tarHeader(entry: TarWriteEntry): Buffer {
-  const flag = { file: "0", dir: "5", symlink: "2", hardlink: "1" }[entry.type];
-  const size = entry.type === "file" ? (entry.size ?? 0) : 0;
-  const linkname = entry.linkname ?? "";
-  const records: Buffer[] = [];
-  const fits = (s: string) => Buffer.byteLength(s) < 100 && /^[\x20-\x7e]*$/.test(s);
-  let name = entry.name;
-  if (!fits(name)) {
-    records.push(paxRecord("path", name));
-    name = Buffer.from(name).subarray(0, 99).toString("latin1").replace(/[^\x20-\x7e]/g, "_");
-  }
-  let link = linkname;
-  if (!fits(link)) {
-    records.push(paxRecord("linkpath", link));
-    link = "";
-  }
-  if (size >= 8 ** 11) records.push(paxRecord("size", String(size)));
-  const blocks: Buffer[] = [];
-  if (records.length > 0) {
-    const body = Buffer.concat(records);
-    blocks.push(rawHeader({ ...entry, mode: 0o644 }, "x", "PaxHeader", "", body.length), body, padding(body.length));
-  }
-  blocks.push(rawHeader(entry, flag, name, link, size >= 8 ** 11 ? 0 : size));
-  return Buffer.concat(blocks);
-}
-
-/** Zero bytes to pad `size` bytes of content to a whole block. */
-export function padding(size: number): Buffer {
-  return Buffer.alloc((BLOCK - (size % BLOCK)) % BLOCK);
-}
-
-/** The end-of-archive marker: two zero blocks. */
-export function tarEnd(): Buffer {
-  return Buffer.alloc(BLOCK * 2);
 }

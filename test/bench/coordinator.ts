@@ -236,6 +236,10 @@ export async function run(): Promise<void> {
     await sql`insert into api_tokens (id, user_id, hash, name) values (${randomUUID()}, ${userId}, ${hashSecret(token)}, 'bench')`;
     const digest = `sha256:${"ab".repeat(32)}`;
     await sql`insert into images (name, tag, digest, media_types, owner_id, visibility) values ('bench', 'v1', ${digest}, ${[ROOTFS]}, ${userId}, 'public')`;
+    // No job is assigned without a live log server: one that never needs to heartbeat (nothing dials it).
+    await sql`
+      insert into services (id, kind, url, site, heartbeat_interval_ms, last_heartbeat_at)
+      values (${randomUUID()}, 'log_server', 'http://bench-logs.invalid', '', ${600_000_000}, now())`;
     const hosts = Array.from({ length: Math.max(IDLE, ACTIVE) }, (_, i) => ({
       id: randomUUID(),
       name: `bench-${i}`,
@@ -247,6 +251,11 @@ export async function run(): Promise<void> {
         insert into hosts (id, name, tags, driver_kind, media_types, capacity, credential_hash)
         values (${h.id}, ${h.name}, ${sql.json(h.tags)}, 'process', ${[ROOTFS]}, 1, ${hashSecret(h.credential)})`;
     });
+    // No job is assigned without a live log server (scheduler.ts): one that
+    // stays live for the whole run, never called (the supervisors exit at once).
+    await sql`
+      insert into services (id, kind, url, site, heartbeat_interval_ms, last_heartbeat_at)
+      values (${randomUUID()}, 'log_server', 'http://bench-logs.invalid', '', ${600_000_000}, now())`;
 
     // (c) Idle supervisors: memory and CPU.
     await new Promise((r) => setTimeout(r, 1000));

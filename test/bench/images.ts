@@ -1,7 +1,7 @@
 // `npm run bench -- images`: blob throughput of the image store and cache over
 // loopback, each figure beside raw loopback TCP and `sha256sum` measured in the
 // same run. The store and the cache run as child processes (bin/
-// treadmill-image-store.js), the clients (lib/image-client.ts: its thin gRPC
+// treadmill-image-store.js), the clients (lib/image/client.ts: its thin gRPC
 // client for PutBlob and GetBlob) in this process; every receiver verifies
 // the digest.
 //
@@ -13,15 +13,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
+import { fileSource } from "../../lib/image/blob-io.js";
 import {
-  digestFile,
-  fileSource,
   imageStoreClient,
   imageStoreTransport,
   readBlobPieces,
   uploadBlob,
   type ImageTransport,
-} from "../../lib/image-client.js";
+} from "../../lib/image/client.js";
+import { digestFile } from "../../lib/image/digest.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { startProcess, type RunningProcess } from "../support/process.js";
 import { fileAppendMBps, rawTcpMBps, sha256sumMBps, writeRandomFile } from "./baselines.js";
@@ -122,7 +122,7 @@ export async function run(): Promise<void> {
     report("GetBlob (client hashes)", size / 1e6 / get.seconds, "MB/s", tcp);
     report("GetBlob against hashed TCP", size / 1e6 / get.seconds, "MB/s", tcpHashed);
 
-    const cache = await startServer(["--mode", "cache", "--data-dir", join(dir, "cache"), "--signing-keys-file", jwks]);
+    const cache = await startServer(["--mode", "cache", "--data-dir", join(dir, "cache"), "--signing-keys-file", jwks, "--upstream-urls", store.url]);
     procs.push(cache.proc);
     const cacheClient = imageStoreTransport(cache.url, { token: readToken });
     transports.push(cacheClient);
@@ -139,7 +139,7 @@ export async function run(): Promise<void> {
     // share one transfer, then each reads the blob through the cache.
     await cache.proc.child.kill("SIGTERM");
     await cache.proc.exited;
-    const cache2 = await startServer(["--mode", "cache", "--data-dir", join(dir, "cache2"), "--signing-keys-file", jwks]);
+    const cache2 = await startServer(["--mode", "cache", "--data-dir", join(dir, "cache2"), "--signing-keys-file", jwks, "--upstream-urls", store.url]);
     procs.push(cache2.proc);
     const viaCache2 = imageStoreTransport(cache2.url, { token: readToken });
     transports.push(viaCache2);

@@ -37,9 +37,9 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { createClient, type Client } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { AppendRequestSchema, AppendResponseSchema, FrameSchema, LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
-import { LogShipper } from "../../lib/log-shipper.js";
-import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall } from "../../lib/raw-grpc-client.js";
-import { bytesFieldHeader, frame, varint } from "../../lib/server/raw-grpc.js";
+import { LogShipper } from "../../supervisor/log-shipper.js";
+import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall } from "../../lib/grpc/client.js";
+import { bytesFieldHeader, frame, varint } from "../../lib/grpc/wire.js";
 import { silentLogger } from "../../lib/logger.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { fileAppendMBps } from "./baselines.js";
@@ -132,7 +132,7 @@ function client(url: string): { client: Client<typeof LogService>; close(): void
 }
 
 /**
- * One writer on hand-framed gRPC (lib/raw-grpc-client.ts), as a supervisor's
+ * One writer on hand-framed gRPC (lib/grpc/client.ts), as a supervisor's
  * machine would run it: `bytes` in 16 KiB frames on channel stdout, at most
  * WINDOW unacknowledged. connect-node's client costs more CPU per frame than
  * the server's side, and here it shares the server's two cores.

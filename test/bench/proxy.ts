@@ -5,12 +5,14 @@
 // (a) throughput of one tunnel and of 16 concurrent tunnels (bytes sent
 //     through the user-facing TunnelService.Dial, as `tml console` and
 //     `tml port-forward` do, and echoed back), and of one connection through
-//     a TCP entrance (OpenTcpEntrance, as ssh uses it), against direct
+//     a TCP entrance (OpenTcpEntrance, as ssh uses it) and through the
+//     WebSocket entrance (as the web console uses it), against direct
 //     loopback TCP to the same echo server, and against the ceiling of any
 //     relay with this topology: two plain TCP relays written in Node (socket
 //     pipes, nothing else) in the proxy's and the supervisor's places;
-// (b) round trip of 64-byte echoes (p50, p99) through a Dial tunnel and a
-//     TCP entrance, against a direct TCP connection to the same echo server;
+// (b) round trip of 64-byte echoes (p50, p99) through a Dial tunnel, a
+//     TCP entrance and the WebSocket entrance, against a direct TCP
+//     connection to the same echo server;
 // (c) resident memory of the proxy per open (idle) tunnel.
 //
 // Sizes: PROXY_BENCH_MB (default 256 MB per throughput case), PROXY_BENCH_RTTS
@@ -25,10 +27,11 @@ import { createInterface } from "node:readline";
 import { Duplex } from "node:stream";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
+import { WebSocket, createWebSocketStream } from "ws";
 import { TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
-import { dialTunnel } from "../../lib/tunnel-client.js";
+import { dialTunnel } from "../../lib/tunnel/client.js";
 import { percentile, report } from "./report.js";
 
 const PROXY_BIN = new URL("../../bin/treadmill-proxy.js", import.meta.url).pathname;
@@ -39,13 +42,35 @@ const RTTS = Number(process.env.PROXY_BENCH_RTTS ?? 5000);
 const IDLE_TUNNELS = Number(process.env.PROXY_BENCH_TUNNELS ?? 500);
 const CHUNK = 256 * 1024;
 
+const printed = new WeakMap<ChildProcess, string[]>();
+
+/**
+ * The first line of `child`'s output, printed already or to come, that
+ * matches. One reader per child keeps every line: two lines that come in one
+ * chunk are both seen.
+ */
 function waitForLine(child: ChildProcess, pattern: RegExp): Promise<RegExpMatchArray> {
-  return new Promise((resolve, reject) => {
-    const lines = createInterface({ input: child.stdout! });
-    lines.on("line", (line) => {
-      const m = pattern.exec(line);
-      if (m) resolve(m);
+  let lines = printed.get(child);
+  if (lines === undefined) {
+    const seen: string[] = [];
+    lines = seen;
+    printed.set(child, seen);
+    createInterface({ input: child.stdout! }).on("line", (line) => {
+      seen.push(line);
+      child.emit("bench-line", line);
     });
+  }
+  const earlier = lines.map((line) => pattern.exec(line)).find((m) => m !== null);
+  if (earlier) return Promise.resolve(earlier);
+  return new Promise((resolve, reject) => {
+    const onLine = (line: string) => {
+      const m = pattern.exec(line);
+      if (m) {
+        child.off("bench-line", onLine);
+        resolve(m);
+      }
+    };
+    child.on("bench-line", onLine);
     child.once("exit", (code) => reject(new Error(`child exited (${code}) before ${pattern}`)));
   });
 }
@@ -101,6 +126,16 @@ function directTcp(port: number, host = "127.0.0.1"): Promise<net.Socket> {
   });
 }
 
+/** A connection through the proxy's WebSocket entrance, as a byte stream once the proxy said "opened". */
+async function viaWebSocket(proxyUrl: string, jobId: string, token: string): Promise<Duplex> {
+  const ws = new WebSocket(`${proxyUrl.replace(/^http/, "ws")}/ws/${jobId}/echo`, ["treadmill.tunnel.v1", `bearer.${token}`]);
+  await new Promise<void>((resolve, reject) => {
+    ws.once("message", (_data, isBinary) => (isBinary ? reject(new Error("the proxy sent bytes before opened")) : resolve()));
+    ws.once("error", reject);
+  });
+  return createWebSocketStream(ws);
+}
+
 async function rssKiB(pid: number): Promise<number> {
   const status = await readFile(`/proc/${pid}/status`, "utf8");
   return Number(/VmRSS:\s+(\d+)/.exec(status)![1]);
@@ -115,7 +150,9 @@ export async function run(): Promise<void> {
   const children: ChildProcess[] = [];
   try {
     const low = 46000 + Math.floor(Math.random() * 1000);
-    const proxyArgs = [PROXY_BIN, "--port", "0", "--signing-keys-file", join(dir, "jwks.json"), "--max-tunnels-per-job", "5000", "--max-tunnels", "5000"];
+    // Every idle tunnel is a connection of its own from 127.0.0.1: the
+    // per-address limit (512 by default) would refuse the 500 idle tunnels.
+    const proxyArgs = [PROXY_BIN, "--port", "0", "--signing-keys-file", join(dir, "jwks.json"), "--max-tunnels-per-job", "5000", "--max-tunnels", "5000", "--max-connections-per-address", "0"];
     const proxy = spawn(process.execPath, [...proxyArgs, "--tcp-port-range", `${low}-${low + 999}`], {
       stdio: ["ignore", "pipe", "inherit"],
     });
@@ -138,6 +175,7 @@ export async function run(): Promise<void> {
     const entrance = (await tunnels.openTcpEntrance({ jobId, portName: "echo" })).address;
     const [entranceHost, entrancePort] = [entrance.slice(0, entrance.lastIndexOf(":")), Number(entrance.slice(entrance.lastIndexOf(":") + 1))];
     const viaEntrance = () => directTcp(entrancePort, entranceHost);
+    const viaBrowser = () => viaWebSocket(url, jobId, token);
 
     process.stdout.write(`sizes: ${TOTAL / 1e6} MB per throughput case, ${RTTS} round trips, ${IDLE_TUNNELS} idle tunnels\n`);
     // (c) memory per open tunnel, first: a proxy that has moved gigabytes
@@ -182,6 +220,10 @@ export async function run(): Promise<void> {
     const entranceOne = await echoThroughput(entrance1, TOTAL);
     entrance1.destroy();
     report("throughput, 1 tcp entrance connection", entranceOne, "MB/s", { name: "direct tcp", value: directOne });
+    const browser1 = await viaBrowser();
+    const browserOne = await echoThroughput(browser1, TOTAL);
+    browser1.destroy();
+    report("throughput, 1 websocket entrance connection", browserOne, "MB/s", { name: "direct tcp", value: directOne });
 
     const many = async (open: () => Promise<Duplex>) => {
       const streams = await Promise.all(Array.from({ length: 16 }, open));
@@ -208,7 +250,10 @@ export async function run(): Promise<void> {
     const e = await viaEntrance();
     const entranceRtt = await roundTrips(e, RTTS);
     e.destroy();
-    for (const [path, samples] of [["tunnel", tunnelRtt], ["tcp entrance", entranceRtt]] as const) {
+    const w = await viaBrowser();
+    const browserRtt = await roundTrips(w, RTTS);
+    w.destroy();
+    for (const [path, samples] of [["tunnel", tunnelRtt], ["tcp entrance", entranceRtt], ["websocket entrance", browserRtt]] as const) {
       for (const p of [50, 99]) {
         report(`64-byte echo round trip p${p}, ${path}`, percentile(samples, p), "µs", { name: "direct tcp", value: percentile(directRtt, p) });
         report(`  added by the proxy, p${p}`, percentile(samples, p) - percentile(directRtt, p), "µs");

@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { qemuArgs } from "../../supervisor/drivers/qemu-args.js";
-import { KERNEL_MEDIA_TYPE } from "../../supervisor/drivers/driver.js";
+import { KERNEL_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { CMDLINE_ANNOTATION, planVmImage } from "../../supervisor/drivers/qemu-image.js";
 import { imageOf } from "../../testbed/images.js";
 import { buildGuest, pushTestImage } from "../support/guest.js";

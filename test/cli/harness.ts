@@ -1,15 +1,25 @@
 /**
  * What the CLI tests run against: a real coordinator (with a bootstrap admin
  * whose password is known), and on demand an image store, a log server and a
- * process supervisor registered with it, plus `tml(...)` to run bin/tml.js
- * as a child process with its own contexts file.
+ * process supervisor registered with it, plus `tml(...)` to run the CLI.
+ *
+ * `tml` and `startTml` run `runCli` in this process with an io of their own
+ * (a contexts file, an environment that holds only what the test gives, stdin
+ * from `input`, captured output): starting the bin costs about a second of
+ * tsx each time. `spawnTml` runs bin/tml.js as a child, for what only a real
+ * process shows (signals, a hard kill, the exit once output is flushed) and
+ * for network failures: under jest's module sandbox Node's own errors are not
+ * `instanceof Error`, so Connect reads ECONNREFUSED as an internal error.
+ * Each in-process run checks that it left the process as it found it.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { chmod, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { PassThrough, Readable } from "node:stream";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
+import { runCli } from "../../cli/cli.js";
 import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
@@ -35,15 +45,86 @@ export interface TmlResult {
   stderr: string;
 }
 
-export interface TmlChild {
-  child: ChildProcess;
+export interface TmlOptions {
+  /** Written to standard input, which then ends. */
+  input?: string;
+  /** The run's environment besides TML_CONFIG and NO_COLOR=1. */
+  env?: Record<string, string>;
+}
+
+/** A run of tml under way. */
+export interface TmlRun {
+  /** Every line printed so far, stdout and stderr together. */
   lines: string[];
   waitForLine(pattern: RegExp, timeoutMs?: number): Promise<string>;
   result: Promise<TmlResult>;
 }
 
-/** Starts `tml args...` with the test's contexts file; `input` is written to its stdin. */
-export function startTml(configFile: string, args: string[], options: { input?: string; env?: Record<string, string> } = {}): TmlChild {
+/** An in-process run: Ctrl-C is `interrupt()`. */
+export interface InProcessTml extends TmlRun {
+  interrupt(): void;
+}
+
+/** A run of the real bin as a child process. */
+export interface TmlChild extends TmlRun {
+  child: ChildProcess;
+}
+
+/** What an in-process run could leave changed in the process it shares. */
+function processState(): string {
+  return JSON.stringify({
+    exitCode: process.exitCode,
+    cwd: process.cwd(),
+    env: process.env,
+    sigint: process.listenerCount("SIGINT"),
+  });
+}
+
+/** Starts `tml args...` in this process with the test's contexts file. */
+export function startTml(configFile: string, args: string[], options: TmlOptions = {}): InProcessTml {
+  const stdout = new PassThrough();
+  const stderr = new PassThrough();
+  const captured = { stdout: [] as Buffer[], stderr: [] as Buffer[], open: true };
+  // Once runCli has returned the process would have exited: later writes are not output.
+  stdout.on("data", (d: Buffer) => captured.open && captured.stdout.push(d));
+  stderr.on("data", (d: Buffer) => captured.open && captured.stderr.push(d));
+  const interrupts = new Set<() => void>();
+  const before = processState();
+  const code = runCli(args, {
+    stdin: Readable.from(options.input === undefined ? [] : [Buffer.from(options.input)]),
+    stdout,
+    stderr,
+    env: { TML_CONFIG: configFile, NO_COLOR: "1", ...options.env },
+    onInterrupt(handler) {
+      interrupts.add(handler);
+      return () => interrupts.delete(handler);
+    },
+  });
+  const result = code.then((exitCode) => {
+    captured.open = false;
+    stdout.end();
+    stderr.end();
+    const after = processState();
+    if (after !== before) throw new Error(`tml ${args.join(" ")} changed the process it ran in:\nbefore ${before}\nafter  ${after}`);
+    if (interrupts.size > 0) throw new Error(`tml ${args.join(" ")} left ${interrupts.size} Ctrl-C handlers behind`);
+    return { code: exitCode, stdout: Buffer.concat(captured.stdout).toString(), stderr: Buffer.concat(captured.stderr).toString() };
+  });
+  const watcher = watchLines({ stdout, stderr }, result.catch(() => undefined));
+  return {
+    lines: watcher.lines,
+    result,
+    waitForLine: (pattern, timeoutMs = 60_000) => watcher.waitForLine(pattern, timeoutMs),
+    interrupt: () => [...interrupts].forEach((handler) => handler()),
+  };
+}
+
+/** Runs `tml args...` to completion, in this process. */
+export function tml(configFile: string, args: string[], options: TmlOptions = {}): Promise<TmlResult> {
+  return startTml(configFile, args, options).result;
+}
+
+/** Starts bin/tml.js as a child process with the test's contexts file; `input` is written to its stdin. */
+export function spawnTml(configFile: string, args: string[], options: TmlOptions = {}): TmlChild {
   const child = spawn(process.execPath, [TML, ...args], {
     env: { ...process.env, TML_CONFIG: configFile, NO_COLOR: "1", TML_SERVER: "", TML_TOKEN: "", ...options.env },
     stdio: ["pipe", "pipe", "pipe"],
@@ -63,11 +144,6 @@ export function startTml(configFile: string, args: string[], options: { input?: 
     result,
     waitForLine: (pattern, timeoutMs = 60_000) => watcher.waitForLine(pattern, timeoutMs),
   };
-}
-
-/** Runs `tml args...` to completion. */
-export function tml(configFile: string, args: string[], options: { input?: string; env?: Record<string, string> } = {}): Promise<TmlResult> {
-  return startTml(configFile, args, options).result;
 }
 
 /** Polls `check` until it returns true, failing after `timeoutMs`. */

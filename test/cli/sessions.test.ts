@@ -115,7 +115,7 @@ describe("tml console and port-forward on the all-in-one testbed", () => {
       }
     })();
     expect(echoed).toContain("ping-through-the-proxy");
-    forward.child.kill("SIGINT");
+    forward.interrupt();
     expect((await forward.result).code).toBe(0);
     await tml(config, ["job", "cancel", jobId]);
   }, 90000);

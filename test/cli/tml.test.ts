@@ -3,7 +3,7 @@ import { randomBytes } from "node:crypto";
 import { readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { copyFile, mkdir, symlink } from "node:fs/promises";
-import { ADMIN_PASSWORD, startTml, startWorld, tml, type CliWorld } from "./harness.js";
+import { ADMIN_PASSWORD, spawnTml, startWorld, tml, type CliWorld } from "./harness.js";
 
 let world: CliWorld;
 
@@ -77,7 +77,8 @@ describe("tml login, whoami and logout", () => {
   it("says the server cannot be reached (exit 3) when it is down", async () => {
     const config = world.configFile();
     // A port nothing listens on: the coordinator's port after it would have stopped is racy, so use port 1.
-    const login = await tml(config, ["login", "http://127.0.0.1:1", "--user", "admin", "--password-stdin"], { input: "x\n" });
+    // The real bin: under jest's module sandbox Node's own errors are not `instanceof Error`, which hides ECONNREFUSED from Connect.
+    const login = await spawnTml(config, ["login", "http://127.0.0.1:1", "--user", "admin", "--password-stdin"], { input: "x\n" }).result;
     expect(login.code).toBe(3);
     expect(login.stderr).toContain("Cannot reach the server at http://127.0.0.1:1 (connection refused)");
     expect(login.stderr.trim().split("\n")).toHaveLength(1);
@@ -177,8 +178,8 @@ describe("tml image", () => {
     const disk = join(world.dir, "disk.img");
     const bytes = randomBytes(24 * 1024 * 1024);
     await writeFile(disk, bytes);
-    const first = startTml(config, ["image", "push", disk, "--name", "vm/disk:1", "--limit-rate", "4M"]);
-    // Wait until part of the disk has gone up, then kill the client hard.
+    // A real process, killed hard once part of the disk has gone up.
+    const first = spawnTml(config, ["image", "push", disk, "--name", "vm/disk:1", "--limit-rate", "4M"]);
     await first.waitForLine(/Uploading disk\.img: [1-9][\d.]* MiB/);
     first.child.kill("SIGKILL");
     await first.result;
@@ -271,7 +272,8 @@ describe("tml job", () => {
   }, 120_000);
 
   it("cancels the job on Ctrl-C without a terminal and exits 1", async () => {
-    const run = startTml(config, ["job", "run", "example/long"]);
+    // The real bin, so that the signal goes the way a shell sends it.
+    const run = spawnTml(config, ["job", "run", "example/long"]);
     await run.waitForLine(/^started\r?$/);
     run.child.kill("SIGINT");
     const result = await run.result;

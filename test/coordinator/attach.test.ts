@@ -12,8 +12,8 @@ import {
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { newSecret } from "../../coordinator/auth.js";
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
-import { connectHttp2, openRawCall } from "../../lib/raw-grpc-client.js";
-import { frame } from "../../lib/server/raw-grpc.js";
+import { connectHttp2, openRawCall } from "../../lib/grpc/client.js";
+import { frame } from "../../lib/grpc/wire.js";
 import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { randomUUID } from "node:crypto";
-import { audit } from "../../coordinator/audit.js";
+import { audit } from "../../coordinator/db/queries/audit.js";
 import { createTestDatabase, type TestDatabase } from "../support/db.js";
 
 describe("the audit log", () => {

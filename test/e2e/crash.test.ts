@@ -6,7 +6,8 @@ import { ExitStatus, FinalizeReason, JobEventKind, JobState, type Job } from "..
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { startCluster, type Cluster } from "../support/cluster.js";
 
-const GRACE_MS = 1500;
+/** Long enough for a SIGKILLed supervisor to start again on a loaded machine. */
+const GRACE_MS = 8000;
 
 /** A workload that waits for the file /go (created by the test in its root), then exits with `code`. */
 const waitForGo = (code: number) => `echo waiting; while [ ! -e /go ]; do sleep 0.1; done; echo released; exit ${code}`;
@@ -105,11 +106,14 @@ describe("crashes of the coordinator and of supervisors", () => {
     // The driver's "job started" line: a workload was started (the supervisor's own logs of the tally, outside Treadmill's records).
     const startsOfAttempt1 = (lines: string[]) =>
       lines.filter((l) => l.includes('"subsystem":"driver"') && l.includes('"msg":"job started"') && l.includes(id) && l.includes('"attempt":1,')).length;
-    expect(startsOfAttempt1(before.lines) + startsOfAttempt1(victim.proc.lines)).toBe(1);
-    const job = await getJob(id);
-    expect(job.timeline.find((e) => e.kind === JobEventKind.RESTARTED && e.attempt === 2)?.message).toMatch(/attempt 1 ended host_start_failure.*already ran on this host/);
-    await cluster.client(JobService).cancelJob({ jobId: done.id });
-    await cluster.waitFinalized(id, 60000);
+    try {
+      expect(startsOfAttempt1(before.lines) + startsOfAttempt1(victim.proc.lines)).toBe(1);
+      const job = await getJob(id);
+      expect(job.timeline.find((e) => e.kind === JobEventKind.RESTARTED && e.attempt === 2)?.message).toMatch(/attempt 1 ended host_start_failure.*already ran on this host/);
+    } finally {
+      await cluster.client(JobService).cancelJob({ jobId: done.id });
+      await cluster.waitFinalized(id, 60000);
+    }
   }, 180000);
 
   it("keeps jobs running while the coordinator is down; the supervisors re-attach and each job ends with its true exit status", async () => {

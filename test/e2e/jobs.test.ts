@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { ExitStatus, FinalizeReason, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { dialTunnel } from "../../lib/tunnel-client.js";
+import { dialTunnel } from "../../lib/tunnel/client.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 
 /** End to end on npm start's testbed: coordinator, store, cache, log server, proxy, process supervisors and a simulated board. */

@@ -5,9 +5,14 @@ import { createClient } from "@connectrpc/connect";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { FinalizeReason, JobEventKind, JobState, LogStatus, type Job } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { FrameCache, Spill, SpillBudget } from "../../lib/log-shipper/spill.js";
-import { startTml, tml } from "../cli/harness.js";
+import { FrameCache, Spill, SpillBudget } from "../../supervisor/log-shipper/spill.js";
+import { spawnTml } from "../cli/harness.js";
 import { startCluster, type Cluster } from "../support/cluster.js";
+
+// The real bin: what tml says about an unreachable log server rests on Node's
+// network errors, which jest's module sandbox hides from Connect (test/cli/harness.ts).
+const tml = (...args: Parameters<typeof spawnTml>) => spawnTml(...args).result;
+const startTml = spawnTml;
 
 /** The per-host spill cap of the cluster's supervisors (small, to reach it in a test). */
 const CAP = 256 * 1024;

@@ -1,5 +1,5 @@
 import { describe, it, expect } from "@jest/globals";
-import { ConfigError, envName, flagName, loadConfig, parseDuration, redactConfig, usage, wantsHelp } from "../../lib/config.js";
+import { closest, ConfigError, envName, flagName, loadConfig, parseDuration, readArgv, redactConfig, usage, wantsHelp } from "../../lib/config.js";
 
 const schema = {
   port: { type: "int", default: 7700, min: 0, max: 65535, description: "port to listen on" },
@@ -159,5 +159,39 @@ describe("usage", () => {
     expect(text).toMatch(/--data-dir=PATH\s+state directory \(required\)/);
     expect(text).toContain("env TREADMILL_IMAGE_STORE_GRACE_MS");
     expect(text).toContain("env DATABASE_URL");
+  });
+});
+
+describe("readArgv, the one command-line reader", () => {
+  const cli = {
+    output: { type: "string", short: "o", description: "format" },
+    detach: { type: "bool", short: "d", description: "detach" },
+    tag: { type: "list", description: "tags" },
+  } as const;
+
+  it("reads the CLI's short flags, values that look like flags, and arguments after --", () => {
+    const items = readArgv(["-ojson", "-d", "--tag", "--x", "job", "-q", "--", "-o"], cli, { shortFlags: true, anyWordIsValue: true });
+    expect(items).toEqual([
+      { kind: "flag", key: "output", name: "o", value: "json" },
+      { kind: "switch", key: "detach", name: "d" },
+      { kind: "flag", key: "tag", name: "tag", value: "--x" },
+      { kind: "argument", value: "job", index: 4, afterDashes: false },
+      { kind: "unknown flag", name: "q", short: true },
+      { kind: "argument", value: "-o", index: 7, afterDashes: true },
+    ]);
+  });
+
+  it("reads the components' --no-x and takes no flag as a value, by default", () => {
+    expect(readArgv(["--no-verbose", "--host", "--port", "-h", "1", "--help"], schema, { negation: true, skip: ["--help"] })).toEqual([
+      { kind: "flag", key: "verbose", name: "verbose", value: "false" },
+      { kind: "missing value", key: "host", name: "host" },
+      { kind: "flag", key: "port", name: "port", value: "-h" },
+      { kind: "argument", value: "1", index: 4, afterDashes: false },
+    ]);
+  });
+
+  it("suggests the nearest flag, counting a transposition as one edit", () => {
+    expect(closest("hsot", ["port", "host"], 1)).toBe("host");
+    expect(closest("zzzz", ["port", "host"], 2)).toBeUndefined();
   });
 });

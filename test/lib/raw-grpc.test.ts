@@ -1,15 +1,20 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
+import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 import type { ClientHttp2Session } from "node:http2";
-import { connectHttp2, openRawCall } from "../../lib/raw-grpc-client.js";
+import { connectHttp2, openRawCall } from "../../lib/grpc/client.js";
 import type { Server } from "../../lib/server.js";
-import { createRawGrpcHandler, frame } from "../../lib/server/raw-grpc.js";
-import { startEchoServer } from "../support/echo-service.js";
+import { EchoService } from "../../gen/treadmill/testing/v1/echo_service_pb.js";
+import { protobufCodec } from "../../lib/grpc/codec.js";
+import { clientStreamingRoute, createRawGrpcHandler, procedureOf, rawProcedure } from "../../lib/grpc/server.js";
+import { frame } from "../../lib/grpc/wire.js";
+import { EchoServiceImpl, startEchoServer } from "../support/echo-service.js";
 import { createLogger } from "../../lib/logger.js";
 
-const ECHO = "/test.Raw/Echo";
-const FAIL = "/test.Raw/Fail";
-const HANG = "/test.Raw/Hang";
+// Hand-framed procedures on the paths of EchoService's methods.
+const ECHO = procedureOf(EchoService.method.echoBidiStream);
+const FAIL = procedureOf(EchoService.method.echo);
+const HANG = procedureOf(EchoService.method.echoServerStream);
 
 /** The call's messages, or the ConnectError it ended with. */
 async function outcome(session: ClientHttp2Session, path: string, messages: Uint8Array[], headers: Record<string, string> = {}) {
@@ -25,7 +30,7 @@ async function outcome(session: ClientHttp2Session, path: string, messages: Uint
   }
 }
 
-describe("hand-written gRPC procedures (lib/server/raw-grpc.ts)", () => {
+describe("hand-written gRPC procedures (lib/grpc/server.ts)", () => {
   let server: Server;
   let session: ClientHttp2Session;
 
@@ -34,15 +39,17 @@ describe("hand-written gRPC procedures (lib/server/raw-grpc.ts)", () => {
     server = await startEchoServer({
       logger,
       http: createRawGrpcHandler({
-        procedures: {
-          [ECHO]: async (call) => {
+        routes: [
+          rawProcedure(EchoService.method.echoBidiStream, async (call) => {
             for await (const m of call.messages()) await call.write(frame(Buffer.from(`echo:${Buffer.from(m).toString()}`)));
-          },
-          [FAIL]: () => Promise.reject(new ConnectError("no such thing: 100% gone", Code.NotFound)),
-          [HANG]: (call) => new Promise((_resolve, reject) => call.signal.addEventListener("abort", () => reject(call.signal.reason))),
-        },
+          }),
+          rawProcedure(EchoService.method.echo, () => Promise.reject(new ConnectError("no such thing: 100% gone", Code.NotFound))),
+          rawProcedure(
+            EchoService.method.echoServerStream,
+            ({ context: { signal } }) => new Promise((_resolve, reject) => signal.addEventListener("abort", () => reject(signal.reason))),
+          ),
+        ],
         maxMessageBytes: 64,
-        logger,
       }),
     });
     session = connectHttp2(server.address().url);
@@ -88,5 +95,63 @@ describe("hand-written gRPC procedures (lib/server/raw-grpc.ts)", () => {
     expect(count(FAIL, "NotFound")).toBe(1);
     expect(count(ECHO, "ResourceExhausted")).toBe(1);
     expect(count(HANG, "DeadlineExceeded")).toBe(1);
+  });
+});
+
+describe("raw routes (lib/grpc/server.ts calling a ServiceImpl method)", () => {
+  const SECRET = "connection to db-7 refused, password hunter2";
+  const lines: { level: number; msg: string; procedure?: string; code?: string; err?: { message: string } }[] = [];
+  let server: Server;
+  let sessions: Http2SessionManager;
+  let client: Client<typeof EchoService>;
+
+  beforeAll(async () => {
+    const logger = createLogger({ level: "info", destination: { write: (line: string) => void lines.push(JSON.parse(line)) } });
+    const echo = new EchoServiceImpl();
+    server = await startEchoServer({
+      logger,
+      bulkProcedures: [procedureOf(EchoService.method.echoClientStream)],
+      http: createRawGrpcHandler({
+        routes: [
+          clientStreamingRoute(
+            EchoService.method.echoClientStream,
+            protobufCodec(EchoService.method.echoClientStream.input, EchoService.method.echoClientStream.output),
+            async (requests, context) => {
+              if (context.requestHeader.get("x-fail") !== null) throw new Error(SECRET);
+              return echo.echoClientStream(requests);
+            },
+          ),
+        ],
+        maxMessageBytes: 1024,
+      }),
+    });
+    sessions = new Http2SessionManager(server.address().url);
+    client = createClient(EchoService, createGrpcTransport({ baseUrl: server.address().url, sessionManager: sessions }));
+  });
+
+  afterAll(async () => {
+    sessions?.abort();
+    await server?.stop();
+  });
+
+  it("answers with what the method returns", async () => {
+    const answer = await client.echoClientStream(
+      (async function* () {
+        yield { text: "a" };
+        yield { text: "bc" };
+      })(),
+    );
+    expect({ text: answer.text, count: answer.count }).toEqual({ text: "abc", count: 2 });
+  });
+
+  it("sends a failure that is not a ConnectError as Internal and logs its cause, as the Connect interceptor does", async () => {
+    const failure = await client.echoClientStream((async function* () {})(), { headers: { "x-fail": "1" } }).then(
+      () => undefined,
+      (err: unknown) => ConnectError.from(err),
+    );
+    expect(failure?.code).toBe(Code.Internal);
+    expect(failure?.rawMessage).toBe("internal error");
+    const line = lines.find((l) => l.msg === "rpc failed" && l.procedure === procedureOf(EchoService.method.echoClientStream));
+    expect(line).toMatchObject({ level: 50, code: "Internal", err: { message: SECRET } });
   });
 });

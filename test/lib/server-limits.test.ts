@@ -19,7 +19,7 @@ import { serverOptions } from "../../lib/component.js";
 import { createLogger, silentLogger } from "../../lib/logger.js";
 import { loadProxyConfig } from "../../proxy/config.js";
 import type { Server, ServerOptions } from "../../lib/server.js";
-import { frame } from "../../lib/server/raw-grpc.js";
+import { frame } from "../../lib/grpc/wire.js";
 import { isRefusedStream, refusedStreamRetry } from "../../lib/retry.js";
 import { startEchoServer, within } from "../support/echo-service.js";
 import { createTestCertificate } from "../support/tls.js";

@@ -92,6 +92,40 @@ describe("the websocket entrance", () => {
   }, 60_000);
 });
 
+describe("the websocket entrance with a client that breaks the protocol", () => {
+  it("closes the websocket with 1002 on an unmasked frame and releases the tunnel", async () => {
+    const token = await dialToken(keys, "job-e", "echo");
+    const { hostname, port } = new URL(proxy.address().url);
+    const net = await import("node:net");
+    const socket = net.connect({ host: hostname, port: Number(port) });
+    let received = Buffer.alloc(0);
+    socket.on("data", (d: Buffer) => (received = Buffer.concat([received, d])));
+    const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+    socket.write(
+      [
+        "GET /ws/job-e/echo HTTP/1.1",
+        `Host: ${hostname}:${port}`,
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        `Sec-WebSocket-Key: ${randomBytes(16).toString("base64")}`,
+        "Sec-WebSocket-Version: 13",
+        `Sec-WebSocket-Protocol: treadmill.tunnel.v1, bearer.${token}`,
+        "",
+        "",
+      ].join("\r\n"),
+    );
+    await until(() => received.includes('"type":"opened"'), "the opened message");
+    const opened = received.length;
+    // A binary frame without the mask bit: clients must mask (RFC 6455, 5.1).
+    socket.write(Buffer.from([0x82, 0x03, 0x61, 0x62, 0x63]));
+    await closed;
+    const frame = received.subarray(opened);
+    expect(frame[0]).toBe(0x88);
+    expect(frame.readUInt16BE(2)).toBe(1002);
+    await until(() => proxy.tunnelCount() === 0, "the tunnel released");
+  });
+});
+
 describe("the tcp entrance", () => {
   it("carries socat's bytes through a port bound for the session", async () => {
     const token = await dialToken(keys, "job-e", "echo");

@@ -13,7 +13,7 @@ import {
 import { CloseReason } from "../../gen/treadmill/proxy/v1/tunnel_pb.js";
 import { silentLogger } from "../../lib/logger.js";
 import { createServer, type Server } from "../../lib/server.js";
-import { dialTunnel, type TunnelStream } from "../../lib/tunnel-client.js";
+import { dialTunnel, type TunnelStream } from "../../lib/tunnel/client.js";
 import { spawn, type ChildProcess } from "node:child_process";
 import { dialToken, exposeJob, makeKeys, readAll, startEchoServer, startProxy, until, within, type Keys } from "./helpers.js";
 

@@ -8,7 +8,7 @@ import { DialRequestSchema, TunnelService } from "../../gen/treadmill/proxy/v1/t
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
 import { CloseReason } from "../../gen/treadmill/proxy/v1/tunnel_pb.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
-import { dialTunnel, type TunnelStream } from "../../lib/tunnel-client.js";
+import { dialTunnel, type TunnelStream } from "../../lib/tunnel/client.js";
 import type { Proxy } from "../../proxy/proxy.js";
 import type { Exposer } from "../../supervisor/exposer.js";
 import { dialToken, exposeJob, makeKeys, readAll, startEchoServer, startProxy, until, within, type Keys } from "./helpers.js";

@@ -1,7 +1,7 @@
 /**
- * `npm test` and `npm run test:interop` first run scripts/check.mjs: with a
- * tool missing they stop at once, naming it, its Debian package and
- * `npm run setup` (issue #18, defect 8).
+ * `npm test`, `npm run test:security` and `npm run test:interop` first run
+ * scripts/check.mjs: with a tool missing they stop at once, naming it, its
+ * Debian package and `npm run setup` (issue #18, defect 8).
  */
 import { describe, expect, it } from "@jest/globals";
 import { spawn } from "node:child_process";
@@ -40,8 +40,21 @@ describe("the tests' pre-check", () => {
     }
   });
 
+  it("names npm run test:security and only the tools npm test needs when the security tests cannot run", async () => {
+    const empty = await mkdtemp(join(tmpdir(), "treadmill-no-tools-"));
+    try {
+      const result = await check("security", empty);
+      expect(result.code).toBe(1);
+      expect(result.stderr).toMatch(/^npm run test:security needs what is not installed here:/);
+      expect(result.stderr).toContain("bwrap (Debian package bubblewrap)");
+      expect(result.stderr).not.toContain("protoc");
+    } finally {
+      await rm(empty, { recursive: true });
+    }
+  });
+
   it("lets the tests run on a machine that npm run setup has set up", async () => {
-    for (const run of ["test", "interop"]) {
+    for (const run of ["test", "security", "interop"]) {
       const result = await check(run, process.env.PATH ?? "");
       expect(result).toMatchObject({ code: 0, stderr: "" });
     }

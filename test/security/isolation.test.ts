@@ -1,7 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
+import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { readdir, readFile, readlink } from "node:fs/promises";
+import { access, readdir, readFile, readlink } from "node:fs/promises";
 import { join } from "node:path";
+import { promisify } from "node:util";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
@@ -9,9 +11,11 @@ import { FinalizeReason, JobState, ReasonClass } from "../../gen/treadmill/coord
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
-import { dialTunnel } from "../../lib/tunnel-client.js";
+import { dialTunnel } from "../../lib/tunnel/client.js";
 import { processesOfUid, signalAll } from "../../supervisor/drivers/sandbox.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
+
+const execFileAsync = promisify(execFile);
 
 /**
  * Issue #17 holes 1 and 2, and #18 defect 5, on a real multi-user site (the
@@ -44,6 +48,19 @@ async function ownSocketInodes(): Promise<Set<number>> {
     if (m !== null) out.add(Number(m[1]));
   }
   return out;
+}
+
+/** The first file under `dir` (depth first) whose name ends with `suffix`, or undefined. */
+async function findFile(dir: string, suffix: string): Promise<string | undefined> {
+  for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
+    const path = join(dir, entry.name);
+    if (entry.isFile() && entry.name.endsWith(suffix)) return path;
+    if (entry.isDirectory()) {
+      const found = await findFile(path, suffix);
+      if (found !== undefined) return found;
+    }
+  }
+  return undefined;
 }
 
 /** This process's TCP listeners, by inode. */
@@ -128,15 +145,76 @@ describe("isolation of jobs from each other and from their host", () => {
     const ports6 = [...new Set(listeners.filter((l) => l.v6only).map((l) => l.port))];
     const alicePids = (await processesOfUid(aliceAt.uid)).map((p) => p.pid);
     expect(alicePids.length).toBeGreaterThan(0);
-    const aliceSecretFile = join(data(), "supervisors", aliceAt.host, "process", "jobs", `${aliceId}.1`, "rootfs", "run", "treadmill", "secrets", "KEY");
+    const aliceJobDir = join(data(), "supervisors", aliceAt.host, "process", "jobs", `${aliceId}.1`);
+    const aliceSecretFile = join(aliceJobDir, "rootfs", "run", "treadmill", "secrets", "KEY");
     const coordinatorPort = Number(new URL(tb.coordinatorUrl).port);
     // On a build that bridges consoles to TCP, the supervisor names alice's console port: expose it too.
     const aliceConsolePort = /console on 127\.0\.0\.1:(\d+)/.exec(aliceAt.supervisorLog)?.[1];
+    // What mallory's job goes after on the host: each is there.
+    const targets = {
+      alice_work_dir: aliceJobDir,
+      alice_secret_file: aliceSecretFile,
+      // The supervisor's log spill of alice's job: her output and the log:write token beside it.
+      alice_log_spill: await findFile(join(data(), "supervisors", aliceAt.host, "spill", `${aliceId}-1`), ".shipper.json"),
+      // The testbed's state: every host's credential and the service credential.
+      state_file: join(data(), "testbed.json"),
+      // The driver's Unix sockets (alice's console among them) and the slots' claims.
+      console_sockets: "/run/treadmill/sockets",
+      slot_claims: "/run/treadmill/slots",
+      pg_dir: join(data(), "coordinator", "postgres"),
+      pg_password: join(data(), "coordinator", "postgres", "password"),
+      pg_files: join(data(), "coordinator", "postgres", "pgdata", "PG_VERSION"),
+      cache_blob_dir: join(data(), "image-cache", "blobs", "sha256"),
+      cache_blob_file: await findFile(join(data(), "image-cache", "blobs", "sha256"), ""),
+      store_blob_file: await findFile(join(data(), "image-store", "blobs", "sha256"), ""),
+      log_files: join(data(), "log-server"),
+    };
+    for (const [name, path] of Object.entries(targets)) {
+      const found = path === undefined ? "missing" : await access(path).then(() => path, () => "missing");
+      expect({ name, found }).toEqual({ name, found: path });
+    }
+    const params: Record<string, string> = {
+      ...(targets as Record<string, string>),
+      supervisor_pid: String(process.pid),
+      pg_port: String(pgPort),
+      coordinator_port: String(coordinatorPort),
+    };
+    /** Each attack on the rest of the host: a name and a command that succeeds when it got through. */
+    const attacks = (signal: string): [string, string][] => [
+      // Another job's files, processes and secrets...
+      ["alice-work-dir", "ls $TREADMILL_PARAM_alice_work_dir"],
+      ["alice-secret-file", "cat $TREADMILL_PARAM_alice_secret_file"],
+      ["alice-log-spill", "cat $TREADMILL_PARAM_alice_log_spill"],
+      ...alicePids.map((pid): [string, string] => [`environment-${pid}`, `cat /proc/${pid}/environ`]),
+      ...alicePids.map((pid): [string, string] => [`signal-${pid}`, `kill -${signal} ${pid}`]),
+      // ...the supervisor's credential and sockets...
+      ["supervisor-environment", "cat /proc/$TREADMILL_PARAM_supervisor_pid/environ"],
+      ["host-credentials", "cat $TREADMILL_PARAM_state_file"],
+      ["console-sockets", "ls $TREADMILL_PARAM_console_sockets"],
+      ["slot-claims", "ls $TREADMILL_PARAM_slot_claims"],
+      // ...the coordinator's database, by its port and by its files...
+      ["database-port", "timeout 3 nc 127.0.0.1 $TREADMILL_PARAM_pg_port -e /bin/true"],
+      ["coordinator-port", "timeout 3 nc 127.0.0.1 $TREADMILL_PARAM_coordinator_port -e /bin/true"],
+      ["database-socket", "ls $TREADMILL_PARAM_pg_dir"],
+      ["database-password", "cat $TREADMILL_PARAM_pg_password"],
+      ["database-files", "cat $TREADMILL_PARAM_pg_files"],
+      // ...the cache's, the store's and the log server's files.
+      ["cache-blobs", "ls $TREADMILL_PARAM_cache_blob_dir"],
+      ["cache-blob-file", "cat $TREADMILL_PARAM_cache_blob_file"],
+      ["store-blob-file", "cat $TREADMILL_PARAM_store_blob_file"],
+      ["log-files", "ls $TREADMILL_PARAM_log_files"],
+    ];
+    const attempt = ([what, command]: [string, string]) => `if ${command} >/dev/null 2>&1; then echo LEAK-${what}; else echo denied-${what}; fi`;
+
+    // Control: from the host, as root, with the same shell, every attack gets through
+    // (a probe, not a kill, for alice's processes): each would be seen from the job.
+    const control = await execFileAsync("/bin/busybox", ["sh", "-c", attacks("0").map(attempt).join("\n")], {
+      env: { PATH: process.env.PATH, ...Object.fromEntries(Object.entries(params).map(([k, v]) => [`TREADMILL_PARAM_${k}`, v])) },
+    });
+    expect(control.stdout.trim().split("\n")).toEqual(attacks("0").map(([what]) => `LEAK-${what}`));
 
     // The connection stays open a moment after the command, for the shell's answer to come back.
     const probe = `{ printf 'echo PROBE-$(id -u); cat /run/treadmill/secrets/KEY\\n'; sleep 2; }`;
-    const attempt = (what: string, command: string) =>
-      `if ${command} >/dev/null 2>&1; then echo LEAK-${what}; else echo denied-${what}; fi`;
     const script = [
       "echo mallory-start",
       // Control: nc and this job's own loopback work.
@@ -150,12 +228,9 @@ describe("isolation of jobs from each other and from their host", () => {
       "wait $probes",
       'echo "tried $tried ports"',
       // The rest of the host, from inside.
-      attempt("alice-secret-file", "cat $TREADMILL_PARAM_alice_secret_file"),
-      "for pid in $TREADMILL_PARAM_alice_pids; do " + attempt("signal-$pid", "kill -KILL $pid") + "; done",
-      attempt("supervisor-environment", "cat /proc/$TREADMILL_PARAM_supervisor_pid/environ"),
-      attempt("host-credentials", "cat $TREADMILL_PARAM_state_file"),
-      attempt("cache-blobs", "ls $TREADMILL_PARAM_blob_dir"),
-      attempt("database-socket", "ls $TREADMILL_PARAM_pg_dir"),
+      ...attacks("KILL").map(attempt),
+      // Last, a signal to every process the job may signal: its own only (alice's job runs on, below).
+      "kill -KILL -1",
       "echo mallory-done",
       "exec sleep 100000",
     ].join("\n");
@@ -167,12 +242,7 @@ describe("isolation of jobs from each other and from their host", () => {
           { name: "script", value: script },
           { name: "ports4", value: ports4.join(" ") },
           { name: "ports6", value: ports6.join(" ") },
-          { name: "alice_secret_file", value: aliceSecretFile },
-          { name: "alice_pids", value: alicePids.join(" ") },
-          { name: "supervisor_pid", value: String(process.pid) },
-          { name: "state_file", value: join(data(), "testbed.json") },
-          { name: "blob_dir", value: join(data(), "image-cache", "blobs", "sha256") },
-          { name: "pg_dir", value: join(data(), "coordinator", "postgres") },
+          ...Object.entries(params).map(([name, value]) => ({ name, value })),
         ],
         // Hole 2: exposures naming the site's database, the coordinator and (where it has one) alice's console port.
         exposedPorts: [
@@ -192,9 +262,7 @@ describe("isolation of jobs from each other and from their host", () => {
     expect(seen).not.toContain(secret);
     expect(seen).not.toMatch(/^port6?-\d+: /m);
     expect(seen).not.toContain("LEAK-");
-    for (const what of ["alice-secret-file", "supervisor-environment", "host-credentials", "cache-blobs", "database-socket", ...alicePids.map((p) => `signal-${p}`)]) {
-      expect(seen).toContain(`denied-${what}`);
-    }
+    for (const [what] of attacks("KILL")) expect(seen).toContain(`denied-${what}`);
 
     // Through the proxy: each of mallory's exposures is refused by the supervisor.
     const sessions = createClient(JobService, mallory);

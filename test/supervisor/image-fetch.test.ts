@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { FinalizeReason } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { ImageSourceSchema, StartJobSchema, type ImageSource } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { uploadBlob } from "../../lib/image-client.js";
+import { uploadBlob } from "../../lib/image/client.js";
 import { silentLogger } from "../../lib/logger.js";
 import { loadLogServerConfig } from "../../stores/log/config.js";
 import { createLogServer } from "../../stores/log/log-server.js";

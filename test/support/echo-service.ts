@@ -11,7 +11,7 @@ import { silentLogger } from "../../lib/logger.js";
 import { createServer, type Server, type ServerOptions } from "../../lib/server.js";
 
 /** An async iterable fed by hand (for streaming requests). */
-import { AsyncQueue as Pushable } from "../../lib/async-queue.js";
+import { AsyncQueue as Pushable } from "../../lib/async/queue.js";
 export { Pushable };
 
 /**

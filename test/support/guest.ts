@@ -27,7 +27,7 @@ import { join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { gzipSync } from "node:zlib";
 import { imageOf, layerOf, writeTree, type TestImage } from "../../testbed/images.js";
-import { INITRD_MEDIA_TYPE, KERNEL_MEDIA_TYPE, QCOW2_MEDIA_TYPE } from "../../supervisor/drivers/driver.js";
+import { INITRD_MEDIA_TYPE, KERNEL_MEDIA_TYPE, QCOW2_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { CMDLINE_ANNOTATION, LOWER_ANNOTATION } from "../../supervisor/drivers/qemu-image.js";
 
 const execFileAsync = promisify(execFile);

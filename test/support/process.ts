@@ -20,8 +20,8 @@ export interface LineWatcher {
   waitForLine(pattern: RegExp, timeoutMs: number, from?: number): Promise<string>;
 }
 
-/** Watches `child`'s output lines; `ended` settles when no more can come. */
-export function watchLines(child: ChildProcess, ended: Promise<unknown>): LineWatcher {
+/** Watches the output lines of `child` (a process, or anything with its two output streams); `ended` settles when no more can come. */
+export function watchLines(child: Pick<ChildProcess, "stdout" | "stderr">, ended: Promise<unknown>): LineWatcher {
   const lines: string[] = [];
   const waiters: { pattern: RegExp; resolve: (line: string) => void }[] = [];
   const onLine = (line: string) => {

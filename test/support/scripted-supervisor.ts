@@ -27,10 +27,10 @@ import {
   type SupervisorWelcome,
   SupervisorService,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { AsyncQueue } from "../../lib/async-queue.js";
+import { AsyncQueue } from "../../lib/async/queue.js";
 import { bearerInterceptor } from "../../lib/coordinator-client.js";
-import { connectHttp2, openRawCall } from "../../lib/raw-grpc-client.js";
-import { frame } from "../../lib/server/raw-grpc.js";
+import { connectHttp2, openRawCall } from "../../lib/grpc/client.js";
+import { frame } from "../../lib/grpc/wire.js";
 
 type Termination = MessageInitShape<typeof JobTerminationSchema>;
 

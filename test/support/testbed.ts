@@ -8,7 +8,7 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import { JobState, type Job } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
-import { pushImage } from "../../lib/image-push.js";
+import { pushImage } from "../../lib/image/push.js";
 import { createLogger } from "../../lib/logger.js";
 import { loadTestbedConfig, type TestbedConfig } from "../../testbed/config.js";
 import { buildBusyboxImage, type FileSpec } from "../../testbed/images.js";

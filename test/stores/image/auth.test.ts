@@ -2,7 +2,8 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { readdir } from "node:fs/promises";
 import { join } from "node:path";
-import { readBlobChunks, uploadBlob, type BlobSource } from "../../../lib/image-client.js";
+import { type BlobSource } from "../../../lib/image/blob-io.js";
+import { readBlobChunks, uploadBlob } from "../../../lib/image/client.js";
 import { TokenSigner, generateSigningKey } from "../../../lib/tokens.js";
 import {
   codeOf,

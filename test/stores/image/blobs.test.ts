@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { downloadBlob, readBlobChunks, uploadBlob } from "../../../lib/image-client.js";
+import { downloadBlob, readBlobChunks, uploadBlob } from "../../../lib/image/client.js";
 import { writeRandomFile } from "../../bench/baselines.js";
 import {
   bufferSource,
@@ -19,7 +19,8 @@ import {
   type RunningStore,
   type Signer,
 } from "./helpers.js";
-import { digestFile, fileSource } from "../../../lib/image-client.js";
+import { fileSource } from "../../../lib/image/blob-io.js";
+import { digestFile } from "../../../lib/image/digest.js";
 
 describe("image store blobs", () => {
   let dir: string;

@@ -8,7 +8,7 @@ import { readFile } from "node:fs/promises";
 import { createServer as createNetServer, type Server as NetServer } from "node:net";
 import { join } from "node:path";
 import { Writable } from "node:stream";
-import { readBlobChunks, uploadBlob } from "../../../lib/image-client.js";
+import { readBlobChunks, uploadBlob } from "../../../lib/image/client.js";
 import { createLogger } from "../../../lib/logger.js";
 import type { Capability } from "../../../lib/tokens.js";
 import { bufferSource, codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";

@@ -6,7 +6,8 @@ import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import type { FetchResponse } from "../../../gen/treadmill/image/v1/image_cache_service_pb.js";
-import { readBlobChunks, uploadBlob, type BlobSource } from "../../../lib/image-client.js";
+import { type BlobSource } from "../../../lib/image/blob-io.js";
+import { readBlobChunks, uploadBlob } from "../../../lib/image/client.js";
 import { codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
 
 const run = promisify(execFile);

@@ -1,4 +1,4 @@
-// The image client's thin PutBlob/GetBlob (lib/image-client.ts) against a real
+// The image client's thin PutBlob/GetBlob (lib/image/client.ts) against a real
 // store: what a Connect client gives (statuses, deadlines, cancellation) and
 // what it adds (pieces without copies, a background writer), and a stock
 // connect-node gRPC client against the store's bulk handler.
@@ -9,7 +9,8 @@ import { open, readFile } from "node:fs/promises";
 import { createServer, type AddressInfo } from "node:net";
 import { join } from "node:path";
 import { ImageStoreService } from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { BackgroundWriter, imageStoreClient, imageStoreTransport, readBlobPieces } from "../../../lib/image-client.js";
+import { BackgroundWriter } from "../../../lib/image/blob-io.js";
+import { imageStoreClient, imageStoreTransport, readBlobPieces } from "../../../lib/image/client.js";
 import { codeOf, collect, makeTempDir, randomBlob, removeDir, storeWithImage } from "./helpers.js";
 
 const MIB = 1024 * 1024;

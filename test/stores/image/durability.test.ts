@@ -6,7 +6,8 @@ import { execFile } from "node:child_process";
 import { mkdir, readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { imageStoreClient, imageStoreTransport, uploadBlob, type BlobSource } from "../../../lib/image-client.js";
+import { type BlobSource } from "../../../lib/image/blob-io.js";
+import { imageStoreClient, imageStoreTransport, uploadBlob } from "../../../lib/image/client.js";
 import { startProcess, type RunningProcess } from "../../support/process.js";
 import { codeOf, makeSigner, makeTempDir, randomBlob, removeDir, startStore, type Signer } from "./helpers.js";
 

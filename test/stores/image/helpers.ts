@@ -8,14 +8,14 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { ImageCacheService } from "../../../gen/treadmill/image/v1/image_cache_service_pb.js";
+import { type BlobSource } from "../../../lib/image/blob-io.js";
 import {
   imageStoreClient,
   imageStoreTransport,
   uploadBlob,
-  type BlobSource,
   type ImageStoreClient,
   type ImageTransport,
-} from "../../../lib/image-client.js";
+} from "../../../lib/image/client.js";
 import { silentLogger } from "../../../lib/logger.js";
 import { TokenSigner, generateSigningKey, type Capability } from "../../../lib/tokens.js";
 import { loadImageStoreConfig, type ImageStoreConfig } from "../../../stores/image/config.js";

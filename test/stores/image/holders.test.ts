@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { rm, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { readBlobChunks, uploadBlob } from "../../../lib/image-client.js";
+import { readBlobChunks, uploadBlob } from "../../../lib/image/client.js";
 import type { Capability } from "../../../lib/tokens.js";
 import { bufferSource, codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
 

@@ -2,7 +2,8 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { readdir, readFile, stat, utimes } from "node:fs/promises";
 import { join } from "node:path";
-import { uploadBlob, type BlobSource } from "../../../lib/image-client.js";
+import { type BlobSource } from "../../../lib/image/blob-io.js";
+import { uploadBlob } from "../../../lib/image/client.js";
 import { codeOf, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, sha256, startStore, type RunningStore, type Signer } from "./helpers.js";
 
 const source =

@@ -16,7 +16,7 @@ import {
   type GetBlobResponse,
   type PutBlobResponse,
 } from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { frame } from "../../../lib/server/raw-grpc.js";
+import { frame } from "../../../lib/grpc/wire.js";
 import { collect, randomBlob, storeWithImage } from "./helpers.js";
 
 const MIB = 1024 * 1024;

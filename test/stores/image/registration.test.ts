@@ -13,7 +13,7 @@ import {
 import { silentLogger } from "../../../lib/logger.js";
 import { createServer, type Server } from "../../../lib/server.js";
 import { makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type Signer } from "./helpers.js";
-import { uploadBlob } from "../../../lib/image-client.js";
+import { uploadBlob } from "../../../lib/image/client.js";
 
 interface Seen {
   registers: { request: RegisterRequest; authorization: string | null }[];

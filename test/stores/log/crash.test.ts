@@ -6,7 +6,7 @@ import { createServer as createNetServer } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { ReadEndReason } from "../../../gen/treadmill/log/v1/log_service_pb.js";
-import { LogShipper } from "../../../lib/log-shipper.js";
+import { LogShipper } from "../../../supervisor/log-shipper.js";
 import { silentLogger } from "../../../lib/logger.js";
 import { startProcess, type RunningProcess } from "../../support/process.js";
 import { auth, logClient, makeKeys, readAll, tempDir, within, type Keys } from "./helpers.js";

@@ -23,7 +23,7 @@ import type { Keys } from "../../support/keys.js";
 export type { Keys };
 
 /** An async iterable fed by hand (for streaming requests). */
-import { AsyncQueue as Pushable } from "../../../lib/async-queue.js";
+import { AsyncQueue as Pushable } from "../../../lib/async/queue.js";
 export { Pushable };
 
 export { makeKeys } from "../../support/keys.js";

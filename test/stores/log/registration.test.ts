@@ -7,6 +7,7 @@ import {
   RegistryService,
   ServiceKind,
 } from "../../../gen/treadmill/coordinator/v1/registry_service_pb.js";
+import { Notifier } from "../../../lib/async/notifier.js";
 import { silentLogger } from "../../../lib/logger.js";
 import { createServer, type Server } from "../../../lib/server.js";
 import { makeKeys, startLogServer, tempDir, within } from "./helpers.js";
@@ -16,15 +17,15 @@ class FakeRegistry {
   registers: { request: RegisterRequest; authorization: string | null }[] = [];
   heartbeats: HeartbeatRequest[] = [];
   deregisters: DeregisterRequest[] = [];
-  private waiters: (() => void)[] = [];
+  private readonly changes = new Notifier();
 
   private changed() {
-    this.waiters.splice(0).forEach((w) => w());
+    this.changes.notify();
   }
 
   /** Resolves once `done()` holds. */
   async until(done: () => boolean): Promise<void> {
-    while (!done()) await new Promise<void>((resolve) => this.waiters.push(resolve));
+    while (!done()) await this.changes.wait();
   }
 
   routes = (router: ConnectRouter) => {

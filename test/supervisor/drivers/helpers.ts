@@ -1,16 +1,17 @@
 import { connect, type Socket } from "node:net";
 import { Writable } from "node:stream";
+import { Notifier } from "../../../lib/async/notifier.js";
 import { createLogger, type Logger } from "../../../lib/logger.js";
 import type { JobOutput, OutputChannel } from "../../../supervisor/drivers/driver.js";
 
 /** A JobOutput that keeps everything and lets a test wait for text on a channel. */
 export class CollectedOutput implements JobOutput {
   readonly chunks: Record<OutputChannel, Buffer[]> = { console: [], stdout: [], stderr: [], supervisor: [] };
-  private waiters: (() => void)[] = [];
+  private readonly written = new Notifier();
 
   write(channel: OutputChannel, bytes: Buffer): void {
     this.chunks[channel].push(Buffer.from(bytes));
-    for (const w of [...this.waiters]) w();
+    this.written.notify();
   }
 
   text(channel: OutputChannel): string {
@@ -23,22 +24,11 @@ export class CollectedOutput implements JobOutput {
 
   /** Resolves once `pattern` matches the channel's text so far. */
   waitFor(channel: OutputChannel, pattern: RegExp, timeoutMs = 20000): Promise<string> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        const m = pattern.exec(this.text(channel));
-        if (m === null) return false;
-        clearTimeout(timer);
-        this.waiters = this.waiters.filter((w) => w !== waiter);
-        resolve(m[0]);
-        return true;
-      };
-      const waiter = () => void check();
-      const timer = setTimeout(() => {
-        this.waiters = this.waiters.filter((w) => w !== waiter);
-        reject(new Error(`no ${pattern} on ${channel} within ${timeoutMs} ms; got:\n${this.all()}`));
-      }, timeoutMs);
-      if (!check()) this.waiters.push(waiter);
-    });
+    return this.written.until(
+      () => pattern.exec(this.text(channel))?.[0],
+      timeoutMs,
+      () => new Error(`no ${pattern} on ${channel} within ${timeoutMs} ms; got:\n${this.all()}`),
+    );
   }
 }
 
@@ -64,26 +54,20 @@ export async function socketClient(
     socket.once("error", reject);
   });
   let received = "";
-  const waiters: (() => void)[] = [];
+  const arrived = new Notifier();
   socket.on("data", (b: Buffer) => {
     received += b.toString("utf8");
-    for (const w of [...waiters]) w();
+    arrived.notify();
   });
   return {
     socket,
     text: () => received,
-    waitFor: (pattern, timeoutMs = 20000) =>
-      new Promise((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no ${pattern} from ${to}; got ${JSON.stringify(received)}`)), timeoutMs);
-        const check = () => {
-          if (!pattern.test(received)) return;
-          clearTimeout(timer);
-          const i = waiters.indexOf(check);
-          if (i !== -1) waiters.splice(i, 1);
-          resolve();
-        };
-        waiters.push(check);
-        check();
-      }),
+    waitFor: async (pattern, timeoutMs = 20000) => {
+      await arrived.until(
+        () => pattern.test(received),
+        timeoutMs,
+        () => new Error(`no ${pattern} from ${to}; got ${JSON.stringify(received)}`),
+      );
+    },
   };
 }

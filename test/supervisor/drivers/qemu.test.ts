@@ -9,9 +9,8 @@ import {
   QCOW2_MEDIA_TYPE,
   RAW_MEDIA_TYPE,
   ROOTFS_MEDIA_TYPE,
-  type ImageLayer,
-  type JobImage,
-} from "../../../supervisor/drivers/driver.js";
+} from "../../../lib/image/media-types.js";
+import { type ImageLayer, type JobImage } from "../../../supervisor/drivers/driver.js";
 import { blockdevArgs, exitCodeOfQemu, optionValue, parameterScript, qemuArgs, type QemuLaunch } from "../../../supervisor/drivers/qemu-args.js";
 import { CMDLINE_ANNOTATION, LOWER_ANNOTATION, parseQcow2Header, planChain, planVmImage } from "../../../supervisor/drivers/qemu-image.js";
 

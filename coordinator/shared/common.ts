@@ -1,6 +1,8 @@
 /**
- * Helpers shared by the catalog services: ids, validation (every message names
- * the field), timestamps, keyset page tokens and database error mapping.
+ * Helpers shared by the catalog services (services/) and the job system
+ * (jobs/), which import neither each other's folders nor this one's
+ * callers: ids, validation (every message names the field), timestamps,
+ * keyset page tokens and database error mapping.
  */
 import { createHash, randomBytes } from "node:crypto";
 import { type Timestamp, timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -34,6 +36,9 @@ export const MAX_TAGS = 64;
 /** An RFC 6838 media type, lower-case, without parameters. */
 export const MEDIA_TYPE = /^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$/;
 export const MAX_MEDIA_TYPES = 32;
+/** Image names and tags of the catalog (image.proto). */
+const IMAGE_NAME = /^[a-z0-9]+([._-][a-z0-9]+)*(\/[a-z0-9]+([._-][a-z0-9]+)*)*$/;
+const IMAGE_TAG = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** A required canonical (lower-case) UUID. */
@@ -48,6 +53,17 @@ export function checkPattern(field: string, value: string, pattern: RegExp, shap
   if (value === "") throw invalid(`${field} is required`);
   if (!pattern.test(value)) throw invalid(`${field} must match ${shape}`);
   return value;
+}
+
+/** An image name of the catalog. */
+export function checkName(field: string, name: string): string {
+  if (name.length > 128) throw invalid(`${field} must be at most 128 characters`);
+  return checkPattern(field, name, IMAGE_NAME, "lower-case components [a-z0-9]+([._-][a-z0-9]+)* joined by /");
+}
+
+/** An image tag of the catalog. */
+export function checkTag(field: string, tag: string): string {
+  return checkPattern(field, tag, IMAGE_TAG, "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}");
 }
 
 /** Free text of at most `max` characters, without control characters. */
@@ -75,6 +91,11 @@ export function checkMediaTypes(field: string, types: readonly string[], options
   if (types.length > MAX_MEDIA_TYPES) throw invalid(`${field} must have at most ${MAX_MEDIA_TYPES} entries`);
   for (const t of types) if (!MEDIA_TYPE.test(t)) throw invalid(`${field} entry "${clip(t)}" is not a media type`);
   return [...new Set(types)].sort();
+}
+
+/** `value` cut to at most `max` characters (stored text). */
+export function clipText(value: string, max: number): string {
+  return value.length <= max ? value : value.slice(0, max);
 }
 
 /** A value for a message, clipped so that a huge bad input does not make a huge error. */

@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import { appendFile, readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "@jest/globals";
-import { FrameCache, RECORD_HEADER_BYTES, Spill, SpillBudget, type SpillOptions } from "../../lib/log-shipper/spill.js";
+import { FrameCache, RECORD_HEADER_BYTES, Spill, SpillBudget, type SpillOptions } from "../../supervisor/log-shipper/spill.js";
 import { tempDir } from "../stores/log/helpers.js";
 
 let dir: { path: string; remove(): Promise<void> };

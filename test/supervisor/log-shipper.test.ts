@@ -5,7 +5,7 @@ import { Readable } from "node:stream";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { ReadEndReason } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import type { ServingComponent } from "../../lib/component.js";
-import { LogShipper, SpillBudget, type LossEvent } from "../../lib/log-shipper.js";
+import { LogShipper, SpillBudget, type LossEvent } from "../../supervisor/log-shipper.js";
 import { silentLogger } from "../../lib/logger.js";
 import { logClient, makeKeys, readAll, startLogServer, tempDir, type Keys, type TestClient } from "../stores/log/helpers.js";
 

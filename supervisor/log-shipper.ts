@@ -25,7 +25,7 @@
  * The spill lives in `spillDir` as `<job>-<attempt>.shipper.json` (who the log
  * belongs to, its servers, the current log:write token, whether the job
  * ended, what was lost; mode 0600: it holds a token) and one series of files
- * per channel (lib/log-shipper/spill.ts). The host's spills share a
+ * per channel (supervisor/log-shipper/spill.ts). The host's spills share a
  * SpillBudget: a frame the cap refuses is dropped and counted as lost, and
  * the channel takes frames again once the servers acknowledged enough.
  */
@@ -40,9 +40,11 @@ import {
   LogService,
   FrameSchema,
 } from "../gen/treadmill/log/v1/log_service_pb.js";
-import type { Logger } from "./logger.js";
-import { backoff, isTransientError, refusedStreamRetry, sleep } from "./retry.js";
-import { AsyncQueue } from "./async-queue.js";
+import type { Logger } from "../lib/logger.js";
+import { classify, keepStreaming, refusedStreamRetry, type StreamAttempt } from "../lib/retry.js";
+import { Notifier } from "../lib/async/notifier.js";
+import { AsyncQueue } from "../lib/async/queue.js";
+import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import { FrameCache, Spill, SpillBudget, writeAtomic } from "./log-shipper/spill.js";
 
 export { SpillBudget } from "./log-shipper/spill.js";
@@ -162,27 +164,6 @@ interface ShipperMeta {
 }
 
 type AppendRequestInit = MessageInitShape<typeof AppendRequestSchema>;
-
-/** Resolves waiters at every change of the shipper's state. */
-class Changes {
-  private waiters: (() => void)[] = [];
-
-  notify(): void {
-    const w = this.waiters;
-    this.waiters = [];
-    w.forEach((f) => f());
-  }
-
-  wait(timeoutMs: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(resolve, timeoutMs);
-      this.waiters.push(() => {
-        clearTimeout(timer);
-        resolve();
-      });
-    });
-  }
-}
 
 /** One channel as the job's driver sees it: a byte sink. */
 export class ShipperChannel {
@@ -329,45 +310,51 @@ class ServerSender {
     const e = ConnectError.from(err);
     this.lastProblem = `${Code[e.code]}: ${e.rawMessage}`;
     if (e.code === Code.Unauthenticated || e.code === Code.PermissionDenied) this.shipper.tokenRefused();
-    const permanent = !isTransientError(err) && e.code !== Code.Internal && e.code !== Code.Unknown && e.code !== Code.Canceled;
+    const permanent = classify(err) === "permanent";
     this.shipper.logger[permanent ? "error" : "warn"]({ url: this.url, code: Code[e.code], reason: e.rawMessage }, what);
   }
 
   private async run(): Promise<void> {
-    let delays = backoff({ ...this.shipper.reconnect, jitter: "full" });
-    while (!this.stopController.signal.aborted) {
-      if (this.shipper.sealed && this.caughtUp()) {
-        if (this.shipper.channelList().length === 0) {
-          // Nothing was ever written: nothing to close.
-          this.finish();
-          return;
-        }
-        try {
-          if (this.refused.size === 0) await this.closeChannels();
-          this.finish();
-          return;
-        } catch (err) {
-          if (this.stopController.signal.aborted) return;
-          this.failed(err, "log server did not close the channels");
-        }
-      } else {
-        let welcomed = false;
-        try {
-          welcomed = await this.session();
-        } catch (err) {
-          if (this.stopController.signal.aborted) return;
-          this.failed(err, "log server stream failed");
-        } finally {
-          this.connected = false;
-          this.requests = undefined;
-          this.shipper.changed();
-        }
-        // A stream that got as far as the welcome resets the backoff.
-        if (welcomed) delays = backoff({ ...this.shipper.reconnect, jitter: "full" });
-        if (this.shipper.sealed && this.caughtUp()) continue;
+    // Every failure is logged and retried where it happens (round()): a log
+    // server that refuses now may take the frames after an operator's fix.
+    await keepStreaming({
+      open: (attempt) => this.round(attempt),
+      backoff: { ...this.shipper.reconnect, jitter: "full" },
+      signal: this.stopController.signal,
+      onEnd: () => (this.finished ? "stop" : undefined),
+    });
+  }
+
+  /**
+   * One round: the Append stream while this server lacks frames, then, once
+   * the shipper is sealed and the server holds everything, the channels'
+   * close. A stream that ended after its welcome resets the backoff.
+   */
+  private async round(attempt: StreamAttempt): Promise<void> {
+    const signal = this.stopController.signal;
+    if (!(this.shipper.sealed && this.caughtUp())) {
+      try {
+        if (await this.session()) attempt.healthy();
+      } catch (err) {
+        if (!signal.aborted) this.failed(err, "log server stream failed");
+        return;
+      } finally {
+        this.connected = false;
+        this.requests = undefined;
+        this.shipper.changed();
       }
-      const delay = delays.next().value;
-      await sleep(delay, this.stopController.signal).catch(() => undefined);
+      if (!(this.shipper.sealed && this.caughtUp())) return;
+    }
+    if (this.shipper.channelList().length === 0) {
+      // Nothing was ever written: nothing to close.
+      this.finish();
+      return;
+    }
+    try {
+      if (this.refused.size === 0) await this.closeChannels();
+      this.finish();
+    } catch (err) {
+      if (!signal.aborted) this.failed(err, "log server did not close the channels");
     }
   }
 
@@ -386,7 +373,7 @@ class ServerSender {
       payload: {
         case: "hello",
         value: {
-          protocolVersion: { major: 1, minor: 0 },
+          protocolVersion: PROTOCOL_VERSION,
           jobId: this.shipper.jobId,
           attempt: this.shipper.attempt,
           writer: this.shipper.writer,
@@ -536,7 +523,8 @@ export class LogShipper {
   private readonly senders: ServerSender[];
   private readonly cache: FrameCache;
   private readonly budget: SpillBudget;
-  private readonly changes = new Changes();
+  /** Wakes waiters at every change of the shipper's state. */
+  private readonly changes = new Notifier();
   private readonly prefix: string;
   private tokenValue: string;
   private tokenExpire: number | undefined;
@@ -826,7 +814,7 @@ export class LogShipper {
     await this.end();
     const deadline = Date.now() + timeoutMs;
     while (!this.report().settled && !this.stopped && Date.now() < deadline) {
-      await this.changes.wait(Math.min(1000, Math.max(1, deadline - Date.now())));
+      await this.changes.wait({ timeoutMs: Math.min(1000, Math.max(1, deadline - Date.now())) });
     }
     return this.report();
   }
@@ -840,7 +828,7 @@ export class LogShipper {
   finish(): Promise<ShipperReport> {
     this.shipped ??= (async () => {
       await this.end();
-      while (!this.report().settled && !this.stopped) await this.changes.wait(1000);
+      while (!this.report().settled && !this.stopped) await this.changes.wait({ timeoutMs: 1000 });
       const report = this.report();
       if (!report.settled) return report;
       await this.options.onShipped?.(report);

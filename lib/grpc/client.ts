@@ -1,10 +1,11 @@
 /**
- * A thin gRPC client over node:http2 for the calls that move bulk bytes (the
- * proxy's tunnels), the client-side twin of lib/server/raw-grpc.ts: it frames
- * and parses messages itself, so a byte stream costs a 5-byte prefix and a
- * write per message instead of connect-node's per-message machinery
- * (FACTS.md "Bulk bytes over gRPC"). It speaks plain gRPC over HTTP/2 to any
- * gRPC server, never compresses, and reads the status from the trailers (or a
+ * A thin gRPC client over node:http2 for the calls that move bulk bytes
+ * (image blobs, the proxy's tunnels), the client-side twin of
+ * lib/grpc/server.ts: it frames and parses messages itself
+ * (lib/grpc/wire.ts), so a byte stream costs a 5-byte prefix and a write per
+ * message instead of connect-node's per-message machinery (FACTS.md "Bulk
+ * bytes over gRPC"). It speaks plain gRPC over HTTP/2 to any gRPC server,
+ * never compresses, and reads the status from the trailers (or a
  * trailers-only response) as a ConnectError.
  */
 import http2 from "node:http2";
@@ -12,7 +13,7 @@ import net from "node:net";
 import tls from "node:tls";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Http2SessionManager } from "@connectrpc/connect-node";
-import { decodeGrpcMessage, drained, readMessagePieces, readMessages } from "./server/raw-grpc.js";
+import { decodeGrpcMessage, drained, readMessagePieces, readMessages } from "./wire.js";
 
 /** HTTP/2 receive windows (FACTS.md: both must grow on the receiving side). */
 export const STREAM_WINDOW = 4 * 1024 * 1024;

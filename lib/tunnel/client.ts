@@ -3,135 +3,38 @@
  * `dialTunnel` opens `TunnelService.Dial` and returns a Node Duplex of the
  * exposure's bytes (what `tml console` and `tml port-forward` pipe to a
  * terminal or a local socket), and `attachTerminal` runs an interactive
- * console session on it. Also the pieces the supervisor's side and the proxy
- * share: the tunnel messages' wire codec (data messages framed by hand, no
- * copy), `tunnelDuplex` over a raw gRPC call (lib/raw-grpc-client.ts), a
- * bounded outbox for a bidi call's requests and an HTTP/2 transport with
- * wide flow-control windows on its own connection (the control stream).
+ * console session on it. The supervisor's side of `Tunnel` uses the same
+ * pieces: `openTunnelCall` and `tunnelDuplex` over a raw gRPC call
+ * (lib/grpc/client.ts), and `tunnelTransport`, an HTTP/2 transport with wide
+ * flow-control windows on its own connection (the control stream). The
+ * messages' codec, which the proxy shares, is lib/tunnel/wire.ts.
  *
  * Byte streams go through a hand-framed gRPC call rather than connect-node,
  * whose per-message cost held a tunnel to about a tenth of loopback TCP
  * (docs/proxy.md "Throughput").
  */
-import type http2 from "node:http2";
 import { Duplex } from "node:stream";
-import { create, toBinary, type DescMessage } from "@bufbuild/protobuf";
 import { Code, ConnectError, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import { RendezvousService, TunnelRequestSchema, TunnelResponseSchema } from "../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
-import { CloseReason, type Exposure } from "../gen/treadmill/proxy/v1/tunnel_pb.js";
-import { DialRequestSchema, DialResponseSchema, TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
-import { bearerInterceptor } from "./coordinator-client.js";
-import { refusedStreamRetry } from "./retry.js";
-import { STREAM_WINDOW, WideSessionManager, connectHttp2, dialSocket, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
-import { bytesFieldHeader, decodeMessage, frame, soleBytesField, soleBytesFieldPieces } from "./server/raw-grpc.js";
-
-/** Largest `data` of one tunnel message that any side accepts (the protos' limit). */
-export const MAX_TUNNEL_DATA = 1024 * 1024;
-
-/**
- * How many bytes a sender packs into one data message when more are waiting
- * (FACTS.md: 256 KiB-1 MiB per message is best); a lone small write still
- * goes out at once as its own message.
- */
-export const TUNNEL_BATCH_BYTES = 256 * 1024;
-
-/** Largest whole tunnel message (data plus its field header, or a control message). */
-export const MAX_TUNNEL_MESSAGE = MAX_TUNNEL_DATA + 1024;
-
-export const DIAL_PATH = `/${TunnelService.typeName}/Dial`;
-export const TUNNEL_PATH = `/${RendezvousService.typeName}/Tunnel`;
-
-
-/** A promise and its resolver. */
-export function deferred<T = void>(): { promise: Promise<T>; resolve: (value: T) => void } {
-  let resolve!: (value: T) => void;
-  const promise = new Promise<T>((r) => (resolve = r));
-  return { promise, resolve };
-}
-
-/**
- * A bounded queue between a producer and a stream writer: `push` resolves
- * only once the queued bytes are under capacity, which is the backpressure;
- * the writer drains it as an async iterable (a bidi call's requests, a
- * Connect handler's `yield*`).
- */
-export class Outbox<T> {
-  #items: T[] = [];
-  #bytes = 0;
-  #ended = false;
-  #error: unknown;
-  #failed = false;
-  #pullWaiter: (() => void) | undefined;
-  #pushWaiters: (() => void)[] = [];
-
-  constructor(
-    private readonly capacityBytes: number,
-    private readonly sizeOf: (item: T) => number,
-  ) {}
-
-  get ended(): boolean {
-    return this.#ended;
-  }
-
-  /** Queues `item`; resolves true once there is room, false when the outbox has ended (the item is dropped). */
-  async push(item: T): Promise<boolean> {
-    if (this.#ended) return false;
-    this.#items.push(item);
-    this.#bytes += this.sizeOf(item);
-    this.#wakePull();
-    while (this.#bytes > this.capacityBytes && !this.#ended) {
-      await new Promise<void>((resolve) => this.#pushWaiters.push(resolve));
-    }
-    return !this.#ended;
-  }
-
-  /** Ends after what is queued, and `last` if given. Idempotent. */
-  end(last?: T): void {
-    if (this.#ended) return;
-    if (last !== undefined) this.#items.push(last);
-    this.#ended = true;
-    this.#wakePull();
-    this.#wakePushers();
-  }
-
-  /** Ends at once: what is queued is dropped and the drain throws `err`. */
-  fail(err: unknown): void {
-    if (this.#failed) return;
-    this.#items = [];
-    this.#bytes = 0;
-    this.#error = err;
-    this.#failed = true;
-    this.#ended = true;
-    this.#wakePull();
-    this.#wakePushers();
-  }
-
-  async *drain(): AsyncGenerator<T, void, undefined> {
-    for (;;) {
-      if (this.#failed) throw this.#error;
-      const item = this.#items.shift();
-      if (item !== undefined) {
-        this.#bytes -= this.sizeOf(item);
-        if (this.#bytes <= this.capacityBytes) this.#wakePushers();
-        yield item;
-        continue;
-      }
-      if (this.#ended) return;
-      await new Promise<void>((resolve) => (this.#pullWaiter = resolve));
-    }
-  }
-
-  #wakePull(): void {
-    const waiter = this.#pullWaiter;
-    this.#pullWaiter = undefined;
-    waiter?.();
-  }
-
-  #wakePushers(): void {
-    for (const waiter of this.#pushWaiters.splice(0)) waiter();
-  }
-}
+import { CloseReason, type Exposure } from "../../gen/treadmill/proxy/v1/tunnel_pb.js";
+import { deferred } from "../async/deferred.js";
+import { bearerInterceptor } from "../coordinator-client.js";
+import { STREAM_WINDOW, WideSessionManager, connectHttp2, dialSocket, openRawCall, type RawClientCall } from "../grpc/client.js";
+import { refusedStreamRetry } from "../retry.js";
+import { PROTOCOL_VERSION } from "../protocol.js";
+import {
+  DIAL_PATH,
+  DIAL_REQUEST,
+  DIAL_RESPONSE,
+  MAX_TUNNEL_MESSAGE,
+  TUNNEL_BATCH_BYTES,
+  decodeTunnelPieces,
+  encodeTunnelMessage,
+  writeData,
+  type TunnelClosed,
+  type TunnelPayload,
+  type TunnelWire,
+} from "./wire.js";
 
 /**
  * A gRPC transport on its own HTTP/2 connection with wide receive windows and
@@ -152,104 +55,6 @@ export function tunnelTransport(url: string, token: () => string): { transport: 
     acceptCompression: [],
   });
   return { transport, close: () => sessionManager.abort() };
-}
-
-/**
- * One message of a tunnel byte stream, as its `payload` oneof: `data`,
- * `halfClose`, `resize`, `open`/`opened`, `close`/`closed`.
- */
-export interface TunnelPayload {
-  case: string | undefined;
-  value?: unknown;
-}
-
-/**
- * One direction of a tunnel RPC: its message schema (a `payload` oneof whose
- * `data` is bytes) and the case of its last message, if it has one. The four
- * directions of Dial and Tunnel differ only in these.
- */
-export interface TunnelWire {
-  readonly schema: DescMessage;
-  /** Field number of `data`. */
-  readonly dataField: number;
-  /** The case that ends the stream with a reason (`close`, `closed`); none for DialRequest. */
-  readonly closeCase: string | undefined;
-}
-
-function wire(schema: DescMessage, closeCase: string | undefined): TunnelWire {
-  return { schema, dataField: schema.field.data.number, closeCase };
-}
-
-/** Dial, client to proxy. */
-export const DIAL_REQUEST = wire(DialRequestSchema, undefined);
-/** Dial, proxy to client. */
-export const DIAL_RESPONSE = wire(DialResponseSchema, "closed");
-/** Tunnel, supervisor to proxy. */
-export const TUNNEL_REQUEST = wire(TunnelRequestSchema, "close");
-/** Tunnel, proxy to supervisor. */
-export const TUNNEL_RESPONSE = wire(TunnelResponseSchema, "close");
-
-/** A framed message with this payload (any case; data is better sent with writeData). */
-export function encodeTunnelMessage(w: TunnelWire, payload: TunnelPayload): Buffer {
-  return frame(toBinary(w.schema, create(w.schema, { payload } as never)));
-}
-
-/**
- * A received message's payload. A data message is recognised without the
- * protobuf runtime and its bytes are a view, not a copy. Throws
- * InvalidArgument for malformed bytes.
- */
-export function decodeTunnelMessage(w: TunnelWire, bytes: Uint8Array): TunnelPayload {
-  const data = soleBytesField(bytes, w.dataField);
-  if (data !== undefined) return { case: "data", value: data };
-  return (decodeMessage(w.schema, bytes) as unknown as { payload: TunnelPayload }).payload;
-}
-
-/**
- * A received message in pieces (readMessagePieces) as its payload; `data` is
- * the list of the payload's pieces, views of what was received.
- */
-export function decodeTunnelPieces(w: TunnelWire, pieces: Buffer[]): TunnelPayload {
-  const data = soleBytesFieldPieces(pieces, w.dataField);
-  if (data !== undefined) return { case: "data", value: data };
-  return decodeTunnelMessage(w, pieces.length === 1 ? pieces[0] : Buffer.concat(pieces));
-}
-
-/**
- * Writes `parts` as data messages of at most TUNNEL_BATCH_BYTES each: a
- * header, then the parts' own bytes (no copy), in one writev. Returns false
- * when the stream wants the writer to wait for 'drain'.
- */
-export function writeData(stream: http2.Http2Stream, w: TunnelWire, parts: readonly Uint8Array[]): boolean {
-  let batch: Uint8Array[] = [];
-  let size = 0;
-  let ok = true;
-  const flush = () => {
-    ok = stream.write(bytesFieldHeader(w.dataField, size));
-    for (const p of batch) ok = stream.write(p);
-    batch = [];
-    size = 0;
-  };
-  stream.cork();
-  for (const whole of parts) {
-    let part = whole;
-    while (part.byteLength > 0) {
-      const piece = part.byteLength <= TUNNEL_BATCH_BYTES - size ? part : part.subarray(0, TUNNEL_BATCH_BYTES - size);
-      batch.push(piece);
-      size += piece.byteLength;
-      part = part.subarray(piece.byteLength);
-      if (size === TUNNEL_BATCH_BYTES) flush();
-    }
-  }
-  if (size > 0) flush();
-  stream.uncork();
-  return ok;
-}
-
-/** How a tunnel ended. */
-export interface TunnelClosed {
-  reason: CloseReason;
-  message: string;
 }
 
 /** A tunnel's bytes as a Node Duplex over a raw gRPC call; `end()` half-closes. */
@@ -449,7 +254,7 @@ export async function dialTunnel(options: DialOptions): Promise<TunnelStream> {
   const { call, responses, close } = openTunnelCall(options.proxyUrl, DIAL_PATH, options.token, DIAL_REQUEST, {
     case: "open",
     value: {
-      protocolVersion: { major: 1, minor: 0 },
+      protocolVersion: PROTOCOL_VERSION,
       jobId: options.jobId,
       portName: options.port,
       hostId: options.hostId ?? "",

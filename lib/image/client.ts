@@ -7,7 +7,7 @@
  *   connection, FACTS.md "Bulk bytes over gRPC").
  * - `imageStoreClient(transport)`: a client whose PutBlob and GetBlob, over
  *   such a transport, are a thin hand-framed gRPC client on a connection of
- *   their own (lib/raw-grpc-client.ts): same wire protocol, token, deadlines,
+ *   their own (lib/grpc/client.ts): same wire protocol, token, deadlines,
  *   cancellation and status codes, without connect-node's per-message copies.
  * - `uploadBlob(...)`: resumable upload (QueryUpload, then PutBlob from the
  *   committed offset; retries transient failures), with progress.
@@ -16,13 +16,14 @@
  * - `readBlobChunks(...)`: the raw chunk stream of one GetBlob call
  *   (`readBlobPieces`: the same without joining a chunk's frames).
  *
- * Nothing here trusts a store: every whole blob read is hashed.
+ * Nothing here trusts a store: every whole blob read is hashed. Digests are
+ * lib/image/digest.ts's, local blob files lib/image/blob-io.ts's.
  */
-import { createHash, type Hash } from "node:crypto";
+import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { open, rename, rm, stat, type FileHandle } from "node:fs/promises";
+import { open, rename, rm, stat } from "node:fs/promises";
 import type http2 from "node:http2";
-import { create, fromBinary, toBinary, type DescMessage, type MessageInitShape, type MessageShape } from "@bufbuild/protobuf";
+import { create, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
@@ -33,19 +34,13 @@ import {
   PutBlobResponseSchema,
   type GetBlobResponse,
   type PutBlobResponse,
-} from "../gen/treadmill/image/v1/image_store_service_pb.js";
-import { bearerInterceptor } from "./coordinator-client.js";
-import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall, type RawClientCall } from "./raw-grpc-client.js";
-import { backoff, refusedStreamRetry, sleep } from "./retry.js";
-import { bytesFieldHeader, frame, slicePieces } from "./server/raw-grpc.js";
-
-/** The only digest form Treadmill accepts. */
-export const DIGEST_PATTERN = /^sha256:[0-9a-f]{64}$/;
-
-/** Bytes per PutBlob/GetBlob message: FACTS.md, 256 KiB-1 MiB is best. */
-export const BLOB_CHUNK_BYTES = 1024 * 1024;
-
-/** Receive windows the client raises (both are needed, FACTS.md). */
+} from "../../gen/treadmill/image/v1/image_store_service_pb.js";
+import { bearerInterceptor } from "../coordinator-client.js";
+import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall, type RawClientCall } from "../grpc/client.js";
+import { bytesFieldHeader, decodeMessage, frame, splitBulkMessage } from "../grpc/wire.js";
+import { refusedStreamRetry, retry } from "../retry.js";
+import { BLOB_CHUNK_BYTES, BackgroundWriter, type BlobSource } from "./blob-io.js";
+import { DIGEST_PATTERN, DigestMismatchError, digestOf } from "./digest.js";
 
 export type ImageStoreClient = Client<typeof ImageStoreService>;
 
@@ -115,7 +110,7 @@ const PUT_BLOB_DATA_FIELD = PutBlobRequestSchema.field.data.number;
 const GET_BLOB_DATA_FIELD = GetBlobResponseSchema.field.data.number;
 
 /**
- * PutBlob and GetBlob as a thin gRPC client (lib/raw-grpc-client.ts) on an
+ * PutBlob and GetBlob as a thin gRPC client (lib/grpc/client.ts) on an
  * HTTP/2 connection of its own with wide receive windows. It keeps what a
  * Connect client gives: the bearer token and `headers`, `timeoutMs` (sent as
  * grpc-timeout and enforced here: DeadlineExceeded), `signal` (the call is
@@ -228,7 +223,7 @@ class BulkChannel {
         let response: PutBlobResponse | undefined;
         for await (const message of call.messages()) {
           if (response) throw new ConnectError("put_blob answered more than one message", Code.Internal);
-          response = decode(PutBlobResponseSchema, message);
+          response = decodeMessage(PutBlobResponseSchema, message, Code.Internal);
         }
         if (!response) throw new ConnectError("put_blob answered no message", Code.Internal);
         return response;
@@ -258,181 +253,6 @@ class BulkChannel {
   }
 }
 
-/** Decodes a response message; malformed bytes are the server's fault. */
-function decode<S extends DescMessage>(schema: S, bytes: Uint8Array, code = Code.Internal): MessageShape<S> {
-  try {
-    return fromBinary(schema, bytes);
-  } catch {
-    throw new ConnectError(code === Code.Internal ? "response message is malformed" : "request message is malformed", code);
-  }
-}
-
-/** How far into a message splitBulkMessage looks for the bytes field. */
-const BULK_HEAD_BYTES = 256;
-
-/**
- * Decodes a bulk message (PutBlobRequest, GetBlobResponse) that came as
- * pieces (readMessagePieces) without copying its bytes field `dataField`:
- * when that field is the last one (as every Treadmill sender and the usual
- * encoders write it), the fields before it are decoded and its bytes are
- * returned as views of the pieces; otherwise the message is joined and
- * decoded whole. `message`'s own bytes field is left empty. Malformed bytes
- * are `code` (Internal from a server, InvalidArgument from a client).
- */
-export function splitBulkMessage<S extends DescMessage>(
-  schema: S,
-  pieces: Buffer[],
-  dataField: number,
-  code: Code,
-): { message: MessageShape<S>; data: Buffer[] } {
-  let total = 0;
-  for (const p of pieces) total += p.length;
-  const head = pieces[0].length >= Math.min(total, BULK_HEAD_BYTES) ? pieces[0] : Buffer.concat(pieces, Math.min(total, BULK_HEAD_BYTES));
-  const end = Math.min(head.length, BULK_HEAD_BYTES);
-  let at = 0;
-  const varintAt = (): number | undefined => {
-    let value = 0;
-    for (let shift = 1, i = 0; i < 8 && at < end; i++, shift *= 128) {
-      const b = head[at++];
-      value += (b & 0x7f) * shift;
-      if (b < 0x80) return value;
-    }
-    return undefined;
-  };
-  while (at < end) {
-    const fieldStart = at;
-    const tag = varintAt();
-    if (tag === undefined) break;
-    const wireType = tag & 7;
-    if (wireType === 0) {
-      if (varintAt() === undefined) break;
-    } else if (wireType === 2) {
-      const length = varintAt();
-      if (length === undefined) break;
-      if (Math.floor(tag / 8) === dataField && at + length === total) {
-        const message = decode(schema, head.subarray(0, fieldStart), code);
-        return { message, data: slicePieces(pieces, at, total) };
-      }
-      at += length;
-    } else if (wireType === 1) {
-      at += 8;
-    } else if (wireType === 5) {
-      at += 4;
-    } else {
-      break;
-    }
-  }
-  const whole = pieces.length === 1 ? pieces[0] : Buffer.concat(pieces);
-  const message = decode(schema, whole, code);
-  const data = (message as Record<string, unknown>)[dataFieldName(schema, dataField)];
-  return { message, data: data instanceof Uint8Array && data.length > 0 ? [Buffer.from(data.buffer, data.byteOffset, data.length)] : [] };
-}
-
-function dataFieldName(schema: DescMessage, number: number): string {
-  const field = schema.fields.find((f) => f.number === number);
-  if (!field) throw new Error(`${schema.typeName} has no field ${number}`);
-  return field.localName;
-}
-
-/** Most iovecs one writev takes (Linux's IOV_MAX is 1024). */
-const MAX_IOVECS = 1024;
-
-/** Writes every piece at `position` on, in order (writev; a short write goes on with the rest). */
-async function writePieces(file: FileHandle, pieces: readonly Uint8Array[], position: number): Promise<void> {
-  let rest = pieces.filter((p) => p.length > 0);
-  while (rest.length > 0) {
-    const { bytesWritten } = await file.writev(rest.slice(0, MAX_IOVECS), position);
-    if (bytesWritten === 0) throw new Error("a write made no progress");
-    position += bytesWritten;
-    let skip = bytesWritten;
-    let used = 0;
-    while (used < rest.length && skip >= rest[used].length) skip -= rest[used++].length;
-    rest = rest.slice(used);
-    if (skip > 0) rest[0] = rest[0].subarray(skip);
-  }
-}
-
-/**
- * Appends to a file from `position` on without making its caller wait for
- * each write: what `write()` is given joins a backlog that one writev at a
- * time takes whole, so the disk writes while the next bytes arrive and a
- * slow write (a busy machine, a full page cache) costs no round trip per
- * message. Bytes land in order, so the file is always a prefix of the
- * stream. `write()` waits only while `maxBacklogBytes` are not yet written;
- * the first failure rejects every later `write()` and `settle()`.
- */
-export class BackgroundWriter {
-  #backlog: Uint8Array[] = [];
-  #backlogBytes = 0;
-  /** Bytes being written by the writev in flight. */
-  #writingBytes = 0;
-  #written: number;
-  #running: Promise<void> | undefined;
-  #failure: { error: unknown } | undefined;
-  #waiters: (() => void)[] = [];
-
-  constructor(
-    private readonly file: FileHandle,
-    position: number,
-    private readonly options: { maxBacklogBytes?: number; onWritten?: (written: number) => void } = {},
-  ) {
-    this.#written = position;
-  }
-
-  /** The end of what is on the file (in order): the committed prefix. */
-  get written(): number {
-    return this.#written;
-  }
-
-  /** Queues `pieces` after everything queued before; they must not change until written. */
-  async write(pieces: readonly Uint8Array[]): Promise<void> {
-    const max = this.options.maxBacklogBytes ?? 8 * 1024 * 1024;
-    while (!this.#failure && this.#backlogBytes + this.#writingBytes >= max) {
-      await new Promise<void>((resolve) => this.#waiters.push(resolve));
-    }
-    if (this.#failure) throw this.#failure.error;
-    for (const p of pieces) {
-      if (p.length === 0) continue;
-      this.#backlog.push(p);
-      this.#backlogBytes += p.length;
-    }
-    this.#running ??= this.#run();
-  }
-
-  /** Resolves once everything queued is written; rejects with the first failure. */
-  async settle(): Promise<void> {
-    await this.#running;
-    if (this.#failure) throw this.#failure.error;
-  }
-
-  async #run(): Promise<void> {
-    try {
-      while (this.#backlog.length > 0 && !this.#failure) {
-        const batch = this.#backlog;
-        const bytes = this.#backlogBytes;
-        this.#backlog = [];
-        this.#backlogBytes = 0;
-        this.#writingBytes = bytes;
-        try {
-          await writePieces(this.file, batch, this.#written);
-          this.#written += bytes;
-          this.options.onWritten?.(this.#written);
-        } catch (error) {
-          this.#failure = { error };
-          this.#backlog = [];
-          this.#backlogBytes = 0;
-        } finally {
-          this.#writingBytes = 0;
-          for (const wake of this.#waiters.splice(0)) wake();
-        }
-      }
-    } finally {
-      this.#running = undefined;
-    }
-  }
-}
-
-
 /** Progress of one blob transfer. */
 export interface BlobProgress {
   digest: string;
@@ -441,16 +261,8 @@ export interface BlobProgress {
   size: number;
 }
 
-/** Where an upload reads its bytes: `read(offset)` yields the blob from `offset` on. */
-export type BlobSource = (offset: number) => AsyncIterable<Uint8Array>;
-
-/** A BlobSource reading a file in chunks of `chunkBytes`. */
-export function fileSource(path: string, chunkBytes = BLOB_CHUNK_BYTES): BlobSource {
-  return (offset) => createReadStream(path, { start: offset, highWaterMark: chunkBytes }) as AsyncIterable<Buffer>;
-}
-
-/** Codes after which a transfer is tried again (from where it stopped). */
-const RETRYABLE = new Set([Code.Unavailable, Code.Aborted, Code.DeadlineExceeded, Code.Unknown, Code.Internal, Code.Canceled]);
+/** A transfer is tried again (from where it stopped) after a retryable failure (`classify`), with this backoff. */
+const TRANSFER_BACKOFF = { initialMs: 100, maxMs: 5000 } as const;
 
 export interface TransferOptions {
   /** Attempts in all (a resume counts as one); default 5. */
@@ -460,6 +272,10 @@ export interface TransferOptions {
   onProgress?: (progress: BlobProgress) => void;
   /** Deadline of each call, ms; default none. */
   timeoutMs?: number;
+  /** Deadline of an upload's QueryUpload, ms; default timeoutMs. */
+  queryTimeoutMs?: number;
+  /** An upload's first QueryUpload answered: what the store holds of the blob. */
+  onHeld?: (held: { exists: boolean; committedOffset: number }) => void;
 }
 
 /**
@@ -478,42 +294,42 @@ export async function uploadBlob(
 ): Promise<{ alreadyExisted: boolean; bytesSent: number }> {
   const { digest, size } = blob;
   if (!DIGEST_PATTERN.test(digest)) throw new ConnectError("digest must be sha256:<64 hex>", Code.InvalidArgument);
-  const attempts = options.attempts ?? 5;
-  const delays = backoff({ initialMs: 100, maxMs: 5000 });
   let bytesSent = 0;
-  for (let attempt = 1; ; attempt++) {
-    try {
-      const query = await client.queryUpload({ digest }, { signal: options.signal, timeoutMs: options.timeoutMs });
-      if (query.exists) {
-        options.onProgress?.({ digest, bytesDone: size, size });
-        return { alreadyExisted: bytesSent === 0, bytesSent };
-      }
-      const from = Number(query.committedOffset);
-      let at = from;
-      const requests = async function* () {
-        let first = true;
-        for await (const data of blob.source(from)) {
-          // Split what the source gives into messages of at most one chunk.
-          for (let i = 0; i < data.length || (first && data.length === 0); i += BLOB_CHUNK_BYTES) {
-            const piece = data.subarray(i, i + BLOB_CHUNK_BYTES);
-            yield first ? { digest, size: BigInt(size), offset: BigInt(at), data: piece } : { offset: BigInt(at), data: piece };
-            first = false;
-            at += piece.length;
-            bytesSent += piece.length;
-            options.onProgress?.({ digest, bytesDone: at, size });
-          }
+  return retry(
+    async (attempt) => {
+      try {
+        const query = await client.queryUpload({ digest }, { signal: options.signal, timeoutMs: options.queryTimeoutMs ?? options.timeoutMs });
+        if (attempt === 1) options.onHeld?.({ exists: query.exists, committedOffset: Number(query.committedOffset) });
+        if (query.exists) {
+          options.onProgress?.({ digest, bytesDone: size, size });
+          return { alreadyExisted: bytesSent === 0, bytesSent };
         }
-        if (first) yield { digest, size: BigInt(size), offset: BigInt(at), data: new Uint8Array(0) };
-      };
-      const response = await client.putBlob(requests(), { signal: options.signal, timeoutMs: options.timeoutMs });
-      if (response.complete) return { alreadyExisted: response.alreadyExisted, bytesSent };
-      throw new ConnectError(`upload of ${digest} ended at ${response.committedSize} of ${size}`, Code.Aborted);
-    } catch (err) {
-      const error = ConnectError.from(err);
-      if (options.signal?.aborted || attempt >= attempts || !RETRYABLE.has(error.code)) throw error;
-      await sleep(delays.next().value, options.signal);
-    }
-  }
+        const from = Number(query.committedOffset);
+        let at = from;
+        const requests = async function* () {
+          let first = true;
+          for await (const data of blob.source(from)) {
+            // Split what the source gives into messages of at most one chunk.
+            for (let i = 0; i < data.length || (first && data.length === 0); i += BLOB_CHUNK_BYTES) {
+              const piece = data.subarray(i, i + BLOB_CHUNK_BYTES);
+              yield first ? { digest, size: BigInt(size), offset: BigInt(at), data: piece } : { offset: BigInt(at), data: piece };
+              first = false;
+              at += piece.length;
+              bytesSent += piece.length;
+              options.onProgress?.({ digest, bytesDone: at, size });
+            }
+          }
+          if (first) yield { digest, size: BigInt(size), offset: BigInt(at), data: new Uint8Array(0) };
+        };
+        const response = await client.putBlob(requests(), { signal: options.signal, timeoutMs: options.timeoutMs });
+        if (response.complete) return { alreadyExisted: response.alreadyExisted, bytesSent };
+        throw new ConnectError(`upload of ${digest} ended at ${response.committedSize} of ${size}`, Code.Aborted);
+      } catch (err) {
+        throw ConnectError.from(err);
+      }
+    },
+    { ...TRANSFER_BACKOFF, maxAttempts: options.attempts ?? 5, signal: options.signal },
+  );
 }
 
 /**
@@ -566,29 +382,6 @@ export async function* readBlobPieces(
   }
 }
 
-/** Thrown by a verifying reader when what it received does not hash to the digest. */
-export class DigestMismatchError extends ConnectError {
-  constructor(digest: string, actual: string) {
-    super(`received bytes of ${digest} hash to ${actual}`, Code.DataLoss);
-  }
-}
-
-/** The sha256 digest (`sha256:<hex>`) of a hash state. */
-export function digestOf(hash: Hash): string {
-  return `sha256:${hash.digest("hex")}`;
-}
-
-/** The digest and size of a file. */
-export async function digestFile(path: string): Promise<{ digest: string; size: number }> {
-  const hash = createHash("sha256");
-  let size = 0;
-  for await (const chunk of createReadStream(path, { highWaterMark: BLOB_CHUNK_BYTES }) as AsyncIterable<Buffer>) {
-    hash.update(chunk);
-    size += chunk.length;
-  }
-  return { digest: digestOf(hash), size };
-}
-
 /**
  * Downloads a whole blob into `path`, verifying its digest. Bytes go to
  * `<path>.partial` first; a later call resumes from that file (its prefix is
@@ -615,33 +408,31 @@ export async function downloadBlob(
     }
   }
   const file = await open(partial, existing ? "r+" : "w");
-  const attempts = options.attempts ?? 5;
-  const delays = backoff({ initialMs: 100, maxMs: 5000 });
   let size = blob.size ?? -1;
   // Chunks are written while the next arrive; a failed write fails the download.
   const writer = new BackgroundWriter(file, offset);
   try {
-    for (let attempt = 1; ; attempt++) {
-      try {
-        for await (const pieces of readBlobPieces(
-          client,
-          { digest, offset },
-          { signal: options.signal, timeoutMs: options.timeoutMs, onSize: (s) => (size = s) },
-        )) {
-          for (const piece of pieces) hash.update(piece);
-          await writer.write(pieces);
-          for (const piece of pieces) offset += piece.length;
-          options.onProgress?.({ digest, bytesDone: offset, size });
+    await retry(
+      async () => {
+        try {
+          for await (const pieces of readBlobPieces(
+            client,
+            { digest, offset },
+            { signal: options.signal, timeoutMs: options.timeoutMs, onSize: (s) => (size = s) },
+          )) {
+            for (const piece of pieces) hash.update(piece);
+            await writer.write(pieces);
+            for (const piece of pieces) offset += piece.length;
+            options.onProgress?.({ digest, bytesDone: offset, size });
+          }
+          await writer.settle();
+        } catch (err) {
+          await writer.settle();
+          throw ConnectError.from(err);
         }
-        await writer.settle();
-        break;
-      } catch (err) {
-        await writer.settle();
-        const error = ConnectError.from(err);
-        if (options.signal?.aborted || attempt >= attempts || !RETRYABLE.has(error.code)) throw error;
-        await sleep(delays.next().value, options.signal);
-      }
-    }
+      },
+      { ...TRANSFER_BACKOFF, maxAttempts: options.attempts ?? 5, signal: options.signal },
+    );
     if (blob.size !== undefined && offset !== blob.size) {
       throw new ConnectError(`received ${offset} bytes of ${digest}, expected ${blob.size}`, Code.DataLoss);
     }

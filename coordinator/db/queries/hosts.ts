@@ -1,0 +1,280 @@
+/** Hosts as stored (migrations 0001, 0003) and as protobuf messages: shared by HostService and the job system. */
+import { create } from "@bufbuild/protobuf";
+import type { Fragment, Sql, TransactionSql } from "postgres";
+import { DriverKind, type Host, HostAdminState, HostSchema } from "../../../gen/treadmill/coordinator/v1/host_pb.js";
+import type { HostFilter } from "../../../gen/treadmill/coordinator/v1/host_service_pb.js";
+import { checkPattern, checkTags, HOST_NAME, invalid, ts } from "../../shared/common.js";
+
+type Db = Sql | TransactionSql;
+
+export const DRIVER_KINDS: Record<string, DriverKind> = {
+  process: DriverKind.PROCESS,
+  board: DriverKind.BOARD,
+  qemu: DriverKind.QEMU,
+};
+export const ADMIN_STATES: Record<string, HostAdminState> = {
+  enabled: HostAdminState.ENABLED,
+  draining: HostAdminState.DRAINING,
+  disabled: HostAdminState.DISABLED,
+};
+
+export function driverKindName(field: string, kind: DriverKind): string {
+  const name = Object.keys(DRIVER_KINDS).find((k) => DRIVER_KINDS[k] === kind);
+  if (name === undefined) throw invalid(`${field} must be DRIVER_KIND_PROCESS, DRIVER_KIND_BOARD or DRIVER_KIND_QEMU`);
+  return name;
+}
+
+export function adminStateName(field: string, state: HostAdminState): string {
+  const name = Object.keys(ADMIN_STATES).find((k) => ADMIN_STATES[k] === state);
+  if (name === undefined) throw invalid(`${field} must be ENABLED, DRAINING or DISABLED`);
+  return name;
+}
+
+export interface HostRow {
+  id: string;
+  name: string;
+  tags: Record<string, string>;
+  driver_kind: string;
+  media_types: string[];
+  site: string;
+  capacity: number;
+  admin_state: string;
+  admin_state_reason: string;
+  attached_replica: string | null;
+  last_seen_at: Date | null;
+  supervisor_version: string;
+  created_at: Date;
+  updated_at: Date;
+  current_job_ids: string[];
+}
+
+export const hostColumns = (sql: Db) => sql`
+  h.id, h.name, h.tags, h.driver_kind, h.media_types, h.site, h.capacity, h.admin_state, h.admin_state_reason,
+  h.attached_replica, h.last_seen_at, h.supervisor_version, h.created_at, h.updated_at,
+  coalesce((select array_agg(distinct jh.job_id::text) from job_hosts jh join jobs j on j.id = jh.job_id and j.attempt = jh.attempt
+            where jh.host_id = h.id and j.state <> 'finalized'), '{}') as current_job_ids`;
+
+export function hostMessage(row: HostRow): Host {
+  return create(HostSchema, {
+    id: row.id,
+    name: row.name,
+    tags: row.tags,
+    driverKind: DRIVER_KINDS[row.driver_kind] ?? DriverKind.UNSPECIFIED,
+    mediaTypes: row.media_types,
+    site: row.site,
+    capacity: row.capacity,
+    adminState: ADMIN_STATES[row.admin_state] ?? HostAdminState.UNSPECIFIED,
+    adminStateReason: row.admin_state_reason,
+    online: row.attached_replica !== null,
+    lastSeenTime: ts(row.last_seen_at),
+    currentJobIds: [...row.current_job_ids].sort(),
+    supervisorVersion: row.supervisor_version,
+    createTime: ts(row.created_at),
+    updateTime: ts(row.updated_at),
+  });
+}
+
+/** Validated filter of ListHosts and WatchHosts. */
+export interface HostConditions {
+  tags: Record<string, string>;
+  site?: string;
+  adminState?: string;
+  online?: boolean;
+  driverKind?: string;
+}
+
+export function hostConditions(filter: HostFilter | undefined): HostConditions {
+  if (!filter) return { tags: {} };
+  const out: HostConditions = { tags: checkTags("filter.tags", filter.tags, { allowSite: true }) };
+  if (filter.site !== undefined && filter.site !== "") out.site = checkPattern("filter.site", filter.site, HOST_NAME, "[a-z0-9][a-z0-9._-]{0,62}");
+  else if (filter.site === "") out.site = "";
+  if (filter.adminState !== HostAdminState.UNSPECIFIED) out.adminState = adminStateName("filter.admin_state", filter.adminState);
+  if (filter.online !== undefined) out.online = filter.online;
+  if (filter.driverKind !== DriverKind.UNSPECIFIED) out.driverKind = driverKindName("filter.driver_kind", filter.driverKind);
+  return out;
+}
+
+/** The conditions as a WHERE fragment over `h` (the tag `site` matches the host's site). */
+export function hostWhere(sql: Db, c: HostConditions): Fragment {
+  const { site: siteTag, ...tags } = c.tags;
+  return sql`
+    h.tags @> ${sql.json(tags)}
+    ${siteTag !== undefined ? sql`and h.site = ${siteTag}` : sql``}
+    ${c.site !== undefined ? sql`and h.site = ${c.site}` : sql``}
+    ${c.adminState !== undefined ? sql`and h.admin_state = ${c.adminState}` : sql``}
+    ${c.online === true ? sql`and h.attached_replica is not null` : c.online === false ? sql`and h.attached_replica is null` : sql``}
+    ${c.driverKind !== undefined ? sql`and h.driver_kind = ${c.driverKind}` : sql``}`;
+}
+
+/** Tells WatchHosts watchers (every replica) that a host changed; call in the changing transaction. */
+export async function notifyHost(tx: Db, hostId: string): Promise<void> {
+  await tx`select pg_notify('treadmill_hosts', ${hostId})`;
+}
+
+// The job system's statements on hosts: supervisors' streams attaching and
+// detaching, and what a scheduling pass reads. A host is attached while a
+// replica (attached_replica) holds a stream (attach_session) of its
+// supervisor; a detached host's jobs survive its grace period (detached_at).
+
+/** What a supervisor's hello says of its host. */
+export interface Attachment {
+  hostId: string;
+  replica: string;
+  session: string;
+  supervisorVersion: string;
+  /** 0: the host's own capacity. */
+  capacity: number;
+  draining: boolean;
+}
+
+/** Records the attachment of a host's new stream (superseding any other) and returns the host; undefined when it is gone. */
+export async function attachHost(tx: Db, a: Attachment): Promise<HostRow | undefined> {
+  const [h] = await tx<HostRow[]>`
+    update hosts as h set attached_replica = ${a.replica}, attach_session = ${a.session}, attached_at = now(),
+      last_seen_at = now(), detached_at = null, supervisor_version = ${a.supervisorVersion},
+      supervisor_capacity = ${a.capacity > 0 ? a.capacity : null}, supervisor_draining = ${a.draining}
+    where id = ${a.hostId}
+    returning ${hostColumns(tx)}`;
+  return h;
+}
+
+/** A host attached: its stream's replica re-reads its commands, the older stream hears it was superseded, the scheduler may place jobs. */
+export async function notifyAttached(tx: Db, hostId: string): Promise<void> {
+  await tx`select pg_notify('treadmill_commands', ${hostId}), pg_notify('treadmill_hosts', ${hostId}),
+    pg_notify('treadmill_schedule', '')`;
+}
+
+/** Attaches again a host another replica detached while its stream `session` lives here; whether it was still detached. */
+export async function reattachHost(sql: Db, hostId: string, replica: string, session: string): Promise<boolean> {
+  const rows = await sql`
+    update hosts set attached_replica = ${replica}, attach_session = ${session}, attached_at = now(), detached_at = null
+    where id = ${hostId} and attach_session is null
+    returning pg_notify('treadmill_hosts', id::text), pg_notify('treadmill_schedule', '')`;
+  return rows.length > 0;
+}
+
+/** The supervisor of the stream `session` drains (takes no new jobs) or stops draining. */
+export async function setSupervisorDraining(sql: Db, hostId: string, session: string, draining: boolean): Promise<void> {
+  await sql`
+    update hosts set supervisor_draining = ${draining}
+    where id = ${hostId} and attach_session = ${session}
+    returning pg_notify('treadmill_hosts', id::text), pg_notify('treadmill_schedule', '')`;
+}
+
+/** Records that the stream `session` of the host ended (its grace period starts); whether it was the host's stream. */
+export async function detachHost(tx: Db, hostId: string, session: string): Promise<boolean> {
+  const rows = await tx`
+    update hosts set attached_replica = null, attach_session = null, attached_at = null, detached_at = now(),
+      supervisor_draining = false
+    where id = ${hostId} and attach_session = ${session}
+    returning pg_notify('treadmill_hosts', id::text)`;
+  return rows.length > 0;
+}
+
+/** Detaches the hosts recorded as attached to `replica` by a stream other than `live`; how many. */
+export async function detachOrphans(sql: Db, replica: string, live: string[]): Promise<number> {
+  const rows = await sql`
+    update hosts set attached_replica = null, attach_session = null, attached_at = null, detached_at = now(),
+      supervisor_draining = false
+    where attached_replica = ${replica} and not (attach_session = any(${live}::uuid[]))
+    returning id, pg_notify('treadmill_hosts', id::text)`;
+  return rows.length;
+}
+
+/** Detached hosts whose grace (`windowMs` back) had not run out get it whole from now; how many. */
+export async function restartGrace(sql: Db, windowMs: number): Promise<number> {
+  const rows = await sql`
+    update hosts set detached_at = now()
+    where attached_replica is null and detached_at is not null and detached_at < now()
+      and detached_at > now() - ${windowMs} * interval '1 millisecond'
+    returning id`;
+  return rows.length;
+}
+
+/** Supervisors heard from: their last-seen time, in one write; rows busy elsewhere are left for the next. */
+export async function markSeen(sql: Db, ids: string[]): Promise<void> {
+  await sql`
+    update hosts h set last_seen_at = now()
+    from (select id from hosts where id = any(${ids}::uuid[]) order by id for update skip locked) l
+    where h.id = l.id`;
+}
+
+/** Whether host `hostId` is still detached and past the grace period `graceMs`. */
+export async function stillDropped(tx: Db, hostId: string, graceMs: number): Promise<boolean> {
+  const rows = await tx`
+    select 1 from hosts h
+    where h.id = ${hostId} and h.attached_replica is null
+      and coalesce(h.detached_at, '-infinity') < now() - ${graceMs} * interval '1 millisecond'`;
+  return rows.length > 0;
+}
+
+/** Records this replica's heartbeat (coordinator_replicas: which replicas live to hold streams). */
+export async function replicaHeartbeat(sql: Db, replica: string): Promise<void> {
+  await sql`
+    insert into coordinator_replicas (id) values (${replica})
+    on conflict (id) do update set heartbeat_at = now()`;
+}
+
+/** Removes this replica from coordinator_replicas (it stops). */
+export async function replicaGone(sql: Db, replica: string): Promise<void> {
+  await sql`delete from coordinator_replicas where id = ${replica}`;
+}
+
+/**
+ * Detaches the hosts of other replicas silent for `staleMs` (their grace
+ * starts at the dead replica's last heartbeat), and forgets replicas silent
+ * for a day; how many hosts.
+ */
+export async function detachHostsOfDeadReplicas(sql: Db, replica: string, staleMs: number): Promise<number> {
+  const rows = await sql`
+    update hosts h set attached_replica = null, attach_session = null, attached_at = null,
+      detached_at = coalesce((select r.heartbeat_at from coordinator_replicas r where r.id = h.attached_replica), now())
+    where h.attached_replica is not null and h.attached_replica <> ${replica}
+      and h.attached_at < now() - ${staleMs} * interval '1 millisecond'
+      and not exists (
+        select 1 from coordinator_replicas r
+        where r.id = h.attached_replica and r.heartbeat_at > now() - ${staleMs} * interval '1 millisecond')
+    returning h.id, pg_notify('treadmill_hosts', h.id::text)`;
+  await sql`delete from coordinator_replicas where heartbeat_at < now() - interval '1 day'`;
+  return rows.length;
+}
+
+/** An attached, enabled, non-draining host as a scheduling pass reads it, busy or not. */
+export interface EligibleHost {
+  id: string;
+  name: string;
+  /** Its tags with site=<site> added. */
+  tags: Record<string, string>;
+  site: string;
+  driver_kind: string;
+  media_types: string[];
+  /** Free slots: its capacity (the supervisor's, if smaller) minus the slots it holds. */
+  free: number;
+  attached_replica: string;
+}
+
+/** The hosts a pass may place jobs on, by name. */
+export function eligibleHosts(tx: Db): Promise<EligibleHost[]> {
+  return tx<EligibleHost[]>`
+    select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
+      h.attached_replica,
+      greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+        - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int as free
+    from hosts h
+    where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+    order by h.name`;
+}
+
+/** Whether any host grant exists (none: every user may use every host). */
+export async function hostGrantsExist(tx: Db): Promise<boolean> {
+  const [{ grants }] = await tx<{ grants: boolean }[]>`select exists (select 1 from host_grants) as grants`;
+  return grants;
+}
+
+/** The (owner, host) pairs of `pairs` whose owner may not use the host (treadmill_user_may_use_host). */
+export function deniedPairs(tx: Db, pairs: { owner: string; host: string }[]): Promise<{ owner: string; host: string }[]> {
+  return tx<{ owner: string; host: string }[]>`
+    select v.owner::text as owner, v.host::text as host
+    from unnest(${pairs.map((p) => p.owner)}::uuid[], ${pairs.map((p) => p.host)}::uuid[]) as v(owner, host)
+    where not treadmill_user_may_use_host(v.owner, v.host)`;
+}

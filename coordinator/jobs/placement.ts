@@ -1,0 +1,194 @@
+/**
+ * Placement (DESIGN.md §5): which queued jobs go to which hosts in one
+ * scheduling pass. Pure: no database, no clock; the scheduler reads the
+ * hosts, the queue and the users' access, hands them in, and writes what
+ * comes out (scheduler.ts). What a pass may decide here:
+ *
+ * - Matching: a host matches a job when it carries every required tag (its
+ *   site counts as the tag site=<site>: the scheduler's read adds it), is of
+ *   the required site and driver, supports every layer media type of the
+ *   image, and the job's owner may use it. The hosts handed in are the
+ *   attached, enabled, non-draining ones, busy or not (`free` slots).
+ * - Order: the queue arrives in the scheduler's order (effective priority,
+ *   queued_at, created_at, id: read through the queue index in SQL, so a pass
+ *   reads the head of the queue rather than sorting all of it); jobs are
+ *   considered in that order. Among matching hosts a job takes those with
+ *   the most free slots, then by name.
+ * - Co-allocation: an N-host job gets N distinct hosts at once or none.
+ * - No starvation of large jobs: a job that cannot be placed now but could
+ *   be once busy matching hosts free up reserves the free matching hosts it
+ *   sees, so that jobs behind it cannot take them. A job no attached host
+ *   could ever satisfy reserves nothing.
+ * - Limits: a user's jobs beyond `maxJobsPerUser` assigned or running (0: no
+ *   limit) neither run nor reserve.
+ *
+ * Access (host grants) is asked per (owner, host) pair: `accessToCheck`
+ * names the pairs a chunk of the queue may ask about, the scheduler answers
+ * them in one statement (`learnDenied`), then `place` decides. So the
+ * decisions are the same as if the access function were called inline.
+ *
+ * The choice of log servers and proxy for each placement (round-robin,
+ * the host's site first) is here too (`ServicePicker`).
+ */
+
+import type { EligibleHost } from "../db/queries/hosts.js";
+import type { LiveService, QueuedJobRow } from "../db/queries/jobs.js";
+
+/** An attached, enabled, non-draining host as a pass sees it (its tags with site=<site>, its free slots). */
+export type HostCandidate = EligibleHost;
+
+/** A queued job as a pass sees it. */
+export type QueuedJob = QueuedJobRow;
+
+/** A job and the hosts it is placed on, in host-index order. */
+export interface Placed {
+  job: QueuedJob;
+  hosts: HostCandidate[];
+}
+
+/** An (owner, host) pair whose access a placement asks about. */
+export interface AccessPair {
+  owner: string;
+  host: string;
+}
+
+/** Whether `host` meets `job`'s requirements (access aside). */
+export function matches(job: QueuedJob, host: HostCandidate): boolean {
+  if (job.required_site !== null && host.site !== job.required_site) return false;
+  if (job.required_driver !== null && host.driver_kind !== job.required_driver) return false;
+  for (const [k, v] of Object.entries(job.required_tags)) if (host.tags[k] !== v) return false;
+  for (const t of job.media_types) if (!host.media_types.includes(t)) return false;
+  return true;
+}
+
+const pairKey = (owner: string, host: string) => `${owner} ${host}`;
+
+/**
+ * The placements of one pass. Feed it the queue in order, chunk by chunk
+ * (`accessToCheck` and `learnDenied` first when host grants exist), until
+ * `exhausted` or the queue ends; then read `placements`.
+ */
+export class PassPlacement {
+  readonly placements: Placed[] = [];
+  /** Free slots at the start of the pass, over all hosts. */
+  readonly freeSlots: number;
+  private readonly hosts: HostCandidate[];
+  private readonly free: HostCandidate[];
+  private readonly reserved = new Set<string>();
+  private readonly seen = new Set<string>();
+  private readonly running: Map<string, number>;
+  private readonly denied = new Set<string>();
+  private readonly asked = new Set<string>();
+
+  /**
+   * `hosts`: every eligible host, busy or not (they are copied: a placement
+   * takes slots of the copies). `running`: jobs assigned or running per
+   * owner (read only when `maxJobsPerUser` > 0). `grants`: whether host
+   * grants exist at all (none: every owner may use every host).
+   */
+  constructor(
+    hosts: readonly HostCandidate[],
+    private readonly options: { maxJobsPerUser: number; running?: ReadonlyMap<string, number>; grants: boolean },
+  ) {
+    this.hosts = hosts.map((h) => ({ ...h }));
+    this.free = this.hosts.filter((h) => h.free > 0);
+    this.freeSlots = this.free.reduce((n, h) => n + h.free, 0);
+    this.running = new Map(options.running ?? []);
+  }
+
+  /** No free, unreserved slot is left: the rest of the queue can wait. */
+  get exhausted(): boolean {
+    return this.available().length === 0;
+  }
+
+  /**
+   * The (owner, host) pairs `place(chunk)` may ask about whose answer is not
+   * known yet: for each job, its matching hosts (free or busy). Empty when
+   * no grants exist.
+   */
+  accessToCheck(chunk: readonly QueuedJob[]): AccessPair[] {
+    if (!this.options.grants) return [];
+    const pairs: AccessPair[] = [];
+    for (const job of chunk) {
+      for (const h of this.hosts) {
+        const key = pairKey(job.owner_id, h.id);
+        if (this.asked.has(key) || !matches(job, h)) continue;
+        this.asked.add(key);
+        pairs.push({ owner: job.owner_id, host: h.id });
+      }
+    }
+    return pairs;
+  }
+
+  /** The pairs of `accessToCheck` whose owner may not use the host. */
+  learnDenied(pairs: readonly AccessPair[]): void {
+    for (const p of pairs) this.denied.add(pairKey(p.owner, p.host));
+  }
+
+  /** Considers the jobs of `chunk` in order (a job seen in an earlier chunk is skipped). */
+  place(chunk: readonly QueuedJob[]): void {
+    const limit = this.options.maxJobsPerUser;
+    for (const job of chunk) {
+      if (this.exhausted) return;
+      if (this.seen.has(job.id)) continue;
+      this.seen.add(job.id);
+      if (limit > 0 && (this.running.get(job.owner_id) ?? 0) >= limit) continue;
+      const candidates = this.available().filter((h) => this.fits(job, h));
+      if (candidates.length >= job.host_count) {
+        candidates.sort((a, b) => b.free - a.free || (a.name < b.name ? -1 : 1));
+        const chosen = candidates.slice(0, job.host_count);
+        for (const h of chosen) h.free -= 1;
+        this.placements.push({ job, hosts: chosen });
+        if (limit > 0) this.running.set(job.owner_id, (this.running.get(job.owner_id) ?? 0) + 1);
+      } else if (candidates.length > 0 && this.hosts.filter((h) => this.fits(job, h)).length >= job.host_count) {
+        // Blocked, but it will fit once busy hosts free up: keep what it sees for it.
+        for (const h of candidates) this.reserved.add(h.id);
+      }
+    }
+  }
+
+  private fits(job: QueuedJob, host: HostCandidate): boolean {
+    return matches(job, host) && !this.denied.has(pairKey(job.owner_id, host.id));
+  }
+
+  private available(): HostCandidate[] {
+    return this.free.filter((h) => h.free > 0 && !this.reserved.has(h.id));
+  }
+}
+
+/** A live log server or proxy. */
+export type Service = LiveService;
+
+/** Where a placed job's logs and sessions go. */
+export interface ServiceChoice {
+  logs: string[];
+  proxy: string;
+}
+
+/**
+ * Spreads jobs over the live log servers and proxies, round-robin across
+ * passes (one picker per scheduler). The host's site's own servers first (a
+ * site's hosts may reach no other), then those serving every site (site
+ * ""), then any; `logReplicas` log servers per job, one proxy.
+ */
+export class ServicePicker {
+  private logTurn = 0;
+  private proxyTurn = 0;
+
+  constructor(private readonly logReplicas: number) {}
+
+  pick(site: string, services: readonly Service[]): ServiceChoice {
+    const logServers = services.filter((s) => s.kind === "log_server");
+    const proxies = services.filter((s) => s.kind === "proxy");
+    const siteLogs = logServers.filter((s) => s.site === site && site !== "");
+    const everySite = logServers.filter((s) => s.site === "");
+    const logPool = [...siteLogs, ...everySite].length > 0 ? [...siteLogs, ...everySite] : logServers;
+    const logs: string[] = [];
+    for (let i = 0; i < Math.min(this.logReplicas, logPool.length); i++) logs.push(logPool[(this.logTurn + i) % logPool.length].url);
+    this.logTurn = (this.logTurn + 1) % Math.max(1, logServers.length);
+    const local = proxies.filter((s) => s.site === site);
+    const pool = local.length > 0 ? local : proxies;
+    const proxy = pool.length > 0 ? pool[this.proxyTurn++ % pool.length].url : "";
+    return { logs, proxy };
+  }
+}

@@ -1,0 +1,242 @@
+/**
+ * Placement (coordinator/jobs/placement.ts) without a database: each row is a
+ * pass over some hosts and a queue in order, and what it places. The
+ * scheduler's integration tests (scheduler.test.ts) cover the same rules
+ * end to end through PostgreSQL.
+ */
+import { describe, expect, it } from "@jest/globals";
+import {
+  type HostCandidate,
+  PassPlacement,
+  type QueuedJob,
+  ServicePicker,
+  matches,
+} from "../../coordinator/jobs/placement.js";
+
+function host(name: string, init: Partial<HostCandidate> = {}): HostCandidate {
+  const site = init.site ?? "";
+  return {
+    id: `h-${name}`,
+    name,
+    driver_kind: "process",
+    media_types: ["rootfs"],
+    free: 1,
+    attached_replica: "r1",
+    ...init,
+    site,
+    tags: { ...(init.tags ?? {}), ...(site !== "" ? { site } : {}) },
+  };
+}
+
+function job(id: string, init: Partial<QueuedJob> = {}): QueuedJob {
+  return {
+    id,
+    owner_id: "alice",
+    attempt: 1,
+    host_count: 1,
+    required_tags: {},
+    required_site: null,
+    required_driver: null,
+    media_types: ["rootfs"],
+    manifest_digest: "sha256:00",
+    image_holder: null,
+    job_timeout_ms: 60_000,
+    ...init,
+  };
+}
+
+interface Row {
+  name: string;
+  hosts: HostCandidate[];
+  /** The queue in the scheduler's order, in chunks. */
+  queue: QueuedJob[][];
+  limit?: number;
+  running?: Record<string, number>;
+  /** "owner host-name" pairs that are denied; grants exist when set. */
+  denied?: string[];
+  /** job id -> host names, in host-index order; jobs not placed are absent. */
+  placed: Record<string, string[]>;
+}
+
+const rows: Row[] = [
+  {
+    name: "a job goes only to a host carrying every required tag",
+    hosts: [host("a", { tags: { board: "x" } }), host("b", { tags: { board: "y" } })],
+    queue: [[job("j", { required_tags: { board: "y" } })]],
+    placed: { j: ["b"] },
+  },
+  {
+    name: "a host's site counts as the tag site=<site>, and a required site and driver must match",
+    hosts: [host("a", { site: "lab-a" }), host("b", { site: "lab-b", driver_kind: "qemu" }), host("c", { site: "lab-b" })],
+    queue: [[job("by-tag", { required_tags: { site: "lab-a" } }), job("by-site", { required_site: "lab-b", required_driver: "qemu" })]],
+    placed: { "by-tag": ["a"], "by-site": ["b"] },
+  },
+  {
+    name: "a job goes only to a host supporting every media type of its image",
+    hosts: [host("a"), host("b", { media_types: ["rootfs", "qcow2"] })],
+    queue: [[job("j", { media_types: ["qcow2", "rootfs"] })]],
+    placed: { j: ["b"] },
+  },
+  {
+    name: "a job no host matches stays queued and keeps nothing",
+    hosts: [host("a")],
+    queue: [[job("nowhere", { required_tags: { board: "z" } }), job("next")]],
+    placed: { next: ["a"] },
+  },
+  {
+    name: "jobs take hosts in queue order",
+    hosts: [host("a")],
+    queue: [[job("first"), job("second")]],
+    placed: { first: ["a"] },
+  },
+  {
+    name: "among matching hosts a job takes those with the most free slots, then by name",
+    hosts: [host("b", { free: 1 }), host("c", { free: 3 }), host("a", { free: 1 })],
+    queue: [[job("one"), job("two", { host_count: 2 })]],
+    placed: { one: ["c"], two: ["c", "a"] },
+  },
+  {
+    name: "a host with several free slots takes several jobs",
+    hosts: [host("a", { free: 2 })],
+    queue: [[job("j1"), job("j2"), job("j3")]],
+    placed: { j1: ["a"], j2: ["a"] },
+  },
+  {
+    name: "an N-host job gets N distinct hosts or none",
+    hosts: [host("a", { free: 2 }), host("b")],
+    queue: [[job("three", { host_count: 3 }), job("two", { host_count: 2 })]],
+    placed: { two: ["a", "b"] },
+  },
+  {
+    name: "a blocked large job that could fit once busy hosts free up reserves the free hosts it sees",
+    hosts: [host("a"), host("b", { free: 0 }), host("c")],
+    queue: [[job("big", { host_count: 3 }), job("small")]],
+    placed: {},
+  },
+  {
+    name: "a large job no attached hosts could ever satisfy reserves nothing",
+    hosts: [host("a"), host("b", { free: 0 })],
+    queue: [[job("impossible", { host_count: 3 }), job("small")]],
+    placed: { small: ["a"] },
+  },
+  {
+    name: "a reservation holds only the hosts the blocked job matches",
+    hosts: [host("a", { tags: { board: "x" } }), host("b", { tags: { board: "x" }, free: 0 }), host("c")],
+    queue: [[job("big", { host_count: 2, required_tags: { board: "x" } }), job("x", { required_tags: { board: "x" } }), job("any")]],
+    placed: { any: ["c"] },
+  },
+  {
+    name: "a user's jobs beyond the per-user limit neither run nor reserve, other users' do",
+    hosts: [host("a"), host("b"), host("c")],
+    queue: [[job("a1"), job("a2"), job("a3"), job("b1", { owner_id: "bob" })]],
+    limit: 2,
+    running: { alice: 1 },
+    placed: { a1: ["a"], b1: ["b"] },
+  },
+  {
+    name: "no limit (0) lets a user take every host",
+    hosts: [host("a"), host("b")],
+    queue: [[job("a1"), job("a2")]],
+    limit: 0,
+    running: { alice: 100 },
+    placed: { a1: ["a"], a2: ["b"] },
+  },
+  {
+    name: "a job goes only to hosts its owner may use (host grants)",
+    hosts: [host("a"), host("b")],
+    queue: [[job("j"), job("k", { owner_id: "bob" })]],
+    denied: ["alice h-a"],
+    placed: { j: ["b"], k: ["a"] },
+  },
+  {
+    name: "a blocked job reserves only if enough hosts it may use exist",
+    hosts: [host("a"), host("b", { free: 0 }), host("c")],
+    queue: [[job("big", { host_count: 3 }), job("small", { owner_id: "bob" })]],
+    denied: ["alice h-b"],
+    placed: { small: ["a"] },
+  },
+  {
+    name: "later chunks go on where the earlier left off, a job seen twice counts once",
+    hosts: [host("a"), host("b")],
+    queue: [[job("j1")], [job("j1"), job("j2")], [job("j3")]],
+    placed: { j1: ["a"], j2: ["b"] },
+  },
+];
+
+describe("placement of queued jobs on hosts", () => {
+  it.each(rows)("$name", (row) => {
+    const placement = new PassPlacement(row.hosts, {
+      maxJobsPerUser: row.limit ?? 0,
+      running: new Map(Object.entries(row.running ?? {})),
+      grants: row.denied !== undefined,
+    });
+    for (const chunk of row.queue) {
+      if (placement.exhausted) break;
+      const ask = placement.accessToCheck(chunk);
+      placement.learnDenied(ask.filter((p) => row.denied?.includes(`${p.owner} ${p.host}`)));
+      placement.place(chunk);
+    }
+    const placed = Object.fromEntries(placement.placements.map((p) => [p.job.id, p.hosts.map((h) => h.name)]));
+    expect(placed).toEqual(row.placed);
+  });
+
+  it("asks about access only when grants exist, each (owner, host) pair once, and only for matching hosts", () => {
+    const hosts = [host("a", { tags: { board: "x" } }), host("b", { free: 0, tags: { board: "x" } }), host("c")];
+    const without = new PassPlacement(hosts, { maxJobsPerUser: 0, grants: false });
+    expect(without.accessToCheck([job("j")])).toEqual([]);
+    const withGrants = new PassPlacement(hosts, { maxJobsPerUser: 0, grants: true });
+    const x = { required_tags: { board: "x" } };
+    expect(withGrants.accessToCheck([job("j", x), job("k", x)])).toEqual([
+      { owner: "alice", host: "h-a" },
+      { owner: "alice", host: "h-b" },
+    ]);
+    expect(withGrants.accessToCheck([job("l"), job("m", { owner_id: "bob", ...x })])).toEqual([
+      { owner: "alice", host: "h-c" },
+      { owner: "bob", host: "h-a" },
+      { owner: "bob", host: "h-b" },
+    ]);
+  });
+
+  it("counts the free slots of the pass and leaves the hosts handed in untouched", () => {
+    const hosts = [host("a", { free: 2 }), host("b", { free: 0 }), host("c")];
+    const placement = new PassPlacement(hosts, { maxJobsPerUser: 0, grants: false });
+    expect(placement.freeSlots).toBe(3);
+    placement.place([job("j1"), job("j2"), job("j3"), job("j4")]);
+    expect(placement.placements).toHaveLength(3);
+    expect(placement.exhausted).toBe(true);
+    expect(hosts.map((h) => h.free)).toEqual([2, 0, 1]);
+  });
+
+  it("matches on tags, site, driver and media types, each alone", () => {
+    const h = host("a", { site: "lab", tags: { board: "x" }, media_types: ["rootfs", "qcow2"] });
+    expect(matches(job("j"), h)).toBe(true);
+    expect(matches(job("j", { required_tags: { board: "x", site: "lab" } }), h)).toBe(true);
+    expect(matches(job("j", { required_tags: { board: "y" } }), h)).toBe(false);
+    expect(matches(job("j", { required_site: "other" }), h)).toBe(false);
+    expect(matches(job("j", { required_driver: "board" }), h)).toBe(false);
+    expect(matches(job("j", { media_types: ["firmware"] }), h)).toBe(false);
+  });
+});
+
+describe("the choice of log servers and proxy", () => {
+  const services = [
+    { kind: "log_server", url: "http://log-a1", site: "lab-a" },
+    { kind: "log_server", url: "http://log-any", site: "" },
+    { kind: "log_server", url: "http://log-b1", site: "lab-b" },
+    { kind: "proxy", url: "http://proxy-a", site: "lab-a" },
+    { kind: "proxy", url: "http://proxy-b", site: "lab-b" },
+  ];
+
+  it("prefers the host's site, then servers of every site, round-robin across picks", () => {
+    const picker = new ServicePicker(2);
+    expect(picker.pick("lab-a", services)).toEqual({ logs: ["http://log-a1", "http://log-any"], proxy: "http://proxy-a" });
+    expect(picker.pick("lab-a", services)).toEqual({ logs: ["http://log-any", "http://log-a1"], proxy: "http://proxy-a" });
+    expect(picker.pick("lab-c", services)).toEqual({ logs: ["http://log-any"], proxy: "http://proxy-a" });
+  });
+
+  it("falls back to any log server and gives no proxy when none is live", () => {
+    const picker = new ServicePicker(3);
+    const logsOnly = [{ kind: "log_server", url: "http://log-b1", site: "lab-b" }];
+    expect(picker.pick("lab-a", logsOnly)).toEqual({ logs: ["http://log-b1"], proxy: "" });
+  });
+});
