@@ -73,7 +73,7 @@ directions.push(
 directions.push(restrict(["stores/image/cache.ts"], componentPatterns("stores/image", 2, COMPOSE)));
 
 export default tseslint.config(
-  { ignores: ["gen/**", "node_modules/**", "console/dist/**", "test/interop/python/gen/**"] },
+  { ignores: ["gen/**", "node_modules/**", "console/dist/**", "dist/**", "dist.*/**", "test/interop/python/gen/**"] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

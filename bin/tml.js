@@ -1,4 +1,4 @@
 #!/usr/bin/env node
-import { runTs } from "./run-ts.js";
+import { run } from "./run.js";
 
-await runTs("cli/main.ts");
+await run("tml", "cli/main.ts");

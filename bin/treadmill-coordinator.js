@@ -1,4 +1,4 @@
 #!/usr/bin/env node
-import { runTs } from "./run-ts.js";
+import { run } from "./run.js";
 
-await runTs("coordinator/main.ts");
+await run("treadmill-coordinator", "coordinator/main.ts");

@@ -1,4 +1,4 @@
 #!/usr/bin/env node
-import { runTs } from "./run-ts.js";
+import { run } from "./run.js";
 
-await runTs("stores/image/main.ts");
+await run("treadmill-image-store", "stores/image/main.ts");

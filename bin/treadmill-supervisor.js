@@ -1,4 +1,4 @@
 #!/usr/bin/env node
-import { runTs } from "./run-ts.js";
+import { run } from "./run.js";
 
-await runTs("supervisor/main.ts");
+await run("treadmill-supervisor", "supervisor/main.ts");

@@ -1,4 +1,4 @@
 #!/usr/bin/env node
-import { runTs } from "./run-ts.js";
+import { run } from "./run.js";
 
-await runTs("testbed/main.ts");
+await run("treadmill-testbed", "testbed/main.ts");

@@ -17,12 +17,12 @@
 import { randomBytes } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { extname, join } from "node:path";
-import { fileURLToPath } from "node:url";
 import type { Logger } from "../lib/logger.js";
+import { packagePath } from "../lib/package.js";
 import type { HttpRequest, HttpResponse } from "../lib/server.js";
 
 /** console/dist of this checkout or installation. */
-export const DEFAULT_CONSOLE_DIR = fileURLToPath(new URL("../console/dist", import.meta.url));
+export const DEFAULT_CONSOLE_DIR = packagePath("console", "dist");
 
 const CONTENT_TYPES: Record<string, string> = {
   ".js": "text/javascript; charset=utf-8",

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
 // The embedded PostgreSQL as a server of its own (scripts/postgres.ts).
-import { runTs } from "../bin/run-ts.js";
+import { run } from "../bin/run.js";
 
-await runTs("scripts/postgres.ts");
+await run("postgres", "scripts/postgres.ts");

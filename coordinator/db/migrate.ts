@@ -14,9 +14,9 @@
 import { createHash } from "node:crypto";
 import { readFile, readdir } from "node:fs/promises";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import type { Sql } from "postgres";
 import type { Logger } from "../../lib/logger.js";
+import { packagePath } from "../../lib/package.js";
 
 export interface Migration {
   version: number;
@@ -27,7 +27,7 @@ export interface Migration {
 }
 
 /** The coordinator's migrations directory. */
-export const MIGRATIONS_DIR = fileURLToPath(new URL("../migrations/", import.meta.url));
+export const MIGRATIONS_DIR = packagePath("coordinator", "migrations");
 
 /**
  * The advisory lock key migrations hold (pg_advisory_xact_lock(bigint)):

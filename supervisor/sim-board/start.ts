@@ -7,13 +7,14 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { connect } from "node:net";
 import { mkdir, realpath, rm, stat } from "node:fs/promises";
-import { fileURLToPath } from "node:url";
 import { join } from "node:path";
+import { COMPILED, PACKAGE_ROOT, packagePath } from "../../lib/package.js";
 import type { BoardConfig } from "../drivers/board-driver.js";
 import { shellQuote } from "../drivers/sandbox.js";
 
-const PACKAGE_ROOT = fileURLToPath(new URL("../../", import.meta.url));
-const PROGRAM = fileURLToPath(new URL("./sim-board.ts", import.meta.url));
+/** The board's program and how to run it: the bundle when compiled, else the source through tsx. */
+const PROGRAM = COMPILED ? packagePath("dist", "sim-board.js") : packagePath("supervisor", "sim-board", "sim-board.ts");
+const RUN = COMPILED ? `${process.execPath} --enable-source-maps` : `${process.execPath} --import tsx`;
 
 export interface SimBoard {
   /** The serial device (a symbolic link to the pty socat made). */
@@ -81,7 +82,7 @@ export async function startSimBoard(options: {
   await rm(device, { force: true });
   const socat: ChildProcess = spawn(
     "socat",
-    [`pty,raw,echo=0,link=${device}`, `EXEC:${process.execPath} --import tsx ${PROGRAM} ${stateDir}`],
+    [`pty,raw,echo=0,link=${device}`, `EXEC:${RUN} ${PROGRAM} ${stateDir}`],
     { cwd: PACKAGE_ROOT, stdio: ["ignore", "ignore", "pipe"] },
   );
   let stderr = "";
