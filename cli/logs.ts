@@ -6,12 +6,11 @@
  * arrive; a finished log is merged across channels by capture time.
  */
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../gen/treadmill/log/v1/log_service_pb.js";
-import { bearerInterceptor } from "../lib/coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager } from "../lib/grpc/client.js";
-import { backoff, refusedStreamRetry, sleep } from "../lib/retry.js";
+import { clientTransport } from "../lib/grpc/transport.js";
+import { backoff, sleep } from "../lib/retry.js";
 import { msOf } from "./format.js";
 
 export const DEFAULT_CHANNELS = ["console", "stdout", "stderr"];
@@ -59,11 +58,7 @@ export class JobLogAccess {
       // Followed logs of many channels share the connection: wide windows.
       const sessionManager = new WideSessionManager(url, undefined, { settings: { initialWindowSize: STREAM_WINDOW } });
       this.#sessions.push(sessionManager);
-      transport = createGrpcTransport({
-        baseUrl: url,
-        interceptors: [refusedStreamRetry, bearerInterceptor(() => this.#token)],
-        sessionManager,
-      });
+      transport = clientTransport({ baseUrl: url, sessionManager, token: () => this.#token });
       this.#transports.set(url, transport);
     }
     return createClient(LogService, transport);

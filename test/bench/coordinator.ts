@@ -42,7 +42,7 @@ import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { hashSecret, newSecret } from "../../coordinator/auth.js";
 import { startEmbeddedPostgres } from "../../coordinator/db/embedded.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { silentLogger } from "../../lib/logger.js";
 import { metricValues } from "../support/metrics.js";
 import { startProcess } from "../support/process.js";

@@ -24,7 +24,7 @@ import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import type { ServingComponent } from "../../lib/component.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { silentLogger } from "../../lib/logger.js";
 import { watchLines } from "../support/process.js";
 import { loadImageStoreConfig } from "../../stores/image/config.js";

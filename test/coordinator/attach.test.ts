@@ -11,7 +11,7 @@ import {
   SupervisorService,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { newSecret } from "../../coordinator/auth.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { connectHttp2, openRawCall } from "../../lib/grpc/client.js";
 import { frame } from "../../lib/grpc/wire.js";
 import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js";

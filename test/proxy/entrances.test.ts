@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import type { Proxy } from "../../proxy/proxy.js";
 import type { Exposer } from "../../supervisor/exposer.js";
 import { dialToken, exposeJob, makeKeys, startEchoServer, startProxy, until, type Keys } from "./helpers.js";

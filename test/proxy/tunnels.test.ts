@@ -5,7 +5,7 @@ import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { DialRequestSchema, TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { CloseReason } from "../../gen/treadmill/proxy/v1/tunnel_pb.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { dialTunnel, type TunnelStream } from "../../lib/tunnel/client.js";

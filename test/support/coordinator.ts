@@ -7,7 +7,7 @@ import { hashSecret, newSecret } from "../../coordinator/auth.js";
 import { loadCoordinatorConfig, type CoordinatorConfig } from "../../coordinator/config.js";
 import { createCoordinator } from "../../coordinator/coordinator.js";
 import type { ServingComponent } from "../../lib/component.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { silentLogger, type Logger } from "../../lib/logger.js";
 import { createTestDatabase, type TestDatabase } from "./db.js";
 
