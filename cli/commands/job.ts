@@ -25,7 +25,7 @@ import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
 import { backoff, sleep } from "../../lib/retry.js";
-import { keyValues, parseDuration, parseIntFlag, type FlagSchema } from "../args.js";
+import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
@@ -133,6 +133,9 @@ function channelsOf(given: readonly string[], verbose: boolean): string[] {
   if (given.length > 0) return given.flatMap((c) => c.split(",")).filter((c) => c !== "");
   return verbose ? [...DEFAULT_CHANNELS, "supervisor"] : DEFAULT_CHANNELS;
 }
+
+/** The argument of every verb that acts on one job. */
+const JOB_ARG = [{ name: "JOB", required: true, description: "the job's id" }] as const satisfies readonly ArgSpec[];
 
 const runFlags = {
   tag: { type: "list", placeholder: "KEY=VALUE", description: "a host must carry this tag" },
@@ -374,7 +377,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "get"],
     summary: "Show one job",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     examples: ["tml job get 0190f5c2-7c1e-7000-8000-000000000000", "tml job get $JOB -o json | jq -r .state"],
     async run(ctx, { args }) {
       const jobs = await ctx.client(JobService);
@@ -409,7 +412,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "cancel"],
     summary: "Cancel a job",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     flags: {
       message: { type: "string", placeholder: "TEXT", description: "why, for the job's timeline" },
       wait: { type: "bool", short: "w", description: "wait until the job is finalized" },
@@ -428,7 +431,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "wait"],
     summary: "Wait until a job ends; exit 0 if it succeeded, 1 if not",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     flags: { timeout: { type: "string", placeholder: "DURATION", description: "give up after this long (exit 3)" } },
     examples: ["tml job wait $JOB && echo passed", "tml job wait $JOB --timeout 1h"],
     async run(ctx, { args, flags }) {
@@ -451,7 +454,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "events"],
     summary: "Show a job's timeline",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     flags: { follow: { type: "bool", short: "f", description: "keep printing new events until the job ends" } },
     examples: ["tml job events $JOB", "tml job events $JOB --follow"],
     async run(ctx, { args, flags }) {
@@ -493,7 +496,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "logs"],
     summary: "Print a job's log; --follow keeps printing until the job ends",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     flags: {
       channel: { type: "list", short: "c", placeholder: "NAME", description: "channels to print (default console, stdout, stderr)" },
       follow: { type: "bool", short: "f", description: "keep printing new output until the job ends" },
