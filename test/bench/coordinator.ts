@@ -31,7 +31,6 @@
 // most database time (pg_stat_statements).
 import { randomUUID } from "node:crypto";
 import { chmod, mkdtemp, readFile, readdir, rm } from "node:fs/promises";
-import { createServer } from "node:net";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -48,6 +47,7 @@ import { metricValues } from "../support/metrics.js";
 import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { percentile, report } from "./report.js";
+import { freePort } from "../support/net.js";
 
 const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const env = (name: string, fallback: number) => Number(process.env[name] ?? fallback);
@@ -58,14 +58,6 @@ const QUEUED_JOBS = env("TREADMILL_BENCH_QUEUED_JOBS", FULL ? 10000 : 5000);
 const PROFILE = process.env.TREADMILL_BENCH_PROFILE;
 const ACTIVE = 200;
 const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const port = (server.address() as { port: number }).port;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 /** Resident memory (bytes) and CPU time (ms) of a process, from /proc. */
 async function usage(pid: number): Promise<{ rss: number; cpuMs: number }> {
