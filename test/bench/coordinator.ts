@@ -48,6 +48,7 @@ import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { percentile, report } from "./report.js";
 import { freePort } from "../support/net.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const env = (name: string, fallback: number) => Number(process.env[name] ?? fallback);
@@ -57,7 +58,6 @@ const DISPATCH_JOBS = env("TREADMILL_BENCH_DISPATCH_JOBS", FULL ? 2000 : 1000);
 const QUEUED_JOBS = env("TREADMILL_BENCH_QUEUED_JOBS", FULL ? 10000 : 5000);
 const PROFILE = process.env.TREADMILL_BENCH_PROFILE;
 const ACTIVE = 200;
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 
 /** Resident memory (bytes) and CPU time (ms) of a process, from /proc. */
 async function usage(pid: number): Promise<{ rss: number; cpuMs: number }> {

@@ -25,6 +25,7 @@ import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import type { ServingComponent } from "../../lib/component.js";
 import { bearerInterceptor } from "../../lib/grpc/transport.js";
+import { ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { silentLogger } from "../../lib/logger.js";
 import { watchLines } from "../support/process.js";
 import { loadImageStoreConfig } from "../../stores/image/config.js";
@@ -228,7 +229,7 @@ export async function startWorld(): Promise<CliWorld> {
         name,
         driverKind: DriverKind.PROCESS,
         tags,
-        mediaTypes: ["application/vnd.treadmill.rootfs.tar+gzip"],
+        mediaTypes: [ROOTFS_MEDIA_TYPE],
       });
       const workDir = join(dir, `supervisor-${name}`);
       const supervisor = createSupervisor({

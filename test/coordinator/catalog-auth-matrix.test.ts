@@ -19,6 +19,7 @@ import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1
 import { Role } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 type Access = "public" | "whoami" | "user" | "admin" | "service" | "adminOrService";
 interface Row {
@@ -28,7 +29,6 @@ interface Row {
 
 const SERVICES: DescService[] = [AuthService, UserService, HostService, ImageService, RegistryService];
 const D1 = `sha256:${"a".repeat(64)}`;
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 
 describe("the catalog services' auth matrix", () => {
   let c: TestCoordinator;

@@ -15,9 +15,9 @@ import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_p
 import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 const SERVICES: DescService[] = [AuthService, UserService, HostService, ImageService, RegistryService];
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 const BIG = "x".repeat(100_000);
 const NOT_UUID = "not-a-uuid";
 const UUID = "01900000-0000-7000-8000-000000000042";

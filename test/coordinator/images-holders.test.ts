@@ -13,8 +13,8 @@ import { TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
 import { attach } from "./jobs-fixtures.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 const digest = (c: string) => `sha256:${c.repeat(64)}`;
 
 describe("image holders in the catalog", () => {

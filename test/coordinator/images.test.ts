@@ -8,11 +8,10 @@ import { coordinatorKeySource, coordinatorTransport } from "../../lib/coordinato
 import { TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
-
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 const D1 = `sha256:${"1".repeat(64)}`;
 const D2 = `sha256:${"2".repeat(64)}`;
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 
 describe("ImageService", () => {
   let c: TestCoordinator;

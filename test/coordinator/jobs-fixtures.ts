@@ -8,12 +8,13 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { Sql } from "postgres";
 import type { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import type { CoordinatorConfig } from "../../coordinator/config.js";
+import { QCOW2_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { ScriptedSupervisor, type ScriptedSupervisorOptions } from "../support/scripted-supervisor.js";
 import type { TestCoordinator } from "../support/coordinator.js";
 export { codeOf } from "../support/codes.js";
 
-export const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
-export const QCOW2 = "application/vnd.treadmill.disk.qcow2";
+export const ROOTFS = ROOTFS_MEDIA_TYPE;
+export const QCOW2 = QCOW2_MEDIA_TYPE;
 
 /** Short intervals so that tests do not wait long; generous enough for a loaded machine. */
 export const FAST: Partial<CoordinatorConfig> = {

@@ -19,8 +19,7 @@ import { createImageStore, type ImageStoreComponent } from "../../stores/image/i
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
 import { bufferSource, collect, makeTempDir, manifestFor, randomBlob, removeDir } from "../stores/image/helpers.js";
-
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 describe("private images and the cache's locations under attack", () => {
   let c: TestCoordinator;

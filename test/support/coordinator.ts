@@ -8,6 +8,7 @@ import { loadCoordinatorConfig, type CoordinatorConfig } from "../../coordinator
 import { createCoordinator } from "../../coordinator/coordinator.js";
 import type { ServingComponent } from "../../lib/component.js";
 import { bearerInterceptor } from "../../lib/grpc/transport.js";
+import { ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { silentLogger, type Logger } from "../../lib/logger.js";
 import { createTestDatabase, type TestDatabase } from "./db.js";
 
@@ -91,7 +92,7 @@ export async function startTestCoordinator(
       name = `host-${randomUUID().slice(0, 8)}`,
       tags = {},
       driverKind = "process",
-      mediaTypes = ["application/vnd.treadmill.rootfs.tar+gzip"],
+      mediaTypes = [ROOTFS_MEDIA_TYPE],
       site = "",
       capacity = 1,
     } = {}) {
