@@ -17,7 +17,7 @@ import { frame } from "../../lib/grpc/wire.js";
 import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, attach, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "./jobs-fixtures.js";
+import { FAST, attach, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "../support/jobs.js";
 
 describe("SupervisorService.Attach", () => {
   let c: TestCoordinator;

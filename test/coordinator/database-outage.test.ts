@@ -19,7 +19,7 @@ import { silentLogger } from "../../lib/logger.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { TestDatabase } from "../support/db.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { attach, codeOf, FAST, insertImage, jobInState, uniqueTag, waitUntil } from "./jobs-fixtures.js";
+import { attach, codeOf, FAST, insertImage, jobInState, uniqueTag, waitUntil } from "../support/jobs.js";
 import { freePort } from "../support/net.js";
 
 

@@ -12,7 +12,7 @@ import { coordinatorKeySource, coordinatorTransport } from "../../lib/coordinato
 import { TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
-import { attach } from "./jobs-fixtures.js";
+import { attach } from "../support/jobs.js";
 import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 const digest = (c: string) => `sha256:${c.repeat(64)}`;

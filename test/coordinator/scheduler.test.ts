@@ -17,7 +17,7 @@ import {
   jobRow,
   uniqueTag,
   waitUntil,
-} from "./jobs-fixtures.js";
+} from "../support/jobs.js";
 
 describe("the scheduler", () => {
   let c: TestCoordinator;

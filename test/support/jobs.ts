@@ -1,0 +1,96 @@
+/**
+ * Fixtures of the tests that run jobs (the coordinator's, conformance,
+ * interop, end to end): catalog images inserted directly, job specs, waiting
+ * on database state with a deadline, and scripted supervisors attached to a
+ * test coordinator.
+ */
+import { createHash, randomUUID } from "node:crypto";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { Sql } from "postgres";
+import type { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import type { CoordinatorConfig } from "../../coordinator/config.js";
+import { QCOW2_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
+import { ScriptedSupervisor, type ScriptedSupervisorOptions } from "./scripted-supervisor.js";
+import type { TestCoordinator } from "./coordinator.js";
+export { codeOf } from "./codes.js";
+
+export const ROOTFS = ROOTFS_MEDIA_TYPE;
+export const QCOW2 = QCOW2_MEDIA_TYPE;
+
+/** Short intervals so that tests do not wait long; generous enough for a loaded machine. */
+export const FAST: Partial<CoordinatorConfig> = {
+  graceMs: 200,
+  supervisorHeartbeatMs: 400,
+  jobSweepIntervalMs: 50,
+  replicaHeartbeatMs: 500,
+  schedulerAgingMs: 0,
+};
+
+/** Inserts an image into the catalog (the catalog service is another engineer's). */
+export async function insertImage(
+  sql: Sql,
+  options: { name?: string; tag?: string; ownerId?: string | null; visibility?: string; mediaTypes?: string[]; locations?: unknown[] } = {},
+): Promise<{ ref: string; digest: string }> {
+  const name = options.name ?? `img-${randomUUID().slice(0, 8)}`;
+  const tag = options.tag ?? "v1";
+  const digest = `sha256:${createHash("sha256").update(randomUUID()).digest("hex")}`;
+  await sql`
+    insert into images (name, tag, digest, media_types, owner_id, visibility, locations)
+    values (${name}, ${tag}, ${digest}, ${options.mediaTypes ?? [ROOTFS]}, ${options.ownerId ?? null},
+      ${options.visibility ?? "public"}, ${sql.json((options.locations ?? [{ service: randomUUID(), url: "http://store.invalid:1", site: "" }]) as never)})`;
+  return { ref: `${name}:${tag}`, digest };
+}
+
+export type SpecInit = MessageInitShape<typeof JobSpecSchema>;
+
+/** Polls `probe` until it returns a truthy value, failing after `timeoutMs`. */
+export async function waitUntil<T>(probe: () => Promise<T | undefined | null | false>, what: string, timeoutMs = 20000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+export interface JobDbRow {
+  id: string;
+  state: string;
+  stage: string | null;
+  reason: string | null;
+  exit_status: string | null;
+  exit_code: number | null;
+  attempt: number;
+  stop_reason: string | null;
+}
+
+export async function jobRow(sql: Sql, id: string): Promise<JobDbRow> {
+  const [row] = await sql<JobDbRow[]>`
+    select id, state, stage, reason, exit_status, exit_code, attempt, stop_reason from jobs where id = ${id}`;
+  return row;
+}
+
+/** Waits until the job is in `state` (and returns its row). */
+export function jobInState(sql: Sql, id: string, state: string, timeoutMs?: number): Promise<JobDbRow> {
+  return waitUntil(async () => {
+    const row = await jobRow(sql, id);
+    return row?.state === state ? row : undefined;
+  }, `job ${id} to be ${state}`, timeoutMs);
+}
+
+/** A scripted supervisor for `host`, attached to `c` (or the urls given). */
+export async function attach(
+  c: TestCoordinator | { url: string },
+  host: { id: string; credential: string },
+  options: Partial<ScriptedSupervisorOptions> = {},
+): Promise<ScriptedSupervisor> {
+  const s = new ScriptedSupervisor({ urls: [c.url], credential: host.credential, hostId: host.id, mode: "manual", ...options });
+  await s.connect();
+  return s;
+}
+
+/** A unique tag so a test's jobs only match its own hosts. */
+export function uniqueTag(): Record<string, string> {
+  return { t: randomUUID().slice(0, 8) };
+}
