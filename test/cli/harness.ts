@@ -13,7 +13,7 @@
  * Each in-process run checks that it left the process as it found it.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { chmod, mkdtemp, rm } from "node:fs/promises";
+import { chmod, copyFile, mkdir, mkdtemp, rm, symlink } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PassThrough, Readable } from "node:stream";
@@ -156,12 +156,23 @@ export async function eventually(what: string, check: () => Promise<boolean>, ti
   }
 }
 
+/** A directory at `root` to push as a rootfs image: /bin/busybox, `applets` linked to it, and the empty `dirs`. */
+export async function busyboxRootfs(root: string, applets: string[], dirs: string[] = ["tmp"]): Promise<string> {
+  await mkdir(join(root, "bin"), { recursive: true });
+  await copyFile("/bin/busybox", join(root, "bin", "busybox"));
+  for (const applet of applets) await symlink("busybox", join(root, "bin", applet));
+  for (const d of dirs) await mkdir(join(root, d), { recursive: true });
+  return root;
+}
+
 export interface CliWorld {
   coordinator: TestCoordinator;
   url: string;
   dir: string;
   /** A fresh contexts file path in the world's temp dir. */
   configFile(name?: string): string;
+  /** A contexts file (`configFile(name)`) logged in as the admin; throws when the login fails. */
+  adminConfig(name?: string): Promise<string>;
   /** An admin API token (from Login). */
   adminToken: string;
   /** Starts an image store and a log server registered with the coordinator. */
@@ -182,12 +193,19 @@ export async function startWorld(): Promise<CliWorld> {
   const servers: ServingComponent[] = [];
   const supervisors: Supervisor[] = [];
   let configs = 0;
+  const configFile = (name?: string) => join(dir, `${name ?? `config-${++configs}`}.json`);
   return {
     coordinator,
     url,
     dir,
     adminToken,
-    configFile: (name) => join(dir, `${name ?? `config-${++configs}`}.json`),
+    configFile,
+    async adminConfig(name) {
+      const config = configFile(name);
+      const login = await tml(config, ["login", url, "--user", "admin", "--password-stdin"], { input: `${ADMIN_PASSWORD}\n` });
+      if (login.code !== 0) throw new Error(`tml login as admin exited ${login.code}: ${login.stderr}`);
+      return config;
+    },
     async startStores() {
       const admin = createClient(AuthService, adminTransport);
       const credential = async (description: string) =>
