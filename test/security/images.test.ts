@@ -18,7 +18,7 @@ import { loadImageStoreConfig } from "../../stores/image/config.js";
 import { createImageStore, type ImageStoreComponent } from "../../stores/image/image-store.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
-import { bufferSource, collect, makeTempDir, manifestFor, randomBlob, removeDir } from "../stores/image/helpers.js";
+import { bufferSource, collect, makeTempDir, manifestFor, randomBlob, removeDir } from "../support/image-store.js";
 import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 describe("private images and the cache's locations under attack", () => {

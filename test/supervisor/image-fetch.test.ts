@@ -28,7 +28,7 @@ import {
   startStore,
   type RunningStore,
   type Signer,
-} from "../stores/image/helpers.js";
+} from "../support/image-store.js";
 import { freePort } from "../support/net.js";
 
 

@@ -12,7 +12,7 @@ import {
 } from "../../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { silentLogger } from "../../../lib/logger.js";
 import { createServer, type Server } from "../../../lib/server.js";
-import { makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type Signer } from "./helpers.js";
+import { makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type Signer } from "../../support/image-store.js";
 import { uploadBlob } from "../../../lib/image/client.js";
 
 interface Seen {
