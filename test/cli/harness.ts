@@ -35,6 +35,7 @@ import { createLogServer } from "../../stores/log/log-server.js";
 import { loadSupervisorConfig } from "../../supervisor/config.js";
 import { createSupervisor, type Supervisor } from "../../supervisor/supervisor.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { waitUntil } from "../support/wait.js";
 
 export const TML = new URL("../../bin/tml.js", import.meta.url).pathname;
 export const ADMIN_PASSWORD = "correct horse battery staple";
@@ -147,13 +148,9 @@ export function spawnTml(configFile: string, args: string[], options: TmlOptions
   };
 }
 
-/** Polls `check` until it returns true, failing after `timeoutMs`. */
+/** Polls `check` until it returns true (a check that throws counts as not yet), failing after `timeoutMs`. */
 export async function eventually(what: string, check: () => Promise<boolean>, timeoutMs = 60_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check().catch(() => false))) {
-    if (Date.now() > deadline) throw new Error(`${what} did not happen within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
+  await waitUntil(() => check().catch(() => false), what, timeoutMs);
 }
 
 /** A directory at `root` to push as a rootfs image: /bin/busybox, `applets` linked to it, and the empty `dirs`. */

@@ -12,7 +12,9 @@ import type { CoordinatorConfig } from "../../coordinator/config.js";
 import { QCOW2_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { ScriptedSupervisor, type ScriptedSupervisorOptions } from "./scripted-supervisor.js";
 import type { TestCoordinator } from "./coordinator.js";
+import { waitUntil } from "./wait.js";
 export { codeOf } from "./codes.js";
+export { waitUntil } from "./wait.js";
 
 export const ROOTFS = ROOTFS_MEDIA_TYPE;
 export const QCOW2 = QCOW2_MEDIA_TYPE;
@@ -42,17 +44,6 @@ export async function insertImage(
 }
 
 export type SpecInit = MessageInitShape<typeof JobSpecSchema>;
-
-/** Polls `probe` until it returns a truthy value, failing after `timeoutMs`. */
-export async function waitUntil<T>(probe: () => Promise<T | undefined | null | false>, what: string, timeoutMs = 20000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 export interface JobDbRow {
   id: string;
