@@ -52,7 +52,7 @@ describe("the catalog services' auth matrix", () => {
     const [t] = await c.sql`select id from api_tokens where user_id = ${o.id}`;
     other = { ...o, tokenId: t.id as string };
     host = await c.createHost({ name: "matrix-host" });
-    service = (await c.client(AuthService, admin.token).createToken({ scope: TokenScope.SERVICE })).token;
+    service = await c.createServiceToken(admin.token);
     const e = await c.createUser();
     await c.sql`update api_tokens set expires_at = now() - interval '1 second' where user_id = ${e.id}`;
     expired = e.token;
