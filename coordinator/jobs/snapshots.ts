@@ -33,6 +33,7 @@ import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js"
 import { type Snapshot, SnapshotSchema, SnapshotState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import type { SnapshotJobRequest } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { AttachResponseSchema, type SnapshotResult } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { Notifier } from "../../lib/async/notifier.js";
 import type { Logger } from "../../lib/logger.js";
 import { actorOf } from "../audit.js";
 import { audit } from "../db/queries/audit.js";
@@ -371,15 +372,13 @@ export class Snapshots {
   private async waitDone(id: string, hctx: HandlerContext): Promise<SnapshotRow> {
     let row = await this.current(id);
     if (row.state !== "pending") return row;
-    let wake: () => void = () => undefined;
-    const unsubscribe = this.watchers.subscribe(row.job_id, () => wake());
-    const onAbort = () => wake();
-    hctx.signal.addEventListener("abort", onAbort, { once: true });
+    const changed = new Notifier();
+    const unsubscribe = this.watchers.subscribe(row.job_id, () => changed.notify());
     try {
       for (;;) {
-        const changed = new Promise<void>((resolve) => (wake = resolve));
-        // Also looked at now and then: a host that went away sends nothing.
-        const timer = setTimeout(() => wake(), this.config.supervisorHeartbeatMs);
+        // Waiting from before the read, so a change during it is not missed;
+        // also looked at every heartbeat: a host that went away sends nothing.
+        const woken = changed.wait({ timeoutMs: this.config.supervisorHeartbeatMs, signal: hctx.signal });
         row = await this.current(id);
         if (row.state !== "pending") return row;
         if (hctx.signal.aborted) {
@@ -388,12 +387,11 @@ export class Snapshots {
             Code.DeadlineExceeded,
           );
         }
-        await changed;
-        clearTimeout(timer);
+        await woken;
       }
     } finally {
+      changed.notify();
       unsubscribe();
-      hctx.signal.removeEventListener("abort", onAbort);
     }
   }
 
