@@ -48,6 +48,7 @@ describe("watchJob", () => {
   });
 
   it("rejects with a permanent failure without reopening", async () => {
+    jest.useFakeTimers();
     const { jobs, calls } = jobsOf([
       // eslint-disable-next-line require-yield
       async function* () {
