@@ -24,7 +24,7 @@ export interface SimBoard {
   config: BoardConfig;
   /** Asks the board whether it is powered. */
   status(): Promise<"on" | "off">;
-  /** Stops socat and the board. Idempotent. */
+  /** Stops socat and the board, resolving once the board's control socket refuses. Idempotent. */
   stop(): Promise<void>;
 }
 
@@ -43,6 +43,24 @@ export function simBoardCommand(stateDir: string, command: string): Promise<stri
     socket.on("error", reject);
     socket.write(`${command}\n`);
   });
+}
+
+/** Resolves once nothing listens on the board's control socket any more (at most 10 s). */
+async function controlGone(stateDir: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const listening = await new Promise<boolean>((resolve) => {
+      const socket = connect(join(stateDir, "control.sock"));
+      socket.once("connect", () => {
+        socket.destroy();
+        resolve(true);
+      });
+      socket.once("error", () => resolve(false));
+    });
+    if (!listening) return;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error(`sim board in ${stateDir} still answers 10 s after it was stopped`);
 }
 
 /**
@@ -119,6 +137,9 @@ export async function startSimBoard(options: {
         const timer = setTimeout(() => socat.kill("SIGKILL"), 5000);
         await exited;
         clearTimeout(timer);
+        // The board is socat's child and outlives it for a moment: until it is
+        // gone, its control socket still answers.
+        await controlGone(stateDir);
       })();
       return stopped;
     },

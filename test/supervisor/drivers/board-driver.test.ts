@@ -154,7 +154,12 @@ describe("board driver with the simulated board", () => {
           if (/retrying/.test(message)) retried();
         },
       });
-      await retrying;
+      await Promise.race([
+        retrying,
+        preparing.then(() => {
+          throw new Error("the stopped board answered its power command");
+        }),
+      ]);
       back = await startSimBoard({ dir });
       const out = new CollectedOutput();
       const job = await own.start(await preparing, out);
