@@ -9,7 +9,7 @@ import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.j
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import { pushImage } from "../lib/image/push.js";
 import type { Logger } from "../lib/logger.js";
-import { sleep } from "../lib/retry.js";
+import { retry } from "../lib/retry.js";
 import { mediaTypesOfDriver } from "../lib/image/media-types.js";
 import { buildBusyboxImage, buildFirmwareImage, type TestImage } from "./images.js";
 
@@ -162,17 +162,17 @@ export async function ensureExamples(
     if (have) continue;
     const image = await example.build(options.workDir);
     const deadline = Date.now() + 20000;
-    for (;;) {
-      try {
-        await pushTestImage(admin, image, example.ref, options.signal);
-        break;
-      } catch (err) {
-        // No image store registered yet: it registers right after its start.
+    await retry(() => pushTestImage(admin, image, example.ref, options.signal), {
+      initialMs: 100,
+      maxMs: 100,
+      jitter: "none",
+      signal: options.signal,
+      // No image store registered yet (FailedPrecondition): it registers right after its start.
+      isRetryable: (err) => {
         const code = ConnectError.from(err).code;
-        if ((code !== Code.FailedPrecondition && code !== Code.Unavailable) || Date.now() > deadline) throw err;
-        await sleep(100, options.signal);
-      }
-    }
+        return (code === Code.FailedPrecondition || code === Code.Unavailable) && Date.now() <= deadline;
+      },
+    });
     options.logger.info({ image: example.ref }, "example image pushed");
   }
   state.examples = EXAMPLES.map((e) => e.ref);

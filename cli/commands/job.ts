@@ -24,7 +24,7 @@ import {
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
-import { backoff, sleep } from "../../lib/retry.js";
+import { keepStreaming } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
@@ -76,25 +76,30 @@ function stateText(job: Job): string {
 
 /**
  * Calls `onJob` with the job now and after every change until it is
- * finalized (WatchJob, reconnecting with backoff when the stream breaks).
+ * finalized (WatchJob, reopened with backoff when the stream breaks or ends
+ * before the job: a replica stopping). The caller's abort rejects, as
+ * Canceled; a permanent failure (classify) rejects with itself.
  */
-async function watchJob(jobs: Jobs, jobId: string, signal: AbortSignal, onJob: (job: Job) => void | Promise<void>): Promise<Job> {
-  const delays = backoff({ initialMs: 250, maxMs: 5000 });
-  while (true) {
-    try {
-      for await (const message of jobs.watchJob({ jobId }, { signal })) {
-        if (!message.job) continue;
-        await onJob(message.job);
-        if (message.job.state === JobState.FINALIZED) return message.job;
-      }
-      // The stream ended before the job did (a replica stopping): watch again.
-    } catch (err) {
-      const error = ConnectError.from(err);
-      if (signal.aborted) throw error;
-      if (error.code !== Code.Unavailable && error.code !== Code.Unknown && error.code !== Code.DeadlineExceeded) throw error;
-      await sleep(delays.next().value, signal);
-    }
-  }
+export async function watchJob(jobs: Jobs, jobId: string, signal: AbortSignal, onJob: (job: Job) => void | Promise<void>): Promise<Job> {
+  const finalized = new AbortController();
+  let final: Job | undefined;
+  await keepStreaming({
+    open: (attempt) => jobs.watchJob({ jobId }, { signal: attempt.signal }),
+    onMessage: async ({ job }, attempt) => {
+      if (!job) return;
+      attempt.healthy();
+      await onJob(job);
+      if (job.state !== JobState.FINALIZED) return;
+      final = job;
+      finalized.abort();
+    },
+    backoff: { initialMs: 250, maxMs: 5000 },
+    signal: AbortSignal.any([signal, finalized.signal]),
+  }).catch((err: unknown) => {
+    throw ConnectError.from(err);
+  });
+  if (final === undefined) throw ConnectError.from(signal.reason, Code.Canceled);
+  return final;
 }
 
 /** Writes log lines: console/stdout to stdout, stderr and supervisor to stderr. */
