@@ -228,10 +228,6 @@ export async function run(): Promise<void> {
     await sql`insert into api_tokens (id, user_id, hash, name) values (${randomUUID()}, ${userId}, ${hashSecret(token)}, 'bench')`;
     const digest = `sha256:${"ab".repeat(32)}`;
     await sql`insert into images (name, tag, digest, media_types, owner_id, visibility) values ('bench', 'v1', ${digest}, ${[ROOTFS]}, ${userId}, 'public')`;
-    // No job is assigned without a live log server: one that never needs to heartbeat (nothing dials it).
-    await sql`
-      insert into services (id, kind, url, site, heartbeat_interval_ms, last_heartbeat_at)
-      values (${randomUUID()}, 'log_server', 'http://bench-logs.invalid', '', ${600_000_000}, now())`;
     const hosts = Array.from({ length: Math.max(IDLE, ACTIVE) }, (_, i) => ({
       id: randomUUID(),
       name: `bench-${i}`,
