@@ -6,10 +6,9 @@
  */
 import type { Readable, Writable } from "node:stream";
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+import { Http2SessionManager } from "@connectrpc/connect-node";
 import type { DescService } from "@bufbuild/protobuf";
-import { bearerInterceptor } from "../lib/coordinator-client.js";
-import { refusedStreamRetry } from "../lib/retry.js";
+import { clientTransport } from "../lib/grpc/transport.js";
 import type { GlobalFlags } from "./args.js";
 import { ConfigStore, type ConfigFile, type SavedContext } from "./config.js";
 import { CliError, ExitCode, type ErrorContext } from "./errors.js";
@@ -92,7 +91,7 @@ export class CliContext {
   transport(server: string, token: string): Transport {
     const sessionManager = new Http2SessionManager(server);
     this.onClose(() => sessionManager.abort());
-    return createGrpcTransport({ baseUrl: server, sessionManager, interceptors: [refusedStreamRetry, bearerInterceptor(() => token)] });
+    return clientTransport({ baseUrl: server, sessionManager, token: () => token });
   }
 
   readonly #closers: (() => void)[] = [];

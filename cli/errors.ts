@@ -5,6 +5,7 @@
  * scripts can test.
  */
 import { Code, ConnectError } from "@connectrpc/connect";
+import { isNetworkError } from "../lib/retry.js";
 
 /** Exit codes of `tml`. */
 export const ExitCode = {
@@ -55,7 +56,8 @@ export interface ErrorContext {
   hadToken?: boolean;
 }
 
-const NETWORK_CODES = /ECONNREFUSED|ENOTFOUND|EHOSTUNREACH|ENETUNREACH|ECONNRESET|ETIMEDOUT|EAI_AGAIN|socket hang up|ERR_HTTP2/;
+/** A connection lost below gRPC that carries no errno: the HTTP layer's own words (isNetworkError has the rest). */
+const HTTP_CONNECTION_LOST = /socket hang up|ERR_HTTP2/;
 
 function capitalise(s: string): string {
   return s.length === 0 ? s : s[0].toUpperCase() + s.slice(1);
@@ -82,7 +84,7 @@ export function explain(err: unknown, context: ErrorContext = {}): { message: st
   switch (err.code) {
     case Code.Unavailable:
     case Code.Unknown:
-      if (NETWORK_CODES.test(raw) || NETWORK_CODES.test(String(err.cause ?? ""))) {
+      if (isNetworkError(err) || HTTP_CONNECTION_LOST.test(raw) || HTTP_CONNECTION_LOST.test(String(err.cause ?? ""))) {
         const what = /ECONNREFUSED/.test(raw) ? "connection refused" : /ENOTFOUND|EAI_AGAIN/.test(raw) ? "unknown host" : "network error";
         return {
           message: `Cannot reach the server${server} (${what}): is it running, and is the address right? (see \`tml context list\`)`,

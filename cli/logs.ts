@@ -6,12 +6,11 @@
  * arrive; a finished log is merged across channels by capture time.
  */
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../gen/treadmill/log/v1/log_service_pb.js";
-import { bearerInterceptor } from "../lib/coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager } from "../lib/grpc/client.js";
-import { backoff, refusedStreamRetry, sleep } from "../lib/retry.js";
+import { clientTransport } from "../lib/grpc/transport.js";
+import { backoff, classify, sleep } from "../lib/retry.js";
 import { msOf } from "./format.js";
 
 export const DEFAULT_CHANNELS = ["console", "stdout", "stderr"];
@@ -59,11 +58,7 @@ export class JobLogAccess {
       // Followed logs of many channels share the connection: wide windows.
       const sessionManager = new WideSessionManager(url, undefined, { settings: { initialWindowSize: STREAM_WINDOW } });
       this.#sessions.push(sessionManager);
-      transport = createGrpcTransport({
-        baseUrl: url,
-        interceptors: [refusedStreamRetry, bearerInterceptor(() => this.#token)],
-        sessionManager,
-      });
+      transport = clientTransport({ baseUrl: url, sessionManager, token: () => this.#token });
       this.#transports.set(url, transport);
     }
     return createClient(LogService, transport);
@@ -95,7 +90,8 @@ export interface ReadOptions {
  * The frames of one channel, in order. Without follow it ends at the end of
  * what is stored (nothing for a channel that does not exist); with follow it
  * ends when the channel is closed, or on abort. Fails over between the job's
- * log servers and resumes from the next seq.
+ * log servers and resumes from the next seq. A pull, not keepStreaming: a
+ * push of each message cannot hold a slow reader's backpressure (a big log piped on).
  */
 export async function* readChannel(logs: JobLogAccess, options: ReadOptions): AsyncGenerator<LogLine> {
   const { channel, signal } = options;
@@ -140,9 +136,7 @@ export async function* readChannel(logs: JobLogAccess, options: ReadOptions): As
         refreshed = true;
         continue;
       }
-      if (error.code !== Code.Unavailable && error.code !== Code.Unknown && error.code !== Code.Internal && error.code !== Code.DeadlineExceeded) {
-        throw error;
-      }
+      if (classify(error) === "permanent") throw error;
       server++;
       failures++;
       if (failures >= access.urls.length) {

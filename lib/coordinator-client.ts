@@ -1,7 +1,6 @@
 import { readFile } from "node:fs/promises";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient, type Interceptor, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import {
   RegistryService,
@@ -10,21 +9,13 @@ import {
 } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import type { Logger } from "./logger.js";
 import { type HealthStatus, ServingStatus } from "./server/health.js";
-import { classify, keepStreaming, refusedStreamRetry, sleep } from "./retry.js";
+import { clientTransport } from "./grpc/transport.js";
+import { classify, keepStreaming, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
-
-/** Adds `authorization: Bearer <token>` to every call (when a token is set). */
-export function bearerInterceptor(token: () => string): Interceptor {
-  return (next) => (req) => {
-    const value = token();
-    if (value !== "") req.header.set("authorization", `Bearer ${value}`);
-    return next(req);
-  };
-}
 
 /** A gRPC (HTTP/2) transport to the coordinator, optionally authenticated. */
 export function coordinatorTransport(url: string, credential = ""): Transport {
-  return createGrpcTransport({ baseUrl: url, interceptors: [refusedStreamRetry, bearerInterceptor(() => credential)] });
+  return clientTransport({ baseUrl: url, token: () => credential });
 }
 
 /**

@@ -33,7 +33,7 @@ import { mkdir, readdir, readFile, rm } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Client, type Transport } from "@connectrpc/connect";
-import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+import { Http2SessionManager } from "@connectrpc/connect-node";
 import {
   AppendRejectionCode,
   type AppendRequestSchema,
@@ -41,7 +41,8 @@ import {
   FrameSchema,
 } from "../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../lib/logger.js";
-import { classify, keepStreaming, refusedStreamRetry, type StreamAttempt } from "../lib/retry.js";
+import { clientTransport } from "../lib/grpc/transport.js";
+import { classify, keepStreaming, type StreamAttempt } from "../lib/retry.js";
 import { Notifier } from "../lib/async/notifier.js";
 import { AsyncQueue } from "../lib/async/queue.js";
 import { PROTOCOL_VERSION } from "../lib/protocol.js";
@@ -264,7 +265,7 @@ class ServerSender {
     let transport = server.transport;
     if (!transport) {
       this.sessionManager = new Http2SessionManager(server.url, { pingIntervalMs: 15000, pingTimeoutMs: 10000 });
-      transport = createGrpcTransport({ baseUrl: server.url, sessionManager: this.sessionManager, interceptors: [refusedStreamRetry] });
+      transport = clientTransport({ baseUrl: server.url, sessionManager: this.sessionManager });
     }
     this.client = createClient(LogService, transport);
   }

@@ -9,15 +9,8 @@ import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.j
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import { pushImage } from "../lib/image/push.js";
 import type { Logger } from "../lib/logger.js";
-import { sleep } from "../lib/retry.js";
-import {
-  FIRMWARE_MEDIA_TYPE,
-  INITRD_MEDIA_TYPE,
-  KERNEL_MEDIA_TYPE,
-  QCOW2_MEDIA_TYPE,
-  RAW_MEDIA_TYPE,
-  ROOTFS_MEDIA_TYPE,
-} from "../lib/image/media-types.js";
+import { retry } from "../lib/retry.js";
+import { mediaTypesOfDriver } from "../lib/image/media-types.js";
 import { buildBusyboxImage, buildFirmwareImage, type TestImage } from "./images.js";
 
 /**
@@ -113,14 +106,14 @@ export function processHost(name: string): TestbedHost {
   return {
     name,
     driverKind: DriverKind.PROCESS,
-    mediaTypes: [ROOTFS_MEDIA_TYPE],
+    mediaTypes: mediaTypesOfDriver("process"),
     tags: { arch: process.arch === "x64" ? "x86_64" : process.arch, driver: "process" },
   };
 }
 
 /** A simulated board of the testbed. */
 export function boardHost(name: string): TestbedHost {
-  return { name, driverKind: DriverKind.BOARD, mediaTypes: [FIRMWARE_MEDIA_TYPE], tags: { board: "sim", driver: "board" } };
+  return { name, driverKind: DriverKind.BOARD, mediaTypes: mediaTypesOfDriver("board"), tags: { board: "sim", driver: "board" } };
 }
 
 /** A qemu-driver host of the testbed. */
@@ -128,7 +121,7 @@ export function vmHost(name: string): TestbedHost {
   return {
     name,
     driverKind: DriverKind.QEMU,
-    mediaTypes: [QCOW2_MEDIA_TYPE, RAW_MEDIA_TYPE, KERNEL_MEDIA_TYPE, INITRD_MEDIA_TYPE],
+    mediaTypes: mediaTypesOfDriver("qemu", { boot: true }),
     tags: { arch: "x86_64", driver: "qemu" },
   };
 }
@@ -169,17 +162,17 @@ export async function ensureExamples(
     if (have) continue;
     const image = await example.build(options.workDir);
     const deadline = Date.now() + 20000;
-    for (;;) {
-      try {
-        await pushTestImage(admin, image, example.ref, options.signal);
-        break;
-      } catch (err) {
-        // No image store registered yet: it registers right after its start.
+    await retry(() => pushTestImage(admin, image, example.ref, options.signal), {
+      initialMs: 100,
+      maxMs: 100,
+      jitter: "none",
+      signal: options.signal,
+      // No image store registered yet (FailedPrecondition): it registers right after its start.
+      isRetryable: (err) => {
         const code = ConnectError.from(err).code;
-        if ((code !== Code.FailedPrecondition && code !== Code.Unavailable) || Date.now() > deadline) throw err;
-        await sleep(100, options.signal);
-      }
-    }
+        return (code === Code.FailedPrecondition || code === Code.Unavailable) && Date.now() <= deadline;
+      },
+    });
     options.logger.info({ image: example.ref }, "example image pushed");
   }
   state.examples = EXAMPLES.map((e) => e.ref);

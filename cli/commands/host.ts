@@ -9,12 +9,12 @@ import {
   type Host,
 } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
+import { mediaTypesOfDriver } from "../../lib/image/media-types.js";
 import { keyValues, parseIntFlag } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
-import { MEDIA_TYPES } from "./image.js";
 
 type Hosts = Client<typeof HostService>;
 
@@ -34,9 +34,9 @@ function driverOf(text: string): DriverKind {
 }
 
 const DEFAULT_MEDIA: Record<number, string[]> = {
-  [DriverKind.PROCESS]: [MEDIA_TYPES.rootfs],
-  [DriverKind.BOARD]: [MEDIA_TYPES.firmware],
-  [DriverKind.QEMU]: [MEDIA_TYPES.qcow2, MEDIA_TYPES.raw],
+  [DriverKind.PROCESS]: mediaTypesOfDriver("process"),
+  [DriverKind.BOARD]: mediaTypesOfDriver("board"),
+  [DriverKind.QEMU]: mediaTypesOfDriver("qemu"),
 };
 
 function stateText(h: Host): string {

@@ -8,14 +8,7 @@ import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_p
 import { downloadBlob, imageStoreClient, imageStoreTransport } from "../../lib/image/client.js";
 import { digestFile } from "../../lib/image/digest.js";
 import { buildManifest } from "../../lib/image/manifest.js";
-import {
-  FIRMWARE_MEDIA_TYPE,
-  INITRD_MEDIA_TYPE,
-  KERNEL_MEDIA_TYPE,
-  QCOW2_MEDIA_TYPE,
-  RAW_MEDIA_TYPE,
-  ROOTFS_MEDIA_TYPE,
-} from "../../lib/image/media-types.js";
+import { DRIVER_OF_KIND, MEDIA_TYPE_OF_KIND, type LayerKind } from "../../lib/image/media-types.js";
 import { registerImage, requestUploadGrant, uploadImage, type LocalImage } from "../../lib/image/push.js";
 import { packDirectory } from "../../lib/image/tar.js";
 import { keyValues, parseBytes } from "../args.js";
@@ -25,16 +18,8 @@ import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
 import { formatBytes, progressBar } from "../progress.js";
 
-export const MEDIA_TYPES = {
-  rootfs: ROOTFS_MEDIA_TYPE,
-  qcow2: QCOW2_MEDIA_TYPE,
-  raw: RAW_MEDIA_TYPE,
-  firmware: FIRMWARE_MEDIA_TYPE,
-  kernel: KERNEL_MEDIA_TYPE,
-  initrd: INITRD_MEDIA_TYPE,
-} as const;
-type Kind = Exclude<keyof typeof MEDIA_TYPES, "kernel" | "initrd">;
-const DRIVER_OF: Record<Kind, string> = { rootfs: "process", qcow2: "qemu", raw: "qemu", firmware: "board" };
+/** What `tml image push` makes an image of (kernel and initrd only go with a disk). */
+type Kind = Exclude<LayerKind, "kernel" | "initrd">;
 
 /** `name:tag` split; a name alone means `:latest`; a digest stays whole. */
 export function splitReference(ref: string, flag = "reference"): { name: string; tag: string; text: string } {
@@ -193,13 +178,13 @@ export const imageCommands: Command[] = [
           });
           const annotations: Record<string, string> = { "org.opencontainers.image.title": basename(bootFile) };
           if (part === "kernel" && flags.cmdline !== undefined) annotations["treadmill.kernel.cmdline"] = flags.cmdline;
-          layers.push({ file: bootFile, title: basename(bootFile), mediaType: MEDIA_TYPES[part], annotations });
+          layers.push({ file: bootFile, title: basename(bootFile), mediaType: MEDIA_TYPE_OF_KIND[part], annotations });
         }
-        layers.push({ file, title: layerTitle, mediaType: MEDIA_TYPES[kind], annotations: { "org.opencontainers.image.title": layerTitle } });
+        layers.push({ file, title: layerTitle, mediaType: MEDIA_TYPE_OF_KIND[kind], annotations: { "org.opencontainers.image.title": layerTitle } });
         const digests = await Promise.all(layers.map((l) => digestFile(l.file)));
         const annotations: Record<string, string> = {
           "org.opencontainers.image.title": flags.title ?? ref.name,
-          "treadmill.driver": DRIVER_OF[kind],
+          "treadmill.driver": DRIVER_OF_KIND[kind],
         };
         if (flags.description !== undefined) annotations["org.opencontainers.image.description"] = flags.description;
         if (kind === "rootfs") annotations["treadmill.entrypoint"] = entrypointOf(flags.entrypoint ?? "/bin/sh");

@@ -24,8 +24,8 @@ import {
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
-import { backoff, sleep } from "../../lib/retry.js";
-import { keyValues, parseDuration, parseIntFlag, type FlagSchema } from "../args.js";
+import { keepStreaming } from "../../lib/retry.js";
+import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
@@ -76,25 +76,30 @@ function stateText(job: Job): string {
 
 /**
  * Calls `onJob` with the job now and after every change until it is
- * finalized (WatchJob, reconnecting with backoff when the stream breaks).
+ * finalized (WatchJob, reopened with backoff when the stream breaks or ends
+ * before the job: a replica stopping). The caller's abort rejects, as
+ * Canceled; a permanent failure (classify) rejects with itself.
  */
-async function watchJob(jobs: Jobs, jobId: string, signal: AbortSignal, onJob: (job: Job) => void | Promise<void>): Promise<Job> {
-  const delays = backoff({ initialMs: 250, maxMs: 5000 });
-  while (true) {
-    try {
-      for await (const message of jobs.watchJob({ jobId }, { signal })) {
-        if (!message.job) continue;
-        await onJob(message.job);
-        if (message.job.state === JobState.FINALIZED) return message.job;
-      }
-      // The stream ended before the job did (a replica stopping): watch again.
-    } catch (err) {
-      const error = ConnectError.from(err);
-      if (signal.aborted) throw error;
-      if (error.code !== Code.Unavailable && error.code !== Code.Unknown && error.code !== Code.DeadlineExceeded) throw error;
-      await sleep(delays.next().value, signal);
-    }
-  }
+export async function watchJob(jobs: Jobs, jobId: string, signal: AbortSignal, onJob: (job: Job) => void | Promise<void>): Promise<Job> {
+  const finalized = new AbortController();
+  let final: Job | undefined;
+  await keepStreaming({
+    open: (attempt) => jobs.watchJob({ jobId }, { signal: attempt.signal }),
+    onMessage: async ({ job }, attempt) => {
+      if (!job) return;
+      attempt.healthy();
+      await onJob(job);
+      if (job.state !== JobState.FINALIZED) return;
+      final = job;
+      finalized.abort();
+    },
+    backoff: { initialMs: 250, maxMs: 5000 },
+    signal: AbortSignal.any([signal, finalized.signal]),
+  }).catch((err: unknown) => {
+    throw ConnectError.from(err);
+  });
+  if (final === undefined) throw ConnectError.from(signal.reason, Code.Canceled);
+  return final;
 }
 
 /** Writes log lines: console/stdout to stdout, stderr and supervisor to stderr. */
@@ -133,6 +138,9 @@ function channelsOf(given: readonly string[], verbose: boolean): string[] {
   if (given.length > 0) return given.flatMap((c) => c.split(",")).filter((c) => c !== "");
   return verbose ? [...DEFAULT_CHANNELS, "supervisor"] : DEFAULT_CHANNELS;
 }
+
+/** The argument of every verb that acts on one job. */
+const JOB_ARG = [{ name: "JOB", required: true, description: "the job's id" }] as const satisfies readonly ArgSpec[];
 
 const runFlags = {
   tag: { type: "list", placeholder: "KEY=VALUE", description: "a host must carry this tag" },
@@ -374,7 +382,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "get"],
     summary: "Show one job",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     examples: ["tml job get 0190f5c2-7c1e-7000-8000-000000000000", "tml job get $JOB -o json | jq -r .state"],
     async run(ctx, { args }) {
       const jobs = await ctx.client(JobService);
@@ -409,7 +417,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "cancel"],
     summary: "Cancel a job",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     flags: {
       message: { type: "string", placeholder: "TEXT", description: "why, for the job's timeline" },
       wait: { type: "bool", short: "w", description: "wait until the job is finalized" },
@@ -428,7 +436,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "wait"],
     summary: "Wait until a job ends; exit 0 if it succeeded, 1 if not",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     flags: { timeout: { type: "string", placeholder: "DURATION", description: "give up after this long (exit 3)" } },
     examples: ["tml job wait $JOB && echo passed", "tml job wait $JOB --timeout 1h"],
     async run(ctx, { args, flags }) {
@@ -451,7 +459,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "events"],
     summary: "Show a job's timeline",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     flags: { follow: { type: "bool", short: "f", description: "keep printing new events until the job ends" } },
     examples: ["tml job events $JOB", "tml job events $JOB --follow"],
     async run(ctx, { args, flags }) {
@@ -493,7 +501,7 @@ export const jobCommands: Command[] = [
   defineCommand({
     path: ["job", "logs"],
     summary: "Print a job's log; --follow keeps printing until the job ends",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: JOB_ARG,
     flags: {
       channel: { type: "list", short: "c", placeholder: "NAME", description: "channels to print (default console, stdout, stderr)" },
       follow: { type: "bool", short: "f", description: "keep printing new output until the job ends" },

@@ -32,7 +32,16 @@ import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { checkId, checkText, invalid } from "../shared/common.js";
 import { recordEvent } from "../db/queries/events.js";
-import type { DbState } from "../db/queries/jobs.js";
+import {
+  type PartOf,
+  type PartStatus,
+  lockJobOfPart,
+  logPart,
+  logTokenCheck,
+  notifyJobChanged,
+  summarizeLogParts,
+  writeLogPart,
+} from "../db/queries/log-parts.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 
 /**
@@ -46,8 +55,6 @@ export function registerLogStatusHandlers(ctx: CoordinatorContext, handlers: Sup
 
 /** How long a token granted for a log still shipping lasts. */
 export const LOG_TOKEN_TTL_MS = 60 * 60_000;
-
-type PartStatus = "shipping" | "complete" | "incomplete";
 
 const STATUS_NAMES: Partial<Record<LogStatus, PartStatus>> = {
   [LogStatus.SHIPPING]: "shipping",
@@ -81,35 +88,13 @@ export async function onJobLogReport(ctx: CoordinatorContext, host: HostCaller, 
   const actor = `host:${host.hostName}`;
 
   await ctx.sql.begin(async (tx) => {
-    const [job] = await tx<{ state: DbState; owner_id: string }[]>`
-      select j.state, j.owner_id from jobs j
-      where j.id = ${r.jobId}
-        and exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = ${r.attempt} and jh.host_id = ${host.hostId})
-      for update of j`;
+    const part: PartOf = { jobId: r.jobId, attempt: r.attempt, hostId: host.hostId };
+    const job = await lockJobOfPart(tx, part);
     if (!job) return;
-    const [before] = await tx<{ status: PartStatus; bytes_lost: string; revision: string }[]>`
-      select status, bytes_lost, revision from job_log_parts
-      where job_id = ${r.jobId} and attempt = ${r.attempt} and host_id = ${host.hostId}`;
+    const before = await logPart(tx, part);
     if (before && BigInt(before.revision) >= r.revision) return;
-    await tx`
-      insert into job_log_parts (job_id, attempt, host_id, status, bytes_lost, message, revision)
-      values (${r.jobId}, ${r.attempt}, ${host.hostId}, ${status}, ${r.bytesLost.toString()}, ${message}, ${r.revision.toString()})
-      on conflict (job_id, attempt, host_id) do update
-        set status = excluded.status, bytes_lost = excluded.bytes_lost, message = excluded.message,
-          revision = excluded.revision, updated_at = now()`;
-    const [summary] = await tx<{ log_status: PartStatus; log_bytes_lost: string; log_status_message: string }[]>`
-      update jobs j set log_status = s.status, log_bytes_lost = s.lost, log_status_message = s.message, updated_at = now()
-      from (
-        select
-          case when bool_or(status = 'incomplete') then 'incomplete'
-               when bool_or(status = 'shipping') then 'shipping'
-               else 'complete' end as status,
-          sum(bytes_lost)::bigint as lost,
-          coalesce((array_agg(message order by status = 'incomplete' desc, status = 'shipping' desc, updated_at desc)
-                    filter (where status <> 'complete'))[1], '') as message
-        from job_log_parts where job_id = ${r.jobId}) s
-      where j.id = ${r.jobId}
-      returning j.log_status, j.log_bytes_lost, j.log_status_message`;
+    await writeLogPart(tx, part, { status, bytesLost: r.bytesLost, message, revision: r.revision });
+    const summary = await summarizeLogParts(tx, r.jobId);
     const lostMore = status === "incomplete" && (before?.status !== "incomplete" || BigInt(before.bytes_lost) < r.bytesLost);
     if (lostMore) {
       await recordEvent(tx, {
@@ -124,7 +109,7 @@ export async function onJobLogReport(ctx: CoordinatorContext, host: HostCaller, 
       });
     } else {
       // Watchers see the new status (recordEvent notifies on its own).
-      await tx`select pg_notify('treadmill_jobs', ${r.jobId})`;
+      await notifyJobChanged(tx, r.jobId);
     }
     ctx.logger.info(
       { jobId: r.jobId, attempt: r.attempt, hostId: host.hostId, status, bytesLost: Number(r.bytesLost), summary: summary?.log_status },
@@ -148,10 +133,7 @@ export async function onLogTokenRequest(ctx: CoordinatorContext, host: HostCalle
     create(AttachResponseSchema, {
       payload: { case: "logTokenGrant", value: { requestId: r.requestId, jobId: r.jobId, attempt: r.attempt, ...value } },
     });
-  const [job] = await ctx.sql<{ log_server_urls: string[]; ran: boolean }[]>`
-    select j.log_server_urls,
-      exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = ${r.attempt} and jh.host_id = ${host.hostId}) as ran
-    from jobs j where j.id = ${r.jobId}`;
+  const job = await logTokenCheck(ctx.sql, { jobId: r.jobId, attempt: r.attempt, hostId: host.hostId });
   const refuse = async (code: Code, message: string) => {
     await audit(ctx.sql, {
       kind: "job.log_token_refused",

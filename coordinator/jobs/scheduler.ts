@@ -48,10 +48,14 @@ import { deniedPairs, eligibleHosts, hostGrantsExist } from "../db/queries/hosts
 import { activeJobsPerOwner, assignJobs, customPlans, liveLogServersAndProxies, readQueue, tryPassLock } from "../db/queries/jobs.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { recordWaiting } from "../db/queries/events.js";
+import { type BackoffOptions, backoff } from "../../lib/retry.js";
 import { pipeline, withReserved } from "../db/reserved.js";
 
 const CHUNK = 1000;
-const RETRY_MS = 15;
+/** A pass that lost a race runs again at once: 15-30 ms, so replicas that lost together do not collide again. */
+const RACE_RETRY: BackoffOptions = { initialMs: 15, maxMs: 30, jitter: "decorrelated" };
+/** A pass that failed (the database away) backs off from 30-90 ms up to 2 s (decorrelated by 3: each delay grows from the last). */
+const FAILURE_RETRY: BackoffOptions = { initialMs: 30, maxMs: 2000, factor: 3, jitter: "decorrelated" };
 
 export interface PassResult {
   assigned: number;
@@ -82,6 +86,9 @@ export class Scheduler {
   private lastSlots = 0;
   /** Passes failed in a row: the retry backs off and the log says the start and the end of a streak. */
   private failures = 0;
+  private readonly raceDelays = backoff(RACE_RETRY);
+  /** Started afresh by a pass that succeeds. */
+  private failureDelays = backoff(FAILURE_RETRY);
 
   constructor(
     private readonly ctx: CoordinatorContext,
@@ -118,7 +125,10 @@ export class Scheduler {
         try {
           const pass = this.pass();
           result = await (this.metrics ? this.metrics.watch("scheduler", pass) : pass);
-          if (this.failures > 0) this.log.info({ failures: this.failures }, "scheduling passes succeed again");
+          if (this.failures > 0) {
+            this.log.info({ failures: this.failures }, "scheduling passes succeed again");
+            this.failureDelays = backoff(FAILURE_RETRY);
+          }
           this.failures = 0;
         } catch (err) {
           if (this.stopped) return;
@@ -132,12 +142,11 @@ export class Scheduler {
           result = { assigned: 0, retry: true };
         }
         if (result.retry && !this.stopped && this.retryTimer === undefined) {
-          // A pass that lost a race retries at once (15-30 ms); one that failed backs off up to 2 s.
-          const delay = this.failures === 0 ? RETRY_MS : Math.min(2000, RETRY_MS * 2 ** Math.min(this.failures, 8));
+          const delay = (this.failures === 0 ? this.raceDelays : this.failureDelays).next().value;
           this.retryTimer = setTimeout(() => {
             this.retryTimer = undefined;
             this.wake();
-          }, delay + Math.floor(Math.random() * delay));
+          }, delay);
           this.retryTimer.unref?.();
         }
       } while (this.dirty && !this.stopped);

@@ -66,7 +66,13 @@ export const MAX_START_FAILURES = 3;
 
 import { PROTOCOL_VERSION } from "../../lib/protocol.js";
 
-/** Codes of a stream that broke (not a clean end, a newer stream, or this replica stopping). */
+/**
+ * Codes of a stream that broke (not a clean end, a newer stream, or this
+ * replica stopping): a StartJob unanswered then may be what broke it. Not
+ * classify's "retryable": Unavailable (this replica stopping) and Aborted (a
+ * newer stream) are retryable yet no fault of the job, and DataLoss (a
+ * corrupt message) is permanent yet counts.
+ */
 const BROKEN = new Set([Code.Canceled, Code.DeadlineExceeded, Code.Unknown, Code.Internal, Code.DataLoss]);
 
 const invalid = (message: string) => new ConnectError(message, Code.InvalidArgument);

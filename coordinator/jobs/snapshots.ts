@@ -33,6 +33,7 @@ import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js"
 import { type Snapshot, SnapshotSchema, SnapshotState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import type { SnapshotJobRequest } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { AttachResponseSchema, type SnapshotResult } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { Notifier } from "../../lib/async/notifier.js";
 import type { Logger } from "../../lib/logger.js";
 import { actorOf } from "../audit.js";
 import { audit } from "../db/queries/audit.js";
@@ -56,6 +57,26 @@ import {
 import type { JobConfig } from "./config.js";
 import { type EventInput, recordEvent } from "../db/queries/events.js";
 import { type Db, loadJob } from "../db/queries/jobs.js";
+import {
+  type SnapshotRow,
+  type UploadTarget,
+  failSnapshotRow,
+  firstStoreOf,
+  hostGoneFor,
+  imageExists,
+  insertSnapshot,
+  jobStateOf,
+  liveSiteCache,
+  lockSnapshotOfHost,
+  notifySnapshots,
+  pendingSnapshotsOfHost,
+  registerSnapshotImage,
+  snapshot,
+  snapshotBase,
+  snapshotHost,
+  snapshotOfRequest,
+  succeedSnapshot,
+} from "../db/queries/snapshots.js";
 import type { HostSession } from "./session.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 import type { SupervisorStreams } from "./supervisor-stream.js";
@@ -65,26 +86,6 @@ const DIGEST = /^sha256:[0-9a-f]{64}$/;
 
 /** Timeline kinds of snapshots (job.proto JobEventKind SNAPSHOT_*). */
 type SnapshotEventKind = "snapshot_requested" | "snapshot_succeeded" | "snapshot_failed";
-
-interface SnapshotRow {
-  id: string;
-  job_id: string;
-  attempt: number;
-  host_id: string;
-  owner_id: string;
-  name: string;
-  tag: string;
-  state: "pending" | "succeeded" | "failed";
-  message: string;
-  manifest_digest: string;
-  upload_service_id: string;
-  upload_url: string;
-  upload_site: string;
-  annotations: Record<string, string>;
-  request_id: string | null;
-  created_at: Date;
-  finished_at: Date | null;
-}
 
 const STATES: Record<SnapshotRow["state"], SnapshotState> = {
   pending: SnapshotState.PENDING,
@@ -108,13 +109,13 @@ function snapshotMessage(row: SnapshotRow): Snapshot {
 }
 
 async function snapshotEvent(tx: Db, row: SnapshotRow, kind: SnapshotEventKind, message: string, actor: string): Promise<void> {
-  const [job] = await tx<{ state: EventInput["state"] }[]>`select state from jobs where id = ${row.job_id}`;
+  const state = await jobStateOf(tx, row.job_id);
   await recordEvent(tx, {
     jobId: row.job_id,
     // recordEvent's kinds predate snapshots; job_events.kind is free text and
     // the timeline maps these to JOB_EVENT_KIND_SNAPSHOT_*.
     kind: kind as EventInput["kind"],
-    state: job?.state ?? "finalized",
+    state: state ?? "finalized",
     attempt: row.attempt,
     hostId: row.host_id,
     actor,
@@ -126,7 +127,7 @@ async function snapshotEvent(tx: Db, row: SnapshotRow, kind: SnapshotEventKind, 
 /** Ends a pending snapshot FAILED (in `tx`, the row locked). */
 async function failSnapshot(tx: Db, row: SnapshotRow, message: string, actor: string): Promise<void> {
   const why = clipText(message, 1024);
-  await tx`update snapshots set state = 'failed', message = ${why}, finished_at = now() where id = ${row.id}`;
+  await failSnapshotRow(tx, row.id, why);
   await snapshotEvent(tx, row, "snapshot_failed", `snapshot ${row.name}:${row.tag} failed: ${why}`, actor);
 }
 
@@ -148,8 +149,7 @@ export async function onSnapshotResult(ctx: CoordinatorContext, host: HostCaller
     ok = { digest: result.manifestDigest, mediaTypes, size: result.sizeBytes };
   }
   await ctx.sql.begin(async (tx) => {
-    const [row] = await tx<SnapshotRow[]>`
-      select * from snapshots where id = ${result.snapshotId} and host_id = ${host.hostId} for update`;
+    const row = await lockSnapshotOfHost(tx, result.snapshotId, host.hostId);
     if (!row || row.state !== "pending") return;
     if (!ok) {
       const code = Code[result.errorCode] ?? "Unknown";
@@ -158,28 +158,26 @@ export async function onSnapshotResult(ctx: CoordinatorContext, host: HostCaller
     }
     // The catalog's media types of the image: every layer's (the base image's
     // and the snapshot layer's), as the scheduler matches hosts on them.
-    const [base] = await tx<{ media_types: string[]; owner_id: string; annotations: Record<string, string> | null }[]>`
-      select j.media_types, j.owner_id,
-        (select i.annotations from images i where i.digest = j.manifest_digest order by i.created_at limit 1) as annotations
-      from jobs j where j.id = ${row.job_id}`;
+    const base = await snapshotBase(tx, row.job_id);
     const mediaTypes = [...new Set([...ok.mediaTypes, ...(base?.media_types ?? [])])];
     const annotations = { ...(base?.annotations ?? {}), ...row.annotations };
-    const location = [{ service: row.upload_service_id, url: row.upload_url, site: row.upload_site }];
-    const inserted = await tx`
-      insert into images (name, tag, digest, media_types, size, owner_id, holder_id, visibility, locations, annotations, source_job_id,
-        created_at, updated_at)
-      values (${row.name}, ${row.tag}, ${ok.digest}, ${mediaTypes}, ${ok.size.toString()}::bigint, ${row.owner_id},
-        ${base?.owner_id ?? row.owner_id}, 'private',
-        ${tx.json(location as never)}, ${tx.json(annotations)}, ${row.job_id}, now(), now())
-      on conflict (name, tag) do nothing
-      returning name`;
-    if (inserted.length === 0) {
+    const registered = await registerSnapshotImage(tx, {
+      name: row.name,
+      tag: row.tag,
+      digest: ok.digest,
+      mediaTypes,
+      size: ok.size,
+      ownerId: row.owner_id,
+      holderId: base?.owner_id ?? row.owner_id,
+      location: { id: row.upload_service_id, url: row.upload_url, site: row.upload_site },
+      annotations,
+      jobId: row.job_id,
+    });
+    if (!registered) {
       await failSnapshot(tx, row, `image ${row.name}:${row.tag} was registered by someone else meanwhile`, actor);
       return;
     }
-    await tx`
-      update snapshots set state = 'succeeded', manifest_digest = ${ok.digest}, message = '', finished_at = now()
-      where id = ${row.id}`;
+    await succeedSnapshot(tx, row.id, ok.digest);
     await audit(tx, {
       kind: "image.snapshot",
       actor,
@@ -259,8 +257,7 @@ export class Snapshots {
     const requestId = req.requestId === "" ? null : req.requestId;
     const id = await this.ctx.sql.begin(async (tx) => {
       if (requestId !== null) {
-        const [existing] = await tx<{ id: string; job_id: string; name: string; tag: string }[]>`
-          select id, job_id, name, tag from snapshots where owner_id = ${caller.userId} and request_id = ${requestId}`;
+        const existing = await snapshotOfRequest(tx, caller.userId, requestId);
         if (existing) {
           if (existing.job_id !== req.jobId || existing.name !== name || existing.tag !== tag) {
             throw invalid("request_id was already used for another snapshot");
@@ -272,9 +269,8 @@ export class Snapshots {
     }).catch(async (err: unknown) => {
       // Two calls with one request_id at once: the second finds the first's.
       if (requestId === null || !isUniqueViolation(err, "snapshots_owner_request_id_idx")) throw err;
-      const [existing] = await this.ctx.sql<{ id: string }[]>`
-        select id from snapshots where owner_id = ${caller.userId} and request_id = ${requestId}`;
-      return existing.id;
+      const existing = await snapshotOfRequest(this.ctx.sql, caller.userId, requestId);
+      return existing!.id;
     });
     const row = req.wait ? await this.waitDone(id, hctx) : await this.current(id);
     return { snapshot: snapshotMessage(row) };
@@ -290,14 +286,12 @@ export class Snapshots {
       throw precondition(`job ${jobId} runs on ${job.host_ids.length} hosts; only a single-host job can be snapshotted`);
     }
     const hostId = job.host_ids[0];
-    const [host] = await tx<{ name: string; driver_kind: string; site: string }[]>`
-      select name, driver_kind, site from hosts where id = ${hostId}`;
+    const host = await snapshotHost(tx, hostId);
     if (!host) throw precondition(`job ${jobId} has no host any more`);
     if (host.driver_kind === "board") {
       throw precondition(`job ${jobId} runs on board host ${host.name}; the board driver cannot snapshot`);
     }
-    const [taken] = await tx`select 1 from images where name = ${name} and tag = ${tag}`;
-    if (taken) throw exists(`image ${name}:${tag} already exists; choose another name or tag`);
+    if (await imageExists(tx, name, tag)) throw exists(`image ${name}:${tag} already exists; choose another name or tag`);
     const target = await this.uploadTarget(tx, job.manifest_digest, host.site);
     if (!target) {
       throw new ConnectError("no image cache or store is available to upload the snapshot to", Code.Unavailable);
@@ -310,11 +304,7 @@ export class Snapshots {
     };
     try {
       await tx.savepoint(async (sp) => {
-        await sp`
-          insert into snapshots (id, job_id, attempt, host_id, owner_id, name, tag, upload_service_id, upload_url, upload_site,
-            annotations, request_id)
-          values (${id}, ${jobId}, ${job.attempt}, ${hostId}, ${caller.userId}, ${name}, ${tag}, ${target.id}, ${target.url},
-            ${target.site}, ${sp.json(annotations)}, ${requestId})`;
+        await insertSnapshot(sp, { id, jobId, attempt: job.attempt, hostId, ownerId: caller.userId, name, tag, target, annotations, requestId });
       });
     } catch (err) {
       if (isUniqueViolation(err, "snapshots_pending_name_idx")) {
@@ -324,42 +314,25 @@ export class Snapshots {
     }
     const row = { id, job_id: jobId, attempt: job.attempt, host_id: hostId, owner_id: caller.userId, name, tag } as SnapshotRow;
     await snapshotEvent(tx, row, "snapshot_requested", `snapshot to ${name}:${tag} requested by ${caller.name}`, actorOf(caller));
-    await tx`select pg_notify('treadmill_snapshots', ${hostId})`;
+    await notifySnapshots(tx, hostId);
     return id;
   }
 
   /** The site's live cache (a cache serves the store API), else the first store holding the job's image. */
-  private async uploadTarget(tx: Db, manifestDigest: string, site: string): Promise<{ id: string; url: string; site: string } | undefined> {
-    if (site !== "") {
-      const [cache] = await tx<{ id: string; url: string; site: string }[]>`
-        select s.id, s.url, s.site from services s
-        where s.kind = 'image_cache' and s.site = ${site} and not s.draining
-          and s.last_heartbeat_at > now() - (3 * s.heartbeat_interval_ms) * interval '1 millisecond'
-        order by s.active_streams, s.url limit 1`;
-      if (cache) return cache;
-    }
-    const [store] = await tx<{ id: string; url: string; site: string }[]>`
-      select l->>'service' as id, l->>'url' as url, coalesce(l->>'site', '') as site
-      from images i, jsonb_array_elements(i.locations) with ordinality as x(l, n)
-      where i.digest = ${manifestDigest} and coalesce(l->>'url', '') <> ''
-        and coalesce(l->>'service', '') ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-      order by i.created_at, x.n limit 1`;
-    return store;
+  private async uploadTarget(tx: Db, manifestDigest: string, site: string): Promise<UploadTarget | undefined> {
+    const cache = site === "" ? undefined : await liveSiteCache(tx, site);
+    return cache ?? firstStoreOf(tx, manifestDigest);
   }
 
   /** The operation now; a pending one whose host is gone for good ends FAILED first. */
   private async current(id: string): Promise<SnapshotRow> {
     return this.ctx.sql.begin(async (tx) => {
-      const [row] = await tx<SnapshotRow[]>`select * from snapshots where id = ${id} for update`;
+      const row = (await snapshot(tx, id, { lock: true }))!;
       if (row.state !== "pending") return row;
-      const [host] = await tx<{ name: string; gone: boolean }[]>`
-        select name, attach_session is null
-          and coalesce(detached_at, now()) < now() - ${this.config.supervisorGraceMs} * interval '1 millisecond' as gone
-        from hosts where id = ${row.host_id}`;
+      const host = await hostGoneFor(tx, row.host_id, this.config.supervisorGraceMs);
       if (host && !host.gone) return row;
       await failSnapshot(tx, row, `host ${host?.name ?? row.host_id} went away before the snapshot finished`, "system");
-      const [after] = await tx<SnapshotRow[]>`select * from snapshots where id = ${id}`;
-      return after;
+      return (await snapshot(tx, id))!;
     });
   }
 
@@ -371,15 +344,13 @@ export class Snapshots {
   private async waitDone(id: string, hctx: HandlerContext): Promise<SnapshotRow> {
     let row = await this.current(id);
     if (row.state !== "pending") return row;
-    let wake: () => void = () => undefined;
-    const unsubscribe = this.watchers.subscribe(row.job_id, () => wake());
-    const onAbort = () => wake();
-    hctx.signal.addEventListener("abort", onAbort, { once: true });
+    const changed = new Notifier();
+    const unsubscribe = this.watchers.subscribe(row.job_id, () => changed.notify());
     try {
       for (;;) {
-        const changed = new Promise<void>((resolve) => (wake = resolve));
-        // Also looked at now and then: a host that went away sends nothing.
-        const timer = setTimeout(() => wake(), this.config.supervisorHeartbeatMs);
+        // Waiting from before the read, so a change during it is not missed;
+        // also looked at every heartbeat: a host that went away sends nothing.
+        const woken = changed.wait({ timeoutMs: this.config.supervisorHeartbeatMs, signal: hctx.signal });
         row = await this.current(id);
         if (row.state !== "pending") return row;
         if (hctx.signal.aborted) {
@@ -388,12 +359,11 @@ export class Snapshots {
             Code.DeadlineExceeded,
           );
         }
-        await changed;
-        clearTimeout(timer);
+        await woken;
       }
     } finally {
+      changed.notify();
       unsubscribe();
-      hctx.signal.removeEventListener("abort", onAbort);
     }
   }
 
@@ -426,9 +396,7 @@ export class Snapshots {
     if (!session) return;
     let sent = this.sent.get(session);
     if (!sent) this.sent.set(session, (sent = new Set()));
-    const rows = await this.ctx.sql<(SnapshotRow & { job_owner_id: string })[]>`
-      select s.*, j.owner_id as job_owner_id from snapshots s join jobs j on j.id = s.job_id
-      where s.host_id = ${hostId} and s.state = 'pending' order by s.id`;
+    const rows = await pendingSnapshotsOfHost(this.ctx.sql, hostId);
     const now = this.ctx.clock();
     const ttl = this.ctx.config.imageTokenTtlMs;
     for (const row of rows) {

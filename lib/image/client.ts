@@ -25,7 +25,6 @@ import { open, rename, rm, stat } from "node:fs/promises";
 import type http2 from "node:http2";
 import { create, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   GetBlobRequestSchema,
   GetBlobResponseSchema,
@@ -35,10 +34,10 @@ import {
   type GetBlobResponse,
   type PutBlobResponse,
 } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { bearerInterceptor } from "../coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall, type RawClientCall } from "../grpc/client.js";
+import { clientTransport } from "../grpc/transport.js";
 import { bytesFieldHeader, decodeMessage, frame, splitBulkMessage } from "../grpc/wire.js";
-import { refusedStreamRetry, retry } from "../retry.js";
+import { retry } from "../retry.js";
 import { BLOB_CHUNK_BYTES, BackgroundWriter, type BlobSource } from "./blob-io.js";
 import { DIGEST_PATTERN, DigestMismatchError, digestOf } from "./digest.js";
 
@@ -65,13 +64,13 @@ export function imageStoreTransport(baseUrl: string, options: { token?: string |
     { idleConnectionTimeoutMs: 60_000 },
     { settings: { initialWindowSize: STREAM_WINDOW } },
   );
-  const transport = createGrpcTransport({
+  const transport = clientTransport({
     baseUrl,
     sessionManager,
     acceptCompression: [],
     // A message is at most 3 MiB of data plus a few bytes of framing.
     readMaxBytes: MAX_MESSAGE_BYTES,
-    interceptors: [refusedStreamRetry, bearerInterceptor(tokenOf)],
+    token: tokenOf,
   });
   const bulk = new BulkChannel(baseUrl, tokenOf);
   const imageTransport = Object.assign(transport, {

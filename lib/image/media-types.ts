@@ -20,3 +20,42 @@ export const RAW_MEDIA_TYPE = "application/vnd.treadmill.disk.raw";
 export const KERNEL_MEDIA_TYPE = "application/vnd.treadmill.kernel";
 /** Media type of an initrd layer for a VM's direct boot (`-initrd`). */
 export const INITRD_MEDIA_TYPE = "application/vnd.treadmill.initrd";
+
+/**
+ * The media type of each kind of layer, by the word `tml image push --type`
+ * and the testbed use. kernel and initrd are a VM's direct-boot parts: they go
+ * below a qcow2 or raw disk, never alone.
+ */
+export const MEDIA_TYPE_OF_KIND = {
+  rootfs: ROOTFS_MEDIA_TYPE,
+  qcow2: QCOW2_MEDIA_TYPE,
+  raw: RAW_MEDIA_TYPE,
+  firmware: FIRMWARE_MEDIA_TYPE,
+  kernel: KERNEL_MEDIA_TYPE,
+  initrd: INITRD_MEDIA_TYPE,
+} as const;
+export type LayerKind = keyof typeof MEDIA_TYPE_OF_KIND;
+
+/** The driver that runs each kind of layer (an image's `treadmill.driver` annotation). */
+export const DRIVER_OF_KIND = {
+  rootfs: "process",
+  qcow2: "qemu",
+  raw: "qemu",
+  firmware: "board",
+  kernel: "qemu",
+  initrd: "qemu",
+} as const satisfies Record<LayerKind, string>;
+export type DriverName = (typeof DRIVER_OF_KIND)[LayerKind];
+
+const BOOT_KINDS: readonly LayerKind[] = ["kernel", "initrd"];
+
+/**
+ * The media types a host of `driver` runs, in MEDIA_TYPE_OF_KIND's order.
+ * A qemu host's direct-boot layers count only with `boot`: `tml host create`
+ * leaves them out by default, the testbed's VM host declares them.
+ */
+export function mediaTypesOfDriver(driver: DriverName, options: { boot?: boolean } = {}): string[] {
+  return (Object.keys(MEDIA_TYPE_OF_KIND) as LayerKind[])
+    .filter((kind) => DRIVER_OF_KIND[kind] === driver && (options.boot === true || !BOOT_KINDS.includes(kind)))
+    .map((kind) => MEDIA_TYPE_OF_KIND[kind]);
+}

@@ -15,12 +15,10 @@
  */
 import { Duplex } from "node:stream";
 import { Code, ConnectError, type Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
 import { CloseReason, type Exposure } from "../../gen/treadmill/proxy/v1/tunnel_pb.js";
 import { deferred } from "../async/deferred.js";
-import { bearerInterceptor } from "../coordinator-client.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, dialSocket, openRawCall, type RawClientCall } from "../grpc/client.js";
-import { refusedStreamRetry } from "../retry.js";
+import { clientTransport } from "../grpc/transport.js";
 import { PROTOCOL_VERSION } from "../protocol.js";
 import {
   DIAL_PATH,
@@ -48,12 +46,7 @@ export function tunnelTransport(url: string, token: () => string): { transport: 
     // Small messages (keystrokes, echoes) go out at once, not behind Nagle.
     createConnection: (authority: URL) => dialSocket(authority),
   });
-  const transport = createGrpcTransport({
-    baseUrl: url,
-    sessionManager,
-    interceptors: [refusedStreamRetry, bearerInterceptor(token)],
-    acceptCompression: [],
-  });
+  const transport = clientTransport({ baseUrl: url, sessionManager, token, acceptCompression: [] });
   return { transport, close: () => sessionManager.abort() };
 }
 

@@ -31,7 +31,6 @@
 // most database time (pg_stat_statements).
 import { randomUUID } from "node:crypto";
 import { chmod, mkdtemp, readFile, readdir, rm } from "node:fs/promises";
-import { createServer } from "node:net";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -42,12 +41,14 @@ import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { hashSecret, newSecret } from "../../coordinator/auth.js";
 import { startEmbeddedPostgres } from "../../coordinator/db/embedded.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { silentLogger } from "../../lib/logger.js";
 import { metricValues } from "../support/metrics.js";
 import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { percentile, report } from "./report.js";
+import { freePort } from "../support/net.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const env = (name: string, fallback: number) => Number(process.env[name] ?? fallback);
@@ -57,15 +58,6 @@ const DISPATCH_JOBS = env("TREADMILL_BENCH_DISPATCH_JOBS", FULL ? 2000 : 1000);
 const QUEUED_JOBS = env("TREADMILL_BENCH_QUEUED_JOBS", FULL ? 10000 : 5000);
 const PROFILE = process.env.TREADMILL_BENCH_PROFILE;
 const ACTIVE = 200;
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const port = (server.address() as { port: number }).port;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 /** Resident memory (bytes) and CPU time (ms) of a process, from /proc. */
 async function usage(pid: number): Promise<{ rss: number; cpuMs: number }> {
@@ -236,10 +228,6 @@ export async function run(): Promise<void> {
     await sql`insert into api_tokens (id, user_id, hash, name) values (${randomUUID()}, ${userId}, ${hashSecret(token)}, 'bench')`;
     const digest = `sha256:${"ab".repeat(32)}`;
     await sql`insert into images (name, tag, digest, media_types, owner_id, visibility) values ('bench', 'v1', ${digest}, ${[ROOTFS]}, ${userId}, 'public')`;
-    // No job is assigned without a live log server: one that never needs to heartbeat (nothing dials it).
-    await sql`
-      insert into services (id, kind, url, site, heartbeat_interval_ms, last_heartbeat_at)
-      values (${randomUUID()}, 'log_server', 'http://bench-logs.invalid', '', ${600_000_000}, now())`;
     const hosts = Array.from({ length: Math.max(IDLE, ACTIVE) }, (_, i) => ({
       id: randomUUID(),
       name: `bench-${i}`,

@@ -27,7 +27,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import { createServer as createNetServer, connect } from "node:net";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -44,6 +44,7 @@ import { silentLogger } from "../../lib/logger.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { fileAppendMBps } from "./baselines.js";
 import { percentile, report } from "./report.js";
+import { freePort } from "../support/net.js";
 
 
 const BIN = new URL("../../bin/treadmill-log-server.js", import.meta.url).pathname;
@@ -60,13 +61,6 @@ interface ServerProcess {
   stop(): Promise<void>;
 }
 
-async function freePort(): Promise<number> {
-  const s = createNetServer();
-  await new Promise<void>((resolve) => s.listen(0, "127.0.0.1", resolve));
-  const port = (s.address() as { port: number }).port;
-  await new Promise((resolve) => s.close(resolve));
-  return port;
-}
 
 /** The node flags a bin's `#!/usr/bin/env -S node ...` line gives it, so that the server runs as the bin does. */
 async function binNodeFlags(path: string): Promise<string[]> {

@@ -29,7 +29,7 @@ import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { WebSocket, createWebSocketStream } from "ws";
 import { TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { dialTunnel } from "../../lib/tunnel/client.js";
 import { percentile, report } from "./report.js";

@@ -7,13 +7,13 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { execFile } from "node:child_process";
-import { copyFile, mkdir, symlink, writeFile } from "node:fs/promises";
+import { mkdir, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { contextNameFor } from "../../cli/config.js";
 import { docBlock, docBlocks, runBash, type DocBlock } from "../support/doc-blocks.js";
-import { ADMIN_PASSWORD, startWorld, tml, type CliWorld } from "./harness.js";
+import { ADMIN_PASSWORD, busyboxRootfs, startWorld, tml, type CliWorld } from "./harness.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 const GUIDE = join(REPO, "docs", "cli.md");
@@ -43,21 +43,16 @@ beforeAll(async () => {
   world = await startWorld();
   await world.startStores();
   await world.startSupervisor("guide-1", { arch: "x86_64" });
-  config = world.configFile("guide");
+  config = await world.adminConfig("guide");
   bins = join(world.dir, "bin");
   await mkdir(bins);
   await symlink(join(REPO, "bin", "tml.js"), join(bins, "tml"));
   // The files the guide's commands name, in the directory they run in.
   work = join(world.dir, "work");
-  const rootfs = join(work, "rootfs");
-  await mkdir(join(rootfs, "bin"), { recursive: true });
-  await mkdir(join(rootfs, "tmp"));
-  await copyFile("/bin/busybox", join(rootfs, "bin", "busybox"));
-  for (const link of ["sh", "echo", "sleep", "cat"]) await symlink("busybox", join(rootfs, "bin", link));
+  const rootfs = await busyboxRootfs(join(work, "rootfs"), ["sh", "echo", "sleep", "cat"]);
   await run("tar", ["-czf", join(work, "app.tar.gz"), "-C", rootfs, "."]);
   await run("qemu-img", ["create", "-q", "-f", "qcow2", join(work, "debian.qcow2"), "16M"]);
   await writeFile(join(work, "zephyr.bin"), Buffer.alloc(4096, 0x5a));
-  expect((await admin(["login", world.url, "--user", "admin", "--password-stdin"], `${ADMIN_PASSWORD}\n`)).code).toBe(0);
 }, 180_000);
 
 afterAll(async () => {

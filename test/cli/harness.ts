@@ -13,7 +13,7 @@
  * Each in-process run checks that it left the process as it found it.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { chmod, mkdtemp, rm } from "node:fs/promises";
+import { chmod, copyFile, mkdir, mkdtemp, rm, symlink } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PassThrough, Readable } from "node:stream";
@@ -24,7 +24,8 @@ import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import type { ServingComponent } from "../../lib/component.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
+import { ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { silentLogger } from "../../lib/logger.js";
 import { watchLines } from "../support/process.js";
 import { loadImageStoreConfig } from "../../stores/image/config.js";
@@ -34,6 +35,7 @@ import { createLogServer } from "../../stores/log/log-server.js";
 import { loadSupervisorConfig } from "../../supervisor/config.js";
 import { createSupervisor, type Supervisor } from "../../supervisor/supervisor.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { waitUntil } from "../support/wait.js";
 
 export const TML = new URL("../../bin/tml.js", import.meta.url).pathname;
 export const ADMIN_PASSWORD = "correct horse battery staple";
@@ -146,13 +148,18 @@ export function spawnTml(configFile: string, args: string[], options: TmlOptions
   };
 }
 
-/** Polls `check` until it returns true, failing after `timeoutMs`. */
+/** Polls `check` until it returns true (a check that throws counts as not yet), failing after `timeoutMs`. */
 export async function eventually(what: string, check: () => Promise<boolean>, timeoutMs = 60_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check().catch(() => false))) {
-    if (Date.now() > deadline) throw new Error(`${what} did not happen within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
+  await waitUntil(() => check().catch(() => false), what, timeoutMs);
+}
+
+/** A directory at `root` to push as a rootfs image: /bin/busybox, `applets` linked to it, and the empty `dirs`. */
+export async function busyboxRootfs(root: string, applets: string[], dirs: string[] = ["tmp"]): Promise<string> {
+  await mkdir(join(root, "bin"), { recursive: true });
+  await copyFile("/bin/busybox", join(root, "bin", "busybox"));
+  for (const applet of applets) await symlink("busybox", join(root, "bin", applet));
+  for (const d of dirs) await mkdir(join(root, d), { recursive: true });
+  return root;
 }
 
 export interface CliWorld {
@@ -161,6 +168,8 @@ export interface CliWorld {
   dir: string;
   /** A fresh contexts file path in the world's temp dir. */
   configFile(name?: string): string;
+  /** A contexts file (`configFile(name)`) logged in as the admin; throws when the login fails. */
+  adminConfig(name?: string): Promise<string>;
   /** An admin API token (from Login). */
   adminToken: string;
   /** Starts an image store and a log server registered with the coordinator. */
@@ -181,12 +190,19 @@ export async function startWorld(): Promise<CliWorld> {
   const servers: ServingComponent[] = [];
   const supervisors: Supervisor[] = [];
   let configs = 0;
+  const configFile = (name?: string) => join(dir, `${name ?? `config-${++configs}`}.json`);
   return {
     coordinator,
     url,
     dir,
     adminToken,
-    configFile: (name) => join(dir, `${name ?? `config-${++configs}`}.json`),
+    configFile,
+    async adminConfig(name) {
+      const config = configFile(name);
+      const login = await tml(config, ["login", url, "--user", "admin", "--password-stdin"], { input: `${ADMIN_PASSWORD}\n` });
+      if (login.code !== 0) throw new Error(`tml login as admin exited ${login.code}: ${login.stderr}`);
+      return config;
+    },
     async startStores() {
       const admin = createClient(AuthService, adminTransport);
       const credential = async (description: string) =>
@@ -228,7 +244,7 @@ export async function startWorld(): Promise<CliWorld> {
         name,
         driverKind: DriverKind.PROCESS,
         tags,
-        mediaTypes: ["application/vnd.treadmill.rootfs.tar+gzip"],
+        mediaTypes: [ROOTFS_MEDIA_TYPE],
       });
       const workDir = join(dir, `supervisor-${name}`);
       const supervisor = createSupervisor({

@@ -4,10 +4,10 @@
  * outside.
  */
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { copyFile, mkdir, readdir, readFile, stat, symlink, writeFile } from "node:fs/promises";
+import { readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { ConfigStore } from "../../cli/config.js";
-import { ADMIN_PASSWORD, eventually, startTml, startWorld, tml, type CliWorld } from "./harness.js";
+import { ADMIN_PASSWORD, busyboxRootfs, eventually, startTml, startWorld, tml, type CliWorld } from "./harness.js";
 
 let world: CliWorld;
 
@@ -46,13 +46,8 @@ describe("tml job run's last line", () => {
   beforeAll(async () => {
     await world.startStores();
     await world.startSupervisor("messages-1");
-    config = world.configFile("job-run");
-    expect((await tml(config, ["login", world.url, "--user", "admin", "--password-stdin"], { input: `${ADMIN_PASSWORD}\n` })).code).toBe(0);
-    const root = join(world.dir, "rootfs");
-    await mkdir(join(root, "bin"), { recursive: true });
-    await mkdir(join(root, "tmp"));
-    await copyFile("/bin/busybox", join(root, "bin", "busybox"));
-    await symlink("busybox", join(root, "bin", "sh"));
+    config = await world.adminConfig("job-run");
+    const root = await busyboxRootfs(join(world.dir, "rootfs"), ["sh"]);
     const push = await tml(config, ["image", "push", root, "--name", "example/waits:latest", "--entrypoint", "echo waiting-for-its-end; read x"]);
     expect(push.code).toBe(0);
   }, 120_000);

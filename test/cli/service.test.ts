@@ -2,7 +2,7 @@
 // registered"): bin/tml.js against a coordinator with a store and a log
 // server registered, as an admin and as an ordinary user.
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { ADMIN_PASSWORD, startWorld, tml, type CliWorld } from "./harness.js";
+import { startWorld, tml, type CliWorld } from "./harness.js";
 
 let world: CliWorld;
 
@@ -17,8 +17,7 @@ afterAll(async () => {
 
 describe("tml service list", () => {
   it("shows an admin every registration with its kind, url and liveness, and refuses a user with exit 4", async () => {
-    const config = world.configFile();
-    expect((await tml(config, ["login", world.url, "--user", "admin", "--password-stdin"], { input: `${ADMIN_PASSWORD}\n` })).code).toBe(0);
+    const config = await world.adminConfig();
     const table = await tml(config, ["service", "list"]);
     expect(table.code).toBe(0);
     expect(table.stdout.split("\n")[0]).toMatch(/^KIND\s+URL\s+SITE\s+STATUS\s+HEARD\s+FREE\s+ID/);

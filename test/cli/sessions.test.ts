@@ -1,20 +1,12 @@
 import { spawn } from "node:child_process";
-import { createServer, connect } from "node:net";
-import type { AddressInfo } from "node:net";
+import { connect } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 import { TML, startTml, tml } from "./harness.js";
+import { freePort } from "../support/net.js";
 
-/** A port nothing listens on now. */
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 describe("tml console and port-forward on the all-in-one testbed", () => {
   let tb: RunningTestbed;

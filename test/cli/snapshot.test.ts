@@ -1,7 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { copyFile, mkdir, symlink } from "node:fs/promises";
 import { join } from "node:path";
-import { ADMIN_PASSWORD, eventually, startWorld, tml, type CliWorld } from "./harness.js";
+import { busyboxRootfs, eventually, startWorld, tml, type CliWorld } from "./harness.js";
 
 let world: CliWorld;
 let config: string;
@@ -10,14 +9,8 @@ beforeAll(async () => {
   world = await startWorld();
   await world.startStores();
   await world.startSupervisor("snap-runner");
-  config = world.configFile();
-  await tml(config, ["login", world.url, "--user", "admin", "--password-stdin"], { input: `${ADMIN_PASSWORD}\n` });
-  const root = join(world.dir, "rootfs");
-  await mkdir(join(root, "bin"), { recursive: true });
-  await copyFile("/bin/busybox", join(root, "bin", "busybox"));
-  for (const applet of ["sh", "sleep"]) await symlink("busybox", join(root, "bin", applet));
-  await mkdir(join(root, "tmp"), { recursive: true });
-  await mkdir(join(root, "data"), { recursive: true });
+  config = await world.adminConfig();
+  const root = await busyboxRootfs(join(world.dir, "rootfs"), ["sh", "sleep"], ["tmp", "data"]);
   const push = await tml(config, ["image", "push", root, "--name", "cli/sh:1", "--entrypoint", '["/bin/sh","-c","eval \\"$TREADMILL_PARAM_script\\""]']);
   expect(push.code).toBe(0);
 }, 120_000);

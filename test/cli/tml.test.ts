@@ -2,8 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { randomBytes } from "node:crypto";
 import { readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { copyFile, mkdir, symlink } from "node:fs/promises";
-import { ADMIN_PASSWORD, spawnTml, startWorld, tml, type CliWorld } from "./harness.js";
+import { ADMIN_PASSWORD, busyboxRootfs, spawnTml, startWorld, tml, type CliWorld } from "./harness.js";
 
 let world: CliWorld;
 
@@ -15,14 +14,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await world?.stop();
 }, 60_000);
-
-/** A contexts file logged in as admin. */
-async function adminConfig(): Promise<string> {
-  const config = world.configFile();
-  const login = await tml(config, ["login", world.url, "--user", "admin", "--password-stdin"], { input: `${ADMIN_PASSWORD}\n` });
-  expect(login.code).toBe(0);
-  return config;
-}
 
 describe("tml login, whoami and logout", () => {
   it("logs in with the right password, saves the token in a 0600 file and says who it is", async () => {
@@ -64,7 +55,7 @@ describe("tml login, whoami and logout", () => {
   });
 
   it("says the token expired (exit 4) when the server refuses it", async () => {
-    const config = await adminConfig();
+    const config = await world.adminConfig();
     const saved = JSON.parse(await readFile(config, "utf8"));
     await world.coordinator.sql`
       update api_tokens set expires_at = now() - interval '1 minute' where id = ${saved.contexts[saved.current].tokenId}`;
@@ -85,7 +76,7 @@ describe("tml login, whoami and logout", () => {
   });
 
   it("keeps several named contexts and switches between them", async () => {
-    const config = await adminConfig();
+    const config = await world.adminConfig();
     const second = await tml(config, ["login", world.url, "--user", "admin", "--password-stdin", "--name", "other"], {
       input: `${ADMIN_PASSWORD}\n`,
     });
@@ -135,7 +126,7 @@ describe("tml command line", () => {
 
 describe("tml token and host", () => {
   it("creates, lists (table and JSON) and revokes tokens", async () => {
-    const config = await adminConfig();
+    const config = await world.adminConfig();
     const created = await tml(config, ["token", "create", "--description", "ci runner", "-o", "json"]);
     expect(created.code).toBe(0);
     const { token, info } = JSON.parse(created.stdout);
@@ -153,7 +144,7 @@ describe("tml token and host", () => {
   });
 
   it("creates a host, printing its credential once and a supervisor command line, then lists it", async () => {
-    const config = await adminConfig();
+    const config = await world.adminConfig();
     const created = await tml(config, ["host", "create", "bench-1", "--tag", "board=nrf52840dk", "--site", "lab-a"]);
     expect(created.code).toBe(0);
     expect(created.stdout).toMatch(/tmh_\S+/);
@@ -174,7 +165,7 @@ describe("tml token and host", () => {
 
 describe("tml image", () => {
   it("resumes an interrupted push, then pulls back the same bytes", async () => {
-    const config = await adminConfig();
+    const config = await world.adminConfig();
     const disk = join(world.dir, "disk.img");
     const bytes = randomBytes(24 * 1024 * 1024);
     await writeFile(disk, bytes);
@@ -204,21 +195,10 @@ describe("tml image", () => {
 describe("tml job", () => {
   let config: string;
 
-  /** A tiny rootfs directory: busybox as /bin/sh. */
-  async function rootfs(name: string): Promise<string> {
-    const root = join(world.dir, name);
-    await mkdir(join(root, "bin"), { recursive: true });
-    await copyFile("/bin/busybox", join(root, "bin", "busybox"));
-    await symlink("busybox", join(root, "bin", "sh"));
-    await symlink("busybox", join(root, "bin", "sleep"));
-    await mkdir(join(root, "tmp"), { recursive: true });
-    return root;
-  }
-
   beforeAll(async () => {
     await world.startSupervisor("runner-1");
-    config = await adminConfig();
-    const root = await rootfs("rootfs");
+    config = await world.adminConfig();
+    const root = await busyboxRootfs(join(world.dir, "rootfs"), ["sh", "sleep"]);
     for (const [name, entrypoint] of [
       ["example/hello:latest", "echo hello from tml; echo warning on stderr >&2"],
       ["example/fail:latest", "echo about to fail; exit 3"],

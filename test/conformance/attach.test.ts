@@ -6,7 +6,7 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { SupervisorService, type AttachRequestSchema } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
-import { FAST } from "../coordinator/jobs-fixtures.js";
+import { FAST } from "../support/jobs.js";
 import { bearer, collect, refusals, sameOnAllPaths, stream, threePaths, type PathName, type Clients, type Paths } from "./paths.js";
 
 type AttachInit = MessageInitShape<typeof AttachRequestSchema>;

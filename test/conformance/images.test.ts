@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { rm } from "node:fs/promises";
 import { ImageStoreService } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
-import { makeSigner, makeTempDir, manifestFor, randomBlob, startStore, type RunningStore, type Signer } from "../stores/image/helpers.js";
+import { makeSigner, makeTempDir, manifestFor, randomBlob, startStore, type RunningStore, type Signer } from "../support/image-store.js";
 import { bearer, collect, refusals, sameOnAllPaths, stream, threePaths, type Clients, type Paths } from "./paths.js";
 
 describe("the image store's bulk RPCs on every path", () => {

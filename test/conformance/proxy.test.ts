@@ -7,8 +7,9 @@ import { TunnelService, type DialRequestSchema, type DialResponse } from "../../
 import type { TunnelRequestSchema } from "../../gen/treadmill/proxy/v1/rendezvous_service_pb.js";
 import type { Proxy } from "../../proxy/proxy.js";
 import type { Exposer } from "../../supervisor/exposer.js";
-import { dialToken, exposeJob, makeKeys, startEchoServer, startProxy, until, type Keys } from "../proxy/helpers.js";
+import { dialToken, exposeJob, makeKeys, startEchoServer, startProxy, type Keys } from "../proxy/helpers.js";
 import { bearer, collect, outcome, refusals, sameOnAllPaths, stream, threePaths, type Clients, type Paths } from "./paths.js";
+import { waitUntil } from "../support/wait.js";
 
 type DialInit = MessageInitShape<typeof DialRequestSchema>;
 type TunnelInit = MessageInitShape<typeof TunnelRequestSchema>;
@@ -43,7 +44,7 @@ describe("the proxy's Dial and Tunnel on every path", () => {
     proxy = await startProxy(keys);
     echo = await startEchoServer();
     exposer = await exposeJob(proxy.address().url, keys, "conformance", [{ name: "echo", host: "127.0.0.1", port: echo.port, kind: "tcp" }]);
-    await until(() => exposer.connected() && proxy.sessionCount() === 1, "the exposer connected");
+    await waitUntil(() => exposer.connected() && proxy.sessionCount() === 1, "the exposer connected");
     paths = threePaths(proxy.address().url);
     dial = paths.clients(TunnelService);
     rendezvous = paths.clients(RendezvousService);

@@ -11,13 +11,13 @@ import {
   SupervisorService,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { newSecret } from "../../coordinator/auth.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { connectHttp2, openRawCall } from "../../lib/grpc/client.js";
 import { frame } from "../../lib/grpc/wire.js";
 import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, attach, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "./jobs-fixtures.js";
+import { FAST, attach, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "../support/jobs.js";
 
 describe("SupervisorService.Attach", () => {
   let c: TestCoordinator;

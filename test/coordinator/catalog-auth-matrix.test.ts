@@ -19,6 +19,7 @@ import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1
 import { Role } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 type Access = "public" | "whoami" | "user" | "admin" | "service" | "adminOrService";
 interface Row {
@@ -28,7 +29,6 @@ interface Row {
 
 const SERVICES: DescService[] = [AuthService, UserService, HostService, ImageService, RegistryService];
 const D1 = `sha256:${"a".repeat(64)}`;
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 
 describe("the catalog services' auth matrix", () => {
   let c: TestCoordinator;
@@ -52,7 +52,7 @@ describe("the catalog services' auth matrix", () => {
     const [t] = await c.sql`select id from api_tokens where user_id = ${o.id}`;
     other = { ...o, tokenId: t.id as string };
     host = await c.createHost({ name: "matrix-host" });
-    service = (await c.client(AuthService, admin.token).createToken({ scope: TokenScope.SERVICE })).token;
+    service = await c.createServiceToken(admin.token);
     const e = await c.createUser();
     await c.sql`update api_tokens set expires_at = now() - interval '1 second' where user_id = ${e.id}`;
     expired = e.token;

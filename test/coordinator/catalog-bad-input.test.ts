@@ -8,16 +8,16 @@ import { create, type DescMethod, type DescService } from "@bufbuild/protobuf";
 import { WireType } from "@bufbuild/protobuf/wire";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
-import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 const SERVICES: DescService[] = [AuthService, UserService, HostService, ImageService, RegistryService];
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 const BIG = "x".repeat(100_000);
 const NOT_UUID = "not-a-uuid";
 const UUID = "01900000-0000-7000-8000-000000000042";
@@ -174,7 +174,7 @@ describe("bad input to the catalog services", () => {
   beforeAll(async () => {
     c = await startTestCoordinator();
     admin = (await c.createUser({ role: "admin" })).token;
-    service = (await c.client(AuthService, admin).createToken({ scope: TokenScope.SERVICE })).token;
+    service = await c.createServiceToken(admin);
   });
   afterAll(async () => {
     await c?.stop();

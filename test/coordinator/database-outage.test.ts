@@ -7,7 +7,6 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { chmod, mkdtemp, rm } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
@@ -20,18 +19,9 @@ import { silentLogger } from "../../lib/logger.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { TestDatabase } from "../support/db.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { attach, codeOf, FAST, insertImage, jobInState, uniqueTag, waitUntil } from "./jobs-fixtures.js";
+import { attach, codeOf, FAST, insertImage, jobInState, uniqueTag, waitUntil } from "../support/jobs.js";
+import { freePort } from "../support/net.js";
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === "object" && address ? address.port : 0));
-    });
-  });
-}
 
 describe("the coordinator when PostgreSQL restarts", () => {
   let root: string;

@@ -14,6 +14,7 @@ import { postgresProcesses, startEmbeddedPostgres } from "../../coordinator/db/e
 import { loadMigrations } from "../../coordinator/db/migrate.js";
 import { silentLogger } from "../../lib/logger.js";
 import { watchLines } from "../support/process.js";
+import { waitUntil } from "../support/wait.js";
 
 const logger = silentLogger();
 const CHILD = fileURLToPath(new URL("../support/embedded-child.ts", import.meta.url));
@@ -23,15 +24,6 @@ let root: string;
 let seq = 0;
 const newDir = () => join(root, `pg${++seq}`);
 const pgdataOf = (dataDir: string) => join(dataDir, "pgdata");
-
-/** Polls until `check` holds; fails at the deadline. */
-async function eventually(check: () => Promise<boolean>, timeoutMs = 15_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error("condition not met before the deadline");
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
 
 async function query(url: string, text: string): Promise<unknown[]> {
   const sql = postgres(url, { max: 1, onnotice: () => undefined });
@@ -162,7 +154,7 @@ describe("embedded postgres", () => {
     const child = await startChild(dataDir, "pdeathsig");
     expect(await postgresProcesses(pgdataOf(dataDir))).toContain(child.pid);
     await child.kill();
-    await eventually(async () => (await postgresProcesses(pgdataOf(dataDir))).length === 0);
+    await waitUntil(async () => (await postgresProcesses(pgdataOf(dataDir))).length === 0, "postgres gone", 15_000);
   });
 
   it("refuses a data directory another live process is using", async () => {
@@ -174,7 +166,7 @@ describe("embedded postgres", () => {
     } finally {
       await child.kill();
     }
-    await eventually(async () => (await postgresProcesses(pgdataOf(dataDir))).length === 0);
+    await waitUntil(async () => (await postgresProcesses(pgdataOf(dataDir))).length === 0, "postgres gone", 15_000);
   });
 
   it("reports why it could not start", async () => {

@@ -4,9 +4,7 @@ import { DriverKind, HostAdminState } from "../../gen/treadmill/coordinator/v1/h
 import { HostChangeKind, HostService, type WatchHostsResponse } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
-
-
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
+import { FIRMWARE_MEDIA_TYPE, ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 describe("HostService", () => {
   let c: TestCoordinator;
@@ -27,7 +25,7 @@ describe("HostService", () => {
       name: "nrf-1",
       tags: { board: "nrf52840dk" },
       driverKind: DriverKind.BOARD,
-      mediaTypes: ["application/vnd.treadmill.firmware"],
+      mediaTypes: [FIRMWARE_MEDIA_TYPE],
       site: "lab-a",
     });
     expect(res.credential).toMatch(/^tmh_/);

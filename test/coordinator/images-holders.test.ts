@@ -3,7 +3,6 @@
 // which holder an entry and its read tokens name, and ListServices.
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { randomUUID } from "node:crypto";
-import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { ImageVisibility } from "../../gen/treadmill/coordinator/v1/image_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
@@ -12,9 +11,9 @@ import { coordinatorKeySource, coordinatorTransport } from "../../lib/coordinato
 import { TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
-import { attach } from "./jobs-fixtures.js";
+import { attach } from "../support/jobs.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 const digest = (c: string) => `sha256:${c.repeat(64)}`;
 
 describe("image holders in the catalog", () => {
@@ -29,7 +28,7 @@ describe("image holders in the catalog", () => {
     admin = await c.createUser({ role: "admin" });
     alice = await c.createUser();
     mallory = await c.createUser();
-    const svc = (await c.client(AuthService, admin.token).createToken({ scope: TokenScope.SERVICE })).token;
+    const svc = await c.createServiceToken(admin.token);
     storeId = (await c.client(RegistryService, svc).register({ kind: ServiceKind.IMAGE_STORE, url: "http://store-h:7701" })).serviceId;
     verifier = new TokenVerifier({ keys: coordinatorKeySource(coordinatorTransport(c.url)), audience: "image" });
   });
@@ -108,7 +107,7 @@ describe("RegistryService.ListServices", () => {
   beforeAll(async () => {
     c = await startTestCoordinator({ config: { serviceHeartbeatMs: 2000 }, logServer: false });
     admin = await c.createUser({ role: "admin" });
-    service = (await c.client(AuthService, admin.token).createToken({ scope: TokenScope.SERVICE })).token;
+    service = await c.createServiceToken(admin.token);
     const registry = c.client(RegistryService, service);
     for (const [kind, url, site] of [
       [ServiceKind.IMAGE_STORE, "http://store-1:7701", ""],

@@ -1,5 +1,4 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { ImageVisibility } from "../../gen/treadmill/coordinator/v1/image_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
@@ -8,11 +7,10 @@ import { coordinatorKeySource, coordinatorTransport } from "../../lib/coordinato
 import { TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
-
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 const D1 = `sha256:${"1".repeat(64)}`;
 const D2 = `sha256:${"2".repeat(64)}`;
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
 
 describe("ImageService", () => {
   let c: TestCoordinator;
@@ -27,7 +25,7 @@ describe("ImageService", () => {
     admin = await c.createUser({ role: "admin" });
     alice = await c.createUser();
     bob = await c.createUser();
-    const svc = (await c.client(AuthService, admin.token).createToken({ scope: TokenScope.SERVICE })).token;
+    const svc = await c.createServiceToken(admin.token);
     const registry = c.client(RegistryService, svc);
     storeA = (await registry.register({ kind: ServiceKind.IMAGE_STORE, url: "http://store-a:7710", status: { capacityBytes: 1000n, freeBytes: 100n } })).serviceId;
     storeB = (await registry.register({ kind: ServiceKind.IMAGE_STORE, url: "http://store-b:7710", site: "lab-b", status: { capacityBytes: 1000n, freeBytes: 900n } })).serviceId;

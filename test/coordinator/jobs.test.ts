@@ -12,7 +12,7 @@ import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { metricValues } from "../support/metrics.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, attach, codeOf, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "./jobs-fixtures.js";
+import { FAST, attach, codeOf, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "../support/jobs.js";
 
 describe("JobService", () => {
   let c: TestCoordinator;

@@ -8,7 +8,7 @@ import type { AttachResponse, LogTokenGrant } from "../../gen/treadmill/coordina
 import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, attach, insertImage, jobInState, uniqueTag } from "./jobs-fixtures.js";
+import { FAST, attach, insertImage, jobInState, uniqueTag } from "../support/jobs.js";
 
 /**
  * The log status of jobs (coordinator/jobs/log-status.ts): JobLogReports of

@@ -4,6 +4,7 @@ import { MIGRATION_LOCK_KEY, loadMigrations, migrate, migration, type Migration 
 import { openDatabase } from "../../coordinator/db/database.js";
 import { silentLogger } from "../../lib/logger.js";
 import { createTestDatabase, type TestDatabase } from "../support/db.js";
+import { waitUntil } from "../support/wait.js";
 
 const logger = silentLogger();
 
@@ -13,15 +14,6 @@ const m2 = migration("0002_second.sql", "create table b (id int primary key);\na
 async function appliedVersions(sql: Sql): Promise<number[]> {
   const rows = await sql<{ version: number }[]>`select version from schema_migrations order by version`;
   return rows.map((r) => r.version);
-}
-
-/** Polls until `check` holds; fails at the deadline. */
-async function eventually(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error("condition not met before the deadline");
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
 }
 
 describe("migrations", () => {
@@ -104,18 +96,18 @@ describe("migrations", () => {
         await tx`select pg_advisory_xact_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`;
         await released;
       });
-      await eventually(async () => {
+      await waitUntil(async () => {
         const [row] = await db.sql<{ n: number }[]>`
           select count(*)::int as n from pg_locks where locktype = 'advisory' and granted`;
         return row.n === 1;
-      });
+      }, "the lock held", 10_000);
       const a = migrate(replicaA, { logger, migrations });
       const b = migrate(replicaB, { logger, migrations });
-      await eventually(async () => {
+      await waitUntil(async () => {
         const [row] = await db.sql<{ n: number }[]>`
           select count(*)::int as n from pg_locks where locktype = 'advisory' and not granted`;
         return row.n === 2;
-      });
+      }, "both replicas waiting on the lock", 10_000);
       release();
       await holding;
       const results = await Promise.all([a, b]);

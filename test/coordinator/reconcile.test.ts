@@ -11,7 +11,7 @@ import { ExitStatus, FinalizeReason, JobStage, JobState } from "../../gen/treadm
 import type { StopJob } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { HeldAttempt, ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, attach, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "./jobs-fixtures.js";
+import { FAST, attach, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "../support/jobs.js";
 
 interface Fixture {
   c: TestCoordinator;

@@ -1,5 +1,4 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { RegistryService, ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { liveCondition } from "../../coordinator/services/registry-service.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
@@ -12,7 +11,7 @@ describe("RegistryService", () => {
   beforeAll(async () => {
     c = await startTestCoordinator({ config: { serviceHeartbeatMs: 2000 } });
     const admin = await c.createUser({ role: "admin" });
-    credential = (await c.client(AuthService, admin.token).createToken({ scope: TokenScope.SERVICE, description: "logs" })).token;
+    credential = await c.createServiceToken(admin.token, "logs");
   });
   afterAll(async () => {
     await c?.stop();

@@ -12,7 +12,7 @@ import { startTestCoordinator } from "../support/coordinator.js";
 import { createTestDatabase, type TestDatabase } from "../support/db.js";
 import { startProcess, type RunningProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, insertImage, uniqueTag, waitUntil } from "./jobs-fixtures.js";
+import { FAST, insertImage, uniqueTag, waitUntil } from "../support/jobs.js";
 
 const COORDINATOR_BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 

@@ -8,6 +8,7 @@ import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import {
   FAST,
   QCOW2,
+  ROOTFS,
   type SpecInit,
   attach,
   codeOf,
@@ -16,7 +17,7 @@ import {
   jobRow,
   uniqueTag,
   waitUntil,
-} from "./jobs-fixtures.js";
+} from "../support/jobs.js";
 
 describe("the scheduler", () => {
   let c: TestCoordinator;
@@ -84,7 +85,7 @@ describe("the scheduler", () => {
   it("places a job only on a host supporting every media type of its image", async () => {
     const user = await c.createUser();
     const tag = uniqueTag();
-    const rootfsOnly = await hostWith({ tags: tag, mediaTypes: ["application/vnd.treadmill.rootfs.tar+gzip"] });
+    const rootfsOnly = await hostWith({ tags: tag, mediaTypes: [ROOTFS] });
     const qemu = await hostWith({ tags: tag, driverKind: "qemu", mediaTypes: [QCOW2] }, { driverKind: 3 });
     const { job } = await c.client(JobService, user.token).submitJob({ spec: { image: qcowImage, hosts: { tags: tag } } });
     await qemu.s.startJob(job!.id);

@@ -11,7 +11,7 @@ import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import type { AttachResponse, TakeSnapshot } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, QCOW2, ROOTFS, attach, codeOf, insertImage, jobInState, uniqueTag, waitUntil } from "./jobs-fixtures.js";
+import { FAST, QCOW2, ROOTFS, attach, codeOf, insertImage, jobInState, uniqueTag, waitUntil } from "../support/jobs.js";
 
 const isSnapshot = (jobId: string) => (m: AttachResponse) => m.payload.case === "takeSnapshot" && m.payload.value.jobId === jobId;
 

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { ScalarType, create, type DescField, type DescMessage, type DescMethod } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { Http2SessionManager, createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
-import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { coordinatorServices } from "../../coordinator/routes.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 
@@ -83,7 +83,7 @@ describe("text fields of every coordinator rpc", () => {
   beforeAll(async () => {
     c = await startTestCoordinator();
     const admin = (await c.createUser({ role: "admin" })).token;
-    const service = (await c.client(AuthService, admin).createToken({ scope: TokenScope.SERVICE })).token;
+    const service = await c.createServiceToken(admin);
     const host = (await c.createHost()).credential;
     tokens = {
       "treadmill.coordinator.v1.SupervisorService": host,

@@ -17,7 +17,7 @@ import { loadLogServerConfig } from "../../stores/log/config.js";
 import { createLogServer } from "../../stores/log/log-server.js";
 import { silentLogger } from "../../lib/logger.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
-import { attach, FAST, insertImage, jobInState, uniqueTag, waitUntil } from "../coordinator/jobs-fixtures.js";
+import { attach, FAST, insertImage, jobInState, uniqueTag, waitUntil } from "../support/jobs.js";
 import { tempDir } from "../stores/log/helpers.js";
 
 describe("log servers and the jobs that need them", () => {

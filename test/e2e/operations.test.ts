@@ -10,7 +10,7 @@ import { fileURLToPath } from "node:url";
 import { createClient } from "@connectrpc/connect";
 import { Health, HealthCheckResponse_ServingStatus as ServingStatus } from "../../gen/grpc/health/v1/health_pb.js";
 import { coordinatorTransport, REGISTRATION_HEALTH } from "../../lib/coordinator-client.js";
-import { waitUntil } from "../coordinator/jobs-fixtures.js";
+import { waitUntil } from "../support/jobs.js";
 import { docBlock, docBlocks, type DocBlock } from "../support/doc-blocks.js";
 import { startSite, type Site } from "../support/site.js";
 

@@ -7,7 +7,7 @@ import { ExitStatus, FinalizeReason, JobEventKind, JobState, SnapshotState } fro
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
-import { waitUntil } from "../coordinator/jobs-fixtures.js";
+import { waitUntil } from "../support/jobs.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 
 const codeOf = (p: Promise<unknown>) =>

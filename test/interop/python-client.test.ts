@@ -13,7 +13,7 @@ import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
-import { insertImage } from "../coordinator/jobs-fixtures.js";
+import { insertImage } from "../support/jobs.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { docBlock, docBlocks, runBash, type DocBlock } from "../support/doc-blocks.js";
 

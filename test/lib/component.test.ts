@@ -1,7 +1,7 @@
 import net from "node:net";
 import { once } from "node:events";
 import { describe, expect, it } from "@jest/globals";
-import { createServingComponent, type ServerConfig } from "../../lib/component.js";
+import { createServingComponent, type ServerConfig, type ServingComponent, type ServingComponentOptions } from "../../lib/component.js";
 import { silentLogger } from "../../lib/logger.js";
 import { DEFAULT_GRACE_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, DEFAULT_READ_MAX_BYTES } from "../../lib/server.js";
 
@@ -31,15 +31,26 @@ async function listening(port: number): Promise<boolean> {
   }
 }
 
+/**
+ * A component on `config` whose open and close record themselves in `steps`;
+ * `hooks` adds hooks or replaces those two.
+ */
+function recordingComponent(steps: string[], hooks: Partial<ServingComponentOptions>): ServingComponent {
+  return createServingComponent({
+    name: "test-server",
+    config,
+    logger: silentLogger(),
+    open: async () => void steps.push("open"),
+    close: async () => void steps.push("close"),
+    ...hooks,
+  });
+}
+
 describe("createServingComponent", () => {
   it("opens, listens, then runs its background work; stop aborts that work first, drains the server, then closes, once", async () => {
     const steps: string[] = [];
     let port = 0;
-    const component = createServingComponent({
-      name: "test-server",
-      config,
-      logger: silentLogger(),
-      open: async () => void steps.push("open"),
+    const component = recordingComponent(steps, {
       prepare: () => void steps.push("prepare"),
       started: async () => void steps.push("started"),
       background: (signal) => [
@@ -67,16 +78,11 @@ describe("createServingComponent", () => {
   it("stops the server and closes what it opened when start fails after binding", async () => {
     const steps: string[] = [];
     let port = 0;
-    const component = createServingComponent({
-      name: "test-server",
-      config,
-      logger: silentLogger(),
-      open: async () => void steps.push("open"),
+    const component = recordingComponent(steps, {
       started: async () => {
         port = component.address().port;
         throw new Error("loops would not start");
       },
-      close: async () => void steps.push("close"),
     });
     await expect(component.start()).rejects.toThrow("loops would not start");
     expect(steps).toEqual(["open", "close"]);

@@ -23,6 +23,7 @@ import { frame } from "../../lib/grpc/wire.js";
 import { isRefusedStream, refusedStreamRetry } from "../../lib/retry.js";
 import { startEchoServer, within } from "../support/echo-service.js";
 import { createTestCertificate } from "../support/tls.js";
+import { waitUntil } from "../support/wait.js";
 
 const PREFACE = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const IDLE_MS = 300;
@@ -88,11 +89,6 @@ async function grpcCall(session: http2.ClientHttp2Session, path: string, message
   const [trailers] = (await once(stream, "trailers")) as [http2.IncomingHttpHeaders];
   await once(stream, "close");
   return { status: String(trailers["grpc-status"]), body: Buffer.concat(chunks) };
-}
-
-/** Resolves once `check` holds, looking again every 10 ms (the server's side of a close has no event a client sees). */
-async function until(check: () => Promise<boolean>): Promise<void> {
-  while (!(await check())) await new Promise((r) => setTimeout(r, 10));
 }
 
 const echo = (text: string) => toBinary(EchoRequestSchema, create(EchoRequestSchema, { text }));
@@ -166,7 +162,8 @@ describe("the idle timeout", () => {
     try {
       const client = createClient(EchoService, createGrpcTransport({ baseUrl: server.address().url, sessionManager, interceptors: [refusedStreamRetry] }));
       expect((await client.echo({ text: "before" })).text).toBe("before");
-      await within(DEADLINE_MS, until(async () => (await metric(server, "treadmill_server_connections_closed_idle_total")) === 1), "the idle close");
+      // The server's side of a close has no event a client sees: poll its metric.
+      await waitUntil(async () => (await metric(server, "treadmill_server_connections_closed_idle_total")) === 1, "the idle close", DEADLINE_MS);
       expect((await client.echo({ text: "after" })).text).toBe("after");
     } finally {
       sessionManager.abort();
@@ -255,7 +252,7 @@ describe("the limit of connections per client address", () => {
     // A connection closed frees its place (once the server has seen it go).
     const open = await metric(server, "treadmill_server_connections");
     held[0].destroy();
-    await within(DEADLINE_MS, until(async () => (await metric(server, "treadmill_server_connections")) < open), "the server saw the close");
+    await waitUntil(async () => (await metric(server, "treadmill_server_connections")) < open, "the server saw the close", DEADLINE_MS);
     const again = h2Session(server, "127.0.0.1");
     expect((await within(DEADLINE_MS, grpcCall(again, "/treadmill.testing.v1.EchoService/Echo", echo("again")), "a call from 127.0.0.1")).status).toBe("0");
     again.close();

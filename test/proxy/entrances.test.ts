@@ -6,10 +6,11 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import type { Proxy } from "../../proxy/proxy.js";
 import type { Exposer } from "../../supervisor/exposer.js";
-import { dialToken, exposeJob, makeKeys, startEchoServer, startProxy, until, type Keys } from "./helpers.js";
+import { dialToken, exposeJob, makeKeys, startEchoServer, startProxy, type Keys } from "./helpers.js";
+import { waitUntil } from "../support/wait.js";
 
 const WS_CLIENT = join(fileURLToPath(new URL(".", import.meta.url)), "ws-client.mjs");
 const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
@@ -26,7 +27,7 @@ beforeAll(async () => {
   proxy = await startProxy(keys, { tcpPortRange: `${low}-${low + 999}` });
   echo = await startEchoServer();
   exposer = await exposeJob(proxy.address().url, keys, "job-e", [{ name: "echo", host: "127.0.0.1", port: echo.port, kind: "tcp" }]);
-  await until(() => exposer.connected() && proxy.sessionCount() === 1, "exposer connected");
+  await waitUntil(() => exposer.connected() && proxy.sessionCount() === 1, "exposer connected");
   // The announce follows the welcome: wait until a dial finds the exposure.
   const client = createClient(TunnelService, createGrpcTransport({ baseUrl: proxy.address().url, interceptors: [bearerInterceptor(() => probeToken)] }));
   const probeToken = await dialToken(keys, "job-e", "echo");
@@ -114,7 +115,7 @@ describe("the websocket entrance with a client that breaks the protocol", () => 
         "",
       ].join("\r\n"),
     );
-    await until(() => received.includes('"type":"opened"'), "the opened message");
+    await waitUntil(() => received.includes('"type":"opened"'), "the opened message");
     const opened = received.length;
     // A binary frame without the mask bit: clients must mask (RFC 6455, 5.1).
     socket.write(Buffer.from([0x82, 0x03, 0x61, 0x62, 0x63]));
@@ -122,7 +123,7 @@ describe("the websocket entrance with a client that breaks the protocol", () => 
     const frame = received.subarray(opened);
     expect(frame[0]).toBe(0x88);
     expect(frame.readUInt16BE(2)).toBe(1002);
-    await until(() => proxy.tunnelCount() === 0, "the tunnel released");
+    await waitUntil(() => proxy.tunnelCount() === 0, "the tunnel released");
   });
 });
 
@@ -164,7 +165,7 @@ describe("the tcp entrance", () => {
     socket.resume();
     // The proxy ends the connection (it says TOKEN_EXPIRED to the supervisor; TCP can only end).
     await new Promise<void>((resolve) => socket.once("close", () => resolve()));
-    await until(() => proxy.tunnelCount() === 0, "the tunnel released");
+    await waitUntil(() => proxy.tunnelCount() === 0, "the tunnel released");
     // A new connection to the expired entrance is refused: the port is closed.
     const refused = await new Promise<boolean>((resolve) => {
       const again = net.connect({ host, port });

@@ -74,15 +74,6 @@ export async function exposeJob(
   return exposer;
 }
 
-/** Resolves once `done()` holds, polling; rejects after `timeoutMs`. */
-export async function until(done: () => boolean, what: string, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!done()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
-
 /** Rejects if `promise` takes longer than `ms`. */
 export function within<T>(promise: Promise<T>, what: string, ms = 20_000): Promise<T> {
   let timer: NodeJS.Timeout;

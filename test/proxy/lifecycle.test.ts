@@ -15,7 +15,8 @@ import { silentLogger } from "../../lib/logger.js";
 import { createServer, type Server } from "../../lib/server.js";
 import { dialTunnel, type TunnelStream } from "../../lib/tunnel/client.js";
 import { spawn, type ChildProcess } from "node:child_process";
-import { dialToken, exposeJob, makeKeys, readAll, startEchoServer, startProxy, until, within, type Keys } from "./helpers.js";
+import { dialToken, exposeJob, makeKeys, readAll, startEchoServer, startProxy, within, type Keys } from "./helpers.js";
+import { waitUntil } from "../support/wait.js";
 
 const CHILD = join(fileURLToPath(new URL(".", import.meta.url)), "exposer-child.ts");
 
@@ -105,10 +106,10 @@ describe("supervisors coming and going", () => {
       open.resume();
       await first.stop();
       expect((await within(open.closeReason, "shutdown close")).reason).toBe(CloseReason.SHUTDOWN);
-      await until(() => !exposer.connected(), "exposer noticed the restart");
+      await waitUntil(() => !exposer.connected(), "exposer noticed the restart");
       const second = await startProxy(keys, { port });
       try {
-        await until(() => exposer.connected() && second.sessionCount() === 1, "exposer reconnected");
+        await waitUntil(() => exposer.connected() && second.sessionCount() === 1, "exposer reconnected");
         expect(await echoes(await dial(second.address().url, "job-r", "echo"))).toBe(true);
       } finally {
         await exposer.stop();
@@ -167,7 +168,7 @@ describe("registration with the coordinator", () => {
       tcpPortRange: "41000-41009",
     });
     try {
-      await until(() => registry.heartbeats.length >= 2, "two heartbeats");
+      await waitUntil(() => registry.heartbeats.length >= 2, "two heartbeats");
     } finally {
       await proxy.stop();
     }

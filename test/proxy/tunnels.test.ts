@@ -5,13 +5,14 @@ import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { DialRequestSchema, TunnelService } from "../../gen/treadmill/proxy/v1/tunnel_service_pb.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { CloseReason } from "../../gen/treadmill/proxy/v1/tunnel_pb.js";
 import { TokenSigner, generateSigningKey } from "../../lib/tokens.js";
 import { dialTunnel, type TunnelStream } from "../../lib/tunnel/client.js";
 import type { Proxy } from "../../proxy/proxy.js";
 import type { Exposer } from "../../supervisor/exposer.js";
-import { dialToken, exposeJob, makeKeys, readAll, startEchoServer, startProxy, until, within, type Keys } from "./helpers.js";
+import { dialToken, exposeJob, makeKeys, readAll, startEchoServer, startProxy, within, type Keys } from "./helpers.js";
+import { waitUntil } from "../support/wait.js";
 
 const sha = (b: Uint8Array) => createHash("sha256").update(b).digest("hex");
 
@@ -67,7 +68,7 @@ beforeAll(async () => {
     { resize: (exposure, size) => resizes.push({ exposure, ...size }) },
   );
   exposerB = await exposeJob(url, keys, "job-b", [{ name: "echo", host: "127.0.0.1", port: echo.port, kind: "tcp" }]);
-  await until(() => exposerA.connected() && exposerB.connected() && proxy.sessionCount() === 2, "both exposers connected");
+  await waitUntil(() => exposerA.connected() && exposerB.connected() && proxy.sessionCount() === 2, "both exposers connected");
 });
 
 afterAll(async () => {
@@ -180,7 +181,7 @@ describe("tunnels through the proxy", () => {
       60_000,
     );
     expect(results.filter(Boolean)).toHaveLength(200);
-    await until(() => proxy.tunnelCount() === 0, "every tunnel released");
+    await waitUntil(() => proxy.tunnelCount() === 0, "every tunnel released");
   }, 90_000);
 
   it("does not let a client that never reads stall other tunnels", async () => {
@@ -257,7 +258,7 @@ describe("tunnels through the proxy", () => {
     const tunnel = await dial("job-a", "console", { windowSize: { cols: 100, rows: 30 } });
     expect(tunnel.exposure.resizable).toBe(true);
     tunnel.resize(132, 43);
-    await until(() => resizes.some((r) => r.cols === 132 && r.rows === 43), "resize at the supervisor");
+    await waitUntil(() => resizes.some((r) => r.cols === 132 && r.rows === 43), "resize at the supervisor");
     expect(resizes[0]).toEqual({ exposure: "console", cols: 100, rows: 30 });
     tunnel.destroy();
   });
@@ -268,7 +269,7 @@ describe("limits and timeouts", () => {
     const limited = await startProxy(keys, { maxTunnelsPerJob: 2, idleTimeoutMs: 500 });
     const exposer = await exposeJob(limited.address().url, keys, "job-l", [{ name: "echo", host: "127.0.0.1", port: echo.port, kind: "tcp" }]);
     try {
-      await until(() => exposer.connected() && limited.sessionCount() === 1, "exposer connected");
+      await waitUntil(() => exposer.connected() && limited.sessionCount() === 1, "exposer connected");
       const token = await dialToken(keys, "job-l", "echo");
       const open = async () => {
         for (let attempt = 0; ; attempt++) {
@@ -297,7 +298,7 @@ describe("limits and timeouts", () => {
 
   it("closes the tunnels of withdrawn exposures with that reason", async () => {
     const exposer = await exposeJob(url, keys, "job-w", [{ name: "echo", host: "127.0.0.1", port: echo.port, kind: "tcp" }]);
-    await until(() => exposer.connected(), "exposer connected");
+    await waitUntil(() => exposer.connected(), "exposer connected");
     const tunnel = await dial("job-w", "echo");
     tunnel.resume();
     await exposer.stop();

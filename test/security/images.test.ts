@@ -8,7 +8,6 @@ import { createClient } from "@connectrpc/connect";
 import { writeFile } from "node:fs/promises";
 import { createServer as createNetServer, type Server as NetServer } from "node:net";
 import { join } from "node:path";
-import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import { imageStoreClient, imageStoreTransport, readBlobChunks, uploadBlob } from "../../lib/image/client.js";
@@ -18,9 +17,8 @@ import { loadImageStoreConfig } from "../../stores/image/config.js";
 import { createImageStore, type ImageStoreComponent } from "../../stores/image/image-store.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { codeOf } from "../support/codes.js";
-import { bufferSource, collect, makeTempDir, manifestFor, randomBlob, removeDir } from "../stores/image/helpers.js";
-
-const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
+import { bufferSource, collect, makeTempDir, manifestFor, randomBlob, removeDir } from "../support/image-store.js";
+import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
 
 describe("private images and the cache's locations under attack", () => {
   let c: TestCoordinator;
@@ -48,7 +46,7 @@ describe("private images and the cache's locations under attack", () => {
     const admin = await c.createUser({ role: "admin" });
     alice = await c.createUser({ name: "alice" });
     mallory = await c.createUser({ name: "mallory" });
-    const credential = (await c.client(AuthService, admin.token).createToken({ scope: TokenScope.SERVICE })).token;
+    const credential = await c.createServiceToken(admin.token);
     const base = { ...loadImageStoreConfig({ env: {}, argv: [] }), port: 0, logLevel: "silent" as const, coordinatorUrl: c.url, serviceCredential: credential };
     store = createImageStore({ config: { ...base, dataDir: join(dir, "store") }, logger: silentLogger() });
     await store.start();

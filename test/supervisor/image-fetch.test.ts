@@ -5,7 +5,6 @@
 // budget: HOST_START_FAILURE, restarted by policy). Real stores and caches on
 // loopback, real ports that nothing listens on.
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { createServer as createNetServer } from "node:net";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { FinalizeReason } from "../../gen/treadmill/coordinator/v1/job_pb.js";
@@ -29,16 +28,9 @@ import {
   startStore,
   type RunningStore,
   type Signer,
-} from "../stores/image/helpers.js";
+} from "../support/image-store.js";
+import { freePort } from "../support/net.js";
 
-/** A loopback port nothing listens on (free when returned). */
-async function freePort(): Promise<number> {
-  const s = createNetServer();
-  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
 
 describe("a job's image fetch through outages", () => {
   let dir: string;

@@ -8,6 +8,7 @@ import type { ServingComponent } from "../../lib/component.js";
 import { LogShipper, SpillBudget, type LossEvent } from "../../supervisor/log-shipper.js";
 import { silentLogger } from "../../lib/logger.js";
 import { logClient, makeKeys, readAll, startLogServer, tempDir, type Keys, type TestClient } from "../stores/log/helpers.js";
+import { waitUntil } from "../support/wait.js";
 
 let keys: Keys;
 let dirs: { path: string; remove(): Promise<void> }[];
@@ -18,15 +19,6 @@ const extra: ({ remove(): Promise<void> } | { close(): void })[] = [];
 function tracked<T extends { remove(): Promise<void> } | { close(): void }>(thing: T): T {
   extra.push(thing);
   return thing;
-}
-
-/** Waits until `check` holds, polling what a server or the budget answers, with a deadline. */
-async function eventually(check: () => Promise<boolean>, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error("condition not met in time");
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
 }
 
 /** A port nothing listens on (bound, read, released). */
@@ -145,7 +137,7 @@ describe("LogShipper", () => {
     const readToken = await keys.token({ scope: "log:read", job: jobId });
     const reader = tracked(logClient(url));
     const stored = () => readAll(reader.client, readToken, { jobId, channel: "console" }).then((r) => r.data.toString(), () => "");
-    await eventually(async () => (await stored()) === lines.slice(0, 100).join(""));
+    await waitUntil(async () => (await stored()) === lines.slice(0, 100).join(""), "the first 100 lines stored");
     await server.stop();
     for (const line of lines.slice(100)) writer.channel("supervisor").write(line);
     // The writer goes away with frames the server never saw: they stay spilled.
@@ -203,7 +195,7 @@ describe("LogShipper", () => {
 
     const server = await startLogServer(tracked(await tempDir()).path, keys, { port });
     servers.push(server);
-    await eventually(async () => budget.usedBytes === 0);
+    await waitUntil(() => budget.usedBytes === 0, "the spill budget freed");
     const after = Buffer.from("room again\n");
     shipper.channel("console").write(after);
     shipper.channel("console").flush();

@@ -4,10 +4,12 @@ import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import type { DescService } from "@bufbuild/protobuf";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { hashSecret, newSecret } from "../../coordinator/auth.js";
+import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { loadCoordinatorConfig, type CoordinatorConfig } from "../../coordinator/config.js";
 import { createCoordinator } from "../../coordinator/coordinator.js";
 import type { ServingComponent } from "../../lib/component.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
+import { ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { silentLogger, type Logger } from "../../lib/logger.js";
 import { createTestDatabase, type TestDatabase } from "./db.js";
 
@@ -28,6 +30,8 @@ export interface TestCoordinator {
     site?: string;
     capacity?: number;
   }): Promise<{ id: string; name: string; credential: string }>;
+  /** A service token (what a store, log server or proxy registers with), made by `adminToken` through AuthService. */
+  createServiceToken(adminToken: string, description?: string): Promise<string>;
   /** A gRPC transport sending `token` as the bearer (none when omitted). */
   transport(token?: string): Transport;
   /** A client of `service` with `token`. */
@@ -91,7 +95,7 @@ export async function startTestCoordinator(
       name = `host-${randomUUID().slice(0, 8)}`,
       tags = {},
       driverKind = "process",
-      mediaTypes = ["application/vnd.treadmill.rootfs.tar+gzip"],
+      mediaTypes = [ROOTFS_MEDIA_TYPE],
       site = "",
       capacity = 1,
     } = {}) {
@@ -101,6 +105,9 @@ export async function startTestCoordinator(
         insert into hosts (id, name, tags, driver_kind, media_types, site, capacity, credential_hash)
         values (${id}, ${name}, ${db.sql.json(tags)}, ${driverKind}, ${mediaTypes}, ${site}, ${capacity}, ${hashSecret(credential)})`;
       return { id, name, credential };
+    },
+    async createServiceToken(adminToken, description = "") {
+      return (await createClient(AuthService, transport(adminToken)).createToken({ scope: TokenScope.SERVICE, description })).token;
     },
     transport,
     client: (service, token) => createClient(service, transport(token)),

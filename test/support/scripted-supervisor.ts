@@ -28,7 +28,7 @@ import {
   SupervisorService,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { AsyncQueue } from "../../lib/async/queue.js";
-import { bearerInterceptor } from "../../lib/coordinator-client.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { connectHttp2, openRawCall } from "../../lib/grpc/client.js";
 import { frame } from "../../lib/grpc/wire.js";
 

@@ -16,7 +16,7 @@ import {
   startStore,
   type RunningStore,
   type Signer,
-} from "./helpers.js";
+} from "../../support/image-store.js";
 
 const source =
   (data: Buffer): BlobSource =>

@@ -18,7 +18,7 @@ import {
   storeImage as storeBlobs,
   type RunningStore,
   type Signer,
-} from "./helpers.js";
+} from "../../support/image-store.js";
 import { fileSource } from "../../../lib/image/blob-io.js";
 import { digestFile } from "../../../lib/image/digest.js";
 

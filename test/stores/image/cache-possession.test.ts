@@ -11,7 +11,7 @@ import { Writable } from "node:stream";
 import { readBlobChunks, uploadBlob } from "../../../lib/image/client.js";
 import { createLogger } from "../../../lib/logger.js";
 import type { Capability } from "../../../lib/tokens.js";
-import { bufferSource, codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
+import { bufferSource, codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "../../support/image-store.js";
 
 describe("a site cache's guards", () => {
   let dir: string;

@@ -8,7 +8,7 @@ import { promisify } from "node:util";
 import type { FetchResponse } from "../../../gen/treadmill/image/v1/image_cache_service_pb.js";
 import { type BlobSource } from "../../../lib/image/blob-io.js";
 import { readBlobChunks, uploadBlob } from "../../../lib/image/client.js";
-import { codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
+import { codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "../../support/image-store.js";
 
 const run = promisify(execFile);
 const MIB = 1024 * 1024;

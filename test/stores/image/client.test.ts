@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { ImageStoreService } from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { BackgroundWriter } from "../../../lib/image/blob-io.js";
 import { imageStoreClient, imageStoreTransport, readBlobPieces } from "../../../lib/image/client.js";
-import { codeOf, collect, makeTempDir, randomBlob, removeDir, storeWithImage } from "./helpers.js";
+import { codeOf, collect, makeTempDir, randomBlob, removeDir, storeWithImage } from "../../support/image-store.js";
 
 const MIB = 1024 * 1024;
 

@@ -9,7 +9,7 @@ import { promisify } from "node:util";
 import { type BlobSource } from "../../../lib/image/blob-io.js";
 import { imageStoreClient, imageStoreTransport, uploadBlob } from "../../../lib/image/client.js";
 import { startProcess, type RunningProcess } from "../../support/process.js";
-import { codeOf, makeSigner, makeTempDir, randomBlob, removeDir, startStore, type Signer } from "./helpers.js";
+import { codeOf, makeSigner, makeTempDir, randomBlob, removeDir, startStore, type Signer } from "../../support/image-store.js";
 
 const run = promisify(execFile);
 const MIB = 1024 * 1024;

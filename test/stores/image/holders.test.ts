@@ -9,7 +9,7 @@ import { rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { readBlobChunks, uploadBlob } from "../../../lib/image/client.js";
 import type { Capability } from "../../../lib/tokens.js";
-import { bufferSource, codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "./helpers.js";
+import { bufferSource, codeOf, collect, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type RunningStore, type Signer } from "../../support/image-store.js";
 
 describe("possession at an image store", () => {
   let dir: string;

@@ -4,7 +4,7 @@ import { readdir, readFile, stat, utimes } from "node:fs/promises";
 import { join } from "node:path";
 import { type BlobSource } from "../../../lib/image/blob-io.js";
 import { uploadBlob } from "../../../lib/image/client.js";
-import { codeOf, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, sha256, startStore, type RunningStore, type Signer } from "./helpers.js";
+import { codeOf, makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, sha256, startStore, type RunningStore, type Signer } from "../../support/image-store.js";
 
 const source =
   (data: Buffer): BlobSource =>

@@ -17,7 +17,7 @@ import {
   type PutBlobResponse,
 } from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { frame } from "../../../lib/grpc/wire.js";
-import { collect, randomBlob, storeWithImage } from "./helpers.js";
+import { collect, randomBlob, storeWithImage } from "../../support/image-store.js";
 
 const MIB = 1024 * 1024;
 

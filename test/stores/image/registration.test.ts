@@ -12,26 +12,15 @@ import {
 } from "../../../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { silentLogger } from "../../../lib/logger.js";
 import { createServer, type Server } from "../../../lib/server.js";
-import { makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type Signer } from "./helpers.js";
+import { makeSigner, makeTempDir, manifestFor, randomBlob, removeDir, startStore, type Signer } from "../../support/image-store.js";
 import { uploadBlob } from "../../../lib/image/client.js";
+import { waitUntil } from "../../support/wait.js";
 
 interface Seen {
   registers: { request: RegisterRequest; authorization: string | null }[];
   heartbeats: HeartbeatRequest[];
   deregistered: string[];
   keyFetches: number;
-}
-
-function waitUntil(what: string, check: () => boolean, timeoutMs = 20_000): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const deadline = Date.now() + timeoutMs;
-    const tick = () => {
-      if (check()) return resolve();
-      if (Date.now() > deadline) return reject(new Error(`timed out waiting for ${what}`));
-      setTimeout(tick, 10);
-    };
-    tick();
-  });
 }
 
 describe("image store registration with the coordinator", () => {
@@ -94,7 +83,7 @@ describe("image store registration with the coordinator", () => {
       },
     });
     try {
-      await waitUntil("a register and two heartbeats", () => seen.registers.length >= 1 && seen.heartbeats.length >= 2);
+      await waitUntil(() => seen.registers.length >= 1 && seen.heartbeats.length >= 2, "a register and two heartbeats");
       const { request, authorization } = seen.registers[0];
       expect(authorization).toBe("Bearer svc-credential-1");
       expect(request.kind).toBe(ServiceKind.IMAGE_CACHE);
@@ -116,7 +105,7 @@ describe("image store registration with the coordinator", () => {
       config: { coordinatorUrl: coordinator.address().url, serviceCredential: "svc-credential-2", signingKeysFile: "" },
     });
     try {
-      await waitUntil("a register", () => seen.registers.length > before);
+      await waitUntil(() => seen.registers.length > before, "a register");
       expect(seen.registers[before].request.kind).toBe(ServiceKind.IMAGE_STORE);
       expect(seen.registers[before].request.url).toBe(store.url);
       const blob = randomBlob(100);

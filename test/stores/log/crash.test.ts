@@ -2,7 +2,6 @@
 // a job and restarted on the same data directory and port: the writer resends
 // what was not acknowledged and a follower resumes from its last seq.
 import { createHash, randomBytes } from "node:crypto";
-import { createServer as createNetServer } from "node:net";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { ReadEndReason } from "../../../gen/treadmill/log/v1/log_service_pb.js";
@@ -10,6 +9,7 @@ import { LogShipper } from "../../../supervisor/log-shipper.js";
 import { silentLogger } from "../../../lib/logger.js";
 import { startProcess, type RunningProcess } from "../../support/process.js";
 import { auth, logClient, makeKeys, readAll, tempDir, within, type Keys } from "./helpers.js";
+import { freePort } from "../../support/net.js";
 
 const BIN = new URL("../../../bin/treadmill-log-server.js", import.meta.url).pathname;
 
@@ -19,13 +19,6 @@ let port: number;
 let keysFile: string;
 let child: RunningProcess | undefined;
 
-async function freePort(): Promise<number> {
-  const s = createNetServer();
-  await new Promise<void>((resolve) => s.listen(0, "127.0.0.1", resolve));
-  const p = (s.address() as { port: number }).port;
-  await new Promise((resolve) => s.close(resolve));
-  return p;
-}
 
 async function startServer(): Promise<RunningProcess> {
   const proc = startProcess(BIN, [

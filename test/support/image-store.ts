@@ -1,31 +1,33 @@
-// Shared set-up of the image store tests: a real server on port 0 over a
-// temporary data directory, a token signer whose public keys the server
-// trusts, and clients over real HTTP/2 connections.
+// An image store for tests (the store's own, the supervisor's image fetch,
+// conformance, security): a real server on port 0 over a temporary data
+// directory, a token signer whose public keys the server trusts, clients
+// over real HTTP/2 connections, and blobs and manifests to put in it.
 import { afterAll, beforeAll } from "@jest/globals";
-import { createHash, randomBytes } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
-import { ImageCacheService } from "../../../gen/treadmill/image/v1/image_cache_service_pb.js";
-import { type BlobSource } from "../../../lib/image/blob-io.js";
+import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_service_pb.js";
+import { type BlobSource } from "../../lib/image/blob-io.js";
 import {
   imageStoreClient,
   imageStoreTransport,
   uploadBlob,
   type ImageStoreClient,
   type ImageTransport,
-} from "../../../lib/image/client.js";
-import { silentLogger } from "../../../lib/logger.js";
-import { TokenSigner, generateSigningKey, type Capability } from "../../../lib/tokens.js";
-import { loadImageStoreConfig, type ImageStoreConfig } from "../../../stores/image/config.js";
-import { createImageStore, type ImageStoreComponent, type ImageStoreDeps } from "../../../stores/image/image-store.js";
-export { errorCodeOf as codeOf } from "../../support/codes.js";
+} from "../../lib/image/client.js";
+import { digestOfBytes } from "../../lib/image/digest.js";
+import { MANIFEST_MEDIA_TYPE, RAW_MEDIA_TYPE } from "../../lib/image/media-types.js";
+import { silentLogger } from "../../lib/logger.js";
+import { TokenSigner, generateSigningKey, type Capability } from "../../lib/tokens.js";
+import { loadImageStoreConfig, type ImageStoreConfig } from "../../stores/image/config.js";
+import { createImageStore, type ImageStoreComponent, type ImageStoreDeps } from "../../stores/image/image-store.js";
+export { errorCodeOf as codeOf } from "./codes.js";
 
-export const MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json";
-
+/** The digest of `data`. */
 export function sha256(data: Uint8Array): string {
-  return `sha256:${createHash("sha256").update(data).digest("hex")}`;
+  return digestOfBytes(data);
 }
 
 /** A random blob and its digest. */
@@ -43,7 +45,7 @@ export function manifestFor(
     schemaVersion: 2,
     mediaType: MANIFEST_MEDIA_TYPE,
     layers: layers.map((l) => ({
-      mediaType: l.mediaType ?? "application/vnd.treadmill.disk.raw",
+      mediaType: l.mediaType ?? RAW_MEDIA_TYPE,
       digest: l.digest,
       size: l.size,
       ...(l.annotations ? { annotations: l.annotations } : {}),

@@ -1,19 +1,23 @@
 /**
- * Shared fixtures of the job system's tests: catalog images inserted directly,
- * job specs, waiting on database state with a deadline, and scripted
- * supervisors attached to a test coordinator.
+ * Fixtures of the tests that run jobs (the coordinator's, conformance,
+ * interop, end to end): catalog images inserted directly, job specs, waiting
+ * on database state with a deadline, and scripted supervisors attached to a
+ * test coordinator.
  */
 import { createHash, randomUUID } from "node:crypto";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { Sql } from "postgres";
 import type { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import type { CoordinatorConfig } from "../../coordinator/config.js";
-import { ScriptedSupervisor, type ScriptedSupervisorOptions } from "../support/scripted-supervisor.js";
-import type { TestCoordinator } from "../support/coordinator.js";
-export { codeOf } from "../support/codes.js";
+import { QCOW2_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
+import { ScriptedSupervisor, type ScriptedSupervisorOptions } from "./scripted-supervisor.js";
+import type { TestCoordinator } from "./coordinator.js";
+import { waitUntil } from "./wait.js";
+export { codeOf } from "./codes.js";
+export { waitUntil } from "./wait.js";
 
-export const ROOTFS = "application/vnd.treadmill.rootfs.tar+gzip";
-export const QCOW2 = "application/vnd.treadmill.disk.qcow2";
+export const ROOTFS = ROOTFS_MEDIA_TYPE;
+export const QCOW2 = QCOW2_MEDIA_TYPE;
 
 /** Short intervals so that tests do not wait long; generous enough for a loaded machine. */
 export const FAST: Partial<CoordinatorConfig> = {
@@ -40,17 +44,6 @@ export async function insertImage(
 }
 
 export type SpecInit = MessageInitShape<typeof JobSpecSchema>;
-
-/** Polls `probe` until it returns a truthy value, failing after `timeoutMs`. */
-export async function waitUntil<T>(probe: () => Promise<T | undefined | null | false>, what: string, timeoutMs = 20000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 export interface JobDbRow {
   id: string;
@@ -87,8 +80,6 @@ export async function attach(
   await s.connect();
   return s;
 }
-
-/** The code a call ends with ("OK" when it succeeds). */
 
 /** A unique tag so a test's jobs only match its own hosts. */
 export function uniqueTag(): Record<string, string> {
