@@ -352,6 +352,11 @@ export async function assignJobs(
   plan: AssignedJob[],
   rows: AssignedHost[],
 ): Promise<(Omit<StartRow, "peers"> & { host_id: string; local: boolean })[]> {
+  // Planned generically, unlike the pass's reads (customPlans): its one
+  // parameter is a JSON document no estimate looks into, so a custom plan is
+  // the same plan made again, which cost 0.8 ms of every dispatch (the
+  // coordinator benchmark's dispatch p50, 3.6 ms against 2.8 ms).
+  pipeline(tx`set local plan_cache_mode = auto`);
   // Sent now, ahead of the COMMIT the caller pipelines behind it. Awaited
   // alone, the statement would be handed to the connection a microtask after
   // that COMMIT (postgres.js sends a query once its promise is awaited), and
