@@ -352,6 +352,10 @@ export async function assignJobs(
   plan: AssignedJob[],
   rows: AssignedHost[],
 ): Promise<(Omit<StartRow, "peers"> & { host_id: string; local: boolean })[]> {
+  // Planned afresh in every pass, as the pass's reads are (customPlans): a
+  // generic plan saves the planning, 0.8 ms of each dispatch (the coordinator
+  // benchmark's dispatch p50, 2.8 against 3.6 ms), but makes a pass of 70 jobs
+  // take 64 ms instead of 28 (assignment throughput 970 against 1,300 jobs/s).
   // Sent now, ahead of the COMMIT the caller pipelines behind it. Awaited
   // alone, the statement would be handed to the connection a microtask after
   // that COMMIT (postgres.js sends a query once its promise is awaited), and
