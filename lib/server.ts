@@ -177,6 +177,12 @@ export function createServer(options: ServerOptions): Server {
     const host = address.includes(":") ? `[${address}]` : address;
     bound = { host: address, port, url: `${options.tls ? "https" : "http"}://${host}:${port}` };
     logger.info({ url: bound.url }, "server listening");
+    if (!options.tls && !isLoopback(address)) {
+      logger.warn(
+        { url: bound.url },
+        "serving plain TCP on a non-loopback address: tokens and job data cross the network readable by anyone on it; give --tls-cert-file and --tls-key-file",
+      );
+    }
   };
 
   const stop = async (): Promise<void> => {
@@ -219,4 +225,9 @@ function uniqueServices(router: ConnectRouter): DescService[] {
   const byName = new Map<string, DescService>();
   for (const handler of router.handlers) byName.set(handler.service.typeName, handler.service);
   return [...byName.values()];
+}
+
+/** Whether a bound address is a loopback one (127.0.0.0/8, ::1, or 127.x mapped into IPv6). */
+export function isLoopback(address: string): boolean {
+  return /^127\./.test(address) || address === "::1" || /^::ffff:127\./i.test(address);
 }

@@ -8,7 +8,7 @@ import {
 } from "@connectrpc/connect-node";
 import { EchoService } from "../../gen/treadmill/testing/v1/echo_service_pb.js";
 import { createLogger } from "../../lib/logger.js";
-import type { Server } from "../../lib/server.js";
+import { isLoopback, type Server } from "../../lib/server.js";
 import { EchoServiceImpl, startEchoServer } from "../support/echo-service.js";
 
 type LogLine = Record<string, unknown> & { level: number; msg: string };
@@ -165,5 +165,29 @@ describe("two servers in one process", () => {
     } finally {
       await Promise.all([a.stop(), b.stop()]);
     }
+  });
+});
+
+describe("plain TCP beyond loopback", () => {
+  it("warns when a server without TLS listens on a non-loopback address, and not on loopback", async () => {
+    const { logger, lines } = captureLogs();
+    const exposed = await startEchoServer({ host: "0.0.0.0", logger });
+    const local = await startEchoServer({ host: "127.0.0.1", logger });
+    try {
+      const warnings = lines.filter((l) => l.level === 40);
+      expect(warnings).toEqual([
+        expect.objectContaining({ url: exposed.address().url, msg: expect.stringMatching(/^serving plain TCP on a non-loopback address/) }),
+      ]);
+    } finally {
+      await exposed.stop();
+      await local.stop();
+    }
+    expect([isLoopback("127.0.0.1"), isLoopback("::1"), isLoopback("::ffff:127.0.0.2"), isLoopback("0.0.0.0"), isLoopback("10.0.0.1")]).toEqual([
+      true,
+      true,
+      true,
+      false,
+      false,
+    ]);
   });
 });
