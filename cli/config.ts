@@ -20,6 +20,8 @@ export interface SavedContext {
   tokenId?: string;
   /** When the token expires (RFC 3339), if it does. */
   expireTime?: string;
+  /** The CA certificate file (PEM, absolute path) that https servers of this context are verified with, beside the system's. */
+  caFile?: string;
 }
 
 export interface ConfigFile {

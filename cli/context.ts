@@ -2,8 +2,10 @@
  * What every command gets: the output, the contexts file, the selected
  * context, and coordinator clients authenticated with its token. `TML_SERVER`
  * and `TML_TOKEN` override the saved context (for CI, where nothing is
- * saved).
+ * saved), with `TML_CA_FILE` as their `--ca-file`.
  */
+import { readFileSync } from "node:fs";
+import { rootCertificates } from "node:tls";
 import type { Readable, Writable } from "node:stream";
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import { Http2SessionManager } from "@connectrpc/connect-node";
@@ -34,6 +36,8 @@ export interface Target {
   server: string;
   user: string;
   token: string;
+  /** The CA certificate file to verify an https server with, if the context names one. */
+  caFile?: string;
 }
 
 export class CliContext {
@@ -71,7 +75,7 @@ export class CliContext {
     if (env.TML_SERVER && env.TML_TOKEN && this.flags.context === undefined) {
       this.errorContext.server = env.TML_SERVER;
       this.errorContext.hadToken = true;
-      return { name: "", server: env.TML_SERVER, user: "", token: env.TML_TOKEN };
+      return { name: "", server: env.TML_SERVER, user: "", token: env.TML_TOKEN, caFile: env.TML_CA_FILE || undefined };
     }
     const selected = await this.selected();
     if (selected === undefined) {
@@ -84,12 +88,16 @@ export class CliContext {
       throw new CliError(`you are logged out of context "${name}": run \`tml login\` again`, ExitCode.AUTH);
     }
     this.errorContext.hadToken = true;
-    return { name, server: context.server, user: context.user, token: context.token };
+    return { name, server: context.server, user: context.user, token: context.token, caFile: context.caFile };
   }
 
-  /** A gRPC transport to `server` with `token` (none when empty); its connection closes when the command ends. */
-  transport(server: string, token: string): Transport {
-    const sessionManager = new Http2SessionManager(server);
+  /**
+   * A gRPC transport to `server` with `token` (none when empty), verifying an
+   * https server with the CA in `caFile` as well as the system's; its
+   * connection closes when the command ends.
+   */
+  transport(server: string, token: string, caFile?: string): Transport {
+    const sessionManager = new Http2SessionManager(server, undefined, tlsOptions(caFile));
     this.onClose(() => sessionManager.abort());
     return clientTransport({ baseUrl: server, sessionManager, token: () => token });
   }
@@ -119,13 +127,29 @@ export class CliContext {
   }
 
   #coordinator: Transport | undefined;
+  /** The CA file of the coordinator's context, for the log servers and proxies it names. */
+  caFile: string | undefined;
 
   /** A client of a coordinator service, with the selected context's token. */
   async client<S extends DescService>(service: S): Promise<Client<S>> {
     if (this.#coordinator === undefined) {
       const target = await this.target();
-      this.#coordinator = this.transport(target.server, target.token);
+      this.#coordinator = this.transport(target.server, target.token, target.caFile);
+      this.caFile = target.caFile;
     }
     return createClient(service, this.#coordinator);
+  }
+}
+
+/**
+ * TLS options that add the CA in `caFile` (PEM) to the system's; a file that
+ * cannot be read is a usage error naming it.
+ */
+export function tlsOptions(caFile: string | undefined): { ca: (string | Buffer)[] } | undefined {
+  if (caFile === undefined) return undefined;
+  try {
+    return { ca: [...rootCertificates, readFileSync(caFile)] };
+  } catch (err) {
+    throw new CliError(`cannot read the CA file ${caFile}: ${(err as Error).message}`, ExitCode.USAGE);
   }
 }

@@ -69,6 +69,9 @@ function sentence(s: string): string {
 }
 
 /** Turns any error into the sentence to print and the exit code. */
+/** How Node words a TLS peer whose certificate chain it cannot verify. */
+const UNTRUSTED_CERTIFICATE = /self[- ]signed certificate( in certificate chain)?|unable to verify the first certificate|unable to get local issuer certificate/;
+
 export function explain(err: unknown, context: ErrorContext = {}): { message: string; exitCode: number } {
   if (err instanceof CliError) return { message: sentence(err.message), exitCode: err.exitCode };
   if (!(err instanceof ConnectError)) {
@@ -81,6 +84,13 @@ export function explain(err: unknown, context: ErrorContext = {}): { message: st
   }
   const server = context.server ? ` at ${context.server}` : "";
   const raw = err.rawMessage;
+  const untrusted = UNTRUSTED_CERTIFICATE.exec(`${raw} ${String(err.cause ?? "")}`);
+  if (untrusted) {
+    return {
+      message: `The server${server} presented a certificate this machine does not trust (${untrusted[0]}): give the CA that signed it with \`tml login SERVER --ca-file FILE\` (or TML_CA_FILE with TML_SERVER).`,
+      exitCode: ExitCode.ERROR,
+    };
+  }
   switch (err.code) {
     case Code.Unavailable:
     case Code.Unknown:

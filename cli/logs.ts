@@ -37,6 +37,8 @@ export class JobLogAccess {
   constructor(
     private readonly jobs: Client<typeof JobService>,
     readonly jobId: string,
+    /** TLS options for https log servers (the context's CA). */
+    private readonly tls?: { ca: (string | Buffer)[] },
   ) {}
 
   access(refresh = false): Promise<Access> {
@@ -56,7 +58,7 @@ export class JobLogAccess {
     let transport = this.#transports.get(url);
     if (transport === undefined) {
       // Followed logs of many channels share the connection: wide windows.
-      const sessionManager = new WideSessionManager(url, undefined, { settings: { initialWindowSize: STREAM_WINDOW } });
+      const sessionManager = new WideSessionManager(url, undefined, { ...this.tls, settings: { initialWindowSize: STREAM_WINDOW } });
       this.#sessions.push(sessionManager);
       transport = clientTransport({ baseUrl: url, sessionManager, token: () => this.#token });
       this.#transports.set(url, transport);

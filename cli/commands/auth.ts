@@ -1,4 +1,5 @@
 /** `tml login`, `logout`, `whoami`, `token ...` and `context ...`. */
+import { resolve } from "node:path";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { AuthService, type ApiToken, ApiTokenSchema, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
@@ -37,9 +38,11 @@ export const authCommands: Command[] = [
       "password-stdin": { type: "bool", description: "read the password from the first line of standard input" },
       name: { type: "string", placeholder: "CONTEXT", description: "name of the context to save (default: host-port of the server)" },
       ttl: { type: "string", placeholder: "DURATION", description: "token lifetime, e.g. 12h or 30d (default: the server's)" },
+      "ca-file": { type: "string", placeholder: "FILE", description: "CA certificate (PEM) that signed the servers' certificates, kept in the context" },
     },
     examples: [
       "tml login http://127.0.0.1:7700 --user admin",
+      "tml login https://treadmill.lab.example --user alice --ca-file lab-ca.pem",
       "echo \"$TREADMILL_PASSWORD\" | tml login https://treadmill.lab.example --user ci --password-stdin --name lab",
     ],
     async run(ctx, { args, flags }) {
@@ -61,7 +64,8 @@ export const authCommands: Command[] = [
       if (password === "") throw new UsageError("the password is empty");
       ctx.errorContext.server = server;
       ctx.errorContext.hadToken = false;
-      const auth = createClient(AuthService, ctx.transport(server, ""));
+      const caFile = flags["ca-file"] === undefined ? (args.SERVER === undefined ? current?.caFile : undefined) : resolve(flags["ca-file"]);
+      const auth = createClient(AuthService, ctx.transport(server, "", caFile));
       const ttl = flags.ttl === undefined ? undefined : durationFromMs(parseDuration("ttl", flags.ttl));
       let response;
       try {
@@ -83,6 +87,7 @@ export const authCommands: Command[] = [
         token: response.token,
         tokenId: response.info?.id,
         expireTime: iso(response.info?.expireTime),
+        ...(caFile === undefined ? {} : { caFile }),
       };
       file.current = name;
       await ctx.config.save(file);
@@ -106,7 +111,7 @@ export const authCommands: Command[] = [
       for (const name of names) {
         const saved = file.contexts[name];
         if (saved.token && saved.tokenId) {
-          const auth = createClient(AuthService, ctx.transport(saved.server, saved.token));
+          const auth = createClient(AuthService, ctx.transport(saved.server, saved.token, saved.caFile));
           // The token may have expired already: logging out still forgets it.
           await auth.revokeToken({ tokenId: saved.tokenId }, { timeoutMs: 15_000 }).catch((err) => {
             ctx.out.note(`Note: could not revoke the token at ${saved.server} (${(err as Error).message}); it is forgotten here.`);

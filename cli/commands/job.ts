@@ -27,7 +27,7 @@ import type { ConfigOf } from "../../lib/config.js";
 import { keepStreaming } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
-import type { CliContext } from "../context.js";
+import { tlsOptions, type CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
 import { logStatusText } from "../../lib/log-status.js";
@@ -122,7 +122,7 @@ function logSink(ctx: CliContext) {
 
 /** A job's log access whose connections close when the command ends. */
 function logAccess(ctx: CliContext, jobs: Jobs, jobId: string): JobLogAccess {
-  const access = new JobLogAccess(jobs, jobId);
+  const access = new JobLogAccess(jobs, jobId, tlsOptions(ctx.caFile));
   ctx.onClose(() => access.close());
   return access;
 }
