@@ -127,7 +127,7 @@ export class CliContext {
   }
 
   #coordinator: Transport | undefined;
-  /** The CA file of the coordinator's context, for the log servers and proxies it names. */
+  /** The CA file of the coordinator's context (set by `client()`), for the log servers it names. */
   caFile: string | undefined;
 
   /** A client of a coordinator service, with the selected context's token. */

@@ -68,10 +68,10 @@ function sentence(s: string): string {
   return /[.!?]$/.test(t) ? t : `${t}.`;
 }
 
-/** Turns any error into the sentence to print and the exit code. */
 /** How Node words a TLS peer whose certificate chain it cannot verify. */
 const UNTRUSTED_CERTIFICATE = /self[- ]signed certificate( in certificate chain)?|unable to verify the first certificate|unable to get local issuer certificate/;
 
+/** Turns any error into the sentence to print and the exit code. */
 export function explain(err: unknown, context: ErrorContext = {}): { message: string; exitCode: number } {
   if (err instanceof CliError) return { message: sentence(err.message), exitCode: err.exitCode };
   if (!(err instanceof ConnectError)) {

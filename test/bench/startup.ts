@@ -14,7 +14,7 @@
 // Runs: TREADMILL_BENCH_STARTUP_RUNS (default 15) per tml figure, 3 per
 // server and testbed restart.
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -99,7 +99,7 @@ export async function run(): Promise<void> {
 
   const site = await startSite({ quiet: true });
   try {
-    const password = spawnSync("cat", [join(site.dir, "admin-password")]).stdout.toString().trim();
+    const password = (await readFile(join(site.dir, "admin-password"), "utf8")).trim();
     const { token } = await createClient(AuthService, coordinatorTransport(site.url)).login({ name: "admin", password, description: "startup bench" });
     const env = { ...process.env, TML_SERVER: site.url, TML_TOKEN: token, TML_CONFIG: join(site.dir, "tml.json") };
     const list = timeRuns([tml, "job", "list"], RUNS, env);

@@ -9,7 +9,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
-import { mkdir, mkdtemp, readdir, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -82,7 +82,7 @@ describe("the installed package", () => {
       testbed!.once("exit", () => reject(new Error(`the installed testbed exited:\n${output}`)));
     });
     const env = { TML_CONFIG: join(work, "tml.json"), TML_SERVER: "", TML_TOKEN: "", NO_COLOR: "1" };
-    const password = spawnSync("cat", [join(work, ".treadmill", "admin-password")], { encoding: "utf8" }).stdout;
+    const password = await readFile(join(work, ".treadmill", "admin-password"), "utf8");
     installed("tml", ["login", url, "--user", "admin", "--password-stdin"], work, env, password);
     expect(installed("tml", ["job", "run", "example/hello"], work, env)).toContain("hello from treadmill");
   }, 180_000);
