@@ -24,7 +24,7 @@ import {
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
-import { keepStreaming } from "../../lib/retry.js";
+import { keepStreaming, sleep } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import { tlsOptions, type CliContext } from "../context.js";
@@ -39,6 +39,8 @@ type Jobs = Client<typeof JobService>;
 
 /** How long after a job ends its logs may still be arriving. */
 const LOG_GRACE_MS = 10_000;
+/** How long a finished snapshot waits for the supervisor's last line about it (a host that went away says none). */
+const LAST_LINE_GRACE_MS = 3000;
 
 /** "succeeded", "failed (exit code 2)", "canceled"... */
 export function outcome(job: Job): string {
@@ -575,17 +577,25 @@ export const jobCommands: Command[] = [
         // Progress: the supervisor's lines about this snapshot on the job's `supervisor` channel.
         const progress = new AbortController();
         const prefix = `snapshot ${id}: `;
+        // The supervisor's last line ("done: ..." or "failed: ...") may reach
+        // the log server after the snapshot's end reaches us: it is waited for.
+        let lastLine: () => void = () => undefined;
+        const lastShown = new Promise<void>((resolve) => (lastLine = resolve));
         const shown = (async () => {
           const lines = readChannel(logAccess(ctx, jobs, args.JOB), { channel: "supervisor", attempt: snapshot!.attempt, follow: true, signal: progress.signal });
           for await (const line of lines) {
             for (const text of Buffer.from(line.data).toString("utf8").split("\n")) {
-              if (text.startsWith(prefix)) ctx.out.note(ctx.out.errStyle(`--> ${text.slice(prefix.length)}`, "cyan"));
+              if (!text.startsWith(prefix)) continue;
+              const said = text.slice(prefix.length);
+              ctx.out.note(ctx.out.errStyle(`--> ${said}`, "cyan"));
+              if (/^(done|failed): /.test(said)) lastLine();
             }
           }
         })().catch(() => undefined);
         ctx.onInterrupt(() => progress.abort());
         try {
           ({ snapshot } = await jobs.snapshotJob({ ...request, wait: true }, { timeoutMs, signal: progress.signal }));
+          await Promise.race([lastShown, shown, sleep(LAST_LINE_GRACE_MS, progress.signal).catch(() => undefined)]);
         } catch (err) {
           const error = ConnectError.from(err);
           if (error.code === Code.DeadlineExceeded) {
