@@ -29,78 +29,46 @@
 // Profiling: TREADMILL_BENCH_PROFILE=<dir> writes a CPU profile of the
 // coordinator (node --cpu-prof) there and prints the statements that took the
 // most database time (pg_stat_statements).
-import { randomUUID } from "node:crypto";
-import { chmod, mkdtemp, readFile, readdir, rm } from "node:fs/promises";
+import { chmod, mkdtemp, rm } from "node:fs/promises";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
-import postgres from "postgres";
-import { Health } from "../../gen/grpc/health/v1/health_pb.js";
+import type postgres from "postgres";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { hashSecret, newSecret } from "../../coordinator/auth.js";
-import { startEmbeddedPostgres } from "../../coordinator/db/embedded.js";
 import { bearerInterceptor } from "../../lib/grpc/transport.js";
-import { silentLogger } from "../../lib/logger.js";
-import { metricValues } from "../support/metrics.js";
 import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { percentile, report } from "./report.js";
 import { freePort } from "../support/net.js";
-import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../lib/image/media-types.js";
+import {
+  type JobMetricReading,
+  PROFILE,
+  cpuSplit,
+  inBatches,
+  insertFixtures,
+  jobMetrics,
+  printStatements,
+  roundTripBaselines,
+  serving,
+  settledRss,
+  sizeFromEnv as env,
+  startBenchDatabase,
+  until,
+  usage,
+} from "./shared/job-system.js";
 
 const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
-const env = (name: string, fallback: number) => Number(process.env[name] ?? fallback);
 const FULL = process.env.TREADMILL_BENCH_FULL === "1";
 const IDLE = env("TREADMILL_BENCH_IDLE_SUPERVISORS", FULL ? 2000 : 1000);
 const DISPATCH_JOBS = env("TREADMILL_BENCH_DISPATCH_JOBS", FULL ? 2000 : 1000);
 const QUEUED_JOBS = env("TREADMILL_BENCH_QUEUED_JOBS", FULL ? 10000 : 5000);
-const PROFILE = process.env.TREADMILL_BENCH_PROFILE;
 const ACTIVE = 200;
 
-/** Resident memory (bytes) and CPU time (ms) of a process, from /proc. */
-async function usage(pid: number): Promise<{ rss: number; cpuMs: number }> {
-  const status = await readFile(`/proc/${pid}/status`, "utf8");
-  const rss = Number(/VmRSS:\s+(\d+) kB/.exec(status)![1]) * 1024;
-  const stat = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1].split(" ");
-  const ticks = Number(stat[11]) + Number(stat[12]); // utime + stime, fields 14 and 15
-  return { rss, cpuMs: (ticks * 1000) / 100 };
-}
-
-/** CPU time (ms) of every PostgreSQL server process, and of the whole machine (busy, all cores). */
-async function cpuSplit(): Promise<{ postgresMs: number; busyMs: number }> {
-  let postgresMs = 0;
-  for (const entry of await readdir("/proc")) {
-    if (!/^\d+$/.test(entry)) continue;
-    const stat = await readFile(`/proc/${entry}/stat`, "utf8").catch(() => "");
-    const open = stat.indexOf("(");
-    const close = stat.lastIndexOf(")");
-    if (open < 0 || stat.slice(open + 1, close) !== "postgres") continue;
-    const fields = stat.slice(close + 2).split(" ");
-    postgresMs += ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
-  }
-  const cpu = (await readFile("/proc/stat", "utf8")).split("\n")[0].trim().split(/\s+/).slice(1).map(Number);
-  const idle = cpu[3] + cpu[4]; // idle, iowait
-  const busyMs = ((cpu.slice(0, 8).reduce((a, b) => a + b, 0) - idle) * 1000) / 100;
-  return { postgresMs, busyMs };
-}
-
-/** The job system's counters from the coordinator's /metrics. */
-function jobMetrics(url: string): Promise<Record<string, number>> {
-  return metricValues(url, [
-    "treadmill_scheduler_pass_seconds_sum",
-    "treadmill_scheduler_pass_seconds_count",
-    "treadmill_scheduler_assigned_jobs_total",
-    "treadmill_group_commit_seconds_sum",
-    "treadmill_group_commit_seconds_count",
-    "treadmill_group_commit_changes_total",
-  ]);
-}
-
 /** Scheduling passes and group commits between two readings of jobMetrics. */
-function printJobMetrics(before: Record<string, number>, after: Record<string, number>): void {
-  const d = (name: string) => after[name] - before[name];
+function printJobMetrics(before: JobMetricReading, after: JobMetricReading): void {
+  const d = (name: keyof JobMetricReading) => after[name] - before[name];
   const passes = d("treadmill_scheduler_pass_seconds_count");
   const commits = d("treadmill_group_commit_seconds_count");
   process.stdout.write(
@@ -116,28 +84,6 @@ async function hotUpdates(sql: postgres.Sql): Promise<Record<string, { upd: numb
     select relname, n_tup_upd::float8 as upd, n_tup_hot_upd::float8 as hot from pg_stat_user_tables
     where relname in ('jobs', 'job_hosts', 'hosts') order by relname`;
   return Object.fromEntries(rows.map((r) => [r.relname, { upd: r.upd, hot: r.hot }]));
-}
-
-async function until(probe: () => Promise<boolean>, what: string, timeoutMs = 600_000, intervalMs = 50): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await probe())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, intervalMs));
-  }
-}
-
-async function inBatches<T>(items: T[], size: number, fn: (item: T) => Promise<unknown>): Promise<void> {
-  for (let i = 0; i < items.length; i += size) await Promise.all(items.slice(i, i + size).map(fn));
-}
-
-/** The statements that took the most database time since the last reset. */
-async function printStatements(sql: postgres.Sql, phase: string): Promise<void> {
-  const rows = await sql<{ calls: number; total: number; mean: number; query: string }[]>`
-    select calls::int, round(total_exec_time::numeric, 1)::float as total, round(mean_exec_time::numeric, 3)::float as mean,
-      regexp_replace(query, '[[:space:]]+', ' ', 'g') as query
-    from pg_stat_statements order by total_exec_time desc limit 25`;
-  process.stdout.write(`pg_stat_statements (during ${phase}): calls, total ms, mean ms, query\n`);
-  for (const r of rows) process.stdout.write(`${r.calls}\t${r.total}\t${r.mean}\t${r.query.slice(0, 160)}\n`);
 }
 
 /**
@@ -168,26 +114,7 @@ async function printPhases(sql: postgres.Sql, since: Date): Promise<void> {
 export async function run(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), "treadmill-bench-coordinator-"));
   await chmod(dir, 0o755); // the server's OS user must reach its directory
-  const pg = await startEmbeddedPostgres({
-    dataDir: join(dir, "pg"),
-    logger: silentLogger(),
-    database: "postgres",
-    ephemeral: true,
-    settings: {
-      max_connections: 200,
-      ...(PROFILE
-        ? {
-            shared_preload_libraries: "pg_stat_statements,auto_explain",
-            "auto_explain.log_min_duration": "5ms",
-            "auto_explain.log_analyze": "on",
-            logging_collector: "on",
-            log_directory: PROFILE,
-          }
-        : {}),
-    },
-  });
-  const sql = postgres(pg.url, { max: 4, onnotice: () => undefined });
-  if (PROFILE) await sql`create extension if not exists pg_stat_statements`;
+  const { pg, sql } = await startBenchDatabase(dir);
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
   // Every scripted supervisor connects from 127.0.0.1: lift the per-address limit.
@@ -198,52 +125,19 @@ export async function run(): Promise<void> {
     : startProcess(BIN, args);
   const supervisors: ScriptedSupervisor[] = [];
   try {
-    const health = createClient(Health, createGrpcTransport({ baseUrl: url }));
-    await until(async () => (await health.check({}).then(() => true, () => false)), "the coordinator", 60_000);
+    await serving(url);
     const pid = child.child.pid!;
     process.stdout.write(`sizes: ${IDLE} idle supervisors, ${DISPATCH_JOBS} dispatched jobs, ${QUEUED_JOBS} queued jobs on ${ACTIVE} hosts\n`);
 
     // Baselines.
-    const pgSamples: number[] = [];
-    for (let i = 0; i < 2000; i++) {
-      const t = performance.now();
-      await sql`select 1`;
-      pgSamples.push(performance.now() - t);
-    }
-    const rpcSamples: number[] = [];
-    for (let i = 0; i < 2000; i++) {
-      const t = performance.now();
-      await health.check({});
-      rpcSamples.push(performance.now() - t);
-    }
-    const pgP50 = percentile(pgSamples, 50);
-    const rpcP50 = percentile(rpcSamples, 50);
+    const { pgP50, rpcP50 } = await roundTripBaselines(sql, url);
     report("baseline: PostgreSQL SELECT 1 round trip p50", pgP50, "ms");
     report("baseline: connect-node unary round trip p50", rpcP50, "ms");
 
-    // Fixtures straight into the database: a user, an image, hosts.
-    const userId = randomUUID();
-    const token = newSecret("user");
-    await sql`insert into users (id, name, role) values (${userId}, 'bench', 'admin')`;
-    await sql`insert into api_tokens (id, user_id, hash, name) values (${randomUUID()}, ${userId}, ${hashSecret(token)}, 'bench')`;
-    const digest = `sha256:${"ab".repeat(32)}`;
-    await sql`insert into images (name, tag, digest, media_types, owner_id, visibility) values ('bench', 'v1', ${digest}, ${[ROOTFS]}, ${userId}, 'public')`;
-    const hosts = Array.from({ length: Math.max(IDLE, ACTIVE) }, (_, i) => ({
-      id: randomUUID(),
-      name: `bench-${i}`,
-      credential: newSecret("host"),
-      tags: i < ACTIVE ? { pool: "active" } : { pool: "idle" },
-    }));
-    await inBatches(hosts, 500, async (h) => {
-      await sql`
-        insert into hosts (id, name, tags, driver_kind, media_types, capacity, credential_hash)
-        values (${h.id}, ${h.name}, ${sql.json(h.tags)}, 'process', ${[ROOTFS]}, 1, ${hashSecret(h.credential)})`;
-    });
-    // No job is assigned without a live log server (scheduler.ts): one that
-    // stays live for the whole run, never called (the supervisors exit at once).
-    await sql`
-      insert into services (id, kind, url, site, heartbeat_interval_ms, last_heartbeat_at)
-      values (${randomUUID()}, 'log_server', 'http://bench-logs.invalid', '', ${600_000_000}, now())`;
+    const { token, hosts } = await insertFixtures(
+      sql,
+      Array.from({ length: Math.max(IDLE, ACTIVE) }, (_, i) => ({ name: `bench-${i}`, tags: i < ACTIVE ? { pool: "active" } : { pool: "idle" } })),
+    );
 
     // (c) Idle supervisors: memory and CPU.
     await new Promise((r) => setTimeout(r, 1000));
@@ -269,20 +163,11 @@ export async function run(): Promise<void> {
     // server that starts taking connections (heap spaces, buffers, code).
     // Each figure is the median of samples a second apart (the heap grows
     // and shrinks with the heartbeats' garbage).
-    const settledRss = async () => {
-      await new Promise((r) => setTimeout(r, 2000));
-      const samples: number[] = [];
-      for (let i = 0; i < 5; i++) {
-        samples.push((await usage(pid)).rss);
-        await new Promise((r) => setTimeout(r, 1000));
-      }
-      return percentile(samples, 50);
-    };
     const half = Math.floor(supervisors.length / 2);
     await inBatches(supervisors.slice(0, half), 50, (s) => s.connect());
-    const halfway = { rss: await settledRss() };
+    const halfway = { rss: await settledRss(pid) };
     await inBatches(supervisors.slice(half), 50, (s) => s.connect());
-    const attached = { rss: await settledRss(), cpuMs: (await usage(pid)).cpuMs };
+    const attached = { rss: await settledRss(pid), cpuMs: (await usage(pid)).cpuMs };
     await new Promise((r) => setTimeout(r, 10_000));
     const after = await usage(pid);
     const perSupervisor = (attached.rss - halfway.rss) / (supervisors.length - half) / 1024;
