@@ -63,10 +63,30 @@ export function matches(job: QueuedJob, host: HostCandidate): boolean {
 
 const pairKey = (owner: string, host: string) => `${owner} ${host}`;
 
+/** Whether `a` is chosen before `b`: more free slots, then by name. */
+const before = (a: HostCandidate, b: HostCandidate) => a.free > b.free || (a.free === b.free && a.name < b.name);
+
+/** The first `n` of `hosts` by `before`, in that order: a linear pass, not a sort (a pass may see 10,000 free hosts). */
+function firstBy(hosts: readonly HostCandidate[], n: number): HostCandidate[] {
+  const top: HostCandidate[] = [];
+  for (const h of hosts) {
+    if (top.length === n && !before(h, top[n - 1])) continue;
+    if (top.length === n) top.pop();
+    let i = top.length;
+    while (i > 0 && before(h, top[i - 1])) i--;
+    top.splice(i, 0, h);
+  }
+  return top;
+}
+
 /**
  * The placements of one pass. Feed it the queue in order, chunk by chunk
  * (`accessToCheck` and `learnDenied` first when host grants exist), until
- * `exhausted` or the queue ends; then read `placements`.
+ * `exhausted` or the queue ends; then read `placements`. With `maxPlacements`
+ * a pass stops (`full`) after that many: the scheduler commits them and runs
+ * the next pass at once, so that no pass holds the pass lock for long
+ * however many slots are free (the decisions are those of one pass: the
+ * next one starts from the head of the queue with these committed).
  */
 export class PassPlacement {
   readonly placements: Placed[] = [];
@@ -79,26 +99,61 @@ export class PassPlacement {
   private readonly running: Map<string, number>;
   private readonly denied = new Set<string>();
   private readonly asked = new Set<string>();
+  /** Free slots on hosts not reserved. */
+  private open: number;
+  private busyKnown: boolean;
+  /** The hosts (free or busy) that fit jobs of one kind, by `kindOf`: jobs of a pass are mostly of a few kinds. */
+  private readonly fitting = new Map<string, HostCandidate[]>();
 
   /**
-   * `hosts`: every eligible host, busy or not (they are copied: a placement
-   * takes slots of the copies). `running`: jobs assigned or running per
+   * `hosts`: every eligible host, busy or not, or only the free ones
+   * (`busyKnown` false: `addBusy` adds the others when a job needs them);
+   * they are copied: a placement takes slots of the copies. `running`: jobs assigned or running per
    * owner (read only when `maxJobsPerUser` > 0). `grants`: whether host
    * grants exist at all (none: every owner may use every host).
    */
   constructor(
     hosts: readonly HostCandidate[],
-    private readonly options: { maxJobsPerUser: number; running?: ReadonlyMap<string, number>; grants: boolean },
+    private readonly options: {
+      maxJobsPerUser: number;
+      running?: ReadonlyMap<string, number>;
+      grants: boolean;
+      maxPlacements?: number;
+      busyKnown?: boolean;
+    },
   ) {
+    this.busyKnown = options.busyKnown ?? true;
     this.hosts = hosts.map((h) => ({ ...h }));
     this.free = this.hosts.filter((h) => h.free > 0);
     this.freeSlots = this.free.reduce((n, h) => n + h.free, 0);
+    this.open = this.freeSlots;
     this.running = new Map(options.running ?? []);
+  }
+
+  /**
+   * Adds hosts without a free slot (the scheduler reads them only once a
+   * job asks for several hosts: `needsBusy`). Before the first `place`
+   * that needs them.
+   */
+  addBusy(hosts: readonly HostCandidate[]): void {
+    for (const h of hosts) this.hosts.push({ ...h, free: 0 });
+    this.busyKnown = true;
+    this.fitting.clear();
+  }
+
+  /** Whether `place(chunk)` needs the busy hosts (`addBusy`): a job of it asks for several hosts. */
+  needsBusy(chunk: readonly QueuedJob[]): boolean {
+    return !this.busyKnown && chunk.some((j) => j.host_count > 1);
   }
 
   /** No free, unreserved slot is left: the rest of the queue can wait. */
   get exhausted(): boolean {
-    return this.available().length === 0;
+    return this.open === 0;
+  }
+
+  /** The pass placed `maxPlacements` jobs: the rest of the queue goes to the next pass. */
+  get full(): boolean {
+    return this.options.maxPlacements !== undefined && this.placements.length >= this.options.maxPlacements;
   }
 
   /**
@@ -123,36 +178,51 @@ export class PassPlacement {
   /** The pairs of `accessToCheck` whose owner may not use the host. */
   learnDenied(pairs: readonly AccessPair[]): void {
     for (const p of pairs) this.denied.add(pairKey(p.owner, p.host));
+    // Access changes what fits.
+    if (pairs.length > 0) this.fitting.clear();
   }
 
   /** Considers the jobs of `chunk` in order (a job seen in an earlier chunk is skipped). */
   place(chunk: readonly QueuedJob[]): void {
     const limit = this.options.maxJobsPerUser;
     for (const job of chunk) {
-      if (this.exhausted) return;
+      if (this.exhausted || this.full) return;
       if (this.seen.has(job.id)) continue;
       this.seen.add(job.id);
       if (limit > 0 && (this.running.get(job.owner_id) ?? 0) >= limit) continue;
-      const candidates = this.available().filter((h) => this.fits(job, h));
+      const fitting = this.fittingHosts(job);
+      const candidates = fitting.filter((h) => h.free > 0 && !this.reserved.has(h.id));
       if (candidates.length >= job.host_count) {
-        candidates.sort((a, b) => b.free - a.free || (a.name < b.name ? -1 : 1));
-        const chosen = candidates.slice(0, job.host_count);
+        const chosen = firstBy(candidates, job.host_count);
         for (const h of chosen) h.free -= 1;
+        this.open -= chosen.length;
         this.placements.push({ job, hosts: chosen });
         if (limit > 0) this.running.set(job.owner_id, (this.running.get(job.owner_id) ?? 0) + 1);
-      } else if (candidates.length > 0 && this.hosts.filter((h) => this.fits(job, h)).length >= job.host_count) {
+      } else if (candidates.length > 0 && fitting.length >= job.host_count) {
         // Blocked, but it will fit once busy hosts free up: keep what it sees for it.
-        for (const h of candidates) this.reserved.add(h.id);
+        for (const h of candidates) {
+          this.reserved.add(h.id);
+          this.open -= h.free;
+        }
       }
     }
   }
 
-  private fits(job: QueuedJob, host: HostCandidate): boolean {
-    return matches(job, host) && !this.denied.has(pairKey(job.owner_id, host.id));
-  }
-
-  private available(): HostCandidate[] {
-    return this.free.filter((h) => h.free > 0 && !this.reserved.has(h.id));
+  /** The hosts, free or busy, that fit `job` (its requirements and its owner's access), in name order. */
+  private fittingHosts(job: QueuedJob): HostCandidate[] {
+    const kind = JSON.stringify([
+      job.required_site,
+      job.required_driver,
+      job.required_tags,
+      job.media_types,
+      this.options.grants ? job.owner_id : "",
+    ]);
+    let hosts = this.fitting.get(kind);
+    if (!hosts) {
+      hosts = this.hosts.filter((h) => matches(job, h) && !this.denied.has(pairKey(job.owner_id, h.id)));
+      this.fitting.set(kind, hosts);
+    }
+    return hosts;
   }
 }
 

@@ -52,6 +52,13 @@ import { type BackoffOptions, backoff } from "../../lib/retry.js";
 import { pipeline, withReserved } from "../db/reserved.js";
 
 const CHUNK = 1000;
+/**
+ * Jobs one pass assigns at most; a full pass is followed by the next at
+ * once. Bounds a pass's time (its writing statement grows with its jobs)
+ * when many slots free up together (every host of a lab attaching after a
+ * restart): `npm run bench -- scale`.
+ */
+export const MAX_PLACEMENTS_PER_PASS = 128;
 /** A pass that lost a race runs again at once: 15-30 ms, so replicas that lost together do not collide again. */
 const RACE_RETRY: BackoffOptions = { initialMs: 15, maxMs: 30, jitter: "decorrelated" };
 /** A pass that failed (the database away) backs off from 30-90 ms up to 2 s (decorrelated by 3: each delay grows from the last). */
@@ -61,6 +68,8 @@ export interface PassResult {
   assigned: number;
   /** Something was skipped because another transaction held it: run again soon. */
   retry: boolean;
+  /** The pass stopped at MAX_PLACEMENTS_PER_PASS: run again at once. */
+  more?: boolean;
 }
 
 /** Hands StartJob commands to the stream of `hostId` if this replica holds it. */
@@ -141,6 +150,7 @@ export class Scheduler {
           }
           result = { assigned: 0, retry: true };
         }
+        if (result.more) this.dirty = true;
         if (result.retry && !this.stopped && this.retryTimer === undefined) {
           const delay = (this.failures === 0 ? this.raceDelays : this.failureDelays).next().value;
           this.retryTimer = setTimeout(() => {
@@ -174,7 +184,7 @@ export class Scheduler {
         (err) => this.log.warn({ err, hostId }, "cannot build StartJob (the stream's next sync sends it)"),
       );
     }
-    return { assigned: result.assigned, retry: result.retry };
+    return { assigned: result.assigned, retry: result.retry, more: result.more };
   }
 
   private async assign(tx: ReservedSql): Promise<Assigned> {
@@ -187,13 +197,13 @@ export class Scheduler {
     const queue = (size: number, offset: number) => readQueue(tx, size, offset, aging);
     // The first chunk of the queue, sized to the free slots of the last pass
     // (a pass that can place a few jobs reads a few rows, not the whole queue).
-    let size = Math.min(CHUNK, Math.max(32, 4 * this.lastSlots));
+    let size = Math.min(CHUNK, Math.max(32, 4 * Math.min(this.lastSlots, MAX_PLACEMENTS_PER_PASS)));
     // Pipelined: BEGIN, the pass lock, then the reads, in one round trip.
     pipeline(tx`begin`);
     customPlans(tx);
     const [ok, eligible, grants, counts, first, services] = await Promise.all([
       tryPassLock(tx),
-      eligibleHosts(tx),
+      eligibleHosts(tx, "free"),
       hostGrantsExist(tx),
       limit > 0 ? activeJobsPerOwner(tx) : Promise.resolve([]),
       queue(size, 0),
@@ -204,15 +214,18 @@ export class Scheduler {
       maxJobsPerUser: limit,
       running: new Map(counts.map((c) => [c.owner_id, c.n])),
       grants,
+      maxPlacements: MAX_PLACEMENTS_PER_PASS,
+      busyKnown: false,
     });
     this.lastSlots = placement.freeSlots;
     if (placement.exhausted || first.length === 0) return end(false);
 
     for (let offset = 0, chunk = first; ; ) {
+      if (placement.needsBusy(chunk)) placement.addBusy(await eligibleHosts(tx, "busy"));
       const ask = placement.accessToCheck(chunk);
       if (ask.length > 0) placement.learnDenied(await deniedPairs(tx, ask));
       placement.place(chunk);
-      if (chunk.length < size || placement.exhausted) break;
+      if (chunk.length < size || placement.exhausted || placement.full) break;
       offset += size;
       size = CHUNK;
       chunk = await queue(size, offset);
@@ -225,7 +238,7 @@ export class Scheduler {
       return end(false);
     }
     const { assigned, local, tokens } = await this.write(tx, placements, services);
-    return { assigned, retry: assigned < placements.length, local, tokens };
+    return { assigned, retry: assigned < placements.length, more: placement.full, local, tokens };
   }
 
   /**

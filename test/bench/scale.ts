@@ -379,6 +379,12 @@ export async function run(): Promise<void> {
     const [{ floor }] = await sql<{ floor: number }[]>`select pg_total_relation_size('bench_floor')::float8 as floor`;
     report(`PostgreSQL size per job (${JOB_TABLES.join(", ")})`, bytes / jobs, "B", { name: "id + spec", value: floor / jobs });
     report(`  audit_events per job`, audit / jobs, "B", { name: "id + spec", value: floor / jobs });
+  } catch (err) {
+    // What the replicas said (warnings and errors: --log-level warn).
+    for (const [r, replica] of replicas.entries()) {
+      for (const line of replica.process.lines.slice(-20)) process.stderr.write(`replica ${r + 1}: ${line}\n`);
+    }
+    throw err;
   } finally {
     await Promise.all(workers.map((w) => w.ask({ kind: "close" }).catch(() => undefined)));
     for (const w of workers) w.child.kill("SIGKILL");

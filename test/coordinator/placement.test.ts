@@ -207,6 +207,65 @@ describe("placement of queued jobs on hosts", () => {
     expect(hosts.map((h) => h.free)).toEqual([2, 0, 1]);
   });
 
+  it("stops a pass at maxPlacements, and passes in a row place what one unbounded pass places", () => {
+    const hosts = [host("a", { free: 2 }), host("b"), host("c", { tags: { board: "x" } }), host("d", { free: 0 }), host("e"), host("f")];
+    const queue = [
+      job("j1"),
+      job("j2", { required_tags: { board: "x" } }),
+      job("j3", { host_count: 2 }),
+      job("j4", { owner_id: "bob" }),
+      job("j5", { host_count: 6 }), // blocked by d: reserves what it sees
+      job("j6"),
+      job("j7"),
+    ];
+    const byName = (placements: { job: QueuedJob; hosts: HostCandidate[] }[]) =>
+      Object.fromEntries(placements.map((p) => [p.job.id, p.hosts.map((h) => h.name)]));
+    const whole = new PassPlacement(hosts, { maxJobsPerUser: 0, grants: false });
+    whole.place(queue);
+    expect(whole.full).toBe(false);
+
+    // Each bounded pass starts from the hosts and queue the last one committed.
+    let left = hosts.map((h) => ({ ...h }));
+    let waiting = queue;
+    const placed: Record<string, string[]> = {};
+    for (let passes = 1; ; passes++) {
+      const pass = new PassPlacement(left, { maxJobsPerUser: 0, grants: false, maxPlacements: 2 });
+      pass.place(waiting);
+      expect(pass.placements.length).toBeLessThanOrEqual(2);
+      Object.assign(placed, byName(pass.placements));
+      const taken = pass.placements.flatMap((p) => p.hosts.map((h) => h.name));
+      left = left.map((h) => ({ ...h, free: h.free - taken.filter((n) => n === h.name).length }));
+      waiting = waiting.filter((j) => !(j.id in placed));
+      if (!pass.full) {
+        expect(passes).toBe(3);
+        break;
+      }
+    }
+    expect(placed).toEqual(byName(whole.placements));
+    expect(placed).toEqual({ j1: ["a"], j2: ["c"], j3: ["a", "b"], j4: ["e"] });
+  });
+
+  it("given only the free hosts, asks for the busy ones once a job needs several hosts, and decides as if it had all", () => {
+    const all = [host("a"), host("b", { free: 0 }), host("c"), host("d", { free: 0 })];
+    const queue = [[job("j1")], [job("j2", { host_count: 3 }), job("j3")]];
+    const whole = new PassPlacement(all, { maxJobsPerUser: 0, grants: false });
+    const lazy = new PassPlacement(
+      all.filter((h) => h.free > 0),
+      { maxJobsPerUser: 0, grants: false, busyKnown: false },
+    );
+    expect(lazy.needsBusy(queue[0])).toBe(false);
+    for (const chunk of queue) {
+      whole.place(chunk);
+      if (lazy.needsBusy(chunk)) lazy.addBusy(all.filter((h) => h.free === 0));
+      lazy.place(chunk);
+    }
+    expect(lazy.needsBusy(queue[1])).toBe(false);
+    // j2 could fit once b or d frees up: it reserves c, and j3 waits.
+    const names = (p: PassPlacement) => p.placements.map((x) => `${x.job.id}:${x.hosts.map((h) => h.name).join("+")}`);
+    expect(names(lazy)).toEqual(["j1:a"]);
+    expect(names(lazy)).toEqual(names(whole));
+  });
+
   it("matches on tags, site, driver and media types, each alone", () => {
     const h = host("a", { site: "lab", tags: { board: "x" }, media_types: ["rootfs", "qcow2"] });
     expect(matches(job("j"), h)).toBe(true);

@@ -253,15 +253,23 @@ export interface EligibleHost {
   attached_replica: string;
 }
 
-/** The hosts a pass may place jobs on, by name. */
-export function eligibleHosts(tx: Db): Promise<EligibleHost[]> {
+/**
+ * The hosts a pass may place jobs on, by name: those with a free slot
+ * ("free"), or those without ("busy"). A pass reads the free ones, and the
+ * busy ones only when a job asks for several hosts (whether it could fit
+ * once busy hosts free up decides whether it reserves): a lab of 10,000
+ * hosts mostly busy costs a pass its few free hosts, not 10,000 rows.
+ */
+export function eligibleHosts(tx: Db, which: "free" | "busy"): Promise<EligibleHost[]> {
   return tx<EligibleHost[]>`
     select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
-      h.attached_replica,
-      greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+      h.attached_replica, h.free
+    from (
+      select h.*, greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
         - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int as free
-    from hosts h
-    where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+      from hosts h
+      where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining) h
+    where ${which === "free" ? tx`h.free > 0` : tx`h.free = 0`}
     order by h.name`;
 }
 
