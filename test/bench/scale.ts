@@ -52,6 +52,7 @@ import type postgres from "postgres";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { uuidv7 } from "../../coordinator/shared/common.js";
 import { bearerInterceptor } from "../../lib/grpc/transport.js";
+import { metricValues } from "../support/metrics.js";
 import { freePort } from "../support/net.js";
 import { type RunningProcess, startProcess } from "../support/process.js";
 import type { WorkerCommand, WorkerEvent } from "./children/scripted-supervisors.js";
@@ -81,6 +82,8 @@ const SUBMITTED = Math.min(QUEUED, env("TREADMILL_BENCH_SCALE_SUBMITTED", 2000))
 const WORKERS = env("TREADMILL_BENCH_SCALE_WORKERS", 4);
 const IDLE_MS = env("TREADMILL_BENCH_SCALE_IDLE_MS", 20_000);
 const REPLICAS = 2;
+/** How long memory settles after attaching before it is read (the garbage of attaching collected). */
+const SETTLE_MS = 5000;
 const HEARTBEAT_MS = 10_000; // the coordinator's default supervisor-heartbeat-ms
 const JOB_TABLES = ["jobs", "job_hosts", "job_events", "job_secrets", "job_log_parts"];
 
@@ -165,6 +168,9 @@ function histogramQuantile(h: PassHistogram, q: number): number {
 /** The share of passes of `h` that took at most `le` seconds (a bucket bound). */
 const shareWithin = (h: PassHistogram, le: number) => (h.buckets.find(([b]) => b === le)?.[1] ?? NaN) / h.count;
 
+/** A server's V8 heap in use (bytes), from its /metrics. */
+const heapUsed = async (url: string) => (await metricValues(url, ["nodejs_heap_size_used_bytes"])).nodejs_heap_size_used_bytes;
+
 const queued = async (sql: postgres.Sql) => (await sql<{ n: number }[]>`select count(*)::int as n from jobs where state = 'queued'`)[0].n;
 const unfinished = async (sql: postgres.Sql) => (await sql<{ n: number }[]>`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n;
 
@@ -240,9 +246,9 @@ export async function run(): Promise<void> {
     const bare = (count: number): WorkerCommand => ({ kind: "bare", url: echoUrl, count, heartbeatMs: HEARTBEAT_MS });
     const bareHalf = Math.floor(perReplica / 2);
     await attachAll(workers, Array.from({ length: bareHalf }), (part) => bare(part.length));
-    const bareHalfRss = await settledRss(echoPid);
+    const bareHalfRss = await settledRss(echoPid, SETTLE_MS);
     await attachAll(workers, Array.from({ length: perReplica - bareHalf }), (part) => bare(part.length));
-    const bareFullRss = await settledRss(echoPid);
+    const bareFullRss = await settledRss(echoPid, SETTLE_MS);
     const bareCpu0 = await usage(echoPid);
     await sleep(IDLE_MS);
     const bareCpu = ((await usage(echoPid)).cpuMs - bareCpu0.cpuMs) / IDLE_MS;
@@ -268,11 +274,13 @@ export async function run(): Promise<void> {
     let t = performance.now();
     await attachAll(workers, attachments.slice(0, half), (part) => ({ kind: "attach", hosts: part }));
     let attachSeconds = (performance.now() - t) / 1000;
-    const halfRss = await Promise.all(pids.map((pid) => settledRss(pid)));
+    const halfRss = await Promise.all(pids.map((pid) => settledRss(pid, SETTLE_MS)));
+    const halfHeap = await Promise.all(replicas.map((r) => heapUsed(r.url)));
     t = performance.now();
     await attachAll(workers, attachments.slice(half), (part) => ({ kind: "attach", hosts: part }));
     attachSeconds += (performance.now() - t) / 1000;
-    const fullRss = await Promise.all(pids.map((pid) => settledRss(pid)));
+    const fullRss = await Promise.all(pids.map((pid) => settledRss(pid, SETTLE_MS)));
+    const fullHeap = await Promise.all(replicas.map((r) => heapUsed(r.url)));
     const cpu0 = await Promise.all(pids.map(usage));
     await sleep(IDLE_MS);
     const cpu1 = await Promise.all(pids.map(usage));
@@ -282,6 +290,7 @@ export async function run(): Promise<void> {
         name: "node http2 stream",
         value: bareKiB,
       });
+      report(`  of which V8 heap used`, (fullHeap[r] - halfHeap[r]) / n / 1024, "KiB");
       report(`replica ${r + 1}: RSS with ${attachments.filter((a) => a.url === replicas[r].url).length} supervisors`, fullRss[r] / 2 ** 20, "MiB");
       report(`replica ${r + 1}: CPU, supervisors idle`, ((cpu1[r].cpuMs - cpu0[r].cpuMs) / IDLE_MS) * 100, "% of a core", {
         name: "node http2 echo",

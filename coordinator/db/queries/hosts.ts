@@ -258,7 +258,8 @@ export interface EligibleHost {
  * ("free"), or those without ("busy"). A pass reads the free ones, and the
  * busy ones only when a job asks for several hosts (whether it could fit
  * once busy hosts free up decides whether it reserves): a lab of 10,000
- * hosts mostly busy costs a pass its few free hosts, not 10,000 rows.
+ * hosts mostly busy costs a pass its few free hosts, not 10,000 rows. None
+ * while no job is queued (the pass that every attach wakes reads nothing).
  */
 export function eligibleHosts(tx: Db, which: "free" | "busy"): Promise<EligibleHost[]> {
   return tx<EligibleHost[]>`
@@ -268,7 +269,8 @@ export function eligibleHosts(tx: Db, which: "free" | "busy"): Promise<EligibleH
       select h.*, greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
         - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int as free
       from hosts h
-      where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining) h
+      where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+        and exists (select 1 from jobs where state = 'queued')) h
     where ${which === "free" ? tx`h.free > 0` : tx`h.free = 0`}
     order by h.name`;
 }
