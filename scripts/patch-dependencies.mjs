@@ -35,6 +35,29 @@ const FIXES = [
     const x = socket.write(chunk, fn)`,
   },
   {
+    // sql.begin reserves its connection from the hook that sending BEGIN
+    // calls, last in a chain that stops early once the connection's
+    // pipeline is full: a BEGIN that fills it goes out unreserved, its
+    // transaction fails with UNSAFE_TRANSACTION and the connection goes
+    // back to the pool inside it (porsager/postgres#1189, #823; the fix
+    // proposed in #1218). Ten thousand supervisors attaching at once hit it
+    // (npm run bench -- scale). The hook now runs whenever BEGIN is sent.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: porsager/postgres#1189",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
+    original: `      return write(toBuffer(q))
+        && !q.describeFirst
+        && !q.cursorFn
+        && sent.length < max_pipeline
+        && (!q.options.onexecute || q.options.onexecute(connection))`,
+    patched: (mark) => `      const ready = write(toBuffer(q)) // ${mark}
+        && !q.describeFirst
+        && !q.cursorFn
+        && sent.length < max_pipeline
+      return q.options.onexecute ? (q.options.onexecute(connection), false) : ready`,
+  },
+  {
     // Every reflected message built its own field-number map on its first
     // findNumber, so decoding N messages built N maps: a third of `tml`'s
     // start went to decoding the generated file descriptors this way, and
