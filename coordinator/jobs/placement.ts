@@ -120,12 +120,14 @@ export class PassPlacement {
       grants: boolean;
       maxPlacements?: number;
       busyKnown?: boolean;
+      /** Free slots of every eligible host, when `hosts` are not all of them (the rest come by `addFree`). */
+      freeSlots?: number;
     },
   ) {
     this.busyKnown = options.busyKnown ?? true;
     this.hosts = hosts.map((h) => ({ ...h }));
     this.free = this.hosts.filter((h) => h.free > 0);
-    this.freeSlots = this.free.reduce((n, h) => n + h.free, 0);
+    this.freeSlots = options.freeSlots ?? this.free.reduce((n, h) => n + h.free, 0);
     this.open = this.freeSlots;
     this.running = new Map(options.running ?? []);
   }
@@ -136,9 +138,58 @@ export class PassPlacement {
    * that needs them.
    */
   addBusy(hosts: readonly HostCandidate[]): void {
-    for (const h of hosts) this.hosts.push({ ...h, free: 0 });
+    this.add(hosts.map((h) => ({ ...h, free: 0 })));
     this.busyKnown = true;
-    this.fitting.clear();
+  }
+
+  /**
+   * Adds free hosts read for `demands` (a pass handed only `freeSlots` in
+   * the constructor reads the hosts its jobs may take). Hosts already
+   * known are left as they are.
+   */
+  addFree(hosts: readonly HostCandidate[]): void {
+    const added = this.add(hosts);
+    this.free.push(...added.filter((h) => h.free > 0));
+  }
+
+  /** The ids of the hosts known to the pass. */
+  knownHosts(): string[] {
+    return this.hosts.map((h) => h.id);
+  }
+
+  /**
+   * The kinds of job of `chunk` not considered yet, each with one of its
+   * jobs (what a host must have) and the hosts its jobs ask for in all: a
+   * pass that reads free hosts per kind reads at most that many.
+   */
+  demands(chunk: readonly QueuedJob[]): { kind: string; job: QueuedJob; need: number }[] {
+    const byKind = new Map<string, { kind: string; job: QueuedJob; need: number }>();
+    for (const job of chunk) {
+      if (this.seen.has(job.id)) continue;
+      const kind = this.kind(job);
+      const d = byKind.get(kind) ?? { kind, job, need: 0 };
+      d.need += job.host_count;
+      byKind.set(kind, d);
+    }
+    return [...byKind.values()];
+  }
+
+  /** What a host must have for `job` (its requirements, and its owner when grants exist): jobs of one kind fit the same hosts. */
+  kind(job: QueuedJob): string {
+    return JSON.stringify([job.required_site, job.required_driver, job.required_tags, job.media_types, this.options.grants ? job.owner_id : ""]);
+  }
+
+  /** Whether `job` was placed in this pass. */
+  placed(job: QueuedJob): boolean {
+    return this.placements.some((p) => p.job.id === job.id);
+  }
+
+  private add(hosts: readonly HostCandidate[]): HostCandidate[] {
+    const known = new Set(this.hosts.map((h) => h.id));
+    const added = hosts.filter((h) => !known.has(h.id)).map((h) => ({ ...h }));
+    this.hosts.push(...added);
+    if (added.length > 0) this.fitting.clear();
+    return added;
   }
 
   /** Whether `place(chunk)` needs the busy hosts (`addBusy`): a job of it asks for several hosts. */
@@ -210,13 +261,7 @@ export class PassPlacement {
 
   /** The hosts, free or busy, that fit `job` (its requirements and its owner's access), in name order. */
   private fittingHosts(job: QueuedJob): HostCandidate[] {
-    const kind = JSON.stringify([
-      job.required_site,
-      job.required_driver,
-      job.required_tags,
-      job.media_types,
-      this.options.grants ? job.owner_id : "",
-    ]);
+    const kind = this.kind(job);
     let hosts = this.fitting.get(kind);
     if (!hosts) {
       hosts = this.hosts.filter((h) => matches(job, h) && !this.denied.has(pairKey(job.owner_id, h.id)));

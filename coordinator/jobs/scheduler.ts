@@ -44,7 +44,7 @@ import { type StartTokens, mintStartTokens, startJobMessages } from "./commands.
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
 import { PassPlacement, type Placed, type Service, ServicePicker } from "./placement.js";
-import { deniedPairs, eligibleHosts, hostGrantsExist } from "../db/queries/hosts.js";
+import { busyHosts, deniedPairs, freeHostsFor, freeSlotCount, hostGrantsExist } from "../db/queries/hosts.js";
 import { activeJobsPerOwner, assignJobs, customPlans, liveLogServersAndProxies, readQueue, tryPassLock } from "../db/queries/jobs.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { recordWaiting } from "../db/queries/events.js";
@@ -201,30 +201,53 @@ export class Scheduler {
     // Pipelined: BEGIN, the pass lock, then the reads, in one round trip.
     pipeline(tx`begin`);
     customPlans(tx);
-    const [ok, eligible, grants, counts, first, services] = await Promise.all([
+    const [ok, freeSlots, grants, counts, first, services] = await Promise.all([
       tryPassLock(tx),
-      eligibleHosts(tx, "free"),
+      freeSlotCount(tx),
       hostGrantsExist(tx),
       limit > 0 ? activeJobsPerOwner(tx) : Promise.resolve([]),
       queue(size, 0),
       liveLogServersAndProxies(tx),
     ]);
     if (!ok) return end(true);
-    const placement = new PassPlacement(eligible, {
+    this.lastSlots = freeSlots;
+    if (freeSlots === 0 || first.length === 0) return end(false);
+    // The hosts come per chunk, per kind of job: those its jobs may take.
+    const placement = new PassPlacement([], {
       maxJobsPerUser: limit,
       running: new Map(counts.map((c) => [c.owner_id, c.n])),
       grants,
       maxPlacements: MAX_PLACEMENTS_PER_PASS,
       busyKnown: false,
+      freeSlots,
     });
-    this.lastSlots = placement.freeSlots;
-    if (placement.exhausted || first.length === 0) return end(false);
-
+    // A kind whose read stopped at its need may have more free hosts: if one
+    // of its jobs is left unplaced by a pass that placed others (they took
+    // its hosts), the next pass runs at once.
+    let cutShort = false;
     for (let offset = 0, chunk = first; ; ) {
-      if (placement.needsBusy(chunk)) placement.addBusy(await eligibleHosts(tx, "busy"));
-      const ask = placement.accessToCheck(chunk);
-      if (ask.length > 0) placement.learnDenied(await deniedPairs(tx, ask));
-      placement.place(chunk);
+      const demands = placement.demands(chunk);
+      if (demands.length > 0) {
+        const rows = await freeHostsFor(
+          tx,
+          demands.map(({ job, need }) => ({
+            tags: job.required_tags,
+            site: job.required_site,
+            driver: job.required_driver,
+            media: job.media_types,
+            owner: grants ? job.owner_id : null,
+            need,
+          })),
+          placement.knownHosts(),
+        );
+        placement.addFree(rows.map(({ demand: _, ...h }) => h));
+        const full = new Set(demands.filter((d, i) => rows.filter((r) => r.demand === i).length >= d.need).map((d) => d.kind));
+        if (placement.needsBusy(chunk)) placement.addBusy(await busyHosts(tx));
+        const ask = placement.accessToCheck(chunk);
+        if (ask.length > 0) placement.learnDenied(await deniedPairs(tx, ask));
+        placement.place(chunk);
+        cutShort ||= chunk.some((j) => full.has(placement.kind(j)) && !placement.placed(j));
+      }
       if (chunk.length < size || placement.exhausted || placement.full) break;
       offset += size;
       size = CHUNK;
@@ -238,7 +261,7 @@ export class Scheduler {
       return end(false);
     }
     const { assigned, local, tokens } = await this.write(tx, placements, services);
-    return { assigned, retry: assigned < placements.length, more: placement.full, local, tokens };
+    return { assigned, retry: assigned < placements.length, more: placement.full || cutShort, local, tokens };
   }
 
   /**

@@ -253,26 +253,72 @@ export interface EligibleHost {
   attached_replica: string;
 }
 
+/** What holds a host's slots: its capacity (the supervisor's, if smaller) minus the slots it holds (hosts aliased `h`). */
+const freeSlotsOf = (tx: Db) => tx`
+  greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+    - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int`;
+
+/** The condition of a host a pass may place jobs on (hosts aliased `h`). */
+const schedulable = (tx: Db) => tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining`;
+
 /**
- * The hosts a pass may place jobs on, by name: those with a free slot
- * ("free"), or those without ("busy"). A pass reads the free ones, and the
- * busy ones only when a job asks for several hosts (whether it could fit
- * once busy hosts free up decides whether it reserves): a lab of 10,000
- * hosts mostly busy costs a pass its few free hosts, not 10,000 rows. None
- * while no job is queued (the pass that every attach wakes reads nothing).
+ * The hosts a pass may place jobs on that have no free slot, by name. A
+ * pass reads them only once a job asks for several hosts: whether it could
+ * fit once busy hosts free up decides whether it reserves.
  */
-export function eligibleHosts(tx: Db, which: "free" | "busy"): Promise<EligibleHost[]> {
+export function busyHosts(tx: Db): Promise<EligibleHost[]> {
   return tx<EligibleHost[]>`
     select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
-      h.attached_replica, h.free
-    from (
-      select h.*, greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
-        - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int as free
-      from hosts h
-      where h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
-        and exists (select 1 from jobs where state = 'queued')) h
-    where ${which === "free" ? tx`h.free > 0` : tx`h.free = 0`}
+      h.attached_replica, 0 as free
+    from hosts h
+    where ${schedulable(tx)} and ${freeSlotsOf(tx)} = 0
     order by h.name`;
+}
+
+/** The free slots of every host a pass may place jobs on, in one aggregate (no row per host leaves the database). */
+export async function freeSlotCount(tx: Db): Promise<number> {
+  const [{ n }] = await tx<{ n: number }[]>`
+    select coalesce(sum(greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0))), 0)::int as n
+    from hosts h
+      left join (select host_id, count(*) as n from job_hosts where released_at is null group by host_id) u on u.host_id = h.id
+    where ${schedulable(tx)}`;
+  return n;
+}
+
+/** A kind of queued job (what a host must have) and how many hosts the pass wants for it. */
+export interface HostDemand {
+  tags: Record<string, string>;
+  site: string | null;
+  driver: string | null;
+  media: string[];
+  /** The owner whose access the hosts must grant (null: host grants do not exist, every host). */
+  owner: string | null;
+  /** At most this many hosts are read for it. */
+  need: number;
+}
+
+/**
+ * For each demand, its first `need` matching hosts with a free slot in the
+ * placement's order (most free slots, then name), leaving out `known` (the
+ * hosts the pass has read already): a pass reads the hosts its jobs may
+ * take, not every free host (an idle lab of 10,000 hosts costs a dispatch a
+ * few rows). A host may come for several demands: `demand` is its index.
+ */
+export function freeHostsFor(tx: Db, demands: HostDemand[], known: string[]): Promise<(EligibleHost & { demand: number })[]> {
+  return tx<(EligibleHost & { demand: number })[]>`
+    select d.demand, h.*
+    from jsonb_to_recordset(${tx.json(demands.map((d, demand) => ({ ...d, demand })) as never)}::jsonb)
+        as d(tags jsonb, site text, driver text, media text[], owner uuid, need int, demand int),
+      lateral (
+        select h.* from (
+          select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
+            h.attached_replica, ${freeSlotsOf(tx)} as free
+          from hosts h
+          where ${schedulable(tx)} and h.id <> all(${known}::uuid[])
+            and (d.site is null or h.site = d.site) and (d.driver is null or h.driver_kind = d.driver)
+            and h.media_types @> d.media) h
+        where h.free > 0 and h.tags @> d.tags and (d.owner is null or treadmill_user_may_use_host(d.owner, h.id))
+        order by h.free desc, h.name limit d.need) h`;
 }
 
 /** Whether any host grant exists (none: every user may use every host). */
