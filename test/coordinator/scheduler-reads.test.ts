@@ -46,7 +46,11 @@ describe("a scheduling pass's reads of hosts", () => {
   const names = (rows: { id: string; demand: number }[], d: number) =>
     rows.filter((r) => r.demand === d).map((r) => Object.keys(ids).find((n) => ids[n] === r.id));
 
-  it("counts the free slots of the attached, enabled hosts in one aggregate", async () => {
+  it("counts the free slots of the attached, enabled hosts in one aggregate, and none while no job is queued", async () => {
+    expect(await freeSlotCount(db.sql)).toBe(0);
+    const owner = randomUUID();
+    await db.sql`insert into users (id, name, role) values (${owner}, 'reads', 'user')`;
+    await db.sql`insert into jobs (id, owner_id, spec) values (${randomUUID()}, ${owner}, '{}')`;
     expect(await freeSlotCount(db.sql)).toBe(5);
   });
 

@@ -253,11 +253,6 @@ export interface EligibleHost {
   attached_replica: string;
 }
 
-/** What holds a host's slots: its capacity (the supervisor's, if smaller) minus the slots it holds (hosts aliased `h`). */
-const freeSlotsOf = (tx: Db) => tx`
-  greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
-    - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null))::int`;
-
 /** The condition of a host a pass may place jobs on (hosts aliased `h`). */
 const schedulable = (tx: Db) => tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining`;
 
@@ -271,17 +266,24 @@ export function busyHosts(tx: Db): Promise<EligibleHost[]> {
     select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
       h.attached_replica, 0 as free
     from hosts h
-    where ${schedulable(tx)} and ${freeSlotsOf(tx)} = 0
+      left join ${heldSlots(tx)} u on u.host_id = h.id
+    where ${schedulable(tx)} and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0) <= 0
     order by h.name`;
 }
 
-/** The free slots of every host a pass may place jobs on, in one aggregate (no row per host leaves the database). */
+/** The slots held per host, as a relation `u(host_id, n)` to join hosts with (one pass over the held slots, not a lookup per host). */
+const heldSlots = (tx: Db) => tx`(select host_id, count(*)::int as n from job_hosts where released_at is null group by host_id)`;
+
+/**
+ * The free slots of every host a pass may place jobs on, in one aggregate
+ * (no row per host leaves the database); 0 while no job is queued (the pass
+ * every attach wakes reads nothing more).
+ */
 export async function freeSlotCount(tx: Db): Promise<number> {
   const [{ n }] = await tx<{ n: number }[]>`
     select coalesce(sum(greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0))), 0)::int as n
-    from hosts h
-      left join (select host_id, count(*) as n from job_hosts where released_at is null group by host_id) u on u.host_id = h.id
-    where ${schedulable(tx)}`;
+    from hosts h left join ${heldSlots(tx)} u on u.host_id = h.id
+    where ${schedulable(tx)} and exists (select 1 from jobs where state = 'queued')`;
   return n;
 }
 
@@ -306,18 +308,21 @@ export interface HostDemand {
  */
 export function freeHostsFor(tx: Db, demands: HostDemand[], known: string[]): Promise<(EligibleHost & { demand: number })[]> {
   return tx<(EligibleHost & { demand: number })[]>`
+    with u as materialized ${heldSlots(tx)},
+    f as materialized (
+      select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types, h.attached_replica,
+        least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0) as free
+      from hosts h left join u on u.host_id = h.id
+      where ${schedulable(tx)} and h.id <> all(${known}::uuid[])
+        and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0) > 0)
     select d.demand, h.*
     from jsonb_to_recordset(${tx.json(demands.map((d, demand) => ({ ...d, demand })) as never)}::jsonb)
         as d(tags jsonb, site text, driver text, media text[], owner uuid, need int, demand int),
       lateral (
-        select h.* from (
-          select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
-            h.attached_replica, ${freeSlotsOf(tx)} as free
-          from hosts h
-          where ${schedulable(tx)} and h.id <> all(${known}::uuid[])
-            and (d.site is null or h.site = d.site) and (d.driver is null or h.driver_kind = d.driver)
-            and h.media_types @> d.media) h
-        where h.free > 0 and h.tags @> d.tags and (d.owner is null or treadmill_user_may_use_host(d.owner, h.id))
+        select h.* from f h
+        where (d.site is null or h.site = d.site) and (d.driver is null or h.driver_kind = d.driver)
+          and h.media_types @> d.media and h.tags @> d.tags
+          and (d.owner is null or treadmill_user_may_use_host(d.owner, h.id))
         order by h.free desc, h.name limit d.need) h`;
 }
 
