@@ -29,7 +29,13 @@
  *   it. And the final check of each placement (its hosts still qualify and
  *   have the slots, the job is still queued) runs under the rows' locks in
  *   the writing statement: that is concurrency with other transactions, not
- *   a choice. placement.ts's decisions were already made in this process
+ *   a choice. The hosts are read per chunk and per kind of job: the free
+ *   slots of all hosts in one aggregate, then for each kind (tags, site,
+ *   driver, media types, owner when grants exist) its first free hosts in
+ *   the placement's order, as many as its jobs ask for; busy hosts only for
+ *   a job of several hosts. A pass stops at MAX_PLACEMENTS_PER_PASS and the
+ *   next runs at once (`npm run bench -- scale`, docs/scale.md: 10,000
+ *   hosts, 100,000 queued). placement.ts's decisions were already made in this process
  *   before it existed; moving them into a module (and the statements into
  *   db/queries) cost no throughput: `npm run bench -- coordinator`, 5,000
  *   jobs on 200 hosts, runs alternated on a loaded 2-core machine, 279 and
