@@ -133,9 +133,9 @@ export class PassPlacement {
   }
 
   /**
-   * Adds hosts without a free slot (the scheduler reads them only once a
-   * job asks for several hosts: `needsBusy`). Before the first `place`
-   * that needs them.
+   * Adds the hosts not read yet as hosts without a free slot (the scheduler
+   * reads every host only once a job asks for several: `needsBusy`; those it
+   * knows keep their free slots). Before the first `place` that needs them.
    */
   addBusy(hosts: readonly HostCandidate[]): void {
     this.add(hosts.map((h) => ({ ...h, free: 0 })));

@@ -50,7 +50,7 @@ import { type StartTokens, mintStartTokens, startJobMessages } from "./commands.
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
 import { PassPlacement, type Placed, type Service, ServicePicker } from "./placement.js";
-import { busyHosts, deniedPairs, freeHostsFor, freeSlotCount, hostGrantsExist } from "../db/queries/hosts.js";
+import { deniedPairs, freeHostsFor, freeSlotCount, hostGrantsExist, schedulableHosts } from "../db/queries/hosts.js";
 import { activeJobsPerOwner, assignJobs, customPlans, liveLogServersAndProxies, readQueue, tryPassLock } from "../db/queries/jobs.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { recordWaiting } from "../db/queries/events.js";
@@ -248,7 +248,7 @@ export class Scheduler {
         );
         placement.addFree(rows.map(({ demand: _, ...h }) => h));
         const full = new Set(demands.filter((d, i) => rows.filter((r) => r.demand === i).length >= d.need).map((d) => d.kind));
-        if (placement.needsBusy(chunk)) placement.addBusy(await busyHosts(tx));
+        if (placement.needsBusy(chunk)) placement.addBusy(await schedulableHosts(tx));
         const ask = placement.accessToCheck(chunk);
         if (ask.length > 0) placement.learnDenied(await deniedPairs(tx, ask));
         placement.place(chunk);

@@ -257,17 +257,19 @@ export interface EligibleHost {
 const schedulable = (tx: Db) => tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining`;
 
 /**
- * The hosts a pass may place jobs on that have no free slot, by name. A
- * pass reads them only once a job asks for several hosts: whether it could
- * fit once busy hosts free up decides whether it reserves.
+ * Every host a pass may place jobs on, by name, their free slots left out (0).
+ * A pass reads them only once a job asks for several hosts: whether it could
+ * fit once busy hosts free up decides whether it reserves. All of them, not
+ * only the busy ones: a host that frees up between the pass's read of free
+ * hosts and this one would otherwise be in neither, and a job that could
+ * fit would look as if it never could.
  */
-export function busyHosts(tx: Db): Promise<EligibleHost[]> {
+export function schedulableHosts(tx: Db): Promise<EligibleHost[]> {
   return tx<EligibleHost[]>`
     select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
       h.attached_replica, 0 as free
     from hosts h
-      left join ${heldSlots(tx)} u on u.host_id = h.id
-    where ${schedulable(tx)} and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0) <= 0
+    where ${schedulable(tx)}
     order by h.name`;
 }
 
@@ -307,22 +309,33 @@ export interface HostDemand {
  * few rows). A host may come for several demands: `demand` is its index.
  */
 export function freeHostsFor(tx: Db, demands: HostDemand[], known: string[]): Promise<(EligibleHost & { demand: number })[]> {
+  const columns = tx`
+    h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types, h.attached_replica,
+    least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+      - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null)::int as free`;
+  const fits = tx`
+    ${schedulable(tx)} and h.id <> all(${known}::uuid[])
+    and (d.site is null or h.site = d.site) and (d.driver is null or h.driver_kind = d.driver)
+    and h.media_types @> d.media and treadmill_host_match_tags(h.tags, h.site) @> d.tags
+    and (d.owner is null or treadmill_user_may_use_host(d.owner, h.id))`;
+  // Hosts of one slot (boards: most of a lab) come in name order through
+  // the index of schedulable hosts, stopping at `need`: the first `need` of
+  // them by name are all the placement's order can want of them. Hosts of
+  // several slots are read whole (their free slots come first).
   return tx<(EligibleHost & { demand: number })[]>`
-    with u as materialized ${heldSlots(tx)},
-    f as materialized (
-      select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types, h.attached_replica,
-        least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0) as free
-      from hosts h left join u on u.host_id = h.id
-      where ${schedulable(tx)} and h.id <> all(${known}::uuid[])
-        and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0) > 0)
     select d.demand, h.*
     from jsonb_to_recordset(${tx.json(demands.map((d, demand) => ({ ...d, demand })) as never)}::jsonb)
         as d(tags jsonb, site text, driver text, media text[], owner uuid, need int, demand int),
       lateral (
-        select h.* from f h
-        where (d.site is null or h.site = d.site) and (d.driver is null or h.driver_kind = d.driver)
-          and h.media_types @> d.media and h.tags @> d.tags
-          and (d.owner is null or treadmill_user_may_use_host(d.owner, h.id))
+        select * from (
+          (select ${columns} from hosts h
+           where ${fits} and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) > 1)
+          union all
+          (select * from (select ${columns} from hosts h
+             where ${fits} and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) = 1
+             order by h.name) one
+           where one.free > 0 limit d.need)) h
+        where h.free > 0
         order by h.free desc, h.name limit d.need) h`;
 }
 
