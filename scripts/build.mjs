@@ -36,8 +36,8 @@ export const ENTRIES = {
   postgres: "scripts/postgres.ts",
 };
 
-/** What else a build depends on: a change to either makes every bundle stale. */
-const BUILD_INPUTS = ["scripts/build.mjs", "package-lock.json"];
+/** What else a build depends on: a change to any makes every bundle stale (the patches are bundled with postgres). */
+const BUILD_INPUTS = ["scripts/build.mjs", "package-lock.json", "scripts/patch-dependencies.mjs"];
 
 const rootUrl = pathToFileURL(`${root}/`);
 if (!process.argv.includes("--force") && Object.keys(ENTRIES).every((name) => isFresh(rootUrl, name))) {
