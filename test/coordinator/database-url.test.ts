@@ -1,11 +1,17 @@
 /**
  * DATABASE_URL with a standby (issue #20 item 4): the coordinator takes a
  * URL naming several hosts, as the `postgres` driver and libpq do, and
- * refuses a bad one at start with a message that does not quote it.
+ * refuses a bad one at start with a message that does not quote it; the
+ * driver (as scripts/patch-dependencies.mjs leaves it) tries each host once
+ * per connection, as libpq does, so that a query fails while no host will
+ * do instead of waiting for one.
  */
 import { describe, expect, it } from "@jest/globals";
+import postgres from "postgres";
 import { ConfigError } from "../../lib/config.js";
 import { loadCoordinatorConfig } from "../../coordinator/config.js";
+import { isDatabaseUnavailable } from "../../coordinator/db/errors.js";
+import { freePort } from "../support/net.js";
 
 const load = (url: string) => loadCoordinatorConfig({ env: { DATABASE_URL: url }, argv: [] });
 
@@ -35,6 +41,28 @@ describe("the coordinator's DATABASE_URL", () => {
       expect((caught as Error).message).toMatch(/^database-url \(DATABASE_URL\): the value /);
       expect((caught as Error).message).toMatch(message);
       expect((caught as Error).message).not.toContain("s3cret");
+    }
+  });
+
+  it("fails a query at once, as a database outage, when no host of the url answers", async () => {
+    const sql = postgres(`postgres://u:p@127.0.0.1:${await freePort()},127.0.0.1:${await freePort()}/x?target_session_attrs=read-write`, {
+      max: 1,
+      connect_timeout: 30,
+      onnotice: () => undefined,
+    });
+    try {
+      let timer: NodeJS.Timeout | undefined;
+      const outcome = await Promise.race([
+        sql`select 1`.then(
+          () => "answered",
+          (err: unknown) => err,
+        ),
+        new Promise((resolve) => (timer = setTimeout(() => resolve("still waiting after 5 s"), 5000))),
+      ]);
+      clearTimeout(timer);
+      expect(isDatabaseUnavailable(outcome)).toBe(true);
+    } finally {
+      await sql.end({ timeout: 0 });
     }
   });
 });

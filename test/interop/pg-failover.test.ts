@@ -11,7 +11,7 @@
  * replicas serve writes again within 10 s of the promotion.
  */
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { writeFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import postgres from "postgres";
 import { createClient } from "@connectrpc/connect";
@@ -44,6 +44,7 @@ describe("the coordinators across a PostgreSQL failover", () => {
   let submitted: Acknowledged[] = [];
   const failures = new Map<string, number>();
   let killedAt = 0;
+  let coordinatorsOnStandby = -1;
   let promotedAt = 0;
   let promoteMs = 0;
   /** Per replica: ms from the end of the promotion to its first acknowledged SubmitJob. */
@@ -100,6 +101,15 @@ describe("the coordinators across a PostgreSQL failover", () => {
     killedAt = Date.now();
     await waitUntil(async () => ((await Promise.all(ha.urls.map((u) => serving(u)))).every((s) => !s) ? true : undefined), "both replicas NOT_SERVING", 10_000);
     await new Promise((resolve) => setTimeout(resolve, OUTAGE_MS)); // the outage the operator takes to notice: not a wait for an event
+    // target_session_attrs=read-write kept the coordinators off the standby while it was one.
+    const password = (await readFile(join(ha.dir, "treadmill.password"), "utf8")).trim();
+    const standby = postgres(`postgres://treadmill:${password}@127.0.0.1:${ha.vars.STANDBY_PORT}/treadmill`, { max: 1, onnotice: () => undefined });
+    try {
+      const [{ n }] = await standby<{ n: number }[]>`select count(*)::int as n from pg_stat_activity where application_name like 'treadmill-coordinator%'`;
+      coordinatorsOnStandby = n;
+    } finally {
+      await standby.end({ timeout: 1 });
+    }
     const started = performance.now();
     const promoted = await ha.run("promote");
     promoteMs = performance.now() - started;
@@ -124,6 +134,10 @@ describe("the coordinators across a PostgreSQL failover", () => {
   it("serves writes on both replicas again within 10 s of the promotion", () => {
     expect(writesBackMs).toHaveLength(2);
     for (const ms of writesBackMs) expect(ms).toBeLessThanOrEqual(10_000);
+  });
+
+  it("keeps the coordinators off the standby until it is promoted", () => {
+    expect(coordinatorsOnStandby).toBe(0);
   });
 
   it("answers the calls made during the outage with UNAVAILABLE only, never INTERNAL", () => {
