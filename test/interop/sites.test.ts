@@ -1,0 +1,209 @@
+/**
+ * Sites as network namespaces, end to end (issue #20 item 3): the launcher
+ * of docs/sites-netns.md (`npm run site -- --sites 2`) and the doc's blocks
+ * run as they are written, at each of the two sites: a job through the
+ * site's cache, supervisor and log server, the image fetched once per site,
+ * a console through the site's proxy, the log read from the site's log
+ * server, and what reaches what; then the launcher's teardown on SIGTERM.
+ */
+import { spawn, execFileSync, type ChildProcess } from "node:child_process";
+import { mkdtemp, readdir, readFile, rm, symlink } from "node:fs/promises";
+import { readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
+import type { SitesInfo } from "../../testbed/sites/launcher.js";
+import { docBlock, docBlocks, runBash, type DocBlock } from "../support/doc-blocks.js";
+import { waitUntil } from "../support/wait.js";
+
+const REPO = fileURLToPath(new URL("../..", import.meta.url));
+const DOC = join(REPO, "docs", "sites-netns.md");
+
+let blocks: DocBlock[];
+let dir: string;
+let bins: string;
+let launcher: ChildProcess;
+let launcherExited: Promise<void>;
+let output = "";
+let info: SitesInfo;
+let stale: string;
+
+const block = (kind: string, name: string) => docBlock(blocks, DOC, kind, name).text;
+
+/** A `step=` or `example=` block of the doc as a script at `site`, after the run's variables (the doc's `vars` and `step=env`). */
+function script(name: string): string {
+  const kind = name === "image" ? "step" : "example";
+  return `set -euo pipefail\n${block("vars", "vars")}\n${block("step", "env")}\n${block(kind, name)}`;
+}
+
+/** The environment of a block run at `site`: the doc's variables, tml on PATH, `extra` (JOB). */
+function envAt(site: string, extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  return { ...process.env, PATH: `${bins}:${process.env.PATH ?? ""}`, TREADMILL: REPO, DIR: dir, SITE: site, NO_COLOR: "1", ...extra };
+}
+
+/** Runs a block at `site` to its end. */
+function run(name: string, site: string, extra: Record<string, string> = {}) {
+  return runBash(script(name), { cwd: dir, env: envAt(site, extra) });
+}
+
+/** Processes whose command line names the run's directory: the launcher's, wherever they run. */
+function processesOfRun(): number[] {
+  const pids: number[] = [];
+  for (const entry of execFileSync("ls", ["/proc"], { encoding: "utf8" }).split("\n")) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    try {
+      if (readFileSync(`/proc/${entry}/cmdline`, "utf8").includes(dir)) pids.push(Number(entry));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return pids;
+}
+
+beforeAll(async () => {
+  blocks = (await docBlocks(DOC)).filter((b) => b.lang === "sh");
+  dir = await mkdtemp(join(tmpdir(), "treadmill-sites-test-"));
+  bins = await mkdtemp(join(tmpdir(), "treadmill-sites-bin-"));
+  await symlink(join(REPO, "bin", "tml.js"), join(bins, "tml"));
+  // A namespace left by a launcher that is gone (none recorded it): the launcher removes it at its start.
+  stale = `tm-${Math.floor(Math.random() * 0xffffff).toString(16).padStart(6, "0")}-centre`;
+  execFileSync("ip", ["netns", "add", stale]);
+  const script = `set -euo pipefail\n${block("vars", "vars")}\n${block("process", "sites")}`;
+  launcher = spawn("bash", ["-c", script], { cwd: REPO, env: { ...process.env, TREADMILL: REPO, DIR: dir }, stdio: ["ignore", "pipe", "pipe"] });
+  launcherExited = new Promise((resolve) => launcher.once("exit", () => resolve()));
+  const up = new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the launcher was not up within 240 s:\n${output}`)), 240_000);
+    const onData = (b: Buffer) => {
+      output += b.toString();
+      if (output.includes("Treadmill sites are up")) {
+        clearTimeout(timer);
+        resolve();
+      }
+    };
+    launcher.stdout!.on("data", onData);
+    launcher.stderr!.on("data", onData);
+    void launcherExited.then(() => {
+      clearTimeout(timer);
+      reject(new Error(`the launcher exited before it was up:\n${output}`));
+    });
+  });
+  await up;
+  info = JSON.parse(await readFile(join(dir, "sites.json"), "utf8")) as SitesInfo;
+  const image = await run("image", "site-1");
+  if (image.code !== 0) throw new Error(`pushing the image failed: ${image.stderr}`);
+}, 300_000);
+
+afterAll(async () => {
+  if (launcher && launcher.exitCode === null && launcher.signalCode === null) {
+    process.kill(info?.pid ?? launcher.pid!, "SIGTERM");
+    await launcherExited;
+  }
+  try {
+    execFileSync("ip", ["netns", "del", stale], { stdio: "ignore" });
+  } catch {
+    // removed by the launcher, as it should be
+  }
+  await rm(dir, { recursive: true, force: true });
+  await rm(bins, { recursive: true, force: true });
+}, 120_000);
+
+describe("sites in network namespaces (docs/sites-netns.md)", () => {
+  it("starts a centre with two coordinators and two sites, each a namespace of its own, after removing a stale run's namespace", () => {
+    expect(info.coordinatorUrls).toHaveLength(2);
+    expect(info.sites.map((s) => s.name)).toEqual(["site-1", "site-2"]);
+    const namespaces = execFileSync("ip", ["netns", "list"], { encoding: "utf8" });
+    for (const ns of [info.router, info.centre.ns, ...info.sites.map((s) => s.ns)]) expect(namespaces).toContain(ns);
+    expect(namespaces).not.toContain(stale);
+    expect(output).toContain(`export TML_CONFIG=${info.tmlConfig}`);
+  });
+
+  it("runs two jobs at each site, and each site's cache fetched the image from the store exactly once", async () => {
+    for (const site of info.sites) {
+      for (let i = 0; i < 2; i++) {
+        const job = await run("job", site.name);
+        expect(job.stderr).toMatch(/--> job \S+ succeeded \(exit code 0\)/);
+        expect(job.stderr).toContain(`--> on host ${site.processHost}`);
+        expect(job.stdout).toContain(`hello from ${site.name}`);
+        expect(job.code).toBe(0);
+      }
+    }
+    const count = (text: string, procedure: string) => Number(new RegExp(`${procedure}",code="OK"[^}]*} (\\d+)`).exec(text)?.[1] ?? 0);
+    let downloads = -1;
+    for (const site of info.sites) {
+      const fetches = await run("fetches", site.name);
+      expect(fetches.code).toBe(0);
+      // Two jobs of the site asked its cache; the store saw one download per site (one layer), so each cache fetched once.
+      expect(count(fetches.stdout, "ImageCacheService/Fetch")).toBe(2);
+      downloads = count(fetches.stdout, "ImageStoreService/GetBlob");
+    }
+    expect(downloads).toBe(info.sites.length);
+  }, 180_000);
+
+  it("opens each job's console through its site's proxy, and reads its log from its site's log server", async () => {
+    for (const site of info.sites) {
+      const submitted = await run("console-job", site.name);
+      expect(submitted.code).toBe(0);
+      const job = submitted.stdout.trim();
+      await waitUntil(
+        async () => (await run("job-state", site.name, { JOB: job })).stdout.includes("JOB_STATE_RUNNING"),
+        `job ${job} running`,
+        60_000,
+      ).catch(async (err: unknown) => {
+        throw new Error(`${String(err)}: ${(await run("job-state", site.name, { JOB: job })).stdout}`);
+      });
+      // The doc's `tml console "$JOB"`, typed into: a line goes in, the job's answer comes back.
+      const console = spawn("bash", ["-c", script("console")], { cwd: dir, env: envAt(site.name, { JOB: job }), stdio: ["pipe", "pipe", "pipe"] });
+      let screen = "";
+      console.stderr!.on("data", (d: Buffer) => (screen += d.toString()));
+      const exited = new Promise<number | null>((resolve) => console.once("exit", (code) => resolve(code)));
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`no answer on the console of ${job}:\n${screen}`)), 30_000);
+        console.stdout!.on("data", (d: Buffer) => {
+          screen += d.toString();
+          if (screen.includes(`echoed: ping from ${site.name}`)) {
+            clearTimeout(timer);
+            resolve();
+          }
+        });
+        console.stdin!.write(`ping from ${site.name}\n`);
+      });
+      console.stdin!.end();
+      expect(await exited).toBe(0);
+
+      const logs = await run("logs", site.name, { JOB: job });
+      expect(logs.code).toBe(0);
+      // The job's log servers (the doc's jq line): its site's, and no other.
+      expect(logs.stdout.split("\n").filter((line) => line.startsWith("https://"))).toEqual([site.logServerUrl]);
+      expect(logs.stdout).toContain(`echoed: ping from ${site.name}`);
+    }
+  }, 180_000);
+
+  it("lets the user reach a site's proxy and log server but not its hosts, the centre reach no site, and a site reach the centre", async () => {
+    for (const site of info.sites) {
+      const reach = await run("isolation", site.name);
+      expect(reach.code).toBe(0);
+      expect(reach.stdout.trim().split("\n")).toEqual([
+        "user to the site's proxy: reachable",
+        "user to the site's log server: reachable",
+        "user to the site's hosts: unreachable",
+        "the site to its hosts: reachable",
+        "the centre to the site: unreachable",
+        "the site to the centre: reachable",
+      ]);
+    }
+  }, 120_000);
+
+  it("stops every process on SIGTERM and removes its namespaces, veths, routes and rules", async () => {
+    expect(processesOfRun().length).toBeGreaterThan(10);
+    process.kill(info.pid, "SIGTERM");
+    await launcherExited;
+    expect(launcher.exitCode).toBe(0);
+    const namespaces = execFileSync("ip", ["netns", "list"], { encoding: "utf8" });
+    expect(namespaces).not.toContain(`tm-${info.runId}-`);
+    expect(execFileSync("ip", ["link"], { encoding: "utf8" })).not.toContain(`tm${info.runId}`);
+    expect(execFileSync("ip", ["-4", "route"], { encoding: "utf8" })).not.toContain(info.subnet);
+    expect(processesOfRun()).toEqual([]);
+    expect(await readdir("/run/treadmill/sites")).not.toContain(info.runId);
+  }, 120_000);
+});

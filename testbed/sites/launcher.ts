@@ -1,0 +1,458 @@
+/**
+ * `npm run site`: the components of docs/site.md spread across network
+ * namespaces (docs/sites-netns.md), every one its own process (the compiled
+ * bins, as an operator runs them): a central namespace with PostgreSQL
+ * (scripts/postgres.js), two coordinator replicas and an image store; a
+ * namespace per site with its image cache, log server, proxy, a process
+ * host's supervisor and a simulated board with its supervisor. The user is
+ * the root namespace, where tml runs. Every server speaks TLS with a
+ * certificate of the run's CA, which every process trusts through
+ * NODE_EXTRA_CA_CERTS and tml through its context (`tml login --ca-file`).
+ *
+ * It composes nothing in-process: it makes the network (network.ts), the
+ * certificates (pki.ts), then spawns each bin inside its namespace and waits
+ * for the line that says it is ready. Each process's output goes to
+ * `<dir>/logs/<name>.log`. stop() stops the processes (supervisors first,
+ * PostgreSQL last), then removes the network; an `exit` hook removes the
+ * network at once if the launcher ends any other way, and each process gets
+ * SIGTERM if the launcher dies (setpriv --pdeathsig).
+ */
+import { spawn, execFile, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { createWriteStream, existsSync, readFileSync } from "node:fs";
+import { chmod, mkdir, readdir, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import type { Logger } from "../../lib/logger.js";
+import { packagePath } from "../../lib/package.js";
+import {
+  chooseSubnet,
+  cleanStaleRuns,
+  createNetwork,
+  destroyRunSync,
+  newRunId,
+  planNetwork,
+  recordRun,
+  type NetworkPlan,
+  type PublicPorts,
+} from "./network.js";
+import { createPki, type Pki } from "./pki.js";
+
+const exec = promisify(execFile);
+
+/** Ports inside each namespace: every namespace has its own, so they are fixed. */
+export const PORTS = {
+  postgres: 5432,
+  coordinator: 7700,
+  store: 7701,
+  cache: 7702,
+  logs: 7703,
+  proxy: 7704,
+  /** The proxy's plain TCP entrances (`tml port-forward --tcp`). */
+  proxyTcp: [7720, 7739] as [number, number],
+} as const;
+
+/** The ports of a site the user reaches. */
+const PUBLIC: PublicPorts = { ports: [PORTS.proxy, PORTS.logs], range: PORTS.proxyTcp };
+
+export interface SitesOptions {
+  sites: number;
+  coordinators: number;
+  /** The run's directory; made (it must be empty or absent). */
+  dir: string;
+  /** Remove `dir` at stop. */
+  removeDir: boolean;
+  runId?: string;
+  /** The /24's first three octets; default a free one of 198.18.0.0/15. */
+  subnet?: string;
+  logger: Logger;
+}
+
+export interface SiteInfo {
+  name: string;
+  ns: string;
+  address: string;
+  proxyUrl: string;
+  logServerUrl: string;
+  cacheUrl: string;
+  proxyTcpPorts: string;
+  processHost: string;
+  boardHost: string;
+}
+
+/** What a run started and how to reach it: written to `<dir>/sites.json`. */
+export interface SitesInfo {
+  runId: string;
+  pid: number;
+  dir: string;
+  subnet: string;
+  router: string;
+  caFile: string;
+  tmlConfig: string;
+  adminPasswordFile: string;
+  coordinatorUrls: string[];
+  storeUrl: string;
+  centre: { ns: string; address: string };
+  sites: SiteInfo[];
+  logs: string;
+}
+
+export interface Sites {
+  info: SitesInfo;
+  /** Stops every process, removes the network (and the directory when asked). Idempotent. */
+  stop(): Promise<void>;
+}
+
+interface Running {
+  name: string;
+  /** Stopped in descending order: supervisors (3), site servers (2), centre servers (1), PostgreSQL (0). */
+  stage: number;
+  child: ChildProcess;
+  exited: Promise<void>;
+  done: boolean;
+}
+
+/** The simulated board's program: its bundle when built (`npm run site` builds first), else its source through tsx. */
+function simBoardCommand(): string {
+  return existsSync(packagePath("dist", "sim-board.js"))
+    ? `${process.execPath} --enable-source-maps ${packagePath("dist", "sim-board.js")}`
+    : `${process.execPath} --import tsx ${packagePath("supervisor", "sim-board", "sim-board.ts")}`;
+}
+
+const bin = (name: string) => packagePath("bin", `${name}.js`);
+
+/** Starts a run; on failure removes what it made and throws (the logs stay when the directory is kept). */
+export async function startSites(options: SitesOptions): Promise<Sites> {
+  const { logger, dir } = options;
+  if (existsSync(dir) && (await readdir(dir)).length > 0) throw new Error(`directory ${dir} is not empty: give a new one`);
+  await mkdir(dir, { recursive: true });
+  // The embedded PostgreSQL runs as the postgres user and the jobs as slot uids: both enter it.
+  await chmod(dir, 0o755);
+  const logs = join(dir, "logs");
+  await mkdir(logs);
+
+  cleanStaleRuns(logger);
+  const runId = options.runId ?? newRunId();
+  const siteNames = Array.from({ length: options.sites }, (_, i) => `site-${i + 1}`);
+  recordRun(runId);
+  const destroyOnExit = () => destroyRunSync(runId);
+  process.on("exit", destroyOnExit);
+  const plan: NetworkPlan = planNetwork(runId, options.subnet ?? (await chooseSubnet()), siteNames);
+
+  const running: Running[] = [];
+  let stopping: Promise<void> | undefined;
+  const stop = () => {
+    stopping ??= (async () => {
+      for (const stage of [3, 2, 1, 0]) {
+        await Promise.all(
+          running
+            .filter((r) => r.stage === stage && !r.done)
+            .map(async (r) => {
+              r.child.kill("SIGTERM");
+              const timer = setTimeout(() => r.child.kill("SIGKILL"), 15_000);
+              await r.exited;
+              clearTimeout(timer);
+            }),
+        );
+      }
+      destroyRunSync(runId);
+      process.off("exit", destroyOnExit);
+      if (options.removeDir) await exec("rm", ["-rf", dir]);
+      logger.info({ runId }, "sites stopped and removed");
+    })();
+    return stopping;
+  };
+
+  try {
+    await createNetwork(plan, PUBLIC);
+    logger.info({ runId, subnet: plan.subnet }, "network made");
+    const pki: Pki = await createPki(join(dir, "tls"), runId);
+    const baseEnv: NodeJS.ProcessEnv = { ...process.env, NODE_EXTRA_CA_CERTS: pki.caFile, NO_COLOR: "1" };
+    for (const key of Object.keys(baseEnv)) if (key.startsWith("TML_") || key.startsWith("TREADMILL_")) delete baseEnv[key];
+
+    /** Spawns `argv` in namespace `ns` and resolves once its output shows `ready`. */
+    const launch = async (name: string, stage: number, ns: string, argv: string[], ready: string, env: NodeJS.ProcessEnv = {}) => {
+      const out = createWriteStream(join(logs, `${name}.log`), { flags: "a" });
+      const child = spawn("nsenter", [`--net=/run/netns/${ns}`, "--", "setpriv", "--pdeathsig", "TERM", "--", ...argv], {
+        cwd: dir,
+        env: { ...baseEnv, ...env },
+        stdio: ["ignore", "pipe", "pipe"],
+        // Its own process group: a Ctrl-C at the terminal reaches the launcher, which stops the processes in order.
+        detached: true,
+      });
+      const proc: Running = { name, stage, child, done: false, exited: Promise.resolve() };
+      proc.exited = new Promise((resolve) =>
+        child.once("exit", () => {
+          proc.done = true;
+          resolve();
+        }),
+      );
+      running.push(proc);
+      await new Promise<void>((resolve, reject) => {
+        let seen = "";
+        const timer = setTimeout(() => fail(`${name} not ready within 120 s`), 120_000);
+        const onData = (b: Buffer) => {
+          out.write(b);
+          // Only the tail matters: a ready line split across chunks joins here.
+          seen = (seen + b.toString("utf8")).slice(-4096);
+          if (seen.includes(ready)) {
+            clearTimeout(timer);
+            resolve();
+          }
+        };
+        const fail = (why: string) => {
+          clearTimeout(timer);
+          reject(new Error(`${why}; see ${join(logs, `${name}.log`)}`));
+        };
+        child.stdout!.on("data", onData);
+        child.stderr!.on("data", onData);
+        void proc.exited.then(() => fail(`${name} exited while starting`));
+      });
+      logger.info({ name, ns }, "started");
+    };
+
+    const tmlConfig = join(dir, "tml.json");
+    const tml = async (args: string[], input?: string) => {
+      const child = execFile(bin("tml"), args, { env: { ...baseEnv, TML_CONFIG: tmlConfig } });
+      child.stdin!.end(input ?? "");
+      const [stdout] = await new Promise<[string, string]>((resolve, reject) => {
+        let out = "";
+        let err = "";
+        child.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+        child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
+        child.once("close", (code) => (code === 0 ? resolve([out, err]) : reject(new Error(`tml ${args[0]} ${args[1] ?? ""} exited ${code}: ${err}`))));
+      });
+      return stdout;
+    };
+    /** A secret made by tml (`.field` of its JSON), kept in a 0600 file for the record. */
+    const secret = async (file: string, args: string[], field: string) => {
+      const value = (JSON.parse(await tml([...args, "-o", "json"])) as Record<string, string>)[field];
+      await writeFile(join(dir, file), `${value}\n`, { mode: 0o600 });
+      return value;
+    };
+
+    // ---- the centre ----
+    const centre = plan.centre;
+    const centreDir = join(dir, "centre");
+    await mkdir(centreDir);
+    await chmod(centreDir, 0o755);
+    const centreCert = await pki.issue("centre", centre.address);
+    const tls = (cert: { certFile: string; keyFile: string }) => ["--tls-cert-file", cert.certFile, "--tls-key-file", cert.keyFile];
+    const databaseUrlFile = join(dir, "database-url");
+    await launch("postgres", 0, centre.ns, [packagePath("scripts", "postgres.js"), "--data-dir", join(centreDir, "postgres"), "--port", String(PORTS.postgres), "--url-file", databaseUrlFile], "postgres ready");
+    const databaseUrl = readFileSync(databaseUrlFile, "utf8").trim();
+    const adminPasswordFile = join(dir, "admin-password");
+    const adminPassword = randomBytes(18).toString("base64");
+    await writeFile(adminPasswordFile, `${adminPassword}\n`, { mode: 0o600 });
+    const coordinatorUrls: string[] = [];
+    for (let i = 1; i <= options.coordinators; i++) {
+      const port = PORTS.coordinator + 10 * (i - 1);
+      coordinatorUrls.push(`https://${centre.address}:${port}`);
+      // One at a time: the first makes the admin, the next find it.
+      await launch(
+        `coordinator-${i}`,
+        1,
+        centre.ns,
+        [bin("treadmill-coordinator"), "--host", centre.address, "--port", String(port), "--data-dir", join(centreDir, `coordinator-${i}`), ...tls(centreCert)],
+        "coordinator ready",
+        { DATABASE_URL: databaseUrl, TREADMILL_COORDINATOR_ADMIN_PASSWORD: adminPassword },
+      );
+    }
+    // Until clients take a list of coordinators, each site's components use one replica, in turn.
+    const coordinatorFor = (i: number) => coordinatorUrls[i % coordinatorUrls.length];
+    await tml(["login", coordinatorUrls[0], "--ca-file", pki.caFile, "--user", "admin", "--password-stdin"], `${adminPassword}\n`);
+
+    const storeUrl = `https://${centre.address}:${PORTS.store}`;
+    const storeCredential = await secret("image-store.credential", ["token", "create", "--service", "--description", "image store of the centre"], "token");
+    await launch(
+      "image-store",
+      1,
+      centre.ns,
+      [bin("treadmill-image-store"), "--mode", "store", "--host", centre.address, "--port", String(PORTS.store), "--data-dir", join(centreDir, "image-store"),
+        ...tls(centreCert), "--coordinator-url", coordinatorUrls[0], "--public-url", storeUrl],
+      "registered with coordinator",
+      { TREADMILL_IMAGE_STORE_SERVICE_CREDENTIAL: storeCredential },
+    );
+
+    // ---- the sites, side by side ----
+    const boardProgram = simBoardCommand();
+    const startSite = async (site: NetworkPlan["sites"][number], index: number): Promise<SiteInfo> => {
+      const siteDir = join(dir, site.name);
+      await mkdir(siteDir);
+      await chmod(siteDir, 0o755);
+      const cert = await pki.issue(site.name, site.address);
+      const url = (port: number) => `https://${site.address}:${port}`;
+      const coordinatorUrl = coordinatorFor(index);
+      const servers = { "image-cache": PORTS.cache, "log-server": PORTS.logs, proxy: PORTS.proxy };
+      const credentials: Record<string, string> = {};
+      for (const server of Object.keys(servers)) {
+        credentials[server] = await secret(`${site.name}-${server}.credential`, ["token", "create", "--service", "--description", `${server} of ${site.name}`], "token");
+      }
+      const common = (port: number) => ["--site", site.name, "--host", site.address, "--port", String(port), ...tls(cert), "--coordinator-url", coordinatorUrl, "--public-url", url(port)];
+      await Promise.all([
+        launch(
+          `${site.name}-image-cache`,
+          2,
+          site.ns,
+          [bin("treadmill-image-store"), "--mode", "cache", "--data-dir", join(siteDir, "image-cache"), "--shared-path", join(siteDir, "image-cache"), ...common(PORTS.cache)],
+          "registered with coordinator",
+          { TREADMILL_IMAGE_STORE_SERVICE_CREDENTIAL: credentials["image-cache"] },
+        ),
+        launch(
+          `${site.name}-log-server`,
+          2,
+          site.ns,
+          [bin("treadmill-log-server"), "--data-dir", join(siteDir, "log-server"), ...common(PORTS.logs)],
+          "registered with coordinator",
+          { TREADMILL_LOG_SERVER_SERVICE_CREDENTIAL: credentials["log-server"] },
+        ),
+        launch(
+          `${site.name}-proxy`,
+          2,
+          site.ns,
+          [bin("treadmill-proxy"), "--tcp-port-range", `${PORTS.proxyTcp[0]}-${PORTS.proxyTcp[1]}`, ...common(PORTS.proxy)],
+          "registered with coordinator",
+          { TREADMILL_PROXY_SERVICE_CREDENTIAL: credentials.proxy },
+        ),
+      ]);
+
+      const processHost = `${site.name}-sup`;
+      const boardHost = `${site.name}-board`;
+      const processCredential = await secret(`${processHost}.credential`, ["host", "create", processHost, "--driver", "process", "--site", site.name], "credential");
+      const boardCredential = await secret(`${boardHost}.credential`, ["host", "create", boardHost, "--driver", "board", "--tag", "board=sim", "--site", site.name], "credential");
+      const boardDir = join(siteDir, "board");
+      await mkdir(boardDir);
+      const control = (command: string) => `echo ${command} | socat -t 5 - UNIX-CONNECT:${boardDir}/control.sock`;
+      const boardConfig = join(siteDir, "board.json");
+      await writeFile(
+        boardConfig,
+        JSON.stringify({
+          name: boardHost,
+          serial: { device: join(boardDir, "tty"), baud: 115200 },
+          commands: { powerOn: control("on"), powerOff: control("off"), reset: control("reset"), flash: `cp {image} ${boardDir}/firmware.sh` },
+          bootPattern: "boot: starting firmware",
+          bootTimeoutMs: 20000,
+          exitPattern: "TREADMILL_EXIT=(\\d+)",
+        }),
+      );
+      await Promise.all([
+        launch(
+          `${site.name}-supervisor`,
+          3,
+          site.ns,
+          [bin("treadmill-supervisor"), "--name", processHost, "--driver", "process", "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, "supervisor")],
+          "attached to coordinator",
+          { TREADMILL_SUPERVISOR_HOST_CREDENTIAL: processCredential },
+        ),
+        (async () => {
+          await launch(`${site.name}-sim-board`, 3, site.ns, ["socat", `pty,raw,echo=0,link=${boardDir}/tty`, `EXEC:${boardProgram} ${boardDir}`], "sim-board ready");
+          await launch(
+            `${site.name}-board-supervisor`,
+            3,
+            site.ns,
+            [bin("treadmill-supervisor"), "--name", boardHost, "--driver", "board", "--board-config-file", boardConfig, "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, "board-work")],
+            "attached to coordinator",
+            { TREADMILL_SUPERVISOR_HOST_CREDENTIAL: boardCredential },
+          );
+        })(),
+      ]);
+      return {
+        name: site.name,
+        ns: site.ns,
+        address: site.address,
+        proxyUrl: url(PORTS.proxy),
+        logServerUrl: url(PORTS.logs),
+        cacheUrl: url(PORTS.cache),
+        proxyTcpPorts: `${PORTS.proxyTcp[0]}-${PORTS.proxyTcp[1]}`,
+        processHost,
+        boardHost,
+      };
+    };
+    const sites = await Promise.all(plan.sites.map(startSite));
+
+    const info: SitesInfo = {
+      runId,
+      pid: process.pid,
+      dir,
+      subnet: plan.subnet,
+      router: plan.router,
+      caFile: pki.caFile,
+      tmlConfig,
+      adminPasswordFile,
+      coordinatorUrls,
+      storeUrl,
+      centre,
+      sites,
+      logs,
+    };
+    await writeInfo(info);
+    return { info, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+/** `<dir>/sites.json`, and the shell variables of docs/sites-netns.md: `<dir>/env` and `<dir>/<site>.env`. */
+async function writeInfo(info: SitesInfo): Promise<void> {
+  const vars = (pairs: Record<string, string>) =>
+    Object.entries(pairs)
+      .map(([k, v]) => `${k}='${v}'\n`)
+      .join("");
+  await writeFile(join(info.dir, "env"), [
+    `export TML_CONFIG='${info.tmlConfig}'\n`,
+    // Until tml trusts its context's CA for image stores and proxies too.
+    `export NODE_EXTRA_CA_CERTS='${info.caFile}'\n`,
+    vars({
+      RUN_ID: info.runId,
+      CA_FILE: info.caFile,
+      COORDINATOR_URLS: info.coordinatorUrls.join(","),
+      STORE_URL: info.storeUrl,
+      CENTRE_NS: info.centre.ns,
+      CENTRE_ADDRESS: info.centre.address,
+      COORDINATOR_PORT: String(PORTS.coordinator),
+      SITES: info.sites.map((s) => s.name).join(" "),
+    }),
+  ].join(""));
+  for (const site of info.sites) {
+    await writeFile(
+      join(info.dir, `${site.name}.env`),
+      vars({
+        SITE: site.name,
+        SITE_NS: site.ns,
+        SITE_ADDRESS: site.address,
+        PROXY_URL: site.proxyUrl,
+        LOG_SERVER_URL: site.logServerUrl,
+        CACHE_URL: site.cacheUrl,
+        PROXY_PORT: String(PORTS.proxy),
+        LOG_SERVER_PORT: String(PORTS.logs),
+        CACHE_PORT: String(PORTS.cache),
+        PROCESS_HOST: site.processHost,
+        BOARD_HOST: site.boardHost,
+      }),
+    );
+  }
+  await writeFile(join(info.dir, "sites.json"), `${JSON.stringify(info, null, 2)}\n`);
+}
+
+/** What the launcher prints once everything is up. */
+export function sitesBanner(info: SitesInfo): string {
+  const rows = info.sites.map(
+    (s) =>
+      `  ${s.name.padEnd(8)} ${s.ns} ${s.address}: proxy ${s.proxyUrl} (TCP entrances ${s.proxyTcpPorts}), log server ${s.logServerUrl};` +
+      ` unreachable from here: cache ${s.cacheUrl}, hosts ${s.processHost} (process), ${s.boardHost} (simulated board)`,
+  );
+  return [
+    "",
+    `Treadmill sites are up: run ${info.runId}, ${info.subnet}, state in ${info.dir}`,
+    "",
+    `  centre   ${info.centre.ns} ${info.centre.address}: coordinators ${info.coordinatorUrls.join(", ")}, image store ${info.storeUrl}, PostgreSQL on its 127.0.0.1`,
+    ...rows,
+    "",
+    `tml:   export TML_CONFIG=${info.tmlConfig}   (or . ${join(info.dir, "env")})`,
+    `       or: tml login ${info.coordinatorUrls[0]} --ca-file ${info.caFile} --user admin --password-stdin < ${info.adminPasswordFile}`,
+    `Logs:  ${info.logs}/<name>.log`,
+    "Ctrl-C (SIGINT or SIGTERM) stops every process and removes the namespaces.",
+    "",
+  ].join("\n");
+}
