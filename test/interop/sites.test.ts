@@ -4,7 +4,8 @@
  * run as they are written, at each of the two sites: a job through the
  * site's cache, supervisor and log server, the image fetched once per site,
  * a console through the site's proxy, the log read from the site's log
- * server, and what reaches what; then the launcher's teardown on SIGTERM.
+ * server, firmware on the site's simulated board, and what reaches what;
+ * then the launcher's teardown on SIGTERM.
  */
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
 import { mkdtemp, readdir, readFile, rm, symlink } from "node:fs/promises";
@@ -178,6 +179,16 @@ describe("sites in network namespaces (docs/sites-netns.md)", () => {
       expect(logs.stdout).toContain(`echoed: ping from ${site.name}`);
     }
   }, 180_000);
+
+  it("runs firmware on each site's simulated board through the board driver", async () => {
+    for (const site of info.sites) {
+      const blinky = await run("blinky", site.name);
+      expect(blinky.stderr).toMatch(/--> job \S+ succeeded \(exit code 0\)/);
+      expect(blinky.stderr).toContain(`--> on host ${site.boardHost}`);
+      expect(blinky.stdout).toContain("blinky on the board");
+      expect(blinky.code).toBe(0);
+    }
+  }, 120_000);
 
   it("lets the user reach a site's proxy and log server but not its hosts, the centre reach no site, and a site reach the centre", async () => {
     for (const site of info.sites) {
