@@ -8,7 +8,8 @@
  * then the launcher's teardown on SIGTERM.
  */
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
-import { mkdtemp, readdir, readFile, rm, symlink } from "node:fs/promises";
+import { randomBytes } from "node:crypto";
+import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import { readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -28,7 +29,9 @@ let launcher: ChildProcess;
 let launcherExited: Promise<void>;
 let output = "";
 let info: SitesInfo;
-let stale: string;
+let stale: string[];
+let staleId: string;
+let leftExited: Promise<NodeJS.Signals | null>;
 
 const block = (kind: string, name: string) => docBlock(blocks, DOC, kind, name).text;
 
@@ -67,9 +70,16 @@ beforeAll(async () => {
   dir = await mkdtemp(join(tmpdir(), "treadmill-sites-test-"));
   bins = await mkdtemp(join(tmpdir(), "treadmill-sites-bin-"));
   await symlink(join(REPO, "bin", "tml.js"), join(bins, "tml"));
-  // A namespace left by a launcher that is gone (none recorded it): the launcher removes it at its start.
-  stale = `tm-${Math.floor(Math.random() * 0xffffff).toString(16).padStart(6, "0")}-centre`;
-  execFileSync("ip", ["netns", "add", stale]);
+  // What a launcher killed outright leaves: its record (a pid that is gone), a namespace with a
+  // process in it, and the user's veth; and a namespace no record names. The launcher removes all at its start.
+  staleId = randomBytes(3).toString("hex");
+  stale = [`tm-${staleId}-centre`, `tm-${randomBytes(3).toString("hex")}-site-1`];
+  for (const ns of stale) execFileSync("ip", ["netns", "add", ns]);
+  execFileSync("ip", ["link", "add", `tm${staleId}u`, "type", "veth", "peer", "name", `tm${staleId}ur`]);
+  await mkdir(`/run/treadmill/sites/${staleId}`, { recursive: true });
+  await writeFile(`/run/treadmill/sites/${staleId}/owner`, "999999999 0\n");
+  const left = spawn("ip", ["netns", "exec", stale[0], "tail", "-f", "/dev/null"], { stdio: "ignore" });
+  leftExited = new Promise((resolve) => left.once("exit", (_code, signal) => resolve(signal)));
   const script = `set -euo pipefail\n${block("vars", "vars")}\n${block("process", "sites")}`;
   launcher = spawn("bash", ["-c", script], { cwd: REPO, env: { ...process.env, TREADMILL: REPO, DIR: dir }, stdio: ["ignore", "pipe", "pipe"] });
   launcherExited = new Promise((resolve) => launcher.once("exit", () => resolve()));
@@ -100,22 +110,27 @@ afterAll(async () => {
     process.kill(info?.pid ?? launcher.pid!, "SIGTERM");
     await launcherExited;
   }
-  try {
-    execFileSync("ip", ["netns", "del", stale], { stdio: "ignore" });
-  } catch {
-    // removed by the launcher, as it should be
+  for (const ns of stale ?? []) {
+    try {
+      execFileSync("ip", ["netns", "del", ns], { stdio: "ignore" });
+    } catch {
+      // removed by the launcher, as it should be
+    }
   }
   await rm(dir, { recursive: true, force: true });
   await rm(bins, { recursive: true, force: true });
 }, 120_000);
 
 describe("sites in network namespaces (docs/sites-netns.md)", () => {
-  it("starts a centre with two coordinators and two sites, each a namespace of its own, after removing a stale run's namespace", () => {
+  it("starts a centre with two coordinators and two sites, each a namespace of its own, after removing what a dead launcher left", async () => {
     expect(info.coordinatorUrls).toHaveLength(2);
     expect(info.sites.map((s) => s.name)).toEqual(["site-1", "site-2"]);
     const namespaces = execFileSync("ip", ["netns", "list"], { encoding: "utf8" });
     for (const ns of [info.router, info.centre.ns, ...info.sites.map((s) => s.ns)]) expect(namespaces).toContain(ns);
-    expect(namespaces).not.toContain(stale);
+    for (const ns of stale) expect(namespaces).not.toContain(ns);
+    expect(await leftExited).toBe("SIGKILL");
+    expect(execFileSync("ip", ["link"], { encoding: "utf8" })).not.toContain(`tm${staleId}`);
+    expect(await readdir("/run/treadmill/sites")).not.toContain(staleId);
     expect(output).toContain(`export TML_CONFIG=${info.tmlConfig}`);
   });
 

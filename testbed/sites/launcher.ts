@@ -9,20 +9,19 @@
  * certificate of the run's CA, which every process trusts through
  * NODE_EXTRA_CA_CERTS and tml through its context (`tml login --ca-file`).
  *
- * It composes nothing in-process: it makes the network (network.ts), the
- * certificates (pki.ts), then spawns each bin inside its namespace and waits
- * for the line that says it is ready. Each process's output goes to
- * `<dir>/logs/<name>.log`. stop() stops the processes (supervisors first,
+ * It composes nothing in-process: it makes the network (network.ts) and the
+ * certificates (pki.ts), then runs each bin inside its namespace once the
+ * ones it needs are ready (processes.ts), making credentials and hosts with
+ * tml as docs/site.md does. stop() stops the processes (hosts first,
  * PostgreSQL last), then removes the network; an `exit` hook removes the
- * network at once if the launcher ends any other way, and each process gets
- * SIGTERM if the launcher dies (setpriv --pdeathsig).
+ * network at once (killing what is left in it) if the launcher ends any
+ * other way: a second signal, a crash.
  */
-import { spawn, execFile, type ChildProcess } from "node:child_process";
+import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { createWriteStream, existsSync, readFileSync } from "node:fs";
-import { chmod, mkdir, readdir, writeFile } from "node:fs/promises";
+import { existsSync, readFileSync } from "node:fs";
+import { chmod, mkdir, readdir, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { promisify } from "node:util";
 import type { Logger } from "../../lib/logger.js";
 import { packagePath } from "../../lib/package.js";
 import {
@@ -37,8 +36,7 @@ import {
   type PublicPorts,
 } from "./network.js";
 import { createPki, type Pki } from "./pki.js";
-
-const exec = promisify(execFile);
+import { NamespaceProcesses } from "./processes.js";
 
 /** Ports inside each namespace: every namespace has its own, so they are fixed. */
 export const PORTS = {
@@ -51,6 +49,9 @@ export const PORTS = {
   /** The proxy's plain TCP entrances (`tml port-forward --tcp`). */
   proxyTcp: [7720, 7739] as [number, number],
 } as const;
+
+/** Stop order, highest first: hosts, then the site servers they use, then the centre, then its database. */
+const STAGE = { database: 0, centre: 1, site: 2, host: 3 } as const;
 
 /** The ports of a site the user reaches. */
 const PUBLIC: PublicPorts = { ports: [PORTS.proxy, PORTS.logs], range: PORTS.proxyTcp };
@@ -103,15 +104,6 @@ export interface Sites {
   stop(): Promise<void>;
 }
 
-interface Running {
-  name: string;
-  /** Stopped in descending order: supervisors (3), site servers (2), centre servers (1), PostgreSQL (0). */
-  stage: number;
-  child: ChildProcess;
-  exited: Promise<void>;
-  done: boolean;
-}
-
 /** The simulated board's program: its bundle when built (`npm run site` builds first), else its source through tsx. */
 function simBoardCommand(): string {
   return existsSync(packagePath("dist", "sim-board.js"))
@@ -139,25 +131,14 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
   process.on("exit", destroyOnExit);
   const plan: NetworkPlan = planNetwork(runId, options.subnet ?? (await chooseSubnet()), siteNames);
 
-  const running: Running[] = [];
+  let processes: NamespaceProcesses | undefined;
   let stopping: Promise<void> | undefined;
   const stop = () => {
     stopping ??= (async () => {
-      for (const stage of [3, 2, 1, 0]) {
-        await Promise.all(
-          running
-            .filter((r) => r.stage === stage && !r.done)
-            .map(async (r) => {
-              r.child.kill("SIGTERM");
-              const timer = setTimeout(() => r.child.kill("SIGKILL"), 15_000);
-              await r.exited;
-              clearTimeout(timer);
-            }),
-        );
-      }
+      await processes?.stop();
       destroyRunSync(runId);
       process.off("exit", destroyOnExit);
-      if (options.removeDir) await exec("rm", ["-rf", dir]);
+      if (options.removeDir) await rm(dir, { recursive: true, force: true });
       logger.info({ runId }, "sites stopped and removed");
     })();
     return stopping;
@@ -169,47 +150,10 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
     const pki: Pki = await createPki(join(dir, "tls"), runId);
     const baseEnv: NodeJS.ProcessEnv = { ...process.env, NODE_EXTRA_CA_CERTS: pki.caFile, NO_COLOR: "1" };
     for (const key of Object.keys(baseEnv)) if (key.startsWith("TML_") || key.startsWith("TREADMILL_")) delete baseEnv[key];
-
-    /** Spawns `argv` in namespace `ns` and resolves once its output shows `ready`. */
-    const launch = async (name: string, stage: number, ns: string, argv: string[], ready: string, env: NodeJS.ProcessEnv = {}) => {
-      const out = createWriteStream(join(logs, `${name}.log`), { flags: "a" });
-      const child = spawn("nsenter", [`--net=/run/netns/${ns}`, "--", "setpriv", "--pdeathsig", "TERM", "--", ...argv], {
-        cwd: dir,
-        env: { ...baseEnv, ...env },
-        stdio: ["ignore", "pipe", "pipe"],
-        // Its own process group: a Ctrl-C at the terminal reaches the launcher, which stops the processes in order.
-        detached: true,
-      });
-      const proc: Running = { name, stage, child, done: false, exited: Promise.resolve() };
-      proc.exited = new Promise((resolve) =>
-        child.once("exit", () => {
-          proc.done = true;
-          resolve();
-        }),
-      );
-      running.push(proc);
-      await new Promise<void>((resolve, reject) => {
-        let seen = "";
-        const timer = setTimeout(() => fail(`${name} not ready within 120 s`), 120_000);
-        const onData = (b: Buffer) => {
-          out.write(b);
-          // Only the tail matters: a ready line split across chunks joins here.
-          seen = (seen + b.toString("utf8")).slice(-4096);
-          if (seen.includes(ready)) {
-            clearTimeout(timer);
-            resolve();
-          }
-        };
-        const fail = (why: string) => {
-          clearTimeout(timer);
-          reject(new Error(`${why}; see ${join(logs, `${name}.log`)}`));
-        };
-        child.stdout!.on("data", onData);
-        child.stderr!.on("data", onData);
-        void proc.exited.then(() => fail(`${name} exited while starting`));
-      });
-      logger.info({ name, ns }, "started");
-    };
+    const group = new NamespaceProcesses({ cwd: dir, logs, env: baseEnv, logger });
+    processes = group;
+    const launch = (name: string, stage: number, ns: string, argv: string[], ready: string, env: NodeJS.ProcessEnv = {}) =>
+      group.launch({ name, stage, ns, argv, ready, env });
 
     const tmlConfig = join(dir, "tml.json");
     const tml = async (args: string[], input?: string) => {
@@ -239,7 +183,7 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
     const centreCert = await pki.issue("centre", centre.address);
     const tls = (cert: { certFile: string; keyFile: string }) => ["--tls-cert-file", cert.certFile, "--tls-key-file", cert.keyFile];
     const databaseUrlFile = join(dir, "database-url");
-    await launch("postgres", 0, centre.ns, [packagePath("scripts", "postgres.js"), "--data-dir", join(centreDir, "postgres"), "--port", String(PORTS.postgres), "--url-file", databaseUrlFile], "postgres ready");
+    await launch("postgres", STAGE.database, centre.ns, [packagePath("scripts", "postgres.js"), "--data-dir", join(centreDir, "postgres"), "--port", String(PORTS.postgres), "--url-file", databaseUrlFile], "postgres ready");
     const databaseUrl = readFileSync(databaseUrlFile, "utf8").trim();
     const adminPasswordFile = join(dir, "admin-password");
     const adminPassword = randomBytes(18).toString("base64");
@@ -251,7 +195,7 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
       // One at a time: the first makes the admin, the next find it.
       await launch(
         `coordinator-${i}`,
-        1,
+        STAGE.centre,
         centre.ns,
         [bin("treadmill-coordinator"), "--host", centre.address, "--port", String(port), "--data-dir", join(centreDir, `coordinator-${i}`), ...tls(centreCert)],
         "coordinator ready",
@@ -266,7 +210,7 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
     const storeCredential = await secret("image-store.credential", ["token", "create", "--service", "--description", "image store of the centre"], "token");
     await launch(
       "image-store",
-      1,
+      STAGE.centre,
       centre.ns,
       [bin("treadmill-image-store"), "--mode", "store", "--host", centre.address, "--port", String(PORTS.store), "--data-dir", join(centreDir, "image-store"),
         ...tls(centreCert), "--coordinator-url", coordinatorUrls[0], "--public-url", storeUrl],
@@ -292,7 +236,7 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
       await Promise.all([
         launch(
           `${site.name}-image-cache`,
-          2,
+          STAGE.site,
           site.ns,
           [bin("treadmill-image-store"), "--mode", "cache", "--data-dir", join(siteDir, "image-cache"), "--shared-path", join(siteDir, "image-cache"), ...common(PORTS.cache)],
           "registered with coordinator",
@@ -300,7 +244,7 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
         ),
         launch(
           `${site.name}-log-server`,
-          2,
+          STAGE.site,
           site.ns,
           [bin("treadmill-log-server"), "--data-dir", join(siteDir, "log-server"), ...common(PORTS.logs)],
           "registered with coordinator",
@@ -308,7 +252,7 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
         ),
         launch(
           `${site.name}-proxy`,
-          2,
+          STAGE.site,
           site.ns,
           [bin("treadmill-proxy"), "--tcp-port-range", `${PORTS.proxyTcp[0]}-${PORTS.proxyTcp[1]}`, ...common(PORTS.proxy)],
           "registered with coordinator",
@@ -338,17 +282,17 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
       await Promise.all([
         launch(
           `${site.name}-supervisor`,
-          3,
+          STAGE.host,
           site.ns,
           [bin("treadmill-supervisor"), "--name", processHost, "--driver", "process", "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, "supervisor")],
           "attached to coordinator",
           { TREADMILL_SUPERVISOR_HOST_CREDENTIAL: processCredential },
         ),
         (async () => {
-          await launch(`${site.name}-sim-board`, 3, site.ns, ["socat", `pty,raw,echo=0,link=${boardDir}/tty`, `EXEC:${boardProgram} ${boardDir}`], "sim-board ready");
+          await launch(`${site.name}-sim-board`, STAGE.host, site.ns, ["socat", `pty,raw,echo=0,link=${boardDir}/tty`, `EXEC:${boardProgram} ${boardDir}`], "sim-board ready");
           await launch(
             `${site.name}-board-supervisor`,
-            3,
+            STAGE.host,
             site.ns,
             [bin("treadmill-supervisor"), "--name", boardHost, "--driver", "board", "--board-config-file", boardConfig, "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, "board-work")],
             "attached to coordinator",
