@@ -117,19 +117,18 @@ const bin = (name: string) => packagePath("bin", `${name}.js`);
 export async function startSites(options: SitesOptions): Promise<Sites> {
   const { logger, dir } = options;
   if (existsSync(dir) && (await readdir(dir)).length > 0) throw new Error(`directory ${dir} is not empty: give a new one`);
+  cleanStaleRuns(logger);
+  const runId = options.runId ?? newRunId();
+  const siteNames = Array.from({ length: options.sites }, (_, i) => `site-${i + 1}`);
+  const plan: NetworkPlan = planNetwork(runId, await chooseSubnet(options.subnet), siteNames);
   await mkdir(dir, { recursive: true });
   // The embedded PostgreSQL runs as the postgres user and the jobs as slot uids: both enter it.
   await chmod(dir, 0o755);
   const logs = join(dir, "logs");
   await mkdir(logs);
-
-  cleanStaleRuns(logger);
-  const runId = options.runId ?? newRunId();
-  const siteNames = Array.from({ length: options.sites }, (_, i) => `site-${i + 1}`);
   recordRun(runId);
   const destroyOnExit = () => destroyRunSync(runId);
   process.on("exit", destroyOnExit);
-  const plan: NetworkPlan = planNetwork(runId, options.subnet ?? (await chooseSubnet()), siteNames);
 
   let processes: NamespaceProcesses | undefined;
   let stopping: Promise<void> | undefined;

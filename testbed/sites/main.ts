@@ -36,7 +36,8 @@ await runMain({
     let sites: Sites | undefined;
     return {
       async start() {
-        const dir = config.dir === "" ? await mkdtemp(join(tmpdir(), "treadmill-sites-")) : resolve(config.dir);
+        // npm runs scripts in the package's directory; a relative --dir is the caller's (INIT_CWD).
+        const dir = config.dir === "" ? await mkdtemp(join(tmpdir(), "treadmill-sites-")) : resolve(process.env.INIT_CWD ?? process.cwd(), config.dir);
         sites = await startSites({
           sites: config.sites,
           coordinators: config.coordinators,

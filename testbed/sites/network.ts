@@ -103,9 +103,20 @@ async function hostPrefixes(): Promise<string[]> {
   ];
 }
 
-/** A /24 of 198.18.0.0/15 that nothing in the root namespace overlaps, as its first three octets. */
-export async function chooseSubnet(): Promise<string> {
+/**
+ * The run's /24 as its first three octets: `wanted` when nothing in the root
+ * namespace overlaps it, else (when not given) a free one of 198.18.0.0/15.
+ */
+export async function chooseSubnet(wanted?: string): Promise<string> {
   const taken = await hostPrefixes();
+  if (wanted !== undefined) {
+    if (!/^\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(wanted) || wanted.split(".").some((o) => Number(o) > 255)) {
+      throw new Error(`subnet ${wanted} must be the first three octets of a /24, e.g. 198.18.7`);
+    }
+    const clash = taken.find((p) => overlaps(p, `${wanted}.0/24`));
+    if (clash !== undefined) throw new Error(`subnet ${wanted}.0/24 overlaps ${clash} of this machine`);
+    return wanted;
+  }
   for (let attempt = 0; attempt < 100; attempt++) {
     const n = randomInt(0, 512);
     const base = `198.${18 + (n >> 8)}.${n & 255}`;
@@ -157,8 +168,9 @@ function startTime(pid: number): string | undefined {
   }
 }
 
-/** Records this process as the owner of run `runId`, before anything of it exists. */
+/** Records this process as the owner of run `runId`, before anything of it exists; refuses a run id in use. */
 export function recordRun(runId: string): void {
+  if (runAlive(runId)) throw new Error(`run ${runId} is running: give another run id`);
   const dir = join(RECORDS, runId);
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, "owner"), `${process.pid} ${startTime(process.pid)}\n`);
