@@ -10,7 +10,7 @@
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from "node:fs/promises";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -25,9 +25,7 @@ const DOC = join(REPO, "docs", "sites-netns.md");
 let blocks: DocBlock[];
 let dir: string;
 let bins: string;
-let launcher: ChildProcess;
-let launcherExited: Promise<void>;
-let output = "";
+let launcher: Launcher;
 let info: SitesInfo;
 let stale: string[];
 let staleId: string;
@@ -52,17 +50,60 @@ function run(name: string, site: string, extra: Record<string, string> = {}) {
 }
 
 /** Processes whose command line names the run's directory: the launcher's, wherever they run. */
-function processesOfRun(): number[] {
+function processesOfRun(runDir: string): number[] {
   const pids: number[] = [];
   for (const entry of execFileSync("ls", ["/proc"], { encoding: "utf8" }).split("\n")) {
     if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
     try {
-      if (readFileSync(`/proc/${entry}/cmdline`, "utf8").includes(dir)) pids.push(Number(entry));
+      if (readFileSync(`/proc/${entry}/cmdline`, "utf8").includes(runDir)) pids.push(Number(entry));
     } catch {
       // gone meanwhile
     }
   }
   return pids;
+}
+
+/** A launcher run by bash (its output kept), and what it wrote to `<dir>/sites.json` once up. */
+interface Launcher {
+  child: ChildProcess;
+  exited: Promise<number | null>;
+  output: () => string;
+  info: SitesInfo;
+}
+
+/** Runs `script` (a launcher's command line) and resolves once it says it is up. */
+async function launch(script: string, runDir: string): Promise<Launcher> {
+  const child = spawn("bash", ["-c", `set -euo pipefail\n${script}`], { cwd: REPO, env: { ...process.env, TREADMILL: REPO, DIR: runDir }, stdio: ["ignore", "pipe", "pipe"] });
+  const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+  let output = "";
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the launcher was not up within 240 s:\n${output}`)), 240_000);
+    const onData = (b: Buffer) => {
+      output += b.toString();
+      if (output.includes("Treadmill sites are up")) {
+        clearTimeout(timer);
+        resolve();
+      }
+    };
+    child.stdout!.on("data", onData);
+    child.stderr!.on("data", onData);
+    void exited.then(() => {
+      clearTimeout(timer);
+      reject(new Error(`the launcher exited before it was up:\n${output}`));
+    });
+  });
+  const started = JSON.parse(await readFile(join(runDir, "sites.json"), "utf8")) as SitesInfo;
+  return { child, exited, output: () => output, info: started };
+}
+
+/** Whether anything of run `runId` is left: namespaces, veths, its route, its record. */
+function leftOf(runId: string, subnet: string): string[] {
+  const left: string[] = [];
+  if (execFileSync("ip", ["netns", "list"], { encoding: "utf8" }).includes(`tm-${runId}-`)) left.push("namespaces");
+  if (execFileSync("ip", ["link"], { encoding: "utf8" }).includes(`tm${runId}`)) left.push("veths");
+  if (execFileSync("ip", ["-4", "route"], { encoding: "utf8" }).includes(subnet)) left.push("route");
+  if (existsSync(`/run/treadmill/sites/${runId}`)) left.push("record");
+  return left;
 }
 
 beforeAll(async () => {
@@ -80,35 +121,16 @@ beforeAll(async () => {
   await writeFile(`/run/treadmill/sites/${staleId}/owner`, "999999999 0\n");
   const left = spawn("ip", ["netns", "exec", stale[0], "tail", "-f", "/dev/null"], { stdio: "ignore" });
   leftExited = new Promise((resolve) => left.once("exit", (_code, signal) => resolve(signal)));
-  const script = `set -euo pipefail\n${block("vars", "vars")}\n${block("process", "sites")}`;
-  launcher = spawn("bash", ["-c", script], { cwd: REPO, env: { ...process.env, TREADMILL: REPO, DIR: dir }, stdio: ["ignore", "pipe", "pipe"] });
-  launcherExited = new Promise((resolve) => launcher.once("exit", () => resolve()));
-  const up = new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`the launcher was not up within 240 s:\n${output}`)), 240_000);
-    const onData = (b: Buffer) => {
-      output += b.toString();
-      if (output.includes("Treadmill sites are up")) {
-        clearTimeout(timer);
-        resolve();
-      }
-    };
-    launcher.stdout!.on("data", onData);
-    launcher.stderr!.on("data", onData);
-    void launcherExited.then(() => {
-      clearTimeout(timer);
-      reject(new Error(`the launcher exited before it was up:\n${output}`));
-    });
-  });
-  await up;
-  info = JSON.parse(await readFile(join(dir, "sites.json"), "utf8")) as SitesInfo;
+  launcher = await launch(`${block("vars", "vars")}\n${block("process", "sites")}`, dir);
+  info = launcher.info;
   const image = await run("image", "site-1");
   if (image.code !== 0) throw new Error(`pushing the image failed: ${image.stderr}`);
 }, 300_000);
 
 afterAll(async () => {
-  if (launcher && launcher.exitCode === null && launcher.signalCode === null) {
-    process.kill(info?.pid ?? launcher.pid!, "SIGTERM");
-    await launcherExited;
+  if (launcher && launcher.child.exitCode === null && launcher.child.signalCode === null) {
+    process.kill(info.pid, "SIGTERM");
+    await launcher.exited;
   }
   for (const ns of stale ?? []) {
     try {
@@ -131,7 +153,7 @@ describe("sites in network namespaces (docs/sites-netns.md)", () => {
     expect(await leftExited).toBe("SIGKILL");
     expect(execFileSync("ip", ["link"], { encoding: "utf8" })).not.toContain(`tm${staleId}`);
     expect(await readdir("/run/treadmill/sites")).not.toContain(staleId);
-    expect(output).toContain(`export TML_CONFIG=${info.tmlConfig}`);
+    expect(launcher.output()).toContain(`export TML_CONFIG=${info.tmlConfig}`);
   });
 
   it("runs two jobs at each site, and each site's cache fetched the image from the store exactly once", async () => {
@@ -220,16 +242,38 @@ describe("sites in network namespaces (docs/sites-netns.md)", () => {
     }
   }, 120_000);
 
+  it("runs a second launcher beside the first under other names and addresses, and a second signal removes it at once", async () => {
+    const otherDir = await mkdtemp(join(tmpdir(), "treadmill-sites-test-"));
+    try {
+      const other = await launch(`npm run site -- --sites 1 --coordinators 1 --dir "$DIR"`, otherDir);
+      expect(other.info.runId).not.toBe(info.runId);
+      expect(other.info.subnet).not.toBe(info.subnet);
+      const job = await runBash(`tml job run example/sh --site site-1 --param script="echo hello from the other run"`, {
+        cwd: otherDir,
+        env: envAt("site-1", { TML_CONFIG: other.info.tmlConfig, NODE_EXTRA_CA_CERTS: other.info.caFile }),
+      });
+      // The other run has its own coordinator, which has no such image: it answers, and the first run is untouched.
+      expect(job.stderr).toMatch(/image example\/sh/);
+      expect(leftOf(info.runId, info.subnet)).toEqual(["namespaces", "veths", "route", "record"]);
+      // Two signals: the first begins the orderly stop, the second ends the launcher, whose exit hook removes everything at once.
+      // (A signal sent while the same one is pending merges with it: the second waits until the first is taken.)
+      process.kill(other.info.pid, "SIGTERM");
+      await waitUntil(() => other.output().includes('"msg":"stopping"'), "the other launcher stopping", 10_000);
+      process.kill(other.info.pid, "SIGTERM");
+      expect(await other.exited).toBe(130);
+      expect(leftOf(other.info.runId, other.info.subnet)).toEqual([]);
+      expect(processesOfRun(otherDir)).toEqual([]);
+      expect(leftOf(info.runId, info.subnet)).toEqual(["namespaces", "veths", "route", "record"]);
+    } finally {
+      await rm(otherDir, { recursive: true, force: true });
+    }
+  }, 300_000);
+
   it("stops every process on SIGTERM and removes its namespaces, veths, routes and rules", async () => {
-    expect(processesOfRun().length).toBeGreaterThan(10);
+    expect(processesOfRun(dir).length).toBeGreaterThan(10);
     process.kill(info.pid, "SIGTERM");
-    await launcherExited;
-    expect(launcher.exitCode).toBe(0);
-    const namespaces = execFileSync("ip", ["netns", "list"], { encoding: "utf8" });
-    expect(namespaces).not.toContain(`tm-${info.runId}-`);
-    expect(execFileSync("ip", ["link"], { encoding: "utf8" })).not.toContain(`tm${info.runId}`);
-    expect(execFileSync("ip", ["-4", "route"], { encoding: "utf8" })).not.toContain(info.subnet);
-    expect(processesOfRun()).toEqual([]);
-    expect(await readdir("/run/treadmill/sites")).not.toContain(info.runId);
+    expect(await launcher.exited).toBe(0);
+    expect(leftOf(info.runId, info.subnet)).toEqual([]);
+    expect(processesOfRun(dir)).toEqual([]);
   }, 120_000);
 });
