@@ -34,8 +34,9 @@ import {
   recordRun,
   type NetworkPlan,
   type PublicPorts,
+  type SiteNet,
 } from "./network.js";
-import { createPki, type Pki } from "./pki.js";
+import { createPki, type Pki, type ServerCertificate } from "./pki.js";
 import { NamespaceProcesses } from "./processes.js";
 
 /** Ports inside each namespace: every namespace has its own, so they are fixed. */
@@ -113,6 +114,180 @@ function simBoardCommand(): string {
 
 const bin = (name: string) => packagePath("bin", `${name}.js`);
 
+/** What starting the centre and the sites shares: the run's directory, its processes, tml in its context, its CA. */
+interface RunContext {
+  dir: string;
+  pki: Pki;
+  launch(name: string, stage: number, ns: string, argv: string[], ready: string, env?: NodeJS.ProcessEnv): Promise<void>;
+  /** Runs tml (the launcher's context) and resolves with its standard output; rejects on a non-zero exit. */
+  tml(args: string[], input?: string): Promise<string>;
+}
+
+/** A secret made by tml (`.field` of its JSON output), also kept in `<dir>/<file>`, mode 0600. */
+async function secret(run: RunContext, file: string, args: string[], field: string): Promise<string> {
+  const value = (JSON.parse(await run.tml([...args, "-o", "json"])) as Record<string, string>)[field];
+  await writeFile(join(run.dir, file), `${value}\n`, { mode: 0o600 });
+  return value;
+}
+
+/** A directory of the run that the postgres user and the jobs' slot uids may enter. */
+async function openDir(path: string): Promise<string> {
+  await mkdir(path);
+  await chmod(path, 0o755);
+  return path;
+}
+
+const tlsFlags = (cert: ServerCertificate) => ["--tls-cert-file", cert.certFile, "--tls-key-file", cert.keyFile];
+
+/** PostgreSQL, the coordinators (one at a time: the first makes the admin), tml's login, the image store. */
+async function startCentre(run: RunContext, centre: NetworkPlan["centre"], coordinators: number) {
+  const centreDir = await openDir(join(run.dir, "centre"));
+  const cert = await run.pki.issue("centre", centre.address);
+  const databaseUrlFile = join(run.dir, "database-url");
+  await run.launch(
+    "postgres",
+    STAGE.database,
+    centre.ns,
+    [packagePath("scripts", "postgres.js"), "--data-dir", join(centreDir, "postgres"), "--port", String(PORTS.postgres), "--url-file", databaseUrlFile],
+    "postgres ready",
+  );
+  const databaseUrl = readFileSync(databaseUrlFile, "utf8").trim();
+  const adminPasswordFile = join(run.dir, "admin-password");
+  const adminPassword = randomBytes(18).toString("base64");
+  await writeFile(adminPasswordFile, `${adminPassword}\n`, { mode: 0o600 });
+  const coordinatorUrls: string[] = [];
+  for (let i = 1; i <= coordinators; i++) {
+    const port = PORTS.coordinator + 10 * (i - 1);
+    coordinatorUrls.push(`https://${centre.address}:${port}`);
+    await run.launch(
+      `coordinator-${i}`,
+      STAGE.centre,
+      centre.ns,
+      [bin("treadmill-coordinator"), "--host", centre.address, "--port", String(port), "--data-dir", join(centreDir, `coordinator-${i}`), ...tlsFlags(cert)],
+      "coordinator ready",
+      { DATABASE_URL: databaseUrl, TREADMILL_COORDINATOR_ADMIN_PASSWORD: adminPassword },
+    );
+  }
+  await run.tml(["login", coordinatorUrls[0], "--ca-file", run.pki.caFile, "--user", "admin", "--password-stdin"], `${adminPassword}\n`);
+
+  const storeUrl = `https://${centre.address}:${PORTS.store}`;
+  const credential = await secret(run, "image-store.credential", ["token", "create", "--service", "--description", "image store of the centre"], "token");
+  await run.launch(
+    "image-store",
+    STAGE.centre,
+    centre.ns,
+    [bin("treadmill-image-store"), "--mode", "store", "--host", centre.address, "--port", String(PORTS.store), "--data-dir", join(centreDir, "image-store"),
+      ...tlsFlags(cert), "--coordinator-url", coordinatorUrls[0], "--public-url", storeUrl],
+    "registered with coordinator",
+    { TREADMILL_IMAGE_STORE_SERVICE_CREDENTIAL: credential },
+  );
+  return { coordinatorUrls, storeUrl, adminPasswordFile };
+}
+
+/** The simulated board's configuration for the board driver (docs/site.md's), its state in `boardDir`. */
+function boardConfig(name: string, boardDir: string) {
+  const control = (command: string) => `echo ${command} | socat -t 5 - UNIX-CONNECT:${boardDir}/control.sock`;
+  return {
+    name,
+    serial: { device: join(boardDir, "tty"), baud: 115200 },
+    commands: { powerOn: control("on"), powerOff: control("off"), reset: control("reset"), flash: `cp {image} ${boardDir}/firmware.sh` },
+    bootPattern: "boot: starting firmware",
+    bootTimeoutMs: 20000,
+    exitPattern: "TREADMILL_EXIT=(\\d+)",
+  };
+}
+
+/** A site: its cache, log server and proxy side by side, then its two hosts (a process host; a simulated board and its host). */
+async function startSite(run: RunContext, site: SiteNet, coordinatorUrl: string): Promise<SiteInfo> {
+  const siteDir = await openDir(join(run.dir, site.name));
+  const cert = await run.pki.issue(site.name, site.address);
+  const url = (port: number) => `https://${site.address}:${port}`;
+  const credential = (server: string) =>
+    secret(run, `${site.name}-${server}.credential`, ["token", "create", "--service", "--description", `${server} of ${site.name}`], "token");
+  const server = (port: number) => ["--site", site.name, "--host", site.address, "--port", String(port), ...tlsFlags(cert), "--coordinator-url", coordinatorUrl, "--public-url", url(port)];
+  const [cacheCredential, logsCredential, proxyCredential] = [await credential("image-cache"), await credential("log-server"), await credential("proxy")];
+  const cacheDir = join(siteDir, "image-cache");
+  await Promise.all([
+    run.launch(
+      `${site.name}-image-cache`,
+      STAGE.site,
+      site.ns,
+      [bin("treadmill-image-store"), "--mode", "cache", "--data-dir", cacheDir, "--shared-path", cacheDir, ...server(PORTS.cache)],
+      "registered with coordinator",
+      { TREADMILL_IMAGE_STORE_SERVICE_CREDENTIAL: cacheCredential },
+    ),
+    run.launch(
+      `${site.name}-log-server`,
+      STAGE.site,
+      site.ns,
+      [bin("treadmill-log-server"), "--data-dir", join(siteDir, "log-server"), ...server(PORTS.logs)],
+      "registered with coordinator",
+      { TREADMILL_LOG_SERVER_SERVICE_CREDENTIAL: logsCredential },
+    ),
+    run.launch(
+      `${site.name}-proxy`,
+      STAGE.site,
+      site.ns,
+      [bin("treadmill-proxy"), "--tcp-port-range", `${PORTS.proxyTcp[0]}-${PORTS.proxyTcp[1]}`, ...server(PORTS.proxy)],
+      "registered with coordinator",
+      { TREADMILL_PROXY_SERVICE_CREDENTIAL: proxyCredential },
+    ),
+  ]);
+
+  const processHost = `${site.name}-sup`;
+  const boardHost = `${site.name}-board`;
+  const processCredential = await secret(run, `${processHost}.credential`, ["host", "create", processHost, "--driver", "process", "--site", site.name], "credential");
+  const boardCredential = await secret(run, `${boardHost}.credential`, ["host", "create", boardHost, "--driver", "board", "--tag", "board=sim", "--site", site.name], "credential");
+  const boardDir = join(siteDir, "board");
+  await mkdir(boardDir);
+  const boardConfigFile = join(siteDir, "board.json");
+  await writeFile(boardConfigFile, JSON.stringify(boardConfig(boardHost, boardDir)));
+  const supervisor = (name: string, work: string, driver: string[]) => [
+    bin("treadmill-supervisor"), "--name", name, ...driver, "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, work),
+  ];
+  await Promise.all([
+    run.launch(`${site.name}-supervisor`, STAGE.host, site.ns, supervisor(processHost, "supervisor", ["--driver", "process"]), "attached to coordinator", {
+      TREADMILL_SUPERVISOR_HOST_CREDENTIAL: processCredential,
+    }),
+    (async () => {
+      await run.launch(`${site.name}-sim-board`, STAGE.host, site.ns, ["socat", `pty,raw,echo=0,link=${boardDir}/tty`, `EXEC:${simBoardCommand()} ${boardDir}`], "sim-board ready");
+      await run.launch(
+        `${site.name}-board-supervisor`,
+        STAGE.host,
+        site.ns,
+        supervisor(boardHost, "board-work", ["--driver", "board", "--board-config-file", boardConfigFile]),
+        "attached to coordinator",
+        { TREADMILL_SUPERVISOR_HOST_CREDENTIAL: boardCredential },
+      );
+    })(),
+  ]);
+  return {
+    name: site.name,
+    ns: site.ns,
+    address: site.address,
+    proxyUrl: url(PORTS.proxy),
+    logServerUrl: url(PORTS.logs),
+    cacheUrl: url(PORTS.cache),
+    proxyTcpPorts: `${PORTS.proxyTcp[0]}-${PORTS.proxyTcp[1]}`,
+    processHost,
+    boardHost,
+  };
+}
+
+/** Runs tml in the launcher's context (`tmlConfig`) with `env`. */
+function tmlIn(env: NodeJS.ProcessEnv, tmlConfig: string) {
+  return (args: string[], input?: string) =>
+    new Promise<string>((resolve, reject) => {
+      const child = execFile(bin("tml"), args, { env: { ...env, TML_CONFIG: tmlConfig } });
+      child.stdin!.end(input ?? "");
+      let out = "";
+      let err = "";
+      child.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+      child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
+      child.once("close", (code) => (code === 0 ? resolve(out) : reject(new Error(`tml ${args.slice(0, 2).join(" ")} exited ${code}: ${err}`))));
+    });
+}
+
 /** Starts a run; on failure removes what it made and throws (the logs stay when the directory is kept). */
 export async function startSites(options: SitesOptions): Promise<Sites> {
   const { logger, dir } = options;
@@ -146,173 +321,21 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
   try {
     await createNetwork(plan, PUBLIC);
     logger.info({ runId, subnet: plan.subnet }, "network made");
-    const pki: Pki = await createPki(join(dir, "tls"), runId);
-    const baseEnv: NodeJS.ProcessEnv = { ...process.env, NODE_EXTRA_CA_CERTS: pki.caFile, NO_COLOR: "1" };
-    for (const key of Object.keys(baseEnv)) if (key.startsWith("TML_") || key.startsWith("TREADMILL_")) delete baseEnv[key];
-    const group = new NamespaceProcesses({ cwd: dir, logs, env: baseEnv, logger });
+    const pki = await createPki(join(dir, "tls"), runId);
+    const env: NodeJS.ProcessEnv = { ...process.env, NODE_EXTRA_CA_CERTS: pki.caFile, NO_COLOR: "1" };
+    for (const key of Object.keys(env)) if (key.startsWith("TML_") || key.startsWith("TREADMILL_")) delete env[key];
+    const group = new NamespaceProcesses({ cwd: dir, logs, env, logger });
     processes = group;
-    const launch = (name: string, stage: number, ns: string, argv: string[], ready: string, env: NodeJS.ProcessEnv = {}) =>
-      group.launch({ name, stage, ns, argv, ready, env });
-
     const tmlConfig = join(dir, "tml.json");
-    const tml = async (args: string[], input?: string) => {
-      const child = execFile(bin("tml"), args, { env: { ...baseEnv, TML_CONFIG: tmlConfig } });
-      child.stdin!.end(input ?? "");
-      const [stdout] = await new Promise<[string, string]>((resolve, reject) => {
-        let out = "";
-        let err = "";
-        child.stdout!.on("data", (d: Buffer) => (out += d.toString()));
-        child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
-        child.once("close", (code) => (code === 0 ? resolve([out, err]) : reject(new Error(`tml ${args[0]} ${args[1] ?? ""} exited ${code}: ${err}`))));
-      });
-      return stdout;
+    const run: RunContext = {
+      dir,
+      pki,
+      launch: (name, stage, ns, argv, ready, extra = {}) => group.launch({ name, stage, ns, argv, ready, env: extra }),
+      tml: tmlIn(env, tmlConfig),
     };
-    /** A secret made by tml (`.field` of its JSON), kept in a 0600 file for the record. */
-    const secret = async (file: string, args: string[], field: string) => {
-      const value = (JSON.parse(await tml([...args, "-o", "json"])) as Record<string, string>)[field];
-      await writeFile(join(dir, file), `${value}\n`, { mode: 0o600 });
-      return value;
-    };
-
-    // ---- the centre ----
-    const centre = plan.centre;
-    const centreDir = join(dir, "centre");
-    await mkdir(centreDir);
-    await chmod(centreDir, 0o755);
-    const centreCert = await pki.issue("centre", centre.address);
-    const tls = (cert: { certFile: string; keyFile: string }) => ["--tls-cert-file", cert.certFile, "--tls-key-file", cert.keyFile];
-    const databaseUrlFile = join(dir, "database-url");
-    await launch("postgres", STAGE.database, centre.ns, [packagePath("scripts", "postgres.js"), "--data-dir", join(centreDir, "postgres"), "--port", String(PORTS.postgres), "--url-file", databaseUrlFile], "postgres ready");
-    const databaseUrl = readFileSync(databaseUrlFile, "utf8").trim();
-    const adminPasswordFile = join(dir, "admin-password");
-    const adminPassword = randomBytes(18).toString("base64");
-    await writeFile(adminPasswordFile, `${adminPassword}\n`, { mode: 0o600 });
-    const coordinatorUrls: string[] = [];
-    for (let i = 1; i <= options.coordinators; i++) {
-      const port = PORTS.coordinator + 10 * (i - 1);
-      coordinatorUrls.push(`https://${centre.address}:${port}`);
-      // One at a time: the first makes the admin, the next find it.
-      await launch(
-        `coordinator-${i}`,
-        STAGE.centre,
-        centre.ns,
-        [bin("treadmill-coordinator"), "--host", centre.address, "--port", String(port), "--data-dir", join(centreDir, `coordinator-${i}`), ...tls(centreCert)],
-        "coordinator ready",
-        { DATABASE_URL: databaseUrl, TREADMILL_COORDINATOR_ADMIN_PASSWORD: adminPassword },
-      );
-    }
+    const centre = await startCentre(run, plan.centre, options.coordinators);
     // Until clients take a list of coordinators, each site's components use one replica, in turn.
-    const coordinatorFor = (i: number) => coordinatorUrls[i % coordinatorUrls.length];
-    await tml(["login", coordinatorUrls[0], "--ca-file", pki.caFile, "--user", "admin", "--password-stdin"], `${adminPassword}\n`);
-
-    const storeUrl = `https://${centre.address}:${PORTS.store}`;
-    const storeCredential = await secret("image-store.credential", ["token", "create", "--service", "--description", "image store of the centre"], "token");
-    await launch(
-      "image-store",
-      STAGE.centre,
-      centre.ns,
-      [bin("treadmill-image-store"), "--mode", "store", "--host", centre.address, "--port", String(PORTS.store), "--data-dir", join(centreDir, "image-store"),
-        ...tls(centreCert), "--coordinator-url", coordinatorUrls[0], "--public-url", storeUrl],
-      "registered with coordinator",
-      { TREADMILL_IMAGE_STORE_SERVICE_CREDENTIAL: storeCredential },
-    );
-
-    // ---- the sites, side by side ----
-    const boardProgram = simBoardCommand();
-    const startSite = async (site: NetworkPlan["sites"][number], index: number): Promise<SiteInfo> => {
-      const siteDir = join(dir, site.name);
-      await mkdir(siteDir);
-      await chmod(siteDir, 0o755);
-      const cert = await pki.issue(site.name, site.address);
-      const url = (port: number) => `https://${site.address}:${port}`;
-      const coordinatorUrl = coordinatorFor(index);
-      const servers = { "image-cache": PORTS.cache, "log-server": PORTS.logs, proxy: PORTS.proxy };
-      const credentials: Record<string, string> = {};
-      for (const server of Object.keys(servers)) {
-        credentials[server] = await secret(`${site.name}-${server}.credential`, ["token", "create", "--service", "--description", `${server} of ${site.name}`], "token");
-      }
-      const common = (port: number) => ["--site", site.name, "--host", site.address, "--port", String(port), ...tls(cert), "--coordinator-url", coordinatorUrl, "--public-url", url(port)];
-      await Promise.all([
-        launch(
-          `${site.name}-image-cache`,
-          STAGE.site,
-          site.ns,
-          [bin("treadmill-image-store"), "--mode", "cache", "--data-dir", join(siteDir, "image-cache"), "--shared-path", join(siteDir, "image-cache"), ...common(PORTS.cache)],
-          "registered with coordinator",
-          { TREADMILL_IMAGE_STORE_SERVICE_CREDENTIAL: credentials["image-cache"] },
-        ),
-        launch(
-          `${site.name}-log-server`,
-          STAGE.site,
-          site.ns,
-          [bin("treadmill-log-server"), "--data-dir", join(siteDir, "log-server"), ...common(PORTS.logs)],
-          "registered with coordinator",
-          { TREADMILL_LOG_SERVER_SERVICE_CREDENTIAL: credentials["log-server"] },
-        ),
-        launch(
-          `${site.name}-proxy`,
-          STAGE.site,
-          site.ns,
-          [bin("treadmill-proxy"), "--tcp-port-range", `${PORTS.proxyTcp[0]}-${PORTS.proxyTcp[1]}`, ...common(PORTS.proxy)],
-          "registered with coordinator",
-          { TREADMILL_PROXY_SERVICE_CREDENTIAL: credentials.proxy },
-        ),
-      ]);
-
-      const processHost = `${site.name}-sup`;
-      const boardHost = `${site.name}-board`;
-      const processCredential = await secret(`${processHost}.credential`, ["host", "create", processHost, "--driver", "process", "--site", site.name], "credential");
-      const boardCredential = await secret(`${boardHost}.credential`, ["host", "create", boardHost, "--driver", "board", "--tag", "board=sim", "--site", site.name], "credential");
-      const boardDir = join(siteDir, "board");
-      await mkdir(boardDir);
-      const control = (command: string) => `echo ${command} | socat -t 5 - UNIX-CONNECT:${boardDir}/control.sock`;
-      const boardConfig = join(siteDir, "board.json");
-      await writeFile(
-        boardConfig,
-        JSON.stringify({
-          name: boardHost,
-          serial: { device: join(boardDir, "tty"), baud: 115200 },
-          commands: { powerOn: control("on"), powerOff: control("off"), reset: control("reset"), flash: `cp {image} ${boardDir}/firmware.sh` },
-          bootPattern: "boot: starting firmware",
-          bootTimeoutMs: 20000,
-          exitPattern: "TREADMILL_EXIT=(\\d+)",
-        }),
-      );
-      await Promise.all([
-        launch(
-          `${site.name}-supervisor`,
-          STAGE.host,
-          site.ns,
-          [bin("treadmill-supervisor"), "--name", processHost, "--driver", "process", "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, "supervisor")],
-          "attached to coordinator",
-          { TREADMILL_SUPERVISOR_HOST_CREDENTIAL: processCredential },
-        ),
-        (async () => {
-          await launch(`${site.name}-sim-board`, STAGE.host, site.ns, ["socat", `pty,raw,echo=0,link=${boardDir}/tty`, `EXEC:${boardProgram} ${boardDir}`], "sim-board ready");
-          await launch(
-            `${site.name}-board-supervisor`,
-            STAGE.host,
-            site.ns,
-            [bin("treadmill-supervisor"), "--name", boardHost, "--driver", "board", "--board-config-file", boardConfig, "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, "board-work")],
-            "attached to coordinator",
-            { TREADMILL_SUPERVISOR_HOST_CREDENTIAL: boardCredential },
-          );
-        })(),
-      ]);
-      return {
-        name: site.name,
-        ns: site.ns,
-        address: site.address,
-        proxyUrl: url(PORTS.proxy),
-        logServerUrl: url(PORTS.logs),
-        cacheUrl: url(PORTS.cache),
-        proxyTcpPorts: `${PORTS.proxyTcp[0]}-${PORTS.proxyTcp[1]}`,
-        processHost,
-        boardHost,
-      };
-    };
-    const sites = await Promise.all(plan.sites.map(startSite));
-
+    const sites = await Promise.all(plan.sites.map((site, i) => startSite(run, site, centre.coordinatorUrls[i % centre.coordinatorUrls.length])));
     const info: SitesInfo = {
       runId,
       pid: process.pid,
@@ -321,10 +344,10 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
       router: plan.router,
       caFile: pki.caFile,
       tmlConfig,
-      adminPasswordFile,
-      coordinatorUrls,
-      storeUrl,
-      centre,
+      adminPasswordFile: centre.adminPasswordFile,
+      coordinatorUrls: centre.coordinatorUrls,
+      storeUrl: centre.storeUrl,
+      centre: plan.centre,
       sites,
       logs,
     };
