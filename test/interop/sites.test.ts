@@ -3,14 +3,15 @@
  * of docs/sites-netns.md (`npm run site -- --sites 2`) and the doc's blocks
  * run as they are written, at each of the two sites: a job through the
  * site's cache, supervisor and log server, the image fetched once per site,
- * a console through the site's proxy, the log read from the site's log
- * server, firmware on the site's simulated board, and what reaches what;
+ * a console and a forwarded port through the site's proxy, the log read
+ * from the site's log server, firmware on the site's simulated board, and what reaches what;
  * then the launcher's teardown on SIGTERM.
  */
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import { existsSync, readFileSync } from "node:fs";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -106,6 +107,29 @@ function leftOf(runId: string, subnet: string): string[] {
   return left;
 }
 
+/** Waits until the doc's `job-state` block says the job runs. */
+async function waitRunning(job: string, site: string): Promise<void> {
+  await waitUntil(async () => (await run("job-state", site, { JOB: job })).stdout.includes("JOB_STATE_RUNNING"), `job ${job} running`, 60_000);
+}
+
+/** Sends one line to 127.0.0.1:`port` and resolves with what comes back once it holds the line. */
+function echoOnce(port: number, line: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, "127.0.0.1");
+    let got = "";
+    socket.on("data", (d: Buffer) => {
+      got += d.toString();
+      if (got.includes(line)) {
+        socket.destroy();
+        resolve(got);
+      }
+    });
+    socket.on("error", reject);
+    socket.on("close", () => reject(new Error(`closed after ${JSON.stringify(got)}`)));
+    socket.write(`${line}\n`);
+  });
+}
+
 beforeAll(async () => {
   blocks = (await docBlocks(DOC)).filter((b) => b.lang === "sh");
   dir = await mkdtemp(join(tmpdir(), "treadmill-sites-test-"));
@@ -180,13 +204,7 @@ describe("sites in network namespaces (docs/sites-netns.md)", () => {
       const submitted = await run("console-job", site.name);
       expect(submitted.code).toBe(0);
       const job = submitted.stdout.trim();
-      await waitUntil(
-        async () => (await run("job-state", site.name, { JOB: job })).stdout.includes("JOB_STATE_RUNNING"),
-        `job ${job} running`,
-        60_000,
-      ).catch(async (err: unknown) => {
-        throw new Error(`${String(err)}: ${(await run("job-state", site.name, { JOB: job })).stdout}`);
-      });
+      await waitRunning(job, site.name);
       // The doc's `tml console "$JOB"`, typed into: a line goes in, the job's answer comes back.
       const console = spawn("bash", ["-c", script("console")], { cwd: dir, env: envAt(site.name, { JOB: job }), stdio: ["pipe", "pipe", "pipe"] });
       let screen = "";
@@ -211,6 +229,46 @@ describe("sites in network namespaces (docs/sites-netns.md)", () => {
       // The job's log servers (the doc's jq line): its site's, and no other.
       expect(logs.stdout.split("\n").filter((line) => line.startsWith("https://"))).toEqual([site.logServerUrl]);
       expect(logs.stdout).toContain(`echoed: ping from ${site.name}`);
+    }
+  }, 180_000);
+
+  it("forwards a local port through each site's proxy to a port a job there exposes", async () => {
+    for (const site of info.sites) {
+      const submitted = await run("port-job", site.name);
+      expect(submitted.code).toBe(0);
+      const job = submitted.stdout.trim();
+      await waitRunning(job, site.name);
+      const forward = spawn("bash", ["-c", `${script("port-forward")}`], { cwd: dir, env: envAt(site.name, { JOB: job }), stdio: ["ignore", "pipe", "pipe"], detached: true });
+      const forwardExited = new Promise<void>((resolve) => forward.once("exit", () => resolve()));
+      try {
+        const local = await new Promise<number>((resolve, reject) => {
+          let said = "";
+          const timer = setTimeout(() => reject(new Error(`tml port-forward did not listen: ${said}`)), 30_000);
+          const onData = (d: Buffer) => {
+            said += d.toString();
+            const m = /Forwarding [\d.]+:(\d+) ->/.exec(said);
+            if (m) {
+              clearTimeout(timer);
+              resolve(Number(m[1]));
+            }
+          };
+          forward.stdout!.on("data", onData);
+          forward.stderr!.on("data", onData);
+        });
+        // The job's nc may not listen yet when the first tunnel reaches it: a closed connection is tried again.
+        const echoed = await waitUntil(async () => {
+          try {
+            return await echoOnce(local, `through the proxy of ${site.name}`);
+          } catch {
+            return undefined;
+          }
+        }, `an echo through the proxy of ${site.name}`, 30_000);
+        expect(echoed).toContain(`through the proxy of ${site.name}`);
+      } finally {
+        process.kill(-forward.pid!, "SIGINT");
+        await forwardExited;
+        await runBash(`tml job cancel ${job}`, { cwd: dir, env: envAt(site.name) });
+      }
     }
   }, 180_000);
 
