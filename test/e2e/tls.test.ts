@@ -103,8 +103,8 @@ beforeAll(async () => {
   const server = { PKI: pki, LAB: "test-lab", SERVER: "site", SERVER_NAMES: "DNS:localhost,IP:127.0.0.1" };
   await docStep("server-cert", server);
   expect(await docStep("check", server)).toContain("IP Address:127.0.0.1");
-  caFile = join(pki, "ca.pem");
-  const served = { host: "127.0.0.1", tlsCertFile: join(pki, "site.pem"), tlsKeyFile: join(pki, "site.key") };
+  caFile = join(pki, "ca.crt");
+  const served = { host: "127.0.0.1", tlsCertFile: join(pki, "site.crt"), tlsKeyFile: join(pki, "site.key") };
 
   coordinator = await startTestCoordinator({ config: { ...served, adminPassword: PASSWORD }, logServer: false });
   expect(coordinator.url).toMatch(/^https:/);
