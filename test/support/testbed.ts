@@ -98,9 +98,15 @@ export function jobTools(admin: Transport, imagesDir: string, tls?: ClientTls): 
 }
 
 export async function startTestbed(
-  options: { supervisors?: number; /** Further testbed settings (e.g. `vms`). */ config?: Partial<TestbedConfig> } = {},
+  options: {
+    supervisors?: number;
+    /** Further testbed settings (e.g. `vms`). */
+    config?: Partial<TestbedConfig>;
+    /** A directory of an earlier testbed to start again (kept at stop); default a new one, removed at stop. */
+    dir?: string;
+  } = {},
 ): Promise<RunningTestbed> {
-  const dir = await mkdtemp(join(tmpdir(), "treadmill-testbed-"));
+  const dir = options.dir ?? (await mkdtemp(join(tmpdir(), "treadmill-testbed-")));
   await chmod(dir, 0o755); // job slot uids and the postgres user must reach it
   const logLines: string[] = [];
   const sink = new Writable({
@@ -135,7 +141,7 @@ export async function startTestbed(
     admin,
     async stop() {
       await testbed.stop();
-      await rm(dir, { recursive: true, force: true });
+      if (options.dir === undefined) await rm(dir, { recursive: true, force: true });
     },
   };
 }
