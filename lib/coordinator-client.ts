@@ -10,12 +10,13 @@ import {
 import type { Logger } from "./logger.js";
 import { type HealthStatus, ServingStatus } from "./server/health.js";
 import { clientTransport } from "./grpc/transport.js";
+import type { ClientTls } from "./grpc/trust.js";
 import { classify, keepStreaming, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
 
-/** A gRPC (HTTP/2) transport to the coordinator, optionally authenticated. */
-export function coordinatorTransport(url: string, credential = ""): Transport {
-  return clientTransport({ baseUrl: url, token: () => credential });
+/** A gRPC (HTTP/2) transport to the coordinator, optionally authenticated, verifying https with `tls`. */
+export function coordinatorTransport(url: string, credential = "", tls?: ClientTls): Transport {
+  return clientTransport({ baseUrl: url, token: () => credential, tls });
 }
 
 /**
@@ -47,9 +48,12 @@ export function fileKeySource(path: string): () => Promise<JSONWebKeySet> {
  * tokens: a JWKS file when one is configured (stand-alone use), else the
  * coordinator's GetSigningKeys; with neither, no key (every token refused).
  */
-export function verifierKeySource(config: { signingKeysFile: string; coordinatorUrl: string }): () => Promise<JSONWebKeySet> {
+export function verifierKeySource(
+  config: { signingKeysFile: string; coordinatorUrl: string },
+  tls?: ClientTls,
+): () => Promise<JSONWebKeySet> {
   if (config.signingKeysFile !== "") return fileKeySource(config.signingKeysFile);
-  if (config.coordinatorUrl !== "") return coordinatorKeySource(coordinatorTransport(config.coordinatorUrl));
+  if (config.coordinatorUrl !== "") return coordinatorKeySource(coordinatorTransport(config.coordinatorUrl, "", tls));
   return async () => ({ keys: [] });
 }
 
