@@ -305,7 +305,7 @@ describe("sites in network namespaces (docs/sites-netns.md)", () => {
       expect(other.info.subnet).not.toBe(info.subnet);
       const job = await runBash(`tml job run example/sh --site site-1 --param script="echo hello from the other run"`, {
         cwd: otherDir,
-        env: envAt("site-1", { TML_CONFIG: other.info.tmlConfig, NODE_EXTRA_CA_CERTS: other.info.caFile }),
+        env: envAt("site-1", { TML_CONFIG: other.info.tmlConfig }),
       });
       // The other run has its own coordinator, which has no such image: it answers, and the first run is untouched.
       expect(job.stderr).toMatch(/image example\/sh/);

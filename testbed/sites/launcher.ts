@@ -6,8 +6,8 @@
  * namespace per site with its image cache, log server, proxy, a process
  * host's supervisor and a simulated board with its supervisor. The user is
  * the root namespace, where tml runs. Every server speaks TLS with a
- * certificate of the run's CA, which every process trusts through
- * NODE_EXTRA_CA_CERTS and tml through its context (`tml login --ca-file`).
+ * certificate of the run's CA, which every component that dials out trusts
+ * through `--ca-file` and tml through its context (`tml login --ca-file`).
  *
  * It composes nothing in-process: it makes the network (network.ts) and the
  * certificates (pki.ts), then runs each bin inside its namespace once the
@@ -177,7 +177,7 @@ async function startCentre(run: RunContext, centre: NetworkPlan["centre"], coord
     STAGE.centre,
     centre.ns,
     [bin("treadmill-image-store"), "--mode", "store", "--host", centre.address, "--port", String(PORTS.store), "--data-dir", join(centreDir, "image-store"),
-      ...tlsFlags(cert), "--coordinator-url", coordinatorUrls[0], "--public-url", storeUrl],
+      ...tlsFlags(cert), "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrls[0], "--public-url", storeUrl],
     "registered with coordinator",
     { TREADMILL_IMAGE_STORE_SERVICE_CREDENTIAL: credential },
   );
@@ -204,7 +204,10 @@ async function startSite(run: RunContext, site: SiteNet, coordinatorUrl: string)
   const url = (port: number) => `https://${site.address}:${port}`;
   const credential = (server: string) =>
     secret(run, `${site.name}-${server}.credential`, ["token", "create", "--service", "--description", `${server} of ${site.name}`], "token");
-  const server = (port: number) => ["--site", site.name, "--host", site.address, "--port", String(port), ...tlsFlags(cert), "--coordinator-url", coordinatorUrl, "--public-url", url(port)];
+  const server = (port: number) => [
+    "--site", site.name, "--host", site.address, "--port", String(port), ...tlsFlags(cert),
+    "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrl, "--public-url", url(port),
+  ];
   const [cacheCredential, logsCredential, proxyCredential] = [await credential("image-cache"), await credential("log-server"), await credential("proxy")];
   const cacheDir = join(siteDir, "image-cache");
   await Promise.all([
@@ -243,7 +246,7 @@ async function startSite(run: RunContext, site: SiteNet, coordinatorUrl: string)
   const boardConfigFile = join(siteDir, "board.json");
   await writeFile(boardConfigFile, JSON.stringify(boardConfig(boardHost, boardDir)));
   const supervisor = (name: string, work: string, driver: string[]) => [
-    bin("treadmill-supervisor"), "--name", name, ...driver, "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, work),
+    bin("treadmill-supervisor"), "--name", name, ...driver, "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, work),
   ];
   await Promise.all([
     run.launch(`${site.name}-supervisor`, STAGE.host, site.ns, supervisor(processHost, "supervisor", ["--driver", "process"]), "attached to coordinator", {
@@ -322,8 +325,10 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
     await createNetwork(plan, PUBLIC);
     logger.info({ runId, subnet: plan.subnet }, "network made");
     const pki = await createPki(join(dir, "tls"), runId);
-    const env: NodeJS.ProcessEnv = { ...process.env, NODE_EXTRA_CA_CERTS: pki.caFile, NO_COLOR: "1" };
+    const env: NodeJS.ProcessEnv = { ...process.env, NO_COLOR: "1" };
+    // The run's own settings only: none of the caller's Treadmill or tml settings, nor a CA it trusts.
     for (const key of Object.keys(env)) if (key.startsWith("TML_") || key.startsWith("TREADMILL_")) delete env[key];
+    delete env.NODE_EXTRA_CA_CERTS;
     const group = new NamespaceProcesses({ cwd: dir, logs, env, logger });
     processes = group;
     const tmlConfig = join(dir, "tml.json");
@@ -367,8 +372,6 @@ async function writeInfo(info: SitesInfo): Promise<void> {
       .join("");
   await writeFile(join(info.dir, "env"), [
     `export TML_CONFIG='${info.tmlConfig}'\n`,
-    // Until tml trusts its context's CA for image stores and proxies too.
-    `export NODE_EXTRA_CA_CERTS='${info.caFile}'\n`,
     vars({
       RUN_ID: info.runId,
       CA_FILE: info.caFile,
