@@ -297,6 +297,20 @@ describe("sites in network namespaces (docs/sites-netns.md)", () => {
     }
   }, 120_000);
 
+  it("refuses the subnet or the run id of a run still running, and makes nothing", async () => {
+    for (const [flag, value, why] of [
+      ["--subnet", info.subnet.replace(/\.0\/24$/, ""), `subnet ${info.subnet} overlaps`],
+      ["--run-id", info.runId, `run ${info.runId} is running`],
+    ]) {
+      const otherDir = join(tmpdir(), `treadmill-sites-refused-${randomBytes(3).toString("hex")}`);
+      const refused = await runBash(`npm run site -- --sites 1 --dir "${otherDir}" ${flag} ${value}`, { cwd: REPO, env: process.env });
+      expect(refused.code).toBe(1);
+      expect(refused.stdout + refused.stderr).toContain(why);
+      expect(existsSync(otherDir)).toBe(false);
+      expect(leftOf(info.runId, info.subnet)).toEqual(["namespaces", "veths", "route", "record"]);
+    }
+  }, 60_000);
+
   it("runs a second launcher beside the first under other names and addresses, and a second signal removes it at once", async () => {
     const otherDir = await mkdtemp(join(tmpdir(), "treadmill-sites-test-"));
     try {

@@ -299,14 +299,14 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
   const runId = options.runId ?? newRunId();
   const siteNames = Array.from({ length: options.sites }, (_, i) => `site-${i + 1}`);
   const plan: NetworkPlan = planNetwork(runId, await chooseSubnet(options.subnet), siteNames);
+  recordRun(runId);
+  const destroyOnExit = () => destroyRunSync(runId);
+  process.on("exit", destroyOnExit);
   await mkdir(dir, { recursive: true });
   // The embedded PostgreSQL runs as the postgres user and the jobs as slot uids: both enter it.
   await chmod(dir, 0o755);
   const logs = join(dir, "logs");
   await mkdir(logs);
-  recordRun(runId);
-  const destroyOnExit = () => destroyRunSync(runId);
-  process.on("exit", destroyOnExit);
 
   let processes: NamespaceProcesses | undefined;
   let stopping: Promise<void> | undefined;
