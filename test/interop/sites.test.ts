@@ -4,8 +4,10 @@
  * run as they are written, at each of the two sites: a job through the
  * site's cache, supervisor and log server, the image fetched once per site,
  * a console and a forwarded port through the site's proxy, the log read
- * from the site's log server, firmware on the site's simulated board, and what reaches what;
- * then the launcher's teardown on SIGTERM.
+ * from the site's log server, firmware on the site's simulated board, and
+ * what reaches what. Then the launcher's own life: what a dead launcher
+ * left is removed at start, a second launcher runs beside the first (or is
+ * refused its subnet or run id), and SIGTERM removes everything.
  */
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -74,11 +76,20 @@ interface Launcher {
 
 /** Runs `script` (a launcher's command line) and resolves once it says it is up. */
 async function launch(script: string, runDir: string): Promise<Launcher> {
-  const child = spawn("bash", ["-c", `set -euo pipefail\n${script}`], { cwd: REPO, env: { ...process.env, TREADMILL: REPO, DIR: runDir }, stdio: ["ignore", "pipe", "pipe"] });
+  // A process group of its own: a launcher that never came up is stopped with its shell and npm.
+  const child = spawn("bash", ["-c", `set -euo pipefail\n${script}`], {
+    cwd: REPO,
+    env: { ...process.env, TREADMILL: REPO, DIR: runDir },
+    stdio: ["ignore", "pipe", "pipe"],
+    detached: true,
+  });
   const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
   let output = "";
   await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`the launcher was not up within 240 s:\n${output}`)), 240_000);
+    const timer = setTimeout(() => {
+      process.kill(-child.pid!, "SIGTERM");
+      reject(new Error(`the launcher was not up within 240 s:\n${output}`));
+    }, 240_000);
     const onData = (b: Buffer) => {
       output += b.toString();
       if (output.includes("Treadmill sites are up")) {
