@@ -51,7 +51,7 @@ export function createProxy({
   logger: Logger;
   keys?: () => Promise<JSONWebKeySet>;
 }): Proxy {
-  const keySource = keys ?? verifierKeySource(config);
+  const keySource = keys ?? verifierKeySource(config, logger.child({ subsystem: "tokens" }));
   const verifier = new TokenVerifier({ keys: keySource, audience: "proxy", logger: logger.child({ subsystem: "tokens" }) });
   const auth = new ProxyAuth(verifier);
   const proxyId = randomUUID();

@@ -19,6 +19,7 @@ import { Notifier } from "../lib/async/notifier.js";
 import { AsyncQueue } from "../lib/async/queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
 import type { Logger } from "../lib/logger.js";
+import { displayUrl, ReplicaSet, replicaTransport } from "../lib/replicas.js";
 import { keepStreaming } from "../lib/retry.js";
 import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import type { SupervisorConfig } from "./config.js";
@@ -42,7 +43,8 @@ export type SupervisorState = "idle" | "connecting" | "attached" | "backing-off"
 
 export interface Supervisor {
   readonly name: string;
-  readonly coordinatorUrl: string;
+  /** The coordinator's replicas, in the order tried. */
+  readonly coordinatorUrls: readonly string[];
   start(): Promise<void>;
   /**
    * Idempotent. Takes no new jobs; stops running ones (or, with
@@ -83,7 +85,7 @@ export function createSupervisor({
 }: {
   config: SupervisorConfig;
   logger: Logger;
-  /** For tests; by default gRPC over HTTP/2 to `coordinatorUrl` with the host credential. */
+  /** For tests; by default gRPC over HTTP/2 to the replicas of `coordinatorUrl` with the host credential. */
   transport?: Transport;
   /** For tests; by default made from the config. */
   driver?: Driver;
@@ -111,9 +113,10 @@ export function createSupervisor({
     signal: abort.signal,
   });
 
+  const replicas = new ReplicaSet({ urls: config.coordinatorUrl, logger });
   const client = createClient(
     SupervisorService,
-    transport ?? coordinatorTransport(config.coordinatorUrl, config.hostCredential),
+    transport ?? replicaTransport(replicas, (url) => coordinatorTransport(url, config.hostCredential)),
   );
   const key = (jobId: string, attempt: number) => `${jobId}/${attempt}`;
   type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
@@ -276,7 +279,7 @@ export function createSupervisor({
             Math.max(100, everyMs),
           );
           hostId = payload.value.host?.id ?? hostId;
-          logger.info({ hostId }, "attached to coordinator");
+          logger.info({ hostId, coordinatorUrl: displayUrl(replicas.current) }, "attached to coordinator");
           logs.attached();
           changed.notify();
           break;
@@ -412,7 +415,7 @@ export function createSupervisor({
 
   return {
     name,
-    coordinatorUrl: config.coordinatorUrl,
+    coordinatorUrls: config.coordinatorUrl,
     async start() {
       await mkdir(config.workDir, { recursive: true });
       driver ??= await createDriver();

@@ -28,7 +28,7 @@ export function createLogServer({
 }): ServingComponent {
   const storeLogger = logger.child({ subsystem: "log-store" });
   const store = new LogStore({ dataDir: config.dataDir, jobSizeCapBytes: config.jobSizeCapBytes, logger: storeLogger });
-  const keySource = keys ?? verifierKeySource(config);
+  const keySource = keys ?? verifierKeySource(config, logger.child({ subsystem: "tokens" }));
   const verifier = new TokenVerifier({ keys: keySource, audience: "log", logger: logger.child({ subsystem: "tokens" }) });
   const service = new LogServiceImpl({ store, verifier, logger: logger.child({ subsystem: "log-service" }) });
   return createServingComponent({
