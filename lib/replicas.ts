@@ -10,11 +10,12 @@
  * (`PermissionDenied`, `InvalidArgument`, `NotFound`, ...) would be the same
  * on every replica: it moves nothing.
  *
- * Who retries: `replicaTransport` sends a unary call again, at once, to each
- * other replica only when the failure proves the call never reached a server
- * (the connection could not be opened: `isConnectFailure`), so that nothing
- * runs twice; a call cut in the middle, and every stream, fail to the caller,
- * whose loop retries with its backoff (`keepStreaming`, `retry` in
+ * Who retries: `replicaTransport` sends a unary or server-streaming call
+ * again, at once, to each other replica only when the failure proves the call
+ * never reached a server (the connection could not be opened:
+ * `isConnectFailure`), so that nothing runs twice; a call cut in the middle,
+ * and every stream of requests (which cannot be replayed), fail to the
+ * caller, whose loop retries with its backoff (`keepStreaming`, `retry` in
  * lib/retry.ts), and its next call goes to the replica the failure moved to.
  *
  * It logs (info) the replica it uses, once it answered, and each move, with
@@ -104,9 +105,9 @@ export class ReplicaSet {
 /**
  * One Connect transport over the replicas of `replicas`: each call goes to
  * the current replica, through the transport `transportFor` makes for its URL
- * (made once per URL). Failures move the set; a unary call that never
- * reached a server is sent to the next replica at once, each replica at most
- * once per call.
+ * (made once per URL). Failures move the set; a unary or server-streaming
+ * call that never reached a server is sent to the next replica at once, each
+ * replica at most once per call.
  */
 export function replicaTransport(replicas: ReplicaSet, transportFor: (url: string) => Transport): Transport {
   const transports = new Map<string, Transport>();
@@ -118,31 +119,46 @@ export function replicaTransport(replicas: ReplicaSet, transportFor: (url: strin
     }
     return transport;
   };
-  return {
-    async unary(method, signal, timeoutMs, header, input, contextValues) {
-      for (let tried = 1; ; tried++) {
-        const url = replicas.current;
-        try {
-          const response = await transportOf(url).unary(method, signal, timeoutMs, header, input, contextValues);
-          replicas.answered(url);
-          return response;
-        } catch (err) {
-          replicas.failed(url, err);
-          if (signal?.aborted || tried >= replicas.urls.length || !isConnectFailure(err)) throw err;
-        }
-      }
-    },
-    async stream(method, signal, timeoutMs, header, input, contextValues) {
+  /** Runs `call` on the current replica; a `replayable` call that never reached a server goes on to the next. */
+  async function onReplicas<R>(signal: AbortSignal | undefined, replayable: boolean, call: (url: string) => Promise<R>): Promise<R> {
+    for (let tried = 1; ; tried++) {
       const url = replicas.current;
       try {
-        const response = await transportOf(url).stream(method, signal, timeoutMs, header, input, contextValues);
-        return { ...response, message: watched(response.message, url) };
+        return await call(url);
       } catch (err) {
         replicas.failed(url, err);
-        throw err;
+        if (!replayable || signal?.aborted || tried >= replicas.urls.length || !isConnectFailure(err)) throw err;
       }
+    }
+  }
+
+  return {
+    unary(method, signal, timeoutMs, header, input, contextValues) {
+      return onReplicas(signal, true, async (url) => {
+        const response = await transportOf(url).unary(method, signal, timeoutMs, header, input, contextValues);
+        replicas.answered(url);
+        return response;
+      });
+    },
+    async stream(method, signal, timeoutMs, header, input, contextValues) {
+      // A server-streaming call's one request may be sent again; a client's stream of requests cannot be replayed.
+      const requests = method.methodKind === "server_streaming" ? await gather(input) : undefined;
+      return onReplicas(signal, requests !== undefined, async (url) => {
+        const response = await transportOf(url).stream(method, signal, timeoutMs, header, requests ? replay(requests) : input, contextValues);
+        return { ...response, message: watched(response.message, url) };
+      });
     },
   };
+
+  async function gather<T>(input: AsyncIterable<T>): Promise<T[]> {
+    const items: T[] = [];
+    for await (const item of input) items.push(item);
+    return items;
+  }
+
+  async function* replay<T>(items: T[]): AsyncIterable<T> {
+    yield* items;
+  }
 
   /** The stream's messages; the first is the replica's answer, an error on the way is its failure. */
   async function* watched<T>(messages: AsyncIterable<T>, url: string): AsyncIterable<T> {

@@ -170,6 +170,25 @@ describe("a replica set's streams", () => {
     return { answers, failures, done, stop: () => controller.abort() };
   }
 
+  it("send a server-streaming call that could not connect to the next replica at once, but never a stream of requests", async () => {
+    const { a, b, set, client } = replicaPair();
+    a.up = false;
+    const texts: string[] = [];
+    for await (const m of client.echoServerStream({ text: "w", count: 2 })) texts.push(`${m.text}${m.index}`);
+    expect(texts).toEqual(["w0", "w1"]);
+    expect([a.streams, b.streams, set.current]).toEqual([0, 1, b.url]);
+
+    // A bidi stream's requests cannot be sent again: the caller gets the refusal, and its next stream goes to the new replica.
+    b.up = false;
+    const input = new AsyncQueue<EchoBidiStreamRequest>();
+    input.end();
+    const refused = await (async () => {
+      for await (const _ of client.echoBidiStream(input)) return undefined;
+    })().catch((e: unknown) => ConnectError.from(e));
+    expect(refused?.code).toBe(Code.Unavailable);
+    expect([a.streams, b.streams, set.current]).toEqual([0, 1, a.url]);
+  });
+
   it("reopen on the next replica after the caller's backoff when their replica dies, and only then", async () => {
     jest.useFakeTimers({ now: 0 });
     const { a, b, set, client } = replicaPair();
