@@ -15,14 +15,29 @@ import { classify, keepStreaming, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
 
 /**
+ * How often a connection to the coordinator that carries no data is pinged,
+ * and how long an answer may take: a replica whose machine vanished (no
+ * reset ever comes) fails its calls as Unavailable within the sum, and a
+ * supervisor's stream moves on (the coordinator's heartbeats reset the
+ * interval, so a live stream is hardly ever pinged).
+ */
+export const COORDINATOR_PING = { intervalMs: 10_000, timeoutMs: 10_000 };
+
+/**
  * A gRPC (HTTP/2) transport to the coordinator, optionally authenticated.
  * Given several URLs (its replicas), calls go to one replica at a time and
  * move to the next when it cannot be reached (lib/replicas.ts); `logger`
  * gets the replica in use and each move.
  */
-export function coordinatorTransport(urls: string | readonly string[], credential = "", options: { logger?: Logger } = {}): Transport {
+export function coordinatorTransport(
+  urls: string | readonly string[],
+  credential = "",
+  options: { logger?: Logger; ping?: { intervalMs: number; timeoutMs: number } } = {},
+): Transport {
   const list = typeof urls === "string" ? [urls] : urls;
-  const transportFor = (url: string) => clientTransport({ baseUrl: url, token: () => credential });
+  const ping = options.ping ?? COORDINATOR_PING;
+  const transportFor = (url: string) =>
+    clientTransport({ baseUrl: url, token: () => credential, pingIntervalMs: ping.intervalMs, pingTimeoutMs: ping.timeoutMs });
   if (list.length === 1) return transportFor(list[0]);
   return replicaTransport(new ReplicaSet({ urls: list, logger: options.logger }), transportFor);
 }
