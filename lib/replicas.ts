@@ -6,9 +6,10 @@
  *
  * What moves it: a connection failure (refused, reset, a name that does not
  * resolve, no route: `isNetworkError`) or `Unavailable` (the replica is
- * shutting down, or cannot reach its database). An application error
- * (`PermissionDenied`, `InvalidArgument`, `NotFound`, ...) would be the same
- * on every replica: it moves nothing.
+ * shutting down, or cannot reach its database, or a connection went silent
+ * past an unanswered ping: `COORDINATOR_PING` in lib/coordinator-client.ts).
+ * An application error (`PermissionDenied`, `InvalidArgument`, `NotFound`,
+ * ...) would be the same on every replica: it moves nothing.
  *
  * Who retries: `replicaTransport` sends a unary or server-streaming call
  * again, at once, to each other replica only when the failure proves the call

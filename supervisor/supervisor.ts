@@ -72,7 +72,8 @@ const FINAL_ACK_WAIT_MS = 5000;
 /**
  * The supervisor core (DESIGN.md §4, §9): holds the `Attach` stream to the
  * coordinator forever, reconnecting with exponential backoff and jitter while
- * jobs keep running; opens every stream with the full state (`Hello`); turns
+ * jobs keep running (to the next of the coordinator's replicas when the one it
+ * used cannot be reached: lib/replicas.ts); opens every stream with the full state (`Hello`); turns
  * commands into JobRunners, idempotently by job and attempt; reports every
  * change and retains each terminal report until the coordinator acknowledges
  * it. The driver does the host-specific work and knows nothing of gRPC.
