@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { coordinatorTransport, runRegistration, type RegistrationOptions } from "./coordinator-client.js";
+import type { ClientTls } from "./grpc/trust.js";
 import type { Logger } from "./logger.js";
 import {
   DEFAULT_GRACE_MS,
@@ -73,8 +74,20 @@ export function registrationConfigFields(defaultCoordinatorUrl: string) {
       description: "the URL clients and supervisors reach this server at, as registered (default: the listening address)",
     },
     site: { type: "string", default: "", description: "the site this server belongs to, as registered (empty: every site)" },
+    caFile: caFileField,
   } as const;
 }
+
+/**
+ * The `caFile` field of every component that dials out: the lab's CA
+ * certificates, trusted besides the public roots for every TLS connection
+ * it makes (lib/grpc/trust.ts, docs/tls.md).
+ */
+export const caFileField = {
+  type: "path",
+  default: "",
+  description: "PEM file of CA certificates trusted, besides the public roots, to verify the https servers this one dials (the lab's CA)",
+} as const;
 
 /** The `logLevel` field of every component's schema. */
 export function logLevelField<const D extends string>(defaultLevel: D) {
@@ -186,7 +199,7 @@ export interface ServingComponentOptions {
    * while serving, deregistration as stop() begins, and the
    * `treadmill.registration` health service (`lib/coordinator-client.ts`).
    */
-  registration?: { config: RegistrationConfig; describe: (server: Server) => ServerRegistration };
+  registration?: { config: RegistrationConfig; tls?: ClientTls; describe: (server: Server) => ServerRegistration };
   /** As stop() begins, with the background signal aborted: refuse new work, end streams. */
   stopping?: () => void;
   /** Once the background work (and the deregistration) ended, before the server drains. */
@@ -231,7 +244,9 @@ export function createServingComponent(options: ServingComponentOptions): Servin
         const log = (registrationLogger ?? logger).child({ subsystem: "registration" });
         tasks.push(
           runRegistration({
-            transport: coordinatorTransport(registration.config.coordinatorUrl, registration.config.serviceCredential, { logger: log }),
+            transport: coordinatorTransport(registration.config.coordinatorUrl, registration.config.serviceCredential, registration.tls, {
+              logger: log,
+            }),
             kind,
             url: registration.config.publicUrl !== "" ? registration.config.publicUrl : server.address().url,
             site: registration.config.site,

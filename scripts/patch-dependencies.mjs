@@ -1,35 +1,70 @@
 #!/usr/bin/env node
 // Fixes in dependencies that their releases do not have yet, applied after
 // every install (`postinstall`, so `npm ci` and an install of the packed
-// tarball both get them). Each fix names its upstream issue, checks the
-// version it was written for, and is idempotent; a version it does not know
-// fails the install loudly rather than running unpatched.
-//
-// postgres 3.4.x: when a connection's socket closes, a statement sent on it
-// afterwards (the ROLLBACK that sql.begin sends when a query of its
-// transaction failed, a statement on a reserved connection) is written from a
-// timer to the null socket, and the TypeError kills the process
-// (porsager/postgres#1208, #1154; the fix proposed in #1209). The guard
-// settles the connection's queries with CONNECTION_CLOSED instead.
+// tarball both get them; scripts/build.mjs bundles the patched code). Each
+// fix names its upstream issue or cause, checks the versions it was written
+// for, and is idempotent; a version it does not know fails the install loudly
+// rather than running unpatched.
 import { readFileSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 
 const require = createRequire(import.meta.url);
-const MARK = "treadmill: porsager/postgres#1208";
-const ORIGINAL = `  function nextWrite(fn) {
-    const x = socket.write(chunk, fn)`;
-const PATCHED = `  function nextWrite(fn) {
-    if (socket === null) { // ${MARK}
+
+const FIXES = [
+  {
+    // When a connection's socket closes, a statement sent on it afterwards
+    // (the ROLLBACK that sql.begin sends when a query of its transaction
+    // failed, a statement on a reserved connection) is written from a timer
+    // to the null socket, and the TypeError kills the process
+    // (porsager/postgres#1208, #1154; the fix proposed in #1209). The guard
+    // settles the connection's queries with CONNECTION_CLOSED instead.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: porsager/postgres#1208",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
+    original: `  function nextWrite(fn) {
+    const x = socket.write(chunk, fn)`,
+    patched: (mark) => `  function nextWrite(fn) {
+    if (socket === null) { // ${mark}
       nextWriteTimer !== null && clearImmediate(nextWriteTimer)
       chunk = nextWriteTimer = null
       error(Errors.connection('CONNECTION_CLOSED', options))
       return false
     }
-    const x = socket.write(chunk, fn)`;
+    const x = socket.write(chunk, fn)`,
+  },
+  {
+    // Every reflected message built its own field-number map on its first
+    // findNumber, so decoding N messages built N maps: a third of `tml`'s
+    // start went to decoding the generated file descriptors this way, and
+    // every binary decode pays it per message. One map per message type, as
+    // the sorted field list beside it already is.
+    name: "@bufbuild/protobuf",
+    versions: /^2\.13\.\d+$/,
+    mark: "treadmill: one field-number map per message type",
+    files: ["dist/esm/reflect/reflect.js", "dist/commonjs/reflect/reflect.js"],
+    original: `        if (!this._fieldsByNumber) {
+            this._fieldsByNumber = new Map(this.desc.fields.map((f) => [f.number, f]));
+        }
+        return this._fieldsByNumber.get(number);`,
+    patched: (mark) => `        // ${mark}
+        let byNumber = messageFieldsByNumber.get(this.desc);
+        if (byNumber === undefined) {
+            byNumber = new Map(this.desc.fields.map((f) => [f.number, f]));
+            messageFieldsByNumber.set(this.desc, byNumber);
+        }
+        return byNumber.get(number);`,
+    // The map's home, beside the sorted fields' cache.
+    extra: {
+      original: "const messageSortedFields = new WeakMap();",
+      patched: "const messageSortedFields = new WeakMap();\nconst messageFieldsByNumber = new WeakMap();",
+    },
+  },
+];
 
 function packageDir(name) {
-  // The package's main entry is under <dir>/cjs/src or <dir>/src: walk up to its package.json.
+  // The package's main entry is some folders down: walk up to its package.json.
   let dir = dirname(require.resolve(name));
   for (;;) {
     try {
@@ -44,26 +79,33 @@ function packageDir(name) {
   }
 }
 
-const { dir, version } = packageDir("postgres");
-if (!/^3\.4\.(9|10)$/.test(version)) {
-  console.error(`scripts/patch-dependencies.mjs: postgres ${version} is not a version this fix was checked against (3.4.9, 3.4.10); check porsager/postgres#1208 and update the script`);
+function fail(message) {
+  console.error(`scripts/patch-dependencies.mjs: ${message}`);
   process.exit(1);
 }
-let patched = 0;
-for (const file of ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"]) {
-  const path = join(dir, file);
-  let text;
-  try {
-    text = readFileSync(path, "utf8");
-  } catch {
-    continue; // not shipped in this build
+
+for (const fix of FIXES) {
+  const { dir, version } = packageDir(fix.name);
+  if (!fix.versions.test(version)) {
+    fail(`${fix.name} ${version} is not a version this fix was checked against (${fix.versions}); check "${fix.mark}" and update the script`);
   }
-  if (text.includes(MARK)) continue;
-  if (!text.includes(ORIGINAL)) {
-    console.error(`scripts/patch-dependencies.mjs: ${path} does not contain the code the fix for porsager/postgres#1208 replaces`);
-    process.exit(1);
+  let patched = 0;
+  for (const file of fix.files) {
+    const path = join(dir, file);
+    let text;
+    try {
+      text = readFileSync(path, "utf8");
+    } catch {
+      continue; // not shipped in this build
+    }
+    if (text.includes(fix.mark)) continue;
+    const edits = [{ original: fix.original, patched: fix.patched(fix.mark) }, ...(fix.extra ? [fix.extra] : [])];
+    for (const edit of edits) {
+      if (!text.includes(edit.original)) fail(`${path} does not contain the code the fix "${fix.mark}" replaces`);
+      text = text.replace(edit.original, edit.patched);
+    }
+    writeFileSync(path, text);
+    patched++;
   }
-  writeFileSync(path, text.replace(ORIGINAL, PATCHED));
-  patched++;
+  if (patched > 0) console.log(`patched ${fix.name} ${version} (${fix.mark}) in ${patched} files`);
 }
-if (patched > 0) console.log(`patched postgres ${version} (porsager/postgres#1208) in ${patched} files`);

@@ -1,4 +1,4 @@
-import { logLevelField } from "../lib/component.js";
+import { caFileField, logLevelField } from "../lib/component.js";
 import { ConfigError, loadConfig } from "../lib/config.js";
 
 /** Everything a supervisor can be told, with its defaults. */
@@ -94,6 +94,7 @@ export const supervisorSchema = {
     default: 30000,
     description: "longest wait between attempts to reach the coordinator",
   },
+  caFile: caFileField,
   logLevel: logLevelField("info"),
 } as const;
 

@@ -18,6 +18,7 @@ import {
 import { Notifier } from "../lib/async/notifier.js";
 import { AsyncQueue } from "../lib/async/queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
+import { loadClientTls } from "../lib/grpc/trust.js";
 import type { Logger } from "../lib/logger.js";
 import { displayUrl, ReplicaSet, replicaTransport } from "../lib/replicas.js";
 import { keepStreaming } from "../lib/retry.js";
@@ -95,7 +96,9 @@ export function createSupervisor({
   const instanceId = randomUUID();
   const abort = new AbortController();
   const runners = new Map<string, JobRunner>();
-  const images = new ImageProvisioner({ blobDir: join(config.workDir, "blobs"), logger, fetchBudgetMs: config.imageFetchBudgetMs });
+  // Every https server it dials (coordinator, caches, stores, log servers, proxies) is verified with it.
+  const tls = loadClientTls(config.caFile);
+  const images = new ImageProvisioner({ blobDir: join(config.workDir, "blobs"), logger, fetchBudgetMs: config.imageFetchBudgetMs, tls });
   let driver: Driver | undefined = givenDriver;
   let state: SupervisorState = "idle";
   let loop: Promise<void> | undefined;
@@ -112,12 +115,13 @@ export function createSupervisor({
     dir: join(config.workDir, "snapshots"),
     send: (value) => send({ case: "snapshotResult", value }),
     signal: abort.signal,
+    tls,
   });
 
   const replicas = new ReplicaSet({ urls: config.coordinatorUrl, logger });
   const client = createClient(
     SupervisorService,
-    transport ?? replicaTransport(replicas, (url) => coordinatorTransport(url, config.hostCredential)),
+    transport ?? replicaTransport(replicas, (url) => coordinatorTransport(url, config.hostCredential, tls)),
   );
   const key = (jobId: string, attempt: number) => `${jobId}/${attempt}`;
   type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
@@ -129,6 +133,7 @@ export function createSupervisor({
     logger,
     send,
     changed: () => changed.notify(),
+    tls,
   });
 
   function termination(t: Termination) {
@@ -225,6 +230,7 @@ export function createSupervisor({
         logs,
         report: (report) => reportOf(runner, report),
         hostId: () => hostId,
+        tls,
       });
     } catch (err) {
       logger.error({ err, jobId: cmd.jobId, attempt: cmd.attempt }, "cannot start job");
