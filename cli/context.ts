@@ -14,7 +14,7 @@ import { Http2SessionManager } from "@connectrpc/connect-node";
 import type { DescService } from "@bufbuild/protobuf";
 import { splitList } from "../lib/config.js";
 import { clientTransport } from "../lib/grpc/transport.js";
-import { ReplicaSet, replicaTransport } from "../lib/replicas.js";
+import { REPLICA_PING, ReplicaSet, replicaTransport } from "../lib/replicas.js";
 import type { GlobalFlags } from "./args.js";
 import { ConfigStore, contextServers, type ConfigFile, type SavedContext } from "./config.js";
 import { CliError, ExitCode, type ErrorContext } from "./errors.js";
@@ -108,7 +108,9 @@ export class CliContext {
    */
   transport(server: string | readonly string[], token: string, caFile?: string): Transport {
     const transportFor = (url: string) => {
-      const sessionManager = new Http2SessionManager(url, undefined, tlsOptions(caFile));
+      // Pinged when silent, as every coordinator client is: a follow on a vanished replica moves on.
+      const ping = { pingIntervalMs: REPLICA_PING.intervalMs, pingTimeoutMs: REPLICA_PING.timeoutMs };
+      const sessionManager = new Http2SessionManager(url, ping, tlsOptions(caFile));
       this.onClose(() => sessionManager.abort());
       return clientTransport({ baseUrl: url, sessionManager, token: () => token });
     };

@@ -10,19 +10,10 @@ import {
 import type { Logger } from "./logger.js";
 import { type HealthStatus, ServingStatus } from "./server/health.js";
 import { clientTransport } from "./grpc/transport.js";
-import { ReplicaSet, replicaTransport } from "./replicas.js";
+import { REPLICA_PING, ReplicaSet, replicaTransport } from "./replicas.js";
 import type { ClientTls } from "./grpc/trust.js";
 import { classify, keepStreaming, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
-
-/**
- * How often a connection to the coordinator that carries no data is pinged,
- * and how long an answer may take: a replica whose machine vanished (no
- * reset ever comes) fails its calls as Unavailable within the sum, and a
- * supervisor's stream moves on (the coordinator's heartbeats reset the
- * interval, so a live stream is hardly ever pinged).
- */
-export const COORDINATOR_PING = { intervalMs: 10_000, timeoutMs: 10_000 };
 
 /**
  * A gRPC (HTTP/2) transport to the coordinator, optionally authenticated,
@@ -37,7 +28,7 @@ export function coordinatorTransport(
   options: { logger?: Logger; ping?: { intervalMs: number; timeoutMs: number } } = {},
 ): Transport {
   const list = typeof urls === "string" ? [urls] : urls;
-  const ping = options.ping ?? COORDINATOR_PING;
+  const ping = options.ping ?? REPLICA_PING;
   const transportFor = (url: string) =>
     clientTransport({ baseUrl: url, token: () => credential, tls, pingIntervalMs: ping.intervalMs, pingTimeoutMs: ping.timeoutMs });
   if (list.length === 1) return transportFor(list[0]);

@@ -7,7 +7,7 @@
  * What moves it: a connection failure (refused, reset, a name that does not
  * resolve, no route: `isNetworkError`) or `Unavailable` (the replica is
  * shutting down, or cannot reach its database, or a connection went silent
- * past an unanswered ping: `COORDINATOR_PING` in lib/coordinator-client.ts).
+ * past an unanswered ping: `REPLICA_PING`).
  * An application error (`PermissionDenied`, `InvalidArgument`, `NotFound`,
  * ...) would be the same on every replica: it moves nothing.
  *
@@ -25,6 +25,15 @@
 import { ConnectError, Code, type Transport } from "@connectrpc/connect";
 import type { Logger } from "./logger.js";
 import { isConnectFailure, isNetworkError } from "./retry.js";
+
+/**
+ * How often a connection to a replica that carries no data is pinged, and
+ * how long an answer may take: a replica whose machine vanished (no reset
+ * ever comes) fails its calls as Unavailable within the sum, and its clients
+ * move on (the coordinator's heartbeats on a supervisor's stream reset the
+ * interval, so a live stream is hardly ever pinged).
+ */
+export const REPLICA_PING = { intervalMs: 10_000, timeoutMs: 10_000 };
 
 /** Whether `err` says the replica could not be reached (or is going away): the next one may answer. */
 export function isReplicaFailure(err: unknown): boolean {

@@ -1,7 +1,7 @@
 /**
  * A coordinator replica whose machine vanishes sends no reset: its clients'
  * connections go silent. The coordinator transport pings a silent
- * connection (lib/coordinator-client.ts COORDINATOR_PING), so a stream on it
+ * connection (lib/replicas.ts REPLICA_PING), so a stream on it
  * fails as Unavailable and moves to the next replica (issue #20 item 4).
  * Replica A is an echo server behind a TCP relay that stops relaying
  * (dropping bytes both ways, closing nothing); replica B answers.
