@@ -49,12 +49,13 @@ export function serverConfigFields(defaultPort: number) {
  * stores and caches, log servers, proxies) and verifies its capability
  * tokens offline, with the coordinator's keys or a JWKS file.
  */
-export function registrationConfigFields<const D extends string>(defaultCoordinatorUrl: D) {
+export function registrationConfigFields(defaultCoordinatorUrl: string) {
   return {
     coordinatorUrl: {
-      type: "url",
-      default: defaultCoordinatorUrl,
-      description: "the coordinator: its signing keys verify tokens, and it takes the registration (empty: stand-alone)",
+      type: "urls",
+      default: defaultCoordinatorUrl === "" ? [] : [defaultCoordinatorUrl],
+      description:
+        "the coordinator, or its replicas comma-separated (one used at a time, the next when it is unreachable): its signing keys verify tokens, and it takes the registration (empty: stand-alone)",
     },
     signingKeysFile: {
       type: "path",
@@ -156,7 +157,8 @@ export interface ServingComponent extends Component {
 
 /** The values of `registrationConfigFields`, as loaded. */
 export interface RegistrationConfig {
-  coordinatorUrl: string;
+  /** The coordinator's replicas; empty: stand-alone. */
+  coordinatorUrl: readonly string[];
   serviceCredential: string;
   publicUrl: string;
   site: string;
@@ -237,18 +239,21 @@ export function createServingComponent(options: ServingComponentOptions): Servin
       }
       tasks.push(...(options.background?.(background.signal) ?? []));
       const registration = options.registration;
-      if (registration && registration.config.coordinatorUrl !== "" && registration.config.serviceCredential !== "") {
+      if (registration && registration.config.coordinatorUrl.length > 0 && registration.config.serviceCredential !== "") {
         const { kind, version, tcpAddress, status, logger: registrationLogger } = registration.describe(server);
+        const log = (registrationLogger ?? logger).child({ subsystem: "registration" });
         tasks.push(
           runRegistration({
-            transport: coordinatorTransport(registration.config.coordinatorUrl, registration.config.serviceCredential, registration.tls),
+            transport: coordinatorTransport(registration.config.coordinatorUrl, registration.config.serviceCredential, registration.tls, {
+              logger: log,
+            }),
             kind,
             url: registration.config.publicUrl !== "" ? registration.config.publicUrl : server.address().url,
             site: registration.config.site,
             version,
             tcpAddress,
             status: () => status(background.signal.aborted),
-            logger: (registrationLogger ?? logger).child({ subsystem: "registration" }),
+            logger: log,
             signal: background.signal,
             health: server.health,
           }),

@@ -53,7 +53,7 @@ export function createProxy({
   keys?: () => Promise<JSONWebKeySet>;
 }): Proxy {
   const tls = loadClientTls(config.caFile);
-  const keySource = keys ?? verifierKeySource(config, tls);
+  const keySource = keys ?? verifierKeySource(config, tls, logger.child({ subsystem: "tokens" }));
   const verifier = new TokenVerifier({ keys: keySource, audience: "proxy", logger: logger.child({ subsystem: "tokens" }) });
   const auth = new ProxyAuth(verifier);
   const proxyId = randomUUID();

@@ -30,7 +30,7 @@ export function createLogServer({
   const storeLogger = logger.child({ subsystem: "log-store" });
   const store = new LogStore({ dataDir: config.dataDir, jobSizeCapBytes: config.jobSizeCapBytes, logger: storeLogger });
   const tls = loadClientTls(config.caFile);
-  const keySource = keys ?? verifierKeySource(config, tls);
+  const keySource = keys ?? verifierKeySource(config, tls, logger.child({ subsystem: "tokens" }));
   const verifier = new TokenVerifier({ keys: keySource, audience: "log", logger: logger.child({ subsystem: "tokens" }) });
   const service = new LogServiceImpl({ store, verifier, logger: logger.child({ subsystem: "log-service" }) });
   return createServingComponent({

@@ -114,7 +114,7 @@ beforeAll(async () => {
   tools = jobTools(admin, join(dir, "images"), trust);
   const serviceCredential = (await createClient(AuthService, admin).createToken({ scope: TokenScope.SERVICE })).token;
 
-  const registered = { ...served, port: 0, coordinatorUrl: coordinator.url, serviceCredential, site: SITE, caFile };
+  const registered = { ...served, port: 0, coordinatorUrl: [coordinator.url], serviceCredential, site: SITE, caFile };
   cache = createImageStore({
     config: { ...loadImageStoreConfig(noInput), ...registered, mode: "cache", dataDir: join(dir, "cache"), sharedPath: join(dir, "cache") },
     logger: silentLogger(),
