@@ -168,7 +168,7 @@ async function startCentre(run: RunContext, centre: NetworkPlan["centre"], coord
       { DATABASE_URL: databaseUrl, TREADMILL_COORDINATOR_ADMIN_PASSWORD: adminPassword },
     );
   }
-  await run.tml(["login", coordinatorUrls[0], "--ca-file", run.pki.caFile, "--user", "admin", "--password-stdin"], `${adminPassword}\n`);
+  await run.tml(["login", coordinatorUrls.join(","), "--ca-file", run.pki.caFile, "--user", "admin", "--password-stdin"], `${adminPassword}\n`);
 
   const storeUrl = `https://${centre.address}:${PORTS.store}`;
   const credential = await secret(run, "image-store.credential", ["token", "create", "--service", "--description", "image store of the centre"], "token");
@@ -177,7 +177,7 @@ async function startCentre(run: RunContext, centre: NetworkPlan["centre"], coord
     STAGE.centre,
     centre.ns,
     [bin("treadmill-image-store"), "--mode", "store", "--host", centre.address, "--port", String(PORTS.store), "--data-dir", join(centreDir, "image-store"),
-      ...tlsFlags(cert), "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrls[0], "--public-url", storeUrl],
+      ...tlsFlags(cert), "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrls.join(","), "--public-url", storeUrl],
     "registered with coordinator",
     { TREADMILL_IMAGE_STORE_SERVICE_CREDENTIAL: credential },
   );
@@ -198,7 +198,13 @@ function boardConfig(name: string, boardDir: string) {
 }
 
 /** A site: its cache, log server and proxy side by side, then its two hosts (a process host; a simulated board and its host). */
-async function startSite(run: RunContext, site: SiteNet, coordinatorUrl: string): Promise<SiteInfo> {
+/** Every replica, the i-th (round) first: site i's components prefer replica i and fail over to the others. */
+function preferring(urls: string[], i: number): string[] {
+  const first = i % urls.length;
+  return [...urls.slice(first), ...urls.slice(0, first)];
+}
+
+async function startSite(run: RunContext, site: SiteNet, coordinatorUrls: string): Promise<SiteInfo> {
   const siteDir = await openDir(join(run.dir, site.name));
   const cert = await run.pki.issue(site.name, site.address);
   const url = (port: number) => `https://${site.address}:${port}`;
@@ -206,7 +212,7 @@ async function startSite(run: RunContext, site: SiteNet, coordinatorUrl: string)
     secret(run, `${site.name}-${server}.credential`, ["token", "create", "--service", "--description", `${server} of ${site.name}`], "token");
   const server = (port: number) => [
     "--site", site.name, "--host", site.address, "--port", String(port), ...tlsFlags(cert),
-    "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrl, "--public-url", url(port),
+    "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrls, "--public-url", url(port),
   ];
   const [cacheCredential, logsCredential, proxyCredential] = [await credential("image-cache"), await credential("log-server"), await credential("proxy")];
   const cacheDir = join(siteDir, "image-cache");
@@ -246,7 +252,7 @@ async function startSite(run: RunContext, site: SiteNet, coordinatorUrl: string)
   const boardConfigFile = join(siteDir, "board.json");
   await writeFile(boardConfigFile, JSON.stringify(boardConfig(boardHost, boardDir)));
   const supervisor = (name: string, work: string, driver: string[]) => [
-    bin("treadmill-supervisor"), "--name", name, ...driver, "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrl, "--work-dir", join(siteDir, work),
+    bin("treadmill-supervisor"), "--name", name, ...driver, "--ca-file", run.pki.caFile, "--coordinator-url", coordinatorUrls, "--work-dir", join(siteDir, work),
   ];
   await Promise.all([
     run.launch(`${site.name}-supervisor`, STAGE.host, site.ns, supervisor(processHost, "supervisor", ["--driver", "process"]), "attached to coordinator", {
@@ -340,7 +346,7 @@ export async function startSites(options: SitesOptions): Promise<Sites> {
     };
     const centre = await startCentre(run, plan.centre, options.coordinators);
     // Until clients take a list of coordinators, each site's components use one replica, in turn.
-    const sites = await Promise.all(plan.sites.map((site, i) => startSite(run, site, centre.coordinatorUrls[i % centre.coordinatorUrls.length])));
+    const sites = await Promise.all(plan.sites.map((site, i) => startSite(run, site, preferring(centre.coordinatorUrls, i).join(","))));
     const info: SitesInfo = {
       runId,
       pid: process.pid,
@@ -419,7 +425,7 @@ export function sitesBanner(info: SitesInfo): string {
     ...rows,
     "",
     `tml:   export TML_CONFIG=${info.tmlConfig}   (or . ${join(info.dir, "env")})`,
-    `       or: tml login ${info.coordinatorUrls[0]} --ca-file ${info.caFile} --user admin --password-stdin < ${info.adminPasswordFile}`,
+    `       or: tml login ${info.coordinatorUrls.join(",")} --ca-file ${info.caFile} --user admin --password-stdin < ${info.adminPasswordFile}`,
     `Logs:  ${info.logs}/<name>.log`,
     "Ctrl-C (SIGINT or SIGTERM) stops every process and removes the namespaces.",
     "",
