@@ -1,4 +1,4 @@
 #!/usr/bin/env node
 import { run } from "./run.js";
 
-await run("treadmill-coordinator", "coordinator/main.ts");
+await run("treadmill-coordinator.js", "coordinator/main.ts");

@@ -1,4 +1,4 @@
 #!/usr/bin/env node
 import { run } from "./run.js";
 
-await run("treadmill-image-store", "stores/image/main.ts");
+await run("treadmill-image-store.js", "stores/image/main.ts");

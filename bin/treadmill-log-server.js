@@ -6,4 +6,4 @@
 // times a second instead. Run this file itself (or pass the flag to node).
 import { run } from "./run.js";
 
-await run("treadmill-log-server", "stores/log/main.ts");
+await run("treadmill-log-server.js", "stores/log/main.ts");

@@ -1,4 +1,4 @@
 #!/usr/bin/env node
 import { run } from "./run.js";
 
-await run("treadmill-proxy", "proxy/main.ts");
+await run("treadmill-proxy.js", "proxy/main.ts");

@@ -1,4 +1,4 @@
 #!/usr/bin/env node
 import { run } from "./run.js";
 
-await run("treadmill-supervisor", "supervisor/main.ts");
+await run("treadmill-supervisor.js", "supervisor/main.ts");

@@ -1,4 +1,4 @@
 #!/usr/bin/env node
 import { run } from "./run.js";
 
-await run("treadmill-testbed", "testbed/main.ts");
+await run("treadmill-testbed.js", "testbed/main.ts");

@@ -4,7 +4,8 @@
  */
 import { runCli } from "./cli.js";
 
-const code = await runCli(process.argv.slice(2), {
+// No top-level await: the bundle is CommonJS (scripts/build.mjs says why).
+void runCli(process.argv.slice(2), {
   stdin: process.stdin,
   stdout: process.stdout,
   stderr: process.stderr,
@@ -13,6 +14,7 @@ const code = await runCli(process.argv.slice(2), {
     process.on("SIGINT", handler);
     return () => process.off("SIGINT", handler);
   },
+}).then((code) => {
+  // Open HTTP/2 sessions would keep the process alive: exit once output is flushed.
+  process.stdout.write("", () => process.stderr.write("", () => process.exit(code)));
 });
-// Open HTTP/2 sessions would keep the process alive: exit once output is flushed.
-process.stdout.write("", () => process.stderr.write("", () => process.exit(code)));

@@ -28,4 +28,4 @@ export function packagePath(...parts: string[]): string {
 }
 
 /** Whether this code runs from the compiled bundles (`dist/`) rather than the TypeScript sources. */
-export const COMPILED = import.meta.url.endsWith(".js");
+export const COMPILED = !import.meta.url.endsWith(".ts");

@@ -1,45 +1,32 @@
 #!/usr/bin/env node
 // Fixes in dependencies that their releases do not have yet, applied after
 // every install (`postinstall`, so `npm ci` and an install of the packed
-// tarball both get them). Each fix names its upstream issue, checks the
-// version it was written for, and is idempotent; a version it does not know
-// fails the install loudly rather than running unpatched.
-//
-// postgres 3.4.x: when a connection's socket closes, a statement sent on it
-// afterwards (the ROLLBACK that sql.begin sends when a query of its
-// transaction failed, a statement on a reserved connection) is written from a
-// timer to the null socket, and the TypeError kills the process
-// (porsager/postgres#1208, #1154; the fix proposed in #1209). The guard
-// settles the connection's queries with CONNECTION_CLOSED instead.
-//
-// postgres 3.4.x: `target_session_attrs=read-write` accepts a hot standby of
-// PostgreSQL 14+, which reports `default_transaction_read_only=off` (the
-// setting) and `in_hot_standby=on` at startup; the driver looked at the first
-// only, so a multi-host DATABASE_URL let the coordinators connect to the
-// standby (porsager found it: hapostgres/pg_auto_failover#970). As libpq
-// does, read-write now also refuses a server in hot standby and read-only
-// accepts one (docs/ha.md).
-//
-// postgres 3.4.x: with several hosts, a connection being opened swallowed
-// every failure and went on to the next host, round after round without
-// end, so a query waited for as long as no host was acceptable (the primary
-// gone, the standby not yet promoted): an RPC hung until its deadline. The
-// local `retries`, meant to count the hosts tried, was never raised. Now, as
-// libpq does, one round over the hosts that finds none fails the query with
-// the last host's error (mapped to Unavailable), and the pool tries again
-// with its backoff at the next query.
+// tarball both get them; scripts/build.mjs bundles the patched code). Each
+// fix names its upstream issue or cause, checks the versions it was written
+// for, and is idempotent; a version it does not know fails the install loudly
+// rather than running unpatched.
 import { readFileSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 
 const require = createRequire(import.meta.url);
+
 const FIXES = [
   {
-    issue: "porsager/postgres#1208",
+    // When a connection's socket closes, a statement sent on it afterwards
+    // (the ROLLBACK that sql.begin sends when a query of its transaction
+    // failed, a statement on a reserved connection) is written from a timer
+    // to the null socket, and the TypeError kills the process
+    // (porsager/postgres#1208, #1154; the fix proposed in #1209). The guard
+    // settles the connection's queries with CONNECTION_CLOSED instead.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: porsager/postgres#1208",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
     original: `  function nextWrite(fn) {
     const x = socket.write(chunk, fn)`,
-    patched: `  function nextWrite(fn) {
-    if (socket === null) { // treadmill: porsager/postgres#1208
+    patched: (mark) => `  function nextWrite(fn) {
+    if (socket === null) { // ${mark}
       nextWriteTimer !== null && clearImmediate(nextWriteTimer)
       chunk = nextWriteTimer = null
       error(Errors.connection('CONNECTION_CLOSED', options))
@@ -48,26 +35,74 @@ const FIXES = [
     const x = socket.write(chunk, fn)`,
   },
   {
-    issue: "target_session_attrs on a hot standby",
+    // `target_session_attrs=read-write` accepted a hot standby of PostgreSQL
+    // 14+, which reports `default_transaction_read_only=off` (the setting)
+    // and `in_hot_standby=on` at startup: the driver looked at the first
+    // only, so a multi-host DATABASE_URL let the coordinators connect to the
+    // standby (porsager met it: hapostgres/pg_auto_failover#970). As libpq
+    // does, read-write now also refuses a server in hot standby, and
+    // read-only accepts one (docs/ha.md).
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: target_session_attrs on a hot standby",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
     original: `      (x === 'read-write' && xs.default_transaction_read_only === 'on') ||
       (x === 'read-only' && xs.default_transaction_read_only === 'off') ||`,
-    patched: `      (x === 'read-write' && (xs.default_transaction_read_only === 'on' || xs.in_hot_standby === 'on')) || // treadmill: target_session_attrs on a hot standby
+    patched: (mark) => `      (x === 'read-write' && (xs.default_transaction_read_only === 'on' || xs.in_hot_standby === 'on')) || // ${mark}
       (x === 'read-only' && xs.default_transaction_read_only === 'off' && xs.in_hot_standby === 'off') ||`,
   },
   {
-    issue: "one round over several hosts",
+    // With several hosts, a connection being opened swallowed every failure
+    // and went on to the next host, round after round without end, so a
+    // query waited as long as no host would do (the primary gone, the
+    // standby not yet promoted): an RPC hung until its deadline. The local
+    // `retries`, meant to count the hosts tried, was never raised. As libpq
+    // does, one round over the hosts that finds none now fails the query
+    // with the last host's error (the coordinator answers Unavailable), and
+    // the pool tries again, with its backoff, at the next query.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: one round over several hosts",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
     original: `    if (connection.queue === queues.connecting && options.host[retries + 1])
       return
 `,
-    patched: `    if (connection.queue === queues.connecting && options.host[++retries]) // treadmill: one round over several hosts
+    patched: (mark) => `    if (connection.queue === queues.connecting && options.host[++retries]) // ${mark}
       return
     retries = 0
 `,
   },
+  {
+    // Every reflected message built its own field-number map on its first
+    // findNumber, so decoding N messages built N maps: a third of `tml`'s
+    // start went to decoding the generated file descriptors this way, and
+    // every binary decode pays it per message. One map per message type, as
+    // the sorted field list beside it already is.
+    name: "@bufbuild/protobuf",
+    versions: /^2\.13\.\d+$/,
+    mark: "treadmill: one field-number map per message type",
+    files: ["dist/esm/reflect/reflect.js", "dist/commonjs/reflect/reflect.js"],
+    original: `        if (!this._fieldsByNumber) {
+            this._fieldsByNumber = new Map(this.desc.fields.map((f) => [f.number, f]));
+        }
+        return this._fieldsByNumber.get(number);`,
+    patched: (mark) => `        // ${mark}
+        let byNumber = messageFieldsByNumber.get(this.desc);
+        if (byNumber === undefined) {
+            byNumber = new Map(this.desc.fields.map((f) => [f.number, f]));
+            messageFieldsByNumber.set(this.desc, byNumber);
+        }
+        return byNumber.get(number);`,
+    // The map's home, beside the sorted fields' cache.
+    extra: {
+      original: "const messageSortedFields = new WeakMap();",
+      patched: "const messageSortedFields = new WeakMap();\nconst messageFieldsByNumber = new WeakMap();",
+    },
+  },
 ];
 
 function packageDir(name) {
-  // The package's main entry is under <dir>/cjs/src or <dir>/src: walk up to its package.json.
+  // The package's main entry is some folders down: walk up to its package.json.
   let dir = dirname(require.resolve(name));
   for (;;) {
     try {
@@ -82,33 +117,33 @@ function packageDir(name) {
   }
 }
 
-const { dir, version } = packageDir("postgres");
-if (!/^3\.4\.(9|10)$/.test(version)) {
-  console.error(`scripts/patch-dependencies.mjs: postgres ${version} is not a version these fixes were checked against (3.4.9, 3.4.10); check ${FIXES.map((f) => f.issue).join(" and ")} and update the script`);
+function fail(message) {
+  console.error(`scripts/patch-dependencies.mjs: ${message}`);
   process.exit(1);
 }
-let patched = 0;
-for (const file of ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"]) {
-  const path = join(dir, file);
-  let text;
-  try {
-    text = readFileSync(path, "utf8");
-  } catch {
-    continue; // not shipped in this build
+
+for (const fix of FIXES) {
+  const { dir, version } = packageDir(fix.name);
+  if (!fix.versions.test(version)) {
+    fail(`${fix.name} ${version} is not a version this fix was checked against (${fix.versions}); check "${fix.mark}" and update the script`);
   }
-  let changed = false;
-  for (const fix of FIXES) {
-    if (text.includes(`treadmill: ${fix.issue}`)) continue;
-    if (!text.includes(fix.original)) {
-      console.error(`scripts/patch-dependencies.mjs: ${path} does not contain the code the fix for ${fix.issue} replaces`);
-      process.exit(1);
+  let patched = 0;
+  for (const file of fix.files) {
+    const path = join(dir, file);
+    let text;
+    try {
+      text = readFileSync(path, "utf8");
+    } catch {
+      continue; // not shipped in this build
     }
-    text = text.replace(fix.original, fix.patched);
-    changed = true;
-  }
-  if (changed) {
+    if (text.includes(fix.mark)) continue;
+    const edits = [{ original: fix.original, patched: fix.patched(fix.mark) }, ...(fix.extra ? [fix.extra] : [])];
+    for (const edit of edits) {
+      if (!text.includes(edit.original)) fail(`${path} does not contain the code the fix "${fix.mark}" replaces`);
+      text = text.replace(edit.original, edit.patched);
+    }
     writeFileSync(path, text);
     patched++;
   }
+  if (patched > 0) console.log(`patched ${fix.name} ${version} (${fix.mark}) in ${patched} files`);
 }
-if (patched > 0) console.log(`patched postgres ${version} (${FIXES.map((f) => f.issue).join("; ")}) in ${patched} files`);

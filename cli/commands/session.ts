@@ -11,7 +11,7 @@ import { JobState, JobStateSchema } from "../../gen/treadmill/coordinator/v1/job
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { attachTerminal, dialTunnel } from "../../lib/tunnel/client.js";
 import { defineCommand, type Command } from "../command.js";
-import type { CliContext } from "../context.js";
+import { tlsOptions, type CliContext } from "../context.js";
 import { CliError, ExitCode } from "../errors.js";
 import { word } from "../format.js";
 import { outcome } from "./job.js";
@@ -98,6 +98,7 @@ export const sessionCommands: Command[] = [
         hostId: session.hostId,
         windowSize: tty.columns && tty.rows ? { cols: tty.columns, rows: tty.rows } : undefined,
         signal: ctx.abort.signal,
+        tls: tlsOptions(ctx.caFile),
       });
       stderr.write(`Connected to the console of job ${jobId}. Type ~. at the start of a line to leave.\r\n`);
       const raw = stdin.isTTY === true && typeof stdin.setRawMode === "function";
@@ -147,11 +148,12 @@ export const sessionCommands: Command[] = [
       }
       // One session (and token) for every connection; checked before listening.
       const session = await openSession(ctx, jobId, port, flags.host);
+      const tls = tlsOptions(ctx.caFile);
       const connections = new Set<Socket>();
       const server = createServer((socket) => {
         connections.add(socket);
         socket.once("close", () => connections.delete(socket));
-        dialTunnel({ proxyUrl: session.grpcUrl, token: session.dialToken!.token, jobId, port, hostId: session.hostId }).then(
+        dialTunnel({ proxyUrl: session.grpcUrl, token: session.dialToken!.token, jobId, port, hostId: session.hostId, tls }).then(
           (tunnel) => {
             socket.pipe(tunnel);
             tunnel.pipe(socket);

@@ -53,7 +53,8 @@ afterAll(async () => {
 describe("the installed package", () => {
   it("ships the compiled programs without the TypeScript sources", () => {
     const root = join(prefix, "lib", "node_modules", "treadmill");
-    expect(existsSync(join(root, "dist", "tml.js"))).toBe(true);
+    expect(existsSync(join(root, "dist", "tml.cjs"))).toBe(true);
+    expect(existsSync(join(root, "dist", "tml.cjs.cache"))).toBe(true);
     expect(existsSync(join(root, "dist", "treadmill-coordinator.js"))).toBe(true);
     expect(existsSync(join(root, "coordinator", "migrations", "0001_init.sql"))).toBe(true);
     expect(existsSync(join(root, "console", "dist", "index.html"))).toBe(true);

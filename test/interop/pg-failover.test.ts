@@ -2,7 +2,8 @@
  * PostgreSQL failover under load (issue #20 item 4): docs/ha.md's primary
  * and synchronous standby, two coordinator replicas (child processes) on the
  * multi-host DATABASE_URL, an image store, a cache and a log server, and two
- * process supervisors (child processes), one attached to each replica. Jobs
+ * process supervisors (child processes), one attached to each replica; all
+ * of them know both replicas. Jobs
  * are submitted before and during the outage; while some run, the primary
  * (postmaster and backends) is SIGKILLed and, a few seconds later, the
  * standby promoted with the doc's command. Every acknowledged SubmitJob's
@@ -57,7 +58,7 @@ describe("the coordinators across a PostgreSQL failover", () => {
     const admin = await ha.admin(ha.urls[0]);
     tools = jobTools(admin, join(ha.dir, "images"));
     const serviceCredential = (await createClient(AuthService, admin).createToken({ scope: TokenScope.SERVICE, description: "failover test" })).token;
-    const registered = { coordinatorUrl: ha.urls[0], serviceCredential, port: 0, site: "local" };
+    const registered = { coordinatorUrl: ha.urls, serviceCredential, port: 0, site: "local" };
     servers.push(
       createImageStore({ config: { ...loadImageStoreConfig(noInput), ...registered, mode: "store", dataDir: join(ha.dir, "image-store") }, logger: silentLogger() }),
       createImageStore({
@@ -73,7 +74,8 @@ describe("the coordinators across a PostgreSQL failover", () => {
       const created = await hosts.createHost({ ...processHost(name), site: "local", capacity: 4 });
       const sup = startProcess(
         "bin/treadmill-supervisor.js",
-        ["--coordinator-url", url, "--name", name, "--work-dir", join(ha.dir, name), "--reconnect-max-ms", "1000"],
+        // Each its own replica first: both replicas hold a supervisor's stream.
+        ["--coordinator-url", [url, ...ha.urls.filter((u) => u !== url)].join(","), "--name", name, "--work-dir", join(ha.dir, name), "--reconnect-max-ms", "1000"],
         { TREADMILL_SUPERVISOR_HOST_CREDENTIAL: created.credential },
       );
       supervisors.push(sup);
