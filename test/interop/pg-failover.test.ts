@@ -45,7 +45,7 @@ describe("the coordinators across a PostgreSQL failover", () => {
   let submitted: Acknowledged[] = [];
   const failures = new Map<string, number>();
   let killedAt = 0;
-  let coordinatorsOnStandby = -1;
+  let coordinatorsOnStandby: unknown[] | undefined;
   let promotedAt = 0;
   let promoteMs = 0;
   /** Per replica: ms from the end of the promotion to its first acknowledged SubmitJob. */
@@ -103,13 +103,15 @@ describe("the coordinators across a PostgreSQL failover", () => {
     killedAt = Date.now();
     await waitUntil(async () => ((await Promise.all(ha.urls.map((u) => serving(u)))).every((s) => !s) ? true : undefined), "both replicas NOT_SERVING", 10_000);
     await new Promise((resolve) => setTimeout(resolve, OUTAGE_MS)); // the outage the operator takes to notice: not a wait for an event
-    // target_session_attrs=read-write kept the coordinators off the standby while it was one: a
-    // connection of theirs lives there only the few milliseconds it takes to find it in recovery.
+    // target_session_attrs=read-write kept the coordinators' statements off the standby while it
+    // was one. (A pool connection opened in that time may stay there idle, never used before the
+    // promotion; one that ran a statement there, as all did without the fix, counts.)
     const password = (await readFile(join(ha.dir, "treadmill.password"), "utf8")).trim();
     const standby = postgres(`postgres://treadmill:${password}@127.0.0.1:${ha.vars.STANDBY_PORT}/treadmill`, { max: 1, onnotice: () => undefined });
     try {
-      const [{ n }] = await standby<{ n: number }[]>`select count(*)::int as n from pg_stat_activity where application_name like 'treadmill-coordinator%' and backend_start < now() - interval '1 second'`;
-      coordinatorsOnStandby = n;
+      coordinatorsOnStandby = await standby<{ name: string; ageMs: number; state: string | null; query: string }[]>`
+        select application_name as name, (extract(epoch from now() - backend_start) * 1000)::int as "ageMs", state, query
+        from pg_stat_activity where application_name like 'treadmill-coordinator%' and query <> ''`;
     } finally {
       await standby.end({ timeout: 1 });
     }
@@ -139,8 +141,8 @@ describe("the coordinators across a PostgreSQL failover", () => {
     for (const ms of writesBackMs) expect(ms).toBeLessThanOrEqual(10_000);
   });
 
-  it("keeps the coordinators off the standby until it is promoted", () => {
-    expect(coordinatorsOnStandby).toBe(0);
+  it("runs no statement of the coordinators on the standby until it is promoted", () => {
+    expect(coordinatorsOnStandby).toEqual([]);
   });
 
   it("answers the calls made during the outage with UNAVAILABLE only, never INTERNAL", () => {
