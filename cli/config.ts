@@ -10,8 +10,10 @@ import { dirname, join } from "node:path";
 import { CliError, ExitCode } from "./errors.js";
 
 export interface SavedContext {
-  /** The coordinator's base URL. */
+  /** The coordinator's base URL (its first replica's when there are several: what older tml versions read). */
   server: string;
+  /** The coordinator's replicas, in the order tried, when there are several (absent from files written before). */
+  servers?: string[];
   /** The login name. */
   user: string;
   /** The API token's secret; absent after logout. */
@@ -67,6 +69,11 @@ export class ConfigStore {
     await chmod(temp, 0o600);
     await rename(temp, this.path);
   }
+}
+
+/** The coordinator replicas of a saved context, in the order tried. */
+export function contextServers(context: SavedContext): string[] {
+  return Array.isArray(context.servers) && context.servers.length > 0 ? [...context.servers] : [context.server];
 }
 
 /** A context name derived from a server URL: `host-port`. */

@@ -2,7 +2,9 @@
  * What every command gets: the output, the contexts file, the selected
  * context, and coordinator clients authenticated with its token. `TML_SERVER`
  * and `TML_TOKEN` override the saved context (for CI, where nothing is
- * saved), with `TML_CA_FILE` as their `--ca-file`.
+ * saved), with `TML_CA_FILE` as their `--ca-file`. A coordinator may be
+ * several replicas (`tml login A,B`, `TML_SERVER=A,B`): calls go to one at
+ * a time and move to the next when it cannot be reached (lib/replicas.ts).
  */
 import { readFileSync } from "node:fs";
 import { rootCertificates } from "node:tls";
@@ -10,9 +12,11 @@ import type { Readable, Writable } from "node:stream";
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import { Http2SessionManager } from "@connectrpc/connect-node";
 import type { DescService } from "@bufbuild/protobuf";
+import { splitList } from "../lib/config.js";
 import { clientTransport } from "../lib/grpc/transport.js";
+import { REPLICA_PING, ReplicaSet, replicaTransport } from "../lib/replicas.js";
 import type { GlobalFlags } from "./args.js";
-import { ConfigStore, type ConfigFile, type SavedContext } from "./config.js";
+import { ConfigStore, contextServers, type ConfigFile, type SavedContext } from "./config.js";
 import { CliError, ExitCode, type ErrorContext } from "./errors.js";
 import type { Output } from "./output.js";
 
@@ -33,6 +37,9 @@ export interface CliIo {
 export interface Target {
   /** The context's name; "" when TML_SERVER/TML_TOKEN define it. */
   name: string;
+  /** The coordinator's replicas, in the order tried (one, mostly). */
+  servers: readonly string[];
+  /** The same, as `tml login` and `--coordinator-url` take them: comma-separated. */
   server: string;
   user: string;
   token: string;
@@ -73,33 +80,46 @@ export class CliContext {
   async target(): Promise<Target> {
     const env = this.io.env;
     if (env.TML_SERVER && env.TML_TOKEN && this.flags.context === undefined) {
-      this.errorContext.server = env.TML_SERVER;
+      const servers = splitList(env.TML_SERVER);
+      this.errorContext.server = servers.join(",");
       this.errorContext.hadToken = true;
-      return { name: "", server: env.TML_SERVER, user: "", token: env.TML_TOKEN, caFile: env.TML_CA_FILE || undefined };
+      return { name: "", servers, server: servers.join(","), user: "", token: env.TML_TOKEN, caFile: env.TML_CA_FILE || undefined };
     }
     const selected = await this.selected();
     if (selected === undefined) {
       throw new CliError("you are not logged in: run `tml login SERVER` first", ExitCode.AUTH);
     }
     const { name, context } = selected;
-    this.errorContext.server = context.server;
+    const servers = contextServers(context);
+    this.errorContext.server = servers.join(",");
     this.errorContext.context = name;
     if (!context.token) {
       throw new CliError(`you are logged out of context "${name}": run \`tml login\` again`, ExitCode.AUTH);
     }
     this.errorContext.hadToken = true;
-    return { name, server: context.server, user: context.user, token: context.token, caFile: context.caFile };
+    return { name, servers, server: servers.join(","), user: context.user, token: context.token, caFile: context.caFile };
   }
 
   /**
    * A gRPC transport to `server` with `token` (none when empty), verifying an
    * https server with the CA in `caFile` as well as the system's; its
-   * connection closes when the command ends.
+   * connection closes when the command ends. Given several replicas, a call
+   * goes to the next when one cannot be reached (said with --verbose).
    */
-  transport(server: string, token: string, caFile?: string): Transport {
-    const sessionManager = new Http2SessionManager(server, undefined, tlsOptions(caFile));
-    this.onClose(() => sessionManager.abort());
-    return clientTransport({ baseUrl: server, sessionManager, token: () => token });
+  transport(server: string | readonly string[], token: string, caFile?: string): Transport {
+    const transportFor = (url: string) => {
+      // Pinged when silent, as every coordinator client is: a follow on a vanished replica moves on.
+      const ping = { pingIntervalMs: REPLICA_PING.intervalMs, pingTimeoutMs: REPLICA_PING.timeoutMs };
+      const sessionManager = new Http2SessionManager(url, ping, tlsOptions(caFile));
+      this.onClose(() => sessionManager.abort());
+      return clientTransport({ baseUrl: url, sessionManager, token: () => token });
+    };
+    const urls = typeof server === "string" ? [server] : server;
+    if (urls.length === 1) return transportFor(urls[0]);
+    const onMove = ({ from, to, reason }: { from: string; to: string; reason: string }) => {
+      if (this.verbose) this.out.note(`${from} cannot be reached (${reason}); trying ${to}`);
+    };
+    return replicaTransport(new ReplicaSet({ urls, onMove }), transportFor);
   }
 
   readonly #closers: (() => void)[] = [];
@@ -134,7 +154,7 @@ export class CliContext {
   async client<S extends DescService>(service: S): Promise<Client<S>> {
     if (this.#coordinator === undefined) {
       const target = await this.target();
-      this.#coordinator = this.transport(target.server, target.token, target.caFile);
+      this.#coordinator = this.transport(target.servers, target.token, target.caFile);
       this.caFile = target.caFile;
     }
     return createClient(service, this.#coordinator);

@@ -1,5 +1,6 @@
-import { loadConfig } from "../lib/config.js";
+import { ConfigError, loadConfig } from "../lib/config.js";
 import { serverConfigFields } from "../lib/component.js";
+import { databaseUrlProblem } from "./db/url.js";
 import { jobConfigFields } from "./jobs/config.js";
 
 /** Everything the coordinator can be told, with its defaults. */
@@ -12,11 +13,13 @@ export const coordinatorSchema = {
     description: "state directory; holds the embedded PostgreSQL when database-url is not set",
   },
   databaseUrl: {
-    type: "url",
+    // Not "url": a WHATWG URL refuses several hosts (db/url.ts checks it).
+    type: "string",
     default: "",
     env: "DATABASE_URL",
     secret: true,
-    description: "PostgreSQL 14+ to use instead of the embedded one (postgres://user:pass@host/db)",
+    description:
+      "PostgreSQL 14+ to use instead of the embedded one (postgres://user:pass@host/db); with a standby, every host and target_session_attrs=read-write (postgres://user:pass@h1:5432,h2:5432/db?target_session_attrs=read-write)",
   },
   adminName: {
     type: "string",
@@ -84,5 +87,8 @@ export type CoordinatorConfig = ReturnType<typeof loadCoordinatorConfig>;
 
 /** Reads the coordinator's config from the environment and flags. */
 export function loadCoordinatorConfig(source: { env: Record<string, string | undefined>; argv: string[] }) {
-  return loadConfig("coordinator", coordinatorSchema, source);
+  const config = loadConfig("coordinator", coordinatorSchema, source);
+  const problem = config.databaseUrl === "" ? undefined : databaseUrlProblem(config.databaseUrl.trim());
+  if (problem !== undefined) throw new ConfigError([`database-url (DATABASE_URL): the value ${problem}`]);
+  return { ...config, databaseUrl: config.databaseUrl.trim() };
 }

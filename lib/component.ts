@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { coordinatorTransport, runRegistration, type RegistrationOptions } from "./coordinator-client.js";
+import type { ClientTls } from "./grpc/trust.js";
 import type { Logger } from "./logger.js";
 import {
   DEFAULT_GRACE_MS,
@@ -48,12 +49,13 @@ export function serverConfigFields(defaultPort: number) {
  * stores and caches, log servers, proxies) and verifies its capability
  * tokens offline, with the coordinator's keys or a JWKS file.
  */
-export function registrationConfigFields<const D extends string>(defaultCoordinatorUrl: D) {
+export function registrationConfigFields(defaultCoordinatorUrl: string) {
   return {
     coordinatorUrl: {
-      type: "url",
-      default: defaultCoordinatorUrl,
-      description: "the coordinator: its signing keys verify tokens, and it takes the registration (empty: stand-alone)",
+      type: "urls",
+      default: defaultCoordinatorUrl === "" ? [] : [defaultCoordinatorUrl],
+      description:
+        "the coordinator, or its replicas comma-separated (one used at a time, the next when it is unreachable): its signing keys verify tokens, and it takes the registration (empty: stand-alone)",
     },
     signingKeysFile: {
       type: "path",
@@ -72,8 +74,20 @@ export function registrationConfigFields<const D extends string>(defaultCoordina
       description: "the URL clients and supervisors reach this server at, as registered (default: the listening address)",
     },
     site: { type: "string", default: "", description: "the site this server belongs to, as registered (empty: every site)" },
+    caFile: caFileField,
   } as const;
 }
+
+/**
+ * The `caFile` field of every component that dials out: the lab's CA
+ * certificates, trusted besides the public roots for every TLS connection
+ * it makes (lib/grpc/trust.ts, docs/tls.md).
+ */
+export const caFileField = {
+  type: "path",
+  default: "",
+  description: "PEM file of CA certificates trusted, besides the public roots, to verify the https servers this one dials (the lab's CA)",
+} as const;
 
 /** The `logLevel` field of every component's schema. */
 export function logLevelField<const D extends string>(defaultLevel: D) {
@@ -143,7 +157,8 @@ export interface ServingComponent extends Component {
 
 /** The values of `registrationConfigFields`, as loaded. */
 export interface RegistrationConfig {
-  coordinatorUrl: string;
+  /** The coordinator's replicas; empty: stand-alone. */
+  coordinatorUrl: readonly string[];
   serviceCredential: string;
   publicUrl: string;
   site: string;
@@ -184,7 +199,7 @@ export interface ServingComponentOptions {
    * while serving, deregistration as stop() begins, and the
    * `treadmill.registration` health service (`lib/coordinator-client.ts`).
    */
-  registration?: { config: RegistrationConfig; describe: (server: Server) => ServerRegistration };
+  registration?: { config: RegistrationConfig; tls?: ClientTls; describe: (server: Server) => ServerRegistration };
   /** As stop() begins, with the background signal aborted: refuse new work, end streams. */
   stopping?: () => void;
   /** Once the background work (and the deregistration) ended, before the server drains. */
@@ -224,18 +239,21 @@ export function createServingComponent(options: ServingComponentOptions): Servin
       }
       tasks.push(...(options.background?.(background.signal) ?? []));
       const registration = options.registration;
-      if (registration && registration.config.coordinatorUrl !== "" && registration.config.serviceCredential !== "") {
+      if (registration && registration.config.coordinatorUrl.length > 0 && registration.config.serviceCredential !== "") {
         const { kind, version, tcpAddress, status, logger: registrationLogger } = registration.describe(server);
+        const log = (registrationLogger ?? logger).child({ subsystem: "registration" });
         tasks.push(
           runRegistration({
-            transport: coordinatorTransport(registration.config.coordinatorUrl, registration.config.serviceCredential),
+            transport: coordinatorTransport(registration.config.coordinatorUrl, registration.config.serviceCredential, registration.tls, {
+              logger: log,
+            }),
             kind,
             url: registration.config.publicUrl !== "" ? registration.config.publicUrl : server.address().url,
             site: registration.config.site,
             version,
             tcpAddress,
             status: () => status(background.signal.aborted),
-            logger: (registrationLogger ?? logger).child({ subsystem: "registration" }),
+            logger: log,
             signal: background.signal,
             health: server.health,
           }),

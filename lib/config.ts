@@ -8,7 +8,9 @@
  * (`env: "DATABASE_URL"`). Boolean flags are `--x` and `--no-x`. Durations are
  * milliseconds, in keys named `...Ms`: a plain integer, or `250ms`, `5s`, `2m`,
  * `1h`, `1d`, or a sum such as `1m30s`. Lists are comma-separated; a list flag
- * given twice adds up. An empty environment variable counts as unset.
+ * given twice adds up. A `urls` field is a list of http(s) URLs (the replicas
+ * of one service, in order of preference). An empty environment variable
+ * counts as unset.
  *
  * Every problem (unknown flag or variable, bad value, missing required setting,
  * value outside the choices) is collected and thrown at once as a ConfigError
@@ -18,7 +20,7 @@
  * the CLI's commands (cli/args.ts), which add short flags and arguments.
  */
 
-export type FieldType = "string" | "int" | "bool" | "duration" | "list" | "url" | "path";
+export type FieldType = "string" | "int" | "bool" | "duration" | "list" | "url" | "urls" | "path";
 
 /** One setting of a component. */
 export interface FieldSpec {
@@ -55,14 +57,16 @@ export type ValueOf<F extends FieldSpec> = F["type"] extends "int" | "duration"
     ? boolean
     : F["type"] extends "list"
       ? readonly ChoiceOf<F>[]
-      : ChoiceOf<F>;
+      : F["type"] extends "urls"
+        ? readonly string[]
+        : ChoiceOf<F>;
 
 /** Bools default to false and lists to empty; other fields without a default may be undefined. */
 type IsAlwaysSet<F extends FieldSpec> = F extends { readonly default: unknown }
   ? true
   : F extends { readonly required: true }
     ? true
-    : F["type"] extends "bool" | "list"
+    : F["type"] extends "bool" | "list" | "urls"
       ? true
       : false;
 
@@ -164,7 +168,7 @@ export function loadConfig<const S extends ConfigSchema>(
     let parsed: Parsed;
     if (flagValues !== undefined) {
       const where = `--${flagName(key)}`;
-      if (spec.type === "list") {
+      if (spec.type === "list" || spec.type === "urls") {
         const parts = flagValues.map((v) => parse(spec, v, where));
         const bad = parts.find((p) => "problem" in p);
         parsed = bad ?? { value: parts.flatMap((p) => ("value" in p ? (p.value as string[]) : [])) };
@@ -179,7 +183,7 @@ export function loadConfig<const S extends ConfigSchema>(
       problems.push(`missing required setting --${flagName(key)} (or ${env}): ${spec.description}`);
       continue;
     } else {
-      parsed = { value: spec.type === "bool" ? false : spec.type === "list" ? [] : undefined };
+      parsed = { value: spec.type === "bool" ? false : spec.type === "list" || spec.type === "urls" ? [] : undefined };
     }
     if ("problem" in parsed) {
       problems.push(parsed.problem);
@@ -239,16 +243,37 @@ function parse(spec: FieldSpec, raw: string, where: string): Parsed {
       return checkBounds(ms, " ms");
     }
     case "list": {
-      const items = raw
-        .split(",")
-        .map((s) => s.trim())
-        .filter((s) => s !== "");
+      const items = splitList(raw);
       for (const item of items) {
         const choice = checkChoice(item);
         if ("problem" in choice) return choice;
       }
       return { value: items };
     }
+    case "urls": {
+      const urls = splitList(raw);
+      const wrong = urls.find((url) => !isHttpUrl(url));
+      if (wrong !== undefined) return { problem: `${where}: ${spec.secret ? "value" : JSON.stringify(wrong)} is not an http(s) url` };
+      return { value: urls };
+    }
+  }
+}
+
+/** `" a, b ,,c"` -> `["a", "b", "c"]`: the comma-separated items of a list, blanks dropped. */
+export function splitList(raw: string): string[] {
+  return raw
+    .split(",")
+    .map((s) => s.trim())
+    .filter((s) => s !== "");
+}
+
+/** Whether `text` is an absolute http:// or https:// URL with a host. */
+export function isHttpUrl(text: string): boolean {
+  try {
+    const url = new URL(text);
+    return (url.protocol === "http:" || url.protocol === "https:") && url.hostname !== "";
+  } catch {
+    return false;
   }
 }
 

@@ -10,12 +10,29 @@ import {
 import type { Logger } from "./logger.js";
 import { type HealthStatus, ServingStatus } from "./server/health.js";
 import { clientTransport } from "./grpc/transport.js";
+import { REPLICA_PING, ReplicaSet, replicaTransport } from "./replicas.js";
+import type { ClientTls } from "./grpc/trust.js";
 import { classify, keepStreaming, sleep } from "./retry.js";
 import type { JSONWebKeySet, JWK } from "./tokens.js";
 
-/** A gRPC (HTTP/2) transport to the coordinator, optionally authenticated. */
-export function coordinatorTransport(url: string, credential = ""): Transport {
-  return clientTransport({ baseUrl: url, token: () => credential });
+/**
+ * A gRPC (HTTP/2) transport to the coordinator, optionally authenticated,
+ * verifying https with `tls`. Given several URLs (its replicas), calls go to
+ * one replica at a time and move to the next when it cannot be reached
+ * (lib/replicas.ts); `logger` gets the replica in use and each move.
+ */
+export function coordinatorTransport(
+  urls: string | readonly string[],
+  credential = "",
+  tls?: ClientTls,
+  options: { logger?: Logger; ping?: { intervalMs: number; timeoutMs: number } } = {},
+): Transport {
+  const list = typeof urls === "string" ? [urls] : urls;
+  const ping = options.ping ?? REPLICA_PING;
+  const transportFor = (url: string) =>
+    clientTransport({ baseUrl: url, token: () => credential, tls, pingIntervalMs: ping.intervalMs, pingTimeoutMs: ping.timeoutMs });
+  if (list.length === 1) return transportFor(list[0]);
+  return replicaTransport(new ReplicaSet({ urls: list, logger: options.logger }), transportFor);
 }
 
 /**
@@ -47,9 +64,13 @@ export function fileKeySource(path: string): () => Promise<JSONWebKeySet> {
  * tokens: a JWKS file when one is configured (stand-alone use), else the
  * coordinator's GetSigningKeys; with neither, no key (every token refused).
  */
-export function verifierKeySource(config: { signingKeysFile: string; coordinatorUrl: string }): () => Promise<JSONWebKeySet> {
+export function verifierKeySource(
+  config: { signingKeysFile: string; coordinatorUrl: readonly string[] },
+  tls?: ClientTls,
+  logger?: Logger,
+): () => Promise<JSONWebKeySet> {
   if (config.signingKeysFile !== "") return fileKeySource(config.signingKeysFile);
-  if (config.coordinatorUrl !== "") return coordinatorKeySource(coordinatorTransport(config.coordinatorUrl));
+  if (config.coordinatorUrl.length > 0) return coordinatorKeySource(coordinatorTransport(config.coordinatorUrl, "", tls, { logger }));
   return async () => ({ keys: [] });
 }
 

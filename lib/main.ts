@@ -40,7 +40,16 @@ export async function runMain<C extends { logLevel: string }, T extends Componen
     component: options.logComponent === null ? undefined : (options.logComponent ?? options.component),
     level: config.logLevel,
   });
-  const component = options.create(config, logger);
+  let component: T;
+  try {
+    component = options.create(config, logger);
+  } catch (err) {
+    // What create() reads from the config's files (--ca-file) is part of the config.
+    if (!(err instanceof ConfigError)) throw err;
+    proc.stderr.write(`${err.message}\n`);
+    proc.exit(2);
+    return;
+  }
   const stopped = stopOnSignals(proc, component, logger);
   try {
     await component.start();

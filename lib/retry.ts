@@ -151,7 +151,8 @@ export const NETWORK_ERRNO: ReadonlySet<string> = new Set([
   "ENETUNREACH",
 ]);
 
-const NETWORK_MESSAGE = new RegExp(`\\b(${[...NETWORK_ERRNO].join("|")})\\b`);
+/** Of those, the ones that say no connection was opened: a request never left. */
+const CONNECT_ERRNO: ReadonlySet<string> = new Set(["ECONNREFUSED", "EAI_AGAIN", "ENOTFOUND", "EHOSTUNREACH", "ENETUNREACH"]);
 
 /**
  * Whether `err` (or a cause of it) is a connection that failed, however the
@@ -159,10 +160,26 @@ const NETWORK_MESSAGE = new RegExp(`\\b(${[...NETWORK_ERRNO].join("|")})\\b`);
  * Connect transports fold the errno into the text).
  */
 export function isNetworkError(err: unknown): boolean {
+  return hasErrno(err, NETWORK_ERRNO);
+}
+
+/**
+ * Whether `err` says the connection could not be opened (refused, a name
+ * that does not resolve, no route): the call never reached a server, so
+ * sending it elsewhere cannot run it twice.
+ */
+export function isConnectFailure(err: unknown): boolean {
+  // A server's answer (a ConnectError without a cause) is none, whatever its text says.
+  if (err instanceof ConnectError && err.cause === undefined) return false;
+  return hasErrno(err, CONNECT_ERRNO);
+}
+
+function hasErrno(err: unknown, names: ReadonlySet<string>): boolean {
   for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
     const code = (e as { code?: unknown }).code;
-    if (typeof code === "string" && NETWORK_ERRNO.has(code)) return true;
-    if (NETWORK_MESSAGE.test(e instanceof ConnectError ? e.rawMessage : e.message)) return true;
+    if (typeof code === "string" && names.has(code)) return true;
+    const message = e instanceof ConnectError ? e.rawMessage : e.message;
+    if ((message.match(/\bE[A-Z_]+\b/g) ?? []).some((word) => names.has(word))) return true;
   }
   return false;
 }

@@ -6,6 +6,7 @@ import { RendezvousService } from "../gen/treadmill/proxy/v1/rendezvous_service_
 import { TunnelService } from "../gen/treadmill/proxy/v1/tunnel_service_pb.js";
 import { createServingComponent, type ServingComponent } from "../lib/component.js";
 import { verifierKeySource } from "../lib/coordinator-client.js";
+import { loadClientTls } from "../lib/grpc/trust.js";
 import type { Logger } from "../lib/logger.js";
 import type { HttpRequest, ServerOptions } from "../lib/server.js";
 import { createRawGrpcHandler, rawProcedure } from "../lib/grpc/server.js";
@@ -51,7 +52,8 @@ export function createProxy({
   logger: Logger;
   keys?: () => Promise<JSONWebKeySet>;
 }): Proxy {
-  const keySource = keys ?? verifierKeySource(config);
+  const tls = loadClientTls(config.caFile);
+  const keySource = keys ?? verifierKeySource(config, tls, logger.child({ subsystem: "tokens" }));
   const verifier = new TokenVerifier({ keys: keySource, audience: "proxy", logger: logger.child({ subsystem: "tokens" }) });
   const auth = new ProxyAuth(verifier);
   const proxyId = randomUUID();
@@ -116,6 +118,7 @@ export function createProxy({
     },
     registration: {
       config,
+      tls,
       describe: () => ({
         kind: ServiceKind.PROXY,
         tcpAddress: range && tcp ? `${publicHost}:${range.low}-${range.high}` : "",

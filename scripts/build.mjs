@@ -42,8 +42,8 @@ export const ENTRIES = {
   postgres: "scripts/postgres.ts",
 };
 
-/** What else a build depends on: a change to either makes every bundle stale. */
-const BUILD_INPUTS = ["scripts/build.mjs", "package-lock.json"];
+/** What else a build depends on: a change to any makes every bundle stale (the patched dependencies are bundled). */
+const BUILD_INPUTS = ["scripts/build.mjs", "package-lock.json", "scripts/patch-dependencies.mjs"];
 
 /** dist/tml.cjs, from cli/main.ts. */
 export const TML_BUNDLE = "tml.cjs";

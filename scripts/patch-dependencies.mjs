@@ -58,6 +58,44 @@ const FIXES = [
       return q.options.onexecute ? (q.options.onexecute(connection), false) : ready`,
   },
   {
+    // `target_session_attrs=read-write` accepted a hot standby of PostgreSQL
+    // 14+, which reports `default_transaction_read_only=off` (the setting)
+    // and `in_hot_standby=on` at startup: the driver looked at the first
+    // only, so a multi-host DATABASE_URL let the coordinators connect to the
+    // standby (porsager met it: hapostgres/pg_auto_failover#970). As libpq
+    // does, read-write now also refuses a server in hot standby, and
+    // read-only accepts one (docs/ha.md).
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: target_session_attrs on a hot standby",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
+    original: `      (x === 'read-write' && xs.default_transaction_read_only === 'on') ||
+      (x === 'read-only' && xs.default_transaction_read_only === 'off') ||`,
+    patched: (mark) => `      (x === 'read-write' && (xs.default_transaction_read_only === 'on' || xs.in_hot_standby === 'on')) || // ${mark}
+      (x === 'read-only' && xs.default_transaction_read_only === 'off' && xs.in_hot_standby === 'off') ||`,
+  },
+  {
+    // With several hosts, a connection being opened swallowed every failure
+    // and went on to the next host, round after round without end, so a
+    // query waited as long as no host would do (the primary gone, the
+    // standby not yet promoted): an RPC hung until its deadline. The local
+    // `retries`, meant to count the hosts tried, was never raised. As libpq
+    // does, one round over the hosts that finds none now fails the query
+    // with the last host's error (the coordinator answers Unavailable), and
+    // the pool tries again, with its backoff, at the next query.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: one round over several hosts",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
+    original: `    if (connection.queue === queues.connecting && options.host[retries + 1])
+      return
+`,
+    patched: (mark) => `    if (connection.queue === queues.connecting && options.host[++retries]) // ${mark}
+      return
+    retries = 0
+`,
+  },
+  {
     // Every reflected message built its own field-number map on its first
     // findNumber, so decoding N messages built N maps: a third of `tml`'s
     // start went to decoding the generated file descriptors this way, and

@@ -1,9 +1,13 @@
-import { logLevelField } from "../lib/component.js";
+import { caFileField, logLevelField } from "../lib/component.js";
 import { ConfigError, loadConfig } from "../lib/config.js";
 
 /** Everything a supervisor can be told, with its defaults. */
 export const supervisorSchema = {
-  coordinatorUrl: { type: "url", default: "http://127.0.0.1:7700", description: "the coordinator to attach to" },
+  coordinatorUrl: {
+    type: "urls",
+    default: ["http://127.0.0.1:7700"],
+    description: "the coordinator to attach to, or its replicas comma-separated (one at a time; the stream moves to the next when its replica is unreachable)",
+  },
   name: { type: "string", default: "", description: "this supervisor's name in logs (default: the machine's host name)" },
   hostCredential: {
     type: "string",
@@ -90,6 +94,7 @@ export const supervisorSchema = {
     default: 30000,
     description: "longest wait between attempts to reach the coordinator",
   },
+  caFile: caFileField,
   logLevel: logLevelField("info"),
 } as const;
 

@@ -34,6 +34,7 @@ import {
   tunnelTransport,
   type TunnelDuplex,
 } from "../lib/tunnel/client.js";
+import type { ClientTls } from "../lib/grpc/trust.js";
 import { TUNNEL_PATH, TUNNEL_REQUEST, TUNNEL_RESPONSE } from "../lib/tunnel/wire.js";
 import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import { ExposureDenied, type Exposure } from "./drivers/driver.js";
@@ -64,6 +65,8 @@ export interface ExposerOptions {
   connectTimeoutMs?: number;
   /** Reconnect backoff; default 250 ms doubling to 30 s, with jitter. */
   backoff?: { initialMs: number; maxMs: number };
+  /** The CAs an https proxy is verified with (the supervisor's --ca-file); default Node's roots. */
+  tls?: ClientTls;
 }
 
 export interface Exposer {
@@ -131,7 +134,7 @@ export function startExposer(options: ExposerOptions): Exposer {
   /** One control stream: hello, welcome, announcements, pings and tunnel requests, until it ends. */
   async function exposeOnce(streamAttempt: StreamAttempt): Promise<void> {
     if (stopRequested) return; // stop() came during the backoff: onEnd ends the loop
-    const { transport, close } = tunnelTransport(options.proxyUrl, options.token);
+    const { transport, close } = tunnelTransport(options.proxyUrl, options.token, options.tls);
     const client = createClient(RendezvousService, transport);
     const requests = new Outbox<ExposeRequest>(1024 * 1024, () => 128);
     const attempt = new AbortController();
@@ -271,7 +274,7 @@ export function startExposer(options: ExposerOptions): Exposer {
       const { call, responses, close } = openTunnelCall(options.proxyUrl, TUNNEL_PATH, options.token(), TUNNEL_REQUEST, {
         case: "open",
         value: { protocolVersion: PROTOCOL_VERSION, connectionId: id, jobId: options.jobId },
-      });
+      }, options.tls);
       tunnel = tunnelDuplex({
         call,
         responses,

@@ -13,6 +13,7 @@ import {
   type ImageTransport,
 } from "../lib/image/client.js";
 import { DIGEST_PATTERN, DigestMismatchError, digestOfBytes } from "../lib/image/digest.js";
+import type { ClientTls } from "../lib/grpc/trust.js";
 import type { Logger } from "../lib/logger.js";
 import { backoff, isNetworkError, sleep } from "../lib/retry.js";
 import type { JobImage } from "./drivers/driver.js";
@@ -80,6 +81,8 @@ export interface ImageProvisionerOptions {
   /** Delays between rounds; default backoff from 1 s to 15 s with full jitter. */
   retryDelays?: () => Iterator<number>;
   clock?: () => number;
+  /** The CAs an https cache or store is verified with (--ca-file); default Node's roots. */
+  tls?: ClientTls;
 }
 
 /** The default fetch budget (supervisor config `image-fetch-budget-ms`). */
@@ -154,7 +157,7 @@ export class ImageProvisioner {
   }
 
   private async throughCache(source: ImageSource, options: ProvisionOptions): Promise<ProvisionedImage> {
-    const transport = imageStoreTransport(source.cacheUrl, { token: options.token });
+    const transport = imageStoreTransport(source.cacheUrl, { token: options.token, tls: this.options.tls });
     const cache = createClient(ImageCacheService, transport);
     const leaseId = randomUUID();
     let manifest: Manifest | undefined;
@@ -215,7 +218,7 @@ export class ImageProvisioner {
 
   /** The image from one store, into this supervisor's blob directory. */
   private async fromStore(url: string, source: ImageSource, options: ProvisionOptions): Promise<ProvisionedImage> {
-    const transport: ImageTransport = imageStoreTransport(url, { token: options.token });
+    const transport: ImageTransport = imageStoreTransport(url, { token: options.token, tls: this.options.tls });
     try {
       const store = imageStoreClient(transport);
       const got = await store.getManifest({ digest: source.manifestDigest }, { signal: options.signal, timeoutMs: 30000 });

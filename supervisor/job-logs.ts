@@ -33,6 +33,7 @@ import { LogShipper, SpillBudget, type LossEvent, type ShipperReport } from "./l
 import { writeAtomic } from "./log-shipper/spill.js";
 import { formatBytes } from "../lib/bytes.js";
 import type { Logger } from "../lib/logger.js";
+import type { ClientTls } from "../lib/grpc/trust.js";
 
 type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
 
@@ -96,6 +97,8 @@ export interface JobLogsDeps {
   send: (payload: Payload) => void;
   /** Something the supervisor may wait for changed (a report acknowledged). */
   changed: () => void;
+  /** The CAs https log servers are verified with (--ca-file). */
+  tls?: ClientTls;
 }
 
 /** The names a job runner writes under (DESIGN.md §7, multi-host jobs). */
@@ -186,6 +189,7 @@ export class JobLogs {
     const fileBytes = Math.min(4 << 20, Math.max(16 << 10, Math.floor(this.deps.capBytes / 16)));
     return {
       logger: this.deps.logger,
+      tls: this.deps.tls,
       budget: this.budget,
       spillFileBytes: fileBytes,
       onTokenRefused: () => this.askToken(entry()),

@@ -14,6 +14,7 @@ import {
   type Prepared,
   type RunningJob,
 } from "./drivers/driver.js";
+import type { ClientTls } from "../lib/grpc/trust.js";
 import { startExposer, type Exposer } from "./exposer.js";
 import { ImageError, ImageUnavailableError, type ImageProvisioner, type ProvisionedImage } from "./images.js";
 import type { JobLogs } from "./job-logs.js";
@@ -69,6 +70,8 @@ export interface JobRunnerDeps {
   report: (report: RunnerReport) => void;
   /** This host's id as the coordinator knows it (for the proxy's routing). */
   hostId: () => string;
+  /** The CAs https proxies are verified with (--ca-file). */
+  tls?: ClientTls;
   clock?: () => number;
 }
 
@@ -314,6 +317,7 @@ export class JobRunner {
       exposures: () => this.running?.exposures() ?? [],
       logger: this.log.child({ subsystem: "exposer" }),
       signal: this.abort.signal,
+      tls: this.deps.tls,
     });
   }
 

@@ -42,6 +42,7 @@ import {
 } from "../gen/treadmill/log/v1/log_service_pb.js";
 import type { Logger } from "../lib/logger.js";
 import { clientTransport } from "../lib/grpc/transport.js";
+import { PUBLIC_ROOTS, http2Trust, type ClientTls } from "../lib/grpc/trust.js";
 import { classify, keepStreaming, type StreamAttempt } from "../lib/retry.js";
 import { Notifier } from "../lib/async/notifier.js";
 import { AsyncQueue } from "../lib/async/queue.js";
@@ -58,6 +59,8 @@ export interface ShippingOptions {
   logger: Logger;
   /** Transports by server URL (tests); default gRPC to the URL. */
   transports?: Map<string, Transport>;
+  /** The CAs an https log server is verified with (--ca-file); default Node's roots. */
+  tls?: ClientTls;
   /** The host's spill cap, shared by all its shippers; default: no cap. */
   budget?: SpillBudget;
   /** Channels whose frames pass the cap (the supervisor's own few lines). */
@@ -259,12 +262,16 @@ class ServerSender {
   /** The server holds everything it ever will and its channels are closed: nothing more to do. */
   finished = false;
 
-  constructor(server: { url: string; transport?: Transport }, shipper: LogShipper) {
+  constructor(server: { url: string; transport?: Transport; tls?: ClientTls }, shipper: LogShipper) {
     this.url = server.url;
     this.shipper = shipper;
     let transport = server.transport;
     if (!transport) {
-      this.sessionManager = new Http2SessionManager(server.url, { pingIntervalMs: 15000, pingTimeoutMs: 10000 });
+      this.sessionManager = new Http2SessionManager(
+        server.url,
+        { pingIntervalMs: 15000, pingTimeoutMs: 10000 },
+        http2Trust(server.url, server.tls ?? PUBLIC_ROOTS),
+      );
       transport = clientTransport({ baseUrl: server.url, sessionManager: this.sessionManager });
     }
     this.client = createClient(LogService, transport);
@@ -563,7 +570,7 @@ export class LogShipper {
     this.prefix = `${safe(options.jobId)}-${options.attempt}`;
     this.tokenValue = options.token;
     this.tokenExpire = options.tokenExpireMs;
-    this.senders = options.servers.map((s) => new ServerSender({ url: s.url, transport: s.transport ?? options.transports?.get(s.url) }, this));
+    this.senders = options.servers.map((s) => new ServerSender({ url: s.url, transport: s.transport ?? options.transports?.get(s.url), tls: options.tls }, this));
   }
 
   /** The spills an earlier process left in `spillDir`: the paths to give `resume`. */

@@ -1,4 +1,5 @@
 import { runMain } from "../lib/main.js";
+import { displayUrl } from "../lib/replicas.js";
 import { loadSupervisorConfig, supervisorSchema } from "./config.js";
 import { createSupervisor } from "./supervisor.js";
 
@@ -10,5 +11,5 @@ await runMain({
   load: loadSupervisorConfig,
   create: (config, logger) => createSupervisor({ config, logger }),
   ready: (supervisor, logger) =>
-    logger.info({ name: supervisor.name, coordinatorUrl: supervisor.coordinatorUrl }, "supervisor started"),
+    logger.info({ name: supervisor.name, coordinatorUrls: supervisor.coordinatorUrls.map(displayUrl) }, "supervisor started"),
 });

@@ -22,6 +22,7 @@ import { SnapshotResultSchema, type TakeSnapshot } from "../gen/treadmill/coordi
 import { buildManifest, type LayerDescriptor } from "../lib/image/manifest.js";
 import { uploadImage } from "../lib/image/push.js";
 import type { Logger } from "../lib/logger.js";
+import type { ClientTls } from "../lib/grpc/trust.js";
 import { DriverError, type Driver, type SnapshotLayer } from "./drivers/driver.js";
 import type { JobRunner, SnapshotSource } from "./job-runner.js";
 
@@ -46,6 +47,8 @@ export interface SnapshotterDeps {
   send: (result: Result) => void;
   /** Aborted when the supervisor stops: uploads in progress end. */
   signal: AbortSignal;
+  /** The CAs an https cache is verified with (--ca-file). */
+  tls?: ClientTls;
 }
 
 /** The snapshots of one supervisor. */
@@ -111,6 +114,7 @@ export class Snapshotter {
       say(`uploading to ${cmd.uploadUrl}`);
       await uploadImage(cmd.uploadUrl, () => op.token, image, {
         signal: this.deps.signal,
+        tls: this.deps.tls,
         mount: { tokens: [source.imageToken()], digests: new Set(source.image.layers.map((l) => l.digest)) },
         onProgress: (p) => {
           const before = image.blobs.slice(0, p.blobIndex).reduce((sum, b) => sum + b.size, 0);

@@ -18,7 +18,9 @@ import {
 import { Notifier } from "../lib/async/notifier.js";
 import { AsyncQueue } from "../lib/async/queue.js";
 import { coordinatorTransport } from "../lib/coordinator-client.js";
+import { loadClientTls } from "../lib/grpc/trust.js";
 import type { Logger } from "../lib/logger.js";
+import { displayUrl, ReplicaSet, replicaTransport } from "../lib/replicas.js";
 import { keepStreaming } from "../lib/retry.js";
 import { PROTOCOL_VERSION } from "../lib/protocol.js";
 import type { SupervisorConfig } from "./config.js";
@@ -42,7 +44,8 @@ export type SupervisorState = "idle" | "connecting" | "attached" | "backing-off"
 
 export interface Supervisor {
   readonly name: string;
-  readonly coordinatorUrl: string;
+  /** The coordinator's replicas, in the order tried. */
+  readonly coordinatorUrls: readonly string[];
   start(): Promise<void>;
   /**
    * Idempotent. Takes no new jobs; stops running ones (or, with
@@ -70,7 +73,8 @@ const FINAL_ACK_WAIT_MS = 5000;
 /**
  * The supervisor core (DESIGN.md §4, §9): holds the `Attach` stream to the
  * coordinator forever, reconnecting with exponential backoff and jitter while
- * jobs keep running; opens every stream with the full state (`Hello`); turns
+ * jobs keep running (to the next of the coordinator's replicas when the one it
+ * used cannot be reached: lib/replicas.ts); opens every stream with the full state (`Hello`); turns
  * commands into JobRunners, idempotently by job and attempt; reports every
  * change and retains each terminal report until the coordinator acknowledges
  * it. The driver does the host-specific work and knows nothing of gRPC.
@@ -83,7 +87,7 @@ export function createSupervisor({
 }: {
   config: SupervisorConfig;
   logger: Logger;
-  /** For tests; by default gRPC over HTTP/2 to `coordinatorUrl` with the host credential. */
+  /** For tests; by default gRPC over HTTP/2 to the replicas of `coordinatorUrl` with the host credential. */
   transport?: Transport;
   /** For tests; by default made from the config. */
   driver?: Driver;
@@ -92,7 +96,9 @@ export function createSupervisor({
   const instanceId = randomUUID();
   const abort = new AbortController();
   const runners = new Map<string, JobRunner>();
-  const images = new ImageProvisioner({ blobDir: join(config.workDir, "blobs"), logger, fetchBudgetMs: config.imageFetchBudgetMs });
+  // Every https server it dials (coordinator, caches, stores, log servers, proxies) is verified with it.
+  const tls = loadClientTls(config.caFile);
+  const images = new ImageProvisioner({ blobDir: join(config.workDir, "blobs"), logger, fetchBudgetMs: config.imageFetchBudgetMs, tls });
   let driver: Driver | undefined = givenDriver;
   let state: SupervisorState = "idle";
   let loop: Promise<void> | undefined;
@@ -109,11 +115,13 @@ export function createSupervisor({
     dir: join(config.workDir, "snapshots"),
     send: (value) => send({ case: "snapshotResult", value }),
     signal: abort.signal,
+    tls,
   });
 
+  const replicas = new ReplicaSet({ urls: config.coordinatorUrl, logger });
   const client = createClient(
     SupervisorService,
-    transport ?? coordinatorTransport(config.coordinatorUrl, config.hostCredential),
+    transport ?? replicaTransport(replicas, (url) => coordinatorTransport(url, config.hostCredential, tls)),
   );
   const key = (jobId: string, attempt: number) => `${jobId}/${attempt}`;
   type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
@@ -125,6 +133,7 @@ export function createSupervisor({
     logger,
     send,
     changed: () => changed.notify(),
+    tls,
   });
 
   function termination(t: Termination) {
@@ -221,6 +230,7 @@ export function createSupervisor({
         logs,
         report: (report) => reportOf(runner, report),
         hostId: () => hostId,
+        tls,
       });
     } catch (err) {
       logger.error({ err, jobId: cmd.jobId, attempt: cmd.attempt }, "cannot start job");
@@ -276,7 +286,7 @@ export function createSupervisor({
             Math.max(100, everyMs),
           );
           hostId = payload.value.host?.id ?? hostId;
-          logger.info({ hostId }, "attached to coordinator");
+          logger.info({ hostId, coordinatorUrl: displayUrl(replicas.current) }, "attached to coordinator");
           logs.attached();
           changed.notify();
           break;
@@ -412,7 +422,7 @@ export function createSupervisor({
 
   return {
     name,
-    coordinatorUrl: config.coordinatorUrl,
+    coordinatorUrls: config.coordinatorUrl,
     async start() {
       await mkdir(config.workDir, { recursive: true });
       driver ??= await createDriver();

@@ -46,7 +46,7 @@ export async function saveState(dataDir: string, state: TestbedState): Promise<v
 }
 
 /** Logs in as the testbed's admin and returns a transport carrying the token. */
-export async function adminTransport(coordinatorUrl: string, state: TestbedState): Promise<Transport> {
+export async function adminTransport(coordinatorUrl: string | readonly string[], state: TestbedState): Promise<Transport> {
   const login = await createClient(AuthService, coordinatorTransport(coordinatorUrl)).login({
     name: ADMIN_NAME,
     password: state.adminPassword,

@@ -115,7 +115,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
 
     // The web console is served by the coordinator and calls the log server,
     // the stores and the proxy from the coordinator's origin (docs/console.md).
-    const registered = { ...common, corsOrigins: [...common.corsOrigins, ...consoleOrigins(coordinatorUrl)], coordinatorUrl, serviceCredential };
+    const registered = { ...common, corsOrigins: [...common.corsOrigins, ...consoleOrigins(coordinatorUrl)], coordinatorUrl: [coordinatorUrl], serviceCredential };
     servers = [
       [
         "image-store",
@@ -190,7 +190,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
           ...loadSupervisorConfig(noInput),
           name,
           logLevel: config.logLevel,
-          coordinatorUrl,
+          coordinatorUrl: [coordinatorUrl],
           hostId: hosts[name].id,
           hostCredential: hosts[name].credential,
           workDir: join(config.dataDir, "supervisors", name),

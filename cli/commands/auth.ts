@@ -6,7 +6,8 @@ import { AuthService, type ApiToken, ApiTokenSchema, TokenScope } from "../../ge
 import { RoleSchema, UserSchema } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { parseDuration } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
-import { contextNameFor } from "../config.js";
+import { splitList } from "../../lib/config.js";
+import { contextNameFor, contextServers } from "../config.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, iso, jsonOf, word } from "../format.js";
 import { askLine, askSecret, readStdinLine } from "../prompt.js";
@@ -25,6 +26,13 @@ function normaliseServer(text: string): string {
   return url.origin;
 }
 
+/** `A[,B...]`: the coordinator's replicas, each normalised. */
+function normaliseServers(text: string): string[] {
+  const servers = splitList(text).map(normaliseServer);
+  if (servers.length === 0) throw new UsageError(`"${text}" names no server (like http://127.0.0.1:7700)`);
+  return servers;
+}
+
 export const authCommands: Command[] = [
   defineCommand({
     path: ["login"],
@@ -32,7 +40,13 @@ export const authCommands: Command[] = [
     description:
       "Asks for the password without echoing it (or reads it from standard input with --password-stdin),\n" +
       "saves the API token in the contexts file (mode 0600) and makes the context current.",
-    args: [{ name: "SERVER", description: "the coordinator's address (default: the current context's, else http://127.0.0.1:7700)" }],
+    args: [
+      {
+        name: "SERVER",
+        description:
+          "the coordinator's address, or its replicas' comma-separated (tried in order, the next when one cannot be reached; default: the current context's, else http://127.0.0.1:7700)",
+      },
+    ],
     flags: {
       user: { type: "string", short: "u", placeholder: "NAME", description: "login name (asked for when omitted on a terminal)" },
       "password-stdin": { type: "bool", description: "read the password from the first line of standard input" },
@@ -43,12 +57,14 @@ export const authCommands: Command[] = [
     examples: [
       "tml login http://127.0.0.1:7700 --user admin",
       "tml login https://treadmill.lab.example --user alice --ca-file lab-ca.pem",
+      "tml login https://coord-1.lab.example,https://coord-2.lab.example --user alice",
       "echo \"$TREADMILL_PASSWORD\" | tml login https://treadmill.lab.example --user ci --password-stdin --name lab",
     ],
     async run(ctx, { args, flags }) {
       const file = await ctx.config.load();
       const current = flags.context === undefined && file.current ? file.contexts[file.current] : undefined;
-      const server = normaliseServer(args.SERVER ?? current?.server ?? DEFAULT_SERVER);
+      const servers = args.SERVER !== undefined ? normaliseServers(args.SERVER) : current ? contextServers(current) : [DEFAULT_SERVER];
+      const server = servers.join(",");
       let user = flags.user ?? (args.SERVER === undefined ? current?.user : undefined);
       if (user === undefined) {
         if (!ctx.io.stdin.isTTY) throw new UsageError("`tml login` needs --user NAME when standard input is not a terminal");
@@ -65,7 +81,7 @@ export const authCommands: Command[] = [
       ctx.errorContext.server = server;
       ctx.errorContext.hadToken = false;
       const caFile = flags["ca-file"] === undefined ? (args.SERVER === undefined ? current?.caFile : undefined) : resolve(flags["ca-file"]);
-      const auth = createClient(AuthService, ctx.transport(server, "", caFile));
+      const auth = createClient(AuthService, ctx.transport(servers, "", caFile));
       const ttl = flags.ttl === undefined ? undefined : durationFromMs(parseDuration("ttl", flags.ttl));
       let response;
       try {
@@ -79,10 +95,11 @@ export const authCommands: Command[] = [
         if (e.code === Code.ResourceExhausted) throw new CliError(`too many failed logins for ${user}; wait a while and try again`, ExitCode.AUTH);
         throw err;
       }
-      const existing = Object.entries(file.contexts).find(([, c]) => c.server === server && c.user === user)?.[0];
-      const name = flags.name ?? flags.context ?? existing ?? contextNameFor(server);
+      const existing = Object.entries(file.contexts).find(([, c]) => contextServers(c).join(",") === server && c.user === user)?.[0];
+      const name = flags.name ?? flags.context ?? existing ?? contextNameFor(servers[0]);
       file.contexts[name] = {
-        server,
+        server: servers[0],
+        ...(servers.length > 1 ? { servers } : {}),
         user,
         token: response.token,
         tokenId: response.info?.id,
@@ -92,7 +109,7 @@ export const authCommands: Command[] = [
       file.current = name;
       await ctx.config.save(file);
       const role = response.user ? word(RoleSchema, response.user.role) : "user";
-      ctx.out.data({ context: name, server, user, role, expireTime: iso(response.info?.expireTime) ?? null }, () => {
+      ctx.out.data({ context: name, server, servers, user, role, expireTime: iso(response.info?.expireTime) ?? null }, () => {
         ctx.out.line(`Logged in to ${server} as ${user} (${role}); context "${name}" is now current.`);
       });
       return ExitCode.OK;
@@ -111,16 +128,16 @@ export const authCommands: Command[] = [
       for (const name of names) {
         const saved = file.contexts[name];
         if (saved.token && saved.tokenId) {
-          const auth = createClient(AuthService, ctx.transport(saved.server, saved.token, saved.caFile));
+          const auth = createClient(AuthService, ctx.transport(contextServers(saved), saved.token, saved.caFile));
           // The token may have expired already: logging out still forgets it.
           await auth.revokeToken({ tokenId: saved.tokenId }, { timeoutMs: 15_000 }).catch((err) => {
-            ctx.out.note(`Note: could not revoke the token at ${saved.server} (${(err as Error).message}); it is forgotten here.`);
+            ctx.out.note(`Note: could not revoke the token at ${contextServers(saved).join(",")} (${(err as Error).message}); it is forgotten here.`);
           });
         }
         delete saved.token;
         delete saved.tokenId;
         delete saved.expireTime;
-        ctx.out.note(`Logged out of ${saved.server} (context "${name}").`);
+        ctx.out.note(`Logged out of ${contextServers(saved).join(",")} (context "${name}").`);
       }
       await ctx.config.save(file);
       return ExitCode.OK;
@@ -139,6 +156,7 @@ export const authCommands: Command[] = [
         {
           context: target.name,
           server: target.server,
+          servers: target.servers,
           user: user ? jsonOf(UserSchema, user) : null,
           token: me.token ? jsonOf(ApiTokenSchema, me.token) : null,
         },
@@ -146,7 +164,7 @@ export const authCommands: Command[] = [
           ctx.out.fields([
             ["User", user?.name],
             ["Role", user ? word(RoleSchema, user.role) : undefined],
-            ["Server", target.server],
+            [target.servers.length > 1 ? "Servers" : "Server", target.servers.join(", ")],
             ["Context", target.name || "(from TML_SERVER/TML_TOKEN)"],
             ["Token", me.token ? `${me.token.prefix}... (${me.token.id})` : undefined],
             ["Expires", me.token?.expireTime ? `${iso(me.token.expireTime)} (${ago(me.token.expireTime)})` : "never"],
@@ -244,7 +262,8 @@ export const authCommands: Command[] = [
       const rows = Object.entries(file.contexts).map(([name, c]) => ({
         name,
         current: name === file.current,
-        server: c.server,
+        server: contextServers(c).join(","),
+        servers: contextServers(c),
         user: c.user,
         loggedIn: c.token !== undefined,
         expireTime: c.expireTime ?? null,
@@ -275,7 +294,7 @@ export const authCommands: Command[] = [
       if (!file.contexts[args.NAME]) throw new CliError(`there is no context "${args.NAME}"; see \`tml context list\``, ExitCode.NOT_FOUND);
       file.current = args.NAME;
       await ctx.config.save(file);
-      ctx.out.note(`Context "${args.NAME}" is now current (${file.contexts[args.NAME].server}).`);
+      ctx.out.note(`Context "${args.NAME}" is now current (${contextServers(file.contexts[args.NAME]).join(",")}).`);
       return ExitCode.OK;
     },
   }),

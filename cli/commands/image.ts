@@ -13,7 +13,7 @@ import { registerImage, requestUploadGrant, uploadImage, type LocalImage } from 
 import { packDirectory } from "../../lib/image/tar.js";
 import { keyValues, parseBytes } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
-import type { CliContext } from "../context.js";
+import { tlsOptions, type CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
 import { formatBytes, progressBar } from "../progress.js";
@@ -208,6 +208,7 @@ export const imageCommands: Command[] = [
           signal: ctx.abort.signal,
           timeoutMs: 30_000,
           bytesPerSecond: rate,
+          tls: tlsOptions(ctx.caFile),
           onBlob: ({ digest, size, index }, held) => {
             if (held.exists) {
               ctx.out.note(`Layer ${digest.slice(0, 19)} is already in the store (uploaded by you).`);
@@ -250,7 +251,7 @@ export const imageCommands: Command[] = [
       await mkdir(dir, { recursive: true });
       let lastError: unknown = new CliError(`no store holds ${ref.text}`, ExitCode.NOT_FOUND);
       for (const location of image.locations) {
-        const transport = imageStoreTransport(location.url, { token: readToken?.token ?? "" });
+        const transport = imageStoreTransport(location.url, { token: readToken?.token ?? "", tls: tlsOptions(ctx.caFile) });
         ctx.errorContext.server = location.url;
         try {
           const store = imageStoreClient(transport);

@@ -10,8 +10,9 @@ import { PassThrough } from "node:stream";
 import { JobState, JobStateSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { attachTerminal, dialTunnel } from "../../lib/tunnel/client.js";
+import { parseDuration } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
-import type { CliContext } from "../context.js";
+import { tlsOptions, type CliContext } from "../context.js";
 import { CliError, ExitCode } from "../errors.js";
 import { word } from "../format.js";
 import { outcome } from "./job.js";
@@ -81,12 +82,20 @@ export const sessionCommands: Command[] = [
     path: ["console"],
     summary: "Open an interactive console on a running job (leave with ~.)",
     description:
-      "The terminal goes to raw mode, so every key (Ctrl-C included) goes to the job; type ~. at the start of a line to leave, like ssh, and ~~ to send one tilde. Leaving does not end the job: tml says whether it still runs, and `tml job cancel JOB` ends it.",
+      "The terminal goes to raw mode, so every key (Ctrl-C included) goes to the job; type ~. at the start of a line to leave, like ssh, and ~~ to send one tilde. Leaving does not end the job: tml says whether it still runs, and `tml job cancel JOB` ends it. Input from a pipe or a file is sent as it is; a console has no end of input (a serial line has none), so once the input ends tml goes on printing what the console says until it has been quiet for --linger, then leaves.",
     args: [{ name: "JOB", required: true, description: "the job's id" }],
-    flags: { host: { type: "string", placeholder: "HOST_ID", description: "for a multi-host job, which host (default: the first)" } },
-    examples: ["tml console $JOB"],
+    flags: {
+      host: { type: "string", placeholder: "HOST_ID", description: "for a multi-host job, which host (default: the first)" },
+      linger: {
+        type: "string",
+        placeholder: "DURATION",
+        description: "after input from a pipe or file ends, how long the console must be quiet before tml leaves (default 2s)",
+      },
+    },
+    examples: ["tml console $JOB", "echo 'uname -a' | tml console $JOB --linger 5s"],
     async run(ctx, { args, flags }) {
       const jobId = args.JOB;
+      const lingerMs = flags.linger === undefined ? 2000 : parseDuration("linger", flags.linger);
       const session = await openSession(ctx, jobId, "console", flags.host);
       const { stdin, stdout, stderr } = ctx.io;
       const tty = stdout as typeof stdout & { rows?: number; on(e: "resize", l: () => void): unknown; off(e: "resize", l: () => void): unknown };
@@ -98,6 +107,7 @@ export const sessionCommands: Command[] = [
         hostId: session.hostId,
         windowSize: tty.columns && tty.rows ? { cols: tty.columns, rows: tty.rows } : undefined,
         signal: ctx.abort.signal,
+        tls: tlsOptions(ctx.caFile),
       });
       stderr.write(`Connected to the console of job ${jobId}. Type ~. at the start of a line to leave.\r\n`);
       const raw = stdin.isTTY === true && typeof stdin.setRawMode === "function";
@@ -108,7 +118,16 @@ export const sessionCommands: Command[] = [
       });
       const onData = (chunk: Buffer) => input.feed(chunk);
       stdin.on("data", onData);
-      stdin.once("end", () => input.end());
+      // The end of piped input is not the console's: leave once it is quiet.
+      let quiet: NodeJS.Timeout | undefined;
+      const leaveWhenQuiet = () => {
+        clearTimeout(quiet);
+        quiet = setTimeout(() => tunnel.destroy(), lingerMs);
+      };
+      stdin.once("end", () => {
+        leaveWhenQuiet();
+        tunnel.on("data", leaveWhenQuiet);
+      });
       try {
         const closed = await attachTerminal(tunnel, {
           stdin: input,
@@ -117,6 +136,7 @@ export const sessionCommands: Command[] = [
         stderr.write(`\r\nConsole closed${closed.message ? `: ${closed.message}` : ""}.\r\n`);
         stderr.write(`${await jobAfterConsole(ctx, jobId)}\r\n`);
       } finally {
+        clearTimeout(quiet);
         stdin.off("data", onData);
         if (raw) stdin.setRawMode!(false);
         stdin.pause();
@@ -147,11 +167,12 @@ export const sessionCommands: Command[] = [
       }
       // One session (and token) for every connection; checked before listening.
       const session = await openSession(ctx, jobId, port, flags.host);
+      const tls = tlsOptions(ctx.caFile);
       const connections = new Set<Socket>();
       const server = createServer((socket) => {
         connections.add(socket);
         socket.once("close", () => connections.delete(socket));
-        dialTunnel({ proxyUrl: session.grpcUrl, token: session.dialToken!.token, jobId, port, hostId: session.hostId }).then(
+        dialTunnel({ proxyUrl: session.grpcUrl, token: session.dialToken!.token, jobId, port, hostId: session.hostId, tls }).then(
           (tunnel) => {
             socket.pipe(tunnel);
             tunnel.pipe(socket);

@@ -9,10 +9,10 @@
  * trailers-only response) as a ConnectError.
  */
 import http2 from "node:http2";
-import net from "node:net";
-import tls from "node:tls";
+import type net from "node:net";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { Http2SessionManager } from "@connectrpc/connect-node";
+import { PUBLIC_ROOTS, connectSocket, untrustedCertificateIn, type ClientTls } from "./trust.js";
 import { decodeGrpcMessage, drained, readMessagePieces, readMessages } from "./wire.js";
 
 /** HTTP/2 receive windows (FACTS.md: both must grow on the receiving side). */
@@ -45,28 +45,26 @@ export class WideSessionManager extends Http2SessionManager {
   }
 }
 
-/** A TCP (or TLS with ALPN h2) connection to an http(s) URL's authority, Nagle off. */
-export function dialSocket(authority: URL): net.Socket {
-  const port = Number(authority.port || (authority.protocol === "https:" ? 443 : 80));
-  const host = authority.hostname.replace(/^\[|\]$/g, "");
-  const socket =
-    authority.protocol === "https:"
-      ? tls.connect({ host, port, servername: net.isIP(host) ? undefined : host, ALPNProtocols: ["h2"] })
-      : net.connect({ host, port });
+/**
+ * A TCP (or TLS with ALPN h2, verified with `trust`: lib/grpc/trust.ts)
+ * connection to an http(s) URL's authority, Nagle off.
+ */
+export function dialSocket(authority: URL, trust: ClientTls = PUBLIC_ROOTS): net.Socket {
+  const socket = connectSocket(authority, trust);
   socket.setNoDelay(true);
   return socket;
 }
 
 /**
  * Opens an HTTP/2 connection to `url` (cleartext with prior knowledge, or TLS
- * with ALPN h2) with wide receive windows and Nagle off, so that small
- * messages (keystrokes, echoes) go out at once.
+ * with ALPN h2, verified with `trust`) with wide receive windows and Nagle
+ * off, so that small messages (keystrokes, echoes) go out at once.
  */
-export function connectHttp2(url: string): http2.ClientHttp2Session {
+export function connectHttp2(url: string, trust: ClientTls = PUBLIC_ROOTS): http2.ClientHttp2Session {
   const authority = new URL(url);
   const session = http2.connect(authority, {
     settings: { initialWindowSize: STREAM_WINDOW, maxFrameSize: MAX_FRAME },
-    createConnection: () => dialSocket(authority),
+    createConnection: () => dialSocket(authority, trust),
   });
   // Failures surface on the calls' streams.
   session.on("error", () => undefined);
@@ -169,6 +167,9 @@ export function openRawCall(
     } catch (err) {
       if (status) throw status;
       if (err instanceof ConnectError && err.code !== Code.Canceled) throw err;
+      // A certificate refused: say so, not merely that the connection broke.
+      const untrusted = untrustedCertificateIn(err);
+      if (untrusted) throw new ConnectError(untrusted.message, Code.Unavailable, undefined, undefined, untrusted);
       const rst = stream.rstCode;
       throw new ConnectError(
         rst === http2.constants.NGHTTP2_CANCEL ? "the call was cancelled" : "the connection to the server broke",

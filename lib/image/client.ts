@@ -36,6 +36,7 @@ import {
 } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, openRawCall, type RawClientCall } from "../grpc/client.js";
 import { clientTransport } from "../grpc/transport.js";
+import { PUBLIC_ROOTS, http2Trust, type ClientTls } from "../grpc/trust.js";
 import { bytesFieldHeader, decodeMessage, frame, splitBulkMessage } from "../grpc/wire.js";
 import { retry } from "../retry.js";
 import { BLOB_CHUNK_BYTES, BackgroundWriter, type BlobSource } from "./blob-io.js";
@@ -54,15 +55,16 @@ const bulkChannels = new WeakMap<object, BulkChannel>();
 /**
  * A gRPC transport to an image store or cache, tuned for bulk bytes. `token`
  * (an `image:read`/`image:write` capability) goes in `authorization: Bearer`
- * on every call when non-empty.
+ * on every call when non-empty; an https store is verified with `tls`.
  */
-export function imageStoreTransport(baseUrl: string, options: { token?: string | (() => string) } = {}): ImageTransport {
+export function imageStoreTransport(baseUrl: string, options: { token?: string | (() => string); tls?: ClientTls } = {}): ImageTransport {
   const token = options.token;
   const tokenOf = typeof token === "function" ? token : () => token ?? "";
+  const tls = options.tls ?? PUBLIC_ROOTS;
   const sessionManager = new WideSessionManager(
     baseUrl,
     { idleConnectionTimeoutMs: 60_000 },
-    { settings: { initialWindowSize: STREAM_WINDOW } },
+    { settings: { initialWindowSize: STREAM_WINDOW }, ...http2Trust(baseUrl, tls) },
   );
   const transport = clientTransport({
     baseUrl,
@@ -72,7 +74,7 @@ export function imageStoreTransport(baseUrl: string, options: { token?: string |
     readMaxBytes: MAX_MESSAGE_BYTES,
     token: tokenOf,
   });
-  const bulk = new BulkChannel(baseUrl, tokenOf);
+  const bulk = new BulkChannel(baseUrl, tokenOf, tls);
   const imageTransport = Object.assign(transport, {
     close: () => {
       sessionManager.abort();
@@ -126,6 +128,7 @@ class BulkChannel {
   constructor(
     private readonly baseUrl: string,
     private readonly token: () => string,
+    private readonly tls: ClientTls,
   ) {}
 
   close(): void {
@@ -144,7 +147,7 @@ class BulkChannel {
     options.signal?.throwIfAborted();
     let session = this.#session;
     if (!session || session.closed || session.destroyed) {
-      session = connectHttp2(this.baseUrl);
+      session = connectHttp2(this.baseUrl, this.tls);
       session.unref();
       this.#session = session;
     }

@@ -20,6 +20,7 @@ import type { Image, ImageVisibility } from "../../gen/treadmill/coordinator/v1/
 import { ImageService } from "../../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { fileSource, limitedSource } from "./blob-io.js";
 import { imageStoreClient, imageStoreTransport, uploadBlob, type BlobProgress } from "./client.js";
+import type { ClientTls } from "../grpc/trust.js";
 
 /** An image on local disk, ready to push: manifest bytes and every blob's file. */
 export interface LocalImage {
@@ -52,6 +53,8 @@ export interface BlobUploadObserver {
 
 export interface UploadOptions {
   signal?: AbortSignal;
+  /** The CAs an https store is verified with; default Node's roots. */
+  tls?: ClientTls;
   /** Deadline of each unary call (QueryUpload, PutManifest), ms; default none. */
   timeoutMs?: number;
   /** Send at most this many bytes per second. */
@@ -117,7 +120,7 @@ export async function uploadImage(
   image: LocalImage,
   options: UploadOptions = {},
 ): Promise<{ totalSize: bigint }> {
-  const transport = imageStoreTransport(storeUrl, { token });
+  const transport = imageStoreTransport(storeUrl, { token, tls: options.tls });
   try {
     const store = imageStoreClient(transport);
     const count = image.blobs.length;

@@ -19,6 +19,7 @@ import { CloseReason, type Exposure } from "../../gen/treadmill/proxy/v1/tunnel_
 import { deferred } from "../async/deferred.js";
 import { STREAM_WINDOW, WideSessionManager, connectHttp2, dialSocket, openRawCall, type RawClientCall } from "../grpc/client.js";
 import { clientTransport } from "../grpc/transport.js";
+import { PUBLIC_ROOTS, type ClientTls } from "../grpc/trust.js";
 import { PROTOCOL_VERSION } from "../protocol.js";
 import {
   DIAL_PATH,
@@ -38,13 +39,14 @@ import {
  * A gRPC transport on its own HTTP/2 connection with wide receive windows and
  * no compression, for one byte stream (or one control stream): a stalled
  * stream then holds back only its own connection's windows, never another
- * tunnel's. `close()` drops the connection.
+ * tunnel's. An https proxy is verified with `tls`. `close()` drops the
+ * connection.
  */
-export function tunnelTransport(url: string, token: () => string): { transport: Transport; close(): void } {
+export function tunnelTransport(url: string, token: () => string, tls: ClientTls = PUBLIC_ROOTS): { transport: Transport; close(): void } {
   const sessionManager = new WideSessionManager(url, undefined, {
     settings: { initialWindowSize: STREAM_WINDOW },
     // Small messages (keystrokes, echoes) go out at once, not behind Nagle.
-    createConnection: (authority: URL) => dialSocket(authority),
+    createConnection: (authority: URL) => dialSocket(authority, tls),
   });
   const transport = clientTransport({ baseUrl: url, sessionManager, token, acceptCompression: [] });
   return { transport, close: () => sessionManager.abort() };
@@ -198,7 +200,8 @@ function authHeaders(token: string): Record<string, string> {
 /**
  * Opens a tunnel call of `path` on a connection of its own (a stalled stream
  * then holds back only its own connection's windows, never another
- * tunnel's) and sends `open` as its first message.
+ * tunnel's) and sends `open` as its first message. An https proxy is
+ * verified with `tls`.
  */
 export function openTunnelCall(
   url: string,
@@ -206,8 +209,9 @@ export function openTunnelCall(
   token: string,
   send: TunnelWire,
   open: TunnelPayload,
+  tls: ClientTls = PUBLIC_ROOTS,
 ): { call: RawClientCall; responses: AsyncGenerator<Buffer[]>; close(): void } {
-  const session = connectHttp2(url);
+  const session = connectHttp2(url, tls);
   const call = openRawCall(session, path, authHeaders(token), { maxMessageBytes: MAX_TUNNEL_MESSAGE });
   call.write(encodeTunnelMessage(send, open));
   return {
@@ -235,6 +239,8 @@ export interface DialOptions {
   windowSize?: { cols: number; rows: number };
   /** Aborting it cuts the tunnel. */
   signal?: AbortSignal;
+  /** The CAs an https proxy is verified with (the tml context's); default Node's roots. */
+  tls?: ClientTls;
 }
 
 /**
@@ -253,7 +259,7 @@ export async function dialTunnel(options: DialOptions): Promise<TunnelStream> {
       hostId: options.hostId ?? "",
       windowSize: options.windowSize,
     },
-  });
+  }, options.tls);
   // Aborting cuts the call while it opens, the stream once it is open.
   const opening: { stream?: TunnelStream } = {};
   const onAbort = () => {

@@ -33,6 +33,7 @@ import {
 } from "../../lib/image/client.js";
 import { digestOf } from "../../lib/image/digest.js";
 import type { Logger } from "../../lib/logger.js";
+import type { ClientTls } from "../../lib/grpc/trust.js";
 import { sleep } from "../../lib/retry.js";
 import { manifestBlobs, parseManifest } from "./manifest.js";
 import type { CacheHooks } from "./store-service.js";
@@ -55,6 +56,8 @@ export interface CacheOptions {
   clock?: () => number;
   /** Opens a transport to a location; default imageStoreTransport. */
   transport?: (url: string, token: string) => ImageTransport;
+  /** The CAs an https store is verified with (--ca-file); default Node's roots. */
+  tls?: ClientTls;
 }
 
 export interface FetchResult {
@@ -83,6 +86,8 @@ function isLocal(err: unknown): boolean {
 
 export class ImageCache implements CacheHooks {
   readonly #o: CacheOptions;
+  /** Opens a transport to a store. */
+  readonly #transport: (url: string, token: string) => ImageTransport;
   readonly #store: BlobStore;
   readonly #log: Logger;
   readonly #clock: () => number;
@@ -99,6 +104,7 @@ export class ImageCache implements CacheHooks {
 
   constructor(options: CacheOptions) {
     this.#o = options;
+    this.#transport = options.transport ?? ((url, token) => imageStoreTransport(url, { token, tls: options.tls }));
     this.#store = options.store;
     this.#log = options.logger;
     this.#clock = options.clock ?? Date.now;
@@ -338,7 +344,7 @@ export class ImageCache implements CacheHooks {
   async #confirmHolder(digest: string, locations: string[], token: string, holder: string): Promise<void> {
     const failures: { url: string; error: ConnectError }[] = [];
     for (const url of locations) {
-      const transport = (this.#o.transport ?? ((u, t) => imageStoreTransport(u, { token: t })))(url, token);
+      const transport = this.#transport(url, token);
       try {
         const got = await imageStoreClient(transport).getManifest({ digest }, { timeoutMs: 30_000 });
         if (digestOf(createHash("sha256").update(got.manifestJson)) !== digest) throw new ConnectError(`manifest from ${url} does not match its digest`, Code.DataLoss);
@@ -382,7 +388,7 @@ export class ImageCache implements CacheHooks {
     this.counters.misses++;
     const failures: { url: string; error: ConnectError }[] = [];
     for (const url of locations) {
-      const transport = (this.#o.transport ?? ((u, t) => imageStoreTransport(u, { token: t })))(url, token);
+      const transport = this.#transport(url, token);
       try {
         const result = await this.#fetchFrom(url, imageStoreClient(transport), digest, emit);
         // The location served it to this token: its holder holds it there.
@@ -529,7 +535,7 @@ export class ImageCache implements CacheHooks {
       if (!(await this.#store.statBlob(blob))) throw new ConnectError(`image ${digest} is not completely cached`, Code.NotFound);
     }
     this.touch(digest);
-    const transport = (this.#o.transport ?? ((u, t) => imageStoreTransport(u, { token: t })))(targetUrl, targetToken);
+    const transport = this.#transport(targetUrl, targetToken);
     const client = imageStoreClient(transport);
     const progress = create(TransferProgressSchema, {
       bytesTotal: BigInt(record.totalSize),

@@ -6,6 +6,7 @@ import { ImageCacheService } from "../../gen/treadmill/image/v1/image_cache_serv
 import { ImageStoreService } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { createServingComponent, type ServingComponent } from "../../lib/component.js";
 import { coordinatorTransport, verifierKeySource } from "../../lib/coordinator-client.js";
+import { loadClientTls, type ClientTls } from "../../lib/grpc/trust.js";
 import type { Logger } from "../../lib/logger.js";
 import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
 import { Authorizer } from "./auth.js";
@@ -55,6 +56,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
   const { config, logger } = deps;
   const name = config.mode === "cache" ? "image-cache" : "image-store";
   const log = logger.child({ subsystem: name });
+  const tls = loadClientTls(config.caFile);
   const store = new BlobStore({
     root: config.dataDir,
     logger: log,
@@ -63,7 +65,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
     clock: deps.clock,
     freeBytes: deps.freeBytes,
   });
-  const verifier = new TokenVerifier({ keys: deps.keys ?? verifierKeySource(deps.config), audience: "image", clock: deps.clock, logger: log });
+  const verifier = new TokenVerifier({ keys: deps.keys ?? verifierKeySource(deps.config, tls, log.child({ subsystem: "tokens" })), audience: "image", clock: deps.clock, logger: log });
   const auth = new Authorizer(verifier, store);
   const cache =
     config.mode === "cache"
@@ -76,11 +78,12 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
           sharedPath: config.sharedPath,
           evictIntervalMs: config.evictIntervalMs,
           clock: deps.clock,
+          tls,
         })
       : undefined;
   const upstreams = new Upstreams({
     static: config.upstreamUrls,
-    registered: config.coordinatorUrl !== "" && config.serviceCredential !== "" ? () => registeredStores(config) : undefined,
+    registered: config.coordinatorUrl.length > 0 && config.serviceCredential !== "" ? registeredStores(config, tls, log.child({ subsystem: "upstreams" })) : undefined,
     refreshMs: config.upstreamRefreshMs,
     missRefreshMs: 1000, // a store that just registered is found within a second; an unknown url costs at most one ListServices a second
     logger: log.child({ subsystem: "upstreams" }),
@@ -116,7 +119,7 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
         store.onCorrupt = (digest) => log.warn({ digest }, "corrupt blob removed; the next fetch of its images refetches it");
         await cache.open();
       }
-      if (!deps.keys && config.coordinatorUrl === "" && config.signingKeysFile === "") {
+      if (!deps.keys && config.coordinatorUrl.length === 0 && config.signingKeysFile === "") {
         log.warn("no coordinator-url and no signing-keys-file: every call will be refused");
       }
     },
@@ -127,13 +130,14 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
     }),
     background(signal) {
       if (!cache) return [];
-      if (config.upstreamUrls.length === 0 && (config.coordinatorUrl === "" || config.serviceCredential === "")) {
+      if (config.upstreamUrls.length === 0 && (config.coordinatorUrl.length === 0 || config.serviceCredential === "")) {
         log.warn("cache mode without upstream-urls and without a coordinator to list the stores: every fetch will be refused");
       }
       return [upstreams.run(signal)];
     },
     registration: {
       config,
+      tls,
       describe: () => ({ kind: cache ? ServiceKind.IMAGE_CACHE : ServiceKind.IMAGE_STORE, version: "0.1.0", status, logger: log }),
     },
     close: async () => {
@@ -150,15 +154,18 @@ export function createImageStore(deps: ImageStoreDeps): ImageStoreComponent {
   };
 }
 
-/** The base URLs of every image store and cache registered with the coordinator (live or not). */
-async function registeredStores(config: ImageStoreConfig): Promise<string[]> {
-  const registry = createClient(RegistryService, coordinatorTransport(config.coordinatorUrl, config.serviceCredential));
-  const urls: string[] = [];
-  let pageToken = "";
-  do {
-    const page = await registry.listServices({ pageSize: 1000, pageToken }, { timeoutMs: 10_000 });
-    for (const s of page.services) if (s.kind === ServiceKind.IMAGE_STORE || s.kind === ServiceKind.IMAGE_CACHE) urls.push(s.url);
-    pageToken = page.nextPageToken;
-  } while (pageToken !== "");
-  return urls;
+/** Lists the base URLs of every image store and cache registered with the coordinator (live or not). */
+function registeredStores(config: ImageStoreConfig, tls: ClientTls, logger: Logger): () => Promise<string[]> {
+  // One client for every listing: it keeps to the coordinator replica that answers.
+  const registry = createClient(RegistryService, coordinatorTransport(config.coordinatorUrl, config.serviceCredential, tls, { logger }));
+  return async () => {
+    const urls: string[] = [];
+    let pageToken = "";
+    do {
+      const page = await registry.listServices({ pageSize: 1000, pageToken }, { timeoutMs: 10_000 });
+      for (const s of page.services) if (s.kind === ServiceKind.IMAGE_STORE || s.kind === ServiceKind.IMAGE_CACHE) urls.push(s.url);
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
+    return urls;
+  };
 }

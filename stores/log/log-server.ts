@@ -3,6 +3,7 @@ import { ServiceKind } from "../../gen/treadmill/coordinator/v1/registry_service
 import { LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import { createServingComponent, type ServingComponent } from "../../lib/component.js";
 import { verifierKeySource } from "../../lib/coordinator-client.js";
+import { loadClientTls } from "../../lib/grpc/trust.js";
 import type { Logger } from "../../lib/logger.js";
 import { TokenVerifier, type JSONWebKeySet } from "../../lib/tokens.js";
 import { logAuthorizer } from "./authorize.js";
@@ -28,7 +29,8 @@ export function createLogServer({
 }): ServingComponent {
   const storeLogger = logger.child({ subsystem: "log-store" });
   const store = new LogStore({ dataDir: config.dataDir, jobSizeCapBytes: config.jobSizeCapBytes, logger: storeLogger });
-  const keySource = keys ?? verifierKeySource(config);
+  const tls = loadClientTls(config.caFile);
+  const keySource = keys ?? verifierKeySource(config, tls, logger.child({ subsystem: "tokens" }));
   const verifier = new TokenVerifier({ keys: keySource, audience: "log", logger: logger.child({ subsystem: "tokens" }) });
   const service = new LogServiceImpl({ store, verifier, logger: logger.child({ subsystem: "log-service" }) });
   return createServingComponent({
@@ -61,6 +63,7 @@ export function createLogServer({
     ],
     registration: {
       config,
+      tls,
       describe: () => ({
         kind: ServiceKind.LOG_SERVER,
         status: async (draining) => {

@@ -64,6 +64,21 @@ describe("tml console and port-forward on the all-in-one testbed", () => {
     expect(done.state).toBe(JobState.FINALIZED);
   }, 90000);
 
+  it("sends piped input to the console and prints the answer until the console is quiet, leaving the job running", async () => {
+    const run = await tml(config, ["job", "run", "--detach", "example/shell"]);
+    const jobId = run.stdout.trim();
+    await tb.waitState(jobId, JobState.RUNNING);
+    const piped = await tml(config, ["console", jobId, "--linger", "1s"], { input: "echo piped-$((6*7))\n" });
+    expect(piped.code).toBe(0);
+    expect(piped.stdout).toContain("piped-42");
+    expect(piped.stderr).toMatch(new RegExp(`Job ${jobId} is still running`));
+    const bad = await tml(config, ["console", jobId, "--linger", "soon"]);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/linger/);
+    await tml(config, ["console", jobId], { input: "exit\n" });
+    expect((await tb.waitFinalized(jobId)).state).toBe(JobState.FINALIZED);
+  }, 90000);
+
   it("forwards a local port to a port the job exposes, for a plain TCP client", async () => {
     const jobPort = await freePort();
     const run = await tml(config, [

@@ -44,7 +44,7 @@ describe("log servers and the jobs that need them", () => {
         ...loadLogServerConfig({ env: {}, argv: [] }),
         port: 0,
         dataDir: `${dir.path}/${site || "any"}`,
-        coordinatorUrl: c.url,
+        coordinatorUrl: [c.url],
         serviceCredential: credential,
         site,
         graceMs: 500,

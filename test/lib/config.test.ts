@@ -84,6 +84,20 @@ describe("loadConfig", () => {
     expect(load({}, ["--data-dir=/d", "--cors-origins=x", "--cors-origins", "y,z"]).corsOrigins).toEqual(["x", "y", "z"]);
   });
 
+  it("reads a urls field as a list of http(s) URLs from a flag or the environment, and refuses any other", () => {
+    const replicas = { coordinatorUrl: { type: "urls", default: ["http://127.0.0.1:7700"], description: "the coordinator's replicas" } } as const;
+    const loadUrls = (env: Record<string, string>, argv: string[]) => loadConfig("supervisor", replicas, { env, argv });
+    expect(loadUrls({}, []).coordinatorUrl).toEqual(["http://127.0.0.1:7700"]);
+    expect(loadUrls({}, ["--coordinator-url", "http://a:7700, https://b.lab:443/,"]).coordinatorUrl).toEqual(["http://a:7700", "https://b.lab:443/"]);
+    expect(loadUrls({ TREADMILL_SUPERVISOR_COORDINATOR_URL: "http://a:1,http://b:2" }, []).coordinatorUrl).toEqual(["http://a:1", "http://b:2"]);
+    expect(problemsOf(() => loadUrls({}, ["--coordinator-url=http://a:1,ftp://b", "--coordinator-url=http://c:3"]))).toEqual([
+      '--coordinator-url: "ftp://b" is not an http(s) url',
+    ]);
+    expect(problemsOf(() => loadUrls({ TREADMILL_SUPERVISOR_COORDINATOR_URL: "a:7700" }, []))).toEqual([
+      'TREADMILL_SUPERVISOR_COORDINATOR_URL: "a:7700" is not an http(s) url',
+    ]);
+  });
+
   it("accepts durations as plain milliseconds or with units", () => {
     expect(parseDuration("1500")).toBe(1500);
     expect(parseDuration("250ms")).toBe(250);

@@ -161,7 +161,7 @@ describe("registration with the coordinator", () => {
 
   it("registers as a proxy with its url and tcp range, heartbeats, and deregisters on stop", async () => {
     const proxy = await startProxy(keys, {
-      coordinatorUrl: coordinator.address().url,
+      coordinatorUrl: [coordinator.address().url],
       serviceCredential: "tms_proxy-credential",
       publicUrl: "https://proxy.example.org:7704",
       site: "lab-a",

@@ -155,21 +155,21 @@ describe("every rpc of every server authenticates first", () => {
     const jwks = async () => keys.jwks;
     const common = { port: 0, logLevel: "silent", graceMs: 500 } as const;
     const store = createImageStore({
-      config: { ...loadImageStoreConfig({ env: {}, argv: [] }), ...common, dataDir: join(dir, "store"), coordinatorUrl: "" },
+      config: { ...loadImageStoreConfig({ env: {}, argv: [] }), ...common, dataDir: join(dir, "store"), coordinatorUrl: [] },
       logger: silentLogger(),
       keys: jwks,
     });
     const cache = createImageStore({
-      config: { ...loadImageStoreConfig({ env: {}, argv: [] }), ...common, mode: "cache", dataDir: join(dir, "cache"), coordinatorUrl: "" },
+      config: { ...loadImageStoreConfig({ env: {}, argv: [] }), ...common, mode: "cache", dataDir: join(dir, "cache"), coordinatorUrl: [] },
       logger: silentLogger(),
       keys: jwks,
     });
     const logs = createLogServer({
-      config: { ...loadLogServerConfig({ env: {}, argv: [] }), ...common, dataDir: join(dir, "logs"), coordinatorUrl: "", retentionMaxAgeMs: 0 },
+      config: { ...loadLogServerConfig({ env: {}, argv: [] }), ...common, dataDir: join(dir, "logs"), coordinatorUrl: [], retentionMaxAgeMs: 0 },
       logger: silentLogger(),
       keys: jwks,
     });
-    const proxy = createProxy({ config: { ...loadProxyConfig({ env: {}, argv: [] }), ...common, coordinatorUrl: "" }, logger: silentLogger(), keys: jwks });
+    const proxy = createProxy({ config: { ...loadProxyConfig({ env: {}, argv: [] }), ...common, coordinatorUrl: [] }, logger: silentLogger(), keys: jwks });
     for (const c of [store, cache, logs, proxy]) {
       await c.start();
       components.push(c);

@@ -47,7 +47,7 @@ describe("private images and the cache's locations under attack", () => {
     alice = await c.createUser({ name: "alice" });
     mallory = await c.createUser({ name: "mallory" });
     const credential = await c.createServiceToken(admin.token);
-    const base = { ...loadImageStoreConfig({ env: {}, argv: [] }), port: 0, logLevel: "silent" as const, coordinatorUrl: c.url, serviceCredential: credential };
+    const base = { ...loadImageStoreConfig({ env: {}, argv: [] }), port: 0, logLevel: "silent" as const, coordinatorUrl: [c.url], serviceCredential: credential };
     store = createImageStore({ config: { ...base, dataDir: join(dir, "store") }, logger: silentLogger() });
     await store.start();
     await waitRegistered(store.address().url);

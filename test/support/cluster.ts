@@ -136,7 +136,7 @@ export async function startCluster(options: { supervisors: number; coordinatorAr
     const serviceCredential = (
       await createClient(AuthService, admin).createToken({ scope: TokenScope.SERVICE, description: "cluster services" })
     ).token;
-    const registered = { coordinatorUrl, serviceCredential, port: 0, site: SITE };
+    const registered = { coordinatorUrl: [coordinatorUrl], serviceCredential, port: 0, site: SITE };
     servers.push(
       createImageStore({
         config: { ...loadImageStoreConfig(noInput), ...registered, mode: "store", dataDir: join(dir, "image-store") },

@@ -32,7 +32,7 @@ const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const SITE_DOC = join(REPO, "docs", "site.md");
 
 /** A process block's script with its last command exec'd, so that the bin replaces the shell. */
-function execLast(script: string): string {
+export function execLast(script: string): string {
   // Logical lines: a line ending in a backslash goes on in the next.
   const lines = script.split(/(?<!\\)\n/);
   let last = lines.length - 1;
@@ -85,7 +85,7 @@ export interface Site {
  * that range may be taken by any outgoing connection while its component is
  * down, and the restart would find it in use.
  */
-async function freePort(): Promise<number> {
+export async function freePort(): Promise<number> {
   for (;;) {
     const port = randomInt(20000, 32768);
     const free = await new Promise<boolean>((resolve) => {
@@ -98,7 +98,7 @@ async function freePort(): Promise<number> {
 }
 
 /** Polls `check` until it holds, failing at the deadline with the last error, or at once when `fatal` says why. */
-async function poll(what: string, check: () => Promise<boolean>, timeoutMs: number, fatal: () => string | undefined = () => undefined): Promise<void> {
+export async function poll(what: string, check: () => Promise<boolean>, timeoutMs: number, fatal: () => string | undefined = () => undefined): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let last: unknown;
   for (;;) {

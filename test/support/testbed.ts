@@ -8,6 +8,7 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import { JobState, type Job } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { LogService } from "../../gen/treadmill/log/v1/log_service_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
+import type { ClientTls } from "../../lib/grpc/trust.js";
 import { pushImage } from "../../lib/image/push.js";
 import { createLogger } from "../../lib/logger.js";
 import { loadTestbedConfig, type TestbedConfig } from "../../testbed/config.js";
@@ -40,8 +41,8 @@ export interface JobTools {
   readLog(jobId: string, channel: string): Promise<string>;
 }
 
-/** Job helpers over `admin`; images are built under `imagesDir`. */
-export function jobTools(admin: Transport, imagesDir: string): JobTools {
+/** Job helpers over `admin`; images are built under `imagesDir`; https stores and log servers are verified with `tls`. */
+export function jobTools(admin: Transport, imagesDir: string, tls?: ClientTls): JobTools {
   const client = <S extends DescService>(service: S) => createClient(service, admin);
   const jobs = client(JobService);
 
@@ -71,7 +72,7 @@ export function jobTools(admin: Transport, imagesDir: string): JobTools {
           blobs: image.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
           mediaTypes: image.layers.map((l) => l.mediaType),
         },
-        { name: repo, tag: tag ?? "latest" },
+        { name: repo, tag: tag ?? "latest", tls },
       );
     },
     waitFinalized: (jobId, timeoutMs) => waitState(jobId, JobState.FINALIZED, timeoutMs),
@@ -81,7 +82,7 @@ export function jobTools(admin: Transport, imagesDir: string): JobTools {
       let lastError: unknown;
       for (const url of access.logServerUrls) {
         try {
-          const logs = createClient(LogService, coordinatorTransport(url, access.readToken?.token ?? ""));
+          const logs = createClient(LogService, coordinatorTransport(url, access.readToken?.token ?? "", tls));
           const parts: Buffer[] = [];
           for await (const r of logs.read({ jobId, channel, start: { case: "fromSeq", value: 1n } })) {
             if (r.payload.case === "frame") parts.push(Buffer.from(r.payload.value.data));

@@ -4,14 +4,14 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 
-/** A self-signed certificate for 127.0.0.1 and localhost, PEM. */
+/** A self-signed certificate (for 127.0.0.1 and localhost unless told), PEM. */
 export interface TestCertificate {
   cert: Buffer;
   key: Buffer;
 }
 
-/** Generates a fresh self-signed ed25519 certificate with openssl in a temp dir. */
-export async function createTestCertificate(): Promise<TestCertificate> {
+/** Generates a fresh self-signed ed25519 certificate with openssl in a temp dir, for `names` (a subjectAltName). */
+export async function createTestCertificate(names = "IP:127.0.0.1,DNS:localhost"): Promise<TestCertificate> {
   const dir = await mkdtemp(join(tmpdir(), "treadmill-tls-"));
   try {
     const cert = join(dir, "cert.pem");
@@ -19,7 +19,7 @@ export async function createTestCertificate(): Promise<TestCertificate> {
     await promisify(execFile)("openssl", [
       "req", "-x509", "-newkey", "ed25519", "-nodes", "-days", "1",
       "-subj", "/CN=localhost",
-      "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+      "-addext", `subjectAltName=${names}`,
       "-keyout", key, "-out", cert,
     ]);
     return { cert: await readFile(cert), key: await readFile(key) };

@@ -75,7 +75,7 @@ describe("image store registration with the coordinator", () => {
       dir: `${dir}/cache`,
       config: {
         mode: "cache",
-        coordinatorUrl: coordinator.address().url,
+        coordinatorUrl: [coordinator.address().url],
         serviceCredential: "svc-credential-1",
         site: "lab-a",
         publicUrl: "http://cache.lab-a.example:7702",
@@ -102,7 +102,7 @@ describe("image store registration with the coordinator", () => {
     const before = seen.registers.length;
     const store = await startStore(signer, {
       dir: `${dir}/store`,
-      config: { coordinatorUrl: coordinator.address().url, serviceCredential: "svc-credential-2", signingKeysFile: "" },
+      config: { coordinatorUrl: [coordinator.address().url], serviceCredential: "svc-credential-2", signingKeysFile: "" },
     });
     try {
       await waitUntil(() => seen.registers.length > before, "a register");

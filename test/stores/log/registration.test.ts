@@ -68,7 +68,7 @@ afterAll(async () => {
 describe("registration with the coordinator", () => {
   it("registers as a log server with its url, site and free space, heartbeats, and deregisters on stop", async () => {
     const server = await startLogServer(dir.path, await makeKeys(), {
-      coordinatorUrl: coordinator.address().url,
+      coordinatorUrl: [coordinator.address().url],
       serviceCredential: "svc-credential",
       publicUrl: "https://logs.lab-a.example:7703",
       site: "lab-a",
