@@ -6,13 +6,12 @@
  * several replicas (`tml login A,B`, `TML_SERVER=A,B`): calls go to one at
  * a time and move to the next when it cannot be reached (lib/replicas.ts).
  */
-import { readFileSync } from "node:fs";
-import { rootCertificates } from "node:tls";
 import type { Readable, Writable } from "node:stream";
 import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import { Http2SessionManager } from "@connectrpc/connect-node";
 import type { DescService } from "@bufbuild/protobuf";
-import { splitList } from "../lib/config.js";
+import { ConfigError, splitList } from "../lib/config.js";
+import { loadClientTls, type ClientTls } from "../lib/grpc/trust.js";
 import { clientTransport } from "../lib/grpc/transport.js";
 import { REPLICA_PING, ReplicaSet, replicaTransport } from "../lib/replicas.js";
 import type { GlobalFlags } from "./args.js";
@@ -161,15 +160,24 @@ export class CliContext {
   }
 }
 
+const trustByCaFile = new Map<string, ClientTls>();
+
 /**
- * TLS options that add the CA in `caFile` (PEM) to the system's; a file that
- * cannot be read is a usage error naming it.
+ * The trust of the context's CA file (`loadClientTls`, once per file and
+ * process); a file that cannot be read or holds no certificate is a usage
+ * error naming it.
  */
-export function tlsOptions(caFile: string | undefined): { ca: (string | Buffer)[] } | undefined {
+export function tlsOptions(caFile: string | undefined): ClientTls | undefined {
   if (caFile === undefined) return undefined;
-  try {
-    return { ca: [...rootCertificates, readFileSync(caFile)] };
-  } catch (err) {
-    throw new CliError(`cannot read the CA file ${caFile}: ${(err as Error).message}`, ExitCode.USAGE);
+  let trust = trustByCaFile.get(caFile);
+  if (trust === undefined) {
+    try {
+      trust = loadClientTls(caFile);
+    } catch (err) {
+      const detail = err instanceof ConfigError ? err.problems.join("; ").replace(`--ca-file ${caFile} `, "") : (err as Error).message;
+      throw new CliError(`cannot read the CA file ${caFile}: ${detail}`, ExitCode.USAGE);
+    }
+    trustByCaFile.set(caFile, trust);
   }
+  return trust;
 }

@@ -10,6 +10,7 @@ import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LogService, ReadEndReason } from "../gen/treadmill/log/v1/log_service_pb.js";
 import { STREAM_WINDOW, WideSessionManager } from "../lib/grpc/client.js";
 import { clientTransport } from "../lib/grpc/transport.js";
+import type { ClientTls } from "../lib/grpc/trust.js";
 import { backoff, classify, sleep } from "../lib/retry.js";
 import { msOf } from "./format.js";
 
@@ -38,7 +39,7 @@ export class JobLogAccess {
     private readonly jobs: Client<typeof JobService>,
     readonly jobId: string,
     /** TLS options for https log servers (the context's CA). */
-    private readonly tls?: { ca: (string | Buffer)[] },
+    private readonly tls?: ClientTls,
   ) {}
 
   access(refresh = false): Promise<Access> {
