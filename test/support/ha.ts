@@ -10,8 +10,6 @@
  * as when its machine dies). Every process appends its output to
  * `<dir>/logs/<name>.log`. For the failover test and benchmark.
  */
-import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, openSync, writeSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, readFile, rm, symlink } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -23,8 +21,8 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
-import { docBlock, docBlocks, runBash, type ShellResult } from "./doc-blocks.js";
-import { execLast, freePort, poll } from "./site.js";
+import { DocProcesses, docBlock, docBlocks, runBash, type ShellResult } from "./doc-blocks.js";
+import { freePort, poll } from "./site.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const HA_DOC = join(REPO, "docs", "ha.md");
@@ -80,8 +78,8 @@ export async function startHa(options: { quiet?: boolean } = {}): Promise<Ha> {
   const logFile = (name: string) => join(logs, `${name}.log`);
   if (!options.quiet) process.stderr.write(`ha in ${dir}: each process's output in ${logs}/<name>.log\n`);
 
-  const processes = new Map(blocks.filter((b) => b.kind === "process").map((b) => [b.name, b]));
-  const running = new Map<string, { child: ChildProcess; exited: Promise<void> }>();
+  const processes = new DocProcesses({ doc: "docs/ha.md", harness: "ha harness", blocks, script, cwd: dir, env, logFile });
+  const running = processes.running;
   const shell = (body: string) => runBash(script(body), { cwd: dir, env });
   const admins = new Map<string, Transport>();
 
@@ -105,18 +103,7 @@ export async function startHa(options: { quiet?: boolean } = {}): Promise<Ha> {
     },
 
     async start(name) {
-      const block = processes.get(name);
-      if (block === undefined) throw new Error(`docs/ha.md has no process block named ${name}`);
-      if (running.has(name)) return;
-      const fd = openSync(logFile(name), "a");
-      writeSync(fd, `--- started by the ha harness at ${new Date().toISOString()}\n`);
-      const child = spawn("bash", ["-c", script(execLast(block.text))], { cwd: dir, env, stdio: ["ignore", fd, fd], detached: true });
-      closeSync(fd);
-      const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-      running.set(name, { child, exited });
-      void exited.then(() => {
-        if (running.get(name)?.child === child) running.delete(name);
-      });
+      processes.start(name);
     },
 
     async kill(name) {
@@ -151,14 +138,7 @@ export async function startHa(options: { quiet?: boolean } = {}): Promise<Ha> {
     },
 
     async stop(stopOptions = {}) {
-      for (const name of [...processes.keys()].reverse()) {
-        const proc = running.get(name);
-        if (proc === undefined) continue;
-        proc.child.kill("SIGTERM");
-        const timer = setTimeout(() => ha.kill(name), 15_000);
-        await proc.exited;
-        clearTimeout(timer);
-      }
+      await processes.stopAll();
       if (!stopOptions.keepDir) await rm(dir, { recursive: true, force: true });
     },
   };

@@ -10,9 +10,7 @@
  * Every component appends its output to `<dir>/logs/<name>.log`; the harness
  * prints where at start. For the end-to-end test and the chaos benchmark.
  */
-import { spawn, type ChildProcess } from "node:child_process";
 import { randomInt } from "node:crypto";
-import { closeSync, openSync, writeSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, readFile, rm, symlink } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -26,20 +24,10 @@ import { HealthCheckResponse_ServingStatus, Health } from "../../gen/grpc/health
 import { postgresProcesses } from "../../coordinator/db/embedded.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
 import { simBoardCommand } from "../../supervisor/sim-board/start.js";
-import { docBlock, docBlocks, runBash, type DocBlock, type ShellResult } from "./doc-blocks.js";
+import { DocProcesses, docBlock, docBlocks, runBash, type DocBlock, type ShellResult } from "./doc-blocks.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const SITE_DOC = join(REPO, "docs", "site.md");
-
-/** A process block's script with its last command exec'd, so that the bin replaces the shell. */
-export function execLast(script: string): string {
-  // Logical lines: a line ending in a backslash goes on in the next.
-  const lines = script.split(/(?<!\\)\n/);
-  let last = lines.length - 1;
-  while (last >= 0 && lines[last].trim() === "") last--;
-  lines[last] = `exec ${lines[last]}`;
-  return lines.join("\n");
-}
 
 /** The servers that register with the coordinator, by process name, with the port variable of each. */
 const REGISTERED: Record<string, string> = {
@@ -155,9 +143,8 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
   const logFile = (name: string) => join(logs, `${name}.log`);
   if (!options.quiet) process.stderr.write(`site ${vars.SITE} in ${dir}: each component's output in ${logs}/<name>.log\n`);
 
-  const processes = new Map(blocks.filter((b) => b.kind === "process").map((b) => [b.name, b]));
-  const running = new Map<string, { child: ChildProcess; exited: Promise<void>; startedAt: Date }>();
-  const groups = new Set<number>();
+  const processes = new DocProcesses({ doc: "docs/site.md", harness: "site harness", blocks, script, cwd: dir, env, logFile });
+  const running = processes.running;
 
   const blockNamed = (name: string, kinds: string[]): DocBlock => {
     const block = blocks.find((b) => b.name === name && kinds.includes(b.kind));
@@ -187,30 +174,14 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
     dir,
     vars,
     url,
-    components: [...processes.keys()],
+    components: processes.names,
     coldStartMs: {},
     admin,
     logFile,
     pid: (name) => running.get(name)?.child.pid,
 
     async start(name) {
-      const block = processes.get(name);
-      if (block === undefined) throw new Error(`docs/site.md has no process block named ${name}`);
-      if (running.has(name)) return;
-      const fd = openSync(logFile(name), "a");
-      const startedAt = new Date();
-      writeSync(fd, `--- started by the site harness at ${startedAt.toISOString()}\n`);
-      // A process group of its own, so that stop() also ends what a killed component left behind.
-      const child = spawn("bash", ["-c", script(execLast(block.text))], { cwd: dir, env, stdio: ["ignore", fd, fd], detached: true });
-      closeSync(fd);
-      if (child.pid !== undefined) groups.add(child.pid);
-      const exited = new Promise<void>((resolve) =>
-        child.once("exit", () => {
-          running.delete(name);
-          resolve();
-        }),
-      );
-      running.set(name, { child, exited, startedAt });
+      processes.start(name);
     },
 
     async kill(name, signal = "SIGKILL") {
@@ -267,7 +238,7 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
         }
       } else {
         // A supervisor: its host is online again.
-        const host = /--name\s+"?([a-z0-9._-]+)/.exec(processes.get(name)!.text)?.[1];
+        const host = /--name\s+"?([a-z0-9._-]+)/.exec(processes.block(name).text)?.[1];
         if (host === undefined) throw new Error(`the process block ${name} names no --name`);
         const hosts = createClient(HostService, await admin());
         await until(what, async () => (await hosts.getHost({ host: { case: "name", value: host } }, { timeoutMs: 2000 })).host?.online === true, timeoutMs);
@@ -278,21 +249,7 @@ export async function startSite(options: { site?: string; quiet?: boolean } = {}
     shell: (command, cwd) => shell(command, cwd),
 
     async stop(stopOptions = {}) {
-      for (const name of [...processes.keys()].reverse()) {
-        const proc = running.get(name);
-        if (proc === undefined) continue;
-        proc.child.kill("SIGTERM");
-        const timer = setTimeout(() => proc.child.kill("SIGKILL"), 15_000);
-        await proc.exited;
-        clearTimeout(timer);
-      }
-      for (const group of groups) {
-        try {
-          process.kill(-group, "SIGKILL");
-        } catch {
-          // none of it left
-        }
-      }
+      await processes.stopAll();
       if (!stopOptions.keepDir) await rm(dir, { recursive: true, force: true });
     },
   };
