@@ -1,7 +1,7 @@
 /** Hosts as stored (migrations 0001, 0003) and as protobuf messages: shared by HostService and the job system. */
 import { create } from "@bufbuild/protobuf";
 import type { Fragment, Sql, TransactionSql } from "postgres";
-import { DriverKind, type Host, HostAdminState, HostSchema } from "../../../gen/treadmill/coordinator/v1/host_pb.js";
+import { DriverKind, type Host, HostAdminState, HostHealth, HostSchema } from "../../../gen/treadmill/coordinator/v1/host_pb.js";
 import type { HostFilter } from "../../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { checkPattern, checkTags, HOST_NAME, invalid, ts } from "../../shared/common.js";
 
@@ -16,6 +16,14 @@ export const ADMIN_STATES: Record<string, HostAdminState> = {
   enabled: HostAdminState.ENABLED,
   draining: HostAdminState.DRAINING,
   disabled: HostAdminState.DISABLED,
+};
+
+export const HEALTH_STATES: Record<string, HostHealth> = {
+  unknown: HostHealth.UNKNOWN,
+  checking: HostHealth.CHECKING,
+  healthy: HostHealth.HEALTHY,
+  quarantined: HostHealth.QUARANTINED,
+  retired: HostHealth.RETIRED,
 };
 
 export function driverKindName(field: string, kind: DriverKind): string {
@@ -46,11 +54,15 @@ export interface HostRow {
   created_at: Date;
   updated_at: Date;
   current_job_ids: string[];
+  health: string;
+  health_reason: string;
+  health_changed_at: Date;
 }
 
 export const hostColumns = (sql: Db) => sql`
   h.id, h.name, h.tags, h.driver_kind, h.media_types, h.site, h.capacity, h.admin_state, h.admin_state_reason,
   h.attached_replica, h.last_seen_at, h.supervisor_version, h.created_at, h.updated_at,
+  h.health, h.health_reason, h.health_changed_at,
   coalesce((select array_agg(distinct jh.job_id::text) from job_hosts jh join jobs j on j.id = jh.job_id and j.attempt = jh.attempt
             where jh.host_id = h.id and j.state <> 'finalized'), '{}') as current_job_ids`;
 
@@ -71,6 +83,9 @@ export function hostMessage(row: HostRow): Host {
     supervisorVersion: row.supervisor_version,
     createTime: ts(row.created_at),
     updateTime: ts(row.updated_at),
+    health: HEALTH_STATES[row.health] ?? HostHealth.UNSPECIFIED,
+    healthReason: row.health_reason,
+    healthChangeTime: ts(row.health_changed_at),
   });
 }
 

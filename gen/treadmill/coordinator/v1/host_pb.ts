@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/host.proto.
  */
 export const file_treadmill_coordinator_v1_host: GenFile = /*@__PURE__*/
-  fileDesc("CiN0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvaG9zdC5wcm90bxIYdHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxImsKBFRhZ3MSNgoEdGFncxgBIAMoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UYWdzLlRhZ3NFbnRyeRorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKrBAoESG9zdBIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEjYKBHRhZ3MYAyADKAsyKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdC5UYWdzRW50cnkSOQoLZHJpdmVyX2tpbmQYBCABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRHJpdmVyS2luZBITCgttZWRpYV90eXBlcxgFIAMoCRIMCgRzaXRlGAYgASgJEhAKCGNhcGFjaXR5GAcgASgFEj0KC2FkbWluX3N0YXRlGAggASgOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RBZG1pblN0YXRlEhoKEmFkbWluX3N0YXRlX3JlYXNvbhgJIAEoCRIOCgZvbmxpbmUYCiABKAgSMgoObGFzdF9zZWVuX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2N1cnJlbnRfam9iX2lkcxgMIAMoCRIaChJzdXBlcnZpc29yX3ZlcnNpb24YDSABKAkSLwoLY3JlYXRlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASpvCgpEcml2ZXJLaW5kEhsKF0RSSVZFUl9LSU5EX1VOU1BFQ0lGSUVEEAASFwoTRFJJVkVSX0tJTkRfUFJPQ0VTUxABEhUKEURSSVZFUl9LSU5EX0JPQVJEEAISFAoQRFJJVkVSX0tJTkRfUUVNVRADKo4BCg5Ib3N0QWRtaW5TdGF0ZRIgChxIT1NUX0FETUlOX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYSE9TVF9BRE1JTl9TVEFURV9FTkFCTEVEEAESHQoZSE9TVF9BRE1JTl9TVEFURV9EUkFJTklORxACEh0KGUhPU1RfQURNSU5fU1RBVEVfRElTQUJMRUQQA2IGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiN0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvaG9zdC5wcm90bxIYdHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxImsKBFRhZ3MSNgoEdGFncxgBIAMoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UYWdzLlRhZ3NFbnRyeRorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKwBQoESG9zdBIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEjYKBHRhZ3MYAyADKAsyKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdC5UYWdzRW50cnkSOQoLZHJpdmVyX2tpbmQYBCABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRHJpdmVyS2luZBITCgttZWRpYV90eXBlcxgFIAMoCRIMCgRzaXRlGAYgASgJEhAKCGNhcGFjaXR5GAcgASgFEj0KC2FkbWluX3N0YXRlGAggASgOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RBZG1pblN0YXRlEhoKEmFkbWluX3N0YXRlX3JlYXNvbhgJIAEoCRIOCgZvbmxpbmUYCiABKAgSMgoObGFzdF9zZWVuX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2N1cnJlbnRfam9iX2lkcxgMIAMoCRIaChJzdXBlcnZpc29yX3ZlcnNpb24YDSABKAkSLwoLY3JlYXRlX3RpbWUYDiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0CgZoZWFsdGgYECABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdEhlYWx0aBIVCg1oZWFsdGhfcmVhc29uGBEgASgJEjYKEmhlYWx0aF9jaGFuZ2VfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaKwoJVGFnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEqbwoKRHJpdmVyS2luZBIbChdEUklWRVJfS0lORF9VTlNQRUNJRklFRBAAEhcKE0RSSVZFUl9LSU5EX1BST0NFU1MQARIVChFEUklWRVJfS0lORF9CT0FSRBACEhQKEERSSVZFUl9LSU5EX1FFTVUQAyqOAQoOSG9zdEFkbWluU3RhdGUSIAocSE9TVF9BRE1JTl9TVEFURV9VTlNQRUNJRklFRBAAEhwKGEhPU1RfQURNSU5fU1RBVEVfRU5BQkxFRBABEh0KGUhPU1RfQURNSU5fU1RBVEVfRFJBSU5JTkcQAhIdChlIT1NUX0FETUlOX1NUQVRFX0RJU0FCTEVEEAMqqwEKCkhvc3RIZWFsdGgSGwoXSE9TVF9IRUFMVEhfVU5TUEVDSUZJRUQQABIXChNIT1NUX0hFQUxUSF9VTktOT1dOEAESGAoUSE9TVF9IRUFMVEhfQ0hFQ0tJTkcQAhIXChNIT1NUX0hFQUxUSF9IRUFMVEhZEAMSGwoXSE9TVF9IRUFMVEhfUVVBUkFOVElORUQQBBIXChNIT1NUX0hFQUxUSF9SRVRJUkVEEAViBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * Tags is a set of `key=value` tags, as a message so that it can be absent.
@@ -154,6 +154,28 @@ export type Host = Message<"treadmill.coordinator.v1.Host"> & {
    * @generated from field: google.protobuf.Timestamp update_time = 15;
    */
   updateTime?: Timestamp | undefined;
+
+  /**
+   * Whether the host can be trusted with a user's job.
+   *
+   * @generated from field: treadmill.coordinator.v1.HostHealth health = 16;
+   */
+  health: HostHealth;
+
+  /**
+   * Why it has that health (the failed check, the failing jobs, who retired
+   * it); empty when healthy.
+   *
+   * @generated from field: string health_reason = 17;
+   */
+  healthReason: string;
+
+  /**
+   * When its health last changed.
+   *
+   * @generated from field: google.protobuf.Timestamp health_change_time = 18;
+   */
+  healthChangeTime?: Timestamp | undefined;
 };
 
 /**
@@ -246,4 +268,63 @@ export enum HostAdminState {
  */
 export const HostAdminStateSchema: GenEnum<HostAdminState> = /*@__PURE__*/
   enumDesc(file_treadmill_coordinator_v1_host, 1);
+
+/**
+ * HostHealth is whether a host can be trusted with a user's job (issue #21,
+ * docs/health.md): what its health checks and its infrastructure failures
+ * say, independent of its admin state and of whether it is online.
+ *
+ * @generated from enum treadmill.coordinator.v1.HostHealth
+ */
+export enum HostHealth {
+  /**
+   * Not a state; in a filter it means any.
+   *
+   * @generated from enum value: HOST_HEALTH_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Never checked. Gets user jobs only while no health check applies to it.
+   *
+   * @generated from enum value: HOST_HEALTH_UNKNOWN = 1;
+   */
+  UNKNOWN = 1,
+
+  /**
+   * A health check is due or running; gets no user job until it passes.
+   *
+   * @generated from enum value: HOST_HEALTH_CHECKING = 2;
+   */
+  CHECKING = 2,
+
+  /**
+   * Its last health check passed (or no check applies) and it has not failed
+   * since: gets user jobs.
+   *
+   * @generated from enum value: HOST_HEALTH_HEALTHY = 3;
+   */
+  HEALTHY = 3,
+
+  /**
+   * Failed a health check, or failed its jobs for infrastructure reasons too
+   * many times in a row: gets no user job; retries its check with backoff.
+   *
+   * @generated from enum value: HOST_HEALTH_QUARANTINED = 4;
+   */
+  QUARANTINED = 4,
+
+  /**
+   * Out of service for good; its history is kept.
+   *
+   * @generated from enum value: HOST_HEALTH_RETIRED = 5;
+   */
+  RETIRED = 5,
+}
+
+/**
+ * Describes the enum treadmill.coordinator.v1.HostHealth.
+ */
+export const HostHealthSchema: GenEnum<HostHealth> = /*@__PURE__*/
+  enumDesc(file_treadmill_coordinator_v1_host, 2);
 
