@@ -13,6 +13,7 @@ import { databaseInterceptor, databaseUnavailable, mapDatabaseError } from "./db
 import { ATTACH_PROCEDURE, attachRoute } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { coordinatorRoutes } from "./routes.js";
+import { registerHostMetrics } from "./services/host-stats.js";
 import { SigningKeys } from "./signing.js";
 import { textInterceptor } from "./text.js";
 import { Gauge } from "prom-client";
@@ -157,6 +158,11 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           },
           prepare(server) {
             parts.metrics.register(server.metrics);
+            registerHostMetrics(server.metrics, {
+              sql: database.sql,
+              logger: logger.child({ subsystem: "host-metrics" }),
+              connected: () => database.notifications.connected,
+            });
             watchDatabase(database.notifications, server, logger);
           },
         };

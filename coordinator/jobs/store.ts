@@ -51,6 +51,11 @@ const REASON_CLASS: Record<DbReason, ReasonClass> = {
   internal_error: ReasonClass.INFRASTRUCTURE,
 };
 
+/** The class of a finalize reason (job.proto FinalizeReason's comments); UNSPECIFIED for a reason this version does not know. */
+export function reasonClass(reason: string): ReasonClass {
+  return REASON_CLASS[reason as DbReason] ?? ReasonClass.UNSPECIFIED;
+}
+
 /** `queued` <-> JobState.QUEUED and alike (enum names are the upper-case db values). */
 export function stateEnum(state: string | null): JobState {
   return state ? (JobState[state.toUpperCase() as keyof typeof JobState] ?? JobState.UNSPECIFIED) : JobState.UNSPECIFIED;

@@ -6,6 +6,7 @@ import {
   type CreateHostRequest,
   type DeleteHostRequest,
   type GetHostRequest,
+  type GetHostStatsRequest,
   HostChangeKind,
   type HostService,
   type ListHostsRequest,
@@ -47,6 +48,7 @@ import {
   notifyHost,
 } from "../db/queries/hosts.js";
 import type { HostWatchHub } from "./host-watch.js";
+import { hostStats } from "./host-stats.js";
 
 const HOST_NAME_SHAPE = "[a-z0-9][a-z0-9._-]{0,62}";
 const UPDATABLE = new Set(["name", "tags", "media_types", "site", "capacity", "admin_state", "admin_state_reason"]);
@@ -132,14 +134,12 @@ export class HostServiceImpl implements ServiceImpl<typeof HostService> {
 
   async getHost(req: GetHostRequest, context: HandlerContext) {
     requireUser(context);
-    const sql = this.ctx.sql;
-    let where;
-    if (req.host.case === "hostId") where = sql`h.id = ${checkId("host_id", req.host.value)}`;
-    else if (req.host.case === "name") where = sql`h.name = ${checkPattern("name", req.host.value, HOST_NAME, HOST_NAME_SHAPE)}`;
-    else throw invalid("host_id or name is required");
-    const [row] = await sql<HostRow[]>`select ${hostColumns(sql)} from hosts h where ${where}`;
-    if (!row) throw notFound(`host ${req.host.value} not found`);
-    return { host: hostMessage(row) };
+    return { host: hostMessage(await this.find(req.host)) };
+  }
+
+  async getHostStats(req: GetHostStatsRequest, context: HandlerContext) {
+    requireUser(context);
+    return hostStats(this.ctx.sql, await this.find(req.host), this.ctx.clock());
   }
 
   async updateHost(req: UpdateHostRequest, context: HandlerContext) {
@@ -254,6 +254,18 @@ export class HostServiceImpl implements ServiceImpl<typeof HostService> {
       where ${hostWhere(sql, c)} ${id !== undefined ? sql`and h.id = ${id}` : sql``}
       order by h.name limit ${WATCH_MAX_HOSTS}`;
     return rows.map(hostMessage);
+  }
+
+  /** The host a request names by id or by name; InvalidArgument, NotFound. */
+  private async find(ref: GetHostRequest["host"]): Promise<HostRow> {
+    const sql = this.ctx.sql;
+    let where;
+    if (ref.case === "hostId") where = sql`h.id = ${checkId("host_id", ref.value)}`;
+    else if (ref.case === "name") where = sql`h.name = ${checkPattern("name", ref.value, HOST_NAME, HOST_NAME_SHAPE)}`;
+    else throw invalid("host_id or name is required");
+    const [row] = await sql<HostRow[]>`select ${hostColumns(sql)} from hosts h where ${where}`;
+    if (!row) throw notFound(`host ${ref.value} not found`);
+    return row;
   }
 
   private async load(tx: TransactionSql, id: string): Promise<Host> {

@@ -97,6 +97,7 @@ describe("the catalog services' auth matrix", () => {
       },
       "HostService.DeleteHost": { access: "admin", request: () => ({ hostId: host.id }) },
       "HostService.WatchHosts": { access: "user", request: () => ({}) },
+      "HostService.GetHostStats": { access: "user", request: () => ({ host: { case: "hostId", value: host.id } }) },
       "ImageService.RegisterImage": {
         access: "user",
         request: () => ({ name: "other/public", tag: "v1", manifestDigest: `sha256:${"b".repeat(64)}`, storeIds: [storeId], mediaTypes: [ROOTFS], replace: true }),

@@ -108,6 +108,7 @@ const MALFORMED: Record<string, [Record<string, unknown>, string][]> = {
     [{ pageToken: "garbage" }, "page_token"],
     [{ filter: { tags: { "": "x" } } }, "filter.tags"],
     [{ filter: { adminState: 42 } }, "filter.admin_state"],
+    [{ filter: { health: 42 } }, "filter.health"],
   ],
   "HostService.GetHost": [
     [{}, "host_id"],
@@ -122,6 +123,11 @@ const MALFORMED: Record<string, [Record<string, unknown>, string][]> = {
   ],
   "HostService.DeleteHost": [[{ hostId: "" }, "host_id"]],
   "HostService.WatchHosts": [[{ filter: { site: "Bad Site" } }, "filter.site"]],
+  "HostService.GetHostStats": [
+    [{}, "host_id"],
+    [{ host: { case: "hostId", value: NOT_UUID } }, "host_id"],
+    [{ host: { case: "name", value: "-bad" } }, "name"],
+  ],
   "ImageService.RegisterImage": [
     [{ name: "Bad", tag: "v1", manifestDigest: `sha256:${"a".repeat(64)}`, storeIds: [UUID], mediaTypes: [ROOTFS] }, "name"],
     [{ name: "ok", tag: ".bad", manifestDigest: `sha256:${"a".repeat(64)}`, storeIds: [UUID], mediaTypes: [ROOTFS] }, "tag"],

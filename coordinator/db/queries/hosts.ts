@@ -38,6 +38,12 @@ export function adminStateName(field: string, state: HostAdminState): string {
   return name;
 }
 
+export function healthName(field: string, health: HostHealth): string {
+  const name = Object.keys(HEALTH_STATES).find((k) => HEALTH_STATES[k] === health);
+  if (name === undefined) throw invalid(`${field} must be UNKNOWN, CHECKING, HEALTHY, QUARANTINED or RETIRED`);
+  return name;
+}
+
 export interface HostRow {
   id: string;
   name: string;
@@ -96,6 +102,7 @@ export interface HostConditions {
   adminState?: string;
   online?: boolean;
   driverKind?: string;
+  health?: string;
 }
 
 export function hostConditions(filter: HostFilter | undefined): HostConditions {
@@ -106,6 +113,7 @@ export function hostConditions(filter: HostFilter | undefined): HostConditions {
   if (filter.adminState !== HostAdminState.UNSPECIFIED) out.adminState = adminStateName("filter.admin_state", filter.adminState);
   if (filter.online !== undefined) out.online = filter.online;
   if (filter.driverKind !== DriverKind.UNSPECIFIED) out.driverKind = driverKindName("filter.driver_kind", filter.driverKind);
+  if (filter.health !== HostHealth.UNSPECIFIED) out.health = healthName("filter.health", filter.health);
   return out;
 }
 
@@ -118,7 +126,8 @@ export function hostWhere(sql: Db, c: HostConditions): Fragment {
     ${c.site !== undefined ? sql`and h.site = ${c.site}` : sql``}
     ${c.adminState !== undefined ? sql`and h.admin_state = ${c.adminState}` : sql``}
     ${c.online === true ? sql`and h.attached_replica is not null` : c.online === false ? sql`and h.attached_replica is null` : sql``}
-    ${c.driverKind !== undefined ? sql`and h.driver_kind = ${c.driverKind}` : sql``}`;
+    ${c.driverKind !== undefined ? sql`and h.driver_kind = ${c.driverKind}` : sql``}
+    ${c.health !== undefined ? sql`and h.health = ${c.health}` : sql``}`;
 }
 
 /** Tells WatchHosts watchers (every replica) that a host changed; call in the changing transaction. */

@@ -4,9 +4,9 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { FieldMask } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_field_mask } from "@bufbuild/protobuf/wkt";
-import type { DriverKind, Host, HostAdminState } from "./host_pb.js";
+import type { Duration, FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { DriverKind, Host, HostAdminState, HostHealth } from "./host_pb.js";
 import { file_treadmill_coordinator_v1_host } from "./host_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/host_service.proto.
  */
 export const file_treadmill_coordinator_v1_host_service: GenFile = /*@__PURE__*/
-  fileDesc("Cit0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvaG9zdF9zZXJ2aWNlLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEirQIKCkhvc3RGaWx0ZXISPAoEdGFncxgBIAMoCzIuLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0RmlsdGVyLlRhZ3NFbnRyeRIRCgRzaXRlGAIgASgJSACIAQESPQoLYWRtaW5fc3RhdGUYAyABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdEFkbWluU3RhdGUSEwoGb25saW5lGAQgASgISAGIAQESOQoLZHJpdmVyX2tpbmQYBSABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRHJpdmVyS2luZBorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIHCgVfc2l0ZUIJCgdfb25saW5lIsICChFDcmVhdGVIb3N0UmVxdWVzdBIMCgRuYW1lGAEgASgJEkMKBHRhZ3MYAiADKAsyNS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ3JlYXRlSG9zdFJlcXVlc3QuVGFnc0VudHJ5EjkKC2RyaXZlcl9raW5kGAMgASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRyaXZlcktpbmQSEwoLbWVkaWFfdHlwZXMYBCADKAkSDAoEc2l0ZRgFIAEoCRIQCghjYXBhY2l0eRgGIAEoBRI9CgthZG1pbl9zdGF0ZRgHIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0QWRtaW5TdGF0ZRorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJWChJDcmVhdGVIb3N0UmVzcG9uc2USLAoEaG9zdBgBIAEoCzIeLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0EhIKCmNyZWRlbnRpYWwYAiABKAkibwoQTGlzdEhvc3RzUmVxdWVzdBI0CgZmaWx0ZXIYASABKAsyJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdEZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJbChFMaXN0SG9zdHNSZXNwb25zZRItCgVob3N0cxgBIAMoCzIeLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI7Cg5HZXRIb3N0UmVxdWVzdBIRCgdob3N0X2lkGAEgASgJSAASDgoEbmFtZRgCIAEoCUgAQgYKBGhvc3QiPwoPR2V0SG9zdFJlc3BvbnNlEiwKBGhvc3QYASABKAsyHi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdCKeAQoRVXBkYXRlSG9zdFJlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRIsCgRob3N0GAIgASgLMh4udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3QSLwoLdXBkYXRlX21hc2sYAyABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrEhkKEXJvdGF0ZV9jcmVkZW50aWFsGAQgASgIImoKElVwZGF0ZUhvc3RSZXNwb25zZRIsCgRob3N0GAEgASgLMh4udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3QSFwoKY3JlZGVudGlhbBgCIAEoCUgAiAEBQg0KC19jcmVkZW50aWFsIiQKEURlbGV0ZUhvc3RSZXF1ZXN0Eg8KB2hvc3RfaWQYASABKAkiFAoSRGVsZXRlSG9zdFJlc3BvbnNlIkkKEVdhdGNoSG9zdHNSZXF1ZXN0EjQKBmZpbHRlchgBIAEoCzIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0RmlsdGVyInoKEldhdGNoSG9zdHNSZXNwb25zZRI2CgRraW5kGAEgASgOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDaGFuZ2VLaW5kEiwKBGhvc3QYAiABKAsyHi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdCrIAQoOSG9zdENoYW5nZUtpbmQSIAocSE9TVF9DSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEh0KGUhPU1RfQ0hBTkdFX0tJTkRfRVhJU1RJTkcQARIbChdIT1NUX0NIQU5HRV9LSU5EX1NZTkNFRBACEhwKGEhPU1RfQ0hBTkdFX0tJTkRfQ1JFQVRFRBADEhwKGEhPU1RfQ0hBTkdFX0tJTkRfVVBEQVRFRBAEEhwKGEhPU1RfQ0hBTkdFX0tJTkRfREVMRVRFRBAFMvkECgtIb3N0U2VydmljZRJnCgpDcmVhdGVIb3N0EisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNyZWF0ZUhvc3RSZXF1ZXN0GiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNyZWF0ZUhvc3RSZXNwb25zZRJkCglMaXN0SG9zdHMSKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEhvc3RzUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0SG9zdHNSZXNwb25zZRJeCgdHZXRIb3N0EigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEhvc3RSZXF1ZXN0GikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEhvc3RSZXNwb25zZRJnCgpVcGRhdGVIb3N0EisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlVwZGF0ZUhvc3RSZXF1ZXN0GiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlVwZGF0ZUhvc3RSZXNwb25zZRJnCgpEZWxldGVIb3N0EisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRlbGV0ZUhvc3RSZXF1ZXN0GiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRlbGV0ZUhvc3RSZXNwb25zZRJpCgpXYXRjaEhvc3RzEisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSG9zdHNSZXF1ZXN0GiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSG9zdHNSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_field_mask, file_treadmill_coordinator_v1_host]);
+  fileDesc("Cit0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvaG9zdF9zZXJ2aWNlLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi4wIKCkhvc3RGaWx0ZXISPAoEdGFncxgBIAMoCzIuLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0RmlsdGVyLlRhZ3NFbnRyeRIRCgRzaXRlGAIgASgJSACIAQESPQoLYWRtaW5fc3RhdGUYAyABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdEFkbWluU3RhdGUSEwoGb25saW5lGAQgASgISAGIAQESOQoLZHJpdmVyX2tpbmQYBSABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRHJpdmVyS2luZBI0CgZoZWFsdGgYBiABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdEhlYWx0aBorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIHCgVfc2l0ZUIJCgdfb25saW5lIsICChFDcmVhdGVIb3N0UmVxdWVzdBIMCgRuYW1lGAEgASgJEkMKBHRhZ3MYAiADKAsyNS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ3JlYXRlSG9zdFJlcXVlc3QuVGFnc0VudHJ5EjkKC2RyaXZlcl9raW5kGAMgASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRyaXZlcktpbmQSEwoLbWVkaWFfdHlwZXMYBCADKAkSDAoEc2l0ZRgFIAEoCRIQCghjYXBhY2l0eRgGIAEoBRI9CgthZG1pbl9zdGF0ZRgHIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0QWRtaW5TdGF0ZRorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJWChJDcmVhdGVIb3N0UmVzcG9uc2USLAoEaG9zdBgBIAEoCzIeLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0EhIKCmNyZWRlbnRpYWwYAiABKAkibwoQTGlzdEhvc3RzUmVxdWVzdBI0CgZmaWx0ZXIYASABKAsyJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdEZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJbChFMaXN0SG9zdHNSZXNwb25zZRItCgVob3N0cxgBIAMoCzIeLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI7Cg5HZXRIb3N0UmVxdWVzdBIRCgdob3N0X2lkGAEgASgJSAASDgoEbmFtZRgCIAEoCUgAQgYKBGhvc3QiPwoPR2V0SG9zdFJlc3BvbnNlEiwKBGhvc3QYASABKAsyHi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdCKeAQoRVXBkYXRlSG9zdFJlcXVlc3QSDwoHaG9zdF9pZBgBIAEoCRIsCgRob3N0GAIgASgLMh4udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3QSLwoLdXBkYXRlX21hc2sYAyABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrEhkKEXJvdGF0ZV9jcmVkZW50aWFsGAQgASgIImoKElVwZGF0ZUhvc3RSZXNwb25zZRIsCgRob3N0GAEgASgLMh4udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3QSFwoKY3JlZGVudGlhbBgCIAEoCUgAiAEBQg0KC19jcmVkZW50aWFsIiQKEURlbGV0ZUhvc3RSZXF1ZXN0Eg8KB2hvc3RfaWQYASABKAkiFAoSRGVsZXRlSG9zdFJlc3BvbnNlIkkKEVdhdGNoSG9zdHNSZXF1ZXN0EjQKBmZpbHRlchgBIAEoCzIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0RmlsdGVyInoKEldhdGNoSG9zdHNSZXNwb25zZRI2CgRraW5kGAEgASgOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDaGFuZ2VLaW5kEiwKBGhvc3QYAiABKAsyHi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdCJAChNHZXRIb3N0U3RhdHNSZXF1ZXN0EhEKB2hvc3RfaWQYASABKAlIABIOCgRuYW1lGAIgASgJSABCBgoEaG9zdCL5AQoUR2V0SG9zdFN0YXRzUmVzcG9uc2USLAoEaG9zdBgBIAEoCzIeLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0EjoKB3dpbmRvd3MYAiADKAsyKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFN0YXRzV2luZG93EkUKEWxhc3RfaGVhbHRoX2NoZWNrGAMgASgLMioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDaGVja091dGNvbWUSMAoMY29tcHV0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLoAgoPSG9zdFN0YXRzV2luZG93EikKBmxlbmd0aBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghqb2JzX3J1bhgDIAEoAxIWCg5qb2JzX3N1Y2NlZWRlZBgEIAEoAxIUCgxqb2JfZmFpbHVyZXMYBSABKAMSFQoNdXNlcl9mYWlsdXJlcxgGIAEoAxIfChdpbmZyYXN0cnVjdHVyZV9mYWlsdXJlcxgHIAEoAxIjChtpbmZyYXN0cnVjdHVyZV9mYWlsdXJlX3JhdGUYCCABKAESFAoMb25saW5lX3NoYXJlGAkgASgBEkcKEGhlYWx0aF9kdXJhdGlvbnMYCiADKAsyLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSGVhbHRoU3RhdGVEdXJhdGlvbiJ4ChNIZWFsdGhTdGF0ZUR1cmF0aW9uEjQKBmhlYWx0aBgBIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0SGVhbHRoEisKCGR1cmF0aW9uGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIm0KEEhvc3RDaGVja091dGNvbWUSDgoGam9iX2lkGAEgASgJEg4KBnBhc3NlZBgCIAEoCBIoCgR0aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdtZXNzYWdlGAQgASgJKsgBCg5Ib3N0Q2hhbmdlS2luZBIgChxIT1NUX0NIQU5HRV9LSU5EX1VOU1BFQ0lGSUVEEAASHQoZSE9TVF9DSEFOR0VfS0lORF9FWElTVElORxABEhsKF0hPU1RfQ0hBTkdFX0tJTkRfU1lOQ0VEEAISHAoYSE9TVF9DSEFOR0VfS0lORF9DUkVBVEVEEAMSHAoYSE9TVF9DSEFOR0VfS0lORF9VUERBVEVEEAQSHAoYSE9TVF9DSEFOR0VfS0lORF9ERUxFVEVEEAUy6AUKC0hvc3RTZXJ2aWNlEmcKCkNyZWF0ZUhvc3QSKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ3JlYXRlSG9zdFJlcXVlc3QaLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ3JlYXRlSG9zdFJlc3BvbnNlEmQKCUxpc3RIb3N0cxIqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0SG9zdHNSZXF1ZXN0GisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RIb3N0c1Jlc3BvbnNlEl4KB0dldEhvc3QSKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0SG9zdFJlcXVlc3QaKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0SG9zdFJlc3BvbnNlEmcKClVwZGF0ZUhvc3QSKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVXBkYXRlSG9zdFJlcXVlc3QaLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVXBkYXRlSG9zdFJlc3BvbnNlEmcKCkRlbGV0ZUhvc3QSKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRGVsZXRlSG9zdFJlcXVlc3QaLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRGVsZXRlSG9zdFJlc3BvbnNlEmkKCldhdGNoSG9zdHMSKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hIb3N0c1JlcXVlc3QaLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hIb3N0c1Jlc3BvbnNlMAESbQoMR2V0SG9zdFN0YXRzEi0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEhvc3RTdGF0c1JlcXVlc3QaLi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0SG9zdFN0YXRzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
 
 /**
  * HostFilter selects hosts in ListHosts and WatchHosts. Set conditions are
@@ -57,6 +57,13 @@ export type HostFilter = Message<"treadmill.coordinator.v1.HostFilter"> & {
    * @generated from field: treadmill.coordinator.v1.DriverKind driver_kind = 5;
    */
   driverKind: DriverKind;
+
+  /**
+   * Only this health; UNSPECIFIED: any.
+   *
+   * @generated from field: treadmill.coordinator.v1.HostHealth health = 6;
+   */
+  health: HostHealth;
 };
 
 /**
@@ -437,6 +444,246 @@ export const WatchHostsResponseSchema: GenMessage<WatchHostsResponse> = /*@__PUR
   messageDesc(file_treadmill_coordinator_v1_host_service, 12);
 
 /**
+ * Request of GetHostStats.
+ *
+ * @generated from message treadmill.coordinator.v1.GetHostStatsRequest
+ */
+export type GetHostStatsRequest = Message<"treadmill.coordinator.v1.GetHostStatsRequest"> & {
+  /**
+   * Which host.
+   *
+   * @generated from oneof treadmill.coordinator.v1.GetHostStatsRequest.host
+   */
+  host: {
+    /**
+     * By id.
+     *
+     * @generated from field: string host_id = 1;
+     */
+    value: string;
+    case: "hostId";
+  } | {
+    /**
+     * By name.
+     *
+     * @generated from field: string name = 2;
+     */
+    value: string;
+    case: "name";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.GetHostStatsRequest.
+ * Use `create(GetHostStatsRequestSchema)` to create a new message.
+ */
+export const GetHostStatsRequestSchema: GenMessage<GetHostStatsRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_host_service, 13);
+
+/**
+ * Response of GetHostStats.
+ *
+ * @generated from message treadmill.coordinator.v1.GetHostStatsResponse
+ */
+export type GetHostStatsResponse = Message<"treadmill.coordinator.v1.GetHostStatsResponse"> & {
+  /**
+   * The host.
+   *
+   * @generated from field: treadmill.coordinator.v1.Host host = 1;
+   */
+  host?: Host | undefined;
+
+  /**
+   * Its statistics over the last 24 hours, then over the last 7 days.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.HostStatsWindow windows = 2;
+   */
+  windows: HostStatsWindow[];
+
+  /**
+   * Its last health check; unset when it never ran one.
+   *
+   * @generated from field: treadmill.coordinator.v1.HostCheckOutcome last_health_check = 3;
+   */
+  lastHealthCheck?: HostCheckOutcome | undefined;
+
+  /**
+   * When the statistics were computed: every window ends here.
+   *
+   * @generated from field: google.protobuf.Timestamp compute_time = 4;
+   */
+  computeTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.GetHostStatsResponse.
+ * Use `create(GetHostStatsResponseSchema)` to create a new message.
+ */
+export const GetHostStatsResponseSchema: GenMessage<GetHostStatsResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_host_service, 14);
+
+/**
+ * HostStatsWindow is what a host did within one window of time that ends
+ * at GetHostStatsResponse.compute_time. A job counts on a host by the end
+ * its attempt had there (a multi-host job counts on each of its hosts, a
+ * restarted job once per attempt), classed by ReasonClass as
+ * FinalizeReason's comments give it.
+ *
+ * @generated from message treadmill.coordinator.v1.HostStatsWindow
+ */
+export type HostStatsWindow = Message<"treadmill.coordinator.v1.HostStatsWindow"> & {
+  /**
+   * The window's length: 24 hours or 7 days.
+   *
+   * @generated from field: google.protobuf.Duration length = 1;
+   */
+  length?: Duration | undefined;
+
+  /**
+   * Where the window starts: `length` before compute_time, or when the host
+   * was created if that is later. Shares are of the time from here.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Attempts that ended on this host within the window.
+   *
+   * @generated from field: int64 jobs_run = 3;
+   */
+  jobsRun: bigint;
+
+  /**
+   * Of those, workloads that exited with success.
+   *
+   * @generated from field: int64 jobs_succeeded = 4;
+   */
+  jobsSucceeded: bigint;
+
+  /**
+   * Ends of class JOB other than success: the workload failed or timed out.
+   *
+   * @generated from field: int64 job_failures = 5;
+   */
+  jobFailures: bigint;
+
+  /**
+   * Ends of class USER: canceled, or the image could not be used.
+   *
+   * @generated from field: int64 user_failures = 6;
+   */
+  userFailures: bigint;
+
+  /**
+   * Ends of class INFRASTRUCTURE: the host dropped, failed to start the
+   * job, or Treadmill failed.
+   *
+   * @generated from field: int64 infrastructure_failures = 7;
+   */
+  infrastructureFailures: bigint;
+
+  /**
+   * infrastructure_failures / jobs_run; 0 when no job ended.
+   *
+   * @generated from field: double infrastructure_failure_rate = 8;
+   */
+  infrastructureFailureRate: number;
+
+  /**
+   * Share of the window, 0 to 1, its supervisor was attached.
+   *
+   * @generated from field: double online_share = 9;
+   */
+  onlineShare: number;
+
+  /**
+   * Time in each health state within the window, in HostHealth order;
+   * states it was not in are left out. They add up to the window.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.HealthStateDuration health_durations = 10;
+   */
+  healthDurations: HealthStateDuration[];
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.HostStatsWindow.
+ * Use `create(HostStatsWindowSchema)` to create a new message.
+ */
+export const HostStatsWindowSchema: GenMessage<HostStatsWindow> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_host_service, 15);
+
+/**
+ * HealthStateDuration is a host's time in one health state.
+ *
+ * @generated from message treadmill.coordinator.v1.HealthStateDuration
+ */
+export type HealthStateDuration = Message<"treadmill.coordinator.v1.HealthStateDuration"> & {
+  /**
+   * The state.
+   *
+   * @generated from field: treadmill.coordinator.v1.HostHealth health = 1;
+   */
+  health: HostHealth;
+
+  /**
+   * Time in it.
+   *
+   * @generated from field: google.protobuf.Duration duration = 2;
+   */
+  duration?: Duration | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.HealthStateDuration.
+ * Use `create(HealthStateDurationSchema)` to create a new message.
+ */
+export const HealthStateDurationSchema: GenMessage<HealthStateDuration> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_host_service, 16);
+
+/**
+ * HostCheckOutcome is the result of a host's last health check.
+ *
+ * @generated from message treadmill.coordinator.v1.HostCheckOutcome
+ */
+export type HostCheckOutcome = Message<"treadmill.coordinator.v1.HostCheckOutcome"> & {
+  /**
+   * The health job that checked it.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Whether the check passed.
+   *
+   * @generated from field: bool passed = 2;
+   */
+  passed: boolean;
+
+  /**
+   * When its result changed the host's health.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 3;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * Why it failed (or the host's health reason when it passed).
+   *
+   * @generated from field: string message = 4;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.HostCheckOutcome.
+ * Use `create(HostCheckOutcomeSchema)` to create a new message.
+ */
+export const HostCheckOutcomeSchema: GenMessage<HostCheckOutcome> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_host_service, 17);
+
+/**
  * HostChangeKind is the kind of a WatchHosts message.
  *
  * @generated from enum treadmill.coordinator.v1.HostChangeKind
@@ -575,6 +822,21 @@ export const HostService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchHostsRequestSchema;
     output: typeof WatchHostsResponseSchema;
+  },
+  /**
+   * Returns a host's statistics over the last 24 hours and the last 7 days:
+   * the jobs it ran and how they ended by reason class, its infrastructure
+   * failure rate, the share of the time its supervisor was attached, its
+   * time in each health state, and its last health check. Open to every
+   * user, like GetHost. Read-only and safe to retry. Errors:
+   * INVALID_ARGUMENT (host_id, name), NOT_FOUND.
+   *
+   * @generated from rpc treadmill.coordinator.v1.HostService.GetHostStats
+   */
+  getHostStats: {
+    methodKind: "unary";
+    input: typeof GetHostStatsRequestSchema;
+    output: typeof GetHostStatsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_treadmill_coordinator_v1_host_service, 0);
