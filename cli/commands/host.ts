@@ -1,28 +1,35 @@
-/** `tml host list|get|create|update|drain|enable|disable|rm` (changes need an admin). */
+/** `tml host list|get|stats|create|update|drain|enable|disable|rm` (changes need an admin). */
 import type { Client } from "@connectrpc/connect";
 import {
   DriverKind,
   DriverKindSchema,
   HostAdminState,
   HostAdminStateSchema,
+  HostHealth,
+  HostHealthSchema,
   HostSchema,
   type Host,
 } from "../../gen/treadmill/coordinator/v1/host_pb.js";
-import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
+import { type GetHostStatsResponse, GetHostStatsResponseSchema, HostService, type HostStatsWindow } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { mediaTypesOfDriver } from "../../lib/image/media-types.js";
 import { keyValues, parseIntFlag } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
-import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
+import { ago, enumValue, enumWords, iso, jsonOf, percent, spanText, tagsText, word } from "../format.js";
 
 type Hosts = Client<typeof HostService>;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
+/** A host's id or name as the `host` of GetHost and GetHostStats. */
+function hostRef(ref: string) {
+  return UUID.test(ref) ? ({ case: "hostId", value: ref } as const) : ({ case: "name", value: ref } as const);
+}
+
 /** A host by id or name. */
 async function findHost(hosts: Hosts, ref: string): Promise<Host> {
-  const { host } = await hosts.getHost({ host: UUID.test(ref) ? { case: "hostId", value: ref } : { case: "name", value: ref } }, { timeoutMs: 15_000 });
+  const { host } = await hosts.getHost({ host: hostRef(ref) }, { timeoutMs: 15_000 });
   if (!host) throw new CliError(`host ${ref} not found`, ExitCode.NOT_FOUND);
   return host;
 }
@@ -31,6 +38,18 @@ function driverOf(text: string): DriverKind {
   const v = enumValue(DriverKindSchema, text);
   if (v === undefined) throw new UsageError(`flag --driver must be one of ${enumWords(DriverKindSchema).join(", ")}, got "${text}"`);
   return v;
+}
+
+function healthOf(text: string): HostHealth {
+  const v = enumValue(HostHealthSchema, text);
+  if (v === undefined) throw new UsageError(`flag --health must be one of ${enumWords(HostHealthSchema).join(", ")}, got "${text}"`);
+  return v;
+}
+
+/** A host's health with its reason: `quarantined (3 infrastructure failures in a row)`. */
+function healthText(h: Host): string {
+  const health = word(HostHealthSchema, h.health);
+  return h.healthReason ? `${health} (${h.healthReason})` : health;
 }
 
 const DEFAULT_MEDIA: Record<number, string[]> = {
@@ -50,6 +69,8 @@ function showHost(ctx: CliContext, h: Host) {
     ["ID", h.id],
     ["Status", stateText(h)],
     ["Reason", h.adminStateReason],
+    ["Health", healthText(h)],
+    ["Health since", h.healthChangeTime ? `${iso(h.healthChangeTime)} (${ago(h.healthChangeTime)})` : "-"],
     ["Driver", word(DriverKindSchema, h.driverKind)],
     ["Site", h.site],
     ["Tags", tagsText(h.tags)],
@@ -59,6 +80,43 @@ function showHost(ctx: CliContext, h: Host) {
     ["Supervisor", h.supervisorVersion],
     ["Last seen", h.lastSeenTime ? `${iso(h.lastSeenTime)} (${ago(h.lastSeenTime)})` : "never"],
     ["Created", iso(h.createTime)],
+  ]);
+}
+
+/** A window's length as a column header: 24H, 7D. */
+function windowName(seconds: number): string {
+  return seconds <= 2 * 86_400 ? `${Math.round(seconds / 3600)}H` : `${Math.round(seconds / 86_400)}D`;
+}
+
+/** A host's health and last check, then one column of figures per window. */
+function showStats(ctx: CliContext, { host, windows, lastHealthCheck: check }: GetHostStatsResponse) {
+  if (host) ctx.out.fields([
+    ["Host", host.name],
+    ["Health", healthText(host)],
+    ["Last check", check ? `${check.passed ? "passed" : "failed"} ${ago(check.time)} (job ${check.jobId})${check.message && !check.passed ? `: ${check.message}` : ""}` : "never"],
+  ]);
+  ctx.out.line("");
+  const count = (f: (w: HostStatsWindow) => bigint) => (w: HostStatsWindow) => String(f(w));
+  const rows: [string, (w: HostStatsWindow) => string][] = [
+    ["Jobs run", count((w) => w.jobsRun)],
+    ["Succeeded", count((w) => w.jobsSucceeded)],
+    ["Job failures", count((w) => w.jobFailures)],
+    ["User failures", count((w) => w.userFailures)],
+    ["Infrastructure failures", (w) => `${w.infrastructureFailures} (${percent(w.infrastructureFailureRate)})`],
+    ["Online", (w) => percent(w.onlineShare)],
+    ...HostHealthSchema.values
+      .filter((v) => v.number !== 0)
+      .map((v): [string, (w: HostStatsWindow) => string] => [
+        `Time ${word(HostHealthSchema, v.number)}`,
+        (w) => {
+          const d = w.healthDurations.find((x) => x.health === v.number)?.duration;
+          return d ? spanText(Number(d.seconds) * 1000 + d.nanos / 1e6) : "-";
+        },
+      ]),
+  ];
+  ctx.out.table(rows, [
+    { header: "", value: ([label]) => label },
+    ...windows.map((w) => ({ header: `LAST ${windowName(Number(w.length?.seconds ?? 0n))}`, value: ([, f]: (typeof rows)[number]) => f(w) })),
   ]);
 }
 
@@ -82,8 +140,9 @@ export const hostCommands: Command[] = [
       site: { type: "string", placeholder: "SITE", description: "only this site" },
       driver: { type: "string", placeholder: "KIND", description: "only this driver" },
       online: { type: "bool", description: "only hosts whose supervisor is attached" },
+      health: { type: "string", placeholder: "STATE", description: `only hosts of this health (${enumWords(HostHealthSchema).join(", ")})` },
     },
-    examples: ["tml host list", "tml host list --tag board=nrf52840dk --online -o json"],
+    examples: ["tml host list", "tml host list --tag board=nrf52840dk --online -o json", "tml host list --health quarantined"],
     async run(ctx, { flags }) {
       const hosts = await ctx.client(HostService);
       const found: Host[] = [];
@@ -96,6 +155,7 @@ export const hostCommands: Command[] = [
               site: flags.site,
               driverKind: flags.driver === undefined ? 0 : driverOf(flags.driver),
               online: flags.online === true ? true : undefined,
+              health: flags.health === undefined ? HostHealth.UNSPECIFIED : healthOf(flags.health),
             },
             pageSize: 1000,
             pageToken,
@@ -113,6 +173,7 @@ export const hostCommands: Command[] = [
             [
               { header: "NAME", value: (h) => h.name },
               { header: "STATUS", value: (h) => stateText(h) },
+              { header: "HEALTH", value: (h) => word(HostHealthSchema, h.health) },
               { header: "DRIVER", value: (h) => word(DriverKindSchema, h.driverKind) },
               { header: "SITE", value: (h) => h.site || "-" },
               { header: "JOBS", value: (h) => `${h.currentJobIds.length}/${h.capacity}` },
@@ -133,6 +194,17 @@ export const hostCommands: Command[] = [
     async run(ctx, { args }) {
       const host = await findHost(await ctx.client(HostService), args.HOST);
       ctx.out.data(jsonOf(HostSchema, host), () => showHost(ctx, host));
+      return ExitCode.OK;
+    },
+  }),
+  defineCommand({
+    path: ["host", "stats"],
+    summary: "Show a host's jobs, failures by class, online time and health over the last 24 hours and 7 days",
+    args: [{ name: "HOST", required: true, description: "the host's name or id" }],
+    examples: ["tml host stats lab-a-nrf-1", "tml host stats lab-a-nrf-1 -o json"],
+    async run(ctx, { args }) {
+      const stats = await (await ctx.client(HostService)).getHostStats({ host: hostRef(args.HOST) }, { timeoutMs: 15_000 });
+      ctx.out.data(jsonOf(GetHostStatsResponseSchema, stats), () => showStats(ctx, stats));
       return ExitCode.OK;
     },
   }),

@@ -98,6 +98,18 @@ describe("docs/cli.md's command blocks", () => {
     expect(result.stdout).toContain("--name lab-a-nrf-1 --driver board");
   }, 60_000);
 
+  it("shows a host's statistics and lists hosts by health", async () => {
+    const result = await guide("host-stats");
+    expect(result).toMatchObject({ code: 0, stderr: "" });
+    expect(result.stdout).toMatch(/^Health:\s+unknown$/m);
+    expect(result.stdout).toMatch(/^\s+LAST 24H\s+LAST 7D$/m);
+    expect(result.stdout).toMatch(/^Jobs run\s+0\s+0$/m);
+    // Its supervisor never attached.
+    expect(result.stdout).toMatch(/^Online\s+0\.0%\s+0\.0%$/m);
+    expect(result.stdout).toMatch(/^Time unknown\s+\S+\s+\S+$/m);
+    expect(result.stdout).toMatch(/^lab-a-nrf-1\s.*\bunknown\b/m);
+  }, 60_000);
+
   it("loads the bash completion", async () => {
     const result = await guide("completion");
     expect(result).toMatchObject({ code: 0, stderr: "" });
@@ -149,7 +161,7 @@ describe("the commands docs/cli.md's tables show", () => {
       { args: ["host", "rm", "spare-1"] },
     );
     expect(list).toMatch(/^spare-1\s/m);
-    expect(JSON.parse(get)).toMatchObject({ name: "spare-1", site: "lab-b", capacity: 1 });
+    expect(JSON.parse(get)).toMatchObject({ name: "spare-1", site: "lab-b", capacity: 1, health: "HOST_HEALTH_UNKNOWN" });
     expect(rotated).toMatch(/tmh_\S+/);
     expect(JSON.parse(drained)).toMatchObject({ adminState: "HOST_ADMIN_STATE_DRAINING", adminStateReason: "moving racks" });
     expect(JSON.parse(disabled)).toMatchObject({ adminState: "HOST_ADMIN_STATE_DISABLED" });

@@ -127,6 +127,8 @@ describe("a host's statistics over seeded history", () => {
       expect(healthHours(w)).toEqual({ unknown: 2 });
     }
     expect(stats.lastHealthCheck).toBeUndefined();
+    const never = await hostStats(db.sql, await hostRow(db.sql, await host("seeded-never-online", 3 * HOUR)), NOW);
+    expect(never.windows.map((w) => w.onlineShare)).toEqual([0, 0]);
   });
 
   it("records a host's presence when its supervisor attaches and detaches, whatever statement does it", async () => {

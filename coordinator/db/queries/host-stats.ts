@@ -50,7 +50,8 @@ export async function hostActivity(sql: Db, hostId: string, starts: Date[], now:
       group by 1, 2, 3 order by 1, 2, 3`,
     sql<{ window: number; ms: number }[]>`
       select (w.i - 1)::int as window,
-        coalesce(sum(extract(epoch from least(coalesce(p.online_until, ${now}), ${now}) - greatest(p.online_from, w.start)) * 1000), 0)::float8 as ms
+        coalesce(sum(extract(epoch from least(coalesce(p.online_until, ${now}), ${now}) - greatest(p.online_from, w.start)) * 1000)
+          filter (where p.host_id is not null), 0)::float8 as ms
       from ${windows}
         left join host_presence p on p.host_id = ${hostId} and p.online_from < ${now}
           and coalesce(p.online_until, 'infinity') > w.start
