@@ -52,22 +52,6 @@ export function ago(ts: Timestamp | undefined, now = Date.now()): string {
   return d >= 0 ? `${text} ago` : `in ${text}`;
 }
 
-/** A length of time as "45s", "12m", "3h20m" or "6d4h". */
-export function spanText(ms: number): string {
-  const s = Math.round(ms / 1000);
-  if (s < 60) return `${s}s`;
-  const m = Math.floor(s / 60);
-  if (m < 60) return `${m}m`;
-  const h = Math.floor(m / 60);
-  if (h < 24) return m % 60 === 0 ? `${h}h` : `${h}h${m % 60}m`;
-  return h % 24 === 0 ? `${Math.floor(h / 24)}d` : `${Math.floor(h / 24)}d${h % 24}h`;
-}
-
-/** A share (0 to 1) as a percentage with one decimal. */
-export function percent(share: number): string {
-  return `${(share * 100).toFixed(1)}%`;
-}
-
 /** A time as an RFC 3339 string; undefined when unset. */
 export function iso(ts: Timestamp | undefined): string | undefined {
   const ms = msOf(ts);

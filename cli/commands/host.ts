@@ -16,7 +16,8 @@ import { keyValues, parseIntFlag } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
-import { ago, enumValue, enumWords, iso, jsonOf, percent, spanText, tagsText, word } from "../format.js";
+import { percentText, spanText } from "../../lib/figures.js";
+import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../format.js";
 
 type Hosts = Client<typeof HostService>;
 
@@ -102,8 +103,8 @@ function showStats(ctx: CliContext, { host, windows, lastHealthCheck: check }: G
     ["Succeeded", count((w) => w.jobsSucceeded)],
     ["Job failures", count((w) => w.jobFailures)],
     ["User failures", count((w) => w.userFailures)],
-    ["Infrastructure failures", (w) => `${w.infrastructureFailures} (${percent(w.infrastructureFailureRate)})`],
-    ["Online", (w) => percent(w.onlineShare)],
+    ["Infrastructure failures", (w) => `${w.infrastructureFailures} (${percentText(w.infrastructureFailureRate)})`],
+    ["Online", (w) => percentText(w.onlineShare)],
     ...HostHealthSchema.values
       .filter((v) => v.number !== 0)
       .map((v): [string, (w: HostStatsWindow) => string] => [

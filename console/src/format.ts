@@ -1,6 +1,7 @@
 /** How values are shown: enum names, times, sizes, durations. */
 import type { DescEnum } from "@bufbuild/protobuf";
 import { timestampMs, type Timestamp } from "@bufbuild/protobuf/wkt";
+import { HostHealth } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import {
   ExitStatus,
   JobState,
@@ -35,6 +36,14 @@ export function jobStatus(job: Job): string {
 export function jobTone(job: Job): string {
   if (job.state !== JobState.FINALIZED) return job.state === JobState.RUNNING ? "tone-run" : "tone-wait";
   return job.exitStatus === ExitStatus.SUCCESS ? "tone-ok" : "tone-bad";
+}
+
+/** A CSS class for a host's health badge. */
+export function healthTone(health: HostHealth): string {
+  if (health === HostHealth.HEALTHY) return "tone-ok";
+  if (health === HostHealth.QUARANTINED) return "tone-bad";
+  if (health === HostHealth.CHECKING) return "tone-run";
+  return health === HostHealth.RETIRED ? "muted" : "tone-wait";
 }
 
 export function ms(t: Timestamp | undefined): number | undefined {

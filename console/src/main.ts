@@ -8,6 +8,7 @@ import "./styles.css";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { Api, Session } from "./api.js";
 import { h } from "./dom.js";
+import { hostPage } from "./pages/host.js";
 import { hostsPage } from "./pages/hosts.js";
 import { imagePage, imagesPage } from "./pages/images.js";
 import { jobPage } from "./pages/job.js";
@@ -37,6 +38,7 @@ const routes: [RegExp, Page, { public?: boolean; wide?: boolean }?][] = [
   // xterm.js is most of the bundle's weight: loaded only for a console.
   [/^\/jobs\/([^/]+)\/console$/, async (ctx) => (await import("./pages/terminal.js")).terminalPage(ctx), { wide: true }],
   [/^\/hosts$/, hostsPage],
+  [/^\/hosts\/([^/]+)$/, hostPage],
   [/^\/images$/, imagesPage],
   [/^\/images\/(.+)$/, imagePage],
 ];
@@ -141,7 +143,8 @@ export class App {
         "ul",
         {},
         ...NAV.map(([href, label]) => {
-          const current = href === path || (href === "/jobs" && (path === "/" || (/^\/jobs\/(?!new$)/.test(path))));
+          const current =
+            href === path || (href === "/jobs" && (path === "/" || /^\/jobs\/(?!new$)/.test(path))) || (href === "/hosts" && path.startsWith("/hosts/"));
           return h("li", {}, h("a", { href, "aria-current": current ? "page" : undefined }, label));
         }),
       ),

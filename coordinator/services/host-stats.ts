@@ -14,12 +14,13 @@ import {
   GetHostStatsResponseSchema,
   HealthStateDurationSchema,
   HostCheckOutcomeSchema,
+  HostHealthChangeSchema,
   type HostStatsWindow,
   HostStatsWindowSchema,
 } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ReasonClass } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import type { Db } from "../db/queries/jobs.js";
-import { hostActivity, type HostActivity, hostTallies, lastHealthCheck, timeInHealth } from "../db/queries/host-stats.js";
+import { healthTimeline, hostActivity, type HostActivity, hostTallies, lastHealthCheck, timeInHealth } from "../db/queries/host-stats.js";
 import { HEALTH_STATES, hostMessage, type HostRow } from "../db/queries/hosts.js";
 import { reasonClass } from "../jobs/store.js";
 
@@ -27,16 +28,27 @@ const HOUR_MS = 3_600_000;
 /** The windows GetHostStats answers for, in its order. */
 export const STATS_WINDOWS_MS = [24 * HOUR_MS, 7 * 24 * HOUR_MS] as const;
 
+/** How far back, and how many changes at most, the health timeline goes. */
+const TIMELINE_MS = 7 * 24 * HOUR_MS;
+const TIMELINE_MAX = 200;
+
 /** The statistics of host `row` at `nowMs`. */
 export async function hostStats(sql: Db, row: HostRow, nowMs: number): Promise<GetHostStatsResponse> {
   const now = new Date(nowMs);
   const starts = STATS_WINDOWS_MS.map((length) => new Date(Math.min(nowMs, Math.max(nowMs - length, row.created_at.getTime()))));
-  const [activity, check] = await Promise.all([hostActivity(sql, row.id, starts, now), lastHealthCheck(sql, row.id, now)]);
+  const [activity, check, timeline] = await Promise.all([
+    hostActivity(sql, row.id, starts, now),
+    lastHealthCheck(sql, row.id, now),
+    healthTimeline(sql, row.id, new Date(nowMs - TIMELINE_MS), now, TIMELINE_MAX),
+  ]);
   return create(GetHostStatsResponseSchema, {
     host: hostMessage(row),
     windows: STATS_WINDOWS_MS.map((length, i) => windowStats(activity, i, length, starts[i], now)),
     lastHealthCheck: check && create(HostCheckOutcomeSchema, { jobId: check.jobId, passed: check.passed, time: timestampFromDate(check.at), message: check.message }),
     computeTime: timestampFromDate(now),
+    healthChanges: timeline.map((e) =>
+      create(HostHealthChangeSchema, { health: HEALTH_STATES[e.health], reason: e.reason, actor: e.actor, jobId: e.jobId ?? "", time: timestampFromDate(e.at) }),
+    ),
   });
 }
 

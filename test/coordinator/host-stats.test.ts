@@ -112,6 +112,16 @@ describe("a host's statistics over seeded history", () => {
     expect(healthHours(week)).toEqual({ checking: 1, healthy: 132, quarantined: 35 });
     expect(week.healthDurations.map((d) => d.health)).toEqual([HostHealth.CHECKING, HostHealth.HEALTHY, HostHealth.QUARANTINED]);
 
+    // The timeline: the changes of the last 7 days, newest first.
+    expect(stats.healthChanges.map((e) => [HostHealth[e.health], Number(e.time?.seconds) * 1000 - NOW, e.jobId])).toEqual([
+      ["HEALTHY", -HOUR, passedCheck],
+      ["QUARANTINED", -12 * HOUR, failedCheck],
+      ["HEALTHY", -47 * HOUR, ""],
+      ["CHECKING", -2 * DAY, ""],
+      ["QUARANTINED", -3 * DAY, ""],
+    ]);
+    expect(stats.healthChanges[1]).toMatchObject({ reason: "health check failed", actor: "system" });
+
     expect(stats.lastHealthCheck).toMatchObject({ jobId: passedCheck, passed: true });
     expect(stats.lastHealthCheck?.time?.seconds).toBe(BigInt((NOW - HOUR) / 1000));
   });

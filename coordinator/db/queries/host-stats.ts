@@ -90,6 +90,23 @@ export function timeInHealth(initial: Health, changes: HealthMark[], start: Date
   return out;
 }
 
+/** A change of a host's health, as its timeline shows it. */
+export interface HealthEvent {
+  health: Health;
+  reason: string;
+  actor: string;
+  jobId: string | null;
+  at: Date;
+}
+
+/** The host's health changes in [since, now], newest first, at most `limit`. */
+export function healthTimeline(sql: Db, hostId: string, since: Date, now: Date, limit: number): Promise<HealthEvent[]> {
+  return sql<HealthEvent[]>`
+    select health, reason, actor, job_id::text as "jobId", at from host_health_events
+    where host_id = ${hostId} and at >= ${since} and at <= ${now}
+    order by at desc, id desc limit ${limit}`;
+}
+
 /** A host's last health check as GetHostStats shows it. */
 export interface CheckOutcome {
   jobId: string;
