@@ -89,8 +89,8 @@ function windowName(seconds: number): string {
   return seconds <= 2 * 86_400 ? `${Math.round(seconds / 3600)}H` : `${Math.round(seconds / 86_400)}D`;
 }
 
-/** A host's health and last check, then one column of figures per window. */
-function showStats(ctx: CliContext, { host, windows, lastHealthCheck: check }: GetHostStatsResponse) {
+/** A host's health and last check, one column of figures per window, then its health changes. */
+function showStats(ctx: CliContext, { host, windows, lastHealthCheck: check, healthChanges }: GetHostStatsResponse) {
   if (host) ctx.out.fields([
     ["Host", host.name],
     ["Health", healthText(host)],
@@ -119,6 +119,18 @@ function showStats(ctx: CliContext, { host, windows, lastHealthCheck: check }: G
     { header: "", value: ([label]) => label },
     ...windows.map((w) => ({ header: `LAST ${windowName(Number(w.length?.seconds ?? 0n))}`, value: ([, f]: (typeof rows)[number]) => f(w) })),
   ]);
+  ctx.out.line("");
+  if (healthChanges.length === 0) return ctx.out.line("No change of its health in the last 7 days.");
+  ctx.out.table(
+    healthChanges,
+    [
+      { header: "HEALTH CHANGED", value: (e) => iso(e.time) ?? "-" },
+      { header: "TO", value: (e) => word(HostHealthSchema, e.health) },
+      { header: "BY", value: (e) => e.actor },
+      { header: "JOB", value: (e) => e.jobId || "-" },
+      { header: "REASON", value: (e) => e.reason || "-" },
+    ],
+  );
 }
 
 async function setAdminState(ctx: CliContext, ref: string, state: HostAdminState, reason: string): Promise<number> {

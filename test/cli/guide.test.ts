@@ -106,6 +106,7 @@ describe("docs/cli.md's command blocks", () => {
     expect(result.stdout).toMatch(/^Jobs run\s+0\s+0$/m);
     // Its supervisor never attached.
     expect(result.stdout).toMatch(/^Online\s+0\.0%\s+0\.0%$/m);
+    expect(result.stdout).toContain("No change of its health in the last 7 days.");
     expect(result.stdout).toMatch(/^Time unknown\s+\S+\s+\S+$/m);
     expect(result.stdout).toMatch(/^lab-a-nrf-1\s.*\bunknown\b/m);
   }, 60_000);
