@@ -23,14 +23,9 @@ type Hosts = Client<typeof HostService>;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
-/** A host's id or name as the `host` of GetHost and GetHostStats. */
-function hostRef(ref: string) {
-  return UUID.test(ref) ? ({ case: "hostId", value: ref } as const) : ({ case: "name", value: ref } as const);
-}
-
 /** A host by id or name. */
 async function findHost(hosts: Hosts, ref: string): Promise<Host> {
-  const { host } = await hosts.getHost({ host: hostRef(ref) }, { timeoutMs: 15_000 });
+  const { host } = await hosts.getHost({ host: UUID.test(ref) ? { case: "hostId", value: ref } : { case: "name", value: ref } }, { timeoutMs: 15_000 });
   if (!host) throw new CliError(`host ${ref} not found`, ExitCode.NOT_FOUND);
   return host;
 }
@@ -216,7 +211,11 @@ export const hostCommands: Command[] = [
     args: [{ name: "HOST", required: true, description: "the host's name or id" }],
     examples: ["tml host stats lab-a-nrf-1", "tml host stats lab-a-nrf-1 -o json"],
     async run(ctx, { args }) {
-      const stats = await (await ctx.client(HostService)).getHostStats({ host: hostRef(args.HOST) }, { timeoutMs: 15_000 });
+      const ref = args.HOST;
+      const stats = await (await ctx.client(HostService)).getHostStats(
+        { host: UUID.test(ref) ? { case: "hostId", value: ref } : { case: "name", value: ref } },
+        { timeoutMs: 15_000 },
+      );
       ctx.out.data(jsonOf(GetHostStatsResponseSchema, stats), () => showStats(ctx, stats));
       return ExitCode.OK;
     },
