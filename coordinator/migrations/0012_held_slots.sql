@@ -15,19 +15,11 @@ from (select host_id, count(*)::int as n from job_hosts where released_at is nul
 where u.host_id = h.id;
 
 -- Inserts and deletes come in sets (an assignment pass, a job's deletion):
--- one update per host per statement.
-create function treadmill_slots_taken() returns trigger language plpgsql as $$
+-- one update per host per statement, its unreleased rows counted.
+create function treadmill_slots_changed() returns trigger language plpgsql as $$
 begin
-  update hosts h set held_slots = h.held_slots + d.n
-  from (select host_id, count(*)::int as n from taken where released_at is null group by host_id order by host_id) d
-  where h.id = d.host_id;
-  return null;
-end $$;
-
-create function treadmill_slots_dropped() returns trigger language plpgsql as $$
-begin
-  update hosts h set held_slots = h.held_slots - d.n
-  from (select host_id, count(*)::int as n from dropped where released_at is null group by host_id order by host_id) d
+  update hosts h set held_slots = h.held_slots + case when tg_op = 'INSERT' then d.n else -d.n end
+  from (select host_id, count(*)::int as n from changed where released_at is null group by host_id order by host_id) d
   where h.id = d.host_id;
   return null;
 end $$;
@@ -42,9 +34,9 @@ begin
 end $$;
 
 create trigger job_hosts_taken after insert on job_hosts
-  referencing new table as taken for each statement execute function treadmill_slots_taken();
+  referencing new table as changed for each statement execute function treadmill_slots_changed();
 create trigger job_hosts_dropped after delete on job_hosts
-  referencing old table as dropped for each statement execute function treadmill_slots_dropped();
+  referencing old table as changed for each statement execute function treadmill_slots_changed();
 create trigger job_hosts_released after update of released_at on job_hosts
   for each row when ((old.released_at is null) <> (new.released_at is null))
   execute function treadmill_slot_released();
