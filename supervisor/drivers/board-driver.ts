@@ -12,6 +12,18 @@
  * the workload's exit code, or until `stop`. The board is powered off at the
  * end of every job.
  *
+ * Host control (issue #21), while a job runs: power off, power on and
+ * power-cycle run the power commands, reset runs the reset command (a power
+ * cycle without one). The serial line stays open throughout, so the console
+ * shows the board rebooting and the job goes on: it ends as before, by its
+ * exit pattern, a stop or a lost line. A job's end waits for a control under
+ * way, so the board is always off after the job.
+ *
+ * Identity: a board may name its USB serial number (`serialNumber`); before
+ * anything is flashed, the serial device must belong to the USB device of
+ * that number (usb-serial.ts), else the job fails to start and nothing is
+ * flashed.
+ *
  * Exposures: the console, and the services the board's admin configured
  * (host TCP addresses, such as a debug probe's GDB server). Nothing a job
  * declares adds to them: a declared port that is not a configured service
@@ -28,8 +40,10 @@ import { retry } from "../../lib/retry.js";
 import { ConsoleBridge } from "./console.js";
 import { FIRMWARE_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import {
+  ControlRefused,
   DriverAbortError,
   DriverError,
+  type HostAction,
   throwIfAborted,
   type Driver,
   type Exposure,
@@ -44,6 +58,7 @@ import {
 } from "./driver.js";
 import { socketDirectory, type SocketDirectory } from "./machine.js";
 import { shellQuote } from "./sandbox.js";
+import { usbSerialOf } from "./usb-serial.js";
 
 /** One board's configuration (JSON in the supervisor's config). */
 export interface BoardConfig {
@@ -57,6 +72,13 @@ export interface BoardConfig {
     baud: number;
   };
   /**
+   * The USB serial number of the board (or of its serial adapter), as udev's
+   * `ID_SERIAL_SHORT` (`udevadm info -q property -n DEV`): when set, a job
+   * starts only when `serial.device` belongs to the USB device of this
+   * number.
+   */
+  serialNumber?: string;
+  /**
    * Shell commands (run with /bin/sh -c). `{image}` is replaced by the
    * firmware file's path and `{serial}` by the serial device, both quoted.
    * A command fails the job (HOST_START_FAILURE) when it exits non-zero or
@@ -65,7 +87,7 @@ export interface BoardConfig {
   commands: {
     powerOn: string;
     powerOff: string;
-    /** Optional; `stop` uses power off. */
+    /** Optional; `stop` uses power off, a reset asked for during a job a power cycle. */
     reset?: string;
     flash: string;
   };
@@ -103,6 +125,9 @@ export function parseBoardConfig(value: unknown): BoardConfig {
   if (!str(v.name)) problems.push("board name must be a non-empty string");
   if (!str(serial.device)) problems.push("board serial.device must be a device path");
   if (!Number.isInteger(serial.baud) || (serial.baud as number) <= 0) problems.push("board serial.baud must be a positive integer");
+  if (v.serialNumber !== undefined && (!str(v.serialNumber) || !/^[\x21-\x7e]{1,126}$/.test(v.serialNumber as string))) {
+    problems.push("board serialNumber must be printable characters without spaces");
+  }
   for (const c of ["powerOn", "powerOff", "flash"]) if (!str(commands[c])) problems.push(`board commands.${c} must be a command`);
   if (commands.reset !== undefined && !str(commands.reset)) problems.push("board commands.reset must be a command");
   if (!Number.isInteger(v.bootTimeoutMs) || (v.bootTimeoutMs as number) <= 0) problems.push("board bootTimeoutMs must be a positive integer");
@@ -142,6 +167,7 @@ interface BoardJob extends RunningJob {
   readonly kind: "board";
   readonly prepared: BoardPrepared;
   finish(exit: Omit<JobExit, "status">): Promise<void>;
+  control(action: HostAction): Promise<string>;
   stopRequested: boolean;
 }
 
@@ -179,7 +205,12 @@ function discardPending(fd: number): number {
 export interface BoardDriverOptions {
   /** Where the console's Unix socket goes (a directory only the supervisor may enter); default a private one (machine.ts). */
   socketDir?: string;
+  /** The sysfs tree the USB serial number is read from; default /sys (tests give a tree of their own). */
+  sysRoot?: string;
 }
+
+/** What the timeline says of a done action. */
+const DONE: Record<HostAction, string> = { "power-off": "powered off", "power-on": "powered on", "power-cycle": "power-cycled", reset: "reset" };
 
 export class BoardDriver implements Driver {
   readonly kind = "board" as const;
@@ -251,6 +282,7 @@ export class BoardDriver implements Driver {
     if (firmware === undefined) throw new DriverError("image", `image has no ${FIRMWARE_MEDIA_TYPE} layer`);
     const services = new Set((this.config.services ?? []).map((s) => s.name));
     const refusedPorts = (spec.exposedPorts ?? []).filter((p) => !services.has(p.name)).map((p) => p.name);
+    await this.checkIdentity();
     const prepared: BoardPrepared = { kind: "board", jobId: spec.jobId, attempt: spec.attempt, firmware: firmware.path, refusedPorts };
     this.current = prepared;
     try {
@@ -266,6 +298,23 @@ export class BoardDriver implements Driver {
       await this.command("powerOff").catch(() => undefined);
       throw err;
     }
+  }
+
+  /** Refuses (a start failure) a serial device that is not the configured board's (see the head comment). */
+  private async checkIdentity(): Promise<void> {
+    const wanted = this.config.serialNumber;
+    if (wanted === undefined) return;
+    const device = this.config.serial.device;
+    const found = await usbSerialOf(device, this.options.sysRoot).catch((err: unknown) => {
+      throw new DriverError("start", `serial device ${device} of board ${this.config.name} cannot be found`, { cause: err });
+    });
+    if (found === wanted) return;
+    const message =
+      found === undefined
+        ? `serial device ${device} has no usb serial number; board ${this.config.name} is configured as ${wanted}: refusing to flash or run it`
+        : `serial device ${device} belongs to usb serial ${found}, not to board ${this.config.name} (${wanted}): refusing to flash or run it`;
+    this.log.error({ device, wanted, found }, "serial device belongs to another board");
+    throw new DriverError("start", message);
   }
 
   async start(handle: Prepared, output: JobOutput, options: PrepareOptions = {}): Promise<RunningJob> {
@@ -330,11 +379,14 @@ export class BoardDriver implements Driver {
     let resolveExit: (exit: JobExit) => void = () => undefined;
     const exited = new Promise<JobExit>((resolve) => (resolveExit = resolve));
     let finishing: Promise<void> | undefined;
+    /** The control under way (controls run one at a time; the job's end waits for it). */
+    let controlling: Promise<unknown> = Promise.resolve();
 
     const finish = (exit: Omit<JobExit, "status">): Promise<void> => {
       finishing ??= (async () => {
         phase = "stopping";
         reader.pause();
+        await controlling;
         await this.command("powerOff").catch((err: unknown) => log.error({ err }, "board power off failed"));
         reader.destroy();
         await writes;
@@ -388,6 +440,30 @@ export class BoardDriver implements Driver {
     reader.on("end", lineGone);
     reader.on("close", lineGone);
 
+    const control = (action: HostAction): Promise<string> => {
+      const run = controlling.then(async () => {
+        const step = async (name: "powerOff" | "powerOn" | "reset") => {
+          if (phase !== "running") throw new ControlRefused("not-running", `job ${prepared.jobId} no longer runs on board ${this.config.name}`);
+          await this.command(name).catch((err: unknown) => {
+            const why = err instanceof Error ? err.message : String(err);
+            throw new ControlRefused("unavailable", `board ${this.config.name}: ${why}`, { cause: err });
+          });
+        };
+        if (action === "power-off") await step("powerOff");
+        else if (action === "power-on") await step("powerOn");
+        else if (action === "reset" && this.config.commands.reset !== undefined) await step("reset");
+        else {
+          await step("powerOff");
+          await step("powerOn");
+        }
+        const done = `board ${this.config.name} ${DONE[action]}`;
+        log.info({ action }, "board controlled");
+        return done;
+      });
+      controlling = run.catch(() => undefined);
+      return run;
+    };
+
     const job: BoardJob = {
       kind: "board",
       jobId: prepared.jobId,
@@ -399,6 +475,7 @@ export class BoardDriver implements Driver {
       exited,
       writeConsole: writeSerial,
       finish,
+      control,
     };
 
     onStage?.("booting", `powering on board ${this.config.name}`);
@@ -443,6 +520,14 @@ export class BoardDriver implements Driver {
     // A board has no polite stop: power off is the stop.
     await job.finish({ exitCode: null, stopped: true, message: "board powered off (job stopped)" });
     await job.exited;
+  }
+
+  control(handle: RunningJob, action: HostAction): Promise<string> {
+    const job = handle as BoardJob;
+    if (job.status() !== "running") {
+      return Promise.reject(new ControlRefused("not-running", `job ${job.jobId} is not running on board ${this.config.name}`));
+    }
+    return job.control(action);
   }
 
   snapshot(): Promise<SnapshotLayer> {

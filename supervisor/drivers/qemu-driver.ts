@@ -37,6 +37,13 @@
  * given a moment to power off and is quit) or when QEMU exits (its exit code,
  * decoded from `isa-debug-exit` when enabled). Stop = ACPI power-down (QMP
  * `system_powerdown`), the grace period, then QMP `quit`, then SIGKILL.
+ *
+ * Host control (issue #21) through QMP, QEMU kept running so that the
+ * console, its log, the forwards and the overlay stay as they are: reset =
+ * `system_reset`; power off = `stop` then `system_reset` (the VM halted,
+ * reset to its power-on state); power on = `cont` (it boots afresh); power
+ * cycle = all three. Busybox init ignores ACPI power-down (FACTS.md), so no
+ * action waits on the guest.
  */
 
 import { execFile, spawn } from "node:child_process";
@@ -50,9 +57,11 @@ import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
 import { QCOW2_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import {
+  ControlRefused,
   DriverAbortError,
   DriverError,
   parameterEnvName,
+  type HostAction,
   throwIfAborted,
   type Driver,
   type Exposure,
@@ -147,6 +156,8 @@ interface QemuJob extends SlotJob<QemuPrepared> {
   readonly qmp: () => QmpClient | undefined;
   /** `killed` is set once this driver sent SIGKILL, so that the exit is known to be ours. */
   readonly control: { killed: boolean };
+  /** `off`: halted by a power-off control; `chain`: the control under way (one at a time). */
+  readonly power: { off: boolean; chain: Promise<unknown> };
 }
 
 /** Where forwards listen inside QEMU's own network namespace (any port: nothing else is there). */
@@ -574,6 +585,7 @@ export class QemuDriver implements Driver {
       child,
       qmp: () => qmp,
       control,
+      power: { off: false, chain: Promise.resolve() },
       state,
       status: () => state.phase,
       exposures: () => exposed,
@@ -651,8 +663,10 @@ export class QemuDriver implements Driver {
     const graceMs = options.graceMs ?? this.settings.graceMs;
     return this.pool.stop(job, graceMs, async (log, within) => {
       const qmp = job.qmp();
-      if (graceMs > 0) await qmp?.execute("system_powerdown").catch(() => undefined);
-      if (!(await within(graceMs))) {
+      // A halted VM (powered off by a control) has nobody to power it down politely.
+      const grace = job.power.off ? 0 : graceMs;
+      if (grace > 0) await qmp?.execute("system_powerdown").catch(() => undefined);
+      if (!(await within(grace))) {
         log.info("grace period over, quitting vm");
         await qmp?.execute("quit").catch(() => undefined);
         if (!(await within(5000))) {
@@ -663,13 +677,51 @@ export class QemuDriver implements Driver {
     });
   }
 
+  control(handle: RunningJob, action: HostAction): Promise<string> {
+    const job = handle as QemuJob;
+    const run = job.power.chain.then(async () => {
+      const qmp = job.status() === "running" ? job.qmp() : undefined;
+      if (qmp === undefined) throw new ControlRefused("not-running", `job ${job.jobId} is not running on this vm host`);
+      const execute = (command: string) =>
+        qmp.execute(command).catch((err: unknown) => {
+          throw new ControlRefused("unavailable", `the vm's monitor refused ${command}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+        });
+      const halt = async () => {
+        await execute("stop");
+        await execute("system_reset");
+        job.power.off = true;
+      };
+      const resume = async () => {
+        await execute("cont");
+        job.power.off = false;
+      };
+      switch (action) {
+        case "reset":
+          await execute("system_reset");
+          return job.power.off ? "vm reset (still powered off)" : "vm reset";
+        case "power-off":
+          if (!job.power.off) await halt();
+          return "vm powered off";
+        case "power-on":
+          if (job.power.off) await resume();
+          return "vm powered on";
+        case "power-cycle":
+          await halt();
+          await resume();
+          return "vm power-cycled";
+      }
+    });
+    job.power.chain = run.catch(() => undefined);
+    return run;
+  }
+
   async snapshot(handle: RunningJob, options: { outFile: string }): Promise<SnapshotLayer> {
     const job = handle as QemuJob;
     const prepared = job.prepared;
     if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
     const started = performance.now();
     const top = prepared.plan.chain[prepared.plan.chain.length - 1]!;
-    const qmp = job.status() === "exited" ? undefined : job.qmp();
+    const qmp = job.status() === "exited" || job.power.off ? undefined : job.qmp();
     // A paused VM has flushed its writes to the overlay (QMP stop drains and flushes).
     if (qmp !== undefined) await qmp.execute("stop");
     try {
