@@ -15,6 +15,7 @@ import { coordinatorTransport } from "../../lib/coordinator-client.js";
 import { simBoardCommand } from "../../supervisor/sim-board/start.js";
 import { buildFirmwareImage } from "../../testbed/images.js";
 import { pushTestImage } from "../../testbed/provision.js";
+import { tml } from "../cli/harness.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 import { waitUntil } from "../support/wait.js";
 
@@ -27,6 +28,8 @@ const codeOf = (p: Promise<unknown>) =>
 describe("host control of a running job on the testbed", () => {
   let tb: RunningTestbed;
   let bob: ReturnType<typeof createClient<typeof JobService>>;
+  /** `tml` as the admin. */
+  let admin: (args: string[]) => ReturnType<typeof tml>;
 
   /** Pushes firmware that prints its boot number (counted in the board's state directory) and ends the job at boot `endAt`. */
   const pushCountingFirmware = async (ref: string, endAt: number) => {
@@ -34,6 +37,9 @@ describe("host control of a running job on the testbed", () => {
     const script = `n=$(cat ${counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > ${counter}\necho "boot number $n"\n[ $n -ge ${endAt} ] && echo TREADMILL_EXIT=0\nwhile true; do sleep 1; done\n`;
     await pushTestImage(tb.admin, await buildFirmwareImage({ dir: join(tb.dir, "images"), script }), ref);
   };
+
+  /** The job's console so far ("" until its first frame reached the log server). */
+  const consoleOf = (jobId: string) => tb.readLog(jobId, "console").catch(() => "");
 
   const runningJob = async (spec: Parameters<ReturnType<typeof tb.client<typeof JobService>>["submitJob"]>[0]["spec"]) => {
     const { job } = await tb.client(JobService).submitJob({ spec });
@@ -47,6 +53,9 @@ describe("host control of a running job on the testbed", () => {
     await tb.client(UserService).createUser({ name: "bob", password: "bob-password-1" });
     const { token } = await createClient(AuthService, coordinatorTransport(tb.coordinatorUrl)).login({ name: "bob", password: "bob-password-1" });
     bob = createClient(JobService, coordinatorTransport(tb.coordinatorUrl, token));
+    const { name, password } = tb.testbed.admin();
+    const adminToken = (await createClient(AuthService, coordinatorTransport(tb.coordinatorUrl)).login({ name, password })).token;
+    admin = (args) => tml(join(tb.dir, "tml-contexts.json"), args, { env: { TML_SERVER: tb.coordinatorUrl, TML_TOKEN: adminToken } });
   }, 120000);
   afterAll(async () => {
     await tb?.stop();
@@ -56,7 +65,7 @@ describe("host control of a running job on the testbed", () => {
     await pushCountingFirmware("test/boots:1", 2);
     const jobs = tb.client(JobService);
     const jobId = await runningJob({ image: "test/boots:1", hosts: { hostCount: 1, tags: { board: "sim" } } });
-    await waitUntil(async () => (await tb.readLog(jobId, "console")).includes("boot number 1"), "the first boot on the console");
+    await waitUntil(async () => (await consoleOf(jobId)).includes("boot number 1"), "the first boot on the console");
 
     const request = { jobId, action: HostControlAction.POWER_CYCLE, requestId: `cycle-${jobId}` };
     const answer = await jobs.controlHost(request);
@@ -86,6 +95,23 @@ describe("host control of a running job on the testbed", () => {
     expect((err as ConnectError).code).toBe(Code.FailedPrecondition);
     expect((err as ConnectError).rawMessage).toBe("the process driver cannot reset a job's host");
     expect((await tb.client(JobService).getJob({ jobId })).job!.state).toBe(JobState.RUNNING);
+    const cli = await admin(["job", "reset", jobId]);
+    expect(cli.code).not.toBe(0);
+    expect(cli.stderr).toContain("the process driver cannot reset a job's host");
+    await tb.client(JobService).cancelJob({ jobId });
+    await tb.waitFinalized(jobId);
+  });
+
+  it("powers a board job's host off and on with tml, saying what was done", async () => {
+    await pushCountingFirmware("test/boots:2", 1000);
+    const jobId = await runningJob({ image: "test/boots:2", hosts: { hostCount: 1, tags: { board: "sim" } } });
+    const off = await admin(["job", "power-off", jobId]);
+    expect(off).toMatchObject({ code: 0, stdout: `Job ${jobId}: board board-1 powered off (host board-1).\n` });
+    const on = await admin(["job", "power-on", jobId, "--host", "0", "-o", "json"]);
+    expect(on.code).toBe(0);
+    expect(JSON.parse(on.stdout)).toMatchObject({ jobId, hostName: "board-1", action: "HOST_CONTROL_ACTION_POWER_ON", message: "board board-1 powered on" });
+    await waitUntil(async () => (await consoleOf(jobId)).includes("boot number 2"), "the board to boot again");
+    expect((await admin(["job", "reset", jobId, "--host", "1"])).stderr).toMatch(/host_index 1 is not a host of job/);
     await tb.client(JobService).cancelJob({ jobId });
     await tb.waitFinalized(jobId);
   });
