@@ -40,7 +40,7 @@
  *
  * Host control (issue #21) through QMP, QEMU kept running so that the
  * console, its log, the forwards and the overlay stay as they are: reset =
- * `system_reset`; power off = `stop` then `system_reset` (the VM halted,
+ * `system_reset` (reboots let through `-no-reboot` until the guest prints again); power off = `stop` then `system_reset` (the VM halted,
  * reset to its power-on state); power on = `cont` (it boots afresh); power
  * cycle = all three. Busybox init ignores ACPI power-down (FACTS.md), so no
  * action waits on the guest.
@@ -156,8 +156,12 @@ interface QemuJob extends SlotJob<QemuPrepared> {
   readonly qmp: () => QmpClient | undefined;
   /** `killed` is set once this driver sent SIGKILL, so that the exit is known to be ours. */
   readonly control: { killed: boolean };
-  /** `off`: halted by a power-off control; `chain`: the control under way (one at a time). */
-  readonly power: { off: boolean; chain: Promise<unknown> };
+  /**
+   * `off`: halted by a power-off control; `chain`: the control under way (one
+   * at a time); `rebooting`: a control's reset is under way, the firmware's
+   * own reboots let through until the guest prints again (see `control`).
+   */
+  readonly power: { off: boolean; chain: Promise<unknown>; rebooting: boolean };
 }
 
 /** Where forwards listen inside QEMU's own network namespace (any port: nothing else is there). */
@@ -505,8 +509,14 @@ export class QemuDriver implements Driver {
     const bootSeen = new Promise<void>((resolve) => (booted = resolve));
     let exitFromConsole: number | undefined;
     let settleTimer: NodeJS.Timeout | undefined;
+    const power: QemuJob["power"] = { off: false, chain: Promise.resolve(), rebooting: false };
     const onConsole = (bytes: Buffer) => {
       output.write("console", bytes);
+      if (power.rebooting) {
+        // The guest is back: its own reboots end the job again (-no-reboot).
+        power.rebooting = false;
+        void qmp?.execute("set-action", { reboot: "shutdown" }).catch(() => undefined);
+      }
       window = (window + bytes.toString("latin1")).slice(-8192);
       if (s.readyPattern?.test(window) === true) {
         sawReady = true;
@@ -585,7 +595,7 @@ export class QemuDriver implements Driver {
       child,
       qmp: () => qmp,
       control,
-      power: { off: false, chain: Promise.resolve() },
+      power,
       state,
       status: () => state.phase,
       exposures: () => exposed,
@@ -682,13 +692,22 @@ export class QemuDriver implements Driver {
     const run = job.power.chain.then(async () => {
       const qmp = job.status() === "running" ? job.qmp() : undefined;
       if (qmp === undefined) throw new ControlRefused("not-running", `job ${job.jobId} is not running on this vm host`);
-      const execute = (command: string) =>
-        qmp.execute(command).catch((err: unknown) => {
+      const execute = (command: string, args?: Record<string, unknown>) =>
+        qmp.execute(command, args).catch((err: unknown) => {
           throw new ControlRefused("unavailable", `the vm's monitor refused ${command}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
         });
+      // QEMU runs with -no-reboot (a guest's reboot ends its job), which
+      // turns system_reset into a shutdown too, and SeaBIOS reboots once
+      // more by itself after a reset: reboots are let through until the
+      // guest prints on its console again (onConsole restores -no-reboot).
+      const systemReset = async () => {
+        job.power.rebooting = true;
+        await execute("set-action", { reboot: "reset" });
+        await execute("system_reset");
+      };
       const halt = async () => {
         await execute("stop");
-        await execute("system_reset");
+        await systemReset();
         job.power.off = true;
       };
       const resume = async () => {
@@ -697,7 +716,7 @@ export class QemuDriver implements Driver {
       };
       switch (action) {
         case "reset":
-          await execute("system_reset");
+          await systemReset();
           return job.power.off ? "vm reset (still powered off)" : "vm reset";
         case "power-off":
           if (!job.power.off) await halt();
