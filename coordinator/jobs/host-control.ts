@@ -11,8 +11,9 @@
  * `command.control_host`); the supervisor's HostControlResult, on whichever
  * replica holds the stream, ends it DONE or FAILED with a second timeline
  * event, which wakes the caller waiting on any replica ('treadmill_jobs').
- * A host that goes offline while a control is pending ends it FAILED,
- * UNAVAILABLE. Idempotent by (caller, request_id): the same request answers
+ * A control that cannot be answered any more ends FAILED when its caller
+ * looks: UNAVAILABLE when its host went offline, FAILED_PRECONDITION when
+ * its attempt ended (a control is delivered only while its attempt runs). Idempotent by (caller, request_id): the same request answers
  * the same, acting once.
  */
 import { create } from "@bufbuild/protobuf";
@@ -208,12 +209,22 @@ export class HostControls {
     return id;
   }
 
-  /** The control now; a pending one whose host went offline ends FAILED, UNAVAILABLE, first. */
+  /**
+   * The control now; a pending one ends first when it cannot be answered any
+   * more: FAILED_PRECONDITION when its attempt ended, UNAVAILABLE when its
+   * host went offline.
+   */
   private async current(id: string): Promise<ControlView> {
     return this.ctx.sql.begin(async (tx) => {
       const row = (await control(tx, id, { lock: true }))!;
-      if (row.state !== "pending" || (await hostOnline(tx, row.host_id))) return row;
-      await endPending(tx, row, { ok: false, errorCode: Code.Unavailable, message: `host ${row.host_name} went offline before it answered` }, "system");
+      if (row.state !== "pending") return row;
+      if (!row.attempt_running) {
+        await endPending(tx, row, { ok: false, errorCode: Code.FailedPrecondition, message: `job ${row.job_id} ended before host ${row.host_name} answered` }, "system");
+      } else if (!(await hostOnline(tx, row.host_id))) {
+        await endPending(tx, row, { ok: false, errorCode: Code.Unavailable, message: `host ${row.host_name} went offline before it answered` }, "system");
+      } else {
+        return row;
+      }
       return (await control(tx, id))!;
     });
   }

@@ -114,6 +114,20 @@ describe("ControlHost on the coordinator", () => {
     expect(again).toMatchObject({ code: Code.Unavailable, rawMessage: expect.stringMatching(/^host \S+ is offline$/) });
   });
 
+  it("ends a pending control FAILED_PRECONDITION when its job ends before the host answers", async () => {
+    const jobs = c.client(JobService, user.token);
+    const { jobId, s } = await runningJob();
+    const command = s.waitFor(isControl(jobId));
+    const call = jobs.controlHost({ jobId, action: HostControlAction.POWER_ON }).catch((e: unknown) => ConnectError.from(e));
+    await command;
+    await s.exit(jobId, 1, 0);
+    const err = (await call) as ConnectError;
+    expect(err.code).toBe(Code.FailedPrecondition);
+    expect(err.rawMessage).toMatch(/^job \S+ ended before host \S+ answered$/);
+    const [row] = await c.sql<{ state: string }[]>`select state from host_controls where job_id = ${jobId}`;
+    expect(row.state).toBe("failed");
+  });
+
   it("refuses another user's job and a request id used for another control", async () => {
     const { jobId } = await runningJob();
     const other = await c.createUser();

@@ -27,12 +27,14 @@ export interface ControlRow {
   finished_at: Date | null;
 }
 
-/** A control and its host's name and owner of its job. */
-export type ControlView = ControlRow & { host_name: string; owner_id: string };
+/** A control with its host's name, its job's owner, and whether its attempt still runs. */
+export type ControlView = ControlRow & { host_name: string; owner_id: string; attempt_running: boolean };
 
 export async function control(sql: Db, id: string, options: { lock?: boolean } = {}): Promise<ControlView | undefined> {
   const [row] = await sql<ControlView[]>`
-    select c.*, h.name as host_name, j.owner_id from host_controls c
+    select c.*, h.name as host_name, j.owner_id,
+      (j.attempt = c.attempt and j.state in ('running', 'terminating')) as attempt_running
+    from host_controls c
     join hosts h on h.id = c.host_id join jobs j on j.id = c.job_id
     where c.id = ${id} ${options.lock ? sql`for update of c` : sql``}`;
   return row;
@@ -73,9 +75,12 @@ export async function endControl(sql: Db, id: string, end: { ok: boolean; errorC
     where id = ${id} and state = 'pending'`;
 }
 
-/** The pending controls of a host, oldest first. */
+/** The pending controls of a host whose attempts still run, oldest first. */
 export async function pendingControlsOfHost(sql: Db, hostId: string): Promise<ControlRow[]> {
-  return sql<ControlRow[]>`select * from host_controls where host_id = ${hostId} and state = 'pending' order by created_at, id`;
+  return sql<ControlRow[]>`
+    select c.* from host_controls c join jobs j on j.id = c.job_id
+    where c.host_id = ${hostId} and c.state = 'pending' and j.attempt = c.attempt and j.state in ('running', 'terminating')
+    order by c.created_at, c.id`;
 }
 
 /** Wakes the replica holding `hostId`'s stream to send its pending controls. */

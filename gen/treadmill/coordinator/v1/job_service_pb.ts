@@ -858,9 +858,9 @@ export const JobService: GenService<{
    * The job's console and logs keep flowing across the action. Errors:
    * INVALID_ARGUMENT (job_id, action, host_index, request_id),
    * UNAUTHENTICATED, PERMISSION_DENIED (another user's job, not a user
-   * token), NOT_FOUND, FAILED_PRECONDITION (job not RUNNING, or the host's
-   * driver cannot do the action), UNAVAILABLE (the host is offline, or went
-   * away before it answered), the supervisor's code when it refused (e.g.
+   * token), NOT_FOUND, FAILED_PRECONDITION (job not RUNNING, the job ended
+   * before its host answered, or the host's driver cannot do the action),
+   * UNAVAILABLE (the host is offline, or went away before it answered), the supervisor's code when it refused (e.g.
    * UNAVAILABLE: the board's power command failed), DEADLINE_EXCEEDED (the
    * call's deadline passed; the action may still happen: call again with the
    * same request_id to wait for it). A request_id that ended in an error
