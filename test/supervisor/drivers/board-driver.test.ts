@@ -2,22 +2,18 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { mkdir, mkdtemp, readFile, realpath, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { basename, join } from "node:path";
 import { createBoardDriver, parseBoardConfig, type BoardDriver } from "../../../supervisor/drivers/board-driver.js";
-import { ControlRefused, DriverError, type JobSpecForDriver } from "../../../supervisor/drivers/driver.js";
+import { ControlRefused, DriverError } from "../../../supervisor/drivers/driver.js";
 import { usbSerialOf } from "../../../supervisor/drivers/usb-serial.js";
 import { simBoardCommand, startSimBoard, type SimBoard } from "../../../supervisor/sim-board/start.js";
-import { buildBusyboxImage, buildFirmwareImage } from "../../support/images.js";
-import { capturingLogger, CollectedOutput, socketClient } from "./helpers.js";
+import { buildBusyboxImage } from "../../support/images.js";
+import { capturingLogger, CollectedOutput, socketClient, firmwareSpec as firmwareOf } from "./helpers.js";
 
 let base: string;
 let board: SimBoard;
 let driver: BoardDriver;
 const { logger } = capturingLogger();
-let counter = 0;
 
-async function firmwareSpec(script: string): Promise<JobSpecForDriver> {
-  const image = await buildFirmwareImage({ dir: join(base, "images"), script });
-  return { jobId: `board-job-${++counter}`, attempt: 1, parameters: [], image };
-}
+const firmwareSpec = (script: string) => firmwareOf(base, script);
 
 beforeAll(async () => {
   base = await mkdtemp("/tmp/treadmill-board-driver-");

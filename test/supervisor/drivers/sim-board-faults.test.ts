@@ -9,23 +9,18 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { createBoardDriver, type BoardDriver } from "../../../supervisor/drivers/board-driver.js";
-import { DriverError, type JobSpecForDriver } from "../../../supervisor/drivers/driver.js";
+import { DriverError } from "../../../supervisor/drivers/driver.js";
 import { drawFault, parseFaultRates, seededRandom } from "../../../supervisor/sim-board/faults.js";
 import { simBoardCommand, startSimBoard, type SimBoard } from "../../../supervisor/sim-board/start.js";
-import { buildFirmwareImage } from "../../support/images.js";
 import { waitUntil } from "../../support/wait.js";
-import { capturingLogger, CollectedOutput } from "./helpers.js";
+import { capturingLogger, CollectedOutput, firmwareSpec as firmwareOf } from "./helpers.js";
 
 let base: string;
 let board: SimBoard;
 let driver: BoardDriver;
 const { logger } = capturingLogger();
-let counter = 0;
 
-async function firmwareSpec(script: string): Promise<JobSpecForDriver> {
-  const image = await buildFirmwareImage({ dir: join(base, "images"), script });
-  return { jobId: `fault-job-${++counter}`, attempt: 1, parameters: [], image };
-}
+const firmwareSpec = (script: string) => firmwareOf(base, script);
 
 const LOOP = 'echo "firmware up"\nwhile true; do sleep 1; done\n';
 
