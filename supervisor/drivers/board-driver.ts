@@ -14,10 +14,13 @@
  *
  * Host control (issue #21), while a job runs: power off, power on and
  * power-cycle run the power commands, reset runs the reset command (a power
- * cycle without one). The serial line stays open throughout, so the console
+ * cycle without one), each tried again within the boot timeout. The console
  * shows the board rebooting and the job goes on: it ends as before, by its
- * exit pattern, a stop or a lost line. A job's end waits for a control under
- * way, so the board is always off after the job.
+ * exit pattern, a stop or a lost line. A serial line that goes away with the
+ * board's power (a USB adapter powered by the board) is not lost: it is
+ * opened again after power on (what it held then is the new boot's). A
+ * job's end waits for a control under way, so the board is always off
+ * after the job.
  *
  * Identity: a board may name its USB serial number (`serialNumber`); before
  * anything is flashed, the serial device must belong to the USB device of
@@ -31,8 +34,8 @@
  */
 
 import { exec } from "node:child_process";
-import { closeSync, constants, openSync, readSync } from "node:fs";
-import { open, type FileHandle } from "node:fs/promises";
+import { closeSync, constants, fstatSync, openSync, readSync } from "node:fs";
+import { open, stat, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { ReadStream } from "node:tty";
 import type { Logger } from "../../lib/logger.js";
@@ -186,20 +189,31 @@ function runCommand(template: string, values: { image?: string; serial: string }
   });
 }
 
-/** Reads and drops what a non-blocking descriptor holds now (tcflush of the input); returns how many bytes. */
-function discardPending(fd: number): number {
+/** Reads what a non-blocking descriptor holds now (at most 1 MiB, the rest dropped, as tcflush of the input would). */
+function readPending(fd: number): Buffer {
   const buffer = Buffer.alloc(64 * 1024);
-  let dropped = 0;
+  const kept: Buffer[] = [];
+  let size = 0;
   for (;;) {
     try {
       const n = readSync(fd, buffer);
-      if (n === 0) return dropped;
-      dropped += n;
+      if (n === 0) break;
+      if (size < 1024 * 1024) kept.push(Buffer.from(buffer.subarray(0, n)));
+      size += n;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "EAGAIN") return dropped;
+      if ((err as NodeJS.ErrnoException).code === "EAGAIN") break;
       throw err;
     }
   }
+  return Buffer.concat(kept);
+}
+
+/** An open serial line: a tty stream to read, a plain handle to write, what it held when opened, and its device number. */
+interface SerialLine {
+  reader: ReadStream;
+  writer: FileHandle;
+  held: Buffer;
+  rdev: number;
 }
 
 export interface BoardDriverOptions {
@@ -328,7 +342,7 @@ export class BoardDriver implements Driver {
 
     // Configure the line, then open it twice: a tty stream to read, a plain
     // handle to write (one fd cannot back two libuv handles).
-    const openLine = async (): Promise<{ reader: ReadStream; writer: FileHandle; stale: number }> => {
+    const openLine = async (): Promise<SerialLine> => {
       await runCommand(`stty -F {serial} ${this.config.serial.baud} raw -echo`, { serial: device }, 10000).catch((err: unknown) => {
         throw new DriverError("start", `serial device ${device} cannot be configured`, { cause: err });
       });
@@ -336,20 +350,23 @@ export class BoardDriver implements Driver {
       try {
         fd = openSync(device, constants.O_RDONLY | constants.O_NOCTTY | constants.O_NONBLOCK);
         const writer = await open(device, constants.O_WRONLY | constants.O_NOCTTY);
-        const stale = discardPending(fd);
-        return { reader: new ReadStream(fd), writer, stale };
+        const held = readPending(fd);
+        return { reader: new ReadStream(fd), writer, held, rdev: fstatSync(fd).rdev };
       } catch (err) {
         if (fd !== undefined) closeSync(fd);
         throw new DriverError("start", `serial device ${device} cannot be opened`, { cause: err });
       }
     };
-    const { reader, writer, stale } = await this.retrying("opening the serial line", openLine, signal, say);
+    let line = await this.retrying("opening the serial line", openLine, signal, say);
     // The board is off since prepare: what the line holds is an earlier run's
     // (one whose supervisor died while it ran), never this job's.
-    if (stale > 0) say(`discarded ${stale} bytes the serial line held from before this job`);
+    if (line.held.length > 0) say(`discarded ${line.held.length} bytes the serial line held from before this job`);
+    /** The line went away with the board's power (a control): it is opened again at power on. */
+    let lineDown = false;
     let writes = Promise.resolve();
     const writeSerial = (bytes: Buffer) => {
-      writes = writes.then(() => writer.write(bytes)).then(
+      const { writer } = line;
+      writes = writes.then(() => (lineDown ? undefined : writer.write(bytes))).then(
         () => undefined,
         (err: unknown) => log.warn({ err }, "serial write failed"),
       );
@@ -358,8 +375,8 @@ export class BoardDriver implements Driver {
     try {
       bridge = await ConsoleBridge.listen({ path: await this.consolePath(), logger: log, onInput: writeSerial });
     } catch (err) {
-      reader.destroy();
-      await writer.close().catch(() => undefined);
+      line.reader.destroy();
+      await line.writer.close().catch(() => undefined);
       if (err instanceof DriverError) throw err;
       throw new DriverError("start", "the board's console cannot be bridged", { cause: err });
     }
@@ -381,16 +398,18 @@ export class BoardDriver implements Driver {
     let finishing: Promise<void> | undefined;
     /** The control under way (controls run one at a time; the job's end waits for it). */
     let controlling: Promise<unknown> = Promise.resolve();
+    /** A control is under way, or the last one left the board off: the line may go away with its power. */
+    let powerInHand = false;
 
     const finish = (exit: Omit<JobExit, "status">): Promise<void> => {
       finishing ??= (async () => {
         phase = "stopping";
-        reader.pause();
+        line.reader.pause();
         await controlling;
         await this.command("powerOff").catch((err: unknown) => log.error({ err }, "board power off failed"));
-        reader.destroy();
+        line.reader.destroy();
         await writes;
-        await writer.close().catch(() => undefined);
+        await line.writer.close().catch(() => undefined);
         exposed = [];
         await bridge.close();
         phase = "exited";
@@ -402,7 +421,7 @@ export class BoardDriver implements Driver {
       return finishing;
     };
 
-    reader.on("data", (bytes: Buffer) => {
+    const onData = (bytes: Buffer) => {
       if (phase === "exited" || phase === "stopping") return;
       output.write("console", bytes);
       bridge.write(bytes);
@@ -417,44 +436,94 @@ export class BoardDriver implements Driver {
           void finish({ exitCode: code, stopped: false, message: `workload exited with code ${code} (console pattern)` });
         }
       }
-    });
+    };
 
     // The serial line going away (the board dead or unplugged) ends a running
     // job at once, as the host's failure: nothing more of it can be seen.
-    // While it boots, the boot timeout fails the start instead.
+    // While it boots, the boot timeout fails the start instead. Not when it
+    // goes with the board's power during a control (a USB serial adapter on
+    // the board): the line is opened again when the power comes back.
     let lineLost = false;
     const endLineLost = () => {
       const message = `serial line of board ${this.config.name} closed while the job ran`;
       log.warn(message);
       return finish({ exitCode: null, stopped: false, message, failure: new DriverError("internal", message) });
     };
-    const lineGone = () => {
-      if (lineLost || phase === "stopping" || phase === "exited") return;
+    const lineGone = (gone: SerialLine) => {
+      if (gone !== line || lineLost || phase === "stopping" || phase === "exited") return;
+      if (powerInHand) {
+        if (!lineDown) log.info("serial line went away with the board's power");
+        lineDown = true;
+        return;
+      }
       lineLost = true;
       if (phase === "running") void endLineLost();
     };
-    reader.on("error", (err) => {
-      log.warn({ err }, "serial read failed");
-      lineGone();
-    });
-    reader.on("end", lineGone);
-    reader.on("close", lineGone);
+    const watch = (l: SerialLine) => {
+      l.reader.on("data", onData);
+      l.reader.on("error", (err) => {
+        log.warn({ err }, "serial read failed");
+        lineGone(l);
+      });
+      l.reader.on("end", () => lineGone(l));
+      l.reader.on("close", () => lineGone(l));
+    };
+    watch(line);
+    /**
+     * After power on: opens the line again when it went away with the power,
+     * or when the device is another now (re-enumerated), within the boot
+     * timeout; what it holds is the new boot's, kept.
+     */
+    const reopenIfGone = async () => {
+      const moved = await stat(device).then(
+        (st) => st.rdev !== line.rdev,
+        () => true,
+      );
+      if (!lineDown && !moved) return;
+      const old = line;
+      lineDown = true;
+      old.reader.destroy();
+      await old.writer.close().catch(() => undefined);
+      const deadline = Date.now() + this.config.bootTimeoutMs;
+      try {
+        line = await retry(openLine, { initialMs: 100, maxMs: 1000, isRetryable: (err) => err instanceof DriverError && Date.now() < deadline });
+      } catch (err) {
+        lineLost = true;
+        void endLineLost();
+        throw new ControlRefused("unavailable", `serial line of board ${this.config.name} did not come back after power on`, { cause: err });
+      }
+      lineDown = false;
+      watch(line);
+      // Opened after the power came back: what it held is this boot's.
+      if (line.held.length > 0) onData(line.held);
+      say(`serial line of board ${this.config.name} opened again after power on`);
+    };
 
     const control = (action: HostAction): Promise<string> => {
       const run = controlling.then(async () => {
+        powerInHand = true;
         const step = async (name: "powerOff" | "powerOn" | "reset") => {
           if (phase !== "running") throw new ControlRefused("not-running", `job ${prepared.jobId} no longer runs on board ${this.config.name}`);
-          await this.command(name).catch((err: unknown) => {
+          // A power switch away for a moment (or a board coming back on its USB bus) is tried again, within the boot timeout.
+          const deadline = Date.now() + this.config.bootTimeoutMs;
+          const isRetryable = (err: unknown) => err instanceof DriverError && Date.now() < deadline;
+          await retry(() => this.command(name), { initialMs: 200, maxMs: 2000, isRetryable }).catch((err: unknown) => {
             const why = err instanceof Error ? err.message : String(err);
             throw new ControlRefused("unavailable", `board ${this.config.name}: ${why}`, { cause: err });
           });
         };
-        if (action === "power-off") await step("powerOff");
-        else if (action === "power-on") await step("powerOn");
-        else if (action === "reset" && this.config.commands.reset !== undefined) await step("reset");
-        else {
-          await step("powerOff");
-          await step("powerOn");
+        try {
+          if (action === "power-off") await step("powerOff");
+          else if (action === "power-on") await step("powerOn");
+          else if (action === "reset" && this.config.commands.reset !== undefined) await step("reset");
+          else {
+            await step("powerOff");
+            await step("powerOn");
+          }
+          if (action !== "power-off") await reopenIfGone();
+        } finally {
+          // Left powered off, the line may still go away (or be gone) with the power.
+          powerInHand = action === "power-off" || lineDown;
         }
         const done = `board ${this.config.name} ${DONE[action]}`;
         log.info({ action }, "board controlled");

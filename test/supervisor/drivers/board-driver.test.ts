@@ -240,7 +240,8 @@ describe("board driver with the simulated board", () => {
   });
 
   it("reports a board power command that fails as unavailable and keeps the job running", async () => {
-    const broken = createBoardDriver({ ...board.config, commands: { ...board.config.commands, reset: "echo relay stuck >&2; exit 4" } }, logger);
+    // Tried again within the boot timeout, then refused.
+    const broken = createBoardDriver({ ...board.config, bootTimeoutMs: 1000, commands: { ...board.config.commands, reset: "echo relay stuck >&2; exit 4" } }, logger);
     try {
       const out = new CollectedOutput();
       const job = await broken.start(await broken.prepare(await firmwareSpec('echo "up"\nwhile true; do sleep 1; done\n')), out);

@@ -96,6 +96,39 @@ describe("simulated board faults through the board driver", () => {
     await driver.cleanup(next);
   });
 
+  it("keeps a job across a power cycle that takes the serial line away with the board's power, and opens the line again", async () => {
+    // A board whose USB serial adapter is powered by the board: power off drops the line; it comes back (replugged) at power on.
+    const control = (command: string) => `printf '%s\\n' '${command}' | socat -t 5 - UNIX-CONNECT:${join(board.stateDir, "control.sock")}`;
+    const own = createBoardDriver(
+      {
+        ...board.config,
+        bootTimeoutMs: 20_000,
+        commands: { ...board.config.commands, powerOff: `if [ "$(${control("status")})" = on ]; then ${control("fault drop-serial")}; fi` },
+      },
+      logger,
+    );
+    try {
+      const counter = `boots-${Date.now()}`;
+      const out = new CollectedOutput();
+      const job = await own.start(
+        await own.prepare(
+          await firmwareSpec(
+            `n=$(cat ${counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > ${counter}\nwhile true; do echo "alive $n"; [ $n -ge 2 ] && echo TREADMILL_EXIT=0; sleep 0.2; done\n`,
+          ),
+        ),
+        out,
+      );
+      await out.waitFor("console", /alive 1/);
+      expect(await own.control(job, "power-cycle")).toBe("board sim-board power-cycled");
+      expect(await job.exited).toMatchObject({ exitCode: 0, status: "success", stopped: false });
+      expect(out.text("console")).toContain("alive 2");
+      expect(out.text("supervisor")).toMatch(/serial line of board sim-board opened again after power on/);
+      await own.cleanup(job);
+    } finally {
+      await own.close();
+    }
+  }, 60_000);
+
   it("meets faults at the configured rates: a board whose boots always fail never starts a job", async () => {
     await writeFile(join(board.stateDir, "faults.json"), JSON.stringify({ bootFailure: 1, seed: 3 }));
     try {
