@@ -11,7 +11,7 @@ import type { JobWatchers } from "./watchers.js";
 
 /**
  * `current()` until `ended` says so; at the call's deadline DeadlineExceeded
- * with `stillPending` (the operation goes on).
+ * with `stillPending` (the operation goes on), without reading it again.
  */
 export async function waitOperation<T extends { job_id: string }>(options: {
   watchers: JobWatchers;
@@ -32,8 +32,9 @@ export async function waitOperation<T extends { job_id: string }>(options: {
       const woken = changed.wait({ timeoutMs: heartbeatMs, signal: hctx.signal });
       row = await current();
       if (ended(row)) return row;
-      if (hctx.signal.aborted) throw new ConnectError(options.stillPending, Code.DeadlineExceeded);
       await woken;
+      // A call given up reads no more: `current` may end the operation, which is its waiting caller's to see.
+      if (hctx.signal.aborted) throw new ConnectError(options.stillPending, Code.DeadlineExceeded);
     }
   } finally {
     changed.notify();

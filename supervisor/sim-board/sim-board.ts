@@ -195,6 +195,8 @@ const control = createServer((conn) => {
             conn.write(`error: unknown command ${JSON.stringify(command)}\n`);
             break;
           }
+          // The line drops with the whole board: its control socket refuses from now on.
+          if (fault === "drop-serial" && powered) control.close();
           conn.write("ok\n");
           if (fault === "drop-serial" && powered) conn.end(dropSerial);
           else if (fault === "hang" && firmware !== undefined) freeze();

@@ -102,7 +102,8 @@ describe("simulated board faults through the board driver", () => {
     const own = createBoardDriver(
       {
         ...board.config,
-        bootTimeoutMs: 20_000,
+        // The board comes back by starting again: seconds on a loaded machine.
+        bootTimeoutMs: 45_000,
         commands: { ...board.config.commands, powerOff: `if [ "$(${control("status")})" = on ]; then ${control("fault drop-serial")}; fi` },
       },
       logger,
@@ -127,7 +128,7 @@ describe("simulated board faults through the board driver", () => {
     } finally {
       await own.close();
     }
-  }, 60_000);
+  }, 150_000);
 
   it("meets faults at the configured rates: a board whose boots always fail never starts a job", async () => {
     await writeFile(join(board.stateDir, "faults.json"), JSON.stringify({ bootFailure: 1, seed: 3 }));
