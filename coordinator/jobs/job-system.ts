@@ -3,6 +3,7 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import { SupervisorService } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
+import { HostControls } from "./host-control.js";
 import { JobServiceImpl } from "./job-service.js";
 import { registerLogStatusHandlers } from "./log-status.js";
 import { JobMetrics } from "./metrics.js";
@@ -48,8 +49,10 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   const sweeper = new Sweeper(ctx, config, metrics);
   const snapshots = new Snapshots(ctx, config, streams, watchers);
   snapshots.registerHandlers(handlers);
+  const controls = new HostControls(ctx, config, streams, watchers);
+  controls.registerHandlers(handlers);
   registerLogStatusHandlers(ctx, handlers);
-  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots);
+  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots, controls);
   const unsubscribe: (() => void)[] = [];
   let started = false;
   let stopping: Promise<void> | undefined;
@@ -81,6 +84,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
       watchdog.start();
       streams.start();
       await snapshots.start();
+      await controls.start();
       await sweeper.start();
       scheduler.wake();
     },
@@ -90,6 +94,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
         for (const off of unsubscribe) off();
         await scheduler.stop();
         await snapshots.stop();
+        controls.stop();
         await streams.stop();
         await sweeper.stop();
         watchdog.stop();

@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { CapabilityToken } from "../../common/v1/capability_pb.js";
 import { file_treadmill_common_v1_capability } from "../../common/v1/capability_pb.js";
-import type { Job, JobSpec, JobState, Snapshot } from "./job_pb.js";
+import type { HostControlAction, Job, JobSpec, JobState, Snapshot } from "./job_pb.js";
 import { file_treadmill_coordinator_v1_job } from "./job_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job_service.proto.
  */
 export const file_treadmill_coordinator_v1_job_service: GenFile = /*@__PURE__*/
-  fileDesc("Cip0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iX3NlcnZpY2UucHJvdG8SGHRyZWFkbWlsbC5jb29yZGluYXRvci52MSLRAQoJSm9iRmlsdGVyEjIKBnN0YXRlcxgBIAMoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIVCg1vd25lcl91c2VyX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSOwoEdGFncxgEIAMoCzItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXIuVGFnc0VudHJ5GisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlcKEFN1Ym1pdEpvYlJlcXVlc3QSLwoEc3BlYxgBIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEhIKCnJlcXVlc3RfaWQYAiABKAkiPwoRU3VibWl0Sm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSI8Cg5HZXRKb2JSZXNwb25zZRIqCgNqb2IYASABKAsyHS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iIm0KD0xpc3RKb2JzUmVxdWVzdBIzCgZmaWx0ZXIYASABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iRmlsdGVyEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlgKEExpc3RKb2JzUmVzcG9uc2USKwoEam9icxgBIAMoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjMKEENhbmNlbEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiPwoRQ2FuY2VsSm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiIhCg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIj4KEFdhdGNoSm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiJhChBXYXRjaEpvYnNSZXF1ZXN0EjMKBmZpbHRlchgBIAEoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXISGAoQaW5jbHVkZV9leGlzdGluZxgCIAEoCCJ2ChFXYXRjaEpvYnNSZXNwb25zZRI1CgRraW5kGAEgASgOMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkNoYW5nZUtpbmQSKgoDam9iGAIgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiIoChZHZXRKb2JMb2dBY2Nlc3NSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJsChdHZXRKb2JMb2dBY2Nlc3NSZXNwb25zZRIXCg9sb2dfc2VydmVyX3VybHMYASADKAkSOAoKcmVhZF90b2tlbhgCIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIksKFU9wZW5Kb2JTZXNzaW9uUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSEQoJcG9ydF9uYW1lGAIgASgJEg8KB2hvc3RfaWQYAyABKAkiygEKFk9wZW5Kb2JTZXNzaW9uUmVzcG9uc2USEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghncnBjX3VybBgCIAEoCRIVCg13ZWJzb2NrZXRfdXJsGAMgASgJEhgKC3RjcF9hZGRyZXNzGAQgASgJSACIAQESOAoKZGlhbF90b2tlbhgFIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuEg8KB2hvc3RfaWQYBiABKAlCDgoMX3RjcF9hZGRyZXNzImEKElNuYXBzaG90Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDAoEbmFtZRgCIAEoCRILCgN0YWcYAyABKAkSDAoEd2FpdBgEIAEoCBISCgpyZXF1ZXN0X2lkGAUgASgJIksKE1NuYXBzaG90Sm9iUmVzcG9uc2USNAoIc25hcHNob3QYASABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU25hcHNob3QqpAEKDUpvYkNoYW5nZUtpbmQSHwobSk9CX0NIQU5HRV9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYSk9CX0NIQU5HRV9LSU5EX0VYSVNUSU5HEAESGgoWSk9CX0NIQU5HRV9LSU5EX1NZTkNFRBACEhsKF0pPQl9DSEFOR0VfS0lORF9DUkVBVEVEEAMSGwoXSk9CX0NIQU5HRV9LSU5EX1VQREFURUQQBDK+BwoKSm9iU2VydmljZRJkCglTdWJtaXRKb2ISKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VibWl0Sm9iUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TdWJtaXRKb2JSZXNwb25zZRJbCgZHZXRKb2ISJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iUmVxdWVzdBooLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JSZXNwb25zZRJhCghMaXN0Sm9icxIpLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0Sm9ic1JlcXVlc3QaKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEpvYnNSZXNwb25zZRJkCglDYW5jZWxKb2ISKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FuY2VsSm9iUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5DYW5jZWxKb2JSZXNwb25zZRJjCghXYXRjaEpvYhIpLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYlJlcXVlc3QaKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JSZXNwb25zZTABEmYKCVdhdGNoSm9icxIqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYnNSZXF1ZXN0GisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9ic1Jlc3BvbnNlMAESdgoPR2V0Sm9iTG9nQWNjZXNzEjAudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYkxvZ0FjY2Vzc1JlcXVlc3QaMS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iTG9nQWNjZXNzUmVzcG9uc2UScwoOT3BlbkpvYlNlc3Npb24SLy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuT3BlbkpvYlNlc3Npb25SZXF1ZXN0GjAudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLk9wZW5Kb2JTZXNzaW9uUmVzcG9uc2USagoLU25hcHNob3RKb2ISLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU25hcHNob3RKb2JSZXF1ZXN0Gi0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90Sm9iUmVzcG9uc2ViBnByb3RvMw", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_job]);
+  fileDesc("Cip0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iX3NlcnZpY2UucHJvdG8SGHRyZWFkbWlsbC5jb29yZGluYXRvci52MSLRAQoJSm9iRmlsdGVyEjIKBnN0YXRlcxgBIAMoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIVCg1vd25lcl91c2VyX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSOwoEdGFncxgEIAMoCzItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXIuVGFnc0VudHJ5GisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIlcKEFN1Ym1pdEpvYlJlcXVlc3QSLwoEc3BlYxgBIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEhIKCnJlcXVlc3RfaWQYAiABKAkiPwoRU3VibWl0Sm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSI8Cg5HZXRKb2JSZXNwb25zZRIqCgNqb2IYASABKAsyHS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iIm0KD0xpc3RKb2JzUmVxdWVzdBIzCgZmaWx0ZXIYASABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iRmlsdGVyEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlgKEExpc3RKb2JzUmVzcG9uc2USKwoEam9icxgBIAMoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjMKEENhbmNlbEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEg8KB21lc3NhZ2UYAiABKAkiPwoRQ2FuY2VsSm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiIhCg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIj4KEFdhdGNoSm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiJhChBXYXRjaEpvYnNSZXF1ZXN0EjMKBmZpbHRlchgBIAEoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXISGAoQaW5jbHVkZV9leGlzdGluZxgCIAEoCCJ2ChFXYXRjaEpvYnNSZXNwb25zZRI1CgRraW5kGAEgASgOMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkNoYW5nZUtpbmQSKgoDam9iGAIgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiIoChZHZXRKb2JMb2dBY2Nlc3NSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSJsChdHZXRKb2JMb2dBY2Nlc3NSZXNwb25zZRIXCg9sb2dfc2VydmVyX3VybHMYASADKAkSOAoKcmVhZF90b2tlbhgCIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIksKFU9wZW5Kb2JTZXNzaW9uUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSEQoJcG9ydF9uYW1lGAIgASgJEg8KB2hvc3RfaWQYAyABKAkiygEKFk9wZW5Kb2JTZXNzaW9uUmVzcG9uc2USEgoKc2Vzc2lvbl9pZBgBIAEoCRIQCghncnBjX3VybBgCIAEoCRIVCg13ZWJzb2NrZXRfdXJsGAMgASgJEhgKC3RjcF9hZGRyZXNzGAQgASgJSACIAQESOAoKZGlhbF90b2tlbhgFIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuEg8KB2hvc3RfaWQYBiABKAlCDgoMX3RjcF9hZGRyZXNzImEKElNuYXBzaG90Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDAoEbmFtZRgCIAEoCRILCgN0YWcYAyABKAkSDAoEd2FpdBgEIAEoCBISCgpyZXF1ZXN0X2lkGAUgASgJIksKE1NuYXBzaG90Sm9iUmVzcG9uc2USNAoIc25hcHNob3QYASABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU25hcHNob3QiiQEKEkNvbnRyb2xIb3N0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkSEgoKaG9zdF9pbmRleBgCIAEoBRI7CgZhY3Rpb24YAyABKA4yKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdENvbnRyb2xBY3Rpb24SEgoKcmVxdWVzdF9pZBgEIAEoCSKXAQoTQ29udHJvbEhvc3RSZXNwb25zZRIOCgZqb2JfaWQYASABKAkSDwoHaG9zdF9pZBgCIAEoCRIRCglob3N0X25hbWUYAyABKAkSOwoGYWN0aW9uGAQgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uEg8KB21lc3NhZ2UYBSABKAkqpAEKDUpvYkNoYW5nZUtpbmQSHwobSk9CX0NIQU5HRV9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYSk9CX0NIQU5HRV9LSU5EX0VYSVNUSU5HEAESGgoWSk9CX0NIQU5HRV9LSU5EX1NZTkNFRBACEhsKF0pPQl9DSEFOR0VfS0lORF9DUkVBVEVEEAMSGwoXSk9CX0NIQU5HRV9LSU5EX1VQREFURUQQBDKqCAoKSm9iU2VydmljZRJkCglTdWJtaXRKb2ISKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VibWl0Sm9iUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TdWJtaXRKb2JSZXNwb25zZRJbCgZHZXRKb2ISJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iUmVxdWVzdBooLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JSZXNwb25zZRJhCghMaXN0Sm9icxIpLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0Sm9ic1JlcXVlc3QaKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEpvYnNSZXNwb25zZRJkCglDYW5jZWxKb2ISKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FuY2VsSm9iUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5DYW5jZWxKb2JSZXNwb25zZRJjCghXYXRjaEpvYhIpLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYlJlcXVlc3QaKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JSZXNwb25zZTABEmYKCVdhdGNoSm9icxIqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYnNSZXF1ZXN0GisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9ic1Jlc3BvbnNlMAESdgoPR2V0Sm9iTG9nQWNjZXNzEjAudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYkxvZ0FjY2Vzc1JlcXVlc3QaMS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iTG9nQWNjZXNzUmVzcG9uc2UScwoOT3BlbkpvYlNlc3Npb24SLy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuT3BlbkpvYlNlc3Npb25SZXF1ZXN0GjAudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLk9wZW5Kb2JTZXNzaW9uUmVzcG9uc2USagoLU25hcHNob3RKb2ISLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU25hcHNob3RKb2JSZXF1ZXN0Gi0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90Sm9iUmVzcG9uc2USagoLQ29udHJvbEhvc3QSLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ29udHJvbEhvc3RSZXF1ZXN0Gi0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbnRyb2xIb3N0UmVzcG9uc2ViBnByb3RvMw", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_job]);
 
 /**
  * JobFilter selects jobs in ListJobs and WatchJobs. Set conditions are ANDed.
@@ -582,6 +582,99 @@ export const SnapshotJobResponseSchema: GenMessage<SnapshotJobResponse> = /*@__P
   messageDesc(file_treadmill_coordinator_v1_job_service, 18);
 
 /**
+ * ControlHostRequest asks for one action on one host of a running job.
+ *
+ * @generated from message treadmill.coordinator.v1.ControlHostRequest
+ */
+export type ControlHostRequest = Message<"treadmill.coordinator.v1.ControlHostRequest"> & {
+  /**
+   * The job; it must be RUNNING.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Which of the job's hosts, from 0 (Job.host_ids order).
+   *
+   * @generated from field: int32 host_index = 2;
+   */
+  hostIndex: number;
+
+  /**
+   * What to do.
+   *
+   * @generated from field: treadmill.coordinator.v1.HostControlAction action = 3;
+   */
+  action: HostControlAction;
+
+  /**
+   * Client-chosen idempotency key (at most 64 characters): the same
+   * request_id again does not act again but answers as the first did (and
+   * waits for it when it is still under way). Empty: no idempotency.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ControlHostRequest.
+ * Use `create(ControlHostRequestSchema)` to create a new message.
+ */
+export const ControlHostRequestSchema: GenMessage<ControlHostRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 19);
+
+/**
+ * ControlHostResponse says the supervisor carried the action out.
+ *
+ * @generated from message treadmill.coordinator.v1.ControlHostResponse
+ */
+export type ControlHostResponse = Message<"treadmill.coordinator.v1.ControlHostResponse"> & {
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The host acted on.
+   *
+   * @generated from field: string host_id = 2;
+   */
+  hostId: string;
+
+  /**
+   * The host's name.
+   *
+   * @generated from field: string host_name = 3;
+   */
+  hostName: string;
+
+  /**
+   * The action done.
+   *
+   * @generated from field: treadmill.coordinator.v1.HostControlAction action = 4;
+   */
+  action: HostControlAction;
+
+  /**
+   * What the supervisor said (e.g. "board nrf-1 power-cycled"); no secrets.
+   *
+   * @generated from field: string message = 5;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ControlHostResponse.
+ * Use `create(ControlHostResponseSchema)` to create a new message.
+ */
+export const ControlHostResponseSchema: GenMessage<ControlHostResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 20);
+
+/**
  * JobChangeKind is the kind of a WatchJobs message.
  *
  * @generated from enum treadmill.coordinator.v1.JobChangeKind
@@ -756,6 +849,29 @@ export const JobService: GenService<{
     methodKind: "unary";
     input: typeof SnapshotJobRequestSchema;
     output: typeof SnapshotJobResponseSchema;
+  },
+  /**
+   * Powers off, powers on, power-cycles or resets one host of a running job
+   * (the job's owner or an admin). Sent to the host's supervisor over its
+   * stream; answers once the supervisor has carried it out. Idempotent by
+   * request_id: the same request_id again acts once and answers the same.
+   * The job's console and logs keep flowing across the action. Errors:
+   * INVALID_ARGUMENT (job_id, action, host_index, request_id),
+   * UNAUTHENTICATED, PERMISSION_DENIED (another user's job, not a user
+   * token), NOT_FOUND, FAILED_PRECONDITION (job not RUNNING, the job ended
+   * before its host answered, or the host's driver cannot do the action),
+   * UNAVAILABLE (the host is offline, or went away before it answered), the supervisor's code when it refused (e.g.
+   * UNAVAILABLE: the board's power command failed), DEADLINE_EXCEEDED (the
+   * call's deadline passed; the action may still happen: call again with the
+   * same request_id to wait for it). A request_id that ended in an error
+   * answers that error again: try again under a new one.
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.ControlHost
+   */
+  controlHost: {
+    methodKind: "unary";
+    input: typeof ControlHostRequestSchema;
+    output: typeof ControlHostResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_treadmill_coordinator_v1_job_service, 0);
