@@ -268,8 +268,14 @@ export interface EligibleHost {
   attached_replica: string;
 }
 
-/** The condition of a host a pass may place jobs on (hosts aliased `h`). */
-const schedulable = (tx: Db) => tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining`;
+/**
+ * The condition of a host a pass may place user jobs on (hosts aliased `h`):
+ * attached, enabled, not draining, and healthy or unknown (a host a health
+ * check applies to is never left unknown: docs/health.md). Health jobs go
+ * to their own hosts apart (health-checks.ts placeableHealthJobs).
+ */
+const schedulable = (tx: Db) =>
+  tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health in ('healthy', 'unknown')`;
 
 /**
  * Every host a pass may place jobs on, by name, their free slots left out (0).
