@@ -42,7 +42,12 @@ export async function openDatabase(options: DatabaseOptions): Promise<Database> 
   const sql = postgres(url, {
     max: options.max ?? 10,
     onnotice: (notice) => log.debug({ notice: notice.message }, "postgres notice"),
-    connection: { application_name: "treadmill-coordinator" },
+    // JIT off: the job system's statements read a set of rows from JSON
+    // (jsonb_to_recordset, estimated at 100 rows), which puts their plans
+    // over jit_above_cost, and a server built with LLVM (Debian's, most
+    // distributions') then compiled them at every execution: 10-30 ms of
+    // each scheduling read that takes 1 ms without (docs/scale.md).
+    connection: { application_name: "treadmill-coordinator", jit: "off" },
     // Seconds before a failed connection is tried again. The driver's own
     // grows to 20 s over a few failures, so after an outage of the server
     // queries waited up to 20 s for it to come back: at most 2 s here.

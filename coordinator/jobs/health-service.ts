@@ -341,13 +341,14 @@ export class HealthServiceImpl implements ServiceImpl<typeof HealthService> {
     const hostId = checkId("host_id", req.hostId);
     const reason = checkText("reason", req.reason, 1024);
     return this.ctx.sql.begin(async (tx) => {
+      // Its queued health jobs will never run: they end now (a running job
+      // goes on). Their rows are locked before the host's (the lock order).
+      const queued = await tx<{ id: string }[]>`
+        select id from jobs where pinned_host_id = ${hostId} and state = 'queued' order by id for update`;
       await this.lockHost(tx, hostId, { retired: true });
       const why = `retired by ${actorOf(caller)}${reason ? `: ${reason}` : ""}`;
       await setHostHealth(tx, { hostId, health: "retired", reason: why, actor: actorOf(caller) });
       await tx`update hosts set check_failed_at = null where id = ${hostId}`;
-      // Its queued health jobs will never run: they end now (a running job goes on).
-      const queued = await tx<{ id: string }[]>`
-        select id from jobs where pinned_host_id = ${hostId} and state = 'queued' order by id for update`;
       for (const { id } of queued) {
         const job = (await loadJob(tx, id))!;
         await endAttempt(tx, job, { reason: "canceled", message: "its host was retired", actor: actorOf(caller) });

@@ -32,8 +32,10 @@
  *   a choice. The hosts are read per chunk and per kind of job: the free
  *   slots of all hosts in one aggregate, then for each kind (tags, site,
  *   driver, media types, owner when grants exist) its first free hosts in
- *   the placement's order, as many as its jobs ask for; busy hosts only for
- *   a job of several hosts. A pass stops at MAX_PLACEMENTS_PER_PASS and the
+ *   the placement's order, as many as its jobs ask for, both through the
+ *   index of hosts with a free slot (hosts.held_slots, kept by triggers on
+ *   job_hosts: migration 0012), so a busy lab costs no more than an idle
+ *   one; busy hosts only for a job of several hosts. A pass stops at MAX_PLACEMENTS_PER_PASS and the
  *   next runs at once (`npm run bench -- scale`, docs/scale.md: 10,000
  *   hosts, 100,000 queued). placement.ts's decisions were already made in this process
  *   before it existed; moving them into a module (and the statements into

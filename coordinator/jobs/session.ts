@@ -45,6 +45,7 @@ import {
 } from "../db/queries/hosts.js";
 import {
   countStartFailures,
+  type HostSlot,
   hostSlotsForSync,
   lockHostSlots,
   markStarted,
@@ -159,6 +160,10 @@ export class HostSession {
     const acks: AttachResponse[] = [];
     const stops: AttachResponse[] = [];
     const row = await ctx.sql.begin(async (tx) => {
+      // The job rows first, the host row after (the job system's lock order,
+      // transitions.ts): a release in flight on this host holds its job
+      // row and then takes the host row to count the freed slot.
+      const recorded = await lockHostSlots(tx, host.hostId);
       const h = await attachHost(tx, {
         hostId: host.hostId,
         replica: ctx.replicaId,
@@ -171,7 +176,7 @@ export class HostSession {
       if (hello.driverKind !== DriverKind.UNSPECIFIED && DriverKind[hello.driverKind]?.toLowerCase() !== h.driver_kind) {
         throw invalid(`hello.driver_kind ${DriverKind[hello.driverKind] ?? hello.driverKind} is not this host's driver (${h.driver_kind})`);
       }
-      await this.reconcile(tx, acks, stops);
+      await this.reconcile(tx, recorded, acks, stops);
       await audit(tx, {
         kind: "host.attached",
         actor: this.actor,
@@ -203,9 +208,8 @@ export class HostSession {
   }
 
   /** DESIGN.md §4's reconciliation table (reconciliation.ts), in the attach transaction. */
-  private async reconcile(tx: Db, acks: AttachResponse[], stops: AttachResponse[]): Promise<void> {
+  private async reconcile(tx: Db, recorded: HostSlot[], acks: AttachResponse[], stops: AttachResponse[]): Promise<void> {
     const hostId = this.host.hostId;
-    const recorded = await lockHostSlots(tx, hostId);
     for (const a of reconcileHello(this.host.hostName, recorded, this.hello.jobs)) {
       const at = { jobId: a.jobId, hostId, attempt: a.attempt };
       switch (a.kind) {

@@ -1,8 +1,10 @@
 /**
  * What a host's news does to a job, in the caller's transaction. Lock order
- * everywhere in the job system: a host row (attach) before job rows, job rows
- * (in id order when several) before their job_hosts rows, so transactions
- * never wait on each other in a cycle.
+ * everywhere in the job system: job rows (in id order when several), then
+ * their job_hosts rows, then host rows (a released slot is counted on its
+ * host row: migration 0012; an attach locks its host's jobs before the
+ * host), so transactions never wait on each other in a cycle. The scheduler
+ * alone locks hosts before jobs, and it skips locked rows, never waits.
  *
  * A multi-host attempt ends at the first end on any of its hosts (a workload
  * exit, a failure, a dropped host): the other hosts then hold an attempt that
@@ -79,17 +81,17 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
       message: e.termination.message,
     },
   }));
-  // The hosts' rows first (the lock order): their health accounting follows from these ends.
-  const [accounts, jobs, took] = await Promise.all([
-    lockHostAccounts(
-      tx,
-      ends.map((e) => e.at.hostId),
-    ),
+  // The hosts' rows last (the lock order): their health accounting follows from these ends.
+  const [jobs, took, accounts] = await Promise.all([
     lockJobHeads(
       tx,
       ends.map((e) => e.at.jobId),
     ),
     endSlots(tx, rows),
+    lockHostAccounts(
+      tx,
+      ends.map((e) => e.at.hostId),
+    ),
   ]);
   // Only a host holding a slot of the attempt has a say (a report of another
   // host's job, or of an attempt already settled here, changes nothing).

@@ -50,3 +50,18 @@ alter table hosts
   -- settings healthRetryInitialMs, healthRetryMaxMs).
   add column check_retries int not null default 0,
   add column check_failed_at timestamptz;
+
+-- The scheduler places user jobs only on healthy hosts and unknown ones (a
+-- host a check applies to is never left unknown): 0012's indexes of free
+-- hosts again, with the health in their predicate as hosts.ts's
+-- `hasFreeSlot` writes it, so a pass never walks quarantined or checking
+-- hosts.
+drop index hosts_free_idx;
+drop index hosts_free_shared_idx;
+create index hosts_free_idx on hosts (name)
+  where attached_replica is not null and admin_state = 'enabled' and not supervisor_draining and health in ('healthy', 'unknown')
+    and held_slots < least(capacity, coalesce(supervisor_capacity, capacity));
+create index hosts_free_shared_idx on hosts (name)
+  where attached_replica is not null and admin_state = 'enabled' and not supervisor_draining and health in ('healthy', 'unknown')
+    and held_slots < least(capacity, coalesce(supervisor_capacity, capacity))
+    and least(capacity, coalesce(supervisor_capacity, capacity)) > 1;

@@ -243,6 +243,46 @@ describe("SupervisorService.Attach", () => {
     await second.close();
   });
 
+  it("attaches while another transaction releases a slot of the host, each waiting its turn instead of deadlocking", async () => {
+    // The job system's lock order (coordinator/jobs/transitions.ts): job
+    // rows, job_hosts rows, host rows. A release holds its job row and then
+    // counts the freed slot on the host row; an attach must not hold the
+    // host row while it waits for the job row.
+    const tag = uniqueTag();
+    const host = await c.createHost({ tags: tag });
+    const first = track(await attach(c, host));
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image: image.ref, hosts: { tags: tag } } });
+    await first.startJob(job!.id);
+    await first.report(job!.id, 1, JobState.RUNNING);
+    const release = await c.sql.reserve();
+    try {
+      await release`begin`;
+      await release`select 1 from jobs where id = ${job!.id} for update`;
+      const second = track(new ScriptedSupervisor({ urls: [c.url], credential: host.credential, hostId: host.id, mode: "manual" }));
+      const welcomed = second.connect();
+      await waitUntil(async () => {
+        const rows = await c.sql`select 1 from pg_stat_activity where wait_event_type = 'Lock' and query like '%for update of j%'`;
+        return rows.length > 0;
+      }, "the attach to wait for the job's row");
+      const deadlocks = async () => {
+        await c.sql`select pg_stat_clear_snapshot()`;
+        const [{ n }] = await c.sql`select deadlocks::int as n from pg_stat_database where datname = current_database()`;
+        return n as number;
+      };
+      const before = await deadlocks();
+      await release`update job_hosts set released_at = now() where job_id = ${job!.id}`;
+      await release`commit`;
+      expect((await welcomed).host?.id).toBe(host.id);
+      // PostgreSQL breaks a deadlock after deadlock_timeout by failing one side, and counts it.
+      await c.sql`select pg_stat_force_next_flush()`;
+      expect(await deadlocks()).toBe(before);
+    } finally {
+      release.release();
+    }
+    const [row] = await c.sql`select held_slots from hosts where id = ${host.id}`;
+    expect(row.held_slots).toBe(0);
+  });
+
   it("ends a stream that stays silent for three heartbeat intervals with DeadlineExceeded", async () => {
     const host = await c.createHost();
     const s = track(await attach(c, host, { heartbeatMs: 3_600_000 }));

@@ -2,7 +2,8 @@
  * The reads of a scheduling pass (coordinator/db/queries/hosts.ts) against
  * PostgreSQL: a pass counts the free slots in one aggregate and reads, per
  * kind of job, only the free hosts its jobs may take, in the placement's
- * order; an idle lab of 10,000 hosts costs a dispatch a few rows.
+ * order; an idle lab of 10,000 hosts costs a dispatch a few rows, and so
+ * does a busy one (the index of free hosts, kept by the held-slot triggers).
  */
 import { randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
@@ -66,4 +67,53 @@ describe("a scheduling pass's reads of hosts", () => {
     const rows = await freeHostsFor(db.sql, [demand({ board: "x" }, 5)], [ids.b, ids.a]);
     expect(names(rows, 0)).toEqual(["f"]);
   });
+
+  const held = async () =>
+    Object.fromEntries(
+      (await db.sql<{ name: string; held_slots: number }[]>`select name, held_slots from hosts where name in ('a', 'b')`).map((r) => [
+        r.name,
+        r.held_slots,
+      ]),
+    );
+
+  it("keeps each host's held slots equal to its unreleased slots through assignment, release and deletion", async () => {
+    const owner = randomUUID();
+    await db.sql`insert into users (id, name, role) values (${owner}, 'held', 'user')`;
+    const [one, two] = [randomUUID(), randomUUID()];
+    await db.sql`insert into jobs (id, owner_id, spec) values (${one}, ${owner}, '{}'), (${two}, ${owner}, '{}')`;
+    // One statement taking three slots on two hosts, as an assignment pass does.
+    await db.sql`
+      insert into job_hosts (job_id, host_id, attempt, host_index)
+      values (${one}, ${ids.a}, 1, 0), (${one}, ${ids.b}, 1, 1), (${two}, ${ids.b}, 1, 0)`;
+    expect(await held()).toEqual({ a: 1, b: 2 });
+    expect(names(await freeHostsFor(db.sql, [demand({ board: "x" }, 5)], []), 0)).toEqual(["f"]);
+
+    await db.sql`update job_hosts set released_at = now() where job_id = ${two}`;
+    // Released again (a repeated report): counted once.
+    await db.sql`update job_hosts set released_at = now(), terminated_at = now() where job_id = ${two}`;
+    expect(await held()).toEqual({ a: 1, b: 1 });
+    expect(names(await freeHostsFor(db.sql, [demand({ board: "x" }, 5)], []), 0)).toEqual(["b", "f"]);
+
+    // Deleting the jobs drops their unreleased slots (and not the released one twice).
+    await db.sql`delete from jobs where id in (${one}, ${two})`;
+    expect(await held()).toEqual({ a: 0, b: 0 });
+  });
+
+  it("reads free hosts with the predicate of the index of free hosts, so a busy lab is not scanned", async () => {
+    const before = await freeIndexScans();
+    await db.sql.begin(async (tx) => {
+      await tx`set local enable_seqscan = off`;
+      await freeHostsFor(tx, [demand({ board: "x" }, 1)], []);
+      await freeSlotCount(tx);
+    });
+    // The statistics collector reports scans at the end of the transaction.
+    await db.sql`select pg_stat_force_next_flush()`;
+    expect(await freeIndexScans()).toBeGreaterThanOrEqual(before + 2);
+  });
+
+  const freeIndexScans = async () => {
+    await db.sql`select pg_stat_clear_snapshot()`;
+    const [{ n }] = await db.sql<{ n: number }[]>`select idx_scan::int as n from pg_stat_user_indexes where indexrelname = 'hosts_free_idx'`;
+    return n;
+  };
 });

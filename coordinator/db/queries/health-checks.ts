@@ -67,8 +67,9 @@ export interface HostAccount {
 }
 
 /**
- * Locks hosts `ids` in id order (the lock order: hosts before jobs) and reads
- * their accounting. Sent ahead of the job locks of the same transaction.
+ * Locks hosts `ids` in id order and reads their accounting. Sent after the
+ * job and job_hosts locks of the same transaction (the job system's lock
+ * order: jobs, job_hosts, hosts), before its writes.
  */
 export function lockHostAccounts(tx: Db, ids: string[]): Promise<HostAccount[]> {
   return tx<HostAccount[]>`
@@ -227,8 +228,7 @@ export function placeableHealthJobs(tx: Db): Promise<PinnedRow[]> {
     from jobs j join hosts h on h.id = j.pinned_host_id
     where j.state = 'queued' and j.pinned_host_id is not null
       and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health <> 'retired'
-      and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
-        > (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null)
+      and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) > h.held_slots
     order by h.id, j.created_at`;
 }
 

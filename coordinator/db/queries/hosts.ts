@@ -294,19 +294,26 @@ export function schedulableHosts(tx: Db): Promise<EligibleHost[]> {
     order by h.name`;
 }
 
-/** The slots held per host, as a relation `u(host_id, n)` to join hosts with (one pass over the held slots, not a lookup per host). */
-const heldSlots = (tx: Db) => tx`(select host_id, count(*)::int as n from job_hosts where released_at is null group by host_id)`;
+/** A host's slots: its capacity, or its supervisor's if smaller (hosts aliased `h`). */
+const slots = (tx: Db) => tx`least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))`;
+
+/**
+ * The condition of a schedulable host with a free slot: hosts_free_idx's
+ * predicate (migrations 0012, 0013), written the same so that the planner reads
+ * that index. held_slots is kept by triggers on job_hosts.
+ */
+const hasFreeSlot = (tx: Db) => tx`${schedulable(tx)} and h.held_slots < ${slots(tx)}`;
 
 /**
  * The free slots of every host a pass may place jobs on, in one aggregate
- * (no row per host leaves the database); 0 while no job is queued (the pass
- * every attach wakes reads nothing more).
+ * over the index of free hosts (no row per host leaves the database); 0
+ * while no job is queued (the pass every attach wakes reads nothing more).
  */
 export async function freeSlotCount(tx: Db): Promise<number> {
   const [{ n }] = await tx<{ n: number }[]>`
-    select coalesce(sum(greatest(0, least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - coalesce(u.n, 0))), 0)::int as n
-    from hosts h left join ${heldSlots(tx)} u on u.host_id = h.id
-    where ${schedulable(tx)} and exists (select 1 from jobs where state = 'queued')`;
+    select coalesce(sum(${slots(tx)} - h.held_slots), 0)::int as n
+    from hosts h
+    where ${hasFreeSlot(tx)} and exists (select 1 from jobs where state = 'queued')`;
   return n;
 }
 
@@ -332,16 +339,15 @@ export interface HostDemand {
 export function freeHostsFor(tx: Db, demands: HostDemand[], known: string[]): Promise<(EligibleHost & { demand: number })[]> {
   const columns = tx`
     h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types, h.attached_replica,
-    least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
-      - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null)::int as free`;
+    ${slots(tx)} - h.held_slots as free`;
   const fits = tx`
-    ${schedulable(tx)} and h.id <> all(${known}::uuid[])
+    ${hasFreeSlot(tx)} and h.id <> all(${known}::uuid[])
     and (d.site is null or h.site = d.site) and (d.driver is null or h.driver_kind = d.driver)
     and h.media_types @> d.media and treadmill_host_match_tags(h.tags, h.site) @> d.tags
     and (d.owner is null or treadmill_user_may_use_host(d.owner, h.id))`;
   // Hosts of one slot (boards: most of a lab) come in name order through
-  // the index of schedulable hosts, stopping at `need`: the first `need` of
-  // them by name are all the placement's order can want of them. Hosts of
+  // the index of free hosts, stopping at `need`: the first `need` of them by
+  // name are all the placement's order can want of them. Free hosts of
   // several slots are read whole (their free slots come first).
   return tx<(EligibleHost & { demand: number })[]>`
     select d.demand, h.*
@@ -349,14 +355,9 @@ export function freeHostsFor(tx: Db, demands: HostDemand[], known: string[]): Pr
         as d(tags jsonb, site text, driver text, media text[], owner uuid, need int, demand int),
       lateral (
         select * from (
-          (select ${columns} from hosts h
-           where ${fits} and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) > 1)
+          (select ${columns} from hosts h where ${fits} and ${slots(tx)} > 1)
           union all
-          (select * from (select ${columns} from hosts h
-             where ${fits} and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) = 1
-             order by h.name) one
-           where one.free > 0 limit d.need)) h
-        where h.free > 0
+          (select ${columns} from hosts h where ${fits} and ${slots(tx)} = 1 order by h.name limit d.need)) h
         order by h.free desc, h.name limit d.need) h`;
 }
 

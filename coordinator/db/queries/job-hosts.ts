@@ -5,8 +5,9 @@
  * StartJob or reports the attempt, terminated when the attempt ended there,
  * released when the supervisor no longer holds it (the slot is free).
  *
- * Lock order everywhere in the job system: a host row (attach) before job
- * rows, job rows (in id order) before their job_hosts rows.
+ * Lock order everywhere in the job system: job rows (in id order), then
+ * their job_hosts rows, then host rows (triggers keep hosts.held_slots,
+ * migration 0012: taking or releasing a slot updates its host row).
  */
 import type { Sql, TransactionSql } from "postgres";
 import type { DbReason, DbState } from "./jobs.js";

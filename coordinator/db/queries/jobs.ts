@@ -374,8 +374,7 @@ export async function assignJobs(
         as r(job uuid, host uuid, attempt int, index int, local boolean)),
     lh as materialized (
       select h.id,
-        least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
-          - (select count(*) from job_hosts jh where jh.host_id = h.id and jh.released_at is null)::int as free,
+        least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - h.held_slots as free,
         h.health in ('healthy', 'unknown') as healthy
       from hosts h
       where h.id in (select host from r)
