@@ -78,8 +78,9 @@ export type HealthCheck = Message<"treadmill.coordinator.v1.HealthCheck"> & {
   driverKind: DriverKind;
 
   /**
-   * Runs on each host this long after its last run. Unset or zero: not on a
-   * schedule. At least one minute.
+   * Runs on each host this long after its last run there (or after the
+   * check was defined). Unset or zero: not on a schedule. At least one
+   * second.
    *
    * @generated from field: google.protobuf.Duration interval = 8;
    */
@@ -615,8 +616,9 @@ export const RetireHostResponseSchema: GenMessage<RetireHostResponse> = /*@__PUR
  */
 export const HealthService: GenService<{
   /**
-   * Defines a health check. Its hosts that no check applied to before go
-   * CHECKING at once, with the check queued. A retry after a lost response
+   * Defines a health check. Its hosts still UNKNOWN go CHECKING at once with
+   * the check queued (burn-in); the others run it on its schedule, after N
+   * jobs or after a failure. A retry after a lost response
    * gives ALREADY_EXISTS. Errors: INVALID_ARGUMENT (any field; the message
    * names it), NOT_FOUND (image), ALREADY_EXISTS (name), PERMISSION_DENIED.
    *
