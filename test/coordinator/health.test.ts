@@ -308,7 +308,7 @@ describe("host health", () => {
     expect(await codeOf(health().getHealthCheck({ healthCheck: { case: "healthCheckId", value: hc.id } }))).toBe("NotFound");
   });
 
-  it("refuses every HealthService RPC without a token, every change to a user or another user, and a service token", async () => {
+  it("refuses every HealthService RPC without a token or with a credential of the wrong scope, and every change to a user or another user", async () => {
     const tag = uniqueTag();
     const target = await c.createHost({ tags: tag });
     const hc = await check("guarded", tag);
@@ -330,7 +330,10 @@ describe("host health", () => {
     };
     const reads = new Set(["listHealthChecks", "getHealthCheck"]);
     for (const [name, call] of Object.entries(calls())) expect([name, await codeOf(call())]).toEqual([name, "Unauthenticated"]);
-    for (const [name, call] of Object.entries(calls(service))) expect([name, await codeOf(call())]).toEqual([name, "PermissionDenied"]);
+    // A service token (an admin's, of scope service) and a host credential: the wrong kinds.
+    for (const wrong of [service, target.credential]) {
+      for (const [name, call] of Object.entries(calls(wrong))) expect([name, await codeOf(call())]).toEqual([name, "PermissionDenied"]);
+    }
     for (const token of [user.token, other.token]) {
       for (const [name, call] of Object.entries(calls(token))) {
         expect([name, await codeOf(call())]).toEqual([name, reads.has(name) ? "OK" : "PermissionDenied"]);
