@@ -64,7 +64,7 @@ import { endAttempt, jobMessage, loadTimeline, stateName } from "./store.js";
 import { recordEvent } from "../db/queries/events.js";
 import type { Snapshots } from "./snapshots.js";
 import { type ValidSpec, validateSpec } from "./validate.js";
-import { CHECKING, matchingHosts } from "../db/queries/health-checks.js";
+import { SOON, matchingHosts } from "../db/queries/health-checks.js";
 
 /** Hosts a FAILED_PRECONDITION of SubmitJob names at most. */
 const MAX_NAMED_HOSTS = 10;
@@ -155,16 +155,17 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
    * FAILED_PRECONDITION when hosts meet the job's requirements (and the
    * caller may use them) but none of them can take it now: each is
    * retired, quarantined, disabled, draining or offline (a host running its
-   * health check counts as able: it is about to pass or fail). A job no
+   * health check, or whose supervisor detached within its grace period,
+   * counts as able: it likely takes the job soon). A job no
    * host matches at all is queued, as before (hosts may be added).
    */
   private async checkSomeHostCanRun(tx: Db, caller: UserCaller, spec: ValidSpec, media: string[]): Promise<void> {
     const hosts = await matchingHosts(
       tx,
-      { tags: spec.requiredTags, site: spec.requiredSite, driver: spec.requiredDriver, media, owner: caller.userId },
+      { tags: spec.requiredTags, site: spec.requiredSite, driver: spec.requiredDriver, media, owner: caller.userId, graceMs: this.config.supervisorGraceMs },
       MAX_NAMED_HOSTS + 1,
     );
-    if (hosts.length === 0 || hosts.some((h) => h.why === null || h.why === CHECKING)) return;
+    if (hosts.length === 0 || hosts.some((h) => h.why === null || SOON.has(h.why))) return;
     const named = hosts.slice(0, MAX_NAMED_HOSTS).map((h) => `${h.name} ${h.why}`);
     const more = hosts.length > MAX_NAMED_HOSTS ? ` and more` : "";
     throw precondition(`no host that matches the job can run it now: ${named.join("; ")}${more}; submit with queue_anyway to queue it until one returns`);

@@ -256,6 +256,24 @@ describe("host health", () => {
     await s.exit(queued, 1, 0);
   });
 
+  it("answers FAILED_PRECONDITION naming an offline or disabled host, and queues a job a host under check will take", async () => {
+    const tag = uniqueTag();
+    const offline = await c.createHost({ tags: tag });
+    const disabled = await hostWith(tag);
+    await c.sql`update hosts set admin_state = 'disabled', admin_state_reason = 'bench repair' where id = ${disabled.host.id}`;
+    const err = ConnectError.from(await jobs().submitJob({ spec: { image, hosts: { tags: tag } } }).catch((e: unknown) => e));
+    expect(err.code).toBe(Code.FailedPrecondition);
+    expect(err.rawMessage).toContain(`${offline.name} offline`);
+    expect(err.rawMessage).toContain(`${disabled.host.name} disabled (bench repair)`);
+    // A third host running its burn-in: the job waits for it.
+    await check("soon", { ...tag, soon: "yes" });
+    const { host: checking } = await hostWith({ ...tag, soon: "yes" });
+    await healthIs(checking.id, "checking");
+    const queued = await submit(tag);
+    expect((await jobs().getJob({ jobId: queued })).job?.state).toBe(JobState.QUEUED);
+    await jobs().cancelJob({ jobId: queued });
+  });
+
   it("retires a host for good and keeps its history", async () => {
     const tag = uniqueTag();
     const { host, s } = await hostWith(tag);

@@ -234,6 +234,10 @@ export function placeableHealthJobs(tx: Db): Promise<PinnedRow[]> {
 
 /** Why a host under check cannot take a job yet (it is about to pass or fail). */
 export const CHECKING = "running its health check";
+/** Why a host whose supervisor detached within its grace period cannot take a job yet (it is likely to come back). */
+export const RECONNECTING = "reconnecting";
+/** The reasons that do not make SubmitJob refuse a job: the host will likely take it soon. */
+export const SOON = new Set([CHECKING, RECONNECTING]);
 
 /** A host that matches a job's requirements, and why it cannot run it now (null: it can). */
 export interface MatchingHost {
@@ -244,12 +248,13 @@ export interface MatchingHost {
 /**
  * The hosts (at most `limit`) that meet a job's requirements and that its
  * owner may use, each with why it cannot take the job now: retired,
- * quarantined, disabled, draining, offline, under check; null when it can.
- * Those that can come first, then those under check.
+ * quarantined, disabled, draining, offline, reconnecting (detached within
+ * the grace period `graceMs`), under check; null when it can. Those that can
+ * come first, then those that soon may (SOON).
  */
 export function matchingHosts(
   sql: Db,
-  r: { tags: Record<string, string>; site: string | null; driver: string | null; media: string[]; owner: string },
+  r: { tags: Record<string, string>; site: string | null; driver: string | null; media: string[]; owner: string; graceMs: number },
   limit: number,
 ): Promise<MatchingHost[]> {
   return sql<MatchingHost[]>`
@@ -259,6 +264,7 @@ export function matchingHosts(
              when h.health = 'quarantined' then 'quarantined' || case when h.health_reason <> '' then ' (' || left(h.health_reason, 200) || ')' else '' end
              when h.admin_state = 'disabled' then 'disabled' || case when h.admin_state_reason <> '' then ' (' || left(h.admin_state_reason, 200) || ')' else '' end
              when h.admin_state = 'draining' or h.supervisor_draining then 'draining'
+             when h.attached_replica is null and h.detached_at > now() - ${r.graceMs} * interval '1 millisecond' then ${RECONNECTING}
              when h.attached_replica is null then 'offline'
              when h.health = 'checking' then ${CHECKING}
         end as why
@@ -266,6 +272,6 @@ export function matchingHosts(
       where treadmill_host_match_tags(h.tags, h.site) @> ${sql.json(r.tags)}
         and (${r.site}::text is null or h.site = ${r.site}) and (${r.driver}::text is null or h.driver_kind = ${r.driver})
         and h.media_types @> ${r.media}::text[] and treadmill_user_may_use_host(${r.owner}, h.id)) m
-    order by why is null desc, why = ${CHECKING} desc, name
+    order by why is null desc, why in (${CHECKING}, ${RECONNECTING}) desc, name
     limit ${limit}`;
 }

@@ -662,10 +662,11 @@ export const JobService: GenService<{
    * INVALID_ARGUMENT (any field; the message names it), NOT_FOUND (image),
    * PERMISSION_DENIED (image not visible), RESOURCE_EXHAUSTED (too many
    * queued jobs for the user), FAILED_PRECONDITION (hosts match the job's
-   * requirements but none of them can run it now: quarantined, checking,
-   * retired, offline, draining or disabled; the message says which and why;
-   * see queue_anyway). A job no host matches at all stays queued until its
-   * queue timeout.
+   * requirements but none of them can run it now: quarantined, retired,
+   * offline past its grace period, draining or disabled; the message says
+   * which and why; see queue_anyway; a host running its health check or
+   * reconnecting within its grace period counts as able). A job no host
+   * matches at all stays queued until its queue timeout.
    *
    * @generated from rpc treadmill.coordinator.v1.JobService.SubmitJob
    */
