@@ -6,9 +6,11 @@
  * runs the check again, a retire keeps the host's history.
  */
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { mkdir, symlink } from "node:fs/promises";
+import { execFile } from "node:child_process";
+import { mkdir, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
 import { docBlock, docBlocks, runBash, type DocBlock } from "../support/doc-blocks.js";
 import { waitUntil } from "../support/wait.js";
 import { busyboxRootfs, startWorld, tml, type CliWorld } from "./harness.js";
@@ -47,6 +49,9 @@ beforeAll(async () => {
   work = join(world.dir, "work");
   await busyboxRootfs(join(work, "check-rootfs"), ["sh", "echo", "test"]);
   const rootfs = await busyboxRootfs(join(work, "hello-rootfs"), ["sh", "echo"]);
+  // The files the per-driver examples push: a qcow2 disk and a firmware file.
+  await promisify(execFile)("qemu-img", ["create", "-q", "-f", "qcow2", join(work, "boot-check.qcow2"), "16M"]);
+  await writeFile(join(work, "selftest.bin"), Buffer.alloc(4096, 0x5a));
   const pushed = await tml(config, ["image", "push", rootfs, "--name", "example/hello:latest", "--entrypoint", "echo hello"]);
   if (pushed.code !== 0) throw new Error(`pushing example/hello failed: ${pushed.stderr}`);
 }, 180_000);
@@ -102,5 +107,20 @@ describe("docs/health.md's command blocks", () => {
     const [{ n }] = await world.coordinator.sql`
       select count(*)::int as n from job_hosts where host_id = ${hosts["runner-2"]}`;
     expect(n).toBeGreaterThan(0);
+  }, 120_000);
+
+  it("define a check for each driver as the per-driver sections show them", async () => {
+    for (const name of ["driver-process", "driver-qemu", "driver-board"]) {
+      const result = await guide(name);
+      expect({ name, code: result.code, stderr: result.stderr.includes("Error") ? result.stderr : "" }).toEqual({ name, code: 0, stderr: "" });
+    }
+    const checks = await world.coordinator.sql`select name, driver_kind, host_tags from health_checks order by name`;
+    expect(checks).toEqual([
+      { name: "nrf52", driver_kind: "board", host_tags: { board: "nrf52840dk" } },
+      { name: "runner", driver_kind: "process", host_tags: { pool: "ci" } },
+      { name: "vm-boot", driver_kind: "qemu", host_tags: {} },
+    ]);
+    // None applies to the guide's hosts: runner-1 stays healthy.
+    expect((await healthOf("runner-1")).health).toBe("healthy");
   }, 120_000);
 });
