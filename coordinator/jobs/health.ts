@@ -58,6 +58,10 @@ export interface EndFact {
   message: string;
   /** The job's health check, for a health job. */
   checkId: string | null;
+  /** The ended attempt, and the job's state after this end (queued again by the restart policy, or finalized). */
+  attempt: number;
+  state: "queued" | "finalized";
+  ownerId: string;
 }
 
 /** A change of the host's health, or of its reason alone (same health). */
@@ -167,6 +171,28 @@ export async function accountEnds(tx: Db, hosts: ReadonlyMap<string, HostAccount
   }
   await writeAccounts(tx, writes);
   for (const { host, verdict } of verdicts) await applyVerdict(tx, host.id, host.health, verdict, "system");
+  // The job that decided says so on its timeline.
+  const decided = new Map(ends.map((e) => [e.jobId, e]));
+  await recordEvents(
+    tx,
+    verdicts.flatMap(({ host, verdict }) => {
+      const e = verdict.jobId === undefined ? undefined : decided.get(verdict.jobId);
+      if (!e) return [];
+      const what = verdict.health === host.health ? `host ${host.name} stays ${verdict.health}` : `host ${host.name} is now ${verdict.health}`;
+      return [
+        {
+          jobId: e.jobId,
+          kind: "host_health" as const,
+          state: e.state,
+          attempt: e.attempt,
+          hostId: host.id,
+          actor: "system",
+          ownerId: e.ownerId,
+          message: verdict.reason ? `${what}: ${verdict.reason}` : what,
+        },
+      ];
+    }),
+  );
   if (verdicts.some((v) => v.verdict.health === "checking" || v.verdict.health === "quarantined")) await notifyHealth(tx);
 }
 

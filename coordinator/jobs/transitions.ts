@@ -105,7 +105,17 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
     if (settled.outcome === "none") return;
     const { reason, exitStatus, exitCode, message } = settled;
     ending.push({ i, job, end: { reason, exitStatus, exitCode, message, hostId: e.at.hostId, actor: e.actor } });
-    facts.push({ hostId: e.at.hostId, jobId: job.id, reason, exitStatus, message, checkId: job.health_check_id });
+    facts.push({
+      hostId: e.at.hostId,
+      jobId: job.id,
+      reason,
+      exitStatus,
+      message,
+      checkId: job.health_check_id,
+      attempt: job.attempt,
+      state: settled.outcome === "restarted" ? "queued" : "finalized",
+      ownerId: job.owner_id,
+    });
   });
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
   const [outcomes] = await Promise.all([

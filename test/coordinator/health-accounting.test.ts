@@ -28,7 +28,18 @@ function host(init: Partial<HostAccount> = {}): HostAccount {
 let n = 0;
 function end(reason: EndFact["reason"], init: Partial<EndFact> = {}): EndFact {
   n++;
-  return { hostId: HOST, jobId: `job-${n}`, reason, exitStatus: reason === "workload_exited" ? "success" : null, message: "", checkId: null, ...init };
+  return {
+    hostId: HOST,
+    jobId: `job-${n}`,
+    reason,
+    exitStatus: reason === "workload_exited" ? "success" : null,
+    message: "",
+    checkId: null,
+    attempt: 1,
+    state: "finalized",
+    ownerId: "u",
+    ...init,
+  };
 }
 
 describe("the health accounting of a host", () => {

@@ -3,7 +3,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { HealthService } from "../../gen/treadmill/coordinator/v1/health_service_pb.js";
 import { HostHealth } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
-import { FinalizeReason, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { FinalizeReason, JobEventKind, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
@@ -115,6 +115,10 @@ describe("host health", () => {
     expect(event).toEqual({ actor: "system", job_id: failed[2] });
     const [audited] = await c.sql`select details from audit_events where host_id = ${a.id} and kind = 'host.health' order by at desc limit 1`;
     expect(audited.details).toMatchObject({ to: "quarantined", failedJobs: failed });
+    // The job that decided says so on its timeline.
+    const { job: decider } = await jobs().getJob({ jobId: failed[2] });
+    const said = decider!.timeline.find((e) => e.kind === JobEventKind.HOST_HEALTH);
+    expect(said?.message).toMatch(new RegExp(`^host ${a.name} is now quarantined: 3 infrastructure failures in a row`));
 
     // A healthy host joins: it takes the user jobs, the quarantined one none.
     const { s: sb } = await hostWith(tag);
