@@ -22,7 +22,9 @@
  *   unless a check applying to it waits for an admin. One that fails in any
  *   other way (exit non-zero, timeout, start failure, host dropped)
  *   quarantines the host and schedules the retry of its checks with
- *   exponential backoff. A canceled health job decides nothing.
+ *   exponential backoff. A canceled health job decides nothing, and neither
+ *   does any health job of a host an admin quarantined (or that waits for
+ *   an admin after a pass): ReturnHost brings it back.
  * - Quarantine never stops a running job: it only keeps user jobs away.
  */
 import { create, toJson } from "@bufbuild/protobuf";
@@ -103,6 +105,8 @@ export function account(host: HostAccount, ends: readonly EndFact[]): Accounted 
       if (e.reason === "canceled") continue;
       const name = checkName(host, e.checkId);
       const passed = e.reason === "workload_exited" && e.exitStatus === "success";
+      // Quarantined by an admin (or waiting for one): only ReturnHost brings it back; a check decides nothing.
+      if (health === "quarantined" && !host.retrying && w.retry !== "start") continue;
       if (passed && health === "quarantined") {
         if (host.needs_admin) {
           decide({ health, reason: `health check ${name} passed (job ${e.jobId}); waits for an admin to return the host`, jobId: e.jobId });

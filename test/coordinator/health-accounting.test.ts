@@ -15,6 +15,7 @@ function host(init: Partial<HostAccount> = {}): HostAccount {
     infra_failed_jobs: [],
     jobs_since_check: 0,
     check_retries: 0,
+    retrying: true,
     checks: 0,
     k: 3,
     every_jobs: null,
@@ -110,5 +111,13 @@ describe("the health accounting of a host", () => {
     const retired = account(host({ health: "retired" }), [end("host_dropped"), end("host_dropped"), end("host_dropped")]);
     expect(retired.verdict).toBeUndefined();
     expect(retired.write.infra_failures).toBe(0);
+  });
+
+  it("lets no check decide for a host an admin quarantined: only a return brings it back", () => {
+    const manual = host({ health: "quarantined", checks: 1, open_checks: 1, retrying: false });
+    expect(account(manual, [end("workload_exited", { checkId: CHECK })]).verdict).toBeUndefined();
+    const failed = account(manual, [end("workload_exited", { checkId: CHECK, exitStatus: "failure" })]);
+    expect(failed.verdict).toBeUndefined();
+    expect(failed.write.retry).toBe("keep");
   });
 });

@@ -320,10 +320,11 @@ describe("host health", () => {
     expect(byName?.id).toBe(hc.id);
     const { healthCheck: updated } = await health().updateHealthCheck({
       healthCheckId: hc.id,
-      healthCheck: { everyJobs: 7, quarantineAfterFailures: 0 },
-      updateMask: { paths: ["every_jobs", "quarantine_after_failures"] },
+      healthCheck: { everyJobs: 7, quarantineAfterFailures: 0, hostTags: { rack: "b" }, parameters: [{ name: "LEVEL", value: "full" }] },
+      updateMask: { paths: ["every_jobs", "quarantine_after_failures", "host_tags", "parameters"] },
     });
-    expect(updated).toMatchObject({ everyJobs: 7, quarantineAfterFailures: 3, description: "smoke test" });
+    expect(updated).toMatchObject({ everyJobs: 7, quarantineAfterFailures: 3, description: "smoke test", hostTags: { rack: "b" } });
+    expect(updated?.parameters.map((p) => [p.name, p.value])).toEqual([["LEVEL", "full"]]);
     const listed = await c.client(HealthService, user.token).listHealthChecks({});
     expect(listed.healthChecks.map((x) => x.name)).toContain("crud");
     await health().deleteHealthCheck({ healthCheckId: hc.id });

@@ -52,6 +52,8 @@ export interface HostAccount {
   infra_failed_jobs: string[];
   jobs_since_check: number;
   check_retries: number;
+  /** A quarantined host waits for a retry of its checks (it was quarantined by failures, not by an admin). */
+  retrying: boolean;
   /** Checks that apply to it. */
   checks: number;
   /** Smallest quarantine_after of those (3 when none). */
@@ -74,7 +76,7 @@ export interface HostAccount {
 export function lockHostAccounts(tx: Db, ids: string[]): Promise<HostAccount[]> {
   return tx<HostAccount[]>`
     select h.id, h.name, h.health, h.infra_failures, h.infra_failed_jobs::text[] as infra_failed_jobs, h.jobs_since_check,
-      h.check_retries, s.checks, coalesce(s.k, 3) as k, s.every_jobs, coalesce(s.needs_admin, false) as needs_admin,
+      h.check_retries, h.check_failed_at is not null as retrying, s.checks, coalesce(s.k, 3) as k, s.every_jobs, coalesce(s.needs_admin, false) as needs_admin,
       (select count(*)::int from jobs j where j.pinned_host_id = h.id and j.state <> 'finalized') as open_checks,
       coalesce((select jsonb_object_agg(c.id, c.name) from health_checks c), '{}') as names
     from hosts h cross join lateral (
