@@ -680,7 +680,8 @@ export const HealthService: GenService<{
   /**
    * Queues a host's health checks now (one, or every check that applies):
    * the host goes CHECKING (a QUARANTINED host stays QUARANTINED until a
-   * check passes). A check already queued or running for the host is not
+   * check passes; one an admin quarantined, until ReturnHost, whatever its
+   * checks say). A check already queued or running for the host is not
    * queued again. Safe to retry. Errors: INVALID_ARGUMENT, NOT_FOUND (host,
    * check), FAILED_PRECONDITION (no check applies to the host, the host is
    * RETIRED), PERMISSION_DENIED.
@@ -695,7 +696,8 @@ export const HealthService: GenService<{
   /**
    * Takes a host out of service: QUARANTINED with the reason; it gets no user
    * job. Its running jobs go on (quarantine never cancels a job). No check is
-   * retried by itself: ReturnHost brings it back. Idempotent. Errors:
+   * retried by itself, and no check's result returns it: ReturnHost brings
+   * it back. Idempotent. Errors:
    * INVALID_ARGUMENT (reason), NOT_FOUND, FAILED_PRECONDITION (RETIRED),
    * PERMISSION_DENIED.
    *
