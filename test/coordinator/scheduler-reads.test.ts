@@ -9,6 +9,7 @@ import { randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { freeHostsFor, freeSlotCount } from "../../coordinator/db/queries/hosts.js";
 import { type TestDatabase, createTestDatabase } from "../support/db.js";
+import { waitUntil } from "../support/wait.js";
 
 describe("a scheduling pass's reads of hosts", () => {
   let db: TestDatabase;
@@ -103,12 +104,24 @@ describe("a scheduling pass's reads of hosts", () => {
     const before = await freeIndexScans();
     await db.sql.begin(async (tx) => {
       await tx`set local enable_seqscan = off`;
-      await freeHostsFor(tx, [demand({ board: "x" }, 1)], []);
       await freeSlotCount(tx);
+      // Last: it puts the planner settings back to the session's.
+      await freeHostsFor(tx, [demand({ board: "x" }, 1)], []);
     });
-    // The statistics collector reports scans at the end of the transaction.
-    await db.sql`select pg_stat_force_next_flush()`;
-    expect(await freeIndexScans()).toBeGreaterThanOrEqual(before + 2);
+    // A backend reports its scans to the statistics within a second of going idle.
+    await waitUntil(async () => (await freeIndexScans()) >= before + 2, "both reads to have scanned hosts_free_idx");
+  });
+
+  it("puts the planner settings of its read back after it, so the pass's other statements keep their usual plans", async () => {
+    const settings = await db.sql.begin(async (tx) => {
+      await freeHostsFor(tx, [demand({ board: "x" }, 1)], []);
+      return tx<{ name: string; setting: string }[]>`
+        select name, setting from pg_settings where name in ('enable_bitmapscan', 'enable_seqscan') order by name`;
+    });
+    expect(settings).toEqual([
+      { name: "enable_bitmapscan", setting: "on" },
+      { name: "enable_seqscan", setting: "on" },
+    ]);
   });
 
   const freeIndexScans = async () => {
