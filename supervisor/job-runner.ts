@@ -4,9 +4,11 @@ import type { StartJob } from "../gen/treadmill/coordinator/v1/supervisor_servic
 import type { LogShipper } from "./log-shipper.js";
 import type { Logger } from "../lib/logger.js";
 import {
+  ControlRefused,
   DriverAbortError,
   DriverError,
   type Driver,
+  type HostAction,
   type DriverStage,
   type JobExit,
   type OutputChannel,
@@ -163,6 +165,28 @@ export class JobRunner {
       this.deps.driver
         .stop(this.running, { graceMs })
         .catch((err: unknown) => this.log.error({ err }, "driver could not stop the job"));
+    }
+  }
+
+  /**
+   * Acts on the host under the running job (Driver.control), saying so on
+   * the job's `supervisor` channel; resolves with the driver's line, rejects
+   * with ControlRefused (not running, or the driver cannot).
+   */
+  async control(action: HostAction): Promise<string> {
+    const driver = this.deps.driver;
+    if (this.state !== JobState.RUNNING || this.running === undefined || this.stopReason !== undefined) {
+      throw new ControlRefused("not-running", `job ${this.jobId} attempt ${this.attempt} is not running on this host`);
+    }
+    if (driver.control === undefined) throw new ControlRefused("unsupported", `the ${driver.kind} driver cannot ${action} a job's host`);
+    this.say(`host control: ${action} requested`);
+    try {
+      const done = await driver.control(this.running, action);
+      this.say(`host control: ${done}`);
+      return done;
+    } catch (err) {
+      this.say(`host control: ${action} failed: ${err instanceof Error ? err.message : String(err)}`);
+      throw err;
     }
   }
 

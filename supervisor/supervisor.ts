@@ -32,6 +32,7 @@ import { ImageProvisioner } from "./images.js";
 import { JobLogs } from "./job-logs.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 import { Snapshotter } from "./snapshot.js";
+import { HostControls } from "./host-control.js";
 
 const SUPERVISOR_VERSION = "0.1.0";
 
@@ -116,6 +117,11 @@ export function createSupervisor({
     send: (value) => send({ case: "snapshotResult", value }),
     signal: abort.signal,
     tls,
+  });
+
+  const controls = new HostControls({
+    logger: logger.child({ subsystem: "host-control" }),
+    send: (value) => send({ case: "hostControlResult", value }),
   });
 
   const replicas = new ReplicaSet({ urls: config.coordinatorUrl, logger });
@@ -309,6 +315,9 @@ export function createSupervisor({
           break;
         case "logTokenGrant":
           logs.granted(payload.value);
+          break;
+        case "controlHost":
+          controls.handle(payload.value, runners.get(key(payload.value.jobId, payload.value.attempt)));
           break;
         case "takeSnapshot":
           snapshots.take(payload.value, runners.get(key(payload.value.jobId, payload.value.attempt)));

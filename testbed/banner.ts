@@ -33,6 +33,9 @@ export function banner(testbed: Testbed): string {
     `  npx tml login ${coordinator} --user ${admin.name} --password-stdin < ${passwordFile}`,
     "  npx tml job run example/hello",
     "  npx tml job run example/blinky --tag board=sim                 # on the simulated board",
+    ...(testbed.supervisors().some((s) => s.startsWith("flaky-"))
+      ? ["  npx tml job run example/blinky --tag board=flaky               # on a board that fails now and then"]
+      : []),
     "  npx tml console $(npx tml job run --detach example/shell)     # leave with ~.",
     "",
     "Every server speaks gRPC, Connect and gRPC-Web on its one port, with reflection:",

@@ -19,6 +19,12 @@ export const testbedSchema = {
   },
   supervisors: { type: "int", default: 2, description: "how many process-driver supervisors to run" },
   boards: { type: "int", default: 1, description: "how many simulated boards (each with a board-driver supervisor)" },
+  flakyBoards: {
+    type: "int",
+    default: 0,
+    description:
+      "how many simulated boards that fail now and then (boot failures, hangs, serial drops: infrastructure failures), tagged board=flaky",
+  },
   vms: {
     type: "int",
     default: 0,

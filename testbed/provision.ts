@@ -116,6 +116,11 @@ export function boardHost(name: string): TestbedHost {
   return { name, driverKind: DriverKind.BOARD, mediaTypes: mediaTypesOfDriver("board"), tags: { board: "sim", driver: "board" } };
 }
 
+/** A board-driver host of the testbed whose simulated board fails now and then (`--flaky-boards`). */
+export function flakyBoardHost(name: string): TestbedHost {
+  return { ...boardHost(name), tags: { board: "flaky", driver: "board" } };
+}
+
 /** A qemu-driver host of the testbed. */
 export function vmHost(name: string): TestbedHost {
   return {

@@ -18,6 +18,7 @@ import { startSimBoard, type SimBoard } from "../supervisor/sim-board/start.js";
 import {
   ADMIN_NAME,
   boardHost,
+  flakyBoardHost,
   processHost,
   vmHost,
   adminTransport,
@@ -51,6 +52,9 @@ export interface Testbed {
 
 const noInput = { env: {}, argv: [] };
 
+/** How often a `--flaky-boards` board fails per power-on (supervisor/sim-board/faults.ts). */
+export const FLAKY_RATES = { bootFailure: 0.2, hang: 0.05, serialDrop: 0.1 };
+
 /**
  * The all-in-one testbed: every component composed in one process, each with
  * its own folder under `dataDir` and its own child logger, wired as a real
@@ -71,6 +75,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
   const child = (component: string) => logger.child({ component });
   const supervisorNames = Array.from({ length: config.supervisors }, (_, i) => `sup-${i + 1}`);
   const boardNames = Array.from({ length: config.boards }, (_, i) => `board-${i + 1}`);
+  const flakyNames = Array.from({ length: config.flakyBoards }, (_, i) => `flaky-${i + 1}`);
   const vmNames = Array.from({ length: config.vms }, (_, i) => `vm-${i + 1}`);
   let boards: SimBoard[] = [];
   const stopSignal = new AbortController();
@@ -170,7 +175,12 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     ];
     await Promise.all(servers.map(([, s]) => s.start()));
 
-    const hosts = await ensureHosts(admin, state, [...supervisorNames.map(processHost), ...boardNames.map(boardHost), ...vmNames.map(vmHost)]);
+    const hosts = await ensureHosts(admin, state, [
+      ...supervisorNames.map(processHost),
+      ...boardNames.map(boardHost),
+      ...flakyNames.map(flakyBoardHost),
+      ...vmNames.map(vmHost),
+    ]);
     await saveState(config.dataDir, state);
     await ensureExamples(admin, state, {
       workDir: join(config.dataDir, "examples"),
@@ -200,14 +210,24 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
         logger: log,
       });
     };
-    boards = await Promise.all(
-      boardNames.map((name) =>
-        startSimBoard({ dir: join(config.dataDir, "boards", name), name, exitPattern: "TREADMILL_EXIT=(\\d+)" }),
+    // Flaky boards meet a fault at about a third of their power-ons (seeded
+    // per board, so a run repeats), and come back after a serial drop.
+    boards = await Promise.all([
+      ...boardNames.map((name) => startSimBoard({ dir: join(config.dataDir, "boards", name), name, exitPattern: "TREADMILL_EXIT=(\\d+)" })),
+      ...flakyNames.map((name, i) =>
+        startSimBoard({
+          dir: join(config.dataDir, "boards", name),
+          name,
+          exitPattern: "TREADMILL_EXIT=(\\d+)",
+          bootTimeoutMs: 5000,
+          faults: { ...FLAKY_RATES, seed: i + 1 },
+          replug: true,
+        }),
       ),
-    );
+    ]);
     supervisors = [
       ...supervisorNames.map((name) => supervise(name, { driver: "process" })),
-      ...boardNames.map((name, i) => supervise(name, { driver: "board" }, (log) => createBoardDriver(boards[i].config, log))),
+      ...[...boardNames, ...flakyNames].map((name, i) => supervise(name, { driver: "board" }, (log) => createBoardDriver(boards[i].config, log))),
       ...vmNames.map((name) =>
         supervise(name, {
           driver: "qemu",

@@ -1,4 +1,4 @@
-/** `tml job run|list|get|cancel|wait|events|logs|snapshot`. */
+/** `tml job run|list|get|cancel|wait|events|logs|snapshot|power-cycle|reset|power-off|power-on`. */
 import { randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
@@ -9,6 +9,7 @@ import {
   ExitStatusSchema,
   FinalizeReason,
   FinalizeReasonSchema,
+  HostControlAction,
   type Job,
   JobEventKindSchema,
   JobEventSchema,
@@ -22,7 +23,7 @@ import {
   SnapshotState,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
-import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { ControlHostResponseSchema, JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
 import { keepStreaming, sleep } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
@@ -288,6 +289,44 @@ async function followJob(
     unsubscribe();
   }
 }
+
+/** The host actions of `tml job power-cycle|reset|power-off|power-on`, one command each. */
+const HOST_ACTIONS = [
+  ["power-cycle", HostControlAction.POWER_CYCLE, "Power a running job's host off and on again"],
+  ["reset", HostControlAction.RESET, "Reset a running job's host (a board's reset command, a VM's system_reset)"],
+  ["power-off", HostControlAction.POWER_OFF, "Power off a running job's host; the job goes on until power-on, cancel or its timeout"],
+  ["power-on", HostControlAction.POWER_ON, "Power a running job's host on again"],
+] as const;
+
+/**
+ * `tml job power-cycle JOB [--host N]` and its siblings: JobService.ControlHost,
+ * answered once the host's supervisor did it. Under one request id, so that a
+ * retry after a lost answer does not act twice.
+ */
+const hostControlCommands: Command[] = HOST_ACTIONS.map(([name, action, summary]) =>
+  defineCommand({
+    path: ["job", name],
+    summary,
+    args: JOB_ARG,
+    flags: {
+      host: { type: "string", placeholder: "N", description: "which host of a multi-host job, from 0 (default 0)" },
+    },
+    examples: [`tml job ${name} $JOB`, `tml job ${name} $JOB --host 1`],
+    async run(ctx, { args, flags }) {
+      const jobs = await ctx.client(JobService);
+      const request = {
+        jobId: args.JOB,
+        hostIndex: flags.host === undefined ? 0 : parseIntFlag("host", flags.host, 0, 63),
+        action,
+        requestId: randomUUID(),
+      };
+      // The supervisor answers once the board's commands ran (a power cycle may take a while).
+      const answer = await jobs.controlHost(request, { timeoutMs: 180_000 });
+      ctx.out.data(jsonOf(ControlHostResponseSchema, answer), () => ctx.out.line(`Job ${args.JOB}: ${answer.message} (host ${answer.hostName}).`));
+      return ExitCode.OK;
+    },
+  }),
+);
 
 export const jobCommands: Command[] = [
   defineCommand({
@@ -631,6 +670,7 @@ export const jobCommands: Command[] = [
       return ExitCode.OK;
     },
   }),
+  ...hostControlCommands,
 ];
 
 /**

@@ -1,7 +1,7 @@
 /**
  * JobService: submit, read, list, cancel and watch jobs; log access. A user
  * sees and acts on its own jobs, an admin on all. SnapshotJob is in
- * snapshots.ts.
+ * snapshots.ts, ControlHost in host-control.ts.
  */
 import { create, fromJson, toJson } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
@@ -9,6 +9,7 @@ import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@conn
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
 import {
   type CancelJobRequest,
+  type ControlHostRequest,
   type GetJobLogAccessRequest,
   type GetJobRequest,
   type JobFilter,
@@ -62,6 +63,7 @@ import {
 } from "../db/queries/jobs.js";
 import { endAttempt, jobMessage, loadTimeline, stateName } from "./store.js";
 import { recordEvent } from "../db/queries/events.js";
+import type { HostControls } from "./host-control.js";
 import type { Snapshots } from "./snapshots.js";
 import { type ValidSpec, validateSpec } from "./validate.js";
 import { SOON, matchingHosts } from "../db/queries/health-checks.js";
@@ -80,6 +82,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     private readonly config: JobConfig,
     private readonly watchers: JobWatchers,
     private readonly snapshots?: Snapshots,
+    private readonly controls?: HostControls,
   ) {}
 
   private async visibleJob(caller: UserCaller, jobId: string, sql: Db = this.ctx.sql, lock = false): Promise<JobRow> {
@@ -407,5 +410,12 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     const caller = requireUser(hctx);
     if (!this.snapshots) throw new ConnectError("snapshots are not available on this coordinator", Code.Unimplemented);
     return this.snapshots.snapshotJob(caller, req, hctx);
+  }
+
+  /** Power off, power on, power-cycle or reset a running job's host (coordinator/jobs/host-control.ts). */
+  async controlHost(req: ControlHostRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    if (!this.controls) throw new ConnectError("host control is not available on this coordinator", Code.Unimplemented);
+    return this.controls.controlHost(caller, req, hctx);
   }
 }

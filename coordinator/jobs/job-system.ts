@@ -6,6 +6,7 @@ import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
 import { HealthKeeper } from "./health-keeper.js";
 import { HealthServiceImpl } from "./health-service.js";
+import { HostControls } from "./host-control.js";
 import { JobServiceImpl } from "./job-service.js";
 import { registerLogStatusHandlers } from "./log-status.js";
 import { JobMetrics } from "./metrics.js";
@@ -52,8 +53,10 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   const sweeper = new Sweeper(ctx, config, metrics);
   const snapshots = new Snapshots(ctx, config, streams, watchers);
   snapshots.registerHandlers(handlers);
+  const controls = new HostControls(ctx, config, streams, watchers);
+  controls.registerHandlers(handlers);
   registerLogStatusHandlers(ctx, handlers);
-  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots);
+  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots, controls);
   const health = new HealthKeeper(ctx, config);
   const healthService = new HealthServiceImpl(ctx, config);
   const unsubscribe: (() => void)[] = [];
@@ -91,6 +94,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
       watchdog.start();
       streams.start();
       await snapshots.start();
+      await controls.start();
       await sweeper.start();
       health.start();
       scheduler.wake();
@@ -101,6 +105,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
         for (const off of unsubscribe) off();
         await scheduler.stop();
         await snapshots.stop();
+        controls.stop();
         await streams.stop();
         await sweeper.stop();
         await health.stop();

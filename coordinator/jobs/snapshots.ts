@@ -33,8 +33,6 @@ import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js"
 import { type Snapshot, SnapshotSchema, SnapshotState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import type { SnapshotJobRequest } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { AttachResponseSchema, type SnapshotResult } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
-import { Notifier } from "../../lib/async/notifier.js";
-import type { Logger } from "../../lib/logger.js";
 import { actorOf } from "../audit.js";
 import { audit } from "../db/queries/audit.js";
 import type { HostCaller, UserCaller } from "../auth.js";
@@ -77,12 +75,17 @@ import {
   snapshotOfRequest,
   succeedSnapshot,
 } from "../db/queries/snapshots.js";
+import { HostDelivery } from "./host-delivery.js";
+import { waitOperation } from "./operation-wait.js";
 import type { HostSession } from "./session.js";
 import type { SupervisorHandlers } from "./stream-handlers.js";
 import type { SupervisorStreams } from "./supervisor-stream.js";
 import type { JobWatchers } from "./watchers.js";
 
 const DIGEST = /^sha256:[0-9a-f]{64}$/;
+
+/** A pending snapshot as delivered, with its job's owner (the holder of the upload). */
+type PendingSnapshot = SnapshotRow & { job_owner_id: string };
 
 /** Timeline kinds of snapshots (job.proto JobEventKind SNAPSHOT_*). */
 type SnapshotEventKind = "snapshot_requested" | "snapshot_succeeded" | "snapshot_failed";
@@ -196,22 +199,20 @@ export async function onSnapshotResult(ctx: CoordinatorContext, host: HostCaller
  * listens for new snapshots and for (re)attached streams; `stop()` ends it.
  */
 export class Snapshots {
-  private readonly log: Logger;
-  private readonly unsubscribe: (() => void)[] = [];
-  /** Snapshots sent on each stream (a new stream gets every pending one again). */
-  private readonly sent = new WeakMap<HostSession, Set<string>>();
-  /** Per host: a delivery running, and whether another was asked meanwhile. */
-  private readonly delivering = new Map<string, { again: boolean }>();
-  private stopped = false;
-  private timer: NodeJS.Timeout | undefined;
+  private readonly delivery: HostDelivery<PendingSnapshot>;
 
   constructor(
     private readonly ctx: CoordinatorContext,
     private readonly config: JobConfig,
-    private readonly streams: SupervisorStreams,
+    streams: SupervisorStreams,
     private readonly watchers: JobWatchers,
   ) {
-    this.log = ctx.logger.child({ subsystem: "snapshots" });
+    this.delivery = new HostDelivery(ctx, config, streams, {
+      channel: "treadmill_snapshots",
+      what: "snapshots",
+      pending: (hostId) => pendingSnapshotsOfHost(ctx.sql, hostId),
+      send: (session, hostId, row) => this.send(session, hostId, row),
+    });
   }
 
   /** The stream's SnapshotResult (after the stream's earlier reports have committed). */
@@ -219,33 +220,13 @@ export class Snapshots {
     handlers.on("snapshotResult", { afterCommits: true, handle: (host, result) => onSnapshotResult(this.ctx, host, result) });
   }
 
-  async start(): Promise<void> {
-    const all = () => {
-      for (const hostId of this.streams.sessions.keys()) this.deliver(hostId);
-    };
-    // A stream new to this replica gets its host's pending snapshots; looked
-    // at every heartbeat too, as the attach notification may come before the
-    // stream is registered here.
-    this.timer = setInterval(() => {
-      for (const [hostId, session] of this.streams.sessions) if (!this.sent.has(session)) this.deliver(hostId);
-    }, this.config.supervisorHeartbeatMs);
-    this.timer.unref?.();
-    const n = this.ctx.notifications;
-    this.unsubscribe.push(
-      n.onResync(all),
-      await n.subscribe("treadmill_snapshots", (hostId) => this.deliver(hostId)),
-      // A stream that attached (or re-read its host) here: deliver what it has not had.
-      await n.subscribe("treadmill_commands", (hostId) => {
-        const session = this.streams.sessions.get(hostId);
-        if (session && !this.sent.has(session)) this.deliver(hostId);
-      }),
-    );
+  start(): Promise<void> {
+    return this.delivery.start();
   }
 
-  async stop(): Promise<void> {
-    this.stopped = true;
-    clearInterval(this.timer);
-    for (const off of this.unsubscribe.splice(0)) off();
+  stop(): Promise<void> {
+    this.delivery.stop();
+    return Promise.resolve();
   }
 
   /** JobService.SnapshotJob. */
@@ -336,99 +317,48 @@ export class Snapshots {
     });
   }
 
-  /**
-   * Waits until the operation ends, on the job's timeline events (from any
-   * replica), bounded by the call's deadline: then DeadlineExceeded (the
-   * snapshot goes on; the same request_id polls it).
-   */
-  private async waitDone(id: string, hctx: HandlerContext): Promise<SnapshotRow> {
-    let row = await this.current(id);
-    if (row.state !== "pending") return row;
-    const changed = new Notifier();
-    const unsubscribe = this.watchers.subscribe(row.job_id, () => changed.notify());
-    try {
-      for (;;) {
-        // Waiting from before the read, so a change during it is not missed;
-        // also looked at every heartbeat: a host that went away sends nothing.
-        const woken = changed.wait({ timeoutMs: this.config.supervisorHeartbeatMs, signal: hctx.signal });
-        row = await this.current(id);
-        if (row.state !== "pending") return row;
-        if (hctx.signal.aborted) {
-          throw new ConnectError(
-            `snapshot ${id} is still pending at the call's deadline; it goes on (call again with the same request_id to poll)`,
-            Code.DeadlineExceeded,
-          );
-        }
-        await woken;
-      }
-    } finally {
-      changed.notify();
-      unsubscribe();
-    }
+  /** Waits until the operation ends, bounded by the call's deadline (operation-wait.ts). */
+  private waitDone(id: string, hctx: HandlerContext): Promise<SnapshotRow> {
+    return waitOperation({
+      watchers: this.watchers,
+      current: () => this.current(id),
+      ended: (row) => row.state !== "pending",
+      heartbeatMs: this.config.supervisorHeartbeatMs,
+      hctx,
+      stillPending: `snapshot ${id} is still pending at the call's deadline; it goes on (call again with the same request_id to poll)`,
+    });
   }
 
-  /** Sends the host's pending snapshots its stream here has not had (coalesced per host). */
-  deliver(hostId: string): void {
-    if (this.stopped || !this.streams.sessions.has(hostId)) return;
-    const running = this.delivering.get(hostId);
-    if (running) {
-      running.again = true;
-      return;
-    }
-    const state = { again: false };
-    this.delivering.set(hostId, state);
-    void (async () => {
-      try {
-        do {
-          state.again = false;
-          await this.deliverOnce(hostId);
-        } while (state.again && !this.stopped);
-      } catch (err) {
-        if (!this.stopped) this.log.warn({ err, hostId }, "cannot deliver snapshot commands");
-      } finally {
-        this.delivering.delete(hostId);
-      }
-    })();
-  }
-
-  private async deliverOnce(hostId: string): Promise<void> {
-    const session = this.streams.sessions.get(hostId);
-    if (!session) return;
-    let sent = this.sent.get(session);
-    if (!sent) this.sent.set(session, (sent = new Set()));
-    const rows = await pendingSnapshotsOfHost(this.ctx.sql, hostId);
+  /** TakeSnapshot of `row` on `session`, with a fresh write token, audited. */
+  private async send(session: HostSession, hostId: string, row: PendingSnapshot): Promise<void> {
     const now = this.ctx.clock();
     const ttl = this.ctx.config.imageTokenTtlMs;
-    for (const row of rows) {
-      if (sent.has(row.id) || this.streams.sessions.get(hostId) !== session) continue;
-      // The job's owner becomes the holder of what the supervisor uploads.
-      const token = await this.ctx.keys.sign({ scope: "image:write" }, ttl, { subject: row.job_owner_id, audience: "image" });
-      const requestId = uuidv7(now);
-      session.outbox.push(
-        create(AttachResponseSchema, {
-          payload: {
-            case: "takeSnapshot",
-            value: {
-              requestId,
-              snapshotId: row.id,
-              jobId: row.job_id,
-              attempt: row.attempt,
-              uploadUrl: row.upload_url,
-              writeToken: { token, scope: CapabilityScope.IMAGE_WRITE, expireTime: timestampFromMs(now + ttl) },
-              annotations: row.annotations,
-            },
+    // The job's owner becomes the holder of what the supervisor uploads.
+    const token = await this.ctx.keys.sign({ scope: "image:write" }, ttl, { subject: row.job_owner_id, audience: "image" });
+    const requestId = uuidv7(now);
+    session.outbox.push(
+      create(AttachResponseSchema, {
+        payload: {
+          case: "takeSnapshot",
+          value: {
+            requestId,
+            snapshotId: row.id,
+            jobId: row.job_id,
+            attempt: row.attempt,
+            uploadUrl: row.upload_url,
+            writeToken: { token, scope: CapabilityScope.IMAGE_WRITE, expireTime: timestampFromMs(now + ttl) },
+            annotations: row.annotations,
           },
-        }),
-      );
-      sent.add(row.id);
-      await audit(this.ctx.sql, {
-        kind: "command.take_snapshot",
-        actor: "system",
-        jobId: row.job_id,
-        hostId,
-        message: `sent to host ${hostId}`,
-        details: { requestId, snapshotId: row.id, attempt: row.attempt, replica: this.ctx.replicaId },
-      });
-    }
+        },
+      }),
+    );
+    await audit(this.ctx.sql, {
+      kind: "command.take_snapshot",
+      actor: "system",
+      jobId: row.job_id,
+      hostId,
+      message: `sent to host ${hostId}`,
+      details: { requestId, snapshotId: row.id, attempt: row.attempt, replica: this.ctx.replicaId },
+    });
   }
 }

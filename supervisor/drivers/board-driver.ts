@@ -12,6 +12,21 @@
  * the workload's exit code, or until `stop`. The board is powered off at the
  * end of every job.
  *
+ * Host control (issue #21), while a job runs: power off, power on and
+ * power-cycle run the power commands, reset runs the reset command (a power
+ * cycle without one), each tried again within the boot timeout. The console
+ * shows the board rebooting and the job goes on: it ends as before, by its
+ * exit pattern, a stop or a lost line. A serial line that goes away with the
+ * board's power (a USB adapter powered by the board) is not lost: it is
+ * opened again after power on (what it held then is the new boot's). A
+ * job's end waits for a control under way, so the board is always off
+ * after the job.
+ *
+ * Identity: a board may name its USB serial number (`serialNumber`); before
+ * anything is flashed, the serial device must belong to the USB device of
+ * that number (usb-serial.ts), else the job fails to start and nothing is
+ * flashed.
+ *
  * Exposures: the console, and the services the board's admin configured
  * (host TCP addresses, such as a debug probe's GDB server). Nothing a job
  * declares adds to them: a declared port that is not a configured service
@@ -19,8 +34,8 @@
  */
 
 import { exec } from "node:child_process";
-import { closeSync, constants, openSync, readSync } from "node:fs";
-import { open, type FileHandle } from "node:fs/promises";
+import { closeSync, constants, fstatSync, openSync, readSync } from "node:fs";
+import { open, stat, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { ReadStream } from "node:tty";
 import type { Logger } from "../../lib/logger.js";
@@ -28,8 +43,10 @@ import { retry } from "../../lib/retry.js";
 import { ConsoleBridge } from "./console.js";
 import { FIRMWARE_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import {
+  ControlRefused,
   DriverAbortError,
   DriverError,
+  type HostAction,
   throwIfAborted,
   type Driver,
   type Exposure,
@@ -44,6 +61,7 @@ import {
 } from "./driver.js";
 import { socketDirectory, type SocketDirectory } from "./machine.js";
 import { shellQuote } from "./sandbox.js";
+import { usbSerialOf } from "./usb-serial.js";
 
 /** One board's configuration (JSON in the supervisor's config). */
 export interface BoardConfig {
@@ -57,6 +75,13 @@ export interface BoardConfig {
     baud: number;
   };
   /**
+   * The USB serial number of the board (or of its serial adapter), as udev's
+   * `ID_SERIAL_SHORT` (`udevadm info -q property -n DEV`): when set, a job
+   * starts only when `serial.device` belongs to the USB device of this
+   * number.
+   */
+  serialNumber?: string;
+  /**
    * Shell commands (run with /bin/sh -c). `{image}` is replaced by the
    * firmware file's path and `{serial}` by the serial device, both quoted.
    * A command fails the job (HOST_START_FAILURE) when it exits non-zero or
@@ -65,7 +90,7 @@ export interface BoardConfig {
   commands: {
     powerOn: string;
     powerOff: string;
-    /** Optional; `stop` uses power off. */
+    /** Optional; `stop` uses power off, a reset asked for during a job a power cycle. */
     reset?: string;
     flash: string;
   };
@@ -103,6 +128,9 @@ export function parseBoardConfig(value: unknown): BoardConfig {
   if (!str(v.name)) problems.push("board name must be a non-empty string");
   if (!str(serial.device)) problems.push("board serial.device must be a device path");
   if (!Number.isInteger(serial.baud) || (serial.baud as number) <= 0) problems.push("board serial.baud must be a positive integer");
+  if (v.serialNumber !== undefined && (!str(v.serialNumber) || !/^[\x21-\x7e]{1,126}$/.test(v.serialNumber as string))) {
+    problems.push("board serialNumber must be printable characters without spaces");
+  }
   for (const c of ["powerOn", "powerOff", "flash"]) if (!str(commands[c])) problems.push(`board commands.${c} must be a command`);
   if (commands.reset !== undefined && !str(commands.reset)) problems.push("board commands.reset must be a command");
   if (!Number.isInteger(v.bootTimeoutMs) || (v.bootTimeoutMs as number) <= 0) problems.push("board bootTimeoutMs must be a positive integer");
@@ -142,6 +170,7 @@ interface BoardJob extends RunningJob {
   readonly kind: "board";
   readonly prepared: BoardPrepared;
   finish(exit: Omit<JobExit, "status">): Promise<void>;
+  control(action: HostAction): Promise<string>;
   stopRequested: boolean;
 }
 
@@ -160,26 +189,42 @@ function runCommand(template: string, values: { image?: string; serial: string }
   });
 }
 
-/** Reads and drops what a non-blocking descriptor holds now (tcflush of the input); returns how many bytes. */
-function discardPending(fd: number): number {
+/** Reads what a non-blocking descriptor holds now (at most 1 MiB, the rest dropped, as tcflush of the input would). */
+function readPending(fd: number): Buffer {
   const buffer = Buffer.alloc(64 * 1024);
-  let dropped = 0;
+  const kept: Buffer[] = [];
+  let size = 0;
   for (;;) {
     try {
       const n = readSync(fd, buffer);
-      if (n === 0) return dropped;
-      dropped += n;
+      if (n === 0) break;
+      if (size < 1024 * 1024) kept.push(Buffer.from(buffer.subarray(0, n)));
+      size += n;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "EAGAIN") return dropped;
+      if ((err as NodeJS.ErrnoException).code === "EAGAIN") break;
       throw err;
     }
   }
+  return Buffer.concat(kept);
+}
+
+/** An open serial line: a tty stream to read, a plain handle to write, what it held when opened, and its device number. */
+interface SerialLine {
+  reader: ReadStream;
+  writer: FileHandle;
+  held: Buffer;
+  rdev: number;
 }
 
 export interface BoardDriverOptions {
   /** Where the console's Unix socket goes (a directory only the supervisor may enter); default a private one (machine.ts). */
   socketDir?: string;
+  /** The sysfs tree the USB serial number is read from; default /sys (tests give a tree of their own). */
+  sysRoot?: string;
 }
+
+/** What the timeline says of a done action. */
+const DONE: Record<HostAction, string> = { "power-off": "powered off", "power-on": "powered on", "power-cycle": "power-cycled", reset: "reset" };
 
 export class BoardDriver implements Driver {
   readonly kind = "board" as const;
@@ -251,6 +296,7 @@ export class BoardDriver implements Driver {
     if (firmware === undefined) throw new DriverError("image", `image has no ${FIRMWARE_MEDIA_TYPE} layer`);
     const services = new Set((this.config.services ?? []).map((s) => s.name));
     const refusedPorts = (spec.exposedPorts ?? []).filter((p) => !services.has(p.name)).map((p) => p.name);
+    await this.checkIdentity();
     const prepared: BoardPrepared = { kind: "board", jobId: spec.jobId, attempt: spec.attempt, firmware: firmware.path, refusedPorts };
     this.current = prepared;
     try {
@@ -268,6 +314,23 @@ export class BoardDriver implements Driver {
     }
   }
 
+  /** Refuses (a start failure) a serial device that is not the configured board's (see the head comment). */
+  private async checkIdentity(): Promise<void> {
+    const wanted = this.config.serialNumber;
+    if (wanted === undefined) return;
+    const device = this.config.serial.device;
+    const found = await usbSerialOf(device, this.options.sysRoot).catch((err: unknown) => {
+      throw new DriverError("start", `serial device ${device} of board ${this.config.name} cannot be found`, { cause: err });
+    });
+    if (found === wanted) return;
+    const message =
+      found === undefined
+        ? `serial device ${device} has no usb serial number; board ${this.config.name} is configured as ${wanted}: refusing to flash or run it`
+        : `serial device ${device} belongs to usb serial ${found}, not to board ${this.config.name} (${wanted}): refusing to flash or run it`;
+    this.log.error({ device, wanted, found }, "serial device belongs to another board");
+    throw new DriverError("start", message);
+  }
+
   async start(handle: Prepared, output: JobOutput, options: PrepareOptions = {}): Promise<RunningJob> {
     const prepared = handle as BoardPrepared;
     if (prepared.running !== undefined) return prepared.running;
@@ -279,7 +342,7 @@ export class BoardDriver implements Driver {
 
     // Configure the line, then open it twice: a tty stream to read, a plain
     // handle to write (one fd cannot back two libuv handles).
-    const openLine = async (): Promise<{ reader: ReadStream; writer: FileHandle; stale: number }> => {
+    const openLine = async (): Promise<SerialLine> => {
       await runCommand(`stty -F {serial} ${this.config.serial.baud} raw -echo`, { serial: device }, 10000).catch((err: unknown) => {
         throw new DriverError("start", `serial device ${device} cannot be configured`, { cause: err });
       });
@@ -287,20 +350,23 @@ export class BoardDriver implements Driver {
       try {
         fd = openSync(device, constants.O_RDONLY | constants.O_NOCTTY | constants.O_NONBLOCK);
         const writer = await open(device, constants.O_WRONLY | constants.O_NOCTTY);
-        const stale = discardPending(fd);
-        return { reader: new ReadStream(fd), writer, stale };
+        const held = readPending(fd);
+        return { reader: new ReadStream(fd), writer, held, rdev: fstatSync(fd).rdev };
       } catch (err) {
         if (fd !== undefined) closeSync(fd);
         throw new DriverError("start", `serial device ${device} cannot be opened`, { cause: err });
       }
     };
-    const { reader, writer, stale } = await this.retrying("opening the serial line", openLine, signal, say);
+    let line = await this.retrying("opening the serial line", openLine, signal, say);
     // The board is off since prepare: what the line holds is an earlier run's
     // (one whose supervisor died while it ran), never this job's.
-    if (stale > 0) say(`discarded ${stale} bytes the serial line held from before this job`);
+    if (line.held.length > 0) say(`discarded ${line.held.length} bytes the serial line held from before this job`);
+    /** The line went away with the board's power (a control): it is opened again at power on. */
+    let lineDown = false;
     let writes = Promise.resolve();
     const writeSerial = (bytes: Buffer) => {
-      writes = writes.then(() => writer.write(bytes)).then(
+      const { writer } = line;
+      writes = writes.then(() => (lineDown ? undefined : writer.write(bytes))).then(
         () => undefined,
         (err: unknown) => log.warn({ err }, "serial write failed"),
       );
@@ -309,8 +375,8 @@ export class BoardDriver implements Driver {
     try {
       bridge = await ConsoleBridge.listen({ path: await this.consolePath(), logger: log, onInput: writeSerial });
     } catch (err) {
-      reader.destroy();
-      await writer.close().catch(() => undefined);
+      line.reader.destroy();
+      await line.writer.close().catch(() => undefined);
       if (err instanceof DriverError) throw err;
       throw new DriverError("start", "the board's console cannot be bridged", { cause: err });
     }
@@ -330,15 +396,20 @@ export class BoardDriver implements Driver {
     let resolveExit: (exit: JobExit) => void = () => undefined;
     const exited = new Promise<JobExit>((resolve) => (resolveExit = resolve));
     let finishing: Promise<void> | undefined;
+    /** The control under way (controls run one at a time; the job's end waits for it). */
+    let controlling: Promise<unknown> = Promise.resolve();
+    /** A control is under way, or the last one left the board off: the line may go away with its power. */
+    let powerInHand = false;
 
     const finish = (exit: Omit<JobExit, "status">): Promise<void> => {
       finishing ??= (async () => {
         phase = "stopping";
-        reader.pause();
+        line.reader.pause();
+        await controlling;
         await this.command("powerOff").catch((err: unknown) => log.error({ err }, "board power off failed"));
-        reader.destroy();
+        line.reader.destroy();
         await writes;
-        await writer.close().catch(() => undefined);
+        await line.writer.close().catch(() => undefined);
         exposed = [];
         await bridge.close();
         phase = "exited";
@@ -350,7 +421,7 @@ export class BoardDriver implements Driver {
       return finishing;
     };
 
-    reader.on("data", (bytes: Buffer) => {
+    const onData = (bytes: Buffer) => {
       if (phase === "exited" || phase === "stopping") return;
       output.write("console", bytes);
       bridge.write(bytes);
@@ -365,28 +436,102 @@ export class BoardDriver implements Driver {
           void finish({ exitCode: code, stopped: false, message: `workload exited with code ${code} (console pattern)` });
         }
       }
-    });
+    };
 
     // The serial line going away (the board dead or unplugged) ends a running
     // job at once, as the host's failure: nothing more of it can be seen.
-    // While it boots, the boot timeout fails the start instead.
+    // While it boots, the boot timeout fails the start instead. Not when it
+    // goes with the board's power during a control (a USB serial adapter on
+    // the board): the line is opened again when the power comes back.
     let lineLost = false;
     const endLineLost = () => {
       const message = `serial line of board ${this.config.name} closed while the job ran`;
       log.warn(message);
       return finish({ exitCode: null, stopped: false, message, failure: new DriverError("internal", message) });
     };
-    const lineGone = () => {
-      if (lineLost || phase === "stopping" || phase === "exited") return;
+    const lineGone = (gone: SerialLine) => {
+      if (gone !== line || lineLost || phase === "stopping" || phase === "exited") return;
+      if (powerInHand) {
+        if (!lineDown) log.info("serial line went away with the board's power");
+        lineDown = true;
+        return;
+      }
       lineLost = true;
       if (phase === "running") void endLineLost();
     };
-    reader.on("error", (err) => {
-      log.warn({ err }, "serial read failed");
-      lineGone();
-    });
-    reader.on("end", lineGone);
-    reader.on("close", lineGone);
+    const watch = (l: SerialLine) => {
+      l.reader.on("data", onData);
+      l.reader.on("error", (err) => {
+        log.warn({ err }, "serial read failed");
+        lineGone(l);
+      });
+      l.reader.on("end", () => lineGone(l));
+      l.reader.on("close", () => lineGone(l));
+    };
+    watch(line);
+    /**
+     * After power on: opens the line again when it went away with the power,
+     * or when the device is another now (re-enumerated), within the boot
+     * timeout; what it holds is the new boot's, kept.
+     */
+    const reopenIfGone = async () => {
+      const moved = await stat(device).then(
+        (st) => st.rdev !== line.rdev,
+        () => true,
+      );
+      if (!lineDown && !moved) return;
+      const old = line;
+      lineDown = true;
+      old.reader.destroy();
+      await old.writer.close().catch(() => undefined);
+      const deadline = Date.now() + this.config.bootTimeoutMs;
+      try {
+        line = await retry(openLine, { initialMs: 100, maxMs: 1000, isRetryable: (err) => err instanceof DriverError && Date.now() < deadline });
+      } catch (err) {
+        lineLost = true;
+        void endLineLost();
+        throw new ControlRefused("unavailable", `serial line of board ${this.config.name} did not come back after power on`, { cause: err });
+      }
+      lineDown = false;
+      watch(line);
+      // Opened after the power came back: what it held is this boot's.
+      if (line.held.length > 0) onData(line.held);
+      say(`serial line of board ${this.config.name} opened again after power on`);
+    };
+
+    const control = (action: HostAction): Promise<string> => {
+      const run = controlling.then(async () => {
+        powerInHand = true;
+        const step = async (name: "powerOff" | "powerOn" | "reset") => {
+          if (phase !== "running") throw new ControlRefused("not-running", `job ${prepared.jobId} no longer runs on board ${this.config.name}`);
+          // A power switch away for a moment (or a board coming back on its USB bus) is tried again, within the boot timeout.
+          const deadline = Date.now() + this.config.bootTimeoutMs;
+          const isRetryable = (err: unknown) => err instanceof DriverError && Date.now() < deadline;
+          await retry(() => this.command(name), { initialMs: 200, maxMs: 2000, isRetryable }).catch((err: unknown) => {
+            const why = err instanceof Error ? err.message : String(err);
+            throw new ControlRefused("unavailable", `board ${this.config.name}: ${why}`, { cause: err });
+          });
+        };
+        try {
+          if (action === "power-off") await step("powerOff");
+          else if (action === "power-on") await step("powerOn");
+          else if (action === "reset" && this.config.commands.reset !== undefined) await step("reset");
+          else {
+            await step("powerOff");
+            await step("powerOn");
+          }
+          if (action !== "power-off") await reopenIfGone();
+        } finally {
+          // Left powered off, the line may still go away (or be gone) with the power.
+          powerInHand = action === "power-off" || lineDown;
+        }
+        const done = `board ${this.config.name} ${DONE[action]}`;
+        log.info({ action }, "board controlled");
+        return done;
+      });
+      controlling = run.catch(() => undefined);
+      return run;
+    };
 
     const job: BoardJob = {
       kind: "board",
@@ -399,6 +544,7 @@ export class BoardDriver implements Driver {
       exited,
       writeConsole: writeSerial,
       finish,
+      control,
     };
 
     onStage?.("booting", `powering on board ${this.config.name}`);
@@ -443,6 +589,14 @@ export class BoardDriver implements Driver {
     // A board has no polite stop: power off is the stop.
     await job.finish({ exitCode: null, stopped: true, message: "board powered off (job stopped)" });
     await job.exited;
+  }
+
+  control(handle: RunningJob, action: HostAction): Promise<string> {
+    const job = handle as BoardJob;
+    if (job.status() !== "running") {
+      return Promise.reject(new ControlRefused("not-running", `job ${job.jobId} is not running on board ${this.config.name}`));
+    }
+    return job.control(action);
   }
 
   snapshot(): Promise<SnapshotLayer> {

@@ -22,12 +22,17 @@
  *
  *   prepare(spec)      -> Prepared     (allocate a slot, unpack/flash, no workload yet)
  *   start(prepared)    -> RunningJob   (the workload runs; `exited` settles at its end)
+ *   control(job, action)               (optional, while running: power off/on, power-cycle, reset the host)
  *   stop(job)                          (optional: polite stop, grace, force)
  *   snapshot(job)                      (optional, process driver only)
  *   cleanup(prepared or job)           (always, exactly once in effect; idempotent)
  *
  * Every method may be called again for the same job (the core's commands are
  * idempotent); none throws for a job that already reached the requested state.
+ * `control` acts on the host under a running job and leaves the job running:
+ * its console and output keep flowing across a reset, and the job ends only
+ * as it would have (its exit pattern, stop, a lost serial line). The core
+ * calls it at most once per control request and one at a time per job.
  */
 
 /** The drivers this package provides. */
@@ -234,12 +239,40 @@ export interface Driver {
   start(prepared: Prepared, output: JobOutput, options?: PrepareOptions): Promise<RunningJob>;
   /** Polite stop, grace period, then force; resolves once the job has exited. Idempotent. */
   stop(job: RunningJob, options?: StopOptions): Promise<void>;
+  /**
+   * Acts on the host of a running job (see the head comment) and resolves
+   * with a line for the job's timeline once done; rejects with
+   * `ControlRefused`. Absent: the driver can do no action (the core answers
+   * FAILED_PRECONDITION).
+   */
+  control?(job: RunningJob, action: HostAction): Promise<string>;
   /** Writes the job's writable state as a new layer to `outFile`. Rejects with `DriverError` when unsupported. */
   snapshot(job: RunningJob, options: { outFile: string }): Promise<SnapshotLayer>;
   /** Stops anything left, removes the job's work files and frees its slot. Idempotent. */
   cleanup(job: Prepared | RunningJob): Promise<void>;
   /** Stops every job and releases the driver's resources, its slot claims included (supervisor shutdown). Idempotent. */
   close(): Promise<void>;
+}
+
+/** What `control` does to the host of a running job (job.proto HostControlAction). */
+export type HostAction = "power-off" | "power-on" | "power-cycle" | "reset";
+
+/**
+ * `control` did not do the action: `unsupported` (the driver or this host
+ * cannot: FAILED_PRECONDITION), `unavailable` (a board command failed, the
+ * VM's monitor is gone: UNAVAILABLE), `not-running` (the job is not running
+ * on the host any more: FAILED_PRECONDITION). The message is lower-case and
+ * names the host.
+ */
+export class ControlRefused extends Error {
+  override readonly name = "ControlRefused";
+  constructor(
+    readonly why: "unsupported" | "unavailable" | "not-running",
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
 }
 
 /**

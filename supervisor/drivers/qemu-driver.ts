@@ -37,6 +37,13 @@
  * given a moment to power off and is quit) or when QEMU exits (its exit code,
  * decoded from `isa-debug-exit` when enabled). Stop = ACPI power-down (QMP
  * `system_powerdown`), the grace period, then QMP `quit`, then SIGKILL.
+ *
+ * Host control (issue #21) through QMP, QEMU kept running so that the
+ * console, its log, the forwards and the overlay stay as they are: reset =
+ * `system_reset` (reboots let through `-no-reboot` until the guest prints again); power off = `stop` then `system_reset` (the VM halted,
+ * reset to its power-on state); power on = `cont` (it boots afresh); power
+ * cycle = all three. Busybox init ignores ACPI power-down (FACTS.md), so no
+ * action waits on the guest.
  */
 
 import { execFile, spawn } from "node:child_process";
@@ -50,9 +57,11 @@ import type { Logger } from "../../lib/logger.js";
 import { ConsoleBridge } from "./console.js";
 import { QCOW2_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import {
+  ControlRefused,
   DriverAbortError,
   DriverError,
   parameterEnvName,
+  type HostAction,
   throwIfAborted,
   type Driver,
   type Exposure,
@@ -147,6 +156,12 @@ interface QemuJob extends SlotJob<QemuPrepared> {
   readonly qmp: () => QmpClient | undefined;
   /** `killed` is set once this driver sent SIGKILL, so that the exit is known to be ours. */
   readonly control: { killed: boolean };
+  /**
+   * `off`: halted by a power-off control; `chain`: the control under way (one
+   * at a time); `rebooting`: a control's reset is under way, the firmware's
+   * own reboots let through until the guest prints again (see `control`).
+   */
+  readonly power: { off: boolean; chain: Promise<unknown>; rebooting: boolean };
 }
 
 /** Where forwards listen inside QEMU's own network namespace (any port: nothing else is there). */
@@ -494,8 +509,14 @@ export class QemuDriver implements Driver {
     const bootSeen = new Promise<void>((resolve) => (booted = resolve));
     let exitFromConsole: number | undefined;
     let settleTimer: NodeJS.Timeout | undefined;
+    const power: QemuJob["power"] = { off: false, chain: Promise.resolve(), rebooting: false };
     const onConsole = (bytes: Buffer) => {
       output.write("console", bytes);
+      if (power.rebooting) {
+        // The guest is back: its own reboots end the job again (-no-reboot).
+        power.rebooting = false;
+        void qmp?.execute("set-action", { reboot: "shutdown" }).catch(() => undefined);
+      }
       window = (window + bytes.toString("latin1")).slice(-8192);
       if (s.readyPattern?.test(window) === true) {
         sawReady = true;
@@ -574,6 +595,7 @@ export class QemuDriver implements Driver {
       child,
       qmp: () => qmp,
       control,
+      power,
       state,
       status: () => state.phase,
       exposures: () => exposed,
@@ -651,8 +673,10 @@ export class QemuDriver implements Driver {
     const graceMs = options.graceMs ?? this.settings.graceMs;
     return this.pool.stop(job, graceMs, async (log, within) => {
       const qmp = job.qmp();
-      if (graceMs > 0) await qmp?.execute("system_powerdown").catch(() => undefined);
-      if (!(await within(graceMs))) {
+      // A halted VM (powered off by a control) has nobody to power it down politely.
+      const grace = job.power.off ? 0 : graceMs;
+      if (grace > 0) await qmp?.execute("system_powerdown").catch(() => undefined);
+      if (!(await within(grace))) {
         log.info("grace period over, quitting vm");
         await qmp?.execute("quit").catch(() => undefined);
         if (!(await within(5000))) {
@@ -663,13 +687,60 @@ export class QemuDriver implements Driver {
     });
   }
 
+  control(handle: RunningJob, action: HostAction): Promise<string> {
+    const job = handle as QemuJob;
+    const run = job.power.chain.then(async () => {
+      const qmp = job.status() === "running" ? job.qmp() : undefined;
+      if (qmp === undefined) throw new ControlRefused("not-running", `job ${job.jobId} is not running on this vm host`);
+      const execute = (command: string, args?: Record<string, unknown>) =>
+        qmp.execute(command, args).catch((err: unknown) => {
+          throw new ControlRefused("unavailable", `the vm's monitor refused ${command}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+        });
+      // QEMU runs with -no-reboot (a guest's reboot ends its job), which
+      // turns system_reset into a shutdown too, and SeaBIOS reboots once
+      // more by itself after a reset: reboots are let through until the
+      // guest prints on its console again (onConsole restores -no-reboot).
+      const systemReset = async () => {
+        job.power.rebooting = true;
+        await execute("set-action", { reboot: "reset" });
+        await execute("system_reset");
+      };
+      const halt = async () => {
+        await execute("stop");
+        await systemReset();
+        job.power.off = true;
+      };
+      const resume = async () => {
+        await execute("cont");
+        job.power.off = false;
+      };
+      switch (action) {
+        case "reset":
+          await systemReset();
+          return job.power.off ? "vm reset (still powered off)" : "vm reset";
+        case "power-off":
+          if (!job.power.off) await halt();
+          return "vm powered off";
+        case "power-on":
+          if (job.power.off) await resume();
+          return "vm powered on";
+        case "power-cycle":
+          await halt();
+          await resume();
+          return "vm power-cycled";
+      }
+    });
+    job.power.chain = run.catch(() => undefined);
+    return run;
+  }
+
   async snapshot(handle: RunningJob, options: { outFile: string }): Promise<SnapshotLayer> {
     const job = handle as QemuJob;
     const prepared = job.prepared;
     if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
     const started = performance.now();
     const top = prepared.plan.chain[prepared.plan.chain.length - 1]!;
-    const qmp = job.status() === "exited" ? undefined : job.qmp();
+    const qmp = job.status() === "exited" || job.power.off ? undefined : job.qmp();
     // A paused VM has flushed its writes to the overlay (QMP stop drains and flushes).
     if (qmp !== undefined) await qmp.execute("stop");
     try {

@@ -6,11 +6,12 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { connect } from "node:net";
-import { mkdir, realpath, rm, stat } from "node:fs/promises";
+import { mkdir, realpath, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { COMPILED, PACKAGE_ROOT, packagePath } from "../../lib/package.js";
 import type { BoardConfig } from "../drivers/board-driver.js";
 import { shellQuote } from "../drivers/sandbox.js";
+import { parseFaultRates, type FaultRates } from "./faults.js";
 
 /** The board's program and how to run it: the bundle when compiled, else the source through tsx. */
 const PROGRAM = COMPILED ? packagePath("dist", "sim-board.js") : packagePath("supervisor", "sim-board", "sim-board.ts");
@@ -64,21 +65,8 @@ async function controlGone(stateDir: string): Promise<void> {
   throw new Error(`sim board in ${stateDir} still answers 10 s after it was stopped`);
 }
 
-/**
- * Starts a simulated board in `dir` (created). `options.name` names it in the
- * config; `bootTimeoutMs` and `exitPattern` go to the config as given.
- */
-export async function startSimBoard(options: {
-  dir: string;
-  name?: string;
-  bootTimeoutMs?: number;
-  exitPattern?: string;
-  services?: { name: string; port: number }[];
-}): Promise<SimBoard> {
-  await mkdir(options.dir, { recursive: true });
-  const stateDir = await realpath(options.dir);
-  if (/[,:!'"\s]/.test(stateDir + PROGRAM)) throw new Error(`sim board path ${stateDir} must not contain , : ! quotes or spaces`);
-  const device = join(stateDir, "tty");
+/** Spawns socat with the board behind it; resolves once the board answers and its device exists. */
+async function launch(stateDir: string, device: string): Promise<{ socat: ChildProcess; exited: Promise<number | null> }> {
   await rm(device, { force: true });
   const socat: ChildProcess = spawn(
     "socat",
@@ -86,7 +74,7 @@ export async function startSimBoard(options: {
     { cwd: PACKAGE_ROOT, stdio: ["ignore", "ignore", "pipe"] },
   );
   let stderr = "";
-  const exited = new Promise<void>((resolve) => socat.once("exit", () => resolve()));
+  const exited = new Promise<number | null>((resolve) => socat.once("exit", (code) => resolve(code)));
   await new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => fail(new Error(`sim board did not start within 30 s: ${stderr}`)), 30000);
     const check = async () => {
@@ -110,6 +98,49 @@ export async function startSimBoard(options: {
     });
     void exited.then(() => fail(new Error(`sim board exited: ${stderr}`)));
   });
+  return { socat, exited };
+}
+
+/**
+ * Starts a simulated board in `dir` (created). `options.name` names it in the
+ * config; `bootTimeoutMs` and `exitPattern` go to the config as given.
+ * `faults` writes the board's fault rates (STATE/faults.json, see
+ * sim-board.ts); `replug` starts the board again, powered off, whenever it
+ * ends by itself (its serial line dropped), as a USB adapter plugged back.
+ */
+export async function startSimBoard(options: {
+  dir: string;
+  name?: string;
+  bootTimeoutMs?: number;
+  exitPattern?: string;
+  services?: { name: string; port: number }[];
+  faults?: Partial<FaultRates>;
+  replug?: boolean;
+}): Promise<SimBoard> {
+  await mkdir(options.dir, { recursive: true });
+  const stateDir = await realpath(options.dir);
+  if (/[,:!'"\s]/.test(stateDir + PROGRAM)) throw new Error(`sim board path ${stateDir} must not contain , : ! quotes or spaces`);
+  const device = join(stateDir, "tty");
+  if (options.faults !== undefined) {
+    await writeFile(join(stateDir, "faults.json"), JSON.stringify(parseFaultRates(options.faults)));
+  }
+  let current = await launch(stateDir, device);
+  let stopped: Promise<void> | undefined;
+  let replugs = Promise.resolve();
+  const watch = (running: typeof current) => {
+    void running.exited.then(() => {
+      if (stopped !== undefined || !options.replug) return;
+      replugs = launch(stateDir, device).then(
+        (next) => {
+          current = next;
+          if (stopped !== undefined) next.socat.kill("SIGTERM");
+          watch(next);
+        },
+        () => undefined,
+      );
+    });
+  };
+  watch(current);
   const ctl = (command: string) =>
     `printf '%s\\n' ${command} | socat -t 5 - UNIX-CONNECT:${shellQuote(join(stateDir, "control.sock"))}`;
   const config: BoardConfig = {
@@ -126,7 +157,6 @@ export async function startSimBoard(options: {
     ...(options.exitPattern === undefined ? { exitPattern: "TREADMILL_EXIT=(\\d+)" } : { exitPattern: options.exitPattern }),
     services: options.services ?? [],
   };
-  let stopped: Promise<void> | undefined;
   return {
     device,
     stateDir,
@@ -134,6 +164,8 @@ export async function startSimBoard(options: {
     status: async () => ((await simBoardCommand(stateDir, "status")) === "on" ? "on" : "off"),
     stop() {
       stopped ??= (async () => {
+        await replugs;
+        const { socat, exited } = current;
         socat.kill("SIGTERM");
         const timer = setTimeout(() => socat.kill("SIGKILL"), 5000);
         await exited;

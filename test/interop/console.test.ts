@@ -5,6 +5,9 @@ import { buildConsole } from "../../console/build.js";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { join } from "node:path";
+import { buildFirmwareImage } from "../../testbed/images.js";
+import { pushTestImage } from "../../testbed/provision.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 
 const ARTIFACTS = "test/artifacts/console";
@@ -148,6 +151,22 @@ describe("the web console in headless Chromium", () => {
     await page.keyboard.press("Enter");
     await shows(page.locator("#console-status"), /^(?!connected$)./);
     await tb.waitFinalized(jobId);
+  }, 120_000);
+
+  it("power-cycles a running board job's host from its page; the board boots again and the job runs on to its end", async () => {
+    // Firmware that counts its boots in the simulated board's directory and ends the job on its second.
+    const script = `n=$(cat boots-console 2>/dev/null || echo 0); n=$((n+1)); echo $n > boots-console\necho "boot number $n"\n[ $n -ge 2 ] && echo TREADMILL_EXIT=0\nwhile true; do sleep 1; done\n`;
+    await pushTestImage(tb.admin, await buildFirmwareImage({ dir: join(tb.dir, "images"), script }), "test/boots:1");
+    const { job } = await tb.client(JobService).submitJob({ spec: { image: "test/boots:1", hosts: { hostCount: 1, tags: { board: "sim" } } } });
+    const jobId = job!.id;
+    await tb.waitState(jobId, JobState.RUNNING);
+    await page.goto(`${origin}/jobs/${jobId}`);
+    await page.getByRole("button", { name: "Power-cycle" }).click();
+    await shows(page.locator(".status-area"), "Host board-1: board board-1 power-cycled.");
+    await shows(page.locator("#job-state"), /^success \(exit 0\)$/);
+    await page.locator("#host-control").waitFor({ state: "hidden", ...WAIT });
+    expect(await page.locator("#job-timeline").textContent()).toContain("power-cycle of host board-1 requested by admin");
+    await shot("job-host-control");
   }, 120_000);
 
   it("renders a 100k-line log with a few dozen rows in the page", async () => {

@@ -119,6 +119,25 @@ describe("qemu driver with a real guest", () => {
     expect(next.exit.exitCode).toBe(0);
   }, 3 * BOOT_MS);
 
+  it("resets the vm through QMP, powers it off and on: the console shows the guest booting again and the job goes on", async () => {
+    const output = new CollectedOutput();
+    const prepared = await driver.prepare(spec(guest.image, "echo vm-up; sleep 600"));
+    const job = await driver.start(prepared, output);
+    const boots = (n: number) => new RegExp(`(vm-up[\\s\\S]*){${n}}`);
+    await output.waitFor("console", boots(1), BOOT_MS);
+    expect(await driver.control(job, "reset")).toBe("vm reset");
+    await output.waitFor("console", boots(2), BOOT_MS);
+    expect(await driver.control(job, "power-off")).toBe("vm powered off");
+    expect(job.status()).toBe("running");
+    expect(await driver.control(job, "power-on")).toBe("vm powered on");
+    await output.waitFor("console", boots(3), BOOT_MS);
+    expect(job.status()).toBe("running");
+    await driver.stop(job, { graceMs: 0 });
+    expect((await job.exited).stopped).toBe(true);
+    await expect(driver.control(job, "reset")).rejects.toMatchObject({ name: "ControlRefused", why: "not-running" });
+    await driver.cleanup(job);
+  }, 4 * BOOT_MS);
+
   it("stops a vm that is still booting and leaves nothing behind", async () => {
     const output = new CollectedOutput();
     const abort = new AbortController();

@@ -8,6 +8,7 @@ import {
   SupervisorService,
 } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
+import { HostControlAction } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { silentLogger } from "../../lib/logger.js";
 import { loadSupervisorConfig } from "../../supervisor/config.js";
 import { createSupervisor, type Supervisor, type SupervisorState } from "../../supervisor/supervisor.js";
@@ -122,6 +123,36 @@ describe("the supervisor core", () => {
     expect(supervisor.state()).toBe("attached");
     expect(supervisor.jobs()).toEqual([]);
     expect(attaches).toBe(1);
+    await supervisor.stop();
+  });
+
+  it("answers a control_host of an attempt it does not hold FAILED_PRECONDITION, again for the same control under a new request id", async () => {
+    const results: AttachRequest[] = [];
+    let answered!: () => void;
+    const twoAnswers = new Promise<void>((resolve) => (answered = resolve));
+    const control = (requestId: string, action: HostControlAction) =>
+      create(AttachResponseSchema, {
+        payload: { case: "controlHost", value: { requestId, controlId: "01a24e35-a6f1-7f2e-b0ce-591400baab7e", jobId: "j1", attempt: 1, action } },
+      });
+    const supervisor = await supervisorAgainst(async function* (requests) {
+      const iterator = requests[Symbol.asyncIterator]();
+      await iterator.next();
+      yield create(AttachResponseSchema, { payload: { case: "welcome", value: { host: { id: "h1" } } } });
+      yield control("c1", HostControlAction.RESET);
+      yield control("c2", HostControlAction.RESET);
+      for (let next = await iterator.next(); !next.done; next = await iterator.next()) {
+        if (next.value.payload.case !== "hostControlResult") continue;
+        results.push(next.value);
+        if (results.length === 2) answered();
+      }
+    });
+    await supervisor.start();
+    await twoAnswers;
+    expect(results.map((r) => r.payload.value)).toEqual([
+      expect.objectContaining({ requestId: "c1", ok: false, errorCode: Code.FailedPrecondition, errorMessage: "job j1 attempt 1 does not run on this host" }),
+      expect.objectContaining({ requestId: "c2", ok: false, errorCode: Code.FailedPrecondition, errorMessage: "job j1 attempt 1 does not run on this host" }),
+    ]);
+    expect(supervisor.state()).toBe("attached");
     await supervisor.stop();
   });
 

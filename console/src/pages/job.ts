@@ -1,6 +1,7 @@
 import {
   ExitStatusSchema,
   FinalizeReasonSchema,
+  HostControlAction,
   JobEventKindSchema,
   JobStageSchema,
   JobState,
@@ -23,7 +24,15 @@ const CHANNELS = ["console", "stdout", "stderr", "supervisor"];
 /** How often a finalized job whose log is still being shipped is read again. */
 const LOG_STATUS_POLL_MS = 5000;
 
-/** One job: its facts and timeline (WatchJob), cancel, console, and its live log. */
+/** The host actions of a running job's page (JobService.ControlHost): label, action, id of the button. */
+const HOST_ACTIONS = [
+  ["Power-cycle", HostControlAction.POWER_CYCLE, "power-cycle"],
+  ["Reset", HostControlAction.RESET, "reset"],
+  ["Power off", HostControlAction.POWER_OFF, "power-off"],
+  ["Power on", HostControlAction.POWER_ON, "power-on"],
+] as const;
+
+/** One job: its facts and timeline (WatchJob), cancel, host control, console, and its live log. */
 export async function jobPage({ api, main, signal, params }: PageContext): Promise<void> {
   const jobId = params[0];
   document.title = `Job ${jobId.slice(-8)} · Treadmill`;
@@ -35,6 +44,20 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
   const status = h("div", { class: "status-area" });
   const cancel = h("button", { type: "button", class: "danger", id: "cancel-job", hidden: true }, "Cancel job");
   const consoleLink = h("a", { class: "button", id: "open-console", href: `/jobs/${encodeURIComponent(jobId)}/console`, hidden: true }, "Open console");
+  // Shown while the job runs (only its owner and admins see this page): acts on the chosen host.
+  const hostIndex = h("select", { id: "control-host", "aria-label": "Host to control" });
+  const controlButtons = HOST_ACTIONS.map(([label, action, id]) => {
+    const button = h("button", { type: "button", id: `host-${id}` }, label);
+    button.addEventListener("click", () => void control(action, label));
+    return button;
+  });
+  const hostControl = h(
+    "div",
+    { class: "actions", id: "host-control", role: "group", "aria-label": "Host control", hidden: true },
+    h("label", { for: "control-host" }, "Host"),
+    hostIndex,
+    ...controlButtons,
+  );
   const details = h("section", { "aria-labelledby": "details-title" }, h("h2", { id: "details-title" }, "Details"));
   const parameters = h("section", { "aria-labelledby": "params-title" }, h("h2", { id: "params-title" }, "Parameters"));
   const timeline = h("section", { "aria-labelledby": "timeline-title" }, h("h2", { id: "timeline-title" }, "Timeline"));
@@ -50,6 +73,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
   );
   main.append(
     h("div", { class: "page-head" }, heading, badge, h("div", { class: "actions" }, consoleLink, cancel)),
+    hostControl,
     status,
     h("div", { class: "columns" }, details, h("div", {}, parameters, timeline)),
     logSection,
@@ -70,6 +94,21 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     }
   });
 
+  const control = async (action: HostControlAction, label: string) => {
+    for (const b of controlButtons) b.disabled = true;
+    status.replaceChildren(notice("info", `${label} of host ${hostIndex.selectedOptions[0]?.textContent ?? ""} requested…`));
+    try {
+      // getRandomValues, not randomUUID: the console may be served over plain http (no secure context).
+      const requestId = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+      const res = await jobs.controlHost({ jobId, hostIndex: Number(hostIndex.value), action, requestId }, { timeoutMs: 180_000 });
+      status.replaceChildren(notice("info", `Host ${res.hostName}: ${res.message}.`));
+    } catch (err) {
+      status.replaceChildren(notice("error", errorText(err)));
+    } finally {
+      for (const b of controlButtons) b.disabled = false;
+    }
+  };
+
   const logs = new LogFollower(api, jobId, view, logStatus, signal);
   channelSelect.addEventListener("change", () => logs.switchChannel(channelSelect.value, job));
 
@@ -81,6 +120,10 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     const finalized = next.state === JobState.FINALIZED;
     cancel.hidden = finalized;
     consoleLink.hidden = next.state !== JobState.RUNNING;
+    hostControl.hidden = next.state !== JobState.RUNNING || next.hostIds.length === 0;
+    if (hostIndex.options.length !== next.hostIds.length) {
+      hostIndex.replaceChildren(...next.hostIds.map((id, i) => h("option", { value: String(i) }, hosts.get(id) ?? id)));
+    }
     renderDetails(details, next, users, hosts);
     renderParameters(parameters, next);
     if (next.timeline.length > 0) renderTimeline(timeline, next, hosts);

@@ -1,22 +1,19 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { mkdir, mkdtemp, readFile, realpath, rm, stat, symlink, writeFile } from "node:fs/promises";
+import { basename, join } from "node:path";
 import { createBoardDriver, parseBoardConfig, type BoardDriver } from "../../../supervisor/drivers/board-driver.js";
-import { DriverError, type JobSpecForDriver } from "../../../supervisor/drivers/driver.js";
+import { ControlRefused, DriverError } from "../../../supervisor/drivers/driver.js";
+import { usbSerialOf } from "../../../supervisor/drivers/usb-serial.js";
 import { simBoardCommand, startSimBoard, type SimBoard } from "../../../supervisor/sim-board/start.js";
-import { buildBusyboxImage, buildFirmwareImage } from "../../support/images.js";
-import { capturingLogger, CollectedOutput, socketClient } from "./helpers.js";
+import { buildBusyboxImage } from "../../support/images.js";
+import { capturingLogger, CollectedOutput, socketClient, firmwareSpec as firmwareOf } from "./helpers.js";
 
 let base: string;
 let board: SimBoard;
 let driver: BoardDriver;
 const { logger } = capturingLogger();
-let counter = 0;
 
-async function firmwareSpec(script: string): Promise<JobSpecForDriver> {
-  const image = await buildFirmwareImage({ dir: join(base, "images"), script });
-  return { jobId: `board-job-${++counter}`, attempt: 1, parameters: [], image };
-}
+const firmwareSpec = (script: string) => firmwareOf(base, script);
 
 beforeAll(async () => {
   base = await mkdtemp("/tmp/treadmill-board-driver-");
@@ -205,5 +202,93 @@ describe("board driver with the simulated board", () => {
     expect(() => parseBoardConfig({ name: "b", serial: { device: "/dev/x" }, commands: {}, bootTimeoutMs: 0 })).toThrow(
       /serial\.baud.*commands\.powerOn.*commands\.powerOff.*commands\.flash.*bootTimeoutMs/,
     );
+  });
+
+  it("power-cycles the board mid-job: the console shows it booting again and the job goes on to its end", async () => {
+    // The firmware counts its boots in the board's state directory and ends the job on its second boot.
+    await rm(join(board.stateDir, "boots"), { force: true });
+    const spec = await firmwareSpec(
+      'n=$(cat boots 2>/dev/null || echo 0); n=$((n+1)); echo $n > boots\necho "boot number $n"\n[ $n -ge 2 ] && echo TREADMILL_EXIT=0\nwhile true; do sleep 1; done\n',
+    );
+    const out = new CollectedOutput();
+    const job = await driver.start(await driver.prepare(spec), out);
+    await out.waitFor("console", /boot number 1/);
+    expect(await driver.control(job, "power-cycle")).toBe("board sim-board power-cycled");
+    await out.waitFor("console", /boot number 2/);
+    expect(out.text("console").match(/SimBoard rev 1\.0 -- power on/g)).toHaveLength(2);
+    expect(await job.exited).toMatchObject({ exitCode: 0, status: "success", stopped: false });
+    await driver.cleanup(job);
+  });
+
+  it("powers a running job's board off and on, and resets it, with the board's commands", async () => {
+    const spec = await firmwareSpec('echo "up"\nwhile true; do sleep 1; done\n');
+    const out = new CollectedOutput();
+    const job = await driver.start(await driver.prepare(spec), out);
+    await out.waitFor("console", /up/);
+    expect(await driver.control(job, "power-off")).toBe("board sim-board powered off");
+    expect(await board.status()).toBe("off");
+    expect(job.status()).toBe("running");
+    expect(await driver.control(job, "power-on")).toBe("board sim-board powered on");
+    expect(await board.status()).toBe("on");
+    await out.waitFor("console", /up[\s\S]*up/);
+    expect(await driver.control(job, "reset")).toBe("board sim-board reset");
+    await out.waitFor("console", /up[\s\S]*up[\s\S]*up/);
+    await driver.stop(job);
+    await expect(driver.control(job, "reset")).rejects.toBeInstanceOf(ControlRefused);
+    expect(await board.status()).toBe("off");
+    await driver.cleanup(job);
+  });
+
+  it("reports a board power command that fails as unavailable and keeps the job running", async () => {
+    // Tried again within the boot timeout, then refused.
+    const broken = createBoardDriver({ ...board.config, bootTimeoutMs: 1000, commands: { ...board.config.commands, reset: "echo relay stuck >&2; exit 4" } }, logger);
+    try {
+      const out = new CollectedOutput();
+      const job = await broken.start(await broken.prepare(await firmwareSpec('echo "up"\nwhile true; do sleep 1; done\n')), out);
+      await out.waitFor("console", /up/);
+      const err = await broken.control(job, "reset").catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(ControlRefused);
+      expect(err).toMatchObject({ why: "unavailable", message: expect.stringMatching(/board command failed \(exit 4\): relay stuck/) });
+      expect(job.status()).toBe("running");
+      await broken.cleanup(job);
+    } finally {
+      await broken.close();
+    }
+  });
+
+  it("refuses to flash or run a board whose serial device belongs to another usb serial number", async () => {
+    // A sysfs tree of its own: the board's pty is a tty of the usb device SIM-0001.
+    const sys = join(base, "sys");
+    const usb = join(sys, "devices", "pci0000:00", "usb1", "1-1");
+    await mkdir(join(usb, "1-1:1.0", "tty"), { recursive: true });
+    await writeFile(join(usb, "idVendor"), "1366\n");
+    await writeFile(join(usb, "serial"), "SIM-0001\n");
+    const tty = basename(await realpath(board.device));
+    await mkdir(join(sys, "class", "tty", tty), { recursive: true });
+    await symlink(join(usb, "1-1:1.0"), join(sys, "class", "tty", tty, "device"));
+    expect(await usbSerialOf(board.device, sys)).toBe("SIM-0001");
+    await writeFile(join(board.stateDir, "firmware.sh"), "echo old firmware\n");
+
+    const wrong = createBoardDriver({ ...board.config, serialNumber: "SIM-0002" }, logger, { sysRoot: sys });
+    const err = await wrong.prepare(await firmwareSpec("echo never\n")).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(DriverError);
+    expect(err).toMatchObject({
+      reason: "start",
+      message: expect.stringMatching(/serial device \S+ belongs to usb serial SIM-0001, not to board sim-board \(SIM-0002\): refusing to flash or run it/),
+    });
+    expect(await readFile(join(board.stateDir, "firmware.sh"), "utf8")).toBe("echo old firmware\n");
+    await wrong.close();
+
+    const right = createBoardDriver({ ...board.config, serialNumber: "SIM-0001" }, logger, { sysRoot: sys });
+    try {
+      const job = await right.start(await right.prepare(await firmwareSpec("echo TREADMILL_EXIT=0\n")), new CollectedOutput());
+      expect(await job.exited).toMatchObject({ exitCode: 0, status: "success" });
+      await right.cleanup(job);
+    } finally {
+      await right.close();
+    }
+    const unknown = createBoardDriver({ ...board.config, serialNumber: "SIM-0001" }, logger, { sysRoot: join(base, "empty-sys") });
+    await expect(unknown.prepare(await firmwareSpec("echo never\n"))).rejects.toMatchObject({ message: expect.stringMatching(/has no usb serial number/) });
+    await unknown.close();
   });
 });

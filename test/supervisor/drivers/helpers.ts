@@ -2,7 +2,10 @@ import { connect, type Socket } from "node:net";
 import { Writable } from "node:stream";
 import { Notifier } from "../../../lib/async/notifier.js";
 import { createLogger, type Logger } from "../../../lib/logger.js";
-import type { JobOutput, OutputChannel } from "../../../supervisor/drivers/driver.js";
+import { randomUUID } from "node:crypto";
+import { join } from "node:path";
+import type { JobOutput, JobSpecForDriver, OutputChannel } from "../../../supervisor/drivers/driver.js";
+import { buildFirmwareImage } from "../../support/images.js";
 
 /** A JobOutput that keeps everything and lets a test wait for text on a channel. */
 export class CollectedOutput implements JobOutput {
@@ -70,4 +73,10 @@ export async function socketClient(
       );
     },
   };
+}
+
+/** A board job of firmware `script` (built under `dir`/images), with a fresh job id. */
+export async function firmwareSpec(dir: string, script: string): Promise<JobSpecForDriver> {
+  const image = await buildFirmwareImage({ dir: join(dir, "images"), script });
+  return { jobId: `board-job-${randomUUID()}`, attempt: 1, parameters: [], image };
 }

@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { CapabilityToken } from "../../common/v1/capability_pb.js";
 import { file_treadmill_common_v1_capability } from "../../common/v1/capability_pb.js";
-import type { Job, JobSpec, JobState, Snapshot } from "./job_pb.js";
+import type { HostControlAction, Job, JobSpec, JobState, Snapshot } from "./job_pb.js";
 import { file_treadmill_coordinator_v1_job } from "./job_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job_service.proto.
  */
 export const file_treadmill_coordinator_v1_job_service: GenFile = /*@__PURE__*/
-  fileDesc("Cip0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iX3NlcnZpY2UucHJvdG8SGHRyZWFkbWlsbC5jb29yZGluYXRvci52MSL7AQoJSm9iRmlsdGVyEjIKBnN0YXRlcxgBIAMoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIVCg1vd25lcl91c2VyX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSOwoEdGFncxgEIAMoCzItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXIuVGFnc0VudHJ5EhgKC2hlYWx0aF9qb2JzGAUgASgISACIAQEaKwoJVGFnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDgoMX2hlYWx0aF9qb2JzIm0KEFN1Ym1pdEpvYlJlcXVlc3QSLwoEc3BlYxgBIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMcXVldWVfYW55d2F5GAMgASgIIj8KEVN1Ym1pdEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiPAoOR2V0Sm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiJtCg9MaXN0Sm9ic1JlcXVlc3QSMwoGZmlsdGVyGAEgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJYChBMaXN0Sm9ic1Jlc3BvbnNlEisKBGpvYnMYASADKAsyHS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIzChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIPCgdtZXNzYWdlGAIgASgJIj8KEUNhbmNlbEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSI+ChBXYXRjaEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiYQoQV2F0Y2hKb2JzUmVxdWVzdBIzCgZmaWx0ZXIYASABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iRmlsdGVyEhgKEGluY2x1ZGVfZXhpc3RpbmcYAiABKAgidgoRV2F0Y2hKb2JzUmVzcG9uc2USNQoEa2luZBgBIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JDaGFuZ2VLaW5kEioKA2pvYhgCIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiKAoWR2V0Sm9iTG9nQWNjZXNzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkibAoXR2V0Sm9iTG9nQWNjZXNzUmVzcG9uc2USFwoPbG9nX3NlcnZlcl91cmxzGAEgAygJEjgKCnJlYWRfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiJLChVPcGVuSm9iU2Vzc2lvblJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCXBvcnRfbmFtZRgCIAEoCRIPCgdob3N0X2lkGAMgASgJIsoBChZPcGVuSm9iU2Vzc2lvblJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSEAoIZ3JwY191cmwYAiABKAkSFQoNd2Vic29ja2V0X3VybBgDIAEoCRIYCgt0Y3BfYWRkcmVzcxgEIAEoCUgAiAEBEjgKCmRpYWxfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhIPCgdob3N0X2lkGAYgASgJQg4KDF90Y3BfYWRkcmVzcyJhChJTbmFwc2hvdEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSCwoDdGFnGAMgASgJEgwKBHdhaXQYBCABKAgSEgoKcmVxdWVzdF9pZBgFIAEoCSJLChNTbmFwc2hvdEpvYlJlc3BvbnNlEjQKCHNuYXBzaG90GAEgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90KqQBCg1Kb2JDaGFuZ2VLaW5kEh8KG0pPQl9DSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEhwKGEpPQl9DSEFOR0VfS0lORF9FWElTVElORxABEhoKFkpPQl9DSEFOR0VfS0lORF9TWU5DRUQQAhIbChdKT0JfQ0hBTkdFX0tJTkRfQ1JFQVRFRBADEhsKF0pPQl9DSEFOR0VfS0lORF9VUERBVEVEEAQyvgcKCkpvYlNlcnZpY2USZAoJU3VibWl0Sm9iEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1Ym1pdEpvYlJlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VibWl0Sm9iUmVzcG9uc2USWwoGR2V0Sm9iEicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYlJlcXVlc3QaKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iUmVzcG9uc2USYQoITGlzdEpvYnMSKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEpvYnNSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JzUmVzcG9uc2USZAoJQ2FuY2VsSm9iEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNhbmNlbEpvYlJlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FuY2VsSm9iUmVzcG9uc2USYwoIV2F0Y2hKb2ISKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9iUmVzcG9uc2UwARJmCglXYXRjaEpvYnMSKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JzUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYnNSZXNwb25zZTABEnYKD0dldEpvYkxvZ0FjY2VzcxIwLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JMb2dBY2Nlc3NSZXF1ZXN0GjEudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYkxvZ0FjY2Vzc1Jlc3BvbnNlEnMKDk9wZW5Kb2JTZXNzaW9uEi8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLk9wZW5Kb2JTZXNzaW9uUmVxdWVzdBowLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5PcGVuSm9iU2Vzc2lvblJlc3BvbnNlEmoKC1NuYXBzaG90Sm9iEiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90Sm9iUmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdEpvYlJlc3BvbnNlYgZwcm90bzM", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_job]);
+  fileDesc("Cip0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iX3NlcnZpY2UucHJvdG8SGHRyZWFkbWlsbC5jb29yZGluYXRvci52MSL7AQoJSm9iRmlsdGVyEjIKBnN0YXRlcxgBIAMoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIVCg1vd25lcl91c2VyX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSOwoEdGFncxgEIAMoCzItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXIuVGFnc0VudHJ5EhgKC2hlYWx0aF9qb2JzGAUgASgISACIAQEaKwoJVGFnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDgoMX2hlYWx0aF9qb2JzIm0KEFN1Ym1pdEpvYlJlcXVlc3QSLwoEc3BlYxgBIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMcXVldWVfYW55d2F5GAMgASgIIj8KEVN1Ym1pdEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiPAoOR2V0Sm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiJtCg9MaXN0Sm9ic1JlcXVlc3QSMwoGZmlsdGVyGAEgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJYChBMaXN0Sm9ic1Jlc3BvbnNlEisKBGpvYnMYASADKAsyHS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIzChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIPCgdtZXNzYWdlGAIgASgJIj8KEUNhbmNlbEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSI+ChBXYXRjaEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiYQoQV2F0Y2hKb2JzUmVxdWVzdBIzCgZmaWx0ZXIYASABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iRmlsdGVyEhgKEGluY2x1ZGVfZXhpc3RpbmcYAiABKAgidgoRV2F0Y2hKb2JzUmVzcG9uc2USNQoEa2luZBgBIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JDaGFuZ2VLaW5kEioKA2pvYhgCIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiKAoWR2V0Sm9iTG9nQWNjZXNzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkibAoXR2V0Sm9iTG9nQWNjZXNzUmVzcG9uc2USFwoPbG9nX3NlcnZlcl91cmxzGAEgAygJEjgKCnJlYWRfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiJLChVPcGVuSm9iU2Vzc2lvblJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCXBvcnRfbmFtZRgCIAEoCRIPCgdob3N0X2lkGAMgASgJIsoBChZPcGVuSm9iU2Vzc2lvblJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSEAoIZ3JwY191cmwYAiABKAkSFQoNd2Vic29ja2V0X3VybBgDIAEoCRIYCgt0Y3BfYWRkcmVzcxgEIAEoCUgAiAEBEjgKCmRpYWxfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhIPCgdob3N0X2lkGAYgASgJQg4KDF90Y3BfYWRkcmVzcyJhChJTbmFwc2hvdEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSCwoDdGFnGAMgASgJEgwKBHdhaXQYBCABKAgSEgoKcmVxdWVzdF9pZBgFIAEoCSJLChNTbmFwc2hvdEpvYlJlc3BvbnNlEjQKCHNuYXBzaG90GAEgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90IokBChJDb250cm9sSG9zdFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhIKCmhvc3RfaW5kZXgYAiABKAUSOwoGYWN0aW9uGAMgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uEhIKCnJlcXVlc3RfaWQYBCABKAkilwEKE0NvbnRyb2xIb3N0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJEjsKBmFjdGlvbhgEIAEoDjIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0Q29udHJvbEFjdGlvbhIPCgdtZXNzYWdlGAUgASgJKqQBCg1Kb2JDaGFuZ2VLaW5kEh8KG0pPQl9DSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEhwKGEpPQl9DSEFOR0VfS0lORF9FWElTVElORxABEhoKFkpPQl9DSEFOR0VfS0lORF9TWU5DRUQQAhIbChdKT0JfQ0hBTkdFX0tJTkRfQ1JFQVRFRBADEhsKF0pPQl9DSEFOR0VfS0lORF9VUERBVEVEEAQyqggKCkpvYlNlcnZpY2USZAoJU3VibWl0Sm9iEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1Ym1pdEpvYlJlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VibWl0Sm9iUmVzcG9uc2USWwoGR2V0Sm9iEicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYlJlcXVlc3QaKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iUmVzcG9uc2USYQoITGlzdEpvYnMSKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEpvYnNSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JzUmVzcG9uc2USZAoJQ2FuY2VsSm9iEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNhbmNlbEpvYlJlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FuY2VsSm9iUmVzcG9uc2USYwoIV2F0Y2hKb2ISKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9iUmVzcG9uc2UwARJmCglXYXRjaEpvYnMSKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JzUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYnNSZXNwb25zZTABEnYKD0dldEpvYkxvZ0FjY2VzcxIwLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JMb2dBY2Nlc3NSZXF1ZXN0GjEudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYkxvZ0FjY2Vzc1Jlc3BvbnNlEnMKDk9wZW5Kb2JTZXNzaW9uEi8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLk9wZW5Kb2JTZXNzaW9uUmVxdWVzdBowLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5PcGVuSm9iU2Vzc2lvblJlc3BvbnNlEmoKC1NuYXBzaG90Sm9iEiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90Sm9iUmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdEpvYlJlc3BvbnNlEmoKC0NvbnRyb2xIb3N0EiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbnRyb2xIb3N0UmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db250cm9sSG9zdFJlc3BvbnNlYgZwcm90bzM", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_job]);
 
 /**
  * JobFilter selects jobs in ListJobs and WatchJobs. Set conditions are ANDed.
@@ -599,6 +599,99 @@ export const SnapshotJobResponseSchema: GenMessage<SnapshotJobResponse> = /*@__P
   messageDesc(file_treadmill_coordinator_v1_job_service, 18);
 
 /**
+ * ControlHostRequest asks for one action on one host of a running job.
+ *
+ * @generated from message treadmill.coordinator.v1.ControlHostRequest
+ */
+export type ControlHostRequest = Message<"treadmill.coordinator.v1.ControlHostRequest"> & {
+  /**
+   * The job; it must be RUNNING.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Which of the job's hosts, from 0 (Job.host_ids order).
+   *
+   * @generated from field: int32 host_index = 2;
+   */
+  hostIndex: number;
+
+  /**
+   * What to do.
+   *
+   * @generated from field: treadmill.coordinator.v1.HostControlAction action = 3;
+   */
+  action: HostControlAction;
+
+  /**
+   * Client-chosen idempotency key (at most 64 characters): the same
+   * request_id again does not act again but answers as the first did (and
+   * waits for it when it is still under way). Empty: no idempotency.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ControlHostRequest.
+ * Use `create(ControlHostRequestSchema)` to create a new message.
+ */
+export const ControlHostRequestSchema: GenMessage<ControlHostRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 19);
+
+/**
+ * ControlHostResponse says the supervisor carried the action out.
+ *
+ * @generated from message treadmill.coordinator.v1.ControlHostResponse
+ */
+export type ControlHostResponse = Message<"treadmill.coordinator.v1.ControlHostResponse"> & {
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The host acted on.
+   *
+   * @generated from field: string host_id = 2;
+   */
+  hostId: string;
+
+  /**
+   * The host's name.
+   *
+   * @generated from field: string host_name = 3;
+   */
+  hostName: string;
+
+  /**
+   * The action done.
+   *
+   * @generated from field: treadmill.coordinator.v1.HostControlAction action = 4;
+   */
+  action: HostControlAction;
+
+  /**
+   * What the supervisor said (e.g. "board nrf-1 power-cycled"); no secrets.
+   *
+   * @generated from field: string message = 5;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ControlHostResponse.
+ * Use `create(ControlHostResponseSchema)` to create a new message.
+ */
+export const ControlHostResponseSchema: GenMessage<ControlHostResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 20);
+
+/**
  * JobChangeKind is the kind of a WatchJobs message.
  *
  * @generated from enum treadmill.coordinator.v1.JobChangeKind
@@ -777,6 +870,29 @@ export const JobService: GenService<{
     methodKind: "unary";
     input: typeof SnapshotJobRequestSchema;
     output: typeof SnapshotJobResponseSchema;
+  },
+  /**
+   * Powers off, powers on, power-cycles or resets one host of a running job
+   * (the job's owner or an admin). Sent to the host's supervisor over its
+   * stream; answers once the supervisor has carried it out. Idempotent by
+   * request_id: the same request_id again acts once and answers the same.
+   * The job's console and logs keep flowing across the action. Errors:
+   * INVALID_ARGUMENT (job_id, action, host_index, request_id),
+   * UNAUTHENTICATED, PERMISSION_DENIED (another user's job, not a user
+   * token), NOT_FOUND, FAILED_PRECONDITION (job not RUNNING, the job ended
+   * before its host answered, or the host's driver cannot do the action),
+   * UNAVAILABLE (the host is offline, or went away before it answered), the supervisor's code when it refused (e.g.
+   * UNAVAILABLE: the board's power command failed), DEADLINE_EXCEEDED (the
+   * call's deadline passed; the action may still happen: call again with the
+   * same request_id to wait for it). A request_id that ended in an error
+   * answers that error again: try again under a new one.
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.ControlHost
+   */
+  controlHost: {
+    methodKind: "unary";
+    input: typeof ControlHostRequestSchema;
+    output: typeof ControlHostResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_treadmill_coordinator_v1_job_service, 0);
