@@ -1,5 +1,6 @@
 import type { ConnectRouter } from "@connectrpc/connect";
 import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import { HealthService } from "../gen/treadmill/coordinator/v1/health_service_pb.js";
 import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
@@ -19,6 +20,7 @@ export const coordinatorServices = [
   JobService,
   SupervisorService,
   RegistryService,
+  HealthService,
 ] as const;
 
 /** The coordinator's routes: the catalog services and the job system. */

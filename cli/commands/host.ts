@@ -24,7 +24,7 @@ type Hosts = Client<typeof HostService>;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** A host by id or name. */
-async function findHost(hosts: Hosts, ref: string): Promise<Host> {
+export async function findHost(hosts: Hosts, ref: string): Promise<Host> {
   const { host } = await hosts.getHost({ host: UUID.test(ref) ? { case: "hostId", value: ref } : { case: "name", value: ref } }, { timeoutMs: 15_000 });
   if (!host) throw new CliError(`host ${ref} not found`, ExitCode.NOT_FOUND);
   return host;

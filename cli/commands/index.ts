@@ -3,6 +3,7 @@ import { defineCommand, type Command } from "../command.js";
 import { bashCompletion, zshCompletion } from "../completion.js";
 import { ExitCode, UsageError } from "../errors.js";
 import { authCommands } from "./auth.js";
+import { healthCommands } from "./health.js";
 import { hostCommands } from "./host.js";
 import { imageCommands } from "./image.js";
 import { jobCommands } from "./job.js";
@@ -33,6 +34,7 @@ export const allCommands: Command[] = [
   ...sessionCommands,
   ...imageCommands,
   ...hostCommands,
+  ...healthCommands,
   ...serviceCommands,
   ...userCommands,
   ...authCommands.filter((c) => c.path[0] === "token" || c.path[0] === "context"),

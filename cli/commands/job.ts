@@ -160,6 +160,7 @@ const runFlags = {
   timeout: { type: "string", placeholder: "DURATION", description: "longest run time, e.g. 30m (default: the server's)" },
   "queue-timeout": { type: "string", placeholder: "DURATION", description: "longest wait for hosts (default: the server's)" },
   restarts: { type: "string", placeholder: "N", description: "re-queue up to N times after an infrastructure failure" },
+  "queue-anyway": { type: "bool", description: "queue the job even when every host that matches it is quarantined, offline, disabled or retired" },
   detach: { type: "bool", short: "d", description: "submit and print the job id; do not follow" },
   quiet: { type: "bool", short: "q", description: "print only the job's output, no state changes" },
 } as const satisfies FlagSchema;
@@ -346,7 +347,12 @@ export const jobCommands: Command[] = [
     async run(ctx, { args, flags }) {
       const spec = await buildSpec(splitReference(args.IMAGE, "IMAGE").text, flags);
       const jobs = await ctx.client(JobService);
-      const { job } = await jobs.submitJob({ spec, requestId: randomUUID() }, { timeoutMs: 30_000 });
+      const { job } = await jobs.submitJob({ spec, requestId: randomUUID(), queueAnyway: flags["queue-anyway"] === true }, { timeoutMs: 30_000 }).catch((err: unknown) => {
+        const e = ConnectError.from(err);
+        // No host that matches can run it now: say which and why, and how to queue it anyway.
+        if (e.code === Code.FailedPrecondition) throw new CliError(`${e.rawMessage.replace(/; submit with queue_anyway.*$/, "")}; run again with --queue-anyway to queue it`, ExitCode.CONFLICT);
+        throw err;
+      });
       if (!job) throw new CliError("the server returned no job", ExitCode.ERROR);
       if (flags.detach === true) {
         ctx.out.data(jsonOf(JobSchema, job), () => ctx.out.line(job.id));
@@ -371,9 +377,10 @@ export const jobCommands: Command[] = [
       label: { type: "list", placeholder: "KEY=VALUE", description: "only jobs with this tag" },
       host: { type: "string", placeholder: "HOST_ID", description: "only jobs on this host" },
       owner: { type: "string", placeholder: "USER_ID", description: "only jobs of this user (admins)" },
+      health: { type: "string", choices: ["only", "none"], description: "only health jobs (only) or only other jobs (none)" },
       limit: { type: "string", placeholder: "N", description: "at most N jobs (default 50; 0: all)" },
     },
-    examples: ["tml job list", "tml job list --state running --state queued", "tml job list --label ci=pr-123 -o json"],
+    examples: ["tml job list", "tml job list --state running --state queued", "tml job list --label ci=pr-123 -o json", "tml job list --health only"],
     async run(ctx, { flags }) {
       const states = (flags.state ?? []).map((s) => {
         const v = enumValue(JobStateSchema, s);
@@ -392,6 +399,7 @@ export const jobCommands: Command[] = [
               tags: keyValues("label", flags.label),
               hostId: flags.host ?? "",
               ownerUserId: flags.owner ?? "",
+              healthJobs: flags.health === undefined ? undefined : flags.health === "only",
             },
             pageSize: limit === 0 ? 1000 : Math.min(1000, limit - found.length),
             pageToken,
@@ -412,6 +420,7 @@ export const jobCommands: Command[] = [
               { header: "IMAGE", value: (j) => j.spec?.image ?? "-" },
               { header: "HOSTS", value: (j) => (j.hostIds.length === 0 ? "-" : String(j.hostIds.length)) },
               { header: "SUBMITTED", value: (j) => ago(j.createTime) },
+              { header: "KIND", value: (j) => (j.healthCheckId !== "" ? "health" : "user") },
               { header: "DESCRIPTION", value: (j) => j.spec?.description || "-" },
             ],
             "No jobs.",
@@ -442,6 +451,7 @@ export const jobCommands: Command[] = [
           ["Parameters", spec?.parameters.map((p) => (p.secret ? `${p.name}=(secret)` : `${p.name}=${p.value}`)).join(", ")],
           ["Labels", spec && Object.keys(spec.tags).length > 0 ? tagsText(spec.tags) : undefined],
           ["Description", spec?.description],
+          ["Health check", job.healthCheckId || undefined],
           ["Submitted", iso(job.createTime)],
           ["Started", iso(job.startTime)],
           ["Finished", iso(job.finalizeTime)],

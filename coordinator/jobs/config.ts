@@ -98,6 +98,24 @@ export const jobConfigFields = {
     min: 1000,
     description: "lifetime of log:read tokens from GetJobLogAccess",
   },
+  healthSweepIntervalMs: {
+    type: "duration",
+    default: 5000,
+    min: 10,
+    description: "period of the health keeper that queues due health checks (burn-in, schedules, quarantine retries)",
+  },
+  healthRetryInitialMs: {
+    type: "duration",
+    default: 5 * 60_000,
+    min: 10,
+    description: "first delay before a quarantined host retries its health checks; doubles with each failed retry",
+  },
+  healthRetryMaxMs: {
+    type: "duration",
+    default: 6 * HOUR,
+    min: 10,
+    description: "longest delay between a quarantined host's retries of its health checks",
+  },
   loopStallMs: {
     type: "duration",
     default: 60_000,
@@ -124,4 +142,7 @@ export interface JobConfig {
   logTokenTtlMs: number;
   sessionTokenTtlMs: number;
   loopStallMs: number;
+  healthSweepIntervalMs: number;
+  healthRetryInitialMs: number;
+  healthRetryMaxMs: number;
 }

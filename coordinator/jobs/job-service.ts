@@ -65,7 +65,11 @@ import { endAttempt, jobMessage, loadTimeline, stateName } from "./store.js";
 import { recordEvent } from "../db/queries/events.js";
 import type { HostControls } from "./host-control.js";
 import type { Snapshots } from "./snapshots.js";
-import { validateSpec } from "./validate.js";
+import { type ValidSpec, validateSpec } from "./validate.js";
+import { SOON, matchingHosts } from "../db/queries/health-checks.js";
+
+/** Hosts a FAILED_PRECONDITION of SubmitJob names at most. */
+const MAX_NAMED_HOSTS = 10;
 import type { JobWatchers } from "./watchers.js";
 
 function canSee(caller: UserCaller, job: JobRow): boolean {
@@ -107,6 +111,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         const existing = await jobOfRequest(tx, caller.userId, requestId);
         if (existing) return existing;
       }
+      if (!req.queueAnyway) await this.checkSomeHostCanRun(tx, caller, spec, image.media_types);
       if ((await unfinishedJobs(tx, caller.userId)) >= this.config.maxQueuedJobsPerUser) {
         throw new ConnectError(
           `too many unfinished jobs: at most ${this.config.maxQueuedJobsPerUser} per user`,
@@ -149,6 +154,26 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     return { job: jobMessage(job) };
   }
 
+  /**
+   * FAILED_PRECONDITION when hosts meet the job's requirements (and the
+   * caller may use them) but none of them can take it now: each is
+   * retired, quarantined, disabled, draining or offline (a host running its
+   * health check, or whose supervisor detached within its grace period,
+   * counts as able: it likely takes the job soon). A job no
+   * host matches at all is queued, as before (hosts may be added).
+   */
+  private async checkSomeHostCanRun(tx: Db, caller: UserCaller, spec: ValidSpec, media: string[]): Promise<void> {
+    const hosts = await matchingHosts(
+      tx,
+      { tags: spec.requiredTags, site: spec.requiredSite, driver: spec.requiredDriver, media, owner: caller.userId, graceMs: this.config.supervisorGraceMs },
+      MAX_NAMED_HOSTS + 1,
+    );
+    if (hosts.length === 0 || hosts.some((h) => h.why === null || SOON.has(h.why))) return;
+    const named = hosts.slice(0, MAX_NAMED_HOSTS).map((h) => `${h.name} ${h.why}`);
+    const more = hosts.length > MAX_NAMED_HOSTS ? ` and more` : "";
+    throw precondition(`no host that matches the job can run it now: ${named.join("; ")}${more}; submit with queue_anyway to queue it until one returns`);
+  }
+
   async getJob(req: GetJobRequest, hctx: HandlerContext) {
     const caller = requireUser(hctx);
     const job = await this.visibleJob(caller, req.jobId);
@@ -171,7 +196,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     const host = filter?.hostId ?? "";
     if (host !== "") checkId("filter.host_id", host);
     const tags = checkTags("filter.tags", filter?.tags ?? {}, { allowSite: true });
-    return { states: [...new Set(states)].sort(), owner, host, tags };
+    return { states: [...new Set(states)].sort(), owner, host, tags, healthJobs: filter?.healthJobs };
   }
 
   private matches(f: ReturnType<JobServiceImpl["filterOf"]>, job: JobRow): boolean {
@@ -180,6 +205,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     if (f.host !== "" && !job.host_ids.includes(f.host)) return false;
     const tags = ((job.spec as { tags?: Record<string, string> })?.tags ?? {}) as Record<string, string>;
     for (const [k, v] of Object.entries(f.tags)) if (tags[k] !== v) return false;
+    if (f.healthJobs !== undefined && (job.health_check_id !== null) !== f.healthJobs) return false;
     return true;
   }
 

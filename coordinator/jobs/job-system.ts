@@ -1,8 +1,11 @@
 import type { ConnectRouter } from "@connectrpc/connect";
+import { HealthService } from "../../gen/treadmill/coordinator/v1/health_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { SupervisorService } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
+import { HealthKeeper } from "./health-keeper.js";
+import { HealthServiceImpl } from "./health-service.js";
 import { HostControls } from "./host-control.js";
 import { JobServiceImpl } from "./job-service.js";
 import { registerLogStatusHandlers } from "./log-status.js";
@@ -26,6 +29,7 @@ export interface JobSystem {
 export interface JobSystemParts extends JobSystem {
   scheduler: Scheduler;
   sweeper: Sweeper;
+  health: HealthKeeper;
   streams: SupervisorStreams;
   /** Register with the server's registry to serve them on /metrics. */
   metrics: JobMetrics;
@@ -53,6 +57,8 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   controls.registerHandlers(handlers);
   registerLogStatusHandlers(ctx, handlers);
   const jobService = new JobServiceImpl(ctx, config, watchers, snapshots, controls);
+  const health = new HealthKeeper(ctx, config);
+  const healthService = new HealthServiceImpl(ctx, config);
   const unsubscribe: (() => void)[] = [];
   let started = false;
   let stopping: Promise<void> | undefined;
@@ -60,10 +66,12 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   return {
     scheduler,
     sweeper,
+    health,
     streams,
     metrics,
     register(router) {
       router.service(JobService, jobService);
+      router.service(HealthService, healthService);
       router.service(SupervisorService, { attach: (requests, hctx) => streams.attach(requests, hctx) });
     },
     async start() {
@@ -74,18 +82,21 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
       unsubscribe.push(
         n.onResync((downMs) => {
           scheduler.wake();
+          health.wake();
           streams.syncAll(downMs);
           watchers.notifyAll();
         }),
         await n.subscribe("treadmill_schedule", () => scheduler.wake()),
         await n.subscribe("treadmill_commands", (hostId) => streams.onCommands(hostId)),
         await n.subscribe("treadmill_jobs", (jobId) => watchers.notify(jobId)),
+        await n.subscribe("treadmill_health", () => health.wake()),
       );
       watchdog.start();
       streams.start();
       await snapshots.start();
       await controls.start();
       await sweeper.start();
+      health.start();
       scheduler.wake();
     },
     stop() {
@@ -97,6 +108,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
         controls.stop();
         await streams.stop();
         await sweeper.stop();
+        await health.stop();
         watchdog.stop();
       })();
       return stopping;

@@ -58,6 +58,28 @@ import { isDatabaseUnavailable } from "../db/errors.js";
 import { recordWaiting } from "../db/queries/events.js";
 import { type BackoffOptions, backoff } from "../../lib/retry.js";
 import { pipeline, withReserved } from "../db/reserved.js";
+import { type PinnedRow, placeableHealthJobs } from "../db/queries/health-checks.js";
+
+/** A health job on its own host, as a placement. */
+function pinnedPlacement(r: PinnedRow): Placed & { pinned: true } {
+  return {
+    pinned: true,
+    job: {
+      id: r.id,
+      owner_id: r.owner_id,
+      attempt: r.attempt,
+      host_count: 1,
+      required_tags: {},
+      required_site: null,
+      required_driver: null,
+      media_types: [],
+      manifest_digest: r.manifest_digest,
+      image_holder: r.image_holder,
+      job_timeout_ms: r.job_timeout_ms,
+    },
+    hosts: [{ id: r.host_id, name: r.host_name, tags: {}, site: r.site, driver_kind: "", media_types: [], free: 1, attached_replica: r.attached_replica }],
+  };
+}
 
 const CHUNK = 1000;
 /**
@@ -209,17 +231,24 @@ export class Scheduler {
     // Pipelined: BEGIN, the pass lock, then the reads, in one round trip.
     pipeline(tx`begin`);
     customPlans(tx);
-    const [ok, freeSlots, grants, counts, first, services] = await Promise.all([
+    const [ok, freeSlots, grants, counts, first, services, pinned] = await Promise.all([
       tryPassLock(tx),
       freeSlotCount(tx),
       hostGrantsExist(tx),
       limit > 0 ? activeJobsPerOwner(tx) : Promise.resolve([]),
       queue(size, 0),
       liveLogServersAndProxies(tx),
+      placeableHealthJobs(tx),
     ]);
     if (!ok) return end(true);
     this.lastSlots = freeSlots;
-    if (freeSlots === 0 || first.length === 0) return end(false);
+    // Health jobs go to their own hosts first, one per host and pass (hosts
+    // under check take no user job: the placement never sees them).
+    const health = pinned.map(pinnedPlacement);
+    if (freeSlots === 0 || first.length === 0) {
+      if (health.length === 0) return end(false);
+      return this.finish(tx, health, services, false, false);
+    }
     // The hosts come per chunk, per kind of job: those its jobs may take.
     const placement = new PassPlacement([], {
       maxJobsPerUser: limit,
@@ -229,6 +258,8 @@ export class Scheduler {
       busyKnown: false,
       freeSlots,
     });
+    // The hosts taking a health job are known to the pass without a free slot: no user job is read for them.
+    placement.addFree(health.map((p) => ({ ...p.hosts[0], free: 0 })));
     // A kind whose read stopped at its need may have more free hosts: if one
     // of its jobs is left unplaced by a pass that placed others (they took
     // its hosts), the next pass runs at once.
@@ -261,15 +292,21 @@ export class Scheduler {
       size = CHUNK;
       chunk = await queue(size, offset);
     }
-    const placements = placement.placements;
+    const placements = [...health, ...placement.placements];
     if (placements.length === 0) return end(false);
+    return this.finish(tx, placements, services, placement.full, cutShort);
+  }
+
+  /** Writes the placements of a pass (or says why they wait) and commits. */
+  private async finish(tx: ReservedSql, placements: (Placed & { pinned?: boolean })[], services: Service[], full: boolean, cutShort: boolean): Promise<Assigned> {
     if (!services.some((s) => s.kind === "log_server")) {
       // A job's output must have somewhere to go: the jobs wait, and say why.
       await this.waiting(tx, placements, "waiting for a log server: none is registered and live");
-      return end(false);
+      await tx`commit`;
+      return { assigned: 0, retry: false, local: new Map(), tokens: new Map() };
     }
     const { assigned, local, tokens } = await this.write(tx, placements, services);
-    return { assigned, retry: assigned < placements.length, more: placement.full || cutShort, local, tokens };
+    return { assigned, retry: assigned < placements.length, more: full || cutShort, local, tokens };
   }
 
   /**
@@ -291,7 +328,7 @@ export class Scheduler {
    */
   private async write(
     tx: ReservedSql,
-    placements: Placed[],
+    placements: (Placed & { pinned?: boolean })[],
     services: Service[],
   ): Promise<{ assigned: number; local: Map<string, StartRow[]>; tokens: Map<string, Map<string, Promise<StartTokens>>> }> {
     const plan = placements.map((p) => {
@@ -303,6 +340,7 @@ export class Scheduler {
         logs,
         proxy,
         message: `assigned to ${p.hosts.map((h) => h.name).join(", ")}`,
+        pinned: p.pinned,
       };
     });
     const rows = placements.flatMap((p) =>

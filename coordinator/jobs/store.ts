@@ -124,6 +124,7 @@ export function jobMessage(row: JobRow, timeline: JobEvent[] = []): Job {
     logStatus: LogStatus[(row.log_status ?? "unspecified").toUpperCase() as keyof typeof LogStatus],
     logBytesLost: BigInt(row.log_bytes_lost),
     logStatusMessage: row.log_status_message,
+    healthCheckId: row.health_check_id ?? "",
   });
 }
 

@@ -20,6 +20,8 @@ import { type HostTermination, settleEnd } from "./reconciliation.js";
 import { endSlots, notifySlotsFreed, reportSlots } from "../db/queries/job-hosts.js";
 import { type Db, type DbState, type JobHead, type JobStateChange, lockJobHeads, writeJobStates } from "../db/queries/jobs.js";
 import { type Ending, endAttempts } from "./store.js";
+import { lockHostAccounts } from "../db/queries/health-checks.js";
+import { type EndFact, accountEnds } from "./health.js";
 
 export type { HostTermination };
 
@@ -79,17 +81,23 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
       message: e.termination.message,
     },
   }));
-  const [jobs, took] = await Promise.all([
+  // The hosts' rows last (the lock order): their health accounting follows from these ends.
+  const [jobs, took, accounts] = await Promise.all([
     lockJobHeads(
       tx,
       ends.map((e) => e.at.jobId),
     ),
     endSlots(tx, rows),
+    lockHostAccounts(
+      tx,
+      ends.map((e) => e.at.hostId),
+    ),
   ]);
   // Only a host holding a slot of the attempt has a say (a report of another
   // host's job, or of an attempt already settled here, changes nothing).
   const results: HostEndResult[] = ends.map((e) => ({ job: jobs.get(e.at.jobId), outcome: "none" }));
   const ending: { i: number; job: JobHead; end: Ending }[] = [];
+  const facts: EndFact[] = [];
   ends.forEach((e, i) => {
     const job = results[i].job;
     if (!took.has(i) || !job) return;
@@ -97,11 +105,23 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
     if (settled.outcome === "none") return;
     const { reason, exitStatus, exitCode, message } = settled;
     ending.push({ i, job, end: { reason, exitStatus, exitCode, message, hostId: e.at.hostId, actor: e.actor } });
+    facts.push({
+      hostId: e.at.hostId,
+      jobId: job.id,
+      reason,
+      exitStatus,
+      message,
+      checkId: job.health_check_id,
+      attempt: job.attempt,
+      state: settled.outcome === "restarted" ? "queued" : "finalized",
+      ownerId: job.owner_id,
+    });
   });
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
   const [outcomes] = await Promise.all([
     endAttempts(tx, ending),
     freed.length > 0 && notifySlotsFreed(tx, freed),
+    accountEnds(tx, new Map(accounts.map((a) => [a.id, a])), facts),
   ]);
   ending.forEach((e, k) => (results[e.i].outcome = outcomes[k]));
   return results;

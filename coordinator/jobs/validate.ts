@@ -6,7 +6,7 @@
 import { clone, create } from "@bufbuild/protobuf";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
-import { HostRequirementsSchema, type JobSpec, JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { HostRequirementsSchema, type JobSpec, JobSpecSchema, type Parameter } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { checkTags, checkText, clip, invalid } from "../shared/common.js";
 import type { JobConfig } from "./config.js";
 
@@ -55,7 +55,25 @@ export function parseImageReference(field: string, ref: string): { digest: strin
   return { name, tag };
 }
 
-function durationMs(field: string, d: Duration | undefined, fallback: number, max: number): number {
+/** Checks a job's parameters (names, values, at most 128); returns name -> value of the secret ones. */
+export function checkParameters(field: string, parameters: readonly Parameter[]): Map<string, string> {
+  if (parameters.length > MAX_PARAMETERS) throw invalid(`${field} must have at most ${MAX_PARAMETERS} entries`);
+  const secrets = new Map<string, string>();
+  const names = new Set<string>();
+  for (const [i, p] of parameters.entries()) {
+    const at = `${field}[${i}]`;
+    if (!PARAMETER_NAME.test(p.name)) throw invalid(`${at}.name must match [A-Za-z_][A-Za-z0-9_]{0,63}`);
+    if (p.name.toUpperCase().startsWith("TREADMILL_")) throw invalid(`${at}.name must not start with TREADMILL_ (reserved)`);
+    if (names.has(p.name)) throw invalid(`${at}.name "${p.name}" is repeated`);
+    names.add(p.name);
+    if (Buffer.byteLength(p.value, "utf8") > MAX_PARAMETER_VALUE) throw invalid(`${at}.value must be at most 64 KiB`);
+    if (p.secret) secrets.set(p.name, p.value);
+  }
+  return secrets;
+}
+
+/** A duration in milliseconds: `fallback` when unset; positive and at most `max`. */
+export function durationMs(field: string, d: Duration | undefined, fallback: number, max: number): number {
   if (d === undefined) return fallback;
   if (d.nanos < 0 || d.nanos > 999_999_999) throw invalid(`${field} has invalid nanos`);
   const ms = Number(d.seconds) * 1000 + Math.ceil(d.nanos / 1e6);
@@ -89,18 +107,7 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
   const maxRestarts = spec.restartPolicy?.maxRestarts ?? 0;
   if (maxRestarts < 0 || maxRestarts > 10) throw invalid("spec.restart_policy.max_restarts must be between 0 and 10");
 
-  if (spec.parameters.length > MAX_PARAMETERS) throw invalid(`spec.parameters must have at most ${MAX_PARAMETERS} entries`);
-  const secrets = new Map<string, string>();
-  const names = new Set<string>();
-  for (const [i, p] of spec.parameters.entries()) {
-    const field = `spec.parameters[${i}]`;
-    if (!PARAMETER_NAME.test(p.name)) throw invalid(`${field}.name must match [A-Za-z_][A-Za-z0-9_]{0,63}`);
-    if (p.name.toUpperCase().startsWith("TREADMILL_")) throw invalid(`${field}.name must not start with TREADMILL_ (reserved)`);
-    if (names.has(p.name)) throw invalid(`${field}.name "${p.name}" is repeated`);
-    names.add(p.name);
-    if (Buffer.byteLength(p.value, "utf8") > MAX_PARAMETER_VALUE) throw invalid(`${field}.value must be at most 64 KiB`);
-    if (p.secret) secrets.set(p.name, p.value);
-  }
+  const secrets = checkParameters("spec.parameters", spec.parameters);
 
   if (spec.exposedPorts.length > MAX_PORTS) throw invalid(`spec.exposed_ports must have at most ${MAX_PORTS} entries`);
   const ports = new Set<string>();

@@ -18,6 +18,15 @@
 //      finalized jobs per second; each host has one slot, so assignments
 //      can go no faster than ends).
 //
+//  (d) host health (issue #21): dispatch latency and scheduling pass time
+//      with 2,000 attached hosts (TREADMILL_BENCH_HEALTH_HOSTS) of which 10%
+//      are quarantined and 10% checking, beside the same with all of them
+//      healthy, in eight alternating rounds (TREADMILL_BENCH_HEALTH_JOBS jobs
+//      per condition). The health states are set in the database and the health
+//      keeper's sweep is slowed to an hour, so that nothing moves them back
+//      during the run: the figure is the scheduler's cost of the health
+//      condition, not of running checks.
+//
 // Sizes: by default 1,000 idle supervisors, 1,000 dispatched jobs and 5,000
 // queued jobs (a few minutes); TREADMILL_BENCH_FULL=1 runs the issue's sizes
 // (2,000, 2,000 and 10,000); each variable above overrides its size.
@@ -65,6 +74,8 @@ const IDLE = env("TREADMILL_BENCH_IDLE_SUPERVISORS", FULL ? 2000 : 1000);
 const DISPATCH_JOBS = env("TREADMILL_BENCH_DISPATCH_JOBS", FULL ? 2000 : 1000);
 const QUEUED_JOBS = env("TREADMILL_BENCH_QUEUED_JOBS", FULL ? 10000 : 5000);
 const ACTIVE = 200;
+const HEALTH_HOSTS = env("TREADMILL_BENCH_HEALTH_HOSTS", 2000);
+const HEALTH_JOBS = env("TREADMILL_BENCH_HEALTH_JOBS", FULL ? 2000 : 600);
 
 /** Scheduling passes and group commits between two readings of jobMetrics. */
 function printJobMetrics(before: JobMetricReading, after: JobMetricReading): void {
@@ -118,7 +129,19 @@ export async function run(): Promise<void> {
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
   // Every scripted supervisor connects from 127.0.0.1: lift the per-address limit.
-  const args = ["--port", String(port), "--database-url", pg.url, "--log-level", "warn", "--max-connections-per-address", "0"];
+  // The health keeper sweeps hourly: (d) sets hosts' health by hand.
+  const args = [
+    "--port",
+    String(port),
+    "--database-url",
+    pg.url,
+    "--log-level",
+    "warn",
+    "--max-connections-per-address",
+    "0",
+    "--health-sweep-interval-ms",
+    "3600000",
+  ];
   // node's own flags go before the script (NODE_OPTIONS refuses --cpu-prof).
   const child = PROFILE
     ? startProcess("--cpu-prof", [`--cpu-prof-dir=${PROFILE}`, BIN, ...args])
@@ -136,7 +159,10 @@ export async function run(): Promise<void> {
 
     const { token, hosts } = await insertFixtures(
       sql,
-      Array.from({ length: Math.max(IDLE, ACTIVE) }, (_, i) => ({ name: `bench-${i}`, tags: i < ACTIVE ? { pool: "active" } : { pool: "idle" } })),
+      Array.from({ length: Math.max(IDLE, ACTIVE, HEALTH_HOSTS) }, (_, i) => ({
+        name: `bench-${i}`,
+        tags: i < ACTIVE ? { pool: "active" } : { pool: "idle" },
+      })),
     );
 
     // (c) Idle supervisors: memory and CPU.
@@ -184,24 +210,29 @@ export async function run(): Promise<void> {
       createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }),
     );
     const spec = { image: "bench:v1", hosts: { tags: { pool: "active" } } };
-    const latencies: number[] = [];
+    /** Submits `n` jobs one after another; each one's time from SubmitJob's answer to its StartJob. */
+    const dispatch = async (jobSpec: typeof spec | { image: string }, n: number): Promise<number[]> => {
+      const latencies: number[] = [];
+      for (let i = 0; i < n; i++) {
+        let wanted = "";
+        let arrived!: () => void;
+        const got = new Promise<void>((r) => (arrived = r));
+        onStart = (jobId) => {
+          if (!startedAt.has(jobId)) startedAt.set(jobId, performance.now());
+          if (jobId === wanted) arrived();
+        };
+        const { job } = await jobs.submitJob({ spec: jobSpec });
+        const returned = performance.now();
+        wanted = job!.id;
+        if (!startedAt.has(wanted)) await got;
+        // StartJob may overtake SubmitJob's answer: that is no wait at all.
+        latencies.push(Math.max(0, startedAt.get(wanted)! - returned));
+      }
+      onStart = () => undefined;
+      return latencies;
+    };
     if (PROFILE) await sql`select pg_stat_statements_reset()`;
-    for (let i = 0; i < DISPATCH_JOBS; i++) {
-      let wanted = "";
-      let arrived!: () => void;
-      const got = new Promise<void>((r) => (arrived = r));
-      onStart = (jobId) => {
-        if (!startedAt.has(jobId)) startedAt.set(jobId, performance.now());
-        if (jobId === wanted) arrived();
-      };
-      const { job } = await jobs.submitJob({ spec });
-      const returned = performance.now();
-      wanted = job!.id;
-      if (!startedAt.has(wanted)) await got;
-      // StartJob may overtake SubmitJob's answer: that is no wait at all.
-      latencies.push(Math.max(0, startedAt.get(wanted)! - returned));
-    }
-    onStart = () => undefined;
+    const latencies = await dispatch(spec, DISPATCH_JOBS);
     if (PROFILE) await printStatements(sql, "(a)");
     const p50 = percentile(latencies, 50);
     const p99 = percentile(latencies, 99);
@@ -212,7 +243,8 @@ export async function run(): Promise<void> {
     await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "dispatch jobs to end");
     await sql`update hosts set admin_state = 'draining' where tags @> '{"pool": "active"}'`;
     const queuedAt = performance.now();
-    await inBatches(Array.from({ length: QUEUED_JOBS }), 40, () => jobs.submitJob({ spec }));
+    // The hosts drain: SubmitJob would refuse the jobs without queue_anyway.
+    await inBatches(Array.from({ length: QUEUED_JOBS }), 40, () => jobs.submitJob({ spec, queueAnyway: true }));
     report(`SubmitJob rate while queueing ${QUEUED_JOBS}`, QUEUED_JOBS / ((performance.now() - queuedAt) / 1000), "jobs/s");
     if (PROFILE) await sql`select pg_stat_statements_reset()`;
     // The run's start and end are the database's clock: the transaction
@@ -260,6 +292,76 @@ export async function run(): Promise<void> {
         `whole machine ${share(cpuAfter.busyMs - cpuBefore.busyMs)} of ${availableParallelism() * 100}%\n`,
     );
     if (PROFILE) await printStatements(sql, "(b)");
+
+    // (d) Host health: the same dispatch over HEALTH_HOSTS attached hosts,
+    // all healthy, then 10% quarantined and 10% checking, alternated.
+    const more = hosts.slice(ACTIVE, HEALTH_HOSTS).map(
+      (h) =>
+        new ScriptedSupervisor({
+          urls: [url],
+          credential: h.credential,
+          mode: "exit",
+          noHistory: true,
+          wire: "raw",
+          onStartJob: (s) => onStart(s.jobId),
+        }),
+    );
+    supervisors.push(...more);
+    await inBatches(more, 50, (s) => s.connect());
+    const pool = hosts.slice(0, HEALTH_HOSTS).map((h) => h.id);
+    await until(
+      async () => (await sql`select count(*)::int as n from hosts where attached_replica is not null`)[0].n >= pool.length,
+      "the health pool to attach",
+    );
+    const unhealthy = { quarantined: pool.filter((_, i) => i % 10 === 3), checking: pool.filter((_, i) => i % 10 === 7) };
+    const setHealth = async (degraded: boolean) => {
+      await sql`update hosts set health = 'healthy' where id = any(${pool}::uuid[])`;
+      if (!degraded) return;
+      await sql`update hosts set health = 'quarantined' where id = any(${unhealthy.quarantined}::uuid[])`;
+      await sql`update hosts set health = 'checking' where id = any(${unhealthy.checking}::uuid[])`;
+    };
+    const anyHost = { image: "bench:v1" };
+    const results = { healthy: { latencies: [] as number[], passSeconds: 0, passes: 0 }, degraded: { latencies: [] as number[], passSeconds: 0, passes: 0 } };
+    // Eight rounds, the conditions alternated, so that the machine's drift
+    // (other work, the database's caches warming) falls on both alike.
+    const ROUNDS = 8;
+    const roundJobs = Math.max(1, Math.floor((2 * HEALTH_JOBS) / ROUNDS));
+    let misplaced = 0;
+    for (let round = 0; round < ROUNDS; round++) {
+      const degraded = round % 2 === 1;
+      await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "jobs to end");
+      await setHealth(degraded);
+      const [{ since }] = await sql<{ since: Date }[]>`select now() as since`;
+      const m0 = await jobMetrics(url);
+      const lat = await dispatch(anyHost, roundJobs);
+      const m1 = await jobMetrics(url);
+      const r = degraded ? results.degraded : results.healthy;
+      r.latencies.push(...lat);
+      r.passSeconds += m1.treadmill_scheduler_pass_seconds_sum - m0.treadmill_scheduler_pass_seconds_sum;
+      r.passes += m1.treadmill_scheduler_pass_seconds_count - m0.treadmill_scheduler_pass_seconds_count;
+      if (degraded) {
+        const [{ n }] = await sql<{ n: number }[]>`
+          select count(*)::int as n from job_hosts jh join jobs j on j.id = jh.job_id
+          where j.assigned_at >= ${since} and jh.host_id = any(${[...unhealthy.quarantined, ...unhealthy.checking]}::uuid[])`;
+        misplaced += n;
+      }
+    }
+    const passMs = (r: typeof results.healthy) => (r.passSeconds / Math.max(1, r.passes)) * 1000;
+    const label = "10% quarantined, 10% checking";
+    process.stdout.write(`(d) ${pool.length} attached hosts, ${(roundJobs * ROUNDS) / 2} jobs per condition in ${ROUNDS / 2} rounds each\n`);
+    report(`(d) scheduling pass, all healthy`, passMs(results.healthy), "ms");
+    report(`(d) scheduling pass, ${label}`, passMs(results.degraded), "ms", { name: "all healthy", value: passMs(results.healthy) });
+    report(`(d) dispatch latency p50, all healthy`, percentile(results.healthy.latencies, 50), "ms");
+    report(`(d) dispatch latency p50, ${label}`, percentile(results.degraded.latencies, 50), "ms", {
+      name: "all healthy",
+      value: percentile(results.healthy.latencies, 50),
+    });
+    report(`(d) dispatch latency p99, all healthy`, percentile(results.healthy.latencies, 99), "ms");
+    report(`(d) dispatch latency p99, ${label}`, percentile(results.degraded.latencies, 99), "ms", {
+      name: "all healthy",
+      value: percentile(results.healthy.latencies, 99),
+    });
+    process.stdout.write(`(d) jobs placed on a quarantined or checking host in the degraded rounds: ${misplaced} (must be 0)\n`);
   } finally {
     await Promise.all(supervisors.map((s) => s.close()));
     child.child.kill("SIGTERM");

@@ -330,7 +330,7 @@ export async function run(): Promise<void> {
     await sql`update hosts set admin_state = 'draining'`;
     t = performance.now();
     let turn = 0;
-    await inBatches(Array.from({ length: SUBMITTED }), 40, () => jobClients[turn++ % REPLICAS].submitJob({ spec }));
+    await inBatches(Array.from({ length: SUBMITTED }), 40, () => jobClients[turn++ % REPLICAS].submitJob({ spec, queueAnyway: true }));
     report(`SubmitJob rate (${SUBMITTED} jobs, 40 at once)`, SUBMITTED / ((performance.now() - t) / 1000), "jobs/s");
     const [{ id: template }] = await sql<{ id: string }[]>`select id from jobs where state = 'queued' limit 1`;
     await copyJobs(sql, template, QUEUED - SUBMITTED);

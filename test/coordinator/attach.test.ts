@@ -94,8 +94,12 @@ describe("SupervisorService.Attach", () => {
     expect(done.exit_status).toBe("success");
     const secrets = await c.sql`select * from job_secrets where job_id = ${job!.id}`;
     expect(secrets.length).toBe(0);
-    const audit = await c.sql`select kind, details::text from audit_events where job_id = ${job!.id}`;
-    expect(audit.map((a) => a.kind)).toContain("command.start_job");
+    // Commands sent are audited right after they go out, off the stream's path.
+    let audit: { kind: string }[] = [];
+    await waitUntil(async () => {
+      audit = await c.sql`select kind, details::text from audit_events where job_id = ${job!.id}`;
+      return audit.some((a) => a.kind === "command.start_job");
+    }, "the StartJob to be audited");
     expect(JSON.stringify(audit)).not.toContain("hunter2");
     await s.close();
   });

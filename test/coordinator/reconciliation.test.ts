@@ -28,7 +28,7 @@ function slot(init: Partial<RecordedSlot> = {}): RecordedSlot {
 }
 
 function head(init: Partial<JobHead> = {}): JobHead {
-  return { id: J, owner_id: "u", state: "running", stage: null, attempt: 1, max_restarts: 0, stop_reason: null, ...init };
+  return { id: J, owner_id: "u", state: "running", stage: null, attempt: 1, max_restarts: 0, stop_reason: null, health_check_id: null, ...init };
 }
 
 const holds = (init: Partial<ReportedJob> = {}): ReportedJob => ({ jobId: J, attempt: 1, state: JobState.RUNNING, stage: JobStage.UNSPECIFIED, ...init });

@@ -224,7 +224,9 @@ describe("the scheduler", () => {
     const tag = uniqueTag();
     const { host, s } = await hostWith({ tags: tag });
     await c.sql`update hosts set admin_state = 'draining' where id = ${host.id}`;
-    const id = await submit(user.token, { hosts: { tags: tag } });
+    // Its only host cannot take it now: SubmitJob would refuse it without queue_anyway.
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: tag } }, queueAnyway: true });
+    const id = job!.id;
     await probeRun();
     expect((await jobRow(c.sql, id)).state).toBe("queued");
     await c.sql`update hosts set admin_state = 'disabled' where id = ${host.id}`;

@@ -278,8 +278,14 @@ export interface EligibleHost {
   attached_replica: string;
 }
 
-/** The condition of a host a pass may place jobs on (hosts aliased `h`). */
-const schedulable = (tx: Db) => tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining`;
+/**
+ * The condition of a host a pass may place user jobs on (hosts aliased `h`):
+ * attached, enabled, not draining, and healthy or unknown (a host a health
+ * check applies to is never left unknown: docs/health.md). Health jobs go
+ * to their own hosts apart (health-checks.ts placeableHealthJobs).
+ */
+const schedulable = (tx: Db) =>
+  tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health in ('healthy', 'unknown')`;
 
 /**
  * Every host a pass may place jobs on, by name, their free slots left out (0).
@@ -303,7 +309,7 @@ const slots = (tx: Db) => tx`least(h.capacity, coalesce(h.supervisor_capacity, h
 
 /**
  * The condition of a schedulable host with a free slot: hosts_free_idx's
- * predicate (migration 0012), written the same so that the planner reads
+ * predicate (migrations 0012, 0013), written the same so that the planner reads
  * that index. held_slots is kept by triggers on job_hosts.
  */
 const hasFreeSlot = (tx: Db) => tx`${schedulable(tx)} and h.held_slots < ${slots(tx)}`;

@@ -71,6 +71,8 @@ export interface JobRow {
   log_status: "shipping" | "complete" | "incomplete" | null;
   log_bytes_lost: string | number;
   log_status_message: string;
+  /** The health check of a health job (migration 0013), else null. */
+  health_check_id: string | null;
 }
 
 /** The select list of JobRow (jobs aliased `j`). */
@@ -78,7 +80,7 @@ export const jobColumns = (sql: Db) => sql`
   j.id, j.owner_id, j.spec, j.state, j.stage, j.reason, j.exit_status, j.exit_code, j.attempt,
   j.priority, j.max_restarts, j.manifest_digest, j.status_message, j.stop_reason, j.created_at,
   j.updated_at, j.queued_at, j.assigned_at, j.started_at, j.finalized_at, j.job_timeout_ms,
-  j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message,
+  j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message, j.health_check_id,
   coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
 
@@ -90,13 +92,13 @@ export async function loadJob(sql: Db, id: string, options: { lock?: boolean } =
 }
 
 /** What the transitions read of a job: its state and what decides how an attempt ends. */
-export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason">;
+export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason" | "health_check_id">;
 
 /** The heads of several jobs by id (missing ones are absent), their rows locked in id order. */
 export async function lockJobHeads(sql: Db, ids: string[]): Promise<Map<string, JobHead>> {
   if (ids.length === 0) return new Map();
   const rows = await sql<JobHead[]>`
-    select id, owner_id, state, stage, attempt, max_restarts, stop_reason from jobs
+    select id, owner_id, state, stage, attempt, max_restarts, stop_reason, health_check_id from jobs
     where id = any(${[...ids].sort()}::uuid[]) order by id for update`;
   return new Map(rows.map((r) => [r.id, r]));
 }
@@ -271,7 +273,8 @@ export interface QueuedJobRow {
 }
 
 /**
- * `size` queued jobs from `offset` in the scheduler's order: effective
+ * `size` queued jobs from `offset` in the scheduler's order (health jobs,
+ * pinned to their hosts, are placed apart: placeableHealthJobs): effective
  * priority (priority plus one point per `agingMs` of waiting; 0: none),
  * queued_at, created_at, id.
  */
@@ -290,7 +293,7 @@ export function readQueue(tx: Db, size: number, offset: number, aging: number): 
       select j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
         j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms
       from p, lateral (
-        select * from jobs j where j.state = 'queued' and j.priority = p.priority
+        select * from jobs j where j.state = 'queued' and j.priority = p.priority and j.pinned_host_id is null
         order by j.queued_at, j.created_at, j.id limit ${offset + size}) j
       order by j.priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - j.queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
         j.queued_at, j.created_at, j.id
@@ -327,6 +330,8 @@ export interface AssignedJob {
   logs: string[];
   proxy: string;
   message: string;
+  /** A health job on its own host: the host's health does not keep it away. */
+  pinned?: boolean;
 }
 
 /** One host of a placed job (`local`: its stream is on this replica). */
@@ -363,16 +368,17 @@ export async function assignJobs(
   const starts = tx<(StartRow & { host_id: string; local: boolean; n1: unknown; n2: unknown; n3: unknown })[]>`
     with v as materialized (
       select * from jsonb_to_recordset(${tx.json(plan as never)}::jsonb)
-        as v(id uuid, owner uuid, attempt int, logs text[], proxy text, message text)),
+        as v(id uuid, owner uuid, attempt int, logs text[], proxy text, message text, pinned boolean)),
     r as materialized (
       select * from jsonb_to_recordset(${tx.json(rows as never)}::jsonb)
         as r(job uuid, host uuid, attempt int, index int, local boolean)),
     lh as materialized (
       select h.id,
-        least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - h.held_slots as free
+        least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - h.held_slots as free,
+        h.health in ('healthy', 'unknown') as healthy
       from hosts h
       where h.id in (select host from r)
-        and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+        and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health <> 'retired'
       order by h.id
       for update of h skip locked),
     lj as materialized (
@@ -384,7 +390,8 @@ export async function assignJobs(
         and not exists (
           select 1 from r left join lh on lh.id = r.host
           where r.job = v.id
-            and (lh.id is null or lh.free < (select count(*) from r r2 where r2.host = r.host)))),
+            and (lh.id is null or lh.free < (select count(*) from r r2 where r2.host = r.host)
+              or (not lh.healthy and not coalesce(v.pinned, false))))),
     ins as (
       insert into job_hosts (job_id, host_id, attempt, host_index)
       select job, host, attempt, index from r where job in (select id from ok)),
@@ -553,6 +560,8 @@ export interface JobFilterConditions {
   states: string[];
   host: string;
   tags: Record<string, string>;
+  /** Only health jobs (true) or only other jobs (false); undefined: both. */
+  healthJobs?: boolean;
 }
 
 function jobConditions(sql: Db, f: JobFilterConditions) {
@@ -561,7 +570,8 @@ function jobConditions(sql: Db, f: JobFilterConditions) {
     ${f.owner !== "" ? sql`and j.owner_id = ${f.owner}` : empty}
     ${f.states.length > 0 ? sql`and j.state = any(${f.states}::text[])` : empty}
     ${f.host !== "" ? sql`and exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = j.attempt and jh.host_id = ${f.host})` : empty}
-    ${Object.keys(f.tags).length > 0 ? sql`and j.spec->'tags' @> ${sql.json(f.tags)}::jsonb` : empty}`;
+    ${Object.keys(f.tags).length > 0 ? sql`and j.spec->'tags' @> ${sql.json(f.tags)}::jsonb` : empty}
+    ${f.healthJobs === true ? sql`and j.health_check_id is not null` : f.healthJobs === false ? sql`and j.health_check_id is null` : empty}`;
 }
 
 /** A page of jobs matching `f`, newest first, before job `after` if given (keyset), at most `limit`. */
