@@ -85,8 +85,21 @@ describe("a host's statistics over seeded history", () => {
         (${id}, ${at(8 * DAY)}, ${at(7 * DAY - HOUR)}),
         (${id}, ${at(6 * HOUR)}, null)`;
 
-    const failedCheck = randomUUID();
-    const passedCheck = randomUUID();
+    // Its health checks: one failed 12 hours ago, one passed an hour ago (and a user job since).
+    const check = randomUUID();
+    const healthJob = async (agoMs: number, exitStatus: string, message: string) => {
+      const jobId = randomUUID();
+      await db.sql`
+        insert into jobs (id, owner_id, spec, state, reason, exit_status, status_message, finalized_at, health_check_id, pinned_host_id)
+        values (${jobId}, ${owner}, ${db.sql.json({ image: "checks/boot:1" })}, 'finalized', 'workload_exited', ${exitStatus}, ${message},
+          ${at(agoMs)}, ${check}, ${id})`;
+      return jobId;
+    };
+    const failedCheck = await healthJob(12 * HOUR, "failure", "exit code 1");
+    const passedCheck = await healthJob(HOUR, "success", "exit code 0");
+    await db.sql`
+      insert into jobs (id, owner_id, spec, state, reason, exit_status, finalized_at)
+      values (${randomUUID()}, ${owner}, ${db.sql.json({ image: "x:1" })}, 'finalized', 'workload_exited', 'failure', ${at(HOUR / 2)})`;
     await health(id, 10 * DAY, "healthy");
     await health(id, 3 * DAY, "quarantined", undefined, "3 infrastructure failures in a row");
     await health(id, 2 * DAY, "checking");
@@ -122,8 +135,11 @@ describe("a host's statistics over seeded history", () => {
     ]);
     expect(stats.healthChanges[1]).toMatchObject({ reason: "health check failed", actor: "system" });
 
-    expect(stats.lastHealthCheck).toMatchObject({ jobId: passedCheck, passed: true });
+    expect(stats.lastHealthCheck).toMatchObject({ jobId: passedCheck, passed: true, message: "exit code 0" });
     expect(stats.lastHealthCheck?.time?.seconds).toBe(BigInt((NOW - HOUR) / 1000));
+    // As it was 2 hours ago: the failed one.
+    const before = await hostStats(db.sql, await hostRow(db.sql, id), NOW - 2 * HOUR);
+    expect(before.lastHealthCheck).toMatchObject({ jobId: failedCheck, passed: false, message: "exit code 1" });
   });
 
   it("clips the windows to a new host's life and gives it no check and no rate", async () => {

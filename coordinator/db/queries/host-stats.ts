@@ -116,19 +116,18 @@ export interface CheckOutcome {
 }
 
 /**
- * The host's last health check: for now, the last change of its health to
- * healthy (a pass) or quarantined (a failure) that a job decided
- * (host_health_events.job_id). SEAM: once health jobs are marked
- * (Job.health_check_id, issue #21 item 1), read the last finalized health
- * job of the host instead: a pass is WORKLOAD_EXITED with success. Until
- * then a quarantine after K failed user jobs also reads as a failed check.
+ * The host's last health check: its last finished health job (a job of a
+ * check, pinned to the host: migration 0013), passed when its workload
+ * exited with success, as jobs/health.ts decides.
  */
 export async function lastHealthCheck(sql: Db, hostId: string, now: Date): Promise<CheckOutcome | undefined> {
-  const [row] = await sql<{ job_id: string; health: Health; at: Date; reason: string }[]>`
-    select job_id::text, health, at, reason from host_health_events
-    where host_id = ${hostId} and job_id is not null and health in ('healthy', 'quarantined') and at <= ${now}
-    order by at desc, id desc limit 1`;
-  return row && { jobId: row.job_id, passed: row.health === "healthy", at: row.at, message: row.reason };
+  const [row] = await sql<{ id: string; reason: string; exit_status: string | null; finalized_at: Date; status_message: string }[]>`
+    select j.id::text, j.reason, j.exit_status, j.finalized_at, j.status_message from jobs j
+    where j.pinned_host_id = ${hostId} and j.health_check_id is not null and j.state = 'finalized' and j.finalized_at <= ${now}
+    order by j.finalized_at desc, j.id desc limit 1`;
+  if (!row) return undefined;
+  const passed = row.reason === "workload_exited" && row.exit_status === "success";
+  return { jobId: row.id, passed, at: row.finalized_at, message: row.status_message };
 }
 
 /** Every host's health and its ends so far by reason and exit status (the coordinator's /metrics). */

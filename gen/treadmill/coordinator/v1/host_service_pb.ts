@@ -700,7 +700,8 @@ export const HealthStateDurationSchema: GenMessage<HealthStateDuration> = /*@__P
   messageDesc(file_treadmill_coordinator_v1_host_service, 17);
 
 /**
- * HostCheckOutcome is the result of a host's last health check.
+ * HostCheckOutcome is the result of a host's last health check: its last
+ * finished health job (Job.health_check_id).
  *
  * @generated from message treadmill.coordinator.v1.HostCheckOutcome
  */
@@ -713,21 +714,21 @@ export type HostCheckOutcome = Message<"treadmill.coordinator.v1.HostCheckOutcom
   jobId: string;
 
   /**
-   * Whether the check passed.
+   * Whether the check passed: its workload exited with success.
    *
    * @generated from field: bool passed = 2;
    */
   passed: boolean;
 
   /**
-   * When its result changed the host's health.
+   * When the health job ended.
    *
    * @generated from field: google.protobuf.Timestamp time = 3;
    */
   time?: Timestamp | undefined;
 
   /**
-   * Why it failed (or the host's health reason when it passed).
+   * How it ended (the job's status message).
    *
    * @generated from field: string message = 4;
    */
