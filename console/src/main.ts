@@ -8,6 +8,7 @@ import "./styles.css";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { Api, Session } from "./api.js";
 import { h } from "./dom.js";
+import { healthChecksPage } from "./pages/health-checks.js";
 import { hostPage } from "./pages/host.js";
 import { hostsPage } from "./pages/hosts.js";
 import { imagePage, imagesPage } from "./pages/images.js";
@@ -39,6 +40,7 @@ const routes: [RegExp, Page, { public?: boolean; wide?: boolean }?][] = [
   [/^\/jobs\/([^/]+)\/console$/, async (ctx) => (await import("./pages/terminal.js")).terminalPage(ctx), { wide: true }],
   [/^\/hosts$/, hostsPage],
   [/^\/hosts\/([^/]+)$/, hostPage],
+  [/^\/health-checks$/, healthChecksPage],
   [/^\/images$/, imagesPage],
   [/^\/images\/(.+)$/, imagePage],
 ];
@@ -47,6 +49,7 @@ const NAV: [string, string][] = [
   ["/jobs", "Jobs"],
   ["/jobs/new", "Submit"],
   ["/hosts", "Hosts"],
+  ["/health-checks", "Health checks"],
   ["/images", "Images"],
 ];
 

@@ -7,6 +7,7 @@ import { chromium, type Browser, type Page } from "playwright-core";
 import { buildConsole } from "../../console/build.js";
 import { uuidv7 } from "../../coordinator/shared/common.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { insertImage } from "../support/jobs.js";
 
 const ARTIFACTS = "test/artifacts/console";
 const WAIT = { timeout: 30_000 };
@@ -18,9 +19,11 @@ const JOBS = 30;
  * serving a console built for this test, over seeded history (a real
  * database): the hosts list shows each host's health and filters by it, and
  * a host's page shows its health and why, its statistics, its health
- * timeline and its jobs a page at a time. Any console error fails the test.
+ * timeline and its jobs a page at a time, and an admin quarantines and
+ * returns it there; the health checks page defines, changes and deletes
+ * checks (HealthService). Any console error fails the test.
  */
-describe("the web console's host pages in headless Chromium", () => {
+describe("the web console's host and health check pages in headless Chromium", () => {
   let c: TestCoordinator;
   let dist: string;
   let browser: Browser;
@@ -29,6 +32,7 @@ describe("the web console's host pages in headless Chromium", () => {
   const board = `board-${randomUUID().slice(0, 6)}`;
   const vm = `vm-${randomUUID().slice(0, 6)}`;
   const quarantiningJob = uuidv7(Date.now() - HOUR);
+  let image: { ref: string };
 
   beforeAll(async () => {
     dist = await mkdtemp(join(tmpdir(), "treadmill-console-"));
@@ -37,6 +41,7 @@ describe("the web console's host pages in headless Chromium", () => {
     c = await startTestCoordinator({ config: { consoleDir: dist } });
     const admin = await c.createUser({ name: "host-admin", role: "admin" });
     await seed(c, admin.id);
+    image = await insertImage(c.sql, { name: "checks/boot" });
 
     browser = await chromium.launch({
       executablePath: process.env.CHROMIUM_PATH ?? "/usr/bin/chromium",
@@ -142,6 +147,44 @@ describe("the web console's host pages in headless Chromium", () => {
     await page.locator("#host-jobs tbody tr").nth(JOBS - 1).waitFor(WAIT);
     expect(await jobs.count()).toBe(JOBS);
     await page.getByRole("button", { name: "Load older jobs" }).waitFor({ state: "hidden", ...WAIT });
+  }, 60_000);
+
+  it("lets an admin define, change and delete a health check, refusing a bad one with the field's name", async () => {
+    await page.goto(`${c.url}/health-checks`);
+    await page.getByRole("heading", { name: "Health checks", level: 1 }).waitFor(WAIT);
+    await page.getByText("No health checks.").waitFor(WAIT);
+    await page.getByLabel("Name", { exact: true }).fill("-bad");
+    await page.getByLabel("Image", { exact: true }).fill(image.ref);
+    await page.getByRole("button", { name: "Create check" }).click();
+    await page.getByRole("alert").filter({ hasText: "name" }).waitFor(WAIT);
+    await page.getByLabel("Name", { exact: true }).fill("boot-smoke");
+    await page.getByLabel("Host tags").fill("board=sim");
+    await page.getByLabel("Interval").fill("6h");
+    await page.getByLabel("After every N jobs").fill("10");
+    await page.getByRole("button", { name: "Create check" }).click();
+    const row = page.locator('tr[data-check="boot-smoke"]');
+    await row.waitFor(WAIT);
+    expect(await row.textContent()).toContain("every 6h, after every 10 jobs");
+    expect(await row.textContent()).toContain("board=sim");
+    await page.screenshot({ path: `${ARTIFACTS}/health-checks.png`, fullPage: true });
+    await row.getByRole("button", { name: "Edit boot-smoke" }).click();
+    await page.getByLabel("Interval").fill("2h");
+    await page.getByRole("button", { name: "Save check" }).click();
+    await page.locator('tr[data-check="boot-smoke"]', { hasText: "every 2h" }).waitFor(WAIT);
+    page.once("dialog", (dialog) => void dialog.accept());
+    await row.getByRole("button", { name: "Delete boot-smoke" }).click();
+    await row.waitFor({ state: "detached", ...WAIT });
+  }, 60_000);
+
+  it("lets an admin quarantine a host and return it to service from its page", async () => {
+    await page.goto(`${c.url}/hosts/${vm}`);
+    await page.locator('#host-health[data-health="healthy"]').waitFor(WAIT);
+    await page.getByLabel("Reason").fill("fan noise");
+    await page.getByRole("button", { name: "Quarantine" }).click();
+    await page.locator('#host-health[data-health="quarantined"]').waitFor(WAIT);
+    expect(await page.locator("#host-timeline li").first().textContent()).toContain("fan noise");
+    await page.getByRole("button", { name: "Return to service" }).click();
+    await page.locator('#host-health[data-health="healthy"]').waitFor(WAIT);
   }, 60_000);
 
   it("says so when the host does not exist", async () => {

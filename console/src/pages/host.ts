@@ -8,6 +8,7 @@ import { userNames } from "../directory.js";
 import { percentText, spanText } from "../../../lib/figures.js";
 import { enumWord, healthTone, iso, jobStatus, jobTone, shortId, stateWord, tagsText, when } from "../format.js";
 import type { PageContext } from "../main.js";
+import { hostActions } from "./host-actions.js";
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const JOB_HEADERS = ["Job", "Image", "State", "Owner", "Submitted"];
@@ -68,6 +69,7 @@ export async function hostPage({ api, main, signal, params }: PageContext): Prom
 
   const host = await load();
   if (!host || signal.aborted) return;
+  if (api.session.current?.admin) history.before(hostActions(api, host, status, () => void load()));
   const names = await userNames(api, signal);
   const jobs = api.client(JobService);
   const tbody = h("tbody", {});
