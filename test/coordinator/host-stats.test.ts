@@ -9,6 +9,8 @@ import { HostHealth } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService, type HostStatsWindow } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { FinalizeReason, ExitStatus } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { HealthService } from "../../gen/treadmill/coordinator/v1/health_service_pb.js";
+import type { StartJob } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { createTestDatabase, type TestDatabase } from "../support/db.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { FAST, attach, codeOf, insertImage, jobInState, uniqueTag } from "../support/jobs.js";
@@ -224,6 +226,26 @@ describe("HostService.GetHostStats, the health filter and the hosts' metrics", (
     expect(series("treadmill_host_failures_total", 'host="stats-e2e",class="job"')).toBe("1");
     expect(series("treadmill_host_failures_total", 'host="stats-e2e",class="infrastructure"')).toBe("1");
     expect(series("treadmill_host_failures_total", 'host="stats-e2e",class="user"')).toBeUndefined();
+  });
+
+  it("answers a host's last health check from the health job that ran on it", async () => {
+    const tag = uniqueTag();
+    const host = await c.createHost({ name: `checked-${tag.t}`, tags: tag });
+    const s = await attach(c, host);
+    open.push(s);
+    await c.client(HealthService, admin.token).createHealthCheck({ healthCheck: { name: `smoke-${tag.t}`, image: image.ref, hostTags: tag } });
+    const start = await s.waitFor((m) => m.payload.case === "startJob");
+    const jobId = (start.payload.value as StartJob).jobId;
+    await s.exit(jobId, 1, 0);
+    await jobInState(c.sql, jobId, "finalized");
+    const stats = await c.client(HostService, user.token).getHostStats({ host: { case: "hostId", value: host.id } });
+    expect(stats.lastHealthCheck).toMatchObject({ jobId, passed: true });
+    expect(stats.host?.health).toBe(HostHealth.HEALTHY);
+    // Its timeline: checking while the check ran, then healthy by that job.
+    expect(stats.healthChanges.map((e) => [e.health, e.jobId])).toEqual([
+      [HostHealth.HEALTHY, jobId],
+      [HostHealth.CHECKING, expect.any(String)],
+    ]);
   });
 
   it("refuses GetHostStats without a token or with a token of the wrong kind, before reading the request", async () => {
