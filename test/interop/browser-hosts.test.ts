@@ -33,6 +33,7 @@ describe("the web console's host and health check pages in headless Chromium", (
   const vm = `vm-${randomUUID().slice(0, 6)}`;
   const quarantiningJob = uuidv7(Date.now() - HOUR);
   let image: { ref: string };
+  const healthJob = uuidv7(Date.now() - 21 * 60_000);
 
   beforeAll(async () => {
     dist = await mkdtemp(join(tmpdir(), "treadmill-console-"));
@@ -89,6 +90,15 @@ describe("the web console's host and health check pages in headless Chromium", (
           ${sql.json({ reason: infra ? "host_dropped" : "workload_exited", exitStatus: infra ? null : "success", exitCode: null, message: "" })},
           ${ended}, ${ended})`;
     }
+    // A health job of a check, finished on the board 20 minutes ago.
+    await sql`
+      insert into jobs (id, owner_id, spec, state, reason, exit_status, exit_code, created_at, finalized_at, health_check_id, pinned_host_id)
+      values (${healthJob}, ${ownerId}, ${sql.json({ image: "checks/boot:1" })}, 'finalized', 'workload_exited', 'failure', 1,
+        now() - interval '21 minutes', now() - interval '20 minutes', ${randomUUID()}, ${boardId})`;
+    await sql`
+      insert into job_hosts (job_id, host_id, attempt, termination, terminated_at, released_at)
+      values (${healthJob}, ${boardId}, 1, ${sql.json({ reason: "workload_exited", exitStatus: "failure", exitCode: 1, message: "" })},
+        now() - interval '20 minutes', now() - interval '20 minutes')`;
     await sql`
       insert into host_health_events (host_id, health, reason, actor, job_id, at) values
         (${boardId}, 'healthy', '', 'user:host-admin', null, now() - interval '2 days'),
@@ -121,11 +131,13 @@ describe("the web console's host and health check pages in headless Chromium", (
     expect(await page.locator(".facts").textContent()).toContain("quarantined (3 infrastructure failures in a row)");
     expect(await page.locator("#host-online").textContent()).toBe("offline");
 
-    // 24 jobs ended within 24 hours (8 of them infrastructure failures), all 30 within 7 days (10).
+    // 24 jobs and the health job ended within 24 hours (8 of them infrastructure failures), all 31 within 7 days (10).
     const stats = page.locator("#host-stats");
     const cells = async (label: string) => (await stats.locator("tr", { hasText: label }).locator("td").allTextContents()).slice(1);
-    expect(await cells("Jobs run")).toEqual(["24", String(JOBS)]);
-    expect(await cells("Infrastructure failures")).toEqual(["8 (33.3%)", "10 (33.3%)"]);
+    expect(await cells("Jobs run")).toEqual(["25", String(JOBS + 1)]);
+    expect(await cells("Job failures")).toEqual(["1", "1"]);
+    expect(await cells("Infrastructure failures")).toEqual(["8 (32.0%)", "10 (32.3%)"]);
+    expect(await page.locator("#host-last-check").textContent()).toMatch(/^failed /);
     expect(await cells("Online")).toEqual(["0.0%", "0.0%"]);
     expect(await cells("Time quarantined")).toEqual(["5h", "5h"]);
 
@@ -140,13 +152,26 @@ describe("the web console's host and health check pages in headless Chromium", (
     const jobs = page.locator("#host-jobs tbody tr");
     await page.locator(`#host-jobs tr[data-job-id="${quarantiningJob}"]`).waitFor(WAIT);
     expect(await jobs.count()).toBe(25);
-    // Newest first.
-    expect(await jobs.first().getAttribute("data-job-id")).toBe(quarantiningJob);
+    // Newest first: the health job, marked so.
+    expect(await jobs.first().getAttribute("data-job-id")).toBe(healthJob);
+    expect(await jobs.first().textContent()).toContain("health check");
     await page.screenshot({ path: `${ARTIFACTS}/host.png`, fullPage: true });
     await page.getByRole("button", { name: "Load older jobs" }).click();
-    await page.locator("#host-jobs tbody tr").nth(JOBS - 1).waitFor(WAIT);
-    expect(await jobs.count()).toBe(JOBS);
+    await page.locator("#host-jobs tbody tr").nth(JOBS).waitFor(WAIT);
+    expect(await jobs.count()).toBe(JOBS + 1);
     await page.getByRole("button", { name: "Load older jobs" }).waitFor({ state: "hidden", ...WAIT });
+  }, 60_000);
+
+  it("lists only health jobs, marked so, when the jobs list is filtered by kind", async () => {
+    await page.goto(`${c.url}/jobs`);
+    await page.locator(`tr[data-job-id="${quarantiningJob}"]`).waitFor(WAIT);
+    await page.getByLabel("Kind").selectOption("health");
+    await page.waitForURL(/kind=health/, WAIT);
+    const rows = page.locator("#jobs-table tbody tr");
+    await page.locator(`tr[data-job-id="${healthJob}"]`).waitFor(WAIT);
+    await page.locator(`tr[data-job-id="${quarantiningJob}"]`).waitFor({ state: "detached", ...WAIT });
+    expect(await rows.count()).toBe(1);
+    expect(await rows.first().textContent()).toContain("health check");
   }, 60_000);
 
   it("lets an admin define, change and delete a health check, refusing a bad one with the field's name", async () => {

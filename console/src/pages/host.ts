@@ -9,6 +9,7 @@ import { percentText, spanText } from "../../../lib/figures.js";
 import { enumWord, healthTone, iso, jobStatus, jobTone, shortId, stateWord, tagsText, when } from "../format.js";
 import type { PageContext } from "../main.js";
 import { hostActions } from "./host-actions.js";
+import { imageCell } from "./jobs.js";
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const JOB_HEADERS = ["Job", "Image", "State", "Owner", "Submitted"];
@@ -185,7 +186,7 @@ function jobRow(job: Job, names: Map<string, string>): HTMLTableRowElement {
     JOB_HEADERS,
     [
       link(`/jobs/${job.id}`, h("code", { title: job.id }, shortId(job.id))),
-      job.spec?.image ?? "",
+      imageCell(job),
       h("span", { class: `badge ${jobTone(job)}` }, jobStatus(job)),
       names.get(job.ownerUserId) ?? shortId(job.ownerUserId),
       h("time", { datetime: iso(job.createTime) }, when(job.createTime)),

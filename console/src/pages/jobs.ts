@@ -27,12 +27,21 @@ export async function jobsPage({ app, api, main, signal, query }: PageContext): 
   stateSelect.value = query.get("state") ?? "";
   const ownerInput = h("input", { id: "filter-owner", name: "owner", placeholder: "me, a user name or id", value: query.get("owner") ?? "" });
   const tagInput = h("input", { id: "filter-tag", name: "tag", placeholder: "key=value", value: query.get("tag") ?? "" });
+  const kindSelect = h(
+    "select",
+    { id: "filter-kind", name: "kind" },
+    h("option", { value: "" }, "any"),
+    h("option", { value: "health" }, "health checks"),
+    h("option", { value: "user" }, "user jobs"),
+  );
+  kindSelect.value = query.get("kind") ?? "";
   const filters = h(
     "form",
     { class: "filters", role: "search", "aria-label": "Filter jobs" },
     h("div", { class: "field" }, h("label", { for: "filter-state" }, "State"), stateSelect),
     h("div", { class: "field" }, h("label", { for: "filter-owner" }, "Owner"), ownerInput),
     h("div", { class: "field" }, h("label", { for: "filter-tag" }, "Tag"), tagInput),
+    h("div", { class: "field" }, h("label", { for: "filter-kind" }, "Kind"), kindSelect),
     h("button", { type: "submit" }, "Apply"),
   );
   filters.addEventListener("submit", (event) => {
@@ -41,9 +50,11 @@ export async function jobsPage({ app, api, main, signal, query }: PageContext): 
     if (stateSelect.value) q.set("state", stateSelect.value);
     if (ownerInput.value.trim()) q.set("owner", ownerInput.value.trim());
     if (tagInput.value.trim()) q.set("tag", tagInput.value.trim());
+    if (kindSelect.value) q.set("kind", kindSelect.value);
     app.navigate(`/jobs${q.size > 0 ? `?${q}` : ""}`);
   });
   stateSelect.addEventListener("change", () => filters.requestSubmit());
+  kindSelect.addEventListener("change", () => filters.requestSubmit());
 
   const live = h("span", { class: "live", role: "status" }, "connecting…");
   const status = h("div", { class: "status-area" });
@@ -120,6 +131,9 @@ function buildFilter(query: URLSearchParams, me: string, names: Map<string, stri
     const byName = [...names.entries()].find(([, name]) => name === owner)?.[0];
     filter.ownerUserId = byName ?? owner;
   }
+  const kind = query.get("kind") ?? "";
+  if (kind === "health") filter.healthJobs = true;
+  else if (kind === "user") filter.healthJobs = false;
   const tag = (query.get("tag") ?? "").trim();
   if (tag !== "") {
     try {
@@ -131,12 +145,20 @@ function buildFilter(query: URLSearchParams, me: string, names: Map<string, stri
   return filter;
 }
 
+/** A job's image, marked when the job is a health check's (Job.health_check_id). */
+export function imageCell(job: Job): HTMLElement {
+  const image = job.spec?.image ?? "";
+  return job.healthCheckId
+    ? h("span", {}, image, " ", h("span", { class: "badge tone-run", title: `health check ${job.healthCheckId}` }, "health check"))
+    : h("span", {}, image);
+}
+
 function jobRow(job: Job, names: Map<string, string>, hosts: Map<string, string>): HTMLTableRowElement {
   return tableRow(
     HEADERS,
     [
       link(`/jobs/${job.id}`, h("code", { title: job.id }, shortId(job.id))),
-      job.spec?.image ?? "",
+      imageCell(job),
       h("span", { class: `badge ${jobTone(job)}` }, jobStatus(job)),
       names.get(job.ownerUserId) ?? shortId(job.ownerUserId),
       job.hostIds.map((id) => hosts.get(id) ?? shortId(id)).join(", "),
