@@ -150,7 +150,7 @@ describe("tml token and host", () => {
     expect(created.stdout).toMatch(/tmh_\S+/);
     expect(created.stdout).toContain(`treadmill-supervisor --coordinator-url ${world.url} --name bench-1 --driver process`);
     const table = await tml(config, ["host", "list"]);
-    expect(table.stdout).toMatch(/bench-1\s+offline, enabled\s+process\s+lab-a\s+0\/1\s+board=nrf52840dk/);
+    expect(table.stdout).toMatch(/bench-1\s+offline, enabled\s+unknown\s+process\s+lab-a\s+0\/1\s+board=nrf52840dk/);
     const yaml = await tml(config, ["host", "get", "bench-1", "-o", "yaml"]);
     expect(yaml.stdout).toContain("name: bench-1");
     expect(yaml.stdout).toContain("site: lab-a");
