@@ -9,13 +9,14 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Code, type ConnectError } from "@connectrpc/connect";
 import { FinalizeReason } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { silentLogger } from "../../lib/logger.js";
 import { loadSupervisorConfig } from "../../supervisor/config.js";
 import { createSupervisor, type Supervisor } from "../../supervisor/supervisor.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
-import { FAST, codeOf, insertImage, jobInState, uniqueTag, waitUntil } from "../support/jobs.js";
+import { FAST, insertImage, jobInState, uniqueTag, waitUntil } from "../support/jobs.js";
 
 describe("host health with a process supervisor", () => {
   let c: TestCoordinator;
@@ -65,6 +66,9 @@ describe("host health with a process supervisor", () => {
     const [h] = await c.sql`select health, health_reason from hosts where id = ${host.id}`;
     expect(h.health).toBe("quarantined");
     for (const id of ids) expect(h.health_reason).toContain(id);
-    expect(await codeOf(jobs.submitJob({ spec: { image: ref, hosts: { tags } } }))).toBe("FailedPrecondition");
+    const refused = (await jobs.submitJob({ spec: { image: ref, hosts: { tags } } }).catch((e: unknown) => e)) as ConnectError;
+    expect(refused.code).toBe(Code.FailedPrecondition);
+    // The refusal says why whole: the host's reason names the three jobs and the last failure.
+    expect(refused.rawMessage).toContain(`${host.name} quarantined (${h.health_reason})`);
   }, 120_000);
 });

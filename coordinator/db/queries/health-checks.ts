@@ -254,6 +254,12 @@ export interface MatchingHost {
  * the grace period `graceMs`), under check; null when it can. Those that can
  * come first, then those that soon may (SOON).
  */
+/** " (reason)" of a host's state, cut with an ellipsis past 400 characters; '' when there is none. */
+const because = (sql: Db, reason: Fragment) => sql`
+  case when ${reason} = '' then ''
+       when length(${reason}) > 400 then ' (' || left(${reason}, 399) || '…)'
+       else ' (' || ${reason} || ')' end`;
+
 export function matchingHosts(
   sql: Db,
   r: { tags: Record<string, string>; site: string | null; driver: string | null; media: string[]; owner: string; graceMs: number },
@@ -263,8 +269,8 @@ export function matchingHosts(
     select name, why from (
       select h.name,
         case when h.health = 'retired' then 'retired'
-             when h.health = 'quarantined' then 'quarantined' || case when h.health_reason <> '' then ' (' || left(h.health_reason, 200) || ')' else '' end
-             when h.admin_state = 'disabled' then 'disabled' || case when h.admin_state_reason <> '' then ' (' || left(h.admin_state_reason, 200) || ')' else '' end
+             when h.health = 'quarantined' then 'quarantined' || ${because(sql, sql`h.health_reason`)}
+             when h.admin_state = 'disabled' then 'disabled' || ${because(sql, sql`h.admin_state_reason`)}
              when h.admin_state = 'draining' or h.supervisor_draining then 'draining'
              when h.attached_replica is null and h.detached_at > now() - ${r.graceMs} * interval '1 millisecond' then ${RECONNECTING}
              when h.attached_replica is null then 'offline'
