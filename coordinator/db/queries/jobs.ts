@@ -418,19 +418,19 @@ export async function assignJobs(
 // The sweep (jobs/sweeper.ts): jobs past their timeouts, each re-checked
 // under its row lock (rows busy elsewhere are left for the next sweep).
 
-/** Queued jobs past their queue timeout, oldest first (at most `limit`). */
+/** Queued jobs past their queue timeout, the longest past first (at most `limit`), through jobs_queue_deadline_idx (migration 0016). */
 export function queueTimedOut(sql: Db, limit: number): Promise<{ id: string }[]> {
   return sql<{ id: string }[]>`
     select id from jobs
-    where state = 'queued' and queued_at + queue_timeout_ms * interval '1 millisecond' < now()
-    order by queued_at limit ${limit}`;
+    where state = 'queued' and queue_deadline_at < now()
+    order by queue_deadline_at limit ${limit}`;
 }
 
 /** Locks job `id` if it is still queued past its queue timeout (not busy elsewhere). */
 export async function lockQueueTimedOut(tx: Db, id: string): Promise<boolean> {
   const rows = await tx`
     select id from jobs
-    where id = ${id} and state = 'queued' and queued_at + queue_timeout_ms * interval '1 millisecond' < now()
+    where id = ${id} and state = 'queued' and queue_deadline_at < now()
     for update skip locked`;
   return rows.length > 0;
 }
