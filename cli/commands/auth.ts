@@ -1,4 +1,5 @@
 /** `tml login`, `logout`, `whoami`, `token ...` and `context ...`. */
+import { allPages } from "../pages.js";
 import { resolve } from "node:path";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
@@ -211,16 +212,13 @@ export const authCommands: Command[] = [
     examples: ["tml token list", "tml token list --all -o json"],
     async run(ctx, { flags }) {
       const auth = await ctx.client(AuthService);
-      const tokens: ApiToken[] = [];
-      let pageToken = "";
-      do {
+      const tokens: ApiToken[] = await allPages(async (pageToken) => {
         const page = await auth.listTokens(
           { userId: flags.user ?? "", includeInactive: flags.all === true, pageToken, pageSize: 500 },
           { timeoutMs: 15_000 },
         );
-        tokens.push(...page.tokens);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== "");
+        return { items: page.tokens, nextPageToken: page.nextPageToken };
+      });
       ctx.out.data(
         tokens.map((t) => jsonOf(ApiTokenSchema, t)),
         () =>

@@ -3,6 +3,7 @@
  * quarantine|return|retire` (HealthService; docs/health.md). Reads are open
  * to every user; the rest needs an admin.
  */
+import { allPages } from "../pages.js";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import type { Client } from "@connectrpc/connect";
 import { DriverKindSchema, HostHealthSchema, HostSchema, type Host } from "../../gen/treadmill/coordinator/v1/host_pb.js";
@@ -151,13 +152,10 @@ export const healthCommands: Command[] = [
     examples: ["tml host health-check list"],
     async run(ctx) {
       const checks = await ctx.client(HealthService);
-      const found: HealthCheck[] = [];
-      let pageToken = "";
-      do {
+      const found: HealthCheck[] = await allPages(async (pageToken) => {
         const page = await checks.listHealthChecks({ pageSize: 1000, pageToken }, { timeoutMs: 30_000 });
-        found.push(...page.healthChecks);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== "");
+        return { items: page.healthChecks, nextPageToken: page.nextPageToken };
+      });
       ctx.out.data(
         found.map((c) => jsonOf(HealthCheckSchema, c)),
         () =>

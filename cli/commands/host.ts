@@ -1,4 +1,5 @@
 /** `tml host list|get|stats|create|update|drain|enable|disable|rm` (changes need an admin). */
+import { allPages } from "../pages.js";
 import type { Client } from "@connectrpc/connect";
 import {
   DriverKind,
@@ -153,9 +154,7 @@ export const hostCommands: Command[] = [
     examples: ["tml host list", "tml host list --tag board=nrf52840dk --online -o json", "tml host list --health quarantined"],
     async run(ctx, { flags }) {
       const hosts = await ctx.client(HostService);
-      const found: Host[] = [];
-      let pageToken = "";
-      do {
+      const found: Host[] = await allPages(async (pageToken) => {
         const page = await hosts.listHosts(
           {
             filter: {
@@ -170,9 +169,8 @@ export const hostCommands: Command[] = [
           },
           { timeoutMs: 30_000 },
         );
-        found.push(...page.hosts);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== "");
+        return { items: page.hosts, nextPageToken: page.nextPageToken };
+      });
       ctx.out.data(
         found.map((h) => jsonOf(HostSchema, h)),
         () =>

@@ -1,4 +1,5 @@
 /** `tml image push|pull|list|inspect|rm|tag`. */
+import { allPages } from "../pages.js";
 import { createHash } from "node:crypto";
 import { mkdir, mkdtemp, open, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -312,16 +313,13 @@ export const imageCommands: Command[] = [
         const { AuthService } = await import("../../gen/treadmill/coordinator/v1/auth_service_pb.js");
         owner = (await (await ctx.client(AuthService)).whoAmI({}, { timeoutMs: 15_000 })).user?.id ?? "";
       }
-      const found: Image[] = [];
-      let pageToken = "";
-      do {
+      const found: Image[] = await allPages(async (pageToken) => {
         const page = await images.listImages(
           { namePrefix: flags.prefix ?? "", visibility, ownerUserId: owner, pageSize: 1000, pageToken },
           { timeoutMs: 30_000 },
         );
-        found.push(...page.images);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== "");
+        return { items: page.images, nextPageToken: page.nextPageToken };
+      });
       ctx.out.data(
         found.map((i) => jsonOf(ImageSchema, i)),
         () => imageRows(ctx, found),

@@ -3,6 +3,7 @@
  * registered with the coordinator (RegistryService.ListServices), live or
  * not, so an operator can see what jobs and caches will be given.
  */
+import { allPages } from "../pages.js";
 import {
   RegisteredServiceSchema,
   RegistryService,
@@ -31,13 +32,10 @@ export const serviceCommands: Command[] = [
         kind = k;
       }
       const registry = await ctx.client(RegistryService);
-      const found: RegisteredService[] = [];
-      let pageToken = "";
-      do {
+      const found: RegisteredService[] = await allPages(async (pageToken) => {
         const page = await registry.listServices({ kind, liveOnly: flags.live === true, pageSize: 1000, pageToken }, { timeoutMs: 30_000 });
-        found.push(...page.services);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== "");
+        return { items: page.services, nextPageToken: page.nextPageToken };
+      });
       ctx.out.data(
         found.map((s) => jsonOf(RegisteredServiceSchema, s)),
         () =>

@@ -1,4 +1,5 @@
 /** `tml user list|get|create|update|passwd|rm` (admins; a user may see itself and change its password). */
+import { allPages } from "../pages.js";
 import type { Client } from "@connectrpc/connect";
 import { Role, RoleSchema, UserSchema, type User } from "../../gen/treadmill/coordinator/v1/user_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
@@ -41,13 +42,10 @@ export const userCommands: Command[] = [
     examples: ["tml user list", "tml user list -o yaml"],
     async run(ctx, { flags }) {
       const users = await ctx.client(UserService);
-      const found: User[] = [];
-      let pageToken = "";
-      do {
+      const found: User[] = await allPages(async (pageToken) => {
         const page = await users.listUsers({ namePrefix: flags.prefix ?? "", pageSize: 1000, pageToken }, { timeoutMs: 30_000 });
-        found.push(...page.users);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== "");
+        return { items: page.users, nextPageToken: page.nextPageToken };
+      });
       ctx.out.data(
         found.map((u) => jsonOf(UserSchema, u)),
         () =>
