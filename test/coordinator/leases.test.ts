@@ -7,10 +7,13 @@ import {
   LeaseEndReason,
   LeaseEventKind,
   LeaseExtensionLimitSchema,
+  LeaseKind,
   LeaseService,
   LeaseState,
   type Lease,
 } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
+import { createHoldLease } from "../../coordinator/db/queries/leases.js";
+import { uuidv7 } from "../../coordinator/shared/common.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { FAST, attach, codeOf, insertImage, jobInState, uniqueTag, waitUntil } from "../support/jobs.js";
@@ -27,7 +30,7 @@ describe("leases", () => {
 
   beforeAll(async () => {
     c = await startTestCoordinator({
-      config: { ...FAST, leaseSweepIntervalMs: 50, leaseGraceMinMs: 50, leaseKeepaliveIntervalMs: 50, leaseMaxDurationMs: 4 * 3600_000 },
+      config: { ...FAST, leaseSweepIntervalMs: 50, leaseGraceMinMs: 50, leaseKeepaliveIntervalMs: 50, leaseMaxDurationMs: 4 * 3600_000, leaseMaxConcurrentPerUser: 3, leaseMaxHostHoursPerDay: 10 },
     });
     image = (await insertImage(c.sql)).ref;
     admin = await c.createUser({ role: "admin" });
@@ -295,5 +298,89 @@ describe("leases", () => {
     expect(await codeOf(leases(mine.token).listLeases({ allUsers: true }))).toBe("PermissionDenied");
     expect((await leases(admin.token).listLeases({ allUsers: true, pageSize: 1000 })).leases.map((l) => l.id)).toEqual(expect.arrayContaining([a.id, b.id]));
     await leases(mine.token).releaseLease({ leaseId: b.id });
+  });
+  /** Tomorrow at `hour`:00 UTC, as a Timestamp (a fixed time of day: per-day sums do not depend on when the test runs). */
+  function tomorrowAt(hour: number) {
+    const d = new Date();
+    d.setUTCDate(d.getUTCDate() + 1);
+    d.setUTCHours(hour, 0, 0, 0);
+    return { seconds: BigInt(d.getTime() / 1000) };
+  }
+
+  it("holds a user to the policy's concurrent leases and host-hours a day", async () => {
+    const tag = uniqueTag();
+    await hostWith(tag);
+    await hostWith(tag);
+    const u = await c.createUser();
+    const mine = leases(u.token);
+    const made: string[] = [];
+    for (let i = 0; i < 3; i++) made.push((await mine.createLease({ hosts: { tags: tag }, duration: hours(1n), startTime: tomorrowAt(2 + i) })).lease!.id);
+    const refusal = async (p: Promise<unknown>) => {
+      const err = await p.then(() => undefined, (e: unknown) => ConnectError.from(e));
+      return err ? `${Code[err.code]}: ${err.rawMessage}` : "accepted";
+    };
+    expect(await refusal(mine.createLease({ hosts: { tags: tag }, duration: hours(1n), startTime: tomorrowAt(6) }))).toBe(
+      "ResourceExhausted: lease policy: at most 3 leases per user at once; you have 3",
+    );
+    await mine.releaseLease({ leaseId: made.pop()! });
+    // 2 host-hours booked (the released lease ended before its start: none); 2 hosts for 3 hours, then 4, make 10: the limit.
+    const big = (await mine.createLease({ hosts: { tags: tag, hostCount: 2 }, duration: hours(3n), startTime: tomorrowAt(8) })).lease!;
+    expect(big.state).toBe(LeaseState.WAITING);
+    await mine.extendLease({ leaseId: big.id, by: hours(1n) });
+    await mine.releaseLease({ leaseId: made.pop()! });
+    const day = new Date(Number(tomorrowAt(0).seconds) * 1000).toISOString().slice(0, 10);
+    expect(await refusal(mine.createLease({ hosts: { tags: tag }, duration: hours(2n), startTime: tomorrowAt(14) }))).toBe(
+      `ResourceExhausted: lease policy: at most 10 host-hours a day per user; ${day} would have 11.0`,
+    );
+    for (const id of [...made, big.id]) await mine.releaseLease({ leaseId: id });
+  });
+
+  it("provisions an active lease with an image through a session job inside it, whose timeout follows the lease's end", async () => {
+    const media = "application/x-treadmill-session-test";
+    const img = (await insertImage(c.sql, { mediaTypes: [media] })).ref;
+    const host = await c.createHost({ tags: uniqueTag(), mediaTypes: [media] });
+    const { lease } = await leases().createLease({ hostNames: [host.name], duration: hours(1n), image: img, parameters: [{ name: "MODE", value: "debug" }] });
+    expect(lease!.state).toBe(LeaseState.ACTIVE);
+    expect(lease!.manifestDigest).toMatch(/^sha256:/);
+    const [job] = await c.sql<{ id: string; lease_id: string; host_count: number; job_timeout_ms: number; owner_id: string }[]>`
+      select id, lease_id, host_count, job_timeout_ms::float8 as job_timeout_ms, owner_id from jobs where lease_id = ${lease!.id}`;
+    expect([job.host_count, job.owner_id]).toEqual([1, user.id]);
+    expect(job.job_timeout_ms).toBeGreaterThan(3600_000 - 60_000);
+    const { job: read } = await c.client(JobService, user.token).getJob({ jobId: job.id });
+    expect(read!.spec!.leaseId).toBe(lease!.id);
+    expect(read!.spec!.parameters.map((p) => [p.name, p.value])).toEqual([["MODE", "debug"]]);
+    const { lease: withJob } = await leases().getLease({ leaseId: lease!.id });
+    expect(withJob!.timeline.find((e) => e.kind === LeaseEventKind.JOB)?.message).toBe(`session job ${job.id} submitted (image ${img})`);
+    await leases().extendLease({ leaseId: lease!.id, by: { seconds: 600n } });
+    const [after] = await c.sql<{ job_timeout_ms: number }[]>`select job_timeout_ms::float8 as job_timeout_ms from jobs where id = ${job.id}`;
+    expect(after.job_timeout_ms).toBe(job.job_timeout_ms + 600_000);
+    await leases().releaseLease({ leaseId: lease!.id });
+    expect((await jobInState(c.sql, job.id, "finalized")).reason).toBe("canceled");
+  });
+
+  it("keeps a failed job's hosts as an ACTIVE hold lease, cut short by a booking of the host, and cancels the job when it ends", async () => {
+    const host = await c.createHost({ tags: uniqueTag() });
+    const start = new Date(Date.now() + 30 * 60_000);
+    const { lease: booking } = await leases(other.token).createLease({
+      hostNames: [host.name],
+      duration: hours(1n),
+      startTime: { seconds: BigInt(Math.floor(start.getTime() / 1000)) },
+    });
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: { none: uniqueTag().t } } }, queueAnyway: true });
+    const hold = await c.sql.begin((tx) =>
+      createHoldLease(tx, { id: uuidv7(), ownerId: user.id, jobId: job!.id, hostIds: [host.id], holdMs: 3600_000, graceMs: 300_000 }),
+    );
+    const { lease } = await leases().getLease({ leaseId: hold!.id });
+    expect([LeaseKind[lease!.kind], LeaseState[lease!.state], lease!.heldJobId]).toEqual(["HOLD", "ACTIVE", job!.id]);
+    expect(timestampDate(lease!.endTime!).getTime()).toBe(Math.floor(start.getTime() / 1000) * 1000);
+    expect(lease!.timeline[0].message).toMatch(/\(cut to the start of the next booking\)$/);
+    expect((await hostRow(host.id)).lease_id).toBe(hold!.id);
+    const [row] = await c.sql<{ lease_id: string }[]>`select lease_id from jobs where id = ${job!.id}`;
+    expect(row.lease_id).toBe(hold!.id);
+    await leases().releaseLease({ leaseId: hold!.id });
+    expect((await jobInState(c.sql, job!.id, "finalized")).reason).toBe("canceled");
+    expect((await hostRow(host.id)).lease_id).toBeNull();
+    expect((await hostRow(host.id)).booked_from?.getTime()).toBe(Math.floor(start.getTime() / 1000) * 1000);
+    await leases(other.token).releaseLease({ leaseId: booking!.id });
   });
 });
