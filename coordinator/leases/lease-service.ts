@@ -76,7 +76,7 @@ import type { JobWatchers } from "../jobs/watchers.js";
 import { checkParameters, durationMs, parseImageReference } from "../jobs/validate.js";
 import type { LeaseConfig } from "./config.js";
 import { activate, bookLease } from "./lifecycle.js";
-import { graceProblem, hostHoursOver, humanDuration, renewEveryMs } from "./policy.js";
+import { type Limits, type PolicyOverride, graceProblem, hostHoursOver, humanDuration, limitsFor, parseOverrides, renewEveryMs } from "./policy.js";
 
 const MINUTE = 60_000;
 const DAY = 24 * 3600_000;
@@ -175,11 +175,21 @@ function validateCreate(req: CreateLeaseRequest, config: LeaseConfig): LeaseAsk 
 }
 
 export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
+  /** The per-selector limits (loadCoordinatorConfig refused malformed ones). */
+  private readonly overrides: readonly PolicyOverride[];
+
   constructor(
     private readonly ctx: CoordinatorContext,
     private readonly config: LeaseConfig,
     private readonly watchers: JobWatchers,
-  ) {}
+  ) {
+    this.overrides = parseOverrides(config.leasePolicyOverrides).overrides;
+  }
+
+  /** The limits of a lease whose selector (with its site) is `tags`. */
+  private limits(tags: Record<string, string>, site: string | null): Limits {
+    return limitsFor(site === null ? tags : { ...tags, site }, this.overrides, this.config);
+  }
 
   /** Lease `id` if the caller may see it (its holder, an admin); NOT_FOUND otherwise. */
   private async visibleLease(caller: UserCaller, id: string, sql: Db = this.ctx.sql, lock = false): Promise<LeaseRow> {
@@ -200,15 +210,14 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
   }
 
   /** RESOURCE_EXHAUSTED when a span of `hostCount` hosts over [from, to) would pass the user's host-hours a day. */
-  private async checkHostHours(tx: Db, ownerId: string, span: { starts_at: Date; ends_at: Date; host_count: number }, exceptId: string | null) {
-    const limit = this.config.leaseMaxHostHoursPerDay;
+  private async checkHostHours(tx: Db, ownerId: string, span: { starts_at: Date; ends_at: Date; host_count: number }, limits: Limits) {
     const dayStart = new Date(Math.floor(span.starts_at.getTime() / DAY) * DAY);
     const dayEnd = new Date(Math.ceil(span.ends_at.getTime() / DAY) * DAY);
-    const others = await leaseSpansOf(tx, ownerId, dayStart, dayEnd, exceptId);
-    const over = hostHoursOver(span, others, limit);
+    const others = await leaseSpansOf(tx, ownerId, dayStart, dayEnd, null, limits.scope);
+    const over = hostHoursOver(span, others, limits.maxHostHoursPerDay);
     if (over) {
       throw exhausted(
-        `lease policy: at most ${limit} host-hours a day per user; ${over.day.toISOString().slice(0, 10)} would have ${over.hours.toFixed(1)}`,
+        `${limits.source}: at most ${limits.maxHostHoursPerDay} host-hours a day per user; ${over.day.toISOString().slice(0, 10)} would have ${over.hours.toFixed(1)}`,
       );
     }
   }
@@ -217,9 +226,6 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
     const caller = requireUser(hctx);
     const ask = validateCreate(req, this.config);
     const admin = caller.role === "admin";
-    if (!admin && ask.durationMs > this.config.leaseMaxDurationMs) {
-      throw exhausted(`lease policy: duration ${humanDuration(ask.durationMs)} is over the maximum of ${humanDuration(this.config.leaseMaxDurationMs)}`);
-    }
     const sql = this.ctx.sql;
     let digest: string | null = null;
     if (ask.image !== "") {
@@ -251,6 +257,12 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
         if (missing.length > 0) throw notFound(`host ${missing[0]} not found`);
         const refused = found.find((f) => !f.allowed);
         if (refused) throw new ConnectError(`host ${refused.name} is not usable by you`, Code.PermissionDenied);
+        // The tags all of them carry: what the policy's overrides see of such a lease.
+        ask.tags = Object.fromEntries(Object.entries(found[0].tags).filter(([k, v]) => found.every((f) => f.tags[k] === v)));
+      }
+      const limits = this.limits(ask.tags, ask.site);
+      if (!admin && ask.durationMs > limits.maxDurationMs) {
+        throw exhausted(`${limits.source}: duration ${humanDuration(ask.durationMs)} is over the maximum of ${humanDuration(limits.maxDurationMs)}`);
       }
       const selector = {
         ownerId: caller.userId,
@@ -269,11 +281,9 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
         );
       }
       if (!admin) {
-        const open = await openLeaseCount(tx, caller.userId);
-        if (open >= this.config.leaseMaxConcurrentPerUser) {
-          throw exhausted(`lease policy: at most ${this.config.leaseMaxConcurrentPerUser} leases per user at once; you have ${open}`);
-        }
-        await this.checkHostHours(tx, caller.userId, { starts_at: startsAt, ends_at: endsAt, host_count: ask.hostCount }, null);
+        const open = await openLeaseCount(tx, caller.userId, limits.scope);
+        if (open >= limits.maxConcurrent) throw exhausted(`${limits.source}: at most ${limits.maxConcurrent} lease${limits.maxConcurrent === 1 ? "" : "s"} per user at once; you have ${open}`);
+        await this.checkHostHours(tx, caller.userId, { starts_at: startsAt, ends_at: endsAt, host_count: ask.hostCount }, limits);
       }
       await tx`
         insert into leases (id, owner_id, host_count, required_tags, required_site, required_driver, host_names, image, manifest_digest,
@@ -445,16 +455,17 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
         new ConnectError(`${reason}: the lease can end at ${iso(max)} at the latest`, code, undefined, [
           { desc: LeaseExtensionLimitSchema, value: { maxEndTime: ts(max), reason } },
         ]);
-      if (caller.role !== "admin" && endsAt.getTime() - l.starts_at.getTime() > this.config.leaseMaxDurationMs) {
-        const max = new Date(l.starts_at.getTime() + this.config.leaseMaxDurationMs);
-        throw limit(max, `lease policy: at most ${humanDuration(this.config.leaseMaxDurationMs)} from its start`, Code.ResourceExhausted);
+      const limits = this.limits(l.required_tags, l.required_site);
+      if (caller.role !== "admin" && endsAt.getTime() - l.starts_at.getTime() > limits.maxDurationMs) {
+        const max = new Date(l.starts_at.getTime() + limits.maxDurationMs);
+        throw limit(max, `${limits.source}: at most ${humanDuration(limits.maxDurationMs)} from its start`, Code.ResourceExhausted);
       }
       const next = await nextBookingAfter(tx, l.id, l.ends_at);
       if (next && next.starts_at < endsAt) {
         throw limit(next.starts_at, `host ${next.host_name} is booked from ${iso(next.starts_at)}`, Code.FailedPrecondition);
       }
       if (caller.role !== "admin") {
-        await this.checkHostHours(tx, l.owner_id, { starts_at: l.ends_at, ends_at: endsAt, host_count: l.host_count }, null);
+        await this.checkHostHours(tx, l.owner_id, { starts_at: l.ends_at, ends_at: endsAt, host_count: l.host_count }, limits);
       }
       await moveLeaseEnd(tx, l, endsAt);
       await recordLeaseEvents(tx, l.id, [

@@ -30,7 +30,7 @@ describe("leases", () => {
 
   beforeAll(async () => {
     c = await startTestCoordinator({
-      config: { ...FAST, leaseSweepIntervalMs: 50, leaseGraceMinMs: 50, leaseKeepaliveIntervalMs: 50, leaseMaxDurationMs: 4 * 3600_000, leaseMaxConcurrentPerUser: 3, leaseMaxHostHoursPerDay: 10 },
+      config: { ...FAST, leaseSweepIntervalMs: 50, leaseGraceMinMs: 50, leaseKeepaliveIntervalMs: 50, leaseMaxDurationMs: 4 * 3600_000, leaseMaxConcurrentPerUser: 3, leaseMaxHostHoursPerDay: 10, leasePolicyOverrides: ["tier=small;max-duration=1h;max-concurrent=1"] },
     });
     image = (await insertImage(c.sql)).ref;
     admin = await c.createUser({ role: "admin" });
@@ -205,6 +205,12 @@ describe("leases", () => {
     expect(lease!.state).toBe(LeaseState.WAITING);
     expect(lease!.statusMessage).toBe(`waiting for its hosts to be free: host ${host.name} still runs job ${job!.id}`);
     expect((await hostRow(host.id)).lease_id).toBeNull();
+    // Another user's calendar shows the job as busy time without saying whose.
+    const cal = await leases(other.token).getLeaseCalendar({ hosts: { tags: tag } });
+    expect(cal.hosts[0].entries.map((e) => [e.kind, e.id, e.ownerUsername])).toEqual([
+      ["job", "", ""],
+      ["lease", lease!.id, user.name],
+    ]);
     await s.exit(job!.id, 1, 0);
     const active = await leaseIn(lease!.id, LeaseState.ACTIVE);
     expect(active.statusMessage).toBe("");
@@ -382,5 +388,30 @@ describe("leases", () => {
     expect((await hostRow(host.id)).lease_id).toBeNull();
     expect((await hostRow(host.id)).booked_from?.getTime()).toBe(Math.floor(start.getTime() / 1000) * 1000);
     await leases(other.token).releaseLease({ leaseId: booking!.id });
+  });
+  it("applies a per-selector override of the policy to the leases asking for its hosts, by selector or by name, and to no other", async () => {
+    const t = uniqueTag().t;
+    const small = await hostWith({ tier: "small", t });
+    await hostWith({ tier: "small", t });
+    const u = await c.createUser();
+    const mine = leases(u.token);
+    const refusal = async (p: Promise<unknown>) => {
+      const err = await p.then(() => undefined, (e: unknown) => ConnectError.from(e));
+      return err ? `${Code[err.code]}: ${err.rawMessage}` : "accepted";
+    };
+    expect(await refusal(mine.createLease({ hosts: { tags: { tier: "small", t } }, duration: hours(2n) }))).toBe(
+      "ResourceExhausted: lease policy for tier=small: duration 2h is over the maximum of 1h",
+    );
+    const { lease } = await mine.createLease({ hosts: { tags: { tier: "small", t } }, duration: hours(1n) });
+    expect(await refusal(mine.createLease({ hostNames: [small.name], duration: hours(1n), startTime: tomorrowAt(3) }))).toBe(
+      "ResourceExhausted: lease policy for tier=small: at most 1 lease per user at once; you have 1",
+    );
+    // Hosts outside the selector keep the global limits.
+    const tag = uniqueTag();
+    await hostWith(tag);
+    const { lease: elsewhere } = await mine.createLease({ hosts: { tags: tag }, duration: hours(2n) });
+    expect(elsewhere!.state).toBe(LeaseState.ACTIVE);
+    await mine.releaseLease({ leaseId: lease!.id });
+    await mine.releaseLease({ leaseId: elsewhere!.id });
   });
 });

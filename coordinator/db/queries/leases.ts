@@ -305,10 +305,11 @@ export async function matchingHostCount(sql: Db, s: Selector): Promise<number> {
   return n;
 }
 
-/** Named hosts: the names that exist, and those of them the owner may use. */
-export async function namedHosts(sql: Db, names: string[], ownerId: string): Promise<{ name: string; allowed: boolean }[]> {
-  return sql<{ name: string; allowed: boolean }[]>`
-    select h.name, treadmill_user_may_use_host(${ownerId}, h.id) as allowed from hosts h where h.name = any(${names}::text[])`;
+/** Named hosts: those that exist, whether the owner may use each, and its tags with its site. */
+export async function namedHosts(sql: Db, names: string[], ownerId: string): Promise<{ name: string; allowed: boolean; tags: Record<string, string> }[]> {
+  return sql<{ name: string; allowed: boolean; tags: Record<string, string> }[]>`
+    select h.name, treadmill_user_may_use_host(${ownerId}, h.id) as allowed, treadmill_host_match_tags(h.tags, h.site) as tags
+    from hosts h where h.name = any(${names}::text[])`;
 }
 
 /** Those of hosts `names` that another booking holds over [from, to). */
@@ -393,21 +394,35 @@ export async function moveLeaseEnd(tx: Db, lease: LeaseRow, endsAt: Date): Promi
   await tx`update lease_hosts set ends_at = ${endsAt} where lease_id = ${lease.id} and open`;
 }
 
+/** Leases (`l`-less: the leases table) whose selector, with its site, includes `scope` (null: every lease). */
+const inScope = (sql: Db, scope: Record<string, string> | null) =>
+  scope === null
+    ? sql``
+    : sql`and (required_tags || case when required_site is null then '{}'::jsonb else jsonb_build_object('site', required_site) end) @> ${sql.json(scope)}`;
+
 /**
- * Host-hours a user's leases (not `exceptId`) take within [from, to): each
- * lease's span there (an ended one up to its end), times its host count,
- * with its start and effective end for per-day sums (policy.ts).
+ * A user's leases (not `exceptId`, only those in `scope`) overlapping
+ * [from, to), each with its start and effective end (an ended one's end)
+ * and host count: what policy.ts sums per day.
  */
-export function leaseSpansOf(sql: Db, ownerId: string, from: Date, to: Date, exceptId: string | null): Promise<{ starts_at: Date; ends_at: Date; host_count: number }[]> {
+export function leaseSpansOf(
+  sql: Db,
+  ownerId: string,
+  from: Date,
+  to: Date,
+  exceptId: string | null,
+  scope: Record<string, string> | null,
+): Promise<{ starts_at: Date; ends_at: Date; host_count: number }[]> {
   return sql<{ starts_at: Date; ends_at: Date; host_count: number }[]>`
     select starts_at, least(ends_at, coalesce(ended_at, ends_at)) as ends_at, host_count from leases
     where owner_id = ${ownerId} and starts_at < ${to} and least(ends_at, coalesce(ended_at, ends_at)) > ${from}
-      ${exceptId !== null ? sql`and id <> ${exceptId}` : sql``}`;
+      ${exceptId !== null ? sql`and id <> ${exceptId}` : sql``} ${inScope(sql, scope)}`;
 }
 
-/** A user's leases not ended. */
-export async function openLeaseCount(sql: Db, ownerId: string): Promise<number> {
-  const [{ n }] = await sql<{ n: number }[]>`select count(*)::int as n from leases where owner_id = ${ownerId} and state <> 'ended'`;
+/** A user's leases not ended (only those in `scope`). */
+export async function openLeaseCount(sql: Db, ownerId: string, scope: Record<string, string> | null): Promise<number> {
+  const [{ n }] = await sql<{ n: number }[]>`
+    select count(*)::int as n from leases where owner_id = ${ownerId} and state <> 'ended' ${inScope(sql, scope)}`;
   return n;
 }
 
@@ -485,7 +500,8 @@ export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<
 
 /**
  * Makes waiting lease `lease` ACTIVE when none of its hosts (locked here)
- * runs a job: the hosts become its (hosts.lease_id). Otherwise returns the
+ * runs a job: the hosts become its (hosts.lease_id) and the scheduler is
+ * woken for the jobs inside it. Otherwise returns the
  * busy hosts with a job each, and the lease stays WAITING.
  */
 export async function activateLease(tx: Db, lease: LeaseRow, actor: string): Promise<{ busy: { name: string; job: string | null }[] }> {
@@ -497,6 +513,8 @@ export async function activateLease(tx: Db, lease: LeaseRow, actor: string): Pro
   await recordLeaseEvents(tx, lease.id, [{ kind: "active", state: "active", message: `hosts ${hosts.map((h) => h.name).join(", ")} are the holder's` }]);
   await audit(tx, { kind: "lease.activate", actor, userId: lease.owner_id, message: `lease ${lease.id} active`, details: { leaseId: lease.id, hosts: hosts.map((h) => h.name) } });
   await tx`select pg_notify('treadmill_hosts', id::text) from unnest(${hosts.map((h) => h.id)}::uuid[]) as u(id)`;
+  // Jobs submitted inside it while it waited can be placed now.
+  await notifySchedule(tx);
   return { busy: [] };
 }
 
