@@ -346,6 +346,7 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
       from old where l.id = old.id
       returning l.state, l.end_reason, l.status_message, l.grace_ms,
         extract(epoch from (now() - greatest(old.keepalive_at, l.starts_at))) * 1000 as silent_ms`;
+    if (!row) throw notFound(`lease ${id} not found`);
     if (row.state === "ended") {
       throw precondition(`lease ${id} has ended (${row.end_reason}${row.status_message ? `: ${row.status_message}` : ""})`);
     }

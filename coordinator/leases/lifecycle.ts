@@ -38,29 +38,32 @@ async function mediaOf(tx: TransactionSql, lease: LeaseRow): Promise<string[]> {
  */
 export async function bookLease(tx: TransactionSql, lease: LeaseRow, now: Date): Promise<boolean> {
   const from = lease.starts_at > now ? lease.starts_at : now;
-  const booked = await bookHosts(tx, lease.id, selectorOf(lease, await mediaOf(tx, lease)), from, lease.ends_at);
-  if (booked === undefined) {
+  const hosts = await bookHosts(tx, lease.id, selectorOf(lease, await mediaOf(tx, lease)), from, lease.ends_at);
+  if (hosts === undefined) {
     const what = lease.host_names.length > 0 ? `host ${lease.host_names.join(", ")}` : `${lease.host_count} matching host${lease.host_count === 1 ? "" : "s"}`;
     const busy = lease.host_names.length > 0 ? await namedHostsBusy(tx, lease.host_names, from, lease.ends_at) : [];
-    await leaseWaits(tx, lease, `no room in the calendar: ${what} not free from ${from.toISOString()} to ${lease.ends_at.toISOString()}${busy.length > 0 ? ` (booked: ${busy.join(", ")})` : ""}; retried until ${(lease.deadline_at ?? lease.ends_at).toISOString()}`);
+    // Its own window, not `from`: the message changes (and goes on the timeline) only when the reason does.
+    const window = `${lease.starts_at.toISOString()} to ${lease.ends_at.toISOString()}`;
+    const booked = busy.length > 0 ? ` (booked: ${busy.join(", ")})` : "";
+    await leaseWaits(tx, lease, `no room in the calendar: ${what} not free from ${window}${booked}; retried until ${(lease.deadline_at ?? lease.ends_at).toISOString()}`);
     return false;
   }
   const waiting = lease.starts_at > now ? `waiting for its start at ${lease.starts_at.toISOString()}` : "";
   await tx`update leases set state = 'waiting', status_message = ${waiting} where id = ${lease.id}`;
-  const names = await tx<{ id: string; name: string }[]>`select id, name from hosts where id = any(${booked}::uuid[])`;
+  const names = await tx<{ id: string; name: string }[]>`select id, name from hosts where id = any(${hosts}::uuid[])`;
   const nameOf = new Map(names.map((h) => [h.id, h.name]));
   await recordLeaseEvents(
     tx,
     lease.id,
-    booked.map((id) => ({ kind: "booked" as const, state: "waiting" as const, hostId: id, message: `host ${nameOf.get(id)} booked from ${from.toISOString()}` })),
+    hosts.map((id) => ({ kind: "booked" as const, state: "waiting" as const, hostId: id, message: `host ${nameOf.get(id)} booked from ${from.toISOString()}` })),
   );
   if (waiting !== "") await recordLeaseEvents(tx, lease.id, [{ kind: "waiting", state: "waiting", message: waiting }]);
   await audit(tx, {
     kind: "lease.book",
     actor: "system",
     userId: lease.owner_id,
-    message: `lease ${lease.id} booked ${booked.map((id) => nameOf.get(id)).join(", ")}`,
-    details: { leaseId: lease.id, hosts: booked, from: from.toISOString(), to: lease.ends_at.toISOString() },
+    message: `lease ${lease.id} booked ${hosts.map((id) => nameOf.get(id)).join(", ")}`,
+    details: { leaseId: lease.id, hosts, from: from.toISOString(), to: lease.ends_at.toISOString() },
   });
   return true;
 }

@@ -243,6 +243,8 @@ describe("leases", () => {
     const ended = await leaseIn(late!.id, LeaseState.ENDED);
     expect(ended.endReason).toBe(LeaseEndReason.UNSERVED);
     expect(ended.statusMessage).toMatch(/^not served by .*: no room in the calendar/);
+    // Retried at every sweep, said once.
+    expect(ended.timeline.map((e) => LeaseEventKind[e.kind])).toEqual(["REQUESTED", "WAITING", "ENDED"]);
     // A lease now that ends before the booking starts fits.
     const { lease: before } = await leases().createLease({ hosts: { tags: tag }, duration: { seconds: 1800n } });
     expect(before!.state).toBe(LeaseState.ACTIVE);

@@ -454,7 +454,7 @@ export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<
   const notes: EventInput[] = [];
   for (const job of heads.values()) {
     const base = { jobId: job.id, attempt: job.attempt, actor: end.actor, ownerId: job.owner_id };
-    notes.push({ ...base, kind: "lease", state: job.state === "queued" ? "finalized" : job.state, message: `lease ${leaseId} ${end.reason}: ${message}` });
+    notes.push({ ...base, kind: "lease", state: job.state, stage: job.stage, message: `lease ${leaseId} ${end.reason}: ${message}` });
     if (job.state === "queued") {
       changes.push({
         kind: "finalize",
@@ -474,8 +474,8 @@ export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<
       });
     }
   }
-  await writeJobStates(tx, changes);
   await recordEvents(tx, notes);
+  await writeJobStates(tx, changes);
   const hosts = await lockLeaseHosts(tx, leaseId);
   const hostIds = hosts.map((h) => h.id);
   await tx`update lease_hosts set open = false where lease_id = ${leaseId}`;
