@@ -22,7 +22,7 @@
 import { SweepLoop } from "../../lib/async/sweep-loop.js";
 import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
-import { endLease, leasesDue, loadLease, lockBookings, lockLeaseDue } from "../db/queries/leases.js";
+import { endLease, leasesDue, loadLease, lockBookings, lockLeaseDue, lockLeaseJobs } from "../db/queries/leases.js";
 import type { LeaseConfig } from "./config.js";
 import { activate, bookLease } from "./lifecycle.js";
 import { decide, humanDuration } from "./policy.js";
@@ -63,8 +63,9 @@ export class LeaseKeeper {
     for (const { id, state } of due) {
       if (this.loop.isStopped) return false;
       await this.ctx.sql.begin(async (tx) => {
-        // Booking takes the bookings' lock before any row lock.
+        // The lock order: the bookings' lock, the lease's jobs, the lease.
         if (state === "requested") await lockBookings(tx);
+        await lockLeaseJobs(tx, id);
         const facts = await lockLeaseDue(tx, id, this.startedAt);
         if (!facts) return;
         const { lease } = facts;

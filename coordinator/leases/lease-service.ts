@@ -50,6 +50,7 @@ import {
   loadLease,
   lockBookings,
   leaseRequestDone,
+  lockLeaseJobs,
   matchingHostCount,
   moveLeaseEnd,
   namedHosts,
@@ -446,6 +447,8 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
     const sql = this.ctx.sql;
     const lease = await sql.begin(async (tx) => {
       await lockBookings(tx);
+      // Its session job's row (moveLeaseEnd changes its timeout) before the lease's: the lock order.
+      await lockLeaseJobs(tx, (await this.visibleLease(caller, req.leaseId, tx)).id);
       const l = await this.visibleLease(caller, req.leaseId, tx, true);
       if (req.requestId !== "") {
         if (await leaseRequestDone(tx, l.id, req.requestId)) return l;

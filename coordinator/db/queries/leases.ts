@@ -14,8 +14,9 @@
  *   (`refreshBookedFrom`): the scheduler backfills before it;
  * - `hosts.lease_id` names the ACTIVE lease holding the host, and only that.
  *
- * Lock order, as the job system's with leases first: lease rows, job rows
- * (job_hosts), host rows by id.
+ * Lock order, the job system's with lease rows after job rows (a job's end,
+ * under its row lock, may end its hold lease): `lockBookings`, job rows by
+ * id (`lockLeaseJobs`), lease rows, host rows by id.
  *
  * Channel 'treadmill_leases', payload a lease id: the lease changed
  * (WatchLease). Ending a lease also notifies 'treadmill_schedule' (its hosts
@@ -38,7 +39,7 @@ import {
 import { clipText, durationOf, ts } from "../../shared/common.js";
 import { audit } from "./audit.js";
 import { type EventInput, recordEvents } from "./events.js";
-import { type JobStateChange, lockJobHeads, notifySchedule, writeJobStates } from "./jobs.js";
+import { type JobHead, type JobStateChange, lockJobHeads, notifySchedule, writeJobStates } from "./jobs.js";
 
 type Db = Sql | TransactionSql;
 
@@ -380,10 +381,10 @@ export async function nextBookingAfter(tx: Db, leaseId: string, from: Date): Pro
   return row;
 }
 
-/** Moves lease `lease`'s end (its bookings', its session job's timeout) to `endsAt`; the caller holds the lease's lock and `lockBookings`. */
+/** Moves lease `lease`'s end (its bookings', its session job's timeout) to `endsAt`; the caller holds `lockBookings`, the lease's jobs (lockLeaseJobs) and the lease. */
 export async function moveLeaseEnd(tx: Db, lease: LeaseRow, endsAt: Date): Promise<void> {
   const by = endsAt.getTime() - lease.ends_at.getTime();
-  // Its session job runs until its end (job rows before host rows: none are locked here).
+  // Its session job runs until its end.
   if (lease.session_job_id !== null) {
     await tx`
       update jobs set job_timeout_ms = job_timeout_ms + ${by}, queue_timeout_ms = queue_timeout_ms + ${by},
@@ -426,6 +427,19 @@ export async function openLeaseCount(sql: Db, ownerId: string, scope: Record<str
   return n;
 }
 
+/**
+ * Locks the unfinished jobs inside lease `leaseId` (its session job, jobs
+ * run inside it, a hold's job) in id order: before the lease's row, in the
+ * lock order. Returns their heads.
+ */
+export async function lockLeaseJobs(tx: Db, leaseId: string): Promise<Map<string, JobHead>> {
+  const rows = await tx<{ id: string }[]>`select id from jobs where lease_id = ${leaseId} and state <> 'finalized'`;
+  return lockJobHeads(
+    tx,
+    rows.map((r) => r.id),
+  );
+}
+
 /** How a lease ends. */
 export interface LeaseEnd {
   reason: LeaseEndReasonName;
@@ -441,15 +455,16 @@ export interface LeaseEnd {
  * each gets a LEASE event saying why), its bookings close, its hosts leave
  * it and their booked_from is recomputed, and the scheduler is woken so that
  * queued jobs get the hosts at once. Locks the lease, then its jobs, then
- * its hosts. An ended lease is left as it is. Returns the lease row before
+ * its hosts (the lock order). An ended lease is left as it is. Returns the lease row before
  * the end (undefined: no such lease).
  */
 export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<LeaseRow | undefined> {
+  await lockLeaseJobs(tx, leaseId);
   const lease = await loadLease(tx, leaseId, { lock: true });
   if (!lease || lease.state === "ended") return lease;
   const message = clipText(end.message, 1024);
-  const jobIds = await tx<{ id: string }[]>`select id from jobs where lease_id = ${leaseId} and state <> 'finalized'`;
-  const heads = await lockJobHeads(tx, jobIds.map((j) => j.id));
+  // Under the lease's lock no job joins it any more; one that joined before it is locked now.
+  const heads = await lockLeaseJobs(tx, leaseId);
   const changes: JobStateChange[] = [];
   const notes: EventInput[] = [];
   for (const job of heads.values()) {
