@@ -70,6 +70,10 @@ describe("leases", () => {
     expect(lease!.ownerUsername).toBe(user.name);
     expect((await hostRow(host.id)).lease_id).toBe(lease!.id);
     expect((await hostRow(host.id)).booked_from).not.toBeNull();
+    const [n] = await c.sql<{ n: number }[]>`select count(*)::int as n from hosts where lease_id is not null`;
+    expect(n.n).toBeGreaterThanOrEqual(1);
+    const metrics = await (await fetch(`${c.url}/metrics`)).text();
+    expect(metrics).toContain(`treadmill_coordinator_leases{state="hosts",component="coordinator"} ${n.n}\n`);
 
     const { lease: released } = await leases().releaseLease({ leaseId: lease!.id });
     expect(released!.state).toBe(LeaseState.ENDED);
