@@ -83,6 +83,8 @@ const MINUTE = 60_000;
 const DAY = 24 * 3600_000;
 /** A start this far in the past is taken as now (clocks differ); further back is refused. */
 const START_SLACK_MS = MINUTE;
+/** A lease's duration, or an extension, at most, whoever asks (admins are exempt from the policy, not from this). */
+const MAX_SPAN_MS = 366 * DAY;
 /** A calendar's window, at most. */
 const MAX_CALENDAR_MS = 14 * DAY;
 /** Hosts a calendar shows, at most. */
@@ -152,7 +154,7 @@ function validateCreate(req: CreateLeaseRequest, config: LeaseConfig): LeaseAsk 
     selector = selectorOf("hosts", req.hosts);
   }
   if (req.duration === undefined) throw invalid("duration is required");
-  const duration = durationMs("duration", req.duration, 0, Number.MAX_SAFE_INTEGER);
+  const duration = durationMs("duration", req.duration, 0, MAX_SPAN_MS);
   if (duration < MINUTE) throw invalid("duration must be at least 1 minute");
   const grace = req.gracePeriod === undefined ? config.leaseGraceDefaultMs : durationMs("grace_period", req.gracePeriod, 0, Number.MAX_SAFE_INTEGER);
   const graceWrong = graceProblem(grace, config);
@@ -397,7 +399,8 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
       let seq = "0";
       let stamp = "";
       const next = async (): Promise<{ message?: WatchLeaseResponse; ended: boolean }> => {
-        const lease = (await loadLease(sql, id))!;
+        const lease = await loadLease(sql, id);
+        if (!lease) throw notFound(`lease ${id} not found`);
         const events = await leaseEvents(sql, id, seq);
         if (events.length > 0) seq = events[events.length - 1].seq;
         const message = await this.message(sql, lease);
@@ -443,7 +446,7 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
     checkId("lease_id", req.leaseId);
     checkText("request_id", req.requestId, 64);
     if (req.by === undefined) throw invalid("by is required");
-    const by = durationMs("by", req.by, 0, Number.MAX_SAFE_INTEGER);
+    const by = durationMs("by", req.by, 0, MAX_SPAN_MS);
     const sql = this.ctx.sql;
     const lease = await sql.begin(async (tx) => {
       await lockBookings(tx);

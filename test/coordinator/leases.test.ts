@@ -131,6 +131,9 @@ describe("leases", () => {
     expect(await refusal(leases().createLease({ hosts: { tags: tag }, duration: hours(1n), startTime: { seconds: BigInt(Math.floor(Date.now() / 1000) - 3600) } }))).toBe("InvalidArgument: start_time must not be in the past");
     expect(await refusal(leases().getLease({ leaseId: "nope" }))).toBe("InvalidArgument: lease_id must be a lower-case uuid");
     expect(await refusal(leases().revokeLease({ leaseId: "nope", reason: "x" }))).toBe("PermissionDenied: this call is for admins only");
+    expect(await refusal(leases(admin.token).createLease({ hosts: { tags: tag }, duration: { seconds: 10n ** 12n } }))).toBe(
+      "InvalidArgument: duration must be at most 31622400000 ms",
+    );
     // An admin is exempt from the duration limit.
     const { lease } = await leases(admin.token).createLease({ hosts: { tags: tag }, duration: hours(5n) });
     await leases(admin.token).releaseLease({ leaseId: lease!.id });
