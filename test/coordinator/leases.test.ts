@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { JobEventKind } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { JobEventKind, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import {
   LeaseEndReason,
   LeaseEventKind,
@@ -422,5 +422,31 @@ describe("leases", () => {
     expect(elsewhere!.state).toBe(LeaseState.ACTIVE);
     await mine.releaseLease({ leaseId: lease!.id });
     await mine.releaseLease({ leaseId: elsewhere!.id });
+  });
+  it("writes a job that starts inside a lease on the lease's timeline and tells its watchers which job runs on which host", async () => {
+    const tag = uniqueTag();
+    const host = await c.createHost({ tags: tag });
+    const s = await attach(c, host);
+    open.push(s);
+    const { lease } = await leases().createLease({ hostNames: [host.name], duration: hours(1n) });
+    const seen: { jobs: string[]; events: string[] }[] = [];
+    const abort = new AbortController();
+    const stream = leases().watchLease({ leaseId: lease!.id }, { signal: abort.signal })[Symbol.asyncIterator]();
+    await stream.next();
+    // The scheduler's placement inside leases is another part's: the job is put inside the lease once assigned here.
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: tag } } });
+    await s.startJob(job!.id);
+    await c.sql`update jobs set lease_id = ${lease!.id} where id = ${job!.id}`;
+    await s.report(job!.id, 1, JobState.RUNNING);
+    for (;;) {
+      const next = await stream.next();
+      if (next.done) throw new Error("the stream ended before the job's entry");
+      const m = next.value;
+      seen.push({ jobs: m.lease!.leaseHosts.map((h) => h.jobId), events: m.events.map((e) => e.message) });
+      if (m.events.some((e) => e.kind === LeaseEventKind.JOB)) break;
+    }
+    expect(seen[seen.length - 1]).toEqual({ jobs: [job!.id], events: [`job ${job!.id} running on ${host.name}`] });
+    abort.abort();
+    await leases().releaseLease({ leaseId: lease!.id });
   });
 });
