@@ -111,8 +111,12 @@ interface LeaseAsk {
   requestId: string | null;
 }
 
-function hostsEmpty(h: HostRequirements | undefined): boolean {
-  return h === undefined || (Object.keys(h.tags).length === 0 && h.hostCount === 0 && h.site === undefined && h.driverKind === DriverKind.UNSPECIFIED);
+/** `hosts` says nothing beside host names (but their count, if it gives one). */
+function hostsEmpty(h: HostRequirements | undefined, names: number): boolean {
+  return (
+    h === undefined ||
+    (Object.keys(h.tags).length === 0 && (h.hostCount === 0 || h.hostCount === names) && h.site === undefined && h.driverKind === DriverKind.UNSPECIFIED)
+  );
 }
 
 function timeOf(field: string, t: Timestamp | undefined): Date | null {
@@ -143,7 +147,7 @@ function validateCreate(req: CreateLeaseRequest, config: LeaseConfig): LeaseAsk 
   let selector: Pick<LeaseAsk, "hostCount" | "tags" | "site" | "driver">;
   const hostNames = [...req.hostNames];
   if (hostNames.length > 0) {
-    if (!hostsEmpty(req.hosts)) throw invalid("hosts must be empty when host_names is set");
+    if (!hostsEmpty(req.hosts, hostNames.length)) throw invalid("hosts must be empty when host_names is set (or give only their count)");
     if (hostNames.length > 64) throw invalid("host_names must have at most 64 entries");
     for (const [i, n] of hostNames.entries()) {
       if (!HOST_NAME.test(n)) throw invalid(`host_names[${i}] must match [a-z0-9][a-z0-9._-]{0,62}`);

@@ -127,6 +127,10 @@ describe("leases", () => {
     expect(await refusal(leases().createLease({ hosts: { tags: tag, hostCount: 2 }, duration: hours(1n) }))).toMatch(/^FailedPrecondition: 1 host in service matches the selector; the lease needs 2/);
     expect(await refusal(leases().createLease({ hostNames: ["no-such-host"], duration: hours(1n) }))).toBe("NotFound: host no-such-host not found");
     expect(await refusal(leases().createLease({ hostNames: ["Bad Name"], duration: hours(1n) }))).toMatch(/^InvalidArgument: host_names\[0\] must match/);
+    expect(await refusal(leases().createLease({ hostNames: ["a", "b"], hosts: { tags: tag }, duration: hours(1n) }))).toBe(
+      "InvalidArgument: hosts must be empty when host_names is set (or give only their count)",
+    );
+    expect(await refusal(leases().createLease({ hostNames: ["a", "a"], duration: hours(1n) }))).toBe('InvalidArgument: host_names[1] "a" is repeated');
     expect(await refusal(leases().createLease({ hosts: { tags: tag }, duration: hours(1n), image: "no-such-image:v1" }))).toBe("NotFound: image no-such-image:v1 not found");
     expect(await refusal(leases().createLease({ hosts: { tags: tag }, duration: hours(1n), startTime: { seconds: BigInt(Math.floor(Date.now() / 1000) - 3600) } }))).toBe("InvalidArgument: start_time must not be in the past");
     expect(await refusal(leases().getLease({ leaseId: "nope" }))).toBe("InvalidArgument: lease_id must be a lower-case uuid");
