@@ -36,6 +36,7 @@ import { driverKindName } from "../db/queries/hosts.js";
 import { type Db, imageForJob } from "../db/queries/jobs.js";
 import {
   type LeaseRow,
+  type LeaseStateName,
   calendarRows,
   endLease,
   leaseEvents,
@@ -347,7 +348,7 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
 
   /** Records a keepalive of lease `id` now; FAILED_PRECONDITION once it has ended. A keepalive after half its grace without one is noted on its timeline. */
   private async renew(tx: Db, id: string, how: string): Promise<void> {
-    const [row] = await tx<{ state: string; end_reason: string | null; status_message: string; silent_ms: number; grace_ms: number }[]>`
+    const [row] = await tx<{ state: LeaseStateName; end_reason: string | null; status_message: string; silent_ms: number; grace_ms: number }[]>`
       with old as (select id, keepalive_at from leases where id = ${id} for update)
       update leases l set keepalive_at = case when l.state = 'ended' then l.keepalive_at else now() end
       from old where l.id = old.id
@@ -358,7 +359,7 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
       throw precondition(`lease ${id} has ended (${row.end_reason}${row.status_message ? `: ${row.status_message}` : ""})`);
     }
     if (row.silent_ms > row.grace_ms / 2) {
-      await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: row.state as LeaseRow["state"], message: `keepalive resumed (${how}) after ${humanDuration(row.silent_ms)} without one` }]);
+      await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: row.state, message: `keepalive resumed (${how}) after ${humanDuration(row.silent_ms)} without one` }]);
     }
   }
 
@@ -387,11 +388,21 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
     let timer: NodeJS.Timeout | undefined;
     const log = this.ctx.logger.child({ subsystem: "leases", leaseId: id });
     try {
-      if (req.keepalive && first.state !== "ended") {
-        await sql.begin(async (tx) => {
-          await this.renew(tx, id, "WatchLease");
-          await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: first.state, message: `keepalive stream opened by ${caller.name}` }]);
-        });
+      // A lease that ended meanwhile is streamed as it is, without a keepalive.
+      const kept =
+        req.keepalive &&
+        first.state !== "ended" &&
+        (await sql
+          .begin(async (tx) => {
+            await this.renew(tx, id, "WatchLease");
+            await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: first.state, message: `keepalive stream opened by ${caller.name}` }]);
+            return true;
+          })
+          .catch((err: unknown) => {
+            if (err instanceof ConnectError && err.code === Code.FailedPrecondition) return false;
+            throw err;
+          }));
+      if (kept) {
         timer = setInterval(() => {
           sql.begin((tx) => this.renew(tx, id, "WatchLease")).catch((err: unknown) => {
             if (err instanceof ConnectError) changes.push(id);
@@ -431,15 +442,12 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
       if (timer !== undefined) {
         // Says on the timeline that the keepalive stopped; the keeper ends the lease LOST after its grace unless it resumes.
         await sql
-          .begin((tx) =>
-            tx`select state from leases where id = ${id}`.then(([l]) =>
-              l && l.state !== "ended"
-                ? recordLeaseEvents(tx, id, [
-                    { kind: "keepalive", state: l.state as LeaseRow["state"], message: `keepalive stream closed; lost after ${humanDuration(first.grace_ms)} without a keepalive` },
-                  ])
-                : undefined,
-            ),
-          )
+          .begin(async (tx) => {
+            const l = await loadLease(tx, id);
+            if (!l || l.state === "ended") return;
+            const message = `keepalive stream closed; lost after ${humanDuration(first.grace_ms)} without a keepalive`;
+            await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: l.state, message }]);
+          })
           .catch((err: unknown) => log.warn({ err }, "could not record the end of a keepalive stream"));
       }
     }

@@ -163,6 +163,10 @@ describe("leases", () => {
     abort.abort();
     const gone = await leaseIn(kept!.id, LeaseState.ENDED);
     expect(gone.endReason).toBe(LeaseEndReason.LOST);
+    // A holder coming back to an ended lease is shown it ended, and the stream ends.
+    const after: LeaseState[] = [];
+    for await (const m of leases().watchLease({ leaseId: kept!.id, keepalive: true })) after.push(m.lease!.state);
+    expect(after).toEqual([LeaseState.ENDED]);
     const { lease: timeline } = await leases().getLease({ leaseId: kept!.id });
     expect(timeline!.timeline.filter((e) => e.kind === LeaseEventKind.KEEPALIVE).map((e) => e.message)).toEqual([
       `keepalive stream opened by ${user.name}`,

@@ -236,11 +236,6 @@ export async function leaseRequestDone(sql: Db, id: string, requestId: string): 
   return rows.length > 0;
 }
 
-/** Lease `id` changed without a timeline entry (a renewal): its watchers re-read it. */
-export async function notifyLease(tx: Db, id: string): Promise<void> {
-  await tx`select pg_notify('treadmill_leases', ${id})`;
-}
-
 /**
  * Serialises bookings (CreateLease, the keeper booking a requested lease,
  * ExtendLease) among themselves for the rest of the transaction, taken
