@@ -457,4 +457,27 @@ describe("leases", () => {
     abort.abort();
     await leases().releaseLease({ leaseId: lease!.id });
   });
+  it("moves a booking off a host that went out of service before the lease's start onto another matching host", async () => {
+    const tag = uniqueTag();
+    const first = await hostWith(tag);
+    const second = await hostWith(tag);
+    const { lease } = await leases().createLease({
+      hosts: { tags: tag },
+      duration: hours(1n),
+      startTime: { seconds: BigInt(Math.floor(Date.now() / 1000) + 2) },
+    });
+    expect(lease!.state).toBe(LeaseState.WAITING);
+    const booked = lease!.leaseHosts[0].hostName;
+    const [gone, other] = booked === first.name ? [first, second] : [second, first];
+    await c.sql`update hosts set health = 'quarantined', health_reason = 'test' where id = ${gone.id}`;
+    const active = await leaseIn(lease!.id, LeaseState.ACTIVE);
+    expect(active.leaseHosts.map((h) => h.hostName)).toEqual([other.name]);
+    expect(active.timeline.filter((e) => e.kind === LeaseEventKind.BOOKED).map((e) => e.message)).toEqual([
+      expect.stringMatching(new RegExp(`^host ${gone.name} booked from `)),
+      `host ${other.name} booked in place of host ${gone.name} (quarantined)`,
+    ]);
+    expect(await hostRow(gone.id)).toEqual({ lease_id: null, booked_from: null });
+    expect((await hostRow(other.id)).lease_id).toBe(lease!.id);
+    await leases().releaseLease({ leaseId: lease!.id });
+  });
 });

@@ -321,10 +321,18 @@ export async function namedHostsBusy(sql: Db, names: string[], from: Date, to: D
  * `leaseId` (lease_hosts rows, booked_from), under their row locks; the
  * caller holds `lockBookings`. Prefers, for a lease starting now, hosts free
  * now (online, no slot held), then those whose running jobs end soonest.
- * Returns the booked host ids by host index, or undefined when the calendar
+ * The hosts take host indices `indices` (default 0 to hostCount - 1).
+ * Returns the booked host ids in that order, or undefined when the calendar
  * has no room.
  */
-export async function bookHosts(tx: Db, leaseId: string, s: Selector, from: Date, to: Date): Promise<string[] | undefined> {
+export async function bookHosts(
+  tx: Db,
+  leaseId: string,
+  s: Selector,
+  from: Date,
+  to: Date,
+  indices: number[] = Array.from({ length: s.hostCount }, (_, i) => i),
+): Promise<string[] | undefined> {
   for (let round = 0; round < 3; round++) {
     const chosen = await tx<{ id: string }[]>`
       select h.id from hosts h
@@ -344,12 +352,29 @@ export async function bookHosts(tx: Db, leaseId: string, s: Selector, from: Date
     if (taken.length > 0) continue;
     await tx`
       insert into lease_hosts (lease_id, host_id, host_index, starts_at, ends_at)
-      select ${leaseId}, id, i - 1, ${from}, ${to} from unnest(${ids}::uuid[]) with ordinality as u(id, i)`;
+      select ${leaseId}, id, i, ${from}, ${to} from unnest(${ids}::uuid[], ${indices}::int[]) as u(id, i)`;
     await refreshBookedFrom(tx, ids);
     await tx`select pg_notify('treadmill_hosts', id::text) from unnest(${ids}::uuid[]) as u(id)`;
     return ids;
   }
   return undefined;
+}
+
+/** The open bookings of lease `leaseId` on hosts out of service now (disabled, draining, quarantined, retired), with why. */
+export function bookingsOutOfService(sql: Db, leaseId: string): Promise<{ host_id: string; name: string; host_index: number; why: string }[]> {
+  return sql<{ host_id: string; name: string; host_index: number; why: string }[]>`
+    select lh.host_id, h.name, lh.host_index, case when h.health in ('quarantined', 'retired') then h.health else h.admin_state end as why
+    from lease_hosts lh join hosts h on h.id = lh.host_id
+    where lh.lease_id = ${leaseId} and lh.open and not (${inService(sql)})
+    order by lh.host_index`;
+}
+
+/** Drops lease `leaseId`'s bookings of hosts `hostIds` (booked_from recomputed). */
+export async function dropBookings(tx: Db, leaseId: string, hostIds: string[]): Promise<void> {
+  await tx`select 1 from hosts where id = any(${[...hostIds].sort()}::uuid[]) order by id for update`;
+  await tx`delete from lease_hosts where lease_id = ${leaseId} and host_id = any(${hostIds}::uuid[])`;
+  await refreshBookedFrom(tx, hostIds);
+  await tx`select pg_notify('treadmill_hosts', id::text) from unnest(${hostIds}::uuid[]) as u(id)`;
 }
 
 /** The hosts of a lease (their ids and names) locked in id order, with a job holding a slot on each, if any. */
