@@ -166,8 +166,8 @@ async function submitSessionJob(tx: TransactionSql, ctx: Pick<CoordinatorContext
     jobTimeoutMs: timeoutMs,
     requestId: null,
     secrets: new Map(),
+    leaseId: lease.id,
   });
-  await tx`update jobs set lease_id = ${lease.id} where id = ${id}`;
   await tx`update leases set session_job_id = ${id} where id = ${lease.id}`;
   await recordEvent(tx, {
     jobId: id,

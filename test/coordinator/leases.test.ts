@@ -194,9 +194,8 @@ describe("leases", () => {
     const tag = uniqueTag();
     await hostWith(tag);
     const { lease } = await leases().createLease({ hosts: { tags: tag }, duration: hours(1n) });
-    // A job inside the lease (SubmitJob with spec.lease_id is another part's): queued behind nothing.
-    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: { none: uniqueTag().t } } }, queueAnyway: true });
-    await c.sql`update jobs set lease_id = ${lease!.id} where id = ${job!.id}`;
+    // A job inside the lease, queued (its host has no supervisor attached).
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, leaseId: lease!.id } });
     await leases(admin.token).revokeLease({ leaseId: lease!.id, reason: "rack maintenance" });
     const row = await jobInState(c.sql, job!.id, "finalized");
     expect(row.reason).toBe("canceled");
@@ -441,10 +440,8 @@ describe("leases", () => {
     const abort = new AbortController();
     const stream = leases().watchLease({ leaseId: lease!.id }, { signal: abort.signal })[Symbol.asyncIterator]();
     await stream.next();
-    // The scheduler's placement inside leases is another part's: the job is put inside the lease once assigned here.
-    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: tag } } });
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, leaseId: lease!.id } });
     await s.startJob(job!.id);
-    await c.sql`update jobs set lease_id = ${lease!.id} where id = ${job!.id}`;
     await s.report(job!.id, 1, JobState.RUNNING);
     for (;;) {
       const next = await stream.next();
