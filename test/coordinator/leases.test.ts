@@ -477,4 +477,29 @@ describe("leases", () => {
     expect((await hostRow(other.id)).lease_id).toBe(lease!.id);
     await leases().releaseLease({ leaseId: lease!.id });
   });
+  it("gives the board to the next queued job once its holder's keepalive has been gone for the grace period", async () => {
+    const tag = uniqueTag();
+    const host = await c.createHost({ tags: tag });
+    const s = await attach(c, host);
+    open.push(s);
+    const holder = new AbortController();
+    const { lease } = await leases().createLease({ hosts: { tags: tag }, duration: hours(1n), gracePeriod: { seconds: 0n, nanos: 300_000_000 } });
+    const stream = leases().watchLease({ leaseId: lease!.id, keepalive: true }, { signal: holder.signal })[Symbol.asyncIterator]();
+    await stream.next();
+    const { job } = await c.client(JobService, other.token).submitJob({ spec: { image, hosts: { tags: tag } } });
+    // A later job placed elsewhere proves a scheduling pass has seen the first: the leased board took nothing.
+    const elsewhere = uniqueTag();
+    const free = await c.createHost({ tags: elsewhere });
+    const s2 = await attach(c, free);
+    open.push(s2);
+    const { job: later } = await c.client(JobService, other.token).submitJob({ spec: { image, hosts: { tags: elsewhere } } });
+    await s2.startJob(later!.id);
+    expect((await c.sql`select state from jobs where id = ${job!.id}`)[0].state).toBe("queued");
+    holder.abort();
+    await s.startJob(job!.id);
+    const { lease: lost } = await leases().getLease({ leaseId: lease!.id });
+    expect(lost!.endReason).toBe(LeaseEndReason.LOST);
+    const [assigned] = await c.sql<{ at: Date }[]>`select assigned_at as at from jobs where id = ${job!.id}`;
+    expect(assigned.at.getTime()).toBeGreaterThanOrEqual(timestampDate(lost!.endReachedTime!).getTime());
+  });
 });
