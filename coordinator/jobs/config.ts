@@ -55,6 +55,12 @@ export const jobConfigFields = {
     min: 1000,
     description: "longest job timeout a job may ask for",
   },
+  maxHoldOnFailureMs: {
+    type: "duration",
+    default: DAY,
+    min: 1000,
+    description: "longest hold a job may ask for (JobSpec.hold_on_failure): a failed job's hosts kept for a post-mortem",
+  },
   maxJobsPerUser: {
     type: "int",
     default: 0,
@@ -134,6 +140,7 @@ export interface JobConfig {
   maxQueueTimeoutMs: number;
   defaultJobTimeoutMs: number;
   maxJobTimeoutMs: number;
+  maxHoldOnFailureMs: number;
   maxJobsPerUser: number;
   maxQueuedJobsPerUser: number;
   schedulerAgingMs: number;

@@ -134,6 +134,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         queueTimeoutMs: spec.queueTimeoutMs,
         jobTimeoutMs: spec.jobTimeoutMs,
         requestId,
+        holdOnFailureMs: spec.holdOnFailureMs,
         secrets: spec.secrets,
       });
       // Another call with this request_id created it meanwhile.

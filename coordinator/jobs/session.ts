@@ -20,6 +20,7 @@ import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampNow } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
+import { JobStage } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import {
   type AttachRequest,
   type AttachResponse,
@@ -347,7 +348,7 @@ export class HostSession {
     }
     const progressed = this.commit(r.jobId, {
       kind: "progress",
-      report: { at, state, stage: state === "initializing" ? stageName(r.stage) : null, message: r.message.slice(0, 4096), actor: this.actor },
+      report: { at, state, stage: state === "initializing" || (state === "running" && r.stage === JobStage.HELD) ? stageName(r.stage) : null, message: r.message.slice(0, 4096), actor: this.actor },
     });
     this.committed(progressed.then(() => this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, false))));
   }

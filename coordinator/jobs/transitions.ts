@@ -22,8 +22,14 @@ import { type Db, type DbState, type JobHead, type JobStateChange, lockJobHeads,
 import { type Ending, endAttempts } from "./store.js";
 import { lockHostAccounts } from "../db/queries/health-checks.js";
 import { type EndFact, accountEnds } from "./health.js";
+import { createHoldLease, endHoldLeases } from "../db/queries/hold.js";
+import { recordEvents, type EventInput } from "../db/queries/events.js";
+import { endOutcome } from "./store.js";
+import { uuidv7 } from "../shared/common.js";
 
 export type { HostTermination };
+
+type Progress = Extract<JobStateChange, { kind: "progress" }>;
 
 const ORDER: Record<string, number> = { assigned: 0, initializing: 1, running: 2, terminating: 3 };
 
@@ -118,10 +124,13 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
     });
   });
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
+  // A finalized job's hold lease (hold_on_failure) ends with it: its hosts go back at once.
+  const finalized = ending.filter((e) => endOutcome(e.job, e.end.reason) === "finalized").map((e) => e.job.id);
   const [outcomes] = await Promise.all([
     endAttempts(tx, ending),
     freed.length > 0 && notifySlotsFreed(tx, freed),
     accountEnds(tx, new Map(accounts.map((a) => [a.id, a])), facts),
+    endHoldLeases(tx, finalized),
   ]);
   ending.forEach((e, k) => (results[e.i].outcome = outcomes[k]));
   return results;
@@ -166,6 +175,8 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
       const least = states.reduce((a, b) => (ORDER[a.state ?? "assigned"] <= ORDER[b.state ?? "assigned"] ? a : b));
       state = (least.state ?? "assigned") as DbState;
       stage = state === "initializing" ? least.stage : null;
+      // Held on one host (its workload failed, hold_on_failure): the job is held.
+      if (state === "running" && states.some((h) => h.stage === "held")) stage = "held";
     }
     if (state === job.state && stage === job.stage) return;
     changes.push({
@@ -187,4 +198,26 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
     });
   });
   await writeJobStates(tx, changes);
+  const held = changes.filter((c): c is Progress => c.kind === "progress" && c.stage === "held" && jobs.get(c.id)?.stage !== "held");
+  if (held.length > 0) await holdHosts(tx, held);
+}
+
+/**
+ * Jobs that went HELD: a hold lease keeps their hosts (db/queries/hold.ts),
+ * and their timelines say which and how to attach or release it.
+ */
+async function holdHosts(tx: Db, held: Progress[]): Promise<void> {
+  const events: EventInput[] = [];
+  for (const c of held) {
+    const e = c.event;
+    const outcome = await createHoldLease(tx, { leaseId: uuidv7(), jobId: c.id, attempt: e.attempt, ownerId: e.ownerId ?? "" });
+    if (outcome.kind === "none") continue;
+    const attach = `attach with "tml console ${c.id}"`;
+    const message =
+      outcome.kind === "created"
+        ? `hosts held for a post-mortem as lease ${outcome.leaseId} until ${outcome.endsAt.toISOString()}: ${attach}; end the hold with "tml lease release ${outcome.leaseId}" or "tml job cancel ${c.id}"`
+        : `hosts held for a post-mortem inside lease ${outcome.leaseId}: ${attach}; end the hold with "tml job cancel ${c.id}"`;
+    events.push({ ...e, kind: "lease", message });
+  }
+  await recordEvents(tx, events);
 }

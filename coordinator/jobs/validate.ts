@@ -37,6 +37,8 @@ export interface ValidSpec {
   queueTimeoutMs: number;
   jobTimeoutMs: number;
   maxRestarts: number;
+  /** How long a failed job's hosts are held (JobSpec.hold_on_failure); null: not held. */
+  holdOnFailureMs: number | null;
 }
 
 /** Parses `name:tag` (tag defaults to `latest`) or a manifest digest. */
@@ -108,6 +110,8 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
   if (maxRestarts < 0 || maxRestarts > 10) throw invalid("spec.restart_policy.max_restarts must be between 0 and 10");
 
   const secrets = checkParameters("spec.parameters", spec.parameters);
+  const holdOnFailureMs =
+    spec.holdOnFailure === undefined ? null : durationMs("spec.hold_on_failure", spec.holdOnFailure, 0, config.maxHoldOnFailureMs);
 
   if (spec.exposedPorts.length > MAX_PORTS) throw invalid(`spec.exposed_ports must have at most ${MAX_PORTS} entries`);
   const ports = new Set<string>();
@@ -141,5 +145,6 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
     queueTimeoutMs,
     jobTimeoutMs,
     maxRestarts,
+    holdOnFailureMs,
   };
 }

@@ -435,11 +435,15 @@ export async function lockQueueTimedOut(tx: Db, id: string): Promise<boolean> {
   return rows.length > 0;
 }
 
-/** Jobs assigned or running past their deadline with no stop requested yet (at most `limit`). */
+/**
+ * Jobs assigned or running past their deadline with no stop requested yet (at
+ * most `limit`). Not a HELD job: its hold lease governs how long it lasts.
+ */
 export function jobTimedOut(sql: Db, limit: number): Promise<{ id: string }[]> {
   return sql<{ id: string }[]>`
     select id from jobs
     where state in ('assigned', 'initializing', 'running', 'terminating') and deadline_at < now() and stop_reason is null
+      and stage is distinct from 'held'
     order by deadline_at limit ${limit}`;
 }
 
@@ -448,7 +452,7 @@ export async function lockJobTimedOut(tx: Db, id: string): Promise<boolean> {
   const rows = await tx`
     select id from jobs
     where id = ${id} and state in ('assigned', 'initializing', 'running', 'terminating')
-      and deadline_at < now() and stop_reason is null
+      and deadline_at < now() and stop_reason is null and stage is distinct from 'held'
     for update skip locked`;
   return rows.length > 0;
 }
@@ -515,6 +519,8 @@ export interface NewJob {
   queueTimeoutMs: number;
   jobTimeoutMs: number;
   requestId: string | null;
+  /** JobSpec.hold_on_failure in ms; null: a failed job is not held. */
+  holdOnFailureMs: number | null;
   /** name -> value of the secret parameters (job_secrets). */
   secrets: ReadonlyMap<string, string>;
 }
@@ -529,11 +535,11 @@ export async function insertJob(tx: TransactionSql, j: NewJob): Promise<string> 
     await tx.savepoint(async (sp) => {
       await sp`
         insert into jobs (id, owner_id, spec, priority, manifest_digest, image_holder, media_types, host_count, required_tags,
-          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id)
+          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id, hold_on_failure_ms)
         values (${j.id}, ${j.ownerId}, ${sp.json(j.spec as never)}, ${j.priority},
           ${j.digest}, ${j.holderId}, ${j.mediaTypes}, ${j.hostCount}, ${sp.json(j.requiredTags)},
           ${j.requiredSite}, ${j.requiredDriver}, ${j.maxRestarts}, ${j.queueTimeoutMs},
-          ${j.jobTimeoutMs}, ${j.requestId})`;
+          ${j.jobTimeoutMs}, ${j.requestId}, ${j.holdOnFailureMs})`;
     });
   } catch (err) {
     if (!isUniqueViolation(err, "jobs_owner_request_id_idx")) throw err;
