@@ -11,9 +11,11 @@ import {
   FinalizeReasonSchema,
   HostControlAction,
   type Job,
+  JobEventKind,
   JobEventKindSchema,
   JobEventSchema,
   JobSchema,
+  JobStage,
   JobStageSchema,
   JobState,
   JobStateSchema,
@@ -73,6 +75,7 @@ function endLine(job: Job): string {
 
 function stateText(job: Job): string {
   if (job.state === JobState.INITIALIZING && job.stage !== 0) return `initializing (${word(JobStageSchema, job.stage)})`;
+  if (job.state === JobState.RUNNING && job.stage === JobStage.HELD) return "held (its workload failed; its hosts are kept as they are)";
   if (job.state === JobState.FINALIZED) return outcome(job);
   return word(JobStateSchema, job.state);
 }
@@ -158,6 +161,11 @@ const runFlags = {
   description: { type: "string", placeholder: "TEXT", description: "free text shown in listings" },
   priority: { type: "string", placeholder: "N", description: "-100 to 100, higher first (default 0)" },
   timeout: { type: "string", placeholder: "DURATION", description: "longest run time, e.g. 30m (default: the server's)" },
+  "hold-on-failure": {
+    type: "string",
+    placeholder: "DURATION",
+    description: "when the workload fails, keep its hosts as they are this long for a post-mortem (a lease) instead of resetting them",
+  },
   "queue-timeout": { type: "string", placeholder: "DURATION", description: "longest wait for hosts (default: the server's)" },
   restarts: { type: "string", placeholder: "N", description: "re-queue up to N times after an infrastructure failure" },
   "queue-anyway": { type: "bool", description: "queue the job even when every host that matches it is quarantined, offline, disabled or retired" },
@@ -200,6 +208,7 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
     },
     priority: flags.priority === undefined ? 0 : parseIntFlag("priority", flags.priority, -100, 100),
     jobTimeout: flags.timeout === undefined ? undefined : durationFromMs(parseDuration("timeout", flags.timeout)),
+    holdOnFailure: flags["hold-on-failure"] === undefined ? undefined : durationFromMs(parseDuration("hold-on-failure", flags["hold-on-failure"])),
     queueTimeout: flags["queue-timeout"] === undefined ? undefined : durationFromMs(parseDuration("queue-timeout", flags["queue-timeout"])),
     restartPolicy: flags.restarts === undefined ? undefined : { maxRestarts: parseIntFlag("restarts", flags.restarts, 0, 10) },
     parameters,
@@ -260,11 +269,16 @@ async function followJob(
   const unsubscribe = ctx.onInterrupt(() => void onInterrupt());
   let last = "";
   let hosts = "";
+  let holdShown = false;
   try {
     const job = await watchJob(jobs, jobId, watch.signal, (job) => {
       const text = stateText(job);
       if (text !== last && job.state !== JobState.FINALIZED) status(`${text}${job.attempt > 1 ? ` (attempt ${job.attempt})` : ""}`);
       last = text;
+      // Held: the timeline names the hold's lease and how to attach.
+      const hold = job.stage === JobStage.HELD ? job.timeline.findLast((e) => e.kind === JobEventKind.LEASE) : undefined;
+      if (hold !== undefined && !holdShown) status(hold.message);
+      holdShown ||= hold !== undefined;
       const jobHosts = job.hostIds.join(", ");
       if (jobHosts !== "" && jobHosts !== hosts) {
         const ids = [...job.hostIds];
