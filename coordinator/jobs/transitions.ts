@@ -124,13 +124,18 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
     });
   });
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
-  // A finalized job's hold lease (hold_on_failure) ends with it: its hosts go back at once.
-  const finalized = ending.filter((e) => endOutcome(e.job, e.end.reason) === "finalized").map((e) => e.job.id);
+  // A job's hold lease (hold_on_failure) ends with its attempt: its hosts go
+  // back at once; a new attempt runs outside it.
+  const restarted = ending.filter((e) => endOutcome(e.job, e.end.reason) === "restarted").map((e) => e.job.id);
   const [outcomes] = await Promise.all([
     endAttempts(tx, ending),
     freed.length > 0 && notifySlotsFreed(tx, freed),
     accountEnds(tx, new Map(accounts.map((a) => [a.id, a])), facts),
-    endHoldLeases(tx, finalized),
+    endHoldLeases(
+      tx,
+      ending.filter((e) => e.job.lease_id !== null).map((e) => e.job.id),
+      restarted,
+    ),
   ]);
   ending.forEach((e, k) => (results[e.i].outcome = outcomes[k]));
   return results;

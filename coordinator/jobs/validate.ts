@@ -112,6 +112,9 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
   const secrets = checkParameters("spec.parameters", spec.parameters);
   const holdOnFailureMs =
     spec.holdOnFailure === undefined ? null : durationMs("spec.hold_on_failure", spec.holdOnFailure, 0, config.maxHoldOnFailureMs);
+  // A multi-host attempt ends at the first end on any host: another host's
+  // exit would decide the outcome of a job held on one.
+  if (holdOnFailureMs !== null && hostCount > 1) throw invalid("spec.hold_on_failure is only for jobs of one host (spec.hosts.host_count 1)");
 
   if (spec.exposedPorts.length > MAX_PORTS) throw invalid(`spec.exposed_ports must have at most ${MAX_PORTS} entries`);
   const ports = new Set<string>();

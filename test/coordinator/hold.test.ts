@@ -53,6 +53,8 @@ describe("hold on failure in the coordinator", () => {
     expect(await codeOf(jobs.submitJob(spec(0n)))).toBe("InvalidArgument");
     expect(await codeOf(jobs.submitJob(spec(-5n)))).toBe("InvalidArgument");
     await expect(jobs.submitJob(spec(7200n))).rejects.toThrow(/spec\.hold_on_failure must be at most 3600000 ms/);
+    const twoHosts = jobs.submitJob({ spec: { image: image.ref, hosts: { hostCount: 2 }, holdOnFailure: { seconds: 60n } } });
+    await expect(twoHosts).rejects.toThrow(/spec\.hold_on_failure is only for jobs of one host/);
   });
 
   it("asks the supervisor to hold a job whose spec has hold_on_failure, and no other", async () => {
@@ -116,6 +118,27 @@ describe("hold on failure in the coordinator", () => {
     expect((await c.sql`select kind from lease_events where lease_id = ${lease.id} order by seq`).map((e) => e.kind)).toEqual(["active", "ended"]);
     const { job } = await jobs.getJob({ jobId });
     expect(job).toMatchObject({ finalizeReason: FinalizeReason.WORKLOAD_EXITED, exitCode: 3 });
+  });
+
+  it("ends the hold lease of a held job whose host came back without it, and runs the next attempt outside the lease", async () => {
+    const tag = uniqueTag();
+    const host = await c.createHost({ tags: tag });
+    const s = await attach(c, host);
+    const { job } = await jobs.submitJob({ spec: { image: image.ref, hosts: { tags: tag }, holdOnFailure: { seconds: 600n }, restartPolicy: { maxRestarts: 1 } } });
+    const jobId = job!.id;
+    await s.startJob(jobId);
+    await s.report(jobId, 1, JobState.RUNNING);
+    await s.hold(jobId, 1, 3);
+    const lease = await waitUntil(async () => (await c.sql<{ id: string }[]>`select id from leases where held_job_id = ${jobId}`)[0], "the hold lease");
+    await s.close();
+    // The supervisor came back without the job (it restarted): HOST_DROPPED, and a new attempt.
+    const again = await attach(c, host);
+    open.push(again);
+    await again.startJob(jobId);
+    expect(await jobRow(c.sql, jobId)).toMatchObject({ attempt: 2 });
+    expect((await c.sql`select state, end_reason from leases where id = ${lease.id}`)[0]).toEqual({ state: "ended", end_reason: "released" });
+    expect((await c.sql`select lease_id from jobs where id = ${jobId}`)[0].lease_id).toBeNull();
+    expect((await c.sql`select lease_id from hosts where id = ${host.id}`)[0].lease_id).toBeNull();
   });
 
   it("lets a requested stop win over a workload's exit, unless the job was held", () => {

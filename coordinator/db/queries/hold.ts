@@ -84,12 +84,14 @@ export async function createHoldLease(tx: Db, h: HoldInput): Promise<HoldOutcome
 }
 
 /**
- * Ends the open hold leases of jobs that ended (RELEASED): their hosts go
- * back to the scheduler at once (hosts.lease_id cleared, booked_from
- * recomputed from the hosts' other open bookings, 'treadmill_schedule').
- * The caller holds the jobs' rows. Returns the leases ended.
+ * Ends the open hold leases of jobs whose attempt ended (RELEASED): their
+ * hosts go back to the scheduler at once (hosts.lease_id cleared,
+ * booked_from recomputed from the hosts' other open bookings,
+ * 'treadmill_schedule'). A job among `restarted` leaves its hold lease (its
+ * new attempt is queued outside it); a finalized one keeps naming it. The
+ * caller holds the jobs' rows. Returns the leases ended.
  */
-export async function endHoldLeases(tx: Db, jobIds: string[]): Promise<string[]> {
+export async function endHoldLeases(tx: Db, jobIds: string[], restarted: string[] = []): Promise<string[]> {
   if (jobIds.length === 0) return [];
   const rows = await tx<{ id: string }[]>`
     with l as (
@@ -108,7 +110,10 @@ export async function endHoldLeases(tx: Db, jobIds: string[]): Promise<string[]>
         booked_from = (select min(x.starts_at) from lease_hosts x
           where x.host_id = h.id and x.open and x.lease_id not in (select id from l))
       where h.id in (select host_id from lh)
-      returning pg_notify('treadmill_hosts', h.id::text), pg_notify('treadmill_schedule', ''))
+      returning pg_notify('treadmill_hosts', h.id::text), pg_notify('treadmill_schedule', '')),
+    ju as (
+      update jobs j set lease_id = null from l
+      where j.id = any(${restarted}::uuid[]) and j.lease_id = l.id)
     select id, (select count(*) from hu) as hosts from l`;
   return rows.map((r) => r.id);
 }

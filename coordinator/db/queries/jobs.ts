@@ -91,14 +91,20 @@ export async function loadJob(sql: Db, id: string, options: { lock?: boolean } =
   return row;
 }
 
-/** What the transitions read of a job: its state and what decides how an attempt ends. */
-export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason" | "health_check_id">;
+/**
+ * What the transitions read of a job: its state and what decides how an
+ * attempt ends; `lease_id` (when read) tells whether a hold lease may end
+ * with the attempt.
+ */
+export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason" | "health_check_id"> & {
+  lease_id?: string | null;
+};
 
 /** The heads of several jobs by id (missing ones are absent), their rows locked in id order. */
 export async function lockJobHeads(sql: Db, ids: string[]): Promise<Map<string, JobHead>> {
   if (ids.length === 0) return new Map();
   const rows = await sql<JobHead[]>`
-    select id, owner_id, state, stage, attempt, max_restarts, stop_reason, health_check_id from jobs
+    select id, owner_id, state, stage, attempt, max_restarts, stop_reason, health_check_id, lease_id from jobs
     where id = any(${[...ids].sort()}::uuid[]) order by id for update`;
   return new Map(rows.map((r) => [r.id, r]));
 }
