@@ -525,8 +525,8 @@ export interface NewJob {
   queueTimeoutMs: number;
   jobTimeoutMs: number;
   requestId: string | null;
-  /** JobSpec.hold_on_failure in ms; null: a failed job is not held. */
-  holdOnFailureMs: number | null;
+  /** JobSpec.hold_on_failure in ms; absent or null: a failed job is not held. */
+  holdOnFailureMs?: number | null;
   /** name -> value of the secret parameters (job_secrets). */
   secrets: ReadonlyMap<string, string>;
 }
@@ -545,7 +545,7 @@ export async function insertJob(tx: TransactionSql, j: NewJob): Promise<string> 
         values (${j.id}, ${j.ownerId}, ${sp.json(j.spec as never)}, ${j.priority},
           ${j.digest}, ${j.holderId}, ${j.mediaTypes}, ${j.hostCount}, ${sp.json(j.requiredTags)},
           ${j.requiredSite}, ${j.requiredDriver}, ${j.maxRestarts}, ${j.queueTimeoutMs},
-          ${j.jobTimeoutMs}, ${j.requestId}, ${j.holdOnFailureMs})`;
+          ${j.jobTimeoutMs}, ${j.requestId}, ${j.holdOnFailureMs ?? null})`;
     });
   } catch (err) {
     if (!isUniqueViolation(err, "jobs_owner_request_id_idx")) throw err;
