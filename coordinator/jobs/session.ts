@@ -219,7 +219,7 @@ export class HostSession {
           if (a.ack) acks.push(ackReport("", a.jobId, a.attempt, true));
           break;
         case "adopt":
-          await hostProgress(tx, at, { state: a.state, stage: a.stage, message: "adopted on attach" }, this.actor);
+          await hostProgress(tx, at, { state: a.state, stage: a.stage, message: "adopted on attach" }, this.actor, this.streams.config);
           break;
         case "mark-started":
           await markStarted(tx, [at]);

@@ -22,10 +22,10 @@ import { type Db, type DbState, type JobHead, type JobStateChange, lockJobHeads,
 import { type Ending, endAttempts } from "./store.js";
 import { lockHostAccounts } from "../db/queries/health-checks.js";
 import { type EndFact, accountEnds } from "./health.js";
-import { createHoldLease, endHoldLeases } from "../db/queries/hold.js";
-import { recordEvents, type EventInput } from "../db/queries/events.js";
+import { endHoldLeases } from "../db/queries/hold.js";
 import { endOutcome } from "./store.js";
-import { uuidv7 } from "../shared/common.js";
+import { holdJobs } from "./holds.js";
+import type { HoldPolicy } from "./config.js";
 
 export type { HostTermination };
 
@@ -126,17 +126,22 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
   // A job's hold lease (hold_on_failure) ends with its attempt: its hosts go
   // back at once; a new attempt runs outside it.
-  const restarted = ending.filter((e) => endOutcome(e.job, e.end.reason) === "restarted").map((e) => e.job.id);
   const [outcomes] = await Promise.all([
     endAttempts(tx, ending),
     freed.length > 0 && notifySlotsFreed(tx, freed),
     accountEnds(tx, new Map(accounts.map((a) => [a.id, a])), facts),
-    endHoldLeases(
-      tx,
-      ending.filter((e) => e.job.lease_id !== null).map((e) => e.job.id),
-      restarted,
-    ),
   ]);
+  // After the ends are written: the lease's end then cancels nothing.
+  const leased = ending.filter((e) => e.job.lease_id !== null);
+  if (leased.length > 0) {
+    const restarted = leased.filter((e) => endOutcome(e.job, e.end.reason) === "restarted").map((e) => e.job.id);
+    await endHoldLeases(
+      tx,
+      leased.map((e) => e.job.id),
+      restarted,
+      leased[0].end.actor,
+    );
+  }
   ending.forEach((e, k) => (results[e.i].outcome = outcomes[k]));
   return results;
 }
@@ -154,12 +159,22 @@ export interface HostReport {
  * attempt in `state`/`stage`. The job's state is the least advanced of its
  * hosts' (TERMINATING as soon as one terminates).
  */
-export async function hostProgress(tx: Db, at: HostAt, report: { state: string; stage: string | null; message: string }, actor: string): Promise<void> {
-  await hostsProgress(tx, [{ at, ...report, actor }]);
+export async function hostProgress(
+  tx: Db,
+  at: HostAt,
+  report: { state: string; stage: string | null; message: string },
+  actor: string,
+  policy: HoldPolicy,
+): Promise<void> {
+  await hostsProgress(tx, [{ at, ...report, actor }], policy);
 }
 
-/** hostProgress for reports on distinct jobs, in two round trips and a few statements whatever their number. */
-export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void> {
+/**
+ * hostProgress for reports on distinct jobs, in two round trips and a few
+ * statements whatever their number (more for a job that goes HELD: its
+ * hold lease, holds.ts, under `policy`).
+ */
+export async function hostsProgress(tx: Db, reports: HostReport[], policy: HoldPolicy): Promise<void> {
   if (reports.length === 0) return;
   const rows = reports.map((r, i) => ({ i, job: r.at.jobId, host: r.at.hostId, attempt: r.at.attempt, state: r.state, stage: r.stage }));
   const [jobs, { took, states: byJob }] = await Promise.all([
@@ -204,25 +219,6 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
   });
   await writeJobStates(tx, changes);
   const held = changes.filter((c): c is Progress => c.kind === "progress" && c.stage === "held" && jobs.get(c.id)?.stage !== "held");
-  if (held.length > 0) await holdHosts(tx, held);
-}
-
-/**
- * Jobs that went HELD: a hold lease keeps their hosts (db/queries/hold.ts),
- * and their timelines say which and how to attach or release it.
- */
-async function holdHosts(tx: Db, held: Progress[]): Promise<void> {
-  const events: EventInput[] = [];
-  for (const c of held) {
-    const e = c.event;
-    const outcome = await createHoldLease(tx, { leaseId: uuidv7(), jobId: c.id, attempt: e.attempt, ownerId: e.ownerId ?? "" });
-    if (outcome.kind === "none") continue;
-    const attach = `attach with "tml console ${c.id}"`;
-    const message =
-      outcome.kind === "created"
-        ? `hosts held for a post-mortem as lease ${outcome.leaseId} until ${outcome.endsAt.toISOString()}: ${attach}; end the hold with "tml lease release ${outcome.leaseId}" or "tml job cancel ${c.id}"`
-        : `hosts held for a post-mortem inside lease ${outcome.leaseId}: ${attach}; end the hold with "tml job cancel ${c.id}"`;
-    events.push({ ...e, kind: "lease", message });
-  }
-  await recordEvents(tx, events);
+  // Went HELD (hold_on_failure): a hold lease keeps their hosts.
+  if (held.length > 0) await holdJobs(tx, held, policy);
 }

@@ -113,7 +113,7 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
 
   const secrets = checkParameters("spec.parameters", spec.parameters);
   const holdOnFailureMs =
-    spec.holdOnFailure === undefined ? null : durationMs("spec.hold_on_failure", spec.holdOnFailure, 0, config.maxHoldOnFailureMs);
+    spec.holdOnFailure === undefined ? null : durationMs("spec.hold_on_failure", spec.holdOnFailure, 0, config.leaseMaxDurationMs);
   // A multi-host attempt ends at the first end on any host: another host's
   // exit would decide the outcome of a job held on one.
   if (holdOnFailureMs !== null && hostCount > 1) throw invalid("spec.hold_on_failure is only for jobs of one host (spec.hosts.host_count 1)");

@@ -9,8 +9,10 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { type Client } from "@connectrpc/connect";
 import { FinalizeReason, JobEventKind, JobStage, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LeaseEndReason, LeaseKind, LeaseService, LeaseState } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { jobTimedOut } from "../../coordinator/db/queries/jobs.js";
 import { settleEnd } from "../../coordinator/jobs/reconciliation.js";
+import { holdRefusal } from "../../coordinator/jobs/holds.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { FAST, attach, codeOf, insertImage, jobInState, jobRow, uniqueTag, waitUntil } from "../support/jobs.js";
@@ -23,7 +25,7 @@ describe("hold on failure in the coordinator", () => {
   const open: ScriptedSupervisor[] = [];
 
   beforeAll(async () => {
-    c = await startTestCoordinator({ config: { ...FAST, maxHoldOnFailureMs: 3600_000 } });
+    c = await startTestCoordinator({ config: { ...FAST, leaseMaxDurationMs: 3600_000, leaseMaxConcurrentPerUser: 2 } });
     alice = await c.createUser();
     image = await insertImage(c.sql);
     jobs = c.client(JobService, alice.token);
@@ -91,6 +93,7 @@ describe("hold on failure in the coordinator", () => {
     expect(event?.message).toContain(`lease ${lease.id}`);
     expect(event?.message).toContain(`tml console ${jobId}`);
     expect(event?.message).toContain(`tml lease release ${lease.id}`);
+    expect(event?.message).toContain(`tml lease renew ${lease.id}`);
 
     // Said again (a hello after a reconnect): no second lease.
     await s.hold(jobId, 1, 3);
@@ -120,6 +123,25 @@ describe("hold on failure in the coordinator", () => {
     expect(job).toMatchObject({ finalizeReason: FinalizeReason.WORKLOAD_EXITED, exitCode: 3 });
   });
 
+  it("ends a held job when its owner releases its lease: the workload's exit code stands, the host goes back", async () => {
+    const { jobId, host, s } = await runningHeldJob();
+    await s.hold(jobId, 1, 6);
+    const { job } = await waitUntil(async () => {
+      const got = await jobs.getJob({ jobId });
+      return got.job?.leaseId ? got : undefined;
+    }, "the job's hold lease");
+    const { lease } = await c.client(LeaseService, alice.token).releaseLease({ leaseId: job!.leaseId });
+    expect(lease).toMatchObject({ kind: LeaseKind.HOLD, state: LeaseState.ENDED, endReason: LeaseEndReason.RELEASED, heldJobId: jobId });
+    const done = await jobInState(c.sql, jobId, "finalized");
+    expect(done).toMatchObject({ reason: "workload_exited", exit_status: "failure", exit_code: 6 });
+    expect((await c.sql`select lease_id from hosts where id = ${host.id}`)[0].lease_id).toBeNull();
+    const { job: after } = await jobs.getJob({ jobId });
+    expect(after!.timeline.filter((e) => e.kind === JobEventKind.LEASE).map((e) => e.message)).toEqual([
+      expect.stringContaining(`held for a post-mortem as lease ${job!.leaseId}`),
+      expect.stringContaining(`lease ${job!.leaseId} released`),
+    ]);
+  });
+
   it("ends the hold lease of a held job whose host came back without it, and runs the next attempt outside the lease", async () => {
     const tag = uniqueTag();
     const host = await c.createHost({ tags: tag });
@@ -139,6 +161,42 @@ describe("hold on failure in the coordinator", () => {
     expect((await c.sql`select state, end_reason from leases where id = ${lease.id}`)[0]).toEqual({ state: "ended", end_reason: "released" });
     expect((await c.sql`select lease_id from jobs where id = ${jobId}`)[0].lease_id).toBeNull();
     expect((await c.sql`select lease_id from hosts where id = ${host.id}`)[0].lease_id).toBeNull();
+  });
+
+  it("does not hold a job beyond its owner's lease limits: it is stopped, says why, and ends with its workload's exit", async () => {
+    const carol = await c.createUser();
+    const asCarol = c.client(JobService, carol.token);
+    const held: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const tag = uniqueTag();
+      const host = await c.createHost({ tags: tag });
+      const s = await attach(c, host);
+      open.push(s);
+      const { job } = await asCarol.submitJob({ spec: { image: image.ref, hosts: { tags: tag }, holdOnFailure: { seconds: 600n } } });
+      await s.startJob(job!.id);
+      await s.report(job!.id, 1, JobState.RUNNING);
+      await s.hold(job!.id, 1, 9);
+      held.push(job!.id);
+    }
+    // Two leases are carol's most: the third job is not held.
+    const done = await jobInState(c.sql, held[2], "finalized");
+    expect(done).toMatchObject({ reason: "workload_exited", exit_code: 9 });
+    const { job } = await asCarol.getJob({ jobId: held[2] });
+    expect(job!.timeline.find((e) => e.kind === JobEventKind.LEASE)?.message).toBe(
+      "not held: its owner has 2 leases open, the most allowed; resetting its hosts",
+    );
+    expect((await c.sql`select count(*)::int as n from leases where owner_id = ${carol.id} and state = 'active'`)[0].n).toBe(2);
+    for (const jobId of held.slice(0, 2)) await asCarol.cancelJob({ jobId });
+  });
+
+  it("counts a hold against its owner's host-hours a day, and exempts admins", () => {
+    const policy = { leaseMaxDurationMs: 86_400_000, leaseGraceDefaultMs: 300_000, leaseMaxConcurrentPerUser: 10, leaseMaxHostHoursPerDay: 4 };
+    const now = new Date("2026-12-07T10:00:00Z");
+    const spans = [{ starts_at: new Date("2026-12-07T08:00:00Z"), ends_at: new Date("2026-12-07T11:00:00Z"), host_count: 1 }];
+    const user = { admin: false, open: 1, spans };
+    expect(holdRefusal(policy, user, 1, now, 3600_000)).toBeUndefined();
+    expect(holdRefusal(policy, user, 1, now, 2 * 3600_000)).toBe("it would take its owner's leases to 5.0 host-hours on 2026-12-07, more than 4");
+    expect(holdRefusal(policy, { ...user, admin: true }, 1, now, 2 * 3600_000)).toBeUndefined();
   });
 
   it("lets a requested stop win over a workload's exit, unless the job was held", () => {
