@@ -26,6 +26,7 @@ import {
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ControlHostResponseSchema, JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LeaseService, LeaseState } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
 import { keepStreaming, sleep } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
@@ -219,6 +220,27 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
 }
 
 /**
+ * Keeps lease `leaseId` alive with a WatchLease keepalive stream, reopened
+ * with backoff, until `signal` aborts or the lease has ended (a held job's
+ * hold: the hold lasts while `tml job run` follows the job, and ends its
+ * grace period after it stops).
+ */
+async function keepLeaseAlive(ctx: CliContext, leaseId: string, signal: AbortSignal): Promise<void> {
+  const leases = await ctx.client(LeaseService);
+  let ended = false;
+  await keepStreaming({
+    open: (attempt) => leases.watchLease({ leaseId, keepalive: true }, { signal: attempt.signal }),
+    onMessage: ({ lease }, attempt) => {
+      attempt.healthy();
+      ended ||= lease?.state === LeaseState.ENDED;
+    },
+    onEnd: () => (ended ? "stop" : undefined),
+    backoff: { initialMs: 250, maxMs: 5000 },
+    signal,
+  }).catch(() => undefined);
+}
+
+/**
  * Follows a job to its end: state changes on stderr (unless quiet), the live
  * log of `channels`, Ctrl-C asking to cancel or detach. Resolves with the
  * exit code.
@@ -270,6 +292,8 @@ async function followJob(
   let last = "";
   let hosts = "";
   let holdShown = false;
+  const holding = new AbortController();
+  let keepalive: Promise<void> | undefined;
   try {
     const job = await watchJob(jobs, jobId, watch.signal, (job) => {
       const text = stateText(job);
@@ -277,7 +301,13 @@ async function followJob(
       last = text;
       // Held: the timeline names the hold's lease and how to attach.
       const hold = job.stage === JobStage.HELD ? job.timeline.findLast((e) => e.kind === JobEventKind.LEASE) : undefined;
-      if (hold !== undefined && !holdShown) status(hold.message);
+      if (hold !== undefined && !holdShown) {
+        status(hold.message);
+        if (job.leaseId !== "") {
+          status("tml keeps the hold alive while it follows the job; once it stops (Ctrl-C, detach), the hold ends after its grace period");
+          keepalive = keepLeaseAlive(ctx, job.leaseId, holding.signal);
+        }
+      }
       holdShown ||= hold !== undefined;
       const jobHosts = job.hostIds.join(", ");
       if (jobHosts !== "" && jobHosts !== hosts) {
@@ -300,6 +330,8 @@ async function followJob(
     await followers.stop();
     throw err;
   } finally {
+    holding.abort();
+    await keepalive;
     unsubscribe();
   }
 }

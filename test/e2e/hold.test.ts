@@ -12,6 +12,7 @@ import { createClient, type Client, type Transport } from "@connectrpc/connect";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { ExitStatus, FinalizeReason, HostControlAction, JobEventKind, JobStage, JobState, type Job } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LeaseEventKind, LeaseService } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
 import { dialTunnel } from "../../lib/tunnel/client.js";
@@ -19,6 +20,7 @@ import { buildFirmwareImage } from "../../testbed/images.js";
 import { pushTestImage } from "../../testbed/provision.js";
 import { startTml } from "../cli/harness.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
+import { waitUntil } from "../support/wait.js";
 
 describe("hold on failure on the testbed", () => {
   let tb: RunningTestbed;
@@ -103,33 +105,40 @@ describe("hold on failure on the testbed", () => {
     expect(after).toMatchObject({ exitStatus: ExitStatus.SUCCESS, hostIds: done.hostIds });
   });
 
-  it("keeps a failed board job's board powered with its serial console and host control until canceled, then powers it off", async () => {
+  it("keeps a failed board job's board powered with its serial console and host control until its owner releases the hold lease, then powers it off", async () => {
     const script = 'echo "firmware up"\necho TREADMILL_EXIT=5\nwhile read line; do echo "post-mortem:$line"; done\n';
     await pushTestImage(bobTransport, await buildFirmwareImage({ dir: join(tb.dir, "images"), script }), "bob/fails:1");
     const { job } = await bob.submitJob({
       spec: { image: "bob/fails:1", hosts: { hostCount: 1, tags: { board: "sim" } }, holdOnFailure: { seconds: 600n } },
     });
     const jobId = job!.id;
-    await held(jobId);
+    const heldJob = await held(jobId);
     expect(await consoleAnswer(jobId, "still-there\n", "post-mortem:still-there")).toContain("post-mortem:still-there");
     // Host control works on the held board: it boots again, and is still held.
     const answer = await bob.controlHost({ jobId, action: HostControlAction.POWER_CYCLE, requestId: `cycle-${jobId}` });
     expect(answer.message).toMatch(/power-cycled/);
     expect((await bob.getJob({ jobId })).job).toMatchObject({ state: JobState.RUNNING, stage: JobStage.HELD });
 
-    await bob.cancelJob({ jobId });
+    await createClient(LeaseService, bobTransport).releaseLease({ leaseId: heldJob.leaseId });
     const done = await tb.waitFinalized(jobId);
     expect(done).toMatchObject({ finalizeReason: FinalizeReason.WORKLOAD_EXITED, exitStatus: ExitStatus.FAILURE, exitCode: 5 });
     expect(await tb.readLog(jobId, "supervisor")).toMatch(/held as it is[\s\S]*hold ended: resetting the host[\s\S]*board powered off \(job stopped\)/);
   });
 
-  it("makes tml job run say how to attach when the job is held, and end with the workload's failure once it is canceled", async () => {
+  it("makes tml job run say how to attach when the job is held, keep the hold alive while it follows, and end with the workload's failure once it is canceled", async () => {
     const run = startTml(join(tb.dir, "tml-contexts.json"), ["job", "run", "bob/sh:1", "--param", "script=exit 4", "--hold-on-failure", "10m"], {
       env: { TML_SERVER: tb.coordinatorUrl, TML_TOKEN: bobToken },
     });
     const hint = await run.waitForLine(/tml console (\S+)/, 60000);
     expect(hint).toMatch(/held for a post-mortem as lease .*tml lease release/);
     const jobId = /tml console (\S+)"/.exec(hint)![1];
+    await run.waitForLine(/tml keeps the hold alive while it follows the job/);
+    const { job } = await bob.getJob({ jobId });
+    const leases = createClient(LeaseService, bobTransport);
+    await waitUntil(async () => {
+      const { lease } = await leases.getLease({ leaseId: job!.leaseId });
+      return lease!.timeline.some((e) => e.kind === LeaseEventKind.KEEPALIVE && e.message === "keepalive stream opened by bob");
+    }, "tml's keepalive on the hold lease");
     await bob.cancelJob({ jobId });
     const result = await run.result;
     expect(result.code).toBe(1);
