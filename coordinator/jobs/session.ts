@@ -346,9 +346,11 @@ export class HostSession {
     if (state !== "initializing" && state !== "running" && state !== "terminating") {
       throw invalid("job_state_report.state must be INITIALIZING, RUNNING or TERMINATING");
     }
+    // A stage while INITIALIZING, and HELD while RUNNING (hold_on_failure).
+    const staged = state === "initializing" || (state === "running" && r.stage === JobStage.HELD);
     const progressed = this.commit(r.jobId, {
       kind: "progress",
-      report: { at, state, stage: state === "initializing" || (state === "running" && r.stage === JobStage.HELD) ? stageName(r.stage) : null, message: r.message.slice(0, 4096), actor: this.actor },
+      report: { at, state, stage: staged ? stageName(r.stage) : null, message: r.message.slice(0, 4096), actor: this.actor },
     });
     this.committed(progressed.then(() => this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, false))));
   }

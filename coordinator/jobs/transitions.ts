@@ -19,11 +19,10 @@
 import { type HostTermination, settleEnd } from "./reconciliation.js";
 import { endSlots, notifySlotsFreed, reportSlots } from "../db/queries/job-hosts.js";
 import { type Db, type DbState, type JobHead, type JobStateChange, lockJobHeads, writeJobStates } from "../db/queries/jobs.js";
-import { type Ending, endAttempts } from "./store.js";
+import { type Ending, endAttempts, endOutcome } from "./store.js";
 import { lockHostAccounts } from "../db/queries/health-checks.js";
 import { type EndFact, accountEnds } from "./health.js";
 import { endHoldLeases } from "../db/queries/hold.js";
-import { endOutcome } from "./store.js";
 import { holdJobs } from "./holds.js";
 import type { HoldPolicy } from "./config.js";
 
@@ -124,14 +123,14 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
     });
   });
   const freed = ends.filter((e, i) => took.has(i) && e.released).map((e) => e.at.hostId);
-  // A job's hold lease (hold_on_failure) ends with its attempt: its hosts go
-  // back at once; a new attempt runs outside it.
   const [outcomes] = await Promise.all([
     endAttempts(tx, ending),
     freed.length > 0 && notifySlotsFreed(tx, freed),
     accountEnds(tx, new Map(accounts.map((a) => [a.id, a])), facts),
   ]);
-  // After the ends are written: the lease's end then cancels nothing.
+  // A job's hold lease (hold_on_failure) ends with its attempt, once the end
+  // is written (the lease's end then cancels nothing): its hosts go back at
+  // once; a new attempt runs outside it.
   const leased = ending.filter((e) => e.job.lease_id !== null);
   if (leased.length > 0) {
     const restarted = leased.filter((e) => endOutcome(e.job, e.end.reason) === "restarted").map((e) => e.job.id);
