@@ -138,6 +138,14 @@ describe("leases", () => {
     expect(await refusal(leases(admin.token).createLease({ hosts: { tags: tag }, duration: { seconds: 10n ** 12n } }))).toBe(
       "InvalidArgument: duration must be at most 31622400000 ms",
     );
+    const now = BigInt(Math.floor(Date.now() / 1000));
+    expect(await refusal(leases().getLeaseCalendar({ from: { seconds: now }, to: { seconds: now - 60n } }))).toBe("InvalidArgument: to must be after from");
+    expect(await refusal(leases().getLeaseCalendar({ from: { seconds: now }, to: { seconds: now + 15n * 86400n } }))).toBe(
+      "InvalidArgument: the window (from to to) must be at most 14 days",
+    );
+    expect(await refusal(leases().getLeaseCalendar({ hosts: { hostCount: 2 } }))).toBe(
+      "InvalidArgument: hosts.host_count must be 0: the calendar shows every matching host",
+    );
     // An admin is exempt from the duration limit.
     const { lease } = await leases(admin.token).createLease({ hosts: { tags: tag }, duration: hours(5n) });
     await leases(admin.token).releaseLease({ leaseId: lease!.id });
