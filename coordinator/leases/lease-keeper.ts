@@ -7,6 +7,8 @@
  *
  * - not ACTIVE by its deadline (its end when none): ended UNSERVED;
  * - ACTIVE past its end: ended EXPIRED;
+ * - a hold whose job has ended: ended RELEASED (the job's end releases its
+ *   hold itself, but leaves a lease another transaction holds locked);
  * - no keepalive for its grace period, counted from its start: ended LOST.
  *   Never earlier than a grace period after this keeper started: a
  *   coordinator restart does not count against the holder, whose client is
@@ -83,6 +85,9 @@ export class LeaseKeeper {
             break;
           case "lost":
             await endLease(tx, id, { reason: "lost", message: `no keepalive for ${humanDuration(lease.grace_ms)}`, actor: "system" });
+            break;
+          case "held-job-ended":
+            await endLease(tx, id, { reason: "released", message: `its held job ${lease.held_job_id} ended`, actor: "system" });
             break;
           case "book":
             if ((await bookLease(tx, lease, facts.now)) && facts.started) {

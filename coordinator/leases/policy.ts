@@ -66,7 +66,7 @@ export function graceProblem(ms: number, config: LeaseConfig): string | undefine
 }
 
 /** What the keeper does with a lease that came due. */
-export type KeeperAction = "unserved" | "expired" | "lost" | "book" | "activate" | "none";
+export type KeeperAction = "unserved" | "expired" | "lost" | "held-job-ended" | "book" | "activate" | "none";
 
 /** The facts the keeper reads of a due lease (db/queries/leases.ts LeaseDue). */
 export interface DueFacts {
@@ -75,12 +75,16 @@ export interface DueFacts {
   over: boolean;
   pastDeadline: boolean;
   silent: boolean;
+  /** A hold lease whose held job is finalized (its end could not take the lease's lock). */
+  heldJobEnded?: boolean;
 }
 
 /**
  * The keeper's decision: a lease not yet ACTIVE by its deadline (its end
  * when none) is UNSERVED; an ACTIVE one past its end EXPIRED; one without a
- * keepalive for its grace period (counted from its start) LOST; a REQUESTED
+ * keepalive for its grace period (counted from its start) LOST; a hold
+ * whose job has ended (the job's end left a lease it found locked) RELEASED;
+ * a REQUESTED
  * one is booked again; a WAITING one whose start has come is activated when
  * its hosts are free.
  */
@@ -88,6 +92,7 @@ export function decide(f: DueFacts): KeeperAction {
   if (f.state === "ended") return "none";
   if (f.state !== "active" && f.pastDeadline) return "unserved";
   if (f.state === "active" && f.over) return "expired";
+  if (f.heldJobEnded) return "held-job-ended";
   if (f.silent) return "lost";
   if (f.state === "requested") return "book";
   if (f.state === "waiting" && f.started) return "activate";

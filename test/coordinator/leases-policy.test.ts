@@ -30,6 +30,12 @@ describe("lease policy", () => {
     expect(decide({ state: "waiting", ...facts, started: true, silent: true })).toBe("lost");
   });
 
+  it("releases a hold whose held job has ended, unless it is already past its end", () => {
+    expect(decide({ state: "active", ...facts, heldJobEnded: true, silent: true })).toBe("held-job-ended");
+    expect(decide({ state: "active", ...facts, heldJobEnded: true, over: true })).toBe("expired");
+    expect(decide({ state: "active", ...facts, heldJobEnded: false })).toBe("none");
+  });
+
   it("books a requested lease again, activates a waiting one whose start came, and leaves the rest", () => {
     expect(decide({ state: "requested", ...facts })).toBe("book");
     expect(decide({ state: "waiting", ...facts, started: true })).toBe("activate");

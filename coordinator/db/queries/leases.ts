@@ -488,6 +488,8 @@ export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<
   const changes: JobStateChange[] = [];
   const notes: EventInput[] = [];
   for (const job of heads.values()) {
+    // A job that finalized while this waited for its lock is left as it ended.
+    if (job.state === "finalized") continue;
     const base = { jobId: job.id, attempt: job.attempt, actor: end.actor, ownerId: job.owner_id };
     notes.push({ ...base, kind: "lease", state: job.state, stage: job.stage, message: `lease ${leaseId} ${end.reason}: ${message}` });
     if (job.state === "queued") {
@@ -617,6 +619,7 @@ export function leasesDue(sql: Db, keeperStartedAt: Date, limit: number): Promis
       state = 'requested'
       or (state = 'waiting' and (starts_at <= now() or coalesce(deadline_at, ends_at) <= now()))
       or ends_at <= now()
+      or (kind = 'hold' and exists (select 1 from jobs j where j.id = held_job_id and j.state = 'finalized'))
       or (now() - greatest(keepalive_at, starts_at) > grace_ms * interval '1 millisecond'
           and now() - ${keeperStartedAt}::timestamptz > grace_ms * interval '1 millisecond'))
     order by least(starts_at, ends_at) limit ${limit}`;
@@ -631,18 +634,21 @@ export interface LeaseDue {
   pastDeadline: boolean;
   /** No keepalive for its grace period (counted from its start, and from this keeper's start). */
   silent: boolean;
+  /** A hold whose held job is finalized. */
+  heldJobEnded: boolean;
 }
 
 export async function lockLeaseDue(tx: Db, id: string, keeperStartedAt: Date): Promise<LeaseDue | undefined> {
-  const [row] = await tx<{ id: string; now: Date; started: boolean; over: boolean; past_deadline: boolean; silent: boolean }[]>`
+  const [row] = await tx<{ id: string; now: Date; started: boolean; over: boolean; past_deadline: boolean; silent: boolean; held_job_ended: boolean }[]>`
     select id, now() as now, starts_at <= now() as started, ends_at <= now() as over,
+      (kind = 'hold' and exists (select 1 from jobs j where j.id = held_job_id and j.state = 'finalized')) as held_job_ended,
       coalesce(deadline_at, ends_at) <= now() as past_deadline,
       (now() - greatest(keepalive_at, starts_at) > grace_ms * interval '1 millisecond'
         and now() - ${keeperStartedAt}::timestamptz > grace_ms * interval '1 millisecond') as silent
     from leases where id = ${id} and state <> 'ended' for update skip locked`;
   if (!row) return undefined;
   const lease = (await loadLease(tx, id))!;
-  return { lease, now: row.now, started: row.started, over: row.over, pastDeadline: row.past_deadline, silent: row.silent };
+  return { lease, now: row.now, started: row.started, over: row.over, pastDeadline: row.past_deadline, silent: row.silent, heldJobEnded: row.held_job_ended };
 }
 
 /** One interval of a host's calendar row. */
