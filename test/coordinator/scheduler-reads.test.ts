@@ -118,11 +118,12 @@ describe("a scheduling pass's reads of hosts", () => {
     const settings = await db.sql.begin(async (tx) => {
       await freeHostsFor(tx, [demand({ board: "x" }, 1)], []);
       return tx<{ name: string; setting: string }[]>`
-        select name, setting from pg_settings where name in ('enable_bitmapscan', 'enable_seqscan') order by name`;
+        select name, setting from pg_settings where name in ('enable_bitmapscan', 'enable_seqscan', 'enable_sort') order by name`;
     });
     expect(settings).toEqual([
       { name: "enable_bitmapscan", setting: "on" },
       { name: "enable_seqscan", setting: "on" },
+      { name: "enable_sort", setting: "on" },
     ]);
   });
 
