@@ -128,9 +128,9 @@ describe("the scheduler with leases", () => {
     const other = await c.createUser();
     const tag = uniqueTag();
     const { host, s } = await hostWith(tag);
-    // Booked from a minute ago, not active yet (as while a job overran on the host).
-    const id = await lease(holder.id, [host], "waiting", -MINUTE, 60 * MINUTE);
-    const outside = await submit(other.token, { hosts: { tags: tag }, priority: 100, jobTimeout: { seconds: 60n } });
+    // Booked from a minute ahead, not active yet (the lease keeper would activate a lease whose start has come on a free host).
+    const id = await lease(holder.id, [host], "waiting", MINUTE, 60 * MINUTE);
+    const outside = await submit(other.token, { hosts: { tags: tag }, priority: 100, jobTimeout: { seconds: 120n } });
     const { job } = await c.client(JobService, holder.token).submitJob({ spec: { image, leaseId: id, hosts: { tags: tag } } });
     expect(job!.leaseId).toBe(id);
     await probeRun();
