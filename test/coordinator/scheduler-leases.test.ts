@@ -24,7 +24,8 @@ describe("the scheduler with leases", () => {
   let probeRun: () => Promise<void>;
 
   beforeAll(async () => {
-    c = await startTestCoordinator({ config: FAST });
+    // The health keeper sweeps hourly: a test sets a host's health by hand.
+    c = await startTestCoordinator({ config: { ...FAST, healthSweepIntervalMs: 3_600_000 } });
     image = (await insertImage(c.sql)).ref;
     probeRun = await passProbe(c, image, open);
   });
@@ -152,6 +153,19 @@ describe("the scheduler with leases", () => {
     const { jobs } = await c.client(JobService, holder.token).listJobs({ filter: { leaseId: id } });
     expect(jobs.map((j) => j.id).sort()).toEqual([job!.id, second].sort());
     await c.client(JobService, other.token).cancelJob({ jobId: outside });
+  });
+
+  it("runs a lease's jobs on its host while a health check due on the host waits for the lease's end", async () => {
+    const holder = await c.createUser();
+    const tag = uniqueTag();
+    const { host, s } = await hostWith(tag);
+    const id = await lease(holder.id, [host], "active", -MINUTE, 60 * MINUTE);
+    await c.sql`update hosts set health = 'checking' where id = ${host.id}`;
+    const inside = await submit(holder.token, { leaseId: id, jobTimeout: { seconds: 60n } });
+    await s.startJob(inside);
+    expect(await hostsOf(inside)).toEqual([host.id]);
+    await s.exit(inside, 1);
+    await jobInState(c.sql, inside, "finalized");
   });
 
   it("refuses a job inside a lease that is malformed, unknown, another user's, ended or too small, and cuts its timeout to the lease's end", async () => {

@@ -428,6 +428,15 @@ export async function firstBooking(tx: Db): Promise<{ now: number; first: number
 }
 
 /**
+ * The condition of a leased host its lease's jobs may go on: attached,
+ * enabled, not draining, and healthy, unknown or checking. A check due on
+ * a leased host waits for the lease's end (a health job is never placed on
+ * a leased host), and does not keep the holder off the host meanwhile.
+ */
+export const leaseSchedulable = (tx: Db) =>
+  tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health in ('healthy', 'unknown', 'checking')`;
+
+/**
  * The free hosts of the active leases that have queued jobs (their jobs go
  * only there: placeLeaseJobs), by lease, then name. Nothing is read but the
  * index of queued lease jobs while none is queued.
@@ -438,7 +447,7 @@ export function leaseHostsFree(tx: Db): Promise<(EligibleHost & { lease_id: stri
       h.attached_replica, ${slots(tx)} - h.held_slots as free, ${bookedFrom(tx)}
     from hosts h
     where h.lease_id in (select j.lease_id from jobs j where j.lease_id is not null and j.state = 'queued')
-      and ${schedulable(tx)} and h.held_slots < ${slots(tx)}
+      and ${leaseSchedulable(tx)} and h.held_slots < ${slots(tx)}
     order by h.lease_id, h.name`;
 }
 
