@@ -185,6 +185,7 @@ describe("the scheduler with leases", () => {
       }
     };
 
+    expect(await codeOf(c.client(JobService, holder.token).listJobs({ filter: { leaseId: "L1" } }))).toBe("InvalidArgument");
     expect(await codeOf(submitAs(holder.token, { leaseId: "L1" }))).toBe("InvalidArgument");
     expect(await message(submitAs(holder.token, { leaseId: "L1" }))).toBe("spec.lease_id must be a lower-case uuid");
     expect(await codeOf(submitAs(holder.token, { leaseId: randomUUID() }))).toBe("NotFound");
