@@ -12,8 +12,10 @@
  *   coordinator restart does not count against the holder, whose client is
  *   reconnecting meanwhile;
  * - REQUESTED: booked again (the calendar may have room now);
- * - WAITING, its start come: ACTIVE when none of its hosts runs a job (its
- *   session job submitted), else it says which host it waits for.
+ * - WAITING, its start come: a booked host gone out of service since is
+ *   replaced by another matching one when one is free; then ACTIVE when none
+ *   of its hosts runs a job (its session job submitted), else it says which
+ *   host it waits for.
  *
  * Every replica runs one; each lease is handled in its own transaction
  * under its row lock (SKIP LOCKED), its facts re-read there, so two keepers
@@ -22,7 +24,7 @@
 import { SweepLoop } from "../../lib/async/sweep-loop.js";
 import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
-import { endLease, leasesDue, loadLease, lockBookings, lockLeaseDue } from "../db/queries/leases.js";
+import { endLease, leasesDue, loadLease, lockBookings, lockLeaseDue, lockLeaseJobs } from "../db/queries/leases.js";
 import type { LeaseConfig } from "./config.js";
 import { activate, bookLease } from "./lifecycle.js";
 import { decide, humanDuration } from "./policy.js";
@@ -63,8 +65,9 @@ export class LeaseKeeper {
     for (const { id, state } of due) {
       if (this.loop.isStopped) return false;
       await this.ctx.sql.begin(async (tx) => {
-        // Booking takes the bookings' lock before any row lock.
-        if (state === "requested") await lockBookings(tx);
+        // The lock order: the bookings' lock (booking, or replacing a host at activation), the lease's jobs, the lease.
+        if (state === "requested" || state === "waiting") await lockBookings(tx);
+        await lockLeaseJobs(tx, id);
         const facts = await lockLeaseDue(tx, id, this.startedAt);
         if (!facts) return;
         const { lease } = facts;
