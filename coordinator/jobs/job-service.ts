@@ -156,6 +156,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
       await notifySchedule(tx);
       return id;
     });
+    if (spec.leaseId !== null && jobId === id) await this.replaceSession(spec.leaseId, id, caller);
     const job = (await loadJob(sql, jobId))!;
     return { job: jobMessage(job) };
   }
@@ -264,31 +265,26 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         if (job.reason === "canceled") return job.id;
         throw precondition(`job ${job.id} is already finalized (${job.reason})`);
       }
-      if (job.state === "queued") {
-        await endAttempt(tx, job, { reason: "canceled", message: why, actor: actorOf(caller) });
-        return job.id;
-      }
-      if (job.stop_reason === "canceled") return job.id;
-      await writeJobStates(tx, [
-        {
-          kind: "stop",
-          id: job.id,
-          stopReason: "canceled",
-          event: {
-            jobId: job.id,
-            kind: "cancel_requested",
-            state: job.state,
-            stage: job.stage,
-            attempt: job.attempt,
-            actor: actorOf(caller),
-            ownerId: job.owner_id,
-            message: why,
-          },
-        },
-      ]);
+      await cancelUnfinished(tx, job, why, actorOf(caller));
       return job.id;
     });
     return { job: jobMessage((await loadJob(this.ctx.sql, jobId))!) };
+  }
+
+  /**
+   * A job run inside a lease takes the lease's hosts from its session job
+   * (which would hold them to the lease's end): the session is canceled. In
+   * a transaction of its own, after the job's: the session's row is locked
+   * before any lease row, as everywhere else.
+   */
+  private async replaceSession(leaseId: string, jobId: string, caller: UserCaller): Promise<void> {
+    await this.ctx.sql.begin(async (tx) => {
+      const [lease] = await tx<{ session_job_id: string | null }[]>`select session_job_id from leases where id = ${leaseId}`;
+      if (!lease?.session_job_id || lease.session_job_id === jobId) return;
+      const session = await loadJob(tx, lease.session_job_id, { lock: true });
+      if (!session || session.state === "finalized") return;
+      await cancelUnfinished(tx, session, `session of lease ${leaseId} gave its hosts to job ${jobId}`, actorOf(caller));
+    });
   }
 
   async *watchJob(req: WatchJobRequest, hctx: HandlerContext): AsyncIterable<WatchJobResponse> {
@@ -448,4 +444,21 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     if (!this.controls) throw new ConnectError("host control is not available on this coordinator", Code.Unimplemented);
     return this.controls.controlHost(caller, req, hctx);
   }
+}
+
+/** Cancels unfinished job `job` (locked): a queued one ends now, a running one is asked to stop. */
+async function cancelUnfinished(tx: Db, job: JobRow, why: string, actor: string): Promise<void> {
+  if (job.state === "queued") {
+    await endAttempt(tx, job, { reason: "canceled", message: why, actor });
+    return;
+  }
+  if (job.stop_reason === "canceled") return;
+  await writeJobStates(tx, [
+    {
+      kind: "stop",
+      id: job.id,
+      stopReason: "canceled",
+      event: { jobId: job.id, kind: "cancel_requested", state: job.state, stage: job.stage, attempt: job.attempt, actor, ownerId: job.owner_id, message: why },
+    },
+  ]);
 }

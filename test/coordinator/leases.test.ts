@@ -415,6 +415,27 @@ describe("leases", () => {
     expect((await jobInState(c.sql, job.id, "finalized")).reason).toBe("canceled");
   });
 
+  it("gives a lease's hosts from its running session job to a job run inside the lease", async () => {
+    const media = "application/x-treadmill-session-test";
+    const img = (await insertImage(c.sql, { mediaTypes: [media] })).ref;
+    const host = await c.createHost({ tags: uniqueTag(), mediaTypes: [media] });
+    const s = await attach(c, host);
+    open.push(s);
+    const { lease } = await leases().createLease({ hostNames: [host.name], duration: hours(1n), image: img });
+    const [{ id: session }] = await c.sql<{ id: string }[]>`select id from jobs where lease_id = ${lease!.id}`;
+    await s.startJob(session);
+    await jobInState(c.sql, session, "assigned");
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image: img, leaseId: lease!.id } });
+    // The session is asked to stop, saying for which job; its end frees the host for the job.
+    await s.waitFor((m) => m.payload.case === "stopJob" && m.payload.value.jobId === session, { includePast: true });
+    expect((await jobInState(c.sql, session, "finalized")).reason).toBe("canceled");
+    const { job: ended } = await c.client(JobService, user.token).getJob({ jobId: session });
+    expect(ended!.timeline.map((e) => e.message)).toContain(`session of lease ${lease!.id} gave its hosts to job ${job!.id}`);
+    await s.startJob(job!.id);
+    await s.exit(job!.id, 1, 0);
+    await leases().releaseLease({ leaseId: lease!.id });
+  });
+
   it("keeps a failed job's hosts as an ACTIVE hold lease, cut short by a booking of the host, and cancels the job when it ends", async () => {
     const host = await c.createHost({ tags: uniqueTag() });
     const start = new Date(Date.now() + 30 * 60_000);
