@@ -430,6 +430,8 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
       if (out.ended) return;
       for await (const _ of changes) {
         out = await next();
+        // A client gone while this read: nothing to write to.
+        if (hctx.signal.aborted) return;
         if (out.message) yield out.message;
         if (out.ended) return;
       }
