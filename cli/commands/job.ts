@@ -160,6 +160,7 @@ const runFlags = {
   timeout: { type: "string", placeholder: "DURATION", description: "longest run time, e.g. 30m (default: the server's)" },
   "queue-timeout": { type: "string", placeholder: "DURATION", description: "longest wait for hosts (default: the server's)" },
   restarts: { type: "string", placeholder: "N", description: "re-queue up to N times after an infrastructure failure" },
+  lease: { type: "string", placeholder: "LEASE", description: "run inside this lease of yours, on its hosts (see `tml reserve`)" },
   "queue-anyway": { type: "bool", description: "queue the job even when every host that matches it is quarantined, offline, disabled or retired" },
   detach: { type: "bool", short: "d", description: "submit and print the job id; do not follow" },
   quiet: { type: "bool", short: "q", description: "print only the job's output, no state changes" },
@@ -206,6 +207,7 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
     exposedPorts,
     tags: keyValues("label", flags.label),
     description: flags.description ?? "",
+    leaseId: flags.lease ?? "",
   };
 }
 
@@ -452,6 +454,7 @@ export const jobCommands: Command[] = [
           ["Labels", spec && Object.keys(spec.tags).length > 0 ? tagsText(spec.tags) : undefined],
           ["Description", spec?.description],
           ["Health check", job.healthCheckId || undefined],
+          ["Lease", job.leaseId || undefined],
           ["Submitted", iso(job.createTime)],
           ["Started", iso(job.startTime)],
           ["Finished", iso(job.finalizeTime)],
