@@ -50,10 +50,7 @@ export function timeText(ts: Timestamp | undefined, now = Date.now()): string {
 
 /** "active", "waiting: host board-1 runs job J", "ended (revoked: maintenance)". */
 export function leaseStateText(lease: Lease): string {
-  if (lease.state === LeaseState.ENDED) {
-    const reason = word(LeaseEndReasonSchema, lease.endReason);
-    return `ended (${reason}${lease.statusMessage ? `: ${lease.statusMessage}` : ""})`;
-  }
+  if (lease.state === LeaseState.ENDED) return `ended (${endReasonText(lease)})`;
   const state = word(LeaseStateSchema, lease.state);
   return lease.statusMessage && lease.state !== LeaseState.ACTIVE ? `${state}: ${lease.statusMessage}` : state;
 }
@@ -69,22 +66,23 @@ export function leaseHostsText(lease: Lease): string {
   return `${Math.max(1, asked?.hostCount ?? 1)} x ${selector || "any host"}`;
 }
 
-/** How the lease ended, as the last line of `tml reserve`. */
+/**
+ * Why an ended lease ended: its reason, with the coordinator's message when
+ * it says more ("revoked by admin ada: rack maintenance", "lost: no
+ * keepalive for 5m"); the message alone when it starts with the reason.
+ */
+export function endReasonText(lease: Lease): string {
+  const reason = word(LeaseEndReasonSchema, lease.endReason);
+  const message = lease.statusMessage;
+  if (message === "") return reason;
+  return message.toLowerCase().startsWith(reason) ? message : `${reason}: ${message}`;
+}
+
+/** How the lease ended, as the last line of `tml reserve` and of release and revoke. */
 function endText(lease: Lease): string {
-  switch (lease.endReason) {
-    case LeaseEndReason.RELEASED:
-      return "released; its hosts are reset and returned";
-    case LeaseEndReason.EXPIRED:
-      return "expired (its end time passed); its hosts are reset and returned";
-    case LeaseEndReason.REVOKED:
-      return `revoked by an admin${lease.statusMessage ? `: ${lease.statusMessage}` : ""}`;
-    case LeaseEndReason.LOST:
-      return `lost: no keepalive arrived for its grace period${lease.gracePeriod ? ` (${spanText(durationMs(lease.gracePeriod))})` : ""}`;
-    case LeaseEndReason.UNSERVED:
-      return `unserved${lease.statusMessage ? `: ${lease.statusMessage}` : ": no hosts could be booked before its deadline"}`;
-    default:
-      return leaseStateText(lease);
-  }
+  if (lease.state !== LeaseState.ENDED) return leaseStateText(lease);
+  const returned = lease.endReason === LeaseEndReason.REVOKED || lease.leaseHosts.length > 0 ? "; its hosts are reset and returned" : "";
+  return `ended: ${endReasonText(lease)}${returned}`;
 }
 
 /** How to use an active lease, for `tml reserve` to print once. */

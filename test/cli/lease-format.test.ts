@@ -142,6 +142,10 @@ describe("what tml reserve says as its lease changes", () => {
   it("words an ended lease's state with its reason and an admin's message", () => {
     const revoked = create(LeaseSchema, { ...active, state: LeaseState.ENDED, endReason: LeaseEndReason.REVOKED, statusMessage: "rack maintenance" });
     expect(leaseStateText(revoked)).toBe("ended (revoked: rack maintenance)");
+    // The coordinator's own words, when they already say the reason, are not said twice.
+    const byAdmin = create(LeaseSchema, { ...revoked, statusMessage: "revoked by admin ada: rack maintenance" });
+    expect(leaseStateText(byAdmin)).toBe("ended (revoked by admin ada: rack maintenance)");
+    expect(leaseStateText(create(LeaseSchema, { ...revoked, endReason: LeaseEndReason.EXPIRED, statusMessage: "" }))).toBe("ended (expired)");
     expect(leaseStateText(create(LeaseSchema, { ...waiting, statusMessage: "host board-1 runs job J" }))).toBe("waiting: host board-1 runs job J");
   });
 });

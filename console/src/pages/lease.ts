@@ -1,27 +1,18 @@
 import { durationFromMs, durationMs } from "@bufbuild/protobuf/wkt";
-import { type Lease, LeaseEndReason, type LeaseEvent, LeaseEventKindSchema, LeaseKind, LeaseService, LeaseState } from "../../../gen/treadmill/coordinator/v1/lease_service_pb.js";
+import { type Lease, LeaseEndReason, LeaseEndReasonSchema, type LeaseEvent, LeaseEventKindSchema, LeaseKind, LeaseService, LeaseState } from "../../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { spanText } from "../../../lib/figures.js";
 import { errorText, keepWatching } from "../api.js";
 import { facts, h, link, notice, table } from "../dom.js";
 import { enumWord, iso, leaseHosts, leaseStatus, leaseTone, parseDuration, shortId, when } from "../format.js";
 import type { PageContext } from "../main.js";
 
-/** Why a lease ended, as its holder reads it. */
+/** Why a lease ended, as its holder reads it: the reason, and the coordinator's message when it says more. */
 function endText(lease: Lease): string {
-  switch (lease.endReason) {
-    case LeaseEndReason.RELEASED:
-      return "Released by its holder; its hosts were reset and returned.";
-    case LeaseEndReason.EXPIRED:
-      return "Expired: its end time passed.";
-    case LeaseEndReason.REVOKED:
-      return `Revoked by an admin${lease.statusMessage ? `: ${lease.statusMessage}` : "."}`;
-    case LeaseEndReason.LOST:
-      return "Lost: no keepalive arrived for its grace period.";
-    case LeaseEndReason.UNSERVED:
-      return `Unserved: ${lease.statusMessage || "no hosts could be booked before its deadline."}`;
-    default:
-      return "Ended.";
-  }
+  const reason = enumWord(LeaseEndReasonSchema, lease.endReason) || "ended";
+  const message = lease.statusMessage;
+  const said = message === "" ? reason : message.toLowerCase().startsWith(reason) ? message : `${reason}: ${message}`;
+  const returned = lease.endReason === LeaseEndReason.RELEASED || lease.endReason === LeaseEndReason.EXPIRED ? "; its hosts were reset and returned" : "";
+  return `Ended: ${said}${returned}.`;
 }
 
 /**
