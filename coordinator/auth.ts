@@ -6,6 +6,7 @@ import { HealthService } from "../gen/treadmill/coordinator/v1/health_service_pb
 import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LeaseService } from "../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { RegistryService } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { UserService } from "../gen/treadmill/coordinator/v1/user_service_pb.js";
@@ -99,6 +100,7 @@ const CALLERS = new Map<string, Callers>([
   ...serviceEntries(ImageService, USERS),
   ...serviceEntries(JobService, USERS),
   ...serviceEntries(HealthService, USERS),
+  ...serviceEntries(LeaseService, USERS),
   ...serviceEntries<Callers>(SupervisorService, ["host"]),
   ...procedureEntries<typeof RegistryService, Callers>(RegistryService, {
     register: ["service"],

@@ -2,11 +2,13 @@ import { ConfigError, loadConfig } from "../lib/config.js";
 import { serverConfigFields } from "../lib/component.js";
 import { databaseUrlProblem } from "./db/url.js";
 import { jobConfigFields } from "./jobs/config.js";
+import { leaseConfigFields } from "./leases/config.js";
 
 /** Everything the coordinator can be told, with its defaults. */
 export const coordinatorSchema = {
   ...serverConfigFields(7700),
   ...jobConfigFields,
+  ...leaseConfigFields,
   dataDir: {
     type: "path",
     default: ".treadmill/coordinator",

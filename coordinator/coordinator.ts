@@ -12,6 +12,7 @@ import { openDatabase, type Database } from "./db/database.js";
 import { databaseInterceptor, databaseUnavailable, mapDatabaseError } from "./db/errors.js";
 import { ATTACH_PROCEDURE, attachRoute } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
+import { createLeaseSystem, type LeaseSystem } from "./leases/lease-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { registerHostMetrics } from "./services/host-stats.js";
 import { SigningKeys } from "./signing.js";
@@ -98,10 +99,11 @@ export interface CoordinatorDeps {
 export function createCoordinator({ config, logger, clock = Date.now, announce }: CoordinatorDeps): ServingComponent {
   let db: Database | undefined;
   let jobs: JobSystem | undefined;
+  let leases: LeaseSystem | undefined;
 
   // The loops stop after the server drained (its streams closed), then the database.
   const close = async () => {
-    const stopping = jobs?.stop();
+    const stopping = Promise.all([jobs?.stop(), leases?.stop()]);
     if (stopping !== undefined && !(await settlesWithin(stopping, config.graceMs))) {
       // A loop waits on a database that is away: closing the pool fails what waits.
       logger.warn({ graceMs: config.graceMs }, "background loops did not stop within the grace period; closing the database under them");
@@ -134,6 +136,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         await bootstrapAdmin(ctx, { announce });
         const parts = createJobSystem(ctx);
         jobs = parts;
+        leases = createLeaseSystem(ctx);
         // Plain-gRPC Attach (every supervisor) goes to its own procedure;
         // Connect and gRPC-Web callers reach it through the adapter.
         const rawAttach = createRawGrpcHandler({
@@ -147,7 +150,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           : undefined;
         wired = {
           options: {
-            routes: coordinatorRoutes(ctx, parts),
+            routes: coordinatorRoutes(ctx, parts, leases),
             authorize: gatedByDatabase(authorizeCaller({ sql: database.sql, clock }), database.notifications),
             interceptors: [databaseInterceptor(database.notifications, DATABASE_FREE), textInterceptor()],
             // Control messages, mostly small; a StartJob with its tokens is
@@ -175,6 +178,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
     prepare: (server) => wired?.prepare(server),
     started: async () => {
       await jobs?.start();
+      await leases?.start();
     },
     close,
   });

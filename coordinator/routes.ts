@@ -4,11 +4,13 @@ import { HealthService } from "../gen/treadmill/coordinator/v1/health_service_pb
 import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LeaseService } from "../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { RegistryService } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
 import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { UserService } from "../gen/treadmill/coordinator/v1/user_service_pb.js";
 import type { CoordinatorContext } from "./context.js";
 import type { JobSystem } from "./jobs/job-system.js";
+import type { LeaseSystem } from "./leases/lease-system.js";
 import { registerCatalogServices } from "./services/index.js";
 
 /** Every service of `treadmill.coordinator.v1`, in the order of DESIGN.md §2. */
@@ -21,12 +23,14 @@ export const coordinatorServices = [
   SupervisorService,
   RegistryService,
   HealthService,
+  LeaseService,
 ] as const;
 
-/** The coordinator's routes: the catalog services and the job system. */
-export function coordinatorRoutes(ctx: CoordinatorContext, jobs: JobSystem) {
+/** The coordinator's routes: the catalog services, the job system and leases. */
+export function coordinatorRoutes(ctx: CoordinatorContext, jobs: JobSystem, leases: LeaseSystem) {
   return (router: ConnectRouter): void => {
     registerCatalogServices(router, ctx);
     jobs.register(router);
+    leases.register(router);
   };
 }

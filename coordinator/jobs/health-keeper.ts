@@ -19,6 +19,7 @@
  * its row lock (SKIP LOCKED), re-checked there, so two keepers queue a check
  * once.
  */
+import { SweepLoop } from "../../lib/async/sweep-loop.js";
 import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
 import { setHostHealth } from "../db/queries/health.js";
@@ -31,61 +32,41 @@ const BATCH = 100;
 
 export class HealthKeeper {
   private readonly log: Logger;
-  private timer: NodeJS.Timeout | undefined;
-  private running: Promise<void> | undefined;
-  private again = false;
-  private stopped = false;
+  private readonly loop: SweepLoop;
 
   constructor(
     private readonly ctx: CoordinatorContext,
     private readonly config: JobConfig,
   ) {
     this.log = ctx.logger.child({ subsystem: "health" });
+    this.loop = new SweepLoop(() => this.sweep(), config.healthSweepIntervalMs, (err) => this.log.warn({ err }, "health sweep failed"));
   }
 
   start(): void {
-    this.timer = setInterval(() => this.wake(), this.config.healthSweepIntervalMs);
-    this.timer.unref?.();
-    this.wake();
+    this.loop.start();
   }
 
-  async stop(): Promise<void> {
-    this.stopped = true;
-    clearInterval(this.timer);
-    await this.running;
+  stop(): Promise<void> {
+    return this.loop.stop();
   }
 
   /** Runs a sweep now, or once more right after the running one. */
   wake(): void {
-    if (this.stopped) return;
-    if (this.running) {
-      this.again = true;
-      return;
-    }
-    this.running = (async () => {
-      do {
-        this.again = false;
-        try {
-          await this.sweep();
-        } catch (err) {
-          if (!this.stopped) this.log.warn({ err }, "health sweep failed");
-        }
-      } while (this.again && !this.stopped);
-    })().finally(() => (this.running = undefined));
+    this.loop.wake();
   }
 
   private retry(): RetryPolicy {
     return { initialMs: this.config.healthRetryInitialMs, maxMs: this.config.healthRetryMaxMs };
   }
 
-  /** Queues every due check once (also for tests). */
-  async sweep(): Promise<void> {
+  /** Queues every due check once (also for tests); true when there may be more. */
+  async sweep(): Promise<boolean> {
     const due = await hostsDue(this.ctx.sql, this.retry(), BATCH);
     for (const { id } of due) {
-      if (this.stopped) return;
+      if (this.loop.isStopped) return false;
       await this.ctx.sql.begin((tx) => this.checkHost(tx, id));
     }
-    if (due.length === BATCH) this.again = true;
+    return due.length === BATCH;
   }
 
   private async checkHost(tx: Db, id: string): Promise<void> {
