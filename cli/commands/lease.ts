@@ -34,7 +34,7 @@ import { localMinute, renderCalendar } from "../calendar.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
-import { ago, enumValue, enumWords, jsonOf, msOf, tagsText, word } from "../format.js";
+import { enumValue, enumWords, jsonOf, msOf, tagsText, word } from "../format.js";
 import { allPages } from "../pages.js";
 import { driverOf } from "./host.js";
 
@@ -42,10 +42,11 @@ type Leases = Client<typeof LeaseService>;
 
 const LEASE_ARG = [{ name: "LEASE", required: true, description: "the lease's id" }] as const satisfies readonly ArgSpec[];
 
-/** A time as people read it here: local, to the minute, and how far off ("2026-12-08 14:00 (in 2h)"). */
+/** A time as people read it here: local, to the minute, and how far off ("2026-12-08 14:00 (in 2h30m)"). */
 export function timeText(ts: Timestamp | undefined, now = Date.now()): string {
   const ms = msOf(ts);
-  return ms === undefined ? "-" : `${localMinute(ms)} (${ago(ts, now)})`;
+  if (ms === undefined) return "-";
+  return `${localMinute(ms)} (${ms >= now ? `in ${spanText(ms - now)}` : `${spanText(now - ms)} ago`})`;
 }
 
 /** "active", "waiting: host board-1 runs job J", "ended (revoked: maintenance)". */
