@@ -4,7 +4,7 @@
  * snapshots.ts, ControlHost in host-control.ts.
  */
 import { create, fromJson, toJson } from "@bufbuild/protobuf";
-import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { durationFromMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@connectrpc/connect";
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
 import {
@@ -53,6 +53,7 @@ import {
   imageForJob,
   insertJob,
   jobOfRequest,
+  leaseForJob,
   listJobRows,
   loadJob,
   notifySchedule,
@@ -111,7 +112,10 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         const existing = await jobOfRequest(tx, caller.userId, requestId);
         if (existing) return existing;
       }
-      if (!req.queueAnyway) await this.checkSomeHostCanRun(tx, caller, spec, image.media_types);
+      // A job inside a lease runs on the lease's hosts, until the lease's end at the latest.
+      const jobTimeoutMs = spec.leaseId !== null ? await this.checkLease(tx, caller, spec) : spec.jobTimeoutMs;
+      if (jobTimeoutMs !== spec.jobTimeoutMs) spec.publicSpec.jobTimeout = durationFromMs(jobTimeoutMs);
+      if (!req.queueAnyway && spec.leaseId === null) await this.checkSomeHostCanRun(tx, caller, spec, image.media_types);
       if ((await unfinishedJobs(tx, caller.userId)) >= this.config.maxQueuedJobsPerUser) {
         throw new ConnectError(
           `too many unfinished jobs: at most ${this.config.maxQueuedJobsPerUser} per user`,
@@ -132,9 +136,10 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         requiredDriver: spec.requiredDriver,
         maxRestarts: spec.maxRestarts,
         queueTimeoutMs: spec.queueTimeoutMs,
-        jobTimeoutMs: spec.jobTimeoutMs,
+        jobTimeoutMs,
         requestId,
         secrets: spec.secrets,
+        leaseId: spec.leaseId,
       });
       // Another call with this request_id created it meanwhile.
       if (created !== id) return created;
@@ -152,6 +157,27 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     });
     const job = (await loadJob(sql, jobId))!;
     return { job: jobMessage(job) };
+  }
+
+  /**
+   * The lease of a job to run inside it (spec.lease_id), share-locked until
+   * the job is inserted: NOT_FOUND unless it is the caller's (or the caller
+   * is an admin), FAILED_PRECONDITION once it has ended, INVALID_ARGUMENT
+   * when the job asks for more hosts than it has. Returns the job's
+   * timeout, cut to the lease's end.
+   */
+  private async checkLease(tx: Db, caller: UserCaller, spec: ValidSpec): Promise<number> {
+    const id = spec.leaseId!;
+    const lease = await leaseForJob(tx, id);
+    if (!lease || (lease.owner_id !== caller.userId && caller.role !== "admin")) throw notFound(`lease ${id} not found`);
+    if (lease.state === "ended" || lease.left_ms < 1000) {
+      const why = lease.end_reason === null ? "" : ` (${lease.end_reason}${lease.status_message === "" ? "" : `: ${clip(lease.status_message)}`})`;
+      throw precondition(`lease ${id} has ended${why}: submit the job outside it or to another lease`);
+    }
+    if (spec.hostCount > lease.hosts) {
+      throw invalid(`spec.hosts.host_count is ${spec.hostCount}, more than the ${lease.hosts} host${lease.hosts === 1 ? "" : "s"} of lease ${id}`);
+    }
+    return Math.min(spec.jobTimeoutMs, Math.floor(lease.left_ms));
   }
 
   /**
@@ -196,7 +222,9 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     const host = filter?.hostId ?? "";
     if (host !== "") checkId("filter.host_id", host);
     const tags = checkTags("filter.tags", filter?.tags ?? {}, { allowSite: true });
-    return { states: [...new Set(states)].sort(), owner, host, tags, healthJobs: filter?.healthJobs };
+    const lease = filter?.leaseId ?? "";
+    if (lease !== "") checkId("filter.lease_id", lease);
+    return { states: [...new Set(states)].sort(), owner, host, tags, healthJobs: filter?.healthJobs, lease };
   }
 
   private matches(f: ReturnType<JobServiceImpl["filterOf"]>, job: JobRow): boolean {
@@ -206,6 +234,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     const tags = ((job.spec as { tags?: Record<string, string> })?.tags ?? {}) as Record<string, string>;
     for (const [k, v] of Object.entries(f.tags)) if (tags[k] !== v) return false;
     if (f.healthJobs !== undefined && (job.health_check_id !== null) !== f.healthJobs) return false;
+    if (f.lease !== "" && job.lease_id !== f.lease) return false;
     return true;
   }
 

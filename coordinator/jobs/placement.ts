@@ -21,6 +21,11 @@
  *   could ever satisfy reserves nothing.
  * - Limits: a user's jobs beyond `maxJobsPerUser` assigned or running (0: no
  *   limit) neither run nor reserve.
+ * - Leases (docs/leases.md): the hosts handed in are held by no active
+ *   lease; a job goes on a host only if it ends before the host's earliest
+ *   booking starts (`fitsBookings`: backfill). Jobs inside a lease go on
+ *   its hosts alone, ahead of everything, FIFO per lease
+ *   (`placeLeaseJobs`).
  *
  * Access (host grants) is asked per (owner, host) pair: `accessToCheck`
  * names the pairs a chunk of the queue may ask about, the scheduler answers
@@ -50,6 +55,46 @@ export interface Placed {
 export interface AccessPair {
   owner: string;
   host: string;
+}
+
+/**
+ * Whether `job`, started at `now` (ms since the epoch), ends before `host`'s
+ * earliest booking starts: the backfill rule.
+ */
+export function fitsBookings(job: QueuedJob, host: HostCandidate, now: number): boolean {
+  return host.booked_from === null || now + job.job_timeout_ms <= host.booked_from;
+}
+
+/**
+ * The placements of jobs inside leases: `jobs` by lease, FIFO within each
+ * (queuedLeaseJobs), `hosts` the free hosts of those leases
+ * (leaseHostsFree). A job takes its lease's matching hosts with the most
+ * free slots, then by name; the first job of a lease that cannot be placed
+ * stops that lease's (FIFO: a job of several hosts is not overtaken). No
+ * per-user limit: the hosts are the holder's.
+ */
+export function placeLeaseJobs(jobs: readonly QueuedJob[], hosts: readonly (HostCandidate & { lease_id: string })[]): Placed[] {
+  const byLease = new Map<string, HostCandidate[]>();
+  for (const h of hosts) {
+    const list = byLease.get(h.lease_id) ?? [];
+    list.push({ ...h });
+    byLease.set(h.lease_id, list);
+  }
+  const placements: Placed[] = [];
+  const stopped = new Set<string>();
+  for (const job of jobs) {
+    const lease = job.lease_id;
+    if (lease === null || stopped.has(lease)) continue;
+    const candidates = (byLease.get(lease) ?? []).filter((h) => h.free > 0 && matches(job, h));
+    if (candidates.length < job.host_count) {
+      stopped.add(lease);
+      continue;
+    }
+    const chosen = firstBy(candidates, job.host_count);
+    for (const h of chosen) h.free -= 1;
+    placements.push({ job, hosts: chosen });
+  }
+  return placements;
 }
 
 /** Whether `host` meets `job`'s requirements (access aside). */
@@ -122,6 +167,10 @@ export class PassPlacement {
       busyKnown?: boolean;
       /** Free slots of every eligible host, when `hosts` are not all of them (the rest come by `addFree`). */
       freeSlots?: number;
+      /** The pass's time, ms since the epoch (the backfill rule); default 0. */
+      now?: number;
+      /** The earliest booking of any host, ms since the epoch; null or unset: none. */
+      firstBooking?: number | null;
     },
   ) {
     this.busyKnown = options.busyKnown ?? true;
@@ -174,9 +223,31 @@ export class PassPlacement {
     return [...byKind.values()];
   }
 
-  /** What a host must have for `job` (its requirements, and its owner when grants exist): jobs of one kind fit the same hosts. */
+  /**
+   * What a host must have for `job` (its requirements, its owner when grants
+   * exist, its timeout when it may run into a booking): jobs of one kind fit
+   * the same hosts.
+   */
   kind(job: QueuedJob): string {
-    return JSON.stringify([job.required_site, job.required_driver, job.required_tags, job.media_types, this.options.grants ? job.owner_id : ""]);
+    return JSON.stringify([
+      job.required_site,
+      job.required_driver,
+      job.required_tags,
+      job.media_types,
+      this.options.grants ? job.owner_id : "",
+      this.bookingBound(job),
+    ]);
+  }
+
+  /**
+   * The timeout the hosts of `job` must be checked against for bookings:
+   * null when it ends before the earliest booking of any host (every host
+   * fits it as far as bookings go, so jobs of every timeout share a kind
+   * while no booking is near).
+   */
+  bookingBound(job: QueuedJob): number | null {
+    const first = this.options.firstBooking ?? null;
+    return first === null || (this.options.now ?? 0) + job.job_timeout_ms <= first ? null : job.job_timeout_ms;
   }
 
   /** Whether `job` was placed in this pass. */
@@ -218,7 +289,7 @@ export class PassPlacement {
     for (const job of chunk) {
       for (const h of this.hosts) {
         const key = pairKey(job.owner_id, h.id);
-        if (this.asked.has(key) || !matches(job, h)) continue;
+        if (this.asked.has(key) || !this.fits(job, h)) continue;
         this.asked.add(key);
         pairs.push({ owner: job.owner_id, host: h.id });
       }
@@ -259,12 +330,17 @@ export class PassPlacement {
     }
   }
 
-  /** The hosts, free or busy, that fit `job` (its requirements and its owner's access), in name order. */
+  /** Whether `host` meets `job`'s requirements and the job ends before the host's bookings (access aside). */
+  private fits(job: QueuedJob, host: HostCandidate): boolean {
+    return matches(job, host) && fitsBookings(job, host, this.options.now ?? 0);
+  }
+
+  /** The hosts, free or busy, that fit `job` (its requirements, its bookings and its owner's access), in name order. */
   private fittingHosts(job: QueuedJob): HostCandidate[] {
     const kind = this.kind(job);
     let hosts = this.fitting.get(kind);
     if (!hosts) {
-      hosts = this.hosts.filter((h) => matches(job, h) && !this.denied.has(pairKey(job.owner_id, h.id)));
+      hosts = this.hosts.filter((h) => this.fits(job, h) && !this.denied.has(pairKey(job.owner_id, h.id)));
       this.fitting.set(kind, hosts);
     }
     return hosts;

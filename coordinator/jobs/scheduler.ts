@@ -51,9 +51,17 @@ import type { StartRow } from "../db/queries/jobs.js";
 import { type StartTokens, mintStartTokens, startJobMessages } from "./commands.js";
 import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
-import { PassPlacement, type Placed, type Service, ServicePicker } from "./placement.js";
-import { deniedPairs, freeHostsFor, freeSlotCount, hostGrantsExist, schedulableHosts } from "../db/queries/hosts.js";
-import { activeJobsPerOwner, assignJobs, customPlans, liveLogServersAndProxies, readQueue, tryPassLock } from "../db/queries/jobs.js";
+import { PassPlacement, type Placed, type Service, ServicePicker, placeLeaseJobs } from "./placement.js";
+import { deniedPairs, firstBooking, freeHostsFor, freeSlotCount, hostGrantsExist, leaseHostsFree, schedulableHosts } from "../db/queries/hosts.js";
+import {
+  activeJobsPerOwner,
+  assignJobs,
+  customPlans,
+  liveLogServersAndProxies,
+  queuedLeaseJobs,
+  readQueue,
+  tryPassLock,
+} from "../db/queries/jobs.js";
 import { isDatabaseUnavailable } from "../db/errors.js";
 import { recordWaiting } from "../db/queries/events.js";
 import { type BackoffOptions, backoff } from "../../lib/retry.js";
@@ -76,8 +84,11 @@ function pinnedPlacement(r: PinnedRow): Placed & { pinned: true } {
       manifest_digest: r.manifest_digest,
       image_holder: r.image_holder,
       job_timeout_ms: r.job_timeout_ms,
+      lease_id: null,
     },
-    hosts: [{ id: r.host_id, name: r.host_name, tags: {}, site: r.site, driver_kind: "", media_types: [], free: 1, attached_replica: r.attached_replica }],
+    hosts: [
+      { id: r.host_id, name: r.host_name, tags: {}, site: r.site, driver_kind: "", media_types: [], free: 1, attached_replica: r.attached_replica, booked_from: null },
+    ],
   };
 }
 
@@ -231,7 +242,7 @@ export class Scheduler {
     // Pipelined: BEGIN, the pass lock, then the reads, in one round trip.
     pipeline(tx`begin`);
     customPlans(tx);
-    const [ok, freeSlots, grants, counts, first, services, pinned] = await Promise.all([
+    const [ok, freeSlots, grants, counts, first, services, pinned, leaseJobs, leaseHosts, bookings] = await Promise.all([
       tryPassLock(tx),
       freeSlotCount(tx),
       hostGrantsExist(tx),
@@ -239,15 +250,20 @@ export class Scheduler {
       queue(size, 0),
       liveLogServersAndProxies(tx),
       placeableHealthJobs(tx),
+      queuedLeaseJobs(tx),
+      leaseHostsFree(tx),
+      firstBooking(tx),
     ]);
     if (!ok) return end(true);
     this.lastSlots = freeSlots;
-    // Health jobs go to their own hosts first, one per host and pass (hosts
-    // under check take no user job: the placement never sees them).
-    const health = pinned.map(pinnedPlacement);
+    // Jobs inside leases go to their leases' hosts first (no other job is
+    // placed there), then health jobs to their own hosts, one per host and
+    // pass (hosts under check take no user job: the placement never sees
+    // them).
+    const early = [...placeLeaseJobs(leaseJobs, leaseHosts), ...pinned.map(pinnedPlacement)];
     if (freeSlots === 0 || first.length === 0) {
-      if (health.length === 0) return end(false);
-      return this.finish(tx, health, services, false, false);
+      if (early.length === 0) return end(false);
+      return this.finish(tx, early, services, false, false);
     }
     // The hosts come per chunk, per kind of job: those its jobs may take.
     const placement = new PassPlacement([], {
@@ -257,9 +273,11 @@ export class Scheduler {
       maxPlacements: MAX_PLACEMENTS_PER_PASS,
       busyKnown: false,
       freeSlots,
+      now: bookings.now,
+      firstBooking: bookings.first,
     });
     // The hosts taking a health job are known to the pass without a free slot: no user job is read for them.
-    placement.addFree(health.map((p) => ({ ...p.hosts[0], free: 0 })));
+    placement.addFree(pinned.map((p) => ({ ...pinnedPlacement(p).hosts[0], free: 0 })));
     // A kind whose read stopped at its need may have more free hosts: if one
     // of its jobs is left unplaced by a pass that placed others (they took
     // its hosts), the next pass runs at once.
@@ -275,6 +293,7 @@ export class Scheduler {
             driver: job.required_driver,
             media: job.media_types,
             owner: grants ? job.owner_id : null,
+            timeout: placement.bookingBound(job),
             need,
           })),
           placement.knownHosts(),
@@ -292,7 +311,7 @@ export class Scheduler {
       size = CHUNK;
       chunk = await queue(size, offset);
     }
-    const placements = [...health, ...placement.placements];
+    const placements = [...early, ...placement.placements];
     if (placements.length === 0) return end(false);
     return this.finish(tx, placements, services, placement.full, cutShort);
   }

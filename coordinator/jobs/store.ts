@@ -125,6 +125,7 @@ export function jobMessage(row: JobRow, timeline: JobEvent[] = []): Job {
     logBytesLost: BigInt(row.log_bytes_lost),
     logStatusMessage: row.log_status_message,
     healthCheckId: row.health_check_id ?? "",
+    leaseId: row.lease_id ?? "",
   });
 }
 

@@ -7,7 +7,7 @@ import { clone, create } from "@bufbuild/protobuf";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostRequirementsSchema, type JobSpec, JobSpecSchema, type Parameter } from "../../gen/treadmill/coordinator/v1/job_pb.js";
-import { checkTags, checkText, clip, invalid } from "../shared/common.js";
+import { checkId, checkTags, checkText, clip, invalid } from "../shared/common.js";
 import type { JobConfig } from "./config.js";
 
 const PARAMETER_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,63}$/;
@@ -37,6 +37,8 @@ export interface ValidSpec {
   queueTimeoutMs: number;
   jobTimeoutMs: number;
   maxRestarts: number;
+  /** The lease to run inside (spec.lease_id), or null. */
+  leaseId: string | null;
 }
 
 /** Parses `name:tag` (tag defaults to `latest`) or a manifest digest. */
@@ -122,6 +124,7 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
   }
   checkTags("spec.tags", spec.tags, { allowSite: true });
   checkText("spec.description", spec.description, 256);
+  const leaseId = spec.leaseId === "" ? null : checkId("spec.lease_id", spec.leaseId);
 
   const publicSpec = clone(JobSpecSchema, spec);
   const publicHosts = hosts ? clone(HostRequirementsSchema, hosts) : create(HostRequirementsSchema);
@@ -141,5 +144,6 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
     queueTimeoutMs,
     jobTimeoutMs,
     maxRestarts,
+    leaseId,
   };
 }

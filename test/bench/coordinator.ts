@@ -27,6 +27,19 @@
 //      during the run: the figure is the scheduler's cost of the health
 //      condition, not of running checks.
 //
+//  (e) leases (issue #22): dispatch latency and scheduling pass time with
+//      2,000 attached hosts (TREADMILL_BENCH_LEASE_HOSTS), 500 of them held
+//      by active leases (TREADMILL_BENCH_ACTIVE_LEASES) and 1,000 bookings
+//      starting over the next 48 hours on the others
+//      (TREADMILL_BENCH_BOOKINGS, two hours each), beside the same hosts
+//      with no lease, in eight alternating rounds (TREADMILL_BENCH_LEASE_JOBS
+//      jobs per condition; any host matches the jobs, whose timeout is the
+//      default hour). The lease rows are written in SQL as the lease service
+//      writes them (leases, lease_hosts, hosts.lease_id and booked_from);
+//      their ends and grace lie days ahead, so that nothing ends them during
+//      the run. Also printed: the jobs placed against a lease or a booking
+//      (must be 0). TREADMILL_BENCH_LEASES_ONLY=1 runs (e) alone.
+//
 // Sizes: by default 1,000 idle supervisors, 1,000 dispatched jobs and 5,000
 // queued jobs (a few minutes); TREADMILL_BENCH_FULL=1 runs the issue's sizes
 // (2,000, 2,000 and 10,000); each variable above overrides its size.
@@ -38,6 +51,7 @@
 // Profiling: TREADMILL_BENCH_PROFILE=<dir> writes a CPU profile of the
 // coordinator (node --cpu-prof) there and prints the statements that took the
 // most database time (pg_stat_statements).
+import { randomUUID } from "node:crypto";
 import { chmod, mkdtemp, rm } from "node:fs/promises";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -57,6 +71,7 @@ import {
   cpuSplit,
   inBatches,
   insertFixtures,
+  type BenchHost,
   jobMetrics,
   printStatements,
   roundTripBaselines,
@@ -76,6 +91,11 @@ const QUEUED_JOBS = env("TREADMILL_BENCH_QUEUED_JOBS", FULL ? 10000 : 5000);
 const ACTIVE = 200;
 const HEALTH_HOSTS = env("TREADMILL_BENCH_HEALTH_HOSTS", 2000);
 const HEALTH_JOBS = env("TREADMILL_BENCH_HEALTH_JOBS", FULL ? 2000 : 600);
+const LEASE_HOSTS = env("TREADMILL_BENCH_LEASE_HOSTS", 2000);
+const ACTIVE_LEASES = env("TREADMILL_BENCH_ACTIVE_LEASES", 500);
+const BOOKINGS = env("TREADMILL_BENCH_BOOKINGS", 1000);
+const LEASE_JOBS = env("TREADMILL_BENCH_LEASE_JOBS", FULL ? 2000 : 600);
+const LEASES_ONLY = process.env.TREADMILL_BENCH_LEASES_ONLY === "1";
 
 /** Scheduling passes and group commits between two readings of jobMetrics. */
 function printJobMetrics(before: JobMetricReading, after: JobMetricReading): void {
@@ -122,6 +142,168 @@ async function printPhases(sql: postgres.Sql, since: Date): Promise<void> {
   );
 }
 
+/** SubmitJob's client of the bench. */
+type Jobs = ReturnType<typeof createClient<typeof JobService>>;
+
+/**
+ * A function that submits `n` jobs one after another and returns each one's
+ * time from SubmitJob's answer to its StartJob; `listen` sets what the
+ * scripted supervisors call on a StartJob.
+ */
+function dispatcher(jobs: Jobs, listen: (onStart: (jobId: string) => void) => void) {
+  // When each job's StartJob arrived (the first, if it came several times).
+  const startedAt = new Map<string, number>();
+  return async (jobSpec: { image: string; hosts?: { tags: Record<string, string> } }, n: number): Promise<number[]> => {
+    const latencies: number[] = [];
+    for (let i = 0; i < n; i++) {
+      let wanted = "";
+      let arrived!: () => void;
+      const got = new Promise<void>((r) => (arrived = r));
+      listen((jobId) => {
+        if (!startedAt.has(jobId)) startedAt.set(jobId, performance.now());
+        if (jobId === wanted) arrived();
+      });
+      const { job } = await jobs.submitJob({ spec: jobSpec });
+      const returned = performance.now();
+      wanted = job!.id;
+      if (!startedAt.has(wanted)) await got;
+      // StartJob may overtake SubmitJob's answer: that is no wait at all.
+      latencies.push(Math.max(0, startedAt.get(wanted)! - returned));
+    }
+    listen(() => undefined);
+    return latencies;
+  };
+}
+
+/**
+ * (e) Leases: the same dispatch over LEASE_HOSTS attached hosts without a
+ * lease, then with ACTIVE_LEASES of them leased and BOOKINGS bookings on
+ * the others, alternated; the figures are printed side by side.
+ */
+async function leaseRounds(b: {
+  sql: postgres.Sql;
+  url: string;
+  jobs: Jobs;
+  hosts: BenchHost[];
+  /** The first `attached` of `hosts` have their supervisors attached already (in `supervisors`), their StartJobs heard through `listen`. */
+  attached: number;
+  supervisors: ScriptedSupervisor[];
+  listen: (onStart: (jobId: string) => void) => void;
+}): Promise<void> {
+  const { sql, url } = b;
+  let onStart: (jobId: string) => void = () => undefined;
+  const dispatch = dispatcher(b.jobs, (f) => {
+    onStart = f;
+    b.listen(f);
+  });
+  const pool = b.hosts.slice(0, LEASE_HOSTS);
+  const more = pool
+    .slice(b.attached)
+    .map(
+      (h) =>
+        new ScriptedSupervisor({
+          urls: [url],
+          credential: h.credential,
+          mode: "exit",
+          noHistory: true,
+          wire: "raw",
+          onStartJob: (s) => onStart(s.jobId),
+        }),
+    );
+  b.supervisors.push(...more);
+  await inBatches(more, 50, (s) => s.connect());
+  const ids = pool.map((h) => h.id);
+  await until(
+    async () => (await sql`select count(*)::int as n from hosts where id = any(${ids}::uuid[]) and attached_replica is not null`)[0].n === ids.length,
+    "the lease pool to attach",
+  );
+  await sql`update hosts set health = 'healthy', admin_state = 'enabled' where id = any(${ids}::uuid[])`;
+  const [{ owner }] = await sql<{ owner: string }[]>`select id as owner from users where name = 'bench'`;
+  // Every fourth host leased (spread over the name order the free hosts are read in), the bookings on the others.
+  const leased = ids.filter((_, i) => i % 4 === 1).slice(0, ACTIVE_LEASES);
+  const open = ids.filter((id) => !leased.includes(id));
+  const setLeases = async (on: boolean) => {
+    await sql.begin(async (tx) => {
+      await tx`update hosts set lease_id = null, booked_from = null where lease_id is not null or booked_from is not null`;
+      await tx`delete from leases`;
+      if (!on) return;
+      const active = leased.map((host) => ({ id: randomUUID(), host, from: -3_600_000, state: "active" }));
+      // Spread over the next 48 hours, two hours each, a host booked again only after its earlier booking.
+      const bookings = Array.from({ length: BOOKINGS }, (_, i) => ({
+        id: randomUUID(),
+        host: open[i % open.length],
+        from: Math.floor(((i + Math.random()) / BOOKINGS) * 46 * 3_600_000) + 60_000,
+        state: "waiting",
+      }));
+      const rows = [...active, ...bookings];
+      await tx`
+        with v as (
+          select * from jsonb_to_recordset(${tx.json(rows as never)}::jsonb) as v(id uuid, host uuid, "from" bigint, state text)),
+        l as (
+          insert into leases (id, owner_id, state, host_count, starts_at, ends_at, grace_ms, activated_at)
+          select v.id, ${owner}, v.state, 1, now() + v."from" * interval '1 millisecond',
+            case when v.state = 'active' then now() + interval '3 days' else now() + (v."from" + 7200000) * interval '1 millisecond' end,
+            86400000, case when v.state = 'active' then now() end
+          from v returning id, starts_at, ends_at)
+        insert into lease_hosts (lease_id, host_id, host_index, starts_at, ends_at)
+        select l.id, v.host, 0, l.starts_at, l.ends_at from l join v on v.id = l.id`;
+      await tx`
+        update hosts h set booked_from = b.first, lease_id = b.active
+        from (select lh.host_id, min(lh.starts_at) as first, (array_agg(l.id) filter (where l.state = 'active'))[1] as active
+              from lease_hosts lh join leases l on l.id = lh.lease_id where lh.open group by lh.host_id) b
+        where h.id = b.host_id`;
+    });
+    await sql`analyze hosts`;
+  };
+  const anyHost = { image: "bench:v1" };
+  const results = { plain: { latencies: [] as number[], passSeconds: 0, passes: 0 }, leased: { latencies: [] as number[], passSeconds: 0, passes: 0 } };
+  const ROUNDS = 8;
+  const roundJobs = Math.max(1, Math.floor((2 * LEASE_JOBS) / ROUNDS));
+  let misplaced = 0;
+  // A round not counted first: the coordinator has just taken the attach of
+  // the new supervisors, and would charge its tail to the first condition.
+  await setLeases(false);
+  await dispatch(anyHost, roundJobs);
+  for (let round = 0; round < ROUNDS; round++) {
+    const withLeases = round % 2 === 1;
+    await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "jobs to end");
+    await setLeases(withLeases);
+    const [{ since }] = await sql<{ since: Date }[]>`select now() as since`;
+    const m0 = await jobMetrics(url);
+    const lat = await dispatch(anyHost, roundJobs);
+    const m1 = await jobMetrics(url);
+    const r = withLeases ? results.leased : results.plain;
+    r.latencies.push(...lat);
+    r.passSeconds += m1.treadmill_scheduler_pass_seconds_sum - m0.treadmill_scheduler_pass_seconds_sum;
+    r.passes += m1.treadmill_scheduler_pass_seconds_count - m0.treadmill_scheduler_pass_seconds_count;
+    if (withLeases) {
+      // On a leased host, or on a booked one past its booking's start.
+      const [{ n }] = await sql<{ n: number }[]>`
+        select count(*)::int as n from job_hosts jh join jobs j on j.id = jh.job_id join hosts h on h.id = jh.host_id
+        where j.assigned_at >= ${since}
+          and (h.lease_id is not null or h.booked_from < j.assigned_at + j.job_timeout_ms * interval '1 millisecond')`;
+      misplaced += n;
+    }
+  }
+  await setLeases(false);
+  const passMs = (r: typeof results.plain) => (r.passSeconds / Math.max(1, r.passes)) * 1000;
+  const label = `${leased.length} leased, ${BOOKINGS} booked`;
+  process.stdout.write(`(e) ${pool.length} attached hosts, ${(roundJobs * ROUNDS) / 2} jobs per condition in ${ROUNDS / 2} rounds each\n`);
+  report(`(e) scheduling pass, no lease`, passMs(results.plain), "ms");
+  report(`(e) scheduling pass, ${label}`, passMs(results.leased), "ms", { name: "no lease", value: passMs(results.plain) });
+  report(`(e) dispatch latency p50, no lease`, percentile(results.plain.latencies, 50), "ms");
+  report(`(e) dispatch latency p50, ${label}`, percentile(results.leased.latencies, 50), "ms", {
+    name: "no lease",
+    value: percentile(results.plain.latencies, 50),
+  });
+  report(`(e) dispatch latency p99, no lease`, percentile(results.plain.latencies, 99), "ms");
+  report(`(e) dispatch latency p99, ${label}`, percentile(results.leased.latencies, 99), "ms", {
+    name: "no lease",
+    value: percentile(results.plain.latencies, 99),
+  });
+  process.stdout.write(`(e) jobs placed on a leased host or across a booking in the leased rounds: ${misplaced} (must be 0)\n`);
+}
+
 export async function run(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), "treadmill-bench-coordinator-"));
   await chmod(dir, 0o755); // the server's OS user must reach its directory
@@ -159,17 +341,24 @@ export async function run(): Promise<void> {
 
     const { token, hosts } = await insertFixtures(
       sql,
-      Array.from({ length: Math.max(IDLE, ACTIVE, HEALTH_HOSTS) }, (_, i) => ({
+      Array.from({ length: Math.max(IDLE, ACTIVE, HEALTH_HOSTS, LEASE_HOSTS) }, (_, i) => ({
         name: `bench-${i}`,
         tags: i < ACTIVE ? { pool: "active" } : { pool: "idle" },
       })),
     );
 
+    const jobs = createClient(
+      JobService,
+      createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }),
+    );
+    if (LEASES_ONLY) {
+      await leaseRounds({ sql, url, jobs, hosts, attached: 0, supervisors, listen: () => undefined });
+      return;
+    }
+
     // (c) Idle supervisors: memory and CPU.
     await new Promise((r) => setTimeout(r, 1000));
     const before = await usage(pid);
-    // When each job's StartJob arrived (the first, if it came several times).
-    const startedAt = new Map<string, number>();
     let onStart: (jobId: string) => void = () => undefined;
     for (const h of hosts.slice(0, IDLE)) {
       supervisors.push(
@@ -205,32 +394,8 @@ export async function run(): Promise<void> {
     await Promise.all(supervisors.splice(ACTIVE).map((s) => s.close()));
 
     // (a) Dispatch latency.
-    const jobs = createClient(
-      JobService,
-      createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }),
-    );
     const spec = { image: "bench:v1", hosts: { tags: { pool: "active" } } };
-    /** Submits `n` jobs one after another; each one's time from SubmitJob's answer to its StartJob. */
-    const dispatch = async (jobSpec: typeof spec | { image: string }, n: number): Promise<number[]> => {
-      const latencies: number[] = [];
-      for (let i = 0; i < n; i++) {
-        let wanted = "";
-        let arrived!: () => void;
-        const got = new Promise<void>((r) => (arrived = r));
-        onStart = (jobId) => {
-          if (!startedAt.has(jobId)) startedAt.set(jobId, performance.now());
-          if (jobId === wanted) arrived();
-        };
-        const { job } = await jobs.submitJob({ spec: jobSpec });
-        const returned = performance.now();
-        wanted = job!.id;
-        if (!startedAt.has(wanted)) await got;
-        // StartJob may overtake SubmitJob's answer: that is no wait at all.
-        latencies.push(Math.max(0, startedAt.get(wanted)! - returned));
-      }
-      onStart = () => undefined;
-      return latencies;
-    };
+    const dispatch = dispatcher(jobs, (f) => (onStart = f));
     if (PROFILE) await sql`select pg_stat_statements_reset()`;
     const latencies = await dispatch(spec, DISPATCH_JOBS);
     if (PROFILE) await printStatements(sql, "(a)");
@@ -362,6 +527,8 @@ export async function run(): Promise<void> {
       value: percentile(results.healthy.latencies, 99),
     });
     process.stdout.write(`(d) jobs placed on a quarantined or checking host in the degraded rounds: ${misplaced} (must be 0)\n`);
+
+    await leaseRounds({ sql, url, jobs, hosts, attached: HEALTH_HOSTS, supervisors, listen: (f) => (onStart = f) });
   } finally {
     await Promise.all(supervisors.map((s) => s.close()));
     child.child.kill("SIGTERM");

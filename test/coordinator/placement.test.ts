@@ -10,7 +10,9 @@ import {
   PassPlacement,
   type QueuedJob,
   ServicePicker,
+  fitsBookings,
   matches,
+  placeLeaseJobs,
 } from "../../coordinator/jobs/placement.js";
 
 function host(name: string, init: Partial<HostCandidate> = {}): HostCandidate {
@@ -22,6 +24,7 @@ function host(name: string, init: Partial<HostCandidate> = {}): HostCandidate {
     media_types: ["rootfs"],
     free: 1,
     attached_replica: "r1",
+    booked_from: null,
     ...init,
     site,
     tags: { ...(init.tags ?? {}), ...(site !== "" ? { site } : {}) },
@@ -41,6 +44,7 @@ function job(id: string, init: Partial<QueuedJob> = {}): QueuedJob {
     manifest_digest: "sha256:00",
     image_holder: null,
     job_timeout_ms: 60_000,
+    lease_id: null,
     ...init,
   };
 }
@@ -54,6 +58,8 @@ interface Row {
   running?: Record<string, number>;
   /** "owner host-name" pairs that are denied; grants exist when set. */
   denied?: string[];
+  /** The pass's time (ms; hosts' booked_from are on the same clock); default 0. */
+  now?: number;
   /** job id -> host names, in host-index order; jobs not placed are absent. */
   placed: Record<string, string[]>;
 }
@@ -161,14 +167,38 @@ const rows: Row[] = [
     queue: [[job("j1")], [job("j1"), job("j2")], [job("j3")]],
     placed: { j1: ["a"], j2: ["b"] },
   },
+  {
+    name: "a job goes on a booked host only if its timeout ends before the booking starts (backfill)",
+    hosts: [host("a", { booked_from: 1_000_000 + 600_000 })],
+    queue: [[job("long", { job_timeout_ms: 3_600_000 }), job("short", { job_timeout_ms: 600_000 })]],
+    now: 1_000_000,
+    placed: { short: ["a"] },
+  },
+  {
+    name: "a host whose booking has started takes no job, a host booked later than every timeout takes any",
+    hosts: [host("a", { booked_from: 999_000 }), host("b", { booked_from: 1_000_000 + 86_400_000 })],
+    queue: [[job("j1", { job_timeout_ms: 1000 }), job("j2", { job_timeout_ms: 3_600_000 })]],
+    now: 1_000_000,
+    placed: { j1: ["b"] },
+  },
+  {
+    name: "a blocked large job counts only the hosts free of bookings for its timeout, and reserves nothing when too few are",
+    hosts: [host("a"), host("b", { free: 0 }), host("c", { booked_from: 1_000_000 + 30_000 })],
+    queue: [[job("big", { host_count: 3 }), job("small", { owner_id: "bob" })]],
+    now: 1_000_000,
+    placed: { small: ["a"] },
+  },
 ];
 
 describe("placement of queued jobs on hosts", () => {
   it.each(rows)("$name", (row) => {
+    const booked = row.hosts.flatMap((h) => (h.booked_from === null ? [] : [h.booked_from]));
     const placement = new PassPlacement(row.hosts, {
       maxJobsPerUser: row.limit ?? 0,
       running: new Map(Object.entries(row.running ?? {})),
       grants: row.denied !== undefined,
+      now: row.now ?? 0,
+      firstBooking: booked.length > 0 ? Math.min(...booked) : null,
     });
     for (const chunk of row.queue) {
       if (placement.exhausted) break;
@@ -266,6 +296,26 @@ describe("placement of queued jobs on hosts", () => {
     expect(names(lazy)).toEqual(names(whole));
   });
 
+  it("applies the backfill rule at the booking's start exactly: a job ending then fits, a millisecond later does not", () => {
+    const h = host("a", { booked_from: 10_000 });
+    expect(fitsBookings(job("j", { job_timeout_ms: 4000 }), h, 6000)).toBe(true);
+    expect(fitsBookings(job("j", { job_timeout_ms: 4001 }), h, 6000)).toBe(false);
+    expect(fitsBookings(job("j", { job_timeout_ms: 1e9 }), host("b"), 6000)).toBe(true);
+  });
+
+  it("gives jobs of any timeout one kind while none reaches the earliest booking, and tells them apart once one does", () => {
+    const options = { maxJobsPerUser: 0, grants: false, now: 1000, firstBooking: 1000 + 3_600_000 };
+    const placement = new PassPlacement([], options);
+    const [short, shorter, long] = [job("s", { job_timeout_ms: 60_000 }), job("t", { job_timeout_ms: 120_000 }), job("l", { job_timeout_ms: 7_200_000 })];
+    expect(placement.kind(short)).toBe(placement.kind(shorter));
+    expect(placement.kind(long)).not.toBe(placement.kind(short));
+    expect(placement.bookingBound(short)).toBeNull();
+    expect(placement.bookingBound(long)).toBe(7_200_000);
+    expect(placement.demands([short, shorter, long]).map((d) => d.need)).toEqual([2, 1]);
+    const noBookings = new PassPlacement([], { ...options, firstBooking: null });
+    expect(noBookings.kind(long)).toBe(noBookings.kind(short));
+  });
+
   it("matches on tags, site, driver and media types, each alone", () => {
     const h = host("a", { site: "lab", tags: { board: "x" }, media_types: ["rootfs", "qcow2"] });
     expect(matches(job("j"), h)).toBe(true);
@@ -274,6 +324,36 @@ describe("placement of queued jobs on hosts", () => {
     expect(matches(job("j", { required_site: "other" }), h)).toBe(false);
     expect(matches(job("j", { required_driver: "board" }), h)).toBe(false);
     expect(matches(job("j", { media_types: ["firmware"] }), h)).toBe(false);
+  });
+});
+
+describe("placement of jobs inside leases", () => {
+  const on = (lease: string, h: HostCandidate) => ({ ...h, lease_id: lease });
+  const names = (placements: { job: QueuedJob; hosts: HostCandidate[] }[]) =>
+    Object.fromEntries(placements.map((p) => [p.job.id, p.hosts.map((h) => h.name)]));
+
+  it("puts a lease's jobs on its own hosts only, in queue order, several on a host with several free slots", () => {
+    const hosts = [on("L1", host("a", { free: 2 })), on("L2", host("b"))];
+    const jobs = [job("j1", { lease_id: "L1" }), job("j2", { lease_id: "L1" }), job("j3", { lease_id: "L1" }), job("k1", { lease_id: "L2" })];
+    expect(names(placeLeaseJobs(jobs, hosts))).toEqual({ j1: ["a"], j2: ["a"], k1: ["b"] });
+  });
+
+  it("keeps a lease's jobs FIFO: one that cannot be placed holds back those behind it in its lease, not another lease's", () => {
+    const hosts = [on("L1", host("a")), on("L1", host("b")), on("L2", host("c"))];
+    const jobs = [
+      job("big", { lease_id: "L1", host_count: 3 }),
+      job("small", { lease_id: "L1" }),
+      job("other", { lease_id: "L2" }),
+      job("y", { lease_id: "L2", required_tags: { board: "y" } }),
+    ];
+    expect(names(placeLeaseJobs(jobs, hosts))).toEqual({ other: ["c"] });
+  });
+
+  it("matches a lease job's requirements against its lease's hosts, ignores their bookings and leaves the hosts handed in untouched", () => {
+    const hosts = [on("L1", host("a", { tags: { board: "x" }, booked_from: 0 })), on("L1", host("b", { tags: { board: "y" }, booked_from: 0 }))];
+    const placed = placeLeaseJobs([job("j", { lease_id: "L1", required_tags: { board: "y" }, job_timeout_ms: 1e9 })], hosts);
+    expect(names(placed)).toEqual({ j: ["b"] });
+    expect(hosts.map((h) => h.free)).toEqual([1, 1]);
   });
 });
 

@@ -7,7 +7,8 @@
  */
 import { randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { freeHostsFor, freeSlotCount } from "../../coordinator/db/queries/hosts.js";
+import { firstBooking, freeHostsFor, freeSlotCount, leaseHostsFree } from "../../coordinator/db/queries/hosts.js";
+import { queuedLeaseJobs } from "../../coordinator/db/queries/jobs.js";
 import { type TestDatabase, createTestDatabase } from "../support/db.js";
 import { waitUntil } from "../support/wait.js";
 
@@ -43,6 +44,7 @@ describe("a scheduling pass's reads of hosts", () => {
     driver: null,
     media: ["rootfs"],
     owner: null,
+    timeout: null,
     need,
   });
   const names = (rows: { id: string; demand: number }[], d: number) =>
@@ -122,6 +124,47 @@ describe("a scheduling pass's reads of hosts", () => {
       { name: "enable_bitmapscan", setting: "on" },
       { name: "enable_seqscan", setting: "on" },
     ]);
+  });
+
+  it("leaves a host held by an active lease out of the free hosts and their count, and reads it for its lease's queued jobs alone", async () => {
+    const owner = randomUUID();
+    const lease = randomUUID();
+    const leaseJob = randomUUID();
+    await db.sql`insert into users (id, name, role) values (${owner}, 'holder', 'user')`;
+    await db.sql`
+      insert into leases (id, owner_id, state, host_count, starts_at, ends_at, grace_ms, activated_at)
+      values (${lease}, ${owner}, 'active', 1, now(), now() + interval '1 hour', 60000, now())`;
+    const before = await freeSlotCount(db.sql);
+    await db.sql`update hosts set lease_id = ${lease} where id = ${ids.a}`;
+    try {
+      expect(await freeSlotCount(db.sql)).toBe(before - 1);
+      expect(names(await freeHostsFor(db.sql, [demand({ board: "x" }, 5)], []), 0)).toEqual(["b", "f"]);
+      // No job of the lease queued: its hosts are not read.
+      expect(await leaseHostsFree(db.sql)).toEqual([]);
+      expect(await queuedLeaseJobs(db.sql)).toEqual([]);
+      await db.sql`insert into jobs (id, owner_id, spec, lease_id) values (${leaseJob}, ${owner}, '{}', ${lease})`;
+      expect((await leaseHostsFree(db.sql)).map((h) => [h.lease_id, h.id, h.free])).toEqual([[lease, ids.a, 1]]);
+      expect((await queuedLeaseJobs(db.sql)).map((j) => [j.id, j.lease_id])).toEqual([[leaseJob, lease]]);
+    } finally {
+      await db.sql`update hosts set lease_id = null where id = ${ids.a}`;
+      await db.sql`delete from jobs where id = ${leaseJob}`;
+    }
+  });
+
+  it("reads a booked host only for jobs whose timeout ends before its booking starts, and the earliest booking of all", async () => {
+    await db.sql`update hosts set booked_from = now() + interval '30 minutes' where id = ${ids.f}`;
+    try {
+      const [{ at }] = await db.sql<{ at: number }[]>`select (extract(epoch from booked_from) * 1000)::float8 as at from hosts where id = ${ids.f}`;
+      expect((await firstBooking(db.sql)).first).toBe(at);
+      const read = (timeout: number | null) => freeHostsFor(db.sql, [{ ...demand({ site: "lab" }, 5), timeout }], []);
+      expect(names(await read(3_600_000), 0)).toEqual([]);
+      expect(names(await read(600_000), 0)).toEqual(["f"]);
+      expect(names(await read(null), 0)).toEqual(["f"]);
+      expect((await read(600_000))[0].booked_from).toBe(at);
+    } finally {
+      await db.sql`update hosts set booked_from = null where id = ${ids.f}`;
+    }
+    expect((await firstBooking(db.sql)).first).toBeNull();
   });
 
   const freeIndexScans = async () => {

@@ -13,6 +13,7 @@ import {
   attach,
   codeOf,
   insertImage,
+  passProbe,
   jobInState,
   jobRow,
   uniqueTag,
@@ -31,17 +32,7 @@ describe("the scheduler", () => {
     c = await startTestCoordinator({ config: { ...FAST, schedulerAgingMs: 600_000, maxJobsPerUser: 2 } });
     image = (await insertImage(c.sql)).ref;
     qcowImage = (await insertImage(c.sql, { mediaTypes: [QCOW2] })).ref;
-    // A host of its own that runs a probe job to completion: once the probe is
-    // assigned, a scheduling pass has run after everything submitted before it
-    // (so "still queued" is a real outcome, not a pass that has not run yet).
-    const probeTag = uniqueTag();
-    const probeUser = await c.createUser();
-    const probeHost = await c.createHost({ tags: probeTag });
-    open.push(await attach(c, probeHost, { mode: "exit" }));
-    probeRun = async () => {
-      const { job } = await c.client(JobService, probeUser.token).submitJob({ spec: { image, hosts: { tags: probeTag } } });
-      await jobInState(c.sql, job!.id, "finalized");
-    };
+    probeRun = await passProbe(c, image, open);
   });
   afterAll(async () => {
     await Promise.all(open.map((s) => s.close()));

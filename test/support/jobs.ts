@@ -8,6 +8,7 @@ import { createHash, randomUUID } from "node:crypto";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { Sql } from "postgres";
 import type { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import type { CoordinatorConfig } from "../../coordinator/config.js";
 import { QCOW2_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { ScriptedSupervisor, type ScriptedSupervisorOptions } from "./scripted-supervisor.js";
@@ -79,6 +80,23 @@ export async function attach(
   const s = new ScriptedSupervisor({ urls: [c.url], credential: host.credential, hostId: host.id, mode: "manual", ...options });
   await s.connect();
   return s;
+}
+
+/**
+ * A host of its own that runs a probe job to completion, attached to `c`
+ * (its supervisor pushed on `open`): once the probe is finalized, a
+ * scheduling pass has run after everything submitted before it, so "still
+ * queued" is a real outcome, not a pass that has not run yet.
+ */
+export async function passProbe(c: TestCoordinator, image: string, open: ScriptedSupervisor[]): Promise<() => Promise<void>> {
+  const tag = uniqueTag();
+  const user = await c.createUser();
+  const host = await c.createHost({ tags: tag });
+  open.push(await attach(c, host, { mode: "exit" }));
+  return async () => {
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: tag } } });
+    await jobInState(c.sql, job!.id, "finalized");
+  };
 }
 
 /** A unique tag so a test's jobs only match its own hosts. */

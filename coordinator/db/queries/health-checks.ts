@@ -11,6 +11,7 @@
 import type { JsonValue } from "@bufbuild/protobuf";
 import type { Fragment, Sql, TransactionSql } from "postgres";
 import type { Health } from "./health.js";
+import { bookingAllows } from "./hosts.js";
 
 type Db = Sql | TransactionSql;
 
@@ -222,6 +223,8 @@ export interface PinnedRow {
  * Queued health jobs whose host is attached, enabled, not draining, not
  * retired and has a free slot: the oldest one per host (health jobs go to
  * their host whatever its health; user jobs never go to a host under check).
+ * Like any job outside leases, never on a host an active lease holds, and
+ * on a booked host only if it ends before the booking starts (backfill).
  */
 export function placeableHealthJobs(tx: Db): Promise<PinnedRow[]> {
   return tx<PinnedRow[]>`
@@ -231,6 +234,7 @@ export function placeableHealthJobs(tx: Db): Promise<PinnedRow[]> {
     where j.state = 'queued' and j.pinned_host_id is not null
       and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health <> 'retired'
       and least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) > h.held_slots
+      and h.lease_id is null and ${bookingAllows(tx, tx`j.job_timeout_ms`)}
     order by h.id, j.created_at`;
 }
 

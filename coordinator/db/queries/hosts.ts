@@ -276,6 +276,8 @@ export interface EligibleHost {
   /** Free slots: its capacity (the supervisor's, if smaller) minus the slots it holds. */
   free: number;
   attached_replica: string;
+  /** The start of its earliest open booking (hosts.booked_from), ms since the epoch; null: none. */
+  booked_from: number | null;
 }
 
 /**
@@ -288,6 +290,24 @@ const schedulable = (tx: Db) =>
   tx`h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health in ('healthy', 'unknown')`;
 
 /**
+ * The condition of a host a job outside leases may go on: schedulable and
+ * held by no active lease (a leased host takes only its lease's jobs:
+ * leaseHostsFree). Its bookings ahead are the job's to check against its
+ * timeout (`bookingAllows`).
+ */
+const outsideLeases = (tx: Db) => tx`${schedulable(tx)} and h.lease_id is null`;
+
+/**
+ * The backfill rule (docs/leases.md): a job outside leases whose timeout is
+ * `timeoutMs` (null: it ends before every booking, as the pass found) may
+ * take host `h` only if it ends before the host's earliest booking starts.
+ */
+export const bookingAllows = (tx: Db, timeoutMs: Fragment) =>
+  tx`(h.booked_from is null or h.booked_from >= now() + ${timeoutMs} * interval '1 millisecond')`;
+
+const bookedFrom = (tx: Db) => tx`(extract(epoch from h.booked_from) * 1000)::float8 as booked_from`;
+
+/**
  * Every host a pass may place jobs on, by name, their free slots left out (0).
  * A pass reads them only once a job asks for several hosts: whether it could
  * fit once busy hosts free up decides whether it reserves. All of them, not
@@ -298,9 +318,9 @@ const schedulable = (tx: Db) =>
 export function schedulableHosts(tx: Db): Promise<EligibleHost[]> {
   return tx<EligibleHost[]>`
     select h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
-      h.attached_replica, 0 as free
+      h.attached_replica, 0 as free, ${bookedFrom(tx)}
     from hosts h
-    where ${schedulable(tx)}
+    where ${outsideLeases(tx)}
     order by h.name`;
 }
 
@@ -308,14 +328,15 @@ export function schedulableHosts(tx: Db): Promise<EligibleHost[]> {
 const slots = (tx: Db) => tx`least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))`;
 
 /**
- * The condition of a schedulable host with a free slot: hosts_free_idx's
- * predicate (migrations 0012, 0013), written the same so that the planner reads
- * that index. held_slots is kept by triggers on job_hosts.
+ * The condition of a host with a free slot that a job outside leases may
+ * take: hosts_free_idx's predicate (migrations 0012, 0013, 0019), written
+ * the same so that the planner reads that index. held_slots is kept by
+ * triggers on job_hosts.
  */
-const hasFreeSlot = (tx: Db) => tx`${schedulable(tx)} and h.held_slots < ${slots(tx)}`;
+const hasFreeSlot = (tx: Db) => tx`${schedulable(tx)} and h.held_slots < ${slots(tx)} and h.lease_id is null`;
 
 /**
- * The free slots of every host a pass may place jobs on, in one aggregate
+ * The free slots of every host a pass may place jobs outside leases on, in one aggregate
  * over the index of free hosts (no row per host leaves the database); 0
  * while no job is queued (the pass every attach wakes reads nothing more).
  */
@@ -335,6 +356,8 @@ export interface HostDemand {
   media: string[];
   /** The owner whose access the hosts must grant (null: host grants do not exist, every host). */
   owner: string | null;
+  /** The jobs' timeout, for the backfill rule; null: they end before every booking (any host). */
+  timeout: number | null;
   /** At most this many hosts are read for it. */
   need: number;
 }
@@ -349,12 +372,13 @@ export interface HostDemand {
 export function freeHostsFor(tx: Db, demands: HostDemand[], known: string[]): Promise<(EligibleHost & { demand: number })[]> {
   const columns = tx`
     h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types, h.attached_replica,
-    ${slots(tx)} - h.held_slots as free`;
+    ${slots(tx)} - h.held_slots as free, ${bookedFrom(tx)}`;
   const fits = tx`
     ${hasFreeSlot(tx)} and h.id <> all(${known}::uuid[])
     and (d.site is null or h.site = d.site) and (d.driver is null or h.driver_kind = d.driver)
     and h.media_types @> d.media and treadmill_host_match_tags(h.tags, h.site) @> d.tags
-    and (d.owner is null or treadmill_user_may_use_host(d.owner, h.id))`;
+    and (d.owner is null or treadmill_user_may_use_host(d.owner, h.id))
+    and (d.timeout is null or ${bookingAllows(tx, tx`d.timeout`)})`;
   // Hosts of one slot (boards: most of a lab) come in name order through
   // the index of free hosts, stopping at `need`: the first `need` of them by
   // name are all the placement's order can want of them. Free hosts of
@@ -371,7 +395,7 @@ export function freeHostsFor(tx: Db, demands: HostDemand[], known: string[]): Pr
   const rows = tx<(EligibleHost & { demand: number })[]>`
     select d.demand, h.*
     from jsonb_to_recordset(${tx.json(demands.map((d, demand) => ({ ...d, demand })) as never)}::jsonb)
-        as d(tags jsonb, site text, driver text, media text[], owner uuid, need int, demand int),
+        as d(tags jsonb, site text, driver text, media text[], owner uuid, timeout float8, need int, demand int),
       lateral (
         select * from (
           (select ${columns} from hosts h where ${fits} and ${slots(tx)} > 1)
@@ -381,6 +405,34 @@ export function freeHostsFor(tx: Db, demands: HostDemand[], known: string[]): Pr
   pipeline(tx`reset enable_bitmapscan`);
   pipeline(tx`reset enable_seqscan`);
   return rows;
+}
+
+/**
+ * The database's now and the earliest booking of any host (null: none), ms
+ * since the epoch, through hosts_booked_from_idx: a job whose timeout ends
+ * before it fits every host as far as bookings go (PassPlacement).
+ */
+export async function firstBooking(tx: Db): Promise<{ now: number; first: number | null }> {
+  const [row] = await tx<{ now: number; first: number | null }[]>`
+    select (extract(epoch from now()) * 1000)::float8 as now,
+      (select (extract(epoch from h.booked_from) * 1000)::float8 from hosts h
+       where h.booked_from is not null order by h.booked_from limit 1) as first`;
+  return row;
+}
+
+/**
+ * The free hosts of the active leases that have queued jobs (their jobs go
+ * only there: placeLeaseJobs), by lease, then name. Nothing is read but the
+ * index of queued lease jobs while none is queued.
+ */
+export function leaseHostsFree(tx: Db): Promise<(EligibleHost & { lease_id: string })[]> {
+  return tx<(EligibleHost & { lease_id: string })[]>`
+    select h.lease_id, h.id, h.name, treadmill_host_match_tags(h.tags, h.site) as tags, h.site, h.driver_kind, h.media_types,
+      h.attached_replica, ${slots(tx)} - h.held_slots as free, ${bookedFrom(tx)}
+    from hosts h
+    where h.lease_id in (select j.lease_id from jobs j where j.lease_id is not null and j.state = 'queued')
+      and ${schedulable(tx)} and h.held_slots < ${slots(tx)}
+    order by h.lease_id, h.name`;
 }
 
 /** Whether any host grant exists (none: every user may use every host). */

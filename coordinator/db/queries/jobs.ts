@@ -73,6 +73,8 @@ export interface JobRow {
   log_status_message: string;
   /** The health check of a health job (migration 0013), else null. */
   health_check_id: string | null;
+  /** The lease the job runs inside (migration 0017), else null. */
+  lease_id: string | null;
 }
 
 /** The select list of JobRow (jobs aliased `j`). */
@@ -80,7 +82,7 @@ export const jobColumns = (sql: Db) => sql`
   j.id, j.owner_id, j.spec, j.state, j.stage, j.reason, j.exit_status, j.exit_code, j.attempt,
   j.priority, j.max_restarts, j.manifest_digest, j.status_message, j.stop_reason, j.created_at,
   j.updated_at, j.queued_at, j.assigned_at, j.started_at, j.finalized_at, j.job_timeout_ms,
-  j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message, j.health_check_id,
+  j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message, j.health_check_id, j.lease_id,
   coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
 
@@ -270,11 +272,19 @@ export interface QueuedJobRow {
   manifest_digest: string;
   image_holder: string | null;
   job_timeout_ms: number;
+  /** The lease it runs inside (queuedLeaseJobs), else null. */
+  lease_id: string | null;
 }
+
+/** The columns of a QueuedJobRow (jobs aliased `j`). */
+const queuedColumns = (tx: Db) => tx`
+  j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
+  j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms, j.lease_id`;
 
 /**
  * `size` queued jobs from `offset` in the scheduler's order (health jobs,
- * pinned to their hosts, are placed apart: placeableHealthJobs): effective
+ * pinned to their hosts, and jobs inside leases are placed apart:
+ * placeableHealthJobs, queuedLeaseJobs): effective
  * priority (priority plus one point per `agingMs` of waiting; 0: none),
  * queued_at, created_at, id.
  */
@@ -290,14 +300,35 @@ export function readQueue(tx: Db, size: number, offset: number, aging: number): 
         union all
         select (select j.priority from jobs j where j.state = 'queued' and j.priority < p.priority order by j.priority desc limit 1)
         from p where p.priority is not null)
-      select j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
-        j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms
+      select ${queuedColumns(tx)}
       from p, lateral (
-        select * from jobs j where j.state = 'queued' and j.priority = p.priority and j.pinned_host_id is null
+        select * from jobs j where j.state = 'queued' and j.priority = p.priority and j.pinned_host_id is null and j.lease_id is null
         order by j.queued_at, j.created_at, j.id limit ${offset + size}) j
       order by j.priority + ${aging > 0 ? tx`floor(extract(epoch from (now() - j.queued_at)) * 1000 / ${aging})::int` : tx`0`} desc,
         j.queued_at, j.created_at, j.id
       limit ${size} offset ${offset}`;
+}
+
+/**
+ * The queued jobs inside the leases that have a free host, FIFO per lease
+ * (queued_at, created_at, id), at most as many per lease as its free slots
+ * (each job takes one at least), by lease; through jobs_lease_queued_idx,
+ * empty while no lease job is queued.
+ */
+export function queuedLeaseJobs(tx: Db): Promise<QueuedJobRow[]> {
+  return tx<QueuedJobRow[]>`
+    with f as (
+      select h.lease_id, sum(least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - h.held_slots)::int as free
+      from hosts h
+      where h.lease_id in (select q.lease_id from jobs q where q.lease_id is not null and q.state = 'queued')
+        and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
+        and h.health in ('healthy', 'unknown') and h.held_slots < least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+      group by h.lease_id)
+    select ${queuedColumns(tx)}
+    from f, lateral (
+      select * from jobs j where j.lease_id = f.lease_id and j.state = 'queued'
+      order by j.queued_at, j.created_at, j.id limit f.free) j
+    order by j.lease_id, j.queued_at, j.created_at, j.id`;
 }
 
 /** Jobs assigned or running per owner (the per-user limit). */
@@ -375,23 +406,26 @@ export async function assignJobs(
     lh as materialized (
       select h.id,
         least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - h.held_slots as free,
-        h.health in ('healthy', 'unknown') as healthy
+        h.health in ('healthy', 'unknown') as healthy, h.lease_id, h.booked_from
       from hosts h
       where h.id in (select host from r)
         and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health <> 'retired'
       order by h.id
       for update of h skip locked),
     lj as materialized (
-      select id from jobs where id in (select id from v) and state = 'queued' order by id for update skip locked),
-    -- All or none: a job whose every host (with the slots) and itself are locked.
+      select id, lease_id, job_timeout_ms from jobs where id in (select id from v) and state = 'queued' order by id for update skip locked),
+    -- All or none: a job whose every host (with the slots) and itself are
+    -- locked, and whose hosts are its lease's, or (outside leases) held by
+    -- no lease and booked no earlier than its end (the backfill rule).
     ok as materialized (
-      select v.* from v
-      where v.id in (select id from lj)
-        and not exists (
+      select v.* from v join lj on lj.id = v.id
+      where not exists (
           select 1 from r left join lh on lh.id = r.host
           where r.job = v.id
             and (lh.id is null or lh.free < (select count(*) from r r2 where r2.host = r.host)
-              or (not lh.healthy and not coalesce(v.pinned, false))))),
+              or (not lh.healthy and not coalesce(v.pinned, false))
+              or lh.lease_id is distinct from lj.lease_id
+              or (lj.lease_id is null and lh.booked_from < now() + lj.job_timeout_ms * interval '1 millisecond')))),
     ins as (
       insert into job_hosts (job_id, host_id, attempt, host_index)
       select job, host, attempt, index from r where job in (select id from ok)),
@@ -483,6 +517,35 @@ export async function imageForJob(
   return row;
 }
 
+/** A lease as SubmitJob reads it for a job to run inside it. */
+export interface LeaseForJob {
+  owner_id: string;
+  state: "requested" | "waiting" | "active" | "ended";
+  end_reason: string | null;
+  status_message: string;
+  /** Milliseconds from now to its end. */
+  left_ms: number;
+  /** Its booked hosts, or those it asks for while none is booked. */
+  hosts: number;
+}
+
+/**
+ * Lease `id` for a job to run inside it, its row share-locked until the
+ * caller's commit: a lease ending meanwhile (its row updated) waits for
+ * the job's insert and cancels the job with the lease's others, or ends
+ * first and is seen ended here.
+ */
+export async function leaseForJob(tx: Db, id: string): Promise<LeaseForJob | undefined> {
+  const [row] = await tx<LeaseForJob[]>`
+    select l.owner_id, l.state, l.end_reason, l.status_message,
+      (extract(epoch from (l.ends_at - now())) * 1000)::float8 as left_ms,
+      coalesce(nullif((select count(*) from lease_hosts lh where lh.lease_id = l.id)::int, 0),
+        case when cardinality(l.host_names) > 0 then cardinality(l.host_names) else l.host_count end) as hosts
+    from leases l where l.id = ${id}
+    for share of l`;
+  return row;
+}
+
 /** The job a user submitted with `requestId` within the last 24 hours (older uses are forgotten). */
 export async function jobOfRequest(tx: Db, ownerId: string, requestId: string): Promise<string | undefined> {
   await tx`
@@ -517,6 +580,8 @@ export interface NewJob {
   requestId: string | null;
   /** name -> value of the secret parameters (job_secrets). */
   secrets: ReadonlyMap<string, string>;
+  /** The lease it runs inside (JobSpec.lease_id), else null. */
+  leaseId?: string | null;
 }
 
 /**
@@ -529,11 +594,11 @@ export async function insertJob(tx: TransactionSql, j: NewJob): Promise<string> 
     await tx.savepoint(async (sp) => {
       await sp`
         insert into jobs (id, owner_id, spec, priority, manifest_digest, image_holder, media_types, host_count, required_tags,
-          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id)
+          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id, lease_id)
         values (${j.id}, ${j.ownerId}, ${sp.json(j.spec as never)}, ${j.priority},
           ${j.digest}, ${j.holderId}, ${j.mediaTypes}, ${j.hostCount}, ${sp.json(j.requiredTags)},
           ${j.requiredSite}, ${j.requiredDriver}, ${j.maxRestarts}, ${j.queueTimeoutMs},
-          ${j.jobTimeoutMs}, ${j.requestId})`;
+          ${j.jobTimeoutMs}, ${j.requestId}, ${j.leaseId ?? null})`;
     });
   } catch (err) {
     if (!isUniqueViolation(err, "jobs_owner_request_id_idx")) throw err;
@@ -562,6 +627,8 @@ export interface JobFilterConditions {
   tags: Record<string, string>;
   /** Only health jobs (true) or only other jobs (false); undefined: both. */
   healthJobs?: boolean;
+  /** Only the jobs inside this lease ("": any). */
+  lease?: string;
 }
 
 function jobConditions(sql: Db, f: JobFilterConditions) {
@@ -571,7 +638,8 @@ function jobConditions(sql: Db, f: JobFilterConditions) {
     ${f.states.length > 0 ? sql`and j.state = any(${f.states}::text[])` : empty}
     ${f.host !== "" ? sql`and exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = j.attempt and jh.host_id = ${f.host})` : empty}
     ${Object.keys(f.tags).length > 0 ? sql`and j.spec->'tags' @> ${sql.json(f.tags)}::jsonb` : empty}
-    ${f.healthJobs === true ? sql`and j.health_check_id is not null` : f.healthJobs === false ? sql`and j.health_check_id is null` : empty}`;
+    ${f.healthJobs === true ? sql`and j.health_check_id is not null` : f.healthJobs === false ? sql`and j.health_check_id is null` : empty}
+    ${f.lease ? sql`and j.lease_id = ${f.lease}` : empty}`;
 }
 
 /** A page of jobs matching `f`, newest first, before job `after` if given (keyset), at most `limit`. */
