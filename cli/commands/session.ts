@@ -17,7 +17,7 @@ import { defineCommand, type Command } from "../command.js";
 import { tlsOptions, type CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { word } from "../format.js";
-import { outcome } from "./job.js";
+import { outcome, watchJob } from "./job.js";
 import { leaseConsoleTarget } from "./lease.js";
 
 async function openSession(ctx: CliContext, jobId: string, port: string, host: string | undefined) {
@@ -41,6 +41,23 @@ async function jobAfterConsole(ctx: CliContext, jobId: string): Promise<string> 
   } catch {
     return `If the job still runs, end it with: ${cancel}`;
   }
+}
+
+/** Waits until the job runs (saying so when it does not yet); CliError when it ends first. */
+async function untilRunning(ctx: CliContext, jobId: string): Promise<void> {
+  const running = new AbortController();
+  let said = false;
+  const job = await watchJob(await ctx.client(JobService), jobId, AbortSignal.any([ctx.abort.signal, running.signal]), (j) => {
+    if (j.state === JobState.RUNNING) running.abort();
+    else if (!said && j.state !== JobState.FINALIZED) {
+      said = true;
+      ctx.io.stderr.write(`Waiting for job ${jobId} to run (${word(JobStateSchema, j.state)}).\n`);
+    }
+  }).catch((err: unknown) => {
+    if (running.signal.aborted) return undefined;
+    throw err;
+  });
+  if (job !== undefined) throw new CliError(`job ${jobId} ${outcome(job)} before its console could open`, ExitCode.CONFLICT);
 }
 
 /**
@@ -106,6 +123,8 @@ export const sessionCommands: Command[] = [
         const target = await leaseConsoleTarget(await ctx.client(LeaseService), flags.lease, flags.host);
         ({ jobId, hostId } = target);
         ctx.io.stderr.write(`Lease ${flags.lease}: job ${jobId} on host ${target.hostName || hostId}.\n`);
+        // Just started in the lease, it may still be provisioning: its console opens once it runs.
+        await untilRunning(ctx, jobId);
       }
       const session = await openSession(ctx, jobId, "console", hostId);
       const { stdin, stdout, stderr } = ctx.io;
