@@ -28,6 +28,8 @@ export interface Termination {
   exitCode?: number;
   message: string;
   at: Date;
+  /** The job was held after its workload failed: the workload's outcome stands over the stop that ended the hold. */
+  held?: boolean;
 }
 
 /** A running job, for a snapshot (JobRunner.snapshotSource). */
@@ -118,6 +120,9 @@ export class JobRunner {
   /** The image the job runs, and snapshots the cleanup must wait for (supervisor/snapshot.ts). */
   private image: JobImage | undefined;
   private snapshotting: Promise<unknown> = Promise.resolve();
+  /** Set while the job is held (StartJob.hold_on_failure): `stop` ends the hold. */
+  private endHold: (() => void) | undefined;
+  private wasHeld = false;
   readonly done: Promise<void>;
 
   constructor(
@@ -160,11 +165,13 @@ export class JobRunner {
     this.stopReason = reason;
     this.stopGraceMs = graceMs;
     this.abort.abort(new DriverAbortError("job stopped"));
+    if (this.endHold) this.say("hold ended: resetting the host");
     if (this.running) {
       this.setState(JobState.TERMINATING, JobStage.UNSPECIFIED, "stopping");
       this.deps.driver
         .stop(this.running, { graceMs })
-        .catch((err: unknown) => this.log.error({ err }, "driver could not stop the job"));
+        .catch((err: unknown) => this.log.error({ err }, "driver could not stop the job"))
+        .finally(() => this.endHold?.());
     }
   }
 
@@ -252,6 +259,7 @@ export class JobRunner {
         image: provisioned.image,
         exposedPorts: spec.exposedPorts.map((p) => ({ name: p.name, port: p.port })),
         env: peerEnv(this.start),
+        holdOnFailure: this.start.holdOnFailure,
       };
       const onStage = (stage: DriverStage, message: string) => {
         this.setState(JobState.INITIALIZING, stages[stage], message);
@@ -272,6 +280,14 @@ export class JobRunner {
         exposer = this.expose();
       }
       exit = await this.running.exited;
+      if (this.running.status() === "held" && this.stopReason === undefined) {
+        // Held (the driver kept the host as it is): its lease governs, not
+        // the job timeout; a stop ends the hold.
+        clearTimeout(timer);
+        await this.hold(exit);
+      } else if (this.start.holdOnFailure && exit.status === "failure" && !exit.stopped && exit.failure === undefined) {
+        this.say(`the ${this.deps.driver.kind} driver did not hold the host: resetting it`);
+      }
     } catch (err) {
       if (err instanceof DriverAbortError || this.abort.signal.aborted) {
         failure = { reason: this.stopReason ?? FinalizeReason.CANCELED, message: "stopped before it ran" };
@@ -302,12 +318,16 @@ export class JobRunner {
 
     const termination: Termination = exit
       ? {
-          // A sandbox killed from outside (exit.failure) is the host's failure, not the workload's exit.
-          reason: this.stopReason ?? (exit.failure ? driverReasons[exit.failure.reason] : FinalizeReason.WORKLOAD_EXITED),
+          // A sandbox killed from outside (exit.failure) is the host's failure, not the workload's exit;
+          // a held job ends with its workload's exit whatever stop ended the hold.
+          reason: this.wasHeld
+            ? FinalizeReason.WORKLOAD_EXITED
+            : (this.stopReason ?? (exit.failure ? driverReasons[exit.failure.reason] : FinalizeReason.WORKLOAD_EXITED)),
           exitStatus: exit.status === "success" ? ExitStatus.SUCCESS : ExitStatus.FAILURE,
           exitCode: exit.exitCode ?? undefined,
           message: exit.message,
           at: new Date(clock()),
+          ...(this.wasHeld ? { held: true } : {}),
         }
       : {
           reason: failure!.reason,
@@ -323,6 +343,18 @@ export class JobRunner {
     }
     this.termination = termination;
     this.deps.report({ state: JobState.TERMINATING, stage: JobStage.UNSPECIFIED, message: termination.message, termination });
+  }
+
+  /**
+   * Reports the job RUNNING in stage HELD and waits for the stop that ends
+   * the hold; the console, exposures and host control keep working meanwhile.
+   */
+  private async hold(exit: JobExit): Promise<void> {
+    this.wasHeld = true;
+    const ended = new Promise<void>((resolve) => (this.endHold = resolve));
+    this.setState(JobState.RUNNING, JobStage.HELD, `held after the workload failed: ${exit.message}`);
+    this.say(`held: ${exit.message}; the host stays as it is until the job is canceled or its lease ends`);
+    await ended;
   }
 
   /**

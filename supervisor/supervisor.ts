@@ -149,6 +149,7 @@ export function createSupervisor({
       exitCode: t.exitCode,
       message: t.message,
       time: timestampFromDate(t.at),
+      held: t.held === true,
     };
   }
 

@@ -11,9 +11,11 @@ import {
   FinalizeReasonSchema,
   HostControlAction,
   type Job,
+  JobEventKind,
   JobEventKindSchema,
   JobEventSchema,
   JobSchema,
+  JobStage,
   JobStageSchema,
   JobState,
   JobStateSchema,
@@ -24,6 +26,7 @@ import {
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ControlHostResponseSchema, JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LeaseService, LeaseState } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
 import { keepStreaming, sleep } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
@@ -73,6 +76,7 @@ function endLine(job: Job): string {
 
 function stateText(job: Job): string {
   if (job.state === JobState.INITIALIZING && job.stage !== 0) return `initializing (${word(JobStageSchema, job.stage)})`;
+  if (job.state === JobState.RUNNING && job.stage === JobStage.HELD) return "held (its workload failed; its hosts are kept as they are)";
   if (job.state === JobState.FINALIZED) return outcome(job);
   return word(JobStateSchema, job.state);
 }
@@ -158,6 +162,11 @@ const runFlags = {
   description: { type: "string", placeholder: "TEXT", description: "free text shown in listings" },
   priority: { type: "string", placeholder: "N", description: "-100 to 100, higher first (default 0)" },
   timeout: { type: "string", placeholder: "DURATION", description: "longest run time, e.g. 30m (default: the server's)" },
+  "hold-on-failure": {
+    type: "string",
+    placeholder: "DURATION",
+    description: "when the workload fails, keep its hosts as they are this long for a post-mortem (a lease) instead of resetting them",
+  },
   "queue-timeout": { type: "string", placeholder: "DURATION", description: "longest wait for hosts (default: the server's)" },
   restarts: { type: "string", placeholder: "N", description: "re-queue up to N times after an infrastructure failure" },
   lease: { type: "string", placeholder: "LEASE", description: "run inside this lease of yours, on its hosts (see `tml reserve`)" },
@@ -201,6 +210,7 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
     },
     priority: flags.priority === undefined ? 0 : parseIntFlag("priority", flags.priority, -100, 100),
     jobTimeout: flags.timeout === undefined ? undefined : durationFromMs(parseDuration("timeout", flags.timeout)),
+    holdOnFailure: flags["hold-on-failure"] === undefined ? undefined : durationFromMs(parseDuration("hold-on-failure", flags["hold-on-failure"])),
     queueTimeout: flags["queue-timeout"] === undefined ? undefined : durationFromMs(parseDuration("queue-timeout", flags["queue-timeout"])),
     restartPolicy: flags.restarts === undefined ? undefined : { maxRestarts: parseIntFlag("restarts", flags.restarts, 0, 10) },
     parameters,
@@ -209,6 +219,27 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
     description: flags.description ?? "",
     leaseId: flags.lease ?? "",
   };
+}
+
+/**
+ * Keeps lease `leaseId` alive with a WatchLease keepalive stream, reopened
+ * with backoff, until `signal` aborts or the lease has ended (a held job's
+ * hold: the hold lasts while `tml job run` follows the job, and ends its
+ * grace period after it stops).
+ */
+async function keepLeaseAlive(ctx: CliContext, leaseId: string, signal: AbortSignal): Promise<void> {
+  const leases = await ctx.client(LeaseService);
+  let ended = false;
+  await keepStreaming({
+    open: (attempt) => leases.watchLease({ leaseId, keepalive: true }, { signal: attempt.signal }),
+    onMessage: ({ lease }, attempt) => {
+      attempt.healthy();
+      ended ||= lease?.state === LeaseState.ENDED;
+    },
+    onEnd: () => (ended ? "stop" : undefined),
+    backoff: { initialMs: 250, maxMs: 5000 },
+    signal,
+  }).catch(() => undefined);
 }
 
 /**
@@ -262,11 +293,24 @@ async function followJob(
   const unsubscribe = ctx.onInterrupt(() => void onInterrupt());
   let last = "";
   let hosts = "";
+  let holdShown = false;
+  const holding = new AbortController();
+  let keepalive: Promise<void> | undefined;
   try {
     const job = await watchJob(jobs, jobId, watch.signal, (job) => {
       const text = stateText(job);
       if (text !== last && job.state !== JobState.FINALIZED) status(`${text}${job.attempt > 1 ? ` (attempt ${job.attempt})` : ""}`);
       last = text;
+      // Held: the timeline names the hold's lease and how to attach.
+      const hold = job.stage === JobStage.HELD ? job.timeline.findLast((e) => e.kind === JobEventKind.LEASE) : undefined;
+      if (hold !== undefined && !holdShown) {
+        status(hold.message);
+        if (job.leaseId !== "") {
+          status("tml keeps the hold alive while it follows the job; once it stops (Ctrl-C, detach), the hold ends after its grace period");
+          keepalive = keepLeaseAlive(ctx, job.leaseId, holding.signal);
+        }
+      }
+      holdShown ||= hold !== undefined;
       const jobHosts = job.hostIds.join(", ");
       if (jobHosts !== "" && jobHosts !== hosts) {
         const ids = [...job.hostIds];
@@ -288,6 +332,8 @@ async function followJob(
     await followers.stop();
     throw err;
   } finally {
+    holding.abort();
+    await keepalive;
     unsubscribe();
   }
 }

@@ -99,6 +99,8 @@ export function startJobMessages(
         deadline: r.deadline_at ? timestampFromDate(r.deadline_at) : undefined,
         hostIndex: r.host_index,
         peers: (r.peers ?? []).map((p) => ({ index: p.index, hostId: p.id, hostName: p.name })),
+        // The coordinator takes the HELD report: transitions.ts gives it its lease.
+        holdOnFailure: spec.holdOnFailure !== undefined,
       });
     }),
   );

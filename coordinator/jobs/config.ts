@@ -3,6 +3,11 @@
  * (coordinator/config.ts). Keys become `--<key>` flags and
  * `TREADMILL_COORDINATOR_<KEY>` environment variables.
  */
+import type { LeaseConfig } from "../leases/config.js";
+
+/** What a hold lease (JobSpec.hold_on_failure) takes of the lease policy. */
+export type HoldPolicy = Pick<LeaseConfig, "leaseMaxDurationMs" | "leaseGraceDefaultMs" | "leaseMaxConcurrentPerUser" | "leaseMaxHostHoursPerDay">;
+
 const HOUR = 3600_000;
 const DAY = 24 * HOUR;
 
@@ -124,8 +129,12 @@ export const jobConfigFields = {
   },
 } as const;
 
-/** The job system's settings as loaded. */
-export interface JobConfig {
+/**
+ * The job system's settings as loaded, with the lease policy a hold on
+ * failure follows (leases/config.ts: its longest duration, the default
+ * keepalive grace, the per-user limits).
+ */
+export interface JobConfig extends HoldPolicy {
   supervisorHeartbeatMs: number;
   supervisorGraceMs: number;
   jobSweepIntervalMs: number;

@@ -25,6 +25,7 @@ import type { JobMetrics } from "./metrics.js";
 import { markStarted } from "../db/queries/job-hosts.js";
 import { type Db, customPlans, lockJobs } from "../db/queries/jobs.js";
 import { type HostAt, type HostEnd, type HostReport, hostsEnded, hostsProgress } from "./transitions.js";
+import type { HoldPolicy } from "./config.js";
 
 /** What a change does: one of the common kinds (applied set-based with the others of its round), or anything. */
 export type Op =
@@ -49,6 +50,8 @@ export class GroupCommit {
 
   constructor(
     private readonly sql: Sql,
+    /** The lease policy a job going HELD is held under (holds.ts). */
+    private readonly policy: HoldPolicy,
     private readonly metrics?: JobMetrics,
   ) {}
 
@@ -95,13 +98,13 @@ export class GroupCommit {
     await withReserved(this.sql, async (tx) => {
       // Its failure fails every statement behind it.
       pipeline(tx`begin`);
-      await applyAll(tx, batch);
+      await applyAll(tx, batch, this.policy);
       await tx`commit`;
     });
   }
 }
 
-async function applyAll(tx: Db, batch: Change[]): Promise<void> {
+async function applyAll(tx: Db, batch: Change[], policy: HoldPolicy): Promise<void> {
   const byJob = new Map<string, Change[]>();
   for (const c of batch) {
     const list = byJob.get(c.jobId);
@@ -139,7 +142,7 @@ async function applyAll(tx: Db, batch: Change[]): Promise<void> {
     const results = await Promise.allSettled([
       round === 0 ? lock : undefined,
       round === 0 ? early : undefined,
-      hostsProgress(tx, progress),
+      hostsProgress(tx, progress, policy),
       hostsEnded(tx, ended),
       acked.length > 0 ? markStarted(tx, acked) : undefined,
       ...others.map((apply) => apply(tx)),

@@ -138,6 +138,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         queueTimeoutMs: spec.queueTimeoutMs,
         jobTimeoutMs,
         requestId,
+        holdOnFailureMs: spec.holdOnFailureMs,
         secrets: spec.secrets,
         leaseId: spec.leaseId,
       });

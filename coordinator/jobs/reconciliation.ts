@@ -32,6 +32,8 @@ export interface HostTermination {
   exitStatus?: "success" | "failure" | null;
   exitCode?: number | null;
   message: string;
+  /** The job was held after its workload failed (JobTermination.held): the workload's end stands over a requested stop. */
+  held?: boolean;
 }
 
 /**
@@ -48,6 +50,7 @@ export interface ReportedTermination {
   exitStatus: ExitStatus;
   exitCode?: number;
   message: string;
+  held?: boolean;
 }
 
 /** An attempt a supervisor says it holds (a HeldJob of its hello). */
@@ -92,6 +95,7 @@ export function termination(t: ReportedTermination): HostTermination {
     exitStatus: t.exitStatus === ExitStatus.SUCCESS ? "success" : t.exitStatus === ExitStatus.FAILURE ? "failure" : null,
     exitCode: t.exitCode ?? null,
     message: valid ? t.message.slice(0, 4096) : `supervisor reported an invalid end (${FinalizeReason[t.reason] ?? t.reason}): ${t.message.slice(0, 1024)}`,
+    ...(valid && t.held === true ? { held: true } : {}),
   };
 }
 
@@ -194,13 +198,15 @@ export type Settled =
  * What the end of `attempt` on a host does to its job: nothing when the
  * job is finalized or runs another attempt (a retained report is only
  * acknowledged); else the attempt ends with the requested stop's reason if
- * one was requested (it wins over the workload's exit), or with the
- * host's, and the restart policy decides between a new attempt and
- * finalization.
+ * one was requested (it wins over the workload's exit, except for a held
+ * job's: its workload had ended before the stop that ended the hold), or
+ * with the host's, and the restart policy decides between a new attempt
+ * and finalization.
  */
 export function settleEnd(job: JobHead, attempt: number, t: HostTermination): Settled {
   if (job.state === "finalized" || job.attempt !== attempt) return { outcome: "none" };
-  const reason: DbReason = job.stop_reason ?? t.reason;
+  const heldExit = t.held === true && t.reason === "workload_exited";
+  const reason: DbReason = heldExit ? t.reason : (job.stop_reason ?? t.reason);
   return {
     outcome: endOutcome(job, reason),
     reason,

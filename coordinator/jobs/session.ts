@@ -20,6 +20,7 @@ import { create } from "@bufbuild/protobuf";
 import { durationFromMs, timestampNow } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
+import { JobStage } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import {
   type AttachRequest,
   type AttachResponse,
@@ -218,7 +219,7 @@ export class HostSession {
           if (a.ack) acks.push(ackReport("", a.jobId, a.attempt, true));
           break;
         case "adopt":
-          await hostProgress(tx, at, { state: a.state, stage: a.stage, message: "adopted on attach" }, this.actor);
+          await hostProgress(tx, at, { state: a.state, stage: a.stage, message: "adopted on attach" }, this.actor, this.streams.config);
           break;
         case "mark-started":
           await markStarted(tx, [at]);
@@ -345,9 +346,11 @@ export class HostSession {
     if (state !== "initializing" && state !== "running" && state !== "terminating") {
       throw invalid("job_state_report.state must be INITIALIZING, RUNNING or TERMINATING");
     }
+    // A stage while INITIALIZING, and HELD while RUNNING (hold_on_failure).
+    const staged = state === "initializing" || (state === "running" && r.stage === JobStage.HELD);
     const progressed = this.commit(r.jobId, {
       kind: "progress",
-      report: { at, state, stage: state === "initializing" ? stageName(r.stage) : null, message: r.message.slice(0, 4096), actor: this.actor },
+      report: { at, state, stage: staged ? stageName(r.stage) : null, message: r.message.slice(0, 4096), actor: this.actor },
     });
     this.committed(progressed.then(() => this.outbox.push(ackReport(r.reportId, r.jobId, r.attempt, false))));
   }

@@ -63,7 +63,7 @@ export class SupervisorStreams implements StreamsOfReplica {
     metrics?: JobMetrics,
   ) {
     this.log = ctx.logger.child({ subsystem: "supervisor-stream" });
-    this.commits = new GroupCommit(ctx.sql, metrics);
+    this.commits = new GroupCommit(ctx.sql, config, metrics);
   }
 
   start(): void {

@@ -19,11 +19,16 @@
 import { type HostTermination, settleEnd } from "./reconciliation.js";
 import { endSlots, notifySlotsFreed, reportSlots } from "../db/queries/job-hosts.js";
 import { type Db, type DbState, type JobHead, type JobStateChange, lockJobHeads, writeJobStates } from "../db/queries/jobs.js";
-import { type Ending, endAttempts } from "./store.js";
+import { type Ending, endAttempts, endOutcome } from "./store.js";
 import { lockHostAccounts } from "../db/queries/health-checks.js";
 import { type EndFact, accountEnds } from "./health.js";
+import { endHoldLeases } from "../db/queries/hold.js";
+import { holdJobs } from "./holds.js";
+import type { HoldPolicy } from "./config.js";
 
 export type { HostTermination };
+
+type Progress = Extract<JobStateChange, { kind: "progress" }>;
 
 const ORDER: Record<string, number> = { assigned: 0, initializing: 1, running: 2, terminating: 3 };
 
@@ -123,6 +128,19 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
     freed.length > 0 && notifySlotsFreed(tx, freed),
     accountEnds(tx, new Map(accounts.map((a) => [a.id, a])), facts),
   ]);
+  // A job's hold lease (hold_on_failure) ends with its attempt, once the end
+  // is written (the lease's end then cancels nothing): its hosts go back at
+  // once; a new attempt runs outside it.
+  const leased = ending.filter((e) => e.job.lease_id !== null);
+  if (leased.length > 0) {
+    const restarted = leased.filter((e) => endOutcome(e.job, e.end.reason) === "restarted").map((e) => e.job.id);
+    await endHoldLeases(
+      tx,
+      leased.map((e) => e.job.id),
+      restarted,
+      leased[0].end.actor,
+    );
+  }
   ending.forEach((e, k) => (results[e.i].outcome = outcomes[k]));
   return results;
 }
@@ -140,12 +158,22 @@ export interface HostReport {
  * attempt in `state`/`stage`. The job's state is the least advanced of its
  * hosts' (TERMINATING as soon as one terminates).
  */
-export async function hostProgress(tx: Db, at: HostAt, report: { state: string; stage: string | null; message: string }, actor: string): Promise<void> {
-  await hostsProgress(tx, [{ at, ...report, actor }]);
+export async function hostProgress(
+  tx: Db,
+  at: HostAt,
+  report: { state: string; stage: string | null; message: string },
+  actor: string,
+  policy: HoldPolicy,
+): Promise<void> {
+  await hostsProgress(tx, [{ at, ...report, actor }], policy);
 }
 
-/** hostProgress for reports on distinct jobs, in two round trips and a few statements whatever their number. */
-export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void> {
+/**
+ * hostProgress for reports on distinct jobs, in two round trips and a few
+ * statements whatever their number (more for a job that goes HELD: its
+ * hold lease, holds.ts, under `policy`).
+ */
+export async function hostsProgress(tx: Db, reports: HostReport[], policy: HoldPolicy): Promise<void> {
   if (reports.length === 0) return;
   const rows = reports.map((r, i) => ({ i, job: r.at.jobId, host: r.at.hostId, attempt: r.at.attempt, state: r.state, stage: r.stage }));
   const [jobs, { took, states: byJob }] = await Promise.all([
@@ -166,6 +194,8 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
       const least = states.reduce((a, b) => (ORDER[a.state ?? "assigned"] <= ORDER[b.state ?? "assigned"] ? a : b));
       state = (least.state ?? "assigned") as DbState;
       stage = state === "initializing" ? least.stage : null;
+      // Held on one host (its workload failed, hold_on_failure): the job is held.
+      if (state === "running" && states.some((h) => h.stage === "held")) stage = "held";
     }
     if (state === job.state && stage === job.stage) return;
     changes.push({
@@ -187,4 +217,7 @@ export async function hostsProgress(tx: Db, reports: HostReport[]): Promise<void
     });
   });
   await writeJobStates(tx, changes);
+  const held = changes.filter((c): c is Progress => c.kind === "progress" && c.stage === "held" && jobs.get(c.id)?.stage !== "held");
+  // Went HELD (hold_on_failure): a hold lease keeps their hosts.
+  if (held.length > 0) await holdJobs(tx, held, policy);
 }

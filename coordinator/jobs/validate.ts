@@ -37,6 +37,8 @@ export interface ValidSpec {
   queueTimeoutMs: number;
   jobTimeoutMs: number;
   maxRestarts: number;
+  /** How long a failed job's hosts are held (JobSpec.hold_on_failure); null: not held. */
+  holdOnFailureMs: number | null;
   /** The lease to run inside (spec.lease_id), or null. */
   leaseId: string | null;
 }
@@ -110,6 +112,11 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
   if (maxRestarts < 0 || maxRestarts > 10) throw invalid("spec.restart_policy.max_restarts must be between 0 and 10");
 
   const secrets = checkParameters("spec.parameters", spec.parameters);
+  const holdOnFailureMs =
+    spec.holdOnFailure === undefined ? null : durationMs("spec.hold_on_failure", spec.holdOnFailure, 0, config.leaseMaxDurationMs);
+  // A multi-host attempt ends at the first end on any host: another host's
+  // exit would decide the outcome of a job held on one.
+  if (holdOnFailureMs !== null && hostCount > 1) throw invalid("spec.hold_on_failure is only for jobs of one host (spec.hosts.host_count 1)");
 
   if (spec.exposedPorts.length > MAX_PORTS) throw invalid(`spec.exposed_ports must have at most ${MAX_PORTS} entries`);
   const ports = new Set<string>();
@@ -144,6 +151,7 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
     queueTimeoutMs,
     jobTimeoutMs,
     maxRestarts,
+    holdOnFailureMs,
     leaseId,
   };
 }

@@ -162,6 +162,8 @@ interface BoardPrepared extends Prepared {
   readonly firmware: string;
   /** Ports the job declared that are not services of the board (not exposed). */
   readonly refusedPorts: string[];
+  /** Leave the board powered with its console when the workload fails (JobSpecForDriver.holdOnFailure). */
+  readonly holdOnFailure: boolean;
   running?: BoardJob;
   cleaned?: Promise<void>;
 }
@@ -297,7 +299,14 @@ export class BoardDriver implements Driver {
     const services = new Set((this.config.services ?? []).map((s) => s.name));
     const refusedPorts = (spec.exposedPorts ?? []).filter((p) => !services.has(p.name)).map((p) => p.name);
     await this.checkIdentity();
-    const prepared: BoardPrepared = { kind: "board", jobId: spec.jobId, attempt: spec.attempt, firmware: firmware.path, refusedPorts };
+    const prepared: BoardPrepared = {
+      kind: "board",
+      jobId: spec.jobId,
+      attempt: spec.attempt,
+      firmware: firmware.path,
+      refusedPorts,
+      holdOnFailure: spec.holdOnFailure === true,
+    };
     this.current = prepared;
     try {
       onStage?.("allocating", `powering off board ${this.config.name}`);
@@ -402,6 +411,16 @@ export class BoardDriver implements Driver {
     let powerInHand = false;
 
     const finish = (exit: Omit<JobExit, "status">): Promise<void> => {
+      // A failed workload of a job to hold: the board stays as it is, powered,
+      // its console and control working, until a stop ends the hold.
+      const failed = !exit.stopped && exit.failure === undefined && exit.exitCode !== 0;
+      if (phase === "running" && prepared.holdOnFailure && failed && finishing === undefined) {
+        phase = "held";
+        say(`${exit.message}; board ${this.config.name} held as it is`);
+        log.info({ exitCode: exit.exitCode }, "board job held");
+        resolveExit({ ...exit, status: "failure" });
+        return Promise.resolve();
+      }
       finishing ??= (async () => {
         phase = "stopping";
         line.reader.pause();
@@ -503,7 +522,7 @@ export class BoardDriver implements Driver {
       const run = controlling.then(async () => {
         powerInHand = true;
         const step = async (name: "powerOff" | "powerOn" | "reset") => {
-          if (phase !== "running") throw new ControlRefused("not-running", `job ${prepared.jobId} no longer runs on board ${this.config.name}`);
+          if (phase !== "running" && phase !== "held") throw new ControlRefused("not-running", `job ${prepared.jobId} no longer runs on board ${this.config.name}`);
           // A power switch away for a moment (or a board coming back on its USB bus) is tried again, within the boot timeout.
           const deadline = Date.now() + this.config.bootTimeoutMs;
           const isRetryable = (err: unknown) => err instanceof DriverError && Date.now() < deadline;
@@ -593,7 +612,7 @@ export class BoardDriver implements Driver {
 
   control(handle: RunningJob, action: HostAction): Promise<string> {
     const job = handle as BoardJob;
-    if (job.status() !== "running") {
+    if (job.status() !== "running" && job.status() !== "held") {
       return Promise.reject(new ControlRefused("not-running", `job ${job.jobId} is not running on board ${this.config.name}`));
     }
     return job.control(action);

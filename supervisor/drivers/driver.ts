@@ -29,6 +29,15 @@
  *
  * Every method may be called again for the same job (the core's commands are
  * idempotent); none throws for a job that already reached the requested state.
+ * Hold on failure (`JobSpecForDriver.holdOnFailure`, issue #22): when the
+ * workload ends on its own with a failure, a driver that can keeps the host
+ * as it is for a post-mortem: `exited` settles with the workload's exit as
+ * usual, but `status()` says `held`, and the console, the exposures and
+ * `control` keep working until `stop` (or `cleanup`) ends the hold. The
+ * board stays powered with its serial console; a process job gets a shell
+ * in its own files on its console. A driver that cannot hold (or a stop
+ * that came first) leaves the status `exited`, and the core cleans up.
+ *
  * `control` acts on the host under a running job and leaves the job running:
  * its console and output keep flowing across a reset, and the job ends only
  * as it would have (its exit pattern, stop, a lost serial line). The core
@@ -98,6 +107,8 @@ export interface JobSpecForDriver {
   image: JobImage;
   /** Extra ports to expose. */
   exposedPorts?: ExposedPortSpec[];
+  /** Keep the host as it is when the workload fails (see the head comment). */
+  holdOnFailure?: boolean;
 }
 
 /** Initialization stages a driver reports during `prepare`/`start` (DESIGN.md §4). */
@@ -124,7 +135,7 @@ export interface JobOutput {
 }
 
 /** Where a job is, as the driver sees it. */
-export type JobPhase = "starting" | "booting" | "running" | "stopping" | "exited";
+export type JobPhase = "starting" | "booting" | "running" | "stopping" | "exited" | "held";
 
 /**
  * Where the supervisor dials an exposure: a Unix socket (0600, in a
@@ -185,7 +196,7 @@ export interface RunningJob {
   /** The handle `start` was given, for `cleanup`. */
   readonly prepared: Prepared;
   status(): JobPhase;
-  /** What the core may expose (the console first); empty once it has exited. */
+  /** What the core may expose (the console first); empty once it has exited (unless held). */
   exposures(): Exposure[];
   /** Settles once the workload has ended and every process of it is gone. Never rejects. */
   readonly exited: Promise<JobExit>;

@@ -78,6 +78,7 @@ import {
   type SandboxMode,
   type SandboxStatus,
   type SandboxTools,
+  shellQuote,
 } from "./sandbox.js";
 import { claimSlotUids, makeJobDir, SlotPool, type SlotJob, type SlotPrepared } from "./slots.js";
 
@@ -121,6 +122,8 @@ interface ProcessPrepared extends SlotPrepared {
   readonly argv: string[];
   readonly env: Record<string, string>;
   readonly exposedPorts: ExposedPortSpec[];
+  /** Keep the job's files with a shell on its console when the workload fails (JobSpecForDriver.holdOnFailure). */
+  readonly holdOnFailure: boolean;
   running?: ProcessJob;
 }
 
@@ -130,6 +133,8 @@ interface ProcessJob extends SlotJob<ProcessPrepared> {
   readonly processes: () => JobProcesses | undefined;
   /** `killed` is set once this driver sent SIGKILL, so that the exit is known to be ours. */
   readonly control: { killed: boolean };
+  /** Once the job is held: the post-mortem shell, which its console, exposures and stop then reach. */
+  held?: ProcessJob;
 }
 
 /** Creates `rel` under `root` (mode 0755 for new ones) without following any link. */
@@ -364,6 +369,7 @@ export class ProcessDriver implements Driver {
         env,
         // `console` is the console's own name (declared with port 0 at most).
         exposedPorts: (spec.exposedPorts ?? []).filter((p) => p.name !== "console" && p.port > 0),
+        holdOnFailure: spec.holdOnFailure === true,
       };
       this.pool.add(prepared);
       return prepared;
@@ -376,7 +382,35 @@ export class ProcessDriver implements Driver {
     const prepared = handle as ProcessPrepared;
     if (prepared.running !== undefined) return prepared.running;
     if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
-    const log = this.logger.child({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot });
+    const job = await this.launch(prepared, prepared.argv, output, "workload");
+    prepared.running = job;
+    return job;
+  }
+
+  /**
+   * A held job's post-mortem shell (Driver's head comment): the image's
+   * /bin/sh, interactive on the job's console, in the job's own files and
+   * sandbox, until `stop`. Undefined when it cannot start (no shell in the
+   * image): the job is then not held.
+   */
+  private async hold(job: ProcessJob, exit: JobExit, output: JobOutput): Promise<ProcessJob | undefined> {
+    const say = (message: string) => output.write("supervisor", Buffer.from(`${message}\n`));
+    const banner = `treadmill: job held after its workload failed (${exit.message}); this shell runs in its files`;
+    const argv = ["/bin/sh", "-c", `echo ${shellQuote(banner)}; exec /bin/sh -i 2>&1`];
+    try {
+      const shell = await this.launch(job.prepared, argv, output, "post-mortem shell");
+      say("job held: a shell in the job's files is on its console until the hold ends");
+      return shell;
+    } catch (err) {
+      this.logger.warn({ err, jobId: job.jobId, attempt: job.attempt }, "cannot start a held job's shell");
+      say("job not held: no shell could be started in the job's files");
+      return undefined;
+    }
+  }
+
+  /** Starts `argv` in the job's sandbox with its console and exposed ports: the workload, or a held job's shell. */
+  private async launch(prepared: ProcessPrepared, argv: string[], output: JobOutput, what: "workload" | "post-mortem shell"): Promise<ProcessJob> {
+    const log = this.logger.child({ jobId: prepared.jobId, attempt: prepared.attempt, slot: prepared.slot, what });
     const say = (message: string) => output.write("supervisor", Buffer.from(`${message}\n`));
     const iso = this.isolation;
     // Short names: the sockets' paths must fit a sun_path.
@@ -391,7 +425,7 @@ export class ProcessDriver implements Driver {
         if (input.stdin?.writable) input.stdin.write(bytes);
       },
     });
-    const command = sandboxCommand(iso, this.tools, { rootfs: prepared.rootfs, argv: prepared.argv, uid: prepared.uid, gid: prepared.gid });
+    const command = sandboxCommand(iso, this.tools, { rootfs: prepared.rootfs, argv, uid: prepared.uid, gid: prepared.gid });
     // script(1) puts the command on a new pseudo-terminal; -e passes the exit code.
     // In chroot mode script must start as root (unshare and chroot need it) and the uid is dropped inside.
     const asUid = iso.switchUid && iso.mode === "bwrap";
@@ -517,6 +551,35 @@ export class ProcessDriver implements Driver {
     say(`started in sandbox ${iso.mode} as uid ${prepared.uid}, network ${iso.network}`);
     if (prepared.exposedPorts.length > 0 && iso.network === "isolated" && this.tools.nsenter === undefined) say(NO_RELAYS);
 
+    /** Settles once the job's processes are all gone, with how it ended (and, when it is held, once its shell is up). */
+    const ended = async (): Promise<JobExit> => {
+      const { code, signal } = await exitEvent;
+      // The sandbox's outer process is gone; whatever of the job is still
+      // around (its namespace, when the sandbox was killed from outside) goes now.
+      if (processes !== undefined && !(await processes.end())) log.error("job processes survived sigkill");
+      processes = undefined;
+      for (const relay of relays) relay.stop();
+      await netns?.close();
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.all([closeEvent, statusDone]), new Promise((resolve) => (timer = setTimeout(resolve, 2000)))]);
+      clearTimeout(timer);
+      readStatusLines(statusText, status);
+      for (const s of [stdout, stderr, fd3, fd4]) s.destroy();
+      stdin.destroy();
+      exposed = [];
+      await bridge.close();
+      state.phase = "exited";
+      const exit = this.exitOf(state.stopRequested, control.killed, { code, signal }, status);
+      say(what === "workload" ? exit.message : `${what} ended`);
+      log.info({ exitCode: exit.exitCode, signal: exit.signal, stopped: exit.stopped, outside: exit.failure !== undefined }, "job exited");
+      if (what === "workload" && prepared.holdOnFailure && exit.status === "failure" && !exit.stopped && exit.failure === undefined) {
+        job.held = await this.hold(job, exit, output);
+        // A stop that came while the shell started ends the hold at once.
+        if (state.stopRequested && job.held !== undefined) await this.stop(job.held, { graceMs: 0 });
+      }
+      return exit;
+    };
+
     const job: ProcessJob = {
       kind: "process",
       jobId: prepared.jobId,
@@ -525,36 +588,15 @@ export class ProcessDriver implements Driver {
       child,
       state,
       control,
-      processes: () => processes,
-      status: () => state.phase,
-      exposures: () => exposed,
+      processes: () => job.held?.processes() ?? processes,
+      status: () => (job.held === undefined ? state.phase : job.held.status() === "exited" ? "exited" : "held"),
+      exposures: () => job.held?.exposures() ?? exposed,
       writeConsole: (bytes) => {
-        if (stdin.writable) stdin.write(bytes);
+        if (job.held !== undefined) job.held.writeConsole(bytes);
+        else if (stdin.writable) stdin.write(bytes);
       },
-      exited: (async (): Promise<JobExit> => {
-        const { code, signal } = await exitEvent;
-        // The sandbox's outer process is gone; whatever of the job is still
-        // around (its namespace, when the sandbox was killed from outside) goes now.
-        if (processes !== undefined && !(await processes.end())) log.error("job processes survived sigkill");
-        processes = undefined;
-        for (const relay of relays) relay.stop();
-        await netns?.close();
-        let timer: NodeJS.Timeout | undefined;
-        await Promise.race([Promise.all([closeEvent, statusDone]), new Promise((resolve) => (timer = setTimeout(resolve, 2000)))]);
-        clearTimeout(timer);
-        readStatusLines(statusText, status);
-        for (const s of [stdout, stderr, fd3, fd4]) s.destroy();
-        stdin.destroy();
-        exposed = [];
-        await bridge.close();
-        state.phase = "exited";
-        const exit = this.exitOf(state.stopRequested, control.killed, { code, signal }, status);
-        say(exit.message);
-        log.info({ exitCode: exit.exitCode, signal: exit.signal, stopped: exit.stopped, outside: exit.failure !== undefined }, "job exited");
-        return exit;
-      })(),
+      exited: ended(),
     };
-    prepared.running = job;
     return job;
   }
 
@@ -621,6 +663,8 @@ export class ProcessDriver implements Driver {
    */
   stop(handle: RunningJob, options: StopOptions = {}): Promise<void> {
     const job = handle as ProcessJob;
+    // A held job's stop ends its hold: its shell.
+    if (job.held !== undefined) return this.stop(job.held, options);
     const graceMs = options.graceMs ?? this.graceMs;
     const termAfterMs = Math.min(1000, graceMs / 2);
     return this.pool.stop(job, graceMs, async (log, within) => {

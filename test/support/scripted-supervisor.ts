@@ -42,6 +42,8 @@ export interface HeldAttempt {
   stage: JobStage;
   /** Set once it ended here; kept until the coordinator acknowledges it. */
   termination?: Termination;
+  /** Held after its workload failed (`hold`): a StopJob ends it with this outcome. */
+  heldExit?: Termination;
   start?: StartJob;
 }
 
@@ -329,6 +331,17 @@ export class ScriptedSupervisor {
     return ack;
   }
 
+  /**
+   * The workload exited `exitCode` and the job is held (hold_on_failure):
+   * reports RUNNING in stage HELD; a StopJob then ends it with that exit.
+   */
+  hold(jobId: string, attempt: number, exitCode: number): Promise<AttachResponse> {
+    const h = this.held.get(key(jobId, attempt));
+    const message = `workload exited with code ${exitCode}`;
+    if (h) h.heldExit = { reason: FinalizeReason.WORKLOAD_EXITED, exitStatus: ExitStatus.FAILURE, exitCode, message };
+    return this.report(jobId, attempt, JobState.RUNNING, JobStage.HELD);
+  }
+
   /** Exits 0 (WORKLOAD_EXITED, SUCCESS). */
   exit(jobId: string, attempt: number, exitCode = 0): Promise<AttachResponse> {
     return this.terminate(jobId, attempt, {
@@ -375,7 +388,9 @@ export class ScriptedSupervisor {
         const s = payload.value;
         const h = this.held.get(key(s.jobId, s.attempt));
         this.ack(s.requestId);
-        if (h && !h.termination) {
+        if (h?.heldExit && !h.termination) {
+          void this.terminate(s.jobId, s.attempt, { ...h.heldExit, held: true }).catch(() => undefined);
+        } else if (h && !h.termination) {
           void this.terminate(s.jobId, s.attempt, {
             reason: s.reason === FinalizeReason.JOB_TIMEOUT ? FinalizeReason.JOB_TIMEOUT : FinalizeReason.CANCELED,
             message: `stopped: ${s.message}`,

@@ -93,14 +93,20 @@ export async function loadJob(sql: Db, id: string, options: { lock?: boolean } =
   return row;
 }
 
-/** What the transitions read of a job: its state and what decides how an attempt ends. */
-export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason" | "health_check_id">;
+/**
+ * What the transitions read of a job: its state and what decides how an
+ * attempt ends; `lease_id` (when read) tells whether a hold lease may end
+ * with the attempt.
+ */
+export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason" | "health_check_id"> & {
+  lease_id?: string | null;
+};
 
 /** The heads of several jobs by id (missing ones are absent), their rows locked in id order. */
 export async function lockJobHeads(sql: Db, ids: string[]): Promise<Map<string, JobHead>> {
   if (ids.length === 0) return new Map();
   const rows = await sql<JobHead[]>`
-    select id, owner_id, state, stage, attempt, max_restarts, stop_reason, health_check_id from jobs
+    select id, owner_id, state, stage, attempt, max_restarts, stop_reason, health_check_id, lease_id from jobs
     where id = any(${[...ids].sort()}::uuid[]) order by id for update`;
   return new Map(rows.map((r) => [r.id, r]));
 }
@@ -469,11 +475,15 @@ export async function lockQueueTimedOut(tx: Db, id: string): Promise<boolean> {
   return rows.length > 0;
 }
 
-/** Jobs assigned or running past their deadline with no stop requested yet (at most `limit`). */
+/**
+ * Jobs assigned or running past their deadline with no stop requested yet (at
+ * most `limit`). Not a HELD job: its hold lease governs how long it lasts.
+ */
 export function jobTimedOut(sql: Db, limit: number): Promise<{ id: string }[]> {
   return sql<{ id: string }[]>`
     select id from jobs
     where state in ('assigned', 'initializing', 'running', 'terminating') and deadline_at < now() and stop_reason is null
+      and stage is distinct from 'held'
     order by deadline_at limit ${limit}`;
 }
 
@@ -482,7 +492,7 @@ export async function lockJobTimedOut(tx: Db, id: string): Promise<boolean> {
   const rows = await tx`
     select id from jobs
     where id = ${id} and state in ('assigned', 'initializing', 'running', 'terminating')
-      and deadline_at < now() and stop_reason is null
+      and deadline_at < now() and stop_reason is null and stage is distinct from 'held'
     for update skip locked`;
   return rows.length > 0;
 }
@@ -578,6 +588,8 @@ export interface NewJob {
   queueTimeoutMs: number;
   jobTimeoutMs: number;
   requestId: string | null;
+  /** JobSpec.hold_on_failure in ms; absent or null: a failed job is not held. */
+  holdOnFailureMs?: number | null;
   /** name -> value of the secret parameters (job_secrets). */
   secrets: ReadonlyMap<string, string>;
   /** The lease it runs inside (JobSpec.lease_id), else null. */
@@ -594,11 +606,11 @@ export async function insertJob(tx: TransactionSql, j: NewJob): Promise<string> 
     await tx.savepoint(async (sp) => {
       await sp`
         insert into jobs (id, owner_id, spec, priority, manifest_digest, image_holder, media_types, host_count, required_tags,
-          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id, lease_id)
+          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id, lease_id, hold_on_failure_ms)
         values (${j.id}, ${j.ownerId}, ${sp.json(j.spec as never)}, ${j.priority},
           ${j.digest}, ${j.holderId}, ${j.mediaTypes}, ${j.hostCount}, ${sp.json(j.requiredTags)},
           ${j.requiredSite}, ${j.requiredDriver}, ${j.maxRestarts}, ${j.queueTimeoutMs},
-          ${j.jobTimeoutMs}, ${j.requestId}, ${j.leaseId ?? null})`;
+          ${j.jobTimeoutMs}, ${j.requestId}, ${j.leaseId ?? null}, ${j.holdOnFailureMs ?? null})`;
     });
   } catch (err) {
     if (!isUniqueViolation(err, "jobs_owner_request_id_idx")) throw err;
