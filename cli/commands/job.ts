@@ -26,7 +26,7 @@ import {
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ControlHostResponseSchema, JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { LeaseService, LeaseState } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
+import { LeaseService } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
 import { keepStreaming, sleep } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
@@ -38,6 +38,7 @@ import { logStatusText } from "../../lib/log-status.js";
 import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel, type LogLine } from "../logs.js";
 import { askKey } from "../prompt.js";
 import { splitReference } from "./image.js";
+import { followLease } from "./lease.js";
 
 type Jobs = Client<typeof JobService>;
 
@@ -228,18 +229,7 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
  * grace period after it stops).
  */
 async function keepLeaseAlive(ctx: CliContext, leaseId: string, signal: AbortSignal): Promise<void> {
-  const leases = await ctx.client(LeaseService);
-  let ended = false;
-  await keepStreaming({
-    open: (attempt) => leases.watchLease({ leaseId, keepalive: true }, { signal: attempt.signal }),
-    onMessage: ({ lease }, attempt) => {
-      attempt.healthy();
-      ended ||= lease?.state === LeaseState.ENDED;
-    },
-    onEnd: () => (ended ? "stop" : undefined),
-    backoff: { initialMs: 250, maxMs: 5000 },
-    signal,
-  }).catch(() => undefined);
+  await followLease(ctx, await ctx.client(LeaseService), leaseId, { keepalive: true, signal }).catch(() => undefined);
 }
 
 /**

@@ -152,18 +152,24 @@ export function parseDeadline(text: string, now: number): number {
   return /^\d+(\.\d+)?(ms|s|m|h|d)?$/.test(text.trim()) ? now + parseDuration("deadline", text) : parseTime("deadline", text, now);
 }
 
-/** Follows a lease until it ends or `signal` aborts; `keepalive` makes the open stream its keepalive. Resolves with the last lease seen. */
-async function followLease(
+/**
+ * Follows lease `leaseId` (WatchLease, reopened with backoff on the next
+ * replica when one is lost) until it ends or `signal` aborts; `keepalive`
+ * makes the open stream its keepalive: the one loop that holds a lease
+ * (`tml reserve`, and `tml job run` holding a failed job's hold). Resolves
+ * with the last lease seen.
+ */
+export async function followLease(
   ctx: CliContext,
   leases: Leases,
-  first: Lease,
-  options: { keepalive: boolean; signal: AbortSignal; until?: (lease: Lease) => boolean; onLease: (lease: Lease, events: LeaseEvent[]) => void },
-): Promise<Lease> {
-  let last = first;
+  leaseId: string,
+  options: { keepalive: boolean; signal: AbortSignal; until?: (lease: Lease) => boolean; onLease?: (lease: Lease, events: LeaseEvent[]) => void },
+): Promise<Lease | undefined> {
+  let last: Lease | undefined;
   const done = new AbortController();
   const seen = new Set<string>();
   await keepStreaming({
-    open: (attempt) => leases.watchLease({ leaseId: first.id, keepalive: options.keepalive }, { signal: attempt.signal }),
+    open: (attempt) => leases.watchLease({ leaseId, keepalive: options.keepalive }, { signal: attempt.signal }),
     onMessage: ({ lease, events }, attempt) => {
       if (!lease) return;
       attempt.healthy();
@@ -174,13 +180,13 @@ async function followLease(
         seen.add(key);
         return true;
       });
-      options.onLease(lease, fresh);
+      options.onLease?.(lease, fresh);
       last = lease;
       if (lease.state === LeaseState.ENDED || options.until?.(lease)) done.abort();
     },
     onError: (err, { verdict, repeated }) => {
       if (verdict === "retryable" && !repeated) {
-        const grace = last.gracePeriod ? spanText(durationMs(last.gracePeriod)) : "its grace period";
+        const grace = last?.gracePeriod ? spanText(durationMs(last.gracePeriod)) : "its grace period";
         ctx.out.note(ctx.out.errStyle(`--> lost the coordinator (${ConnectError.from(err).rawMessage}); reconnecting: the lease lasts ${grace} without a keepalive`, "yellow"));
       }
     },
@@ -228,7 +234,7 @@ async function holdLease(ctx: CliContext, leases: Leases, created: Lease): Promi
   };
   show(created, []);
   try {
-    let lease = created.state === LeaseState.ENDED ? created : await followLease(ctx, leases, created, { keepalive: true, signal: stop.signal, onLease: show });
+    let lease = created.state === LeaseState.ENDED ? created : ((await followLease(ctx, leases, created.id, { keepalive: true, signal: stop.signal, onLease: show })) ?? created);
     lease = released ?? lease;
     if (lease.state !== LeaseState.ENDED) {
       ctx.out.note(
@@ -348,7 +354,7 @@ export const leaseCommands: Command[] = [
       let shown = lease;
       if (flags.wait && lease.state !== LeaseState.ACTIVE && lease.state !== LeaseState.ENDED) {
         // The stream is its keepalive while it waits.
-        shown = await followLease(ctx, leases, lease, { keepalive: true, signal: ctx.abort.signal, until: (l) => l.state === LeaseState.ACTIVE, onLease: () => undefined });
+        shown = (await followLease(ctx, leases, lease.id, { keepalive: true, signal: ctx.abort.signal, until: (l) => l.state === LeaseState.ACTIVE })) ?? lease;
       }
       ctx.out.data(jsonOf(LeaseSchema, shown), () => ctx.out.line(shown.id));
       const grace = shown.gracePeriod ? spanText(durationMs(shown.gracePeriod)) : "its grace period";
