@@ -163,9 +163,16 @@ export async function followLease(
   ctx: CliContext,
   leases: Leases,
   leaseId: string,
-  options: { keepalive: boolean; signal: AbortSignal; until?: (lease: Lease) => boolean; onLease?: (lease: Lease, events: LeaseEvent[]) => void },
+  options: {
+    keepalive: boolean;
+    signal: AbortSignal;
+    /** The lease as the caller last saw it, if it did. */
+    known?: Lease;
+    until?: (lease: Lease) => boolean;
+    onLease?: (lease: Lease, events: LeaseEvent[]) => void;
+  },
 ): Promise<Lease | undefined> {
-  let last: Lease | undefined;
+  let last = options.known;
   const done = new AbortController();
   const seen = new Set<string>();
   await keepStreaming({
@@ -234,7 +241,7 @@ async function holdLease(ctx: CliContext, leases: Leases, created: Lease): Promi
   };
   show(created, []);
   try {
-    let lease = created.state === LeaseState.ENDED ? created : ((await followLease(ctx, leases, created.id, { keepalive: true, signal: stop.signal, onLease: show })) ?? created);
+    let lease = created.state === LeaseState.ENDED ? created : ((await followLease(ctx, leases, created.id, { keepalive: true, signal: stop.signal, known: created, onLease: show })) ?? created);
     lease = released ?? lease;
     if (lease.state !== LeaseState.ENDED) {
       ctx.out.note(
@@ -354,7 +361,7 @@ export const leaseCommands: Command[] = [
       let shown = lease;
       if (flags.wait && lease.state !== LeaseState.ACTIVE && lease.state !== LeaseState.ENDED) {
         // The stream is its keepalive while it waits.
-        shown = (await followLease(ctx, leases, lease.id, { keepalive: true, signal: ctx.abort.signal, until: (l) => l.state === LeaseState.ACTIVE })) ?? lease;
+        shown = (await followLease(ctx, leases, lease.id, { keepalive: true, signal: ctx.abort.signal, known: lease, until: (l) => l.state === LeaseState.ACTIVE })) ?? lease;
       }
       ctx.out.data(jsonOf(LeaseSchema, shown), () => ctx.out.line(shown.id));
       const grace = shown.gracePeriod ? spanText(durationMs(shown.gracePeriod)) : "its grace period";
