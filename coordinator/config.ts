@@ -3,6 +3,7 @@ import { serverConfigFields } from "../lib/component.js";
 import { databaseUrlProblem } from "./db/url.js";
 import { jobConfigFields } from "./jobs/config.js";
 import { leaseConfigFields } from "./leases/config.js";
+import { parseOverrides } from "./leases/policy.js";
 
 /** Everything the coordinator can be told, with its defaults. */
 export const coordinatorSchema = {
@@ -92,5 +93,7 @@ export function loadCoordinatorConfig(source: { env: Record<string, string | und
   const config = loadConfig("coordinator", coordinatorSchema, source);
   const problem = config.databaseUrl === "" ? undefined : databaseUrlProblem(config.databaseUrl.trim());
   if (problem !== undefined) throw new ConfigError([`database-url (DATABASE_URL): the value ${problem}`]);
+  const { problems } = parseOverrides(config.leasePolicyOverrides);
+  if (problems.length > 0) throw new ConfigError(problems);
   return { ...config, databaseUrl: config.databaseUrl.trim() };
 }

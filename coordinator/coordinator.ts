@@ -161,6 +161,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           },
           prepare(server) {
             parts.metrics.register(server.metrics);
+            leases?.registerMetrics(server.metrics);
             registerHostMetrics(server.metrics, {
               sql: database.sql,
               logger: logger.child({ subsystem: "host-metrics" }),

@@ -2,7 +2,9 @@
  * The lease policy (docs/leases.md), spread into the coordinator's schema
  * (coordinator/config.ts): what a user may ask of LeaseService. Admins are
  * exempt from the per-user limits (duration, concurrent leases, host-hours
- * a day), not from the grace bounds or the horizon. Keys become `--<key>`
+ * a day), not from the grace bounds or the horizon. Overrides per host
+ * selector (policy.ts parseOverrides) replace the per-user limits for the
+ * leases they apply to, which then count among themselves. Keys become `--<key>`
  * flags and `TREADMILL_COORDINATOR_<KEY>` environment variables.
  */
 import type { ConfigOf } from "../../lib/config.js";
@@ -47,6 +49,12 @@ export const leaseConfigFields = {
     default: HOUR,
     min: 1,
     description: "longest grace period a lease may ask for",
+  },
+  leasePolicyOverrides: {
+    type: "list",
+    default: [],
+    description:
+      "per host selector, limits instead of the three above for leases asking for hosts with these tags, first match wins: TAGS;max-duration=D;max-concurrent=N;max-host-hours-per-day=N, tags k=v joined by & (e.g. board=big&site=lab-a;max-duration=2h)",
   },
   leaseHorizonMs: {
     type: "duration",

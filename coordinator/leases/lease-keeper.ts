@@ -7,13 +7,17 @@
  *
  * - not ACTIVE by its deadline (its end when none): ended UNSERVED;
  * - ACTIVE past its end: ended EXPIRED;
+ * - a hold whose job has ended: ended RELEASED (the job's end releases its
+ *   hold itself, but leaves a lease another transaction holds locked);
  * - no keepalive for its grace period, counted from its start: ended LOST.
  *   Never earlier than a grace period after this keeper started: a
  *   coordinator restart does not count against the holder, whose client is
  *   reconnecting meanwhile;
  * - REQUESTED: booked again (the calendar may have room now);
- * - WAITING, its start come: ACTIVE when none of its hosts runs a job (its
- *   session job submitted), else it says which host it waits for.
+ * - WAITING, its start come: a booked host gone out of service since is
+ *   replaced by another matching one when one is free; then ACTIVE when none
+ *   of its hosts runs a job (its session job submitted), else it says which
+ *   host it waits for.
  *
  * Every replica runs one; each lease is handled in its own transaction
  * under its row lock (SKIP LOCKED), its facts re-read there, so two keepers
@@ -22,7 +26,7 @@
 import { SweepLoop } from "../../lib/async/sweep-loop.js";
 import type { Logger } from "../../lib/logger.js";
 import type { CoordinatorContext } from "../context.js";
-import { endLease, leasesDue, loadLease, lockBookings, lockLeaseDue } from "../db/queries/leases.js";
+import { endLease, leasesDue, loadLease, lockBookings, lockLeaseDue, lockLeaseJobs } from "../db/queries/leases.js";
 import type { LeaseConfig } from "./config.js";
 import { activate, bookLease } from "./lifecycle.js";
 import { decide, humanDuration } from "./policy.js";
@@ -63,8 +67,9 @@ export class LeaseKeeper {
     for (const { id, state } of due) {
       if (this.loop.isStopped) return false;
       await this.ctx.sql.begin(async (tx) => {
-        // Booking takes the bookings' lock before any row lock.
-        if (state === "requested") await lockBookings(tx);
+        // The lock order: the bookings' lock (booking, or replacing a host at activation), the lease's jobs, the lease.
+        if (state === "requested" || state === "waiting") await lockBookings(tx);
+        await lockLeaseJobs(tx, id);
         const facts = await lockLeaseDue(tx, id, this.startedAt);
         if (!facts) return;
         const { lease } = facts;
@@ -80,6 +85,9 @@ export class LeaseKeeper {
             break;
           case "lost":
             await endLease(tx, id, { reason: "lost", message: `no keepalive for ${humanDuration(lease.grace_ms)}`, actor: "system" });
+            break;
+          case "held-job-ended":
+            await endLease(tx, id, { reason: "released", message: `its held job ${lease.held_job_id} ended`, actor: "system" });
             break;
           case "book":
             if ((await bookLease(tx, lease, facts.now)) && facts.started) {

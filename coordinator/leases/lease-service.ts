@@ -36,6 +36,7 @@ import { driverKindName } from "../db/queries/hosts.js";
 import { type Db, imageForJob } from "../db/queries/jobs.js";
 import {
   type LeaseRow,
+  type LeaseStateName,
   calendarRows,
   endLease,
   leaseEvents,
@@ -50,6 +51,7 @@ import {
   loadLease,
   lockBookings,
   leaseRequestDone,
+  lockLeaseJobs,
   matchingHostCount,
   moveLeaseEnd,
   namedHosts,
@@ -76,12 +78,14 @@ import type { JobWatchers } from "../jobs/watchers.js";
 import { checkParameters, durationMs, parseImageReference } from "../jobs/validate.js";
 import type { LeaseConfig } from "./config.js";
 import { activate, bookLease } from "./lifecycle.js";
-import { graceProblem, hostHoursOver, humanDuration, renewEveryMs } from "./policy.js";
+import { type Limits, type PolicyOverride, graceProblem, hostHoursOver, humanDuration, limitsFor, parseOverrides, renewEveryMs } from "./policy.js";
 
 const MINUTE = 60_000;
 const DAY = 24 * 3600_000;
 /** A start this far in the past is taken as now (clocks differ); further back is refused. */
 const START_SLACK_MS = MINUTE;
+/** A lease's duration, or an extension, at most, whoever asks (admins are exempt from the policy, not from this). */
+const MAX_SPAN_MS = 366 * DAY;
 /** A calendar's window, at most. */
 const MAX_CALENDAR_MS = 14 * DAY;
 /** Hosts a calendar shows, at most. */
@@ -108,8 +112,12 @@ interface LeaseAsk {
   requestId: string | null;
 }
 
-function hostsEmpty(h: HostRequirements | undefined): boolean {
-  return h === undefined || (Object.keys(h.tags).length === 0 && h.hostCount === 0 && h.site === undefined && h.driverKind === DriverKind.UNSPECIFIED);
+/** `hosts` says nothing beside host names (but their count, if it gives one). */
+function hostsEmpty(h: HostRequirements | undefined, names: number): boolean {
+  return (
+    h === undefined ||
+    (Object.keys(h.tags).length === 0 && (h.hostCount === 0 || h.hostCount === names) && h.site === undefined && h.driverKind === DriverKind.UNSPECIFIED)
+  );
 }
 
 function timeOf(field: string, t: Timestamp | undefined): Date | null {
@@ -140,7 +148,7 @@ function validateCreate(req: CreateLeaseRequest, config: LeaseConfig): LeaseAsk 
   let selector: Pick<LeaseAsk, "hostCount" | "tags" | "site" | "driver">;
   const hostNames = [...req.hostNames];
   if (hostNames.length > 0) {
-    if (!hostsEmpty(req.hosts)) throw invalid("hosts must be empty when host_names is set");
+    if (!hostsEmpty(req.hosts, hostNames.length)) throw invalid("hosts must be empty when host_names is set (or give only their count)");
     if (hostNames.length > 64) throw invalid("host_names must have at most 64 entries");
     for (const [i, n] of hostNames.entries()) {
       if (!HOST_NAME.test(n)) throw invalid(`host_names[${i}] must match [a-z0-9][a-z0-9._-]{0,62}`);
@@ -151,7 +159,7 @@ function validateCreate(req: CreateLeaseRequest, config: LeaseConfig): LeaseAsk 
     selector = selectorOf("hosts", req.hosts);
   }
   if (req.duration === undefined) throw invalid("duration is required");
-  const duration = durationMs("duration", req.duration, 0, Number.MAX_SAFE_INTEGER);
+  const duration = durationMs("duration", req.duration, 0, MAX_SPAN_MS);
   if (duration < MINUTE) throw invalid("duration must be at least 1 minute");
   const grace = req.gracePeriod === undefined ? config.leaseGraceDefaultMs : durationMs("grace_period", req.gracePeriod, 0, Number.MAX_SAFE_INTEGER);
   const graceWrong = graceProblem(grace, config);
@@ -175,11 +183,21 @@ function validateCreate(req: CreateLeaseRequest, config: LeaseConfig): LeaseAsk 
 }
 
 export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
+  /** The per-selector limits (loadCoordinatorConfig refused malformed ones). */
+  private readonly overrides: readonly PolicyOverride[];
+
   constructor(
     private readonly ctx: CoordinatorContext,
     private readonly config: LeaseConfig,
     private readonly watchers: JobWatchers,
-  ) {}
+  ) {
+    this.overrides = parseOverrides(config.leasePolicyOverrides).overrides;
+  }
+
+  /** The limits of a lease whose selector (with its site) is `tags`. */
+  private limits(tags: Record<string, string>, site: string | null): Limits {
+    return limitsFor(site === null ? tags : { ...tags, site }, this.overrides, this.config);
+  }
 
   /** Lease `id` if the caller may see it (its holder, an admin); NOT_FOUND otherwise. */
   private async visibleLease(caller: UserCaller, id: string, sql: Db = this.ctx.sql, lock = false): Promise<LeaseRow> {
@@ -200,15 +218,14 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
   }
 
   /** RESOURCE_EXHAUSTED when a span of `hostCount` hosts over [from, to) would pass the user's host-hours a day. */
-  private async checkHostHours(tx: Db, ownerId: string, span: { starts_at: Date; ends_at: Date; host_count: number }, exceptId: string | null) {
-    const limit = this.config.leaseMaxHostHoursPerDay;
+  private async checkHostHours(tx: Db, ownerId: string, span: { starts_at: Date; ends_at: Date; host_count: number }, limits: Limits) {
     const dayStart = new Date(Math.floor(span.starts_at.getTime() / DAY) * DAY);
     const dayEnd = new Date(Math.ceil(span.ends_at.getTime() / DAY) * DAY);
-    const others = await leaseSpansOf(tx, ownerId, dayStart, dayEnd, exceptId);
-    const over = hostHoursOver(span, others, limit);
+    const others = await leaseSpansOf(tx, ownerId, dayStart, dayEnd, null, limits.scope);
+    const over = hostHoursOver(span, others, limits.maxHostHoursPerDay);
     if (over) {
       throw exhausted(
-        `lease policy: at most ${limit} host-hours a day per user; ${over.day.toISOString().slice(0, 10)} would have ${over.hours.toFixed(1)}`,
+        `${limits.source}: at most ${limits.maxHostHoursPerDay} host-hours a day per user; ${over.day.toISOString().slice(0, 10)} would have ${over.hours.toFixed(1)}`,
       );
     }
   }
@@ -217,9 +234,6 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
     const caller = requireUser(hctx);
     const ask = validateCreate(req, this.config);
     const admin = caller.role === "admin";
-    if (!admin && ask.durationMs > this.config.leaseMaxDurationMs) {
-      throw exhausted(`lease policy: duration ${humanDuration(ask.durationMs)} is over the maximum of ${humanDuration(this.config.leaseMaxDurationMs)}`);
-    }
     const sql = this.ctx.sql;
     let digest: string | null = null;
     if (ask.image !== "") {
@@ -251,6 +265,12 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
         if (missing.length > 0) throw notFound(`host ${missing[0]} not found`);
         const refused = found.find((f) => !f.allowed);
         if (refused) throw new ConnectError(`host ${refused.name} is not usable by you`, Code.PermissionDenied);
+        // The tags all of them carry: what the policy's overrides see of such a lease.
+        ask.tags = Object.fromEntries(Object.entries(found[0].tags).filter(([k, v]) => found.every((f) => f.tags[k] === v)));
+      }
+      const limits = this.limits(ask.tags, ask.site);
+      if (!admin && ask.durationMs > limits.maxDurationMs) {
+        throw exhausted(`${limits.source}: duration ${humanDuration(ask.durationMs)} is over the maximum of ${humanDuration(limits.maxDurationMs)}`);
       }
       const selector = {
         ownerId: caller.userId,
@@ -269,11 +289,9 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
         );
       }
       if (!admin) {
-        const open = await openLeaseCount(tx, caller.userId);
-        if (open >= this.config.leaseMaxConcurrentPerUser) {
-          throw exhausted(`lease policy: at most ${this.config.leaseMaxConcurrentPerUser} leases per user at once; you have ${open}`);
-        }
-        await this.checkHostHours(tx, caller.userId, { starts_at: startsAt, ends_at: endsAt, host_count: ask.hostCount }, null);
+        const open = await openLeaseCount(tx, caller.userId, limits.scope);
+        if (open >= limits.maxConcurrent) throw exhausted(`${limits.source}: at most ${limits.maxConcurrent} lease${limits.maxConcurrent === 1 ? "" : "s"} per user at once; you have ${open}`);
+        await this.checkHostHours(tx, caller.userId, { starts_at: startsAt, ends_at: endsAt, host_count: ask.hostCount }, limits);
       }
       await tx`
         insert into leases (id, owner_id, host_count, required_tags, required_site, required_driver, host_names, image, manifest_digest,
@@ -330,17 +348,18 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
 
   /** Records a keepalive of lease `id` now; FAILED_PRECONDITION once it has ended. A keepalive after half its grace without one is noted on its timeline. */
   private async renew(tx: Db, id: string, how: string): Promise<void> {
-    const [row] = await tx<{ state: string; end_reason: string | null; status_message: string; silent_ms: number; grace_ms: number }[]>`
+    const [row] = await tx<{ state: LeaseStateName; end_reason: string | null; status_message: string; silent_ms: number; grace_ms: number }[]>`
       with old as (select id, keepalive_at from leases where id = ${id} for update)
       update leases l set keepalive_at = case when l.state = 'ended' then l.keepalive_at else now() end
       from old where l.id = old.id
       returning l.state, l.end_reason, l.status_message, l.grace_ms,
         extract(epoch from (now() - greatest(old.keepalive_at, l.starts_at))) * 1000 as silent_ms`;
+    if (!row) throw notFound(`lease ${id} not found`);
     if (row.state === "ended") {
       throw precondition(`lease ${id} has ended (${row.end_reason}${row.status_message ? `: ${row.status_message}` : ""})`);
     }
     if (row.silent_ms > row.grace_ms / 2) {
-      await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: row.state as LeaseRow["state"], message: `keepalive resumed (${how}) after ${humanDuration(row.silent_ms)} without one` }]);
+      await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: row.state, message: `keepalive resumed (${how}) after ${humanDuration(row.silent_ms)} without one` }]);
     }
   }
 
@@ -369,11 +388,21 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
     let timer: NodeJS.Timeout | undefined;
     const log = this.ctx.logger.child({ subsystem: "leases", leaseId: id });
     try {
-      if (req.keepalive && first.state !== "ended") {
-        await sql.begin(async (tx) => {
-          await this.renew(tx, id, "WatchLease");
-          await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: first.state, message: `keepalive stream opened by ${caller.name}` }]);
-        });
+      // A lease that ended meanwhile is streamed as it is, without a keepalive.
+      const kept =
+        req.keepalive &&
+        first.state !== "ended" &&
+        (await sql
+          .begin(async (tx) => {
+            await this.renew(tx, id, "WatchLease");
+            await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: first.state, message: `keepalive stream opened by ${caller.name}` }]);
+            return true;
+          })
+          .catch((err: unknown) => {
+            if (err instanceof ConnectError && err.code === Code.FailedPrecondition) return false;
+            throw err;
+          }));
+      if (kept) {
         timer = setInterval(() => {
           sql.begin((tx) => this.renew(tx, id, "WatchLease")).catch((err: unknown) => {
             if (err instanceof ConnectError) changes.push(id);
@@ -385,7 +414,8 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
       let seq = "0";
       let stamp = "";
       const next = async (): Promise<{ message?: WatchLeaseResponse; ended: boolean }> => {
-        const lease = (await loadLease(sql, id))!;
+        const lease = await loadLease(sql, id);
+        if (!lease) throw notFound(`lease ${id} not found`);
         const events = await leaseEvents(sql, id, seq);
         if (events.length > 0) seq = events[events.length - 1].seq;
         const message = await this.message(sql, lease);
@@ -412,15 +442,12 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
       if (timer !== undefined) {
         // Says on the timeline that the keepalive stopped; the keeper ends the lease LOST after its grace unless it resumes.
         await sql
-          .begin((tx) =>
-            tx`select state from leases where id = ${id}`.then(([l]) =>
-              l && l.state !== "ended"
-                ? recordLeaseEvents(tx, id, [
-                    { kind: "keepalive", state: l.state as LeaseRow["state"], message: `keepalive stream closed; lost after ${humanDuration(first.grace_ms)} without a keepalive` },
-                  ])
-                : undefined,
-            ),
-          )
+          .begin(async (tx) => {
+            const l = await loadLease(tx, id);
+            if (!l || l.state === "ended") return;
+            const message = `keepalive stream closed; lost after ${humanDuration(first.grace_ms)} without a keepalive`;
+            await recordLeaseEvents(tx, id, [{ kind: "keepalive", state: l.state, message }]);
+          })
           .catch((err: unknown) => log.warn({ err }, "could not record the end of a keepalive stream"));
       }
     }
@@ -431,10 +458,12 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
     checkId("lease_id", req.leaseId);
     checkText("request_id", req.requestId, 64);
     if (req.by === undefined) throw invalid("by is required");
-    const by = durationMs("by", req.by, 0, Number.MAX_SAFE_INTEGER);
+    const by = durationMs("by", req.by, 0, MAX_SPAN_MS);
     const sql = this.ctx.sql;
     const lease = await sql.begin(async (tx) => {
       await lockBookings(tx);
+      // Its session job's row (moveLeaseEnd changes its timeout) before the lease's: the lock order.
+      await lockLeaseJobs(tx, (await this.visibleLease(caller, req.leaseId, tx)).id);
       const l = await this.visibleLease(caller, req.leaseId, tx, true);
       if (req.requestId !== "") {
         if (await leaseRequestDone(tx, l.id, req.requestId)) return l;
@@ -445,16 +474,17 @@ export class LeaseServiceImpl implements ServiceImpl<typeof LeaseService> {
         new ConnectError(`${reason}: the lease can end at ${iso(max)} at the latest`, code, undefined, [
           { desc: LeaseExtensionLimitSchema, value: { maxEndTime: ts(max), reason } },
         ]);
-      if (caller.role !== "admin" && endsAt.getTime() - l.starts_at.getTime() > this.config.leaseMaxDurationMs) {
-        const max = new Date(l.starts_at.getTime() + this.config.leaseMaxDurationMs);
-        throw limit(max, `lease policy: at most ${humanDuration(this.config.leaseMaxDurationMs)} from its start`, Code.ResourceExhausted);
+      const limits = this.limits(l.required_tags, l.required_site);
+      if (caller.role !== "admin" && endsAt.getTime() - l.starts_at.getTime() > limits.maxDurationMs) {
+        const max = new Date(l.starts_at.getTime() + limits.maxDurationMs);
+        throw limit(max, `${limits.source}: at most ${humanDuration(limits.maxDurationMs)} from its start`, Code.ResourceExhausted);
       }
       const next = await nextBookingAfter(tx, l.id, l.ends_at);
       if (next && next.starts_at < endsAt) {
         throw limit(next.starts_at, `host ${next.host_name} is booked from ${iso(next.starts_at)}`, Code.FailedPrecondition);
       }
       if (caller.role !== "admin") {
-        await this.checkHostHours(tx, l.owner_id, { starts_at: l.ends_at, ends_at: endsAt, host_count: l.host_count }, null);
+        await this.checkHostHours(tx, l.owner_id, { starts_at: l.ends_at, ends_at: endsAt, host_count: l.host_count }, limits);
       }
       await moveLeaseEnd(tx, l, endsAt);
       await recordLeaseEvents(tx, l.id, [

@@ -7,6 +7,7 @@
  * NOTIFY).
  */
 import type { ConnectRouter } from "@connectrpc/connect";
+import { Gauge, type Registry } from "prom-client";
 import { LeaseService } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import type { CoordinatorContext } from "../context.js";
 import { JobWatchers } from "../jobs/watchers.js";
@@ -17,9 +18,13 @@ export interface LeaseSystem {
   register(router: ConnectRouter): void;
   start(): Promise<void>;
   stop(): Promise<void>;
+  /** Serves the leases' gauges on the server's /metrics. */
+  registerMetrics(registry: Registry): void;
   /** The keeper, for tests that sweep directly. */
   keeper: LeaseKeeper;
 }
+
+const OPEN_STATES = ["requested", "waiting", "active"] as const;
 
 export function createLeaseSystem(ctx: CoordinatorContext): LeaseSystem {
   // The fan-out by id is the jobs' one: listeners of one lease's changes.
@@ -33,6 +38,26 @@ export function createLeaseSystem(ctx: CoordinatorContext): LeaseSystem {
     keeper,
     register(router) {
       router.service(LeaseService, service);
+    },
+    registerMetrics(registry) {
+      const log = ctx.logger.child({ subsystem: "leases" });
+      new Gauge({
+        name: "treadmill_coordinator_leases",
+        help: "Leases not ended, by state (requested: no room in the calendar yet; waiting: booked, before its start or for a busy host; active), and hosts held by active leases (state=hosts).",
+        labelNames: ["state"] as const,
+        registers: [registry],
+        async collect() {
+          if (!ctx.notifications.connected) return;
+          try {
+            const rows = await ctx.sql<{ state: string; n: number }[]>`
+              select state, count(*)::int as n from leases where state <> 'ended' group by state
+              union all select 'hosts', count(*)::int from hosts where lease_id is not null`;
+            for (const state of [...OPEN_STATES, "hosts"]) this.set({ state }, rows.find((r) => r.state === state)?.n ?? 0);
+          } catch (err) {
+            log.warn({ err }, "cannot read the leases' metrics");
+          }
+        },
+      });
     },
     async start() {
       started = true;

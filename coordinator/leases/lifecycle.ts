@@ -2,8 +2,9 @@
  * The steps of a lease's life that both LeaseService and the lease keeper
  * take (docs/leases.md): booking hosts for a REQUESTED lease (-> WAITING)
  * and activating a WAITING one whose start has come and whose hosts are
- * free (-> ACTIVE, with its session job when it has an image). Each runs in
- * the caller's transaction with the lease row locked; booking also needs
+ * free (-> ACTIVE, with its session job when it has an image; a booked host
+ * gone out of service meanwhile is replaced first). Each runs in the
+ * caller's transaction with the lease row locked; both may book, which needs
  * `lockBookings`, taken before that lock.
  */
 import { create, toJson } from "@bufbuild/protobuf";
@@ -17,6 +18,8 @@ import {
   type LeaseRow,
   activateLease,
   bookHosts,
+  bookingsOutOfService,
+  dropBookings,
   leaseWaits,
   loadLease,
   namedHostsBusy,
@@ -38,29 +41,32 @@ async function mediaOf(tx: TransactionSql, lease: LeaseRow): Promise<string[]> {
  */
 export async function bookLease(tx: TransactionSql, lease: LeaseRow, now: Date): Promise<boolean> {
   const from = lease.starts_at > now ? lease.starts_at : now;
-  const booked = await bookHosts(tx, lease.id, selectorOf(lease, await mediaOf(tx, lease)), from, lease.ends_at);
-  if (booked === undefined) {
+  const hosts = await bookHosts(tx, lease.id, selectorOf(lease, await mediaOf(tx, lease)), from, lease.ends_at);
+  if (hosts === undefined) {
     const what = lease.host_names.length > 0 ? `host ${lease.host_names.join(", ")}` : `${lease.host_count} matching host${lease.host_count === 1 ? "" : "s"}`;
     const busy = lease.host_names.length > 0 ? await namedHostsBusy(tx, lease.host_names, from, lease.ends_at) : [];
-    await leaseWaits(tx, lease, `no room in the calendar: ${what} not free from ${from.toISOString()} to ${lease.ends_at.toISOString()}${busy.length > 0 ? ` (booked: ${busy.join(", ")})` : ""}; retried until ${(lease.deadline_at ?? lease.ends_at).toISOString()}`);
+    // Its own window, not `from`: the message changes (and goes on the timeline) only when the reason does.
+    const window = `${lease.starts_at.toISOString()} to ${lease.ends_at.toISOString()}`;
+    const booked = busy.length > 0 ? ` (booked: ${busy.join(", ")})` : "";
+    await leaseWaits(tx, lease, `no room in the calendar: ${what} not free from ${window}${booked}; retried until ${(lease.deadline_at ?? lease.ends_at).toISOString()}`);
     return false;
   }
   const waiting = lease.starts_at > now ? `waiting for its start at ${lease.starts_at.toISOString()}` : "";
   await tx`update leases set state = 'waiting', status_message = ${waiting} where id = ${lease.id}`;
-  const names = await tx<{ id: string; name: string }[]>`select id, name from hosts where id = any(${booked}::uuid[])`;
+  const names = await tx<{ id: string; name: string }[]>`select id, name from hosts where id = any(${hosts}::uuid[])`;
   const nameOf = new Map(names.map((h) => [h.id, h.name]));
   await recordLeaseEvents(
     tx,
     lease.id,
-    booked.map((id) => ({ kind: "booked" as const, state: "waiting" as const, hostId: id, message: `host ${nameOf.get(id)} booked from ${from.toISOString()}` })),
+    hosts.map((id) => ({ kind: "booked" as const, state: "waiting" as const, hostId: id, message: `host ${nameOf.get(id)} booked from ${from.toISOString()}` })),
   );
   if (waiting !== "") await recordLeaseEvents(tx, lease.id, [{ kind: "waiting", state: "waiting", message: waiting }]);
   await audit(tx, {
     kind: "lease.book",
     actor: "system",
     userId: lease.owner_id,
-    message: `lease ${lease.id} booked ${booked.map((id) => nameOf.get(id)).join(", ")}`,
-    details: { leaseId: lease.id, hosts: booked, from: from.toISOString(), to: lease.ends_at.toISOString() },
+    message: `lease ${lease.id} booked ${hosts.map((id) => nameOf.get(id)).join(", ")}`,
+    details: { leaseId: lease.id, hosts, from: from.toISOString(), to: lease.ends_at.toISOString() },
   });
   return true;
 }
@@ -71,6 +77,7 @@ export async function bookLease(tx: TransactionSql, lease: LeaseRow, now: Date):
  * host it waits for. Returns whether it became ACTIVE.
  */
 export async function activate(tx: TransactionSql, ctx: Pick<CoordinatorContext, "clock">, lease: LeaseRow, actor: string): Promise<boolean> {
+  if (!(await rebookOutOfService(tx, lease))) return false;
   const { busy } = await activateLease(tx, lease, actor);
   if (busy.length > 0) {
     const what = busy.map((b) => `host ${b.name} still runs ${b.job ? `job ${b.job}` : "a job"}`).join("; ");
@@ -78,6 +85,43 @@ export async function activate(tx: TransactionSql, ctx: Pick<CoordinatorContext,
     return false;
   }
   if (lease.image !== "") await submitSessionJob(tx, ctx, (await loadLease(tx, lease.id))!);
+  return true;
+}
+
+/**
+ * Moves the bookings of lease `lease` off hosts that went out of service
+ * since they were booked (disabled, draining, quarantined, retired) onto
+ * other matching hosts free over the rest of its window, and says so on its
+ * timeline. A lease by host names keeps them: its holder asked for those.
+ * Returns false (and says why on the lease) when a host cannot be replaced;
+ * the keeper tries again at its next sweep.
+ */
+async function rebookOutOfService(tx: TransactionSql, lease: LeaseRow): Promise<boolean> {
+  if (lease.host_names.length > 0) return true;
+  const gone = await bookingsOutOfService(tx, lease.id);
+  if (gone.length === 0) return true;
+  const [{ now }] = await tx<{ now: Date }[]>`select now() as now`;
+  const from = lease.starts_at > now ? lease.starts_at : now;
+  const selector = { ...selectorOf(lease, await mediaOf(tx, lease)), hostCount: gone.length };
+  const what = gone.map((g) => `host ${g.name} is ${g.why}`).join("; ");
+  const hosts = await bookHosts(tx, lease.id, selector, from, lease.ends_at, gone.map((g) => g.host_index));
+  if (hosts === undefined) {
+    await leaseWaits(tx, lease, `${what}, and no other matching host is free until ${lease.ends_at.toISOString()}`);
+    return false;
+  }
+  await dropBookings(
+    tx,
+    lease.id,
+    gone.map((g) => g.host_id),
+  );
+  const names = await tx<{ id: string; name: string }[]>`select id, name from hosts where id = any(${hosts}::uuid[])`;
+  const nameOf = new Map(names.map((h) => [h.id, h.name]));
+  await recordLeaseEvents(
+    tx,
+    lease.id,
+    hosts.map((id, i) => ({ kind: "booked" as const, state: lease.state, hostId: id, message: `host ${nameOf.get(id)} booked in place of host ${gone[i].name} (${gone[i].why})` })),
+  );
+  await audit(tx, { kind: "lease.book", actor: "system", userId: lease.owner_id, message: `lease ${lease.id}: ${what}; booked ${names.map((n) => n.name).join(", ")} instead`, details: { leaseId: lease.id, replaced: gone.map((g) => g.host_id), hosts } });
   return true;
 }
 
@@ -122,8 +166,8 @@ async function submitSessionJob(tx: TransactionSql, ctx: Pick<CoordinatorContext
     jobTimeoutMs: timeoutMs,
     requestId: null,
     secrets: new Map(),
+    leaseId: lease.id,
   });
-  await tx`update jobs set lease_id = ${lease.id} where id = ${id}`;
   await tx`update leases set session_job_id = ${id} where id = ${lease.id}`;
   await recordEvent(tx, {
     jobId: id,

@@ -5,6 +5,7 @@
  * Pure: the service and the keeper read the rows and carry the decisions
  * out.
  */
+import { parseDuration } from "../../lib/config.js";
 import type { LeaseStateName } from "../db/queries/leases.js";
 import type { LeaseConfig } from "./config.js";
 
@@ -65,7 +66,7 @@ export function graceProblem(ms: number, config: LeaseConfig): string | undefine
 }
 
 /** What the keeper does with a lease that came due. */
-export type KeeperAction = "unserved" | "expired" | "lost" | "book" | "activate" | "none";
+export type KeeperAction = "unserved" | "expired" | "lost" | "held-job-ended" | "book" | "activate" | "none";
 
 /** The facts the keeper reads of a due lease (db/queries/leases.ts LeaseDue). */
 export interface DueFacts {
@@ -74,12 +75,16 @@ export interface DueFacts {
   over: boolean;
   pastDeadline: boolean;
   silent: boolean;
+  /** A hold lease whose held job is finalized (its end could not take the lease's lock). */
+  heldJobEnded?: boolean;
 }
 
 /**
  * The keeper's decision: a lease not yet ACTIVE by its deadline (its end
  * when none) is UNSERVED; an ACTIVE one past its end EXPIRED; one without a
- * keepalive for its grace period (counted from its start) LOST; a REQUESTED
+ * keepalive for its grace period (counted from its start) LOST; a hold
+ * whose job has ended (the job's end left a lease it found locked) RELEASED;
+ * a REQUESTED
  * one is booked again; a WAITING one whose start has come is activated when
  * its hosts are free.
  */
@@ -87,6 +92,7 @@ export function decide(f: DueFacts): KeeperAction {
   if (f.state === "ended") return "none";
   if (f.state !== "active" && f.pastDeadline) return "unserved";
   if (f.state === "active" && f.over) return "expired";
+  if (f.heldJobEnded) return "held-job-ended";
   if (f.silent) return "lost";
   if (f.state === "requested") return "book";
   if (f.state === "waiting" && f.started) return "activate";
@@ -96,4 +102,74 @@ export function decide(f: DueFacts): KeeperAction {
 /** How often an open keepalive stream renews a lease of grace `graceMs`: the configured interval, at most a third of the grace. */
 export function renewEveryMs(graceMs: number, config: Pick<LeaseConfig, "leaseKeepaliveIntervalMs">): number {
   return Math.max(10, Math.min(config.leaseKeepaliveIntervalMs, Math.floor(graceMs / 3)));
+}
+
+/** Limits for the leases asking for hosts with `tags` (config leasePolicyOverrides). */
+export interface PolicyOverride {
+  tags: Record<string, string>;
+  maxDurationMs?: number;
+  maxConcurrent?: number;
+  maxHostHoursPerDay?: number;
+}
+
+const OVERRIDE_KEYS = { "max-duration": "maxDurationMs", "max-concurrent": "maxConcurrent", "max-host-hours-per-day": "maxHostHoursPerDay" } as const;
+
+/**
+ * Parses `board=big&site=lab-a;max-duration=2h;max-concurrent=1` items;
+ * every problem is reported, naming the item.
+ */
+export function parseOverrides(items: readonly string[]): { overrides: PolicyOverride[]; problems: string[] } {
+  const overrides: PolicyOverride[] = [];
+  const problems: string[] = [];
+  for (const item of items) {
+    const [selector, ...limits] = item.split(";").map((p) => p.trim());
+    const o: PolicyOverride = { tags: {} };
+    const wrong = (what: string) => problems.push(`lease-policy-overrides: "${item}": ${what}`);
+    for (const pair of selector.split("&").filter((p) => p !== "")) {
+      const [k, v, ...rest] = pair.split("=");
+      if (!k || v === undefined || rest.length > 0) wrong(`tag "${pair}" is not key=value`);
+      else o.tags[k] = v;
+    }
+    if (Object.keys(o.tags).length === 0) wrong("names no tag");
+    for (const limit of limits) {
+      const [k, v] = limit.split("=");
+      const key = OVERRIDE_KEYS[k as keyof typeof OVERRIDE_KEYS];
+      if (key === undefined) {
+        wrong(`"${k}" is not one of ${Object.keys(OVERRIDE_KEYS).join(", ")}`);
+        continue;
+      }
+      const n = key === "maxDurationMs" ? parseDuration(v ?? "") : /^\d+$/.test(v ?? "") ? Number(v) : undefined;
+      if (n === undefined || n < 1) wrong(`${k} must be ${key === "maxDurationMs" ? "a duration like 2h" : "a positive integer"}`);
+      else o[key] = n;
+    }
+    if (limits.length === 0) wrong("sets no limit");
+    overrides.push(o);
+  }
+  return { overrides, problems };
+}
+
+/** The per-user limits of a lease asking for hosts with `tags`, and the tags of the leases they count among (null: all). */
+export interface Limits {
+  maxDurationMs: number;
+  maxConcurrent: number;
+  maxHostHoursPerDay: number;
+  scope: Record<string, string> | null;
+  /** Says where the limits come from, for refusals. */
+  source: string;
+}
+
+/** The first override whose tags `tags` include supplies its limits over the global ones. */
+export function limitsFor(tags: Record<string, string>, overrides: readonly PolicyOverride[], config: LeaseConfig): Limits {
+  const o = overrides.find((x) => Object.entries(x.tags).every(([k, v]) => tags[k] === v));
+  const base = { maxDurationMs: config.leaseMaxDurationMs, maxConcurrent: config.leaseMaxConcurrentPerUser, maxHostHoursPerDay: config.leaseMaxHostHoursPerDay };
+  if (!o) return { ...base, scope: null, source: "lease policy" };
+  return {
+    maxDurationMs: o.maxDurationMs ?? base.maxDurationMs,
+    maxConcurrent: o.maxConcurrent ?? base.maxConcurrent,
+    maxHostHoursPerDay: o.maxHostHoursPerDay ?? base.maxHostHoursPerDay,
+    scope: o.tags,
+    source: `lease policy for ${Object.entries(o.tags)
+      .map(([k, v]) => `${k}=${v}`)
+      .join(",")}`,
+  };
 }

@@ -142,6 +142,34 @@ describe("hold on failure in the coordinator", () => {
     ]);
   });
 
+  it("releases a hold lease whose job ended while another transaction held the lease's row, at the keeper's next sweep", async () => {
+    const { jobId, host, s } = await runningHeldJob();
+    await s.hold(jobId, 1, 4);
+    const { job } = await waitUntil(async () => {
+      const got = await jobs.getJob({ jobId });
+      return got.job?.leaseId ? got : undefined;
+    }, "the job's hold lease");
+    const leaseId = job!.leaseId;
+    // The lease's row locked (as by a RenewLease) while the job ends: its end skips the lease.
+    const locker = await c.sql.reserve();
+    try {
+      await locker`begin`;
+      await locker`update leases set keepalive_at = now() where id = ${leaseId}`;
+      await jobs.cancelJob({ jobId });
+      expect(await jobInState(c.sql, jobId, "finalized")).toMatchObject({ reason: "workload_exited", exit_code: 4 });
+      expect((await c.sql`select state from leases where id = ${leaseId}`)[0].state).toBe("active");
+      await locker`commit`;
+    } finally {
+      locker.release();
+    }
+    const { lease } = await waitUntil(async () => {
+      const got = await c.client(LeaseService, alice.token).getLease({ leaseId });
+      return got.lease?.state === LeaseState.ENDED ? got : undefined;
+    }, "the keeper to end the hold lease");
+    expect(lease).toMatchObject({ endReason: LeaseEndReason.RELEASED, statusMessage: `its held job ${jobId} ended` });
+    expect((await c.sql`select lease_id from hosts where id = ${host.id}`)[0].lease_id).toBeNull();
+  });
+
   it("ends the hold lease of a held job whose host came back without it, and runs the next attempt outside the lease", async () => {
     const tag = uniqueTag();
     const host = await c.createHost({ tags: tag });

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "@jest/globals";
-import { daysOf, decide, graceProblem, hostHoursOn, hostHoursOver, humanDuration, renewEveryMs } from "../../coordinator/leases/policy.js";
+import { daysOf, decide, graceProblem, hostHoursOn, hostHoursOver, humanDuration, limitsFor, parseOverrides, renewEveryMs } from "../../coordinator/leases/policy.js";
 import { loadCoordinatorConfig } from "../../coordinator/config.js";
 
 const at = (iso: string) => new Date(iso);
@@ -30,6 +30,12 @@ describe("lease policy", () => {
     expect(decide({ state: "waiting", ...facts, started: true, silent: true })).toBe("lost");
   });
 
+  it("releases a hold whose held job has ended, unless it is already past its end", () => {
+    expect(decide({ state: "active", ...facts, heldJobEnded: true, silent: true })).toBe("held-job-ended");
+    expect(decide({ state: "active", ...facts, heldJobEnded: true, over: true })).toBe("expired");
+    expect(decide({ state: "active", ...facts, heldJobEnded: false })).toBe("none");
+  });
+
   it("books a requested lease again, activates a waiting one whose start came, and leaves the rest", () => {
     expect(decide({ state: "requested", ...facts })).toBe("book");
     expect(decide({ state: "waiting", ...facts, started: true })).toBe("activate");
@@ -48,5 +54,25 @@ describe("lease policy", () => {
     expect(graceProblem(5 * 60_000, config)).toBeUndefined();
     expect(graceProblem(1000, config)).toBe("grace_period must be between 30s and 1h");
     expect([humanDuration(300), humanDuration(45_000), humanDuration(90 * 60_000), humanDuration(2 * 3600_000)]).toEqual(["300ms", "45s", "1h30m", "2h"]);
+  });
+  it("reads per-selector overrides and refuses malformed ones at start, naming each", () => {
+    expect(parseOverrides(["board=big&site=lab-a;max-duration=2h;max-host-hours-per-day=4"]).overrides).toEqual([
+      { tags: { board: "big", site: "lab-a" }, maxDurationMs: 7_200_000, maxHostHoursPerDay: 4 },
+    ]);
+    expect(() => loadCoordinatorConfig({ env: {}, argv: ["--lease-policy-overrides", "board;max-duration=soon,x=y;colour=red"] })).toThrow(
+      [
+        'lease-policy-overrides: "board;max-duration=soon": tag "board" is not key=value',
+        'lease-policy-overrides: "board;max-duration=soon": names no tag',
+        'lease-policy-overrides: "board;max-duration=soon": max-duration must be a duration like 2h',
+        'lease-policy-overrides: "x=y;colour=red": "colour" is not one of max-duration, max-concurrent, max-host-hours-per-day',
+      ].join("\n"),
+    );
+  });
+
+  it("takes a selector's limits from the first override whose tags it includes, else the global ones", () => {
+    const config = loadCoordinatorConfig({ env: {}, argv: [] });
+    const overrides = parseOverrides(["board=big;max-concurrent=1", "board=big&site=a;max-duration=1h"]).overrides;
+    expect(limitsFor({ board: "big", site: "a" }, overrides, config)).toMatchObject({ maxConcurrent: 1, maxDurationMs: config.leaseMaxDurationMs, scope: { board: "big" } });
+    expect(limitsFor({ board: "small" }, overrides, config)).toMatchObject({ maxConcurrent: 10, scope: null, source: "lease policy" });
   });
 });

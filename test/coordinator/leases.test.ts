@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { JobEventKind } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { JobEventKind, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import {
   LeaseEndReason,
   LeaseEventKind,
@@ -30,7 +30,7 @@ describe("leases", () => {
 
   beforeAll(async () => {
     c = await startTestCoordinator({
-      config: { ...FAST, leaseSweepIntervalMs: 50, leaseGraceMinMs: 50, leaseKeepaliveIntervalMs: 50, leaseMaxDurationMs: 4 * 3600_000, leaseMaxConcurrentPerUser: 3, leaseMaxHostHoursPerDay: 10 },
+      config: { ...FAST, leaseSweepIntervalMs: 50, leaseGraceMinMs: 50, leaseKeepaliveIntervalMs: 50, leaseMaxDurationMs: 4 * 3600_000, leaseMaxConcurrentPerUser: 3, leaseMaxHostHoursPerDay: 10, leasePolicyOverrides: ["tier=small;max-duration=1h;max-concurrent=1"] },
     });
     image = (await insertImage(c.sql)).ref;
     admin = await c.createUser({ role: "admin" });
@@ -70,6 +70,10 @@ describe("leases", () => {
     expect(lease!.ownerUsername).toBe(user.name);
     expect((await hostRow(host.id)).lease_id).toBe(lease!.id);
     expect((await hostRow(host.id)).booked_from).not.toBeNull();
+    const [n] = await c.sql<{ n: number }[]>`select count(*)::int as n from hosts where lease_id is not null`;
+    expect(n.n).toBeGreaterThanOrEqual(1);
+    const metrics = await (await fetch(`${c.url}/metrics`)).text();
+    expect(metrics).toContain(`treadmill_coordinator_leases{state="hosts",component="coordinator"} ${n.n}\n`);
 
     const { lease: released } = await leases().releaseLease({ leaseId: lease!.id });
     expect(released!.state).toBe(LeaseState.ENDED);
@@ -123,10 +127,25 @@ describe("leases", () => {
     expect(await refusal(leases().createLease({ hosts: { tags: tag, hostCount: 2 }, duration: hours(1n) }))).toMatch(/^FailedPrecondition: 1 host in service matches the selector; the lease needs 2/);
     expect(await refusal(leases().createLease({ hostNames: ["no-such-host"], duration: hours(1n) }))).toBe("NotFound: host no-such-host not found");
     expect(await refusal(leases().createLease({ hostNames: ["Bad Name"], duration: hours(1n) }))).toMatch(/^InvalidArgument: host_names\[0\] must match/);
+    expect(await refusal(leases().createLease({ hostNames: ["a", "b"], hosts: { tags: tag }, duration: hours(1n) }))).toBe(
+      "InvalidArgument: hosts must be empty when host_names is set (or give only their count)",
+    );
+    expect(await refusal(leases().createLease({ hostNames: ["a", "a"], duration: hours(1n) }))).toBe('InvalidArgument: host_names[1] "a" is repeated');
     expect(await refusal(leases().createLease({ hosts: { tags: tag }, duration: hours(1n), image: "no-such-image:v1" }))).toBe("NotFound: image no-such-image:v1 not found");
     expect(await refusal(leases().createLease({ hosts: { tags: tag }, duration: hours(1n), startTime: { seconds: BigInt(Math.floor(Date.now() / 1000) - 3600) } }))).toBe("InvalidArgument: start_time must not be in the past");
     expect(await refusal(leases().getLease({ leaseId: "nope" }))).toBe("InvalidArgument: lease_id must be a lower-case uuid");
     expect(await refusal(leases().revokeLease({ leaseId: "nope", reason: "x" }))).toBe("PermissionDenied: this call is for admins only");
+    expect(await refusal(leases(admin.token).createLease({ hosts: { tags: tag }, duration: { seconds: 10n ** 12n } }))).toBe(
+      "InvalidArgument: duration must be at most 31622400000 ms",
+    );
+    const now = BigInt(Math.floor(Date.now() / 1000));
+    expect(await refusal(leases().getLeaseCalendar({ from: { seconds: now }, to: { seconds: now - 60n } }))).toBe("InvalidArgument: to must be after from");
+    expect(await refusal(leases().getLeaseCalendar({ from: { seconds: now }, to: { seconds: now + 15n * 86400n } }))).toBe(
+      "InvalidArgument: the window (from to to) must be at most 14 days",
+    );
+    expect(await refusal(leases().getLeaseCalendar({ hosts: { hostCount: 2 } }))).toBe(
+      "InvalidArgument: hosts.host_count must be 0: the calendar shows every matching host",
+    );
     // An admin is exempt from the duration limit.
     const { lease } = await leases(admin.token).createLease({ hosts: { tags: tag }, duration: hours(5n) });
     await leases(admin.token).releaseLease({ leaseId: lease!.id });
@@ -152,6 +171,10 @@ describe("leases", () => {
     abort.abort();
     const gone = await leaseIn(kept!.id, LeaseState.ENDED);
     expect(gone.endReason).toBe(LeaseEndReason.LOST);
+    // A holder coming back to an ended lease is shown it ended, and the stream ends.
+    const after: LeaseState[] = [];
+    for await (const m of leases().watchLease({ leaseId: kept!.id, keepalive: true })) after.push(m.lease!.state);
+    expect(after).toEqual([LeaseState.ENDED]);
     const { lease: timeline } = await leases().getLease({ leaseId: kept!.id });
     expect(timeline!.timeline.filter((e) => e.kind === LeaseEventKind.KEEPALIVE).map((e) => e.message)).toEqual([
       `keepalive stream opened by ${user.name}`,
@@ -179,9 +202,8 @@ describe("leases", () => {
     const tag = uniqueTag();
     await hostWith(tag);
     const { lease } = await leases().createLease({ hosts: { tags: tag }, duration: hours(1n) });
-    // A job inside the lease (SubmitJob with spec.lease_id is another part's): queued behind nothing.
-    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: { none: uniqueTag().t } } }, queueAnyway: true });
-    await c.sql`update jobs set lease_id = ${lease!.id} where id = ${job!.id}`;
+    // A job inside the lease, queued (its host has no supervisor attached).
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, leaseId: lease!.id } });
     await leases(admin.token).revokeLease({ leaseId: lease!.id, reason: "rack maintenance" });
     const row = await jobInState(c.sql, job!.id, "finalized");
     expect(row.reason).toBe("canceled");
@@ -205,6 +227,12 @@ describe("leases", () => {
     expect(lease!.state).toBe(LeaseState.WAITING);
     expect(lease!.statusMessage).toBe(`waiting for its hosts to be free: host ${host.name} still runs job ${job!.id}`);
     expect((await hostRow(host.id)).lease_id).toBeNull();
+    // Another user's calendar shows the job as busy time without saying whose.
+    const cal = await leases(other.token).getLeaseCalendar({ hosts: { tags: tag } });
+    expect(cal.hosts[0].entries.map((e) => [e.kind, e.id, e.ownerUsername])).toEqual([
+      ["job", "", ""],
+      ["lease", lease!.id, user.name],
+    ]);
     await s.exit(job!.id, 1, 0);
     const active = await leaseIn(lease!.id, LeaseState.ACTIVE);
     expect(active.statusMessage).toBe("");
@@ -237,6 +265,8 @@ describe("leases", () => {
     const ended = await leaseIn(late!.id, LeaseState.ENDED);
     expect(ended.endReason).toBe(LeaseEndReason.UNSERVED);
     expect(ended.statusMessage).toMatch(/^not served by .*: no room in the calendar/);
+    // Retried at every sweep, said once.
+    expect(ended.timeline.map((e) => LeaseEventKind[e.kind])).toEqual(["REQUESTED", "WAITING", "ENDED"]);
     // A lease now that ends before the booking starts fits.
     const { lease: before } = await leases().createLease({ hosts: { tags: tag }, duration: { seconds: 1800n } });
     expect(before!.state).toBe(LeaseState.ACTIVE);
@@ -382,5 +412,102 @@ describe("leases", () => {
     expect((await hostRow(host.id)).lease_id).toBeNull();
     expect((await hostRow(host.id)).booked_from?.getTime()).toBe(Math.floor(start.getTime() / 1000) * 1000);
     await leases(other.token).releaseLease({ leaseId: booking!.id });
+  });
+  it("applies a per-selector override of the policy to the leases asking for its hosts, by selector or by name, and to no other", async () => {
+    const t = uniqueTag().t;
+    const small = await hostWith({ tier: "small", t });
+    await hostWith({ tier: "small", t });
+    const u = await c.createUser();
+    const mine = leases(u.token);
+    const refusal = async (p: Promise<unknown>) => {
+      const err = await p.then(() => undefined, (e: unknown) => ConnectError.from(e));
+      return err ? `${Code[err.code]}: ${err.rawMessage}` : "accepted";
+    };
+    expect(await refusal(mine.createLease({ hosts: { tags: { tier: "small", t } }, duration: hours(2n) }))).toBe(
+      "ResourceExhausted: lease policy for tier=small: duration 2h is over the maximum of 1h",
+    );
+    const { lease } = await mine.createLease({ hosts: { tags: { tier: "small", t } }, duration: hours(1n) });
+    expect(await refusal(mine.createLease({ hostNames: [small.name], duration: hours(1n), startTime: tomorrowAt(3) }))).toBe(
+      "ResourceExhausted: lease policy for tier=small: at most 1 lease per user at once; you have 1",
+    );
+    // Hosts outside the selector keep the global limits.
+    const tag = uniqueTag();
+    await hostWith(tag);
+    const { lease: elsewhere } = await mine.createLease({ hosts: { tags: tag }, duration: hours(2n) });
+    expect(elsewhere!.state).toBe(LeaseState.ACTIVE);
+    await mine.releaseLease({ leaseId: lease!.id });
+    await mine.releaseLease({ leaseId: elsewhere!.id });
+  });
+  it("writes a job that starts inside a lease on the lease's timeline and tells its watchers which job runs on which host", async () => {
+    const tag = uniqueTag();
+    const host = await c.createHost({ tags: tag });
+    const s = await attach(c, host);
+    open.push(s);
+    const { lease } = await leases().createLease({ hostNames: [host.name], duration: hours(1n) });
+    const seen: { jobs: string[]; events: string[] }[] = [];
+    const abort = new AbortController();
+    const stream = leases().watchLease({ leaseId: lease!.id }, { signal: abort.signal })[Symbol.asyncIterator]();
+    await stream.next();
+    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, leaseId: lease!.id } });
+    await s.startJob(job!.id);
+    await s.report(job!.id, 1, JobState.RUNNING);
+    for (;;) {
+      const next = await stream.next();
+      if (next.done) throw new Error("the stream ended before the job's entry");
+      const m = next.value;
+      seen.push({ jobs: m.lease!.leaseHosts.map((h) => h.jobId), events: m.events.map((e) => e.message) });
+      if (m.events.some((e) => e.kind === LeaseEventKind.JOB)) break;
+    }
+    expect(seen[seen.length - 1]).toEqual({ jobs: [job!.id], events: [`job ${job!.id} running on ${host.name}`] });
+    abort.abort();
+    await leases().releaseLease({ leaseId: lease!.id });
+  });
+  it("moves a booking off a host that went out of service before the lease's start onto another matching host", async () => {
+    const tag = uniqueTag();
+    const first = await hostWith(tag);
+    const second = await hostWith(tag);
+    const { lease } = await leases().createLease({
+      hosts: { tags: tag },
+      duration: hours(1n),
+      startTime: { seconds: BigInt(Math.floor(Date.now() / 1000) + 2) },
+    });
+    expect(lease!.state).toBe(LeaseState.WAITING);
+    const booked = lease!.leaseHosts[0].hostName;
+    const [gone, other] = booked === first.name ? [first, second] : [second, first];
+    await c.sql`update hosts set health = 'quarantined', health_reason = 'test' where id = ${gone.id}`;
+    const active = await leaseIn(lease!.id, LeaseState.ACTIVE);
+    expect(active.leaseHosts.map((h) => h.hostName)).toEqual([other.name]);
+    expect(active.timeline.filter((e) => e.kind === LeaseEventKind.BOOKED).map((e) => e.message)).toEqual([
+      expect.stringMatching(new RegExp(`^host ${gone.name} booked from `)),
+      `host ${other.name} booked in place of host ${gone.name} (quarantined)`,
+    ]);
+    expect(await hostRow(gone.id)).toEqual({ lease_id: null, booked_from: null });
+    expect((await hostRow(other.id)).lease_id).toBe(lease!.id);
+    await leases().releaseLease({ leaseId: lease!.id });
+  });
+  it("gives the board to the next queued job once its holder's keepalive has been gone for the grace period", async () => {
+    const tag = uniqueTag();
+    const host = await c.createHost({ tags: tag });
+    const s = await attach(c, host);
+    open.push(s);
+    const holder = new AbortController();
+    const { lease } = await leases().createLease({ hosts: { tags: tag }, duration: hours(1n), gracePeriod: { seconds: 0n, nanos: 300_000_000 } });
+    const stream = leases().watchLease({ leaseId: lease!.id, keepalive: true }, { signal: holder.signal })[Symbol.asyncIterator]();
+    await stream.next();
+    const { job } = await c.client(JobService, other.token).submitJob({ spec: { image, hosts: { tags: tag } } });
+    // A later job placed elsewhere proves a scheduling pass has seen the first: the leased board took nothing.
+    const elsewhere = uniqueTag();
+    const free = await c.createHost({ tags: elsewhere });
+    const s2 = await attach(c, free);
+    open.push(s2);
+    const { job: later } = await c.client(JobService, other.token).submitJob({ spec: { image, hosts: { tags: elsewhere } } });
+    await s2.startJob(later!.id);
+    expect((await c.sql`select state from jobs where id = ${job!.id}`)[0].state).toBe("queued");
+    holder.abort();
+    await s.startJob(job!.id);
+    const { lease: lost } = await leases().getLease({ leaseId: lease!.id });
+    expect(lost!.endReason).toBe(LeaseEndReason.LOST);
+    const [assigned] = await c.sql<{ at: Date }[]>`select assigned_at as at from jobs where id = ${job!.id}`;
+    expect(assigned.at.getTime()).toBeGreaterThanOrEqual(timestampDate(lost!.endReachedTime!).getTime());
   });
 });

@@ -53,7 +53,7 @@ export async function ownerLeases(
   from: Date,
   to: Date,
 ): Promise<{ open: number; spans: { starts_at: Date; ends_at: Date; host_count: number }[] }> {
-  const [open, spans] = await Promise.all([openLeaseCount(tx, ownerId), leaseSpansOf(tx, ownerId, from, to, null)]);
+  const [open, spans] = await Promise.all([openLeaseCount(tx, ownerId, null), leaseSpansOf(tx, ownerId, from, to, null, null)]);
   return { open, spans };
 }
 

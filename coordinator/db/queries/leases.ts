@@ -14,8 +14,9 @@
  *   (`refreshBookedFrom`): the scheduler backfills before it;
  * - `hosts.lease_id` names the ACTIVE lease holding the host, and only that.
  *
- * Lock order, as the job system's with leases first: lease rows, job rows
- * (job_hosts), host rows by id.
+ * Lock order, the job system's with lease rows after job rows (a job's end,
+ * under its row lock, may end its hold lease): `lockBookings`, job rows by
+ * id (`lockLeaseJobs`), lease rows, host rows by id.
  *
  * Channel 'treadmill_leases', payload a lease id: the lease changed
  * (WatchLease). Ending a lease also notifies 'treadmill_schedule' (its hosts
@@ -38,7 +39,7 @@ import {
 import { clipText, durationOf, ts } from "../../shared/common.js";
 import { audit } from "./audit.js";
 import { type EventInput, recordEvents } from "./events.js";
-import { type JobStateChange, lockJobHeads, notifySchedule, writeJobStates } from "./jobs.js";
+import { type JobHead, type JobStateChange, lockJobHeads, notifySchedule, writeJobStates } from "./jobs.js";
 
 type Db = Sql | TransactionSql;
 
@@ -235,11 +236,6 @@ export async function leaseRequestDone(sql: Db, id: string, requestId: string): 
   return rows.length > 0;
 }
 
-/** Lease `id` changed without a timeline entry (a renewal): its watchers re-read it. */
-export async function notifyLease(tx: Db, id: string): Promise<void> {
-  await tx`select pg_notify('treadmill_leases', ${id})`;
-}
-
 /**
  * Serialises bookings (CreateLease, the keeper booking a requested lease,
  * ExtendLease) among themselves for the rest of the transaction, taken
@@ -305,10 +301,11 @@ export async function matchingHostCount(sql: Db, s: Selector): Promise<number> {
   return n;
 }
 
-/** Named hosts: the names that exist, and those of them the owner may use. */
-export async function namedHosts(sql: Db, names: string[], ownerId: string): Promise<{ name: string; allowed: boolean }[]> {
-  return sql<{ name: string; allowed: boolean }[]>`
-    select h.name, treadmill_user_may_use_host(${ownerId}, h.id) as allowed from hosts h where h.name = any(${names}::text[])`;
+/** Named hosts: those that exist, whether the owner may use each, and its tags with its site. */
+export async function namedHosts(sql: Db, names: string[], ownerId: string): Promise<{ name: string; allowed: boolean; tags: Record<string, string> }[]> {
+  return sql<{ name: string; allowed: boolean; tags: Record<string, string> }[]>`
+    select h.name, treadmill_user_may_use_host(${ownerId}, h.id) as allowed, treadmill_host_match_tags(h.tags, h.site) as tags
+    from hosts h where h.name = any(${names}::text[])`;
 }
 
 /** Those of hosts `names` that another booking holds over [from, to). */
@@ -324,10 +321,18 @@ export async function namedHostsBusy(sql: Db, names: string[], from: Date, to: D
  * `leaseId` (lease_hosts rows, booked_from), under their row locks; the
  * caller holds `lockBookings`. Prefers, for a lease starting now, hosts free
  * now (online, no slot held), then those whose running jobs end soonest.
- * Returns the booked host ids by host index, or undefined when the calendar
+ * The hosts take host indices `indices` (default 0 to hostCount - 1).
+ * Returns the booked host ids in that order, or undefined when the calendar
  * has no room.
  */
-export async function bookHosts(tx: Db, leaseId: string, s: Selector, from: Date, to: Date): Promise<string[] | undefined> {
+export async function bookHosts(
+  tx: Db,
+  leaseId: string,
+  s: Selector,
+  from: Date,
+  to: Date,
+  indices: number[] = Array.from({ length: s.hostCount }, (_, i) => i),
+): Promise<string[] | undefined> {
   for (let round = 0; round < 3; round++) {
     const chosen = await tx<{ id: string }[]>`
       select h.id from hosts h
@@ -347,12 +352,29 @@ export async function bookHosts(tx: Db, leaseId: string, s: Selector, from: Date
     if (taken.length > 0) continue;
     await tx`
       insert into lease_hosts (lease_id, host_id, host_index, starts_at, ends_at)
-      select ${leaseId}, id, i - 1, ${from}, ${to} from unnest(${ids}::uuid[]) with ordinality as u(id, i)`;
+      select ${leaseId}, id, i, ${from}, ${to} from unnest(${ids}::uuid[], ${indices}::int[]) as u(id, i)`;
     await refreshBookedFrom(tx, ids);
     await tx`select pg_notify('treadmill_hosts', id::text) from unnest(${ids}::uuid[]) as u(id)`;
     return ids;
   }
   return undefined;
+}
+
+/** The open bookings of lease `leaseId` on hosts out of service now (disabled, draining, quarantined, retired), with why. */
+export function bookingsOutOfService(sql: Db, leaseId: string): Promise<{ host_id: string; name: string; host_index: number; why: string }[]> {
+  return sql<{ host_id: string; name: string; host_index: number; why: string }[]>`
+    select lh.host_id, h.name, lh.host_index, case when h.health in ('quarantined', 'retired') then h.health else h.admin_state end as why
+    from lease_hosts lh join hosts h on h.id = lh.host_id
+    where lh.lease_id = ${leaseId} and lh.open and not (${inService(sql)})
+    order by lh.host_index`;
+}
+
+/** Drops lease `leaseId`'s bookings of hosts `hostIds` (booked_from recomputed). */
+export async function dropBookings(tx: Db, leaseId: string, hostIds: string[]): Promise<void> {
+  await tx`select 1 from hosts where id = any(${[...hostIds].sort()}::uuid[]) order by id for update`;
+  await tx`delete from lease_hosts where lease_id = ${leaseId} and host_id = any(${hostIds}::uuid[])`;
+  await refreshBookedFrom(tx, hostIds);
+  await tx`select pg_notify('treadmill_hosts', id::text) from unnest(${hostIds}::uuid[]) as u(id)`;
 }
 
 /** The hosts of a lease (their ids and names) locked in id order, with a job holding a slot on each, if any. */
@@ -379,10 +401,10 @@ export async function nextBookingAfter(tx: Db, leaseId: string, from: Date): Pro
   return row;
 }
 
-/** Moves lease `lease`'s end (its bookings', its session job's timeout) to `endsAt`; the caller holds the lease's lock and `lockBookings`. */
+/** Moves lease `lease`'s end (its bookings', its session job's timeout) to `endsAt`; the caller holds `lockBookings`, the lease's jobs (lockLeaseJobs) and the lease. */
 export async function moveLeaseEnd(tx: Db, lease: LeaseRow, endsAt: Date): Promise<void> {
   const by = endsAt.getTime() - lease.ends_at.getTime();
-  // Its session job runs until its end (job rows before host rows: none are locked here).
+  // Its session job runs until its end.
   if (lease.session_job_id !== null) {
     await tx`
       update jobs set job_timeout_ms = job_timeout_ms + ${by}, queue_timeout_ms = queue_timeout_ms + ${by},
@@ -393,22 +415,49 @@ export async function moveLeaseEnd(tx: Db, lease: LeaseRow, endsAt: Date): Promi
   await tx`update lease_hosts set ends_at = ${endsAt} where lease_id = ${lease.id} and open`;
 }
 
+/** Leases (`l`-less: the leases table) whose selector, with its site, includes `scope` (null: every lease). */
+const inScope = (sql: Db, scope: Record<string, string> | null) =>
+  scope === null
+    ? sql``
+    : sql`and (required_tags || case when required_site is null then '{}'::jsonb else jsonb_build_object('site', required_site) end) @> ${sql.json(scope)}`;
+
 /**
- * Host-hours a user's leases (not `exceptId`) take within [from, to): each
- * lease's span there (an ended one up to its end), times its host count,
- * with its start and effective end for per-day sums (policy.ts).
+ * A user's leases (not `exceptId`, only those in `scope`) overlapping
+ * [from, to), each with its start and effective end (an ended one's end)
+ * and host count: what policy.ts sums per day.
  */
-export function leaseSpansOf(sql: Db, ownerId: string, from: Date, to: Date, exceptId: string | null): Promise<{ starts_at: Date; ends_at: Date; host_count: number }[]> {
+export function leaseSpansOf(
+  sql: Db,
+  ownerId: string,
+  from: Date,
+  to: Date,
+  exceptId: string | null,
+  scope: Record<string, string> | null,
+): Promise<{ starts_at: Date; ends_at: Date; host_count: number }[]> {
   return sql<{ starts_at: Date; ends_at: Date; host_count: number }[]>`
     select starts_at, least(ends_at, coalesce(ended_at, ends_at)) as ends_at, host_count from leases
     where owner_id = ${ownerId} and starts_at < ${to} and least(ends_at, coalesce(ended_at, ends_at)) > ${from}
-      ${exceptId !== null ? sql`and id <> ${exceptId}` : sql``}`;
+      ${exceptId !== null ? sql`and id <> ${exceptId}` : sql``} ${inScope(sql, scope)}`;
 }
 
-/** A user's leases not ended. */
-export async function openLeaseCount(sql: Db, ownerId: string): Promise<number> {
-  const [{ n }] = await sql<{ n: number }[]>`select count(*)::int as n from leases where owner_id = ${ownerId} and state <> 'ended'`;
+/** A user's leases not ended (only those in `scope`). */
+export async function openLeaseCount(sql: Db, ownerId: string, scope: Record<string, string> | null): Promise<number> {
+  const [{ n }] = await sql<{ n: number }[]>`
+    select count(*)::int as n from leases where owner_id = ${ownerId} and state <> 'ended' ${inScope(sql, scope)}`;
   return n;
+}
+
+/**
+ * Locks the unfinished jobs inside lease `leaseId` (its session job, jobs
+ * run inside it, a hold's job) in id order: before the lease's row, in the
+ * lock order. Returns their heads.
+ */
+export async function lockLeaseJobs(tx: Db, leaseId: string): Promise<Map<string, JobHead>> {
+  const rows = await tx<{ id: string }[]>`select id from jobs where lease_id = ${leaseId} and state <> 'finalized'`;
+  return lockJobHeads(
+    tx,
+    rows.map((r) => r.id),
+  );
 }
 
 /** How a lease ends. */
@@ -426,20 +475,23 @@ export interface LeaseEnd {
  * each gets a LEASE event saying why), its bookings close, its hosts leave
  * it and their booked_from is recomputed, and the scheduler is woken so that
  * queued jobs get the hosts at once. Locks the lease, then its jobs, then
- * its hosts. An ended lease is left as it is. Returns the lease row before
+ * its hosts (the lock order). An ended lease is left as it is. Returns the lease row before
  * the end (undefined: no such lease).
  */
 export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<LeaseRow | undefined> {
+  await lockLeaseJobs(tx, leaseId);
   const lease = await loadLease(tx, leaseId, { lock: true });
   if (!lease || lease.state === "ended") return lease;
   const message = clipText(end.message, 1024);
-  const jobIds = await tx<{ id: string }[]>`select id from jobs where lease_id = ${leaseId} and state <> 'finalized'`;
-  const heads = await lockJobHeads(tx, jobIds.map((j) => j.id));
+  // Under the lease's lock no job joins it any more; one that joined before it is locked now.
+  const heads = await lockLeaseJobs(tx, leaseId);
   const changes: JobStateChange[] = [];
   const notes: EventInput[] = [];
   for (const job of heads.values()) {
+    // A job that finalized while this waited for its lock is left as it ended.
+    if (job.state === "finalized") continue;
     const base = { jobId: job.id, attempt: job.attempt, actor: end.actor, ownerId: job.owner_id };
-    notes.push({ ...base, kind: "lease", state: job.state === "queued" ? "finalized" : job.state, message: `lease ${leaseId} ${end.reason}: ${message}` });
+    notes.push({ ...base, kind: "lease", state: job.state, stage: job.stage, message: `lease ${leaseId} ${end.reason}: ${message}` });
     if (job.state === "queued") {
       changes.push({
         kind: "finalize",
@@ -459,8 +511,8 @@ export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<
       });
     }
   }
-  await writeJobStates(tx, changes);
   await recordEvents(tx, notes);
+  await writeJobStates(tx, changes);
   const hosts = await lockLeaseHosts(tx, leaseId);
   const hostIds = hosts.map((h) => h.id);
   await tx`update lease_hosts set open = false where lease_id = ${leaseId}`;
@@ -485,7 +537,8 @@ export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<
 
 /**
  * Makes waiting lease `lease` ACTIVE when none of its hosts (locked here)
- * runs a job: the hosts become its (hosts.lease_id). Otherwise returns the
+ * runs a job: the hosts become its (hosts.lease_id) and the scheduler is
+ * woken for the jobs inside it. Otherwise returns the
  * busy hosts with a job each, and the lease stays WAITING.
  */
 export async function activateLease(tx: Db, lease: LeaseRow, actor: string): Promise<{ busy: { name: string; job: string | null }[] }> {
@@ -497,6 +550,8 @@ export async function activateLease(tx: Db, lease: LeaseRow, actor: string): Pro
   await recordLeaseEvents(tx, lease.id, [{ kind: "active", state: "active", message: `hosts ${hosts.map((h) => h.name).join(", ")} are the holder's` }]);
   await audit(tx, { kind: "lease.activate", actor, userId: lease.owner_id, message: `lease ${lease.id} active`, details: { leaseId: lease.id, hosts: hosts.map((h) => h.name) } });
   await tx`select pg_notify('treadmill_hosts', id::text) from unnest(${hosts.map((h) => h.id)}::uuid[]) as u(id)`;
+  // Jobs submitted inside it while it waited can be placed now.
+  await notifySchedule(tx);
   return { busy: [] };
 }
 
@@ -564,6 +619,7 @@ export function leasesDue(sql: Db, keeperStartedAt: Date, limit: number): Promis
       state = 'requested'
       or (state = 'waiting' and (starts_at <= now() or coalesce(deadline_at, ends_at) <= now()))
       or ends_at <= now()
+      or (kind = 'hold' and exists (select 1 from jobs j where j.id = held_job_id and j.state = 'finalized'))
       or (now() - greatest(keepalive_at, starts_at) > grace_ms * interval '1 millisecond'
           and now() - ${keeperStartedAt}::timestamptz > grace_ms * interval '1 millisecond'))
     order by least(starts_at, ends_at) limit ${limit}`;
@@ -578,18 +634,21 @@ export interface LeaseDue {
   pastDeadline: boolean;
   /** No keepalive for its grace period (counted from its start, and from this keeper's start). */
   silent: boolean;
+  /** A hold whose held job is finalized. */
+  heldJobEnded: boolean;
 }
 
 export async function lockLeaseDue(tx: Db, id: string, keeperStartedAt: Date): Promise<LeaseDue | undefined> {
-  const [row] = await tx<{ id: string; now: Date; started: boolean; over: boolean; past_deadline: boolean; silent: boolean }[]>`
+  const [row] = await tx<{ id: string; now: Date; started: boolean; over: boolean; past_deadline: boolean; silent: boolean; held_job_ended: boolean }[]>`
     select id, now() as now, starts_at <= now() as started, ends_at <= now() as over,
+      (kind = 'hold' and exists (select 1 from jobs j where j.id = held_job_id and j.state = 'finalized')) as held_job_ended,
       coalesce(deadline_at, ends_at) <= now() as past_deadline,
       (now() - greatest(keepalive_at, starts_at) > grace_ms * interval '1 millisecond'
         and now() - ${keeperStartedAt}::timestamptz > grace_ms * interval '1 millisecond') as silent
     from leases where id = ${id} and state <> 'ended' for update skip locked`;
   if (!row) return undefined;
   const lease = (await loadLease(tx, id))!;
-  return { lease, now: row.now, started: row.started, over: row.over, pastDeadline: row.past_deadline, silent: row.silent };
+  return { lease, now: row.now, started: row.started, over: row.over, pastDeadline: row.past_deadline, silent: row.silent, heldJobEnded: row.held_job_ended };
 }
 
 /** One interval of a host's calendar row. */
