@@ -216,6 +216,30 @@ describe("tml lease", () => {
     expect(after.stderr).toContain("has ended (released");
   }, 60_000);
 
+  it("provisions a lease reserved with --image with a session job running that image and its parameters", async () => {
+    const created = await tml(admin, ["reserve", "--detach", "--wait", "--tag", "pool=solo", "--for", "30m", "--grace", "10m", "--image", "test/echo:1", "--param", "SLEEP=600", "--param", "TAG=session"]);
+    expect(created.code).toBe(0);
+    const id = created.stdout.trim();
+    try {
+      let session = "";
+      await eventually("the session job running in the lease", async () => {
+        const lease = JSON.parse((await tml(admin, ["lease", "get", id, "-o", "json"])).stdout) as { leaseHosts: { jobId: string }[] };
+        session = lease.leaseHosts[0]?.jobId ?? "";
+        return session !== "" && (await jobRow(session)).state === "running";
+      });
+      const get = await tml(admin, ["lease", "get", id]);
+      expect(get.stdout).toMatch(/^Image:\s+test\/echo:1 \(sha256:[0-9a-f]{64}\)$/m);
+      expect(get.stdout).toMatch(new RegExp(`^lab-2\\s+${session}$`, "m"));
+      const job = await tml(admin, ["job", "get", session]);
+      expect(job.stdout).toMatch(/^Parameters:\s+.*SLEEP=600/m);
+      expect(job.stdout).toMatch(new RegExp(`^Lease:\\s+${id}$`, "m"));
+      await releaseAll(id);
+      await eventually("the session job canceled with its lease", async () => (await jobRow(session)).reason === "canceled");
+    } finally {
+      await releaseAll(id);
+    }
+  }, 60_000);
+
   it("says that no job runs in a lease for its console, and draws the lease on the calendar", async () => {
     const created = await tml(admin, ["reserve", "--detach", "--wait", "--tag", "pool=solo", "--for", "2h", "--grace", "10m"]);
     const id = created.stdout.trim();
