@@ -117,6 +117,10 @@ describe("the web console's lease pages in headless Chromium", () => {
     await page.locator(`#lease-hosts a[href="/jobs/${jobId}/console"]`).waitFor(WAIT);
     await page.locator(`#lease-hosts a[href="/jobs/${jobId}"]`, { hasText: "Control" }).waitFor(WAIT);
     await page.screenshot({ path: `${ARTIFACTS}/lease.png`, fullPage: true });
+    // The job's page links back to its lease.
+    await page.locator(`#lease-hosts a[href="/jobs/${jobId}"]`, { hasText: "Control" }).click();
+    await page.waitForURL(new RegExp(`/jobs/${jobId}$`), WAIT);
+    await page.locator(`a[href="/leases/${reserved}"] #job-lease`).waitFor(WAIT);
     await c.sql`update jobs set state = 'finalized', reason = 'canceled', finalized_at = now() where id = ${jobId}`;
     await c.sql`update job_hosts set released_at = now() where job_id = ${jobId}`;
   }, 60_000);
