@@ -15,9 +15,10 @@
  *   reconnecting meanwhile;
  * - REQUESTED: booked again (the calendar may have room now);
  * - WAITING, its start come: a booked host gone out of service since is
- *   replaced by another matching one when one is free; then ACTIVE when none
- *   of its hosts runs a job (its session job submitted), else it says which
- *   host it waits for.
+ *   replaced by another matching one when one is free, and (a lease by
+ *   selector) a booked host still busy by a matching one free now; then
+ *   ACTIVE when none of its hosts runs a job (its session job submitted),
+ *   else it says which host it waits for.
  *
  * Every replica runs one; each lease is handled in its own transaction
  * under its row lock (SKIP LOCKED), its facts re-read there, so two keepers

@@ -18,6 +18,8 @@ import {
   type LeaseRow,
   activateLease,
   bookHosts,
+  type MovableBooking,
+  bookingsOfBusyHosts,
   bookingsOutOfService,
   dropBookings,
   leaseWaits,
@@ -77,8 +79,12 @@ export async function bookLease(tx: TransactionSql, lease: LeaseRow, now: Date):
  * host it waits for. Returns whether it became ACTIVE.
  */
 export async function activate(tx: TransactionSql, ctx: Pick<CoordinatorContext, "clock">, lease: LeaseRow, actor: string): Promise<boolean> {
-  if (!(await rebookOutOfService(tx, lease))) return false;
-  const { busy } = await activateLease(tx, lease, actor);
+  if (!(await rebook(tx, lease, await bookingsOutOfService(tx, lease.id)))) return false;
+  let { busy } = await activateLease(tx, lease, actor);
+  // A lease for any matching host takes one that is free now rather than wait for the one it booked.
+  if (busy.length > 0 && (await rebook(tx, lease, await bookingsOfBusyHosts(tx, lease.id, busy), { freeNow: true, partial: true }))) {
+    ({ busy } = await activateLease(tx, lease, actor));
+  }
   if (busy.length > 0) {
     const what = busy.map((b) => `host ${b.name} still runs ${b.job ? `job ${b.job}` : "a job"}`).join("; ");
     await leaseWaits(tx, lease, `waiting for its hosts to be free: ${what}`);
@@ -89,39 +95,53 @@ export async function activate(tx: TransactionSql, ctx: Pick<CoordinatorContext,
 }
 
 /**
- * Moves the bookings of lease `lease` off hosts that went out of service
- * since they were booked (disabled, draining, quarantined, retired) onto
- * other matching hosts free over the rest of its window, and says so on its
- * timeline. A lease by host names keeps them: its holder asked for those.
- * Returns false (and says why on the lease) when a host cannot be replaced;
- * the keeper tries again at its next sweep.
+ * Moves the bookings `moving` of lease `lease` (on hosts gone out of service
+ * since they were booked, or still busy with another job) onto other
+ * matching hosts free over the rest of its window -- with `freeNow`, only
+ * hosts free at this moment -- and says so on its timeline. A lease by host
+ * names keeps them: its holder asked for those. Returns whether every
+ * booking moved (with `partial`: whether any did); when not, says why on the
+ * lease unless `partial`, and the keeper tries again at its next sweep.
  */
-async function rebookOutOfService(tx: TransactionSql, lease: LeaseRow): Promise<boolean> {
-  if (lease.host_names.length > 0) return true;
-  const gone = await bookingsOutOfService(tx, lease.id);
-  if (gone.length === 0) return true;
+async function rebook(tx: TransactionSql, lease: LeaseRow, moving: MovableBooking[], options: { freeNow?: boolean; partial?: boolean } = {}): Promise<boolean> {
+  if (lease.host_names.length > 0 || moving.length === 0) return !options.partial;
   const [{ now }] = await tx<{ now: Date }[]>`select now() as now`;
   const from = lease.starts_at > now ? lease.starts_at : now;
-  const selector = { ...selectorOf(lease, await mediaOf(tx, lease)), hostCount: gone.length };
-  const what = gone.map((g) => `host ${g.name} is ${g.why}`).join("; ");
-  const hosts = await bookHosts(tx, lease.id, selector, from, lease.ends_at, gone.map((g) => g.host_index));
-  if (hosts === undefined) {
+  const selector = { ...selectorOf(lease, await mediaOf(tx, lease)), hostCount: 1 };
+  const moved: { from: MovableBooking; to: string }[] = [];
+  for (const booking of moving) {
+    const [to] = (await bookHosts(tx, lease.id, selector, from, lease.ends_at, [booking.host_index], { freeNow: options.freeNow })) ?? [];
+    if (to !== undefined) moved.push({ from: booking, to });
+    else if (!options.partial) break;
+  }
+  if (moved.length > 0) {
+    await dropBookings(
+      tx,
+      lease.id,
+      moved.map((m) => m.from.host_id),
+    );
+    const names = await tx<{ id: string; name: string }[]>`select id, name from hosts where id = any(${moved.map((m) => m.to)}::uuid[])`;
+    const nameOf = new Map(names.map((h) => [h.id, h.name]));
+    await recordLeaseEvents(
+      tx,
+      lease.id,
+      moved.map((m) => ({ kind: "booked" as const, state: lease.state, hostId: m.to, message: `host ${nameOf.get(m.to)} booked in place of host ${m.from.name} (${m.from.why})` })),
+    );
+    const what = moved.map((m) => `host ${m.from.name} is ${m.from.why}`).join("; ");
+    await audit(tx, {
+      kind: "lease.book",
+      actor: "system",
+      userId: lease.owner_id,
+      message: `lease ${lease.id}: ${what}; booked ${moved.map((m) => nameOf.get(m.to)).join(", ")} instead`,
+      details: { leaseId: lease.id, replaced: moved.map((m) => m.from.host_id), hosts: moved.map((m) => m.to) },
+    });
+  }
+  if (options.partial) return moved.length > 0;
+  if (moved.length < moving.length) {
+    const what = moving.map((g) => `host ${g.name} is ${g.why}`).join("; ");
     await leaseWaits(tx, lease, `${what}, and no other matching host is free until ${lease.ends_at.toISOString()}`);
     return false;
   }
-  await dropBookings(
-    tx,
-    lease.id,
-    gone.map((g) => g.host_id),
-  );
-  const names = await tx<{ id: string; name: string }[]>`select id, name from hosts where id = any(${hosts}::uuid[])`;
-  const nameOf = new Map(names.map((h) => [h.id, h.name]));
-  await recordLeaseEvents(
-    tx,
-    lease.id,
-    hosts.map((id, i) => ({ kind: "booked" as const, state: lease.state, hostId: id, message: `host ${nameOf.get(id)} booked in place of host ${gone[i].name} (${gone[i].why})` })),
-  );
-  await audit(tx, { kind: "lease.book", actor: "system", userId: lease.owner_id, message: `lease ${lease.id}: ${what}; booked ${names.map((n) => n.name).join(", ")} instead`, details: { leaseId: lease.id, replaced: gone.map((g) => g.host_id), hosts } });
   return true;
 }
 

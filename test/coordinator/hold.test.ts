@@ -50,6 +50,13 @@ describe("hold on failure in the coordinator", () => {
     return { jobId: job!.id, host, s, start };
   }
 
+  /** Job `jobId` once it has its hold lease. */
+  const heldJob = (jobId: string) =>
+    waitUntil(async () => {
+      const { job } = await jobs.getJob({ jobId });
+      return job?.leaseId ? job : undefined;
+    }, "the job's hold lease");
+
   it("refuses a hold_on_failure that is not positive or longer than the policy allows, naming the field", async () => {
     const spec = (seconds: bigint) => ({ spec: { image: image.ref, holdOnFailure: { seconds } } });
     expect(await codeOf(jobs.submitJob(spec(0n)))).toBe("InvalidArgument");
@@ -126,30 +133,24 @@ describe("hold on failure in the coordinator", () => {
   it("ends a held job when its owner releases its lease: the workload's exit code stands, the host goes back", async () => {
     const { jobId, host, s } = await runningHeldJob();
     await s.hold(jobId, 1, 6);
-    const { job } = await waitUntil(async () => {
-      const got = await jobs.getJob({ jobId });
-      return got.job?.leaseId ? got : undefined;
-    }, "the job's hold lease");
-    const { lease } = await c.client(LeaseService, alice.token).releaseLease({ leaseId: job!.leaseId });
+    const job = await heldJob(jobId);
+    const { lease } = await c.client(LeaseService, alice.token).releaseLease({ leaseId: job.leaseId });
     expect(lease).toMatchObject({ kind: LeaseKind.HOLD, state: LeaseState.ENDED, endReason: LeaseEndReason.RELEASED, heldJobId: jobId });
     const done = await jobInState(c.sql, jobId, "finalized");
     expect(done).toMatchObject({ reason: "workload_exited", exit_status: "failure", exit_code: 6 });
     expect((await c.sql`select lease_id from hosts where id = ${host.id}`)[0].lease_id).toBeNull();
     const { job: after } = await jobs.getJob({ jobId });
     expect(after!.timeline.filter((e) => e.kind === JobEventKind.LEASE).map((e) => e.message)).toEqual([
-      expect.stringContaining(`held for a post-mortem as lease ${job!.leaseId}`),
-      expect.stringContaining(`lease ${job!.leaseId} released`),
+      expect.stringContaining(`held for a post-mortem as lease ${job.leaseId}`),
+      expect.stringContaining(`lease ${job.leaseId} released`),
     ]);
   });
 
   it("releases a hold lease whose job ended while another transaction held the lease's row, at the keeper's next sweep", async () => {
     const { jobId, host, s } = await runningHeldJob();
     await s.hold(jobId, 1, 4);
-    const { job } = await waitUntil(async () => {
-      const got = await jobs.getJob({ jobId });
-      return got.job?.leaseId ? got : undefined;
-    }, "the job's hold lease");
-    const leaseId = job!.leaseId;
+    const job = await heldJob(jobId);
+    const leaseId = job.leaseId;
     // The lease's row locked (as by a RenewLease) while the job ends: its end skips the lease.
     const locker = await c.sql.reserve();
     try {

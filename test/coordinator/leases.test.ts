@@ -215,6 +215,33 @@ describe("leases", () => {
     expect(ended!.statusMessage).toBe(`revoked by admin ${admin.name}: rack maintenance`);
   });
 
+  it("takes another matching host that frees first rather than wait for the busy one it booked", async () => {
+    const tag = uniqueTag();
+    const key = Object.keys(tag)[0];
+    const first = await c.createHost({ tags: { ...tag, which: "first" } });
+    const second = await c.createHost({ tags: { ...tag, which: "second" } });
+    const [s1, s2] = [await attach(c, first), await attach(c, second)];
+    open.push(s1, s2);
+    const jobs = c.client(JobService, other.token);
+    // The first host's job ends sooner by its timeout: the lease books it.
+    const { job: soon } = await jobs.submitJob({ spec: { image, hosts: { tags: { ...tag, which: "first" } }, jobTimeout: { seconds: 600n } } });
+    const { job: late } = await jobs.submitJob({ spec: { image, hosts: { tags: { ...tag, which: "second" } }, jobTimeout: { seconds: 3600n } } });
+    await s1.startJob(soon!.id);
+    await s2.startJob(late!.id);
+    const { lease } = await leases().createLease({ hosts: { tags: { [key]: tag[key] } }, duration: hours(1n) });
+    expect(lease).toMatchObject({ state: LeaseState.WAITING, leaseHosts: [{ hostName: first.name }] });
+    // The second host frees first: the lease moves there and is ACTIVE, the first host's job runs on.
+    await s2.exit(late!.id, 1, 0);
+    const active = await leaseIn(lease!.id, LeaseState.ACTIVE);
+    expect(active.leaseHosts.map((h) => h.hostName)).toEqual([second.name]);
+    expect((await hostRow(second.id)).lease_id).toBe(lease!.id);
+    expect(await hostRow(first.id)).toEqual({ lease_id: null, booked_from: null });
+    const { lease: read } = await leases().getLease({ leaseId: lease!.id });
+    expect(read!.timeline.map((e) => e.message)).toContain(`host ${second.name} booked in place of host ${first.name} (still running job ${soon!.id})`);
+    await leases().releaseLease({ leaseId: lease!.id });
+    await s1.exit(soon!.id, 1, 0);
+  });
+
   it("waits for a host that still runs a job, says so, and becomes ACTIVE when the job ends", async () => {
     const tag = uniqueTag();
     const host = await c.createHost({ tags: tag });

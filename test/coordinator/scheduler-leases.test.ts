@@ -24,7 +24,8 @@ describe("the scheduler with leases", () => {
   let probeRun: () => Promise<void>;
 
   beforeAll(async () => {
-    c = await startTestCoordinator({ config: FAST });
+    // The health keeper sweeps hourly: a test sets a host's health by hand.
+    c = await startTestCoordinator({ config: { ...FAST, healthSweepIntervalMs: 3_600_000 } });
     image = (await insertImage(c.sql)).ref;
     probeRun = await passProbe(c, image, open);
   });
@@ -154,6 +155,19 @@ describe("the scheduler with leases", () => {
     await c.client(JobService, other.token).cancelJob({ jobId: outside });
   });
 
+  it("runs a lease's jobs on its host while a health check due on the host waits for the lease's end", async () => {
+    const holder = await c.createUser();
+    const tag = uniqueTag();
+    const { host, s } = await hostWith(tag);
+    const id = await lease(holder.id, [host], "active", -MINUTE, 60 * MINUTE);
+    await c.sql`update hosts set health = 'checking' where id = ${host.id}`;
+    const inside = await submit(holder.token, { leaseId: id, jobTimeout: { seconds: 60n } });
+    await s.startJob(inside);
+    expect(await hostsOf(inside)).toEqual([host.id]);
+    await s.exit(inside, 1);
+    await jobInState(c.sql, inside, "finalized");
+  });
+
   it("refuses a job inside a lease that is malformed, unknown, another user's, ended or too small, and cuts its timeout to the lease's end", async () => {
     const holder = await c.createUser();
     const other = await c.createUser();
@@ -171,6 +185,7 @@ describe("the scheduler with leases", () => {
       }
     };
 
+    expect(await codeOf(c.client(JobService, holder.token).listJobs({ filter: { leaseId: "L1" } }))).toBe("InvalidArgument");
     expect(await codeOf(submitAs(holder.token, { leaseId: "L1" }))).toBe("InvalidArgument");
     expect(await message(submitAs(holder.token, { leaseId: "L1" }))).toBe("spec.lease_id must be a lower-case uuid");
     expect(await codeOf(submitAs(holder.token, { leaseId: randomUUID() }))).toBe("NotFound");

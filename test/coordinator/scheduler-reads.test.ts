@@ -9,6 +9,7 @@ import { randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { firstBooking, freeHostsFor, freeSlotCount, leaseHostsFree } from "../../coordinator/db/queries/hosts.js";
 import { queuedLeaseJobs } from "../../coordinator/db/queries/jobs.js";
+import { placeableHealthJobs } from "../../coordinator/db/queries/health-checks.js";
 import { type TestDatabase, createTestDatabase } from "../support/db.js";
 import { waitUntil } from "../support/wait.js";
 
@@ -118,11 +119,12 @@ describe("a scheduling pass's reads of hosts", () => {
     const settings = await db.sql.begin(async (tx) => {
       await freeHostsFor(tx, [demand({ board: "x" }, 1)], []);
       return tx<{ name: string; setting: string }[]>`
-        select name, setting from pg_settings where name in ('enable_bitmapscan', 'enable_seqscan') order by name`;
+        select name, setting from pg_settings where name in ('enable_bitmapscan', 'enable_seqscan', 'enable_sort') order by name`;
     });
     expect(settings).toEqual([
       { name: "enable_bitmapscan", setting: "on" },
       { name: "enable_seqscan", setting: "on" },
+      { name: "enable_sort", setting: "on" },
     ]);
   });
 
@@ -165,6 +167,36 @@ describe("a scheduling pass's reads of hosts", () => {
       await db.sql`update hosts set booked_from = null where id = ${ids.f}`;
     }
     expect((await firstBooking(db.sql)).first).toBeNull();
+  });
+
+  it("places a health job on its host only while no lease holds the host and when it ends before the host's booking", async () => {
+    const owner = randomUUID();
+    const check = randomUUID();
+    const job = randomUUID();
+    const lease = randomUUID();
+    await db.sql`insert into users (id, name, role) values (${owner}, 'checker', 'admin')`;
+    await db.sql`insert into health_checks (id, name, image, timeout_ms, owner_id) values (${check}, 'boot', 'check:v1', 600000, ${owner})`;
+    await db.sql`
+      insert into jobs (id, owner_id, spec, priority, manifest_digest, media_types, host_count, required_tags, max_restarts,
+        queue_timeout_ms, job_timeout_ms, health_check_id, pinned_host_id)
+      values (${job}, ${owner}, '{}', 100, 'sha256:00', ${["rootfs"]}, 1, '{}', 0, 3600000, 600000, ${check}, ${ids.c})`;
+    await db.sql`
+      insert into leases (id, owner_id, state, host_count, starts_at, ends_at, grace_ms, activated_at)
+      values (${lease}, ${owner}, 'active', 1, now(), now() + interval '1 hour', 60000, now())`;
+    const placeable = async () => (await placeableHealthJobs(db.sql)).map((r) => r.id);
+    try {
+      expect(await placeable()).toEqual([job]);
+      await db.sql`update hosts set lease_id = ${lease} where id = ${ids.c}`;
+      expect(await placeable()).toEqual([]);
+      // Booked in 5 minutes: the 10-minute check would run into it; in 20 it fits before.
+      await db.sql`update hosts set lease_id = null, booked_from = now() + interval '5 minutes' where id = ${ids.c}`;
+      expect(await placeable()).toEqual([]);
+      await db.sql`update hosts set booked_from = now() + interval '20 minutes' where id = ${ids.c}`;
+      expect(await placeable()).toEqual([job]);
+    } finally {
+      await db.sql`update hosts set lease_id = null, booked_from = null where id = ${ids.c}`;
+      await db.sql`delete from jobs where id = ${job}`;
+    }
   });
 
   const freeIndexScans = async () => {

@@ -17,6 +17,7 @@ import type { Sql, TransactionSql } from "postgres";
 import { isUniqueViolation } from "../../shared/common.js";
 import { pipeline } from "../reserved.js";
 import { type EventInput, eventWrites, recordEvents } from "./events.js";
+import { leaseSchedulable } from "./hosts.js";
 
 export type Db = Sql | TransactionSql;
 
@@ -327,8 +328,7 @@ export function queuedLeaseJobs(tx: Db): Promise<QueuedJobRow[]> {
       select h.lease_id, sum(least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - h.held_slots)::int as free
       from hosts h
       where h.lease_id in (select q.lease_id from jobs q where q.lease_id is not null and q.state = 'queued')
-        and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining
-        and h.health in ('healthy', 'unknown') and h.held_slots < least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
+        and ${leaseSchedulable(tx)} and h.held_slots < least(h.capacity, coalesce(h.supervisor_capacity, h.capacity))
       group by h.lease_id)
     select ${queuedColumns(tx)}
     from f, lateral (
@@ -412,7 +412,8 @@ export async function assignJobs(
     lh as materialized (
       select h.id,
         least(h.capacity, coalesce(h.supervisor_capacity, h.capacity)) - h.held_slots as free,
-        h.health in ('healthy', 'unknown') as healthy, h.lease_id, h.booked_from
+        -- A leased host under check takes its lease's jobs (leaseSchedulable).
+        h.health in ('healthy', 'unknown') or (h.health = 'checking' and h.lease_id is not null) as healthy, h.lease_id, h.booked_from
       from hosts h
       where h.id in (select host from r)
         and h.attached_replica is not null and h.admin_state = 'enabled' and not h.supervisor_draining and h.health <> 'retired'

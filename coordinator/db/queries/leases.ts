@@ -332,11 +332,13 @@ export async function bookHosts(
   from: Date,
   to: Date,
   indices: number[] = Array.from({ length: s.hostCount }, (_, i) => i),
+  options: { freeNow?: boolean } = {},
 ): Promise<string[] | undefined> {
+  const freeNow = options.freeNow ? tx`and h.held_slots = 0 and h.attached_replica is not null` : tx``;
   for (let round = 0; round < 3; round++) {
     const chosen = await tx<{ id: string }[]>`
       select h.id from hosts h
-      where ${matches(tx, s)} and ${inService(tx)} and ${freeOver(tx, from, to)}
+      where ${matches(tx, s)} and ${inService(tx)} and ${freeOver(tx, from, to)} ${freeNow}
       order by (h.held_slots = 0 and h.attached_replica is not null) desc,
         (select max(coalesce(j.started_at, j.assigned_at, now()) + j.job_timeout_ms * interval '1 millisecond')
          from job_hosts jh join jobs j on j.id = jh.job_id and j.attempt = jh.attempt
@@ -360,9 +362,27 @@ export async function bookHosts(
   return undefined;
 }
 
+/** An open booking of a lease that the lease keeper would move to another host, and why. */
+export interface MovableBooking {
+  host_id: string;
+  name: string;
+  host_index: number;
+  why: string;
+}
+
+/** The open bookings of lease `leaseId` on hosts `hostIds`, each said to be busy with its job. */
+export function bookingsOfBusyHosts(sql: Db, leaseId: string, busy: { id: string; job: string | null }[]): Promise<MovableBooking[]> {
+  return sql<MovableBooking[]>`
+    select lh.host_id, h.name, lh.host_index, 'still running ' || coalesce('job ' || b.job, 'a job') as why
+    from lease_hosts lh join hosts h on h.id = lh.host_id
+      join unnest(${busy.map((b) => b.id)}::uuid[], ${busy.map((b) => b.job)}::text[]) as b(id, job) on b.id = lh.host_id
+    where lh.lease_id = ${leaseId} and lh.open
+    order by lh.host_index`;
+}
+
 /** The open bookings of lease `leaseId` on hosts out of service now (disabled, draining, quarantined, retired), with why. */
-export function bookingsOutOfService(sql: Db, leaseId: string): Promise<{ host_id: string; name: string; host_index: number; why: string }[]> {
-  return sql<{ host_id: string; name: string; host_index: number; why: string }[]>`
+export function bookingsOutOfService(sql: Db, leaseId: string): Promise<MovableBooking[]> {
+  return sql<MovableBooking[]>`
     select lh.host_id, h.name, lh.host_index, case when h.health in ('quarantined', 'retired') then h.health else h.admin_state end as why
     from lease_hosts lh join hosts h on h.id = lh.host_id
     where lh.lease_id = ${leaseId} and lh.open and not (${inService(sql)})
@@ -541,9 +561,9 @@ export async function endLease(tx: Db, leaseId: string, end: LeaseEnd): Promise<
  * woken for the jobs inside it. Otherwise returns the
  * busy hosts with a job each, and the lease stays WAITING.
  */
-export async function activateLease(tx: Db, lease: LeaseRow, actor: string): Promise<{ busy: { name: string; job: string | null }[] }> {
+export async function activateLease(tx: Db, lease: LeaseRow, actor: string): Promise<{ busy: { id: string; name: string; job: string | null }[] }> {
   const hosts = await lockLeaseHosts(tx, lease.id);
-  const busy = hosts.filter((h) => h.held_slots > 0).map((h) => ({ name: h.name, job: h.busy_job }));
+  const busy = hosts.filter((h) => h.held_slots > 0).map((h) => ({ id: h.id, name: h.name, job: h.busy_job }));
   if (busy.length > 0) return { busy };
   await tx`update hosts set lease_id = ${lease.id} where id = any(${hosts.map((h) => h.id)}::uuid[])`;
   await tx`update leases set state = 'active', activated_at = now(), status_message = '' where id = ${lease.id}`;
