@@ -232,6 +232,45 @@ export function parseDuration(flag: string, text: string): number {
   return Math.round(Number(match[1]) * unit);
 }
 
+/**
+ * A time given on the command line, in milliseconds since the epoch: `14:00`
+ * or `14:00:30` (the next such local time after `now`: today, or tomorrow
+ * once it has passed), a local `2026-12-08 14:00` or `2026-12-08T14:00`, an
+ * RFC 3339 time with its offset (`2026-12-08T14:00:00Z`), or `+DURATION`
+ * from now (`+90m`). UsageError naming the flag otherwise.
+ */
+export function parseTime(flag: string, text: string, now: number): number {
+  const t = text.trim();
+  const bad = () => new UsageError(`flag --${flag} takes a time like 14:00, 2026-12-08T14:00, 2026-12-08T14:00:00Z or +2h, got "${text}"`);
+  if (t.startsWith("+")) {
+    try {
+      return now + parseDuration(flag, t.slice(1));
+    } catch {
+      throw bad();
+    }
+  }
+  const clock = /^(\d{1,2}):(\d{2})(?::(\d{2}))?$/.exec(t);
+  if (clock) {
+    const [hours, minutes, seconds] = [Number(clock[1]), Number(clock[2]), Number(clock[3] ?? 0)];
+    if (hours > 23 || minutes > 59 || seconds > 59) throw bad();
+    const at = new Date(now);
+    at.setHours(hours, minutes, seconds, 0);
+    if (at.getTime() <= now) at.setDate(at.getDate() + 1);
+    return at.getTime();
+  }
+  const stamp = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})?$/i.exec(t);
+  if (!stamp) throw bad();
+  const [year, month, day, hours, minutes, seconds] = stamp.slice(1, 7).map((x) => Number(x ?? 0));
+  if (month < 1 || month > 12 || day < 1 || day > 31 || hours > 23 || minutes > 59 || seconds > 59) throw bad();
+  // With an offset it is that instant; without, a local time (as the clock form).
+  const local = new Date(year, month - 1, day, hours, minutes, seconds);
+  // A day the month does not have (02-30) rolls over in Date: refused instead.
+  if (local.getDate() !== day) throw bad();
+  const at = stamp[7] === undefined ? local.getTime() : Date.parse(t.replace(" ", "T"));
+  if (Number.isNaN(at)) throw bad();
+  return at;
+}
+
 /** An integer flag value within [min, max]. */
 export function parseIntFlag(flag: string, text: string, min: number, max: number): number {
   if (!/^-?\d+$/.test(text) || Number(text) < min || Number(text) > max) {

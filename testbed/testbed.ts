@@ -1,5 +1,5 @@
 import { join, resolve } from "node:path";
-import { loadCoordinatorConfig } from "../coordinator/config.js";
+import { loadCoordinatorConfig, type CoordinatorConfig } from "../coordinator/config.js";
 import { createCoordinator } from "../coordinator/coordinator.js";
 import type { ServingComponent } from "../lib/component.js";
 import type { Logger } from "../lib/logger.js";
@@ -64,7 +64,16 @@ export const FLAKY_RATES = { bootFailure: 0.2, hang: 0.05, serialDrop: 0.1 };
  * hosts' credentials, and an example image is pushed once. Start order
  * follows the dependencies; stop is the reverse.
  */
-export function createTestbed({ config, logger }: { config: TestbedConfig; logger: Logger }): Testbed {
+export function createTestbed({
+  config,
+  logger,
+  coordinatorConfig = {},
+}: {
+  config: TestbedConfig;
+  logger: Logger;
+  /** Coordinator settings over its defaults (tests: a short lease grace period). */
+  coordinatorConfig?: Partial<CoordinatorConfig>;
+}): Testbed {
   const port = (offset: number) => (config.basePort === 0 ? 0 : config.basePort + offset);
   const common = {
     host: config.host,
@@ -103,6 +112,7 @@ export function createTestbed({ config, logger }: { config: TestbedConfig; logge
     coordinator = createCoordinator({
       config: {
         ...loadCoordinatorConfig(noInput),
+        ...coordinatorConfig,
         ...common,
         port: port(0),
         dataDir: join(config.dataDir, "coordinator"),

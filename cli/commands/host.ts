@@ -31,7 +31,7 @@ export async function findHost(hosts: Hosts, ref: string): Promise<Host> {
   return host;
 }
 
-function driverOf(text: string): DriverKind {
+export function driverOf(text: string): DriverKind {
   const v = enumValue(DriverKindSchema, text);
   if (v === undefined) throw new UsageError(`flag --driver must be one of ${enumWords(DriverKindSchema).join(", ")}, got "${text}"`);
   return v;

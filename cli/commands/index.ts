@@ -7,6 +7,7 @@ import { healthCommands } from "./health.js";
 import { hostCommands } from "./host.js";
 import { imageCommands } from "./image.js";
 import { jobCommands } from "./job.js";
+import { leaseCommands } from "./lease.js";
 import { serviceCommands } from "./service.js";
 import { sessionCommands } from "./session.js";
 import { userCommands } from "./user.js";
@@ -32,6 +33,7 @@ export const allCommands: Command[] = [
   ...authCommands.filter((c) => c.path[0] !== "token" && c.path[0] !== "context"),
   ...jobCommands,
   ...sessionCommands,
+  ...leaseCommands,
   ...imageCommands,
   ...hostCommands,
   ...healthCommands,
@@ -44,6 +46,7 @@ export const allCommands: Command[] = [
 /** Summaries of the command groups, for help. */
 export const groupSummaries: Record<string, string> = {
   job: "Run jobs, follow their logs, list, cancel and inspect them",
+  lease: "List, inspect, extend, renew and release leases of hosts (`tml reserve` takes one)",
   image: "Push, pull, list and manage images",
   host: "List and manage hosts (changes: admins)",
   service: "List the registered stores, caches, log servers and proxies (admins)",

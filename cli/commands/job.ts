@@ -26,7 +26,7 @@ import {
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ControlHostResponseSchema, JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { LeaseService, LeaseState } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
+import { LeaseService } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import type { ConfigOf } from "../../lib/config.js";
 import { keepStreaming, sleep } from "../../lib/retry.js";
 import { keyValues, parseDuration, parseIntFlag, type ArgSpec, type FlagSchema } from "../args.js";
@@ -38,6 +38,7 @@ import { logStatusText } from "../../lib/log-status.js";
 import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel, type LogLine } from "../logs.js";
 import { askKey } from "../prompt.js";
 import { splitReference } from "./image.js";
+import { followLease } from "./lease.js";
 
 type Jobs = Client<typeof JobService>;
 
@@ -169,6 +170,7 @@ const runFlags = {
   },
   "queue-timeout": { type: "string", placeholder: "DURATION", description: "longest wait for hosts (default: the server's)" },
   restarts: { type: "string", placeholder: "N", description: "re-queue up to N times after an infrastructure failure" },
+  lease: { type: "string", placeholder: "LEASE", description: "run inside this lease of yours, on its hosts (see `tml reserve`)" },
   "queue-anyway": { type: "bool", description: "queue the job even when every host that matches it is quarantined, offline, disabled or retired" },
   detach: { type: "bool", short: "d", description: "submit and print the job id; do not follow" },
   quiet: { type: "bool", short: "q", description: "print only the job's output, no state changes" },
@@ -216,6 +218,7 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
     exposedPorts,
     tags: keyValues("label", flags.label),
     description: flags.description ?? "",
+    leaseId: flags.lease ?? "",
   };
 }
 
@@ -226,18 +229,7 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
  * grace period after it stops).
  */
 async function keepLeaseAlive(ctx: CliContext, leaseId: string, signal: AbortSignal): Promise<void> {
-  const leases = await ctx.client(LeaseService);
-  let ended = false;
-  await keepStreaming({
-    open: (attempt) => leases.watchLease({ leaseId, keepalive: true }, { signal: attempt.signal }),
-    onMessage: ({ lease }, attempt) => {
-      attempt.healthy();
-      ended ||= lease?.state === LeaseState.ENDED;
-    },
-    onEnd: () => (ended ? "stop" : undefined),
-    backoff: { initialMs: 250, maxMs: 5000 },
-    signal,
-  }).catch(() => undefined);
+  await followLease(ctx, await ctx.client(LeaseService), leaseId, { keepalive: true, signal }).catch(() => undefined);
 }
 
 /**
@@ -498,6 +490,7 @@ export const jobCommands: Command[] = [
           ["Labels", spec && Object.keys(spec.tags).length > 0 ? tagsText(spec.tags) : undefined],
           ["Description", spec?.description],
           ["Health check", job.healthCheckId || undefined],
+          ["Lease", job.leaseId || undefined],
           ["Submitted", iso(job.createTime)],
           ["Started", iso(job.startTime)],
           ["Finished", iso(job.finalizeTime)],

@@ -1,5 +1,6 @@
 /**
- * `tml console JOB` and `tml port-forward JOB PORT [LOCAL]`: both ride on the
+ * `tml console JOB` (or `--lease L`: the job running in the lease) and
+ * `tml port-forward JOB PORT [LOCAL]`: both ride on the
  * rendezvous proxy: JobService.OpenJobSession gives the proxy and a dial
  * token for exactly that job and port, then TunnelService.Dial carries the
  * bytes (lib/tunnel/client.ts). Leaving a console leaves the job running:
@@ -9,13 +10,15 @@ import { createServer, type Socket } from "node:net";
 import { PassThrough } from "node:stream";
 import { JobState, JobStateSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LeaseService } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { attachTerminal, dialTunnel } from "../../lib/tunnel/client.js";
 import { parseDuration } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import { tlsOptions, type CliContext } from "../context.js";
-import { CliError, ExitCode } from "../errors.js";
+import { CliError, ExitCode, UsageError } from "../errors.js";
 import { word } from "../format.js";
-import { outcome } from "./job.js";
+import { outcome, watchJob } from "./job.js";
+import { leaseConsoleTarget } from "./lease.js";
 
 async function openSession(ctx: CliContext, jobId: string, port: string, host: string | undefined) {
   const jobs = await ctx.client(JobService);
@@ -38,6 +41,23 @@ async function jobAfterConsole(ctx: CliContext, jobId: string): Promise<string> 
   } catch {
     return `If the job still runs, end it with: ${cancel}`;
   }
+}
+
+/** Waits until the job runs (saying so when it does not yet); CliError when it ends first. */
+async function untilRunning(ctx: CliContext, jobId: string): Promise<void> {
+  const running = new AbortController();
+  let said = false;
+  const job = await watchJob(await ctx.client(JobService), jobId, AbortSignal.any([ctx.abort.signal, running.signal]), (j) => {
+    if (j.state === JobState.RUNNING) running.abort();
+    else if (!said && j.state !== JobState.FINALIZED) {
+      said = true;
+      ctx.io.stderr.write(`Waiting for job ${jobId} to run (${word(JobStateSchema, j.state)}).\n`);
+    }
+  }).catch((err: unknown) => {
+    if (running.signal.aborted) return undefined;
+    throw err;
+  });
+  if (job !== undefined) throw new CliError(`job ${jobId} ${outcome(job)} before its console could open`, ExitCode.CONFLICT);
 }
 
 /**
@@ -83,20 +103,30 @@ export const sessionCommands: Command[] = [
     summary: "Open an interactive console on a running job (leave with ~.)",
     description:
       "The terminal goes to raw mode, so every key (Ctrl-C included) goes to the job; type ~. at the start of a line to leave, like ssh, and ~~ to send one tilde. Leaving does not end the job: tml says whether it still runs, and `tml job cancel JOB` ends it. Input from a pipe or a file is sent as it is; a console has no end of input (a serial line has none), so once the input ends tml goes on printing what the console says until it has been quiet for --linger, then leaves.",
-    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    args: [{ name: "JOB", description: "the job's id (or --lease)" }],
     flags: {
-      host: { type: "string", placeholder: "HOST_ID", description: "for a multi-host job, which host (default: the first)" },
+      lease: { type: "string", placeholder: "LEASE", description: "instead of JOB: the job running in this lease (on --host)" },
+      host: { type: "string", placeholder: "HOST", description: "for a multi-host job, which host by id (default: the first); with --lease, by name or id" },
       linger: {
         type: "string",
         placeholder: "DURATION",
         description: "after input from a pipe or file ends, how long the console must be quiet before tml leaves (default 2s)",
       },
     },
-    examples: ["tml console $JOB", "echo 'uname -a' | tml console $JOB --linger 5s"],
+    examples: ["tml console $JOB", "echo 'uname -a' | tml console $JOB --linger 5s", "tml console --lease $LEASE --host board-1"],
     async run(ctx, { args, flags }) {
-      const jobId = args.JOB;
+      if ((args.JOB === undefined) === (flags.lease === undefined)) throw new UsageError("`tml console` needs JOB or --lease LEASE (not both)");
       const lingerMs = flags.linger === undefined ? 2000 : parseDuration("linger", flags.linger);
-      const session = await openSession(ctx, jobId, "console", flags.host);
+      let jobId = args.JOB ?? "";
+      let hostId = flags.host;
+      if (flags.lease !== undefined) {
+        const target = await leaseConsoleTarget(await ctx.client(LeaseService), flags.lease, flags.host);
+        ({ jobId, hostId } = target);
+        ctx.io.stderr.write(`Lease ${flags.lease}: job ${jobId} on host ${target.hostName || hostId}.\n`);
+        // Just started in the lease, it may still be provisioning: its console opens once it runs.
+        await untilRunning(ctx, jobId);
+      }
+      const session = await openSession(ctx, jobId, "console", hostId);
       const { stdin, stdout, stderr } = ctx.io;
       const tty = stdout as typeof stdout & { rows?: number; on(e: "resize", l: () => void): unknown; off(e: "resize", l: () => void): unknown };
       const tunnel = await dialTunnel({

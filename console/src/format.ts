@@ -11,6 +11,7 @@ import {
   JobStageSchema,
   JobStateSchema,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { type Lease, LeaseEndReason, LeaseEndReasonSchema, LeaseState, LeaseStateSchema } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 
 /** `JOB_STATE_RUNNING` -> `running`, from the enum's descriptor. */
 export function enumWord(schema: DescEnum, value: number): string {
@@ -119,4 +120,24 @@ export function parseDuration(text: string): number {
   }
   if (t === "" || matched !== t.length) throw new Error(`"${text}" is not a duration like 90s, 10m or 1h30m`);
   return total;
+}
+
+/** A lease's state for listings: `active`, `waiting`, `ended (revoked)`. */
+export function leaseStatus(lease: Lease): string {
+  if (lease.state === LeaseState.ENDED) return `ended (${enumWord(LeaseEndReasonSchema, lease.endReason) || "ended"})`;
+  return enumWord(LeaseStateSchema, lease.state);
+}
+
+/** A CSS class for a lease's state badge. */
+export function leaseTone(lease: Lease): string {
+  if (lease.state === LeaseState.ACTIVE) return "tone-run";
+  if (lease.state !== LeaseState.ENDED) return "tone-wait";
+  return lease.endReason === LeaseEndReason.RELEASED || lease.endReason === LeaseEndReason.EXPIRED ? "tone-ok" : "tone-bad";
+}
+
+/** A lease's booked hosts by name, or what it asked for while none is booked ("2 × board=x"). */
+export function leaseHosts(lease: Lease): string {
+  if (lease.leaseHosts.length > 0) return lease.leaseHosts.map((x) => x.hostName || x.hostId).join(", ");
+  if (lease.hostNames.length > 0) return lease.hostNames.join(", ");
+  return `${Math.max(1, lease.hosts?.hostCount ?? 1)} × ${tagsText(lease.hosts?.tags ?? {}) || "any host"}`;
 }

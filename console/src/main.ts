@@ -14,6 +14,8 @@ import { hostsPage } from "./pages/hosts.js";
 import { imagePage, imagesPage } from "./pages/images.js";
 import { jobPage } from "./pages/job.js";
 import { jobsPage } from "./pages/jobs.js";
+import { leasePage } from "./pages/lease.js";
+import { calendarPage, leasesPage } from "./pages/leases.js";
 import { loginPage } from "./pages/login.js";
 import { submitPage } from "./pages/submit.js";
 
@@ -40,6 +42,9 @@ const routes: [RegExp, Page, { public?: boolean; wide?: boolean }?][] = [
   [/^\/jobs\/([^/]+)\/console$/, async (ctx) => (await import("./pages/terminal.js")).terminalPage(ctx), { wide: true }],
   [/^\/hosts$/, hostsPage],
   [/^\/hosts\/([^/]+)$/, hostPage],
+  [/^\/leases$/, leasesPage],
+  [/^\/leases\/calendar$/, calendarPage],
+  [/^\/leases\/([^/]+)$/, leasePage],
   [/^\/health-checks$/, healthChecksPage],
   [/^\/images$/, imagesPage],
   [/^\/images\/(.+)$/, imagePage],
@@ -49,6 +54,7 @@ const NAV: [string, string][] = [
   ["/jobs", "Jobs"],
   ["/jobs/new", "Submit"],
   ["/hosts", "Hosts"],
+  ["/leases", "Leases"],
   ["/health-checks", "Health checks"],
   ["/images", "Images"],
 ];
@@ -147,7 +153,7 @@ export class App {
         {},
         ...NAV.map(([href, label]) => {
           const current =
-            href === path || (href === "/jobs" && (path === "/" || /^\/jobs\/(?!new$)/.test(path))) || (href === "/hosts" && path.startsWith("/hosts/"));
+            href === path || (href === "/jobs" && (path === "/" || /^\/jobs\/(?!new$)/.test(path))) || (href === "/hosts" && path.startsWith("/hosts/")) || (href === "/leases" && path.startsWith("/leases/"));
           return h("li", {}, h("a", { href, "aria-current": current ? "page" : undefined }, label));
         }),
       ),

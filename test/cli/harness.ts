@@ -20,6 +20,7 @@ import { PassThrough, Readable } from "node:stream";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { runCli } from "../../cli/cli.js";
+import type { CoordinatorConfig } from "../../coordinator/config.js";
 import { AuthService, TokenScope } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
 import { HostService } from "../../gen/treadmill/coordinator/v1/host_service_pb.js";
@@ -179,10 +180,11 @@ export interface CliWorld {
   stop(): Promise<void>;
 }
 
-export async function startWorld(): Promise<CliWorld> {
+/** `coordinatorConfig`: settings over the test coordinator's (a lease policy, say). */
+export async function startWorld(options: { coordinatorConfig?: Partial<CoordinatorConfig> } = {}): Promise<CliWorld> {
   const dir = await mkdtemp(join(tmpdir(), "tml-test-"));
   await chmod(dir, 0o755);
-  const coordinator = await startTestCoordinator({ config: { adminPassword: ADMIN_PASSWORD, host: "127.0.0.1" }, logServer: false });
+  const coordinator = await startTestCoordinator({ config: { ...options.coordinatorConfig, adminPassword: ADMIN_PASSWORD, host: "127.0.0.1" }, logServer: false });
   const url = coordinator.url;
   const auth = createClient(AuthService, createGrpcTransport({ baseUrl: url }));
   const { token: adminToken } = await auth.login({ name: "admin", password: ADMIN_PASSWORD });

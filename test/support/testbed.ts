@@ -12,6 +12,7 @@ import type { ClientTls } from "../../lib/grpc/trust.js";
 import { pushImage } from "../../lib/image/push.js";
 import { createLogger } from "../../lib/logger.js";
 import { loadTestbedConfig, type TestbedConfig } from "../../testbed/config.js";
+import type { CoordinatorConfig } from "../../coordinator/config.js";
 import { buildBusyboxImage, type FileSpec } from "../../testbed/images.js";
 import { adminTransport, loadState } from "../../testbed/provision.js";
 import { createTestbed, type Testbed } from "../../testbed/testbed.js";
@@ -104,6 +105,8 @@ export async function startTestbed(
     config?: Partial<TestbedConfig>;
     /** A directory of an earlier testbed to start again (kept at stop); default a new one, removed at stop. */
     dir?: string;
+    /** Coordinator settings over its defaults. */
+    coordinatorConfig?: Partial<CoordinatorConfig>;
   } = {},
 ): Promise<RunningTestbed> {
   const dir = options.dir ?? (await mkdtemp(join(tmpdir(), "treadmill-testbed-")));
@@ -128,6 +131,7 @@ export async function startTestbed(
       ...options.config,
     },
     logger,
+    coordinatorConfig: options.coordinatorConfig,
   });
   await testbed.start();
   const coordinatorUrl = testbed.servers()[0].url;

@@ -10,6 +10,7 @@ import { enumWord, healthTone, iso, jobStatus, jobTone, shortId, stateWord, tags
 import type { PageContext } from "../main.js";
 import { hostActions } from "./host-actions.js";
 import { imageCell } from "./jobs.js";
+import { reserveForm } from "./leases.js";
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const JOB_HEADERS = ["Job", "Image", "State", "Owner", "Submitted"];
@@ -19,9 +20,10 @@ const PAGE_SIZE = 25;
  * One host (`/hosts/NAME` or `/hosts/ID`): its health and why, its
  * statistics over 24 hours and 7 days and its health timeline
  * (GetHostStats), and the jobs that ran on it, newest first, a page at a
- * time (ListJobs by host: every job for an admin, a user's own otherwise).
+ * time (ListJobs by host: every job for an admin, a user's own otherwise),
+ * and a form to reserve it (CreateLease by its name).
  */
-export async function hostPage({ api, main, signal, params }: PageContext): Promise<void> {
+export async function hostPage({ app, api, main, signal, params }: PageContext): Promise<void> {
   const ref = params[0];
   document.title = `Host ${ref} · Treadmill`;
   const hosts = api.client(HostService);
@@ -71,6 +73,7 @@ export async function hostPage({ api, main, signal, params }: PageContext): Prom
   const host = await load();
   if (!host || signal.aborted) return;
   if (api.session.current?.admin) history.before(hostActions(api, host, status, () => void load()));
+  history.before(reserveForm(app, api, { hostName: host.name }));
   const names = await userNames(api, signal);
   const jobs = api.client(JobService);
   const tbody = h("tbody", {});

@@ -263,6 +263,7 @@ function renderDetails(section: HTMLElement, job: Job, users: Map<string, string
       ["Attempt", String(job.attempt)],
       ["Hosts", hostLinks.length > 0 ? h("span", { id: "job-hosts" }, ...hostLinks) : ""],
       ["Owner", users.get(job.ownerUserId) ?? job.ownerUserId],
+      ["Lease", job.leaseId ? link(`/leases/${job.leaseId}`, h("code", { id: "job-lease" }, job.leaseId)) : ""],
       ["Needs", [tagsText(spec?.hosts?.tags ?? {}), spec?.hosts?.hostCount && spec.hosts.hostCount > 1 ? `${spec.hosts.hostCount} hosts` : ""].filter(Boolean).join(" · ")],
       ["Tags", tagsText(spec?.tags ?? {})],
       ["Description", spec?.description ?? ""],
