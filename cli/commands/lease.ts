@@ -80,6 +80,12 @@ export function endReasonText(lease: Lease): string {
 }
 
 /** How the lease ended, as the last line of `tml reserve` and of release and revoke. */
+/** The lease of a LeaseService answer; CliError when the server sent none. */
+function leaseOf(answer: { lease?: Lease }): Lease {
+  if (!answer.lease) throw new CliError("the server returned no lease");
+  return answer.lease;
+}
+
 function endText(lease: Lease): string {
   if (lease.state !== LeaseState.ENDED) return leaseStateText(lease);
   const returned = lease.endReason === LeaseEndReason.REVOKED || lease.leaseHosts.length > 0 ? "; its hosts are reset and returned" : "";
@@ -352,8 +358,7 @@ export const leaseCommands: Command[] = [
         requestId: randomUUID(),
       };
       const leases = await ctx.client(LeaseService);
-      const { lease } = await leases.createLease(request, { timeoutMs: 30_000 });
-      if (!lease) throw new CliError("the server returned no lease");
+      const lease = leaseOf(await leases.createLease(request, { timeoutMs: 30_000 }));
       if (!flags.detach) {
         ctx.out.note(ctx.out.errStyle(`--> lease ${lease.id}: ${leaseHostsText(lease)} for ${flags.for}${flags.at ? ` from ${timeText(lease.startTime)}` : ""}`, "cyan"));
         return holdLease(ctx, leases, lease);
@@ -461,8 +466,7 @@ export const leaseCommands: Command[] = [
     examples: ["tml lease get $LEASE", "tml lease get $LEASE -o json | jq -r .state"],
     async run(ctx, { args }) {
       const leases = await ctx.client(LeaseService);
-      const { lease } = await leases.getLease({ leaseId: args.LEASE }, { timeoutMs: 15_000 });
-      if (!lease) throw new CliError("the server returned no lease");
+      const lease = leaseOf(await leases.getLease({ leaseId: args.LEASE }, { timeoutMs: 15_000 }));
       ctx.out.data(jsonOf(LeaseSchema, lease), () => showLease(ctx, lease));
       return ExitCode.OK;
     },
@@ -477,11 +481,12 @@ export const leaseCommands: Command[] = [
       if (flags.by === undefined) throw new UsageError("`tml lease extend` needs --by DURATION (e.g. --by 1h)");
       const by = durationFromMs(parseDuration("by", flags.by));
       const leases = await ctx.client(LeaseService);
-      const { lease } = await leases.extendLease({ leaseId: args.LEASE, by, requestId: randomUUID() }, { timeoutMs: 15_000 }).catch(async (err: unknown) => {
-        const error = ConnectError.from(err);
-        throw (await refusedExtension(leases, args.LEASE, error)) ?? error;
-      });
-      if (!lease) throw new CliError("the server returned no lease");
+      const lease = leaseOf(
+        await leases.extendLease({ leaseId: args.LEASE, by, requestId: randomUUID() }, { timeoutMs: 15_000 }).catch(async (err: unknown) => {
+          const error = ConnectError.from(err);
+          throw (await refusedExtension(leases, args.LEASE, error)) ?? error;
+        }),
+      );
       ctx.out.data(jsonOf(LeaseSchema, lease), () => ctx.out.line(`Lease ${lease.id} now ends at ${timeText(lease.endTime)}.`));
       return ExitCode.OK;
     },
@@ -493,8 +498,7 @@ export const leaseCommands: Command[] = [
     examples: ["tml lease release $LEASE"],
     async run(ctx, { args }) {
       const leases = await ctx.client(LeaseService);
-      const { lease } = await leases.releaseLease({ leaseId: args.LEASE }, { timeoutMs: 15_000 });
-      if (!lease) throw new CliError("the server returned no lease");
+      const lease = leaseOf(await leases.releaseLease({ leaseId: args.LEASE }, { timeoutMs: 15_000 }));
       ctx.out.data(jsonOf(LeaseSchema, lease), () => ctx.out.line(`Lease ${lease.id} ${endText(lease)}.`));
       return ExitCode.OK;
     },
@@ -507,8 +511,7 @@ export const leaseCommands: Command[] = [
     examples: ["tml lease renew $LEASE", "while tml lease renew $LEASE >/dev/null; do sleep 60; done &"],
     async run(ctx, { args }) {
       const leases = await ctx.client(LeaseService);
-      const { lease } = await leases.renewLease({ leaseId: args.LEASE }, { timeoutMs: 15_000 });
-      if (!lease) throw new CliError("the server returned no lease");
+      const lease = leaseOf(await leases.renewLease({ leaseId: args.LEASE }, { timeoutMs: 15_000 }));
       const lostAt = msOf(lease.keepaliveTime) !== undefined && lease.gracePeriod ? timestampFromMs(msOf(lease.keepaliveTime)! + durationMs(lease.gracePeriod)) : undefined;
       ctx.out.data(jsonOf(LeaseSchema, lease), () =>
         ctx.out.line(`Lease ${lease.id} renewed (${leaseStateText(lease)})${lostAt ? `; without another keepalive it ends at ${timeText(lostAt)}` : ""}.`),
@@ -525,8 +528,7 @@ export const leaseCommands: Command[] = [
     async run(ctx, { args, flags }) {
       if (flags.reason === undefined || flags.reason.trim() === "") throw new UsageError("`tml lease revoke` needs --reason TEXT (shown to the lease's holder)");
       const leases = await ctx.client(LeaseService);
-      const { lease } = await leases.revokeLease({ leaseId: args.LEASE, reason: flags.reason }, { timeoutMs: 15_000 });
-      if (!lease) throw new CliError("the server returned no lease");
+      const lease = leaseOf(await leases.revokeLease({ leaseId: args.LEASE, reason: flags.reason }, { timeoutMs: 15_000 }));
       ctx.out.data(jsonOf(LeaseSchema, lease), () => ctx.out.line(`Lease ${lease.id} ${endText(lease)}.`));
       return ExitCode.OK;
     },
@@ -539,8 +541,7 @@ export const leaseCommands: Command[] = [
  * runs one). CliError saying why when there is none.
  */
 export async function leaseConsoleTarget(leases: Leases, leaseId: string, host: string | undefined): Promise<{ jobId: string; hostId: string; hostName: string }> {
-  const { lease } = await leases.getLease({ leaseId }, { timeoutMs: 15_000 });
-  if (!lease) throw new CliError("the server returned no lease");
+  const lease = leaseOf(await leases.getLease({ leaseId }, { timeoutMs: 15_000 }));
   if (lease.state !== LeaseState.ACTIVE) {
     throw new CliError(`lease ${leaseId} is ${leaseStateText(lease)}: a console opens on a job running in an active lease`, ExitCode.CONFLICT);
   }
