@@ -175,6 +175,63 @@ function dispatcher(jobs: Jobs, listen: (onStart: (jobId: string) => void) => vo
   };
 }
 
+/** One condition's dispatch latencies and scheduling passes over its rounds. */
+interface ConditionFigures {
+  latencies: number[];
+  passSeconds: number;
+  passes: number;
+}
+
+/**
+ * Parts (d) and (e): `rounds` rounds of `roundJobs` dispatches of a job any
+ * host takes, alternating the base condition and the changed one (`set`
+ * before each round, the queue empty), so that the machine's drift (other
+ * work, the database's caches warming) falls on both alike. `misplaced`
+ * counts the jobs of a changed round (assigned since `since`) placed where
+ * they must not be. Prints the changed condition's pass time and dispatch
+ * p50/p99 beside the base's.
+ */
+async function alternatingRounds(o: {
+  sql: postgres.Sql;
+  url: string;
+  dispatch: ReturnType<typeof dispatcher>;
+  part: string;
+  rounds: number;
+  roundJobs: number;
+  attached: number;
+  set: (changed: boolean) => Promise<void>;
+  misplaced: (since: Date) => Promise<number>;
+  names: { base: string; changed: string; misplaced: string };
+}): Promise<void> {
+  const { sql, part, names } = o;
+  const results = { base: { latencies: [], passSeconds: 0, passes: 0 } as ConditionFigures, changed: { latencies: [], passSeconds: 0, passes: 0 } as ConditionFigures };
+  let misplaced = 0;
+  for (let round = 0; round < o.rounds; round++) {
+    const changed = round % 2 === 1;
+    await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "jobs to end");
+    await o.set(changed);
+    const [{ since }] = await sql<{ since: Date }[]>`select now() as since`;
+    const m0 = await jobMetrics(o.url);
+    const lat = await o.dispatch({ image: "bench:v1" }, o.roundJobs);
+    const m1 = await jobMetrics(o.url);
+    const r = changed ? results.changed : results.base;
+    r.latencies.push(...lat);
+    r.passSeconds += m1.treadmill_scheduler_pass_seconds_sum - m0.treadmill_scheduler_pass_seconds_sum;
+    r.passes += m1.treadmill_scheduler_pass_seconds_count - m0.treadmill_scheduler_pass_seconds_count;
+    if (changed) misplaced += await o.misplaced(since);
+  }
+  const passMs = (r: ConditionFigures) => (r.passSeconds / Math.max(1, r.passes)) * 1000;
+  const { base, changed } = results;
+  process.stdout.write(`${part} ${o.attached} attached hosts, ${(o.roundJobs * o.rounds) / 2} jobs per condition in ${o.rounds / 2} rounds each\n`);
+  report(`${part} scheduling pass, ${names.base}`, passMs(base), "ms");
+  report(`${part} scheduling pass, ${names.changed}`, passMs(changed), "ms", { name: names.base, value: passMs(base) });
+  for (const p of [50, 99]) {
+    report(`${part} dispatch latency p${p}, ${names.base}`, percentile(base.latencies, p), "ms");
+    report(`${part} dispatch latency p${p}, ${names.changed}`, percentile(changed.latencies, p), "ms", { name: names.base, value: percentile(base.latencies, p) });
+  }
+  process.stdout.write(`${part} jobs placed ${names.misplaced}: ${misplaced} (must be 0)\n`);
+}
+
 /**
  * (e) Leases: the same dispatch over LEASE_HOSTS attached hosts without a
  * lease, then with ACTIVE_LEASES of them leased and BOOKINGS bookings on
@@ -259,55 +316,34 @@ async function leaseRounds(b: {
     // inherits the other's dead index entries.
     await sql`vacuum analyze hosts`;
   };
-  const anyHost = { image: "bench:v1" };
-  const results = { plain: { latencies: [] as number[], passSeconds: 0, passes: 0 }, leased: { latencies: [] as number[], passSeconds: 0, passes: 0 } };
   const ROUNDS = 8;
   const roundJobs = Math.max(1, Math.floor((2 * LEASE_JOBS) / ROUNDS));
-  let misplaced = 0;
   // A round not counted first: the coordinator has just taken the attach of
   // the new supervisors, and would charge its tail to the first condition.
   await setLeases(false);
-  await dispatch(anyHost, roundJobs);
+  await dispatch({ image: "bench:v1" }, roundJobs);
   if (PROFILE) await sql`select pg_stat_statements_reset()`;
-  for (let round = 0; round < ROUNDS; round++) {
-    const withLeases = round % 2 === 1;
-    await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "jobs to end");
-    await setLeases(withLeases);
-    const [{ since }] = await sql<{ since: Date }[]>`select now() as since`;
-    const m0 = await jobMetrics(url);
-    const lat = await dispatch(anyHost, roundJobs);
-    const m1 = await jobMetrics(url);
-    const r = withLeases ? results.leased : results.plain;
-    r.latencies.push(...lat);
-    r.passSeconds += m1.treadmill_scheduler_pass_seconds_sum - m0.treadmill_scheduler_pass_seconds_sum;
-    r.passes += m1.treadmill_scheduler_pass_seconds_count - m0.treadmill_scheduler_pass_seconds_count;
-    if (withLeases) {
-      // On a leased host, or on a booked one past its booking's start.
-      const [{ n }] = await sql<{ n: number }[]>`
-        select count(*)::int as n from job_hosts jh join jobs j on j.id = jh.job_id join hosts h on h.id = jh.host_id
-        where j.assigned_at >= ${since}
-          and (h.lease_id is not null or h.booked_from < j.assigned_at + j.job_timeout_ms * interval '1 millisecond')`;
-      misplaced += n;
-    }
-  }
+  await alternatingRounds({
+    sql,
+    url,
+    dispatch,
+    part: "(e)",
+    rounds: ROUNDS,
+    roundJobs,
+    attached: pool.length,
+    set: setLeases,
+    // On a leased host, or on a booked one past its booking's start.
+    misplaced: async (since) =>
+      (
+        await sql<{ n: number }[]>`
+          select count(*)::int as n from job_hosts jh join jobs j on j.id = jh.job_id join hosts h on h.id = jh.host_id
+          where j.assigned_at >= ${since}
+            and (h.lease_id is not null or h.booked_from < j.assigned_at + j.job_timeout_ms * interval '1 millisecond')`
+      )[0].n,
+    names: { base: "no lease", changed: `${leased.length} leased, ${BOOKINGS} booked`, misplaced: "on a leased host or across a booking in the leased rounds" },
+  });
   if (PROFILE) await printStatements(sql, "(e)");
   await setLeases(false);
-  const passMs = (r: typeof results.plain) => (r.passSeconds / Math.max(1, r.passes)) * 1000;
-  const label = `${leased.length} leased, ${BOOKINGS} booked`;
-  process.stdout.write(`(e) ${pool.length} attached hosts, ${(roundJobs * ROUNDS) / 2} jobs per condition in ${ROUNDS / 2} rounds each\n`);
-  report(`(e) scheduling pass, no lease`, passMs(results.plain), "ms");
-  report(`(e) scheduling pass, ${label}`, passMs(results.leased), "ms", { name: "no lease", value: passMs(results.plain) });
-  report(`(e) dispatch latency p50, no lease`, percentile(results.plain.latencies, 50), "ms");
-  report(`(e) dispatch latency p50, ${label}`, percentile(results.leased.latencies, 50), "ms", {
-    name: "no lease",
-    value: percentile(results.plain.latencies, 50),
-  });
-  report(`(e) dispatch latency p99, no lease`, percentile(results.plain.latencies, 99), "ms");
-  report(`(e) dispatch latency p99, ${label}`, percentile(results.leased.latencies, 99), "ms", {
-    name: "no lease",
-    value: percentile(results.plain.latencies, 99),
-  });
-  process.stdout.write(`(e) jobs placed on a leased host or across a booking in the leased rounds: ${misplaced} (must be 0)\n`);
 }
 
 export async function run(): Promise<void> {
@@ -491,48 +527,24 @@ export async function run(): Promise<void> {
       await sql`update hosts set health = 'quarantined' where id = any(${unhealthy.quarantined}::uuid[])`;
       await sql`update hosts set health = 'checking' where id = any(${unhealthy.checking}::uuid[])`;
     };
-    const anyHost = { image: "bench:v1" };
-    const results = { healthy: { latencies: [] as number[], passSeconds: 0, passes: 0 }, degraded: { latencies: [] as number[], passSeconds: 0, passes: 0 } };
-    // Eight rounds, the conditions alternated, so that the machine's drift
-    // (other work, the database's caches warming) falls on both alike.
     const ROUNDS = 8;
-    const roundJobs = Math.max(1, Math.floor((2 * HEALTH_JOBS) / ROUNDS));
-    let misplaced = 0;
-    for (let round = 0; round < ROUNDS; round++) {
-      const degraded = round % 2 === 1;
-      await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "jobs to end");
-      await setHealth(degraded);
-      const [{ since }] = await sql<{ since: Date }[]>`select now() as since`;
-      const m0 = await jobMetrics(url);
-      const lat = await dispatch(anyHost, roundJobs);
-      const m1 = await jobMetrics(url);
-      const r = degraded ? results.degraded : results.healthy;
-      r.latencies.push(...lat);
-      r.passSeconds += m1.treadmill_scheduler_pass_seconds_sum - m0.treadmill_scheduler_pass_seconds_sum;
-      r.passes += m1.treadmill_scheduler_pass_seconds_count - m0.treadmill_scheduler_pass_seconds_count;
-      if (degraded) {
-        const [{ n }] = await sql<{ n: number }[]>`
-          select count(*)::int as n from job_hosts jh join jobs j on j.id = jh.job_id
-          where j.assigned_at >= ${since} and jh.host_id = any(${[...unhealthy.quarantined, ...unhealthy.checking]}::uuid[])`;
-        misplaced += n;
-      }
-    }
-    const passMs = (r: typeof results.healthy) => (r.passSeconds / Math.max(1, r.passes)) * 1000;
-    const label = "10% quarantined, 10% checking";
-    process.stdout.write(`(d) ${pool.length} attached hosts, ${(roundJobs * ROUNDS) / 2} jobs per condition in ${ROUNDS / 2} rounds each\n`);
-    report(`(d) scheduling pass, all healthy`, passMs(results.healthy), "ms");
-    report(`(d) scheduling pass, ${label}`, passMs(results.degraded), "ms", { name: "all healthy", value: passMs(results.healthy) });
-    report(`(d) dispatch latency p50, all healthy`, percentile(results.healthy.latencies, 50), "ms");
-    report(`(d) dispatch latency p50, ${label}`, percentile(results.degraded.latencies, 50), "ms", {
-      name: "all healthy",
-      value: percentile(results.healthy.latencies, 50),
+    await alternatingRounds({
+      sql,
+      url,
+      dispatch,
+      part: "(d)",
+      rounds: ROUNDS,
+      roundJobs: Math.max(1, Math.floor((2 * HEALTH_JOBS) / ROUNDS)),
+      attached: pool.length,
+      set: setHealth,
+      misplaced: async (since) =>
+        (
+          await sql<{ n: number }[]>`
+            select count(*)::int as n from job_hosts jh join jobs j on j.id = jh.job_id
+            where j.assigned_at >= ${since} and jh.host_id = any(${[...unhealthy.quarantined, ...unhealthy.checking]}::uuid[])`
+        )[0].n,
+      names: { base: "all healthy", changed: "10% quarantined, 10% checking", misplaced: "on a quarantined or checking host in the degraded rounds" },
     });
-    report(`(d) dispatch latency p99, all healthy`, percentile(results.healthy.latencies, 99), "ms");
-    report(`(d) dispatch latency p99, ${label}`, percentile(results.degraded.latencies, 99), "ms", {
-      name: "all healthy",
-      value: percentile(results.healthy.latencies, 99),
-    });
-    process.stdout.write(`(d) jobs placed on a quarantined or checking host in the degraded rounds: ${misplaced} (must be 0)\n`);
 
     await leaseRounds({ sql, url, jobs, hosts, attached: HEALTH_HOSTS, supervisors, listen: (f) => (onStart = f) });
   } finally {
