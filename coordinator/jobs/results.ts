@@ -18,7 +18,6 @@
  *   and name.
  */
 import { create, fromJson } from "@bufbuild/protobuf";
-import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import {
   type CaseChange,
   type CompareJobResultsRequest,
@@ -31,6 +30,7 @@ import {
 import { JobSpecSchema, type ResultCounts, type TestCase, TestCaseSchema, TestOutcome } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { type AttachResponse, AttachResponseSchema, type JobResultsReport } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { MESSAGE_MAX_BYTES, NAME_MAX_CHARS, clipBytes } from "../../lib/results/case.js";
+import { durationOfMs } from "../../lib/results/wire.js";
 import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { recordEvents, type EventInput } from "../db/queries/events.js";
@@ -230,7 +230,7 @@ function caseMessage(row: CaseRow): TestCase {
     suite: row.suite,
     name: row.name,
     outcome: row.outcome,
-    duration: row.duration_us === null ? undefined : durationFromMs(Number(row.duration_us) / 1000),
+    duration: row.duration_us === null ? undefined : durationOfMs(Number(row.duration_us) / 1000),
     message: row.message,
     log: row.log_channel === null ? undefined : { channel: row.log_channel, startOffset: BigInt(row.log_start ?? 0), endOffset: BigInt(row.log_end ?? 0) },
     flaky: row.flaky,

@@ -181,6 +181,19 @@ describe("job results on the coordinator", () => {
     expect((await jobs().getJob({ jobId: other.jobId })).job!.results).toBeUndefined();
   });
 
+  it("deletes a job's cases, counts and report ids with the job", async () => {
+    const { s, jobId } = await runningJob();
+    await report(s, jobId, [pass("a", "b"), fail("a", "c")], { last: true });
+    await s.exit(jobId, 1);
+    await jobInState(c.sql, jobId, "finalized");
+    await c.sql`delete from jobs where id = ${jobId}`;
+    const left = await c.sql`
+      select (select count(*) from job_result_cases where job_id = ${jobId})::int as cases,
+             (select count(*) from job_results where job_id = ${jobId})::int as counts,
+             (select count(*) from job_result_reports where job_id = ${jobId})::int as reports`;
+    expect(left[0]).toEqual({ cases: 0, counts: 0, reports: 0 });
+  });
+
   it("lets no other user read a job's results or compare it, and refuses a call without a token", async () => {
     const { s, jobId } = await runningJob({ suite: "private" });
     await report(s, jobId, [fail("secret", "case")], { last: true });

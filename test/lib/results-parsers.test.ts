@@ -3,6 +3,9 @@ import { describe, expect, it } from "@jest/globals";
 import type { ParsedCase } from "../../lib/results/case.js";
 import { JunitReader, XmlError, parseJunit, toJunitXml } from "../../lib/results/junit.js";
 import { LineSplitter, TapParser } from "../../lib/results/tap.js";
+import { caseMessage, parsedCase } from "../../lib/results/wire.js";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { TestCaseSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 
 const fixture = (name: string) => readFileSync(new URL(`./results/fixtures/${name}`, import.meta.url), "utf8");
 
@@ -81,6 +84,16 @@ describe("JUnit reader", () => {
     ];
     const xml = [...toJunitXml(cases)].join("");
     expect(parseJunit(xml)).toEqual(cases);
+  });
+});
+
+describe("a parsed case on the wire", () => {
+  it("encodes any duration a report gives (to the microsecond), and comes back the same", () => {
+    for (const durationMs of [12.3, 0.0004, 1500, 86_400_000.5]) {
+      const c: ParsedCase = { suite: "s", name: "n", outcome: "fail", durationMs, message: "m\u0000!" };
+      const wire = fromBinary(TestCaseSchema, toBinary(TestCaseSchema, create(TestCaseSchema, caseMessage(c))));
+      expect(parsedCase(wire)).toEqual({ ...c, durationMs: Math.round(durationMs * 1000) / 1000, message: "m!" });
+    }
   });
 });
 
