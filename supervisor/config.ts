@@ -83,6 +83,24 @@ export const supervisorSchema = {
     description: "on SIGTERM, let running jobs finish instead of stopping them",
   },
   stopGraceMs: { type: "duration", default: 10000, description: "time between a polite stop and the kill" },
+  resultsMaxCases: {
+    type: "int",
+    default: 250_000,
+    min: 1,
+    description: "test cases of one job attempt this host reports at most (docs/results.md); more are left out, with a problem on the job's timeline",
+  },
+  resultsMaxBytes: {
+    type: "int",
+    default: 64 * 1024 ** 2,
+    min: 1,
+    description: "bytes of JUnit files read from one job attempt's results directory; a file over what is left is not read (a problem on the job's timeline)",
+  },
+  resultsCollectMs: {
+    type: "duration",
+    default: 30_000,
+    min: 1,
+    description: "longest time a job's end spends reading its results files, and again waiting for the coordinator to acknowledge its results",
+  },
   logSpillCapBytes: {
     type: "int",
     default: 4 * 1024 ** 3,

@@ -20,6 +20,7 @@ import type { ClientTls } from "../lib/grpc/trust.js";
 import { startExposer, type Exposer } from "./exposer.js";
 import { ImageError, ImageUnavailableError, type ImageProvisioner, type ProvisionedImage } from "./images.js";
 import type { JobLogs } from "./job-logs.js";
+import type { AttemptResults, JobResults } from "./job-results.js";
 
 /** How a job ended here, before the coordinator's verdict. */
 export interface Termination {
@@ -70,6 +71,8 @@ export interface JobRunnerDeps {
   logger: Logger;
   /** The host's job logs: the runner's shipper comes from there and outlives it. */
   logs: JobLogs;
+  /** The host's results reports (docs/results.md): the runner's part parses the console and collects the results files. */
+  results: JobResults;
   /** Sends a report to the coordinator (queued across reconnects by the core). */
   report: (report: RunnerReport) => void;
   /** This host's id as the coordinator knows it (for the proxy's routing). */
@@ -117,6 +120,7 @@ export class JobRunner {
   private running: RunningJob | undefined;
   private readonly log: Logger;
   private readonly shipper: LogShipper;
+  private readonly results: AttemptResults;
   /** The image the job runs, and snapshots the cleanup must wait for (supervisor/snapshot.ts). */
   private image: JobImage | undefined;
   private snapshotting: Promise<unknown> = Promise.resolve();
@@ -140,6 +144,7 @@ export class JobRunner {
       sharedAttempt: start.peers.length > 1,
       supervisorChannel: this.channelName("supervisor"),
     });
+    this.results = deps.results.open(start.jobId, start.attempt, { console: start.spec?.results?.ignoreConsole !== true });
     // Started after construction, so that reports name a runner the core holds.
     this.done = Promise.resolve().then(() => this.run());
   }
@@ -267,7 +272,12 @@ export class JobRunner {
       };
       prepared = await this.deps.driver.prepare(driverSpec, { signal: this.abort.signal, onStage });
       const output = {
-        write: (channel: OutputChannel, bytes: Buffer) => this.shipper.channel(this.channelName(channel)).write(bytes),
+        write: (channel: OutputChannel, bytes: Buffer) => {
+          const name = this.channelName(channel);
+          this.shipper.channel(name).write(bytes);
+          // TAP/KTAP on the console is read as it comes (docs/results.md).
+          if (channel === "console" || channel === "stdout") this.results.output(name, bytes);
+        },
       };
       this.running = await this.deps.driver.start(prepared, output, { signal: this.abort.signal, onStage });
       if (this.stopReason !== undefined) {
@@ -313,6 +323,9 @@ export class JobRunner {
     await exposer?.stop();
     await this.snapshotting;
     const target = this.running ?? prepared;
+    // Results are collected before cleanup removes the job's files, also for a failed or stopped job.
+    const resultsDir = target ? this.deps.driver.resultsDir?.(target) : undefined;
+    await this.results.collect(resultsDir);
     if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
     await provisioned?.release();
 
@@ -341,6 +354,8 @@ export class JobRunner {
     if (log && log.status !== "complete") {
       this.log.warn({ status: log.status, bytesLost: log.bytesLost, problem: log.problem }, "job ended before its log was shipped");
     }
+    // The job's end is reported once its results are recorded (or the wait for them is over).
+    await this.results.settled();
     this.termination = termination;
     this.deps.report({ state: JobState.TERMINATING, stage: JobStage.UNSPECIFIED, message: termination.message, termination });
   }

@@ -30,6 +30,7 @@ import { createProcessDriver } from "./drivers/process-driver.js";
 import { createQemuDriver } from "./drivers/qemu-driver.js";
 import { ImageProvisioner } from "./images.js";
 import { JobLogs } from "./job-logs.js";
+import { JobResults } from "./job-results.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 import { Snapshotter } from "./snapshot.js";
 import { HostControls } from "./host-control.js";
@@ -142,6 +143,14 @@ export function createSupervisor({
     tls,
   });
 
+  // Results reports, retained until acknowledged like the log reports.
+  const results = new JobResults({
+    logger,
+    send,
+    changed: () => changed.notify(),
+    limits: { maxCases: config.resultsMaxCases, maxBytes: config.resultsMaxBytes, collectMs: config.resultsCollectMs },
+  });
+
   function termination(t: Termination) {
     return {
       reason: t.reason,
@@ -235,6 +244,7 @@ export function createSupervisor({
         images,
         logger,
         logs,
+        results,
         report: (report) => reportOf(runner, report),
         hostId: () => hostId,
         tls,
@@ -295,6 +305,7 @@ export function createSupervisor({
           hostId = payload.value.host?.id ?? hostId;
           logger.info({ hostId, coordinatorUrl: displayUrl(replicas.current) }, "attached to coordinator");
           logs.attached();
+          results.attached();
           changed.notify();
           break;
         }
@@ -306,6 +317,7 @@ export function createSupervisor({
           break;
         case "ackReport":
           logs.acknowledged(payload.value.reportId);
+          results.acknowledged(payload.value.reportId);
           if (payload.value.terminal) {
             const k = key(payload.value.jobId, payload.value.attempt);
             if (runners.get(k)?.terminated()) {
@@ -419,7 +431,7 @@ export function createSupervisor({
     // Give the coordinator a moment to acknowledge the last reports; what it
     // does not acknowledge now, it learns from the next supervisor's hello.
     const deadline = Date.now() + FINAL_ACK_WAIT_MS;
-    while ((runners.size > 0 || logs.unacknowledged() > 0) && state === "attached" && Date.now() < deadline) {
+    while ((runners.size > 0 || logs.unacknowledged() > 0 || results.unacknowledged() > 0) && state === "attached" && Date.now() < deadline) {
       await changed.wait({ timeoutMs: deadline - Date.now() });
     }
     abort.abort(new ConnectError("supervisor stopping", Code.Canceled));

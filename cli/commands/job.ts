@@ -1,4 +1,4 @@
-/** `tml job run|list|get|cancel|wait|events|logs|snapshot|power-cycle|reset|power-off|power-on`. */
+/** `tml job run|list|get|cancel|wait|events|logs|snapshot|power-cycle|reset|power-off|power-on|results`. */
 import { randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
@@ -39,6 +39,7 @@ import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel,
 import { askKey } from "../prompt.js";
 import { splitReference } from "./image.js";
 import { followLease } from "./lease.js";
+import { countsText, resultsColumn, resultsCommands } from "./job-results.js";
 
 type Jobs = Client<typeof JobService>;
 
@@ -458,6 +459,7 @@ export const jobCommands: Command[] = [
               { header: "IMAGE", value: (j) => j.spec?.image ?? "-" },
               { header: "HOSTS", value: (j) => (j.hostIds.length === 0 ? "-" : String(j.hostIds.length)) },
               { header: "SUBMITTED", value: (j) => ago(j.createTime) },
+              { header: "RESULTS", value: resultsColumn },
               { header: "KIND", value: (j) => (j.healthCheckId !== "" ? "health" : "user") },
               { header: "DESCRIPTION", value: (j) => j.spec?.description || "-" },
             ],
@@ -496,6 +498,7 @@ export const jobCommands: Command[] = [
           ["Finished", iso(job.finalizeTime)],
           ["Result", job.state === JobState.FINALIZED ? outcome(job) : undefined],
           ["Log", logStatusText(job)],
+          ["Results", job.results ? `${countsText(job.results)} (attempt ${job.results.attempt}${job.flaky ? ", flaky" : ""})` : undefined],
           ["Exit status", job.exitStatus ? word(ExitStatusSchema, job.exitStatus) : undefined],
           ["Message", job.statusMessage],
           ["Cancel requested", job.cancelRequested ? "yes" : undefined],
@@ -710,6 +713,7 @@ export const jobCommands: Command[] = [
     },
   }),
   ...hostControlCommands,
+  ...resultsCommands,
 ];
 
 /**

@@ -127,6 +127,17 @@ export const jobConfigFields = {
     min: 100,
     description: "a scheduling pass, group commit or sweep running this long is logged as stalled (metric treadmill_coordinator_loop_stalled)",
   },
+  resultsCasesPerAttempt: {
+    type: "int",
+    default: 250_000,
+    min: 1,
+    description: "test cases stored per job attempt (docs/results.md); more are dropped, with a RESULTS event on the job's timeline",
+  },
+  resultsSeriesIgnoredLabels: {
+    type: "list",
+    default: ["commit", "sha", "revision", "build"],
+    description: "labels that change within a series of jobs (commit-like): CompareJobResults compares a job with the last finalized job having the same other labels",
+  },
 } as const;
 
 /**
@@ -154,4 +165,6 @@ export interface JobConfig extends HoldPolicy {
   healthSweepIntervalMs: number;
   healthRetryInitialMs: number;
   healthRetryMaxMs: number;
+  resultsCasesPerAttempt: number;
+  resultsSeriesIgnoredLabels: readonly string[];
 }

@@ -9,6 +9,8 @@ import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@conn
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
 import {
   type CancelJobRequest,
+  type CompareJobResultsRequest,
+  type ListJobResultsRequest,
   type ControlHostRequest,
   type GetJobLogAccessRequest,
   type GetJobRequest,
@@ -66,6 +68,7 @@ import { endAttempt, jobMessage, loadTimeline, stateName } from "./store.js";
 import { recordEvent } from "../db/queries/events.js";
 import type { HostControls } from "./host-control.js";
 import type { Snapshots } from "./snapshots.js";
+import { JobResults } from "./results.js";
 import { type ValidSpec, validateSpec } from "./validate.js";
 import { SOON, matchingHosts } from "../db/queries/health-checks.js";
 
@@ -84,6 +87,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     private readonly watchers: JobWatchers,
     private readonly snapshots?: Snapshots,
     private readonly controls?: HostControls,
+    private readonly results: JobResults = new JobResults(ctx, config),
   ) {}
 
   private async visibleJob(caller: UserCaller, jobId: string, sql: Db = this.ctx.sql, lock = false): Promise<JobRow> {
@@ -92,6 +96,18 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     if (!job) throw notFound(`job ${jobId} not found`);
     if (!canSee(caller, job)) throw denied(`job ${jobId} belongs to another user`);
     return job;
+  }
+
+  /** The cases of a job attempt (results.ts); who may: as GetJob. */
+  async listJobResults(req: ListJobResultsRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    return this.results.list(await this.visibleJob(caller, req.jobId), req);
+  }
+
+  /** The job's results against its series' previous job (results.ts); who may: as GetJob. */
+  async compareJobResults(req: CompareJobResultsRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    return this.results.compare(await this.visibleJob(caller, req.jobId), req);
   }
 
   async submitJob(req: SubmitJobRequest, hctx: HandlerContext) {

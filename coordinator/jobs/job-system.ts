@@ -9,6 +9,7 @@ import { HealthServiceImpl } from "./health-service.js";
 import { HostControls } from "./host-control.js";
 import { JobServiceImpl } from "./job-service.js";
 import { registerLogStatusHandlers } from "./log-status.js";
+import { JobResults } from "./results.js";
 import { JobMetrics } from "./metrics.js";
 import { Scheduler } from "./scheduler.js";
 import { Snapshots } from "./snapshots.js";
@@ -56,7 +57,9 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   const controls = new HostControls(ctx, config, streams, watchers);
   controls.registerHandlers(handlers);
   registerLogStatusHandlers(ctx, handlers);
-  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots, controls);
+  const results = new JobResults(ctx, config);
+  results.registerHandlers(handlers);
+  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots, controls, results);
   const health = new HealthKeeper(ctx, config);
   const healthService = new HealthServiceImpl(ctx, config);
   const unsubscribe: (() => void)[] = [];

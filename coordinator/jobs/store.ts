@@ -126,6 +126,8 @@ export function jobMessage(row: JobRow, timeline: JobEvent[] = []): Job {
     logStatusMessage: row.log_status_message,
     healthCheckId: row.health_check_id ?? "",
     leaseId: row.lease_id ?? "",
+    results: row.results ? { ...row.results, total: BigInt(row.results.total), passed: BigInt(row.results.passed), failed: BigInt(row.results.failed), skipped: BigInt(row.results.skipped), errored: BigInt(row.results.errored) } : undefined,
+    flaky: row.flaky,
   });
 }
 

@@ -257,6 +257,14 @@ export interface Driver {
    * FAILED_PRECONDITION).
    */
   control?(job: RunningJob, action: HostAction): Promise<string>;
+  /**
+   * The host path of the job's results directory ($TREADMILL_RESULTS_DIR
+   * inside the job, docs/results.md), read by the core after the workload
+   * ended and before `cleanup`. Absent, or undefined: the driver shares no
+   * directory with the job (board, qemu), whose results come from its
+   * console only.
+   */
+  resultsDir?(job: Prepared | RunningJob): string | undefined;
   /** Writes the job's writable state as a new layer to `outFile`. Rejects with `DriverError` when unsupported. */
   snapshot(job: RunningJob, options: { outFile: string }): Promise<SnapshotLayer>;
   /** Stops anything left, removes the job's work files and frees its slot. Idempotent. */

@@ -17,6 +17,7 @@
  *       <job>.<attempt> 0700 slot   one job's directory, removed by cleanup
  *         rootfs/              the job's root, owned by the slot's uid
  *           run/treadmill/secrets/  0700, one 0600 file per secret parameter
+ *           run/treadmill/results/  the job's $TREADMILL_RESULTS_DIR (JUnit files, read at its end)
  *
  *   socketDir/          0700 root   (machine.ts) per job: its console, a relay per exposed port
  *
@@ -109,6 +110,8 @@ export interface ProcessDriverOptions {
 
 /** Where secret parameters appear inside the job (one 0600 file per parameter). */
 export const SECRETS_DIR = "/run/treadmill/secrets";
+/** Where the job writes JUnit files (docs/results.md), owned by the job's uid. */
+export const RESULTS_DIR = "/run/treadmill/results";
 const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /** Why a supervisor that is not root exposes no port of an isolated job. */
 const NO_RELAYS = "ports of isolated jobs cannot be exposed on this host: its supervisor is not root, and only root can reach into a job's network namespace";
@@ -329,6 +332,7 @@ export class ProcessDriver implements Driver {
       if (spare !== undefined) await rename(spare, rootfs);
       else await buildRoot(layers, rootfs, owner);
       const secretsDir = join(rootfs, SECRETS_DIR.slice(1));
+      const resultsDir = await mkdirsInside(rootfs, RESULTS_DIR.slice(1), owner);
       const env: Record<string, string> = {
         PATH: DEFAULT_PATH,
         HOME: "/tmp",
@@ -337,6 +341,8 @@ export class ProcessDriver implements Driver {
         TREADMILL_JOB_ID: spec.jobId,
         TREADMILL_ATTEMPT: String(spec.attempt),
         TREADMILL_SECRETS_DIR: SECRETS_DIR,
+        // Without a sandbox the job sees the host's paths.
+        TREADMILL_RESULTS_DIR: this.isolation.mode === "none" ? resultsDir : RESULTS_DIR,
       };
       for (const p of spec.parameters) {
         env[parameterEnvName(p.name)] = p.value;
@@ -376,6 +382,11 @@ export class ProcessDriver implements Driver {
     } catch (err) {
       return this.pool.abandon(slot, jobDir, err, log);
     }
+  }
+
+  resultsDir(job: Prepared | RunningJob): string {
+    const prepared = ("prepared" in job ? job.prepared : job) as ProcessPrepared;
+    return join(prepared.rootfs, RESULTS_DIR.slice(1));
   }
 
   async start(handle: Prepared, output: JobOutput): Promise<RunningJob> {

@@ -19,6 +19,7 @@ import { enumWord, iso, jobStatus, jobTone, stateWord, tagsText, when } from "..
 import { followChannel } from "../log-follow.js";
 import { LogView } from "../log-view.js";
 import type { PageContext } from "../main.js";
+import { JobResultsPanel } from "./job-results.js";
 
 const CHANNELS = ["console", "stdout", "stderr", "supervisor"];
 /** How often a finalized job whose log is still being shipped is read again. */
@@ -62,6 +63,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
   const parameters = h("section", { "aria-labelledby": "params-title" }, h("h2", { id: "params-title" }, "Parameters"));
   const timeline = h("section", { "aria-labelledby": "timeline-title" }, h("h2", { id: "timeline-title" }, "Timeline"));
 
+  const results = new JobResultsPanel(api, jobId, signal);
   const view = new LogView("Job log");
   const channelSelect = h("select", { id: "log-channel" }, ...CHANNELS.map((c) => h("option", { value: c }, c)));
   const logStatus = h("span", { class: "live", id: "log-status", role: "status" }, "");
@@ -76,6 +78,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     hostControl,
     status,
     h("div", { class: "columns" }, details, h("div", {}, parameters, timeline)),
+    results.element,
     logSection,
   );
   view.render();
@@ -128,6 +131,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     renderParameters(parameters, next);
     if (next.timeline.length > 0) renderTimeline(timeline, next, hosts);
     logs.update(next);
+    results.update(next);
   };
 
   const watching = new AbortController();

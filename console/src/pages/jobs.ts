@@ -6,6 +6,7 @@ import { h, link, notice, pager, tableRow } from "../dom.js";
 import { iso, jobStatus, jobTone, parseTags, shortId, stateWord, tagsText, when } from "../format.js";
 import type { PageContext } from "../main.js";
 import { hostNames, userNames } from "../directory.js";
+import { resultsBadge } from "./job-results.js";
 
 const HEADERS = ["Job", "Image", "State", "Owner", "Hosts", "Submitted", "Description"];
 const PAGE_SIZE = 50;
@@ -159,7 +160,7 @@ function jobRow(job: Job, names: Map<string, string>, hosts: Map<string, string>
     [
       link(`/jobs/${job.id}`, h("code", { title: job.id }, shortId(job.id))),
       imageCell(job),
-      h("span", { class: `badge ${jobTone(job)}` }, jobStatus(job)),
+      h("span", {}, h("span", { class: `badge ${jobTone(job)}` }, jobStatus(job)), " ", resultsBadge(job)),
       names.get(job.ownerUserId) ?? shortId(job.ownerUserId),
       job.hostIds.map((id) => hosts.get(id) ?? shortId(id)).join(", "),
       h("time", { datetime: iso(job.createTime) }, when(job.createTime)),

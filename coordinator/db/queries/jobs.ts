@@ -76,6 +76,21 @@ export interface JobRow {
   health_check_id: string | null;
   /** The lease the job runs inside (migration 0017), else null. */
   lease_id: string | null;
+  /** The counts of the latest attempt with test results (migration 0022), else null. */
+  results: ResultCountsRow | null;
+  /** A case failed on one attempt and passed on a later one. */
+  flaky: boolean;
+}
+
+/** A job_results row's counts as jobColumns reads them (bigints as JSON numbers). */
+export interface ResultCountsRow {
+  attempt: number;
+  total: number;
+  passed: number;
+  failed: number;
+  skipped: number;
+  errored: number;
+  complete: boolean;
 }
 
 /** The select list of JobRow (jobs aliased `j`). */
@@ -84,6 +99,9 @@ export const jobColumns = (sql: Db) => sql`
   j.priority, j.max_restarts, j.manifest_digest, j.status_message, j.stop_reason, j.created_at,
   j.updated_at, j.queued_at, j.assigned_at, j.started_at, j.finalized_at, j.job_timeout_ms,
   j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message, j.health_check_id, j.lease_id,
+  (select to_jsonb(r) from (select attempt, total, passed, failed, skipped, errored, complete from job_results
+     where job_id = j.id order by attempt desc limit 1) r) as results,
+  exists (select 1 from job_results where job_id = j.id and flaky) as flaky,
   coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
 

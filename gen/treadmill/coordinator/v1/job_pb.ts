@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job.proto.
  */
 export const file_treadmill_coordinator_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAkiwgQKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKDAgoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoEa2luZBgCIAEoDjImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudEtpbmQSMQoFc3RhdGUYAyABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhdGUSMQoFc3RhZ2UYBCABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhZ2USDwoHbWVzc2FnZRgFIAEoCRIPCgdhdHRlbXB0GAYgASgFEg8KB2hvc3RfaWQYByABKAki6wcKA0pvYhIKCgJpZBgBIAEoCRIVCg1vd25lcl91c2VyX2lkGAIgASgJEi8KBHNwZWMYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxIxCgVzdGF0ZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgFIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRJBCg9maW5hbGl6ZV9yZWFzb24YBiABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOwoMcmVhc29uX2NsYXNzGAcgASgOMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlYXNvbkNsYXNzEjkKC2V4aXRfc3RhdHVzGAggASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV4aXRTdGF0dXMSFgoJZXhpdF9jb2RlGAkgASgFSACIAQESFgoOc3RhdHVzX21lc3NhZ2UYCiABKAkSDwoHYXR0ZW1wdBgLIAEoBRIQCghob3N0X2lkcxgMIAMoCRIYChBjYW5jZWxfcmVxdWVzdGVkGA0gASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgOIAEoCRIvCgtjcmVhdGVfdGltZRgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLYXNzaWduX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWZpbmFsaXplX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0Cgh0aW1lbGluZRgUIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudBIXCg9sb2dfc2VydmVyX3VybHMYFSADKAkSNwoKbG9nX3N0YXR1cxgWIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSFgoObG9nX2J5dGVzX2xvc3QYFyABKAMSGgoSbG9nX3N0YXR1c19tZXNzYWdlGBggASgJEhcKD2hlYWx0aF9jaGVja19pZBgZIAEoCRIQCghsZWFzZV9pZBgaIAEoCUIMCgpfZXhpdF9jb2RlIpYCCghTbmFwc2hvdBIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIMCgRuYW1lGAQgASgJEgsKA3RhZxgFIAEoCRI2CgVzdGF0ZRgGIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFN0YXRlEg8KB21lc3NhZ2UYByABKAkSFwoPbWFuaWZlc3RfZGlnZXN0GAggASgJEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqugEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIWChJKT0JfU1RBVEVfQVNTSUdORUQQAhIaChZKT0JfU1RBVEVfSU5JVElBTElaSU5HEAMSFQoRSk9CX1NUQVRFX1JVTk5JTkcQBBIZChVKT0JfU1RBVEVfVEVSTUlOQVRJTkcQBRIXChNKT0JfU1RBVEVfRklOQUxJWkVEEAYqpAEKCEpvYlN0YWdlEhkKFUpPQl9TVEFHRV9VTlNQRUNJRklFRBAAEhwKGEpPQl9TVEFHRV9GRVRDSElOR19JTUFHRRABEhgKFEpPQl9TVEFHRV9BTExPQ0FUSU5HEAISGgoWSk9CX1NUQUdFX1BST1ZJU0lPTklORxADEhUKEUpPQl9TVEFHRV9CT09USU5HEAQSEgoOSk9CX1NUQUdFX0hFTEQQBSrHAgoORmluYWxpemVSZWFzb24SHwobRklOQUxJWkVfUkVBU09OX1VOU1BFQ0lGSUVEEAASIwofRklOQUxJWkVfUkVBU09OX1dPUktMT0FEX0VYSVRFRBABEhwKGEZJTkFMSVpFX1JFQVNPTl9DQU5DRUxFRBACEh8KG0ZJTkFMSVpFX1JFQVNPTl9KT0JfVElNRU9VVBADEiEKHUZJTkFMSVpFX1JFQVNPTl9RVUVVRV9USU1FT1VUEAQSIAocRklOQUxJWkVfUkVBU09OX0hPU1RfRFJPUFBFRBAFEh8KG0ZJTkFMSVpFX1JFQVNPTl9JTUFHRV9FUlJPUhAGEiYKIkZJTkFMSVpFX1JFQVNPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQBxIiCh5GSU5BTElaRV9SRUFTT05fSU5URVJOQUxfRVJST1IQCCp5CgtSZWFzb25DbGFzcxIcChhSRUFTT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIUChBSRUFTT05fQ0xBU1NfSk9CEAESFQoRUkVBU09OX0NMQVNTX1VTRVIQAhIfChtSRUFTT05fQ0xBU1NfSU5GUkFTVFJVQ1RVUkUQAypbCgpFeGl0U3RhdHVzEhsKF0VYSVRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTRVhJVF9TVEFUVVNfU1VDQ0VTUxABEhcKE0VYSVRfU1RBVFVTX0ZBSUxVUkUQAiqCBAoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYSk9CX0VWRU5UX0tJTkRfU1VCTUlUVEVEEAESIAocSk9CX0VWRU5UX0tJTkRfU1RBVEVfQ0hBTkdFRBACEiAKHEpPQl9FVkVOVF9LSU5EX1NUQUdFX0NIQU5HRUQQAxIjCh9KT0JfRVZFTlRfS0lORF9DQU5DRUxfUkVRVUVTVEVEEAQSHAoYSk9CX0VWRU5UX0tJTkRfUkVTVEFSVEVEEAUSIQodSk9CX0VWRU5UX0tJTkRfU0VTU0lPTl9PUEVORUQQBhIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9SRVFVRVNURUQQBxIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9TVUNDRUVERUQQCBIiCh5KT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9GQUlMRUQQCRIhCh1KT0JfRVZFTlRfS0lORF9MT0dfSU5DT01QTEVURRAKEhoKFkpPQl9FVkVOVF9LSU5EX1dBSVRJTkcQCxIfChtKT0JfRVZFTlRfS0lORF9IT1NUX0NPTlRST0wQDBIeChpKT0JfRVZFTlRfS0lORF9IT1NUX0hFQUxUSBANEhgKFEpPQl9FVkVOVF9LSU5EX0xFQVNFEA4qwQEKEUhvc3RDb250cm9sQWN0aW9uEiMKH0hPU1RfQ09OVFJPTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIhCh1IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09GRhABEiAKHEhPU1RfQ09OVFJPTF9BQ1RJT05fUE9XRVJfT04QAhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX0NZQ0xFEAMSHQoZSE9TVF9DT05UUk9MX0FDVElPTl9SRVNFVBAEKnQKCUxvZ1N0YXR1cxIaChZMT0dfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTE9HX1NUQVRVU19TSElQUElORxABEhcKE0xPR19TVEFUVVNfQ09NUExFVEUQAhIZChVMT0dfU1RBVFVTX0lOQ09NUExFVEUQAyqEAQoNU25hcHNob3RTdGF0ZRIeChpTTkFQU0hPVF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFlNOQVBTSE9UX1NUQVRFX1BFTkRJTkcQARIcChhTTkFQU0hPVF9TVEFURV9TVUNDRUVERUQQAhIZChVTTkFQU0hPVF9TVEFURV9GQUlMRUQQA2IGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
+  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAki+gQKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2CgdyZXN1bHRzGA0gASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3VsdHNTcGVjGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIiUKC1Jlc3VsdHNTcGVjEhYKDmlnbm9yZV9jb25zb2xlGAEgASgIIoIBCgxSZXN1bHRDb3VudHMSDQoFdG90YWwYASABKAMSDgoGcGFzc2VkGAIgASgDEg4KBmZhaWxlZBgDIAEoAxIPCgdza2lwcGVkGAQgASgDEg8KB2Vycm9yZWQYBSABKAMSDwoHYXR0ZW1wdBgGIAEoBRIQCghjb21wbGV0ZRgHIAEoCCJFCghMb2dSYW5nZRIPCgdjaGFubmVsGAEgASgJEhQKDHN0YXJ0X29mZnNldBgCIAEoAxISCgplbmRfb2Zmc2V0GAMgASgDIv0BCghUZXN0Q2FzZRIPCgdhdHRlbXB0GAEgASgFEg0KBWluZGV4GAIgASgDEg0KBXN1aXRlGAMgASgJEgwKBG5hbWUYBCABKAkSNgoHb3V0Y29tZRgFIAEoDjIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UZXN0T3V0Y29tZRIrCghkdXJhdGlvbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIPCgdtZXNzYWdlGAcgASgJEi8KA2xvZxgIIAEoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dSYW5nZRINCgVmbGFreRgJIAEoCCKDAgoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoEa2luZBgCIAEoDjImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudEtpbmQSMQoFc3RhdGUYAyABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhdGUSMQoFc3RhZ2UYBCABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhZ2USDwoHbWVzc2FnZRgFIAEoCRIPCgdhdHRlbXB0GAYgASgFEg8KB2hvc3RfaWQYByABKAkiswgKA0pvYhIKCgJpZBgBIAEoCRIVCg1vd25lcl91c2VyX2lkGAIgASgJEi8KBHNwZWMYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxIxCgVzdGF0ZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgFIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRJBCg9maW5hbGl6ZV9yZWFzb24YBiABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOwoMcmVhc29uX2NsYXNzGAcgASgOMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlYXNvbkNsYXNzEjkKC2V4aXRfc3RhdHVzGAggASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV4aXRTdGF0dXMSFgoJZXhpdF9jb2RlGAkgASgFSACIAQESFgoOc3RhdHVzX21lc3NhZ2UYCiABKAkSDwoHYXR0ZW1wdBgLIAEoBRIQCghob3N0X2lkcxgMIAMoCRIYChBjYW5jZWxfcmVxdWVzdGVkGA0gASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgOIAEoCRIvCgtjcmVhdGVfdGltZRgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLYXNzaWduX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWZpbmFsaXplX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0Cgh0aW1lbGluZRgUIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudBIXCg9sb2dfc2VydmVyX3VybHMYFSADKAkSNwoKbG9nX3N0YXR1cxgWIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSFgoObG9nX2J5dGVzX2xvc3QYFyABKAMSGgoSbG9nX3N0YXR1c19tZXNzYWdlGBggASgJEhcKD2hlYWx0aF9jaGVja19pZBgZIAEoCRIQCghsZWFzZV9pZBgaIAEoCRI3CgdyZXN1bHRzGBsgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3VsdENvdW50cxINCgVmbGFreRgcIAEoCEIMCgpfZXhpdF9jb2RlIpYCCghTbmFwc2hvdBIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIMCgRuYW1lGAQgASgJEgsKA3RhZxgFIAEoCRI2CgVzdGF0ZRgGIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFN0YXRlEg8KB21lc3NhZ2UYByABKAkSFwoPbWFuaWZlc3RfZGlnZXN0GAggASgJEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqugEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIWChJKT0JfU1RBVEVfQVNTSUdORUQQAhIaChZKT0JfU1RBVEVfSU5JVElBTElaSU5HEAMSFQoRSk9CX1NUQVRFX1JVTk5JTkcQBBIZChVKT0JfU1RBVEVfVEVSTUlOQVRJTkcQBRIXChNKT0JfU1RBVEVfRklOQUxJWkVEEAYqpAEKCEpvYlN0YWdlEhkKFUpPQl9TVEFHRV9VTlNQRUNJRklFRBAAEhwKGEpPQl9TVEFHRV9GRVRDSElOR19JTUFHRRABEhgKFEpPQl9TVEFHRV9BTExPQ0FUSU5HEAISGgoWSk9CX1NUQUdFX1BST1ZJU0lPTklORxADEhUKEUpPQl9TVEFHRV9CT09USU5HEAQSEgoOSk9CX1NUQUdFX0hFTEQQBSrHAgoORmluYWxpemVSZWFzb24SHwobRklOQUxJWkVfUkVBU09OX1VOU1BFQ0lGSUVEEAASIwofRklOQUxJWkVfUkVBU09OX1dPUktMT0FEX0VYSVRFRBABEhwKGEZJTkFMSVpFX1JFQVNPTl9DQU5DRUxFRBACEh8KG0ZJTkFMSVpFX1JFQVNPTl9KT0JfVElNRU9VVBADEiEKHUZJTkFMSVpFX1JFQVNPTl9RVUVVRV9USU1FT1VUEAQSIAocRklOQUxJWkVfUkVBU09OX0hPU1RfRFJPUFBFRBAFEh8KG0ZJTkFMSVpFX1JFQVNPTl9JTUFHRV9FUlJPUhAGEiYKIkZJTkFMSVpFX1JFQVNPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQBxIiCh5GSU5BTElaRV9SRUFTT05fSU5URVJOQUxfRVJST1IQCCp5CgtSZWFzb25DbGFzcxIcChhSRUFTT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIUChBSRUFTT05fQ0xBU1NfSk9CEAESFQoRUkVBU09OX0NMQVNTX1VTRVIQAhIfChtSRUFTT05fQ0xBU1NfSU5GUkFTVFJVQ1RVUkUQAypbCgpFeGl0U3RhdHVzEhsKF0VYSVRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTRVhJVF9TVEFUVVNfU1VDQ0VTUxABEhcKE0VYSVRfU1RBVFVTX0ZBSUxVUkUQAiqeBAoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYSk9CX0VWRU5UX0tJTkRfU1VCTUlUVEVEEAESIAocSk9CX0VWRU5UX0tJTkRfU1RBVEVfQ0hBTkdFRBACEiAKHEpPQl9FVkVOVF9LSU5EX1NUQUdFX0NIQU5HRUQQAxIjCh9KT0JfRVZFTlRfS0lORF9DQU5DRUxfUkVRVUVTVEVEEAQSHAoYSk9CX0VWRU5UX0tJTkRfUkVTVEFSVEVEEAUSIQodSk9CX0VWRU5UX0tJTkRfU0VTU0lPTl9PUEVORUQQBhIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9SRVFVRVNURUQQBxIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9TVUNDRUVERUQQCBIiCh5KT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9GQUlMRUQQCRIhCh1KT0JfRVZFTlRfS0lORF9MT0dfSU5DT01QTEVURRAKEhoKFkpPQl9FVkVOVF9LSU5EX1dBSVRJTkcQCxIfChtKT0JfRVZFTlRfS0lORF9IT1NUX0NPTlRST0wQDBIeChpKT0JfRVZFTlRfS0lORF9IT1NUX0hFQUxUSBANEhgKFEpPQl9FVkVOVF9LSU5EX0xFQVNFEA4SGgoWSk9CX0VWRU5UX0tJTkRfUkVTVUxUUxAPKsEBChFIb3N0Q29udHJvbEFjdGlvbhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1VOU1BFQ0lGSUVEEAASIQodSE9TVF9DT05UUk9MX0FDVElPTl9QT1dFUl9PRkYQARIgChxIT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09OEAISIwofSE9TVF9DT05UUk9MX0FDVElPTl9QT1dFUl9DWUNMRRADEh0KGUhPU1RfQ09OVFJPTF9BQ1RJT05fUkVTRVQQBCp0CglMb2dTdGF0dXMSGgoWTE9HX1NUQVRVU19VTlNQRUNJRklFRBAAEhcKE0xPR19TVEFUVVNfU0hJUFBJTkcQARIXChNMT0dfU1RBVFVTX0NPTVBMRVRFEAISGQoVTE9HX1NUQVRVU19JTkNPTVBMRVRFEAMqiAEKC1Rlc3RPdXRjb21lEhwKGFRFU1RfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhUKEVRFU1RfT1VUQ09NRV9QQVNTEAESFQoRVEVTVF9PVVRDT01FX0ZBSUwQAhIVChFURVNUX09VVENPTUVfU0tJUBADEhYKElRFU1RfT1VUQ09NRV9FUlJPUhAEKoQBCg1TbmFwc2hvdFN0YXRlEh4KGlNOQVBTSE9UX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWU05BUFNIT1RfU1RBVEVfUEVORElORxABEhwKGFNOQVBTSE9UX1NUQVRFX1NVQ0NFRURFRBACEhkKFVNOQVBTSE9UX1NUQVRFX0ZBSUxFRBADYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
 
 /**
  * HostRequirements says which hosts a job needs.
@@ -266,6 +266,15 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
    * @generated from field: google.protobuf.Duration hold_on_failure = 12;
    */
   holdOnFailure?: Duration | undefined;
+
+  /**
+   * How the job's test results are gathered (docs/results.md); unset: the
+   * defaults (JUnit files from $TREADMILL_RESULTS_DIR, TAP/KTAP from the
+   * console).
+   *
+   * @generated from field: treadmill.coordinator.v1.ResultsSpec results = 13;
+   */
+  results?: ResultsSpec | undefined;
 };
 
 /**
@@ -274,6 +283,214 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
  */
 export const JobSpecSchema: GenMessage<JobSpec> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_job, 4);
+
+/**
+ * ResultsSpec says how a job's test results are gathered. JUnit XML files
+ * the workload writes into $TREADMILL_RESULTS_DIR are always collected when
+ * the job ends (drivers that share a directory with the job: process).
+ *
+ * @generated from message treadmill.coordinator.v1.ResultsSpec
+ */
+export type ResultsSpec = Message<"treadmill.coordinator.v1.ResultsSpec"> & {
+  /**
+   * Do not parse TAP or KTAP from the job's console (e.g. a console that
+   * prints TAP-like lines that are not results).
+   *
+   * @generated from field: bool ignore_console = 1;
+   */
+  ignoreConsole: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ResultsSpec.
+ * Use `create(ResultsSpecSchema)` to create a new message.
+ */
+export const ResultsSpecSchema: GenMessage<ResultsSpec> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 5);
+
+/**
+ * ResultCounts counts one attempt's test cases by outcome.
+ *
+ * @generated from message treadmill.coordinator.v1.ResultCounts
+ */
+export type ResultCounts = Message<"treadmill.coordinator.v1.ResultCounts"> & {
+  /**
+   * Every case.
+   *
+   * @generated from field: int64 total = 1;
+   */
+  total: bigint;
+
+  /**
+   * Cases that passed.
+   *
+   * @generated from field: int64 passed = 2;
+   */
+  passed: bigint;
+
+  /**
+   * Cases that failed.
+   *
+   * @generated from field: int64 failed = 3;
+   */
+  failed: bigint;
+
+  /**
+   * Cases that were skipped.
+   *
+   * @generated from field: int64 skipped = 4;
+   */
+  skipped: bigint;
+
+  /**
+   * Cases in error.
+   *
+   * @generated from field: int64 errored = 5;
+   */
+  errored: bigint;
+
+  /**
+   * The attempt counted (the latest attempt that reported results).
+   *
+   * @generated from field: int32 attempt = 6;
+   */
+  attempt: number;
+
+  /**
+   * The attempt's results are all in: its host sent its last batch (the job
+   * ended there). Until then the counts grow as the job runs.
+   *
+   * @generated from field: bool complete = 7;
+   */
+  complete: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ResultCounts.
+ * Use `create(ResultCountsSchema)` to create a new message.
+ */
+export const ResultCountsSchema: GenMessage<ResultCounts> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 6);
+
+/**
+ * LogRange is where a test case's output is in the job's log: a byte range
+ * of one channel of the case's attempt, as LogService.Read's from_offset
+ * takes it.
+ *
+ * @generated from message treadmill.coordinator.v1.LogRange
+ */
+export type LogRange = Message<"treadmill.coordinator.v1.LogRange"> & {
+  /**
+   * The channel, e.g. `console`.
+   *
+   * @generated from field: string channel = 1;
+   */
+  channel: string;
+
+  /**
+   * First byte of the case's output (the line after its predecessor's
+   * result line, or its subtest header).
+   *
+   * @generated from field: int64 start_offset = 2;
+   */
+  startOffset: bigint;
+
+  /**
+   * One past the last byte (the end of its result line).
+   *
+   * @generated from field: int64 end_offset = 3;
+   */
+  endOffset: bigint;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.LogRange.
+ * Use `create(LogRangeSchema)` to create a new message.
+ */
+export const LogRangeSchema: GenMessage<LogRange> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 7);
+
+/**
+ * TestCase is one test case of one attempt, as the job reported it.
+ *
+ * @generated from message treadmill.coordinator.v1.TestCase
+ */
+export type TestCase = Message<"treadmill.coordinator.v1.TestCase"> & {
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * Order of the case within the attempt's results, from 0.
+   *
+   * @generated from field: int64 index = 2;
+   */
+  index: bigint;
+
+  /**
+   * The suite (JUnit testsuite names joined by `/`, with the classname when
+   * it differs; TAP/KTAP: the enclosing subtests' names joined by `/`), at
+   * most 1024 characters.
+   *
+   * @generated from field: string suite = 3;
+   */
+  suite: string;
+
+  /**
+   * The case's name, at most 1024 characters.
+   *
+   * @generated from field: string name = 4;
+   */
+  name: string;
+
+  /**
+   * Its outcome.
+   *
+   * @generated from field: treadmill.coordinator.v1.TestOutcome outcome = 5;
+   */
+  outcome: TestOutcome;
+
+  /**
+   * How long it ran, when the report says.
+   *
+   * @generated from field: google.protobuf.Duration duration = 6;
+   */
+  duration?: Duration | undefined;
+
+  /**
+   * The failure, error or skip message (JUnit message attribute and text;
+   * TAP directive or YAML block), at most 4 KiB.
+   *
+   * @generated from field: string message = 7;
+   */
+  message: string;
+
+  /**
+   * Where its output is in the log (cases parsed from the console); unset
+   * for cases from JUnit files.
+   *
+   * @generated from field: treadmill.coordinator.v1.LogRange log = 8;
+   */
+  log?: LogRange | undefined;
+
+  /**
+   * The case failed (or errored) on an earlier attempt of the job and passed
+   * on this one.
+   *
+   * @generated from field: bool flaky = 9;
+   */
+  flaky: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.TestCase.
+ * Use `create(TestCaseSchema)` to create a new message.
+ */
+export const TestCaseSchema: GenMessage<TestCase> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 8);
 
 /**
  * JobEvent is one entry of a job's timeline (also written to the audit log).
@@ -336,7 +553,7 @@ export type JobEvent = Message<"treadmill.coordinator.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 5);
+  messageDesc(file_treadmill_coordinator_v1_job, 9);
 
 /**
  * Job is a submitted job as the coordinator records it.
@@ -533,6 +750,22 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
    * @generated from field: string lease_id = 26;
    */
   leaseId: string;
+
+  /**
+   * The test results of the latest attempt that reported any
+   * (docs/results.md); unset when none did.
+   *
+   * @generated from field: treadmill.coordinator.v1.ResultCounts results = 27;
+   */
+  results?: ResultCounts | undefined;
+
+  /**
+   * A test case failed on one attempt of the job and passed on a later one
+   * (TestCase.flaky).
+   *
+   * @generated from field: bool flaky = 28;
+   */
+  flaky: boolean;
 };
 
 /**
@@ -540,7 +773,7 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 6);
+  messageDesc(file_treadmill_coordinator_v1_job, 10);
 
 /**
  * Snapshot is the operation that turns a running job's state into a new image
@@ -625,7 +858,7 @@ export type Snapshot = Message<"treadmill.coordinator.v1.Snapshot"> & {
  * Use `create(SnapshotSchema)` to create a new message.
  */
 export const SnapshotSchema: GenMessage<Snapshot> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 7);
+  messageDesc(file_treadmill_coordinator_v1_job, 11);
 
 /**
  * JobState is where a job is in its lifecycle (DESIGN.md §4):
@@ -1033,6 +1266,17 @@ export enum JobEventKind {
    * @generated from enum value: JOB_EVENT_KIND_LEASE = 14;
    */
   LEASE = 14,
+
+  /**
+   * The job's test results (docs/results.md): a results file or the
+   * console's TAP/KTAP could not be read (malformed XML, TAP garbage, a file
+   * over the size cap, cases over the per-attempt cap), or the results of an
+   * attempt are in; the message says which file or line and why. Never fails
+   * the job.
+   *
+   * @generated from enum value: JOB_EVENT_KIND_RESULTS = 15;
+   */
+  RESULTS = 15,
 }
 
 /**
@@ -1146,6 +1390,54 @@ export const LogStatusSchema: GenEnum<LogStatus> = /*@__PURE__*/
   enumDesc(file_treadmill_coordinator_v1_job, 7);
 
 /**
+ * TestOutcome is the outcome of one test case.
+ *
+ * @generated from enum treadmill.coordinator.v1.TestOutcome
+ */
+export enum TestOutcome {
+  /**
+   * Not an outcome; in filters it is refused.
+   *
+   * @generated from enum value: TEST_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The case passed (TAP `ok`, JUnit without failure/error/skipped).
+   *
+   * @generated from enum value: TEST_OUTCOME_PASS = 1;
+   */
+  PASS = 1,
+
+  /**
+   * The case failed its assertions (TAP `not ok`, JUnit <failure>).
+   *
+   * @generated from enum value: TEST_OUTCOME_FAIL = 2;
+   */
+  FAIL = 2,
+
+  /**
+   * The case was skipped (TAP `# SKIP`, JUnit <skipped>).
+   *
+   * @generated from enum value: TEST_OUTCOME_SKIP = 3;
+   */
+  SKIP = 3,
+
+  /**
+   * The case could not run to a verdict (JUnit <error>, a TAP `Bail out!`).
+   *
+   * @generated from enum value: TEST_OUTCOME_ERROR = 4;
+   */
+  ERROR = 4,
+}
+
+/**
+ * Describes the enum treadmill.coordinator.v1.TestOutcome.
+ */
+export const TestOutcomeSchema: GenEnum<TestOutcome> = /*@__PURE__*/
+  enumDesc(file_treadmill_coordinator_v1_job, 8);
+
+/**
  * SnapshotState is the progress of a snapshot.
  *
  * @generated from enum treadmill.coordinator.v1.SnapshotState
@@ -1184,5 +1476,5 @@ export enum SnapshotState {
  * Describes the enum treadmill.coordinator.v1.SnapshotState.
  */
 export const SnapshotStateSchema: GenEnum<SnapshotState> = /*@__PURE__*/
-  enumDesc(file_treadmill_coordinator_v1_job, 8);
+  enumDesc(file_treadmill_coordinator_v1_job, 9);
 

@@ -1,0 +1,182 @@
+/**
+ * Test results (migration 0022, docs/results.md): every statement that
+ * writes or reads job_results, job_result_cases and job_result_reports.
+ * A batch of cases is one multi-row insert over arrays (unnest), so a
+ * report of thousands of cases is a handful of statements.
+ */
+import type { Sql, TransactionSql } from "postgres";
+
+type Db = Sql | TransactionSql;
+
+/** A case to store; outcome is job.proto TestOutcome (1 pass, 2 fail, 3 skip, 4 error). */
+export interface CaseInput {
+  suite: string;
+  name: string;
+  outcome: number;
+  durationUs: number | null;
+  message: string;
+  logChannel: string | null;
+  logStart: number | null;
+  logEnd: number | null;
+}
+
+/** A case as stored. */
+export interface CaseRow {
+  attempt: number;
+  idx: number;
+  suite: string;
+  name: string;
+  outcome: number;
+  duration_us: string | null;
+  message: string;
+  log_channel: string | null;
+  log_start: string | null;
+  log_end: string | null;
+  flaky: boolean;
+}
+
+export interface CountsRow {
+  attempt: number;
+  total: string;
+  passed: string;
+  failed: string;
+  skipped: string;
+  errored: string;
+  dropped: string;
+  complete: boolean;
+  flaky: boolean;
+}
+
+/** Records a report id; false when it was recorded before (the report is a repeat). */
+export async function claimReport(tx: Db, reportId: string, jobId: string): Promise<boolean> {
+  const rows = await tx`insert into job_result_reports (report_id, job_id) values (${reportId}, ${jobId}) on conflict do nothing returning 1`;
+  return rows.length > 0;
+}
+
+/** Whether the attempt of the job ran on the host (a row of job_hosts); locks nothing. */
+export async function attemptRanOn(tx: Db, jobId: string, attempt: number, hostId: string): Promise<{ owner_id: string; state: string } | undefined> {
+  const [row] = await tx<{ owner_id: string; state: string }[]>`
+    select j.owner_id, j.state from jobs j join job_hosts jh on jh.job_id = j.id
+    where j.id = ${jobId} and jh.attempt = ${attempt} and jh.host_id = ${hostId}`;
+  return row;
+}
+
+/** The attempt's counts row, created empty when missing, locked for the batch. */
+export async function lockCounts(tx: Db, jobId: string, attempt: number): Promise<CountsRow> {
+  await tx`insert into job_results (job_id, attempt) values (${jobId}, ${attempt}) on conflict do nothing`;
+  const [row] = await tx<CountsRow[]>`
+    select attempt, total, passed, failed, skipped, errored, dropped, complete, flaky from job_results
+    where job_id = ${jobId} and attempt = ${attempt} for update`;
+  return row!;
+}
+
+/** Inserts cases from index `first` on; returns how many newly passing cases failed on an earlier attempt (marked flaky). */
+export async function insertCases(tx: Db, jobId: string, attempt: number, first: number, cases: CaseInput[]): Promise<number> {
+  if (cases.length === 0) return 0;
+  const col = <T>(f: (c: CaseInput) => T) => cases.map(f);
+  await tx`
+    insert into job_result_cases (job_id, attempt, idx, suite, name, outcome, duration_us, message, log_channel, log_start, log_end)
+    select ${jobId}, ${attempt}, ${first} + n - 1, suite, name, outcome, duration_us, message, log_channel, log_start, log_end
+    from unnest(${col((c) => c.suite)}::text[], ${col((c) => c.name)}::text[], ${col((c) => c.outcome)}::smallint[],
+                ${col((c) => c.durationUs)}::bigint[], ${col((c) => c.message)}::text[], ${col((c) => c.logChannel)}::text[],
+                ${col((c) => c.logStart)}::bigint[], ${col((c) => c.logEnd)}::bigint[])
+      with ordinality as u(suite, name, outcome, duration_us, message, log_channel, log_start, log_end, n)`;
+  if (attempt <= 1 || !cases.some((c) => c.outcome === 1)) return 0;
+  const flaky = await tx`
+    update job_result_cases c set flaky = true
+    where c.job_id = ${jobId} and c.attempt = ${attempt} and c.idx >= ${first} and c.idx < ${first + cases.length} and c.outcome = 1
+      and exists (select 1 from job_result_cases p
+                  where p.job_id = c.job_id and p.attempt < c.attempt and p.outcome in (2, 4) and p.suite = c.suite and p.name = c.name)`;
+  return flaky.count;
+}
+
+/** Adds a batch to the attempt's counts. */
+export async function addCounts(
+  tx: Db,
+  jobId: string,
+  attempt: number,
+  add: { total: number; passed: number; failed: number; skipped: number; errored: number; dropped: number; complete: boolean; flaky: boolean },
+): Promise<void> {
+  await tx`
+    update job_results set total = total + ${add.total}, passed = passed + ${add.passed}, failed = failed + ${add.failed},
+      skipped = skipped + ${add.skipped}, errored = errored + ${add.errored}, dropped = dropped + ${add.dropped},
+      complete = complete or ${add.complete}, flaky = flaky or ${add.flaky}
+    where job_id = ${jobId} and attempt = ${attempt}`;
+}
+
+/** The counts of one attempt, or of the latest attempt with results (attempt 0). */
+export async function countsOf(sql: Db, jobId: string, attempt: number): Promise<CountsRow | undefined> {
+  const [row] = await sql<CountsRow[]>`
+    select attempt, total, passed, failed, skipped, errored, dropped, complete, flaky from job_results
+    where job_id = ${jobId} ${attempt > 0 ? sql`and attempt = ${attempt}` : sql``}
+    order by attempt desc limit 1`;
+  return row;
+}
+
+export interface CaseFilter {
+  suite: string;
+  outcomes: number[];
+  nameContains: string;
+}
+
+/** A page of an attempt's cases in report order, after index `after`. */
+export function listCases(sql: Db, jobId: string, attempt: number, f: CaseFilter, after: number, limit: number): Promise<CaseRow[]> {
+  const like = `%${f.nameContains.replace(/[\\%_]/g, (c) => `\\${c}`)}%`;
+  return sql<CaseRow[]>`
+    select attempt, idx, suite, name, outcome, duration_us, message, log_channel, log_start, log_end, flaky
+    from job_result_cases
+    where job_id = ${jobId} and attempt = ${attempt} and idx > ${after}
+      ${f.suite !== "" ? sql`and suite = ${f.suite}` : sql``}
+      ${f.outcomes.length > 0 ? sql`and outcome = any(${f.outcomes}::smallint[])` : sql``}
+      ${f.nameContains !== "" ? sql`and name ilike ${like}` : sql``}
+    order by idx limit ${limit}`;
+}
+
+/**
+ * The last finalized job before `jobId` of the same owner whose labels,
+ * without the `ignored` ones, are exactly `series`, and that has results.
+ */
+export async function seriesBase(sql: Db, job: { id: string; owner_id: string }, series: Record<string, string>, ignored: readonly string[]): Promise<string | undefined> {
+  const [row] = await sql<{ id: string }[]>`
+    select j.id from jobs j
+    where j.owner_id = ${job.owner_id} and j.id < ${job.id} and j.state = 'finalized'
+      and (coalesce(j.spec -> 'tags', '{}'::jsonb) - ${[...ignored]}::text[]) = ${sql.json(series)}::jsonb
+      and exists (select 1 from job_results r where r.job_id = j.id and r.total > 0)
+    order by j.id desc limit 1`;
+  return row?.id;
+}
+
+export type ChangeKind = "newly_failing" | "newly_passing" | "still_failing";
+
+export interface ChangeRow extends CaseRow {
+  kind: ChangeKind;
+  base_outcome: number | null;
+  count: string;
+}
+
+/**
+ * The cases of (jobId, attempt) against (baseId, baseAttempt), matched by
+ * suite and name: each kind's first `limit` cases in report order, each row
+ * with its kind's full count. A case the job no longer has but the base
+ * failed is not listed (it neither fails nor passes now).
+ */
+export function compareCases(sql: Db, jobId: string, attempt: number, baseId: string, baseAttempt: number, limit: number): Promise<ChangeRow[]> {
+  return sql<ChangeRow[]>`
+    with base as (
+      select suite, name, bool_or(outcome in (2, 4)) as failed,
+             (array_agg(outcome order by (outcome in (2, 4)) desc, idx))[1] as outcome
+      from job_result_cases where job_id = ${baseId} and attempt = ${baseAttempt}
+      group by suite, name),
+    classified as (
+      select c.*, b.outcome as base_outcome,
+        case when c.outcome in (2, 4) and coalesce(b.failed, false) then 'still_failing'
+             when c.outcome in (2, 4) then 'newly_failing'
+             when c.outcome = 1 and b.failed then 'newly_passing' end as kind
+      from job_result_cases c left join base b on b.suite = c.suite and b.name = c.name
+      where c.job_id = ${jobId} and c.attempt = ${attempt}),
+    ranked as (
+      select *, count(*) over (partition by kind) as count, row_number() over (partition by kind order by idx) as rn
+      from classified where kind is not null)
+    select kind, base_outcome, count, attempt, idx, suite, name, outcome, duration_us, message, log_channel, log_start, log_end, flaky
+    from ranked where rn <= ${limit} order by kind, idx`;
+}
