@@ -83,6 +83,12 @@ export const supervisorSchema = {
     description: "on SIGTERM, let running jobs finish instead of stopping them",
   },
   stopGraceMs: { type: "duration", default: 10000, description: "time between a polite stop and the kill" },
+  artifactDeadlineMs: {
+    type: "duration",
+    default: 600000,
+    min: 1000,
+    description: "longest upload of a job's artifacts once it ended (its end is reported after it); what is not up by then is reported as failed",
+  },
   logSpillCapBytes: {
     type: "int",
     default: 4 * 1024 ** 3,

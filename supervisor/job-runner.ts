@@ -1,3 +1,5 @@
+import { randomUUID } from "node:crypto";
+import { join } from "node:path";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { ExitStatus, FinalizeReason, JobStage, JobState } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import type { StartJob } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
@@ -20,6 +22,7 @@ import type { ClientTls } from "../lib/grpc/trust.js";
 import { startExposer, type Exposer } from "./exposer.js";
 import { ImageError, ImageUnavailableError, type ImageProvisioner, type ProvisionedImage } from "./images.js";
 import type { JobLogs } from "./job-logs.js";
+import { type ArtifactsReport, fetchInputs, uploadArtifacts } from "./artifacts.js";
 
 /** How a job ended here, before the coordinator's verdict. */
 export interface Termination {
@@ -77,6 +80,10 @@ export interface JobRunnerDeps {
   /** The CAs https proxies are verified with (--ca-file). */
   tls?: ClientTls;
   clock?: () => number;
+  /** Sends the attempt's JobArtifactsReport (retained by the core until acknowledged). */
+  reportArtifacts?: (report: ArtifactsReport) => void;
+  /** Longest time the artifacts' upload may take once the job ended. */
+  artifactDeadlineMs?: number;
 }
 
 /**
@@ -266,6 +273,7 @@ export class JobRunner {
         this.say(message);
       };
       prepared = await this.deps.driver.prepare(driverSpec, { signal: this.abort.signal, onStage });
+      await this.fetchInputs(prepared);
       const output = {
         write: (channel: OutputChannel, bytes: Buffer) => this.shipper.channel(this.channelName(channel)).write(bytes),
       };
@@ -313,6 +321,7 @@ export class JobRunner {
     await exposer?.stop();
     await this.snapshotting;
     const target = this.running ?? prepared;
+    if (target) await this.collectArtifacts(target);
     if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
     await provisioned?.release();
 
@@ -343,6 +352,48 @@ export class JobRunner {
     }
     this.termination = termination;
     this.deps.report({ state: JobState.TERMINATING, stage: JobStage.UNSPECIFIED, message: termination.message, termination });
+  }
+
+  /** The job's inputs into the driver's inputs directory, before the workload starts (artifacts.ts). */
+  private async fetchInputs(prepared: Prepared): Promise<void> {
+    const inputs = this.start.spec?.inputs ?? [];
+    if (inputs.length === 0) return;
+    const files = this.deps.driver.jobFiles?.(prepared);
+    if (!files) throw new DriverError("start", `the ${this.deps.driver.kind} driver cannot give a job input files`);
+    this.say(`fetching ${inputs.length} input file${inputs.length === 1 ? "" : "s"}`);
+    await fetchInputs(inputs, this.start.inputs, join(files.root, files.inputs), {
+      say: (text) => this.say(text),
+      signal: this.abort.signal,
+      tls: this.deps.tls,
+    });
+  }
+
+  /**
+   * Uploads what the job left in its artifacts directory (artifacts.ts) and
+   * sends the report, before the attempt's end is reported; bounded by the
+   * collection deadline (the supervisor's stop ends it too). Also after a
+   * failure or a cancel: whatever the job wrote goes up.
+   */
+  private async collectArtifacts(target: Prepared | RunningJob): Promise<void> {
+    const spec = this.start.spec;
+    const artifacts = this.start.artifacts;
+    const files = this.deps.driver.jobFiles?.(target);
+    if (!artifacts || artifacts.uploadUrl === "" || !files || !this.deps.reportArtifacts || spec?.artifacts?.disabled) return;
+    const deadline = AbortSignal.timeout(this.deps.artifactDeadlineMs ?? 10 * 60_000);
+    const report = await uploadArtifacts({
+      root: files.root,
+      rel: files.artifacts,
+      target: artifacts,
+      jobId: this.jobId,
+      attempt: this.attempt,
+      hostIndex: this.start.hostIndex,
+      prefix: this.start.peers.length > 1 && this.start.hostIndex > 0 ? `host-${this.start.hostIndex}/` : "",
+      reportId: randomUUID(),
+      say: (text) => this.say(text),
+      signal: deadline,
+      tls: this.deps.tls,
+    });
+    if (report) this.deps.reportArtifacts(report);
   }
 
   /**

@@ -32,6 +32,7 @@ import { ImageProvisioner } from "./images.js";
 import { JobLogs } from "./job-logs.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 import { Snapshotter } from "./snapshot.js";
+import type { ArtifactsReport } from "./artifacts.js";
 import { HostControls } from "./host-control.js";
 
 const SUPERVISOR_VERSION = "0.1.0";
@@ -130,6 +131,8 @@ export function createSupervisor({
     transport ?? replicaTransport(replicas, (url) => coordinatorTransport(url, config.hostCredential, tls)),
   );
   const key = (jobId: string, attempt: number) => `${jobId}/${attempt}`;
+  /** Artifact reports sent and not yet acknowledged, by report id: sent again after every attach. */
+  const artifactReports = new Map<string, ArtifactsReport>();
   type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
   const send = (payload: Payload) => outbox?.push(create(AttachRequestSchema, { payload }));
   // Job logs outlive their runners (a log server was down) and this process (resumed at start).
@@ -238,6 +241,11 @@ export function createSupervisor({
         report: (report) => reportOf(runner, report),
         hostId: () => hostId,
         tls,
+        reportArtifacts: (report) => {
+          artifactReports.set(report.reportId!, report);
+          send({ case: "jobArtifactsReport", value: report });
+        },
+        artifactDeadlineMs: config.artifactDeadlineMs,
       });
     } catch (err) {
       logger.error({ err, jobId: cmd.jobId, attempt: cmd.attempt }, "cannot start job");
@@ -295,6 +303,7 @@ export function createSupervisor({
           hostId = payload.value.host?.id ?? hostId;
           logger.info({ hostId, coordinatorUrl: displayUrl(replicas.current) }, "attached to coordinator");
           logs.attached();
+          for (const report of artifactReports.values()) send({ case: "jobArtifactsReport", value: report });
           changed.notify();
           break;
         }
@@ -306,6 +315,7 @@ export function createSupervisor({
           break;
         case "ackReport":
           logs.acknowledged(payload.value.reportId);
+          artifactReports.delete(payload.value.reportId);
           if (payload.value.terminal) {
             const k = key(payload.value.jobId, payload.value.attempt);
             if (runners.get(k)?.terminated()) {

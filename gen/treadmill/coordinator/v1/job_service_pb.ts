@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { CapabilityToken } from "../../common/v1/capability_pb.js";
 import { file_treadmill_common_v1_capability } from "../../common/v1/capability_pb.js";
-import type { HostControlAction, Job, JobSpec, JobState, Snapshot } from "./job_pb.js";
+import type { Artifact, HostControlAction, Job, JobSpec, JobState, Snapshot } from "./job_pb.js";
 import { file_treadmill_coordinator_v1_job } from "./job_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job_service.proto.
  */
 export const file_treadmill_coordinator_v1_job_service: GenFile = /*@__PURE__*/
-  fileDesc("Cip0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iX3NlcnZpY2UucHJvdG8SGHRyZWFkbWlsbC5jb29yZGluYXRvci52MSKNAgoJSm9iRmlsdGVyEjIKBnN0YXRlcxgBIAMoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIVCg1vd25lcl91c2VyX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSOwoEdGFncxgEIAMoCzItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXIuVGFnc0VudHJ5EhgKC2hlYWx0aF9qb2JzGAUgASgISACIAQESEAoIbGVhc2VfaWQYBiABKAkaKwoJVGFnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDgoMX2hlYWx0aF9qb2JzIm0KEFN1Ym1pdEpvYlJlcXVlc3QSLwoEc3BlYxgBIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMcXVldWVfYW55d2F5GAMgASgIIj8KEVN1Ym1pdEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiPAoOR2V0Sm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiJtCg9MaXN0Sm9ic1JlcXVlc3QSMwoGZmlsdGVyGAEgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJYChBMaXN0Sm9ic1Jlc3BvbnNlEisKBGpvYnMYASADKAsyHS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIzChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIPCgdtZXNzYWdlGAIgASgJIj8KEUNhbmNlbEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSI+ChBXYXRjaEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiYQoQV2F0Y2hKb2JzUmVxdWVzdBIzCgZmaWx0ZXIYASABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iRmlsdGVyEhgKEGluY2x1ZGVfZXhpc3RpbmcYAiABKAgidgoRV2F0Y2hKb2JzUmVzcG9uc2USNQoEa2luZBgBIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JDaGFuZ2VLaW5kEioKA2pvYhgCIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiKAoWR2V0Sm9iTG9nQWNjZXNzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkibAoXR2V0Sm9iTG9nQWNjZXNzUmVzcG9uc2USFwoPbG9nX3NlcnZlcl91cmxzGAEgAygJEjgKCnJlYWRfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiJLChVPcGVuSm9iU2Vzc2lvblJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCXBvcnRfbmFtZRgCIAEoCRIPCgdob3N0X2lkGAMgASgJIsoBChZPcGVuSm9iU2Vzc2lvblJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSEAoIZ3JwY191cmwYAiABKAkSFQoNd2Vic29ja2V0X3VybBgDIAEoCRIYCgt0Y3BfYWRkcmVzcxgEIAEoCUgAiAEBEjgKCmRpYWxfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhIPCgdob3N0X2lkGAYgASgJQg4KDF90Y3BfYWRkcmVzcyJhChJTbmFwc2hvdEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSCwoDdGFnGAMgASgJEgwKBHdhaXQYBCABKAgSEgoKcmVxdWVzdF9pZBgFIAEoCSJLChNTbmFwc2hvdEpvYlJlc3BvbnNlEjQKCHNuYXBzaG90GAEgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90IokBChJDb250cm9sSG9zdFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhIKCmhvc3RfaW5kZXgYAiABKAUSOwoGYWN0aW9uGAMgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uEhIKCnJlcXVlc3RfaWQYBCABKAkilwEKE0NvbnRyb2xIb3N0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJEjsKBmFjdGlvbhgEIAEoDjIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0Q29udHJvbEFjdGlvbhIPCgdtZXNzYWdlGAUgASgJKqQBCg1Kb2JDaGFuZ2VLaW5kEh8KG0pPQl9DSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEhwKGEpPQl9DSEFOR0VfS0lORF9FWElTVElORxABEhoKFkpPQl9DSEFOR0VfS0lORF9TWU5DRUQQAhIbChdKT0JfQ0hBTkdFX0tJTkRfQ1JFQVRFRBADEhsKF0pPQl9DSEFOR0VfS0lORF9VUERBVEVEEAQyqggKCkpvYlNlcnZpY2USZAoJU3VibWl0Sm9iEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1Ym1pdEpvYlJlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VibWl0Sm9iUmVzcG9uc2USWwoGR2V0Sm9iEicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYlJlcXVlc3QaKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iUmVzcG9uc2USYQoITGlzdEpvYnMSKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEpvYnNSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JzUmVzcG9uc2USZAoJQ2FuY2VsSm9iEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNhbmNlbEpvYlJlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FuY2VsSm9iUmVzcG9uc2USYwoIV2F0Y2hKb2ISKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9iUmVzcG9uc2UwARJmCglXYXRjaEpvYnMSKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JzUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYnNSZXNwb25zZTABEnYKD0dldEpvYkxvZ0FjY2VzcxIwLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JMb2dBY2Nlc3NSZXF1ZXN0GjEudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYkxvZ0FjY2Vzc1Jlc3BvbnNlEnMKDk9wZW5Kb2JTZXNzaW9uEi8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLk9wZW5Kb2JTZXNzaW9uUmVxdWVzdBowLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5PcGVuSm9iU2Vzc2lvblJlc3BvbnNlEmoKC1NuYXBzaG90Sm9iEiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90Sm9iUmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdEpvYlJlc3BvbnNlEmoKC0NvbnRyb2xIb3N0EiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbnRyb2xIb3N0UmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db250cm9sSG9zdFJlc3BvbnNlYgZwcm90bzM", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_job]);
+  fileDesc("Cip0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iX3NlcnZpY2UucHJvdG8SGHRyZWFkbWlsbC5jb29yZGluYXRvci52MSKNAgoJSm9iRmlsdGVyEjIKBnN0YXRlcxgBIAMoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIVCg1vd25lcl91c2VyX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSOwoEdGFncxgEIAMoCzItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXIuVGFnc0VudHJ5EhgKC2hlYWx0aF9qb2JzGAUgASgISACIAQESEAoIbGVhc2VfaWQYBiABKAkaKwoJVGFnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDgoMX2hlYWx0aF9qb2JzIm0KEFN1Ym1pdEpvYlJlcXVlc3QSLwoEc3BlYxgBIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMcXVldWVfYW55d2F5GAMgASgIIj8KEVN1Ym1pdEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiPAoOR2V0Sm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiJtCg9MaXN0Sm9ic1JlcXVlc3QSMwoGZmlsdGVyGAEgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJYChBMaXN0Sm9ic1Jlc3BvbnNlEisKBGpvYnMYASADKAsyHS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIzChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIPCgdtZXNzYWdlGAIgASgJIj8KEUNhbmNlbEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSI+ChBXYXRjaEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiYQoQV2F0Y2hKb2JzUmVxdWVzdBIzCgZmaWx0ZXIYASABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iRmlsdGVyEhgKEGluY2x1ZGVfZXhpc3RpbmcYAiABKAgidgoRV2F0Y2hKb2JzUmVzcG9uc2USNQoEa2luZBgBIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JDaGFuZ2VLaW5kEioKA2pvYhgCIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiKAoWR2V0Sm9iTG9nQWNjZXNzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkibAoXR2V0Sm9iTG9nQWNjZXNzUmVzcG9uc2USFwoPbG9nX3NlcnZlcl91cmxzGAEgAygJEjgKCnJlYWRfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiJLChVPcGVuSm9iU2Vzc2lvblJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCXBvcnRfbmFtZRgCIAEoCRIPCgdob3N0X2lkGAMgASgJIsoBChZPcGVuSm9iU2Vzc2lvblJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSEAoIZ3JwY191cmwYAiABKAkSFQoNd2Vic29ja2V0X3VybBgDIAEoCRIYCgt0Y3BfYWRkcmVzcxgEIAEoCUgAiAEBEjgKCmRpYWxfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhIPCgdob3N0X2lkGAYgASgJQg4KDF90Y3BfYWRkcmVzcyJhChJTbmFwc2hvdEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSCwoDdGFnGAMgASgJEgwKBHdhaXQYBCABKAgSEgoKcmVxdWVzdF9pZBgFIAEoCSJLChNTbmFwc2hvdEpvYlJlc3BvbnNlEjQKCHNuYXBzaG90GAEgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90IokBChJDb250cm9sSG9zdFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhIKCmhvc3RfaW5kZXgYAiABKAUSOwoGYWN0aW9uGAMgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uEhIKCnJlcXVlc3RfaWQYBCABKAkilwEKE0NvbnRyb2xIb3N0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJEjsKBmFjdGlvbhgEIAEoDjIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0Q29udHJvbEFjdGlvbhIPCgdtZXNzYWdlGAUgASgJIjoKF0xpc3RKb2JBcnRpZmFjdHNSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFIncKGExpc3RKb2JBcnRpZmFjdHNSZXNwb25zZRIPCgdhdHRlbXB0GAEgASgFEjUKCWFydGlmYWN0cxgCIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BcnRpZmFjdBITCgt0b3RhbF9ieXRlcxgDIAEoAyI+ChtHZXRKb2JBcnRpZmFjdEFjY2Vzc1JlcXVlc3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUidgoOQXJ0aWZhY3RBY2Nlc3MSFwoPbWFuaWZlc3RfZGlnZXN0GAEgASgJEhEKCXN0b3JlX3VybBgCIAEoCRI4CgpyZWFkX3Rva2VuGAMgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4iaQocR2V0Sm9iQXJ0aWZhY3RBY2Nlc3NSZXNwb25zZRIPCgdhdHRlbXB0GAEgASgFEjgKBmFjY2VzcxgCIAMoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BcnRpZmFjdEFjY2VzcyqkAQoNSm9iQ2hhbmdlS2luZBIfChtKT0JfQ0hBTkdFX0tJTkRfVU5TUEVDSUZJRUQQABIcChhKT0JfQ0hBTkdFX0tJTkRfRVhJU1RJTkcQARIaChZKT0JfQ0hBTkdFX0tJTkRfU1lOQ0VEEAISGwoXSk9CX0NIQU5HRV9LSU5EX0NSRUFURUQQAxIbChdKT0JfQ0hBTkdFX0tJTkRfVVBEQVRFRBAEMq0KCgpKb2JTZXJ2aWNlEmQKCVN1Ym1pdEpvYhIqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TdWJtaXRKb2JSZXF1ZXN0GisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1Ym1pdEpvYlJlc3BvbnNlElsKBkdldEpvYhInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JSZXF1ZXN0GigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYlJlc3BvbnNlEmEKCExpc3RKb2JzEikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JzUmVxdWVzdBoqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0Sm9ic1Jlc3BvbnNlEmQKCUNhbmNlbEpvYhIqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5DYW5jZWxKb2JSZXF1ZXN0GisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNhbmNlbEpvYlJlc3BvbnNlEmMKCFdhdGNoSm9iEikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9iUmVxdWVzdBoqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYlJlc3BvbnNlMAESZgoJV2F0Y2hKb2JzEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9ic1JlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JzUmVzcG9uc2UwARJ2Cg9HZXRKb2JMb2dBY2Nlc3MSMC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iTG9nQWNjZXNzUmVxdWVzdBoxLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JMb2dBY2Nlc3NSZXNwb25zZRJzCg5PcGVuSm9iU2Vzc2lvbhIvLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5PcGVuSm9iU2Vzc2lvblJlcXVlc3QaMC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuT3BlbkpvYlNlc3Npb25SZXNwb25zZRJqCgtTbmFwc2hvdEpvYhIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdEpvYlJlcXVlc3QaLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU25hcHNob3RKb2JSZXNwb25zZRJqCgtDb250cm9sSG9zdBIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db250cm9sSG9zdFJlcXVlc3QaLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ29udHJvbEhvc3RSZXNwb25zZRJ5ChBMaXN0Sm9iQXJ0aWZhY3RzEjEudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JBcnRpZmFjdHNSZXF1ZXN0GjIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JBcnRpZmFjdHNSZXNwb25zZRKFAQoUR2V0Sm9iQXJ0aWZhY3RBY2Nlc3MSNS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iQXJ0aWZhY3RBY2Nlc3NSZXF1ZXN0GjYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYkFydGlmYWN0QWNjZXNzUmVzcG9uc2ViBnByb3RvMw", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_job]);
 
 /**
  * JobFilter selects jobs in ListJobs and WatchJobs. Set conditions are ANDed.
@@ -699,6 +699,161 @@ export const ControlHostResponseSchema: GenMessage<ControlHostResponse> = /*@__P
   messageDesc(file_treadmill_coordinator_v1_job_service, 20);
 
 /**
+ * Request of ListJobArtifacts.
+ *
+ * @generated from message treadmill.coordinator.v1.ListJobArtifactsRequest
+ */
+export type ListJobArtifactsRequest = Message<"treadmill.coordinator.v1.ListJobArtifactsRequest"> & {
+  /**
+   * The job's id.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The attempt; 0: the newest attempt that recorded artifacts (else the
+   * current one).
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ListJobArtifactsRequest.
+ * Use `create(ListJobArtifactsRequestSchema)` to create a new message.
+ */
+export const ListJobArtifactsRequestSchema: GenMessage<ListJobArtifactsRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 21);
+
+/**
+ * Response of ListJobArtifacts.
+ *
+ * @generated from message treadmill.coordinator.v1.ListJobArtifactsResponse
+ */
+export type ListJobArtifactsResponse = Message<"treadmill.coordinator.v1.ListJobArtifactsResponse"> & {
+  /**
+   * The attempt listed.
+   *
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * Its artifacts, by name.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.Artifact artifacts = 2;
+   */
+  artifacts: Artifact[];
+
+  /**
+   * Bytes of them all.
+   *
+   * @generated from field: int64 total_bytes = 3;
+   */
+  totalBytes: bigint;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ListJobArtifactsResponse.
+ * Use `create(ListJobArtifactsResponseSchema)` to create a new message.
+ */
+export const ListJobArtifactsResponseSchema: GenMessage<ListJobArtifactsResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 22);
+
+/**
+ * Request of GetJobArtifactAccess.
+ *
+ * @generated from message treadmill.coordinator.v1.GetJobArtifactAccessRequest
+ */
+export type GetJobArtifactAccessRequest = Message<"treadmill.coordinator.v1.GetJobArtifactAccessRequest"> & {
+  /**
+   * The job's id.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The attempt, as in ListJobArtifactsRequest.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.GetJobArtifactAccessRequest.
+ * Use `create(GetJobArtifactAccessRequestSchema)` to create a new message.
+ */
+export const GetJobArtifactAccessRequestSchema: GenMessage<GetJobArtifactAccessRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 23);
+
+/**
+ * ArtifactAccess is where a set of artifacts can be read, and with what.
+ *
+ * @generated from message treadmill.coordinator.v1.ArtifactAccess
+ */
+export type ArtifactAccess = Message<"treadmill.coordinator.v1.ArtifactAccess"> & {
+  /**
+   * The store manifest listing them (Artifact.manifest_digest).
+   *
+   * @generated from field: string manifest_digest = 1;
+   */
+  manifestDigest: string;
+
+  /**
+   * Base URL of the image store (ImageStoreService.GetBlob).
+   *
+   * @generated from field: string store_url = 2;
+   */
+  storeUrl: string;
+
+  /**
+   * image:read token for manifest_digest: reads its blobs, nothing else.
+   *
+   * @generated from field: treadmill.common.v1.CapabilityToken read_token = 3;
+   */
+  readToken?: CapabilityToken | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ArtifactAccess.
+ * Use `create(ArtifactAccessSchema)` to create a new message.
+ */
+export const ArtifactAccessSchema: GenMessage<ArtifactAccess> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 24);
+
+/**
+ * Response of GetJobArtifactAccess.
+ *
+ * @generated from message treadmill.coordinator.v1.GetJobArtifactAccessResponse
+ */
+export type GetJobArtifactAccessResponse = Message<"treadmill.coordinator.v1.GetJobArtifactAccessResponse"> & {
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * One entry per manifest (one per host of the attempt).
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.ArtifactAccess access = 2;
+   */
+  access: ArtifactAccess[];
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.GetJobArtifactAccessResponse.
+ * Use `create(GetJobArtifactAccessResponseSchema)` to create a new message.
+ */
+export const GetJobArtifactAccessResponseSchema: GenMessage<GetJobArtifactAccessResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 25);
+
+/**
  * JobChangeKind is the kind of a WatchJobs message.
  *
  * @generated from enum treadmill.coordinator.v1.JobChangeKind
@@ -900,6 +1055,31 @@ export const JobService: GenService<{
     methodKind: "unary";
     input: typeof ControlHostRequestSchema;
     output: typeof ControlHostResponseSchema;
+  },
+  /**
+   * The artifacts of one attempt of a job (docs/artifacts.md): name, size,
+   * digest, where stored. Who may: as GetJob (NotFound, PermissionDenied).
+   * Safe to retry.
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.ListJobArtifacts
+   */
+  listJobArtifacts: {
+    methodKind: "unary";
+    input: typeof ListJobArtifactsRequestSchema;
+    output: typeof ListJobArtifactsResponseSchema;
+  },
+  /**
+   * How to download an attempt's artifacts: for each store manifest holding
+   * them, the store's URL and an image:read token scoped to that manifest
+   * (GetBlob of its blobs). Who may: as GetJob. FailedPrecondition when the
+   * attempt has no artifacts. Safe to retry.
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.GetJobArtifactAccess
+   */
+  getJobArtifactAccess: {
+    methodKind: "unary";
+    input: typeof GetJobArtifactAccessRequestSchema;
+    output: typeof GetJobArtifactAccessResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_treadmill_coordinator_v1_job_service, 0);

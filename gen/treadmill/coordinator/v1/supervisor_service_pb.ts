@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/supervisor_service.proto.
  */
 export const file_treadmill_coordinator_v1_supervisor_service: GenFile = /*@__PURE__*/
-  fileDesc("CjF0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvc3VwZXJ2aXNvcl9zZXJ2aWNlLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEiuAQKDUF0dGFjaFJlcXVlc3QSOgoFaGVsbG8YASABKAsyKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlbGxvSAASRAoQam9iX3N0YXRlX3JlcG9ydBgCIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZVJlcG9ydEgAEjsKC2NvbW1hbmRfYWNrGAMgASgLMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbW1hbmRBY2tIABJCCgloZWFydGJlYXQYBCABKAsyLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlYXJ0YmVhdEgAEkMKD3NuYXBzaG90X3Jlc3VsdBgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFJlc3VsdEgAEkAKDmpvYl9sb2dfcmVwb3J0GAYgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkxvZ1JlcG9ydEgAEkYKEWxvZ190b2tlbl9yZXF1ZXN0GAcgASgLMikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1Rva2VuUmVxdWVzdEgAEkoKE2hvc3RfY29udHJvbF9yZXN1bHQYCCABKAsyKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdENvbnRyb2xSZXN1bHRIAEIJCgdwYXlsb2FkIpYECg5BdHRhY2hSZXNwb25zZRI+Cgd3ZWxjb21lGAEgASgLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1cGVydmlzb3JXZWxjb21lSAASNwoJc3RhcnRfam9iGAIgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN0YXJ0Sm9iSAASNQoIc3RvcF9qb2IYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3RvcEpvYkgAEjkKCmFja19yZXBvcnQYBCABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQWNrUmVwb3J0SAASPwoNdGFrZV9zbmFwc2hvdBgFIAEoCzImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UYWtlU25hcHNob3RIABJDCgloZWFydGJlYXQYBiABKAsyLi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ29vcmRpbmF0b3JIZWFydGJlYXRIABJCCg9sb2dfdG9rZW5fZ3JhbnQYByABKAsyJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nVG9rZW5HcmFudEgAEkQKDGNvbnRyb2xfaG9zdBgIIAEoCzIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db250cm9sSG9zdENvbW1hbmRIAEIJCgdwYXlsb2FkIvQBCg5Kb2JUZXJtaW5hdGlvbhI4CgZyZWFzb24YASABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOQoLZXhpdF9zdGF0dXMYAiABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXhpdFN0YXR1cxIWCglleGl0X2NvZGUYAyABKAVIAIgBARIPCgdtZXNzYWdlGAQgASgJEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGhlbGQYBiABKAhCDAoKX2V4aXRfY29kZSLPAQoHSGVsZEpvYhIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIxCgVzdGF0ZRgDIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRI9Cgt0ZXJtaW5hdGlvbhgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JUZXJtaW5hdGlvbiKjAgoPU3VwZXJ2aXNvckhlbGxvEj4KEHByb3RvY29sX3ZlcnNpb24YASABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLlByb3RvY29sVmVyc2lvbhIPCgdob3N0X2lkGAIgASgJEhoKEnN1cGVydmlzb3JfdmVyc2lvbhgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCRI5Cgtkcml2ZXJfa2luZBgFIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kEhAKCGNhcGFjaXR5GAYgASgFEi8KBGpvYnMYByADKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSGVsZEpvYhIQCghkcmFpbmluZxgIIAEoCCKkAgoOSm9iU3RhdGVSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjEKBXN0YXRlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAUgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEg8KB21lc3NhZ2UYBiABKAkSPQoLdGVybWluYXRpb24YByABKAsyKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iVGVybWluYXRpb24SKAoEdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVwoKQ29tbWFuZEFjaxISCgpyZXF1ZXN0X2lkGAEgASgJEgoKAm9rGAIgASgIEhIKCmVycm9yX2NvZGUYAyABKAUSFQoNZXJyb3JfbWVzc2FnZRgEIAEoCSJRChNTdXBlcnZpc29ySGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAIgASgIItMBCg5TbmFwc2hvdFJlc3VsdBISCgpyZXF1ZXN0X2lkGAEgASgJEhMKC3NuYXBzaG90X2lkGAIgASgJEg4KBmpvYl9pZBgDIAEoCRIPCgdhdHRlbXB0GAQgASgFEgoKAm9rGAUgASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgGIAEoCRISCgpzaXplX2J5dGVzGAcgASgDEhMKC21lZGlhX3R5cGVzGAggAygJEhIKCmVycm9yX2NvZGUYCSABKAUSFQoNZXJyb3JfbWVzc2FnZRgKIAEoCSKBAgoRU3VwZXJ2aXNvcldlbGNvbWUSPgoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuUHJvdG9jb2xWZXJzaW9uEiwKBGhvc3QYAiABKAsyHi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoLc2VydmVyX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmNvb3JkaW5hdG9yX2lkGAUgASgJIlsKCUxvZ1RhcmdldBITCgtzZXJ2ZXJfdXJscxgBIAMoCRI5Cgt3cml0ZV90b2tlbhgCIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIooBCgtJbWFnZVNvdXJjZRIXCg9tYW5pZmVzdF9kaWdlc3QYASABKAkSEQoJY2FjaGVfdXJsGAIgASgJEhUKDWxvY2F0aW9uX3VybHMYAyADKAkSOAoKcmVhZF90b2tlbhgEIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIlYKC1Byb3h5VGFyZ2V0EgsKA3VybBgBIAEoCRI6CgxleHBvc2VfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiI8CgdKb2JQZWVyEg0KBWluZGV4GAEgASgFEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJIpwDCghTdGFydEpvYhISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEi8KBHNwZWMYBCABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxI0CgVpbWFnZRgFIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5JbWFnZVNvdXJjZRIxCgRsb2dzGAYgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1RhcmdldBI0CgVwcm94eRgHIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Qcm94eVRhcmdldBIsCghkZWFkbGluZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaG9zdF9pbmRleBgJIAEoBRIwCgVwZWVycxgKIAMoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JQZWVyEhcKD2hvbGRfb25fZmFpbHVyZRgLIAEoCCK6AQoHU3RvcEpvYhISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjgKBnJlYXNvbhgEIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhIPCgdtZXNzYWdlGAUgASgJEi8KDGdyYWNlX3BlcmlvZBgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJRCglBY2tSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEhAKCHRlcm1pbmFsGAQgASgIIqkCCgxUYWtlU25hcHNob3QSEgoKcmVxdWVzdF9pZBgBIAEoCRITCgtzbmFwc2hvdF9pZBgCIAEoCRIOCgZqb2JfaWQYAyABKAkSDwoHYXR0ZW1wdBgEIAEoBRISCgp1cGxvYWRfdXJsGAUgASgJEjkKC3dyaXRlX3Rva2VuGAYgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4STAoLYW5ub3RhdGlvbnMYByADKAsyNy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGFrZVNuYXBzaG90LkFubm90YXRpb25zRW50cnkaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkAKFENvb3JkaW5hdG9ySGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIq4BCgxKb2JMb2dSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjMKBnN0YXR1cxgEIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSEgoKYnl0ZXNfbG9zdBgFIAEoAxIPCgdtZXNzYWdlGAYgASgJEhAKCHJldmlzaW9uGAcgASgDIkYKD0xvZ1Rva2VuUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFIssBCg1Mb2dUb2tlbkdyYW50EhIKCnJlcXVlc3RfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSCgoCb2sYBCABKAgSOQoLd3JpdGVfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhITCgtzZXJ2ZXJfdXJscxgGIAMoCRISCgplcnJvcl9jb2RlGAcgASgFEhUKDWVycm9yX21lc3NhZ2UYCCABKAkimgEKEkNvbnRyb2xIb3N0Q29tbWFuZBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmNvbnRyb2xfaWQYAiABKAkSDgoGam9iX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUSOwoGYWN0aW9uGAUgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uIoMBChFIb3N0Q29udHJvbFJlc3VsdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmNvbnRyb2xfaWQYAiABKAkSCgoCb2sYAyABKAgSDwoHbWVzc2FnZRgEIAEoCRISCgplcnJvcl9jb2RlGAUgASgFEhUKDWVycm9yX21lc3NhZ2UYBiABKAkydAoRU3VwZXJ2aXNvclNlcnZpY2USXwoGQXR0YWNoEicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkF0dGFjaFJlcXVlc3QaKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQXR0YWNoUmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_common_v1_capability, file_treadmill_common_v1_protocol, file_treadmill_coordinator_v1_host, file_treadmill_coordinator_v1_job]);
+  fileDesc("CjF0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvc3VwZXJ2aXNvcl9zZXJ2aWNlLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEihgUKDUF0dGFjaFJlcXVlc3QSOgoFaGVsbG8YASABKAsyKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlbGxvSAASRAoQam9iX3N0YXRlX3JlcG9ydBgCIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZVJlcG9ydEgAEjsKC2NvbW1hbmRfYWNrGAMgASgLMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbW1hbmRBY2tIABJCCgloZWFydGJlYXQYBCABKAsyLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlYXJ0YmVhdEgAEkMKD3NuYXBzaG90X3Jlc3VsdBgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFJlc3VsdEgAEkAKDmpvYl9sb2dfcmVwb3J0GAYgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkxvZ1JlcG9ydEgAEkYKEWxvZ190b2tlbl9yZXF1ZXN0GAcgASgLMikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1Rva2VuUmVxdWVzdEgAEkoKE2hvc3RfY29udHJvbF9yZXN1bHQYCCABKAsyKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdENvbnRyb2xSZXN1bHRIABJMChRqb2JfYXJ0aWZhY3RzX3JlcG9ydBgKIAEoCzIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JBcnRpZmFjdHNSZXBvcnRIAEIJCgdwYXlsb2FkIpYECg5BdHRhY2hSZXNwb25zZRI+Cgd3ZWxjb21lGAEgASgLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1cGVydmlzb3JXZWxjb21lSAASNwoJc3RhcnRfam9iGAIgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN0YXJ0Sm9iSAASNQoIc3RvcF9qb2IYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3RvcEpvYkgAEjkKCmFja19yZXBvcnQYBCABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQWNrUmVwb3J0SAASPwoNdGFrZV9zbmFwc2hvdBgFIAEoCzImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UYWtlU25hcHNob3RIABJDCgloZWFydGJlYXQYBiABKAsyLi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ29vcmRpbmF0b3JIZWFydGJlYXRIABJCCg9sb2dfdG9rZW5fZ3JhbnQYByABKAsyJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nVG9rZW5HcmFudEgAEkQKDGNvbnRyb2xfaG9zdBgIIAEoCzIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db250cm9sSG9zdENvbW1hbmRIAEIJCgdwYXlsb2FkIvQBCg5Kb2JUZXJtaW5hdGlvbhI4CgZyZWFzb24YASABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOQoLZXhpdF9zdGF0dXMYAiABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXhpdFN0YXR1cxIWCglleGl0X2NvZGUYAyABKAVIAIgBARIPCgdtZXNzYWdlGAQgASgJEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGhlbGQYBiABKAhCDAoKX2V4aXRfY29kZSLPAQoHSGVsZEpvYhIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIxCgVzdGF0ZRgDIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRI9Cgt0ZXJtaW5hdGlvbhgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JUZXJtaW5hdGlvbiKjAgoPU3VwZXJ2aXNvckhlbGxvEj4KEHByb3RvY29sX3ZlcnNpb24YASABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLlByb3RvY29sVmVyc2lvbhIPCgdob3N0X2lkGAIgASgJEhoKEnN1cGVydmlzb3JfdmVyc2lvbhgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCRI5Cgtkcml2ZXJfa2luZBgFIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kEhAKCGNhcGFjaXR5GAYgASgFEi8KBGpvYnMYByADKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSGVsZEpvYhIQCghkcmFpbmluZxgIIAEoCCKkAgoOSm9iU3RhdGVSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjEKBXN0YXRlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAUgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEg8KB21lc3NhZ2UYBiABKAkSPQoLdGVybWluYXRpb24YByABKAsyKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iVGVybWluYXRpb24SKAoEdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVwoKQ29tbWFuZEFjaxISCgpyZXF1ZXN0X2lkGAEgASgJEgoKAm9rGAIgASgIEhIKCmVycm9yX2NvZGUYAyABKAUSFQoNZXJyb3JfbWVzc2FnZRgEIAEoCSJRChNTdXBlcnZpc29ySGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAIgASgIItMBCg5TbmFwc2hvdFJlc3VsdBISCgpyZXF1ZXN0X2lkGAEgASgJEhMKC3NuYXBzaG90X2lkGAIgASgJEg4KBmpvYl9pZBgDIAEoCRIPCgdhdHRlbXB0GAQgASgFEgoKAm9rGAUgASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgGIAEoCRISCgpzaXplX2J5dGVzGAcgASgDEhMKC21lZGlhX3R5cGVzGAggAygJEhIKCmVycm9yX2NvZGUYCSABKAUSFQoNZXJyb3JfbWVzc2FnZRgKIAEoCSKBAgoRU3VwZXJ2aXNvcldlbGNvbWUSPgoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuUHJvdG9jb2xWZXJzaW9uEiwKBGhvc3QYAiABKAsyHi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoLc2VydmVyX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmNvb3JkaW5hdG9yX2lkGAUgASgJIlsKCUxvZ1RhcmdldBITCgtzZXJ2ZXJfdXJscxgBIAMoCRI5Cgt3cml0ZV90b2tlbhgCIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIooBCgtJbWFnZVNvdXJjZRIXCg9tYW5pZmVzdF9kaWdlc3QYASABKAkSEQoJY2FjaGVfdXJsGAIgASgJEhUKDWxvY2F0aW9uX3VybHMYAyADKAkSOAoKcmVhZF90b2tlbhgEIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIlYKC1Byb3h5VGFyZ2V0EgsKA3VybBgBIAEoCRI6CgxleHBvc2VfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiI8CgdKb2JQZWVyEg0KBWluZGV4GAEgASgFEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJIpMECghTdGFydEpvYhISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEi8KBHNwZWMYBCABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxI0CgVpbWFnZRgFIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5JbWFnZVNvdXJjZRIxCgRsb2dzGAYgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1RhcmdldBI0CgVwcm94eRgHIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Qcm94eVRhcmdldBIsCghkZWFkbGluZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaG9zdF9pbmRleBgJIAEoBRIwCgVwZWVycxgKIAMoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JQZWVyEhcKD2hvbGRfb25fZmFpbHVyZRgLIAEoCBI7CglhcnRpZmFjdHMYDCABKAsyKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQXJ0aWZhY3RUYXJnZXQSOAoGaW5wdXRzGA0gAygLMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYklucHV0U291cmNlIqEBCg5BcnRpZmFjdFRhcmdldBISCgp1cGxvYWRfdXJsGAEgASgJEjkKC3dyaXRlX3Rva2VuGAIgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4SFgoObWF4X2ZpbGVfYnl0ZXMYAyABKAMSFQoNbWF4X2pvYl9ieXRlcxgEIAEoAxIRCgltYXhfZmlsZXMYBSABKAUijwEKDkpvYklucHV0U291cmNlEgwKBG5hbWUYASABKAkSDgoGZGlnZXN0GAIgASgJEhIKCnNpemVfYnl0ZXMYAyABKAMSEQoJc3RvcmVfdXJsGAQgASgJEjgKCnJlYWRfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiL3AQoSSm9iQXJ0aWZhY3RzUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIXCg9tYW5pZmVzdF9kaWdlc3QYBCABKAkSEgoKdXBsb2FkX3VybBgFIAEoCRI1CgVmaWxlcxgGIAMoCzImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BcnRpZmFjdEZpbGUSOgoHc2tpcHBlZBgHIAMoCzIpLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ta2lwcGVkQXJ0aWZhY3QSDQoFZXJyb3IYCCABKAkiVAoMQXJ0aWZhY3RGaWxlEgwKBG5hbWUYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAxIOCgZkaWdlc3QYAyABKAkSEgoKbWVkaWFfdHlwZRgEIAEoCSJDCg9Ta2lwcGVkQXJ0aWZhY3QSDAoEbmFtZRgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgDEg4KBnJlYXNvbhgDIAEoCSK6AQoHU3RvcEpvYhISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjgKBnJlYXNvbhgEIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhIPCgdtZXNzYWdlGAUgASgJEi8KDGdyYWNlX3BlcmlvZBgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJRCglBY2tSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEhAKCHRlcm1pbmFsGAQgASgIIqkCCgxUYWtlU25hcHNob3QSEgoKcmVxdWVzdF9pZBgBIAEoCRITCgtzbmFwc2hvdF9pZBgCIAEoCRIOCgZqb2JfaWQYAyABKAkSDwoHYXR0ZW1wdBgEIAEoBRISCgp1cGxvYWRfdXJsGAUgASgJEjkKC3dyaXRlX3Rva2VuGAYgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4STAoLYW5ub3RhdGlvbnMYByADKAsyNy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGFrZVNuYXBzaG90LkFubm90YXRpb25zRW50cnkaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkAKFENvb3JkaW5hdG9ySGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIq4BCgxKb2JMb2dSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjMKBnN0YXR1cxgEIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSEgoKYnl0ZXNfbG9zdBgFIAEoAxIPCgdtZXNzYWdlGAYgASgJEhAKCHJldmlzaW9uGAcgASgDIkYKD0xvZ1Rva2VuUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFIssBCg1Mb2dUb2tlbkdyYW50EhIKCnJlcXVlc3RfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSCgoCb2sYBCABKAgSOQoLd3JpdGVfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhITCgtzZXJ2ZXJfdXJscxgGIAMoCRISCgplcnJvcl9jb2RlGAcgASgFEhUKDWVycm9yX21lc3NhZ2UYCCABKAkimgEKEkNvbnRyb2xIb3N0Q29tbWFuZBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmNvbnRyb2xfaWQYAiABKAkSDgoGam9iX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUSOwoGYWN0aW9uGAUgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uIoMBChFIb3N0Q29udHJvbFJlc3VsdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmNvbnRyb2xfaWQYAiABKAkSCgoCb2sYAyABKAgSDwoHbWVzc2FnZRgEIAEoCRISCgplcnJvcl9jb2RlGAUgASgFEhUKDWVycm9yX21lc3NhZ2UYBiABKAkydAoRU3VwZXJ2aXNvclNlcnZpY2USXwoGQXR0YWNoEicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkF0dGFjaFJlcXVlc3QaKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQXR0YWNoUmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_common_v1_capability, file_treadmill_common_v1_protocol, file_treadmill_coordinator_v1_host, file_treadmill_coordinator_v1_job]);
 
 /**
  * One message from the supervisor to the coordinator.
@@ -97,6 +97,14 @@ export type AttachRequest = Message<"treadmill.coordinator.v1.AttachRequest"> & 
      */
     value: HostControlResult;
     case: "hostControlResult";
+  } | {
+    /**
+     * The artifacts a job attempt wrote on this host, once uploaded.
+     *
+     * @generated from field: treadmill.coordinator.v1.JobArtifactsReport job_artifacts_report = 10;
+     */
+    value: JobArtifactsReport;
+    case: "jobArtifactsReport";
   } | { case: undefined; value?: undefined };
 };
 
@@ -888,6 +896,20 @@ export type StartJob = Message<"treadmill.coordinator.v1.StartJob"> & {
    * @generated from field: bool hold_on_failure = 11;
    */
   holdOnFailure: boolean;
+
+  /**
+   * Where the job's artifacts go when it ends; unset: none are collected.
+   *
+   * @generated from field: treadmill.coordinator.v1.ArtifactTarget artifacts = 12;
+   */
+  artifacts?: ArtifactTarget | undefined;
+
+  /**
+   * The job's input files, resolved, each with a read token.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.JobInputSource inputs = 13;
+   */
+  inputs: JobInputSource[];
 };
 
 /**
@@ -896,6 +918,258 @@ export type StartJob = Message<"treadmill.coordinator.v1.StartJob"> & {
  */
 export const StartJobSchema: GenMessage<StartJob> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_supervisor_service, 14);
+
+/**
+ * ArtifactTarget says where and how much of a job's artifacts to upload.
+ *
+ * @generated from message treadmill.coordinator.v1.ArtifactTarget
+ */
+export type ArtifactTarget = Message<"treadmill.coordinator.v1.ArtifactTarget"> & {
+  /**
+   * Base URL of the image store to upload to (PutBlob, PutManifest).
+   *
+   * @generated from field: string upload_url = 1;
+   */
+  uploadUrl: string;
+
+  /**
+   * image:write token for upload_url, minted for the job's owner (who
+   * holds what is uploaded), valid past the attempt's deadline.
+   *
+   * @generated from field: treadmill.common.v1.CapabilityToken write_token = 2;
+   */
+  writeToken?: CapabilityToken | undefined;
+
+  /**
+   * Largest artifact file uploaded; a larger one is skipped and reported.
+   *
+   * @generated from field: int64 max_file_bytes = 3;
+   */
+  maxFileBytes: bigint;
+
+  /**
+   * Most bytes of artifacts per attempt on this host; files past it are
+   * skipped and reported.
+   *
+   * @generated from field: int64 max_job_bytes = 4;
+   */
+  maxJobBytes: bigint;
+
+  /**
+   * Most files per attempt on this host.
+   *
+   * @generated from field: int32 max_files = 5;
+   */
+  maxFiles: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ArtifactTarget.
+ * Use `create(ArtifactTargetSchema)` to create a new message.
+ */
+export const ArtifactTargetSchema: GenMessage<ArtifactTarget> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 15);
+
+/**
+ * JobInputSource is one input file: a blob to fetch and place in
+ * $TREADMILL_INPUTS_DIR/<name> before the workload starts.
+ *
+ * @generated from message treadmill.coordinator.v1.JobInputSource
+ */
+export type JobInputSource = Message<"treadmill.coordinator.v1.JobInputSource"> & {
+  /**
+   * File name under the inputs directory.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * `sha256:<hex>` of the file: the supervisor verifies what it fetched.
+   *
+   * @generated from field: string digest = 2;
+   */
+  digest: string;
+
+  /**
+   * Bytes.
+   *
+   * @generated from field: int64 size_bytes = 3;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Base URL of the image store holding it.
+   *
+   * @generated from field: string store_url = 4;
+   */
+  storeUrl: string;
+
+  /**
+   * image:read token of the manifest listing the blob.
+   *
+   * @generated from field: treadmill.common.v1.CapabilityToken read_token = 5;
+   */
+  readToken?: CapabilityToken | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.JobInputSource.
+ * Use `create(JobInputSourceSchema)` to create a new message.
+ */
+export const JobInputSourceSchema: GenMessage<JobInputSource> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 16);
+
+/**
+ * JobArtifactsReport lists the artifacts a job attempt wrote on this host,
+ * after they were uploaded (and the manifest listing them stored). Sent
+ * before the attempt's terminal JobStateReport, retained and sent again
+ * after a reconnect until acknowledged by AckReport (terminal false).
+ * The coordinator records it idempotently by report_id and host.
+ *
+ * @generated from message treadmill.coordinator.v1.JobArtifactsReport
+ */
+export type JobArtifactsReport = Message<"treadmill.coordinator.v1.JobArtifactsReport"> & {
+  /**
+   * Unique per report.
+   *
+   * @generated from field: string report_id = 1;
+   */
+  reportId: string;
+
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 2;
+   */
+  jobId: string;
+
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 3;
+   */
+  attempt: number;
+
+  /**
+   * The store manifest listing every uploaded file (empty when none was).
+   *
+   * @generated from field: string manifest_digest = 4;
+   */
+  manifestDigest: string;
+
+  /**
+   * Base URL of the store uploaded to.
+   *
+   * @generated from field: string upload_url = 5;
+   */
+  uploadUrl: string;
+
+  /**
+   * The uploaded files.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.ArtifactFile files = 6;
+   */
+  files: ArtifactFile[];
+
+  /**
+   * Files not uploaded, with why (over a cap, not a regular file).
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.SkippedArtifact skipped = 7;
+   */
+  skipped: SkippedArtifact[];
+
+  /**
+   * Why the upload failed as a whole; empty when it did not.
+   *
+   * @generated from field: string error = 8;
+   */
+  error: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.JobArtifactsReport.
+ * Use `create(JobArtifactsReportSchema)` to create a new message.
+ */
+export const JobArtifactsReportSchema: GenMessage<JobArtifactsReport> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 17);
+
+/**
+ * ArtifactFile is one uploaded artifact.
+ *
+ * @generated from message treadmill.coordinator.v1.ArtifactFile
+ */
+export type ArtifactFile = Message<"treadmill.coordinator.v1.ArtifactFile"> & {
+  /**
+   * Path relative to the artifacts directory, `/`-separated.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Bytes.
+   *
+   * @generated from field: int64 size_bytes = 2;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * `sha256:<hex>`.
+   *
+   * @generated from field: string digest = 3;
+   */
+  digest: string;
+
+  /**
+   * Media type guessed from the name.
+   *
+   * @generated from field: string media_type = 4;
+   */
+  mediaType: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ArtifactFile.
+ * Use `create(ArtifactFileSchema)` to create a new message.
+ */
+export const ArtifactFileSchema: GenMessage<ArtifactFile> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 18);
+
+/**
+ * SkippedArtifact is a file that was not uploaded.
+ *
+ * @generated from message treadmill.coordinator.v1.SkippedArtifact
+ */
+export type SkippedArtifact = Message<"treadmill.coordinator.v1.SkippedArtifact"> & {
+  /**
+   * Path relative to the artifacts directory.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Bytes (0 when unknown).
+   *
+   * @generated from field: int64 size_bytes = 2;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Why, lower-case: e.g. `larger than the per-file cap of 1 GiB`.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.SkippedArtifact.
+ * Use `create(SkippedArtifactSchema)` to create a new message.
+ */
+export const SkippedArtifactSchema: GenMessage<SkippedArtifact> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 19);
 
 /**
  * StopJob tells the supervisor to stop a job attempt (or one it should not
@@ -954,7 +1228,7 @@ export type StopJob = Message<"treadmill.coordinator.v1.StopJob"> & {
  * Use `create(StopJobSchema)` to create a new message.
  */
 export const StopJobSchema: GenMessage<StopJob> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 15);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 20);
 
 /**
  * AckReport tells the supervisor a report is durably recorded. For a terminal
@@ -999,7 +1273,7 @@ export type AckReport = Message<"treadmill.coordinator.v1.AckReport"> & {
  * Use `create(AckReportSchema)` to create a new message.
  */
 export const AckReportSchema: GenMessage<AckReport> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 16);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 21);
 
 /**
  * TakeSnapshot tells the supervisor to turn a running job's state into a new
@@ -1064,7 +1338,7 @@ export type TakeSnapshot = Message<"treadmill.coordinator.v1.TakeSnapshot"> & {
  * Use `create(TakeSnapshotSchema)` to create a new message.
  */
 export const TakeSnapshotSchema: GenMessage<TakeSnapshot> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 17);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 22);
 
 /**
  * CoordinatorHeartbeat tells the supervisor the coordinator is alive.
@@ -1085,7 +1359,7 @@ export type CoordinatorHeartbeat = Message<"treadmill.coordinator.v1.Coordinator
  * Use `create(CoordinatorHeartbeatSchema)` to create a new message.
  */
 export const CoordinatorHeartbeatSchema: GenMessage<CoordinatorHeartbeat> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 18);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 23);
 
 /**
  * JobLogReport is the state of one job attempt's log as this host ships it
@@ -1165,7 +1439,7 @@ export type JobLogReport = Message<"treadmill.coordinator.v1.JobLogReport"> & {
  * Use `create(JobLogReportSchema)` to create a new message.
  */
 export const JobLogReportSchema: GenMessage<JobLogReport> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 19);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 24);
 
 /**
  * LogTokenRequest asks for a fresh `log:write` token of a job attempt whose
@@ -1203,7 +1477,7 @@ export type LogTokenRequest = Message<"treadmill.coordinator.v1.LogTokenRequest"
  * Use `create(LogTokenRequestSchema)` to create a new message.
  */
 export const LogTokenRequestSchema: GenMessage<LogTokenRequest> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 20);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 25);
 
 /**
  * LogTokenGrant answers a LogTokenRequest. The coordinator grants a token
@@ -1277,7 +1551,7 @@ export type LogTokenGrant = Message<"treadmill.coordinator.v1.LogTokenGrant"> & 
  * Use `create(LogTokenGrantSchema)` to create a new message.
  */
 export const LogTokenGrantSchema: GenMessage<LogTokenGrant> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 21);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 26);
 
 /**
  * ControlHostCommand tells the supervisor to act on the host of a running job
@@ -1330,7 +1604,7 @@ export type ControlHostCommand = Message<"treadmill.coordinator.v1.ControlHostCo
  * Use `create(ControlHostCommandSchema)` to create a new message.
  */
 export const ControlHostCommandSchema: GenMessage<ControlHostCommand> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 22);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 27);
 
 /**
  * HostControlResult answers a ControlHostCommand once the action is done or
@@ -1391,7 +1665,7 @@ export type HostControlResult = Message<"treadmill.coordinator.v1.HostControlRes
  * Use `create(HostControlResultSchema)` to create a new message.
  */
 export const HostControlResultSchema: GenMessage<HostControlResult> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 23);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 28);
 
 /**
  * SupervisorService is the supervisor's only connection to the coordinator.
