@@ -155,6 +155,8 @@ export interface UploadArtifactsOptions {
   /** Names of host N >= 1 of a multi-host job start with `host-N/`. */
   prefix: string;
   reportId: string;
+  /** Files already left out (console artifacts over a cap or garbled). */
+  skipped?: ArtifactsReport["skipped"];
   /** A line on the job's `supervisor` channel. */
   say: (text: string) => void;
   signal: AbortSignal;
@@ -169,14 +171,18 @@ export interface UploadArtifactsOptions {
 export async function uploadArtifacts(o: UploadArtifactsOptions): Promise<ArtifactsReport | undefined> {
   const base = { reportId: o.reportId, jobId: o.jobId, attempt: o.attempt, uploadUrl: o.target.uploadUrl };
   let collected: Collected;
+  const earlier = (o.skipped ?? []).map((s) => ({ name: s.name ?? "", sizeBytes: s.sizeBytes ?? 0n, reason: s.reason ?? "" }));
   try {
     const dir = await checkRealDir(o.root, o.rel);
     collected = await collectArtifacts(dir, o.target, o.prefix);
+    collected.skipped.unshift(...earlier);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
-    const error = `cannot read the artifacts directory: ${err instanceof Error ? err.message : String(err)}`;
-    o.say(`artifacts: ${error}`);
-    return { ...base, error };
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") collected = { files: [], skipped: earlier };
+    else {
+      const error = `cannot read the artifacts directory: ${err instanceof Error ? err.message : String(err)}`;
+      o.say(`artifacts: ${error}`);
+      return { ...base, skipped: earlier, error };
+    }
   }
   const { files, skipped } = collected;
   for (const s of skipped) o.say(`artifacts: skipped ${s.name}: ${s.reason}`);

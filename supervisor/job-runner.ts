@@ -23,6 +23,7 @@ import { startExposer, type Exposer } from "./exposer.js";
 import { ImageError, ImageUnavailableError, type ImageProvisioner, type ProvisionedImage } from "./images.js";
 import type { JobLogs } from "./job-logs.js";
 import { type ArtifactsReport, fetchInputs, uploadArtifacts } from "./artifacts.js";
+import { ConsoleArtifacts } from "./console-artifacts.js";
 
 /** How a job ended here, before the coordinator's verdict. */
 export interface Termination {
@@ -84,6 +85,8 @@ export interface JobRunnerDeps {
   reportArtifacts?: (report: ArtifactsReport) => void;
   /** Longest time the artifacts' upload may take once the job ended. */
   artifactDeadlineMs?: number;
+  /** Where console artifacts of drivers without a files directory are spooled (console-artifacts.ts). */
+  spoolDir?: string;
 }
 
 /**
@@ -130,6 +133,8 @@ export class JobRunner {
   /** Set while the job is held (StartJob.hold_on_failure): `stop` ends the hold. */
   private endHold: (() => void) | undefined;
   private wasHeld = false;
+  /** Console artifacts, for a driver without a files directory (board, qemu). */
+  private readonly consoleArtifacts: ConsoleArtifacts | undefined;
   readonly done: Promise<void>;
 
   constructor(
@@ -147,6 +152,10 @@ export class JobRunner {
       sharedAttempt: start.peers.length > 1,
       supervisorChannel: this.channelName("supervisor"),
     });
+    const target = start.artifacts;
+    if (target && target.uploadUrl !== "" && !deps.driver.jobFiles && deps.spoolDir && !start.spec?.artifacts?.disabled) {
+      this.consoleArtifacts = new ConsoleArtifacts(join(deps.spoolDir, `${start.jobId}.${start.attempt}`), target);
+    }
     // Started after construction, so that reports name a runner the core holds.
     this.done = Promise.resolve().then(() => this.run());
   }
@@ -275,7 +284,10 @@ export class JobRunner {
       prepared = await this.deps.driver.prepare(driverSpec, { signal: this.abort.signal, onStage });
       await this.fetchInputs(prepared);
       const output = {
-        write: (channel: OutputChannel, bytes: Buffer) => this.shipper.channel(this.channelName(channel)).write(bytes),
+        write: (channel: OutputChannel, bytes: Buffer) => {
+          this.shipper.channel(this.channelName(channel)).write(bytes);
+          if (channel === "console") this.consoleArtifacts?.write(bytes);
+        },
       };
       this.running = await this.deps.driver.start(prepared, output, { signal: this.abort.signal, onStage });
       if (this.stopReason !== undefined) {
@@ -321,7 +333,7 @@ export class JobRunner {
     await exposer?.stop();
     await this.snapshotting;
     const target = this.running ?? prepared;
-    if (target) await this.collectArtifacts(target);
+    await this.collectArtifacts(target);
     if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
     await provisioned?.release();
 
@@ -374,15 +386,18 @@ export class JobRunner {
    * collection deadline (the supervisor's stop ends it too). Also after a
    * failure or a cancel: whatever the job wrote goes up.
    */
-  private async collectArtifacts(target: Prepared | RunningJob): Promise<void> {
-    const spec = this.start.spec;
+  private async collectArtifacts(target: Prepared | RunningJob | undefined): Promise<void> {
     const artifacts = this.start.artifacts;
-    const files = this.deps.driver.jobFiles?.(target);
-    if (!artifacts || artifacts.uploadUrl === "" || !files || !this.deps.reportArtifacts || spec?.artifacts?.disabled) return;
+    const fromConsole = this.consoleArtifacts;
+    const files = fromConsole
+      ? { root: fromConsole.filesDir, artifacts: "" }
+      : target && this.deps.driver.jobFiles?.(target);
+    if (!artifacts || artifacts.uploadUrl === "" || !files || !this.deps.reportArtifacts || this.start.spec?.artifacts?.disabled) return;
     const deadline = AbortSignal.timeout(this.deps.artifactDeadlineMs ?? 10 * 60_000);
     const report = await uploadArtifacts({
       root: files.root,
       rel: files.artifacts,
+      skipped: await fromConsole?.finish(),
       target: artifacts,
       jobId: this.jobId,
       attempt: this.attempt,
@@ -393,6 +408,7 @@ export class JobRunner {
       signal: deadline,
       tls: this.deps.tls,
     });
+    await fromConsole?.cleanup();
     if (report) this.deps.reportArtifacts(report);
   }
 

@@ -246,6 +246,7 @@ export function createSupervisor({
           send({ case: "jobArtifactsReport", value: report });
         },
         artifactDeadlineMs: config.artifactDeadlineMs,
+        spoolDir: join(config.workDir, "console-artifacts"),
       });
     } catch (err) {
       logger.error({ err, jobId: cmd.jobId, attempt: cmd.attempt }, "cannot start job");

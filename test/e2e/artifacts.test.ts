@@ -6,12 +6,14 @@ import { join } from "node:path";
 import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
 import { AuthService } from "../../gen/treadmill/coordinator/v1/auth_service_pb.js";
-import { ExitStatus, FinalizeReason, JobEventKind } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { ExitStatus, FinalizeReason, JobEventKind, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { UserService } from "../../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { ImageStoreService } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
 import { imageStoreTransport } from "../../lib/image/client.js";
+import { buildFirmwareImage } from "../../testbed/images.js";
+import { pushTestImage } from "../../testbed/provision.js";
 import { tml } from "../cli/harness.js";
 import { waitUntil } from "../support/jobs.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
@@ -193,4 +195,44 @@ describe("job artifacts on the all-in-one testbed", () => {
     for (const a of firstListed.artifacts) expect(gc.deletedDigests).toContain(a.digest);
     for (const a of (await jobsOf("carol").listJobArtifacts({ jobId: second })).artifacts) expect(gc.deletedDigests).not.toContain(a.digest);
   }, 240000);
+
+  it("uploads what a canceled job wrote before it was stopped", async () => {
+    const id = await submit("alice", "echo partial-results > $TREADMILL_ARTIFACTS_DIR/partial.txt; echo ready; sleep 600");
+    await tb.waitState(id, JobState.RUNNING);
+    await waitUntil(() => tb.readLog(id, "console").then((log) => log.includes("ready"), () => false), "the job to say ready", 60000);
+    await jobsOf("alice").cancelJob({ jobId: id });
+    expect((await tb.waitFinalized(id)).finalizeReason).toBe(FinalizeReason.CANCELED);
+    const listed = await jobsOf("alice").listJobArtifacts({ jobId: id });
+    expect(listed.artifacts.map((a) => a.name)).toEqual(["partial.txt"]);
+  }, 120000);
+
+  it("takes a board's artifacts from lines on its serial console, verified, skipping a garbled one", async () => {
+    // The firmware runs on the simulated board as a shell script: it prints its file as the protocol says.
+    const script = [
+      "f=$(mktemp)",
+      "echo board-says-hi > $f; seq 1 2000 >> $f",
+      'base64 $f | while read l; do echo "TREADMILL_ARTIFACT logs/board.txt $l"; done',
+      'echo "TREADMILL_ARTIFACT_END logs/board.txt $(sha256sum $f | cut -d" " -f1)"',
+      'echo "TREADMILL_ARTIFACT garbled.bin aGVsbG8="',
+      `echo "TREADMILL_ARTIFACT_END garbled.bin ${"0".repeat(64)}"`,
+      "sha256sum $f; rm -f $f",
+      "echo TREADMILL_EXIT=0",
+      "",
+    ].join("\n");
+    await pushTestImage(users.alice.transport, await buildFirmwareImage({ dir: join(tb.dir, "images"), script }), "alice/board-artifacts:1");
+    const { job } = await jobsOf("alice").submitJob({ spec: { image: "alice/board-artifacts:1", hosts: { hostCount: 1, tags: { board: "sim" } } } });
+    const done = await tb.waitFinalized(job!.id, 120000);
+    expect(done.exitStatus).toBe(ExitStatus.SUCCESS);
+    const listed = await jobsOf("alice").listJobArtifacts({ jobId: job!.id });
+    expect(listed.artifacts.map((a) => a.name)).toEqual(["logs/board.txt"]);
+    const hex = listed.artifacts[0].digest.slice("sha256:".length);
+    expect(await tb.readLog(job!.id, "console")).toContain(hex);
+    const event = done.timeline.find((e) => e.kind === JobEventKind.ARTIFACTS);
+    expect(event?.message).toMatch(/skipped garbled\.bin \(5 bytes\): garbled on the console/);
+    const got = await tmlAs("alice", ["job", "artifacts", job!.id, "--get", "logs/board.txt", "--dir", join(dir, "board")]);
+    expect(got.code).toBe(0);
+    const text = await readFile(join(dir, "board", "board.txt"), "utf8");
+    expect(text.startsWith("board-says-hi\n1\n2\n")).toBe(true);
+    expect(text.endsWith("2000\n")).toBe(true);
+  }, 180000);
 });
