@@ -18,6 +18,7 @@ import { hostNames, userNames } from "../directory.js";
 import { enumWord, iso, jobStatus, jobTone, stateWord, tagsText, when } from "../format.js";
 import { followChannel } from "../log-follow.js";
 import { LogView } from "../log-view.js";
+import { jobArtifacts } from "./job-artifacts.js";
 import type { PageContext } from "../main.js";
 
 const CHANNELS = ["console", "stdout", "stderr", "supervisor"];
@@ -62,6 +63,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
   const parameters = h("section", { "aria-labelledby": "params-title" }, h("h2", { id: "params-title" }, "Parameters"));
   const timeline = h("section", { "aria-labelledby": "timeline-title" }, h("h2", { id: "timeline-title" }, "Timeline"));
 
+  const artifacts = jobArtifacts(api, jobId, CHANNELS, signal);
   const view = new LogView("Job log");
   const channelSelect = h("select", { id: "log-channel" }, ...CHANNELS.map((c) => h("option", { value: c }, c)));
   const logStatus = h("span", { class: "live", id: "log-status", role: "status" }, "");
@@ -76,6 +78,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     hostControl,
     status,
     h("div", { class: "columns" }, details, h("div", {}, parameters, timeline)),
+    artifacts.element,
     logSection,
   );
   view.render();
@@ -128,6 +131,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     renderParameters(parameters, next);
     if (next.timeline.length > 0) renderTimeline(timeline, next, hosts);
     logs.update(next);
+    artifacts.update(next);
   };
 
   const watching = new AbortController();
