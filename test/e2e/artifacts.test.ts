@@ -56,6 +56,7 @@ describe("job artifacts on the all-in-one testbed", () => {
     for (const name of ["alice", "bob", "carol"]) await login(name);
     await tb.pushShellImage("alice/sh:1", undefined, users.alice.transport);
     await tb.pushShellImage("carol/sh:1", undefined, users.carol.transport);
+    await tb.pushShellImage("bob/sh:1", undefined, users.bob.transport);
   }, 120000);
   afterAll(async () => {
     await tb?.stop();
