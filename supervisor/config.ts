@@ -85,9 +85,9 @@ export const supervisorSchema = {
   stopGraceMs: { type: "duration", default: 10000, description: "time between a polite stop and the kill" },
   artifactDeadlineMs: {
     type: "duration",
-    default: 600000,
+    default: 120000,
     min: 1000,
-    description: "longest upload of a job's artifacts once it ended (its end is reported after it); what is not up by then is reported as failed",
+    description: "longest upload of a job's artifacts once it ended (its end, a cancel's too, is reported after it); what is not up by then is reported as failed",
   },
   logSpillCapBytes: {
     type: "int",

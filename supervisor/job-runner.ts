@@ -393,7 +393,7 @@ export class JobRunner {
       ? { root: fromConsole.filesDir, artifacts: "" }
       : target && this.deps.driver.jobFiles?.(target);
     if (!artifacts || artifacts.uploadUrl === "" || !files || !this.deps.reportArtifacts || this.start.spec?.artifacts?.disabled) return;
-    const deadline = AbortSignal.timeout(this.deps.artifactDeadlineMs ?? 10 * 60_000);
+    const deadline = AbortSignal.timeout(this.deps.artifactDeadlineMs ?? 120_000);
     const report = await uploadArtifacts({
       root: files.root,
       rel: files.artifacts,
