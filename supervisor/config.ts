@@ -101,6 +101,12 @@ export const supervisorSchema = {
     min: 1,
     description: "longest time a job's end spends reading its results files, and again waiting for the coordinator to acknowledge its results",
   },
+  artifactDeadlineMs: {
+    type: "duration",
+    default: 120000,
+    min: 1000,
+    description: "longest upload of a job's artifacts once it ended (its end, a cancel's too, is reported after it); what is not up by then is reported as failed",
+  },
   logSpillCapBytes: {
     type: "int",
     default: 4 * 1024 ** 3,

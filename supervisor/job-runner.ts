@@ -1,3 +1,5 @@
+import { randomUUID } from "node:crypto";
+import { join } from "node:path";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { ExitStatus, FinalizeReason, JobStage, JobState } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import type { StartJob } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
@@ -21,6 +23,8 @@ import { startExposer, type Exposer } from "./exposer.js";
 import { ImageError, ImageUnavailableError, type ImageProvisioner, type ProvisionedImage } from "./images.js";
 import type { JobLogs } from "./job-logs.js";
 import type { AttemptResults, JobResults } from "./job-results.js";
+import { type ArtifactsReport, fetchInputs, uploadArtifacts } from "./artifacts.js";
+import { ConsoleArtifacts } from "./console-artifacts.js";
 
 /** How a job ended here, before the coordinator's verdict. */
 export interface Termination {
@@ -80,6 +84,12 @@ export interface JobRunnerDeps {
   /** The CAs https proxies are verified with (--ca-file). */
   tls?: ClientTls;
   clock?: () => number;
+  /** Sends the attempt's JobArtifactsReport (retained by the core until acknowledged). */
+  reportArtifacts?: (report: ArtifactsReport) => void;
+  /** Longest time the artifacts' upload may take once the job ended. */
+  artifactDeadlineMs?: number;
+  /** Where console artifacts of drivers without a files directory are spooled (console-artifacts.ts). */
+  spoolDir?: string;
 }
 
 /**
@@ -127,6 +137,8 @@ export class JobRunner {
   /** Set while the job is held (StartJob.hold_on_failure): `stop` ends the hold. */
   private endHold: (() => void) | undefined;
   private wasHeld = false;
+  /** Console artifacts, for a driver without a files directory (board, qemu). */
+  private readonly consoleArtifacts: ConsoleArtifacts | undefined;
   readonly done: Promise<void>;
 
   constructor(
@@ -145,6 +157,10 @@ export class JobRunner {
       supervisorChannel: this.channelName("supervisor"),
     });
     this.results = deps.results.open(start.jobId, start.attempt, { console: start.spec?.results?.ignoreConsole !== true });
+    const target = start.artifacts;
+    if (target && target.uploadUrl !== "" && !deps.driver.jobFiles && deps.spoolDir && !start.spec?.artifacts?.disabled) {
+      this.consoleArtifacts = new ConsoleArtifacts(join(deps.spoolDir, `${start.jobId}.${start.attempt}`), target);
+    }
     // Started after construction, so that reports name a runner the core holds.
     this.done = Promise.resolve().then(() => this.run());
   }
@@ -271,12 +287,14 @@ export class JobRunner {
         this.say(message);
       };
       prepared = await this.deps.driver.prepare(driverSpec, { signal: this.abort.signal, onStage });
+      await this.fetchInputs(prepared);
       const output = {
         write: (channel: OutputChannel, bytes: Buffer) => {
           const name = this.channelName(channel);
           this.shipper.channel(name).write(bytes);
           // TAP/KTAP on the console is read as it comes (docs/results.md).
           if (channel === "console" || channel === "stdout") this.results.output(name, bytes);
+          if (channel === "console") this.consoleArtifacts?.write(bytes);
         },
       };
       this.running = await this.deps.driver.start(prepared, output, { signal: this.abort.signal, onStage });
@@ -326,6 +344,7 @@ export class JobRunner {
     // Results are collected before cleanup removes the job's files, also for a failed or stopped job.
     const resultsDir = target ? this.deps.driver.resultsDir?.(target) : undefined;
     await this.results.collect(resultsDir);
+    await this.collectArtifacts(target);
     if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
     await provisioned?.release();
 
@@ -358,6 +377,52 @@ export class JobRunner {
     await this.results.settled();
     this.termination = termination;
     this.deps.report({ state: JobState.TERMINATING, stage: JobStage.UNSPECIFIED, message: termination.message, termination });
+  }
+
+  /** The job's inputs into the driver's inputs directory, before the workload starts (artifacts.ts). */
+  private async fetchInputs(prepared: Prepared): Promise<void> {
+    const inputs = this.start.spec?.inputs ?? [];
+    if (inputs.length === 0) return;
+    const files = this.deps.driver.jobFiles?.(prepared);
+    if (!files) throw new DriverError("start", `the ${this.deps.driver.kind} driver cannot give a job input files`);
+    this.say(`fetching ${inputs.length} input file${inputs.length === 1 ? "" : "s"}`);
+    await fetchInputs(inputs, this.start.inputs, join(files.root, files.inputs), {
+      say: (text) => this.say(text),
+      signal: this.abort.signal,
+      tls: this.deps.tls,
+    });
+  }
+
+  /**
+   * Uploads what the job left in its artifacts directory (artifacts.ts) and
+   * sends the report, before the attempt's end is reported; bounded by the
+   * collection deadline (the supervisor's stop ends it too). Also after a
+   * failure or a cancel: whatever the job wrote goes up.
+   */
+  private async collectArtifacts(target: Prepared | RunningJob | undefined): Promise<void> {
+    const artifacts = this.start.artifacts;
+    const fromConsole = this.consoleArtifacts;
+    const files = fromConsole
+      ? { root: fromConsole.filesDir, artifacts: "" }
+      : target && this.deps.driver.jobFiles?.(target);
+    if (!artifacts || artifacts.uploadUrl === "" || !files || !this.deps.reportArtifacts || this.start.spec?.artifacts?.disabled) return;
+    const deadline = AbortSignal.timeout(this.deps.artifactDeadlineMs ?? 120_000);
+    const report = await uploadArtifacts({
+      root: files.root,
+      rel: files.artifacts,
+      skipped: await fromConsole?.finish(),
+      target: artifacts,
+      jobId: this.jobId,
+      attempt: this.attempt,
+      hostIndex: this.start.hostIndex,
+      prefix: this.start.peers.length > 1 && this.start.hostIndex > 0 ? `host-${this.start.hostIndex}/` : "",
+      reportId: randomUUID(),
+      say: (text) => this.say(text),
+      signal: deadline,
+      tls: this.deps.tls,
+    });
+    await fromConsole?.cleanup();
+    if (report) this.deps.reportArtifacts(report);
   }
 
   /**

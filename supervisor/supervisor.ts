@@ -33,6 +33,7 @@ import { JobLogs } from "./job-logs.js";
 import { JobResults } from "./job-results.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 import { Snapshotter } from "./snapshot.js";
+import type { ArtifactsReport } from "./artifacts.js";
 import { HostControls } from "./host-control.js";
 
 const SUPERVISOR_VERSION = "0.1.0";
@@ -131,6 +132,8 @@ export function createSupervisor({
     transport ?? replicaTransport(replicas, (url) => coordinatorTransport(url, config.hostCredential, tls)),
   );
   const key = (jobId: string, attempt: number) => `${jobId}/${attempt}`;
+  /** Artifact reports sent and not yet acknowledged, by report id: sent again after every attach. */
+  const artifactReports = new Map<string, ArtifactsReport>();
   type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
   const send = (payload: Payload) => outbox?.push(create(AttachRequestSchema, { payload }));
   // Job logs outlive their runners (a log server was down) and this process (resumed at start).
@@ -248,6 +251,12 @@ export function createSupervisor({
         report: (report) => reportOf(runner, report),
         hostId: () => hostId,
         tls,
+        reportArtifacts: (report) => {
+          artifactReports.set(report.reportId!, report);
+          send({ case: "jobArtifactsReport", value: report });
+        },
+        artifactDeadlineMs: config.artifactDeadlineMs,
+        spoolDir: join(config.workDir, "console-artifacts"),
       });
     } catch (err) {
       logger.error({ err, jobId: cmd.jobId, attempt: cmd.attempt }, "cannot start job");
@@ -306,6 +315,7 @@ export function createSupervisor({
           logger.info({ hostId, coordinatorUrl: displayUrl(replicas.current) }, "attached to coordinator");
           logs.attached();
           results.attached();
+          for (const report of artifactReports.values()) send({ case: "jobArtifactsReport", value: report });
           changed.notify();
           break;
         }
@@ -318,6 +328,7 @@ export function createSupervisor({
         case "ackReport":
           logs.acknowledged(payload.value.reportId);
           results.acknowledged(payload.value.reportId);
+          artifactReports.delete(payload.value.reportId);
           if (payload.value.terminal) {
             const k = key(payload.value.jobId, payload.value.attempt);
             if (runners.get(k)?.terminated()) {

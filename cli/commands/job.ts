@@ -38,6 +38,7 @@ import { logStatusText } from "../../lib/log-status.js";
 import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel, type LogLine } from "../logs.js";
 import { askKey } from "../prompt.js";
 import { splitReference } from "./image.js";
+import { jobArtifactCommands } from "./job-artifacts.js";
 import { followLease } from "./lease.js";
 import { countsText, resultsColumn, resultsCommands } from "./job-results.js";
 
@@ -172,6 +173,7 @@ const runFlags = {
   "queue-timeout": { type: "string", placeholder: "DURATION", description: "longest wait for hosts (default: the server's)" },
   restarts: { type: "string", placeholder: "N", description: "re-queue up to N times after an infrastructure failure" },
   lease: { type: "string", placeholder: "LEASE", description: "run inside this lease of yours, on its hosts (see `tml reserve`)" },
+  input: { type: "list", placeholder: "NAME=artifact:JOB/NAME", description: "put an artifact of an earlier job in $TREADMILL_INPUTS_DIR/NAME" },
   "queue-anyway": { type: "bool", description: "queue the job even when every host that matches it is quarantined, offline, disabled or retired" },
   detach: { type: "bool", short: "d", description: "submit and print the job id; do not follow" },
   quiet: { type: "bool", short: "q", description: "print only the job's output, no state changes" },
@@ -220,6 +222,7 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
     tags: keyValues("label", flags.label),
     description: flags.description ?? "",
     leaseId: flags.lease ?? "",
+    inputs: Object.entries(keyValues("input", flags.input)).map(([name, source]) => ({ name, source })),
   };
 }
 
@@ -714,6 +717,7 @@ export const jobCommands: Command[] = [
   }),
   ...hostControlCommands,
   ...resultsCommands,
+  ...jobArtifactCommands,
 ];
 
 /**

@@ -12,7 +12,9 @@ import {
   type CompareJobResultsRequest,
   type ListJobResultsRequest,
   type ControlHostRequest,
+  type GetJobArtifactAccessRequest,
   type GetJobLogAccessRequest,
+  type ListJobArtifactsRequest,
   type GetJobRequest,
   type JobFilter,
   JobChangeKind,
@@ -67,6 +69,7 @@ import {
 import { endAttempt, jobMessage, loadTimeline, stateName } from "./store.js";
 import { recordEvent } from "../db/queries/events.js";
 import type { HostControls } from "./host-control.js";
+import { jobArtifactAccess, listJobArtifacts, resolveInputs } from "./artifacts.js";
 import type { Snapshots } from "./snapshots.js";
 import { JobResults } from "./results.js";
 import { type ValidSpec, validateSpec } from "./validate.js";
@@ -116,6 +119,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     checkText("request_id", req.requestId, 64);
     const spec = validateSpec(req.spec, this.config);
     const sql = this.ctx.sql;
+    spec.publicSpec.inputs = await resolveInputs(sql, caller, spec.publicSpec.inputs);
 
     const image = await imageForJob(sql, caller.userId, spec.image);
     if (!image) throw notFound(`image ${clip(req.spec!.image)} not found`);
@@ -382,6 +386,16 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
       unsubscribe();
       hctx.signal.removeEventListener("abort", onAbort);
     }
+  }
+
+  async listJobArtifacts(req: ListJobArtifactsRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    return listJobArtifacts(this.ctx, await this.visibleJob(caller, req.jobId), req.attempt);
+  }
+
+  async getJobArtifactAccess(req: GetJobArtifactAccessRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    return jobArtifactAccess(this.ctx, caller, await this.visibleJob(caller, req.jobId), req.attempt);
   }
 
   async getJobLogAccess(req: GetJobLogAccessRequest, hctx: HandlerContext) {

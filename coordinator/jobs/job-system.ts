@@ -4,6 +4,8 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import { SupervisorService } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
+import { ArtifactKeeper } from "./artifact-keeper.js";
+import { registerArtifactHandlers } from "./artifacts.js";
 import { HealthKeeper } from "./health-keeper.js";
 import { HealthServiceImpl } from "./health-service.js";
 import { HostControls } from "./host-control.js";
@@ -31,6 +33,7 @@ export interface JobSystemParts extends JobSystem {
   scheduler: Scheduler;
   sweeper: Sweeper;
   health: HealthKeeper;
+  artifactKeeper: ArtifactKeeper;
   streams: SupervisorStreams;
   /** Register with the server's registry to serve them on /metrics. */
   metrics: JobMetrics;
@@ -59,6 +62,8 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   registerLogStatusHandlers(ctx, handlers);
   const results = new JobResults(ctx, config);
   results.registerHandlers(handlers);
+  registerArtifactHandlers(ctx, handlers);
+  const artifactKeeper = new ArtifactKeeper(ctx);
   const jobService = new JobServiceImpl(ctx, config, watchers, snapshots, controls, results);
   const health = new HealthKeeper(ctx, config);
   const healthService = new HealthServiceImpl(ctx, config);
@@ -70,6 +75,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
     scheduler,
     sweeper,
     health,
+    artifactKeeper,
     streams,
     metrics,
     register(router) {
@@ -100,6 +106,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
       await controls.start();
       await sweeper.start();
       health.start();
+      artifactKeeper.start();
       scheduler.wake();
     },
     stop() {
@@ -112,6 +119,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
         await streams.stop();
         await sweeper.stop();
         await health.stop();
+        await artifactKeeper.stop();
         watchdog.stop();
       })();
       return stopping;

@@ -53,6 +53,7 @@ import {
   type Exposure,
   type ExposedPortSpec,
   type JobExit,
+  type JobFiles,
   type JobOutput,
   type JobSpecForDriver,
   type Prepared,
@@ -112,6 +113,9 @@ export interface ProcessDriverOptions {
 export const SECRETS_DIR = "/run/treadmill/secrets";
 /** Where the job writes JUnit files (docs/results.md), owned by the job's uid. */
 export const RESULTS_DIR = "/run/treadmill/results";
+/** $TREADMILL_ARTIFACTS_DIR and $TREADMILL_INPUTS_DIR inside the job (docs/artifacts.md). */
+export const ARTIFACTS_DIR = "/run/treadmill/artifacts";
+export const INPUTS_DIR = "/run/treadmill/inputs";
 const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /** Why a supervisor that is not root exposes no port of an isolated job. */
 const NO_RELAYS = "ports of isolated jobs cannot be exposed on this host: its supervisor is not root, and only root can reach into a job's network namespace";
@@ -343,7 +347,12 @@ export class ProcessDriver implements Driver {
         TREADMILL_SECRETS_DIR: SECRETS_DIR,
         // Without a sandbox the job sees the host's paths.
         TREADMILL_RESULTS_DIR: this.isolation.mode === "none" ? resultsDir : RESULTS_DIR,
+        TREADMILL_ARTIFACTS_DIR: this.isolation.mode === "none" ? join(rootfs, ARTIFACTS_DIR) : ARTIFACTS_DIR,
+        TREADMILL_INPUTS_DIR: this.isolation.mode === "none" ? join(rootfs, INPUTS_DIR) : INPUTS_DIR,
       };
+      await mkdirsInside(rootfs, ARTIFACTS_DIR.slice(1), owner);
+      // Inputs are the supervisor's to write: the job reads them.
+      await mkdirsInside(rootfs, INPUTS_DIR.slice(1), undefined);
       for (const p of spec.parameters) {
         env[parameterEnvName(p.name)] = p.value;
         if (!p.secret) continue;
@@ -695,12 +704,17 @@ export class ProcessDriver implements Driver {
     const prepared = (handle as ProcessJob).prepared;
     if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
     const started = performance.now();
-    const layer = await snapshotRootfs(prepared.layers, prepared.rootfs, options.outFile, [SECRETS_DIR.slice(1)]);
+    const layer = await snapshotRootfs(prepared.layers, prepared.rootfs, options.outFile, [SECRETS_DIR.slice(1), ARTIFACTS_DIR.slice(1), INPUTS_DIR.slice(1)]);
     this.logger.info(
       { jobId: prepared.jobId, attempt: prepared.attempt, digest: layer.digest, size: layer.size, durationMs: Math.round(performance.now() - started) },
       "job snapshot written",
     );
     return layer;
+  }
+
+  jobFiles(handle: Prepared | RunningJob): JobFiles {
+    const prepared = ("prepared" in handle ? handle.prepared : handle) as ProcessPrepared;
+    return { root: prepared.rootfs, artifacts: ARTIFACTS_DIR.slice(1), inputs: INPUTS_DIR.slice(1) };
   }
 
   cleanup(handle: Prepared | RunningJob): Promise<void> {

@@ -18,6 +18,7 @@ import { hostNames, userNames } from "../directory.js";
 import { enumWord, iso, jobStatus, jobTone, stateWord, tagsText, when } from "../format.js";
 import { followChannel } from "../log-follow.js";
 import { LogView } from "../log-view.js";
+import { jobArtifacts } from "./job-artifacts.js";
 import type { PageContext } from "../main.js";
 import { JobResultsPanel } from "./job-results.js";
 
@@ -64,6 +65,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
   const timeline = h("section", { "aria-labelledby": "timeline-title" }, h("h2", { id: "timeline-title" }, "Timeline"));
 
   const results = new JobResultsPanel(api, jobId, signal);
+  const artifacts = jobArtifacts(api, jobId, CHANNELS, signal);
   const view = new LogView("Job log");
   const channelSelect = h("select", { id: "log-channel" }, ...CHANNELS.map((c) => h("option", { value: c }, c)));
   const logStatus = h("span", { class: "live", id: "log-status", role: "status" }, "");
@@ -79,6 +81,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     status,
     h("div", { class: "columns" }, details, h("div", {}, parameters, timeline)),
     results.element,
+    artifacts.element,
     logSection,
   );
   view.render();
@@ -132,6 +135,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     if (next.timeline.length > 0) renderTimeline(timeline, next, hosts);
     logs.update(next);
     results.update(next);
+    artifacts.update(next);
   };
 
   const watching = new AbortController();

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job.proto.
  */
 export const file_treadmill_coordinator_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAki+gQKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2CgdyZXN1bHRzGA0gASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3VsdHNTcGVjGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIiUKC1Jlc3VsdHNTcGVjEhYKDmlnbm9yZV9jb25zb2xlGAEgASgIIoIBCgxSZXN1bHRDb3VudHMSDQoFdG90YWwYASABKAMSDgoGcGFzc2VkGAIgASgDEg4KBmZhaWxlZBgDIAEoAxIPCgdza2lwcGVkGAQgASgDEg8KB2Vycm9yZWQYBSABKAMSDwoHYXR0ZW1wdBgGIAEoBRIQCghjb21wbGV0ZRgHIAEoCCJFCghMb2dSYW5nZRIPCgdjaGFubmVsGAEgASgJEhQKDHN0YXJ0X29mZnNldBgCIAEoAxISCgplbmRfb2Zmc2V0GAMgASgDIv0BCghUZXN0Q2FzZRIPCgdhdHRlbXB0GAEgASgFEg0KBWluZGV4GAIgASgDEg0KBXN1aXRlGAMgASgJEgwKBG5hbWUYBCABKAkSNgoHb3V0Y29tZRgFIAEoDjIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UZXN0T3V0Y29tZRIrCghkdXJhdGlvbhgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIPCgdtZXNzYWdlGAcgASgJEi8KA2xvZxgIIAEoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dSYW5nZRINCgVmbGFreRgJIAEoCCKDAgoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoEa2luZBgCIAEoDjImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudEtpbmQSMQoFc3RhdGUYAyABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhdGUSMQoFc3RhZ2UYBCABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhZ2USDwoHbWVzc2FnZRgFIAEoCRIPCgdhdHRlbXB0GAYgASgFEg8KB2hvc3RfaWQYByABKAkiswgKA0pvYhIKCgJpZBgBIAEoCRIVCg1vd25lcl91c2VyX2lkGAIgASgJEi8KBHNwZWMYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxIxCgVzdGF0ZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgFIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRJBCg9maW5hbGl6ZV9yZWFzb24YBiABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOwoMcmVhc29uX2NsYXNzGAcgASgOMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlYXNvbkNsYXNzEjkKC2V4aXRfc3RhdHVzGAggASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV4aXRTdGF0dXMSFgoJZXhpdF9jb2RlGAkgASgFSACIAQESFgoOc3RhdHVzX21lc3NhZ2UYCiABKAkSDwoHYXR0ZW1wdBgLIAEoBRIQCghob3N0X2lkcxgMIAMoCRIYChBjYW5jZWxfcmVxdWVzdGVkGA0gASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgOIAEoCRIvCgtjcmVhdGVfdGltZRgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLYXNzaWduX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWZpbmFsaXplX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0Cgh0aW1lbGluZRgUIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudBIXCg9sb2dfc2VydmVyX3VybHMYFSADKAkSNwoKbG9nX3N0YXR1cxgWIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSFgoObG9nX2J5dGVzX2xvc3QYFyABKAMSGgoSbG9nX3N0YXR1c19tZXNzYWdlGBggASgJEhcKD2hlYWx0aF9jaGVja19pZBgZIAEoCRIQCghsZWFzZV9pZBgaIAEoCRI3CgdyZXN1bHRzGBsgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3VsdENvdW50cxINCgVmbGFreRgcIAEoCEIMCgpfZXhpdF9jb2RlIpYCCghTbmFwc2hvdBIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIMCgRuYW1lGAQgASgJEgsKA3RhZxgFIAEoCRI2CgVzdGF0ZRgGIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFN0YXRlEg8KB21lc3NhZ2UYByABKAkSFwoPbWFuaWZlc3RfZGlnZXN0GAggASgJEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqugEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIWChJKT0JfU1RBVEVfQVNTSUdORUQQAhIaChZKT0JfU1RBVEVfSU5JVElBTElaSU5HEAMSFQoRSk9CX1NUQVRFX1JVTk5JTkcQBBIZChVKT0JfU1RBVEVfVEVSTUlOQVRJTkcQBRIXChNKT0JfU1RBVEVfRklOQUxJWkVEEAYqpAEKCEpvYlN0YWdlEhkKFUpPQl9TVEFHRV9VTlNQRUNJRklFRBAAEhwKGEpPQl9TVEFHRV9GRVRDSElOR19JTUFHRRABEhgKFEpPQl9TVEFHRV9BTExPQ0FUSU5HEAISGgoWSk9CX1NUQUdFX1BST1ZJU0lPTklORxADEhUKEUpPQl9TVEFHRV9CT09USU5HEAQSEgoOSk9CX1NUQUdFX0hFTEQQBSrHAgoORmluYWxpemVSZWFzb24SHwobRklOQUxJWkVfUkVBU09OX1VOU1BFQ0lGSUVEEAASIwofRklOQUxJWkVfUkVBU09OX1dPUktMT0FEX0VYSVRFRBABEhwKGEZJTkFMSVpFX1JFQVNPTl9DQU5DRUxFRBACEh8KG0ZJTkFMSVpFX1JFQVNPTl9KT0JfVElNRU9VVBADEiEKHUZJTkFMSVpFX1JFQVNPTl9RVUVVRV9USU1FT1VUEAQSIAocRklOQUxJWkVfUkVBU09OX0hPU1RfRFJPUFBFRBAFEh8KG0ZJTkFMSVpFX1JFQVNPTl9JTUFHRV9FUlJPUhAGEiYKIkZJTkFMSVpFX1JFQVNPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQBxIiCh5GSU5BTElaRV9SRUFTT05fSU5URVJOQUxfRVJST1IQCCp5CgtSZWFzb25DbGFzcxIcChhSRUFTT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIUChBSRUFTT05fQ0xBU1NfSk9CEAESFQoRUkVBU09OX0NMQVNTX1VTRVIQAhIfChtSRUFTT05fQ0xBU1NfSU5GUkFTVFJVQ1RVUkUQAypbCgpFeGl0U3RhdHVzEhsKF0VYSVRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTRVhJVF9TVEFUVVNfU1VDQ0VTUxABEhcKE0VYSVRfU1RBVFVTX0ZBSUxVUkUQAiqeBAoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYSk9CX0VWRU5UX0tJTkRfU1VCTUlUVEVEEAESIAocSk9CX0VWRU5UX0tJTkRfU1RBVEVfQ0hBTkdFRBACEiAKHEpPQl9FVkVOVF9LSU5EX1NUQUdFX0NIQU5HRUQQAxIjCh9KT0JfRVZFTlRfS0lORF9DQU5DRUxfUkVRVUVTVEVEEAQSHAoYSk9CX0VWRU5UX0tJTkRfUkVTVEFSVEVEEAUSIQodSk9CX0VWRU5UX0tJTkRfU0VTU0lPTl9PUEVORUQQBhIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9SRVFVRVNURUQQBxIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9TVUNDRUVERUQQCBIiCh5KT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9GQUlMRUQQCRIhCh1KT0JfRVZFTlRfS0lORF9MT0dfSU5DT01QTEVURRAKEhoKFkpPQl9FVkVOVF9LSU5EX1dBSVRJTkcQCxIfChtKT0JfRVZFTlRfS0lORF9IT1NUX0NPTlRST0wQDBIeChpKT0JfRVZFTlRfS0lORF9IT1NUX0hFQUxUSBANEhgKFEpPQl9FVkVOVF9LSU5EX0xFQVNFEA4SGgoWSk9CX0VWRU5UX0tJTkRfUkVTVUxUUxAPKsEBChFIb3N0Q29udHJvbEFjdGlvbhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1VOU1BFQ0lGSUVEEAASIQodSE9TVF9DT05UUk9MX0FDVElPTl9QT1dFUl9PRkYQARIgChxIT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09OEAISIwofSE9TVF9DT05UUk9MX0FDVElPTl9QT1dFUl9DWUNMRRADEh0KGUhPU1RfQ09OVFJPTF9BQ1RJT05fUkVTRVQQBCp0CglMb2dTdGF0dXMSGgoWTE9HX1NUQVRVU19VTlNQRUNJRklFRBAAEhcKE0xPR19TVEFUVVNfU0hJUFBJTkcQARIXChNMT0dfU1RBVFVTX0NPTVBMRVRFEAISGQoVTE9HX1NUQVRVU19JTkNPTVBMRVRFEAMqiAEKC1Rlc3RPdXRjb21lEhwKGFRFU1RfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhUKEVRFU1RfT1VUQ09NRV9QQVNTEAESFQoRVEVTVF9PVVRDT01FX0ZBSUwQAhIVChFURVNUX09VVENPTUVfU0tJUBADEhYKElRFU1RfT1VUQ09NRV9FUlJPUhAEKoQBCg1TbmFwc2hvdFN0YXRlEh4KGlNOQVBTSE9UX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWU05BUFNIT1RfU1RBVEVfUEVORElORxABEhwKGFNOQVBTSE9UX1NUQVRFX1NVQ0NFRURFRBACEhkKFVNOQVBTSE9UX1NUQVRFX0ZBSUxFRBADYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
+  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAki6gUKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2CgdyZXN1bHRzGA0gASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3VsdHNTcGVjEjoKCWFydGlmYWN0cxgOIAEoCzInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BcnRpZmFjdHNTcGVjEjIKBmlucHV0cxgPIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JJbnB1dBorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIlCgtSZXN1bHRzU3BlYxIWCg5pZ25vcmVfY29uc29sZRgBIAEoCCKCAQoMUmVzdWx0Q291bnRzEg0KBXRvdGFsGAEgASgDEg4KBnBhc3NlZBgCIAEoAxIOCgZmYWlsZWQYAyABKAMSDwoHc2tpcHBlZBgEIAEoAxIPCgdlcnJvcmVkGAUgASgDEg8KB2F0dGVtcHQYBiABKAUSEAoIY29tcGxldGUYByABKAgiRQoITG9nUmFuZ2USDwoHY2hhbm5lbBgBIAEoCRIUCgxzdGFydF9vZmZzZXQYAiABKAMSEgoKZW5kX29mZnNldBgDIAEoAyL9AQoIVGVzdENhc2USDwoHYXR0ZW1wdBgBIAEoBRINCgVpbmRleBgCIAEoAxINCgVzdWl0ZRgDIAEoCRIMCgRuYW1lGAQgASgJEjYKB291dGNvbWUYBSABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGVzdE91dGNvbWUSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHbWVzc2FnZRgHIAEoCRIvCgNsb2cYCCABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nUmFuZ2USDQoFZmxha3kYCSABKAgiIQoNQXJ0aWZhY3RzU3BlYxIQCghkaXNhYmxlZBgBIAEoCCJkCghKb2JJbnB1dBIMCgRuYW1lGAEgASgJEg4KBnNvdXJjZRgCIAEoCRIOCgZkaWdlc3QYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIWCg5zb3VyY2VfYXR0ZW1wdBgFIAEoBSLOAQoIQXJ0aWZhY3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDAoEbmFtZRgDIAEoCRISCgpzaXplX2J5dGVzGAQgASgDEg4KBmRpZ2VzdBgFIAEoCRISCgptZWRpYV90eXBlGAYgASgJEhcKD21hbmlmZXN0X2RpZ2VzdBgHIAEoCRIRCglzdG9yZV91cmwYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoMCCghKb2JFdmVudBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0CgRraW5kGAIgASgOMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkV2ZW50S2luZBIxCgVzdGF0ZRgDIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRIPCgdtZXNzYWdlGAUgASgJEg8KB2F0dGVtcHQYBiABKAUSDwoHaG9zdF9pZBgHIAEoCSKzCAoDSm9iEgoKAmlkGAEgASgJEhUKDW93bmVyX3VzZXJfaWQYAiABKAkSLwoEc3BlYxgDIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEjEKBXN0YXRlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAUgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEkEKD2ZpbmFsaXplX3JlYXNvbhgGIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhI7CgxyZWFzb25fY2xhc3MYByABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVhc29uQ2xhc3MSOQoLZXhpdF9zdGF0dXMYCCABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXhpdFN0YXR1cxIWCglleGl0X2NvZGUYCSABKAVIAIgBARIWCg5zdGF0dXNfbWVzc2FnZRgKIAEoCRIPCgdhdHRlbXB0GAsgASgFEhAKCGhvc3RfaWRzGAwgAygJEhgKEGNhbmNlbF9yZXF1ZXN0ZWQYDSABKAgSFwoPbWFuaWZlc3RfZGlnZXN0GA4gASgJEi8KC2NyZWF0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthc3NpZ25fdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNZmluYWxpemVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYEyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKCHRpbWVsaW5lGBQgAygLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkV2ZW50EhcKD2xvZ19zZXJ2ZXJfdXJscxgVIAMoCRI3Cgpsb2dfc3RhdHVzGBYgASgOMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1N0YXR1cxIWCg5sb2dfYnl0ZXNfbG9zdBgXIAEoAxIaChJsb2dfc3RhdHVzX21lc3NhZ2UYGCABKAkSFwoPaGVhbHRoX2NoZWNrX2lkGBkgASgJEhAKCGxlYXNlX2lkGBogASgJEjcKB3Jlc3VsdHMYGyABKAsyJi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVzdWx0Q291bnRzEg0KBWZsYWt5GBwgASgIQgwKCl9leGl0X2NvZGUilgIKCFNuYXBzaG90EgoKAmlkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEgwKBG5hbWUYBCABKAkSCwoDdGFnGAUgASgJEjYKBXN0YXRlGAYgASgOMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90U3RhdGUSDwoHbWVzc2FnZRgHIAEoCRIXCg9tYW5pZmVzdF9kaWdlc3QYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCq6AQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhYKEkpPQl9TVEFURV9BU1NJR05FRBACEhoKFkpPQl9TVEFURV9JTklUSUFMSVpJTkcQAxIVChFKT0JfU1RBVEVfUlVOTklORxAEEhkKFUpPQl9TVEFURV9URVJNSU5BVElORxAFEhcKE0pPQl9TVEFURV9GSU5BTElaRUQQBiqkAQoISm9iU3RhZ2USGQoVSk9CX1NUQUdFX1VOU1BFQ0lGSUVEEAASHAoYSk9CX1NUQUdFX0ZFVENISU5HX0lNQUdFEAESGAoUSk9CX1NUQUdFX0FMTE9DQVRJTkcQAhIaChZKT0JfU1RBR0VfUFJPVklTSU9OSU5HEAMSFQoRSk9CX1NUQUdFX0JPT1RJTkcQBBISCg5KT0JfU1RBR0VfSEVMRBAFKscCCg5GaW5hbGl6ZVJlYXNvbhIfChtGSU5BTElaRV9SRUFTT05fVU5TUEVDSUZJRUQQABIjCh9GSU5BTElaRV9SRUFTT05fV09SS0xPQURfRVhJVEVEEAESHAoYRklOQUxJWkVfUkVBU09OX0NBTkNFTEVEEAISHwobRklOQUxJWkVfUkVBU09OX0pPQl9USU1FT1VUEAMSIQodRklOQUxJWkVfUkVBU09OX1FVRVVFX1RJTUVPVVQQBBIgChxGSU5BTElaRV9SRUFTT05fSE9TVF9EUk9QUEVEEAUSHwobRklOQUxJWkVfUkVBU09OX0lNQUdFX0VSUk9SEAYSJgoiRklOQUxJWkVfUkVBU09OX0hPU1RfU1RBUlRfRkFJTFVSRRAHEiIKHkZJTkFMSVpFX1JFQVNPTl9JTlRFUk5BTF9FUlJPUhAIKnkKC1JlYXNvbkNsYXNzEhwKGFJFQVNPTl9DTEFTU19VTlNQRUNJRklFRBAAEhQKEFJFQVNPTl9DTEFTU19KT0IQARIVChFSRUFTT05fQ0xBU1NfVVNFUhACEh8KG1JFQVNPTl9DTEFTU19JTkZSQVNUUlVDVFVSRRADKlsKCkV4aXRTdGF0dXMSGwoXRVhJVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNFWElUX1NUQVRVU19TVUNDRVNTEAESFwoTRVhJVF9TVEFUVVNfRkFJTFVSRRACKrwECgxKb2JFdmVudEtpbmQSHgoaSk9CX0VWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABIcChhKT0JfRVZFTlRfS0lORF9TVUJNSVRURUQQARIgChxKT0JfRVZFTlRfS0lORF9TVEFURV9DSEFOR0VEEAISIAocSk9CX0VWRU5UX0tJTkRfU1RBR0VfQ0hBTkdFRBADEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBBIcChhKT0JfRVZFTlRfS0lORF9SRVNUQVJURUQQBRIhCh1KT0JfRVZFTlRfS0lORF9TRVNTSU9OX09QRU5FRBAGEiUKIUpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX1JFUVVFU1RFRBAHEiUKIUpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX1NVQ0NFRURFRBAIEiIKHkpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX0ZBSUxFRBAJEiEKHUpPQl9FVkVOVF9LSU5EX0xPR19JTkNPTVBMRVRFEAoSGgoWSk9CX0VWRU5UX0tJTkRfV0FJVElORxALEh8KG0pPQl9FVkVOVF9LSU5EX0hPU1RfQ09OVFJPTBAMEh4KGkpPQl9FVkVOVF9LSU5EX0hPU1RfSEVBTFRIEA0SGAoUSk9CX0VWRU5UX0tJTkRfTEVBU0UQDhIaChZKT0JfRVZFTlRfS0lORF9SRVNVTFRTEA8SHAoYSk9CX0VWRU5UX0tJTkRfQVJUSUZBQ1RTEBAqwQEKEUhvc3RDb250cm9sQWN0aW9uEiMKH0hPU1RfQ09OVFJPTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIhCh1IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09GRhABEiAKHEhPU1RfQ09OVFJPTF9BQ1RJT05fUE9XRVJfT04QAhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX0NZQ0xFEAMSHQoZSE9TVF9DT05UUk9MX0FDVElPTl9SRVNFVBAEKnQKCUxvZ1N0YXR1cxIaChZMT0dfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTE9HX1NUQVRVU19TSElQUElORxABEhcKE0xPR19TVEFUVVNfQ09NUExFVEUQAhIZChVMT0dfU1RBVFVTX0lOQ09NUExFVEUQAyqIAQoLVGVzdE91dGNvbWUSHAoYVEVTVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASFQoRVEVTVF9PVVRDT01FX1BBU1MQARIVChFURVNUX09VVENPTUVfRkFJTBACEhUKEVRFU1RfT1VUQ09NRV9TS0lQEAMSFgoSVEVTVF9PVVRDT01FX0VSUk9SEAQqhAEKDVNuYXBzaG90U3RhdGUSHgoaU05BUFNIT1RfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZTTkFQU0hPVF9TVEFURV9QRU5ESU5HEAESHAoYU05BUFNIT1RfU1RBVEVfU1VDQ0VFREVEEAISGQoVU05BUFNIT1RfU1RBVEVfRkFJTEVEEANiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
 
 /**
  * HostRequirements says which hosts a job needs.
@@ -275,6 +275,21 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
    * @generated from field: treadmill.coordinator.v1.ResultsSpec results = 13;
    */
   results?: ResultsSpec | undefined;
+
+  /**
+   * Artifact settings (docs/artifacts.md); unset: the coordinator's caps.
+   *
+   * @generated from field: treadmill.coordinator.v1.ArtifactsSpec artifacts = 14;
+   */
+  artifacts?: ArtifactsSpec | undefined;
+
+  /**
+   * Files of earlier jobs' artifacts placed in $TREADMILL_INPUTS_DIR/<name>
+   * before the workload starts, at most 32.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.JobInput inputs = 15;
+   */
+  inputs: JobInput[];
 };
 
 /**
@@ -493,6 +508,160 @@ export const TestCaseSchema: GenMessage<TestCase> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_job, 8);
 
 /**
+ * ArtifactsSpec tunes how a job's artifacts are collected.
+ *
+ * @generated from message treadmill.coordinator.v1.ArtifactsSpec
+ */
+export type ArtifactsSpec = Message<"treadmill.coordinator.v1.ArtifactsSpec"> & {
+  /**
+   * Collect nothing: $TREADMILL_ARTIFACTS_DIR is still given but not read.
+   *
+   * @generated from field: bool disabled = 1;
+   */
+  disabled: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ArtifactsSpec.
+ * Use `create(ArtifactsSpecSchema)` to create a new message.
+ */
+export const ArtifactsSpecSchema: GenMessage<ArtifactsSpec> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 9);
+
+/**
+ * JobInput is one input file of a job: an artifact of an earlier job.
+ *
+ * @generated from message treadmill.coordinator.v1.JobInput
+ */
+export type JobInput = Message<"treadmill.coordinator.v1.JobInput"> & {
+  /**
+   * The file's name under $TREADMILL_INPUTS_DIR: 1 to 128 characters of
+   * [A-Za-z0-9._-], not starting with a dot.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * `artifact:<job id>/<artifact name>`: the newest attempt of that job
+   * holding an artifact of that name. The caller must be able to read the
+   * job (GetJob); resolved by SubmitJob.
+   *
+   * @generated from field: string source = 2;
+   */
+  source: string;
+
+  /**
+   * Output only, set by SubmitJob: the artifact's digest (`sha256:<hex>`);
+   * the supervisor verifies the file against it.
+   *
+   * @generated from field: string digest = 3;
+   */
+  digest: string;
+
+  /**
+   * Output only, set by SubmitJob: the artifact's size in bytes.
+   *
+   * @generated from field: int64 size_bytes = 4;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Output only, set by SubmitJob: the attempt of the source job.
+   *
+   * @generated from field: int32 source_attempt = 5;
+   */
+  sourceAttempt: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.JobInput.
+ * Use `create(JobInputSchema)` to create a new message.
+ */
+export const JobInputSchema: GenMessage<JobInput> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 10);
+
+/**
+ * Artifact is one file a job attempt wrote into $TREADMILL_ARTIFACTS_DIR,
+ * stored content-addressed in an image store (docs/artifacts.md).
+ *
+ * @generated from message treadmill.coordinator.v1.Artifact
+ */
+export type Artifact = Message<"treadmill.coordinator.v1.Artifact"> & {
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The attempt that wrote it.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * Its path relative to $TREADMILL_ARTIFACTS_DIR (`/`-separated); host N
+   * >= 1 of a multi-host job writes under `host-N/`.
+   *
+   * @generated from field: string name = 3;
+   */
+  name: string;
+
+  /**
+   * Bytes.
+   *
+   * @generated from field: int64 size_bytes = 4;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * `sha256:<hex>` of its bytes.
+   *
+   * @generated from field: string digest = 5;
+   */
+  digest: string;
+
+  /**
+   * Media type guessed from its name (application/octet-stream otherwise).
+   *
+   * @generated from field: string media_type = 6;
+   */
+  mediaType: string;
+
+  /**
+   * The store manifest that lists it (the read token of
+   * GetJobArtifactAccess names this manifest).
+   *
+   * @generated from field: string manifest_digest = 7;
+   */
+  manifestDigest: string;
+
+  /**
+   * Base URL of the image store holding it.
+   *
+   * @generated from field: string store_url = 8;
+   */
+  storeUrl: string;
+
+  /**
+   * When it was recorded.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 9;
+   */
+  createTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.Artifact.
+ * Use `create(ArtifactSchema)` to create a new message.
+ */
+export const ArtifactSchema: GenMessage<Artifact> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 11);
+
+/**
  * JobEvent is one entry of a job's timeline (also written to the audit log).
  *
  * @generated from message treadmill.coordinator.v1.JobEvent
@@ -553,7 +722,7 @@ export type JobEvent = Message<"treadmill.coordinator.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 9);
+  messageDesc(file_treadmill_coordinator_v1_job, 12);
 
 /**
  * Job is a submitted job as the coordinator records it.
@@ -773,7 +942,7 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 10);
+  messageDesc(file_treadmill_coordinator_v1_job, 13);
 
 /**
  * Snapshot is the operation that turns a running job's state into a new image
@@ -858,7 +1027,7 @@ export type Snapshot = Message<"treadmill.coordinator.v1.Snapshot"> & {
  * Use `create(SnapshotSchema)` to create a new message.
  */
 export const SnapshotSchema: GenMessage<Snapshot> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 11);
+  messageDesc(file_treadmill_coordinator_v1_job, 14);
 
 /**
  * JobState is where a job is in its lifecycle (DESIGN.md §4):
@@ -1277,6 +1446,14 @@ export enum JobEventKind {
    * @generated from enum value: JOB_EVENT_KIND_RESULTS = 15;
    */
   RESULTS = 15,
+
+  /**
+   * Artifacts of an attempt were uploaded, skipped (over a cap) or removed
+   * by retention (docs/artifacts.md).
+   *
+   * @generated from enum value: JOB_EVENT_KIND_ARTIFACTS = 16;
+   */
+  ARTIFACTS = 16,
 }
 
 /**
