@@ -133,7 +133,7 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
   // once; a new attempt runs outside it.
   const leased = ending.filter((e) => e.job.lease_id !== null);
   if (leased.length > 0) {
-    const restarted = leased.filter((e) => endOutcome(e.job, e.end.reason) === "restarted").map((e) => e.job.id);
+    const restarted = leased.filter((e) => endOutcome(e.job, e.end) === "restarted").map((e) => e.job.id);
     await endHoldLeases(
       tx,
       leased.map((e) => e.job.id),

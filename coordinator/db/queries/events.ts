@@ -18,7 +18,7 @@ type StoredState = "queued" | "assigned" | "initializing" | "running" | "termina
 export interface EventInput {
   jobId: string;
   /** job_events.kind: submitted, state_changed, stage_changed, cancel_requested, restarted, log_incomplete, host_health, lease, snapshot_*. */
-  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted" | "log_incomplete" | "host_health" | "lease";
+  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted" | "log_incomplete" | "host_health" | "lease" | "rerun" | "retried";
   state: StoredState;
   stage?: string | null;
   message?: string;

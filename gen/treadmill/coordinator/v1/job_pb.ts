@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job.proto.
  */
 export const file_treadmill_coordinator_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAkiwgQKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKDAgoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoEa2luZBgCIAEoDjImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudEtpbmQSMQoFc3RhdGUYAyABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhdGUSMQoFc3RhZ2UYBCABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhZ2USDwoHbWVzc2FnZRgFIAEoCRIPCgdhdHRlbXB0GAYgASgFEg8KB2hvc3RfaWQYByABKAki6wcKA0pvYhIKCgJpZBgBIAEoCRIVCg1vd25lcl91c2VyX2lkGAIgASgJEi8KBHNwZWMYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxIxCgVzdGF0ZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgFIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRJBCg9maW5hbGl6ZV9yZWFzb24YBiABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOwoMcmVhc29uX2NsYXNzGAcgASgOMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlYXNvbkNsYXNzEjkKC2V4aXRfc3RhdHVzGAggASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV4aXRTdGF0dXMSFgoJZXhpdF9jb2RlGAkgASgFSACIAQESFgoOc3RhdHVzX21lc3NhZ2UYCiABKAkSDwoHYXR0ZW1wdBgLIAEoBRIQCghob3N0X2lkcxgMIAMoCRIYChBjYW5jZWxfcmVxdWVzdGVkGA0gASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgOIAEoCRIvCgtjcmVhdGVfdGltZRgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLYXNzaWduX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWZpbmFsaXplX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0Cgh0aW1lbGluZRgUIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudBIXCg9sb2dfc2VydmVyX3VybHMYFSADKAkSNwoKbG9nX3N0YXR1cxgWIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSFgoObG9nX2J5dGVzX2xvc3QYFyABKAMSGgoSbG9nX3N0YXR1c19tZXNzYWdlGBggASgJEhcKD2hlYWx0aF9jaGVja19pZBgZIAEoCRIQCghsZWFzZV9pZBgaIAEoCUIMCgpfZXhpdF9jb2RlIpYCCghTbmFwc2hvdBIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIMCgRuYW1lGAQgASgJEgsKA3RhZxgFIAEoCRI2CgVzdGF0ZRgGIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFN0YXRlEg8KB21lc3NhZ2UYByABKAkSFwoPbWFuaWZlc3RfZGlnZXN0GAggASgJEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqugEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIWChJKT0JfU1RBVEVfQVNTSUdORUQQAhIaChZKT0JfU1RBVEVfSU5JVElBTElaSU5HEAMSFQoRSk9CX1NUQVRFX1JVTk5JTkcQBBIZChVKT0JfU1RBVEVfVEVSTUlOQVRJTkcQBRIXChNKT0JfU1RBVEVfRklOQUxJWkVEEAYqpAEKCEpvYlN0YWdlEhkKFUpPQl9TVEFHRV9VTlNQRUNJRklFRBAAEhwKGEpPQl9TVEFHRV9GRVRDSElOR19JTUFHRRABEhgKFEpPQl9TVEFHRV9BTExPQ0FUSU5HEAISGgoWSk9CX1NUQUdFX1BST1ZJU0lPTklORxADEhUKEUpPQl9TVEFHRV9CT09USU5HEAQSEgoOSk9CX1NUQUdFX0hFTEQQBSrHAgoORmluYWxpemVSZWFzb24SHwobRklOQUxJWkVfUkVBU09OX1VOU1BFQ0lGSUVEEAASIwofRklOQUxJWkVfUkVBU09OX1dPUktMT0FEX0VYSVRFRBABEhwKGEZJTkFMSVpFX1JFQVNPTl9DQU5DRUxFRBACEh8KG0ZJTkFMSVpFX1JFQVNPTl9KT0JfVElNRU9VVBADEiEKHUZJTkFMSVpFX1JFQVNPTl9RVUVVRV9USU1FT1VUEAQSIAocRklOQUxJWkVfUkVBU09OX0hPU1RfRFJPUFBFRBAFEh8KG0ZJTkFMSVpFX1JFQVNPTl9JTUFHRV9FUlJPUhAGEiYKIkZJTkFMSVpFX1JFQVNPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQBxIiCh5GSU5BTElaRV9SRUFTT05fSU5URVJOQUxfRVJST1IQCCp5CgtSZWFzb25DbGFzcxIcChhSRUFTT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIUChBSRUFTT05fQ0xBU1NfSk9CEAESFQoRUkVBU09OX0NMQVNTX1VTRVIQAhIfChtSRUFTT05fQ0xBU1NfSU5GUkFTVFJVQ1RVUkUQAypbCgpFeGl0U3RhdHVzEhsKF0VYSVRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTRVhJVF9TVEFUVVNfU1VDQ0VTUxABEhcKE0VYSVRfU1RBVFVTX0ZBSUxVUkUQAiqCBAoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYSk9CX0VWRU5UX0tJTkRfU1VCTUlUVEVEEAESIAocSk9CX0VWRU5UX0tJTkRfU1RBVEVfQ0hBTkdFRBACEiAKHEpPQl9FVkVOVF9LSU5EX1NUQUdFX0NIQU5HRUQQAxIjCh9KT0JfRVZFTlRfS0lORF9DQU5DRUxfUkVRVUVTVEVEEAQSHAoYSk9CX0VWRU5UX0tJTkRfUkVTVEFSVEVEEAUSIQodSk9CX0VWRU5UX0tJTkRfU0VTU0lPTl9PUEVORUQQBhIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9SRVFVRVNURUQQBxIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9TVUNDRUVERUQQCBIiCh5KT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9GQUlMRUQQCRIhCh1KT0JfRVZFTlRfS0lORF9MT0dfSU5DT01QTEVURRAKEhoKFkpPQl9FVkVOVF9LSU5EX1dBSVRJTkcQCxIfChtKT0JfRVZFTlRfS0lORF9IT1NUX0NPTlRST0wQDBIeChpKT0JfRVZFTlRfS0lORF9IT1NUX0hFQUxUSBANEhgKFEpPQl9FVkVOVF9LSU5EX0xFQVNFEA4qwQEKEUhvc3RDb250cm9sQWN0aW9uEiMKH0hPU1RfQ09OVFJPTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIhCh1IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09GRhABEiAKHEhPU1RfQ09OVFJPTF9BQ1RJT05fUE9XRVJfT04QAhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX0NZQ0xFEAMSHQoZSE9TVF9DT05UUk9MX0FDVElPTl9SRVNFVBAEKnQKCUxvZ1N0YXR1cxIaChZMT0dfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTE9HX1NUQVRVU19TSElQUElORxABEhcKE0xPR19TVEFUVVNfQ09NUExFVEUQAhIZChVMT0dfU1RBVFVTX0lOQ09NUExFVEUQAyqEAQoNU25hcHNob3RTdGF0ZRIeChpTTkFQU0hPVF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFlNOQVBTSE9UX1NUQVRFX1BFTkRJTkcQARIcChhTTkFQU0hPVF9TVEFURV9TVUNDRUVERUQQAhIZChVTTkFQU0hPVF9TVEFURV9GQUlMRUQQA2IGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
+  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFImQKC1JldHJ5UG9saWN5EjQKAm9uGAEgAygOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJldHJ5Q29uZGl0aW9uEgsKA21heBgCIAEoBRISCgpvdGhlcl9ob3N0GAMgASgIIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAki+AQKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI0CgVyZXRyeRgQIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5SZXRyeVBvbGljeRorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKDAgoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoEa2luZBgCIAEoDjImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudEtpbmQSMQoFc3RhdGUYAyABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhdGUSMQoFc3RhZ2UYBCABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhZ2USDwoHbWVzc2FnZRgFIAEoCRIPCgdhdHRlbXB0GAYgASgFEg8KB2hvc3RfaWQYByABKAkimwgKA0pvYhIKCgJpZBgBIAEoCRIVCg1vd25lcl91c2VyX2lkGAIgASgJEi8KBHNwZWMYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxIxCgVzdGF0ZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgFIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRJBCg9maW5hbGl6ZV9yZWFzb24YBiABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOwoMcmVhc29uX2NsYXNzGAcgASgOMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlYXNvbkNsYXNzEjkKC2V4aXRfc3RhdHVzGAggASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV4aXRTdGF0dXMSFgoJZXhpdF9jb2RlGAkgASgFSACIAQESFgoOc3RhdHVzX21lc3NhZ2UYCiABKAkSDwoHYXR0ZW1wdBgLIAEoBRIQCghob3N0X2lkcxgMIAMoCRIYChBjYW5jZWxfcmVxdWVzdGVkGA0gASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgOIAEoCRIvCgtjcmVhdGVfdGltZRgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLYXNzaWduX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWZpbmFsaXplX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0Cgh0aW1lbGluZRgUIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudBIXCg9sb2dfc2VydmVyX3VybHMYFSADKAkSNwoKbG9nX3N0YXR1cxgWIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSFgoObG9nX2J5dGVzX2xvc3QYFyABKAMSGgoSbG9nX3N0YXR1c19tZXNzYWdlGBggASgJEhcKD2hlYWx0aF9jaGVja19pZBgZIAEoCRIQCghsZWFzZV9pZBgaIAEoCRIXCg9yZXJ1bl9vZl9qb2JfaWQYIyABKAkSFQoNcmVydW5fam9iX2lkcxgkIAMoCUIMCgpfZXhpdF9jb2RlIpYCCghTbmFwc2hvdBIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIMCgRuYW1lGAQgASgJEgsKA3RhZxgFIAEoCRI2CgVzdGF0ZRgGIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFN0YXRlEg8KB21lc3NhZ2UYByABKAkSFwoPbWFuaWZlc3RfZGlnZXN0GAggASgJEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqugEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIWChJKT0JfU1RBVEVfQVNTSUdORUQQAhIaChZKT0JfU1RBVEVfSU5JVElBTElaSU5HEAMSFQoRSk9CX1NUQVRFX1JVTk5JTkcQBBIZChVKT0JfU1RBVEVfVEVSTUlOQVRJTkcQBRIXChNKT0JfU1RBVEVfRklOQUxJWkVEEAYqpAEKCEpvYlN0YWdlEhkKFUpPQl9TVEFHRV9VTlNQRUNJRklFRBAAEhwKGEpPQl9TVEFHRV9GRVRDSElOR19JTUFHRRABEhgKFEpPQl9TVEFHRV9BTExPQ0FUSU5HEAISGgoWSk9CX1NUQUdFX1BST1ZJU0lPTklORxADEhUKEUpPQl9TVEFHRV9CT09USU5HEAQSEgoOSk9CX1NUQUdFX0hFTEQQBSrHAgoORmluYWxpemVSZWFzb24SHwobRklOQUxJWkVfUkVBU09OX1VOU1BFQ0lGSUVEEAASIwofRklOQUxJWkVfUkVBU09OX1dPUktMT0FEX0VYSVRFRBABEhwKGEZJTkFMSVpFX1JFQVNPTl9DQU5DRUxFRBACEh8KG0ZJTkFMSVpFX1JFQVNPTl9KT0JfVElNRU9VVBADEiEKHUZJTkFMSVpFX1JFQVNPTl9RVUVVRV9USU1FT1VUEAQSIAocRklOQUxJWkVfUkVBU09OX0hPU1RfRFJPUFBFRBAFEh8KG0ZJTkFMSVpFX1JFQVNPTl9JTUFHRV9FUlJPUhAGEiYKIkZJTkFMSVpFX1JFQVNPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQBxIiCh5GSU5BTElaRV9SRUFTT05fSU5URVJOQUxfRVJST1IQCCp5CgtSZWFzb25DbGFzcxIcChhSRUFTT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIUChBSRUFTT05fQ0xBU1NfSk9CEAESFQoRUkVBU09OX0NMQVNTX1VTRVIQAhIfChtSRUFTT05fQ0xBU1NfSU5GUkFTVFJVQ1RVUkUQAypbCgpFeGl0U3RhdHVzEhsKF0VYSVRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTRVhJVF9TVEFUVVNfU1VDQ0VTUxABEhcKE0VYSVRfU1RBVFVTX0ZBSUxVUkUQAiq4BAoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYSk9CX0VWRU5UX0tJTkRfU1VCTUlUVEVEEAESIAocSk9CX0VWRU5UX0tJTkRfU1RBVEVfQ0hBTkdFRBACEiAKHEpPQl9FVkVOVF9LSU5EX1NUQUdFX0NIQU5HRUQQAxIjCh9KT0JfRVZFTlRfS0lORF9DQU5DRUxfUkVRVUVTVEVEEAQSHAoYSk9CX0VWRU5UX0tJTkRfUkVTVEFSVEVEEAUSIQodSk9CX0VWRU5UX0tJTkRfU0VTU0lPTl9PUEVORUQQBhIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9SRVFVRVNURUQQBxIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9TVUNDRUVERUQQCBIiCh5KT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9GQUlMRUQQCRIhCh1KT0JfRVZFTlRfS0lORF9MT0dfSU5DT01QTEVURRAKEhoKFkpPQl9FVkVOVF9LSU5EX1dBSVRJTkcQCxIfChtKT0JfRVZFTlRfS0lORF9IT1NUX0NPTlRST0wQDBIeChpKT0JfRVZFTlRfS0lORF9IT1NUX0hFQUxUSBANEhgKFEpPQl9FVkVOVF9LSU5EX0xFQVNFEA4SGAoUSk9CX0VWRU5UX0tJTkRfUkVSVU4QERIaChZKT0JfRVZFTlRfS0lORF9SRVRSSUVEEBIqwQEKEUhvc3RDb250cm9sQWN0aW9uEiMKH0hPU1RfQ09OVFJPTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIhCh1IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09GRhABEiAKHEhPU1RfQ09OVFJPTF9BQ1RJT05fUE9XRVJfT04QAhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX0NZQ0xFEAMSHQoZSE9TVF9DT05UUk9MX0FDVElPTl9SRVNFVBAEKnQKCUxvZ1N0YXR1cxIaChZMT0dfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTE9HX1NUQVRVU19TSElQUElORxABEhcKE0xPR19TVEFUVVNfQ09NUExFVEUQAhIZChVMT0dfU1RBVFVTX0lOQ09NUExFVEUQAyp/Cg5SZXRyeUNvbmRpdGlvbhIfChtSRVRSWV9DT05ESVRJT05fVU5TUEVDSUZJRUQQABIkCiBSRVRSWV9DT05ESVRJT05fV09SS0xPQURfRkFJTFVSRRABEiYKIlJFVFJZX0NPTkRJVElPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQAiqEAQoNU25hcHNob3RTdGF0ZRIeChpTTkFQU0hPVF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFlNOQVBTSE9UX1NUQVRFX1BFTkRJTkcQARIcChhTTkFQU0hPVF9TVEFURV9TVUNDRUVERUQQAhIZChVTTkFQU0hPVF9TVEFURV9GQUlMRUQQA2IGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
 
 /**
  * HostRequirements says which hosts a job needs.
@@ -83,6 +83,45 @@ export const RestartPolicySchema: GenMessage<RestartPolicy> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_job, 1);
 
 /**
+ * RetryPolicy re-queues a job as a new attempt after the ends it names. Each
+ * attempt runs with a fresh job timeout (JobSpec.job_timeout counts from the
+ * attempt's assignment), so a failed boot never eats the next attempt's time.
+ *
+ * @generated from message treadmill.coordinator.v1.RetryPolicy
+ */
+export type RetryPolicy = Message<"treadmill.coordinator.v1.RetryPolicy"> & {
+  /**
+   * The conditions that cause a retry; at least one, no repeats.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.RetryCondition on = 1;
+   */
+  on: RetryCondition[];
+
+  /**
+   * Retries allowed per condition, 1 to 10.
+   *
+   * @generated from field: int32 max = 2;
+   */
+  max: number;
+
+  /**
+   * Place a retry on a host that ran none of the job's earlier attempts. When
+   * no other host matches, the retry waits in the queue (up to its queue
+   * timeout) for one; it never falls back to a host that failed it.
+   *
+   * @generated from field: bool other_host = 3;
+   */
+  otherHost: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.RetryPolicy.
+ * Use `create(RetryPolicySchema)` to create a new message.
+ */
+export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 2);
+
+/**
  * Parameter is a named value handed to the workload (environment variable or
  * file, as the driver decides).
  *
@@ -119,7 +158,7 @@ export type Parameter = Message<"treadmill.coordinator.v1.Parameter"> & {
  * Use `create(ParameterSchema)` to create a new message.
  */
 export const ParameterSchema: GenMessage<Parameter> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 2);
+  messageDesc(file_treadmill_coordinator_v1_job, 3);
 
 /**
  * ExposedPort declares a port of the job that users may reach through a
@@ -163,7 +202,7 @@ export type ExposedPort = Message<"treadmill.coordinator.v1.ExposedPort"> & {
  * Use `create(ExposedPortSchema)` to create a new message.
  */
 export const ExposedPortSchema: GenMessage<ExposedPort> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 3);
+  messageDesc(file_treadmill_coordinator_v1_job, 4);
 
 /**
  * JobSpec is what a user asks for. Validated entirely by SubmitJob.
@@ -266,6 +305,15 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
    * @generated from field: google.protobuf.Duration hold_on_failure = 12;
    */
   holdOnFailure?: Duration | undefined;
+
+  /**
+   * Retries after the workload's failure or a failed start, each a new
+   * attempt with its own budget; unset means none. Not with
+   * hold_on_failure when it retries WORKLOAD_FAILURE.
+   *
+   * @generated from field: treadmill.coordinator.v1.RetryPolicy retry = 16;
+   */
+  retry?: RetryPolicy | undefined;
 };
 
 /**
@@ -273,7 +321,7 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
  * Use `create(JobSpecSchema)` to create a new message.
  */
 export const JobSpecSchema: GenMessage<JobSpec> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 4);
+  messageDesc(file_treadmill_coordinator_v1_job, 5);
 
 /**
  * JobEvent is one entry of a job's timeline (also written to the audit log).
@@ -336,7 +384,7 @@ export type JobEvent = Message<"treadmill.coordinator.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 5);
+  messageDesc(file_treadmill_coordinator_v1_job, 6);
 
 /**
  * Job is a submitted job as the coordinator records it.
@@ -533,6 +581,20 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
    * @generated from field: string lease_id = 26;
    */
   leaseId: string;
+
+  /**
+   * The job this one re-runs (JobService.RerunJob), or empty.
+   *
+   * @generated from field: string rerun_of_job_id = 35;
+   */
+  rerunOfJobId: string;
+
+  /**
+   * The re-runs of this job, oldest first.
+   *
+   * @generated from field: repeated string rerun_job_ids = 36;
+   */
+  rerunJobIds: string[];
 };
 
 /**
@@ -540,7 +602,7 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 6);
+  messageDesc(file_treadmill_coordinator_v1_job, 7);
 
 /**
  * Snapshot is the operation that turns a running job's state into a new image
@@ -625,7 +687,7 @@ export type Snapshot = Message<"treadmill.coordinator.v1.Snapshot"> & {
  * Use `create(SnapshotSchema)` to create a new message.
  */
 export const SnapshotSchema: GenMessage<Snapshot> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 7);
+  messageDesc(file_treadmill_coordinator_v1_job, 8);
 
 /**
  * JobState is where a job is in its lifecycle (DESIGN.md §4):
@@ -1033,6 +1095,23 @@ export enum JobEventKind {
    * @generated from enum value: JOB_EVENT_KIND_LEASE = 14;
    */
   LEASE = 14,
+
+  /**
+   * The job was re-run (JobService.RerunJob): on the old job the message
+   * names the new one, on the new job the old one (Job.rerun_of_job_id).
+   *
+   * @generated from enum value: JOB_EVENT_KIND_RERUN = 17;
+   */
+  RERUN = 17,
+
+  /**
+   * The retry policy (JobSpec.retry) re-queued the job as a new attempt;
+   * the message names the attempt that ended, the condition that caused the
+   * retry, the host it ran on and the retries left for that condition.
+   *
+   * @generated from enum value: JOB_EVENT_KIND_RETRIED = 18;
+   */
+  RETRIED = 18,
 }
 
 /**
@@ -1146,6 +1225,46 @@ export const LogStatusSchema: GenEnum<LogStatus> = /*@__PURE__*/
   enumDesc(file_treadmill_coordinator_v1_job, 7);
 
 /**
+ * RetryCondition is an end of an attempt that the retry policy
+ * (RetryPolicy) may answer with a new attempt. Each condition has its own
+ * budget (RetryPolicy.max), separate from the restart policy's.
+ *
+ * @generated from enum treadmill.coordinator.v1.RetryCondition
+ */
+export enum RetryCondition {
+  /**
+   * Not a condition; refused with INVALID_ARGUMENT.
+   *
+   * @generated from enum value: RETRY_CONDITION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The workload exited with a failure (FINALIZE_REASON_WORKLOAD_EXITED,
+   * EXIT_STATUS_FAILURE), no stop requested. Never an infrastructure end:
+   * those are the restart policy's.
+   *
+   * @generated from enum value: RETRY_CONDITION_WORKLOAD_FAILURE = 1;
+   */
+  WORKLOAD_FAILURE = 1,
+
+  /**
+   * The host failed to start the job (FINALIZE_REASON_HOST_START_FAILURE:
+   * fetch, flash, boot). Tried before the restart policy, whose restarts
+   * are kept for the other infrastructure ends.
+   *
+   * @generated from enum value: RETRY_CONDITION_HOST_START_FAILURE = 2;
+   */
+  HOST_START_FAILURE = 2,
+}
+
+/**
+ * Describes the enum treadmill.coordinator.v1.RetryCondition.
+ */
+export const RetryConditionSchema: GenEnum<RetryCondition> = /*@__PURE__*/
+  enumDesc(file_treadmill_coordinator_v1_job, 8);
+
+/**
  * SnapshotState is the progress of a snapshot.
  *
  * @generated from enum treadmill.coordinator.v1.SnapshotState
@@ -1184,5 +1303,5 @@ export enum SnapshotState {
  * Describes the enum treadmill.coordinator.v1.SnapshotState.
  */
 export const SnapshotStateSchema: GenEnum<SnapshotState> = /*@__PURE__*/
-  enumDesc(file_treadmill_coordinator_v1_job, 8);
+  enumDesc(file_treadmill_coordinator_v1_job, 9);
 

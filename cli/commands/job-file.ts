@@ -1,0 +1,242 @@
+/**
+ * Job files from the command line (docs/job-files.md): `tml job run -f
+ * FILE` (one job, or one per combination of its matrix, followed together),
+ * `tml job schema`, the file of a job (`tml job get -o yaml`) and `tml job
+ * rerun`. The file's format is lib/job-file.ts's, shared with the console.
+ */
+import { randomUUID } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { Code, ConnectError, type Client } from "@connectrpc/connect";
+import { type Job, JobSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { type FileJob, JobFileError, fileOf, jobFileSchema, readJobFile } from "../../lib/job-file.js";
+import { keyValues } from "../args.js";
+import { defineCommand, type Command } from "../command.js";
+import type { CliContext } from "../context.js";
+import { CliError, ExitCode, UsageError } from "../errors.js";
+import { jsonOf } from "../format.js";
+import { DEFAULT_CHANNELS } from "../logs.js";
+import { followJob, jobExitCode, outcome, stateText, watchJob } from "./job.js";
+
+type Jobs = Client<typeof JobService>;
+
+/** What `tml job run -f` reads of `tml job run`'s flags. */
+export interface FileRunFlags {
+  file: string;
+  set: readonly string[];
+  secret: readonly string[];
+  "secret-file": readonly string[];
+  label: readonly string[];
+  "queue-anyway"?: boolean;
+  detach?: boolean;
+  quiet?: boolean;
+}
+
+/** The flags of `tml job run` that shape a spec: a job file says what they would. */
+const SPEC_FLAGS = ["tag", "hosts", "site", "driver", "param", "expose", "description", "priority", "timeout", "hold-on-failure", "queue-timeout", "restarts", "lease"];
+
+/** `tml job run`'s flags for a job file: UsageError for an IMAGE or a flag the file says instead. */
+export function fileRunFlags(image: string | undefined, flags: FileRunFlags & Record<string, unknown>): FileRunFlags {
+  if (image !== undefined) throw new UsageError("give IMAGE or --file, not both: the file names its image");
+  for (const name of SPEC_FLAGS) {
+    const v = flags[name];
+    if (v !== undefined && !(Array.isArray(v) && v.length === 0)) throw new UsageError(`flag --${name} is not used with --file: say it in the file (docs/job-files.md)`);
+  }
+  return flags;
+}
+
+/** `--secret` and `--secret-file` values by name (the values of a file's `${secret:NAME}`). */
+export async function secretValues(flags: Pick<FileRunFlags, "secret" | "secret-file">): Promise<Record<string, string>> {
+  const values = keyValues("secret", flags.secret);
+  for (const [name, path] of Object.entries(keyValues("secret-file", flags["secret-file"]))) {
+    try {
+      values[name] = await readFile(path, "utf8");
+    } catch (err) {
+      throw new UsageError(`flag --secret-file ${name}: cannot read ${path} (${(err as NodeJS.ErrnoException).code ?? "error"})`);
+    }
+  }
+  return values;
+}
+
+/** The jobs of a job file (`-` is standard input), a bad file a UsageError that says where. */
+async function readJobs(ctx: CliContext, flags: FileRunFlags): Promise<FileJob[]> {
+  let text: string;
+  try {
+    text = flags.file === "-" ? await readStdin(ctx) : await readFile(flags.file, "utf8");
+  } catch (err) {
+    throw new UsageError(`cannot read job file ${flags.file} (${(err as NodeJS.ErrnoException).code ?? "error"})`);
+  }
+  try {
+    const found = readJobFile(text, { source: flags.file === "-" ? "stdin" : flags.file, set: keyValues("set", flags.set), secrets: await secretValues(flags) });
+    const labels = keyValues("label", flags.label);
+    for (const j of found) Object.assign(j.spec.tags, labels);
+    return found;
+  } catch (err) {
+    if (err instanceof JobFileError) throw new UsageError(err.message);
+    throw err;
+  }
+}
+
+async function readStdin(ctx: CliContext): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of ctx.io.stdin) chunks.push(Buffer.from(chunk as Buffer));
+  return Buffer.concat(chunks).toString("utf8");
+}
+
+/** "board=a suite=x": a matrix job's name on its lines. */
+const matrixName = (j: FileJob) =>
+  Object.entries(j.matrix)
+    .map(([k, v]) => `${k}=${v}`)
+    .join(" ");
+
+/** A FAILED_PRECONDITION of SubmitJob or RerunJob (no host can run it now) as a CliError saying how to queue it anyway; `what` prefixes it. */
+function queueAnyway(what: string) {
+  return (err: unknown): never => {
+    const e = ConnectError.from(err);
+    if (e.code === Code.FailedPrecondition) throw new CliError(`${what}${e.rawMessage.replace(/; submit with queue_anyway.*$/, "")}; run again with --queue-anyway to queue it`, ExitCode.CONFLICT);
+    throw err;
+  };
+}
+
+/** SubmitJob; `what` prefixes its errors (a matrix job's name). */
+export async function submit(jobs: Jobs, request: Parameters<Jobs["submitJob"]>[0], what = ""): Promise<Job> {
+  const { job } = await jobs.submitJob(request, { timeoutMs: 30_000 }).catch(queueAnyway(what));
+  if (!job) throw new CliError("the server returned no job", ExitCode.ERROR);
+  return job;
+}
+
+/**
+ * `tml job run -f FILE`: submits the file's jobs; one is followed as `tml
+ * job run` follows a job, several (a matrix) together, a line for each
+ * change of each, then one line per job with its outcome. Exits 0 when
+ * every job succeeded, 1 when any did not.
+ */
+export async function runJobFile(ctx: CliContext, flags: FileRunFlags): Promise<number> {
+  const found = await readJobs(ctx, flags);
+  const jobs = await ctx.client(JobService);
+  const submitted: { name: string; job: Job }[] = [];
+  for (const j of found) {
+    const name = matrixName(j);
+    const job = await submit(jobs, { spec: j.spec, requestId: randomUUID(), queueAnyway: flags["queue-anyway"] === true }, name === "" ? "" : `${name}: `);
+    submitted.push({ name, job });
+  }
+  if (flags.detach === true) {
+    ctx.out.data(
+      submitted.map((s) => jsonOf(JobSchema, s.job)),
+      () => submitted.forEach((s) => ctx.out.line(s.job.id)),
+    );
+    return ExitCode.OK;
+  }
+  if (submitted.length === 1 && Object.keys(found[0].matrix).length === 0 && ctx.out.format === "table") {
+    const { job } = submitted[0];
+    if (flags.quiet !== true) ctx.out.note(ctx.out.errStyle(`--> job ${job.id} submitted (${job.spec?.image ?? ""})`, "cyan"));
+    return followJob(ctx, jobs, job.id, { channels: ctx.verbose ? [...DEFAULT_CHANNELS, "supervisor"] : DEFAULT_CHANNELS, quiet: flags.quiet === true, logs: true });
+  }
+  return followTogether(ctx, jobs, submitted, flags.quiet === true);
+}
+
+/**
+ * Follows several jobs to their end: on stderr a line per state change of
+ * each ("--> board=a suite=x  ID  running"), then one line per job with its
+ * outcome. Ctrl-C cancels them all; again: stops waiting. Returns 0 when all
+ * succeeded, else 1.
+ */
+async function followTogether(ctx: CliContext, jobs: Jobs, submitted: { name: string; job: Job }[], quiet: boolean): Promise<number> {
+  const width = Math.max(...submitted.map((s) => s.name.length));
+  const line = (name: string, job: Job, text: string) => `${name.padEnd(width)}  ${job.id}  ${text}`;
+  const status = (text: string) => {
+    if (!quiet) ctx.out.note(ctx.out.errStyle(`--> ${text}`, "cyan"));
+  };
+  const watching = new AbortController();
+  let canceling = false;
+  const off = ctx.onInterrupt(() => {
+    if (canceling) return watching.abort();
+    canceling = true;
+    status(`canceling ${submitted.length} jobs (Ctrl-C again to stop waiting)`);
+    for (const { job } of submitted) void jobs.cancelJob({ jobId: job.id, message: "canceled from tml (Ctrl-C)" }, { timeoutMs: 15_000 }).catch(() => undefined);
+  });
+  for (const { name, job } of submitted) status(line(name, job, "submitted"));
+  let finals: Job[];
+  try {
+    finals = await Promise.all(
+      submitted.map(({ name, job }) => {
+        let last = "";
+        return watchJob(jobs, job.id, AbortSignal.any([ctx.abort.signal, watching.signal]), (j) => {
+          const text = stateText(j);
+          if (text !== last && j.state !== JobState.FINALIZED) status(line(name, j, `${text}${j.attempt > 1 ? ` (attempt ${j.attempt})` : ""}`));
+          last = text;
+        });
+      }),
+    );
+  } catch (err) {
+    if (watching.signal.aborted) {
+      ctx.out.note(`Stopped waiting; the jobs go on: \`tml job list --label ...\` shows them.`);
+      return ExitCode.INTERRUPTED;
+    }
+    throw err;
+  } finally {
+    off();
+  }
+  const failed = finals.filter((j) => jobExitCode(j) !== ExitCode.OK).length;
+  ctx.out.data(
+    finals.map((j) => jsonOf(JobSchema, j)),
+    () => {
+      finals.forEach((j, i) => ctx.out.line(line(submitted[i].name, j, outcome(j))));
+      ctx.out.note(failed === 0 ? `All ${finals.length} jobs succeeded.` : `${failed} of ${finals.length} jobs did not succeed.`);
+    },
+  );
+  return failed === 0 ? ExitCode.OK : ExitCode.JOB_FAILED;
+}
+
+/** `tml job get JOB -o yaml`: the job as a job file that `tml job run -f` submits again. */
+export function printJobFile(ctx: CliContext, job: Job): void {
+  if (!job.spec) throw new CliError("the server returned a job without its spec");
+  ctx.io.stdout.write(fileOf(job.spec, `job ${job.id}: submit it again with tml job run -f FILE`));
+}
+
+export const jobFileCommands: Command[] = [
+  defineCommand({
+    path: ["job", "schema"],
+    summary: "Print the JSON Schema of job files (for editors)",
+    examples: ["tml job schema > job.schema.json"],
+    async run(ctx) {
+      ctx.out.line(JSON.stringify(jobFileSchema(), null, 2));
+      return ExitCode.OK;
+    },
+  }),
+  defineCommand({
+    path: ["job", "rerun"],
+    summary: "Run a job again with the same spec (its secrets kept), parameters changed with --set",
+    // Not job.ts's JOB_ARG: the two modules import each other, and only functions may cross.
+    args: [{ name: "JOB", required: true, description: "the job's id" }],
+    flags: {
+      set: { type: "list", placeholder: "NAME=VALUE", description: "a parameter to set instead of the old job's" },
+      secret: { type: "list", placeholder: "NAME=VALUE", description: "a secret parameter to set instead of the old job's" },
+      follow: { type: "bool", short: "f", description: "follow the new job as `tml job run` does, exit with its status" },
+      "queue-anyway": { type: "bool", description: "queue it even when every host that matches it is unavailable" },
+    },
+    examples: ["tml job rerun $JOB", "tml job rerun $JOB --set SUITE=full --follow"],
+    async run(ctx, { args, flags }) {
+      const parameters = [
+        ...Object.entries(keyValues("set", flags.set)).map(([name, value]) => ({ name, value, secret: false })),
+        ...Object.entries(keyValues("secret", flags.secret)).map(([name, value]) => ({ name, value, secret: true })),
+      ];
+      const jobs = await ctx.client(JobService);
+      const { job } = await jobs
+        .rerunJob({ jobId: args.JOB, requestId: randomUUID(), parameters, queueAnyway: flags["queue-anyway"] === true }, { timeoutMs: 30_000 })
+        .catch(queueAnyway(""));
+      if (!job) throw new CliError("the server returned no job");
+      if (flags.follow !== true) {
+        ctx.out.data(jsonOf(JobSchema, job), () => ctx.out.line(job.id));
+        return ExitCode.OK;
+      }
+      ctx.out.note(ctx.out.errStyle(`--> job ${job.id} re-runs job ${args.JOB}`, "cyan"));
+      if (ctx.out.format !== "table") {
+        const final = await watchJob(jobs, job.id, ctx.abort.signal, () => undefined);
+        ctx.out.data(jsonOf(JobSchema, final), () => undefined);
+        return jobExitCode(final);
+      }
+      return followJob(ctx, jobs, job.id, { channels: DEFAULT_CHANNELS, quiet: false, logs: true });
+    },
+  }),
+];
