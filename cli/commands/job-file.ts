@@ -2,14 +2,16 @@
  * Job files from the command line (docs/job-files.md): `tml job run -f
  * FILE` (one job, or one per combination of its matrix, followed together),
  * `tml job schema`, the file of a job (`tml job get -o yaml`) and `tml job
- * rerun`. The file's format is lib/job-file.ts's, shared with the console.
+ * rerun`. The file's format is lib/job-file.ts's, shared with the console,
+ * loaded when a command needs it: its YAML parser would slow every `tml`'s
+ * start.
  */
 import { randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { type Job, JobSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { type FileJob, JobFileError, fileOf, jobFileSchema, readJobFile } from "../../lib/job-file.js";
+import type { FileJob } from "../../lib/job-file.js";
 import { keyValues } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
@@ -19,6 +21,8 @@ import { DEFAULT_CHANNELS } from "../logs.js";
 import { followJob, jobExitCode, outcome, stateText, watchJob } from "./job.js";
 
 type Jobs = Client<typeof JobService>;
+
+const jobFiles = () => import("../../lib/job-file.js");
 
 /** What `tml job run -f` reads of `tml job run`'s flags. */
 export interface FileRunFlags {
@@ -66,13 +70,15 @@ async function readJobs(ctx: CliContext, flags: FileRunFlags): Promise<FileJob[]
   } catch (err) {
     throw new UsageError(`cannot read job file ${flags.file} (${(err as NodeJS.ErrnoException).code ?? "error"})`);
   }
+  const { JobFileError, readJobFile } = await jobFiles();
   try {
     const found = readJobFile(text, { source: flags.file === "-" ? "stdin" : flags.file, set: keyValues("set", flags.set), secrets: await secretValues(flags) });
     const labels = keyValues("label", flags.label);
     for (const j of found) Object.assign(j.spec.tags, labels);
     return found;
   } catch (err) {
-    if (err instanceof JobFileError) throw new UsageError(err.message);
+    // "In job.yaml:3: ...": the sentence tml prints starts with a capital, which a file's name must not get.
+    if (err instanceof JobFileError) throw new UsageError(`in ${err.message}`);
     throw err;
   }
 }
@@ -189,8 +195,9 @@ async function followTogether(ctx: CliContext, jobs: Jobs, submitted: { name: st
 }
 
 /** `tml job get JOB -o yaml`: the job as a job file that `tml job run -f` submits again. */
-export function printJobFile(ctx: CliContext, job: Job): void {
+export async function printJobFile(ctx: CliContext, job: Job): Promise<void> {
   if (!job.spec) throw new CliError("the server returned a job without its spec");
+  const { fileOf } = await jobFiles();
   ctx.io.stdout.write(fileOf(job.spec, `job ${job.id}: submit it again with tml job run -f FILE`));
 }
 
@@ -200,6 +207,7 @@ export const jobFileCommands: Command[] = [
     summary: "Print the JSON Schema of job files (for editors)",
     examples: ["tml job schema > job.schema.json"],
     async run(ctx) {
+      const { jobFileSchema } = await jobFiles();
       ctx.out.line(JSON.stringify(jobFileSchema(), null, 2));
       return ExitCode.OK;
     },

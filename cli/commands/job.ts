@@ -478,7 +478,7 @@ export const jobCommands: Command[] = [
       const { job } = await jobs.getJob({ jobId: args.JOB }, { timeoutMs: 15_000 });
       if (!job) throw new CliError("the server returned no job");
       if (ctx.out.format === "yaml") {
-        printJobFile(ctx, job);
+        await printJobFile(ctx, job);
         return ExitCode.OK;
       }
       ctx.out.data(jsonOf(JobSchema, job), () => {

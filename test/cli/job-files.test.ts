@@ -112,7 +112,7 @@ describe("tml job run -f", () => {
     const before = (await world.coordinator.sql<{ n: number }[]>`select count(*)::int as n from jobs`)[0].n;
     const run = await tml(admin, ["job", "run", "-f", path]);
     expect(run.code).toBe(2);
-    expect(run.stderr).toContain(`${path}:3: parameters.script: variable \${nope} is not defined`);
+    expect(run.stderr).toContain(`In ${path}:3: parameters.script: variable \${nope} is not defined`);
     const bad = await tml(admin, ["job", "run", "-f", await file("bad2.yaml", "image: test/sh:1\nhosts:\n  count: two\n")]);
     expect(bad.stderr).toContain("bad2.yaml:3: hosts.count: expected an integer");
     expect((await world.coordinator.sql<{ n: number }[]>`select count(*)::int as n from jobs`)[0].n).toBe(before);
