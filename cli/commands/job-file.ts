@@ -126,19 +126,19 @@ export async function runJobFile(ctx: CliContext, flags: FileRunFlags): Promise<
     const job = await submit(jobs, { spec: j.spec, requestId: randomUUID(), queueAnyway: flags["queue-anyway"] === true }, name === "" ? "" : `${name}: `);
     submitted.push({ name, job });
   }
+  // Data: one job (no matrix) as `tml job run` prints it, a matrix's as a list.
+  const single = Object.keys(found[0].matrix).length === 0;
+  const data = (all: Job[]) => (single ? jsonOf(JobSchema, all[0]) : all.map((j) => jsonOf(JobSchema, j)));
   if (flags.detach === true) {
-    ctx.out.data(
-      submitted.map((s) => jsonOf(JobSchema, s.job)),
-      () => submitted.forEach((s) => ctx.out.line(s.job.id)),
-    );
+    ctx.out.data(data(submitted.map((s) => s.job)), () => submitted.forEach((s) => ctx.out.line(s.job.id)));
     return ExitCode.OK;
   }
-  if (submitted.length === 1 && Object.keys(found[0].matrix).length === 0 && ctx.out.format === "table") {
+  if (single && ctx.out.format === "table") {
     const { job } = submitted[0];
     if (flags.quiet !== true) ctx.out.note(ctx.out.errStyle(`--> job ${job.id} submitted (${job.spec?.image ?? ""})`, "cyan"));
     return followJob(ctx, jobs, job.id, { channels: ctx.verbose ? [...DEFAULT_CHANNELS, "supervisor"] : DEFAULT_CHANNELS, quiet: flags.quiet === true, logs: true });
   }
-  return followTogether(ctx, jobs, submitted, flags.quiet === true);
+  return followTogether(ctx, jobs, submitted, { quiet: flags.quiet === true, data });
 }
 
 /**
@@ -147,7 +147,12 @@ export async function runJobFile(ctx: CliContext, flags: FileRunFlags): Promise<
  * outcome. Ctrl-C cancels them all; again: stops waiting. Returns 0 when all
  * succeeded, else 1.
  */
-async function followTogether(ctx: CliContext, jobs: Jobs, submitted: { name: string; job: Job }[], quiet: boolean): Promise<number> {
+async function followTogether(
+  ctx: CliContext,
+  jobs: Jobs,
+  submitted: { name: string; job: Job }[],
+  { quiet, data }: { quiet: boolean; data: (jobs: Job[]) => unknown },
+): Promise<number> {
   const width = Math.max(...submitted.map((s) => s.name.length));
   const line = (name: string, job: Job, text: string) => `${name.padEnd(width)}  ${job.id}  ${text}`;
   const status = (text: string) => {
@@ -185,7 +190,7 @@ async function followTogether(ctx: CliContext, jobs: Jobs, submitted: { name: st
   }
   const failed = finals.filter((j) => jobExitCode(j) !== ExitCode.OK).length;
   ctx.out.data(
-    finals.map((j) => jsonOf(JobSchema, j)),
+    data(finals),
     () => {
       finals.forEach((j, i) => ctx.out.line(line(submitted[i].name, j, outcome(j))));
       ctx.out.note(failed === 0 ? `All ${finals.length} jobs succeeded.` : `${failed} of ${finals.length} jobs did not succeed.`);

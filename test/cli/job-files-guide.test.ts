@@ -84,6 +84,6 @@ describe("docs/job-files.md's command blocks", () => {
     const run = await guide("retry");
     expect({ code: run.code, stderr: run.code === 0 ? "" : run.stderr }).toEqual({ code: 0, stderr: "" });
     expect(run.stdout).toContain("attempt 2");
-    expect(run.stdout).toMatch(/retried.*attempt 1 ended workload_exited on host \S+ \(workload failure\).*retrying as attempt 2 on another host/);
+    expect(run.stdout).toMatch(/retried.*attempt 1 ended workload_exited on host sup-[12] \(workload failure\): workload exited with code 1.*retrying as attempt 2 on another host/);
   }, 90_000);
 });

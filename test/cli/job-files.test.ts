@@ -107,6 +107,19 @@ describe("tml job run -f", () => {
     expect(run.stdout).toMatch(/^n=1\s+\S+\s+succeeded/m);
   }, 60_000);
 
+  it("prints data as tml job run does: one job as an object, a matrix's jobs as a list", async () => {
+    const one = await tml(admin, ["job", "run", "-f", await file("one.yaml", "image: test/sh:1\nhosts: {tags: {pool: lab}}\nparameters: {script: 'true'}\n"), "--detach", "-o", "json"]);
+    expect((JSON.parse(one.stdout) as JobJson).id).toMatch(/^[0-9a-f-]{36}$/);
+    const path = await file("two.yaml", "image: test/sh:1\nhosts: {tags: {pool: lab}}\nmatrix: {n: [1, 2]}\nparameters: {script: 'exit ${n}'}\n");
+    const two = await tml(admin, ["job", "run", "-f", path, "-o", "json"]);
+    expect(two.code).toBe(1);
+    const jobs = JSON.parse(two.stdout) as JobJson[];
+    expect(jobs.map((j) => [j.spec.tags, j.state, j.exitStatus])).toEqual([
+      [{ n: "1" }, "JOB_STATE_FINALIZED", "EXIT_STATUS_FAILURE"],
+      [{ n: "2" }, "JOB_STATE_FINALIZED", "EXIT_STATUS_FAILURE"],
+    ]);
+  }, 60_000);
+
   it("refuses a file with an undefined variable, naming it and its line, and submits nothing", async () => {
     const path = await file("bad.yaml", "image: test/sh:1\nparameters:\n  script: echo ${nope}\n");
     const before = (await world.coordinator.sql<{ n: number }[]>`select count(*)::int as n from jobs`)[0].n;
@@ -254,8 +267,9 @@ describe("retries", () => {
     expect(retried).toHaveLength(1);
     expect(retried[0].attempt).toBe(2);
     expect(retried[0].hostId).toBe(hosts.get(1));
+    expect(retried[0].message).toContain(`on host ${Object.keys(hostIds).find((name) => hostIds[name] === hosts.get(1))} `);
     expect(retried[0].message).toMatch(
-      new RegExp(`^attempt 1 ended workload_exited on host ${hosts.get(1)} \\(workload failure\\): .*retrying as attempt 2 on another host \\(0 workload failure retries left\\)$`),
+      new RegExp(`^attempt 1 ended workload_exited on host lab-[12] \\(workload failure\\): .*retrying as attempt 2 on another host \\(0 workload failure retries left\\)$`),
     );
   }, 90_000);
 
