@@ -349,6 +349,7 @@ export function readJobFile(text: string, options: ReadOptions = {}): FileJob[] 
     for (const [k, v, keyNode] of outer.entries(m[1], "matrix")) {
       if (!VARIABLE_NAME.test(k)) outer.fail(keyNode, `matrix.${k}`, "a matrix key must match [A-Za-z_][A-Za-z0-9_.-]*");
       if (k in set) outer.fail(keyNode, `matrix.${k}`, `is a matrix key and also given with --set ${k}`);
+      if (k in vars) outer.fail(keyNode, `matrix.${k}`, `is a matrix key and also under variables:`);
       if (!isSeq(v) || v.items.length === 0) outer.fail(v ?? keyNode, `matrix.${k}`, "expected a non-empty list of values");
       const values = v.items.map((item, i) => outer.text(item as Node, `matrix.${k}[${i}]`).text);
       if (new Set(values).size !== values.length) outer.fail(v, `matrix.${k}`, "repeated value");

@@ -21,6 +21,7 @@ import {
   JobStateSchema,
   LogStatus,
   ReasonClass,
+  RetryConditionSchema,
   SnapshotSchema,
   SnapshotState,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
@@ -491,6 +492,7 @@ export const jobCommands: Command[] = [
           ["Hosts", job.hostIds.join(", ") || "-"],
           ["Host tags", spec?.hosts ? tagsText(spec.hosts.tags) : undefined],
           ["Priority", spec ? String(spec.priority) : undefined],
+          ["Retry", spec?.retry ? retryText(spec.retry) : undefined],
           ["Parameters", spec?.parameters.map((p) => (p.secret ? `${p.name}=(secret)` : `${p.name}=${p.value}`)).join(", ")],
           ["Labels", spec && Object.keys(spec.tags).length > 0 ? tagsText(spec.tags) : undefined],
           ["Description", spec?.description],
@@ -741,6 +743,12 @@ async function noteUnsettledLog(ctx: CliContext, jobs: Jobs, jobId: string): Pro
   } else if (job?.logStatus === LogStatus.INCOMPLETE) {
     ctx.out.note(ctx.out.errStyle(`tml: the log of job ${jobId} is ${logStatusText(job)}`, "dim"));
   }
+}
+
+/** "workload-failure, host-start-failure: up to 2 each, on another host" (JobSpec.retry). */
+function retryText(retry: NonNullable<NonNullable<Job["spec"]>["retry"]>): string {
+  const on = retry.on.map((c) => word(RetryConditionSchema, c)).join(", ");
+  return `${on}: up to ${retry.max}${retry.on.length > 1 ? " each" : ""}${retry.otherHost ? ", on another host" : ""}`;
 }
 
 /** The names of hosts by id (the id itself when the host cannot be read). */

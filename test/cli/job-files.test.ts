@@ -257,6 +257,7 @@ describe("retries", () => {
     expect({ code: run.code, stderr: run.code === 0 ? "" : run.stderr }).toMatchObject({ code: 0 });
     expect(run.stdout).toContain("attempt 2");
     const id = /--> job (\S+) submitted/.exec(run.stderr)![1];
+    expect((await tml(admin, ["job", "get", id])).stdout).toMatch(/^Retry:\s+workload-failure: up to 1, on another host$/m);
     const job = await getJob(id);
     expect(job.attempt).toBe(2);
     expect(job.exitStatus).toBe("EXIT_STATUS_SUCCESS");

@@ -171,10 +171,11 @@ describe("matrix", () => {
     expect(jobs[3].spec.tags).toEqual({ ci: "n", board: "b", suite: "y" });
   });
 
-  it("refuses an empty list, a repeated value, a key also given with --set and more than 64 jobs", () => {
+  it("refuses an empty list, a repeated value, a key also given with --set or under variables:, and more than 64 jobs", () => {
     expect(errorOf("image: x\nmatrix: {board: []}\n")).toBe("job.yaml:2: matrix.board: expected a non-empty list of values");
     expect(errorOf("image: x\nmatrix: {board: [a, a]}\n")).toBe("job.yaml:2: matrix.board: repeated value");
     expect(errorOf("image: x\nmatrix: {board: [a]}\n", { set: { board: "b" } })).toBe("job.yaml:2: matrix.board: is a matrix key and also given with --set board");
+    expect(errorOf("image: x\nvariables: {board: c}\nmatrix: {board: [a]}\n")).toBe("job.yaml:3: matrix.board: is a matrix key and also under variables:");
     const big = `image: x\nmatrix: {a: [${[...Array(9).keys()].join(",")}], b: [${[...Array(8).keys()].join(",")}]}\n`;
     expect(errorOf(big)).toBe("job.yaml:2: matrix: makes 72 jobs, more than 64");
   });
