@@ -99,7 +99,7 @@ const matrixName = (j: FileJob) =>
 function queueAnyway(what: string) {
   return (err: unknown): never => {
     const e = ConnectError.from(err);
-    if (e.code === Code.FailedPrecondition) throw new CliError(`${what}${e.rawMessage.replace(/; submit with queue_anyway.*$/, "")}; run again with --queue-anyway to queue it`, ExitCode.CONFLICT);
+    if (e.code === Code.FailedPrecondition && e.rawMessage.includes("queue_anyway")) throw new CliError(`${what}${e.rawMessage.replace(/; submit with queue_anyway.*$/, "")}; run again with --queue-anyway to queue it`, ExitCode.CONFLICT);
     throw err;
   };
 }

@@ -132,11 +132,17 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
       else spec.parameters.push(create(ParameterSchema, { name: p.name, value: p.value, secret: p.secret }));
     }
     const given = new Set(req.parameters.map((p) => p.name));
-    const kept = await jobSecrets(this.ctx.sql, old.id);
+    // A job's secret values are its owner's: an admin re-running another
+    // user's job gives them again (with a changed script, a re-run could
+    // print them).
+    const kept = old.owner_id === caller.userId ? await jobSecrets(this.ctx.sql, old.id) : new Map<string, string>();
     for (const p of spec.parameters) {
       if (!p.secret || given.has(p.name)) continue;
       const value = kept.get(p.name);
-      if (value === undefined) throw precondition(`the value of secret parameter ${p.name} of job ${old.id} is no longer kept: give it again in parameters`);
+      if (value === undefined) {
+        const why = old.owner_id === caller.userId ? "is no longer kept" : "is its owner's";
+        throw precondition(`the value of secret parameter ${p.name} of job ${old.id} ${why}: give it again in parameters`);
+      }
       p.value = value;
     }
     const valid = validateSpec(spec, this.config);

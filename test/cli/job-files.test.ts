@@ -231,6 +231,26 @@ describe("tml job rerun", () => {
     expect(rerun.stderr).toMatch(new RegExp(`image test/gone:1 \\(sha256:[0-9a-f]{64}\\) of job ${id} is no longer in the catalog`));
   }, 60_000);
 
+  it("does not hand another user's secret values to an admin's re-run: the admin gives them again", async () => {
+    const dave = await world.coordinator.createUser({ name: "dave" });
+    const asDave = { env: { TML_SERVER: world.url, TML_TOKEN: dave.token } };
+    const run = await tml("/nonexistent/dave.json", ["job", "run", "--detach", "test/sh:1", "--tag", "pool=lab", "--param", "script=true", "--secret", "KEY=daves"], asDave);
+    expect(run.code).toBe(0);
+    const id = run.stdout.trim();
+    const refused = await tml(admin, ["job", "rerun", id]);
+    expect(refused.code).toBe(6);
+    expect(refused.stderr).toContain(`Not possible now: the value of secret parameter KEY of job ${id} is its owner's: give it again in parameters.`);
+    const given = await tml(admin, ["job", "rerun", id, "--secret", "KEY=admins"]);
+    expect(given.code).toBe(0);
+    const [secret] = await world.coordinator.sql<{ value: string }[]>`select value from job_secrets where job_id = ${given.stdout.trim()}`;
+    expect(secret.value).toBe("admins");
+    // Dave re-runs his own with his kept value.
+    const own = await tml("/nonexistent/dave.json", ["job", "rerun", id], asDave);
+    expect(own.code).toBe(0);
+    const [kept] = await world.coordinator.sql<{ value: string }[]>`select value from job_secrets where job_id = ${own.stdout.trim()}`;
+    expect(kept.value).toBe("daves");
+  }, 60_000);
+
   it("refuses another user's job as CancelJob does", async () => {
     const run = await tml(admin, ["job", "run", "--detach", "test/sh:1", "--tag", "pool=lab", "--param", "script=true"]);
     const user = await world.coordinator.createUser({ name: "carol" });

@@ -967,15 +967,17 @@ export const JobService: GenService<{
     output: typeof ControlHostResponseSchema;
   },
   /**
-   * Submits a new job with the spec of a finished or running job (its secret
-   * values kept on the coordinator, never sent back), parameters replaced by
+   * Submits a new job, owned by the caller, with the spec of a finished or
+   * running job and its image by the digest it ran, parameters replaced by
    * the overrides given, and links the two (Job.rerun_of_job_id,
    * Job.rerun_job_ids; a RERUN event on both timelines). Its owner or an
-   * admin may, as for CancelJob. Safe to retry with the same request_id.
+   * admin may, as for CancelJob. The old job's secret values, kept on the
+   * coordinator and never sent back, go to its owner's re-run only: anyone
+   * else gives them in parameters. Safe to retry with the same request_id.
    * Errors: INVALID_ARGUMENT, NOT_FOUND (no such job, or its image is gone
-   * from the catalog), PERMISSION_DENIED, FAILED_PRECONDITION (the old job
-   * ended and its secret values were deleted; no host can run it now),
-   * RESOURCE_EXHAUSTED (too many unfinished jobs).
+   * from the catalog), PERMISSION_DENIED, FAILED_PRECONDITION (a secret
+   * value not given and not to be had; a health job; no host can run it
+   * now), RESOURCE_EXHAUSTED (too many unfinished jobs).
    *
    * @generated from rpc treadmill.coordinator.v1.JobService.RerunJob
    */
