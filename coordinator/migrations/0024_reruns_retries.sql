@@ -5,8 +5,9 @@
 -- job's row lock: its conditions, its budget per condition, the retries used
 -- so far per condition, and, for other_host, the hosts earlier attempts ran
 -- on (the scheduler does not place a retry there). Secret values
--- (job_secrets) now stay with a finalized job, so that a re-run has them:
--- they are deleted with the job. Runs inside the migration transaction.
+-- (job_secrets) now stay with a finalized job for its owner's re-runs, until
+-- the sweep deletes them (the coordinator's rerunSecretsMs after the job's
+-- end). Runs inside the migration transaction.
 
 alter table jobs
   add column rerun_of_job_id uuid references jobs (id) on delete set null,

@@ -669,6 +669,21 @@ export async function jobSecrets(sql: Db, id: string): Promise<Map<string, strin
   return new Map(rows.map((r) => [r.name, r.value]));
 }
 
+/**
+ * Deletes the secret values of jobs finalized more than `keepMs` ago (at
+ * most `limit` jobs' worth); returns how many jobs lost theirs.
+ */
+export async function deleteOldSecrets(sql: Db, keepMs: number, limit: number): Promise<number> {
+  const rows = await sql`
+    delete from job_secrets s
+    where s.job_id in (
+      select distinct s2.job_id from job_secrets s2 join jobs j on j.id = s2.job_id
+      where j.state = 'finalized' and j.finalized_at < now() - ${keepMs} * interval '1 millisecond'
+      limit ${limit})
+    returning s.job_id`;
+  return new Set(rows.map((r) => r.job_id as string)).size;
+}
+
 /** The scheduler may have work (a job was queued). */
 export async function notifySchedule(tx: Db): Promise<void> {
   await tx`select pg_notify('treadmill_schedule', '')`;
