@@ -8,6 +8,7 @@
  */
 import { randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
+import type { Writable } from "node:stream";
 import { Code, ConnectError, type Client } from "@connectrpc/connect";
 import { type Job, JobSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
@@ -142,8 +143,45 @@ export async function runJobFile(ctx: CliContext, flags: FileRunFlags): Promise<
 }
 
 /**
- * Follows several jobs to their end: on stderr a line per state change of
- * each ("--> board=a suite=x  ID  running"), then one line per job with its
+ * The jobs of a matrix as they go, one line each: on a terminal a block of
+ * lines redrawn in place (a job's line changes where it stands); elsewhere
+ * (CI logs, pipes) a line printed per change, so logs stay readable.
+ */
+export class JobBoard {
+  readonly #lines: string[];
+  readonly #tty: boolean;
+  #drawn = false;
+
+  constructor(
+    private readonly stream: Writable & { isTTY?: boolean },
+    initial: string[],
+    private readonly style: (text: string) => string = (t) => t,
+  ) {
+    this.#lines = [...initial];
+    this.#tty = stream.isTTY === true;
+    if (this.#tty) this.#draw();
+    else for (const line of initial) this.stream.write(`${style(line)}\n`);
+  }
+
+  /** Job `i`'s line is now `text` (nothing when unchanged). */
+  set(i: number, text: string): void {
+    if (this.#lines[i] === text) return;
+    this.#lines[i] = text;
+    if (this.#tty) this.#draw();
+    else this.stream.write(`${this.style(text)}\n`);
+  }
+
+  #draw(): void {
+    // Up to the block's first line, then each line cleared and written again.
+    const up = this.#drawn ? `\x1b[${this.#lines.length}A` : "";
+    this.stream.write(up + this.#lines.map((l) => `\r\x1b[2K${this.style(l)}\n`).join(""));
+    this.#drawn = true;
+  }
+}
+
+/**
+ * Follows several jobs to their end: their lines on stderr (JobBoard:
+ * "--> board=a suite=x  ID  running"), then one line per job with its
  * outcome. Ctrl-C cancels them all; again: stops waiting. Returns 0 when all
  * succeeded, else 1.
  */
@@ -155,29 +193,31 @@ async function followTogether(
 ): Promise<number> {
   const width = Math.max(...submitted.map((s) => s.name.length));
   const line = (name: string, job: Job, text: string) => `${name.padEnd(width)}  ${job.id}  ${text}`;
-  const status = (text: string) => {
-    if (!quiet) ctx.out.note(ctx.out.errStyle(`--> ${text}`, "cyan"));
-  };
+  const note = (text: string) => ctx.out.note(ctx.out.errStyle(`--> ${text}`, "cyan"));
+  const board = quiet
+    ? undefined
+    : new JobBoard(
+        ctx.io.stderr,
+        submitted.map(({ name, job }) => `--> ${line(name, job, "submitted")}`),
+        (t) => ctx.out.errStyle(t, "cyan"),
+      );
   const watching = new AbortController();
   let canceling = false;
   const off = ctx.onInterrupt(() => {
     if (canceling) return watching.abort();
     canceling = true;
-    status(`canceling ${submitted.length} jobs (Ctrl-C again to stop waiting)`);
+    if (!quiet) note(`canceling ${submitted.length} jobs (Ctrl-C again to stop waiting)`);
     for (const { job } of submitted) void jobs.cancelJob({ jobId: job.id, message: "canceled from tml (Ctrl-C)" }, { timeoutMs: 15_000 }).catch(() => undefined);
   });
-  for (const { name, job } of submitted) status(line(name, job, "submitted"));
   let finals: Job[];
   try {
     finals = await Promise.all(
-      submitted.map(({ name, job }) => {
-        let last = "";
-        return watchJob(jobs, job.id, AbortSignal.any([ctx.abort.signal, watching.signal]), (j) => {
-          const text = stateText(j);
-          if (text !== last && j.state !== JobState.FINALIZED) status(line(name, j, `${text}${j.attempt > 1 ? ` (attempt ${j.attempt})` : ""}`));
-          last = text;
-        });
-      }),
+      submitted.map(({ name, job }, i) =>
+        watchJob(jobs, job.id, AbortSignal.any([ctx.abort.signal, watching.signal]), (j) => {
+          const text = j.state === JobState.FINALIZED ? outcome(j) : `${stateText(j)}${j.attempt > 1 ? ` (attempt ${j.attempt})` : ""}`;
+          board?.set(i, `--> ${line(name, j, text)}`);
+        }),
+      ),
     );
   } catch (err) {
     if (watching.signal.aborted) {
@@ -189,13 +229,10 @@ async function followTogether(
     off();
   }
   const failed = finals.filter((j) => jobExitCode(j) !== ExitCode.OK).length;
-  ctx.out.data(
-    data(finals),
-    () => {
-      finals.forEach((j, i) => ctx.out.line(line(submitted[i].name, j, outcome(j))));
-      ctx.out.note(failed === 0 ? `All ${finals.length} jobs succeeded.` : `${failed} of ${finals.length} jobs did not succeed.`);
-    },
-  );
+  ctx.out.data(data(finals), () => {
+    finals.forEach((j, i) => ctx.out.line(line(submitted[i].name, j, outcome(j))));
+    ctx.out.note(failed === 0 ? `All ${finals.length} jobs succeeded.` : `${failed} of ${finals.length} jobs did not succeed.`);
+  });
   return failed === 0 ? ExitCode.OK : ExitCode.JOB_FAILED;
 }
 
