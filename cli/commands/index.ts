@@ -7,6 +7,7 @@ import { healthCommands } from "./health.js";
 import { hostCommands } from "./host.js";
 import { imageCommands } from "./image.js";
 import { jobCommands } from "./job.js";
+import { jobFileCommands } from "./job-file.js";
 import { leaseCommands } from "./lease.js";
 import { serviceCommands } from "./service.js";
 import { sessionCommands } from "./session.js";
@@ -32,6 +33,7 @@ const completionCommands: Command[] = [
 export const allCommands: Command[] = [
   ...authCommands.filter((c) => c.path[0] !== "token" && c.path[0] !== "context"),
   ...jobCommands,
+  ...jobFileCommands,
   ...sessionCommands,
   ...leaseCommands,
   ...imageCommands,

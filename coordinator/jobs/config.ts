@@ -121,6 +121,12 @@ export const jobConfigFields = {
     min: 10,
     description: "longest delay between a quarantined host's retries of its health checks",
   },
+  rerunSecretsMs: {
+    type: "duration",
+    default: 7 * DAY,
+    min: 0,
+    description: "how long a finished job keeps its secret parameters' values for its owner's re-runs (0: deleted at its end)",
+  },
   loopStallMs: {
     type: "duration",
     default: 60_000,
@@ -162,6 +168,7 @@ export interface JobConfig extends HoldPolicy {
   logTokenTtlMs: number;
   sessionTokenTtlMs: number;
   loopStallMs: number;
+  rerunSecretsMs: number;
   healthSweepIntervalMs: number;
   healthRetryInitialMs: number;
   healthRetryMaxMs: number;

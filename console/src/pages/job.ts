@@ -21,6 +21,7 @@ import { LogView } from "../log-view.js";
 import { jobArtifacts } from "./job-artifacts.js";
 import type { PageContext } from "../main.js";
 import { JobResultsPanel } from "./job-results.js";
+import { jobFileSection } from "./job-file.js";
 
 const CHANNELS = ["console", "stdout", "stderr", "supervisor"];
 /** How often a finalized job whose log is still being shipped is read again. */
@@ -35,7 +36,7 @@ const HOST_ACTIONS = [
 ] as const;
 
 /** One job: its facts and timeline (WatchJob), cancel, host control, console, and its live log. */
-export async function jobPage({ api, main, signal, params }: PageContext): Promise<void> {
+export async function jobPage({ app, api, main, signal, params }: PageContext): Promise<void> {
   const jobId = params[0];
   document.title = `Job ${jobId.slice(-8)} · Treadmill`;
   const jobs = api.client(JobService);
@@ -85,6 +86,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     logSection,
   );
   view.render();
+  const showFile = jobFileSection({ app, api, main }, jobId);
 
   let job: Job | undefined;
   cancel.addEventListener("click", async () => {
@@ -132,6 +134,7 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     }
     renderDetails(details, next, users, hosts);
     renderParameters(parameters, next);
+    showFile(next);
     if (next.timeline.length > 0) renderTimeline(timeline, next, hosts);
     logs.update(next);
     results.update(next);
@@ -273,7 +276,7 @@ function renderDetails(section: HTMLElement, job: Job, users: Map<string, string
       ["Owner", users.get(job.ownerUserId) ?? job.ownerUserId],
       ["Lease", job.leaseId ? link(`/leases/${job.leaseId}`, h("code", { id: "job-lease" }, job.leaseId)) : ""],
       ["Needs", [tagsText(spec?.hosts?.tags ?? {}), spec?.hosts?.hostCount && spec.hosts.hostCount > 1 ? `${spec.hosts.hostCount} hosts` : ""].filter(Boolean).join(" · ")],
-      ["Tags", tagsText(spec?.tags ?? {})],
+      ["Labels", tagsText(spec?.tags ?? {})],
       ["Description", spec?.description ?? ""],
       ["Submitted", h("time", { datetime: iso(job.createTime) }, when(job.createTime))],
       ["Started", job.startTime ? h("time", { datetime: iso(job.startTime) }, when(job.startTime)) : ""],

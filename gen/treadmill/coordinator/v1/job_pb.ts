@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job.proto.
  */
 export const file_treadmill_coordinator_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAki6gUKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2CgdyZXN1bHRzGA0gASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3VsdHNTcGVjEjoKCWFydGlmYWN0cxgOIAEoCzInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BcnRpZmFjdHNTcGVjEjIKBmlucHV0cxgPIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JJbnB1dBorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIlCgtSZXN1bHRzU3BlYxIWCg5pZ25vcmVfY29uc29sZRgBIAEoCCKCAQoMUmVzdWx0Q291bnRzEg0KBXRvdGFsGAEgASgDEg4KBnBhc3NlZBgCIAEoAxIOCgZmYWlsZWQYAyABKAMSDwoHc2tpcHBlZBgEIAEoAxIPCgdlcnJvcmVkGAUgASgDEg8KB2F0dGVtcHQYBiABKAUSEAoIY29tcGxldGUYByABKAgiRQoITG9nUmFuZ2USDwoHY2hhbm5lbBgBIAEoCRIUCgxzdGFydF9vZmZzZXQYAiABKAMSEgoKZW5kX29mZnNldBgDIAEoAyL9AQoIVGVzdENhc2USDwoHYXR0ZW1wdBgBIAEoBRINCgVpbmRleBgCIAEoAxINCgVzdWl0ZRgDIAEoCRIMCgRuYW1lGAQgASgJEjYKB291dGNvbWUYBSABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGVzdE91dGNvbWUSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHbWVzc2FnZRgHIAEoCRIvCgNsb2cYCCABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nUmFuZ2USDQoFZmxha3kYCSABKAgiIQoNQXJ0aWZhY3RzU3BlYxIQCghkaXNhYmxlZBgBIAEoCCJkCghKb2JJbnB1dBIMCgRuYW1lGAEgASgJEg4KBnNvdXJjZRgCIAEoCRIOCgZkaWdlc3QYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIWCg5zb3VyY2VfYXR0ZW1wdBgFIAEoBSLOAQoIQXJ0aWZhY3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDAoEbmFtZRgDIAEoCRISCgpzaXplX2J5dGVzGAQgASgDEg4KBmRpZ2VzdBgFIAEoCRISCgptZWRpYV90eXBlGAYgASgJEhcKD21hbmlmZXN0X2RpZ2VzdBgHIAEoCRIRCglzdG9yZV91cmwYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoMCCghKb2JFdmVudBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0CgRraW5kGAIgASgOMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkV2ZW50S2luZBIxCgVzdGF0ZRgDIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRIPCgdtZXNzYWdlGAUgASgJEg8KB2F0dGVtcHQYBiABKAUSDwoHaG9zdF9pZBgHIAEoCSKzCAoDSm9iEgoKAmlkGAEgASgJEhUKDW93bmVyX3VzZXJfaWQYAiABKAkSLwoEc3BlYxgDIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEjEKBXN0YXRlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAUgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEkEKD2ZpbmFsaXplX3JlYXNvbhgGIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhI7CgxyZWFzb25fY2xhc3MYByABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVhc29uQ2xhc3MSOQoLZXhpdF9zdGF0dXMYCCABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXhpdFN0YXR1cxIWCglleGl0X2NvZGUYCSABKAVIAIgBARIWCg5zdGF0dXNfbWVzc2FnZRgKIAEoCRIPCgdhdHRlbXB0GAsgASgFEhAKCGhvc3RfaWRzGAwgAygJEhgKEGNhbmNlbF9yZXF1ZXN0ZWQYDSABKAgSFwoPbWFuaWZlc3RfZGlnZXN0GA4gASgJEi8KC2NyZWF0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthc3NpZ25fdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNZmluYWxpemVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYEyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKCHRpbWVsaW5lGBQgAygLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkV2ZW50EhcKD2xvZ19zZXJ2ZXJfdXJscxgVIAMoCRI3Cgpsb2dfc3RhdHVzGBYgASgOMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1N0YXR1cxIWCg5sb2dfYnl0ZXNfbG9zdBgXIAEoAxIaChJsb2dfc3RhdHVzX21lc3NhZ2UYGCABKAkSFwoPaGVhbHRoX2NoZWNrX2lkGBkgASgJEhAKCGxlYXNlX2lkGBogASgJEjcKB3Jlc3VsdHMYGyABKAsyJi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVzdWx0Q291bnRzEg0KBWZsYWt5GBwgASgIQgwKCl9leGl0X2NvZGUilgIKCFNuYXBzaG90EgoKAmlkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEgwKBG5hbWUYBCABKAkSCwoDdGFnGAUgASgJEjYKBXN0YXRlGAYgASgOMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90U3RhdGUSDwoHbWVzc2FnZRgHIAEoCRIXCg9tYW5pZmVzdF9kaWdlc3QYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCq6AQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhYKEkpPQl9TVEFURV9BU1NJR05FRBACEhoKFkpPQl9TVEFURV9JTklUSUFMSVpJTkcQAxIVChFKT0JfU1RBVEVfUlVOTklORxAEEhkKFUpPQl9TVEFURV9URVJNSU5BVElORxAFEhcKE0pPQl9TVEFURV9GSU5BTElaRUQQBiqkAQoISm9iU3RhZ2USGQoVSk9CX1NUQUdFX1VOU1BFQ0lGSUVEEAASHAoYSk9CX1NUQUdFX0ZFVENISU5HX0lNQUdFEAESGAoUSk9CX1NUQUdFX0FMTE9DQVRJTkcQAhIaChZKT0JfU1RBR0VfUFJPVklTSU9OSU5HEAMSFQoRSk9CX1NUQUdFX0JPT1RJTkcQBBISCg5KT0JfU1RBR0VfSEVMRBAFKscCCg5GaW5hbGl6ZVJlYXNvbhIfChtGSU5BTElaRV9SRUFTT05fVU5TUEVDSUZJRUQQABIjCh9GSU5BTElaRV9SRUFTT05fV09SS0xPQURfRVhJVEVEEAESHAoYRklOQUxJWkVfUkVBU09OX0NBTkNFTEVEEAISHwobRklOQUxJWkVfUkVBU09OX0pPQl9USU1FT1VUEAMSIQodRklOQUxJWkVfUkVBU09OX1FVRVVFX1RJTUVPVVQQBBIgChxGSU5BTElaRV9SRUFTT05fSE9TVF9EUk9QUEVEEAUSHwobRklOQUxJWkVfUkVBU09OX0lNQUdFX0VSUk9SEAYSJgoiRklOQUxJWkVfUkVBU09OX0hPU1RfU1RBUlRfRkFJTFVSRRAHEiIKHkZJTkFMSVpFX1JFQVNPTl9JTlRFUk5BTF9FUlJPUhAIKnkKC1JlYXNvbkNsYXNzEhwKGFJFQVNPTl9DTEFTU19VTlNQRUNJRklFRBAAEhQKEFJFQVNPTl9DTEFTU19KT0IQARIVChFSRUFTT05fQ0xBU1NfVVNFUhACEh8KG1JFQVNPTl9DTEFTU19JTkZSQVNUUlVDVFVSRRADKlsKCkV4aXRTdGF0dXMSGwoXRVhJVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNFWElUX1NUQVRVU19TVUNDRVNTEAESFwoTRVhJVF9TVEFUVVNfRkFJTFVSRRACKrwECgxKb2JFdmVudEtpbmQSHgoaSk9CX0VWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABIcChhKT0JfRVZFTlRfS0lORF9TVUJNSVRURUQQARIgChxKT0JfRVZFTlRfS0lORF9TVEFURV9DSEFOR0VEEAISIAocSk9CX0VWRU5UX0tJTkRfU1RBR0VfQ0hBTkdFRBADEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBBIcChhKT0JfRVZFTlRfS0lORF9SRVNUQVJURUQQBRIhCh1KT0JfRVZFTlRfS0lORF9TRVNTSU9OX09QRU5FRBAGEiUKIUpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX1JFUVVFU1RFRBAHEiUKIUpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX1NVQ0NFRURFRBAIEiIKHkpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX0ZBSUxFRBAJEiEKHUpPQl9FVkVOVF9LSU5EX0xPR19JTkNPTVBMRVRFEAoSGgoWSk9CX0VWRU5UX0tJTkRfV0FJVElORxALEh8KG0pPQl9FVkVOVF9LSU5EX0hPU1RfQ09OVFJPTBAMEh4KGkpPQl9FVkVOVF9LSU5EX0hPU1RfSEVBTFRIEA0SGAoUSk9CX0VWRU5UX0tJTkRfTEVBU0UQDhIaChZKT0JfRVZFTlRfS0lORF9SRVNVTFRTEA8SHAoYSk9CX0VWRU5UX0tJTkRfQVJUSUZBQ1RTEBAqwQEKEUhvc3RDb250cm9sQWN0aW9uEiMKH0hPU1RfQ09OVFJPTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIhCh1IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09GRhABEiAKHEhPU1RfQ09OVFJPTF9BQ1RJT05fUE9XRVJfT04QAhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX0NZQ0xFEAMSHQoZSE9TVF9DT05UUk9MX0FDVElPTl9SRVNFVBAEKnQKCUxvZ1N0YXR1cxIaChZMT0dfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTE9HX1NUQVRVU19TSElQUElORxABEhcKE0xPR19TVEFUVVNfQ09NUExFVEUQAhIZChVMT0dfU1RBVFVTX0lOQ09NUExFVEUQAyqIAQoLVGVzdE91dGNvbWUSHAoYVEVTVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASFQoRVEVTVF9PVVRDT01FX1BBU1MQARIVChFURVNUX09VVENPTUVfRkFJTBACEhUKEVRFU1RfT1VUQ09NRV9TS0lQEAMSFgoSVEVTVF9PVVRDT01FX0VSUk9SEAQqhAEKDVNuYXBzaG90U3RhdGUSHgoaU05BUFNIT1RfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZTTkFQU0hPVF9TVEFURV9QRU5ESU5HEAESHAoYU05BUFNIT1RfU1RBVEVfU1VDQ0VFREVEEAISGQoVU05BUFNIT1RfU1RBVEVfRkFJTEVEEANiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
+  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFImQKC1JldHJ5UG9saWN5EjQKAm9uGAEgAygOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJldHJ5Q29uZGl0aW9uEgsKA21heBgCIAEoBRISCgpvdGhlcl9ob3N0GAMgASgIIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAkioAYKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2CgdyZXN1bHRzGA0gASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3VsdHNTcGVjEjoKCWFydGlmYWN0cxgOIAEoCzInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BcnRpZmFjdHNTcGVjEjIKBmlucHV0cxgPIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JJbnB1dBI0CgVyZXRyeRgQIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5SZXRyeVBvbGljeRorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIlCgtSZXN1bHRzU3BlYxIWCg5pZ25vcmVfY29uc29sZRgBIAEoCCKCAQoMUmVzdWx0Q291bnRzEg0KBXRvdGFsGAEgASgDEg4KBnBhc3NlZBgCIAEoAxIOCgZmYWlsZWQYAyABKAMSDwoHc2tpcHBlZBgEIAEoAxIPCgdlcnJvcmVkGAUgASgDEg8KB2F0dGVtcHQYBiABKAUSEAoIY29tcGxldGUYByABKAgiRQoITG9nUmFuZ2USDwoHY2hhbm5lbBgBIAEoCRIUCgxzdGFydF9vZmZzZXQYAiABKAMSEgoKZW5kX29mZnNldBgDIAEoAyL9AQoIVGVzdENhc2USDwoHYXR0ZW1wdBgBIAEoBRINCgVpbmRleBgCIAEoAxINCgVzdWl0ZRgDIAEoCRIMCgRuYW1lGAQgASgJEjYKB291dGNvbWUYBSABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGVzdE91dGNvbWUSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHbWVzc2FnZRgHIAEoCRIvCgNsb2cYCCABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nUmFuZ2USDQoFZmxha3kYCSABKAgiIQoNQXJ0aWZhY3RzU3BlYxIQCghkaXNhYmxlZBgBIAEoCCJkCghKb2JJbnB1dBIMCgRuYW1lGAEgASgJEg4KBnNvdXJjZRgCIAEoCRIOCgZkaWdlc3QYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIWCg5zb3VyY2VfYXR0ZW1wdBgFIAEoBSLOAQoIQXJ0aWZhY3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDAoEbmFtZRgDIAEoCRISCgpzaXplX2J5dGVzGAQgASgDEg4KBmRpZ2VzdBgFIAEoCRISCgptZWRpYV90eXBlGAYgASgJEhcKD21hbmlmZXN0X2RpZ2VzdBgHIAEoCRIRCglzdG9yZV91cmwYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoMCCghKb2JFdmVudBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0CgRraW5kGAIgASgOMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkV2ZW50S2luZBIxCgVzdGF0ZRgDIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRIPCgdtZXNzYWdlGAUgASgJEg8KB2F0dGVtcHQYBiABKAUSDwoHaG9zdF9pZBgHIAEoCSLjCAoDSm9iEgoKAmlkGAEgASgJEhUKDW93bmVyX3VzZXJfaWQYAiABKAkSLwoEc3BlYxgDIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEjEKBXN0YXRlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAUgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEkEKD2ZpbmFsaXplX3JlYXNvbhgGIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhI7CgxyZWFzb25fY2xhc3MYByABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVhc29uQ2xhc3MSOQoLZXhpdF9zdGF0dXMYCCABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXhpdFN0YXR1cxIWCglleGl0X2NvZGUYCSABKAVIAIgBARIWCg5zdGF0dXNfbWVzc2FnZRgKIAEoCRIPCgdhdHRlbXB0GAsgASgFEhAKCGhvc3RfaWRzGAwgAygJEhgKEGNhbmNlbF9yZXF1ZXN0ZWQYDSABKAgSFwoPbWFuaWZlc3RfZGlnZXN0GA4gASgJEi8KC2NyZWF0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthc3NpZ25fdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNZmluYWxpemVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYEyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKCHRpbWVsaW5lGBQgAygLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkV2ZW50EhcKD2xvZ19zZXJ2ZXJfdXJscxgVIAMoCRI3Cgpsb2dfc3RhdHVzGBYgASgOMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1N0YXR1cxIWCg5sb2dfYnl0ZXNfbG9zdBgXIAEoAxIaChJsb2dfc3RhdHVzX21lc3NhZ2UYGCABKAkSFwoPaGVhbHRoX2NoZWNrX2lkGBkgASgJEhAKCGxlYXNlX2lkGBogASgJEjcKB3Jlc3VsdHMYGyABKAsyJi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVzdWx0Q291bnRzEg0KBWZsYWt5GBwgASgIEhcKD3JlcnVuX29mX2pvYl9pZBgjIAEoCRIVCg1yZXJ1bl9qb2JfaWRzGCQgAygJQgwKCl9leGl0X2NvZGUilgIKCFNuYXBzaG90EgoKAmlkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEgwKBG5hbWUYBCABKAkSCwoDdGFnGAUgASgJEjYKBXN0YXRlGAYgASgOMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90U3RhdGUSDwoHbWVzc2FnZRgHIAEoCRIXCg9tYW5pZmVzdF9kaWdlc3QYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCq6AQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhYKEkpPQl9TVEFURV9BU1NJR05FRBACEhoKFkpPQl9TVEFURV9JTklUSUFMSVpJTkcQAxIVChFKT0JfU1RBVEVfUlVOTklORxAEEhkKFUpPQl9TVEFURV9URVJNSU5BVElORxAFEhcKE0pPQl9TVEFURV9GSU5BTElaRUQQBiqkAQoISm9iU3RhZ2USGQoVSk9CX1NUQUdFX1VOU1BFQ0lGSUVEEAASHAoYSk9CX1NUQUdFX0ZFVENISU5HX0lNQUdFEAESGAoUSk9CX1NUQUdFX0FMTE9DQVRJTkcQAhIaChZKT0JfU1RBR0VfUFJPVklTSU9OSU5HEAMSFQoRSk9CX1NUQUdFX0JPT1RJTkcQBBISCg5KT0JfU1RBR0VfSEVMRBAFKscCCg5GaW5hbGl6ZVJlYXNvbhIfChtGSU5BTElaRV9SRUFTT05fVU5TUEVDSUZJRUQQABIjCh9GSU5BTElaRV9SRUFTT05fV09SS0xPQURfRVhJVEVEEAESHAoYRklOQUxJWkVfUkVBU09OX0NBTkNFTEVEEAISHwobRklOQUxJWkVfUkVBU09OX0pPQl9USU1FT1VUEAMSIQodRklOQUxJWkVfUkVBU09OX1FVRVVFX1RJTUVPVVQQBBIgChxGSU5BTElaRV9SRUFTT05fSE9TVF9EUk9QUEVEEAUSHwobRklOQUxJWkVfUkVBU09OX0lNQUdFX0VSUk9SEAYSJgoiRklOQUxJWkVfUkVBU09OX0hPU1RfU1RBUlRfRkFJTFVSRRAHEiIKHkZJTkFMSVpFX1JFQVNPTl9JTlRFUk5BTF9FUlJPUhAIKnkKC1JlYXNvbkNsYXNzEhwKGFJFQVNPTl9DTEFTU19VTlNQRUNJRklFRBAAEhQKEFJFQVNPTl9DTEFTU19KT0IQARIVChFSRUFTT05fQ0xBU1NfVVNFUhACEh8KG1JFQVNPTl9DTEFTU19JTkZSQVNUUlVDVFVSRRADKlsKCkV4aXRTdGF0dXMSGwoXRVhJVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNFWElUX1NUQVRVU19TVUNDRVNTEAESFwoTRVhJVF9TVEFUVVNfRkFJTFVSRRACKvIECgxKb2JFdmVudEtpbmQSHgoaSk9CX0VWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABIcChhKT0JfRVZFTlRfS0lORF9TVUJNSVRURUQQARIgChxKT0JfRVZFTlRfS0lORF9TVEFURV9DSEFOR0VEEAISIAocSk9CX0VWRU5UX0tJTkRfU1RBR0VfQ0hBTkdFRBADEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBBIcChhKT0JfRVZFTlRfS0lORF9SRVNUQVJURUQQBRIhCh1KT0JfRVZFTlRfS0lORF9TRVNTSU9OX09QRU5FRBAGEiUKIUpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX1JFUVVFU1RFRBAHEiUKIUpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX1NVQ0NFRURFRBAIEiIKHkpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX0ZBSUxFRBAJEiEKHUpPQl9FVkVOVF9LSU5EX0xPR19JTkNPTVBMRVRFEAoSGgoWSk9CX0VWRU5UX0tJTkRfV0FJVElORxALEh8KG0pPQl9FVkVOVF9LSU5EX0hPU1RfQ09OVFJPTBAMEh4KGkpPQl9FVkVOVF9LSU5EX0hPU1RfSEVBTFRIEA0SGAoUSk9CX0VWRU5UX0tJTkRfTEVBU0UQDhIaChZKT0JfRVZFTlRfS0lORF9SRVNVTFRTEA8SHAoYSk9CX0VWRU5UX0tJTkRfQVJUSUZBQ1RTEBASGAoUSk9CX0VWRU5UX0tJTkRfUkVSVU4QERIaChZKT0JfRVZFTlRfS0lORF9SRVRSSUVEEBIqwQEKEUhvc3RDb250cm9sQWN0aW9uEiMKH0hPU1RfQ09OVFJPTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIhCh1IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09GRhABEiAKHEhPU1RfQ09OVFJPTF9BQ1RJT05fUE9XRVJfT04QAhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX0NZQ0xFEAMSHQoZSE9TVF9DT05UUk9MX0FDVElPTl9SRVNFVBAEKnQKCUxvZ1N0YXR1cxIaChZMT0dfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTE9HX1NUQVRVU19TSElQUElORxABEhcKE0xPR19TVEFUVVNfQ09NUExFVEUQAhIZChVMT0dfU1RBVFVTX0lOQ09NUExFVEUQAyp/Cg5SZXRyeUNvbmRpdGlvbhIfChtSRVRSWV9DT05ESVRJT05fVU5TUEVDSUZJRUQQABIkCiBSRVRSWV9DT05ESVRJT05fV09SS0xPQURfRkFJTFVSRRABEiYKIlJFVFJZX0NPTkRJVElPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQAiqIAQoLVGVzdE91dGNvbWUSHAoYVEVTVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASFQoRVEVTVF9PVVRDT01FX1BBU1MQARIVChFURVNUX09VVENPTUVfRkFJTBACEhUKEVRFU1RfT1VUQ09NRV9TS0lQEAMSFgoSVEVTVF9PVVRDT01FX0VSUk9SEAQqhAEKDVNuYXBzaG90U3RhdGUSHgoaU05BUFNIT1RfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZTTkFQU0hPVF9TVEFURV9QRU5ESU5HEAESHAoYU05BUFNIT1RfU1RBVEVfU1VDQ0VFREVEEAISGQoVU05BUFNIT1RfU1RBVEVfRkFJTEVEEANiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
 
 /**
  * HostRequirements says which hosts a job needs.
@@ -83,6 +83,45 @@ export const RestartPolicySchema: GenMessage<RestartPolicy> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_job, 1);
 
 /**
+ * RetryPolicy re-queues a job as a new attempt after the ends it names. Each
+ * attempt runs with a fresh job timeout (JobSpec.job_timeout counts from the
+ * attempt's assignment), so a failed boot never eats the next attempt's time.
+ *
+ * @generated from message treadmill.coordinator.v1.RetryPolicy
+ */
+export type RetryPolicy = Message<"treadmill.coordinator.v1.RetryPolicy"> & {
+  /**
+   * The conditions that cause a retry; at least one, no repeats.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.RetryCondition on = 1;
+   */
+  on: RetryCondition[];
+
+  /**
+   * Retries allowed per condition, 1 to 10.
+   *
+   * @generated from field: int32 max = 2;
+   */
+  max: number;
+
+  /**
+   * Place a retry on a host that ran none of the job's earlier attempts. When
+   * no other host matches, the retry waits in the queue (up to its queue
+   * timeout) for one; it never falls back to a host that failed it.
+   *
+   * @generated from field: bool other_host = 3;
+   */
+  otherHost: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.RetryPolicy.
+ * Use `create(RetryPolicySchema)` to create a new message.
+ */
+export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 2);
+
+/**
  * Parameter is a named value handed to the workload (environment variable or
  * file, as the driver decides).
  *
@@ -119,7 +158,7 @@ export type Parameter = Message<"treadmill.coordinator.v1.Parameter"> & {
  * Use `create(ParameterSchema)` to create a new message.
  */
 export const ParameterSchema: GenMessage<Parameter> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 2);
+  messageDesc(file_treadmill_coordinator_v1_job, 3);
 
 /**
  * ExposedPort declares a port of the job that users may reach through a
@@ -163,7 +202,7 @@ export type ExposedPort = Message<"treadmill.coordinator.v1.ExposedPort"> & {
  * Use `create(ExposedPortSchema)` to create a new message.
  */
 export const ExposedPortSchema: GenMessage<ExposedPort> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 3);
+  messageDesc(file_treadmill_coordinator_v1_job, 4);
 
 /**
  * JobSpec is what a user asks for. Validated entirely by SubmitJob.
@@ -290,6 +329,15 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
    * @generated from field: repeated treadmill.coordinator.v1.JobInput inputs = 15;
    */
   inputs: JobInput[];
+
+  /**
+   * Retries after the workload's failure or a failed start, each a new
+   * attempt with its own budget; unset means none. Not with
+   * hold_on_failure when it retries WORKLOAD_FAILURE.
+   *
+   * @generated from field: treadmill.coordinator.v1.RetryPolicy retry = 16;
+   */
+  retry?: RetryPolicy | undefined;
 };
 
 /**
@@ -297,7 +345,7 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
  * Use `create(JobSpecSchema)` to create a new message.
  */
 export const JobSpecSchema: GenMessage<JobSpec> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 4);
+  messageDesc(file_treadmill_coordinator_v1_job, 5);
 
 /**
  * ResultsSpec says how a job's test results are gathered. JUnit XML files
@@ -321,7 +369,7 @@ export type ResultsSpec = Message<"treadmill.coordinator.v1.ResultsSpec"> & {
  * Use `create(ResultsSpecSchema)` to create a new message.
  */
 export const ResultsSpecSchema: GenMessage<ResultsSpec> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 5);
+  messageDesc(file_treadmill_coordinator_v1_job, 6);
 
 /**
  * ResultCounts counts one attempt's test cases by outcome.
@@ -385,7 +433,7 @@ export type ResultCounts = Message<"treadmill.coordinator.v1.ResultCounts"> & {
  * Use `create(ResultCountsSchema)` to create a new message.
  */
 export const ResultCountsSchema: GenMessage<ResultCounts> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 6);
+  messageDesc(file_treadmill_coordinator_v1_job, 7);
 
 /**
  * LogRange is where a test case's output is in the job's log: a byte range
@@ -423,7 +471,7 @@ export type LogRange = Message<"treadmill.coordinator.v1.LogRange"> & {
  * Use `create(LogRangeSchema)` to create a new message.
  */
 export const LogRangeSchema: GenMessage<LogRange> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 7);
+  messageDesc(file_treadmill_coordinator_v1_job, 8);
 
 /**
  * TestCase is one test case of one attempt, as the job reported it.
@@ -505,7 +553,7 @@ export type TestCase = Message<"treadmill.coordinator.v1.TestCase"> & {
  * Use `create(TestCaseSchema)` to create a new message.
  */
 export const TestCaseSchema: GenMessage<TestCase> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 8);
+  messageDesc(file_treadmill_coordinator_v1_job, 9);
 
 /**
  * ArtifactsSpec tunes how a job's artifacts are collected.
@@ -526,7 +574,7 @@ export type ArtifactsSpec = Message<"treadmill.coordinator.v1.ArtifactsSpec"> & 
  * Use `create(ArtifactsSpecSchema)` to create a new message.
  */
 export const ArtifactsSpecSchema: GenMessage<ArtifactsSpec> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 9);
+  messageDesc(file_treadmill_coordinator_v1_job, 10);
 
 /**
  * JobInput is one input file of a job: an artifact of an earlier job.
@@ -579,7 +627,7 @@ export type JobInput = Message<"treadmill.coordinator.v1.JobInput"> & {
  * Use `create(JobInputSchema)` to create a new message.
  */
 export const JobInputSchema: GenMessage<JobInput> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 10);
+  messageDesc(file_treadmill_coordinator_v1_job, 11);
 
 /**
  * Artifact is one file a job attempt wrote into $TREADMILL_ARTIFACTS_DIR,
@@ -659,7 +707,7 @@ export type Artifact = Message<"treadmill.coordinator.v1.Artifact"> & {
  * Use `create(ArtifactSchema)` to create a new message.
  */
 export const ArtifactSchema: GenMessage<Artifact> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 11);
+  messageDesc(file_treadmill_coordinator_v1_job, 12);
 
 /**
  * JobEvent is one entry of a job's timeline (also written to the audit log).
@@ -722,7 +770,7 @@ export type JobEvent = Message<"treadmill.coordinator.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 12);
+  messageDesc(file_treadmill_coordinator_v1_job, 13);
 
 /**
  * Job is a submitted job as the coordinator records it.
@@ -935,6 +983,20 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
    * @generated from field: bool flaky = 28;
    */
   flaky: boolean;
+
+  /**
+   * The job this one re-runs (JobService.RerunJob), or empty.
+   *
+   * @generated from field: string rerun_of_job_id = 35;
+   */
+  rerunOfJobId: string;
+
+  /**
+   * The re-runs of this job, oldest first.
+   *
+   * @generated from field: repeated string rerun_job_ids = 36;
+   */
+  rerunJobIds: string[];
 };
 
 /**
@@ -942,7 +1004,7 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 13);
+  messageDesc(file_treadmill_coordinator_v1_job, 14);
 
 /**
  * Snapshot is the operation that turns a running job's state into a new image
@@ -1027,7 +1089,7 @@ export type Snapshot = Message<"treadmill.coordinator.v1.Snapshot"> & {
  * Use `create(SnapshotSchema)` to create a new message.
  */
 export const SnapshotSchema: GenMessage<Snapshot> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 14);
+  messageDesc(file_treadmill_coordinator_v1_job, 15);
 
 /**
  * JobState is where a job is in its lifecycle (DESIGN.md §4):
@@ -1454,6 +1516,23 @@ export enum JobEventKind {
    * @generated from enum value: JOB_EVENT_KIND_ARTIFACTS = 16;
    */
   ARTIFACTS = 16,
+
+  /**
+   * The job was re-run (JobService.RerunJob): on the old job the message
+   * names the new one, on the new job the old one (Job.rerun_of_job_id).
+   *
+   * @generated from enum value: JOB_EVENT_KIND_RERUN = 17;
+   */
+  RERUN = 17,
+
+  /**
+   * The retry policy (JobSpec.retry) re-queued the job as a new attempt;
+   * the message names the attempt that ended, the condition that caused the
+   * retry, the host it ran on and the retries left for that condition.
+   *
+   * @generated from enum value: JOB_EVENT_KIND_RETRIED = 18;
+   */
+  RETRIED = 18,
 }
 
 /**
@@ -1567,6 +1646,46 @@ export const LogStatusSchema: GenEnum<LogStatus> = /*@__PURE__*/
   enumDesc(file_treadmill_coordinator_v1_job, 7);
 
 /**
+ * RetryCondition is an end of an attempt that the retry policy
+ * (RetryPolicy) may answer with a new attempt. Each condition has its own
+ * budget (RetryPolicy.max), separate from the restart policy's.
+ *
+ * @generated from enum treadmill.coordinator.v1.RetryCondition
+ */
+export enum RetryCondition {
+  /**
+   * Not a condition; refused with INVALID_ARGUMENT.
+   *
+   * @generated from enum value: RETRY_CONDITION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The workload exited with a failure (FINALIZE_REASON_WORKLOAD_EXITED,
+   * EXIT_STATUS_FAILURE), no stop requested. Never an infrastructure end:
+   * those are the restart policy's.
+   *
+   * @generated from enum value: RETRY_CONDITION_WORKLOAD_FAILURE = 1;
+   */
+  WORKLOAD_FAILURE = 1,
+
+  /**
+   * The host failed to start the job (FINALIZE_REASON_HOST_START_FAILURE:
+   * fetch, flash, boot). Tried before the restart policy, whose restarts
+   * are kept for the other infrastructure ends.
+   *
+   * @generated from enum value: RETRY_CONDITION_HOST_START_FAILURE = 2;
+   */
+  HOST_START_FAILURE = 2,
+}
+
+/**
+ * Describes the enum treadmill.coordinator.v1.RetryCondition.
+ */
+export const RetryConditionSchema: GenEnum<RetryCondition> = /*@__PURE__*/
+  enumDesc(file_treadmill_coordinator_v1_job, 8);
+
+/**
  * TestOutcome is the outcome of one test case.
  *
  * @generated from enum treadmill.coordinator.v1.TestOutcome
@@ -1612,7 +1731,7 @@ export enum TestOutcome {
  * Describes the enum treadmill.coordinator.v1.TestOutcome.
  */
 export const TestOutcomeSchema: GenEnum<TestOutcome> = /*@__PURE__*/
-  enumDesc(file_treadmill_coordinator_v1_job, 8);
+  enumDesc(file_treadmill_coordinator_v1_job, 9);
 
 /**
  * SnapshotState is the progress of a snapshot.
@@ -1653,5 +1772,5 @@ export enum SnapshotState {
  * Describes the enum treadmill.coordinator.v1.SnapshotState.
  */
 export const SnapshotStateSchema: GenEnum<SnapshotState> = /*@__PURE__*/
-  enumDesc(file_treadmill_coordinator_v1_job, 9);
+  enumDesc(file_treadmill_coordinator_v1_job, 10);
 
