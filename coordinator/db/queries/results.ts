@@ -119,17 +119,25 @@ export interface CaseFilter {
   nameContains: string;
 }
 
-/** A page of an attempt's cases in report order, after index `after`. */
+/**
+ * A page of an attempt's cases in report order, after index `after`. With
+ * outcomes, one index range per outcome (job_result_cases_outcome, in idx
+ * order), each cut to the page, merged: `outcome = any(...)` would read
+ * every case of those outcomes to sort them, thousands of failures with
+ * their messages for one page.
+ */
 export function listCases(sql: Db, jobId: string, attempt: number, f: CaseFilter, after: number, limit: number): Promise<CaseRow[]> {
   const like = `%${f.nameContains.replace(/[\\%_]/g, (c) => `\\${c}`)}%`;
-  return sql<CaseRow[]>`
-    select attempt, idx, suite, name, outcome, duration_us, message, log_channel, log_start, log_end, flaky
-    from job_result_cases
-    where job_id = ${jobId} and attempt = ${attempt} and idx > ${after}
-      ${f.suite !== "" ? sql`and suite = ${f.suite}` : sql``}
-      ${f.outcomes.length > 0 ? sql`and outcome = any(${f.outcomes}::smallint[])` : sql``}
-      ${f.nameContains !== "" ? sql`and name ilike ${like}` : sql``}
-    order by idx limit ${limit}`;
+  const where = (outcome: number | undefined) => sql`
+    job_id = ${jobId} and attempt = ${attempt} and idx > ${after}
+    ${outcome !== undefined ? sql`and outcome = ${outcome}` : sql``}
+    ${f.suite !== "" ? sql`and suite = ${f.suite}` : sql``}
+    ${f.nameContains !== "" ? sql`and name ilike ${like}` : sql``}`;
+  const columns = sql`attempt, idx, suite, name, outcome, duration_us, message, log_channel, log_start, log_end, flaky`;
+  if (f.outcomes.length === 0) return sql<CaseRow[]>`select ${columns} from job_result_cases where ${where(undefined)} order by idx limit ${limit}`;
+  const parts = [...new Set(f.outcomes)].map((o) => sql`(select ${columns} from job_result_cases where ${where(o)} order by idx limit ${limit})`);
+  const union = parts.reduce((all, part) => sql`${all} union all ${part}`);
+  return sql<CaseRow[]>`select * from (${union}) page order by idx limit ${limit}`;
 }
 
 /**
