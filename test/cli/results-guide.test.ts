@@ -38,7 +38,9 @@ function guide(...names: string[]) {
   return runBash(`set -eo pipefail\n${script}`, { cwd: work, env });
 }
 
-const jobs = () => createClient(JobService, createGrpcTransport({ baseUrl: world.url, interceptors: [bearerInterceptor(() => world.adminToken)] }));
+let client: ReturnType<typeof createClient<typeof JobService>> | undefined;
+/** JobService as the admin, over one connection. */
+const jobs = () => (client ??= createClient(JobService, createGrpcTransport({ baseUrl: world.url, interceptors: [bearerInterceptor(() => world.adminToken)] })));
 
 /** The id of the newest job with label commit=`commit`. */
 async function jobOf(commit: string): Promise<string> {
@@ -181,5 +183,28 @@ describe("results that cannot be read", () => {
     // The host takes the next job as usual.
     const next = await tml(config, ["job", "run", "example/tests:v1", "--tag", "pool=small", "--quiet"]);
     expect(next.code).toBe(0);
+  }, 120_000);
+});
+
+describe("a canceled job's results", () => {
+  it("are collected when the job is stopped: its console's cases and the JUnit file it wrote before the cancel", async () => {
+    const script = [
+      "echo 'TAP version 13'",
+      "printf '<testsuite name=\"c\"><testcase name=\"written before the cancel\"/></testsuite>' > $TREADMILL_RESULTS_DIR/c.xml",
+      "echo 'ok 1 - file written'",
+      "sleep 120",
+    ].join("; ");
+    const pushed = await tml(config, ["image", "push", join(work, "tests-rootfs"), "--name", "example/slow:v1", "--entrypoint", JSON.stringify(["/bin/sh", "-c", script])]);
+    expect(pushed.code).toBe(0);
+    const run = await tml(config, ["job", "run", "example/slow:v1", "--tag", "pool=tests", "--detach"]);
+    const jobId = run.stdout.trim();
+    // The console's case arrives while the job runs: the file is written by then.
+    await waitUntil(async () => (await jobs().listJobResults({ jobId })).cases.length === 1, "the console's case", 60_000);
+    await jobs().cancelJob({ jobId });
+    await waitUntil(async () => (await jobs().getJob({ jobId })).job!.state === JobState.FINALIZED, "the canceled job's end", 60_000);
+    const ended = (await jobs().getJob({ jobId })).job!;
+    expect(ended.results).toMatchObject({ total: 2n, passed: 2n, complete: true });
+    const { cases } = await jobs().listJobResults({ jobId });
+    expect(cases.map((c) => c.name)).toEqual(["file written", "written before the cancel"]);
   }, 120_000);
 });
