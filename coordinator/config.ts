@@ -1,6 +1,7 @@
 import { ConfigError, loadConfig } from "../lib/config.js";
 import { serverConfigFields } from "../lib/component.js";
 import { databaseUrlProblem } from "./db/url.js";
+import { feedConfigFields } from "./feed/config.js";
 import { jobConfigFields } from "./jobs/config.js";
 import { leaseConfigFields } from "./leases/config.js";
 import { parseOverrides } from "./leases/policy.js";
@@ -10,6 +11,7 @@ export const coordinatorSchema = {
   ...serverConfigFields(7700),
   ...jobConfigFields,
   ...leaseConfigFields,
+  ...feedConfigFields,
   dataDir: {
     type: "path",
     default: ".treadmill/coordinator",

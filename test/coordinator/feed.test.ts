@@ -1,0 +1,180 @@
+import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
+import { Code } from "@connectrpc/connect";
+import { EventService, type Event } from "../../gen/treadmill/coordinator/v1/event_service_pb.js";
+import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { type FeedPosition, FEED_START, comparePositions, readFeed, recordFeedEvent } from "../../coordinator/db/queries/feed.js";
+import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
+import { FAST, codeOf, insertImage, uniqueTag, waitUntil } from "../support/jobs.js";
+
+const SYSTEM = { kind: "system" } as const;
+
+describe("the event feed", () => {
+  let c: TestCoordinator;
+  let image: string;
+  beforeAll(async () => {
+    c = await startTestCoordinator({ config: { ...FAST, feedSweepIntervalMs: 50, feedRetentionMs: 60_000 } });
+    image = (await insertImage(c.sql)).ref;
+  });
+  afterAll(async () => {
+    await c?.stop();
+  });
+
+  /** Every event after `after` a system reader can read now. */
+  async function readAll(after: FeedPosition): Promise<{ events: { position: FeedPosition; payload: Record<string, unknown> }[]; position: FeedPosition }> {
+    const events = [];
+    let position = after;
+    for (;;) {
+      const read = await readFeed(c.sql, position, { viewer: SYSTEM, limit: 100 });
+      events.push(...read.events);
+      position = read.position;
+      if (!read.full) return { events, position };
+    }
+  }
+
+  it("returns no event that a transaction still running could sort before, so two transactions committing out of order leave no gap", async () => {
+    const start = (await readAll(FEED_START)).position;
+    const first = await c.sql.reserve();
+    const second = await c.sql.reserve();
+    try {
+      await first`begin`;
+      await second`begin`;
+      // The first transaction takes its id first, the second writes its event first:
+      // neither the row ids nor the transaction ids follow the order of the commits.
+      await first`select pg_current_xact_id()`;
+      await recordFeedEvent(second, { kind: "host.health", audience: "admins", payload: { n: "second" } });
+      await recordFeedEvent(first, { kind: "host.health", audience: "admins", payload: { n: "first" } });
+      await second`commit`;
+      // The second transaction committed, but the first, with a smaller xid, still runs.
+      const held = await readFeed(c.sql, start, { viewer: SYSTEM, limit: 100 });
+      expect(held.events.filter((e) => e.payload.n !== undefined)).toEqual([]);
+      expect(held.heldBack).toBe(true);
+      await first`commit`;
+    } finally {
+      first.release();
+      second.release();
+    }
+    const after = await readAll(start);
+    expect(after.events.map((e) => e.payload.n)).toEqual(["first", "second"]);
+    for (let i = 1; i < after.events.length; i++) expect(comparePositions(after.events[i - 1].position, after.events[i].position)).toBeLessThan(0);
+  });
+
+  it("never shows a reader, at any moment, an event sorted before the position it already passed, under concurrent writers", async () => {
+    const start = (await readAll(FEED_START)).position;
+    const writers = 4;
+    const perWriter = 40;
+    let done = false;
+    const seen: FeedPosition[] = [];
+    const reading = (async () => {
+      let position = start;
+      while (!done || seen.length < writers * perWriter) {
+        const read = await readFeed(c.sql, position, { viewer: SYSTEM, filter: { kinds: ["job.artifacts"] }, limit: 50 });
+        for (const e of read.events) {
+          // Nothing may arrive that sorts before what was already passed.
+          expect(comparePositions(e.position, position)).toBeGreaterThan(0);
+          seen.push(e.position);
+        }
+        position = read.position;
+      }
+    })();
+    await Promise.all(
+      Array.from({ length: writers }, async (_, w) => {
+        for (let i = 0; i < perWriter; i++) {
+          await c.sql.begin(async (tx) => {
+            await recordFeedEvent(tx, { kind: "job.artifacts", audience: "admins", payload: { w, i } });
+            // A transaction that outlasts others' commits.
+            if (i % 5 === 0) await tx`select pg_sleep(0.005)`;
+          });
+        }
+      }),
+    );
+    done = true;
+    await reading;
+    expect(seen).toHaveLength(writers * perWriter);
+    expect(new Set(seen.map((p) => `${p.xid}-${p.id}`)).size).toBe(writers * perWriter);
+  }, 60_000);
+
+  it("shows a user the events of their own jobs and host health, never another user's job, and lets an admin see both", async () => {
+    const alice = await c.createUser();
+    const bob = await c.createUser();
+    const admin = await c.createUser({ role: "admin" });
+    const host = await c.createHost();
+    const head = (await c.client(EventService, admin.token).listEvents({ pageSize: 1000 })).cursor;
+    const { job } = await c.client(JobService, alice.token).submitJob({ spec: { image, hosts: { tags: uniqueTag() }, tags: { team: "red" } } });
+    await c.client(JobService, alice.token).cancelJob({ jobId: job!.id });
+    await c.sql`update hosts set health = 'quarantined', health_reason = 'test' where id = ${host.id}`;
+    const kindsFor = async (token: string) => {
+      const { events } = await c.client(EventService, token).listEvents({ afterCursor: head, pageSize: 1000 });
+      return events.map((e) => `${e.kind}:${e.jobId || e.hostId}:${String(e.payload?.state ?? e.payload?.health)}`);
+    };
+    const aliceSees = [`job.state:${job!.id}:queued`, `job.state:${job!.id}:finalized`, `host.health:${host.id}:quarantined`];
+    expect(await kindsFor(alice.token)).toEqual(aliceSees);
+    expect(await kindsFor(bob.token)).toEqual([`host.health:${host.id}:quarantined`]);
+    expect(await kindsFor(admin.token)).toEqual(aliceSees);
+    // A filter cannot widen what a user sees.
+    const bobsWatch = c.client(EventService, bob.token).watchEvents({ afterCursor: head, filter: { jobIds: [job!.id] } });
+    for await (const r of bobsWatch) {
+      expect(r.events).toEqual([]);
+      break;
+    }
+    expect(await codeOf(c.client(EventService, bob.token).listEvents({ filter: { ownerUserId: alice.id } }))).toBe("PermissionDenied");
+    const { events } = await c.client(EventService, admin.token).listEvents({ afterCursor: head, filter: { ownerUserId: alice.id, labels: { team: "red" } } });
+    expect(events.map((e) => e.payload?.state)).toEqual(["queued", "finalized"]);
+    expect(events[0].payload).toMatchObject({ schema: "treadmill.event.v1", kind: "job.state", job_id: job!.id, labels: { team: "red" } });
+  });
+
+  it("answers a malformed cursor or an unknown kind with INVALID_ARGUMENT naming the field", async () => {
+    const user = await c.createUser();
+    const events = c.client(EventService, user.token);
+    const bad = await events.listEvents({ afterCursor: "12" }).catch((e: unknown) => e as Error);
+    expect(bad).toMatchObject({ code: Code.InvalidArgument });
+    expect((bad as Error).message).toContain("after_cursor");
+    const kind = await events.listEvents({ filter: { kinds: ["job.nope"] } }).catch((e: unknown) => e as Error);
+    expect(kind).toMatchObject({ code: Code.InvalidArgument });
+    expect((kind as Error).message).toContain("filter.kinds");
+  });
+
+  it("deletes events past retention and answers a cursor before them with OUT_OF_RANGE that says so", async () => {
+    const admin = await c.createUser({ role: "admin" });
+    const events = c.client(EventService, admin.token);
+    const before = (await events.listEvents({ pageSize: 1000 })).cursor;
+    const host = await c.createHost();
+    await c.sql`update hosts set health = 'retired' where id = ${host.id}`;
+    const { events: fresh } = await events.listEvents({ afterCursor: before, filter: { kinds: ["host.health"] } });
+    expect(fresh).toHaveLength(1);
+    // Age every event past the retention; the sweep (every 50 ms) deletes them.
+    await c.sql`update feed_events set at = now() - interval '2 minutes'`;
+    await waitUntil(async () => (await c.sql`select 1 from feed_events`).length === 0, "the sweep to delete old events");
+    const err = await events.listEvents({ afterCursor: before }).catch((e: unknown) => e as Error);
+    expect(err).toMatchObject({ code: Code.OutOfRange });
+    expect((err as Error).message).toContain(`cursor ${before} is older than the feed's retention`);
+    const watch = await (async () => {
+      for await (const _ of events.watchEvents({ afterCursor: before })) return undefined;
+    })().catch((e: unknown) => e as Error);
+    expect(watch).toMatchObject({ code: Code.OutOfRange });
+    // The newest cursor read is still good: nothing after it was deleted.
+    const { cursor } = await events.listEvents({ afterCursor: fresh[0].cursor });
+    expect(cursor).toBe(fresh[0].cursor);
+  });
+
+  it("streams events as they commit after a head position sent at once", async () => {
+    const user = await c.createUser();
+    const stream = c.client(EventService, user.token).watchEvents({ filter: { kinds: ["job.state"] } });
+    const got: Event[] = [];
+    let jobId = "";
+    for await (const r of stream) {
+      if (jobId === "") {
+        expect(r.events).toEqual([]);
+        expect(r.cursor).toMatch(/^\d+-\d+$/);
+        jobId = (await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: uniqueTag() } } })).job!.id;
+        await c.client(JobService, user.token).cancelJob({ jobId });
+        continue;
+      }
+      got.push(...r.events);
+      if (got.length >= 2) break;
+    }
+    expect(got.map((e) => [e.jobId, e.payload?.state])).toEqual([
+      [jobId, "queued"],
+      [jobId, "finalized"],
+    ]);
+  });
+});
