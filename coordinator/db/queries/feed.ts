@@ -1,11 +1,12 @@
 /**
- * The event feed's table (`feed_events`, migration 0025): every statement
- * that writes, reads or sweeps it. A position is (xid, id): the writing
- * transaction's id and the row's; a read returns only rows whose xid is
- * below its snapshot's xmin, so no row committed later can sort before what
- * it returned (the migration's head comment says why). Job state and stage,
- * host health and lease state are written by the migration's triggers;
- * every other kind by `recordFeedEvent`, in the changing transaction.
+ * The event feed's tables (`feed_events`, `feed_state`, migration 0025):
+ * every statement that writes, numbers, reads or sweeps them. Events are
+ * written without a cursor; `stampFeed` (the sequencer) numbers committed
+ * ones in batches that follow one another under one advisory lock, so a
+ * reader of `cursor > N` never finds a smaller cursor later (the
+ * migration's head comment says why). Job state and stage, host health and
+ * lease state are written by the migration's triggers; every other kind by
+ * `recordFeedEvent`, in the changing transaction.
  */
 import type { Fragment, Sql, TransactionSql } from "postgres";
 
@@ -18,37 +19,11 @@ export const EVENT_SCHEMA = "treadmill.event.v1";
 export const FEED_KINDS = ["job.state", "job.stage", "job.results", "job.artifacts", "host.health", "lease.state"] as const;
 export type FeedKind = (typeof FEED_KINDS)[number];
 
-/** A place in the feed: after the event written by transaction `xid` as row `id`. */
-export interface FeedPosition {
-  xid: bigint;
-  id: bigint;
-}
-
-/** Before every event. */
-export const FEED_START: FeedPosition = { xid: 0n, id: 0n };
-
-/** The cursor of a position: "XID-ID". */
-export function formatCursor(p: FeedPosition): string {
-  return `${p.xid}-${p.id}`;
-}
-
-const CURSOR = /^(\d{1,20})-(\d{1,19})$/;
-const MAX_U64 = (1n << 64n) - 1n;
-const MAX_I64 = (1n << 63n) - 1n;
-
-/** The position a cursor names; undefined when it is not one. */
-export function parseCursor(text: string): FeedPosition | undefined {
-  const m = CURSOR.exec(text);
-  if (!m) return undefined;
-  const p = { xid: BigInt(m[1]), id: BigInt(m[2]) };
-  return p.xid > MAX_U64 || p.id > MAX_I64 ? undefined : p;
-}
-
-/** Negative, zero or positive as `a` is before, at or after `b`. */
-export function comparePositions(a: FeedPosition, b: FeedPosition): number {
-  if (a.xid !== b.xid) return a.xid < b.xid ? -1 : 1;
-  return a.id === b.id ? 0 : a.id < b.id ? -1 : 1;
-}
+/**
+ * A place in the feed: after the event with this cursor (0: before every
+ * event). Cursors are positive and only grow; numbers may be skipped.
+ */
+export type FeedCursor = bigint;
 
 /** What `recordFeedEvent` writes. */
 export interface FeedEventInput {
@@ -89,12 +64,12 @@ export async function recordFeedEvent(tx: Db, e: FeedEventInput): Promise<void> 
         coalesce(${e.audience ?? null}, case when v.owner_id is null then 'admins' else 'owner' end),
         v.owner_id, v.labels, ${tx.json(payload as never)}::jsonb
       from v)
-    select pg_notify('treadmill_feed', '')`;
+    select pg_notify('treadmill_feed_pending', '')`;
 }
 
 /** An event as read. */
 export interface FeedEvent {
-  position: FeedPosition;
+  cursor: FeedCursor;
   at: Date;
   kind: string;
   jobId: string | null;
@@ -120,25 +95,19 @@ export interface FeedFilter {
 export interface FeedRead {
   /** The events that passed the viewer's rights and the filter, in order. */
   events: FeedEvent[];
-  /** How far the read went (the last row it considered), or where it started. */
-  position: FeedPosition;
-  /** Rows were considered up to the limit: read again at once. */
+  /** How far the read went (the last event it considered), or where it started. */
+  cursor: FeedCursor;
+  /** Events were considered up to the limit: read again at once. */
   full: boolean;
-  /**
-   * Committed rows exist after `position` that a running transaction holds
-   * back (one with a smaller xid has not ended): read again soon, even
-   * without a notification.
-   */
-  heldBack: boolean;
 }
 
-/** The start position was deleted by retention (the sweep's horizon is after it). */
+/** The start cursor was deleted by retention (the sweep went past it). */
 export class CursorExpiredError extends Error {
   constructor(
-    readonly cursor: FeedPosition,
-    readonly horizon: FeedPosition,
+    readonly cursor: FeedCursor,
+    readonly swept: FeedCursor,
   ) {
-    super(`cursor ${formatCursor(cursor)} is older than the feed's retention (events up to ${formatCursor(horizon)} were deleted)`);
+    super(`cursor ${cursor} is older than the feed's retention (events up to ${swept} were deleted)`);
     this.name = "CursorExpiredError";
   }
 }
@@ -157,63 +126,48 @@ function matchOf(sql: Db, viewer: FeedViewer, f: FeedFilter): Fragment {
 }
 
 interface ReadRow {
-  held: boolean;
-  expired: boolean;
-  hz_xid: string;
-  hz_id: string;
-  xid: string | null;
-  id: string | null;
+  swept: string;
+  cursor: string | null;
   at: Date | null;
   kind: string | null;
   job_id: string | null;
   host_id: string | null;
   lease_id: string | null;
   owner_id: string | null;
-  labels: Record<string, string> | null;
   hit: boolean | null;
+  labels: Record<string, string> | null;
   payload: Record<string, unknown> | null;
 }
 
 /**
- * Reads up to `limit` rows after `after` in one statement (one snapshot):
- * the settled rows (xid below the snapshot's xmin), which of them pass,
- * whether more are held back, and the retention horizon, checked in the same
- * snapshot as the rows (CursorExpiredError when `after` is before it).
+ * Reads up to `limit` events after `after` in one statement (one snapshot):
+ * which of them pass, and the retention's progress, checked in the same
+ * snapshot as the rows (CursorExpiredError when events after `after` were
+ * deleted). `after` 0 means the oldest event kept.
  */
-export async function readFeed(
-  sql: Db,
-  after: FeedPosition,
-  options: { viewer: FeedViewer; filter?: FeedFilter; limit: number },
-): Promise<FeedRead> {
-  const x = after.xid.toString();
-  const i = after.id.toString();
+export async function readFeed(sql: Db, after: FeedCursor, options: { viewer: FeedViewer; filter?: FeedFilter; limit: number }): Promise<FeedRead> {
   const rows = await sql<ReadRow[]>`
-    with snap as materialized (select pg_snapshot_xmin(pg_current_snapshot()) as xmin),
+    with f as (select swept_cursor from feed_state),
     s as materialized (
       select * from feed_events e
-      where (e.xid, e.id) > (${x}::xid8, ${i}::bigint) and e.xid < (select xmin from snap)
-      order by e.xid, e.id limit ${options.limit}),
-    h as materialized (
-      select
-        exists (select 1 from feed_events e where e.xid >= (select xmin from snap) and (e.xid, e.id) > (${x}::xid8, ${i}::bigint)) as held,
-        (f.xid, f.id) > (${x}::xid8, ${i}::bigint) as expired, f.xid::text as hz_xid, f.id::text as hz_id
-      from feed_horizon f)
-    select h.*, s.xid::text as xid, s.id::text as id, s.at, s.kind, s.job_id, s.host_id, s.lease_id, s.owner_id,
+      where e.cursor > greatest(${after.toString()}::bigint, (select swept_cursor from f))
+      order by e.cursor limit ${options.limit})
+    select (select swept_cursor from f)::text as swept, s.cursor::text as cursor, s.at, s.kind, s.job_id, s.host_id, s.lease_id, s.owner_id,
       m.hit, case when m.hit then s.labels end as labels, case when m.hit then s.payload end as payload
-    from h left join (s cross join lateral (select ${matchOf(sql, options.viewer, options.filter ?? {})} as hit) m) on true
-    order by s.xid, s.id`;
-  const first = rows[0];
-  if (first.expired) throw new CursorExpiredError(after, { xid: BigInt(first.hz_xid), id: BigInt(first.hz_id) });
+    from (select 1) one left join (s cross join lateral (select ${matchOf(sql, options.viewer, options.filter ?? {})} as hit) m) on true
+    order by s.cursor`;
+  const swept = BigInt(rows[0].swept);
+  if (after !== 0n && after < swept) throw new CursorExpiredError(after, swept);
   const events: FeedEvent[] = [];
-  let position = after;
-  let scanned = 0;
+  let cursor = after;
+  let considered = 0;
   for (const r of rows) {
-    if (r.xid === null || r.id === null) continue;
-    scanned++;
-    position = { xid: BigInt(r.xid), id: BigInt(r.id) };
+    if (r.cursor === null) continue;
+    considered++;
+    cursor = BigInt(r.cursor);
     if (!r.hit) continue;
     events.push({
-      position,
+      cursor,
       at: r.at!,
       kind: r.kind!,
       jobId: r.job_id,
@@ -224,51 +178,44 @@ export async function readFeed(
       payload: r.payload ?? {},
     });
   }
-  return { events, position, full: scanned >= options.limit, heldBack: first.held };
+  return { events, cursor, full: considered >= options.limit };
+}
+
+/** The feed's head: the newest cursor given (a reader after it sees only what comes next). */
+export async function feedHead(sql: Db): Promise<FeedCursor> {
+  const [row] = await sql<{ last: string }[]>`select last_cursor::text as last from feed_state`;
+  return BigInt(row.last);
 }
 
 /**
- * The feed's head: the position after which a reader starting now sees
- * only what comes next (the newest settled row, or the retention horizon
- * when there is none).
+ * One batch of the sequencer (the migration's treadmill_feed_stamp, one
+ * round trip, its own transaction): under the sequencer's lock, numbers up
+ * to `batch` committed events without a cursor, in write order, from the
+ * last cursor given, and wakes the readers at its commit. Returns how many
+ * it numbered (a full batch: call again). Safe on several replicas at once:
+ * their batches follow one another.
  */
-export async function feedHead(sql: Db): Promise<FeedPosition> {
-  const rows = await sql<{ xid: string; id: string }[]>`
-    select xid::text, id::text from (
-      (select e.xid, e.id from feed_events e
-        where e.xid < pg_snapshot_xmin(pg_current_snapshot())
-        order by e.xid desc, e.id desc limit 1)
-      union all
-      select xid, id from feed_horizon) p
-    order by p.xid desc, p.id desc limit 1`;
-  return { xid: BigInt(rows[0].xid), id: BigInt(rows[0].id) };
-}
-
-/** The retention horizon: every event up to it was deleted. */
-export async function feedHorizon(sql: Db): Promise<FeedPosition> {
-  const [row] = await sql<{ xid: string; id: string }[]>`select xid::text, id::text from feed_horizon`;
-  return { xid: BigInt(row.xid), id: BigInt(row.id) };
+export async function stampFeed(sql: Sql, batch: number): Promise<number> {
+  const [{ n }] = await sql<{ n: number }[]>`select treadmill_feed_stamp(${batch}) as n`;
+  return n;
 }
 
 /**
- * Deletes up to `batch` events of the prefix of the feed that ends with the
- * newest-positioned event written before `cutoff`, moving the horizon to
- * that position in the same transaction. Returns how many it deleted (a
- * full batch: call again). Safe on several replicas at once.
+ * Deletes up to `batch` events, those numbered up to the newest-numbered
+ * event written before `cutoff`, recording that cursor as swept in the same
+ * transaction. Returns how many it deleted (a full batch: call again). Safe
+ * on several replicas at once.
  */
 export async function sweepFeed(sql: Sql, cutoff: Date, batch: number): Promise<number> {
   return sql.begin(async (tx) => {
-    const [end] = await tx<{ xid: string; id: string }[]>`
-      with old as materialized (select xid, id from feed_events where at < ${cutoff})
-      select xid::text, id::text from old order by xid desc, id desc limit 1`;
-    if (!end) return 0;
-    await tx`
-      update feed_horizon set xid = ${end.xid}::xid8, id = ${end.id}::bigint
-      where (xid, id) < (${end.xid}::xid8, ${end.id}::bigint)`;
+    const [end] = await tx<{ cursor: string | null }[]>`
+      with old as materialized (select cursor from feed_events where at < ${cutoff} and cursor is not null)
+      select max(cursor)::text as cursor from old`;
+    if (end.cursor === null) return 0;
+    await tx`update feed_state set swept_cursor = ${end.cursor}::bigint where swept_cursor < ${end.cursor}::bigint`;
     const deleted = await tx`
-      delete from feed_events where (xid, id) in (
-        select xid, id from feed_events where (xid, id) <= (${end.xid}::xid8, ${end.id}::bigint)
-        order by xid, id limit ${batch})`;
+      delete from feed_events where id in (
+        select id from feed_events where cursor <= ${end.cursor}::bigint order by cursor limit ${batch})`;
     return deleted.count;
   });
 }
