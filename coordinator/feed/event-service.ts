@@ -26,6 +26,8 @@ import type { FeedReader } from "./reader.js";
 
 /** Job ids one filter may name. */
 const MAX_JOB_IDS = 100;
+/** Events one message of WatchEvents carries at most (a follower gets the first at once). */
+const WATCH_BATCH = 100;
 /** A stream with nothing to send still tells its position this often, at most. */
 const POSITION_EVERY_MS = 1000;
 
@@ -84,7 +86,7 @@ export class EventServiceImpl implements ServiceImpl<typeof EventService> {
     const start = req.afterCursor !== undefined ? cursorOf(req.afterCursor) : await this.reader.head();
     let lastSent = 0;
     try {
-      for await (const read of this.reader.follow(start, { viewer: viewerOf(caller), filter, signal: hctx.signal })) {
+      for await (const read of this.reader.follow(start, { viewer: viewerOf(caller), filter, signal: hctx.signal, batch: WATCH_BATCH })) {
         const now = Date.now();
         if (read.events.length === 0 && lastSent !== 0 && now - lastSent < POSITION_EVERY_MS) continue;
         lastSent = now;

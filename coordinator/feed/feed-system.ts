@@ -27,6 +27,13 @@ export interface FeedSystem {
   sweep(): Promise<number>;
 }
 
+/**
+ * WatchEvents, served uncompressed: a stream of small, frequent messages,
+ * where gzip on the coordinator's one thread costs a follower more in
+ * latency than the bytes are worth.
+ */
+export const WATCH_EVENTS_PROCEDURE = `/${EventService.typeName}/${EventService.method.watchEvents.name}`;
+
 /** Events one sweep statement deletes at most. */
 const SWEEP_BATCH = 5000;
 /** Events one batch of the sequencer numbers at most. */
@@ -52,7 +59,10 @@ export function createFeedSystem(ctx: CoordinatorContext): FeedSystem {
   const sequencer = new SweepLoop(
     async () => {
       if (!ctx.notifications.connected) return false;
-      return (await stampFeed(ctx.sql, STAMP_BATCH)) >= STAMP_BATCH;
+      const numbered = await stampFeed(ctx.sql, STAMP_BATCH);
+      // This replica's followers need not wait for the batch's notification to come back.
+      if (numbered > 0) reader.wake();
+      return numbered >= STAMP_BATCH;
     },
     STAMP_PERIOD_MS,
     (err) => log.warn({ err }, "cannot number the event feed's new events"),

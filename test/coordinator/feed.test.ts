@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { Code } from "@connectrpc/connect";
 import { EventService, type Event } from "../../gen/treadmill/coordinator/v1/event_service_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { LeaseService } from "../../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { type FeedCursor, type FeedEvent, readFeed, recordFeedEvent, stampFeed } from "../../coordinator/db/queries/feed.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { FAST, codeOf, insertImage, uniqueTag, waitUntil } from "../support/jobs.js";
@@ -112,11 +113,16 @@ describe("the event feed", () => {
     const { job } = await c.client(JobService, alice.token).submitJob({ spec: { image, hosts: { tags: uniqueTag() }, tags: { team: "red" } } });
     await c.client(JobService, alice.token).cancelJob({ jobId: job!.id });
     await c.sql`update hosts set health = 'quarantined', health_reason = 'test' where id = ${host.id}`;
+    // What another part of the coordinator records for a job: the job's owner, labels and lease come with it.
+    await c.sql.begin((tx) => recordFeedEvent(tx, { kind: "job.results", jobId: job!.id, payload: { job_id: job!.id, state: "results" } }));
     const kindsFor = async (token: string) => {
       const { events } = await c.client(EventService, token).listEvents({ afterCursor: head, pageSize: 1000 });
-      return events.map((e) => `${e.kind}:${e.jobId || e.hostId}:${String(e.payload?.state ?? e.payload?.health)}`);
+      // Other tests' hosts may change meanwhile: only this test's job and host.
+      return events
+        .filter((e) => e.jobId === job!.id || e.hostId === host.id)
+        .map((e) => `${e.kind}:${e.jobId || e.hostId}:${String(e.payload?.state ?? e.payload?.health)}`);
     };
-    const aliceSees = [`job.state:${job!.id}:queued`, `job.state:${job!.id}:finalized`, `host.health:${host.id}:quarantined`];
+    const aliceSees = [`job.state:${job!.id}:queued`, `job.state:${job!.id}:finalized`, `host.health:${host.id}:quarantined`, `job.results:${job!.id}:results`];
     expect(await kindsFor(alice.token)).toEqual(aliceSees);
     expect(await kindsFor(bob.token)).toEqual([`host.health:${host.id}:quarantined`]);
     expect(await kindsFor(admin.token)).toEqual(aliceSees);
@@ -128,8 +134,36 @@ describe("the event feed", () => {
     }
     expect(await codeOf(c.client(EventService, bob.token).listEvents({ filter: { ownerUserId: alice.id } }))).toBe("PermissionDenied");
     const { events } = await c.client(EventService, admin.token).listEvents({ afterCursor: head, filter: { ownerUserId: alice.id, labels: { team: "red" } } });
-    expect(events.map((e) => e.payload?.state)).toEqual(["queued", "finalized"]);
+    expect(events.map((e) => e.payload?.state)).toEqual(["queued", "finalized", "results"]);
     expect(events[0].payload).toMatchObject({ schema: "treadmill.event.v1", kind: "job.state", job_id: job!.id, labels: { team: "red" } });
+  });
+
+  it("tells a lease's holder, and not another user, each change of its state, and a job's stage changes", async () => {
+    const alice = await c.createUser();
+    const bob = await c.createUser();
+    const tags = uniqueTag();
+    await c.createHost({ tags });
+    const head = (await c.client(EventService, alice.token).listEvents({ pageSize: 1000 })).cursor;
+    const leases = c.client(LeaseService, alice.token);
+    const { lease } = await leases.createLease({ hosts: { tags }, duration: { seconds: 3600n } });
+    await leases.releaseLease({ leaseId: lease!.id });
+    const { job } = await c.client(JobService, alice.token).submitJob({ spec: { image, hosts: { tags: uniqueTag() } } });
+    // A stage change alone (the supervisor's reports write it; here by hand).
+    await c.sql`update jobs set stage = 'fetching_image' where id = ${job!.id}`;
+    const { events } = await c.client(EventService, alice.token).listEvents({ afterCursor: head, filter: { kinds: ["lease.state", "job.stage"] } });
+    const states = events.filter((e) => e.kind === "lease.state").map((e) => [e.leaseId, e.payload?.previous_state ?? null, e.payload?.state]);
+    expect(states[0]).toEqual([lease!.id, null, expect.any(String)]);
+    expect(states[states.length - 1]).toEqual([lease!.id, expect.any(String), "ended"]);
+    expect(events.filter((e) => e.kind === "lease.state").pop()!.payload).toMatchObject({ end_reason: "released", schema: "treadmill.event.v1" });
+    expect(events.filter((e) => e.kind === "job.stage").map((e) => [e.jobId, e.payload?.state, e.payload?.stage])).toEqual([[job!.id, "queued", "fetching_image"]]);
+    const bobs = await c.client(EventService, bob.token).listEvents({ afterCursor: head, filter: { kinds: ["lease.state", "job.stage"] } });
+    expect(bobs.events).toEqual([]);
+  });
+
+  it("refuses a caller without a token before reading its request", async () => {
+    expect(await codeOf(c.client(EventService).listEvents({ afterCursor: -1n }))).toBe("Unauthenticated");
+    const stream = c.client(EventService).watchEvents({ filter: { kinds: ["nope"] } });
+    expect(await codeOf((async () => { for await (const _ of stream) break; })())).toBe("Unauthenticated");
   });
 
   it("answers a negative cursor or an unknown kind with INVALID_ARGUMENT naming the field", async () => {
