@@ -60,9 +60,9 @@ export function createFeedSystem(ctx: CoordinatorContext): FeedSystem {
     async () => {
       if (!ctx.notifications.connected) return false;
       const numbered = await stampFeed(ctx.sql, STAMP_BATCH);
-      // This replica's followers need not wait for the batch's notification to come back.
-      if (numbered > 0) reader.wake();
-      return numbered >= STAMP_BATCH;
+      // This replica's followers take it from memory, without waiting for the batch's notification.
+      reader.publish(numbered);
+      return numbered.length >= STAMP_BATCH;
     },
     STAMP_PERIOD_MS,
     (err) => log.warn({ err }, "cannot number the event feed's new events"),
@@ -82,7 +82,7 @@ export function createFeedSystem(ctx: CoordinatorContext): FeedSystem {
           reader.wake();
         }),
         await ctx.notifications.subscribe("treadmill_feed_pending", () => sequencer.wake()),
-        await ctx.notifications.subscribe("treadmill_feed", () => reader.wake()),
+        await ctx.notifications.subscribe("treadmill_feed", (newest) => reader.wake(/^\d{1,19}$/.test(newest) ? BigInt(newest) : undefined)),
       );
       sequencer.start();
       loop.start();

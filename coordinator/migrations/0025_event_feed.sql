@@ -15,13 +15,14 @@
 -- `cursor > N` only.
 --
 -- Rejected: reading a sequence id only below the oldest running
--- transaction's xid (pg_snapshot_xmin, PgQ's rule). It writes once, but
--- then any writing transaction on the server holds delivery back for its
--- whole length: measured under the coordinator benchmark's load, commit to
--- follower took 67 ms at p50 and 163 ms at p99 (the scheduler's and group
--- commit's transactions are always running), against the goal of 50 ms at
--- p99. The sequencer costs one more UPDATE per batch and a wake-up hop.
---
+-- transaction's xid (pg_snapshot_xmin, PgQ's rule; this migration's first
+-- draft). It writes once, but ties delivery to every writing transaction
+-- on the server, other databases' included: each event waits for every
+-- transaction that was running when it committed, and under the
+-- coordinator benchmark's load one always is (the scheduler's, the group
+-- commits'). Its cursor is also a pair (xid, id). The sequencer costs one
+-- more UPDATE per event, in batches, and a hop through this replica.
+
 -- Who writes. Job state and stage, host health and lease state are written
 -- by triggers (below), because the coordinator changes them in many places
 -- and in sets (the scheduler's assignment, writeJobStates): a trigger sees
@@ -30,7 +31,8 @@
 -- (db/queries/feed.ts) in the changing transaction. A writing transaction
 -- notifies 'treadmill_feed_pending' (PostgreSQL sends one per transaction,
 -- at its commit): the sequencers wake; a batch that numbered rows notifies
--- 'treadmill_feed': the readers of every replica wake and read by cursor.
+-- 'treadmill_feed' with its newest cursor: the readers of every replica
+-- wake and read by cursor.
 --
 -- Retention: the feed sweep deletes the numbered events up to the newest
 -- one written before the retention and records that cursor in
@@ -72,27 +74,26 @@ insert into feed_state (last_cursor, swept_cursor) values (0, 0);
 
 -- One batch of the sequencer (db/queries/feed.ts stampFeed): numbers up to
 -- `batch` committed events without a cursor, in write order, and returns
--- how many. A function so that a batch is one round trip: called outside a
+-- them. A function so that a batch is one round trip: called outside a
 -- transaction block it is its own transaction, and its lock is released at
 -- that commit. Its UPDATE is a statement after the lock, so its snapshot
 -- holds every batch before (a volatile function's statements each take a
--- new snapshot); the key is "trmfeed!" in ASCII.
-create function treadmill_feed_stamp(batch int) returns int language plpgsql volatile as $$
-declare
-  n int;
+-- new snapshot). The key is "trmfeed!" in ASCII.
+create function treadmill_feed_stamp(batch int) returns setof feed_events language plpgsql volatile as $$
 begin
   perform pg_advisory_xact_lock(8390889342299890721);
+  return query
   with p as materialized (
     select id, row_number() over (order by id) as k
     from (select id from feed_events where cursor is null order by id limit batch) q),
   s as (select last_cursor from feed_state),
-  u as (update feed_events e set cursor = s.last_cursor + p.k from p, s where e.id = p.id),
+  u as (update feed_events e set cursor = s.last_cursor + p.k from p, s where e.id = p.id returning e.*),
   c as (update feed_state set last_cursor = last_cursor + (select count(*) from p) where exists (select 1 from p))
-  select count(*) into n from p;
-  if n > 0 then
-    perform pg_notify('treadmill_feed', '');
+  select * from u order by u.cursor;
+  if found then
+    -- The payload: the newest cursor now given.
+    perform pg_notify('treadmill_feed', (select last_cursor::text from feed_state));
   end if;
-  return n;
 end $$;
 
 create function treadmill_feed_job() returns trigger language plpgsql as $$

@@ -104,6 +104,36 @@ describe("the event feed", () => {
     expect(new Set(seen).size).toBe(writers * perWriter);
   }, 60_000);
 
+  it("streams every event once and in order from one replica while both replicas number events", async () => {
+    const other = await startTestCoordinator({ config: FAST, db: c.db });
+    try {
+      const admin = await c.createUser({ role: "admin" });
+      const stream = other.client(EventService, admin.token).watchEvents({ filter: { kinds: ["job.artifacts"] } });
+      const writers = 4;
+      const perWriter = 50;
+      const got: Event[] = [];
+      let writing: Promise<unknown> | undefined;
+      for await (const r of stream) {
+        got.push(...r.events);
+        // The first answer says the stream is at the head: write now, through both replicas' databases alike.
+        writing ??= Promise.all(
+          Array.from({ length: writers }, async (_, w) => {
+            for (let i = 0; i < perWriter; i++) {
+              await (w % 2 === 0 ? c.sql : other.sql).begin((tx) => recordFeedEvent(tx, { kind: "job.artifacts", audience: "admins", payload: { w, i } }));
+            }
+          }),
+        );
+        if (got.length >= writers * perWriter) break;
+      }
+      await writing;
+      expect(new Set(got.map((e) => `${e.payload?.w}/${e.payload?.i}`)).size).toBe(writers * perWriter);
+      for (let i = 1; i < got.length; i++) expect(got[i].cursor).toBeGreaterThan(got[i - 1].cursor);
+      expect(got).toHaveLength(writers * perWriter);
+    } finally {
+      await other.stop();
+    }
+  }, 60_000);
+
   it("shows a user the events of their own jobs and host health, never another user's job, and lets an admin see both", async () => {
     const alice = await c.createUser();
     const bob = await c.createUser();

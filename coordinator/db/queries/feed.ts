@@ -8,7 +8,7 @@
  * lease state are written by the migration's triggers; every other kind by
  * `recordFeedEvent`, in the changing transaction.
  */
-import type { Fragment, Sql, TransactionSql } from "postgres";
+import type { Sql, TransactionSql } from "postgres";
 
 type Db = Sql | TransactionSql;
 
@@ -70,6 +70,8 @@ export async function recordFeedEvent(tx: Db, e: FeedEventInput): Promise<void> 
 /** An event as read. */
 export interface FeedEvent {
   cursor: FeedCursor;
+  /** Who may see it (see `visibleTo`). */
+  audience: "owner" | "users" | "admins";
   at: Date;
   kind: string;
   jobId: string | null;
@@ -112,73 +114,100 @@ export class CursorExpiredError extends Error {
   }
 }
 
-function matchOf(sql: Db, viewer: FeedViewer, f: FeedFilter): Fragment {
-  const parts: Fragment[] = [];
+/**
+ * Whether `viewer` may see `e` and `filter` takes it: the one rule of who
+ * sees what, for events read from the table and for those a batch of this
+ * replica's sequencer hands its readers directly. A user sees events of
+ * audience "users" and "owner" events they own; admins and the system all.
+ */
+export function visibleTo(viewer: FeedViewer, f: FeedFilter, e: FeedEvent): boolean {
   if (viewer.kind === "user" && !viewer.admin) {
-    parts.push(sql`(s.audience = 'users' or (s.audience = 'owner' and s.owner_id = ${viewer.userId}::uuid))`);
+    if (!(e.audience === "users" || (e.audience === "owner" && e.ownerId === viewer.userId))) return false;
   }
-  if (f.kinds && f.kinds.length > 0) parts.push(sql`s.kind = any(${f.kinds as string[]}::text[])`);
-  if (f.labels && Object.keys(f.labels).length > 0) parts.push(sql`s.labels @> ${sql.json(f.labels)}::jsonb`);
-  if (f.ownerId) parts.push(sql`s.owner_id = ${f.ownerId}::uuid`);
-  if (f.jobIds && f.jobIds.length > 0) parts.push(sql`s.job_id = any(${f.jobIds as string[]}::uuid[])`);
-  if (parts.length === 0) return sql`true`;
-  return parts.reduce((a, b) => sql`${a} and ${b}`);
+  if (f.kinds && f.kinds.length > 0 && !f.kinds.includes(e.kind)) return false;
+  if (f.labels) {
+    for (const [k, v] of Object.entries(f.labels)) if (e.labels[k] !== v) return false;
+  }
+  if (f.ownerId && e.ownerId !== f.ownerId) return false;
+  if (f.jobIds && f.jobIds.length > 0 && (e.jobId === null || !f.jobIds.includes(e.jobId))) return false;
+  return true;
 }
 
-interface ReadRow {
-  swept: string;
-  cursor: string | null;
-  at: Date | null;
-  kind: string | null;
+interface EventRow {
+  cursor: string;
+  at: Date;
+  kind: string;
   job_id: string | null;
   host_id: string | null;
   lease_id: string | null;
+  audience: FeedEvent["audience"];
   owner_id: string | null;
-  hit: boolean | null;
-  labels: Record<string, string> | null;
-  payload: Record<string, unknown> | null;
+  labels: Record<string, string>;
+  payload: Record<string, unknown>;
+}
+
+function eventOf(r: EventRow): FeedEvent {
+  return {
+    cursor: BigInt(r.cursor),
+    audience: r.audience,
+    at: r.at,
+    kind: r.kind,
+    jobId: r.job_id,
+    hostId: r.host_id,
+    leaseId: r.lease_id,
+    ownerId: r.owner_id,
+    labels: r.labels,
+    payload: r.payload,
+  };
+}
+
+/** One read of the table: the events after the cursor read (up to the limit), unfiltered. */
+export interface FeedRows {
+  events: FeedEvent[];
+  /** Rows were read up to the limit: read again at once. */
+  full: boolean;
 }
 
 /**
- * Reads up to `limit` events after `after` in one statement (one snapshot):
- * which of them pass, and the retention's progress, checked in the same
- * snapshot as the rows (CursorExpiredError when events after `after` were
- * deleted). `after` 0 means the oldest event kept.
+ * Reads up to `limit` events after `after` (0: from the oldest kept), in
+ * cursor order, in one statement: the retention's progress is checked in
+ * the same snapshot as the rows (CursorExpiredError when events after
+ * `after` were deleted).
  */
-export async function readFeed(sql: Db, after: FeedCursor, options: { viewer: FeedViewer; filter?: FeedFilter; limit: number }): Promise<FeedRead> {
-  const rows = await sql<ReadRow[]>`
+export async function readFeedRows(sql: Db, after: FeedCursor, limit: number): Promise<FeedRows> {
+  const rows = await sql<(Omit<EventRow, "cursor"> & { cursor: string | null; swept: string })[]>`
     with f as (select swept_cursor from feed_state),
     s as materialized (
       select * from feed_events e
       where e.cursor > greatest(${after.toString()}::bigint, (select swept_cursor from f))
-      order by e.cursor limit ${options.limit})
-    select (select swept_cursor from f)::text as swept, s.cursor::text as cursor, s.at, s.kind, s.job_id, s.host_id, s.lease_id, s.owner_id,
-      m.hit, case when m.hit then s.labels end as labels, case when m.hit then s.payload end as payload
-    from (select 1) one left join (s cross join lateral (select ${matchOf(sql, options.viewer, options.filter ?? {})} as hit) m) on true
+      order by e.cursor limit ${limit})
+    select (select swept_cursor from f)::text as swept, s.cursor::text as cursor, s.at, s.kind, s.job_id, s.host_id, s.lease_id,
+      s.audience, s.owner_id, s.labels, s.payload
+    from (select 1) one left join s on true
     order by s.cursor`;
   const swept = BigInt(rows[0].swept);
   if (after !== 0n && after < swept) throw new CursorExpiredError(after, swept);
-  const events: FeedEvent[] = [];
-  let cursor = after;
-  let considered = 0;
-  for (const r of rows) {
-    if (r.cursor === null) continue;
-    considered++;
-    cursor = BigInt(r.cursor);
-    if (!r.hit) continue;
-    events.push({
-      cursor,
-      at: r.at!,
-      kind: r.kind!,
-      jobId: r.job_id,
-      hostId: r.host_id,
-      leaseId: r.lease_id,
-      ownerId: r.owner_id,
-      labels: r.labels ?? {},
-      payload: r.payload ?? {},
-    });
-  }
-  return { events, cursor, full: considered >= options.limit };
+  const events = rows.flatMap((r) => (r.cursor === null ? [] : [eventOf({ ...r, cursor: r.cursor })]));
+  return { events, full: events.length >= limit };
+}
+
+/** `events` (those read after `after`, in order) as `viewer` sees them through `filter`. */
+export function seenBy(events: FeedEvent[], after: FeedCursor, viewer: FeedViewer, filter: FeedFilter, full: boolean): FeedRead {
+  return {
+    events: events.filter((e) => visibleTo(viewer, filter, e)),
+    cursor: events.length > 0 ? events[events.length - 1].cursor : after,
+    full,
+  };
+}
+
+/**
+ * One read as a viewer sees it: up to `limit` events after `after` read,
+ * those `visibleTo` the viewer through the filter kept, and the cursor
+ * read up to (past the events left out).
+ */
+export async function readFeed(sql: Db, after: FeedCursor, options: { viewer: FeedViewer; filter?: FeedFilter; limit: number }): Promise<FeedRead> {
+  const { events, full } = await readFeedRows(sql, after, options.limit);
+  return seenBy(events, after, options.viewer, options.filter ?? {}, full);
 }
 
 /** The feed's head: the newest cursor given (a reader after it sees only what comes next). */
@@ -191,13 +220,16 @@ export async function feedHead(sql: Db): Promise<FeedCursor> {
  * One batch of the sequencer (the migration's treadmill_feed_stamp, one
  * round trip, its own transaction): under the sequencer's lock, numbers up
  * to `batch` committed events without a cursor, in write order, from the
- * last cursor given, and wakes the readers at its commit. Returns how many
- * it numbered (a full batch: call again). Safe on several replicas at once:
+ * last cursor given, and wakes every replica's readers at its commit.
+ * Returns the events it numbered, in cursor order, their cursors
+ * contiguous (a full batch: call again). Safe on several replicas at once:
  * their batches follow one another.
  */
-export async function stampFeed(sql: Sql, batch: number): Promise<number> {
-  const [{ n }] = await sql<{ n: number }[]>`select treadmill_feed_stamp(${batch}) as n`;
-  return n;
+export async function stampFeed(sql: Sql, batch: number): Promise<FeedEvent[]> {
+  const rows = await sql<EventRow[]>`
+    select cursor::text as cursor, at, kind, job_id, host_id, lease_id, audience, owner_id, labels, payload
+    from treadmill_feed_stamp(${batch})`;
+  return rows.map(eventOf);
 }
 
 /**
