@@ -12,7 +12,7 @@ import { silentLogger } from "../../lib/logger.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { makeSigner, makeTempDir, randomBlob, sha256, startStore, type RunningStore } from "../support/image-store.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, attach, insertImage, jobInState, uniqueTag } from "../support/jobs.js";
+import { FAST, attach, finishedJob as ranJob, insertImage } from "../support/jobs.js";
 import { waitUntil } from "../support/wait.js";
 
 /**
@@ -46,20 +46,7 @@ describe("job artifacts on the coordinator", () => {
     await c?.stop();
   });
 
-  /** A host with a scripted supervisor, and a job that ran on it to its end. */
-  async function finishedJob() {
-    const tag = uniqueTag();
-    const host = await c.createHost({ tags: tag });
-    const s = await attach(c, host);
-    open.push(s);
-    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image: image.ref, hosts: { tags: tag } } });
-    const jobId = job!.id;
-    await s.startJob(jobId);
-    await s.report(jobId, 1, JobState.RUNNING);
-    await s.exit(jobId, 1);
-    await jobInState(c.sql, jobId, "finalized");
-    return { host, s, jobId };
-  }
+  const finishedJob = () => ranJob(c, user.token, image.ref, open);
 
   /** Uploads one file as the job owner's artifact manifest, as a supervisor does; its report's body. */
   async function upload(jobId: string, name: string, text: string) {
