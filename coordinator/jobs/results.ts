@@ -17,6 +17,7 @@
  *   (resultsSeriesIgnoredLabels are left out) and matches cases by suite
  *   and name.
  */
+import { recordFeedEvent } from "../db/queries/feed.js";
 import { create, fromJson } from "@bufbuild/protobuf";
 import {
   type CaseChange,
@@ -101,7 +102,7 @@ export class JobResults {
         else if (c.outcome === TestOutcome.SKIP) add.skipped++;
         else add.errored++;
       }
-      await storeBatch(tx, r.jobId, r.attempt, Number(counts.total), kept, add);
+      const flakyNow = await storeBatch(tx, r.jobId, r.attempt, Number(counts.total), kept, add);
 
       const event = (message: string): EventInput => ({
         jobId: r.jobId,
@@ -127,6 +128,20 @@ export class JobResults {
               (more > 0 ? ` (${more} more dropped)` : ""),
           ),
         );
+        // The feed's job.results event (docs/events.md), once per attempt.
+        await recordFeedEvent(tx, {
+          kind: "job.results",
+          jobId: r.jobId,
+          payload: {
+            job_id: r.jobId,
+            attempt: r.attempt,
+            passed: sum("passed"),
+            failed: sum("failed"),
+            skipped: sum("skipped"),
+            errors: sum("errored"),
+            flaky: counts.flaky || flakyNow > 0,
+          },
+        });
       }
       if (events.length > 0) await recordEvents(tx, events);
     });

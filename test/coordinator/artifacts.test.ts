@@ -87,6 +87,10 @@ describe("job artifacts on the coordinator", () => {
     const events = (await jobs().getJob({ jobId })).job!.timeline.filter((e) => e.kind === JobEventKind.ARTIFACTS);
     expect(events).toHaveLength(1);
     expect(events[0]).toMatchObject({ attempt: 1, hostId: host.id, state: JobState.FINALIZED });
+    // One job.artifacts event on the feed (docs/events.md).
+    expect(await feedPayloads(c.sql, jobId, "job.artifacts")).toEqual([
+      { schema: "treadmill.event.v1", kind: "job.artifacts", job_id: jobId, attempt: 1, count: 1, bytes: 1006 },
+    ]);
     expect(events[0].message).toBe(
       `artifacts: 1 file (1006 bytes) uploaded from host ${host.name}; skipped core (5 GiB): larger than the per-file cap of 4 GiB`,
     );
@@ -131,3 +135,11 @@ describe("job artifacts on the coordinator", () => {
     expect(audit.actor).toBe("system");
   });
 });
+
+/** The feed's events of `kind` about a job (numbered or not yet), oldest first: their payloads. */
+async function feedPayloads(sql: TestCoordinator["sql"], jobId: string, kind: string): Promise<Record<string, unknown>[]> {
+  const rows = await sql<{ payload: Record<string, unknown> }[]>`
+    select payload from (select id, payload from feed_pending where job_id = ${jobId} and kind = ${kind}
+                         union all select id, payload from feed_events where job_id = ${jobId} and kind = ${kind}) e order by id`;
+  return rows.map((r) => r.payload);
+}
