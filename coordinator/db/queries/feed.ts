@@ -143,11 +143,19 @@ export class CursorExpiredError extends Error {
   }
 }
 
+/**
+ * The feed's visibility rule, the one place it is written: whether a user
+ * (`userId`, `admin`: SQL expressions) may see feed row `s`. Readers pass
+ * constants; subscriptions (db/queries/subscriptions.ts) their owner's
+ * columns, so a subscription matches only what its owner may read.
+ */
+export function visibleTo(sql: Db, userId: Fragment, admin: Fragment): Fragment {
+  return sql`(${admin} or s.audience = 'users' or (s.audience = 'owner' and s.owner_id = ${userId}))`;
+}
+
 function matchOf(sql: Db, viewer: FeedViewer, f: FeedFilter): Fragment {
   const parts: Fragment[] = [];
-  if (viewer.kind === "user" && !viewer.admin) {
-    parts.push(sql`(s.audience = 'users' or (s.audience = 'owner' and s.owner_id = ${viewer.userId}::uuid))`);
-  }
+  if (viewer.kind === "user" && !viewer.admin) parts.push(visibleTo(sql, sql`${viewer.userId}::uuid`, sql`false`));
   if (f.kinds && f.kinds.length > 0) parts.push(sql`s.kind = any(${f.kinds as string[]}::text[])`);
   if (f.labels && Object.keys(f.labels).length > 0) parts.push(sql`s.labels @> ${sql.json(f.labels)}::jsonb`);
   if (f.ownerId) parts.push(sql`s.owner_id = ${f.ownerId}::uuid`);

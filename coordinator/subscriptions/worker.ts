@@ -1,0 +1,336 @@
+/**
+ * The delivery worker (docs/events.md, "How deliveries are made"): matches
+ * feed events against subscriptions and sends the deliveries, on one
+ * replica at a time.
+ *
+ * Leadership: a session advisory lock held on a connection of its own. The
+ * replica that gets it leads until it stops or that connection fails (its
+ * keepalive query fails); the database frees the lock when the holder's
+ * session ends, also when its process dies, and another replica's next try
+ * (every subscription-leader-poll-ms) takes over.
+ *
+ * Matching: the worker follows the feed from the cursor stored in the
+ * database and, for each read, queues one delivery per (event,
+ * destination) matched in the same transaction that moves the cursor past
+ * the read; that update is conditional on the cursor being where this
+ * leader left it, so a replica that lost the lead cannot queue anything.
+ * A restart resumes from the cursor: no event is matched twice or missed.
+ *
+ * Sending: due deliveries are claimed through the lock's own connection
+ * (their next attempt is pushed past the request's deadline, so a replica
+ * whose lock session died claims nothing), sent, and their outcome recorded.
+ * An endpoint that acknowledged a request whose outcome was not recorded
+ * (the leader died in between) receives it again, with the same delivery id:
+ * delivery is at least once.
+ */
+import { comparePositions } from "../db/queries/feed.js";
+import {
+  type DueDelivery,
+  type Match,
+  type NewDelivery,
+  advanceSubscriptionCursor,
+  digestDue,
+  dueDeliveries,
+  matchEvents,
+  nextDue,
+  pendingOfDestination,
+  queueDeliveries,
+  readSubscriptionCursor,
+  recordAttempt,
+} from "../db/queries/subscriptions.js";
+import type { CoordinatorContext } from "../context.js";
+import type { FeedReader } from "../feed/reader.js";
+import { Notifier } from "../../lib/async/notifier.js";
+import { uuidv7 } from "../shared/common.js";
+import type { Mailer } from "./email.js";
+import { postWebhook } from "./webhook.js";
+
+/** The worker's advisory lock key ("tmsubs" in ASCII). */
+export const WORKER_LOCK = 0x746d73756273n;
+/** Requests in flight at once. */
+const MAX_IN_FLIGHT = 64;
+/** Events of one email digest, at most. */
+const DIGEST_MAX = 200;
+/** An idle sender looks for due deliveries at least this often. */
+const IDLE_POLL_MS = 5000;
+
+/** The summary line of a request, for the delivery log. */
+export function requestSummary(m: { dest_kind: string; url: string | null; email_to: string[] | null; email_mode: string | null }, body: string): string {
+  if (m.dest_kind === "webhook") return `POST ${m.url} ${Buffer.byteLength(body)} bytes`;
+  return `email to ${(m.email_to ?? []).join(", ")}${m.email_mode === "digest" ? " (digest)" : ""}`;
+}
+
+/**
+ * The delay before attempt `n + 1` after `n` failed ones: exponential from
+ * `initialMs`, capped at `maxMs`, with "equal jitter" (uniform in the upper
+ * half) so that endpoints failing together are not retried in lockstep.
+ */
+export function retryDelay(n: number, initialMs: number, maxMs: number, random = Math.random): number {
+  const ceiling = Math.min(maxMs, initialMs * 2 ** Math.min(n - 1, 40));
+  return Math.round(ceiling / 2 + random() * (ceiling / 2));
+}
+
+class LostLead extends Error {}
+
+export class DeliveryWorker {
+  private readonly log;
+  private readonly sendable = new Notifier();
+  private readonly idle = new Notifier();
+  private controller: AbortController | undefined;
+  private running: Promise<void> | undefined;
+  private lead = false;
+
+  constructor(
+    private readonly ctx: CoordinatorContext,
+    private readonly reader: FeedReader,
+    private readonly mailer: Mailer | undefined,
+  ) {
+    this.log = ctx.logger.child({ subsystem: "deliveries" });
+  }
+
+  /** Whether this replica runs the worker now. */
+  get leading(): boolean {
+    return this.lead;
+  }
+
+  start(): void {
+    this.controller = new AbortController();
+    this.running = this.run(this.controller.signal);
+  }
+
+  /** Idempotent: resolves when the worker has let go of the lead. */
+  async stop(): Promise<void> {
+    this.controller?.abort();
+    await this.running;
+  }
+
+  /** Deliveries may be due (queued by another replica, a redelivery): look now. */
+  wake(): void {
+    this.sendable.notify();
+  }
+
+  private async run(signal: AbortSignal): Promise<void> {
+    const { sql, config } = this.ctx;
+    while (!signal.aborted) {
+      let conn;
+      try {
+        if (!this.ctx.notifications.connected) throw new Error("database unreachable");
+        conn = await sql.reserve();
+        const [{ ok }] = await conn<{ ok: boolean }[]>`select pg_try_advisory_lock(${WORKER_LOCK.toString()}::bigint) as ok`;
+        if (ok) await this.leadWith(conn, signal);
+      } catch (err) {
+        if (!signal.aborted) this.log.warn({ err }, "delivery worker interrupted; trying again");
+      } finally {
+        conn?.release();
+      }
+      await this.idle.wait({ timeoutMs: config.subscriptionLeaderPollMs, signal });
+    }
+  }
+
+  /** Leads until `signal` aborts or the lock's connection fails. */
+  private async leadWith(conn: Awaited<ReturnType<CoordinatorContext["sql"]["reserve"]>>, signal: AbortSignal): Promise<void> {
+    const lead = new AbortController();
+    const onAbort = () => lead.abort();
+    signal.addEventListener("abort", onAbort, { once: true });
+    this.lead = true;
+    this.log.info({ replicaId: this.ctx.replicaId }, "delivery worker leading");
+    const fail = (err: unknown) => {
+      if (!lead.signal.aborted) this.log.warn({ err }, "delivery worker lost its lead");
+      lead.abort();
+    };
+    try {
+      await Promise.all([
+        this.keepalive(conn, lead.signal).catch(fail),
+        this.match(lead.signal).catch(fail),
+        this.send(conn, lead.signal).catch(fail),
+      ]);
+    } finally {
+      this.lead = false;
+      signal.removeEventListener("abort", onAbort);
+      await conn`select pg_advisory_unlock(${WORKER_LOCK.toString()}::bigint)`.catch(() => undefined);
+    }
+  }
+
+  /** Proves the lock's session alive; rejects when it is not. */
+  private async keepalive(conn: Awaited<ReturnType<CoordinatorContext["sql"]["reserve"]>>, signal: AbortSignal): Promise<void> {
+    while (!signal.aborted) {
+      await this.idle.wait({ timeoutMs: this.ctx.config.subscriptionLeaderPollMs, signal });
+      if (signal.aborted) return;
+      const [{ held }] = await conn<{ held: boolean }[]>`
+        select exists (select 1 from pg_locks where locktype = 'advisory' and pid = pg_backend_pid() and granted
+          and ((classid::bigint << 32) | objid::bigint) = ${WORKER_LOCK.toString()}::bigint) as held`;
+      if (!held) throw new LostLead("the worker's advisory lock is no longer held");
+    }
+  }
+
+  /** Follows the feed from the stored cursor and queues the deliveries of each read. */
+  private async match(signal: AbortSignal): Promise<void> {
+    const { sql } = this.ctx;
+    let position = await readSubscriptionCursor(sql);
+    for await (const read of this.reader.follow(position, { viewer: { kind: "system" }, signal, batch: 1000 })) {
+      if (comparePositions(read.position, position) === 0) continue;
+      const matches = read.events.length === 0 ? [] : await matchEvents(sql, position, read.position);
+      const now = new Date(this.ctx.clock());
+      const rows = await this.deliveriesOf(matches, now);
+      const from = position;
+      const moved = await sql.begin(async (tx) => {
+        if (!(await advanceSubscriptionCursor(tx, from, read.position, now))) return false;
+        await queueDeliveries(tx, rows, now);
+        return true;
+      });
+      if (!moved) throw new LostLead("another replica moved the delivery cursor");
+      position = read.position;
+      if (rows.length > 0) this.sendable.notify();
+    }
+  }
+
+  private async deliveriesOf(matches: Match[], now: Date): Promise<NewDelivery[]> {
+    const digests = new Map<string, Date>();
+    const rows: NewDelivery[] = [];
+    for (const m of matches) {
+      const body = JSON.stringify(m.payload);
+      let due = now;
+      if (m.dest_kind === "email" && m.email_mode === "digest") {
+        let at = digests.get(m.destination_id);
+        if (at === undefined) {
+          at = await digestDue(this.ctx.sql, m.destination_id, now, Number(m.digest_window_ms ?? this.ctx.config.subscriptionDigestWindowMs));
+          digests.set(m.destination_id, at);
+        }
+        due = at;
+      }
+      rows.push({
+        id: uuidv7(now.getTime()),
+        subscriptionId: m.subscription_id,
+        destinationId: m.destination_id,
+        eventId: `${m.xid}-${m.id}`,
+        eventKind: m.kind,
+        body,
+        summary: requestSummary(m, body),
+        due,
+      });
+    }
+    return rows;
+  }
+
+  /** Claims due deliveries through the lock's connection and sends them, MAX_IN_FLIGHT at once. */
+  private async send(conn: Awaited<ReturnType<CoordinatorContext["sql"]["reserve"]>>, signal: AbortSignal): Promise<void> {
+    const { sql, config } = this.ctx;
+    const busy = new Set<string>();
+    const inFlight = new Set<Promise<void>>();
+    try {
+      while (!signal.aborted) {
+        const now = new Date(this.ctx.clock());
+        const due = busy.size >= MAX_IN_FLIGHT ? [] : await dueDeliveries(sql, now, MAX_IN_FLIGHT - busy.size, [...busy]);
+        for (const group of await this.groups(due)) {
+          const ids = group.map((d) => d.id);
+          // The claim: a replica whose lock session died fails here.
+          const claimUntil = new Date(now.getTime() + config.subscriptionWebhookTimeoutMs * 2 + 1000);
+          const claimed = await conn<{ id: string }[]>`
+            update subscription_deliveries set next_attempt_at = ${claimUntil}
+            where id = any(${ids}::uuid[]) and state = 'pending' returning id`;
+          if (claimed.length === 0) continue;
+          const mine = new Set(claimed.map((c) => c.id));
+          const sending = group.filter((d) => mine.has(d.id));
+          for (const d of sending) busy.add(d.id);
+          const p = this.attempt(sending)
+            .catch((err) => this.log.warn({ err, deliveryIds: ids }, "cannot record a delivery attempt"))
+            .finally(() => {
+              for (const d of sending) busy.delete(d.id);
+              inFlight.delete(p);
+              this.sendable.notify();
+            });
+          inFlight.add(p);
+        }
+        const next = await nextDue(sql);
+        const waitMs = next === undefined ? IDLE_POLL_MS : Math.min(IDLE_POLL_MS, next.getTime() - this.ctx.clock());
+        if (waitMs > 0 || busy.size >= MAX_IN_FLIGHT) await this.sendable.wait({ timeoutMs: Math.max(waitMs, 1), signal });
+      }
+    } finally {
+      await Promise.allSettled([...inFlight]);
+    }
+  }
+
+  /** Due deliveries as requests: one each, but one per email digest with every pending event of its destination. */
+  private async groups(due: DueDelivery[]): Promise<DueDelivery[][]> {
+    const out: DueDelivery[][] = [];
+    const digests = new Set<string>();
+    for (const d of due) {
+      if (d.dest_kind !== "email" || d.email_mode !== "digest") {
+        out.push([d]);
+        continue;
+      }
+      if (digests.has(d.destination_id)) continue;
+      digests.add(d.destination_id);
+      const pending = await pendingOfDestination(this.ctx.sql, d.destination_id, DIGEST_MAX);
+      out.push(pending.map((p) => ({ ...d, id: p.id, event_id: p.event_id, event_kind: p.event_kind, body: p.body })));
+    }
+    return out;
+  }
+
+  /** Sends one request (a webhook POST, an email) for `group` and records its outcome. */
+  private async attempt(group: DueDelivery[]): Promise<void> {
+    const { config } = this.ctx;
+    const first = group[0];
+    const started = this.ctx.clock();
+    let code = 0;
+    let error = "";
+    let retryable = true;
+    if (first.dest_kind === "webhook") {
+      const out = await postWebhook(
+        first.url!,
+        first.secret,
+        first.body,
+        { deliveryId: first.id, eventId: first.event_id, eventKind: first.event_kind, subscriptionId: first.subscription_id },
+        { timeoutMs: config.subscriptionWebhookTimeoutMs, now: this.ctx.clock },
+      );
+      ({ code, error, retryable } = out);
+      if (code >= 400 && !retryable) {
+        this.log.warn({ subscriptionId: first.subscription_id, deliveryId: first.id, code }, "webhook endpoint refused a delivery; not retried");
+      }
+    } else if (!this.mailer) {
+      error = "no smtp server is configured (smtp-url)";
+    } else {
+      try {
+        await this.mailer.send(
+          first.email_to ?? [],
+          { id: first.subscription_id, name: first.subscription_name },
+          group.map((d) => d.id),
+          group.map((d) => ({ eventId: d.event_id, kind: d.event_kind, body: d.body })),
+        );
+      } catch (err) {
+        const e = err as { responseCode?: number; message?: string };
+        error = `smtp: ${e.message ?? String(err)}`.slice(0, 300);
+        // A permanent SMTP refusal (5xx) is not retried.
+        retryable = !(typeof e.responseCode === "number" && e.responseCode >= 500);
+      }
+    }
+    const at = new Date(this.ctx.clock());
+    let result: { state: "delivered" } | { state: "retry"; retryAt: Date } | { state: "failed" };
+    if (error === "") result = { state: "delivered" };
+    else if (!retryable) result = { state: "failed" };
+    else {
+      const retryAt = at.getTime() + retryDelay(first.attempt_count + 1, config.subscriptionRetryInitialMs, config.subscriptionRetryMaxMs);
+      if (retryAt - first.created_at.getTime() > config.subscriptionRetryWindowMs) {
+        result = { state: "failed" };
+        error = `${error}; given up after ${first.attempt_count + 1} attempts`;
+      } else result = { state: "retry", retryAt: new Date(retryAt) };
+    }
+    const target = first.dest_kind === "webhook" ? `webhook ${first.url}` : `email to ${(first.email_to ?? []).join(", ")}`;
+    const disabled = await recordAttempt(
+      this.ctx.sql,
+      {
+        ids: group.map((d) => d.id),
+        destinationId: first.destination_id,
+        subscriptionId: first.subscription_id,
+        at,
+        ms: at.getTime() - started,
+        code,
+        error,
+        result,
+      },
+      new Date(at.getTime() - config.subscriptionDisableAfterMs),
+      `${target} has failed for ${Math.round(config.subscriptionDisableAfterMs / 1000)} s without a success (last error: ${error})`,
+    );
+    if (disabled) this.log.warn({ subscriptionId: first.subscription_id }, "subscription disabled: its destination kept failing");
+  }
+}
