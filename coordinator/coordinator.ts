@@ -13,7 +13,7 @@ import { databaseInterceptor, databaseUnavailable, mapDatabaseError } from "./db
 import { ATTACH_PROCEDURE, attachRoute } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { createLeaseSystem, type LeaseSystem } from "./leases/lease-system.js";
-import { createFeedSystem, type FeedSystem } from "./feed/feed-system.js";
+import { WATCH_EVENTS_PROCEDURE, createFeedSystem, type FeedSystem } from "./feed/feed-system.js";
 import { createSubscriptionSystem, type SubscriptionSystem } from "./subscriptions/subscription-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { registerHostMetrics } from "./services/host-stats.js";
@@ -162,7 +162,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
             // Control messages, mostly small; a StartJob with its tokens is
             // just over gzip's 1 KiB threshold, where compressing costs the
             // coordinator more CPU than the bytes are worth.
-            bulkProcedures: [ATTACH_PROCEDURE],
+            bulkProcedures: [ATTACH_PROCEDURE, WATCH_EVENTS_PROCEDURE],
             http: (req, res, extra) => rawAttach(req, res, extra) || (assets?.(req, res) ?? false),
           },
           prepare(server) {

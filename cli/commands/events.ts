@@ -15,8 +15,15 @@ import { keepStreaming } from "../../lib/retry.js";
 import { keyValues, parseIntFlag } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
 import type { CliContext } from "../context.js";
-import { ExitCode } from "../errors.js";
+import { ExitCode, UsageError } from "../errors.js";
 import { toYaml } from "../output.js";
+
+/** --after's cursor: a whole number. */
+function cursorFlag(value: string | undefined): bigint | undefined {
+  if (value === undefined) return undefined;
+  if (!/^\d{1,19}$/.test(value)) throw new UsageError(`flag --after takes a cursor (the first column of an event's line), got "${value}"`);
+  return BigInt(value);
+}
 
 const text = (v: unknown) => (typeof v === "string" || typeof v === "number" ? String(v) : "");
 
@@ -55,7 +62,7 @@ function printEvent(ctx: CliContext, e: Event): void {
   else if (ctx.out.format === "yaml") ctx.out.stdout.write(`---\n${toYaml(toJson(EventSchema, e, { alwaysEmitImplicit: true }))}`);
   else {
     const time = e.time ? timestampDate(e.time).toISOString() : "-";
-    ctx.out.line([e.cursor, time, e.kind, subject(e), summary(e)].join("  ").trimEnd());
+    ctx.out.line([String(e.cursor), time, e.kind, subject(e), summary(e)].join("  ").trimEnd());
   }
 }
 
@@ -73,13 +80,13 @@ export const eventsCommands: Command[] = [
       job: { type: "list", placeholder: "JOB", description: "only events of this job" },
       limit: { type: "string", placeholder: "N", description: "without --follow: print at most N events (default 100)" },
     },
-    examples: ["tml events", "tml events --follow --kind job.state --label team=red", "tml events --follow --after 1234-5678 -o json"],
+    examples: ["tml events", "tml events --follow --kind job.state --label team=red", "tml events --follow --after 20517 -o json"],
     async run(ctx, { flags }) {
       const events = await ctx.client(EventService);
       const filter = create(EventFilterSchema, { kinds: [...flags.kind], labels: keyValues("label", flags.label), jobIds: [...flags.job] });
       if (flags.follow !== true) {
         const limit = flags.limit === undefined ? 100 : parseIntFlag("limit", flags.limit, 1, 100_000);
-        let after = flags.after ?? "";
+        let after = cursorFlag(flags.after) ?? 0n;
         let printed = 0;
         for (;;) {
           const page = await events.listEvents({ filter, afterCursor: after, pageSize: Math.min(1000, limit - printed) }, { timeoutMs: 30_000 });
@@ -95,7 +102,7 @@ export const eventsCommands: Command[] = [
       }
       const stop = new AbortController();
       ctx.onInterrupt(() => stop.abort());
-      let after = flags.after ?? "";
+      let after = cursorFlag(flags.after);
       await keepStreaming({
         open: (attempt) => events.watchEvents({ filter, afterCursor: after }, { signal: attempt.signal }),
         onMessage: (response, attempt) => {
@@ -105,7 +112,7 @@ export const eventsCommands: Command[] = [
         },
         onError: (err, { verdict, repeated }) => {
           if (verdict === "retryable" && !repeated) {
-            const where = after === "" ? "" : `; resuming after ${after}`;
+            const where = after === undefined ? "" : `; resuming after ${after}`;
             ctx.out.note(ctx.out.errStyle(`--> lost the coordinator (${ConnectError.from(err).rawMessage})${where}`, "yellow"));
           }
         },

@@ -20,21 +20,14 @@ import {
   WatchEventsResponseSchema,
 } from "../../gen/treadmill/coordinator/v1/event_service_pb.js";
 import { type UserCaller, requireUser } from "../auth.js";
-import {
-  CursorExpiredError,
-  FEED_KINDS,
-  type FeedEvent,
-  type FeedFilter,
-  type FeedPosition,
-  type FeedViewer,
-  formatCursor,
-  parseCursor,
-} from "../db/queries/feed.js";
+import { CursorExpiredError, FEED_KINDS, type FeedCursor, type FeedEvent, type FeedFilter, type FeedViewer } from "../db/queries/feed.js";
 import { checkId, checkTags, denied, invalid } from "../shared/common.js";
 import type { FeedReader } from "./reader.js";
 
 /** Job ids one filter may name. */
 const MAX_JOB_IDS = 100;
+/** Events one message of WatchEvents carries at most (a follower gets the first at once). */
+const WATCH_BATCH = 100;
 /** A stream with nothing to send still tells its position this often, at most. */
 const POSITION_EVERY_MS = 1000;
 
@@ -59,21 +52,20 @@ function filterOf(caller: UserCaller, f: EventFilter | undefined): FeedFilter {
   return { kinds, labels: f.labels, ownerId: f.ownerUserId || undefined, jobIds: f.jobIds };
 }
 
-function cursorOf(text: string): FeedPosition {
-  const p = parseCursor(text);
-  if (!p) throw invalid(`after_cursor: "${text.slice(0, 64)}" is not a cursor (XID-ID, as Event.cursor)`);
-  return p;
+function cursorOf(cursor: bigint): FeedCursor {
+  if (cursor < 0n) throw invalid(`after_cursor must not be negative, got ${cursor}`);
+  return cursor;
 }
 
 /** OUT_OF_RANGE for a swept cursor; anything else unchanged. */
 function expired(err: unknown): unknown {
   if (!(err instanceof CursorExpiredError)) return err;
-  return new ConnectError(`${err.message}; start again without after_cursor (the head) or with from_oldest`, Code.OutOfRange);
+  return new ConnectError(`${err.message}; start again without after_cursor (the head) or with 0 (the oldest event kept)`, Code.OutOfRange);
 }
 
 export function eventMessage(e: FeedEvent): Event {
   return create(EventSchema, {
-    cursor: formatCursor(e.position),
+    cursor: e.cursor,
     time: timestampFromDate(e.at),
     kind: e.kind,
     jobId: e.jobId ?? "",
@@ -91,14 +83,14 @@ export class EventServiceImpl implements ServiceImpl<typeof EventService> {
   async *watchEvents(req: WatchEventsRequest, hctx: HandlerContext): AsyncIterable<WatchEventsResponse> {
     const caller = requireUser(hctx);
     const filter = filterOf(caller, req.filter);
-    const start = req.afterCursor !== "" ? cursorOf(req.afterCursor) : req.fromOldest ? await this.reader.horizon() : await this.reader.head();
+    const start = req.afterCursor !== undefined ? cursorOf(req.afterCursor) : await this.reader.head();
     let lastSent = 0;
     try {
-      for await (const read of this.reader.follow(start, { viewer: viewerOf(caller), filter, signal: hctx.signal })) {
+      for await (const read of this.reader.follow(start, { viewer: viewerOf(caller), filter, signal: hctx.signal, batch: WATCH_BATCH })) {
         const now = Date.now();
         if (read.events.length === 0 && lastSent !== 0 && now - lastSent < POSITION_EVERY_MS) continue;
         lastSent = now;
-        yield create(WatchEventsResponseSchema, { events: read.events.map(eventMessage), cursor: formatCursor(read.position) });
+        yield create(WatchEventsResponseSchema, { events: read.events.map(eventMessage), cursor: read.cursor });
       }
     } catch (err) {
       throw expired(err);
@@ -110,15 +102,15 @@ export class EventServiceImpl implements ServiceImpl<typeof EventService> {
     const filter = filterOf(caller, req.filter);
     if (req.pageSize < 0 || req.pageSize > 1000) throw invalid("page_size must be between 0 and 1000");
     const size = req.pageSize || 100;
-    let position = req.afterCursor !== "" ? cursorOf(req.afterCursor) : await this.reader.horizon();
+    let cursor = cursorOf(req.afterCursor);
     const events: FeedEvent[] = [];
     let atEnd = false;
     try {
       // A selective filter may pass few of the rows read: read on, boundedly.
       for (let reads = 0; events.length < size && reads < 20; reads++) {
-        const read = await this.reader.read(position, { viewer: viewerOf(caller), filter, limit: size - events.length });
+        const read = await this.reader.read(cursor, { viewer: viewerOf(caller), filter, limit: size - events.length });
         events.push(...read.events);
-        position = read.position;
+        cursor = read.cursor;
         if (!read.full) {
           atEnd = true;
           break;
@@ -127,6 +119,6 @@ export class EventServiceImpl implements ServiceImpl<typeof EventService> {
     } catch (err) {
       throw expired(err);
     }
-    return create(ListEventsResponseSchema, { events: events.map(eventMessage), cursor: formatCursor(position), atEnd });
+    return create(ListEventsResponseSchema, { events: events.map(eventMessage), cursor, atEnd });
   }
 }

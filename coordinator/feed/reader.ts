@@ -1,100 +1,111 @@
 /**
  * The feed's in-process reader: what EventService's streams use, and what
- * a delivery worker (webhooks, email) consumes by cursor. Stateless but for
- * the wake-up: a reader reads the table by position (db/queries/feed.ts),
- * so every replica serves the same order, and a follower that restarts
- * from its last position misses nothing and repeats nothing.
+ * a delivery worker (webhooks, email) consumes by cursor. A reader reads
+ * the table by cursor (db/queries/feed.ts), so every replica serves the
+ * same order, and a consumer that restarts after the last cursor it
+ * processed misses nothing and repeats nothing.
  *
- * Wake-ups: a 'treadmill_feed' notification (one per committing transaction
- * that wrote events, from any replica) or a resync of the notifications
- * connection bumps `generation` and wakes every follower, which reads again.
- * A read that finds rows held back by a running transaction (see readFeed)
- * polls again soon, since the transaction holding them back may write no
- * event and so notify nobody; an idle follower also reads every
- * `idlePollMs` in case a notification was lost with a connection.
+ * Wake-ups: a 'treadmill_feed' notification (a batch of the sequencer, on
+ * any replica, numbered events) or a resync of the notifications
+ * connection calls `wake()`: every follower reads again. An idle follower
+ * also reads every `idlePollMs`, in case a notification was lost.
+ *
+ * Short cut: this replica's sequencer hands each batch it numbered to
+ * `publish()`, and a follower whose cursor is right before a batch takes
+ * its events from memory instead of reading the table (a batch's cursors
+ * are contiguous, so nothing can be between). Under load this saves the
+ * coordinator a round trip and a notification per batch and follower, which
+ * is most of a follower's latency. Anything else (a batch of another
+ * replica, a follower behind) is read from the table.
  */
 import type { Sql } from "postgres";
 import { Notifier } from "../../lib/async/notifier.js";
-import {
-  type FeedFilter,
-  type FeedPosition,
-  type FeedRead,
-  type FeedViewer,
-  comparePositions,
-  feedHead,
-  feedHorizon,
-  readFeed,
-} from "../db/queries/feed.js";
+import { type FeedCursor, type FeedEvent, type FeedFilter, type FeedRead, type FeedViewer, feedHead, readFeed, seenBy } from "../db/queries/feed.js";
 
 export interface FollowOptions {
   viewer: FeedViewer;
   filter?: FeedFilter;
   /** Ends the iteration (it returns). */
   signal: AbortSignal;
-  /** Rows considered per read; default 500. */
+  /** Events considered per read; default 500. */
   batch?: number;
 }
 
-/** Polling delays while rows are held back: from the first to the last, doubling. */
-const HELD_BACK_POLL = { firstMs: 2, maxMs: 50 };
+/** The sequencer's batches kept in memory for followers that are caught up. */
+const RECENT_BATCHES = 64;
 
 export class FeedReader {
   private readonly changes = new Notifier();
   private generation = 0;
+  /** The newest cursor this replica has heard of (its batches, other replicas' notifications). */
+  private known: FeedCursor = 0n;
+  /** This replica's latest batches, oldest first, each in cursor order. */
+  private readonly recent: FeedEvent[][] = [];
 
   constructor(
     private readonly sql: Sql,
     private readonly idlePollMs = 5000,
   ) {}
 
-  /** Says the feed may have grown (a notification, a resync): every follower reads again. */
-  wake(): void {
+  /** Says the feed may have grown (to `newest`, when known): every follower reads again. */
+  wake(newest?: FeedCursor): void {
+    if (newest !== undefined && newest > this.known) this.known = newest;
     this.generation++;
     this.changes.notify();
   }
 
-  /** One read after `after` (see readFeed); CursorExpiredError when `after` was swept. */
-  read(after: FeedPosition, options: { viewer: FeedViewer; filter?: FeedFilter; limit: number }): Promise<FeedRead> {
+  /** A batch this replica's sequencer numbered (contiguous cursors, in order): followers take it from memory. */
+  publish(batch: FeedEvent[]): void {
+    if (batch.length === 0) return;
+    this.recent.push(batch);
+    if (this.recent.length > RECENT_BATCHES) this.recent.shift();
+    this.wake(batch[batch.length - 1].cursor);
+  }
+
+  /** One read after `after` (0: from the oldest kept; see readFeed); CursorExpiredError when events after it were deleted. */
+  read(after: FeedCursor, options: { viewer: FeedViewer; filter?: FeedFilter; limit: number }): Promise<FeedRead> {
     return readFeed(this.sql, after, options);
   }
 
-  /** Where a reader that wants only what comes next starts. */
-  head(): Promise<FeedPosition> {
+  /** The newest cursor given: where a reader that wants only what comes next starts. */
+  head(): Promise<FeedCursor> {
     return feedHead(this.sql);
   }
 
-  /** Where a reader that wants every retained event starts. */
-  horizon(): Promise<FeedPosition> {
-    return feedHorizon(this.sql);
+  /** Up to `limit` events right after `after` from the batches in memory, or undefined when they do not start there. */
+  private fromMemory(after: FeedCursor, limit: number): { events: FeedEvent[]; full: boolean } | undefined {
+    const batch = this.recent.find((b) => b[0].cursor <= after + 1n && after < b[b.length - 1].cursor);
+    if (!batch) return undefined;
+    const start = Number(after + 1n - batch[0].cursor);
+    const events = batch.slice(start, start + limit);
+    return { events, full: start + limit < batch.length || this.recent.some((b) => b[0].cursor === events[events.length - 1].cursor + 1n) };
   }
 
   /**
    * Reads after `after` and then follows the feed: yields the first read at
    * once (even empty), then every read that found events or moved the
-   * position, until the signal aborts. A consumer that records the last
-   * `position` it processed and restarts from it sees every event once.
-   * Rejects with CursorExpiredError when the position falls behind retention.
+   * cursor, until the signal aborts. A consumer that records the last
+   * `cursor` it processed and restarts after it sees every event once.
+   * Rejects with CursorExpiredError when it falls behind retention.
    */
-  async *follow(after: FeedPosition, options: FollowOptions): AsyncIterable<FeedRead> {
-    const { signal } = options;
+  async *follow(after: FeedCursor, options: FollowOptions): AsyncIterable<FeedRead> {
+    const { signal, viewer } = options;
+    const filter = options.filter ?? {};
     const limit = options.batch ?? 500;
-    let position = after;
+    let cursor = after;
     let first = true;
-    let heldPollMs = HELD_BACK_POLL.firstMs;
     while (!signal.aborted) {
       const seen = this.generation;
-      const read = await this.read(position, { viewer: options.viewer, filter: options.filter, limit });
-      const moved = comparePositions(read.position, position) !== 0;
-      position = read.position;
+      const memory = first ? undefined : this.fromMemory(cursor, limit);
+      const read = memory ? seenBy(memory.events, cursor, viewer, filter, memory.full) : await this.read(cursor, { viewer, filter, limit });
+      const moved = read.cursor !== cursor;
+      cursor = read.cursor;
       if (first || moved) yield read;
       first = false;
       if (read.full) continue;
-      let waitMs = this.idlePollMs;
-      if (read.heldBack) {
-        waitMs = heldPollMs;
-        heldPollMs = Math.min(heldPollMs * 2, HELD_BACK_POLL.maxMs);
-      } else heldPollMs = HELD_BACK_POLL.firstMs;
-      if (this.generation === seen) await this.changes.wait({ timeoutMs: waitMs, signal });
+      // Memory holds only this replica's batches: one of another replica may come next.
+      if (memory && cursor < this.known) continue;
+      if (this.generation === seen) await this.changes.wait({ timeoutMs: this.idlePollMs, signal });
     }
   }
 }

@@ -1,41 +1,49 @@
 -- 0025_event_feed: the event feed (issue #24 item 1, docs/events.md): every
 -- change a user may see, in one ordered, resumable feed read by cursor.
 --
--- Order without gaps. A bigserial alone is no cursor: ids are taken when a
--- row is written, not when its transaction commits, so a reader that has
--- seen id 61 may later find id 60 committed by a transaction that was still
--- running (the classic commit-order gap). Here a row carries the id of the
--- transaction that wrote it (xid, pg_current_xact_id()) and the feed is
--- ordered by (xid, id); a reader returns only rows whose xid is below the
--- xmin of its statement's snapshot (pg_snapshot_xmin(pg_current_snapshot())):
--- every transaction below that xmin has ended, so every row such a
--- transaction wrote is already visible, and any row committed later belongs
--- to a transaction whose xid is at least that xmin, so sorts after
--- everything returned. The cursor is the pair, written "xid-id". This is
--- PgQ's snapshot rule (Skytools), chosen over a sequencer that stamps
--- cursors after commit: no second write per event, no elected process, and
--- every replica's readers compute the same view from the database alone.
--- Its cost: a long transaction anywhere on the server holds delivery back
--- for its length (nothing is lost, delivery waits), so no coordinator
--- transaction stays open long.
+-- Order without gaps. A bigserial written with the row is no cursor: ids
+-- are taken when a row is written, not when its transaction commits, so a
+-- reader that has seen id 61 may later find id 60 committed by a
+-- transaction that was still running (the classic commit-order gap). Here
+-- a row is written without a cursor (feed_events.cursor null), and a
+-- sequencer gives cursors to rows already committed, in batches: each batch
+-- runs in a transaction that first takes one advisory lock (so batches
+-- follow one another, on any replica) and numbers every committed row
+-- without a cursor from feed_state.last_cursor up, in write order. A batch
+-- commits before the next one starts, so a reader that sees a cursor sees
+-- every smaller one, and no row can later get a smaller one. Readers read
+-- `cursor > N` only.
 --
+-- Rejected: reading a sequence id only below the oldest running
+-- transaction's xid (pg_snapshot_xmin, PgQ's rule; this migration's first
+-- draft). It writes once, but ties delivery to every writing transaction
+-- on the server, other databases' included: each event waits for every
+-- transaction that was running when it committed, and under the
+-- coordinator benchmark's load one always is (the scheduler's, the group
+-- commits'). Its cursor is also a pair (xid, id). The sequencer costs one
+-- more UPDATE per event, in batches, and a hop through this replica.
+
 -- Who writes. Job state and stage, host health and lease state are written
 -- by triggers (below), because the coordinator changes them in many places
 -- and in sets (the scheduler's assignment, writeJobStates): a trigger sees
 -- every path, and its WHEN clause keeps it off every other update. Other
 -- kinds (job.results, job.artifacts) are written by recordFeedEvent
--- (db/queries/feed.ts) in the changing transaction. Each writing transaction
--- notifies 'treadmill_feed' (PostgreSQL sends one per transaction, at
--- commit): the readers of every replica wake and read by cursor.
+-- (db/queries/feed.ts) in the changing transaction. A writing transaction
+-- notifies 'treadmill_feed_pending' (PostgreSQL sends one per transaction,
+-- at its commit): the sequencers wake; a batch that numbered rows notifies
+-- 'treadmill_feed' with its newest cursor: the readers of every replica
+-- wake and read by cursor.
 --
--- Retention: the feed sweep deletes a prefix of the feed (every event up to
--- the newest one older than the retention) and records that position in
--- feed_horizon; a cursor before it is expired (OUT_OF_RANGE). Runs inside
--- the migration transaction.
+-- Retention: the feed sweep deletes the numbered events up to the newest
+-- one written before the retention and records that cursor in
+-- feed_state.swept_cursor; a cursor before it is expired (OUT_OF_RANGE).
+-- Runs inside the migration transaction.
 
 create table feed_events (
-  xid xid8 not null default pg_current_xact_id(),
-  id bigint generated always as identity,
+  -- Write order (not commit order); the sequencer numbers rows in it.
+  id bigint generated always as identity primary key,
+  -- The event's place in the feed, set by the sequencer once committed.
+  cursor bigint unique,
   -- When it was written (clock time, not the transaction's start).
   at timestamptz not null default clock_timestamp(),
   kind text not null check (kind ~ '^[a-z]+\.[a-z_]+$'),
@@ -49,18 +57,44 @@ create table feed_events (
   labels jsonb not null default '{}' check (jsonb_typeof(labels) = 'object'),
   -- The versioned body ("schema": "treadmill.event.v1"), docs/events.md.
   payload jsonb not null check (jsonb_typeof(payload) = 'object'),
-  primary key (xid, id),
   check (audience <> 'owner' or owner_id is not null)
 );
+-- What the sequencer numbers next.
+create index feed_events_pending_idx on feed_events (id) where cursor is null;
 create index feed_events_at_idx on feed_events (at);
 
--- The newest position the sweep deleted: events up to it are gone.
-create table feed_horizon (
+-- The newest cursor given (the sequencer's, under its lock) and the newest
+-- deleted by retention (events up to it are gone).
+create table feed_state (
   only_row boolean primary key default true check (only_row),
-  xid xid8 not null,
-  id bigint not null
+  last_cursor bigint not null,
+  swept_cursor bigint not null
 );
-insert into feed_horizon (xid, id) values ('0', 0);
+insert into feed_state (last_cursor, swept_cursor) values (0, 0);
+
+-- One batch of the sequencer (db/queries/feed.ts stampFeed): numbers up to
+-- `batch` committed events without a cursor, in write order, and returns
+-- them. A function so that a batch is one round trip: called outside a
+-- transaction block it is its own transaction, and its lock is released at
+-- that commit. Its UPDATE is a statement after the lock, so its snapshot
+-- holds every batch before (a volatile function's statements each take a
+-- new snapshot). The key is "trmfeed!" in ASCII.
+create function treadmill_feed_stamp(batch int) returns setof feed_events language plpgsql volatile as $$
+begin
+  perform pg_advisory_xact_lock(8390889342299890721);
+  return query
+  with p as materialized (
+    select id, row_number() over (order by id) as k
+    from (select id from feed_events where cursor is null order by id limit batch) q),
+  s as (select last_cursor from feed_state),
+  u as (update feed_events e set cursor = s.last_cursor + p.k from p, s where e.id = p.id returning e.*),
+  c as (update feed_state set last_cursor = last_cursor + (select count(*) from p) where exists (select 1 from p))
+  select * from u order by u.cursor;
+  if found then
+    -- The payload: the newest cursor now given.
+    perform pg_notify('treadmill_feed', (select last_cursor::text from feed_state));
+  end if;
+end $$;
 
 create function treadmill_feed_job() returns trigger language plpgsql as $$
 declare
@@ -75,7 +109,7 @@ begin
     'state', new.state, 'previous_state', case when tg_op = 'UPDATE' then old.state end,
     'stage', new.stage, 'reason', new.reason, 'exit_status', new.exit_status, 'exit_code', new.exit_code,
     'message', new.status_message, 'labels', coalesce(new.spec->'tags', '{}')));
-  perform pg_notify('treadmill_feed', '');
+  perform pg_notify('treadmill_feed_pending', '');
   return null;
 end $$;
 
@@ -92,7 +126,7 @@ begin
   values ('host.health', new.id, 'users', jsonb_build_object(
     'schema', 'treadmill.event.v1', 'kind', 'host.health', 'host_id', new.id, 'host_name', new.name,
     'health', new.health, 'previous_health', old.health, 'reason', new.health_reason));
-  perform pg_notify('treadmill_feed', '');
+  perform pg_notify('treadmill_feed_pending', '');
   return null;
 end $$;
 
@@ -107,7 +141,7 @@ begin
     'schema', 'treadmill.event.v1', 'kind', 'lease.state', 'lease_id', new.id, 'lease_kind', new.kind,
     'state', new.state, 'previous_state', case when tg_op = 'UPDATE' then old.state end,
     'end_reason', new.end_reason, 'message', new.status_message));
-  perform pg_notify('treadmill_feed', '');
+  perform pg_notify('treadmill_feed_pending', '');
   return null;
 end $$;
 

@@ -3,7 +3,8 @@
 --
 -- A subscription is a filter (jsonb, SubscriptionFilter's fields) and one
 -- or more destinations; its creator's rights bound what it matches (the
--- feed's visibility rule, db/queries/feed.ts visibleTo). Its webhook secret
+-- feed's visibility rule, db/queries/feed.ts visibleTo, applied by the
+-- worker with the creator as viewer). Its webhook secret
 -- is kept as is: an HMAC needs the key itself, not a hash of it; no API
 -- answer returns it after creation or rotation.
 --
@@ -53,7 +54,7 @@ create table subscription_deliveries (
   id uuid primary key,
   subscription_id uuid not null references subscriptions (id) on delete cascade,
   destination_id uuid not null references subscription_destinations (id) on delete cascade,
-  -- The feed cursor "XID-ID", or "test-<uuid>" for a synthetic event.
+  -- The feed cursor (decimal), or "test-<uuid>" for a synthetic event.
   event_id text not null,
   event_kind text not null,
   -- The exact JSON body sent (the event's payload): kept for redelivery
@@ -75,16 +76,32 @@ create index subscription_deliveries_due_idx on subscription_deliveries (next_at
 create index subscription_deliveries_log_idx on subscription_deliveries (subscription_id, created_at desc, id desc);
 create index subscription_deliveries_created_at_idx on subscription_deliveries (created_at);
 
--- The delivery worker's position in the feed: every event up to it has
--- been matched and its deliveries queued.
+-- The delivery worker's position in the feed: every event up to this
+-- cursor has been matched and its deliveries queued. A new installation
+-- starts at the feed's head: subscriptions see what happens after they exist.
 create table subscription_cursor (
   only_row boolean primary key default true check (only_row),
-  xid xid8 not null,
-  id bigint not null,
+  cursor bigint not null,
   updated_at timestamptz not null default now()
 );
--- A new installation starts at the feed's current end: subscriptions see
--- what happens after they exist.
-insert into subscription_cursor (xid, id)
-select coalesce(max(xid), '0'::xid8), coalesce((select max(id) from feed_events f where f.xid = (select max(xid) from feed_events)), 0)
-from feed_events;
+insert into subscription_cursor (cursor) select last_cursor from feed_state;
+
+-- Bumped by every change of a subscription or of a user's rights: the
+-- worker reloads the subscriptions it matches against when it moved, read
+-- before each batch, so an event committed after a change is matched with it.
+create table subscription_version (
+  only_row boolean primary key default true check (only_row),
+  version bigint not null
+);
+insert into subscription_version (version) values (0);
+
+create function treadmill_subscription_version() returns trigger language plpgsql as $$
+begin
+  update subscription_version set version = version + 1;
+  return null;
+end $$;
+
+create trigger subscriptions_version after insert or update or delete on subscriptions
+  for each statement execute function treadmill_subscription_version();
+create trigger users_subscription_version after update of role, disabled on users
+  for each statement execute function treadmill_subscription_version();

@@ -9,9 +9,10 @@
  * session ends, also when its process dies, and another replica's next try
  * (every subscription-leader-poll-ms) takes over.
  *
- * Matching: the worker follows the feed from the cursor stored in the
- * database and, for each read, queues one delivery per (event,
- * destination) matched in the same transaction that moves the cursor past
+ * Matching: the worker follows the feed (FeedReader) from the cursor stored
+ * in the database and, for each read, queues one delivery per (event,
+ * destination of a subscription that takes it, filter.ts) in the same
+ * transaction that moves the cursor past
  * the read; that update is conditional on the cursor being where this
  * leader left it, so a replica that lost the lead cannot queue anything.
  * A restart resumes from the cursor: no event is matched twice or missed.
@@ -23,26 +24,29 @@
  * (the leader died in between) receives it again, with the same delivery id:
  * delivery is at least once.
  */
-import { comparePositions } from "../db/queries/feed.js";
+import type { FeedEvent } from "../db/queries/feed.js";
 import {
+  type ActiveSubscription,
   type DueDelivery,
-  type Match,
   type NewDelivery,
+  activeSubscriptions,
   advanceSubscriptionCursor,
   digestDue,
   dueDeliveries,
-  matchEvents,
+  jobImages,
   nextDue,
   pendingOfDestination,
   queueDeliveries,
   readSubscriptionCursor,
   recordAttempt,
+  subscriptionsVersion,
 } from "../db/queries/subscriptions.js";
 import type { CoordinatorContext } from "../context.js";
 import type { FeedReader } from "../feed/reader.js";
 import { Notifier } from "../../lib/async/notifier.js";
 import { uuidv7 } from "../shared/common.js";
 import type { Mailer } from "./email.js";
+import { subscriptionTakes } from "./filter.js";
 import { postWebhook } from "./webhook.js";
 
 /** The worker's advisory lock key ("tmsubs" in ASCII). */
@@ -166,48 +170,67 @@ export class DeliveryWorker {
   /** Follows the feed from the stored cursor and queues the deliveries of each read. */
   private async match(signal: AbortSignal): Promise<void> {
     const { sql } = this.ctx;
-    let position = await readSubscriptionCursor(sql);
-    for await (const read of this.reader.follow(position, { viewer: { kind: "system" }, signal, batch: 1000 })) {
-      if (comparePositions(read.position, position) === 0) continue;
-      const matches = read.events.length === 0 ? [] : await matchEvents(sql, position, read.position);
-      const now = new Date(this.ctx.clock());
-      const rows = await this.deliveriesOf(matches, now);
-      const from = position;
+    let cursor = await readSubscriptionCursor(sql);
+    let version: bigint | undefined;
+    let subs: ActiveSubscription[] = [];
+    for await (const read of this.reader.follow(cursor, { viewer: { kind: "system" }, signal, batch: 1000 })) {
+      if (read.cursor === cursor) continue;
+      let rows: NewDelivery[] = [];
+      if (read.events.length > 0) {
+        const now = await subscriptionsVersion(sql);
+        if (now !== version) {
+          subs = await activeSubscriptions(sql);
+          version = now;
+        }
+        rows = await this.deliveriesOf(read.events, subs, new Date(this.ctx.clock()));
+      }
+      const from = cursor;
+      const to = read.cursor;
+      const at = new Date(this.ctx.clock());
       const moved = await sql.begin(async (tx) => {
-        if (!(await advanceSubscriptionCursor(tx, from, read.position, now))) return false;
-        await queueDeliveries(tx, rows, now);
+        if (!(await advanceSubscriptionCursor(tx, from, to, at))) return false;
+        await queueDeliveries(tx, rows, at);
         return true;
       });
       if (!moved) throw new LostLead("another replica moved the delivery cursor");
-      position = read.position;
+      cursor = to;
       if (rows.length > 0) this.sendable.notify();
     }
   }
 
-  private async deliveriesOf(matches: Match[], now: Date): Promise<NewDelivery[]> {
+  /** One delivery per (event, destination of a subscription that takes it), in feed order. */
+  private async deliveriesOf(events: FeedEvent[], subs: ActiveSubscription[], now: Date): Promise<NewDelivery[]> {
+    const wantImages = subs.some((s) => s.filter.images.length > 0);
+    const images = wantImages ? await jobImages(this.ctx.sql, [...new Set(events.flatMap((e) => (e.jobId ? [e.jobId] : [])))]) : new Map<string, string>();
     const digests = new Map<string, Date>();
     const rows: NewDelivery[] = [];
-    for (const m of matches) {
-      const body = JSON.stringify(m.payload);
-      let due = now;
-      if (m.dest_kind === "email" && m.email_mode === "digest") {
-        let at = digests.get(m.destination_id);
-        if (at === undefined) {
-          at = await digestDue(this.ctx.sql, m.destination_id, now, Number(m.digest_window_ms ?? this.ctx.config.subscriptionDigestWindowMs));
-          digests.set(m.destination_id, at);
+    for (const e of events) {
+      let body: string | undefined;
+      for (const s of subs) {
+        if (e.at < s.created_at || !subscriptionTakes(s, e, e.jobId ? images.get(e.jobId) : undefined)) continue;
+        body ??= JSON.stringify(e.payload);
+        for (const d of s.destinations) {
+          let due = now;
+          if (d.kind === "email" && d.email_mode === "digest") {
+            let at = digests.get(d.id);
+            if (at === undefined) {
+              at = await digestDue(this.ctx.sql, d.id, now, Number(d.digest_window_ms ?? this.ctx.config.subscriptionDigestWindowMs));
+              digests.set(d.id, at);
+            }
+            due = at;
+          }
+          rows.push({
+            id: uuidv7(now.getTime()),
+            subscriptionId: s.id,
+            destinationId: d.id,
+            eventId: e.cursor.toString(),
+            eventKind: e.kind,
+            body,
+            summary: requestSummary({ dest_kind: d.kind, url: d.url, email_to: d.email_to, email_mode: d.email_mode }, body),
+            due,
+          });
         }
-        due = at;
       }
-      rows.push({
-        id: uuidv7(now.getTime()),
-        subscriptionId: m.subscription_id,
-        destinationId: m.destination_id,
-        eventId: `${m.xid}-${m.id}`,
-        eventKind: m.kind,
-        body,
-        summary: requestSummary(m, body),
-        due,
-      });
     }
     return rows;
   }

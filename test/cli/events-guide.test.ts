@@ -13,6 +13,7 @@ import { mkdir, mkdtemp, readFile, rm, symlink } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { sweepFeed } from "../../coordinator/db/queries/feed.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { docBlock, docBlocks, execLast, runBash, type DocBlock } from "../support/doc-blocks.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
@@ -32,8 +33,8 @@ let user: { id: string; token: string };
 let image: string;
 const children: ChildProcess[] = [];
 
-function env(): NodeJS.ProcessEnv {
-  return { ...process.env, PATH: `${bins}:${process.env.PATH}`, TML_CONFIG: join(dir, "tml.json"), NO_COLOR: "1", TML_SERVER: `${a.url},${b.url}`, TML_TOKEN: user.token };
+function env(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  return { ...extra, ...process.env, PATH: `${bins}:${process.env.PATH}`, TML_CONFIG: join(dir, "tml.json"), NO_COLOR: "1", TML_SERVER: `${a.url},${b.url}`, TML_TOKEN: user.token };
 }
 
 const text = (name: string) => docBlock(blocks, GUIDE, "events", name).text;
@@ -90,7 +91,7 @@ describe("docs/events.md", () => {
     expect(list).toMatchObject({ code: 0 });
     const lines = list.stdout.trimEnd().split("\n");
     expect(lines).toHaveLength(2);
-    expect(lines[0]).toMatch(new RegExp(`^\\d+-\\d+  \\S+  job\\.state  job ${made[0]}  queued$`));
+    expect(lines[0]).toMatch(new RegExp(`^\\d+  \\S+  job\\.state  job ${made[0]}  queued$`));
     expect(lines[1]).toMatch(new RegExp(`job\\.state  job ${made[0]}  queued -> finalized \\(canceled\\)$`));
     const hosts = await runBash(`set -eo pipefail\n${text("hosts")}`, { cwd: dir, env: env() });
     expect(hosts).toMatchObject({ code: 0 });
@@ -136,12 +137,18 @@ describe("docs/events.md", () => {
     });
     const expected = made.flatMap((id) => [`${id} queued`, `${id} finalized`]);
     expect(seen.map((s) => s.key).sort()).toEqual(expected.sort());
-    const pairs = seen.map((s) => s.cursor.split("-").map(BigInt));
-    for (let i = 1; i < pairs.length; i++) {
-      const [p, q] = [pairs[i - 1], pairs[i]];
-      expect(p[0] < q[0] || (p[0] === q[0] && p[1] < q[1])).toBe(true);
-    }
+    const cursors = seen.map((s) => BigInt(s.cursor));
+    for (let i = 1; i < cursors.length; i++) expect(cursors[i]).toBeGreaterThan(cursors[i - 1]);
     // b is stopped; afterAll stops it again (idempotent) and a.
     b = a;
   }, 180_000);
+
+  it("says a cursor older than the retention is expired, as the guide shows", async () => {
+    const old = (await a.sql<{ c: string }[]>`select min(cursor)::text as c from feed_events`)[0].c;
+    await a.sql`update feed_events set at = now() - interval '8 days' where cursor <= ${old}::bigint + 1`;
+    expect(await sweepFeed(a.sql, new Date(Date.now() - 7 * 24 * 3600_000), 1000)).toBe(2);
+    const expired = await runBash(text("expired"), { cwd: dir, env: env({ OLD_CURSOR: old }) });
+    expect(expired.code).toBe(2);
+    expect(expired.stderr).toContain(`cursor ${old} is older than the feed's retention (events up to ${BigInt(old) + 1n} were deleted); start again without after_cursor (the head) or with 0 (the oldest event kept)`);
+  }, 60_000);
 });

@@ -1,13 +1,14 @@
 /**
- * The event feed's table (`feed_events`, migration 0025): every statement
- * that writes, reads or sweeps it. A position is (xid, id): the writing
- * transaction's id and the row's; a read returns only rows whose xid is
- * below its snapshot's xmin, so no row committed later can sort before what
- * it returned (the migration's head comment says why). Job state and stage,
- * host health and lease state are written by the migration's triggers;
- * every other kind by `recordFeedEvent`, in the changing transaction.
+ * The event feed's tables (`feed_events`, `feed_state`, migration 0025):
+ * every statement that writes, numbers, reads or sweeps them. Events are
+ * written without a cursor; `stampFeed` (the sequencer) numbers committed
+ * ones in batches that follow one another under one advisory lock, so a
+ * reader of `cursor > N` never finds a smaller cursor later (the
+ * migration's head comment says why). Job state and stage, host health and
+ * lease state are written by the migration's triggers; every other kind by
+ * `recordFeedEvent`, in the changing transaction.
  */
-import type { Fragment, Sql, TransactionSql } from "postgres";
+import type { Sql, TransactionSql } from "postgres";
 
 type Db = Sql | TransactionSql;
 
@@ -18,37 +19,11 @@ export const EVENT_SCHEMA = "treadmill.event.v1";
 export const FEED_KINDS = ["job.state", "job.stage", "job.results", "job.artifacts", "host.health", "lease.state"] as const;
 export type FeedKind = (typeof FEED_KINDS)[number];
 
-/** A place in the feed: after the event written by transaction `xid` as row `id`. */
-export interface FeedPosition {
-  xid: bigint;
-  id: bigint;
-}
-
-/** Before every event. */
-export const FEED_START: FeedPosition = { xid: 0n, id: 0n };
-
-/** The cursor of a position: "XID-ID". */
-export function formatCursor(p: FeedPosition): string {
-  return `${p.xid}-${p.id}`;
-}
-
-const CURSOR = /^(\d{1,20})-(\d{1,19})$/;
-const MAX_U64 = (1n << 64n) - 1n;
-const MAX_I64 = (1n << 63n) - 1n;
-
-/** The position a cursor names; undefined when it is not one. */
-export function parseCursor(text: string): FeedPosition | undefined {
-  const m = CURSOR.exec(text);
-  if (!m) return undefined;
-  const p = { xid: BigInt(m[1]), id: BigInt(m[2]) };
-  return p.xid > MAX_U64 || p.id > MAX_I64 ? undefined : p;
-}
-
-/** Negative, zero or positive as `a` is before, at or after `b`. */
-export function comparePositions(a: FeedPosition, b: FeedPosition): number {
-  if (a.xid !== b.xid) return a.xid < b.xid ? -1 : 1;
-  return a.id === b.id ? 0 : a.id < b.id ? -1 : 1;
-}
+/**
+ * A place in the feed: after the event with this cursor (0: before every
+ * event). Cursors are positive and only grow; numbers may be skipped.
+ */
+export type FeedCursor = bigint;
 
 /** What `recordFeedEvent` writes. */
 export interface FeedEventInput {
@@ -89,12 +64,14 @@ export async function recordFeedEvent(tx: Db, e: FeedEventInput): Promise<void> 
         coalesce(${e.audience ?? null}, case when v.owner_id is null then 'admins' else 'owner' end),
         v.owner_id, v.labels, ${tx.json(payload as never)}::jsonb
       from v)
-    select pg_notify('treadmill_feed', '')`;
+    select pg_notify('treadmill_feed_pending', '')`;
 }
 
 /** An event as read. */
 export interface FeedEvent {
-  position: FeedPosition;
+  cursor: FeedCursor;
+  /** Who may see it (see `visibleTo`). */
+  audience: "owner" | "users" | "admins";
   at: Date;
   kind: string;
   jobId: string | null;
@@ -120,163 +97,157 @@ export interface FeedFilter {
 export interface FeedRead {
   /** The events that passed the viewer's rights and the filter, in order. */
   events: FeedEvent[];
-  /** How far the read went (the last row it considered), or where it started. */
-  position: FeedPosition;
-  /** Rows were considered up to the limit: read again at once. */
+  /** How far the read went (the last event it considered), or where it started. */
+  cursor: FeedCursor;
+  /** Events were considered up to the limit: read again at once. */
   full: boolean;
-  /**
-   * Committed rows exist after `position` that a running transaction holds
-   * back (one with a smaller xid has not ended): read again soon, even
-   * without a notification.
-   */
-  heldBack: boolean;
 }
 
-/** The start position was deleted by retention (the sweep's horizon is after it). */
+/** The start cursor was deleted by retention (the sweep went past it). */
 export class CursorExpiredError extends Error {
   constructor(
-    readonly cursor: FeedPosition,
-    readonly horizon: FeedPosition,
+    readonly cursor: FeedCursor,
+    readonly swept: FeedCursor,
   ) {
-    super(`cursor ${formatCursor(cursor)} is older than the feed's retention (events up to ${formatCursor(horizon)} were deleted)`);
+    super(`cursor ${cursor} is older than the feed's retention (events up to ${swept} were deleted)`);
     this.name = "CursorExpiredError";
   }
 }
 
 /**
- * The feed's visibility rule, the one place it is written: whether a user
- * (`userId`, `admin`: SQL expressions) may see feed row `s`. Readers pass
- * constants; subscriptions (db/queries/subscriptions.ts) their owner's
- * columns, so a subscription matches only what its owner may read.
+ * Whether `viewer` may see `e` and `filter` takes it: the one rule of who
+ * sees what, for events read from the table and for those a batch of this
+ * replica's sequencer hands its readers directly. A user sees events of
+ * audience "users" and "owner" events they own; admins and the system all.
  */
-export function visibleTo(sql: Db, userId: Fragment, admin: Fragment): Fragment {
-  return sql`(${admin} or s.audience = 'users' or (s.audience = 'owner' and s.owner_id = ${userId}))`;
+export function visibleTo(viewer: FeedViewer, f: FeedFilter, e: FeedEvent): boolean {
+  if (viewer.kind === "user" && !viewer.admin) {
+    if (!(e.audience === "users" || (e.audience === "owner" && e.ownerId === viewer.userId))) return false;
+  }
+  if (f.kinds && f.kinds.length > 0 && !f.kinds.includes(e.kind)) return false;
+  if (f.labels) {
+    for (const [k, v] of Object.entries(f.labels)) if (e.labels[k] !== v) return false;
+  }
+  if (f.ownerId && e.ownerId !== f.ownerId) return false;
+  if (f.jobIds && f.jobIds.length > 0 && (e.jobId === null || !f.jobIds.includes(e.jobId))) return false;
+  return true;
 }
 
-function matchOf(sql: Db, viewer: FeedViewer, f: FeedFilter): Fragment {
-  const parts: Fragment[] = [];
-  if (viewer.kind === "user" && !viewer.admin) parts.push(visibleTo(sql, sql`${viewer.userId}::uuid`, sql`false`));
-  if (f.kinds && f.kinds.length > 0) parts.push(sql`s.kind = any(${f.kinds as string[]}::text[])`);
-  if (f.labels && Object.keys(f.labels).length > 0) parts.push(sql`s.labels @> ${sql.json(f.labels)}::jsonb`);
-  if (f.ownerId) parts.push(sql`s.owner_id = ${f.ownerId}::uuid`);
-  if (f.jobIds && f.jobIds.length > 0) parts.push(sql`s.job_id = any(${f.jobIds as string[]}::uuid[])`);
-  if (parts.length === 0) return sql`true`;
-  return parts.reduce((a, b) => sql`${a} and ${b}`);
-}
-
-interface ReadRow {
-  held: boolean;
-  expired: boolean;
-  hz_xid: string;
-  hz_id: string;
-  xid: string | null;
-  id: string | null;
-  at: Date | null;
-  kind: string | null;
+interface EventRow {
+  cursor: string;
+  at: Date;
+  kind: string;
   job_id: string | null;
   host_id: string | null;
   lease_id: string | null;
+  audience: FeedEvent["audience"];
   owner_id: string | null;
-  labels: Record<string, string> | null;
-  hit: boolean | null;
-  payload: Record<string, unknown> | null;
+  labels: Record<string, string>;
+  payload: Record<string, unknown>;
+}
+
+function eventOf(r: EventRow): FeedEvent {
+  return {
+    cursor: BigInt(r.cursor),
+    audience: r.audience,
+    at: r.at,
+    kind: r.kind,
+    jobId: r.job_id,
+    hostId: r.host_id,
+    leaseId: r.lease_id,
+    ownerId: r.owner_id,
+    labels: r.labels,
+    payload: r.payload,
+  };
+}
+
+/** One read of the table: the events after the cursor read (up to the limit), unfiltered. */
+export interface FeedRows {
+  events: FeedEvent[];
+  /** Rows were read up to the limit: read again at once. */
+  full: boolean;
 }
 
 /**
- * Reads up to `limit` rows after `after` in one statement (one snapshot):
- * the settled rows (xid below the snapshot's xmin), which of them pass,
- * whether more are held back, and the retention horizon, checked in the same
- * snapshot as the rows (CursorExpiredError when `after` is before it).
+ * Reads up to `limit` events after `after` (0: from the oldest kept), in
+ * cursor order, in one statement: the retention's progress is checked in
+ * the same snapshot as the rows (CursorExpiredError when events after
+ * `after` were deleted).
  */
-export async function readFeed(
-  sql: Db,
-  after: FeedPosition,
-  options: { viewer: FeedViewer; filter?: FeedFilter; limit: number },
-): Promise<FeedRead> {
-  const x = after.xid.toString();
-  const i = after.id.toString();
-  const rows = await sql<ReadRow[]>`
-    with snap as materialized (select pg_snapshot_xmin(pg_current_snapshot()) as xmin),
+export async function readFeedRows(sql: Db, after: FeedCursor, limit: number): Promise<FeedRows> {
+  const rows = await sql<(Omit<EventRow, "cursor"> & { cursor: string | null; swept: string })[]>`
+    with f as (select swept_cursor from feed_state),
     s as materialized (
       select * from feed_events e
-      where (e.xid, e.id) > (${x}::xid8, ${i}::bigint) and e.xid < (select xmin from snap)
-      order by e.xid, e.id limit ${options.limit}),
-    h as materialized (
-      select
-        exists (select 1 from feed_events e where e.xid >= (select xmin from snap) and (e.xid, e.id) > (${x}::xid8, ${i}::bigint)) as held,
-        (f.xid, f.id) > (${x}::xid8, ${i}::bigint) as expired, f.xid::text as hz_xid, f.id::text as hz_id
-      from feed_horizon f)
-    select h.*, s.xid::text as xid, s.id::text as id, s.at, s.kind, s.job_id, s.host_id, s.lease_id, s.owner_id,
-      m.hit, case when m.hit then s.labels end as labels, case when m.hit then s.payload end as payload
-    from h left join (s cross join lateral (select ${matchOf(sql, options.viewer, options.filter ?? {})} as hit) m) on true
-    order by s.xid, s.id`;
-  const first = rows[0];
-  if (first.expired) throw new CursorExpiredError(after, { xid: BigInt(first.hz_xid), id: BigInt(first.hz_id) });
-  const events: FeedEvent[] = [];
-  let position = after;
-  let scanned = 0;
-  for (const r of rows) {
-    if (r.xid === null || r.id === null) continue;
-    scanned++;
-    position = { xid: BigInt(r.xid), id: BigInt(r.id) };
-    if (!r.hit) continue;
-    events.push({
-      position,
-      at: r.at!,
-      kind: r.kind!,
-      jobId: r.job_id,
-      hostId: r.host_id,
-      leaseId: r.lease_id,
-      ownerId: r.owner_id,
-      labels: r.labels ?? {},
-      payload: r.payload ?? {},
-    });
-  }
-  return { events, position, full: scanned >= options.limit, heldBack: first.held };
+      where e.cursor > greatest(${after.toString()}::bigint, (select swept_cursor from f))
+      order by e.cursor limit ${limit})
+    select (select swept_cursor from f)::text as swept, s.cursor::text as cursor, s.at, s.kind, s.job_id, s.host_id, s.lease_id,
+      s.audience, s.owner_id, s.labels, s.payload
+    from (select 1) one left join s on true
+    order by s.cursor`;
+  const swept = BigInt(rows[0].swept);
+  if (after !== 0n && after < swept) throw new CursorExpiredError(after, swept);
+  const events = rows.flatMap((r) => (r.cursor === null ? [] : [eventOf({ ...r, cursor: r.cursor })]));
+  return { events, full: events.length >= limit };
+}
+
+/** `events` (those read after `after`, in order) as `viewer` sees them through `filter`. */
+export function seenBy(events: FeedEvent[], after: FeedCursor, viewer: FeedViewer, filter: FeedFilter, full: boolean): FeedRead {
+  return {
+    events: events.filter((e) => visibleTo(viewer, filter, e)),
+    cursor: events.length > 0 ? events[events.length - 1].cursor : after,
+    full,
+  };
 }
 
 /**
- * The feed's head: the position after which a reader starting now sees
- * only what comes next (the newest settled row, or the retention horizon
- * when there is none).
+ * One read as a viewer sees it: up to `limit` events after `after` read,
+ * those `visibleTo` the viewer through the filter kept, and the cursor
+ * read up to (past the events left out).
  */
-export async function feedHead(sql: Db): Promise<FeedPosition> {
-  const rows = await sql<{ xid: string; id: string }[]>`
-    select xid::text, id::text from (
-      (select e.xid, e.id from feed_events e
-        where e.xid < pg_snapshot_xmin(pg_current_snapshot())
-        order by e.xid desc, e.id desc limit 1)
-      union all
-      select xid, id from feed_horizon) p
-    order by p.xid desc, p.id desc limit 1`;
-  return { xid: BigInt(rows[0].xid), id: BigInt(rows[0].id) };
+export async function readFeed(sql: Db, after: FeedCursor, options: { viewer: FeedViewer; filter?: FeedFilter; limit: number }): Promise<FeedRead> {
+  const { events, full } = await readFeedRows(sql, after, options.limit);
+  return seenBy(events, after, options.viewer, options.filter ?? {}, full);
 }
 
-/** The retention horizon: every event up to it was deleted. */
-export async function feedHorizon(sql: Db): Promise<FeedPosition> {
-  const [row] = await sql<{ xid: string; id: string }[]>`select xid::text, id::text from feed_horizon`;
-  return { xid: BigInt(row.xid), id: BigInt(row.id) };
+/** The feed's head: the newest cursor given (a reader after it sees only what comes next). */
+export async function feedHead(sql: Db): Promise<FeedCursor> {
+  const [row] = await sql<{ last: string }[]>`select last_cursor::text as last from feed_state`;
+  return BigInt(row.last);
 }
 
 /**
- * Deletes up to `batch` events of the prefix of the feed that ends with the
- * newest-positioned event written before `cutoff`, moving the horizon to
- * that position in the same transaction. Returns how many it deleted (a
- * full batch: call again). Safe on several replicas at once.
+ * One batch of the sequencer (the migration's treadmill_feed_stamp, one
+ * round trip, its own transaction): under the sequencer's lock, numbers up
+ * to `batch` committed events without a cursor, in write order, from the
+ * last cursor given, and wakes every replica's readers at its commit.
+ * Returns the events it numbered, in cursor order, their cursors
+ * contiguous (a full batch: call again). Safe on several replicas at once:
+ * their batches follow one another.
+ */
+export async function stampFeed(sql: Sql, batch: number): Promise<FeedEvent[]> {
+  const rows = await sql<EventRow[]>`
+    select cursor::text as cursor, at, kind, job_id, host_id, lease_id, audience, owner_id, labels, payload
+    from treadmill_feed_stamp(${batch})`;
+  return rows.map(eventOf);
+}
+
+/**
+ * Deletes up to `batch` events, those numbered up to the newest-numbered
+ * event written before `cutoff`, recording that cursor as swept in the same
+ * transaction. Returns how many it deleted (a full batch: call again). Safe
+ * on several replicas at once.
  */
 export async function sweepFeed(sql: Sql, cutoff: Date, batch: number): Promise<number> {
   return sql.begin(async (tx) => {
-    const [end] = await tx<{ xid: string; id: string }[]>`
-      with old as materialized (select xid, id from feed_events where at < ${cutoff})
-      select xid::text, id::text from old order by xid desc, id desc limit 1`;
-    if (!end) return 0;
-    await tx`
-      update feed_horizon set xid = ${end.xid}::xid8, id = ${end.id}::bigint
-      where (xid, id) < (${end.xid}::xid8, ${end.id}::bigint)`;
+    const [end] = await tx<{ cursor: string | null }[]>`
+      with old as materialized (select cursor from feed_events where at < ${cutoff} and cursor is not null)
+      select max(cursor)::text as cursor from old`;
+    if (end.cursor === null) return 0;
+    await tx`update feed_state set swept_cursor = ${end.cursor}::bigint where swept_cursor < ${end.cursor}::bigint`;
     const deleted = await tx`
-      delete from feed_events where (xid, id) in (
-        select xid, id from feed_events where (xid, id) <= (${end.xid}::xid8, ${end.id}::bigint)
-        order by xid, id limit ${batch})`;
+      delete from feed_events where id in (
+        select id from feed_events where cursor <= ${end.cursor}::bigint order by cursor limit ${batch})`;
     return deleted.count;
   });
 }

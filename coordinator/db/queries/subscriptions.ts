@@ -2,12 +2,12 @@
  * Subscriptions, their destinations, the delivery log and the delivery
  * worker's cursor (migration 0026): every statement that reads or writes
  * them. Who may see a subscription (its owner, the members of its group)
- * is part of each statement; which events a subscription matches is one
- * statement (matchEvents) whose visibility part is the feed's own rule
- * (feed.ts visibleTo) applied with the owner's rights.
+ * is part of each statement. Which events a subscription matches is
+ * decided by the worker (subscriptions/filter.ts), with the feed's own
+ * visibility rule.
  */
 import type { Fragment, Sql, TransactionSql } from "postgres";
-import { type FeedPosition, visibleTo } from "./feed.js";
+import type { FeedCursor } from "./feed.js";
 
 type Db = Sql | TransactionSql;
 
@@ -193,7 +193,7 @@ export async function queueDeliveries(tx: Db, rows: NewDelivery[], now: Date): P
       ${rows.map((r) => r.eventId)}::text[], ${rows.map((r) => r.eventKind)}::text[], ${rows.map((r) => r.body)}::text[],
       ${rows.map((r) => r.summary)}::text[], ${rows.map(() => now.toISOString())}::timestamptz[], ${rows.map((r) => r.due.toISOString())}::timestamptz[],
       ${rows.map((r) => r.redeliveryOf ?? null)}::uuid[])`;
-  await tx`select pg_notify('treadmill_subscriptions', '')`;
+  await tx`select pg_notify('treadmill_subscriptions', 'deliveries')`;
 }
 
 /** A delivery of a subscription the user may see, with what a redelivery needs. */
@@ -232,68 +232,55 @@ export async function listDeliveries(
 
 // ---- The delivery worker ------------------------------------------------
 
-/** The worker's position: every event up to it has been matched. */
-export async function readSubscriptionCursor(sql: Db): Promise<FeedPosition> {
-  const [row] = await sql<{ xid: string; id: string }[]>`select xid::text, id::text from subscription_cursor`;
-  return { xid: BigInt(row.xid), id: BigInt(row.id) };
+/** The worker's position: every event up to this cursor has been matched. */
+export async function readSubscriptionCursor(sql: Db): Promise<FeedCursor> {
+  const [row] = await sql<{ cursor: string }[]>`select cursor::text from subscription_cursor`;
+  return BigInt(row.cursor);
 }
 
 /**
  * Moves the cursor from `from` to `to`; false (nothing moved) when it is no
  * longer at `from`: another replica moved it, and this one must stop.
  */
-export async function advanceSubscriptionCursor(tx: Db, from: FeedPosition, to: FeedPosition, now: Date): Promise<boolean> {
+export async function advanceSubscriptionCursor(tx: Db, from: FeedCursor, to: FeedCursor, now: Date): Promise<boolean> {
   const rows = await tx`
-    update subscription_cursor set xid = ${to.xid.toString()}::xid8, id = ${to.id.toString()}::bigint, updated_at = ${now}
-    where (xid, id) = (${from.xid.toString()}::xid8, ${from.id.toString()}::bigint)`;
+    update subscription_cursor set cursor = ${to.toString()}::bigint, updated_at = ${now}
+    where cursor = ${from.toString()}::bigint`;
   return rows.count === 1;
 }
 
-/** One (event, destination) pair a subscription's filter matched. */
-export interface Match {
-  xid: string;
+/** An enabled subscription as the worker matches it, with its owner's rights. */
+export interface ActiveSubscription {
   id: string;
-  kind: string;
-  payload: Record<string, unknown>;
-  subscription_id: string;
-  destination_id: string;
-  dest_kind: "webhook" | "email";
-  url: string | null;
-  email_to: string[] | null;
-  email_mode: "each" | "digest" | null;
-  digest_window_ms: string | null;
+  created_at: Date;
+  owner_id: string;
+  owner_admin: boolean;
+  filter: StoredFilter;
+  destinations: Pick<DestinationRow, "id" | "kind" | "url" | "email_to" | "email_mode" | "digest_window_ms">[];
 }
 
-/**
- * Every (event, destination) of an enabled subscription whose filter the
- * events in (from, to] pass, in feed order. The owner's rights come first:
- * the feed's visibility rule with the owner as viewer (admins see all; a
- * disabled owner's subscriptions match nothing). An event older than the
- * subscription never matches.
- */
-export async function matchEvents(sql: Db, from: FeedPosition, to: FeedPosition): Promise<Match[]> {
-  const f = sql`sub.filter`;
-  return sql<Match[]>`
-    select s.xid::text, s.id::text, s.kind, s.payload, sub.id as subscription_id, d.id as destination_id, d.kind as dest_kind,
-      d.url, d.email_to, d.email_mode, d.digest_window_ms
-    from feed_events s
-    join subscriptions sub on sub.enabled and s.at >= sub.created_at
-    join users u on u.id = sub.owner_id and not u.disabled
-    join subscription_destinations d on d.subscription_id = sub.id
-    left join jobs j on j.id = s.job_id
-    where (s.xid, s.id) > (${from.xid.toString()}::xid8, ${from.id.toString()}::bigint)
-      and (s.xid, s.id) <= (${to.xid.toString()}::xid8, ${to.id.toString()}::bigint)
-      and ${visibleTo(sql, sql`u.id`, sql`(u.role = 'admin')`)}
-      and (case when jsonb_array_length(${f}->'kinds') = 0 then s.kind <> 'host.health' else (${f}->'kinds') ? s.kind end)
-      and s.labels @> (${f}->'labels')
-      and (jsonb_array_length(${f}->'images') = 0
-        or (${f}->'images') ? (j.spec->>'image') or (${f}->'images') ? split_part(j.spec->>'image', ':', 1))
-      and (jsonb_array_length(${f}->'owner_ids') = 0 or (${f}->'owner_ids') ? s.owner_id::text)
-      and (jsonb_array_length(${f}->'states') = 0 or (${f}->'states') ? (s.payload->>'state'))
-      and (jsonb_array_length(${f}->'outcomes') = 0
-        or (${f}->'outcomes') ? (case when s.payload->>'reason' = 'workload_exited' then s.payload->>'exit_status' else s.payload->>'reason' end))
-      and (not (${f}->>'regressions_only')::boolean or coalesce(s.payload->>'regression', '') = 'true')
-    order by s.xid, s.id, sub.id, d.position`;
+/** Every enabled subscription of an owner who is not disabled, destinations in order. */
+export async function activeSubscriptions(sql: Db): Promise<ActiveSubscription[]> {
+  return sql<ActiveSubscription[]>`
+    select s.id, s.created_at, s.owner_id, u.role = 'admin' as owner_admin, s.filter,
+      (select jsonb_agg(jsonb_build_object('id', d.id, 'kind', d.kind, 'url', d.url, 'email_to', d.email_to,
+          'email_mode', d.email_mode, 'digest_window_ms', d.digest_window_ms::text) order by d.position)
+        from subscription_destinations d where d.subscription_id = s.id) as destinations
+    from subscriptions s join users u on u.id = s.owner_id and not u.disabled
+    where s.enabled`;
+}
+
+/** The image (spec.image) of each of these jobs. */
+export async function jobImages(sql: Db, jobIds: string[]): Promise<Map<string, string>> {
+  if (jobIds.length === 0) return new Map();
+  const rows = await sql<{ id: string; image: string }[]>`select id, spec->>'image' as image from jobs where id = any(${jobIds}::uuid[])`;
+  return new Map(rows.map((r) => [r.id, r.image]));
+}
+
+/** The version of the subscriptions (migration 0026): it moves with every change of one. */
+export async function subscriptionsVersion(sql: Db): Promise<bigint> {
+  const [row] = await sql<{ v: string }[]>`select version::text as v from subscription_version`;
+  return BigInt(row.v);
 }
 
 /** A pending delivery that is due, with its destination and secret. */

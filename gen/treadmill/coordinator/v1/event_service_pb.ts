@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/event_service.proto.
  */
 export const file_treadmill_coordinator_v1_event_service: GenFile = /*@__PURE__*/
-  fileDesc("Cix0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvZXZlbnRfc2VydmljZS5wcm90bxIYdHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxIq8CCgVFdmVudBIOCgZjdXJzb3IYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEa2luZBgDIAEoCRIOCgZqb2JfaWQYBCABKAkSDwoHaG9zdF9pZBgFIAEoCRIQCghsZWFzZV9pZBgGIAEoCRIVCg1vd25lcl91c2VyX2lkGAcgASgJEjsKBmxhYmVscxgIIAMoCzIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FdmVudC5MYWJlbHNFbnRyeRIoCgdwYXlsb2FkGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrYBCgtFdmVudEZpbHRlchINCgVraW5kcxgBIAMoCRJBCgZsYWJlbHMYAiADKAsyMS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXZlbnRGaWx0ZXIuTGFiZWxzRW50cnkSFQoNb3duZXJfdXNlcl9pZBgDIAEoCRIPCgdqb2JfaWRzGAQgAygJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEidgoSV2F0Y2hFdmVudHNSZXF1ZXN0EjUKBmZpbHRlchgBIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FdmVudEZpbHRlchIUCgxhZnRlcl9jdXJzb3IYAiABKAkSEwoLZnJvbV9vbGRlc3QYAyABKAgiVgoTV2F0Y2hFdmVudHNSZXNwb25zZRIvCgZldmVudHMYASADKAsyHy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJInMKEUxpc3RFdmVudHNSZXF1ZXN0EjUKBmZpbHRlchgBIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FdmVudEZpbHRlchIUCgxhZnRlcl9jdXJzb3IYAiABKAkSEQoJcGFnZV9zaXplGAMgASgFImUKEkxpc3RFdmVudHNSZXNwb25zZRIvCgZldmVudHMYASADKAsyHy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJEg4KBmF0X2VuZBgDIAEoCDLlAQoMRXZlbnRTZXJ2aWNlEmwKC1dhdGNoRXZlbnRzEiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoRXZlbnRzUmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEV2ZW50c1Jlc3BvbnNlMAESZwoKTGlzdEV2ZW50cxIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0RXZlbnRzUmVxdWVzdBosLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0RXZlbnRzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("Cix0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvZXZlbnRfc2VydmljZS5wcm90bxIYdHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxIq8CCgVFdmVudBIOCgZjdXJzb3IYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEa2luZBgDIAEoCRIOCgZqb2JfaWQYBCABKAkSDwoHaG9zdF9pZBgFIAEoCRIQCghsZWFzZV9pZBgGIAEoCRIVCg1vd25lcl91c2VyX2lkGAcgASgJEjsKBmxhYmVscxgIIAMoCzIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FdmVudC5MYWJlbHNFbnRyeRIoCgdwYXlsb2FkGAkgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrYBCgtFdmVudEZpbHRlchINCgVraW5kcxgBIAMoCRJBCgZsYWJlbHMYAiADKAsyMS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXZlbnRGaWx0ZXIuTGFiZWxzRW50cnkSFQoNb3duZXJfdXNlcl9pZBgDIAEoCRIPCgdqb2JfaWRzGAQgAygJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEidwoSV2F0Y2hFdmVudHNSZXF1ZXN0EjUKBmZpbHRlchgBIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FdmVudEZpbHRlchIZCgxhZnRlcl9jdXJzb3IYAiABKANIAIgBAUIPCg1fYWZ0ZXJfY3Vyc29yIlYKE1dhdGNoRXZlbnRzUmVzcG9uc2USLwoGZXZlbnRzGAEgAygLMh8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV2ZW50Eg4KBmN1cnNvchgCIAEoAyJzChFMaXN0RXZlbnRzUmVxdWVzdBI1CgZmaWx0ZXIYASABKAsyJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXZlbnRGaWx0ZXISFAoMYWZ0ZXJfY3Vyc29yGAIgASgDEhEKCXBhZ2Vfc2l6ZRgDIAEoBSJlChJMaXN0RXZlbnRzUmVzcG9uc2USLwoGZXZlbnRzGAEgAygLMh8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV2ZW50Eg4KBmN1cnNvchgCIAEoAxIOCgZhdF9lbmQYAyABKAgy5QEKDEV2ZW50U2VydmljZRJsCgtXYXRjaEV2ZW50cxIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEV2ZW50c1JlcXVlc3QaLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hFdmVudHNSZXNwb25zZTABEmcKCkxpc3RFdmVudHMSKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEV2ZW50c1JlcXVlc3QaLC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEV2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * One change, as the feed keeps it.
@@ -21,13 +21,12 @@ export const file_treadmill_coordinator_v1_event_service: GenFile = /*@__PURE__*
  */
 export type Event = Message<"treadmill.coordinator.v1.Event"> & {
   /**
-   * The event's place in the feed, "XID-ID" (two decimal numbers): events
-   * are ordered by it, and a client resumes after the last one it
-   * processed. Compare two cursors as pairs of numbers, never as text.
+   * The event's place in the feed: cursors only grow (numbers may be
+   * skipped), and a client resumes after the last one it processed.
    *
-   * @generated from field: string cursor = 1;
+   * @generated from field: int64 cursor = 1;
    */
-  cursor: string;
+  cursor: bigint;
 
   /**
    * When the coordinator wrote it.
@@ -152,19 +151,12 @@ export type WatchEventsRequest = Message<"treadmill.coordinator.v1.WatchEventsRe
   filter?: EventFilter | undefined;
 
   /**
-   * Resume after this cursor (an Event.cursor, or WatchEventsResponse.cursor).
+   * Resume after this cursor (an Event.cursor, or WatchEventsResponse.cursor);
+   * 0: from the oldest event kept; unset: from the head.
    *
-   * @generated from field: string after_cursor = 2;
+   * @generated from field: optional int64 after_cursor = 2;
    */
-  afterCursor: string;
-
-  /**
-   * Without after_cursor: start at the oldest retained event instead of the
-   * head.
-   *
-   * @generated from field: bool from_oldest = 3;
-   */
-  fromOldest: boolean;
+  afterCursor?: bigint | undefined;
 };
 
 /**
@@ -188,13 +180,13 @@ export type WatchEventsResponse = Message<"treadmill.coordinator.v1.WatchEventsR
   events: Event[];
 
   /**
-   * The stream's position: everything up to it was considered (sent or
+   * The stream's cursor: everything up to it was considered (sent or
    * filtered out). Resume after it; it is the last event's cursor, or
    * further when later events did not pass the filter.
    *
-   * @generated from field: string cursor = 2;
+   * @generated from field: int64 cursor = 2;
    */
-  cursor: string;
+  cursor: bigint;
 };
 
 /**
@@ -218,11 +210,11 @@ export type ListEventsRequest = Message<"treadmill.coordinator.v1.ListEventsRequ
   filter?: EventFilter | undefined;
 
   /**
-   * Return events after this cursor; empty: from the oldest retained.
+   * Return events after this cursor; 0 or unset: from the oldest kept.
    *
-   * @generated from field: string after_cursor = 2;
+   * @generated from field: int64 after_cursor = 2;
    */
-  afterCursor: string;
+  afterCursor: bigint;
 
   /**
    * At most this many events (default 100, at most 1000).
@@ -253,12 +245,12 @@ export type ListEventsResponse = Message<"treadmill.coordinator.v1.ListEventsRes
   events: Event[];
 
   /**
-   * The position this page read up to: pass it as after_cursor for the
-   * next page. It moves past events the filter skipped.
+   * The cursor this page read up to: pass it as after_cursor for the next
+   * page. It moves past events the filter skipped.
    *
-   * @generated from field: string cursor = 2;
+   * @generated from field: int64 cursor = 2;
    */
-  cursor: string;
+  cursor: bigint;
 
   /**
    * Whether the page stopped at the feed's current end.
@@ -292,16 +284,16 @@ export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PUR
 export const EventService: GenService<{
   /**
    * Streams the events after `after_cursor` that pass the filter: first
-   * those already in the feed, then each new one as it commits. Without a
-   * cursor it starts at the feed's head (only what comes next), or at its
-   * oldest retained event with from_oldest. Every response carries the
-   * stream's position; the first is sent at once, even when it has no event.
+   * those already in the feed, then each new one as it is committed and
+   * numbered. Without a cursor it starts at the feed's head (only what comes
+   * next); with 0, at the oldest event kept. Every response carries the
+   * stream's cursor; the first is sent at once, even when it has no event.
    * Safe to retry (resume with the last cursor received). Errors:
-   * INVALID_ARGUMENT (a malformed cursor, an unknown kind, a bad label or
-   * id: the message names the field), PERMISSION_DENIED (a non-admin
-   * filtering on another owner), OUT_OF_RANGE (the cursor is older than the
-   * feed's retention: its events were deleted; start again without a cursor
-   * or with from_oldest).
+   * INVALID_ARGUMENT (a negative cursor, an unknown kind, a bad label or id:
+   * the message names the field), PERMISSION_DENIED (a non-admin filtering
+   * on another owner), OUT_OF_RANGE (the cursor is older than the feed's
+   * retention: events after it were deleted; start again without a cursor
+   * or with 0).
    *
    * @generated from rpc treadmill.coordinator.v1.EventService.WatchEvents
    */
@@ -312,7 +304,7 @@ export const EventService: GenService<{
   },
   /**
    * Returns one page of the events after `after_cursor` (from the oldest
-   * retained without one), oldest first. Safe to retry. Errors: as
+   * kept without one, or with 0), oldest first. Safe to retry. Errors: as
    * WatchEvents.
    *
    * @generated from rpc treadmill.coordinator.v1.EventService.ListEvents

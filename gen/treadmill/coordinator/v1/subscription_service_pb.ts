@@ -637,7 +637,7 @@ export type Delivery = Message<"treadmill.coordinator.v1.Delivery"> & {
   destinationId: string;
 
   /**
-   * The event's id (X-Treadmill-Event-Id): its feed cursor, or "test-..."
+   * The event's id (X-Treadmill-Event-Id): its feed cursor (decimal), or "test-..."
    * for a synthetic event. Redeliveries keep it.
    *
    * @generated from field: string event_id = 4;
