@@ -31,8 +31,8 @@ export interface FollowOptions {
   batch?: number;
 }
 
-/** The sequencer's batches kept in memory for followers that are caught up. */
-const RECENT_BATCHES = 64;
+/** Events of the sequencer's latest batches kept in memory for followers that are caught up (whole batches; the newest always). */
+const RECENT_EVENTS = 10_000;
 
 export class FeedReader {
   private readonly changes = new Notifier();
@@ -41,6 +41,7 @@ export class FeedReader {
   private known: FeedCursor = 0n;
   /** This replica's latest batches, oldest first, each in cursor order. */
   private readonly recent: FeedEvent[][] = [];
+  private recentEvents = 0;
 
   constructor(
     private readonly sql: Sql,
@@ -58,7 +59,8 @@ export class FeedReader {
   publish(batch: FeedEvent[]): void {
     if (batch.length === 0) return;
     this.recent.push(batch);
-    if (this.recent.length > RECENT_BATCHES) this.recent.shift();
+    this.recentEvents += batch.length;
+    while (this.recentEvents > RECENT_EVENTS && this.recent.length > 1) this.recentEvents -= this.recent.shift()!.length;
     this.wake(batch[batch.length - 1].cursor);
   }
 

@@ -16,7 +16,8 @@
 // Delivery latency is from the commit of the transaction that wrote an
 // event to the event's arrival at the follower: PostgreSQL records commit
 // times here (track_commit_timestamp), and the bench adds a column to
-// feed_events that records each row's writing transaction (its default,
+// feed_pending (and feed_events, which the sequencer copies it to) that
+// records each event's writing transaction (its default,
 // pg_current_xact_id(), the only change to the schema), read afterwards;
 // both clocks are this machine's. So the figure includes the sequencer's
 // hop (numbering committed events) and the reader's. Baseline in the same run: a bare NOTIFY's commit to a LISTEN
@@ -94,7 +95,8 @@ export async function run(): Promise<void> {
     await inBatches(supervisors, 50, (s) => s.connect());
     await until(async () => (await sql`select count(*)::int as n from hosts where attached_replica is not null`)[0].n === HOSTS, "the hosts to attach");
     await sql`update hosts set health = 'healthy'`;
-    await sql`alter table feed_events add column bench_xid xid8 default pg_current_xact_id()`;
+    await sql`alter table feed_pending add column bench_xid xid8 default pg_current_xact_id()`;
+    await sql`alter table feed_events add column bench_xid xid8`;
 
     // The follower: every event, from the head, for the whole run.
     const follower = startProcess("--import", ["tsx", FOLLOWER, url, token]);

@@ -1,8 +1,9 @@
 /**
- * The event feed's tables (`feed_events`, `feed_state`, migration 0025):
- * every statement that writes, numbers, reads or sweeps them. Events are
- * written without a cursor; `stampFeed` (the sequencer) numbers committed
- * ones in batches that follow one another under one advisory lock, so a
+ * The event feed's tables (`feed_pending`, `feed_events`, `feed_state`,
+ * migration 0025): every statement that writes, numbers, reads or sweeps
+ * them. Events are written without a cursor; `stampFeed` (the sequencer)
+ * numbers committed ones in batches that follow one another under one
+ * advisory lock, so a
  * reader of `cursor > N` never finds a smaller cursor later (the
  * migration's head comment says why). Job state and stage, host health and
  * lease state are written by the migration's triggers; every other kind by
@@ -59,7 +60,7 @@ export async function recordFeedEvent(tx: Db, e: FeedEventInput): Promise<void> 
       coalesce(${labels}::jsonb, (select labels from j), '{}') as labels,
       coalesce(${e.leaseId ?? null}::uuid, (select lease_id from j)) as lease_id),
     ins as (
-      insert into feed_events (kind, job_id, host_id, lease_id, audience, owner_id, labels, payload)
+      insert into feed_pending (kind, job_id, host_id, lease_id, audience, owner_id, labels, payload)
       select ${e.kind}, ${e.jobId ?? null}::uuid, ${e.hostId ?? null}::uuid, v.lease_id,
         coalesce(${e.audience ?? null}, case when v.owner_id is null then 'admins' else 'owner' end),
         v.owner_id, v.labels, ${tx.json(payload as never)}::jsonb
@@ -233,21 +234,20 @@ export async function stampFeed(sql: Sql, batch: number): Promise<FeedEvent[]> {
 }
 
 /**
- * Deletes up to `batch` events, those numbered up to the newest-numbered
- * event written before `cutoff`, recording that cursor as swept in the same
- * transaction. Returns how many it deleted (a full batch: call again). Safe
- * on several replicas at once.
+ * Deletes the oldest events, in cursor order, up to the first one written
+ * at or after `cutoff`, at most `batch` of them, recording the last cursor
+ * deleted as swept in the same transaction. Returns how many it deleted (a
+ * full batch: call again). Safe on several replicas at once.
  */
 export async function sweepFeed(sql: Sql, cutoff: Date, batch: number): Promise<number> {
   return sql.begin(async (tx) => {
     const [end] = await tx<{ cursor: string | null }[]>`
-      with old as materialized (select cursor from feed_events where at < ${cutoff} and cursor is not null)
-      select max(cursor)::text as cursor from old`;
+      with h as materialized (select cursor, at from feed_events order by cursor limit ${batch}),
+      young as (select min(cursor) as first from h where at >= ${cutoff})
+      select (case when (select first from young) is null then (select max(cursor) from h) else (select first from young) - 1 end)::text as cursor`;
     if (end.cursor === null) return 0;
-    await tx`update feed_state set swept_cursor = ${end.cursor}::bigint where swept_cursor < ${end.cursor}::bigint`;
-    const deleted = await tx`
-      delete from feed_events where id in (
-        select id from feed_events where cursor <= ${end.cursor}::bigint order by cursor limit ${batch})`;
+    const deleted = await tx`delete from feed_events where cursor <= ${end.cursor}::bigint`;
+    if (deleted.count > 0) await tx`update feed_state set swept_cursor = ${end.cursor}::bigint where swept_cursor < ${end.cursor}::bigint`;
     return deleted.count;
   });
 }
