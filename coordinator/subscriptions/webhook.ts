@@ -6,6 +6,8 @@
  * captured request cannot be replayed later with a new timestamp.
  */
 import { createHmac, randomBytes } from "node:crypto";
+import http from "node:http";
+import https from "node:https";
 
 /** The prefix of a subscription secret. */
 const SECRET_PREFIX = "whsec_";
@@ -38,8 +40,18 @@ export interface PostOutcome {
   retryable: boolean;
 }
 
+/**
+ * Keep-alive connection pools, one per protocol and shared by every
+ * destination (node:http rather than fetch: a fraction of the CPU per
+ * request, which is what bounds a worker sending thousands a second).
+ */
+const AGENTS = {
+  "http:": new http.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 16 }),
+  "https:": new https.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 16 }),
+};
+
 /** POSTs a signed body; never throws. */
-export async function postWebhook(
+export function postWebhook(
   url: string,
   secret: string,
   body: string,
@@ -47,32 +59,50 @@ export async function postWebhook(
   options: { timeoutMs: number; now: () => number },
 ): Promise<PostOutcome> {
   const timestamp = Math.floor(options.now() / 1000).toString();
-  try {
-    const res = await fetch(url, {
-      method: "POST",
-      redirect: "manual",
-      signal: AbortSignal.timeout(options.timeoutMs),
-      headers: {
-        "content-type": "application/json",
-        "user-agent": "treadmill-webhook/1",
-        "x-treadmill-event-id": h.eventId,
-        "x-treadmill-event-kind": h.eventKind,
-        "x-treadmill-delivery-id": h.deliveryId,
-        "x-treadmill-subscription-id": h.subscriptionId,
-        "x-treadmill-timestamp": timestamp,
-        "x-treadmill-signature-256": signWebhook(secret, timestamp, body),
+  const target = new URL(url);
+  const protocol = target.protocol === "https:" ? "https:" : "http:";
+  const payload = Buffer.from(body, "utf8");
+  return new Promise((resolve) => {
+    let settled = false;
+    const done = (o: PostOutcome) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      resolve(o);
+    };
+    const req = (protocol === "https:" ? https : http).request(
+      target,
+      {
+        method: "POST",
+        agent: AGENTS[protocol],
+        headers: {
+          "content-type": "application/json",
+          "content-length": payload.length,
+          "user-agent": "treadmill-webhook/1",
+          "x-treadmill-event-id": h.eventId,
+          "x-treadmill-event-kind": h.eventKind,
+          "x-treadmill-delivery-id": h.deliveryId,
+          "x-treadmill-subscription-id": h.subscriptionId,
+          "x-treadmill-timestamp": timestamp,
+          "x-treadmill-signature-256": signWebhook(secret, timestamp, body),
+        },
       },
-      body,
-    });
-    // The answer's body is not kept (it could be large, or anything).
-    await res.body?.cancel().catch(() => undefined);
-    if (res.status >= 200 && res.status < 300) return { code: res.status, error: "", retryable: false };
-    const retryable = res.status >= 500 || res.status === 408 || res.status === 429;
-    return { code: res.status, error: `endpoint answered ${res.status}`, retryable };
-  } catch (err) {
-    const e = err as Error & { cause?: { code?: string; message?: string } };
-    if (e.name === "TimeoutError") return { code: 0, error: `no answer within ${options.timeoutMs} ms`, retryable: true };
-    const cause = e.cause?.code ?? e.cause?.message ?? e.message;
-    return { code: 0, error: `cannot reach the endpoint: ${cause}`.slice(0, 300), retryable: true };
-  }
+      (res) => {
+        // The answer's body is not kept (it could be large, or anything).
+        res.resume();
+        const status = res.statusCode ?? 0;
+        res.on("end", () => {
+          if (status >= 200 && status < 300) done({ code: status, error: "", retryable: false });
+          else done({ code: status, error: `endpoint answered ${status}`, retryable: status >= 500 || status === 408 || status === 429 });
+        });
+        res.on("error", () => done({ code: status, error: `endpoint answered ${status} and broke off its answer`, retryable: true }));
+      },
+    );
+    const timer = setTimeout(() => {
+      done({ code: 0, error: `no answer within ${options.timeoutMs} ms`, retryable: true });
+      req.destroy();
+    }, options.timeoutMs);
+    req.on("error", (err: NodeJS.ErrnoException) => done({ code: 0, error: `cannot reach the endpoint: ${err.code ?? err.message}`.slice(0, 300), retryable: true }));
+    req.end(payload);
+  });
 }

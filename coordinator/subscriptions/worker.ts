@@ -27,6 +27,7 @@
 import type { FeedEvent } from "../db/queries/feed.js";
 import {
   type ActiveSubscription,
+  type Delivered,
   type DueDelivery,
   type NewDelivery,
   activeSubscriptions,
@@ -39,6 +40,7 @@ import {
   queueDeliveries,
   readSubscriptionCursor,
   recordAttempt,
+  recordDelivered,
   subscriptionsVersion,
 } from "../db/queries/subscriptions.js";
 import type { CoordinatorContext } from "../context.js";
@@ -52,7 +54,7 @@ import { postWebhook } from "./webhook.js";
 /** The worker's advisory lock key ("tmsubs" in ASCII). */
 export const WORKER_LOCK = 0x746d73756273n;
 /** Requests in flight at once. */
-const MAX_IN_FLIGHT = 64;
+const MAX_IN_FLIGHT = 128;
 /** Events of one email digest, at most. */
 const DIGEST_MAX = 200;
 /** An idle sender looks for due deliveries at least this often. */
@@ -83,6 +85,8 @@ export class DeliveryWorker {
   private controller: AbortController | undefined;
   private running: Promise<void> | undefined;
   private lead = false;
+  /** Deliveries the matcher queued already claimed, for the sender (this lead only). */
+  private fresh: DueDelivery[] = [];
 
   constructor(
     private readonly ctx: CoordinatorContext,
@@ -90,6 +94,11 @@ export class DeliveryWorker {
     private readonly mailer: Mailer | undefined,
   ) {
     this.log = ctx.logger.child({ subsystem: "deliveries" });
+  }
+
+  /** How long a claimed delivery is this leader's to send: past any request's deadline. */
+  private claimMs(): number {
+    return this.ctx.config.subscriptionWebhookTimeoutMs * 2 + 1000;
   }
 
   /** Whether this replica runs the worker now. */
@@ -137,6 +146,7 @@ export class DeliveryWorker {
     const onAbort = () => lead.abort();
     signal.addEventListener("abort", onAbort, { once: true });
     this.lead = true;
+    this.fresh = [];
     this.log.info({ replicaId: this.ctx.replicaId }, "delivery worker leading");
     const fail = (err: unknown) => {
       if (!lead.signal.aborted) this.log.warn({ err }, "delivery worker lost its lead");
@@ -176,13 +186,14 @@ export class DeliveryWorker {
     for await (const read of this.reader.follow(cursor, { viewer: { kind: "system" }, signal, batch: 1000 })) {
       if (read.cursor === cursor) continue;
       let rows: NewDelivery[] = [];
+      let fresh: DueDelivery[] = [];
       if (read.events.length > 0) {
         const now = await subscriptionsVersion(sql);
         if (now !== version) {
           subs = await activeSubscriptions(sql);
           version = now;
         }
-        rows = await this.deliveriesOf(read.events, subs, new Date(this.ctx.clock()));
+        ({ rows, fresh } = await this.deliveriesOf(read.events, subs, new Date(this.ctx.clock())));
       }
       const from = cursor;
       const to = read.cursor;
@@ -194,12 +205,20 @@ export class DeliveryWorker {
       });
       if (!moved) throw new LostLead("another replica moved the delivery cursor");
       cursor = to;
+      this.fresh.push(...fresh);
       if (rows.length > 0) this.sendable.notify();
     }
   }
 
-  /** One delivery per (event, destination of a subscription that takes it), in feed order. */
-  private async deliveriesOf(events: FeedEvent[], subs: ActiveSubscription[], now: Date): Promise<NewDelivery[]> {
+  /**
+   * One delivery per (event, destination of a subscription that takes it),
+   * in feed order; those due now are queued already claimed by this leader
+   * and handed to the sender in memory (`fresh`), sparing it a read and a
+   * claim per delivery.
+   */
+  private async deliveriesOf(events: FeedEvent[], subs: ActiveSubscription[], now: Date): Promise<{ rows: NewDelivery[]; fresh: DueDelivery[] }> {
+    const claimUntil = new Date(now.getTime() + this.claimMs());
+    const fresh: DueDelivery[] = [];
     const wantImages = subs.some((s) => s.filter.images.length > 0);
     const images = wantImages ? await jobImages(this.ctx.sql, [...new Set(events.flatMap((e) => (e.jobId ? [e.jobId] : [])))]) : new Map<string, string>();
     const digests = new Map<string, Date>();
@@ -219,11 +238,33 @@ export class DeliveryWorker {
             }
             due = at;
           }
+          const id = uuidv7(now.getTime());
+          const eventId = e.cursor.toString();
+          if (due === now) {
+            due = claimUntil;
+            fresh.push({
+              id,
+              subscription_id: s.id,
+              destination_id: d.id,
+              event_id: eventId,
+              event_kind: e.kind,
+              body,
+              attempt_count: 0,
+              created_at: now,
+              next_attempt_at: claimUntil,
+              dest_kind: d.kind,
+              url: d.url,
+              email_to: d.email_to,
+              email_mode: d.email_mode,
+              secret: s.secret,
+              subscription_name: s.name,
+            });
+          }
           rows.push({
-            id: uuidv7(now.getTime()),
+            id,
             subscriptionId: s.id,
             destinationId: d.id,
-            eventId: e.cursor.toString(),
+            eventId,
             eventKind: e.kind,
             body,
             summary: requestSummary({ dest_kind: d.kind, url: d.url, email_to: d.email_to, email_mode: d.email_mode }, body),
@@ -232,49 +273,82 @@ export class DeliveryWorker {
         }
       }
     }
-    return rows;
+    return { rows, fresh };
   }
 
-  /** Claims due deliveries through the lock's connection and sends them, MAX_IN_FLIGHT at once. */
+  /**
+   * Claims due deliveries through the lock's connection (one statement per
+   * round) and sends them, MAX_IN_FLIGHT at once; the successes of a round
+   * are recorded together (one statement), failures one by one (each may
+   * disable its subscription).
+   */
   private async send(conn: Awaited<ReturnType<CoordinatorContext["sql"]["reserve"]>>, signal: AbortSignal): Promise<void> {
-    const { sql, config } = this.ctx;
+    const { sql } = this.ctx;
     const busy = new Set<string>();
     const inFlight = new Set<Promise<void>>();
+    let delivered: Delivered[] = [];
+    const flush = async () => {
+      if (delivered.length === 0) return;
+      const batch = delivered;
+      delivered = [];
+      await recordDelivered(sql, batch);
+      for (const d of batch) busy.delete(d.id);
+    };
     try {
       while (!signal.aborted) {
+        await flush();
         const now = new Date(this.ctx.clock());
-        const due = busy.size >= MAX_IN_FLIGHT ? [] : await dueDeliveries(sql, now, MAX_IN_FLIGHT - busy.size, [...busy]);
-        for (const group of await this.groups(due)) {
-          const ids = group.map((d) => d.id);
-          // The claim: a replica whose lock session died fails here.
-          const claimUntil = new Date(now.getTime() + config.subscriptionWebhookTimeoutMs * 2 + 1000);
-          const claimed = await conn<{ id: string }[]>`
-            update subscription_deliveries set next_attempt_at = ${claimUntil}
-            where id = any(${ids}::uuid[]) and state = 'pending' returning id`;
-          if (claimed.length === 0) continue;
-          const mine = new Set(claimed.map((c) => c.id));
+        const handed = this.fresh.splice(0, Math.max(0, MAX_IN_FLIGHT - busy.size));
+        const room = MAX_IN_FLIGHT - busy.size - handed.length;
+        const due = room <= 0 || this.fresh.length > 0 ? [] : await dueDeliveries(sql, now, room, [...busy, ...handed.map((d) => d.id)]);
+        const groups = await this.groups(due, busy);
+        const ids = groups.flat().map((d) => d.id);
+        // The claim: a replica whose lock session died fails here.
+        const claimUntil = new Date(now.getTime() + this.claimMs());
+        const claimed =
+          ids.length === 0
+            ? []
+            : await conn<{ id: string }[]>`
+                update subscription_deliveries set next_attempt_at = ${claimUntil}
+                where id = any(${ids}::uuid[]) and state = 'pending' returning id`;
+        const mine = new Set([...claimed.map((c) => c.id), ...handed.map((d) => d.id)]);
+        for (const group of [...handed.map((d) => [d]), ...groups]) {
           const sending = group.filter((d) => mine.has(d.id));
+          if (sending.length === 0) continue;
           for (const d of sending) busy.add(d.id);
           const p = this.attempt(sending)
-            .catch((err) => this.log.warn({ err, deliveryIds: ids }, "cannot record a delivery attempt"))
-            .finally(() => {
+            .then((ok) => {
+              if (ok) delivered.push(...ok);
+              else for (const d of sending) busy.delete(d.id);
+            })
+            .catch((err) => {
               for (const d of sending) busy.delete(d.id);
+              this.log.warn({ err, deliveryIds: sending.map((d) => d.id) }, "cannot record a delivery attempt");
+            })
+            .finally(() => {
               inFlight.delete(p);
               this.sendable.notify();
             });
           inFlight.add(p);
         }
-        const next = await nextDue(sql);
-        const waitMs = next === undefined ? IDLE_POLL_MS : Math.min(IDLE_POLL_MS, next.getTime() - this.ctx.clock());
-        if (waitMs > 0 || busy.size >= MAX_IN_FLIGHT) await this.sendable.wait({ timeoutMs: Math.max(waitMs, 1), signal });
+        // Go on at once only with room for more (else the next finished request wakes the loop).
+        const roomLeft = busy.size < MAX_IN_FLIGHT;
+        if (delivered.length > 0 || (roomLeft && ((due.length > 0 && due.length === room) || this.fresh.length > 0))) continue;
+        let waitMs = IDLE_POLL_MS;
+        if (due.length === 0) {
+          const next = await nextDue(sql);
+          if (next !== undefined) waitMs = Math.min(IDLE_POLL_MS, Math.max(1, next.getTime() - this.ctx.clock()));
+        }
+        await this.sendable.wait({ timeoutMs: waitMs, signal });
       }
     } finally {
       await Promise.allSettled([...inFlight]);
+      await flush().catch((err: unknown) => this.log.warn({ err }, "cannot record delivered deliveries"));
     }
   }
 
   /** Due deliveries as requests: one each, but one per email digest with every pending event of its destination. */
-  private async groups(due: DueDelivery[]): Promise<DueDelivery[][]> {
+  private async groups(due: DueDelivery[], busy: ReadonlySet<string>): Promise<DueDelivery[][]> {
     const out: DueDelivery[][] = [];
     const digests = new Set<string>();
     for (const d of due) {
@@ -285,13 +359,17 @@ export class DeliveryWorker {
       if (digests.has(d.destination_id)) continue;
       digests.add(d.destination_id);
       const pending = await pendingOfDestination(this.ctx.sql, d.destination_id, DIGEST_MAX);
-      out.push(pending.map((p) => ({ ...d, id: p.id, event_id: p.event_id, event_kind: p.event_kind, body: p.body })));
+      out.push(pending.filter((p) => !busy.has(p.id)).map((p) => ({ ...d, id: p.id, event_id: p.event_id, event_kind: p.event_kind, body: p.body })));
     }
     return out;
   }
 
-  /** Sends one request (a webhook POST, an email) for `group` and records its outcome. */
-  private async attempt(group: DueDelivery[]): Promise<void> {
+  /**
+   * Sends one request (a webhook POST, an email) for `group`. A success is
+   * returned for the caller to record with others; a failure is recorded
+   * here (undefined).
+   */
+  private async attempt(group: DueDelivery[]): Promise<Delivered[] | undefined> {
     const { config } = this.ctx;
     const first = group[0];
     const started = this.ctx.clock();
@@ -328,9 +406,9 @@ export class DeliveryWorker {
       }
     }
     const at = new Date(this.ctx.clock());
-    let result: { state: "delivered" } | { state: "retry"; retryAt: Date } | { state: "failed" };
-    if (error === "") result = { state: "delivered" };
-    else if (!retryable) result = { state: "failed" };
+    if (error === "") return group.map((d) => ({ id: d.id, destinationId: d.destination_id, at, ms: at.getTime() - started, code }));
+    let result: { state: "retry"; retryAt: Date } | { state: "failed" };
+    if (!retryable) result = { state: "failed" };
     else {
       const retryAt = at.getTime() + retryDelay(first.attempt_count + 1, config.subscriptionRetryInitialMs, config.subscriptionRetryMaxMs);
       if (retryAt - first.created_at.getTime() > config.subscriptionRetryWindowMs) {
@@ -355,5 +433,6 @@ export class DeliveryWorker {
       `${target} has failed for ${Math.round(config.subscriptionDisableAfterMs / 1000)} s without a success (last error: ${error})`,
     );
     if (disabled) this.log.warn({ subscriptionId: first.subscription_id }, "subscription disabled: its destination kept failing");
+    return undefined;
   }
 }

@@ -252,6 +252,8 @@ export async function advanceSubscriptionCursor(tx: Db, from: FeedCursor, to: Fe
 /** An enabled subscription as the worker matches it, with its owner's rights. */
 export interface ActiveSubscription {
   id: string;
+  name: string;
+  secret: string;
   created_at: Date;
   owner_id: string;
   owner_admin: boolean;
@@ -262,7 +264,7 @@ export interface ActiveSubscription {
 /** Every enabled subscription of an owner who is not disabled, destinations in order. */
 export async function activeSubscriptions(sql: Db): Promise<ActiveSubscription[]> {
   return sql<ActiveSubscription[]>`
-    select s.id, s.created_at, s.owner_id, u.role = 'admin' as owner_admin, s.filter,
+    select s.id, s.name, s.secret, s.created_at, s.owner_id, u.role = 'admin' as owner_admin, s.filter,
       (select jsonb_agg(jsonb_build_object('id', d.id, 'kind', d.kind, 'url', d.url, 'email_to', d.email_to,
           'email_mode', d.email_mode, 'digest_window_ms', d.digest_window_ms::text) order by d.position)
         from subscription_destinations d where d.subscription_id = s.id) as destinations
@@ -364,6 +366,35 @@ export async function recordAttempt(sql: Sql, o: AttemptOutcome, disableBefore: 
     if (disabled.count === 0) return false;
     await failPending(tx, o.subscriptionId, "subscription disabled: " + reason, o.at);
     return true;
+  });
+}
+
+/** A delivery acknowledged by its destination. */
+export interface Delivered {
+  id: string;
+  destinationId: string;
+  at: Date;
+  ms: number;
+  code: number;
+}
+
+/**
+ * Records successful attempts in one statement (many deliveries, one
+ * round trip), and clears their destinations' failing state.
+ */
+export async function recordDelivered(sql: Sql, rows: Delivered[]): Promise<void> {
+  if (rows.length === 0) return;
+  await sql.begin(async (tx) => {
+    await tx`
+      update subscription_deliveries d set state = 'delivered', attempt_count = d.attempt_count + 1,
+        attempts = d.attempts || jsonb_build_array(jsonb_build_object('at', v.at_text, 'code', v.code, 'error', '', 'ms', v.ms)),
+        last_attempt_at = v.at_text::timestamptz, next_attempt_at = null, response_code = v.code, error = ''
+      from unnest(${rows.map((r) => r.id)}::uuid[], ${rows.map((r) => r.at.toISOString())}::text[], ${rows.map((r) => r.code)}::int[],
+        ${rows.map((r) => r.ms)}::int[]) as v(id, at_text, code, ms)
+      where d.id = v.id and d.state = 'pending'`;
+    await tx`
+      update subscription_destinations set failing_since = null
+      where id = any(${[...new Set(rows.map((r) => r.destinationId))]}::uuid[]) and failing_since is not null`;
   });
 }
 
