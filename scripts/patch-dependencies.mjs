@@ -96,6 +96,84 @@ const FIXES = [
 `,
   },
   {
+    // A reserved connection (sql.reserve, which the scheduler's pass and
+    // the job system's transactions use) could be lost while the server
+    // was away: a reserve that reached a connection being opened by another
+    // route than its own (the pool hands queued requests to a connection
+    // that closed) was dropped when that connection came up, and a reserve
+    // already failed stayed queued and took the next connection that came
+    // up with it. The first never settled (a scheduling pass hung after a
+    // restart of PostgreSQL: test/coordinator/database-outage.test.ts), the
+    // second leaked a connection of the pool. A reserve now leaves the
+    // queue when it settles, once, and the connection that came up for it
+    // hands itself over (below, in connection.js) or goes back to the pool.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: a reserve settles once and leaves the queue",
+    files: ["src/index.js", "cjs/src/index.js", "cf/src/index.js"],
+    original: `const query = { reserve: resolve, reject }`,
+    patched: (mark) => `const query = { // ${mark}
+          reserve: (c) => query.settled ? false : (query.settled = true, queries.remove(query), resolve(c), true),
+          reject: (e) => query.settled || (query.settled = true, queries.remove(query), reject(e))
+        }`,
+    extra: {
+      original: `    while (ready && queries.length && max-- > 0) {
+      const query = queries.shift()
+      if (query.reserve)
+        return query.reserve(c)
+
+      ready = c.execute(query)
+    }
+
+    ready
+      ? move(c, busy)
+      : move(c, full)`,
+      patched: `    let executed = 0
+    while (ready && queries.length && max-- > 0) {
+      const query = queries.shift()
+      if (query.reserve) {
+        if (query.reserve(c))
+          return
+        continue
+      }
+      ready = c.execute(query)
+      executed++
+    }
+
+    executed === 0
+      ? move(c, open)
+      : ready ? move(c, busy) : move(c, full)`,
+    },
+  },
+  {
+    // The other half of the fix above: a connection opened for a reserve
+    // hands itself to it once ready (after the array types, when it fetches
+    // them), or, when the reserve has settled meanwhile, goes to the pool.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: a connection opened for a reserve hands itself over",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
+    original: `      if (needsTypes) {
+        initial.reserve && (initial = null)
+        return fetchArrayTypes()
+      }
+
+      initial && !initial.reserve && execute(initial)
+      options.shared.retries = retries = 0
+      initial = null
+      return`,
+    patched: (mark) => `      if (needsTypes)
+        return fetchArrayTypes() // ${mark}
+
+      const first = initial
+      options.shared.retries = retries = 0
+      initial = null
+      if (!first.reserve)
+        return execute(first)
+      first.reserve(connection) || onopen(connection)
+      return`,
+  },
+  {
     // Every reflected message built its own field-number map on its first
     // findNumber, so decoding N messages built N maps: a third of `tml`'s
     // start went to decoding the generated file descriptors this way, and
