@@ -2,12 +2,14 @@ import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { Code, ConnectError, createContextKey, type HandlerContext } from "@connectrpc/connect";
 import type { Sql } from "postgres";
 import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import { EventService } from "../gen/treadmill/coordinator/v1/event_service_pb.js";
 import { HealthService } from "../gen/treadmill/coordinator/v1/health_service_pb.js";
 import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LeaseService } from "../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { RegistryService } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
+import { SubscriptionService } from "../gen/treadmill/coordinator/v1/subscription_service_pb.js";
 import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { UserService } from "../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { procedureEntries, serviceEntries } from "../lib/server/authorize.js";
@@ -101,6 +103,8 @@ const CALLERS = new Map<string, Callers>([
   ...serviceEntries(JobService, USERS),
   ...serviceEntries(HealthService, USERS),
   ...serviceEntries(LeaseService, USERS),
+  ...serviceEntries(EventService, USERS),
+  ...serviceEntries(SubscriptionService, USERS),
   ...serviceEntries<Callers>(SupervisorService, ["host"]),
   ...procedureEntries<typeof RegistryService, Callers>(RegistryService, {
     register: ["service"],

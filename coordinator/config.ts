@@ -1,15 +1,21 @@
 import { ConfigError, loadConfig } from "../lib/config.js";
 import { serverConfigFields } from "../lib/component.js";
 import { databaseUrlProblem } from "./db/url.js";
+import { artifactConfigFields } from "./jobs/artifact-config.js";
+import { feedConfigFields } from "./feed/config.js";
 import { jobConfigFields } from "./jobs/config.js";
 import { leaseConfigFields } from "./leases/config.js";
 import { parseOverrides } from "./leases/policy.js";
+import { subscriptionConfigFields } from "./subscriptions/config.js";
 
 /** Everything the coordinator can be told, with its defaults. */
 export const coordinatorSchema = {
   ...serverConfigFields(7700),
   ...jobConfigFields,
   ...leaseConfigFields,
+  ...artifactConfigFields,
+  ...feedConfigFields,
+  ...subscriptionConfigFields,
   dataDir: {
     type: "path",
     default: ".treadmill/coordinator",

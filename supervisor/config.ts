@@ -83,6 +83,30 @@ export const supervisorSchema = {
     description: "on SIGTERM, let running jobs finish instead of stopping them",
   },
   stopGraceMs: { type: "duration", default: 10000, description: "time between a polite stop and the kill" },
+  resultsMaxCases: {
+    type: "int",
+    default: 250_000,
+    min: 1,
+    description: "test cases of one job attempt this host reports at most (docs/results.md); more are left out, with a problem on the job's timeline",
+  },
+  resultsMaxBytes: {
+    type: "int",
+    default: 64 * 1024 ** 2,
+    min: 1,
+    description: "bytes of JUnit files read from one job attempt's results directory; a file over what is left is not read (a problem on the job's timeline)",
+  },
+  resultsCollectMs: {
+    type: "duration",
+    default: 30_000,
+    min: 1,
+    description: "longest time a job's end spends reading its results files, and again waiting for the coordinator to acknowledge its results",
+  },
+  artifactDeadlineMs: {
+    type: "duration",
+    default: 120000,
+    min: 1000,
+    description: "longest upload of a job's artifacts once it ended (its end, a cancel's too, is reported after it); what is not up by then is reported as failed",
+  },
   logSpillCapBytes: {
     type: "int",
     default: 4 * 1024 ** 3,

@@ -1,3 +1,5 @@
+import { randomUUID } from "node:crypto";
+import { join } from "node:path";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { ExitStatus, FinalizeReason, JobStage, JobState } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import type { StartJob } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
@@ -20,6 +22,9 @@ import type { ClientTls } from "../lib/grpc/trust.js";
 import { startExposer, type Exposer } from "./exposer.js";
 import { ImageError, ImageUnavailableError, type ImageProvisioner, type ProvisionedImage } from "./images.js";
 import type { JobLogs } from "./job-logs.js";
+import type { AttemptResults, JobResults } from "./job-results.js";
+import { type ArtifactsReport, fetchInputs, uploadArtifacts } from "./artifacts.js";
+import { ConsoleArtifacts } from "./console-artifacts.js";
 
 /** How a job ended here, before the coordinator's verdict. */
 export interface Termination {
@@ -70,6 +75,8 @@ export interface JobRunnerDeps {
   logger: Logger;
   /** The host's job logs: the runner's shipper comes from there and outlives it. */
   logs: JobLogs;
+  /** The host's results reports (docs/results.md): the runner's part parses the console and collects the results files. */
+  results: JobResults;
   /** Sends a report to the coordinator (queued across reconnects by the core). */
   report: (report: RunnerReport) => void;
   /** This host's id as the coordinator knows it (for the proxy's routing). */
@@ -77,6 +84,12 @@ export interface JobRunnerDeps {
   /** The CAs https proxies are verified with (--ca-file). */
   tls?: ClientTls;
   clock?: () => number;
+  /** Sends the attempt's JobArtifactsReport (retained by the core until acknowledged). */
+  reportArtifacts?: (report: ArtifactsReport) => void;
+  /** Longest time the artifacts' upload may take once the job ended. */
+  artifactDeadlineMs?: number;
+  /** Where console artifacts of drivers without a files directory are spooled (console-artifacts.ts). */
+  spoolDir?: string;
 }
 
 /**
@@ -117,12 +130,15 @@ export class JobRunner {
   private running: RunningJob | undefined;
   private readonly log: Logger;
   private readonly shipper: LogShipper;
+  private readonly results: AttemptResults;
   /** The image the job runs, and snapshots the cleanup must wait for (supervisor/snapshot.ts). */
   private image: JobImage | undefined;
   private snapshotting: Promise<unknown> = Promise.resolve();
   /** Set while the job is held (StartJob.hold_on_failure): `stop` ends the hold. */
   private endHold: (() => void) | undefined;
   private wasHeld = false;
+  /** Console artifacts, for a driver without a files directory (board, qemu). */
+  private readonly consoleArtifacts: ConsoleArtifacts | undefined;
   readonly done: Promise<void>;
 
   constructor(
@@ -140,6 +156,11 @@ export class JobRunner {
       sharedAttempt: start.peers.length > 1,
       supervisorChannel: this.channelName("supervisor"),
     });
+    this.results = deps.results.open(start.jobId, start.attempt, { console: start.spec?.results?.ignoreConsole !== true });
+    const target = start.artifacts;
+    if (target && target.uploadUrl !== "" && !deps.driver.jobFiles && deps.spoolDir && !start.spec?.artifacts?.disabled) {
+      this.consoleArtifacts = new ConsoleArtifacts(join(deps.spoolDir, `${start.jobId}.${start.attempt}`), target);
+    }
     // Started after construction, so that reports name a runner the core holds.
     this.done = Promise.resolve().then(() => this.run());
   }
@@ -266,8 +287,15 @@ export class JobRunner {
         this.say(message);
       };
       prepared = await this.deps.driver.prepare(driverSpec, { signal: this.abort.signal, onStage });
+      await this.fetchInputs(prepared);
       const output = {
-        write: (channel: OutputChannel, bytes: Buffer) => this.shipper.channel(this.channelName(channel)).write(bytes),
+        write: (channel: OutputChannel, bytes: Buffer) => {
+          const name = this.channelName(channel);
+          this.shipper.channel(name).write(bytes);
+          // TAP/KTAP on the console is read as it comes (docs/results.md).
+          if (channel === "console" || channel === "stdout") this.results.output(name, bytes);
+          if (channel === "console") this.consoleArtifacts?.write(bytes);
+        },
       };
       this.running = await this.deps.driver.start(prepared, output, { signal: this.abort.signal, onStage });
       if (this.stopReason !== undefined) {
@@ -313,6 +341,10 @@ export class JobRunner {
     await exposer?.stop();
     await this.snapshotting;
     const target = this.running ?? prepared;
+    // Results are collected before cleanup removes the job's files, also for a failed or stopped job.
+    const resultsDir = target ? this.deps.driver.resultsDir?.(target) : undefined;
+    await this.results.collect(resultsDir);
+    await this.collectArtifacts(target).catch((err: unknown) => this.log.error({ err }, "collecting the job's artifacts failed"));
     if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
     await provisioned?.release();
 
@@ -341,8 +373,58 @@ export class JobRunner {
     if (log && log.status !== "complete") {
       this.log.warn({ status: log.status, bytesLost: log.bytesLost, problem: log.problem }, "job ended before its log was shipped");
     }
+    // The job's end is reported once its results are recorded (or the wait for them is over).
+    await this.results.settled();
     this.termination = termination;
     this.deps.report({ state: JobState.TERMINATING, stage: JobStage.UNSPECIFIED, message: termination.message, termination });
+  }
+
+  /** The job's inputs into the driver's inputs directory, before the workload starts (artifacts.ts). */
+  private async fetchInputs(prepared: Prepared): Promise<void> {
+    const inputs = this.start.spec?.inputs ?? [];
+    if (inputs.length === 0) return;
+    const files = this.deps.driver.jobFiles?.(prepared);
+    // The job's own doing (its spec), not the host's: no restart on another host would help.
+    if (!files) throw new DriverError("image", `the ${this.deps.driver.kind} driver cannot give a job input files (inputs are for process jobs)`);
+    this.say(`fetching ${inputs.length} input file${inputs.length === 1 ? "" : "s"}`);
+    await fetchInputs(inputs, this.start.inputs, join(files.root, files.inputs), {
+      say: (text) => this.say(text),
+      signal: this.abort.signal,
+      tls: this.deps.tls,
+    });
+  }
+
+  /**
+   * Uploads what the job left in its artifacts directory (artifacts.ts) and
+   * sends the report, before the attempt's end is reported; bounded by the
+   * collection deadline. Also after a failure or a cancel: whatever the job
+   * wrote goes up. Never throws: the attempt's end is reported whatever
+   * became of its artifacts.
+   */
+  private async collectArtifacts(target: Prepared | RunningJob | undefined): Promise<void> {
+    const artifacts = this.start.artifacts;
+    const fromConsole = this.consoleArtifacts;
+    const files = fromConsole
+      ? { root: fromConsole.filesDir, artifacts: "" }
+      : target && this.deps.driver.jobFiles?.(target);
+    if (!artifacts || artifacts.uploadUrl === "" || !files || !this.deps.reportArtifacts || this.start.spec?.artifacts?.disabled) return;
+    const deadline = AbortSignal.timeout(this.deps.artifactDeadlineMs ?? 120_000);
+    const report = await uploadArtifacts({
+      root: files.root,
+      rel: files.artifacts,
+      skipped: await fromConsole?.finish(),
+      target: artifacts,
+      jobId: this.jobId,
+      attempt: this.attempt,
+      hostIndex: this.start.hostIndex,
+      prefix: this.start.peers.length > 1 && this.start.hostIndex > 0 ? `host-${this.start.hostIndex}/` : "",
+      reportId: randomUUID(),
+      say: (text) => this.say(text),
+      signal: deadline,
+      tls: this.deps.tls,
+    });
+    await fromConsole?.cleanup();
+    if (report) this.deps.reportArtifacts(report);
   }
 
   /**

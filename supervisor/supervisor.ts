@@ -30,8 +30,10 @@ import { createProcessDriver } from "./drivers/process-driver.js";
 import { createQemuDriver } from "./drivers/qemu-driver.js";
 import { ImageProvisioner } from "./images.js";
 import { JobLogs } from "./job-logs.js";
+import { JobResults } from "./job-results.js";
 import { JobRunner, type RunnerReport, type Termination } from "./job-runner.js";
 import { Snapshotter } from "./snapshot.js";
+import type { ArtifactsReport } from "./artifacts.js";
 import { HostControls } from "./host-control.js";
 
 const SUPERVISOR_VERSION = "0.1.0";
@@ -130,6 +132,8 @@ export function createSupervisor({
     transport ?? replicaTransport(replicas, (url) => coordinatorTransport(url, config.hostCredential, tls)),
   );
   const key = (jobId: string, attempt: number) => `${jobId}/${attempt}`;
+  /** Artifact reports sent and not yet acknowledged, by report id: sent again after every attach. */
+  const artifactReports = new Map<string, ArtifactsReport>();
   type Payload = MessageInitShape<typeof AttachRequestSchema>["payload"];
   const send = (payload: Payload) => outbox?.push(create(AttachRequestSchema, { payload }));
   // Job logs outlive their runners (a log server was down) and this process (resumed at start).
@@ -140,6 +144,14 @@ export function createSupervisor({
     send,
     changed: () => changed.notify(),
     tls,
+  });
+
+  // Results reports, retained until acknowledged like the log reports.
+  const results = new JobResults({
+    logger,
+    send,
+    changed: () => changed.notify(),
+    limits: { maxCases: config.resultsMaxCases, maxBytes: config.resultsMaxBytes, collectMs: config.resultsCollectMs },
   });
 
   function termination(t: Termination) {
@@ -235,9 +247,16 @@ export function createSupervisor({
         images,
         logger,
         logs,
+        results,
         report: (report) => reportOf(runner, report),
         hostId: () => hostId,
         tls,
+        reportArtifacts: (report) => {
+          artifactReports.set(report.reportId!, report);
+          send({ case: "jobArtifactsReport", value: report });
+        },
+        artifactDeadlineMs: config.artifactDeadlineMs,
+        spoolDir: join(config.workDir, "console-artifacts"),
       });
     } catch (err) {
       logger.error({ err, jobId: cmd.jobId, attempt: cmd.attempt }, "cannot start job");
@@ -295,6 +314,8 @@ export function createSupervisor({
           hostId = payload.value.host?.id ?? hostId;
           logger.info({ hostId, coordinatorUrl: displayUrl(replicas.current) }, "attached to coordinator");
           logs.attached();
+          results.attached();
+          for (const report of artifactReports.values()) send({ case: "jobArtifactsReport", value: report });
           changed.notify();
           break;
         }
@@ -306,6 +327,8 @@ export function createSupervisor({
           break;
         case "ackReport":
           logs.acknowledged(payload.value.reportId);
+          results.acknowledged(payload.value.reportId);
+          artifactReports.delete(payload.value.reportId);
           if (payload.value.terminal) {
             const k = key(payload.value.jobId, payload.value.attempt);
             if (runners.get(k)?.terminated()) {
@@ -419,7 +442,7 @@ export function createSupervisor({
     // Give the coordinator a moment to acknowledge the last reports; what it
     // does not acknowledge now, it learns from the next supervisor's hello.
     const deadline = Date.now() + FINAL_ACK_WAIT_MS;
-    while ((runners.size > 0 || logs.unacknowledged() > 0) && state === "attached" && Date.now() < deadline) {
+    while ((runners.size > 0 || logs.unacknowledged() > 0 || results.unacknowledged() > 0) && state === "attached" && Date.now() < deadline) {
       await changed.wait({ timeoutMs: deadline - Date.now() });
     }
     abort.abort(new ConnectError("supervisor stopping", Code.Canceled));

@@ -3,13 +3,16 @@ import { defineCommand, type Command } from "../command.js";
 import { bashCompletion, zshCompletion } from "../completion.js";
 import { ExitCode, UsageError } from "../errors.js";
 import { authCommands } from "./auth.js";
+import { eventsCommands } from "./events.js";
 import { healthCommands } from "./health.js";
 import { hostCommands } from "./host.js";
 import { imageCommands } from "./image.js";
 import { jobCommands } from "./job.js";
+import { jobFileCommands } from "./job-file.js";
 import { leaseCommands } from "./lease.js";
 import { serviceCommands } from "./service.js";
 import { sessionCommands } from "./session.js";
+import { subscriptionCommands } from "./subscription.js";
 import { userCommands } from "./user.js";
 
 const completionCommands: Command[] = [
@@ -32,8 +35,11 @@ const completionCommands: Command[] = [
 export const allCommands: Command[] = [
   ...authCommands.filter((c) => c.path[0] !== "token" && c.path[0] !== "context"),
   ...jobCommands,
+  ...jobFileCommands,
   ...sessionCommands,
   ...leaseCommands,
+  ...eventsCommands,
+  ...subscriptionCommands,
   ...imageCommands,
   ...hostCommands,
   ...healthCommands,
@@ -47,6 +53,7 @@ export const allCommands: Command[] = [
 export const groupSummaries: Record<string, string> = {
   job: "Run jobs, follow their logs, list, cancel and inspect them",
   lease: "List, inspect, extend, renew and release leases of hosts (`tml reserve` takes one)",
+  subscription: "Subscribe webhooks and email to the event feed; read the delivery log",
   image: "Push, pull, list and manage images",
   host: "List and manage hosts (changes: admins)",
   service: "List the registered stores, caches, log servers and proxies (admins)",

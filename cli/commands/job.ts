@@ -1,4 +1,4 @@
-/** `tml job run|list|get|cancel|wait|events|logs|snapshot|power-cycle|reset|power-off|power-on`. */
+/** `tml job run|list|get|cancel|wait|events|logs|snapshot|power-cycle|reset|power-off|power-on|results`. */
 import { randomUUID } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
@@ -21,6 +21,7 @@ import {
   JobStateSchema,
   LogStatus,
   ReasonClass,
+  RetryConditionSchema,
   SnapshotSchema,
   SnapshotState,
 } from "../../gen/treadmill/coordinator/v1/job_pb.js";
@@ -38,7 +39,10 @@ import { logStatusText } from "../../lib/log-status.js";
 import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel, type LogLine } from "../logs.js";
 import { askKey } from "../prompt.js";
 import { splitReference } from "./image.js";
+import { jobArtifactCommands } from "./job-artifacts.js";
 import { followLease } from "./lease.js";
+import { countsText, resultsColumn, resultsCommands } from "./job-results.js";
+import { fileRunFlags, printJobFile, runJobFile, submit } from "./job-file.js";
 
 type Jobs = Client<typeof JobService>;
 
@@ -75,7 +79,7 @@ function endLine(job: Job): string {
   return text;
 }
 
-function stateText(job: Job): string {
+export function stateText(job: Job): string {
   if (job.state === JobState.INITIALIZING && job.stage !== 0) return `initializing (${word(JobStageSchema, job.stage)})`;
   if (job.state === JobState.RUNNING && job.stage === JobStage.HELD) return "held (its workload failed; its hosts are kept as they are)";
   if (job.state === JobState.FINALIZED) return outcome(job);
@@ -151,6 +155,8 @@ function channelsOf(given: readonly string[], verbose: boolean): string[] {
 const JOB_ARG = [{ name: "JOB", required: true, description: "the job's id" }] as const satisfies readonly ArgSpec[];
 
 const runFlags = {
+  file: { type: "string", short: "f", placeholder: "FILE", description: "submit the job file FILE (- for stdin) instead of IMAGE and flags (docs/job-files.md)" },
+  set: { type: "list", placeholder: "KEY=VALUE", description: "with --file: a value of the file's ${KEY}" },
   tag: { type: "list", placeholder: "KEY=VALUE", description: "a host must carry this tag" },
   hosts: { type: "string", placeholder: "N", description: "how many hosts, co-allocated (default 1)" },
   site: { type: "string", placeholder: "SITE", description: "only hosts of this site" },
@@ -171,6 +177,7 @@ const runFlags = {
   "queue-timeout": { type: "string", placeholder: "DURATION", description: "longest wait for hosts (default: the server's)" },
   restarts: { type: "string", placeholder: "N", description: "re-queue up to N times after an infrastructure failure" },
   lease: { type: "string", placeholder: "LEASE", description: "run inside this lease of yours, on its hosts (see `tml reserve`)" },
+  input: { type: "list", placeholder: "NAME=artifact:JOB/NAME", description: "put an artifact of an earlier job in $TREADMILL_INPUTS_DIR/NAME" },
   "queue-anyway": { type: "bool", description: "queue the job even when every host that matches it is quarantined, offline, disabled or retired" },
   detach: { type: "bool", short: "d", description: "submit and print the job id; do not follow" },
   quiet: { type: "bool", short: "q", description: "print only the job's output, no state changes" },
@@ -219,6 +226,7 @@ async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
     tags: keyValues("label", flags.label),
     description: flags.description ?? "",
     leaseId: flags.lease ?? "",
+    inputs: Object.entries(keyValues("input", flags.input)).map(([name, source]) => ({ name, source })),
   };
 }
 
@@ -237,7 +245,7 @@ async function keepLeaseAlive(ctx: CliContext, leaseId: string, signal: AbortSig
  * log of `channels`, Ctrl-C asking to cancel or detach. Resolves with the
  * exit code.
  */
-async function followJob(
+export async function followJob(
   ctx: CliContext,
   jobs: Jobs,
   jobId: string,
@@ -374,24 +382,22 @@ export const jobCommands: Command[] = [
       "Submits the job, prints its state changes (on stderr) and its console, stdout and stderr (the\n" +
       "supervisor's channel too with --verbose) until it ends, then exits 0 if it succeeded, 1 if not.\n" +
       "Ctrl-C asks whether to cancel the job or detach (without a terminal: cancels; twice: detaches).",
-    args: [{ name: "IMAGE", required: true, description: "name:tag from `tml image list`, or a manifest digest" }],
+    args: [{ name: "IMAGE", required: false, description: "name:tag from `tml image list`, or a manifest digest (not with --file)" }],
     flags: runFlags,
     examples: [
       "tml job run example/hello:latest",
       "tml job run zephyr/blinky:v1 --tag board=nrf52840dk --timeout 10m",
       "tml job run ci/tests:pr-123 --param SUITE=smoke --secret-file API_KEY=./key.txt --restarts 2",
       "tml job run ci/tests:latest --detach",
+      "tml job run -f job.yaml --set commit=$(git rev-parse HEAD)",
     ],
     async run(ctx, { args, flags }) {
+      if (flags.file !== undefined) return runJobFile(ctx, fileRunFlags(args.IMAGE, { ...flags, file: flags.file }));
+      if (args.IMAGE === undefined) throw new UsageError("`tml job run` needs an IMAGE or --file FILE");
       const spec = await buildSpec(splitReference(args.IMAGE, "IMAGE").text, flags);
       const jobs = await ctx.client(JobService);
-      const { job } = await jobs.submitJob({ spec, requestId: randomUUID(), queueAnyway: flags["queue-anyway"] === true }, { timeoutMs: 30_000 }).catch((err: unknown) => {
-        const e = ConnectError.from(err);
-        // No host that matches can run it now: say which and why, and how to queue it anyway.
-        if (e.code === Code.FailedPrecondition) throw new CliError(`${e.rawMessage.replace(/; submit with queue_anyway.*$/, "")}; run again with --queue-anyway to queue it`, ExitCode.CONFLICT);
-        throw err;
-      });
-      if (!job) throw new CliError("the server returned no job", ExitCode.ERROR);
+      // No host that matches can run it now: submit says which and why, and how to queue it anyway.
+      const job = await submit(jobs, { spec, requestId: randomUUID(), queueAnyway: flags["queue-anyway"] === true });
       if (flags.detach === true) {
         ctx.out.data(jsonOf(JobSchema, job), () => ctx.out.line(job.id));
         return ExitCode.OK;
@@ -458,6 +464,7 @@ export const jobCommands: Command[] = [
               { header: "IMAGE", value: (j) => j.spec?.image ?? "-" },
               { header: "HOSTS", value: (j) => (j.hostIds.length === 0 ? "-" : String(j.hostIds.length)) },
               { header: "SUBMITTED", value: (j) => ago(j.createTime) },
+              { header: "RESULTS", value: resultsColumn },
               { header: "KIND", value: (j) => (j.healthCheckId !== "" ? "health" : "user") },
               { header: "DESCRIPTION", value: (j) => j.spec?.description || "-" },
             ],
@@ -471,11 +478,15 @@ export const jobCommands: Command[] = [
     path: ["job", "get"],
     summary: "Show one job",
     args: JOB_ARG,
-    examples: ["tml job get 0190f5c2-7c1e-7000-8000-000000000000", "tml job get $JOB -o json | jq -r .state"],
+    examples: ["tml job get 0190f5c2-7c1e-7000-8000-000000000000", "tml job get $JOB -o json | jq -r .state", "tml job get $JOB -o yaml > job.yaml"],
     async run(ctx, { args }) {
       const jobs = await ctx.client(JobService);
       const { job } = await jobs.getJob({ jobId: args.JOB }, { timeoutMs: 15_000 });
       if (!job) throw new CliError("the server returned no job");
+      if (ctx.out.format === "yaml") {
+        await printJobFile(ctx, job);
+        return ExitCode.OK;
+      }
       ctx.out.data(jsonOf(JobSchema, job), () => {
         const spec = job.spec;
         ctx.out.fields([
@@ -486,16 +497,20 @@ export const jobCommands: Command[] = [
           ["Hosts", job.hostIds.join(", ") || "-"],
           ["Host tags", spec?.hosts ? tagsText(spec.hosts.tags) : undefined],
           ["Priority", spec ? String(spec.priority) : undefined],
+          ["Retry", spec?.retry ? retryText(spec.retry) : undefined],
           ["Parameters", spec?.parameters.map((p) => (p.secret ? `${p.name}=(secret)` : `${p.name}=${p.value}`)).join(", ")],
           ["Labels", spec && Object.keys(spec.tags).length > 0 ? tagsText(spec.tags) : undefined],
           ["Description", spec?.description],
           ["Health check", job.healthCheckId || undefined],
           ["Lease", job.leaseId || undefined],
+          ["Re-run of", job.rerunOfJobId || undefined],
+          ["Re-runs", job.rerunJobIds.join(", ") || undefined],
           ["Submitted", iso(job.createTime)],
           ["Started", iso(job.startTime)],
           ["Finished", iso(job.finalizeTime)],
           ["Result", job.state === JobState.FINALIZED ? outcome(job) : undefined],
           ["Log", logStatusText(job)],
+          ["Results", job.results ? `${countsText(job.results)} (attempt ${job.results.attempt}${job.flaky ? ", flaky" : ""})` : undefined],
           ["Exit status", job.exitStatus ? word(ExitStatusSchema, job.exitStatus) : undefined],
           ["Message", job.statusMessage],
           ["Cancel requested", job.cancelRequested ? "yes" : undefined],
@@ -710,6 +725,8 @@ export const jobCommands: Command[] = [
     },
   }),
   ...hostControlCommands,
+  ...resultsCommands,
+  ...jobArtifactCommands,
 ];
 
 /**
@@ -734,6 +751,12 @@ async function noteUnsettledLog(ctx: CliContext, jobs: Jobs, jobId: string): Pro
   } else if (job?.logStatus === LogStatus.INCOMPLETE) {
     ctx.out.note(ctx.out.errStyle(`tml: the log of job ${jobId} is ${logStatusText(job)}`, "dim"));
   }
+}
+
+/** "workload-failure, host-start-failure: up to 2 each, on another host" (JobSpec.retry). */
+function retryText(retry: NonNullable<NonNullable<Job["spec"]>["retry"]>): string {
+  const on = retry.on.map((c) => word(RetryConditionSchema, c)).join(", ");
+  return `${on}: up to ${retry.max}${retry.on.length > 1 ? " each" : ""}${retry.otherHost ? ", on another host" : ""}`;
 }
 
 /** The names of hosts by id (the id itself when the host cannot be read). */

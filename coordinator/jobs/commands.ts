@@ -11,6 +11,7 @@ import { type StartJob, StartJobSchema } from "../../gen/treadmill/coordinator/v
 import type { Capability } from "../../lib/tokens.js";
 import type { CoordinatorContext } from "../context.js";
 import { uuidv7 } from "../shared/common.js";
+import { artifactTarget, inputSources } from "./artifacts.js";
 import { type Db, type StartRow, startRows } from "../db/queries/jobs.js";
 
 /** Tokens outlive the attempt's deadline by this much (a stop takes time). */
@@ -72,8 +73,15 @@ export function startJobMessages(
   return Promise.all(
     rows.map(async (r) => {
       const spec = fromJson(JobSpecSchema, r.spec, { ignoreUnknownFields: true });
+      // Artifacts and inputs: their tokens last as the start tokens do.
+      const fileTtl = Math.max(60_000, (r.deadline_at?.getTime() ?? now + 3600_000) - now + TOKEN_MARGIN_MS);
+      const files = Promise.all([
+        spec.artifacts?.disabled ? undefined : artifactTarget(ctx, r.owner_id, fileTtl),
+        spec.inputs.length === 0 ? [] : inputSources(ctx, spec.inputs, r.owner_id, fileTtl),
+      ]);
       for (const p of spec.parameters) if (p.secret) p.value = r.secrets[p.name] ?? "";
-      const { logToken, imageToken, exposeToken } = await (minted?.get(r.id) ??
+      const [{ logToken, imageToken, exposeToken }, [artifacts, inputs]] = await Promise.all([
+        minted?.get(r.id) ??
         mintStartTokens(ctx, {
           hostId,
           jobId: r.id,
@@ -82,7 +90,9 @@ export function startJobMessages(
           holder: r.image_holder,
           withProxy: r.proxy_url !== "",
           deadlineMs: r.deadline_at?.getTime() ?? now + 3600_000,
-        }));
+        }),
+        files,
+      ]);
       return create(StartJobSchema, {
         requestId: uuidv7(now),
         jobId: r.id,
@@ -101,6 +111,8 @@ export function startJobMessages(
         peers: (r.peers ?? []).map((p) => ({ index: p.index, hostId: p.id, hostName: p.name })),
         // The coordinator takes the HELD report: transitions.ts gives it its lease.
         holdOnFailure: spec.holdOnFailure !== undefined,
+        artifacts,
+        inputs,
       });
     }),
   );

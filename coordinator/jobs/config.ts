@@ -121,11 +121,28 @@ export const jobConfigFields = {
     min: 10,
     description: "longest delay between a quarantined host's retries of its health checks",
   },
+  rerunSecretsMs: {
+    type: "duration",
+    default: 7 * DAY,
+    min: 0,
+    description: "how long a finished job keeps its secret parameters' values for its owner's re-runs (0: deleted at its end)",
+  },
   loopStallMs: {
     type: "duration",
     default: 60_000,
     min: 100,
     description: "a scheduling pass, group commit or sweep running this long is logged as stalled (metric treadmill_coordinator_loop_stalled)",
+  },
+  resultsCasesPerAttempt: {
+    type: "int",
+    default: 250_000,
+    min: 1,
+    description: "test cases stored per job attempt (docs/results.md); more are dropped, with a RESULTS event on the job's timeline",
+  },
+  resultsSeriesIgnoredLabels: {
+    type: "list",
+    default: ["commit", "sha", "revision", "build"],
+    description: "labels that change within a series of jobs (commit-like): CompareJobResults compares a job with the last finalized job having the same other labels",
   },
 } as const;
 
@@ -151,7 +168,10 @@ export interface JobConfig extends HoldPolicy {
   logTokenTtlMs: number;
   sessionTokenTtlMs: number;
   loopStallMs: number;
+  rerunSecretsMs: number;
   healthSweepIntervalMs: number;
   healthRetryInitialMs: number;
   healthRetryMaxMs: number;
+  resultsCasesPerAttempt: number;
+  resultsSeriesIgnoredLabels: readonly string[];
 }

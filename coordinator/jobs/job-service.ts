@@ -9,14 +9,19 @@ import { Code, ConnectError, type HandlerContext, type ServiceImpl } from "@conn
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
 import {
   type CancelJobRequest,
+  type CompareJobResultsRequest,
+  type ListJobResultsRequest,
   type ControlHostRequest,
+  type GetJobArtifactAccessRequest,
   type GetJobLogAccessRequest,
+  type ListJobArtifactsRequest,
   type GetJobRequest,
   type JobFilter,
   JobChangeKind,
   type JobService,
   type ListJobsRequest,
   type OpenJobSessionRequest,
+  type RerunJobRequest,
   type SnapshotJobRequest,
   type SubmitJobRequest,
   type WatchJobRequest,
@@ -26,7 +31,7 @@ import {
   type WatchJobsResponse,
   WatchJobsResponseSchema,
 } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
-import { JobSpecSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { type Job, JobSpecSchema, JobState, ParameterSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { actorOf } from "../audit.js";
 import { audit } from "../db/queries/audit.js";
 import { type UserCaller, requireUser } from "../auth.js";
@@ -49,8 +54,10 @@ import type { JobConfig } from "./config.js";
 import { AsyncQueue } from "../../lib/async/queue.js";
 import {
   type Db,
+  type ImageForJob,
   type JobRow,
   imageForJob,
+  jobSecrets,
   insertJob,
   jobOfRequest,
   leaseForJob,
@@ -63,11 +70,19 @@ import {
   writeJobStates,
 } from "../db/queries/jobs.js";
 import { endAttempt, jobMessage, loadTimeline, stateName } from "./store.js";
-import { recordEvent } from "../db/queries/events.js";
+import { recordEvents } from "../db/queries/events.js";
 import type { HostControls } from "./host-control.js";
+import { jobArtifactAccess, listJobArtifacts, resolveInputs } from "./artifacts.js";
 import type { Snapshots } from "./snapshots.js";
-import { type ValidSpec, validateSpec } from "./validate.js";
+import { JobResults } from "./results.js";
+import { type ValidSpec, checkParameters, validateSpec } from "./validate.js";
 import { SOON, matchingHosts } from "../db/queries/health-checks.js";
+
+/** A request id (SubmitJob, RerunJob): at most 64 characters of text. */
+function checkRequestId(requestId: string): void {
+  if (requestId.length > 64) throw invalid("request_id must be at most 64 characters");
+  checkText("request_id", requestId, 64);
+}
 
 /** Hosts a FAILED_PRECONDITION of SubmitJob names at most. */
 const MAX_NAMED_HOSTS = 10;
@@ -84,6 +99,7 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     private readonly watchers: JobWatchers,
     private readonly snapshots?: Snapshots,
     private readonly controls?: HostControls,
+    private readonly results: JobResults = new JobResults(ctx, config),
   ) {}
 
   private async visibleJob(caller: UserCaller, jobId: string, sql: Db = this.ctx.sql, lock = false): Promise<JobRow> {
@@ -94,17 +110,82 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
     return job;
   }
 
+  /** The cases of a job attempt (results.ts); who may: as GetJob. */
+  async listJobResults(req: ListJobResultsRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    return this.results.list(await this.visibleJob(caller, req.jobId), req);
+  }
+
+  /** The job's results against its series' previous job (results.ts); who may: as GetJob. */
+  async compareJobResults(req: CompareJobResultsRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    return this.results.compare(await this.visibleJob(caller, req.jobId), req);
+  }
+
   async submitJob(req: SubmitJobRequest, hctx: HandlerContext) {
     const caller = requireUser(hctx);
-    if (req.requestId.length > 64) throw invalid("request_id must be at most 64 characters");
-    checkText("request_id", req.requestId, 64);
+    checkRequestId(req.requestId);
     const spec = validateSpec(req.spec, this.config);
     const sql = this.ctx.sql;
+    spec.publicSpec.inputs = await resolveInputs(sql, caller, spec.publicSpec.inputs);
 
     const image = await imageForJob(sql, caller.userId, spec.image);
     if (!image) throw notFound(`image ${clip(req.spec!.image)} not found`);
     if (!image.allowed) throw denied(`image ${clip(req.spec!.image)} is not visible to you`);
+    return { job: await this.insert(caller, spec, image, req) };
+  }
 
+  /**
+   * A new job with the spec of job `req.job_id` (its secret values from
+   * job_secrets, where they stay after its end), the parameters given
+   * instead of its own, its image by the digest it ran, linked both ways
+   * (jobs.rerun_of_job_id; a RERUN event on both timelines).
+   */
+  async rerunJob(req: RerunJobRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    checkRequestId(req.requestId);
+    checkParameters("parameters", req.parameters);
+    const old = await this.visibleJob(caller, req.jobId);
+    if (old.health_check_id !== null) throw precondition(`job ${old.id} is a health job: its check runs it (tml health run)`);
+    const spec = fromJson(JobSpecSchema, old.spec, { ignoreUnknownFields: true });
+    for (const p of req.parameters) {
+      const had = spec.parameters.find((q) => q.name === p.name);
+      if (had) Object.assign(had, { value: p.value, secret: p.secret });
+      else spec.parameters.push(create(ParameterSchema, { name: p.name, value: p.value, secret: p.secret }));
+    }
+    const given = new Set(req.parameters.map((p) => p.name));
+    // A job's secret values are its owner's: an admin re-running another
+    // user's job gives them again (with a changed script, a re-run could
+    // print them).
+    const kept = old.owner_id === caller.userId ? await jobSecrets(this.ctx.sql, old.id) : new Map<string, string>();
+    for (const p of spec.parameters) {
+      if (!p.secret || given.has(p.name)) continue;
+      const value = kept.get(p.name);
+      if (value === undefined) {
+        const why = old.owner_id === caller.userId ? "is no longer kept" : "is its owner's";
+        throw precondition(`the value of secret parameter ${p.name} of job ${old.id} ${why}: give it again in parameters`);
+      }
+      p.value = value;
+    }
+    const valid = validateSpec(spec, this.config);
+    valid.image = { digest: old.manifest_digest };
+    // Inputs are resolved again: the caller must still be able to read them.
+    valid.publicSpec.inputs = await resolveInputs(this.ctx.sql, caller, valid.publicSpec.inputs);
+    const image = await imageForJob(this.ctx.sql, caller.userId, valid.image);
+    if (!image) throw notFound(`image ${clip(spec.image)} (${old.manifest_digest}) of job ${old.id} is no longer in the catalog`);
+    if (!image.allowed) throw denied(`image ${clip(spec.image)} of job ${old.id} is not visible to you`);
+    return { job: await this.insert(caller, valid, image, req, old) };
+  }
+
+  /** Inserts a valid job (queued), or finds the one of its request id; `rerunOf`: the job it re-runs. */
+  private async insert(
+    caller: UserCaller,
+    spec: ValidSpec,
+    image: ImageForJob,
+    req: { requestId: string; queueAnyway: boolean },
+    rerunOf?: JobRow,
+  ): Promise<Job> {
+    const sql = this.ctx.sql;
     const id = uuidv7(this.ctx.clock());
     const requestId = req.requestId === "" ? null : req.requestId;
     const jobId = await sql.begin(async (tx) => {
@@ -141,24 +222,35 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
         holdOnFailureMs: spec.holdOnFailureMs,
         secrets: spec.secrets,
         leaseId: spec.leaseId,
+        rerunOf: rerunOf?.id ?? null,
+        retry: spec.retry ?? undefined,
       });
       // Another call with this request_id created it meanwhile.
       if (created !== id) return created;
-      await recordEvent(tx, {
-        jobId: id,
-        kind: "submitted",
-        state: "queued",
-        attempt: 1,
-        actor: actorOf(caller),
-        ownerId: caller.userId,
-        message: `image ${image.name}:${image.tag} (${image.digest})`,
-      });
+      const actor = actorOf(caller);
+      await recordEvents(tx, [
+        { jobId: id, kind: "submitted", state: "queued", attempt: 1, actor, ownerId: caller.userId, message: `image ${image.name}:${image.tag} (${image.digest})` },
+        ...(rerunOf
+          ? [
+              { jobId: id, kind: "rerun" as const, state: "queued" as const, attempt: 1, actor, ownerId: caller.userId, message: `re-runs job ${rerunOf.id}` },
+              {
+                jobId: rerunOf.id,
+                kind: "rerun" as const,
+                state: rerunOf.state,
+                stage: rerunOf.stage,
+                attempt: rerunOf.attempt,
+                actor,
+                ownerId: rerunOf.owner_id,
+                message: `re-run as job ${id} by ${caller.name}`,
+              },
+            ]
+          : []),
+      ]);
       await notifySchedule(tx);
       return id;
     });
     if (spec.leaseId !== null && jobId === id) await this.replaceSession(spec.leaseId, id, caller);
-    const job = (await loadJob(sql, jobId))!;
-    return { job: jobMessage(job) };
+    return jobMessage((await loadJob(sql, jobId))!);
   }
 
   /**
@@ -366,6 +458,16 @@ export class JobServiceImpl implements ServiceImpl<typeof JobService> {
       unsubscribe();
       hctx.signal.removeEventListener("abort", onAbort);
     }
+  }
+
+  async listJobArtifacts(req: ListJobArtifactsRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    return listJobArtifacts(this.ctx, await this.visibleJob(caller, req.jobId), req.attempt);
+  }
+
+  async getJobArtifactAccess(req: GetJobArtifactAccessRequest, hctx: HandlerContext) {
+    const caller = requireUser(hctx);
+    return jobArtifactAccess(this.ctx, caller, await this.visibleJob(caller, req.jobId), req.attempt);
   }
 
   async getJobLogAccess(req: GetJobLogAccessRequest, hctx: HandlerContext) {

@@ -4,11 +4,14 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import { SupervisorService } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { CoordinatorContext } from "../context.js";
 import type { JobConfig } from "./config.js";
+import { ArtifactKeeper } from "./artifact-keeper.js";
+import { registerArtifactHandlers } from "./artifacts.js";
 import { HealthKeeper } from "./health-keeper.js";
 import { HealthServiceImpl } from "./health-service.js";
 import { HostControls } from "./host-control.js";
 import { JobServiceImpl } from "./job-service.js";
 import { registerLogStatusHandlers } from "./log-status.js";
+import { JobResults } from "./results.js";
 import { JobMetrics } from "./metrics.js";
 import { Scheduler } from "./scheduler.js";
 import { Snapshots } from "./snapshots.js";
@@ -30,6 +33,7 @@ export interface JobSystemParts extends JobSystem {
   scheduler: Scheduler;
   sweeper: Sweeper;
   health: HealthKeeper;
+  artifactKeeper: ArtifactKeeper;
   streams: SupervisorStreams;
   /** Register with the server's registry to serve them on /metrics. */
   metrics: JobMetrics;
@@ -56,7 +60,11 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
   const controls = new HostControls(ctx, config, streams, watchers);
   controls.registerHandlers(handlers);
   registerLogStatusHandlers(ctx, handlers);
-  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots, controls);
+  const results = new JobResults(ctx, config);
+  results.registerHandlers(handlers);
+  registerArtifactHandlers(ctx, handlers);
+  const artifactKeeper = new ArtifactKeeper(ctx);
+  const jobService = new JobServiceImpl(ctx, config, watchers, snapshots, controls, results);
   const health = new HealthKeeper(ctx, config);
   const healthService = new HealthServiceImpl(ctx, config);
   const unsubscribe: (() => void)[] = [];
@@ -67,6 +75,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
     scheduler,
     sweeper,
     health,
+    artifactKeeper,
     streams,
     metrics,
     register(router) {
@@ -97,6 +106,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
       await controls.start();
       await sweeper.start();
       health.start();
+      artifactKeeper.start();
       scheduler.wake();
     },
     stop() {
@@ -109,6 +119,7 @@ export function createJobSystem(ctx: CoordinatorContext): JobSystemParts {
         await streams.stop();
         await sweeper.stop();
         await health.stop();
+        await artifactKeeper.stop();
         watchdog.stop();
       })();
       return stopping;

@@ -103,6 +103,8 @@ export function matches(job: QueuedJob, host: HostCandidate): boolean {
   if (job.required_driver !== null && host.driver_kind !== job.required_driver) return false;
   for (const [k, v] of Object.entries(job.required_tags)) if (host.tags[k] !== v) return false;
   for (const t of job.media_types) if (!host.media_types.includes(t)) return false;
+  // A retry with other_host (JobSpec.retry) waits for a host its earlier attempts did not run on.
+  if (job.avoid_host_ids?.includes(host.id)) return false;
   return true;
 }
 
@@ -236,6 +238,7 @@ export class PassPlacement {
       job.media_types,
       this.options.grants ? job.owner_id : "",
       this.bookingBound(job),
+      job.avoid_host_ids ?? [],
     ]);
   }
 

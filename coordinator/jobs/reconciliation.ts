@@ -208,7 +208,7 @@ export function settleEnd(job: JobHead, attempt: number, t: HostTermination): Se
   const heldExit = t.held === true && t.reason === "workload_exited";
   const reason: DbReason = heldExit ? t.reason : (job.stop_reason ?? t.reason);
   return {
-    outcome: endOutcome(job, reason),
+    outcome: endOutcome(job, { reason, exitStatus: reason === "workload_exited" ? (t.exitStatus ?? null) : null }),
     reason,
     exitStatus: reason === "workload_exited" ? (t.exitStatus ?? null) : null,
     exitCode: t.exitCode ?? null,

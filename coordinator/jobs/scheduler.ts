@@ -294,7 +294,8 @@ export class Scheduler {
             media: job.media_types,
             owner: grants ? job.owner_id : null,
             timeout: placement.bookingBound(job),
-            need,
+            // Hosts the job avoids (a retry on another host) may be among those read.
+            need: need + (job.avoid_host_ids?.length ?? 0),
           })),
           placement.knownHosts(),
         );

@@ -126,6 +126,10 @@ export function jobMessage(row: JobRow, timeline: JobEvent[] = []): Job {
     logStatusMessage: row.log_status_message,
     healthCheckId: row.health_check_id ?? "",
     leaseId: row.lease_id ?? "",
+    results: row.results ? { ...row.results, total: BigInt(row.results.total), passed: BigInt(row.results.passed), failed: BigInt(row.results.failed), skipped: BigInt(row.results.skipped), errored: BigInt(row.results.errored) } : undefined,
+    flaky: row.flaky,
+    rerunOfJobId: row.rerun_of_job_id ?? "",
+    rerunJobIds: row.rerun_job_ids ?? [],
   });
 }
 
@@ -135,16 +139,39 @@ export interface Ending {
   exitCode?: number | null;
   message: string;
   hostId?: string | null;
+  /** The host's name, for the timeline (the id stands in without it). */
+  hostName?: string;
   actor: string;
 }
 
+/** An ending as the retry and restart policies read it. */
+type EndFacts = Pick<Ending, "reason" | "exitStatus">;
+
 /**
- * The restart policy: an attempt ending for an infrastructure reason, with
- * no stop requested and restarts left, becomes a new attempt; any other end
- * finalizes the job.
+ * The retry policy's condition (RetryCondition, db name) that an end meets
+ * with budget left, or null: the workload failed (an infrastructure end
+ * never counts as one) or the host failed to start it; never after a
+ * requested stop (cancel, job timeout).
  */
-export function endOutcome(job: Pick<JobHead, "stop_reason" | "attempt" | "max_restarts">, reason: DbReason): "restarted" | "finalized" {
-  return INFRASTRUCTURE_REASONS.has(reason) && job.stop_reason === null && job.attempt - 1 < job.max_restarts ? "restarted" : "finalized";
+export function retryCondition(job: Pick<JobHead, "stop_reason" | "retry_on" | "retry_max" | "retries">, end: EndFacts): string | null {
+  if (job.stop_reason !== null || !job.retry_on || job.retry_on.length === 0) return null;
+  const condition =
+    end.reason === "workload_exited" && end.exitStatus === "failure" ? "workload_failure" : end.reason === "host_start_failure" ? "host_start_failure" : null;
+  if (condition === null || !job.retry_on.includes(condition)) return null;
+  return (job.retries?.[condition] ?? 0) < (job.retry_max ?? 0) ? condition : null;
+}
+
+/**
+ * The retry policy first (its own budget per condition), then the restart
+ * policy: an attempt ending for an infrastructure reason, with no stop
+ * requested and restarts left, becomes a new attempt; any other end
+ * finalizes the job. Restarts are counted as the attempts that were not
+ * retries.
+ */
+export function endOutcome(job: Pick<JobHead, "stop_reason" | "attempt" | "max_restarts" | "retry_on" | "retry_max" | "retries">, end: EndFacts): "restarted" | "finalized" {
+  if (retryCondition(job, end) !== null) return "restarted";
+  const retried = Object.values(job.retries ?? {}).reduce((a, b) => a + b, 0);
+  return INFRASTRUCTURE_REASONS.has(end.reason) && job.stop_reason === null && job.attempt - 1 - retried < job.max_restarts ? "restarted" : "finalized";
 }
 
 /**
@@ -160,10 +187,32 @@ export async function endAttempt(tx: Db, job: JobHead, end: Ending): Promise<"re
 
 /** endAttempt for several distinct jobs: a few statements in all, sent together. */
 export async function endAttempts(tx: Db, items: { job: JobHead; end: Ending }[]): Promise<("restarted" | "finalized")[]> {
-  const outcomes = items.map(({ job, end }) => endOutcome(job, end.reason));
+  const outcomes = items.map(({ job, end }) => endOutcome(job, end));
   const changes: JobStateChange[] = items.map(({ job, end }, i) => {
     const message = clipText(end.message, 1024);
     const event = { jobId: job.id, hostId: end.hostId, actor: end.actor, ownerId: job.owner_id };
+    const condition = outcomes[i] === "restarted" ? retryCondition(job, end) : null;
+    if (condition !== null) {
+      const attempt = job.attempt + 1;
+      const left = (job.retry_max ?? 0) - (job.retries?.[condition] ?? 0) - 1;
+      const where = end.hostName ? ` on host ${end.hostName}` : end.hostId ? ` on host ${end.hostId}` : "";
+      return {
+        kind: "restart",
+        id: job.id,
+        attempt,
+        message,
+        retry: { condition, avoidHostId: job.retry_other_host ? (end.hostId ?? null) : null },
+        event: {
+          ...event,
+          kind: "retried",
+          state: "queued",
+          attempt,
+          message:
+            `attempt ${job.attempt} ended ${end.reason}${where} (${condition.replaceAll("_", " ")}): ${message}; ` +
+            `retrying as attempt ${attempt}${job.retry_other_host ? " on another host" : ""} (${left} ${condition.replaceAll("_", " ")} ${left === 1 ? "retry" : "retries"} left)`,
+        },
+      };
+    }
     if (outcomes[i] === "restarted") {
       const attempt = job.attempt + 1;
       return {

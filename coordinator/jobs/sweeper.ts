@@ -1,6 +1,7 @@
 /**
  * The periodic sweep (DESIGN.md §5): queue timeouts, job timeouts, the grace
- * period of detached hosts, hosts left attached to a dead replica, and this
+ * period of detached hosts, hosts left attached to a dead replica, the
+ * secret values finished jobs keep for re-runs (rerunSecretsMs), and this
  * replica's own heartbeat. Every replica sweeps; each change runs in its own
  * short transaction that re-checks its condition under the job's row lock,
  * so two replicas sweeping at once change each job once.
@@ -11,11 +12,13 @@ import type { JobConfig } from "./config.js";
 import type { JobMetrics } from "./metrics.js";
 import { detachHostsOfDeadReplicas, replicaGone, replicaHeartbeat, stillDropped } from "../db/queries/hosts.js";
 import { droppedSlots } from "../db/queries/job-hosts.js";
-import { jobTimedOut, loadJob, lockJobTimedOut, lockQueueTimedOut, queueTimedOut, writeJobStates } from "../db/queries/jobs.js";
+import { deleteOldSecrets, jobTimedOut, loadJob, lockJobTimedOut, lockQueueTimedOut, queueTimedOut, writeJobStates } from "../db/queries/jobs.js";
 import { endAttempt } from "./store.js";
 import { hostEnded } from "./transitions.js";
 
 const BATCH = 200;
+/** How often the secret values of finished jobs are looked at. */
+const SECRETS_SWEEP_MS = 1000;
 
 export class Sweeper {
   private readonly log: Logger;
@@ -31,6 +34,7 @@ export class Sweeper {
    * needs one interval to beat again.
    */
   private beatingSince: number | undefined;
+  private secretsSweptAt = 0;
 
   constructor(
     private readonly ctx: CoordinatorContext,
@@ -79,6 +83,16 @@ export class Sweeper {
     await this.queueTimeouts();
     await this.jobTimeouts();
     await this.droppedHosts();
+    await this.oldSecrets();
+  }
+
+  /** A finished job's secret values once its re-runs may no longer have them: at most one pass a second. */
+  private async oldSecrets(): Promise<void> {
+    const now = Date.now();
+    if (now - this.secretsSweptAt < SECRETS_SWEEP_MS) return;
+    this.secretsSweptAt = now;
+    const n = await deleteOldSecrets(this.ctx.sql, this.config.rerunSecretsMs, BATCH);
+    if (n > 0) this.log.info({ jobs: n }, "secret values of finished jobs deleted");
   }
 
   private async beat(): Promise<void> {

@@ -103,13 +103,14 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
   const results: HostEndResult[] = ends.map((e) => ({ job: jobs.get(e.at.jobId), outcome: "none" }));
   const ending: { i: number; job: JobHead; end: Ending }[] = [];
   const facts: EndFact[] = [];
+  const hostNames = new Map(accounts.map((a) => [a.id, a.name]));
   ends.forEach((e, i) => {
     const job = results[i].job;
     if (!took.has(i) || !job) return;
     const settled = settleEnd(job, e.at.attempt, e.termination);
     if (settled.outcome === "none") return;
     const { reason, exitStatus, exitCode, message } = settled;
-    ending.push({ i, job, end: { reason, exitStatus, exitCode, message, hostId: e.at.hostId, actor: e.actor } });
+    ending.push({ i, job, end: { reason, exitStatus, exitCode, message, hostId: e.at.hostId, hostName: hostNames.get(e.at.hostId), actor: e.actor } });
     facts.push({
       hostId: e.at.hostId,
       jobId: job.id,
@@ -133,7 +134,7 @@ export async function hostsEnded(tx: Db, ends: HostEnd[]): Promise<HostEndResult
   // once; a new attempt runs outside it.
   const leased = ending.filter((e) => e.job.lease_id !== null);
   if (leased.length > 0) {
-    const restarted = leased.filter((e) => endOutcome(e.job, e.end.reason) === "restarted").map((e) => e.job.id);
+    const restarted = leased.filter((e) => endOutcome(e.job, e.end) === "restarted").map((e) => e.job.id);
     await endHoldLeases(
       tx,
       leased.map((e) => e.job.id),

@@ -6,7 +6,7 @@
 import { clone, create } from "@bufbuild/protobuf";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { DriverKind } from "../../gen/treadmill/coordinator/v1/host_pb.js";
-import { HostRequirementsSchema, type JobSpec, JobSpecSchema, type Parameter } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { HostRequirementsSchema, type JobSpec, JobSpecSchema, type Parameter, RetryCondition, type RetryPolicy } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { checkId, checkTags, checkText, clip, invalid } from "../shared/common.js";
 import type { JobConfig } from "./config.js";
 
@@ -41,6 +41,23 @@ export interface ValidSpec {
   holdOnFailureMs: number | null;
   /** The lease to run inside (spec.lease_id), or null. */
   leaseId: string | null;
+  /** The retry policy (spec.retry): conditions as stored (`workload_failure`), retries per condition, other_host; null: none. */
+  retry: { on: string[]; max: number; otherHost: boolean } | null;
+}
+
+/** spec.retry, checked: null when unset. */
+function checkRetry(retry: RetryPolicy | undefined, holdOnFailure: boolean): ValidSpec["retry"] {
+  if (retry === undefined) return null;
+  if (retry.on.length === 0) throw invalid("spec.retry.on must name at least one condition");
+  const on = retry.on.map((c, i) => {
+    if (c === RetryCondition.UNSPECIFIED || RetryCondition[c] === undefined) throw invalid(`spec.retry.on[${i}] is not a retry condition`);
+    return RetryCondition[c].toLowerCase();
+  });
+  if (new Set(on).size !== on.length) throw invalid("spec.retry.on names a condition twice");
+  if (!Number.isInteger(retry.max) || retry.max < 1 || retry.max > 10) throw invalid("spec.retry.max must be between 1 and 10");
+  // A held job's end is its hold's release: a retry would start over the post-mortem.
+  if (holdOnFailure && on.includes("workload_failure")) throw invalid("spec.retry on workload failure and spec.hold_on_failure exclude each other");
+  return { on, max: retry.max, otherHost: retry.otherHost };
 }
 
 /** Parses `name:tag` (tag defaults to `latest`) or a manifest digest. */
@@ -132,6 +149,7 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
   checkTags("spec.tags", spec.tags, { allowSite: true });
   checkText("spec.description", spec.description, 256);
   const leaseId = spec.leaseId === "" ? null : checkId("spec.lease_id", spec.leaseId);
+  const retry = checkRetry(spec.retry, holdOnFailureMs !== null);
 
   const publicSpec = clone(JobSpecSchema, spec);
   const publicHosts = hosts ? clone(HostRequirementsSchema, hosts) : create(HostRequirementsSchema);
@@ -153,5 +171,6 @@ export function validateSpec(spec: JobSpec | undefined, config: JobConfig): Vali
     maxRestarts,
     holdOnFailureMs,
     leaseId,
+    retry,
   };
 }

@@ -236,6 +236,20 @@ export interface SnapshotLayer {
   annotations?: Record<string, string>;
 }
 
+/**
+ * Where a job's files are on the host (docs/artifacts.md): below `root`,
+ * `artifacts` is the directory the workload knows as
+ * $TREADMILL_ARTIFACTS_DIR (read by the core once the workload has exited,
+ * before cleanup) and `inputs` the one it knows as $TREADMILL_INPUTS_DIR
+ * (filled by the core before start). Relative, `/`-separated: the core
+ * checks that no component is a symbolic link.
+ */
+export interface JobFiles {
+  root: string;
+  artifacts: string;
+  inputs: string;
+}
+
 export interface Driver {
   readonly kind: DriverKind;
   /** Jobs this driver can hold at once (process: slots; board: 1). */
@@ -257,6 +271,16 @@ export interface Driver {
    * FAILED_PRECONDITION).
    */
   control?(job: RunningJob, action: HostAction): Promise<string>;
+  /**
+   * The host path of the job's results directory ($TREADMILL_RESULTS_DIR
+   * inside the job, docs/results.md), read by the core after the workload
+   * ended and before `cleanup`. Absent, or undefined: the driver shares no
+   * directory with the job (board, qemu), whose results come from its
+   * console only.
+   */
+  resultsDir?(job: Prepared | RunningJob): string | undefined;
+  /** Where the prepared job's artifacts and inputs are; absent or undefined: this driver has none. */
+  jobFiles?(job: Prepared | RunningJob): JobFiles | undefined;
   /** Writes the job's writable state as a new layer to `outFile`. Rejects with `DriverError` when unsupported. */
   snapshot(job: RunningJob, options: { outFile: string }): Promise<SnapshotLayer>;
   /** Stops anything left, removes the job's work files and frees its slot. Idempotent. */

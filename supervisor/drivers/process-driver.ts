@@ -17,6 +17,7 @@
  *       <job>.<attempt> 0700 slot   one job's directory, removed by cleanup
  *         rootfs/              the job's root, owned by the slot's uid
  *           run/treadmill/secrets/  0700, one 0600 file per secret parameter
+ *           run/treadmill/results/  the job's $TREADMILL_RESULTS_DIR (JUnit files, read at its end)
  *
  *   socketDir/          0700 root   (machine.ts) per job: its console, a relay per exposed port
  *
@@ -52,6 +53,7 @@ import {
   type Exposure,
   type ExposedPortSpec,
   type JobExit,
+  type JobFiles,
   type JobOutput,
   type JobSpecForDriver,
   type Prepared,
@@ -109,6 +111,11 @@ export interface ProcessDriverOptions {
 
 /** Where secret parameters appear inside the job (one 0600 file per parameter). */
 export const SECRETS_DIR = "/run/treadmill/secrets";
+/** Where the job writes JUnit files (docs/results.md), owned by the job's uid. */
+export const RESULTS_DIR = "/run/treadmill/results";
+/** $TREADMILL_ARTIFACTS_DIR and $TREADMILL_INPUTS_DIR inside the job (docs/artifacts.md). */
+export const ARTIFACTS_DIR = "/run/treadmill/artifacts";
+export const INPUTS_DIR = "/run/treadmill/inputs";
 const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /** Why a supervisor that is not root exposes no port of an isolated job. */
 const NO_RELAYS = "ports of isolated jobs cannot be exposed on this host: its supervisor is not root, and only root can reach into a job's network namespace";
@@ -329,6 +336,7 @@ export class ProcessDriver implements Driver {
       if (spare !== undefined) await rename(spare, rootfs);
       else await buildRoot(layers, rootfs, owner);
       const secretsDir = join(rootfs, SECRETS_DIR.slice(1));
+      const resultsDir = await mkdirsInside(rootfs, RESULTS_DIR.slice(1), owner);
       const env: Record<string, string> = {
         PATH: DEFAULT_PATH,
         HOME: "/tmp",
@@ -337,7 +345,14 @@ export class ProcessDriver implements Driver {
         TREADMILL_JOB_ID: spec.jobId,
         TREADMILL_ATTEMPT: String(spec.attempt),
         TREADMILL_SECRETS_DIR: SECRETS_DIR,
+        // Without a sandbox the job sees the host's paths.
+        TREADMILL_RESULTS_DIR: this.isolation.mode === "none" ? resultsDir : RESULTS_DIR,
+        TREADMILL_ARTIFACTS_DIR: this.isolation.mode === "none" ? join(rootfs, ARTIFACTS_DIR) : ARTIFACTS_DIR,
+        TREADMILL_INPUTS_DIR: this.isolation.mode === "none" ? join(rootfs, INPUTS_DIR) : INPUTS_DIR,
       };
+      await mkdirsInside(rootfs, ARTIFACTS_DIR.slice(1), owner);
+      // Inputs are the supervisor's to write: the job reads them.
+      await mkdirsInside(rootfs, INPUTS_DIR.slice(1), undefined);
       for (const p of spec.parameters) {
         env[parameterEnvName(p.name)] = p.value;
         if (!p.secret) continue;
@@ -376,6 +391,11 @@ export class ProcessDriver implements Driver {
     } catch (err) {
       return this.pool.abandon(slot, jobDir, err, log);
     }
+  }
+
+  resultsDir(job: Prepared | RunningJob): string {
+    const prepared = ("prepared" in job ? job.prepared : job) as ProcessPrepared;
+    return join(prepared.rootfs, RESULTS_DIR.slice(1));
   }
 
   async start(handle: Prepared, output: JobOutput): Promise<RunningJob> {
@@ -684,12 +704,17 @@ export class ProcessDriver implements Driver {
     const prepared = (handle as ProcessJob).prepared;
     if (prepared.cleaned !== undefined) throw new DriverError("internal", "job was already cleaned up");
     const started = performance.now();
-    const layer = await snapshotRootfs(prepared.layers, prepared.rootfs, options.outFile, [SECRETS_DIR.slice(1)]);
+    const layer = await snapshotRootfs(prepared.layers, prepared.rootfs, options.outFile, [SECRETS_DIR.slice(1), ARTIFACTS_DIR.slice(1), INPUTS_DIR.slice(1)]);
     this.logger.info(
       { jobId: prepared.jobId, attempt: prepared.attempt, digest: layer.digest, size: layer.size, durationMs: Math.round(performance.now() - started) },
       "job snapshot written",
     );
     return layer;
+  }
+
+  jobFiles(handle: Prepared | RunningJob): JobFiles {
+    const prepared = ("prepared" in handle ? handle.prepared : handle) as ProcessPrepared;
+    return { root: prepared.rootfs, artifacts: ARTIFACTS_DIR.slice(1), inputs: INPUTS_DIR.slice(1) };
   }
 
   cleanup(handle: Prepared | RunningJob): Promise<void> {

@@ -33,7 +33,7 @@ import { loadImageStoreConfig } from "../../stores/image/config.js";
 import { createImageStore } from "../../stores/image/image-store.js";
 import { loadLogServerConfig } from "../../stores/log/config.js";
 import { createLogServer } from "../../stores/log/log-server.js";
-import { loadSupervisorConfig } from "../../supervisor/config.js";
+import { loadSupervisorConfig, type SupervisorConfig } from "../../supervisor/config.js";
 import { createSupervisor, type Supervisor } from "../../supervisor/supervisor.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { waitUntil } from "../support/wait.js";
@@ -176,7 +176,7 @@ export interface CliWorld {
   /** Starts an image store and a log server registered with the coordinator. */
   startStores(): Promise<void>;
   /** Starts a process-driver supervisor for a new host named `name`. */
-  startSupervisor(name: string, tags?: Record<string, string>): Promise<{ hostId: string }>;
+  startSupervisor(name: string, tags?: Record<string, string>, config?: Partial<SupervisorConfig>): Promise<{ hostId: string; supervisor: Supervisor }>;
   stop(): Promise<void>;
 }
 
@@ -240,7 +240,7 @@ export async function startWorld(options: { coordinatorConfig?: Partial<Coordina
         return kinds.has("image_store") && kinds.has("log_server");
       });
     },
-    async startSupervisor(name, tags = {}) {
+    async startSupervisor(name, tags = {}, extra = {}) {
       const hosts = createClient(HostService, adminTransport);
       const { host, credential } = await hosts.createHost({
         name,
@@ -258,13 +258,14 @@ export async function startWorld(options: { coordinatorConfig?: Partial<Coordina
           driver: "process",
           workDir,
           reconnectMaxMs: 1000,
+          ...extra,
         },
         logger: silentLogger(),
       });
       await supervisor.start();
       supervisors.push(supervisor);
       await eventually(`host ${name} online`, async () => (await hosts.getHost({ host: { case: "hostId", value: host!.id } })).host?.online === true);
-      return { hostId: host!.id };
+      return { hostId: host!.id, supervisor };
     },
     async stop() {
       await Promise.all(supervisors.map((s) => s.stop()));

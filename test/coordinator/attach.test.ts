@@ -83,7 +83,7 @@ describe("SupervisorService.Attach", () => {
     await verifier.verify(start.logs!.writeToken!.token, { scope: "log:write", job: job!.id });
     await expect(verifier.verify(start.logs!.writeToken!.token, { scope: "log:write", job: image.digest })).rejects.toThrow();
 
-    // The secret is readable by no API and gone once the job is finalized.
+    // The secret is readable by no API, also once the job is finalized.
     const got = await jobs.getJob({ jobId: job!.id });
     expect(toJsonString(GetJobResponseSchema, got)).not.toContain("hunter2");
     await s.report(job!.id, 1, JobState.RUNNING);
@@ -93,7 +93,8 @@ describe("SupervisorService.Attach", () => {
     expect(done.reason).toBe("workload_exited");
     expect(done.exit_status).toBe("success");
     const secrets = await c.sql`select * from job_secrets where job_id = ${job!.id}`;
-    expect(secrets.length).toBe(0);
+    // Kept after its end, for a re-run (migration 0024); still in no answer.
+    expect(secrets.length).toBe(1);
     // Commands sent are audited right after they go out, off the stream's path.
     let audit: { kind: string }[] = [];
     await waitUntil(async () => {

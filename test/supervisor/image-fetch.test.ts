@@ -15,6 +15,7 @@ import { loadLogServerConfig } from "../../stores/log/config.js";
 import { createLogServer } from "../../stores/log/log-server.js";
 import { createBoardDriver } from "../../supervisor/drivers/board-driver.js";
 import { ImageError, ImageProvisioner, ImageUnavailableError } from "../../supervisor/images.js";
+import { JobResults } from "../../supervisor/job-results.js";
 import { JobLogs } from "../../supervisor/job-logs.js";
 import { JobRunner, type RunnerReport } from "../../supervisor/job-runner.js";
 import {
@@ -148,6 +149,8 @@ describe("a job's image fetch through outages", () => {
     });
     await logs.start();
     const jobLogs = new JobLogs({ spillDir: join(dir, "spill"), capBytes: 1 << 30, logger: silentLogger(), send: () => undefined, changed: () => undefined });
+    const limits = { maxCases: 1000, maxBytes: 1 << 20, collectMs: 1000 };
+    const results = new JobResults({ logger: silentLogger(), send: () => undefined, changed: () => undefined, limits });
     const run = async (jobId: string, image: ImageSource) => {
       const reports: RunnerReport[] = [];
       const logToken = await signer.signer.sign({ scope: "log:write", job: jobId }, 600_000, { subject: "h1" });
@@ -159,7 +162,7 @@ describe("a job's image fetch through outages", () => {
           image: { manifestDigest: image.manifestDigest, cacheUrl: image.cacheUrl, locationUrls: image.locationUrls, readToken: { token } },
           logs: { serverUrls: [logs.address().url], writeToken: { token: logToken } },
         }),
-        { driver, images: provisioner(200), logger: silentLogger(), logs: jobLogs, report: (r) => reports.push(r), hostId: () => "h1" },
+        { driver, images: provisioner(200), logger: silentLogger(), logs: jobLogs, results, report: (r) => reports.push(r), hostId: () => "h1" },
       );
       await runner.done;
       return reports.find((r) => r.termination)!.termination!;

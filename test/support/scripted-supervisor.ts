@@ -66,6 +66,8 @@ export interface ScriptedSupervisorOptions {
   silent?: boolean;
   /** Called as each StartJob arrives (benchmarks time it). */
   onStartJob?: (start: StartJob) => void;
+  /** Called with every message received, heartbeats excluded (a bench routes AckReports to its own reports). */
+  onResponse?: (m: AttachResponse) => void;
   /** Keep no history of received messages (benchmarks with many jobs). */
   noHistory?: boolean;
   /** Heartbeat interval; default the welcome's. */
@@ -181,6 +183,7 @@ export class ScriptedSupervisor {
           }
           if (m.payload.case === "heartbeat") continue;
           if (m.payload.case === "startJob") this.options.onStartJob?.(m.payload.value);
+          this.options.onResponse?.(m);
           if (!this.options.noHistory) this.received.push(m);
           this.onMessage(m);
           for (const w of [...this.waiters]) {

@@ -18,7 +18,10 @@ import { hostNames, userNames } from "../directory.js";
 import { enumWord, iso, jobStatus, jobTone, stateWord, tagsText, when } from "../format.js";
 import { followChannel } from "../log-follow.js";
 import { LogView } from "../log-view.js";
+import { jobArtifacts } from "./job-artifacts.js";
 import type { PageContext } from "../main.js";
+import { JobResultsPanel } from "./job-results.js";
+import { jobFileSection } from "./job-file.js";
 
 const CHANNELS = ["console", "stdout", "stderr", "supervisor"];
 /** How often a finalized job whose log is still being shipped is read again. */
@@ -33,7 +36,7 @@ const HOST_ACTIONS = [
 ] as const;
 
 /** One job: its facts and timeline (WatchJob), cancel, host control, console, and its live log. */
-export async function jobPage({ api, main, signal, params }: PageContext): Promise<void> {
+export async function jobPage({ app, api, main, signal, params }: PageContext): Promise<void> {
   const jobId = params[0];
   document.title = `Job ${jobId.slice(-8)} · Treadmill`;
   const jobs = api.client(JobService);
@@ -62,6 +65,8 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
   const parameters = h("section", { "aria-labelledby": "params-title" }, h("h2", { id: "params-title" }, "Parameters"));
   const timeline = h("section", { "aria-labelledby": "timeline-title" }, h("h2", { id: "timeline-title" }, "Timeline"));
 
+  const results = new JobResultsPanel(api, jobId, signal);
+  const artifacts = jobArtifacts(api, jobId, CHANNELS, signal);
   const view = new LogView("Job log");
   const channelSelect = h("select", { id: "log-channel" }, ...CHANNELS.map((c) => h("option", { value: c }, c)));
   const logStatus = h("span", { class: "live", id: "log-status", role: "status" }, "");
@@ -76,9 +81,12 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     hostControl,
     status,
     h("div", { class: "columns" }, details, h("div", {}, parameters, timeline)),
+    results.element,
+    artifacts.element,
     logSection,
   );
   view.render();
+  const showFile = jobFileSection({ app, api, main }, jobId);
 
   let job: Job | undefined;
   cancel.addEventListener("click", async () => {
@@ -126,8 +134,11 @@ export async function jobPage({ api, main, signal, params }: PageContext): Promi
     }
     renderDetails(details, next, users, hosts);
     renderParameters(parameters, next);
+    showFile(next);
     if (next.timeline.length > 0) renderTimeline(timeline, next, hosts);
     logs.update(next);
+    results.update(next);
+    artifacts.update(next);
   };
 
   const watching = new AbortController();
@@ -265,7 +276,7 @@ function renderDetails(section: HTMLElement, job: Job, users: Map<string, string
       ["Owner", users.get(job.ownerUserId) ?? job.ownerUserId],
       ["Lease", job.leaseId ? link(`/leases/${job.leaseId}`, h("code", { id: "job-lease" }, job.leaseId)) : ""],
       ["Needs", [tagsText(spec?.hosts?.tags ?? {}), spec?.hosts?.hostCount && spec.hosts.hostCount > 1 ? `${spec.hosts.hostCount} hosts` : ""].filter(Boolean).join(" · ")],
-      ["Tags", tagsText(spec?.tags ?? {})],
+      ["Labels", tagsText(spec?.tags ?? {})],
       ["Description", spec?.description ?? ""],
       ["Submitted", h("time", { datetime: iso(job.createTime) }, when(job.createTime))],
       ["Started", job.startTime ? h("time", { datetime: iso(job.startTime) }, when(job.startTime)) : ""],

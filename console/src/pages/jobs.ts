@@ -3,11 +3,12 @@ import { JobState, JobStateSchema, type Job } from "../../../gen/treadmill/coord
 import { JobChangeKind, JobFilterSchema, JobService, type JobFilter } from "../../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { errorText, keepWatching } from "../api.js";
 import { h, link, notice, pager, tableRow } from "../dom.js";
-import { iso, jobStatus, jobTone, parseTags, shortId, stateWord, tagsText, when } from "../format.js";
+import { iso, jobStatus, jobTone, parseTags, shortId, stateWord, when } from "../format.js";
 import type { PageContext } from "../main.js";
 import { hostNames, userNames } from "../directory.js";
+import { resultsBadge } from "./job-results.js";
 
-const HEADERS = ["Job", "Image", "State", "Owner", "Hosts", "Submitted", "Description"];
+const HEADERS = ["Job", "Image", "State", "Owner", "Hosts", "Submitted", "Labels", "Description"];
 const PAGE_SIZE = 50;
 const ACTIVE = [JobState.QUEUED, JobState.ASSIGNED, JobState.INITIALIZING, JobState.RUNNING, JobState.TERMINATING];
 
@@ -26,7 +27,8 @@ export async function jobsPage({ app, api, main, signal, query }: PageContext): 
   );
   stateSelect.value = query.get("state") ?? "";
   const ownerInput = h("input", { id: "filter-owner", name: "owner", placeholder: "me, a user name or id", value: query.get("owner") ?? "" });
-  const tagInput = h("input", { id: "filter-tag", name: "tag", placeholder: "key=value", value: query.get("tag") ?? "" });
+  // Labels are the job's own tags (JobSpec.tags); `tag` is the parameter's older name.
+  const labelInput = h("input", { id: "filter-label", name: "label", placeholder: "board=a suite=smoke", value: query.get("label") ?? query.get("tag") ?? "" });
   const kindSelect = h(
     "select",
     { id: "filter-kind", name: "kind" },
@@ -40,7 +42,7 @@ export async function jobsPage({ app, api, main, signal, query }: PageContext): 
     { class: "filters", role: "search", "aria-label": "Filter jobs" },
     h("div", { class: "field" }, h("label", { for: "filter-state" }, "State"), stateSelect),
     h("div", { class: "field" }, h("label", { for: "filter-owner" }, "Owner"), ownerInput),
-    h("div", { class: "field" }, h("label", { for: "filter-tag" }, "Tag"), tagInput),
+    h("div", { class: "field" }, h("label", { for: "filter-label" }, "Label"), labelInput),
     h("div", { class: "field" }, h("label", { for: "filter-kind" }, "Kind"), kindSelect),
     h("button", { type: "submit" }, "Apply"),
   );
@@ -49,7 +51,7 @@ export async function jobsPage({ app, api, main, signal, query }: PageContext): 
     const q = new URLSearchParams();
     if (stateSelect.value) q.set("state", stateSelect.value);
     if (ownerInput.value.trim()) q.set("owner", ownerInput.value.trim());
-    if (tagInput.value.trim()) q.set("tag", tagInput.value.trim());
+    if (labelInput.value.trim()) q.set("label", labelInput.value.trim());
     if (kindSelect.value) q.set("kind", kindSelect.value);
     app.navigate(`/jobs${q.size > 0 ? `?${q}` : ""}`);
   });
@@ -134,12 +136,12 @@ function buildFilter(query: URLSearchParams, me: string, names: Map<string, stri
   const kind = query.get("kind") ?? "";
   if (kind === "health") filter.healthJobs = true;
   else if (kind === "user") filter.healthJobs = false;
-  const tag = (query.get("tag") ?? "").trim();
-  if (tag !== "") {
+  const label = (query.get("label") ?? query.get("tag") ?? "").trim();
+  if (label !== "") {
     try {
-      filter.tags = parseTags(tag);
+      filter.tags = parseTags(label);
     } catch (err) {
-      throw new Error(`tag filter: ${(err as Error).message}`, { cause: err });
+      throw new Error(`label filter: ${(err as Error).message}`, { cause: err });
     }
   }
   return filter;
@@ -153,17 +155,25 @@ export function imageCell(job: Job): HTMLElement {
     : h("span", {}, image);
 }
 
+/** Labels (the job's tags), each a link to the jobs that carry it. */
+function labelLinks(labels: Record<string, string>): (HTMLElement | string)[] {
+  return Object.entries(labels)
+    .sort(([a], [b]) => a.localeCompare(b))
+    .flatMap(([k, v], i) => [i > 0 ? " " : "", link(`/jobs?label=${encodeURIComponent(`${k}=${v}`)}`, h("span", { class: "label" }, `${k}=${v}`))]);
+}
+
 function jobRow(job: Job, names: Map<string, string>, hosts: Map<string, string>): HTMLTableRowElement {
   return tableRow(
     HEADERS,
     [
       link(`/jobs/${job.id}`, h("code", { title: job.id }, shortId(job.id))),
       imageCell(job),
-      h("span", { class: `badge ${jobTone(job)}` }, jobStatus(job)),
+      h("span", {}, h("span", { class: `badge ${jobTone(job)}` }, jobStatus(job)), " ", resultsBadge(job)),
       names.get(job.ownerUserId) ?? shortId(job.ownerUserId),
       job.hostIds.map((id) => hosts.get(id) ?? shortId(id)).join(", "),
       h("time", { datetime: iso(job.createTime) }, when(job.createTime)),
-      [job.spec?.description, tagsText(job.spec?.tags ?? {})].filter(Boolean).join(" · "),
+      h("span", { class: "labels" }, ...labelLinks(job.spec?.tags ?? {})),
+      job.spec?.description ?? "",
     ],
     { "data-job-id": job.id, "data-state": stateWord(job.state) },
   );

@@ -8,6 +8,7 @@ import { errorText } from "../api.js";
 import { h, notice } from "../dom.js";
 import { parseDuration, parseTags } from "../format.js";
 import type { PageContext } from "../main.js";
+import { jobFileForm } from "./job-file.js";
 
 const PARAMETER_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,63}$/;
 
@@ -88,7 +89,7 @@ export async function submitPage({ app, api, main, signal, query }: PageContext)
     ),
     field("job-timeout", "Job timeout", jobTimeout),
     field("parameters", "Parameters", parameters, "One NAME=value per line; start a line with \"secret \" to hide its value."),
-    h("div", { class: "row" }, field("job-tags", "Job tags", jobTags, "key=value pairs, for filtering"), field("description", "Description", description)),
+    h("div", { class: "row" }, field("job-tags", "Labels", jobTags, "key=value pairs, for filtering"), field("description", "Description", description)),
     submit,
   );
 
@@ -156,7 +157,7 @@ export async function submitPage({ app, api, main, signal, query }: PageContext)
     return spec;
   }
 
-  main.append(form);
+  main.append(form, jobFileForm({ app, api, signal, query }));
   // Suggestions for the image field; the form works without them.
   try {
     const res = await api.client(ImageService).listImages({ pageSize: 200 }, { signal, timeoutMs: 15_000 });

@@ -17,8 +17,8 @@ type StoredState = "queued" | "assigned" | "initializing" | "running" | "termina
 
 export interface EventInput {
   jobId: string;
-  /** job_events.kind: submitted, state_changed, stage_changed, cancel_requested, restarted, log_incomplete, host_health, lease, snapshot_*. */
-  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted" | "log_incomplete" | "host_health" | "lease";
+  /** job_events.kind: submitted, state_changed, stage_changed, cancel_requested, restarted, log_incomplete, host_health, lease, results, artifacts, rerun, retried, snapshot_*. */
+  kind: "submitted" | "state_changed" | "stage_changed" | "cancel_requested" | "restarted" | "log_incomplete" | "host_health" | "lease" | "results" | "artifacts" | "rerun" | "retried";
   state: StoredState;
   stage?: string | null;
   message?: string;

@@ -76,6 +76,25 @@ export interface JobRow {
   health_check_id: string | null;
   /** The lease the job runs inside (migration 0017), else null. */
   lease_id: string | null;
+  /** The counts of the latest attempt with test results (migration 0022), else null. */
+  results: ResultCountsRow | null;
+  /** A case failed on one attempt and passed on a later one. */
+  flaky: boolean;
+  /** The job this one re-runs (migration 0024), else null. */
+  rerun_of_job_id: string | null;
+  /** The jobs that re-run this one, oldest first. */
+  rerun_job_ids: string[];
+}
+
+/** A job_results row's counts as jobColumns reads them (bigints as JSON numbers). */
+export interface ResultCountsRow {
+  attempt: number;
+  total: number;
+  passed: number;
+  failed: number;
+  skipped: number;
+  errored: number;
+  complete: boolean;
 }
 
 /** The select list of JobRow (jobs aliased `j`). */
@@ -84,6 +103,14 @@ export const jobColumns = (sql: Db) => sql`
   j.priority, j.max_restarts, j.manifest_digest, j.status_message, j.stop_reason, j.created_at,
   j.updated_at, j.queued_at, j.assigned_at, j.started_at, j.finalized_at, j.job_timeout_ms,
   j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message, j.health_check_id, j.lease_id,
+  (select to_jsonb(r) from (select attempt, total, passed, failed, skipped, errored, complete from job_results
+     where job_id = j.id order by attempt desc limit 1) r) as results,
+  -- Flaky: a case failed, then passed on a later attempt; or the workload
+  -- failed, and a retry of it (JobSpec.retry) passed.
+  (exists (select 1 from job_results where job_id = j.id and flaky)
+   or (j.state = 'finalized' and j.exit_status = 'success'
+       and coalesce((j.retries->>'workload_failure')::int, 0) > 0)) as flaky,
+  j.rerun_of_job_id, array(select r.id from jobs r where r.rerun_of_job_id = j.id order by r.id) as rerun_job_ids,
   coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
 
@@ -101,13 +128,19 @@ export async function loadJob(sql: Db, id: string, options: { lock?: boolean } =
  */
 export type JobHead = Pick<JobRow, "id" | "owner_id" | "state" | "stage" | "attempt" | "max_restarts" | "stop_reason" | "health_check_id"> & {
   lease_id?: string | null;
+  /** The retry policy (migration 0024; absent: none): its conditions, budget per condition, retries used per condition. */
+  retry_on?: string[];
+  retry_max?: number;
+  retries?: Record<string, number>;
+  retry_other_host?: boolean;
 };
 
 /** The heads of several jobs by id (missing ones are absent), their rows locked in id order. */
 export async function lockJobHeads(sql: Db, ids: string[]): Promise<Map<string, JobHead>> {
   if (ids.length === 0) return new Map();
   const rows = await sql<JobHead[]>`
-    select id, owner_id, state, stage, attempt, max_restarts, stop_reason, health_check_id, lease_id from jobs
+    select id, owner_id, state, stage, attempt, max_restarts, stop_reason, health_check_id, lease_id,
+      retry_on, retry_max, retries, retry_other_host from jobs
     where id = any(${[...ids].sort()}::uuid[]) order by id for update`;
   return new Map(rows.map((r) => [r.id, r]));
 }
@@ -131,8 +164,16 @@ export type JobStateChange =
   /** The job's state follows its hosts' (INITIALIZING, RUNNING, TERMINATING, with a stage). */
   | { kind: "progress"; id: string; state: DbState; stage: string | null; event: EventInput }
   /** The attempt ended and the job is queued again as `attempt`. */
-  | { kind: "restart"; id: string; attempt: number; message: string; event: EventInput }
-  /** The job is finalized; its secret values are deleted (nothing will start it again). */
+  | {
+      kind: "restart";
+      id: string;
+      attempt: number;
+      message: string;
+      event: EventInput;
+      /** A retry (JobSpec.retry): the condition whose budget it uses, and a host to avoid from now on (other_host). */
+      retry?: { condition: string; avoidHostId: string | null };
+    }
+  /** The job is finalized (its secret values stay for a re-run: migration 0024). */
   | {
       kind: "finalize";
       id: string;
@@ -155,7 +196,13 @@ export async function writeJobStates(tx: Db, changes: JobStateChange[]): Promise
   if (changes.length === 0) return;
   const of = <K extends JobStateChange["kind"]>(kind: K) => changes.filter((c): c is Extract<JobStateChange, { kind: K }> => c.kind === kind);
   const progress = of("progress").map((c) => ({ id: c.id, state: c.state, stage: c.stage }));
-  const restarts = of("restart").map((c) => ({ id: c.id, attempt: c.attempt, message: c.message }));
+  const restarts = of("restart").map((c) => ({
+    id: c.id,
+    attempt: c.attempt,
+    message: c.message,
+    condition: c.retry?.condition ?? null,
+    avoid: c.retry?.avoidHostId ?? null,
+  }));
   const finals = of("finalize").map((c) => ({
     id: c.id,
     reason: c.reason,
@@ -177,8 +224,12 @@ export async function writeJobStates(tx: Db, changes: JobStateChange[]): Promise
       tx`
         update jobs j set state = 'queued', stage = null, attempt = v.attempt, queued_at = now(),
           assigned_at = null, started_at = null, deadline_at = null, proxy_url = '',
-          status_message = v.message, updated_at = now()
-        from jsonb_to_recordset(${tx.json(restarts as never)}::jsonb) as v(id uuid, attempt int, message text)
+          status_message = v.message, updated_at = now(),
+          retries = case when v.condition is null then j.retries
+            else j.retries || jsonb_build_object(v.condition, coalesce((j.retries->>v.condition)::int, 0) + 1) end,
+          avoid_host_ids = case when v.avoid is null or v.avoid = any(j.avoid_host_ids) then j.avoid_host_ids
+            else j.avoid_host_ids || v.avoid end
+        from jsonb_to_recordset(${tx.json(restarts as never)}::jsonb) as v(id uuid, attempt int, message text, condition text, avoid uuid)
         where j.id = v.id
         returning pg_notify('treadmill_schedule', '')`,
     finals.length > 0 &&
@@ -189,7 +240,6 @@ export async function writeJobStates(tx: Db, changes: JobStateChange[]): Promise
         from jsonb_to_recordset(${tx.json(finals as never)}::jsonb)
           as v(id uuid, reason text, exit_status text, exit_code int, message text)
         where j.id = v.id`,
-    finals.length > 0 && tx`delete from job_secrets where job_id = any(${finals.map((f) => f.id)}::uuid[])`,
     stops.length > 0 &&
       tx`
         update jobs j set stop_reason = v.reason, stop_requested_at = now(), updated_at = now()
@@ -281,12 +331,14 @@ export interface QueuedJobRow {
   job_timeout_ms: number;
   /** The lease it runs inside (queuedLeaseJobs), else null. */
   lease_id: string | null;
+  /** Hosts its earlier attempts ran on, which a retry with other_host must not take (migration 0024). */
+  avoid_host_ids?: string[];
 }
 
 /** The columns of a QueuedJobRow (jobs aliased `j`). */
 const queuedColumns = (tx: Db) => tx`
   j.id, j.owner_id, j.attempt, j.host_count, j.required_tags, j.required_site, j.required_driver, j.media_types,
-  j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms, j.lease_id`;
+  j.manifest_digest, j.image_holder, j.job_timeout_ms::float8 as job_timeout_ms, j.lease_id, j.avoid_host_ids`;
 
 /**
  * `size` queued jobs from `offset` in the scheduler's order (health jobs,
@@ -595,6 +647,10 @@ export interface NewJob {
   secrets: ReadonlyMap<string, string>;
   /** The lease it runs inside (JobSpec.lease_id), else null. */
   leaseId?: string | null;
+  /** The job it re-runs (RerunJob), else null. */
+  rerunOf?: string | null;
+  /** JobSpec.retry: conditions (db names), retries per condition, other_host. */
+  retry?: { on: string[]; max: number; otherHost: boolean };
 }
 
 /**
@@ -607,11 +663,13 @@ export async function insertJob(tx: TransactionSql, j: NewJob): Promise<string> 
     await tx.savepoint(async (sp) => {
       await sp`
         insert into jobs (id, owner_id, spec, priority, manifest_digest, image_holder, media_types, host_count, required_tags,
-          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id, lease_id, hold_on_failure_ms)
+          required_site, required_driver, max_restarts, queue_timeout_ms, job_timeout_ms, request_id, lease_id, hold_on_failure_ms,
+          rerun_of_job_id, retry_on, retry_max, retry_other_host)
         values (${j.id}, ${j.ownerId}, ${sp.json(j.spec as never)}, ${j.priority},
           ${j.digest}, ${j.holderId}, ${j.mediaTypes}, ${j.hostCount}, ${sp.json(j.requiredTags)},
           ${j.requiredSite}, ${j.requiredDriver}, ${j.maxRestarts}, ${j.queueTimeoutMs},
-          ${j.jobTimeoutMs}, ${j.requestId}, ${j.leaseId ?? null}, ${j.holdOnFailureMs ?? null})`;
+          ${j.jobTimeoutMs}, ${j.requestId}, ${j.leaseId ?? null}, ${j.holdOnFailureMs ?? null},
+          ${j.rerunOf ?? null}, ${j.retry?.on ?? []}::text[], ${j.retry?.max ?? 0}, ${j.retry?.otherHost ?? false})`;
     });
   } catch (err) {
     if (!isUniqueViolation(err, "jobs_owner_request_id_idx")) throw err;
@@ -625,6 +683,27 @@ export async function insertJob(tx: TransactionSql, j: NewJob): Promise<string> 
       select ${j.id}, * from unnest(${names}::text[], ${names.map((n) => j.secrets.get(n)!)}::text[])`;
   }
   return j.id;
+}
+
+/** The secret values of job `id` by name (they stay with a finalized job for its re-runs). */
+export async function jobSecrets(sql: Db, id: string): Promise<Map<string, string>> {
+  const rows = await sql<{ name: string; value: string }[]>`select name, value from job_secrets where job_id = ${id}`;
+  return new Map(rows.map((r) => [r.name, r.value]));
+}
+
+/**
+ * Deletes the secret values of jobs finalized more than `keepMs` ago (at
+ * most `limit` jobs' worth); returns how many jobs lost theirs.
+ */
+export async function deleteOldSecrets(sql: Db, keepMs: number, limit: number): Promise<number> {
+  const rows = await sql`
+    delete from job_secrets s
+    where s.job_id in (
+      select distinct s2.job_id from job_secrets s2 join jobs j on j.id = s2.job_id
+      where j.state = 'finalized' and j.finalized_at < now() - ${keepMs} * interval '1 millisecond'
+      limit ${limit})
+    returning s.job_id`;
+  return new Set(rows.map((r) => r.job_id as string)).size;
 }
 
 /** The scheduler may have work (a job was queued). */

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job.proto.
  */
 export const file_treadmill_coordinator_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAkiwgQKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKDAgoISm9iRXZlbnQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoEa2luZBgCIAEoDjImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudEtpbmQSMQoFc3RhdGUYAyABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhdGUSMQoFc3RhZ2UYBCABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhZ2USDwoHbWVzc2FnZRgFIAEoCRIPCgdhdHRlbXB0GAYgASgFEg8KB2hvc3RfaWQYByABKAki6wcKA0pvYhIKCgJpZBgBIAEoCRIVCg1vd25lcl91c2VyX2lkGAIgASgJEi8KBHNwZWMYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxIxCgVzdGF0ZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgFIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRJBCg9maW5hbGl6ZV9yZWFzb24YBiABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOwoMcmVhc29uX2NsYXNzGAcgASgOMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlYXNvbkNsYXNzEjkKC2V4aXRfc3RhdHVzGAggASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkV4aXRTdGF0dXMSFgoJZXhpdF9jb2RlGAkgASgFSACIAQESFgoOc3RhdHVzX21lc3NhZ2UYCiABKAkSDwoHYXR0ZW1wdBgLIAEoBRIQCghob3N0X2lkcxgMIAMoCRIYChBjYW5jZWxfcmVxdWVzdGVkGA0gASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgOIAEoCRIvCgtjcmVhdGVfdGltZRgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLYXNzaWduX3RpbWUYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWZpbmFsaXplX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGBMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0Cgh0aW1lbGluZRgUIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JFdmVudBIXCg9sb2dfc2VydmVyX3VybHMYFSADKAkSNwoKbG9nX3N0YXR1cxgWIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSFgoObG9nX2J5dGVzX2xvc3QYFyABKAMSGgoSbG9nX3N0YXR1c19tZXNzYWdlGBggASgJEhcKD2hlYWx0aF9jaGVja19pZBgZIAEoCRIQCghsZWFzZV9pZBgaIAEoCUIMCgpfZXhpdF9jb2RlIpYCCghTbmFwc2hvdBIKCgJpZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIMCgRuYW1lGAQgASgJEgsKA3RhZxgFIAEoCRI2CgVzdGF0ZRgGIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFN0YXRlEg8KB21lc3NhZ2UYByABKAkSFwoPbWFuaWZlc3RfZGlnZXN0GAggASgJEi8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqugEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIWChJKT0JfU1RBVEVfQVNTSUdORUQQAhIaChZKT0JfU1RBVEVfSU5JVElBTElaSU5HEAMSFQoRSk9CX1NUQVRFX1JVTk5JTkcQBBIZChVKT0JfU1RBVEVfVEVSTUlOQVRJTkcQBRIXChNKT0JfU1RBVEVfRklOQUxJWkVEEAYqpAEKCEpvYlN0YWdlEhkKFUpPQl9TVEFHRV9VTlNQRUNJRklFRBAAEhwKGEpPQl9TVEFHRV9GRVRDSElOR19JTUFHRRABEhgKFEpPQl9TVEFHRV9BTExPQ0FUSU5HEAISGgoWSk9CX1NUQUdFX1BST1ZJU0lPTklORxADEhUKEUpPQl9TVEFHRV9CT09USU5HEAQSEgoOSk9CX1NUQUdFX0hFTEQQBSrHAgoORmluYWxpemVSZWFzb24SHwobRklOQUxJWkVfUkVBU09OX1VOU1BFQ0lGSUVEEAASIwofRklOQUxJWkVfUkVBU09OX1dPUktMT0FEX0VYSVRFRBABEhwKGEZJTkFMSVpFX1JFQVNPTl9DQU5DRUxFRBACEh8KG0ZJTkFMSVpFX1JFQVNPTl9KT0JfVElNRU9VVBADEiEKHUZJTkFMSVpFX1JFQVNPTl9RVUVVRV9USU1FT1VUEAQSIAocRklOQUxJWkVfUkVBU09OX0hPU1RfRFJPUFBFRBAFEh8KG0ZJTkFMSVpFX1JFQVNPTl9JTUFHRV9FUlJPUhAGEiYKIkZJTkFMSVpFX1JFQVNPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQBxIiCh5GSU5BTElaRV9SRUFTT05fSU5URVJOQUxfRVJST1IQCCp5CgtSZWFzb25DbGFzcxIcChhSRUFTT05fQ0xBU1NfVU5TUEVDSUZJRUQQABIUChBSRUFTT05fQ0xBU1NfSk9CEAESFQoRUkVBU09OX0NMQVNTX1VTRVIQAhIfChtSRUFTT05fQ0xBU1NfSU5GUkFTVFJVQ1RVUkUQAypbCgpFeGl0U3RhdHVzEhsKF0VYSVRfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTRVhJVF9TVEFUVVNfU1VDQ0VTUxABEhcKE0VYSVRfU1RBVFVTX0ZBSUxVUkUQAiqCBAoMSm9iRXZlbnRLaW5kEh4KGkpPQl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHAoYSk9CX0VWRU5UX0tJTkRfU1VCTUlUVEVEEAESIAocSk9CX0VWRU5UX0tJTkRfU1RBVEVfQ0hBTkdFRBACEiAKHEpPQl9FVkVOVF9LSU5EX1NUQUdFX0NIQU5HRUQQAxIjCh9KT0JfRVZFTlRfS0lORF9DQU5DRUxfUkVRVUVTVEVEEAQSHAoYSk9CX0VWRU5UX0tJTkRfUkVTVEFSVEVEEAUSIQodSk9CX0VWRU5UX0tJTkRfU0VTU0lPTl9PUEVORUQQBhIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9SRVFVRVNURUQQBxIlCiFKT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9TVUNDRUVERUQQCBIiCh5KT0JfRVZFTlRfS0lORF9TTkFQU0hPVF9GQUlMRUQQCRIhCh1KT0JfRVZFTlRfS0lORF9MT0dfSU5DT01QTEVURRAKEhoKFkpPQl9FVkVOVF9LSU5EX1dBSVRJTkcQCxIfChtKT0JfRVZFTlRfS0lORF9IT1NUX0NPTlRST0wQDBIeChpKT0JfRVZFTlRfS0lORF9IT1NUX0hFQUxUSBANEhgKFEpPQl9FVkVOVF9LSU5EX0xFQVNFEA4qwQEKEUhvc3RDb250cm9sQWN0aW9uEiMKH0hPU1RfQ09OVFJPTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIhCh1IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09GRhABEiAKHEhPU1RfQ09OVFJPTF9BQ1RJT05fUE9XRVJfT04QAhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX0NZQ0xFEAMSHQoZSE9TVF9DT05UUk9MX0FDVElPTl9SRVNFVBAEKnQKCUxvZ1N0YXR1cxIaChZMT0dfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTE9HX1NUQVRVU19TSElQUElORxABEhcKE0xPR19TVEFUVVNfQ09NUExFVEUQAhIZChVMT0dfU1RBVFVTX0lOQ09NUExFVEUQAyqEAQoNU25hcHNob3RTdGF0ZRIeChpTTkFQU0hPVF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFlNOQVBTSE9UX1NUQVRFX1BFTkRJTkcQARIcChhTTkFQU0hPVF9TVEFURV9TVUNDRUVERUQQAhIZChVTTkFQU0hPVF9TVEFURV9GQUlMRUQQA2IGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
+  fileDesc("CiJ0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi7gEKEEhvc3RSZXF1aXJlbWVudHMSQgoEdGFncxgBIAMoCzI0LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0UmVxdWlyZW1lbnRzLlRhZ3NFbnRyeRISCgpob3N0X2NvdW50GAIgASgFEhEKBHNpdGUYAyABKAlIAIgBARI5Cgtkcml2ZXJfa2luZBgEIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kGisKCVRhZ3NFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgcKBV9zaXRlIiUKDVJlc3RhcnRQb2xpY3kSFAoMbWF4X3Jlc3RhcnRzGAEgASgFImQKC1JldHJ5UG9saWN5EjQKAm9uGAEgAygOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJldHJ5Q29uZGl0aW9uEgsKA21heBgCIAEoBRISCgpvdGhlcl9ob3N0GAMgASgIIjgKCVBhcmFtZXRlchIMCgRuYW1lGAEgASgJEg0KBXZhbHVlGAIgASgJEg4KBnNlY3JldBgDIAEoCCI+CgtFeHBvc2VkUG9ydBIMCgRuYW1lGAEgASgJEgwKBHBvcnQYAiABKAUSEwoLZGVzY3JpcHRpb24YAyABKAkioAYKB0pvYlNwZWMSDQoFaW1hZ2UYASABKAkSOQoFaG9zdHMYAiABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdFJlcXVpcmVtZW50cxIQCghwcmlvcml0eRgDIAEoBRIwCg1xdWV1ZV90aW1lb3V0GAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KC2pvYl90aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEj8KDnJlc3RhcnRfcG9saWN5GAYgASgLMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3RhcnRQb2xpY3kSNwoKcGFyYW1ldGVycxgHIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISPAoNZXhwb3NlZF9wb3J0cxgIIAMoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeHBvc2VkUG9ydBI5CgR0YWdzGAkgAygLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlNwZWMuVGFnc0VudHJ5EhMKC2Rlc2NyaXB0aW9uGAogASgJEhAKCGxlYXNlX2lkGAsgASgJEjIKD2hvbGRfb25fZmFpbHVyZRgMIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI2CgdyZXN1bHRzGA0gASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlc3VsdHNTcGVjEjoKCWFydGlmYWN0cxgOIAEoCzInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BcnRpZmFjdHNTcGVjEjIKBmlucHV0cxgPIAMoCzIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JJbnB1dBI0CgVyZXRyeRgQIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5SZXRyeVBvbGljeRorCglUYWdzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIlCgtSZXN1bHRzU3BlYxIWCg5pZ25vcmVfY29uc29sZRgBIAEoCCKCAQoMUmVzdWx0Q291bnRzEg0KBXRvdGFsGAEgASgDEg4KBnBhc3NlZBgCIAEoAxIOCgZmYWlsZWQYAyABKAMSDwoHc2tpcHBlZBgEIAEoAxIPCgdlcnJvcmVkGAUgASgDEg8KB2F0dGVtcHQYBiABKAUSEAoIY29tcGxldGUYByABKAgiRQoITG9nUmFuZ2USDwoHY2hhbm5lbBgBIAEoCRIUCgxzdGFydF9vZmZzZXQYAiABKAMSEgoKZW5kX29mZnNldBgDIAEoAyL9AQoIVGVzdENhc2USDwoHYXR0ZW1wdBgBIAEoBRINCgVpbmRleBgCIAEoAxINCgVzdWl0ZRgDIAEoCRIMCgRuYW1lGAQgASgJEjYKB291dGNvbWUYBSABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGVzdE91dGNvbWUSKwoIZHVyYXRpb24YBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDwoHbWVzc2FnZRgHIAEoCRIvCgNsb2cYCCABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nUmFuZ2USDQoFZmxha3kYCSABKAgiIQoNQXJ0aWZhY3RzU3BlYxIQCghkaXNhYmxlZBgBIAEoCCJkCghKb2JJbnB1dBIMCgRuYW1lGAEgASgJEg4KBnNvdXJjZRgCIAEoCRIOCgZkaWdlc3QYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIWCg5zb3VyY2VfYXR0ZW1wdBgFIAEoBSLOAQoIQXJ0aWZhY3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDAoEbmFtZRgDIAEoCRISCgpzaXplX2J5dGVzGAQgASgDEg4KBmRpZ2VzdBgFIAEoCRISCgptZWRpYV90eXBlGAYgASgJEhcKD21hbmlmZXN0X2RpZ2VzdBgHIAEoCRIRCglzdG9yZV91cmwYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoMCCghKb2JFdmVudBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0CgRraW5kGAIgASgOMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkV2ZW50S2luZBIxCgVzdGF0ZRgDIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRIPCgdtZXNzYWdlGAUgASgJEg8KB2F0dGVtcHQYBiABKAUSDwoHaG9zdF9pZBgHIAEoCSLjCAoDSm9iEgoKAmlkGAEgASgJEhUKDW93bmVyX3VzZXJfaWQYAiABKAkSLwoEc3BlYxgDIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEjEKBXN0YXRlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAUgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEkEKD2ZpbmFsaXplX3JlYXNvbhgGIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhI7CgxyZWFzb25fY2xhc3MYByABKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVhc29uQ2xhc3MSOQoLZXhpdF9zdGF0dXMYCCABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXhpdFN0YXR1cxIWCglleGl0X2NvZGUYCSABKAVIAIgBARIWCg5zdGF0dXNfbWVzc2FnZRgKIAEoCRIPCgdhdHRlbXB0GAsgASgFEhAKCGhvc3RfaWRzGAwgAygJEhgKEGNhbmNlbF9yZXF1ZXN0ZWQYDSABKAgSFwoPbWFuaWZlc3RfZGlnZXN0GA4gASgJEi8KC2NyZWF0ZV90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthc3NpZ25fdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNZmluYWxpemVfdGltZRgSIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYEyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjQKCHRpbWVsaW5lGBQgAygLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkV2ZW50EhcKD2xvZ19zZXJ2ZXJfdXJscxgVIAMoCRI3Cgpsb2dfc3RhdHVzGBYgASgOMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1N0YXR1cxIWCg5sb2dfYnl0ZXNfbG9zdBgXIAEoAxIaChJsb2dfc3RhdHVzX21lc3NhZ2UYGCABKAkSFwoPaGVhbHRoX2NoZWNrX2lkGBkgASgJEhAKCGxlYXNlX2lkGBogASgJEjcKB3Jlc3VsdHMYGyABKAsyJi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVzdWx0Q291bnRzEg0KBWZsYWt5GBwgASgIEhcKD3JlcnVuX29mX2pvYl9pZBgjIAEoCRIVCg1yZXJ1bl9qb2JfaWRzGCQgAygJQgwKCl9leGl0X2NvZGUilgIKCFNuYXBzaG90EgoKAmlkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEgwKBG5hbWUYBCABKAkSCwoDdGFnGAUgASgJEjYKBXN0YXRlGAYgASgOMicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90U3RhdGUSDwoHbWVzc2FnZRgHIAEoCRIXCg9tYW5pZmVzdF9kaWdlc3QYCCABKAkSLwoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCq6AQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhYKEkpPQl9TVEFURV9BU1NJR05FRBACEhoKFkpPQl9TVEFURV9JTklUSUFMSVpJTkcQAxIVChFKT0JfU1RBVEVfUlVOTklORxAEEhkKFUpPQl9TVEFURV9URVJNSU5BVElORxAFEhcKE0pPQl9TVEFURV9GSU5BTElaRUQQBiqkAQoISm9iU3RhZ2USGQoVSk9CX1NUQUdFX1VOU1BFQ0lGSUVEEAASHAoYSk9CX1NUQUdFX0ZFVENISU5HX0lNQUdFEAESGAoUSk9CX1NUQUdFX0FMTE9DQVRJTkcQAhIaChZKT0JfU1RBR0VfUFJPVklTSU9OSU5HEAMSFQoRSk9CX1NUQUdFX0JPT1RJTkcQBBISCg5KT0JfU1RBR0VfSEVMRBAFKscCCg5GaW5hbGl6ZVJlYXNvbhIfChtGSU5BTElaRV9SRUFTT05fVU5TUEVDSUZJRUQQABIjCh9GSU5BTElaRV9SRUFTT05fV09SS0xPQURfRVhJVEVEEAESHAoYRklOQUxJWkVfUkVBU09OX0NBTkNFTEVEEAISHwobRklOQUxJWkVfUkVBU09OX0pPQl9USU1FT1VUEAMSIQodRklOQUxJWkVfUkVBU09OX1FVRVVFX1RJTUVPVVQQBBIgChxGSU5BTElaRV9SRUFTT05fSE9TVF9EUk9QUEVEEAUSHwobRklOQUxJWkVfUkVBU09OX0lNQUdFX0VSUk9SEAYSJgoiRklOQUxJWkVfUkVBU09OX0hPU1RfU1RBUlRfRkFJTFVSRRAHEiIKHkZJTkFMSVpFX1JFQVNPTl9JTlRFUk5BTF9FUlJPUhAIKnkKC1JlYXNvbkNsYXNzEhwKGFJFQVNPTl9DTEFTU19VTlNQRUNJRklFRBAAEhQKEFJFQVNPTl9DTEFTU19KT0IQARIVChFSRUFTT05fQ0xBU1NfVVNFUhACEh8KG1JFQVNPTl9DTEFTU19JTkZSQVNUUlVDVFVSRRADKlsKCkV4aXRTdGF0dXMSGwoXRVhJVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIXChNFWElUX1NUQVRVU19TVUNDRVNTEAESFwoTRVhJVF9TVEFUVVNfRkFJTFVSRRACKvIECgxKb2JFdmVudEtpbmQSHgoaSk9CX0VWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABIcChhKT0JfRVZFTlRfS0lORF9TVUJNSVRURUQQARIgChxKT0JfRVZFTlRfS0lORF9TVEFURV9DSEFOR0VEEAISIAocSk9CX0VWRU5UX0tJTkRfU1RBR0VfQ0hBTkdFRBADEiMKH0pPQl9FVkVOVF9LSU5EX0NBTkNFTF9SRVFVRVNURUQQBBIcChhKT0JfRVZFTlRfS0lORF9SRVNUQVJURUQQBRIhCh1KT0JfRVZFTlRfS0lORF9TRVNTSU9OX09QRU5FRBAGEiUKIUpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX1JFUVVFU1RFRBAHEiUKIUpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX1NVQ0NFRURFRBAIEiIKHkpPQl9FVkVOVF9LSU5EX1NOQVBTSE9UX0ZBSUxFRBAJEiEKHUpPQl9FVkVOVF9LSU5EX0xPR19JTkNPTVBMRVRFEAoSGgoWSk9CX0VWRU5UX0tJTkRfV0FJVElORxALEh8KG0pPQl9FVkVOVF9LSU5EX0hPU1RfQ09OVFJPTBAMEh4KGkpPQl9FVkVOVF9LSU5EX0hPU1RfSEVBTFRIEA0SGAoUSk9CX0VWRU5UX0tJTkRfTEVBU0UQDhIaChZKT0JfRVZFTlRfS0lORF9SRVNVTFRTEA8SHAoYSk9CX0VWRU5UX0tJTkRfQVJUSUZBQ1RTEBASGAoUSk9CX0VWRU5UX0tJTkRfUkVSVU4QERIaChZKT0JfRVZFTlRfS0lORF9SRVRSSUVEEBIqwQEKEUhvc3RDb250cm9sQWN0aW9uEiMKH0hPU1RfQ09OVFJPTF9BQ1RJT05fVU5TUEVDSUZJRUQQABIhCh1IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX09GRhABEiAKHEhPU1RfQ09OVFJPTF9BQ1RJT05fUE9XRVJfT04QAhIjCh9IT1NUX0NPTlRST0xfQUNUSU9OX1BPV0VSX0NZQ0xFEAMSHQoZSE9TVF9DT05UUk9MX0FDVElPTl9SRVNFVBAEKnQKCUxvZ1N0YXR1cxIaChZMT0dfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTTE9HX1NUQVRVU19TSElQUElORxABEhcKE0xPR19TVEFUVVNfQ09NUExFVEUQAhIZChVMT0dfU1RBVFVTX0lOQ09NUExFVEUQAyp/Cg5SZXRyeUNvbmRpdGlvbhIfChtSRVRSWV9DT05ESVRJT05fVU5TUEVDSUZJRUQQABIkCiBSRVRSWV9DT05ESVRJT05fV09SS0xPQURfRkFJTFVSRRABEiYKIlJFVFJZX0NPTkRJVElPTl9IT1NUX1NUQVJUX0ZBSUxVUkUQAiqIAQoLVGVzdE91dGNvbWUSHAoYVEVTVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASFQoRVEVTVF9PVVRDT01FX1BBU1MQARIVChFURVNUX09VVENPTUVfRkFJTBACEhUKEVRFU1RfT1VUQ09NRV9TS0lQEAMSFgoSVEVTVF9PVVRDT01FX0VSUk9SEAQqhAEKDVNuYXBzaG90U3RhdGUSHgoaU05BUFNIT1RfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZTTkFQU0hPVF9TVEFURV9QRU5ESU5HEAESHAoYU05BUFNIT1RfU1RBVEVfU1VDQ0VFREVEEAISGQoVU05BUFNIT1RfU1RBVEVfRkFJTEVEEANiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_coordinator_v1_host]);
 
 /**
  * HostRequirements says which hosts a job needs.
@@ -83,6 +83,45 @@ export const RestartPolicySchema: GenMessage<RestartPolicy> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_job, 1);
 
 /**
+ * RetryPolicy re-queues a job as a new attempt after the ends it names. Each
+ * attempt runs with a fresh job timeout (JobSpec.job_timeout counts from the
+ * attempt's assignment), so a failed boot never eats the next attempt's time.
+ *
+ * @generated from message treadmill.coordinator.v1.RetryPolicy
+ */
+export type RetryPolicy = Message<"treadmill.coordinator.v1.RetryPolicy"> & {
+  /**
+   * The conditions that cause a retry; at least one, no repeats.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.RetryCondition on = 1;
+   */
+  on: RetryCondition[];
+
+  /**
+   * Retries allowed per condition, 1 to 10.
+   *
+   * @generated from field: int32 max = 2;
+   */
+  max: number;
+
+  /**
+   * Place a retry on a host that ran none of the job's earlier attempts. When
+   * no other host matches, the retry waits in the queue (up to its queue
+   * timeout) for one; it never falls back to a host that failed it.
+   *
+   * @generated from field: bool other_host = 3;
+   */
+  otherHost: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.RetryPolicy.
+ * Use `create(RetryPolicySchema)` to create a new message.
+ */
+export const RetryPolicySchema: GenMessage<RetryPolicy> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 2);
+
+/**
  * Parameter is a named value handed to the workload (environment variable or
  * file, as the driver decides).
  *
@@ -119,7 +158,7 @@ export type Parameter = Message<"treadmill.coordinator.v1.Parameter"> & {
  * Use `create(ParameterSchema)` to create a new message.
  */
 export const ParameterSchema: GenMessage<Parameter> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 2);
+  messageDesc(file_treadmill_coordinator_v1_job, 3);
 
 /**
  * ExposedPort declares a port of the job that users may reach through a
@@ -163,7 +202,7 @@ export type ExposedPort = Message<"treadmill.coordinator.v1.ExposedPort"> & {
  * Use `create(ExposedPortSchema)` to create a new message.
  */
 export const ExposedPortSchema: GenMessage<ExposedPort> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 3);
+  messageDesc(file_treadmill_coordinator_v1_job, 4);
 
 /**
  * JobSpec is what a user asks for. Validated entirely by SubmitJob.
@@ -266,6 +305,39 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
    * @generated from field: google.protobuf.Duration hold_on_failure = 12;
    */
   holdOnFailure?: Duration | undefined;
+
+  /**
+   * How the job's test results are gathered (docs/results.md); unset: the
+   * defaults (JUnit files from $TREADMILL_RESULTS_DIR, TAP/KTAP from the
+   * console).
+   *
+   * @generated from field: treadmill.coordinator.v1.ResultsSpec results = 13;
+   */
+  results?: ResultsSpec | undefined;
+
+  /**
+   * Artifact settings (docs/artifacts.md); unset: the coordinator's caps.
+   *
+   * @generated from field: treadmill.coordinator.v1.ArtifactsSpec artifacts = 14;
+   */
+  artifacts?: ArtifactsSpec | undefined;
+
+  /**
+   * Files of earlier jobs' artifacts placed in $TREADMILL_INPUTS_DIR/<name>
+   * before the workload starts, at most 32.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.JobInput inputs = 15;
+   */
+  inputs: JobInput[];
+
+  /**
+   * Retries after the workload's failure or a failed start, each a new
+   * attempt with its own budget; unset means none. Not with
+   * hold_on_failure when it retries WORKLOAD_FAILURE.
+   *
+   * @generated from field: treadmill.coordinator.v1.RetryPolicy retry = 16;
+   */
+  retry?: RetryPolicy | undefined;
 };
 
 /**
@@ -273,7 +345,369 @@ export type JobSpec = Message<"treadmill.coordinator.v1.JobSpec"> & {
  * Use `create(JobSpecSchema)` to create a new message.
  */
 export const JobSpecSchema: GenMessage<JobSpec> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 4);
+  messageDesc(file_treadmill_coordinator_v1_job, 5);
+
+/**
+ * ResultsSpec says how a job's test results are gathered. JUnit XML files
+ * the workload writes into $TREADMILL_RESULTS_DIR are always collected when
+ * the job ends (drivers that share a directory with the job: process).
+ *
+ * @generated from message treadmill.coordinator.v1.ResultsSpec
+ */
+export type ResultsSpec = Message<"treadmill.coordinator.v1.ResultsSpec"> & {
+  /**
+   * Do not parse TAP or KTAP from the job's console (e.g. a console that
+   * prints TAP-like lines that are not results).
+   *
+   * @generated from field: bool ignore_console = 1;
+   */
+  ignoreConsole: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ResultsSpec.
+ * Use `create(ResultsSpecSchema)` to create a new message.
+ */
+export const ResultsSpecSchema: GenMessage<ResultsSpec> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 6);
+
+/**
+ * ResultCounts counts one attempt's test cases by outcome.
+ *
+ * @generated from message treadmill.coordinator.v1.ResultCounts
+ */
+export type ResultCounts = Message<"treadmill.coordinator.v1.ResultCounts"> & {
+  /**
+   * Every case.
+   *
+   * @generated from field: int64 total = 1;
+   */
+  total: bigint;
+
+  /**
+   * Cases that passed.
+   *
+   * @generated from field: int64 passed = 2;
+   */
+  passed: bigint;
+
+  /**
+   * Cases that failed.
+   *
+   * @generated from field: int64 failed = 3;
+   */
+  failed: bigint;
+
+  /**
+   * Cases that were skipped.
+   *
+   * @generated from field: int64 skipped = 4;
+   */
+  skipped: bigint;
+
+  /**
+   * Cases in error.
+   *
+   * @generated from field: int64 errored = 5;
+   */
+  errored: bigint;
+
+  /**
+   * The attempt counted (the latest attempt that reported results).
+   *
+   * @generated from field: int32 attempt = 6;
+   */
+  attempt: number;
+
+  /**
+   * The attempt's results are all in: its host sent its last batch (the job
+   * ended there). Until then the counts grow as the job runs.
+   *
+   * @generated from field: bool complete = 7;
+   */
+  complete: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ResultCounts.
+ * Use `create(ResultCountsSchema)` to create a new message.
+ */
+export const ResultCountsSchema: GenMessage<ResultCounts> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 7);
+
+/**
+ * LogRange is where a test case's output is in the job's log: a byte range
+ * of one channel of the case's attempt, as LogService.Read's from_offset
+ * takes it.
+ *
+ * @generated from message treadmill.coordinator.v1.LogRange
+ */
+export type LogRange = Message<"treadmill.coordinator.v1.LogRange"> & {
+  /**
+   * The channel, e.g. `console`.
+   *
+   * @generated from field: string channel = 1;
+   */
+  channel: string;
+
+  /**
+   * First byte of the case's output (the line after its predecessor's
+   * result line, or its subtest header).
+   *
+   * @generated from field: int64 start_offset = 2;
+   */
+  startOffset: bigint;
+
+  /**
+   * One past the last byte (the end of its result line).
+   *
+   * @generated from field: int64 end_offset = 3;
+   */
+  endOffset: bigint;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.LogRange.
+ * Use `create(LogRangeSchema)` to create a new message.
+ */
+export const LogRangeSchema: GenMessage<LogRange> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 8);
+
+/**
+ * TestCase is one test case of one attempt, as the job reported it.
+ *
+ * @generated from message treadmill.coordinator.v1.TestCase
+ */
+export type TestCase = Message<"treadmill.coordinator.v1.TestCase"> & {
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * Order of the case within the attempt's results, from 0.
+   *
+   * @generated from field: int64 index = 2;
+   */
+  index: bigint;
+
+  /**
+   * The suite (JUnit testsuite names joined by `/`, with the classname when
+   * it differs; TAP/KTAP: the enclosing subtests' names joined by `/`), at
+   * most 1024 characters.
+   *
+   * @generated from field: string suite = 3;
+   */
+  suite: string;
+
+  /**
+   * The case's name, at most 1024 characters.
+   *
+   * @generated from field: string name = 4;
+   */
+  name: string;
+
+  /**
+   * Its outcome.
+   *
+   * @generated from field: treadmill.coordinator.v1.TestOutcome outcome = 5;
+   */
+  outcome: TestOutcome;
+
+  /**
+   * How long it ran, when the report says.
+   *
+   * @generated from field: google.protobuf.Duration duration = 6;
+   */
+  duration?: Duration | undefined;
+
+  /**
+   * The failure, error or skip message (JUnit message attribute and text;
+   * TAP directive or YAML block), at most 4 KiB.
+   *
+   * @generated from field: string message = 7;
+   */
+  message: string;
+
+  /**
+   * Where its output is in the log (cases parsed from the console); unset
+   * for cases from JUnit files.
+   *
+   * @generated from field: treadmill.coordinator.v1.LogRange log = 8;
+   */
+  log?: LogRange | undefined;
+
+  /**
+   * The case failed (or errored) on an earlier attempt of the job and passed
+   * on this one.
+   *
+   * @generated from field: bool flaky = 9;
+   */
+  flaky: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.TestCase.
+ * Use `create(TestCaseSchema)` to create a new message.
+ */
+export const TestCaseSchema: GenMessage<TestCase> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 9);
+
+/**
+ * ArtifactsSpec tunes how a job's artifacts are collected.
+ *
+ * @generated from message treadmill.coordinator.v1.ArtifactsSpec
+ */
+export type ArtifactsSpec = Message<"treadmill.coordinator.v1.ArtifactsSpec"> & {
+  /**
+   * Collect nothing: $TREADMILL_ARTIFACTS_DIR is still given but not read.
+   *
+   * @generated from field: bool disabled = 1;
+   */
+  disabled: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ArtifactsSpec.
+ * Use `create(ArtifactsSpecSchema)` to create a new message.
+ */
+export const ArtifactsSpecSchema: GenMessage<ArtifactsSpec> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 10);
+
+/**
+ * JobInput is one input file of a job: an artifact of an earlier job.
+ *
+ * @generated from message treadmill.coordinator.v1.JobInput
+ */
+export type JobInput = Message<"treadmill.coordinator.v1.JobInput"> & {
+  /**
+   * The file's name under $TREADMILL_INPUTS_DIR: 1 to 128 characters of
+   * [A-Za-z0-9._-], not starting with a dot.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * `artifact:<job id>/<artifact name>`: the newest attempt of that job
+   * holding an artifact of that name. The caller must be able to read the
+   * job (GetJob); resolved by SubmitJob.
+   *
+   * @generated from field: string source = 2;
+   */
+  source: string;
+
+  /**
+   * Output only, set by SubmitJob: the artifact's digest (`sha256:<hex>`);
+   * the supervisor verifies the file against it.
+   *
+   * @generated from field: string digest = 3;
+   */
+  digest: string;
+
+  /**
+   * Output only, set by SubmitJob: the artifact's size in bytes.
+   *
+   * @generated from field: int64 size_bytes = 4;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Output only, set by SubmitJob: the attempt of the source job.
+   *
+   * @generated from field: int32 source_attempt = 5;
+   */
+  sourceAttempt: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.JobInput.
+ * Use `create(JobInputSchema)` to create a new message.
+ */
+export const JobInputSchema: GenMessage<JobInput> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 11);
+
+/**
+ * Artifact is one file a job attempt wrote into $TREADMILL_ARTIFACTS_DIR,
+ * stored content-addressed in an image store (docs/artifacts.md).
+ *
+ * @generated from message treadmill.coordinator.v1.Artifact
+ */
+export type Artifact = Message<"treadmill.coordinator.v1.Artifact"> & {
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The attempt that wrote it.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * Its path relative to $TREADMILL_ARTIFACTS_DIR (`/`-separated); host N
+   * >= 1 of a multi-host job writes under `host-N/`.
+   *
+   * @generated from field: string name = 3;
+   */
+  name: string;
+
+  /**
+   * Bytes.
+   *
+   * @generated from field: int64 size_bytes = 4;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * `sha256:<hex>` of its bytes.
+   *
+   * @generated from field: string digest = 5;
+   */
+  digest: string;
+
+  /**
+   * Media type guessed from its name (application/octet-stream otherwise).
+   *
+   * @generated from field: string media_type = 6;
+   */
+  mediaType: string;
+
+  /**
+   * The store manifest that lists it (the read token of
+   * GetJobArtifactAccess names this manifest).
+   *
+   * @generated from field: string manifest_digest = 7;
+   */
+  manifestDigest: string;
+
+  /**
+   * Base URL of the image store holding it.
+   *
+   * @generated from field: string store_url = 8;
+   */
+  storeUrl: string;
+
+  /**
+   * When it was recorded.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 9;
+   */
+  createTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.Artifact.
+ * Use `create(ArtifactSchema)` to create a new message.
+ */
+export const ArtifactSchema: GenMessage<Artifact> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job, 12);
 
 /**
  * JobEvent is one entry of a job's timeline (also written to the audit log).
@@ -336,7 +770,7 @@ export type JobEvent = Message<"treadmill.coordinator.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 5);
+  messageDesc(file_treadmill_coordinator_v1_job, 13);
 
 /**
  * Job is a submitted job as the coordinator records it.
@@ -533,6 +967,37 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
    * @generated from field: string lease_id = 26;
    */
   leaseId: string;
+
+  /**
+   * The test results of the latest attempt that reported any
+   * (docs/results.md); unset when none did.
+   *
+   * @generated from field: treadmill.coordinator.v1.ResultCounts results = 27;
+   */
+  results?: ResultCounts | undefined;
+
+  /**
+   * A test case failed on one attempt of the job and passed on a later one
+   * (TestCase.flaky), or the workload failed and a retry of it
+   * (JobSpec.retry) succeeded.
+   *
+   * @generated from field: bool flaky = 28;
+   */
+  flaky: boolean;
+
+  /**
+   * The job this one re-runs (JobService.RerunJob), or empty.
+   *
+   * @generated from field: string rerun_of_job_id = 35;
+   */
+  rerunOfJobId: string;
+
+  /**
+   * The re-runs of this job, oldest first.
+   *
+   * @generated from field: repeated string rerun_job_ids = 36;
+   */
+  rerunJobIds: string[];
 };
 
 /**
@@ -540,7 +1005,7 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 6);
+  messageDesc(file_treadmill_coordinator_v1_job, 14);
 
 /**
  * Snapshot is the operation that turns a running job's state into a new image
@@ -625,7 +1090,7 @@ export type Snapshot = Message<"treadmill.coordinator.v1.Snapshot"> & {
  * Use `create(SnapshotSchema)` to create a new message.
  */
 export const SnapshotSchema: GenMessage<Snapshot> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_job, 7);
+  messageDesc(file_treadmill_coordinator_v1_job, 15);
 
 /**
  * JobState is where a job is in its lifecycle (DESIGN.md §4):
@@ -1033,6 +1498,42 @@ export enum JobEventKind {
    * @generated from enum value: JOB_EVENT_KIND_LEASE = 14;
    */
   LEASE = 14,
+
+  /**
+   * The job's test results (docs/results.md): a results file or the
+   * console's TAP/KTAP could not be read (malformed XML, TAP garbage, a file
+   * over the size cap, cases over the per-attempt cap), or the results of an
+   * attempt are in; the message says which file or line and why. Never fails
+   * the job.
+   *
+   * @generated from enum value: JOB_EVENT_KIND_RESULTS = 15;
+   */
+  RESULTS = 15,
+
+  /**
+   * Artifacts of an attempt were uploaded, skipped (over a cap) or removed
+   * by retention (docs/artifacts.md).
+   *
+   * @generated from enum value: JOB_EVENT_KIND_ARTIFACTS = 16;
+   */
+  ARTIFACTS = 16,
+
+  /**
+   * The job was re-run (JobService.RerunJob): on the old job the message
+   * names the new one, on the new job the old one (Job.rerun_of_job_id).
+   *
+   * @generated from enum value: JOB_EVENT_KIND_RERUN = 17;
+   */
+  RERUN = 17,
+
+  /**
+   * The retry policy (JobSpec.retry) re-queued the job as a new attempt;
+   * the message names the attempt that ended, the condition that caused the
+   * retry, the host it ran on and the retries left for that condition.
+   *
+   * @generated from enum value: JOB_EVENT_KIND_RETRIED = 18;
+   */
+  RETRIED = 18,
 }
 
 /**
@@ -1146,6 +1647,94 @@ export const LogStatusSchema: GenEnum<LogStatus> = /*@__PURE__*/
   enumDesc(file_treadmill_coordinator_v1_job, 7);
 
 /**
+ * RetryCondition is an end of an attempt that the retry policy
+ * (RetryPolicy) may answer with a new attempt. Each condition has its own
+ * budget (RetryPolicy.max), separate from the restart policy's.
+ *
+ * @generated from enum treadmill.coordinator.v1.RetryCondition
+ */
+export enum RetryCondition {
+  /**
+   * Not a condition; refused with INVALID_ARGUMENT.
+   *
+   * @generated from enum value: RETRY_CONDITION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The workload exited with a failure (FINALIZE_REASON_WORKLOAD_EXITED,
+   * EXIT_STATUS_FAILURE), no stop requested. Never an infrastructure end:
+   * those are the restart policy's.
+   *
+   * @generated from enum value: RETRY_CONDITION_WORKLOAD_FAILURE = 1;
+   */
+  WORKLOAD_FAILURE = 1,
+
+  /**
+   * The host failed to start the job (FINALIZE_REASON_HOST_START_FAILURE:
+   * fetch, flash, boot). Tried before the restart policy, whose restarts
+   * are kept for the other infrastructure ends.
+   *
+   * @generated from enum value: RETRY_CONDITION_HOST_START_FAILURE = 2;
+   */
+  HOST_START_FAILURE = 2,
+}
+
+/**
+ * Describes the enum treadmill.coordinator.v1.RetryCondition.
+ */
+export const RetryConditionSchema: GenEnum<RetryCondition> = /*@__PURE__*/
+  enumDesc(file_treadmill_coordinator_v1_job, 8);
+
+/**
+ * TestOutcome is the outcome of one test case.
+ *
+ * @generated from enum treadmill.coordinator.v1.TestOutcome
+ */
+export enum TestOutcome {
+  /**
+   * Not an outcome; in filters it is refused.
+   *
+   * @generated from enum value: TEST_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The case passed (TAP `ok`, JUnit without failure/error/skipped).
+   *
+   * @generated from enum value: TEST_OUTCOME_PASS = 1;
+   */
+  PASS = 1,
+
+  /**
+   * The case failed its assertions (TAP `not ok`, JUnit <failure>).
+   *
+   * @generated from enum value: TEST_OUTCOME_FAIL = 2;
+   */
+  FAIL = 2,
+
+  /**
+   * The case was skipped (TAP `# SKIP`, JUnit <skipped>).
+   *
+   * @generated from enum value: TEST_OUTCOME_SKIP = 3;
+   */
+  SKIP = 3,
+
+  /**
+   * The case could not run to a verdict (JUnit <error>, a TAP `Bail out!`).
+   *
+   * @generated from enum value: TEST_OUTCOME_ERROR = 4;
+   */
+  ERROR = 4,
+}
+
+/**
+ * Describes the enum treadmill.coordinator.v1.TestOutcome.
+ */
+export const TestOutcomeSchema: GenEnum<TestOutcome> = /*@__PURE__*/
+  enumDesc(file_treadmill_coordinator_v1_job, 9);
+
+/**
  * SnapshotState is the progress of a snapshot.
  *
  * @generated from enum treadmill.coordinator.v1.SnapshotState
@@ -1184,5 +1773,5 @@ export enum SnapshotState {
  * Describes the enum treadmill.coordinator.v1.SnapshotState.
  */
 export const SnapshotStateSchema: GenEnum<SnapshotState> = /*@__PURE__*/
-  enumDesc(file_treadmill_coordinator_v1_job, 8);
+  enumDesc(file_treadmill_coordinator_v1_job, 10);
 

@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { CapabilityToken } from "../../common/v1/capability_pb.js";
 import { file_treadmill_common_v1_capability } from "../../common/v1/capability_pb.js";
-import type { HostControlAction, Job, JobSpec, JobState, Snapshot } from "./job_pb.js";
+import type { Artifact, HostControlAction, Job, JobSpec, JobState, Parameter, ResultCounts, Snapshot, TestCase, TestOutcome } from "./job_pb.js";
 import { file_treadmill_coordinator_v1_job } from "./job_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/job_service.proto.
  */
 export const file_treadmill_coordinator_v1_job_service: GenFile = /*@__PURE__*/
-  fileDesc("Cip0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iX3NlcnZpY2UucHJvdG8SGHRyZWFkbWlsbC5jb29yZGluYXRvci52MSKNAgoJSm9iRmlsdGVyEjIKBnN0YXRlcxgBIAMoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIVCg1vd25lcl91c2VyX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSOwoEdGFncxgEIAMoCzItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXIuVGFnc0VudHJ5EhgKC2hlYWx0aF9qb2JzGAUgASgISACIAQESEAoIbGVhc2VfaWQYBiABKAkaKwoJVGFnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDgoMX2hlYWx0aF9qb2JzIm0KEFN1Ym1pdEpvYlJlcXVlc3QSLwoEc3BlYxgBIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMcXVldWVfYW55d2F5GAMgASgIIj8KEVN1Ym1pdEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiPAoOR2V0Sm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiJtCg9MaXN0Sm9ic1JlcXVlc3QSMwoGZmlsdGVyGAEgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJYChBMaXN0Sm9ic1Jlc3BvbnNlEisKBGpvYnMYASADKAsyHS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIzChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIPCgdtZXNzYWdlGAIgASgJIj8KEUNhbmNlbEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSI+ChBXYXRjaEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiYQoQV2F0Y2hKb2JzUmVxdWVzdBIzCgZmaWx0ZXIYASABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iRmlsdGVyEhgKEGluY2x1ZGVfZXhpc3RpbmcYAiABKAgidgoRV2F0Y2hKb2JzUmVzcG9uc2USNQoEa2luZBgBIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JDaGFuZ2VLaW5kEioKA2pvYhgCIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiKAoWR2V0Sm9iTG9nQWNjZXNzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkibAoXR2V0Sm9iTG9nQWNjZXNzUmVzcG9uc2USFwoPbG9nX3NlcnZlcl91cmxzGAEgAygJEjgKCnJlYWRfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiJLChVPcGVuSm9iU2Vzc2lvblJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCXBvcnRfbmFtZRgCIAEoCRIPCgdob3N0X2lkGAMgASgJIsoBChZPcGVuSm9iU2Vzc2lvblJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSEAoIZ3JwY191cmwYAiABKAkSFQoNd2Vic29ja2V0X3VybBgDIAEoCRIYCgt0Y3BfYWRkcmVzcxgEIAEoCUgAiAEBEjgKCmRpYWxfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhIPCgdob3N0X2lkGAYgASgJQg4KDF90Y3BfYWRkcmVzcyJhChJTbmFwc2hvdEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSCwoDdGFnGAMgASgJEgwKBHdhaXQYBCABKAgSEgoKcmVxdWVzdF9pZBgFIAEoCSJLChNTbmFwc2hvdEpvYlJlc3BvbnNlEjQKCHNuYXBzaG90GAEgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90IokBChJDb250cm9sSG9zdFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhIKCmhvc3RfaW5kZXgYAiABKAUSOwoGYWN0aW9uGAMgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uEhIKCnJlcXVlc3RfaWQYBCABKAkilwEKE0NvbnRyb2xIb3N0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJEjsKBmFjdGlvbhgEIAEoDjIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0Q29udHJvbEFjdGlvbhIPCgdtZXNzYWdlGAUgASgJKqQBCg1Kb2JDaGFuZ2VLaW5kEh8KG0pPQl9DSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEhwKGEpPQl9DSEFOR0VfS0lORF9FWElTVElORxABEhoKFkpPQl9DSEFOR0VfS0lORF9TWU5DRUQQAhIbChdKT0JfQ0hBTkdFX0tJTkRfQ1JFQVRFRBADEhsKF0pPQl9DSEFOR0VfS0lORF9VUERBVEVEEAQyqggKCkpvYlNlcnZpY2USZAoJU3VibWl0Sm9iEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1Ym1pdEpvYlJlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VibWl0Sm9iUmVzcG9uc2USWwoGR2V0Sm9iEicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYlJlcXVlc3QaKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iUmVzcG9uc2USYQoITGlzdEpvYnMSKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEpvYnNSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JzUmVzcG9uc2USZAoJQ2FuY2VsSm9iEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNhbmNlbEpvYlJlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FuY2VsSm9iUmVzcG9uc2USYwoIV2F0Y2hKb2ISKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9iUmVzcG9uc2UwARJmCglXYXRjaEpvYnMSKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JzUmVxdWVzdBorLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYnNSZXNwb25zZTABEnYKD0dldEpvYkxvZ0FjY2VzcxIwLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JMb2dBY2Nlc3NSZXF1ZXN0GjEudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYkxvZ0FjY2Vzc1Jlc3BvbnNlEnMKDk9wZW5Kb2JTZXNzaW9uEi8udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLk9wZW5Kb2JTZXNzaW9uUmVxdWVzdBowLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5PcGVuSm9iU2Vzc2lvblJlc3BvbnNlEmoKC1NuYXBzaG90Sm9iEiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90Sm9iUmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdEpvYlJlc3BvbnNlEmoKC0NvbnRyb2xIb3N0EiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbnRyb2xIb3N0UmVxdWVzdBotLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db250cm9sSG9zdFJlc3BvbnNlYgZwcm90bzM", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_job]);
+  fileDesc("Cip0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvam9iX3NlcnZpY2UucHJvdG8SGHRyZWFkbWlsbC5jb29yZGluYXRvci52MSKNAgoJSm9iRmlsdGVyEjIKBnN0YXRlcxgBIAMoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIVCg1vd25lcl91c2VyX2lkGAIgASgJEg8KB2hvc3RfaWQYAyABKAkSOwoEdGFncxgEIAMoCzItLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JGaWx0ZXIuVGFnc0VudHJ5EhgKC2hlYWx0aF9qb2JzGAUgASgISACIAQESEAoIbGVhc2VfaWQYBiABKAkaKwoJVGFnc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCDgoMX2hlYWx0aF9qb2JzIm0KEFN1Ym1pdEpvYlJlcXVlc3QSLwoEc3BlYxgBIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMcXVldWVfYW55d2F5GAMgASgIIj8KEVN1Ym1pdEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiHwoNR2V0Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiPAoOR2V0Sm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiJtCg9MaXN0Sm9ic1JlcXVlc3QSMwoGZmlsdGVyGAEgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJYChBMaXN0Sm9ic1Jlc3BvbnNlEisKBGpvYnMYASADKAsyHS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIzChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIPCgdtZXNzYWdlGAIgASgJIj8KEUNhbmNlbEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiIQoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSI+ChBXYXRjaEpvYlJlc3BvbnNlEioKA2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiYQoQV2F0Y2hKb2JzUmVxdWVzdBIzCgZmaWx0ZXIYASABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iRmlsdGVyEhgKEGluY2x1ZGVfZXhpc3RpbmcYAiABKAgidgoRV2F0Y2hKb2JzUmVzcG9uc2USNQoEa2luZBgBIAEoDjInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JDaGFuZ2VLaW5kEioKA2pvYhgCIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2IiKAoWR2V0Sm9iTG9nQWNjZXNzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkibAoXR2V0Sm9iTG9nQWNjZXNzUmVzcG9uc2USFwoPbG9nX3NlcnZlcl91cmxzGAEgAygJEjgKCnJlYWRfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiJLChVPcGVuSm9iU2Vzc2lvblJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhEKCXBvcnRfbmFtZRgCIAEoCRIPCgdob3N0X2lkGAMgASgJIsoBChZPcGVuSm9iU2Vzc2lvblJlc3BvbnNlEhIKCnNlc3Npb25faWQYASABKAkSEAoIZ3JwY191cmwYAiABKAkSFQoNd2Vic29ja2V0X3VybBgDIAEoCRIYCgt0Y3BfYWRkcmVzcxgEIAEoCUgAiAEBEjgKCmRpYWxfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhIPCgdob3N0X2lkGAYgASgJQg4KDF90Y3BfYWRkcmVzcyJhChJTbmFwc2hvdEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEgwKBG5hbWUYAiABKAkSCwoDdGFnGAMgASgJEgwKBHdhaXQYBCABKAgSEgoKcmVxdWVzdF9pZBgFIAEoCSJLChNTbmFwc2hvdEpvYlJlc3BvbnNlEjQKCHNuYXBzaG90GAEgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNuYXBzaG90IokBChJDb250cm9sSG9zdFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhIKCmhvc3RfaW5kZXgYAiABKAUSOwoGYWN0aW9uGAMgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uEhIKCnJlcXVlc3RfaWQYBCABKAkilwEKE0NvbnRyb2xIb3N0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJEjsKBmFjdGlvbhgEIAEoDjIrLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0Q29udHJvbEFjdGlvbhIPCgdtZXNzYWdlGAUgASgJIr4BChVMaXN0Sm9iUmVzdWx0c1JlcXVlc3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDQoFc3VpdGUYAyABKAkSNwoIb3V0Y29tZXMYBCADKA4yJS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGVzdE91dGNvbWUSFQoNbmFtZV9jb250YWlucxgFIAEoCRIRCglwYWdlX3NpemUYBiABKAUSEgoKcGFnZV90b2tlbhgHIAEoCSKtAQoWTGlzdEpvYlJlc3VsdHNSZXNwb25zZRIPCgdhdHRlbXB0GAEgASgFEjEKBWNhc2VzGAIgAygLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlRlc3RDYXNlEhcKD25leHRfcGFnZV90b2tlbhgDIAEoCRI2CgZjb3VudHMYBCABKAsyJi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVzdWx0Q291bnRzIjkKGENvbXBhcmVKb2JSZXN1bHRzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDQoFbGltaXQYAiABKAUiewoKQ2FzZUNoYW5nZRIwCgRjYXNlGAEgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlRlc3RDYXNlEjsKDGJhc2Vfb3V0Y29tZRgCIAEoDjIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UZXN0T3V0Y29tZSKUBAoZQ29tcGFyZUpvYlJlc3VsdHNSZXNwb25zZRIvCghiYXNlX2pvYhgBIAEoCzIdLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2ISXAoNc2VyaWVzX2xhYmVscxgCIAMoCzJFLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db21wYXJlSm9iUmVzdWx0c1Jlc3BvbnNlLlNlcmllc0xhYmVsc0VudHJ5EjsKDW5ld2x5X2ZhaWxpbmcYAyADKAsyJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FzZUNoYW5nZRIbChNuZXdseV9mYWlsaW5nX2NvdW50GAQgASgDEjsKDW5ld2x5X3Bhc3NpbmcYBSADKAsyJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FzZUNoYW5nZRIbChNuZXdseV9wYXNzaW5nX2NvdW50GAYgASgDEjsKDXN0aWxsX2ZhaWxpbmcYByADKAsyJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ2FzZUNoYW5nZRIbChNzdGlsbF9mYWlsaW5nX2NvdW50GAggASgDEg8KB2F0dGVtcHQYCSABKAUSFAoMYmFzZV9hdHRlbXB0GAogASgFGjMKEVNlcmllc0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiOgoXTGlzdEpvYkFydGlmYWN0c1JlcXVlc3QSDgoGam9iX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUidwoYTGlzdEpvYkFydGlmYWN0c1Jlc3BvbnNlEg8KB2F0dGVtcHQYASABKAUSNQoJYXJ0aWZhY3RzGAIgAygLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkFydGlmYWN0EhMKC3RvdGFsX2J5dGVzGAMgASgDIj4KG0dldEpvYkFydGlmYWN0QWNjZXNzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBSJ2Cg5BcnRpZmFjdEFjY2VzcxIXCg9tYW5pZmVzdF9kaWdlc3QYASABKAkSEQoJc3RvcmVfdXJsGAIgASgJEjgKCnJlYWRfdG9rZW4YAyABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiJpChxHZXRKb2JBcnRpZmFjdEFjY2Vzc1Jlc3BvbnNlEg8KB2F0dGVtcHQYASABKAUSOAoGYWNjZXNzGAIgAygLMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkFydGlmYWN0QWNjZXNzIoQBCg9SZXJ1bkpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhIKCnJlcXVlc3RfaWQYAiABKAkSNwoKcGFyYW1ldGVycxgDIAMoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5QYXJhbWV0ZXISFAoMcXVldWVfYW55d2F5GAQgASgIIj4KEFJlcnVuSm9iUmVzcG9uc2USKgoDam9iGAEgASgLMh0udHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYiqkAQoNSm9iQ2hhbmdlS2luZBIfChtKT0JfQ0hBTkdFX0tJTkRfVU5TUEVDSUZJRUQQABIcChhKT0JfQ0hBTkdFX0tJTkRfRVhJU1RJTkcQARIaChZKT0JfQ0hBTkdFX0tJTkRfU1lOQ0VEEAISGwoXSk9CX0NIQU5HRV9LSU5EX0NSRUFURUQQAxIbChdKT0JfQ0hBTkdFX0tJTkRfVVBEQVRFRBAEMoMNCgpKb2JTZXJ2aWNlEmQKCVN1Ym1pdEpvYhIqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TdWJtaXRKb2JSZXF1ZXN0GisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1Ym1pdEpvYlJlc3BvbnNlElsKBkdldEpvYhInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JSZXF1ZXN0GigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYlJlc3BvbnNlEmEKCExpc3RKb2JzEikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JzUmVxdWVzdBoqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0Sm9ic1Jlc3BvbnNlEmQKCUNhbmNlbEpvYhIqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5DYW5jZWxKb2JSZXF1ZXN0GisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNhbmNlbEpvYlJlc3BvbnNlEmMKCFdhdGNoSm9iEikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9iUmVxdWVzdBoqLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5XYXRjaEpvYlJlc3BvbnNlMAESZgoJV2F0Y2hKb2JzEioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLldhdGNoSm9ic1JlcXVlc3QaKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuV2F0Y2hKb2JzUmVzcG9uc2UwARJ2Cg9HZXRKb2JMb2dBY2Nlc3MSMC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iTG9nQWNjZXNzUmVxdWVzdBoxLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5HZXRKb2JMb2dBY2Nlc3NSZXNwb25zZRJzCg5PcGVuSm9iU2Vzc2lvbhIvLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5PcGVuSm9iU2Vzc2lvblJlcXVlc3QaMC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuT3BlbkpvYlNlc3Npb25SZXNwb25zZRJqCgtTbmFwc2hvdEpvYhIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdEpvYlJlcXVlc3QaLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU25hcHNob3RKb2JSZXNwb25zZRJqCgtDb250cm9sSG9zdBIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db250cm9sSG9zdFJlcXVlc3QaLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ29udHJvbEhvc3RSZXNwb25zZRJzCg5MaXN0Sm9iUmVzdWx0cxIvLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5MaXN0Sm9iUmVzdWx0c1JlcXVlc3QaMC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTGlzdEpvYlJlc3VsdHNSZXNwb25zZRJ8ChFDb21wYXJlSm9iUmVzdWx0cxIyLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db21wYXJlSm9iUmVzdWx0c1JlcXVlc3QaMy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ29tcGFyZUpvYlJlc3VsdHNSZXNwb25zZRJ5ChBMaXN0Sm9iQXJ0aWZhY3RzEjEudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JBcnRpZmFjdHNSZXF1ZXN0GjIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxpc3RKb2JBcnRpZmFjdHNSZXNwb25zZRKFAQoUR2V0Sm9iQXJ0aWZhY3RBY2Nlc3MSNS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuR2V0Sm9iQXJ0aWZhY3RBY2Nlc3NSZXF1ZXN0GjYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkdldEpvYkFydGlmYWN0QWNjZXNzUmVzcG9uc2USYQoIUmVydW5Kb2ISKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuUmVydW5Kb2JSZXF1ZXN0GioudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlJlcnVuSm9iUmVzcG9uc2ViBnByb3RvMw", [file_treadmill_common_v1_capability, file_treadmill_coordinator_v1_job]);
 
 /**
  * JobFilter selects jobs in ListJobs and WatchJobs. Set conditions are ANDed.
@@ -699,6 +699,480 @@ export const ControlHostResponseSchema: GenMessage<ControlHostResponse> = /*@__P
   messageDesc(file_treadmill_coordinator_v1_job_service, 20);
 
 /**
+ * Request of ListJobResults.
+ *
+ * @generated from message treadmill.coordinator.v1.ListJobResultsRequest
+ */
+export type ListJobResultsRequest = Message<"treadmill.coordinator.v1.ListJobResultsRequest"> & {
+  /**
+   * The job's id.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The attempt, from 1; 0: the latest attempt that reported results.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * Only cases of this suite (exact); empty: any.
+   *
+   * @generated from field: string suite = 3;
+   */
+  suite: string;
+
+  /**
+   * Only cases with one of these outcomes; empty: any. UNSPECIFIED is
+   * refused.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.TestOutcome outcomes = 4;
+   */
+  outcomes: TestOutcome[];
+
+  /**
+   * Only cases whose name contains this (case-insensitive), at most 256
+   * characters; empty: any.
+   *
+   * @generated from field: string name_contains = 5;
+   */
+  nameContains: string;
+
+  /**
+   * Cases per page, 1 to 1000; 0: 100.
+   *
+   * @generated from field: int32 page_size = 6;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of the previous page, with the same filters; empty:
+   * the first page.
+   *
+   * @generated from field: string page_token = 7;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ListJobResultsRequest.
+ * Use `create(ListJobResultsRequestSchema)` to create a new message.
+ */
+export const ListJobResultsRequestSchema: GenMessage<ListJobResultsRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 21);
+
+/**
+ * Response of ListJobResults.
+ *
+ * @generated from message treadmill.coordinator.v1.ListJobResultsResponse
+ */
+export type ListJobResultsResponse = Message<"treadmill.coordinator.v1.ListJobResultsResponse"> & {
+  /**
+   * The attempt listed (0 when the job has no results yet).
+   *
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * The cases of the page, in report order.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.TestCase cases = 2;
+   */
+  cases: TestCase[];
+
+  /**
+   * Token of the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 3;
+   */
+  nextPageToken: string;
+
+  /**
+   * The attempt's counts (all cases, not only the filtered ones).
+   *
+   * @generated from field: treadmill.coordinator.v1.ResultCounts counts = 4;
+   */
+  counts?: ResultCounts | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ListJobResultsResponse.
+ * Use `create(ListJobResultsResponseSchema)` to create a new message.
+ */
+export const ListJobResultsResponseSchema: GenMessage<ListJobResultsResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 22);
+
+/**
+ * Request of CompareJobResults.
+ *
+ * @generated from message treadmill.coordinator.v1.CompareJobResultsRequest
+ */
+export type CompareJobResultsRequest = Message<"treadmill.coordinator.v1.CompareJobResultsRequest"> & {
+  /**
+   * The job's id.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Cases listed per category at most, 1 to 1000; 0: 100. The counts are
+   * always complete.
+   *
+   * @generated from field: int32 limit = 2;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.CompareJobResultsRequest.
+ * Use `create(CompareJobResultsRequestSchema)` to create a new message.
+ */
+export const CompareJobResultsRequestSchema: GenMessage<CompareJobResultsRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 23);
+
+/**
+ * CaseChange is one case of a comparison: the job's case and its outcome in
+ * the base job.
+ *
+ * @generated from message treadmill.coordinator.v1.CaseChange
+ */
+export type CaseChange = Message<"treadmill.coordinator.v1.CaseChange"> & {
+  /**
+   * The job's case (for a case the job no longer has: its base case).
+   *
+   * @generated from field: treadmill.coordinator.v1.TestCase case = 1;
+   */
+  case?: TestCase | undefined;
+
+  /**
+   * The case's outcome in the base job; UNSPECIFIED when the base job did
+   * not have it.
+   *
+   * @generated from field: treadmill.coordinator.v1.TestOutcome base_outcome = 2;
+   */
+  baseOutcome: TestOutcome;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.CaseChange.
+ * Use `create(CaseChangeSchema)` to create a new message.
+ */
+export const CaseChangeSchema: GenMessage<CaseChange> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 24);
+
+/**
+ * Response of CompareJobResults.
+ *
+ * @generated from message treadmill.coordinator.v1.CompareJobResultsResponse
+ */
+export type CompareJobResultsResponse = Message<"treadmill.coordinator.v1.CompareJobResultsResponse"> & {
+  /**
+   * The job compared with; unset when the series has no earlier finalized
+   * job with results (then every list is empty).
+   *
+   * @generated from field: treadmill.coordinator.v1.Job base_job = 1;
+   */
+  baseJob?: Job | undefined;
+
+  /**
+   * The labels that identified the series (the job's labels without the
+   * commit-like ones).
+   *
+   * @generated from field: map<string, string> series_labels = 2;
+   */
+  seriesLabels: { [key: string]: string };
+
+  /**
+   * Cases that fail (or are in error) now and did not in the base job
+   * (passed, skipped or were absent).
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.CaseChange newly_failing = 3;
+   */
+  newlyFailing: CaseChange[];
+
+  /**
+   * How many cases newly fail.
+   *
+   * @generated from field: int64 newly_failing_count = 4;
+   */
+  newlyFailingCount: bigint;
+
+  /**
+   * Cases that pass now and failed (or were in error) in the base job.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.CaseChange newly_passing = 5;
+   */
+  newlyPassing: CaseChange[];
+
+  /**
+   * How many cases newly pass.
+   *
+   * @generated from field: int64 newly_passing_count = 6;
+   */
+  newlyPassingCount: bigint;
+
+  /**
+   * Cases that failed (or were in error) in both.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.CaseChange still_failing = 7;
+   */
+  stillFailing: CaseChange[];
+
+  /**
+   * How many cases still fail.
+   *
+   * @generated from field: int64 still_failing_count = 8;
+   */
+  stillFailingCount: bigint;
+
+  /**
+   * The attempt of the job compared.
+   *
+   * @generated from field: int32 attempt = 9;
+   */
+  attempt: number;
+
+  /**
+   * The attempt of the base job compared.
+   *
+   * @generated from field: int32 base_attempt = 10;
+   */
+  baseAttempt: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.CompareJobResultsResponse.
+ * Use `create(CompareJobResultsResponseSchema)` to create a new message.
+ */
+export const CompareJobResultsResponseSchema: GenMessage<CompareJobResultsResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 25);
+
+/**
+ * Request of ListJobArtifacts.
+ *
+ * @generated from message treadmill.coordinator.v1.ListJobArtifactsRequest
+ */
+export type ListJobArtifactsRequest = Message<"treadmill.coordinator.v1.ListJobArtifactsRequest"> & {
+  /**
+   * The job's id.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The attempt; 0: the newest attempt that recorded artifacts (else the
+   * current one).
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ListJobArtifactsRequest.
+ * Use `create(ListJobArtifactsRequestSchema)` to create a new message.
+ */
+export const ListJobArtifactsRequestSchema: GenMessage<ListJobArtifactsRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 26);
+
+/**
+ * Response of ListJobArtifacts.
+ *
+ * @generated from message treadmill.coordinator.v1.ListJobArtifactsResponse
+ */
+export type ListJobArtifactsResponse = Message<"treadmill.coordinator.v1.ListJobArtifactsResponse"> & {
+  /**
+   * The attempt listed.
+   *
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * Its artifacts, by name.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.Artifact artifacts = 2;
+   */
+  artifacts: Artifact[];
+
+  /**
+   * Bytes of them all.
+   *
+   * @generated from field: int64 total_bytes = 3;
+   */
+  totalBytes: bigint;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ListJobArtifactsResponse.
+ * Use `create(ListJobArtifactsResponseSchema)` to create a new message.
+ */
+export const ListJobArtifactsResponseSchema: GenMessage<ListJobArtifactsResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 27);
+
+/**
+ * Request of GetJobArtifactAccess.
+ *
+ * @generated from message treadmill.coordinator.v1.GetJobArtifactAccessRequest
+ */
+export type GetJobArtifactAccessRequest = Message<"treadmill.coordinator.v1.GetJobArtifactAccessRequest"> & {
+  /**
+   * The job's id.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The attempt, as in ListJobArtifactsRequest.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.GetJobArtifactAccessRequest.
+ * Use `create(GetJobArtifactAccessRequestSchema)` to create a new message.
+ */
+export const GetJobArtifactAccessRequestSchema: GenMessage<GetJobArtifactAccessRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 28);
+
+/**
+ * ArtifactAccess is where a set of artifacts can be read, and with what.
+ *
+ * @generated from message treadmill.coordinator.v1.ArtifactAccess
+ */
+export type ArtifactAccess = Message<"treadmill.coordinator.v1.ArtifactAccess"> & {
+  /**
+   * The store manifest listing them (Artifact.manifest_digest).
+   *
+   * @generated from field: string manifest_digest = 1;
+   */
+  manifestDigest: string;
+
+  /**
+   * Base URL of the image store (ImageStoreService.GetBlob).
+   *
+   * @generated from field: string store_url = 2;
+   */
+  storeUrl: string;
+
+  /**
+   * image:read token for manifest_digest: reads its blobs, nothing else.
+   *
+   * @generated from field: treadmill.common.v1.CapabilityToken read_token = 3;
+   */
+  readToken?: CapabilityToken | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ArtifactAccess.
+ * Use `create(ArtifactAccessSchema)` to create a new message.
+ */
+export const ArtifactAccessSchema: GenMessage<ArtifactAccess> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 29);
+
+/**
+ * Response of GetJobArtifactAccess.
+ *
+ * @generated from message treadmill.coordinator.v1.GetJobArtifactAccessResponse
+ */
+export type GetJobArtifactAccessResponse = Message<"treadmill.coordinator.v1.GetJobArtifactAccessResponse"> & {
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 1;
+   */
+  attempt: number;
+
+  /**
+   * One entry per manifest (one per host of the attempt).
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.ArtifactAccess access = 2;
+   */
+  access: ArtifactAccess[];
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.GetJobArtifactAccessResponse.
+ * Use `create(GetJobArtifactAccessResponseSchema)` to create a new message.
+ */
+export const GetJobArtifactAccessResponseSchema: GenMessage<GetJobArtifactAccessResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 30);
+
+/**
+ * RerunJobRequest names the job to run again.
+ *
+ * @generated from message treadmill.coordinator.v1.RerunJobRequest
+ */
+export type RerunJobRequest = Message<"treadmill.coordinator.v1.RerunJobRequest"> & {
+  /**
+   * The job to re-run.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Client-chosen idempotency key, as SubmitJobRequest.request_id.
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+
+  /**
+   * Parameters to set instead of the old job's (by name; a new name is
+   * added). A secret override replaces the kept secret value.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.Parameter parameters = 3;
+   */
+  parameters: Parameter[];
+
+  /**
+   * Queue the re-run even when no host that matches it can run it now, as
+   * SubmitJobRequest.queue_anyway.
+   *
+   * @generated from field: bool queue_anyway = 4;
+   */
+  queueAnyway: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.RerunJobRequest.
+ * Use `create(RerunJobRequestSchema)` to create a new message.
+ */
+export const RerunJobRequestSchema: GenMessage<RerunJobRequest> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 31);
+
+/**
+ * RerunJobResponse is the new job.
+ *
+ * @generated from message treadmill.coordinator.v1.RerunJobResponse
+ */
+export type RerunJobResponse = Message<"treadmill.coordinator.v1.RerunJobResponse"> & {
+  /**
+   * The new job, QUEUED, with rerun_of_job_id set.
+   *
+   * @generated from field: treadmill.coordinator.v1.Job job = 1;
+   */
+  job?: Job | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.RerunJobResponse.
+ * Use `create(RerunJobResponseSchema)` to create a new message.
+ */
+export const RerunJobResponseSchema: GenMessage<RerunJobResponse> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_job_service, 32);
+
+/**
  * JobChangeKind is the kind of a WatchJobs message.
  *
  * @generated from enum treadmill.coordinator.v1.JobChangeKind
@@ -900,6 +1374,81 @@ export const JobService: GenService<{
     methodKind: "unary";
     input: typeof ControlHostRequestSchema;
     output: typeof ControlHostResponseSchema;
+  },
+  /**
+   * Lists the test cases of one attempt of a job (docs/results.md), in the
+   * order the job reported them, with filters and keyset pagination; also
+   * while the job runs (the cases parsed so far). Who may: as GetJob. Safe
+   * to retry. Errors: INVALID_ARGUMENT (job_id, attempt, outcomes,
+   * page_size, page_token), NOT_FOUND, PERMISSION_DENIED.
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.ListJobResults
+   */
+  listJobResults: {
+    methodKind: "unary";
+    input: typeof ListJobResultsRequestSchema;
+    output: typeof ListJobResultsResponseSchema;
+  },
+  /**
+   * Compares the job's results (its latest attempt with results) with those
+   * of the last finalized job of the same series that has results: the
+   * same labels (JobSpec.tags) except the commit-like ones (coordinator
+   * config), the same owner, submitted before it. Lists the newly failing,
+   * newly passing and still failing cases, each list capped with its full
+   * count. Who may: as GetJob. Safe to retry. Errors: INVALID_ARGUMENT,
+   * NOT_FOUND, PERMISSION_DENIED.
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.CompareJobResults
+   */
+  compareJobResults: {
+    methodKind: "unary";
+    input: typeof CompareJobResultsRequestSchema;
+    output: typeof CompareJobResultsResponseSchema;
+  },
+  /**
+   * The artifacts of one attempt of a job (docs/artifacts.md): name, size,
+   * digest, where stored. Who may: as GetJob (NotFound, PermissionDenied).
+   * Safe to retry.
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.ListJobArtifacts
+   */
+  listJobArtifacts: {
+    methodKind: "unary";
+    input: typeof ListJobArtifactsRequestSchema;
+    output: typeof ListJobArtifactsResponseSchema;
+  },
+  /**
+   * How to download an attempt's artifacts: for each store manifest holding
+   * them, the store's URL and an image:read token scoped to that manifest
+   * (GetBlob of its blobs). Who may: as GetJob. FailedPrecondition when the
+   * attempt has no artifacts. Safe to retry.
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.GetJobArtifactAccess
+   */
+  getJobArtifactAccess: {
+    methodKind: "unary";
+    input: typeof GetJobArtifactAccessRequestSchema;
+    output: typeof GetJobArtifactAccessResponseSchema;
+  },
+  /**
+   * Submits a new job, owned by the caller, with the spec of a finished or
+   * running job and its image by the digest it ran, parameters replaced by
+   * the overrides given, and links the two (Job.rerun_of_job_id,
+   * Job.rerun_job_ids; a RERUN event on both timelines). Its owner or an
+   * admin may, as for CancelJob. The old job's secret values, kept on the
+   * coordinator and never sent back, go to its owner's re-run only: anyone
+   * else gives them in parameters. Safe to retry with the same request_id.
+   * Errors: INVALID_ARGUMENT, NOT_FOUND (no such job, or its image is gone
+   * from the catalog), PERMISSION_DENIED, FAILED_PRECONDITION (a secret
+   * value not given and not to be had; a health job; no host can run it
+   * now), RESOURCE_EXHAUSTED (too many unfinished jobs).
+   *
+   * @generated from rpc treadmill.coordinator.v1.JobService.RerunJob
+   */
+  rerunJob: {
+    methodKind: "unary";
+    input: typeof RerunJobRequestSchema;
+    output: typeof RerunJobResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_treadmill_coordinator_v1_job_service, 0);

@@ -12,7 +12,7 @@ import type { ProtocolVersion } from "../../common/v1/protocol_pb.js";
 import { file_treadmill_common_v1_protocol } from "../../common/v1/protocol_pb.js";
 import type { DriverKind, Host } from "./host_pb.js";
 import { file_treadmill_coordinator_v1_host } from "./host_pb.js";
-import type { ExitStatus, FinalizeReason, HostControlAction, JobSpec, JobStage, JobState, LogStatus } from "./job_pb.js";
+import type { ExitStatus, FinalizeReason, HostControlAction, JobSpec, JobStage, JobState, LogStatus, TestCase } from "./job_pb.js";
 import { file_treadmill_coordinator_v1_job } from "./job_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file treadmill/coordinator/v1/supervisor_service.proto.
  */
 export const file_treadmill_coordinator_v1_supervisor_service: GenFile = /*@__PURE__*/
-  fileDesc("CjF0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvc3VwZXJ2aXNvcl9zZXJ2aWNlLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEiuAQKDUF0dGFjaFJlcXVlc3QSOgoFaGVsbG8YASABKAsyKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlbGxvSAASRAoQam9iX3N0YXRlX3JlcG9ydBgCIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZVJlcG9ydEgAEjsKC2NvbW1hbmRfYWNrGAMgASgLMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbW1hbmRBY2tIABJCCgloZWFydGJlYXQYBCABKAsyLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlYXJ0YmVhdEgAEkMKD3NuYXBzaG90X3Jlc3VsdBgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFJlc3VsdEgAEkAKDmpvYl9sb2dfcmVwb3J0GAYgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkxvZ1JlcG9ydEgAEkYKEWxvZ190b2tlbl9yZXF1ZXN0GAcgASgLMikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1Rva2VuUmVxdWVzdEgAEkoKE2hvc3RfY29udHJvbF9yZXN1bHQYCCABKAsyKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdENvbnRyb2xSZXN1bHRIAEIJCgdwYXlsb2FkIpYECg5BdHRhY2hSZXNwb25zZRI+Cgd3ZWxjb21lGAEgASgLMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN1cGVydmlzb3JXZWxjb21lSAASNwoJc3RhcnRfam9iGAIgASgLMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlN0YXJ0Sm9iSAASNQoIc3RvcF9qb2IYAyABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3RvcEpvYkgAEjkKCmFja19yZXBvcnQYBCABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQWNrUmVwb3J0SAASPwoNdGFrZV9zbmFwc2hvdBgFIAEoCzImLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UYWtlU25hcHNob3RIABJDCgloZWFydGJlYXQYBiABKAsyLi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQ29vcmRpbmF0b3JIZWFydGJlYXRIABJCCg9sb2dfdG9rZW5fZ3JhbnQYByABKAsyJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nVG9rZW5HcmFudEgAEkQKDGNvbnRyb2xfaG9zdBgIIAEoCzIsLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db250cm9sSG9zdENvbW1hbmRIAEIJCgdwYXlsb2FkIvQBCg5Kb2JUZXJtaW5hdGlvbhI4CgZyZWFzb24YASABKA4yKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRmluYWxpemVSZWFzb24SOQoLZXhpdF9zdGF0dXMYAiABKA4yJC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuRXhpdFN0YXR1cxIWCglleGl0X2NvZGUYAyABKAVIAIgBARIPCgdtZXNzYWdlGAQgASgJEigKBHRpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGhlbGQYBiABKAhCDAoKX2V4aXRfY29kZSLPAQoHSGVsZEpvYhIOCgZqb2JfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIxCgVzdGF0ZRgDIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZRIxCgVzdGFnZRgEIAEoDjIiLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGFnZRI9Cgt0ZXJtaW5hdGlvbhgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JUZXJtaW5hdGlvbiKjAgoPU3VwZXJ2aXNvckhlbGxvEj4KEHByb3RvY29sX3ZlcnNpb24YASABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLlByb3RvY29sVmVyc2lvbhIPCgdob3N0X2lkGAIgASgJEhoKEnN1cGVydmlzb3JfdmVyc2lvbhgDIAEoCRITCgtpbnN0YW5jZV9pZBgEIAEoCRI5Cgtkcml2ZXJfa2luZBgFIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ecml2ZXJLaW5kEhAKCGNhcGFjaXR5GAYgASgFEi8KBGpvYnMYByADKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSGVsZEpvYhIQCghkcmFpbmluZxgIIAEoCCKkAgoOSm9iU3RhdGVSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjEKBXN0YXRlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAUgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEg8KB21lc3NhZ2UYBiABKAkSPQoLdGVybWluYXRpb24YByABKAsyKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iVGVybWluYXRpb24SKAoEdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVwoKQ29tbWFuZEFjaxISCgpyZXF1ZXN0X2lkGAEgASgJEgoKAm9rGAIgASgIEhIKCmVycm9yX2NvZGUYAyABKAUSFQoNZXJyb3JfbWVzc2FnZRgEIAEoCSJRChNTdXBlcnZpc29ySGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGRyYWluaW5nGAIgASgIItMBCg5TbmFwc2hvdFJlc3VsdBISCgpyZXF1ZXN0X2lkGAEgASgJEhMKC3NuYXBzaG90X2lkGAIgASgJEg4KBmpvYl9pZBgDIAEoCRIPCgdhdHRlbXB0GAQgASgFEgoKAm9rGAUgASgIEhcKD21hbmlmZXN0X2RpZ2VzdBgGIAEoCRISCgpzaXplX2J5dGVzGAcgASgDEhMKC21lZGlhX3R5cGVzGAggAygJEhIKCmVycm9yX2NvZGUYCSABKAUSFQoNZXJyb3JfbWVzc2FnZRgKIAEoCSKBAgoRU3VwZXJ2aXNvcldlbGNvbWUSPgoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuUHJvdG9jb2xWZXJzaW9uEiwKBGhvc3QYAiABKAsyHi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoLc2VydmVyX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmNvb3JkaW5hdG9yX2lkGAUgASgJIlsKCUxvZ1RhcmdldBITCgtzZXJ2ZXJfdXJscxgBIAMoCRI5Cgt3cml0ZV90b2tlbhgCIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIooBCgtJbWFnZVNvdXJjZRIXCg9tYW5pZmVzdF9kaWdlc3QYASABKAkSEQoJY2FjaGVfdXJsGAIgASgJEhUKDWxvY2F0aW9uX3VybHMYAyADKAkSOAoKcmVhZF90b2tlbhgEIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIlYKC1Byb3h5VGFyZ2V0EgsKA3VybBgBIAEoCRI6CgxleHBvc2VfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbiI8CgdKb2JQZWVyEg0KBWluZGV4GAEgASgFEg8KB2hvc3RfaWQYAiABKAkSEQoJaG9zdF9uYW1lGAMgASgJIpwDCghTdGFydEpvYhISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEi8KBHNwZWMYBCABKAsyIS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3BlYxI0CgVpbWFnZRgFIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5JbWFnZVNvdXJjZRIxCgRsb2dzGAYgASgLMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1RhcmdldBI0CgVwcm94eRgHIAEoCzIlLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Qcm94eVRhcmdldBIsCghkZWFkbGluZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaG9zdF9pbmRleBgJIAEoBRIwCgVwZWVycxgKIAMoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JQZWVyEhcKD2hvbGRfb25fZmFpbHVyZRgLIAEoCCK6AQoHU3RvcEpvYhISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjgKBnJlYXNvbhgEIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhIPCgdtZXNzYWdlGAUgASgJEi8KDGdyYWNlX3BlcmlvZBgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJRCglBY2tSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEhAKCHRlcm1pbmFsGAQgASgIIqkCCgxUYWtlU25hcHNob3QSEgoKcmVxdWVzdF9pZBgBIAEoCRITCgtzbmFwc2hvdF9pZBgCIAEoCRIOCgZqb2JfaWQYAyABKAkSDwoHYXR0ZW1wdBgEIAEoBRISCgp1cGxvYWRfdXJsGAUgASgJEjkKC3dyaXRlX3Rva2VuGAYgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4STAoLYW5ub3RhdGlvbnMYByADKAsyNy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGFrZVNuYXBzaG90LkFubm90YXRpb25zRW50cnkaMgoQQW5ub3RhdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkAKFENvb3JkaW5hdG9ySGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIq4BCgxKb2JMb2dSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEjMKBnN0YXR1cxgEIAEoDjIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dTdGF0dXMSEgoKYnl0ZXNfbG9zdBgFIAEoAxIPCgdtZXNzYWdlGAYgASgJEhAKCHJldmlzaW9uGAcgASgDIkYKD0xvZ1Rva2VuUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFIssBCg1Mb2dUb2tlbkdyYW50EhIKCnJlcXVlc3RfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSCgoCb2sYBCABKAgSOQoLd3JpdGVfdG9rZW4YBSABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhITCgtzZXJ2ZXJfdXJscxgGIAMoCRISCgplcnJvcl9jb2RlGAcgASgFEhUKDWVycm9yX21lc3NhZ2UYCCABKAkimgEKEkNvbnRyb2xIb3N0Q29tbWFuZBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmNvbnRyb2xfaWQYAiABKAkSDgoGam9iX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUSOwoGYWN0aW9uGAUgASgOMisudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkhvc3RDb250cm9sQWN0aW9uIoMBChFIb3N0Q29udHJvbFJlc3VsdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmNvbnRyb2xfaWQYAiABKAkSCgoCb2sYAyABKAgSDwoHbWVzc2FnZRgEIAEoCRISCgplcnJvcl9jb2RlGAUgASgFEhUKDWVycm9yX21lc3NhZ2UYBiABKAkydAoRU3VwZXJ2aXNvclNlcnZpY2USXwoGQXR0YWNoEicudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkF0dGFjaFJlcXVlc3QaKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQXR0YWNoUmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_common_v1_capability, file_treadmill_common_v1_protocol, file_treadmill_coordinator_v1_host, file_treadmill_coordinator_v1_job]);
+  fileDesc("CjF0cmVhZG1pbGwvY29vcmRpbmF0b3IvdjEvc3VwZXJ2aXNvcl9zZXJ2aWNlLnByb3RvEhh0cmVhZG1pbGwuY29vcmRpbmF0b3IudjEi0AUKDUF0dGFjaFJlcXVlc3QSOgoFaGVsbG8YASABKAsyKS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlbGxvSAASRAoQam9iX3N0YXRlX3JlcG9ydBgCIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTdGF0ZVJlcG9ydEgAEjsKC2NvbW1hbmRfYWNrGAMgASgLMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbW1hbmRBY2tIABJCCgloZWFydGJlYXQYBCABKAsyLS50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvckhlYXJ0YmVhdEgAEkMKD3NuYXBzaG90X3Jlc3VsdBgFIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TbmFwc2hvdFJlc3VsdEgAEkAKDmpvYl9sb2dfcmVwb3J0GAYgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkxvZ1JlcG9ydEgAEkYKEWxvZ190b2tlbl9yZXF1ZXN0GAcgASgLMikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1Rva2VuUmVxdWVzdEgAEkoKE2hvc3RfY29udHJvbF9yZXN1bHQYCCABKAsyKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdENvbnRyb2xSZXN1bHRIABJIChJqb2JfcmVzdWx0c19yZXBvcnQYCSABKAsyKi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iUmVzdWx0c1JlcG9ydEgAEkwKFGpvYl9hcnRpZmFjdHNfcmVwb3J0GAogASgLMiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYkFydGlmYWN0c1JlcG9ydEgAQgkKB3BheWxvYWQilgQKDkF0dGFjaFJlc3BvbnNlEj4KB3dlbGNvbWUYASABKAsyKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3VwZXJ2aXNvcldlbGNvbWVIABI3CglzdGFydF9qb2IYAiABKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuU3RhcnRKb2JIABI1CghzdG9wX2pvYhgDIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5TdG9wSm9iSAASOQoKYWNrX3JlcG9ydBgEIAEoCzIjLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BY2tSZXBvcnRIABI/Cg10YWtlX3NuYXBzaG90GAUgASgLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlRha2VTbmFwc2hvdEgAEkMKCWhlYXJ0YmVhdBgGIAEoCzIuLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Db29yZGluYXRvckhlYXJ0YmVhdEgAEkIKD2xvZ190b2tlbl9ncmFudBgHIAEoCzInLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Mb2dUb2tlbkdyYW50SAASRAoMY29udHJvbF9ob3N0GAggASgLMiwudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkNvbnRyb2xIb3N0Q29tbWFuZEgAQgkKB3BheWxvYWQi9AEKDkpvYlRlcm1pbmF0aW9uEjgKBnJlYXNvbhgBIAEoDjIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5GaW5hbGl6ZVJlYXNvbhI5CgtleGl0X3N0YXR1cxgCIAEoDjIkLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5FeGl0U3RhdHVzEhYKCWV4aXRfY29kZRgDIAEoBUgAiAEBEg8KB21lc3NhZ2UYBCABKAkSKAoEdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEaGVsZBgGIAEoCEIMCgpfZXhpdF9jb2RlIs8BCgdIZWxkSm9iEg4KBmpvYl9pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEjEKBXN0YXRlGAMgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YXRlEjEKBXN0YWdlGAQgASgOMiIudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlN0YWdlEj0KC3Rlcm1pbmF0aW9uGAUgASgLMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlRlcm1pbmF0aW9uIqMCCg9TdXBlcnZpc29ySGVsbG8SPgoQcHJvdG9jb2xfdmVyc2lvbhgBIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuUHJvdG9jb2xWZXJzaW9uEg8KB2hvc3RfaWQYAiABKAkSGgoSc3VwZXJ2aXNvcl92ZXJzaW9uGAMgASgJEhMKC2luc3RhbmNlX2lkGAQgASgJEjkKC2RyaXZlcl9raW5kGAUgASgOMiQudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkRyaXZlcktpbmQSEAoIY2FwYWNpdHkYBiABKAUSLwoEam9icxgHIAMoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5IZWxkSm9iEhAKCGRyYWluaW5nGAggASgIIqQCCg5Kb2JTdGF0ZVJlcG9ydBIRCglyZXBvcnRfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSMQoFc3RhdGUYBCABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhdGUSMQoFc3RhZ2UYBSABKA4yIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iU3RhZ2USDwoHbWVzc2FnZRgGIAEoCRI9Cgt0ZXJtaW5hdGlvbhgHIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JUZXJtaW5hdGlvbhIoCgR0aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJXCgpDb21tYW5kQWNrEhIKCnJlcXVlc3RfaWQYASABKAkSCgoCb2sYAiABKAgSEgoKZXJyb3JfY29kZRgDIAEoBRIVCg1lcnJvcl9tZXNzYWdlGAQgASgJIlEKE1N1cGVydmlzb3JIZWFydGJlYXQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIZHJhaW5pbmcYAiABKAgi0wEKDlNuYXBzaG90UmVzdWx0EhIKCnJlcXVlc3RfaWQYASABKAkSEwoLc25hcHNob3RfaWQYAiABKAkSDgoGam9iX2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUSCgoCb2sYBSABKAgSFwoPbWFuaWZlc3RfZGlnZXN0GAYgASgJEhIKCnNpemVfYnl0ZXMYByABKAMSEwoLbWVkaWFfdHlwZXMYCCADKAkSEgoKZXJyb3JfY29kZRgJIAEoBRIVCg1lcnJvcl9tZXNzYWdlGAogASgJIoECChFTdXBlcnZpc29yV2VsY29tZRI+ChBwcm90b2NvbF92ZXJzaW9uGAEgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5Qcm90b2NvbFZlcnNpb24SLAoEaG9zdBgCIAEoCzIeLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Ib3N0EjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIvCgtzZXJ2ZXJfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOY29vcmRpbmF0b3JfaWQYBSABKAkiWwoJTG9nVGFyZ2V0EhMKC3NlcnZlcl91cmxzGAEgAygJEjkKC3dyaXRlX3Rva2VuGAIgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4iigEKC0ltYWdlU291cmNlEhcKD21hbmlmZXN0X2RpZ2VzdBgBIAEoCRIRCgljYWNoZV91cmwYAiABKAkSFQoNbG9jYXRpb25fdXJscxgDIAMoCRI4CgpyZWFkX3Rva2VuGAQgASgLMiQudHJlYWRtaWxsLmNvbW1vbi52MS5DYXBhYmlsaXR5VG9rZW4iVgoLUHJveHlUYXJnZXQSCwoDdXJsGAEgASgJEjoKDGV4cG9zZV90b2tlbhgCIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIjwKB0pvYlBlZXISDQoFaW5kZXgYASABKAUSDwoHaG9zdF9pZBgCIAEoCRIRCglob3N0X25hbWUYAyABKAkikwQKCFN0YXJ0Sm9iEhIKCnJlcXVlc3RfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSLwoEc3BlYxgEIAEoCzIhLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5Kb2JTcGVjEjQKBWltYWdlGAUgASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkltYWdlU291cmNlEjEKBGxvZ3MYBiABKAsyIy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuTG9nVGFyZ2V0EjQKBXByb3h5GAcgASgLMiUudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlByb3h5VGFyZ2V0EiwKCGRlYWRsaW5lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpob3N0X2luZGV4GAkgASgFEjAKBXBlZXJzGAogAygLMiEudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkpvYlBlZXISFwoPaG9sZF9vbl9mYWlsdXJlGAsgASgIEjsKCWFydGlmYWN0cxgMIAEoCzIoLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BcnRpZmFjdFRhcmdldBI4CgZpbnB1dHMYDSADKAsyKC50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSm9iSW5wdXRTb3VyY2UioQEKDkFydGlmYWN0VGFyZ2V0EhIKCnVwbG9hZF91cmwYASABKAkSOQoLd3JpdGVfdG9rZW4YAiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhIWCg5tYXhfZmlsZV9ieXRlcxgDIAEoAxIVCg1tYXhfam9iX2J5dGVzGAQgASgDEhEKCW1heF9maWxlcxgFIAEoBSKPAQoOSm9iSW5wdXRTb3VyY2USDAoEbmFtZRgBIAEoCRIOCgZkaWdlc3QYAiABKAkSEgoKc2l6ZV9ieXRlcxgDIAEoAxIRCglzdG9yZV91cmwYBCABKAkSOAoKcmVhZF90b2tlbhgFIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuIvcBChJKb2JBcnRpZmFjdHNSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIPCgdhdHRlbXB0GAMgASgFEhcKD21hbmlmZXN0X2RpZ2VzdBgEIAEoCRISCgp1cGxvYWRfdXJsGAUgASgJEjUKBWZpbGVzGAYgAygLMiYudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkFydGlmYWN0RmlsZRI6Cgdza2lwcGVkGAcgAygLMikudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLlNraXBwZWRBcnRpZmFjdBINCgVlcnJvchgIIAEoCSJUCgxBcnRpZmFjdEZpbGUSDAoEbmFtZRgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgDEg4KBmRpZ2VzdBgDIAEoCRISCgptZWRpYV90eXBlGAQgASgJIkMKD1NraXBwZWRBcnRpZmFjdBIMCgRuYW1lGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSDgoGcmVhc29uGAMgASgJIroBCgdTdG9wSm9iEhIKCnJlcXVlc3RfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSOAoGcmVhc29uGAQgASgOMigudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkZpbmFsaXplUmVhc29uEg8KB21lc3NhZ2UYBSABKAkSLwoMZ3JhY2VfcGVyaW9kGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIlEKCUFja1JlcG9ydBIRCglyZXBvcnRfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSEAoIdGVybWluYWwYBCABKAgiqQIKDFRha2VTbmFwc2hvdBISCgpyZXF1ZXN0X2lkGAEgASgJEhMKC3NuYXBzaG90X2lkGAIgASgJEg4KBmpvYl9pZBgDIAEoCRIPCgdhdHRlbXB0GAQgASgFEhIKCnVwbG9hZF91cmwYBSABKAkSOQoLd3JpdGVfdG9rZW4YBiABKAsyJC50cmVhZG1pbGwuY29tbW9uLnYxLkNhcGFiaWxpdHlUb2tlbhJMCgthbm5vdGF0aW9ucxgHIAMoCzI3LnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5UYWtlU25hcHNob3QuQW5ub3RhdGlvbnNFbnRyeRoyChBBbm5vdGF0aW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiQAoUQ29vcmRpbmF0b3JIZWFydGJlYXQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAirgEKDEpvYkxvZ1JlcG9ydBIRCglyZXBvcnRfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSMwoGc3RhdHVzGAQgASgOMiMudHJlYWRtaWxsLmNvb3JkaW5hdG9yLnYxLkxvZ1N0YXR1cxISCgpieXRlc19sb3N0GAUgASgDEg8KB21lc3NhZ2UYBiABKAkSEAoIcmV2aXNpb24YByABKAMiRgoPTG9nVG9rZW5SZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUiywEKDUxvZ1Rva2VuR3JhbnQSEgoKcmVxdWVzdF9pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSDwoHYXR0ZW1wdBgDIAEoBRIKCgJvaxgEIAEoCBI5Cgt3cml0ZV90b2tlbhgFIAEoCzIkLnRyZWFkbWlsbC5jb21tb24udjEuQ2FwYWJpbGl0eVRva2VuEhMKC3NlcnZlcl91cmxzGAYgAygJEhIKCmVycm9yX2NvZGUYByABKAUSFQoNZXJyb3JfbWVzc2FnZRgIIAEoCSKaAQoSQ29udHJvbEhvc3RDb21tYW5kEhIKCnJlcXVlc3RfaWQYASABKAkSEgoKY29udHJvbF9pZBgCIAEoCRIOCgZqb2JfaWQYAyABKAkSDwoHYXR0ZW1wdBgEIAEoBRI7CgZhY3Rpb24YBSABKA4yKy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuSG9zdENvbnRyb2xBY3Rpb24igwEKEUhvc3RDb250cm9sUmVzdWx0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKY29udHJvbF9pZBgCIAEoCRIKCgJvaxgDIAEoCBIPCgdtZXNzYWdlGAQgASgJEhIKCmVycm9yX2NvZGUYBSABKAUSFQoNZXJyb3JfbWVzc2FnZRgGIAEoCSKZAQoQSm9iUmVzdWx0c1JlcG9ydBIRCglyZXBvcnRfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEg8KB2F0dGVtcHQYAyABKAUSMQoFY2FzZXMYBCADKAsyIi50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuVGVzdENhc2USEAoIcHJvYmxlbXMYBSADKAkSDAoEbGFzdBgGIAEoCDJ0ChFTdXBlcnZpc29yU2VydmljZRJfCgZBdHRhY2gSJy50cmVhZG1pbGwuY29vcmRpbmF0b3IudjEuQXR0YWNoUmVxdWVzdBooLnRyZWFkbWlsbC5jb29yZGluYXRvci52MS5BdHRhY2hSZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_treadmill_common_v1_capability, file_treadmill_common_v1_protocol, file_treadmill_coordinator_v1_host, file_treadmill_coordinator_v1_job]);
 
 /**
  * One message from the supervisor to the coordinator.
@@ -97,6 +97,22 @@ export type AttachRequest = Message<"treadmill.coordinator.v1.AttachRequest"> & 
      */
     value: HostControlResult;
     case: "hostControlResult";
+  } | {
+    /**
+     * A batch of a job attempt's test results.
+     *
+     * @generated from field: treadmill.coordinator.v1.JobResultsReport job_results_report = 9;
+     */
+    value: JobResultsReport;
+    case: "jobResultsReport";
+  } | {
+    /**
+     * The artifacts a job attempt wrote on this host, once uploaded.
+     *
+     * @generated from field: treadmill.coordinator.v1.JobArtifactsReport job_artifacts_report = 10;
+     */
+    value: JobArtifactsReport;
+    case: "jobArtifactsReport";
   } | { case: undefined; value?: undefined };
 };
 
@@ -888,6 +904,20 @@ export type StartJob = Message<"treadmill.coordinator.v1.StartJob"> & {
    * @generated from field: bool hold_on_failure = 11;
    */
   holdOnFailure: boolean;
+
+  /**
+   * Where the job's artifacts go when it ends; unset: none are collected.
+   *
+   * @generated from field: treadmill.coordinator.v1.ArtifactTarget artifacts = 12;
+   */
+  artifacts?: ArtifactTarget | undefined;
+
+  /**
+   * The job's input files, resolved, each with a read token.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.JobInputSource inputs = 13;
+   */
+  inputs: JobInputSource[];
 };
 
 /**
@@ -896,6 +926,258 @@ export type StartJob = Message<"treadmill.coordinator.v1.StartJob"> & {
  */
 export const StartJobSchema: GenMessage<StartJob> = /*@__PURE__*/
   messageDesc(file_treadmill_coordinator_v1_supervisor_service, 14);
+
+/**
+ * ArtifactTarget says where and how much of a job's artifacts to upload.
+ *
+ * @generated from message treadmill.coordinator.v1.ArtifactTarget
+ */
+export type ArtifactTarget = Message<"treadmill.coordinator.v1.ArtifactTarget"> & {
+  /**
+   * Base URL of the image store to upload to (PutBlob, PutManifest).
+   *
+   * @generated from field: string upload_url = 1;
+   */
+  uploadUrl: string;
+
+  /**
+   * image:write token for upload_url, minted for the job's owner (who
+   * holds what is uploaded), valid past the attempt's deadline.
+   *
+   * @generated from field: treadmill.common.v1.CapabilityToken write_token = 2;
+   */
+  writeToken?: CapabilityToken | undefined;
+
+  /**
+   * Largest artifact file uploaded; a larger one is skipped and reported.
+   *
+   * @generated from field: int64 max_file_bytes = 3;
+   */
+  maxFileBytes: bigint;
+
+  /**
+   * Most bytes of artifacts per attempt on this host; files past it are
+   * skipped and reported.
+   *
+   * @generated from field: int64 max_job_bytes = 4;
+   */
+  maxJobBytes: bigint;
+
+  /**
+   * Most files per attempt on this host.
+   *
+   * @generated from field: int32 max_files = 5;
+   */
+  maxFiles: number;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ArtifactTarget.
+ * Use `create(ArtifactTargetSchema)` to create a new message.
+ */
+export const ArtifactTargetSchema: GenMessage<ArtifactTarget> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 15);
+
+/**
+ * JobInputSource is one input file: a blob to fetch and place in
+ * $TREADMILL_INPUTS_DIR/<name> before the workload starts.
+ *
+ * @generated from message treadmill.coordinator.v1.JobInputSource
+ */
+export type JobInputSource = Message<"treadmill.coordinator.v1.JobInputSource"> & {
+  /**
+   * File name under the inputs directory.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * `sha256:<hex>` of the file: the supervisor verifies what it fetched.
+   *
+   * @generated from field: string digest = 2;
+   */
+  digest: string;
+
+  /**
+   * Bytes.
+   *
+   * @generated from field: int64 size_bytes = 3;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Base URL of the image store holding it.
+   *
+   * @generated from field: string store_url = 4;
+   */
+  storeUrl: string;
+
+  /**
+   * image:read token of the manifest listing the blob.
+   *
+   * @generated from field: treadmill.common.v1.CapabilityToken read_token = 5;
+   */
+  readToken?: CapabilityToken | undefined;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.JobInputSource.
+ * Use `create(JobInputSourceSchema)` to create a new message.
+ */
+export const JobInputSourceSchema: GenMessage<JobInputSource> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 16);
+
+/**
+ * JobArtifactsReport lists the artifacts a job attempt wrote on this host,
+ * after they were uploaded (and the manifest listing them stored). Sent
+ * before the attempt's terminal JobStateReport, retained and sent again
+ * after a reconnect until acknowledged by AckReport (terminal false).
+ * The coordinator records it idempotently by report_id and host.
+ *
+ * @generated from message treadmill.coordinator.v1.JobArtifactsReport
+ */
+export type JobArtifactsReport = Message<"treadmill.coordinator.v1.JobArtifactsReport"> & {
+  /**
+   * Unique per report.
+   *
+   * @generated from field: string report_id = 1;
+   */
+  reportId: string;
+
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 2;
+   */
+  jobId: string;
+
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 3;
+   */
+  attempt: number;
+
+  /**
+   * The store manifest listing every uploaded file (empty when none was).
+   *
+   * @generated from field: string manifest_digest = 4;
+   */
+  manifestDigest: string;
+
+  /**
+   * Base URL of the store uploaded to.
+   *
+   * @generated from field: string upload_url = 5;
+   */
+  uploadUrl: string;
+
+  /**
+   * The uploaded files.
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.ArtifactFile files = 6;
+   */
+  files: ArtifactFile[];
+
+  /**
+   * Files not uploaded, with why (over a cap, not a regular file).
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.SkippedArtifact skipped = 7;
+   */
+  skipped: SkippedArtifact[];
+
+  /**
+   * Why the upload failed as a whole; empty when it did not.
+   *
+   * @generated from field: string error = 8;
+   */
+  error: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.JobArtifactsReport.
+ * Use `create(JobArtifactsReportSchema)` to create a new message.
+ */
+export const JobArtifactsReportSchema: GenMessage<JobArtifactsReport> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 17);
+
+/**
+ * ArtifactFile is one uploaded artifact.
+ *
+ * @generated from message treadmill.coordinator.v1.ArtifactFile
+ */
+export type ArtifactFile = Message<"treadmill.coordinator.v1.ArtifactFile"> & {
+  /**
+   * Path relative to the artifacts directory, `/`-separated.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Bytes.
+   *
+   * @generated from field: int64 size_bytes = 2;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * `sha256:<hex>`.
+   *
+   * @generated from field: string digest = 3;
+   */
+  digest: string;
+
+  /**
+   * Media type guessed from the name.
+   *
+   * @generated from field: string media_type = 4;
+   */
+  mediaType: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.ArtifactFile.
+ * Use `create(ArtifactFileSchema)` to create a new message.
+ */
+export const ArtifactFileSchema: GenMessage<ArtifactFile> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 18);
+
+/**
+ * SkippedArtifact is a file that was not uploaded.
+ *
+ * @generated from message treadmill.coordinator.v1.SkippedArtifact
+ */
+export type SkippedArtifact = Message<"treadmill.coordinator.v1.SkippedArtifact"> & {
+  /**
+   * Path relative to the artifacts directory.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Bytes (0 when unknown).
+   *
+   * @generated from field: int64 size_bytes = 2;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Why, lower-case: e.g. `larger than the per-file cap of 1 GiB`.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.SkippedArtifact.
+ * Use `create(SkippedArtifactSchema)` to create a new message.
+ */
+export const SkippedArtifactSchema: GenMessage<SkippedArtifact> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 19);
 
 /**
  * StopJob tells the supervisor to stop a job attempt (or one it should not
@@ -954,7 +1236,7 @@ export type StopJob = Message<"treadmill.coordinator.v1.StopJob"> & {
  * Use `create(StopJobSchema)` to create a new message.
  */
 export const StopJobSchema: GenMessage<StopJob> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 15);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 20);
 
 /**
  * AckReport tells the supervisor a report is durably recorded. For a terminal
@@ -999,7 +1281,7 @@ export type AckReport = Message<"treadmill.coordinator.v1.AckReport"> & {
  * Use `create(AckReportSchema)` to create a new message.
  */
 export const AckReportSchema: GenMessage<AckReport> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 16);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 21);
 
 /**
  * TakeSnapshot tells the supervisor to turn a running job's state into a new
@@ -1064,7 +1346,7 @@ export type TakeSnapshot = Message<"treadmill.coordinator.v1.TakeSnapshot"> & {
  * Use `create(TakeSnapshotSchema)` to create a new message.
  */
 export const TakeSnapshotSchema: GenMessage<TakeSnapshot> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 17);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 22);
 
 /**
  * CoordinatorHeartbeat tells the supervisor the coordinator is alive.
@@ -1085,7 +1367,7 @@ export type CoordinatorHeartbeat = Message<"treadmill.coordinator.v1.Coordinator
  * Use `create(CoordinatorHeartbeatSchema)` to create a new message.
  */
 export const CoordinatorHeartbeatSchema: GenMessage<CoordinatorHeartbeat> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 18);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 23);
 
 /**
  * JobLogReport is the state of one job attempt's log as this host ships it
@@ -1165,7 +1447,7 @@ export type JobLogReport = Message<"treadmill.coordinator.v1.JobLogReport"> & {
  * Use `create(JobLogReportSchema)` to create a new message.
  */
 export const JobLogReportSchema: GenMessage<JobLogReport> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 19);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 24);
 
 /**
  * LogTokenRequest asks for a fresh `log:write` token of a job attempt whose
@@ -1203,7 +1485,7 @@ export type LogTokenRequest = Message<"treadmill.coordinator.v1.LogTokenRequest"
  * Use `create(LogTokenRequestSchema)` to create a new message.
  */
 export const LogTokenRequestSchema: GenMessage<LogTokenRequest> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 20);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 25);
 
 /**
  * LogTokenGrant answers a LogTokenRequest. The coordinator grants a token
@@ -1277,7 +1559,7 @@ export type LogTokenGrant = Message<"treadmill.coordinator.v1.LogTokenGrant"> & 
  * Use `create(LogTokenGrantSchema)` to create a new message.
  */
 export const LogTokenGrantSchema: GenMessage<LogTokenGrant> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 21);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 26);
 
 /**
  * ControlHostCommand tells the supervisor to act on the host of a running job
@@ -1330,7 +1612,7 @@ export type ControlHostCommand = Message<"treadmill.coordinator.v1.ControlHostCo
  * Use `create(ControlHostCommandSchema)` to create a new message.
  */
 export const ControlHostCommandSchema: GenMessage<ControlHostCommand> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 22);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 27);
 
 /**
  * HostControlResult answers a ControlHostCommand once the action is done or
@@ -1391,7 +1673,75 @@ export type HostControlResult = Message<"treadmill.coordinator.v1.HostControlRes
  * Use `create(HostControlResultSchema)` to create a new message.
  */
 export const HostControlResultSchema: GenMessage<HostControlResult> = /*@__PURE__*/
-  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 23);
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 28);
+
+/**
+ * JobResultsReport is a batch of a job attempt's test cases, parsed by the
+ * supervisor from the job's console (TAP/KTAP, as the job runs) or from the
+ * JUnit files of $TREADMILL_RESULTS_DIR (when the job ends), at most a few
+ * thousand cases per message. Each report is retained and re-sent after
+ * every reconnect until an AckReport with its report_id (terminal false)
+ * arrives; the coordinator records a report_id once, so a repeated report
+ * changes nothing. The attempt's last report (`last`) is sent before the
+ * terminal JobStateReport. Errors: INVALID_ARGUMENT (malformed; ends the
+ * stream). A report for an attempt that never ran on this host, or of a
+ * job that is gone, is acknowledged and ignored.
+ *
+ * @generated from message treadmill.coordinator.v1.JobResultsReport
+ */
+export type JobResultsReport = Message<"treadmill.coordinator.v1.JobResultsReport"> & {
+  /**
+   * Chosen by the supervisor, at most 64 characters; echoed by AckReport.
+   *
+   * @generated from field: string report_id = 1;
+   */
+  reportId: string;
+
+  /**
+   * The job.
+   *
+   * @generated from field: string job_id = 2;
+   */
+  jobId: string;
+
+  /**
+   * The attempt.
+   *
+   * @generated from field: int32 attempt = 3;
+   */
+  attempt: number;
+
+  /**
+   * The cases, in the order they ran; `attempt`, `index` and `flaky` are
+   * set by the coordinator (ignored here).
+   *
+   * @generated from field: repeated treadmill.coordinator.v1.TestCase cases = 4;
+   */
+  cases: TestCase[];
+
+  /**
+   * What could not be read (a malformed file, TAP garbage, a file over the
+   * cap), each at most 1024 characters, for the job's timeline; never
+   * secrets.
+   *
+   * @generated from field: repeated string problems = 5;
+   */
+  problems: string[];
+
+  /**
+   * This host sends no more results for the attempt.
+   *
+   * @generated from field: bool last = 6;
+   */
+  last: boolean;
+};
+
+/**
+ * Describes the message treadmill.coordinator.v1.JobResultsReport.
+ * Use `create(JobResultsReportSchema)` to create a new message.
+ */
+export const JobResultsReportSchema: GenMessage<JobResultsReport> = /*@__PURE__*/
+  messageDesc(file_treadmill_coordinator_v1_supervisor_service, 29);
 
 /**
  * SupervisorService is the supervisor's only connection to the coordinator.
