@@ -102,6 +102,11 @@ export class CiRun {
     this.#gitlab = ctx.io.env.GITLAB_CI === "true";
   }
 
+  /** `--cancel-wait` as the user wrote it: "30s", "1500ms". */
+  get cancelWaitText(): string {
+    return this.cancelWaitMs % 1000 === 0 ? `${this.cancelWaitMs / 1000}s` : `${this.cancelWaitMs}ms`;
+  }
+
   /**
    * Opens a GitLab collapsible section (nothing elsewhere); the returned
    * function closes it. On stdout, where the job's log goes.

@@ -213,9 +213,9 @@ async function followTogether(
     signalCode = signalExitCode(signal);
     if (ci.detachOnSignal) return watching.abort();
     canceling = true;
-    note(`canceling ${submitted.length} jobs (${signal}); waiting up to ${Math.round(ci.cancelWaitMs / 1000)}s for them to end (${signal} again: stop waiting)`);
+    note(`canceling ${submitted.length} jobs (${signal}); waiting up to ${ci.cancelWaitText} for them to end (${signal} again: stop waiting)`);
     cancelTimer = setTimeout(() => {
-      ctx.out.note(`tml: the jobs did not all end within ${Math.round(ci.cancelWaitMs / 1000)}s of their cancel; they end on their own.`);
+      ctx.out.note(`tml: the jobs did not all end within ${ci.cancelWaitText} of their cancel; they end on their own.`);
       watching.abort();
     }, ci.cancelWaitMs);
     for (const { job } of submitted) void jobs.cancelJob({ jobId: job.id, message: `canceled from tml (${signal})` }, { timeoutMs: 15_000 }).catch(() => undefined);

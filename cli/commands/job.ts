@@ -272,9 +272,9 @@ export async function followJob(
     if (cancelAsked) return;
     cancelAsked = true;
     // Said even when quiet: a CI log must show why the job ended.
-    ctx.out.note(ctx.out.errStyle(`--> canceling job ${jobId} (${why}); waiting up to ${Math.round(ci.cancelWaitMs / 1000)}s for it to end (${why} again: stop waiting)`, "cyan"));
+    ctx.out.note(ctx.out.errStyle(`--> canceling job ${jobId} (${why}); waiting up to ${ci.cancelWaitText} for it to end (${why} again: stop waiting)`, "cyan"));
     cancelTimer = setTimeout(() => {
-      ctx.out.note(`tml: job ${jobId} did not end within ${Math.round(ci.cancelWaitMs / 1000)}s of its cancel; it ends on its own: \`tml job get ${jobId}\` shows it.`);
+      ctx.out.note(`tml: job ${jobId} did not end within ${ci.cancelWaitText} of its cancel; it ends on its own: \`tml job get ${jobId}\` shows it.`);
       detach();
     }, ci.cancelWaitMs);
     await jobs.cancelJob({ jobId, message: `canceled from tml (${why})` }, { timeoutMs: 15_000 }).catch((err) => {

@@ -102,6 +102,19 @@ describe("tml job run in a pipeline", () => {
     expect(await readFile(join(out, "report.xml"), "utf8")).toContain("<testsuites");
   }, 120_000);
 
+  it("stops waiting after --cancel-wait when the canceled job is slow to end, says so, and exits 143", async () => {
+    // The workload ignores the polite stop: the supervisor kills it after its stop grace (10 s).
+    const run = spawnTml(config, ["job", "run", "ci/sh:1", "--param", `script=trap "" HUP INT TERM; echo started; sleep 120`, "--cancel-wait", "1s"]);
+    await run.waitForLine(/^started\r?$/);
+    run.child.kill("SIGTERM");
+    const result = await run.result;
+    const id = jobIdOf(result.stderr);
+    expect(result.stderr).toContain(`--> canceling job ${id} (SIGTERM); waiting up to 1s for it to end`);
+    expect(result.stderr).toContain(`tml: job ${id} did not end within 1s of its cancel; it ends on its own: \`tml job get ${id}\` shows it.`);
+    expect(result.code).toBe(143);
+    expect((await tb.waitFinalized(id, 60_000)).finalizeReason).toBe(FinalizeReason.CANCELED);
+  }, 120_000);
+
   it("with --detach-on-signal leaves the job running on SIGINT, says how to follow it, and exits 130", async () => {
     const run = spawnTml(config, ["job", "run", "ci/sh:1", "--param", "script=echo started; sleep 120", "--detach-on-signal"]);
     await run.waitForLine(/^started\r?$/);
