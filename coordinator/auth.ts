@@ -2,6 +2,7 @@ import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { Code, ConnectError, createContextKey, type HandlerContext } from "@connectrpc/connect";
 import type { Sql } from "postgres";
 import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import { EventService } from "../gen/treadmill/coordinator/v1/event_service_pb.js";
 import { HealthService } from "../gen/treadmill/coordinator/v1/health_service_pb.js";
 import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
@@ -101,6 +102,7 @@ const CALLERS = new Map<string, Callers>([
   ...serviceEntries(JobService, USERS),
   ...serviceEntries(HealthService, USERS),
   ...serviceEntries(LeaseService, USERS),
+  ...serviceEntries(EventService, USERS),
   ...serviceEntries<Callers>(SupervisorService, ["host"]),
   ...procedureEntries<typeof RegistryService, Callers>(RegistryService, {
     register: ["service"],

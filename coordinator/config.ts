@@ -2,6 +2,7 @@ import { ConfigError, loadConfig } from "../lib/config.js";
 import { serverConfigFields } from "../lib/component.js";
 import { databaseUrlProblem } from "./db/url.js";
 import { artifactConfigFields } from "./jobs/artifact-config.js";
+import { feedConfigFields } from "./feed/config.js";
 import { jobConfigFields } from "./jobs/config.js";
 import { leaseConfigFields } from "./leases/config.js";
 import { parseOverrides } from "./leases/policy.js";
@@ -12,6 +13,7 @@ export const coordinatorSchema = {
   ...jobConfigFields,
   ...leaseConfigFields,
   ...artifactConfigFields,
+  ...feedConfigFields,
   dataDir: {
     type: "path",
     default: ".treadmill/coordinator",

@@ -13,6 +13,7 @@ import { databaseInterceptor, databaseUnavailable, mapDatabaseError } from "./db
 import { ATTACH_PROCEDURE, attachRoute } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { createLeaseSystem, type LeaseSystem } from "./leases/lease-system.js";
+import { WATCH_EVENTS_PROCEDURE, createFeedSystem, type FeedSystem } from "./feed/feed-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { registerHostMetrics } from "./services/host-stats.js";
 import { SigningKeys } from "./signing.js";
@@ -100,10 +101,11 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
   let db: Database | undefined;
   let jobs: JobSystem | undefined;
   let leases: LeaseSystem | undefined;
+  let feed: FeedSystem | undefined;
 
   // The loops stop after the server drained (its streams closed), then the database.
   const close = async () => {
-    const stopping = Promise.all([jobs?.stop(), leases?.stop()]);
+    const stopping = Promise.all([jobs?.stop(), leases?.stop(), feed?.stop()]);
     if (stopping !== undefined && !(await settlesWithin(stopping, config.graceMs))) {
       // A loop waits on a database that is away: closing the pool fails what waits.
       logger.warn({ graceMs: config.graceMs }, "background loops did not stop within the grace period; closing the database under them");
@@ -137,6 +139,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         const parts = createJobSystem(ctx);
         jobs = parts;
         leases = createLeaseSystem(ctx);
+        feed = createFeedSystem(ctx);
         // Plain-gRPC Attach (every supervisor) goes to its own procedure;
         // Connect and gRPC-Web callers reach it through the adapter.
         const rawAttach = createRawGrpcHandler({
@@ -150,13 +153,13 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           : undefined;
         wired = {
           options: {
-            routes: coordinatorRoutes(ctx, parts, leases),
+            routes: coordinatorRoutes(ctx, parts, leases, feed),
             authorize: gatedByDatabase(authorizeCaller({ sql: database.sql, clock }), database.notifications),
             interceptors: [databaseInterceptor(database.notifications, DATABASE_FREE), textInterceptor()],
             // Control messages, mostly small; a StartJob with its tokens is
             // just over gzip's 1 KiB threshold, where compressing costs the
             // coordinator more CPU than the bytes are worth.
-            bulkProcedures: [ATTACH_PROCEDURE],
+            bulkProcedures: [ATTACH_PROCEDURE, WATCH_EVENTS_PROCEDURE],
             http: (req, res, extra) => rawAttach(req, res, extra) || (assets?.(req, res) ?? false),
           },
           prepare(server) {
@@ -180,6 +183,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
     started: async () => {
       await jobs?.start();
       await leases?.start();
+      await feed?.start();
     },
     close,
   });

@@ -1,5 +1,6 @@
 import type { ConnectRouter } from "@connectrpc/connect";
 import { AuthService } from "../gen/treadmill/coordinator/v1/auth_service_pb.js";
+import { EventService } from "../gen/treadmill/coordinator/v1/event_service_pb.js";
 import { HealthService } from "../gen/treadmill/coordinator/v1/health_service_pb.js";
 import { HostService } from "../gen/treadmill/coordinator/v1/host_service_pb.js";
 import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.js";
@@ -9,6 +10,7 @@ import { RegistryService } from "../gen/treadmill/coordinator/v1/registry_servic
 import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { UserService } from "../gen/treadmill/coordinator/v1/user_service_pb.js";
 import type { CoordinatorContext } from "./context.js";
+import type { FeedSystem } from "./feed/feed-system.js";
 import type { JobSystem } from "./jobs/job-system.js";
 import type { LeaseSystem } from "./leases/lease-system.js";
 import { registerCatalogServices } from "./services/index.js";
@@ -24,13 +26,15 @@ export const coordinatorServices = [
   RegistryService,
   HealthService,
   LeaseService,
+  EventService,
 ] as const;
 
-/** The coordinator's routes: the catalog services, the job system and leases. */
-export function coordinatorRoutes(ctx: CoordinatorContext, jobs: JobSystem, leases: LeaseSystem) {
+/** The coordinator's routes: the catalog services, the job system, leases and the event feed. */
+export function coordinatorRoutes(ctx: CoordinatorContext, jobs: JobSystem, leases: LeaseSystem, feed: FeedSystem) {
   return (router: ConnectRouter): void => {
     registerCatalogServices(router, ctx);
     jobs.register(router);
     leases.register(router);
+    feed.register(router);
   };
 }

@@ -42,6 +42,8 @@ const CASES_PER_REPORT = 2000;
 const BYTES_PER_REPORT = 1 << 20;
 /** How long parsed console cases wait for more before they are sent (they appear while the job runs). */
 const LIVE_FLUSH_MS = 500;
+/** A console quiet this long: its last result is not followed by a YAML block (lib/results/tap.ts flush). */
+const QUIET_MS = 300;
 /** Problems one attempt reports at most; one more says the rest were left out. */
 const MAX_PROBLEMS = 20;
 /** Files and directory levels of a results directory looked at. */
@@ -110,6 +112,7 @@ export class AttemptResults {
   private casesDropped = false;
   private readonly unacked: Report[] = [];
   private timer: NodeJS.Timeout | undefined;
+  private quiet: NodeJS.Timeout | undefined;
   private ended = false;
   /** A report was made: the attempt has results, so its last report goes too. */
   private reported = false;
@@ -136,6 +139,10 @@ export class AttemptResults {
     }
     try {
       parser.lines.push(bytes);
+      clearTimeout(this.quiet);
+      this.quiet = setTimeout(() => {
+        for (const p of this.parsers.values()) p.tap.flush();
+      }, QUIET_MS);
     } catch (err) {
       // A parser bug must not reach the job's output path.
       this.log.error({ err, channel }, "cannot parse console output for results");
@@ -150,6 +157,7 @@ export class AttemptResults {
   async collect(dir: string | undefined): Promise<void> {
     if (this.ended) return;
     this.ended = true;
+    clearTimeout(this.quiet);
     for (const { lines, tap } of this.parsers.values()) {
       lines.end();
       tap.end(lines.position);

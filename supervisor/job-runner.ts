@@ -344,7 +344,7 @@ export class JobRunner {
     // Results are collected before cleanup removes the job's files, also for a failed or stopped job.
     const resultsDir = target ? this.deps.driver.resultsDir?.(target) : undefined;
     await this.results.collect(resultsDir);
-    await this.collectArtifacts(target);
+    await this.collectArtifacts(target).catch((err: unknown) => this.log.error({ err }, "collecting the job's artifacts failed"));
     if (target) await this.deps.driver.cleanup(target).catch((err) => this.log.error({ err }, "driver cleanup failed"));
     await provisioned?.release();
 
@@ -384,7 +384,8 @@ export class JobRunner {
     const inputs = this.start.spec?.inputs ?? [];
     if (inputs.length === 0) return;
     const files = this.deps.driver.jobFiles?.(prepared);
-    if (!files) throw new DriverError("start", `the ${this.deps.driver.kind} driver cannot give a job input files`);
+    // The job's own doing (its spec), not the host's: no restart on another host would help.
+    if (!files) throw new DriverError("image", `the ${this.deps.driver.kind} driver cannot give a job input files (inputs are for process jobs)`);
     this.say(`fetching ${inputs.length} input file${inputs.length === 1 ? "" : "s"}`);
     await fetchInputs(inputs, this.start.inputs, join(files.root, files.inputs), {
       say: (text) => this.say(text),
@@ -396,8 +397,9 @@ export class JobRunner {
   /**
    * Uploads what the job left in its artifacts directory (artifacts.ts) and
    * sends the report, before the attempt's end is reported; bounded by the
-   * collection deadline (the supervisor's stop ends it too). Also after a
-   * failure or a cancel: whatever the job wrote goes up.
+   * collection deadline. Also after a failure or a cancel: whatever the job
+   * wrote goes up. Never throws: the attempt's end is reported whatever
+   * became of its artifacts.
    */
   private async collectArtifacts(target: Prepared | RunningJob | undefined): Promise<void> {
     const artifacts = this.start.artifacts;

@@ -3,6 +3,7 @@ import { defineCommand, type Command } from "../command.js";
 import { bashCompletion, zshCompletion } from "../completion.js";
 import { ExitCode, UsageError } from "../errors.js";
 import { authCommands } from "./auth.js";
+import { eventsCommands } from "./events.js";
 import { healthCommands } from "./health.js";
 import { hostCommands } from "./host.js";
 import { imageCommands } from "./image.js";
@@ -36,6 +37,7 @@ export const allCommands: Command[] = [
   ...jobFileCommands,
   ...sessionCommands,
   ...leaseCommands,
+  ...eventsCommands,
   ...imageCommands,
   ...hostCommands,
   ...healthCommands,

@@ -45,7 +45,7 @@ export function countsText(counts: ResultCounts | undefined): string {
 /** A job's results for a list column: "10/12 passed", with "(flaky)" when a retry passed. */
 export function resultsColumn(job: Job): string {
   const c = job.results;
-  if (!c || c.total === 0n) return "-";
+  if (!c || c.total === 0n) return job.flaky ? "(flaky)" : "-";
   return `${c.passed}/${c.total} passed${job.flaky ? " (flaky)" : ""}`;
 }
 

@@ -14,7 +14,7 @@
  * be reached leaves the set for the next sweep.
  */
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 import { ImageStoreService } from "../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { formatBytes } from "../../lib/bytes.js";
 import type { Logger } from "../../lib/logger.js";
@@ -95,11 +95,18 @@ export class ArtifactKeeper {
   private async deleteManifest(set: ArtifactSetRow): Promise<void> {
     const token = await this.ctx.keys.sign({ scope: "image:admin" }, TOKEN_TTL_MS, { subject: "coordinator", audience: "image" });
     // One unary call: a plain gRPC client (the tuned blob client is for bulk bytes, and a client file servers do not import).
-    const transport = createGrpcTransport({ baseUrl: set.store_url, interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${token}`), next(req))] });
+    const sessionManager = new Http2SessionManager(set.store_url);
+    const transport = createGrpcTransport({
+      baseUrl: set.store_url,
+      sessionManager,
+      interceptors: [(next) => (req) => (req.header.set("authorization", `Bearer ${token}`), next(req))],
+    });
     try {
       await createClient(ImageStoreService, transport).deleteManifest({ digest: set.manifest_digest }, { timeoutMs: 30_000 });
     } catch (err) {
       if (ConnectError.from(err).code !== Code.NotFound) throw err;
+    } finally {
+      sessionManager.abort();
     }
   }
 }

@@ -16,6 +16,7 @@
  * - StartJob's ArtifactTarget: the live image store with the most room and
  *   an image:write token minted for the job's owner.
  */
+import { recordFeedEvent } from "../db/queries/feed.js";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { CapabilityScope } from "../../gen/treadmill/common/v1/capability_pb.js";
@@ -130,6 +131,13 @@ export async function onJobArtifactsReport(ctx: CoordinatorContext, host: HostCa
       actor,
       ownerId: job.owner_id,
       message: reportMessage(r, files, host.hostName),
+    });
+    // The feed's job.artifacts event (docs/events.md): what this host uploaded.
+    await recordFeedEvent(tx, {
+      kind: "job.artifacts",
+      jobId: r.jobId,
+      hostId: host.hostId,
+      payload: { job_id: r.jobId, attempt: r.attempt, count: files.length, bytes: Number(files.reduce((sum, f) => sum + f.size, 0n)) },
     });
     ctx.logger.info(
       { jobId: r.jobId, attempt: r.attempt, hostId: host.hostId, files: files.length, skipped: r.skipped.length },

@@ -17,6 +17,7 @@
  *   (resultsSeriesIgnoredLabels are left out) and matches cases by suite
  *   and name.
  */
+import { recordFeedEvent } from "../db/queries/feed.js";
 import { create, fromJson } from "@bufbuild/protobuf";
 import {
   type CaseChange,
@@ -35,20 +36,16 @@ import type { HostCaller } from "../auth.js";
 import type { CoordinatorContext } from "../context.js";
 import { recordEvents, type EventInput } from "../db/queries/events.js";
 import type { JobRow } from "../db/queries/jobs.js";
-import { notifyJobChanged } from "../db/queries/log-parts.js";
 import {
   type CaseInput,
   type CaseRow,
   type CountsRow,
-  addCounts,
-  attemptRanOn,
-  claimReport,
+  claimBatch,
   compareCases,
   countsOf,
-  insertCases,
   listCases,
-  lockCounts,
   seriesBase,
+  storeBatch,
 } from "../db/queries/results.js";
 import { checkId, checkText, decodePageToken, encodePageToken, invalid, pageSize } from "../shared/common.js";
 import type { JobConfig } from "./config.js";
@@ -91,31 +88,30 @@ export class JobResults {
     const problems = r.problems.slice(0, MAX_PROBLEMS_PER_REPORT).map((p) => printable(p).trim().slice(0, 1024));
 
     await this.ctx.sql.begin(async (tx) => {
-      const job = await attemptRanOn(tx, r.jobId, r.attempt, host.hostId);
-      if (!job) return;
-      if (!(await claimReport(tx, r.reportId, r.jobId))) return;
-      const counts = await lockCounts(tx, r.jobId, r.attempt);
+      const batch = await claimBatch(tx, { reportId: r.reportId, jobId: r.jobId, attempt: r.attempt, hostId: host.hostId });
+      // Not an attempt of this host, or a repeat: acknowledged, nothing changes.
+      if (!batch?.counts) return;
+      const { counts } = batch;
       const room = Math.max(0, this.config.resultsCasesPerAttempt - Number(counts.total));
       const kept = cases.slice(0, room);
       const dropped = cases.length - kept.length;
-      const flaky = await insertCases(tx, r.jobId, r.attempt, Number(counts.total), kept);
-      const add = { total: kept.length, passed: 0, failed: 0, skipped: 0, errored: 0, dropped, complete: r.last, flaky: flaky > 0 };
+      const add = { total: kept.length, passed: 0, failed: 0, skipped: 0, errored: 0, dropped, complete: r.last };
       for (const c of kept) {
         if (c.outcome === TestOutcome.PASS) add.passed++;
         else if (c.outcome === TestOutcome.FAIL) add.failed++;
         else if (c.outcome === TestOutcome.SKIP) add.skipped++;
         else add.errored++;
       }
-      await addCounts(tx, r.jobId, r.attempt, add);
+      const flakyNow = await storeBatch(tx, r.jobId, r.attempt, Number(counts.total), kept, add);
 
       const event = (message: string): EventInput => ({
         jobId: r.jobId,
         kind: "results",
-        state: job.state as EventInput["state"],
+        state: batch.state as EventInput["state"],
         attempt: r.attempt,
         hostId: host.hostId,
         actor: `host:${host.hostName}`,
-        ownerId: job.owner_id,
+        ownerId: batch.owner_id,
         message,
       });
       const events = problems.map((p) => event(`results: ${p}`));
@@ -132,9 +128,22 @@ export class JobResults {
               (more > 0 ? ` (${more} more dropped)` : ""),
           ),
         );
+        // The feed's job.results event (docs/events.md), once per attempt.
+        await recordFeedEvent(tx, {
+          kind: "job.results",
+          jobId: r.jobId,
+          payload: {
+            job_id: r.jobId,
+            attempt: r.attempt,
+            passed: sum("passed"),
+            failed: sum("failed"),
+            skipped: sum("skipped"),
+            errors: sum("errored"),
+            flaky: counts.flaky || flakyNow > 0,
+          },
+        });
       }
       if (events.length > 0) await recordEvents(tx, events);
-      else await notifyJobChanged(tx, r.jobId);
     });
     return create(AttachResponseSchema, {
       payload: { case: "ackReport", value: { reportId: r.reportId, jobId: r.jobId, attempt: r.attempt, terminal: false } },

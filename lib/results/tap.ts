@@ -163,6 +163,15 @@ export class TapParser {
     }
   }
 
+  /**
+   * The console went quiet: the case held for a YAML block or diagnostics
+   * that may follow goes now (a job that prints its last result and then
+   * waits shows it while it waits). Not inside a YAML block.
+   */
+  flush(): void {
+    if (this.pending && this.pending.yamlIndent === undefined) this.flushPending(this.pending.c.log?.end ?? 0);
+  }
+
   /** The input is over (the job ended): the last case, and whether every plan was met. */
   end(at: number): void {
     this.flushPending(at);

@@ -176,7 +176,7 @@ export interface CliWorld {
   /** Starts an image store and a log server registered with the coordinator. */
   startStores(): Promise<void>;
   /** Starts a process-driver supervisor for a new host named `name`. */
-  startSupervisor(name: string, tags?: Record<string, string>, config?: Partial<SupervisorConfig>): Promise<{ hostId: string }>;
+  startSupervisor(name: string, tags?: Record<string, string>, config?: Partial<SupervisorConfig>): Promise<{ hostId: string; supervisor: Supervisor }>;
   stop(): Promise<void>;
 }
 
@@ -265,7 +265,7 @@ export async function startWorld(options: { coordinatorConfig?: Partial<Coordina
       await supervisor.start();
       supervisors.push(supervisor);
       await eventually(`host ${name} online`, async () => (await hosts.getHost({ host: { case: "hostId", value: host!.id } })).host?.online === true);
-      return { hostId: host!.id };
+      return { hostId: host!.id, supervisor };
     },
     async stop() {
       await Promise.all(supervisors.map((s) => s.stop()));

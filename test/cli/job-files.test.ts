@@ -18,6 +18,7 @@ interface JobJson {
   state: string;
   attempt: number;
   exitStatus?: string;
+  flaky?: boolean;
   spec: { tags?: Record<string, string>; parameters?: { name: string; value?: string; secret?: boolean }[] };
   rerunOfJobId?: string;
   rerunJobIds?: string[];
@@ -281,6 +282,8 @@ describe("retries", () => {
     const job = await getJob(id);
     expect(job.attempt).toBe(2);
     expect(job.exitStatus).toBe("EXIT_STATUS_SUCCESS");
+    // A failure a retry made good is a flaky job.
+    expect(job.flaky).toBe(true);
     const hosts = await attemptHosts(id);
     expect(hosts.size).toBe(2);
     expect(hosts.get(2)).not.toBe(hosts.get(1));
@@ -306,6 +309,7 @@ describe("retries", () => {
     // Two retries, then the third failure finalizes: a workload failure is never restarted.
     expect(job.attempt).toBe(3);
     expect(job.exitStatus).toBe("EXIT_STATUS_FAILURE");
+    expect(job.flaky ?? false).toBe(false);
     expect(job.timeline!.filter((e) => e.kind === "JOB_EVENT_KIND_RETRIED").map((e) => e.attempt)).toEqual([2, 3]);
     expect(job.timeline!.filter((e) => e.kind === "JOB_EVENT_KIND_RESTARTED")).toEqual([]);
     const [row] = await world.coordinator.sql<{ retries: Record<string, number> }[]>`select retries from jobs where id = ${id}`;

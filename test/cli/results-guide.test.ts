@@ -30,6 +30,7 @@ let blocks: DocBlock[];
 let work: string;
 let config: string;
 let bins: string;
+const flakyHosts = new Map<string, Awaited<ReturnType<CliWorld["startSupervisor"]>>>();
 
 /** Runs the named blocks of the guide one after the other in one shell (later blocks use the variables of earlier ones). */
 function guide(...names: string[]) {
@@ -38,7 +39,9 @@ function guide(...names: string[]) {
   return runBash(`set -eo pipefail\n${script}`, { cwd: work, env });
 }
 
-const jobs = () => createClient(JobService, createGrpcTransport({ baseUrl: world.url, interceptors: [bearerInterceptor(() => world.adminToken)] }));
+let client: ReturnType<typeof createClient<typeof JobService>> | undefined;
+/** JobService as the admin, over one connection. */
+const jobs = () => (client ??= createClient(JobService, createGrpcTransport({ baseUrl: world.url, interceptors: [bearerInterceptor(() => world.adminToken)] })));
 
 /** The id of the newest job with label commit=`commit`. */
 async function jobOf(commit: string): Promise<string> {
@@ -53,6 +56,8 @@ beforeAll(async () => {
   await world.startSupervisor("runner-1", { pool: "tests" });
   // A host with a small results cap, for the file over it.
   await world.startSupervisor("runner-small", { pool: "small" }, { resultsMaxBytes: 4096 });
+  // Two hosts for the flaky job: the first attempt's host goes away, the second attempt runs on the other.
+  for (const name of ["runner-f1", "runner-f2"]) flakyHosts.set(name, await world.startSupervisor(name, { pool: "flaky" }));
   config = await world.adminConfig("results");
   bins = join(world.dir, "bin");
   await mkdir(bins);
@@ -182,4 +187,57 @@ describe("results that cannot be read", () => {
     const next = await tml(config, ["job", "run", "example/tests:v1", "--tag", "pool=small", "--quiet"]);
     expect(next.code).toBe(0);
   }, 120_000);
+});
+
+describe("a canceled job's results", () => {
+  it("are collected when the job is stopped: its console's cases and the JUnit file it wrote before the cancel", async () => {
+    const script = [
+      "echo 'TAP version 13'",
+      "printf '<testsuite name=\"c\"><testcase name=\"written before the cancel\"/></testsuite>' > $TREADMILL_RESULTS_DIR/c.xml",
+      "echo 'ok 1 - file written'",
+      "sleep 120",
+    ].join("; ");
+    const pushed = await tml(config, ["image", "push", join(work, "tests-rootfs"), "--name", "example/slow:v1", "--entrypoint", JSON.stringify(["/bin/sh", "-c", script])]);
+    expect(pushed.code).toBe(0);
+    const run = await tml(config, ["job", "run", "example/slow:v1", "--tag", "pool=tests", "--detach"]);
+    const jobId = run.stdout.trim();
+    // The console's case arrives while the job runs: the file is written by then.
+    await waitUntil(async () => (await jobs().listJobResults({ jobId })).cases.length === 1, "the console's case", 60_000);
+    await jobs().cancelJob({ jobId });
+    await waitUntil(async () => (await jobs().getJob({ jobId })).job!.state === JobState.FINALIZED, "the canceled job's end", 60_000);
+    const ended = (await jobs().getJob({ jobId })).job!;
+    expect(ended.results).toMatchObject({ total: 2n, passed: 2n, complete: true });
+    const { cases } = await jobs().listJobResults({ jobId });
+    expect(cases.map((c) => c.name)).toEqual(["file written", "written before the cancel"]);
+  }, 120_000);
+});
+
+describe("a flaky case", () => {
+  it("is marked when it failed on an attempt its host's end cut short and passed on the restarted attempt", async () => {
+    // The first attempt fails the case and hangs; the second passes it (TREADMILL_ATTEMPT tells them apart).
+    const script = [
+      "echo 'TAP version 13'",
+      'if [ "$TREADMILL_ATTEMPT" = 1 ]; then echo "not ok 1 - dhcp"; sleep 120; fi',
+      "echo 'ok 1 - dhcp'",
+    ].join("; ");
+    const pushed = await tml(config, ["image", "push", join(work, "tests-rootfs"), "--name", "example/flaky:v1", "--entrypoint", JSON.stringify(["/bin/sh", "-c", script])]);
+    expect(pushed.code).toBe(0);
+    const run = await tml(config, ["job", "run", "example/flaky:v1", "--tag", "pool=flaky", "--restarts", "1", "--detach"]);
+    const jobId = run.stdout.trim();
+    await waitUntil(async () => (await jobs().listJobResults({ jobId })).cases.length === 1, "the first attempt's failing case", 60_000);
+    // Its supervisor stops: the attempt ends INTERNAL_ERROR (the infrastructure's), and the restart policy runs it again.
+    const first = (await jobs().getJob({ jobId })).job!;
+    const host = [...flakyHosts.values()].find((h) => h.hostId === first.hostIds[0])!;
+    await host.supervisor.stop();
+    await waitUntil(async () => (await jobs().getJob({ jobId })).job!.state === JobState.FINALIZED, "the second attempt's end", 90_000);
+    const ended = (await jobs().getJob({ jobId })).job!;
+    expect(ended).toMatchObject({ attempt: 2, exitCode: 0, flaky: true });
+    expect(ended.hostIds).not.toEqual(first.hostIds);
+    const latest = await jobs().listJobResults({ jobId });
+    expect(latest.cases.map((c) => [c.attempt, c.name, c.outcome, c.flaky])).toEqual([[2, "dhcp", TestOutcome.PASS, true]]);
+    const earlier = await jobs().listJobResults({ jobId, attempt: 1 });
+    expect(earlier.cases.map((c) => [c.name, c.outcome])).toEqual([["dhcp", TestOutcome.FAIL]]);
+    const shown = await tml(config, ["job", "results", jobId]);
+    expect(shown.stdout).toContain("dhcp (flaky)");
+  }, 150_000);
 });

@@ -12,7 +12,7 @@ import { silentLogger } from "../../lib/logger.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { makeSigner, makeTempDir, randomBlob, sha256, startStore, type RunningStore } from "../support/image-store.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, attach, insertImage, jobInState, uniqueTag } from "../support/jobs.js";
+import { FAST, attach, finishedJob as ranJob, insertImage } from "../support/jobs.js";
 import { waitUntil } from "../support/wait.js";
 
 /**
@@ -46,20 +46,7 @@ describe("job artifacts on the coordinator", () => {
     await c?.stop();
   });
 
-  /** A host with a scripted supervisor, and a job that ran on it to its end. */
-  async function finishedJob() {
-    const tag = uniqueTag();
-    const host = await c.createHost({ tags: tag });
-    const s = await attach(c, host);
-    open.push(s);
-    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image: image.ref, hosts: { tags: tag } } });
-    const jobId = job!.id;
-    await s.startJob(jobId);
-    await s.report(jobId, 1, JobState.RUNNING);
-    await s.exit(jobId, 1);
-    await jobInState(c.sql, jobId, "finalized");
-    return { host, s, jobId };
-  }
+  const finishedJob = () => ranJob(c, user.token, image.ref, open);
 
   /** Uploads one file as the job owner's artifact manifest, as a supervisor does; its report's body. */
   async function upload(jobId: string, name: string, text: string) {
@@ -100,6 +87,10 @@ describe("job artifacts on the coordinator", () => {
     const events = (await jobs().getJob({ jobId })).job!.timeline.filter((e) => e.kind === JobEventKind.ARTIFACTS);
     expect(events).toHaveLength(1);
     expect(events[0]).toMatchObject({ attempt: 1, hostId: host.id, state: JobState.FINALIZED });
+    // One job.artifacts event on the feed (docs/events.md).
+    expect(await feedPayloads(c.sql, jobId, "job.artifacts")).toEqual([
+      { schema: "treadmill.event.v1", kind: "job.artifacts", job_id: jobId, attempt: 1, count: 1, bytes: 1006 },
+    ]);
     expect(events[0].message).toBe(
       `artifacts: 1 file (1006 bytes) uploaded from host ${host.name}; skipped core (5 GiB): larger than the per-file cap of 4 GiB`,
     );
@@ -144,3 +135,11 @@ describe("job artifacts on the coordinator", () => {
     expect(audit.actor).toBe("system");
   });
 });
+
+/** The feed's events of `kind` about a job (numbered or not yet), oldest first: their payloads. */
+async function feedPayloads(sql: TestCoordinator["sql"], jobId: string, kind: string): Promise<Record<string, unknown>[]> {
+  const rows = await sql<{ payload: Record<string, unknown> }[]>`
+    select payload from (select id, payload from feed_pending where job_id = ${jobId} and kind = ${kind}
+                         union all select id, payload from feed_events where job_id = ${jobId} and kind = ${kind}) e order by id`;
+  return rows.map((r) => r.payload);
+}

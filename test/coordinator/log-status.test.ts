@@ -8,7 +8,7 @@ import type { AttachResponse, LogTokenGrant } from "../../gen/treadmill/coordina
 import { type JSONWebKeySet, type JWK, TokenVerifier } from "../../lib/tokens.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, attach, insertImage, jobInState, uniqueTag } from "../support/jobs.js";
+import { FAST, attach, finishedJob as ranJob, insertImage } from "../support/jobs.js";
 
 /**
  * The log status of jobs (coordinator/jobs/log-status.ts): JobLogReports of
@@ -32,20 +32,7 @@ describe("job log status and log tokens on the supervisor stream", () => {
     await c?.stop();
   });
 
-  /** A host with a scripted supervisor, and a job that ran on it to a successful end. */
-  async function finishedJob() {
-    const tag = uniqueTag();
-    const host = await c.createHost({ tags: tag });
-    const s = await attach(c, host);
-    open.push(s);
-    const { job } = await c.client(JobService, user.token).submitJob({ spec: { image: image.ref, hosts: { tags: tag } } });
-    const jobId = job!.id;
-    await s.startJob(jobId);
-    await s.report(jobId, 1, JobState.RUNNING);
-    await s.exit(jobId, 1);
-    await jobInState(c.sql, jobId, "finalized");
-    return { host, s, jobId };
-  }
+  const finishedJob = () => ranJob(c, user.token, image.ref, open);
 
   function logReport(s: ScriptedSupervisor, value: { jobId: string; status: LogStatus; bytesLost?: bigint; message?: string; revision: bigint; attempt?: number }) {
     const reportId = randomUUID();

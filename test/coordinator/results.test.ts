@@ -82,6 +82,10 @@ describe("job results on the coordinator", () => {
     expect(job.results).toMatchObject({ total: 4n, errored: 1n, complete: true });
     const events = job.timeline.filter((e) => e.kind === JobEventKind.RESULTS);
     expect(events.map((e) => e.message)).toEqual(["results: 4 test cases: 1 passed, 1 failed, 1 skipped, 1 errored"]);
+    // One job.results event on the feed (docs/events.md), when the results are in.
+    expect(await feedPayloads(c.sql, jobId, "job.results")).toEqual([
+      { schema: "treadmill.event.v1", kind: "job.results", job_id: jobId, attempt: 1, passed: 1, failed: 1, skipped: 1, errors: 1, flaky: false },
+    ]);
     const listed = (await jobs().listJobs({ filter: {} })).jobs.find((j) => j.id === jobId)!;
     expect(listed.results?.total).toBe(4n);
 
@@ -209,3 +213,11 @@ describe("job results on the coordinator", () => {
     expect((await c.client(JobService, admin.token).listJobResults({ jobId })).cases).toHaveLength(1);
   });
 });
+
+/** The feed's events of `kind` about a job (numbered or not yet), oldest first: their payloads. */
+async function feedPayloads(sql: TestCoordinator["sql"], jobId: string, kind: string): Promise<Record<string, unknown>[]> {
+  const rows = await sql<{ payload: Record<string, unknown> }[]>`
+    select payload from (select id, payload from feed_pending where job_id = ${jobId} and kind = ${kind}
+                         union all select id, payload from feed_events where job_id = ${jobId} and kind = ${kind}) e order by id`;
+  return rows.map((r) => r.payload);
+}

@@ -3,10 +3,11 @@ import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "@jest/globals";
-import { chromium, type Browser, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
 import { buildConsole } from "../../console/build.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { insertImage } from "../support/jobs.js";
+import { launchChromium, loggedInPage } from "../support/browser.js";
 
 const ARTIFACTS = "test/artifacts/console";
 const WAIT = { timeout: 30_000 };
@@ -37,17 +38,8 @@ describe("job files, labels and re-runs in the web console", () => {
     c = await startTestCoordinator({ config: { consoleDir: dist } });
     user = await c.createUser({ name: "file-user" });
     await insertImage(c.sql, { name: image, tag: "1" });
-    browser = await chromium.launch({
-      executablePath: process.env.CHROMIUM_PATH ?? "/usr/bin/chromium",
-      args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
-    });
-    page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-    const session = { token: user.token, tokenId: randomUUID(), userId: user.id, userName: user.name, admin: false };
-    await page.addInitScript((s) => window.localStorage.setItem("treadmill.console.session", s), JSON.stringify(session));
-    page.on("console", (message) => {
-      if (message.type() === "error") errors.push(`console: ${message.text()} at ${message.location().url}`);
-    });
-    page.on("pageerror", (err) => errors.push(`page: ${String(err)}`));
+    browser = await launchChromium();
+    page = await loggedInPage(browser, user, false, errors);
   }, 120_000);
 
   afterAll(async () => {

@@ -161,6 +161,23 @@ describe("TAP and KTAP parser", () => {
     expect(unmet).toEqual(["console line 3: the plan said 3 tests, 1 ran"]);
   });
 
+  it("gives the last result at once when the console goes quiet, unless a YAML block is open", () => {
+    const cases: ParsedCase[] = [];
+    const parser = new TapParser("console", (c) => cases.push(c), () => undefined);
+    const lines = ["TAP version 14", "ok 1 - first", "not ok 2 - second", "  ---", "  message: still coming"];
+    let at = 0;
+    for (const line of lines.slice(0, 2)) parser.line(line, at, (at += line.length + 1));
+    expect(cases).toHaveLength(0); // a YAML block may follow
+    parser.flush();
+    expect(brief(cases)).toEqual(["|first|pass"]);
+    for (const line of lines.slice(2)) parser.line(line, at, (at += line.length + 1));
+    parser.flush();
+    expect(cases).toHaveLength(1);
+    parser.line("  ...", at, (at += 6));
+    parser.end(at);
+    expect(cases[1]!.message).toBe("message: still coming");
+  });
+
   it("ignores an overlong line with a problem instead of holding it", () => {
     const { cases, problems } = parseTap(`TAP version 13\n${"x".repeat(70_000)}\nok 1 - fine\n`, 4096);
     expect(brief(cases)).toEqual(["|fine|pass"]);

@@ -7,7 +7,7 @@
 import { createHash, randomUUID } from "node:crypto";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { Sql } from "postgres";
-import type { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
+import { type JobSpecSchema, JobState } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import type { CoordinatorConfig } from "../../coordinator/config.js";
 import { QCOW2_MEDIA_TYPE, ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
@@ -97,6 +97,24 @@ export async function passProbe(c: TestCoordinator, image: string, open: Scripte
     const { job } = await c.client(JobService, user.token).submitJob({ spec: { image, hosts: { tags: tag } } });
     await jobInState(c.sql, job!.id, "finalized");
   };
+}
+
+/**
+ * A host of its own with a scripted supervisor (pushed on `open`), and a
+ * job of `userToken`'s on it that ran to its end (attempt 1, finalized).
+ */
+export async function finishedJob(c: TestCoordinator, userToken: string, image: string, open: ScriptedSupervisor[]) {
+  const tag = uniqueTag();
+  const host = await c.createHost({ tags: tag });
+  const s = await attach(c, host);
+  open.push(s);
+  const { job } = await c.client(JobService, userToken).submitJob({ spec: { image, hosts: { tags: tag } } });
+  const jobId = job!.id;
+  await s.startJob(jobId);
+  await s.report(jobId, 1, JobState.RUNNING);
+  await s.exit(jobId, 1);
+  await jobInState(c.sql, jobId, "finalized");
+  return { host, s, jobId };
 }
 
 /** A unique tag so a test's jobs only match its own hosts. */

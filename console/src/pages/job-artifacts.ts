@@ -12,6 +12,7 @@ import { type Job, JobState } from "../../../gen/treadmill/coordinator/v1/job_pb
 import { type ListJobArtifactsResponse, JobService } from "../../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { ImageStoreService } from "../../../gen/treadmill/image/v1/image_store_service_pb.js";
 import { LogService } from "../../../gen/treadmill/log/v1/log_service_pb.js";
+import { formatBytes } from "../../../lib/bytes.js";
 import { errorText, type Api } from "../api.js";
 import { h, notice, table } from "../dom.js";
 
@@ -23,18 +24,6 @@ function save(parts: Uint8Array[], name: string, type: string): void {
   a.click();
   a.remove();
   setTimeout(() => URL.revokeObjectURL(url), 60_000);
-}
-
-function sizeText(n: number): string {
-  if (n < 1024) return `${n} B`;
-  const units = ["KiB", "MiB", "GiB", "TiB"];
-  let v = n / 1024;
-  let u = 0;
-  while (v >= 1024 && u < units.length - 1) {
-    v /= 1024;
-    u++;
-  }
-  return `${v.toFixed(v < 10 ? 1 : 0)} ${units[u]}`;
 }
 
 async function sha256Hex(parts: Uint8Array[]): Promise<string | undefined> {
@@ -92,7 +81,7 @@ export function jobArtifacts(api: Api, jobId: string, channels: readonly string[
       const headers = ["Name", "Size", "Digest"];
       const rows = listed.artifacts.map((a) => [
         h("a", { href: "#", class: "artifact-link", "data-name": a.name, onclick: (e: Event) => (e.preventDefault(), void download(listed, a.name)) }, a.name),
-        sizeText(Number(a.sizeBytes)),
+        formatBytes(a.sizeBytes),
         h("code", {}, a.digest.slice(0, 19)),
       ]);
       const shown = job.attempt === listed.attempt ? "" : ` (attempt ${listed.attempt})`;

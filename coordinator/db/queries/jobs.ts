@@ -105,7 +105,11 @@ export const jobColumns = (sql: Db) => sql`
   j.log_server_urls, j.log_status, j.log_bytes_lost, j.log_status_message, j.health_check_id, j.lease_id,
   (select to_jsonb(r) from (select attempt, total, passed, failed, skipped, errored, complete from job_results
      where job_id = j.id order by attempt desc limit 1) r) as results,
-  exists (select 1 from job_results where job_id = j.id and flaky) as flaky,
+  -- Flaky: a case failed, then passed on a later attempt; or the workload
+  -- failed, and a retry of it (JobSpec.retry) passed.
+  (exists (select 1 from job_results where job_id = j.id and flaky)
+   or (j.state = 'finalized' and j.exit_status = 'success'
+       and coalesce((j.retries->>'workload_failure')::int, 0) > 0)) as flaky,
   j.rerun_of_job_id, array(select r.id from jobs r where r.rerun_of_job_id = j.id order by r.id) as rerun_job_ids,
   coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;

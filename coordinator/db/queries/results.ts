@@ -47,61 +47,78 @@ export interface CountsRow {
   flaky: boolean;
 }
 
-/** Records a report id; false when it was recorded before (the report is a repeat). */
-export async function claimReport(tx: Db, reportId: string, jobId: string): Promise<boolean> {
-  const rows = await tx`insert into job_result_reports (report_id, job_id) values (${reportId}, ${jobId}) on conflict do nothing returning 1`;
-  return rows.length > 0;
+/**
+ * One statement at a batch's start: whether the attempt ran on the host
+ * (undefined: it did not, or the job is gone), whether the report id is new
+ * (recorded now; false: a repeat), and for a new one the attempt's counts
+ * row, created empty when missing and locked for the batch (an upsert's
+ * no-op update locks and returns it).
+ */
+export async function claimBatch(
+  tx: Db,
+  b: { reportId: string; jobId: string; attempt: number; hostId: string },
+): Promise<{ owner_id: string; state: string; counts: CountsRow | undefined } | undefined> {
+  const [row] = await tx<(Partial<CountsRow> & { owner_id: string; state: string; claimed: boolean })[]>`
+    with ran as (
+      select j.owner_id, j.state from jobs j join job_hosts jh on jh.job_id = j.id
+      where j.id = ${b.jobId} and jh.attempt = ${b.attempt} and jh.host_id = ${b.hostId} limit 1),
+    claimed as (
+      insert into job_result_reports (report_id, job_id) select ${b.reportId}, ${b.jobId} from ran
+      on conflict do nothing returning 1),
+    counts as (
+      insert into job_results (job_id, attempt) select ${b.jobId}, ${b.attempt} from claimed
+      on conflict (job_id, attempt) do update set job_id = excluded.job_id
+      returning attempt, total, passed, failed, skipped, errored, dropped, complete, flaky)
+    select ran.owner_id, ran.state, counts.* , exists (select 1 from claimed) as claimed from ran left join counts on true`;
+  if (!row) return undefined;
+  const { owner_id, state, claimed, ...counts } = row;
+  return { owner_id, state, counts: claimed ? (counts as CountsRow) : undefined };
 }
 
-/** Whether the attempt of the job ran on the host (a row of job_hosts); locks nothing. */
-export async function attemptRanOn(tx: Db, jobId: string, attempt: number, hostId: string): Promise<{ owner_id: string; state: string } | undefined> {
-  const [row] = await tx<{ owner_id: string; state: string }[]>`
-    select j.owner_id, j.state from jobs j join job_hosts jh on jh.job_id = j.id
-    where j.id = ${jobId} and jh.attempt = ${attempt} and jh.host_id = ${hostId}`;
-  return row;
+/** What a batch adds to its attempt's counts. */
+export interface BatchCounts {
+  total: number;
+  passed: number;
+  failed: number;
+  skipped: number;
+  errored: number;
+  dropped: number;
+  complete: boolean;
 }
 
-/** The attempt's counts row, created empty when missing, locked for the batch. */
-export async function lockCounts(tx: Db, jobId: string, attempt: number): Promise<CountsRow> {
-  await tx`insert into job_results (job_id, attempt) values (${jobId}, ${attempt}) on conflict do nothing`;
-  const [row] = await tx<CountsRow[]>`
-    select attempt, total, passed, failed, skipped, errored, dropped, complete, flaky from job_results
-    where job_id = ${jobId} and attempt = ${attempt} for update`;
-  return row!;
-}
-
-/** Inserts cases from index `first` on; returns how many newly passing cases failed on an earlier attempt (marked flaky). */
-export async function insertCases(tx: Db, jobId: string, attempt: number, first: number, cases: CaseInput[]): Promise<number> {
-  if (cases.length === 0) return 0;
+/**
+ * Stores a batch: its cases from index `first` on, the attempt's counts,
+ * and a 'treadmill_jobs' notification, in one statement; on an attempt
+ * after the first, the passing cases that failed on an earlier attempt
+ * are marked flaky (and the attempt with them). Returns how many were.
+ */
+export async function storeBatch(tx: Db, jobId: string, attempt: number, first: number, cases: CaseInput[], add: BatchCounts): Promise<number> {
   const col = <T>(f: (c: CaseInput) => T) => cases.map(f);
-  await tx`
+  const insert = tx`
     insert into job_result_cases (job_id, attempt, idx, suite, name, outcome, duration_us, message, log_channel, log_start, log_end)
     select ${jobId}, ${attempt}, ${first} + n - 1, suite, name, outcome, duration_us, message, log_channel, log_start, log_end
     from unnest(${col((c) => c.suite)}::text[], ${col((c) => c.name)}::text[], ${col((c) => c.outcome)}::smallint[],
                 ${col((c) => c.durationUs)}::bigint[], ${col((c) => c.message)}::text[], ${col((c) => c.logChannel)}::text[],
                 ${col((c) => c.logStart)}::bigint[], ${col((c) => c.logEnd)}::bigint[])
       with ordinality as u(suite, name, outcome, duration_us, message, log_channel, log_start, log_end, n)`;
-  if (attempt <= 1 || !cases.some((c) => c.outcome === 1)) return 0;
+  const counts = (flaky: boolean) => tx`
+    update job_results set total = total + ${add.total}, passed = passed + ${add.passed}, failed = failed + ${add.failed},
+      skipped = skipped + ${add.skipped}, errored = errored + ${add.errored}, dropped = dropped + ${add.dropped},
+      complete = complete or ${add.complete}, flaky = flaky or ${flaky}
+    where job_id = ${jobId} and attempt = ${attempt}`;
+  const mayBeFlaky = attempt > 1 && cases.some((c) => c.outcome === 1);
+  if (!mayBeFlaky) {
+    await tx`with ins as (${cases.length > 0 ? insert : tx`select 1`}), upd as (${counts(false)}) select pg_notify('treadmill_jobs', ${jobId})`;
+    return 0;
+  }
+  await insert;
   const flaky = await tx`
     update job_result_cases c set flaky = true
     where c.job_id = ${jobId} and c.attempt = ${attempt} and c.idx >= ${first} and c.idx < ${first + cases.length} and c.outcome = 1
       and exists (select 1 from job_result_cases p
                   where p.job_id = c.job_id and p.attempt < c.attempt and p.outcome in (2, 4) and p.suite = c.suite and p.name = c.name)`;
+  await tx`with upd as (${counts(flaky.count > 0)}) select pg_notify('treadmill_jobs', ${jobId})`;
   return flaky.count;
-}
-
-/** Adds a batch to the attempt's counts. */
-export async function addCounts(
-  tx: Db,
-  jobId: string,
-  attempt: number,
-  add: { total: number; passed: number; failed: number; skipped: number; errored: number; dropped: number; complete: boolean; flaky: boolean },
-): Promise<void> {
-  await tx`
-    update job_results set total = total + ${add.total}, passed = passed + ${add.passed}, failed = failed + ${add.failed},
-      skipped = skipped + ${add.skipped}, errored = errored + ${add.errored}, dropped = dropped + ${add.dropped},
-      complete = complete or ${add.complete}, flaky = flaky or ${add.flaky}
-    where job_id = ${jobId} and attempt = ${attempt}`;
 }
 
 /** The counts of one attempt, or of the latest attempt with results (attempt 0). */
@@ -119,17 +136,25 @@ export interface CaseFilter {
   nameContains: string;
 }
 
-/** A page of an attempt's cases in report order, after index `after`. */
+/**
+ * A page of an attempt's cases in report order, after index `after`. With
+ * outcomes, one index range per outcome (job_result_cases_outcome, in idx
+ * order), each cut to the page, merged: `outcome = any(...)` would read
+ * every case of those outcomes to sort them, thousands of failures with
+ * their messages for one page.
+ */
 export function listCases(sql: Db, jobId: string, attempt: number, f: CaseFilter, after: number, limit: number): Promise<CaseRow[]> {
   const like = `%${f.nameContains.replace(/[\\%_]/g, (c) => `\\${c}`)}%`;
-  return sql<CaseRow[]>`
-    select attempt, idx, suite, name, outcome, duration_us, message, log_channel, log_start, log_end, flaky
-    from job_result_cases
-    where job_id = ${jobId} and attempt = ${attempt} and idx > ${after}
-      ${f.suite !== "" ? sql`and suite = ${f.suite}` : sql``}
-      ${f.outcomes.length > 0 ? sql`and outcome = any(${f.outcomes}::smallint[])` : sql``}
-      ${f.nameContains !== "" ? sql`and name ilike ${like}` : sql``}
-    order by idx limit ${limit}`;
+  const where = (outcome: number | undefined) => sql`
+    job_id = ${jobId} and attempt = ${attempt} and idx > ${after}
+    ${outcome !== undefined ? sql`and outcome = ${outcome}` : sql``}
+    ${f.suite !== "" ? sql`and suite = ${f.suite}` : sql``}
+    ${f.nameContains !== "" ? sql`and name ilike ${like}` : sql``}`;
+  const columns = sql`attempt, idx, suite, name, outcome, duration_us, message, log_channel, log_start, log_end, flaky`;
+  if (f.outcomes.length === 0) return sql<CaseRow[]>`select ${columns} from job_result_cases where ${where(undefined)} order by idx limit ${limit}`;
+  const parts = [...new Set(f.outcomes)].map((o) => sql`(select ${columns} from job_result_cases where ${where(o)} order by idx limit ${limit})`);
+  const union = parts.reduce((all, part) => sql`${all} union all ${part}`);
+  return sql<CaseRow[]>`select * from (${union}) page order by idx limit ${limit}`;
 }
 
 /**

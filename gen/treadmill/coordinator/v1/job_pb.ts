@@ -978,7 +978,8 @@ export type Job = Message<"treadmill.coordinator.v1.Job"> & {
 
   /**
    * A test case failed on one attempt of the job and passed on a later one
-   * (TestCase.flaky).
+   * (TestCase.flaky), or the workload failed and a retry of it
+   * (JobSpec.retry) succeeded.
    *
    * @generated from field: bool flaky = 28;
    */
