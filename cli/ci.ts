@@ -99,7 +99,8 @@ export class CiRun {
     this.detachOnSignal = flags["detach-on-signal"] === true;
     this.cancelWaitMs = flags["cancel-wait"] === undefined ? CANCEL_WAIT_MS : parseDuration("cancel-wait", flags["cancel-wait"]);
     this.#summaryFile = ctx.io.env.GITHUB_STEP_SUMMARY || undefined;
-    this.#gitlab = ctx.io.env.GITLAB_CI === "true";
+    // Sections go to stdout, which holds the data with -o json|yaml: none then.
+    this.#gitlab = ctx.io.env.GITLAB_CI === "true" && ctx.out.format === "table";
   }
 
   /** `--cancel-wait` as the user wrote it: "30s", "1500ms". */

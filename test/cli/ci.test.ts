@@ -160,6 +160,10 @@ describe("tml job run in a pipeline", () => {
     expect(summary).toContain("Tests:     2 cases: 1 passed, 1 failed");
     expect(summary).toContain("Artifacts: 1 file (15 B)");
     expect(summary).toContain("Failing cases:\n  unit / divides: division by zero\n");
+    // With -o json stdout is the job's record alone.
+    const data = await tml(config, ["job", "run", "ci/sh:1", "--param", "script=true", "-o", "json"], { env: { GITLAB_CI: "true" } });
+    expect(data.code).toBe(0);
+    expect(JSON.parse(data.stdout)).toMatchObject({ state: "JOB_STATE_FINALIZED", exitStatus: "EXIT_STATUS_SUCCESS" });
   }, 120_000);
 
   it("writes one JUnit file and one artifacts directory per job of a matrix, named after its values", async () => {
