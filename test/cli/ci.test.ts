@@ -190,4 +190,21 @@ describe("tml job run in a pipeline", () => {
     expect((await readdir(join(out, "artifacts"))).sort()).toEqual(["suite=full", "suite=smoke"]);
     expect(await readFile(join(out, "artifacts", "suite=smoke", "logs", "serial.txt"), "utf8")).toBe("serial says hi\n");
   }, 120_000);
+
+  it("on SIGTERM cancels every job of a matrix, still writes a JUnit file for each, and exits 143", async () => {
+    const out = dir("matrix-term");
+    const file = join(tb.dir, "matrix-hang.yaml");
+    await writeFile(file, ["image: ci/sh:1", "matrix:", "  suite: [smoke, full]", "parameters:", "  script: echo started ${suite}; sleep 120", ""].join("\n"));
+    const run = spawnTml(config, ["job", "run", "-f", file, "--junit", join(out, "report.xml")]);
+    // One host: the first job runs, the other waits in the queue.
+    await run.waitForLine(/^--> suite=\S+\s+\S+\s+running$/);
+    run.child.kill("SIGTERM");
+    const result = await run.result;
+    expect(result.stderr).toContain("--> canceling 2 jobs (SIGTERM); waiting up to 30s for them to end");
+    expect(result.code).toBe(143);
+    const ids = [...result.stderr.matchAll(/^--> suite=\S+\s+(\S+)\s+submitted$/gm)].map((m) => m[1]);
+    expect(ids).toHaveLength(2);
+    for (const id of ids) expect((await tb.waitFinalized(id)).finalizeReason).toBe(FinalizeReason.CANCELED);
+    expect((await readdir(out)).sort()).toEqual(["report.suite=full.xml", "report.suite=smoke.xml"]);
+  }, 120_000);
 });
