@@ -268,6 +268,7 @@ export async function followJob(
   /** The exit code once a signal stopped the run (130, 143). */
   let signalCode: number | undefined;
   let cancelTimer: NodeJS.Timeout | undefined;
+  let waitedOut = false;
   const cancel = async (why: string) => {
     if (cancelAsked) return;
     cancelAsked = true;
@@ -275,15 +276,19 @@ export async function followJob(
     ctx.out.note(ctx.out.errStyle(`--> canceling job ${jobId} (${why}); waiting up to ${ci.cancelWaitText} for it to end (${why} again: stop waiting)`, "cyan"));
     cancelTimer = setTimeout(() => {
       ctx.out.note(`tml: job ${jobId} did not end within ${ci.cancelWaitText} of its cancel; it ends on its own: \`tml job get ${jobId}\` shows it.`);
+      waitedOut = true;
       detach();
     }, ci.cancelWaitMs);
     await jobs.cancelJob({ jobId, message: `canceled from tml (${why})` }, { timeoutMs: 15_000 }).catch((err) => {
       ctx.out.note(`Could not cancel job ${jobId}: ${ConnectError.from(err).rawMessage}`);
     });
   };
+  let finishing = false;
   const detach = () => {
     detached = true;
     watch.abort();
+    // The job ended and its files are being written: a second signal cuts their downloads short.
+    if (finishing) ctx.abort.abort();
   };
   const onInterrupt = async (signal: NodeJS.Signals) => {
     if (cancelAsked || prompting) {
@@ -341,6 +346,7 @@ export async function followJob(
     if (options.logs) await followers.finish(LOG_GRACE_MS);
     endLog();
     status(`job ${jobId} ${endLine(job)}${await logAfterEnd(jobs, job)}`);
+    finishing = true;
     const written = await ci.finished(jobs, job, outcome(job));
     const code = signalCode ?? jobExitCode(job);
     return code === ExitCode.OK && !written ? ExitCode.ERROR : code;
@@ -350,6 +356,7 @@ export async function followJob(
       await followers.stop();
       endLog();
       if (!cancelAsked) ctx.out.note(`Detached; job ${jobId} goes on. Follow it with \`tml job logs --follow ${jobId}\`, stop it with \`tml job cancel ${jobId}\`.`);
+      else if (!waitedOut) ctx.out.note(`Stopped waiting; job ${jobId} is canceled and ends on its own: \`tml job get ${jobId}\` shows it.`);
       return signalCode ?? ExitCode.INTERRUPTED;
     }
     await followers.stop();
