@@ -165,6 +165,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           prepare(server) {
             parts.metrics.register(server.metrics);
             leases?.registerMetrics(server.metrics);
+            feed?.registerMetrics(server.metrics);
             registerHostMetrics(server.metrics, {
               sql: database.sql,
               logger: logger.child({ subsystem: "host-metrics" }),

@@ -10,6 +10,7 @@
  * and the sweep's deletions are a prefix of the feed, so replicas agree.
  */
 import type { ConnectRouter } from "@connectrpc/connect";
+import { Gauge, type Registry } from "prom-client";
 import { EventService } from "../../gen/treadmill/coordinator/v1/event_service_pb.js";
 import { SweepLoop } from "../../lib/async/sweep-loop.js";
 import type { CoordinatorContext } from "../context.js";
@@ -23,6 +24,8 @@ export interface FeedSystem {
   register(router: ConnectRouter): void;
   start(): Promise<void>;
   stop(): Promise<void>;
+  /** Serves the feed's gauges on the server's /metrics. */
+  registerMetrics(registry: Registry): void;
   /** Runs one retention sweep now (tests). Resolves with the events it deleted. */
   sweep(): Promise<number>;
 }
@@ -74,6 +77,26 @@ export function createFeedSystem(ctx: CoordinatorContext): FeedSystem {
     sweep,
     register(router) {
       router.service(EventService, service);
+    },
+    registerMetrics(registry) {
+      new Gauge({
+        name: "treadmill_coordinator_feed_events",
+        help: "The event feed: events written but not yet numbered (state=pending: stays near 0 while a sequencer runs), the newest cursor given (state=last_cursor) and the newest deleted by retention (state=swept_cursor).",
+        labelNames: ["state"] as const,
+        registers: [registry],
+        async collect() {
+          if (!ctx.notifications.connected) return;
+          try {
+            const [row] = await ctx.sql<{ pending: number; last: string; swept: string }[]>`
+              select (select count(*)::int from feed_pending) as pending, last_cursor::text as last, swept_cursor::text as swept from feed_state`;
+            this.set({ state: "pending" }, row.pending);
+            this.set({ state: "last_cursor" }, Number(row.last));
+            this.set({ state: "swept_cursor" }, Number(row.swept));
+          } catch (err) {
+            log.warn({ err }, "cannot read the event feed's metrics");
+          }
+        },
+      });
     },
     async start() {
       unsubscribe.push(

@@ -53,6 +53,11 @@ async function logLines(): Promise<string[]> {
   return content.split("\n").filter((l) => l !== "");
 }
 
+/** Waits until the sequencer numbered every event committed so far (what tml events shows next). */
+function settled(): Promise<unknown> {
+  return waitUntil(async () => (await db.sql`select 1 from feed_pending limit 1`).length === 0, "the sequencer to number every event");
+}
+
 /** Makes a job through `c` and cancels it: two job.state events (queued, finalized). */
 async function jobThrough(c: TestCoordinator, made: string[]): Promise<void> {
   const jobs = c.client(JobService, user.token);
@@ -87,6 +92,7 @@ describe("docs/events.md", () => {
     await jobThrough(a, made);
     const host = await a.createHost();
     await a.sql`update hosts set health = 'quarantined', health_reason = 'three failures' where id = ${host.id}`;
+    await settled();
     const list = await runBash(`set -eo pipefail\n${text("list")}`, { cwd: dir, env: env() });
     expect(list).toMatchObject({ code: 0 });
     const lines = list.stdout.trimEnd().split("\n");

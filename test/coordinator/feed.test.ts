@@ -32,6 +32,12 @@ describe("the event feed", () => {
     }
   }
 
+  /** Waits until the sequencer numbered every event committed so far; the newest cursor then. */
+  async function settled(): Promise<bigint> {
+    await waitUntil(async () => (await c.sql`select 1 from feed_pending limit 1`).length === 0, "the sequencer to number every event");
+    return BigInt((await c.sql<{ last: string }[]>`select last_cursor::text as last from feed_state`)[0].last);
+  }
+
   /** The event whose payload has n = `n`, once the sequencer numbered it. */
   function numbered(start: FeedCursor, n: string): Promise<FeedEvent> {
     return waitUntil(async () => (await readAll(start)).events.find((e) => e.payload.n === n), `event ${n} to be numbered`);
@@ -139,12 +145,13 @@ describe("the event feed", () => {
     const bob = await c.createUser();
     const admin = await c.createUser({ role: "admin" });
     const host = await c.createHost();
-    const head = (await c.client(EventService, admin.token).listEvents({ pageSize: 1000 })).cursor;
+    const head = await settled();
     const { job } = await c.client(JobService, alice.token).submitJob({ spec: { image, hosts: { tags: uniqueTag() }, tags: { team: "red" } } });
     await c.client(JobService, alice.token).cancelJob({ jobId: job!.id });
     await c.sql`update hosts set health = 'quarantined', health_reason = 'test' where id = ${host.id}`;
     // What another part of the coordinator records for a job: the job's owner, labels and lease come with it.
     await c.sql.begin((tx) => recordFeedEvent(tx, { kind: "job.results", jobId: job!.id, payload: { job_id: job!.id, state: "results" } }));
+    await settled();
     const kindsFor = async (token: string) => {
       const { events } = await c.client(EventService, token).listEvents({ afterCursor: head, pageSize: 1000 });
       // Other tests' hosts may change meanwhile: only this test's job and host.
@@ -173,13 +180,14 @@ describe("the event feed", () => {
     const bob = await c.createUser();
     const tags = uniqueTag();
     await c.createHost({ tags });
-    const head = (await c.client(EventService, alice.token).listEvents({ pageSize: 1000 })).cursor;
+    const head = await settled();
     const leases = c.client(LeaseService, alice.token);
     const { lease } = await leases.createLease({ hosts: { tags }, duration: { seconds: 3600n } });
     await leases.releaseLease({ leaseId: lease!.id });
     const { job } = await c.client(JobService, alice.token).submitJob({ spec: { image, hosts: { tags: uniqueTag() } } });
     // A stage change alone (the supervisor's reports write it; here by hand).
     await c.sql`update jobs set stage = 'fetching_image' where id = ${job!.id}`;
+    await settled();
     const { events } = await c.client(EventService, alice.token).listEvents({ afterCursor: head, filter: { kinds: ["lease.state", "job.stage"] } });
     const states = events.filter((e) => e.kind === "lease.state").map((e) => [e.leaseId, e.payload?.previous_state ?? null, e.payload?.state]);
     expect(states[0]).toEqual([lease!.id, null, expect.any(String)]);
@@ -196,6 +204,19 @@ describe("the event feed", () => {
     expect(await codeOf((async () => { for await (const _ of stream) break; })())).toBe("Unauthenticated");
   });
 
+  it("says on /metrics how many events wait for a cursor and the newest cursor given", async () => {
+    const last = async () => Number((await c.sql<{ last: string }[]>`select last_cursor::text as last from feed_state`)[0].last);
+    const before = await last();
+    const text = await (await fetch(`${c.url}/metrics`)).text();
+    const after = await last();
+    const value = (state: string) => Number(new RegExp(`^treadmill_coordinator_feed_events\\{[^}]*state="${state}"[^}]*\\} (\\S+)$`, "m").exec(text)?.[1]);
+    expect(before).toBeGreaterThan(0);
+    expect(value("last_cursor")).toBeGreaterThanOrEqual(before);
+    expect(value("last_cursor")).toBeLessThanOrEqual(after);
+    expect(value("pending")).toBeGreaterThanOrEqual(0);
+    expect(value("swept_cursor")).toBeGreaterThanOrEqual(0);
+  });
+
   it("answers a negative cursor or an unknown kind with INVALID_ARGUMENT naming the field", async () => {
     const user = await c.createUser();
     const events = c.client(EventService, user.token);
@@ -210,14 +231,15 @@ describe("the event feed", () => {
   it("deletes events past retention and answers a cursor before them with OUT_OF_RANGE that says so", async () => {
     const admin = await c.createUser({ role: "admin" });
     const events = c.client(EventService, admin.token);
-    const before = (await events.listEvents({ pageSize: 1000 })).cursor;
-    const host = await c.createHost();
-    await c.sql`update hosts set health = 'retired' where id = ${host.id}`;
-    const { events: fresh } = await events.listEvents({ afterCursor: before, filter: { kinds: ["host.health"] } });
-    expect(fresh).toHaveLength(1);
-    // Age every event past the retention; the sweep (every 50 ms) deletes them.
-    await c.sql`update feed_events set at = now() - interval '2 minutes'`;
-    await waitUntil(async () => (await c.sql`select 1 from feed_events`).length === 0, "the sweep to delete old events");
+    const hostEvents = async (after: bigint) => (await events.listEvents({ afterCursor: after, filter: { kinds: ["host.health"] } })).events;
+    const [first, second] = [await c.createHost(), await c.createHost()];
+    await c.sql`update hosts set health = 'retired' where id = ${first.id}`;
+    const before = (await waitUntil(async () => (await hostEvents(0n)).find((e) => e.hostId === first.id), "the first event to be numbered")).cursor;
+    await c.sql`update hosts set health = 'retired' where id = ${second.id}`;
+    const fresh = await waitUntil(async () => (await hostEvents(before)).find((e) => e.hostId === second.id), "the second event to be numbered");
+    // Age both past the retention; the sweep (every 50 ms) deletes them.
+    await c.sql`update feed_events set at = now() - interval '2 minutes' where cursor <= ${fresh.cursor.toString()}::bigint`;
+    await waitUntil(async () => (await c.sql`select 1 from feed_events where cursor <= ${fresh.cursor.toString()}::bigint`).length === 0, "the sweep to delete old events");
     const err = await events.listEvents({ afterCursor: before }).catch((e: unknown) => e as Error);
     expect(err).toMatchObject({ code: Code.OutOfRange });
     expect((err as Error).message).toContain(`cursor ${before} is older than the feed's retention`);
@@ -225,9 +247,11 @@ describe("the event feed", () => {
       for await (const _ of events.watchEvents({ afterCursor: before })) return undefined;
     })().catch((e: unknown) => e as Error);
     expect(watch).toMatchObject({ code: Code.OutOfRange });
-    // The newest cursor read is still good: nothing after it was deleted.
-    const { cursor } = await events.listEvents({ afterCursor: fresh[0].cursor });
-    expect(cursor).toBe(fresh[0].cursor);
+    // The last cursor deleted is still good: nothing after it was deleted.
+    const [{ swept }] = await c.sql<{ swept: string }[]>`select swept_cursor::text as swept from feed_state`;
+    expect(BigInt(swept)).toBe(fresh.cursor);
+    const { cursor } = await events.listEvents({ afterCursor: fresh.cursor });
+    expect(cursor).toBeGreaterThanOrEqual(fresh.cursor);
   });
 
   it("streams events as they commit after a head position sent at once", async () => {

@@ -55,7 +55,7 @@ describe("a coordinator transport over a replica that goes silent", () => {
     cleanup.push(() => a.stop(), () => b.stop());
     const relay = await silenceableRelay(new URL(a.address().url));
     cleanup.push(() => relay.close());
-    const client = createClient(EchoService, coordinatorTransport([relay.url, b.address().url], "", undefined, { ping: { intervalMs: 200, timeoutMs: 200 } }));
+    const client = createClient(EchoService, coordinatorTransport([relay.url, b.address().url], "", undefined, { ping: { intervalMs: 200, timeoutMs: 1000 } }));
 
     let received = 0;
     let silencedAt = 0;
