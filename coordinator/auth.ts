@@ -9,6 +9,7 @@ import { ImageService } from "../gen/treadmill/coordinator/v1/image_service_pb.j
 import { JobService } from "../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { LeaseService } from "../gen/treadmill/coordinator/v1/lease_service_pb.js";
 import { RegistryService } from "../gen/treadmill/coordinator/v1/registry_service_pb.js";
+import { SubscriptionService } from "../gen/treadmill/coordinator/v1/subscription_service_pb.js";
 import { SupervisorService } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { UserService } from "../gen/treadmill/coordinator/v1/user_service_pb.js";
 import { procedureEntries, serviceEntries } from "../lib/server/authorize.js";
@@ -103,6 +104,7 @@ const CALLERS = new Map<string, Callers>([
   ...serviceEntries(HealthService, USERS),
   ...serviceEntries(LeaseService, USERS),
   ...serviceEntries(EventService, USERS),
+  ...serviceEntries(SubscriptionService, USERS),
   ...serviceEntries<Callers>(SupervisorService, ["host"]),
   ...procedureEntries<typeof RegistryService, Callers>(RegistryService, {
     register: ["service"],

@@ -6,6 +6,7 @@ import { feedConfigFields } from "./feed/config.js";
 import { jobConfigFields } from "./jobs/config.js";
 import { leaseConfigFields } from "./leases/config.js";
 import { parseOverrides } from "./leases/policy.js";
+import { subscriptionConfigFields } from "./subscriptions/config.js";
 
 /** Everything the coordinator can be told, with its defaults. */
 export const coordinatorSchema = {
@@ -14,6 +15,7 @@ export const coordinatorSchema = {
   ...leaseConfigFields,
   ...artifactConfigFields,
   ...feedConfigFields,
+  ...subscriptionConfigFields,
   dataDir: {
     type: "path",
     default: ".treadmill/coordinator",

@@ -14,6 +14,7 @@ import { ATTACH_PROCEDURE, attachRoute } from "./jobs/attach-grpc.js";
 import { createJobSystem, type JobSystem } from "./jobs/job-system.js";
 import { createLeaseSystem, type LeaseSystem } from "./leases/lease-system.js";
 import { WATCH_EVENTS_PROCEDURE, createFeedSystem, type FeedSystem } from "./feed/feed-system.js";
+import { createSubscriptionSystem, type SubscriptionSystem } from "./subscriptions/subscription-system.js";
 import { coordinatorRoutes } from "./routes.js";
 import { registerHostMetrics } from "./services/host-stats.js";
 import { SigningKeys } from "./signing.js";
@@ -102,10 +103,11 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
   let jobs: JobSystem | undefined;
   let leases: LeaseSystem | undefined;
   let feed: FeedSystem | undefined;
+  let subscriptions: SubscriptionSystem | undefined;
 
   // The loops stop after the server drained (its streams closed), then the database.
   const close = async () => {
-    const stopping = Promise.all([jobs?.stop(), leases?.stop(), feed?.stop()]);
+    const stopping = Promise.all([jobs?.stop(), leases?.stop(), feed?.stop(), subscriptions?.stop()]);
     if (stopping !== undefined && !(await settlesWithin(stopping, config.graceMs))) {
       // A loop waits on a database that is away: closing the pool fails what waits.
       logger.warn({ graceMs: config.graceMs }, "background loops did not stop within the grace period; closing the database under them");
@@ -140,6 +142,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
         jobs = parts;
         leases = createLeaseSystem(ctx);
         feed = createFeedSystem(ctx);
+        subscriptions = createSubscriptionSystem(ctx, feed.reader);
         // Plain-gRPC Attach (every supervisor) goes to its own procedure;
         // Connect and gRPC-Web callers reach it through the adapter.
         const rawAttach = createRawGrpcHandler({
@@ -153,7 +156,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           : undefined;
         wired = {
           options: {
-            routes: coordinatorRoutes(ctx, parts, leases, feed),
+            routes: coordinatorRoutes(ctx, parts, leases, feed, subscriptions),
             authorize: gatedByDatabase(authorizeCaller({ sql: database.sql, clock }), database.notifications),
             interceptors: [databaseInterceptor(database.notifications, DATABASE_FREE), textInterceptor()],
             // Control messages, mostly small; a StartJob with its tokens is
@@ -185,6 +188,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
       await jobs?.start();
       await leases?.start();
       await feed?.start();
+      await subscriptions?.start();
     },
     close,
   });

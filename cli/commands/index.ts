@@ -12,6 +12,7 @@ import { jobFileCommands } from "./job-file.js";
 import { leaseCommands } from "./lease.js";
 import { serviceCommands } from "./service.js";
 import { sessionCommands } from "./session.js";
+import { subscriptionCommands } from "./subscription.js";
 import { userCommands } from "./user.js";
 
 const completionCommands: Command[] = [
@@ -38,6 +39,7 @@ export const allCommands: Command[] = [
   ...sessionCommands,
   ...leaseCommands,
   ...eventsCommands,
+  ...subscriptionCommands,
   ...imageCommands,
   ...hostCommands,
   ...healthCommands,
@@ -51,6 +53,7 @@ export const allCommands: Command[] = [
 export const groupSummaries: Record<string, string> = {
   job: "Run jobs, follow their logs, list, cancel and inspect them",
   lease: "List, inspect, extend, renew and release leases of hosts (`tml reserve` takes one)",
+  subscription: "Subscribe webhooks and email to the event feed; read the delivery log",
   image: "Push, pull, list and manage images",
   host: "List and manage hosts (changes: admins)",
   service: "List the registered stores, caches, log servers and proxies (admins)",

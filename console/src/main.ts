@@ -18,6 +18,7 @@ import { leasePage } from "./pages/lease.js";
 import { calendarPage, leasesPage } from "./pages/leases.js";
 import { loginPage } from "./pages/login.js";
 import { submitPage } from "./pages/submit.js";
+import { subscriptionPage, subscriptionsPage } from "./pages/subscriptions.js";
 
 export interface PageContext {
   app: App;
@@ -45,6 +46,8 @@ const routes: [RegExp, Page, { public?: boolean; wide?: boolean }?][] = [
   [/^\/leases$/, leasesPage],
   [/^\/leases\/calendar$/, calendarPage],
   [/^\/leases\/([^/]+)$/, leasePage],
+  [/^\/subscriptions$/, subscriptionsPage],
+  [/^\/subscriptions\/([^/]+)$/, subscriptionPage],
   [/^\/health-checks$/, healthChecksPage],
   [/^\/images$/, imagesPage],
   [/^\/images\/(.+)$/, imagePage],
@@ -55,6 +58,7 @@ const NAV: [string, string][] = [
   ["/jobs/new", "Submit"],
   ["/hosts", "Hosts"],
   ["/leases", "Leases"],
+  ["/subscriptions", "Subscriptions"],
   ["/health-checks", "Health checks"],
   ["/images", "Images"],
 ];
@@ -153,7 +157,7 @@ export class App {
         {},
         ...NAV.map(([href, label]) => {
           const current =
-            href === path || (href === "/jobs" && (path === "/" || /^\/jobs\/(?!new$)/.test(path))) || (href === "/hosts" && path.startsWith("/hosts/")) || (href === "/leases" && path.startsWith("/leases/"));
+            href === path || (href === "/jobs" && (path === "/" || /^\/jobs\/(?!new$)/.test(path))) || (href === "/hosts" && path.startsWith("/hosts/")) || (href === "/leases" && path.startsWith("/leases/")) || (href === "/subscriptions" && path.startsWith("/subscriptions/"));
           return h("li", {}, h("a", { href, "aria-current": current ? "page" : undefined }, label));
         }),
       ),

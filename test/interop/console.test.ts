@@ -83,18 +83,18 @@ describe("the web console in headless Chromium", () => {
     await page.getByLabel("Image").fill("test/echo:1");
     // The server's InvalidArgument shows under the field it names.
     await page.getByLabel("Job timeout").fill("99999h");
-    await page.getByRole("button", { name: "Submit job" }).click();
+    await page.getByRole("button", { name: "Submit job", exact: true }).click();
     await shows(page.locator("#submit-job-timeout-error"), "job_timeout");
     expect(await page.getByLabel("Job timeout").getAttribute("aria-invalid")).toBe("true");
     // Checked in the page before sending.
     await page.getByLabel("Job timeout").fill("5m");
     await page.getByLabel("Parameters").fill("9bad=x");
-    await page.getByRole("button", { name: "Submit job" }).click();
+    await page.getByRole("button", { name: "Submit job", exact: true }).click();
     await shows(page.locator("#submit-parameters-error"), "line 1");
     await shot("submit");
     const script = "for i in 1 2 3; do echo line-$i; sleep 2; done; printf '\\033[31mred-done\\033[0m\\n'";
     await page.getByLabel("Parameters").fill(`script=${script}\nsecret TOKEN=hunter2-secret`);
-    await page.getByRole("button", { name: "Submit job" }).click();
+    await page.getByRole("button", { name: "Submit job", exact: true }).click();
     await page.waitForURL(/\/jobs\/[0-9a-f-]{36}$/, WAIT);
     const jobId = new URL(page.url()).pathname.split("/").pop()!;
 

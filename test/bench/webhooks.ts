@@ -1,0 +1,184 @@
+// `npm run bench -- webhooks`: subscriptions and webhooks (issue #24 item 2)
+// under the coordinator benchmark's assignment load, on the machinery of
+// `npm run bench -- events` (test/bench/shared/job-system.ts: the
+// coordinator as a child process on an embedded PostgreSQL, 200 scripted
+// supervisors that run each job to its end at once; jobs queued while the
+// hosts drain, then every host enabled at once; the figure is finalized
+// jobs per second).
+//
+// 1,000 subscriptions of one admin, each on a label `bucket` (100 buckets,
+// 10 subscriptions each), kind job.state and state finalized, all to one
+// local receiver (an HTTP server in this process that answers 204): every
+// job (in one bucket) thus has one event that 10 subscriptions match, while
+// every event of every job is considered against all 1,000. Rounds
+// alternate subscriptions off (disabled) and on (TREADMILL_BENCH_WEBHOOKS_ROUNDS,
+// even; TREADMILL_BENCH_WEBHOOKS_JOBS jobs each), so that the machine's
+// drift falls on both alike.
+//
+// Dispatch latency: from the commit of the transaction that wrote the event
+// to the receiver's receipt of the POST (PostgreSQL records commit times,
+// track_commit_timestamp; the bench adds a column recording each event's
+// writing transaction, as the events bench does). Baselines in the same run:
+// the assignment throughput with subscriptions off, and a bare POST from
+// this process to the same receiver.
+import { createServer } from "node:http";
+import type { AddressInfo } from "node:net";
+import { chmod, mkdtemp, rm } from "node:fs/promises";
+import { randomUUID } from "node:crypto";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { bearerInterceptor } from "../../lib/grpc/transport.js";
+import { startProcess } from "../support/process.js";
+import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
+import { freePort } from "../support/net.js";
+import { percentile, report } from "./report.js";
+import { inBatches, insertFixtures, serving, sizeFromEnv as env, startBenchDatabase, until } from "./shared/job-system.js";
+
+const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
+const JOBS = env("TREADMILL_BENCH_WEBHOOKS_JOBS", 2000);
+const ROUNDS = env("TREADMILL_BENCH_WEBHOOKS_ROUNDS", 4);
+const HOSTS = 200;
+const SUBSCRIPTIONS = 1000;
+const BUCKETS = 100;
+
+const wallNow = () => performance.timeOrigin + performance.now();
+
+export async function run(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), "treadmill-bench-webhooks-"));
+  await chmod(dir, 0o755);
+  const { pg, sql } = await startBenchDatabase(dir, { track_commit_timestamp: "on" });
+  // The receiver: arrival time per (event id, delivery id).
+  const arrivals: { eventId: string; at: number }[] = [];
+  const receiver = createServer((req, res) => {
+    const at = wallNow();
+    req.resume();
+    req.on("end", () => {
+      const eventId = String(req.headers["x-treadmill-event-id"] ?? "");
+      if (eventId !== "") arrivals.push({ eventId, at });
+      res.writeHead(204).end();
+    });
+  });
+  await new Promise<void>((resolve) => receiver.listen(0, "127.0.0.1", resolve));
+  const hookUrl = `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hook`;
+  const port = await freePort();
+  const url = `http://127.0.0.1:${port}`;
+  const child = startProcess(BIN, [
+    "--port",
+    String(port),
+    "--database-url",
+    pg.url,
+    "--log-level",
+    "warn",
+    "--max-connections-per-address",
+    "0",
+    "--health-sweep-interval-ms",
+    "3600000",
+  ]);
+  const supervisors: ScriptedSupervisor[] = [];
+  try {
+    await serving(url);
+    process.stdout.write(`sizes: ${ROUNDS} rounds of ${JOBS} jobs on ${HOSTS} hosts; ${SUBSCRIPTIONS} subscriptions (${SUBSCRIPTIONS / BUCKETS} per job) off and on alternately\n`);
+    // Baseline: a bare POST to the receiver from this process.
+    const posts: number[] = [];
+    for (let i = 0; i < 500; i++) {
+      const t = performance.now();
+      const res = await fetch(hookUrl, { method: "POST", body: "{}", headers: { "content-type": "application/json" } });
+      await res.arrayBuffer();
+      posts.push(performance.now() - t);
+    }
+    arrivals.length = 0;
+
+    const { token, hosts } = await insertFixtures(
+      sql,
+      Array.from({ length: HOSTS }, (_, i) => ({ name: `bench-${i}`, tags: { pool: "active" } })),
+    );
+    const [{ id: owner }] = await sql<{ id: string }[]>`select id from users where name = 'bench'`;
+    for (let i = 0; i < SUBSCRIPTIONS; i += 100) {
+      const chunk = Array.from({ length: Math.min(100, SUBSCRIPTIONS - i) }, (_, k) => ({ id: randomUUID(), dest: randomUUID(), bucket: String((i + k) % BUCKETS) }));
+      await sql`
+        insert into subscriptions (id, name, owner_id, filter, secret, enabled)
+        select v.id, 'bench', ${owner}, jsonb_build_object('kinds', '["job.state"]'::jsonb, 'labels', jsonb_build_object('bucket', v.bucket),
+          'images', '[]'::jsonb, 'owner_ids', '[]'::jsonb, 'states', '["finalized"]'::jsonb, 'outcomes', '[]'::jsonb, 'regressions_only', false),
+          'whsec_bench', false
+        from jsonb_to_recordset(${sql.json(chunk)}::jsonb) as v(id uuid, dest uuid, bucket text)`;
+      await sql`
+        insert into subscription_destinations (id, subscription_id, position, kind, url)
+        select v.dest, v.id, 0, 'webhook', ${hookUrl} from jsonb_to_recordset(${sql.json(chunk)}::jsonb) as v(id uuid, dest uuid, bucket text)`;
+    }
+    const transport = createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] });
+    const jobs = createClient(JobService, transport);
+    for (const h of hosts) supervisors.push(new ScriptedSupervisor({ urls: [url], credential: h.credential, mode: "exit", noHistory: true, wire: "raw" }));
+    await inBatches(supervisors, 50, (s) => s.connect());
+    await until(async () => (await sql`select count(*)::int as n from hosts where attached_replica is not null`)[0].n === HOSTS, "the hosts to attach");
+    await sql`update hosts set health = 'healthy'`;
+    await sql`alter table feed_pending add column bench_xid xid8 default pg_current_xact_id()`;
+    await sql`alter table feed_events add column bench_xid xid8`;
+
+    const rates = { off: [] as number[], on: [] as number[] };
+    let expected = 0;
+    for (let round = 0; round < ROUNDS; round++) {
+      const on = round % 2 === 1;
+      await sql`update subscriptions set enabled = ${on}`;
+      await sql`update hosts set admin_state = 'draining'`;
+      let n = 0;
+      await inBatches(Array.from({ length: JOBS }), 40, () =>
+        jobs.submitJob({ spec: { image: "bench:v1", hosts: { tags: { pool: "active" } }, tags: { bucket: String(n++ % BUCKETS) } }, queueAnyway: true }),
+      );
+      const [{ t0 }] = await sql<{ t0: Date }[]>`
+        with e as (update hosts set admin_state = 'enabled') select now() as t0, pg_notify('treadmill_schedule', '')`;
+      await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "the queue to drain", 600_000, 250);
+      const [{ end }] = await sql<{ end: Date }[]>`select max(finalized_at) as end from jobs where assigned_at >= ${t0}`;
+      const rate = JOBS / ((end.getTime() - t0.getTime()) / 1000);
+      (on ? rates.on : rates.off).push(rate);
+      if (on) expected += JOBS * (SUBSCRIPTIONS / BUCKETS);
+      // The round's webhooks are all in before the next round starts.
+      await until(async () => arrivals.length >= expected, "the round's webhooks to arrive", 120_000, 100).catch(async (err: unknown) => {
+        const states = await sql`select state, count(*)::int as n, max(attempt_count) as attempts, max(error) as error from subscription_deliveries group by state`;
+        throw new Error(`${String(err)}: ${arrivals.length} of ${expected} arrived; deliveries ${JSON.stringify(states)}`);
+      });
+      process.stdout.write(`round ${round + 1} subscriptions ${on ? "on " : "off"}: ${rate.toFixed(0)} jobs/s\n`);
+    }
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    report("assignment throughput, no subscriptions", mean(rates.off), "jobs/s");
+    report("assignment throughput, 1000 subscriptions", mean(rates.on), "jobs/s", { name: "no subscriptions", value: mean(rates.off) });
+
+    const commits = new Map<string, number>();
+    const ids = [...new Set(arrivals.map((a) => a.eventId))];
+    for (let i = 0; i < ids.length; i += 5000) {
+      const rows = await sql<{ cursor: string; committed: number }[]>`
+        select cursor::text, extract(epoch from pg_xact_commit_timestamp(bench_xid::xid)) * 1000 as committed
+        from feed_events where cursor = any(${ids.slice(i, i + 5000)}::bigint[])`;
+      for (const r of rows) commits.set(r.cursor, r.committed);
+    }
+    const latencies = arrivals.map((a) => a.at - commits.get(a.eventId)!).filter((x) => Number.isFinite(x));
+    process.stdout.write(`webhooks received: ${arrivals.length} (${expected} expected), ${ids.length} events\n`);
+    report("webhook dispatch, commit -> receiver p50", percentile(latencies, 50), "ms", { name: "bare POST p50", value: percentile(posts, 50) });
+    report("webhook dispatch, commit -> receiver p99", percentile(latencies, 99), "ms", { name: "bare POST p99", value: percentile(posts, 99) });
+    // Where the time goes: commit -> queued (matching), queued -> acknowledged (sending).
+    const [split] = await sql<{ queued_p50: number; queued_p99: number; sent_p50: number; sent_p99: number }[]>`
+      with x as (
+        select extract(epoch from d.created_at) * 1000 - extract(epoch from pg_xact_commit_timestamp(e.bench_xid::xid)) * 1000 as queued,
+          extract(epoch from d.last_attempt_at - d.created_at) * 1000 as sent
+        from subscription_deliveries d join feed_events e on e.cursor = d.event_id::bigint)
+      select percentile_cont(0.5) within group (order by queued) as queued_p50, percentile_cont(0.99) within group (order by queued) as queued_p99,
+        percentile_cont(0.5) within group (order by sent) as sent_p50, percentile_cont(0.99) within group (order by sent) as sent_p99 from x`;
+    report("of which commit -> queued p50", split.queued_p50, "ms");
+    report("of which commit -> queued p99", split.queued_p99, "ms");
+    report("of which queued -> acknowledged p50", split.sent_p50, "ms");
+    report("of which queued -> acknowledged p99", split.sent_p99, "ms");
+    report("webhook dispatch p99 against its goal", percentile(latencies, 99), "ms", { name: "goal", value: 200 });
+  } finally {
+    await Promise.all(supervisors.map((s) => s.close()));
+    child.child.kill("SIGTERM");
+    await child.exited;
+    receiver.closeAllConnections();
+    receiver.close();
+    await sql.end({ timeout: 5 });
+    await pg.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
