@@ -121,8 +121,8 @@ async function runGithub(name: string, cancelOn?: RegExp) {
   const [job] = Object.values(workflow.jobs);
   const work = join(tb.dir, `github-${++runs}`);
   await mkdir(work);
-  const secrets: Record<string, string> = { TML_SERVER: tb.coordinatorUrl, TML_TOKEN: token };
-  const vars: Record<string, string> = { TML_PACKAGE: packageFile };
+  const secrets: Record<string, string> = { TML_TOKEN: token };
+  const vars: Record<string, string> = { TML_SERVER: tb.coordinatorUrl, TML_PACKAGE: packageFile };
   const fill = (text: string) =>
     text.replace(/\$\{\{\s*(secrets|vars)\.(\w+)\s*\}\}/g, (_, kind: string, key: string) => (kind === "secrets" ? secrets : vars)[key] ?? "");
   const summary = join(work, "step-summary.md");
