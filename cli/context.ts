@@ -29,8 +29,8 @@ export interface CliIo {
   stdout: Writable & { isTTY?: boolean; columns?: number };
   stderr: Writable & { isTTY?: boolean; columns?: number };
   env: Record<string, string | undefined>;
-  /** Calls `handler` on each Ctrl-C (SIGINT) until the returned function is called. */
-  onInterrupt?: (handler: () => void) => () => void;
+  /** Calls `handler` on each SIGINT (Ctrl-C) and SIGTERM, with its name, until the returned function is called. */
+  onInterrupt?: (handler: (signal: NodeJS.Signals) => void) => () => void;
 }
 
 export interface Target {
@@ -123,8 +123,8 @@ export class CliContext {
 
   readonly #closers: (() => void)[] = [];
 
-  /** Calls `handler` on each Ctrl-C until the returned function is called or the command ends. */
-  onInterrupt(handler: () => void): () => void {
+  /** Calls `handler` on each Ctrl-C (SIGINT) or SIGTERM until the returned function is called or the command ends. */
+  onInterrupt(handler: (signal: NodeJS.Signals) => void): () => void {
     const off = this.io.onInterrupt?.(handler) ?? (() => undefined);
     this.onClose(off);
     return off;

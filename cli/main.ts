@@ -10,9 +10,14 @@ void runCli(process.argv.slice(2), {
   stdout: process.stdout,
   stderr: process.stderr,
   env: process.env,
+  // SIGTERM as Ctrl-C while a command listens (a CI runner cancelling a step sends it); else its default, exiting.
   onInterrupt(handler) {
     process.on("SIGINT", handler);
-    return () => process.off("SIGINT", handler);
+    process.on("SIGTERM", handler);
+    return () => {
+      process.off("SIGINT", handler);
+      process.off("SIGTERM", handler);
+    };
   },
 }).then((code) => {
   // Open HTTP/2 sessions would keep the process alive: exit once output is flushed.

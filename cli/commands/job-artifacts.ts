@@ -7,12 +7,13 @@
  */
 import { mkdir, rename } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
+import type { Client } from "@connectrpc/connect";
 import { ArtifactSchema, type Artifact } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { downloadBlob, imageStoreClient, imageStoreTransport } from "../../lib/image/client.js";
 import { parseIntFlag } from "../args.js";
 import { defineCommand, type Command } from "../command.js";
-import { tlsOptions } from "../context.js";
+import { tlsOptions, type CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { ago, jsonOf } from "../format.js";
 import { formatBytes, progressBar } from "../progress.js";
@@ -67,43 +68,62 @@ export const jobArtifactCommands: Command[] = [
         if (flags.all === true) throw new CliError(`job ${args.JOB} attempt ${listed.attempt} has no artifacts`, ExitCode.NOT_FOUND);
         throw new CliError(`job ${args.JOB} attempt ${listed.attempt} has no artifact named ${flags.get}`, ExitCode.NOT_FOUND);
       }
-      const { access } = await jobs.getJobArtifactAccess({ jobId: args.JOB, attempt: listed.attempt }, { timeoutMs: 30_000 });
       const dir = resolve(flags.dir ?? ".");
-      const written: string[] = [];
-      for (const artifact of wanted) {
-        const names = artifact.name.split("/");
-        const path = join(dir, ...(flags.all === true ? names : names.slice(-1)));
-        await download(artifact, path);
-        written.push(path);
-      }
+      const written = await downloadArtifacts(ctx, jobs, args.JOB, listed.attempt, wanted, dir, flags.all === true);
       ctx.out.data({ attempt: listed.attempt, files: written }, () =>
         ctx.out.line(`Downloaded ${written.length} artifact${written.length === 1 ? "" : "s"} of job ${args.JOB} attempt ${listed.attempt}${written.length === 1 ? ` to ${written[0]}` : ` into ${dir}`}.`),
       );
       return ExitCode.OK;
-
-      async function download(artifact: Artifact, path: string): Promise<void> {
-        const where = access.find((a) => a.manifestDigest === artifact.manifestDigest);
-        if (!where) throw new CliError(`the server gave no access to artifact ${artifact.name}`);
-        await mkdir(dirname(path), { recursive: true });
-        const transport = imageStoreTransport(where.storeUrl, { token: where.readToken?.token ?? "", tls: tlsOptions(ctx.caFile) });
-        ctx.errorContext.server = where.storeUrl;
-        const size = Number(artifact.sizeBytes);
-        const bar = size >= BAR_BYTES ? progressBar({ label: `Downloading ${artifact.name}`, total: size, stream: ctx.io.stderr }) : undefined;
-        try {
-          // Into a side file, renamed once verified: a failed download leaves no file that looks whole.
-          await downloadBlob(imageStoreClient(transport), { digest: artifact.digest, size }, `${path}.download`, {
-            onProgress: (p) => bar?.update(p.bytesDone),
-            signal: ctx.abort.signal,
-          });
-          await rename(`${path}.download`, path);
-          bar?.done();
-        } catch (err) {
-          bar?.stop();
-          throw err;
-        } finally {
-          transport.close();
-        }
-      }
     },
   }),
 ];
+
+/**
+ * Downloads `wanted` (artifacts of the job's `attempt`) into `dir`, each
+ * verified against its digest, with their paths (`keepPaths`) or by their
+ * last name; returns the files written. `tml job run --artifacts` (cli/ci.ts)
+ * uses it too.
+ */
+export async function downloadArtifacts(
+  ctx: CliContext,
+  jobs: Client<typeof JobService>,
+  jobId: string,
+  attempt: number,
+  wanted: readonly Artifact[],
+  dir: string,
+  keepPaths: boolean,
+): Promise<string[]> {
+  const { access } = await jobs.getJobArtifactAccess({ jobId, attempt }, { timeoutMs: 30_000 });
+  const written: string[] = [];
+  for (const artifact of wanted) {
+    const names = artifact.name.split("/");
+    const path = join(dir, ...(keepPaths ? names : names.slice(-1)));
+    await download(artifact, path);
+    written.push(path);
+  }
+  return written;
+
+  async function download(artifact: Artifact, path: string): Promise<void> {
+    const where = access.find((a) => a.manifestDigest === artifact.manifestDigest);
+    if (!where) throw new CliError(`the server gave no access to artifact ${artifact.name}`);
+    await mkdir(dirname(path), { recursive: true });
+    const transport = imageStoreTransport(where.storeUrl, { token: where.readToken?.token ?? "", tls: tlsOptions(ctx.caFile) });
+    ctx.errorContext.server = where.storeUrl;
+    const size = Number(artifact.sizeBytes);
+    const bar = size >= BAR_BYTES ? progressBar({ label: `Downloading ${artifact.name}`, total: size, stream: ctx.io.stderr }) : undefined;
+    try {
+      // Into a side file, renamed once verified: a failed download leaves no file that looks whole.
+      await downloadBlob(imageStoreClient(transport), { digest: artifact.digest, size }, `${path}.download`, {
+        onProgress: (p) => bar?.update(p.bytesDone),
+        signal: ctx.abort.signal,
+      });
+      await rename(`${path}.download`, path);
+      bar?.done();
+    } catch (err) {
+      bar?.stop();
+      throw err;
+    } finally {
+      transport.close();
+    }
+  }
+}

@@ -19,6 +19,7 @@ import type { CliContext } from "../context.js";
 import { CliError, ExitCode, UsageError } from "../errors.js";
 import { jsonOf } from "../format.js";
 import { DEFAULT_CHANNELS } from "../logs.js";
+import { CiRun, signalExitCode } from "../ci.js";
 import { followJob, jobExitCode, outcome, stateText, watchJob } from "./job.js";
 
 type Jobs = Client<typeof JobService>;
@@ -118,7 +119,7 @@ export async function submit(jobs: Jobs, request: Parameters<Jobs["submitJob"]>[
  * change of each, then one line per job with its outcome. Exits 0 when
  * every job succeeded, 1 when any did not.
  */
-export async function runJobFile(ctx: CliContext, flags: FileRunFlags): Promise<number> {
+export async function runJobFile(ctx: CliContext, flags: FileRunFlags, ci = new CiRun(ctx, {})): Promise<number> {
   const found = await readJobs(ctx, flags);
   const jobs = await ctx.client(JobService);
   const submitted: { name: string; job: Job }[] = [];
@@ -137,9 +138,9 @@ export async function runJobFile(ctx: CliContext, flags: FileRunFlags): Promise<
   if (single && ctx.out.format === "table") {
     const { job } = submitted[0];
     if (flags.quiet !== true) ctx.out.note(ctx.out.errStyle(`--> job ${job.id} submitted (${job.spec?.image ?? ""})`, "cyan"));
-    return followJob(ctx, jobs, job.id, { channels: ctx.verbose ? [...DEFAULT_CHANNELS, "supervisor"] : DEFAULT_CHANNELS, quiet: flags.quiet === true, logs: true });
+    return followJob(ctx, jobs, job.id, { channels: ctx.verbose ? [...DEFAULT_CHANNELS, "supervisor"] : DEFAULT_CHANNELS, quiet: flags.quiet === true, logs: true, ci });
   }
-  return followTogether(ctx, jobs, submitted, { quiet: flags.quiet === true, data });
+  return followTogether(ctx, jobs, submitted, { quiet: flags.quiet === true, data, ci, matrices: found.map((j) => j.matrix) });
 }
 
 /**
@@ -182,18 +183,20 @@ export class JobBoard {
 /**
  * Follows several jobs to their end: their lines on stderr (JobBoard:
  * "--> board=a suite=x  ID  running"), then one line per job with its
- * outcome. Ctrl-C cancels them all; again: stops waiting. Returns 0 when all
- * succeeded, else 1.
+ * outcome. A signal cancels them all and waits a bounded time (cli/ci.ts;
+ * or detaches with --detach-on-signal); again: stops waiting. Returns 0 when
+ * all succeeded, else 1 (130/143 after a signal).
  */
 async function followTogether(
   ctx: CliContext,
   jobs: Jobs,
   submitted: { name: string; job: Job }[],
-  { quiet, data }: { quiet: boolean; data: (jobs: Job[]) => unknown },
+  { quiet, data, ci, matrices }: { quiet: boolean; data: (jobs: Job[]) => unknown; ci: CiRun; matrices: Record<string, string>[] },
 ): Promise<number> {
   const width = Math.max(...submitted.map((s) => s.name.length));
   const line = (name: string, job: Job, text: string) => `${name.padEnd(width)}  ${job.id}  ${text}`;
   const note = (text: string) => ctx.out.note(ctx.out.errStyle(`--> ${text}`, "cyan"));
+  const endBoard = ci.section(`Treadmill: ${submitted.length} jobs`);
   const board = quiet
     ? undefined
     : new JobBoard(
@@ -203,11 +206,19 @@ async function followTogether(
       );
   const watching = new AbortController();
   let canceling = false;
-  const off = ctx.onInterrupt(() => {
-    if (canceling) return watching.abort();
+  let signalCode: number | undefined;
+  let cancelTimer: NodeJS.Timeout | undefined;
+  const off = ctx.onInterrupt((signal = "SIGINT") => {
+    if (canceling || signalCode !== undefined) return watching.abort();
+    signalCode = signalExitCode(signal);
+    if (ci.detachOnSignal) return watching.abort();
     canceling = true;
-    if (!quiet) note(`canceling ${submitted.length} jobs (Ctrl-C again to stop waiting)`);
-    for (const { job } of submitted) void jobs.cancelJob({ jobId: job.id, message: "canceled from tml (Ctrl-C)" }, { timeoutMs: 15_000 }).catch(() => undefined);
+    note(`canceling ${submitted.length} jobs (${signal}); waiting up to ${ci.cancelWaitText} for them to end (${signal} again: stop waiting)`);
+    cancelTimer = setTimeout(() => {
+      ctx.out.note(`tml: the jobs did not all end within ${ci.cancelWaitText} of their cancel; they end on their own.`);
+      watching.abort();
+    }, ci.cancelWaitMs);
+    for (const { job } of submitted) void jobs.cancelJob({ jobId: job.id, message: `canceled from tml (${signal})` }, { timeoutMs: 15_000 }).catch(() => undefined);
   });
   let finals: Job[];
   try {
@@ -221,19 +232,25 @@ async function followTogether(
     );
   } catch (err) {
     if (watching.signal.aborted) {
+      endBoard();
       ctx.out.note(`Stopped waiting; the jobs go on: \`tml job list --label ...\` shows them.`);
-      return ExitCode.INTERRUPTED;
+      return signalCode ?? ExitCode.INTERRUPTED;
     }
     throw err;
   } finally {
+    clearTimeout(cancelTimer);
     off();
   }
+  endBoard();
   const failed = finals.filter((j) => jobExitCode(j) !== ExitCode.OK).length;
   ctx.out.data(data(finals), () => {
     finals.forEach((j, i) => ctx.out.line(line(submitted[i].name, j, outcome(j))));
     ctx.out.note(failed === 0 ? `All ${finals.length} jobs succeeded.` : `${failed} of ${finals.length} jobs did not succeed.`);
   });
-  return failed === 0 ? ExitCode.OK : ExitCode.JOB_FAILED;
+  let written = true;
+  for (const [i, j] of finals.entries()) written = (await ci.finished(jobs, j, outcome(j), matrices[i])) && written;
+  if (signalCode !== undefined) return signalCode;
+  return failed > 0 ? ExitCode.JOB_FAILED : written ? ExitCode.OK : ExitCode.ERROR;
 }
 
 /** `tml job get JOB -o yaml`: the job as a job file that `tml job run -f` submits again. */

@@ -142,9 +142,9 @@ export const resultsCommands: Command[] = [
 /**
  * Writes the cases as JUnit XML. toJunitXml groups cases by suite, so they
  * are read whole first (100,000 cases are a few tens of MB), then streamed
- * out with backpressure.
+ * out with backpressure. `tml job run --junit` (cli/ci.ts) uses it too.
  */
-async function exportJunit(ctx: CliContext, jobs: Jobs, request: Parameters<Jobs["listJobResults"]>[0], file: string): Promise<number> {
+export async function exportJunit(ctx: CliContext, jobs: Jobs, request: Parameters<Jobs["listJobResults"]>[0], file: string): Promise<number> {
   const cases = [];
   for await (const page of allCases(jobs, request, 0)) cases.push(...page.cases.map(parsedCase));
   const out = file === "-" ? ctx.io.stdout : createWriteStream(file);

@@ -38,6 +38,7 @@ import { ago, enumValue, enumWords, iso, jsonOf, tagsText, word } from "../forma
 import { logStatusText } from "../../lib/log-status.js";
 import { DEFAULT_CHANNELS, JobLogAccess, LogFollowers, mergeByTime, readChannel, type LogLine } from "../logs.js";
 import { askKey } from "../prompt.js";
+import { CiRun, ciFlags, interactive, signalExitCode } from "../ci.js";
 import { splitReference } from "./image.js";
 import { jobArtifactCommands } from "./job-artifacts.js";
 import { followLease } from "./lease.js";
@@ -181,6 +182,7 @@ const runFlags = {
   "queue-anyway": { type: "bool", description: "queue the job even when every host that matches it is quarantined, offline, disabled or retired" },
   detach: { type: "bool", short: "d", description: "submit and print the job id; do not follow" },
   quiet: { type: "bool", short: "q", description: "print only the job's output, no state changes" },
+  ...ciFlags,
 } as const satisfies FlagSchema;
 
 async function buildSpec(image: string, flags: ConfigOf<typeof runFlags>) {
@@ -242,15 +244,19 @@ async function keepLeaseAlive(ctx: CliContext, leaseId: string, signal: AbortSig
 
 /**
  * Follows a job to its end: state changes on stderr (unless quiet), the live
- * log of `channels`, Ctrl-C asking to cancel or detach. Resolves with the
- * exit code.
+ * log of `channels`, signals handled as docs/ci.md says (on a terminal,
+ * Ctrl-C asks whether to cancel or detach; SIGTERM, or Ctrl-C without a
+ * terminal, cancels and waits up to `ci.cancelWaitMs` for the end, or
+ * detaches with `ci.detachOnSignal`; a second signal stops waiting).
+ * Resolves with the exit code, once `ci` has written what it was asked to.
  */
 export async function followJob(
   ctx: CliContext,
   jobs: Jobs,
   jobId: string,
-  options: { channels: string[]; quiet: boolean; logs: boolean },
+  options: { channels: string[]; quiet: boolean; logs: boolean; ci?: CiRun },
 ): Promise<number> {
+  const ci = options.ci ?? new CiRun(ctx, {});
   const watch = new AbortController();
   const followers = new LogFollowers(logAccess(ctx, jobs, jobId), options.channels, logSink(ctx), { signal: watch.signal });
   const status = (text: string) => {
@@ -259,41 +265,59 @@ export async function followJob(
   let detached = false;
   let cancelAsked = false;
   let prompting = false;
-  const cancel = async () => {
+  /** The exit code once a signal stopped the run (130, 143). */
+  let signalCode: number | undefined;
+  let cancelTimer: NodeJS.Timeout | undefined;
+  let waitedOut = false;
+  const cancel = async (why: string) => {
     if (cancelAsked) return;
     cancelAsked = true;
-    status(`canceling job ${jobId} (Ctrl-C again to stop waiting)`);
-    await jobs.cancelJob({ jobId, message: "canceled from tml (Ctrl-C)" }, { timeoutMs: 15_000 }).catch((err) => {
+    // Said even when quiet: a CI log must show why the job ended.
+    ctx.out.note(ctx.out.errStyle(`--> canceling job ${jobId} (${why}); waiting up to ${ci.cancelWaitText} for it to end (${why} again: stop waiting)`, "cyan"));
+    cancelTimer = setTimeout(() => {
+      ctx.out.note(`tml: job ${jobId} did not end within ${ci.cancelWaitText} of its cancel; it ends on its own: \`tml job get ${jobId}\` shows it.`);
+      waitedOut = true;
+      detach();
+    }, ci.cancelWaitMs);
+    await jobs.cancelJob({ jobId, message: `canceled from tml (${why})` }, { timeoutMs: 15_000 }).catch((err) => {
       ctx.out.note(`Could not cancel job ${jobId}: ${ConnectError.from(err).rawMessage}`);
     });
   };
+  let finishing = false;
   const detach = () => {
     detached = true;
     watch.abort();
+    // The job ended and its files are being written: a second signal cuts their downloads short.
+    if (finishing) ctx.abort.abort();
   };
-  const onInterrupt = async () => {
+  const onInterrupt = async (signal: NodeJS.Signals) => {
     if (cancelAsked || prompting) {
       detach();
       return;
     }
-    if (ctx.io.stdin.isTTY && ctx.io.stdin.setRawMode) {
+    if (signal === "SIGINT" && interactive(ctx.io)) {
       prompting = true;
       const key = await askKey(ctx.io, `\nJob ${jobId} is still running. Cancel it [c], detach [d], or keep following [any other key]? `).catch(
         () => "d",
       );
       prompting = false;
-      if (key === "c") await cancel();
+      signalCode = signalExitCode(signal);
+      if (key === "c") await cancel("Ctrl-C");
       else if (key === "d") detach();
-    } else {
-      await cancel();
+      else signalCode = undefined;
+      return;
     }
+    signalCode = signalExitCode(signal);
+    if (ci.detachOnSignal) detach();
+    else await cancel(signal);
   };
-  const unsubscribe = ctx.onInterrupt(() => void onInterrupt());
+  const unsubscribe = ctx.onInterrupt((signal) => void onInterrupt(signal ?? "SIGINT"));
   let last = "";
   let hosts = "";
   let holdShown = false;
   const holding = new AbortController();
   let keepalive: Promise<void> | undefined;
+  const endLog = ci.section(`Treadmill job ${jobId}: log`);
   try {
     const job = await watchJob(jobs, jobId, watch.signal, (job) => {
       const text = stateText(job);
@@ -318,14 +342,22 @@ export async function followJob(
       hosts = jobHosts;
       if (options.logs && job.logServerUrls.length > 0 && job.state !== JobState.QUEUED) followers.follow(job.attempt);
     });
+    clearTimeout(cancelTimer);
     if (options.logs) await followers.finish(LOG_GRACE_MS);
+    endLog();
     status(`job ${jobId} ${endLine(job)}${await logAfterEnd(jobs, job)}`);
-    return jobExitCode(job);
+    finishing = true;
+    const written = await ci.finished(jobs, job, outcome(job));
+    const code = signalCode ?? jobExitCode(job);
+    return code === ExitCode.OK && !written ? ExitCode.ERROR : code;
   } catch (err) {
+    clearTimeout(cancelTimer);
     if (detached) {
       await followers.stop();
-      ctx.out.note(`Detached; job ${jobId} goes on. Follow it with \`tml job logs --follow ${jobId}\`, stop it with \`tml job cancel ${jobId}\`.`);
-      return ExitCode.INTERRUPTED;
+      endLog();
+      if (!cancelAsked) ctx.out.note(`Detached; job ${jobId} goes on. Follow it with \`tml job logs --follow ${jobId}\`, stop it with \`tml job cancel ${jobId}\`.`);
+      else if (!waitedOut) ctx.out.note(`Stopped waiting; job ${jobId} is canceled and ends on its own: \`tml job get ${jobId}\` shows it.`);
+      return signalCode ?? ExitCode.INTERRUPTED;
     }
     await followers.stop();
     throw err;
@@ -381,7 +413,11 @@ export const jobCommands: Command[] = [
     description:
       "Submits the job, prints its state changes (on stderr) and its console, stdout and stderr (the\n" +
       "supervisor's channel too with --verbose) until it ends, then exits 0 if it succeeded, 1 if not.\n" +
-      "Ctrl-C asks whether to cancel the job or detach (without a terminal: cancels; twice: detaches).",
+      "Ctrl-C asks whether to cancel the job or detach; SIGTERM, or Ctrl-C without a terminal, cancels it\n" +
+      "and waits for its end (--detach-on-signal: leaves it running); a second signal stops waiting.\n" +
+      "Exit codes: 0 succeeded, 1 the job did not succeed, 2 usage, 3 tml or Treadmill failed, 4 auth,\n" +
+      "130/143 stopped by SIGINT/SIGTERM (docs/ci.md). --junit and --artifacts write the job's results\n" +
+      "and artifacts once it ended; in CI a summary goes to $GITHUB_STEP_SUMMARY and GitLab sections to the log.",
     args: [{ name: "IMAGE", required: false, description: "name:tag from `tml image list`, or a manifest digest (not with --file)" }],
     flags: runFlags,
     examples: [
@@ -390,9 +426,12 @@ export const jobCommands: Command[] = [
       "tml job run ci/tests:pr-123 --param SUITE=smoke --secret-file API_KEY=./key.txt --restarts 2",
       "tml job run ci/tests:latest --detach",
       "tml job run -f job.yaml --set commit=$(git rev-parse HEAD)",
+      "tml job run ci/tests:latest --junit results.xml --artifacts out/",
     ],
     async run(ctx, { args, flags }) {
-      if (flags.file !== undefined) return runJobFile(ctx, fileRunFlags(args.IMAGE, { ...flags, file: flags.file }));
+      if (flags.detach === true && (flags.junit !== undefined || flags.artifacts !== undefined)) throw new UsageError("--junit and --artifacts need the job followed to its end, not --detach");
+      const ci = new CiRun(ctx, flags);
+      if (flags.file !== undefined) return runJobFile(ctx, fileRunFlags(args.IMAGE, { ...flags, file: flags.file }), ci);
       if (args.IMAGE === undefined) throw new UsageError("`tml job run` needs an IMAGE or --file FILE");
       const spec = await buildSpec(splitReference(args.IMAGE, "IMAGE").text, flags);
       const jobs = await ctx.client(JobService);
@@ -404,13 +443,13 @@ export const jobCommands: Command[] = [
       }
       if (ctx.out.format !== "table") {
         // Scripts asked for data: follow quietly, then print the final job.
-        const code = await followJob(ctx, jobs, job.id, { channels: [], quiet: true, logs: false });
+        const code = await followJob(ctx, jobs, job.id, { channels: [], quiet: true, logs: false, ci });
         const final = await jobs.getJob({ jobId: job.id }, { timeoutMs: 15_000 });
         ctx.out.data(jsonOf(JobSchema, final.job!), () => undefined);
         return code;
       }
       if (flags.quiet !== true) ctx.out.note(ctx.out.errStyle(`--> job ${job.id} submitted (${job.spec?.image ?? args.IMAGE})`, "cyan"));
-      return followJob(ctx, jobs, job.id, { channels: channelsOf([], ctx.verbose), quiet: flags.quiet === true, logs: true });
+      return followJob(ctx, jobs, job.id, { channels: channelsOf([], ctx.verbose), quiet: flags.quiet === true, logs: true, ci });
     },
   }),
   defineCommand({

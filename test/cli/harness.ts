@@ -63,9 +63,9 @@ export interface TmlRun {
   result: Promise<TmlResult>;
 }
 
-/** An in-process run: Ctrl-C is `interrupt()`. */
+/** An in-process run: Ctrl-C is `interrupt()`, a SIGTERM `interrupt("SIGTERM")`. */
 export interface InProcessTml extends TmlRun {
-  interrupt(): void;
+  interrupt(signal?: NodeJS.Signals): void;
 }
 
 /** A run of the real bin as a child process. */
@@ -91,7 +91,7 @@ export function startTml(configFile: string, args: string[], options: TmlOptions
   // Once runCli has returned the process would have exited: later writes are not output.
   stdout.on("data", (d: Buffer) => captured.open && captured.stdout.push(d));
   stderr.on("data", (d: Buffer) => captured.open && captured.stderr.push(d));
-  const interrupts = new Set<() => void>();
+  const interrupts = new Set<(signal: NodeJS.Signals) => void>();
   const before = processState();
   const code = runCli(args, {
     stdin: Readable.from(options.input === undefined ? [] : [Buffer.from(options.input)]),
@@ -117,7 +117,7 @@ export function startTml(configFile: string, args: string[], options: TmlOptions
     lines: watcher.lines,
     result,
     waitForLine: (pattern, timeoutMs = 60_000) => watcher.waitForLine(pattern, timeoutMs),
-    interrupt: () => [...interrupts].forEach((handler) => handler()),
+    interrupt: (signal = "SIGINT") => [...interrupts].forEach((handler) => handler(signal)),
   };
 }
 

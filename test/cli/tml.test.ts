@@ -251,7 +251,7 @@ describe("tml job", () => {
     expect(get.state).toBe("JOB_STATE_FINALIZED");
   }, 120_000);
 
-  it("cancels the job on Ctrl-C without a terminal and exits 1", async () => {
+  it("cancels the job on Ctrl-C without a terminal and exits 130", async () => {
     // The real bin, so that the signal goes the way a shell sends it.
     const run = spawnTml(config, ["job", "run", "example/long"]);
     await run.waitForLine(/^started\r?$/);
@@ -259,7 +259,7 @@ describe("tml job", () => {
     const result = await run.result;
     expect(result.stderr).toMatch(/--> canceling job \S+/);
     expect(result.stderr).toMatch(/--> job \S+ canceled/);
-    expect(result.code).toBe(1);
+    expect(result.code).toBe(130);
   }, 120_000);
 
   it("refuses an unknown image with exit 5", async () => {
