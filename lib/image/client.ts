@@ -11,6 +11,8 @@
  *   cancellation and status codes, without connect-node's per-message copies.
  * - `uploadBlob(...)`: resumable upload (QueryUpload, then PutBlob from the
  *   committed offset; retries transient failures), with progress.
+ * - `uploadBlobHashing(...)`: PutBlob with the digest at the end, hashed
+ *   while sent, so the source is read once (retried whole).
  * - `downloadBlob(...)`: GetBlob into a file, resuming and retrying, and
  *   verifying the digest of what it received.
  * - `readBlobChunks(...)`: the raw chunk stream of one GetBlob call
@@ -235,7 +237,7 @@ class BulkChannel {
           // The store answered (an error, or "exists") or the call ended: stop.
           if (call.stream.closed || call.stream.destroyed || ended.aborted) return;
           const payload = request.data ?? new Uint8Array(0);
-          const fields = create(PutBlobRequestSchema, { digest: request.digest, size: request.size, offset: request.offset });
+          const fields = create(PutBlobRequestSchema, { digest: request.digest, size: request.size, offset: request.offset, digestAtEnd: request.digestAtEnd });
           call.write(bytesFieldHeader(PUT_BLOB_DATA_FIELD, payload.length, Array.from(toBinary(PutBlobRequestSchema, fields))));
           if (!call.write(payload) && !call.stream.closed && !call.stream.destroyed) await call.drained().catch(() => undefined);
         }
@@ -326,6 +328,62 @@ export async function uploadBlob(
         const response = await client.putBlob(requests(), { signal: options.signal, timeoutMs: options.timeoutMs });
         if (response.complete) return { alreadyExisted: response.alreadyExisted, bytesSent };
         throw new ConnectError(`upload of ${digest} ended at ${response.committedSize} of ${size}`, Code.Aborted);
+      } catch (err) {
+        throw ConnectError.from(err);
+      }
+    },
+    { ...TRANSFER_BACKOFF, maxAttempts: options.attempts ?? 5, signal: options.signal },
+  );
+}
+
+/**
+ * Uploads one blob whose digest is not known yet, reading `source` once:
+ * PutBlob with digest_at_end, hashing what it sends and naming the digest in
+ * the last message; the store commits the blob only if its hash matches.
+ * Not resumable: a transient failure sends the blob again whole (with
+ * backoff). A source that yields other than `size` bytes is an
+ * InvalidArgument. Resolves with the digest once the store holds the blob.
+ */
+export async function uploadBlobHashing(
+  client: ImageStoreClient,
+  blob: { size: number; source: BlobSource },
+  options: Omit<TransferOptions, "onHeld" | "queryTimeoutMs"> = {},
+): Promise<{ digest: string; alreadyExisted: boolean }> {
+  const { size } = blob;
+  return retry(
+    async () => {
+      const hash = createHash("sha256");
+      let at = 0;
+      let digest = "";
+      const requests = async function* () {
+        let held: Uint8Array | undefined;
+        // Each message goes out once the next is read, so the last one can carry the digest.
+        for await (const data of blob.source(0)) {
+          for (let i = 0; i < data.length; i += BLOB_CHUNK_BYTES) {
+            const piece = data.subarray(i, i + BLOB_CHUNK_BYTES);
+            if (at + piece.length > size) throw new ConnectError(`the source has more than its size ${size}`, Code.InvalidArgument);
+            hash.update(piece);
+            if (held) yield message(held, at - held.length, "");
+            held = piece;
+            at += piece.length;
+          }
+        }
+        if (at !== size) throw new ConnectError(`the source ended at ${at} of its size ${size}`, Code.InvalidArgument);
+        digest = digestOf(hash);
+        yield message(held ?? new Uint8Array(0), size - (held?.length ?? 0), digest);
+      };
+      const message = (data: Uint8Array, offset: number, last: string) => {
+        options.onProgress?.({ digest: last, bytesDone: offset + data.length, size });
+        return offset === 0
+          ? { digestAtEnd: true, size: BigInt(size), offset: 0n, data, digest: last }
+          : { offset: BigInt(offset), data, digest: last };
+      };
+      try {
+        const response = await client.putBlob(requests(), { signal: options.signal, timeoutMs: options.timeoutMs });
+        if (!response.complete || response.digest !== digest) {
+          throw new ConnectError(`upload ended at ${response.committedSize} of ${size} without the blob`, Code.Internal);
+        }
+        return { digest, alreadyExisted: response.alreadyExisted };
       } catch (err) {
         throw ConnectError.from(err);
       }
