@@ -58,6 +58,13 @@ describe("PutBlob with the digest at the end", () => {
     expect(await pendingFiles()).toEqual([]);
   });
 
+  it("hashes a blob of 64 MiB or more on a thread of its own and stores it under the right digest", async () => {
+    const alice = await writer("alice");
+    const b = randomBlob(80 * MIB + 3);
+    expect(await uploadBlobHashing(alice, { size: b.size, source: bufferSource(b.data) })).toEqual({ digest: b.digest, alreadyExisted: false });
+    expect((await readFile(join(store.dir, "blobs", "sha256", b.digest.slice(7)))).equals(b.data)).toBe(true);
+  }, 60_000);
+
   it("refuses a digest that does not match the bytes with InvalidArgument and keeps nothing", async () => {
     const alice = await writer("alice");
     const b = randomBlob(2 * MIB);
