@@ -6,12 +6,14 @@
  * Artifacts: every regular file under the driver's artifacts directory
  * (symbolic links and other special files are skipped, never followed), by
  * name, within StartJob's caps (per file, per attempt, file count); a file
- * over a cap is skipped and reported, never an error. The files are hashed,
- * listed as the layers of one store manifest (each layer's title annotation
- * is the file's name; the manifest names the job, attempt and host, so each
- * attempt's manifest is its own), and uploaded with the image push path
- * (lib/image/push.ts: resumable PutBlob, then PutManifest) to StartJob's
- * store with its write token (minted for the job's owner, who holds them).
+ * over a cap is skipped and reported, never an error. Each file is read
+ * once: uploaded with PutBlob's digest at the end (lib/image/client.ts
+ * uploadBlobHashing: hashed while sent, the store commits it only if the
+ * digest matches; a failed upload is sent again whole), to StartJob's store
+ * with its write token (minted for the job's owner, who holds them). The
+ * files are then listed as the layers of one store manifest (each layer's
+ * title annotation is the file's name; the manifest names the job, attempt
+ * and host, so each attempt's manifest is its own), stored with PutManifest.
  * The manifest keeps the blobs from the store's garbage collection until the
  * coordinator's retention deletes it.
  *
@@ -20,7 +22,6 @@
  * read; each component of the directory's own path is checked not to be a
  * symbolic link (a job could otherwise point it at the host's files).
  */
-import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { chmod, lstat, mkdir, open, readdir } from "node:fs/promises";
 import { join, relative, sep } from "node:path";
@@ -34,11 +35,9 @@ import type {
 } from "../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import type { JobInput } from "../gen/treadmill/coordinator/v1/job_pb.js";
 import { formatBytes } from "../lib/bytes.js";
-import { downloadBlob, imageStoreClient, imageStoreTransport } from "../lib/image/client.js";
+import { downloadBlob, imageStoreClient, imageStoreTransport, uploadBlobHashing, type ImageStoreClient } from "../lib/image/client.js";
 import { BLOB_CHUNK_BYTES } from "../lib/image/blob-io.js";
-import { digestOf } from "../lib/image/digest.js";
 import { buildManifest } from "../lib/image/manifest.js";
-import { uploadImage } from "../lib/image/push.js";
 import type { ClientTls } from "../lib/grpc/trust.js";
 import { ImageError, ImageUnavailableError } from "./images.js";
 
@@ -69,7 +68,7 @@ export function mediaTypeOf(name: string): string {
 }
 
 interface Collected {
-  files: { name: string; path: string; size: number; digest: string; mediaType: string }[];
+  files: { name: string; path: string; size: number; mediaType: string }[];
   skipped: { name: string; sizeBytes: bigint; reason: string }[];
 }
 
@@ -84,19 +83,25 @@ async function checkRealDir(root: string, rel: string): Promise<string> {
   return path;
 }
 
-async function hashFile(path: string): Promise<{ digest: string; size: number }> {
-  // O_NOFOLLOW: a name that is a link is refused, never followed.
+/**
+ * Uploads one file, reading it once (hashed while sent); resolves with its
+ * digest and size. A file that cannot be opened as a regular file (a link:
+ * O_NOFOLLOW, never followed) rejects with a plain Error; the store's
+ * refusals with a ConnectError.
+ */
+async function uploadFile(
+  store: ImageStoreClient,
+  path: string,
+  options: { signal: AbortSignal; onProgress: (bytesDone: number) => void },
+): Promise<{ digest: string; size: number }> {
   const handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
   try {
     const st = await handle.stat();
     if (!st.isFile()) throw new Error("not a regular file");
-    const hash = createHash("sha256");
-    let size = 0;
-    for await (const chunk of createReadStream("", { fd: handle.fd, autoClose: false, highWaterMark: BLOB_CHUNK_BYTES }) as AsyncIterable<Buffer>) {
-      hash.update(chunk);
-      size += chunk.length;
-    }
-    return { digest: digestOf(hash), size };
+    const source = (offset: number) =>
+      createReadStream("", { fd: handle.fd, autoClose: false, start: offset, highWaterMark: BLOB_CHUNK_BYTES }) as AsyncIterable<Buffer>;
+    const { digest } = await uploadBlobHashing(store, { size: st.size, source }, { signal: options.signal, onProgress: (p) => options.onProgress(p.bytesDone) });
+    return { digest, size: st.size };
   } finally {
     await handle.close();
   }
@@ -131,13 +136,8 @@ export async function collectArtifacts(dir: string, target: Pick<ArtifactTarget,
     else if (total + f.size > maxJob) skipped.push({ name: f.name, sizeBytes: BigInt(f.size), reason: `over the per-job cap of ${formatBytes(maxJob)}` });
     else if (files.length >= target.maxFiles) skipped.push({ name: f.name, sizeBytes: BigInt(f.size), reason: `over the cap of ${target.maxFiles} files` });
     else {
-      try {
-        const { digest, size } = await hashFile(f.path);
-        files.push({ name: f.name, path: f.path, size, digest, mediaType: mediaTypeOf(f.name) });
-        total += size;
-      } catch (err) {
-        skipped.push({ name: f.name, sizeBytes: BigInt(f.size), reason: `unreadable: ${err instanceof Error ? err.message : String(err)}` });
-      }
+      files.push({ name: f.name, path: f.path, size: f.size, mediaType: mediaTypeOf(f.name) });
+      total += f.size;
     }
   }
   return { files, skipped };
@@ -188,36 +188,51 @@ export async function uploadArtifacts(o: UploadArtifactsOptions): Promise<Artifa
   for (const s of skipped) o.say(`artifacts: skipped ${s.name}: ${s.reason}`);
   if (files.length === 0) return skipped.length === 0 ? undefined : { ...base, skipped };
   const total = files.reduce((sum, f) => sum + f.size, 0);
-  const { manifestJson, manifestDigest } = buildManifest(
-    files.map((f) => ({ mediaType: f.mediaType, digest: f.digest, size: f.size, annotations: { [TITLE_ANNOTATION]: f.name } })),
-    { "treadmill.artifacts.job": o.jobId, "treadmill.artifacts.attempt": String(o.attempt), "treadmill.artifacts.host": String(o.hostIndex) },
-  );
-  const blobs = files.filter((f, i) => files.findIndex((x) => x.digest === f.digest) === i).map((f) => ({ digest: f.digest, size: f.size, path: f.path }));
-  const listed = files.map((f) => ({ name: f.name, sizeBytes: BigInt(f.size), digest: f.digest, mediaType: f.mediaType }));
   o.say(`artifacts: uploading ${files.length} file${files.length === 1 ? "" : "s"} (${formatBytes(total)}) to ${o.target.uploadUrl}`);
+  const uploaded: (Collected["files"][number] & { digest: string })[] = [];
   let lastPercent = -1;
-  const before = blobs.map((_, i) => blobs.slice(0, i).reduce((sum, b) => sum + b.size, 0));
-  const blobBytes = blobs.reduce((sum, b) => sum + b.size, 0);
+  let before = 0;
+  const transport = imageStoreTransport(o.target.uploadUrl, { token: o.target.writeToken?.token ?? "", tls: o.tls });
+  let manifestDigest: string;
   try {
-    await uploadImage(o.target.uploadUrl, o.target.writeToken?.token ?? "", { manifestDigest, manifestJson, blobs, mediaTypes: [] }, {
-      signal: o.signal,
-      tls: o.tls,
-      onProgress: (p) => {
+    const store = imageStoreClient(transport);
+    for (const f of files) {
+      const onProgress = (bytesDone: number) => {
         // Progress of big uploads: a line every 10%.
-        if (blobBytes < 64 * 1024 * 1024) return;
-        const percent = Math.floor(((before[p.blobIndex] + p.bytesDone) / blobBytes) * 10) * 10;
+        if (total < 64 * 1024 * 1024) return;
+        const percent = Math.floor(((before + bytesDone) / total) * 10) * 10;
         if (percent !== lastPercent) {
           lastPercent = percent;
           o.say(`artifacts: uploading ${percent}%`);
         }
-      },
-    });
+      };
+      try {
+        const { digest, size } = await uploadFile(store, f.path, { signal: o.signal, onProgress });
+        uploaded.push({ ...f, size, digest });
+      } catch (err) {
+        if (err instanceof ConnectError || o.signal.aborted) throw err;
+        const reason = `unreadable: ${err instanceof Error ? err.message : String(err)}`;
+        skipped.push({ name: f.name, sizeBytes: BigInt(f.size), reason });
+        o.say(`artifacts: skipped ${f.name}: ${reason}`);
+      }
+      before += f.size;
+    }
+    if (uploaded.length === 0) return { ...base, skipped };
+    const manifest = buildManifest(
+      uploaded.map((f) => ({ mediaType: f.mediaType, digest: f.digest, size: f.size, annotations: { [TITLE_ANNOTATION]: f.name } })),
+      { "treadmill.artifacts.job": o.jobId, "treadmill.artifacts.attempt": String(o.attempt), "treadmill.artifacts.host": String(o.hostIndex) },
+    );
+    manifestDigest = manifest.manifestDigest;
+    await store.putManifest({ digest: manifestDigest, manifestJson: manifest.manifestJson, mountTokens: [] }, { signal: o.signal });
   } catch (err) {
     const error = o.signal.aborted ? "the upload did not finish within the collection deadline" : ConnectError.from(err).rawMessage;
     o.say(`artifacts: upload failed: ${error}`);
     return { ...base, skipped, error };
+  } finally {
+    transport.close();
   }
-  o.say(`artifacts: uploaded ${files.length} file${files.length === 1 ? "" : "s"}, manifest ${manifestDigest}`);
+  const listed = uploaded.map((f) => ({ name: f.name, sizeBytes: BigInt(f.size), digest: f.digest, mediaType: f.mediaType }));
+  o.say(`artifacts: uploaded ${uploaded.length} file${uploaded.length === 1 ? "" : "s"}, manifest ${manifestDigest}`);
   return { ...base, manifestDigest, files: listed, skipped };
 }
 

@@ -11,6 +11,8 @@
  *   cancellation and status codes, without connect-node's per-message copies.
  * - `uploadBlob(...)`: resumable upload (QueryUpload, then PutBlob from the
  *   committed offset; retries transient failures), with progress.
+ * - `uploadBlobHashing(...)`: PutBlob with the digest at the end, hashed
+ *   while sent, so the source is read once (retried whole).
  * - `downloadBlob(...)`: GetBlob into a file, resuming and retrying, and
  *   verifying the digest of what it received.
  * - `readBlobChunks(...)`: the raw chunk stream of one GetBlob call
@@ -23,6 +25,7 @@ import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { open, rename, rm, stat } from "node:fs/promises";
 import type http2 from "node:http2";
+import { Worker } from "node:worker_threads";
 import { create, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions, type Client, type Transport } from "@connectrpc/connect";
 import {
@@ -235,7 +238,7 @@ class BulkChannel {
           // The store answered (an error, or "exists") or the call ended: stop.
           if (call.stream.closed || call.stream.destroyed || ended.aborted) return;
           const payload = request.data ?? new Uint8Array(0);
-          const fields = create(PutBlobRequestSchema, { digest: request.digest, size: request.size, offset: request.offset });
+          const fields = create(PutBlobRequestSchema, { digest: request.digest, size: request.size, offset: request.offset, digestAtEnd: request.digestAtEnd });
           call.write(bytesFieldHeader(PUT_BLOB_DATA_FIELD, payload.length, Array.from(toBinary(PutBlobRequestSchema, fields))));
           if (!call.write(payload) && !call.stream.closed && !call.stream.destroyed) await call.drained().catch(() => undefined);
         }
@@ -328,6 +331,126 @@ export async function uploadBlob(
         throw new ConnectError(`upload of ${digest} ended at ${response.committedSize} of ${size}`, Code.Aborted);
       } catch (err) {
         throw ConnectError.from(err);
+      }
+    },
+    { ...TRANSFER_BACKOFF, maxAttempts: options.attempts ?? 5, signal: options.signal },
+  );
+}
+
+/** From this size on, uploadBlobHashing hashes on a thread of its own (starting one costs about 30 ms). */
+const HASH_THREAD_MIN_BYTES = 64 * 1024 * 1024;
+/** Bytes handed to the hashing thread and not hashed yet, at most. */
+const HASH_THREAD_BACKLOG_BYTES = 16 * 1024 * 1024;
+
+/** The hashing thread: sha256 of the chunks it is sent, acknowledging each; `null` asks for the digest. */
+const HASH_THREAD_CODE = `
+const { parentPort } = require("node:worker_threads");
+const hash = require("node:crypto").createHash("sha256");
+parentPort.on("message", (m) => {
+  if (m === null) return parentPort.postMessage("sha256:" + hash.digest("hex"));
+  hash.update(m);
+  parentPort.postMessage(m.length);
+});
+`;
+
+/**
+ * sha256 on a worker thread, so that hashing a big upload overlaps sending
+ * it instead of taking the sending thread's time. Each chunk is copied to the
+ * thread; update() waits while more than HASH_THREAD_BACKLOG_BYTES are queued.
+ */
+class ThreadHash {
+  readonly #worker = new Worker(HASH_THREAD_CODE, { eval: true });
+  #queued = 0;
+  #waiters: (() => void)[] = [];
+  #digest: { resolve: (digest: string) => void; reject: (err: Error) => void } | undefined;
+  #failure: Error | undefined;
+
+  constructor() {
+    this.#worker.on("message", (m: number | string) => {
+      if (typeof m === "string") return this.#digest?.resolve(m);
+      this.#queued -= m;
+      while (this.#queued <= HASH_THREAD_BACKLOG_BYTES && this.#waiters.length > 0) this.#waiters.shift()!();
+    });
+    this.#worker.on("error", (err) => {
+      this.#failure = err;
+      for (const wake of this.#waiters.splice(0)) wake();
+      this.#digest?.reject(err);
+    });
+  }
+
+  async update(data: Uint8Array): Promise<void> {
+    if (this.#failure) throw this.#failure;
+    this.#queued += data.length;
+    // A copy of just these bytes, moved to the thread (posting a view would copy its whole buffer).
+    const copy = new Uint8Array(data);
+    this.#worker.postMessage(copy, [copy.buffer]);
+    if (this.#queued > HASH_THREAD_BACKLOG_BYTES) await new Promise<void>((resolve) => this.#waiters.push(resolve));
+  }
+
+  digest(): Promise<string> {
+    if (this.#failure) return Promise.reject(this.#failure);
+    const digest = new Promise<string>((resolve, reject) => (this.#digest = { resolve, reject }));
+    this.#worker.postMessage(null);
+    return digest;
+  }
+
+  async close(): Promise<void> {
+    await this.#worker.terminate();
+  }
+}
+
+/**
+ * Uploads one blob whose digest is not known yet, reading `source` once:
+ * PutBlob with digest_at_end, hashing what it sends and naming the digest in
+ * the last message; the store commits the blob only if its hash matches.
+ * Not resumable: a transient failure sends the blob again whole (with
+ * backoff). A source that yields other than `size` bytes is an
+ * InvalidArgument. Resolves with the digest once the store holds the blob.
+ */
+export async function uploadBlobHashing(
+  client: ImageStoreClient,
+  blob: { size: number; source: BlobSource },
+  options: Omit<TransferOptions, "onHeld" | "queryTimeoutMs"> = {},
+): Promise<{ digest: string; alreadyExisted: boolean }> {
+  const { size } = blob;
+  return retry(
+    async () => {
+      const hash = size >= HASH_THREAD_MIN_BYTES ? new ThreadHash() : createHash("sha256");
+      let at = 0;
+      let digest = "";
+      const requests = async function* () {
+        let held: Uint8Array | undefined;
+        // Each message goes out once the next is read, so the last one can carry the digest.
+        for await (const data of blob.source(0)) {
+          for (let i = 0; i < data.length; i += BLOB_CHUNK_BYTES) {
+            const piece = data.subarray(i, i + BLOB_CHUNK_BYTES);
+            if (at + piece.length > size) throw new ConnectError(`the source has more than its size ${size}`, Code.InvalidArgument);
+            await hash.update(piece);
+            if (held) yield message(held, at - held.length, "");
+            held = piece;
+            at += piece.length;
+          }
+        }
+        if (at !== size) throw new ConnectError(`the source ended at ${at} of its size ${size}`, Code.InvalidArgument);
+        digest = hash instanceof ThreadHash ? await hash.digest() : digestOf(hash);
+        yield message(held ?? new Uint8Array(0), size - (held?.length ?? 0), digest);
+      };
+      const message = (data: Uint8Array, offset: number, last: string) => {
+        options.onProgress?.({ digest: last, bytesDone: offset + data.length, size });
+        return offset === 0
+          ? { digestAtEnd: true, size: BigInt(size), offset: 0n, data, digest: last }
+          : { offset: BigInt(offset), data, digest: last };
+      };
+      try {
+        const response = await client.putBlob(requests(), { signal: options.signal, timeoutMs: options.timeoutMs });
+        if (!response.complete || response.digest !== digest) {
+          throw new ConnectError(`upload ended at ${response.committedSize} of ${size} without the blob`, Code.Internal);
+        }
+        return { digest, alreadyExisted: response.alreadyExisted };
+      } catch (err) {
+        throw ConnectError.from(err);
+      } finally {
+        if (hash instanceof ThreadHash) await hash.close();
       }
     },
     { ...TRANSFER_BACKOFF, maxAttempts: options.attempts ?? 5, signal: options.signal },

@@ -32,7 +32,7 @@ const GET_DATA = GetBlobResponseSchema.field.data.number;
 const putBlobCodec: RawCodec<BlobPiece, PutBlobResponse> = {
   decode(pieces) {
     const { message, data } = splitBulkMessage(PutBlobRequestSchema, pieces, PUT_DATA, Code.InvalidArgument);
-    return { digest: message.digest, size: message.size, offset: message.offset, data };
+    return { digest: message.digest, size: message.size, offset: message.offset, data, digestAtEnd: message.digestAtEnd };
   },
   encode: protobufCodec(PutBlobRequestSchema, PutBlobResponseSchema).encode,
 };

@@ -52,6 +52,8 @@ export interface BlobPiece {
   size: bigint;
   offset: bigint;
   data: Uint8Array | readonly Uint8Array[];
+  /** PutBlobRequest.digest_at_end. */
+  digestAtEnd?: boolean;
 }
 
 function byteLength(data: Uint8Array | readonly Uint8Array[]): number {
@@ -92,6 +94,7 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
     const first = await iterator.next();
     if (first.done) throw invalid("put_blob stream has no message");
     const head = first.value;
+    if (head.digestAtEnd) return this.#putBlobDigestAtEnd(head, iterator, writer, signal);
     const digest = checkDigest("digest", head.digest);
     const size = int64("size", head.size);
     const offset = int64("offset", head.offset);
@@ -128,6 +131,42 @@ export class ImageStoreServiceImpl implements ServiceImpl<typeof ImageStoreServi
       complete: result.complete,
       alreadyExisted: false,
     });
+  }
+
+  /**
+   * PutBlob with the digest in its last message (digest_at_end): written to a
+   * temp file of its own while hashed, committed under the digest only if it
+   * matches; anything else discards the bytes (not resumable).
+   */
+  async #putBlobDigestAtEnd(head: BlobPiece, iterator: AsyncIterator<BlobPiece>, writer: string, signal: AbortSignal): Promise<PutBlobResponse> {
+    const size = int64("size", head.size);
+    if (head.offset !== 0n) throw new ConnectError(`offset ${head.offset} is not 0: an upload with digest_at_end is not resumable`, Code.OutOfRange);
+    if (byteLength(head.data) > MAX_CHUNK_BYTES) throw invalid(`data is larger than ${MAX_CHUNK_BYTES} bytes`);
+    const upload = await this.store.beginPendingUpload(size, writer);
+    let digest: string | undefined;
+    try {
+      for (let message: BlobPiece | undefined = head; message !== undefined; ) {
+        if (signal.aborted) throw ConnectError.from(signal.reason);
+        if (digest !== undefined) throw invalid("a message follows the one with the digest (digest_at_end)");
+        if (message !== head) {
+          if (message.size !== 0n && message.size !== BigInt(size)) throw invalid("size differs from the first message's");
+          if (message.offset !== BigInt(upload.offset)) {
+            throw new ConnectError(`offset ${message.offset} is not the next offset ${upload.offset}`, Code.OutOfRange);
+          }
+          if (byteLength(message.data) > MAX_CHUNK_BYTES) throw invalid(`data is larger than ${MAX_CHUNK_BYTES} bytes`);
+        }
+        if (message.digest !== "") digest = checkDigest("digest", message.digest);
+        await upload.write(message.data);
+        const next: IteratorResult<BlobPiece> = await iterator.next();
+        message = next.done ? undefined : next.value;
+      }
+      if (digest === undefined) throw invalid("the stream ended without the digest (digest_at_end)");
+    } catch (err) {
+      await upload.discard();
+      throw err;
+    }
+    const { alreadyHeld } = await upload.finishAs(digest);
+    return create(PutBlobResponseSchema, { digest, committedSize: BigInt(size), complete: true, alreadyExisted: alreadyHeld });
   }
 
   /** Authorizes and validates, then yields the chunks (the raw path writes each chunk's data without a copy). */

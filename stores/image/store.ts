@@ -24,7 +24,12 @@
  * writer is the write token's subject; an upload is resumed only by its own
  * writer, so nobody completes another's prefix. A writer that does not hold
  * an existing blob uploads it whole; the bytes are verified and thrown away
- * (the stored blob is not rewritten) and the writer becomes a holder. The
+ * (the stored blob is not rewritten) and the writer becomes a holder.
+ *
+ * An upload whose digest comes at its end (PutBlobRequest.digest_at_end)
+ * writes to `<root>/uploads/pending-<uuid>`, hashing as it writes, and is
+ * renamed to the digest the client names at the end only when the hash
+ * matches; it is never resumed (a broken one is removed). The
  * holders file of a digest is rewritten atomically on each change and goes
  * with the blob. A data directory from before holders existed is upgraded
  * once: its objects are held by LEGACY_HOLDER, which backs reads (as before)
@@ -135,6 +140,8 @@ export class Upload {
     offset: number,
     private readonly file: FileHandle,
     private readonly hash: Hash,
+    /** The temp file of a digest-at-end upload (`digest` is then ""). */
+    readonly pendingPath?: string,
   ) {
     this.#accepted = offset;
     this.#flushedAt = offset;
@@ -172,7 +179,7 @@ export class Upload {
     let length = 0;
     for (const p of pieces) length += p.length;
     if (this.#accepted + length > this.size) {
-      throw new ConnectError(`data past the declared size ${this.size} of ${this.digest}`, Code.OutOfRange);
+      throw new ConnectError(`data past the declared size ${this.size} of ${this.digest || "the blob"}`, Code.OutOfRange);
     }
     if (length === 0) return;
     await this.#writer.write(pieces).catch((err: unknown) => this.#failed(err));
@@ -237,6 +244,41 @@ export class Upload {
     }
   }
 
+  /**
+   * Ends a digest-at-end upload (BlobStore.beginPendingUpload): the whole
+   * size must be there and hash to `digest`, else the bytes are removed
+   * (InvalidArgument). Resolves with whether the writer held the blob
+   * already; the writer holds it now.
+   */
+  async finishAs(digest: string): Promise<{ alreadyHeld: boolean }> {
+    const path = this.pendingPath;
+    if (path === undefined || this.writer === undefined) throw new Error("not a digest-at-end upload");
+    try {
+      await this.#settle();
+    } catch (err) {
+      await this.discard();
+      throw err;
+    }
+    if (this.#writer.written < this.size) {
+      await this.discard();
+      throw new ConnectError(`the upload ended at ${this.#writer.written} of its size ${this.size}`, Code.InvalidArgument);
+    }
+    this.#done = true;
+    try {
+      const actual = digestOf(this.hash);
+      if (actual !== digest) {
+        await this.file.close();
+        await this.store.discardPending(path);
+        throw new ConnectError(`digest mismatch: the data hashes to ${actual}, not ${digest}`, Code.InvalidArgument);
+      }
+      await this.file.datasync();
+      await this.file.close();
+      return await this.store.commitPending(path, digest, this.writer);
+    } finally {
+      this.store.endUpload(this);
+    }
+  }
+
   /** Keeps what was written (synced) for a later resume; idempotent. */
   async suspend(): Promise<void> {
     if (this.#done) return;
@@ -258,7 +300,8 @@ export class Upload {
     try {
       await this.#settle().catch(() => undefined);
       await this.file.close().catch(() => undefined);
-      await this.store.discardUpload(this.digest);
+      if (this.pendingPath !== undefined) await this.store.discardPending(this.pendingPath);
+      else await this.store.discardUpload(this.digest);
     } finally {
       this.store.endUpload(this);
     }
@@ -275,6 +318,10 @@ export class BlobStore {
   readonly #refs = new Map<string, number>();
   /** Digests with an upload open now. */
   readonly #active = new Map<string, Upload>();
+  /** Temp files of digest-at-end uploads open now. */
+  readonly #pending = new Set<string>();
+  /** Commits in turn, so that two uploads of one blob never both move theirs into place. */
+  #commits: Promise<void> = Promise.resolve();
   /** Hash states of interrupted uploads, to resume without rehashing. */
   readonly #suspended = new Map<string, { offset: number; hash: Hash }>();
   /** Bytes promised to uploads in progress (what they may still write). */
@@ -619,6 +666,62 @@ export class BlobStore {
 
   readonly #reservations = new Map<Upload, number>();
 
+  /**
+   * Opens a digest-at-end upload of `size` bytes by `writer`: a temp file of
+   * its own, its digest named only at the end (Upload.finishAs). Checks the
+   * size cap and free space for the whole size before anything is written.
+   */
+  async beginPendingUpload(size: number, writer: string): Promise<Upload> {
+    await this.reserve(size);
+    const path = join(this.root, "uploads", `pending-${randomUUID()}`);
+    this.#pending.add(path);
+    try {
+      const file = await open(path, "wx");
+      const upload = new Upload(this, "", writer, size, 0, file, createHash("sha256"), path);
+      this.#reservations.set(upload, size);
+      return upload;
+    } catch (err) {
+      this.#pending.delete(path);
+      this.#reserved -= size;
+      if (isDiskFull(err)) throw new ConnectError("image store is full", Code.ResourceExhausted);
+      throw err;
+    }
+  }
+
+  /**
+   * Moves a verified digest-at-end upload into place as `digest`, or, when
+   * the blob is stored already, throws the bytes away; the writer then holds
+   * it. Tells whether the writer held it before.
+   */
+  async commitPending(path: string, digest: string, writer: string): Promise<{ alreadyHeld: boolean }> {
+    const alreadyHeld = await this.holds(digest, writer, { legacy: false });
+    await this.#inTurn(async () => {
+      if (await this.statBlob(digest)) {
+        await this.discardPending(path);
+        return;
+      }
+      await rename(path, this.blobPath(digest));
+      await syncDir(join(this.root, "blobs", "sha256"));
+      this.#blobCount++;
+    });
+    await this.addHolder([digest], writer);
+    return { alreadyHeld };
+  }
+
+  /** Removes a digest-at-end upload's temp file. */
+  async discardPending(path: string): Promise<void> {
+    const s = await stat(path).catch(() => undefined);
+    await rm(path, { force: true });
+    if (s) this.#usedBytes -= s.size;
+  }
+
+  /** Runs `fn` after every commit before it. */
+  #inTurn(fn: () => Promise<void>): Promise<void> {
+    const run = this.#commits.then(fn);
+    this.#commits = run.catch(() => undefined);
+    return run;
+  }
+
   /** Reserves room for `bytes` more, or throws ResourceExhausted. */
   async reserve(bytes: number): Promise<void> {
     const cap = this.#options.capBytes;
@@ -634,6 +737,7 @@ export class BlobStore {
 
   endUpload(upload: Upload): void {
     if (this.#active.get(upload.digest) === upload) this.#active.delete(upload.digest);
+    if (upload.pendingPath !== undefined) this.#pending.delete(upload.pendingPath);
     this.#reserved -= this.#reservations.get(upload) ?? 0;
     this.#reservations.delete(upload);
   }
@@ -648,14 +752,16 @@ export class BlobStore {
    */
   async commitUpload(digest: string, writer: Writer): Promise<void> {
     const path = this.#uploadPath(digest);
-    if (await this.statBlob(digest)) {
-      await this.discardUpload(digest);
-    } else {
-      await rename(path, this.blobPath(digest));
-      await rm(`${path}.json`, { force: true });
-      await syncDir(join(this.root, "blobs", "sha256"));
-      this.#blobCount++;
-    }
+    await this.#inTurn(async () => {
+      if (await this.statBlob(digest)) {
+        await this.discardUpload(digest);
+      } else {
+        await rename(path, this.blobPath(digest));
+        await rm(`${path}.json`, { force: true });
+        await syncDir(join(this.root, "blobs", "sha256"));
+        this.#blobCount++;
+      }
+    });
     if (writer !== undefined) await this.addHolder([digest], writer);
   }
 
@@ -900,6 +1006,7 @@ export class BlobStore {
         const hex = name.slice(0, 64);
         if (/^[0-9a-f]{64}$/.test(hex) && this.#active.has(`sha256:${hex}`)) continue;
         const path = join(this.root, "uploads", name);
+        if (this.#pending.has(path)) continue;
         const s = await stat(path).catch(() => undefined);
         if (!s || s.mtimeMs > cutoff) continue;
         tempFiles++;

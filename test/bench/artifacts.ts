@@ -1,6 +1,7 @@
 // `npm run bench -- artifacts`: a job's artifact upload as the supervisor
 // does it when the job ends (supervisor/artifacts.ts uploadArtifacts: walk
-// the directory, hash the file, resumable PutBlob, PutManifest) against
+// the directory, PutBlob with the digest at the end, hashed while sent, so
+// the file is read once; PutManifest) against
 // PutBlob of the same file straight to the same store with its digest known
 // beforehand, the baseline, measured in the same run (and beside it
 // sha256sum of the file, and the baseline plus a hash of the file, which is

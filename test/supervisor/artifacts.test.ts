@@ -1,12 +1,14 @@
 import { execFileSync } from "node:child_process";
-import { mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "@jest/globals";
 import { create } from "@bufbuild/protobuf";
 import { ArtifactTargetSchema } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
+import { downloadBlob } from "../../lib/image/client.js";
 import { collectArtifacts, uploadArtifacts } from "../../supervisor/artifacts.js";
+import { makeSigner, randomBlob, startStore } from "../support/image-store.js";
 
 const caps = { maxFileBytes: 1000n, maxJobBytes: 1500n, maxFiles: 3 };
 
@@ -43,7 +45,7 @@ describe("collecting a job's artifacts on the supervisor", () => {
       ["host-1/b.txt", 600, "text/plain"],
       ["host-1/sub/deeper/a.log", 500, "text/plain"],
     ]);
-    expect(files[0].digest).toMatch(/^sha256:[0-9a-f]{64}$/);
+    expect(files[0].path).toBe(join(root, "b.txt"));
     expect(skipped.map((s) => [s.name, s.reason]).sort()).toEqual([
       ["host-1/etc", "a symbolic link (not followed)"],
       ["host-1/fifo", "not a regular file"],
@@ -96,5 +98,56 @@ describe("collecting a job's artifacts on the supervisor", () => {
     expect(report?.error).toBe("the upload did not finish within the collection deadline");
     expect(report?.files ?? []).toEqual([]);
     expect(lines).toContain("artifacts: upload failed: the upload did not finish within the collection deadline");
+  });
+
+  it("uploads each file in one read, hashed as it is sent: the manifest lists every file by its digest and each downloads byte-identical", async () => {
+    const signer = await makeSigner(dir);
+    const store = await startStore(signer, { dir: join(dir, "store") });
+    try {
+      const root = join(dir, "rootfs");
+      await mkdir(join(root, "out", "sub"), { recursive: true });
+      const big = randomBlob(9 * 1024 * 1024 + 17);
+      const small = randomBlob(100);
+      await writeFile(join(root, "out", "image.bin"), big.data);
+      await writeFile(join(root, "out", "sub", "a.txt"), small.data);
+      await writeFile(join(root, "out", "sub", "same.txt"), small.data);
+      await writeFile(join(root, "out", "empty.log"), "");
+      const lines: string[] = [];
+      const report = await uploadArtifacts({
+        root,
+        rel: "out",
+        target: create(ArtifactTargetSchema, {
+          uploadUrl: store.url,
+          writeToken: { token: await signer.signer.sign({ scope: "image:write" }, 600_000, { subject: "owner" }) },
+          maxFileBytes: 64n * 1024n * 1024n,
+          maxJobBytes: 64n * 1024n * 1024n,
+          maxFiles: 10,
+        }),
+        jobId: "j",
+        attempt: 1,
+        hostIndex: 0,
+        prefix: "",
+        reportId: "r",
+        say: (t) => lines.push(t),
+        signal: AbortSignal.timeout(60_000),
+      });
+      expect(report?.error).toBeUndefined();
+      const empty = randomBlob(0);
+      expect((report?.files ?? []).map((f) => [f.name, f.digest, f.sizeBytes])).toEqual([
+        ["empty.log", empty.digest, 0n],
+        ["image.bin", big.digest, BigInt(big.size)],
+        ["sub/a.txt", small.digest, 100n],
+        ["sub/same.txt", small.digest, 100n],
+      ]);
+      expect(lines.at(-1)).toBe(`artifacts: uploaded 4 files, manifest ${report?.manifestDigest}`);
+      const reader = store.client(await signer.signer.sign({ scope: "image:read", digest: report?.manifestDigest ?? "", holder: "owner" }, 600_000, { subject: "owner" }));
+      for (const b of [big, small, empty]) {
+        const out = join(dir, `down-${b.size}`);
+        await downloadBlob(reader, { digest: b.digest, size: b.size }, out);
+        expect((await readFile(out)).equals(b.data)).toBe(true);
+      }
+    } finally {
+      await store.stop();
+    }
   });
 });
