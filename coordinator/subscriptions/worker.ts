@@ -78,6 +78,25 @@ export function retryDelay(n: number, initialMs: number, maxMs: number, random =
 
 class LostLead extends Error {}
 
+/**
+ * How long a statement on the lock's own connection may take. A reserved
+ * connection whose server went away (PostgreSQL restarted) answers nothing
+ * and fails nothing: without this bound the worker, and the coordinator's
+ * stop with it, waited for ever.
+ */
+const LOCK_STATEMENT_MS = 5000;
+
+/** `work`, or a LostLead once LOCK_STATEMENT_MS passed. */
+function onLockConnection<T>(work: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new LostLead(`a statement on the lock's connection took over ${LOCK_STATEMENT_MS} ms`)), LOCK_STATEMENT_MS);
+    timer.unref?.();
+  });
+  work.catch(() => undefined); // settled late or never: nobody waits for it then
+  return Promise.race([work, late]).finally(() => clearTimeout(timer));
+}
+
 export class DeliveryWorker {
   private readonly log;
   private readonly sendable = new Notifier();
@@ -129,7 +148,7 @@ export class DeliveryWorker {
       try {
         if (!this.ctx.notifications.connected) throw new Error("database unreachable");
         conn = await sql.reserve();
-        const [{ ok }] = await conn<{ ok: boolean }[]>`select pg_try_advisory_lock(${WORKER_LOCK.toString()}::bigint) as ok`;
+        const [{ ok }] = await onLockConnection(conn<{ ok: boolean }[]>`select pg_try_advisory_lock(${WORKER_LOCK.toString()}::bigint) as ok`);
         if (ok) await this.leadWith(conn, signal);
       } catch (err) {
         if (!signal.aborted) this.log.warn({ err }, "delivery worker interrupted; trying again");
@@ -161,7 +180,7 @@ export class DeliveryWorker {
     } finally {
       this.lead = false;
       signal.removeEventListener("abort", onAbort);
-      await conn`select pg_advisory_unlock(${WORKER_LOCK.toString()}::bigint)`.catch(() => undefined);
+      await onLockConnection(conn`select pg_advisory_unlock(${WORKER_LOCK.toString()}::bigint)`).catch(() => undefined);
     }
   }
 
@@ -170,9 +189,9 @@ export class DeliveryWorker {
     while (!signal.aborted) {
       await this.idle.wait({ timeoutMs: this.ctx.config.subscriptionLeaderPollMs, signal });
       if (signal.aborted) return;
-      const [{ held }] = await conn<{ held: boolean }[]>`
+      const [{ held }] = await onLockConnection(conn<{ held: boolean }[]>`
         select exists (select 1 from pg_locks where locktype = 'advisory' and pid = pg_backend_pid() and granted
-          and ((classid::bigint << 32) | objid::bigint) = ${WORKER_LOCK.toString()}::bigint) as held`;
+          and ((classid::bigint << 32) | objid::bigint) = ${WORKER_LOCK.toString()}::bigint) as held`);
       if (!held) throw new LostLead("the worker's advisory lock is no longer held");
     }
   }
@@ -308,9 +327,9 @@ export class DeliveryWorker {
         const claimed =
           ids.length === 0
             ? []
-            : await conn<{ id: string }[]>`
+            : await onLockConnection(conn<{ id: string }[]>`
                 update subscription_deliveries set next_attempt_at = ${claimUntil}
-                where id = any(${ids}::uuid[]) and state = 'pending' returning id`;
+                where id = any(${ids}::uuid[]) and state = 'pending' returning id`);
         const mine = new Set([...claimed.map((c) => c.id), ...handed.map((d) => d.id)]);
         for (const group of [...handed.map((d) => [d]), ...groups]) {
           const sending = group.filter((d) => mine.has(d.id));
