@@ -3,9 +3,10 @@ import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "@jest/globals";
-import { chromium, type Browser, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
 import { buildConsole } from "../../console/build.js";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
+import { launchChromium } from "../support/browser.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
 
 const ARTIFACTS = "test/artifacts/console";
@@ -30,10 +31,7 @@ describe("the job page's downloads in headless Chromium", () => {
     await mkdir(ARTIFACTS, { recursive: true });
     tb = await startTestbed({ supervisors: 1, coordinatorConfig: { consoleDir: dist } });
     await tb.pushShellImage("test/echo:1");
-    browser = await chromium.launch({
-      executablePath: process.env.CHROMIUM_PATH ?? "/usr/bin/chromium",
-      args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
-    });
+    browser = await launchChromium();
     page = await browser.newPage({ viewport: { width: 1280, height: 900 }, acceptDownloads: true });
     page.on("console", (message) => {
       if (message.type() === "error") errors.push(`console: ${message.text()} at ${message.location().url}`);

@@ -3,9 +3,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { randomUUID } from "node:crypto";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "@jest/globals";
-import { chromium, type Browser, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
 import { buildConsole } from "../../console/build.js";
 import { uuidv7 } from "../../coordinator/shared/common.js";
+import { launchChromium, loggedInPage } from "../support/browser.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 
 const ARTIFACTS = "test/artifacts/console";
@@ -60,17 +61,8 @@ describe("the web console's test results in headless Chromium", () => {
       ["net", "dhcp", 2, "no lease within 1 s\nretried 3 times"],
       ["net", "ipv6", 3, "no ipv6 in the lab"],
     ]);
-    browser = await chromium.launch({
-      executablePath: process.env.CHROMIUM_PATH ?? "/usr/bin/chromium",
-      args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
-    });
-    page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-    const session = { token: user.token, tokenId: randomUUID(), userId: user.id, userName: user.name, admin: false };
-    await page.addInitScript((s) => window.localStorage.setItem("treadmill.console.session", s), JSON.stringify(session));
-    page.on("console", (message) => {
-      if (message.type() === "error") errors.push(`console: ${message.text()} at ${message.location().url}`);
-    });
-    page.on("pageerror", (err) => errors.push(`page: ${String(err)}`));
+    browser = await launchChromium();
+    page = await loggedInPage(browser, user, false, errors);
   }, 120_000);
 
   afterAll(async () => {

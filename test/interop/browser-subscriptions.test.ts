@@ -1,11 +1,11 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { randomUUID } from "node:crypto";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "@jest/globals";
-import { chromium, type Browser, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
 import { buildConsole } from "../../console/build.js";
 import { SubscriptionService } from "../../gen/treadmill/coordinator/v1/subscription_service_pb.js";
+import { launchChromium, loggedInPage } from "../support/browser.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { WebhookReceiver } from "../support/webhook-receiver.js";
 
@@ -33,17 +33,8 @@ describe("the web console's subscriptions pages in headless Chromium", () => {
     c = await startTestCoordinator({ config: { consoleDir: dist, subscriptionLeaderPollMs: 100 } });
     receiver = await WebhookReceiver.start();
     user = await c.createUser({ name: "subs-user" });
-    browser = await chromium.launch({
-      executablePath: process.env.CHROMIUM_PATH ?? "/usr/bin/chromium",
-      args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
-    });
-    page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-    const session = { token: user.token, tokenId: randomUUID(), userId: user.id, userName: user.name, admin: false };
-    await page.addInitScript((s) => window.localStorage.setItem("treadmill.console.session", s), JSON.stringify(session));
-    page.on("console", (message) => {
-      if (message.type() === "error") errors.push(`console: ${message.text()} at ${message.location().url}`);
-    });
-    page.on("pageerror", (err) => errors.push(`page: ${String(err)}`));
+    browser = await launchChromium();
+    page = await loggedInPage(browser, user, false, errors);
   }, 120_000);
 
   afterAll(async () => {
