@@ -10,6 +10,8 @@ import type { SigningKeys } from "./signing.js";
  */
 export interface CoordinatorContext {
   sql: Sql;
+  /** The URL `sql` connects to, for a connection of a loop's own (db/session-lock.ts); holds a password: never log it. */
+  databaseUrl: string;
   /** LISTEN/NOTIFY across replicas; handlers of `onResync` catch up after a lost connection. */
   notifications: Notifications;
   logger: Logger;

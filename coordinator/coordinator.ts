@@ -136,7 +136,7 @@ export function createCoordinator({ config, logger, clock = Date.now, announce }
           logger: logger.child({ subsystem: "keys" }),
           clock,
         });
-        const ctx: CoordinatorContext = { sql: database.sql, notifications: database.notifications, logger, config, clock, keys, replicaId: randomUUID() };
+        const ctx: CoordinatorContext = { sql: database.sql, databaseUrl: database.url, notifications: database.notifications, logger, config, clock, keys, replicaId: randomUUID() };
         await bootstrapAdmin(ctx, { announce });
         const parts = createJobSystem(ctx);
         jobs = parts;

@@ -46,6 +46,7 @@ import {
 import type { CoordinatorContext } from "../context.js";
 import type { FeedReader } from "../feed/reader.js";
 import { Notifier } from "../../lib/async/notifier.js";
+import { SessionLock } from "../db/session-lock.js";
 import { uuidv7 } from "../shared/common.js";
 import type { Mailer } from "./email.js";
 import { subscriptionTakes } from "./filter.js";
@@ -77,25 +78,6 @@ export function retryDelay(n: number, initialMs: number, maxMs: number, random =
 }
 
 class LostLead extends Error {}
-
-/**
- * How long a statement on the lock's own connection may take. A reserved
- * connection whose server went away (PostgreSQL restarted) answers nothing
- * and fails nothing: without this bound the worker, and the coordinator's
- * stop with it, waited for ever.
- */
-const LOCK_STATEMENT_MS = 5000;
-
-/** `work`, or a LostLead once LOCK_STATEMENT_MS passed. */
-function onLockConnection<T>(work: Promise<T>): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new LostLead(`a statement on the lock's connection took over ${LOCK_STATEMENT_MS} ms`)), LOCK_STATEMENT_MS);
-    timer.unref?.();
-  });
-  work.catch(() => undefined); // settled late or never: nobody waits for it then
-  return Promise.race([work, late]).finally(() => clearTimeout(timer));
-}
 
 export class DeliveryWorker {
   private readonly log;
@@ -142,28 +124,30 @@ export class DeliveryWorker {
   }
 
   private async run(signal: AbortSignal): Promise<void> {
-    const { sql, config } = this.ctx;
-    while (!signal.aborted) {
-      let conn;
-      try {
-        if (!this.ctx.notifications.connected) throw new Error("database unreachable");
-        conn = await sql.reserve();
-        const [{ ok }] = await onLockConnection(conn<{ ok: boolean }[]>`select pg_try_advisory_lock(${WORKER_LOCK.toString()}::bigint) as ok`);
-        if (ok) await this.leadWith(conn, signal);
-      } catch (err) {
-        if (!signal.aborted) this.log.warn({ err }, "delivery worker interrupted; trying again");
-      } finally {
-        conn?.release();
+    const { config } = this.ctx;
+    const lock = new SessionLock({ url: this.ctx.databaseUrl, key: WORKER_LOCK, applicationName: "treadmill-coordinator-deliveries" });
+    try {
+      while (!signal.aborted) {
+        try {
+          if (!this.ctx.notifications.connected) throw new Error("database unreachable");
+          const held = await lock.tryLock();
+          if (held) await this.leadWith(lock, held, signal);
+        } catch (err) {
+          if (!signal.aborted) this.log.warn({ err }, "delivery worker interrupted; trying again");
+        }
+        await this.idle.wait({ timeoutMs: config.subscriptionLeaderPollMs, signal });
       }
-      await this.idle.wait({ timeoutMs: config.subscriptionLeaderPollMs, signal });
+    } finally {
+      await lock.close();
     }
   }
 
-  /** Leads until `signal` aborts or the lock's connection fails. */
-  private async leadWith(conn: Awaited<ReturnType<CoordinatorContext["sql"]["reserve"]>>, signal: AbortSignal): Promise<void> {
+  /** Leads until `signal` aborts or the lock is lost (`held` aborts). */
+  private async leadWith(lock: SessionLock, held: AbortSignal, signal: AbortSignal): Promise<void> {
     const lead = new AbortController();
     const onAbort = () => lead.abort();
     signal.addEventListener("abort", onAbort, { once: true });
+    held.addEventListener("abort", onAbort, { once: true });
     this.lead = true;
     this.fresh = [];
     this.log.info({ replicaId: this.ctx.replicaId }, "delivery worker leading");
@@ -172,26 +156,26 @@ export class DeliveryWorker {
       lead.abort();
     };
     try {
-      await Promise.all([
-        this.keepalive(conn, lead.signal).catch(fail),
-        this.match(lead.signal).catch(fail),
-        this.send(conn, lead.signal).catch(fail),
-      ]);
+      await Promise.all([this.keepalive(lock, lead.signal).catch(fail), this.match(lead.signal).catch(fail), this.send(lock, lead.signal).catch(fail)]);
+      if (held.aborted && !signal.aborted) this.log.warn({ err: held.reason }, "delivery worker lost its lead");
     } finally {
       this.lead = false;
       signal.removeEventListener("abort", onAbort);
-      await onLockConnection(conn`select pg_advisory_unlock(${WORKER_LOCK.toString()}::bigint)`).catch(() => undefined);
+      held.removeEventListener("abort", onAbort);
+      await lock.unlock();
     }
   }
 
   /** Proves the lock's session alive; rejects when it is not. */
-  private async keepalive(conn: Awaited<ReturnType<CoordinatorContext["sql"]["reserve"]>>, signal: AbortSignal): Promise<void> {
+  private async keepalive(lock: SessionLock, signal: AbortSignal): Promise<void> {
     while (!signal.aborted) {
       await this.idle.wait({ timeoutMs: this.ctx.config.subscriptionLeaderPollMs, signal });
       if (signal.aborted) return;
-      const [{ held }] = await onLockConnection(conn<{ held: boolean }[]>`
+      const [{ held }] = await lock.run(
+        (session) => session<{ held: boolean }[]>`
         select exists (select 1 from pg_locks where locktype = 'advisory' and pid = pg_backend_pid() and granted
-          and ((classid::bigint << 32) | objid::bigint) = ${WORKER_LOCK.toString()}::bigint) as held`);
+          and ((classid::bigint << 32) | objid::bigint) = ${WORKER_LOCK.toString()}::bigint) as held`,
+      );
       if (!held) throw new LostLead("the worker's advisory lock is no longer held");
     }
   }
@@ -301,7 +285,7 @@ export class DeliveryWorker {
    * are recorded together (one statement), failures one by one (each may
    * disable its subscription).
    */
-  private async send(conn: Awaited<ReturnType<CoordinatorContext["sql"]["reserve"]>>, signal: AbortSignal): Promise<void> {
+  private async send(lock: SessionLock, signal: AbortSignal): Promise<void> {
     const { sql } = this.ctx;
     const busy = new Set<string>();
     const inFlight = new Set<Promise<void>>();
@@ -327,9 +311,11 @@ export class DeliveryWorker {
         const claimed =
           ids.length === 0
             ? []
-            : await onLockConnection(conn<{ id: string }[]>`
-                update subscription_deliveries set next_attempt_at = ${claimUntil}
-                where id = any(${ids}::uuid[]) and state = 'pending' returning id`);
+            : await lock.run(
+                (session) => session<{ id: string }[]>`
+                  update subscription_deliveries set next_attempt_at = ${claimUntil}
+                  where id = any(${ids}::uuid[]) and state = 'pending' returning id`,
+              );
         const mine = new Set([...claimed.map((c) => c.id), ...handed.map((d) => d.id)]);
         for (const group of [...handed.map((d) => [d]), ...groups]) {
           const sending = group.filter((d) => mine.has(d.id));

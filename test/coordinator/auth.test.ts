@@ -179,6 +179,7 @@ describe("the first admin", () => {
         clock: Date.now,
         keys: undefined as never,
         notifications: undefined as never,
+        databaseUrl: "",
         replicaId: "test",
       };
       const results = await Promise.all([
