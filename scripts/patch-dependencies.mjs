@@ -177,6 +177,117 @@ const FIXES = [
       return`,
   },
   {
+    // A reserved connection's handle outlived its connection: after the
+    // socket closed, the pool reconnected the same connection for other
+    // queries, and a statement still sent on the old handle (the next one
+    // of a transaction that had not yet seen the failure) went out on the
+    // new session, mid-startup, outside its transaction; its release put a
+    // connection that was opening (or reserved by another) into the pool;
+    // statements queued behind a full pipeline never settled. Seen in a
+    // PostgreSQL failover (test/interop/pg-failover.test.ts). A handle now
+    // serves only its own reservation: once the connection closed or was
+    // released, its statements fail with CONNECTION_CLOSED (those queued
+    // too) and its release does nothing.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: a reserved handle serves only its own reservation",
+    files: ["src/index.js", "cjs/src/index.js", "cf/src/index.js"],
+    original: `    move(c, reserved)
+    c.reserved = () => queue.length
+      ? c.execute(queue.shift())
+      : move(c, reserved)
+    c.reserved.release = true
+
+    const sql = Sql(handler)
+    sql.release = () => {
+      c.reserved = null
+      onopen(c)
+    }
+
+    return sql
+
+    function handler(q) {
+      c.queue === full
+        ? queue.push(q)
+        : c.execute(q) || move(c, full)
+    }`,
+    patched: (mark) => `    move(c, reserved)
+    const token = c.reserved = () => queue.length // ${mark}
+      ? c.execute(queue.shift())
+      : move(c, reserved)
+    c.reserved.release = true
+    c.reserved.fail = (e) => { while (queue.length) queue.shift().reject(e) }
+
+    const sql = Sql(handler)
+    sql.release = () => {
+      if (c.reserved !== token)
+        return
+      c.reserved = null
+      onopen(c)
+    }
+
+    return sql
+
+    function handler(q) {
+      if (c.reserved !== token)
+        return q.reject(Errors.connection('CONNECTION_CLOSED', options))
+      c.queue === full
+        ? queue.push(q)
+        : c.execute(q) || move(c, full)
+    }`,
+    extra: {
+      original: `  function onclose(c, e) {
+    move(c, closed)
+    c.reserved = null`,
+      patched: `  function onclose(c, e) {
+    move(c, closed)
+    c.reserved && c.reserved.fail && c.reserved.fail(e)
+    c.reserved = null`,
+    },
+  },
+  {
+    // target_session_attrs was checked only while the query that opened a
+    // connection was pending: when that query failed during the startup
+    // (an error from the old server's backend, a statement that had gone
+    // out mid-startup), the check was skipped and the connection joined
+    // the pool on whatever server it had reached, a hot standby during a
+    // failover (test/interop/pg-failover.test.ts). A connection is now
+    // handed out only once its session was checked.
+    name: "postgres",
+    versions: /^3\.4\.(9|10)$/,
+    mark: "treadmill: a session is checked before the connection is handed out",
+    files: ["src/connection.js", "cjs/src/connection.js", "cf/src/connection.js"],
+    original: `    if (initial) {
+      if (target_session_attrs) {`,
+    patched: (mark) => `    if (initial || !opened) { // ${mark}
+      if (target_session_attrs) {`,
+    extra: [
+      {
+        original: `      const first = initial
+      options.shared.retries = retries = 0
+      initial = null
+      if (!first.reserve)
+        return execute(first)
+      first.reserve(connection) || onopen(connection)
+      return
+    }`,
+        patched: `      const first = initial
+      opened = true
+      options.shared.retries = retries = 0
+      initial = null
+      if (first && !first.reserve)
+        return execute(first)
+      if (first && first.reserve(connection))
+        return
+    }`,
+      },
+      { original: "    , needsTypes = options.fetch_types\n", patched: "    , needsTypes = options.fetch_types\n    , opened = false\n" },
+      { original: "      needsTypes = options.fetch_types\n", patched: "      needsTypes = options.fetch_types\n      opened = false\n" },
+      // A socket that drains during the startup is not a connection to hand out yet.
+      { original: "    !query && onopen(connection)\n", patched: "    !query && opened && onopen(connection)\n" },
+    ],
+  },
+  {
     // Every reflected message built its own field-number map on its first
     // findNumber, so decoding N messages built N maps: a third of `tml`'s
     // start went to decoding the generated file descriptors this way, and
@@ -241,7 +352,7 @@ for (const fix of FIXES) {
       continue; // not shipped in this build
     }
     if (text.includes(fix.mark)) continue;
-    const edits = [{ original: fix.original, patched: fix.patched(fix.mark) }, ...(fix.extra ? [fix.extra] : [])];
+    const edits = [{ original: fix.original, patched: fix.patched(fix.mark) }, ...[fix.extra ?? []].flat()];
     for (const edit of edits) {
       if (!text.includes(edit.original)) fail(`${path} does not contain the code the fix "${fix.mark}" replaces`);
       text = text.replace(edit.original, edit.patched);

@@ -106,4 +106,39 @@ describe("the patched postgres driver", () => {
       await proxy.down();
     }
   }, 60000);
+
+  it("fails the statements of a reserved handle whose connection closed, even when the pool has reopened that connection, and ignores its release", async () => {
+    // The handle outlived its connection: a statement on it went out on the
+    // session the pool had opened since (outside its transaction), and its
+    // release handed that connection to the pool a second time.
+    const proxy = await outageProxy(new URL(db.url));
+    const url = new URL(db.url);
+    url.port = String(proxy.port);
+    const sql = postgres(url.toString(), { max: 1, onnotice: () => undefined, backoff: () => 0.05 });
+    try {
+      const stale = await sql.reserve();
+      const [{ pid: first }] = await stale<{ pid: number }[]>`select pg_backend_pid() as pid`;
+      await proxy.down();
+      await expect(stale`select 1`).rejects.toMatchObject({ code: expect.stringMatching(/^CONNECTION_/) });
+      await proxy.up();
+      // The pool's one connection opens again, for the pool.
+      const [{ pid: reopened }] = await sql<{ pid: number }[]>`select pg_backend_pid() as pid`;
+      expect(reopened).not.toBe(first);
+      const late = await within(stale`select 1`.then(() => "ran", (err: { code?: string }) => err.code ?? "failed"), "the statement never settled");
+      expect(late).toBe("CONNECTION_CLOSED");
+      stale.release();
+      // The connection is the pool's once: a reserve holds it, and the pool's queries wait for it.
+      const holder = await sql.reserve();
+      let poolRan = false;
+      const pooled = sql`select 1`.then(() => (poolRan = true));
+      await holder`select pg_sleep(0.2)`;
+      expect(poolRan).toBe(false);
+      holder.release();
+      await within(pooled, "the pool's query never ran");
+      expect(poolRan).toBe(true);
+    } finally {
+      await sql.end({ timeout: 1 });
+      await proxy.down();
+    }
+  }, 60000);
 });
