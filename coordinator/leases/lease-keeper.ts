@@ -45,7 +45,12 @@ export class LeaseKeeper {
     config: LeaseConfig,
   ) {
     this.log = ctx.logger.child({ subsystem: "leases" });
-    this.loop = new SweepLoop(() => this.sweep(), config.leaseSweepIntervalMs, (err) => this.log.warn({ err }, "lease sweep failed"));
+    // While the database is away (the notifications connection lost) the sweep waits, as the other loops do.
+    this.loop = new SweepLoop(
+      async () => ctx.notifications.connected && this.sweep(),
+      config.leaseSweepIntervalMs,
+      (err) => this.log.warn({ err }, "lease sweep failed"),
+    );
   }
 
   start(): void {
