@@ -52,7 +52,7 @@
 // coordinator (node --cpu-prof) there and prints the statements that took the
 // most database time (pg_stat_statements).
 import { randomUUID } from "node:crypto";
-import { chmod, mkdtemp, rm } from "node:fs/promises";
+import { chmod, mkdtemp } from "node:fs/promises";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -65,23 +65,7 @@ import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { percentile, report } from "./report.js";
 import { freePort } from "../support/net.js";
-import {
-  type JobMetricReading,
-  PROFILE,
-  cpuSplit,
-  inBatches,
-  insertFixtures,
-  type BenchHost,
-  jobMetrics,
-  printStatements,
-  roundTripBaselines,
-  serving,
-  settledRss,
-  sizeFromEnv as env,
-  startBenchDatabase,
-  until,
-  usage,
-} from "./shared/job-system.js";
+import { benchCoordinatorArgs, cpuSplit, inBatches, insertFixtures, jobMetrics, printStatements, PROFILE, roundTripBaselines, serving, settledRss, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, type BenchHost, type JobMetricReading, until, usage } from "./shared/job-system.js";
 
 const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const FULL = process.env.TREADMILL_BENCH_FULL === "1";
@@ -352,20 +336,7 @@ export async function run(): Promise<void> {
   const { pg, sql } = await startBenchDatabase(dir);
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  // Every scripted supervisor connects from 127.0.0.1: lift the per-address limit.
-  // The health keeper sweeps hourly: (d) sets hosts' health by hand.
-  const args = [
-    "--port",
-    String(port),
-    "--database-url",
-    pg.url,
-    "--log-level",
-    "warn",
-    "--max-connections-per-address",
-    "0",
-    "--health-sweep-interval-ms",
-    "3600000",
-  ];
+  const args = benchCoordinatorArgs(port, pg.url);
   // node's own flags go before the script (NODE_OPTIONS refuses --cpu-prof).
   const child = PROFILE
     ? startProcess("--cpu-prof", [`--cpu-prof-dir=${PROFILE}`, BIN, ...args])
@@ -548,11 +519,6 @@ export async function run(): Promise<void> {
 
     await leaseRounds({ sql, url, jobs, hosts, attached: HEALTH_HOSTS, supervisors, listen: (f) => (onStart = f) });
   } finally {
-    await Promise.all(supervisors.map((s) => s.close()));
-    child.child.kill("SIGTERM");
-    await child.exited;
-    await sql.end({ timeout: 5 });
-    await pg.stop();
-    await rm(dir, { recursive: true, force: true });
+    await stopBenchCoordinator({ supervisors, coordinator: child, sql, pg, dir });
   }
 }

@@ -22,7 +22,7 @@
 // both clocks are this machine's. So the figure includes the sequencer's
 // hop (numbering committed events) and the reader's. Baseline in the same run: a bare NOTIFY's commit to a LISTEN
 // connection's receipt (what wakes every follower; no feed can do better).
-import { chmod, mkdtemp, rm } from "node:fs/promises";
+import { chmod, mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -35,7 +35,7 @@ import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { freePort } from "../support/net.js";
 import { percentile, report } from "./report.js";
-import { inBatches, insertFixtures, roundTripBaselines, serving, sizeFromEnv as env, startBenchDatabase, until } from "./shared/job-system.js";
+import { assignmentRound, benchCoordinatorArgs, inBatches, insertFixtures, roundTripBaselines, serving, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, until } from "./shared/job-system.js";
 
 const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const FOLLOWER = fileURLToPath(new URL("./children/event-follower.ts", import.meta.url));
@@ -72,7 +72,7 @@ export async function run(): Promise<void> {
   const { pg, sql } = await startBenchDatabase(dir, { track_commit_timestamp: "on" });
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  const child = startProcess(BIN, ["--port", String(port), "--database-url", pg.url, "--log-level", "warn", "--max-connections-per-address", "0", "--health-sweep-interval-ms", "3600000"]);
+  const child = startProcess(BIN, benchCoordinatorArgs(port, pg.url));
   const supervisors: ScriptedSupervisor[] = [];
   try {
     await serving(url);
@@ -106,13 +106,7 @@ export async function run(): Promise<void> {
     for (let round = 0; round < ROUNDS; round++) {
       const on = round % 2 === 1;
       for (const t of TRIGGERS) await sql.unsafe(`alter table jobs ${on ? "enable" : "disable"} trigger ${t}`);
-      await sql`update hosts set admin_state = 'draining'`;
-      await inBatches(Array.from({ length: JOBS }), 40, () => jobs.submitJob({ spec, queueAnyway: true }));
-      const [{ t0 }] = await sql<{ t0: Date }[]>`
-        with e as (update hosts set admin_state = 'enabled') select now() as t0, pg_notify('treadmill_schedule', '')`;
-      await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "the queue to drain", 600_000, 250);
-      const [{ end }] = await sql<{ end: Date }[]>`select max(finalized_at) as end from jobs where assigned_at >= ${t0}`;
-      const rate = JOBS / ((end.getTime() - t0.getTime()) / 1000);
+      const rate = await assignmentRound(sql, JOBS, () => jobs.submitJob({ spec, queueAnyway: true }));
       (on ? rates.on : rates.off).push(rate);
       process.stdout.write(`round ${round + 1} feed ${on ? "on " : "off"}: ${rate.toFixed(0)} jobs/s\n`);
     }
@@ -143,11 +137,6 @@ export async function run(): Promise<void> {
     report("feed delivery, commit -> follower p99", percentile(latencies, 99), "ms", { name: "NOTIFY p99", value: percentile(notify, 99) });
     report("feed delivery p99 against its goal", percentile(latencies, 99), "ms", { name: "goal", value: 50 });
   } finally {
-    await Promise.all(supervisors.map((s) => s.close()));
-    child.child.kill("SIGTERM");
-    await child.exited;
-    await sql.end({ timeout: 5 });
-    await pg.stop();
-    await rm(dir, { recursive: true, force: true });
+    await stopBenchCoordinator({ supervisors, coordinator: child, sql, pg, dir });
   }
 }

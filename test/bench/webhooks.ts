@@ -23,7 +23,7 @@
 // this process to the same receiver.
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
-import { chmod, mkdtemp, rm } from "node:fs/promises";
+import { chmod, mkdtemp } from "node:fs/promises";
 import { randomUUID } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -36,7 +36,7 @@ import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { freePort } from "../support/net.js";
 import { percentile, report } from "./report.js";
-import { inBatches, insertFixtures, serving, sizeFromEnv as env, startBenchDatabase, until } from "./shared/job-system.js";
+import { assignmentRound, benchCoordinatorArgs, inBatches, insertFixtures, serving, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, until } from "./shared/job-system.js";
 
 const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const JOBS = env("TREADMILL_BENCH_WEBHOOKS_JOBS", 2000);
@@ -66,18 +66,7 @@ export async function run(): Promise<void> {
   const hookUrl = `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hook`;
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  const child = startProcess(BIN, [
-    "--port",
-    String(port),
-    "--database-url",
-    pg.url,
-    "--log-level",
-    "warn",
-    "--max-connections-per-address",
-    "0",
-    "--health-sweep-interval-ms",
-    "3600000",
-  ]);
+  const child = startProcess(BIN, benchCoordinatorArgs(port, pg.url));
   const supervisors: ScriptedSupervisor[] = [];
   try {
     await serving(url);
@@ -123,16 +112,10 @@ export async function run(): Promise<void> {
     for (let round = 0; round < ROUNDS; round++) {
       const on = round % 2 === 1;
       await sql`update subscriptions set enabled = ${on}`;
-      await sql`update hosts set admin_state = 'draining'`;
       let n = 0;
-      await inBatches(Array.from({ length: JOBS }), 40, () =>
+      const rate = await assignmentRound(sql, JOBS, () =>
         jobs.submitJob({ spec: { image: "bench:v1", hosts: { tags: { pool: "active" } }, tags: { bucket: String(n++ % BUCKETS) } }, queueAnyway: true }),
       );
-      const [{ t0 }] = await sql<{ t0: Date }[]>`
-        with e as (update hosts set admin_state = 'enabled') select now() as t0, pg_notify('treadmill_schedule', '')`;
-      await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "the queue to drain", 600_000, 250);
-      const [{ end }] = await sql<{ end: Date }[]>`select max(finalized_at) as end from jobs where assigned_at >= ${t0}`;
-      const rate = JOBS / ((end.getTime() - t0.getTime()) / 1000);
       (on ? rates.on : rates.off).push(rate);
       if (on) expected += JOBS * (SUBSCRIPTIONS / BUCKETS);
       // The round's webhooks are all in before the next round starts.
@@ -172,13 +155,8 @@ export async function run(): Promise<void> {
     report("of which queued -> acknowledged p99", split.sent_p99, "ms");
     report("webhook dispatch p99 against its goal", percentile(latencies, 99), "ms", { name: "goal", value: 200 });
   } finally {
-    await Promise.all(supervisors.map((s) => s.close()));
-    child.child.kill("SIGTERM");
-    await child.exited;
     receiver.closeAllConnections();
     receiver.close();
-    await sql.end({ timeout: 5 });
-    await pg.stop();
-    await rm(dir, { recursive: true, force: true });
+    await stopBenchCoordinator({ supervisors, coordinator: child, sql, pg, dir });
   }
 }

@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { createHash } from "node:crypto";
-import { mkdir, readFile, symlink } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createClient } from "@connectrpc/connect";
@@ -15,37 +15,26 @@ import { ExitStatus, JobEventKind } from "../../gen/treadmill/coordinator/v1/job
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { buildFirmwareImage } from "../../testbed/images.js";
 import { pushTestImage } from "../../testbed/provision.js";
-import { docBlock, docBlocks, runBash, type DocBlock } from "../support/doc-blocks.js";
+import { docBlock, docBlocks, type DocBlock } from "../support/doc-blocks.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
-import { tml } from "./harness.js";
+import { guideShell, type GuideShell } from "./harness.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 const GUIDE = join(REPO, "docs", "artifacts.md");
 
 let tb: RunningTestbed;
 let blocks: DocBlock[];
-let config: string;
-let bins: string;
+let shell: GuideShell;
 let job = "";
 
 const text = (name: string) => docBlock(blocks, GUIDE, "artifacts", name).text;
 
-function guide(name: string) {
-  return runBash(`set -eo pipefail\n${text(name)}`, {
-    cwd: tb.dir,
-    env: { ...process.env, PATH: `${bins}:${process.env.PATH}`, TML_CONFIG: config, NO_COLOR: "1", TML_SERVER: "", TML_TOKEN: "", JOB: job },
-  });
-}
+const guide = (name: string) => shell.run(text(name), { JOB: job });
 
 beforeAll(async () => {
   blocks = await docBlocks(GUIDE);
   tb = await startTestbed({ supervisors: 1 });
-  config = join(tb.dir, "tml.json");
-  const login = await tml(config, ["login", tb.coordinatorUrl, "--user", "admin", "--password-stdin"], { input: `${tb.testbed.admin().password}\n` });
-  if (login.code !== 0) throw new Error(`login failed: ${login.stderr}`);
-  bins = join(tb.dir, "bin");
-  await mkdir(bins);
-  await symlink(join(REPO, "bin", "tml.js"), join(bins, "tml"));
+  shell = await guideShell(tb);
   await tb.pushShellImage("ci/sh:1");
 }, 180_000);
 
@@ -55,10 +44,7 @@ afterAll(async () => {
 
 describe("docs/artifacts.md", () => {
   it("runs a failing job whose artifacts are uploaded, lists and downloads them, and feeds one to the next job", async () => {
-    const produce = await runBash(`set -eo pipefail\n${text("produce")}\necho "JOB=$JOB"`, {
-      cwd: tb.dir,
-      env: { ...process.env, PATH: `${bins}:${process.env.PATH}`, TML_CONFIG: config, NO_COLOR: "1", TML_SERVER: "", TML_TOKEN: "" },
-    });
+    const produce = await shell.run(`${text("produce")}\necho "JOB=$JOB"`);
     expect(produce.stderr).toBe("");
     expect(produce.code).toBe(0);
     job = /^JOB=(\S+)$/m.exec(produce.stdout)![1];

@@ -28,6 +28,7 @@ import type { ServingComponent } from "../../lib/component.js";
 import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { ROOTFS_MEDIA_TYPE } from "../../lib/image/media-types.js";
 import { silentLogger } from "../../lib/logger.js";
+import { runBash, type ShellResult } from "../support/doc-blocks.js";
 import { watchLines } from "../support/process.js";
 import { loadImageStoreConfig } from "../../stores/image/config.js";
 import { createImageStore } from "../../stores/image/image-store.js";
@@ -273,5 +274,31 @@ export async function startWorld(options: { coordinatorConfig?: Partial<Coordina
       await coordinator.stop();
       await rm(dir, { recursive: true, force: true });
     },
+  };
+}
+
+/** A testbed's directory as a guide's reader has it: `tml` on PATH, logged in as the admin. */
+export interface GuideShell {
+  /** The tml config file logged in. */
+  config: string;
+  /** Runs `script` in bash (`set -eo pipefail`) in the testbed's directory; `env` adds variables. */
+  run(script: string, env?: NodeJS.ProcessEnv): Promise<ShellResult>;
+}
+
+/** Logs `tml` in to `tb` as its admin and puts it on PATH (a `bin` in the testbed's directory). */
+export async function guideShell(tb: { dir: string; coordinatorUrl: string; testbed: { admin(): { password: string } } }): Promise<GuideShell> {
+  const config = join(tb.dir, "tml.json");
+  const login = await tml(config, ["login", tb.coordinatorUrl, "--user", "admin", "--password-stdin"], { input: `${tb.testbed.admin().password}\n` });
+  if (login.code !== 0) throw new Error(`login failed: ${login.stderr}`);
+  const bins = join(tb.dir, "bin");
+  await mkdir(bins);
+  await symlink(TML, join(bins, "tml"));
+  return {
+    config,
+    run: (script, env = {}) =>
+      runBash(`set -eo pipefail\n${script}`, {
+        cwd: tb.dir,
+        env: { ...process.env, PATH: `${bins}:${process.env.PATH}`, TML_CONFIG: config, NO_COLOR: "1", TML_SERVER: "", TML_TOKEN: "", ...env },
+      }),
   };
 }

@@ -6,39 +6,30 @@
  * token in token.txt as the guide says.
  */
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
-import { mkdir, symlink, writeFile } from "node:fs/promises";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { docBlock, docBlocks, runBash, type DocBlock } from "../support/doc-blocks.js";
 import { startTestbed, type RunningTestbed } from "../support/testbed.js";
-import { busyboxRootfs, tml } from "./harness.js";
+import { busyboxRootfs, guideShell, type GuideShell } from "./harness.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 const GUIDE = join(REPO, "docs", "job-files.md");
 
 let tb: RunningTestbed;
 let blocks: DocBlock[];
-let config: string;
-let bins: string;
+let shell: GuideShell;
 
 /** Runs the guide's blocks `names` as one script. */
 function guide(...names: string[]) {
   const script = names.map((n) => docBlock(blocks, GUIDE, "jobfiles", n).text).join("\n");
-  return runBash(`set -eo pipefail\n${script}`, {
-    cwd: tb.dir,
-    env: { ...process.env, PATH: `${bins}:${process.env.PATH}`, TML_CONFIG: config, NO_COLOR: "1", TML_SERVER: "", TML_TOKEN: "" },
-  });
+  return shell.run(script);
 }
 
 beforeAll(async () => {
   blocks = await docBlocks(GUIDE);
   tb = await startTestbed({ supervisors: 2 });
-  config = join(tb.dir, "tml.json");
-  const login = await tml(config, ["login", tb.coordinatorUrl, "--user", "admin", "--password-stdin"], { input: `${tb.testbed.admin().password}\n` });
-  if (login.code !== 0) throw new Error(`login failed: ${login.stderr}`);
-  bins = join(tb.dir, "bin");
-  await mkdir(bins);
-  await symlink(join(REPO, "bin", "tml.js"), join(bins, "tml"));
+  shell = await guideShell(tb);
   await busyboxRootfs(join(tb.dir, "rootfs"), ["sh", "echo", "test"]);
   await writeFile(join(tb.dir, "token.txt"), "s3cret-token");
   for (const b of blocks.filter((b) => b.kind === "file")) await writeFile(join(tb.dir, `${b.name}.yaml`), b.text);

@@ -3,9 +3,10 @@ import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "@jest/globals";
-import { chromium, type Browser, type Page } from "playwright-core";
+import type { Browser, Page } from "playwright-core";
 import { buildConsole } from "../../console/build.js";
 import { uuidv7 } from "../../coordinator/shared/common.js";
+import { launchChromium, loggedInPage } from "../support/browser.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import { insertImage } from "../support/jobs.js";
 
@@ -44,18 +45,8 @@ describe("the web console's host and health check pages in headless Chromium", (
     await seed(c, admin.id);
     image = await insertImage(c.sql, { name: "checks/boot" });
 
-    browser = await chromium.launch({
-      executablePath: process.env.CHROMIUM_PATH ?? "/usr/bin/chromium",
-      args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"],
-    });
-    page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-    // Logged in as the admin: the session the login page would have saved.
-    const session = { token: admin.token, tokenId: randomUUID(), userId: admin.id, userName: admin.name, admin: true };
-    await page.addInitScript((s) => window.localStorage.setItem("treadmill.console.session", s), JSON.stringify(session));
-    page.on("console", (message) => {
-      if (message.type() === "error") errors.push(`console: ${message.text()} at ${message.location().url}`);
-    });
-    page.on("pageerror", (err) => errors.push(`page: ${String(err)}`));
+    browser = await launchChromium();
+    page = await loggedInPage(browser, admin, true, errors);
   }, 120_000);
 
   afterAll(async () => {

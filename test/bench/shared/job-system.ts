@@ -1,12 +1,13 @@
-// What the job-system benchmarks (coordinator.ts, scale.ts) share: the
-// embedded PostgreSQL they run the coordinator on (with profiling on
-// request), the fixtures they write straight into it (a user and its token,
+// What the job-system benchmarks (coordinator.ts, scale.ts, events.ts,
+// webhooks.ts, results.ts) share: the embedded PostgreSQL they run the
+// coordinator on (with profiling on request), its flags and teardown, the
+// assignment round of events.ts and webhooks.ts, the fixtures they write straight into it (a user and its token,
 // an image, hosts, a live log server), the baselines they all print beside
 // (a bare PostgreSQL round trip, a bare unary RPC), readings of a process's
 // memory and CPU from /proc, of the coordinator's job metrics, and of
 // pg_stat_statements.
 import { randomUUID } from "node:crypto";
-import { readFile, readdir } from "node:fs/promises";
+import { readFile, readdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -199,4 +200,45 @@ export type JobMetricReading = Record<(typeof JOB_METRICS)[number], number>;
 /** The job system's counters from a coordinator's /metrics. */
 export function jobMetrics(url: string): Promise<JobMetricReading> {
   return metricValues(url, JOB_METRICS);
+}
+
+/**
+ * The coordinator's flags in these benchmarks: every scripted supervisor
+ * connects from 127.0.0.1 (no per-address limit), and the health keeper
+ * sweeps hourly (a benchmark that needs health sets it by hand).
+ */
+export function benchCoordinatorArgs(port: number, databaseUrl: string): string[] {
+  return ["--port", String(port), "--database-url", databaseUrl, "--log-level", "warn", "--max-connections-per-address", "0", "--health-sweep-interval-ms", "3600000"];
+}
+
+/**
+ * One assignment round of the events and webhooks benchmarks: the hosts
+ * drain, `submit` queues the round's jobs, every host is enabled at once;
+ * resolves with finalized jobs per second from the enabling to the last
+ * job's end.
+ */
+export async function assignmentRound(sql: postgres.Sql, jobs: number, submit: () => Promise<unknown>): Promise<number> {
+  await sql`update hosts set admin_state = 'draining'`;
+  await inBatches(Array.from({ length: jobs }), 40, submit);
+  const [{ t0 }] = await sql<{ t0: Date }[]>`
+    with e as (update hosts set admin_state = 'enabled') select now() as t0, pg_notify('treadmill_schedule', '')`;
+  await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "the queue to drain", 600_000, 250);
+  const [{ end }] = await sql<{ end: Date }[]>`select max(finalized_at) as end from jobs where assigned_at >= ${t0}`;
+  return jobs / ((end.getTime() - t0.getTime()) / 1000);
+}
+
+/** Ends what a job-system benchmark started, in order: supervisors, the coordinator, the database, the directory. */
+export async function stopBenchCoordinator(parts: {
+  supervisors: { close(): Promise<unknown> }[];
+  coordinator: { child: { kill(signal: NodeJS.Signals): unknown }; exited: Promise<unknown> };
+  sql: postgres.Sql;
+  pg: EmbeddedPostgres;
+  dir: string;
+}): Promise<void> {
+  await Promise.all(parts.supervisors.map((s) => s.close()));
+  parts.coordinator.child.kill("SIGTERM");
+  await parts.coordinator.exited;
+  await parts.sql.end({ timeout: 5 });
+  await parts.pg.stop();
+  await rm(parts.dir, { recursive: true, force: true });
 }
