@@ -1,6 +1,7 @@
 import { ConfigError, loadConfig } from "../lib/config.js";
 import { serverConfigFields } from "../lib/component.js";
 import { databaseUrlProblem } from "./db/url.js";
+import { webhookDenyList } from "./subscriptions/webhook.js";
 import { artifactConfigFields } from "./jobs/artifact-config.js";
 import { feedConfigFields } from "./feed/config.js";
 import { jobConfigFields } from "./jobs/config.js";
@@ -100,6 +101,11 @@ export function loadCoordinatorConfig(source: { env: Record<string, string | und
   const problem = config.databaseUrl === "" ? undefined : databaseUrlProblem(config.databaseUrl.trim());
   if (problem !== undefined) throw new ConfigError([`database-url (DATABASE_URL): the value ${problem}`]);
   const { problems } = parseOverrides(config.leasePolicyOverrides);
+  try {
+    webhookDenyList(config.subscriptionWebhookDeny);
+  } catch (err) {
+    problems.push(`subscription-webhook-deny: ${(err as Error).message}`);
+  }
   if (problems.length > 0) throw new ConfigError(problems);
   return { ...config, databaseUrl: config.databaseUrl.trim() };
 }

@@ -5,6 +5,7 @@
  * `--<key>` flags and `TREADMILL_COORDINATOR_<KEY>` environment variables.
  */
 import type { ConfigOf } from "../../lib/config.js";
+import { DEFAULT_WEBHOOK_DENY } from "./webhook.js";
 
 const SECOND = 1000;
 const HOUR = 3600 * SECOND;
@@ -40,6 +41,12 @@ export const subscriptionConfigFields = {
     default: 10 * SECOND,
     min: 1,
     description: "how long a webhook endpoint has to answer one POST (a timeout is retried)",
+  },
+  subscriptionWebhookDeny: {
+    type: "list",
+    default: DEFAULT_WEBHOOK_DENY,
+    description:
+      "addresses and CIDR ranges webhooks may not reach, checked on what a name resolves to (default: link-local, where cloud metadata services answer, and unspecified); add your private ranges to keep users' webhooks out of them",
   },
   subscriptionDeliveryRetentionMs: {
     type: "duration",

@@ -6,8 +6,10 @@
  * captured request cannot be replayed later with a new timestamp.
  */
 import { createHmac, randomBytes } from "node:crypto";
+import dns from "node:dns";
 import http from "node:http";
 import https from "node:https";
+import { BlockList, isIP, type LookupFunction } from "node:net";
 
 /** The prefix of a subscription secret. */
 const SECRET_PREFIX = "whsec_";
@@ -40,15 +42,71 @@ export interface PostOutcome {
   retryable: boolean;
 }
 
+/** The addresses webhooks may not reach by default: link-local (cloud metadata services) and unspecified. */
+export const DEFAULT_WEBHOOK_DENY = ["169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"];
+
+/** The error code of a connection refused by the deny list. */
+const DENIED = "ERR_WEBHOOK_ADDRESS_DENIED";
+
+/** The addresses in `cidrs` ("10.0.0.0/8", "fd00::/8", a bare address); throws on one that is not. */
+export function webhookDenyList(cidrs: readonly string[]): BlockList {
+  const list = new BlockList();
+  for (const cidr of cidrs) {
+    const [address, bits] = cidr.trim().split("/");
+    const family = isIP(address);
+    if (family === 0) throw new Error(`${JSON.stringify(cidr)} is not an address or CIDR range`);
+    const type = family === 6 ? "ipv6" : "ipv4";
+    const prefix = bits === undefined ? (family === 6 ? 128 : 32) : Number(bits);
+    if (!Number.isInteger(prefix) || prefix < 0 || prefix > (family === 6 ? 128 : 32)) throw new Error(`${JSON.stringify(cidr)} has no valid prefix length`);
+    list.addSubnet(address, prefix, type);
+  }
+  return list;
+}
+
+const denied = (list: BlockList, address: string) => list.check(address, isIP(address) === 6 ? "ipv6" : "ipv4");
+
+/** dns.lookup without the addresses `deny` holds; fails (DENIED) when none is left. */
+function guardedLookup(deny: BlockList): LookupFunction {
+  return (hostname, options, callback) => {
+    dns.lookup(hostname, { ...options, all: true }, (err, addresses) => {
+      if (err) return callback(err, "", 0);
+      const allowed = addresses.filter((a) => !denied(deny, a.address));
+      if (allowed.length === 0) {
+        const refused = Object.assign(new Error(`${hostname} resolves only to denied addresses (${addresses.map((a) => a.address).join(", ")})`), { code: DENIED });
+        return callback(refused, "", 0);
+      }
+      if (options.all) (callback as unknown as (e: null, a: dns.LookupAddress[]) => void)(null, allowed);
+      else callback(null, allowed[0].address, allowed[0].family);
+    });
+  };
+}
+
 /**
- * Keep-alive connection pools, one per protocol and shared by every
- * destination (node:http rather than fetch: a fraction of the CPU per
- * request, which is what bounds a worker sending thousands a second).
+ * What webhooks go through: keep-alive connection pools, one per protocol
+ * and shared by every destination (node:http rather than fetch: a fraction
+ * of the CPU per request, which is what bounds a worker sending thousands a
+ * second), and the addresses they may not reach (`subscription-webhook-deny`:
+ * a user's webhook must not make the coordinator a way into the networks it
+ * sits on). The deny list is checked on the addresses a name resolves to as
+ * the connection is made, so a name that later resolves elsewhere gains nothing.
  */
-const AGENTS = {
-  "http:": new http.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 16 }),
-  "https:": new https.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 16 }),
-};
+export class WebhookClient {
+  readonly agents: { "http:": http.Agent; "https:": https.Agent };
+
+  constructor(readonly deny: BlockList = webhookDenyList(DEFAULT_WEBHOOK_DENY)) {
+    const lookup = guardedLookup(deny);
+    this.agents = {
+      "http:": new http.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 16, lookup } as http.AgentOptions),
+      "https:": new https.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 16, lookup } as https.AgentOptions),
+    };
+  }
+
+  /** Closes the pools' idle connections. */
+  close(): void {
+    this.agents["http:"].destroy();
+    this.agents["https:"].destroy();
+  }
+}
 
 /** POSTs a signed body; never throws. */
 export function postWebhook(
@@ -56,12 +114,17 @@ export function postWebhook(
   secret: string,
   body: string,
   h: WebhookHeaders,
-  options: { timeoutMs: number; now: () => number },
+  options: { timeoutMs: number; now: () => number; client: WebhookClient },
 ): Promise<PostOutcome> {
   const timestamp = Math.floor(options.now() / 1000).toString();
   const target = new URL(url);
   const protocol = target.protocol === "https:" ? "https:" : "http:";
   const payload = Buffer.from(body, "utf8");
+  // An address in the URL is not looked up: checked here.
+  const literal = target.hostname.replace(/^\[(.*)\]$/, "$1");
+  if (isIP(literal) !== 0 && denied(options.client.deny, literal)) {
+    return Promise.resolve({ code: 0, error: `the endpoint's address ${literal} is denied (subscription-webhook-deny)`, retryable: false });
+  }
   return new Promise((resolve) => {
     let settled = false;
     const done = (o: PostOutcome) => {
@@ -74,7 +137,7 @@ export function postWebhook(
       target,
       {
         method: "POST",
-        agent: AGENTS[protocol],
+        agent: options.client.agents[protocol],
         headers: {
           "content-type": "application/json",
           "content-length": payload.length,
@@ -102,7 +165,11 @@ export function postWebhook(
       done({ code: 0, error: `no answer within ${options.timeoutMs} ms`, retryable: true });
       req.destroy();
     }, options.timeoutMs);
-    req.on("error", (err: NodeJS.ErrnoException) => done({ code: 0, error: `cannot reach the endpoint: ${err.code ?? err.message}`.slice(0, 300), retryable: true }));
+    req.on("error", (err: NodeJS.ErrnoException) =>
+      err.code === DENIED
+        ? done({ code: 0, error: `the endpoint's address is denied (subscription-webhook-deny): ${err.message}`.slice(0, 300), retryable: false })
+        : done({ code: 0, error: `cannot reach the endpoint: ${err.code ?? err.message}`.slice(0, 300), retryable: true }),
+    );
     req.end(payload);
   });
 }

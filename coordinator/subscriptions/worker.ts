@@ -50,7 +50,7 @@ import { SessionLock } from "../db/session-lock.js";
 import { uuidv7 } from "../shared/common.js";
 import type { Mailer } from "./email.js";
 import { subscriptionTakes } from "./filter.js";
-import { postWebhook } from "./webhook.js";
+import { postWebhook, WebhookClient, webhookDenyList } from "./webhook.js";
 
 /** The worker's advisory lock key ("tmsubs" in ASCII). */
 export const WORKER_LOCK = 0x746d73756273n;
@@ -83,6 +83,7 @@ export class DeliveryWorker {
   private readonly log;
   private readonly sendable = new Notifier();
   private readonly idle = new Notifier();
+  private readonly webhooks: WebhookClient;
   private controller: AbortController | undefined;
   private running: Promise<void> | undefined;
   private lead = false;
@@ -95,6 +96,7 @@ export class DeliveryWorker {
     private readonly mailer: Mailer | undefined,
   ) {
     this.log = ctx.logger.child({ subsystem: "deliveries" });
+    this.webhooks = new WebhookClient(webhookDenyList(ctx.config.subscriptionWebhookDeny));
   }
 
   /** How long a claimed delivery is this leader's to send: past any request's deadline. */
@@ -116,6 +118,7 @@ export class DeliveryWorker {
   async stop(): Promise<void> {
     this.controller?.abort();
     await this.running;
+    this.webhooks.close();
   }
 
   /** Deliveries may be due (queued by another replica, a redelivery): look now. */
@@ -387,7 +390,7 @@ export class DeliveryWorker {
         first.secret,
         first.body,
         { deliveryId: first.id, eventId: first.event_id, eventKind: first.event_kind, subscriptionId: first.subscription_id },
-        { timeoutMs: config.subscriptionWebhookTimeoutMs, now: this.ctx.clock },
+        { timeoutMs: config.subscriptionWebhookTimeoutMs, now: this.ctx.clock, client: this.webhooks },
       );
       ({ code, error, retryable } = out);
       if (code >= 400 && !retryable) {
