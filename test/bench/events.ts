@@ -20,8 +20,14 @@
 // records each event's writing transaction (its default,
 // pg_current_xact_id(), the only change to the schema), read afterwards;
 // both clocks are this machine's. So the figure includes the sequencer's
-// hop (numbering committed events) and the reader's. Baseline in the same run: a bare NOTIFY's commit to a LISTEN
-// connection's receipt (what wakes every follower; no feed can do better).
+// hop (numbering committed events) and the reader's. Baselines in the same
+// run: a bare NOTIFY's commit to a LISTEN connection's receipt on an idle
+// machine, and the same under the load of the feed-on rounds: the bench
+// sends a NOTIFY every 20 ms while they run and the follower's process
+// LISTENs for it beside its stream. That last one is the floor for any feed
+// on this machine: how soon the follower's process can learn of a commit
+// at all while the coordinator, PostgreSQL and the supervisors share the
+// cores.
 import { chmod, mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -66,6 +72,21 @@ async function notifyLatencies(url: string, sql: postgres.Sql, n = 500): Promise
   return samples;
 }
 
+/** A NOTIFY on `bench_probe` every 20 ms (its payload its transaction's id) until stopped; `done` resolves with the ids. */
+function probe(sql: postgres.Sql): { stop(): void; done: Promise<string[]> } {
+  let stopped = false;
+  const done = (async () => {
+    const xids: string[] = [];
+    while (!stopped) {
+      const [{ xid }] = await sql<{ xid: string }[]>`select pg_current_xact_id()::text as xid, pg_notify('bench_probe', pg_current_xact_id()::text)`;
+      xids.push(xid);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    return xids;
+  })();
+  return { stop: () => (stopped = true), done };
+}
+
 export async function run(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), "treadmill-bench-events-"));
   await chmod(dir, 0o755); // the server's OS user must reach its directory
@@ -99,26 +120,31 @@ export async function run(): Promise<void> {
     await sql`alter table feed_events add column bench_xid xid8`;
 
     // The follower: every event, from the head, for the whole run.
-    const follower = startProcess("--import", ["tsx", FOLLOWER, url, token]);
+    const follower = startProcess("--import", ["tsx", FOLLOWER, url, token, pg.url]);
     await follower.waitForLine(/^ready$/, 60_000);
     const spec = { image: "bench:v1", hosts: { tags: { pool: "active" } } };
     const rates = { off: [] as number[], on: [] as number[] };
+    const probeXids: string[] = [];
     for (let round = 0; round < ROUNDS; round++) {
       const on = round % 2 === 1;
       for (const t of TRIGGERS) await sql.unsafe(`alter table jobs ${on ? "enable" : "disable"} trigger ${t}`);
-      const rate = await assignmentRound(sql, JOBS, () => jobs.submitJob({ spec, queueAnyway: true }));
+      const probing = on ? probe(sql) : undefined;
+      const rate = await assignmentRound(sql, JOBS, () => jobs.submitJob({ spec, queueAnyway: true })).finally(() => probing?.stop());
+      if (probing) probeXids.push(...(await probing.done));
       (on ? rates.on : rates.off).push(rate);
       process.stdout.write(`round ${round + 1} feed ${on ? "on " : "off"}: ${rate.toFixed(0)} jobs/s\n`);
     }
     // Everything written has arrived: the follower has the newest event.
     const [{ n: written }] = await sql<{ n: number }[]>`select count(*)::int as n from feed_events where kind like 'job.%'`;
-    await until(async () => follower.lines.length - 1 >= written, "the follower to receive every event", 60_000);
+    const eventLines = () => follower.lines.filter((l) => l !== "ready" && !l.startsWith("probe "));
+    await until(async () => eventLines().length >= written, "the follower to receive every event", 60_000);
     follower.child.kill("SIGTERM");
     await follower.exited;
-    const received = follower.lines.slice(1).map((l) => {
+    const received = eventLines().map((l) => {
       const [cursor, at] = l.split(" ");
       return { cursor: BigInt(cursor), at: Number(at) };
     });
+    const probeArrivals = new Map(follower.lines.filter((l) => l.startsWith("probe ")).map((l) => [l.split(" ")[1], Number(l.split(" ")[2])]));
     const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
     report("assignment throughput, feed off", mean(rates.off), "jobs/s");
     report("assignment throughput, feed on and followed", mean(rates.on), "jobs/s", { name: "feed off", value: mean(rates.off) });
@@ -135,6 +161,12 @@ export async function run(): Promise<void> {
     process.stdout.write(`events delivered: ${received.length} (${written} written)\n`);
     report("feed delivery, commit -> follower p50", percentile(latencies, 50), "ms", { name: "NOTIFY p50", value: percentile(notify, 50) });
     report("feed delivery, commit -> follower p99", percentile(latencies, 99), "ms", { name: "NOTIFY p99", value: percentile(notify, 99) });
+    const probeCommits = await sql<{ xid: string; committed: number }[]>`
+      select x as xid, extract(epoch from pg_xact_commit_timestamp(x::xid8::xid)) * 1000 as committed from unnest(${probeXids}::text[]) as x`;
+    const underLoad = probeCommits.filter((p) => probeArrivals.has(p.xid)).map((p) => probeArrivals.get(p.xid)! - p.committed);
+    process.stdout.write(`probes under load: ${underLoad.length} of ${probeXids.length} received\n`);
+    report("NOTIFY commit -> follower's process under load p50", percentile(underLoad, 50), "ms");
+    report("feed delivery p99 against a NOTIFY under the same load", percentile(latencies, 99), "ms", { name: "NOTIFY under load p99", value: percentile(underLoad, 99) });
     report("feed delivery p99 against its goal", percentile(latencies, 99), "ms", { name: "goal", value: 50 });
   } finally {
     await stopBenchCoordinator({ supervisors, coordinator: child, sql, pg, dir });

@@ -26,12 +26,14 @@ describe("leases on two coordinator replicas", () => {
     for (let i = 0; i < 6; i++) {
       const host = await a.createHost({ mediaTypes: [media] });
       const c = (i % 2 === 0 ? a : b).client(LeaseService, user.token);
-      const { lease } = await c.createLease({ hostNames: [host.name], duration: { seconds: 3600n }, startTime: start, image, gracePeriod: { seconds: 1n } });
+      const { lease } = await c.createLease({ hostNames: [host.name], duration: { seconds: 3600n }, startTime: start, image, gracePeriod: { seconds: 3n } });
       expect(lease!.state).toBe(LeaseState.WAITING);
       ids.push(lease!.id);
     }
     const client = a.client(LeaseService, user.token);
-    // Nobody holds their keepalives: active at their start, lost a second later.
+    // Nobody holds their keepalives: active at their start, lost 3 s later.
+    // (A waiting lease silent for its grace is lost without activation: the
+    // grace is long enough for two loaded keepers to activate all six first.)
     for (const id of ids) {
       const ended = await waitUntil(async () => {
         const { lease } = await client.getLease({ leaseId: id });
