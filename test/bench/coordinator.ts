@@ -55,19 +55,16 @@ import { randomUUID } from "node:crypto";
 import { chmod, mkdtemp } from "node:fs/promises";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import type postgres from "postgres";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { bearerInterceptor } from "../../lib/grpc/transport.js";
-import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { percentile, report } from "./report.js";
 import { freePort } from "../support/net.js";
-import { benchCoordinatorArgs, cpuSplit, inBatches, insertFixtures, jobMetrics, printStatements, PROFILE, roundTripBaselines, serving, settledRss, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, type BenchHost, type JobMetricReading, until, usage } from "./shared/job-system.js";
+import { startBenchCoordinator, cpuSplit, inBatches, insertFixtures, jobMetrics, printStatements, PROFILE, roundTripBaselines, serving, settledRss, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, type BenchHost, type JobMetricReading, until, usage } from "./shared/job-system.js";
 
-const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const FULL = process.env.TREADMILL_BENCH_FULL === "1";
 const IDLE = env("TREADMILL_BENCH_IDLE_SUPERVISORS", FULL ? 2000 : 1000);
 const DISPATCH_JOBS = env("TREADMILL_BENCH_DISPATCH_JOBS", FULL ? 2000 : 1000);
@@ -336,11 +333,7 @@ export async function run(): Promise<void> {
   const { pg, sql } = await startBenchDatabase(dir);
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  const args = benchCoordinatorArgs(port, pg.url);
-  // node's own flags go before the script (NODE_OPTIONS refuses --cpu-prof).
-  const child = PROFILE
-    ? startProcess("--cpu-prof", [`--cpu-prof-dir=${PROFILE}`, BIN, ...args])
-    : startProcess(BIN, args);
+  const child = startBenchCoordinator(port, pg.url);
   const supervisors: ScriptedSupervisor[] = [];
   try {
     await serving(url);

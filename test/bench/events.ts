@@ -28,6 +28,9 @@
 // on this machine: how soon the follower's process can learn of a commit
 // at all while the coordinator, PostgreSQL and the supervisors share the
 // cores.
+//
+// Profiling: TREADMILL_BENCH_PROFILE=<dir> writes a CPU profile of the
+// coordinator there (node --cpu-prof).
 import { chmod, mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -41,9 +44,8 @@ import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { freePort } from "../support/net.js";
 import { percentile, report } from "./report.js";
-import { assignmentRound, benchCoordinatorArgs, inBatches, insertFixtures, roundTripBaselines, serving, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, until } from "./shared/job-system.js";
+import { assignmentRound, startBenchCoordinator, inBatches, insertFixtures, roundTripBaselines, serving, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, until } from "./shared/job-system.js";
 
-const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const FOLLOWER = fileURLToPath(new URL("./children/event-follower.ts", import.meta.url));
 const JOBS = env("TREADMILL_BENCH_EVENTS_JOBS", 2000);
 const ROUNDS = env("TREADMILL_BENCH_EVENTS_ROUNDS", 4);
@@ -93,7 +95,7 @@ export async function run(): Promise<void> {
   const { pg, sql } = await startBenchDatabase(dir, { track_commit_timestamp: "on" });
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  const child = startProcess(BIN, benchCoordinatorArgs(port, pg.url));
+  const child = startBenchCoordinator(port, pg.url);
   const supervisors: ScriptedSupervisor[] = [];
   try {
     await serving(url);

@@ -21,24 +21,24 @@
 // writing transaction, as the events bench does). Baselines in the same run:
 // the assignment throughput with subscriptions off, and a bare POST from
 // this process to the same receiver.
+//
+// Profiling: TREADMILL_BENCH_PROFILE=<dir> writes a CPU profile of the
+// coordinator there (node --cpu-prof).
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import { chmod, mkdtemp } from "node:fs/promises";
 import { randomUUID } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import { bearerInterceptor } from "../../lib/grpc/transport.js";
-import { startProcess } from "../support/process.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { freePort } from "../support/net.js";
 import { percentile, report } from "./report.js";
-import { assignmentRound, benchCoordinatorArgs, inBatches, insertFixtures, serving, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, until } from "./shared/job-system.js";
+import { assignmentRound, startBenchCoordinator, inBatches, insertFixtures, serving, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, until } from "./shared/job-system.js";
 
-const BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const JOBS = env("TREADMILL_BENCH_WEBHOOKS_JOBS", 2000);
 const ROUNDS = env("TREADMILL_BENCH_WEBHOOKS_ROUNDS", 4);
 const HOSTS = 200;
@@ -66,7 +66,7 @@ export async function run(): Promise<void> {
   const hookUrl = `http://127.0.0.1:${(receiver.address() as AddressInfo).port}/hook`;
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
-  const child = startProcess(BIN, benchCoordinatorArgs(port, pg.url));
+  const child = startBenchCoordinator(port, pg.url);
   const supervisors: ScriptedSupervisor[] = [];
   try {
     await serving(url);

@@ -9,6 +9,7 @@
 import { randomUUID } from "node:crypto";
 import { readFile, readdir, rm } from "node:fs/promises";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import postgres from "postgres";
@@ -18,9 +19,12 @@ import { type EmbeddedPostgres, startEmbeddedPostgres } from "../../../coordinat
 import { ROOTFS_MEDIA_TYPE as ROOTFS } from "../../../lib/image/media-types.js";
 import { silentLogger } from "../../../lib/logger.js";
 import { metricValues } from "../../support/metrics.js";
+import { startProcess, type RunningProcess } from "../../support/process.js";
 import { percentile } from "../report.js";
 
 export { ROOTFS };
+
+const COORDINATOR_BIN = fileURLToPath(new URL("../../../bin/treadmill-coordinator.js", import.meta.url));
 
 /** An integer size from the environment, or `fallback`. */
 export const sizeFromEnv = (name: string, fallback: number): number => Number(process.env[name] ?? fallback);
@@ -225,6 +229,17 @@ export async function assignmentRound(sql: postgres.Sql, jobs: number, submit: (
   await until(async () => (await sql`select count(*)::int as n from jobs where state <> 'finalized'`)[0].n === 0, "the queue to drain", 600_000, 250);
   const [{ end }] = await sql<{ end: Date }[]>`select max(finalized_at) as end from jobs where assigned_at >= ${t0}`;
   return jobs / ((end.getTime() - t0.getTime()) / 1000);
+}
+
+/**
+ * The coordinator (bin/treadmill-coordinator.js) as a child process with
+ * benchCoordinatorArgs; with TREADMILL_BENCH_PROFILE=<dir>, under node
+ * --cpu-prof writing its CPU profile there (node's own flags go before the
+ * script: NODE_OPTIONS refuses --cpu-prof).
+ */
+export function startBenchCoordinator(port: number, databaseUrl: string): RunningProcess {
+  const args = benchCoordinatorArgs(port, databaseUrl);
+  return PROFILE ? startProcess("--cpu-prof", [`--cpu-prof-dir=${PROFILE}`, COORDINATOR_BIN, ...args]) : startProcess(COORDINATOR_BIN, args);
 }
 
 /** Ends what a job-system benchmark started, in order: supervisors, the coordinator, the database, the directory. */
