@@ -109,6 +109,9 @@ describe("the web console's lease pages in headless Chromium", () => {
 
   it("shows the job running in the lease with links to its console and host control", async () => {
     const [host] = await c.sql<{ id: string }[]>`select id from hosts where name = ${benchA}`;
+    // As if its supervisor had just gone away: a host that never attached is
+    // past any grace period, and the sweeper would end the job HOST_DROPPED.
+    await c.sql`update hosts set detached_at = now() where id = ${host.id}`;
     const jobId = uuidv7(Date.now());
     await c.sql`
       insert into jobs (id, owner_id, spec, state, lease_id, created_at)
