@@ -1,7 +1,7 @@
 import { ConfigError, loadConfig } from "../lib/config.js";
 import { serverConfigFields } from "../lib/component.js";
 import { databaseUrlProblem } from "./db/url.js";
-import { webhookDenyList } from "./subscriptions/webhook.js";
+import { webhookDenyList } from "./subscriptions/address-deny.js";
 import { artifactConfigFields } from "./jobs/artifact-config.js";
 import { feedConfigFields } from "./feed/config.js";
 import { jobConfigFields } from "./jobs/config.js";

@@ -5,7 +5,7 @@
  * `--<key>` flags and `TREADMILL_COORDINATOR_<KEY>` environment variables.
  */
 import type { ConfigOf } from "../../lib/config.js";
-import { DEFAULT_WEBHOOK_DENY } from "./webhook.js";
+import { DEFAULT_WEBHOOK_DENY } from "./address-deny.js";
 
 const SECOND = 1000;
 const HOUR = 3600 * SECOND;

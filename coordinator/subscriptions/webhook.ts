@@ -9,7 +9,8 @@ import { createHmac, randomBytes } from "node:crypto";
 import dns from "node:dns";
 import http from "node:http";
 import https from "node:https";
-import { BlockList, isIP, type LookupFunction } from "node:net";
+import { type BlockList, isIP, type LookupFunction } from "node:net";
+import { DEFAULT_WEBHOOK_DENY, denied, webhookDenyList } from "./address-deny.js";
 
 /** The prefix of a subscription secret. */
 const SECRET_PREFIX = "whsec_";
@@ -42,28 +43,8 @@ export interface PostOutcome {
   retryable: boolean;
 }
 
-/** The addresses webhooks may not reach by default: link-local (cloud metadata services) and unspecified. */
-export const DEFAULT_WEBHOOK_DENY = ["169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"];
-
 /** The error code of a connection refused by the deny list. */
 const DENIED = "ERR_WEBHOOK_ADDRESS_DENIED";
-
-/** The addresses in `cidrs` ("10.0.0.0/8", "fd00::/8", a bare address); throws on one that is not. */
-export function webhookDenyList(cidrs: readonly string[]): BlockList {
-  const list = new BlockList();
-  for (const cidr of cidrs) {
-    const [address, bits] = cidr.trim().split("/");
-    const family = isIP(address);
-    if (family === 0) throw new Error(`${JSON.stringify(cidr)} is not an address or CIDR range`);
-    const type = family === 6 ? "ipv6" : "ipv4";
-    const prefix = bits === undefined ? (family === 6 ? 128 : 32) : Number(bits);
-    if (!Number.isInteger(prefix) || prefix < 0 || prefix > (family === 6 ? 128 : 32)) throw new Error(`${JSON.stringify(cidr)} has no valid prefix length`);
-    list.addSubnet(address, prefix, type);
-  }
-  return list;
-}
-
-const denied = (list: BlockList, address: string) => list.check(address, isIP(address) === 6 ? "ipv6" : "ipv4");
 
 /** dns.lookup without the addresses `deny` holds; fails (DENIED) when none is left. */
 function guardedLookup(deny: BlockList): LookupFunction {

@@ -50,7 +50,8 @@ import { SessionLock } from "../db/session-lock.js";
 import { uuidv7 } from "../shared/common.js";
 import type { Mailer } from "./email.js";
 import { subscriptionTakes } from "./filter.js";
-import { postWebhook, WebhookClient, webhookDenyList } from "./webhook.js";
+import { webhookDenyList } from "./address-deny.js";
+import { postWebhook, WebhookClient } from "./webhook.js";
 
 /** The worker's advisory lock key ("tmsubs" in ASCII). */
 export const WORKER_LOCK = 0x746d73756273n;

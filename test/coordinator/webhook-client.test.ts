@@ -8,7 +8,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "@jest/globals";
 import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
-import { DEFAULT_WEBHOOK_DENY, postWebhook, signWebhook, WebhookClient, webhookDenyList } from "../../coordinator/subscriptions/webhook.js";
+import { DEFAULT_WEBHOOK_DENY, webhookDenyList } from "../../coordinator/subscriptions/address-deny.js";
+import { postWebhook, signWebhook, WebhookClient } from "../../coordinator/subscriptions/webhook.js";
 import { loadCoordinatorConfig } from "../../coordinator/config.js";
 import { ConfigError } from "../../lib/config.js";
 
