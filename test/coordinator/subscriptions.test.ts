@@ -93,7 +93,11 @@ describe("subscriptions and signed webhooks", () => {
     const again = await c.client(SubscriptionService, alice.token).getSubscription({ id: sub.id });
     expect(toJsonString(GetSubscriptionResponseSchema, again)).not.toContain(sub.secret);
     expect(toJsonString(ListSubscriptionsResponseSchema, await c.client(SubscriptionService, alice.token).listSubscriptions({}))).not.toContain(sub.secret);
-    const log = await c.client(SubscriptionService, alice.token).listDeliveries({ subscriptionId: sub.id });
+    // A round's successes are recorded together, just after the receiver answered the last of them.
+    const log = await waitUntil(async () => {
+      const l = await c.client(SubscriptionService, alice.token).listDeliveries({ subscriptionId: sub.id });
+      return l.deliveries.every((d) => d.state !== DeliveryState.PENDING) ? l : undefined;
+    }, "the deliveries recorded");
     expect(log.deliveries.map((d) => d.state)).toEqual([DeliveryState.DELIVERED, DeliveryState.DELIVERED]);
     expect(log.deliveries[0].requestSummary).toMatch(/^POST http:\/\/127\.0\.0\.1:\d+\/hook \d+ bytes$/);
   });
