@@ -21,10 +21,12 @@ describe("leases on two coordinator replicas", () => {
     const user = await a.createUser();
     const media = "application/x-treadmill-replica-test";
     const image = (await insertImage(a.sql, { mediaTypes: [media] })).ref;
-    const start = { seconds: BigInt(Math.floor(Date.now() / 1000) + 2) };
+    const hosts = [];
+    for (let i = 0; i < 6; i++) hosts.push(await a.createHost({ mediaTypes: [media] }));
+    // Far enough ahead that a loaded CI machine books all six before it comes.
+    const start = { seconds: BigInt(Math.floor(Date.now() / 1000) + 5) };
     const ids: string[] = [];
-    for (let i = 0; i < 6; i++) {
-      const host = await a.createHost({ mediaTypes: [media] });
+    for (const [i, host] of hosts.entries()) {
       const c = (i % 2 === 0 ? a : b).client(LeaseService, user.token);
       const { lease } = await c.createLease({ hostNames: [host.name], duration: { seconds: 3600n }, startTime: start, image, gracePeriod: { seconds: 3n } });
       expect(lease!.state).toBe(LeaseState.WAITING);
