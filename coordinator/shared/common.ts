@@ -9,9 +9,9 @@ import { type Timestamp, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { Duration } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 
-/** A new UUIDv7 (RFC 9562): 48-bit unix milliseconds, then random bits. */
-export function uuidv7(nowMs: number = Date.now()): string {
-  const bytes = randomBytes(16);
+/** A new UUIDv7 (RFC 9562): 48-bit unix milliseconds, then random bits (or the first 16 bytes of `bits`, such as a hash). */
+export function uuidv7(nowMs: number = Date.now(), bits: Uint8Array = randomBytes(16)): string {
+  const bytes = Buffer.from(bits.subarray(0, 16));
   const ms = BigInt(Math.max(0, Math.floor(nowMs)));
   for (let i = 0; i < 6; i++) bytes[i] = Number((ms >> BigInt(8 * (5 - i))) & 0xffn);
   bytes[6] = (bytes[6] & 0x0f) | 0x70;

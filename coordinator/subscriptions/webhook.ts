@@ -43,6 +43,9 @@ export interface PostOutcome {
   retryable: boolean;
 }
 
+/** An idle pooled connection is closed after this long. */
+const IDLE_SOCKET_MS = 30_000;
+
 /** The error code of a connection refused by the deny list. */
 const DENIED = "ERR_WEBHOOK_ADDRESS_DENIED";
 
@@ -76,9 +79,13 @@ export class WebhookClient {
 
   constructor(readonly deny: BlockList = webhookDenyList(DEFAULT_WEBHOOK_DENY)) {
     const lookup = guardedLookup(deny);
+    // As many idle connections kept as open ones: a burst to one endpoint
+    // that ends must not close and reopen connections (a handshake each, on
+    // both ends) at its next burst. Idle ones close after IDLE_SOCKET_MS.
+    const options = { keepAlive: true, maxSockets: 64, maxFreeSockets: 64, timeout: IDLE_SOCKET_MS, lookup };
     this.agents = {
-      "http:": new http.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 16, lookup } as http.AgentOptions),
-      "https:": new https.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 16, lookup } as https.AgentOptions),
+      "http:": new http.Agent(options as http.AgentOptions),
+      "https:": new https.Agent(options as https.AgentOptions),
     };
   }
 

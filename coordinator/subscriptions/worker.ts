@@ -10,23 +10,32 @@
  * (every subscription-leader-poll-ms) takes over.
  *
  * Matching: the worker follows the feed (FeedReader) from the cursor stored
- * in the database and, for each read, queues one delivery per (event,
- * destination of a subscription that takes it, filter.ts) in the same
- * transaction that moves the cursor past
- * the read; that update is conditional on the cursor being where this
- * leader left it, so a replica that lost the lead cannot queue anything.
- * A restart resumes from the cursor: no event is matched twice or missed.
+ * in the database and, for each read, makes one delivery per (event,
+ * destination of a subscription that takes it, filter.ts). Those due now
+ * go to the sender at once, before anything is written: the webhook's
+ * latency is the feed's and the request's, not a transaction's.
  *
- * Sending: due deliveries are claimed through the lock's own connection
- * (their next attempt is pushed past the request's deadline, so a replica
- * whose lock session died claims nothing), sent, and their outcome recorded.
- * An endpoint that acknowledged a request whose outcome was not recorded
- * (the leader died in between) receives it again, with the same delivery id:
- * delivery is at least once.
+ * Writing: the committer writes each read's deliveries in the transaction
+ * that moves the stored cursor past the read, in feed order, once the
+ * read's sends are settled (or after COMMIT_WAIT_MS): a delivery
+ * acknowledged by then is written delivered (one row write, no update),
+ * the others pending and claimed by this leader until their outcome is
+ * recorded. The cursor's update is conditional on the cursor being where
+ * this leader left it, so a replica that lost the lead writes nothing. A
+ * new leader resumes from the cursor: no event is missed, and one is
+ * matched again only when the leader before died before writing it.
+ *
+ * Sending: also due deliveries of the table (retries, digests,
+ * redeliveries), claimed through the lock's own connection (their next
+ * attempt is pushed past the request's deadline, so a replica whose lock
+ * session died claims nothing), sent, and their outcome recorded.
+ *
+ * Delivery is at least once: an endpoint that acknowledged a request
+ * whose outcome was not written (the leader died in between, or before it
+ * wrote the read) receives it again, with the same delivery id (deliveryId).
  */
-import type { FeedEvent } from "../db/queries/feed.js";
+import type { FeedCursor, FeedEvent } from "../db/queries/feed.js";
 import {
-  type ActiveSubscription,
   type Delivered,
   type DueDelivery,
   type NewDelivery,
@@ -47,9 +56,10 @@ import type { CoordinatorContext } from "../context.js";
 import type { FeedReader } from "../feed/reader.js";
 import { Notifier } from "../../lib/async/notifier.js";
 import { SessionLock } from "../db/session-lock.js";
+import { createHash } from "node:crypto";
 import { uuidv7 } from "../shared/common.js";
 import type { Mailer } from "./email.js";
-import { subscriptionTakes } from "./filter.js";
+import { SubscriptionIndex } from "./filter.js";
 import { webhookDenyList } from "./address-deny.js";
 import { postWebhook, WebhookClient } from "./webhook.js";
 
@@ -61,6 +71,54 @@ const MAX_IN_FLIGHT = 128;
 const DIGEST_MAX = 200;
 /** An idle sender looks for due deliveries at least this often. */
 const IDLE_POLL_MS = 5000;
+/**
+ * How long the committer waits for a read's sends before it writes the read
+ * with some of them pending (each then written twice): long enough for a
+ * sender behind by seconds, short enough that a new leader sends little again.
+ */
+const COMMIT_WAIT_MS = 3000;
+/** Reads matched but not written, at most: the matcher waits beyond. */
+const MAX_UNCOMMITTED = 64;
+
+/**
+ * The id of the delivery of feed event `eventId` to `destinationId`: a
+ * UUIDv7 of the event's time whose other bits hash the pair, so a leader that
+ * matches an event again (its predecessor died before writing it) sends
+ * with the same X-Treadmill-Delivery-Id, and the endpoint can tell a repeat.
+ */
+export function deliveryId(eventId: string, destinationId: string, atMs: number): string {
+  return uuidv7(atMs, createHash("sha256").update(`${eventId}/${destinationId}`).digest());
+}
+
+/** A read of the feed whose deliveries and cursor move the committer has not written yet. */
+class MatchedRead {
+  readonly matchedAt = performance.now();
+  /** Ids of its deliveries being sent. */
+  readonly sending: Set<string>;
+  /** Its deliveries acknowledged before it was sealed. */
+  readonly delivered = new Map<string, Delivered>();
+  /** The committer is writing it: outcomes from now on are recorded once it is written. */
+  sealed = false;
+  /** Settles when it is written (or rejects when the lead ends first). */
+  readonly written: { promise: Promise<void>; resolve: () => void; reject: (err: Error) => void };
+
+  constructor(
+    readonly from: FeedCursor,
+    readonly to: FeedCursor,
+    readonly rows: NewDelivery[],
+    fresh: DueDelivery[],
+  ) {
+    this.sending = new Set(fresh.map((d) => d.id));
+    let resolve!: () => void;
+    let reject!: (err: Error) => void;
+    const promise = new Promise<void>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    promise.catch(() => undefined); // awaited only by sends that settle late
+    this.written = { promise, resolve, reject };
+  }
+}
 
 /** The summary line of a request, for the delivery log. */
 export function requestSummary(m: { dest_kind: string; url: string | null; email_to: string[] | null; email_mode: string | null }, body: string): string {
@@ -83,13 +141,23 @@ class LostLead extends Error {}
 export class DeliveryWorker {
   private readonly log;
   private readonly sendable = new Notifier();
+  /** Counts the sender's wake-ups, so that one while it was busy is not lost. */
+  private sendWakes = 0;
   private readonly idle = new Notifier();
   private readonly webhooks: WebhookClient;
   private controller: AbortController | undefined;
   private running: Promise<void> | undefined;
   private lead = false;
-  /** Deliveries the matcher queued already claimed, for the sender (this lead only). */
+  /** Deliveries due as they were matched, for the sender (this lead only). */
   private fresh: DueDelivery[] = [];
+  /** Reads matched whose deliveries and cursor move are not written yet, oldest first (this lead only). */
+  private uncommitted: MatchedRead[] = [];
+  /** The uncommitted read of each of its deliveries still being sent. */
+  private readonly readOf = new Map<string, MatchedRead>();
+  /** Wakes the committer: a send settled, a read was matched. */
+  private readonly committable = new Notifier();
+  /** Wakes the matcher: reads were committed. */
+  private readonly committed = new Notifier();
 
   constructor(
     private readonly ctx: CoordinatorContext,
@@ -124,6 +192,11 @@ export class DeliveryWorker {
 
   /** Deliveries may be due (queued by another replica, a redelivery): look now. */
   wake(): void {
+    this.wakeSender();
+  }
+
+  private wakeSender(): void {
+    this.sendWakes++;
     this.sendable.notify();
   }
 
@@ -154,13 +227,20 @@ export class DeliveryWorker {
     held.addEventListener("abort", onAbort, { once: true });
     this.lead = true;
     this.fresh = [];
+    this.uncommitted = [];
+    this.readOf.clear();
     this.log.info({ replicaId: this.ctx.replicaId }, "delivery worker leading");
     const fail = (err: unknown) => {
       if (!lead.signal.aborted) this.log.warn({ err }, "delivery worker lost its lead");
       lead.abort();
     };
     try {
-      await Promise.all([this.keepalive(lock, lead.signal).catch(fail), this.match(lead.signal).catch(fail), this.send(lock, lead.signal).catch(fail)]);
+      await Promise.all([
+        this.keepalive(lock, lead.signal).catch(fail),
+        this.match(lead.signal).catch(fail),
+        this.commit(lead.signal).catch(fail),
+        this.send(lock, lead.signal).catch(fail),
+      ]);
       if (held.aborted && !signal.aborted) this.log.warn({ err: held.reason }, "delivery worker lost its lead");
     } finally {
       this.lead = false;
@@ -184,56 +264,101 @@ export class DeliveryWorker {
     }
   }
 
-  /** Follows the feed from the stored cursor and queues the deliveries of each read. */
+  /**
+   * Follows the feed from the stored cursor: hands each read's due
+   * deliveries to the sender at once and the read to the committer, which
+   * writes them with the cursor's move. At most MAX_UNCOMMITTED reads wait.
+   */
   private async match(signal: AbortSignal): Promise<void> {
     const { sql } = this.ctx;
-    let cursor = await readSubscriptionCursor(sql);
+    const cursor = await readSubscriptionCursor(sql);
     let version: bigint | undefined;
-    let subs: ActiveSubscription[] = [];
+    let subs = new SubscriptionIndex([]);
+    let from = cursor;
     for await (const read of this.reader.follow(cursor, { viewer: { kind: "system" }, signal, batch: 1000 })) {
-      if (read.cursor === cursor) continue;
+      if (read.cursor === from) continue;
       let rows: NewDelivery[] = [];
       let fresh: DueDelivery[] = [];
       if (read.events.length > 0) {
         const now = await subscriptionsVersion(sql);
         if (now !== version) {
-          subs = await activeSubscriptions(sql);
+          subs = new SubscriptionIndex(await activeSubscriptions(sql));
           version = now;
         }
         ({ rows, fresh } = await this.deliveriesOf(read.events, subs, new Date(this.ctx.clock())));
       }
-      const from = cursor;
-      const to = read.cursor;
-      const at = new Date(this.ctx.clock());
-      const moved = await sql.begin(async (tx) => {
-        if (!(await advanceSubscriptionCursor(tx, from, to, at))) return false;
-        await queueDeliveries(tx, rows, at);
-        return true;
-      });
-      if (!moved) throw new LostLead("another replica moved the delivery cursor");
-      cursor = to;
-      this.fresh.push(...fresh);
-      if (rows.length > 0) this.sendable.notify();
+      const matched = new MatchedRead(from, read.cursor, rows, fresh);
+      from = read.cursor;
+      for (const d of fresh) this.readOf.set(d.id, matched);
+      this.uncommitted.push(matched);
+      this.committable.notify();
+      if (fresh.length > 0) {
+        this.fresh.push(...fresh);
+        this.wakeSender();
+      }
+      while (this.uncommitted.length >= MAX_UNCOMMITTED && !signal.aborted) await this.committed.wait({ signal });
+    }
+  }
+
+  /**
+   * Writes matched reads in feed order: each once its sends are settled or
+   * COMMIT_WAIT_MS after it was matched, with every read after it that is
+   * ready too, in one transaction that moves the cursor (conditionally:
+   * a replica that lost the lead writes nothing). Deliveries acknowledged by
+   * then are written delivered; the others pending, claimed by this leader
+   * until their sends settle (recordDelivered, recordAttempt). When the lead
+   * ends, reads not written are dropped: the next leader matches them again.
+   */
+  private async commit(signal: AbortSignal): Promise<void> {
+    const { sql } = this.ctx;
+    try {
+      while (!signal.aborted) {
+        const head = this.uncommitted[0];
+        const waitMs = head ? head.matchedAt + COMMIT_WAIT_MS - performance.now() : IDLE_POLL_MS;
+        if (!head || (head.sending.size > 0 && waitMs > 0)) {
+          await this.committable.wait({ timeoutMs: waitMs, signal });
+          continue;
+        }
+        // With it, every read after it that is settled or past its wait too.
+        const ready = (r: MatchedRead) => r.sending.size === 0 || r.matchedAt + COMMIT_WAIT_MS <= performance.now();
+        let n = 1;
+        while (n < this.uncommitted.length && ready(this.uncommitted[n])) n++;
+        const reads = this.uncommitted.slice(0, n);
+        for (const r of reads) r.sealed = true;
+        const rows = reads.flatMap((r) => r.rows.map((row) => (r.delivered.has(row.id) ? { ...row, delivered: r.delivered.get(row.id) } : row)));
+        const at = new Date(this.ctx.clock());
+        const moved = await sql.begin(async (tx) => {
+          if (!(await advanceSubscriptionCursor(tx, reads[0].from, reads[n - 1].to, at))) return false;
+          await queueDeliveries(tx, rows, at);
+          return true;
+        });
+        if (!moved) throw new LostLead("another replica moved the delivery cursor");
+        this.uncommitted.splice(0, n);
+        for (const r of reads) r.written.resolve();
+        this.committed.notify();
+      }
+    } finally {
+      const dropped = this.uncommitted.splice(0);
+      for (const r of dropped) r.written.reject(new LostLead("the lead ended before this read's deliveries were written"));
+      this.committed.notify();
     }
   }
 
   /**
    * One delivery per (event, destination of a subscription that takes it),
-   * in feed order; those due now are queued already claimed by this leader
-   * and handed to the sender in memory (`fresh`), sparing it a read and a
-   * claim per delivery.
+   * in feed order, its id derived from both (deliveryId); those due now are
+   * for the sender at once (`fresh`), and written claimed by this leader.
    */
-  private async deliveriesOf(events: FeedEvent[], subs: ActiveSubscription[], now: Date): Promise<{ rows: NewDelivery[]; fresh: DueDelivery[] }> {
+  private async deliveriesOf(events: FeedEvent[], subs: SubscriptionIndex, now: Date): Promise<{ rows: NewDelivery[]; fresh: DueDelivery[] }> {
     const claimUntil = new Date(now.getTime() + this.claimMs());
     const fresh: DueDelivery[] = [];
-    const wantImages = subs.some((s) => s.filter.images.length > 0);
+    const wantImages = subs.subscriptions.some((s) => s.filter.images.length > 0);
     const images = wantImages ? await jobImages(this.ctx.sql, [...new Set(events.flatMap((e) => (e.jobId ? [e.jobId] : [])))]) : new Map<string, string>();
     const digests = new Map<string, Date>();
     const rows: NewDelivery[] = [];
     for (const e of events) {
       let body: string | undefined;
-      for (const s of subs) {
-        if (e.at < s.created_at || !subscriptionTakes(s, e, e.jobId ? images.get(e.jobId) : undefined)) continue;
+      for (const s of subs.matching(e, e.jobId ? images.get(e.jobId) : undefined)) {
         body ??= JSON.stringify(e.payload);
         for (const d of s.destinations) {
           let due = now;
@@ -245,8 +370,8 @@ export class DeliveryWorker {
             }
             due = at;
           }
-          const id = uuidv7(now.getTime());
           const eventId = e.cursor.toString();
+          const id = deliveryId(eventId, d.id, e.at.getTime());
           if (due === now) {
             due = claimUntil;
             fresh.push({
@@ -276,6 +401,7 @@ export class DeliveryWorker {
             body,
             summary: requestSummary({ dest_kind: d.kind, url: d.url, email_to: d.email_to, email_mode: d.email_mode }, body),
             due,
+            createdAt: now,
           });
         }
       }
@@ -303,6 +429,7 @@ export class DeliveryWorker {
     };
     try {
       while (!signal.aborted) {
+        const wakes = this.sendWakes;
         await flush();
         const now = new Date(this.ctx.clock());
         const handed = this.fresh.splice(0, Math.max(0, MAX_IN_FLIGHT - busy.size));
@@ -326,9 +453,17 @@ export class DeliveryWorker {
           if (sending.length === 0) continue;
           for (const d of sending) busy.add(d.id);
           const p = this.attempt(sending)
-            .then((ok) => {
-              if (ok) delivered.push(...ok);
-              else for (const d of sending) busy.delete(d.id);
+            .then(async (ok) => {
+              if (!ok) {
+                for (const d of sending) busy.delete(d.id);
+                return;
+              }
+              for (const d of ok) {
+                // A delivery of a read not yet written: written delivered, or recorded once written.
+                const read = await this.settle(d.id, (r) => r.delivered.set(d.id, d));
+                if (read === "in-read") busy.delete(d.id);
+                else delivered.push(d);
+              }
             })
             .catch((err) => {
               for (const d of sending) busy.delete(d.id);
@@ -336,7 +471,7 @@ export class DeliveryWorker {
             })
             .finally(() => {
               inFlight.delete(p);
-              this.sendable.notify();
+              this.wakeSender();
             });
           inFlight.add(p);
         }
@@ -344,16 +479,38 @@ export class DeliveryWorker {
         const roomLeft = busy.size < MAX_IN_FLIGHT;
         if (delivered.length > 0 || (roomLeft && ((due.length > 0 && due.length === room) || this.fresh.length > 0))) continue;
         let waitMs = IDLE_POLL_MS;
-        if (due.length === 0) {
+        if (due.length === 0 && roomLeft) {
           const next = await nextDue(sql);
           if (next !== undefined) waitMs = Math.min(IDLE_POLL_MS, Math.max(1, next.getTime() - this.ctx.clock()));
         }
+        // A request settled or deliveries came while this round awaited: another round.
+        if (this.sendWakes !== wakes) continue;
         await this.sendable.wait({ timeoutMs: waitMs, signal });
       }
     } finally {
       await Promise.allSettled([...inFlight]);
       await flush().catch((err: unknown) => this.log.warn({ err }, "cannot record delivered deliveries"));
     }
+  }
+
+  /**
+   * Says the send of delivery `id` settled. When its read is not written
+   * yet: before the committer sealed it, `unsealed` records the outcome in
+   * the read ("in-read"); after, this waits until the read is written
+   * (rejects if the lead ends first), and the caller records it in the table.
+   */
+  private async settle(id: string, unsealed?: (read: MatchedRead) => void): Promise<"in-read" | "table"> {
+    const read = this.readOf.get(id);
+    if (!read) return "table";
+    this.readOf.delete(id);
+    read.sending.delete(id);
+    this.committable.notify();
+    if (!read.sealed && unsealed) {
+      unsealed(read);
+      return "in-read";
+    }
+    await read.written.promise;
+    return "table";
   }
 
   /** Due deliveries as requests: one each, but one per email digest with every pending event of its destination. */
@@ -425,6 +582,8 @@ export class DeliveryWorker {
         error = `${error}; given up after ${first.attempt_count + 1} attempts`;
       } else result = { state: "retry", retryAt: new Date(retryAt) };
     }
+    // A failure is recorded on the row: once its read is written.
+    for (const d of group) await this.settle(d.id);
     const target = first.dest_kind === "webhook" ? `webhook ${first.url}` : `email to ${(first.email_to ?? []).join(", ")}`;
     const disabled = await recordAttempt(
       this.ctx.sql,

@@ -22,9 +22,13 @@
 // the assignment throughput with subscriptions off, and a bare POST from
 // this process to the same receiver.
 //
+// Where the machine's time goes: CPU per job of the coordinator, PostgreSQL
+// and this process (the supervisors and the receiver), per kind of round,
+// from the round's first submission to its last webhook's arrival.
+//
 // Profiling: TREADMILL_BENCH_PROFILE=<dir> writes a CPU profile of the
 // coordinator there (node --cpu-prof).
-import { createServer } from "node:http";
+import http, { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import { chmod, mkdtemp } from "node:fs/promises";
 import { randomUUID } from "node:crypto";
@@ -37,13 +41,25 @@ import { bearerInterceptor } from "../../lib/grpc/transport.js";
 import { ScriptedSupervisor } from "../support/scripted-supervisor.js";
 import { freePort } from "../support/net.js";
 import { percentile, report } from "./report.js";
-import { assignmentRound, startBenchCoordinator, inBatches, insertFixtures, serving, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, until } from "./shared/job-system.js";
+import { PROFILE, assignmentRound, cpuSplit, printStatements, startBenchCoordinator, inBatches, usage, insertFixtures, serving, sizeFromEnv as env, startBenchDatabase, stopBenchCoordinator, until } from "./shared/job-system.js";
 
 const JOBS = env("TREADMILL_BENCH_WEBHOOKS_JOBS", 2000);
 const ROUNDS = env("TREADMILL_BENCH_WEBHOOKS_ROUNDS", 4);
 const HOSTS = 200;
 const SUBSCRIPTIONS = 1000;
 const BUCKETS = 100;
+
+/** One bare POST of an empty JSON object through `agent`. */
+function post(url: string, agent: http.Agent): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const req = http.request(url, { method: "POST", agent, headers: { "content-type": "application/json", "content-length": 2 } }, (res) => {
+      res.resume();
+      res.on("end", resolve);
+    });
+    req.on("error", reject);
+    req.end("{}");
+  });
+}
 
 const wallNow = () => performance.timeOrigin + performance.now();
 
@@ -79,6 +95,18 @@ export async function run(): Promise<void> {
       await res.arrayBuffer();
       posts.push(performance.now() - t);
     }
+    // The cost of POSTs alone: this process sends them at the worker's
+    // concurrency over keep-alive connections to its own receiver, so its CPU
+    // is that of both ends. No implementation that makes one POST per
+    // delivery spends less of the machine on them.
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 64, maxFreeSockets: 64 });
+    const bare = { n: 10_000, cpu: process.cpuUsage(), wall: performance.now() };
+    await inBatches(Array.from({ length: bare.n }), 128, () => post(hookUrl, agent));
+    const bareWallMs = performance.now() - bare.wall;
+    const bareCpu = process.cpuUsage(bare.cpu);
+    agent.destroy();
+    const postCpuUs = (bareCpu.user + bareCpu.system) / bare.n;
+    process.stdout.write(`bare POSTs, 128 at once: ${((bare.n / bareWallMs) * 1000).toFixed(0)}/s on one thread, ${postCpuUs.toFixed(0)} us of CPU each (sender and receiver)\n`);
     arrivals.length = 0;
 
     const { token, hosts } = await insertFixtures(
@@ -108,10 +136,15 @@ export async function run(): Promise<void> {
     await sql`alter table feed_events add column bench_xid xid8`;
 
     const rates = { off: [] as number[], on: [] as number[] };
+    const zero = () => ({ coordinator: 0, postgres: 0, bench: 0, machine: 0 });
+    const cpu = { off: zero(), on: zero() };
+    const pid = child.child.pid!;
     let expected = 0;
     for (let round = 0; round < ROUNDS; round++) {
       const on = round % 2 === 1;
       await sql`update subscriptions set enabled = ${on}`;
+      if (PROFILE) await sql`select pg_stat_statements_reset()`;
+      const before = { coordinator: (await usage(pid)).cpuMs, bench: process.cpuUsage(), ...(await cpuSplit()) };
       let n = 0;
       const rate = await assignmentRound(sql, JOBS, () =>
         jobs.submitJob({ spec: { image: "bench:v1", hosts: { tags: { pool: "active" } }, tags: { bucket: String(n++ % BUCKETS) } }, queueAnyway: true }),
@@ -123,7 +156,22 @@ export async function run(): Promise<void> {
         const states = await sql`select state, count(*)::int as n, max(attempt_count) as attempts, max(error) as error from subscription_deliveries group by state`;
         throw new Error(`${String(err)}: ${arrivals.length} of ${expected} arrived; deliveries ${JSON.stringify(states)}`);
       });
+      const spent = process.cpuUsage(before.bench);
+      const after = await cpuSplit();
+      const c = cpu[on ? "on" : "off"];
+      c.coordinator += (await usage(pid)).cpuMs - before.coordinator;
+      c.postgres += after.postgresMs - before.postgresMs;
+      c.bench += (spent.user + spent.system) / 1000;
+      c.machine += after.busyMs - before.busyMs;
       process.stdout.write(`round ${round + 1} subscriptions ${on ? "on " : "off"}: ${rate.toFixed(0)} jobs/s\n`);
+      if (PROFILE) await printStatements(sql, `round ${round + 1}`);
+    }
+    for (const kind of ["off", "on"] as const) {
+      const c = cpu[kind];
+      const perJob = (ms: number) => `${((ms / (JOBS * (ROUNDS / 2))) * 1000).toFixed(0)} us`;
+      process.stdout.write(
+        `CPU per job, subscriptions ${kind}: coordinator ${perJob(c.coordinator)}, postgres ${perJob(c.postgres)}, this process (supervisors, receiver) ${perJob(c.bench)}, machine ${perJob(c.machine)}\n`,
+      );
     }
     const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
     report("assignment throughput, no subscriptions", mean(rates.off), "jobs/s");
@@ -141,18 +189,27 @@ export async function run(): Promise<void> {
     process.stdout.write(`webhooks received: ${arrivals.length} (${expected} expected), ${ids.length} events\n`);
     report("webhook dispatch, commit -> receiver p50", percentile(latencies, 50), "ms", { name: "bare POST p50", value: percentile(posts, 50) });
     report("webhook dispatch, commit -> receiver p99", percentile(latencies, 99), "ms", { name: "bare POST p99", value: percentile(posts, 99) });
-    // Where the time goes: commit -> queued (matching), queued -> acknowledged (sending).
-    const [split] = await sql<{ queued_p50: number; queued_p99: number; sent_p50: number; sent_p99: number }[]>`
+    // Where the time goes: commit -> queued (matched), queued -> acknowledged (waiting to be sent, and the request).
+    const [split] = await sql<{ queued_p50: number; queued_p99: number; sent_p50: number; sent_p99: number; request_p50: number; request_p99: number }[]>`
       with x as (
         select extract(epoch from d.created_at) * 1000 - extract(epoch from pg_xact_commit_timestamp(e.bench_xid::xid)) * 1000 as queued,
-          extract(epoch from d.last_attempt_at - d.created_at) * 1000 as sent
+          extract(epoch from d.last_attempt_at - d.created_at) * 1000 as sent, (d.attempts -> -1 ->> 'ms')::int as request
         from subscription_deliveries d join feed_events e on e.cursor = d.event_id::bigint)
       select percentile_cont(0.5) within group (order by queued) as queued_p50, percentile_cont(0.99) within group (order by queued) as queued_p99,
-        percentile_cont(0.5) within group (order by sent) as sent_p50, percentile_cont(0.99) within group (order by sent) as sent_p99 from x`;
+        percentile_cont(0.5) within group (order by sent) as sent_p50, percentile_cont(0.99) within group (order by sent) as sent_p99,
+        percentile_cont(0.5) within group (order by request) as request_p50, percentile_cont(0.99) within group (order by request) as request_p99 from x`;
     report("of which commit -> queued p50", split.queued_p50, "ms");
     report("of which commit -> queued p99", split.queued_p99, "ms");
     report("of which queued -> acknowledged p50", split.sent_p50, "ms");
     report("of which queued -> acknowledged p99", split.sent_p99, "ms");
+    report("of that, the request itself p50", split.request_p50, "ms");
+    report("of that, the request itself p99", split.request_p99, "ms");
+    // The ceiling: the machine's CPU per job without subscriptions, plus the
+    // bare POSTs' CPU for the job's webhooks, bounds the throughput ratio of
+    // any implementation on this machine while assignment keeps it busy.
+    const perJobOff = cpu.off.machine / (JOBS * (ROUNDS / 2));
+    const perJobPosts = ((SUBSCRIPTIONS / BUCKETS) * postCpuUs) / 1000;
+    report("assignment throughput ratio, ceiling from the POSTs' CPU alone", (perJobOff / (perJobOff + perJobPosts)) * 100, "%");
     report("webhook dispatch p99 against its goal", percentile(latencies, 99), "ms", { name: "goal", value: 200 });
   } finally {
     receiver.closeAllConnections();

@@ -3,7 +3,9 @@
  * coordinator processes on one database, one of which runs the worker (its
  * advisory lock); the leader is killed with SIGKILL, the other takes over
  * from the stored cursor, and the killed one comes back as a follower.
- * Every matching event reaches the receiver exactly once throughout.
+ * Every matching event reaches the receiver exactly once throughout; and a
+ * leader killed before it wrote what it sent has it sent again, with the
+ * same delivery id.
  */
 import { randomUUID } from "node:crypto";
 import { fileURLToPath } from "node:url";
@@ -22,6 +24,28 @@ import { WebhookReceiver } from "../support/webhook-receiver.js";
 const COORDINATOR_BIN = fileURLToPath(new URL("../../bin/treadmill-coordinator.js", import.meta.url));
 const LEADING = /"msg":"delivery worker leading"/;
 
+/** A coordinator replica on `db` (as a child process, killed with the others at the end). */
+async function startReplica(db: TestDatabase, children: RunningProcess[]): Promise<{ proc: RunningProcess; url: string }> {
+  const proc = startProcess(
+    COORDINATOR_BIN,
+    ["--port", "0", "--database-url", db.url, "--subscription-leader-poll-ms", "100", "--subscription-retry-initial-ms", "50"],
+    { TREADMILL_COORDINATOR_LOG_LEVEL: "info" },
+  );
+  children.push(proc);
+  const url = (JSON.parse(await proc.waitForLine(/coordinator ready/, 60_000)) as { url: string }).url;
+  return { proc, url };
+}
+
+/** A user of `db` and a bearer-token client maker for it. */
+async function newUser(db: TestDatabase) {
+  const token = newSecret("user");
+  const userId = randomUUID();
+  await db.sql`insert into users (id, name, role) values (${userId}, ${`u-${userId.slice(0, 8)}`}, 'user')`;
+  await db.sql`insert into api_tokens (id, user_id, hash, name) values (${randomUUID()}, ${userId}, ${hashSecret(token)}, 'test')`;
+  return <S extends Parameters<typeof createClient>[0]>(service: S, url: string) =>
+    createClient(service, createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }));
+}
+
 describe("the delivery worker on two replicas", () => {
   let db: TestDatabase;
   let receiver: WebhookReceiver;
@@ -39,27 +63,13 @@ describe("the delivery worker on two replicas", () => {
     await db?.drop();
   });
 
-  async function replica(): Promise<{ proc: RunningProcess; url: string }> {
-    const proc = startProcess(
-      COORDINATOR_BIN,
-      ["--port", "0", "--database-url", db.url, "--subscription-leader-poll-ms", "100", "--subscription-retry-initial-ms", "50"],
-      { TREADMILL_COORDINATOR_LOG_LEVEL: "info" },
-    );
-    children.push(proc);
-    const url = (JSON.parse(await proc.waitForLine(/coordinator ready/, 60_000)) as { url: string }).url;
-    return { proc, url };
-  }
+  const replica = () => startReplica(db, children);
 
   it("runs on one replica at a time, and after the leader is killed the other resumes from the stored cursor without losing or repeating an event", async () => {
-    const token = newSecret("user");
-    const userId = randomUUID();
-    await db.sql`insert into users (id, name, role) values (${userId}, ${`u-${userId.slice(0, 8)}`}, 'user')`;
-    await db.sql`insert into api_tokens (id, user_id, hash, name) values (${randomUUID()}, ${userId}, ${hashSecret(token)}, 'test')`;
+    const client = await newUser(db);
     const image = (await insertImage(db.sql)).ref;
     const a = await replica();
     const b = await replica();
-    const client = <S extends Parameters<typeof createClient>[0]>(service: S, url: string) =>
-      createClient(service, createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }));
     const labels = uniqueTag();
     const { subscription } = await client(SubscriptionService, a.url).createSubscription({
       name: "replicas",
@@ -111,4 +121,53 @@ describe("the delivery worker on two replicas", () => {
     expect(received().sort()).toEqual([...made].sort());
     expect(new Set(receiver.received.map((r) => r.headers["x-treadmill-delivery-id"])).size).toBe(made.length);
   }, 180_000);
+});
+
+describe("a delivery worker killed before it wrote what it sent", () => {
+  let db: TestDatabase;
+  let receiver: WebhookReceiver;
+  const children: RunningProcess[] = [];
+  beforeAll(async () => {
+    db = await createTestDatabase();
+    receiver = await WebhookReceiver.start();
+  });
+  afterAll(async () => {
+    for (const c of children) {
+      c.child.kill("SIGKILL");
+      await c.exited;
+    }
+    await receiver?.close();
+    await db?.drop();
+  });
+
+  it("has the next leader send the event again, with the same delivery id, and logs it once", async () => {
+    const leader = await startReplica(db, children);
+    await leader.proc.waitForLine(LEADING, 30_000);
+    const survivor = await startReplica(db, children);
+    const client = await newUser(db);
+    const image = (await insertImage(db.sql)).ref;
+    const labels = uniqueTag();
+    const { subscription } = await client(SubscriptionService, survivor.url).createSubscription({
+      name: "killed-leader",
+      filter: { labels, states: ["queued"] },
+      destinations: [{ target: { case: "webhook", value: { url: receiver.url } } }],
+    });
+    // The leader dies as its request arrives: it never learns the answer, nor writes the batch.
+    receiver.answer = (n) => {
+      if (n === 0) leader.proc.child.kill("SIGKILL");
+      return 204;
+    };
+    await client(JobService, survivor.url).submitJob({ spec: { image, hosts: { tags: uniqueTag() }, tags: labels } });
+    const [first, again] = await receiver.until((rs) => rs.length >= 2 && rs, 30_000);
+    expect(await survivor.proc.waitForLine(LEADING, 30_000)).toBeTruthy();
+    expect(again.headers["x-treadmill-delivery-id"]).toBe(first.headers["x-treadmill-delivery-id"]);
+    expect(again.headers["x-treadmill-event-id"]).toBe(first.headers["x-treadmill-event-id"]);
+    expect(again.body).toBe(first.body);
+    const logged = await waitUntil(async () => {
+      const { deliveries } = await client(SubscriptionService, survivor.url).listDeliveries({ subscriptionId: subscription!.id });
+      return deliveries.length === 1 && deliveries[0].state === DeliveryState.DELIVERED ? deliveries : undefined;
+    }, "the delivery logged delivered");
+    expect(logged[0].id).toBe(first.headers["x-treadmill-delivery-id"]);
+    expect(receiver.received).toHaveLength(2);
+  }, 120_000);
 });

@@ -187,7 +187,11 @@ describe("subscriptions and signed webhooks", () => {
     await submit(alice.token, labels);
     const [first] = await r.until((rs) => rs.length === 1 && rs);
     const client = c.client(SubscriptionService, alice.token);
-    const { deliveries } = await client.listDeliveries({ subscriptionId: sub.id });
+    // The log has it once the worker has written the batch it was sent from.
+    const deliveries = await waitUntil(async () => {
+      const l = await client.listDeliveries({ subscriptionId: sub.id });
+      return l.deliveries.length === 1 && l.deliveries[0].state === DeliveryState.DELIVERED ? l.deliveries : undefined;
+    }, "the delivery to be logged");
     const { delivery } = await client.redeliver({ deliveryId: deliveries[0].id });
     expect([delivery!.redeliveryOf, delivery!.eventId, delivery!.state]).toEqual([deliveries[0].id, deliveries[0].eventId, DeliveryState.PENDING]);
     const [, second] = await r.until((rs) => rs.length === 2 && rs);

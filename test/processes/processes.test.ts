@@ -78,7 +78,9 @@ describe("the runnable processes", () => {
     expect((await postgresProcesses(pgdata)).length).toBeGreaterThan(0);
     const { code, ms } = await terminate(proc);
     expect(code).toBe(0);
-    expect(ms).toBeLessThan(5000);
+    // Within the embedded PostgreSQL's fast-shutdown budget (10 s, then it is
+    // killed): its shutdown checkpoint took 5.5 s on a loaded CI machine.
+    expect(ms).toBeLessThan(10_000);
     expect(await postgresProcesses(pgdata)).toEqual([]);
   }, 90000);
 

@@ -22,7 +22,8 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { JobSpecSchema } from "../../gen/treadmill/coordinator/v1/job_pb.js";
 import { coordinatorTransport } from "../../lib/coordinator-client.js";
 import { DocProcesses, docBlock, docBlocks, runBash, type ShellResult } from "./doc-blocks.js";
-import { freePort, poll } from "./site.js";
+import { freePort } from "./net.js";
+import { poll } from "./site.js";
 
 const REPO = fileURLToPath(new URL("../..", import.meta.url));
 export const HA_DOC = join(REPO, "docs", "ha.md");

@@ -11,8 +11,8 @@
  * prints where at start. For the end-to-end test and the chaos benchmark.
  */
 import { randomInt } from "node:crypto";
+import { freePort } from "./net.js";
 import { chmod, mkdir, mkdtemp, readFile, rm, symlink } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -66,23 +66,6 @@ export interface Site {
   shell(command: string, cwd?: string): Promise<ShellResult>;
   /** Stops every component (SIGTERM, then SIGKILL after the grace) and removes the directory unless kept. */
   stop(options?: { keepDir?: boolean }): Promise<void>;
-}
-
-/**
- * A port free now, below Linux's ephemeral range (32768-60999): a port from
- * that range may be taken by any outgoing connection while its component is
- * down, and the restart would find it in use.
- */
-export async function freePort(): Promise<number> {
-  for (;;) {
-    const port = randomInt(20000, 32768);
-    const free = await new Promise<boolean>((resolve) => {
-      const server = createServer();
-      server.once("error", () => resolve(false));
-      server.listen(port, "127.0.0.1", () => server.close(() => resolve(true)));
-    });
-    if (free) return port;
-  }
 }
 
 /** Polls `check` until it holds, failing at the deadline with the last error, or at once when `fatal` says why. */

@@ -170,7 +170,11 @@ export async function deleteSubscription(sql: Db, id: string, userId: string): P
   return rows.count > 0;
 }
 
-/** What queueDeliveries writes: one delivery, pending and due at `due`. */
+/**
+ * What queueDeliveries writes: one delivery, pending and due at `due`, or,
+ * with `delivered`, already delivered by that one attempt (the worker sends
+ * before it writes; worker.ts).
+ */
 export interface NewDelivery {
   id: string;
   subscriptionId: string;
@@ -181,19 +185,40 @@ export interface NewDelivery {
   summary: string;
   due: Date;
   redeliveryOf?: string;
+  delivered?: { at: Date; ms: number; code: number };
+  /** When it was made, if before it is written (default: the write's `now`). */
+  createdAt?: Date;
 }
 
-/** Queues deliveries (one statement) and wakes the worker at commit. */
+/**
+ * Writes deliveries (one statement) and, when some are pending, wakes the
+ * workers at commit. Delivered ones clear their destinations' failing state,
+ * as recordDelivered does.
+ */
 export async function queueDeliveries(tx: Db, rows: NewDelivery[], now: Date): Promise<void> {
   if (rows.length === 0) return;
+  const ok = (r: NewDelivery) => r.delivered;
   await tx`
-    insert into subscription_deliveries (id, subscription_id, destination_id, event_id, event_kind, body, request_summary, created_at, next_attempt_at, redelivery_of)
-    select * from unnest(
+    insert into subscription_deliveries (id, subscription_id, destination_id, event_id, event_kind, body, request_summary, created_at, next_attempt_at,
+      redelivery_of, state, attempt_count, attempts, last_attempt_at, response_code)
+    select v.id, v.subscription_id, v.destination_id, v.event_id, v.event_kind, v.body, v.summary, v.created_at,
+      case when v.code is null then v.due end, v.redelivery_of,
+      case when v.code is null then 'pending' else 'delivered' end,
+      case when v.code is null then 0 else 1 end,
+      case when v.code is null then '[]'::jsonb else jsonb_build_array(jsonb_build_object('at', v.at_text, 'code', v.code, 'error', '', 'ms', v.ms)) end,
+      v.at_text::timestamptz, coalesce(v.code, 0)
+    from unnest(
       ${rows.map((r) => r.id)}::uuid[], ${rows.map((r) => r.subscriptionId)}::uuid[], ${rows.map((r) => r.destinationId)}::uuid[],
       ${rows.map((r) => r.eventId)}::text[], ${rows.map((r) => r.eventKind)}::text[], ${rows.map((r) => r.body)}::text[],
-      ${rows.map((r) => r.summary)}::text[], ${rows.map(() => now.toISOString())}::timestamptz[], ${rows.map((r) => r.due.toISOString())}::timestamptz[],
-      ${rows.map((r) => r.redeliveryOf ?? null)}::uuid[])`;
-  await tx`select pg_notify('treadmill_subscriptions', 'deliveries')`;
+      ${rows.map((r) => r.summary)}::text[], ${rows.map((r) => (r.createdAt ?? now).toISOString())}::timestamptz[], ${rows.map((r) => r.due.toISOString())}::timestamptz[],
+      ${rows.map((r) => r.redeliveryOf ?? null)}::uuid[], ${rows.map((r) => ok(r)?.at.toISOString() ?? null)}::text[],
+      ${rows.map((r) => ok(r)?.code ?? null)}::int[], ${rows.map((r) => ok(r)?.ms ?? null)}::int[])
+      as v(id, subscription_id, destination_id, event_id, event_kind, body, summary, created_at, due, redelivery_of, at_text, code, ms)`;
+  const delivered = [...new Set(rows.filter(ok).map((r) => r.destinationId))];
+  if (delivered.length > 0) {
+    await tx`update subscription_destinations set failing_since = null where id = any(${delivered}::uuid[]) and failing_since is not null`;
+  }
+  if (rows.some((r) => !ok(r))) await tx`select pg_notify('treadmill_subscriptions', 'deliveries')`;
 }
 
 /** A delivery of a subscription the user may see, with what a redelivery needs. */
