@@ -14,6 +14,7 @@ import { Gauge, type Registry } from "prom-client";
 import { EventService } from "../../gen/treadmill/coordinator/v1/event_service_pb.js";
 import { SweepLoop } from "../../lib/async/sweep-loop.js";
 import type { CoordinatorContext } from "../context.js";
+import { connectPool } from "../db/database.js";
 import { stampFeed, sweepFeed } from "../db/queries/feed.js";
 import { EventServiceImpl } from "./event-service.js";
 import { FeedReader } from "./reader.js";
@@ -59,10 +60,13 @@ export function createFeedSystem(ctx: CoordinatorContext): FeedSystem {
     ctx.config.feedSweepIntervalMs,
     (err) => log.warn({ err }, "cannot sweep the event feed"),
   );
+  // The sequencer's own connection: under load the main pool's are all in
+  // the job system's transactions, and every event's latency waited for one.
+  const stampSql = connectPool(ctx.databaseUrl, log, { max: 1, applicationName: "treadmill-coordinator-feed" });
   const sequencer = new SweepLoop(
     async () => {
       if (!ctx.notifications.connected) return false;
-      const numbered = await stampFeed(ctx.sql, STAMP_BATCH);
+      const numbered = await stampFeed(stampSql, STAMP_BATCH);
       // This replica's followers take it from memory, without waiting for the batch's notification.
       reader.publish(numbered);
       return numbered.length >= STAMP_BATCH;
@@ -114,6 +118,7 @@ export function createFeedSystem(ctx: CoordinatorContext): FeedSystem {
       stopping ??= (async () => {
         for (const off of unsubscribe.splice(0)) off();
         await Promise.all([sequencer.stop(), loop.stop()]);
+        await stampSql.end({ timeout: 5 });
       })();
       return stopping;
     },
