@@ -82,7 +82,7 @@ export class WebhookClient {
     // As many idle connections kept as open ones: a burst to one endpoint
     // that ends must not close and reopen connections (a handshake each, on
     // both ends) at its next burst. Idle ones close after IDLE_SOCKET_MS.
-    const options = { keepAlive: true, maxSockets: 64, maxFreeSockets: 64, timeout: IDLE_SOCKET_MS, lookup };
+    const options = { keepAlive: true, maxSockets: 128, maxFreeSockets: 128, timeout: IDLE_SOCKET_MS, lookup };
     this.agents = {
       "http:": new http.Agent(options as http.AgentOptions),
       "https:": new https.Agent(options as https.AgentOptions),

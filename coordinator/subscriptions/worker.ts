@@ -66,7 +66,7 @@ import { postWebhook, WebhookClient } from "./webhook.js";
 /** The worker's advisory lock key ("tmsubs" in ASCII). */
 export const WORKER_LOCK = 0x746d73756273n;
 /** Requests in flight at once. */
-const MAX_IN_FLIGHT = 128;
+const MAX_IN_FLIGHT = 256;
 /** Events of one email digest, at most. */
 const DIGEST_MAX = 200;
 /** An idle sender looks for due deliveries at least this often. */
