@@ -77,8 +77,9 @@ const IDLE_POLL_MS = 5000;
  * sender behind by seconds, short enough that a new leader sends little again.
  */
 const COMMIT_WAIT_MS = 3000;
-/** Reads matched but not written, at most: the matcher waits beyond. */
+/** Reads matched but not written, and deliveries matched but not sent, at most: the matcher waits beyond. */
 const MAX_UNCOMMITTED = 64;
+const MAX_UNSENT = 20_000;
 
 /**
  * The id of the delivery of feed event `eventId` to `destinationId`: a
@@ -267,7 +268,8 @@ export class DeliveryWorker {
   /**
    * Follows the feed from the stored cursor: hands each read's due
    * deliveries to the sender at once and the read to the committer, which
-   * writes them with the cursor's move. At most MAX_UNCOMMITTED reads wait.
+   * writes them with the cursor's move. At most MAX_UNCOMMITTED reads and
+   * MAX_UNSENT deliveries wait.
    */
   private async match(signal: AbortSignal): Promise<void> {
     const { sql } = this.ctx;
@@ -296,7 +298,10 @@ export class DeliveryWorker {
         this.fresh.push(...fresh);
         this.wakeSender();
       }
-      while (this.uncommitted.length >= MAX_UNCOMMITTED && !signal.aborted) await this.committed.wait({ signal });
+      // Memory stays bounded through a burst (the sender drains `fresh` without a notice to the matcher: polled).
+      while ((this.uncommitted.length >= MAX_UNCOMMITTED || this.fresh.length >= MAX_UNSENT) && !signal.aborted) {
+        await this.committed.wait({ signal, timeoutMs: 100 });
+      }
     }
   }
 

@@ -20,7 +20,11 @@
 // track_commit_timestamp; the bench adds a column recording each event's
 // writing transaction, as the events bench does). Baselines in the same run:
 // the assignment throughput with subscriptions off, and a bare POST from
-// this process to the same receiver.
+// this process to the same receiver. The ceiling, also of this run: the
+// CPU of 10,000 bare POSTs (sender and receiver both in this process),
+// ten per job, beside the machine's CPU per job without subscriptions,
+// bounds the throughput ratio of any design that sends one POST per
+// delivery while assignment keeps the machine busy.
 //
 // Where the machine's time goes: CPU per job of the coordinator, PostgreSQL
 // and this process (the supervisors and the receiver), per kind of round,
