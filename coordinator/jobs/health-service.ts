@@ -344,7 +344,7 @@ export class HealthServiceImpl implements ServiceImpl<typeof HealthService> {
       // Its queued health jobs will never run: they end now (a running job
       // goes on). Their rows are locked before the host's (the lock order).
       const queued = await tx<{ id: string }[]>`
-        select id from jobs where pinned_host_id = ${hostId} and state = 'queued' order by id for update`;
+        select id from jobs where pinned_host_id = ${hostId} and state = 'queued' order by id for no key update`;
       await this.lockHost(tx, hostId, { retired: true });
       const why = `retired by ${actorOf(caller)}${reason ? `: ${reason}` : ""}`;
       await setHostHealth(tx, { hostId, health: "retired", reason: why, actor: actorOf(caller) });

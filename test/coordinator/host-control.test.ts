@@ -11,7 +11,10 @@ import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js
 import type { AttachResponse, ControlHostCommand } from "../../gen/treadmill/coordinator/v1/supervisor_service_pb.js";
 import { startTestCoordinator, type TestCoordinator } from "../support/coordinator.js";
 import type { ScriptedSupervisor } from "../support/scripted-supervisor.js";
-import { FAST, ROOTFS, attach, codeOf, insertImage, jobInState, uniqueTag } from "../support/jobs.js";
+import { FAST, ROOTFS, attach, codeOf, insertImage, jobInState, uniqueTag, waitUntil } from "../support/jobs.js";
+import { loadJob } from "../../coordinator/db/queries/jobs.js";
+import { insertControl } from "../../coordinator/db/queries/host-controls.js";
+import { uuidv7 } from "../../coordinator/shared/common.js";
 
 const isControl = (jobId: string) => (m: AttachResponse) => m.payload.case === "controlHost" && m.payload.value.jobId === jobId;
 
@@ -69,6 +72,36 @@ describe("ControlHost on the coordinator", () => {
     expect(events).toHaveLength(2);
     const audit = await c.sql<{ kind: string }[]>`select kind from audit_events where job_id = ${jobId} and kind in ('job.host_control', 'command.control_host') order by id`;
     expect(audit.map((a) => a.kind)).toEqual(["job.host_control", "command.control_host", "job.host_control"]);
+  });
+
+  it("lets the answer to a control end while a second call with its request id holds the job (no deadlock)", async () => {
+    const { jobId, host } = await runningJob();
+    const control = { jobId, attempt: 1, hostId: host.id, hostIndex: 0, action: "power-cycle" as const, requestedBy: user.id, requestId: "race-1" };
+    await insertControl(c.sql, { ...control, id: uuidv7() });
+    // The answer's transaction ends the control (a new version of its row, its request id included)...
+    const answerTx = await c.sql.reserve();
+    try {
+      await answerTx`begin`;
+      const [{ id }] = await answerTx<{ id: string }[]>`select id from host_controls where job_id = ${jobId} for update`;
+      await answerTx`update host_controls set state = 'done', finished_at = now() where id = ${id}`;
+      // ...while a second call with the same request id holds the job and waits on that row.
+      const second = c.sql.begin(async (tx) => {
+        await loadJob(tx, jobId, { lock: true });
+        await insertControl(tx, { ...control, id: uuidv7() });
+      });
+      const outcome = second.then(
+        () => "inserted",
+        (err: { code?: string }) => err.code,
+      );
+      await waitUntil(async () => (await c.sql`select 1 from pg_locks where not granted`).length > 0, "the second call to wait");
+      // The answer records the job's timeline event (a row that references the job) and commits.
+      await answerTx`insert into job_events (job_id, kind, state, attempt, message) values (${jobId}, 'host_control', 'running', 1, 'answered')`;
+      await answerTx`commit`;
+      // The second call then finds the first's request id taken, as ControlHost expects.
+      expect(await outcome).toBe("23505");
+    } finally {
+      answerTx.release();
+    }
   });
 
   it("answers with the supervisor's code when it refuses, and the same again under the same request id", async () => {

@@ -40,7 +40,7 @@ export function lockHostSlots(tx: Db, hostId: string): Promise<HostSlot[]> {
     from job_hosts jh join jobs j on j.id = jh.job_id
     where jh.host_id = ${hostId} and jh.released_at is null
     order by jh.job_id, jh.attempt
-    for update of j`;
+    for no key update of j`;
 }
 
 /**

@@ -114,9 +114,18 @@ export const jobColumns = (sql: Db) => sql`
   coalesce((select array_agg(jh.host_id order by jh.host_index) from job_hosts jh
             where jh.job_id = j.id and jh.attempt = j.attempt), '{}') as host_ids`;
 
+/**
+ * A job; with `lock`, its row locked until the transaction ends. Job rows
+ * are locked FOR NO KEY UPDATE everywhere: it orders every change of a job,
+ * and it lets a transaction insert a row that references the job (its
+ * foreign-key check takes FOR KEY SHARE) without waiting. With FOR UPDATE,
+ * a second ControlHost call holding its job waited for the first call's
+ * answer (its control row, same request id), and the answer waited to
+ * insert the job's timeline event: a deadlock, one call INTERNAL.
+ */
 export async function loadJob(sql: Db, id: string, options: { lock?: boolean } = {}): Promise<JobRow | undefined> {
   const [row] = options.lock
-    ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id} for update of j`
+    ? await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id} for no key update of j`
     : await sql<JobRow[]>`select ${jobColumns(sql)} from jobs j where j.id = ${id}`;
   return row;
 }
@@ -141,7 +150,7 @@ export async function lockJobHeads(sql: Db, ids: string[]): Promise<Map<string, 
   const rows = await sql<JobHead[]>`
     select id, owner_id, state, stage, attempt, max_restarts, stop_reason, health_check_id, lease_id,
       retry_on, retry_max, retries, retry_other_host from jobs
-    where id = any(${[...ids].sort()}::uuid[]) order by id for update`;
+    where id = any(${[...ids].sort()}::uuid[]) order by id for no key update`;
   return new Map(rows.map((r) => [r.id, r]));
 }
 
@@ -156,7 +165,7 @@ async function notifyJobHosts(tx: Db, jobIds: string | string[]): Promise<void> 
 
 /** Locks the rows of jobs `ids` in id order (the lock order); starts it at once, ahead of what follows on the connection. */
 export function lockJobs(tx: Db, ids: string[]): Promise<unknown> {
-  return tx`select 1 from jobs where id = any(${[...ids].sort()}::uuid[]) order by id for update`.execute();
+  return tx`select 1 from jobs where id = any(${[...ids].sort()}::uuid[]) order by id for no key update`.execute();
 }
 
 /** A change of one job's state (or of its requested stop), with the timeline event that says it. */
@@ -472,7 +481,7 @@ export async function assignJobs(
       order by h.id
       for update of h skip locked),
     lj as materialized (
-      select id, lease_id, job_timeout_ms from jobs where id in (select id from v) and state = 'queued' order by id for update skip locked),
+      select id, lease_id, job_timeout_ms from jobs where id in (select id from v) and state = 'queued' order by id for no key update skip locked),
     -- All or none: a job whose every host (with the slots) and itself are
     -- locked, and whose hosts are its lease's, or (outside leases) held by
     -- no lease and booked no earlier than its end (the backfill rule).
@@ -524,7 +533,7 @@ export async function lockQueueTimedOut(tx: Db, id: string): Promise<boolean> {
   const rows = await tx`
     select id from jobs
     where id = ${id} and state = 'queued' and queue_deadline_at < now()
-    for update skip locked`;
+    for no key update skip locked`;
   return rows.length > 0;
 }
 
@@ -546,7 +555,7 @@ export async function lockJobTimedOut(tx: Db, id: string): Promise<boolean> {
     select id from jobs
     where id = ${id} and state in ('assigned', 'initializing', 'running', 'terminating')
       and deadline_at < now() and stop_reason is null and stage is distinct from 'held'
-    for update skip locked`;
+    for no key update skip locked`;
   return rows.length > 0;
 }
 

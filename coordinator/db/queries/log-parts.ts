@@ -26,7 +26,7 @@ export async function lockJobOfPart(tx: Db, at: PartOf): Promise<{ state: DbStat
     select j.state, j.owner_id from jobs j
     where j.id = ${at.jobId}
       and exists (select 1 from job_hosts jh where jh.job_id = j.id and jh.attempt = ${at.attempt} and jh.host_id = ${at.hostId})
-    for update of j`;
+    for no key update of j`;
   return job;
 }
 
