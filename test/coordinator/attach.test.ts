@@ -266,7 +266,7 @@ describe("SupervisorService.Attach", () => {
       const second = track(new ScriptedSupervisor({ urls: [c.url], credential: host.credential, hostId: host.id, mode: "manual" }));
       const welcomed = second.connect();
       await waitUntil(async () => {
-        const rows = await c.sql`select 1 from pg_stat_activity where wait_event_type = 'Lock' and query like '%for update of j%'`;
+        const rows = await c.sql`select 1 from pg_stat_activity where wait_event_type = 'Lock' and query like '%for no key update of j%'`;
         return rows.length > 0;
       }, "the attach to wait for the job's row");
       const deadlocks = async () => {
