@@ -7,7 +7,8 @@
  *   it tries again shortly (the holder may have read the queue before the
  *   change that woke this one). Nothing in a pass ever waits for a lock: the
  *   host rows it places jobs on and the job rows it assigns are locked with
- *   FOR UPDATE SKIP LOCKED once the placements are chosen, and re-checked (a
+ *   FOR UPDATE / FOR NO KEY UPDATE (job rows, loadJob says why) SKIP LOCKED
+ *   once the placements are chosen, and re-checked (a
  *   row another transaction is changing -- a host attaching or being
  *   disabled, a job being canceled -- is left for the next pass, with every
  *   placement that needs it). Hence no deadlock, and a job is never assigned
