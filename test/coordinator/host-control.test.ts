@@ -93,7 +93,14 @@ describe("ControlHost on the coordinator", () => {
         () => "inserted",
         (err: { code?: string }) => err.code,
       );
-      await waitUntil(async () => (await c.sql`select 1 from pg_locks where not granted`).length > 0, "the second call to wait");
+      await waitUntil(
+        async () =>
+          (
+            await c.sql`select 1 from pg_stat_activity
+              where datname = current_database() and wait_event_type = 'Lock' and query like '%insert into host_controls%'`
+          ).length > 0,
+        "the second call to wait",
+      );
       // The answer records the job's timeline event (a row that references the job) and commits.
       await answerTx`insert into job_events (job_id, kind, state, attempt, message) values (${jobId}, 'host_control', 'running', 1, 'answered')`;
       await answerTx`commit`;

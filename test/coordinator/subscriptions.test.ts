@@ -1,4 +1,6 @@
 import { createHmac } from "node:crypto";
+import { createServer } from "node:http";
+import type { AddressInfo } from "node:net";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "@jest/globals";
 import { JobService } from "../../gen/treadmill/coordinator/v1/job_service_pb.js";
 import {
@@ -203,6 +205,40 @@ describe("subscriptions and signed webhooks", () => {
     const bob = await c.createUser();
     expect(await codeOf(c.client(SubscriptionService, bob.token).redeliver({ deliveryId: deliveries[0].id }))).toBe("NotFound");
     expect(await codeOf(c.client(SubscriptionService, bob.token).listDeliveries({ subscriptionId: sub.id }))).toBe("NotFound");
+  });
+
+  it("writes the other deliveries of a batch once when a subscription is deleted while its request is in flight", async () => {
+    const alice = await c.createUser();
+    const labels = uniqueTag();
+    // A receiver that answers after 800 ms: its subscription is deleted meanwhile.
+    let slowRequests = 0;
+    const slow = createServer((req, res) => {
+      slowRequests++;
+      req.resume();
+      setTimeout(() => res.writeHead(204).end(), 800);
+    });
+    await new Promise<void>((resolve) => slow.listen(0, "127.0.0.1", resolve));
+    try {
+      const doomed = await subscribe(alice.token, `http://127.0.0.1:${(slow.address() as AddressInfo).port}/hook`, { states: ["queued"], labels });
+      const r = await receiver();
+      const kept = await subscribe(alice.token, r.url, { states: ["queued"], labels });
+      await submit(alice.token, labels);
+      await waitUntil(async () => slowRequests === 1 || undefined, "the slow receiver's request");
+      await c.client(SubscriptionService, alice.token).deleteSubscription({ id: doomed.id });
+      await r.until((rs) => rs.length === 1);
+      const log = await waitUntil(async () => {
+        const l = await c.client(SubscriptionService, alice.token).listDeliveries({ subscriptionId: kept.id });
+        return l.deliveries.length === 1 && l.deliveries[0].state === DeliveryState.DELIVERED ? l : undefined;
+      }, "the kept subscription's delivery logged");
+      expect(log.deliveries[0].id).toBe(r.received[0].headers["x-treadmill-delivery-id"]);
+      // Its batch was written: the worker kept its lead and sent nothing again (a new leader would, within 100 ms).
+      await new Promise((resolve) => setTimeout(resolve, 1500));
+      expect(r.received).toHaveLength(1);
+      expect(slowRequests).toBe(1);
+    } finally {
+      slow.closeAllConnections();
+      await new Promise((resolve) => slow.close(resolve));
+    }
   });
 
   it("sends a synthetic event on TestSubscription", async () => {

@@ -193,7 +193,8 @@ export interface NewDelivery {
 /**
  * Writes deliveries (one statement) and, when some are pending, wakes the
  * workers at commit. Delivered ones clear their destinations' failing state,
- * as recordDelivered does.
+ * as recordDelivered does. Those of a destination deleted meanwhile are
+ * dropped, so that one user's deletion never fails the worker's batch.
  */
 export async function queueDeliveries(tx: Db, rows: NewDelivery[], now: Date): Promise<void> {
   if (rows.length === 0) return;
@@ -213,7 +214,9 @@ export async function queueDeliveries(tx: Db, rows: NewDelivery[], now: Date): P
       ${rows.map((r) => r.summary)}::text[], ${rows.map((r) => (r.createdAt ?? now).toISOString())}::timestamptz[], ${rows.map((r) => r.due.toISOString())}::timestamptz[],
       ${rows.map((r) => r.redeliveryOf ?? null)}::uuid[], ${rows.map((r) => ok(r)?.at.toISOString() ?? null)}::text[],
       ${rows.map((r) => ok(r)?.code ?? null)}::int[], ${rows.map((r) => ok(r)?.ms ?? null)}::int[])
-      as v(id, subscription_id, destination_id, event_id, event_kind, body, summary, created_at, due, redelivery_of, at_text, code, ms)`;
+      as v(id, subscription_id, destination_id, event_id, event_kind, body, summary, created_at, due, redelivery_of, at_text, code, ms)
+    -- A destination deleted since its deliveries were made (its log is gone with it): its rows are dropped, the others written.
+    where exists (select 1 from subscription_destinations t where t.id = v.destination_id)`;
   const delivered = [...new Set(rows.filter(ok).map((r) => r.destinationId))];
   if (delivered.length > 0) {
     await tx`update subscription_destinations set failing_since = null where id = any(${delivered}::uuid[]) and failing_since is not null`;
