@@ -46,35 +46,39 @@ async function newUser(db: TestDatabase) {
     createClient(service, createGrpcTransport({ baseUrl: url, interceptors: [bearerInterceptor(() => token)] }));
 }
 
-describe("the delivery worker on two replicas", () => {
-  let db: TestDatabase;
-  let receiver: WebhookReceiver;
-  const children: RunningProcess[] = [];
+/** A database, a webhook receiver and the replicas started on it, for one describe block; all gone after it. */
+function replicaFixture() {
+  const f = { db: undefined as unknown as TestDatabase, receiver: undefined as unknown as WebhookReceiver, children: [] as RunningProcess[] };
   beforeAll(async () => {
-    db = await createTestDatabase();
-    receiver = await WebhookReceiver.start();
+    f.db = await createTestDatabase();
+    f.receiver = await WebhookReceiver.start();
   });
   afterAll(async () => {
-    for (const c of children) {
+    for (const c of f.children) {
       c.child.kill("SIGKILL");
       await c.exited;
     }
-    await receiver?.close();
-    await db?.drop();
+    await f.receiver?.close();
+    await f.db?.drop();
   });
+  return f;
+}
 
-  const replica = () => startReplica(db, children);
+describe("the delivery worker on two replicas", () => {
+  const f = replicaFixture();
+
+  const replica = () => startReplica(f.db, f.children);
 
   it("runs on one replica at a time, and after the leader is killed the other resumes from the stored cursor without losing or repeating an event", async () => {
-    const client = await newUser(db);
-    const image = (await insertImage(db.sql)).ref;
+    const client = await newUser(f.db);
+    const image = (await insertImage(f.db.sql)).ref;
     const a = await replica();
     const b = await replica();
     const labels = uniqueTag();
     const { subscription } = await client(SubscriptionService, a.url).createSubscription({
       name: "replicas",
       filter: { labels, states: ["queued"] },
-      destinations: [{ target: { case: "webhook", value: { url: receiver.url } } }],
+      destinations: [{ target: { case: "webhook", value: { url: f.receiver.url } } }],
     });
     const made: string[] = [];
     const submit = async (url: string, n: number) => {
@@ -83,10 +87,10 @@ describe("the delivery worker on two replicas", () => {
         made.push(job!.id);
       }
     };
-    const received = () => receiver.received.map((r) => (JSON.parse(r.body) as { job_id: string }).job_id);
+    const received = () => f.receiver.received.map((r) => (JSON.parse(r.body) as { job_id: string }).job_id);
     /** Every job made so far arrived, and its delivery is recorded (so that a kill now cannot leave one unacknowledged). */
     const allDelivered = async () => {
-      await receiver.until((rs) => rs.length >= made.length);
+      await f.receiver.until((rs) => rs.length >= made.length);
       await waitUntil(async () => {
         const { deliveries } = await client(SubscriptionService, live.url).listDeliveries({ subscriptionId: subscription!.id, pageSize: 500 });
         return deliveries.length === made.length && deliveries.every((d) => d.state === DeliveryState.DELIVERED);
@@ -119,46 +123,32 @@ describe("the delivery worker on two replicas", () => {
     expect(back.proc.lines.some((l) => LEADING.test(l))).toBe(false);
 
     expect(received().sort()).toEqual([...made].sort());
-    expect(new Set(receiver.received.map((r) => r.headers["x-treadmill-delivery-id"])).size).toBe(made.length);
+    expect(new Set(f.receiver.received.map((r) => r.headers["x-treadmill-delivery-id"])).size).toBe(made.length);
   }, 180_000);
 });
 
 describe("a delivery worker killed before it wrote what it sent", () => {
-  let db: TestDatabase;
-  let receiver: WebhookReceiver;
-  const children: RunningProcess[] = [];
-  beforeAll(async () => {
-    db = await createTestDatabase();
-    receiver = await WebhookReceiver.start();
-  });
-  afterAll(async () => {
-    for (const c of children) {
-      c.child.kill("SIGKILL");
-      await c.exited;
-    }
-    await receiver?.close();
-    await db?.drop();
-  });
+  const f = replicaFixture();
 
   it("has the next leader send the event again, with the same delivery id, and logs it once", async () => {
-    const leader = await startReplica(db, children);
+    const leader = await startReplica(f.db, f.children);
     await leader.proc.waitForLine(LEADING, 30_000);
-    const survivor = await startReplica(db, children);
-    const client = await newUser(db);
-    const image = (await insertImage(db.sql)).ref;
+    const survivor = await startReplica(f.db, f.children);
+    const client = await newUser(f.db);
+    const image = (await insertImage(f.db.sql)).ref;
     const labels = uniqueTag();
     const { subscription } = await client(SubscriptionService, survivor.url).createSubscription({
       name: "killed-leader",
       filter: { labels, states: ["queued"] },
-      destinations: [{ target: { case: "webhook", value: { url: receiver.url } } }],
+      destinations: [{ target: { case: "webhook", value: { url: f.receiver.url } } }],
     });
     // The leader dies as its request arrives: it never learns the answer, nor writes the batch.
-    receiver.answer = (n) => {
+    f.receiver.answer = (n) => {
       if (n === 0) leader.proc.child.kill("SIGKILL");
       return 204;
     };
     await client(JobService, survivor.url).submitJob({ spec: { image, hosts: { tags: uniqueTag() }, tags: labels } });
-    const [first, again] = await receiver.until((rs) => rs.length >= 2 && rs, 30_000);
+    const [first, again] = await f.receiver.until((rs) => rs.length >= 2 && rs, 30_000);
     expect(await survivor.proc.waitForLine(LEADING, 30_000)).toBeTruthy();
     expect(again.headers["x-treadmill-delivery-id"]).toBe(first.headers["x-treadmill-delivery-id"]);
     expect(again.headers["x-treadmill-event-id"]).toBe(first.headers["x-treadmill-event-id"]);
@@ -168,6 +158,6 @@ describe("a delivery worker killed before it wrote what it sent", () => {
       return deliveries.length === 1 && deliveries[0].state === DeliveryState.DELIVERED ? deliveries : undefined;
     }, "the delivery logged delivered");
     expect(logged[0].id).toBe(first.headers["x-treadmill-delivery-id"]);
-    expect(receiver.received).toHaveLength(2);
+    expect(f.receiver.received).toHaveLength(2);
   }, 120_000);
 });
